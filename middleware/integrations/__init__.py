@@ -1,0 +1,61 @@
+"""Framework glue: label every request's samples with its endpoint, with no code in the app.
+
+:func:`install_all` is called by :class:`middleware.MwTracker` when it starts. It is cheap and
+idempotent, and it never imports a framework the application has not imported: for each
+supported framework it registers a post-import hook (:mod:`._post_import`) that instruments the
+framework as soon as the application imports it, or right away if it already has.
+
+Supported:
+
+- Flask: every request is labelled ``endpoint=<url rule>``, e.g. ``/calculate2/<int:number>``
+  (:mod:`middleware.integrations.flask`).
+- Any WSGI app: wrap it in :class:`middleware.integrations.wsgi.MwWsgiMiddleware`, which labels
+  ``endpoint=<PATH_INFO>`` (explicit, since there is no generic way to find a WSGI app).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import types
+
+from ._post_import import when_imported
+from .wsgi import MwWsgiMiddleware
+
+__all__ = ["install_all", "installed", "MwWsgiMiddleware"]
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_requested = False
+_installed: set[str] = set()
+
+
+def install_all(tracker: object | None = None) -> None:
+    """Instrument every supported framework, now or when the app imports it.
+
+    ``tracker`` is the :class:`~middleware.MwTracker` that asked (unused for now: the labels go
+    through :mod:`middleware.labels`, which is process-wide). Safe to call any number of times
+    from any thread.
+    """
+    global _requested
+    with _lock:
+        if _requested:
+            return
+        _requested = True
+    when_imported("flask", _install_flask)
+
+
+def installed() -> frozenset[str]:
+    """Names of the frameworks instrumented so far, e.g. ``frozenset({"flask"})``."""
+    with _lock:
+        return frozenset(_installed)
+
+
+def _install_flask(module: types.ModuleType) -> None:
+    from . import flask as mw_flask
+
+    if mw_flask.install():
+        with _lock:
+            _installed.add("flask")
+        logger.debug("middleware: Flask requests are labelled with their endpoint")

@@ -1,0 +1,426 @@
+"""pytest plugin: assert where your code spends its time.
+
+Installed with the package (``pytest11`` entry point), so any project that has ``middleware``
+installed gets the ``mw_profile`` fixture::
+
+    def test_calc3_is_the_bottleneck(mw_profile):
+        with mw_profile:                      # profile just this block (optional, see below)
+            with_bottleneck(9)
+        assert mw_profile.self_share("calc3") > 0.5
+        assert "with_bottleneck" in mw_profile.callers("calc3")
+
+When such an assertion fails, pytest prints the profile's top functions (or the callers of the
+function) under the assertion, so the failure says where the time went instead.
+
+How it works: the fixture starts :class:`middleware.MwTracker` once per process (or reuses the
+one the code under test started) and pushes a label unique to the test (``mw_test=<id>``) onto the
+test's thread. The answers come from the tracker's snapshot filtered on that label, so they cover
+the test's own thread (and asyncio tasks created from it) and nothing else running in the process.
+Without a ``with mw_profile:`` block, everything from fixture set-up to the first question is
+profiled; with blocks, only the blocks are. Work done in threads the test starts is not included.
+
+Shares are fractions (0..1) of the selected sample type, CPU time by default
+(``mw_profile.value = "wall"`` for wall-clock time). A function is named by its qualified name
+(``"Calc.run"``), or any dotted suffix of it (``"run"``); every function with a matching name is
+counted. Shares are statistical: keep the profiled code running long enough (a few tenths of a
+second at the default 100 Hz gives tens of samples) and assert with margins.
+
+ini options: ``mw_sample_rate`` (Hz) is used when the fixture starts the tracker.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from middleware.profile import Profile
+
+__all__ = ["MwProfile", "Share", "Callers", "TopRow", "LABEL_KEY"]
+
+logger = logging.getLogger(__name__)
+
+#: The label that marks the samples recorded for a test.
+LABEL_KEY = "mw_test"
+#: Below this many samples, failure messages warn that the shares are noise.
+FEW_SAMPLES = 20
+#: Rows of the top table shown in failure messages.
+TABLE_ROWS = 12
+
+_ids = itertools.count(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# answers
+# ------------------------------------------------------------------------------------------------
+class Share(float):
+    """A fraction of the profile (0..1) that remembers what it measures, for failure messages."""
+
+    def __new__(cls, value: float, function: str, kind: str, profile: MwProfile) -> Share:
+        share = super().__new__(cls, value)
+        share.function = function
+        share.kind = kind
+        share.source = profile
+        return share
+
+    function: str
+    kind: str
+    source: MwProfile
+
+    def __repr__(self) -> str:
+        return f"{float(self):.3f}"
+
+    def describe(self) -> str:
+        return f"{self.kind} share of {self.function!r} = {float(self):.1%}"
+
+
+class Callers(dict[str, float]):
+    """``{caller function: share of the callee's Total}``, largest first."""
+
+    function: str
+    source: MwProfile
+
+    def describe(self) -> str:
+        return f"callers of {self.function!r}"
+
+
+@dataclass(frozen=True)
+class TopRow:
+    """One function of :meth:`MwProfile.top` (shares are fractions of the profile total)."""
+
+    function: str
+    file: str
+    line: int
+    self_share: float
+    total_share: float
+    self_value: int
+    total_value: int
+
+
+def matches(function: str, name: str) -> bool:
+    """Whether a frame's qualified ``function`` is called ``name`` (or ends in ``.name``)."""
+    return function == name or function.endswith("." + name)
+
+
+# ------------------------------------------------------------------------------------------------
+# the fixture object
+# ------------------------------------------------------------------------------------------------
+class MwProfile:
+    """Profile of the code under test, with questions about it (the ``mw_profile`` fixture)."""
+
+    def __init__(self, tracker: Any, name: str = "") -> None:
+        self._tracker = tracker
+        self.name = name
+        self.value = "cpu"
+        self._id = f"{os.getpid()}-{next(_ids)}"
+        self._auto_token: object | None = None
+        self._block_tokens: list[object] = []
+        self._used_blocks = False
+        self._profile: Profile | None = None
+
+    # -- recording ------------------------------------------------------------------------------
+    def _label(self, kind: str) -> dict[str, str]:
+        return {LABEL_KEY: f"{self._id}:{kind}"}
+
+    def start(self) -> None:
+        """Start recording the test's thread (the fixture does this at set-up)."""
+        from middleware.labels import push_labels
+
+        if self._auto_token is None:
+            self._auto_token = push_labels(self._label("test"))
+            self._profile = None
+
+    def stop(self) -> None:
+        """Stop the recording started at set-up (any question does this first)."""
+        from middleware.labels import pop_labels
+
+        if self._auto_token is not None:
+            token, self._auto_token = self._auto_token, None
+            pop_labels(token)
+
+    def __enter__(self) -> MwProfile:
+        from middleware.labels import push_labels
+
+        self.stop()  # from now on only the blocks count
+        self._used_blocks = True
+        self._profile = None
+        self._block_tokens.append(push_labels(self._label("block")))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        from middleware.labels import pop_labels
+
+        pop_labels(self._block_tokens.pop())
+
+    def record(self) -> MwProfile:
+        """``with mw_profile.record():`` is the same as ``with mw_profile:``."""
+        return self
+
+    # -- the data -------------------------------------------------------------------------------
+    @property
+    def profile(self) -> Profile:
+        """The samples recorded for this test (stops the set-up recording)."""
+        if self._block_tokens:
+            raise RuntimeError("mw_profile: ask questions after the `with mw_profile:` block")
+        self.stop()
+        if self._profile is None:
+            wanted = self._label("block" if self._used_blocks else "test")[LABEL_KEY]
+            snapshot = self._tracker.snapshot()
+            self._profile = snapshot.filter(labels={LABEL_KEY: wanted})
+        return self._profile
+
+    def _value_index(self, profile: Profile) -> int:
+        try:
+            return profile.value_index(self.value)
+        except KeyError:
+            raise ValueError(
+                f"mw_profile.value = {self.value!r}: no such sample type "
+                f"(have {', '.join(n for n, _ in profile.sample_types)})"
+            ) from None
+
+    def total(self) -> int:
+        """Sum of the selected value (e.g. CPU nanoseconds) over the recorded samples."""
+        profile = self.profile
+        i = self._value_index(profile)
+        return sum(s.values[i] for s in profile.samples)
+
+    def sample_count(self) -> int:
+        """Number of on-CPU samples recorded (``samples/count``)."""
+        profile = self.profile
+        try:
+            i = profile.value_index("samples")
+        except KeyError:
+            return len(profile.samples)
+        return sum(s.values[i] for s in profile.samples)
+
+    # -- questions ------------------------------------------------------------------------------
+    def self_share(self, function: str) -> Share:
+        """Fraction of the total where ``function`` is the running (leaf) frame."""
+        profile = self.profile
+        i = self._value_index(profile)
+        total = part = 0
+        for s in profile.samples:
+            v = s.values[i]
+            total += v
+            if s.stack and matches(s.stack[-1].function, function):
+                part += v
+        return Share(part / total if total else 0.0, function, "self", self)
+
+    def total_share(self, function: str) -> Share:
+        """Fraction of the total where ``function`` is anywhere on the stack."""
+        profile = self.profile
+        i = self._value_index(profile)
+        total = part = 0
+        for s in profile.samples:
+            v = s.values[i]
+            total += v
+            if any(matches(f.function, function) for f in s.stack):
+                part += v
+        return Share(part / total if total else 0.0, function, "total", self)
+
+    def top(self, n: int = 10, by: str = "self") -> list[TopRow]:
+        """The ``n`` functions with the largest Self (``by="self"``) or Total share."""
+        from middleware.reporters.table import function_table
+
+        rows = function_table(self.profile, value=self.value, sort=by)
+        out = []
+        for r in rows[: n if n > 0 else None]:
+            t = r.profile_total
+            out.append(
+                TopRow(
+                    r.function,
+                    r.file,
+                    r.line,
+                    r.self_value / t if t else 0.0,
+                    r.total_value / t if t else 0.0,
+                    r.self_value,
+                    r.total_value,
+                )
+            )
+        return out
+
+    def callers(self, function: str) -> Callers:
+        """``{caller: fraction of function's Total reached through it}``, largest first.
+
+        A frame of ``function`` at the root of a stack is reported as called by ``"<root>"``.
+        """
+        return self._neighbours(function, -1, "<root>", Callers)
+
+    def callees(self, function: str) -> Callers:
+        """``{callee: fraction of function's Total spent under it}``; ``"<self>"`` is its Self."""
+        return self._neighbours(function, +1, "<self>", Callers)
+
+    def _neighbours(self, function: str, step: int, edge: str, cls: type[Callers]) -> Callers:
+        profile = self.profile
+        i = self._value_index(profile)
+        per: dict[str, int] = defaultdict(int)
+        function_total = 0
+        for s in profile.samples:
+            v = s.values[i]
+            if not v:
+                continue
+            hits = [k for k, f in enumerate(s.stack) if matches(f.function, function)]
+            if not hits:
+                continue
+            function_total += v
+            seen = set()
+            for k in hits:
+                j = k + step
+                other = s.stack[j].function if 0 <= j < len(s.stack) else edge
+                if matches(other, function):  # recursion: look through it
+                    continue
+                if other not in seen:
+                    seen.add(other)
+                    per[other] += v
+        result = cls(
+            sorted(
+                ((name, v / function_total) for name, v in per.items()),
+                key=lambda kv: -kv[1],
+            )
+        )
+        result.function = function
+        result.source = self
+        return result
+
+    # -- reports --------------------------------------------------------------------------------
+    def table(self, n: int = TABLE_ROWS, by: str = "self") -> str:
+        """The top functions as text (what failure messages show)."""
+        from middleware.reporters.table import function_table, render_table
+
+        profile = self.profile
+        rows = function_table(profile, value=self.value, sort=by)
+        unit = profile.sample_types[self._value_index(profile)][1]
+        return render_table(rows, unit, limit=n, header=self.summary())
+
+    def summary(self) -> str:
+        """One line: what was recorded."""
+        profile = self.profile
+        count = self.sample_count()
+        line = f"mw_profile{f' of {self.name}' if self.name else ''}: {count} samples, value={self.value}"
+        if profile.samples:
+            from middleware.reporters import format_value
+
+            i = self._value_index(profile)
+            line += f" (total {format_value(self.total(), profile.sample_types[i][1])})"
+        if count < FEW_SAMPLES:
+            line += (
+                f" - fewer than {FEW_SAMPLES} samples: shares are noise; run the code longer"
+                " or raise the sampling rate (ini mw_sample_rate)"
+            )
+        return line
+
+    def explain(self, subject: Share | Callers) -> list[str]:
+        """Lines that explain ``subject`` (used by failure messages)."""
+        lines = [subject.describe()]
+        if isinstance(subject, Callers):
+            lines.append(f"{self.summary()}")
+            if subject:
+                for name, share in subject.items():
+                    lines.append(f"  {share:7.1%}  {name}")
+            else:
+                lines.append(f"  ({subject.function!r} does not appear in the profile)")
+            lines.append("")
+        lines.extend(self.table().rstrip("\n").split("\n"))
+        return lines
+
+    # -- explicit assertions --------------------------------------------------------------------
+    def assert_top(self, function: str, by: str = "self") -> None:
+        """Fail unless ``function`` has the largest Self (or Total) share."""
+        rows = self.top(n=1, by=by)
+        if not rows or not matches(rows[0].function, function):
+            raise AssertionError(
+                f"expected {function!r} to have the largest {by} share\n{self.table(by=by)}"
+            )
+
+    def assert_called_by(self, function: str, caller: str, min_share: float = 0.0) -> None:
+        """Fail unless ``caller`` calls ``function`` (for more than ``min_share`` of its Total)."""
+        callers = self.callers(function)
+        share = sum(v for k, v in callers.items() if matches(k, caller))
+        if share <= min_share or not any(matches(k, caller) for k in callers):
+            raise AssertionError(
+                f"expected {caller!r} to call {function!r} (share > {min_share:.0%}), "
+                f"got {share:.1%}\n" + "\n".join(self.explain(callers))
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# pytest hooks and fixtures
+# ------------------------------------------------------------------------------------------------
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        "mw_sample_rate",
+        "sampling rate (Hz) of the middleware tracker the mw_profile fixture starts "
+        "(empty: the tracker's default)",
+        default="",
+    )
+
+
+def pytest_assertrepr_compare(
+    config: pytest.Config, op: str, left: object, right: object
+) -> list[str] | None:
+    """Explain failed comparisons that involve an ``mw_profile`` answer."""
+    subject = next((x for x in (left, right) if isinstance(x, (Share, Callers))), None)
+    if subject is None:
+        return None
+    try:
+        if isinstance(subject, Callers):
+            head = f"{left!r} {op} callers of {subject.function!r}"
+        else:
+            other = right if subject is left else left
+            shown = f"{other:.1%}" if isinstance(other, float) else repr(other)
+            head = (
+                f"{subject.describe()} {op} {shown}"
+                if subject is left
+                else f"{shown} {op} {subject.describe()}"
+            )
+        return [head, "", *subject.source.explain(subject)]
+    except Exception as exc:  # never hide the original failure behind our own
+        return [f"{left!r} {op} {right!r}", f"(mw_profile could not explain: {exc!r})"]
+
+
+@pytest.fixture(scope="session")
+def mw_tracker(
+    pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """The process's :class:`middleware.MwTracker` (started on first use)."""
+    try:
+        from middleware import MwTracker
+    except ImportError as exc:
+        raise RuntimeError(
+            f"mw_profile needs middleware's native sampler, which is not importable ({exc}); "
+            "build it (make build) or install a wheel"
+        ) from exc
+    kwargs: dict[str, Any] = {"service_name": "pytest"}
+    rate = str(pytestconfig.getini("mw_sample_rate") or "").strip()
+    if rate:
+        kwargs["sample_rate"] = int(rate)
+    # The test run's profiles are not the app's: keep them out of the user's store (pytest's
+    # temp dirs outlive the session, so the tracker's final write at exit still has a home).
+    kwargs["profile_dir"] = str(tmp_path_factory.mktemp("mw-profiles"))
+    yield MwTracker(**kwargs)
+
+
+@pytest.fixture
+def mw_profile(mw_tracker: Any, request: pytest.FixtureRequest) -> Iterator[MwProfile]:
+    """Profile the test (or its ``with mw_profile:`` blocks) and answer questions about it."""
+    profile = MwProfile(mw_tracker, name=request.node.nodeid)
+    profile.start()
+    try:
+        yield profile
+    finally:
+        profile.stop()
+        while profile._block_tokens:  # a test that failed inside a block
+            profile.__exit__(None, None, None)
