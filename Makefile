@@ -1,0 +1,49 @@
+# middleware — make help lists the targets.
+SHELL := /bin/bash
+PY ?= .venv/bin/python
+PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
+MATRIX_VERSIONS ?= 3.10 3.11 3.12 3.13
+CSRC := $(wildcard csrc/*.c csrc/*.h)
+
+.PHONY: help bootstrap build test check matrix asan bench demo lint format proto clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
+
+bootstrap:  ## install Debian packages and the pinned venv (.venv)
+	@scripts/bootstrap.sh
+
+build: bootstrap  ## build the C extension in place; .venv/bin/python can import middleware
+	@$(PY) setup.py -q build_ext --inplace
+	@test -f $(dir $(PY))../.editable-installed || { MW_SKIP_EXT=1 $(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . >/dev/null && touch $(dir $(PY))../.editable-installed; }
+	@$(PY) -c "import middleware._native"
+
+test: build  ## run the whole test suite on the default interpreter
+	$(PY) -m pytest -ra tests $(PYTEST_ARGS)
+
+check: test matrix  ## what CI runs: the suite, then the sampler tests on every CPython 3.10-3.13 here
+
+matrix:  ## run the sampler tests on every CPython 3.10-3.13 on this machine
+	@scripts/matrix.sh $(MATRIX_VERSIONS)
+
+asan:  ## build with AddressSanitizer+UBSan and run the sampler tests
+	@scripts/asan.sh
+
+bench: build  ## overhead benchmarks (profiled vs unprofiled, side by side)
+	$(PY) bench/overhead.py
+	$(PY) bench/overhead.py --rate 1000
+
+demo:  ## run the Flask demo under gunicorn and show the calc3 bottleneck
+	@scripts/demo.sh
+
+lint:  ## clang-format check of csrc/
+	@clang-format --dry-run --Werror $$(ls csrc/*.c csrc/*.h)
+
+format:  ## clang-format csrc/ in place
+	@clang-format -i $$(ls csrc/*.c csrc/*.h)
+
+proto:  ## regenerate protobuf-c (C) and Python code from proto/profile.proto
+	@scripts/gen-proto.sh
+
+clean:  ## remove build products
+	rm -rf build middleware/*.so *.egg-info

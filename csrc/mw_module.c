@@ -1,0 +1,304 @@
+/* mw_module — the middleware._native module: thin glue between Python and the native core.
+ *
+ * Every function here runs in a Python thread with the GIL held, and releases it around
+ * anything that may wait (joining the sampler). Other concerns contribute their own method
+ * tables (mw_<concern>_methods, NULL-terminated, defined in csrc/mw_module_<concern>.c); they
+ * are declared weak so the module builds with any subset present.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "mw_collect.h"
+#include "mw_labels.h"
+#include "mw_pyframes.h"
+#include "mw_sampler.h"
+#include "mw_symcache.h"
+#include "mw_threads.h"
+
+#include <string.h>
+
+extern PyMethodDef mw_upload_methods[] __attribute__((weak));
+extern PyMethodDef mw_export_methods[] __attribute__((weak));
+extern PyMethodDef mw_unwind_methods[] __attribute__((weak));
+/* Optional per-concern hooks run at module init (e.g. fork handlers). */
+extern int mw_export_module_init(PyObject *m) __attribute__((weak));
+extern int mw_unwind_module_init(PyObject *m) __attribute__((weak));
+
+static PyObject *py_start(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"rate_hz", "max_depth", "max_stacks", NULL};
+    int rate = 100, depth = 1024, max_stacks = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iii", kwlist, &rate, &depth, &max_stacks))
+        return NULL;
+    if (rate < 1 || rate > 10000) {
+        PyErr_SetString(PyExc_ValueError, "rate_hz must be within 1..10000");
+        return NULL;
+    }
+    if (mw_sampler_running()) Py_RETURN_FALSE;
+    if (mw_pyframes_init() != 0) return NULL;
+    mw_sampler_config_t cfg = {.rate_hz = rate, .max_depth = depth};
+    mw_profbuf_default_limits(&cfg.limits);
+    if (max_stacks > 0) cfg.limits.max_stacks = (uint32_t)max_stacks;
+    const char *why = "unknown error";
+    int rc = mw_sampler_start(&cfg, &why);
+    if (rc < 0) {
+        PyErr_Format(PyExc_RuntimeError, "middleware: cannot start the sampler: %s", why);
+        return NULL;
+    }
+    if (mw_collect_init() != 0) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *py_stop(PyObject *self, PyObject *noargs) {
+    Py_BEGIN_ALLOW_THREADS mw_sampler_stop();
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+static PyObject *py_running(PyObject *self, PyObject *noargs) {
+    return PyBool_FromLong(mw_sampler_running());
+}
+
+static int put(PyObject *d, const char *k, unsigned long long v) {
+    PyObject *o = PyLong_FromUnsignedLongLong(v);
+    int rc = o ? PyDict_SetItemString(d, k, o) : -1;
+    Py_XDECREF(o);
+    return rc;
+}
+
+static PyObject *py_stats(PyObject *self, PyObject *noargs) {
+    mw_sampler_stats_t s;
+    mw_symcache_stats_t c;
+    mw_sampler_get_stats(&s);
+    mw_symcache_get_stats(&c);
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    if (put(d, "ticks", s.ticks) || put(d, "samples", s.samples) ||
+        put(d, "cpu_samples", s.cpu_samples) || put(d, "dropped", s.dropped) ||
+        put(d, "torn_reads", s.torn_reads) || put(d, "truncated", s.truncated) ||
+        put(d, "overflow", s.overflow + mw_collect_overflow()) ||
+        put(d, "threads_seen", s.threads_seen) || put(d, "threads_gone", s.threads_gone) ||
+        put(d, "sampler_cpu_ns", s.sampler_cpu_ns) || put(d, "tick_ns_max", s.tick_ns_max) ||
+        put(d, "late_ticks", s.late_ticks) || put(d, "saferead_failures", s.saferead_failures) ||
+        put(d, "symcache_hits", c.hits) || put(d, "symcache_misses", c.misses) ||
+        put(d, "symcache_resets", c.resets) || put(d, "symbol_read_failures", c.read_failures) ||
+        put(d, "labelsets_refused", mw_labels_refused()) ||
+        put(d, "threads_refused", mw_threads_refused())) {
+        Py_DECREF(d);
+        return NULL;
+    }
+    return d;
+}
+
+typedef struct {
+    PyObject *list;
+    int failed;
+} snap_ctx_t;
+
+static PyObject *str_of(const mw_profbuf_t *b, mw_id_t id) {
+    size_t len = 0;
+    const char *s = mw_profbuf_str(b, id, &len);
+    if (!s) return PyUnicode_FromString("");
+    return PyUnicode_DecodeUTF8(s, (Py_ssize_t)len, "replace");
+}
+
+static void snap_visit(const mw_profbuf_t *b, void *arg) {
+    snap_ctx_t *ctx = arg;
+    if (ctx->failed) return;
+    uint32_t nf = mw_profbuf_nframes(b);
+    PyObject **frames = PyMem_Calloc(nf + 1, sizeof(PyObject *));
+    if (!frames) {
+        ctx->failed = 1;
+        return;
+    }
+    for (uint32_t i = 1; i <= nf && !ctx->failed; i++) {
+        const mw_frame_t *f = mw_profbuf_frame(b, i);
+        PyObject *name = str_of(b, f->name), *file = str_of(b, f->file);
+        frames[i] = (name && file) ? Py_BuildValue("(OOi)", name, file, (int)f->line) : NULL;
+        Py_XDECREF(name);
+        Py_XDECREF(file);
+        if (!frames[i]) ctx->failed = 1;
+    }
+    uint32_t ns = mw_profbuf_nstacks(b);
+    for (uint32_t i = 0; i < ns && !ctx->failed; i++) {
+        const mw_stack_t *s = mw_profbuf_stack(b, i);
+        const mw_id_t *ids = mw_profbuf_stack_frames(b, s);
+        PyObject *tup = PyTuple_New(s->depth);
+        if (!tup) {
+            ctx->failed = 1;
+            break;
+        }
+        for (uint32_t d = 0; d < s->depth; d++) {
+            PyObject *fr = (ids[d] >= 1 && ids[d] <= nf) ? frames[ids[d]] : Py_None;
+            Py_INCREF(fr);
+            PyTuple_SET_ITEM(tup, d, fr);
+        }
+        PyObject *thread = str_of(b, s->thread);
+        PyObject *row = thread ? Py_BuildValue("(NNIKKKK)", tup, thread, s->labelset,
+                                               (unsigned long long)s->v.cpu_samples,
+                                               (unsigned long long)s->v.cpu_ns,
+                                               (unsigned long long)s->v.wall_samples,
+                                               (unsigned long long)s->v.wall_ns)
+                               : NULL;
+        if (!thread) Py_DECREF(tup);
+        if (!row || PyList_Append(ctx->list, row) != 0) ctx->failed = 1;
+        Py_XDECREF(row);
+    }
+    for (uint32_t i = 1; i <= nf; i++) Py_XDECREF(frames[i]);
+    PyMem_Free(frames);
+}
+
+static PyObject *py_snapshot(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"reset", NULL};
+    int reset = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", kwlist, &reset)) return NULL;
+    snap_ctx_t ctx = {PyList_New(0), 0};
+    if (!ctx.list) return NULL;
+    int64_t start = mw_collect_start_ns();
+    mw_collect_visit(snap_visit, &ctx);
+    if (ctx.failed) {
+        Py_DECREF(ctx.list);
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        return NULL;
+    }
+    if (reset) mw_collect_reset(1);
+    return Py_BuildValue("(LLN)", (long long)start, (long long)mw_now_realtime_ns(), ctx.list);
+}
+
+static PyObject *py_set_thread_name(PyObject *self, PyObject *args) {
+    long tid;
+    const char *name;
+    if (!PyArg_ParseTuple(args, "ls", &tid, &name)) return NULL;
+    return PyBool_FromLong(mw_threads_set_name(tid, name) == 0);
+}
+
+static PyObject *py_forget_thread(PyObject *self, PyObject *args) {
+    long tid;
+    if (!PyArg_ParseTuple(args, "l", &tid)) return NULL;
+    mw_threads_forget(tid);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_set_thread_labelset(PyObject *self, PyObject *args) {
+    long tid;
+    unsigned int id;
+    if (!PyArg_ParseTuple(args, "lI", &tid, &id)) return NULL;
+    return PyBool_FromLong(mw_threads_set_labelset(tid, id) == 0);
+}
+
+static PyObject *py_labelset(PyObject *self, PyObject *pairs) {
+    PyObject *seq = PySequence_Fast(pairs, "labelset() takes a sequence of (key, value) pairs");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > MW_LABELS_PER_SET) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "at most %d labels per set", MW_LABELS_PER_SET);
+        return NULL;
+    }
+    const char *keys[MW_LABELS_PER_SET], *vals[MW_LABELS_PER_SET];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *p = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(p) || PyTuple_GET_SIZE(p) != 2 ||
+            !(keys[i] = PyUnicode_AsUTF8(PyTuple_GET_ITEM(p, 0))) ||
+            !(vals[i] = PyUnicode_AsUTF8(PyTuple_GET_ITEM(p, 1)))) {
+            Py_DECREF(seq);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "labels must be (str, str) pairs");
+            return NULL;
+        }
+    }
+    uint32_t id = mw_labels_intern(keys, vals, (int)n);
+    Py_DECREF(seq);
+    return PyLong_FromUnsignedLong(id);
+}
+
+static PyObject *py_labelset_pairs(PyObject *self, PyObject *args) {
+    unsigned int id;
+    if (!PyArg_ParseTuple(args, "I", &id)) return NULL;
+    const char *const *k = NULL, *const *v = NULL;
+    int n = mw_labels_get(id, &k, &v);
+    if (n < 0) {
+        PyErr_Format(PyExc_KeyError, "unknown label set %u", id);
+        return NULL;
+    }
+    PyObject *t = PyTuple_New(n);
+    if (!t) return NULL;
+    for (int i = 0; i < n; i++) {
+        PyObject *p = Py_BuildValue("(ss)", k[i], v[i]);
+        if (!p) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, p);
+    }
+    return t;
+}
+
+static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
+    return Py_BuildValue("{s:s}", "python", mw_pyframes_version());
+}
+
+static PyMethodDef core_methods[] = {
+    {"start", (PyCFunction)(void (*)(void))py_start, METH_VARARGS | METH_KEYWORDS,
+     "start(rate_hz=100, max_depth=1024, max_stacks=0) -> bool: start the sampler thread"},
+    {"stop", py_stop, METH_NOARGS, "stop the sampler thread (joins it)"},
+    {"running", py_running, METH_NOARGS, "is the sampler thread running"},
+    {"stats", py_stats, METH_NOARGS, "counters of the sampler"},
+    {"snapshot", (PyCFunction)(void (*)(void))py_snapshot, METH_VARARGS | METH_KEYWORDS,
+     "snapshot(reset=False) -> (start_ns, end_ns, rows)"},
+    {"set_thread_name", py_set_thread_name, METH_VARARGS, "set_thread_name(tid, name)"},
+    {"forget_thread", py_forget_thread, METH_VARARGS, "forget_thread(tid)"},
+    {"set_thread_labelset", py_set_thread_labelset, METH_VARARGS,
+     "set_thread_labelset(tid, id)"},
+    {"labelset", py_labelset, METH_O, "labelset(pairs) -> id (0 = none / registry full)"},
+    {"labelset_pairs", py_labelset_pairs, METH_VARARGS, "labelset_pairs(id) -> pairs"},
+    {"build_info", py_build_info, METH_NOARGS, "what the extension was built for"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMethodDef *g_all_methods;
+
+static size_t count_methods(const PyMethodDef *t) {
+    size_t n = 0;
+    while (t && t[n].ml_name) n++;
+    return n;
+}
+
+static struct PyModuleDef g_moddef = {
+    PyModuleDef_HEAD_INIT, "middleware._native",
+    "Native sampling core of middleware (see csrc/).", -1, NULL, NULL, NULL, NULL, NULL,
+};
+
+__attribute__((visibility("default"))) PyMODINIT_FUNC PyInit__native(void) {
+    const PyMethodDef *tables[] = {core_methods, mw_upload_methods, mw_export_methods,
+                                   mw_unwind_methods};
+    size_t total = 0;
+    for (size_t i = 0; i < sizeof tables / sizeof *tables; i++) total += count_methods(tables[i]);
+    if (!g_all_methods) {
+        g_all_methods = PyMem_Calloc(total + 1, sizeof(PyMethodDef));
+        if (!g_all_methods) return PyErr_NoMemory();
+        size_t o = 0;
+        for (size_t i = 0; i < sizeof tables / sizeof *tables; i++) {
+            size_t n = count_methods(tables[i]);
+            if (n) memcpy(g_all_methods + o, tables[i], n * sizeof(PyMethodDef));
+            o += n;
+        }
+        g_moddef.m_methods = g_all_methods;
+        mw_sampler_register_atfork();
+        mw_collect_register_atfork();
+    }
+    PyObject *m = PyModule_Create(&g_moddef);
+    if (!m) return NULL;
+    if (PyModule_AddIntConstant(m, "MAX_LABELS_PER_SET", MW_LABELS_PER_SET) ||
+        PyModule_AddStringConstant(m, "PYTHON_VERSION", mw_pyframes_version())) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    if ((mw_export_module_init && mw_export_module_init(m) != 0) ||
+        (mw_unwind_module_init && mw_unwind_module_init(m) != 0)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

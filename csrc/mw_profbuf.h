@@ -1,0 +1,102 @@
+/* mw_profbuf — one profile buffer: interned strings, frames and stacks → values.
+ *
+ * A buffer holds everything an exported profile needs and nothing that can go away under it:
+ * function and file names are copied into the buffer's own string arena, frames refer to those
+ * strings by id, stacks are arrays of frame ids (leaf first). All memory is allocated once by
+ * mw_profbuf_new() from the limits given; nothing grows afterwards. When a table is full the
+ * insertion fails, the overflow counter says so, and the caller drops the sample.
+ *
+ * Ids are 1-based (0 means "none" / "failed").
+ *
+ * Threads: a buffer has no lock. At any time exactly one thread writes it (the sampler writes
+ * the active buffer; the exporter owns the buffer it swapped out, and the cumulative buffer).
+ * Ownership is handed over under the sampler's mutex (mw_sampler_swap). Nothing here is
+ * async-signal-safe except the read-only accessors. No function touches Python.
+ */
+#ifndef MW_PROFBUF_H
+#define MW_PROFBUF_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef uint32_t mw_id_t;
+
+typedef struct mw_profbuf_limits {
+    uint32_t max_stacks;   /* distinct (stack, thread, labelset) entries */
+    uint32_t max_frames;   /* distinct (function, file, line) frames */
+    uint32_t max_strings;  /* distinct strings */
+    uint32_t string_bytes; /* bytes of string arena */
+    uint32_t frame_slots;  /* total frame ids stored over all stacks */
+} mw_profbuf_limits_t;
+
+typedef struct mw_frame {
+    mw_id_t name; /* string id: qualified function name */
+    mw_id_t file; /* string id: file name */
+    int32_t line; /* line executed, 0 if unknown */
+    int32_t first_line;
+} mw_frame_t;
+
+typedef struct mw_values {
+    uint64_t cpu_samples; /* ticks at which the thread had used CPU since the previous tick */
+    uint64_t cpu_ns;      /* CPU time attributed to the stack */
+    uint64_t wall_samples;
+    uint64_t wall_ns; /* elapsed time attributed to the stack */
+} mw_values_t;
+
+typedef struct mw_stack {
+    uint32_t frames_off; /* index into the buffer's frame-id arena */
+    uint16_t depth;      /* number of frame ids, leaf first */
+    uint16_t _pad;
+    mw_id_t thread;    /* string id of the thread name */
+    uint32_t labelset; /* global label-set id (mw_labels), 0 = none */
+    uint32_t hash;
+    mw_values_t v;
+} mw_stack_t;
+
+typedef struct mw_profbuf_counts {
+    uint32_t stacks, frames, strings, string_bytes_used, frame_slots_used;
+    uint64_t overflow; /* insertions refused because a table was full */
+} mw_profbuf_counts_t;
+
+typedef struct mw_profbuf mw_profbuf_t;
+
+/* Default limits (documented in the README's design section). */
+void mw_profbuf_default_limits(mw_profbuf_limits_t *lim);
+
+/* Allocates a buffer. Returns NULL on allocation failure. Caller owns it; free with
+ * mw_profbuf_free. */
+mw_profbuf_t *mw_profbuf_new(const mw_profbuf_limits_t *lim);
+void mw_profbuf_free(mw_profbuf_t *b);
+
+/* Empties the buffer (keeps its memory) and bumps its generation. */
+void mw_profbuf_reset(mw_profbuf_t *b);
+
+/* Changes whenever the buffer is reset; lets callers cache ids per generation. Buffers get
+ * distinct generation numbers, so (generation) identifies both the buffer and its epoch. */
+uint64_t mw_profbuf_generation(const mw_profbuf_t *b);
+
+/* Interns a string (copied). Returns its id, or 0 if the string table is full. */
+mw_id_t mw_profbuf_intern_str(mw_profbuf_t *b, const char *s, size_t len);
+/* Interns a frame whose string ids belong to this buffer. Returns its id or 0 when full. */
+mw_id_t mw_profbuf_intern_frame(mw_profbuf_t *b, const mw_frame_t *f);
+
+/* Adds values to the stack (frame ids leaf first, depth <= 65535) of this thread/labelset,
+ * creating it if needed. Returns 0, or -1 if a table is full (counted as overflow). */
+int mw_profbuf_add(mw_profbuf_t *b, const mw_id_t *frames, uint32_t depth, mw_id_t thread,
+                   uint32_t labelset, const mw_values_t *v);
+
+/* Adds every stack of src into dst, re-interning strings and frames. Returns the number of
+ * stacks that did not fit. */
+uint32_t mw_profbuf_merge(mw_profbuf_t *dst, const mw_profbuf_t *src);
+
+/* Read access (any thread that owns the buffer at the moment). */
+uint32_t mw_profbuf_nstacks(const mw_profbuf_t *b);
+const mw_stack_t *mw_profbuf_stack(const mw_profbuf_t *b, uint32_t i); /* 0-based index */
+const mw_id_t *mw_profbuf_stack_frames(const mw_profbuf_t *b, const mw_stack_t *s);
+uint32_t mw_profbuf_nframes(const mw_profbuf_t *b);
+const mw_frame_t *mw_profbuf_frame(const mw_profbuf_t *b, mw_id_t id); /* NULL if bad id */
+uint32_t mw_profbuf_nstrings(const mw_profbuf_t *b);
+const char *mw_profbuf_str(const mw_profbuf_t *b, mw_id_t id, size_t *len); /* NUL-terminated */
+void mw_profbuf_counts(const mw_profbuf_t *b, mw_profbuf_counts_t *out);
+
+#endif

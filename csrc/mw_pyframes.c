@@ -1,0 +1,302 @@
+/* mw_pyframes — per-version frame reading; see mw_pyframes.h for the contract.
+ *
+ * How a stack is read without the GIL:
+ *   1. The main interpreter's address is recorded at start (GIL held).
+ *   2. Each tick the thread list is followed through tstate->next, reading every PyThreadState
+ *      with mw_safe_read into a local copy; a state whose interp field is not ours ends the walk
+ *      (it was freed and reused under us).
+ *   3. From the thread's newest frame, each frame struct is copied locally and its code object
+ *      header too; a frame is accepted only if its code object's type is PyCode_Type and its
+ *      instruction pointer falls inside the bytecode. Loops and runaway chains are capped.
+ * The per-version differences (see the table in ARCHITECTURE.md) are confined to the small
+ * #if blocks below.
+ */
+#define _GNU_SOURCE
+#define Py_BUILD_CORE 1
+#include <Python.h>
+#if PY_VERSION_HEX < 0x030B0000
+#include <frameobject.h>
+#include "pycore_interp.h"
+#include "pycore_runtime.h"
+#else
+#if PY_VERSION_HEX >= 0x030C0000 && PY_VERSION_HEX < 0x030D0000
+#undef _PyGC_FINALIZED
+#endif
+#include "pycore_frame.h"
+#include "pycore_interp.h"
+#include "pycore_runtime.h"
+#endif
+
+#include "mw_linetable.h"
+#include "mw_pyframes.h"
+#include "mw_saferead.h"
+
+#include <pthread.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static PyInterpreterState *g_interp;
+#if PY_VERSION_HEX < 0x030B0000
+/* 3.10 has no native_thread_id in PyThreadState: tstate->thread_id is the pthread_t, which in
+ * glibc points at the thread descriptor holding the kernel tid. The tid's offset inside that
+ * descriptor is found at start by scanning our own descriptor for our own tid. */
+static long g_tid_offset = -1;
+#endif
+
+const char *mw_pyframes_version(void) {
+#define MW_STR2(x) #x
+#define MW_STR(x) MW_STR2(x)
+    return MW_STR(PY_MAJOR_VERSION) "." MW_STR(PY_MINOR_VERSION);
+}
+
+int mw_pyframes_linetable_format(void) {
+    return PY_VERSION_HEX < 0x030B0000 ? MW_LT_310 : MW_LT_311;
+}
+
+int mw_pyframes_init(void) {
+    g_interp = PyInterpreterState_Main();
+    if (g_interp == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "middleware: no main interpreter");
+        return -1;
+    }
+#if PY_VERSION_HEX < 0x030B0000
+    pid_t tid = (pid_t)syscall(SYS_gettid);
+    const char *self = (const char *)pthread_self();
+    for (long off = 0; off < 2048; off += (long)sizeof(pid_t)) {
+        pid_t v;
+        if (mw_safe_read(self + off, sizeof v, &v) == 0 && v == tid) {
+            g_tid_offset = off;
+            break;
+        }
+    }
+#endif
+    return 0;
+}
+
+static long tid_of(const PyThreadState *ts) {
+#if PY_VERSION_HEX >= 0x030B0000
+    return (long)ts->native_thread_id;
+#else
+    pid_t tid = 0;
+    if (g_tid_offset < 0 || ts->thread_id == 0) return 0;
+    if (mw_safe_read((const char *)ts->thread_id + g_tid_offset, sizeof tid, &tid) != 0) return 0;
+    return tid > 0 ? tid : 0;
+#endif
+}
+
+static uintptr_t top_frame_of(const PyThreadState *ts) {
+#if PY_VERSION_HEX >= 0x030D0000
+    return (uintptr_t)ts->current_frame;
+#elif PY_VERSION_HEX >= 0x030B0000
+    _PyCFrame cf;
+    if (ts->cframe == NULL || mw_safe_read(ts->cframe, sizeof cf, &cf) != 0) return 0;
+    return (uintptr_t)cf.current_frame;
+#else
+    return (uintptr_t)ts->frame;
+#endif
+}
+
+int mw_pyframes_threads(mw_pythread_t *out, int max) {
+    if (g_interp == NULL) return -1;
+    uintptr_t head;
+#if PY_VERSION_HEX >= 0x030B0000
+    if (mw_safe_read(&g_interp->threads.head, sizeof head, &head) != 0) return -1;
+#else
+    if (mw_safe_read(&g_interp->tstate_head, sizeof head, &head) != 0) return -1;
+#endif
+    int n = 0;
+    uintptr_t cur = head;
+    while (cur && n < max) {
+        PyThreadState ts;
+        if (mw_safe_read((void *)cur, sizeof ts, &ts) != 0) return n ? n : -1;
+        if (ts.interp != g_interp) return n ? n : -1;
+        for (int i = 0; i < n; i++)
+            if (out[i].tstate == cur) return n; /* cycle: list changed under us */
+        out[n].tstate = cur;
+        out[n].tid = tid_of(&ts);
+        out[n].top_frame = top_frame_of(&ts);
+        n++;
+        cur = (uintptr_t)ts.next;
+    }
+    return n;
+}
+
+/* Size of the code-object prefix we copy: everything before the bytecode. */
+#if PY_VERSION_HEX >= 0x030B0000
+#define MW_CODE_HEAD offsetof(PyCodeObject, co_code_adaptive)
+#else
+#define MW_CODE_HEAD sizeof(PyCodeObject)
+#endif
+
+static int read_code_head(uintptr_t addr, PyCodeObject *co) {
+    if (addr == 0 || (addr & (sizeof(void *) - 1))) return -1;
+    if (mw_safe_read((void *)addr, MW_CODE_HEAD, co) != 0) return -1;
+    if (Py_TYPE((PyObject *)co) != &PyCode_Type) return -1;
+    return 0;
+}
+
+static void code_info(const PyCodeObject *co, mw_pycode_t *out) {
+#if PY_VERSION_HEX >= 0x030B0000
+    out->qualname = (uintptr_t)co->co_qualname;
+#else
+    out->qualname = (uintptr_t)co->co_name;
+#endif
+    out->filename = (uintptr_t)co->co_filename;
+    out->linetable = (uintptr_t)co->co_linetable;
+    out->firstlineno = co->co_firstlineno;
+}
+
+int mw_pyframes_walk(uintptr_t frame, mw_rawframe_t *out, int max, int *truncated) {
+    int n = 0, steps = 0;
+    *truncated = 0;
+    while (frame) {
+        if (n >= max || ++steps > 4 * max) {
+            *truncated = 1;
+            break;
+        }
+        if (frame & (sizeof(void *) - 1)) {
+            *truncated = 1;
+            break;
+        }
+#if PY_VERSION_HEX >= 0x030B0000
+        _PyInterpreterFrame f;
+        /* localsplus is a flexible tail we do not need. */
+        if (mw_safe_read((void *)frame, offsetof(_PyInterpreterFrame, localsplus), &f) != 0) {
+            *truncated = 1;
+            break;
+        }
+        uintptr_t next = (uintptr_t)f.previous;
+#if PY_VERSION_HEX >= 0x030D0000
+        uintptr_t code = (uintptr_t)f.f_executable;
+        const _Py_CODEUNIT *ip = f.instr_ptr;
+        int internal = f.owner >= FRAME_OWNED_BY_CSTACK;
+#elif PY_VERSION_HEX >= 0x030C0000
+        uintptr_t code = (uintptr_t)f.f_code;
+        const _Py_CODEUNIT *ip = f.prev_instr;
+        int internal = f.owner == FRAME_OWNED_BY_CSTACK;
+#else
+        uintptr_t code = (uintptr_t)f.f_code;
+        const _Py_CODEUNIT *ip = f.prev_instr;
+        int internal = 0;
+#endif
+        if (!internal) {
+            PyCodeObject co;
+            if (read_code_head(code, &co) != 0) {
+#if PY_VERSION_HEX >= 0x030D0000
+                /* 3.13: f_executable may legitimately be a non-code object: skip it. */
+                frame = next;
+                continue;
+#else
+                *truncated = 1;
+                break;
+#endif
+            }
+            const _Py_CODEUNIT *start = (const _Py_CODEUNIT *)(code + MW_CODE_HEAD);
+            long idx = (long)(ip - start);
+            long size = (long)Py_SIZE((PyObject *)&co);
+            if (idx < -1 || idx >= size) {
+                *truncated = 1;
+                break;
+            }
+            /* Frames that have not reached their first traceable instruction are incomplete
+             * (being set up): CPython hides them, so do we. */
+            int incomplete = f.owner != FRAME_OWNED_BY_GENERATOR && idx < co._co_firsttraceable;
+            if (!incomplete) {
+                out[n].code = code;
+                out[n].lasti = (int32_t)idx;
+                code_info(&co, &out[n].info);
+                n++;
+            }
+        }
+        frame = next;
+#else
+        PyFrameObject f;
+        if (mw_safe_read((void *)frame, sizeof f, &f) != 0) {
+            *truncated = 1;
+            break;
+        }
+        PyCodeObject co;
+        if (read_code_head((uintptr_t)f.f_code, &co) != 0) {
+            *truncated = 1;
+            break;
+        }
+        out[n].code = (uintptr_t)f.f_code;
+        out[n].lasti = f.f_lasti;
+        code_info(&co, &out[n].info);
+        n++;
+        frame = (uintptr_t)f.f_back;
+#endif
+    }
+    return n;
+}
+
+int mw_pyframes_read_str(uintptr_t str, char *buf, size_t cap) {
+    PyASCIIObject a;
+    if (cap == 0 || str == 0 || mw_safe_read((void *)str, sizeof a, &a) != 0) return -1;
+    if (Py_TYPE((PyObject *)&a) != &PyUnicode_Type || !a.state.compact) return -1;
+    Py_ssize_t len = a.length;
+    if (len < 0 || len > (1 << 20)) return -1;
+    int kind = a.state.kind;
+    const char *data = (const char *)str + (a.state.ascii ? sizeof(PyASCIIObject)
+                                                          : sizeof(PyCompactUnicodeObject));
+    if (a.state.ascii) {
+        size_t n = (size_t)len < cap - 1 ? (size_t)len : cap - 1;
+        if (mw_safe_read(data, n, buf) != 0) return -1;
+        buf[n] = '\0';
+        return (int)n;
+    }
+    /* Non-ASCII: copy code points (kind = 1, 2 or 4 bytes each) and encode as UTF-8. */
+    uint8_t raw[1024];
+    size_t count = (size_t)len;
+    if (count * (size_t)kind > sizeof raw) count = sizeof raw / (size_t)kind;
+    if (kind != 1 && kind != 2 && kind != 4) return -1;
+    if (mw_safe_read(data, count * (size_t)kind, raw) != 0) return -1;
+    size_t o = 0;
+    for (size_t i = 0; i < count; i++) {
+        uint32_t c = kind == 1 ? raw[i] : kind == 2 ? ((uint16_t *)raw)[i] : ((uint32_t *)raw)[i];
+        char tmp[4];
+        size_t k;
+        if (c < 0x80) {
+            tmp[0] = (char)c;
+            k = 1;
+        } else if (c < 0x800) {
+            tmp[0] = (char)(0xC0 | (c >> 6));
+            tmp[1] = (char)(0x80 | (c & 63));
+            k = 2;
+        } else if (c < 0x10000) {
+            tmp[0] = (char)(0xE0 | (c >> 12));
+            tmp[1] = (char)(0x80 | ((c >> 6) & 63));
+            tmp[2] = (char)(0x80 | (c & 63));
+            k = 3;
+        } else {
+            tmp[0] = (char)(0xF0 | (c >> 18));
+            tmp[1] = (char)(0x80 | ((c >> 12) & 63));
+            tmp[2] = (char)(0x80 | ((c >> 6) & 63));
+            tmp[3] = (char)(0x80 | (c & 63));
+            k = 4;
+        }
+        if (o + k >= cap) break;
+        memcpy(buf + o, tmp, k);
+        o += k;
+    }
+    buf[o] = '\0';
+    return (int)o;
+}
+
+int mw_pyframes_read_bytes(uintptr_t bytes, uint8_t *buf, size_t cap) {
+    PyBytesObject b;
+    size_t head = offsetof(PyBytesObject, ob_sval);
+    if (bytes == 0 || mw_safe_read((void *)bytes, head, &b) != 0) return -1;
+    if (Py_TYPE((PyObject *)&b) != &PyBytes_Type) return -1;
+    Py_ssize_t len = Py_SIZE((PyObject *)&b);
+    if (len < 0 || (size_t)len > cap) return -1;
+    if (mw_safe_read((const char *)bytes + head, (size_t)len, buf) != 0) return -1;
+    return (int)len;
+}
+
+int mw_pyframes_finalizing(void) {
+    uintptr_t v = 0;
+    if (mw_safe_read(&_PyRuntime._finalizing, sizeof v, &v) != 0) return 1;
+    return v != 0;
+}

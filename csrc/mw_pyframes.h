@@ -1,0 +1,71 @@
+/* mw_pyframes — reading CPython's thread list and frame chains from outside the interpreter.
+ *
+ * This is the only file compiled with Py_BUILD_CORE: it includes the interpreter's internal
+ * headers so that every offsetof() matches the CPython minor version the extension is built
+ * for (3.10, 3.11, 3.12, 3.13). Everything else sees plain addresses and the small structs
+ * below.
+ *
+ * Threads: mw_pyframes_init() needs the GIL (called once from module start). All other
+ * functions are called by the sampler thread WITHOUT the GIL: they read interpreter memory only
+ * through mw_safe_read(), take no lock, allocate nothing and never call the Python C API.
+ * A torn read makes them return an error or a shorter result, never crash.
+ */
+#ifndef MW_PYFRAMES_H
+#define MW_PYFRAMES_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define MW_MAX_THREADS 4096
+
+typedef struct mw_pythread {
+    uintptr_t tstate;
+    long tid;            /* kernel thread id (gettid), 0 if unknown */
+    uintptr_t top_frame; /* newest frame (version-specific pointer), 0 if none */
+} mw_pythread_t;
+
+/* What a frame tells about its code object: read once per frame during the walk, and used
+ * by the symbol cache both as the key (a recycled code address shows as a changed field) and
+ * to fill a missing entry. */
+typedef struct mw_pycode {
+    uintptr_t qualname;  /* str object (3.10: co_name) */
+    uintptr_t filename;  /* str object */
+    uintptr_t linetable; /* bytes object */
+    int32_t firstlineno;
+} mw_pycode_t;
+
+typedef struct mw_rawframe {
+    uintptr_t code; /* PyCodeObject address, validated as a code object */
+    int32_t lasti;  /* instruction index in code units, -1 if at function entry */
+    mw_pycode_t info;
+} mw_rawframe_t;
+
+/* Line-table format of this build (mw_linetable.h). */
+int mw_pyframes_linetable_format(void);
+
+/* Records the main interpreter and probes layouts. GIL held. Returns 0 or -1 (Python error set). */
+int mw_pyframes_init(void);
+
+/* Lists the interpreter's threads (newest first). Returns the count (<= max), or -1 when the
+ * list could not be read consistently. */
+int mw_pyframes_threads(mw_pythread_t *out, int max);
+
+/* Walks a thread's frames from top_frame: fills out[] leaf first with validated code objects
+ * and instruction indices; skips interpreter-internal frames. Returns the depth. *truncated is
+ * set when the walk stopped early (torn read, loop, depth cap). */
+int mw_pyframes_walk(uintptr_t top_frame, mw_rawframe_t *out, int max, int *truncated);
+
+/* Copies a str object as UTF-8 into buf (NUL-terminated, truncated to cap-1). Returns length
+ * or -1. */
+int mw_pyframes_read_str(uintptr_t str, char *buf, size_t cap);
+
+/* Copies a bytes object's contents into buf. Returns length, or -1 (also if larger than cap). */
+int mw_pyframes_read_bytes(uintptr_t bytes, uint8_t *buf, size_t cap);
+
+/* 1 while the interpreter is finalizing (or its state cannot be read). */
+int mw_pyframes_finalizing(void);
+
+/* Version string of the headers the extension was built with, e.g. "3.12". */
+const char *mw_pyframes_version(void);
+
+#endif

@@ -1,0 +1,79 @@
+/* mw_sampler — the native sampling thread and the buffers it fills.
+ *
+ * One pthread (all signals blocked, no Python thread state, never takes the GIL) wakes at the
+ * configured rate with random jitter (±MW_JITTER_PCT%) on CLOCK_MONOTONIC, so periodic work in
+ * the application cannot alias with the ticks. Each tick it lists the interpreter's threads
+ * (mw_pyframes), reads each thread's CPU clock (derived from its kernel tid), walks its
+ * frames, and adds one sample per thread to the active mw_profbuf:
+ *   cpu_ns  = CPU time the thread used since the previous tick (0 for a blocked thread),
+ *   wall_ns = time elapsed since the previous tick.
+ * Only threads that used CPU get a CPU sample; every thread gets a wall sample.
+ *
+ * Locks: g_buf_lock guards the active-buffer pointer; the sampler holds it while it writes a
+ * tick, mw_sampler_swap() holds it to exchange buffers. The collect lock (mw_collect) is always
+ * taken BEFORE the buffer lock.
+ *
+ * Calls: start/stop/stats from Python threads (GIL held; stop joins the thread, so call it
+ * with the GIL released or make sure the sampler never waits for the GIL — it never does).
+ * Fork: mw_sampler registers pthread_atfork handlers: the child starts with the sampler
+ * stopped and empty buffers; the Python layer restarts it.
+ */
+#ifndef MW_SAMPLER_H
+#define MW_SAMPLER_H
+
+#include "mw_profbuf.h"
+
+#include <stdint.h>
+
+#define MW_JITTER_PCT 10
+
+typedef struct mw_sampler_config {
+    int rate_hz;   /* 1..10000 */
+    int max_depth; /* frames kept per stack (deeper stacks keep the leaf side, flagged) */
+    mw_profbuf_limits_t limits;
+} mw_sampler_config_t;
+
+typedef struct mw_sampler_stats {
+    uint64_t ticks;          /* ticks taken */
+    uint64_t samples;        /* thread samples added to a buffer */
+    uint64_t cpu_samples;    /* of which the thread had used CPU */
+    uint64_t dropped;        /* thread samples lost (table full, unreadable stack) */
+    uint64_t torn_reads;     /* thread lists or frame chains that changed under us */
+    uint64_t truncated;      /* stacks kept partially */
+    uint64_t overflow;       /* insertions refused by a full buffer */
+    uint64_t threads_seen;   /* threads in the last tick */
+    uint64_t threads_gone;   /* threads whose CPU clock vanished mid-tick */
+    uint64_t sampler_cpu_ns; /* CPU time of the sampler thread itself */
+    uint64_t tick_ns_max;    /* longest tick */
+    uint64_t late_ticks;     /* ticks that started more than a period late */
+    uint64_t saferead_failures;
+} mw_sampler_stats_t;
+
+/* Starts sampling. Returns 0, -1 on failure (errno-style reason in *why). Idempotent: a running
+ * sampler is left as is (returns 1). */
+int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why);
+/* Stops and joins the thread. The buffers keep their data. Safe to call when stopped. */
+void mw_sampler_stop(void);
+int mw_sampler_running(void);
+int mw_sampler_rate(void);
+
+/* Hands the active buffer to the caller and installs `fresh` (empty, same limits) in its
+ * place. t_start and t_end get the window the returned buffer covers (CLOCK_REALTIME ns).
+ * Caller must hold the collect lock (mw_collect_lock). */
+mw_profbuf_t *mw_sampler_swap(mw_profbuf_t *fresh, int64_t *t_start, int64_t *t_end);
+
+/* Calls fn on the active buffer with the buffer lock held (for snapshots). */
+void mw_sampler_with_active(void (*fn)(const mw_profbuf_t *, void *), void *arg);
+
+void mw_sampler_get_stats(mw_sampler_stats_t *out);
+/* Empty buffer factory with the limits the sampler was started with. */
+mw_profbuf_t *mw_sampler_new_buffer(void);
+
+/* Registers the fork handlers; call once (module init), before mw_collect_register_atfork so
+ * that the collect lock is taken first in the prepare phase. */
+void mw_sampler_register_atfork(void);
+
+int64_t mw_now_realtime_ns(void);
+int64_t mw_now_monotonic_ns(void);
+
+#endif

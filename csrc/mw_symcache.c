@@ -1,0 +1,147 @@
+/* mw_symcache — see mw_symcache.h. Open addressing over a power-of-two slot array; an arena
+ * holds the copied strings and line tables. */
+#include "mw_symcache.h"
+
+#include "mw_linetable.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define SC_SLOTS 8192 /* at most SC_SLOTS/2 live entries before a reset */
+#define SC_ARENA (4u << 20)
+#define SC_NAME_MAX 512
+#define SC_LINETABLE_MAX 65536
+
+typedef struct {
+    uintptr_t code; /* 0 = empty slot */
+    mw_pycode_t info;
+    uint32_t name_off, name_len, file_off, file_len, lt_off, lt_len;
+    int lt_ok;
+    uint64_t gen;
+    mw_id_t name_id, file_id;
+    int32_t last_lasti, last_line;
+} sc_entry_t;
+
+static sc_entry_t *g_slots;
+static char *g_arena;
+static uint32_t g_arena_used, g_live;
+static mw_symcache_stats_t g_stats;
+static int g_format;
+
+int mw_symcache_init(void) {
+    if (g_slots) return 0;
+    g_slots = calloc(SC_SLOTS, sizeof *g_slots);
+    g_arena = malloc(SC_ARENA);
+    if (!g_slots || !g_arena) {
+        mw_symcache_free();
+        return -1;
+    }
+    g_format = mw_pyframes_linetable_format();
+    return 0;
+}
+
+void mw_symcache_free(void) {
+    free(g_slots);
+    free(g_arena);
+    g_slots = NULL;
+    g_arena = NULL;
+    g_arena_used = g_live = 0;
+}
+
+void mw_symcache_clear(void) {
+    if (g_slots) memset(g_slots, 0, SC_SLOTS * sizeof *g_slots);
+    g_arena_used = g_live = 0;
+    g_stats.resets++;
+}
+
+void mw_symcache_get_stats(mw_symcache_stats_t *out) { *out = g_stats; }
+
+static int arena_str(uintptr_t str, uint32_t *off, uint32_t *len) {
+    if (g_arena_used + SC_NAME_MAX > SC_ARENA) return -1;
+    int n = mw_pyframes_read_str(str, g_arena + g_arena_used, SC_NAME_MAX);
+    if (n < 0) return -1;
+    *off = g_arena_used;
+    *len = (uint32_t)n;
+    g_arena_used += (uint32_t)n + 1;
+    return 0;
+}
+
+static int fill(sc_entry_t *e, const mw_rawframe_t *rf) {
+    uint32_t mark = g_arena_used;
+    e->code = rf->code;
+    e->info = rf->info;
+    e->gen = 0;
+    e->last_lasti = -2;
+    if (arena_str(rf->info.qualname, &e->name_off, &e->name_len) != 0 ||
+        arena_str(rf->info.filename, &e->file_off, &e->file_len) != 0) {
+        g_arena_used = mark;
+        e->code = 0;
+        return -1;
+    }
+    e->lt_ok = 0;
+    uint32_t room = SC_ARENA - g_arena_used;
+    int n = mw_pyframes_read_bytes(rf->info.linetable, (uint8_t *)g_arena + g_arena_used,
+                                   room < SC_LINETABLE_MAX ? room : SC_LINETABLE_MAX);
+    if (n >= 0) {
+        e->lt_off = g_arena_used;
+        e->lt_len = (uint32_t)n;
+        e->lt_ok = 1;
+        g_arena_used += (uint32_t)n;
+    }
+    return 0;
+}
+
+static int same_code(const mw_pycode_t *a, const mw_pycode_t *b) {
+    return a->qualname == b->qualname && a->filename == b->filename &&
+           a->linetable == b->linetable && a->firstlineno == b->firstlineno;
+}
+
+static sc_entry_t *lookup(const mw_rawframe_t *rf) {
+    uint32_t h = (uint32_t)((rf->code >> 4) * 2654435761u);
+    for (uint32_t i = h & (SC_SLOTS - 1);; i = (i + 1) & (SC_SLOTS - 1)) {
+        sc_entry_t *e = &g_slots[i];
+        if (e->code == rf->code) {
+            if (same_code(&e->info, &rf->info)) {
+                g_stats.hits++;
+                return e;
+            }
+            /* Same address, different code object: refill in place. */
+            g_stats.misses++;
+            return fill(e, rf) == 0 ? e : NULL;
+        }
+        if (e->code == 0) {
+            if (g_live >= SC_SLOTS / 2 || g_arena_used + 2 * SC_NAME_MAX > SC_ARENA) {
+                mw_symcache_clear();
+                return lookup(rf);
+            }
+            g_stats.misses++;
+            if (fill(e, rf) != 0) return NULL;
+            g_live++;
+            return e;
+        }
+    }
+}
+
+mw_id_t mw_symcache_frame(mw_profbuf_t *b, const mw_rawframe_t *rf) {
+    if (!g_slots) return 0;
+    sc_entry_t *e = lookup(rf);
+    if (!e) {
+        g_stats.read_failures++;
+        return 0;
+    }
+    uint64_t gen = mw_profbuf_generation(b);
+    if (e->gen != gen) {
+        e->name_id = mw_profbuf_intern_str(b, g_arena + e->name_off, e->name_len);
+        e->file_id = mw_profbuf_intern_str(b, g_arena + e->file_off, e->file_len);
+        if (!e->name_id || !e->file_id) return 0;
+        e->gen = gen;
+    }
+    if (e->last_lasti != rf->lasti) {
+        e->last_line = e->lt_ok ? mw_linetable_line(g_format, (const uint8_t *)g_arena + e->lt_off,
+                                                    e->lt_len, e->info.firstlineno, rf->lasti)
+                                : e->info.firstlineno;
+        e->last_lasti = rf->lasti;
+    }
+    mw_frame_t f = {e->name_id, e->file_id, e->last_line, e->info.firstlineno};
+    return mw_profbuf_intern_frame(b, &f);
+}

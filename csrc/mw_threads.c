@@ -1,0 +1,110 @@
+/* mw_threads — see mw_threads.h. Open addressing keyed by tid with tombstones (-1). */
+#include "mw_threads.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <string.h>
+
+typedef struct {
+    _Atomic long tid; /* 0 empty, -1 tombstone */
+    _Atomic uint32_t labelset;
+    _Atomic uint32_t seq; /* odd while the name is being written */
+    char name[MW_THREAD_NAME_MAX];
+} mw_tslot_t;
+
+static mw_tslot_t g_slots[MW_THREADS_MAX];
+static pthread_mutex_t g_wlock = PTHREAD_MUTEX_INITIALIZER;
+static atomic_uint_fast64_t g_refused;
+
+static uint32_t slot_hash(long tid) { return (uint32_t)((unsigned long)tid * 2654435761u); }
+
+/* Writer lock held. Returns the slot of tid, creating it if asked. */
+static mw_tslot_t *find(long tid, int create) {
+    mw_tslot_t *free_slot = NULL;
+    uint32_t h = slot_hash(tid);
+    for (uint32_t k = 0; k < MW_THREADS_MAX; k++) {
+        mw_tslot_t *s = &g_slots[(h + k) & (MW_THREADS_MAX - 1)];
+        long t = atomic_load(&s->tid);
+        if (t == tid) return s;
+        if (t == -1 && !free_slot) free_slot = s;
+        if (t == 0) {
+            if (!free_slot) free_slot = s;
+            break;
+        }
+    }
+    if (!create || !free_slot) return NULL;
+    atomic_store(&free_slot->labelset, 0);
+    atomic_fetch_add(&free_slot->seq, 1);
+    free_slot->name[0] = '\0';
+    atomic_fetch_add(&free_slot->seq, 1);
+    atomic_store(&free_slot->tid, tid);
+    return free_slot;
+}
+
+int mw_threads_set_name(long tid, const char *name) {
+    pthread_mutex_lock(&g_wlock);
+    mw_tslot_t *s = find(tid, 1);
+    if (s) {
+        atomic_fetch_add(&s->seq, 1);
+        strncpy(s->name, name, MW_THREAD_NAME_MAX - 1);
+        s->name[MW_THREAD_NAME_MAX - 1] = '\0';
+        atomic_fetch_add(&s->seq, 1);
+    } else {
+        atomic_fetch_add(&g_refused, 1);
+    }
+    pthread_mutex_unlock(&g_wlock);
+    return s ? 0 : -1;
+}
+
+int mw_threads_set_labelset(long tid, uint32_t labelset) {
+    pthread_mutex_lock(&g_wlock);
+    mw_tslot_t *s = find(tid, 1);
+    if (s)
+        atomic_store(&s->labelset, labelset);
+    else
+        atomic_fetch_add(&g_refused, 1);
+    pthread_mutex_unlock(&g_wlock);
+    return s ? 0 : -1;
+}
+
+void mw_threads_forget(long tid) {
+    pthread_mutex_lock(&g_wlock);
+    mw_tslot_t *s = find(tid, 0);
+    if (s) atomic_store(&s->tid, -1);
+    pthread_mutex_unlock(&g_wlock);
+}
+
+uint32_t mw_threads_lookup(long tid, char *name, size_t cap, uint32_t *name_seq) {
+    name[0] = '\0';
+    *name_seq = 0;
+    uint32_t h = slot_hash(tid);
+    for (uint32_t k = 0; k < MW_THREADS_MAX; k++) {
+        mw_tslot_t *s = &g_slots[(h + k) & (MW_THREADS_MAX - 1)];
+        long t = atomic_load(&s->tid);
+        if (t == 0) return 0;
+        if (t != tid) continue;
+        for (int tries = 0; tries < 4; tries++) {
+            uint32_t a = atomic_load(&s->seq);
+            if (a & 1) continue;
+            size_t n = cap < MW_THREAD_NAME_MAX ? cap : MW_THREAD_NAME_MAX;
+            /* Racy copy validated by the sequence counter (a seqlock). */
+            for (size_t i = 0; i < n; i++) name[i] = ((volatile char *)s->name)[i];
+            name[n - 1] = '\0';
+            atomic_thread_fence(memory_order_acquire);
+            if (atomic_load(&s->seq) == a) {
+                *name_seq = a + 1;
+                return atomic_load(&s->labelset);
+            }
+        }
+        name[0] = '\0';
+        return atomic_load(&s->labelset);
+    }
+    return 0;
+}
+
+void mw_threads_reset_after_fork(void) {
+    pthread_mutex_init(&g_wlock, NULL);
+    for (int i = 0; i < MW_THREADS_MAX; i++) atomic_store(&g_slots[i].tid, 0);
+}
+
+uint64_t mw_threads_refused(void) { return atomic_load(&g_refused); }

@@ -1,0 +1,30 @@
+/* mw_threads — what the sampler knows about a thread beyond its frames: the name Python gave
+ * it and the label set currently active in it, keyed by kernel thread id.
+ *
+ * Writers: Python threads (with the GIL) through the module glue; writers are serialized by an
+ * internal mutex. Reader: the sampler thread, lock-free (atomic slot ids, a sequence counter
+ * around the name). Fixed capacity (MW_THREADS_MAX slots); a full table refuses new threads
+ * (counted) until some are forgotten. Not async-signal-safe.
+ */
+#ifndef MW_THREADS_H
+#define MW_THREADS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define MW_THREADS_MAX 8192
+#define MW_THREAD_NAME_MAX 64
+
+int mw_threads_set_name(long tid, const char *name); /* 0, or -1 when full */
+int mw_threads_set_labelset(long tid, uint32_t labelset);
+void mw_threads_forget(long tid);
+
+/* Sampler side. Copies the name (NUL-terminated, "" if unknown) and returns the labelset
+ * (0 if none). *name_seq gets a value that changes whenever the name changes. */
+uint32_t mw_threads_lookup(long tid, char *name, size_t cap, uint32_t *name_seq);
+
+/* After fork, in the child: every entry belongs to a thread that does not exist there. */
+void mw_threads_reset_after_fork(void);
+uint64_t mw_threads_refused(void);
+
+#endif

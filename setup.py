@@ -1,0 +1,37 @@
+"""Build script for the middleware C extension (middleware._native).
+
+The extension reads CPython's private structures, so it is compiled per CPython minor version
+against that interpreter's internal headers (include/pythonX.Y/internal).
+"""
+import glob
+import os
+import sysconfig
+
+from setuptools import Extension, setup
+
+include = sysconfig.get_paths()["include"]
+sources = sorted(glob.glob("csrc/*.c") + glob.glob("csrc/gen/*.c"))
+extra_compile = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden",
+                 "-Wno-missing-field-initializers", "-Wno-unused-parameter"]
+extra_link = []
+if os.environ.get("MW_SANITIZE"):
+    flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+    extra_compile += flags + ["-O1", "-g"]
+    extra_link += flags
+else:
+    extra_compile += ["-O2", "-g"]
+
+# MW_SKIP_EXT=1: metadata-only install (entry points, editable path); the extension itself is
+# built in place by `make build` (setup.py build_ext --inplace).
+setup(
+    ext_modules=[] if os.environ.get("MW_SKIP_EXT") else [
+        Extension(
+            "middleware._native",
+            sources=sources,
+            include_dirs=["csrc", "csrc/gen", os.path.join(include, "internal")],
+            libraries=["protobuf-c", "z", "curl", "unwind", "pthread"],
+            extra_compile_args=extra_compile,
+            extra_link_args=extra_link,
+        )
+    ],
+)
