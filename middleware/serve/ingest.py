@@ -1,0 +1,460 @@
+"""Decoding of ingest requests (the Pyroscope ``POST /ingest`` API of PROTOCOL.md).
+
+An upload is ``POST /ingest?name=<service>{k=v,...}&from=<unix s>&until=<unix s>&format=pprof
+&sampleRate=<hz>&spyName=<name>`` with a pprof body, plain or gzipped, either raw
+(``binary/octet-stream``) or as the ``profile`` field of a ``multipart/form-data`` body (then an
+optional ``sample_type_config`` JSON field may come along; it is validated and otherwise ignored,
+because our series names follow the fixed rules below).
+
+Everything in this module is pure: it turns (query string, headers, body) into an
+:class:`Upload` or raises :class:`IngestError` carrying the HTTP status and a message meant for
+the uploader's log. Nothing is stored before decoding succeeded, so a bad upload changes nothing.
+
+Limits. The body is capped before it is read (413), and gzip is inflated with a hard cap on the
+output (a 1 KiB gzip bomb can inflate to gigabytes): inflation stops as soon as the output would
+exceed ``max_decompressed_bytes`` and the upload is refused with 413.
+
+Series naming (PROTOCOL.md): a sample type containing ``wall`` gives the series ``wall``, one
+starting with ``alloc_``/``inuse_`` gives ``memory``, one containing ``cpu`` gives
+``process_cpu``; any other sample type (e.g. ``samples/count``) takes the name of the profile's
+period type (``cpu`` period -> ``process_cpu``). The profile type id is
+``name:type:unit:period_type:period_unit`` where the period is the profile's own, except for a
+sample type whose series differs from the period's series (a ``wall`` value in a profile whose
+period type is ``cpu``): that one uses itself as period type. This yields exactly
+``process_cpu:cpu:nanoseconds:cpu:nanoseconds``, ``process_cpu:samples:count:cpu:nanoseconds``
+and ``wall:wall:nanoseconds:wall:nanoseconds`` for the profiles the agent writes.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import json
+import logging
+import math
+import re
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping
+from urllib.parse import parse_qs
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from middleware.profile import Profile
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "IngestError",
+    "IngestLimits",
+    "IngestParams",
+    "Upload",
+    "LABEL_NAME_RE",
+    "EXCLUDED_SAMPLE_LABELS",
+    "parse_name",
+    "parse_ingest_query",
+    "gunzip_capped",
+    "extract_pprof_bytes",
+    "decode_upload",
+    "upload_from_profile",
+    "SERVICE_LABEL",
+    "profile_type_ids",
+    "series_totals",
+]
+
+LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+#: String sample labels that do not become series labels (PROTOCOL.md): per-request ids would
+#: make one series per request.
+EXCLUDED_SAMPLE_LABELS = frozenset({"span_id", "trace_id", "profile_id"})
+#: The label holding the service name in queries; reserved in upload tags.
+SERVICE_LABEL = "service_name"
+
+_SERVICE_RE = re.compile(r"^[^{}\s,=\"\x00-\x1f]{1,256}$")
+_MAX_TAGS = 64
+_MAX_TAG_VALUE = 1024
+# Unix seconds must be plausible: values beyond this are milliseconds or nanoseconds sent by
+# mistake, which would place the profile centuries away.
+_MAX_UNIX_SECONDS = 1e11
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class IngestError(Exception):
+    """A refused upload: ``status`` is the HTTP status to answer, ``message`` says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """Size caps for uploads (bytes)."""
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_decompressed_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    """The query parameters of one upload, validated."""
+
+    service: str
+    tags: tuple[tuple[str, str], ...] = ()
+    from_ns: int | None = None
+    until_ns: int | None = None
+    format: str = "pprof"
+    sample_rate: int | None = None
+    spy_name: str = ""
+
+
+@dataclass
+class Upload:
+    """A decoded upload, ready to be stored."""
+
+    params: IngestParams
+    profile: "Profile"
+    pprof_plain: bytes
+    start_ns: int
+    end_ns: int
+    tenant: str = ""
+    type_ids: list[tuple[str, int]] = field(default_factory=list)
+
+
+def parse_name(name: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """Split ``svc{k=v,k2=v2}`` into the service name and its sorted static tags.
+
+    Raises :class:`IngestError` (400) on an empty service, unbalanced braces, a tag without
+    ``=``, an invalid or reserved label name, or a repeated label name.
+    """
+    name = name.strip()
+    if not name:
+        raise IngestError(400, "missing 'name': expected name=<service>{k=v,...}")
+    tags: list[tuple[str, str]] = []
+    if "{" in name or "}" in name:
+        if not name.endswith("}") or name.count("{") != 1 or name.count("}") != 1:
+            raise IngestError(400, f"bad 'name' {name!r}: tags must be one trailing {{k=v,...}}")
+        service, _, inner = name[:-1].partition("{")
+        service = service.strip()
+        for item in inner.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            key, eq, value = item.partition("=")
+            key = key.strip()
+            if not eq:
+                raise IngestError(400, f"bad tag {item!r} in 'name': expected k=v")
+            _check_label_name(key, where="'name' tag")
+            if key == SERVICE_LABEL:
+                raise IngestError(400, f"tag {SERVICE_LABEL!r} is reserved; put the service before the braces")
+            if len(value) > _MAX_TAG_VALUE:
+                raise IngestError(400, f"tag {key!r} value longer than {_MAX_TAG_VALUE} characters")
+            tags.append((key, value.strip()))
+        if len(tags) > _MAX_TAGS:
+            raise IngestError(400, f"too many tags in 'name' (more than {_MAX_TAGS})")
+        keys = [k for k, _ in tags]
+        if len(set(keys)) != len(keys):
+            raise IngestError(400, f"repeated tag name in 'name': {sorted(keys)}")
+    else:
+        service = name
+    if not _SERVICE_RE.match(service):
+        raise IngestError(
+            400, f"bad service name {service!r}: 1-256 characters, no spaces, quotes, commas, '=' or braces"
+        )
+    return service, tuple(sorted(tags))
+
+
+def _check_label_name(key: str, where: str) -> None:
+    if not LABEL_NAME_RE.match(key):
+        raise IngestError(400, f"bad label name {key!r} in {where}: must match [a-zA-Z_][a-zA-Z0-9_]*")
+    if key.startswith("__"):
+        raise IngestError(400, f"bad label name {key!r} in {where}: names starting with '__' are reserved")
+
+
+def _unix_seconds_to_ns(raw: str, param: str) -> int:
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise IngestError(400, f"bad '{param}' {raw!r}: expected unix seconds") from None
+    if not math.isfinite(seconds) or seconds < 0 or seconds >= _MAX_UNIX_SECONDS:
+        raise IngestError(400, f"bad '{param}' {raw!r}: expected unix seconds (not ms or ns)")
+    return int(round(seconds * 1e9))
+
+
+def parse_ingest_query(query: str) -> IngestParams:
+    """Validate the ingest query string; raises :class:`IngestError` (400) on a bad parameter."""
+    try:
+        qs = parse_qs(query, keep_blank_values=True, strict_parsing=False, max_num_fields=64)
+    except ValueError as exc:  # max_num_fields exceeded
+        raise IngestError(400, f"bad query string: {exc}") from None
+    for key, values in qs.items():
+        if len(values) > 1:
+            raise IngestError(400, f"query parameter {key!r} given {len(values)} times")
+    one = {k: v[0] for k, v in qs.items()}
+    if "name" not in one:
+        raise IngestError(400, "missing 'name': expected name=<service>{k=v,...}")
+    service, tags = parse_name(one["name"])
+    fmt = one.get("format", "pprof") or "pprof"
+    if fmt != "pprof":
+        raise IngestError(400, f"unsupported format {fmt!r}: this server accepts format=pprof only")
+    from_ns = _unix_seconds_to_ns(one["from"], "from") if one.get("from") else None
+    until_ns = _unix_seconds_to_ns(one["until"], "until") if one.get("until") else None
+    if from_ns is not None and until_ns is not None and until_ns < from_ns:
+        raise IngestError(400, f"'until' ({one['until']}) is before 'from' ({one['from']})")
+    sample_rate: int | None = None
+    if one.get("sampleRate"):
+        raw = one["sampleRate"]
+        if not raw.isdigit() or not 0 < int(raw) <= 1_000_000:
+            raise IngestError(400, f"bad 'sampleRate' {raw!r}: expected a positive integer (Hz)")
+        sample_rate = int(raw)
+    spy_name = one.get("spyName", "")
+    if len(spy_name) > 128 or not all(c.isprintable() for c in spy_name):
+        raise IngestError(400, "bad 'spyName': at most 128 printable characters")
+    return IngestParams(
+        service=service,
+        tags=tags,
+        from_ns=from_ns,
+        until_ns=until_ns,
+        format=fmt,
+        sample_rate=sample_rate,
+        spy_name=spy_name,
+    )
+
+
+def gunzip_capped(data: bytes, cap: int) -> bytes:
+    """Inflate gzip ``data`` (one or more members) producing at most ``cap`` bytes.
+
+    Raises :class:`IngestError`: 400 for corrupt or truncated gzip, 413 when the output would
+    exceed ``cap`` (inflation stops there; the bomb is never expanded in memory).
+    """
+    out = bytearray()
+    rest = data
+    while rest:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            # max_length = remaining budget + 1: getting that extra byte proves the cap is hit.
+            out += inflater.decompress(rest, cap - len(out) + 1)
+        except zlib.error as exc:
+            raise IngestError(400, f"corrupt gzip body: {exc}") from None
+        if len(out) > cap:
+            raise IngestError(413, f"decompressed profile exceeds the limit of {cap} bytes")
+        if not inflater.eof:
+            raise IngestError(400, "corrupt gzip body: truncated stream")
+        rest = inflater.unused_data
+        if rest and not rest.startswith(_GZIP_MAGIC):
+            if rest.strip(b"\x00"):
+                raise IngestError(400, "corrupt gzip body: trailing garbage after the gzip stream")
+            break
+    return bytes(out)
+
+
+def _multipart_profile(body: bytes, content_type: str) -> bytes:
+    """The ``profile`` field of a multipart/form-data body (email's parser keeps bytes exact)."""
+    header = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(header + body)
+    if not message.is_multipart():
+        raise IngestError(400, "bad multipart/form-data body: no parts (missing or wrong boundary?)")
+    fields: dict[str, bytes] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str):
+            continue
+        payload = part.get_payload(decode=True)
+        if isinstance(payload, bytes):
+            fields.setdefault(name, payload)
+    if "profile" not in fields:
+        raise IngestError(400, "multipart/form-data upload has no 'profile' field")
+    config = fields.get("sample_type_config")
+    if config is not None:
+        try:
+            parsed = json.loads(config)
+        except (ValueError, UnicodeDecodeError):
+            raise IngestError(400, "bad 'sample_type_config' field: not JSON") from None
+        if not isinstance(parsed, dict):
+            raise IngestError(400, "bad 'sample_type_config' field: expected a JSON object")
+    return fields["profile"]
+
+
+def extract_pprof_bytes(
+    body: bytes, content_type: str, content_encoding: str, limits: IngestLimits
+) -> bytes:
+    """The plain (uncompressed) pprof bytes of an upload body.
+
+    Handles ``Content-Encoding: gzip``, a multipart body with a ``profile`` field, and a gzipped
+    or plain pprof payload. Raises :class:`IngestError`.
+    """
+    encoding = content_encoding.strip().lower()
+    if encoding in ("gzip", "x-gzip"):
+        body = gunzip_capped(body, limits.max_decompressed_bytes)
+    elif encoding not in ("", "identity"):
+        raise IngestError(415, f"unsupported Content-Encoding {content_encoding!r}: use gzip or none")
+    if content_type.lower().startswith("multipart/"):
+        if not content_type.lower().startswith("multipart/form-data"):
+            raise IngestError(415, f"unsupported Content-Type {content_type!r}")
+        body = _multipart_profile(body, content_type)
+    if not body:
+        raise IngestError(400, "empty profile body")
+    if body.startswith(_GZIP_MAGIC):
+        body = gunzip_capped(body, limits.max_decompressed_bytes)
+    if len(body) > limits.max_decompressed_bytes:
+        raise IngestError(413, f"decompressed profile exceeds the limit of {limits.max_decompressed_bytes} bytes")
+    if not body:
+        raise IngestError(400, "empty profile after decompression")
+    return body
+
+
+def profile_type_ids(profile: "Profile") -> list[tuple[str, int]]:
+    """``(profile type id, value index)`` for every sample type of ``profile`` (see module doc)."""
+    period_type, period_unit = profile.period_type or ("", "")
+    period_series = _series_of(period_type) or _series_of_any(profile) or period_type or "unknown"
+    out: list[tuple[str, int]] = []
+    for index, (stype, sunit) in enumerate(profile.sample_types):
+        series = _series_of(stype) or period_series
+        if series == period_series and period_type:
+            ptype, punit = period_type, period_unit
+        else:
+            ptype, punit = stype, sunit
+        out.append((f"{series}:{stype}:{sunit}:{ptype}:{punit}", index))
+    return out
+
+
+def _series_of(sample_type: str) -> str | None:
+    lowered = sample_type.lower()
+    if "wall" in lowered:
+        return "wall"
+    if lowered.startswith(("alloc_", "inuse_")):
+        return "memory"
+    if "cpu" in lowered:
+        return "process_cpu"
+    return None
+
+
+def _series_of_any(profile: "Profile") -> str | None:
+    for stype, _ in profile.sample_types:
+        series = _series_of(stype)
+        if series and series != "wall":
+            return series
+    return None
+
+
+def series_labels(
+    tags: tuple[tuple[str, str], ...], sample_labels: tuple[tuple[str, str], ...]
+) -> tuple[tuple[str, str], ...]:
+    """The series labels of a sample: static tags plus its string labels (tags win on clash)."""
+    merged = dict(
+        (k, v) for k, v in sample_labels if k not in EXCLUDED_SAMPLE_LABELS and k != SERVICE_LABEL
+    )
+    merged.update(tags)
+    return tuple(sorted(merged.items()))
+
+
+def series_totals(
+    profile: "Profile", tags: tuple[tuple[str, str], ...], type_ids: list[tuple[str, int]]
+) -> dict[tuple[tuple[str, str], ...], dict[str, int]]:
+    """Total value per (series labels, profile type id) of ``profile``."""
+    totals: dict[tuple[tuple[str, str], ...], dict[str, int]] = {}
+    cache: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
+    for sample in profile.samples:
+        labels = cache.get(sample.labels)
+        if labels is None:
+            labels = cache[sample.labels] = series_labels(tags, sample.labels)
+        per_type = totals.setdefault(labels, {})
+        for type_id, index in type_ids:
+            per_type[type_id] = per_type.get(type_id, 0) + int(sample.values[index])
+    return totals
+
+
+def _check_profile(profile: "Profile") -> None:
+    if not profile.sample_types:
+        raise IngestError(400, "not a usable pprof profile: it has no sample types")
+    width = len(profile.sample_types)
+    for sample in profile.samples:
+        if len(sample.values) != width:
+            raise IngestError(
+                400, f"bad pprof profile: a sample has {len(sample.values)} values for {width} sample types"
+            )
+        seen: set[str] = set()
+        for key, _ in sample.labels:
+            if key in EXCLUDED_SAMPLE_LABELS:
+                continue
+            _check_label_name(key, where="a pprof sample label")
+            if key in seen:
+                raise IngestError(400, f"bad pprof profile: sample label {key!r} repeated in one sample")
+            seen.add(key)
+
+
+def decode_upload(
+    query: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    limits: IngestLimits,
+    now_ns: int | None = None,
+) -> Upload:
+    """Decode one upload completely (params, body, pprof); raises :class:`IngestError`.
+
+    ``headers`` keys are matched case-insensitively by the caller (an ``email.message.Message``
+    or any mapping with lower-case keys works).
+    """
+    from middleware.pprof import ProfileError, parse_pprof
+
+    params = parse_ingest_query(query)
+    plain = extract_pprof_bytes(
+        body,
+        headers.get("content-type", "") or "",
+        headers.get("content-encoding", "") or "",
+        limits,
+    )
+    try:
+        profile = parse_pprof(plain)
+    except ProfileError as exc:
+        raise IngestError(400, f"not a pprof profile: {exc}") from None
+    except Exception as exc:  # a parser bug must not become a 500 for the uploader
+        log.warning("pprof parser failed on an upload: %r", exc)
+        raise IngestError(400, f"not a pprof profile: {exc}") from None
+    return upload_from_profile(params, profile, plain, tenant=headers.get("x-scope-orgid", "") or "", now_ns=now_ns)
+
+
+def upload_from_profile(
+    params: IngestParams,
+    profile: "Profile",
+    plain: bytes,
+    *,
+    tenant: str = "",
+    now_ns: int | None = None,
+    default_start_ns: int | None = None,
+) -> Upload:
+    """Check a parsed profile and wrap it as an :class:`Upload` (raises :class:`IngestError`).
+
+    The window is ``from``/``until`` when given, else the pprof's ``time_nanos`` and
+    ``duration_nanos``, else ``default_start_ns``, else now.
+    """
+    _check_profile(profile)
+    start_ns, end_ns = _window(params, profile, default_start_ns if default_start_ns is not None else now_ns)
+    return Upload(
+        params=params,
+        profile=profile,
+        pprof_plain=plain,
+        start_ns=start_ns,
+        end_ns=end_ns,
+        tenant=tenant[:128],
+        type_ids=profile_type_ids(profile),
+    )
+
+
+def _window(params: IngestParams, profile: "Profile", now_ns: int | None) -> tuple[int, int]:
+    """The profile's time window: ``from``/``until`` when given, else the pprof's own, else now."""
+    if params.from_ns is not None:
+        start = params.from_ns
+    elif profile.time_nanos > 0:
+        start = int(profile.time_nanos)
+    else:
+        start = now_ns if now_ns is not None else time.time_ns()
+    if params.until_ns is not None:
+        end = params.until_ns
+    elif profile.duration_nanos > 0:
+        end = start + int(profile.duration_nanos)
+    else:
+        end = max(start, params.from_ns or start)
+    if end < start:
+        raise IngestError(400, "'until' is before the profile's start")
+    return start, end

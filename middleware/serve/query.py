@@ -1,0 +1,456 @@
+"""The JSON query API behind the web page (``GET /api/...``).
+
+A *selection* is: a service, a profile type id (``process_cpu:cpu:nanoseconds:cpu:nanoseconds``),
+a time range ``[from, until)`` in unix seconds (a profile belongs to the range when its window
+starts inside it) and a label selector in Prometheus style::
+
+    {endpoint="/calc", thread_name!="MainThread", pid=~"12.*"}
+
+(``=``, ``!=``, ``=~`` and ``!~``; a regex must match the whole value; a missing label reads as
+the empty string). Labels are the upload's static tags, the pprof's string sample labels and
+``service_name``.
+
+Totals (timeline) come straight from the SQLite index. Merged profiles parse the blobs of the
+matching profiles (cached by the store), keep the samples whose labels match, and sum values per
+stack for the selected sample type. The JSON of a merged profile is the reporters' model
+(:func:`middleware.reporters.flamegraph.profile_to_json`: flame tree + function table), so the
+page and ``python -m middleware flamegraph`` render the same thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from middleware.profile import Frame, Profile, Sample
+from middleware.serve.ingest import EXCLUDED_SAMPLE_LABELS, SERVICE_LABEL, profile_type_ids, series_labels
+from middleware.serve.store import Store
+
+log = logging.getLogger(__name__)
+
+__all__ = ["QueryError", "Matcher", "Selection", "parse_selector", "parse_selection", "QueryEngine"]
+
+Labels = tuple[tuple[str, str], ...]
+_MAX_UNIX_SECONDS = 1e11
+_MAX_TIMELINE_POINTS = 2000
+_DEFAULT_RANGE_S = 3600
+
+
+class QueryError(Exception):
+    """A bad query (HTTP 400 unless ``status`` says otherwise)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """One label matcher of a selector."""
+
+    name: str
+    op: str  # "=", "!=", "=~", "!~"
+    value: str
+
+    def __post_init__(self) -> None:
+        if self.op in ("=~", "!~"):
+            try:
+                object.__setattr__(self, "_regex", re.compile(self.value))
+            except re.error as exc:
+                raise QueryError(f"bad regular expression {self.value!r} for label {self.name!r}: {exc}") from None
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        have = labels.get(self.name, "")
+        if self.op == "=":
+            return have == self.value
+        if self.op == "!=":
+            return have != self.value
+        regex: re.Pattern[str] = getattr(self, "_regex")
+        found = regex.fullmatch(have) is not None
+        return found if self.op == "=~" else not found
+
+    def to_text(self) -> str:
+        escaped = self.value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'{self.name}{self.op}"{escaped}"'
+
+
+_MATCHER_RE = re.compile(
+    r'\s*(?P<name>[a-zA-Z_][a-zA-Z0-9_]*)\s*(?P<op>=~|!~|!=|=)\s*"(?P<value>(?:[^"\\]|\\.)*)"\s*(?P<sep>,|$)'
+)
+
+
+def parse_selector(text: str) -> tuple[Matcher, ...]:
+    """Parse ``{k="v",...}`` (braces optional, empty = match everything)."""
+    body = text.strip()
+    if body.startswith("{"):
+        if not body.endswith("}"):
+            raise QueryError(f"bad selector {text!r}: missing closing brace")
+        body = body[1:-1]
+    body = body.strip()
+    matchers: list[Matcher] = []
+    pos = 0
+    while pos < len(body):
+        m = _MATCHER_RE.match(body, pos)
+        if m is None:
+            raise QueryError(f'bad selector {text!r}: expected name="value" (or !=, =~, !~) at {body[pos:]!r}')
+        name = m.group("name")
+        if name in EXCLUDED_SAMPLE_LABELS:
+            raise QueryError(f"label {name!r} is not a series label and cannot be selected")
+        value = re.sub(r"\\(.)", r"\1", m.group("value"))
+        matchers.append(Matcher(name, m.group("op"), value))
+        pos = m.end()
+        if m.group("sep") == "" and pos < len(body):
+            raise QueryError(f"bad selector {text!r}: expected ',' between matchers")
+    return tuple(matchers)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What to merge: a service, a profile type, a time range and a label selector."""
+
+    service: str
+    type_id: str
+    from_ns: int
+    until_ns: int
+    matchers: tuple[Matcher, ...] = ()
+
+    @property
+    def selector_text(self) -> str:
+        return "{" + ",".join(m.to_text() for m in self.matchers) + "}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "service": self.service,
+            "type": self.type_id,
+            "from": self.from_ns / 1e9,
+            "until": self.until_ns / 1e9,
+            "selector": self.selector_text,
+        }
+
+
+def _seconds(raw: str, name: str) -> int:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise QueryError(f"bad '{name}' {raw!r}: expected unix seconds") from None
+    if not math.isfinite(value) or value < 0 or value >= _MAX_UNIX_SECONDS:
+        raise QueryError(f"bad '{name}' {raw!r}: expected unix seconds")
+    return int(round(value * 1e9))
+
+
+def parse_selection(params: Mapping[str, str], suffix: str = "", now_ns: int | None = None) -> Selection:
+    """A :class:`Selection` from query parameters ``service``, ``type``, ``from``, ``until`` and
+    ``selector`` (each name + ``suffix``, e.g. ``from2`` for the comparison side of a diff; a
+    missing suffixed parameter falls back to the unsuffixed one)."""
+
+    def get(name: str) -> str | None:
+        value = params.get(name + suffix)
+        if value is None and suffix:
+            value = params.get(name)
+        return value
+
+    service = get("service")
+    if not service:
+        raise QueryError("missing 'service'")
+    type_id = get("type")
+    if not type_id:
+        raise QueryError("missing 'type' (a profile type id such as process_cpu:cpu:nanoseconds:cpu:nanoseconds)")
+    if type_id.count(":") != 4:
+        raise QueryError(f"bad 'type' {type_id!r}: expected name:sample_type:unit:period_type:period_unit")
+    now = now_ns if now_ns is not None else time.time_ns()
+    until_raw, from_raw = get("until"), get("from")
+    until_ns = _seconds(until_raw, "until" + suffix) if until_raw else now
+    from_ns = _seconds(from_raw, "from" + suffix) if from_raw else until_ns - _DEFAULT_RANGE_S * 1_000_000_000
+    if from_ns >= until_ns:
+        raise QueryError(f"empty time range: 'from{suffix}' must be before 'until{suffix}'")
+    matchers = parse_selector(get("selector") or "")
+    return Selection(service, type_id, max(from_ns, 0), until_ns, matchers)
+
+
+@dataclass
+class MergeResult:
+    profile: Profile
+    profiles: int  # number of stored profiles that contributed
+
+
+class QueryEngine:
+    """Answers the UI's queries from a :class:`Store`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # -- catalogue ---------------------------------------------------------------------------
+
+    def services(self) -> list[dict[str, Any]]:
+        out = []
+        for row in self.store.services():
+            out.append(
+                {
+                    "name": row["name"],
+                    "profiles": row["profiles"],
+                    "first": row["first_ns"] / 1e9,
+                    "last": row["last_ns"] / 1e9,
+                    "types": self.store.profile_types(row["name"]),
+                }
+            )
+        return out
+
+    def profile_types(self, service: str) -> list[dict[str, str]]:
+        out = []
+        for type_id in self.store.profile_types(service):
+            name, stype, unit, ptype, punit = type_id.split(":")
+            out.append(
+                {"id": type_id, "name": name, "sample_type": stype, "unit": unit, "period_type": ptype, "period_unit": punit}
+            )
+        return out
+
+    def _series_in_range(
+        self, service: str, from_ns: int | None, until_ns: int | None, type_id: str | None = None
+    ) -> list[Labels]:
+        if from_ns is None and until_ns is None and type_id is None:
+            return [s.labels for s in self.store.series(service)]
+        sql = (
+            "SELECT DISTINCT s.labels FROM totals t JOIN series s ON s.id = t.series_id "
+            "WHERE t.service = ? AND t.start_ns >= ? AND t.start_ns < ?"
+        )
+        args: list[Any] = [service, from_ns or 0, until_ns if until_ns is not None else 2**62]
+        if type_id:
+            sql += " AND t.type_id = ?"
+            args.append(type_id)
+        from middleware.serve.store import _labels_from_key
+
+        return [_labels_from_key(r[0]) for r in self.store.query(sql, tuple(args))]
+
+    def label_names(
+        self, service: str, from_ns: int | None = None, until_ns: int | None = None, type_id: str | None = None
+    ) -> list[str]:
+        names = {SERVICE_LABEL}
+        for labels in self._series_in_range(service, from_ns, until_ns, type_id):
+            names.update(k for k, _ in labels)
+        return sorted(names)
+
+    def label_values(
+        self,
+        service: str,
+        name: str,
+        from_ns: int | None = None,
+        until_ns: int | None = None,
+        type_id: str | None = None,
+    ) -> list[str]:
+        if name == SERVICE_LABEL:
+            return [service]
+        values = set()
+        for labels in self._series_in_range(service, from_ns, until_ns, type_id):
+            for k, v in labels:
+                if k == name:
+                    values.add(v)
+        return sorted(values)
+
+    # -- series selection --------------------------------------------------------------------
+
+    def _matching_series(self, sel: Selection) -> list[int] | None:
+        """Ids of the service's series matching the selector (None: all of them)."""
+        if not sel.matchers:
+            return None
+        out = []
+        for row in self.store.series(sel.service):
+            labels = dict(row.labels)
+            labels[SERVICE_LABEL] = sel.service
+            if all(m.matches(labels) for m in sel.matchers):
+                out.append(row.id)
+        return out
+
+    def _series_clause(self, sel: Selection) -> tuple[str, tuple[Any, ...]] | None:
+        ids = self._matching_series(sel)
+        if ids is None:
+            return "", ()
+        if not ids:
+            return None
+        # Series ids are integers from our own table: inlining them is safe and avoids the
+        # bound-parameter limit for services with many series.
+        return f" AND series_id IN ({','.join(str(int(i)) for i in ids)})", ()
+
+    # -- timeline ----------------------------------------------------------------------------
+
+    def timeline(self, sel: Selection, step_s: float | None = None) -> dict[str, Any]:
+        """Total of the selected type per time bucket, zero-filled, buckets aligned on ``from``."""
+        span_ns = sel.until_ns - sel.from_ns
+        if step_s is None or step_s <= 0:
+            step_ns = max(10_000_000_000, _nice_step(span_ns / 200))
+        else:
+            step_ns = int(step_s * 1e9)
+        if step_ns <= 0 or span_ns / step_ns > _MAX_TIMELINE_POINTS:
+            raise QueryError(f"'step' too small: at most {_MAX_TIMELINE_POINTS} points per timeline")
+        buckets = int(math.ceil(span_ns / step_ns))
+        values = [0] * buckets
+        profiles = [0] * buckets
+        clause = self._series_clause(sel)
+        if clause is not None:
+            extra, extra_args = clause
+            rows = self.store.query(
+                "SELECT (start_ns - ?) / ? AS b, SUM(total), COUNT(DISTINCT profile_id) FROM totals "
+                "WHERE service = ? AND type_id = ? AND start_ns >= ? AND start_ns < ?" + extra + " GROUP BY b",
+                (sel.from_ns, step_ns, sel.service, sel.type_id, sel.from_ns, sel.until_ns) + extra_args,
+            )
+            for b, total, count in rows:
+                if 0 <= b < buckets:
+                    values[int(b)] += int(total)
+                    profiles[int(b)] += int(count)
+        return {
+            **sel.to_json(),
+            "step": step_ns / 1e9,
+            "points": [
+                {"t": (sel.from_ns + i * step_ns) / 1e9, "value": values[i], "profiles": profiles[i]}
+                for i in range(buckets)
+            ],
+            "total": sum(values),
+            "unit": sel.type_id.split(":")[2],
+        }
+
+    # -- merged profiles ---------------------------------------------------------------------
+
+    def _profile_ids(self, sel: Selection) -> list[int]:
+        clause = self._series_clause(sel)
+        if clause is None:
+            return []
+        extra, extra_args = clause
+        rows = self.store.query(
+            "SELECT DISTINCT profile_id FROM totals WHERE service = ? AND type_id = ? AND start_ns >= ? "
+            "AND start_ns < ?" + extra + " ORDER BY profile_id",
+            (sel.service, sel.type_id, sel.from_ns, sel.until_ns) + extra_args,
+        )
+        return [int(r[0]) for r in rows]
+
+    def merge(self, sel: Selection) -> MergeResult:
+        """The selection merged into one profile with the single selected sample type."""
+        _, stype, sunit, ptype, punit = sel.type_id.split(":")
+        acc: dict[tuple[Frame, ...], int] = {}
+        rows = self.store.profile_rows(self._profile_ids(sel))
+        period = 0
+        for row in rows:
+            profile = self.store.load_profile(row.id)
+            index = next((i for t, i in profile_type_ids(profile) if t == sel.type_id), None)
+            if index is None:  # pragma: no cover - the index says it has the type
+                continue
+            period = period or profile.period
+            matches = _sample_matcher(sel, row.tags)
+            for sample in profile.samples:
+                value = sample.values[index]
+                if value and matches(sample.labels):
+                    acc[sample.stack] = acc.get(sample.stack, 0) + value
+        merged = Profile(
+            sample_types=[(stype, sunit)],
+            samples=[Sample(stack, (value,), ()) for stack, value in acc.items()],
+            time_nanos=sel.from_ns,
+            duration_nanos=sel.until_ns - sel.from_ns,
+            period_type=(ptype, punit),
+            period=period,
+            default_sample_type=stype,
+        )
+        return MergeResult(merged, len(rows))
+
+    def profile_json(self, sel: Selection) -> dict[str, Any]:
+        """The merged profile as the reporters' JSON, plus what was selected."""
+        from middleware.reporters.flamegraph import profile_to_json
+
+        result = self.merge(sel)
+        stype = sel.type_id.split(":")[1]
+        return {
+            **sel.to_json(),
+            "profiles": result.profiles,
+            "total": result.profile.total(stype),
+            "unit": sel.type_id.split(":")[2],
+            "data": profile_to_json(result.profile, value=stype),
+        }
+
+    def sandwich_json(self, sel: Selection, function: str, file: str | None) -> dict[str, Any]:
+        """Callers and callees of one function in the selection."""
+        from middleware.reporters.sandwich import FunctionMatchError, sandwich
+
+        result = self.merge(sel)
+        stype = sel.type_id.split(":")[1]
+        target: str | tuple[str, str] = (function, file) if file is not None else function
+        try:
+            sw = sandwich(result.profile, target, value=stype)
+        except FunctionMatchError as exc:
+            raise QueryError(str(exc), status=404) from None
+        if sw.total_value == 0 and file is not None:
+            raise QueryError(f"function {function!r} ({file}) is not in the selection", status=404)
+
+        def rel(items: list[Any]) -> list[dict[str, Any]]:
+            return [{"function": r.function, "file": r.file, "value": r.value} for r in items]
+
+        return {
+            **sel.to_json(),
+            "unit": sel.type_id.split(":")[2],
+            "function": sw.function,
+            "file": sw.file,
+            "self": sw.self_value,
+            "total": sw.total_value,
+            "profile_total": sw.profile_total,
+            "callers": rel(sw.callers),
+            "callees": rel(sw.callees),
+        }
+
+    def diff_json(self, base: Selection, comparison: Selection) -> dict[str, Any]:
+        """What changed from ``base`` to ``comparison``: each function's Self share (percent of
+        each side's own total) and the change in percentage points, from the reporters' diff
+        (:func:`middleware.reporters.diff.diff_profiles`), with Total values alongside."""
+        from middleware.reporters.diff import diff_profiles
+        from middleware.reporters.table import function_table
+
+        a = self.merge(base)
+        b = self.merge(comparison)
+        stype = base.type_id.split(":")[1]
+        totals_a = {r.key: r.total_value for r in function_table(a.profile, value=stype)}
+        totals_b = {r.key: r.total_value for r in function_table(b.profile, value=stype)}
+        rows = diff_profiles(a.profile, b.profile, value=stype)
+        return {
+            "base": {**base.to_json(), "profiles": a.profiles, "total": a.profile.total(stype)},
+            "comparison": {**comparison.to_json(), "profiles": b.profiles, "total": b.profile.total(stype)},
+            "unit": base.type_id.split(":")[2],
+            "functions": [
+                {
+                    "function": r.function,
+                    "file": r.file,
+                    "self_a": r.before_self,
+                    "self_b": r.after_self,
+                    "total_a": totals_a.get((r.function, r.file), 0),
+                    "total_b": totals_b.get((r.function, r.file), 0),
+                    "self_share_a": r.before_percent,
+                    "self_share_b": r.after_percent,
+                    "change": r.change,
+                }
+                for r in rows
+            ],
+        }
+
+
+def _sample_matcher(sel: Selection, tags: Labels) -> Callable[[Labels], bool]:
+    """A predicate on a sample's labels for ``sel`` (cached per distinct label tuple)."""
+    if not sel.matchers:
+        return lambda labels: True
+    cache: dict[Labels, bool] = {}
+
+    def matches(labels: Labels) -> bool:
+        hit = cache.get(labels)
+        if hit is None:
+            have = dict(series_labels(tags, labels))
+            have[SERVICE_LABEL] = sel.service
+            hit = cache[labels] = all(m.matches(have) for m in sel.matchers)
+        return hit
+
+    return matches
+
+
+def _nice_step(ns: float) -> int:
+    """Round a bucket width up to 10 s, 30 s, 1/5/10/30 min, 1/3/6/12 h or 1 d."""
+    for seconds in (10, 30, 60, 300, 600, 1800, 3600, 10800, 21600, 43200, 86400):
+        if ns <= seconds * 1e9:
+            return seconds * 1_000_000_000
+    return int(math.ceil(ns / 86400e9)) * 86400 * 1_000_000_000
