@@ -70,14 +70,14 @@
  * characters; mw_upload_start() fails otherwise.
  */
 typedef struct mw_upload_config {
-    const char *server_url; /* base URL, e.g. http://127.0.0.1:4040 ; ingest at {server}/ingest */
-    const char *app_name;   /* service name, e.g. "svc" (required, non-empty) */
-    const char *tags;       /* "k=v,k=v" static tags appended as name=svc{k=v,...}, may be NULL.
-                               Not validated here: the Python layer validates label names. */
-    const char *tenant_id;  /* X-Scope-OrgID, may be NULL; when set no key exchange is done */
-    const char *auth_url;   /* key -> tenant exchange URL (default MW_UPLOAD_DEFAULT_AUTH_URL) */
-    const char *api_key;    /* never sent to the profiling endpoint */
-    const char *bearer_token;                /* optional Authorization: Bearer (self-hosted) */
+    const char *server_url;   /* base URL, e.g. http://127.0.0.1:4040 ; ingest at {server}/ingest */
+    const char *app_name;     /* service name, e.g. "svc" (required, non-empty) */
+    const char *tags;         /* "k=v,k=v" static tags appended as name=svc{k=v,...}, may be NULL.
+                                 Not validated here: the Python layer validates label names. */
+    const char *tenant_id;    /* X-Scope-OrgID, may be NULL; when set no key exchange is done */
+    const char *auth_url;     /* key -> tenant exchange URL (default MW_UPLOAD_DEFAULT_AUTH_URL) */
+    const char *api_key;      /* never sent to the profiling endpoint */
+    const char *bearer_token; /* optional Authorization: Bearer (self-hosted) */
     const char *basic_user, *basic_password; /* optional basic auth; ignored if bearer_token */
     const char *spy_name;                    /* spyName query parameter */
     const char *user_agent;                  /* "middleware-python/<version>" */

@@ -1,0 +1,158 @@
+/* mw_module_upload — Python glue for the native uploader (mw_upload.h).
+ *
+ * Exports mw_upload_methods[], appended to middleware._native by csrc/mw_module.c:
+ *   upload_start(**config) -> None       keyword-only, names = mw_upload_config_t fields
+ *                                          (RuntimeError with the reason when it cannot start)
+ *   upload_submit(data, from_s, until_s) -> bool   False when the uploader is not running
+ *   upload_flush(deadline) -> int         profiles still held after waiting (GIL released)
+ *   upload_stop(deadline) -> None         GIL released while stopping
+ *   upload_running() -> bool
+ *   upload_stats() -> dict[str, int]      the mw_upload_stats_t fields
+ *   upload_take_message(with_level=False) -> str | (int, str) | None
+ *
+ * Every function is called with the GIL held; the GIL is released around anything that can
+ * wait (submit's mutex and copy, flush, stop).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "mw_upload.h"
+
+static PyObject *mw_py_upload_start(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"server_url",
+                             "app_name",
+                             "tags",
+                             "tenant_id",
+                             "auth_url",
+                             "api_key",
+                             "bearer_token",
+                             "basic_user",
+                             "basic_password",
+                             "spy_name",
+                             "user_agent",
+                             "sample_rate",
+                             "queue_max",
+                             "connect_timeout_s",
+                             "total_timeout_s",
+                             "backoff_initial_s",
+                             "backoff_max_s",
+                             "use_push_api",
+                             NULL};
+    mw_upload_config_t c = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$zzzzzzzzzzziiddddp:upload_start", kwlist,
+                                     &c.server_url, &c.app_name, &c.tags, &c.tenant_id, &c.auth_url,
+                                     &c.api_key, &c.bearer_token, &c.basic_user, &c.basic_password,
+                                     &c.spy_name, &c.user_agent, &c.sample_rate, &c.queue_max,
+                                     &c.connect_timeout_s, &c.total_timeout_s, &c.backoff_initial_s,
+                                     &c.backoff_max_s, &c.use_push_api))
+        return NULL;
+    /* Quick (copies the config, creates one thread); keeps the GIL so the borrowed strings stay
+     * valid. */
+    if (mw_upload_start(&c) != 0) {
+        PyErr_Format(PyExc_RuntimeError, "upload_start: %s", mw_upload_start_error());
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *mw_py_upload_submit(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    long long from_s, until_s;
+    if (!PyArg_ParseTuple(args, "y*LL:upload_submit", &buf, &from_s, &until_s)) return NULL;
+    PyThreadState *ts = PyEval_SaveThread();
+    int rc = mw_upload_submit(buf.buf, (size_t)buf.len, (int64_t)from_s, (int64_t)until_s);
+    PyEval_RestoreThread(ts);
+    PyBuffer_Release(&buf);
+    return PyBool_FromLong(rc == 0);
+}
+
+static PyObject *mw_py_upload_flush(PyObject *self, PyObject *args) {
+    double deadline;
+    if (!PyArg_ParseTuple(args, "d:upload_flush", &deadline)) return NULL;
+    PyThreadState *ts = PyEval_SaveThread();
+    int n = mw_upload_flush(deadline);
+    PyEval_RestoreThread(ts);
+    return PyLong_FromLong(n);
+}
+
+static PyObject *mw_py_upload_stop(PyObject *self, PyObject *args) {
+    double deadline;
+    if (!PyArg_ParseTuple(args, "d:upload_stop", &deadline)) return NULL;
+    PyThreadState *ts = PyEval_SaveThread();
+    mw_upload_stop(deadline);
+    PyEval_RestoreThread(ts);
+    Py_RETURN_NONE;
+}
+
+static PyObject *mw_py_upload_running(PyObject *self, PyObject *unused) {
+    return PyBool_FromLong(mw_upload_is_running());
+}
+
+static int mw_dict_u64(PyObject *d, const char *key, unsigned long long v) {
+    PyObject *o = PyLong_FromUnsignedLongLong(v);
+    if (!o) return -1;
+    int rc = PyDict_SetItemString(d, key, o);
+    Py_DECREF(o);
+    return rc;
+}
+
+static PyObject *mw_py_upload_stats(PyObject *self, PyObject *unused) {
+    mw_upload_stats_t s;
+    mw_upload_get_stats(&s);
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    PyObject *last_err = PyLong_FromLongLong((long long)s.last_error_unix_s);
+    if (!last_err || PyDict_SetItemString(d, "last_error_unix_s", last_err) != 0 ||
+        mw_dict_u64(d, "submitted", s.submitted) || mw_dict_u64(d, "uploaded", s.uploaded) ||
+        mw_dict_u64(d, "failed_attempts", s.failed_attempts) ||
+        mw_dict_u64(d, "retried", s.retried) ||
+        mw_dict_u64(d, "dropped_queue_full", s.dropped_queue_full) ||
+        mw_dict_u64(d, "dropped_rejected", s.dropped_rejected) ||
+        mw_dict_u64(d, "dropped_at_exit", s.dropped_at_exit) ||
+        mw_dict_u64(d, "auth_ok", s.auth_ok) || mw_dict_u64(d, "auth_failed", s.auth_failed) ||
+        mw_dict_u64(d, "last_status", s.last_status) || mw_dict_u64(d, "queued", s.queued) ||
+        mw_dict_u64(d, "queue_high", s.queue_high)) {
+        Py_XDECREF(last_err);
+        Py_DECREF(d);
+        return NULL;
+    }
+    Py_DECREF(last_err);
+    return d;
+}
+
+static PyObject *mw_py_upload_take_message(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"with_level", NULL};
+    int with_level = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|p:upload_take_message", kwlist, &with_level))
+        return NULL;
+    char buf[1024];
+    int level = mw_upload_take_message(buf, sizeof(buf));
+    if (level == 0) Py_RETURN_NONE;
+    if (with_level) return Py_BuildValue("(is)", level, buf);
+    return PyUnicode_DecodeUTF8(buf, (Py_ssize_t)strlen(buf), "replace");
+}
+
+PyMethodDef mw_upload_methods[] = {
+    {"upload_start", (PyCFunction)(void (*)(void))mw_py_upload_start, METH_VARARGS | METH_KEYWORDS,
+     "upload_start(*, server_url, app_name, tags, tenant_id, auth_url, api_key, bearer_token, "
+     "basic_user, basic_password, spy_name, user_agent, sample_rate, queue_max, "
+     "connect_timeout_s, total_timeout_s, backoff_initial_s, backoff_max_s, use_push_api)\n"
+     "Start the native uploader thread. RuntimeError if it cannot start."},
+    {"upload_submit", mw_py_upload_submit, METH_VARARGS,
+     "upload_submit(data: bytes, from_s: int, until_s: int) -> bool\n"
+     "Queue one gzipped pprof (copied). False if the uploader is not running."},
+    {"upload_flush", mw_py_upload_flush, METH_VARARGS,
+     "upload_flush(deadline: float) -> int\nWait up to deadline seconds for the queue to empty; "
+     "returns the number of profiles still held."},
+    {"upload_stop", mw_py_upload_stop, METH_VARARGS,
+     "upload_stop(deadline: float) -> None\nFinal flush for up to deadline seconds, then stop."},
+    {"upload_running", mw_py_upload_running, METH_NOARGS,
+     "upload_running() -> bool\nWhether the uploader thread is running."},
+    {"upload_stats", mw_py_upload_stats, METH_NOARGS,
+     "upload_stats() -> dict[str, int]\nUploader counters (reset by upload_start)."},
+    {"upload_take_message", (PyCFunction)(void (*)(void))mw_py_upload_take_message,
+     METH_VARARGS | METH_KEYWORDS,
+     "upload_take_message(with_level=False) -> str | tuple[int, str] | None\n"
+     "Pop the next pending uploader message (with its logging level if asked)."},
+    {NULL, NULL, 0, NULL},
+};
