@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import threading
 import types
+from typing import Any
 
 from ._post_import import when_imported
-from .wsgi import MwWsgiMiddleware
 
 __all__ = ["install_all", "installed", "MwWsgiMiddleware"]
 
@@ -50,6 +50,15 @@ def installed() -> frozenset[str]:
     """Names of the frameworks instrumented so far, e.g. ``frozenset({"flask"})``."""
     with _lock:
         return frozenset(_installed)
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that importing this package (which the tracker does at start) stays cheap.
+    if name == "MwWsgiMiddleware":
+        from .wsgi import MwWsgiMiddleware
+
+        return MwWsgiMiddleware
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _install_flask(module: types.ModuleType) -> None:

@@ -1,0 +1,182 @@
+"""Throughput of the Flask demo under gunicorn, with and without the tracker.
+
+Serves ``demo_flask`` with gunicorn (2 sync workers by default) and measures requests per second
+on ``/calculate1/100`` with ``wrk`` (or bench/loadgen.py when wrk is missing). Every round runs
+the app once with profiling off (``MW_APM_COLLECT_PROFILING=false``: the two tracker lines stay in
+the app but start nothing) and once with it on (default settings, local store in a temp dir),
+alternating which goes first so drift on a shared machine hits both sides alike. Each run gets a
+fresh gunicorn, a warm-up, then the measured window.
+
+Prints every run, the median requests/s of each side and ``ratio = median(on) / median(off)``
+(target >= 0.99), plus the spread of the per-round paired ratios, which says how much of the
+difference is noise.
+
+    python bench/demo_throughput.py [--rounds 5] [--seconds 5] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "demo_flask"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loadgen import run_load  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("gunicorn did not answer in time")
+
+
+def _wrk(url: str, seconds: float, connections: int) -> float:
+    done = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        check=True,
+    )
+    match = re.search(r"Requests/sec:\s+([\d.]+)", done.stdout)
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", done.stdout)
+    if match is None:
+        raise RuntimeError(f"cannot read wrk output:\n{done.stdout}")
+    if errors and int(errors.group(1)):
+        raise RuntimeError(f"wrk saw errors:\n{done.stdout}")
+    return float(match.group(1))
+
+
+def _python_load(url: str, seconds: float, connections: int) -> float:
+    result = run_load([url], seconds, connections)
+    if result.errors:
+        raise RuntimeError(f"load generator saw {result.errors} errors: {result.statuses}")
+    return result.rate
+
+
+def one_run(profiled: bool, args: argparse.Namespace, load: str) -> float:
+    """Start gunicorn, warm up, measure requests/s, stop gracefully."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}{args.path}"
+    store = tempfile.mkdtemp(prefix="mw-bench-store-")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MW_", "OTEL_"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["MW_SERVICE_NAME"] = "demo-bench"
+    env["MW_PROFILE_DIR"] = store
+    env["MW_APM_COLLECT_PROFILING"] = "true" if profiled else "false"
+    if args.rate:
+        env["MW_PROFILING_SAMPLE_RATE"] = str(args.rate)
+    cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}"]
+    cmd += ["--workers", str(args.workers), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=DEMO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_ready(proc, url)
+        measure = _wrk if load == "wrk" else _python_load
+        if args.warmup > 0:
+            measure(url, args.warmup, args.connections)
+        return measure(url, args.seconds, args.connections)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+        if proc.returncode not in (0, None):
+            sys.stderr.write(stderr.decode(errors="replace")[-2000:])
+        wrote = len(os.listdir(store))
+        shutil.rmtree(store, ignore_errors=True)
+        if profiled and wrote == 0:
+            sys.stderr.write("warning: the profiled run wrote no profile\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Demo throughput with and without the tracker.")
+    parser.add_argument("--rounds", type=int, default=5, help="off/on pairs (default 5)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run (default 5)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per run (default 1)")
+    parser.add_argument("--connections", type=int, default=4, help="concurrent connections (default 4)")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2)")
+    parser.add_argument("--path", default="/calculate1/100", help="URL path (default /calculate1/100)")
+    parser.add_argument("--rate", type=int, default=0, help="sampling rate in Hz (default: the tracker's)")
+    parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.seconds <= 0:
+        parser.error("--rounds must be >= 1 and --seconds > 0")
+    load = args.loadgen
+    if load == "auto":
+        load = "wrk" if shutil.which("wrk") else "python"
+
+    out = sys.stdout
+    out.write(
+        f"demo throughput: GET {args.path}, gunicorn {args.workers} sync workers, {load}, "
+        f"{args.connections} connections, {args.rounds} rounds x {args.seconds:g}s (+{args.warmup:g}s warm-up)\n"
+    )
+    runs: dict[str, list[float]] = {"off": [], "on": []}
+    paired: list[float] = []
+    for r in range(args.rounds):
+        order = ("off", "on") if r % 2 == 0 else ("on", "off")
+        got = {}
+        for mode in order:
+            got[mode] = one_run(mode == "on", args, load)
+            runs[mode].append(got[mode])
+            out.write(f"  round {r + 1} {mode:>3}: {got[mode]:9.1f} req/s\n")
+            out.flush()
+        paired.append(got["on"] / got["off"])
+    off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
+    ratio = on / off
+    out.write(
+        f"median req/s: without tracker {off:.1f}, with tracker {on:.1f}\n"
+        f"ratio (with / without) = {ratio:.3f}   target >= 0.99: {'met' if ratio >= 0.99 else 'NOT met'}\n"
+        f"paired per-round ratios: min {min(paired):.3f}  median {statistics.median(paired):.3f}  "
+        f"max {max(paired):.3f}\n"
+    )
+    if args.json:
+        out.write(
+            json.dumps(
+                {
+                    "path": args.path,
+                    "loadgen": load,
+                    "off": runs["off"],
+                    "on": runs["on"],
+                    "ratio": ratio,
+                    "paired": paired,
+                }
+            )
+            + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""End to end: the Flask demo under gunicorn (2 workers, with and without --preload).
+
+GIVEN the demo app, whose only profiler code is ``tracker = MwTracker()``, served by gunicorn
+WHEN both endpoints get requests and gunicorn is stopped gracefully
+THEN the local store holds profiles in which
+  - for ``/calculate2/<int:number>`` calc3 has the largest Self share, called by with_bottleneck;
+  - for ``/calculate1/<int:number>`` calc3 does not appear;
+  - both workers' pids contributed samples;
+  - the master (profiled only with --preload) contributes no request samples and next to no CPU.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from middleware.pprof import load_profiles
+from middleware.profile import Profile
+from middleware.reporters.table import function_table
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "demo_flask"
+CALC1 = "/calculate1/<int:number>"
+CALC2 = "/calculate2/<int:number>"
+BOTTLENECK_N = 9  # calc3(9): 9! permutations, about 0.1 s; calc1/calc2(9) are negligible
+EFFICIENT_N = 400  # efficient(400): about 10 ms of quadratic work
+LOAD_SECONDS = 3.0
+
+
+@dataclass
+class Served:
+    master: int
+    workers: set[int]
+    store: Path
+    log: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...; comm may contain spaces, so split after the last ')'
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            kids.add(int(entry.name))
+    return kids
+
+
+def _get(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> set[int]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"gunicorn exited with {proc.returncode}:\n{log.read_text()}")
+        workers = _children(proc.pid)
+        if len(workers) == 2:
+            try:
+                if _get(port, "/calculate1/1", timeout=2)[0] == 200:
+                    return workers
+            except OSError:
+                pass
+        time.sleep(0.1)
+    pytest.fail(f"gunicorn did not become ready:\n{log.read_text()}")
+
+
+def _drive_load(port: int, seconds: float, clients: int = 4) -> dict[str, int]:
+    """Closed-loop load from ``clients`` threads, alternating the two endpoints."""
+    counts = {"calc1": 0, "calc2": 0}
+    errors: list[str] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def client(k: int) -> None:
+        i = k
+        while time.monotonic() < stop_at and not errors:
+            name, path = (
+                ("calc2", f"/calculate2/{BOTTLENECK_N}")
+                if i % 2
+                else ("calc1", f"/calculate1/{EFFICIENT_N}")
+            )
+            i += 1
+            try:
+                status, body = _get(port, path)
+            except OSError as exc:
+                errors.append(f"{path}: {exc!r}")
+                return
+            if status != 200 or "result" not in json.loads(body):
+                errors.append(f"{path}: {status} {body[:200]!r}")
+                return
+            with lock:
+                counts[name] += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return counts
+
+
+@pytest.fixture(params=[False, True], ids=["no-preload", "preload"])
+def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Served]:
+    preload: bool = request.param
+    store = tmp_path / "profiles"
+    log = tmp_path / "gunicorn.log"
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MW_", "OTEL_"))}
+    env.update(
+        MW_SERVICE_NAME="demo-e2e",
+        MW_PROFILE_DIR=str(store),
+        MW_PROFILING_UPLOAD_INTERVAL="2",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+    )
+    cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
+    cmd += ["--bind", f"127.0.0.1:{port}", "--workers", "2", "--graceful-timeout", "20"]
+    if preload:
+        cmd.append("--preload")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=DEMO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        workers = _wait_ready(proc, port, log)
+        counts = _drive_load(port, LOAD_SECONDS)
+        assert counts["calc1"] > 10 and counts["calc2"] > 10, counts
+        # Graceful stop: workers finish, exit normally and write their last profile.
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0, log.read_text()
+        yield Served(proc.pid, workers, store, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _callers(profile: Profile, function: str) -> set[str]:
+    out = set()
+    for s in profile.samples:
+        for i, frame in enumerate(s.stack):
+            if frame.function == function:
+                out.add(s.stack[i - 1].function if i else "<root>")
+    return out
+
+
+def _cpu_by_pid(profile: Profile) -> dict[str, int]:
+    i = profile.value_index("cpu")
+    out: dict[str, int] = {}
+    for s in profile.samples:
+        pid = s.label("pid") or "?"
+        out[pid] = out.get(pid, 0) + s.values[i]
+    return out
+
+
+def test_demo_profiles_show_the_bottleneck_per_endpoint(served: Served) -> None:
+    files = sorted(p.name for p in served.store.iterdir())
+    assert files, f"no profile written\n{served.log.read_text()}"
+    profile = load_profiles([served.store])
+    workers = {str(pid) for pid in served.workers}
+
+    # /calculate2: calc3 has the largest Self share, and with_bottleneck calls it
+    calc2 = profile.filter(labels={"endpoint": CALC2})
+    rows = function_table(calc2, value="cpu", sort="self")
+    assert rows, f"no samples labelled endpoint={CALC2}: {profile.label_values().get('endpoint')}"
+    assert rows[0].function == "calc3", [(r.function, round(r.self_percent, 1)) for r in rows[:5]]
+    assert rows[0].self_percent > 50
+    assert _callers(calc2, "calc3") == {"with_bottleneck"}
+
+    # /calculate1: calc1 and calc2 run, calc3 never
+    calc1 = profile.filter(labels={"endpoint": CALC1})
+    names = {f.function for s in calc1.samples for f in s.stack}
+    assert "calc1" in names and "efficient" in names
+    assert "calc3" not in names and "with_bottleneck" not in names
+
+    # both workers served (and were profiled)
+    request_pids = {s.label("pid") for s in profile.samples if s.label("endpoint")}
+    assert request_pids == workers
+    for endpoint in (CALC1, CALC2):
+        per_pid = _cpu_by_pid(profile.filter(labels={"endpoint": endpoint}))
+        assert set(per_pid) == workers, (endpoint, per_pid)
+    for pid in workers:
+        assert any(f"-{pid}-" in name for name in files), (pid, files)
+
+    # the master: never in request samples, and its idle time is not CPU
+    master = str(served.master)
+    cpu = _cpu_by_pid(profile)
+    assert master not in request_pids
+    assert cpu.get(master, 0) <= 0.05 * sum(cpu.values()), cpu
+    master_frames = {
+        f.function for s in calc2.merge(calc1).samples for f in s.stack if "arbiter" in f.file
+    }
+    # request stacks of forked workers start in the arbiter (spawn_worker), but never sleep there
+    assert not {"Arbiter.sleep", "sleep"} & master_frames

@@ -1,0 +1,177 @@
+"""The mw_profile fixture, exercised the way a user's project would: in a separate pytest run.
+
+Each run is a subprocess (``runpytest_subprocess``): the tracker is once per process, and the
+plugin must be found through the ``pytest11`` entry point, not through ``-p``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+pytestmark = pytest.mark.slow
+
+# A small program with a known shape: parent() -> hot() (about 80%) and parent() -> cold().
+PROGRAM = """
+import time
+
+def spin(seconds):
+    end = time.thread_time() + seconds
+    n = 0
+    while time.thread_time() < end:
+        n += 1
+    return n
+
+def hot():
+    return spin(0.40)
+
+def cold():
+    return spin(0.10)
+
+def parent():
+    return hot() + cold()
+
+def outside():
+    return spin(0.30)
+"""
+
+
+def _run(pytester: pytest.Pytester, test_source: str, *args: str) -> pytest.RunResult:
+    pytester.makepyfile(program=PROGRAM)
+    pytester.makepyfile(test_source)
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=120)
+
+
+def test_plugin_is_registered_through_the_entry_point(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("--fixtures", timeout=60)
+    result.stdout.fnmatch_lines(["*mw_profile*", "*Profile the test*"])
+
+
+def test_fixture_answers_self_total_top_and_callers(pytester: pytest.Pytester) -> None:
+    result = _run(
+        pytester,
+        """
+        from program import parent
+
+        def test_shape(mw_profile):
+            with mw_profile:
+                parent()
+            # spin() is the leaf; hot/cold/parent only have Total
+            assert mw_profile.self_share("spin") > 0.9
+            assert 0.65 < mw_profile.total_share("hot") < 0.95
+            assert 0.05 < mw_profile.total_share("cold") < 0.35
+            assert mw_profile.total_share("parent") > 0.95
+            assert mw_profile.self_share("hot") < 0.1
+            top = mw_profile.top(3, by="total")
+            assert {r.function for r in top} >= {"parent", "spin"}
+            callers = mw_profile.callers("spin")
+            assert list(callers)[0] == "hot"
+            assert 0.65 < callers["hot"] < 0.95
+            assert set(mw_profile.callers("hot")) == {"parent"}
+            assert "hot" in mw_profile.callees("parent")
+            mw_profile.assert_top("spin")
+            mw_profile.assert_called_by("hot", "parent")
+            assert mw_profile.sample_count() >= 20
+        """,
+    )
+    result.assert_outcomes(passed=1)
+
+
+def test_only_the_with_blocks_are_profiled(pytester: pytest.Pytester) -> None:
+    result = _run(
+        pytester,
+        """
+        from program import outside, hot
+
+        def test_blocks(mw_profile):
+            outside()              # before the block: not profiled
+            with mw_profile:
+                hot()
+            outside()              # after the block: not profiled
+            assert mw_profile.total_share("outside") == 0.0
+            assert mw_profile.total_share("hot") > 0.95
+
+        def test_whole_test_without_blocks(mw_profile):
+            outside()
+            assert mw_profile.total_share("outside") > 0.8
+        """,
+    )
+    result.assert_outcomes(passed=2)
+
+
+def test_other_tests_and_threads_are_not_counted(pytester: pytest.Pytester) -> None:
+    result = _run(
+        pytester,
+        """
+        import threading
+        from program import hot, outside
+
+        def test_first(mw_profile):
+            hot()
+            assert mw_profile.total_share("hot") > 0.9
+
+        def test_second_does_not_see_the_first(mw_profile):
+            t = threading.Thread(target=outside)   # another thread: not the test's
+            t.start()
+            with mw_profile:
+                hot()
+            t.join()
+            assert mw_profile.total_share("outside") == 0.0
+            assert mw_profile.total_share("hot") > 0.9
+        """,
+    )
+    result.assert_outcomes(passed=2)
+
+
+def test_failed_share_assertion_prints_the_top_table(pytester: pytest.Pytester) -> None:
+    result = _run(
+        pytester,
+        """
+        from program import parent
+
+        def test_wrong_guess(mw_profile):
+            with mw_profile:
+                parent()
+            assert mw_profile.self_share("cold") > 0.5
+        """,
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*self share of 'cold' = *% > 50.0%*",
+            "*mw_profile of *test_wrong_guess: * samples, value=cpu*",
+            "*Self*Self%*Total*Total%*Function*Location*",
+            "*spin*program.py:*",
+        ]
+    )
+
+
+def test_failed_callers_assertion_lists_the_callers(pytester: pytest.Pytester) -> None:
+    result = _run(
+        pytester,
+        """
+        from program import parent
+
+        def test_wrong_caller(mw_profile):
+            with mw_profile:
+                parent()
+            assert "cold" in mw_profile.callers("hot")
+        """,
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*'cold' in callers of 'hot'*", "*100.0%  parent*"])
+
+
+def test_too_few_samples_is_called_out(pytester: pytest.Pytester) -> None:
+    result = _run(
+        pytester,
+        """
+        def test_tiny(mw_profile):
+            with mw_profile:
+                sum(range(1000))
+            assert mw_profile.total_share("nothing_here") > 0.5
+        """,
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*fewer than 20 samples: shares are noise*"])
