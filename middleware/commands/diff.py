@@ -1,0 +1,74 @@
+"""``diff BEFORE [AFTER]``: which functions' Self share grew or shrank most.
+
+BEFORE and AFTER are pprof files or directories. With one directory (a store) and
+``--before-from/--before-until/--after-from/--after-until``, compares two time ranges of it.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from middleware.commands import (
+    CommandError,
+    add_profile_options,
+    add_time_options,
+    describe,
+    load_from_args,
+    value_name,
+)
+from middleware.pprof import ProfileError
+from middleware.profile import Profile
+from middleware.reporters.diff import diff_profiles, render_diff
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "diff",
+        help="what grew or shrank between two profiles",
+        description=(
+            "Compare the Self share (percent of each profile's total) of every function between BEFORE "
+            "and AFTER, biggest change first. Without AFTER, BEFORE is read twice with the "
+            "--before-*/--after-* time ranges (e.g. two periods of the local store)."
+        ),
+    )
+    parser.add_argument("before", metavar="BEFORE", help="pprof file or directory")
+    parser.add_argument("after", metavar="AFTER", nargs="?", help="pprof file or directory (default: BEFORE)")
+    add_profile_options(parser, paths=False)
+    add_time_options(parser, "before-", " of BEFORE")
+    add_time_options(parser, "after-", " of AFTER")
+    parser.add_argument("--limit", type=int, default=20, metavar="N", help="rows to show, 0 for all (default: 20)")
+    parser.set_defaults(func=run)
+
+
+def _load(args: argparse.Namespace, path: str, side: str) -> Profile:
+    try:
+        return load_from_args(args, [path], prefix=f"{side}-")
+    except ProfileError as exc:
+        raise ProfileError(f"{side.upper()}: {exc}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    after_path = args.after
+    if after_path is None:
+        ranged = any(getattr(args, f"{s}_time_{e}") for s in ("before", "after") for e in ("from", "until"))
+        if not ranged:
+            raise CommandError("give AFTER, or one store with --before-from/--before-until/--after-from/--after-until")
+        after_path = args.before
+    before = _load(args, args.before, "before")
+    after = _load(args, after_path, "after")
+    name, unit = value_name(after, args.value)
+    value_name(before, name)
+    try:
+        rows = diff_profiles(before, after, name)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    header = (
+        f"before: {describe(before, name, unit)}\n"
+        f"after:  {describe(after, name, unit)}\n"
+        "Change = Self share after - before, in percentage points"
+    )
+    sys.stdout.write(render_diff(rows, unit, limit=args.limit, header=header))
+    return 0

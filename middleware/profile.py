@@ -1,0 +1,240 @@
+"""The profile model every part above the C layer speaks (see docs/interfaces.md).
+
+A :class:`Profile` is a list of :class:`Sample` s, each a call stack (ROOT FIRST, leaf last) with
+one value per sample type and a sorted tuple of string labels. Profiles can be merged (values of
+identical stack+labels are added) and filtered by labels or by time window.
+
+pprof stores stacks leaf first; :mod:`middleware.pprof` converts at the boundary so nothing in
+the reporters has to think about it.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Frame", "Sample", "Profile", "LabelFilter", "normalize_label_filter"]
+
+#: Sample types written by the agent (docs/interfaces.md, "pprof we write").
+DEFAULT_SAMPLE_TYPES: list[tuple[str, str]] = [
+    ("samples", "count"),
+    ("cpu", "nanoseconds"),
+    ("wall", "nanoseconds"),
+]
+
+#: ``{key: {allowed values}}``: a sample passes when, for every key, its label value is one of
+#: the allowed values (AND across keys, OR within one key).
+LabelFilter = Mapping[str, frozenset[str]]
+
+
+@dataclass(frozen=True, order=True)
+class Frame:
+    """One stack frame: qualified function name, file and the line being executed."""
+
+    function: str
+    file: str = ""
+    line: int = 0
+
+
+@dataclass
+class Sample:
+    """A call stack (root first) with one value per sample type and its labels."""
+
+    stack: tuple[Frame, ...]
+    values: tuple[int, ...]
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def label(self, key: str) -> str | None:
+        """The value of label ``key``, or None."""
+        for k, v in self.labels:
+            if k == key:
+                return v
+        return None
+
+
+def normalize_label_filter(
+    labels: LabelFilter | Mapping[str, str] | Iterable[tuple[str, str]] | None,
+) -> dict[str, frozenset[str]]:
+    """Accept ``{"k": "v"}``, ``{"k": {"v1", "v2"}}`` or ``[("k", "v"), ...]``."""
+    if not labels:
+        return {}
+    out: dict[str, set[str]] = {}
+    items: Iterable[tuple[str, object]]
+    items = labels.items() if isinstance(labels, Mapping) else labels
+    for key, value in items:
+        if isinstance(value, str):
+            out.setdefault(key, set()).add(value)
+        else:
+            out.setdefault(key, set()).update(str(v) for v in value)  # type: ignore[attr-defined]
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+@dataclass
+class Profile:
+    """A set of samples sharing the same sample types."""
+
+    sample_types: list[tuple[str, str]] = field(default_factory=lambda: list(DEFAULT_SAMPLE_TYPES))
+    samples: list[Sample] = field(default_factory=list)
+    time_nanos: int = 0
+    duration_nanos: int = 0
+    period_type: tuple[str, str] = ("cpu", "nanoseconds")
+    period: int = 10_000_000
+    default_sample_type: str = "cpu"
+    comments: list[str] = field(default_factory=list)
+
+    # -- values ---------------------------------------------------------------------------------
+    def value_index(self, name: str | None = None) -> int:
+        """Index of sample type ``name`` (None: the default sample type) in ``sample_types``.
+
+        Raises ``KeyError`` with the available names when there is no such sample type.
+        """
+        names = [t for t, _ in self.sample_types]
+        if name is None:
+            name = self.default_value_name()
+        try:
+            return names.index(name)
+        except ValueError:
+            raise KeyError(
+                f"no sample type {name!r} in this profile (available: {', '.join(names) or 'none'})"
+            ) from None
+
+    def default_value_name(self) -> str:
+        """The default sample type's name; pprof's rule (the last type) when it is not set/known."""
+        names = [t for t, _ in self.sample_types]
+        if self.default_sample_type in names:
+            return self.default_sample_type
+        return names[-1] if names else self.default_sample_type
+
+    def unit(self, name: str | None = None) -> str:
+        """The unit of sample type ``name`` (None: default)."""
+        return self.sample_types[self.value_index(name)][1]
+
+    def total(self, name: str | None = None) -> int:
+        """Sum of the values of sample type ``name`` over all samples."""
+        i = self.value_index(name)
+        return sum(s.values[i] for s in self.samples)
+
+    @property
+    def time_end_nanos(self) -> int:
+        return self.time_nanos + self.duration_nanos
+
+    def is_empty(self) -> bool:
+        """True when there is no sample with a nonzero value."""
+        return not any(any(s.values) for s in self.samples)
+
+    # -- combining ------------------------------------------------------------------------------
+    def aggregated(self) -> Profile:
+        """A copy where samples with identical stack and labels are summed (order preserved)."""
+        return self.merge()
+
+    def merge(self, *others: Profile) -> Profile:
+        """Merge this profile with ``others`` into a new profile.
+
+        Sample types are the union (in order of first appearance); a profile lacking a type
+        contributes 0 for it. Samples with the same stack and labels are summed. The time window
+        becomes the smallest window covering every non-empty window.
+        """
+        profiles = [self, *others]
+        types: list[tuple[str, str]] = []
+        for p in profiles:
+            for t in p.sample_types:
+                if t not in types:
+                    types.append(t)
+        names = [t for t, _ in types]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sample types with the same name but different units: {types}")
+
+        acc: dict[tuple[tuple[Frame, ...], tuple[tuple[str, str], ...]], list[int]] = {}
+        for p in profiles:
+            where = [types.index(t) for t in p.sample_types]
+            for s in p.samples:
+                key = (s.stack, s.labels)
+                vals = acc.get(key)
+                if vals is None:
+                    vals = acc[key] = [0] * len(types)
+                for src, dst in enumerate(where):
+                    vals[dst] += s.values[src]
+
+        windows = [(p.time_nanos, p.time_end_nanos) for p in profiles if p.time_nanos]
+        start = min((w[0] for w in windows), default=0)
+        end = max((w[1] for w in windows), default=0)
+        comments: list[str] = []
+        for p in profiles:
+            comments.extend(c for c in p.comments if c not in comments)
+        return Profile(
+            sample_types=types,
+            samples=[Sample(stack, tuple(v), labels) for (stack, labels), v in acc.items()],
+            time_nanos=start,
+            duration_nanos=end - start,
+            period_type=self.period_type,
+            period=self.period,
+            default_sample_type=self.default_sample_type,
+            comments=comments,
+        )
+
+    @staticmethod
+    def merge_all(profiles: Sequence[Profile]) -> Profile:
+        """Merge a non-empty sequence of profiles."""
+        if not profiles:
+            raise ValueError("nothing to merge")
+        return profiles[0].merge(*profiles[1:])
+
+    # -- selecting ------------------------------------------------------------------------------
+    def overlaps(self, start_nanos: int | None, end_nanos: int | None) -> bool:
+        """Whether this profile's window overlaps ``[start, end)`` (None = unbounded).
+
+        A profile without a start time (``time_nanos == 0``) never matches a bounded range.
+        """
+        if start_nanos is None and end_nanos is None:
+            return True
+        if not self.time_nanos:
+            return False
+        end = self.time_end_nanos if self.duration_nanos > 0 else self.time_nanos + 1
+        if start_nanos is not None and end <= start_nanos:
+            return False
+        if end_nanos is not None and self.time_nanos >= end_nanos:
+            return False
+        return True
+
+    def filter(
+        self,
+        labels: LabelFilter | Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+        time_range: tuple[int | None, int | None] | None = None,
+    ) -> Profile:
+        """A new profile with only the samples that match.
+
+        ``labels``: see :data:`LabelFilter` (a plain ``{"k": "v"}`` mapping works too).
+        ``time_range``: ``(start_ns, end_ns)``; samples carry no timestamps, so the whole profile
+        is kept when its window overlaps the range and nothing is kept otherwise (apply it to each
+        stored profile before merging, as :func:`middleware.pprof.load_profiles` does).
+        """
+        wanted = normalize_label_filter(labels)
+        keep_all = time_range is None or self.overlaps(*time_range)
+        samples: list[Sample] = []
+        if keep_all:
+            for s in self.samples:
+                if wanted:
+                    have = dict(s.labels)
+                    if not all(have.get(k) in vs for k, vs in wanted.items()):
+                        continue
+                samples.append(s)
+        return Profile(
+            sample_types=list(self.sample_types),
+            samples=samples,
+            time_nanos=self.time_nanos,
+            duration_nanos=self.duration_nanos,
+            period_type=self.period_type,
+            period=self.period,
+            default_sample_type=self.default_sample_type,
+            comments=list(self.comments),
+        )
+
+    def label_values(self) -> dict[str, list[str]]:
+        """Every label key with its sorted distinct values (for UIs and error messages)."""
+        out: dict[str, set[str]] = {}
+        for s in self.samples:
+            for k, v in s.labels:
+                out.setdefault(k, set()).add(v)
+        return {k: sorted(v) for k, v in sorted(out.items())}
