@@ -1,0 +1,163 @@
+"""Profiler configuration: arguments beat environment variables beat defaults.
+
+Every setting has an ``MW_*`` environment variable (see the README's configuration table). A bad
+value never raises: it is logged as a warning naming the variable, and the default is used.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ProfilerConfig", "resolve_config", "default_profile_dir"]
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def default_profile_dir() -> str:
+    """The local store: ``$XDG_CACHE_HOME/middleware/profiles`` (``~/.cache/middleware/profiles``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "middleware", "profiles")
+
+
+def _parse_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in _TRUE:
+        return True
+    if t in _FALSE:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        v = int(text.strip())
+        if not lo <= v <= hi:
+            raise ValueError(f"must be within {lo}..{hi}")
+        return v
+
+    return parse
+
+
+def _float_in(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        v = float(text.strip())
+        if not lo <= v <= hi:
+            raise ValueError(f"must be within {lo:g}..{hi:g}")
+        return v
+
+    return parse
+
+
+def _service_name(text: str) -> str:
+    name = re.sub(r"\s+", "-", text.strip())
+    if not name:
+        raise ValueError("empty")
+    return name
+
+
+@dataclass
+class ProfilerConfig:
+    """Resolved settings of the process profiler."""
+
+    enabled: bool = True
+    service_name: str = field(default_factory=lambda: f"python-service-{os.getpid()}")
+    sample_rate: int = 100
+    upload_interval: float = 10.0
+    profile_dir: str | None = field(default_factory=default_profile_dir)
+    store_max_mb: int = 256
+    max_depth: int = 1024
+    native: bool = False
+    native_show_internal: bool = False
+    instrument: bool = True
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def _setting(
+    name: str,
+    arg: T | None,
+    env: Mapping[str, str],
+    variables: tuple[str, ...],
+    parse: Callable[[str], T],
+    default: T,
+) -> T:
+    """One setting: the argument if given (validated), else the first set variable, else default."""
+    if arg is not None:
+        if isinstance(arg, str):
+            try:
+                return parse(arg)
+            except (ValueError, TypeError) as exc:
+                logger.warning("middleware: invalid %s=%r (%s); using %r", name, arg, exc, default)
+                return default
+        try:
+            return parse(str(arg)) if not isinstance(arg, bool) else arg
+        except (ValueError, TypeError) as exc:
+            logger.warning("middleware: invalid %s=%r (%s); using %r", name, arg, exc, default)
+            return default
+    for var in variables:
+        raw = env.get(var)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            return parse(raw)
+        except (ValueError, TypeError) as exc:
+            logger.warning("middleware: invalid %s=%r (%s); using the default %r", var, raw, exc, default)
+            return default
+    return default
+
+
+def _parse_tags(text: str) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            logger.warning("middleware: ignoring tag %r in MW_CUSTOM_RESOURCE_ATTRIBUTES (want k=v)", part)
+            continue
+        k, v = part.split("=", 1)
+        tags[k.strip()] = v.strip()
+    return tags
+
+
+def resolve_config(env: Mapping[str, str] | None = None, **args: Any) -> ProfilerConfig:
+    """Builds the configuration from keyword arguments, then ``env`` (default ``os.environ``)."""
+    env = os.environ if env is None else env
+    d = ProfilerConfig()
+    profile_dir_arg = args.get("profile_dir")
+    cfg = ProfilerConfig(
+        enabled=_setting("enabled", args.get("enabled"), env, ("MW_APM_COLLECT_PROFILING",), _parse_bool, True),
+        service_name=_setting(
+            "service_name", args.get("service_name"), env, ("OTEL_SERVICE_NAME", "MW_SERVICE_NAME"), _service_name,
+            d.service_name,
+        ),
+        sample_rate=_setting(
+            "sample_rate", args.get("sample_rate"), env, ("MW_PROFILING_SAMPLE_RATE",), _int_in(1, 10000), 100
+        ),
+        upload_interval=_setting(
+            "upload_interval", args.get("upload_interval"), env, ("MW_PROFILING_UPLOAD_INTERVAL",),
+            _float_in(0.05, 3600.0), 10.0,
+        ),
+        profile_dir=_setting("profile_dir", profile_dir_arg, env, ("MW_PROFILE_DIR",), str, d.profile_dir),
+        store_max_mb=_setting(
+            "store_max_mb", args.get("store_max_mb"), env, ("MW_PROFILE_DIR_MAX_MB",), _int_in(1, 1 << 20), 256
+        ),
+        max_depth=_setting("max_depth", args.get("max_depth"), env, ("MW_PROFILING_MAX_DEPTH",), _int_in(1, 4096), 1024),
+        native=_setting("native", args.get("native"), env, ("MW_PROFILING_NATIVE",), _parse_bool, False),
+        native_show_internal=_setting(
+            "native_show_internal", args.get("native_show_internal"), env, ("MW_PROFILING_NATIVE_INTERNAL",),
+            _parse_bool, False,
+        ),
+        instrument=_setting("instrument", args.get("instrument"), env, ("MW_PROFILING_INSTRUMENT",), _parse_bool, True),
+        tags=dict(args["tags"]) if args.get("tags") else _parse_tags(env.get("MW_CUSTOM_RESOURCE_ATTRIBUTES", "")),
+    )
+    if cfg.profile_dir is not None and cfg.profile_dir.strip().lower() in ("", "none", "off"):
+        cfg.profile_dir = None
+    return cfg

@@ -1,0 +1,372 @@
+"""MwTracker: continuous profiling of the whole process.
+
+``tracker = MwTracker()`` starts the native sampler once per process (a second tracker reuses
+it), names the process's threads for the sampler, starts the exporter (local store by default,
+or upload to a Pyroscope-compatible backend), instruments web frameworks, and arranges for
+profiling to go on in forked children (gunicorn workers) and to flush at exit.
+
+Nothing here runs on the sampling path: the sampler and exporter are native threads that never
+take the GIL. Python only configures, labels and reports.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any
+
+from middleware.labels import install_asyncio_hook, labels as _labels_cm, pop_labels, push_labels
+from middleware.config import ProfilerConfig, resolve_config
+from middleware.profile import DEFAULT_SAMPLE_TYPES, Frame, Profile, Sample
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MwTracker"]
+
+EXIT_FLUSH_TIMEOUT_S = 5.0
+
+
+def _native_module() -> Any:
+    from middleware import _native
+
+    return _native
+
+
+class _ProcessProfiler:
+    """The one profiler of this process (re-created in forked children)."""
+
+    def __init__(self, config: ProfilerConfig) -> None:
+        self.config = config
+        self.pid = os.getpid()
+        self.running = False
+        self.exporting = False
+        self.uploading = False
+        self.upload_config: Any = None
+        self.lock = threading.RLock()
+
+    # -- life cycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        n = _native_module()
+        cfg = self.config
+        with self.lock:
+            if self.running:
+                return
+            n.start(rate_hz=cfg.sample_rate, max_depth=cfg.max_depth)
+            self.running = True
+            self.pid = os.getpid()
+            _install_thread_naming()
+            install_asyncio_hook()
+            self._start_upload(n)
+            self._start_export(n)
+            if cfg.native and hasattr(n, "unwind_enable"):
+                n.unwind_enable(bool(cfg.native_show_internal))
+            elif cfg.native:
+                logger.warning("middleware: native mode requested but not built in; Python frames only")
+        logger.info(
+            "middleware: profiling pid %d at %d Hz (service %s, store %s)",
+            self.pid, cfg.sample_rate, cfg.service_name, cfg.profile_dir or "off",
+        )
+
+    def _start_upload(self, n: Any) -> None:
+        try:
+            from middleware import upload_config
+        except ImportError:
+            return
+        try:
+            ucfg = upload_config.resolve_upload_config(
+                service_name=self.config.service_name, sample_rate=self.config.sample_rate,
+                tags=self.config.tags,
+            )
+        except Exception:  # configuration must never break the app
+            logger.exception("middleware: bad upload configuration; profiles stay local")
+            return
+        if ucfg is None or not hasattr(n, "upload_start"):
+            return
+        self.upload_config = ucfg
+        n.upload_start(**asdict(ucfg))
+        self.uploading = True
+
+    def _start_export(self, n: Any) -> None:
+        if not hasattr(n, "export_start"):
+            return
+        cfg = self.config
+        profile_dir = cfg.profile_dir
+        if self.uploading and "MW_PROFILE_DIR" not in os.environ and profile_dir == resolve_config({}).profile_dir:
+            profile_dir = None  # a backend is configured and no local store was asked for
+        if profile_dir:
+            try:
+                os.makedirs(profile_dir, exist_ok=True)
+            except OSError as exc:
+                logger.warning("middleware: cannot create the profile directory %s: %s", profile_dir, exc)
+        n.export_start(
+            interval_s=float(cfg.upload_interval),
+            service=cfg.service_name,
+            profile_dir=profile_dir,
+            store_max_bytes=int(cfg.store_max_mb) << 20,
+            upload=self.uploading,
+        )
+        self.exporting = True
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        n = _native_module()
+        ok = True
+        if self.exporting:
+            ok = bool(n.export_flush(timeout))
+        if self.uploading and hasattr(n, "upload_flush"):
+            n.upload_flush(timeout)
+        self.drain_messages()
+        return ok
+
+    def stop(self, timeout: float = EXIT_FLUSH_TIMEOUT_S) -> None:
+        n = _native_module()
+        with self.lock:
+            if not self.running:
+                return
+            n.stop()
+            if self.exporting:
+                n.export_stop(timeout)
+                self.exporting = False
+            if self.uploading:
+                n.upload_stop(timeout)
+                self.uploading = False
+            self.running = False
+            self.drain_messages()
+
+    def drain_messages(self) -> None:
+        try:
+            from middleware import upload_config
+        except ImportError:
+            return
+        drain = getattr(upload_config, "drain_messages", None)
+        if drain is not None and self.uploading:
+            drain()
+
+    def after_fork_in_child(self) -> None:
+        """gunicorn workers: the child has no sampler thread; start a fresh one."""
+        self.running = self.exporting = self.uploading = False
+        self.lock = threading.RLock()
+        try:
+            self.start()
+        except Exception:
+            logger.exception("middleware: could not restart profiling in the forked child")
+
+
+_profiler: _ProcessProfiler | None = None
+_profiler_lock = threading.Lock()
+_hooks_installed = False
+
+
+def _install_process_hooks() -> None:
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    atexit.register(_at_exit)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _at_exit() -> None:
+    p = _profiler
+    if p is not None and p.running and p.pid == os.getpid():
+        p.stop(EXIT_FLUSH_TIMEOUT_S)
+
+
+def _after_fork_in_child() -> None:
+    p = _profiler
+    if p is not None and p.running:
+        _reregister_threads()
+        p.after_fork_in_child()
+
+
+# -- thread names ----------------------------------------------------------------------------------
+_naming_installed = False
+
+
+def _register_thread(t: threading.Thread) -> None:
+    tid = getattr(t, "native_id", None)
+    if tid:
+        _native_module().set_thread_name(tid, t.name)
+
+
+def _reregister_threads() -> None:
+    for t in threading.enumerate():
+        _register_thread(t)
+
+
+def _install_thread_naming() -> None:
+    """Names every thread for the sampler: existing ones now, new ones as they start.
+
+    New threads register themselves, from inside, as soon as they know their native id:
+    ``Thread._set_native_id`` (called by ``Thread._bootstrap_inner`` before the target runs) is
+    wrapped, so even a thread that lives a few milliseconds is named in its first sample, and no
+    wrapper frame stays in the thread's stack. Where that private hook is missing, ``start`` is
+    wrapped instead (registration then waits for the starting thread to get the GIL back). The
+    name is forgotten when the Thread object goes away.
+    """
+    global _naming_installed
+    _reregister_threads()
+    if _naming_installed:
+        return
+    _naming_installed = True
+
+    def register(t: threading.Thread) -> None:
+        tid = getattr(t, "native_id", None)
+        if tid:
+            try:
+                n = _native_module()
+                n.set_thread_name(tid, t.name)
+                weakref.finalize(t, n.forget_thread, tid)
+            except Exception:  # never break thread start-up
+                pass
+
+    hook = getattr(threading.Thread, "_set_native_id", None)
+    if hook is not None:
+        def _set_native_id(self: threading.Thread) -> None:
+            hook(self)
+            register(self)
+
+        threading.Thread._set_native_id = _set_native_id  # type: ignore[attr-defined]
+    else:  # pragma: no cover - all supported CPythons have the hook
+        original = threading.Thread.start
+
+        def start(self: threading.Thread) -> None:
+            original(self)
+            register(self)
+
+        threading.Thread.start = start  # type: ignore[method-assign]
+
+
+# -- the public handle -----------------------------------------------------------------------------
+class MwTracker:
+    """Starts (or joins) continuous profiling of this process.
+
+    Arguments override ``MW_*`` environment variables, which override defaults (README,
+    "Configuration"). Bad values are logged and replaced by defaults; they never raise.
+    """
+
+    def __init__(
+        self,
+        service_name: str | None = None,
+        sample_rate: int | None = None,
+        upload_interval: float | None = None,
+        profile_dir: str | None = None,
+        native: bool | None = None,
+        enabled: bool | None = None,
+        **options: Any,
+    ) -> None:
+        global _profiler
+        self.config = resolve_config(
+            service_name=service_name, sample_rate=sample_rate, upload_interval=upload_interval,
+            profile_dir=profile_dir, native=native, enabled=enabled, **options,
+        )
+        if not self.config.enabled:
+            logger.info("middleware: profiling disabled (MW_APM_COLLECT_PROFILING=false)")
+            self._profiler: _ProcessProfiler | None = None
+            return
+        with _profiler_lock:
+            if _profiler is None or _profiler.pid != os.getpid() or not _profiler.running:
+                if _profiler is not None and _profiler.running and _profiler.pid == os.getpid():
+                    pass
+                else:
+                    _profiler = _ProcessProfiler(self.config)
+                    try:
+                        _profiler.start()
+                    except Exception:
+                        logger.exception("middleware: profiling could not start; the app runs unprofiled")
+                        _profiler = None
+            else:
+                logger.debug("middleware: profiler already running; reusing it")
+            self._profiler = _profiler
+            if _profiler is not None:
+                self.config = _profiler.config
+                _install_process_hooks()
+        if self._profiler is not None and self.config.instrument:
+            try:
+                from middleware import integrations
+
+                integrations.install_all(self)
+            except Exception:
+                logger.exception("middleware: framework instrumentation failed; profiling continues")
+
+    # -- control ----------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._profiler is not None and self._profiler.running
+
+    def stop(self) -> None:
+        """Stops profiling and flushes the last profile (store/backend)."""
+        if self._profiler is not None:
+            self._profiler.stop()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Exports the current window now (store and/or backend) and waits for it."""
+        if self._profiler is None or not self._profiler.running:
+            return False
+        return self._profiler.flush(timeout)
+
+    def labels(self, **kv: object) -> Any:
+        """Context manager: samples taken inside carry these labels (threads and asyncio safe)."""
+        return _labels_cm(**kv)
+
+    def stats(self) -> dict[str, int]:
+        """Counters: samples taken, dropped, torn reads, overflow, sampler CPU time, exports..."""
+        n = _native_module()
+        out: dict[str, int] = dict(n.stats())
+        if hasattr(n, "export_stats"):
+            out.update({f"export_{k}" if not k.startswith("export") else k: v for k, v in n.export_stats().items()})
+        if hasattr(n, "upload_stats"):
+            out.update({f"upload_{k}": v for k, v in n.upload_stats().items()})
+        return out
+
+    def snapshot(self, reset: bool = False) -> Profile:
+        """Everything collected since start (or the last ``reset``), as a :class:`Profile`."""
+        return snapshot_profile(reset=reset, rate=self.config.sample_rate)
+
+    @contextmanager
+    def paused_labels(self) -> Iterator[None]:  # pragma: no cover - convenience
+        token = push_labels({})
+        try:
+            yield
+        finally:
+            pop_labels(token)
+
+
+def snapshot_profile(reset: bool = False, rate: int = 100) -> Profile:
+    """The native cumulative profile converted to the Python model (root-first stacks)."""
+    n = _native_module()
+    start_ns, end_ns, rows = n.snapshot(reset=reset)
+    pid = str(os.getpid())
+    label_cache: dict[int, tuple[tuple[str, str], ...]] = {}
+    frame_cache: dict[tuple[str, str, int], Frame] = {}
+    acc: dict[tuple[tuple[Frame, ...], tuple[tuple[str, str], ...]], list[int]] = {}
+    for frames, thread_name, labelset, cpu_samples, cpu_ns, _wall_samples, wall_ns in rows:
+        stack = tuple(
+            frame_cache.setdefault(f, Frame(f[0], f[1], f[2]))
+            for f in reversed(frames)
+        )
+        pairs = label_cache.get(labelset)
+        if pairs is None:
+            pairs = tuple(n.labelset_pairs(labelset)) if labelset else ()
+            label_cache[labelset] = pairs
+        lab = tuple(sorted({**dict(pairs), "thread_name": thread_name, "pid": pid}.items()))
+        key = (stack, lab)
+        v = acc.get(key)
+        if v is None:
+            acc[key] = [cpu_samples, cpu_ns, wall_ns]
+        else:
+            v[0] += cpu_samples
+            v[1] += cpu_ns
+            v[2] += wall_ns
+    samples = [Sample(stack=s, values=tuple(v), labels=lab) for (s, lab), v in acc.items()]
+    return Profile(
+        sample_types=list(DEFAULT_SAMPLE_TYPES),
+        samples=samples,
+        time_nanos=start_ns,
+        duration_nanos=max(0, end_ns - start_ns),
+        period=1_000_000_000 // max(1, rate),
+    )

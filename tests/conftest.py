@@ -1,0 +1,34 @@
+"""Shared fixtures. Prints which interpreter runs the suite (the matrix reads this line)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"middleware: running on CPython {sys.version.split()[0]} ({sys.executable})"
+
+
+def run_workload(name: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Runs tests/workloads.py NAME in a fresh interpreter and returns its JSON report."""
+    e = dict(os.environ)
+    e.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "workloads.py"), name, *args],
+        capture_output=True, text=True, timeout=timeout, env=e, cwd=str(ROOT),
+    )
+    assert proc.returncode == 0, f"workload {name} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture
+def workload():
+    return run_workload

@@ -1,0 +1,74 @@
+"""The sampler core against known workloads (issue 2). Each workload runs in a child process.
+
+Tolerance bands, never exact counts: sampling is statistical."""
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.sampler
+
+
+def test_calc_self_cpu_shares_match_thread_time(workload):
+    # GIVEN calc1/calc2/calc3 in a worker thread while the main thread sleeps
+    r = workload("calc", "--seconds", "4")
+    truth = r["extra"]["truth_cpu_s"]
+    total_truth = sum(truth.values())
+    th = r["profile"]["threads"]["calc-worker"]
+    # THEN each function's share of the worker's CPU is within 5 points of the measured share
+    for fn, secs in truth.items():
+        measured = 100 * secs / total_truth
+        profiled = 100 * th["self_cpu"].get(fn, 0) / th["cpu_ns"]
+        assert abs(measured - profiled) <= 5, (fn, measured, profiled, th["self_cpu"])
+    # and the main thread, sleeping, got (almost) no CPU
+    main = r["profile"]["threads"].get("MainThread", {"cpu_ns": 0})
+    assert main["cpu_ns"] < 0.05 * th["cpu_ns"], main
+
+
+def test_samples_fall_on_hot_lines_in_proportion(workload):
+    r = workload("lines", "--seconds", "3")
+    lines = r["extra"]["lines"]
+    th = r["profile"]["threads"]["MainThread"]
+    a = th["lines"].get(f"two_loops:{lines['LOOP_A']}", 0)
+    b = th["lines"].get(f"two_loops:{lines['LOOP_B']}", 0)
+    in_fn = sum(v for k, v in th["lines"].items() if k.startswith("two_loops:"))
+    assert in_fn > 0
+    # nearly everything in two_loops is on the two loop lines
+    assert (a + b) / in_fn > 0.95, th["lines"]
+    # loop A does twice the work of loop B
+    assert 0.56 <= a / (a + b) <= 0.77, (a, b)
+
+
+def test_blocked_threads_get_wall_but_no_cpu(workload):
+    r = workload("blocked", "--seconds", "2")
+    threads = r["profile"]["threads"]
+    elapsed_ns = r["extra"]["elapsed_s"] * 1e9
+    for name in ("sleeper", "waiter"):
+        t = threads[name]
+        assert t["cpu_ns"] < 5e6, (name, t)
+        assert t["cpu_samples"] <= 2, (name, t)
+        assert t["wall_ns"] > 0.6 * elapsed_ns, (name, t["wall_ns"], elapsed_ns)
+    spin = threads["spinner"]
+    assert spin["cpu_ns"] > 0.5 * 2e9, spin
+    # the sleeper's wall time is in time.sleep's caller
+    assert max(threads["sleeper"]["self_wall"], key=threads["sleeper"]["self_wall"].get) == "run_blocked.<locals>.sleeper"
+
+
+def test_profile_cpu_total_matches_process_cpu(workload):
+    r = workload("total", "--seconds", "3")
+    profiled = r["profile"]["total_cpu_ns"] / 1e9
+    process = r["extra"]["process_cpu_s"]
+    assert abs(profiled - process) <= 0.10 * process, (profiled, process)
+
+
+def test_threads_created_after_start_are_sampled(workload):
+    r = workload("newthreads", "--seconds", "3", "--rate", "250")
+    started = set(r["extra"]["started"])
+    names = set(r["profile"]["threads"])
+    seen = {n for n in names if n.startswith("late-")}
+    assert len(started) >= 100
+    # short threads are sampled (not every one lives across a tick), named as Python named them
+    assert len(seen) >= 50 and len(seen) >= 0.2 * len(started), (len(seen), len(started))
+    assert seen <= started
+    unnamed = {n for n in names if n.startswith("thread-")}
+    assert len(unnamed) <= 0.02 * len(seen) + 1, unnamed
+    assert r["stats"]["dropped"] == 0

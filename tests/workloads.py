@@ -1,0 +1,200 @@
+"""Known workloads for the sampler tests, run in a child process so that a crash in the sampler
+becomes a readable test failure and every test gets a fresh profiler.
+
+    python tests/workloads.py NAME [--rate HZ] [--seconds S]
+
+prints one JSON object: the workload's ground truth and a summary of the profile.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from middleware import MwTracker  # noqa: E402
+from middleware.profile import Profile  # noqa: E402
+
+
+# --- the calc workload: pure loops, no Python callees, so self time == total time -----------------
+def calc1(n: int) -> int:
+    s = 0
+    for i in range(n):
+        for j in range(n):
+            s += i ^ j
+    return s
+
+
+def calc2(n: int) -> int:
+    s = 0
+    for i in range(n):
+        for j in range(n):
+            s += (i * j) % 7
+    return s
+
+
+def calc3(n: int) -> int:
+    # all permutations of range(n) by next-permutation, summing the elements
+    a = list(range(n))
+    total = 0
+    while True:
+        total += sum(a)
+        i = n - 2
+        while i >= 0 and a[i] >= a[i + 1]:
+            i -= 1
+        if i < 0:
+            return total
+        j = n - 1
+        while a[j] <= a[i]:
+            j -= 1
+        a[i], a[j] = a[j], a[i]
+        a[i + 1 :] = reversed(a[i + 1 :])
+
+
+def two_loops(n: int) -> int:
+    s = 0
+    for i in range(2 * n): s += i * i  # LOOP_A
+    for i in range(n): s += i * i  # LOOP_B
+    return s
+
+
+def summarize(p: Profile) -> dict[str, Any]:
+    """Per thread: self cpu/wall per leaf function and per (leaf function, line)."""
+    ci, wi, si = p.value_index("cpu"), p.value_index("wall"), p.value_index("samples")
+    out: dict[str, Any] = {"threads": {}, "total_cpu_ns": 0, "functions": set()}
+    for s in p.samples:
+        t = s.label("thread_name") or "?"
+        th = out["threads"].setdefault(
+            t, {"cpu_ns": 0, "wall_ns": 0, "cpu_samples": 0, "self_cpu": {}, "self_wall": {}, "lines": {},
+                "labels": {}}
+        )
+        leaf = s.stack[-1] if s.stack else None
+        name = leaf.function if leaf else "?"
+        th["cpu_ns"] += s.values[ci]
+        th["wall_ns"] += s.values[wi]
+        th["cpu_samples"] += s.values[si]
+        th["self_cpu"][name] = th["self_cpu"].get(name, 0) + s.values[ci]
+        th["self_wall"][name] = th["self_wall"].get(name, 0) + s.values[wi]
+        if leaf:
+            key = f"{leaf.function}:{leaf.line}"
+            th["lines"][key] = th["lines"].get(key, 0) + s.values[ci]
+        ep = s.label("endpoint")
+        if ep:
+            th["labels"][ep] = th["labels"].get(ep, 0) + s.values[ci]
+        out["total_cpu_ns"] += s.values[ci]
+        out["functions"].update(f.function for f in s.stack)
+    out["functions"] = sorted(out["functions"])
+    return out
+
+
+def run_calc(args: argparse.Namespace, tracker: MwTracker) -> dict[str, Any]:
+    truth = {"calc1": 0.0, "calc2": 0.0, "calc3": 0.0}
+
+    def worker() -> None:
+        deadline = time.monotonic() + args.seconds
+        while time.monotonic() < deadline:
+            for fn, n in ((calc1, 180), (calc2, 130), (calc3, 7)):
+                t0 = time.thread_time()
+                fn(n)
+                truth[fn.__name__] += time.thread_time() - t0
+
+    th = threading.Thread(target=worker, name="calc-worker")
+    th.start()
+    while th.is_alive():
+        time.sleep(0.05)
+    th.join()
+    return {"truth_cpu_s": truth}
+
+
+def run_lines(args: argparse.Namespace, tracker: MwTracker) -> dict[str, Any]:
+    import inspect
+
+    src, start = inspect.getsourcelines(two_loops)
+    lines = {tag: start + i for i, l in enumerate(src) for tag in ("LOOP_A", "LOOP_B") if tag in l}
+    deadline = time.monotonic() + args.seconds
+    while time.monotonic() < deadline:
+        two_loops(200_000)
+    return {"lines": lines}
+
+
+def run_blocked(args: argparse.Namespace, tracker: MwTracker) -> dict[str, Any]:
+    lock = threading.Lock()
+    lock.acquire()
+
+    def sleeper() -> None:
+        time.sleep(args.seconds)
+
+    def waiter() -> None:
+        lock.acquire()
+
+    def spinner() -> None:
+        deadline = time.monotonic() + args.seconds
+        while time.monotonic() < deadline:
+            calc1(50)
+
+    threads = [threading.Thread(target=f, name=f.__name__) for f in (sleeper, waiter, spinner)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    threads[0].join()
+    threads[2].join()
+    lock.release()
+    threads[1].join()
+    return {"elapsed_s": time.monotonic() - t0}
+
+
+def run_total(args: argparse.Namespace, tracker: MwTracker) -> dict[str, Any]:
+    tracker.snapshot(reset=True)
+    p0 = time.process_time()
+    ths = [threading.Thread(target=run_calc, args=(args, tracker), name=f"w{i}") for i in range(2)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    return {"process_cpu_s": time.process_time() - p0}
+
+
+def run_newthreads(args: argparse.Namespace, tracker: MwTracker) -> dict[str, Any]:
+    names = []
+    deadline = time.monotonic() + args.seconds
+    i = 0
+    while time.monotonic() < deadline:
+        batch = []
+        for _ in range(20):
+            name = f"late-{i}"
+            i += 1
+            t = threading.Thread(target=calc1, args=(250,), name=name)
+            t.start()
+            batch.append(t)
+            names.append(name)
+        for t in batch:
+            t.join()
+    return {"started": names}
+
+
+WORKLOADS = {"calc": run_calc, "lines": run_lines, "blocked": run_blocked, "total": run_total,
+             "newthreads": run_newthreads}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("workload", choices=sorted(WORKLOADS))
+    ap.add_argument("--rate", type=int, default=100)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    args = ap.parse_args()
+    tracker = MwTracker(sample_rate=args.rate, profile_dir="none", instrument=False)
+    tracker.snapshot(reset=True)
+    extra = WORKLOADS[args.workload](args, tracker)
+    profile = tracker.snapshot()
+    stats = tracker.stats()
+    tracker.stop()
+    json.dump({"extra": extra, "profile": summarize(profile), "stats": stats}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
