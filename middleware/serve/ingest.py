@@ -36,7 +36,7 @@ import re
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import parse_qs
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -57,6 +57,7 @@ __all__ = [
     "extract_pprof_bytes",
     "decode_upload",
     "upload_from_profile",
+    "decode_push",
     "SERVICE_LABEL",
     "profile_type_ids",
     "series_totals",
@@ -458,3 +459,113 @@ def _window(params: IngestParams, profile: "Profile", now_ns: int | None) -> tup
     if end < start:
         raise IngestError(400, "'until' is before the profile's start")
     return start, end
+
+
+# ------------------------------------------------------------------------------------------------
+# The newer push API: POST /push.v1.PusherService/Push (Connect protocol)
+# ------------------------------------------------------------------------------------------------
+#
+# push.v1.PushRequest {repeated RawProfileSeries series = 1}
+# RawProfileSeries {repeated types.v1.LabelPair labels = 1; repeated RawSample samples = 2}
+# RawSample {bytes raw_profile = 1; string ID = 2}
+# types.v1.LabelPair {string name = 1; string value = 2}
+#
+# The messages are declared at run time with protobuf's descriptor API (no generated module, no
+# .proto file to keep in sync for four small messages).
+
+_PUSH_CLASSES: dict[str, Any] = {}
+
+
+def _push_request_class() -> Any:
+    if "PushRequest" in _PUSH_CLASSES:
+        return _PUSH_CLASSES["PushRequest"]
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    fdp = descriptor_pb2.FileDescriptorProto(name="middleware_serve_push.proto", package="push.v1", syntax="proto3")
+    F = descriptor_pb2.FieldDescriptorProto
+
+    def message(name: str, fields: list[tuple[str, int, int, int, str]]) -> None:
+        msg = fdp.message_type.add(name=name)
+        for fname, number, ftype, label, type_name in fields:
+            field_proto = msg.field.add(name=fname, number=number, type=ftype, label=label)
+            if type_name:
+                field_proto.type_name = type_name
+
+    message("LabelPair", [("name", 1, F.TYPE_STRING, F.LABEL_OPTIONAL, ""), ("value", 2, F.TYPE_STRING, F.LABEL_OPTIONAL, "")])
+    message("RawSample", [("raw_profile", 1, F.TYPE_BYTES, F.LABEL_OPTIONAL, ""), ("ID", 2, F.TYPE_STRING, F.LABEL_OPTIONAL, "")])
+    message(
+        "RawProfileSeries",
+        [
+            ("labels", 1, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".push.v1.LabelPair"),
+            ("samples", 2, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".push.v1.RawSample"),
+        ],
+    )
+    message("PushRequest", [("series", 1, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".push.v1.RawProfileSeries")])
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("push.v1.PushRequest"))
+    _PUSH_CLASSES["PushRequest"] = cls
+    return cls
+
+
+def decode_push(headers: Mapping[str, str], body: bytes, limits: IngestLimits, now_ns: int | None = None) -> list[Upload]:
+    """Decode a ``PushRequest`` (``application/proto``, or Connect's ``application/json``).
+
+    Every profile of every series is decoded before anything is stored; one bad profile refuses
+    the whole request (400). The series' ``service_name`` label is the service, its other labels
+    (except ``__name__``) are static tags. Each raw profile's window is its pprof's own.
+    """
+    from google.protobuf import json_format
+    from google.protobuf.message import DecodeError
+
+    from middleware.pprof import ProfileError, parse_pprof
+
+    encoding = (headers.get("content-encoding", "") or "").strip().lower()
+    if encoding in ("gzip", "x-gzip"):
+        body = gunzip_capped(body, limits.max_decompressed_bytes)
+    elif encoding not in ("", "identity"):
+        raise IngestError(415, f"unsupported Content-Encoding {encoding!r}")
+    ctype = (headers.get("content-type", "") or "").split(";")[0].strip().lower()
+    cls = _push_request_class()
+    request = cls()
+    try:
+        if ctype in ("application/proto", "application/protobuf", "application/x-protobuf", ""):
+            request.ParseFromString(body)
+        elif ctype == "application/json":
+            json_format.Parse(body.decode("utf-8"), request)
+        else:
+            raise IngestError(415, f"unsupported Content-Type {ctype!r}: use application/proto or application/json")
+    except (DecodeError, json_format.ParseError, UnicodeDecodeError, ValueError) as exc:
+        raise IngestError(400, f"not a push.v1.PushRequest: {exc}") from None
+    if not request.series:
+        raise IngestError(400, "PushRequest has no series")
+    uploads: list[Upload] = []
+    budget = limits.max_decompressed_bytes
+    for series in request.series:
+        labels: dict[str, str] = {}
+        for pair in series.labels:
+            if pair.name in labels:
+                raise IngestError(400, f"label {pair.name!r} repeated in a series")
+            labels[pair.name] = pair.value
+        service = labels.pop(SERVICE_LABEL, "")
+        labels.pop("__name__", None)
+        if not service or not _SERVICE_RE.match(service):
+            raise IngestError(400, f"series without a valid {SERVICE_LABEL!r} label ({service!r})")
+        for key in labels:
+            _check_label_name(key, where="a push series label")
+        params = IngestParams(service=service, tags=tuple(sorted(labels.items())), spy_name="push")
+        for raw in series.samples:
+            data = bytes(raw.raw_profile)
+            if not data:
+                raise IngestError(400, "empty raw_profile in a push series")
+            plain = gunzip_capped(data, budget) if data.startswith(_GZIP_MAGIC) else data
+            budget -= len(plain)
+            if budget < 0:
+                raise IngestError(413, f"decompressed profiles exceed the limit of {limits.max_decompressed_bytes} bytes")
+            try:
+                profile = parse_pprof(plain)
+            except ProfileError as exc:
+                raise IngestError(400, f"not a pprof profile: {exc}") from None
+            tenant = headers.get("x-scope-orgid", "") or ""
+            uploads.append(upload_from_profile(params, profile, plain, tenant=tenant, now_ns=now_ns))
+    return uploads

@@ -9,6 +9,7 @@ by the store's single writer thread with group commit (see :mod:`middleware.serv
 Routes::
 
     POST /ingest                     the Pyroscope ingest API (PROTOCOL.md)
+    POST /push.v1.PusherService/Push the newer push API (application/proto or application/json)
     GET  /                           the web page (static/index.html, app.js, app.css)
     GET  /static/<file>              page assets, plus the reporters' flame graph script
     GET  /healthz                    "ok" (no token needed)
@@ -49,7 +50,7 @@ from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from middleware.serve.importer import Importer
-from middleware.serve.ingest import IngestError, IngestLimits, decode_upload
+from middleware.serve.ingest import IngestError, IngestLimits, Upload, decode_push, decode_upload
 from middleware.serve.query import QueryEngine, QueryError, parse_selection
 from middleware.serve.store import Store, StoreClosed
 
@@ -272,7 +273,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._text(HTTPStatus.METHOD_NOT_ALLOWED, f"{url.path} only answers GET", {"Allow": "GET"})
             return
-        if url.path != "/ingest":
+        if url.path not in (_INGEST, _PUSH):
             self.close_connection = True
             self._text(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {url.path}")
             return
@@ -281,7 +282,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._drain(int(length) if length.isdigit() else 0)
             self._deny()
             return
-        self._ingest(url.query)
+        self._ingest(url.query, push=url.path == _PUSH)
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
@@ -291,8 +292,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             self._deny()
             return
-        if url.path == "/ingest":
-            self._text(HTTPStatus.METHOD_NOT_ALLOWED, "/ingest only answers POST", {"Allow": "POST"})
+        if url.path in (_INGEST, _PUSH):
+            self._text(HTTPStatus.METHOD_NOT_ALLOWED, f"{url.path} only answers POST", {"Allow": "POST"})
             return
         if url.path in ("/", "/index.html"):
             self._static(STATIC_DIR / "index.html")
@@ -319,18 +320,25 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- ingest ------------------------------------------------------------------------------
 
-    def _ingest(self, query: str) -> None:
+    def _ingest(self, query: str, push: bool = False) -> None:
         app = self.server.app
+        uploads: list[Upload]
         try:
             body = self._read_body(app.config.limits.max_body_bytes)
-            upload = decode_upload(query, self.headers, body, app.config.limits)  # type: ignore[arg-type]
+            if push:
+                uploads = decode_push(self.headers, body, app.config.limits)  # type: ignore[arg-type]
+            else:
+                uploads = [decode_upload(query, self.headers, body, app.config.limits)]  # type: ignore[arg-type]
         except IngestError as exc:
             app.rejected += 1
             log.info("rejected upload from %s: %s %s", self.client_address[0], exc.status, exc.message)
-            self._text(exc.status, exc.message)
+            if push:  # Connect protocol error body
+                self._json(exc.status, {"code": _connect_code(exc.status), "message": exc.message})
+            else:
+                self._text(exc.status, exc.message)
             return
         try:
-            profile_id = app.store.add(upload)
+            ids = app.store.add_many(uploads, source="push" if push else "ingest")
         except StoreClosed:
             self.close_connection = True
             self._text(HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down; retry", {"Retry-After": "5"})
@@ -339,8 +347,15 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("storing an upload failed")
             self._text(HTTPStatus.SERVICE_UNAVAILABLE, f"could not store the profile ({exc}); retry", {"Retry-After": "1"})
             return
-        app.accepted += 1
-        self._json(HTTPStatus.OK, {"id": profile_id})
+        app.accepted += len(ids)
+        if push:
+            # An empty push.v1.PushResponse, in the encoding of the request.
+            if (self.headers.get("Content-Type") or "").lower().startswith("application/json"):
+                self._send(HTTPStatus.OK, b"{}", "application/json")
+            else:
+                self._send(HTTPStatus.OK, b"", "application/proto")
+        else:
+            self._json(HTTPStatus.OK, {"id": ids[0]})
 
     # -- static ------------------------------------------------------------------------------
 
@@ -352,7 +367,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not path.is_file():
             # The flame graph script is the reporters' own, shared with `middleware flamegraph`.
             candidate = _REPORTERS_DIR / name
-            if name.endswith(".js") and candidate.is_file():
+            if name.startswith("flamegraph.") and name.endswith((".js", ".css")) and candidate.is_file():
                 path = candidate
         self._static(path)
 
@@ -433,6 +448,16 @@ class _Handler(BaseHTTPRequestHandler):
             "application/octet-stream",
             {"Content-Disposition": f'attachment; filename="{filename}"'},
         )
+
+
+_INGEST = "/ingest"
+_PUSH = "/push.v1.PusherService/Push"
+
+
+def _connect_code(status: int) -> str:
+    return {400: "invalid_argument", 401: "unauthenticated", 413: "resource_exhausted", 415: "invalid_argument"}.get(
+        status, "unknown"
+    )
 
 
 def _need(params: dict[str, str], name: str) -> str:

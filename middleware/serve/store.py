@@ -157,10 +157,10 @@ class ProfileRow:
 
 @dataclass
 class _WriteJob:
-    upload: Upload | None
+    uploads: list[Upload]
     source: str
     imported: ImportedFile | None
-    future: "Future[int | None]"
+    future: "Future[list[int]]"
 
 
 class Store:
@@ -251,17 +251,20 @@ class Store:
 
     def add(self, upload: Upload, *, source: str = "ingest", timeout: float = 60.0) -> int:
         """Store ``upload``; returns its profile id once committed (raises on failure)."""
-        result = self._submit(_WriteJob(upload, source, None, Future()), timeout)
-        assert result is not None
-        return result
+        return self.add_many([upload], source=source, timeout=timeout)[0]
+
+    def add_many(self, uploads: list[Upload], *, source: str = "ingest", timeout: float = 60.0) -> list[int]:
+        """Store several uploads in one transaction (all or none); returns their ids."""
+        return self._submit(_WriteJob(list(uploads), source, None, Future()), timeout)
 
     def add_imported(
         self, upload: Upload | None, imported: ImportedFile, *, timeout: float = 60.0
     ) -> int | None:
         """Record an imported file (and its profile, unless ``upload`` is None: a failed import)."""
-        return self._submit(_WriteJob(upload, "import", imported, Future()), timeout)
+        ids = self._submit(_WriteJob([upload] if upload else [], "import", imported, Future()), timeout)
+        return ids[0] if ids else None
 
-    def _submit(self, job: _WriteJob, timeout: float) -> int | None:
+    def _submit(self, job: _WriteJob, timeout: float) -> list[int]:
         with self._close_lock:
             if self._closed:
                 raise StoreClosed("store is closed")
@@ -308,17 +311,15 @@ class Store:
         self.writes_committed += len(batch)
         with self._cache_lock:
             # Only after the commit: a rolled-back insert's rowid may be reused.
-            for job, pid in zip(batch, ids):
-                if pid is not None and job.upload is not None:
-                    self._cache_put(pid, job.upload.profile)
+            for job, job_ids in zip(batch, ids):
+                for pid, upload in zip(job_ids, job.uploads):
+                    self._cache_put(pid, upload.profile)
         for job, pid in zip(batch, ids):
             job.future.set_result(pid)
 
-    def _insert(self, conn: sqlite3.Connection, job: _WriteJob) -> int | None:
-        profile_id: int | None = None
-        upload = job.upload
-        if upload is not None:
-            profile_id = self._insert_upload(conn, upload, job.source)
+    def _insert(self, conn: sqlite3.Connection, job: _WriteJob) -> list[int]:
+        ids = [self._insert_upload(conn, upload, job.source) for upload in job.uploads]
+        profile_id = ids[0] if ids else None
         if job.imported is not None:
             imp = job.imported
             conn.execute(
@@ -326,7 +327,7 @@ class Store:
                 "VALUES(?, ?, ?, ?, ?)",
                 (imp.path, imp.size, imp.mtime_ns, profile_id, imp.error),
             )
-        return profile_id
+        return ids
 
     def _insert_upload(self, conn: sqlite3.Connection, upload: Upload, source: str) -> int:
         params = upload.params

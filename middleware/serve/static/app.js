@@ -1,0 +1,794 @@
+/*
+ * The `python -m middleware serve` page: picks what to look at and drives the reporters' viewer.
+ *
+ * Data flow: the controls (service, profile type, time range, label) make a *selection*; the page
+ * asks the JSON API for the timeline (/api/timeline: totals per time bucket) and the merged
+ * profile (/api/profile: the reporters' JSON), draws the timeline as SVG bars and hands the
+ * profile to MwFlame (middleware/reporters/flamegraph.js), which draws the flame graph, the
+ * sortable table and the sandwich of the selected function. Dragging across the timeline narrows
+ * the time range. The Compare tab asks /api/diff for two time ranges or two label values and
+ * lists functions by how much their Self share grew.
+ *
+ * Hooks for tests and tools: body[data-state] is "loading" / "ready" / "error" / "empty";
+ * body[data-seq] counts finished loads; window.mwViewer is the MwFlame viewer; timeline bars are
+ * rect.tl-bar[data-t][data-value]; diff rows are #diff-table tr[data-function][data-change].
+ * The selection is mirrored in location.hash so a reload or a shared link shows the same view.
+ */
+(function () {
+  "use strict";
+
+  var PREFERRED_TYPE = "process_cpu:cpu:nanoseconds:cpu:nanoseconds";
+  var TIMELINE_HEIGHT = 96;
+  var AXIS_HEIGHT = 16;
+
+  function $(id) {
+    return document.getElementById(id);
+  }
+
+  var state = {
+    services: [],
+    service: "",
+    type: "",
+    from: 0, // unix seconds
+    until: 0,
+    labelName: "",
+    labelValue: "",
+    seq: 0,
+    done: 0,
+    viewer: null,
+    timeline: null,
+    cmp: { a: null, b: null },
+    diff: null,
+    diffSort: "change",
+    hash: parseHash(),
+  };
+
+  // ---------------------------------------------------------------------------------------------
+  // helpers
+
+  function api(path, params) {
+    var qs = new URLSearchParams();
+    Object.keys(params || {}).forEach(function (k) {
+      if (params[k] !== undefined && params[k] !== null && params[k] !== "") qs.set(k, params[k]);
+    });
+    return fetch(path + "?" + qs.toString(), { credentials: "same-origin" }).then(function (r) {
+      return r.json().then(
+        function (body) {
+          if (!r.ok) throw new Error(body.error || "HTTP " + r.status);
+          return body;
+        },
+        function () {
+          throw new Error("HTTP " + r.status + " from " + path);
+        }
+      );
+    });
+  }
+
+  function pad(n) {
+    return (n < 10 ? "0" : "") + n;
+  }
+
+  /* Local time as "YYYY-MM-DD HH:MM:SS". */
+  function fmtTime(seconds) {
+    var d = new Date(seconds * 1000);
+    return (
+      d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " +
+      pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds())
+    );
+  }
+
+  /* "YYYY-MM-DD HH:MM[:SS]" (local time, "T" accepted as separator) or unix seconds -> seconds,
+     NaN when unreadable. */
+  function parseTime(text) {
+    text = (text || "").trim();
+    if (/^\d+(\.\d+)?$/.test(text)) return Number(text);
+    var m = /^(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2})(?::(\d{2}))?$/.exec(text);
+    if (!m) return NaN;
+    var d = new Date(+m[1], +m[2] - 1, +m[3], +m[4], +m[5], +(m[6] || 0));
+    return isNaN(d.getTime()) ? NaN : d.getTime() / 1000;
+  }
+
+  function fmtDuration(seconds) {
+    if (seconds >= 86400) return (seconds / 86400).toFixed(seconds % 86400 ? 1 : 0) + " d";
+    if (seconds >= 3600) return (seconds / 3600).toFixed(seconds % 3600 ? 1 : 0) + " h";
+    if (seconds >= 60) return (seconds / 60).toFixed(seconds % 60 ? 1 : 0) + " min";
+    return Math.round(seconds) + " s";
+  }
+
+  function quote(value) {
+    return '"' + value.replace(/\\/g, "\\\\").replace(/"/g, '\\"') + '"';
+  }
+
+  function selector(name, value) {
+    return name && value !== "" && value !== null && value !== undefined ? "{" + name + "=" + quote(value) + "}" : "{}";
+  }
+
+  function currentSelector() {
+    return selector(state.labelName, state.labelValue);
+  }
+
+  function unitOf(type) {
+    return (type || "").split(":")[2] || "";
+  }
+
+  function fmtValue(value, unit) {
+    return window.MwFlame ? MwFlame.formatValue(value, unit) : String(value);
+  }
+
+  function setStatus(text, kind) {
+    var s = $("status");
+    s.textContent = text || "";
+    s.className = "serve-status" + (kind ? " " + kind : "");
+  }
+
+  function setState(name) {
+    document.body.setAttribute("data-state", name);
+  }
+
+  function fillSelect(select, items, selected) {
+    select.textContent = "";
+    items.forEach(function (item) {
+      var opt = document.createElement("option");
+      opt.value = item.value;
+      opt.textContent = item.label;
+      select.append(opt);
+    });
+    if (selected !== undefined && items.some(function (i) { return i.value === selected; })) {
+      select.value = selected;
+    }
+  }
+
+  function parseHash() {
+    var out = {};
+    new URLSearchParams(location.hash.replace(/^#/, "")).forEach(function (v, k) {
+      out[k] = v;
+    });
+    return out;
+  }
+
+  function writeHash() {
+    var qs = new URLSearchParams();
+    qs.set("service", state.service);
+    qs.set("type", state.type);
+    var preset = $("range-preset").value;
+    if (preset === "custom") {
+      qs.set("from", String(state.from));
+      qs.set("until", String(state.until));
+    } else {
+      qs.set("range", preset);
+    }
+    if (state.labelName) qs.set("label", state.labelName);
+    if (state.labelName && state.labelValue) qs.set("value", state.labelValue);
+    history.replaceState(null, "", "#" + qs.toString());
+  }
+
+  function serviceInfo() {
+    for (var i = 0; i < state.services.length; i++) {
+      if (state.services[i].name === state.service) return state.services[i];
+    }
+    return null;
+  }
+
+  function selectionParams(extra) {
+    var p = {
+      service: state.service,
+      type: state.type,
+      from: state.from,
+      until: state.until,
+      selector: currentSelector(),
+    };
+    Object.keys(extra || {}).forEach(function (k) {
+      p[k] = extra[k];
+    });
+    return p;
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // services, types, labels
+
+  function loadServices() {
+    setState("loading");
+    setStatus("Loading services…");
+    return api("/api/services").then(function (body) {
+      state.services = body.services;
+      if (!state.services.length) {
+        showNoData();
+        return;
+      }
+      var wanted = state.hash.service || state.service;
+      fillSelect(
+        $("service"),
+        state.services.map(function (s) {
+          return { value: s.name, label: s.name + " (" + s.profiles + ")" };
+        }),
+        wanted
+      );
+      onServiceChange(true);
+    }, fail);
+  }
+
+  function showNoData() {
+    var empty = $("empty");
+    empty.hidden = false;
+    empty.textContent = "";
+    var h = document.createElement("h2");
+    h.textContent = "No profiles yet";
+    var p = document.createElement("p");
+    p.textContent =
+      "Point an agent at this server (MW_PROFILING_SERVER_URL=" + location.origin +
+      "), or start serve with --import DIR to load a local store. This page shows them as they arrive — press Refresh.";
+    empty.append(h, p);
+    setStatus("");
+    setState("empty");
+  }
+
+  function onServiceChange(fromHash) {
+    state.service = $("service").value;
+    var info = serviceInfo();
+    var types = (info && info.types) || [];
+    var wanted = fromHash && state.hash.type ? state.hash.type : state.type;
+    if (types.indexOf(wanted) < 0) wanted = types.indexOf(PREFERRED_TYPE) >= 0 ? PREFERRED_TYPE : types[0];
+    fillSelect(
+      $("profile-type"),
+      types.map(function (t) {
+        var parts = t.split(":");
+        return { value: t, label: parts[0] + " · " + parts[1] + " (" + parts[2] + ")" };
+      }),
+      wanted
+    );
+    state.type = $("profile-type").value;
+    if (fromHash && state.hash.from && state.hash.until) {
+      $("range-preset").value = "custom";
+      setRange(Number(state.hash.from), Number(state.hash.until));
+    } else {
+      if (fromHash && state.hash.range) $("range-preset").value = state.hash.range;
+      applyPreset();
+    }
+    if (fromHash) {
+      state.labelName = state.hash.label || "";
+      state.labelValue = state.hash.value || "";
+    } else {
+      state.labelName = "";
+      state.labelValue = "";
+    }
+    state.cmp = { a: null, b: null };
+    loadLabelNames().then(refresh);
+  }
+
+  function loadLabelNames() {
+    var params = { service: state.service, type: state.type, from: state.from, until: state.until };
+    return api("/api/label_names", params).then(function (body) {
+      var names = body.names.filter(function (n) {
+        return n !== "service_name";
+      });
+      if (state.labelName && names.indexOf(state.labelName) < 0) names.push(state.labelName);
+      var items = [{ value: "", label: "(any)" }].concat(names.map(function (n) { return { value: n, label: n }; }));
+      fillSelect($("label-name"), items, state.labelName);
+      fillSelect($("cmp-label-name"), names.map(function (n) { return { value: n, label: n }; }),
+        $("cmp-label-name").value || (names.indexOf("endpoint") >= 0 ? "endpoint" : names[0]));
+      return Promise.all([loadLabelValues(), loadCompareValues()]);
+    }, fail);
+  }
+
+  function loadLabelValues() {
+    var select = $("label-value");
+    if (!state.labelName) {
+      fillSelect(select, [{ value: "", label: "(any)" }], "");
+      select.disabled = true;
+      state.labelValue = "";
+      $("selector").textContent = currentSelector();
+      return Promise.resolve();
+    }
+    var params = { service: state.service, name: state.labelName, type: state.type, from: state.from, until: state.until };
+    return api("/api/label_values", params).then(function (body) {
+      var values = body.values.slice();
+      if (state.labelValue && values.indexOf(state.labelValue) < 0) values.push(state.labelValue);
+      var items = [{ value: "", label: "(any)" }].concat(values.map(function (v) { return { value: v, label: v }; }));
+      fillSelect(select, items, state.labelValue);
+      select.disabled = false;
+      state.labelValue = select.value;
+      $("selector").textContent = currentSelector();
+    }, fail);
+  }
+
+  function loadCompareValues() {
+    var name = $("cmp-label-name").value;
+    if (!name) {
+      fillSelect($("cmp-value-a"), [], "");
+      fillSelect($("cmp-value-b"), [], "");
+      return Promise.resolve();
+    }
+    var params = { service: state.service, name: name, type: state.type, from: state.from, until: state.until };
+    return api("/api/label_values", params).then(function (body) {
+      var items = body.values.map(function (v) { return { value: v, label: v }; });
+      var a = $("cmp-value-a").value, b = $("cmp-value-b").value;
+      fillSelect($("cmp-value-a"), items, a || (body.values[0] || ""));
+      fillSelect($("cmp-value-b"), items, b || (body.values[1] || body.values[0] || ""));
+    }, fail);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // time range
+
+  function setRange(from, until) {
+    state.from = Math.floor(from);
+    state.until = Math.ceil(until);
+    if (state.until <= state.from) state.until = state.from + 1;
+    $("range-from").value = fmtTime(state.from);
+    $("range-until").value = fmtTime(state.until);
+    $("range-from").classList.remove("invalid");
+    $("range-until").classList.remove("invalid");
+  }
+
+  /* Relative presets end now — or at the service's last profile when that is older, so that a
+     service that stopped sending (or an imported store) still shows its data. */
+  function applyPreset() {
+    var preset = $("range-preset").value;
+    var info = serviceInfo();
+    var now = Date.now() / 1000;
+    if (preset === "custom") return;
+    if (preset === "all") {
+      if (info) setRange(info.first, info.last + 1);
+      else setRange(now - 3600, now);
+      return;
+    }
+    var span = Number(preset);
+    var end = now;
+    if (info && info.last < now - span) end = info.last + 1;
+    setRange(end - span, end);
+  }
+
+  function readRangeInputs() {
+    var f = parseTime($("range-from").value), u = parseTime($("range-until").value);
+    $("range-from").classList.toggle("invalid", isNaN(f));
+    $("range-until").classList.toggle("invalid", isNaN(u) || (!isNaN(f) && u <= f));
+    if (isNaN(f) || isNaN(u) || u <= f) {
+      setStatus("Bad time range: use YYYY-MM-DD HH:MM:SS (local time), From before Until.", "error");
+      return false;
+    }
+    $("range-preset").value = "custom";
+    setRange(f, u);
+    return true;
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // loading
+
+  function refresh() {
+    if (!state.service || !state.type) return Promise.resolve();
+    var seq = ++state.seq;
+    setState("loading");
+    setStatus("Loading…");
+    $("selector").textContent = currentSelector();
+    writeHash();
+    var params = selectionParams();
+    return Promise.all([api("/api/timeline", params), api("/api/profile", params)]).then(
+      function (res) {
+        if (seq !== state.seq) return; // a newer request superseded this one
+        renderTimeline(res[0]);
+        renderProfile(res[1]);
+        state.done++;
+        document.body.setAttribute("data-seq", String(state.done));
+        setStatus("");
+        setState("ready");
+      },
+      function (err) {
+        if (seq === state.seq) fail(err);
+      }
+    );
+  }
+
+  function fail(err) {
+    setStatus("Error: " + (err && err.message ? err.message : err), "error");
+    setState("error");
+  }
+
+  function renderProfile(body) {
+    var unit = body.unit;
+    var info = $("profile-info");
+    info.textContent =
+      state.service + " · " + body.type.split(":").slice(0, 3).join(":") + " · " + fmtTime(body.from) + " → " +
+      fmtTime(body.until) + " (" + fmtDuration(body.until - body.from) + ") · " + body.profiles + " profile" +
+      (body.profiles === 1 ? "" : "s") + " · total " + fmtValue(body.total, unit) +
+      (body.selector !== "{}" ? " · " + body.selector : "");
+    var empty = $("empty");
+    if (!body.total) {
+      empty.hidden = false;
+      empty.textContent = "No samples in this range for this selection. Widen the time range or pick another label.";
+    } else {
+      empty.hidden = true;
+      empty.textContent = "";
+    }
+    if (!state.viewer) {
+      state.viewer = MwFlame.mount($("viewer"), body.data, {});
+      window.mwViewer = state.viewer;
+    } else {
+      state.viewer.setData(body.data);
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // timeline
+
+  var SVG_NS = "http://www.w3.org/2000/svg";
+
+  function svgEl(tag, attrs, text) {
+    var node = document.createElementNS(SVG_NS, tag);
+    Object.keys(attrs || {}).forEach(function (k) {
+      node.setAttribute(k, attrs[k]);
+    });
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function renderTimeline(body) {
+    if (body) state.timeline = body;
+    body = state.timeline;
+    var svg = $("timeline");
+    if (!body) return;
+    var width = Math.max(200, svg.clientWidth || svg.parentNode.clientWidth || 800);
+    var height = TIMELINE_HEIGHT;
+    var plot = height - AXIS_HEIGHT;
+    svg.setAttribute("viewBox", "0 0 " + width + " " + height);
+    svg.setAttribute("width", width);
+    svg.setAttribute("height", height);
+    svg.setAttribute("data-from", body.from);
+    svg.setAttribute("data-until", body.until);
+    svg.textContent = "";
+    var span = body.until - body.from;
+    var max = 0;
+    body.points.forEach(function (p) {
+      if (p.value > max) max = p.value;
+    });
+    svg.append(svgEl("rect", { x: 0, y: 0, width: width, height: plot, class: "tl-bg" }));
+    body.points.forEach(function (p) {
+      var x0 = ((p.t - body.from) / span) * width;
+      var x1 = ((Math.min(p.t + body.step, body.until) - body.from) / span) * width;
+      var h = max ? (p.value / max) * (plot - 4) : 0;
+      var bar = svgEl("rect", {
+        class: "tl-bar",
+        x: x0.toFixed(2),
+        y: (plot - h).toFixed(2),
+        width: Math.max(0.5, x1 - x0 - 0.5).toFixed(2),
+        height: h.toFixed(2),
+        "data-t": p.t,
+        "data-value": p.value,
+      });
+      bar.append(svgEl("title", {}, fmtTime(p.t) + " · " + fmtValue(p.value, body.unit) + " · " + p.profiles + " profile(s)"));
+      svg.append(bar);
+    });
+    // axis: about one label per 140 px
+    var ticks = Math.max(2, Math.floor(width / 140));
+    for (var i = 0; i <= ticks; i++) {
+      var t = body.from + (span * i) / ticks;
+      var x = (width * i) / ticks;
+      var anchor = i === 0 ? "start" : i === ticks ? "end" : "middle";
+      svg.append(svgEl("line", { x1: x, x2: x, y1: plot, y2: plot + 3, class: "tl-tick" }));
+      svg.append(
+        svgEl("text", { x: x, y: height - 3, "text-anchor": anchor, class: "tl-label" },
+          span > 86400 ? fmtTime(t).slice(5, 16) : fmtTime(t).slice(11, 19))
+      );
+    }
+    drawCompareOverlays();
+    svg.append(svgEl("rect", { id: "timeline-selection", class: "tl-selection", x: 0, y: 0, width: 0, height: plot, visibility: "hidden" }));
+    $("timeline-total").textContent =
+      "Total " + fmtValue(body.total, body.unit) + " · bucket " + fmtDuration(body.step);
+  }
+
+  function drawCompareOverlays() {
+    var svg = $("timeline");
+    var body = state.timeline;
+    if (!body) return;
+    svg.querySelectorAll(".tl-cmp").forEach(function (n) {
+      n.remove();
+    });
+    if ($("view-compare").hidden || $("cmp-mode").value !== "time") return;
+    var width = Number(svg.getAttribute("width"));
+    var plot = TIMELINE_HEIGHT - AXIS_HEIGHT;
+    var span = body.until - body.from;
+    ["a", "b"].forEach(function (which) {
+      var r = state.cmp[which];
+      if (!r) return;
+      var x0 = Math.max(0, ((r[0] - body.from) / span) * width);
+      var x1 = Math.min(width, ((r[1] - body.from) / span) * width);
+      if (x1 <= x0) return;
+      var sel = svg.querySelector("#timeline-selection");
+      var rect = svgEl("rect", { id: "tl-cmp-" + which, class: "tl-cmp tl-cmp-" + which, x: x0, y: 0, width: x1 - x0, height: plot });
+      if (sel) svg.insertBefore(rect, sel);
+      else svg.append(rect);
+    });
+  }
+
+  function xToTime(clientX) {
+    var svg = $("timeline");
+    var box = svg.getBoundingClientRect();
+    var body = state.timeline;
+    var frac = Math.min(1, Math.max(0, (clientX - box.left) / box.width));
+    return body.from + frac * (body.until - body.from);
+  }
+
+  function installTimelineDrag() {
+    var svg = $("timeline");
+    var drag = null;
+    svg.addEventListener("mousedown", function (ev) {
+      if (!state.timeline || ev.button !== 0) return;
+      ev.preventDefault();
+      drag = { x0: ev.clientX };
+    });
+    window.addEventListener("mousemove", function (ev) {
+      if (!drag) return;
+      var sel = $("timeline-selection");
+      if (!sel) return;
+      var box = svg.getBoundingClientRect();
+      var scale = Number(svg.getAttribute("width")) / box.width;
+      var a = Math.max(0, Math.min(drag.x0, ev.clientX) - box.left);
+      var b = Math.min(box.width, Math.max(drag.x0, ev.clientX) - box.left);
+      sel.setAttribute("x", a * scale);
+      sel.setAttribute("width", Math.max(0, b - a) * scale);
+      sel.setAttribute("visibility", "visible");
+    });
+    window.addEventListener("mouseup", function (ev) {
+      if (!drag) return;
+      var x0 = drag.x0;
+      drag = null;
+      var sel = $("timeline-selection");
+      if (sel) sel.setAttribute("visibility", "hidden");
+      if (Math.abs(ev.clientX - x0) < 4) return; // a click, not a drag
+      var t0 = xToTime(Math.min(x0, ev.clientX)), t1 = xToTime(Math.max(x0, ev.clientX));
+      onTimelineRange(t0, t1);
+    });
+  }
+
+  function onTimelineRange(t0, t1) {
+    if (!$("view-compare").hidden && $("cmp-mode").value === "time") {
+      var which = $("cmp-pick-b").checked ? "b" : "a";
+      state.cmp[which] = [Math.floor(t0), Math.ceil(t1)];
+      writeCompareInputs();
+      drawCompareOverlays();
+      if (which === "a") $("cmp-pick-b").checked = true;
+      return;
+    }
+    $("range-preset").value = "custom";
+    setRange(t0, t1);
+    loadLabelNames().then(refresh);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // compare
+
+  function writeCompareInputs() {
+    ["a", "b"].forEach(function (which) {
+      var r = state.cmp[which];
+      $("cmp-" + which + "-from").value = r ? fmtTime(r[0]) : "";
+      $("cmp-" + which + "-until").value = r ? fmtTime(r[1]) : "";
+    });
+  }
+
+  function readCompareInputs() {
+    var ok = true;
+    ["a", "b"].forEach(function (which) {
+      var f = parseTime($("cmp-" + which + "-from").value), u = parseTime($("cmp-" + which + "-until").value);
+      var bad = isNaN(f) || isNaN(u) || u <= f;
+      $("cmp-" + which + "-from").classList.toggle("invalid", bad);
+      $("cmp-" + which + "-until").classList.toggle("invalid", bad);
+      if (bad) ok = false;
+      else state.cmp[which] = [f, u];
+    });
+    return ok;
+  }
+
+  function defaultCompareRanges() {
+    if (!state.cmp.a || !state.cmp.b) {
+      var mid = Math.floor((state.from + state.until) / 2);
+      state.cmp = { a: [state.from, mid], b: [mid, state.until] };
+    }
+    writeCompareInputs();
+  }
+
+  function showView(name) {
+    document.querySelectorAll(".serve-tabs [role=tab]").forEach(function (tab) {
+      var on = tab.getAttribute("data-view") === name;
+      tab.classList.toggle("active", on);
+      tab.setAttribute("aria-selected", on ? "true" : "false");
+    });
+    $("view-profile").hidden = name !== "profile";
+    $("view-compare").hidden = name !== "compare";
+    if (name === "compare") defaultCompareRanges();
+    drawCompareOverlays();
+    $("timeline-hint").textContent =
+      name === "compare" && $("cmp-mode").value === "time"
+        ? "Drag across the timeline to set range A or B (the checked one)."
+        : "Drag across the timeline to select a time range.";
+  }
+
+  function runCompare() {
+    var params = { service: state.service, type: state.type };
+    var mode = $("cmp-mode").value;
+    if (mode === "time") {
+      if (!readCompareInputs()) {
+        setStatus("Bad comparison ranges: use YYYY-MM-DD HH:MM:SS, From before Until.", "error");
+        return Promise.resolve();
+      }
+      drawCompareOverlays();
+      params.from = state.cmp.a[0];
+      params.until = state.cmp.a[1];
+      params.from2 = state.cmp.b[0];
+      params.until2 = state.cmp.b[1];
+      params.selector = currentSelector();
+    } else {
+      var name = $("cmp-label-name").value;
+      if (!name) {
+        setStatus("This service has no labels to compare.", "error");
+        return Promise.resolve();
+      }
+      params.from = state.from;
+      params.until = state.until;
+      params.selector = selector(name, $("cmp-value-a").value);
+      params.selector2 = selector(name, $("cmp-value-b").value);
+    }
+    setState("loading");
+    setStatus("Comparing…");
+    return api("/api/diff", params).then(function (body) {
+      state.diff = body;
+      renderDiff();
+      setStatus("");
+      setState("ready");
+    }, fail);
+  }
+
+  function describeSide(side) {
+    var sel = side.selector !== "{}" ? " " + side.selector : "";
+    return fmtTime(side.from) + " → " + fmtTime(side.until) + sel + " (" + side.profiles + " profiles, total " +
+      fmtValue(side.total, state.diff.unit) + ")";
+  }
+
+  function renderDiff() {
+    var body = state.diff;
+    if (!body) return;
+    $("cmp-summary").textContent = "A: " + describeSide(body.base) + "   B: " + describeSide(body.comparison) +
+      ". Shares are percent of each side's own total; Change is B − A in percentage points.";
+    var key = state.diffSort;
+    var rows = body.functions.slice();
+    rows.sort(function (x, y) {
+      if (key === "function") return x.function < y.function ? -1 : x.function > y.function ? 1 : 0;
+      return y[key] - x[key] || (x.function < y.function ? -1 : 1);
+    });
+    var table = $("diff-table");
+    table.querySelectorAll("th[data-sort]").forEach(function (th) {
+      th.classList.toggle("sorted", th.getAttribute("data-sort") === key);
+    });
+    var maxAbs = 0;
+    rows.forEach(function (r) {
+      maxAbs = Math.max(maxAbs, Math.abs(r.change));
+    });
+    var tbody = table.tBodies[0];
+    tbody.textContent = "";
+    rows.forEach(function (r) {
+      var tr = document.createElement("tr");
+      tr.setAttribute("data-function", r.function);
+      tr.setAttribute("data-change", r.change.toFixed(4));
+      tr.className = r.change > 0 ? "grew" : r.change < 0 ? "shrank" : "";
+      var name = document.createElement("td");
+      name.className = "serve-fn";
+      name.textContent = r.function;
+      name.title = r.file;
+      var change = document.createElement("td");
+      change.className = "serve-num serve-change";
+      var bar = document.createElement("span");
+      bar.className = "serve-bar " + (r.change >= 0 ? "up" : "down");
+      bar.style.width = (maxAbs ? (Math.abs(r.change) / maxAbs) * 60 : 0) + "px";
+      var text = document.createElement("span");
+      text.textContent = (r.change >= 0 ? "+" : "") + r.change.toFixed(2) + " pp";
+      change.append(bar, text);
+      tr.append(
+        name,
+        cell(r.self_share_a.toFixed(2) + "%"),
+        cell(r.self_share_b.toFixed(2) + "%"),
+        change,
+        cell(fmtValue(r.self_a, body.unit)),
+        cell(fmtValue(r.self_b, body.unit))
+      );
+      tbody.append(tr);
+    });
+    function cell(text) {
+      var td = document.createElement("td");
+      td.className = "serve-num";
+      td.textContent = text;
+      return td;
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // wiring
+
+  function init() {
+    $("service").addEventListener("change", function () {
+      onServiceChange(false);
+    });
+    $("profile-type").addEventListener("change", function () {
+      state.type = $("profile-type").value;
+      refresh();
+    });
+    $("range-preset").addEventListener("change", function () {
+      applyPreset();
+      loadLabelNames().then(refresh);
+    });
+    $("apply-range").addEventListener("click", function () {
+      if (readRangeInputs()) loadLabelNames().then(refresh);
+    });
+    ["range-from", "range-until"].forEach(function (id) {
+      $(id).addEventListener("keydown", function (ev) {
+        if (ev.key === "Enter" && readRangeInputs()) loadLabelNames().then(refresh);
+      });
+    });
+    $("zoom-out").addEventListener("click", function () {
+      var span = state.until - state.from;
+      var end = Math.min(Date.now() / 1000 + span / 2, state.until + span / 2);
+      $("range-preset").value = "custom";
+      setRange(end - 2 * span, end);
+      loadLabelNames().then(refresh);
+    });
+    $("refresh").addEventListener("click", function () {
+      var keep = state.service;
+      api("/api/services").then(function (body) {
+        state.services = body.services;
+        if (!state.services.length) return;
+        $("empty").hidden = true;
+        fillSelect($("service"), state.services.map(function (s) {
+          return { value: s.name, label: s.name + " (" + s.profiles + ")" };
+        }), keep);
+        if (keep !== $("service").value || !keep) {
+          onServiceChange(false);
+          return;
+        }
+        applyPreset();
+        loadLabelNames().then(refresh);
+      }, fail);
+    });
+    $("label-name").addEventListener("change", function () {
+      state.labelName = $("label-name").value;
+      state.labelValue = "";
+      loadLabelValues().then(refresh);
+    });
+    $("label-value").addEventListener("change", function () {
+      state.labelValue = $("label-value").value;
+      refresh();
+    });
+    document.querySelectorAll(".serve-tabs [role=tab]").forEach(function (tab) {
+      tab.addEventListener("click", function () {
+        showView(tab.getAttribute("data-view"));
+      });
+    });
+    $("cmp-mode").addEventListener("change", function () {
+      var time = $("cmp-mode").value === "time";
+      $("cmp-time").hidden = !time;
+      $("cmp-label").hidden = time;
+      showView("compare");
+    });
+    $("cmp-label-name").addEventListener("change", function () {
+      $("cmp-value-a").value = "";
+      $("cmp-value-b").value = "";
+      loadCompareValues();
+    });
+    $("cmp-run").addEventListener("click", runCompare);
+    $("diff-table").tHead.addEventListener("click", function (ev) {
+      var th = ev.target.closest("th[data-sort]");
+      if (!th) return;
+      state.diffSort = th.getAttribute("data-sort");
+      renderDiff();
+    });
+    installTimelineDrag();
+    var resizeTimer = null;
+    window.addEventListener("resize", function () {
+      clearTimeout(resizeTimer);
+      resizeTimer = setTimeout(function () {
+        renderTimeline();
+      }, 100);
+    });
+    loadServices();
+  }
+
+  window.mwServe = { state: state, refresh: refresh, parseTime: parseTime, fmtTime: fmtTime };
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
+  else init();
+})();
