@@ -225,7 +225,6 @@ static int g_thread_alive;
 static int g_zombie; /* a thread that did not finish in time was detached */
 static mw_uploader_t *g_ctx;
 static char g_start_error[256];
-static int g_fork_locked;
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 
 static void mw_init_conds(void) {
@@ -240,6 +239,7 @@ static void mw_init_conds(void) {
 static void mw_init_once(void) {
     mw_init_conds();
     curl_global_init(CURL_GLOBAL_DEFAULT);
+    pthread_atfork(NULL, NULL, mw_upload_atfork_child);
 }
 
 static void mw_timedwait_locked(pthread_cond_t *cv, int64_t until_ns) {
@@ -1266,27 +1266,13 @@ int mw_upload_take_message(char *buf, size_t n) {
     return level;
 }
 
-void mw_upload_atfork_prepare(void) {
-    pthread_mutex_lock(&g.lock);
-    g_fork_locked = 1;
-}
-
-void mw_upload_atfork_parent(void) {
-    g_fork_locked = 0;
-    pthread_mutex_unlock(&g.lock);
-}
-
 void mw_upload_atfork_child(void) {
-    int consistent = g_fork_locked;
-    g_fork_locked = 0;
+    /* Another thread may have held g.lock or g_life in the middle of an update when fork()
+     * copied the process: re-create the locks and forget (leak) the queue rather than walk it.
+     * The leaked pages are the parent's, shared copy-on-write. */
     pthread_mutex_init(&g.lock, NULL);
     pthread_mutex_init(&g_life, NULL);
     mw_init_conds();
-    if (consistent && g.ring) {
-        for (int i = 0; i < g.count; i++)
-            free(g.ring[(g.head + i) % g.cap].data);
-        free(g.ring);
-    }
     g.ring = NULL;
     g.cap = g.head = g.count = g.busy = 0;
     g.running = g.stopping = 0;

@@ -167,16 +167,16 @@ void mw_upload_get_stats(mw_upload_stats_t *out);
 int mw_upload_take_message(char *buf, size_t n);
 
 /*
- * Fork support. prepare (before fork) takes the internal mutex so the child inherits a
- * consistent queue; parent (after fork, in the parent) releases it; child (after fork, in the
- * child) forgets the parent's thread: it re-initializes the locks, frees the queued copies if
- * prepare ran (otherwise leaks them), leaks the libcurl handles on purpose (cleaning them up
- * would close or shut down the parent's connections) and leaves the uploader stopped with
- * zeroed statistics, ready for mw_upload_start(). prepare/parent are optional; child is enough
- * when no other thread can be inside mw_upload_* during fork().
+ * Fork support: call in a forked child (after fork, before anything else here). Forgets the
+ * parent's uploader: re-creates the locks (another thread may have held them at fork time),
+ * forgets the queue and the libcurl handles without freeing them (the queue may have been
+ * mid-update; cleaning the handles up would shut down connections the parent still uses), and
+ * leaves the uploader stopped with zeroed statistics, ready for mw_upload_start(). Idempotent.
+ * The first mw_upload_start() registers it with pthread_atfork(), so callers normally need not
+ * call it; there is deliberately no prepare handler (taking the queue lock before fork could
+ * invert the lock order with a thread that holds its own lock while calling
+ * mw_upload_submit()).
  */
-void mw_upload_atfork_prepare(void);
-void mw_upload_atfork_parent(void);
 void mw_upload_atfork_child(void);
 
 /* The Python method table (csrc/mw_module_upload.c), appended by csrc/mw_module.c. Visible
