@@ -23,7 +23,13 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 
 from middleware._proto import profile_pb2 as pb
-from middleware.profile import Frame, LabelFilter, Profile, Sample, normalize_label_filter
+from middleware.profile import (
+    Frame,
+    LabelFilter,
+    Profile,
+    Sample,
+    normalize_label_filter,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,10 +139,10 @@ def _from_message(msg: pb.Profile, source: str) -> Profile:
             raise bad(f"sample {i} has {len(smp.value)} values for {ntypes} sample types")
         leaf_first: list[Frame] = []
         for loc_id in smp.location_id:
-            frames = locations.get(loc_id)
-            if frames is None:
+            loc_frames = locations.get(loc_id)
+            if loc_frames is None:
                 raise bad(f"sample {i} refers to missing location {loc_id}")
-            leaf_first.extend(frames)
+            leaf_first.extend(loc_frames)
         labels: list[tuple[str, str]] = []
         for lab in smp.label:
             key = s(lab.key, "label.key")

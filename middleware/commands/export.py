@@ -5,7 +5,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from middleware.commands import add_profile_options, load_from_args, value_name, write_output
+from middleware.commands import (
+    add_profile_options,
+    load_from_args,
+    value_name,
+    write_output,
+)
 from middleware.reporters.folded import render_folded
 from middleware.reporters.speedscope import render_speedscope
 

@@ -5,7 +5,13 @@ import argparse
 import logging
 import sys
 
-from middleware.commands import add_profile_options, describe, load_from_args, value_name, write_output
+from middleware.commands import (
+    add_profile_options,
+    describe,
+    load_from_args,
+    value_name,
+    write_output,
+)
 from middleware.reporters.flamegraph import render_html
 
 logger = logging.getLogger(__name__)

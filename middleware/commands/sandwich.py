@@ -5,7 +5,12 @@ import argparse
 import logging
 import sys
 
-from middleware.commands import add_profile_options, describe, load_from_args, value_name
+from middleware.commands import (
+    add_profile_options,
+    describe,
+    load_from_args,
+    value_name,
+)
 from middleware.reporters.sandwich import render_sandwich, sandwich
 
 logger = logging.getLogger(__name__)

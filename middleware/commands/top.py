@@ -6,7 +6,12 @@ import json
 import logging
 import sys
 
-from middleware.commands import add_profile_options, describe, load_from_args, value_name
+from middleware.commands import (
+    add_profile_options,
+    describe,
+    load_from_args,
+    value_name,
+)
 from middleware.reporters.table import function_table, render_table
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from middleware.profile import Profile
 from middleware.reporters import format_value, resolve_value
-from middleware.reporters.table import FunctionKey, function_table
+from middleware.reporters.table import function_table
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +61,6 @@ def diff_profiles(before: Profile, after: Profile, value: str | None = None) -> 
     rows = [r for r in rows if r.before_self or r.after_self]
     rows.sort(key=lambda r: (-abs(r.change), r.function, r.file))
     return rows
-
-
-def _key(r: DiffRow) -> FunctionKey:
-    return (r.function, r.file)
 
 
 def render_diff(rows: list[DiffRow], unit: str, limit: int | None = None, header: str = "") -> str:

@@ -213,7 +213,7 @@
     var v = data.value || {};
     this.summary.textContent =
       (v.name || "value") + ": total " + formatValue(this.total, this.unit) +
-      " in " + (data.samples || 0) + " samples, " + this.functions.length + " functions";
+      " in " + (data.samples || 0) + " stacks, " + this.functions.length + " functions";
     this.renderFlame();
     this.renderTable();
     this.renderSandwich();

@@ -34,7 +34,7 @@ from __future__ import annotations
 import html
 import json
 import logging
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
 
@@ -49,7 +49,7 @@ __all__ = ["profile_to_json", "render_html", "flamegraph_js", "flamegraph_css", 
 JSON_VERSION = 1
 
 
-@lru_cache(maxsize=None)
+@cache
 def _asset(name: str) -> str:
     return resources.files("middleware.reporters").joinpath(name).read_text(encoding="utf-8")
 
@@ -134,8 +134,8 @@ def render_html(profile: Profile, title: str = "middleware profile", value: str 
         raise RuntimeError("flamegraph assets must not close their own element")
     page = _asset("flamegraph.html")
     # data last: it is the only part that comes from the profile
+    page = page.replace("__MW_TITLE__", html.escape(title))
     for marker, text in (
-        ("__MW_TITLE__", html.escape(title)),
         ("/*__MW_CSS__*/", css),
         ("/*__MW_JS__*/", js),
         ("__MW_DATA__", json_for_script(data)),

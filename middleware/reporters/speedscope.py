@@ -47,7 +47,7 @@ def speedscope_document(profile: Profile, value: str | None = None, name: str = 
             ids.append(fid)
         per_thread[sample.label("thread_name") or "all"][tuple(ids)] += v
 
-    profiles = []
+    profiles: list[dict[str, Any]] = []
     for thread in sorted(per_thread):
         stacks = per_thread[thread]
         ordered = sorted(stacks.items())
