@@ -515,7 +515,9 @@ class ServeApp:
     def start(self) -> "ServeApp":
         """Serve in a background thread (returns at once)."""
         self.importer.start()
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="mw-serve-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="mw-serve-http", daemon=True
+        )
         self._thread.start()
         return self
 
