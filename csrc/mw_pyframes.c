@@ -129,9 +129,9 @@ int mw_pyframes_threads(mw_pythread_t *out, int max) {
 #define MW_CODE_HEAD sizeof(PyCodeObject)
 #endif
 
-static int read_code_head(uintptr_t addr, PyCodeObject *co) {
+static int read_code_head(mw_readcache_t *rc, uintptr_t addr, PyCodeObject *co) {
     if (addr == 0 || (addr & (sizeof(void *) - 1))) return -1;
-    if (mw_safe_read((void *)addr, MW_CODE_HEAD, co) != 0) return -1;
+    if (mw_readcache_read(rc, (void *)addr, MW_CODE_HEAD, co, 0) != 0) return -1;
     if (Py_TYPE((PyObject *)co) != &PyCode_Type) return -1;
     return 0;
 }
@@ -147,77 +147,147 @@ static void code_info(const PyCodeObject *co, mw_pycode_t *out) {
     out->firstlineno = co->co_firstlineno;
 }
 
-int mw_pyframes_walk(uintptr_t frame, mw_rawframe_t *out, int max, int *truncated) {
+#if PY_VERSION_HEX >= 0x030B0000
+/* 3.11+: two passes. The first follows `previous` through the frames (contiguous in the thread's
+ * data stack, so the read cache serves most of them from one or two page reads) and notes each
+ * frame's code object. The second reads the heads of all distinct code objects in ONE
+ * process_vm_readv, then validates every frame against its code object. Sampler thread only:
+ * the scratch arrays are static. */
+#define MW_WALK_CODES 512
+typedef struct {
+    uintptr_t code;
+    const _Py_CODEUNIT *ip;
+    char owner;
+} pending_t;
+static pending_t g_pending[4096];
+static uintptr_t g_ucode[MW_WALK_CODES];
+static PyCodeObject g_uhead[MW_WALK_CODES];
+static int8_t g_uok[MW_WALK_CODES];
+static uint32_t g_uslot_stamp[2 * MW_WALK_CODES], g_stamp;
+static uint16_t g_uslot_idx[2 * MW_WALK_CODES];
+
+/* Index of code in the distinct-code table, adding it; -1 when the table is full. */
+static int ucode_index(uintptr_t code, int *nu) {
+    uint32_t h = (uint32_t)((code >> 4) * 2654435761u) & (2 * MW_WALK_CODES - 1);
+    for (;; h = (h + 1) & (2 * MW_WALK_CODES - 1)) {
+        if (g_uslot_stamp[h] != g_stamp) {
+            if (*nu >= MW_WALK_CODES) return -1;
+            g_uslot_stamp[h] = g_stamp;
+            g_uslot_idx[h] = (uint16_t)*nu;
+            g_ucode[*nu] = code;
+            return (*nu)++;
+        }
+        if (g_ucode[g_uslot_idx[h]] == code) return g_uslot_idx[h];
+    }
+}
+
+int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, mw_rawframe_t *out, int max,
+                     int *truncated) {
+    int np = 0, steps = 0;
+    *truncated = 0;
+    if (max > (int)(sizeof g_pending / sizeof *g_pending))
+        max = (int)(sizeof g_pending / sizeof *g_pending);
+    /* Pass 1: the frame chain. */
+    while (frame) {
+        if (np >= max || ++steps > 4 * max || (frame & (sizeof(void *) - 1))) {
+            *truncated = 1;
+            break;
+        }
+        _PyInterpreterFrame f;
+        /* localsplus is a flexible tail we do not need. */
+        if (mw_readcache_read(rc, (void *)frame, offsetof(_PyInterpreterFrame, localsplus), &f,
+                              1) != 0) {
+            *truncated = 1;
+            break;
+        }
+        frame = (uintptr_t)f.previous;
+#if PY_VERSION_HEX >= 0x030D0000
+        if (f.owner >= FRAME_OWNED_BY_CSTACK) continue;
+        g_pending[np].code = (uintptr_t)f.f_executable;
+        g_pending[np].ip = f.instr_ptr;
+#else
+#if PY_VERSION_HEX >= 0x030C0000
+        if (f.owner == FRAME_OWNED_BY_CSTACK) continue;
+#endif
+        g_pending[np].code = (uintptr_t)f.f_code;
+        g_pending[np].ip = f.prev_instr;
+#endif
+        g_pending[np].owner = f.owner;
+        np++;
+    }
+    /* Pass 2: the heads of the distinct code objects, in one system call where possible. */
+    g_stamp++;
+    int nu = 0;
+    int idx_of[sizeof g_pending / sizeof *g_pending];
+    for (int i = 0; i < np; i++) idx_of[i] = ucode_index(g_pending[i].code, &nu);
+    struct iovec l[MW_WALK_CODES], r[MW_WALK_CODES];
+    for (int u = 0; u < nu; u++) {
+        l[u].iov_base = &g_uhead[u];
+        l[u].iov_len = MW_CODE_HEAD;
+        r[u].iov_base = (void *)g_ucode[u];
+        r[u].iov_len = MW_CODE_HEAD;
+        g_uok[u] = 0;
+    }
+    for (int start = 0; start < nu;) {
+        int got = mw_safe_readv(l + start, r + start, nu - start);
+        for (int k = start; k < start + got; k++)
+            g_uok[k] = Py_TYPE((PyObject *)&g_uhead[k]) == &PyCode_Type &&
+                       !(g_ucode[k] & (sizeof(void *) - 1));
+        start += got + 1; /* skip the unreadable one */
+    }
+    /* Pass 3: validate each frame against its code object. */
+    int n = 0;
+    for (int i = 0; i < np; i++) {
+        PyCodeObject tmp, *co;
+        int u = idx_of[i];
+        if (u >= 0) {
+            co = g_uok[u] ? &g_uhead[u] : NULL;
+        } else {
+            co = read_code_head(rc, g_pending[i].code, &tmp) == 0 ? &tmp : NULL;
+        }
+        if (!co) {
+#if PY_VERSION_HEX >= 0x030D0000
+            continue; /* 3.13: f_executable may legitimately be a non-code object */
+#else
+            *truncated = 1;
+            break;
+#endif
+        }
+        const _Py_CODEUNIT *start = (const _Py_CODEUNIT *)(g_pending[i].code + MW_CODE_HEAD);
+        long idx = (long)(g_pending[i].ip - start);
+        long size = (long)Py_SIZE((PyObject *)co);
+        if (idx < -1 || idx >= size) {
+            *truncated = 1;
+            break;
+        }
+        /* Frames that have not reached their first traceable instruction are incomplete
+         * (being set up): CPython hides them, so do we. */
+        if (g_pending[i].owner != FRAME_OWNED_BY_GENERATOR && idx < co->_co_firsttraceable)
+            continue;
+        out[n].code = g_pending[i].code;
+        out[n].lasti = (int32_t)idx;
+        code_info(co, &out[n].info);
+        n++;
+    }
+    return n;
+}
+#else
+int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, mw_rawframe_t *out, int max,
+                     int *truncated) {
     int n = 0, steps = 0;
     *truncated = 0;
     while (frame) {
-        if (n >= max || ++steps > 4 * max) {
+        if (n >= max || ++steps > 4 * max || (frame & (sizeof(void *) - 1))) {
             *truncated = 1;
             break;
         }
-        if (frame & (sizeof(void *) - 1)) {
-            *truncated = 1;
-            break;
-        }
-#if PY_VERSION_HEX >= 0x030B0000
-        _PyInterpreterFrame f;
-        /* localsplus is a flexible tail we do not need. */
-        if (mw_safe_read((void *)frame, offsetof(_PyInterpreterFrame, localsplus), &f) != 0) {
-            *truncated = 1;
-            break;
-        }
-        uintptr_t next = (uintptr_t)f.previous;
-#if PY_VERSION_HEX >= 0x030D0000
-        uintptr_t code = (uintptr_t)f.f_executable;
-        const _Py_CODEUNIT *ip = f.instr_ptr;
-        int internal = f.owner >= FRAME_OWNED_BY_CSTACK;
-#elif PY_VERSION_HEX >= 0x030C0000
-        uintptr_t code = (uintptr_t)f.f_code;
-        const _Py_CODEUNIT *ip = f.prev_instr;
-        int internal = f.owner == FRAME_OWNED_BY_CSTACK;
-#else
-        uintptr_t code = (uintptr_t)f.f_code;
-        const _Py_CODEUNIT *ip = f.prev_instr;
-        int internal = 0;
-#endif
-        if (!internal) {
-            PyCodeObject co;
-            if (read_code_head(code, &co) != 0) {
-#if PY_VERSION_HEX >= 0x030D0000
-                /* 3.13: f_executable may legitimately be a non-code object: skip it. */
-                frame = next;
-                continue;
-#else
-                *truncated = 1;
-                break;
-#endif
-            }
-            const _Py_CODEUNIT *start = (const _Py_CODEUNIT *)(code + MW_CODE_HEAD);
-            long idx = (long)(ip - start);
-            long size = (long)Py_SIZE((PyObject *)&co);
-            if (idx < -1 || idx >= size) {
-                *truncated = 1;
-                break;
-            }
-            /* Frames that have not reached their first traceable instruction are incomplete
-             * (being set up): CPython hides them, so do we. */
-            int incomplete = f.owner != FRAME_OWNED_BY_GENERATOR && idx < co._co_firsttraceable;
-            if (!incomplete) {
-                out[n].code = code;
-                out[n].lasti = (int32_t)idx;
-                code_info(&co, &out[n].info);
-                n++;
-            }
-        }
-        frame = next;
-#else
         PyFrameObject f;
-        if (mw_safe_read((void *)frame, sizeof f, &f) != 0) {
+        if (mw_readcache_read(rc, (void *)frame, sizeof f, &f, 0) != 0) {
             *truncated = 1;
             break;
         }
         PyCodeObject co;
-        if (read_code_head((uintptr_t)f.f_code, &co) != 0) {
+        if (read_code_head(rc, (uintptr_t)f.f_code, &co) != 0) {
             *truncated = 1;
             break;
         }
@@ -226,10 +296,10 @@ int mw_pyframes_walk(uintptr_t frame, mw_rawframe_t *out, int max, int *truncate
         code_info(&co, &out[n].info);
         n++;
         frame = (uintptr_t)f.f_back;
-#endif
     }
     return n;
 }
+#endif
 
 int mw_pyframes_read_str(uintptr_t str, char *buf, size_t cap) {
     PyASCIIObject a;

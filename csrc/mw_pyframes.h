@@ -16,6 +16,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "mw_saferead.h"
+
 #define MW_MAX_THREADS 4096
 
 typedef struct mw_pythread {
@@ -52,8 +54,10 @@ int mw_pyframes_threads(mw_pythread_t *out, int max);
 
 /* Walks a thread's frames from top_frame: fills out[] leaf first with validated code objects
  * and instruction indices; skips interpreter-internal frames. Returns the depth. *truncated is
- * set when the walk stopped early (torn read, loop, depth cap). */
-int mw_pyframes_walk(uintptr_t top_frame, mw_rawframe_t *out, int max, int *truncated);
+ * set when the walk stopped early (torn read, loop, depth cap). Reads go through rc, which the
+ * caller resets before each walk. */
+int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t top_frame, mw_rawframe_t *out, int max,
+                     int *truncated);
 
 /* Copies a str object as UTF-8 into buf (NUL-terminated, truncated to cap-1). Returns length
  * or -1. */

@@ -62,6 +62,7 @@ static mw_tstate_t *g_ts;
 static mw_pythread_t *g_threads;
 static mw_rawframe_t *g_raw;
 static mw_id_t *g_ids;
+static mw_readcache_t *g_rc;
 static uint64_t g_tick;
 static int64_t g_last_tick_ns;
 static uint64_t g_rng = 0x9E3779B97F4A7C15ULL;
@@ -158,9 +159,10 @@ static void sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
                                 : (uint64_t)(now - g_last_tick_ns);
 
     int truncated = 0;
-    int depth = th->top_frame ? mw_pyframes_walk(th->top_frame, g_raw, g_cfg.max_depth,
-                                                 &truncated)
-                              : 0;
+    mw_readcache_reset(g_rc);
+    int depth =
+        th->top_frame ? mw_pyframes_walk(g_rc, th->top_frame, g_raw, g_cfg.max_depth, &truncated)
+                      : 0;
     if (truncated) g_stats.truncated++;
     if (depth == 0 && dcpu == 0) return; /* idle thread without Python frames: nothing to say */
 
@@ -212,6 +214,12 @@ static void tick(void) {
     if ((g_tick & 63) == 0) ts_prune();
 }
 
+static void sampler_cpu_update(void) {
+    struct timespec cpu;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu);
+    g_stats.sampler_cpu_ns = (uint64_t)cpu.tv_sec * 1000000000ULL + (uint64_t)cpu.tv_nsec;
+}
+
 static uint64_t rng_next(void) {
     g_rng ^= g_rng << 13;
     g_rng ^= g_rng >> 7;
@@ -246,10 +254,9 @@ static void *sampler_main(void *arg) {
         int64_t took = mw_now_monotonic_ns() - t0;
         if ((uint64_t)took > g_stats.tick_ns_max) g_stats.tick_ns_max = (uint64_t)took;
         g_stats.ticks++;
-        struct timespec cpu;
-        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu);
-        g_stats.sampler_cpu_ns = (uint64_t)cpu.tv_sec * 1000000000ULL + (uint64_t)cpu.tv_nsec;
+        if ((g_stats.ticks & 15) == 0) sampler_cpu_update(); /* a system call: not every tick */
     }
+    sampler_cpu_update();
     atomic_store(&g_running, 0);
     return NULL;
 }
@@ -261,7 +268,9 @@ static int alloc_private(void) {
     if (!g_threads) g_threads = calloc(MW_MAX_THREADS, sizeof *g_threads);
     if (!g_raw) g_raw = calloc(MW_MAX_DEPTH_CAP, sizeof *g_raw);
     if (!g_ids) g_ids = calloc(MW_MAX_DEPTH_CAP, sizeof *g_ids);
-    return (g_ts && g_threads && g_raw && g_ids && mw_symcache_init() == 0) ? 0 : -1;
+    if (!g_rc) g_rc = malloc(sizeof *g_rc);
+    if (g_rc) mw_readcache_reset(g_rc);
+    return (g_ts && g_threads && g_raw && g_ids && g_rc && mw_symcache_init() == 0) ? 0 : -1;
 }
 
 int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {

@@ -1,0 +1,130 @@
+"""Stress target for the sampler (run in a child process by tests/test_stress.py).
+
+For --seconds: thread churn (hundreds of short threads a second), recursion 1,000 deep,
+generators and coroutines, and functions created with exec and discarded in a loop — all while
+the sampler runs at a high rate. Prints a JSON report of what the profile contains.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from middleware import MwTracker  # noqa: E402
+
+
+def churn(deadline: float, counter: list[int]) -> None:
+    def short_lived() -> None:
+        s = 0
+        for i in range(2000):
+            s += i
+
+    while time.monotonic() < deadline:
+        batch = [threading.Thread(target=short_lived, name="churn") for _ in range(20)]
+        for t in batch:
+            t.start()
+        for t in batch:
+            t.join()
+        counter[0] += len(batch)
+
+
+def deep_recursion(n: int) -> int:
+    if n == 0:
+        s = 0
+        for i in range(20000):
+            s += i
+        return s
+    return deep_recursion(n - 1) + 1
+
+
+def recurse_loop(deadline: float) -> None:
+    while time.monotonic() < deadline:
+        deep_recursion(950)
+        time.sleep(0.002)  # leave the GIL to the churner now and then
+
+
+def gen_numbers(n: int):
+    for i in range(n):
+        yield i * i
+
+
+def generators_loop(deadline: float) -> None:
+    while time.monotonic() < deadline:
+        sum(gen_numbers(20000))
+        time.sleep(0.002)
+
+
+async def coro_leaf(n: int) -> int:
+    s = 0
+    for i in range(n):
+        s += i
+        if i % 1000 == 0:
+            await asyncio.sleep(0)
+    return s
+
+
+async def coro_main(deadline: float) -> None:
+    while time.monotonic() < deadline:
+        await asyncio.gather(*(coro_leaf(5000) for _ in range(10)))
+        await asyncio.sleep(0.002)
+
+
+def coroutines_loop(deadline: float) -> None:
+    asyncio.run(coro_main(deadline))
+
+
+def exec_loop(deadline: float) -> None:
+    i = 0
+    while time.monotonic() < deadline:
+        ns: dict[str, object] = {}
+        exec(f"def exec_fn_{i % 50}(n):\n    s = 0\n    for k in range(n):\n        s += k\n    return s\n", ns)
+        ns[f"exec_fn_{i % 50}"](3000)  # type: ignore[operator]
+        del ns
+        i += 1
+        if i % 10 == 0:
+            time.sleep(0.002)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--rate", type=int, default=1000)
+    args = ap.parse_args()
+    tracker = MwTracker(sample_rate=args.rate, profile_dir=os.environ.get("MW_STRESS_DIR", "none"),
+                        upload_interval=1.0, instrument=False)
+    sys.setswitchinterval(0.001)
+    deadline = time.monotonic() + args.seconds
+    counter = [0]
+    workers = [
+        threading.Thread(target=churn, args=(deadline, counter), name="churner"),
+        threading.Thread(target=recurse_loop, args=(deadline,), name="recurser"),
+        threading.Thread(target=generators_loop, args=(deadline,), name="generators"),
+        threading.Thread(target=coroutines_loop, args=(deadline,), name="coroutines"),
+        threading.Thread(target=exec_loop, args=(deadline,), name="exec"),
+    ]
+    for w in workers:
+        w.start()
+    snapshots = 0
+    while any(w.is_alive() for w in workers):
+        time.sleep(0.5)
+        tracker.snapshot()  # concurrent readers of the native tables
+        snapshots += 1
+    for w in workers:
+        w.join()
+    p = tracker.snapshot()
+    functions = sorted({f.function for s in p.samples for f in s.stack})
+    max_depth = max((len(s.stack) for s in p.samples), default=0)
+    stats = tracker.stats()
+    tracker.stop()
+    json.dump({"threads_started": counter[0], "functions": functions, "max_depth": max_depth,
+               "stats": stats, "snapshots": snapshots, "seconds": args.seconds}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

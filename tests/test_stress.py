@@ -1,0 +1,38 @@
+"""Sampler stress test (issue 2): about a minute of thread churn, deep recursion, generators,
+coroutines and exec'd throw-away functions under a 1 kHz sampler. The target runs in a child
+process: a crash or hang is a test failure with the child's output, not a dead test run.
+
+MW_STRESS_SECONDS overrides the duration (make asan uses a shorter run)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.sampler, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_stress_no_crash_and_expected_functions():
+    seconds = float(os.environ.get("MW_STRESS_SECONDS", "60"))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "stress_target.py"), "--seconds", str(seconds)],
+        capture_output=True, text=True, timeout=seconds * 4 + 120, cwd=str(ROOT),
+    )
+    assert proc.returncode == 0, f"stress target died (rc={proc.returncode}):\n{proc.stderr[-6000:]}"
+    r = json.loads(proc.stdout)
+    fns = set(r["functions"])
+    for expected in ("deep_recursion", "gen_numbers", "coro_leaf", "churn.<locals>.short_lived"):
+        assert expected in fns, (expected, sorted(fns)[:50])
+    assert any(f.startswith("exec_fn_") for f in fns)
+    assert r["threads_started"] >= 100 * seconds * 0.5, r["threads_started"]  # hundreds a second
+    assert r["max_depth"] >= 950
+    st = r["stats"]
+    assert st["ticks"] > 0.5 * 1000 * seconds * 0.5
+    assert st["samples"] > st["ticks"]
+    # what was lost is counted, and little was lost
+    assert st["dropped"] <= 0.01 * st["samples"], st
