@@ -1,0 +1,164 @@
+/* mw_module_export — Python glue for the exporter (mw_export.h), the pprof encoder and the
+ * local store. Appended to middleware._native by csrc/mw_module.c (weak references):
+ *
+ *   export_start(interval_s, service, profile_dir=None, store_max_bytes=0, upload=False) -> bool
+ *       starts the exporter thread; False when it was already running (left as is).
+ *       store_max_bytes 0 = 256 MiB. ValueError for a bad interval, RuntimeError otherwise.
+ *   export_flush(timeout_s=10.0) -> bool     export now and wait (GIL released)
+ *   export_stop(timeout_s=10.0) -> bool      final export, join; False if it had to give up
+ *   export_running() -> bool
+ *   export_stats() -> dict[str, int]         the mw_export_stats_t fields
+ *   encode_snapshot() -> bytes               gzipped pprof of everything since start
+ *   _debug_fill_active(n, depth=16) -> int   TEST ONLY: n synthetic distinct stacks
+ *
+ * Every function runs with the GIL held and releases it around anything that waits or
+ * encodes. mw_export_module_init registers the fork handlers (once per process).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "mw_export.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+
+static PyObject *py_export_start(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"interval_s",      "service", "profile_dir",
+                             "store_max_bytes", "upload",  NULL};
+    mw_export_config_t c = {0};
+    unsigned long long max_bytes = 0;
+    int upload = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ds|zKp:export_start", kwlist, &c.interval_s,
+                                     &c.service, &c.profile_dir, &max_bytes, &upload))
+        return NULL;
+    if (!(c.interval_s >= MW_EXPORT_MIN_INTERVAL_S) || c.interval_s > 86400.0) {
+        PyErr_SetString(PyExc_ValueError, "interval_s must be within 0.01..86400 seconds");
+        return NULL;
+    }
+    c.store_max_bytes = max_bytes;
+    c.upload = upload;
+    const char *why = "unknown error";
+    int rc = mw_export_start(&c, &why); /* quick: copies the config, creates a thread */
+    if (rc < 0) {
+        PyErr_Format(PyExc_RuntimeError, "middleware: cannot start the exporter: %s", why);
+        return NULL;
+    }
+    return PyBool_FromLong(rc == 0);
+}
+
+static PyObject *py_export_flush(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"timeout_s", NULL};
+    double t = 10.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|d:export_flush", kwlist, &t)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS rc = mw_export_flush(t);
+    Py_END_ALLOW_THREADS return PyBool_FromLong(rc == 0);
+}
+
+static PyObject *py_export_stop(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"timeout_s", NULL};
+    double t = 10.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|d:export_stop", kwlist, &t)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS rc = mw_export_stop(t);
+    Py_END_ALLOW_THREADS return PyBool_FromLong(rc == 0);
+}
+
+static PyObject *py_export_running(PyObject *self, PyObject *noargs) {
+    return PyBool_FromLong(mw_export_running());
+}
+
+static int put_u(PyObject *d, const char *k, unsigned long long v) {
+    PyObject *o = PyLong_FromUnsignedLongLong(v);
+    int rc = o ? PyDict_SetItemString(d, k, o) : -1;
+    Py_XDECREF(o);
+    return rc;
+}
+
+static int put_i(PyObject *d, const char *k, long long v) {
+    PyObject *o = PyLong_FromLongLong(v);
+    int rc = o ? PyDict_SetItemString(d, k, o) : -1;
+    Py_XDECREF(o);
+    return rc;
+}
+
+static PyObject *py_export_stats(PyObject *self, PyObject *noargs) {
+    mw_export_stats_t s;
+    mw_export_get_stats(&s);
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    if (put_u(d, "exports", s.exports) || put_u(d, "export_errors", s.export_errors) ||
+        put_u(d, "encode_errors", s.encode_errors) || put_u(d, "store_errors", s.store_errors) ||
+        put_u(d, "upload_errors", s.upload_errors) ||
+        put_u(d, "uploads_submitted", s.uploads_submitted) ||
+        put_u(d, "empty_windows", s.empty_windows) ||
+        put_u(d, "rotate_failures", s.rotate_failures) || put_u(d, "flushes", s.flushes) ||
+        put_u(d, "bytes_written", s.bytes_written) || put_u(d, "files_written", s.files_written) ||
+        put_u(d, "files_evicted", s.files_evicted) || put_u(d, "bytes_evicted", s.bytes_evicted) ||
+        put_u(d, "store_dir_bytes", s.store_dir_bytes) ||
+        put_u(d, "labels_skipped", s.labels_skipped) ||
+        put_u(d, "last_export_cpu_ns", s.last_export_cpu_ns) ||
+        put_u(d, "max_export_cpu_ns", s.max_export_cpu_ns) ||
+        put_u(d, "total_export_cpu_ns", s.total_export_cpu_ns) ||
+        put_u(d, "last_export_wall_ns", s.last_export_wall_ns) ||
+        put_u(d, "max_export_wall_ns", s.max_export_wall_ns) ||
+        put_u(d, "last_stacks", s.last_stacks) || put_u(d, "last_locations", s.last_locations) ||
+        put_u(d, "last_functions", s.last_functions) ||
+        put_u(d, "last_raw_bytes", s.last_raw_bytes) ||
+        put_u(d, "last_gz_bytes", s.last_gz_bytes) ||
+        put_i(d, "last_window_start_ns", s.last_window_start_ns) ||
+        put_i(d, "last_window_end_ns", s.last_window_end_ns) ||
+        put_i(d, "last_errno", s.last_errno) || put_u(d, "running", s.running)) {
+        Py_DECREF(d);
+        return NULL;
+    }
+    return d;
+}
+
+static PyObject *py_encode_snapshot(PyObject *self, PyObject *noargs) {
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS rc = mw_export_encode_snapshot(&buf, &len);
+    Py_END_ALLOW_THREADS if (rc != 0) return PyErr_NoMemory();
+    PyObject *o = PyBytes_FromStringAndSize((const char *)buf, (Py_ssize_t)len);
+    free(buf);
+    return o;
+}
+
+static PyObject *py_debug_fill_active(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"n", "depth", NULL};
+    unsigned int n, depth = 16;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "I|I:_debug_fill_active", kwlist, &n, &depth))
+        return NULL;
+    uint32_t added;
+    Py_BEGIN_ALLOW_THREADS added = mw_export_debug_fill_active(n, depth);
+    Py_END_ALLOW_THREADS return PyLong_FromUnsignedLong(added);
+}
+
+PyMethodDef mw_export_methods[] = {
+    {"export_start", (PyCFunction)(void (*)(void))py_export_start, METH_VARARGS | METH_KEYWORDS,
+     "export_start(interval_s, service, profile_dir=None, store_max_bytes=0, upload=False) -> "
+     "bool: start the exporter thread (False: already running)"},
+    {"export_flush", (PyCFunction)(void (*)(void))py_export_flush, METH_VARARGS | METH_KEYWORDS,
+     "export_flush(timeout_s=10.0) -> bool: export the current window now and wait"},
+    {"export_stop", (PyCFunction)(void (*)(void))py_export_stop, METH_VARARGS | METH_KEYWORDS,
+     "export_stop(timeout_s=10.0) -> bool: final export and join (False: gave up waiting)"},
+    {"export_running", py_export_running, METH_NOARGS, "is the exporter thread running"},
+    {"export_stats", py_export_stats, METH_NOARGS, "counters of the exporter and the store"},
+    {"encode_snapshot", py_encode_snapshot, METH_NOARGS,
+     "encode_snapshot() -> bytes: gzipped pprof of everything collected since start"},
+    {"_debug_fill_active", (PyCFunction)(void (*)(void))py_debug_fill_active,
+     METH_VARARGS | METH_KEYWORDS,
+     "_debug_fill_active(n, depth=16) -> int: TEST ONLY, add n synthetic distinct stacks to "
+     "the active buffer"},
+    {NULL, NULL, 0, NULL},
+};
+
+static pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
+
+int mw_export_module_init(PyObject *m) {
+    (void)m;
+    pthread_once(&g_atfork_once, mw_export_register_atfork);
+    return 0;
+}
