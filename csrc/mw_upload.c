@@ -38,9 +38,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#ifdef MW_UPLOAD_PUSH_API
-#include "push.pb-c.h"
-#endif
+#include "push.pb-c.h" /* generated from proto/push.proto (csrc/gen) */
 
 #define MW_NS_PER_S 1000000000LL
 #define MW_MSG_SLOTS 16
@@ -741,7 +739,6 @@ static int mw_auth_once(mw_uploader_t *u, int64_t *retry_after_s) {
 
 /* ---------------------------------------------------------------- one upload */
 
-#ifdef MW_UPLOAD_PUSH_API
 /* Encodes a push.v1.PushRequest around the profile; malloc'd buffer or NULL. */
 static unsigned char *mw_push_body(mw_uploader_t *u, const mw_item_t *it, size_t *out_len) {
     size_t ntags = 0;
@@ -749,17 +746,17 @@ static unsigned char *mw_push_body(mw_uploader_t *u, const mw_item_t *it, size_t
         ntags += (*p == ',');
     ntags += (u->cfg.tags && *u->cfg.tags) ? 1 : 0;
     size_t nlabels = 2 + ntags;
-    Types__V1__LabelPair *labels = calloc(nlabels, sizeof(*labels));
-    Types__V1__LabelPair **lp = calloc(nlabels, sizeof(*lp));
+    Push__V1__LabelPair *labels = calloc(nlabels, sizeof(*labels));
+    Push__V1__LabelPair **lp = calloc(nlabels, sizeof(*lp));
     char *tags = u->cfg.tags ? strdup(u->cfg.tags) : NULL;
     unsigned char *buf = NULL;
     if (!labels || !lp || (u->cfg.tags && !tags)) goto out;
     size_t n = 0;
-    types__v1__label_pair__init(&labels[n]);
+    push__v1__label_pair__init(&labels[n]);
     labels[n].name = "__name__";
     labels[n].value = "process_cpu";
     n++;
-    types__v1__label_pair__init(&labels[n]);
+    push__v1__label_pair__init(&labels[n]);
     labels[n].name = "service_name";
     labels[n].value = u->cfg.app_name;
     n++;
@@ -769,7 +766,8 @@ static unsigned char *mw_push_body(mw_uploader_t *u, const mw_item_t *it, size_t
         char *eq = strchr(kv, '=');
         if (!eq) continue;
         *eq = '\0';
-        types__v1__label_pair__init(&labels[n]);
+        if (strcmp(kv, "__name__") == 0 || strcmp(kv, "service_name") == 0) continue;
+        push__v1__label_pair__init(&labels[n]);
         labels[n].name = kv;
         labels[n].value = eq + 1;
         n++;
@@ -808,7 +806,6 @@ out:
     free(tags);
     return buf;
 }
-#endif
 
 /* Sends one profile. Fills r; returns an MW_OUT_* outcome. */
 static int mw_send(mw_uploader_t *u, const mw_item_t *it, mw_resp_t *r) {
@@ -822,11 +819,9 @@ static int mw_send(mw_uploader_t *u, const mw_item_t *it, mw_resp_t *r) {
     r->cc = CURLE_OUT_OF_MEMORY;
 
     if (u->cfg.use_push_api) {
-#ifdef MW_UPLOAD_PUSH_API
         owned = mw_push_body(u, it, &len);
         body = owned;
         url = mw_fmt("%s/push.v1.PusherService/Push", u->base);
-#endif
     } else {
         url = mw_fmt("%s/ingest?name=%s&from=%lld&until=%lld&format=pprof&sampleRate=%d"
                      "&spyName=%s",
@@ -1076,9 +1071,6 @@ static int mw_start_locked(const mw_upload_config_t *in) {
         return mw_fail(u, "server_url contains {tenant} but there is no tenant_id nor api_key");
     if (c->tenant_id && !mw_valid_tenant(c->tenant_id))
         return mw_fail(u, "tenant_id must match [A-Za-z0-9_.-]{1,128}");
-#ifndef MW_UPLOAD_PUSH_API
-    if (c->use_push_api) return mw_fail(u, "this build has no push API support");
-#endif
 
     u->easy = curl_easy_init();
     u->multi = curl_multi_init();

@@ -7,6 +7,11 @@
  *   exporter thread --mw_upload_submit()--> queue (<= queue_max profiles, oldest dropped)
  *   uploader thread --libcurl--> POST {server}/ingest?name=...&from=...&until=...
  *                                (or {server}/push.v1.PusherService/Push with use_push_api)
+ *   With use_push_api the body is a push.v1.PushRequest (proto/push.proto, Content-Type
+ *   application/proto) holding one RawProfileSeries: labels __name__=process_cpu,
+ *   service_name=<app_name> and the static tags (except __name__/service_name), and one
+ *   RawSample{raw_profile = the submitted bytes, ID = a random UUID}. Headers, auth and status
+ *   handling are the same as for /ingest.
  *
  * Threads and locks
  *   - One uploader thread per process, started by mw_upload_start(), all signals blocked. It

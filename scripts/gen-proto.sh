@@ -27,3 +27,7 @@ echo "gen-proto: wrote middleware/_proto/profile_pb2.py{,i} ($("$GEN_VENV/bin/py
 command -v protoc-c >/dev/null || { echo "gen-proto: protoc-c missing (apt-get install protobuf-c-compiler)" >&2; exit 1; }
 protoc-c --c_out=csrc/gen -Iproto proto/profile.proto
 echo "gen-proto: wrote csrc/gen/profile.pb-c.{c,h} ($(protoc-c --version | head -1))"
+
+# push.v1.PushRequest for the native uploader's optional push API (csrc/mw_upload.c).
+protoc-c --c_out=csrc/gen -Iproto proto/push.proto
+echo "gen-proto: wrote csrc/gen/push.pb-c.{c,h} ($(protoc-c --version | head -1))"

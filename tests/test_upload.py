@@ -10,6 +10,7 @@ import dataclasses
 import gzip
 import logging
 import os
+import re
 import warnings
 
 import pytest
@@ -121,6 +122,35 @@ def test_tenant_placeholder_in_server_url_is_substituted(backend):
     native.upload_stop(1.0)
     [req] = backend.ingests()
     assert req.path == "/t/acme/profiling/ingest"
+
+
+def test_push_api_sends_a_push_request_our_server_decodes(backend):
+    from middleware.serve.ingest import IngestLimits, decode_push
+
+    # GIVEN the optional push API
+    start(backend.url, use_push_api=True, tags="env=prod,service_name=dup", tenant_id="acme", bearer_token="t")
+    bodies = [payload(5), payload(6)]
+    for i, b in enumerate(bodies):
+        native.upload_submit(b, 10 + i, 20 + i)
+    assert native.upload_flush(5.0) == 0
+    native.upload_stop(1.0)
+    # THEN each profile is one POST {server}/push.v1.PusherService/Push (application/proto)
+    reqs = backend.ingests()
+    assert [r.path for r in reqs] == ["/push.v1.PusherService/Push"] * 2
+    ids = set()
+    for req, body in zip(reqs, bodies):
+        assert req.raw_query == ""
+        assert req.headers["content-type"] == "application/proto"
+        assert req.headers["x-scope-orgid"] == "acme" and req.headers["authorization"] == "Bearer t"
+        # which the local `serve` (an independent PushRequest decoder) accepts
+        [up] = decode_push(req.headers, req.body, IngestLimits())
+        assert up.params.service == "svc"
+        assert up.params.tags == (("env", "prod"),)  # service_name is not repeated as a tag
+        assert up.pprof_plain == gzip.decompress(body) and up.tenant == "acme"
+        [uid] = re.findall(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", req.body)
+        ids.add(uid)
+    assert len(ids) == 2  # every RawSample has its own ID
+    assert stats()["uploaded"] == 2
 
 
 # ---------------------------------------------------------------- key -> tenant exchange
