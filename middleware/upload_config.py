@@ -3,8 +3,8 @@
 ``resolve_upload_config()`` returns an :class:`UploadConfig` whose fields are exactly the keyword
 arguments of ``middleware._native.upload_start``, so the tracker starts the uploader with::
 
-    cfg = resolve_upload_config(app_name=service_name, sample_rate=rate, tags=tags)
-    if cfg.enabled:
+    cfg = resolve_upload_config(service_name=service_name, sample_rate=rate, tags=tags)
+    if cfg is not None:  # None: no server URL and no API key, nowhere to upload
         _native.upload_start(**dataclasses.asdict(cfg))
 
 and calls :func:`drain_upload_messages` now and then to turn the uploader's pending messages
@@ -49,6 +49,7 @@ __all__ = [
     "resolve_service_name",
     "parse_tags",
     "drain_upload_messages",
+    "drain_messages",
     "DEFAULT_AUTH_URL",
     "DEFAULT_SERVER_URL_TEMPLATE",
 ]
@@ -278,6 +279,7 @@ def resolve_upload_config(
     *,
     server_url: str | None = None,
     app_name: str | None = None,
+    service_name: str | None = None,
     tags: str | Mapping[str, Any] | None = None,
     tenant_id: str | None = None,
     api_key: str | None = None,
@@ -295,11 +297,47 @@ def resolve_upload_config(
     backoff_initial_s: float | None = None,
     backoff_max_s: float | None = None,
     env: Mapping[str, str] | None = None,
-) -> UploadConfig:
+) -> UploadConfig | None:
     """Builds the upload settings from arguments, then ``env`` (default ``os.environ``), then defaults.
 
-    Never raises over a bad value: it logs a warning and uses the default.
+    Returns None when there is nowhere to upload (neither a server URL nor an API key): profiles
+    then stay local. ``service_name`` is an alias of ``app_name`` (``app_name`` wins). Never
+    raises over a bad value: it logs a warning and uses the default.
     """
+    cfg = _resolve(
+        server_url=server_url, app_name=app_name if app_name is not None else service_name, tags=tags,
+        tenant_id=tenant_id, api_key=api_key, auth_url=auth_url, bearer_token=bearer_token,
+        basic_user=basic_user, basic_password=basic_password, sample_rate=sample_rate, queue_max=queue_max,
+        use_push_api=use_push_api, spy_name=spy_name, user_agent=user_agent,
+        connect_timeout_s=connect_timeout_s, total_timeout_s=total_timeout_s,
+        backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s, env=env,
+    )
+    return cfg if cfg.enabled else None
+
+
+def _resolve(
+    *,
+    server_url: Any,
+    app_name: Any,
+    tags: Any,
+    tenant_id: Any,
+    api_key: Any,
+    auth_url: Any,
+    bearer_token: Any,
+    basic_user: Any,
+    basic_password: Any,
+    sample_rate: Any,
+    queue_max: Any,
+    use_push_api: Any,
+    spy_name: Any,
+    user_agent: Any,
+    connect_timeout_s: Any,
+    total_timeout_s: Any,
+    backoff_initial_s: Any,
+    backoff_max_s: Any,
+    env: Mapping[str, str] | None,
+) -> UploadConfig:
+    """All settings, resolved, whether or not there is a destination."""
     env = os.environ if env is None else env
     d = UploadConfig()
     key = _setting("api_key", api_key, env, ("MW_API_KEY",), _header_value, None, secret=True)
@@ -377,3 +415,7 @@ def drain_upload_messages(native: Any = None, limit: int = 100) -> int:
                    "middleware upload: %s", text)
         n += 1
     return n
+
+
+#: The name the tracker looks up.
+drain_messages = drain_upload_messages

@@ -9,8 +9,12 @@ import base64
 import dataclasses
 import gzip
 import logging
+import json
 import os
 import re
+import subprocess
+import sys
+import time
 import warnings
 
 import pytest
@@ -20,6 +24,7 @@ from middleware.upload_config import (
     DEFAULT_AUTH_URL,
     DEFAULT_SERVER_URL_TEMPLATE,
     UploadConfig,
+    drain_messages,
     drain_upload_messages,
     parse_tags,
     resolve_service_name,
@@ -151,6 +156,52 @@ def test_push_api_sends_a_push_request_our_server_decodes(backend):
         ids.add(uid)
     assert len(ids) == 2  # every RawSample has its own ID
     assert stats()["uploaded"] == 2
+
+
+E2E_SCRIPT = """
+import time, json
+from middleware.tracker import MwTracker
+from middleware import _native
+
+def upload_e2e_busy_loop(seconds):
+    end = time.perf_counter() + seconds
+    x = 0
+    while time.perf_counter() < end:
+        x += sum(i * i for i in range(200))
+    return x
+
+t = MwTracker(service_name="e2e svc", sample_rate=200, upload_interval=0.3, profile_dir="off")
+upload_e2e_busy_loop(1.2)
+t.stop()
+print(json.dumps(_native.upload_stats()))
+"""
+
+
+def test_tracker_exporter_and_uploader_end_to_end(backend, tmp_path):
+    # GIVEN an app profiled by MwTracker, configured through the environment only
+    env = dict(os.environ, MW_PROFILING_SERVER_URL=backend.url, MW_API_KEY="e2e-key", MW_AUTH_URL=backend.auth_url,
+               MW_CUSTOM_RESOURCE_ATTRIBUTES="env=e2e", MW_PROFILING_UPLOAD_INTERVAL="0.3")
+    for var in ("OTEL_SERVICE_NAME", "MW_SERVICE_NAME", "MW_PROFILING_TENANT_ID", "MW_PROFILING_PUSH_API"):
+        env.pop(var, None)
+    # WHEN it runs a CPU-bound function for a while and exits
+    proc = subprocess.run([sys.executable, "-c", E2E_SCRIPT], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    st = json.loads(proc.stdout.strip().splitlines()[-1])
+    # THEN the exporter's intervals reached the backend through the native uploader
+    reqs = backend.ingests()
+    assert len(reqs) >= 2 and st["uploaded"] == len(reqs) and st["auth_ok"] == 1
+    assert len(backend.auths()) == 1
+    frames = set()
+    for r in reqs:
+        assert r.path == "/ingest" and r.q("name") == "e2e-svc{env=e2e}" and r.q("sampleRate") == "200"
+        assert r.headers["x-scope-orgid"] == "tenant42" and "e2e-key" not in repr(r.headers)
+        assert int(r.q("from")) <= int(r.q("until"))
+        prof = parse_pprof(r.body)
+        frames |= {f.function for smp in prof.samples for f in smp.stack}
+    assert any("upload_e2e_busy_loop" in f for f in frames)
+    windows = sorted((int(r.q("from")), int(r.q("until"))) for r in reqs)
+    assert windows[0][0] >= int(time.time()) - 120
 
 
 # ---------------------------------------------------------------- key -> tenant exchange
@@ -381,25 +432,40 @@ def test_config_arguments_beat_environment_beat_defaults():
         "MW_PROFILING_SAMPLE_RATE": "250",
     }
     cfg = resolve_upload_config(env=env)
+    assert cfg is not None
     assert cfg.api_key == "envkey" and cfg.app_name == "otel-name"  # OTEL_SERVICE_NAME wins
     assert cfg.server_url == "http://env.example:4040" and cfg.auth_url == "http://auth.example/api"
     assert cfg.tags == "env=staging,team=core" and cfg.tenant_id == "t1" and cfg.bearer_token == "bt"
     assert (cfg.queue_max, cfg.use_push_api, cfg.sample_rate) == (32, True, 250)
     cfg = resolve_upload_config(env=env, app_name="arg", server_url="https://arg.example", queue_max=4,
                                 use_push_api=False, tags="a=1", sample_rate=99)
+    assert cfg is not None
     assert (cfg.app_name, cfg.server_url, cfg.queue_max, cfg.use_push_api, cfg.tags, cfg.sample_rate) == (
         "arg", "https://arg.example", 4, False, "a=1", 99)
-    cfg = resolve_upload_config(env={"MW_SERVICE_NAME": "only mw"})
-    assert cfg.app_name == "only-mw" and not cfg.enabled and cfg.auth_url == DEFAULT_AUTH_URL
+    cfg = resolve_upload_config(env={"MW_SERVICE_NAME": "only mw", "MW_PROFILING_SERVER_URL": "http://h"})
+    assert cfg is not None and cfg.app_name == "only-mw" and cfg.auth_url == DEFAULT_AUTH_URL
     assert resolve_service_name(None, {}) == f"python-service-{os.getpid()}"
+
+
+def test_the_tracker_call_shape_is_supported():
+    # middleware/tracker.py passes service_name=, sample_rate= and its tags dict
+    cfg = resolve_upload_config(service_name="tracked svc", sample_rate=123, tags={"env": "t"},
+                                env={"MW_PROFILING_SERVER_URL": "http://h"})
+    assert cfg is not None and (cfg.app_name, cfg.sample_rate, cfg.tags) == ("tracked-svc", 123, "env=t")
+
+
+def test_no_destination_means_no_upload_config():
+    # neither MW_PROFILING_SERVER_URL nor MW_API_KEY: profiles stay local, nothing to start
+    assert resolve_upload_config(env={"MW_SERVICE_NAME": "svc"}) is None
+    assert resolve_upload_config(env={"MW_PROFILING_TENANT_ID": "t", "MW_PROFILING_BEARER_TOKEN": "x"}) is None
 
 
 def test_api_key_without_server_url_uses_the_tenant_template():
     cfg = resolve_upload_config(env={"MW_API_KEY": "k"})
+    assert cfg is not None and cfg.enabled
     assert cfg.server_url == DEFAULT_SERVER_URL_TEMPLATE == "https://{tenant}.middleware.io/profiling"
-    assert cfg.enabled
     cfg = resolve_upload_config(env={"MW_API_KEY": "k", "MW_PROFILING_TENANT_ID": "acme"})
-    assert cfg.server_url == "https://acme.middleware.io/profiling"
+    assert cfg is not None and cfg.server_url == "https://acme.middleware.io/profiling"
 
 
 def test_bad_values_warn_and_fall_back_to_defaults(caplog):
@@ -410,19 +476,23 @@ def test_bad_values_warn_and_fall_back_to_defaults(caplog):
         "MW_PROFILING_TENANT_ID": "bad tenant!",
         "MW_PROFILING_SAMPLE_RATE": "0",
         "MW_AUTH_URL": "not a url",
-        "MW_API_KEY": "line1\nline2",
     }
     with caplog.at_level(logging.WARNING, logger="middleware.upload_config"):
-        cfg = resolve_upload_config(env=env, total_timeout_s=float("nan"), backoff_max_s=-1)
-    assert (cfg.queue_max, cfg.use_push_api, cfg.server_url, cfg.tenant_id, cfg.sample_rate) == (16, False, None, None, 100)
-    assert (cfg.auth_url, cfg.api_key, cfg.total_timeout_s, cfg.backoff_max_s) == (DEFAULT_AUTH_URL, None, 30.0, 60.0)
-    text = caplog.text
+        cfg = resolve_upload_config(env=env, api_key="good-key", total_timeout_s=float("nan"), backoff_max_s=-1)
+    assert cfg is not None
+    assert (cfg.queue_max, cfg.use_push_api, cfg.tenant_id, cfg.sample_rate) == (16, False, None, 100)
+    assert cfg.server_url == DEFAULT_SERVER_URL_TEMPLATE  # the bad URL is ignored, the key's default used
+    assert (cfg.auth_url, cfg.total_timeout_s, cfg.backoff_max_s) == (DEFAULT_AUTH_URL, 30.0, 60.0)
     for var in ("MW_PROFILING_UPLOAD_QUEUE", "MW_PROFILING_PUSH_API", "MW_PROFILING_SERVER_URL",
-                "MW_PROFILING_TENANT_ID", "MW_PROFILING_SAMPLE_RATE", "MW_AUTH_URL", "MW_API_KEY",
+                "MW_PROFILING_TENANT_ID", "MW_PROFILING_SAMPLE_RATE", "MW_AUTH_URL",
                 "total_timeout_s", "backoff_max_s"):
-        assert var in text, var
-    assert "line1" not in text  # secrets are not echoed
-    assert cfg.enabled is False
+        assert var in caplog.text, var
+
+
+def test_a_bad_api_key_is_dropped_without_echoing_it(caplog):
+    with caplog.at_level(logging.WARNING, logger="middleware.upload_config"):
+        assert resolve_upload_config(env={"MW_API_KEY": "line1\nline2"}) is None
+    assert "MW_API_KEY" in caplog.text and "line1" not in caplog.text
 
 
 def test_tags_are_validated_per_protocol(caplog):
@@ -446,6 +516,7 @@ def test_basic_auth_needs_a_user_and_bearer_wins(caplog):
 
 def test_repr_hides_secrets():
     r = repr(resolve_upload_config(env={}, server_url="http://h", api_key="KEY1", bearer_token="TOK1"))
+    assert r != "None"
     r += repr(resolve_upload_config(env={}, server_url="http://h", basic_user="u", basic_password="PW1"))
     assert "KEY1" not in r and "TOK1" not in r and "PW1" not in r
     assert "api_key='***'" in r and "basic_password='***'" in r and "basic_user='u'" in r
@@ -460,7 +531,7 @@ def test_drain_upload_messages_logs_each_message_once(backend, caplog):
     native.upload_stop(1.0)
     with caplog.at_level(logging.INFO, logger="middleware.upload_config"):
         assert drain_upload_messages(native) == 1
-        assert drain_upload_messages(native) == 0
+        assert drain_messages() == 0  # the tracker's name for it, on middleware._native
     [rec] = caplog.records
     assert rec.levelno == logging.ERROR and "401" in rec.getMessage() and "bad token" in rec.getMessage()
 
