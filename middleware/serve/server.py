@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -117,6 +118,14 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256
     allow_reuse_address = True
     app: "ServeApp"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client going away mid-request (browser closed, agent killed) is routine.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
+            log.debug("connection from %s ended: %r", client_address, exc)
+        else:
+            log.exception("error while serving %s", client_address)
 
 
 class _Server6(_Server):

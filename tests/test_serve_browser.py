@@ -1,0 +1,292 @@
+"""The serve web page in headless Chromium (selenium + Debian's chromium-driver).
+
+GIVEN a serve holding two services; in "shop" calc3 (called by with_bottleneck, endpoint
+/calculate2) runs only in the second half of a 10-minute window
+WHEN a user picks the service and the second half as time range
+THEN calc3 is at the top of the table; clicking it highlights calc3's frames in the flame graph
+and the sandwich lists with_bottleneck as its caller; dragging across the timeline, picking a
+label, sorting and the comparison view (two time ranges, two label values) show what the data
+says. Screenshots go to artifacts/ (gitignored).
+"""
+from __future__ import annotations
+
+import http.client
+import os
+import urllib.parse
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from middleware.pprof import encode_pprof
+from middleware.profile import Profile
+from middleware.serve import ServeApp, ServeConfig
+from support.profiles import build, sample
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM = os.environ.get("MW_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("MW_CHROMEDRIVER", "/usr/bin/chromedriver")
+T0 = 1_763_719_200
+N = 60
+MS = 1_000_000
+
+
+def upload_profile(i: int) -> Profile:
+    samples = [
+        sample("main;handle;efficient;calc1", 30 * MS, 30 * MS, {"endpoint": "/calculate1", "thread_name": "w1"}),
+        sample("main;handle;efficient;calc2", 20 * MS, 20 * MS, {"endpoint": "/calculate1", "thread_name": "w1"}),
+        sample("main;handle;with_bottleneck;calc1", 10 * MS, 10 * MS, {"endpoint": "/calculate2", "thread_name": "w2"}),
+    ]
+    if i >= N // 2:
+        samples.append(sample("main;handle;with_bottleneck;calc3", 300 * MS, 300 * MS, {"endpoint": "/calculate2", "thread_name": "w2"}))
+    return build(samples, time_nanos=(T0 + 10 * i) * 10**9)
+
+
+PROFILES = [upload_profile(i) for i in range(N)]
+
+
+def expected_cpu(start: float, end: float, endpoint: str | None = None) -> int:
+    total = 0
+    for i, p in enumerate(PROFILES):
+        if start <= T0 + 10 * i < end:
+            total += (p.filter(labels={"endpoint": endpoint}) if endpoint else p).total("cpu")
+    return total
+
+
+def local(ts: float) -> str:
+    """What a user types: local time, like the browser (same machine, same TZ)."""
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
+    app = ServeApp(ServeConfig(port=0, data_dir=str(tmp_path_factory.mktemp("serve-browser")))).start()
+    try:
+        for i, p in enumerate(PROFILES):
+            _push(app, "shop{env=prod}", p, T0 + 10 * i)
+        _push(app, "another", build([sample("main;idle", 5 * MS)], time_nanos=T0 * 10**9), T0)
+        yield app
+    finally:
+        app.stop()
+
+
+def _push(app: ServeApp, name: str, p: Profile, start: int) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=30)
+    q = urllib.parse.urlencode({"name": name, "from": start, "until": start + 10, "format": "pprof"})
+    conn.request("POST", f"/ingest?{q}", encode_pprof(p), {"Content-Type": "binary/octet-stream"})
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[Any]:
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("chromium / chromedriver not installed")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1500,1000", "--disable-extensions", "--no-first-run"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    drv.set_page_load_timeout(20)
+    ARTIFACTS.mkdir(exist_ok=True)
+    yield drv
+    drv.quit()
+
+
+class Page:
+    def __init__(self, drv: Any, app: ServeApp) -> None:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import Select, WebDriverWait
+
+        self.d, self.app, self.By, self.Select, self.Wait = drv, app, By, Select, WebDriverWait
+
+    def open(self) -> None:
+        self.d.get(self.app.url + "/")
+        self.wait_ready(0)
+
+    def seq(self) -> int:
+        return int(self.d.execute_script("return Number(document.body.getAttribute('data-seq') || 0)"))
+
+    def wait_ready(self, after: int) -> None:
+        def ready(d: Any) -> bool:
+            state = d.execute_script("return document.body.getAttribute('data-state')")
+            assert state != "error", self.el("status").text
+            return state == "ready" and self.seq() > after
+
+        self.Wait(self.d, 15).until(ready)
+
+    def el(self, id_: str) -> Any:
+        return self.d.find_element(self.By.ID, id_)
+
+    def css(self, selector: str) -> list[Any]:
+        return self.d.find_elements(self.By.CSS_SELECTOR, selector)
+
+    def select(self, id_: str, value: str) -> None:
+        before = self.seq()
+        self.Select(self.el(id_)).select_by_value(value)
+        self.wait_ready(before)
+
+    def set_range(self, start: float, end: float) -> None:
+        before = self.seq()
+        for id_, ts in (("range-from", start), ("range-until", end)):
+            box = self.el(id_)
+            box.clear()
+            box.send_keys(local(ts))
+        self.el("apply-range").click()
+        self.wait_ready(before)
+
+    def table_functions(self) -> list[str]:
+        return [tr.get_attribute("data-function") for tr in self.css("#mw-table tbody tr[data-fid]")]
+
+    def shown_total(self) -> int:
+        return int(self.d.execute_script("return window.mwViewer.data.total"))
+
+    def shot(self, name: str) -> None:
+        self.d.save_screenshot(str(ARTIFACTS / f"serve-{name}.png"))
+
+    def console_errors(self) -> list[str]:
+        return [e["message"] for e in self.d.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_pick_service_and_range_then_inspect_calc3(driver: Any, server: ServeApp) -> None:
+    page = Page(driver, server)
+    page.open()
+    # GIVEN the page, which starts on the first service ("another")
+    assert page.el("service").get_attribute("value") == "another"
+    # WHEN the user picks "shop" and the second half of the window
+    page.select("service", "shop")
+    page.set_range(T0 + 300, T0 + 600)
+    # THEN the shown profile is exactly the second half's uploads
+    assert page.shown_total() == expected_cpu(T0 + 300, T0 + 600) > 0
+    bars = page.css("#timeline rect.tl-bar")
+    assert bars and sum(int(b.get_attribute("data-value")) for b in bars) == expected_cpu(T0 + 300, T0 + 600)
+    # AND calc3 is at the top of the table
+    assert page.table_functions()[0] == "calc3"
+    page.shot("table")
+    # WHEN the user clicks calc3's row
+    page.css('#mw-table tbody tr[data-function="calc3"]')[0].click()
+    # THEN calc3's frames, and only those, are highlighted in the flame graph
+    highlighted = page.css("#mw-flame .mw-frame.highlighted")
+    assert highlighted and {f.get_attribute("data-function") for f in highlighted} == {"calc3"}
+    assert len(page.css('#mw-flame .mw-frame[data-function="calc3"]')) == len(highlighted)
+    assert page.css('#mw-table tbody tr.selected')[0].get_attribute("data-function") == "calc3"
+    # AND the sandwich shows calc3 with its caller with_bottleneck (and no callees)
+    assert page.el("mw-sandwich-title").text == "calc3"
+    callers = [tr.get_attribute("data-function") for tr in page.css("#mw-callers tr[data-function]")]
+    assert callers == ["with_bottleneck"]
+    assert not page.css("#mw-callees tr[data-function]")
+    page.shot("calc3-selected")
+    # sorting by Total puts the root frames first
+    page.css('#mw-table th[data-sort="total"]')[0].click()
+    assert set(page.table_functions()[:2]) == {"main", "handle"}  # both 100%
+    assert page.console_errors() == []
+
+
+def test_timeline_drag_selects_a_range(driver: Any, server: ServeApp) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    page = Page(driver, server)
+    page.open()
+    page.select("service", "shop")
+    page.set_range(T0, T0 + 600)
+    svg = page.el("timeline")
+    width = svg.size["width"]
+    before = page.seq()
+    # drag from 5% to 45% of the timeline (the first half, without calc3)
+    ActionChains(driver).move_to_element_with_offset(svg, int(-width * 0.45), 0).click_and_hold().move_by_offset(
+        int(width * 0.40), 0
+    ).release().perform()
+    page.wait_ready(before)
+    start, end = driver.execute_script("return [mwServe.state.from, mwServe.state.until]")
+    assert T0 + 10 <= start <= T0 + 50 and T0 + 250 <= end <= T0 + 290, (start - T0, end - T0)
+    assert page.el("range-from").get_attribute("value") == local(start)
+    assert page.el("range-preset").get_attribute("value") == "custom"
+    assert page.shown_total() == expected_cpu(start, end) > 0
+    assert "calc3" not in page.table_functions()
+    page.shot("timeline-drag")
+
+
+def test_label_selection(driver: Any, server: ServeApp) -> None:
+    page = Page(driver, server)
+    page.open()
+    page.select("service", "shop")
+    page.set_range(T0, T0 + 600)
+    Select = page.Select
+    Select(page.el("label-name")).select_by_value("endpoint")
+    page.Wait(driver, 10).until(lambda d: page.el("label-value").is_enabled())
+    values = [o.get_attribute("value") for o in Select(page.el("label-value")).options]
+    assert values == ["", "/calculate1", "/calculate2"]
+    page.select("label-value", "/calculate1")
+    assert page.el("selector").text == '{endpoint="/calculate1"}'
+    assert page.shown_total() == expected_cpu(T0, T0 + 600, "/calculate1")
+    assert set(page.table_functions()) == {"main", "handle", "efficient", "calc1", "calc2"}
+    page.select("label-value", "/calculate2")
+    assert page.table_functions()[0] == "calc3"
+    assert page.shown_total() == expected_cpu(T0, T0 + 600, "/calculate2")
+
+
+def test_compare_time_ranges_and_label_values(driver: Any, server: ServeApp) -> None:
+    page = Page(driver, server)
+    page.open()
+    page.select("service", "shop")
+    page.set_range(T0, T0 + 600)
+    page.el("tab-compare").click()
+    assert page.el("view-compare").is_displayed() and not page.el("view-profile").is_displayed()
+    assert page.el("cmp-time").is_displayed() and not page.el("cmp-label").is_displayed()
+    # two time ranges: first half (A) vs second half (B)
+    for id_, ts in (("cmp-a-from", T0), ("cmp-a-until", T0 + 300), ("cmp-b-from", T0 + 300), ("cmp-b-until", T0 + 600)):
+        box = page.el(id_)
+        box.clear()
+        box.send_keys(local(ts))
+    page.el("cmp-run").click()
+    page.Wait(driver, 10).until(lambda d: page.css("#diff-table tbody tr"))
+    rows = page.css("#diff-table tbody tr")
+    top = rows[0]
+    assert top.get_attribute("data-function") == "calc3" and float(top.get_attribute("data-change")) > 0
+    assert "grew" in top.get_attribute("class")
+    share_b = 100.0 * 300 / (300 + 60)  # calc3's Self share in the second half
+    assert float(top.get_attribute("data-change")) == pytest.approx(share_b, abs=0.01)
+    assert page.css("#timeline rect.tl-cmp-a") and page.css("#timeline rect.tl-cmp-b")
+    page.shot("compare-ranges")
+    # two label values of endpoint over the whole window
+    page.Select(page.el("cmp-mode")).select_by_value("label")
+    assert page.el("cmp-label").is_displayed() and not page.el("cmp-time").is_displayed()
+    assert not page.css("#timeline rect.tl-cmp-a")  # time ranges are not drawn in label mode
+    page.Select(page.el("cmp-label-name")).select_by_value("endpoint")
+    page.Wait(driver, 10).until(lambda d: len(page.Select(page.el("cmp-value-b")).options) == 2)
+    page.Select(page.el("cmp-value-a")).select_by_value("/calculate1")
+    page.Select(page.el("cmp-value-b")).select_by_value("/calculate2")
+    page.el("cmp-run").click()
+    page.Wait(driver, 10).until(
+        lambda d: "/calculate2" in page.el("cmp-summary").text
+    )
+    changes = {tr.get_attribute("data-function"): float(tr.get_attribute("data-change")) for tr in page.css("#diff-table tbody tr")}
+    assert max(changes, key=lambda k: changes[k]) == "calc3"
+    assert changes["calc2"] < 0 and changes["calc3"] > 0
+    page.shot("compare-labels")
+    assert page.console_errors() == []
+
+
+def test_reload_keeps_the_selection_in_the_url(driver: Any, server: ServeApp) -> None:
+    page = Page(driver, server)
+    page.open()
+    page.select("service", "shop")
+    page.set_range(T0 + 300, T0 + 600)
+    url = driver.current_url
+    assert "service=shop" in url
+    driver.get("about:blank")
+    driver.get(url)
+    page.wait_ready(0)
+    assert page.el("service").get_attribute("value") == "shop"
+    assert page.shown_total() == expected_cpu(T0 + 300, T0 + 600)
