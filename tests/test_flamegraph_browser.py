@@ -206,3 +206,20 @@ def test_page_data_matches_profile_to_json(driver, page):
     embedded = driver.execute_script("return JSON.parse(document.getElementById('mw-profile-data').textContent)")
     expected = json.loads(json.dumps(profile_to_json(calc_profile(), "cpu", "calc workload")))
     assert embedded == expected
+
+
+def test_deep_stacks_are_drawn_to_the_leaf(driver, tmp_path):
+    """Stacks deeper than one JSON chunk (CHUNK_DEPTH levels) continue through `deep`."""
+    from middleware.profile import Frame, Sample
+    from middleware.reporters.flamegraph import CHUNK_DEPTH, render_html
+    from support.profiles import build
+
+    depth = CHUNK_DEPTH * 2 + 30
+    stack = tuple(Frame(f"level{i}", "deep.py", i + 1) for i in range(depth))
+    page = tmp_path / "deep.html"
+    page.write_text(render_html(build([Sample(stack, (1, 10_000_000, 10_000_000))]), title="deep"))
+    _open(driver, page)
+    frames = driver.execute_script("return window.mwViewer.frames()")
+    assert len(frames) == depth + 1
+    leaf = max(frames, key=lambda f: f["depth"])
+    assert (leaf["function"], leaf["depth"], leaf["width"]) == (f"level{depth - 1}", depth, 1.0)

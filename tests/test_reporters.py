@@ -213,14 +213,30 @@ def test_diff_shares():
 # ------------------------------------------------------------------------------------------------
 # flame graph JSON and page
 # ------------------------------------------------------------------------------------------------
-def _check_tree(node, functions, depth=0):
-    children = node["c"]
-    assert node["v"] == node["s"] + sum(c["v"] for c in children)
-    assert [c["v"] for c in children] == sorted((c["v"] for c in children), reverse=True)
-    assert len({c["f"] for c in children}) == len(children), "siblings merged by function"
-    for c in children:
-        assert 0 <= c["f"] < len(functions)
-        _check_tree(c, functions, depth + 1)
+def _children(node, data):
+    return data["deep"][node["cx"]] if "cx" in node else node["c"]
+
+
+def _check_tree(data, exact=True):
+    """Walk tree + deep chunks; check the sums and orders. Returns (node count, max depth)."""
+    functions, count, max_depth = data["functions"], 0, 0
+    todo = [(data["tree"], 0)]
+    while todo:
+        node, depth = todo.pop()
+        count, max_depth = count + 1, max(max_depth, depth)
+        children = _children(node, data)
+        if "cx" in node:
+            assert node["c"] == []
+        if exact:
+            assert node["v"] == node["s"] + sum(c["v"] for c in children)
+        else:
+            assert node["v"] >= node["s"] + sum(c["v"] for c in children)
+        assert [c["v"] for c in children] == sorted((c["v"] for c in children), reverse=True)
+        assert len({c["f"] for c in children}) == len(children), "siblings merged by function"
+        for c in children:
+            assert 0 <= c["f"] < len(functions)
+            todo.append((c, depth + 1))
+    return count, max_depth
 
 
 def test_profile_to_json_tree_and_table():
@@ -231,7 +247,8 @@ def test_profile_to_json_tree_and_table():
     fns = data["functions"]
     assert [f["name"] for f in fns] == [r.function for r in function_table(p, "cpu")]
     assert fns[0] == {"name": "calc3", "file": "app.py", "line": 40, "self": 600 * MS, "total": 640 * MS}
-    _check_tree(data["tree"], fns)
+    assert _check_tree(data) == (8, 6)  # all, main, handle, calc1, calc2, calc3, helper x2
+    assert data["pruned_nodes"] == 0 and data["deep"] == []
     # follow main > handle > calc1 > calc2 > calc3
     node = data["tree"]
     for name in ["main", "handle", "calc1", "calc2", "calc3"]:
@@ -247,6 +264,35 @@ def test_profile_to_json_tree_and_table():
         todo.extend(n["c"])
     assert all(selfs.get(i, 0) == f["self"] for i, f in enumerate(fns))
     assert profile_to_json(p, "wall")["total"] == p.total("wall")
+
+
+def test_profile_to_json_deep_stacks_serialize_on_every_python():
+    """CPython 3.10-3.12's json.dumps recurses: 1500 nested levels would raise RecursionError."""
+    depth = 1500
+    deep = build([Sample(tuple(Frame(f"f{i}", "d.py", i) for i in range(depth)), (1, 10 * MS, 10 * MS)),
+                  Sample(tuple(Frame(f"f{i}", "d.py", i) for i in range(700)), (1, 5 * MS, 5 * MS))])
+    data = json.loads(json.dumps(profile_to_json(deep)))
+    assert len(data["deep"]) >= depth // 128
+    assert _check_tree(data) == (depth + 1, depth)
+    # the node for f699 has both self (5ms) and a child (f700)
+    node = data["tree"]
+    for _ in range(700):
+        (node,) = _children(node, data)
+    assert data["functions"][node["f"]]["name"] == "f699" and (node["v"], node["s"]) == (15 * MS, 5 * MS)
+
+
+def test_profile_to_json_prunes_smallest_paths_beyond_max_nodes():
+    p = build([sample(f"main;mid{i % 7};leaf{i}", (i + 1) * MS) for i in range(200)])
+    full = profile_to_json(p, max_nodes=None)
+    assert _check_tree(full)[0] == 1 + 1 + 7 + 200 and full["pruned_nodes"] == 0
+    small = profile_to_json(p, max_nodes=50)
+    count, _ = _check_tree(small, exact=False)
+    assert count <= 50 and small["pruned_nodes"] == 209 - count
+    kept_leaves = sorted(small["functions"][c["f"]]["name"] for m in small["tree"]["c"][0]["c"] for c in m["c"])
+    assert kept_leaves == sorted(f"leaf{i}" for i in range(200 - len(kept_leaves), 200)), "the biggest paths stay"
+    assert all(c["v"] >= small["pruned_below"] for m in small["tree"]["c"][0]["c"] for c in m["c"])
+    assert small["functions"] == full["functions"], "the table stays complete"
+    assert small["total"] == full["total"] == small["tree"]["v"]
 
 
 class _Collect(HTMLParser):

@@ -49,6 +49,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (CommandError, ProfileError, Func
 
 _RELATIVE = re.compile(r"^(?:now)?\s*-\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_FRACTION = re.compile(r"(?<=:\d\d)\.(\d+)")
 
 
 def parse_time(text: str, now: float | None = None) -> int:
@@ -70,6 +71,8 @@ def parse_time(text: str, now: float | None = None) -> int:
     except ValueError:
         pass
     iso = t[:-1] + "+00:00" if t.endswith(("Z", "z")) else t
+    # Python 3.10's fromisoformat wants 3 or 6 fraction digits: pad/truncate to 6
+    iso = _FRACTION.sub(lambda m: "." + (m.group(1) + "000000")[:6], iso)
     try:
         dt = datetime.fromisoformat(iso)
     except ValueError:

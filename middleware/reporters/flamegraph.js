@@ -8,7 +8,8 @@
  *
  * `data` is the JSON built by middleware/reporters/flamegraph.py:profile_to_json (version 1):
  * {value: {name, unit}, total, functions: [{name, file, line, self, total}],
- *  tree: {f: -1, v, s, c: [{f, v, s, c}]}} where `f` indexes `functions`.
+ *  tree: {f: -1, v, s, c: [{f, v, s, c}]}, deep: [[node...]]} where `f` indexes `functions`
+ * and a node with `cx` has its children in deep[cx] (keeps the JSON nesting shallow).
  *
  * How it draws: every tree node gets an offset (`start`, in value units) inside its parent, so
  * a node's box spans [start, start + v) of the total. Zooming on a node rescales its subtree to
@@ -199,7 +200,7 @@
       if (node.f >= 0) byFunction[node.f].push(node);
       if (node.depth > this.maxDepth) this.maxDepth = node.depth;
       var offset = item[3];
-      var kids = n.c || [];
+      var kids = n.cx !== undefined && data.deep ? data.deep[n.cx] || [] : n.c || [];
       var pending = [];
       for (var i = 0; i < kids.length; i++) {
         pending.push([kids[i], node, item[2] + 1, offset]);
@@ -213,7 +214,11 @@
     var v = data.value || {};
     this.summary.textContent =
       (v.name || "value") + ": total " + formatValue(this.total, this.unit) +
-      " in " + (data.samples || 0) + " stacks, " + this.functions.length + " functions";
+      " in " + (data.samples || 0) + " stacks, " + this.functions.length + " functions" +
+      (data.pruned_nodes
+        ? " (" + data.pruned_nodes + " call paths under " + formatValue(data.pruned_below, this.unit) +
+          " each are not drawn; the table is complete)"
+        : "");
     this.renderFlame();
     this.renderTable();
     this.renderSandwich();
