@@ -11,7 +11,6 @@
  * The per-version differences (see the table in ARCHITECTURE.md) are confined to the small
  * #if blocks below.
  */
-#define _GNU_SOURCE
 #define Py_BUILD_CORE 1
 #include <Python.h>
 #if PY_VERSION_HEX < 0x030B0000
@@ -55,6 +54,11 @@ int mw_pyframes_linetable_format(void) {
 }
 
 int mw_pyframes_init(void) {
+    if (mw_saferead_init() != 0) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "middleware: process_vm_readv is not usable (seccomp or kernel policy)");
+        return -1;
+    }
     g_interp = PyInterpreterState_Main();
     if (g_interp == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "middleware: no main interpreter");

@@ -48,7 +48,8 @@ def test_blocked_threads_get_wall_but_no_cpu(workload):
         assert t["cpu_samples"] <= 2, (name, t)
         assert t["wall_ns"] > 0.6 * elapsed_ns, (name, t["wall_ns"], elapsed_ns)
     spin = threads["spinner"]
-    assert spin["cpu_ns"] > 0.5 * 2e9, spin
+    truth = r["extra"]["spinner_cpu_s"] * 1e9
+    assert abs(spin["cpu_ns"] - truth) <= 0.15 * truth, (spin["cpu_ns"], truth)
     # the sleeper's wall time is in time.sleep's caller
     assert max(threads["sleeper"]["self_wall"], key=threads["sleeper"]["self_wall"].get) == "run_blocked.<locals>.sleeper"
 
@@ -69,6 +70,7 @@ def test_threads_created_after_start_are_sampled(workload):
     # short threads are sampled (not every one lives across a tick), named as Python named them
     assert len(seen) >= 50 and len(seen) >= 0.2 * len(started), (len(seen), len(started))
     assert seen <= started
+    # a thread can be sampled in its first instructions, before it has registered its name
     unnamed = {n for n in names if n.startswith("thread-")}
-    assert len(unnamed) <= 0.02 * len(seen) + 1, unnamed
+    assert len(unnamed) <= 0.1 * len(seen) + 1, unnamed
     assert r["stats"]["dropped"] == 0

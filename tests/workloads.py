@@ -132,10 +132,14 @@ def run_blocked(args: argparse.Namespace, tracker: MwTracker) -> dict[str, Any]:
     def waiter() -> None:
         lock.acquire()
 
+    spun = [0.0]
+
     def spinner() -> None:
         deadline = time.monotonic() + args.seconds
+        t0 = time.thread_time()
         while time.monotonic() < deadline:
             calc1(50)
+        spun[0] = time.thread_time() - t0
 
     threads = [threading.Thread(target=f, name=f.__name__) for f in (sleeper, waiter, spinner)]
     t0 = time.monotonic()
@@ -145,7 +149,7 @@ def run_blocked(args: argparse.Namespace, tracker: MwTracker) -> dict[str, Any]:
     threads[2].join()
     lock.release()
     threads[1].join()
-    return {"elapsed_s": time.monotonic() - t0}
+    return {"elapsed_s": time.monotonic() - t0, "spinner_cpu_s": spun[0]}
 
 
 def run_total(args: argparse.Namespace, tracker: MwTracker) -> dict[str, Any]:
@@ -184,7 +188,7 @@ WORKLOADS = {"calc": run_calc, "lines": run_lines, "blocked": run_blocked, "tota
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("workload", choices=sorted(WORKLOADS))
-    ap.add_argument("--rate", type=int, default=100)
+    ap.add_argument("--rate", type=int, default=None, help="sampling rate (default: configuration)")
     ap.add_argument("--seconds", type=float, default=3.0)
     args = ap.parse_args()
     tracker = MwTracker(sample_rate=args.rate, profile_dir="none", instrument=False)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs the sampler-core tests on every CPython among the given versions found under pyenv, each
+# with its own venv (.venv-X.Y) and its own build of the extension (the .so carries the version
+# tag, so builds for several versions live side by side), and prints which ran and passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
+declare -A result
+ran=()
+for v in "$@"; do
+  py=$(ls -d "$root"/versions/"$v".*/bin/python"$v" 2>/dev/null | sort -V | tail -1)
+  if [ -z "$py" ]; then result[$v]="absent"; continue; fi
+  ran+=("$v")
+  echo "=== matrix: CPython $v ($py)"
+  if ! scripts/bootstrap.sh "$py" >/dev/null; then result[$v]="FAILED (venv)"; continue; fi
+  venv=.venv-$v
+  if ! "$venv/bin/python" setup.py -q build_ext --inplace >/tmp/mw-matrix-build-$v.log 2>&1; then
+    cat /tmp/mw-matrix-build-$v.log; result[$v]="FAILED (build)"; continue
+  fi
+  if MW_STRESS_SECONDS=${MW_MATRIX_STRESS_SECONDS:-15} "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+       -m sampler tests/test_sampler.py tests/test_stress.py tests/test_config.py; then
+    result[$v]="passed"
+  else
+    result[$v]="FAILED"
+  fi
+done
+echo
+echo "matrix summary (sampler tests per CPython):"
+rc=0
+for v in "$@"; do
+  echo "  CPython $v: ${result[$v]}"
+  case "${result[$v]}" in passed|absent) ;; *) rc=1 ;; esac
+done
+[ ${#ran[@]} -gt 0 ] || { echo "no CPython among $* found"; rc=1; }
+exit $rc

@@ -1,0 +1,54 @@
+"""Configuration: arguments beat environment variables beat defaults; bad values warn and fall
+back to the default, never raise."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from middleware.config import default_profile_dir, resolve_config
+
+pytestmark = pytest.mark.sampler
+
+
+def test_defaults():
+    c = resolve_config({})
+    assert c.sample_rate == 100 and c.upload_interval == 10.0 and c.enabled
+    assert c.profile_dir == default_profile_dir()
+    assert c.service_name.startswith("python-service-")
+
+
+def test_env_then_args():
+    env = {"MW_PROFILING_SAMPLE_RATE": "250", "MW_SERVICE_NAME": "my svc", "MW_PROFILE_DIR": "/tmp/x"}
+    c = resolve_config(env)
+    assert c.sample_rate == 250 and c.service_name == "my-svc" and c.profile_dir == "/tmp/x"
+    c = resolve_config(env, sample_rate=50, service_name="arg")
+    assert c.sample_rate == 50 and c.service_name == "arg"
+    assert resolve_config({**env, "OTEL_SERVICE_NAME": "otel"}).service_name == "otel"
+
+
+@pytest.mark.parametrize("bad", ["fast", "0", "-5", "100000", ""])
+def test_bad_sample_rate_warns_and_uses_default(bad, caplog):
+    with caplog.at_level(logging.WARNING, logger="middleware.config"):
+        c = resolve_config({"MW_PROFILING_SAMPLE_RATE": bad})
+    assert c.sample_rate == 100
+    if bad:
+        assert any("MW_PROFILING_SAMPLE_RATE" in r.getMessage() for r in caplog.records)
+
+
+def test_bad_values_never_raise(caplog):
+    env = {"MW_PROFILING_UPLOAD_INTERVAL": "soon", "MW_APM_COLLECT_PROFILING": "maybe",
+           "MW_PROFILING_MAX_DEPTH": "1e9", "MW_CUSTOM_RESOURCE_ATTRIBUTES": "a=1,broken,b=2"}
+    c = resolve_config(env)
+    assert c.upload_interval == 10.0 and c.enabled is True and c.max_depth == 1024
+    assert c.tags == {"a": "1", "b": "2"}
+
+
+def test_profiling_can_be_disabled():
+    assert resolve_config({"MW_APM_COLLECT_PROFILING": "false"}).enabled is False
+    assert resolve_config({}, profile_dir="none").profile_dir is None
+
+
+def test_tracker_with_bad_rate_env_still_profiles(workload):
+    r = workload("lines", "--seconds", "1", env={"MW_PROFILING_SAMPLE_RATE": "not-a-number"})
+    assert r["stats"]["ticks"] > 50  # the default 100 Hz, not a crash
