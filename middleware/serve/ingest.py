@@ -120,6 +120,8 @@ class Upload:
     end_ns: int
     tenant: str = ""
     type_ids: list[tuple[str, int]] = field(default_factory=list)
+    #: The upload's own gzip bytes of ``pprof_plain`` when it came gzipped (stored as they are).
+    pprof_gz: bytes | None = None
 
 
 def parse_name(name: str) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -228,8 +230,14 @@ def gunzip_capped(data: bytes, cap: int) -> bytes:
     Raises :class:`IngestError`: 400 for corrupt or truncated gzip, 413 when the output would
     exceed ``cap`` (inflation stops there; the bomb is never expanded in memory).
     """
+    return _gunzip(data, cap)[0]
+
+
+def _gunzip(data: bytes, cap: int) -> tuple[bytes, bool]:
+    """:func:`gunzip_capped`, plus whether ``data`` was nothing but gzip members (no padding)."""
     out = bytearray()
     rest = data
+    clean = True
     while rest:
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
         try:
@@ -245,8 +253,9 @@ def gunzip_capped(data: bytes, cap: int) -> bytes:
         if rest and not rest.startswith(_GZIP_MAGIC):
             if rest.strip(b"\x00"):
                 raise IngestError(400, "corrupt gzip body: trailing garbage after the gzip stream")
+            clean = False
             break
-    return bytes(out)
+    return bytes(out), clean
 
 
 def _multipart_profile(body: bytes, content_type: str) -> bytes:
@@ -284,6 +293,13 @@ def extract_pprof_bytes(
     Handles ``Content-Encoding: gzip``, a multipart body with a ``profile`` field, and a gzipped
     or plain pprof payload. Raises :class:`IngestError`.
     """
+    return _extract(body, content_type, content_encoding, limits)[0]
+
+
+def _extract(
+    body: bytes, content_type: str, content_encoding: str, limits: IngestLimits
+) -> tuple[bytes, bytes | None]:
+    """``(plain pprof, the payload's own gzip bytes when they can be stored as they are)``."""
     encoding = content_encoding.strip().lower()
     if encoding in ("gzip", "x-gzip"):
         body = gunzip_capped(body, limits.max_decompressed_bytes)
@@ -295,13 +311,16 @@ def extract_pprof_bytes(
         body = _multipart_profile(body, content_type)
     if not body:
         raise IngestError(400, "empty profile body")
+    original: bytes | None = None
     if body.startswith(_GZIP_MAGIC):
-        body = gunzip_capped(body, limits.max_decompressed_bytes)
+        plain, clean = _gunzip(body, limits.max_decompressed_bytes)
+        original = body if clean else None
+        body = plain
     if len(body) > limits.max_decompressed_bytes:
         raise IngestError(413, f"decompressed profile exceeds the limit of {limits.max_decompressed_bytes} bytes")
     if not body:
         raise IngestError(400, "empty profile after decompression")
-    return body
+    return body, original
 
 
 def profile_type_ids(profile: "Profile") -> list[tuple[str, int]]:
@@ -369,19 +388,20 @@ def _check_profile(profile: "Profile") -> None:
     if not profile.sample_types:
         raise IngestError(400, "not a usable pprof profile: it has no sample types")
     width = len(profile.sample_types)
+    checked: set[tuple[tuple[str, str], ...]] = set()
     for sample in profile.samples:
         if len(sample.values) != width:
             raise IngestError(
                 400, f"bad pprof profile: a sample has {len(sample.values)} values for {width} sample types"
             )
-        seen: set[str] = set()
-        for key, _ in sample.labels:
-            if key in EXCLUDED_SAMPLE_LABELS:
-                continue
+        if sample.labels in checked:
+            continue
+        checked.add(sample.labels)
+        keys = [key for key, _ in sample.labels if key not in EXCLUDED_SAMPLE_LABELS]
+        for key in keys:
             _check_label_name(key, where="a pprof sample label")
-            if key in seen:
-                raise IngestError(400, f"bad pprof profile: sample label {key!r} repeated in one sample")
-            seen.add(key)
+        if len(set(keys)) != len(keys):
+            raise IngestError(400, f"bad pprof profile: a sample label is repeated in one sample ({sorted(keys)})")
 
 
 def decode_upload(
@@ -399,7 +419,7 @@ def decode_upload(
     from middleware.pprof import ProfileError, parse_pprof
 
     params = parse_ingest_query(query)
-    plain = extract_pprof_bytes(
+    plain, original_gz = _extract(
         body,
         headers.get("content-type", "") or "",
         headers.get("content-encoding", "") or "",
@@ -412,7 +432,9 @@ def decode_upload(
     except Exception as exc:  # a parser bug must not become a 500 for the uploader
         log.warning("pprof parser failed on an upload: %r", exc)
         raise IngestError(400, f"not a pprof profile: {exc}") from None
-    return upload_from_profile(params, profile, plain, tenant=headers.get("x-scope-orgid", "") or "", now_ns=now_ns)
+    upload = upload_from_profile(params, profile, plain, tenant=headers.get("x-scope-orgid", "") or "", now_ns=now_ns)
+    upload.pprof_gz = original_gz
+    return upload
 
 
 def upload_from_profile(

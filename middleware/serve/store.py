@@ -332,7 +332,7 @@ class Store:
     def _insert_upload(self, conn: sqlite3.Connection, upload: Upload, source: str) -> int:
         params = upload.params
         profile = upload.profile
-        blob = gzip.compress(upload.pprof_plain, compresslevel=6, mtime=0)
+        blob = upload.pprof_gz or gzip.compress(upload.pprof_plain, compresslevel=6, mtime=0)
         cur = conn.execute(
             "INSERT INTO profiles(service, tags, start_ns, end_ns, received_ns, sample_rate, spy_name, "
             "tenant, source, sample_types, pprof_gz) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
