@@ -99,7 +99,7 @@ def add_time_options(parser: argparse.ArgumentParser, prefix: str = "", what: st
     dest = prefix.replace("-", "_")
     parser.add_argument(
         f"--{prefix}from", dest=f"{dest}time_from", metavar="TIME",
-        help=f"only profiles{what} whose window ends after TIME (Unix seconds, ISO 8601, now, -15m)",
+        help=f"only profiles{what} whose window ends after TIME (Unix seconds, ISO 8601 - UTC unless a zone is given -, now, -15m)",
     )
     parser.add_argument(
         f"--{prefix}until", dest=f"{dest}time_until", metavar="TIME",
@@ -170,7 +170,8 @@ def _fmt_time(ns: int) -> str:
 def describe(profile: Profile, name: str, unit: str) -> str:
     """One header line: sample type, total, sample count and time window."""
     total = profile.total(name)
-    text = f"{name} ({unit}): total {format_value(total, unit)} in {len(profile.samples)} stacks"
+    n = len(profile.samples)
+    text = f"{name} ({unit}): total {format_value(total, unit)} in {n} stack{'' if n == 1 else 's'}"
     if profile.time_nanos:
         end = profile.time_nanos + profile.duration_nanos
         text += f", {_fmt_time(profile.time_nanos)} .. {_fmt_time(end)} UTC"
