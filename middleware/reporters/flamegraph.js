@@ -499,7 +499,7 @@
       ? ids.length + " matching function" + (ids.length === 1 ? "" : "s") + ": " +
         formatPercent(share, this.total) + " of total (" + formatValue(share, this.unit) + ")"
       : "";
-    if (this.searchBox.value !== text && document.activeElement !== this.searchBox) this.searchBox.value = text;
+    if (this.searchBox.value.trim() !== text) this.searchBox.value = text;
   };
 
   /* Drawn frames, for tests and tools: [{function, file, depth, left, width, highlighted, match}]
