@@ -46,9 +46,13 @@ static PyObject *mw_py_upload_start(PyObject *self, PyObject *args, PyObject *kw
                                      &c.connect_timeout_s, &c.total_timeout_s, &c.backoff_initial_s,
                                      &c.backoff_max_s, &c.use_push_api))
         return NULL;
-    /* Quick (copies the config, creates one thread); keeps the GIL so the borrowed strings stay
-     * valid. */
-    if (mw_upload_start(&c) != 0) {
+    /* The strings belong to the argument objects, which the caller keeps alive for the whole
+     * call, so the GIL can be released: start waits for the lifecycle lock, which a concurrent
+     * upload_stop holds while it joins the thread. */
+    PyThreadState *ts = PyEval_SaveThread();
+    int rc = mw_upload_start(&c);
+    PyEval_RestoreThread(ts);
+    if (rc != 0) {
         PyErr_Format(PyExc_RuntimeError, "upload_start: %s", mw_upload_start_error());
         return NULL;
     }
