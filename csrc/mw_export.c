@@ -224,9 +224,15 @@ int mw_export_start(const mw_export_config_t *cfg, const char **why) {
 
     /* After fork: give back the buffer the parent's exporter held, so rotation works. */
     pthread_mutex_lock(&g_hold);
+    int recovered = g_orphan != NULL;
     if (g_orphan) mw_collect_recycle(g_orphan);
     g_orphan = NULL;
     pthread_mutex_unlock(&g_hold);
+    if (recovered) {
+        pthread_mutex_lock(&g_lock);
+        g_stats.fork_buffers_recovered++;
+        pthread_mutex_unlock(&g_lock);
+    }
 
     char *dir = NULL;
     if (cfg->profile_dir && cfg->profile_dir[0] && !(dir = strdup(cfg->profile_dir))) {

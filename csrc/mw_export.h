@@ -49,10 +49,11 @@ typedef struct mw_export_stats {
     uint64_t store_errors;  /* of which writing the file */
     uint64_t upload_errors; /* of which mw_upload_submit refused (uploader not running...) */
     uint64_t uploads_submitted;
-    uint64_t empty_windows;   /* windows without stacks (nothing written nor submitted) */
-    uint64_t rotate_failures; /* no buffer to rotate (sampler never started) */
-    uint64_t flushes;         /* flush requests served */
-    uint64_t bytes_written;   /* to the store */
+    uint64_t empty_windows;          /* windows without stacks (nothing written nor submitted) */
+    uint64_t rotate_failures;        /* no buffer to rotate (sampler never started) */
+    uint64_t flushes;                /* flush requests served */
+    uint64_t fork_buffers_recovered; /* window buffers taken back after a fork (child) */
+    uint64_t bytes_written;          /* to the store */
     uint64_t files_written;
     uint64_t files_evicted; /* removed by the store's size bound (by this process) */
     uint64_t bytes_evicted;

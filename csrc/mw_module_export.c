@@ -93,6 +93,7 @@ static PyObject *py_export_stats(PyObject *self, PyObject *noargs) {
         put_u(d, "uploads_submitted", s.uploads_submitted) ||
         put_u(d, "empty_windows", s.empty_windows) ||
         put_u(d, "rotate_failures", s.rotate_failures) || put_u(d, "flushes", s.flushes) ||
+        put_u(d, "fork_buffers_recovered", s.fork_buffers_recovered) ||
         put_u(d, "bytes_written", s.bytes_written) || put_u(d, "files_written", s.files_written) ||
         put_u(d, "files_evicted", s.files_evicted) || put_u(d, "bytes_evicted", s.bytes_evicted) ||
         put_u(d, "store_dir_bytes", s.store_dir_bytes) ||
