@@ -10,9 +10,9 @@ starts inside it) and a label selector in Prometheus style::
 the empty string). Labels are the upload's static tags, the pprof's string sample labels and
 ``service_name``.
 
-Totals (timeline) come straight from the SQLite index. Merged profiles parse the blobs of the
-matching profiles (cached by the store), keep the samples whose labels match, and sum values per
-stack for the selected sample type. The JSON of a merged profile is the reporters' model
+Everything is answered from the SQLite index (:mod:`middleware.serve.store`): the selector picks
+the service's matching series, the timeline sums ``totals`` per time bucket, and a merged
+profile sums ``samples`` per stack for the selected profile type. The JSON of a merged profile is the reporters' model
 (:func:`middleware.reporters.flamegraph.profile_to_json`: flame tree + function table), so the
 page and ``python -m middleware flamegraph`` render the same thing.
 """
@@ -24,11 +24,11 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-from middleware.profile import Frame, Profile, Sample
-from middleware.serve.ingest import EXCLUDED_SAMPLE_LABELS, SERVICE_LABEL, profile_type_ids, series_labels
-from middleware.serve.store import Store
+from middleware.profile import Profile, Sample
+from middleware.serve.ingest import EXCLUDED_SAMPLE_LABELS, SERVICE_LABEL
+from middleware.serve.store import Store, labels_from_key
 
 log = logging.getLogger(__name__)
 
@@ -214,17 +214,20 @@ class QueryEngine:
     ) -> list[Labels]:
         if from_ns is None and until_ns is None and type_id is None:
             return [s.labels for s in self.store.series(service)]
+        if type_id:
+            stype = self.store.stype_id(service, type_id)
+            stypes = [stype] if stype is not None else []
+        else:
+            stypes = [self.store.stype_id(service, t) for t in self.store.profile_types(service)]
+        if not stypes:
+            return []
         sql = (
             "SELECT DISTINCT s.labels FROM totals t JOIN series s ON s.id = t.series_id "
-            "WHERE t.service = ? AND t.start_ns >= ? AND t.start_ns < ?"
+            f"WHERE t.stype IN ({','.join(str(int(x)) for x in stypes if x is not None)}) "
+            "AND t.start_ns >= ? AND t.start_ns < ?"
         )
-        args: list[Any] = [service, from_ns or 0, until_ns if until_ns is not None else 2**62]
-        if type_id:
-            sql += " AND t.type_id = ?"
-            args.append(type_id)
-        from middleware.serve.store import _labels_from_key
-
-        return [_labels_from_key(r[0]) for r in self.store.query(sql, tuple(args))]
+        args = (from_ns or 0, until_ns if until_ns is not None else 2**62)
+        return [labels_from_key(r[0]) for r in self.store.query(sql, args)]
 
     def label_names(
         self, service: str, from_ns: int | None = None, until_ns: int | None = None, type_id: str | None = None
@@ -265,15 +268,21 @@ class QueryEngine:
                 out.append(row.id)
         return out
 
-    def _series_clause(self, sel: Selection) -> tuple[str, tuple[Any, ...]] | None:
-        ids = self._matching_series(sel)
-        if ids is None:
-            return "", ()
-        if not ids:
+    def _where(self, sel: Selection) -> tuple[str, tuple[Any, ...]] | None:
+        """SQL condition (on ``totals`` or ``samples``) for the selection; None: matches nothing."""
+        stype = self.store.stype_id(sel.service, sel.type_id)
+        if stype is None:
             return None
-        # Series ids are integers from our own table: inlining them is safe and avoids the
-        # bound-parameter limit for services with many series.
-        return f" AND series_id IN ({','.join(str(int(i)) for i in ids)})", ()
+        where = "stype = ? AND start_ns >= ? AND start_ns < ?"
+        args: tuple[Any, ...] = (stype, sel.from_ns, sel.until_ns)
+        ids = self._matching_series(sel)
+        if ids is not None:
+            if not ids:
+                return None
+            # Series ids are integers from our own table: inlining them is safe and avoids the
+            # bound-parameter limit for services with many series.
+            where += f" AND series_id IN ({','.join(str(int(i)) for i in ids)})"
+        return where, args
 
     # -- timeline ----------------------------------------------------------------------------
 
@@ -289,13 +298,13 @@ class QueryEngine:
         buckets = int(math.ceil(span_ns / step_ns))
         values = [0] * buckets
         profiles = [0] * buckets
-        clause = self._series_clause(sel)
+        clause = self._where(sel)
         if clause is not None:
-            extra, extra_args = clause
+            where, args = clause
             rows = self.store.query(
                 "SELECT (start_ns - ?) / ? AS b, SUM(total), COUNT(DISTINCT profile_id) FROM totals "
-                "WHERE service = ? AND type_id = ? AND start_ns >= ? AND start_ns < ?" + extra + " GROUP BY b",
-                (sel.from_ns, step_ns, sel.service, sel.type_id, sel.from_ns, sel.until_ns) + extra_args,
+                f"WHERE {where} GROUP BY b",
+                (sel.from_ns, step_ns) + args,
             )
             for b, total, count in rows:
                 if 0 <= b < buckets:
@@ -314,45 +323,33 @@ class QueryEngine:
 
     # -- merged profiles ---------------------------------------------------------------------
 
-    def _profile_ids(self, sel: Selection) -> list[int]:
-        clause = self._series_clause(sel)
-        if clause is None:
-            return []
-        extra, extra_args = clause
-        rows = self.store.query(
-            "SELECT DISTINCT profile_id FROM totals WHERE service = ? AND type_id = ? AND start_ns >= ? "
-            "AND start_ns < ?" + extra + " ORDER BY profile_id",
-            (sel.service, sel.type_id, sel.from_ns, sel.until_ns) + extra_args,
-        )
-        return [int(r[0]) for r in rows]
-
     def merge(self, sel: Selection) -> MergeResult:
-        """The selection merged into one profile with the single selected sample type."""
+        """The selection merged into one profile with the single selected sample type (one
+        indexed ``GROUP BY stack_id`` over the stored samples; see :mod:`middleware.serve.store`)."""
         _, stype, sunit, ptype, punit = sel.type_id.split(":")
-        acc: dict[tuple[Frame, ...], int] = {}
-        rows = self.store.profile_rows(self._profile_ids(sel))
-        period = 0
-        for row in rows:
-            profile = self.store.load_profile(row.id)
-            index = next((i for t, i in profile_type_ids(profile) if t == sel.type_id), None)
-            if index is None:  # pragma: no cover - the index says it has the type
-                continue
-            period = period or profile.period
-            matches = _sample_matcher(sel, row.tags)
-            for sample in profile.samples:
-                value = sample.values[index]
-                if value and matches(sample.labels):
-                    acc[sample.stack] = acc.get(sample.stack, 0) + value
+        clause = self._where(sel)
+        values: list[tuple[Any, ...]] = []
+        profiles, period = 0, 0
+        if clause is not None:
+            where, args = clause
+            values = self.store.query(f"SELECT stack_id, SUM(value) FROM samples WHERE {where} GROUP BY stack_id", args)
+            row = self.store.query(
+                "SELECT COUNT(*), MAX(p.period) FROM profiles p WHERE p.id IN "
+                f"(SELECT DISTINCT profile_id FROM totals WHERE {where})",
+                args,
+            )[0]
+            profiles, period = int(row[0]), int(row[1] or 0)
+        stacks = self.store.stacks([int(r[0]) for r in values])
         merged = Profile(
             sample_types=[(stype, sunit)],
-            samples=[Sample(stack, (value,), ()) for stack, value in acc.items()],
+            samples=[Sample(stacks[int(stack_id)], (int(value),), ()) for stack_id, value in values if value],
             time_nanos=sel.from_ns,
             duration_nanos=sel.until_ns - sel.from_ns,
             period_type=(ptype, punit),
             period=period,
             default_sample_type=stype,
         )
-        return MergeResult(merged, len(rows))
+        return MergeResult(merged, profiles)
 
     def profile_json(self, sel: Selection) -> dict[str, Any]:
         """The merged profile as the reporters' JSON, plus what was selected."""
@@ -429,23 +426,6 @@ class QueryEngine:
                 for r in rows
             ],
         }
-
-
-def _sample_matcher(sel: Selection, tags: Labels) -> Callable[[Labels], bool]:
-    """A predicate on a sample's labels for ``sel`` (cached per distinct label tuple)."""
-    if not sel.matchers:
-        return lambda labels: True
-    cache: dict[Labels, bool] = {}
-
-    def matches(labels: Labels) -> bool:
-        hit = cache.get(labels)
-        if hit is None:
-            have = dict(series_labels(tags, labels))
-            have[SERVICE_LABEL] = sel.service
-            hit = cache[labels] = all(m.matches(have) for m in sel.matchers)
-        return hit
-
-    return matches
 
 
 def _nice_step(ns: float) -> int:
