@@ -70,7 +70,9 @@ def test_threads_created_after_start_are_sampled(workload):
     # short threads are sampled (not every one lives across a tick), named as Python named them
     assert len(seen) >= 50 and len(seen) >= 0.2 * len(started), (len(seen), len(started))
     assert seen <= started
-    # a thread can be sampled in its first instructions, before it has registered its name
-    unnamed = {n for n in names if n.startswith("thread-")}
+    # a thread can be sampled while it starts up (waiting for the GIL, no Python frame yet),
+    # before it has registered its name; once it runs its target it is named
+    threads = r["profile"]["threads"]
+    unnamed = {n for n in names if n.startswith("thread-") and "calc1" in threads[n]["self_cpu"]}
     assert len(unnamed) <= 0.1 * len(seen) + 1, unnamed
     assert r["stats"]["dropped"] == 0
