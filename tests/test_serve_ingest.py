@@ -12,6 +12,7 @@ import base64
 import gzip
 import http.client
 import json
+import math
 import os
 import subprocess
 import sys
@@ -203,6 +204,25 @@ def test_content_encoding_gzip_and_chunked(serve: Client) -> None:
     assert totals(serve, "ce", CPU) == totals(serve, "chunked", CPU) == profile.total("cpu")
 
 
+def test_same_profile_twice_is_stored_once(serve: Client) -> None:
+    # GIVEN an upload that was stored (say the agent's answer got lost and it retries)
+    profile = calc_profile()
+    assert push(serve, profile, name="retry")[0] == 200
+    first_id = serve.app.store.query("SELECT id FROM profiles")[0][0]
+    # WHEN exactly the same upload arrives again, also as plain pprof
+    status, body = push(serve, profile, name="retry")
+    assert status == 200 and json.loads(body)["id"] == first_id
+    assert push(serve, profile, name="retry", gz=False)[0] == 200
+    # THEN it is counted once
+    assert serve.app.store.profile_count() == 1
+    assert totals(serve, "retry", CPU) == profile.total("cpu")
+    # while the same bytes for another window or another service are new profiles
+    assert push(serve, profile, name="retry", start_s=T0_S + 10)[0] == 200
+    assert push(serve, profile, name="retry2")[0] == 200
+    assert serve.app.store.profile_count() == 3
+    assert totals(serve, "retry", CPU) == 2 * profile.total("cpu")
+
+
 def test_push_api(serve: Client) -> None:
     from middleware.serve.ingest import _push_request_class
 
@@ -342,7 +362,7 @@ def test_token_required_when_configured(tmp_path: Path) -> None:
         assert app.store.profile_count() == 0
         assert c.ingest(GOOD, {"Authorization": f"Bearer {TOKEN}"}, **OK_PARAMS)[0] == 200
         basic = base64.b64encode(f"anyone:{TOKEN}".encode()).decode()
-        assert c.ingest(GOOD, {"Authorization": f"Basic {basic}"}, **OK_PARAMS)[0] == 200
+        assert c.ingest(encode_pprof(calc_profile(scale=2)), {"Authorization": f"Basic {basic}"}, **OK_PARAMS)[0] == 200
         assert app.store.profile_count() == 2
         # the page and the query API need it too; the health check does not
         status, _, headers = c.request("GET", "/api/services")
@@ -497,7 +517,7 @@ def test_native_uploader_end_to_end(serve: Client, tmp_path: Path) -> None:
     # THEN serve holds exactly that profile, under the uploader's name and tags
     services = serve.get("/api/services")["services"]
     assert [s["name"] for s in services] == ["e2e-svc"]
-    window = {"from": services[0]["first"], "until": services[0]["last"] + 1}
+    window = {"from": math.floor(services[0]["first"]), "until": math.ceil(services[0]["last"]) + 1}
     for type_id, index in profile_type_ids(pushed):
         value = pushed.sample_types[index][0]
         got = serve.get("/api/profile", service="e2e-svc", type=type_id, selector='{env="e2e"}', **window)
@@ -507,3 +527,62 @@ def test_native_uploader_end_to_end(serve: Client, tmp_path: Path) -> None:
     assert top["name"] == "calc3", doc["data"]["functions"][:3]
     sw = serve.get("/api/sandwich", service="e2e-svc", type=CPU, function="calc3", **window)
     assert sw["callers"][0]["function"] == "with_bottleneck"
+
+
+AGENT_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    sys.path.insert(0, sys.argv[1])
+    from calculations import efficient, with_bottleneck
+    from middleware.tracker import MwTracker
+
+    tracker = MwTracker(service_name="agent-e2e", sample_rate=200, upload_interval=0.5, instrument=False)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        with tracker.labels(endpoint="/calculate2"):
+            with_bottleneck(7)
+        with tracker.labels(endpoint="/calculate1"):
+            efficient(150)
+    tracker.stop()
+    print(json.dumps(tracker.stats()))
+    """
+)
+
+
+def test_agent_uploads_equal_its_local_store(serve: Client, tmp_path: Path) -> None:
+    from middleware import _native
+    from middleware.serve.importer import Importer
+
+    if not hasattr(_native, "export_start"):
+        pytest.skip("the native exporter is not built")
+    # GIVEN an app profiled by MwTracker that both uploads to serve and writes its local store
+    store_dir = tmp_path / "store"
+    script = tmp_path / "agent.py"
+    script.write_text(AGENT_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MW_", "OTEL_"))}
+    env.update(MW_PROFILING_SERVER_URL=serve.app.url, MW_PROFILE_DIR=str(store_dir), MW_CUSTOM_RESOURCE_ATTRIBUTES="env=e2e")
+    proc = subprocess.run([sys.executable, str(script), str(ROOT / "demo_flask")], capture_output=True, text=True,
+                          timeout=90, cwd=str(ROOT), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    files = sorted(store_dir.glob("agent-e2e-*.pb.gz"))
+    assert files and stats["upload_uploaded"] == len(files), (stats, files)
+    written = [parse_pprof(f.read_bytes()) for f in files]
+    # THEN serve holds the same profiles the agent wrote to disk: same count, same totals per type
+    info = {s["name"]: s for s in serve.get("/api/services")["services"]}["agent-e2e"]
+    assert info["profiles"] == len(files)
+    window = {"from": math.floor(info["first"]), "until": math.ceil(info["last"]) + 1}
+    for type_id, index in profile_type_ids(written[0]):
+        want = sum(p.total(p.sample_types[index][0]) for p in written)
+        assert serve.get("/api/profile", service="agent-e2e", type=type_id, **window)["total"] == want, type_id
+    assert serve.get("/api/label_values", service="agent-e2e", name="env")["values"] == ["e2e"]
+    # AND the bottleneck shows: calc3 on top for /calculate2, called by with_bottleneck
+    doc = serve.get("/api/profile", service="agent-e2e", type=CPU, selector='{endpoint="/calculate2"}', **window)
+    assert doc["data"]["functions"][0]["name"] == "calc3"
+    sw = serve.get("/api/sandwich", service="agent-e2e", type=CPU, function="calc3", **window)
+    assert [c["function"] for c in sw["callers"]] == ["with_bottleneck"]
+    # AND importing that local store into the same serve adds nothing (the same profiles)
+    cpu_before = serve.get("/api/profile", service="agent-e2e", type=CPU, **window)["total"]
+    assert Importer(serve.app.store, [str(store_dir)]).scan_once() == len(files)  # recorded as imported...
+    assert serve.app.store.profile_count() == len(files)  # ...but stored once
+    assert serve.get("/api/profile", service="agent-e2e", type=CPU, **window)["total"] == cpu_before

@@ -28,6 +28,7 @@ and ``wall:wall:nanoseconds:wall:nanoseconds`` for the profiles the agent writes
 from __future__ import annotations
 
 import email.parser
+import hashlib
 import email.policy
 import json
 import logging
@@ -122,6 +123,11 @@ class Upload:
     type_ids: list[tuple[str, int]] = field(default_factory=list)
     #: The upload's own gzip bytes of ``pprof_plain`` when it came gzipped (stored as they are).
     pprof_gz: bytes | None = None
+
+    @property
+    def digest(self) -> bytes:
+        """Content digest of the plain pprof (with service and window: the duplicate key)."""
+        return hashlib.blake2b(self.pprof_plain, digest_size=16).digest()
 
 
 def parse_name(name: str) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -465,17 +471,30 @@ def upload_from_profile(
 
 
 def _window(params: IngestParams, profile: "Profile", now_ns: int | None) -> tuple[int, int]:
-    """The profile's time window: ``from``/``until`` when given, else the pprof's own, else now."""
+    """The profile's time window: ``from``/``until`` when given, else the pprof's own, else now.
+
+    ``from``/``until`` have one-second resolution (agents send ``floor(start)`` and
+    ``ceil(end)``); when the pprof's own nanosecond window agrees with them to the second, the
+    precise one is kept, so the same profile has the same window whether it was uploaded or
+    imported from the local store (which makes duplicates recognisable, see the store).
+    """
+    second = 1_000_000_000
+    pprof_start = int(profile.time_nanos) if profile.time_nanos > 0 else None
+    pprof_end = pprof_start + int(profile.duration_nanos) if pprof_start and profile.duration_nanos > 0 else None
     if params.from_ns is not None:
         start = params.from_ns
-    elif profile.time_nanos > 0:
-        start = int(profile.time_nanos)
+        if pprof_start is not None and params.from_ns <= pprof_start < params.from_ns + second:
+            start = pprof_start
+    elif pprof_start is not None:
+        start = pprof_start
     else:
         start = now_ns if now_ns is not None else time.time_ns()
     if params.until_ns is not None:
         end = params.until_ns
-    elif profile.duration_nanos > 0:
-        end = start + int(profile.duration_nanos)
+        if pprof_end is not None and params.until_ns - second < pprof_end <= params.until_ns:
+            end = pprof_end
+    elif pprof_end is not None and pprof_start == start:
+        end = pprof_end
     else:
         end = max(start, params.from_ns or start)
     if end < start:

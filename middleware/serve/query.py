@@ -195,6 +195,8 @@ class QueryEngine:
                     "profiles": row["profiles"],
                     "first": row["first_ns"] / 1e9,
                     "last": row["last_ns"] / 1e9,
+                    "first_ns": row["first_ns"],
+                    "last_ns": row["last_ns"],
                     "types": self.store.profile_types(row["name"]),
                 }
             )
