@@ -290,3 +290,15 @@ def test_reload_keeps_the_selection_in_the_url(driver: Any, server: ServeApp) ->
     page.wait_ready(0)
     assert page.el("service").get_attribute("value") == "shop"
     assert page.shown_total() == expected_cpu(T0 + 300, T0 + 600)
+
+
+def test_empty_server_says_how_to_send_profiles(driver: Any, tmp_path: Path) -> None:
+    app = ServeApp(ServeConfig(port=0, data_dir=str(tmp_path / "empty"))).start()
+    try:
+        driver.get(app.url + "/")
+        page = Page(driver, app)
+        page.Wait(driver, 10).until(lambda d: d.execute_script("return document.body.getAttribute('data-state')") == "empty")
+        text = page.el("empty").text
+        assert "No profiles yet" in text and f"MW_PROFILING_SERVER_URL={app.url}" in text
+    finally:
+        app.stop()

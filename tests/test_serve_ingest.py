@@ -237,6 +237,16 @@ def test_push_api(serve: Client) -> None:
     )
     assert status == 200, data
     assert totals(serve, "pushed", CPU, '{env="staging"}') == profile.total("cpu")
+    # Connect's JSON encoding of the same request is accepted too (another window: a new profile)
+    from google.protobuf import json_format
+
+    later = calc_profile(time_nanos=(T0_S + 10) * 10**9)
+    series.samples[0].raw_profile = encode_pprof(later)
+    status, data, _ = serve.request(
+        "POST", "/push.v1.PusherService/Push", json_format.MessageToJson(req).encode(), {"Content-Type": "application/json"}
+    )
+    assert status == 200 and json.loads(data) == {}
+    assert totals(serve, "pushed", CPU) == profile.total("cpu") + later.total("cpu")
     # a bad push is refused with a Connect error and stores nothing
     bad = _push_request_class()()
     s2 = bad.series.add()
@@ -244,7 +254,7 @@ def test_push_api(serve: Client) -> None:
     s2.samples.add(raw_profile=b"not a profile")
     status, data, _ = serve.request("POST", "/push.v1.PusherService/Push", bad.SerializeToString(), {"Content-Type": "application/proto"})
     assert status == 400 and json.loads(data)["code"] == "invalid_argument"
-    assert serve.app.store.profile_count() == 1
+    assert serve.app.store.profile_count() == 2
 
 
 # ------------------------------------------------------------------------------------------------

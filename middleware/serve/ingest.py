@@ -61,7 +61,6 @@ __all__ = [
     "decode_push",
     "SERVICE_LABEL",
     "profile_type_ids",
-    "series_totals",
 ]
 
 LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -372,22 +371,6 @@ def series_labels(
     )
     merged.update(tags)
     return tuple(sorted(merged.items()))
-
-
-def series_totals(
-    profile: "Profile", tags: tuple[tuple[str, str], ...], type_ids: list[tuple[str, int]]
-) -> dict[tuple[tuple[str, str], ...], dict[str, int]]:
-    """Total value per (series labels, profile type id) of ``profile``."""
-    totals: dict[tuple[tuple[str, str], ...], dict[str, int]] = {}
-    cache: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
-    for sample in profile.samples:
-        labels = cache.get(sample.labels)
-        if labels is None:
-            labels = cache[sample.labels] = series_labels(tags, sample.labels)
-        per_type = totals.setdefault(labels, {})
-        for type_id, index in type_ids:
-            per_type[type_id] = per_type.get(type_id, 0) + int(sample.values[index])
-    return totals
 
 
 def _check_profile(profile: "Profile") -> None:

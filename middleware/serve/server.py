@@ -69,6 +69,8 @@ _CONTENT_TYPES = {
     ".svg": "image/svg+xml",
     ".json": "application/json",
 }
+# The page loads only its own files: no inline script, no other origin, no framing.
+_CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; frame-ancestors 'none'; base-uri 'none'"
 # A body beyond the limit is read and thrown away up to this much, so that the client sees our
 # 413 instead of a connection reset; anything bigger is cut off.
 _DRAIN_LIMIT = 64 * 1024 * 1024
@@ -387,7 +389,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._text(HTTPStatus.NOT_FOUND, "not found")
             return
         ctype = _CONTENT_TYPES.get(path.suffix, "application/octet-stream")
-        self._send(HTTPStatus.OK, body, ctype)
+        self._send(HTTPStatus.OK, body, ctype, {"Content-Security-Policy": _CSP} if path.suffix == ".html" else None)
 
     # -- query routes ------------------------------------------------------------------------
 

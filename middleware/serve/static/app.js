@@ -702,6 +702,11 @@
   // wiring
 
   function init() {
+    document.querySelectorAll("form").forEach(function (form) {
+      form.addEventListener("submit", function (ev) {
+        ev.preventDefault();
+      });
+    });
     $("service").addEventListener("change", function () {
       onServiceChange(false);
     });
