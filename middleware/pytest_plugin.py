@@ -22,7 +22,8 @@ profiled; with blocks, only the blocks are. Work done in threads the test starts
 Shares are fractions (0..1) of the selected sample type, CPU time by default
 (``mw_profile.value = "wall"`` for wall-clock time). A function is named by its qualified name
 (``"Calc.run"``), or any dotted suffix of it (``"run"``); every function with a matching name is
-counted. Shares are statistical: keep the profiled code running long enough (a few tenths of a
+counted. Stacks start at the test function: pytest's own frames above it are cut off, so the
+test function is the root of every sample (and shows as the caller of what it calls). Shares are statistical: keep the profiled code running long enough (a few tenths of a
 second at the default 100 Hz gives tens of samples) and assert with margins.
 
 ini options: ``mw_sample_rate`` (Hz) is used when the fixture starts the tracker.
@@ -110,15 +111,60 @@ def matches(function: str, name: str) -> bool:
     return function == name or function.endswith("." + name)
 
 
+def _for_test(profile: Profile, root: tuple[str, str] | None, base: str | None) -> Profile:
+    """The test's view of ``profile``: stacks start at the test function, paths are short.
+
+    Frames above the test function (pytest's runner) are dropped; samples whose stack does not
+    contain it (fixture code) are kept whole. Files under ``base`` (the rootdir) become relative.
+    """
+    from middleware.profile import Frame, Sample
+
+    prefix = base.rstrip(os.sep) + os.sep if base else None
+    frames: dict[Frame, Frame] = {}
+
+    def short(frame: Frame) -> Frame:
+        out = frames.get(frame)
+        if out is None:
+            out = frame
+            if prefix and frame.file.startswith(prefix):
+                out = Frame(frame.function, frame.file[len(prefix) :], frame.line)
+            frames[frame] = out
+        return out
+
+    samples = []
+    for s in profile.samples:
+        cut = 0
+        if root is not None:
+            name, file = root
+            cut = next(
+                (i for i, f in enumerate(s.stack) if f.file == file and matches(f.function, name)),
+                0,
+            )
+        samples.append(Sample(tuple(short(f) for f in s.stack[cut:]), s.values, s.labels))
+    profile.samples = samples
+    return profile
+
+
 # ------------------------------------------------------------------------------------------------
 # the fixture object
 # ------------------------------------------------------------------------------------------------
 class MwProfile:
     """Profile of the code under test, with questions about it (the ``mw_profile`` fixture)."""
 
-    def __init__(self, tracker: Any, name: str = "") -> None:
+    def __init__(
+        self,
+        tracker: Any,
+        name: str = "",
+        root: tuple[str, str] | None = None,
+        base: str | None = None,
+    ) -> None:
         self._tracker = tracker
         self.name = name
+        #: ``(function name, file)`` of the test function: frames above it (pytest's own) are cut.
+        self.root = root
+        #: Files under this directory are shown relative to it.
+        self.base = base
+        self.asked: list[str] = []  # functions asked about, for the failure report
         self.value = "cpu"
         self._id = f"{os.getpid()}-{next(_ids)}"
         self._auto_token: object | None = None
@@ -179,7 +225,9 @@ class MwProfile:
         if self._profile is None:
             wanted = self._label("block" if self._used_blocks else "test")[LABEL_KEY]
             snapshot = self._tracker.snapshot()
-            self._profile = snapshot.filter(labels={LABEL_KEY: wanted})
+            self._profile = _for_test(
+                snapshot.filter(labels={LABEL_KEY: wanted}), self.root, self.base
+            )
         return self._profile
 
     def _value_index(self, profile: Profile) -> int:
@@ -209,6 +257,7 @@ class MwProfile:
     # -- questions ------------------------------------------------------------------------------
     def self_share(self, function: str) -> Share:
         """Fraction of the total where ``function`` is the running (leaf) frame."""
+        self._ask(function)
         profile = self.profile
         i = self._value_index(profile)
         total = part = 0
@@ -221,6 +270,7 @@ class MwProfile:
 
     def total_share(self, function: str) -> Share:
         """Fraction of the total where ``function`` is anywhere on the stack."""
+        self._ask(function)
         profile = self.profile
         i = self._value_index(profile)
         total = part = 0
@@ -263,7 +313,12 @@ class MwProfile:
         """``{callee: fraction of function's Total spent under it}``; ``"<self>"`` is its Self."""
         return self._neighbours(function, +1, "<self>", Callers)
 
+    def _ask(self, function: str) -> None:
+        if function not in self.asked:
+            self.asked.append(function)
+
     def _neighbours(self, function: str, step: int, edge: str, cls: type[Callers]) -> Callers:
+        self._ask(function)
         profile = self.profile
         i = self._value_index(profile)
         per: dict[str, int] = defaultdict(int)
@@ -296,14 +351,18 @@ class MwProfile:
         return result
 
     # -- reports --------------------------------------------------------------------------------
-    def table(self, n: int = TABLE_ROWS, by: str = "self") -> str:
-        """The top functions as text (what failure messages show)."""
+    def table(self, n: int = TABLE_ROWS, by: str = "self", header: bool = True) -> str:
+        """The top ``n`` functions as text, under a summary line (``header``)."""
         from middleware.reporters.table import function_table, render_table
 
         profile = self.profile
         rows = function_table(profile, value=self.value, sort=by)
         unit = profile.sample_types[self._value_index(profile)][1]
-        return render_table(rows, unit, limit=n, header=self.summary())
+        shown = rows[:n] if n > 0 else rows
+        text = render_table(shown, unit, header=self.summary() if header else "")
+        if len(shown) < len(rows):
+            text += f"({len(rows) - len(shown)} more functions)\n"
+        return text
 
     def summary(self) -> str:
         """One line: what was recorded."""
@@ -322,19 +381,29 @@ class MwProfile:
             )
         return line
 
-    def explain(self, subject: Share | Callers) -> list[str]:
-        """Lines that explain ``subject`` (used by failure messages)."""
-        lines = [subject.describe()]
-        if isinstance(subject, Callers):
-            lines.append(f"{self.summary()}")
-            if subject:
-                for name, share in subject.items():
-                    lines.append(f"  {share:7.1%}  {name}")
-            else:
-                lines.append(f"  ({subject.function!r} does not appear in the profile)")
-            lines.append("")
-        lines.extend(self.table().rstrip("\n").split("\n"))
+    def _callers_lines(self, callers: Callers, limit: int) -> list[str]:
+        lines = [f"callers of {callers.function!r} (share of its Total):"]
+        if not callers:
+            lines.append(f"  ({callers.function!r} does not appear in the profile)")
+        for name, share in list(callers.items())[:limit]:
+            lines.append(f"  {share:7.1%}  {name}")
         return lines
+
+    def explain(self, subject: Share | Callers, rows: int = 5) -> list[str]:
+        """A few lines that explain ``subject`` (kept short: pytest truncates long explanations;
+        the full report is added to the failed test's report as the "mw_profile" section)."""
+        if isinstance(subject, Callers):
+            lines = self._callers_lines(subject, rows)
+            lines.append(self.summary())
+            return lines
+        return self.table(n=rows).rstrip("\n").split("\n")
+
+    def report(self) -> str:
+        """The full text for a failed test: summary, top table, callers of the functions asked."""
+        parts = [self.table(n=TABLE_ROWS).rstrip("\n")]
+        for function in self.asked:
+            parts.append("\n".join(self._callers_lines(self.callers(function), TABLE_ROWS)))
+        return "\n\n".join(parts) + "\n"
 
     # -- explicit assertions --------------------------------------------------------------------
     def assert_top(self, function: str, by: str = "self") -> None:
@@ -386,9 +455,23 @@ def pytest_assertrepr_compare(
                 if subject is left
                 else f"{shown} {op} {subject.describe()}"
             )
-        return [head, "", *subject.source.explain(subject)]
+        return [head, *subject.source.explain(subject)]
     except Exception as exc:  # never hide the original failure behind our own
         return [f"{left!r} {op} {right!r}", f"(mw_profile could not explain: {exc!r})"]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test that used ``mw_profile`` gets its profile in an "mw_profile" section."""
+    report = yield
+    if call.when == "call" and report.failed:
+        profile = getattr(item, "funcargs", {}).get("mw_profile")
+        if isinstance(profile, MwProfile) and not profile._block_tokens:
+            try:
+                report.sections.append(("mw_profile", profile.report()))
+            except Exception as exc:  # the test's own failure matters more
+                report.sections.append(("mw_profile", f"(no profile: {exc!r})"))
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -416,7 +499,12 @@ def mw_tracker(
 @pytest.fixture
 def mw_profile(mw_tracker: Any, request: pytest.FixtureRequest) -> Iterator[MwProfile]:
     """Profile the test (or its ``with mw_profile:`` blocks) and answer questions about it."""
-    profile = MwProfile(mw_tracker, name=request.node.nodeid)
+    function = getattr(request.node, "function", None)
+    code = getattr(function, "__code__", None)
+    root = (code.co_name, code.co_filename) if code is not None else None
+    profile = MwProfile(
+        mw_tracker, name=request.node.nodeid, root=root, base=str(request.config.rootpath)
+    )
     profile.start()
     try:
         yield profile
