@@ -33,9 +33,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* zlib level for the gzip member: 6 is zlib's (and Go's gzip) default; see bench/export_pause.py
- * for its cost. */
-#define MW_PPROF_GZIP_LEVEL 6
+/* zlib level for the gzip member. Measured on a 10,000-stack profile (713 KiB of protobuf):
+ * level 6 (zlib's default) 124 KiB in ~13.7 ms CPU, level 4 126 KiB in ~5.8 ms, level 1 152 KiB
+ * in ~4.0 ms. Level 4 keeps level 6's size (lazy matching) at less than half its CPU. */
+#define MW_PPROF_GZIP_LEVEL 4
 
 typedef struct mw_pprof_meta {
     int64_t time_nanos;     /* window start, ns since the Unix epoch */
