@@ -6,7 +6,8 @@ THEN the local store holds profiles in which
   - for ``/calculate2/<int:number>`` calc3 has the largest Self share, called by with_bottleneck;
   - for ``/calculate1/<int:number>`` calc3 does not appear;
   - both workers' pids contributed samples;
-  - the master (profiled only with --preload) contributes no request samples and next to no CPU.
+  - the master (profiled only with --preload) contributes no request samples, and its idle loop
+    no CPU time (wall-clock views do show its waiting, as they show any idle thread's).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ CALC1 = "/calculate1/<int:number>"
 CALC2 = "/calculate2/<int:number>"
 BOTTLENECK_N = 9  # calc3(9): 9! permutations, about 0.1 s; calc1/calc2(9) are negligible
 EFFICIENT_N = 400  # efficient(400): about 10 ms of quadratic work
-LOAD_SECONDS = 3.0
+REQUESTS_PER_ENDPOINT = 20  # about 2 s of calc3 per worker on an idle machine
+MAX_LOAD_SECONDS = 40.0
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Served:
     workers: set[int]
     store: Path
     log: Path
+    preload: bool
 
 
 def _free_port() -> int:
@@ -96,16 +99,21 @@ def _wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> set[int]
     pytest.fail(f"gunicorn did not become ready:\n{log.read_text()}")
 
 
-def _drive_load(port: int, seconds: float, clients: int = 4) -> dict[str, int]:
-    """Closed-loop load from ``clients`` threads, alternating the two endpoints."""
+def _drive_load(port: int, per_endpoint: int, max_seconds: float, clients: int = 4) -> dict[str, int]:
+    """Closed-loop load from ``clients`` threads, alternating the two endpoints, until each
+    endpoint has answered ``per_endpoint`` requests (or ``max_seconds`` passed: the machine may
+    be busy, so the test counts requests rather than trusting a fixed duration)."""
     counts = {"calc1": 0, "calc2": 0}
     errors: list[str] = []
     lock = threading.Lock()
-    stop_at = time.monotonic() + seconds
+    stop_at = time.monotonic() + max_seconds
 
     def client(k: int) -> None:
         i = k
         while time.monotonic() < stop_at and not errors:
+            with lock:
+                if min(counts.values()) >= per_endpoint:
+                    return
             name, path = (
                 ("calc2", f"/calculate2/{BOTTLENECK_N}")
                 if i % 2
@@ -153,12 +161,12 @@ def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Served]:
         proc = subprocess.Popen(cmd, cwd=DEMO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         workers = _wait_ready(proc, port, log)
-        counts = _drive_load(port, LOAD_SECONDS)
-        assert counts["calc1"] > 10 and counts["calc2"] > 10, counts
+        counts = _drive_load(port, REQUESTS_PER_ENDPOINT, MAX_LOAD_SECONDS)
+        assert min(counts.values()) >= REQUESTS_PER_ENDPOINT, counts
         # Graceful stop: workers finish, exit normally and write their last profile.
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=40) == 0, log.read_text()
-        yield Served(proc.pid, workers, store, log)
+        yield Served(proc.pid, workers, store, log, preload)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -212,13 +220,21 @@ def test_demo_profiles_show_the_bottleneck_per_endpoint(served: Served) -> None:
     for pid in workers:
         assert any(f"-{pid}-" in name for name in files), (pid, files)
 
-    # the master: never in request samples, and its idle time is not CPU
+    # the master: never in request samples; its idle loop is not CPU
     master = str(served.master)
-    cpu = _cpu_by_pid(profile)
     assert master not in request_pids
-    assert cpu.get(master, 0) <= 0.05 * sum(cpu.values()), cpu
-    master_frames = {
-        f.function for s in calc2.merge(calc1).samples for f in s.stack if "arbiter" in f.file
-    }
-    # request stacks of forked workers start in the arbiter (spawn_worker), but never sleep there
-    assert not {"Arbiter.sleep", "sleep"} & master_frames
+    cpu = _cpu_by_pid(profile)
+    total_cpu = sum(cpu.values())
+    if not served.preload:
+        # it never imports the app, so it is not profiled at all
+        assert master not in cpu and not any(f"-{master}-" in name for name in files)
+    else:
+        # it imported the app (real start-up work, a few percent at most) and then only waited
+        assert cpu.get(master, 0) <= 0.05 * total_cpu, cpu
+        i = profile.value_index("cpu")
+        master_loop = sum(
+            s.values[i]
+            for s in profile.samples
+            if s.label("pid") == master and any(f.function == "Arbiter.run" for f in s.stack)
+        )
+        assert master_loop <= 0.01 * total_cpu, (master_loop, total_cpu)
