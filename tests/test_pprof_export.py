@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from middleware._proto import profile_pb2 as pb
+from support.fake_backend import FakeBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_TYPES = [("samples", "count"), ("cpu", "nanoseconds"), ("wall", "nanoseconds")]
@@ -341,3 +342,42 @@ def test_encode_snapshot_matches_native_snapshot_stack_by_stack(tmp_path):
     assert {"mw_hot_loop"} <= leaves
     assert any(fr[0].endswith("<lambda>") for k in got for fr in k[0]), "'<lambda>' survives in names"
     assert any(dict(k[2]).get("span_id") == "42" for k in got)
+
+
+# --- the uploader as a destination ---------------------------------------------------------------
+def test_each_window_goes_to_store_and_uploader_as_the_same_bytes(tmp_path):
+    d = tmp_path / "store"
+    with FakeBackend() as backend:
+        r = run_child("""
+        n.upload_start(server_url={url!r}, app_name="svc", sample_rate=250)
+        n.start(rate_hz=250)
+        n.export_start(interval_s=0.25, service="svc", profile_dir={d!r}, upload=True)
+        t = time.time()
+        while time.time() - t < 1.0:
+            mw_hot_loop(5000)
+        n.stop()
+        n.export_stop(5.0)
+        n.upload_stop(10.0)
+        # without a running uploader every window is an upload error, still written locally
+        n.start(rate_hz=250)
+        n.export_start(interval_s=0.1, service="svc2", profile_dir={d!r}, upload=True)
+        mw_hot_loop(400000)
+        n.stop()
+        n.export_stop(5.0)
+        print(json.dumps(dict(stats=n.export_stats(), upload=n.upload_stats())))
+        """, url=backend.url, d=str(d))
+        reqs = backend.ingests()
+    st = r["stats"]
+    files = {p.read_bytes(): p for p in store_files(d) if p.name.startswith("svc-")}
+    assert len(files) >= 3 and r["upload"]["uploaded"] == len(reqs) == len(files)
+    assert st["uploads_submitted"] == len(files)
+    # THEN every upload carries exactly the bytes of one stored file, with its window in seconds
+    for req in reqs:
+        assert req.body in files, "uploaded body differs from every stored file"
+        start, end = check_pprof(req.body).window
+        assert int(req.q("from")) == start // 10**9
+        assert int(req.q("until")) == max(-(-end // 10**9), start // 10**9 + 1)
+    # and the second run, with no uploader, counted its windows as upload errors
+    svc2 = [p for p in store_files(d) if p.name.startswith("svc2-")]
+    assert svc2 and st["upload_errors"] == len(svc2)
+    assert st["export_errors"] == st["upload_errors"]
