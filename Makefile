@@ -32,6 +32,7 @@ asan:  ## build with AddressSanitizer+UBSan and run the sampler tests
 bench: build  ## overhead benchmarks (profiled vs unprofiled, side by side)
 	$(PY) bench/overhead.py
 	$(PY) bench/overhead.py --rate 1000
+	$(PY) bench/demo_throughput.py
 
 demo:  ## run the Flask demo under gunicorn and show the calc3 bottleneck
 	@scripts/demo.sh
