@@ -133,7 +133,8 @@ class Selection:
         }
 
 
-def _seconds(raw: str, name: str) -> int:
+def parse_seconds(raw: str, name: str) -> int:
+    """Unix seconds (a decimal number) as nanoseconds; raises :class:`QueryError` (400)."""
     try:
         value = float(raw)
     except ValueError:
@@ -164,8 +165,8 @@ def parse_selection(params: Mapping[str, str], suffix: str = "", now_ns: int | N
         raise QueryError(f"bad 'type' {type_id!r}: expected name:sample_type:unit:period_type:period_unit")
     now = now_ns if now_ns is not None else time.time_ns()
     until_raw, from_raw = get("until"), get("from")
-    until_ns = _seconds(until_raw, "until" + suffix) if until_raw else now
-    from_ns = _seconds(from_raw, "from" + suffix) if from_raw else until_ns - _DEFAULT_RANGE_S * 1_000_000_000
+    until_ns = parse_seconds(until_raw, "until" + suffix) if until_raw else now
+    from_ns = parse_seconds(from_raw, "from" + suffix) if from_raw else until_ns - _DEFAULT_RANGE_S * 1_000_000_000
     if from_ns >= until_ns:
         raise QueryError(f"empty time range: 'from{suffix}' must be before 'until{suffix}'")
     matchers = parse_selector(get("selector") or "")

@@ -401,10 +401,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(HTTPStatus.OK, {"service": service, "types": self.server.app.engine.profile_types(service)})
 
     def _range(self, params: dict[str, str]) -> tuple[int | None, int | None]:
-        from middleware.serve.query import _seconds
+        from middleware.serve.query import parse_seconds
 
-        f = _seconds(params["from"], "from") if params.get("from") else None
-        u = _seconds(params["until"], "until") if params.get("until") else None
+        f = parse_seconds(params["from"], "from") if params.get("from") else None
+        u = parse_seconds(params["until"], "until") if params.get("until") else None
         return f, u
 
     def api_label_names(self, params: dict[str, str]) -> None:
