@@ -486,14 +486,21 @@ def mw_tracker(
             f"mw_profile needs middleware's native sampler, which is not importable ({exc}); "
             "build it (make build) or install a wheel"
         ) from exc
-    kwargs: dict[str, Any] = {"service_name": "pytest"}
+    # enabled=True: asking for mw_profile beats MW_APM_COLLECT_PROFILING=false in the environment.
+    kwargs: dict[str, Any] = {"service_name": "pytest", "enabled": True}
     rate = str(pytestconfig.getini("mw_sample_rate") or "").strip()
     if rate:
-        kwargs["sample_rate"] = int(rate)
+        kwargs["sample_rate"] = rate  # validated by the tracker's configuration
     # The test run's profiles are not the app's: keep them out of the user's store (pytest's
     # temp dirs outlive the session, so the tracker's final write at exit still has a home).
     kwargs["profile_dir"] = str(tmp_path_factory.mktemp("mw-profiles"))
-    yield MwTracker(**kwargs)
+    tracker = MwTracker(**kwargs)
+    if not tracker.running:
+        raise RuntimeError(
+            "middleware's profiler did not start in this process (its error is in the log); "
+            "mw_profile has nothing to measure"
+        )
+    yield tracker
 
 
 @pytest.fixture
