@@ -33,19 +33,21 @@ _TOKEN_KEY = "middleware.flask.labels_token"
 
 _lock = threading.Lock()
 _connected = False
+_request: Any = None  # flask.request, bound at install (saves an import per request)
 
 
 def install() -> bool:
     """Connect the signal receivers (idempotent). Returns False if Flask has no signals."""
-    global _connected
+    global _connected, _request
     with _lock:
         if _connected:
             return True
         try:
-            from flask import signals
+            from flask import request, signals
         except ImportError:
             logger.debug("middleware: flask.signals not importable; Flask not instrumented")
             return False
+        _request = request
         # weak=False: blinker holds receivers weakly by default.
         signals.request_started.connect(_on_request_started, weak=False)
         signals.request_tearing_down.connect(_on_request_tearing_down, weak=False)
@@ -71,10 +73,10 @@ def is_installed() -> bool:
     return _connected
 
 
+# The receivers run twice per request: one proxy lookup each, then plain attribute access.
 def _on_request_started(sender: Any, **extra: Any) -> None:
     try:
-        from flask import request
-
+        request = _request._get_current_object()
         environ = request.environ
         if _TOKEN_KEY in environ:  # already labelled (signal sent twice for one request)
             return
@@ -87,9 +89,7 @@ def _on_request_started(sender: Any, **extra: Any) -> None:
 
 def _on_request_tearing_down(sender: Any, **extra: Any) -> None:
     try:
-        from flask import request
-
-        token = request.environ.pop(_TOKEN_KEY, None)
+        token = _request._get_current_object().environ.pop(_TOKEN_KEY, None)
         if token is not None:
             pop_labels(token)
     except Exception:
