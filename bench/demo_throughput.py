@@ -9,7 +9,8 @@ fresh gunicorn, a warm-up, then the measured window.
 
 Prints every run, the median requests/s of each side and ``ratio = median(on) / median(off)``
 (target >= 0.99), plus the spread of the per-round paired ratios, which says how much of the
-difference is noise.
+difference is noise. It also reports the workers' CPU time per request (from /proc, the sampler
+thread included), which other load on a shared machine disturbs much less than throughput.
 
     python bench/demo_throughput.py [--rounds 5] [--seconds 5] [--json]
 """
@@ -59,6 +60,33 @@ def _wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float = 30.0) 
     raise RuntimeError("gunicorn did not answer in time")
 
 
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of ``pids`` (all their threads, the sampler's included)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _wrk(url: str, seconds: float, connections: int) -> float:
     done = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", url],
@@ -83,8 +111,8 @@ def _python_load(url: str, seconds: float, connections: int) -> float:
     return result.rate
 
 
-def one_run(profiled: bool, args: argparse.Namespace, load: str) -> float:
-    """Start gunicorn, warm up, measure requests/s, stop gracefully."""
+def one_run(profiled: bool, args: argparse.Namespace, load: str) -> tuple[float, float]:
+    """Start gunicorn, warm up, measure; returns (requests/s, workers' CPU microseconds per request)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}{args.path}"
     store = tempfile.mkdtemp(prefix="mw-bench-store-")
@@ -103,7 +131,12 @@ def one_run(profiled: bool, args: argparse.Namespace, load: str) -> float:
         measure = _wrk if load == "wrk" else _python_load
         if args.warmup > 0:
             measure(url, args.warmup, args.connections)
-        return measure(url, args.seconds, args.connections)
+        workers = _children(proc.pid)
+        cpu0, t0 = _cpu_seconds(workers), time.monotonic()
+        rate = measure(url, args.seconds, args.connections)
+        cpu = _cpu_seconds(workers) - cpu0
+        requests = rate * (time.monotonic() - t0) if load == "python" else rate * args.seconds
+        return rate, 1e6 * cpu / requests if requests else 0.0
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -143,23 +176,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.connections} connections, {args.rounds} rounds x {args.seconds:g}s (+{args.warmup:g}s warm-up)\n"
     )
     runs: dict[str, list[float]] = {"off": [], "on": []}
+    cpu_us: dict[str, list[float]] = {"off": [], "on": []}
     paired: list[float] = []
     for r in range(args.rounds):
         order = ("off", "on") if r % 2 == 0 else ("on", "off")
         got = {}
         for mode in order:
-            got[mode] = one_run(mode == "on", args, load)
+            got[mode], per_request = one_run(mode == "on", args, load)
             runs[mode].append(got[mode])
-            out.write(f"  round {r + 1} {mode:>3}: {got[mode]:9.1f} req/s\n")
+            cpu_us[mode].append(per_request)
+            out.write(
+                f"  round {r + 1} {mode:>3}: {got[mode]:9.1f} req/s   "
+                f"workers' CPU {per_request:7.1f} us/request\n"
+            )
             out.flush()
         paired.append(got["on"] / got["off"])
     off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
     ratio = on / off
+    cpu_off, cpu_on = statistics.median(cpu_us["off"]), statistics.median(cpu_us["on"])
     out.write(
         f"median req/s: without tracker {off:.1f}, with tracker {on:.1f}\n"
-        f"ratio (with / without) = {ratio:.3f}   target >= 0.99: {'met' if ratio >= 0.99 else 'NOT met'}\n"
+        f"ratio (with / without) = {ratio:.4f}   target >= 0.99: {'met' if ratio >= 0.99 else 'NOT met'}\n"
         f"paired per-round ratios: min {min(paired):.3f}  median {statistics.median(paired):.3f}  "
         f"max {max(paired):.3f}\n"
+        f"median workers' CPU per request: without {cpu_off:.1f} us, with {cpu_on:.1f} us "
+        f"({100 * (cpu_on / cpu_off - 1):+.1f}%; less sensitive to other load on the machine)\n"
     )
     if args.json:
         out.write(
@@ -171,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "on": runs["on"],
                     "ratio": ratio,
                     "paired": paired,
+                    "cpu_us_per_request": cpu_us,
                 }
             )
             + "\n"
