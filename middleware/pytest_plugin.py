@@ -255,31 +255,50 @@ class MwProfile:
         return sum(s.values[i] for s in profile.samples)
 
     # -- questions ------------------------------------------------------------------------------
-    def self_share(self, function: str) -> Share:
-        """Fraction of the total where ``function`` is the running (leaf) frame."""
+    def functions(self, function: str) -> list[tuple[str, str]]:
+        """The ``(name, file)`` of every recorded function that ``function`` names.
+
+        ``function`` is a qualified name (``"Calc.run"``), a dotted suffix of one (``"run"``), or
+        ``"FILE:NAME"`` with FILE a path suffix (``"app.py:calc3"``).
+        """
+        keys = {(f.function, f.file) for s in self.profile.samples for f in s.stack}
+        found = [k for k in keys if matches(k[0], function)]
+        if not found and ":" in function:
+            fpart, _, npart = function.rpartition(":")
+            found = [
+                k
+                for k in keys
+                if matches(k[0], npart) and (k[1] == fpart or k[1].endswith("/" + fpart))
+            ]
+        return sorted(found)
+
+    def _share(self, function: str, kind: str) -> Share:
         self._ask(function)
         profile = self.profile
+        keys = set(self.functions(function))
         i = self._value_index(profile)
         total = part = 0
         for s in profile.samples:
             v = s.values[i]
             total += v
-            if s.stack and matches(s.stack[-1].function, function):
+            if not keys or not s.stack:
+                continue
+            if kind == "self":
+                leaf = s.stack[-1]
+                hit = (leaf.function, leaf.file) in keys
+            else:
+                hit = any((f.function, f.file) in keys for f in s.stack)
+            if hit:
                 part += v
-        return Share(part / total if total else 0.0, function, "self", self)
+        return Share(part / total if total else 0.0, function, kind, self)
+
+    def self_share(self, function: str) -> Share:
+        """Fraction of the total where ``function`` is the running (leaf) frame."""
+        return self._share(function, "self")
 
     def total_share(self, function: str) -> Share:
         """Fraction of the total where ``function`` is anywhere on the stack."""
-        self._ask(function)
-        profile = self.profile
-        i = self._value_index(profile)
-        total = part = 0
-        for s in profile.samples:
-            v = s.values[i]
-            total += v
-            if any(matches(f.function, function) for f in s.stack):
-                part += v
-        return Share(part / total if total else 0.0, function, "total", self)
+        return self._share(function, "total")
 
     def top(self, n: int = 10, by: str = "self") -> list[TopRow]:
         """The ``n`` functions with the largest Self (``by="self"``) or Total share."""
@@ -305,44 +324,35 @@ class MwProfile:
     def callers(self, function: str) -> Callers:
         """``{caller: fraction of function's Total reached through it}``, largest first.
 
-        A frame of ``function`` at the root of a stack is reported as called by ``"<root>"``.
+        As in ``python -m middleware sandwich``: direct self-recursion is not a caller, and the
+        test function is the root of every stack.
         """
-        return self._neighbours(function, -1, "<root>", Callers)
+        return self._neighbours(function, "callers")
 
     def callees(self, function: str) -> Callers:
-        """``{callee: fraction of function's Total spent under it}``; ``"<self>"`` is its Self."""
-        return self._neighbours(function, +1, "<self>", Callers)
+        """``{callee: fraction of function's Total spent below it}``, largest first."""
+        return self._neighbours(function, "callees")
 
     def _ask(self, function: str) -> None:
         if function not in self.asked:
             self.asked.append(function)
 
-    def _neighbours(self, function: str, step: int, edge: str, cls: type[Callers]) -> Callers:
+    def _sandwiches(self, function: str) -> list[Any]:
+        from middleware.reporters.sandwich import sandwich
+
+        return [sandwich(self.profile, key, value=self.value) for key in self.functions(function)]
+
+    def _neighbours(self, function: str, side: str) -> Callers:
         self._ask(function)
-        profile = self.profile
-        i = self._value_index(profile)
         per: dict[str, int] = defaultdict(int)
         function_total = 0
-        for s in profile.samples:
-            v = s.values[i]
-            if not v:
-                continue
-            hits = [k for k, f in enumerate(s.stack) if matches(f.function, function)]
-            if not hits:
-                continue
-            function_total += v
-            seen = set()
-            for k in hits:
-                j = k + step
-                other = s.stack[j].function if 0 <= j < len(s.stack) else edge
-                if matches(other, function):  # recursion: look through it
-                    continue
-                if other not in seen:
-                    seen.add(other)
-                    per[other] += v
-        result = cls(
+        for sw in self._sandwiches(function):
+            function_total += sw.total_value
+            for rel in getattr(sw, side):
+                per[rel.function] += rel.value
+        result = Callers(
             sorted(
-                ((name, v / function_total) for name, v in per.items()),
+                ((name, v / function_total) for name, v in per.items() if function_total),
                 key=lambda kv: -kv[1],
             )
         )
@@ -399,10 +409,18 @@ class MwProfile:
         return self.table(n=rows).rstrip("\n").split("\n")
 
     def report(self) -> str:
-        """The full text for a failed test: summary, top table, callers of the functions asked."""
+        """The full text for a failed test: summary, top table, sandwich of the functions asked."""
+        from middleware.reporters.sandwich import render_sandwich
+
         parts = [self.table(n=TABLE_ROWS).rstrip("\n")]
+        profile = self.profile
+        unit = profile.sample_types[self._value_index(profile)][1]
         for function in self.asked:
-            parts.append("\n".join(self._callers_lines(self.callers(function), TABLE_ROWS)))
+            sandwiches = self._sandwiches(function)
+            if not sandwiches:
+                parts.append(f"{function!r} does not appear in the profile")
+            for sw in sandwiches:
+                parts.append(render_sandwich(sw, unit, limit=TABLE_ROWS).rstrip("\n"))
         return "\n\n".join(parts) + "\n"
 
     # -- explicit assertions --------------------------------------------------------------------

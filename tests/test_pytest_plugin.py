@@ -75,6 +75,10 @@ def test_fixture_answers_self_total_top_and_callers(pytester: pytest.Pytester) -
             mw_profile.assert_top("spin")
             mw_profile.assert_called_by("hot", "parent")
             assert mw_profile.sample_count() >= 20
+            # names: qualified, dotted suffix, or FILE:NAME; files relative to the rootdir
+            assert mw_profile.functions("spin") == [("spin", "program.py")]
+            assert mw_profile.self_share("program.py:spin") == mw_profile.self_share("spin")
+            assert mw_profile.self_share("other.py:spin") == 0.0
         """,
     )
     result.assert_outcomes(passed=1)
@@ -148,13 +152,16 @@ def test_failed_share_assertion_prints_the_top_table(pytester: pytest.Pytester) 
             "E*100.00%*spin*program.py:*",
         ]
     )
-    # and the report gets the whole table plus the callers of what the test asked about
+    # and the report gets the whole table plus the sandwich of what the test asked about
     result.stdout.fnmatch_lines(
         [
             "*- mw_profile -*",
             "*Self*Self%*Total*Total%*Function*Location*",
-            "callers of 'cold' (share of its Total):",
-            "*100.0%  parent",
+            "Callers of cold:",
+            "*%  parent  program.py",
+            "==> cold (program.py)  total *",
+            "Callees of cold:",
+            "*%  spin  program.py",
         ]
     )
 
