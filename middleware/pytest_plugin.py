@@ -9,8 +9,9 @@ installed gets the ``mw_profile`` fixture::
         assert mw_profile.self_share("calc3") > 0.5
         assert "with_bottleneck" in mw_profile.callers("calc3")
 
-When such an assertion fails, pytest prints the profile's top functions (or the callers of the
-function) under the assertion, so the failure says where the time went instead.
+When such an assertion fails, pytest prints the top of the profile's function table (or the
+callers of the function) under it, and the failed test's report gets an "mw_profile" section with
+the whole table and the sandwich (callers/callees) of every function the test asked about.
 
 How it works: the fixture starts :class:`middleware.MwTracker` once per process (or reuses the
 one the code under test started) and pushes a label unique to the test (``mw_test=<id>``) onto the
@@ -21,10 +22,11 @@ profiled; with blocks, only the blocks are. Work done in threads the test starts
 
 Shares are fractions (0..1) of the selected sample type, CPU time by default
 (``mw_profile.value = "wall"`` for wall-clock time). A function is named by its qualified name
-(``"Calc.run"``), or any dotted suffix of it (``"run"``); every function with a matching name is
-counted. Stacks start at the test function: pytest's own frames above it are cut off, so the
-test function is the root of every sample (and shows as the caller of what it calls). Shares are statistical: keep the profiled code running long enough (a few tenths of a
-second at the default 100 Hz gives tens of samples) and assert with margins.
+(``"Calc.run"``), a dotted suffix of it (``"run"``) or ``"FILE:NAME"`` (``"app.py:calc3"``);
+every function the name matches is counted (:meth:`MwProfile.functions` lists them). Stacks
+start at the test function: pytest's frames above it are cut off, so the test function is the
+root of every sample. Shares are statistical: keep the profiled code running long enough (a few
+tenths of a second at the default 100 Hz gives tens of samples) and assert with margins.
 
 ini options: ``mw_sample_rate`` (Hz) is used when the fixture starts the tracker.
 """

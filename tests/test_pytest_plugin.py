@@ -196,3 +196,27 @@ def test_too_few_samples_is_called_out(pytester: pytest.Pytester) -> None:
     )
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*fewer than 20 samples: shares are noise*"])
+
+
+def test_asyncio_tasks_started_by_the_test_are_counted(pytester: pytest.Pytester) -> None:
+    result = _run(
+        pytester,
+        """
+        import asyncio
+        from program import spin
+
+        async def step():
+            for _ in range(8):
+                spin(0.03)
+                await asyncio.sleep(0)
+
+        async def main():
+            await asyncio.gather(step(), step())
+
+        def test_tasks(mw_profile):
+            with mw_profile:
+                asyncio.run(main())
+            assert mw_profile.total_share("step") > 0.9
+        """,
+    )
+    result.assert_outcomes(passed=1)
