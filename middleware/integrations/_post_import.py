@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import logging
+import os
 import sys
 import threading
 import types
@@ -173,3 +174,12 @@ class _LoaderProxy(importlib.abc.Loader):
 
 
 _FINDER = _PostImportFinder()
+
+
+def _reinit_lock_in_child() -> None:
+    # A fork while another thread held the lock (mid-import) must not deadlock the child's imports.
+    global _lock
+    _lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_reinit_lock_in_child)
