@@ -31,10 +31,10 @@ sys.path.insert(0, os.path.join(os.environ["MW_ROOT"], "tests"))
 from workloads import calc1, calc2, calc3
 
 def work():
-    for _ in range(3):
+    for _ in range(int(sys.argv[4])):
         calc1(260); calc2(260); calc3(8)
 
-work()  # warm-up (imports, caches)
+calc1(100); calc2(100); calc3(6)  # warm-up (imports, caches)
 w0, c0 = time.perf_counter(), time.process_time()
 work()
 w1, c1 = time.perf_counter(), time.process_time()
@@ -46,9 +46,9 @@ print(json.dumps(out))
 """
 
 
-def run(mode: str, rate: int, store: str) -> dict:
+def run(mode: str, rate: int, store: str, reps: int) -> dict:
     env = dict(os.environ, MW_ROOT=ROOT)
-    p = subprocess.run([sys.executable, "-c", CHILD, mode, str(rate), store], capture_output=True,
+    p = subprocess.run([sys.executable, "-c", CHILD, mode, str(rate), store, str(reps)], capture_output=True,
                        text=True, env=env, timeout=600)
     if p.returncode != 0:
         raise SystemExit(f"benchmark child failed ({mode}):\n{p.stderr}")
@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--native", action="store_true", help="profile with native (C) frames too")
+    ap.add_argument("--reps", type=int, default=40, help="workload repetitions per run (~3 s at 40)")
     args = ap.parse_args()
     mode = "native" if args.native else "on"
     off: list[dict] = []
@@ -69,7 +70,7 @@ def main() -> None:
             # alternate the order so drift in machine load hits both sides alike
             pair = [("off", off), (mode, on)] if i % 2 == 0 else [(mode, on), ("off", off)]
             for m, acc in pair:
-                acc.append(run(m, args.rate, store))
+                acc.append(run(m, args.rate, store, args.reps))
     wall_off = statistics.median(r["wall"] for r in off)
     wall_on = statistics.median(r["wall"] for r in on)
     cpu_off = statistics.median(r["cpu"] for r in off)
