@@ -9,8 +9,10 @@ fresh gunicorn, a warm-up, then the measured window.
 
 Prints every run, the median requests/s of each side and ``ratio = median(on) / median(off)``
 (target >= 0.99), plus the spread of the per-round paired ratios, which says how much of the
-difference is noise. It also reports the workers' CPU time per request (from /proc, the sampler
-thread included), which other load on a shared machine disturbs much less than throughput.
+difference is noise. It also reports, from /proc, the workers' CPU time per request and the part
+of it spent in the profiler's own threads (``mw-sampler``, ``mw-export``): on a shared machine
+throughput moves with other load, while these two say what the tracker itself costs. (What the
+tracker adds on the request path, the endpoint label, is in the workers' main-thread CPU.)
 
     python bench/demo_throughput.py [--rounds 5] [--seconds 5] [--json]
 """
@@ -74,17 +76,28 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of ``pids`` (all their threads, the sampler's included)."""
-    ticks = 0
+def _cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """CPU time (user + system) of ``pids``: (all threads, the profiler's own ``mw-*`` threads)."""
+    ticks = mw_ticks = 0
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
             continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    name = f.read().strip()
+            except OSError:
+                continue
+            used = int(fields[11]) + int(fields[12])  # utime, stime
+            ticks += used
+            if name.startswith("mw-"):
+                mw_ticks += used
+    hz = os.sysconf("SC_CLK_TCK")
+    return ticks / hz, mw_ticks / hz
 
 
 def _wrk(url: str, seconds: float, connections: int) -> float:
@@ -111,8 +124,12 @@ def _python_load(url: str, seconds: float, connections: int) -> float:
     return result.rate
 
 
-def one_run(profiled: bool, args: argparse.Namespace, load: str) -> tuple[float, float]:
-    """Start gunicorn, warm up, measure; returns (requests/s, workers' CPU microseconds per request)."""
+def one_run(profiled: bool, args: argparse.Namespace, load: str) -> tuple[float, float, float]:
+    """Start gunicorn, warm up, measure.
+
+    Returns (requests/s, workers' CPU us per request, of which the profiler's threads).
+    Threads that exited during the window (none in a steady run) are not counted.
+    """
     port = _free_port()
     url = f"http://127.0.0.1:{port}{args.path}"
     store = tempfile.mkdtemp(prefix="mw-bench-store-")
@@ -132,11 +149,13 @@ def one_run(profiled: bool, args: argparse.Namespace, load: str) -> tuple[float,
         if args.warmup > 0:
             measure(url, args.warmup, args.connections)
         workers = _children(proc.pid)
-        cpu0, t0 = _cpu_seconds(workers), time.monotonic()
+        (cpu0, mw0), t0 = _cpu_seconds(workers), time.monotonic()
         rate = measure(url, args.seconds, args.connections)
-        cpu = _cpu_seconds(workers) - cpu0
+        cpu1, mw1 = _cpu_seconds(workers)
         requests = rate * (time.monotonic() - t0) if load == "python" else rate * args.seconds
-        return rate, 1e6 * cpu / requests if requests else 0.0
+        if not requests:
+            return rate, 0.0, 0.0
+        return rate, 1e6 * (cpu1 - cpu0) / requests, 1e6 * (mw1 - mw0) / requests
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -177,17 +196,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     runs: dict[str, list[float]] = {"off": [], "on": []}
     cpu_us: dict[str, list[float]] = {"off": [], "on": []}
+    mw_us: list[float] = []
     paired: list[float] = []
     for r in range(args.rounds):
         order = ("off", "on") if r % 2 == 0 else ("on", "off")
         got = {}
         for mode in order:
-            got[mode], per_request = one_run(mode == "on", args, load)
+            got[mode], per_request, profiler = one_run(mode == "on", args, load)
             runs[mode].append(got[mode])
             cpu_us[mode].append(per_request)
+            if mode == "on":
+                mw_us.append(profiler)
             out.write(
                 f"  round {r + 1} {mode:>3}: {got[mode]:9.1f} req/s   "
-                f"workers' CPU {per_request:7.1f} us/request\n"
+                f"workers' CPU {per_request:7.1f} us/request"
+                + (f" (profiler threads {profiler:.1f})" if mode == "on" else "")
+                + "\n"
             )
             out.flush()
         paired.append(got["on"] / got["off"])
@@ -200,7 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"paired per-round ratios: min {min(paired):.3f}  median {statistics.median(paired):.3f}  "
         f"max {max(paired):.3f}\n"
         f"median workers' CPU per request: without {cpu_off:.1f} us, with {cpu_on:.1f} us "
-        f"({100 * (cpu_on / cpu_off - 1):+.1f}%; less sensitive to other load on the machine)\n"
+        f"({100 * (cpu_on / cpu_off - 1):+.1f}%)\n"
+        f"median CPU of the profiler's own threads (sampler, exporter): "
+        f"{statistics.median(mw_us):.1f} us/request = {100 * statistics.median(mw_us) / cpu_on:.2f}% "
+        f"of the workers' CPU\n"
     )
     if args.json:
         out.write(
@@ -213,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "ratio": ratio,
                     "paired": paired,
                     "cpu_us_per_request": cpu_us,
+                    "profiler_threads_us_per_request": mw_us,
                 }
             )
             + "\n"
