@@ -135,6 +135,9 @@ fi
 say "where /calculate2 spends its CPU time"
 echo "\$ python -m middleware top --label 'endpoint=$RULE2' $STORE"
 "$PY" -m middleware top --label "endpoint=$RULE2" --limit 12 "$STORE"
+echo
+echo "\$ python -m middleware sandwich --label 'endpoint=$RULE2' calc3 $STORE"
+"$PY" -m middleware sandwich --label "endpoint=$RULE2" calc3 "$STORE"
 
 FLAME=$WORK/calculate2-flamegraph.html
 "$PY" -m middleware flamegraph --label "endpoint=$RULE2" -o "$FLAME" --title "flask-demo $RULE2" "$STORE"
@@ -145,5 +148,7 @@ if [ -n "$SERVE_PID" ]; then
   echo "web page:                   http://127.0.0.1:$SERVE_PORT/  (service flask-demo)"
   if [ "$KEEP_SERVER" = 1 ]; then
     echo "the collector keeps running for the page; stop it with: kill $SERVE_PID"
+  else
+    echo "(the collector stops now, MW_DEMO_KEEP_SERVER=0; the flame graph file stays)"
   fi
 fi
