@@ -10,6 +10,8 @@ from types import ModuleType
 
 import pytest
 
+from middleware.pytest_plugin import MwProfile
+
 DEMO = Path(__file__).resolve().parent.parent / "demo_flask"
 
 
@@ -42,7 +44,7 @@ def test_quadratic_calculations_match_closed_forms(n: int) -> None:
         assert calc.with_bottleneck(n) == calc.efficient(n) + calc.calc3(n)
 
 
-def test_with_bottleneck_is_dominated_by_calc3(mw_profile) -> None:  # type: ignore[no-untyped-def]
+def test_with_bottleneck_is_dominated_by_calc3(mw_profile: MwProfile) -> None:
     # WHEN the bottleneck endpoint's work runs for a few tenths of a second
     with mw_profile:
         for _ in range(4):
@@ -54,7 +56,7 @@ def test_with_bottleneck_is_dominated_by_calc3(mw_profile) -> None:  # type: ign
     assert mw_profile.callers("calc3").get("with_bottleneck", 0.0) > 0.95
 
 
-def test_efficient_spends_its_time_in_the_quadratic_functions(mw_profile) -> None:  # type: ignore[no-untyped-def]
+def test_efficient_spends_its_time_in_the_quadratic_functions(mw_profile: MwProfile) -> None:
     with mw_profile:
         for _ in range(100):  # about half a second
             calc.efficient(300)
