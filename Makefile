@@ -15,7 +15,7 @@ bootstrap:  ## install Debian packages and the pinned venv (.venv)
 
 build: bootstrap  ## build the C extension in place; .venv/bin/python can import middleware
 	@$(PY) setup.py -q build_ext --inplace
-	@test -f $(dir $(PY))../.editable-installed || { MW_SKIP_EXT=1 $(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . >/dev/null && touch $(dir $(PY))../.editable-installed; }
+	@test -f $(dir $(PY))../.editable-installed || { MW_SKIP_EXT=1 $(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "WARNING: Location"; $(PY) -c "import middleware.tracker" && touch $(dir $(PY))../.editable-installed; }
 	@$(PY) -c "import middleware._native"
 
 test: build  ## run the whole test suite on the default interpreter

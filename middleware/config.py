@@ -78,6 +78,7 @@ class ProfilerConfig:
     native: bool = False
     native_show_internal: bool = False
     instrument: bool = True
+    upload: bool = True  # False: never push to a backend, even if one is configured
     tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -156,6 +157,7 @@ def resolve_config(env: Mapping[str, str] | None = None, **args: Any) -> Profile
             _parse_bool, False,
         ),
         instrument=_setting("instrument", args.get("instrument"), env, ("MW_PROFILING_INSTRUMENT",), _parse_bool, True),
+        upload=_setting("upload", args.get("upload"), env, ("MW_PROFILING_UPLOAD",), _parse_bool, True),
         tags=dict(args["tags"]) if args.get("tags") else _parse_tags(env.get("MW_CUSTOM_RESOURCE_ATTRIBUTES", "")),
     )
     if cfg.profile_dir is not None and cfg.profile_dir.strip().lower() in ("", "none", "off"):

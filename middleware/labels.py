@@ -31,12 +31,20 @@ _ids: dict[tuple[tuple[str, str], ...], int] = {}
 _RESERVED = {"thread_name", "pid"}
 
 
+_native_mod: Any | None = None
+_native_tried = False
+
+
 def _native() -> Any | None:
-    try:
-        from middleware import _native as n
-    except ImportError:  # extension not built: labels still work as pure context
-        return None
-    return n
+    """The extension module, imported once (None when it is not built: labels stay pure context)."""
+    global _native_mod, _native_tried
+    if not _native_tried:
+        try:
+            from middleware import _native as n
+        except ImportError:
+            n = None
+        _native_mod, _native_tried = n, True
+    return _native_mod
 
 
 def _labelset_id(pairs: tuple[tuple[str, str], ...]) -> int:
@@ -56,6 +64,8 @@ _applied = threading.local()  # the label set last pushed to this thread's nativ
 
 
 def _apply(pairs: tuple[tuple[str, str], ...]) -> None:
+    if getattr(_applied, "pairs", None) == pairs:
+        return  # the native slot already holds this set
     n = _native()
     if n is not None:
         n.set_thread_labelset(threading.get_native_id(), _labelset_id(pairs))
@@ -91,15 +101,32 @@ def current_labels() -> dict[str, str]:
     return dict(_current.get())
 
 
-def push_labels(mapping: Mapping[str, object]) -> contextvars.Token[tuple[tuple[str, str], ...]]:
-    """Adds labels (merged over the active ones) and returns a token for :func:`pop_labels`."""
-    merged = dict(_current.get())
+_merge_cache: dict[tuple[tuple[tuple[str, str], ...], tuple[tuple[str, object], ...]], tuple[tuple[str, str], ...]] = {}
+_MERGE_CACHE_MAX = 4096
+
+
+def _merged(current: tuple[tuple[str, str], ...], mapping: Mapping[str, object]) -> tuple[tuple[str, str], ...]:
+    merged = dict(current)
     for k, v in mapping.items():
         if k in _RESERVED:
             logger.warning("middleware: label %r is reserved and ignored", k)
             continue
         merged[str(k)] = str(v)
-    pairs = tuple(sorted(merged.items()))
+    return tuple(sorted(merged.items()))
+
+
+def push_labels(mapping: Mapping[str, object]) -> contextvars.Token[tuple[tuple[str, str], ...]]:
+    """Adds labels (merged over the active ones) and returns a token for :func:`pop_labels`."""
+    current = _current.get()
+    try:
+        key = (current, tuple(mapping.items()))
+        pairs = _merge_cache.get(key)
+    except TypeError:  # unhashable label value: merge without the cache
+        key, pairs = None, None
+    if pairs is None:
+        pairs = _merged(current, mapping)
+        if key is not None and len(_merge_cache) < _MERGE_CACHE_MAX:
+            _merge_cache[key] = pairs
     token = _current.set(pairs)
     _apply(pairs)
     return token

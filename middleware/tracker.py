@@ -73,6 +73,8 @@ class _ProcessProfiler:
         )
 
     def _start_upload(self, n: Any) -> None:
+        if not self.config.upload:
+            return
         try:
             from middleware import upload_config
         except ImportError:
