@@ -51,7 +51,8 @@ def test_blocked_threads_get_wall_but_no_cpu(workload):
     truth = r["extra"]["spinner_cpu_s"] * 1e9
     assert abs(spin["cpu_ns"] - truth) <= 0.15 * truth, (spin["cpu_ns"], truth)
     # the sleeper's wall time is in time.sleep's caller
-    assert max(threads["sleeper"]["self_wall"], key=threads["sleeper"]["self_wall"].get) == "run_blocked.<locals>.sleeper"
+    top_wall = max(threads["sleeper"]["self_wall"], key=threads["sleeper"]["self_wall"].get)
+    assert top_wall in ("run_blocked.<locals>.sleeper", "sleeper")  # 3.10 has no co_qualname
 
 
 def test_profile_cpu_total_matches_process_cpu(workload):

@@ -27,7 +27,8 @@ def test_stress_no_crash_and_expected_functions():
     r = json.loads(proc.stdout)
     fns = set(r["functions"])
     for expected in ("deep_recursion", "gen_numbers", "coro_leaf", "churn.<locals>.short_lived"):
-        assert expected in fns, (expected, sorted(fns)[:50])
+        bare = expected.rsplit(".", 1)[-1]  # CPython 3.10 code objects carry co_name only
+        assert expected in fns or (sys.version_info < (3, 11) and bare in fns), (expected, sorted(fns)[:50])
     assert any(f.startswith("exec_fn_") for f in fns)
     assert r["threads_started"] >= 100 * seconds * 0.5, r["threads_started"]  # hundreds a second
     assert r["max_depth"] >= 950
