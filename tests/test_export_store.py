@@ -194,6 +194,10 @@ def test_unwritable_profile_dir_counts_errors_and_sampling_continues(tmp_path):
 
 
 # --- fork ---------------------------------------------------------------------------------------
+@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="GCC's libasan has no fork handler for its allocator locks: a child forked while "
+                           "another thread allocates can deadlock in malloc (fixed upstream by "
+                           "llvm/llvm-project#75290); glibc malloc is fork-safe")
 def test_fork_child_exports_on_its_own(tmp_path):
     d = tmp_path / "store"
     r = run_child("""
@@ -238,7 +242,7 @@ def test_fork_child_exports_on_its_own(tmp_path):
     n.stop()
     print(json.dumps(dict(kids=kids, codes=codes, pid=os.getpid(), stats=n.export_stats())))
     """, d=str(d))
-    assert r["codes"] == [0] * len(r["kids"]), r["codes"]
+    assert r["codes"] == [0] * len(r["kids"]), (r["codes"], r["_stderr"])
     by_pid: dict[int, list[Path]] = {}
     for p in store_files(d):
         by_pid.setdefault(int(STORE_NAME.match(p.name)["pid"]), []).append(p)

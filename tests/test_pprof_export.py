@@ -53,7 +53,9 @@ def run_child(body: str, timeout: float = 60, **params: Any) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=timeout, cwd=tempfile.gettempdir())
     assert proc.returncode == 0, f"child failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["_stderr"] = proc.stderr[-6000:]
+    return out
 
 
 # --- an independent decoder with the PROTOCOL.md checks ------------------------------------------
