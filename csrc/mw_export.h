@@ -83,7 +83,8 @@ int mw_export_start(const mw_export_config_t *cfg, const char **why);
 int mw_export_flush(double timeout_s);
 
 /* Final export, then joins the thread. Returns 0 when joined within timeout_s; otherwise
- * detaches it (it finishes its export on its own) and returns -1. No-op (0) when stopped. */
+ * detaches it (it finishes its export on its own) and returns -1 (also -1 when another
+ * start/stop kept the lifecycle lock past the deadline). No-op (0) when stopped. */
 int mw_export_stop(double timeout_s);
 
 int mw_export_running(void);
