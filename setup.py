@@ -28,6 +28,7 @@ setup(
         Extension(
             "middleware._native",
             sources=sources,
+            depends=sorted(glob.glob("csrc/*.h") + glob.glob("csrc/gen/*.h")),
             include_dirs=["csrc", "csrc/gen", os.path.join(include, "internal")],
             libraries=["protobuf-c", "z", "curl", "unwind", "pthread"],
             extra_compile_args=extra_compile,

@@ -26,6 +26,7 @@ int mw_collect_init(void) {
 mw_profbuf_t *mw_collect_rotate(int64_t *t_start, int64_t *t_end) {
     pthread_mutex_lock(&g_lock);
     mw_profbuf_t *out = NULL;
+    if (!g_spare) g_spare = mw_sampler_new_buffer(); /* e.g. a fork child whose spare was away */
     if (g_spare && g_cumulative) {
         out = mw_sampler_swap(g_spare, t_start, t_end);
         g_spare = NULL;
