@@ -66,11 +66,19 @@ void mw_collect_reset(int also_active) {
     pthread_mutex_unlock(&g_lock);
 }
 
-uint64_t mw_collect_overflow(void) { return atomic_load(&g_overflow); }
-int64_t mw_collect_start_ns(void) { return g_start_ns; }
+uint64_t mw_collect_overflow(void) {
+    return atomic_load(&g_overflow);
+}
+int64_t mw_collect_start_ns(void) {
+    return g_start_ns;
+}
 
-static void atfork_prepare(void) { pthread_mutex_lock(&g_lock); }
-static void atfork_parent(void) { pthread_mutex_unlock(&g_lock); }
+static void atfork_prepare(void) {
+    pthread_mutex_lock(&g_lock);
+}
+static void atfork_parent(void) {
+    pthread_mutex_unlock(&g_lock);
+}
 static void atfork_child(void) {
     pthread_mutex_init(&g_lock, NULL);
     /* The parent's samples are the parent's to export. */

@@ -24,9 +24,11 @@ static atomic_uint_fast64_t g_refused;
 static uint32_t hash_set(const char *const *k, const char *const *v, int n) {
     uint32_t h = 2166136261u;
     for (int i = 0; i < n; i++) {
-        for (const char *p = k[i]; *p; p++) h = (h ^ (unsigned char)*p) * 16777619u;
+        for (const char *p = k[i]; *p; p++)
+            h = (h ^ (unsigned char)*p) * 16777619u;
         h = (h ^ 0xFF) * 16777619u;
-        for (const char *p = v[i]; *p; p++) h = (h ^ (unsigned char)*p) * 16777619u;
+        for (const char *p = v[i]; *p; p++)
+            h = (h ^ (unsigned char)*p) * 16777619u;
         h = (h ^ 0xFE) * 16777619u;
     }
     return h;
@@ -97,4 +99,6 @@ int mw_labels_get(uint32_t id, const char *const **keys, const char *const **val
     return s->n;
 }
 
-uint64_t mw_labels_refused(void) { return atomic_load(&g_refused); }
+uint64_t mw_labels_refused(void) {
+    return atomic_load(&g_refused);
+}

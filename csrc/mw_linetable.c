@@ -52,7 +52,8 @@ static int line_311(const uint8_t *t, size_t len, int line, int lasti) {
         line += delta;
         if (lasti >= pos && lasti < pos + n) return code == 15 ? -1 : line;
         pos += n;
-        do i++;
+        do
+            i++;
         while (i < len && !(t[i] & 0x80));
     }
     return -1;

@@ -145,7 +145,8 @@ static void snap_visit(const mw_profbuf_t *b, void *arg) {
         if (!row || PyList_Append(ctx->list, row) != 0) ctx->failed = 1;
         Py_XDECREF(row);
     }
-    for (uint32_t i = 1; i <= nf; i++) Py_XDECREF(frames[i]);
+    for (uint32_t i = 1; i <= nf; i++)
+        Py_XDECREF(frames[i]);
     PyMem_Free(frames);
 }
 
@@ -249,8 +250,7 @@ static PyMethodDef core_methods[] = {
      "snapshot(reset=False) -> (start_ns, end_ns, rows)"},
     {"set_thread_name", py_set_thread_name, METH_VARARGS, "set_thread_name(tid, name)"},
     {"forget_thread", py_forget_thread, METH_VARARGS, "forget_thread(tid)"},
-    {"set_thread_labelset", py_set_thread_labelset, METH_VARARGS,
-     "set_thread_labelset(tid, id)"},
+    {"set_thread_labelset", py_set_thread_labelset, METH_VARARGS, "set_thread_labelset(tid, id)"},
     {"labelset", py_labelset, METH_O, "labelset(pairs) -> id (0 = none / registry full)"},
     {"labelset_pairs", py_labelset_pairs, METH_VARARGS, "labelset_pairs(id) -> pairs"},
     {"build_info", py_build_info, METH_NOARGS, "what the extension was built for"},
@@ -261,20 +261,29 @@ static PyMethodDef *g_all_methods;
 
 static size_t count_methods(const PyMethodDef *t) {
     size_t n = 0;
-    while (t && t[n].ml_name) n++;
+    while (t && t[n].ml_name)
+        n++;
     return n;
 }
 
 static struct PyModuleDef g_moddef = {
-    PyModuleDef_HEAD_INIT, "middleware._native",
-    "Native sampling core of middleware (see csrc/).", -1, NULL, NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT,
+    "middleware._native",
+    "Native sampling core of middleware (see csrc/).",
+    -1,
+    NULL,
+    NULL,
+    NULL,
+    NULL,
+    NULL,
 };
 
 __attribute__((visibility("default"))) PyMODINIT_FUNC PyInit__native(void) {
     const PyMethodDef *tables[] = {core_methods, mw_upload_methods, mw_export_methods,
                                    mw_unwind_methods};
     size_t total = 0;
-    for (size_t i = 0; i < sizeof tables / sizeof *tables; i++) total += count_methods(tables[i]);
+    for (size_t i = 0; i < sizeof tables / sizeof *tables; i++)
+        total += count_methods(tables[i]);
     if (!g_all_methods) {
         g_all_methods = PyMem_Calloc(total + 1, sizeof(PyMethodDef));
         if (!g_all_methods) return PyErr_NoMemory();

@@ -51,7 +51,8 @@ void mw_profbuf_default_limits(mw_profbuf_limits_t *lim) {
 
 static uint32_t index_size(uint32_t n) {
     uint32_t s = 16;
-    while (s < 2 * n) s <<= 1;
+    while (s < 2 * n)
+        s <<= 1;
     return s;
 }
 
@@ -59,7 +60,8 @@ static uint32_t hash_bytes(const void *p, size_t n, uint32_t h) {
     /* FNV-1a, 32 bit: short keys, good enough spread for linear probing. */
     const unsigned char *c = p;
     if (h == 0) h = 2166136261u;
-    for (size_t i = 0; i < n; i++) h = (h ^ c[i]) * 16777619u;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ c[i]) * 16777619u;
     return h;
 }
 
@@ -111,7 +113,9 @@ void mw_profbuf_reset(mw_profbuf_t *b) {
     b->generation = atomic_fetch_add(&g_generation, 1);
 }
 
-uint64_t mw_profbuf_generation(const mw_profbuf_t *b) { return b->generation; }
+uint64_t mw_profbuf_generation(const mw_profbuf_t *b) {
+    return b->generation;
+}
 
 mw_id_t mw_profbuf_intern_str(mw_profbuf_t *b, const char *s, size_t len) {
     if (len > 0xFFFF) len = 0xFFFF;
@@ -240,18 +244,24 @@ uint32_t mw_profbuf_merge(mw_profbuf_t *dst, const mw_profbuf_t *src) {
     return lost;
 }
 
-uint32_t mw_profbuf_nstacks(const mw_profbuf_t *b) { return b->nstacks; }
+uint32_t mw_profbuf_nstacks(const mw_profbuf_t *b) {
+    return b->nstacks;
+}
 const mw_stack_t *mw_profbuf_stack(const mw_profbuf_t *b, uint32_t i) {
     return i < b->nstacks ? &b->stacks[i] : NULL;
 }
 const mw_id_t *mw_profbuf_stack_frames(const mw_profbuf_t *b, const mw_stack_t *s) {
     return b->slots + s->frames_off;
 }
-uint32_t mw_profbuf_nframes(const mw_profbuf_t *b) { return b->nframes; }
+uint32_t mw_profbuf_nframes(const mw_profbuf_t *b) {
+    return b->nframes;
+}
 const mw_frame_t *mw_profbuf_frame(const mw_profbuf_t *b, mw_id_t id) {
     return (id >= 1 && id <= b->nframes) ? &b->frames[id - 1] : NULL;
 }
-uint32_t mw_profbuf_nstrings(const mw_profbuf_t *b) { return b->nstrs; }
+uint32_t mw_profbuf_nstrings(const mw_profbuf_t *b) {
+    return b->nstrs;
+}
 const char *mw_profbuf_str(const mw_profbuf_t *b, mw_id_t id, size_t *len) {
     if (id < 1 || id > b->nstrs) return NULL;
     const mw_strent_t *e = &b->strs[id - 1];

@@ -223,7 +223,8 @@ int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, mw_rawframe_t *out, in
     g_stamp++;
     int nu = 0;
     int idx_of[sizeof g_pending / sizeof *g_pending];
-    for (int i = 0; i < np; i++) idx_of[i] = ucode_index(g_pending[i].code, &nu);
+    for (int i = 0; i < np; i++)
+        idx_of[i] = ucode_index(g_pending[i].code, &nu);
     struct iovec l[MW_WALK_CODES], r[MW_WALK_CODES];
     for (int u = 0; u < nu; u++) {
         l[u].iov_base = &g_uhead[u];
@@ -312,8 +313,8 @@ int mw_pyframes_read_str(uintptr_t str, char *buf, size_t cap) {
     Py_ssize_t len = a.length;
     if (len < 0 || len > (1 << 20)) return -1;
     int kind = a.state.kind;
-    const char *data = (const char *)str + (a.state.ascii ? sizeof(PyASCIIObject)
-                                                          : sizeof(PyCompactUnicodeObject));
+    const char *data = (const char *)str +
+                       (a.state.ascii ? sizeof(PyASCIIObject) : sizeof(PyCompactUnicodeObject));
     if (a.state.ascii) {
         size_t n = (size_t)len < cap - 1 ? (size_t)len : cap - 1;
         if (mw_safe_read(data, n, buf) != 0) return -1;

@@ -11,7 +11,9 @@
 static _Atomic pid_t g_pid; /* cached: glibc's getpid() is a system call; refreshed after fork */
 static atomic_int g_ok;
 
-static void refresh_pid(void) { atomic_store(&g_pid, getpid()); }
+static void refresh_pid(void) {
+    atomic_store(&g_pid, getpid());
+}
 static atomic_uint_fast64_t g_failures;
 
 int mw_saferead_init(void) {
@@ -39,7 +41,8 @@ int mw_safe_read(const void *addr, size_t len, void *dst) {
     if (addr == NULL || !atomic_load_explicit(&g_ok, memory_order_relaxed)) goto fail;
     if (len == 0) return 0;
     struct iovec l = {dst, len}, r = {(void *)addr, len};
-    ssize_t n = process_vm_readv(atomic_load_explicit(&g_pid, memory_order_relaxed), &l, 1, &r, 1, 0);
+    ssize_t n =
+        process_vm_readv(atomic_load_explicit(&g_pid, memory_order_relaxed), &l, 1, &r, 1, 0);
     if (n == (ssize_t)len) return 0;
 fail:
     atomic_fetch_add_explicit(&g_failures, 1, memory_order_relaxed);
@@ -56,7 +59,8 @@ int mw_safe_readv(const struct iovec *local, const struct iovec *remote, int n) 
     }
     int done = 0;
     size_t acc = 0;
-    while (done < n && acc + remote[done].iov_len <= (size_t)got) acc += remote[done++].iov_len;
+    while (done < n && acc + remote[done].iov_len <= (size_t)got)
+        acc += remote[done++].iov_len;
     /* A short batch is normal (callers read speculatively past what they need): only a batch
      * that read nothing counts as a failure. */
     if (done == 0) atomic_fetch_add_explicit(&g_failures, 1, memory_order_relaxed);
@@ -74,7 +78,9 @@ static inline unsigned rc_slot(uintptr_t page) {
     return (unsigned)((page / MW_PAGE_SIZE) & (MW_READCACHE_PAGES - 1));
 }
 
-void mw_readcache_reset(mw_readcache_t *c) { memset(c->page, 0, sizeof c->page); }
+void mw_readcache_reset(mw_readcache_t *c) {
+    memset(c->page, 0, sizeof c->page);
+}
 
 /* Fetches `page` and up to `below` pages under it in one process_vm_readv; the pages are read
  * in descending order so an unmapped lower page only shortens the batch. */
@@ -95,7 +101,8 @@ static int rc_fetch(mw_readcache_t *c, uintptr_t page, unsigned below) {
         n++;
     }
     int got = mw_safe_readv(l, r, (int)n);
-    for (int k = 0; k < got; k++) c->page[rc_slot((uintptr_t)r[k].iov_base)] = (uintptr_t)r[k].iov_base + 1;
+    for (int k = 0; k < got; k++)
+        c->page[rc_slot((uintptr_t)r[k].iov_base)] = (uintptr_t)r[k].iov_base + 1;
     c->misses++;
     return got > 0 ? 0 : -1;
 }

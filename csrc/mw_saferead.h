@@ -32,7 +32,6 @@ int mw_safe_readv(const struct iovec *local, const struct iovec *remote, int n);
 /* Number of failed reads since start (relaxed atomic counter). */
 uint64_t mw_saferead_failures(void);
 
-
 /* ---- mw_readcache: page-granular read cache for one consistent walk ----------------------------
  *
  * A walk over a thread's frames reads many small structs that sit close together (3.11+ frames

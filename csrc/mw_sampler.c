@@ -155,14 +155,14 @@ static void sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
         st->cpu_ns = cpu;
         st->tick = g_tick;
     }
-    uint64_t dwall = first_tick ? (uint64_t)(1000000000LL / g_cfg.rate_hz)
-                                : (uint64_t)(now - g_last_tick_ns);
+    uint64_t dwall =
+        first_tick ? (uint64_t)(1000000000LL / g_cfg.rate_hz) : (uint64_t)(now - g_last_tick_ns);
 
     int truncated = 0;
     mw_readcache_reset(g_rc);
-    int depth =
-        th->top_frame ? mw_pyframes_walk(g_rc, th->top_frame, g_raw, g_cfg.max_depth, &truncated)
-                      : 0;
+    int depth = th->top_frame
+                    ? mw_pyframes_walk(g_rc, th->top_frame, g_raw, g_cfg.max_depth, &truncated)
+                    : 0;
     if (truncated) g_stats.truncated++;
     if (depth == 0 && dcpu == 0) return; /* idle thread without Python frames: nothing to say */
 
@@ -185,8 +185,7 @@ static void sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
     }
     uint32_t labelset = 0;
     mw_id_t thread = 0;
-    if (st)
-        thread = thread_name_id(b, st, &labelset);
+    if (st) thread = thread_name_id(b, st, &labelset);
     mw_values_t v = {dcpu > 0, dcpu, 1, dwall};
     if (mw_profbuf_add(b, g_ids, n, thread, labelset, &v) != 0) {
         g_stats.dropped++;
@@ -207,7 +206,8 @@ static void tick(void) {
     }
     g_tick++;
     pthread_mutex_lock(&g_buf_lock);
-    for (int i = 0; i < n; i++) sample_thread(g_active, &g_threads[i], now, first);
+    for (int i = 0; i < n; i++)
+        sample_thread(g_active, &g_threads[i], now, first);
     pthread_mutex_unlock(&g_buf_lock);
     g_stats.threads_seen = (uint64_t)n;
     g_last_tick_ns = now;
@@ -261,7 +261,9 @@ static void *sampler_main(void *arg) {
     return NULL;
 }
 
-mw_profbuf_t *mw_sampler_new_buffer(void) { return mw_profbuf_new(&g_cfg.limits); }
+mw_profbuf_t *mw_sampler_new_buffer(void) {
+    return mw_profbuf_new(&g_cfg.limits);
+}
 
 static int alloc_private(void) {
     if (!g_ts) g_ts = calloc(TS_SLOTS, sizeof *g_ts);
@@ -282,7 +284,8 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
     g_cfg = *cfg;
     if (g_cfg.rate_hz < 1) g_cfg.rate_hz = 1;
     if (g_cfg.rate_hz > 10000) g_cfg.rate_hz = 10000;
-    if (g_cfg.max_depth < 1 || g_cfg.max_depth > MW_MAX_DEPTH_CAP) g_cfg.max_depth = MW_MAX_DEPTH_CAP;
+    if (g_cfg.max_depth < 1 || g_cfg.max_depth > MW_MAX_DEPTH_CAP)
+        g_cfg.max_depth = MW_MAX_DEPTH_CAP;
     if (alloc_private() != 0) {
         *why = "out of memory";
         return -1;
@@ -333,8 +336,12 @@ void mw_sampler_stop(void) {
     atomic_store(&g_running, 0);
 }
 
-int mw_sampler_running(void) { return atomic_load(&g_running); }
-int mw_sampler_rate(void) { return g_cfg.rate_hz; }
+int mw_sampler_running(void) {
+    return atomic_load(&g_running);
+}
+int mw_sampler_rate(void) {
+    return g_cfg.rate_hz;
+}
 
 mw_profbuf_t *mw_sampler_swap(mw_profbuf_t *fresh, int64_t *t_start, int64_t *t_end) {
     pthread_mutex_lock(&g_buf_lock);

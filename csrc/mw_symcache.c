@@ -54,7 +54,9 @@ void mw_symcache_clear(void) {
     g_stats.resets++;
 }
 
-void mw_symcache_get_stats(mw_symcache_stats_t *out) { *out = g_stats; }
+void mw_symcache_get_stats(mw_symcache_stats_t *out) {
+    *out = g_stats;
+}
 
 static int arena_str(uintptr_t str, uint32_t *off, uint32_t *len) {
     if (g_arena_used + SC_NAME_MAX > SC_ARENA) return -1;

@@ -16,7 +16,9 @@ static mw_tslot_t g_slots[MW_THREADS_MAX];
 static pthread_mutex_t g_wlock = PTHREAD_MUTEX_INITIALIZER;
 static atomic_uint_fast64_t g_refused;
 
-static uint32_t slot_hash(long tid) { return (uint32_t)((unsigned long)tid * 2654435761u); }
+static uint32_t slot_hash(long tid) {
+    return (uint32_t)((unsigned long)tid * 2654435761u);
+}
 
 /* Writer lock held. Returns the slot of tid, creating it if asked. */
 static mw_tslot_t *find(long tid, int create) {
@@ -88,7 +90,8 @@ uint32_t mw_threads_lookup(long tid, char *name, size_t cap, uint32_t *name_seq)
             if (a & 1) continue;
             size_t n = cap < MW_THREAD_NAME_MAX ? cap : MW_THREAD_NAME_MAX;
             /* Racy copy validated by the sequence counter (a seqlock). */
-            for (size_t i = 0; i < n; i++) name[i] = ((volatile char *)s->name)[i];
+            for (size_t i = 0; i < n; i++)
+                name[i] = ((volatile char *)s->name)[i];
             name[n - 1] = '\0';
             atomic_thread_fence(memory_order_acquire);
             if (atomic_load(&s->seq) == a) {
@@ -104,7 +107,10 @@ uint32_t mw_threads_lookup(long tid, char *name, size_t cap, uint32_t *name_seq)
 
 void mw_threads_reset_after_fork(void) {
     pthread_mutex_init(&g_wlock, NULL);
-    for (int i = 0; i < MW_THREADS_MAX; i++) atomic_store(&g_slots[i].tid, 0);
+    for (int i = 0; i < MW_THREADS_MAX; i++)
+        atomic_store(&g_slots[i].tid, 0);
 }
 
-uint64_t mw_threads_refused(void) { return atomic_load(&g_refused); }
+uint64_t mw_threads_refused(void) {
+    return atomic_load(&g_refused);
+}
