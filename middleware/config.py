@@ -6,6 +6,7 @@ value never raises: it is logged as a warning naming the variable, and the defau
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -28,7 +29,7 @@ def default_profile_dir() -> str:
     return os.path.join(base, "middleware", "profiles")
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     t = text.strip().lower()
     if t in _TRUE:
         return True
@@ -37,7 +38,7 @@ def _parse_bool(text: str) -> bool:
     raise ValueError("expected true or false")
 
 
-def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+def int_in(lo: int, hi: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         v = int(text.strip())
         if not lo <= v <= hi:
@@ -47,10 +48,10 @@ def _int_in(lo: int, hi: int) -> Callable[[str], int]:
     return parse
 
 
-def _float_in(lo: float, hi: float) -> Callable[[str], float]:
+def float_in(lo: float, hi: float) -> Callable[[str], float]:
     def parse(text: str) -> float:
         v = float(text.strip())
-        if not lo <= v <= hi:
+        if not (math.isfinite(v) and lo <= v <= hi):
             raise ValueError(f"must be within {lo:g}..{hi:g}")
         return v
 
@@ -134,30 +135,30 @@ def resolve_config(env: Mapping[str, str] | None = None, **args: Any) -> Profile
     d = ProfilerConfig()
     profile_dir_arg = args.get("profile_dir")
     cfg = ProfilerConfig(
-        enabled=_setting("enabled", args.get("enabled"), env, ("MW_APM_COLLECT_PROFILING",), _parse_bool, True),
+        enabled=_setting("enabled", args.get("enabled"), env, ("MW_APM_COLLECT_PROFILING",), parse_bool, True),
         service_name=_setting(
             "service_name", args.get("service_name"), env, ("OTEL_SERVICE_NAME", "MW_SERVICE_NAME"), _service_name,
             d.service_name,
         ),
         sample_rate=_setting(
-            "sample_rate", args.get("sample_rate"), env, ("MW_PROFILING_SAMPLE_RATE",), _int_in(1, 10000), 100
+            "sample_rate", args.get("sample_rate"), env, ("MW_PROFILING_SAMPLE_RATE",), int_in(1, 10000), 100
         ),
         upload_interval=_setting(
             "upload_interval", args.get("upload_interval"), env, ("MW_PROFILING_UPLOAD_INTERVAL",),
-            _float_in(0.05, 3600.0), 10.0,
+            float_in(0.05, 3600.0), 10.0,
         ),
         profile_dir=_setting("profile_dir", profile_dir_arg, env, ("MW_PROFILE_DIR",), str, d.profile_dir),
         store_max_mb=_setting(
-            "store_max_mb", args.get("store_max_mb"), env, ("MW_PROFILE_DIR_MAX_MB",), _int_in(1, 1 << 20), 256
+            "store_max_mb", args.get("store_max_mb"), env, ("MW_PROFILE_DIR_MAX_MB",), int_in(1, 1 << 20), 256
         ),
-        max_depth=_setting("max_depth", args.get("max_depth"), env, ("MW_PROFILING_MAX_DEPTH",), _int_in(1, 4096), 1024),
-        native=_setting("native", args.get("native"), env, ("MW_PROFILING_NATIVE",), _parse_bool, False),
+        max_depth=_setting("max_depth", args.get("max_depth"), env, ("MW_PROFILING_MAX_DEPTH",), int_in(1, 4096), 1024),
+        native=_setting("native", args.get("native"), env, ("MW_PROFILING_NATIVE",), parse_bool, False),
         native_show_internal=_setting(
             "native_show_internal", args.get("native_show_internal"), env, ("MW_PROFILING_NATIVE_INTERNAL",),
-            _parse_bool, False,
+            parse_bool, False,
         ),
-        instrument=_setting("instrument", args.get("instrument"), env, ("MW_PROFILING_INSTRUMENT",), _parse_bool, True),
-        upload=_setting("upload", args.get("upload"), env, ("MW_PROFILING_UPLOAD",), _parse_bool, True),
+        instrument=_setting("instrument", args.get("instrument"), env, ("MW_PROFILING_INSTRUMENT",), parse_bool, True),
+        upload=_setting("upload", args.get("upload"), env, ("MW_PROFILING_UPLOAD",), parse_bool, True),
         tags=dict(args["tags"]) if args.get("tags") else _parse_tags(env.get("MW_CUSTOM_RESOURCE_ATTRIBUTES", "")),
     )
     if cfg.profile_dir is not None and cfg.profile_dir.strip().lower() in ("", "none", "off"):

@@ -34,12 +34,15 @@ be non-empty and free of ``,{}=``; offending tags are dropped with a warning.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
+
+from middleware.config import float_in as _float_in
+from middleware.config import int_in as _int_in
+from middleware.config import parse_bool as _bool
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +70,6 @@ _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 _TENANT = re.compile(r"[A-Za-z0-9_.-]{1,128}\Z")
 _BAD_VALUE_CHARS = re.compile(r"[,{}=\x00-\x1f\x7f]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 _SECRETS = ("api_key", "bearer_token", "basic_password")
 
 
@@ -109,35 +110,6 @@ class UploadConfig:
 
 
 # ---------------------------------------------------------------- value parsers (raise ValueError)
-
-
-def _bool(text: str) -> bool:
-    t = text.strip().lower()
-    if t in _TRUE:
-        return True
-    if t in _FALSE:
-        return False
-    raise ValueError("expected true or false")
-
-
-def _int_in(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        v = int(text.strip())
-        if not lo <= v <= hi:
-            raise ValueError(f"must be within {lo}..{hi}")
-        return v
-
-    return parse
-
-
-def _float_in(lo: float, hi: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        v = float(text.strip())
-        if not (math.isfinite(v) and lo <= v <= hi):
-            raise ValueError(f"must be within {lo:g}..{hi:g}")
-        return v
-
-    return parse
 
 
 def _http_url(text: str) -> str:
