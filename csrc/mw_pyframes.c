@@ -162,6 +162,7 @@ typedef struct {
     uintptr_t code;
     const _Py_CODEUNIT *ip;
     char owner;
+    uint8_t entry; /* mw_rawframe_t.eval_entry */
 } pending_t;
 static pending_t g_pending[4096];
 static uintptr_t g_ucode[MW_WALK_CODES];
@@ -206,12 +207,22 @@ int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, mw_rawframe_t *out, in
         }
         frame = (uintptr_t)f.previous;
 #if PY_VERSION_HEX >= 0x030D0000
-        if (f.owner >= FRAME_OWNED_BY_CSTACK) continue;
+        if (f.owner >= FRAME_OWNED_BY_CSTACK) {
+            if (np && g_pending[np - 1].entry < 255) g_pending[np - 1].entry++;
+            continue;
+        }
         g_pending[np].code = (uintptr_t)f.f_executable;
         g_pending[np].ip = f.instr_ptr;
+        g_pending[np].entry = 0;
 #else
 #if PY_VERSION_HEX >= 0x030C0000
-        if (f.owner == FRAME_OWNED_BY_CSTACK) continue;
+        if (f.owner == FRAME_OWNED_BY_CSTACK) {
+            if (np && g_pending[np - 1].entry < 255) g_pending[np - 1].entry++;
+            continue;
+        }
+        g_pending[np].entry = 0;
+#else
+        g_pending[np].entry = f.is_entry ? 1 : 0;
 #endif
         g_pending[np].code = (uintptr_t)f.f_code;
         g_pending[np].ip = f.prev_instr;
@@ -252,6 +263,7 @@ int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, mw_rawframe_t *out, in
         }
         if (!co) {
 #if PY_VERSION_HEX >= 0x030D0000
+            if (n) out[n - 1].eval_entry += g_pending[i].entry; /* keep the call boundary */
             continue; /* 3.13: f_executable may legitimately be a non-code object */
 #else
             *truncated = 1;
@@ -267,10 +279,13 @@ int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, mw_rawframe_t *out, in
         }
         /* Frames that have not reached their first traceable instruction are incomplete
          * (being set up): CPython hides them, so do we. */
-        if (g_pending[i].owner != FRAME_OWNED_BY_GENERATOR && idx < co->_co_firsttraceable)
+        if (g_pending[i].owner != FRAME_OWNED_BY_GENERATOR && idx < co->_co_firsttraceable) {
+            if (n) out[n - 1].eval_entry += g_pending[i].entry; /* keep the call boundary */
             continue;
+        }
         out[n].code = g_pending[i].code;
         out[n].lasti = (int32_t)idx;
+        out[n].eval_entry = g_pending[i].entry;
         code_info(co, &out[n].info);
         n++;
     }
@@ -298,6 +313,7 @@ int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, mw_rawframe_t *out, in
         }
         out[n].code = (uintptr_t)f.f_code;
         out[n].lasti = f.f_lasti;
+        out[n].eval_entry = 1; /* 3.10: one C-level eval call per frame */
         code_info(&co, &out[n].info);
         n++;
         frame = (uintptr_t)f.f_back;

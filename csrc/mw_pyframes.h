@@ -39,6 +39,11 @@ typedef struct mw_pycode {
 typedef struct mw_rawframe {
     uintptr_t code; /* PyCodeObject address, validated as a code object */
     int32_t lasti;  /* instruction index in code units, -1 if at function entry */
+    /* Native frames (mw_unwind): number of C-level calls of the eval loop that begin at this
+     * frame, i.e. it is the outermost Python frame of that call (3.10: every frame; 3.11:
+     * is_entry; 3.12+: the frame above a FRAME_OWNED_BY_CSTACK entry frame). >1 when the
+     * Python frames of a call were all skipped as incomplete. */
+    uint8_t eval_entry;
     mw_pycode_t info;
 } mw_rawframe_t;
 

@@ -21,6 +21,7 @@
 #include "mw_saferead.h"
 #include "mw_symcache.h"
 #include "mw_threads.h"
+#include "mw_unwind.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -160,17 +161,23 @@ static void sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
 
     int truncated = 0;
     mw_readcache_reset(g_rc);
-    int depth = th->top_frame
-                    ? mw_pyframes_walk(g_rc, th->top_frame, g_raw, g_cfg.max_depth, &truncated)
-                    : 0;
+    /* Native frames (mw_unwind, opt-in): between capture and release the thread waits in its
+     * signal handler, so its native and Python stacks describe the same instant. */
+    uintptr_t top = th->top_frame;
+    int native = mw_unwind_enabled() && mw_unwind_capture(th->tid, th->tstate, &top) == 0;
+    int depth = top ? mw_pyframes_walk(g_rc, top, g_raw, g_cfg.max_depth, &truncated) : 0;
+    if (native) mw_unwind_release();
     if (truncated) g_stats.truncated++;
     if (depth == 0 && dcpu == 0) return; /* idle thread without Python frames: nothing to say */
 
     uint32_t n = 0;
-    for (int i = 0; i < depth; i++) {
-        mw_id_t id = mw_symcache_frame(b, &g_raw[i]);
-        if (id) g_ids[n++] = id;
-    }
+    if (native) /* native and Python frames spliced, leaf first */
+        n = mw_unwind_combine(b, g_raw, depth, g_ids, MW_MAX_DEPTH_CAP);
+    else
+        for (int i = 0; i < depth; i++) {
+            mw_id_t id = mw_symcache_frame(b, &g_raw[i]);
+            if (id) g_ids[n++] = id;
+        }
     if (n == 0) {
         /* No readable Python frame: still account the CPU time, under a marker frame. */
         mw_id_t name = mw_profbuf_intern_str(b, "[no Python frame]", 17);

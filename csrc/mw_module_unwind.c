@@ -1,0 +1,110 @@
+/* mw_module_unwind — Python glue for native frames (mw_unwind). GIL held in every function.
+ *
+ *   unwind_enable(show_internal: bool = False) -> bool   False (with a RuntimeWarning) when
+ *       native mode cannot be used; also sets up the calling thread's alternate signal stack
+ *   unwind_disable() -> None
+ *   unwind_stats() -> dict[str, int]
+ *   thread_init() -> int   alternate signal stack for the calling thread (1 installed, 0 it had
+ *       one or native mode is off, -1 failed); called by the tracker in each new thread
+ *
+ * The current-frame layout of PyThreadState comes from the public cpython/pystate.h (no
+ * Py_BUILD_CORE needed): 3.10 tstate->frame, 3.11/3.12 tstate->cframe->current_frame, 3.13
+ * tstate->current_frame.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "mw_unwind.h"
+
+#include <stddef.h>
+
+static void layout(mw_unwind_layout_t *l) {
+#if PY_VERSION_HEX >= 0x030D0000
+    l->off1 = (long)offsetof(PyThreadState, current_frame);
+    l->off2 = -1;
+#elif PY_VERSION_HEX >= 0x030B0000
+    l->off1 = (long)offsetof(PyThreadState, cframe);
+    l->off2 = (long)offsetof(_PyCFrame, current_frame);
+#else
+    l->off1 = (long)offsetof(PyThreadState, frame);
+    l->off2 = -1;
+#endif
+}
+
+static PyObject *py_unwind_enable(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"show_internal", NULL};
+    int show = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", kwlist, &show)) return NULL;
+    mw_unwind_layout_t l;
+    layout(&l);
+    const char *why = "unknown error";
+    if (mw_unwind_enable(show, &l, &why) != 0) {
+        if (PyErr_WarnFormat(PyExc_RuntimeWarning, 1,
+                             "middleware: native frames disabled: %s; Python frames only",
+                             why) != 0)
+            return NULL;
+        Py_RETURN_FALSE;
+    }
+    mw_unwind_thread_init();
+    Py_RETURN_TRUE;
+}
+
+static PyObject *py_unwind_disable(PyObject *self, PyObject *noargs) {
+    mw_unwind_disable();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_thread_init(PyObject *self, PyObject *noargs) {
+    if (!mw_unwind_enabled()) return PyLong_FromLong(0);
+    return PyLong_FromLong(mw_unwind_thread_init());
+}
+
+static PyObject *py_unwind_stats(PyObject *self, PyObject *noargs) {
+    mw_unwind_stats_t s;
+    mw_unwind_get_stats(&s);
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    const struct {
+        const char *k;
+        uint64_t v;
+    } items[] = {
+        {"unwind_enabled", s.enabled},
+        {"unwind_signal", s.signal},
+        {"unwind_requests", s.requests},
+        {"unwind_captured", s.captured},
+        {"unwind_timeouts", s.timeouts},
+        {"unwind_send_failed", s.send_failed},
+        {"unwind_skipped", s.skipped},
+        {"unwind_late", s.late},
+        {"unwind_truncated", s.truncated},
+        {"unwind_mismatches", s.mismatches},
+        {"unwind_pause_timeouts", s.pause_timeouts},
+        {"unwind_symbols", s.symbols},
+        {"unwind_frames", s.frames},
+    };
+    for (size_t i = 0; i < sizeof items / sizeof *items; i++) {
+        PyObject *o = PyLong_FromUnsignedLongLong(items[i].v);
+        if (!o || PyDict_SetItemString(d, items[i].k, o) != 0) {
+            Py_XDECREF(o);
+            Py_DECREF(d);
+            return NULL;
+        }
+        Py_DECREF(o);
+    }
+    return d;
+}
+
+PyMethodDef mw_unwind_methods[] = {
+    {"unwind_enable", (PyCFunction)(void (*)(void))py_unwind_enable, METH_VARARGS | METH_KEYWORDS,
+     "unwind_enable(show_internal=False) -> bool: also capture native (C) frames"},
+    {"unwind_disable", py_unwind_disable, METH_NOARGS, "unwind_disable(): Python frames only"},
+    {"unwind_stats", py_unwind_stats, METH_NOARGS, "unwind_stats() -> dict of native counters"},
+    {"thread_init", py_thread_init, METH_NOARGS,
+     "thread_init() -> int: alternate signal stack for the calling thread (native mode)"},
+    {NULL, NULL, 0, NULL},
+};
+
+int mw_unwind_module_init(PyObject *m) {
+    (void)m;
+    return 0;
+}

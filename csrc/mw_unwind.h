@@ -1,0 +1,90 @@
+/* mw_unwind — native (C) frames for the sampler, opt-in (MwTracker(native=True)).
+ *
+ * For the thread it samples, the sampler sends a real-time signal (tgkill). The handler runs
+ * in that thread, on its alternate signal stack when it has one, and does only async-signal-safe
+ * work: it unwinds its own stack from the interrupted context with libunwind (local-only,
+ * unw_init_local2/unw_step/unw_get_reg into a preallocated slot), posts a semaphore, then PAUSES
+ * (futex wait, bounded) until the sampler has read the thread's Python frames, so the native
+ * and the Python stacks describe the same instant. The sampler symbolizes outside the handler
+ * (dladdr1, cached) and splices the Python frames in where the eval loop's C frames are.
+ *
+ * Contract:
+ *   - mw_unwind_enable/disable/thread_init/get_stats: Python threads (GIL held), any time.
+ *   - mw_unwind_enabled: any thread (relaxed atomic).
+ *   - mw_unwind_capture, mw_unwind_release, mw_unwind_combine: THE SAMPLER THREAD ONLY, in that
+ *     order, one request at a time (the slot is single).
+ *   - The signal handler touches only the slot (atomics, preallocated libunwind cursor, IP
+ *     array), calls gettid/getpid, libunwind's local unwinder, sem_post and futex; it saves and
+ *     restores errno. It is installed with SA_SIGINFO|SA_ONSTACK|SA_RESTART and never removed
+ *     (a late signal after disable finds no request and returns). SIGSEGV/SIGPROF and every
+ *     other handler are never touched.
+ *   - Memory: the slot and the symbol cache are allocated once by mw_unwind_enable and kept for
+ *     the life of the process (names in the cache are copies owned by this module).
+ */
+#ifndef MW_UNWIND_H
+#define MW_UNWIND_H
+
+#include "mw_profbuf.h"
+#include "mw_pyframes.h"
+
+#include <stdint.h>
+
+#define MW_UNWIND_MAX_FRAMES 512     /* native frames captured per sample (leaf side kept) */
+#define MW_UNWIND_WAIT_NS 10000000LL /* sampler waits this long for a handler */
+
+/* Where a thread's current Python frame is, from its PyThreadState (filled by the module glue
+ * from the public cpython/pystate.h layout): *(tstate + off1), then, if off2 >= 0, *(that +
+ * off2). */
+typedef struct mw_unwind_layout {
+    long off1;
+    long off2;
+} mw_unwind_layout_t;
+
+typedef struct mw_unwind_stats {
+    uint64_t requests;       /* signals sent */
+    uint64_t captured;       /* handlers that answered in time */
+    uint64_t timeouts;       /* threads that did not answer in time (Python-only sample) */
+    uint64_t send_failed;    /* tgkill failed (thread gone) */
+    uint64_t skipped;        /* threads not asked (backing off after timeouts, slot busy) */
+    uint64_t late;           /* handlers that ran for a request already given up */
+    uint64_t truncated;      /* native stacks cut at MW_UNWIND_MAX_FRAMES or by an unwind error */
+    uint64_t mismatches;     /* eval-loop frames and Python eval calls did not pair up */
+    uint64_t pause_timeouts; /* handlers that stopped waiting for the sampler */
+    uint64_t symbols;        /* distinct instruction pointers symbolized */
+    uint64_t frames;         /* native frames captured, total */
+    uint64_t signal;         /* the signal number in use (0 = never enabled) */
+    uint64_t enabled;
+} mw_unwind_stats_t;
+
+/* Installs the handler (first call: picks a free real-time signal) and enables native frames.
+ * show_internal: also show frames of the interpreter (python, libpython) and libc's thread
+ * start. Returns 0, or -1 with a reason in *why (no free real-time signal, out of memory). */
+int mw_unwind_enable(int show_internal, const mw_unwind_layout_t *layout, const char **why);
+/* Disables native frames (the handler stays installed and ignores stray signals). */
+void mw_unwind_disable(void);
+int mw_unwind_enabled(void);
+
+/* Gives the calling thread an alternate signal stack unless it already has one (the handler
+ * then runs there). Returns 1 when installed, 0 when one was present, -1 on failure. The stack
+ * is freed when the thread exits. */
+int mw_unwind_thread_init(void);
+
+void mw_unwind_get_stats(mw_unwind_stats_t *out);
+
+/* Sampler thread. Signals thread tid (PyThreadState at tstate) and waits for its handler.
+ * Returns 0 when the native stack was captured: the thread is then paused in its handler and
+ * *top_frame holds its current Python frame (unchanged if unreadable); the caller must call
+ * mw_unwind_release() promptly (after walking the Python frames, before anything that can take
+ * a lock). Returns -1 when the thread was not asked or did not answer (counted). */
+int mw_unwind_capture(long tid, uintptr_t tstate, uintptr_t *top_frame);
+void mw_unwind_release(void);
+
+/* Sampler thread, after mw_unwind_capture() == 0 and the Python walk: writes the combined stack
+ * of frame ids of buffer b into out (leaf first, at most cap; the root side is cut) — native
+ * frames interned as (symbol or 0xOFFSET, shared object basename, line 0), Python frames
+ * (py[0..npy), leaf first, resolved with mw_symcache) in place of the eval loop's frames.
+ * Returns the number of ids written. */
+uint32_t mw_unwind_combine(mw_profbuf_t *b, const mw_rawframe_t *py, int npy, mw_id_t *out,
+                           uint32_t cap);
+
+#endif
