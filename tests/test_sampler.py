@@ -10,7 +10,9 @@ pytestmark = pytest.mark.sampler
 
 def test_calc_self_cpu_shares_match_thread_time(workload):
     # GIVEN calc1/calc2/calc3 in a worker thread while the main thread sleeps
-    r = workload("calc", "--seconds", "4")
+    # 500 Hz x 4 s: ~2,000 samples, so a share's sampling error (about 1 point) is well inside
+    # the 5-point band even on a busy machine
+    r = workload("calc", "--seconds", "4", "--rate", "500")
     truth = r["extra"]["truth_cpu_s"]
     total_truth = sum(truth.values())
     th = r["profile"]["threads"]["calc-worker"]
@@ -25,7 +27,7 @@ def test_calc_self_cpu_shares_match_thread_time(workload):
 
 
 def test_samples_fall_on_hot_lines_in_proportion(workload):
-    r = workload("lines", "--seconds", "3")
+    r = workload("lines", "--seconds", "3", "--rate", "250")
     lines = r["extra"]["lines"]
     th = r["profile"]["threads"]["MainThread"]
     a = th["lines"].get(f"two_loops:{lines['LOOP_A']}", 0)
