@@ -164,7 +164,7 @@ static void sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
     /* Native frames (mw_unwind, opt-in): between capture and release the thread waits in its
      * signal handler, so its native and Python stacks describe the same instant. */
     uintptr_t top = th->top_frame;
-    int native = mw_unwind_enabled() && mw_unwind_capture(th->tid, th->tstate, &top) == 0;
+    int native = top && mw_unwind_enabled() && mw_unwind_capture(th->tid, th->tstate, &top) == 0;
     int depth = top ? mw_pyframes_walk(g_rc, top, g_raw, g_cfg.max_depth, &truncated) : 0;
     if (native) mw_unwind_release();
     if (truncated) g_stats.truncated++;

@@ -231,6 +231,10 @@ def _install_thread_naming() -> None:
         def _set_native_id(self: threading.Thread) -> None:
             hook(self)
             register(self)
+            try:  # native frames: an alternate signal stack for this thread (no-op when off)
+                _native_module().thread_init()
+            except Exception:
+                pass
 
         threading.Thread._set_native_id = _set_native_id  # type: ignore[attr-defined]
     else:  # pragma: no cover - all supported CPythons have the hook
