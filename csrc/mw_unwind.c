@@ -53,7 +53,8 @@ enum { PH_IDLE = 0, PH_REQ = 1, PH_BUSY = 2, PH_DONE = 3 };
 
 typedef struct {
     _Atomic uint64_t state;   /* seq << 2 | phase */
-    _Atomic uint32_t release; /* futex word: low 32 bits of the last released sequence */
+    _Atomic uint32_t release; /* futex word: low 32 bits of the last released sequence; a
+                               * handler paused for sequence q goes once release >= q */
     _Atomic long tid;         /* thread asked */
     int n;                    /* IPs written, leaf first */
     int complete;             /* the unwind reached the outermost frame */
@@ -119,7 +120,7 @@ static void on_signal(int sig, siginfo_t *si, void *ucv) {
     int64_t deadline = mono_ns() + MW_UNWIND_PAUSE_NS;
     for (;;) {
         uint32_t r = atomic_load(&s->release);
-        if (r == seq32) break;
+        if ((int32_t)(r - seq32) >= 0) break; /* released (later requests release us too) */
         int64_t left = deadline - mono_ns();
         if (left <= 0) {
             atomic_fetch_add_explicit(&g_pause_timeouts, 1, memory_order_relaxed);
@@ -270,7 +271,7 @@ int mw_unwind_capture(long tid, uintptr_t tstate, uintptr_t *top_frame) {
         g_st.skipped++;
         return -1;
     }
-    if ((st & 3) == PH_DONE) release_seq(st >> 2); /* a late one waits for us: let it go */
+    if ((st & 3) == PH_DONE) release_seq(st >> 2); /* one that ended after we gave up */
     while (sem_trywait(&g_sem) == 0) {
     }
     uint64_t seq = ++g_seq;

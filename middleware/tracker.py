@@ -327,6 +327,8 @@ class MwTracker:
             out.update({f"export_{k}" if not k.startswith("export") else k: v for k, v in n.export_stats().items()})
         if hasattr(n, "upload_stats"):
             out.update({f"upload_{k}": v for k, v in n.upload_stats().items()})
+        if hasattr(n, "unwind_stats"):
+            out.update(n.unwind_stats())  # native frames: unwind_* counters
         return out
 
     def snapshot(self, reset: bool = False) -> Profile:

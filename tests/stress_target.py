@@ -91,13 +91,36 @@ def exec_loop(deadline: float) -> None:
             time.sleep(0.002)
 
 
+def io_loop(deadline: float, io: dict[str, int]) -> None:
+    """--native: blocking I/O while the sampler's signals flow; any EINTR failure is counted."""
+    import select
+
+    r, w = os.pipe()
+    try:
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(0.001)
+                os.write(w, b"x" * 16)
+                if os.read(r, 16) != b"x" * 16:
+                    io["errors"] += 1
+                if select.select([r], [], [], 0.001)[0]:
+                    io["errors"] += 1
+                io["ops"] += 1
+            except InterruptedError:
+                io["errors"] += 1
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--rate", type=int, default=1000)
+    ap.add_argument("--native", action="store_true", help="native frames too (plus an I/O thread)")
     args = ap.parse_args()
     tracker = MwTracker(sample_rate=args.rate, profile_dir=os.environ.get("MW_STRESS_DIR", "none"),
-                        upload_interval=1.0, instrument=False)
+                        upload_interval=1.0, instrument=False, native=args.native)
     sys.setswitchinterval(0.001)
     deadline = time.monotonic() + args.seconds
     counter = [0]
@@ -108,6 +131,9 @@ def main() -> None:
         threading.Thread(target=coroutines_loop, args=(deadline,), name="coroutines"),
         threading.Thread(target=exec_loop, args=(deadline,), name="exec"),
     ]
+    io = {"ops": 0, "errors": 0}
+    if args.native:
+        workers.append(threading.Thread(target=io_loop, args=(deadline, io), name="io"))
     for w in workers:
         w.start()
     snapshots = 0
@@ -123,7 +149,7 @@ def main() -> None:
     stats = tracker.stats()
     tracker.stop()
     json.dump({"threads_started": counter[0], "functions": functions, "max_depth": max_depth,
-               "stats": stats, "snapshots": snapshots, "seconds": args.seconds}, sys.stdout)
+               "stats": stats, "snapshots": snapshots, "seconds": args.seconds, "io": io}, sys.stdout)
 
 
 if __name__ == "__main__":
