@@ -222,7 +222,9 @@ int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, mw_rawframe_t *out, in
         }
         g_pending[np].entry = 0;
 #else
-        g_pending[np].entry = f.is_entry ? 1 : 0;
+        uint8_t is_entry; /* a byte, not a bool: a torn copy may hold any value */
+        memcpy(&is_entry, &f.is_entry, 1);
+        g_pending[np].entry = is_entry != 0;
 #endif
         g_pending[np].code = (uintptr_t)f.f_code;
         g_pending[np].ip = f.prev_instr;

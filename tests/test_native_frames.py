@@ -103,9 +103,8 @@ def test_native_leaf_is_the_c_function_under_its_python_caller(hot: dict[str, An
     assert deflate_stacks and all(any(f.startswith("deflate") for f, _ in below(s["stack"], "zlib_caller"))
                                   for s in deflate_stacks if "zlib_caller" in [f for f, _ in s["stack"]])
     assert "deflate" in {f for s in deflate_stacks for f, _ in s["stack"]}
-    # the Python-only hot spot keeps its Python leaf
-    py = leaf_share(samples, lambda st: st[-1][0] == "py_caller")
-    assert abs(py - truth["py_caller"]) < 0.10, (py, truth)
+    # every caller's total share (its own and its callees', C included) matches the truth
+    # (py_caller's leaf may be C too: the allocator, when it is not libpython's)
     shares = caller_shares(samples)
     for k in truth:
         assert abs(shares.get(k, 0.0) - truth[k]) < 0.10, (k, shares, truth)
