@@ -347,7 +347,7 @@ typedef struct {
 
 static sym_t *g_sy;
 static char *g_sy_arena;
-static uint32_t g_sy_used, g_sy_live;
+static uint32_t g_sy_used, g_sy_live, g_sy_clears;
 static uintptr_t g_eval_lo, g_eval_hi; /* _PyEval_EvalFrameDefault */
 static const void *g_base_python, *g_base_exe, *g_base_libc;
 static char g_exe_name[256] = "[exe]";
@@ -417,6 +417,7 @@ static int arena_put(const char *str, size_t len, uint32_t *off, uint16_t *olen)
 static void sy_clear(void) {
     memset(g_sy, 0, SY_SLOTS * sizeof *g_sy);
     g_sy_used = g_sy_live = 0;
+    g_sy_clears++;
 }
 
 static int sy_fill(sym_t *e, uintptr_t addr) {
@@ -514,14 +515,20 @@ uint32_t mw_unwind_combine(mw_profbuf_t *b, const mw_rawframe_t *py, int npy, mw
         gstart[m] = cur;
         gend[m++] = npy;
     }
-    /* Native frames, symbolized. */
+    /* Native frames, symbolized (again if the cache was emptied under our pointers). */
     int nev = 0, last_eval = -1;
-    for (int i = 0; i < k; i++) {
-        sy[i] = sy_lookup(i == 0 ? s->ip[i] : s->ip[i] - 1);
-        if (sy[i] && (sy[i]->flags & SY_EVAL)) {
-            nev++;
-            last_eval = i;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        uint32_t clears = g_sy_clears;
+        nev = 0;
+        last_eval = -1;
+        for (int i = 0; i < k; i++) {
+            sy[i] = sy_lookup(i == 0 ? s->ip[i] : s->ip[i] - 1);
+            if (sy[i] && (sy[i]->flags & SY_EVAL)) {
+                nev++;
+                last_eval = i;
+            }
         }
+        if (clears == g_sy_clears) break;
     }
     if (nev != m && !(nev < m && !s->complete)) g_st.mismatches++;
     uint32_t n = 0;
