@@ -11,7 +11,6 @@ says. Screenshots go to artifacts/ (gitignored).
 from __future__ import annotations
 
 import http.client
-import os
 import urllib.parse
 from collections.abc import Iterator
 from datetime import datetime
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.browser import chromium_driver
 
 from middleware.pprof import encode_pprof
 from middleware.profile import Profile
@@ -29,8 +29,6 @@ pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
-CHROMIUM = os.environ.get("MW_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("MW_CHROMEDRIVER", "/usr/bin/chromedriver")
 T0 = 1_763_719_200
 N = 60
 MS = 1_000_000
@@ -85,23 +83,8 @@ def _push(app: ServeApp, name: str, p: Profile, start: int) -> None:
 
 @pytest.fixture(scope="module")
 def driver() -> Iterator[Any]:
-    webdriver = pytest.importorskip("selenium.webdriver")
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.skip("chromium / chromedriver not installed")
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1500,1000", "--disable-extensions", "--no-first-run"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    drv.set_page_load_timeout(20)
     ARTIFACTS.mkdir(exist_ok=True)
-    yield drv
-    drv.quit()
+    yield from chromium_driver("1500,1000")
 
 
 class Page:
