@@ -11,6 +11,7 @@
 #include "mw_collect.h"
 #include "mw_labels.h"
 #include "mw_pyframes.h"
+#include "mw_pyglue.h"
 #include "mw_sampler.h"
 #include "mw_symcache.h"
 #include "mw_threads.h"
@@ -60,13 +61,6 @@ static PyObject *py_running(PyObject *self, PyObject *noargs) {
     return PyBool_FromLong(mw_sampler_running());
 }
 
-static int put(PyObject *d, const char *k, unsigned long long v) {
-    PyObject *o = PyLong_FromUnsignedLongLong(v);
-    int rc = o ? PyDict_SetItemString(d, k, o) : -1;
-    Py_XDECREF(o);
-    return rc;
-}
-
 static PyObject *py_stats(PyObject *self, PyObject *noargs) {
     mw_sampler_stats_t s;
     mw_symcache_stats_t c;
@@ -74,17 +68,24 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
     mw_symcache_get_stats(&c);
     PyObject *d = PyDict_New();
     if (!d) return NULL;
-    if (put(d, "ticks", s.ticks) || put(d, "samples", s.samples) ||
-        put(d, "cpu_samples", s.cpu_samples) || put(d, "dropped", s.dropped) ||
-        put(d, "torn_reads", s.torn_reads) || put(d, "truncated", s.truncated) ||
-        put(d, "overflow", s.overflow + mw_collect_overflow()) ||
-        put(d, "threads_seen", s.threads_seen) || put(d, "threads_gone", s.threads_gone) ||
-        put(d, "sampler_cpu_ns", s.sampler_cpu_ns) || put(d, "tick_ns_max", s.tick_ns_max) ||
-        put(d, "late_ticks", s.late_ticks) || put(d, "saferead_failures", s.saferead_failures) ||
-        put(d, "symcache_hits", c.hits) || put(d, "symcache_misses", c.misses) ||
-        put(d, "symcache_resets", c.resets) || put(d, "symbol_read_failures", c.read_failures) ||
-        put(d, "labelsets_refused", mw_labels_refused()) ||
-        put(d, "threads_refused", mw_threads_refused())) {
+    if (mw_dict_put_u64(d, "ticks", s.ticks) || mw_dict_put_u64(d, "samples", s.samples) ||
+        mw_dict_put_u64(d, "cpu_samples", s.cpu_samples) ||
+        mw_dict_put_u64(d, "dropped", s.dropped) ||
+        mw_dict_put_u64(d, "torn_reads", s.torn_reads) ||
+        mw_dict_put_u64(d, "truncated", s.truncated) ||
+        mw_dict_put_u64(d, "overflow", s.overflow + mw_collect_overflow()) ||
+        mw_dict_put_u64(d, "threads_seen", s.threads_seen) ||
+        mw_dict_put_u64(d, "threads_gone", s.threads_gone) ||
+        mw_dict_put_u64(d, "sampler_cpu_ns", s.sampler_cpu_ns) ||
+        mw_dict_put_u64(d, "tick_ns_max", s.tick_ns_max) ||
+        mw_dict_put_u64(d, "late_ticks", s.late_ticks) ||
+        mw_dict_put_u64(d, "saferead_failures", s.saferead_failures) ||
+        mw_dict_put_u64(d, "symcache_hits", c.hits) ||
+        mw_dict_put_u64(d, "symcache_misses", c.misses) ||
+        mw_dict_put_u64(d, "symcache_resets", c.resets) ||
+        mw_dict_put_u64(d, "symbol_read_failures", c.read_failures) ||
+        mw_dict_put_u64(d, "labelsets_refused", mw_labels_refused()) ||
+        mw_dict_put_u64(d, "threads_refused", mw_threads_refused())) {
         Py_DECREF(d);
         return NULL;
     }

@@ -18,6 +18,7 @@
 #include <Python.h>
 
 #include "mw_export.h"
+#include "mw_pyglue.h"
 
 #include <pthread.h>
 #include <stdlib.h>
@@ -68,48 +69,41 @@ static PyObject *py_export_running(PyObject *self, PyObject *noargs) {
     return PyBool_FromLong(mw_export_running());
 }
 
-static int put_u(PyObject *d, const char *k, unsigned long long v) {
-    PyObject *o = PyLong_FromUnsignedLongLong(v);
-    int rc = o ? PyDict_SetItemString(d, k, o) : -1;
-    Py_XDECREF(o);
-    return rc;
-}
-
-static int put_i(PyObject *d, const char *k, long long v) {
-    PyObject *o = PyLong_FromLongLong(v);
-    int rc = o ? PyDict_SetItemString(d, k, o) : -1;
-    Py_XDECREF(o);
-    return rc;
-}
-
 static PyObject *py_export_stats(PyObject *self, PyObject *noargs) {
     mw_export_stats_t s;
     mw_export_get_stats(&s);
     PyObject *d = PyDict_New();
     if (!d) return NULL;
-    if (put_u(d, "exports", s.exports) || put_u(d, "export_errors", s.export_errors) ||
-        put_u(d, "encode_errors", s.encode_errors) || put_u(d, "store_errors", s.store_errors) ||
-        put_u(d, "upload_errors", s.upload_errors) ||
-        put_u(d, "uploads_submitted", s.uploads_submitted) ||
-        put_u(d, "empty_windows", s.empty_windows) ||
-        put_u(d, "rotate_failures", s.rotate_failures) || put_u(d, "flushes", s.flushes) ||
-        put_u(d, "fork_buffers_recovered", s.fork_buffers_recovered) ||
-        put_u(d, "bytes_written", s.bytes_written) || put_u(d, "files_written", s.files_written) ||
-        put_u(d, "files_evicted", s.files_evicted) || put_u(d, "bytes_evicted", s.bytes_evicted) ||
-        put_u(d, "store_dir_bytes", s.store_dir_bytes) ||
-        put_u(d, "labels_skipped", s.labels_skipped) ||
-        put_u(d, "last_export_cpu_ns", s.last_export_cpu_ns) ||
-        put_u(d, "max_export_cpu_ns", s.max_export_cpu_ns) ||
-        put_u(d, "total_export_cpu_ns", s.total_export_cpu_ns) ||
-        put_u(d, "last_export_wall_ns", s.last_export_wall_ns) ||
-        put_u(d, "max_export_wall_ns", s.max_export_wall_ns) ||
-        put_u(d, "last_stacks", s.last_stacks) || put_u(d, "last_locations", s.last_locations) ||
-        put_u(d, "last_functions", s.last_functions) ||
-        put_u(d, "last_raw_bytes", s.last_raw_bytes) ||
-        put_u(d, "last_gz_bytes", s.last_gz_bytes) ||
-        put_i(d, "last_window_start_ns", s.last_window_start_ns) ||
-        put_i(d, "last_window_end_ns", s.last_window_end_ns) ||
-        put_i(d, "last_errno", s.last_errno) || put_u(d, "running", s.running)) {
+    if (mw_dict_put_u64(d, "exports", s.exports) ||
+        mw_dict_put_u64(d, "export_errors", s.export_errors) ||
+        mw_dict_put_u64(d, "encode_errors", s.encode_errors) ||
+        mw_dict_put_u64(d, "store_errors", s.store_errors) ||
+        mw_dict_put_u64(d, "upload_errors", s.upload_errors) ||
+        mw_dict_put_u64(d, "uploads_submitted", s.uploads_submitted) ||
+        mw_dict_put_u64(d, "empty_windows", s.empty_windows) ||
+        mw_dict_put_u64(d, "rotate_failures", s.rotate_failures) ||
+        mw_dict_put_u64(d, "flushes", s.flushes) ||
+        mw_dict_put_u64(d, "fork_buffers_recovered", s.fork_buffers_recovered) ||
+        mw_dict_put_u64(d, "bytes_written", s.bytes_written) ||
+        mw_dict_put_u64(d, "files_written", s.files_written) ||
+        mw_dict_put_u64(d, "files_evicted", s.files_evicted) ||
+        mw_dict_put_u64(d, "bytes_evicted", s.bytes_evicted) ||
+        mw_dict_put_u64(d, "store_dir_bytes", s.store_dir_bytes) ||
+        mw_dict_put_u64(d, "labels_skipped", s.labels_skipped) ||
+        mw_dict_put_u64(d, "last_export_cpu_ns", s.last_export_cpu_ns) ||
+        mw_dict_put_u64(d, "max_export_cpu_ns", s.max_export_cpu_ns) ||
+        mw_dict_put_u64(d, "total_export_cpu_ns", s.total_export_cpu_ns) ||
+        mw_dict_put_u64(d, "last_export_wall_ns", s.last_export_wall_ns) ||
+        mw_dict_put_u64(d, "max_export_wall_ns", s.max_export_wall_ns) ||
+        mw_dict_put_u64(d, "last_stacks", s.last_stacks) ||
+        mw_dict_put_u64(d, "last_locations", s.last_locations) ||
+        mw_dict_put_u64(d, "last_functions", s.last_functions) ||
+        mw_dict_put_u64(d, "last_raw_bytes", s.last_raw_bytes) ||
+        mw_dict_put_u64(d, "last_gz_bytes", s.last_gz_bytes) ||
+        mw_dict_put_i64(d, "last_window_start_ns", s.last_window_start_ns) ||
+        mw_dict_put_i64(d, "last_window_end_ns", s.last_window_end_ns) ||
+        mw_dict_put_i64(d, "last_errno", s.last_errno) ||
+        mw_dict_put_u64(d, "running", s.running)) {
         Py_DECREF(d);
         return NULL;
     }

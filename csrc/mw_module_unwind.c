@@ -14,6 +14,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "mw_pyglue.h"
+
 #include "mw_unwind.h"
 
 #include <stddef.h>
@@ -83,13 +85,10 @@ static PyObject *py_unwind_stats(PyObject *self, PyObject *noargs) {
         {"unwind_frames", s.frames},
     };
     for (size_t i = 0; i < sizeof items / sizeof *items; i++) {
-        PyObject *o = PyLong_FromUnsignedLongLong(items[i].v);
-        if (!o || PyDict_SetItemString(d, items[i].k, o) != 0) {
-            Py_XDECREF(o);
+        if (mw_dict_put_u64(d, items[i].k, items[i].v) != 0) {
             Py_DECREF(d);
             return NULL;
         }
-        Py_DECREF(o);
     }
     return d;
 }

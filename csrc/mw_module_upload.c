@@ -16,6 +16,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "mw_pyglue.h"
 #include "mw_upload.h"
 
 static PyObject *mw_py_upload_start(PyObject *self, PyObject *args, PyObject *kwargs) {
@@ -92,35 +93,26 @@ static PyObject *mw_py_upload_running(PyObject *self, PyObject *unused) {
     return PyBool_FromLong(mw_upload_is_running());
 }
 
-static int mw_dict_u64(PyObject *d, const char *key, unsigned long long v) {
-    PyObject *o = PyLong_FromUnsignedLongLong(v);
-    if (!o) return -1;
-    int rc = PyDict_SetItemString(d, key, o);
-    Py_DECREF(o);
-    return rc;
-}
-
 static PyObject *mw_py_upload_stats(PyObject *self, PyObject *unused) {
     mw_upload_stats_t s;
     mw_upload_get_stats(&s);
     PyObject *d = PyDict_New();
     if (!d) return NULL;
-    PyObject *last_err = PyLong_FromLongLong((long long)s.last_error_unix_s);
-    if (!last_err || PyDict_SetItemString(d, "last_error_unix_s", last_err) != 0 ||
-        mw_dict_u64(d, "submitted", s.submitted) || mw_dict_u64(d, "uploaded", s.uploaded) ||
-        mw_dict_u64(d, "failed_attempts", s.failed_attempts) ||
-        mw_dict_u64(d, "retried", s.retried) ||
-        mw_dict_u64(d, "dropped_queue_full", s.dropped_queue_full) ||
-        mw_dict_u64(d, "dropped_rejected", s.dropped_rejected) ||
-        mw_dict_u64(d, "dropped_at_exit", s.dropped_at_exit) ||
-        mw_dict_u64(d, "auth_ok", s.auth_ok) || mw_dict_u64(d, "auth_failed", s.auth_failed) ||
-        mw_dict_u64(d, "last_status", s.last_status) || mw_dict_u64(d, "queued", s.queued) ||
-        mw_dict_u64(d, "queue_high", s.queue_high)) {
-        Py_XDECREF(last_err);
+    if (mw_dict_put_i64(d, "last_error_unix_s", (long long)s.last_error_unix_s) ||
+        mw_dict_put_u64(d, "submitted", s.submitted) ||
+        mw_dict_put_u64(d, "uploaded", s.uploaded) ||
+        mw_dict_put_u64(d, "failed_attempts", s.failed_attempts) ||
+        mw_dict_put_u64(d, "retried", s.retried) ||
+        mw_dict_put_u64(d, "dropped_queue_full", s.dropped_queue_full) ||
+        mw_dict_put_u64(d, "dropped_rejected", s.dropped_rejected) ||
+        mw_dict_put_u64(d, "dropped_at_exit", s.dropped_at_exit) ||
+        mw_dict_put_u64(d, "auth_ok", s.auth_ok) ||
+        mw_dict_put_u64(d, "auth_failed", s.auth_failed) ||
+        mw_dict_put_u64(d, "last_status", s.last_status) ||
+        mw_dict_put_u64(d, "queued", s.queued) || mw_dict_put_u64(d, "queue_high", s.queue_high)) {
         Py_DECREF(d);
         return NULL;
     }
-    Py_DECREF(last_err);
     return d;
 }
 
