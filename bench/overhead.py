@@ -27,8 +27,7 @@ if mode != "off":
     from middleware import MwTracker
     tracker = MwTracker(sample_rate=int(sys.argv[2]), native=(mode == "native"),
                         profile_dir=sys.argv[3], instrument=False)
-sys.path.insert(0, os.path.join(os.environ["MW_ROOT"], "tests"))
-from workloads import calc1, calc2, calc3
+from demo_flask.calculations import calc1, calc2, calc3
 
 def work():
     for _ in range(int(sys.argv[4])):

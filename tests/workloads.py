@@ -21,39 +21,9 @@ from middleware import MwTracker  # noqa: E402
 from middleware.profile import Profile  # noqa: E402
 
 
-# --- the calc workload: pure loops, no Python callees, so self time == total time -----------------
-def calc1(n: int) -> int:
-    s = 0
-    for i in range(n):
-        for j in range(n):
-            s += i ^ j
-    return s
-
-
-def calc2(n: int) -> int:
-    s = 0
-    for i in range(n):
-        for j in range(n):
-            s += (i * j) % 7
-    return s
-
-
-def calc3(n: int) -> int:
-    # all permutations of range(n) by next-permutation, summing the elements
-    a = list(range(n))
-    total = 0
-    while True:
-        total += sum(a)
-        i = n - 2
-        while i >= 0 and a[i] >= a[i + 1]:
-            i -= 1
-        if i < 0:
-            return total
-        j = n - 1
-        while a[j] <= a[i]:
-            j -= 1
-        a[i], a[j] = a[j], a[i]
-        a[i + 1 :] = reversed(a[i + 1 :])
+# --- the calc workload of the seed app (demo_flask/calculations.py): pure loops with no Python
+# callees, so each function's self time is its total time ------------------------------------------
+from demo_flask.calculations import calc1, calc2, calc3  # noqa: E402
 
 
 def two_loops(n: int) -> int:
