@@ -15,12 +15,10 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
-from middleware.labels import install_asyncio_hook, labels as _labels_cm, pop_labels, push_labels
+from middleware.labels import install_asyncio_hook, labels as _labels_cm
 from middleware.config import ProfilerConfig, resolve_config
 from middleware.profile import DEFAULT_SAMPLE_TYPES, Frame, Profile, Sample
 
@@ -275,18 +273,15 @@ class MwTracker:
             self._profiler: _ProcessProfiler | None = None
             return
         with _profiler_lock:
-            if _profiler is None or _profiler.pid != os.getpid() or not _profiler.running:
-                if _profiler is not None and _profiler.running and _profiler.pid == os.getpid():
-                    pass
-                else:
-                    _profiler = _ProcessProfiler(self.config)
-                    try:
-                        _profiler.start()
-                    except Exception:
-                        logger.exception("middleware: profiling could not start; the app runs unprofiled")
-                        _profiler = None
-            else:
+            if _profiler is not None and _profiler.running and _profiler.pid == os.getpid():
                 logger.debug("middleware: profiler already running; reusing it")
+            else:
+                _profiler = _ProcessProfiler(self.config)
+                try:
+                    _profiler.start()
+                except Exception:
+                    logger.exception("middleware: profiling could not start; the app runs unprofiled")
+                    _profiler = None
             self._profiler = _profiler
             if _profiler is not None:
                 self.config = _profiler.config
@@ -334,14 +329,6 @@ class MwTracker:
     def snapshot(self, reset: bool = False) -> Profile:
         """Everything collected since start (or the last ``reset``), as a :class:`Profile`."""
         return snapshot_profile(reset=reset, rate=self.config.sample_rate)
-
-    @contextmanager
-    def paused_labels(self) -> Iterator[None]:  # pragma: no cover - convenience
-        token = push_labels({})
-        try:
-            yield
-        finally:
-            pop_labels(token)
 
 
 def snapshot_profile(reset: bool = False, rate: int = 100) -> Profile:
