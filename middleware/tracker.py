@@ -19,7 +19,7 @@ from dataclasses import asdict
 from typing import Any
 
 from middleware.labels import install_asyncio_hook, labels as _labels_cm
-from middleware.config import ProfilerConfig, resolve_config
+from middleware.config import ProfilerConfig, default_profile_dir, resolve_config
 from middleware.profile import DEFAULT_SAMPLE_TYPES, Frame, Profile, Sample
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class _ProcessProfiler:
             return
         cfg = self.config
         profile_dir = cfg.profile_dir
-        if self.uploading and "MW_PROFILE_DIR" not in os.environ and profile_dir == resolve_config({}).profile_dir:
+        if self.uploading and "MW_PROFILE_DIR" not in os.environ and profile_dir == default_profile_dir():
             profile_dir = None  # a backend is configured and no local store was asked for
         if profile_dir:
             try:
