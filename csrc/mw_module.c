@@ -80,6 +80,8 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "tick_ns_max", s.tick_ns_max) ||
         mw_dict_put_u64(d, "late_ticks", s.late_ticks) ||
         mw_dict_put_u64(d, "saferead_failures", s.saferead_failures) ||
+        mw_dict_put_u64(d, "label_races", s.label_races) ||
+        mw_dict_put_u64(d, "walk_retries", s.walk_retries) ||
         mw_dict_put_u64(d, "symcache_hits", c.hits) ||
         mw_dict_put_u64(d, "symcache_misses", c.misses) ||
         mw_dict_put_u64(d, "symcache_resets", c.resets) ||

@@ -101,6 +101,22 @@ static uintptr_t top_frame_of(const PyThreadState *ts) {
 #endif
 }
 
+uintptr_t mw_pyframes_top_frame(uintptr_t tstate) {
+    PyThreadState *ts = (PyThreadState *)tstate;
+    uintptr_t top = 0;
+    if (!tstate) return 0;
+#if PY_VERSION_HEX >= 0x030D0000
+    if (mw_safe_read(&ts->current_frame, sizeof top, &top) != 0) return 0;
+#elif PY_VERSION_HEX >= 0x030B0000
+    _PyCFrame *cf = NULL;
+    if (mw_safe_read(&ts->cframe, sizeof cf, &cf) != 0 || !cf) return 0;
+    if (mw_safe_read(&cf->current_frame, sizeof top, &top) != 0) return 0;
+#else
+    if (mw_safe_read(&ts->frame, sizeof top, &top) != 0) return 0;
+#endif
+    return top;
+}
+
 int mw_pyframes_threads(mw_pythread_t *out, int max) {
     if (g_interp == NULL) return -1;
     uintptr_t head;

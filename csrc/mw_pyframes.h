@@ -57,6 +57,10 @@ int mw_pyframes_init(void);
  * list could not be read consistently. */
 int mw_pyframes_threads(mw_pythread_t *out, int max);
 
+/* Re-reads a thread's newest frame pointer (the one mw_pyframes_threads gave is as old as the
+ * tick). Returns 0 when it cannot be read. */
+uintptr_t mw_pyframes_top_frame(uintptr_t tstate);
+
 /* Walks a thread's frames from top_frame: fills out[] leaf first with validated code objects
  * and instruction indices; skips interpreter-internal frames. Returns the depth. *truncated is
  * set when the walk stopped early (torn read, loop, depth cap). Reads go through rc, which the

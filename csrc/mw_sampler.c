@@ -159,14 +159,35 @@ static void sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
     uint64_t dwall =
         first_tick ? (uint64_t)(1000000000LL / g_cfg.rate_hz) : (uint64_t)(now - g_last_tick_ns);
 
+    /* The thread runs on while we walk its frames: a labels block entered or left during the
+     * walk would pair a stack from one side with labels from the other. The label set's change
+     * counter is read before and after; a sample that straddles a change carries no labels
+     * (counted). */
+    uint32_t labels_seq = st ? mw_threads_labelset_seq(st->tid) : 0;
     int truncated = 0;
     mw_readcache_reset(g_rc);
     /* Native frames (mw_unwind, opt-in): between capture and release the thread waits in its
      * signal handler, so its native and Python stacks describe the same instant. */
     uintptr_t top = th->top_frame;
+    /* The top-frame pointer is as old as the thread list; for a thread that uses labels, take a
+     * fresh one read after the label counter, so the stack is not older than the labels. */
+    if (labels_seq && top) top = mw_pyframes_top_frame(th->tstate);
     int native = top && mw_unwind_enabled() && mw_unwind_capture(th->tid, th->tstate, &top) == 0;
     int depth = top ? mw_pyframes_walk(g_rc, top, g_raw, g_cfg.max_depth, &truncated) : 0;
     if (native) mw_unwind_release();
+    /* A running thread calls and returns while we read it: a walk that found no frame or broke
+     * off (the newest frame was being pushed or popped) is retried from a fresh top-frame
+     * pointer, at most twice. (Native mode pauses the thread, so it needs no retry.) */
+    for (int retry = 0;
+         !native && top && (depth == 0 || (truncated && depth < g_cfg.max_depth)) && retry < 2;
+         retry++) {
+        uintptr_t fresh = mw_pyframes_top_frame(th->tstate);
+        if (!fresh) break;
+        g_stats.walk_retries++;
+        mw_readcache_reset(g_rc);
+        truncated = 0;
+        depth = mw_pyframes_walk(g_rc, fresh, g_raw, g_cfg.max_depth, &truncated);
+    }
     if (truncated) g_stats.truncated++;
     if (depth == 0 && dcpu == 0) return; /* idle thread without Python frames: nothing to say */
 
@@ -193,6 +214,10 @@ static void sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
     uint32_t labelset = 0;
     mw_id_t thread = 0;
     if (st) thread = thread_name_id(b, st, &labelset);
+    if (st && mw_threads_labelset_seq(st->tid) != labels_seq) {
+        g_stats.label_races++;
+        labelset = 0;
+    }
     mw_values_t v = {dcpu > 0, dcpu, 1, dwall};
     if (mw_profbuf_add(b, g_ids, n, thread, labelset, &v) != 0) {
         g_stats.dropped++;

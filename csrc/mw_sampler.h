@@ -47,6 +47,8 @@ typedef struct mw_sampler_stats {
     uint64_t tick_ns_max;    /* longest tick */
     uint64_t late_ticks;     /* ticks that started more than a period late */
     uint64_t saferead_failures;
+    uint64_t walk_retries; /* walks redone from a fresh top frame after a torn first try */
+    uint64_t label_races;  /* samples whose labels changed during the walk: recorded unlabelled */
 } mw_sampler_stats_t;
 
 /* Starts sampling. Returns 0, -1 on failure (errno-style reason in *why). Idempotent: a running

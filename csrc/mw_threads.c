@@ -8,7 +8,8 @@
 typedef struct {
     _Atomic long tid; /* 0 empty, -1 tombstone */
     _Atomic uint32_t labelset;
-    _Atomic uint32_t seq; /* odd while the name is being written */
+    _Atomic uint32_t labelset_seq; /* bumped on every labelset write: tells A->B->A apart */
+    _Atomic uint32_t seq;          /* odd while the name is being written */
     char name[MW_THREAD_NAME_MAX];
 } mw_tslot_t;
 
@@ -61,9 +62,10 @@ int mw_threads_set_name(long tid, const char *name) {
 int mw_threads_set_labelset(long tid, uint32_t labelset) {
     pthread_mutex_lock(&g_wlock);
     mw_tslot_t *s = find(tid, 1);
-    if (s)
+    if (s) {
         atomic_store(&s->labelset, labelset);
-    else
+        atomic_fetch_add(&s->labelset_seq, 1);
+    } else
         atomic_fetch_add(&g_refused, 1);
     pthread_mutex_unlock(&g_wlock);
     return s ? 0 : -1;
@@ -101,6 +103,17 @@ uint32_t mw_threads_lookup(long tid, char *name, size_t cap, uint32_t *name_seq)
         }
         name[0] = '\0';
         return atomic_load(&s->labelset);
+    }
+    return 0;
+}
+
+uint32_t mw_threads_labelset_seq(long tid) {
+    uint32_t h = slot_hash(tid);
+    for (uint32_t k = 0; k < MW_THREADS_MAX; k++) {
+        mw_tslot_t *s = &g_slots[(h + k) & (MW_THREADS_MAX - 1)];
+        long t = atomic_load(&s->tid);
+        if (t == 0) return 0;
+        if (t == tid) return atomic_load(&s->labelset_seq);
     }
     return 0;
 }

@@ -23,6 +23,10 @@ void mw_threads_forget(long tid);
  * (0 if none). *name_seq gets a value that changes whenever the name changes. */
 uint32_t mw_threads_lookup(long tid, char *name, size_t cap, uint32_t *name_seq);
 
+/* Sampler side: a counter bumped on every labelset write for tid (0 if unknown). Equal values
+ * before and after reading a stack mean the labels did not change meanwhile. Lock-free. */
+uint32_t mw_threads_labelset_seq(long tid);
+
 /* After fork, in the child: every entry belongs to a thread that does not exist there. */
 void mw_threads_reset_after_fork(void);
 uint64_t mw_threads_refused(void);

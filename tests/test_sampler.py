@@ -79,3 +79,12 @@ def test_threads_created_after_start_are_sampled(workload):
     unnamed = {n for n in names if n.startswith("thread-") and "calc1" in threads[n]["self_cpu"]}
     assert len(unnamed) <= 0.1 * len(seen) + 1, unnamed
     assert r["stats"]["dropped"] == 0
+
+
+def test_labels_never_pair_with_the_other_sides_stack(workload):
+    # GIVEN labels flipping every ~0.1 ms between two functions, sampled at 1 kHz
+    r = workload("labelflips", "--seconds", "3", "--rate", "1000")
+    sides = r["profile"]["leaf_sides"]
+    # THEN side_a's samples are labelled a (or, when the walk straddled a flip, unlabelled)
+    assert sides["side_a"].get("a", 0) > 100 and sides["side_b"].get("b", 0) > 100, sides
+    assert "b" not in sides["side_a"] and "a" not in sides["side_b"], sides

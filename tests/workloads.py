@@ -56,6 +56,9 @@ def summarize(p: Profile) -> dict[str, Any]:
         ep = s.label("endpoint")
         if ep:
             th["labels"][ep] = th["labels"].get(ep, 0) + s.values[ci]
+        side = s.label("side") or "-"
+        per_leaf = out.setdefault("leaf_sides", {}).setdefault(name, {})
+        per_leaf[side] = per_leaf.get(side, 0) + s.values[si] + s.values[wi] // 10**9
         out["total_cpu_ns"] += s.values[ci]
         out["functions"].update(f.function for f in s.stack)
     out["functions"] = sorted(out["functions"])
@@ -151,8 +154,36 @@ def run_newthreads(args: argparse.Namespace, tracker: MwTracker) -> dict[str, An
     return {"started": names}
 
 
+def side_a(n: int) -> int:
+    s = 0
+    for i in range(n):
+        s += i
+    return s
+
+
+def side_b(n: int) -> int:
+    s = 0
+    for i in range(n):
+        s -= i
+    return s
+
+
+def run_label_flips(args: argparse.Namespace, tracker: MwTracker) -> dict[str, Any]:
+    # labels change every ~0.1-0.2 ms, so many ticks land while a block is entered or left:
+    # a sample must never pair side_a's stack with side b's label (or the reverse)
+    deadline = time.monotonic() + args.seconds
+    flips = 0
+    while time.monotonic() < deadline:
+        with tracker.labels(side="a"):
+            side_a(2000)
+        with tracker.labels(side="b"):
+            side_b(2000)
+        flips += 2
+    return {"flips": flips}
+
+
 WORKLOADS = {"calc": run_calc, "lines": run_lines, "blocked": run_blocked, "total": run_total,
-             "newthreads": run_newthreads}
+             "newthreads": run_newthreads, "labelflips": run_label_flips}
 
 
 def main() -> None:
