@@ -6,10 +6,6 @@
  *   unwind_stats() -> dict[str, int]
  *   thread_init() -> int   alternate signal stack for the calling thread (1 installed, 0 it had
  *       one or native mode is off, -1 failed); called by the tracker in each new thread
- *
- * The current-frame layout of PyThreadState comes from the public cpython/pystate.h (no
- * Py_BUILD_CORE needed): 3.10 tstate->frame, 3.11/3.12 tstate->cframe->current_frame, 3.13
- * tstate->current_frame.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -18,29 +14,12 @@
 
 #include "mw_unwind.h"
 
-#include <stddef.h>
-
-static void layout(mw_unwind_layout_t *l) {
-#if PY_VERSION_HEX >= 0x030D0000
-    l->off1 = (long)offsetof(PyThreadState, current_frame);
-    l->off2 = -1;
-#elif PY_VERSION_HEX >= 0x030B0000
-    l->off1 = (long)offsetof(PyThreadState, cframe);
-    l->off2 = (long)offsetof(_PyCFrame, current_frame);
-#else
-    l->off1 = (long)offsetof(PyThreadState, frame);
-    l->off2 = -1;
-#endif
-}
-
 static PyObject *py_unwind_enable(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"show_internal", NULL};
     int show = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", kwlist, &show)) return NULL;
-    mw_unwind_layout_t l;
-    layout(&l);
     const char *why = "unknown error";
-    if (mw_unwind_enable(show, &l, &why) != 0) {
+    if (mw_unwind_enable(show, &why) != 0) {
         if (PyErr_WarnFormat(PyExc_RuntimeWarning, 1,
                              "middleware: native frames disabled: %s; Python frames only",
                              why) != 0)

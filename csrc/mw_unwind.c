@@ -67,8 +67,7 @@ static sem_t g_sem;
 static int g_sig;            /* 0 = handler never installed */
 static atomic_int g_enabled; /* native frames wanted */
 static int g_show_internal;  /* read by the sampler */
-static mw_unwind_layout_t g_layout = {-1, -1};
-static uint64_t g_seq; /* sampler thread */
+static uint64_t g_seq;       /* sampler thread */
 static pthread_key_t g_altstack_key;
 static pthread_once_t g_key_once = PTHREAD_ONCE_INIT;
 static mw_unwind_stats_t g_st;                    /* sampler-thread counters */
@@ -170,7 +169,7 @@ static int install_handler(const char **why) {
 
 static void symcache_setup(void);
 
-int mw_unwind_enable(int show_internal, const mw_unwind_layout_t *layout, const char **why) {
+int mw_unwind_enable(int show_internal, const char **why) {
     if (!g_slot) {
         void *p =
             mmap(NULL, sizeof(slot_t), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -190,7 +189,6 @@ int mw_unwind_enable(int show_internal, const mw_unwind_layout_t *layout, const 
     }
     symcache_setup();
     if (install_handler(why) != 0) return -1;
-    g_layout = *layout;
     g_show_internal = show_internal;
     g_st.signal = (uint64_t)g_sig;
     atomic_store(&g_enabled, 1);
@@ -310,14 +308,9 @@ int mw_unwind_capture(long tid, uintptr_t tstate, uintptr_t *top_frame) {
     }
     if (g_backoff[bi].tid == tid) g_backoff[bi].fails = 0;
     /* The thread is paused in its handler: note its current Python frame. */
-    if (g_layout.off1 >= 0 && tstate) {
-        uintptr_t p = 0;
-        if (mw_safe_read((const void *)(tstate + (uintptr_t)g_layout.off1), sizeof p, &p) == 0) {
-            if (g_layout.off2 >= 0 && p &&
-                mw_safe_read((const void *)(p + (uintptr_t)g_layout.off2), sizeof p, &p) != 0)
-                p = *top_frame;
-            *top_frame = p;
-        }
+    if (tstate) {
+        uintptr_t p = mw_pyframes_top_frame(tstate);
+        if (p) *top_frame = p;
     }
     g_st.captured++;
     g_st.frames += (uint64_t)s->n;

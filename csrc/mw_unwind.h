@@ -32,14 +32,6 @@
 #define MW_UNWIND_MAX_FRAMES 512     /* native frames captured per sample (leaf side kept) */
 #define MW_UNWIND_WAIT_NS 10000000LL /* sampler waits this long for a handler */
 
-/* Where a thread's current Python frame is, from its PyThreadState (filled by the module glue
- * from the public cpython/pystate.h layout): *(tstate + off1), then, if off2 >= 0, *(that +
- * off2). */
-typedef struct mw_unwind_layout {
-    long off1;
-    long off2;
-} mw_unwind_layout_t;
-
 typedef struct mw_unwind_stats {
     uint64_t requests;       /* signals sent */
     uint64_t captured;       /* handlers that answered in time */
@@ -59,7 +51,7 @@ typedef struct mw_unwind_stats {
 /* Installs the handler (first call: picks a free real-time signal) and enables native frames.
  * show_internal: also show frames of the interpreter (python, libpython) and libc's thread
  * start. Returns 0, or -1 with a reason in *why (no free real-time signal, out of memory). */
-int mw_unwind_enable(int show_internal, const mw_unwind_layout_t *layout, const char **why);
+int mw_unwind_enable(int show_internal, const char **why);
 /* Disables native frames (the handler stays installed and ignores stray signals). */
 void mw_unwind_disable(void);
 int mw_unwind_enabled(void);
