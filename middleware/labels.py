@@ -6,15 +6,22 @@ label set is also pushed down to a native per-thread slot (an interned label-set
 taken while the labels are active carry them.
 
 Under asyncio several tasks share a thread, and a task may be suspended inside a ``labels``
-block while another runs. :func:`install_asyncio_hook` (called by the tracker) wraps the event
-loop's callback runner (``asyncio.events.Handle._run``) so that every step of every task first
-pushes *that task's* label set down to the native slot (only when it differs from what the slot
-holds, so the common case costs one context-variable lookup).
+block while another runs. :func:`install_asyncio_hook` wraps the event loop's callback runner
+(``asyncio.events.Handle._run``) so that every step of every task first pushes *that task's*
+label set down to the native slot (only when it differs from what the slot holds, so the common
+case costs one context-variable lookup).
+
+The tracker does not import asyncio for that (tens of milliseconds and a few MiB an app that
+never uses asyncio should not pay): :func:`enable_asyncio_hook` wraps the runner at once if
+asyncio is loaded; otherwise the first label pushed arranges for it, right away or when the app
+imports asyncio. Until a label is pushed every context's label set is empty, which the native
+slot already holds, so nothing is lost by waiting.
 """
 from __future__ import annotations
 
 import contextvars
 import logging
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -22,7 +29,10 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["labels", "push_labels", "pop_labels", "current_labels", "install_asyncio_hook"]
+__all__ = [
+    "labels", "push_labels", "pop_labels", "current_labels", "install_asyncio_hook",
+    "install_asyncio_hook_when_imported", "enable_asyncio_hook",
+]
 
 _current: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar(
     "middleware_labels", default=()
@@ -73,14 +83,60 @@ def _apply(pairs: tuple[tuple[str, str], ...]) -> None:
 
 
 def install_asyncio_hook() -> bool:
-    """Makes each asyncio callback (task step) run with its own context's labels. Idempotent."""
+    """Makes each asyncio callback (task step) run with its own context's labels. Idempotent.
+
+    Imports asyncio; :func:`install_asyncio_hook_when_imported` waits for the app to do so.
+    """
     try:
         from asyncio import events
     except ImportError:  # pragma: no cover - asyncio is in the stdlib
         return False
+    _wrap_handle_run(events)
+    return True
+
+
+def install_asyncio_hook_when_imported() -> None:
+    """Installs the asyncio hook now if asyncio is loaded, else as soon as the app imports it
+    (a post-import hook; asyncio is never imported by this). Idempotent."""
+    global _asyncio_hook_state
+    _asyncio_hook_state = _HOOK_ARRANGED
+    if _wrap_loaded_asyncio():
+        return
+    from middleware.integrations._post_import import when_imported
+
+    when_imported("asyncio.events", _wrap_handle_run)
+
+
+# 0: nobody asked for the asyncio hook; 1: asked (tracker started), arranged at the first label
+# push; 2: installed or waiting for the app's asyncio import.
+_HOOK_OFF, _HOOK_ON_FIRST_LABEL, _HOOK_ARRANGED = 0, 1, 2
+_asyncio_hook_state = _HOOK_OFF
+
+
+def enable_asyncio_hook() -> None:
+    """What the tracker calls at start: the asyncio hook, installed now if asyncio is loaded,
+    else arranged by the first label push (see the module's doc). Idempotent."""
+    global _asyncio_hook_state
+    if _asyncio_hook_state != _HOOK_OFF:
+        return
+    if _wrap_loaded_asyncio():
+        _asyncio_hook_state = _HOOK_ARRANGED
+    else:
+        _asyncio_hook_state = _HOOK_ON_FIRST_LABEL
+
+
+def _wrap_loaded_asyncio() -> bool:
+    events = sys.modules.get("asyncio.events")
+    if events is None or not hasattr(events, "Handle"):
+        return False
+    _wrap_handle_run(events)
+    return True
+
+
+def _wrap_handle_run(events: Any) -> None:
     handle = events.Handle
     if getattr(handle._run, "_mw_wrapped", False):
-        return True
+        return
     original = handle._run
 
     def _run(self: Any) -> None:
@@ -93,7 +149,6 @@ def install_asyncio_hook() -> bool:
 
     _run._mw_wrapped = True  # type: ignore[attr-defined]
     handle._run = _run  # type: ignore[method-assign]
-    return True
 
 
 def current_labels() -> dict[str, str]:
@@ -129,6 +184,11 @@ def push_labels(mapping: Mapping[str, object]) -> contextvars.Token[tuple[tuple[
             _merge_cache[key] = pairs
     token = _current.set(pairs)
     _apply(pairs)
+    if _asyncio_hook_state == _HOOK_ON_FIRST_LABEL:
+        try:
+            install_asyncio_hook_when_imported()
+        except Exception:  # labels must never break the app
+            logger.debug("middleware: could not arrange the asyncio label hook", exc_info=True)
     return token
 
 

@@ -7,6 +7,11 @@ profiling to go on in forked children (gunicorn workers) and to flush at exit.
 
 Nothing here runs on the sampling path: the sampler and exporter are native threads that never
 take the GIL. Python only configures, labels and reports.
+
+Start-up stays cheap: what only some processes need is imported when it is needed (asyncio's
+label hook is installed when the app has imported asyncio and pushes labels, the package
+version for the uploader's user agent only when a backend is configured, the profile model at
+the first ``snapshot()``).
 """
 from __future__ import annotations
 
@@ -15,12 +20,13 @@ import logging
 import os
 import threading
 import weakref
-from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from middleware.labels import install_asyncio_hook, labels as _labels_cm
+from middleware.labels import enable_asyncio_hook, labels as _labels_cm
 from middleware.config import ProfilerConfig, default_profile_dir, resolve_config
-from middleware.profile import DEFAULT_SAMPLE_TYPES, Frame, Profile, Sample
+
+if TYPE_CHECKING:
+    from middleware.profile import Profile
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +64,7 @@ class _ProcessProfiler:
             self.running = True
             self.pid = os.getpid()
             _install_thread_naming()
-            install_asyncio_hook()
+            enable_asyncio_hook()
             self._start_upload(n)
             self._start_export(n)
             if cfg.native and hasattr(n, "unwind_enable"):
@@ -87,6 +93,8 @@ class _ProcessProfiler:
             return
         if ucfg is None or not hasattr(n, "upload_start"):
             return
+        from dataclasses import asdict
+
         self.upload_config = ucfg
         n.upload_start(**asdict(ucfg))
         self.uploading = True
@@ -331,8 +339,19 @@ class MwTracker:
         return snapshot_profile(reset=reset, rate=self.config.sample_rate)
 
 
+def __getattr__(name: str) -> Any:
+    # The profile model is imported at the first snapshot; these names stay reachable from here.
+    if name in ("DEFAULT_SAMPLE_TYPES", "Frame", "Profile", "Sample"):
+        from middleware import profile
+
+        return getattr(profile, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def snapshot_profile(reset: bool = False, rate: int = 100) -> Profile:
     """The native cumulative profile converted to the Python model (root-first stacks)."""
+    from middleware.profile import DEFAULT_SAMPLE_TYPES, Frame, Profile, Sample
+
     n = _native_module()
     start_ns, end_ns, rows = n.snapshot(reset=reset)
     pid = str(os.getpid())

@@ -235,13 +235,21 @@ def parse_tags(tags: str | Mapping[str, Any] | None, source: str = "tags") -> st
     return ",".join(out) or None
 
 
-def _user_agent() -> str:
-    try:
-        from importlib.metadata import version
+_user_agent_cache: str | None = None
 
-        return f"{SPY_NAME}/{version('middleware')}"
-    except Exception:  # not installed as a distribution
-        return f"{SPY_NAME}/unknown"
+
+def _user_agent() -> str:
+    """``middleware-python/<installed version>``; looked up once, and only when there is a backend
+    (importing :mod:`importlib.metadata` costs tens of milliseconds)."""
+    global _user_agent_cache
+    if _user_agent_cache is None:
+        try:
+            from importlib.metadata import version
+
+            _user_agent_cache = f"{SPY_NAME}/{version('middleware')}"
+        except Exception:  # not installed as a distribution
+            _user_agent_cache = f"{SPY_NAME}/unknown"
+    return _user_agent_cache
 
 
 # ---------------------------------------------------------------- resolution
@@ -350,7 +358,8 @@ def _resolve(
         basic_user=user,
         basic_password=password,
         spy_name=_setting("spy_name", spy_name, {}, (), _header_value, d.spy_name),
-        user_agent=_setting("user_agent", user_agent, {}, (), _header_value, _user_agent()),
+        user_agent=_setting("user_agent", user_agent, {}, (), _header_value,
+                            _user_agent() if server is not None or key is not None else d.user_agent),
         sample_rate=_setting("sample_rate", sample_rate, env, ("MW_PROFILING_SAMPLE_RATE",), _int_in(1, 10000),
                              d.sample_rate),
         queue_max=_setting("queue_max", queue_max, env, ("MW_PROFILING_UPLOAD_QUEUE",), _int_in(1, MAX_QUEUE_MAX),

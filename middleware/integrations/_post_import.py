@@ -13,19 +13,25 @@ The loader is wrapped by shadowing ``exec_module`` on the loader *instance* (pat
 are created per module), which keeps ``module.__loader__`` the real loader and ``isinstance``
 checks on it intact. Loaders that are classes or module-level singletons are wrapped in a
 delegating proxy instead.
+
+The finder and the proxy implement the import protocols (``find_spec`` / ``invalidate_caches``,
+``create_module`` / ``exec_module``) without deriving from :mod:`importlib.abc`, whose import
+(``importlib.resources``, ``tempfile``, ...) would cost the tracker's start-up a few
+milliseconds; the import system only needs the methods.
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import logging
 import os
 import sys
 import threading
 import types
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import importlib.machinery
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +89,7 @@ def _fire(name: str, module: types.ModuleType) -> None:
             logger.warning("middleware: instrumenting %s failed", name, exc_info=True)
 
 
-class _PostImportFinder(importlib.abc.MetaPathFinder):
+class _PostImportFinder:
     """Meta-path finder that only answers for module names with pending callbacks."""
 
     def find_spec(
@@ -155,7 +161,7 @@ def _wrap_loader(spec: importlib.machinery.ModuleSpec, fullname: str) -> None:
         spec.loader = _LoaderProxy(loader, exec_module)
 
 
-class _LoaderProxy(importlib.abc.Loader):
+class _LoaderProxy:
     """Delegates everything to ``inner`` except ``exec_module``."""
 
     def __init__(self, inner: Any, exec_module: Callback) -> None:
