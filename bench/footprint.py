@@ -29,6 +29,7 @@ import on top of the typical app's, slowest first.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import statistics
@@ -140,8 +141,7 @@ if detail:
             rows.append({"name": m[2], "size_kb": (m[1] - m[0]) // 1024, "rss_kb": m[3], "d_rss_kb": d_rss,
                          "uss_kb": m[4], "new": old is None or old[1] != m[1]})
     out["maps"] = rows
-import json
-print("FP_RESULT " + json.dumps(out))
+print("FP_RESULT " + repr(out))  # not json: importing it would count as ours
 """
 
 VARIANTS = ("app", "mw", "mw-noupload", "bare", "bare-mw")
@@ -170,7 +170,7 @@ def run_child(variant: str, seconds: float, store: str, detail: bool = False,
     if p.returncode != 0:
         raise SystemExit(f"footprint child failed ({variant}):\n{p.stderr[-4000:]}")
     line = [x for x in p.stdout.splitlines() if x.startswith("FP_RESULT ")][-1]
-    return json.loads(line[len("FP_RESULT "):]), p.stderr
+    return ast.literal_eval(line[len("FP_RESULT "):]), p.stderr
 
 
 def med(rows: list[dict[str, Any]], *path: str) -> float:

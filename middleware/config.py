@@ -19,6 +19,15 @@ __all__ = ["ProfilerConfig", "resolve_config", "default_profile_dir"]
 
 T = TypeVar("T")
 
+#: The variables that only the uploader's settings read (:mod:`middleware.upload_config`). With
+#: none of them set and no tags there is nowhere to upload and nothing upload-specific to
+#: validate, so the tracker does not load the upload settings at all.
+UPLOAD_VARIABLES = (
+    "MW_API_KEY", "MW_PROFILING_SERVER_URL", "MW_AUTH_URL", "MW_PROFILING_TENANT_ID",
+    "MW_PROFILING_BEARER_TOKEN", "MW_PROFILING_BASIC_AUTH_USER", "MW_PROFILING_BASIC_AUTH_PASSWORD",
+    "MW_PROFILING_UPLOAD_QUEUE", "MW_PROFILING_PUSH_API",
+)
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 

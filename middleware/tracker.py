@@ -9,9 +9,9 @@ Nothing here runs on the sampling path: the sampler and exporter are native thre
 take the GIL. Python only configures, labels and reports.
 
 Start-up stays cheap: what only some processes need is imported when it is needed (asyncio's
-label hook is installed when the app has imported asyncio and pushes labels, the package
-version for the uploader's user agent only when a backend is configured, the profile model at
-the first ``snapshot()``).
+label hook is installed when the app has imported asyncio and pushes labels, the upload
+settings only when an upload variable is set, the package version for the uploader's user
+agent only when a backend is configured, the profile model at the first ``snapshot()``).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from middleware.labels import enable_asyncio_hook, labels as _labels_cm
-from middleware.config import ProfilerConfig, default_profile_dir, resolve_config
+from middleware.config import UPLOAD_VARIABLES, ProfilerConfig, default_profile_dir, resolve_config
 
 if TYPE_CHECKING:
     from middleware.profile import Profile
@@ -79,6 +79,8 @@ class _ProcessProfiler:
     def _start_upload(self, n: Any) -> None:
         if not self.config.upload:
             return
+        if not self.config.tags and not any(os.environ.get(v, "").strip() for v in UPLOAD_VARIABLES):
+            return  # no destination: resolve_upload_config() would return None without a warning
         try:
             from middleware import upload_config
         except ImportError:
@@ -146,12 +148,14 @@ class _ProcessProfiler:
             self.drain_messages()
 
     def drain_messages(self) -> None:
+        if not self.uploading:
+            return
         try:
             from middleware import upload_config
         except ImportError:
             return
         drain = getattr(upload_config, "drain_messages", None)
-        if drain is not None and self.uploading:
+        if drain is not None:
             drain()
 
     def after_fork_in_child(self) -> None:
