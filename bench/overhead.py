@@ -208,6 +208,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=int, default=100, help="sampling rate (Hz) of calc/depth30/depth150/threads")
     ap.add_argument("--pairs", type=int, default=None, help="profiled/unprofiled pairs per workload (default 7)")
+    ap.add_argument("--rounds", type=int, dest="pairs", help=argparse.SUPPRESS)  # the older name of --pairs
+    ap.add_argument("--reps", type=int, default=None, help="calc repetitions per run (default 65, 22 with --quick)")
     ap.add_argument("--quick", action="store_true", help="3 pairs of shorter runs")
     ap.add_argument("--native", action="store_true", help="profile with native (C) frames; adds `sleepers`")
     ap.add_argument("--only", metavar="WORKLOAD[,...]", help="calc, depth30, depth150, threads, idle, sleepers")
@@ -216,6 +218,8 @@ def main() -> None:
     pairs = args.pairs or (3 if args.quick else 7)
     mode = "native" if args.native else "on"
     wl = workloads(args.quick)
+    if args.reps:
+        wl["calc"]["units"] = args.reps
     names = ["calc", "depth30", "depth150", "threads", "idle"] + (["sleepers"] if args.native else [])
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
