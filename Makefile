@@ -5,7 +5,7 @@ PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 MATRIX_VERSIONS ?= 3.10 3.11 3.12 3.13
 CSRC := $(wildcard csrc/*.c csrc/*.h)
 
-.PHONY: help bootstrap build test check matrix asan bench demo lint format proto clean
+.PHONY: help bootstrap build test check matrix asan bench demo lint format proto clean peers
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -33,6 +33,10 @@ bench: build  ## overhead benchmarks (profiled vs unprofiled, side by side)
 	$(PY) bench/overhead.py
 	$(PY) bench/overhead.py --rate 1000
 	$(PY) bench/demo_throughput.py
+
+peers: build  ## our profiler next to py-spy, austin, pyroscope-io, ddtrace (venv .venv-bench; PEERS_ARGS=--quick)
+	@scripts/bench-venv.sh
+	.venv-bench/bin/python bench/peers.py $(PEERS_ARGS)
 
 demo:  ## run the Flask demo under gunicorn and show the calc3 bottleneck
 	@scripts/demo.sh
