@@ -52,6 +52,7 @@ static PyObject *py_unwind_stats(PyObject *self, PyObject *noargs) {
         {"unwind_enabled", s.enabled},
         {"unwind_signal", s.signal},
         {"unwind_requests", s.requests},
+        {"unwind_pauses", s.pauses},
         {"unwind_captured", s.captured},
         {"unwind_timeouts", s.timeouts},
         {"unwind_send_failed", s.send_failed},

@@ -166,8 +166,26 @@ static uint32_t stack_hash(const mw_id_t *frames, uint32_t depth, mw_id_t thread
     return hash_bytes(frames, (size_t)depth * sizeof *frames, h);
 }
 
+static void add_values(mw_stack_t *s, const mw_values_t *v) {
+    s->v.cpu_samples += v->cpu_samples;
+    s->v.cpu_ns += v->cpu_ns;
+    s->v.wall_samples += v->wall_samples;
+    s->v.wall_ns += v->wall_ns;
+}
+
 int mw_profbuf_add(mw_profbuf_t *b, const mw_id_t *frames, uint32_t depth, mw_id_t thread,
                    uint32_t labelset, const mw_values_t *v) {
+    return mw_profbuf_add_ex(b, frames, depth, thread, labelset, v, NULL);
+}
+
+int mw_profbuf_add_at(mw_profbuf_t *b, uint32_t idx, const mw_values_t *v) {
+    if (idx >= b->nstacks) return -1;
+    add_values(&b->stacks[idx], v);
+    return 0;
+}
+
+int mw_profbuf_add_ex(mw_profbuf_t *b, const mw_id_t *frames, uint32_t depth, mw_id_t thread,
+                      uint32_t labelset, const mw_values_t *v, uint32_t *idx) {
     if (depth > 0xFFFF) depth = 0xFFFF;
     uint32_t h = stack_hash(frames, depth, thread, labelset);
     for (uint32_t i = h & b->stack_mask;; i = (i + 1) & b->stack_mask) {
@@ -195,10 +213,8 @@ int mw_profbuf_add(mw_profbuf_t *b, const mw_id_t *frames, uint32_t depth, mw_id
                 memcmp(b->slots + s->frames_off, frames, (size_t)depth * sizeof *frames) != 0)
                 continue;
         }
-        s->v.cpu_samples += v->cpu_samples;
-        s->v.cpu_ns += v->cpu_ns;
-        s->v.wall_samples += v->wall_samples;
-        s->v.wall_ns += v->wall_ns;
+        add_values(s, v);
+        if (idx) *idx = (uint32_t)(s - b->stacks);
         return 0;
     }
 }

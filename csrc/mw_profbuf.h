@@ -85,6 +85,14 @@ mw_id_t mw_profbuf_intern_frame(mw_profbuf_t *b, const mw_frame_t *f);
 int mw_profbuf_add(mw_profbuf_t *b, const mw_id_t *frames, uint32_t depth, mw_id_t thread,
                    uint32_t labelset, const mw_values_t *v);
 
+/* Same, and stores the 0-based index of the stack entry in *idx (when idx is not NULL) so
+ * that later values for the very same (stack, thread, labelset) can go to mw_profbuf_add_at. */
+int mw_profbuf_add_ex(mw_profbuf_t *b, const mw_id_t *frames, uint32_t depth, mw_id_t thread,
+                      uint32_t labelset, const mw_values_t *v, uint32_t *idx);
+/* Adds values to the stack entry at idx (from mw_profbuf_add_ex on this buffer, same
+ * generation). Returns 0, or -1 when idx is out of range. */
+int mw_profbuf_add_at(mw_profbuf_t *b, uint32_t idx, const mw_values_t *v);
+
 /* Adds every stack of src into dst, re-interning strings and frames. Returns the number of
  * stacks that did not fit. */
 uint32_t mw_profbuf_merge(mw_profbuf_t *dst, const mw_profbuf_t *src);

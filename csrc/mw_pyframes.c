@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 static PyInterpreterState *g_interp;
+static struct _gil_runtime_state *g_gil; /* the main interpreter's GIL (NULL: no GIL build) */
 #if PY_VERSION_HEX < 0x030B0000
 /* 3.10 has no native_thread_id in PyThreadState: tstate->thread_id is the pthread_t, which in
  * glibc points at the thread descriptor holding the kernel tid. The tid's offset inside that
@@ -64,6 +65,13 @@ int mw_pyframes_init(void) {
         PyErr_SetString(PyExc_RuntimeError, "middleware: no main interpreter");
         return -1;
     }
+#if defined(Py_GIL_DISABLED)
+    g_gil = NULL;
+#elif PY_VERSION_HEX >= 0x030C0000
+    g_gil = g_interp->ceval.gil; /* set at interpreter start, never moves */
+#else
+    g_gil = &_PyRuntime.ceval.gil;
+#endif
 #if PY_VERSION_HEX < 0x030B0000
     pid_t tid = (pid_t)syscall(SYS_gettid);
     const char *self = (const char *)pthread_self();
@@ -165,6 +173,11 @@ static void code_info(const PyCodeObject *co, mw_pycode_t *out) {
     out->filename = (uintptr_t)co->co_filename;
     out->linetable = (uintptr_t)co->co_linetable;
     out->firstlineno = co->co_firstlineno;
+#if PY_VERSION_HEX >= 0x030C0000
+    out->version = co->co_version;
+#else
+    out->version = 0;
+#endif
 }
 
 #if PY_VERSION_HEX >= 0x030B0000
@@ -402,6 +415,23 @@ int mw_pyframes_read_bytes(uintptr_t bytes, uint8_t *buf, size_t cap) {
     if (len < 0 || (size_t)len > cap) return -1;
     if (mw_safe_read((const char *)bytes + head, (size_t)len, buf) != 0) return -1;
     return (int)len;
+}
+
+void mw_pyframes_gil(mw_gilstate_t *out) {
+    out->ok = 0;
+    if (!g_gil) return;
+    struct _gil_runtime_state g;
+    /* last_holder and switch_number sit next to each other at the head of the struct. */
+    size_t len = offsetof(struct _gil_runtime_state, switch_number) + sizeof g.switch_number;
+    if (mw_safe_read(g_gil, len, &g) != 0) return;
+    uintptr_t holder;
+    int locked;
+    memcpy(&holder, &g.last_holder, sizeof holder); /* _Py_atomic_address or a plain pointer */
+    memcpy(&locked, &g.locked, sizeof locked);      /* _Py_atomic_int or a plain int */
+    out->locked = locked == 1;
+    out->last_holder = holder;
+    out->switch_number = g.switch_number;
+    out->ok = 1;
 }
 
 int mw_pyframes_finalizing(void) {

@@ -34,6 +34,7 @@ typedef struct mw_pycode {
     uintptr_t filename;  /* str object */
     uintptr_t linetable; /* bytes object */
     int32_t firstlineno;
+    uint32_t version; /* 3.12+: co_version, unique per code object (0 on 3.10/3.11) */
 } mw_pycode_t;
 
 typedef struct mw_rawframe {
@@ -74,6 +75,20 @@ int mw_pyframes_read_str(uintptr_t str, char *buf, size_t cap);
 
 /* Copies a bytes object's contents into buf. Returns length, or -1 (also if larger than cap). */
 int mw_pyframes_read_bytes(uintptr_t bytes, uint8_t *buf, size_t cap);
+
+/* The GIL's bookkeeping, read without the GIL. In a GIL build only the thread holding the GIL
+ * can change its Python frames. `switch_number` grows each time the GIL passes to a thread
+ * other than `last_holder`, so two readings with the same switch_number and a last holder other
+ * than thread T prove that T did not hold the GIL at any moment in between (and so that T's
+ * frame chain did not change). */
+typedef struct mw_gilstate {
+    uintptr_t last_holder; /* PyThreadState of the last thread that took the GIL */
+    unsigned long switch_number;
+    int locked; /* the GIL is held (by last_holder) */
+    int ok;     /* 0 when unreadable or when the build has no GIL (nothing is proven then) */
+} mw_gilstate_t;
+
+void mw_pyframes_gil(mw_gilstate_t *out);
 
 /* 1 while the interpreter is finalizing (or its state cannot be read). */
 int mw_pyframes_finalizing(void);

@@ -36,12 +36,23 @@
 #define MW_MAX_DEPTH_CAP 4096
 
 typedef struct {
-    long tid;        /* 0 = free */
-    uint64_t cpu_ns; /* last reading */
-    uint64_t tick;   /* last tick the thread was seen */
+    long tid;         /* 0 = free */
+    uint64_t cpu_ns;  /* CPU clock at the start of the last read */
+    uint64_t cpu_end; /* CPU clock right after the last proven read (stack reuse) */
+    uint64_t pending; /* CPU ns used while the thread had no on-CPU sample in the window */
+    uint64_t hit_gen; /* buffer generation in which the thread had an on-CPU sample */
+    uint64_t tick;    /* last tick the thread was seen */
     uint32_t name_seq;
     uint64_t name_gen; /* buffer generation the cached name id belongs to */
     mw_id_t name_id;
+    /* The last sample's stack entry, reused while the thread has not run since. */
+    uint64_t stack_gen;
+    uint32_t stack_idx;
+    uint32_t stack_labels; /* label-set change counter when it was read */
+    mw_id_t stack_thread;
+    uint32_t stack_labelset;
+    int stack_valid;
+    uint64_t py_hash; /* the remembered sample's Python frames (native reuse check) */
 } mw_tstate_t;
 
 #define TS_SLOTS (2 * MW_MAX_THREADS)
@@ -63,7 +74,10 @@ static mw_tstate_t *g_ts;
 static mw_pythread_t *g_threads;
 static mw_rawframe_t *g_raw;
 static mw_id_t *g_ids;
+static const mw_symentry_t **g_sym;
 static mw_readcache_t *g_rc;
+static int g_can_pause;          /* the pause handler is installed (mw_unwind_setup) */
+static mw_gilstate_t g_gil_tick; /* GIL state read before the current thread's walk */
 static uint64_t g_tick;
 static int64_t g_last_tick_ns;
 static uint64_t g_rng = 0x9E3779B97F4A7C15ULL;
@@ -112,7 +126,11 @@ static void ts_prune(void) {
     memcpy(tmp, g_ts, TS_SLOTS * sizeof *tmp);
     memset(g_ts, 0, TS_SLOTS * sizeof *g_ts);
     for (uint32_t i = 0; i < TS_SLOTS; i++) {
-        if (tmp[i].tid == 0 || tmp[i].tick + 2 < g_tick) continue;
+        if (tmp[i].tid == 0) continue;
+        if (tmp[i].tick + 2 < g_tick) { /* gone: CPU it used after its last on-CPU sample */
+            g_stats.cpu_unattributed_ns += tmp[i].pending;
+            continue;
+        }
         int c;
         mw_tstate_t *s = ts_find(tmp[i].tid, &c);
         if (s) *s = tmp[i];
@@ -132,73 +150,265 @@ static mw_id_t thread_name_id(mw_profbuf_t *b, mw_tstate_t *st, uint32_t *labels
     return st->name_id;
 }
 
+/* CPU per window, per thread name. A thread's CPU time is exact (its CPU clock), but where it
+ * was spent is only known at its on-CPU samples. At the end of a window (and for a snapshot)
+ * each thread's CPU of the window is split over its on-CPU samples of the window in
+ * proportion to their counts: a ratio estimator, unbiased as the samples are, with the exact
+ * total. Threads with the same name share one row. Sampler thread (ticks) and the swap/snapshot
+ * side, both under the buffer lock. */
+#define WIN_SLOTS (2 * MW_MAX_THREADS)
+typedef struct {
+    uint64_t gen; /* buffer generation the row belongs to (0 = free) */
+    mw_id_t thread;
+    uint64_t cpu_ns, hits;
+} cpu_window_t;
+static cpu_window_t *g_win;
+
+static cpu_window_t *cpu_window_row(mw_id_t thread, uint64_t gen, int create) {
+    uint32_t h = (uint32_t)(thread * 2654435761u);
+    for (uint32_t k = 0; k < WIN_SLOTS; k++) {
+        cpu_window_t *w = &g_win[(h + k) & (WIN_SLOTS - 1)];
+        if (w->gen == gen && w->thread == thread) return w;
+        if (w->gen != gen) { /* free, or left over from an older window */
+            if (!create) return NULL;
+            w->gen = gen;
+            w->thread = thread;
+            w->cpu_ns = w->hits = 0;
+            return w;
+        }
+    }
+    return NULL;
+}
+
+static void cpu_window_add(mw_id_t thread, uint64_t gen, uint64_t cpu_ns, uint64_t hits) {
+    cpu_window_t *w = g_win ? cpu_window_row(thread, gen, 1) : NULL;
+    if (!w) {
+        g_stats.cpu_unattributed_ns += cpu_ns;
+        return;
+    }
+    w->cpu_ns += cpu_ns;
+    w->hits += hits;
+}
+
+/* Writes every on-CPU stack's CPU time: its share of its thread's window CPU. Idempotent. */
+static void cpu_window_finalize(mw_profbuf_t *b) {
+    if (!g_win || !b) return;
+    uint64_t gen = mw_profbuf_generation(b);
+    uint32_t n = mw_profbuf_nstacks(b);
+    for (uint32_t i = 0; i < n; i++) {
+        mw_stack_t *s = (mw_stack_t *)mw_profbuf_stack(b, i);
+        if (!s->v.cpu_samples) continue;
+        cpu_window_t *w = cpu_window_row(s->thread, gen, 0);
+        s->v.cpu_ns =
+            w && w->hits ? (uint64_t)((__uint128_t)w->cpu_ns * s->v.cpu_samples / w->hits) : 0;
+    }
+}
+
+/* One read of a thread's Python frames, names included: walks from a fresh top-frame pointer
+ * and resolves every frame in the symbol cache (names and line tables of cache misses are
+ * copied now, while the code objects are alive). Returns the depth; *ok = 0 when a frame could
+ * not be resolved. */
+static int read_stack(uintptr_t tstate, int *truncated, int *ok) {
+    *ok = 1;
+    *truncated = 0;
+    mw_readcache_reset(g_rc);
+    mw_symcache_begin();
+    uintptr_t top = mw_pyframes_top_frame(tstate);
+    if (!top) return 0;
+    int depth = mw_pyframes_walk(g_rc, top, g_raw, g_cfg.max_depth, truncated);
+    uint64_t epoch = mw_symcache_epoch();
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < depth; i++) {
+            g_sym[i] = mw_symcache_resolve(&g_raw[i]);
+            if (!g_sym[i]) *ok = 0;
+        }
+        if (mw_symcache_epoch() == epoch) break;
+        /* The cache was emptied midway (full): earlier handles are gone, resolve again. */
+        epoch = mw_symcache_epoch();
+        *ok = 1;
+    }
+    return depth;
+}
+
+static uint64_t raw_hash(int depth) {
+    uint64_t h = 1469598103934665603ULL;
+    for (int i = 0; i < depth; i++) {
+        h = (h ^ g_raw[i].code) * 1099511628211ULL;
+        h = (h ^ (uint64_t)(uint32_t)g_raw[i].lasti) * 1099511628211ULL;
+    }
+    return h ^ (uint64_t)depth;
+}
+
+static void remember_stack(mw_tstate_t *st, uint64_t gen, uint32_t idx, uint32_t labels_seq,
+                           mw_id_t thread, uint32_t labelset, uint64_t cpu_end, int native,
+                           uint64_t py_hash) {
+    st->cpu_end = cpu_end;
+    st->stack_valid = native ? 2 : 1;
+    st->stack_gen = gen;
+    st->stack_idx = idx;
+    st->stack_labels = labels_seq;
+    st->stack_thread = thread;
+    st->stack_labelset = labelset;
+    st->py_hash = py_hash;
+}
+
+/* Adds wall time to the thread's remembered entry when it still describes the thread. */
+static int reuse_stack(mw_profbuf_t *b, mw_tstate_t *st, uint64_t gen, uint32_t labels_seq,
+                       uint64_t dwall) {
+    if (!st->stack_valid || st->stack_gen != gen || labels_seq != st->stack_labels) return 0;
+    uint32_t labelset;
+    mw_id_t thread = thread_name_id(b, st, &labelset);
+    if (thread != st->stack_thread || labelset != st->stack_labelset) return 0;
+    mw_values_t v = {0, 0, 1, dwall};
+    if (mw_profbuf_add_at(b, st->stack_idx, &v) != 0) return 0;
+    g_stats.samples++;
+    g_stats.reused++;
+    return 1;
+}
+
+/* Why a stack may be trusted. The sampler reads a thread's frames while the thread may run on.
+ * A read is kept only when it is PROVEN to show one instant of the thread:
+ *   - the thread's CPU clock did not move across the read (it executed nothing meanwhile); or
+ *   - the GIL never reached the thread across the read (same switch_number before and after,
+ *     and another last holder): in a GIL build only the GIL holder changes its Python frames; or
+ *   - the thread was paused in a signal handler while it was read (mw_unwind_pause/capture).
+ * A read that is not proven is thrown away (its symbol-cache fills too) and redone. */
 static void sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now, int first_tick) {
-    uint64_t cpu = 0, dcpu = 0;
-    int have_cpu = th->tid > 0 && thread_cpu_ns(th->tid, &cpu) == 0;
-    if (th->tid > 0 && !have_cpu) {
+    uint64_t dwall =
+        first_tick ? (uint64_t)(1000000000LL / g_cfg.rate_hz) : (uint64_t)(now - g_last_tick_ns);
+    uint64_t c0 = 0;
+    if (th->tid <= 0 || thread_cpu_ns(th->tid, &c0) != 0) {
+        /* No CPU clock: the thread is gone (or its kernel id is unknown). */
         g_stats.threads_gone++;
         return;
     }
-    mw_tstate_t *st = NULL;
     int created = 0;
-    if (th->tid > 0) {
-        st = ts_find(th->tid, &created);
-        if (!st) {
-            g_stats.dropped++;
+    mw_tstate_t *st = ts_find(th->tid, &created);
+    if (!st) {
+        g_stats.dropped++;
+        return;
+    }
+    /* A thread first seen after the first tick was born since the previous tick: all its CPU
+     * time is new. Threads alive at start only count from now on. */
+    uint64_t dcpu = created ? (first_tick ? 0 : c0) : (c0 > st->cpu_ns ? c0 - st->cpu_ns : 0);
+    st->cpu_ns = c0;
+    st->tick = g_tick;
+    uint64_t gen = mw_profbuf_generation(b);
+    /* CPU time: see cpu_window_* below. Until the thread's first on-CPU sample of this
+     * window its CPU waits in `pending`. */
+    if (dcpu) {
+        if (st->hit_gen == gen && st->name_gen == gen && st->name_id)
+            cpu_window_add(st->name_id, gen, dcpu, 0);
+        else
+            st->pending += dcpu;
+    }
+    uint32_t labels_seq = mw_threads_labelset_seq(st->tid);
+
+    /* A thread that has not run since its last proven read still has that stack (and labels):
+     * its wall time goes to the same entry with no read at all, and in native mode it is not
+     * signalled. Idle threads cost one clock read. */
+    if (!created && c0 == st->cpu_end && reuse_stack(b, st, gen, labels_seq, dwall)) return;
+
+    int truncated = 0, ok = 0, depth = 0, proven = 0, native = 0, on_cpu = 0;
+    uintptr_t tstate = th->tstate;
+    int want_native = mw_unwind_enabled();
+    int want_pause = 0;
+    uint64_t cs = c0; /* CPU clock before the current read */
+    /* Is it on CPU right now? Only asked where the answer decides whether to pause: the GIL's
+     * last holder (running Python, reading it unpaused would be wasted) and native mode. */
+    if (want_native || (g_gil_tick.ok && g_gil_tick.last_holder == tstate)) {
+        uint64_t c;
+        int r = thread_cpu_ns(th->tid, &c);
+        if (r == 0 && c > c0) {
+            on_cpu = 1;
+            want_pause = 1;
+            cs = c;
+        }
+    }
+    if (want_native && !on_cpu && st->stack_valid == 2 && st->stack_gen == gen &&
+        labels_seq == st->stack_labels) {
+        /* Native, not running, and it ran only briefly since its last native sample (the
+         * handler's own return counts): if its Python frames are exactly those of that sample,
+         * its native stack is too (blocked at the same call): reuse it, unsignalled. */
+        uint64_t c1;
+        depth = read_stack(tstate, &truncated, &ok);
+        int frozen = thread_cpu_ns(th->tid, &c1) == 0 && c1 == cs;
+        if (!frozen) mw_symcache_abort();
+        if (frozen && ok && raw_hash(depth) == st->py_hash &&
+            reuse_stack(b, st, gen, labels_seq, dwall)) {
+            st->cpu_end = c1;
             return;
         }
-        /* A thread first seen after the first tick was born since the previous tick: all
-         * its CPU time is new. Threads alive at start only count from now on. */
-        if (created)
-            dcpu = first_tick ? 0 : cpu;
-        else
-            dcpu = cpu > st->cpu_ns ? cpu - st->cpu_ns : 0;
-        st->cpu_ns = cpu;
-        st->tick = g_tick;
     }
-    uint64_t dwall =
-        first_tick ? (uint64_t)(1000000000LL / g_cfg.rate_hz) : (uint64_t)(now - g_last_tick_ns);
-
-    /* The thread runs on while we walk its frames: a labels block entered or left during the
-     * walk would pair a stack from one side with labels from the other. The label set's change
-     * counter is read before and after; a sample that straddles a change carries no labels
-     * (counted). */
-    uint32_t labels_seq = st ? mw_threads_labelset_seq(st->tid) : 0;
-    int truncated = 0;
-    mw_readcache_reset(g_rc);
-    /* Native frames (mw_unwind, opt-in): between capture and release the thread waits in its
-     * signal handler, so its native and Python stacks describe the same instant. */
-    uintptr_t top = th->top_frame;
-    /* The top-frame pointer is as old as the thread list; for a thread that uses labels, take a
-     * fresh one read after the label counter, so the stack is not older than the labels. */
-    if (labels_seq && top) top = mw_pyframes_top_frame(th->tstate);
-    int native = top && mw_unwind_enabled() && mw_unwind_capture(th->tid, th->tstate, &top) == 0;
-    int depth = top ? mw_pyframes_walk(g_rc, top, g_raw, g_cfg.max_depth, &truncated) : 0;
-    if (native) mw_unwind_release();
-    /* A running thread calls and returns while we read it: a walk that found no frame or broke
-     * off (the newest frame was being pushed or popped) is retried from a fresh top-frame
-     * pointer, at most twice. (Native mode pauses the thread, so it needs no retry.) */
-    for (int retry = 0;
-         !native && top && (depth == 0 || (truncated && depth < g_cfg.max_depth)) && retry < 2;
-         retry++) {
-        uintptr_t fresh = mw_pyframes_top_frame(th->tstate);
-        if (!fresh) break;
-        g_stats.walk_retries++;
-        mw_readcache_reset(g_rc);
-        truncated = 0;
-        depth = mw_pyframes_walk(g_rc, fresh, g_raw, g_cfg.max_depth, &truncated);
+    if (want_native) want_pause = 1;
+    uint64_t c1 = cs;
+    for (int attempt = 0; attempt < 3 && !proven; attempt++) {
+        if (want_pause) {
+            /* Pause the thread in its handler (native mode: and unwind its C stack). */
+            uintptr_t top_unused = 0;
+            int paused = 0;
+            if (want_native && mw_unwind_capture(th->tid, tstate, &top_unused) == 0)
+                paused = native = 1;
+            else if (!want_native && g_can_pause && mw_unwind_pause(th->tid) == 0)
+                paused = 1;
+            if (paused) {
+                depth = read_stack(tstate, &truncated, &ok);
+                if (!native) mw_unwind_release(); /* native: after mw_unwind_combine's reads */
+                proven = 1;
+                g_stats.paused++;
+                break;
+            }
+            want_native = want_pause = 0; /* cannot pause it: read it unpaused, and prove it */
+        }
+        mw_gilstate_t g0 = g_gil_tick;
+        depth = read_stack(tstate, &truncated, &ok);
+        if (thread_cpu_ns(th->tid, &c1) != 0) {
+            mw_symcache_abort();
+            g_stats.threads_gone++;
+            return;
+        }
+        if (c1 > cs) on_cpu = 1;
+        if (c1 == cs) {
+            proven = 1;
+        } else {
+            mw_gilstate_t g1;
+            mw_pyframes_gil(&g1);
+            if (g0.ok && g1.ok && g1.switch_number == g0.switch_number && g1.last_holder != tstate)
+                proven = 1;
+            g_gil_tick = g1; /* the reference for whatever is read next */
+        }
+        if (!proven) {
+            mw_symcache_abort();
+            g_stats.walk_retries++;
+            want_pause = g_can_pause;
+            cs = c1;
+        }
+    }
+    if (!proven) {
+        /* Could not be read consistently (it runs Python and cannot be paused): no stack is
+         * better than a wrong one. Its CPU stays pending for its next proven on-CPU sample. */
+        g_stats.dropped++;
+        g_stats.unproven++;
+        return;
     }
     if (truncated) g_stats.truncated++;
-    if (depth == 0 && dcpu == 0) return; /* idle thread without Python frames: nothing to say */
-
+    uint64_t py_hash = raw_hash(depth);
     uint32_t n = 0;
-    if (native) /* native and Python frames spliced, leaf first */
-        n = mw_unwind_combine(b, g_raw, depth, g_ids, MW_MAX_DEPTH_CAP);
-    else
+    if (native) { /* native and Python frames spliced, leaf first */
+        mw_unwind_release();
+        n = ok ? mw_unwind_combine(b, g_raw, depth, g_ids, MW_MAX_DEPTH_CAP) : 0;
+    } else if (ok) {
         for (int i = 0; i < depth; i++) {
-            mw_id_t id = mw_symcache_frame(b, &g_raw[i]);
+            mw_id_t id = mw_symcache_intern(b, g_sym[i], g_raw[i].lasti);
             if (id) g_ids[n++] = id;
         }
+    }
+    if (!ok) {
+        /* A frame whose names could not be read: the sample would be a partial stack. */
+        g_stats.dropped++;
+        return;
+    }
+    if (depth == 0 && n == 0 && !on_cpu) return; /* not running, no Python frame */
     if (n == 0) {
         /* No readable Python frame: still account the CPU time, under a marker frame. */
         mw_id_t name = mw_profbuf_intern_str(b, "[no Python frame]", 17);
@@ -212,20 +422,39 @@ static void sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
         g_ids[n++] = id;
     }
     uint32_t labelset = 0;
-    mw_id_t thread = 0;
-    if (st) thread = thread_name_id(b, st, &labelset);
-    if (st && mw_threads_labelset_seq(st->tid) != labels_seq) {
+    mw_id_t thread = thread_name_id(b, st, &labelset);
+    uint32_t labels_after = mw_threads_labelset_seq(st->tid);
+    if (labels_after != labels_seq) {
         g_stats.label_races++;
         labelset = 0;
     }
-    mw_values_t v = {dcpu > 0, dcpu, 1, dwall};
-    if (mw_profbuf_add(b, g_ids, n, thread, labelset, &v) != 0) {
+    /* CPU goes only to samples taken while the thread was on CPU: its clock moved across the
+     * read, or it was found running and paused. Such samples fall uniformly over the thread's
+     * CPU time, so stacks are drawn in proportion to where CPU was used; the CPU time itself is
+     * given to them at the end of the window (cpu_window_finalize). */
+    mw_values_t v = {(uint64_t)on_cpu, 0, 1, dwall};
+    uint32_t idx = 0;
+    if (mw_profbuf_add_ex(b, g_ids, n, thread, labelset, &v, &idx) != 0) {
         g_stats.dropped++;
         g_stats.overflow++;
         return;
     }
     g_stats.samples++;
-    if (dcpu) g_stats.cpu_samples++;
+    if (on_cpu) {
+        g_stats.cpu_samples++;
+        cpu_window_add(thread, gen, st->pending, 1);
+        st->pending = 0;
+        st->hit_gen = gen;
+    }
+    /* Reusable while the thread does not run. Python-only: only when the read itself saw it
+     * not running. Native: when it was not running when asked (the handler's own CPU use makes
+     * its clock move: the Python frames decide at the next tick, see above). */
+    if (labels_after == labels_seq && !on_cpu) {
+        if (!native && c1 == c0)
+            remember_stack(st, gen, idx, labels_seq, thread, labelset, c1, 0, py_hash);
+        else if (native)
+            remember_stack(st, gen, idx, labels_seq, thread, labelset, UINT64_MAX, 1, py_hash);
+    }
 }
 
 static void tick(void) {
@@ -237,6 +466,7 @@ static void tick(void) {
         return;
     }
     g_tick++;
+    mw_pyframes_gil(&g_gil_tick);
     pthread_mutex_lock(&g_buf_lock);
     for (int i = 0; i < n; i++)
         sample_thread(g_active, &g_threads[i], now, first);
@@ -302,9 +532,14 @@ static int alloc_private(void) {
     if (!g_threads) g_threads = calloc(MW_MAX_THREADS, sizeof *g_threads);
     if (!g_raw) g_raw = calloc(MW_MAX_DEPTH_CAP, sizeof *g_raw);
     if (!g_ids) g_ids = calloc(MW_MAX_DEPTH_CAP, sizeof *g_ids);
+    if (!g_sym) g_sym = calloc(MW_MAX_DEPTH_CAP, sizeof *g_sym);
+    if (!g_win) g_win = calloc(WIN_SLOTS, sizeof *g_win);
     if (!g_rc) g_rc = malloc(sizeof *g_rc);
     if (g_rc) mw_readcache_reset(g_rc);
-    return (g_ts && g_threads && g_raw && g_ids && g_rc && mw_symcache_init() == 0) ? 0 : -1;
+    return (g_ts && g_threads && g_raw && g_ids && g_sym && g_win && g_rc &&
+            mw_symcache_init() == 0)
+               ? 0
+               : -1;
 }
 
 int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
@@ -322,6 +557,10 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
         *why = "out of memory";
         return -1;
     }
+    /* The pause handler (a real-time signal) lets the sampler read a thread that runs Python
+     * consistently; without it such threads are read unpaused and kept only when proven. */
+    const char *pause_why = NULL;
+    g_can_pause = mw_unwind_setup(&pause_why) == 0;
     pthread_mutex_lock(&g_buf_lock);
     if (!g_active) {
         g_active = mw_profbuf_new(&g_cfg.limits);
@@ -378,6 +617,7 @@ int mw_sampler_rate(void) {
 mw_profbuf_t *mw_sampler_swap(mw_profbuf_t *fresh, int64_t *t_start, int64_t *t_end) {
     pthread_mutex_lock(&g_buf_lock);
     mw_profbuf_t *old = g_active;
+    cpu_window_finalize(old);
     int64_t now = mw_now_realtime_ns();
     *t_start = g_window_start_ns;
     *t_end = now;
@@ -389,6 +629,7 @@ mw_profbuf_t *mw_sampler_swap(mw_profbuf_t *fresh, int64_t *t_start, int64_t *t_
 
 void mw_sampler_with_active(void (*fn)(const mw_profbuf_t *, void *), void *arg) {
     pthread_mutex_lock(&g_buf_lock);
+    cpu_window_finalize(g_active);
     if (g_active) fn(g_active, arg);
     pthread_mutex_unlock(&g_buf_lock);
 }

@@ -22,9 +22,16 @@ typedef struct {
     int32_t last_lasti, last_line;
 } sc_entry_t;
 
+#define SC_TOMBSTONE ((uintptr_t)1) /* an entry filled by an attempt that was abandoned */
+#define SC_JOURNAL 4096
+
 static sc_entry_t *g_slots;
 static char *g_arena;
 static uint32_t g_arena_used, g_live;
+static uint64_t g_epoch;               /* bumped by every clear */
+static uint32_t g_journal[SC_JOURNAL]; /* slots filled since mw_symcache_begin */
+static uint32_t g_njournal;
+static int g_journal_lost; /* more fills than the journal holds */
 static mw_symcache_stats_t g_stats;
 static int g_format;
 
@@ -51,7 +58,36 @@ void mw_symcache_free(void) {
 void mw_symcache_clear(void) {
     if (g_slots) memset(g_slots, 0, SC_SLOTS * sizeof *g_slots);
     g_arena_used = g_live = 0;
+    g_njournal = 0;
+    g_epoch++;
     g_stats.resets++;
+}
+
+void mw_symcache_begin(void) {
+    g_njournal = 0;
+    g_journal_lost = 0;
+}
+
+void mw_symcache_abort(void) {
+    if (g_journal_lost) {
+        mw_symcache_clear(); /* cannot tell which entries the attempt filled: drop them all */
+        return;
+    }
+    for (uint32_t i = 0; i < g_njournal; i++)
+        g_slots[g_journal[i]].code = SC_TOMBSTONE;
+    g_stats.aborted += g_njournal;
+    g_njournal = 0;
+}
+
+uint64_t mw_symcache_epoch(void) {
+    return g_epoch;
+}
+
+static void journal(const sc_entry_t *e) {
+    if (g_njournal < SC_JOURNAL)
+        g_journal[g_njournal++] = (uint32_t)(e - g_slots);
+    else
+        g_journal_lost = 1;
 }
 
 void mw_symcache_get_stats(mw_symcache_stats_t *out) {
@@ -95,7 +131,8 @@ static int fill(sc_entry_t *e, const mw_rawframe_t *rf) {
 
 static int same_code(const mw_pycode_t *a, const mw_pycode_t *b) {
     return a->qualname == b->qualname && a->filename == b->filename &&
-           a->linetable == b->linetable && a->firstlineno == b->firstlineno;
+           a->linetable == b->linetable && a->firstlineno == b->firstlineno &&
+           a->version == b->version;
 }
 
 static sc_entry_t *lookup(const mw_rawframe_t *rf) {
@@ -109,7 +146,9 @@ static sc_entry_t *lookup(const mw_rawframe_t *rf) {
             }
             /* Same address, different code object: refill in place. */
             g_stats.misses++;
-            return fill(e, rf) == 0 ? e : NULL;
+            if (fill(e, rf) != 0) return NULL;
+            journal(e);
+            return e;
         }
         if (e->code == 0) {
             if (g_live >= SC_SLOTS / 2 || g_arena_used + 2 * SC_NAME_MAX > SC_ARENA) {
@@ -119,18 +158,26 @@ static sc_entry_t *lookup(const mw_rawframe_t *rf) {
             g_stats.misses++;
             if (fill(e, rf) != 0) return NULL;
             g_live++;
+            journal(e);
             return e;
         }
     }
 }
 
-mw_id_t mw_symcache_frame(mw_profbuf_t *b, const mw_rawframe_t *rf) {
-    if (!g_slots) return 0;
+const mw_symentry_t *mw_symcache_resolve(const mw_rawframe_t *rf) {
+    if (!g_slots) return NULL;
     sc_entry_t *e = lookup(rf);
-    if (!e) {
-        g_stats.read_failures++;
-        return 0;
-    }
+    if (!e) g_stats.read_failures++;
+    return (const mw_symentry_t *)e;
+}
+
+mw_id_t mw_symcache_frame(mw_profbuf_t *b, const mw_rawframe_t *rf) {
+    const mw_symentry_t *h = mw_symcache_resolve(rf);
+    return h ? mw_symcache_intern(b, h, rf->lasti) : 0;
+}
+
+mw_id_t mw_symcache_intern(mw_profbuf_t *b, const mw_symentry_t *h, int32_t lasti) {
+    sc_entry_t *e = (sc_entry_t *)h;
     uint64_t gen = mw_profbuf_generation(b);
     if (e->gen != gen) {
         e->name_id = mw_profbuf_intern_str(b, g_arena + e->name_off, e->name_len);
@@ -138,11 +185,11 @@ mw_id_t mw_symcache_frame(mw_profbuf_t *b, const mw_rawframe_t *rf) {
         if (!e->name_id || !e->file_id) return 0;
         e->gen = gen;
     }
-    if (e->last_lasti != rf->lasti) {
+    if (e->last_lasti != lasti) {
         e->last_line = e->lt_ok ? mw_linetable_line(g_format, (const uint8_t *)g_arena + e->lt_off,
-                                                    e->lt_len, e->info.firstlineno, rf->lasti)
+                                                    e->lt_len, e->info.firstlineno, lasti)
                                 : e->info.firstlineno;
-        e->last_lasti = rf->lasti;
+        e->last_lasti = lasti;
     }
     mw_frame_t f = {e->name_id, e->file_id, e->last_line, e->info.firstlineno};
     return mw_profbuf_intern_frame(b, &f);

@@ -9,7 +9,14 @@
  * Each entry also remembers the string ids it got in the profile buffer of a given generation,
  * so a hot frame costs one hash probe and a line-table decode per sample.
  *
- * Threads: sampler thread only (no locks). Not async-signal-safe (uses the arena, not malloc).
+ * Names are only as true as the read that produced the key: a frame read from a stack that was
+ * changing could name a code object that was being freed. So the sampler resolves a stack's
+ * frames inside an ATTEMPT (mw_symcache_begin ... resolve ... ) while the thread is proven not to
+ * run (or paused), and abandons it with mw_symcache_abort() when the proof fails: the entries the
+ * attempt filled are dropped, so no name read from a torn stack is ever served later.
+ *
+ * Threads: sampler thread only (no locks, no malloc after init). Not async-signal-safe. Nothing
+ * here takes a lock, so it may run while an application thread is paused in a signal handler.
  */
 #ifndef MW_SYMCACHE_H
 #define MW_SYMCACHE_H
@@ -26,8 +33,22 @@ void mw_symcache_clear(void);
  * Returns the frame id in b, or 0 if the frame could not be read or b is full. */
 mw_id_t mw_symcache_frame(mw_profbuf_t *b, const mw_rawframe_t *rf);
 
+/* The two halves of mw_symcache_frame. resolve() finds or fills the entry of a raw frame
+ * (reading names and line table from application memory on a miss); the handle stays valid
+ * until the next clear (mw_symcache_epoch() changes) or abort. intern() only touches the cache
+ * and the buffer. */
+typedef struct mw_symentry mw_symentry_t;
+const mw_symentry_t *mw_symcache_resolve(const mw_rawframe_t *rf);
+mw_id_t mw_symcache_intern(mw_profbuf_t *b, const mw_symentry_t *h, int32_t lasti);
+
+/* Attempts: begin() starts remembering the entries filled; abort() drops them again. */
+void mw_symcache_begin(void);
+void mw_symcache_abort(void);
+uint64_t mw_symcache_epoch(void);
+
 typedef struct mw_symcache_stats {
     uint64_t hits, misses, read_failures, resets;
+    uint64_t aborted; /* entries dropped because the read that filled them was not proven */
 } mw_symcache_stats_t;
 void mw_symcache_get_stats(mw_symcache_stats_t *out);
 

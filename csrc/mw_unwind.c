@@ -48,6 +48,15 @@
 
 #define MW_UNWIND_PAUSE_NS 20000000LL /* a paused handler gives up after 20 ms */
 #define MW_ALTSTACK_SIZE (64 * 1024)
+#if defined(__x86_64__) || defined(__i386__)
+#define mw_cpu_relax() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define mw_cpu_relax() __asm__ volatile("yield")
+#else
+#define mw_cpu_relax() ((void)0)
+#endif
+#define MW_UNWIND_SPIN 4000        /* ~20-40 us of pause instructions before sleeping */
+#define MW_PAUSE_WAIT_NS 2000000LL /* a running thread answers a pause in microseconds */
 
 enum { PH_IDLE = 0, PH_REQ = 1, PH_BUSY = 2, PH_DONE = 3 };
 
@@ -56,6 +65,7 @@ typedef struct {
     _Atomic uint32_t release; /* futex word: low 32 bits of the last released sequence; a
                                * handler paused for sequence q goes once release >= q */
     _Atomic long tid;         /* thread asked */
+    _Atomic int unwind;       /* 0: pause only (the Python frames are all the sampler wants) */
     int n;                    /* IPs written, leaf first */
     int complete;             /* the unwind reached the outermost frame */
     uintptr_t ip[MW_UNWIND_MAX_FRAMES];
@@ -97,7 +107,8 @@ static void on_signal(int sig, siginfo_t *si, void *ucv) {
     }
     int n = 0, complete = 0;
     /* On x86-64 unw_context_t is ucontext_t: start from the interrupted context. */
-    if (unw_init_local2(&s->cursor, (unw_context_t *)ucv, UNW_INIT_SIGNAL_FRAME) == 0) {
+    if (atomic_load(&s->unwind) &&
+        unw_init_local2(&s->cursor, (unw_context_t *)ucv, UNW_INIT_SIGNAL_FRAME) == 0) {
         for (;;) {
             unw_word_t ip;
             if (unw_get_reg(&s->cursor, UNW_REG_IP, &ip) != 0 || ip == 0) break;
@@ -169,7 +180,7 @@ static int install_handler(const char **why) {
 
 static void symcache_setup(void);
 
-int mw_unwind_enable(int show_internal, const char **why) {
+int mw_unwind_setup(const char **why) {
     if (!g_slot) {
         void *p =
             mmap(NULL, sizeof(slot_t), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -187,8 +198,12 @@ int mw_unwind_enable(int show_internal, const char **why) {
          * allocation inside a signal handler. */
         unw_set_caching_policy(unw_local_addr_space, UNW_CACHE_NONE);
     }
+    return install_handler(why);
+}
+
+int mw_unwind_enable(int show_internal, const char **why) {
+    if (mw_unwind_setup(why) != 0) return -1;
     symcache_setup();
-    if (install_handler(why) != 0) return -1;
     g_show_internal = show_internal;
     g_st.signal = (uint64_t)g_sig;
     atomic_store(&g_enabled, 1);
@@ -255,9 +270,12 @@ static void release_seq(uint64_t seq) {
     syscall(SYS_futex, &g_slot->release, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
 }
 
-int mw_unwind_capture(long tid, uintptr_t tstate, uintptr_t *top_frame) {
+/* Sends a request to thread tid and waits until its handler has answered (it is then paused).
+ * The handler answers within microseconds when the thread runs: spin briefly before sleeping
+ * on the semaphore, so that a pause costs neither side a context switch. */
+static int request(long tid, int unwind, int64_t wait_ns) {
     slot_t *s = g_slot;
-    if (!s || tid <= 0) return -1;
+    if (!s || !g_sig || tid <= 0) return -1;
     unsigned bi = (unsigned)tid & (BACKOFF_SLOTS - 1);
     if (g_backoff[bi].tid == tid && g_backoff[bi].skip) {
         g_backoff[bi].skip--;
@@ -274,6 +292,7 @@ int mw_unwind_capture(long tid, uintptr_t tstate, uintptr_t *top_frame) {
     }
     uint64_t seq = ++g_seq;
     atomic_store(&s->tid, tid);
+    atomic_store(&s->unwind, unwind);
     s->n = 0;
     atomic_store(&s->state, seq << 2 | PH_REQ);
     g_st.requests++;
@@ -282,7 +301,12 @@ int mw_unwind_capture(long tid, uintptr_t tstate, uintptr_t *top_frame) {
         g_st.send_failed++;
         return -1;
     }
-    int64_t dl = mono_ns() + MW_UNWIND_WAIT_NS;
+    for (int spin = 0; spin < MW_UNWIND_SPIN; spin++) {
+        if (atomic_load_explicit(&s->state, memory_order_acquire) == (seq << 2 | PH_DONE))
+            goto answered;
+        mw_cpu_relax();
+    }
+    int64_t dl = mono_ns() + wait_ns;
     int extended = 0;
     for (;;) {
         struct timespec ts = {dl / 1000000000LL, dl % 1000000000LL};
@@ -304,9 +328,22 @@ int mw_unwind_capture(long tid, uintptr_t tstate, uintptr_t *top_frame) {
             return -1;
         }
         extended = 1; /* the handler is BUSY: unwinding takes microseconds, give it more */
-        dl += MW_UNWIND_WAIT_NS;
+        dl += wait_ns;
     }
+answered:
     if (g_backoff[bi].tid == tid) g_backoff[bi].fails = 0;
+    return 0;
+}
+
+int mw_unwind_pause(long tid) {
+    if (request(tid, 0, MW_PAUSE_WAIT_NS) != 0) return -1;
+    g_st.pauses++;
+    return 0;
+}
+
+int mw_unwind_capture(long tid, uintptr_t tstate, uintptr_t *top_frame) {
+    slot_t *s = g_slot;
+    if (request(tid, 1, MW_UNWIND_WAIT_NS) != 0) return -1;
     /* The thread is paused in its handler: note its current Python frame. */
     if (tstate) {
         uintptr_t p = mw_pyframes_top_frame(tstate);

@@ -44,6 +44,7 @@ typedef struct mw_unwind_stats {
     uint64_t pause_timeouts; /* handlers that stopped waiting for the sampler */
     uint64_t symbols;        /* distinct instruction pointers symbolized */
     uint64_t frames;         /* native frames captured, total */
+    uint64_t pauses;         /* threads paused without unwinding (Python-only consistent reads) */
     uint64_t signal;         /* the signal number in use (0 = never enabled) */
     uint64_t enabled;
 } mw_unwind_stats_t;
@@ -52,6 +53,16 @@ typedef struct mw_unwind_stats {
  * show_internal: also show frames of the interpreter (python, libpython) and libc's thread
  * start. Returns 0, or -1 with a reason in *why (no free real-time signal, out of memory). */
 int mw_unwind_enable(int show_internal, const char **why);
+/* Installs the handler and the request slot WITHOUT enabling native frames, so that the sampler
+ * can pause a running thread to read its Python frames consistently (mw_unwind_pause). GIL
+ * held. Returns 0, or -1 with a reason in *why. Idempotent. */
+int mw_unwind_setup(const char **why);
+
+/* Sampler thread. Pauses thread tid in the handler without unwinding. Returns 0 when the thread
+ * is paused (call mw_unwind_release() promptly, after reading its frames and before anything
+ * that can take a lock), -1 when it was not asked or did not answer (counted, backed off). */
+int mw_unwind_pause(long tid);
+
 /* Disables native frames (the handler stays installed and ignores stray signals). */
 void mw_unwind_disable(void);
 int mw_unwind_enabled(void);
