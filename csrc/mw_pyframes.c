@@ -125,22 +125,52 @@ uintptr_t mw_pyframes_top_frame(uintptr_t tstate) {
     return top;
 }
 
-int mw_pyframes_threads(mw_pythread_t *out, int max) {
-    if (g_interp == NULL) return -1;
-    uintptr_t head;
+uintptr_t mw_pyframes_threads_head(void) {
+    uintptr_t head = 0;
+    if (g_interp == NULL) return 0;
 #if PY_VERSION_HEX >= 0x030B0000
-    if (mw_safe_read(&g_interp->threads.head, sizeof head, &head) != 0) return -1;
+    if (mw_safe_read(&g_interp->threads.head, sizeof head, &head) != 0) return 0;
 #else
-    if (mw_safe_read(&g_interp->tstate_head, sizeof head, &head) != 0) return -1;
+    if (mw_safe_read(&g_interp->tstate_head, sizeof head, &head) != 0) return 0;
 #endif
+    return head;
+}
+
+/* The set of thread states met in one list walk (a cycle means the list changed under us).
+ * Sampler thread only. */
+#define SEEN_SLOTS (2 * MW_MAX_THREADS)
+static uintptr_t g_seen[SEEN_SLOTS];
+static uint32_t g_seen_stamp[SEEN_SLOTS], g_seen_now;
+
+static int seen_before(uintptr_t p) {
+    uint32_t h = (uint32_t)((p >> 4) * 2654435761u) & (SEEN_SLOTS - 1);
+    for (;; h = (h + 1) & (SEEN_SLOTS - 1)) {
+        if (g_seen_stamp[h] != g_seen_now) {
+            g_seen_stamp[h] = g_seen_now;
+            g_seen[h] = p;
+            return 0;
+        }
+        if (g_seen[h] == p) return 1;
+    }
+}
+
+int mw_pyframes_threads(mw_readcache_t *rc, mw_pythread_t *out, int max) {
+    if (++g_seen_now == 0) {
+        memset(g_seen_stamp, 0, sizeof g_seen_stamp);
+        g_seen_now = 1;
+    }
+    if (g_interp == NULL) return -1;
+    uintptr_t head = mw_pyframes_threads_head();
+    if (!head) return -1;
+    mw_readcache_reset(rc);
     int n = 0;
     uintptr_t cur = head;
     while (cur && n < max) {
         PyThreadState ts;
-        if (mw_safe_read((void *)cur, sizeof ts, &ts) != 0) return n ? n : -1;
+        /* Thread states are malloc'd one after the other: older ones mostly sit lower. */
+        if (mw_readcache_read(rc, (void *)cur, sizeof ts, &ts, 3) != 0) return n ? n : -1;
         if (ts.interp != g_interp) return n ? n : -1;
-        for (int i = 0; i < n; i++)
-            if (out[i].tstate == cur) return n; /* cycle: list changed under us */
+        if (seen_before(cur)) return n; /* cycle: list changed under us */
         out[n].tstate = cur;
         out[n].tid = tid_of(&ts);
         out[n].top_frame = top_frame_of(&ts);

@@ -55,8 +55,12 @@ int mw_pyframes_linetable_format(void);
 int mw_pyframes_init(void);
 
 /* Lists the interpreter's threads (newest first). Returns the count (<= max), or -1 when the
- * list could not be read consistently. */
-int mw_pyframes_threads(mw_pythread_t *out, int max);
+ * list could not be read consistently. Reads go through rc (reset by the callee): thread states
+ * that sit close together are copied a few pages per system call. */
+int mw_pyframes_threads(mw_readcache_t *rc, mw_pythread_t *out, int max);
+
+/* The newest thread state of the list (its head), 0 when unreadable. A new thread changes it. */
+uintptr_t mw_pyframes_threads_head(void);
 
 /* Re-reads a thread's newest frame pointer (the one mw_pyframes_threads gave is as old as the
  * tick). Returns 0 when it cannot be read. */

@@ -52,10 +52,16 @@ typedef struct {
     mw_id_t stack_thread;
     uint32_t stack_labelset;
     int stack_valid;
-    uint64_t py_hash; /* the remembered sample's Python frames (native reuse check) */
+    uint64_t py_hash;      /* the remembered sample's Python frames (native reuse check) */
+    uint64_t active_until; /* read in full on every tick until then: it used CPU recently */
+    /* Quiet: the thread's wall time of quiet ticks is owed to its remembered entry, counted
+     * from the global quiet totals at the time it went quiet (see tick()). */
+    int quiet;
+    uint64_t qbase_wall, qbase_n;
 } mw_tstate_t;
 
 #define TS_SLOTS (2 * MW_MAX_THREADS)
+#define ACTIVE_TICKS 8 /* a thread that used CPU is read in full for this many ticks */
 
 static pthread_mutex_t g_buf_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t g_ctl_lock = PTHREAD_MUTEX_INITIALIZER; /* guards g_stop/cond */
@@ -266,6 +272,33 @@ static int reuse_stack(mw_profbuf_t *b, mw_tstate_t *st, uint64_t gen, uint32_t 
     return 1;
 }
 
+/* Wall time of quiet ticks (see tick()): totals over all quiet ticks so far; a quiet thread
+ * owes its remembered entry the difference since it went quiet. Buffer lock held. */
+static uint64_t g_quiet_wall, g_quiet_n;
+
+static void quiet_flush(mw_profbuf_t *b, mw_tstate_t *st) {
+    if (!st->quiet) return;
+    st->quiet = 0;
+    uint64_t n = g_quiet_n - st->qbase_n;
+    if (!n) return;
+    mw_values_t v = {0, 0, n, g_quiet_wall - st->qbase_wall};
+    /* A window that was reset since (snapshot(reset=True)) took that wall time with it. */
+    if (st->stack_gen == mw_profbuf_generation(b) && mw_profbuf_add_at(b, st->stack_idx, &v) == 0) {
+        g_stats.samples += n;
+        g_stats.reused += n;
+        g_stats.quiet += n;
+    }
+}
+
+/* Settles every quiet thread's wall time into buffer b (before it is handed out or read). */
+static void quiet_flush_all(mw_profbuf_t *b) {
+    if (!g_ts || !b) return;
+    for (uint32_t i = 0; i < TS_SLOTS; i++) {
+        mw_tstate_t *st = &g_ts[i];
+        if (st->tid && st->quiet) quiet_flush(b, st); /* the next quiet tick starts it again */
+    }
+}
+
 /* Why a stack may be trusted. The sampler reads a thread's frames while the thread may run on.
  * A read is kept only when it is PROVEN to show one instant of the thread:
  *   - the thread's CPU clock did not move across the read (it executed nothing meanwhile); or
@@ -273,26 +306,29 @@ static int reuse_stack(mw_profbuf_t *b, mw_tstate_t *st, uint64_t gen, uint32_t 
  *     and another last holder): in a GIL build only the GIL holder changes its Python frames; or
  *   - the thread was paused in a signal handler while it was read (mw_unwind_pause/capture).
  * A read that is not proven is thrown away (its symbol-cache fills too) and redone. */
-static void sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now, int first_tick) {
+static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
+                                  int first_tick) {
     uint64_t dwall =
         first_tick ? (uint64_t)(1000000000LL / g_cfg.rate_hz) : (uint64_t)(now - g_last_tick_ns);
     uint64_t c0 = 0;
     if (th->tid <= 0 || thread_cpu_ns(th->tid, &c0) != 0) {
         /* No CPU clock: the thread is gone (or its kernel id is unknown). */
         g_stats.threads_gone++;
-        return;
+        return NULL;
     }
     int created = 0;
     mw_tstate_t *st = ts_find(th->tid, &created);
     if (!st) {
         g_stats.dropped++;
-        return;
+        return NULL;
     }
+    quiet_flush(b, st);
     /* A thread first seen after the first tick was born since the previous tick: all its CPU
      * time is new. Threads alive at start only count from now on. */
     uint64_t dcpu = created ? (first_tick ? 0 : c0) : (c0 > st->cpu_ns ? c0 - st->cpu_ns : 0);
     st->cpu_ns = c0;
     st->tick = g_tick;
+    if (dcpu) st->active_until = g_tick + ACTIVE_TICKS;
     uint64_t gen = mw_profbuf_generation(b);
     /* CPU time: see cpu_window_* below. Until the thread's first on-CPU sample of this
      * window its CPU waits in `pending`. */
@@ -307,7 +343,7 @@ static void sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
     /* A thread that has not run since its last proven read still has that stack (and labels):
      * its wall time goes to the same entry with no read at all, and in native mode it is not
      * signalled. Idle threads cost one clock read. */
-    if (!created && c0 == st->cpu_end && reuse_stack(b, st, gen, labels_seq, dwall)) return;
+    if (!created && c0 == st->cpu_end && reuse_stack(b, st, gen, labels_seq, dwall)) return st;
 
     int truncated = 0, ok = 0, depth = 0, proven = 0, native = 0, on_cpu = 0;
     uintptr_t tstate = th->tstate;
@@ -337,7 +373,7 @@ static void sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
         if (frozen && ok && raw_hash(depth) == st->py_hash &&
             reuse_stack(b, st, gen, labels_seq, dwall)) {
             st->cpu_end = c1;
-            return;
+            return st;
         }
     }
     if (want_native) want_pause = 1;
@@ -365,7 +401,7 @@ static void sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
         if (thread_cpu_ns(th->tid, &c1) != 0) {
             mw_symcache_abort();
             g_stats.threads_gone++;
-            return;
+            return st;
         }
         if (c1 > cs) on_cpu = 1;
         if (c1 == cs) {
@@ -389,7 +425,7 @@ static void sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
          * better than a wrong one. Its CPU stays pending for its next proven on-CPU sample. */
         g_stats.dropped++;
         g_stats.unproven++;
-        return;
+        return st;
     }
     if (truncated) g_stats.truncated++;
     uint64_t py_hash = raw_hash(depth);
@@ -406,9 +442,9 @@ static void sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
     if (!ok) {
         /* A frame whose names could not be read: the sample would be a partial stack. */
         g_stats.dropped++;
-        return;
+        return st;
     }
-    if (depth == 0 && n == 0 && !on_cpu) return; /* not running, no Python frame */
+    if (depth == 0 && n == 0 && !on_cpu) return st; /* not running, no Python frame */
     if (n == 0) {
         /* No readable Python frame: still account the CPU time, under a marker frame. */
         mw_id_t name = mw_profbuf_intern_str(b, "[no Python frame]", 17);
@@ -417,7 +453,7 @@ static void sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
         mw_id_t id = name && file ? mw_profbuf_intern_frame(b, &f) : 0;
         if (!id) {
             g_stats.dropped++;
-            return;
+            return st;
         }
         g_ids[n++] = id;
     }
@@ -437,7 +473,7 @@ static void sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
     if (mw_profbuf_add_ex(b, g_ids, n, thread, labelset, &v, &idx) != 0) {
         g_stats.dropped++;
         g_stats.overflow++;
-        return;
+        return st;
     }
     g_stats.samples++;
     if (on_cpu) {
@@ -455,25 +491,88 @@ static void sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
         else if (native)
             remember_stack(st, gen, idx, labels_seq, thread, labelset, UINT64_MAX, 1, py_hash);
     }
+    return st;
 }
+
+/* A quiet tick: since the previous tick no thread other than the GIL's last holder took the
+ * GIL (same switch_number and holder) and no thread was created (same list head). Then no other
+ * thread changed its Python frames, and the thread list is the same: the other threads' wall
+ * time goes to their remembered stacks with no system call at all. Threads that recently used
+ * CPU (they may run native code without the GIL) and a rotating 1/QUIET_ROUND of the others are
+ * still read in full, so CPU used without the GIL is seen within QUIET_ROUND ticks (and never
+ * lost: the clock is cumulative). Not in native mode (native stacks move without the GIL). */
+#define QUIET_ROUND 32
+static mw_gilstate_t g_gil_prev;
+static uintptr_t g_head_prev;
+static int g_nthreads;
+static uint64_t g_gen_prev;
+
+static mw_tstate_t *g_tsp[MW_MAX_THREADS]; /* thread i's state, as of the last full list */
 
 static void tick(void) {
     int64_t now = mw_now_monotonic_ns();
     int first = g_tick == 0;
-    int n = mw_pyframes_threads(g_threads, MW_MAX_THREADS);
-    if (n < 0) {
-        g_stats.torn_reads++;
-        return;
+    mw_gilstate_t g;
+    mw_pyframes_gil(&g);
+    uintptr_t head = mw_pyframes_threads_head();
+    pthread_mutex_lock(&g_buf_lock);
+    uint64_t gen = mw_profbuf_generation(g_active);
+    int quiet = !first && g_nthreads > 0 && g.ok && g_gil_prev.ok && head && head == g_head_prev &&
+                g.switch_number == g_gil_prev.switch_number &&
+                g.last_holder == g_gil_prev.last_holder && gen == g_gen_prev &&
+                !mw_unwind_enabled();
+    int n = g_nthreads;
+    if (!quiet) {
+        /* Settle the quiet threads of the last list first: some may be gone. */
+        for (int i = 0; i < g_nthreads; i++)
+            if (g_tsp[i] && g_tsp[i]->quiet) quiet_flush(g_active, g_tsp[i]);
+        n = mw_pyframes_threads(g_rc, g_threads, MW_MAX_THREADS);
+        if (n < 0) {
+            pthread_mutex_unlock(&g_buf_lock);
+            g_stats.torn_reads++;
+            g_nthreads = 0;
+            return;
+        }
+    } else {
+        g_stats.quiet_ticks++;
     }
     g_tick++;
-    mw_pyframes_gil(&g_gil_tick);
-    pthread_mutex_lock(&g_buf_lock);
-    for (int i = 0; i < n; i++)
-        sample_thread(g_active, &g_threads[i], now, first);
+    g_gil_tick = g;
+    uint64_t dwall =
+        first ? (uint64_t)(1000000000LL / g_cfg.rate_hz) : (uint64_t)(now - g_last_tick_ns);
+    for (int i = 0; i < n; i++) {
+        mw_tstate_t *st = quiet ? g_tsp[i] : NULL;
+        if (st && st->tid == g_threads[i].tid && g_threads[i].tstate != g.last_holder &&
+            st->stack_valid == 1 && st->stack_gen == gen && st->active_until <= g_tick &&
+            ((uint64_t)st->tid + g_tick) % QUIET_ROUND != 0) {
+            if (!st->quiet) {
+                st->quiet = 1;
+                st->qbase_wall = g_quiet_wall;
+                st->qbase_n = g_quiet_n;
+            }
+            st->tick = g_tick;
+            continue;
+        }
+        g_tsp[i] = sample_thread(g_active, &g_threads[i], now, first);
+    }
+    if (quiet) {
+        g_quiet_wall += dwall;
+        g_quiet_n++;
+    }
+    g_gen_prev = mw_profbuf_generation(g_active);
     pthread_mutex_unlock(&g_buf_lock);
+    g_gil_prev = g;
+    g_head_prev = head;
+    g_nthreads = n;
     g_stats.threads_seen = (uint64_t)n;
     g_last_tick_ns = now;
-    if ((g_tick & 63) == 0) ts_prune();
+    if (!quiet && (g_tick & 63) == 0) {
+        pthread_mutex_lock(&g_buf_lock);
+        quiet_flush_all(g_active);
+        pthread_mutex_unlock(&g_buf_lock);
+        ts_prune();
+        g_nthreads = 0; /* the table moved: the next tick lists the threads again */
+    }
 }
 
 static void sampler_cpu_update(void) {
@@ -617,6 +716,7 @@ int mw_sampler_rate(void) {
 mw_profbuf_t *mw_sampler_swap(mw_profbuf_t *fresh, int64_t *t_start, int64_t *t_end) {
     pthread_mutex_lock(&g_buf_lock);
     mw_profbuf_t *old = g_active;
+    quiet_flush_all(old);
     cpu_window_finalize(old);
     int64_t now = mw_now_realtime_ns();
     *t_start = g_window_start_ns;
@@ -629,6 +729,7 @@ mw_profbuf_t *mw_sampler_swap(mw_profbuf_t *fresh, int64_t *t_start, int64_t *t_
 
 void mw_sampler_with_active(void (*fn)(const mw_profbuf_t *, void *), void *arg) {
     pthread_mutex_lock(&g_buf_lock);
+    quiet_flush_all(g_active);
     cpu_window_finalize(g_active);
     if (g_active) fn(g_active, arg);
     pthread_mutex_unlock(&g_buf_lock);

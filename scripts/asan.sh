@@ -6,23 +6,32 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh >/dev/null
 out=build-asan
+root=$PWD
 rm -rf "$out"; mkdir -p "$out"
-cp -r middleware "$out/"
+# A copy of the tree whose in-place extension is the sanitized one: the tests' child processes
+# put their own checkout first on sys.path, so they must run from this copy.
+cp -r middleware tests demo_flask bench pyproject.toml setup.py "$out/"
 rm -f "$out"/middleware/_native*.so
 MW_SANITIZE=1 .venv/bin/python setup.py -q build_ext --build-lib "$out" --build-temp "$out/tmp" --force
+so=$(ls "$out"/middleware/_native*.so)
+nm -D "$so" | grep -q __asan_init || { echo "asan: $so is not instrumented"; exit 1; }
 asan=$(gcc -print-file-name=libasan.so)
 ubsan=$(gcc -print-file-name=libubsan.so)
 export LD_PRELOAD="$asan:$ubsan"
-export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_stack_use_after_return=0:log_path=$PWD/$out/asan"
-export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$PWD/$out/ubsan"
-export PYTHONPATH="$PWD/$out"
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_stack_use_after_return=0:log_path=$root/$out/asan"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$root/$out/ubsan"
+export PYTHONPATH="$root/$out"
 export MW_STRESS_SECONDS=${MW_STRESS_SECONDS:-20}
 export PYTHONMALLOC=malloc
-echo "asan: extension at $(ls $out/middleware/_native*.so)"
+cd "$out"
+loaded=$("$root/.venv/bin/python" -c "import middleware._native as n; print(n.__file__)")
+echo "asan: extension at $loaded"
+case "$loaded" in "$root/$out/"*) ;; *) echo "asan: the sanitized extension is not the one loaded"; exit 1;; esac
 set +e
-.venv/bin/python -m pytest -q -p no:cacheprovider tests -k "sampler or stress or upload or export" \
+"$root/.venv/bin/python" -m pytest -q -p no:cacheprovider tests -k "sampler or stress or upload or export or truth" \
   -m "not browser" --deselect tests/test_sampler.py::test_profile_cpu_total_matches_process_cpu
 rc=$?
+cd "$root"
 set -e
 if ls "$out"/asan* "$out"/ubsan* >/dev/null 2>&1; then
   echo "asan: sanitizer reports:"; cat "$out"/asan* "$out"/ubsan* 2>/dev/null | head -100; exit 1
