@@ -30,7 +30,7 @@ setup(
             sources=sources,
             depends=sorted(glob.glob("csrc/*.h") + glob.glob("csrc/gen/*.h")),
             include_dirs=["csrc", "csrc/gen", os.path.join(include, "internal")],
-            libraries=["protobuf-c", "z", "curl", "unwind", "pthread"],
+            libraries=["protobuf-c", "z", "curl", "unwind", "elf", "pthread"],
             extra_compile_args=extra_compile,
             extra_link_args=extra_link,
         )

@@ -361,10 +361,17 @@ void mw_unwind_release(void) {
 
 /* ---- symbolization (sampler thread, outside the handler) ---------------------------------- */
 
+/* Native frames are functions: every address is mapped (mw_elfsym) to the function it is in,
+ * whose name is its symbol or, with no symbol, "object+0xSTART" (its start as an address in the
+ * object's ELF file). Two caches: address -> function (g_ip) and function start -> name, file,
+ * flags and frame id (g_sy); a new address costs one mw_elfsym lookup, a new function one name.
+ * Both are emptied together (with the name arena) when either is half full. */
+#include "mw_elfsym.h"
+
 enum { SY_INTERNAL = 1, SY_EVAL = 2, SY_LIBC = 4 };
 
 typedef struct {
-    uintptr_t addr; /* lookup address (return address - 1 except for the leaf); 0 = empty */
+    uintptr_t start; /* function start (the address itself if bounds unknown); 0 = empty */
     uint32_t name_off, file_off;
     uint16_t name_len, file_len;
     uint8_t flags;
@@ -372,12 +379,19 @@ typedef struct {
     mw_id_t frame_id;
 } sym_t;
 
-#define SY_SLOTS 16384 /* power of two; at most half used before a reset */
+typedef struct {
+    uintptr_t addr; /* lookup address (return address - 1 except for the leaf); 0 = empty */
+    uint32_t sy;    /* index in g_sy */
+} ipent_t;
+
+#define IP_SLOTS 16384 /* powers of two; at most half used before a reset */
+#define SY_SLOTS 8192
 #define SY_ARENA (2u << 20)
 
+static ipent_t *g_ip;
 static sym_t *g_sy;
 static char *g_sy_arena;
-static uint32_t g_sy_used, g_sy_live, g_sy_clears;
+static uint32_t g_sy_used, g_ip_live, g_sy_live, g_sy_clears;
 static uintptr_t g_eval_lo, g_eval_hi; /* _PyEval_EvalFrameDefault */
 static const void *g_base_python, *g_base_exe, *g_base_libc;
 static char g_exe_name[256] = "[exe]";
@@ -400,11 +414,14 @@ static const void *object_base(const char *symbol) {
 
 static void symcache_setup(void) {
     if (g_sy) return;
+    g_ip = calloc(IP_SLOTS, sizeof *g_ip);
     g_sy = calloc(SY_SLOTS, sizeof *g_sy);
     g_sy_arena = malloc(SY_ARENA);
-    if (!g_sy || !g_sy_arena) {
+    if (!g_ip || !g_sy || !g_sy_arena) {
+        free(g_ip);
         free(g_sy);
         free(g_sy_arena);
+        g_ip = NULL;
         g_sy = NULL;
         g_sy_arena = NULL;
         return;
@@ -445,64 +462,83 @@ static int arena_put(const char *str, size_t len, uint32_t *off, uint16_t *olen)
 }
 
 static void sy_clear(void) {
+    memset(g_ip, 0, IP_SLOTS * sizeof *g_ip);
     memset(g_sy, 0, SY_SLOTS * sizeof *g_sy);
-    g_sy_used = g_sy_live = 0;
+    g_sy_used = g_ip_live = g_sy_live = 0;
     g_sy_clears++;
 }
 
-static int sy_fill(sym_t *e, uintptr_t addr) {
-    Dl_info info;
-    const ElfW(Sym) *sym = NULL;
-    char buf[64];
-    const char *name = NULL, *file = "[unknown]";
-    memset(&info, 0, sizeof info);
+static int sy_fill(sym_t *e, const mw_elfsym_t *fn, int found) {
+    char buf[1100];
+    const char *name = fn->name, *file = "[unknown]";
+    size_t name_len = fn->name_len;
     e->flags = 0;
-    if (dladdr1((void *)addr, &info, (void **)&sym, RTLD_DL_SYMENT)) {
-        if (info.dli_sname && info.dli_saddr && sym &&
-            (sym->st_size == 0 || addr < (uintptr_t)info.dli_saddr + sym->st_size))
-            name = info.dli_sname;
-        if (info.dli_fbase == g_base_exe)
+    if (found) {
+        const void *base = (const void *)fn->base;
+        if (base == g_base_exe) {
             file = g_exe_name;
-        else if (info.dli_fname && info.dli_fname[0]) {
-            const char *b = strrchr(info.dli_fname, '/');
-            file = b ? b + 1 : info.dli_fname;
+        } else if (fn->path[0]) {
+            const char *b = strrchr(fn->path, '/');
+            file = b ? b + 1 : fn->path;
         }
-        if (info.dli_fbase && (info.dli_fbase == g_base_python || info.dli_fbase == g_base_exe))
-            e->flags |= SY_INTERNAL;
-        if (info.dli_fbase && info.dli_fbase == g_base_libc) e->flags |= SY_LIBC;
-        if (!name && info.dli_fbase) {
-            snprintf(buf, sizeof buf, "0x%lx", (unsigned long)(addr - (uintptr_t)info.dli_fbase));
-            name = buf;
-        }
+        if (base == g_base_python || base == g_base_exe) e->flags |= SY_INTERNAL;
+        if (base == g_base_libc) e->flags |= SY_LIBC;
     }
     if (!name) {
-        snprintf(buf, sizeof buf, "0x%lx", (unsigned long)addr);
+        if (found)
+            snprintf(buf, sizeof buf, "%.1000s+0x%lx", file, (unsigned long)(fn->start - fn->bias));
+        else
+            snprintf(buf, sizeof buf, "0x%lx", (unsigned long)fn->start);
         name = buf;
+        name_len = strlen(buf);
     }
-    if (g_eval_lo ? (addr >= g_eval_lo && addr < g_eval_hi)
-                  : strcmp(name, "_PyEval_EvalFrameDefault") == 0)
+    /* the eval loop, or its cold part (same C frame, named after it) */
+    if ((g_eval_lo && fn->start >= g_eval_lo && fn->start < g_eval_hi) ||
+        (name_len == 24 && memcmp(name, "_PyEval_EvalFrameDefault", 24) == 0))
         e->flags |= SY_EVAL;
-    if (arena_put(name, strlen(name), &e->name_off, &e->name_len) != 0 ||
+    if (arena_put(name, name_len, &e->name_off, &e->name_len) != 0 ||
         arena_put(file, strlen(file), &e->file_off, &e->file_len) != 0)
         return -1;
-    e->addr = addr;
+    e->start = fn->start;
     e->gen = 0;
     e->frame_id = 0;
-    g_st.symbols++;
     return 0;
 }
 
+/* The function of addr, or NULL when a cache is full (the caller empties both). */
+static sym_t *sy_function(uintptr_t addr) {
+    mw_elfsym_t fn;
+    int found = mw_elfsym_lookup(addr, &fn) == 0;
+    uintptr_t key = fn.start;
+    uint32_t h = (uint32_t)((key >> 2) * 2654435761u) & (SY_SLOTS - 1);
+    for (uint32_t k = 0; k < SY_SLOTS; k++, h = (h + 1) & (SY_SLOTS - 1)) {
+        sym_t *e = &g_sy[h];
+        if (e->start == key) return e;
+        if (e->start != 0) continue;
+        if (g_sy_live < SY_SLOTS / 2 && sy_fill(e, &fn, found) == 0) {
+            g_sy_live++;
+            return e;
+        }
+        break;
+    }
+    return NULL;
+}
+
 static sym_t *sy_lookup(uintptr_t addr) {
-    if (!g_sy) return NULL;
+    if (!g_sy || addr == 0) return NULL;
     for (int attempt = 0; attempt < 2; attempt++) {
-        uint32_t h = (uint32_t)((addr >> 2) * 2654435761u) & (SY_SLOTS - 1);
-        for (uint32_t k = 0; k < SY_SLOTS; k++, h = (h + 1) & (SY_SLOTS - 1)) {
-            sym_t *e = &g_sy[h];
-            if (e->addr == addr) return e;
+        uint32_t h = (uint32_t)((addr >> 2) * 2654435761u) & (IP_SLOTS - 1);
+        for (uint32_t k = 0; k < IP_SLOTS; k++, h = (h + 1) & (IP_SLOTS - 1)) {
+            ipent_t *e = &g_ip[h];
+            if (e->addr == addr) return &g_sy[e->sy];
             if (e->addr != 0) continue;
-            if (g_sy_live < SY_SLOTS / 2 && sy_fill(e, addr) == 0) {
-                g_sy_live++;
-                return e;
+            sym_t *f = g_ip_live < IP_SLOTS / 2 ? sy_function(addr) : NULL;
+            if (f) {
+                e->addr = addr;
+                e->sy = (uint32_t)(f - g_sy);
+                g_ip_live++;
+                g_st.symbols++;
+                return f;
             }
             break;
         }

@@ -176,3 +176,212 @@ def test_native_refused_with_a_warning_when_no_signal_is_free() -> None:
     assert any("native frames disabled" in w for w in r["warnings"]), r["warnings"]
     assert r["running"] and r["samples"] > 0  # Python frames only, still profiling
     assert r["native"]["unwind_enabled"] == 0 and r["native"]["unwind_requests"] == 0
+
+
+# --- native frames are functions: one row per C function, also in stripped libraries ----------
+
+FUNC_CHILD = r'''
+import ctypes, json, os, sys, threading, time, zlib
+sys.path.insert(0, sys.argv[1])
+import middleware
+from middleware import MwTracker
+
+
+def rows(p: "middleware.profile.Profile", thread: str) -> list:
+    ci = p.value_index("cpu")
+    return [{"stack": [[f.function, os.path.basename(f.file)] for f in s.stack], "cpu": s.values[ci]}
+            for s in p.samples if s.label("thread_name") == thread]
+
+
+def zlib_mode(seconds: float) -> dict:
+    tracker = MwTracker(sample_rate=200, native=True, profile_dir="none", instrument=False)
+    data = os.urandom(1 << 17) + b"".join(str(i * 7919 % 100003).encode() for i in range(40000))
+    truth = [0.0, 0.0]
+    half = [0]
+
+    def worker() -> None:
+        for h in (0, 1):
+            deadline = time.monotonic() + seconds / 2
+            while time.monotonic() < deadline:
+                t0 = time.thread_time()
+                zlib.compress(data, 9)
+                truth[h] += time.thread_time() - t0
+            half[0] = h + 1
+            while half[0] == h + 1:  # the main thread snapshots the first half
+                time.sleep(0.001)
+
+    th = threading.Thread(target=worker, name="z9")
+    th.start()
+    while half[0] != 1:
+        time.sleep(0.005)
+    p1 = tracker.snapshot(reset=True)
+    half[0] = 3
+    while half[0] != 2:
+        time.sleep(0.005)
+    p2 = tracker.snapshot()
+    half[0] = 4
+    th.join()
+    libz = sorted({line.split()[-1] for line in open("/proc/self/maps")
+                   if os.path.basename(line.split()[-1]).startswith("libz.so")})
+    from middleware import _native
+    return {"halves": [rows(p1, "z9"), rows(p2, "z9")], "truth_cpu_s": truth, "libz": libz,
+            "native": dict(_native.unwind_stats())}
+
+
+def libs_mode(seconds: float, libdir: str) -> dict:
+    tracker = MwTracker(sample_rate=200, native=True, profile_dir="none", instrument=False)
+    libs = {n: ctypes.CDLL(os.path.join(libdir, n)) for n in ("libmwfull.so", "libmwdbg.so", "libmwbare.so")}
+
+    def worker() -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for lib in libs.values():
+                lib.mw_run(3_000_000)
+
+    th = threading.Thread(target=worker, name="libs")
+    th.start()
+    th.join()
+    return {"samples": rows(tracker.snapshot(), "libs")}
+
+
+mode = sys.argv[2]
+out = zlib_mode(float(sys.argv[3])) if mode == "zlib" else libs_mode(float(sys.argv[3]), sys.argv[4])
+out["middleware_file"] = middleware.__file__
+print(json.dumps(out))
+'''
+
+STATIC_LIB_C = r'''
+#include <stdint.h>
+/* static: no dynamic symbol; noinline/noclone: its own function and FDE, under its own name */
+__attribute__((noinline, noclone)) static uint64_t mw_static_spin(uint64_t n, uint64_t seed) {
+    volatile uint64_t acc = seed;
+    for (uint64_t i = 0; i < n; i++)
+        acc = acc * 6364136223846793005ULL + i;
+    return acc;
+}
+uint64_t mw_run(uint64_t n) { return mw_static_spin(n, n | 1) + 1; }
+'''
+
+
+def run_func_child(tmp_path: Path, *args: str) -> dict[str, Any]:
+    script = tmp_path / "func_child.py"
+    script.write_text(FUNC_CHILD)
+    proc = subprocess.run([sys.executable, str(script), str(ROOT), *args], capture_output=True, text=True,
+                          timeout=120, cwd=str(ROOT))
+    assert proc.returncode == 0, f"child {args} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+    r = json.loads(proc.stdout)
+    assert Path(r["middleware_file"]).resolve().is_relative_to(ROOT), r["middleware_file"]  # this checkout
+    return r
+
+
+def fde_starts(path: str) -> set[int]:
+    """Function start addresses of a 64-bit little-endian ELF file, from its .eh_frame_hdr search
+    table (one entry per FDE), read independently of the profiler."""
+    import struct
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, path
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    for i in range(phnum):
+        p_type, _, p_offset, p_vaddr = struct.unpack_from("<IIQQ", data, phoff + i * phentsize)
+        if p_type == 0x6474E550:  # PT_GNU_EH_FRAME
+            break
+    else:
+        pytest.fail(f"{path}: no PT_GNU_EH_FRAME")
+    _, ptr_enc, count_enc, table_enc = data[p_offset:p_offset + 4]
+    size = {0x03: 4, 0x0B: 4, 0x04: 8, 0x0C: 8}
+    assert table_enc == 0x3B and ptr_enc & 0x0F in size and count_enc & 0x0F in size, (ptr_enc, count_enc, table_enc)
+    at = p_offset + 4 + size[ptr_enc & 0x0F]
+    count = int.from_bytes(data[at:at + size[count_enc & 0x0F]], "little")
+    at += size[count_enc & 0x0F]
+    # (initial location, FDE address) pairs, signed 32-bit, relative to the header's address
+    return {p_vaddr + struct.unpack_from("<i", data, at + 8 * k)[0] for k in range(count)}
+
+
+def test_native_stripped_library_functions_are_one_row_each(tmp_path: Path) -> None:
+    """zlib at level 9 spends its time in static functions of a stripped libz (longest_match,
+    deflate_slow: no symbol). Each must be ONE row, `libz.so.1+0xSTART` with START the
+    function's first address (an FDE start of the file), not one row per instruction."""
+    import ctypes
+    import re
+
+    r = run_func_child(tmp_path, "zlib", "3")
+    assert len(r["libz"]) == 1, r["libz"]
+    libz_path = r["libz"][0]  # the file mapped (the soname is a link to it)
+    starts = fde_starts(libz_path)
+    libz = ctypes.CDLL(libz_path)
+    leaves: list[dict[str, float]] = []
+    under_libz = 0.0
+    for half in r["halves"]:
+        cpu: dict[str, float] = {}
+        for s in half:
+            if any(file.startswith("libz.so") for _, file in s["stack"]):
+                under_libz += s["cpu"] / 1e9
+            if s["stack"] and s["stack"][-1][1].startswith("libz.so"):
+                cpu[s["stack"][-1][0]] = cpu.get(s["stack"][-1][0], 0.0) + s["cpu"] / 1e9
+        leaves.append(cpu)
+    names = set(leaves[0]) | set(leaves[1])
+    assert 1 <= len(names) <= 10, sorted(names)
+    for name in names:
+        m = re.fullmatch(r"libz\.so[.0-9]*\+0x([0-9a-f]+)", name)
+        if m:
+            assert int(m.group(1), 16) in starts, (name, "not a function start of", libz_path)
+        else:  # a symbol: exported, or from a symbol table when libz's debug symbols are installed
+            assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name), name
+    # the static functions (the hot loop) are there, by their start or their .symtab name
+    assert any(not hasattr(libz, name) for name in names), sorted(names)
+    # the same functions in both halves: the hottest of each half is a row of the other
+    for a, b in ((0, 1), (1, 0)):
+        top = max(leaves[a], key=leaves[a].get)
+        assert top in leaves[b], (top, leaves)
+    # all of the compress time is still there, under libz
+    truth = sum(r["truth_cpu_s"])
+    assert truth > 0.5, r["truth_cpu_s"]
+    assert 0.85 * truth <= under_libz <= 1.08 * truth, (under_libz, truth)
+    st = r["native"]
+    assert st["unwind_mismatches"] <= 0.05 * st["unwind_captured"], st
+
+
+def test_native_static_function_named_from_symtab_debug_file_or_start(tmp_path: Path) -> None:
+    """A static C function (no dynamic symbol) in three builds of one library: unstripped (named
+    from its .symtab), stripped with a separate debug file found by .gnu_debuglink (named from the
+    debug file's .symtab), stripped without one (`libmwbare.so+0xSTART`, START = the function's
+    address according to the symbol table, read with nm)."""
+    tools = {t: shutil.which(t) for t in ("gcc", "objcopy", "strip", "nm")}
+    if not all(tools.values()):
+        pytest.skip(f"needs gcc and binutils: {tools}")
+    src = tmp_path / "mwstatic.c"
+    src.write_text(STATIC_LIB_C)
+    libdir = tmp_path / "libs"
+    libdir.mkdir()
+
+    def sh(*cmd: str) -> str:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(libdir))
+        assert proc.returncode == 0, (cmd, proc.stderr)
+        return proc.stdout
+
+    for name in ("libmwfull.so", "libmwdbg.so", "libmwbare.so"):
+        sh("gcc", "-shared", "-fPIC", "-O1", "-g", "-o", name, str(src))
+    nm = sh("nm", "libmwfull.so").split("\n")
+    start = int(next(line.split()[0] for line in nm if line.endswith(" mw_static_spin")), 16)
+    sh("objcopy", "--only-keep-debug", "libmwdbg.so", "libmwdbg.so.debug")
+    sh("strip", "--strip-all", "libmwdbg.so")
+    sh("objcopy", "--add-gnu-debuglink=libmwdbg.so.debug", "libmwdbg.so")
+    sh("strip", "--strip-all", "libmwbare.so")
+    assert "mw_static_spin" not in sh("nm", "-D", "libmwbare.so")  # really no dynamic symbol
+    assert "no symbols" in subprocess.run(["nm", "libmwbare.so"], capture_output=True, text=True,
+                                          cwd=str(libdir)).stderr
+
+    r = run_func_child(tmp_path, "libs", "2.4", str(libdir))
+    expect = {"libmwfull.so": "mw_static_spin", "libmwdbg.so": "mw_static_spin",
+              "libmwbare.so": f"libmwbare.so+0x{start:x}"}
+    for lib, want in expect.items():
+        leaf: dict[str, float] = {}
+        for s in r["samples"]:
+            if s["stack"] and s["stack"][-1][1] == lib:
+                leaf[s["stack"][-1][0]] = leaf.get(s["stack"][-1][0], 0.0) + s["cpu"]
+                if s["stack"][-1][0] == want:  # called by the exported function, as in the source
+                    assert len(s["stack"]) > 1 and s["stack"][-2] == ["mw_run", lib], s["stack"][-4:]
+        total = sum(leaf.values())
+        assert total > 0 and leaf.get(want, 0.0) >= 0.9 * total, (lib, want, leaf)
