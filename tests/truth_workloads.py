@@ -1,0 +1,667 @@
+"""Hostile workloads with measured ground truth for tests/test_truth.py, each run in a child
+process (a crash in the sampler becomes a readable test failure; every run gets a fresh profiler):
+
+    python tests/truth_workloads.py NAME --rate HZ --seconds S [--threads N] [--native] [--samples N]
+
+prints one JSON object:
+
+    {"python": [major, minor], "truth": {...}, "profile": {"files": [...], "stacks": [...]},
+     "summary": workloads.summarize(profile), "stats": tracker.stats()}
+
+where each stack is {"thread", "frames": [[function, file index, line], ...] root first, "cpu",
+"wall", "n", "labels"}.
+
+Workloads:
+  bursty  threads that burn 1.5-5 ms of CPU in a burn function of their own, then block 10-20 ms
+          (time.sleep, queue.Queue.get with a timeout, recv on a socketpair answered by a peer
+          thread after a delay, Lock.acquire with a timeout); truth: time.thread_time
+  graph   call-heavy code whose call graph is known statically (tiny functions, recursion of
+          random depth, class and generator context managers, generators, labels blocks) in
+          --threads busy threads, on another CPU than the profiler's threads; truth: the graph
+          (in the test) and time.thread_time
+  churn   short-lived code objects: --threads (2) threads exec'ing uniquely named functions
+          under labels unit=<i>, freshly written modules imported then dropped from sys.modules,
+          short threads, and a thread making ~100,000 code objects a second (renamed copies of
+          one function, each called once and freed); truth: every code object that ran with its
+          line range, and those of the real source files the profile names
+  lines   a recursive target and a loop with two hot lines, Python frames only or --native,
+          for --seconds and on until --samples on-CPU samples (at most 4 x --seconds)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import inspect
+import json
+import os
+import queue
+import random
+import shutil
+import socket
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from middleware import MwTracker  # noqa: E402
+from middleware.profile import Profile  # noqa: E402
+from workloads import summarize  # noqa: E402  (tests/ is sys.path[0] when run as a script)
+
+STARTED = time.time()
+TRACKER: MwTracker | None = None
+LINGER_S = 0.05  # a thread sleeps this long after its last measurement so a tick reads its clock
+QUALNAMES = sys.version_info >= (3, 11)  # 3.10 code objects have no co_qualname
+
+
+def dump_profile(p: Profile) -> dict[str, Any]:
+    """Every stack of the profile, root first, with its thread, values and labels."""
+    ci, wi, si = p.value_index("cpu"), p.value_index("wall"), p.value_index("samples")
+    files: dict[str, int] = {}
+    stacks = []
+    for s in p.samples:
+        stacks.append({
+            "thread": s.label("thread_name") or "?",
+            "frames": [[f.function, files.setdefault(f.file, len(files)), f.line] for f in s.stack],
+            "cpu": s.values[ci], "wall": s.values[wi], "n": s.values[si],
+            "labels": {k: v for k, v in s.labels if k not in ("thread_name", "pid")},
+        })
+    return {"files": list(files), "stacks": stacks}
+
+
+def pin_apart() -> list[int]:
+    """Puts the profiler's native threads (mw-sampler, mw-export) on one CPU and every other
+    thread, and so every thread started later, on another: the sampler then reads a thread that
+    really runs at the same time, as on any multi-core machine. Returns the two CPUs ([] with
+    fewer than two)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return []
+    mine, app = cpus[0], cpus[1]
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                comm = f.read().strip()
+            os.sched_setaffinity(int(task), {mine} if comm.startswith("mw-") else {app})
+        except OSError:  # the thread is gone
+            pass
+    return [mine, app]
+
+
+# --- bursty: short CPU bursts between blocking calls ----------------------------------------------
+# Four burn functions with the same body (distinct code objects, so each thread's CPU has a name
+# of its own). Each spins until its thread has used `ms` milliseconds of CPU; it has no Python
+# callee, so "inside burn_x" is "burn_x is the leaf".
+def burn_a(ms: float) -> int:
+    end = time.thread_time() + ms / 1e3
+    x = 0
+    while time.thread_time() < end:
+        for i in range(100):
+            x += i * i
+    return x
+
+
+def burn_b(ms: float) -> int:
+    end = time.thread_time() + ms / 1e3
+    x = 0
+    while time.thread_time() < end:
+        for i in range(100):
+            x += i * i
+    return x
+
+
+def burn_c(ms: float) -> int:
+    end = time.thread_time() + ms / 1e3
+    x = 0
+    while time.thread_time() < end:
+        for i in range(100):
+            x += i * i
+    return x
+
+
+def burn_d(ms: float) -> int:
+    end = time.thread_time() + ms / 1e3
+    x = 0
+    while time.thread_time() < end:
+        for i in range(100):
+            x += i * i
+    return x
+
+
+# (thread name, burn function, burst length range in ms, how the thread blocks afterwards).
+# A blocking call costs its thread 40-100 µs of CPU on a VM (system calls, context switches):
+# true CPU of the blocking call, about 2% of these bursts.
+BURSTY = (
+    ("sleeper", burn_a, (1.5, 3.0), "sleep"),
+    ("getter", burn_b, (4.0, 5.0), "queue"),
+    ("receiver", burn_c, (2.5, 4.0), "socket"),
+    ("locker", burn_d, (3.0, 5.0), "lock"),
+)
+BLOCK_S = (0.010, 0.020)
+
+
+def run_bursty(args: argparse.Namespace) -> dict[str, Any]:
+    n = max(1, min(args.threads or 4, len(BURSTY)))
+    deadline = time.monotonic() + args.seconds
+    out: dict[str, Any] = {}
+    q: queue.Queue[int] = queue.Queue()
+    held = threading.Lock()
+    held.acquire()  # never released during the run: acquire(timeout=...) always waits it out
+    ours, theirs = socket.socketpair()
+
+    def peer() -> None:
+        """Answers each request on the socketpair after 10-20 ms."""
+        rng = random.Random(99)
+        while True:
+            req = theirs.recv(1)
+            if not req or req == b"q":
+                break
+            time.sleep(rng.uniform(*BLOCK_S))
+            theirs.send(b"!")
+        out["peer"] = {"thread_cpu_s": time.thread_time(), "tid": threading.get_native_id()}
+
+    def on_socket(_t: float) -> None:
+        ours.send(b"?")
+        ours.recv(1)
+
+    def on_queue(t: float) -> None:
+        try:
+            q.get(timeout=t)
+        except queue.Empty:
+            pass
+
+    def on_lock(t: float) -> None:
+        held.acquire(timeout=t)
+
+    blockers: dict[str, Callable[[float], Any]] = {
+        "sleep": time.sleep, "queue": on_queue, "socket": on_socket, "lock": on_lock}
+
+    def bursty(name: str, burn: Callable[[float], int], lo: float, hi: float, kind: str, seed: int) -> None:
+        rng = random.Random(seed)
+        block = blockers[kind]
+        burned, bursts = 0.0, 0
+        while time.monotonic() < deadline:
+            t0 = time.thread_time()
+            burn(rng.uniform(lo, hi))
+            burned += time.thread_time() - t0
+            bursts += 1
+            block(rng.uniform(*BLOCK_S))
+        # thread_time counts from the thread's creation, as the profile does for a new thread
+        out[name] = {"burn": burn.__name__, "burn_cpu_s": burned, "bursts": bursts, "block": kind,
+                     "thread_cpu_s": time.thread_time(), "tid": threading.get_native_id()}
+        time.sleep(LINGER_S)
+
+    main0 = time.thread_time()
+    peer_t = threading.Thread(target=peer, name="peer")
+    peer_t.start()
+    threads = [threading.Thread(target=bursty, args=(name, burn, lo, hi, kind, i), name=name)
+               for i, (name, burn, (lo, hi), kind) in enumerate(BURSTY[:n])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ours.send(b"q")
+    peer_t.join()
+    time.sleep(LINGER_S)
+    ours.close()
+    theirs.close()
+    held.release()
+    out["MainThread"] = {"thread_cpu_s": time.thread_time() - main0, "tid": threading.get_native_id()}
+    return {"threads": out, "burn_functions": sorted(b.__name__ for _, b, _, _ in BURSTY[:n])}
+
+
+# --- graph: a statically known call graph ---------------------------------------------------------
+# Every function below calls only the functions listed for it in test_truth.GRAPH; none calls
+# into another Python module except through the context managers and tracker.labels.
+MASK = 0xFFFF
+
+
+def tiny_add(a: int, b: int) -> int:
+    return (a + b) & MASK
+
+
+def tiny_mul(a: int, b: int) -> int:
+    return (a * b) & MASK
+
+
+def mid_one(x: int) -> int:
+    return tiny_mul(x, 3) ^ 1
+
+
+def mid_two(x: int) -> int:
+    return tiny_add(x, 7) ^ 5
+
+
+def call_heavy(n: int) -> int:
+    """A call every ~0.3 µs: tiny functions, and mid functions that call tiny ones."""
+    s = 0
+    for i in range(n):
+        s = tiny_add(s, i)
+        if i & 3:
+            s = mid_two(s)
+        else:
+            s = mid_one(s)
+    return s
+
+
+def recurse(depth: int) -> int:
+    if depth <= 1:
+        return call_heavy(8)
+    return tiny_add(recurse(depth - 1), depth)
+
+
+class Guard:
+    """A class-based context manager whose __enter__/__exit__ call tiny functions."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self) -> Guard:
+        self.n = tiny_add(self.n, 1)
+        return self
+
+    def __exit__(self, *exc: object) -> bool:
+        self.n = tiny_mul(self.n, 3)
+        return False
+
+
+@contextlib.contextmanager
+def gen_cm(n: int) -> Iterator[int]:
+    v = tiny_add(n, 2)
+    yield v
+    mid_one(v)
+
+
+def with_class_cm(n: int) -> int:
+    # mid_two runs at the same depth as __exit__ right before it: a sampler that stitches a
+    # stale callee onto a reused frame slot would show __exit__ > mid_two
+    with Guard(n) as g:
+        s = call_heavy(n)
+        s = mid_two(s)
+    return s ^ g.n
+
+
+def with_gen_cm(n: int) -> int:
+    with gen_cm(n) as v:
+        s = call_heavy(v)
+        s = mid_two(s)
+    return s
+
+
+def gen_values(n: int) -> Iterator[int]:
+    for i in range(n):
+        yield tiny_add(i, i)
+
+
+def use_generator(n: int) -> int:
+    s = 0
+    for v in gen_values(n):
+        s ^= mid_one(v)
+    return s
+
+
+def labelled_task(n: int, key: str) -> int:
+    assert TRACKER is not None
+    with TRACKER.labels(task=key):
+        s = call_heavy(n)
+        s ^= recurse(n % 5 + 1)
+    return s
+
+
+def graph_worker(plan: list[tuple[int, int]], seconds: float, out: dict[str, Any], key: str) -> None:
+    deadline = time.monotonic() + seconds
+    acc, i, size = 0, 0, len(plan)
+    while time.monotonic() < deadline:
+        task, arg = plan[i % size]
+        i += 1
+        if task == 0:
+            acc ^= call_heavy(arg)
+        elif task == 1:
+            acc ^= recurse(arg)
+        elif task == 2:
+            acc ^= with_class_cm(arg)
+        elif task == 3:
+            acc ^= with_gen_cm(arg)
+        elif task == 4:
+            acc ^= use_generator(arg)
+        else:
+            acc ^= labelled_task(arg, "abc"[arg % 3])
+    out[key] = {"thread_cpu_s": time.thread_time(), "tasks": i, "tid": threading.get_native_id()}
+    time.sleep(LINGER_S)
+
+
+def run_graph(args: argparse.Namespace) -> dict[str, Any]:
+    rng = random.Random(7)
+    plan: list[tuple[int, int]] = []
+    for _ in range(5000):  # random depths 1-30, call-heavy runs of 20-200 calls
+        task = rng.randrange(6)
+        plan.append((task, rng.randint(1, 30) if task == 1 else rng.randint(20, 200)))
+    out: dict[str, Any] = {}
+    n = args.threads or 1
+    pinned = pin_apart()
+    threads = [threading.Thread(target=graph_worker, args=(plan[i * 7:] + plan[:i * 7], args.seconds, out,
+                                                             f"graph-{i}"), name=f"graph-{i}")
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    files = {"workload": graph_worker.__code__.co_filename, "contextlib": contextlib.__file__,
+             "threading": threading.__file__}
+    import middleware.labels
+    import middleware.tracker
+    files["labels"] = middleware.labels.__file__
+    files["tracker"] = middleware.tracker.__file__
+    return {"threads": out, "files": files, "pinned": pinned}
+
+
+# --- churn: short-lived code objects --------------------------------------------------------------
+def code_ranges(code: types.CodeType) -> Iterator[tuple[str, str, int, int]]:
+    """(qualname, name, first line, last line) of a code object and every code object inside it."""
+    lines = [ln for _, _, ln in code.co_lines() if ln is not None and ln > 0]
+    qual = getattr(code, "co_qualname", code.co_name)
+    yield qual, code.co_name, min(lines + [code.co_firstlineno]), max(lines + [code.co_firstlineno])
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            yield from code_ranges(c)
+
+
+def record_code(truth: list[str], code: types.CodeType) -> None:
+    # kept as JSON text: holding the name strings themselves would keep them from being freed
+    for qual, name, lo, hi in code_ranges(code):
+        truth.append(json.dumps([code.co_filename, qual, name, lo, hi]))
+
+
+def churn_source(i: int, rng: random.Random) -> str:
+    """A unit of uniquely named functions (a nested one, a method, a comprehension). Half the
+    units start at line 1, so consecutive code objects often agree in first line and in the
+    sizes of their names and tables (a freed one's memory is then reused for the next one);
+    the others start at a random line, so line ranges differ between code objects of a file."""
+    pad = "\n" * (rng.randint(1, 300) if rng.random() < 0.5 else 0)
+    return pad + f"""def cx_{i}(n):
+    def cx_{i}_in(k):
+        t = 0
+        for j in range(k):
+            t += j * {i % 7 + 1}
+        return t
+    s = 0
+    for r in range(n):
+        s += cx_{i}_in(r % 40)
+    return s
+
+
+class CK_{i}:
+    def cm_{i}(self, n):
+        vals = [v * v for v in range(n)]
+        return sum(vals)
+
+
+def ct_{i}(n):
+    x = 0
+    for j in range(n):
+        x ^= j * j
+    return x
+"""
+
+
+def module_source(j: int, rng: random.Random) -> str:
+    pad = "\n" * rng.randint(0, 200)
+    return f'''"""A module written and imported by the churn workload."""
+{pad}
+
+def mod_{j}_work(n):
+    s = 0
+    for i in range(n):
+        s += i % 13
+    return s
+
+
+class ModK_{j}:
+    def step_{j}(self, n):
+        t = 0
+        while n > 0:
+            t += n
+            n -= 1
+        return t
+'''
+
+
+def churn_unit(i: int, rng: random.Random, truth: list[str], live: list[threading.Thread]) -> None:
+    """Compiles, runs and drops one unit, inside labels unit=<i> (so a sample that shows another
+    unit's function under this unit's labels shows a name its code object did not have)."""
+    assert TRACKER is not None
+    with TRACKER.labels(unit=i):
+        code = compile(churn_source(i, rng), f"<churn-exec-{i % 4}>", "exec")
+        record_code(truth, code)
+        ns: dict[str, Any] = {"__name__": f"churn_{i}"}
+        exec(code, ns)
+        del code  # from here on only the functions hold their code objects
+        for _ in range(rng.randint(1, 3)):
+            ns[f"cx_{i}"](rng.randint(2, 40))
+        getattr(ns[f"CK_{i}"](), f"cm_{i}")(rng.randint(10, 500))
+        if i % 3 == 0:  # short threads whose target is this unit's function
+            for k in range(2):
+                t = threading.Thread(target=ns[f"ct_{i}"], args=(rng.randint(2000, 20000),),
+                                     name=f"churn-t-{i}-{k}")
+                t.start()
+                live.append(t)
+        else:
+            ns[f"ct_{i}"](rng.randint(10, 3000))
+        ns.clear()  # breaks the function <-> globals cycle: the code objects are freed right away
+
+
+def churn_module(j: int, rng: random.Random, tmp: str, truth: list[str]) -> None:
+    """Writes a fresh module, imports it, calls it and drops it from sys.modules."""
+    path = os.path.join(tmp, f"churnmod_{j}.py")
+    src = module_source(j, rng)
+    with open(path, "w") as f:
+        f.write(src)
+    record_code(truth, compile(src, path, "exec"))
+    importlib.invalidate_caches()
+    mod = importlib.import_module(f"churnmod_{j}")
+    getattr(mod, f"mod_{j}_work")(rng.randint(100, 5000))
+    getattr(getattr(mod, f"ModK_{j}")(), f"step_{j}")(rng.randint(100, 3000))
+    del sys.modules[f"churnmod_{j}"], mod
+
+
+def churner(k: int, n: int, deadline: float, tmp: str, truth: list[str], counts: dict[str, int]) -> None:
+    """Churner k of n: units k, k+n, k+2n... (names never collide between churners)."""
+    rng = random.Random(k)
+    live: list[threading.Thread] = []
+    i = k
+    while time.monotonic() < deadline:
+        i += n
+        churn_unit(i, rng, truth, live)
+        counts["units"] += 1
+        if i % (10 * n) == k:
+            churn_module(i, rng, tmp, truth)
+            counts["modules"] += 1
+        if len(live) >= 16:
+            counts["threads"] += len(live)
+            for t in live:
+                t.join()
+            live.clear()
+    counts["threads"] += len(live)
+    for t in live:
+        t.join()
+
+
+def fast_template(n: int) -> int:
+    """Copied by fast_churner under a new name and first line for every call."""
+    s = 0
+    for k in range(n):
+        s += k * k
+    return s
+
+
+FAST = {"file": "<churn-fast>", "prefix": "fast_", "line0": 1000, "step": 10, "mod": 97}
+
+
+def fast_churner(deadline: float, counts: dict[str, int]) -> None:
+    """Hundreds of thousands of code objects a second: copy i of fast_template is named fast_<i>,
+    starts at line line0 + (i % mod) * step, is called once and freed at once (so the next copy
+    reuses its memory, and a stale read of the one before finds the next one's bytes)."""
+    base = fast_template.__code__
+    g = globals()
+    qual = {"co_qualname": ""} if QUALNAMES else {}
+    i = 0
+    while time.monotonic() < deadline:
+        for _ in range(500):
+            i += 1
+            name = FAST["prefix"] + str(i)
+            if qual:
+                qual["co_qualname"] = name
+            code = base.replace(co_name=name, co_filename=FAST["file"],
+                                co_firstlineno=FAST["line0"] + (i % FAST["mod"]) * FAST["step"], **qual)
+            types.FunctionType(code, g)(i % 40)
+            del code
+    counts["fast_copies"] = i
+
+
+def run_churn(args: argparse.Namespace) -> dict[str, Any]:
+    truth: list[str] = []
+    tmp = tempfile.mkdtemp(prefix="mw-churn-")
+    sys.path.insert(0, tmp)
+    sys.dont_write_bytecode = True
+    deadline = time.monotonic() + args.seconds
+    counts = {"units": 0, "modules": 0, "threads": 0, "fast_copies": 0}
+    n = args.threads or 2
+    threads = [threading.Thread(target=churner, args=(k, n, deadline, tmp, truth, counts), name=f"churner-{k}")
+               for k in range(n)]
+    threads.append(threading.Thread(target=fast_churner, args=(deadline, counts), name="fast-churner"))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    time.sleep(LINGER_S)
+    sys.path.remove(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    (_, _, lo, hi), = code_ranges(fast_template.__code__)
+    first = fast_template.__code__.co_firstlineno
+    fast = dict(FAST, count=counts["fast_copies"], lo=lo - first, hi=hi - first)
+    return {"code": [json.loads(x) for x in truth], "fast": fast, **counts}
+
+
+def real_file(name: str) -> str | None:
+    """The source file of a frame's file name: a path, or a frozen stdlib module's source."""
+    if name.startswith("<frozen ") and name.endswith(">"):
+        mod = name[len("<frozen "):-1]
+        base = os.path.join(sysconfig.get_paths()["stdlib"], *mod.split("."))
+        for cand in (base + ".py", os.path.join(base, "__init__.py")):
+            if os.path.isfile(cand):
+                return cand
+        return None
+    return name if name.endswith(".py") and os.path.isfile(name) else None
+
+
+def real_code(files: list[str], skip: set[str]) -> tuple[dict[str, list[tuple[str, str, int, int]]], list[str]]:
+    """For each real source file among `files`: every code object compiled from it (the same
+    names and line tables as the loaded module's). A file modified since this process started
+    may not be what was loaded: left out, and listed."""
+    out: dict[str, list[tuple[str, str, int, int]]] = {}
+    changed = []
+    for name in files:
+        path = None if name in skip else real_file(name)
+        if path is None:
+            continue
+        try:
+            if os.stat(path).st_mtime >= STARTED - 1:
+                changed.append(name)
+                continue
+            with open(path, "rb") as f:
+                code = compile(f.read(), name, "exec")
+        except (OSError, SyntaxError, ValueError):
+            continue
+        out[name] = list(code_ranges(code))
+    return out, changed
+
+
+# --- lines: per-line shares, Python frames only or with native frames -----------------------------
+def rec_lines(depth: int) -> int:
+    if depth > 0:
+        return rec_lines(depth - 1) + 1  # REC_CALL
+    s = 0
+    for i in range(4000): s += i * i  # REC_A
+    for i in range(2000): s ^= i  # REC_B
+    return s
+
+
+def busy_two(n: int) -> int:
+    s = 0
+    for i in range(n): s += i * 3  # BUSY_A
+    for i in range(n): s += i % 7  # BUSY_B
+    return s
+
+
+def tagged_lines(*fns: Callable[..., Any]) -> dict[str, int]:
+    out = {}
+    for fn in fns:
+        src, start = inspect.getsourcelines(fn)
+        for k, line in enumerate(src):
+            if "# " in line and line.rstrip().split("# ")[-1].isupper():
+                out[line.rstrip().split("# ")[-1]] = start + k
+    return out
+
+
+def run_lines(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs for --seconds, and on (up to 4 x --seconds) until the profiler took --samples on-CPU
+    samples: on a loaded machine a busy thread is on CPU at fewer ticks."""
+    assert TRACKER is not None
+    start = time.monotonic()
+    cpu = {"rec_lines": 0.0, "busy_two": 0.0}
+    next_check = start + args.seconds
+    while True:
+        t0 = time.thread_time()
+        rec_lines(20)
+        t1 = time.thread_time()
+        busy_two(3000)
+        cpu["rec_lines"] += t1 - t0
+        cpu["busy_two"] += time.thread_time() - t1
+        now = time.monotonic()
+        if now >= next_check:
+            if now - start >= 4 * args.seconds or TRACKER.stats()["cpu_samples"] >= args.samples:
+                break
+            next_check = now + 0.1
+    return {"lines": tagged_lines(rec_lines, busy_two), "cpu_s": cpu, "file": rec_lines.__code__.co_filename,
+            "seconds": time.monotonic() - start}
+
+
+WORKLOADS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "bursty": run_bursty, "graph": run_graph, "churn": run_churn, "lines": run_lines}
+
+
+def main() -> None:
+    global TRACKER
+    ap = argparse.ArgumentParser()
+    ap.add_argument("workload", choices=sorted(WORKLOADS))
+    ap.add_argument("--rate", type=int, default=1000)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--native", action="store_true", help="MwTracker(native=True): C frames too")
+    ap.add_argument("--samples", type=int, default=0, help="lines: run on until this many on-CPU samples")
+    args = ap.parse_args()
+    TRACKER = MwTracker(sample_rate=args.rate, profile_dir="none", instrument=False, native=args.native)
+    TRACKER.snapshot(reset=True)
+    truth = WORKLOADS[args.workload](args)
+    profile = TRACKER.snapshot()
+    stats = TRACKER.stats()
+    TRACKER.stop()
+    dumped = dump_profile(profile)
+    if args.workload == "churn":
+        churn_files = {c[0] for c in truth["code"]}
+        truth["real_code"], truth["changed_files"] = real_code(dumped["files"], churn_files)
+        summary: dict[str, Any] = {}
+    else:
+        summary = summarize(profile)
+    json.dump({"python": list(sys.version_info[:2]), "truth": truth, "profile": dumped, "summary": summary,
+               "stats": stats}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
