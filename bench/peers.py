@@ -343,6 +343,13 @@ def load() -> str:
         return "?"
 
 
+def error_line(stderr: str) -> str:
+    """The line of a failed run's stderr that says why (ANSI colours removed)."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", stderr).splitlines() if ln.strip()]
+    why = [ln for ln in lines if re.search(r"error|exception|not a python|looks like|cannot|denied", ln, re.I)]
+    return (why or lines or ["no output"])[-1]
+
+
 def children_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
@@ -373,7 +380,10 @@ def run_once(env: Env, workload: str, profiler: str, rate: int, reps: int | None
             cmd.append("--nonblocking")
         cmd += ["--"] + wargs + ["--external"]
     elif profiler == "austin":
-        cmd = [env.tools[profiler], "-s", "-i", str(max(1, 1_000_000 // rate)), "-o", out] + wargs + ["--external"]
+        # -t: how long austin waits for the new interpreter to show up (100 ms by default: too short
+        # on a loaded machine, where it then gives up with "not a Python process")
+        cmd = [env.tools[profiler], "-s", "-t", "3000", "-i", str(max(1, 1_000_000 // rate)), "-o", out]
+        cmd += wargs + ["--external"]
     else:
         raise PeerError(f"unknown profiler {profiler}")
     before = children_cpu()
@@ -390,8 +400,7 @@ def run_once(env: Env, workload: str, profiler: str, rate: int, reps: int | None
     lifetime = time.perf_counter() - t0
     total_cpu = children_cpu() - before
     if not os.path.exists(result):
-        last = [ln for ln in (stderr or "").strip().splitlines() if ln.strip()]
-        raise PeerError(f"exit {proc.returncode}: {(last[-1] if last else 'no output')}"[:90])
+        raise PeerError(f"exit {proc.returncode}: {error_line(stderr or '')}"[:100])
     with open(result) as f:
         res: dict[str, Any] = json.load(f)
     res["lifetime"] = lifetime
