@@ -12,13 +12,16 @@ order that rotates from run to run, and the table shows the median over the runs
   the default settings and no backend configured (local store only).
 - ``mw upload=False``: the same with ``MwTracker(profile_dir=<tmp>, upload=False)``.
 - ``bare`` / ``bare mw``: an interpreter that imported nothing but ``site``, without and with the
-  tracker (start-up time of ``import middleware`` when nothing else is loaded yet).
+  tracker (start-up time of ``import middleware`` when nothing else is loaded yet);
+  ``bare std``: the same importing only the standard-library modules that middleware needs
+  (logging, dataclasses, typing, ...), the floor under the tracker's cost in a bare interpreter.
 
 Children run with a bytecode cache (``PYTHONPYCACHEPREFIX`` in the temporary directory, filled by
 one warm-up child per variant), as an installed package would. Memory is read in the child from
 ``/proc/self/status`` (VmRSS) and ``/proc/self/smaps_rollup`` (PSS; USS = Private_Clean +
-Private_Dirty) after the workload ran for ``--seconds`` under the sampler, and again after
-``tracker.flush()`` (the first export: pprof encoding, gzip, store write). Times are ``perf_counter`` around ``import middleware`` and around ``MwTracker(...)``
+Private_Dirty) after the workload ran for ``--seconds`` under the sampler, again after
+``tracker.flush()`` (the first export: pprof encoding, gzip, store write), and after half as much
+work again and a second export (buffers rotated and reset once: closer to the steady state). Times are ``perf_counter`` around ``import middleware`` and around ``MwTracker(...)``
 (construction + start: sampler, exporter, hooks). ``--detail`` attributes the tracker's memory to
 mappings (shared libraries loaded by the extension, anonymous mappings by size, the heap), diffing
 ``/proc/self/smaps`` phase by phase inside one child (import, extension load, start, sampling,
@@ -108,6 +111,11 @@ out = {"variant": variant}
 maps0 = smaps() if detail else None
 out["before"] = rollup()
 tracker = None
+if variant == "bare-std":  # only the standard-library modules that middleware imports
+    t1 = time.perf_counter()
+    for _m in os.environ["FP_STDLIB"].split(","):
+        __import__(_m)
+    out["import_ms"] = (time.perf_counter() - t1) * 1e3
 if variant.endswith("mw") or variant == "mw-noupload":
     t1 = time.perf_counter()
     import middleware
@@ -126,10 +134,14 @@ out["iterations"] = workload(seconds)
 out["sampled"] = rollup()
 if tracker is not None:
     tracker.flush()
+out["exported"] = rollup()
+workload(seconds / 2)
+if tracker is not None:
+    tracker.flush()
     st = tracker.stats()
     out["samples"] = st.get("samples", 0)
     out["exports"] = st.get("exports", 0)
-out["exported"] = rollup()
+out["exported2"] = rollup()
 out["modules"] = len(sys.modules)
 if detail:
     maps1 = smaps()
@@ -144,8 +156,13 @@ if detail:
 print("FP_RESULT " + repr(out))  # not json: importing it would count as ours
 """
 
-VARIANTS = ("app", "mw", "mw-noupload", "bare", "bare-mw")
-LABELS = {"app": "app", "mw": "mw", "mw-noupload": "mw upload=False", "bare": "bare", "bare-mw": "bare mw"}
+#: The standard-library modules that ``import middleware`` + ``MwTracker()`` import into a bare
+#: interpreter (the ``bare std`` variant times them alone: the floor under our own cost there).
+STDLIB_USED = ("logging", "typing", "dataclasses", "contextvars", "contextlib", "weakref", "atexit")
+
+VARIANTS = ("app", "mw", "mw-noupload", "bare", "bare-std", "bare-mw")
+LABELS = {"app": "app", "mw": "mw", "mw-noupload": "mw upload=False", "bare": "bare", "bare-std": "bare std",
+          "bare-mw": "bare mw"}
 
 
 #: Bytecode cache for the children (PYTHONPYCACHEPREFIX): an installed package has its .pyc files,
@@ -158,6 +175,7 @@ def child_env() -> dict[str, str]:
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     env["PYTHONPYCACHEPREFIX"] = PYCACHE
     env["FP_IMPORTS"] = ",".join(TYPICAL_IMPORTS)
+    env["FP_STDLIB"] = ",".join(STDLIB_USED)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -193,33 +211,41 @@ def print_table(res: dict[str, list[dict[str, Any]]], runs: int, seconds: float)
           f"order rotated), medians; workload {seconds:g} s")
     print(f"typical app imports: {', '.join(TYPICAL_IMPORTS)}")
     print()
-    hdr = (f"{'variant':<16} {'RSS MiB':>8} {'PSS MiB':>8} {'USS MiB':>8} | {'+export RSS':>11} {'PSS':>7} {'USS':>7}"
-           f" | {'import ms':>9} {'start ms':>8} {'total ms':>8} | {'modules':>7}")
+    phases = (("sampled", f"after {seconds:g} s of sampling"), ("exported", "after the 1st export"),
+              ("exported2", "after the 2nd export"))
+    hdr = (f"{'':<16} " + " | ".join(f"{t:^23}" for _, t in phases) + f" | {'':<26} |")
     print(hdr)
+    print(f"{'variant':<16} " + " | ".join(f"{'RSS':>7} {'PSS':>7} {'USS':>7}" for _ in phases)
+          + f" | {'import ms':>9} {'start ms':>8} {'total':>7} | {'modules':>7}")
     print("-" * len(hdr))
     for v in VARIANTS:
         rows = res[v]
+        cells = " | ".join(" ".join(mib(med(rows, ph, k)) for k in ("rss", "pss", "uss")) for ph, _ in phases)
         imp, start = med(rows, "import_ms"), med(rows, "start_ms")
-        tot = statistics.median(r["import_ms"] + r["start_ms"] for r in rows) if "import_ms" in rows[0] else None
-        print(f"{LABELS[v]:<16} {mib(med(rows, 'sampled', 'rss')):>8} {mib(med(rows, 'sampled', 'pss')):>8} "
-              f"{mib(med(rows, 'sampled', 'uss')):>8} | {mib(med(rows, 'exported', 'rss')):>11} "
-              f"{mib(med(rows, 'exported', 'pss')):>7} {mib(med(rows, 'exported', 'uss')):>7} | "
-              + (f"{imp:9.1f} {start:8.1f} {tot:8.1f}" if tot is not None else f"{'-':>9} {'-':>8} {'-':>8}")
-              + f" | {med(rows, 'modules'):7.0f}")
+        if "start_ms" in rows[0]:
+            tot = statistics.median(r["import_ms"] + r["start_ms"] for r in rows)
+            times = f"{imp:9.1f} {start:8.1f} {tot:7.1f}"
+        elif "import_ms" in rows[0]:
+            times = f"{imp:9.1f} {'-':>8} {imp:7.1f}"
+        else:
+            times = f"{'-':>9} {'-':>8} {'-':>7}"
+        print(f"{LABELS[v]:<16} {cells} | {times} | {med(rows, 'modules'):7.0f}")
+    print(f"  (MiB; times in ms: `import middleware`, then `MwTracker(...)` construction + start; 'bare std' imports "
+          f"only {', '.join(STDLIB_USED)})")
     print()
     print("added by the tracker (difference of the medians, MiB; ratio = RSS with / RSS without):")
-    print(f"  {'':<26} {'after ' + format(seconds, 'g') + ' s of sampling':^34} | {'after the first export':^34}")
-    print(f"  {'':<26} {'RSS':>7} {'PSS':>7} {'USS':>7} {'ratio':>10} | {'RSS':>7} {'PSS':>7} {'USS':>7} {'ratio':>10}")
-    for v, base in (("mw", "app"), ("mw-noupload", "app"), ("bare-mw", "bare")):
+    print(f"  {'':<26} " + " | ".join(f"{t:^31}" for _, t in phases))
+    print(f"  {'':<26} " + " | ".join(f"{'RSS':>7} {'PSS':>7} {'USS':>7} {'ratio':>7}" for _ in phases))
+    for v, base in (("mw", "app"), ("mw-noupload", "app"), ("bare-mw", "bare"), ("bare-mw", "bare-std")):
         cells = []
-        for phase in ("sampled", "exported"):
+        for phase, _ in phases:
             d = [(med(res[v], phase, k) - med(res[base], phase, k)) / 1024 for k in ("rss", "pss", "uss")]
             r = med(res[v], phase, "rss") / med(res[base], phase, "rss")
-            cells.append(f"{d[0]:+7.2f} {d[1]:+7.2f} {d[2]:+7.2f} {r:10.3f}")
-        print(f"  {LABELS[v] + ' vs ' + LABELS[base]:<26} {cells[0]} | {cells[1]}")
+            cells.append(f"{d[0]:+7.2f} {d[1]:+7.2f} {d[2]:+7.2f} {r:7.3f}")
+        print(f"  {LABELS[v] + ' vs ' + LABELS[base]:<26} " + " | ".join(cells))
     print("  the same inside each child (RSS before `import middleware` -> after sampling, median): "
           + ", ".join(f"{LABELS[v]} {(med(res[v], 'sampled', 'rss') - med(res[v], 'before', 'rss')) / 1024:+.2f}"
-                      for v in VARIANTS))
+                      for v in ("mw", "mw-noupload", "bare-mw")))
     ws = [med(res[v], "iterations") for v in ("app", "mw", "mw-noupload")]
     print(f"  workload iterations (median): app {ws[0]:.0f}, mw {ws[1]:.0f}, mw upload=False {ws[2]:.0f}; "
           f"samples in mw {med(res['mw'], 'samples'):.0f}, exports after flush {med(res['mw'], 'exports'):.0f}")
