@@ -257,19 +257,25 @@ def main() -> None:
     rows = [n for n in ("calc", "depth30", "depth150", "threads") if n in results]
     if rows:
         print()
-        print(f"{'workload':<10} {'wall ratio':>10} {'CPU ratio':>9} {'app ratio':>9} | {'sampler':>8} {'us/sample':>9} "
-              f"{'us/tick':>8} {'samples/tick':>12} {'ticks/s':>7} | {'wall off':>8} {'wall on':>8}")
+        print(f"{'workload':<10} {'wall ratio':>10} {'CPU ratio':>9} {'app ratio':>9} {'pairs: app ratio':>16} | "
+              f"{'sampler':>8} {'us/sample':>9} {'us/tick':>8} {'samples/tick':>12} {'ticks/s':>7} | {'wall off':>8} "
+              f"{'wall on':>8}")
         for n in rows:
             on, off = results[n]["on"], results[n]["off"]
             wr = med([r["wall"] for r in on]) / med([r["wall"] for r in off])
             cr = med([r["cpu"] for r in on]) / med([r["cpu"] for r in off])
             ar = med([r["app_cpu"] / r["units"] for r in on]) / med([r["app_cpu"] / r["units"] for r in off])
             f = sampler_figures(on)
-            print(f"{n:<10} {wr:10.3f} {cr:9.3f} {ar:9.3f} | {f['core_pct']:7.2f}% {f['us_sample']:9.1f} "
+            # the same ratio pair by pair (each profiled run against the unprofiled run next to it)
+            pr = sorted((a["app_cpu"] / a["units"]) / (b["app_cpu"] / b["units"]) for a, b in zip(on, off))
+            spread = f"{med(pr):.3f} ({pr[0]:.2f}-{pr[-1]:.2f})"
+            print(f"{n:<10} {wr:10.3f} {cr:9.3f} {ar:9.3f} {spread:>16} | {f['core_pct']:7.2f}% {f['us_sample']:9.1f} "
                   f"{f['us_tick']:8.1f} {f['samples_tick']:12.1f} {f['ticks_s']:7.0f} | "
                   f"{med([r['wall'] for r in off]):7.2f}s {med([r['wall'] for r in on]):7.2f}s")
         print("  wall/CPU ratio: profiled / unprofiled (process CPU includes the profiler's threads); app ratio: the "
               "working threads' own CPU per unit of work, profiled / unprofiled;")
+        print("  pairs: the app ratio of each profiled run against its unprofiled neighbour, median (min-max): the "
+              "run-to-run noise of this machine;")
         print("  sampler: the sampler thread's CPU during the work as a share of one core (schedstat), and per "
               "sample (one thread's stack) / per tick.")
         d = {n: sampler_figures(results[n]["on"])["us_sample"] for n in ("depth30", "depth150") if n in results}
