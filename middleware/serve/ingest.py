@@ -14,6 +14,10 @@ Limits. The body is capped before it is read (413), and gzip is inflated with a 
 output (a 1 KiB gzip bomb can inflate to gigabytes): inflation stops as soon as the output would
 exceed ``max_decompressed_bytes`` and the upload is refused with 413.
 
+Label names (of ``name`` tags, push series labels and pprof sample labels) follow Grafana
+Pyroscope's rules, :mod:`middleware.serve.labels`: dots become underscores (``otel.scope.name``
+is stored as ``otel_scope_name``), values are kept as sent, and what Pyroscope refuses is refused.
+
 Series naming (PROTOCOL.md): a sample type containing ``wall`` gives the series ``wall``, one
 starting with ``alloc_``/``inuse_`` gives ``memory``, one containing ``cpu`` gives
 ``process_cpu``; any other sample type (e.g. ``samples/count``) takes the name of the profile's
@@ -40,6 +44,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import parse_qs
 
+from middleware.serve.labels import LabelError, check_series_size, sanitize_label_name, sanitize_labels
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from middleware.profile import Profile
 
@@ -63,6 +69,7 @@ __all__ = [
     "profile_type_ids",
 ]
 
+#: The form of every stored label name (after sanitization, see :mod:`middleware.serve.labels`).
 LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 #: String sample labels that do not become series labels (PROTOCOL.md): per-request ids would
 #: make one series per request.
@@ -71,8 +78,6 @@ EXCLUDED_SAMPLE_LABELS = frozenset({"span_id", "trace_id", "profile_id"})
 SERVICE_LABEL = "service_name"
 
 _SERVICE_RE = re.compile(r"^[^{}\s,=\"\x00-\x1f]{1,256}$")
-_MAX_TAGS = 64
-_MAX_TAG_VALUE = 1024
 # Unix seconds must be plausible: values beyond this are milliseconds or nanoseconds sent by
 # mistake, which would place the profile centuries away.
 _MAX_UNIX_SECONDS = 1e11
@@ -132,18 +137,21 @@ class Upload:
 def parse_name(name: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     """Split ``svc{k=v,k2=v2}`` into the service name and its sorted static tags.
 
-    Raises :class:`IngestError` (400) on an empty service, unbalanced braces, a tag without
-    ``=``, an invalid or reserved label name, or a repeated label name.
+    Tag names are sanitized like every label name (``otel.scope.name`` -> ``otel_scope_name``,
+    see :mod:`middleware.serve.labels`). Raises :class:`IngestError` (400) on an empty service,
+    unbalanced braces, a tag without ``=``, an invalid or reserved label name, a repeated label
+    name, an overlong name or value, or too many tags.
     """
     name = name.strip()
     if not name:
         raise IngestError(400, "missing 'name': expected name=<service>{k=v,...}")
-    tags: list[tuple[str, str]] = []
+    tags: tuple[tuple[str, str], ...] = ()
     if "{" in name or "}" in name:
         if not name.endswith("}") or name.count("{") != 1 or name.count("}") != 1:
             raise IngestError(400, f"bad 'name' {name!r}: tags must be one trailing {{k=v,...}}")
         service, _, inner = name[:-1].partition("{")
         service = service.strip()
+        raw_tags: list[tuple[str, str]] = []
         for item in inner.split(","):
             item = item.strip()
             if not item:
@@ -152,31 +160,42 @@ def parse_name(name: str) -> tuple[str, tuple[tuple[str, str], ...]]:
             key = key.strip()
             if not eq:
                 raise IngestError(400, f"bad tag {item!r} in 'name': expected k=v")
-            _check_label_name(key, where="'name' tag")
-            if key == SERVICE_LABEL:
+            if _sanitized_name(key, where="'name' tag") == SERVICE_LABEL:
                 raise IngestError(400, f"tag {SERVICE_LABEL!r} is reserved; put the service before the braces")
-            if len(value) > _MAX_TAG_VALUE:
-                raise IngestError(400, f"tag {key!r} value longer than {_MAX_TAG_VALUE} characters")
-            tags.append((key, value.strip()))
-        if len(tags) > _MAX_TAGS:
-            raise IngestError(400, f"too many tags in 'name' (more than {_MAX_TAGS})")
-        keys = [k for k, _ in tags]
+            raw_tags.append((key, value.strip()))
+        keys = [k for k, _ in raw_tags]
         if len(set(keys)) != len(keys):
             raise IngestError(400, f"repeated tag name in 'name': {sorted(keys)}")
+        tags = _sanitized_labels(raw_tags, where="'name' tags")
+        _check_series_size(tags, where="'name' tags")
     else:
         service = name
     if not _SERVICE_RE.match(service):
         raise IngestError(
             400, f"bad service name {service!r}: 1-256 characters, no spaces, quotes, commas, '=' or braces"
         )
-    return service, tuple(sorted(tags))
+    return service, tags
 
 
-def _check_label_name(key: str, where: str) -> None:
-    if not LABEL_NAME_RE.match(key):
-        raise IngestError(400, f"bad label name {key!r} in {where}: must match [a-zA-Z_][a-zA-Z0-9_]*")
-    if key.startswith("__"):
-        raise IngestError(400, f"bad label name {key!r} in {where}: names starting with '__' are reserved")
+def _sanitized_name(key: str, where: str) -> str:
+    try:
+        return sanitize_label_name(key, where)
+    except LabelError as exc:
+        raise IngestError(400, str(exc)) from None
+
+
+def _sanitized_labels(pairs: list[tuple[str, str]], where: str) -> tuple[tuple[str, str], ...]:
+    try:
+        return sanitize_labels(pairs, where)
+    except LabelError as exc:
+        raise IngestError(400, str(exc)) from None
+
+
+def _check_series_size(labels: tuple[tuple[str, str], ...], where: str) -> None:
+    try:
+        check_series_size(labels, where)
+    except LabelError as exc:
+        raise IngestError(400, str(exc)) from None
 
 
 def _unix_seconds_to_ns(raw: str, param: str) -> int:
@@ -373,24 +392,30 @@ def series_labels(
     return tuple(sorted(merged.items()))
 
 
-def _check_profile(profile: "Profile") -> None:
+def _check_profile(profile: "Profile", tags: tuple[tuple[str, str], ...] = ()) -> None:
+    """Check ``profile`` and sanitize its samples' label names in place (see ``labels``).
+
+    The excluded labels (``span_id``...) are kept as they are; every other string label is
+    sanitized like a series label, and each resulting series (``tags`` plus the labels) must stay
+    within the label-count limit.
+    """
     if not profile.sample_types:
         raise IngestError(400, "not a usable pprof profile: it has no sample types")
     width = len(profile.sample_types)
-    checked: set[tuple[tuple[str, str], ...]] = set()
+    done: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
     for sample in profile.samples:
         if len(sample.values) != width:
             raise IngestError(
                 400, f"bad pprof profile: a sample has {len(sample.values)} values for {width} sample types"
             )
-        if sample.labels in checked:
-            continue
-        checked.add(sample.labels)
-        keys = [key for key, _ in sample.labels if key not in EXCLUDED_SAMPLE_LABELS]
-        for key in keys:
-            _check_label_name(key, where="a pprof sample label")
-        if len(set(keys)) != len(keys):
-            raise IngestError(400, f"bad pprof profile: a sample label is repeated in one sample ({sorted(keys)})")
+        clean = done.get(sample.labels)
+        if clean is None:
+            kept = tuple((k, v) for k, v in sample.labels if k in EXCLUDED_SAMPLE_LABELS)
+            rest = [(k, v) for k, v in sample.labels if k not in EXCLUDED_SAMPLE_LABELS]
+            clean = _sanitized_labels(rest, where="a pprof sample's labels") + kept
+            _check_series_size(series_labels(tags, clean), where="a series (tags and pprof sample labels)")
+            done[sample.labels] = clean
+        sample.labels = clean
 
 
 def decode_upload(
@@ -440,7 +465,7 @@ def upload_from_profile(
     The window is ``from``/``until`` when given, else the pprof's ``time_nanos`` and
     ``duration_nanos``, else ``default_start_ns``, else now.
     """
-    _check_profile(profile)
+    _check_profile(profile, params.tags)
     start_ns, end_ns = _window(params, profile, default_start_ns if default_start_ns is not None else now_ns)
     return Upload(
         params=params,
@@ -537,7 +562,9 @@ def decode_push(headers: Mapping[str, str], body: bytes, limits: IngestLimits, n
 
     Every profile of every series is decoded before anything is stored; one bad profile refuses
     the whole request (400). The series' ``service_name`` label is the service, its other labels
-    (except ``__name__``) are static tags. Each raw profile's window is its pprof's own.
+    (except ``__name__``) are static tags, their names sanitized (``otel.scope.name`` ->
+    ``otel_scope_name``, see :mod:`middleware.serve.labels`). Each raw profile's window is its
+    pprof's own.
     """
     from google.protobuf import json_format
     from google.protobuf.message import DecodeError
@@ -575,9 +602,15 @@ def decode_push(headers: Mapping[str, str], body: bytes, limits: IngestLimits, n
         labels.pop("__name__", None)
         if not service or not _SERVICE_RE.match(service):
             raise IngestError(400, f"series without a valid {SERVICE_LABEL!r} label ({service!r})")
-        for key in labels:
-            _check_label_name(key, where="a push series label")
-        params = IngestParams(service=service, tags=tuple(sorted(labels.items())), spy_name="push")
+        tags = _sanitized_labels(list(labels.items()), where=f"a push series of {service!r}")
+        for key, value in tags:
+            if key == SERVICE_LABEL and value != service:
+                raise IngestError(
+                    400, f"a push series of {service!r} has a second, different service name {value!r} (dots become '_')"
+                )
+        tags = tuple((k, v) for k, v in tags if k != SERVICE_LABEL)
+        _check_series_size(tags, where=f"a push series of {service!r}")
+        params = IngestParams(service=service, tags=tags, spy_name="push")
         for raw in series.samples:
             data = bytes(raw.raw_profile)
             if not data:
