@@ -508,6 +508,7 @@ static int g_nthreads;
 static uint64_t g_gen_prev;
 
 static mw_tstate_t *g_tsp[MW_MAX_THREADS]; /* thread i's state, as of the last full list */
+static uint64_t g_last_prune;
 
 static void tick(void) {
     int64_t now = mw_now_monotonic_ns();
@@ -566,7 +567,8 @@ static void tick(void) {
     g_nthreads = n;
     g_stats.threads_seen = (uint64_t)n;
     g_last_tick_ns = now;
-    if (!quiet && (g_tick & 63) == 0) {
+    if (!quiet && g_tick - g_last_prune >= 64) {
+        g_last_prune = g_tick;
         pthread_mutex_lock(&g_buf_lock);
         quiet_flush_all(g_active);
         pthread_mutex_unlock(&g_buf_lock);
@@ -672,6 +674,8 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
     }
     memset(g_ts, 0, TS_SLOTS * sizeof *g_ts);
     g_tick = 0;
+    g_last_prune = 0;
+    g_nthreads = 0;
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);

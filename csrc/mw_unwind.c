@@ -66,6 +66,7 @@ typedef struct {
                                * handler paused for sequence q goes once release >= q */
     _Atomic long tid;         /* thread asked */
     _Atomic int unwind;       /* 0: pause only (the Python frames are all the sampler wants) */
+    _Atomic long late_tid;    /* last thread whose handler ran after its request was given up */
     int n;                    /* IPs written, leaf first */
     int complete;             /* the unwind reached the outermost frame */
     uintptr_t ip[MW_UNWIND_MAX_FRAMES];
@@ -97,12 +98,13 @@ static void on_signal(int sig, siginfo_t *si, void *ucv) {
     slot_t *s = g_slot;
     if (!s || si->si_code != SI_TKILL || si->si_pid != getpid()) goto out;
     uint64_t st = atomic_load(&s->state);
-    if ((st & 3) != PH_REQ || atomic_load(&s->tid) != (long)syscall(SYS_gettid)) {
+    long me = (long)syscall(SYS_gettid);
+    if ((st & 3) != PH_REQ || atomic_load(&s->tid) != me ||
+        !atomic_compare_exchange_strong(&s->state, &st, (st & ~3ULL) | PH_BUSY)) {
+        /* A request given up on: this thread does take the signal, it was only slow (waiting
+         * for a CPU). Tell the sampler so it does not back off from it. */
         atomic_fetch_add_explicit(&g_late, 1, memory_order_relaxed);
-        goto out;
-    }
-    if (!atomic_compare_exchange_strong(&s->state, &st, (st & ~3ULL) | PH_BUSY)) {
-        atomic_fetch_add_explicit(&g_late, 1, memory_order_relaxed);
+        atomic_store(&s->late_tid, me);
         goto out;
     }
     int n = 0, complete = 0;
@@ -277,6 +279,11 @@ static int request(long tid, int unwind, int64_t wait_ns) {
     slot_t *s = g_slot;
     if (!s || !g_sig || tid <= 0) return -1;
     unsigned bi = (unsigned)tid & (BACKOFF_SLOTS - 1);
+    long late = atomic_exchange(&s->late_tid, 0);
+    if (late) { /* its handler ran after all: it takes our signal, forget the back-off */
+        unsigned li = (unsigned)late & (BACKOFF_SLOTS - 1);
+        if (g_backoff[li].tid == late) g_backoff[li].fails = g_backoff[li].skip = 0;
+    }
     if (g_backoff[bi].tid == tid && g_backoff[bi].skip) {
         g_backoff[bi].skip--;
         g_st.skipped++;
@@ -324,7 +331,10 @@ static int request(long tid, int unwind, int64_t wait_ns) {
                 g_backoff[bi].fails = 0;
             }
             uint32_t f = ++g_backoff[bi].fails;
-            g_backoff[bi].skip = 1u << (f < 10 ? f : 10);
+            /* Pauses are asked of running threads: a time-out there is mostly a thread that
+             * lost its CPU right after, so back off only a little. */
+            uint32_t cap = unwind ? 10 : 3;
+            g_backoff[bi].skip = 1u << (f < cap ? f : cap);
             return -1;
         }
         extended = 1; /* the handler is BUSY: unwinding takes microseconds, give it more */
