@@ -9,6 +9,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 typedef struct {
     uint32_t off, len, hash;
@@ -104,10 +105,25 @@ void mw_profbuf_free(mw_profbuf_t *b) {
     free(b);
 }
 
+/* Zeroes an index. Whole pages are handed back to the kernel (MADV_DONTNEED on private
+ * anonymous memory reads back as zeros), so an emptied buffer is not resident beyond what the
+ * next window touches. */
+static void clear_index(uint32_t *idx, size_t n) {
+    size_t len = n * sizeof(uint32_t);
+    uintptr_t lo = ((uintptr_t)idx + 4095) & ~(uintptr_t)4095;
+    uintptr_t hi = ((uintptr_t)idx + len) & ~(uintptr_t)4095;
+    if (hi > lo + 4096 && madvise((void *)lo, hi - lo, MADV_DONTNEED) == 0) {
+        memset(idx, 0, lo - (uintptr_t)idx);
+        memset((void *)hi, 0, (uintptr_t)idx + len - hi);
+        return;
+    }
+    memset(idx, 0, len);
+}
+
 void mw_profbuf_reset(mw_profbuf_t *b) {
-    if (b->nstrs) memset(b->str_index, 0, (size_t)(b->str_mask + 1) * sizeof(uint32_t));
-    if (b->nframes) memset(b->frame_index, 0, (size_t)(b->frame_mask + 1) * sizeof(uint32_t));
-    if (b->nstacks) memset(b->stack_index, 0, (size_t)(b->stack_mask + 1) * sizeof(uint32_t));
+    if (b->nstrs) clear_index(b->str_index, (size_t)b->str_mask + 1);
+    if (b->nframes) clear_index(b->frame_index, (size_t)b->frame_mask + 1);
+    if (b->nstacks) clear_index(b->stack_index, (size_t)b->stack_mask + 1);
     b->arena_used = b->nstrs = b->nframes = b->nstacks = b->slots_used = 0;
     b->overflow = 0;
     b->generation = atomic_fetch_add(&g_generation, 1);

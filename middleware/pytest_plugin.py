@@ -391,6 +391,13 @@ class MwProfile:
                 f" - fewer than {FEW_SAMPLES} samples: shares are noise; run the code longer"
                 " or raise the sampling rate (ini mw_sample_rate)"
             )
+            try:  # what the sampler saw: running? found the thread on CPU? could it read it?
+                st = self._tracker.stats()
+                keys = ("running", "ticks", "samples", "cpu_samples", "paused", "unproven",
+                        "unverified", "can_pause", "dropped", "unwind_timeouts")
+                line += " [sampler: " + ", ".join(f"{k}={st[k]}" for k in keys if k in st) + "]"
+            except Exception:  # the figures are a hint, never a second failure
+                pass
         return line
 
     def _callers_lines(self, callers: Callers, limit: int) -> list[str]:

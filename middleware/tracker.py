@@ -63,6 +63,7 @@ class _ProcessProfiler:
             n.start(rate_hz=cfg.sample_rate, max_depth=cfg.max_depth)
             self.running = True
             self.pid = os.getpid()
+            _warn_once_without_pause(n)
             _install_thread_naming()
             enable_asyncio_hook()
             self._start_upload(n)
@@ -171,6 +172,23 @@ class _ProcessProfiler:
 _profiler: _ProcessProfiler | None = None
 _profiler_lock = threading.Lock()
 _hooks_installed = False
+
+
+_warned_no_pause = False
+
+
+def _warn_once_without_pause(n: Any) -> None:
+    """Says once per process when the sampler cannot pause a running thread (no free real-time
+    signal): stacks of threads that run Python are then kept only when two reads agree."""
+    global _warned_no_pause
+    if _warned_no_pause or n.stats().get("can_pause", 1):
+        return
+    _warned_no_pause = True
+    logger.warning(
+        "middleware: no free real-time signal to pause a running thread while its stack is read; "
+        "stacks of threads running Python are kept only when two reads agree "
+        "(tracker.stats()['unverified'] counts them)"
+    )
 
 
 def _install_process_hooks() -> None:
