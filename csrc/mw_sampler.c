@@ -440,16 +440,18 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
     }
     if (!proven && !g_can_pause) {
         /* No pause at all in this process (no free real-time signal): the next best thing is
-         * two reads back to back that agree frame for frame, instruction for instruction.
+         * two reads back to back that agree frame for frame (and on every caller's instruction).
          * Counted apart (`unverified`): such a stack is very probably, not provably, real. */
         depth = read_stack(tstate, &truncated, &ok);
         int again = 0, t2 = 0;
         uintptr_t top = mw_pyframes_top_frame(tstate);
         mw_readcache_reset(g_rc);
         if (top) again = mw_pyframes_walk(g_rc, top, g_raw2, g_cfg.max_depth, &t2);
+        /* The leaf's instruction moves on between the reads of a running thread; its callers'
+         * do not while it runs. */
         int same = again == depth;
         for (int i = 0; same && i < depth; i++)
-            same = g_raw2[i].code == g_raw[i].code && g_raw2[i].lasti == g_raw[i].lasti;
+            same = g_raw2[i].code == g_raw[i].code && (i == 0 || g_raw2[i].lasti == g_raw[i].lasti);
         if (same) {
             proven = 1;
             g_stats.unverified++;
