@@ -377,6 +377,16 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
             on_cpu = 1;
             want_pause = 1;
             cs = c;
+        } else if (r == 0 && want_native && g_gil_tick.ok && g_gil_tick.last_holder == tstate) {
+            /* Native mode reads it paused: the preempted-holder test (below) is made here. */
+            mw_gilstate_t ga;
+            mw_pyframes_gil(&ga);
+            uint64_t c2;
+            if (ga.ok && ga.locked && ga.last_holder == tstate &&
+                thread_cpu_ns(th->tid, &c2) == 0 && c2 == c) {
+                on_cpu = 1;
+                g_stats.preempted++;
+            }
         }
     }
     if (want_native && !on_cpu && st->stack_valid == 2 && st->stack_gen == gen &&
@@ -414,8 +424,13 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
             }
             want_native = want_pause = 0; /* cannot pause it: read it unpaused, and prove it */
         }
-        mw_gilstate_t g0 = g_gil_tick;
+        mw_gilstate_t g0 = g_gil_tick, ga = {0, 0, 0, 0};
         depth = read_stack(tstate, &truncated, &ok);
+        /* A GIL holder that is not running was preempted in the middle of running Python (it
+         * cannot hold the GIL without having run since it last blocked), so it counts as on
+         * CPU. Read inside the window in which its clock must not move: then it held the GIL
+         * throughout. */
+        if (!on_cpu && g0.ok && g0.last_holder == tstate) mw_pyframes_gil(&ga);
         if (thread_cpu_ns(th->tid, &c1) != 0) {
             mw_symcache_abort();
             g_stats.threads_gone++;
@@ -424,6 +439,10 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
         if (c1 > cs) on_cpu = 1;
         if (c1 == cs) {
             proven = 1;
+            if (ga.ok && ga.locked && ga.last_holder == tstate) {
+                on_cpu = 1;
+                g_stats.preempted++;
+            }
         } else {
             mw_gilstate_t g1;
             mw_pyframes_gil(&g1);
@@ -462,8 +481,13 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
     if (!proven) {
         /* Could not be read consistently (it runs Python and cannot be paused): no stack is
          * better than a wrong one. Its CPU stays pending for its next proven on-CPU sample. */
-        g_stats.dropped++;
-        g_stats.unproven++;
+        uint64_t c;
+        if (thread_cpu_ns(th->tid, &c) != 0) {
+            g_stats.threads_gone++;
+        } else {
+            g_stats.dropped++;
+            g_stats.unproven++;
+        }
         return st;
     }
     if (truncated) g_stats.truncated++;
@@ -479,8 +503,13 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
         }
     }
     if (!ok) {
-        /* A frame whose names could not be read: the sample would be a partial stack. */
-        g_stats.dropped++;
+        /* A frame whose names could not be read: the sample would be a partial stack. (A thread
+         * that ended meanwhile took its frames with it: that is not a lost sample.) */
+        uint64_t c;
+        if (thread_cpu_ns(th->tid, &c) != 0)
+            g_stats.threads_gone++;
+        else
+            g_stats.dropped++;
         return st;
     }
     if (depth == 0 && n == 0 && !on_cpu) return st; /* not running, no Python frame */

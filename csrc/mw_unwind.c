@@ -333,7 +333,7 @@ static int request(long tid, int unwind, int64_t wait_ns) {
             uint32_t f = ++g_backoff[bi].fails;
             /* Pauses are asked of running threads: a time-out there is mostly a thread that
              * lost its CPU right after, so back off only a little. */
-            uint32_t cap = unwind ? 10 : 3;
+            uint32_t cap = unwind ? 6 : 3;
             g_backoff[bi].skip = 1u << (f < cap ? f : cap);
             return -1;
         }
