@@ -37,7 +37,7 @@ typedef struct mw_frame {
 } mw_frame_t;
 
 typedef struct mw_values {
-    uint64_t cpu_samples; /* ticks at which the thread had used CPU since the previous tick */
+    uint64_t cpu_samples; /* samples taken while the thread was on CPU */
     uint64_t cpu_ns;      /* CPU time attributed to the stack */
     uint64_t wall_samples;
     uint64_t wall_ns; /* elapsed time attributed to the stack */

@@ -3,11 +3,19 @@
  * One pthread (all signals blocked, no Python thread state, never takes the GIL) wakes at the
  * configured rate with random jitter (±MW_JITTER_PCT%) on CLOCK_MONOTONIC, so periodic work in
  * the application cannot alias with the ticks. Each tick it lists the interpreter's threads
- * (mw_pyframes), reads each thread's CPU clock (derived from its kernel tid), walks its
- * frames, and adds one sample per thread to the active mw_profbuf:
- *   cpu_ns  = CPU time the thread used since the previous tick (0 for a blocked thread),
- *   wall_ns = time elapsed since the previous tick.
- * Only threads that used CPU get a CPU sample; every thread gets a wall sample.
+ * (mw_pyframes), reads each thread's CPU clock (derived from its kernel tid) and its frames, and
+ * adds one sample per thread to the active mw_profbuf:
+ *   wall_ns     = time elapsed since the previous tick, under the thread's stack;
+ *   cpu_samples = 1 when the thread was on CPU at the sample instant (its clock moved across the
+ *                 read, it was found running and paused, or it holds the GIL while waiting for
+ *                 a CPU); cpu_ns of such stacks is written when the window ends (or is read):
+ *                 the thread's exact CPU of the window split over its on-CPU samples.
+ * A stack is kept only when its read is proven consistent (see mw_sampler.c: the clock did not
+ * move, the GIL never reached the thread, or the thread was paused in mw_unwind's handler).
+ *
+ * Signals: the sampler sends a real-time signal (mw_unwind) only to a thread that runs Python
+ * at the tick, to pause it while its frames are read; in native mode also to threads whose
+ * stacks changed since their last sample.
  *
  * Locks: g_buf_lock guards the active-buffer pointer; the sampler holds it while it writes a
  * tick, mw_sampler_swap() holds it to exchange buffers. The collect lock (mw_collect) is always

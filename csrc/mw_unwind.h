@@ -6,7 +6,8 @@
  * unw_init_local2/unw_step/unw_get_reg into a preallocated slot), posts a semaphore, then PAUSES
  * (futex wait, bounded) until the sampler has read the thread's Python frames, so the native
  * and the Python stacks describe the same instant. The sampler symbolizes outside the handler
- * (dladdr1, cached) and splices the Python frames in where the eval loop's C frames are.
+ * (mw_elfsym: one name per function, cached) and splices the Python frames in where the eval loop's
+ * C frames are.
  *
  * Contract:
  *   - mw_unwind_enable/disable/thread_init/get_stats: Python threads (GIL held), any time.
@@ -84,7 +85,7 @@ void mw_unwind_release(void);
 
 /* Sampler thread, after mw_unwind_capture() == 0 and the Python walk: writes the combined stack
  * of frame ids of buffer b into out (leaf first, at most cap; the root side is cut) — native
- * frames interned as (symbol or 0xOFFSET, shared object basename, line 0), Python frames
+ * frames interned as (symbol or object+0xSTART, shared object basename, line 0), Python frames
  * (py[0..npy), leaf first, resolved with mw_symcache) in place of the eval loop's frames.
  * Returns the number of ids written. */
 uint32_t mw_unwind_combine(mw_profbuf_t *b, const mw_rawframe_t *py, int npy, mw_id_t *out,
