@@ -202,8 +202,8 @@ def check_stacks(stacks: Stacks) -> StackCheck:
 def decode_push_loosely(headers: dict[str, str], body: bytes) -> list[tuple[str, Any]]:
     """A push.v1.PushRequest -> [(service_name, parsed pprof)], every label accepted.
 
-    (Our collector's decode_push checks label names strictly; pyroscope-io sends
-    ``otel.scope.name`` and the like, which do not matter here.)
+    (The bench only needs the stacks: it keeps its own small decoder rather than running a
+    whole `serve` next to the workloads it measures.)
     """
     import gzip
 
