@@ -110,15 +110,28 @@ static uintptr_t top_frame_of(const PyThreadState *ts) {
 }
 
 uintptr_t mw_pyframes_top_frame(uintptr_t tstate) {
+    uintptr_t anchor;
+    return mw_pyframes_top_frame_anchored(tstate, &anchor);
+}
+
+uintptr_t mw_pyframes_top_frame_anchored(uintptr_t tstate, uintptr_t *anchor) {
     PyThreadState *ts = (PyThreadState *)tstate;
     uintptr_t top = 0;
+    *anchor = 0;
     if (!tstate) return 0;
 #if PY_VERSION_HEX >= 0x030D0000
     if (mw_safe_read(&ts->current_frame, sizeof top, &top) != 0) return 0;
 #elif PY_VERSION_HEX >= 0x030B0000
-    _PyCFrame *cf = NULL;
+    /* The eval loop makes tstate->cframe point at its new C-stack cframe a few instructions
+     * before it writes that cframe's current_frame: read in between, current_frame is whatever
+     * the C stack held there. The frames of this eval call lead down to the previous cframe's
+     * current_frame, so that frame is the anchor the walk must meet. */
+    _PyCFrame *cf = NULL, c, p;
     if (mw_safe_read(&ts->cframe, sizeof cf, &cf) != 0 || !cf) return 0;
-    if (mw_safe_read(&cf->current_frame, sizeof top, &top) != 0) return 0;
+    if (mw_safe_read(cf, sizeof c, &c) != 0) return 0;
+    top = (uintptr_t)c.current_frame;
+    if (c.previous && mw_safe_read(c.previous, sizeof p, &p) == 0)
+        *anchor = (uintptr_t)p.current_frame;
 #else
     if (mw_safe_read(&ts->frame, sizeof top, &top) != 0) return 0;
 #endif
@@ -245,9 +258,10 @@ static int ucode_index(uintptr_t code, int *nu) {
     }
 }
 
-int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, mw_rawframe_t *out, int max,
-                     int *truncated) {
-    int np = 0, steps = 0;
+int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, uintptr_t anchor, mw_rawframe_t *out,
+                     int max, int *truncated) {
+    int np = 0, steps = 0, met = anchor == 0;
+    char last_owner = 0;
     *truncated = 0;
     if (max > (int)(sizeof g_pending / sizeof *g_pending))
         max = (int)(sizeof g_pending / sizeof *g_pending);
@@ -264,6 +278,8 @@ int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, mw_rawframe_t *out, in
             *truncated = 1;
             break;
         }
+        if (frame == anchor) met = 1;
+        last_owner = f.owner;
         frame = (uintptr_t)f.previous;
 #if PY_VERSION_HEX >= 0x030D0000
         if (f.owner >= FRAME_OWNED_BY_CSTACK) {
@@ -290,6 +306,13 @@ int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, mw_rawframe_t *out, in
 #endif
         g_pending[np].owner = f.owner;
         np++;
+    }
+    /* A chain that never met the previous eval call's frame, or that ends in a suspended
+     * generator's frame (something must be running a generator that is on a stack), was read
+     * while the eval loop was between two stores: not a stack the thread had. */
+    if (!*truncated && (!met || (np && last_owner == FRAME_OWNED_BY_GENERATOR))) {
+        *truncated = 2;
+        return 0;
     }
     /* Pass 2: the heads of the distinct code objects, in one system call where possible. */
     g_stamp++;
@@ -353,8 +376,9 @@ int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, mw_rawframe_t *out, in
     return n;
 }
 #else
-int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, mw_rawframe_t *out, int max,
-                     int *truncated) {
+int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, uintptr_t anchor, mw_rawframe_t *out,
+                     int max, int *truncated) {
+    (void)anchor; /* 3.10: tstate->frame is written in one store */
     int n = 0, steps = 0;
     *truncated = 0;
     while (frame) {

@@ -66,12 +66,18 @@ uintptr_t mw_pyframes_threads_head(void);
  * tick). Returns 0 when it cannot be read. */
 uintptr_t mw_pyframes_top_frame(uintptr_t tstate);
 
+/* Same, and *anchor = a frame the chain from the top must reach when the top was read at a
+ * consistent moment (3.11/3.12: the previous eval call's current frame), 0 when none. */
+uintptr_t mw_pyframes_top_frame_anchored(uintptr_t tstate, uintptr_t *anchor);
+
 /* Walks a thread's frames from top_frame: fills out[] leaf first with validated code objects
  * and instruction indices; skips interpreter-internal frames. Returns the depth. *truncated is
- * set when the walk stopped early (torn read, loop, depth cap). Reads go through rc, which the
- * caller resets before each walk. */
-int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t top_frame, mw_rawframe_t *out, int max,
-                     int *truncated);
+ * 1 when the walk stopped early (unreadable frame, loop, depth cap), 2 (and the depth 0) when
+ * the chain is not one the thread had: it missed `anchor` (from
+ * mw_pyframes_top_frame_anchored; 0 = no check) or ended in a suspended generator's frame.
+ * Reads go through rc, which the caller resets before each walk. */
+int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t top_frame, uintptr_t anchor, mw_rawframe_t *out,
+                     int max, int *truncated);
 
 /* Copies a str object as UTF-8 into buf (NUL-terminated, truncated to cap-1). Returns length
  * or -1. */

@@ -237,9 +237,10 @@ static int read_stack(uintptr_t tstate, int *truncated, int *ok) {
     *truncated = 0;
     mw_readcache_reset(g_rc);
     mw_symcache_begin();
-    uintptr_t top = mw_pyframes_top_frame(tstate);
+    uintptr_t anchor = 0;
+    uintptr_t top = mw_pyframes_top_frame_anchored(tstate, &anchor);
     if (!top) return 0;
-    int depth = mw_pyframes_walk(g_rc, top, g_raw, g_cfg.max_depth, truncated);
+    int depth = mw_pyframes_walk(g_rc, top, anchor, g_raw, g_cfg.max_depth, truncated);
     uint64_t epoch = mw_symcache_epoch();
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 0; i < depth; i++) {
@@ -417,6 +418,14 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
                 paused = 1;
             if (paused) {
                 depth = read_stack(tstate, &truncated, &ok);
+                if (truncated == 2) { /* paused between two stores of the eval loop */
+                    if (native) native = 0;
+                    mw_unwind_release();
+                    mw_symcache_abort();
+                    g_stats.torn_reads++;
+                    want_native = 0;
+                    continue;
+                }
                 if (!native) mw_unwind_release(); /* native: after mw_unwind_combine's reads */
                 proven = 1;
                 g_stats.paused++;
@@ -437,7 +446,9 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
             return st;
         }
         if (c1 > cs) on_cpu = 1;
-        if (c1 == cs) {
+        if (truncated == 2) {
+            g_stats.torn_reads++; /* caught between two stores: not proven, read again */
+        } else if (c1 == cs) {
             proven = 1;
             if (ga.ok && ga.locked && ga.last_holder == tstate) {
                 on_cpu = 1;
@@ -463,12 +474,13 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
          * Counted apart (`unverified`): such a stack is very probably, not provably, real. */
         depth = read_stack(tstate, &truncated, &ok);
         int again = 0, t2 = 0;
-        uintptr_t top = mw_pyframes_top_frame(tstate);
+        uintptr_t anchor = 0;
+        uintptr_t top = mw_pyframes_top_frame_anchored(tstate, &anchor);
         mw_readcache_reset(g_rc);
-        if (top) again = mw_pyframes_walk(g_rc, top, g_raw2, g_cfg.max_depth, &t2);
+        if (top) again = mw_pyframes_walk(g_rc, top, anchor, g_raw2, g_cfg.max_depth, &t2);
         /* The leaf's instruction moves on between the reads of a running thread; its callers'
          * do not while it runs. */
-        int same = again == depth;
+        int same = again == depth && truncated != 2 && t2 != 2;
         for (int i = 0; same && i < depth; i++)
             same = g_raw2[i].code == g_raw[i].code && (i == 0 || g_raw2[i].lasti == g_raw[i].lasti);
         if (same) {
