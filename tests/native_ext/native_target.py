@@ -128,7 +128,13 @@ def run_signals(args: argparse.Namespace) -> dict[str, Any]:
     libc.read.restype = ctypes.c_ssize_t
 
     def c_reader() -> None:
-        """Blocking libc read() in C, GIL released: SA_RESTART must hide the signal."""
+        """Blocking libc read() in C, GIL released: SA_RESTART must hide the signal.
+
+        SIGUSR1 is blocked here: the app's own handler (Python's, without SA_RESTART) would
+        interrupt the read whenever the kernel hands the process-wide SIGUSR1 to this thread — which
+        any thread-directed signal arriving at that moment can cause. What is tested is that the
+        profiler's own signal never does."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
         r, w = os.pipe()
 
         def feed() -> None:
