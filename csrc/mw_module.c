@@ -84,9 +84,7 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "walk_retries", s.walk_retries) ||
         mw_dict_put_u64(d, "reused", s.reused) || mw_dict_put_u64(d, "quiet", s.quiet) ||
         mw_dict_put_u64(d, "quiet_ticks", s.quiet_ticks) ||
-        mw_dict_put_u64(d, "paused", s.paused) ||
-        mw_dict_put_u64(d, "native_skipped", s.native_skipped) ||
-        mw_dict_put_u64(d, "preempted", s.preempted) ||
+        mw_dict_put_u64(d, "paused", s.paused) || mw_dict_put_u64(d, "preempted", s.preempted) ||
         mw_dict_put_u64(d, "unverified", s.unverified) ||
         mw_dict_put_u64(d, "can_pause", s.can_pause) ||
         mw_dict_put_u64(d, "unproven", s.unproven) ||

@@ -405,16 +405,10 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
             return st;
         }
     }
-    /* Native frames only from threads on CPU at the tick: a signal to a thread blocked in a
-     * system call can make it the one that takes a process-wide signal of the app (whose
-     * handler may not restart the call: EINTR where the app never saw one). A thread that is
-     * not running keeps its last native stack when its Python frames are unchanged (above),
-     * else this sample has its Python frames only. */
-    if (want_native && !on_cpu) {
-        want_native = 0;
-        g_stats.native_skipped++;
-    }
-    if (want_native) want_pause = 1; /* running, or holding the GIL while waiting for a CPU */
+    /* Native mode: a thread whose frames may have changed is signalled, running or not (a
+     * blocked thread's native leaf is the call it waits in); one whose Python frames are
+     * unchanged kept its native stack above, unsignalled. */
+    if (want_native) want_pause = 1;
     uint64_t c1 = cs;
     for (int attempt = 0; attempt < 3 && !proven; attempt++) {
         if (want_pause) {

@@ -55,17 +55,16 @@ typedef struct mw_sampler_stats {
     uint64_t tick_ns_max;    /* longest tick */
     uint64_t late_ticks;     /* ticks that started more than a period late */
     uint64_t saferead_failures;
-    uint64_t walk_retries;   /* walks redone from a fresh top frame after a torn first try */
-    uint64_t label_races;    /* samples whose labels changed during the walk: recorded unlabelled */
-    uint64_t reused;         /* samples of threads that had not run since their last read */
-    uint64_t quiet;          /* of which taken on a quiet tick, without any system call */
-    uint64_t quiet_ticks;    /* ticks on which no thread but the GIL's holder can have run Python */
-    uint64_t paused;         /* samples read while the thread was paused in the signal handler */
-    uint64_t preempted;      /* on-CPU samples of a GIL holder found waiting for a CPU */
-    uint64_t native_skipped; /* native mode: not running and stack changed: Python frames only */
-    uint64_t can_pause;      /* 1 when the pause handler is installed */
-    uint64_t unproven;       /* thread samples dropped: no read could be proven consistent */
-    uint64_t unverified;     /* no pause possible here: two agreeing reads kept (not proven) */
+    uint64_t walk_retries; /* walks redone from a fresh top frame after a torn first try */
+    uint64_t label_races;  /* samples whose labels changed during the walk: recorded unlabelled */
+    uint64_t reused;       /* samples of threads that had not run since their last read */
+    uint64_t quiet;        /* of which taken on a quiet tick, without any system call */
+    uint64_t quiet_ticks;  /* ticks on which no thread but the GIL's holder can have run Python */
+    uint64_t paused;       /* samples read while the thread was paused in the signal handler */
+    uint64_t preempted;    /* on-CPU samples of a GIL holder found waiting for a CPU */
+    uint64_t can_pause;    /* 1 when the pause handler is installed */
+    uint64_t unproven;     /* thread samples dropped: no read could be proven consistent */
+    uint64_t unverified;   /* no pause possible here: two agreeing reads kept (not proven) */
     uint64_t cpu_unattributed_ns; /* CPU of threads that ended after their last on-CPU sample */
 } mw_sampler_stats_t;
 
