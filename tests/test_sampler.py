@@ -78,7 +78,9 @@ def test_threads_created_after_start_are_sampled(workload):
     threads = r["profile"]["threads"]
     unnamed = {n for n in names if n.startswith("thread-") and "calc1" in threads[n]["self_cpu"]}
     assert len(unnamed) <= 0.1 * len(seen) + 1, unnamed
-    assert r["stats"]["dropped"] == 0
+    # a thread caught (and left preempted) between two stores of the eval loop cannot be read
+    # consistently: that sample is dropped, counted, and must stay rare
+    assert r["stats"]["dropped"] <= 0.005 * r["stats"]["samples"], r["stats"]
 
 
 def test_labels_never_pair_with_the_other_sides_stack(workload):
