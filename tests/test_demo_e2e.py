@@ -232,13 +232,14 @@ def test_demo_profiles_show_the_bottleneck_per_endpoint(served: Served) -> None:
         # it imported the app (real start-up work, a few percent at most) and then only waited
         assert cpu.get(master, 0) <= 0.05 * total_cpu, cpu
         i = profile.value_index("cpu")
-        # (forking the workers is real work of the loop — a fork of a process this size costs the
-        # parent milliseconds of CPU — and is charged to it; the waiting is what must be free)
+        # (managing the workers — forking a process this size, reaping, checking on them — is
+        # real work of the loop and costs the parent milliseconds of CPU; its waiting, in
+        # Arbiter.sleep, is what must be free)
         master_loop = sum(
             s.values[i]
             for s in profile.samples
             if s.label("pid") == master
             and any(f.function.endswith("run") and f.file.endswith("arbiter.py") for f in s.stack)
-            and not any(f.function.endswith(("spawn_worker", "spawn_workers")) for f in s.stack)
+            and any(f.function.endswith("sleep") and f.file.endswith("arbiter.py") for f in s.stack)
         )
         assert master_loop <= 0.01 * total_cpu, (master_loop, total_cpu)

@@ -244,6 +244,8 @@ def test_leaf_first_labels_and_skipped_label_keys(export_run):
     assert worker, "the worker thread was sampled"
     for frames, labels, _ in worker:
         names = [fr[0] for fr in frames]
+        if names == ["[no Python frame]"]:
+            continue  # on CPU while starting or ending, outside any Python frame: truthful
         # location_id[0] is the leaf: mw_hot_loop calls no Python function
         if "mw_hot_loop" in names:
             assert names.index("mw_hot_loop") == 0, names
