@@ -233,13 +233,14 @@ def test_demo_profiles_show_the_bottleneck_per_endpoint(served: Served) -> None:
         assert cpu.get(master, 0) <= 0.05 * total_cpu, cpu
         i = profile.value_index("cpu")
         # (managing the workers — forking a process this size, reaping, checking on them — is
-        # real work of the loop and costs the parent milliseconds of CPU; its waiting, in
-        # Arbiter.sleep, is what must be free)
+        # real work of the loop and costs the parent milliseconds of CPU; its waiting —
+        # Arbiter.wait_for_signals, Arbiter.sleep in older gunicorns — is what must be free)
         master_loop = sum(
             s.values[i]
             for s in profile.samples
             if s.label("pid") == master
             and any(f.function.endswith("run") and f.file.endswith("arbiter.py") for f in s.stack)
-            and any(f.function.endswith("sleep") and f.file.endswith("arbiter.py") for f in s.stack)
+            and any(f.function.endswith(("wait_for_signals", "sleep")) and f.file.endswith("arbiter.py")
+                    for f in s.stack)
         )
         assert master_loop <= 0.01 * total_cpu, (master_loop, total_cpu)
