@@ -1,0 +1,37 @@
+/* mw_report — a failure the user must see, shown once per kind on stderr.
+ *
+ * Counters in stats() say how often something failed; this says THAT it failed, where a user
+ * looks by default (stderr), once per kind for the life of the process (a fork child starts
+ * afresh), so a backend that refuses every window prints one line, not one per window. Lines
+ * start with "middleware: ". MW_PROFILING_QUIET=1 (read once) silences them; the counters stay.
+ *
+ * Threads: any thread (a relaxed atomic per kind, one write(2) per report); no lock, no malloc.
+ * Not async-signal-safe (vsnprintf).
+ */
+#ifndef MW_REPORT_H
+#define MW_REPORT_H
+
+typedef enum {
+    MW_REPORT_STORE_WRITE = 0,    /* the local store could not be written (read-only, permission) */
+    MW_REPORT_STORE_FULL,         /* ENOSPC / EDQUOT in the local store */
+    MW_REPORT_UPLOAD_AUTH,        /* the backend answered 401/403 */
+    MW_REPORT_UPLOAD_REJECTED,    /* the backend answered another 4xx: the window is dropped */
+    MW_REPORT_UPLOAD_UNREACHABLE, /* refused, timeout, DNS: retried, then dropped */
+    MW_REPORT_UPLOAD_DROPPED,     /* windows dropped by the uploader (queue full, retries spent) */
+    MW_REPORT_ENCODE,             /* a window could not be encoded (memory, zlib) */
+    MW_REPORT_SAMPLER,            /* the sampler could not start or lost its read primitive */
+    MW_REPORT_KINDS
+} mw_report_kind_t;
+
+/* Writes "middleware: <message>\n" to stderr the first time `kind` is reported; later calls
+ * for the same kind do nothing. Returns 1 when written, 0 otherwise. */
+int mw_report_once(mw_report_kind_t kind, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* 1 when `kind` has been reported (written or silenced) in this process. */
+int mw_report_done(mw_report_kind_t kind);
+
+/* In a fork child: every kind may be reported again. */
+void mw_report_reset_after_fork(void);
+
+#endif
