@@ -124,7 +124,7 @@ class Importer:
             except ProfileError as exc:
                 raise IngestError(400, str(exc)) from None
             params = IngestParams(service=service, spy_name="middleware-local-store")
-            upload = upload_from_profile(params, profile, plain, default_start_ns=start_ns)
+            upload = upload_from_profile(params, profile, plain, default_start_ns=start_ns, limits=self.limits)
         except (IngestError, OSError) as exc:
             message = exc.message if isinstance(exc, IngestError) else str(exc)
             if time.time() - st.st_mtime < self.settle_seconds:

@@ -12,7 +12,14 @@ the uploader's log. Nothing is stored before decoding succeeded, so a bad upload
 
 Limits. The body is capped before it is read (413), and gzip is inflated with a hard cap on the
 output (a 1 KiB gzip bomb can inflate to gigabytes): inflation stops as soon as the output would
-exceed ``max_decompressed_bytes`` and the upload is refused with 413.
+exceed ``max_decompressed_bytes`` and the upload is refused with 413. Times are stored as int64
+nanoseconds, so every time (``from``/``until``, the pprof's ``time_nanos`` + ``duration_nanos``)
+must lie within 0 .. 2**63-1 ns (unix seconds up to 9223372036, the year 2262), else 400. Sample
+values must not be negative, and each sample type's total in one profile must stay below 2**53
+(the largest integer the page's JavaScript holds exactly), else 400. One upload (one ``/ingest``
+request, or one push request over all its series) may hold at most ``max_series_per_upload``
+distinct label sets (series), else 400; the store caps the series of a service
+(``max_series_per_service``, see :mod:`middleware.serve.store`).
 
 Label names (of ``name`` tags, push series labels and pprof sample labels) follow Grafana
 Pyroscope's rules, :mod:`middleware.serve.labels`: dots become underscores (``otel.scope.name``
@@ -36,7 +43,7 @@ import hashlib
 import email.policy
 import json
 import logging
-import math
+import os
 import re
 import time
 import zlib
@@ -44,7 +51,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import parse_qs
 
-from middleware.serve.labels import LabelError, check_series_size, sanitize_label_name, sanitize_labels
+from middleware.serve.labels import (
+    MAX_LABEL_VALUE_LENGTH,
+    LabelError,
+    check_series_size,
+    sanitize_label_name,
+    sanitize_labels,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from middleware.profile import Profile
@@ -67,6 +80,12 @@ __all__ = [
     "decode_push",
     "SERVICE_LABEL",
     "profile_type_ids",
+    "INT64_MAX",
+    "MAX_UNIX_SECONDS",
+    "MAX_PROFILE_TOTAL",
+    "unix_seconds_to_ns",
+    "SERIES_PER_UPLOAD_ENV",
+    "SERIES_PER_SERVICE_ENV",
 ]
 
 #: The form of every stored label name (after sanitization, see :mod:`middleware.serve.labels`).
@@ -78,9 +97,17 @@ EXCLUDED_SAMPLE_LABELS = frozenset({"span_id", "trace_id", "profile_id"})
 SERVICE_LABEL = "service_name"
 
 _SERVICE_RE = re.compile(r"^[^{}\s,=\"\x00-\x1f]{1,256}$")
-# Unix seconds must be plausible: values beyond this are milliseconds or nanoseconds sent by
-# mistake, which would place the profile centuries away.
-_MAX_UNIX_SECONDS = 1e11
+#: Times are stored as int64 nanoseconds (SQLite INTEGER); nothing beyond fits.
+INT64_MAX = 2**63 - 1
+#: The last unix second whose nanoseconds fit in int64 (2262-04-11). A larger value is also the
+#: usual sign of milliseconds or nanoseconds sent by mistake.
+MAX_UNIX_SECONDS = INT64_MAX // 1_000_000_000
+#: A sample type's total in one profile stays below this (the page's JavaScript numbers hold
+#: integers exactly up to 2**53; CPU nanoseconds of 104 days, or 9 PB of allocations).
+MAX_PROFILE_TOTAL = 2**53 - 1
+#: Environment variables of the series caps (see :class:`IngestLimits`).
+SERIES_PER_UPLOAD_ENV = "MW_SERVE_MAX_SERIES_PER_UPLOAD"
+SERIES_PER_SERVICE_ENV = "MW_SERVE_MAX_SERIES_PER_SERVICE"
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -93,12 +120,36 @@ class IngestError(Exception):
         self.message = message
 
 
+def _env_int(name: str, default: int, lo: int = 1, hi: int = 10**9) -> int:
+    """An integer setting from the environment; a bad value is logged and the default used."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = lo - 1
+    if not lo <= value <= hi:
+        log.warning("ignoring %s=%r: expected an integer within %d..%d; using %d", name, raw, lo, hi, default)
+        return default
+    return value
+
+
 @dataclass(frozen=True)
 class IngestLimits:
-    """Size caps for uploads (bytes)."""
+    """Caps on uploads: sizes (bytes) and series (distinct label sets).
+
+    ``max_series_per_upload``: distinct label sets one upload may hold (400 beyond it);
+    default 2000 or ``$MW_SERVE_MAX_SERIES_PER_UPLOAD``. ``max_series_per_service``: series a
+    service may have in the store; samples that would open a series beyond it are folded into
+    the service's one overflow series (see :mod:`middleware.serve.store`); default 50000 or
+    ``$MW_SERVE_MAX_SERIES_PER_SERVICE``.
+    """
 
     max_body_bytes: int = 16 * 1024 * 1024
     max_decompressed_bytes: int = 64 * 1024 * 1024
+    max_series_per_upload: int = field(default_factory=lambda: _env_int(SERIES_PER_UPLOAD_ENV, 2000))
+    max_series_per_service: int = field(default_factory=lambda: _env_int(SERIES_PER_SERVICE_ENV, 50_000))
 
 
 @dataclass(frozen=True)
@@ -127,6 +178,11 @@ class Upload:
     type_ids: list[tuple[str, int]] = field(default_factory=list)
     #: The upload's own gzip bytes of ``pprof_plain`` when it came gzipped (stored as they are).
     pprof_gz: bytes | None = None
+    #: Distinct series labels of its samples (filled by :func:`upload_from_profile`).
+    series: frozenset[tuple[tuple[str, str], ...]] = frozenset()
+    #: Set by the store: samples and label sets folded into the service's overflow series.
+    overflow_samples: int = 0
+    overflow_series: int = 0
 
     @property
     def digest(self) -> bytes:
@@ -198,14 +254,27 @@ def _check_series_size(labels: tuple[tuple[str, str], ...], where: str) -> None:
         raise IngestError(400, str(exc)) from None
 
 
-def _unix_seconds_to_ns(raw: str, param: str) -> int:
+def unix_seconds_to_ns(raw: str, param: str) -> int:
+    """Unix seconds (a decimal number) as int64 nanoseconds; :class:`ValueError` says why not."""
     try:
         seconds = float(raw)
     except ValueError:
-        raise IngestError(400, f"bad '{param}' {raw!r}: expected unix seconds") from None
-    if not math.isfinite(seconds) or seconds < 0 or seconds >= _MAX_UNIX_SECONDS:
-        raise IngestError(400, f"bad '{param}' {raw!r}: expected unix seconds (not ms or ns)")
-    return int(round(seconds * 1e9))
+        raise ValueError(f"bad '{param}' {raw[:64]!r}: expected unix seconds") from None
+    # (the first test keeps inf, nan and 1e300 away from the multiplication)
+    ns = int(round(seconds * 1e9)) if 0 <= seconds <= MAX_UNIX_SECONDS + 1 else -1
+    if not 0 <= ns <= INT64_MAX:
+        raise ValueError(
+            f"bad '{param}' {raw[:64]!r}: expected unix seconds from 0 to {MAX_UNIX_SECONDS} "
+            "(not ms or ns; times are stored as int64 nanoseconds, which end in the year 2262)"
+        )
+    return ns
+
+
+def _unix_seconds_to_ns(raw: str, param: str) -> int:
+    try:
+        return unix_seconds_to_ns(raw, param)
+    except ValueError as exc:
+        raise IngestError(400, str(exc)) from None
 
 
 def parse_ingest_query(query: str) -> IngestParams:
@@ -392,30 +461,70 @@ def series_labels(
     return tuple(sorted(merged.items()))
 
 
-def _check_profile(profile: "Profile", tags: tuple[tuple[str, str], ...] = ()) -> None:
-    """Check ``profile`` and sanitize its samples' label names in place (see ``labels``).
+def _check_profile(
+    profile: "Profile", tags: tuple[tuple[str, str], ...] = (), max_series: int | None = None
+) -> frozenset[tuple[tuple[str, str], ...]]:
+    """Check ``profile`` and sanitize its samples' label names in place (see ``labels``); returns
+    its distinct series label sets.
 
-    The excluded labels (``span_id``...) are kept as they are; every other string label is
-    sanitized like a series label, and each resulting series (``tags`` plus the labels) must stay
-    within the label-count limit.
+    The excluded labels (``span_id``...) are kept as they are (their values within the value
+    length limit); every other string label is sanitized like a series label, and each resulting
+    series (``tags`` plus the labels) must stay within the label-count limit. No value may be
+    negative, each sample type's total must stay within :data:`MAX_PROFILE_TOTAL`, and there may
+    be at most ``max_series`` distinct series.
     """
     if not profile.sample_types:
         raise IngestError(400, "not a usable pprof profile: it has no sample types")
     width = len(profile.sample_types)
     done: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
+    series: set[tuple[tuple[str, str], ...]] = set()
+    sums = [0] * width
     for sample in profile.samples:
         if len(sample.values) != width:
             raise IngestError(
                 400, f"bad pprof profile: a sample has {len(sample.values)} values for {width} sample types"
             )
+        for i, value in enumerate(sample.values):
+            if value < 0:
+                raise IngestError(
+                    400, f"bad pprof profile: negative value {value} for sample type {profile.sample_types[i][0]!r}"
+                )
+            sums[i] += value
         clean = done.get(sample.labels)
         if clean is None:
             kept = tuple((k, v) for k, v in sample.labels if k in EXCLUDED_SAMPLE_LABELS)
+            for key, value in kept:
+                if len(value) > MAX_LABEL_VALUE_LENGTH:
+                    raise IngestError(
+                        400, f"label {key!r} in a pprof sample's labels: value longer than {MAX_LABEL_VALUE_LENGTH} characters"
+                    )
             rest = [(k, v) for k, v in sample.labels if k not in EXCLUDED_SAMPLE_LABELS]
             clean = _sanitized_labels(rest, where="a pprof sample's labels") + kept
-            _check_series_size(series_labels(tags, clean), where="a series (tags and pprof sample labels)")
+            merged = series_labels(tags, clean)
+            _check_series_size(merged, where="a series (tags and pprof sample labels)")
+            series.add(merged)
+            if max_series is not None and len(series) > max_series:
+                raise IngestError(400, _too_many_series(f"more than {max_series}", max_series))
             done[sample.labels] = clean
         sample.labels = clean
+    for i, total in enumerate(sums):
+        if total > MAX_PROFILE_TOTAL:
+            raise IngestError(
+                400,
+                f"bad pprof profile: sample type {profile.sample_types[i][0]!r} totals {total}, "
+                f"beyond the limit of {MAX_PROFILE_TOTAL} (2**53-1) per profile",
+            )
+    if not series:
+        series.add(tuple(tags))  # an empty profile marks its static tags' series
+    return frozenset(series)
+
+
+def _too_many_series(count: str, limit: int) -> str:
+    return (
+        f"too many series in one upload: {count} distinct label sets (tags plus pprof sample labels), "
+        f"limit {limit} (${SERIES_PER_UPLOAD_ENV}); a label with a value per request or per user "
+        "(ids, URLs with parameters) makes a series each: keep such values out of labels"
+    )
 
 
 def decode_upload(
@@ -446,7 +555,9 @@ def decode_upload(
     except Exception as exc:  # a parser bug must not become a 500 for the uploader
         log.warning("pprof parser failed on an upload: %r", exc)
         raise IngestError(400, f"not a pprof profile: {exc}") from None
-    upload = upload_from_profile(params, profile, plain, tenant=headers.get("x-scope-orgid", "") or "", now_ns=now_ns)
+    upload = upload_from_profile(
+        params, profile, plain, tenant=headers.get("x-scope-orgid", "") or "", now_ns=now_ns, limits=limits
+    )
     upload.pprof_gz = original_gz
     return upload
 
@@ -459,13 +570,16 @@ def upload_from_profile(
     tenant: str = "",
     now_ns: int | None = None,
     default_start_ns: int | None = None,
+    limits: IngestLimits | None = None,
 ) -> Upload:
     """Check a parsed profile and wrap it as an :class:`Upload` (raises :class:`IngestError`).
 
     The window is ``from``/``until`` when given, else the pprof's ``time_nanos`` and
-    ``duration_nanos``, else ``default_start_ns``, else now.
+    ``duration_nanos``, else ``default_start_ns``, else now. ``limits`` gives the series cap
+    (default: :class:`IngestLimits`' defaults).
     """
-    _check_profile(profile, params.tags)
+    limits = limits if limits is not None else IngestLimits()
+    series = _check_profile(profile, params.tags, limits.max_series_per_upload)
     start_ns, end_ns = _window(params, profile, default_start_ns if default_start_ns is not None else now_ns)
     return Upload(
         params=params,
@@ -475,6 +589,7 @@ def upload_from_profile(
         end_ns=end_ns,
         tenant=tenant[:128],
         type_ids=profile_type_ids(profile),
+        series=series,
     )
 
 
@@ -489,6 +604,12 @@ def _window(params: IngestParams, profile: "Profile", now_ns: int | None) -> tup
     second = 1_000_000_000
     pprof_start = int(profile.time_nanos) if profile.time_nanos > 0 else None
     pprof_end = pprof_start + int(profile.duration_nanos) if pprof_start and profile.duration_nanos > 0 else None
+    if pprof_end is not None and pprof_end > INT64_MAX:
+        raise IngestError(
+            400,
+            f"bad pprof profile: time_nanos + duration_nanos = {pprof_end} is beyond the int64 nanoseconds "
+            "of the year 2262",
+        )
     if params.from_ns is not None:
         start = params.from_ns
         if pprof_start is not None and params.from_ns <= pprof_start < params.from_ns + second:
@@ -507,6 +628,8 @@ def _window(params: IngestParams, profile: "Profile", now_ns: int | None) -> tup
         end = max(start, params.from_ns or start)
     if end < start:
         raise IngestError(400, "'until' is before the profile's start")
+    if not (0 <= start <= INT64_MAX and 0 <= end <= INT64_MAX):
+        raise IngestError(400, f"profile window {start}..{end} ns is outside int64 nanoseconds (the year 2262)")
     return start, end
 
 
@@ -591,6 +714,7 @@ def decode_push(headers: Mapping[str, str], body: bytes, limits: IngestLimits, n
     if not request.series:
         raise IngestError(400, "PushRequest has no series")
     uploads: list[Upload] = []
+    request_series: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
     budget = limits.max_decompressed_bytes
     for series in request.series:
         labels: dict[str, str] = {}
@@ -624,5 +748,12 @@ def decode_push(headers: Mapping[str, str], body: bytes, limits: IngestLimits, n
             except ProfileError as exc:
                 raise IngestError(400, f"not a pprof profile: {exc}") from None
             tenant = headers.get("x-scope-orgid", "") or ""
-            uploads.append(upload_from_profile(params, profile, plain, tenant=tenant, now_ns=now_ns))
+            upload = upload_from_profile(params, profile, plain, tenant=tenant, now_ns=now_ns, limits=limits)
+            request_series.update((service, labels) for labels in upload.series)
+            if len(request_series) > limits.max_series_per_upload:
+                raise IngestError(
+                    400, _too_many_series(f"more than {limits.max_series_per_upload} (over all series of the push)",
+                                          limits.max_series_per_upload)
+                )
+            uploads.append(upload)
     return uploads

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from middleware.profile import Profile, Sample
-from middleware.serve.ingest import EXCLUDED_SAMPLE_LABELS, SERVICE_LABEL
+from middleware.serve.ingest import EXCLUDED_SAMPLE_LABELS, INT64_MAX, MAX_UNIX_SECONDS, SERVICE_LABEL, unix_seconds_to_ns
 from middleware.serve.store import Store, labels_from_key
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 __all__ = ["QueryError", "Matcher", "Selection", "parse_selector", "parse_selection", "QueryEngine"]
 
 Labels = tuple[tuple[str, str], ...]
-_MAX_UNIX_SECONDS = 1e11
 _MAX_TIMELINE_POINTS = 2000
 _DEFAULT_RANGE_S = 3600
 
@@ -134,14 +133,23 @@ class Selection:
 
 
 def parse_seconds(raw: str, name: str) -> int:
-    """Unix seconds (a decimal number) as nanoseconds; raises :class:`QueryError` (400)."""
+    """Unix seconds (a decimal number) as int64 nanoseconds (0 .. the year 2262); raises
+    :class:`QueryError` (400)."""
     try:
-        value = float(raw)
+        return unix_seconds_to_ns(raw, name)
+    except ValueError as exc:
+        raise QueryError(str(exc)) from None
+
+
+def parse_step(raw: str) -> float:
+    """A timeline bucket width in seconds: positive, finite, at most the whole int64 range."""
+    try:
+        step = float(raw)
     except ValueError:
-        raise QueryError(f"bad '{name}' {raw!r}: expected unix seconds") from None
-    if not math.isfinite(value) or value < 0 or value >= _MAX_UNIX_SECONDS:
-        raise QueryError(f"bad '{name}' {raw!r}: expected unix seconds")
-    return int(round(value * 1e9))
+        raise QueryError(f"bad 'step' {raw[:64]!r}: expected seconds") from None
+    if not (math.isfinite(step) and step > 0 and step <= MAX_UNIX_SECONDS):
+        raise QueryError(f"bad 'step' {raw[:64]!r}: expected seconds, more than 0 and at most {MAX_UNIX_SECONDS}")
+    return step
 
 
 def parse_selection(params: Mapping[str, str], suffix: str = "", now_ns: int | None = None) -> Selection:
@@ -295,7 +303,9 @@ class QueryEngine:
         if step_s is None or step_s <= 0:
             step_ns = max(10_000_000_000, _nice_step(span_ns / 200))
         else:
-            step_ns = int(step_s * 1e9)
+            if not (math.isfinite(step_s) and step_s <= MAX_UNIX_SECONDS):
+                raise QueryError(f"bad 'step' {step_s!r}: at most {MAX_UNIX_SECONDS} seconds")
+            step_ns = min(int(step_s * 1e9), INT64_MAX)
         if step_ns <= 0 or span_ns / step_ns > _MAX_TIMELINE_POINTS:
             raise QueryError(f"'step' too small: at most {_MAX_TIMELINE_POINTS} points per timeline")
         buckets = int(math.ceil(span_ns / step_ns))
@@ -305,13 +315,13 @@ class QueryEngine:
         if clause is not None:
             where, args = clause
             rows = self.store.query(
-                "SELECT (start_ns - ?) / ? AS b, SUM(total), COUNT(DISTINCT profile_id) FROM totals "
+                "SELECT (start_ns - ?) / ? AS b, TOTAL(total), COUNT(DISTINCT profile_id) FROM totals "
                 f"WHERE {where} GROUP BY b",
                 (sel.from_ns, step_ns) + args,
             )
             for b, total, count in rows:
                 if 0 <= b < buckets:
-                    values[int(b)] += int(total)
+                    values[int(b)] += int(round(total))
                     profiles[int(b)] += int(count)
         return {
             **sel.to_json(),
@@ -335,7 +345,9 @@ class QueryEngine:
         profiles, period = 0, 0
         if clause is not None:
             where, args = clause
-            values = self.store.query(f"SELECT stack_id, SUM(value) FROM samples WHERE {where} GROUP BY stack_id", args)
+            # TOTAL, not SUM: sums beyond int64 (possible over many profiles) come back as
+            # floats instead of failing the query with SQLite's "integer overflow".
+            values = self.store.query(f"SELECT stack_id, TOTAL(value) FROM samples WHERE {where} GROUP BY stack_id", args)
             row = self.store.query(
                 "SELECT COUNT(*), MAX(p.period) FROM profiles p WHERE p.id IN "
                 f"(SELECT DISTINCT profile_id FROM totals WHERE {where})",
@@ -345,7 +357,7 @@ class QueryEngine:
         stacks = self.store.stacks([int(r[0]) for r in values])
         merged = Profile(
             sample_types=[(stype, sunit)],
-            samples=[Sample(stacks[int(stack_id)], (int(value),), ()) for stack_id, value in values if value],
+            samples=[Sample(stacks[int(stack_id)], (int(round(value)),), ()) for stack_id, value in values if value],
             time_nanos=sel.from_ns,
             duration_nanos=sel.until_ns - sel.from_ns,
             period_type=(ptype, punit),

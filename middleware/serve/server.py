@@ -22,6 +22,7 @@ Routes::
     GET  /api/sandwich               selection &function=[&file=]
     GET  /api/diff                   base selection + comparison (from2/until2/selector2)
     GET  /api/pprof                  selection -> merged profile as gzipped pprof
+    GET  /api/stats                  uploads accepted/rejected, series overflow, connections
 
 A *selection* is ``service``, ``type``, ``from``, ``until`` (unix seconds) and ``selector``
 (``{label="value",...}``); see :mod:`middleware.serve.query`.
@@ -29,7 +30,24 @@ A *selection* is ``service``, ``type``, ``from``, ``until`` (unix seconds) and `
 Security: with a token configured (``--token`` / ``MW_SERVE_TOKEN``; mandatory when listening on
 a non-loopback address), every route but ``/healthz`` needs it, as ``Authorization: Bearer
 <token>`` or as the password of HTTP basic auth (any user name) — which is what a browser
-prompts for, so the page keeps working. Tokens are compared in constant time.
+prompts for, so the page keeps working. Tokens are compared in constant time. "Loopback" is
+decided on the address the server actually binds: the host is resolved once the way the C
+library reads addresses (``127.1``, ``0x7f.1``, ``2130706433`` are 127.0.0.1; names through the
+resolver) and that numeric address is bound, so the check and the socket cannot disagree.
+
+Connections. A slow or idle client cannot hold a thread forever, and their number is bounded:
+
+* every read and write on a connection times out after ``request_timeout`` seconds
+  (``MW_SERVE_REQUEST_TIMEOUT``, default 30);
+* a request's line and headers must be complete within ``request_timeout`` of the moment the
+  connection starts waiting for them (accepted, or the previous answer sent: this is also the
+  keep-alive idle limit), and its body within ``request_timeout`` plus one second per 64 KiB;
+  the server closes a connection past its deadline (headers or a body trickled a byte at a
+  time cannot keep it open);
+* at most ``max_connections`` connections are open at once (``MW_SERVE_MAX_CONNECTIONS``,
+  default 256, one thread each). A new connection beyond that takes the place of the one that
+  has waited longest for its request or body; when every connection is busy computing an
+  answer, the new one gets ``503`` with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -43,6 +61,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,15 +70,26 @@ from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from middleware.serve.importer import Importer
-from middleware.serve.ingest import IngestError, IngestLimits, Upload, decode_push, decode_upload
-from middleware.serve.query import QueryEngine, QueryError, parse_selection
+from middleware.serve.ingest import INT64_MAX, IngestError, IngestLimits, Upload, decode_push, decode_upload
+from middleware.serve.query import QueryEngine, QueryError, parse_seconds, parse_selection, parse_step
 from middleware.serve.store import Store, StoreClosed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ServeConfig", "ServeApp", "ConfigError", "is_loopback", "TOKEN_ENV"]
+__all__ = [
+    "ServeConfig",
+    "ServeApp",
+    "ConfigError",
+    "is_loopback",
+    "resolve_listen_address",
+    "TOKEN_ENV",
+    "REQUEST_TIMEOUT_ENV",
+    "MAX_CONNECTIONS_ENV",
+]
 
 TOKEN_ENV = "MW_SERVE_TOKEN"
+REQUEST_TIMEOUT_ENV = "MW_SERVE_REQUEST_TIMEOUT"
+MAX_CONNECTIONS_ENV = "MW_SERVE_MAX_CONNECTIONS"
 STATIC_DIR = Path(__file__).with_name("static")
 _REPORTERS_DIR = Path(__file__).resolve().parent.parent / "reporters"
 _CONTENT_TYPES = {
@@ -74,10 +104,27 @@ _CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; frame-ancest
 # A body beyond the limit is read and thrown away up to this much, so that the client sees our
 # 413 instead of a connection reset; anything bigger is cut off.
 _DRAIN_LIMIT = 64 * 1024 * 1024
+# A body may take request_timeout plus one second per this many bytes.
+_MIN_BODY_RATE = 64 * 1024
 
 
 class ConfigError(ValueError):
     """The server cannot start with this configuration (message says why)."""
+
+
+def _env_number(name: str, default: float, lo: float, hi: float) -> float:
+    """A numeric setting from the environment; a bad value is logged and the default used."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = float("nan")
+    if not lo <= value <= hi:  # also false for nan
+        log.warning("ignoring %s=%r: expected a number within %g..%g; using %g", name, raw, lo, hi, default)
+        return default
+    return value
 
 
 @dataclass
@@ -89,22 +136,70 @@ class ServeConfig:
     import_dirs: list[str] = field(default_factory=list)
     import_interval: float = 10.0
     limits: IngestLimits = field(default_factory=IngestLimits)
-    request_timeout: float = 30.0
+    #: Seconds: each read/write, and the deadline for a request's headers (see module doc).
+    request_timeout: float = field(default_factory=lambda: _env_number(REQUEST_TIMEOUT_ENV, 30.0, 0.1, 3600.0))
+    #: Connections open at once (one thread each).
+    max_connections: int = field(default_factory=lambda: int(_env_number(MAX_CONNECTIONS_ENV, 256, 1, 100_000)))
+
+
+def resolve_listen_address(host: str) -> tuple[socket.AddressFamily, str]:
+    """``(family, numeric address)`` that listening on ``host`` binds.
+
+    Numeric addresses are read the way the C library reads them (``inet_aton``: ``127.1``,
+    ``0x7f.1``, ``0177.0.0.1`` and ``2130706433`` all are 127.0.0.1); IPv6 may come in brackets;
+    names are resolved once (an IPv4 address preferred, as binding a name did before). Raises
+    :class:`OSError` (or :class:`ValueError`) when ``host`` cannot be resolved.
+    """
+    h = host.strip()
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    if not h:
+        return socket.AF_INET, "0.0.0.0"  # what binding "" means: every interface
+    if any(c.isspace() or c == "\x00" for c in h):
+        raise ValueError(f"bad host {host!r}")
+    try:
+        ip = ipaddress.ip_address(h)
+        return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET), str(ip)
+    except ValueError:
+        pass
+    if ":" not in h:
+        try:
+            return socket.AF_INET, socket.inet_ntoa(socket.inet_aton(h))
+        except OSError:
+            pass
+    infos = socket.getaddrinfo(h, None, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    infos = [i for i in infos if i[0] in (socket.AF_INET, socket.AF_INET6)]
+    if not infos:
+        raise OSError(f"{host!r} has no IPv4 or IPv6 address")
+    infos.sort(key=lambda i: 0 if i[0] == socket.AF_INET else 1)
+    family, _, _, _, sockaddr = infos[0]
+    return socket.AddressFamily(family), str(sockaddr[0])
+
+
+def _address_is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
 
 
 def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or name) only listens on the loopback interface."""
-    if host == "localhost":
-        return True
+    """Whether listening on ``host`` (an address in any spelling, or a name) binds a loopback
+    address only (see :func:`resolve_listen_address`); False when it cannot be resolved."""
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
+        return _address_is_loopback(resolve_listen_address(host)[1])
+    except (OSError, ValueError, UnicodeError):
         return False
 
 
-def check_config(config: ServeConfig) -> None:
-    """Refuse configurations that would expose profiles or crash later (raises ConfigError)."""
-    if not is_loopback(config.host) and not config.token:
+def check_config(config: ServeConfig) -> tuple[socket.AddressFamily, str]:
+    """Refuse configurations that would expose profiles or crash later (raises ConfigError);
+    returns the address to bind (:func:`resolve_listen_address`, resolved this once)."""
+    try:
+        family, address = resolve_listen_address(config.host)
+    except (OSError, ValueError, UnicodeError) as exc:
+        raise ConfigError(f"cannot listen on {config.host!r}: {exc}") from None
+    if not _address_is_loopback(address) and not config.token:
         raise ConfigError(
             f"refusing to listen on {config.host!r} without a token: anything but loopback needs "
             f"--token or {TOKEN_ENV} (uploads and the page then need it)"
@@ -113,6 +208,35 @@ def check_config(config: ServeConfig) -> None:
         raise ConfigError("the token must be at least 8 characters long")
     if not 0 <= config.port <= 65535:
         raise ConfigError(f"bad port {config.port}")
+    if not (config.request_timeout > 0 and config.max_connections >= 1):
+        raise ConfigError("request_timeout must be positive and max_connections at least 1")
+    return family, address
+
+
+# Phases of a connection (see _Conn).
+_WAITING = "waiting"  # for a request line and headers (includes keep-alive idle time)
+_BODY = "body"  # reading a request body
+_BUSY = "busy"  # answering (no deadline: the server's own work; writes time out by themselves)
+
+
+class _Conn:
+    """One open connection: its socket, phase and deadline (guarded by the server's lock)."""
+
+    __slots__ = ("sock", "phase", "since", "deadline", "closed")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.phase = _WAITING
+        self.since = time.monotonic()
+        self.deadline = deadline
+        self.closed = False
+
+
+_BUSY_BODY = b"server busy: too many open connections; retry\n"
+_BUSY_ANSWER = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
 
 
 class _Server(ThreadingHTTPServer):
@@ -120,6 +244,108 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256
     allow_reuse_address = True
     app: "ServeApp"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._conns: dict[socket.socket, _Conn] = {}
+        self._conns_lock = threading.Lock()
+        self.timed_out = 0
+        self.evicted = 0
+        self.refused = 0
+        super().__init__(*args, **kwargs)
+
+    # -- connection accounting ---------------------------------------------------------------
+    # The accept thread registers a connection before its thread starts and refuses or evicts
+    # when full; handler threads move their connection between phases; the serve_forever loop
+    # (service_actions) closes connections past their deadline. Sockets are only shut down
+    # (never closed) by others than their own thread, and only while registered, under the lock,
+    # so a file descriptor number reused by a new connection is never touched.
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        config = self.app.config
+        now = time.monotonic()
+        with self._conns_lock:
+            if len(self._conns) >= config.max_connections and not self._evict_one_locked():
+                self.refused += 1
+                refused = self.refused
+            else:
+                self._conns[request] = _Conn(request, now + config.request_timeout)
+                refused = 0
+        if refused:
+            if refused & (refused - 1) == 0:  # the 1st, 2nd, 4th, 8th...: bounded log volume
+                log.warning(
+                    "refused a connection from %s with 503: all %d connections busy (%d refused so far)",
+                    client_address[0], config.max_connections, refused,
+                )
+            try:
+                request.settimeout(0)
+                request.send(_BUSY_ANSWER)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def _evict_one_locked(self) -> bool:
+        """Shut the connection that has waited longest for its request (else its body) down."""
+        victims = [c for c in self._conns.values() if not c.closed and c.phase != _BUSY]
+        if not victims:
+            return False
+        victim = min(victims, key=lambda c: (c.phase != _WAITING, c.since))
+        self._shut_locked(victim)
+        del self._conns[victim.sock]
+        self.evicted += 1
+        return True
+
+    def _shut_locked(self, conn: _Conn) -> None:
+        conn.closed = True
+        try:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def set_phase(self, sock: socket.socket, phase: str, seconds: float | None = None) -> bool:
+        """Move a connection to ``phase`` with a deadline ``seconds`` from now (None: none);
+        False if it was shut down meanwhile (timed out or evicted)."""
+        now = time.monotonic()
+        with self._conns_lock:
+            conn = self._conns.get(sock)
+            if conn is None or conn.closed:
+                return False
+            conn.phase = phase
+            conn.since = now
+            conn.deadline = now + seconds if seconds is not None else float("inf")
+            return True
+
+    def service_actions(self) -> None:
+        """Between polls of the accept loop: close connections past their deadline."""
+        super().service_actions()
+        now = time.monotonic()
+        with self._conns_lock:
+            for conn in self._conns.values():
+                if not conn.closed and conn.phase != _BUSY and now >= conn.deadline:
+                    log.debug("closing a connection that exceeded its %s deadline", conn.phase)
+                    self._shut_locked(conn)
+                    self.timed_out += 1
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conns_lock:
+            self._conns.pop(request, None)
+        super().shutdown_request(request)
+
+    def close_all_connections(self) -> None:
+        with self._conns_lock:
+            for conn in self._conns.values():
+                if not conn.closed:
+                    self._shut_locked(conn)
+
+    def connection_phases(self) -> dict[str, int]:
+        """Open connections per phase (waiting for a request, reading a body, busy)."""
+        out = {_WAITING: 0, _BODY: 0, _BUSY: 0}
+        with self._conns_lock:
+            for conn in self._conns.values():
+                if not conn.closed:
+                    out[conn.phase] += 1
+        return out
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client going away mid-request (browser closed, agent killed) is routine.
@@ -144,6 +370,23 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.app.config.request_timeout
         super().setup()
+
+    def handle_one_request(self) -> None:
+        # Waiting for the next request line and headers: they must all arrive before the deadline.
+        self.server.set_phase(self.request, _WAITING, self.server.app.config.request_timeout)
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if not self.server.set_phase(self.request, _BUSY):
+            # Shut down while its headers were still arriving: what was read is not a request.
+            self.close_connection = True
+            return False
+        return ok
+
+    def _body_phase(self, length: int) -> None:
+        """Reading ``length`` body bytes: allowed request_timeout plus 1 s per 64 KiB."""
+        self.server.set_phase(self.request, _BODY, self.server.app.config.request_timeout + length / _MIN_BODY_RATE)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
         log.debug("%s %s", self.address_string(), format % args)
@@ -236,7 +479,11 @@ class _Handler(BaseHTTPRequestHandler):
         if length > limit:
             self._drain(length)
             raise IngestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes exceeds the limit of {limit} bytes")
-        data = self.rfile.read(length)
+        self._body_phase(length)
+        try:
+            data = self.rfile.read(length)
+        finally:
+            self.server.set_phase(self.request, _BUSY)
         if len(data) < length:
             self.close_connection = True
             raise IngestError(HTTPStatus.BAD_REQUEST, f"incomplete body: got {len(data)} of {length} bytes")
@@ -246,14 +493,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         if length > _DRAIN_LIMIT:
             return
+        self._body_phase(length)
         remaining = length
-        while remaining > 0:
-            chunk = self.rfile.read(min(remaining, 1 << 20))
-            if not chunk:
-                return
-            remaining -= len(chunk)
+        try:
+            while remaining > 0:
+                chunk = self.rfile.read(min(remaining, 1 << 20))
+                if not chunk:
+                    return
+                remaining -= len(chunk)
+        finally:
+            self.server.set_phase(self.request, _BUSY)
 
     def _read_chunked(self, limit: int) -> bytes:
+        self._body_phase(limit)
+        try:
+            return self._read_chunked_body(limit)
+        finally:
+            self.server.set_phase(self.request, _BUSY)
+
+    def _read_chunked_body(self, limit: int) -> bytes:
         out = bytearray()
         while True:
             line = self.rfile.readline(1024)
@@ -323,6 +581,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(exc.status, {"error": exc.message})
         except StoreClosed:
             self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "server is shutting down"})
+        except (ConnectionError, TimeoutError):
+            raise  # the client went away or stalled while reading the answer: handle_error
         except Exception as exc:
             log.exception("query %s failed", self.path)
             self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {exc!r}"})
@@ -359,6 +619,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._text(HTTPStatus.SERVICE_UNAVAILABLE, f"could not store the profile ({exc}); retry", {"Retry-After": "1"})
             return
         app.accepted += len(ids)
+        overflow_samples = sum(u.overflow_samples for u in uploads)
+        overflow_series = sum(u.overflow_series for u in uploads)
         if push:
             # An empty push.v1.PushResponse, in the encoding of the request.
             if (self.headers.get("Content-Type") or "").lower().startswith("application/json"):
@@ -366,7 +628,15 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(HTTPStatus.OK, b"", "application/proto")
         else:
-            self._json(HTTPStatus.OK, {"id": ids[0]})
+            answer: dict[str, Any] = {"id": ids[0]}
+            if overflow_series:
+                # Stored, but these label sets went to the service's overflow series (store doc).
+                answer["series_overflow"] = {
+                    "series": overflow_series,
+                    "samples": overflow_samples,
+                    "limit": app.store.max_series_per_service,
+                }
+            self._json(HTTPStatus.OK, answer)
 
     # -- static ------------------------------------------------------------------------------
 
@@ -393,6 +663,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- query routes ------------------------------------------------------------------------
 
+    def api_stats(self, params: dict[str, str]) -> None:
+        self._json(HTTPStatus.OK, self.server.app.stats())
+
     def api_services(self, params: dict[str, str]) -> None:
         self._json(HTTPStatus.OK, {"services": self.server.app.engine.services()})
 
@@ -401,8 +674,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(HTTPStatus.OK, {"service": service, "types": self.server.app.engine.profile_types(service)})
 
     def _range(self, params: dict[str, str]) -> tuple[int | None, int | None]:
-        from middleware.serve.query import parse_seconds
-
         f = parse_seconds(params["from"], "from") if params.get("from") else None
         u = parse_seconds(params["until"], "until") if params.get("until") else None
         return f, u
@@ -422,14 +693,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def api_timeline(self, params: dict[str, str]) -> None:
         sel = parse_selection(params)
-        step: float | None = None
-        if params.get("step"):
-            try:
-                step = float(params["step"])
-            except ValueError:
-                raise QueryError(f"bad 'step' {params['step']!r}: expected seconds") from None
-            if not step > 0:
-                raise QueryError("bad 'step': must be positive")
+        step = parse_step(params["step"]) if params.get("step") else None
         self._json(HTTPStatus.OK, self.server.app.engine.timeline(sel, step))
 
     def api_profile(self, params: dict[str, str]) -> None:
@@ -452,6 +716,9 @@ class _Handler(BaseHTTPRequestHandler):
 
         sel = parse_selection(params)
         merged = self.server.app.engine.merge(sel).profile
+        for smp in merged.samples:  # pprof values are int64; a sum over many profiles may not fit
+            if smp.values[0] > INT64_MAX:
+                smp.values = (INT64_MAX,)
         filename = f"{sel.service}-{sel.from_ns // 1_000_000_000}-{sel.until_ns // 1_000_000_000}.pb.gz"
         self._send(
             HTTPStatus.OK,
@@ -488,6 +755,7 @@ _GET_ROUTES: dict[str, Callable[[_Handler, dict[str, str]], None]] = {
     "/api/sandwich": _Handler.api_sandwich,
     "/api/diff": _Handler.api_diff,
     "/api/pprof": _Handler.api_pprof,
+    "/api/stats": _Handler.api_stats,
 }
 
 
@@ -496,16 +764,17 @@ class ServeApp:
     :meth:`serve_forever` (the command)."""
 
     def __init__(self, config: ServeConfig) -> None:
-        check_config(config)
+        family, address = check_config(config)
         self.config = config
-        self.store = Store(config.data_dir)
+        self.store = Store(config.data_dir, max_series_per_service=config.limits.max_series_per_service)
         self.engine = QueryEngine(self.store)
         self.importer = Importer(self.store, config.import_dirs, limits=config.limits, interval=config.import_interval)
         self.accepted = 0
         self.rejected = 0
-        server_cls = _Server6 if ":" in config.host else _Server
+        server_cls = _Server6 if family == socket.AF_INET6 else _Server
         try:
-            self.httpd = server_cls((config.host.strip("[]"), config.port), _Handler)
+            # The numeric address the loopback check looked at, not the name again.
+            self.httpd = server_cls((address, config.port), _Handler)
         except OSError:
             self.store.close()
             raise
@@ -518,10 +787,38 @@ class ServeApp:
 
     @property
     def url(self) -> str:
-        host = self.config.host
+        host = self.config.host.strip()
+        try:
+            socket.inet_aton(host)
+            host = str(self.httpd.server_address[0])  # 127.1 or 0x7f.1: say 127.0.0.1
+        except OSError:
+            pass
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: uploads, series folded into overflow series, connections."""
+        httpd = self.httpd
+        phases = httpd.connection_phases()
+        return {
+            "uploads": {"accepted": self.accepted, "rejected": self.rejected},
+            "series_overflow": {
+                "limit_per_service": self.store.max_series_per_service,
+                "uploads": self.store.overflow_uploads,
+                "samples": self.store.overflow_samples,
+            },
+            "connections": {
+                "open": sum(phases.values()),
+                "max": self.config.max_connections,
+                "waiting": phases[_WAITING],
+                "reading_body": phases[_BODY],
+                "busy": phases[_BUSY],
+                "timed_out": httpd.timed_out,
+                "evicted": httpd.evicted,
+                "refused_busy": httpd.refused,
+            },
+        }
 
     def start(self) -> "ServeApp":
         """Serve in a background thread (returns at once)."""
@@ -550,6 +847,7 @@ class ServeApp:
 
     def _close(self) -> None:
         self.importer.stop()
+        self.httpd.close_all_connections()
         self.httpd.server_close()
         self.store.close()
 
