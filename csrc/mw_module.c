@@ -12,6 +12,7 @@
 #include "mw_labels.h"
 #include "mw_pyframes.h"
 #include "mw_pyglue.h"
+#include "mw_cputimer.h"
 #include "mw_sampler.h"
 #include "mw_symcache.h"
 #include "mw_threads.h"
@@ -26,17 +27,21 @@ extern int mw_export_module_init(PyObject *m) __attribute__((weak));
 extern int mw_unwind_module_init(PyObject *m) __attribute__((weak));
 
 static PyObject *py_start(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"rate_hz", "max_depth", "max_stacks", NULL};
-    int rate = 100, depth = 1024, max_stacks = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iii", kwlist, &rate, &depth, &max_stacks))
+    static char *kwlist[] = {"rate_hz", "max_depth", "max_stacks", "wall_hz", NULL};
+    int rate = 100, depth = 1024, max_stacks = 0, wall = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iiii", kwlist, &rate, &depth, &max_stacks, &wall))
         return NULL;
+    if (wall < 0 || wall > 10000) {
+        PyErr_SetString(PyExc_ValueError, "wall_hz must be within 1..10000 (0: default)");
+        return NULL;
+    }
     if (rate < 1 || rate > 10000) {
         PyErr_SetString(PyExc_ValueError, "rate_hz must be within 1..10000");
         return NULL;
     }
     if (mw_sampler_running()) Py_RETURN_FALSE;
     if (mw_pyframes_init() != 0) return NULL;
-    mw_sampler_config_t cfg = {.rate_hz = rate, .max_depth = depth};
+    mw_sampler_config_t cfg = {.rate_hz = rate, .max_depth = depth, .wall_hz = wall};
     mw_profbuf_default_limits(&cfg.limits);
     if (max_stacks > 0) cfg.limits.max_stacks = (uint32_t)max_stacks;
     const char *why = "unknown error";
@@ -64,8 +69,10 @@ static PyObject *py_running(PyObject *self, PyObject *noargs) {
 static PyObject *py_stats(PyObject *self, PyObject *noargs) {
     mw_sampler_stats_t s;
     mw_symcache_stats_t c;
+    mw_cputimer_stats_t t;
     mw_sampler_get_stats(&s);
     mw_symcache_get_stats(&c);
+    mw_cputimer_get_stats(&t);
     PyObject *d = PyDict_New();
     if (!d) return NULL;
     if (mw_dict_put_u64(d, "ticks", s.ticks) || mw_dict_put_u64(d, "samples", s.samples) ||
@@ -89,6 +96,21 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "can_pause", s.can_pause) ||
         mw_dict_put_u64(d, "unproven", s.unproven) ||
         mw_dict_put_u64(d, "cpu_unattributed_ns", s.cpu_unattributed_ns) ||
+        mw_dict_put_u64(d, "timer_samples", s.timer_samples) ||
+        mw_dict_put_u64(d, "owed", s.owed) || mw_dict_put_u64(d, "names_lost", s.names_lost) ||
+        mw_dict_put_u64(d, "wall_unattributed_ns", s.wall_unattributed_ns) ||
+        mw_dict_put_u64(d, "cpu_timer_mode", t.mode) ||
+        mw_dict_put_u64(d, "cpu_timer_armed", t.armed) ||
+        mw_dict_put_u64(d, "cpu_timer_arm_failed", t.arm_failed) ||
+        mw_dict_put_u64(d, "cpu_timer_signals", t.signals) ||
+        mw_dict_put_u64(d, "cpu_timer_recorded", t.recorded) ||
+        mw_dict_put_u64(d, "cpu_timer_periods", t.periods) ||
+        mw_dict_put_u64(d, "cpu_timer_no_record", t.no_record) ||
+        mw_dict_put_u64(d, "cpu_timer_no_scratch", t.no_scratch) ||
+        mw_dict_put_u64(d, "cpu_timer_torn", t.torn) ||
+        mw_dict_put_u64(d, "cpu_timer_stale", t.stale) ||
+        mw_dict_put_u64(d, "handler_ns", t.handler_ns) ||
+        mw_dict_put_u64(d, "tick_rate", (uint64_t)mw_sampler_tick_rate()) ||
         mw_dict_put_u64(d, "symcache_aborted", c.aborted) ||
         mw_dict_put_u64(d, "symcache_hits", c.hits) ||
         mw_dict_put_u64(d, "symcache_misses", c.misses) ||
@@ -253,7 +275,8 @@ static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
 
 static PyMethodDef core_methods[] = {
     {"start", (PyCFunction)(void (*)(void))py_start, METH_VARARGS | METH_KEYWORDS,
-     "start(rate_hz=100, max_depth=1024, max_stacks=0) -> bool: start the sampler thread"},
+     "start(rate_hz=100, max_depth=1024, max_stacks=0, wall_hz=0) -> bool: start the sampler "
+     "thread (wall_hz: cap of the tick rate when CPU timers give the CPU samples; 0 = 100)"},
     {"stop", py_stop, METH_NOARGS, "stop the sampler thread (joins it)"},
     {"running", py_running, METH_NOARGS, "is the sampler thread running"},
     {"stats", py_stats, METH_NOARGS, "counters of the sampler"},

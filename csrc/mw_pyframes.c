@@ -13,6 +13,11 @@
  */
 #define Py_BUILD_CORE 1
 #include <Python.h>
+/* The layouts below are those of CPython 3.10 to 3.13: another version must never be built
+ * against the nearest of them (setup.py refuses it first, in one line). */
+#if PY_VERSION_HEX < 0x030A0000 || PY_VERSION_HEX >= 0x030E0000
+#error "middleware: csrc/mw_pyframes.c knows the internal layouts of CPython 3.10 to 3.13 only"
+#endif
 #if PY_VERSION_HEX < 0x030B0000
 #include <frameobject.h>
 #include "pycore_interp.h"
@@ -138,6 +143,52 @@ uintptr_t mw_pyframes_top_frame_anchored(uintptr_t tstate, uintptr_t *anchor) {
     return top;
 }
 
+uintptr_t mw_pyframes_top_frame_of(mw_readcache_t *rc, uintptr_t tstate, long tid,
+                                   uintptr_t *anchor, int *mine) {
+    *anchor = 0;
+    *mine = 0;
+    if (!tstate) return 0;
+    PyThreadState ts;
+    if (mw_readcache_read_exact(rc, (void *)tstate, sizeof ts, &ts) != 0 || ts.interp != g_interp)
+        return 0;
+#if PY_VERSION_HEX >= 0x030B0000
+    if ((long)ts.native_thread_id != tid) return 0;
+    *mine = 1;
+    /* One system call for what the walk reads next: the C-stack frames (3.11/3.12: the current
+     * cframe and, mostly close above it, the previous one) and the top of the data stack, where
+     * the newest frames are, down to the start of its chunk or 4 pages. */
+    uintptr_t pages[12];
+    unsigned n = 0;
+#if PY_VERSION_HEX < 0x030D0000
+    if (ts.cframe) {
+        pages[n++] = (uintptr_t)ts.cframe;
+        pages[n++] = (uintptr_t)ts.cframe + MW_PAGE_SIZE;
+    }
+#endif
+    uintptr_t top = (uintptr_t)ts.datastack_top, lo = (uintptr_t)ts.datastack_chunk;
+    if (top && lo && top > lo) {
+        for (uintptr_t p = top - 1; n < 8 && p >= lo && p + 4 * MW_PAGE_SIZE >= top;
+             p -= MW_PAGE_SIZE)
+            pages[n++] = p;
+    }
+    mw_readcache_prefetch(rc, pages, n);
+#if PY_VERSION_HEX >= 0x030D0000
+    return (uintptr_t)ts.current_frame;
+#else
+    _PyCFrame c, p;
+    if (!ts.cframe || mw_readcache_read(rc, ts.cframe, sizeof c, &c, 0) != 0) return 0;
+    if (c.previous && mw_readcache_read(rc, c.previous, sizeof p, &p, 0) == 0)
+        *anchor = (uintptr_t)p.current_frame;
+    return (uintptr_t)c.current_frame;
+#endif
+#else
+    (void)tid;
+    (void)rc;
+    *mine = 1;
+    return (uintptr_t)ts.frame;
+#endif
+}
+
 uintptr_t mw_pyframes_threads_head(void) {
     uintptr_t head = 0;
     if (g_interp == NULL) return 0;
@@ -227,44 +278,51 @@ static void code_info(const PyCodeObject *co, mw_pycode_t *out) {
 /* 3.11+: two passes. The first follows `previous` through the frames (contiguous in the thread's
  * data stack, so the read cache serves most of them from one or two page reads) and notes each
  * frame's code object. The second reads the heads of all distinct code objects in ONE
- * process_vm_readv, then validates every frame against its code object. Sampler thread only:
- * the scratch arrays are static. */
+ * process_vm_readv, then validates every frame against its code object. The scratch arrays are
+ * the caller's (mw_walkscratch_t), or the sampler thread's own. */
 #define MW_WALK_CODES 512
+#define MW_WALK_FRAMES 4096
 typedef struct {
     uintptr_t code;
     const _Py_CODEUNIT *ip;
     char owner;
     uint8_t entry; /* mw_rawframe_t.eval_entry */
 } pending_t;
-static pending_t g_pending[4096];
-static uintptr_t g_ucode[MW_WALK_CODES];
-static PyCodeObject g_uhead[MW_WALK_CODES];
-static int8_t g_uok[MW_WALK_CODES];
-static uint32_t g_uslot_stamp[2 * MW_WALK_CODES], g_stamp;
-static uint16_t g_uslot_idx[2 * MW_WALK_CODES];
+struct mw_walkscratch {
+    pending_t pending[MW_WALK_FRAMES];
+    int idx_of[MW_WALK_FRAMES];
+    uintptr_t ucode[MW_WALK_CODES];
+    PyCodeObject uhead[MW_WALK_CODES];
+    int8_t uok[MW_WALK_CODES];
+    uint32_t uslot_stamp[2 * MW_WALK_CODES], stamp;
+    uint16_t uslot_idx[2 * MW_WALK_CODES];
+    struct iovec l[MW_WALK_CODES], r[MW_WALK_CODES];
+};
+static mw_walkscratch_t g_scratch; /* the sampler thread's (ws == NULL) */
 
 /* Index of code in the distinct-code table, adding it; -1 when the table is full. */
-static int ucode_index(uintptr_t code, int *nu) {
+static int ucode_index(mw_walkscratch_t *w, uintptr_t code, int *nu) {
     uint32_t h = (uint32_t)((code >> 4) * 2654435761u) & (2 * MW_WALK_CODES - 1);
     for (;; h = (h + 1) & (2 * MW_WALK_CODES - 1)) {
-        if (g_uslot_stamp[h] != g_stamp) {
+        if (w->uslot_stamp[h] != w->stamp) {
             if (*nu >= MW_WALK_CODES) return -1;
-            g_uslot_stamp[h] = g_stamp;
-            g_uslot_idx[h] = (uint16_t)*nu;
-            g_ucode[*nu] = code;
+            w->uslot_stamp[h] = w->stamp;
+            w->uslot_idx[h] = (uint16_t)*nu;
+            w->ucode[*nu] = code;
             return (*nu)++;
         }
-        if (g_ucode[g_uslot_idx[h]] == code) return g_uslot_idx[h];
+        if (w->ucode[w->uslot_idx[h]] == code) return w->uslot_idx[h];
     }
 }
 
-int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, uintptr_t anchor, mw_rawframe_t *out,
-                     int max, int *truncated) {
+int mw_pyframes_walk(mw_readcache_t *rc, mw_walkscratch_t *ws, uintptr_t frame, uintptr_t anchor,
+                     mw_rawframe_t *out, int max, int *truncated) {
+    mw_walkscratch_t *w = ws ? ws : &g_scratch;
+    pending_t *g_pending = w->pending;
     int np = 0, steps = 0, met = anchor == 0;
     char last_owner = 0;
     *truncated = 0;
-    if (max > (int)(sizeof g_pending / sizeof *g_pending))
-        max = (int)(sizeof g_pending / sizeof *g_pending);
+    if (max > MW_WALK_FRAMES) max = MW_WALK_FRAMES;
     /* Pass 1: the frame chain. */
     while (frame) {
         if (np >= max || ++steps > 4 * max || (frame & (sizeof(void *) - 1))) {
@@ -315,24 +373,24 @@ int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, uintptr_t anchor, mw_r
         return 0;
     }
     /* Pass 2: the heads of the distinct code objects, in one system call where possible. */
-    g_stamp++;
+    w->stamp++;
     int nu = 0;
-    int idx_of[sizeof g_pending / sizeof *g_pending];
+    int *idx_of = w->idx_of;
     for (int i = 0; i < np; i++)
-        idx_of[i] = ucode_index(g_pending[i].code, &nu);
-    struct iovec l[MW_WALK_CODES], r[MW_WALK_CODES];
+        idx_of[i] = ucode_index(w, g_pending[i].code, &nu);
+    struct iovec *l = w->l, *r = w->r;
     for (int u = 0; u < nu; u++) {
-        l[u].iov_base = &g_uhead[u];
+        l[u].iov_base = &w->uhead[u];
         l[u].iov_len = MW_CODE_HEAD;
-        r[u].iov_base = (void *)g_ucode[u];
+        r[u].iov_base = (void *)w->ucode[u];
         r[u].iov_len = MW_CODE_HEAD;
-        g_uok[u] = 0;
+        w->uok[u] = 0;
     }
     for (int start = 0; start < nu;) {
-        int got = mw_safe_readv(l + start, r + start, nu - start);
+        int got = mw_readcache_readv(rc, l + start, r + start, nu - start);
         for (int k = start; k < start + got; k++)
-            g_uok[k] = Py_TYPE((PyObject *)&g_uhead[k]) == &PyCode_Type &&
-                       !(g_ucode[k] & (sizeof(void *) - 1));
+            w->uok[k] = Py_TYPE((PyObject *)&w->uhead[k]) == &PyCode_Type &&
+                        !(w->ucode[k] & (sizeof(void *) - 1));
         start += got + 1; /* skip the unreadable one */
     }
     /* Pass 3: validate each frame against its code object. */
@@ -341,7 +399,7 @@ int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, uintptr_t anchor, mw_r
         PyCodeObject tmp, *co;
         int u = idx_of[i];
         if (u >= 0) {
-            co = g_uok[u] ? &g_uhead[u] : NULL;
+            co = w->uok[u] ? &w->uhead[u] : NULL;
         } else {
             co = read_code_head(rc, g_pending[i].code, &tmp) == 0 ? &tmp : NULL;
         }
@@ -376,9 +434,13 @@ int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, uintptr_t anchor, mw_r
     return n;
 }
 #else
-int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, uintptr_t anchor, mw_rawframe_t *out,
-                     int max, int *truncated) {
+struct mw_walkscratch {
+    int unused;
+};
+int mw_pyframes_walk(mw_readcache_t *rc, mw_walkscratch_t *ws, uintptr_t frame, uintptr_t anchor,
+                     mw_rawframe_t *out, int max, int *truncated) {
     (void)anchor; /* 3.10: tstate->frame is written in one store */
+    (void)ws;
     int n = 0, steps = 0;
     *truncated = 0;
     while (frame) {
@@ -407,9 +469,21 @@ int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t frame, uintptr_t anchor, mw_r
 }
 #endif
 
+static int rd(mw_readcache_t *rc, const void *addr, size_t len, void *dst) {
+    return rc ? mw_readcache_read_exact(rc, addr, len, dst) : mw_safe_read(addr, len, dst);
+}
+
 int mw_pyframes_read_str(uintptr_t str, char *buf, size_t cap) {
+    return mw_pyframes_read_str_rc(NULL, str, buf, cap);
+}
+
+int mw_pyframes_read_bytes(uintptr_t bytes, uint8_t *buf, size_t cap) {
+    return mw_pyframes_read_bytes_rc(NULL, bytes, buf, cap);
+}
+
+int mw_pyframes_read_str_rc(mw_readcache_t *rc, uintptr_t str, char *buf, size_t cap) {
     PyASCIIObject a;
-    if (cap == 0 || str == 0 || mw_safe_read((void *)str, sizeof a, &a) != 0) return -1;
+    if (cap == 0 || str == 0 || rd(rc, (void *)str, sizeof a, &a) != 0) return -1;
     if (Py_TYPE((PyObject *)&a) != &PyUnicode_Type || !a.state.compact) return -1;
     Py_ssize_t len = a.length;
     if (len < 0 || len > (1 << 20)) return -1;
@@ -418,7 +492,7 @@ int mw_pyframes_read_str(uintptr_t str, char *buf, size_t cap) {
                        (a.state.ascii ? sizeof(PyASCIIObject) : sizeof(PyCompactUnicodeObject));
     if (a.state.ascii) {
         size_t n = (size_t)len < cap - 1 ? (size_t)len : cap - 1;
-        if (mw_safe_read(data, n, buf) != 0) return -1;
+        if (rd(rc, data, n, buf) != 0) return -1;
         buf[n] = '\0';
         return (int)n;
     }
@@ -427,7 +501,7 @@ int mw_pyframes_read_str(uintptr_t str, char *buf, size_t cap) {
     size_t count = (size_t)len;
     if (count * (size_t)kind > sizeof raw) count = sizeof raw / (size_t)kind;
     if (kind != 1 && kind != 2 && kind != 4) return -1;
-    if (mw_safe_read(data, count * (size_t)kind, raw) != 0) return -1;
+    if (rd(rc, data, count * (size_t)kind, raw) != 0) return -1;
     size_t o = 0;
     for (size_t i = 0; i < count; i++) {
         uint32_t c = kind == 1 ? raw[i] : kind == 2 ? ((uint16_t *)raw)[i] : ((uint32_t *)raw)[i];
@@ -460,14 +534,14 @@ int mw_pyframes_read_str(uintptr_t str, char *buf, size_t cap) {
     return (int)o;
 }
 
-int mw_pyframes_read_bytes(uintptr_t bytes, uint8_t *buf, size_t cap) {
+int mw_pyframes_read_bytes_rc(mw_readcache_t *rc, uintptr_t bytes, uint8_t *buf, size_t cap) {
     PyBytesObject b;
     size_t head = offsetof(PyBytesObject, ob_sval);
-    if (bytes == 0 || mw_safe_read((void *)bytes, head, &b) != 0) return -1;
+    if (bytes == 0 || rd(rc, (void *)bytes, head, &b) != 0) return -1;
     if (Py_TYPE((PyObject *)&b) != &PyBytes_Type) return -1;
     Py_ssize_t len = Py_SIZE((PyObject *)&b);
     if (len < 0 || (size_t)len > cap) return -1;
-    if (mw_safe_read((const char *)bytes + head, (size_t)len, buf) != 0) return -1;
+    if (rd(rc, (const char *)bytes + head, (size_t)len, buf) != 0) return -1;
     return (int)len;
 }
 
@@ -492,4 +566,8 @@ int mw_pyframes_finalizing(void) {
     uintptr_t v = 0;
     if (mw_safe_read(&_PyRuntime._finalizing, sizeof v, &v) != 0) return 1;
     return v != 0;
+}
+
+size_t mw_walkscratch_size(void) {
+    return sizeof(mw_walkscratch_t);
 }

@@ -6,8 +6,10 @@
  * below.
  *
  * Threads: mw_pyframes_init() needs the GIL (called once from module start). All other
- * functions are called by the sampler thread WITHOUT the GIL: they read interpreter memory only
- * through mw_safe_read(), take no lock, allocate nothing and never call the Python C API.
+ * functions are called WITHOUT the GIL, by the sampler thread, and mw_pyframes_top_frame_of and
+ * mw_pyframes_walk (with a caller-owned scratch) also by a thread in a signal handler: they read
+ * interpreter memory only through mw_safe_read(), take no lock, allocate nothing and never call
+ * the Python C API (async-signal-safe).
  * A torn read makes them return an error or a shorter result, never crash.
  */
 #ifndef MW_PYFRAMES_H
@@ -70,14 +72,27 @@ uintptr_t mw_pyframes_top_frame(uintptr_t tstate);
  * consistent moment (3.11/3.12: the previous eval call's current frame), 0 when none. */
 uintptr_t mw_pyframes_top_frame_anchored(uintptr_t tstate, uintptr_t *anchor);
 
+/* Reads the newest frame of thread state `tstate` through rc (the caller resets it) and checks
+ * that the state belongs to kernel thread `tid` (3.10: only that it is of our interpreter).
+ * Returns 0 when unreadable, not that thread's (*mine = 0) or without a frame (*mine = 1);
+ * *anchor as for mw_pyframes_top_frame_anchored. Async-signal-safe: meant for a
+ * thread reading its own frames in a signal handler (mw_cputimer). */
+uintptr_t mw_pyframes_top_frame_of(mw_readcache_t *rc, uintptr_t tstate, long tid,
+                                   uintptr_t *anchor, int *mine);
+
+/* Scratch space of one walk (a few hundred KiB). The sampler thread passes NULL (its own static
+ * scratch); other callers (signal handlers) pass one they own exclusively for the walk. */
+typedef struct mw_walkscratch mw_walkscratch_t;
+size_t mw_walkscratch_size(void);
+
 /* Walks a thread's frames from top_frame: fills out[] leaf first with validated code objects
  * and instruction indices; skips interpreter-internal frames. Returns the depth. *truncated is
  * 1 when the walk stopped early (unreadable frame, loop, depth cap), 2 (and the depth 0) when
  * the chain is not one the thread had: it missed `anchor` (from
  * mw_pyframes_top_frame_anchored; 0 = no check) or ended in a suspended generator's frame.
  * Reads go through rc, which the caller resets before each walk. */
-int mw_pyframes_walk(mw_readcache_t *rc, uintptr_t top_frame, uintptr_t anchor, mw_rawframe_t *out,
-                     int max, int *truncated);
+int mw_pyframes_walk(mw_readcache_t *rc, mw_walkscratch_t *ws, uintptr_t top_frame,
+                     uintptr_t anchor, mw_rawframe_t *out, int max, int *truncated);
 
 /* Copies a str object as UTF-8 into buf (NUL-terminated, truncated to cap-1). Returns length
  * or -1. */
@@ -85,6 +100,11 @@ int mw_pyframes_read_str(uintptr_t str, char *buf, size_t cap);
 
 /* Copies a bytes object's contents into buf. Returns length, or -1 (also if larger than cap). */
 int mw_pyframes_read_bytes(uintptr_t bytes, uint8_t *buf, size_t cap);
+
+/* The same two through a read cache's mode (guarded direct copies in a signal handler).
+ * Async-signal-safe. */
+int mw_pyframes_read_str_rc(mw_readcache_t *rc, uintptr_t str, char *buf, size_t cap);
+int mw_pyframes_read_bytes_rc(mw_readcache_t *rc, uintptr_t bytes, uint8_t *buf, size_t cap);
 
 /* The GIL's bookkeeping, read without the GIL. In a GIL build only the thread holding the GIL
  * can change its Python frames. `switch_number` grows each time the GIL passes to a thread

@@ -71,8 +71,121 @@ uint64_t mw_saferead_failures(void) {
     return atomic_load_explicit(&g_failures, memory_order_relaxed);
 }
 
-/* ---- mw_readcache ---------------------------------------------------------------------------- */
+/* ---- mw_guard ---------------------------------------------------------------------------------
+ */
+#include <signal.h>
 #include <string.h>
+#include <sys/syscall.h>
+
+static mw_guard_t *_Atomic g_guards[MW_GUARDS];
+static struct sigaction g_prev_segv, g_prev_bus;
+static atomic_int g_guard_installed;
+
+static void chain(int sig, siginfo_t *si, void *uc, const struct sigaction *prev) {
+    if (prev->sa_flags & SA_SIGINFO) {
+        prev->sa_sigaction(sig, si, uc);
+        return;
+    }
+    if (prev->sa_handler == SIG_DFL || prev->sa_handler == SIG_IGN) {
+        /* Give the fault its default action: the faulting instruction runs again and faults
+         * with the default disposition (or a raise()d signal is re-raised). */
+        struct sigaction dfl;
+        memset(&dfl, 0, sizeof dfl);
+        dfl.sa_handler = SIG_DFL;
+        sigaction(sig, &dfl, NULL);
+        if (si->si_code <= 0) raise(sig); /* sent, not a fault: deliver it again */
+        return;
+    }
+    prev->sa_handler(sig);
+}
+
+static void on_fault(int sig, siginfo_t *si, void *uc) {
+    long me = (long)syscall(SYS_gettid);
+    uintptr_t at = (uintptr_t)si->si_addr;
+    for (int i = 0; i < MW_GUARDS; i++) {
+        mw_guard_t *g = atomic_load(&g_guards[i]);
+        if (g && g->armed && atomic_load(&g->owner) == me && at >= g->lo && at < g->hi) {
+            g->faults++;
+            siglongjmp(g->jb, 1);
+        }
+    }
+    chain(sig, si, uc, sig == SIGBUS ? &g_prev_bus : &g_prev_segv);
+}
+
+int mw_guard_install(void) {
+    if (atomic_load(&g_guard_installed)) return 0;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_fault;
+    /* NODEFER: a fault in a guarded copy leaves by siglongjmp without restoring a mask. */
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGSEGV, &sa, &g_prev_segv) != 0) return -1;
+    if (sigaction(SIGBUS, &sa, &g_prev_bus) != 0) {
+        sigaction(SIGSEGV, &g_prev_segv, NULL);
+        return -1;
+    }
+    atomic_store(&g_guard_installed, 1);
+    return 0;
+}
+
+int mw_guard_active(void) {
+    if (!atomic_load_explicit(&g_guard_installed, memory_order_relaxed)) return 0;
+    struct sigaction cur;
+    if (sigaction(SIGSEGV, NULL, &cur) != 0) return 0;
+    return (cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == on_fault;
+}
+
+int mw_guard_register(mw_guard_t *g) {
+    for (int i = 0; i < MW_GUARDS; i++) {
+        mw_guard_t *z = NULL;
+        if (atomic_load(&g_guards[i]) == g) return 0;
+        if (atomic_compare_exchange_strong(&g_guards[i], &z, g)) return 0;
+    }
+    return -1;
+}
+
+/* A copy the compiler must not turn into a memcpy call (sanitizers intercept memcpy) and the
+ * sanitizers must not check (the source is memory the application may have freed). */
+__attribute__((no_sanitize("address", "undefined"), noinline)) static void
+raw_copy(volatile const uint8_t *src, uint8_t *dst, size_t len) {
+    for (size_t i = 0; i < len; i++)
+        dst[i] = src[i];
+}
+
+static int guarded_copy(mw_guard_t *g, const void *addr, size_t len, void *dst) {
+    if (len == 0) return 0;
+    uintptr_t a = (uintptr_t)addr;
+    if (a == 0 || a + len < a) return -1;
+    if (sigsetjmp(g->jb, 0)) {
+        g->armed = 0;
+        return -1;
+    }
+    g->lo = a;
+    g->hi = a + len;
+    g->armed = 1;
+    atomic_signal_fence(memory_order_seq_cst);
+    raw_copy((volatile const uint8_t *)addr, dst, len);
+    atomic_signal_fence(memory_order_seq_cst);
+    g->armed = 0;
+    return 0;
+}
+
+int mw_readcache_read_exact(mw_readcache_t *c, const void *addr, size_t len, void *dst) {
+    return c->guard ? guarded_copy(c->guard, addr, len, dst) : mw_safe_read(addr, len, dst);
+}
+
+int mw_readcache_readv(mw_readcache_t *c, const struct iovec *local, const struct iovec *remote,
+                       int n) {
+    if (!c->guard) return mw_safe_readv(local, remote, n);
+    int done = 0;
+    while (done < n && guarded_copy(c->guard, remote[done].iov_base, remote[done].iov_len,
+                                    local[done].iov_base) == 0)
+        done++;
+    return done;
+}
+
+/* ---- mw_readcache ---------------------------------------------------------------------------- */
 
 static inline unsigned rc_slot(uintptr_t page) {
     return (unsigned)((page / MW_PAGE_SIZE) & (MW_READCACHE_PAGES - 1));
@@ -80,6 +193,11 @@ static inline unsigned rc_slot(uintptr_t page) {
 
 void mw_readcache_reset(mw_readcache_t *c) {
     memset(c->page, 0, sizeof c->page);
+    c->guard = NULL;
+}
+
+void mw_readcache_direct(mw_readcache_t *c, mw_guard_t *guard) {
+    c->guard = guard;
 }
 
 /* Fetches `page` and up to `below` pages under it in one process_vm_readv; the pages are read
@@ -110,6 +228,7 @@ static int rc_fetch(mw_readcache_t *c, uintptr_t page, unsigned below) {
 int mw_readcache_read(mw_readcache_t *c, const void *addr, size_t len, void *dst, unsigned below) {
     uintptr_t a = (uintptr_t)addr;
     if (a == 0) return -1;
+    if (c->guard) return guarded_copy(c->guard, addr, len, dst);
     uint8_t *out = dst;
     while (len > 0) {
         uintptr_t page = a & ~(uintptr_t)(MW_PAGE_SIZE - 1);
@@ -128,4 +247,33 @@ int mw_readcache_read(mw_readcache_t *c, const void *addr, size_t len, void *dst
         len -= n;
     }
     return 0;
+}
+
+int mw_readcache_prefetch(mw_readcache_t *c, const uintptr_t *pages, unsigned n) {
+    if (c->guard) return 0; /* direct reads: nothing to batch */
+    struct iovec l[16], r[16];
+    unsigned k = 0;
+    for (unsigned i = 0; i < n && k < 16; i++) {
+        uintptr_t p = pages[i] & ~(uintptr_t)(MW_PAGE_SIZE - 1);
+        if (p == 0) continue;
+        unsigned s = rc_slot(p);
+        if (c->page[s] == p + 1) continue;
+        int dup = 0;
+        for (unsigned j = 0; j < k && !dup; j++)
+            dup = rc_slot((uintptr_t)r[j].iov_base) == s;
+        if (dup) continue; /* two pages for one slot: the later one waits for its own miss */
+        c->page[s] = 0;
+        l[k].iov_base = c->data[s];
+        l[k].iov_len = MW_PAGE_SIZE;
+        r[k].iov_base = (void *)p;
+        r[k].iov_len = MW_PAGE_SIZE;
+        k++;
+    }
+    if (k == 0) return 0;
+    /* process_vm_readv stops at the first unreadable page: pages after it are simply not cached */
+    int got = mw_safe_readv(l, r, (int)k);
+    for (int j = 0; j < got; j++)
+        c->page[rc_slot((uintptr_t)r[j].iov_base)] = (uintptr_t)r[j].iov_base + 1;
+    c->misses++;
+    return got;
 }

@@ -46,15 +46,66 @@ uint64_t mw_saferead_failures(void);
 #define MW_PAGE_SIZE 4096u
 #define MW_READCACHE_PAGES 128u /* direct-mapped slots: 512 KiB of copies */
 
+/* ---- mw_guard: direct reads by a thread of ITS OWN memory, in a signal handler ---------------
+ *
+ * A thread interrupted by its CPU timer (mw_cputimer) reads its own frames. process_vm_readv
+ * costs 1-2 us per page there; a plain load costs nothing but faults on an unmapped page (a
+ * frame chunk or code object freed in the instant the thread was interrupted). A guard makes
+ * plain loads safe: mw_guard_install() puts a SIGSEGV/SIGBUS handler in front of whatever was
+ * installed; a fault inside a guarded copy (same thread, address inside the range being copied)
+ * jumps back out of the copy, which fails; any other fault goes to the previous handler exactly
+ * as if ours were not there (default action: restored and re-raised by the faulting
+ * instruction). Guarded copies are only used while mw_guard_active() says our handler is still
+ * the installed one (an application or faulthandler may replace it later: reads then fall back
+ * to process_vm_readv).
+ *
+ * A guard is owned by one thread at a time (mw_cputimer's scratch slots, claimed with CAS);
+ * guards are registered once (at most MW_GUARDS) so the fault handler can find the faulting
+ * thread's. Everything here is async-signal-safe. The copy is not instrumented by sanitizers. */
+#include <setjmp.h>
+#include <stdatomic.h>
+#define MW_GUARDS 16
+typedef struct mw_guard {
+    sigjmp_buf jb;
+    _Atomic long owner;        /* kernel tid of the thread using the guard, 0 when free */
+    volatile int armed;        /* inside a guarded copy */
+    volatile uintptr_t lo, hi; /* the range being copied */
+    uint64_t faults;           /* copies that faulted (recovered) */
+} mw_guard_t;
+
+/* Installs the fault handlers (once; any thread, GIL held). 0, or -1 (not installed). */
+int mw_guard_install(void);
+/* 1 when our SIGSEGV handler is still the installed one (one sigaction query). */
+int mw_guard_active(void);
+/* Registers a guard with the fault handler (before its first use). 0 or -1 (table full). */
+int mw_guard_register(mw_guard_t *g);
+
 typedef struct mw_readcache {
     uintptr_t page[MW_READCACHE_PAGES]; /* page address + 1 (0 = empty) */
     uint64_t hits, misses;
+    mw_guard_t *guard; /* non-NULL: copy directly under this guard (the caller's own memory) */
     uint8_t data[MW_READCACHE_PAGES][MW_PAGE_SIZE];
 } mw_readcache_t;
 
+/* Empties the cache. With guard non-NULL (and mw_guard_active()), later reads through it are
+ * guarded direct copies (nothing cached); with NULL, process_vm_readv through the page cache. */
 void mw_readcache_reset(mw_readcache_t *c);
+void mw_readcache_direct(mw_readcache_t *c, mw_guard_t *guard);
+
+/* Copies exactly [addr, addr+len) in the cache's mode, without caching it (one system call, or
+ * a guarded direct copy). 0 or -1. */
+int mw_readcache_read_exact(mw_readcache_t *c, const void *addr, size_t len, void *dst);
+
+/* Like mw_safe_readv, through the cache's mode (direct under its guard, or one system call). */
+int mw_readcache_readv(mw_readcache_t *c, const struct iovec *local, const struct iovec *remote,
+                       int n);
 /* Like mw_safe_read, through the cache. When the page is missing, up to `below` pages under it
  * are fetched in the same system call (frames of older calls live at lower addresses). */
 int mw_readcache_read(mw_readcache_t *c, const void *addr, size_t len, void *dst, unsigned below);
+
+/* Copies the given pages (addresses anywhere inside them; up to 16) into the cache in ONE system
+ * call, skipping pages already cached. Returns the number copied; a page that cannot be read
+ * ends the batch (the rest are read on demand later). */
+int mw_readcache_prefetch(mw_readcache_t *c, const uintptr_t *pages, unsigned n);
 
 #endif

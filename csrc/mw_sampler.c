@@ -17,6 +17,7 @@
 #define _GNU_SOURCE
 #include "mw_sampler.h"
 
+#include "mw_cputimer.h"
 #include "mw_pyframes.h"
 #include "mw_saferead.h"
 #include "mw_symcache.h"
@@ -59,6 +60,13 @@ typedef struct {
      * from the global quiet totals at the time it went quiet (see tick()). */
     int quiet;
     uint64_t qbase_wall, qbase_n;
+    /* CPU timer (mw_cputimer): registration + 1 (0 = none) and the thread state it was armed
+     * for; wall time of ticks that found the thread running, owed to its next CPU sample. */
+    int reg, arm_failed;
+    int timer_born;     /* first met through a CPU-timer sample, before any tick read it */
+    uint64_t credit_ns; /* CPU already credited from such samples, not yet met by the clock */
+    uintptr_t reg_tstate;
+    uint64_t owed_wall, owed_n;
 } mw_tstate_t;
 
 #define TS_SLOTS (2 * MW_MAX_THREADS)
@@ -84,6 +92,9 @@ static mw_id_t *g_ids;
 static const mw_symentry_t **g_sym;
 static mw_readcache_t *g_rc;
 static int g_can_pause;          /* the pause handler is installed (mw_unwind_setup) */
+static int g_timers;             /* CPU samples come from the threads' CPU timers (mw_cputimer) */
+static int g_timers_armed;       /* some thread may hold a timer */
+static int g_tick_hz;            /* ticks per second: rate_hz, at most MW_WALL_HZ with timers */
 static mw_gilstate_t g_gil_tick; /* GIL state read before the current thread's walk */
 static uint64_t g_tick;
 static int64_t g_last_tick_ns;
@@ -149,6 +160,8 @@ static void ts_prune(void) {
         if (g_ts[i].tid == 0) continue;
         if (g_ts[i].tick + 2 < g_tick) { /* gone: CPU it used after its last on-CPU sample */
             g_stats.cpu_unattributed_ns += g_ts[i].pending;
+            g_stats.wall_unattributed_ns += g_ts[i].owed_wall;
+            if (g_ts[i].reg) mw_cputimer_disarm(g_ts[i].reg - 1);
             continue;
         }
         tmp[live++] = g_ts[i];
@@ -240,7 +253,7 @@ static int read_stack(uintptr_t tstate, int *truncated, int *ok) {
     uintptr_t anchor = 0;
     uintptr_t top = mw_pyframes_top_frame_anchored(tstate, &anchor);
     if (!top) return 0;
-    int depth = mw_pyframes_walk(g_rc, top, anchor, g_raw, g_cfg.max_depth, truncated);
+    int depth = mw_pyframes_walk(g_rc, NULL, top, anchor, g_raw, g_cfg.max_depth, truncated);
     uint64_t epoch = mw_symcache_epoch();
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 0; i < depth; i++) {
@@ -318,6 +331,252 @@ static void quiet_flush_all(mw_profbuf_t *b) {
     }
 }
 
+/* The handlers' set of named code objects follows the symbol cache: emptied with it. */
+static uint64_t g_known_epoch;
+static void known_sync(void) {
+    uint64_t e = mw_symcache_epoch();
+    if (e != g_known_epoch) {
+        mw_cputimer_known_clear();
+        g_known_epoch = e;
+    }
+}
+
+/* The marker frame of CPU used outside any Python frame (thread start or end, pure C). */
+static mw_id_t no_frame_id(mw_profbuf_t *b) {
+    mw_id_t name = mw_profbuf_intern_str(b, "[no Python frame]", 17);
+    mw_id_t file = mw_profbuf_intern_str(b, "", 0);
+    mw_frame_t f = {name, file, 0, 0};
+    return name && file ? mw_profbuf_intern_frame(b, &f) : 0;
+}
+
+/* Adds a proven read of st's Python frames (g_raw/g_sym[0..depth), read between CPU clock
+ * readings c0 and c1) as a sample: wall time dwall, and an on-CPU sample when on_cpu. native:
+ * the thread is paused in mw_unwind's handler with its native stack captured. */
+static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int ok, int on_cpu,
+                 int native, uint32_t labels_seq, uint64_t dwall, uint64_t c0, uint64_t c1,
+                 uint64_t gen) {
+    if (truncated) g_stats.truncated++;
+    uint64_t py_hash = raw_hash(depth);
+    uint32_t n = 0;
+    if (native) { /* native and Python frames spliced, leaf first */
+        mw_unwind_release();
+        n = ok ? mw_unwind_combine(b, g_raw, depth, g_ids, MW_MAX_DEPTH_CAP) : 0;
+    } else if (ok) {
+        known_sync();
+        for (int i = 0; i < depth; i++) {
+            mw_id_t id = mw_symcache_intern(b, g_sym[i], g_raw[i].lasti);
+            if (id) g_ids[n++] = id;
+            if (g_timers) mw_cputimer_known_add(mw_cputimer_code_key(&g_raw[i]));
+        }
+    }
+    if (!ok) {
+        /* A frame whose names could not be read: the sample would be a partial stack. (A thread
+         * that ended meanwhile took its frames with it: that is not a lost sample.) */
+        uint64_t c;
+        if (thread_cpu_ns(st->tid, &c) != 0)
+            g_stats.threads_gone++;
+        else
+            g_stats.dropped++;
+        return;
+    }
+    if (depth == 0 && n == 0 && !on_cpu) return; /* not running, no Python frame */
+    if (n == 0) {
+        /* No readable Python frame: still account the CPU time, under a marker frame. */
+        mw_id_t id = no_frame_id(b);
+        if (!id) {
+            g_stats.dropped++;
+            return;
+        }
+        g_ids[n++] = id;
+    }
+    uint32_t labelset = 0;
+    mw_id_t thread = thread_name_id(b, st, &labelset);
+    uint32_t labels_after = mw_threads_labelset_seq(st->tid);
+    if (labels_after != labels_seq) {
+        g_stats.label_races++;
+        labelset = 0;
+    }
+    /* CPU goes only to samples taken while the thread was on CPU: its clock moved across the
+     * read, or it was found running and paused. Such samples fall uniformly over the thread's
+     * CPU time, so stacks are drawn in proportion to where CPU was used; the CPU time itself is
+     * given to them at the end of the window (cpu_window_finalize). */
+    mw_values_t v = {(uint64_t)on_cpu, 0, 1, dwall};
+    uint32_t idx = 0;
+    if (mw_profbuf_add_ex(b, g_ids, n, thread, labelset, &v, &idx) != 0) {
+        g_stats.dropped++;
+        g_stats.overflow++;
+        return;
+    }
+    g_stats.samples++;
+    if (on_cpu) {
+        g_stats.cpu_samples++;
+        cpu_window_add(thread, gen, st->pending, 1);
+        st->pending = 0;
+        st->hit_gen = gen;
+    }
+    /* Reusable while the thread does not run. Python-only: only when the read itself saw it
+     * not running. Native: when it was not running when asked (the handler's own CPU use makes
+     * its clock move: the Python frames decide at the next tick, see above). */
+    if (labels_after == labels_seq && !on_cpu) {
+        if (!native && c1 == c0)
+            remember_stack(st, gen, idx, labels_seq, thread, labelset, c1, 0, py_hash);
+        else if (native)
+            remember_stack(st, gen, idx, labels_seq, thread, labelset, UINT64_MAX, 1, py_hash);
+    }
+}
+
+/* A thread with a CPU timer (mw_cputimer): its CPU samples come from its own timer, so the tick
+ * only places its wall time. Not running: its frames are read and kept when proven (clock
+ * unchanged, or the GIL never reached it), as a wall-only sample. Running Python: reading it
+ * would need a pause; instead the tick's wall time is owed to its next CPU sample (it is on
+ * CPU, and its CPU samples are where its running time goes). */
+static void owe(mw_tstate_t *st, uint64_t dwall) {
+    st->owed_wall += dwall;
+    st->owed_n++;
+    g_stats.owed++;
+}
+
+static mw_tstate_t *sample_timed(mw_profbuf_t *b, const mw_pythread_t *th, mw_tstate_t *st,
+                                 uint64_t gen, uint32_t labels_seq, uint64_t dwall, uint64_t c0) {
+    uintptr_t tstate = th->tstate;
+    if (g_gil_tick.ok && g_gil_tick.last_holder == tstate) {
+        uint64_t c;
+        if (thread_cpu_ns(th->tid, &c) == 0 && c > c0) {
+            owe(st, dwall);
+            return st;
+        }
+    }
+    int truncated = 0, ok = 0;
+    mw_gilstate_t g0 = g_gil_tick;
+    int depth = read_stack(tstate, &truncated, &ok);
+    uint64_t c1;
+    if (thread_cpu_ns(th->tid, &c1) != 0) {
+        mw_symcache_abort();
+        g_stats.threads_gone++;
+        return st;
+    }
+    int proven = 0;
+    if (truncated == 2) {
+        g_stats.torn_reads++;
+    } else if (c1 == c0) {
+        proven = 1;
+    } else {
+        mw_gilstate_t g1;
+        mw_pyframes_gil(&g1);
+        proven = g0.ok && g1.ok && g1.switch_number == g0.switch_number && g1.last_holder != tstate;
+        g_gil_tick = g1;
+    }
+    if (!proven) {
+        mw_symcache_abort();
+        owe(st, dwall);
+        return st;
+    }
+    emit(b, st, depth, truncated, ok, 0, 0, labels_seq, dwall, c0, c1, gen);
+    return st;
+}
+
+/* A raw sample left by a thread's CPU-timer handler: named now. Names of code objects the symbol
+ * cache does not have come from the copies the handler made while they were alive; application
+ * memory is never read for them after the fact (the code object may be gone by now). */
+static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
+    int created = 0;
+    mw_tstate_t *st = ts_find(r->tid, &created);
+    if (!st) {
+        g_stats.dropped++;
+        return;
+    }
+    if (created) {
+        st->tick = g_tick;
+        st->reg = r->reg + 1; /* armed at its start, before any tick saw it */
+        st->reg_tstate = r->tstate;
+        st->timer_born = 1;
+    }
+    int depth = r->depth, ok = 1;
+    known_sync();
+    uint64_t epoch = mw_symcache_epoch();
+    mw_symcache_begin();
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < depth && ok; i++) {
+            const mw_symentry_t *h = mw_symcache_peek(&r->frames[i]);
+            if (!h) {
+                const mw_codecopy_t *c = NULL;
+                for (int k = 0; k < r->ncopies && !c; k++)
+                    if (r->copies[k].code == r->frames[i].code) c = &r->copies[k];
+                if (c) {
+                    mw_symcopy_t cp = {r->names + c->name_off,
+                                       r->names + c->file_off,
+                                       (const uint8_t *)r->names + c->lt_off,
+                                       c->name_len,
+                                       c->file_len,
+                                       c->lt_len,
+                                       c->lt_ok};
+                    h = mw_symcache_put_copied(&r->frames[i], &cp);
+                }
+            }
+            g_sym[i] = h;
+            if (!h) ok = 0;
+        }
+        if (!ok || mw_symcache_epoch() == epoch) break;
+        epoch = mw_symcache_epoch(); /* emptied midway: the earlier handles are gone */
+        known_sync();
+    }
+    if (!ok) {
+        /* A code object the sampler had not named and whose names the handler could not copy:
+         * no name is better than one read after the code object may have been freed. */
+        mw_symcache_abort();
+        g_stats.names_lost++;
+        g_stats.dropped++;
+        return;
+    }
+    for (int i = 0; i < depth; i++)
+        mw_cputimer_known_add(mw_cputimer_code_key(&r->frames[i]));
+    uint32_t n = 0;
+    for (int i = 0; i < depth; i++) {
+        mw_id_t id = mw_symcache_intern(b, g_sym[i], r->frames[i].lasti);
+        if (id) g_ids[n++] = id;
+    }
+    if (n == 0) {
+        mw_id_t id = no_frame_id(b);
+        if (!id) {
+            g_stats.dropped++;
+            return;
+        }
+        g_ids[n++] = id;
+    }
+    if (r->truncated) g_stats.truncated++;
+    uint32_t labelset_now;
+    mw_id_t thread = thread_name_id(b, st, &labelset_now);
+    uint64_t gen = mw_profbuf_generation(b);
+    mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall};
+    if (mw_profbuf_add_ex(b, g_ids, n, thread, r->labelset, &v, NULL) != 0) {
+        g_stats.dropped++;
+        g_stats.overflow++;
+        return;
+    }
+    g_stats.samples += st->owed_n;
+    st->owed_n = st->owed_wall = 0;
+    g_stats.cpu_samples++;
+    g_stats.timer_samples++;
+    /* A thread no tick has read yet: its CPU so far is known only from its samples (periods of
+     * CPU time); the first tick that reads its clock takes the credited part off. */
+    uint64_t credit = 0;
+    if (st->timer_born) {
+        credit = (uint64_t)r->periods * (uint64_t)(1000000000LL / g_cfg.rate_hz);
+        st->credit_ns += credit;
+    }
+    cpu_window_add(thread, gen, st->pending + credit, r->periods);
+    st->pending = 0;
+    st->hit_gen = gen;
+}
+
+static void drain_timed(mw_profbuf_t *b) {
+    mw_cpusample_t *r;
+    for (int k = 0; k < MW_CPUTIMER_RECORDS && (r = mw_cputimer_next()) != NULL; k++) {
+        if (b && g_timers && !mw_unwind_enabled()) take_timed(b, r);
+        mw_cputimer_done(r);
+    }
+}
+
 /* Why a stack may be trusted. The sampler reads a thread's frames while the thread may run on.
  * A read is kept only when it is PROVEN to show one instant of the thread:
  *   - the thread's CPU clock did not move across the read (it executed nothing meanwhile); or
@@ -328,7 +587,7 @@ static void quiet_flush_all(mw_profbuf_t *b) {
 static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
                                   int first_tick) {
     uint64_t dwall =
-        first_tick ? (uint64_t)(1000000000LL / g_cfg.rate_hz) : (uint64_t)(now - g_last_tick_ns);
+        first_tick ? (uint64_t)(1000000000LL / g_tick_hz) : (uint64_t)(now - g_last_tick_ns);
     uint64_t c0 = 0;
     if (th->tid <= 0 || thread_cpu_ns(th->tid, &c0) != 0) {
         /* No CPU clock: the thread is gone (or its kernel id is unknown). */
@@ -345,6 +604,11 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
     /* A thread first seen after the first tick was born since the previous tick: all its CPU
      * time is new. Threads alive at start only count from now on. */
     uint64_t dcpu = created ? (first_tick ? 0 : c0) : (c0 > st->cpu_ns ? c0 - st->cpu_ns : 0);
+    if (st->timer_born) { /* first clock reading: its CPU since birth, minus what was credited */
+        dcpu = c0 > st->credit_ns ? c0 - st->credit_ns : 0;
+        st->timer_born = 0;
+        st->credit_ns = 0;
+    }
     st->cpu_ns = c0;
     st->tick = g_tick;
     if (dcpu) st->active_until = g_tick + ACTIVE_TICKS;
@@ -363,6 +627,25 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
      * its wall time goes to the same entry with no read at all, and in native mode it is not
      * signalled. Idle threads cost one clock read. */
     if (!created && c0 == st->cpu_end && reuse_stack(b, st, gen, labels_seq, dwall)) return st;
+
+    /* CPU timers: a thread gets one the first time it is seen (again if its id now belongs to
+     * another thread state). Until its timer has run for a tick it is read the older way. */
+    if (g_timers && !mw_unwind_enabled()) {
+        if (st->reg && st->reg_tstate == th->tstate)
+            return sample_timed(b, th, st, gen, labels_seq, dwall, c0);
+        if (st->reg) mw_cputimer_disarm(st->reg - 1);
+        st->reg = 0;
+        if (!st->arm_failed || st->reg_tstate != th->tstate) {
+            int r = mw_cputimer_arm(th->tid, th->tstate);
+            st->reg = r >= 0 ? r + 1 : 0;
+            st->arm_failed = r < 0;
+            st->reg_tstate = th->tstate;
+            g_timers_armed |= r >= 0;
+        }
+    } else if (st->reg) {
+        mw_cputimer_disarm(st->reg - 1);
+        st->reg = 0;
+    }
 
     int truncated = 0, ok = 0, depth = 0, proven = 0, native = 0, on_cpu = 0;
     uintptr_t tstate = th->tstate;
@@ -480,7 +763,7 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
         uintptr_t anchor = 0;
         uintptr_t top = mw_pyframes_top_frame_anchored(tstate, &anchor);
         mw_readcache_reset(g_rc);
-        if (top) again = mw_pyframes_walk(g_rc, top, anchor, g_raw2, g_cfg.max_depth, &t2);
+        if (top) again = mw_pyframes_walk(g_rc, NULL, top, anchor, g_raw2, g_cfg.max_depth, &t2);
         /* The leaf's instruction moves on between the reads of a running thread; its callers'
          * do not while it runs. */
         int same = again == depth && truncated != 2 && t2 != 2;
@@ -505,75 +788,7 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
         }
         return st;
     }
-    if (truncated) g_stats.truncated++;
-    uint64_t py_hash = raw_hash(depth);
-    uint32_t n = 0;
-    if (native) { /* native and Python frames spliced, leaf first */
-        mw_unwind_release();
-        n = ok ? mw_unwind_combine(b, g_raw, depth, g_ids, MW_MAX_DEPTH_CAP) : 0;
-    } else if (ok) {
-        for (int i = 0; i < depth; i++) {
-            mw_id_t id = mw_symcache_intern(b, g_sym[i], g_raw[i].lasti);
-            if (id) g_ids[n++] = id;
-        }
-    }
-    if (!ok) {
-        /* A frame whose names could not be read: the sample would be a partial stack. (A thread
-         * that ended meanwhile took its frames with it: that is not a lost sample.) */
-        uint64_t c;
-        if (thread_cpu_ns(th->tid, &c) != 0)
-            g_stats.threads_gone++;
-        else
-            g_stats.dropped++;
-        return st;
-    }
-    if (depth == 0 && n == 0 && !on_cpu) return st; /* not running, no Python frame */
-    if (n == 0) {
-        /* No readable Python frame: still account the CPU time, under a marker frame. */
-        mw_id_t name = mw_profbuf_intern_str(b, "[no Python frame]", 17);
-        mw_id_t file = mw_profbuf_intern_str(b, "", 0);
-        mw_frame_t f = {name, file, 0, 0};
-        mw_id_t id = name && file ? mw_profbuf_intern_frame(b, &f) : 0;
-        if (!id) {
-            g_stats.dropped++;
-            return st;
-        }
-        g_ids[n++] = id;
-    }
-    uint32_t labelset = 0;
-    mw_id_t thread = thread_name_id(b, st, &labelset);
-    uint32_t labels_after = mw_threads_labelset_seq(st->tid);
-    if (labels_after != labels_seq) {
-        g_stats.label_races++;
-        labelset = 0;
-    }
-    /* CPU goes only to samples taken while the thread was on CPU: its clock moved across the
-     * read, or it was found running and paused. Such samples fall uniformly over the thread's
-     * CPU time, so stacks are drawn in proportion to where CPU was used; the CPU time itself is
-     * given to them at the end of the window (cpu_window_finalize). */
-    mw_values_t v = {(uint64_t)on_cpu, 0, 1, dwall};
-    uint32_t idx = 0;
-    if (mw_profbuf_add_ex(b, g_ids, n, thread, labelset, &v, &idx) != 0) {
-        g_stats.dropped++;
-        g_stats.overflow++;
-        return st;
-    }
-    g_stats.samples++;
-    if (on_cpu) {
-        g_stats.cpu_samples++;
-        cpu_window_add(thread, gen, st->pending, 1);
-        st->pending = 0;
-        st->hit_gen = gen;
-    }
-    /* Reusable while the thread does not run. Python-only: only when the read itself saw it
-     * not running. Native: when it was not running when asked (the handler's own CPU use makes
-     * its clock move: the Python frames decide at the next tick, see above). */
-    if (labels_after == labels_seq && !on_cpu) {
-        if (!native && c1 == c0)
-            remember_stack(st, gen, idx, labels_seq, thread, labelset, c1, 0, py_hash);
-        else if (native)
-            remember_stack(st, gen, idx, labels_seq, thread, labelset, UINT64_MAX, 1, py_hash);
-    }
+    emit(b, st, depth, truncated, ok, on_cpu, native, labels_seq, dwall, c0, c1, gen);
     return st;
 }
 
@@ -623,8 +838,9 @@ static void tick(void) {
     }
     g_tick++;
     g_gil_tick = g;
+    drain_timed(g_active);
     uint64_t dwall =
-        first ? (uint64_t)(1000000000LL / g_cfg.rate_hz) : (uint64_t)(now - g_last_tick_ns);
+        first ? (uint64_t)(1000000000LL / g_tick_hz) : (uint64_t)(now - g_last_tick_ns);
     for (int i = 0; i < n; i++) {
         mw_tstate_t *st = quiet ? g_tsp[i] : NULL;
         if (st && st->tid == g_threads[i].tid && g_threads[i].tstate != g.last_holder &&
@@ -657,6 +873,7 @@ static void tick(void) {
         quiet_flush_all(g_active);
         pthread_mutex_unlock(&g_buf_lock);
         ts_prune();
+        if (g_timers_armed) mw_cputimer_sweep(); /* threads that ended unseen */
         g_nthreads = 0; /* the table moved: the next tick lists the threads again */
     }
 }
@@ -677,7 +894,7 @@ static uint64_t rng_next(void) {
 static void *sampler_main(void *arg) {
     (void)arg;
     pthread_setname_np(pthread_self(), "mw-sampler");
-    int64_t period = 1000000000LL / g_cfg.rate_hz;
+    int64_t period = 1000000000LL / g_tick_hz;
     int64_t next = mw_now_monotonic_ns();
     g_rng ^= (uint64_t)next;
     for (;;) {
@@ -703,6 +920,9 @@ static void *sampler_main(void *arg) {
         g_stats.ticks++;
         if ((g_stats.ticks & 15) == 0) sampler_cpu_update(); /* a system call: not every tick */
     }
+    pthread_mutex_lock(&g_buf_lock);
+    drain_timed(g_active);
+    pthread_mutex_unlock(&g_buf_lock);
     sampler_cpu_update();
     atomic_store(&g_running, 0);
     return NULL;
@@ -737,6 +957,7 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
     g_cfg = *cfg;
     if (g_cfg.rate_hz < 1) g_cfg.rate_hz = 1;
     if (g_cfg.rate_hz > 10000) g_cfg.rate_hz = 10000;
+    if (g_cfg.wall_hz < 1) g_cfg.wall_hz = MW_WALL_HZ;
     if (g_cfg.max_depth < 1 || g_cfg.max_depth > MW_MAX_DEPTH_CAP)
         g_cfg.max_depth = MW_MAX_DEPTH_CAP;
     if (alloc_private() != 0) {
@@ -747,6 +968,15 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
      * consistently; without it such threads are read unpaused and kept only when proven. */
     const char *pause_why = NULL;
     g_can_pause = mw_unwind_setup(&pause_why) == 0;
+    /* CPU samples from the threads' own CPU timers (they use the same signal handler). */
+    const char *timer_why = NULL;
+    g_timers = g_can_pause &&
+               mw_cputimer_init(g_cfg.rate_hz, g_cfg.max_depth, mw_unwind_signal(), &timer_why) > 0;
+    /* With CPU timers the ticks only place wall time (and collect the timers' samples): they
+     * need not come faster than MW_WALL_HZ. A wake-up of this thread costs ~20 us of CPU on a
+     * virtual machine: at 1 kHz that alone would be 2% of a core. */
+    g_tick_hz = g_cfg.rate_hz;
+    if (g_timers && g_tick_hz > g_cfg.wall_hz) g_tick_hz = g_cfg.wall_hz;
     pthread_mutex_lock(&g_buf_lock);
     if (!g_active) {
         g_active = mw_profbuf_new(&g_cfg.limits);
@@ -794,6 +1024,14 @@ void mw_sampler_stop(void) {
         g_joinable = 0;
     }
     atomic_store(&g_running, 0);
+    /* The sampler thread is gone: its state is ours. Timers stop; their threads' entries forget
+     * them (a restart arms them again). */
+    if (g_timers_armed) {
+        mw_cputimer_disarm_all();
+        g_timers_armed = 0;
+        for (uint32_t i = 0; g_ts && i < TS_SLOTS; i++)
+            g_ts[i].reg = 0;
+    }
 }
 
 int mw_sampler_running(void) {
@@ -801,6 +1039,15 @@ int mw_sampler_running(void) {
 }
 int mw_sampler_rate(void) {
     return g_cfg.rate_hz;
+}
+void mw_sampler_thread_started(long tid, uintptr_t tstate) {
+    if (atomic_load(&g_running) && g_timers && !mw_unwind_enabled() &&
+        mw_cputimer_arm(tid, tstate) >= 0)
+        g_timers_armed = 1;
+}
+
+int mw_sampler_tick_rate(void) {
+    return g_tick_hz;
 }
 
 mw_profbuf_t *mw_sampler_swap(mw_profbuf_t *fresh, int64_t *t_start, int64_t *t_end) {
@@ -851,6 +1098,10 @@ static void atfork_child(void) {
     g_window_start_ns = mw_now_realtime_ns();
     memset(&g_stats, 0, sizeof g_stats);
     mw_threads_reset_after_fork();
+    mw_cputimer_after_fork_child();
+    g_timers_armed = 0;
+    for (uint32_t i = 0; g_ts && i < TS_SLOTS; i++)
+        g_ts[i].reg = 0;
 }
 
 void mw_sampler_register_atfork(void) {

@@ -35,8 +35,12 @@
 
 #define MW_JITTER_PCT 10
 
+/* Default cap of the tick rate when CPU samples come from the threads' CPU timers. */
+#define MW_WALL_HZ 100
+
 typedef struct mw_sampler_config {
-    int rate_hz;   /* 1..10000 */
+    int rate_hz; /* 1..10000: CPU samples per second of a thread's CPU time */
+    int wall_hz; /* ticks (wall samples) per second at most, when CPU timers are on; 0 = default */
     int max_depth; /* frames kept per stack (deeper stacks keep the leaf side, flagged) */
     mw_profbuf_limits_t limits;
 } mw_sampler_config_t;
@@ -66,6 +70,10 @@ typedef struct mw_sampler_stats {
     uint64_t unproven;     /* thread samples dropped: no read could be proven consistent */
     uint64_t unverified;   /* no pause possible here: two agreeing reads kept (not proven) */
     uint64_t cpu_unattributed_ns; /* CPU of threads that ended after their last on-CPU sample */
+    uint64_t timer_samples;       /* on-CPU samples taken by the threads' CPU timers */
+    uint64_t owed;                /* ticks that found a timed thread running (wall owed) */
+    uint64_t names_lost; /* timer samples dropped: a code object was gone before it was named */
+    uint64_t wall_unattributed_ns; /* wall owed to threads that ended before their next sample */
 } mw_sampler_stats_t;
 
 /* Starts sampling. Returns 0, -1 on failure (errno-style reason in *why). Idempotent: a running
@@ -75,6 +83,12 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why);
 void mw_sampler_stop(void);
 int mw_sampler_running(void);
 int mw_sampler_rate(void);
+/* A Python thread that starts (GIL held): gives it its CPU timer now when the sampler runs with
+ * timers. Any thread. */
+void mw_sampler_thread_started(long tid, uintptr_t tstate);
+
+/* Ticks per second actually used (rate_hz, or at most wall_hz with CPU timers). */
+int mw_sampler_tick_rate(void);
 
 /* Hands the active buffer to the caller and installs `fresh` (empty, same limits) in its
  * place. t_start and t_end get the window the returned buffer covers (CLOCK_REALTIME ns).

@@ -164,6 +164,68 @@ static sc_entry_t *lookup(const mw_rawframe_t *rf) {
     }
 }
 
+static int fill_copied(sc_entry_t *e, const mw_rawframe_t *rf, const mw_symcopy_t *c) {
+    size_t need = (size_t)c->name_len + c->file_len + 2 + (c->lt_ok ? c->lt_len : 0);
+    if (g_arena_used + need > SC_ARENA) return -1;
+    e->code = rf->code;
+    e->info = rf->info;
+    e->gen = 0;
+    e->last_lasti = -2;
+    e->name_off = g_arena_used;
+    e->name_len = c->name_len;
+    memcpy(g_arena + g_arena_used, c->name, c->name_len);
+    g_arena[g_arena_used + c->name_len] = '\0';
+    g_arena_used += c->name_len + 1;
+    e->file_off = g_arena_used;
+    e->file_len = c->file_len;
+    memcpy(g_arena + g_arena_used, c->file, c->file_len);
+    g_arena[g_arena_used + c->file_len] = '\0';
+    g_arena_used += c->file_len + 1;
+    e->lt_ok = c->lt_ok;
+    if (c->lt_ok) {
+        e->lt_off = g_arena_used;
+        e->lt_len = c->lt_len;
+        memcpy(g_arena + g_arena_used, c->lt, c->lt_len);
+        g_arena_used += c->lt_len;
+    }
+    return 0;
+}
+
+const mw_symentry_t *mw_symcache_put_copied(const mw_rawframe_t *rf, const mw_symcopy_t *c) {
+    if (!g_slots) return NULL;
+    if (g_live >= SC_SLOTS / 2 || g_arena_used + 2 * SC_NAME_MAX + c->lt_len > SC_ARENA)
+        mw_symcache_clear();
+    uint32_t h = (uint32_t)((rf->code >> 4) * 2654435761u);
+    for (uint32_t i = h & (SC_SLOTS - 1);; i = (i + 1) & (SC_SLOTS - 1)) {
+        sc_entry_t *e = &g_slots[i];
+        if (e->code == rf->code || e->code == 0) {
+            int fresh = e->code == 0;
+            g_stats.misses++;
+            if (fill_copied(e, rf, c) != 0) {
+                e->code = 0;
+                return NULL;
+            }
+            if (fresh) g_live++;
+            journal(e);
+            return (const mw_symentry_t *)e;
+        }
+    }
+}
+
+const mw_symentry_t *mw_symcache_peek(const mw_rawframe_t *rf) {
+    if (!g_slots) return NULL;
+    uint32_t h = (uint32_t)((rf->code >> 4) * 2654435761u);
+    for (uint32_t i = h & (SC_SLOTS - 1);; i = (i + 1) & (SC_SLOTS - 1)) {
+        sc_entry_t *e = &g_slots[i];
+        if (e->code == rf->code) {
+            if (!same_code(&e->info, &rf->info)) return NULL;
+            g_stats.hits++;
+            return (const mw_symentry_t *)e;
+        }
+        if (e->code == 0) return NULL;
+    }
+}
+
 const mw_symentry_t *mw_symcache_resolve(const mw_rawframe_t *rf) {
     if (!g_slots) return NULL;
     sc_entry_t *e = lookup(rf);

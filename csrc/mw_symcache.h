@@ -41,6 +41,21 @@ typedef struct mw_symentry mw_symentry_t;
 const mw_symentry_t *mw_symcache_resolve(const mw_rawframe_t *rf);
 mw_id_t mw_symcache_intern(mw_profbuf_t *b, const mw_symentry_t *h, int32_t lasti);
 
+/* The entry of a raw frame if the cache has it (validated), NULL otherwise; never reads
+ * application memory. For frames read earlier than now (mw_cputimer), whose code objects may be
+ * gone: a miss is filled only after checking the code object is still the one read. */
+const mw_symentry_t *mw_symcache_peek(const mw_rawframe_t *rf);
+
+/* Names and line table of a code object, copied by someone who saw it alive (mw_cputimer's
+ * handler): fills the cache from these copies, reading no application memory. */
+typedef struct mw_symcopy {
+    const char *name, *file;
+    const uint8_t *lt;
+    uint32_t name_len, file_len, lt_len;
+    int lt_ok;
+} mw_symcopy_t;
+const mw_symentry_t *mw_symcache_put_copied(const mw_rawframe_t *rf, const mw_symcopy_t *c);
+
 /* Attempts: begin() starts remembering the entries filled; abort() drops them again. */
 void mw_symcache_begin(void);
 void mw_symcache_abort(void);

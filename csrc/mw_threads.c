@@ -118,6 +118,17 @@ uint32_t mw_threads_labelset_seq(long tid) {
     return 0;
 }
 
+uint32_t mw_threads_labelset_now(long tid) {
+    uint32_t h = slot_hash(tid);
+    for (uint32_t k = 0; k < MW_THREADS_MAX; k++) {
+        mw_tslot_t *s = &g_slots[(h + k) & (MW_THREADS_MAX - 1)];
+        long t = atomic_load(&s->tid);
+        if (t == 0) return 0;
+        if (t == tid) return atomic_load(&s->labelset);
+    }
+    return 0;
+}
+
 void mw_threads_reset_after_fork(void) {
     pthread_mutex_init(&g_wlock, NULL);
     for (int i = 0; i < MW_THREADS_MAX; i++)

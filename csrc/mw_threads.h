@@ -27,6 +27,10 @@ uint32_t mw_threads_lookup(long tid, char *name, size_t cap, uint32_t *name_seq)
  * before and after reading a stack mean the labels did not change meanwhile. Lock-free. */
 uint32_t mw_threads_labelset_seq(long tid);
 
+/* The labelset of tid now (0 if none). Async-signal-safe (atomic loads only): a thread may read
+ * its own in a signal handler. */
+uint32_t mw_threads_labelset_now(long tid);
+
 /* After fork, in the child: every entry belongs to a thread that does not exist there. */
 void mw_threads_reset_after_fork(void);
 uint64_t mw_threads_refused(void);

@@ -27,6 +27,7 @@
 #define UNW_LOCAL_ONLY
 #include "mw_unwind.h"
 
+#include "mw_cputimer.h"
 #include "mw_symcache.h"
 
 #include <dlfcn.h>
@@ -96,6 +97,10 @@ static void on_signal(int sig, siginfo_t *si, void *ucv) {
     (void)sig;
     int saved_errno = errno;
     slot_t *s = g_slot;
+    if (si->si_code == SI_TIMER || si->si_code == POLL_IN) { /* the thread's own CPU timer */
+        mw_cputimer_on_signal(si, ucv);
+        goto out;
+    }
     if (!s || si->si_code != SI_TKILL || si->si_pid != getpid()) goto out;
     uint64_t st = atomic_load(&s->state);
     long me = (long)syscall(SYS_gettid);
@@ -210,6 +215,10 @@ int mw_unwind_enable(int show_internal, const char **why) {
     g_st.signal = (uint64_t)g_sig;
     atomic_store(&g_enabled, 1);
     return 0;
+}
+
+int mw_unwind_signal(void) {
+    return g_sig;
 }
 
 void mw_unwind_disable(void) {

@@ -64,6 +64,11 @@ int mw_unwind_setup(const char **why);
  * that can take a lock), -1 when it was not asked or did not answer (counted, backed off). */
 int mw_unwind_pause(long tid);
 
+/* The real-time signal the handler is installed for (0 = none). The handler also takes the
+ * signals of the threads' CPU timers (mw_cputimer: si_code SI_TIMER or POLL_IN) and hands them
+ * to mw_cputimer_on_signal. */
+int mw_unwind_signal(void);
+
 /* Disables native frames (the handler stays installed and ignores stray signals). */
 void mw_unwind_disable(void);
 int mw_unwind_enabled(void);

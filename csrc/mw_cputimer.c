@@ -1,0 +1,527 @@
+/* mw_cputimer — per-thread CPU-time sample triggers and the in-thread read; see mw_cputimer.h.
+ *
+ * A registration (g_reg[i]) ties a kernel thread to its PyThreadState and its timer. The key the
+ * handler gets back (the POSIX timer's sigev_value, or the perf fd's entry in g_fdkey) is
+ * gen << 12 | i; the handler acts only when the registration still has that generation and
+ * names the calling thread, so a late signal of a timer deleted meanwhile, or one meant for a
+ * thread whose id was reused, does nothing.
+ */
+#define _GNU_SOURCE
+#include "mw_cputimer.h"
+
+#include "mw_threads.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <fcntl.h>
+#include <linux/perf_event.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define REGS 4096 /* = MW_MAX_THREADS; the index takes the key's low 12 bits */
+#define REG_BITS 12
+#define SCRATCH 8     /* handlers reading at the same time (one per CPU running one) */
+#define FDKEYS 65536  /* perf fds above this use a POSIX timer instead */
+#define PERF_MAX 1024 /* perf fds at most (and at most a quarter of RLIMIT_NOFILE) */
+
+typedef struct {
+    _Atomic long tid;     /* 0 = free */
+    _Atomic uint32_t gen; /* generation of the current registration (1..2^20-1) */
+    uintptr_t tstate;
+    int fd; /* perf event, -1 if none */
+    int has_timer;
+    timer_t timer;
+} reg_t;
+
+typedef struct {
+    atomic_int busy;
+    mw_guard_t guard;
+    mw_readcache_t rc;
+    /* followed by mw_walkscratch_size() bytes */
+} scratch_t;
+
+static reg_t *g_reg;
+static _Atomic uint32_t *g_fdkey; /* perf fd -> key, 0 = none */
+static mw_cpusample_t g_rec[MW_CPUTIMER_RECORDS];
+static mw_rawframe_t *g_frames; /* MW_CPUTIMER_RECORDS * g_max_depth */
+static char *g_names;           /* MW_CPUTIMER_RECORDS * MW_CPUTIMER_NAMES */
+#define KNOWN 16384
+static _Atomic uint64_t *g_known;
+
+uint64_t mw_cputimer_code_key(const mw_rawframe_t *f) {
+    uint64_t h = 1469598103934665603ULL;
+    uint64_t parts[6] = {f->code,
+                         f->info.qualname,
+                         f->info.filename,
+                         f->info.linetable,
+                         (uint64_t)(uint32_t)f->info.firstlineno,
+                         f->info.version};
+    for (int i = 0; i < 6; i++)
+        h = (h ^ parts[i]) * 1099511628211ULL;
+    return h | 1; /* 0 = empty slot */
+}
+
+static int known(uint64_t key) {
+    if (!g_known) return 0;
+    for (uint32_t k = 0, i = (uint32_t)(key >> 20) & (KNOWN - 1); k < 16;
+         k++, i = (i + 1) & (KNOWN - 1)) {
+        uint64_t v = atomic_load_explicit(&g_known[i], memory_order_relaxed);
+        if (v == key) return 1;
+        if (v == 0) return 0;
+    }
+    return 0;
+}
+
+void mw_cputimer_known_add(uint64_t key) {
+    if (!g_known) return;
+    for (uint32_t k = 0, i = (uint32_t)(key >> 20) & (KNOWN - 1); k < 16;
+         k++, i = (i + 1) & (KNOWN - 1)) {
+        uint64_t v = atomic_load_explicit(&g_known[i], memory_order_relaxed);
+        if (v == key) return;
+        if (v == 0) {
+            atomic_store_explicit(&g_known[i], key, memory_order_relaxed);
+            return;
+        }
+    }
+    /* A full run of slots: the handlers copy that code's names each time (correct, slower). */
+}
+
+void mw_cputimer_known_clear(void) {
+    if (g_known) memset((void *)g_known, 0, KNOWN * sizeof *g_known);
+}
+
+/* Copies the names and line table of the sample's code objects the sampler does not know. */
+static void copy_names(mw_readcache_t *rc, mw_cpusample_t *rec) {
+    uint32_t used = 0;
+    rec->ncopies = 0;
+    for (int i = 0; i < rec->depth; i++) {
+        const mw_rawframe_t *f = &rec->frames[i];
+        if (known(mw_cputimer_code_key(f))) continue;
+        int dup = 0;
+        for (int k = 0; k < rec->ncopies && !dup; k++)
+            dup = rec->copies[k].code == f->code;
+        if (dup) continue;
+        if (rec->ncopies >= MW_CPUTIMER_COPIES) return;
+        mw_codecopy_t *c = &rec->copies[rec->ncopies];
+        char *base = rec->names;
+        int n;
+        if (used + 1024 > MW_CPUTIMER_NAMES) return;
+        n = mw_pyframes_read_str_rc(rc, f->info.qualname, base + used, 512);
+        if (n < 0) continue;
+        c->name_off = used;
+        c->name_len = (uint32_t)n;
+        used += (uint32_t)n + 1;
+        n = mw_pyframes_read_str_rc(rc, f->info.filename, base + used, 512);
+        if (n < 0) continue;
+        c->file_off = used;
+        c->file_len = (uint32_t)n;
+        used += (uint32_t)n + 1;
+        n = mw_pyframes_read_bytes_rc(rc, f->info.linetable, (uint8_t *)base + used,
+                                      MW_CPUTIMER_NAMES - used);
+        c->lt_ok = n >= 0;
+        c->lt_off = used;
+        c->lt_len = n >= 0 ? (uint32_t)n : 0;
+        if (n > 0) used += (uint32_t)n;
+        c->code = f->code;
+        rec->ncopies++;
+    }
+}
+static uint8_t *g_scratch;
+static size_t g_scratch_stride;
+static int g_max_depth, g_signo, g_mode, g_perf_max, g_perf_open;
+static int g_guarded; /* direct reads under mw_guard are possible */
+static int64_t g_period_ns;
+static uint32_t g_gen_next = 1;
+static uint32_t g_rec_next; /* sampler: where the drain scan resumes */
+
+static _Atomic uint64_t c_signals, c_recorded, c_periods, c_no_record, c_no_scratch, c_torn,
+    c_stale, c_handler_ns;
+static uint64_t c_armed, c_arm_failed;                     /* under g_lock */
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER; /* arm / disarm / sweep */
+
+static int64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void bump(_Atomic uint64_t *c, uint64_t v) {
+    atomic_fetch_add_explicit(c, v, memory_order_relaxed);
+}
+
+static void *map(size_t len) {
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+/* ---- the handler (async-signal-safe) -------------------------------------------------------- */
+
+static scratch_t *scratch_at(int i) {
+    return (scratch_t *)(g_scratch + (size_t)i * g_scratch_stride);
+}
+
+void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
+    (void)ucontext;
+    if (!g_reg) return;
+    int64_t t0 = mono_ns();
+    uint32_t key = 0, periods = 1;
+    if (si->si_code == SI_TIMER) {
+        key = (uint32_t)si->si_value.sival_int;
+        if (si->si_overrun > 0) periods += (uint32_t)si->si_overrun;
+    } else if (si->si_code == POLL_IN && si->si_fd >= 0 && si->si_fd < FDKEYS && g_fdkey) {
+        key = atomic_load_explicit(&g_fdkey[si->si_fd], memory_order_acquire);
+    } else {
+        return;
+    }
+    reg_t *r = &g_reg[key & (REGS - 1)];
+    long me = (long)syscall(SYS_gettid);
+    if (key == 0 || atomic_load(&r->gen) != key >> REG_BITS || atomic_load(&r->tid) != me) {
+        bump(&c_stale, 1);
+        return;
+    }
+    bump(&c_signals, 1);
+    scratch_t *sc = NULL;
+    for (int i = 0; i < SCRATCH && !sc; i++) {
+        int z = 0;
+        if (atomic_compare_exchange_strong(&scratch_at(i)->busy, &z, 1)) sc = scratch_at(i);
+    }
+    if (!sc) {
+        bump(&c_no_scratch, 1);
+        return;
+    }
+    mw_cpusample_t *rec = NULL;
+    for (int i = 0; i < MW_CPUTIMER_RECORDS && !rec; i++) {
+        uint32_t z = 0;
+        if (atomic_compare_exchange_strong(&g_rec[i].state, &z, 1)) rec = &g_rec[i];
+    }
+    if (!rec) {
+        atomic_store(&sc->busy, 0);
+        bump(&c_no_record, 1);
+        return;
+    }
+    mw_readcache_reset(&sc->rc);
+    /* The thread reads its own memory: plain loads under the fault guard while our fault handler
+     * is the installed one, else process_vm_readv. */
+    if (g_guarded && mw_guard_active()) {
+        atomic_store(&sc->guard.owner, me);
+        mw_readcache_direct(&sc->rc, &sc->guard);
+    }
+    uintptr_t anchor = 0;
+    int mine = 0, truncated = 0, depth = 0;
+    uintptr_t top = mw_pyframes_top_frame_of(&sc->rc, r->tstate, me, &anchor, &mine);
+    if (top)
+        depth = mw_pyframes_walk(&sc->rc, (mw_walkscratch_t *)(sc + 1), top, anchor, rec->frames,
+                                 g_max_depth, &truncated);
+    if (!mine) { /* the state is no longer this thread's (it is ending) */
+        atomic_store(&sc->guard.owner, 0);
+        atomic_store(&sc->busy, 0);
+        atomic_store(&rec->state, 0);
+        bump(&c_stale, 1);
+        return;
+    }
+    if (truncated == 2) {
+        atomic_store(&sc->guard.owner, 0);
+        atomic_store(&sc->busy, 0);
+        atomic_store(&rec->state, 0);
+        bump(&c_torn, 1);
+        return;
+    }
+    rec->depth = depth;
+    copy_names(&sc->rc, rec);
+    atomic_store(&sc->guard.owner, 0);
+    atomic_store(&sc->busy, 0);
+    rec->reg = (int32_t)(key & (REGS - 1));
+    rec->tstate = r->tstate;
+    rec->tid = me;
+    rec->periods = periods;
+    rec->labelset = mw_threads_labelset_now(me);
+    rec->depth = depth;
+    rec->truncated = truncated;
+    int64_t took = mono_ns() - t0;
+    rec->handler_ns = took > 0 ? (uint64_t)took : 0;
+    bump(&c_handler_ns, rec->handler_ns);
+    bump(&c_recorded, 1);
+    bump(&c_periods, periods);
+    atomic_store_explicit(&rec->state, 2, memory_order_release);
+}
+
+/* ---- set-up --------------------------------------------------------------------------------- */
+
+static int perf_open(long tid, int64_t period_ns) {
+    struct perf_event_attr a;
+    memset(&a, 0, sizeof a);
+    a.type = PERF_TYPE_SOFTWARE;
+    a.size = sizeof a;
+    a.config = PERF_COUNT_SW_TASK_CLOCK;
+    a.sample_period = (uint64_t)period_ns;
+    a.disabled = 1;
+    a.wakeup_events = 1;
+    a.exclude_hv = 1;
+    /* Kernel time counts: CPU spent in a system call belongs to the Python line that made it. */
+    int fd = (int)syscall(SYS_perf_event_open, &a, (pid_t)tid, -1, -1, PERF_FLAG_FD_CLOEXEC);
+    if (fd < 0 && (errno == EACCES || errno == EPERM)) {
+        a.exclude_kernel = 1;
+        fd = (int)syscall(SYS_perf_event_open, &a, (pid_t)tid, -1, -1, PERF_FLAG_FD_CLOEXEC);
+    }
+    return fd;
+}
+
+static int perf_route(int fd, long tid) {
+    struct f_owner_ex o = {F_OWNER_TID, (pid_t)tid};
+    if (fcntl(fd, F_SETOWN_EX, &o) != 0 || fcntl(fd, F_SETSIG, g_signo) != 0) return -1;
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_ASYNC | O_NONBLOCK) != 0) return -1;
+    return 0;
+}
+
+int mw_cputimer_init(int rate_hz, int max_depth, int signo, const char **why) {
+    g_mode = 0;
+    const char *force = getenv("MW_PROFILING_CPU_TIMER");
+    if (force && strcmp(force, "off") == 0) {
+        *why = "MW_PROFILING_CPU_TIMER=off";
+        return 0;
+    }
+    if (signo <= 0) {
+        *why = "no signal handler";
+        return 0;
+    }
+    if (!g_reg) {
+        g_reg = map(REGS * sizeof *g_reg);
+        g_known = map(KNOWN * sizeof *g_known);
+        g_names = map((size_t)MW_CPUTIMER_RECORDS * MW_CPUTIMER_NAMES);
+        g_fdkey = map(FDKEYS * sizeof *g_fdkey);
+        g_scratch_stride = (sizeof(scratch_t) + mw_walkscratch_size() + 4095) & ~(size_t)4095;
+        g_scratch = map(SCRATCH * g_scratch_stride);
+        if (!g_reg || !g_fdkey || !g_scratch || !g_known || !g_names) {
+            *why = "out of memory";
+            return 0;
+        }
+        for (int i = 0; i < REGS; i++)
+            g_reg[i].fd = -1;
+        const char *direct = getenv("MW_PROFILING_DIRECT_READS");
+        g_guarded = !(direct && strcmp(direct, "0") == 0) && mw_guard_install() == 0;
+        for (int i = 0; i < SCRATCH && g_guarded; i++)
+            if (mw_guard_register(&scratch_at(i)->guard) != 0) g_guarded = 0;
+    }
+    if (max_depth > g_max_depth || !g_frames) {
+        mw_rawframe_t *f = map((size_t)MW_CPUTIMER_RECORDS * (size_t)max_depth * sizeof *f);
+        if (!f) {
+            *why = "out of memory";
+            return 0;
+        }
+        if (g_frames)
+            munmap(g_frames, (size_t)MW_CPUTIMER_RECORDS * (size_t)g_max_depth * sizeof *f);
+        g_frames = f;
+        g_max_depth = max_depth;
+    }
+    for (int i = 0; i < MW_CPUTIMER_RECORDS; i++) {
+        g_rec[i].frames = g_frames + (size_t)i * (size_t)g_max_depth;
+        g_rec[i].names = g_names + (size_t)i * MW_CPUTIMER_NAMES;
+        atomic_store(&g_rec[i].state, 0);
+    }
+    g_signo = signo;
+    g_period_ns = 1000000000LL / (rate_hz > 0 ? rate_hz : 100);
+    struct rlimit rl;
+    g_perf_max = PERF_MAX;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+        (int)(rl.rlim_cur / 4) < g_perf_max)
+        g_perf_max = (int)(rl.rlim_cur / 4);
+    int want_perf = !force || strcmp(force, "perf") == 0;
+    if (force && strcmp(force, "timer") == 0) want_perf = 0;
+    if (want_perf) {
+        int fd = perf_open((long)syscall(SYS_gettid), g_period_ns);
+        if (fd >= 0) {
+            close(fd);
+            g_mode = 2;
+            return g_mode;
+        }
+    }
+    g_mode = 1;
+    return g_mode;
+}
+
+int mw_cputimer_mode(void) {
+    return g_mode;
+}
+
+static int arm_timer(reg_t *r, long tid, uint32_t key) {
+    struct sigevent sev;
+    memset(&sev, 0, sizeof sev);
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = g_signo;
+    sev.sigev_value.sival_int = (int)key;
+    sev._sigev_un._tid = (pid_t)tid;
+    clockid_t cid = (clockid_t)((~(unsigned int)tid) << 3) | 6; /* the thread's CPU clock */
+    if (timer_create(cid, &sev, &r->timer) != 0) return -1;
+    struct itimerspec its;
+    its.it_interval.tv_sec = its.it_value.tv_sec = g_period_ns / 1000000000LL;
+    its.it_interval.tv_nsec = its.it_value.tv_nsec = g_period_ns % 1000000000LL;
+    if (timer_settime(r->timer, 0, &its, NULL) != 0) {
+        timer_delete(r->timer);
+        return -1;
+    }
+    r->has_timer = 1;
+    return 0;
+}
+
+static int arm_perf(reg_t *r, long tid, uint32_t key) {
+    if (g_perf_open >= g_perf_max) return -1;
+    int fd = perf_open(tid, g_period_ns);
+    if (fd < 0) return -1;
+    if (fd >= FDKEYS || perf_route(fd, tid) != 0) {
+        close(fd);
+        return -1;
+    }
+    atomic_store_explicit(&g_fdkey[fd], key, memory_order_release);
+    if (ioctl(fd, PERF_EVENT_IOC_ENABLE, 0) != 0) {
+        atomic_store(&g_fdkey[fd], 0);
+        close(fd);
+        return -1;
+    }
+    r->fd = fd;
+    g_perf_open++;
+    return 0;
+}
+
+static int arm_locked(long tid, uintptr_t tstate);
+static void disarm_locked(int i);
+
+int mw_cputimer_arm(long tid, uintptr_t tstate) {
+    if (!g_mode || !g_reg || tid <= 0) return -1;
+    pthread_mutex_lock(&g_lock);
+    int r = arm_locked(tid, tstate);
+    pthread_mutex_unlock(&g_lock);
+    return r;
+}
+
+static int arm_locked(long tid, uintptr_t tstate) {
+    for (int i = 0; i < REGS; i++) { /* already armed (by itself at start, or a tick) */
+        if (atomic_load(&g_reg[i].tid) != tid) continue;
+        if (g_reg[i].tstate == tstate) return i;
+        disarm_locked(i); /* the id now belongs to another thread state */
+    }
+    static uint32_t hint;
+    for (uint32_t k = 0; k < REGS; k++) {
+        uint32_t i = (hint + k) & (REGS - 1);
+        reg_t *r = &g_reg[i];
+        if (atomic_load(&r->tid) != 0) continue;
+        hint = i + 1;
+        uint32_t gen = g_gen_next++;
+        if (g_gen_next >= (1u << (32 - REG_BITS))) g_gen_next = 1;
+        r->tstate = tstate;
+        r->fd = -1;
+        r->has_timer = 0;
+        atomic_store(&r->gen, gen);
+        atomic_store(&r->tid, tid);
+        uint32_t key = gen << REG_BITS | i;
+        if ((g_mode == 2 && arm_perf(r, tid, key) == 0) || arm_timer(r, tid, key) == 0) {
+            c_armed++;
+            return (int)i;
+        }
+        atomic_store(&r->tid, 0);
+        break;
+    }
+    c_arm_failed++;
+    return -1;
+}
+
+void mw_cputimer_disarm(int i) {
+    if (!g_reg || i < 0 || i >= REGS) return;
+    pthread_mutex_lock(&g_lock);
+    disarm_locked(i);
+    pthread_mutex_unlock(&g_lock);
+}
+
+void mw_cputimer_sweep(void) {
+    if (!g_reg) return;
+    pthread_mutex_lock(&g_lock);
+    for (int i = 0; i < REGS; i++) {
+        long tid = atomic_load(&g_reg[i].tid);
+        struct timespec ts;
+        clockid_t cid = (clockid_t)((~(unsigned int)tid) << 3) | 6;
+        if (tid > 0 && clock_gettime(cid, &ts) != 0) disarm_locked(i);
+    }
+    pthread_mutex_unlock(&g_lock);
+}
+
+static void disarm_locked(int i) {
+    reg_t *r = &g_reg[i];
+    if (atomic_load(&r->tid) == 0) return;
+    atomic_store(&r->tid, 0); /* a signal still on its way is ignored from here on */
+    if (r->fd >= 0) {
+        ioctl(r->fd, PERF_EVENT_IOC_DISABLE, 0);
+        atomic_store(&g_fdkey[r->fd], 0);
+        close(r->fd);
+        r->fd = -1;
+        g_perf_open--;
+    }
+    if (r->has_timer) {
+        timer_delete(r->timer);
+        r->has_timer = 0;
+    }
+    if (c_armed) c_armed--;
+}
+
+void mw_cputimer_disarm_all(void) {
+    if (!g_reg) return;
+    for (int i = 0; i < REGS; i++)
+        mw_cputimer_disarm(i);
+}
+
+mw_cpusample_t *mw_cputimer_next(void) {
+    for (int k = 0; k < MW_CPUTIMER_RECORDS; k++) {
+        uint32_t i = (g_rec_next + (uint32_t)k) % MW_CPUTIMER_RECORDS;
+        if (atomic_load_explicit(&g_rec[i].state, memory_order_acquire) == 2) {
+            g_rec_next = i + 1;
+            return &g_rec[i];
+        }
+    }
+    return NULL;
+}
+
+void mw_cputimer_done(mw_cpusample_t *s) {
+    atomic_store_explicit(&s->state, 0, memory_order_release);
+}
+
+void mw_cputimer_get_stats(mw_cputimer_stats_t *out) {
+    out->mode = (uint64_t)g_mode;
+    out->armed = c_armed;
+    out->arm_failed = c_arm_failed;
+    out->signals = atomic_load(&c_signals);
+    out->recorded = atomic_load(&c_recorded);
+    out->periods = atomic_load(&c_periods);
+    out->no_record = atomic_load(&c_no_record);
+    out->no_scratch = atomic_load(&c_no_scratch);
+    out->torn = atomic_load(&c_torn);
+    out->stale = atomic_load(&c_stale);
+    out->handler_ns = atomic_load(&c_handler_ns);
+    out->period_ns = (uint64_t)g_period_ns;
+}
+
+void mw_cputimer_after_fork_child(void) {
+    pthread_mutex_init(&g_lock, NULL);
+    if (!g_reg) return;
+    for (int i = 0; i < REGS; i++) {
+        reg_t *r = &g_reg[i];
+        if (r->fd >= 0) { /* the parent's event: not ours to keep */
+            atomic_store(&g_fdkey[r->fd], 0);
+            close(r->fd);
+            r->fd = -1;
+        }
+        r->has_timer = 0; /* POSIX timers are not inherited */
+        atomic_store(&r->tid, 0);
+    }
+    for (int i = 0; i < MW_CPUTIMER_RECORDS; i++)
+        atomic_store(&g_rec[i].state, 0);
+    for (int i = 0; i < SCRATCH && g_scratch; i++)
+        atomic_store(&scratch_at(i)->busy, 0);
+    g_perf_open = 0;
+    c_armed = 0;
+}

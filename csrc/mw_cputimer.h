@@ -1,0 +1,118 @@
+/* mw_cputimer — CPU samples taken by the thread that spends the CPU, at the instant it spends it.
+ *
+ * Every Python thread the sampler knows gets a timer on its OWN CPU-time clock: a perf software
+ * event (task-clock, PERF_COUNT_SW_TASK_CLOCK, one fd per thread, overflow every period of CPU
+ * time, the signal routed to that thread with F_SETOWN_EX/F_SETSIG) where perf_event_open is
+ * allowed, else a POSIX timer on the thread's CPU clock (timer_create, SIGEV_THREAD_ID; the
+ * kernel checks it on its scheduler tick, so a busy thread gets at most CONFIG_HZ signals a
+ * second and an overrun count says how many periods each one stands for). Either way the signal
+ * comes only while the thread runs, after each `period` of CPU it used, from the CPU it runs on:
+ * no inter-processor interrupt, no pause, and a thread that sleeps is never disturbed.
+ *
+ * The handler (mw_unwind's handler dispatches here: one real-time signal for both) reads the
+ * thread's own Python frames through the safe-read primitive — the thread is interrupted, so
+ * they show one instant (the eval loop's half-written states are caught by the walk's anchor
+ * checks, as for a paused thread) — and leaves a raw sample (code addresses with the fields that
+ * identify each code object, instruction indices, the thread's label set) in a record of a fixed
+ * pool. The sampler thread drains ready records every tick, names the frames (mw_symcache) and
+ * adds them as on-CPU samples. Every CPU sample is therefore a stack the thread had while it was
+ * using CPU, and samples fall uniformly over its CPU time.
+ *
+ * Threads and safety:
+ *   - mw_cputimer_init / mw_cputimer_shutdown: the thread that starts/stops the sampler (GIL
+ *     held), the sampler thread not running.
+ *   - mw_cputimer_arm, _disarm, _sweep: any thread (a mutex serializes them; never taken by the
+ *     handler). A thread arms itself at its start (mw_sampler_thread_started), the sampler arms
+ *     threads it meets unarmed and disarms those that are gone.
+ *   - mw_cputimer_next, _done, _get_stats: THE SAMPLER THREAD ONLY.
+ *   - mw_cputimer_on_signal: any thread, in a signal handler; async-signal-safe (atomics,
+ *     process_vm_readv, clock_gettime, gettid; no lock, no allocation). Records and walk scratch
+ *     are claimed with compare-and-swap; none free → the sample is dropped and counted.
+ *   - mw_cputimer_after_fork_child: in the child, before any other call (closes inherited perf
+ *     fds; POSIX timers are not inherited).
+ * Memory: the registration table, the record pool and the walk scratch are mmap'd once by the
+ * first init and kept for the life of the process; pages are resident only once used.
+ */
+#ifndef MW_CPUTIMER_H
+#define MW_CPUTIMER_H
+
+#include "mw_pyframes.h"
+
+#include <signal.h>
+#include <stdint.h>
+
+#define MW_CPUTIMER_RECORDS 256 /* raw samples waiting for the sampler thread */
+#define MW_CPUTIMER_COPIES 64   /* code objects per sample whose names the handler copied */
+#define MW_CPUTIMER_NAMES 16384 /* bytes of copied names and line tables per sample */
+
+/* Names and line table of a code object the sampler had not named yet, copied by the thread
+ * itself at the sample (the code object was certainly alive then). Offsets into names[]. */
+typedef struct {
+    uintptr_t code;
+    uint32_t name_off, name_len, file_off, file_len, lt_off, lt_len;
+    int lt_ok;
+} mw_codecopy_t;
+
+typedef struct mw_cpusample {
+    _Atomic uint32_t state; /* 0 free, 1 being written, 2 ready for the sampler */
+    int32_t reg;            /* registration of the thread that took it */
+    uintptr_t tstate;       /* its PyThreadState */
+    long tid;
+    uint32_t periods;    /* CPU periods this sample stands for (1 + timer overruns) */
+    uint32_t labelset;   /* the thread's label set at the sample (mw_threads) */
+    int depth;           /* frames[0..depth), leaf first */
+    int truncated;       /* as mw_pyframes_walk: 1 cut, 2 torn (depth 0, to be dropped) */
+    uint64_t handler_ns; /* time the handler took (its cost to the application thread) */
+    mw_rawframe_t *frames;
+    int ncopies;
+    mw_codecopy_t copies[MW_CPUTIMER_COPIES];
+    char *names; /* MW_CPUTIMER_NAMES bytes */
+} mw_cpusample_t;
+
+/* The set of code objects the sampler has named (key: mw_cputimer_code_key), read by handlers to
+ * know which code objects' names they must copy. Sampler thread: add after naming, clear when
+ * its symbol cache is emptied. A stale "known" only costs a dropped sample (names_lost). */
+uint64_t mw_cputimer_code_key(const mw_rawframe_t *f);
+void mw_cputimer_known_add(uint64_t key);
+void mw_cputimer_known_clear(void);
+
+typedef struct mw_cputimer_stats {
+    uint64_t mode;       /* 0 off, 1 POSIX CPU timers, 2 perf task-clock */
+    uint64_t armed;      /* threads with a timer now */
+    uint64_t arm_failed; /* threads that could not get one (read at ticks instead) */
+    uint64_t signals;    /* handler runs for a timer */
+    uint64_t recorded;   /* raw samples left for the sampler */
+    uint64_t periods;    /* CPU periods they stand for */
+    uint64_t no_record;  /* dropped: every record was waiting (sampler behind) */
+    uint64_t no_scratch; /* dropped: every walk scratch busy (more handlers than CPUs) */
+    uint64_t torn;       /* dropped: the thread was between two stores of the eval loop */
+    uint64_t stale;      /* signals for a registration that had moved on (ignored) */
+    uint64_t handler_ns; /* total time spent in handlers */
+    uint64_t period_ns;
+} mw_cputimer_stats_t;
+
+/* Sets the period (1e9 / rate_hz ns of CPU time), the frames kept per sample and the signal
+ * (mw_unwind's, which must be installed), and picks the mechanism (perf if a probe on the calling
+ * thread works, else POSIX timers). MW_PROFILING_CPU_TIMER=timer|perf|off forces one (tests,
+ * diagnosis). Returns the mode (1 or 2), 0 when off or unusable (*why says why). */
+int mw_cputimer_init(int rate_hz, int max_depth, int signo, const char **why);
+int mw_cputimer_mode(void);
+
+/* Gives thread tid (its PyThreadState at tstate) a timer, or finds the one it has. Returns its
+ * registration index (>= 0) or -1 (no timer: counted; the sampler reads it at ticks as before). */
+int mw_cputimer_arm(long tid, uintptr_t tstate);
+/* Disarms registrations whose thread has exited. */
+void mw_cputimer_sweep(void);
+/* Stops and frees a registration (the thread is gone, or the sampler stops). */
+void mw_cputimer_disarm(int reg);
+void mw_cputimer_disarm_all(void);
+
+/* Drain: the next ready record (NULL when none), to be handed back with _done. */
+mw_cpusample_t *mw_cputimer_next(void);
+void mw_cputimer_done(mw_cpusample_t *s);
+
+void mw_cputimer_on_signal(siginfo_t *si, void *ucontext);
+void mw_cputimer_get_stats(mw_cputimer_stats_t *out);
+void mw_cputimer_after_fork_child(void);
+
+#endif
