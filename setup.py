@@ -5,9 +5,23 @@ against that interpreter's internal headers (include/pythonX.Y/internal).
 """
 import glob
 import os
+import sys
 import sysconfig
 
-from setuptools import Extension, setup
+# The CPython minor versions whose internal layouts csrc/mw_pyframes.c knows (first, last); the
+# same range as middleware.SUPPORTED_PYTHON. Checked before anything else, so that pip on an
+# older Python says so instead of failing to resolve a dependency.
+SUPPORTED_PYTHON = ((3, 10), (3, 13))
+if sys.version_info[:2] < SUPPORTED_PYTHON[0]:
+    sys.exit("error: middleware: Python >= %d.%d required (this is Python %d.%d.%d)"
+             % (*SUPPORTED_PYTHON[0], *sys.version_info[:3]))
+if not os.environ.get("MW_SKIP_EXT") and (
+        sys.implementation.name != "cpython" or sys.version_info[:2] > SUPPORTED_PYTHON[1]):
+    sys.exit("error: middleware: cannot build the sampler for %s %d.%d.%d: it reads CPython's internal "
+             "structures and knows CPython %d.%d to %d.%d only"
+             % (sys.implementation.name, *sys.version_info[:3], *SUPPORTED_PYTHON[0], *SUPPORTED_PYTHON[1]))
+
+from setuptools import Extension, setup  # noqa: E402
 
 include = sysconfig.get_paths()["include"]
 sources = sorted(glob.glob("csrc/*.c") + glob.glob("csrc/gen/*.c"))

@@ -10,6 +10,7 @@
 
 #include "mw_collect.h"
 #include "mw_pprof.h"
+#include "mw_report.h"
 #include "mw_sampler.h"
 #include "mw_store.h"
 #include "mw_upload.h"
@@ -86,6 +87,30 @@ static void max_into(uint64_t *m, uint64_t v) {
     if (v > *m) *m = v;
 }
 
+/* What the user sees of a window that was dropped: one stderr line per kind of failure and
+ * process (mw_report), the counters in stats() say how often. Paths are cut at 200 bytes so
+ * the line always ends with what happens to the profiles. */
+static void report_store_failure(const char *dir, const mw_store_result_t *res) {
+    char eb[128];
+    const char *why = res->err ? strerror_r(res->err, eb, sizeof eb) : "unknown error";
+    const char *step = !res->failed                         ? "writing a file"
+                       : strcmp(res->failed, "open") == 0   ? "creating a file"
+                       : strcmp(res->failed, "rename") == 0 ? "renaming a file"
+                                                            : "writing a file";
+    if (res->err == ENOSPC || res->err == EDQUOT)
+        mw_report_once(MW_REPORT_STORE_FULL,
+                       "the profile directory %.200s is full (%s: %s); profiles of process %ld "
+                       "are being dropped until there is room (MW_PROFILE_DIR, "
+                       "MW_PROFILE_DIR_MAX_MB)",
+                       dir, step, why, (long)getpid());
+    else
+        mw_report_once(MW_REPORT_STORE_WRITE,
+                       "cannot write to the profile directory %.200s (%s: %s); profiles of process "
+                       "%ld are being dropped (set MW_PROFILE_DIR to a writable directory, or to "
+                       "none)",
+                       dir, step, why, (long)getpid());
+}
+
 /* One window: rotate, encode, deliver, recycle. Runs on the exporter thread, no lock held
  * except g_hold around rotate and recycle. */
 static void export_once(void) {
@@ -116,10 +141,16 @@ static void export_once(void) {
                                 (long)getpid()};
         if (mw_pprof_encode_gz(b, &meta, &gz, &gzlen, &info) != 0) {
             encode_err = 1;
+            mw_report_once(MW_REPORT_ENCODE,
+                           "a profile window could not be encoded (out of memory or a zlib "
+                           "error); profiles of process %ld are being dropped",
+                           (long)getpid());
         } else {
             if (g_cfg.dir && mw_store_write(g_cfg.dir, g_cfg.service, (long)getpid(), ts / 1000000,
-                                            gz, gzlen, g_cfg.max_bytes, &res) != 0)
+                                            gz, gzlen, g_cfg.max_bytes, &res) != 0) {
                 store_err = 1;
+                report_store_failure(g_cfg.dir, &res);
+            }
             if (g_cfg.upload) {
                 int64_t from = ts / 1000000000LL, until = (te + 999999999LL) / 1000000000LL;
                 if (until <= from) until = from + 1;
@@ -472,6 +503,7 @@ static void atfork_child(void) {
     g_stop = 0;
     g_req = g_served = 0;
     memset(&g_stats, 0, sizeof g_stats);
+    mw_report_reset_after_fork(); /* a child reports its own failures once */
 }
 
 void mw_export_register_atfork(void) {

@@ -1,7 +1,8 @@
 """Profiler configuration: arguments beat environment variables beat defaults.
 
 Every setting has an ``MW_*`` environment variable (see the README's configuration table). A bad
-value never raises: it is logged as a warning naming the variable, and the default is used.
+value never raises: it is a warning naming the variable (:func:`visible_warning`), and the
+default is used.
 """
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import logging
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ProfilerConfig", "resolve_config", "default_profile_dir"]
+__all__ = ["ProfilerConfig", "resolve_config", "default_profile_dir", "visible_warning", "quiet"]
 
 T = TypeVar("T")
 
@@ -28,8 +30,70 @@ UPLOAD_VARIABLES = (
     "MW_PROFILING_UPLOAD_QUEUE", "MW_PROFILING_PUSH_API",
 )
 
+_QUIET_VALUES = ("1", "true", "yes")  # as csrc/mw_report.c reads MW_PROFILING_QUIET
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+
+
+def quiet(env: Mapping[str, str] | None = None) -> bool:
+    """``MW_PROFILING_QUIET=1`` (or ``true``, ``yes``): no line of ours on stderr, the C side's
+    failure lines included; records still go to the app's logging when it is configured."""
+    return (os.environ if env is None else env).get("MW_PROFILING_QUIET", "") in _QUIET_VALUES
+
+
+def _logging_configured(log: logging.Logger) -> bool:
+    """Whether a record of ``log`` reaches a handler other than a NullHandler: the test
+    :meth:`logging.Logger.callHandlers` makes before it falls back to ``logging.lastResort``
+    (which our package's NullHandler keeps from ever running). A handler whose level drops
+    the record counts: the app chose that level."""
+    c: logging.Logger | None = log
+    while c is not None:
+        if any(not isinstance(h, logging.NullHandler) for h in c.handlers):
+            return True
+        if not c.propagate:
+            return False
+        c = c.parent
+    return False
+
+
+_shown_on_stderr: dict[str, object] = {}
+
+
+def visible_warning(log: logging.Logger, msg: str, *args: object) -> None:
+    """A problem the user must see (a bad setting, an unsupported interpreter), shown once.
+
+    The record always goes to ``log``. When the app has configured logging for it (some handler
+    up the chain), that is all: the app's logging shows it, in its format, nothing is printed
+    twice. When not (the common case: only the package's NullHandler), the message is also
+    written to stderr, once per distinct message for the life of the process (forked children
+    included), unless ``MW_PROFILING_QUIET`` is set. An app that lowered the ``middleware``
+    loggers below WARNING, or called ``logging.disable``, sees nothing.
+
+    Why not :func:`warnings.warn`: ``-W error`` (or pytest's ``filterwarnings = error``) would
+    turn a bad setting into an exception, which configuration must never raise, and with
+    ``logging.captureWarnings`` an app that logs would see the line twice.
+    """
+    if not log.isEnabledFor(logging.WARNING):
+        return
+    log.warning(msg, *args)
+    if _logging_configured(log) or quiet():
+        return
+    try:
+        text = msg % args if args else msg
+    except (TypeError, ValueError):
+        text = f"{msg} {args!r}"
+    token = object()
+    if _shown_on_stderr.setdefault(text, token) is not token:
+        return  # already shown (dict.setdefault is atomic under the GIL)
+    stream = sys.stderr
+    if stream is None:  # no console (pythonw, some daemons)
+        return
+    try:
+        stream.write(text + "\n")
+        stream.flush()
+    except (OSError, ValueError):  # closed or broken stderr: nowhere to say it
+        pass
 
 
 def default_profile_dir() -> str:
@@ -106,12 +170,12 @@ def _setting(
             try:
                 return parse(arg)
             except (ValueError, TypeError) as exc:
-                logger.warning("middleware: invalid %s=%r (%s); using %r", name, arg, exc, default)
+                visible_warning(logger, "middleware: invalid %s=%r (%s); using %r", name, arg, exc, default)
                 return default
         try:
             return parse(str(arg)) if not isinstance(arg, bool) else arg
         except (ValueError, TypeError) as exc:
-            logger.warning("middleware: invalid %s=%r (%s); using %r", name, arg, exc, default)
+            visible_warning(logger, "middleware: invalid %s=%r (%s); using %r", name, arg, exc, default)
             return default
     for var in variables:
         raw = env.get(var)
@@ -120,7 +184,7 @@ def _setting(
         try:
             return parse(raw)
         except (ValueError, TypeError) as exc:
-            logger.warning("middleware: invalid %s=%r (%s); using the default %r", var, raw, exc, default)
+            visible_warning(logger, "middleware: invalid %s=%r (%s); using the default %r", var, raw, exc, default)
             return default
     return default
 
@@ -131,7 +195,7 @@ def _parse_tags(text: str) -> dict[str, str]:
         if not part.strip():
             continue
         if "=" not in part:
-            logger.warning("middleware: ignoring tag %r in MW_CUSTOM_RESOURCE_ATTRIBUTES (want k=v)", part)
+            visible_warning(logger, "middleware: ignoring tag %r in MW_CUSTOM_RESOURCE_ATTRIBUTES (want k=v)", part)
             continue
         k, v = part.split("=", 1)
         tags[k.strip()] = v.strip()

@@ -27,7 +27,8 @@ Environment variables (PROTOCOL.md names, plus ours):
 ``MW_PROFILING_SAMPLE_RATE``              sampling rate reported as ``sampleRate`` (100 Hz)
 ========================================  =====================================================
 
-A bad value never raises: it is logged as a warning and the default is used. Tag (label) names
+A bad value never raises: it is a warning (shown once on stderr when the app has not configured
+logging, see :func:`middleware.config.visible_warning`) and the default is used. Tag (label) names
 must match ``[a-zA-Z_][a-zA-Z0-9_]*``, must not start with ``__`` and must not repeat; values must
 be non-empty and free of ``,{}=``; offending tags are dropped with a warning.
 """
@@ -43,6 +44,7 @@ from typing import Any, TypeVar
 from middleware.config import float_in as _float_in
 from middleware.config import int_in as _int_in
 from middleware.config import parse_bool as _bool
+from middleware.config import visible_warning as _warn
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +159,8 @@ def _setting(
         try:
             return parse(str(arg))
         except (ValueError, TypeError) as exc:
-            logger.warning("middleware: invalid upload setting %s=%s (%s); using %s", name, shown(arg), exc, shown(default))
+            _warn(logger, "middleware: invalid upload setting %s=%s (%s); using %s", name, shown(arg), exc,
+                  shown(default))
             return default
     for var in variables:
         raw = env.get(var)
@@ -166,7 +169,7 @@ def _setting(
         try:
             return parse(raw)
         except (ValueError, TypeError) as exc:
-            logger.warning("middleware: invalid %s=%s (%s); using %s", var, shown(raw), exc, shown(default))
+            _warn(logger, "middleware: invalid %s=%s (%s); using %s", var, shown(raw), exc, shown(default))
             return default
     return default
 
@@ -189,8 +192,8 @@ def resolve_service_name(arg: str | None = None, env: Mapping[str, str] | None =
         name = re.sub(r"\s+", "-", str(raw).strip())
         cleaned = re.sub(r"[{}=,\"'\x00-\x1f\x7f]", "-", name)
         if cleaned != name:
-            logger.warning("middleware: %s %r contains characters not allowed in a series name; using %r",
-                           source, name, cleaned)
+            _warn(logger, "middleware: %s %r contains characters not allowed in a series name; using %r",
+                  source, name, cleaned)
         return cleaned
     return default
 
@@ -211,7 +214,7 @@ def parse_tags(tags: str | Mapping[str, Any] | None, source: str = "tags") -> st
             if not part.strip():
                 continue
             if "=" not in part:
-                logger.warning("middleware: ignoring tag %r in %s (expected k=v)", part.strip(), source)
+                _warn(logger, "middleware: ignoring tag %r in %s (expected k=v)", part.strip(), source)
                 continue
             k, v = part.split("=", 1)
             pairs.append((k.strip(), v.strip()))
@@ -219,16 +222,17 @@ def parse_tags(tags: str | Mapping[str, Any] | None, source: str = "tags") -> st
     out: list[str] = []
     for k, v in pairs:
         if not _LABEL_NAME.match(k) or k.startswith("__"):
-            logger.warning(
+            _warn(
+                logger,
                 "middleware: ignoring tag %r in %s: names must match [a-zA-Z_][a-zA-Z0-9_]* and not start with '__'",
                 k, source,
             )
             continue
         if k in seen:
-            logger.warning("middleware: ignoring repeated tag %r in %s", k, source)
+            _warn(logger, "middleware: ignoring repeated tag %r in %s", k, source)
             continue
         if not v or _BAD_VALUE_CHARS.search(v):
-            logger.warning("middleware: ignoring tag %r in %s: the value must be non-empty without ,{}=", k, source)
+            _warn(logger, "middleware: ignoring tag %r in %s: the value must be non-empty without ,{}=", k, source)
             continue
         seen.add(k)
         out.append(f"{k}={v}")
@@ -328,8 +332,8 @@ def _resolve(
     if server is not None and tenant is not None:
         server = server.replace("{tenant}", tenant)
     if server is not None and "{tenant}" in server and key is None and tenant is None:
-        logger.warning("middleware: the server URL %r needs a tenant (MW_API_KEY or MW_PROFILING_TENANT_ID); "
-                       "uploads are disabled", server)
+        _warn(logger, "middleware: the server URL %r needs a tenant (MW_API_KEY or MW_PROFILING_TENANT_ID); "
+              "uploads are disabled", server)
         server = None
 
     bearer = _setting("bearer_token", bearer_token, env, ("MW_PROFILING_BEARER_TOKEN",), _header_value, None,
@@ -338,10 +342,10 @@ def _resolve(
     password = _setting("basic_password", basic_password, env, ("MW_PROFILING_BASIC_AUTH_PASSWORD",),
                         _header_value, None, secret=True)
     if password is not None and user is None:
-        logger.warning("middleware: MW_PROFILING_BASIC_AUTH_PASSWORD is set without a user; ignoring it")
+        _warn(logger, "middleware: MW_PROFILING_BASIC_AUTH_PASSWORD is set without a user; ignoring it")
         password = None
     if bearer is not None and user is not None:
-        logger.warning("middleware: both a bearer token and basic auth are configured; using the bearer token")
+        _warn(logger, "middleware: both a bearer token and basic auth are configured; using the bearer token")
         user = password = None
 
     tag_arg = tags if tags is not None else env.get("MW_CUSTOM_RESOURCE_ATTRIBUTES")

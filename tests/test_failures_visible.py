@@ -1,0 +1,316 @@
+"""Failures the user must see are shown on stderr, once, by default.
+
+An app runs in a child process with logging not configured (the common case) and profiling that
+cannot work as asked: a bad setting, a local store on a read-only (or full) file system, a backend
+that refuses connections, an interpreter the sampler does not know. Each problem must show up as
+one "middleware: ..." line on stderr however many export windows fail, the app's stdout and exit
+code must be those of the same app unprofiled, and:
+  - an app that configured logging gets the configuration warnings through its logging only;
+  - MW_PROFILING_QUIET=1 silences every line while the counters still count;
+  - a forked child reports its own failures once more (its own pid in the line);
+  - setup.py refuses to build on a Python it does not know, in one line.
+
+The read-only and full stores are tmpfs mounts in a private mount namespace (``unshare``): file
+permissions do not stop root, a read-only mount does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+INTERVAL_S = 0.1  # MW_PROFILING_UPLOAD_INTERVAL: a window every 0.1 s, about a dozen per run
+
+APP = """
+import json, logging, os, sys, time
+sys.path.insert(0, {root!r})
+how = os.environ.get("TEST_LOGGING", "")
+if how == "root":
+    logging.basicConfig(stream=sys.stderr, format="LOG %(levelname)s %(name)s | %(message)s")
+elif how == "app-only":  # the app logs its own records; nothing is set up for middleware's
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("APP %(message)s"))
+    logging.getLogger("app").addHandler(h)
+    logging.getLogger("app").propagate = False
+from middleware import MwTracker
+
+
+
+def burn(seconds):
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        sum(i * i for i in range(200))
+
+
+tracker = MwTracker()
+if os.environ.get("TEST_FORK") and tracker.running:
+    burn(0.3)
+    tracker.flush()  # the parent's windows fail, and that is reported, before the fork
+    pid = os.fork()
+    if pid == 0:
+        burn(0.6)
+        tracker.flush()
+        os._exit(0)
+    os.waitpid(pid, 0)
+for step in range(4):
+    burn(0.3)
+    print("step", step, sum(i * i for i in range(1000)), flush=True)
+if tracker.running:
+    tracker.flush()
+    with open(os.environ["TEST_STATS"], "w") as f:
+        json.dump(dict(tracker.stats(), pid=os.getpid()), f)
+print("done", flush=True)
+sys.exit(3)
+"""
+
+
+def _hermetic_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MW_") and k not in ("OTEL_SERVICE_NAME", "PYTHONWARNINGS")}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), MW_SERVICE_NAME="failing-app",
+               MW_PROFILING_UPLOAD_INTERVAL=str(INTERVAL_S), MW_PROFILING_INSTRUMENT="false",
+               TEST_STATS=str(tmp_path / "stats.json"))
+    env.update(extra)
+    return env
+
+
+def _mounted(cmd: list[str], target: Path, options: str) -> list[str]:
+    """cmd run with a fresh tmpfs (mount options) on target, in a private mount namespace."""
+    prefix = ["unshare", "--mount", "--propagation", "private"]
+    if os.geteuid() != 0:
+        prefix.insert(1, "--map-root-user")
+    script = 'mount -t tmpfs -o "$1" middleware-test "$2" && shift 2 && exec "$@"'
+    return prefix + ["sh", "-c", script, "sh", options, str(target), *cmd]
+
+
+@pytest.fixture(scope="module")
+def can_mount(tmp_path_factory: pytest.TempPathFactory) -> None:
+    target = tmp_path_factory.mktemp("probe")
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) to mount a read-only store in a private mount namespace")
+    probe = subprocess.run(_mounted(["true"], target, "ro"), capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a private mount namespace here: {probe.stderr.strip()}")
+
+
+def _run(tmp_path: Path, env: dict[str, str], mount: str | None = None,
+         timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "app.py"
+    script.write_text(APP.format(root=str(ROOT)))
+    cmd = [sys.executable, str(script)]
+    if mount is not None:
+        cmd = _mounted(cmd, Path(env["MW_PROFILE_DIR"]), mount)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(tmp_path))
+
+
+def _unprofiled(tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The same app with profiling off: the stdout and exit code every run must keep."""
+    base = _run(tmp_path, _hermetic_env(tmp_path, MW_APM_COLLECT_PROFILING="false"))
+    assert base.returncode == 3 and base.stdout.endswith("done\n") and base.stderr == "", base
+    return base
+
+
+def _lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+def _stats(tmp_path: Path) -> dict[str, Any]:
+    return json.loads((tmp_path / "stats.json").read_text())
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- everything at once, logging not configured -------------------------------------------------
+def test_each_failure_is_one_stderr_line_and_the_app_is_unchanged(tmp_path, can_mount):
+    # GIVEN an app that sets up no logging, a read-only store, a backend whose port is closed and
+    # a bad sample rate; exports every 0.1 s for more than a second
+    store = tmp_path / "store"
+    store.mkdir()
+    port = _closed_port()
+    base = _unprofiled(tmp_path)
+    env = _hermetic_env(tmp_path, MW_PROFILE_DIR=str(store), MW_PROFILING_SAMPLE_RATE="fast",
+                        MW_PROFILING_SERVER_URL=f"http://127.0.0.1:{port}")
+
+    # WHEN it runs
+    r = _run(tmp_path, env, mount="ro")
+
+    # THEN its stdout and exit code are those of the unprofiled app
+    assert r.returncode == base.returncode == 3, r.stderr
+    assert r.stdout == base.stdout
+    # AND many windows failed at the store, yet each problem is said exactly once
+    st = _stats(tmp_path)
+    assert st["export_store_errors"] >= 5, st
+    lines = _lines(r.stderr)
+    assert all(line.startswith("middleware: ") for line in lines), lines
+    rate = [line for line in lines if "MW_PROFILING_SAMPLE_RATE" in line]
+    assert len(rate) == 1 and "'fast'" in rate[0] and "100" in rate[0], lines
+    stored = [line for line in lines if str(store) in line]
+    assert len(stored) == 1, lines
+    assert "Read-only file system" in stored[0] and "dropped" in stored[0], stored
+    assert f"profiles of process {st['pid']} are being dropped" in stored[0]
+    # AND the backend's failures are named by its URL, each line once (one per kind of failure)
+    upload = [line for line in lines if f"127.0.0.1:{port}" in line]
+    assert len(upload) == len(set(upload)) <= 4, upload
+    assert [line for line in lines if line not in rate + stored + upload] == [], lines
+
+
+def _pid_in(line: str) -> int:
+    word = line.split("profiles of process ", 1)[1].split()[0]
+    return int(word)
+
+
+def test_a_full_store_is_said_once(tmp_path, can_mount):
+    # GIVEN a store on a 4 KiB file system: the first profile does not fit
+    store = tmp_path / "store"
+    store.mkdir()
+    r = _run(tmp_path, _hermetic_env(tmp_path, MW_PROFILE_DIR=str(store)), mount="size=4k")
+    assert r.returncode == 3, r.stderr
+    st = _stats(tmp_path)
+    assert st["export_store_errors"] >= 5 and st["export_last_errno"] == 28, st  # ENOSPC
+    lines = _lines(r.stderr)
+    assert len(lines) == 1, lines
+    assert str(store) in lines[0] and "is full" in lines[0] and "No space left on device" in lines[0]
+    assert "dropped" in lines[0]
+
+
+# --- logging configured by the app ------------------------------------------------------------------
+def test_with_logging_configured_the_warning_goes_through_logging_only(tmp_path):
+    # GIVEN an app whose root logger has a handler, and a bad sample rate
+    env = _hermetic_env(tmp_path, MW_PROFILE_DIR="none", MW_PROFILING_SAMPLE_RATE="0", TEST_LOGGING="root")
+    r = _run(tmp_path, env)
+    assert r.returncode == 3, r.stderr
+    # THEN the warning is shown once, in the app's logging format, and not printed a second time
+    rate = [line for line in _lines(r.stderr) if "MW_PROFILING_SAMPLE_RATE" in line]
+    assert rate == [
+        "LOG WARNING middleware.config | middleware: invalid MW_PROFILING_SAMPLE_RATE='0' "
+        "(must be within 1..10000); using the default 100"
+    ], r.stderr
+
+
+def test_logging_set_up_only_for_the_app_still_shows_our_warning_once(tmp_path):
+    # GIVEN an app that logs through its own logger only (nothing reaches middleware's records)
+    env = _hermetic_env(tmp_path, MW_PROFILE_DIR="none", MW_PROFILING_SAMPLE_RATE="0", TEST_LOGGING="app-only")
+    r = _run(tmp_path, env)
+    assert r.returncode == 3, r.stderr
+    assert _lines(r.stderr) == [
+        "middleware: invalid MW_PROFILING_SAMPLE_RATE='0' (must be within 1..10000); using the default 100"
+    ]
+
+
+# --- MW_PROFILING_QUIET ------------------------------------------------------------------------------
+@pytest.mark.parametrize("quiet", ["1", None])
+def test_quiet_silences_every_line_and_the_counters_still_count(tmp_path, can_mount, quiet):
+    store = tmp_path / "store"
+    store.mkdir()
+    base = _unprofiled(tmp_path)
+    extra = {"MW_PROFILING_QUIET": quiet} if quiet else {}
+    env = _hermetic_env(tmp_path, MW_PROFILE_DIR=str(store), MW_PROFILING_SAMPLE_RATE="fast",
+                        MW_CUSTOM_RESOURCE_ATTRIBUTES="nokv", **extra)
+    r = _run(tmp_path, env, mount="ro")
+    assert r.returncode == 3 and r.stdout == base.stdout, r.stderr
+    assert _stats(tmp_path)["export_store_errors"] >= 5
+    lines = _lines(r.stderr)
+    if quiet:
+        assert lines == []
+    else:  # the same run without it: the three problems, one line each
+        assert len(lines) == 3, lines
+        assert sum("MW_PROFILING_SAMPLE_RATE" in line for line in lines) == 1
+        assert sum("MW_CUSTOM_RESOURCE_ATTRIBUTES" in line for line in lines) == 1
+        assert sum("Read-only file system" in line for line in lines) == 1
+
+
+def test_quiet_keeps_the_apps_own_logging(tmp_path):
+    env = _hermetic_env(tmp_path, MW_PROFILE_DIR="none", MW_PROFILING_SAMPLE_RATE="0", TEST_LOGGING="root",
+                        MW_PROFILING_QUIET="1")
+    r = _run(tmp_path, env)
+    assert r.returncode == 3
+    assert [line for line in _lines(r.stderr) if "MW_PROFILING_SAMPLE_RATE" in line] == [
+        "LOG WARNING middleware.config | middleware: invalid MW_PROFILING_SAMPLE_RATE='0' "
+        "(must be within 1..10000); using the default 100"
+    ]
+
+
+# --- fork ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="GCC's libasan has no fork handler for its allocator locks")
+def test_a_forked_child_reports_its_own_store_failure_once(tmp_path, can_mount):
+    store = tmp_path / "store"
+    store.mkdir()
+    env = _hermetic_env(tmp_path, MW_PROFILE_DIR=str(store), TEST_FORK="1", PYTHONWARNINGS="ignore")
+    r = _run(tmp_path, env, mount="ro")
+    assert r.returncode == 3, r.stderr
+    lines = _lines(r.stderr)
+    assert all("Read-only file system" in line for line in lines) and len(lines) == 2, lines
+    pids = {_pid_in(line) for line in lines}
+    assert len(pids) == 2, lines  # the parent's line and the child's, each once
+
+
+# --- an interpreter the sampler does not know ----------------------------------------------------
+UNKNOWN_PYTHON = """
+import json, sys
+import dataclasses, logging, re, threading, typing, weakref, contextvars  # imported as the real version
+sys.path.insert(0, {root!r})
+sys.version_info = {version!r}
+import middleware
+from middleware import MwTracker
+a = MwTracker()
+b = MwTracker(sample_rate=500)
+with a.labels(endpoint="/x"):
+    pass
+print(json.dumps(dict(running=[a.running, b.running], flush=a.flush(), stats=b.stats(),
+                      samples=len(a.snapshot().samples), native="middleware._native" in sys.modules)))
+b.stop()
+print("done")
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("version", [(3, 14, 0, "final", 0), (3, 9, 18, "final", 0)])
+def test_an_unknown_python_runs_the_app_unprofiled_and_says_so_once(tmp_path, version):
+    script = tmp_path / "app.py"
+    script.write_text(UNKNOWN_PYTHON.format(root=str(ROOT), version=version))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                       env=_hermetic_env(tmp_path), cwd=str(tmp_path))
+    assert r.returncode == 3, r.stderr
+    out, done = r.stdout.splitlines()
+    assert done == "done"
+    res = json.loads(out)
+    assert res == dict(running=[False, False], flush=False, stats={}, samples=0, native=False), res
+    lines = _lines(r.stderr)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"middleware: CPython {version[0]}.{version[1]} is not supported")
+    assert "3.10 to 3.13" in lines[0] and "unprofiled" in lines[0]
+
+
+@pytest.mark.parametrize("version,expected", [
+    ((3, 14, 0, "final", 0), "error: middleware: cannot build the sampler for cpython 3.14.0"),
+    ((3, 9, 18, "final", 0), "error: middleware: Python >= 3.10 required (this is Python 3.9.18)"),
+])
+def test_setup_refuses_an_unknown_python_in_one_line(tmp_path, version, expected):
+    code = ("import runpy, sys\n"
+            f"sys.version_info = {version!r}\n"
+            "sys.argv = ['setup.py', '--name']\n"
+            "runpy.run_path('setup.py', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=str(ROOT),
+                       env={k: v for k, v in os.environ.items() if k != "MW_SKIP_EXT"})
+    lines = _lines(r.stderr)
+    assert r.returncode == 1 and r.stdout == ""
+    assert len(lines) == 1 and lines[0].startswith(expected), r.stderr
+
+
+def test_setup_still_builds_on_this_python():
+    r = subprocess.run([sys.executable, "setup.py", "--name"], capture_output=True, text=True, timeout=60,
+                       cwd=str(ROOT))
+    assert r.returncode == 0 and r.stdout.strip() == "middleware", r.stderr
