@@ -1,4 +1,6 @@
-"""Build script for the middleware C extension (middleware._native).
+"""Build script for the middleware C extensions: middleware._native (sampler, exporter) and
+middleware._upload (the uploader, the only one linked against libcurl; imported only when an
+upload is configured, so other processes never load libcurl and its libraries).
 
 The extension reads CPython's private structures, so it is compiled per CPython minor version
 against that interpreter's internal headers (include/pythonX.Y/internal).
@@ -24,7 +26,8 @@ if not os.environ.get("MW_SKIP_EXT") and (
 from setuptools import Extension, setup  # noqa: E402
 
 include = sysconfig.get_paths()["include"]
-sources = sorted(glob.glob("csrc/*.c") + glob.glob("csrc/gen/*.c"))
+upload_sources = ["csrc/mw_upload.c", "csrc/mw_module_upload.c", "csrc/gen/push.pb-c.c"]
+sources = sorted(set(glob.glob("csrc/*.c") + glob.glob("csrc/gen/*.c")) - set(upload_sources))
 extra_compile = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden",
                  "-Wno-missing-field-initializers", "-Wno-unused-parameter"]
 extra_link = []
@@ -44,9 +47,18 @@ setup(
             sources=sources,
             depends=sorted(glob.glob("csrc/*.h") + glob.glob("csrc/gen/*.h")),
             include_dirs=["csrc", "csrc/gen", os.path.join(include, "internal")],
-            libraries=["protobuf-c", "z", "curl", "unwind", "elf", "pthread"],
+            libraries=["protobuf-c", "z", "unwind", "elf", "pthread"],
             extra_compile_args=extra_compile,
             extra_link_args=extra_link,
-        )
+        ),
+        Extension(
+            "middleware._upload",
+            sources=upload_sources,
+            depends=sorted(glob.glob("csrc/*.h") + glob.glob("csrc/gen/*.h")),
+            include_dirs=["csrc", "csrc/gen"],
+            libraries=["curl", "protobuf-c", "pthread"],
+            extra_compile_args=extra_compile,
+            extra_link_args=extra_link,
+        ),
     ],
 )

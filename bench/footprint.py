@@ -9,7 +9,9 @@ order that rotates from run to run, and the table shows the median over the runs
   datetime, pathlib, urllib.parse, ...) and a CPU-bound workload (a ~30-deep recursion) for
   ``--seconds``; no profiler.
 - ``mw``: the same plus ``from middleware import MwTracker; MwTracker(profile_dir=<tmp>)`` with
-  the default settings and no backend configured (local store only).
+  the default settings and no backend configured (local store only: the uploader module,
+  middleware._upload, and libcurl with its libraries are not loaded; the table says in how many
+  children libcurl was mapped).
 - ``mw upload=False``: the same with ``MwTracker(profile_dir=<tmp>, upload=False)``.
 - ``bare`` / ``bare mw``: an interpreter that imported nothing but ``site``, without and with the
   tracker (start-up time of ``import middleware`` when nothing else is loaded yet);
@@ -143,6 +145,8 @@ if tracker is not None:
     out["exports"] = st.get("exports", 0)
 out["exported2"] = rollup()
 out["modules"] = len(sys.modules)
+with open("/proc/self/maps") as f:  # the uploader's libcurl is loaded only when uploading
+    out["libcurl"] = int(any("libcurl" in line for line in f))
 if detail:
     maps1 = smaps()
     rows = []
@@ -246,6 +250,8 @@ def print_table(res: dict[str, list[dict[str, Any]]], runs: int, seconds: float)
     print("  the same inside each child (RSS before `import middleware` -> after sampling, median): "
           + ", ".join(f"{LABELS[v]} {(med(res[v], 'sampled', 'rss') - med(res[v], 'before', 'rss')) / 1024:+.2f}"
                       for v in ("mw", "mw-noupload", "bare-mw")))
+    print("  processes with libcurl mapped: " + ", ".join(
+        f"{LABELS[v]} {sum(r.get('libcurl', 0) for r in res[v])}/{len(res[v])}" for v in VARIANTS))
     ws = [med(res[v], "iterations") for v in ("app", "mw", "mw-noupload")]
     print(f"  workload iterations (median): app {ws[0]:.0f}, mw {ws[1]:.0f}, mw upload=False {ws[2]:.0f}; "
           f"samples in mw {med(res['mw'], 'samples'):.0f}, exports after flush {med(res['mw'], 'exports'):.0f}")

@@ -25,9 +25,6 @@
 #include <time.h>
 #include <unistd.h>
 
-/* The uploader is another concern: the module still builds and exports without it. */
-#pragma weak mw_upload_submit
-
 static pthread_mutex_t g_life = PTHREAD_MUTEX_INITIALIZER; /* serializes start / stop */
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER; /* control state + stats */
 static pthread_mutex_t g_hold = PTHREAD_MUTEX_INITIALIZER; /* g_held, g_orphan */
@@ -154,7 +151,8 @@ static void export_once(void) {
             if (g_cfg.upload) {
                 int64_t from = ts / 1000000000LL, until = (te + 999999999LL) / 1000000000LL;
                 if (until <= from) until = from + 1;
-                if (mw_upload_submit && mw_upload_submit(gz, gzlen, from, until) == 0)
+                /* the uploader is middleware._upload, reached through its registered table */
+                if (mw_upload_submit_registered(gz, gzlen, from, until) == 0)
                     submitted = 1;
                 else
                     upload_err = 1;

@@ -4,6 +4,11 @@
  * anything that may wait (joining the sampler). Other concerns contribute their own method
  * tables (mw_<concern>_methods, NULL-terminated, defined in csrc/mw_module_<concern>.c); they
  * are declared weak so the module builds with any subset present.
+ *
+ * The uploader is not one of them: it is the separate module middleware._upload (libcurl), and
+ * this file holds this module's side of the interface in mw_upload.h: the core table exported
+ * as a capsule, the registered uploader table the exporter submits through, and the upload_*
+ * functions that forward to middleware._upload.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -16,10 +21,12 @@
 #include "mw_sampler.h"
 #include "mw_symcache.h"
 #include "mw_threads.h"
+#include "mw_upload.h"
 
+#include <stdatomic.h>
 #include <string.h>
+#include <unistd.h>
 
-extern PyMethodDef mw_upload_methods[] __attribute__((weak));
 extern PyMethodDef mw_export_methods[] __attribute__((weak));
 extern PyMethodDef mw_unwind_methods[] __attribute__((weak));
 /* Optional per-concern hooks run at module init (e.g. fork handlers). */
@@ -291,6 +298,136 @@ static PyMethodDef core_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* ---- the uploader (middleware._upload), see mw_upload.h ------------------------------------ */
+
+#define MW_UPLOAD_MODULE "middleware._upload"
+
+/* Set once by middleware._upload's init; never unset. */
+static _Atomic(const mw_upload_api_t *) g_uploader;
+
+static void set_uploader(const mw_upload_api_t *table) {
+    atomic_store(&g_uploader, table);
+}
+
+static const mw_core_api_t g_core_api = {MW_UPLOAD_ABI, mw_report_once, mw_report_done,
+                                         mw_report_reset_after_fork, set_uploader};
+
+int mw_upload_submit_registered(const void *gz_pprof, size_t len, int64_t from_unix_s,
+                                int64_t until_unix_s) {
+    const mw_upload_api_t *up = atomic_load(&g_uploader);
+    if (up) return up->submit(gz_pprof, len, from_unix_s, until_unix_s);
+    mw_report_once(MW_REPORT_UPLOAD_DROPPED,
+                   "uploading is on but the uploader (" MW_UPLOAD_MODULE ") was never loaded in "
+                   "process %ld; its profiles are not uploaded",
+                   (long)getpid());
+    return -1;
+}
+
+/* upload_start: imports middleware._upload (the only place that does), then forwards. */
+static PyObject *py_upload_start(PyObject *self, PyObject *args, PyObject *kw) {
+    PyObject *mod = PyImport_ImportModule(MW_UPLOAD_MODULE);
+    if (!mod) {
+        /* The reason (e.g. "libcurl.so.4: cannot open shared object file") goes into one
+         * stderr line and into the ImportError raised instead. */
+#if PY_VERSION_HEX >= 0x030C0000
+        PyObject *exc = PyErr_GetRaisedException();
+#else
+        PyObject *type, *exc, *tb;
+        PyErr_Fetch(&type, &exc, &tb);
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+#endif
+        PyObject *text = exc ? PyObject_Str(exc) : NULL;
+        const char *why = text ? PyUnicode_AsUTF8(text) : NULL;
+        if (!why) {
+            PyErr_Clear();
+            why = "unknown error";
+        }
+        mw_report_once(MW_REPORT_UPLOAD_DROPPED,
+                       "uploading is configured but the uploader (" MW_UPLOAD_MODULE
+                       ", linked against libcurl) cannot be loaded: %.300s; no profile of "
+                       "process %ld is uploaded",
+                       why, (long)getpid());
+        PyErr_Format(PyExc_ImportError,
+                     "the uploader (" MW_UPLOAD_MODULE ", linked against libcurl) cannot be "
+                     "loaded: %s",
+                     why);
+        Py_XDECREF(text);
+        Py_XDECREF(exc);
+        return NULL;
+    }
+    PyObject *fn = PyObject_GetAttrString(mod, "upload_start");
+    Py_DECREF(mod);
+    if (!fn) return NULL;
+    PyObject *r = PyObject_Call(fn, args, kw);
+    Py_DECREF(fn);
+    return r;
+}
+
+/* The other upload_* functions: the same function of middleware._upload when it is loaded,
+ * else what a stopped uploader answers (`idle`, a new reference), without loading it. */
+static PyObject *forward_upload(const char *name, PyObject *args, PyObject *kw, PyObject *idle) {
+    if (!atomic_load(&g_uploader)) return idle;
+    Py_XDECREF(idle);
+    PyObject *mod = PyImport_ImportModule(MW_UPLOAD_MODULE);
+    if (!mod) return NULL;
+    PyObject *fn = PyObject_GetAttrString(mod, name);
+    Py_DECREF(mod);
+    if (!fn) return NULL;
+    PyObject *r = PyObject_Call(fn, args, kw);
+    Py_DECREF(fn);
+    return r;
+}
+
+static PyObject *py_upload_submit(PyObject *self, PyObject *args, PyObject *kw) {
+    return forward_upload("upload_submit", args, kw, PyBool_FromLong(0));
+}
+
+static PyObject *py_upload_flush(PyObject *self, PyObject *args, PyObject *kw) {
+    return forward_upload("upload_flush", args, kw, PyLong_FromLong(0));
+}
+
+static PyObject *py_upload_stop(PyObject *self, PyObject *args, PyObject *kw) {
+    return forward_upload("upload_stop", args, kw, Py_NewRef(Py_None));
+}
+
+static PyObject *py_upload_running(PyObject *self, PyObject *args, PyObject *kw) {
+    return forward_upload("upload_running", args, kw, PyBool_FromLong(0));
+}
+
+static PyObject *py_upload_stats(PyObject *self, PyObject *args, PyObject *kw) {
+    mw_upload_stats_t zero;
+    memset(&zero, 0, sizeof zero);
+    PyObject *idle = atomic_load(&g_uploader) ? NULL : mw_upload_stats_dict(&zero);
+    if (!idle && PyErr_Occurred()) return NULL;
+    return forward_upload("upload_stats", args, kw, idle);
+}
+
+static PyObject *py_upload_take_message(PyObject *self, PyObject *args, PyObject *kw) {
+    return forward_upload("upload_take_message", args, kw, Py_NewRef(Py_None));
+}
+
+#define MW_FWD(f) (PyCFunction)(void (*)(void))(f), METH_VARARGS | METH_KEYWORDS
+static PyMethodDef upload_methods[] = {
+    {"upload_start", MW_FWD(py_upload_start),
+     "upload_start(**config) -> None: import " MW_UPLOAD_MODULE " and start the uploader "
+     "(ImportError when it cannot be loaded, RuntimeError when it cannot start)"},
+    {"upload_submit", MW_FWD(py_upload_submit),
+     "upload_submit(data, from_s, until_s) -> bool (" MW_UPLOAD_MODULE ")"},
+    {"upload_flush", MW_FWD(py_upload_flush),
+     "upload_flush(deadline) -> int (" MW_UPLOAD_MODULE ")"},
+    {"upload_stop", MW_FWD(py_upload_stop), "upload_stop(deadline) -> None (" MW_UPLOAD_MODULE ")"},
+    {"upload_running", MW_FWD(py_upload_running),
+     "upload_running() -> bool (" MW_UPLOAD_MODULE ")"},
+    {"upload_stats", MW_FWD(py_upload_stats),
+     "upload_stats() -> dict[str, int] (" MW_UPLOAD_MODULE "; zeros before upload_start)"},
+    {"upload_take_message", MW_FWD(py_upload_take_message),
+     "upload_take_message(with_level=False) -> str | tuple[int, str] | None (" MW_UPLOAD_MODULE
+     ")"},
+    {NULL, NULL, 0, NULL},
+};
+#undef MW_FWD
+
 static PyMethodDef *g_all_methods;
 
 static size_t count_methods(const PyMethodDef *t) {
@@ -313,7 +450,7 @@ static struct PyModuleDef g_moddef = {
 };
 
 __attribute__((visibility("default"))) PyMODINIT_FUNC PyInit__native(void) {
-    const PyMethodDef *tables[] = {core_methods, mw_upload_methods, mw_export_methods,
+    const PyMethodDef *tables[] = {core_methods, upload_methods, mw_export_methods,
                                    mw_unwind_methods};
     size_t total = 0;
     for (size_t i = 0; i < sizeof tables / sizeof *tables; i++)
@@ -335,6 +472,13 @@ __attribute__((visibility("default"))) PyMODINIT_FUNC PyInit__native(void) {
     if (!m) return NULL;
     if (PyModule_AddIntConstant(m, "MAX_LABELS_PER_SET", MW_LABELS_PER_SET) ||
         PyModule_AddStringConstant(m, "PYTHON_VERSION", mw_pyframes_version())) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *core = PyCapsule_New((void *)&g_core_api, MW_CORE_API_CAPSULE, NULL);
+    int rc = core ? PyModule_AddObjectRef(m, "_core_api", core) : -1;
+    Py_XDECREF(core);
+    if (rc != 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,6 +1,7 @@
-/* mw_module_upload — Python glue for the native uploader (mw_upload.h).
- *
- * Exports mw_upload_methods[], appended to middleware._native by csrc/mw_module.c:
+/* mw_module_upload — the middleware._upload module: Python glue for the native uploader
+ * (mw_upload.h), in an extension of its own so that libcurl is loaded only by processes that
+ * upload. middleware._native's upload_* functions forward here (upload_start imports this
+ * module); the methods are:
  *   upload_start(**config) -> None       keyword-only, names = mw_upload_config_t fields
  *                                          (RuntimeError with the reason when it cannot start)
  *   upload_submit(data, from_s, until_s) -> bool   False when the uploader is not running
@@ -12,11 +13,14 @@
  *
  * Every function is called with the GIL held; the GIL is released around anything that can
  * wait (submit's mutex and copy, flush, stop).
+ *
+ * Module init: imports middleware._native's core table (MW_CORE_API_CAPSULE), refuses to load
+ * on an interface mismatch (ImportError), hands it to the uploader for its stderr lines and
+ * registers the uploader's own table with middleware._native, whose exporter submits through it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include "mw_pyglue.h"
 #include "mw_upload.h"
 
 static PyObject *mw_py_upload_start(PyObject *self, PyObject *args, PyObject *kwargs) {
@@ -96,24 +100,7 @@ static PyObject *mw_py_upload_running(PyObject *self, PyObject *unused) {
 static PyObject *mw_py_upload_stats(PyObject *self, PyObject *unused) {
     mw_upload_stats_t s;
     mw_upload_get_stats(&s);
-    PyObject *d = PyDict_New();
-    if (!d) return NULL;
-    if (mw_dict_put_i64(d, "last_error_unix_s", (long long)s.last_error_unix_s) ||
-        mw_dict_put_u64(d, "submitted", s.submitted) ||
-        mw_dict_put_u64(d, "uploaded", s.uploaded) ||
-        mw_dict_put_u64(d, "failed_attempts", s.failed_attempts) ||
-        mw_dict_put_u64(d, "retried", s.retried) ||
-        mw_dict_put_u64(d, "dropped_queue_full", s.dropped_queue_full) ||
-        mw_dict_put_u64(d, "dropped_rejected", s.dropped_rejected) ||
-        mw_dict_put_u64(d, "dropped_at_exit", s.dropped_at_exit) ||
-        mw_dict_put_u64(d, "auth_ok", s.auth_ok) ||
-        mw_dict_put_u64(d, "auth_failed", s.auth_failed) ||
-        mw_dict_put_u64(d, "last_status", s.last_status) ||
-        mw_dict_put_u64(d, "queued", s.queued) || mw_dict_put_u64(d, "queue_high", s.queue_high)) {
-        Py_DECREF(d);
-        return NULL;
-    }
-    return d;
+    return mw_upload_stats_dict(&s);
 }
 
 static PyObject *mw_py_upload_take_message(PyObject *self, PyObject *args, PyObject *kwargs) {
@@ -128,7 +115,7 @@ static PyObject *mw_py_upload_take_message(PyObject *self, PyObject *args, PyObj
     return PyUnicode_DecodeUTF8(buf, (Py_ssize_t)strlen(buf), "replace");
 }
 
-PyMethodDef mw_upload_methods[] = {
+static PyMethodDef mw_upload_methods[] = {
     {"upload_start", (PyCFunction)(void (*)(void))mw_py_upload_start, METH_VARARGS | METH_KEYWORDS,
      "upload_start(*, server_url, app_name, tags, tenant_id, auth_url, api_key, bearer_token, "
      "basic_user, basic_password, spy_name, user_agent, sample_rate, queue_max, "
@@ -152,3 +139,34 @@ PyMethodDef mw_upload_methods[] = {
      "Pop the next pending uploader message (with its logging level if asked)."},
     {NULL, NULL, 0, NULL},
 };
+
+static const mw_upload_api_t g_upload_api = {MW_UPLOAD_ABI, mw_upload_submit};
+
+static struct PyModuleDef g_moddef = {
+    PyModuleDef_HEAD_INIT,
+    "middleware._upload",
+    "The native uploader of middleware (libcurl); see csrc/mw_upload.h.",
+    -1,
+    mw_upload_methods,
+    NULL,
+    NULL,
+    NULL,
+    NULL,
+};
+
+__attribute__((visibility("default"))) PyMODINIT_FUNC PyInit__upload(void) {
+    const mw_core_api_t *core = PyCapsule_Import(MW_CORE_API_CAPSULE, 0);
+    if (!core) return NULL;
+    if (core->abi != MW_UPLOAD_ABI) {
+        PyErr_Format(PyExc_ImportError,
+                     "middleware._upload (interface %d) does not match middleware._native "
+                     "(interface %d): both come from one build (make build)",
+                     MW_UPLOAD_ABI, core->abi);
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&g_moddef);
+    if (!m) return NULL;
+    mw_upload_set_core(core);
+    core->set_uploader(&g_upload_api);
+    return m;
+}

@@ -21,6 +21,10 @@
  * Only the uploader thread touches the libcurl handles, the resolved URL and the tenant (the
  * `mw_uploader_t` context). mw_upload_stop() only calls curl_multi_wakeup(), which libcurl
  * documents as callable from any thread, and frees the context after joining.
+ *
+ * Failures the user must see go to stderr through the core table of middleware._native
+ * (mw_report_once, one line per kind and process). The uploader decides what to say while it
+ * holds g.lock but writes the line after releasing it; the exporter's submit does the same.
  */
 #define _GNU_SOURCE
 #include "mw_upload.h"
@@ -185,6 +189,7 @@ static struct {
     mw_msg_t msgs[MW_MSG_SLOTS];
     int msg_head, msg_count;
     uint64_t reported[MW_STATUS_BITS / 64]; /* statuses already reported as rejected */
+    char url[256]; /* the backend URL, redacted, for lines written by other threads */
 } g = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 /* Monotonic time after which an in-flight request is aborted (INT64_MAX = never). */
@@ -211,6 +216,7 @@ typedef struct mw_uploader {
     int fail_streak, auth_streak;
     int outage, auth_reported;
     uint64_t outage_failures;
+    char last_error[160]; /* the last retried failure, for the line about profiles dropped */
     char errbuf[CURL_ERROR_SIZE];
     char *resp;
     size_t resp_len, resp_cap;
@@ -238,6 +244,31 @@ static void mw_init_once(void) {
     mw_init_conds();
     curl_global_init(CURL_GLOBAL_DEFAULT);
     pthread_atfork(NULL, NULL, mw_upload_atfork_child);
+}
+
+/* ---------------------------------------------------------------- stderr lines (mw_report) */
+
+static const mw_core_api_t *g_core; /* set by the module init, before any start */
+
+void mw_upload_set_core(const mw_core_api_t *core) {
+    g_core = core;
+}
+
+/* 1 while no line of `kind` was written (or silenced) in this process. Any lock state. */
+static int mw_report_open(mw_report_kind_t kind) {
+    return g_core != NULL && !g_core->report_done(kind);
+}
+
+/* One stderr line of `kind`, once per process. Never with g.lock held. */
+__attribute__((format(printf, 2, 3))) static void mw_report_line(mw_report_kind_t kind,
+                                                                 const char *fmt, ...) {
+    if (!mw_report_open(kind)) return;
+    char line[480];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof(line), fmt, ap);
+    va_end(ap);
+    g_core->report_once(kind, "%s", line);
 }
 
 static void mw_timedwait_locked(pthread_cond_t *cv, int64_t until_ns) {
@@ -708,6 +739,7 @@ static int mw_auth_once(mw_uploader_t *u, int64_t *retry_after_s) {
         mw_parse_auth(u->resp, u->resp_len, tenant, sizeof(tenant), &why) == 0 &&
         mw_set_tenant(u, tenant) == 0) {
         pthread_mutex_lock(&g.lock);
+        snprintf(g.url, sizeof(g.url), "%s", u->base_redacted);
         g.stats.auth_ok++;
         mw_post_msg_locked(MW_LOG_INFO, "API key exchanged for tenant %s at MW_AUTH_URL%s", tenant,
                            u->auth_reported ? " (after earlier failures)" : "");
@@ -734,6 +766,29 @@ static int mw_auth_once(mw_uploader_t *u, int64_t *retry_after_s) {
     pthread_mutex_unlock(&g.lock);
     u->auth_reported = 1;
     *retry_after_s = r.retry_after_s;
+
+    /* what this failure was, without the response body: for the stderr lines */
+    if (out == MW_OUT_OK)
+        snprintf(what, sizeof(what), "%s", why ? why : "out of memory");
+    else if (r.cc != CURLE_OK)
+        mw_describe(u, &r, what, sizeof(what));
+    else
+        snprintf(what, sizeof(what), "HTTP %ld", r.status);
+    snprintf(u->last_error, sizeof(u->last_error), "API key exchange: %.140s", what);
+    char auth_url[256];
+    mw_redact_url(u->cfg.auth_url, auth_url, sizeof(auth_url));
+    if (r.cc == CURLE_OK && (r.status == 401 || r.status == 403))
+        mw_report_line(MW_REPORT_UPLOAD_AUTH,
+                       "profile upload to %.120s cannot start: the API key exchange at %.120s was "
+                       "refused with HTTP %ld (check MW_API_KEY); profiles are kept (at most %d, "
+                       "oldest dropped) and the exchange is retried with backoff",
+                       u->base_redacted, auth_url, r.status, u->cfg.queue_max);
+    else
+        mw_report_line(MW_REPORT_UPLOAD_UNREACHABLE,
+                       "profile upload to %.120s cannot start: the API key exchange at %.120s "
+                       "failed (%.160s); profiles are kept (at most %d, oldest dropped) and the "
+                       "exchange is retried with backoff",
+                       u->base_redacted, auth_url, what, u->cfg.queue_max);
     return MW_OUT_RETRY;
 }
 
@@ -917,6 +972,7 @@ static void mw_account_locked(mw_uploader_t *u, int out, const mw_resp_t *r,
     }
     u->fail_streak++;
     u->outage_failures++;
+    mw_describe(u, r, u->last_error, sizeof(u->last_error));
     if (!u->outage) {
         mw_describe(u, r, what, sizeof(what));
         mw_post_msg_locked(MW_LOG_WARNING,
@@ -925,6 +981,26 @@ static void mw_account_locked(mw_uploader_t *u, int out, const mw_resp_t *r,
                            u->base_redacted, what, g.cap);
         u->outage = 1;
     }
+}
+
+/* The stderr line about one failed attempt, if its kind was not reported yet. Uploader
+ * thread, g.lock not held. */
+static void mw_report_attempt(mw_uploader_t *u, int out, const mw_resp_t *r) {
+    if (out == MW_OUT_REJECT && (r->status == 401 || r->status == 403))
+        mw_report_line(MW_REPORT_UPLOAD_AUTH,
+                       "profile upload to %.200s was refused with HTTP %ld: %s; refused profiles "
+                       "are dropped, not retried",
+                       u->base_redacted, r->status, mw_reject_hint(r->status));
+    else if (out == MW_OUT_REJECT)
+        mw_report_line(MW_REPORT_UPLOAD_REJECTED,
+                       "profile upload to %.200s was rejected with HTTP %ld: %s; rejected profiles "
+                       "are dropped, not retried",
+                       u->base_redacted, r->status, mw_reject_hint(r->status));
+    else if (out == MW_OUT_RETRY)
+        mw_report_line(MW_REPORT_UPLOAD_UNREACHABLE,
+                       "profile upload to %.200s failed (%s); profiles are kept (at most %d, "
+                       "oldest dropped) and retried with backoff",
+                       u->base_redacted, u->last_error, u->cfg.queue_max);
 }
 
 /* ---------------------------------------------------------------- the uploader thread */
@@ -966,9 +1042,10 @@ static void *mw_uploader_main(void *arg) {
             continue; /* the stop deadline passed: the loop head drops what is left */
         if (it.seq == retry_seq) g.stats.retried++;
         mw_account_locked(u, out, &r, &to_free);
-        if (to_free) {
+        if (to_free || out != MW_OUT_OK) {
             pthread_mutex_unlock(&g.lock);
             free(to_free);
+            mw_report_attempt(u, out, &r);
             pthread_mutex_lock(&g.lock);
         }
         if (out == MW_OUT_RETRY) {
@@ -977,13 +1054,22 @@ static void *mw_uploader_main(void *arg) {
         }
     }
     /* Stopping: whatever is left is dropped. */
+    int dropped = 0;
     while (g.count > 0) {
         free(mw_pop_head_locked());
         g.stats.dropped_at_exit++;
+        dropped++;
     }
     g.running = 0;
     pthread_cond_broadcast(&g.idle);
     pthread_mutex_unlock(&g.lock);
+    if (dropped > 0)
+        mw_report_line(MW_REPORT_UPLOAD_DROPPED,
+                       "profile upload to %.200s: %d profile%s not delivered when the uploader "
+                       "stopped (its deadline passed%s%.160s) %s dropped",
+                       u->base_redacted, dropped, dropped == 1 ? "" : "s",
+                       u->last_error[0] ? "; last error: " : "", u->last_error,
+                       dropped == 1 ? "was" : "were");
     return NULL;
 }
 
@@ -1106,6 +1192,7 @@ static int mw_start_locked(const mw_upload_config_t *in) {
     memset(&g.stats, 0, sizeof(g.stats));
     memset(g.reported, 0, sizeof(g.reported));
     g.msg_head = g.msg_count = 0;
+    snprintf(g.url, sizeof(g.url), "%s", u->base_redacted);
     g.running = 1;
     pthread_mutex_unlock(&g.lock);
     atomic_store(&g_abort_ns, INT64_MAX);
@@ -1146,22 +1233,42 @@ int mw_upload_is_running(void) {
     return r;
 }
 
+/* The line about the first profile dropped because the queue was full. g.lock not held. */
+static void mw_report_full(const char *url, int cap) {
+    mw_report_line(MW_REPORT_UPLOAD_DROPPED,
+                   "profile upload to %.200s: the queue of %d profile%s is full (the backend is "
+                   "unreachable or slow); profiles are being dropped, oldest first, while it "
+                   "stays full (MW_PROFILING_UPLOAD_QUEUE)",
+                   url, cap, cap == 1 ? "" : "s");
+}
+
 int mw_upload_submit(const void *gz_pprof, size_t len, int64_t from_unix_s, int64_t until_unix_s) {
     if (!gz_pprof || len == 0) return -1;
     unsigned char *copy = malloc(len);
     if (!copy) return -1;
     memcpy(copy, gz_pprof, len);
     unsigned char *victim = NULL;
+    char url[256] = "";
+    int report_full = 0;
 
     pthread_mutex_lock(&g.lock);
     if (!g.running) {
+        if (mw_report_open(MW_REPORT_UPLOAD_DROPPED)) snprintf(url, sizeof(url), "%s", g.url);
         pthread_mutex_unlock(&g.lock);
         free(copy);
+        mw_report_line(MW_REPORT_UPLOAD_DROPPED,
+                       "profile upload%s%.200s: a profile arrived while the uploader was not "
+                       "running; it was dropped, not uploaded",
+                       url[0] ? " to " : "", url);
         return -1;
     }
     g.stats.submitted++;
     if (g.count == g.cap) {
         g.stats.dropped_queue_full++;
+        if (mw_report_open(MW_REPORT_UPLOAD_DROPPED)) {
+            snprintf(url, sizeof(url), "%s", g.url);
+            report_full = 1;
+        }
         if (!g.busy) {
             victim = mw_pop_head_locked();
         } else if (g.count >= 2) { /* keep the on-the-wire head, drop the next oldest */
@@ -1174,6 +1281,7 @@ int mw_upload_submit(const void *gz_pprof, size_t len, int64_t from_unix_s, int6
         } else {
             pthread_mutex_unlock(&g.lock);
             free(copy);
+            if (report_full) mw_report_full(url, 1);
             return 0;
         }
     }
@@ -1185,9 +1293,11 @@ int mw_upload_submit(const void *gz_pprof, size_t len, int64_t from_unix_s, int6
     it->seq = ++g.next_seq;
     g.count++;
     if ((uint64_t)g.count > g.stats.queue_high) g.stats.queue_high = (uint64_t)g.count;
+    int cap = g.cap;
     pthread_cond_signal(&g.wake);
     pthread_mutex_unlock(&g.lock);
     free(victim);
+    if (report_full) mw_report_full(url, cap);
     return 0;
 }
 
@@ -1271,8 +1381,10 @@ void mw_upload_atfork_child(void) {
     memset(&g.stats, 0, sizeof(g.stats));
     memset(g.reported, 0, sizeof(g.reported));
     g.msg_head = g.msg_count = 0;
+    g.url[0] = '\0';
     g_ctx = NULL; /* leaked on purpose: its libcurl handles share sockets with the parent */
     g_thread_alive = 0;
     g_zombie = 0;
     atomic_store(&g_abort_ns, INT64_MAX);
+    if (g_core) g_core->report_reset_after_fork(); /* the child reports its own failures once */
 }

@@ -3,6 +3,14 @@
  * background pthread that POSTs them to a Pyroscope-compatible backend with libcurl
  * (see /work/shared/PROTOCOL.md, "Every upload").
  *
+ * Two modules
+ *   The uploader is built into its own extension module, middleware._upload (mw_upload.c,
+ *   mw_module_upload.c, gen/push.pb-c.c; linked against libcurl), so a process that only
+ *   writes the local store never loads libcurl and its libraries. middleware._native (sampler,
+ *   exporter, mw_report) does not link libcurl and calls none of the mw_upload_* functions
+ *   below directly: the modules reach each other only through the two tables at the end of
+ *   this header.
+ *
  * Data path
  *   exporter thread --mw_upload_submit()--> queue (<= queue_max profiles, oldest dropped)
  *   uploader thread --libcurl--> POST {server}/ingest?name=...&from=...&until=...
@@ -36,6 +44,19 @@
  *                             (mw_upload_take_message).
  *   The first failure of an outage and the recovery after it also queue one message each.
  *
+ * What the user sees (mw_report, through the core table: one stderr line per kind and process)
+ *   Each line names the backend URL (without any user:password@), the HTTP status or the
+ *   libcurl error, and what happens to the profiles; never a key, token or password.
+ *   MW_REPORT_UPLOAD_AUTH         401/403 from the profiling endpoint (profile dropped) or from
+ *                                 the key exchange (profiles kept, exchange retried)
+ *   MW_REPORT_UPLOAD_REJECTED     another non-retryable status (profile dropped)
+ *   MW_REPORT_UPLOAD_UNREACHABLE  any retried failure: transport errors (refused, timeout, DNS,
+ *                                 garbage reply), 408/429/5xx, an unusable key-exchange answer
+ *                                 (profiles kept, retried with backoff)
+ *   MW_REPORT_UPLOAD_DROPPED      profiles dropped without a backend answer: queue full, stop
+ *                                 deadline passed, submitted while the uploader is not running
+ *   Lines are written outside the internal mutex (a blocked stderr never blocks a submit).
+ *
  * Key -> tenant exchange
  *   When api_key is set and tenant_id is not, the uploader thread first POSTs to auth_url
  *   (Authorization: Bearer <api_key>, Content-Type: application/x-www-form-urlencoded, empty
@@ -54,6 +75,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "mw_report.h" /* the kinds only: the uploader reports through mw_core_api_t */
 
 /* Defaults applied by mw_upload_start() to fields that are NULL, <= 0 or not finite. */
 #define MW_UPLOAD_DEFAULT_QUEUE_MAX 16
@@ -180,14 +203,74 @@ int mw_upload_take_message(char *buf, size_t n);
  * The first mw_upload_start() registers it with pthread_atfork(), so callers normally need not
  * call it; there is deliberately no prepare handler (taking the queue lock before fork could
  * invert the lock order with a thread that holds its own lock while calling
- * mw_upload_submit()).
+ * mw_upload_submit()). It also calls the core table's report_reset_after_fork (idempotent), so
+ * a child reports its own upload failures once.
  */
 void mw_upload_atfork_child(void);
 
-/* The Python method table (csrc/mw_module_upload.c), appended by csrc/mw_module.c. Visible
- * only to files that include <Python.h> before this header. */
+/* ---------------------------------------------------------------- between the two modules
+ *
+ *   _native --PyCapsule MW_CORE_API_CAPSULE--> _upload   mw_core_api_t: mw_report for the
+ *                                                         uploader's lines, and set_uploader
+ *   _upload --core->set_uploader(&table)-----> _native   mw_upload_api_t: what the exporter
+ *                                                         calls to hand over a profile
+ *
+ * middleware._upload's module init imports the capsule (PyCapsule_Import imports
+ * middleware._native), refuses to load when abi differs, keeps the core table
+ * (mw_upload_set_core) and registers its own table; the registration is never undone (an
+ * extension module is never unloaded). So "the uploader table is set" == "middleware._upload
+ * is loaded in this process". Both tables are static and immutable.
+ *
+ * In middleware._native (csrc/mw_module.c) the Python functions upload_start, upload_submit,
+ * upload_flush, upload_stop, upload_running, upload_stats and upload_take_message forward to
+ * the same functions of middleware._upload; upload_start imports it (the only place where it is
+ * imported), and an import failure there is an ImportError plus one MW_REPORT_UPLOAD_DROPPED
+ * line. Before that the others answer as a stopped uploader would, without importing it.
+ */
+#define MW_UPLOAD_ABI 1 /* bump on any change to the two tables */
+#define MW_CORE_API_CAPSULE "middleware._native._core_api"
+
+typedef struct mw_upload_api {
+    int abi; /* MW_UPLOAD_ABI */
+    /* mw_upload_submit: any thread, never touches Python */
+    int (*submit)(const void *gz_pprof, size_t len, int64_t from_unix_s, int64_t until_unix_s);
+} mw_upload_api_t;
+
+typedef struct mw_core_api {
+    int abi;                                                         /* MW_UPLOAD_ABI */
+    int (*report_once)(mw_report_kind_t kind, const char *fmt, ...); /* mw_report_once */
+    int (*report_done)(mw_report_kind_t kind);                       /* mw_report_done */
+    void (*report_reset_after_fork)(void);              /* mw_report_reset_after_fork */
+    void (*set_uploader)(const mw_upload_api_t *table); /* GIL held (module init) */
+} mw_core_api_t;
+
+/* middleware._upload: the core table the uploader reports through (NULL: no reports). Set by
+ * the module init before any other function here is called; the table must outlive the
+ * process. */
+void mw_upload_set_core(const mw_core_api_t *core);
+
+/* middleware._native (csrc/mw_module.c): mw_upload_submit through the registered table, same
+ * contract; -1 and one MW_REPORT_UPLOAD_DROPPED line when middleware._upload is not loaded.
+ * Any thread; what the exporter calls. */
+int mw_upload_submit_registered(const void *gz_pprof, size_t len, int64_t from_unix_s,
+                                int64_t until_unix_s);
+
+/* Python side, both modules: the mw_upload_stats_t fields as a new dict (NULL with an error
+ * set). Visible only to files that include <Python.h> before this header. */
 #ifdef Py_PYTHON_H
-extern PyMethodDef mw_upload_methods[];
+static inline PyObject *mw_upload_stats_dict(const mw_upload_stats_t *s) {
+    return Py_BuildValue(
+        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:L,s:K,s:K}", "submitted",
+        (unsigned long long)s->submitted, "uploaded", (unsigned long long)s->uploaded,
+        "failed_attempts", (unsigned long long)s->failed_attempts, "retried",
+        (unsigned long long)s->retried, "dropped_queue_full",
+        (unsigned long long)s->dropped_queue_full, "dropped_rejected",
+        (unsigned long long)s->dropped_rejected, "dropped_at_exit",
+        (unsigned long long)s->dropped_at_exit, "auth_ok", (unsigned long long)s->auth_ok,
+        "auth_failed", (unsigned long long)s->auth_failed, "last_status",
+        (unsigned long long)s->last_status, "last_error_unix_s", (long long)s->last_error_unix_s,
+        "queued", (unsigned long long)s->queued, "queue_high", (unsigned long long)s->queue_high);
+}
 #endif
 
 #endif /* MW_UPLOAD_H */

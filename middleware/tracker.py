@@ -94,12 +94,17 @@ class _ProcessProfiler:
         except Exception:  # configuration must never break the app
             logger.exception("middleware: bad upload configuration; profiles stay local")
             return
-        if ucfg is None or not hasattr(n, "upload_start"):
+        if ucfg is None:
             return
         from dataclasses import asdict
 
+        try:  # loads the uploader module, middleware._upload (libcurl), the first time
+            n.upload_start(**asdict(ucfg))
+        except ImportError as exc:  # the native side also says it once on stderr
+            logger.error("middleware: %s; profiles are not uploaded (local store: %s)", exc,
+                         self.config.profile_dir or "off")
+            return
         self.upload_config = ucfg
-        n.upload_start(**asdict(ucfg))
         self.uploading = True
 
     def _start_export(self, n: Any) -> None:
