@@ -33,7 +33,8 @@ def test_stress_no_crash_and_expected_functions():
     assert r["threads_started"] >= 100 * seconds * 0.5, r["threads_started"]  # hundreds a second
     assert r["max_depth"] >= 950
     st = r["stats"]
-    assert st["ticks"] > 0.5 * 1000 * seconds * 0.5
+    # the sampler kept ticking under stress (at its tick rate: capped when CPU timers sample CPU)
+    assert st["ticks"] > 0.5 * st["tick_rate"] * seconds * 0.5, (st["ticks"], st["tick_rate"])
     assert st["samples"] > st["ticks"]
     # what was lost is counted, and little was lost
     assert st["dropped"] <= 0.01 * st["samples"], st
