@@ -78,6 +78,15 @@ uint64_t mw_saferead_failures(void) {
 #include <sys/syscall.h>
 
 static mw_guard_t *_Atomic g_guards[MW_GUARDS];
+
+/* A user-space address of this architecture (x86-64 and arm64: below 2^47 / 2^48). */
+static int mw_addr_plausible(uintptr_t a) {
+#if defined(__x86_64__) || defined(__aarch64__)
+    return a < ((uintptr_t)1 << 48);
+#else
+    return 1;
+#endif
+}
 static struct sigaction g_prev_segv, g_prev_bus;
 static atomic_int g_guard_installed;
 
@@ -101,10 +110,12 @@ static void chain(int sig, siginfo_t *si, void *uc, const struct sigaction *prev
 
 static void on_fault(int sig, siginfo_t *si, void *uc) {
     long me = (long)syscall(SYS_gettid);
-    uintptr_t at = (uintptr_t)si->si_addr;
     for (int i = 0; i < MW_GUARDS; i++) {
         mw_guard_t *g = atomic_load(&g_guards[i]);
-        if (g && g->armed && atomic_load(&g->owner) == me && at >= g->lo && at < g->hi) {
+        /* Inside a guarded copy of this thread: the copy loop is the only code that runs armed.
+         * (si_addr is not checked against the range: a non-canonical address faults with a
+         * general-protection fault whose si_addr is 0.) */
+        if (g && g->armed && atomic_load(&g->owner) == me) {
             g->faults++;
             siglongjmp(g->jb, 1);
         }
@@ -156,7 +167,7 @@ raw_copy(volatile const uint8_t *src, uint8_t *dst, size_t len) {
 static int guarded_copy(mw_guard_t *g, const void *addr, size_t len, void *dst) {
     if (len == 0) return 0;
     uintptr_t a = (uintptr_t)addr;
-    if (a == 0 || a + len < a) return -1;
+    if (a < 4096 || a + len < a || !mw_addr_plausible(a + len - 1)) return -1;
     if (sigsetjmp(g->jb, 0)) {
         g->armed = 0;
         return -1;
