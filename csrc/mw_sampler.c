@@ -586,8 +586,8 @@ static void drain_timed(mw_profbuf_t *b) {
  * A read that is not proven is thrown away (its symbol-cache fills too) and redone. */
 static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
                                   int first_tick) {
-    uint64_t dwall =
-        first_tick ? (uint64_t)(1000000000LL / g_tick_hz) : (uint64_t)(now - g_last_tick_ns);
+    uint64_t dwall = first_tick ? (uint64_t)(1000000000LL / mw_sampler_tick_rate())
+                                : (uint64_t)(now - g_last_tick_ns);
     uint64_t c0 = 0;
     if (th->tid <= 0 || thread_cpu_ns(th->tid, &c0) != 0) {
         /* No CPU clock: the thread is gone (or its kernel id is unknown). */
@@ -839,8 +839,8 @@ static void tick(void) {
     g_tick++;
     g_gil_tick = g;
     drain_timed(g_active);
-    uint64_t dwall =
-        first ? (uint64_t)(1000000000LL / g_tick_hz) : (uint64_t)(now - g_last_tick_ns);
+    uint64_t dwall = first ? (uint64_t)(1000000000LL / mw_sampler_tick_rate())
+                           : (uint64_t)(now - g_last_tick_ns);
     for (int i = 0; i < n; i++) {
         mw_tstate_t *st = quiet ? g_tsp[i] : NULL;
         if (st && st->tid == g_threads[i].tid && g_threads[i].tstate != g.last_holder &&
@@ -894,10 +894,11 @@ static uint64_t rng_next(void) {
 static void *sampler_main(void *arg) {
     (void)arg;
     pthread_setname_np(pthread_self(), "mw-sampler");
-    int64_t period = 1000000000LL / g_tick_hz;
     int64_t next = mw_now_monotonic_ns();
     g_rng ^= (uint64_t)next;
     for (;;) {
+        /* Native mode reads threads at ticks (paused and unwound): full rate there. */
+        int64_t period = 1000000000LL / mw_sampler_tick_rate();
         int64_t jitter = (int64_t)(rng_next() % (uint64_t)(2 * period * MW_JITTER_PCT / 100 + 1)) -
                          period * MW_JITTER_PCT / 100;
         next += period + jitter;
@@ -1047,7 +1048,7 @@ void mw_sampler_thread_started(long tid, uintptr_t tstate) {
 }
 
 int mw_sampler_tick_rate(void) {
-    return g_tick_hz;
+    return g_timers && !mw_unwind_enabled() ? g_tick_hz : g_cfg.rate_hz;
 }
 
 mw_profbuf_t *mw_sampler_swap(mw_profbuf_t *fresh, int64_t *t_start, int64_t *t_end) {
