@@ -3,7 +3,8 @@
 ``tracker = MwTracker()`` starts the native sampler once per process (a second tracker reuses
 it), names the process's threads for the sampler, starts the exporter (local store by default,
 or upload to a Pyroscope-compatible backend), instruments web frameworks, and arranges for
-profiling to go on in forked children (gunicorn workers) and to flush at exit.
+profiling to go on in child processes (forked gunicorn workers; multiprocessing children of every
+start method, see :mod:`middleware.children`) and to flush at exit.
 
 Nothing here runs on the sampling path: the sampler and exporter are native threads that never
 take the GIL. Python only configures, labels and reports.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -65,6 +67,7 @@ class _ProcessProfiler:
             self.pid = os.getpid()
             _warn_once_without_pause(n)
             _install_thread_naming()
+            _children_profiling_started()
             enable_asyncio_hook()
             self._start_upload(n)
             self._start_export(n)
@@ -138,20 +141,26 @@ class _ProcessProfiler:
         self.drain_messages()
         return ok
 
-    def stop(self, timeout: float = EXIT_FLUSH_TIMEOUT_S) -> None:
+    def stop(self, timeout: float = EXIT_FLUSH_TIMEOUT_S) -> bool:
+        """Stops sampling, exports the last window and drains the uploader. False when the final
+        export did not finish within ``timeout`` or the uploader dropped profiles at its deadline."""
         n = _native_module()
+        ok = True
         with self.lock:
             if not self.running:
-                return
+                return True
             n.stop()
             if self.exporting:
-                n.export_stop(timeout)
+                ok = bool(n.export_stop(timeout))
                 self.exporting = False
             if self.uploading:
+                dropped = _dropped_at_exit(n)
                 n.upload_stop(timeout)
+                ok = ok and _dropped_at_exit(n) == dropped
                 self.uploading = False
             self.running = False
             self.drain_messages()
+        return ok
 
     def drain_messages(self) -> None:
         if not self.uploading:
@@ -172,6 +181,13 @@ class _ProcessProfiler:
             self.start()
         except Exception:
             logger.exception("middleware: could not restart profiling in the forked child")
+
+
+def _dropped_at_exit(n: Any) -> int:
+    try:
+        return int(n.upload_stats().get("dropped_at_exit", 0))
+    except Exception:
+        return 0
 
 
 _profiler: _ProcessProfiler | None = None
@@ -203,6 +219,23 @@ def _install_process_hooks() -> None:
     _hooks_installed = True
     atexit.register(_at_exit)
     os.register_at_fork(after_in_child=_after_fork_in_child)
+    # multiprocessing children: profiled from their start, flushed before they end; hooked when
+    # the app imports multiprocessing (never imported by us)
+    from middleware.integrations._post_import import when_imported
+
+    when_imported("multiprocessing.process", _install_children_hooks)
+
+
+def _install_children_hooks(module: Any) -> None:
+    from middleware import children
+
+    children.install()
+
+
+def _children_profiling_started() -> None:
+    children = sys.modules.get("middleware.children")
+    if children is not None and children._installed:
+        children.on_profiling_started()
 
 
 def _at_exit() -> None:
@@ -229,8 +262,24 @@ def _register_thread(t: threading.Thread) -> None:
 
 
 def _reregister_threads() -> None:
+    _refresh_current_native_id()
     for t in threading.enumerate():
         _register_thread(t)
+
+
+def _refresh_current_native_id() -> None:
+    """After ``os.fork()`` CPython (3.10-3.13) leaves the forking thread's ``Thread`` object with
+    the parent's native id: ``multiprocessing`` resets it in its children, gunicorn and plain
+    ``os.fork()`` do not. Registered under the stale id, the child's main thread would be
+    unnamed (``thread-<pid>``, one label value per worker). Reset it the way multiprocessing
+    does (with the naming hook installed this also registers the thread)."""
+    t = threading.current_thread()
+    tid = threading.get_native_id()
+    if getattr(t, "native_id", tid) == tid:
+        return
+    setter = getattr(t, "_set_native_id", None)
+    if setter is not None:
+        setter()
 
 
 def _install_thread_naming() -> None:
@@ -255,7 +304,9 @@ def _install_thread_naming() -> None:
             try:
                 n = _native_module()
                 n.set_thread_name(tid, t.name)
-                weakref.finalize(t, n.forget_thread, tid)
+                # not at interpreter exit: finalizers run before the last window is exported,
+                # whose samples would lose their thread's name
+                weakref.finalize(t, n.forget_thread, tid).atexit = False
             except Exception:  # never break thread start-up
                 pass
 
@@ -298,11 +349,21 @@ class MwTracker:
         enabled: bool | None = None,
         **options: Any,
     ) -> None:
-        global _profiler
-        self.config = resolve_config(
+        self._attach(resolve_config(
             service_name=service_name, sample_rate=sample_rate, upload_interval=upload_interval,
             profile_dir=profile_dir, native=native, enabled=enabled, **options,
-        )
+        ))
+
+    @classmethod
+    def _from_config(cls, config: ProfilerConfig) -> MwTracker:
+        """A tracker with settings already resolved (a spawn/forkserver child gets its parent's)."""
+        self = cls.__new__(cls)
+        self._attach(config)
+        return self
+
+    def _attach(self, config: ProfilerConfig) -> None:
+        global _profiler
+        self.config = config
         if not self.config.enabled:
             logger.info("middleware: profiling disabled (MW_APM_COLLECT_PROFILING=false)")
             self._profiler: _ProcessProfiler | None = None
@@ -359,6 +420,9 @@ class MwTracker:
             out.update({f"upload_{k}": v for k, v in n.upload_stats().items()})
         if hasattr(n, "unwind_stats"):
             out.update(n.unwind_stats())  # native frames: unwind_* counters
+        children = sys.modules.get("middleware.children")
+        if children is not None:  # child processes: handed profiling, final exports
+            out.update(children.stats())
         return out
 
     def snapshot(self, reset: bool = False) -> Profile:

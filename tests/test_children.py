@@ -1,0 +1,312 @@
+"""Child processes of a profiled parent: no profile data lost, whatever way they start and end.
+
+GIVEN a parent that started ``MwTracker`` (local store, an export interval far longer than the
+run, so every child's profile depends on its last export)
+WHEN it runs CPU-bound tasks in child processes: ``multiprocessing.Pool`` (fork, forkserver,
+spawn; ended by ``with`` = ``terminate()`` or by ``close(); join()``) and
+``concurrent.futures.ProcessPoolExecutor``
+THEN the CPU the store's profiles give the task function in the children is within 5% of the CPU
+each child measured around it (``time.thread_time``), every child that ran a task is there, and
+its main thread is ``MainThread``.
+
+The same when the parent uploads instead (spawn, ``with Pool``), and for a child that starts its
+own tracker in its target. A child whose last export fails says so once on stderr.
+
+And gunicorn workers recycled by ``--max-requests`` keep their main thread named ``MainThread``
+(one label value, not one per worker pid).
+
+The workload is this file run as a script (spawn children import it as ``__mp_main__``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RATE_HZ = 500
+WORKERS = 2
+TASKS = 8
+TASK_CPU_S = 0.06  # per task: ~0.25 s of CPU per worker, ~120 samples each at 500 Hz
+BAND = 0.05
+
+
+# --- the workload (runs in the parent and its children) --------------------------------------------
+def _spin(k: int) -> int:
+    s = 0
+    for i in range(k):
+        s += i * i
+    return s
+
+
+def burn(seconds: float) -> None:
+    t0 = time.thread_time()
+    while time.thread_time() - t0 < seconds:
+        _spin(2000)
+
+
+_sampled_once = False
+
+
+def _wait_for_first_sample() -> None:
+    """The sampler counts a thread's CPU from its first read of it, which in a busy new process
+    can come several ticks late; what is tested here is the end of a child's life, so its work
+    starts once the sampler has seen it."""
+    global _sampled_once
+    if _sampled_once:
+        return
+    _sampled_once = True
+    from middleware import _native
+
+    deadline = time.monotonic() + 2
+    while _native.running() and _native.stats()["samples"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def task(seconds: float) -> tuple[int, int]:
+    """Burns ``seconds`` of CPU; returns (pid, CPU ns this thread spent in burn)."""
+    _wait_for_first_sample()
+    t0 = time.thread_time_ns()
+    burn(seconds)
+    return os.getpid(), time.thread_time_ns() - t0
+
+
+def _start_tracker(store: str) -> Any:
+    from middleware import MwTracker
+
+    return MwTracker(
+        service_name="children", sample_rate=RATE_HZ, profile_dir=store, upload_interval=600,
+        instrument=False,
+    )
+
+
+def self_profiled(store: str, out: Any) -> None:
+    """A child that starts its own tracker (its parent is not profiled), then works."""
+    _start_tracker(store)
+    out.put([task(TASK_CPU_S) for _ in range(TASKS // WORKERS)])
+
+
+def fail_last_export() -> int:
+    """In a child: its final export will report a failure (the export itself still happens)."""
+    from middleware import tracker
+
+    p = tracker._profiler
+    real = p.stop
+    p.stop = lambda *a: bool(real(*a)) and False
+    return os.getpid()
+
+
+def _workload(kind: str, method: str, ending: str, store: str) -> dict[str, Any]:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context(method)
+    if kind == "fail":
+        t = _start_tracker(store)
+        proc = ctx.Process(target=fail_last_export)
+        proc.start()
+        proc.join()
+        with ctx.Pool(1) as pool:  # its worker is ended by SIGTERM while idle
+            worker = pool.apply(fail_last_export)
+        t.stop()
+        return {"parent": os.getpid(), "process": proc.pid, "worker": worker}
+    if kind == "self":
+        q = ctx.Queue()
+        procs = [ctx.Process(target=self_profiled, args=(store, q)) for _ in range(WORKERS)]
+        for p in procs:
+            p.start()
+        results = [r for _ in procs for r in q.get(timeout=60)]
+        for p in procs:
+            p.join()
+        return {"parent": os.getpid(), "results": results, "exitcodes": [p.exitcode for p in procs]}
+
+    tracker = _start_tracker(store)
+    work = [TASK_CPU_S] * TASKS
+    exitcodes: list[int | None] = []
+    if kind == "pool":
+        if ending == "with":
+            with ctx.Pool(WORKERS) as pool:  # __exit__ = terminate(): SIGTERM to the workers
+                results = pool.map(task, work, chunksize=1)
+        else:
+            pool = ctx.Pool(WORKERS)
+            results = pool.map(task, work, chunksize=1)
+            pool.close()
+            pool.join()
+        exitcodes = [w.exitcode for w in pool._pool]
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(WORKERS, mp_context=ctx) as ex:
+            results = list(ex.map(task, work))
+    tracker.stop()
+    return {"parent": os.getpid(), "results": results, "exitcodes": exitcodes}
+
+
+# --- the tests -------------------------------------------------------------------------------------
+def _run(kind: str, method: str, ending: str, store: Path | str, timeout: float = 60,
+         **extra_env: str) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MW_", "OTEL_"))}
+    env.update({"MW_PROFILING_QUIET": "1", **extra_env})
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), kind, method, ending, str(store)],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT),
+    )
+    assert proc.returncode == 0, f"workload failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["_stderr"] = proc.stderr
+    return out
+
+
+def _stored(store: Path) -> list[Any]:
+    from middleware.pprof import find_profile_files, read_pprof_file
+
+    return [read_pprof_file(f) for f in find_profile_files(store)] if store.is_dir() else []
+
+
+def _burn_cpu_by_pid(profiles: list[Any]) -> tuple[dict[str, int], set[str]]:
+    """CPU ns of samples whose stack holds ``burn``, per pid; and their thread names."""
+    out: dict[str, int] = {}
+    names: set[str] = set()
+    for p in profiles:
+        ci = p.value_index("cpu")
+        for s in p.samples:
+            if any(f.function == "burn" for f in s.stack):
+                pid = s.label("pid") or "?"
+                out[pid] = out.get(pid, 0) + s.values[ci]
+                names.add(s.label("thread_name") or "?")
+    return out, names
+
+
+def _check_children(r: dict[str, Any], profiles: list[Any]) -> None:
+    measured: dict[str, int] = {}
+    for pid, ns in r["results"]:
+        measured[str(pid)] = measured.get(str(pid), 0) + ns
+    assert str(r["parent"]) not in measured
+    profiled, names = _burn_cpu_by_pid(profiles)
+    total_m, total_p = sum(measured.values()), sum(profiled.get(pid, 0) for pid in measured)
+    per_child = {pid: (round(ns / 1e6, 1), round(profiled.get(pid, 0) / 1e6, 1)) for pid, ns in measured.items()}
+    # the parent itself never burns
+    assert str(r["parent"]) not in profiled, profiled
+    # every child that ran a task is in the store, with (about) the CPU it measured
+    assert set(profiled) == set(measured), ("measured vs profiled ms per pid", per_child)
+    assert abs(total_p - total_m) <= BAND * total_m, (
+        f"profiled {total_p / 1e6:.1f} ms vs measured {total_m / 1e6:.1f} ms", per_child)
+    for pid, (m, p) in per_child.items():
+        assert abs(p - m) <= 0.2 * m + 5, ("measured vs profiled ms", pid, per_child)
+    assert names == {"MainThread"}, names
+
+
+@pytest.mark.parametrize("ending", ["with", "close-join"])
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_pool_children_profiles_hold_their_cpu(method: str, ending: str, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    r = _run("pool", method, ending, store)
+    _check_children(r, _stored(store))
+    # the workers still end as they did: by SIGTERM (terminate) or normally (close, join)
+    assert set(r["exitcodes"]) <= ({0, -signal.SIGTERM} if ending == "with" else {0}), r["exitcodes"]
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_process_pool_executor_children_profiles_hold_their_cpu(method: str, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    r = _run("executor", method, "with", store)
+    _check_children(r, _stored(store))
+
+
+def test_spawn_pool_children_upload_their_profiles(tmp_path: Path) -> None:
+    from support.fake_backend import FakeBackend
+
+    from middleware.pprof import parse_pprof
+
+    # GIVEN a parent that uploads (no local store) and a spawn pool ended by terminate()
+    with FakeBackend() as backend:
+        r = _run("pool", "spawn", "with", "none", MW_PROFILING_SERVER_URL=backend.url)
+        profiles = [parse_pprof(req.body) for req in backend.ingests()]
+    # THEN the children uploaded their profiles (same settings as the parent), nothing missing
+    _check_children(r, profiles)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_child_that_starts_its_own_tracker_writes_its_profile(method: str, tmp_path: Path) -> None:
+    # (spawn children leave through sys.exit, so atexit writes theirs)
+    store = tmp_path / "store"
+    r = _run("self", method, "join", store)
+    assert r["exitcodes"] == [0] * WORKERS, r["exitcodes"]
+    _check_children(r, _stored(store))
+
+
+@pytest.mark.parametrize("quiet", ["0", "1"])
+def test_a_child_whose_last_export_fails_says_so_once(quiet: str, tmp_path: Path) -> None:
+    # GIVEN children whose final export reports a failure: a process leaving normally and a
+    # pool worker ended by terminate() while idle
+    r = _run("fail", "fork", "-", tmp_path / "store", MW_PROFILING_QUIET=quiet)
+    lines = re.findall(r"middleware: child process (\d+): its last profile was not written (at exit|on SIGTERM)",
+                       r["_stderr"])
+    # THEN each says so once on stderr, unless MW_PROFILING_QUIET
+    expected = [(str(r["process"]), "at exit"), (str(r["worker"]), "on SIGTERM")]
+    assert lines == ([] if quiet == "1" else expected), r["_stderr"][-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
+def test_gunicorn_recycled_workers_keep_main_thread_name(preload: bool, tmp_path: Path) -> None:
+    from test_demo_e2e import DEMO, _children, _free_port, _get
+
+    from middleware.pprof import load_profiles
+
+    # GIVEN the demo under gunicorn, one sync worker recycled every 3 requests
+    store, log, port = tmp_path / "profiles", tmp_path / "gunicorn.log", _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MW_", "OTEL_"))}
+    env.update(MW_SERVICE_NAME="recycle", MW_PROFILE_DIR=str(store), MW_PROFILING_UPLOAD_INTERVAL="60",
+               MW_PROFILING_QUIET="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}",
+           "--workers", "1", "--max-requests", "3", "--max-requests-jitter", "0", "--graceful-timeout", "20"]
+    if preload:
+        cmd.append("--preload")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=DEMO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    served: set[int] = set()
+    try:
+        deadline = time.monotonic() + 25
+        ok = 0
+        # WHEN 10 requests come (the worker is replaced after every third)
+        while ok < 10 and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            served |= _children(proc.pid)
+            try:
+                status, _ = _get(port, "/calculate1/300", timeout=5)
+            except OSError:
+                time.sleep(0.05)
+                continue
+            ok += status == 200
+        assert ok == 10, (ok, log.read_text()[-3000:])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    profile = load_profiles([store])
+    by_pid: dict[str, set[str]] = {}
+    for s in profile.samples:
+        if s.label("pid") != str(proc.pid):
+            by_pid.setdefault(s.label("pid") or "?", set()).add(s.label("thread_name") or "?")
+    # THEN several workers were profiled, and every one's main thread is MainThread: the
+    # thread_name label keeps the same values across recycles
+    assert len(by_pid) >= 3, (by_pid, served)
+    names = set().union(*by_pid.values())
+    assert not any(re.fullmatch(r"thread-\d+", n) for n in names), by_pid
+    request_names = {s.label("thread_name") for s in profile.samples if s.label("endpoint")}
+    assert request_names == {"MainThread"}, by_pid
+
+
+if __name__ == "__main__":
+    print(json.dumps(_workload(*sys.argv[1:5])))
