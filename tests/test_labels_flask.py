@@ -262,7 +262,8 @@ def test_starting_the_tracker_does_not_import_flask(tmp_path: Path) -> None:
         """
     )
     out = _python(code, tmp_path)
-    assert out == {"flask": False, "installed": [], "pending": ["flask"]}
+    # flask is neither imported nor hooked yet, only waited for (among other lazily hooked modules)
+    assert out["flask"] is False and out["installed"] == [] and "flask" in out["pending"], out
 
 
 # ------------------------------------------------------------------------------------------------
