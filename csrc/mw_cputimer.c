@@ -10,6 +10,7 @@
 #include "mw_cputimer.h"
 
 #include "mw_threads.h"
+#include "mw_unwind.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -52,6 +53,7 @@ static _Atomic uint32_t *g_fdkey; /* perf fd -> key, 0 = none */
 static mw_cpusample_t g_rec[MW_CPUTIMER_RECORDS];
 static mw_rawframe_t *g_frames; /* MW_CPUTIMER_RECORDS * g_max_depth */
 static char *g_names;           /* MW_CPUTIMER_RECORDS * MW_CPUTIMER_NAMES */
+static uintptr_t *g_ips;        /* MW_CPUTIMER_RECORDS * MW_UNWIND_MAX_FRAMES */
 #define KNOWN 16384
 static _Atomic uint64_t *g_known;
 
@@ -168,7 +170,6 @@ static scratch_t *scratch_at(int i) {
 }
 
 void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
-    (void)ucontext;
     if (!g_reg) return;
     int64_t t0 = mono_ns();
     uint32_t key = 0, periods = 1;
@@ -235,6 +236,12 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
     }
     rec->depth = depth;
     copy_names(&sc->rc, rec);
+    rec->nips = rec->ips_complete = 0;
+    if (mw_unwind_enabled()) { /* native frames of the same instant */
+        uint8_t *cursor = (uint8_t *)(sc + 1) + ((mw_walkscratch_size() + 63) & ~(size_t)63);
+        rec->nips =
+            mw_unwind_here(ucontext, cursor, rec->ips, MW_UNWIND_MAX_FRAMES, &rec->ips_complete);
+    }
     atomic_store(&sc->guard.owner, 0);
     atomic_store(&sc->busy, 0);
     rec->reg = (int32_t)(key & (REGS - 1));
@@ -296,10 +303,13 @@ int mw_cputimer_init(int rate_hz, int max_depth, int signo, const char **why) {
         g_reg = map(REGS * sizeof *g_reg);
         g_known = map(KNOWN * sizeof *g_known);
         g_names = map((size_t)MW_CPUTIMER_RECORDS * MW_CPUTIMER_NAMES);
+        g_ips = map((size_t)MW_CPUTIMER_RECORDS * MW_UNWIND_MAX_FRAMES * sizeof *g_ips);
         g_fdkey = map(FDKEYS * sizeof *g_fdkey);
-        g_scratch_stride = (sizeof(scratch_t) + mw_walkscratch_size() + 4095) & ~(size_t)4095;
+        g_scratch_stride =
+            (sizeof(scratch_t) + mw_walkscratch_size() + 64 + mw_unwind_cursor_size() + 4095) &
+            ~(size_t)4095;
         g_scratch = map(SCRATCH * g_scratch_stride);
-        if (!g_reg || !g_fdkey || !g_scratch || !g_known || !g_names) {
+        if (!g_reg || !g_fdkey || !g_scratch || !g_known || !g_names || !g_ips) {
             *why = "out of memory";
             return 0;
         }
@@ -324,6 +334,7 @@ int mw_cputimer_init(int rate_hz, int max_depth, int signo, const char **why) {
     for (int i = 0; i < MW_CPUTIMER_RECORDS; i++) {
         g_rec[i].frames = g_frames + (size_t)i * (size_t)g_max_depth;
         g_rec[i].names = g_names + (size_t)i * MW_CPUTIMER_NAMES;
+        g_rec[i].ips = g_ips + (size_t)i * MW_UNWIND_MAX_FRAMES;
         atomic_store(&g_rec[i].state, 0);
     }
     g_signo = signo;

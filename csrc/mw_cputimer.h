@@ -66,7 +66,10 @@ typedef struct mw_cpusample {
     mw_rawframe_t *frames;
     int ncopies;
     mw_codecopy_t copies[MW_CPUTIMER_COPIES];
-    char *names; /* MW_CPUTIMER_NAMES bytes */
+    /* Native mode: the thread's native stack at the same instant (mw_unwind_here). */
+    int nips, ips_complete;
+    uintptr_t *ips; /* MW_UNWIND_MAX_FRAMES */
+    char *names;    /* MW_CPUTIMER_NAMES bytes */
 } mw_cpusample_t;
 
 /* The set of code objects the sampler has named (key: mw_cputimer_code_key), read by handlers to

@@ -531,9 +531,14 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
     for (int i = 0; i < depth; i++)
         mw_cputimer_known_add(mw_cputimer_code_key(&r->frames[i]));
     uint32_t n = 0;
-    for (int i = 0; i < depth; i++) {
-        mw_id_t id = mw_symcache_intern(b, g_sym[i], r->frames[i].lasti);
-        if (id) g_ids[n++] = id;
+    if (r->nips > 0) { /* native mode: the native stack of the same instant, Python spliced in */
+        n = mw_unwind_combine_ips(b, r->ips, r->nips, r->ips_complete, r->frames, depth, g_ids,
+                                  MW_MAX_DEPTH_CAP);
+    } else {
+        for (int i = 0; i < depth; i++) {
+            mw_id_t id = mw_symcache_intern(b, g_sym[i], r->frames[i].lasti);
+            if (id) g_ids[n++] = id;
+        }
     }
     if (n == 0) {
         mw_id_t id = no_frame_id(b);
@@ -572,7 +577,7 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
 static void drain_timed(mw_profbuf_t *b) {
     mw_cpusample_t *r;
     for (int k = 0; k < MW_CPUTIMER_RECORDS && (r = mw_cputimer_next()) != NULL; k++) {
-        if (b && g_timers && !mw_unwind_enabled()) take_timed(b, r);
+        if (b && g_timers) take_timed(b, r);
         mw_cputimer_done(r);
     }
 }
@@ -630,21 +635,29 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
 
     /* CPU timers: a thread gets one the first time it is seen (again if its id now belongs to
      * another thread state). Until its timer has run for a tick it is read the older way. */
-    if (g_timers && !mw_unwind_enabled()) {
-        if (st->reg && st->reg_tstate == th->tstate)
-            return sample_timed(b, th, st, gen, labels_seq, dwall, c0);
-        if (st->reg) mw_cputimer_disarm(st->reg - 1);
-        st->reg = 0;
-        if (!st->arm_failed || st->reg_tstate != th->tstate) {
-            int r = mw_cputimer_arm(th->tid, th->tstate);
-            st->reg = r >= 0 ? r + 1 : 0;
-            st->arm_failed = r < 0;
-            st->reg_tstate = th->tstate;
-            g_timers_armed |= r >= 0;
+    int wall_only = 0; /* native mode with a timer: the tick gives wall time only */
+    if (g_timers) {
+        if (st->reg && st->reg_tstate == th->tstate) {
+            if (!mw_unwind_enabled()) return sample_timed(b, th, st, gen, labels_seq, dwall, c0);
+            /* Native: running → its wall time is owed to its next CPU sample (which carries
+             * its native stack); not running → read below the native way, for wall time. */
+            uint64_t c;
+            if (thread_cpu_ns(th->tid, &c) == 0 && c > c0) {
+                owe(st, dwall);
+                return st;
+            }
+            wall_only = 1;
+        } else {
+            if (st->reg) mw_cputimer_disarm(st->reg - 1);
+            st->reg = 0;
+            if (!st->arm_failed || st->reg_tstate != th->tstate) {
+                int r = mw_cputimer_arm(th->tid, th->tstate);
+                st->reg = r >= 0 ? r + 1 : 0;
+                st->arm_failed = r < 0;
+                st->reg_tstate = th->tstate;
+                g_timers_armed |= r >= 0;
+            }
         }
-    } else if (st->reg) {
-        mw_cputimer_disarm(st->reg - 1);
-        st->reg = 0;
     }
 
     int truncated = 0, ok = 0, depth = 0, proven = 0, native = 0, on_cpu = 0;
@@ -788,7 +801,8 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
         }
         return st;
     }
-    emit(b, st, depth, truncated, ok, on_cpu, native, labels_seq, dwall, c0, c1, gen);
+    emit(b, st, depth, truncated, ok, wall_only ? 0 : on_cpu, native, labels_seq, dwall, c0, c1,
+         gen);
     return st;
 }
 
@@ -1042,13 +1056,12 @@ int mw_sampler_rate(void) {
     return g_cfg.rate_hz;
 }
 void mw_sampler_thread_started(long tid, uintptr_t tstate) {
-    if (atomic_load(&g_running) && g_timers && !mw_unwind_enabled() &&
-        mw_cputimer_arm(tid, tstate) >= 0)
+    if (atomic_load(&g_running) && g_timers && mw_cputimer_arm(tid, tstate) >= 0)
         g_timers_armed = 1;
 }
 
 int mw_sampler_tick_rate(void) {
-    return g_timers && !mw_unwind_enabled() ? g_tick_hz : g_cfg.rate_hz;
+    return g_timers ? g_tick_hz : g_cfg.rate_hz;
 }
 
 mw_profbuf_t *mw_sampler_swap(mw_profbuf_t *fresh, int64_t *t_start, int64_t *t_end) {

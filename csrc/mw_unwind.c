@@ -203,7 +203,7 @@ int mw_unwind_setup(const char **why) {
         g_slot = p;
         /* No libunwind cache: nothing shared between handlers, no lock, no thread-local
          * allocation inside a signal handler. */
-        unw_set_caching_policy(unw_local_addr_space, UNW_CACHE_NONE);
+        unw_set_caching_policy(unw_local_addr_space, UNW_CACHE_GLOBAL);
     }
     return install_handler(why);
 }
@@ -582,11 +582,41 @@ static mw_id_t sy_frame(mw_profbuf_t *b, sym_t *e) {
 
 uint32_t mw_unwind_combine(mw_profbuf_t *b, const mw_rawframe_t *py, int npy, mw_id_t *out,
                            uint32_t cap) {
+    slot_t *s = g_slot;
+    if (!s) return mw_unwind_combine_ips(b, NULL, 0, 0, py, npy, out, cap);
+    return mw_unwind_combine_ips(b, s->ip, s->n, s->complete, py, npy, out, cap);
+}
+
+size_t mw_unwind_cursor_size(void) {
+    return sizeof(unw_cursor_t);
+}
+
+int mw_unwind_here(void *ucontext, void *cursor, uintptr_t *ips, int max, int *complete) {
+    int n = 0;
+    *complete = 0;
+    unw_cursor_t *c = cursor;
+    /* On x86-64 unw_context_t is ucontext_t: start from the interrupted context. */
+    if (unw_init_local2(c, (unw_context_t *)ucontext, UNW_INIT_SIGNAL_FRAME) != 0) return 0;
+    for (;;) {
+        unw_word_t ip;
+        if (unw_get_reg(c, UNW_REG_IP, &ip) != 0 || ip == 0) break;
+        ips[n++] = (uintptr_t)ip;
+        if (n >= max) break;
+        int r = unw_step(c);
+        if (r <= 0) {
+            *complete = r == 0;
+            break;
+        }
+    }
+    return n;
+}
+
+uint32_t mw_unwind_combine_ips(mw_profbuf_t *b, const uintptr_t *ips, int k, int complete,
+                               const mw_rawframe_t *py, int npy, mw_id_t *out, uint32_t cap) {
     static sym_t *sy[MW_UNWIND_MAX_FRAMES];
     static int gstart[MW_UNWIND_MAX_FRAMES + 4096], gend[MW_UNWIND_MAX_FRAMES + 4096];
     const int gmax = (int)(sizeof gstart / sizeof *gstart);
-    slot_t *s = g_slot;
-    int k = s ? s->n : 0;
+    if (k > MW_UNWIND_MAX_FRAMES) k = MW_UNWIND_MAX_FRAMES;
     /* Python eval calls, leaf first. */
     int m = 0, cur = 0;
     for (int i = 0; i < npy && m < gmax; i++) {
@@ -607,7 +637,7 @@ uint32_t mw_unwind_combine(mw_profbuf_t *b, const mw_rawframe_t *py, int npy, mw
         nev = 0;
         last_eval = -1;
         for (int i = 0; i < k; i++) {
-            sy[i] = sy_lookup(i == 0 ? s->ip[i] : s->ip[i] - 1);
+            sy[i] = sy_lookup(i == 0 ? ips[i] : ips[i] - 1);
             if (sy[i] && (sy[i]->flags & SY_EVAL)) {
                 nev++;
                 last_eval = i;
@@ -615,7 +645,7 @@ uint32_t mw_unwind_combine(mw_profbuf_t *b, const mw_rawframe_t *py, int npy, mw
         }
         if (clears == g_sy_clears) break;
     }
-    if (nev != m && !(nev < m && !s->complete)) g_st.mismatches++;
+    if (nev != m && !(nev < m && !complete)) g_st.mismatches++;
     uint32_t n = 0;
     int j = 0;
     int show = g_show_internal;

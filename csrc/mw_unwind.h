@@ -96,4 +96,16 @@ void mw_unwind_release(void);
 uint32_t mw_unwind_combine(mw_profbuf_t *b, const mw_rawframe_t *py, int npy, mw_id_t *out,
                            uint32_t cap);
 
+/* The same splice for native frames captured elsewhere (mw_cputimer's handler): ips[0..k) leaf
+ * first, complete = the unwind reached the outermost frame. Sampler thread. */
+uint32_t mw_unwind_combine_ips(mw_profbuf_t *b, const uintptr_t *ips, int k, int complete,
+                               const mw_rawframe_t *py, int npy, mw_id_t *out, uint32_t cap);
+
+/* Unwinds the calling thread's native stack from a signal handler's ucontext into ips (leaf
+ * first, at most max) using `cursor` (mw_unwind_cursor_size() bytes, owned by the caller for the
+ * call). Async-signal-safe as the pause handler's unwind is (libunwind local, no cache). Returns
+ * the number of frames; *complete as above. */
+size_t mw_unwind_cursor_size(void);
+int mw_unwind_here(void *ucontext, void *cursor, uintptr_t *ips, int max, int *complete);
+
 #endif

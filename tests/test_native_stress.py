@@ -32,7 +32,7 @@ def test_native_stress_no_crash_no_deadlock_no_eintr() -> None:
     assert st["unwind_captured"] > 0.5 * st["ticks"], st
     assert st["unwind_timeouts"] <= 0.02 * st["unwind_requests"], st
     # the sampler kept its pace and still lost little
-    assert st["ticks"] > 0.5 * 1000 * seconds * 0.5, st
+    assert st["ticks"] > 0.5 * st["tick_rate"] * seconds * 0.5, st
     assert st["dropped"] <= 0.01 * st["samples"], st
     fns = set(r["functions"])
     bare = {f.rsplit(".", 1)[-1] for f in fns}

@@ -366,11 +366,6 @@ def line_shares(r: dict[str, Any]) -> tuple[dict[str, float], int]:
 LINES_SAMPLES = 2500
 
 
-@pytest.mark.xfail(
-    sys.version_info < (3, 11), strict=False,
-    reason="known, not yet explained: on 3.10 the split between the recursive and the busy-loop "
-    "target drifts 5-6 points from thread_time in about one run in three",
-)
 def test_line_shares_agree_between_python_and_native_sampling() -> None:
     # GIVEN a function recursing to depth 20 with its work on two lines at the bottom, and a loop
     # with two hot lines, alternating; sampled at 1 kHz for 3 s per mode and on until 2,500 on-CPU
