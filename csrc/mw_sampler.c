@@ -485,6 +485,7 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
         g_stats.dropped++;
         return;
     }
+    st->active_until = g_tick + ACTIVE_TICKS; /* it runs: quiet ticks must read it in full */
     if (created) {
         st->tick = g_tick;
         st->reg = r->reg + 1; /* armed at its start, before any tick saw it */
@@ -812,8 +813,13 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
  * time goes to their remembered stacks with no system call at all. Threads that recently used
  * CPU (they may run native code without the GIL) and a rotating 1/QUIET_ROUND of the others are
  * still read in full, so CPU used without the GIL is seen within QUIET_ROUND ticks (and never
- * lost: the clock is cumulative). Not in native mode (native stacks move without the GIL). */
+ * lost: the clock is cumulative). In native mode only with CPU timers: native stacks move
+ * without the GIL, but only in a thread that runs, and a thread that runs gets CPU-timer samples,
+ * which mark it active (read in full) for ACTIVE_TICKS. */
 #define QUIET_ROUND 32
+/* A thread with a CPU timer announces its own CPU use (its samples mark it active): the rotating
+ * full read only has to catch bursts shorter than one timer period. */
+#define QUIET_ROUND_TIMED 512
 static mw_gilstate_t g_gil_prev;
 static uintptr_t g_head_prev;
 static int g_nthreads;
@@ -834,7 +840,7 @@ static void tick(void) {
     int quiet = !first && g_nthreads > 0 && g.ok && g_gil_prev.ok && head && head == g_head_prev &&
                 g.switch_number == g_gil_prev.switch_number &&
                 g.last_holder == g_gil_prev.last_holder && gen == g_gen_prev &&
-                !mw_unwind_enabled();
+                (g_timers || !mw_unwind_enabled());
     int n = g_nthreads;
     if (!quiet) {
         /* Settle the quiet threads of the last list first: some may be gone. */
@@ -858,8 +864,8 @@ static void tick(void) {
     for (int i = 0; i < n; i++) {
         mw_tstate_t *st = quiet ? g_tsp[i] : NULL;
         if (st && st->tid == g_threads[i].tid && g_threads[i].tstate != g.last_holder &&
-            st->stack_valid == 1 && st->stack_gen == gen && st->active_until <= g_tick &&
-            ((uint64_t)st->tid + g_tick) % QUIET_ROUND != 0) {
+            st->stack_valid && st->stack_gen == gen && st->active_until <= g_tick &&
+            ((uint64_t)st->tid + g_tick) % (st->reg ? QUIET_ROUND_TIMED : QUIET_ROUND) != 0) {
             if (!st->quiet) {
                 st->quiet = 1;
                 st->qbase_wall = g_quiet_wall;
