@@ -11,19 +11,33 @@ block while another runs. :func:`install_asyncio_hook` wraps the event loop's ca
 label set down to the native slot (only when it differs from what the slot holds, so the common
 case costs one context-variable lookup).
 
-The tracker does not import asyncio for that (tens of milliseconds and a few MiB an app that
-never uses asyncio should not pay): :func:`enable_asyncio_hook` wraps the runner at once if
-asyncio is loaded; otherwise the first label pushed arranges for it, right away or when the app
-imports asyncio. Until a label is pushed every context's label set is empty, which the native
-slot already holds, so nothing is lost by waiting.
+Work handed to a thread pool runs in a thread whose native slot knows nothing of the request
+that handed it over: a context variable may travel (anyio and ``asyncio.to_thread`` run the
+function in a copy of the caller's context, ``loop.run_in_executor`` does not even do that), but
+the slot is written only when labels are pushed. So the hand-offs themselves carry the labels:
+``anyio.to_thread.run_sync`` (Starlette's ``run_in_threadpool``, i.e. FastAPI's sync endpoints
+and dependencies) and ``asyncio``'s ``BaseEventLoop.run_in_executor`` on a thread pool (and so
+``asyncio.to_thread``) are wrapped so that the function, in the worker thread, runs with the
+label set active where it was handed over — in the context variable and in the worker's native
+slot — and the worker's slot gets back what it held before when the function returns, so a
+worker going back to its pool (and the next request it serves) keeps nothing of this one. With
+no labels active the function is handed over unchanged. A process pool is left alone (its
+functions must stay picklable), and so are event loops that are not asyncio's (uvloop).
+
+The tracker does not import asyncio (or anyio) for that (tens of milliseconds and a few MiB an
+app that never uses asyncio should not pay): :func:`enable_asyncio_hook` wraps what is loaded at
+once; otherwise the first label pushed arranges for the rest, right away or when the app imports
+it (post-import hooks). Until a label is pushed every context's label set is empty, which the
+native slot already holds, so nothing is lost by waiting.
 """
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -83,49 +97,63 @@ def _apply(pairs: tuple[tuple[str, str], ...]) -> None:
 
 
 def install_asyncio_hook() -> bool:
-    """Makes each asyncio callback (task step) run with its own context's labels. Idempotent.
+    """Makes each asyncio callback (task step) run with its own context's labels, and work handed
+    to a thread pool by ``loop.run_in_executor`` / ``asyncio.to_thread`` (and by
+    ``anyio.to_thread.run_sync``, if anyio is loaded) run with the labels of the code that handed
+    it over. Idempotent.
 
     Imports asyncio; :func:`install_asyncio_hook_when_imported` waits for the app to do so.
     """
     try:
-        from asyncio import events
+        from asyncio import base_events, events
     except ImportError:  # pragma: no cover - asyncio is in the stdlib
         return False
     _wrap_handle_run(events)
+    _wrap_run_in_executor(base_events)
+    anyio_to_thread = sys.modules.get("anyio.to_thread")
+    if anyio_to_thread is not None:
+        _wrap_anyio_run_sync(anyio_to_thread)
     return True
 
 
 def install_asyncio_hook_when_imported() -> None:
-    """Installs the asyncio hook now if asyncio is loaded, else as soon as the app imports it
-    (a post-import hook; asyncio is never imported by this). Idempotent."""
+    """Installs the asyncio and thread-pool hooks now for what is loaded, and for the rest as soon
+    as the app imports it (post-import hooks; asyncio and anyio are never imported by this).
+    Idempotent."""
     global _asyncio_hook_state
     _asyncio_hook_state = _HOOK_ARRANGED
-    if _wrap_loaded_asyncio():
-        return
     from middleware.integrations._post_import import when_imported
 
+    # each fires at once when its module is already loaded
     when_imported("asyncio.events", _wrap_handle_run)
+    when_imported("asyncio.base_events", _wrap_run_in_executor)
+    when_imported("anyio.to_thread", _wrap_anyio_run_sync)
 
 
-# 0: nobody asked for the asyncio hook; 1: asked (tracker started), arranged at the first label
-# push; 2: installed or waiting for the app's asyncio import.
+# 0: nobody asked for the hooks; 1: asked (tracker started), what is loaded is wrapped, the rest
+# arranged at the first label push; 2: installed or waiting for the app's imports.
 _HOOK_OFF, _HOOK_ON_FIRST_LABEL, _HOOK_ARRANGED = 0, 1, 2
 _asyncio_hook_state = _HOOK_OFF
 
 
 def enable_asyncio_hook() -> None:
-    """What the tracker calls at start: the asyncio hook, installed now if asyncio is loaded,
-    else arranged by the first label push (see the module's doc). Idempotent."""
+    """What the tracker calls at start: the asyncio and thread-pool hooks, installed now for what
+    is loaded, the rest arranged by the first label push (see the module's doc). Idempotent."""
     global _asyncio_hook_state
     if _asyncio_hook_state != _HOOK_OFF:
         return
-    if _wrap_loaded_asyncio():
-        _asyncio_hook_state = _HOOK_ARRANGED
-    else:
-        _asyncio_hook_state = _HOOK_ON_FIRST_LABEL
+    _wrap_loaded_asyncio()
+    _asyncio_hook_state = _HOOK_ON_FIRST_LABEL
 
 
 def _wrap_loaded_asyncio() -> bool:
+    """Wraps what is loaded of asyncio (and anyio); True when asyncio's callback runner is."""
+    base_events = sys.modules.get("asyncio.base_events")
+    if base_events is not None and hasattr(base_events, "BaseEventLoop"):
+        _wrap_run_in_executor(base_events)
+    anyio_to_thread = sys.modules.get("anyio.to_thread")
+    if anyio_to_thread is not None and hasattr(anyio_to_thread, "run_sync"):
+        _wrap_anyio_run_sync(anyio_to_thread)
     events = sys.modules.get("asyncio.events")
     if events is None or not hasattr(events, "Handle"):
         return False
@@ -149,6 +177,74 @@ def _wrap_handle_run(events: Any) -> None:
 
     _run._mw_wrapped = True  # type: ignore[attr-defined]
     handle._run = _run  # type: ignore[method-assign]
+
+
+# -- thread pools ---------------------------------------------------------------------------------
+def _carrying_labels(func: Callable[..., Any], pairs: tuple[tuple[str, str], ...]) -> Callable[..., Any]:
+    """``func`` made to run, in whatever thread calls it, with the label set ``pairs`` (context
+    variable and the thread's native slot); the thread's slot is restored when it returns."""
+
+    def run_with_labels(*args: Any, **kwargs: Any) -> Any:
+        before = getattr(_applied, "pairs", ())
+        token = _current.set(pairs)
+        _apply(pairs)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            _current.reset(token)
+            _apply(before)
+
+    run_with_labels.__wrapped__ = func  # type: ignore[attr-defined]
+    return run_with_labels
+
+
+def _is_thread_pool(executor: Any) -> bool:
+    # No ThreadPoolExecutor exists before concurrent.futures.thread is imported.
+    thread = sys.modules.get("concurrent.futures.thread")
+    return thread is not None and isinstance(executor, thread.ThreadPoolExecutor)
+
+
+def _wrap_run_in_executor(base_events: Any) -> None:
+    """``loop.run_in_executor(executor, func, *args)`` on a thread pool (``None``: the loop's
+    default one, a thread pool unless the app set another kind) carries the caller's labels to
+    ``func``; ``asyncio.to_thread`` goes through it too."""
+    loop_cls = base_events.BaseEventLoop
+    if getattr(loop_cls.run_in_executor, "_mw_wrapped", False):
+        return
+    original = loop_cls.run_in_executor
+    coroutines = sys.modules.get("asyncio.coroutines")
+
+    def run_in_executor(self: Any, executor: Any, func: Any, *args: Any) -> Any:
+        pairs = _current.get()
+        if pairs and callable(func):
+            pool = executor if executor is not None else getattr(self, "_default_executor", None)
+            if (pool is None or _is_thread_pool(pool)) and not (
+                coroutines is not None and (coroutines.iscoroutine(func) or coroutines.iscoroutinefunction(func))
+            ):  # (asyncio refuses those in debug mode: leave them to it)
+                func = _carrying_labels(func, pairs)
+        return original(self, executor, func, *args)
+
+    functools.update_wrapper(run_in_executor, original)
+    run_in_executor._mw_wrapped = True  # type: ignore[attr-defined]
+    loop_cls.run_in_executor = run_in_executor
+
+
+def _wrap_anyio_run_sync(to_thread: Any) -> None:
+    """``anyio.to_thread.run_sync(func, *args, ...)`` (Starlette's ``run_in_threadpool``: FastAPI's
+    sync endpoints and dependencies) carries the caller's labels to ``func``."""
+    original = getattr(to_thread, "run_sync", None)
+    if original is None or getattr(original, "_mw_wrapped", False):
+        return
+
+    async def run_sync(func: Any, *args: Any, **kwargs: Any) -> Any:
+        pairs = _current.get()
+        if pairs and callable(func):
+            func = _carrying_labels(func, pairs)
+        return await original(func, *args, **kwargs)
+
+    functools.update_wrapper(run_sync, original)
+    run_sync._mw_wrapped = True  # type: ignore[attr-defined]
+    to_thread.run_sync = run_sync
 
 
 def current_labels() -> dict[str, str]:

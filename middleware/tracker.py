@@ -25,7 +25,9 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from middleware.labels import enable_asyncio_hook, labels as _labels_cm
-from middleware.config import UPLOAD_VARIABLES, ProfilerConfig, default_profile_dir, resolve_config
+from middleware.config import (
+    UPLOAD_VARIABLES, ProfilerConfig, default_profile_dir, resolve_config, visible_warning,
+)
 
 if TYPE_CHECKING:
     from middleware.profile import Profile
@@ -41,6 +43,18 @@ def _native_module() -> Any:
     from middleware import _native
 
     return _native
+
+
+def _interpreter_unsupported() -> bool:
+    """True (said once, see :mod:`middleware`) on an interpreter whose layouts the sampler does
+    not know: a tracker there does nothing and loads no native code, however it was imported."""
+    import middleware  # initialised before any tracker is made
+
+    supported = getattr(middleware, "python_supported", None)
+    if supported is None or supported():
+        return False
+    middleware._say_unsupported()
+    return True
 
 
 class _ProcessProfiler:
@@ -74,7 +88,10 @@ class _ProcessProfiler:
             if cfg.native and hasattr(n, "unwind_enable"):
                 n.unwind_enable(bool(cfg.native_show_internal))
             elif cfg.native:
-                logger.warning("middleware: native mode requested but not built in; Python frames only")
+                visible_warning(
+                    logger, "middleware: native mode requested but not built in (this build of middleware._native "
+                    "has no native frames); Python frames only",
+                )
         logger.info(
             "middleware: profiling pid %d at %d Hz (service %s, store %s)",
             self.pid, cfg.sample_rate, cfg.service_name, cfg.profile_dir or "off",
@@ -94,8 +111,10 @@ class _ProcessProfiler:
                 service_name=self.config.service_name, sample_rate=self.config.sample_rate,
                 tags=self.config.tags,
             )
-        except Exception:  # configuration must never break the app
-            logger.exception("middleware: bad upload configuration; profiles stay local")
+        except Exception as exc:  # configuration must never break the app
+            logger.debug("middleware: resolving the upload settings failed", exc_info=True)
+            visible_warning(logger, "middleware: bad upload configuration (%s: %s); profiles stay local",
+                            type(exc).__name__, exc)
             return
         if ucfg is None:
             return
@@ -121,7 +140,11 @@ class _ProcessProfiler:
             try:
                 os.makedirs(profile_dir, exist_ok=True)
             except OSError as exc:
-                logger.warning("middleware: cannot create the profile directory %s: %s", profile_dir, exc)
+                visible_warning(
+                    logger, "middleware: cannot create the profile directory %s (%s); profiles of process %d "
+                    "are not stored while it cannot be created (set MW_PROFILE_DIR to a writable directory, "
+                    "or to none)", profile_dir, exc.strerror or exc, os.getpid(),
+                )
         n.export_start(
             interval_s=float(cfg.upload_interval),
             service=cfg.service_name,
@@ -179,8 +202,12 @@ class _ProcessProfiler:
         self.lock = threading.RLock()
         try:
             self.start()
-        except Exception:
-            logger.exception("middleware: could not restart profiling in the forked child")
+        except Exception as exc:
+            logger.debug("middleware: restarting profiling in the forked child failed", exc_info=True)
+            visible_warning(
+                logger, "middleware: could not restart profiling in forked process %d (%s: %s); it runs unprofiled",
+                os.getpid(), type(exc).__name__, exc,
+            )
 
 
 def _dropped_at_exit(n: Any) -> int:
@@ -205,10 +232,11 @@ def _warn_once_without_pause(n: Any) -> None:
     if _warned_no_pause or n.stats().get("can_pause", 1):
         return
     _warned_no_pause = True
-    logger.warning(
-        "middleware: no free real-time signal to pause a running thread while its stack is read; "
-        "stacks of threads running Python are kept only when two reads agree "
-        "(tracker.stats()['unverified'] counts them)"
+    visible_warning(
+        logger,
+        "middleware: no free real-time signal (every SIGRTMIN+6..SIGRTMAX-2 has a handler) to pause a "
+        "running thread while its stack is read; stacks of threads running Python are kept only when two "
+        "reads agree (tracker.stats()['unverified'] counts them)",
     )
 
 
@@ -336,8 +364,12 @@ class MwTracker:
     """Starts (or joins) continuous profiling of this process.
 
     Arguments override ``MW_*`` environment variables, which override defaults (README,
-    "Configuration"). Bad values are logged and replaced by defaults; they never raise.
+    "Configuration"). Bad values are logged and replaced by defaults; they never raise. On an
+    interpreter the sampler does not know, the tracker does nothing (see :mod:`middleware`).
     """
+
+    #: True on an interpreter the sampler does not know: nothing runs, no native code is loaded.
+    _unprofiled = False
 
     def __init__(
         self,
@@ -349,6 +381,9 @@ class MwTracker:
         enabled: bool | None = None,
         **options: Any,
     ) -> None:
+        if _interpreter_unsupported():
+            self._stay_unprofiled()
+            return
         self._attach(resolve_config(
             service_name=service_name, sample_rate=sample_rate, upload_interval=upload_interval,
             profile_dir=profile_dir, native=native, enabled=enabled, **options,
@@ -361,8 +396,16 @@ class MwTracker:
         self._attach(config)
         return self
 
+    def _stay_unprofiled(self) -> None:
+        self._unprofiled = True
+        self.config = ProfilerConfig(enabled=False)
+        self._profiler = None
+
     def _attach(self, config: ProfilerConfig) -> None:
         global _profiler
+        if _interpreter_unsupported():
+            self._stay_unprofiled()
+            return
         self.config = config
         if not self.config.enabled:
             logger.info("middleware: profiling disabled (MW_APM_COLLECT_PROFILING=false)")
@@ -375,8 +418,16 @@ class MwTracker:
                 _profiler = _ProcessProfiler(self.config)
                 try:
                     _profiler.start()
-                except Exception:
-                    logger.exception("middleware: profiling could not start; the app runs unprofiled")
+                except Exception as exc:
+                    logger.debug("middleware: starting the profiler failed", exc_info=True)
+                    visible_warning(
+                        logger, "middleware: profiling could not start (%s: %s); the app runs unprofiled",
+                        type(exc).__name__, exc,
+                    )
+                    try:  # whatever did start (the sampler) stops: the app runs unprofiled indeed
+                        _profiler.stop(0.5)
+                    except Exception:
+                        logger.debug("middleware: stopping after a failed start failed", exc_info=True)
                     _profiler = None
             self._profiler = _profiler
             if _profiler is not None:
@@ -387,8 +438,12 @@ class MwTracker:
                 from middleware import integrations
 
                 integrations.install_all(self)
-            except Exception:
-                logger.exception("middleware: framework instrumentation failed; profiling continues")
+            except Exception as exc:
+                logger.debug("middleware: framework instrumentation failed", exc_info=True)
+                visible_warning(
+                    logger, "middleware: framework instrumentation failed (%s: %s); requests are not labelled, "
+                    "profiling continues", type(exc).__name__, exc,
+                )
 
     # -- control ----------------------------------------------------------------------------------
     @property
@@ -408,10 +463,16 @@ class MwTracker:
 
     def labels(self, **kv: object) -> Any:
         """Context manager: samples taken inside carry these labels (threads and asyncio safe)."""
+        if self._unprofiled:
+            import contextlib
+
+            return contextlib.nullcontext()
         return _labels_cm(**kv)
 
     def stats(self) -> dict[str, int]:
         """Counters: samples taken, dropped, torn reads, overflow, sampler CPU time, exports..."""
+        if self._unprofiled:
+            return {}
         n = _native_module()
         out: dict[str, int] = dict(n.stats())
         if hasattr(n, "export_stats"):
@@ -427,6 +488,10 @@ class MwTracker:
 
     def snapshot(self, reset: bool = False) -> Profile:
         """Everything collected since start (or the last ``reset``), as a :class:`Profile`."""
+        if self._unprofiled:
+            from middleware.profile import Profile
+
+            return Profile()
         return snapshot_profile(reset=reset, rate=self.config.sample_rate)
 
 

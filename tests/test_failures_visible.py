@@ -263,8 +263,7 @@ import json, sys
 import dataclasses, logging, re, threading, typing, weakref, contextvars  # imported as the real version
 sys.path.insert(0, {root!r})
 sys.version_info = {version!r}
-import middleware
-from middleware import MwTracker
+{import_tracker}
 a = MwTracker()
 b = MwTracker(sample_rate=500)
 with a.labels(endpoint="/x"):
@@ -277,10 +276,14 @@ sys.exit(3)
 """
 
 
+@pytest.mark.parametrize("import_tracker", [
+    "import middleware\nfrom middleware import MwTracker",
+    "from middleware.tracker import MwTracker",  # the class itself, not the package's name for it
+], ids=["package", "tracker-module"])
 @pytest.mark.parametrize("version", [(3, 14, 0, "final", 0), (3, 9, 18, "final", 0)])
-def test_an_unknown_python_runs_the_app_unprofiled_and_says_so_once(tmp_path, version):
+def test_an_unknown_python_runs_the_app_unprofiled_and_says_so_once(tmp_path, version, import_tracker):
     script = tmp_path / "app.py"
-    script.write_text(UNKNOWN_PYTHON.format(root=str(ROOT), version=version))
+    script.write_text(UNKNOWN_PYTHON.format(root=str(ROOT), version=version, import_tracker=import_tracker))
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
                        env=_hermetic_env(tmp_path), cwd=str(tmp_path))
     assert r.returncode == 3, r.stderr
@@ -314,3 +317,98 @@ def test_setup_still_builds_on_this_python():
     r = subprocess.run([sys.executable, "setup.py", "--name"], capture_output=True, text=True, timeout=60,
                        cwd=str(ROOT))
     assert r.returncode == 0 and r.stdout.strip() == "middleware", r.stderr
+
+
+# --- the tracker's own problems -------------------------------------------------------------------
+TRACKER_APP = """
+import json, os, signal, sys, time
+sys.path.insert(0, {root!r})
+case = os.environ["TEST_CASE"]
+if os.environ.get("TEST_LOGGING") == "root":
+    import logging
+    logging.basicConfig(stream=sys.stderr, format="LOG %(levelname)s %(name)s | %(message)s")
+if case == "no-pause":  # the app handles every real-time signal the sampler could take
+    for sig in range(signal.SIGRTMIN + 6, signal.SIGRTMAX - 1):
+        signal.signal(sig, signal.SIG_IGN)
+import middleware
+from middleware import _native
+if case == "no-native":  # an extension built without native frames
+    del _native.unwind_enable
+if case == "start-fails":  # the sampler cannot start here
+    def start(**kwargs):
+        raise RuntimeError("cannot start the sampler thread")
+    _native.start = start
+from middleware import MwTracker
+kwargs = dict(native=True) if case == "no-native" else {{}}
+trackers = [MwTracker(**kwargs), MwTracker(**kwargs)]  # the second joins (or tries again)
+deadline = time.perf_counter() + 0.4
+while time.perf_counter() < deadline:
+    sum(i * i for i in range(200))
+with trackers[0].labels(step="last"):
+    print("result", sum(i * i for i in range(1000)), flush=True)
+print(json.dumps({{"running": [t.running for t in trackers],
+                  "can_pause": trackers[0].stats().get("can_pause") if trackers[0].running else None}}))
+sys.exit(3)
+"""
+
+#: (case, extra environment, what the one line says)
+TRACKER_CASES = [
+    ("no-pause", {}, "middleware: no free real-time signal"),
+    ("no-native", {}, "middleware: native mode requested but not built in"),
+    ("start-fails", {}, "middleware: profiling could not start (RuntimeError: cannot start the sampler thread); "
+                        "the app runs unprofiled"),
+    ("profile-dir", {"MW_PROFILE_DIR": "{tmp}/a-file/profiles"}, "middleware: cannot create the profile directory "
+                                                                  "{tmp}/a-file/profiles (Not a directory)"),
+]
+
+
+def _run_tracker_case(tmp_path: Path, case: str, extra: dict[str, str], **more: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "a-file").write_text("not a directory\n")
+    script = tmp_path / "tracker_app.py"
+    script.write_text(TRACKER_APP.format(root=str(ROOT)))
+    env = _hermetic_env(tmp_path, TEST_CASE=case, **{k: v.format(tmp=tmp_path) for k, v in extra.items()}, **more)
+    env.setdefault("MW_PROFILE_DIR", "none")
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env,
+                          cwd=str(tmp_path))
+
+
+@pytest.mark.parametrize("case,extra,said", TRACKER_CASES, ids=[c[0] for c in TRACKER_CASES])
+def test_the_trackers_own_problems_are_said_once_on_stderr(tmp_path, case, extra, said):
+    # GIVEN an app with logging not configured that starts two trackers where profiling cannot
+    # work as asked
+    r = _run_tracker_case(tmp_path, case, extra)
+    # THEN the app runs as it would unprofiled
+    assert r.returncode == 3, r.stderr
+    out = r.stdout.splitlines()
+    assert out[0] == f"result {sum(i * i for i in range(1000))}", r.stdout
+    res = json.loads(out[1])
+    # AND the problem is one line on stderr, however many trackers ran into it
+    lines = _lines(r.stderr)
+    ours = [line for line in lines if line.startswith(said.format(tmp=tmp_path))]
+    assert len(ours) == 1, lines
+    if case == "profile-dir":
+        # the exporter says it too when it drops a window (a different line, naming the directory)
+        assert all(f"{tmp_path}/a-file/profiles" in line for line in lines) and len(lines) <= 2, lines
+        assert res["running"] == [True, True]
+    else:
+        assert lines == ours, lines
+    if case == "start-fails":
+        assert res["running"] == [False, False]
+    if case == "no-pause":
+        assert res["can_pause"] == 0, res
+
+
+def test_the_trackers_own_problems_go_through_logging_when_it_is_configured(tmp_path):
+    r = _run_tracker_case(tmp_path, "start-fails", {}, TEST_LOGGING="root")
+    assert r.returncode == 3, r.stderr
+    # the failed start is said by each tracker that tried, in the app's format, and never bare
+    lines = _lines(r.stderr)
+    assert lines and all(line == "LOG WARNING middleware.tracker | middleware: profiling could not start "
+                         "(RuntimeError: cannot start the sampler thread); the app runs unprofiled"
+                         for line in lines), lines
+
+
+def test_the_trackers_own_problems_are_silenced_by_quiet(tmp_path):
+    r = _run_tracker_case(tmp_path, "no-pause", {}, MW_PROFILING_QUIET="1")
+    assert r.returncode == 3 and _lines(r.stderr) == [], r.stderr
+    assert json.loads(r.stdout.splitlines()[1])["can_pause"] == 0

@@ -2,6 +2,8 @@
 
     python -m middleware serve [--host 127.0.0.1] [--port 4040] [--data DIR] [--import DIR]...
                                [--token TOKEN] [--max-body BYTES] [--max-profile BYTES]
+                               [--max-series-per-upload N] [--max-series-per-service N]
+                               [--request-timeout SECONDS] [--max-connections N]
 
 Agents push to it exactly as to Grafana Pyroscope (``MW_PROFILING_SERVER_URL=http://HOST:PORT``);
 profiles are kept in SQLite under ``--data``. Profiles an agent wrote to its local store are
@@ -12,15 +14,27 @@ and every ``--import-interval`` seconds, and each file is imported once.
 Listening on anything but loopback needs a token (``--token`` or ``$MW_SERVE_TOKEN``; the option
 wins): uploads and the page must then send it (``Authorization: Bearer TOKEN``, or basic auth
 with the token as password — the browser asks for it).
+
+Limits: one upload holds at most ``--max-series-per-upload`` label sets (400 beyond);
+a service keeps at most ``--max-series-per-service`` series, samples of new label sets beyond
+that go to its one overflow series; a request's headers must arrive within
+``--request-timeout`` seconds (its body within that plus 1 s per 64 KiB); at most
+``--max-connections`` connections are open at once. Each defaults to its environment variable
+(``MW_SERVE_MAX_SERIES_PER_UPLOAD``, ``MW_SERVE_MAX_SERIES_PER_SERVICE``,
+``MW_SERVE_REQUEST_TIMEOUT``, ``MW_SERVE_MAX_CONNECTIONS``), else 2000, 50000, 30 and 256; the
+option wins.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 from middleware.commands import CommandError
 
@@ -51,6 +65,42 @@ def _size(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
     return value
+
+
+def _int_within(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: a whole number within lo..hi (a bad one: exit status 2, one line)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {lo} to {hi}, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {lo} to {hi}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _seconds_within(lo: float, hi: float) -> Callable[[str], float]:
+    """An argparse type: seconds (a decimal number) within lo..hi."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise argparse.ArgumentTypeError(f"expected seconds from {lo:g} to {hi:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+# The ranges the environment variables accept too (middleware/serve/ingest.py and server.py).
+MAX_SERIES = 10**9
+MAX_CONNECTIONS = 100_000
+REQUEST_TIMEOUT_RANGE = (0.1, 3600.0)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -86,6 +136,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-profile", type=_size, default="64M", metavar="BYTES",
         help="largest decompressed profile (default: 64M); protects against gzip bombs",
     )
+    parser.add_argument(
+        "--max-series-per-upload", type=_int_within(1, MAX_SERIES), default=None, metavar="N",
+        help="distinct label sets one upload may hold; more is refused with 400 "
+             "(default: $MW_SERVE_MAX_SERIES_PER_UPLOAD or 2000)",
+    )
+    parser.add_argument(
+        "--max-series-per-service", type=_int_within(1, MAX_SERIES), default=None, metavar="N",
+        help="series a service may have; samples of new label sets beyond that go to its overflow series "
+             "(default: $MW_SERVE_MAX_SERIES_PER_SERVICE or 50000)",
+    )
+    parser.add_argument(
+        "--request-timeout", type=_seconds_within(*REQUEST_TIMEOUT_RANGE), default=None, metavar="SECONDS",
+        help="a request's line and headers must arrive within this (also the keep-alive idle limit and each "
+             "read's timeout; a body gets 1 s more per 64 KiB) (default: $MW_SERVE_REQUEST_TIMEOUT or 30)",
+    )
+    parser.add_argument(
+        "--max-connections", type=_int_within(1, MAX_CONNECTIONS), default=None, metavar="N",
+        help="connections open at once, one thread each; beyond it the one waiting longest for its request is "
+             "closed, or 503 when all are busy (default: $MW_SERVE_MAX_CONNECTIONS or 256)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -103,6 +173,17 @@ def run(args: argparse.Namespace) -> int:
             import_dirs.append(store_dir)
     if args.import_interval <= 0:
         raise CommandError("--import-interval must be positive")
+    # Options left out keep the defaults, which read the environment variables.
+    limits: dict[str, Any] = {"max_body_bytes": args.max_body, "max_decompressed_bytes": args.max_profile}
+    if args.max_series_per_upload is not None:
+        limits["max_series_per_upload"] = args.max_series_per_upload
+    if args.max_series_per_service is not None:
+        limits["max_series_per_service"] = args.max_series_per_service
+    connections: dict[str, Any] = {}
+    if args.request_timeout is not None:
+        connections["request_timeout"] = args.request_timeout
+    if args.max_connections is not None:
+        connections["max_connections"] = args.max_connections
     config = ServeConfig(
         host=args.host,
         port=args.port,
@@ -110,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
         token=token_from_env(args.token),
         import_dirs=import_dirs,
         import_interval=args.import_interval,
-        limits=IngestLimits(max_body_bytes=args.max_body, max_decompressed_bytes=args.max_profile),
+        limits=IngestLimits(**limits),
+        **connections,
     )
     try:
         app = ServeApp(config)
