@@ -143,8 +143,8 @@ static int64_t g_period_ns;
 static uint32_t g_gen_next = 1;
 static uint32_t g_rec_next; /* sampler: where the drain scan resumes */
 
-static _Atomic uint64_t c_signals, c_recorded, c_periods, c_no_record, c_no_scratch, c_torn,
-    c_stale, c_handler_ns;
+static _Atomic uint64_t c_native, c_native_frames, c_signals, c_recorded, c_periods, c_no_record,
+    c_no_scratch, c_torn, c_stale, c_handler_ns;
 static uint64_t c_armed, c_arm_failed;                     /* under g_lock */
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER; /* arm / disarm / sweep */
 
@@ -241,6 +241,8 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
         uint8_t *cursor = (uint8_t *)(sc + 1) + ((mw_walkscratch_size() + 63) & ~(size_t)63);
         rec->nips =
             mw_unwind_here(ucontext, cursor, rec->ips, MW_UNWIND_MAX_FRAMES, &rec->ips_complete);
+        bump(&c_native, 1);
+        bump(&c_native_frames, (uint64_t)rec->nips);
     }
     atomic_store(&sc->guard.owner, 0);
     atomic_store(&sc->busy, 0);
@@ -513,6 +515,8 @@ void mw_cputimer_get_stats(mw_cputimer_stats_t *out) {
     out->torn = atomic_load(&c_torn);
     out->stale = atomic_load(&c_stale);
     out->handler_ns = atomic_load(&c_handler_ns);
+    out->native = atomic_load(&c_native);
+    out->native_frames = atomic_load(&c_native_frames);
     out->period_ns = (uint64_t)g_period_ns;
 }
 

@@ -80,17 +80,19 @@ void mw_cputimer_known_add(uint64_t key);
 void mw_cputimer_known_clear(void);
 
 typedef struct mw_cputimer_stats {
-    uint64_t mode;       /* 0 off, 1 POSIX CPU timers, 2 perf task-clock */
-    uint64_t armed;      /* threads with a timer now */
-    uint64_t arm_failed; /* threads that could not get one (read at ticks instead) */
-    uint64_t signals;    /* handler runs for a timer */
-    uint64_t recorded;   /* raw samples left for the sampler */
-    uint64_t periods;    /* CPU periods they stand for */
-    uint64_t no_record;  /* dropped: every record was waiting (sampler behind) */
-    uint64_t no_scratch; /* dropped: every walk scratch busy (more handlers than CPUs) */
-    uint64_t torn;       /* dropped: the thread was between two stores of the eval loop */
-    uint64_t stale;      /* signals for a registration that had moved on (ignored) */
-    uint64_t handler_ns; /* total time spent in handlers */
+    uint64_t mode;          /* 0 off, 1 POSIX CPU timers, 2 perf task-clock */
+    uint64_t armed;         /* threads with a timer now */
+    uint64_t arm_failed;    /* threads that could not get one (read at ticks instead) */
+    uint64_t signals;       /* handler runs for a timer */
+    uint64_t recorded;      /* raw samples left for the sampler */
+    uint64_t periods;       /* CPU periods they stand for */
+    uint64_t no_record;     /* dropped: every record was waiting (sampler behind) */
+    uint64_t no_scratch;    /* dropped: every walk scratch busy (more handlers than CPUs) */
+    uint64_t torn;          /* dropped: the thread was between two stores of the eval loop */
+    uint64_t stale;         /* signals for a registration that had moved on (ignored) */
+    uint64_t handler_ns;    /* total time spent in handlers */
+    uint64_t native;        /* samples with a native stack (native mode) */
+    uint64_t native_frames; /* native frames captured in them */
     uint64_t period_ns;
 } mw_cputimer_stats_t;
 

@@ -264,6 +264,11 @@ void mw_unwind_get_stats(mw_unwind_stats_t *out) {
     out->late = atomic_load(&g_late);
     out->pause_timeouts = atomic_load(&g_pause_timeouts);
     out->enabled = (uint64_t)mw_unwind_enabled();
+    /* Native stacks captured by the threads' own CPU-timer handlers count as captured too. */
+    mw_cputimer_stats_t t;
+    mw_cputimer_get_stats(&t);
+    out->captured += t.native;
+    out->frames += t.native_frames;
 }
 
 /* ---- requests (sampler thread) ------------------------------------------------------------ */
