@@ -141,7 +141,8 @@ static int g_max_depth, g_signo, g_mode, g_perf_max, g_perf_open;
 static int g_guarded; /* direct reads under mw_guard are possible */
 static int64_t g_period_ns;
 static uint32_t g_gen_next = 1;
-static uint32_t g_rec_next; /* sampler: where the drain scan resumes */
+static uint32_t g_rec_next;      /* sampler: where the drain scan resumes */
+static _Atomic uint32_t g_ready; /* records in state 2: a tick with none scans nothing */
 
 static _Atomic uint64_t c_native, c_native_frames, c_signals, c_recorded, c_periods, c_no_record,
     c_no_scratch, c_torn, c_stale, c_handler_ns;
@@ -259,6 +260,7 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
     bump(&c_recorded, 1);
     bump(&c_periods, periods);
     atomic_store_explicit(&rec->state, 2, memory_order_release);
+    atomic_fetch_add_explicit(&g_ready, 1, memory_order_release);
 }
 
 /* ---- set-up --------------------------------------------------------------------------------- */
@@ -489,6 +491,7 @@ void mw_cputimer_disarm_all(void) {
 }
 
 mw_cpusample_t *mw_cputimer_next(void) {
+    if (atomic_load_explicit(&g_ready, memory_order_acquire) == 0) return NULL;
     for (int k = 0; k < MW_CPUTIMER_RECORDS; k++) {
         uint32_t i = (g_rec_next + (uint32_t)k) % MW_CPUTIMER_RECORDS;
         if (atomic_load_explicit(&g_rec[i].state, memory_order_acquire) == 2) {
@@ -501,6 +504,7 @@ mw_cpusample_t *mw_cputimer_next(void) {
 
 void mw_cputimer_done(mw_cpusample_t *s) {
     atomic_store_explicit(&s->state, 0, memory_order_release);
+    atomic_fetch_sub_explicit(&g_ready, 1, memory_order_relaxed);
 }
 
 void mw_cputimer_get_stats(mw_cputimer_stats_t *out) {
@@ -535,6 +539,7 @@ void mw_cputimer_after_fork_child(void) {
     }
     for (int i = 0; i < MW_CPUTIMER_RECORDS; i++)
         atomic_store(&g_rec[i].state, 0);
+    atomic_store(&g_ready, 0);
     for (int i = 0; i < SCRATCH && g_scratch; i++)
         atomic_store(&scratch_at(i)->busy, 0);
     g_perf_open = 0;

@@ -38,31 +38,32 @@
 #define MW_MAX_DEPTH_CAP 4096
 
 typedef struct {
-    long tid;         /* 0 = free */
-    uint64_t cpu_ns;  /* CPU clock at the start of the last read */
-    uint64_t cpu_end; /* CPU clock right after the last proven read (stack reuse) */
-    uint64_t pending; /* CPU ns used while the thread had no on-CPU sample in the window */
-    uint64_t hit_gen; /* buffer generation in which the thread had an on-CPU sample */
-    uint64_t tick;    /* last tick the thread was seen */
+    /* What a quiet tick looks at, first: one cache line per idle thread per tick. */
+    long tid;              /* 0 = free */
+    uint64_t tick;         /* last tick the thread was seen */
+    uint64_t stack_gen;    /* buffer generation of the remembered stack entry */
+    uint64_t active_until; /* read in full on every tick until then: it used CPU recently */
+    int stack_valid;       /* the remembered entry may be reused (1 Python-only, 2 native) */
+    int quiet;             /* its quiet-tick wall time is owed to the remembered entry */
+    int reg;               /* CPU timer (mw_cputimer) registration + 1, 0 = none */
+    uint64_t cpu_ns;       /* CPU clock at the start of the last read */
+    uint64_t cpu_end;      /* CPU clock right after the last proven read (stack reuse) */
+    uint64_t pending;      /* CPU ns used while the thread had no on-CPU sample in the window */
+    uint64_t hit_gen;      /* buffer generation in which the thread had an on-CPU sample */
     uint32_t name_seq;
     uint64_t name_gen; /* buffer generation the cached name id belongs to */
     mw_id_t name_id;
     /* The last sample's stack entry, reused while the thread has not run since. */
-    uint64_t stack_gen;
     uint32_t stack_idx;
     uint32_t stack_labels; /* label-set change counter when it was read */
     mw_id_t stack_thread;
     uint32_t stack_labelset;
-    int stack_valid;
-    uint64_t py_hash;      /* the remembered sample's Python frames (native reuse check) */
-    uint64_t active_until; /* read in full on every tick until then: it used CPU recently */
-    /* Quiet: the thread's wall time of quiet ticks is owed to its remembered entry, counted
-     * from the global quiet totals at the time it went quiet (see tick()). */
-    int quiet;
+    uint64_t py_hash; /* the remembered sample's Python frames (native reuse check) */
+    /* Quiet: counted from the global quiet totals at the time it went quiet (see tick()). */
     uint64_t qbase_wall, qbase_n;
-    /* CPU timer (mw_cputimer): registration + 1 (0 = none) and the thread state it was armed
-     * for; wall time of ticks that found the thread running, owed to its next CPU sample. */
-    int reg, arm_failed;
+    /* The thread state the CPU timer was armed for; wall time of ticks that found the thread
+     * running, owed to its next CPU sample. */
+    int arm_failed;
     int timer_born;     /* first met through a CPU-timer sample, before any tick read it */
     uint64_t credit_ns; /* CPU already credited from such samples, not yet met by the clock */
     uintptr_t reg_tstate;
