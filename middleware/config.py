@@ -145,6 +145,9 @@ class ProfilerConfig:
     enabled: bool = True
     service_name: str = field(default_factory=lambda: f"python-service-{os.getpid()}")
     sample_rate: int = 100
+    # Wall-time samples per second at most (the sampler's ticks) while CPU samples come from the
+    # threads' own CPU timers; without them the ticks run at sample_rate.
+    wall_rate: int = 100
     upload_interval: float = 10.0
     profile_dir: str | None = field(default_factory=default_profile_dir)
     store_max_mb: int = 256
@@ -215,6 +218,9 @@ def resolve_config(env: Mapping[str, str] | None = None, **args: Any) -> Profile
         ),
         sample_rate=_setting(
             "sample_rate", args.get("sample_rate"), env, ("MW_PROFILING_SAMPLE_RATE",), int_in(1, 10000), 100
+        ),
+        wall_rate=_setting(
+            "wall_rate", args.get("wall_rate"), env, ("MW_PROFILING_WALL_RATE",), int_in(1, 10000), 100
         ),
         upload_interval=_setting(
             "upload_interval", args.get("upload_interval"), env, ("MW_PROFILING_UPLOAD_INTERVAL",),

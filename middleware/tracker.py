@@ -76,7 +76,7 @@ class _ProcessProfiler:
         with self.lock:
             if self.running:
                 return
-            n.start(rate_hz=cfg.sample_rate, max_depth=cfg.max_depth)
+            n.start(rate_hz=cfg.sample_rate, max_depth=cfg.max_depth, wall_hz=cfg.wall_rate)
             self.running = True
             self.pid = os.getpid()
             _warn_once_without_pause(n)
