@@ -405,21 +405,35 @@ static int arm_perf(reg_t *r, long tid, uint32_t key) {
     return 0;
 }
 
-static int arm_locked(long tid, uintptr_t tstate);
+static int arm_locked(long tid, uintptr_t tstate, int *existed);
 static void disarm_locked(int i);
 
-int mw_cputimer_arm(long tid, uintptr_t tstate) {
+int mw_cputimer_arm(long tid, uintptr_t tstate, int *existed) {
+    int dummy;
+    if (!existed) existed = &dummy;
+    *existed = 0;
     if (!g_mode || !g_reg || tid <= 0) return -1;
     pthread_mutex_lock(&g_lock);
-    int r = arm_locked(tid, tstate);
+    int r = arm_locked(tid, tstate, existed);
     pthread_mutex_unlock(&g_lock);
     return r;
 }
 
-static int arm_locked(long tid, uintptr_t tstate) {
+void mw_cputimer_forget(long tid) {
+    if (!g_reg || tid <= 0) return;
+    pthread_mutex_lock(&g_lock);
+    for (int i = 0; i < REGS; i++)
+        if (atomic_load(&g_reg[i].tid) == tid) disarm_locked(i);
+    pthread_mutex_unlock(&g_lock);
+}
+
+static int arm_locked(long tid, uintptr_t tstate, int *existed) {
     for (int i = 0; i < REGS; i++) { /* already armed (by itself at start, or a tick) */
         if (atomic_load(&g_reg[i].tid) != tid) continue;
-        if (g_reg[i].tstate == tstate) return i;
+        if (g_reg[i].tstate == tstate) {
+            *existed = 1;
+            return i;
+        }
         disarm_locked(i); /* the id now belongs to another thread state */
     }
     static uint32_t hint;

@@ -218,6 +218,7 @@ static PyObject *py_forget_thread(PyObject *self, PyObject *args) {
     long tid;
     if (!PyArg_ParseTuple(args, "l", &tid)) return NULL;
     mw_threads_forget(tid);
+    mw_cputimer_forget(tid); /* its CPU timer too (a dead thread's timer never fires) */
     Py_RETURN_NONE;
 }
 

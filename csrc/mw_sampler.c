@@ -653,11 +653,16 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
             if (st->reg) mw_cputimer_disarm(st->reg - 1);
             st->reg = 0;
             if (!st->arm_failed || st->reg_tstate != th->tstate) {
-                int r = mw_cputimer_arm(th->tid, th->tstate);
+                int existed = 0;
+                int r = mw_cputimer_arm(th->tid, th->tstate, &existed);
                 st->reg = r >= 0 ? r + 1 : 0;
                 st->arm_failed = r < 0;
                 st->reg_tstate = th->tstate;
                 g_timers_armed |= r >= 0;
+                /* It armed itself at its start: its CPU samples have covered it since. */
+                if (existed && !mw_unwind_enabled())
+                    return sample_timed(b, th, st, gen, labels_seq, dwall, c0);
+                if (existed) wall_only = 1;
             }
         }
     }
@@ -1063,7 +1068,7 @@ int mw_sampler_rate(void) {
     return g_cfg.rate_hz;
 }
 void mw_sampler_thread_started(long tid, uintptr_t tstate) {
-    if (atomic_load(&g_running) && g_timers && mw_cputimer_arm(tid, tstate) >= 0)
+    if (atomic_load(&g_running) && g_timers && mw_cputimer_arm(tid, tstate, NULL) >= 0)
         g_timers_armed = 1;
 }
 

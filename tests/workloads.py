@@ -192,7 +192,9 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=None, help="sampling rate (default: configuration)")
     ap.add_argument("--seconds", type=float, default=3.0)
     args = ap.parse_args()
-    tracker = MwTracker(sample_rate=args.rate, profile_dir="none", instrument=False)
+    # wall samples at the same rate as CPU samples: these workloads count ticks and threads
+    # caught by them (the default caps ticks at 100 Hz)
+    tracker = MwTracker(sample_rate=args.rate, wall_rate=args.rate, profile_dir="none", instrument=False)
     tracker.snapshot(reset=True)
     extra = WORKLOADS[args.workload](args, tracker)
     profile = tracker.snapshot()
