@@ -54,9 +54,8 @@ typedef struct {
 } mw_codecopy_t;
 
 typedef struct mw_cpusample {
-    _Atomic uint32_t state; /* 0 free, 1 being written, 2 ready for the sampler */
-    int32_t reg;            /* registration of the thread that took it */
-    uintptr_t tstate;       /* its PyThreadState */
+    int32_t reg;      /* registration of the thread that took it */
+    uintptr_t tstate; /* its PyThreadState */
     long tid;
     uint32_t periods;    /* CPU periods this sample stands for (1 + timer overruns) */
     uint32_t labelset;   /* the thread's label set at the sample (mw_threads) */

@@ -92,6 +92,7 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "threads_gone", s.threads_gone) ||
         mw_dict_put_u64(d, "sampler_cpu_ns", s.sampler_cpu_ns) ||
         mw_dict_put_u64(d, "tick_ns_max", s.tick_ns_max) ||
+        mw_dict_put_u64(d, "tick_ns_total", s.tick_ns_total) ||
         mw_dict_put_u64(d, "late_ticks", s.late_ticks) ||
         mw_dict_put_u64(d, "saferead_failures", s.saferead_failures) ||
         mw_dict_put_u64(d, "label_races", s.label_races) ||

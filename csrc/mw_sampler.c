@@ -944,6 +944,7 @@ static void *sampler_main(void *arg) {
         tick();
         int64_t took = mw_now_monotonic_ns() - t0;
         if ((uint64_t)took > g_stats.tick_ns_max) g_stats.tick_ns_max = (uint64_t)took;
+        g_stats.tick_ns_total += (uint64_t)took;
         g_stats.ticks++;
         if ((g_stats.ticks & 15) == 0) sampler_cpu_update(); /* a system call: not every tick */
     }

@@ -57,6 +57,7 @@ typedef struct mw_sampler_stats {
     uint64_t threads_gone;   /* threads whose CPU clock vanished mid-tick */
     uint64_t sampler_cpu_ns; /* CPU time of the sampler thread itself */
     uint64_t tick_ns_max;    /* longest tick */
+    uint64_t tick_ns_total;  /* time spent in ticks (the rest of sampler_cpu_ns is waking up) */
     uint64_t late_ticks;     /* ticks that started more than a period late */
     uint64_t saferead_failures;
     uint64_t walk_retries; /* walks redone from a fresh top frame after a torn first try */
