@@ -12,6 +12,8 @@ after a warm-up, and reports:
 - the application's own CPU per unit of work (``time.thread_time`` of the threads doing the
   work, summed, per unit): the *app ratio*, the app's own slowdown (cache and memory-bandwidth
   interference, signal handling with ``--native``), apart from the sampler's CPU;
+- the CPU samples taken by the threads' own CPU timers, and their handler's time in the
+  application thread (``handler_ns`` / ``cpu_timer_recorded`` from ``tracker.stats()``);
 - the sampler thread's CPU during the work, read from ``/proc/self/task/<tid>/schedstat``
   (nanoseconds on CPU; ``tracker.stats()["sampler_cpu_ns"]`` is only refreshed every 16 ticks),
   as a share of one core and per sample / per tick (``samples`` and ``ticks`` from
@@ -26,8 +28,8 @@ Workloads (``--only`` takes a comma-separated subset):
 - ``idle``: 1, 10, 100 and 500 threads blocked on an ``Event`` plus one busy thread, at 100 Hz
   whatever ``--rate`` says: the sampler's CPU as the thread count grows (profiled runs only);
 - ``sleepers`` (with ``--native``): 4 busy threads and 2 sleeping ones at 1 kHz with native
-  frames, profiled vs unprofiled: the CPU the sleeping threads themselves spend (each sampled
-  thread receives a signal per tick in native mode).
+  frames, profiled vs unprofiled: the CPU the sleeping threads themselves spend (a sleeping
+  thread whose Python frames have not changed is not signalled).
 
 ``--native`` profiles every workload with ``MwTracker(native=True)`` and adds ``sleepers``.
 ``--quick`` runs 3 pairs of shorter runs. A default run takes about 3 minutes on 2 cores.
@@ -147,7 +149,8 @@ out = {"wall": w1 - w0, "cpu": c1 - c0, "app_cpu": sum(app_cpu), "units": units 
        (units // nthreads) * nthreads, "sleep_cpu": sleep_cpu}
 if tracker is not None:
     d = {k: s1.get(k, 0) - s0.get(k, 0) for k in ("samples", "ticks", "sampler_cpu_ns", "unwind_requests",
-                                                  "unwind_captured", "unwind_timeouts")}
+                                                  "unwind_captured", "unwind_timeouts", "handler_ns",
+                                                  "cpu_timer_recorded")}
     d["sampler_ns"] = (smp1 - smp0) if smp0 is not None and smp1 is not None else d["sampler_cpu_ns"]
     d["export_ns"] = (exp1 - exp0) if exp0 is not None and exp1 is not None else 0
     out["stats"] = d
@@ -201,6 +204,12 @@ def sampler_figures(on: list[dict[str, Any]]) -> dict[str, float]:
         "samples_tick": med([s["samples"] / max(1, s["ticks"]) for s in st]),
         "ticks_s": med([s["ticks"] / r["wall"] for s, r in zip(st, on)]),
         "export_ms": med([s["export_ns"] / 1e6 for s in st]),
+        # CPU samples taken by the threads' own CPU timers: the handler's time in the application
+        # thread per sample, and everything (handler + sampler thread) per CPU sample
+        "handler_us": med([s.get("handler_ns", 0) / max(1, s.get("cpu_timer_recorded", 0)) / 1e3 for s in st]),
+        "total_us": med([(s["sampler_ns"] + s.get("handler_ns", 0)) / max(1, s.get("cpu_timer_recorded", 0)) / 1e3
+                         for s in st]),
+        "cpu_samples_s": med([s.get("cpu_timer_recorded", 0) / r["wall"] for s, r in zip(st, on)]),
     }
 
 
@@ -258,8 +267,8 @@ def main() -> None:
     if rows:
         print()
         print(f"{'workload':<10} {'wall ratio':>10} {'CPU ratio':>9} {'app ratio':>9} {'pairs: app ratio':>16} | "
-              f"{'sampler':>8} {'us/sample':>9} {'us/tick':>8} {'samples/tick':>12} {'ticks/s':>7} | {'wall off':>8} "
-              f"{'wall on':>8}")
+              f"{'sampler':>8} {'us/tick':>8} {'ticks/s':>7} {'CPU smp/s':>9} {'handler us':>10} {'total us':>8} | "
+              f"{'wall off':>8} {'wall on':>8}")
         for n in rows:
             on, off = results[n]["on"], results[n]["off"]
             wr = med([r["wall"] for r in on]) / med([r["wall"] for r in off])
@@ -269,28 +278,31 @@ def main() -> None:
             # the same ratio pair by pair (each profiled run against the unprofiled run next to it)
             pr = sorted((a["app_cpu"] / a["units"]) / (b["app_cpu"] / b["units"]) for a, b in zip(on, off))
             spread = f"{med(pr):.3f} ({pr[0]:.2f}-{pr[-1]:.2f})"
-            print(f"{n:<10} {wr:10.3f} {cr:9.3f} {ar:9.3f} {spread:>16} | {f['core_pct']:7.2f}% {f['us_sample']:9.1f} "
-                  f"{f['us_tick']:8.1f} {f['samples_tick']:12.1f} {f['ticks_s']:7.0f} | "
-                  f"{med([r['wall'] for r in off]):7.2f}s {med([r['wall'] for r in on]):7.2f}s")
+            print(f"{n:<10} {wr:10.3f} {cr:9.3f} {ar:9.3f} {spread:>16} | {f['core_pct']:7.2f}% "
+                  f"{f['us_tick']:8.1f} {f['ticks_s']:7.0f} {f['cpu_samples_s']:9.0f} {f['handler_us']:10.2f} "
+                  f"{f['total_us']:8.2f} | {med([r['wall'] for r in off]):7.2f}s {med([r['wall'] for r in on]):7.2f}s")
         print("  wall/CPU ratio: profiled / unprofiled (process CPU includes the profiler's threads); app ratio: the "
               "working threads' own CPU per unit of work, profiled / unprofiled;")
         print("  pairs: the app ratio of each profiled run against its unprofiled neighbour, median (min-max): the "
               "run-to-run noise of this machine;")
-        print("  sampler: the sampler thread's CPU during the work as a share of one core (schedstat), and per "
-              "sample (one thread's stack) / per tick.")
-        d = {n: sampler_figures(results[n]["on"])["us_sample"] for n in ("depth30", "depth150") if n in results}
+        print("  sampler: the sampler thread's CPU during the work as a share of one core (schedstat), per tick, "
+              "ticks per second; CPU smp/s: CPU samples taken by the threads' own CPU timers per second;")
+        print("  handler us: the timer handler's time in the application thread per CPU sample; total us: handler + "
+              "sampler thread per CPU sample.")
+        d = {n: sampler_figures(results[n]["on"])["total_us"] for n in ("depth30", "depth150") if n in results}
         if len(d) == 2:
-            print(f"  per-sample cost: depth 30 {d['depth30']:.1f} us, depth 150 {d['depth150']:.1f} us "
-                  f"({(d['depth150'] - d['depth30']) / 120 * 1e3:.0f} ns per extra frame)")
+            print(f"  per-sample cost (handler + sampler thread): depth 30 {d['depth30']:.1f} us, depth 150 "
+                  f"{d['depth150']:.1f} us")
     idle = [k for k in (f"idle{c}" for c in IDLE_COUNTS) if k in results]
     if idle:
         print()
         print(f"idle threads + 1 busy thread, 100 Hz, {pairs} profiled runs each (medians):")
-        print(f"  {'idle':>5} {'sampler':>8} {'us/tick':>8} {'us/sample':>9} {'samples/tick':>12} {'ticks/s':>7}")
+        print(f"  {'idle':>5} {'sampler':>8} {'us/tick':>8} {'samples/tick':>12} {'ticks/s':>7} {'handler':>8}")
         for k in idle:
             f = sampler_figures(results[k]["on"])
-            print(f"  {k[4:]:>5} {f['core_pct']:7.2f}% {f['us_tick']:8.1f} {f['us_sample']:9.2f} "
-                  f"{f['samples_tick']:12.1f} {f['ticks_s']:7.0f}")
+            hp = med([r["stats"].get("handler_ns", 0) / 1e9 / r["wall"] * 100 for r in results[k]["on"]])
+            print(f"  {k[4:]:>5} {f['core_pct']:7.2f}% {f['us_tick']:8.1f} {f['samples_tick']:12.1f} "
+                  f"{f['ticks_s']:7.0f} {hp:7.2f}%")
     if "sleepers" in results:
         on, off = results["sleepers"]["on"], results["sleepers"]["off"]
 
@@ -306,8 +318,8 @@ def main() -> None:
         print(f"  sleeping threads' own CPU: unprofiled {sleep_us_per_s(off):.0f} us/s, profiled "
               f"{sleep_us_per_s(on):.0f} us/s per thread ({sleep_us_per_s(on) / 1e4:.2f}% of a core each)")
         print(f"  unwind signals {sig:.0f}/s over all threads, timeouts per run {tmo:.0f}; busy threads' own CPU per "
-              f"unit x{ar:.3f}; sampler {f['core_pct']:.2f}% of a core, {f['us_tick']:.0f} us/tick, "
-              f"{f['us_sample']:.1f} us/sample")
+              f"unit x{ar:.3f}; sampler {f['core_pct']:.2f}% of a core, {f['us_tick']:.0f} us/tick; "
+              f"{f['cpu_samples_s']:.0f} CPU samples/s, handler {f['handler_us']:.1f} us each")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh)
