@@ -147,8 +147,8 @@ static uint32_t g_gen_next = 1;
 static uint32_t g_rec_next;      /* sampler: where the drain scan resumes */
 static _Atomic uint32_t g_ready; /* records in state 2: a tick with none scans nothing */
 
-static _Atomic uint64_t c_native, c_native_frames, c_signals, c_recorded, c_periods, c_no_record,
-    c_no_scratch, c_torn, c_stale, c_handler_ns;
+static _Atomic uint64_t c_faults, c_native, c_native_frames, c_signals, c_recorded, c_periods,
+    c_no_record, c_no_scratch, c_torn, c_stale, c_handler_ns;
 static uint64_t c_armed, c_arm_failed;                     /* under g_lock */
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER; /* arm / disarm / sweep */
 
@@ -173,6 +173,38 @@ static scratch_t *scratch_at(int i) {
     return (scratch_t *)(g_scratch + (size_t)i * g_scratch_stride);
 }
 
+/* Reads the calling thread's own Python frames (and the names the sampler lacks) into rec: plain
+ * loads under one fault guard while our fault handler is the installed one, else
+ * process_vm_readv. Returns 0, or -1 when a read faulted (the sample is abandoned). */
+static int read_self(scratch_t *sc, mw_cpusample_t *rec, uintptr_t tstate, long me, int *mine,
+                     int *truncated) {
+    mw_readcache_reset(&sc->rc);
+    if (g_guarded && mw_guard_active()) {
+        if (sigsetjmp(sc->guard.jb, 0)) {
+            sc->guard.armed = sc->guard.session = 0;
+            atomic_store(&sc->guard.owner, 0);
+            return -1;
+        }
+        atomic_store(&sc->guard.owner, me);
+        sc->guard.session = 1;
+        atomic_signal_fence(memory_order_seq_cst);
+        sc->guard.armed = 1;
+        mw_readcache_direct(&sc->rc, &sc->guard);
+    }
+    uintptr_t anchor = 0;
+    int depth = 0;
+    uintptr_t top = mw_pyframes_top_frame_of(&sc->rc, tstate, me, &anchor, mine);
+    if (top)
+        depth = mw_pyframes_walk(&sc->rc, (mw_walkscratch_t *)(sc + 1), top, anchor, rec->frames,
+                                 g_max_depth, truncated);
+    rec->depth = *truncated == 2 ? 0 : depth;
+    if (*mine && *truncated != 2) copy_names(&sc->rc, rec);
+    sc->guard.armed = sc->guard.session = 0;
+    atomic_signal_fence(memory_order_seq_cst);
+    atomic_store(&sc->guard.owner, 0);
+    return 0;
+}
+
 void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
     if (!g_reg) return;
     int64_t t0 = mono_ns();
@@ -186,8 +218,11 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
         return;
     }
     reg_t *r = &g_reg[key & (REGS - 1)];
-    long me = (long)syscall(SYS_gettid);
-    if (key == 0 || atomic_load(&r->gen) != key >> REG_BITS || atomic_load(&r->tid) != me) {
+    /* The signal is routed to the registered thread (F_OWNER_TID / SIGEV_THREAD_ID, both bound to
+     * that task, not to its number): while the registration has the key's generation, we are
+     * that thread — no gettid() needed (the walk checks the thread state's own id too). */
+    long me = atomic_load(&r->tid);
+    if (key == 0 || atomic_load(&r->gen) != key >> REG_BITS || me == 0) {
         bump(&c_stale, 1);
         return;
     }
@@ -211,35 +246,20 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
         bump(&c_no_record, 1);
         return;
     }
-    mw_readcache_reset(&sc->rc);
-    /* The thread reads its own memory: plain loads under the fault guard while our fault handler
-     * is the installed one, else process_vm_readv. */
-    if (g_guarded && mw_guard_active()) {
-        atomic_store(&sc->guard.owner, me);
-        mw_readcache_direct(&sc->rc, &sc->guard);
-    }
-    uintptr_t anchor = 0;
-    int mine = 0, truncated = 0, depth = 0;
-    uintptr_t top = mw_pyframes_top_frame_of(&sc->rc, r->tstate, me, &anchor, &mine);
-    if (top)
-        depth = mw_pyframes_walk(&sc->rc, (mw_walkscratch_t *)(sc + 1), top, anchor, rec->frames,
-                                 g_max_depth, &truncated);
-    if (!mine) { /* the state is no longer this thread's (it is ending) */
-        atomic_store(&sc->guard.owner, 0);
+    int mine = 0, truncated = 0;
+    int read = read_self(sc, rec, r->tstate, me, &mine, &truncated);
+    if (read < 0 || !mine || truncated == 2) {
         atomic_store(&sc->busy, 0);
         atomic_store(&g_state[rec - g_rec], 0);
-        bump(&c_stale, 1);
+        if (read < 0) { /* a read faulted: the thread was caught between two stores */
+            bump(&c_torn, 1);
+            bump(&c_faults, 1);
+        } else {
+            bump(!mine ? &c_stale : &c_torn, 1); /* !mine: its state is going (thread ending) */
+        }
         return;
     }
-    if (truncated == 2) {
-        atomic_store(&sc->guard.owner, 0);
-        atomic_store(&sc->busy, 0);
-        atomic_store(&g_state[rec - g_rec], 0);
-        bump(&c_torn, 1);
-        return;
-    }
-    rec->depth = depth;
-    copy_names(&sc->rc, rec);
+    int depth = rec->depth;
     rec->nips = rec->ips_complete = 0;
     if (mw_unwind_enabled()) { /* native frames of the same instant */
         uint8_t *cursor = (uint8_t *)(sc + 1) + ((mw_walkscratch_size() + 63) & ~(size_t)63);
@@ -537,6 +557,7 @@ void mw_cputimer_get_stats(mw_cputimer_stats_t *out) {
     out->stale = atomic_load(&c_stale);
     out->handler_ns = atomic_load(&c_handler_ns);
     out->native = atomic_load(&c_native);
+    out->faults = atomic_load(&c_faults);
     out->native_frames = atomic_load(&c_native_frames);
     out->period_ns = (uint64_t)g_period_ns;
 }

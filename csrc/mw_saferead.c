@@ -160,7 +160,16 @@ int mw_guard_register(mw_guard_t *g) {
  * sanitizers must not check (the source is memory the application may have freed). */
 __attribute__((no_sanitize("address", "undefined"), noinline)) static void
 raw_copy(volatile const uint8_t *src, uint8_t *dst, size_t len) {
-    for (size_t i = 0; i < len; i++)
+    size_t i = 0;
+    while (i < len && ((uintptr_t)(src + i) & 7)) {
+        dst[i] = src[i];
+        i++;
+    }
+    for (; i + 8 <= len; i += 8) { /* aligned word loads: a deep stack is kilobytes */
+        uint64_t w = *(volatile const uint64_t *)(src + i);
+        memcpy(dst + i, &w, 8);
+    }
+    for (; i < len; i++)
         dst[i] = src[i];
 }
 
@@ -168,6 +177,10 @@ static int guarded_copy(mw_guard_t *g, const void *addr, size_t len, void *dst) 
     if (len == 0) return 0;
     uintptr_t a = (uintptr_t)addr;
     if (a < 4096 || a + len < a || !mw_addr_plausible(a + len - 1)) return -1;
+    if (g->session) { /* the caller's sigsetjmp guards this copy */
+        raw_copy((volatile const uint8_t *)addr, dst, len);
+        return 0;
+    }
     if (sigsetjmp(g->jb, 0)) {
         g->armed = 0;
         return -1;

@@ -60,15 +60,19 @@ uint64_t mw_saferead_failures(void);
  * to process_vm_readv).
  *
  * A guard is owned by one thread at a time (mw_cputimer's scratch slots, claimed with CAS);
- * guards are registered once (at most MW_GUARDS) so the fault handler can find the faulting
- * thread's. Everything here is async-signal-safe. The copy is not instrumented by sanitizers. */
+ * A caller may also guard a whole sequence of copies itself: sigsetjmp(g->jb, 0) in the frame that
+ * stays active, then session = armed = 1; copies are then plain loads, and a fault in any of them
+ * returns to that sigsetjmp. Guards are registered once (at most MW_GUARDS) so the fault handler
+ * can find the faulting thread's. Everything here is async-signal-safe. The copy is not
+ * instrumented by sanitizers. */
 #include <setjmp.h>
 #include <stdatomic.h>
 #define MW_GUARDS 16
 typedef struct mw_guard {
     sigjmp_buf jb;
     _Atomic long owner;        /* kernel tid of the thread using the guard, 0 when free */
-    volatile int armed;        /* inside a guarded copy */
+    volatile int armed;        /* inside a guarded copy (or session) */
+    volatile int session;      /* the caller did sigsetjmp(jb) around many copies: plain copies */
     volatile uintptr_t lo, hi; /* the range being copied */
     uint64_t faults;           /* copies that faulted (recovered) */
 } mw_guard_t;

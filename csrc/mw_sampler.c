@@ -68,6 +68,10 @@ typedef struct {
     uint64_t credit_ns; /* CPU already credited from such samples, not yet met by the clock */
     uintptr_t reg_tstate;
     uint64_t owed_wall, owed_n;
+    /* The last CPU-timer sample's entry: the next one with the same raw stack goes to it. */
+    uint64_t timed_hash, timed_gen;
+    uint32_t timed_idx;
+    mw_id_t timed_thread;
 } mw_tstate_t;
 
 #define TS_SLOTS (2 * MW_MAX_THREADS)
@@ -476,6 +480,8 @@ static mw_tstate_t *sample_timed(mw_profbuf_t *b, const mw_pythread_t *th, mw_ts
     return st;
 }
 
+static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thread, uint64_t gen);
+
 /* A raw sample left by a thread's CPU-timer handler: named now. Names of code objects the symbol
  * cache does not have come from the copies the handler made while they were alive; application
  * memory is never read for them after the fact (the code object may be gone by now). */
@@ -493,12 +499,37 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
         st->reg_tstate = r->tstate;
         st->timer_born = 1;
     }
+    uint64_t gen = mw_profbuf_generation(b);
+    uint32_t labelset_now;
+    mw_id_t thread = thread_name_id(b, st, &labelset_now);
+    /* The same raw stack as this thread's previous CPU sample (a hot loop): same entry, no
+     * naming at all. */
+    uint64_t h = 1469598103934665603ULL;
+    for (int i = 0; i < r->depth; i++) {
+        h = (h ^ r->frames[i].code) * 1099511628211ULL;
+        h = (h ^ (uint64_t)(uint32_t)r->frames[i].lasti) * 1099511628211ULL;
+    }
+    h = (h ^ ((uint64_t)r->labelset << 32 | (uint64_t)(uint32_t)r->depth)) * 1099511628211ULL;
+    if (r->nips == 0 && !created && st->timed_gen == gen && st->timed_hash == h &&
+        st->timed_thread == thread) {
+        mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall};
+        if (mw_profbuf_add_at(b, st->timed_idx, &v) == 0) {
+            g_stats.reused++;
+            timed_account(st, r, thread, gen);
+            return;
+        }
+    }
     int depth = r->depth, ok = 1;
     known_sync();
     uint64_t epoch = mw_symcache_epoch();
     mw_symcache_begin();
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 0; i < depth && ok; i++) {
+            if (i > 0 && r->frames[i].code == r->frames[i - 1].code &&
+                memcmp(&r->frames[i].info, &r->frames[i - 1].info, sizeof r->frames[i].info) == 0) {
+                g_sym[i] = g_sym[i - 1]; /* recursion: the same code object again */
+                continue;
+            }
             const mw_symentry_t *h = mw_symcache_peek(&r->frames[i]);
             if (!h) {
                 const mw_codecopy_t *c = NULL;
@@ -531,15 +562,22 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
         return;
     }
     for (int i = 0; i < depth; i++)
-        mw_cputimer_known_add(mw_cputimer_code_key(&r->frames[i]));
+        if (i == 0 || g_sym[i] != g_sym[i - 1])
+            mw_cputimer_known_add(mw_cputimer_code_key(&r->frames[i]));
     uint32_t n = 0;
     if (r->nips > 0) { /* native mode: the native stack of the same instant, Python spliced in */
         n = mw_unwind_combine_ips(b, r->ips, r->nips, r->ips_complete, r->frames, depth, g_ids,
                                   MW_MAX_DEPTH_CAP);
     } else {
+        mw_id_t prev = 0;
         for (int i = 0; i < depth; i++) {
-            mw_id_t id = mw_symcache_intern(b, g_sym[i], r->frames[i].lasti);
+            /* recursion: the same code object at the same instruction is the same frame */
+            mw_id_t id =
+                i > 0 && g_sym[i] == g_sym[i - 1] && r->frames[i].lasti == r->frames[i - 1].lasti
+                    ? prev
+                    : mw_symcache_intern(b, g_sym[i], r->frames[i].lasti);
             if (id) g_ids[n++] = id;
+            prev = id;
         }
     }
     if (n == 0) {
@@ -551,15 +589,22 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
         g_ids[n++] = id;
     }
     if (r->truncated) g_stats.truncated++;
-    uint32_t labelset_now;
-    mw_id_t thread = thread_name_id(b, st, &labelset_now);
-    uint64_t gen = mw_profbuf_generation(b);
     mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall};
-    if (mw_profbuf_add_ex(b, g_ids, n, thread, r->labelset, &v, NULL) != 0) {
+    uint32_t idx = 0;
+    if (mw_profbuf_add_ex(b, g_ids, n, thread, r->labelset, &v, &idx) != 0) {
         g_stats.dropped++;
         g_stats.overflow++;
         return;
     }
+    st->timed_hash = h;
+    st->timed_gen = gen;
+    st->timed_idx = idx;
+    st->timed_thread = thread;
+    timed_account(st, r, thread, gen);
+}
+
+/* The bookkeeping of a CPU-timer sample added to the buffer: owed wall time paid, CPU window. */
+static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thread, uint64_t gen) {
     g_stats.samples += st->owed_n;
     st->owed_n = st->owed_wall = 0;
     g_stats.cpu_samples++;
