@@ -30,13 +30,16 @@
 #define REG_BITS 12
 #define SCRATCH 8     /* handlers reading at the same time (one per CPU running one) */
 #define FDKEYS 65536  /* perf fds above this use a POSIX timer instead */
-#define PERF_MAX 1024 /* perf fds at most (and at most a quarter of RLIMIT_NOFILE) */
+#define PERF_MAX 256  /* perf fds at most (and at most a quarter of RLIMIT_NOFILE) */
+#define PERF_BUDGET 8 /* overflows a perf event may signal before the handler re-arms it */
+#define PERF_REFILL 4
 
 typedef struct {
     _Atomic long tid;     /* 0 = free */
     _Atomic uint32_t gen; /* generation of the current registration (1..2^20-1) */
     uintptr_t tstate;
-    int fd; /* perf event, -1 if none */
+    int fd;                /* perf event, -1 if none */
+    uint32_t since_refill; /* handler samples since it last topped up the perf budget */
     int has_timer;
     timer_t timer;
 } reg_t;
@@ -209,15 +212,28 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
     if (!g_reg) return;
     int64_t t0 = mono_ns();
     uint32_t key = 0, periods = 1;
+    int perf_fd = -1;
     if (si->si_code == SI_TIMER) {
         key = (uint32_t)si->si_value.sival_int;
         if (si->si_overrun > 0) periods += (uint32_t)si->si_overrun;
-    } else if (si->si_code == POLL_IN && si->si_fd >= 0 && si->si_fd < FDKEYS && g_fdkey) {
+    } else if ((si->si_code == POLL_IN || si->si_code == POLL_HUP) && si->si_fd >= 0 &&
+               si->si_fd < FDKEYS && g_fdkey) {
         key = atomic_load_explicit(&g_fdkey[si->si_fd], memory_order_acquire);
+        perf_fd = si->si_fd;
     } else {
         return;
     }
     reg_t *r = &g_reg[key & (REGS - 1)];
+    /* A perf event stops by itself after PERF_BUDGET overflows (PERF_EVENT_IOC_REFRESH) and the
+     * handler tops the budget up every PERF_REFILL samples, so at most PERF_BUDGET of its signals
+     * are ever queued: a thread that blocks our signal cannot pile up queued real-time signals
+     * (past RLIMIT_SIGPENDING the kernel would turn an overflow into SIGIO, which kills). The
+     * ioctl costs ~7 us here, hence not one per sample. */
+    if (perf_fd >= 0 && key && atomic_load(&r->gen) == key >> REG_BITS && atomic_load(&r->tid) &&
+        ++r->since_refill >= PERF_REFILL) {
+        r->since_refill = 0;
+        ioctl(perf_fd, PERF_EVENT_IOC_REFRESH, PERF_REFILL);
+    }
     /* The signal is routed to the registered thread (F_OWNER_TID / SIGEV_THREAD_ID, both bound to
      * that task, not to its number): while the registration has the key's generation, we are
      * that thread — no gettid() needed (the walk checks the thread state's own id too). */
@@ -418,7 +434,8 @@ static int arm_perf(reg_t *r, long tid, uint32_t key) {
         return -1;
     }
     atomic_store_explicit(&g_fdkey[fd], key, memory_order_release);
-    if (ioctl(fd, PERF_EVENT_IOC_ENABLE, 0) != 0) {
+    r->since_refill = 0;
+    if (ioctl(fd, PERF_EVENT_IOC_REFRESH, PERF_BUDGET) != 0) { /* a budget of overflows */
         atomic_store(&g_fdkey[fd], 0);
         close(fd);
         return -1;

@@ -97,7 +97,8 @@ static void on_signal(int sig, siginfo_t *si, void *ucv) {
     (void)sig;
     int saved_errno = errno;
     slot_t *s = g_slot;
-    if (si->si_code == SI_TIMER || si->si_code == POLL_IN) { /* the thread's own CPU timer */
+    if (si->si_code == SI_TIMER || si->si_code == POLL_IN || si->si_code == POLL_HUP) {
+        /* the thread's own CPU timer */
         mw_cputimer_on_signal(si, ucv);
         goto out;
     }
