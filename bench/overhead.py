@@ -154,6 +154,12 @@ if tracker is not None:
     d["sampler_ns"] = (smp1 - smp0) if smp0 is not None and smp1 is not None else d["sampler_cpu_ns"]
     d["export_ns"] = (exp1 - exp0) if exp0 is not None and exp1 is not None else 0
     out["stats"] = d
+    if spec["sleepers"]:  # the share of the CPU samples that landed in the sleeping threads
+        prof = tracker.snapshot()
+        ci = prof.value_index("cpu")
+        tot = sum(x.values[ci] for x in prof.samples)
+        slp = sum(x.values[ci] for x in prof.samples if str(x.label("thread_name") or "").startswith("sleeper-"))
+        out["sleeper_cpu_share"] = slp / tot if tot else 0.0
     tracker.stop()
 print("OVH_RESULT " + json.dumps(out))
 """
@@ -317,6 +323,8 @@ def main() -> None:
         print(f"native frames, 1000 Hz, 4 busy + 2 sleeping threads ({pairs} pairs, medians):")
         print(f"  sleeping threads' own CPU: unprofiled {sleep_us_per_s(off):.0f} us/s, profiled "
               f"{sleep_us_per_s(on):.0f} us/s per thread ({sleep_us_per_s(on) / 1e4:.2f}% of a core each)")
+        share = med([r.get("sleeper_cpu_share", float("nan")) for r in on]) * 100
+        print(f"  share of the CPU profile in the sleeping threads: {share:.2f}%")
         print(f"  unwind signals {sig:.0f}/s over all threads, timeouts per run {tmo:.0f}; busy threads' own CPU per "
               f"unit x{ar:.3f}; sampler {f['core_pct']:.2f}% of a core, {f['us_tick']:.0f} us/tick; "
               f"{f['cpu_samples_s']:.0f} CPU samples/s, handler {f['handler_us']:.1f} us each")

@@ -722,11 +722,15 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
     if (want_native || (g_gil_tick.ok && g_gil_tick.last_holder == tstate)) {
         uint64_t c;
         int r = thread_cpu_ns(th->tid, &c);
-        if (r == 0 && c > c0) {
+        if (r == 0 && c > c0 && wall_only) { /* running after all: owed, as above */
+            owe(st, dwall);
+            return st;
+        } else if (r == 0 && c > c0) {
             on_cpu = 1;
             want_pause = 1;
             cs = c;
-        } else if (r == 0 && want_native && g_gil_tick.ok && g_gil_tick.last_holder == tstate) {
+        } else if (r == 0 && want_native && !wall_only && g_gil_tick.ok &&
+                   g_gil_tick.last_holder == tstate) {
             /* Native mode reads it paused: the preempted-holder test (below) is made here. */
             mw_gilstate_t ga;
             mw_pyframes_gil(&ga);
