@@ -76,6 +76,9 @@ class _ProcessProfiler:
         with self.lock:
             if self.running:
                 return
+            from middleware import servers  # uWSGI workers, billiard (Celery) pool processes
+
+            servers.install()  # before the sampler reads this process's thread states
             n.start(rate_hz=cfg.sample_rate, max_depth=cfg.max_depth, wall_hz=cfg.wall_rate)
             self.running = True
             self.pid = os.getpid()
