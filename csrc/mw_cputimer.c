@@ -40,6 +40,7 @@ typedef struct {
     uintptr_t tstate;
     int fd;                /* perf event, -1 if none */
     uint32_t since_refill; /* handler samples since it last topped up the perf budget */
+    uint64_t cpu_at_arm;   /* the thread's CPU clock when it was armed: samples cover from there */
     int has_timer;
     timer_t timer;
 } reg_t;
@@ -427,6 +428,10 @@ static int arm_timer(reg_t *r, long tid, uint32_t key) {
 
 static int arm_perf(reg_t *r, long tid, uint32_t key) {
     if (g_perf_open >= g_perf_max) return -1;
+    /* perf_event_open accepts any thread of the same user: make sure tid is one of OURS (a thread
+     * id inherited from another process, e.g. a forked worker's stale thread state, would send
+     * our signal to that process). timer_create checks this itself. */
+    if (syscall(SYS_tgkill, getpid(), (pid_t)tid, 0) != 0) return -1;
     int fd = perf_open(tid, g_period_ns);
     if (fd < 0) return -1;
     if (fd >= FDKEYS || perf_route(fd, tid) != 0) {
@@ -459,6 +464,19 @@ int mw_cputimer_arm(long tid, uintptr_t tstate, int *existed) {
     return r;
 }
 
+int mw_cputimer_find(long tid, uintptr_t tstate, uint64_t *cpu_at_arm) {
+    if (!g_reg || tid <= 0) return -1;
+    int found = -1;
+    pthread_mutex_lock(&g_lock);
+    for (int i = 0; i < REGS && found < 0; i++)
+        if (atomic_load(&g_reg[i].tid) == tid && g_reg[i].tstate == tstate) {
+            found = i;
+            *cpu_at_arm = g_reg[i].cpu_at_arm;
+        }
+    pthread_mutex_unlock(&g_lock);
+    return found;
+}
+
 void mw_cputimer_forget(long tid) {
     if (!g_reg || tid <= 0) return;
     pthread_mutex_lock(&g_lock);
@@ -487,6 +505,13 @@ static int arm_locked(long tid, uintptr_t tstate, int *existed) {
         r->tstate = tstate;
         r->fd = -1;
         r->has_timer = 0;
+        {
+            struct timespec ts;
+            clockid_t cid = (clockid_t)((~(unsigned int)tid) << 3) | 6;
+            r->cpu_at_arm = clock_gettime(cid, &ts) == 0
+                                ? (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec
+                                : 0;
+        }
         atomic_store(&r->gen, gen);
         atomic_store(&r->tid, tid);
         uint32_t key = gen << REG_BITS | i;

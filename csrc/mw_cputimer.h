@@ -106,6 +106,8 @@ int mw_cputimer_mode(void);
 /* Gives thread tid (its PyThreadState at tstate) a timer, or finds the one it has. Returns its
  * registration index (>= 0) or -1 (no timer: counted; the sampler reads it at ticks as before). */
 int mw_cputimer_arm(long tid, uintptr_t tstate, int *existed /* 1: it had one; may be NULL */);
+/* The registration of (tid, tstate) and the thread's CPU clock when it was armed, or -1. */
+int mw_cputimer_find(long tid, uintptr_t tstate, uint64_t *cpu_at_arm);
 /* Disarms thread tid's registration, if any (its Thread object is gone). */
 void mw_cputimer_forget(long tid);
 /* Disarms registrations whose thread has exited. */

@@ -25,6 +25,7 @@
 
 #include <stdatomic.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 extern PyMethodDef mw_export_methods[] __attribute__((weak));
@@ -57,6 +58,8 @@ static PyObject *py_start(PyObject *self, PyObject *args, PyObject *kw) {
         PyErr_Format(PyExc_RuntimeError, "middleware: cannot start the sampler: %s", why);
         return NULL;
     }
+    /* The starting thread's CPU timer now (in a fork child: the only thread, from its start). */
+    mw_sampler_thread_started((long)syscall(SYS_gettid), (uintptr_t)PyThreadState_Get());
     if (mw_collect_init() != 0) {
         PyErr_NoMemory();
         return NULL;

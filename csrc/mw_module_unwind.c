@@ -15,6 +15,8 @@
 #include "mw_sampler.h"
 #include "mw_unwind.h"
 
+#include <pthread.h>
+#include <signal.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -42,6 +44,16 @@ static PyObject *py_unwind_disable(PyObject *self, PyObject *noargs) {
 static PyObject *py_thread_init(PyObject *self, PyObject *noargs) {
     /* A new thread's CPU timer, armed from inside at its start: its CPU is sampled from its
      * first instruction of Python, not from the sampler's next tick. */
+    /* Our real-time signal is thread-directed and private (its handler is ours): unblock it in a
+     * thread whose creator blocked everything (uWSGI's extra request threads), so its CPU timer
+     * and pauses reach it. Other signals keep the mask the thread was given. */
+    int sig = mw_unwind_signal();
+    if (sig > 0) {
+        sigset_t one;
+        sigemptyset(&one);
+        sigaddset(&one, sig);
+        pthread_sigmask(SIG_UNBLOCK, &one, NULL);
+    }
     mw_sampler_thread_started((long)syscall(SYS_gettid), (uintptr_t)PyThreadState_Get());
     if (!mw_unwind_enabled()) return PyLong_FromLong(0);
     return PyLong_FromLong(mw_unwind_thread_init());

@@ -656,8 +656,14 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
     /* A thread first seen after the first tick was born since the previous tick: all its CPU
      * time is new. Threads alive at start only count from now on. */
     uint64_t dcpu = created ? (first_tick ? 0 : c0) : (c0 > st->cpu_ns ? c0 - st->cpu_ns : 0);
-    if (st->timer_born) { /* first clock reading: its CPU since birth, minus what was credited */
-        dcpu = c0 > st->credit_ns ? c0 - st->credit_ns : 0;
+    /* A thread armed before this tick first saw it (at its start, or the thread that started the
+     * sampler): its CPU samples cover it from the arming on, so its CPU counts from there. */
+    uint64_t at_arm = 0;
+    if ((created || st->timer_born) && g_timers &&
+        mw_cputimer_find(th->tid, th->tstate, &at_arm) >= 0 && at_arm && c0 >= at_arm)
+        dcpu = c0 - at_arm;
+    if (st->timer_born) { /* first clock reading: its CPU since arming, minus what was credited */
+        dcpu = dcpu > st->credit_ns ? dcpu - st->credit_ns : 0;
         st->timer_born = 0;
         st->credit_ns = 0;
     }
@@ -983,7 +989,12 @@ static void *sampler_main(void *arg) {
         }
         int stop = g_stop;
         pthread_mutex_unlock(&g_ctl_lock);
-        if (stop || mw_pyframes_finalizing()) break;
+        if (stop || mw_pyframes_finalizing()) {
+            /* Stopping (not finalizing): one last tick, so the CPU the threads used since the
+             * previous one is counted (a child's last window ends here). */
+            if (stop && g_tick > 0 && !mw_pyframes_finalizing()) tick();
+            break;
+        }
 
         int64_t t0 = mw_now_monotonic_ns();
         if (t0 - next > period) {
