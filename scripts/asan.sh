@@ -14,7 +14,9 @@ cp -r middleware tests demo_flask bench pyproject.toml setup.py "$out/"
 rm -f "$out"/middleware/_native*.so
 MW_SANITIZE=1 .venv/bin/python setup.py -q build_ext --build-lib "$out" --build-temp "$out/tmp" --force
 so=$(ls "$out"/middleware/_native*.so)
-nm -D "$so" | grep -q __asan_init || { echo "asan: $so is not instrumented"; exit 1; }
+# (not `nm | grep -q`: with pipefail, grep quitting early can fail nm with SIGPIPE)
+nm -D "$so" > "$out/nm.txt"
+grep -q __asan_init "$out/nm.txt" || { echo "asan: $so is not instrumented"; exit 1; }
 asan=$(gcc -print-file-name=libasan.so)
 ubsan=$(gcc -print-file-name=libubsan.so)
 export LD_PRELOAD="$asan:$ubsan"
