@@ -1,6 +1,6 @@
 /* mw_pprof — one mw_profbuf (plus the window's metadata) → pprof protobuf bytes → gzip.
  *
- * What we write (docs/interfaces.md, "pprof we write"; /work/shared/PROTOCOL.md, "pprof"):
+ * What we write (docs/interfaces.md, "pprof we write"):
  *   sample_type          [samples/count, cpu/nanoseconds, wall/nanoseconds]
  *                        = (cpu_samples, cpu_ns, wall_ns) of each stack
  *   default_sample_type  "cpu";  period_type cpu/nanoseconds;  period = meta.period_ns

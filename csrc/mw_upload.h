@@ -1,7 +1,7 @@
 /*
  * mw_upload — the native uploader: a bounded queue of gzipped pprof profiles drained by one
  * background pthread that POSTs them to a Pyroscope-compatible backend with libcurl
- * (see /work/shared/PROTOCOL.md, "Every upload").
+ * (docs/interfaces.md, "Native module: upload part"; the push API is Pyroscope's /ingest).
  *
  * Two modules
  *   The uploader is built into its own extension module, middleware._upload (mw_upload.c,
