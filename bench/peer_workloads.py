@@ -340,7 +340,7 @@ class Middleware(Profiler):
     def stats(self) -> dict[str, Any]:
         s = self.tracker.stats()
         return {k: s.get(k, 0) for k in ("samples", "ticks", "sampler_cpu_ns", "torn_reads", "walk_retries",
-                                         "dropped", "truncated", "late_ticks")}
+                                         "dropped", "truncated", "late_ticks", "handler_ns", "timer_samples")}
 
     def finish(self, stacks_path: str | None) -> dict[str, Any]:
         profile = self.tracker.snapshot()

@@ -19,7 +19,8 @@ repetitions measured in a calibration run). Reported per row:
   window); ours: the sampler's count of stacks read in the window (its profile weighs stacks by
   time);
 * own µs/sample: the profiler's own CPU per sample (median): ours from tracker.stats()
-  (sampler_cpu_ns over the samples, in the window), ddtrace from its own counters (whole run),
+  (sampler_cpu_ns + handler_ns over the stacks read at ticks and by the CPU-timer handlers, in the
+  window), ddtrace from its own counters (whole run),
   py-spy and austin from their process's CPU in the window, pyroscope from its threads' CPU in
   the window (both from /proc), over the window's samples.
 
@@ -413,7 +414,10 @@ def run_once(env: Env, workload: str, profiler: str, rate: int, reps: int | None
         stacks = parse_folded(out)
         st = res.get("stats_window", {})
         if st.get("samples"):
-            res["own_us_per_sample"] = st["sampler_cpu_ns"] / st["samples"] / 1e3
+            # the sampler thread's CPU and the CPU-timer handlers' time in the app threads, over
+            # the stacks read at ticks and by the handlers
+            read = st["samples"] + st.get("timer_samples", 0)
+            res["own_us_per_sample"] = (st["sampler_cpu_ns"] + st.get("handler_ns", 0)) / read / 1e3
         counted = res.get("stats", {}).get("samples", 0)
         held = sum(n for _, n in stacks)
         if counted and held < 0.8 * counted - 2:  # (stacks are counted by wall time: late ticks weigh more)

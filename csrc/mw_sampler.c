@@ -69,13 +69,15 @@ typedef struct {
     uintptr_t reg_tstate;
     uint64_t owed_wall, owed_n;
     /* The last CPU-timer sample's entry: the next one with the same raw stack goes to it. */
+    int list_idx; /* its index in the last full thread list (quiet ticks) */
     uint64_t timed_hash, timed_gen;
     uint32_t timed_idx;
     mw_id_t timed_thread;
 } mw_tstate_t;
 
 #define TS_SLOTS (2 * MW_MAX_THREADS)
-#define ACTIVE_TICKS 8 /* a thread that used CPU is read in full for this many ticks */
+static void wake(mw_tstate_t *st); /* quiet ticks: see tick() */
+#define ACTIVE_TICKS 8             /* a thread that used CPU is read in full for this many ticks */
 
 static pthread_mutex_t g_buf_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t g_ctl_lock = PTHREAD_MUTEX_INITIALIZER; /* guards g_stop/cond */
@@ -493,6 +495,7 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
         return;
     }
     st->active_until = g_tick + ACTIVE_TICKS; /* it runs: quiet ticks must read it in full */
+    if (st->quiet) wake(st);
     if (created) {
         st->tick = g_tick;
         st->reg = r->reg + 1; /* armed at its start, before any tick saw it */
@@ -890,6 +893,42 @@ static mw_tstate_t *g_tsp[MW_MAX_THREADS]; /* thread i's state, as of the last f
 static uint64_t g_last_prune;
 static int g_ts_used; /* g_ts holds entries of an earlier run */
 
+/* Quiet-tick bookkeeping (see tick()). Indices into g_threads / g_tsp. */
+static int g_hot[MW_MAX_THREADS], g_hot_prev[MW_MAX_THREADS], g_nhot;
+static int g_woken[MW_MAX_THREADS], g_nwoken, g_woken_overflow;
+static uint64_t g_visit_stamp[MW_MAX_THREADS];
+
+/* A thread's CPU-timer sample says it ran: the next quiet tick must visit it. */
+static void wake(mw_tstate_t *st) {
+    int i = st->list_idx;
+    if (i < 0 || i >= g_nthreads || g_tsp[i] != st) return;
+    if (g_nwoken < MW_MAX_THREADS)
+        g_woken[g_nwoken++] = i;
+    else
+        g_woken_overflow = 1;
+}
+
+static void visit(int i, int quiet, uint64_t gen, int64_t now, int first, const mw_gilstate_t *g) {
+    if (g_visit_stamp[i] == g_tick) return; /* already visited this tick */
+    g_visit_stamp[i] = g_tick;
+    mw_tstate_t *st = quiet ? g_tsp[i] : NULL;
+    if (st && st->tid == g_threads[i].tid && g_threads[i].tstate != g->last_holder &&
+        st->stack_valid && st->stack_gen == gen && st->active_until <= g_tick &&
+        ((uint64_t)i + g_tick) % (st->reg ? QUIET_ROUND_TIMED : QUIET_ROUND) != 0) {
+        if (!st->quiet) {
+            st->quiet = 1;
+            st->qbase_wall = g_quiet_wall;
+            st->qbase_n = g_quiet_n;
+        }
+        st->tick = g_tick;
+        if (!st->reg) g_hot[g_nhot++] = i; /* its rotation is checked on every quiet tick */
+        return;
+    }
+    st = g_tsp[i] = sample_thread(g_active, &g_threads[i], now, first);
+    if (st) st->list_idx = i;
+    g_hot[g_nhot++] = i;
+}
+
 static void tick(void) {
     int64_t now = mw_now_monotonic_ns();
     int first = g_tick == 0;
@@ -912,6 +951,7 @@ static void tick(void) {
             pthread_mutex_unlock(&g_buf_lock);
             g_stats.torn_reads++;
             g_nthreads = 0;
+            g_nhot = 0;
             return;
         }
     } else {
@@ -922,21 +962,27 @@ static void tick(void) {
     drain_timed(g_active);
     uint64_t dwall = first ? (uint64_t)(1000000000LL / mw_sampler_tick_rate())
                            : (uint64_t)(now - g_last_tick_ns);
-    for (int i = 0; i < n; i++) {
-        mw_tstate_t *st = quiet ? g_tsp[i] : NULL;
-        if (st && st->tid == g_threads[i].tid && g_threads[i].tstate != g.last_holder &&
-            st->stack_valid && st->stack_gen == gen && st->active_until <= g_tick &&
-            ((uint64_t)st->tid + g_tick) % (st->reg ? QUIET_ROUND_TIMED : QUIET_ROUND) != 0) {
-            if (!st->quiet) {
-                st->quiet = 1;
-                st->qbase_wall = g_quiet_wall;
-                st->qbase_n = g_quiet_n;
-            }
-            st->tick = g_tick;
-            continue;
-        }
-        g_tsp[i] = sample_thread(g_active, &g_threads[i], now, first);
+    /* On a quiet tick only the threads that may need a read are visited: the previous tick's
+     * "hot" ones (read, not settled, or without a CPU timer), those whose CPU-timer samples said
+     * they ran (woken), and a rotating slice; threads settled quiet with a timer are skipped
+     * without being touched (an idle process with 500 threads costs no per-thread work). */
+    int nhot_prev = g_nhot;
+    g_nhot = 0;
+    if (!quiet || g_woken_overflow) {
+        for (int i = 0; i < n; i++)
+            visit(i, quiet, gen, now, first, &g);
+    } else {
+        for (int k = 0; k < nhot_prev; k++)
+            visit(g_hot_prev[k], quiet, gen, now, first, &g);
+        for (int k = 0; k < g_nwoken; k++)
+            visit(g_woken[k], quiet, gen, now, first, &g);
+        for (int i = (int)((QUIET_ROUND_TIMED - g_tick % QUIET_ROUND_TIMED) % QUIET_ROUND_TIMED);
+             i < n; i += QUIET_ROUND_TIMED)
+            visit(i, quiet, gen, now, first, &g);
     }
+    g_nwoken = 0;
+    g_woken_overflow = 0;
+    memcpy(g_hot_prev, g_hot, (size_t)g_nhot * sizeof *g_hot);
     if (quiet) {
         g_quiet_wall += dwall;
         g_quiet_n++;

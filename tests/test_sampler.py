@@ -141,8 +141,10 @@ def test_a_thread_blocking_our_signal_does_not_pile_up_queued_signals(tmp_path, 
     # THEN the process lives (an overflowing signal queue would turn into SIGIO, which kills)
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
-    # and its pending signals stay bounded (the perf budget or the timer's single pending signal),
-    # while the other thread is sampled as usual (1 s of CPU at 1 kHz: ~1,000 periods; POSIX
-    # timers fire at most CONFIG_HZ times a second, each standing for its overrun periods)
-    assert r["queued"] <= 16, r
+    # and its pending signals stay bounded: a perf event's budget (8, topped up by 4) per thread,
+    # for the blocked thread and the busy one whose handler may lag on a loaded machine (<= 24),
+    # or a POSIX timer's single pending signal; 1,992 were queued in 2 s without the budget.
+    # The other thread is sampled as usual (1 s of CPU at 1 kHz: ~1,000 periods; POSIX timers
+    # fire at most CONFIG_HZ times a second, each standing for its overrun periods)
+    assert r["queued"] <= 32, r
     assert r["periods"] >= 600, r

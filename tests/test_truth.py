@@ -400,3 +400,49 @@ def test_line_shares_agree_between_python_and_native_sampling() -> None:
         want = t["rec_lines"] / (t["rec_lines"] + t["busy_two"])
         got = sum(v for k, v in shares.items() if k.startswith("rec_lines:"))
         assert abs(want - got) <= 0.05, (want, got, figures)
+
+
+# --- 5. Wall time of idle threads: quiet ticks read (almost) none of them ---------------------------
+# 300 idle threads (half in idle_a, half in idle_b), 20 movers (phase_one for the first half,
+# phase_two for the second), one busy thread, 100 Hz, 4 s. Truth: each idle thread waited the
+# whole window in its own function; each mover half in each phase.
+def test_idle_threads_wall_is_theirs_and_follows_a_move() -> None:
+    r = run_truth("idle", "--rate", "100", "--seconds", "4", "--threads", "300")
+    elapsed_ns = r["truth"]["elapsed_s"] * 1e9
+    expect = r["truth"]["idle"]
+    wall: dict[str, float] = {}
+    in_fn: dict[str, float] = {}
+    phases: dict[str, dict[str, float]] = {}
+    for s in r["profile"]["stacks"]:
+        names = [f[0] for f in s["frames"]]
+        t = s["thread"]
+        if t in expect:
+            wall[t] = wall.get(t, 0) + s["wall"]
+            if any(n.split(".")[-1] == expect[t] for n in names):
+                in_fn[t] = in_fn.get(t, 0) + s["wall"]
+        elif t.startswith("mover-"):
+            p = phases.setdefault(t, {"one": 0.0, "two": 0.0, "all": 0.0})
+            p["all"] += s["wall"]
+            if any(n.split(".")[-1] == "phase_one" for n in names):
+                p["one"] += s["wall"]
+            if any(n.split(".")[-1] == "phase_two" for n in names):
+                p["two"] += s["wall"]
+    st = r["stats"]
+    figures = (f"elapsed {elapsed_ns / 1e9:.2f} s; idle threads {len(wall)}/{len(expect)}; wall/elapsed "
+               f"min {min(wall.values(), default=0) / elapsed_ns:.3f} max {max(wall.values(), default=0) / elapsed_ns:.3f}; "
+               f"quiet ticks {st['quiet_ticks']}/{st['ticks']}; movers "
+               f"{sorted(round(p['two'] / p['all'], 2) for p in phases.values() if p['all'])}")
+    print(figures)
+    # every idle thread is in the profile with the window's wall time (the last tick can be up
+    # to a period before the snapshot: 2.5% of 4 s) ...
+    assert len(wall) == len(expect), figures
+    assert all(0.95 * elapsed_ns <= w <= 1.03 * elapsed_ns for w in wall.values()), figures
+    # ... all of it in its own function
+    assert all(in_fn.get(t, 0) >= 0.999 * w for t, w in wall.items()), figures
+    # the ticks were mostly quiet (the test is about them)
+    assert st["quiet_ticks"] >= 0.5 * st["ticks"], figures
+    # a mover's wall follows it: half in each phase (a tick or two at the turn)
+    assert len(phases) == 20, figures
+    for p in phases.values():
+        assert p["one"] + p["two"] >= 0.97 * p["all"], figures
+        assert 0.42 <= p["two"] / p["all"] <= 0.58, figures

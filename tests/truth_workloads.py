@@ -632,8 +632,64 @@ def run_lines(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": time.monotonic() - start}
 
 
+# --- idle: many idle threads, some that move, one busy ---------------------------------------------
+# Idle threads wait in idle_a / idle_b the whole run; movers sleep in phase_one for the first half
+# and in phase_two for the second; the main thread burns. The sampler reads most of them on no tick
+# at all (quiet ticks): their wall time must still be theirs, in their own function, and a mover's
+# wall must follow it from phase_one to phase_two.
+def idle_a(ev: threading.Event) -> None:
+    ev.wait()
+
+
+def idle_b(ev: threading.Event) -> None:
+    ev.wait()
+
+
+def phase_one(until: float) -> None:
+    while time.monotonic() < until:  # one sleep (a wake-up would make the tick after it busy)
+        time.sleep(max(0.0, until - time.monotonic()))
+
+
+def phase_two(until: float) -> None:
+    while time.monotonic() < until:
+        time.sleep(max(0.0, until - time.monotonic()))
+
+
+def mover(half: float, end: float) -> None:
+    phase_one(half)
+    phase_two(end)
+
+
+def busy_main(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sum(range(500))
+
+
+def run_idle(args: argparse.Namespace) -> dict[str, Any]:
+    assert TRACKER is not None
+    ev = threading.Event()
+    idle = [threading.Thread(target=idle_a if i % 2 == 0 else idle_b, args=(ev,), name=f"idle-{i}", daemon=True)
+            for i in range(args.threads or 300)]
+    for t in idle:
+        t.start()
+    time.sleep(0.3)  # every thread started and blocked
+    TRACKER.snapshot(reset=True)
+    t0 = time.monotonic()
+    half, end = t0 + args.seconds / 2, t0 + args.seconds
+    movers = [threading.Thread(target=mover, args=(half, end), name=f"mover-{i}") for i in range(20)]
+    for t in movers:
+        t.start()
+    busy_main(args.seconds)
+    for t in movers:
+        t.join()
+    elapsed = time.monotonic() - t0
+    ev.set()
+    return {"elapsed_s": elapsed, "idle": {t.name: ("idle_a" if i % 2 == 0 else "idle_b") for i, t in enumerate(idle)}}
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "bursty": run_bursty, "graph": run_graph, "churn": run_churn, "lines": run_lines}
+    "bursty": run_bursty, "graph": run_graph, "churn": run_churn, "lines": run_lines, "idle": run_idle}
 
 
 def main() -> None:
