@@ -99,9 +99,14 @@ def make_app(broker: str) -> Any:
 
 
 APP_MODULE = """\
+import faulthandler
 import os
+import signal
 
 from middleware import MwTracker
+
+# a worker that does not stop: SIGUSR1 dumps every thread's stack into the log (the test does it)
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 tracker = MwTracker()
 
@@ -116,6 +121,22 @@ def _records(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _dump_stacks(pid: int) -> None:
+    """SIGUSR1 to the worker and its pool processes: faulthandler writes their threads' stacks."""
+    pids = [pid]
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=5).stdout
+        pids += [int(x) for x in out.split()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGUSR1)
+        except OSError:
+            pass
+    time.sleep(1.0)
 
 
 def _run_worker(tmp_path: Path, tasks: int, flags: list[str], stop_after: int | None = None) -> dict[str, Any]:
@@ -149,7 +170,12 @@ def _run_worker(tmp_path: Path, tasks: int, flags: list[str], stop_after: int | 
             time.sleep(0.02)
         stopped_at = time.time()
         proc.send_signal(signal.SIGTERM)  # warm shutdown: running tasks finish, the pool closes
-        assert proc.wait(timeout=40) == 0, log.read_text()[-3000:]
+        try:
+            code = proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            _dump_stacks(proc.pid)
+            raise AssertionError("the worker did not stop:\n" + log.read_text()[-12000:]) from None
+        assert code == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
