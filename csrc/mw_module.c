@@ -110,6 +110,7 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "timer_samples", s.timer_samples) ||
         mw_dict_put_u64(d, "owed", s.owed) || mw_dict_put_u64(d, "names_lost", s.names_lost) ||
         mw_dict_put_u64(d, "wall_unattributed_ns", s.wall_unattributed_ns) ||
+        mw_dict_put_u64(d, "stop_timeouts", s.stop_timeouts) ||
         mw_dict_put_u64(d, "cpu_timer_mode", t.mode) ||
         mw_dict_put_u64(d, "cpu_timer_armed", t.armed) ||
         mw_dict_put_u64(d, "cpu_timer_arm_failed", t.arm_failed) ||

@@ -19,6 +19,7 @@
 
 #include "mw_cputimer.h"
 #include "mw_pyframes.h"
+#include "mw_report.h"
 #include "mw_saferead.h"
 #include "mw_symcache.h"
 #include "mw_threads.h"
@@ -1154,7 +1155,21 @@ void mw_sampler_stop(void) {
     pthread_cond_broadcast(&g_cond);
     pthread_mutex_unlock(&g_ctl_lock);
     if (g_joinable) {
-        pthread_join(g_thread, NULL);
+        /* Bounded: stopping runs on the way out of a process (atexit, a worker's last window),
+         * and a process must never hang in it because of us. A sampler thread that does not end
+         * in time is left alone (still "running": no second one is ever started) and said once. */
+        struct timespec dl;
+        clock_gettime(CLOCK_REALTIME, &dl);
+        dl.tv_sec += MW_STOP_WAIT_S;
+        int rc = pthread_timedjoin_np(g_thread, NULL, &dl);
+        if (rc == ETIMEDOUT) {
+            g_stats.stop_timeouts++;
+            mw_report_once(MW_REPORT_SAMPLER,
+                           "the sampler thread of process %d did not stop within %d s: left "
+                           "running, its last samples are not exported",
+                           (int)getpid(), MW_STOP_WAIT_S);
+            return;
+        }
         g_joinable = 0;
     }
     atomic_store(&g_running, 0);

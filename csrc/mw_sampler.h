@@ -34,6 +34,7 @@
 #include <stdint.h>
 
 #define MW_JITTER_PCT 10
+#define MW_STOP_WAIT_S 3 /* mw_sampler_stop waits at most this long for the sampler thread */
 
 /* Default cap of the tick rate when CPU samples come from the threads' CPU timers. */
 #define MW_WALL_HZ 100
@@ -75,12 +76,14 @@ typedef struct mw_sampler_stats {
     uint64_t owed;                /* ticks that found a timed thread running (wall owed) */
     uint64_t names_lost; /* timer samples dropped: a code object was gone before it was named */
     uint64_t wall_unattributed_ns; /* wall owed to threads that ended before their next sample */
+    uint64_t stop_timeouts;        /* stops that did not see the sampler thread end in time */
 } mw_sampler_stats_t;
 
 /* Starts sampling. Returns 0, -1 on failure (errno-style reason in *why). Idempotent: a running
  * sampler is left as is (returns 1). */
 int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why);
-/* Stops and joins the thread. The buffers keep their data. Safe to call when stopped. */
+/* Stops and joins the thread (at most MW_STOP_WAIT_S; a thread that does not end is left running
+ * and reported once). The buffers keep their data. Safe to call when stopped. */
 void mw_sampler_stop(void);
 int mw_sampler_running(void);
 int mw_sampler_rate(void);
