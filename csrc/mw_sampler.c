@@ -357,6 +357,29 @@ static mw_id_t no_frame_id(mw_profbuf_t *b) {
     return name && file ? mw_profbuf_intern_frame(b, &f) : 0;
 }
 
+/* Interns raw frames [0..depth), named in g_sym, into g_ids (leaf first); a recursion's frame
+ * repeated at the same instruction is interned once. Returns the number of ids. */
+static uint32_t intern_frames(mw_profbuf_t *b, const mw_rawframe_t *raw, int depth) {
+    uint32_t n = 0;
+    mw_id_t prev = 0;
+    for (int i = 0; i < depth; i++) {
+        mw_id_t id = i > 0 && g_sym[i] == g_sym[i - 1] && raw[i].lasti == raw[i - 1].lasti
+                         ? prev
+                         : mw_symcache_intern(b, g_sym[i], raw[i].lasti);
+        if (id) g_ids[n++] = id;
+        prev = id;
+    }
+    return n;
+}
+
+/* Tells the CPU-timer handlers that these frames' code objects are named (g_sym resolved). */
+static void mark_known(const mw_rawframe_t *raw, int depth) {
+    known_sync();
+    for (int i = 0; i < depth; i++)
+        if (i == 0 || g_sym[i] != g_sym[i - 1])
+            mw_cputimer_known_add(mw_cputimer_code_key(&raw[i]));
+}
+
 /* Adds a proven read of st's Python frames (g_raw/g_sym[0..depth), read between CPU clock
  * readings c0 and c1) as a sample: wall time dwall, and an on-CPU sample when on_cpu. native:
  * the thread is paused in mw_unwind's handler with its native stack captured. */
@@ -370,12 +393,8 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
         mw_unwind_release();
         n = ok ? mw_unwind_combine(b, g_raw, depth, g_ids, MW_MAX_DEPTH_CAP) : 0;
     } else if (ok) {
-        known_sync();
-        for (int i = 0; i < depth; i++) {
-            mw_id_t id = mw_symcache_intern(b, g_sym[i], g_raw[i].lasti);
-            if (id) g_ids[n++] = id;
-            if (g_timers) mw_cputimer_known_add(mw_cputimer_code_key(&g_raw[i]));
-        }
+        n = intern_frames(b, g_raw, depth);
+        if (g_timers) mark_known(g_raw, depth);
     }
     if (!ok) {
         /* A frame whose names could not be read: the sample would be a partial stack. (A thread
@@ -565,24 +584,13 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
         g_stats.dropped++;
         return;
     }
-    for (int i = 0; i < depth; i++)
-        if (i == 0 || g_sym[i] != g_sym[i - 1])
-            mw_cputimer_known_add(mw_cputimer_code_key(&r->frames[i]));
+    mark_known(r->frames, depth);
     uint32_t n = 0;
     if (r->nips > 0) { /* native mode: the native stack of the same instant, Python spliced in */
         n = mw_unwind_combine_ips(b, r->ips, r->nips, r->ips_complete, r->frames, depth, g_ids,
                                   MW_MAX_DEPTH_CAP);
     } else {
-        mw_id_t prev = 0;
-        for (int i = 0; i < depth; i++) {
-            /* recursion: the same code object at the same instruction is the same frame */
-            mw_id_t id =
-                i > 0 && g_sym[i] == g_sym[i - 1] && r->frames[i].lasti == r->frames[i - 1].lasti
-                    ? prev
-                    : mw_symcache_intern(b, g_sym[i], r->frames[i].lasti);
-            if (id) g_ids[n++] = id;
-            prev = id;
-        }
+        n = intern_frames(b, r->frames, depth);
     }
     if (n == 0) {
         mw_id_t id = no_frame_id(b);
@@ -694,7 +702,11 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
      * another thread state). Until its timer has run for a tick it is read the older way. */
     int wall_only = 0; /* native mode with a timer: the tick gives wall time only */
     if (g_timers) {
-        if (st->reg && st->reg_tstate == th->tstate) {
+        if (created && st->reg && st->reg_tstate == th->tstate && !st->timed_gen &&
+            !mw_unwind_enabled()) {
+            /* First seen, armed at its start, no CPU-timer sample yet: read the older way once,
+             * so a thread that ends before its first timer sample is still seen. */
+        } else if (st->reg && st->reg_tstate == th->tstate) {
             if (!mw_unwind_enabled()) return sample_timed(b, th, st, gen, labels_seq, dwall, c0);
             /* Native: running → its wall time is owed to its next CPU sample (which carries
              * its native stack); not running → read below the native way, for wall time. */
@@ -714,10 +726,10 @@ static mw_tstate_t *sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int6
                 st->arm_failed = r < 0;
                 st->reg_tstate = th->tstate;
                 g_timers_armed |= r >= 0;
-                /* It armed itself at its start: its CPU samples have covered it since. */
-                if (existed && !mw_unwind_enabled())
-                    return sample_timed(b, th, st, gen, labels_seq, dwall, c0);
-                if (existed) wall_only = 1;
+                /* It armed itself at its start: native mode reads it for wall time only (its CPU
+                 * samples carry its native stacks); Python-only, until its first CPU sample it is
+                 * read the older way (above). */
+                if (existed && mw_unwind_enabled()) wall_only = 1;
             }
         }
     }
