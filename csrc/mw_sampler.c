@@ -357,6 +357,16 @@ static mw_id_t no_frame_id(mw_profbuf_t *b) {
     return name && file ? mw_profbuf_intern_frame(b, &f) : 0;
 }
 
+/* A stack with no readable Python frame (g_ids empty) gets the marker frame, so its CPU time
+ * still counts. 0 when the buffer cannot take the marker. */
+static int mark_if_empty(mw_profbuf_t *b, uint32_t *n) {
+    if (*n) return 1;
+    mw_id_t id = no_frame_id(b);
+    if (!id) return 0;
+    g_ids[(*n)++] = id;
+    return 1;
+}
+
 /* Interns raw frames [0..depth), named in g_sym, into g_ids (leaf first); a recursion's frame
  * repeated at the same instruction is interned once. Returns the number of ids. */
 static uint32_t intern_frames(mw_profbuf_t *b, const mw_rawframe_t *raw, int depth) {
@@ -407,14 +417,9 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
         return;
     }
     if (depth == 0 && n == 0 && !on_cpu) return; /* not running, no Python frame */
-    if (n == 0) {
-        /* No readable Python frame: still account the CPU time, under a marker frame. */
-        mw_id_t id = no_frame_id(b);
-        if (!id) {
-            g_stats.dropped++;
-            return;
-        }
-        g_ids[n++] = id;
+    if (!mark_if_empty(b, &n)) {
+        g_stats.dropped++;
+        return;
     }
     uint32_t labelset = 0;
     mw_id_t thread = thread_name_id(b, st, &labelset);
@@ -592,13 +597,9 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
     } else {
         n = intern_frames(b, r->frames, depth);
     }
-    if (n == 0) {
-        mw_id_t id = no_frame_id(b);
-        if (!id) {
-            g_stats.dropped++;
-            return;
-        }
-        g_ids[n++] = id;
+    if (!mark_if_empty(b, &n)) {
+        g_stats.dropped++;
+        return;
     }
     if (r->truncated) g_stats.truncated++;
     mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall};
