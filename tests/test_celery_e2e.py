@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.hangs import native_stacks
 
 pytestmark = pytest.mark.slow
 
@@ -174,7 +175,8 @@ def _run_worker(tmp_path: Path, tasks: int, flags: list[str], stop_after: int | 
             code = proc.wait(timeout=40)
         except subprocess.TimeoutExpired:
             _dump_stacks(proc.pid)
-            raise AssertionError("the worker did not stop:\n" + log.read_text()[-12000:]) from None
+            raise AssertionError("the worker did not stop:\n" + log.read_text()[-12000:] +
+                                 "\nnative stacks:\n" + native_stacks(proc.pid)) from None
         assert code == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.hangs import native_stacks
 
 pytestmark = pytest.mark.slow
 
@@ -187,7 +188,11 @@ def _serve(tmp_path: Path, flags: list[str], extra: str = "") -> Run:
         _drive(run, port)
         _wait_idle(log, lazy="--lazy-apps" in flags)
         proc.send_signal(signal.SIGINT)  # uWSGI's shutdown: workers get SIGINT, then exit()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"uWSGI did not stop within 30 s of SIGINT; its processes' native stacks:\n"
+                        f"{native_stacks(proc.pid)}\nlog:\n{log.read_text(errors='replace')[-3000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
