@@ -25,6 +25,8 @@ Workloads (``--only`` takes a comma-separated subset):
 - ``depth30`` / ``depth150``: a hot loop under a 30- / 150-frame Python recursion (the cost of
   walking deep stacks);
 - ``threads``: 8 threads, each running the hot loop under a 100-frame recursion;
+- ``busy4``: 4 threads running the hot loop under a 30-frame recursion, at 100 Hz whatever
+  ``--rate`` says: the sampler thread's own CPU at the default rate with busy threads;
 - ``idle``: 1, 10, 100 and 500 threads blocked on an ``Event`` plus one busy thread, at 100 Hz
   whatever ``--rate`` says: the sampler's CPU as the thread count grows (profiled runs only);
 - ``sleepers`` (with ``--native``): 4 busy threads and 2 sleeping ones at 1 kHz with native
@@ -33,6 +35,10 @@ Workloads (``--only`` takes a comma-separated subset):
 
 ``--native`` profiles every workload with ``MwTracker(native=True)`` and adds ``sleepers``.
 ``--quick`` runs 3 pairs of shorter runs. A default run takes about 3 minutes on 2 cores.
+
+``--concurrent`` runs the two sides of a pair at the same time instead of one after the other
+(each pinned to its own vCPU, swapped every pair): both then see the same moment of a noisy
+machine, which narrows the spread of the paired ratios.
 """
 from __future__ import annotations
 
@@ -180,21 +186,31 @@ def workloads(quick: bool) -> dict[str, dict[str, Any]]:
         "depth30": {**base, "depth": 30, "units": n(6000)},
         "depth150": {**base, "depth": 150, "units": n(5200)},
         "threads": {**base, "depth": 100, "threads": 8, "units": n(5600)},
+        "busy4": {**base, "depth": 30, "threads": 4, "units": n(6000), "fixed_rate": 100},
         **{f"idle{c}": {**base, "depth": 30, "idle": c, "units": n(6000), "fixed_rate": 100} for c in IDLE_COUNTS},
         "sleepers": {**base, "depth": 30, "threads": 4, "sleepers": 2, "units": n(6000), "fixed_rate": 1000},
     }
 
 
-def run(spec: dict[str, Any]) -> dict[str, Any]:
+def launch(spec: dict[str, Any], cpu: int | None = None) -> subprocess.Popen[str]:
     env = dict(os.environ)
     for k in list(env):
         if k.startswith("MW_"):
             del env[k]
-    p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, env=env,
-                       timeout=600, cwd=ROOT)
+    pin = None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
+    return subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, preexec_fn=pin)
+
+
+def collect(p: subprocess.Popen[str], spec: dict[str, Any]) -> dict[str, Any]:
+    out, err = p.communicate(timeout=600)
     if p.returncode != 0:
-        raise SystemExit(f"benchmark child failed ({spec['workload']}, {spec['mode']}):\n{p.stderr[-4000:]}")
-    return json.loads([x for x in p.stdout.splitlines() if x.startswith("OVH_RESULT ")][-1][len("OVH_RESULT "):])
+        raise SystemExit(f"benchmark child failed ({spec['workload']}, {spec['mode']}):\n{err[-4000:]}")
+    return json.loads([x for x in out.splitlines() if x.startswith("OVH_RESULT ")][-1][len("OVH_RESULT "):])
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    return collect(launch(spec), spec)
 
 
 def med(xs: list[float]) -> float:
@@ -227,7 +243,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="calc repetitions per run (default 65, 22 with --quick)")
     ap.add_argument("--quick", action="store_true", help="3 pairs of shorter runs")
     ap.add_argument("--native", action="store_true", help="profile with native (C) frames; adds `sleepers`")
-    ap.add_argument("--only", metavar="WORKLOAD[,...]", help="calc, depth30, depth150, threads, idle, sleepers")
+    ap.add_argument("--only", metavar="WORKLOAD[,...]", help="calc, depth30, depth150, threads, busy4, idle, sleepers")
+    ap.add_argument("--concurrent", action="store_true",
+                    help="run the two sides of each pair at once, each pinned to its own vCPU")
     ap.add_argument("--json", metavar="FILE", help="also write every run's raw result to FILE")
     args = ap.parse_args()
     pairs = args.pairs or (3 if args.quick else 7)
@@ -235,10 +253,10 @@ def main() -> None:
     wl = workloads(args.quick)
     if args.reps:
         wl["calc"]["units"] = args.reps
-    names = ["calc", "depth30", "depth150", "threads", "idle"] + (["sleepers"] if args.native else [])
+    names = ["calc", "depth30", "depth150", "threads", "busy4", "idle"] + (["sleepers"] if args.native else [])
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
-        bad = [w for w in wanted if w not in ("calc", "depth30", "depth150", "threads", "idle", "sleepers")]
+        bad = [w for w in wanted if w not in ("calc", "depth30", "depth150", "threads", "busy4", "idle", "sleepers")]
         if bad:
             ap.error(f"unknown workload(s): {', '.join(bad)}")
         names = [w for w in names + ["sleepers"] if w in wanted]
@@ -262,14 +280,21 @@ def main() -> None:
             res = results[name] = {"on": [], "off": []}
             for i in range(pairs):
                 order = [("off", "off"), (m, "on")] if i % 2 == 0 else [(m, "on"), ("off", "off")]
+                if args.concurrent:  # both sides at once, each on its own vCPU (swapped every pair)
+                    procs = [(side, spec(name, mm), k) for k, (mm, side) in enumerate(order)]
+                    running = [(side, sp, launch(sp, cpu=k % max(1, os.cpu_count() or 1))) for side, sp, k in procs]
+                    for side, sp, p in running:
+                        res[side].append(collect(p, sp))
+                    continue
                 for mm, side in order:
                     res[side].append(run(spec(name, mm)))
     elapsed = time.perf_counter() - t_start
 
     print(f"overhead bench: CPython {sys.version.split()[0]}, {args.rate} Hz{' with native frames' if args.native else ''}"
-          f", {pairs} pairs per workload (fresh interpreter per run, profiled/unprofiled alternating), medians; "
+          f", {pairs} pairs per workload (fresh interpreter per run, profiled/unprofiled "
+          f"{'at the same time, one vCPU each' if args.concurrent else 'alternating'}), medians; "
           f"{elapsed:.0f} s")
-    rows = [n for n in ("calc", "depth30", "depth150", "threads") if n in results]
+    rows = [n for n in ("calc", "depth30", "depth150", "threads", "busy4") if n in results]
     if rows:
         print()
         print(f"{'workload':<10} {'wall ratio':>10} {'CPU ratio':>9} {'app ratio':>9} {'pairs: app ratio':>16} | "
