@@ -1,8 +1,31 @@
-"""Profiler configuration: arguments beat environment variables beat defaults.
+"""Settings of the profiler and of its uploader: one table, one resolver, one rule per value.
 
-Every setting has an ``MW_*`` environment variable (see the README's configuration table). A bad
-value never raises: it is a warning naming the variable (:func:`visible_warning`), and the
-default is used.
+Every setting is one row of :data:`SETTINGS` (a :class:`Setting`): its name (the keyword argument
+of :class:`~middleware.MwTracker` or of :func:`resolve_upload_config`, and the field of
+:class:`ProfilerConfig` or :class:`UploadConfig`), the environment variables that set it (the
+first one set to something other than blanks wins), the parser that checks a value, the default,
+and whether the value is a secret (then never shown). :func:`resolve_setting` reads every row the
+same way: an argument beats the variables, which beat the default. A bad value never raises: it is
+a warning naming the argument or the variable (:func:`visible_warning`), and the default is used.
+
+Two values have a rule of their own, applied wherever they are read:
+
+* the service name: whitespace runs become ``-``, and so do the characters that would break the
+  ``name{k=v}`` series syntax (``{}``, ``,``, ``=``, quotes, control characters; with a warning);
+  ``OTEL_SERVICE_NAME`` beats ``MW_SERVICE_NAME``; the default is ``python-service-<pid>``;
+* static tags (``MW_CUSTOM_RESOURCE_ATTRIBUTES=k=v,k=v`` or a mapping): a name must match
+  ``[a-zA-Z_][a-zA-Z0-9_]*``, must not start with ``__`` and must not repeat (the first wins); a
+  value must be non-empty and free of ``,{}=`` and control characters; any other tag is dropped
+  with a warning.
+
+The profiler (:func:`resolve_config`) and the uploader (:func:`resolve_upload_config`) read the
+shared rows (service name, sample rate, tags) through the same rows; the tracker resolves them
+once and hands the uploader the resolved values. The native side takes every value as given: the
+tracker passes each one explicitly (its own defaults and limits only serve direct calls).
+
+The native core reads three variables itself, listed in :data:`NATIVE_VARIABLES`:
+``MW_PROFILING_QUIET`` (with the rule of :func:`quiet`), ``MW_PROFILING_CPU_TIMER`` and
+``MW_PROFILING_DIRECT_READS``.
 """
 from __future__ import annotations
 
@@ -12,34 +35,46 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 logger = logging.getLogger(__name__)
+#: Upload settings are reported under the uploader's logger, as its messages are.
+upload_logger = logging.getLogger("middleware.upload_config")
 
-__all__ = ["ProfilerConfig", "resolve_config", "default_profile_dir", "visible_warning", "quiet"]
+__all__ = [
+    "Setting",
+    "SETTINGS",
+    "NATIVE_VARIABLES",
+    "UPLOAD_VARIABLES",
+    "ProfilerConfig",
+    "UploadConfig",
+    "resolve_config",
+    "resolve_upload_config",
+    "resolve_setting",
+    "resolve_service_name",
+    "parse_tags",
+    "default_profile_dir",
+    "visible_warning",
+    "quiet",
+    "DEFAULT_AUTH_URL",
+    "DEFAULT_SERVER_URL_TEMPLATE",
+]
 
-T = TypeVar("T")
+DEFAULT_AUTH_URL = "https://app.middleware.io/api/v1/auth"
+#: The uploader replaces ``{tenant}`` with the tenant id it gets for the API key.
+DEFAULT_SERVER_URL_TEMPLATE = "https://{tenant}.middleware.io/profiling"
+DEFAULT_QUEUE_MAX = 16
+MAX_QUEUE_MAX = 4096  # the uploader's own clamp (MW_UPLOAD_QUEUE_MAX_LIMIT) is the same
+SPY_NAME = "middleware-python"
 
-#: The variables that only the uploader's settings read (:mod:`middleware.upload_config`). With
-#: none of them set and no tags there is nowhere to upload and nothing upload-specific to
-#: validate, so the tracker does not load the upload settings at all.
-UPLOAD_VARIABLES = (
-    "MW_API_KEY", "MW_PROFILING_SERVER_URL", "MW_AUTH_URL", "MW_PROFILING_TENANT_ID",
-    "MW_PROFILING_BEARER_TOKEN", "MW_PROFILING_BASIC_AUTH_USER", "MW_PROFILING_BASIC_AUTH_PASSWORD",
-    "MW_PROFILING_UPLOAD_QUEUE", "MW_PROFILING_PUSH_API",
-)
-
-_QUIET_VALUES = ("1", "true", "yes")  # as csrc/mw_report.c reads MW_PROFILING_QUIET
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+# ---------------------------------------------------------------- showing a problem
 
 
 def quiet(env: Mapping[str, str] | None = None) -> bool:
     """``MW_PROFILING_QUIET=1`` (or ``true``, ``yes``): no line of ours on stderr, the C side's
     failure lines included; records still go to the app's logging when it is configured."""
-    return (os.environ if env is None else env).get("MW_PROFILING_QUIET", "") in _QUIET_VALUES
+    return _quiet_flag((os.environ if env is None else env).get("MW_PROFILING_QUIET", ""))
 
 
 def _logging_configured(log: logging.Logger) -> bool:
@@ -96,10 +131,15 @@ def visible_warning(log: logging.Logger, msg: str, *args: object) -> None:
         pass
 
 
-def default_profile_dir() -> str:
-    """The local store: ``$XDG_CACHE_HOME/middleware/profiles`` (``~/.cache/middleware/profiles``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "middleware", "profiles")
+# ---------------------------------------------------------------- value parsers (raise ValueError)
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TENANT = re.compile(r"[A-Za-z0-9_.-]{1,128}\Z")
+_SERIES_BREAKERS = re.compile(r"[{}=,\"'\x00-\x1f\x7f]")
+_TAG_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+_BAD_TAG_VALUE = re.compile(r"[,{}=\x00-\x1f\x7f]")
 
 
 def parse_bool(text: str) -> bool:
@@ -131,6 +171,44 @@ def float_in(lo: float, hi: float) -> Callable[[str], float]:
     return parse
 
 
+def _quiet_flag(text: str) -> bool:
+    """Exactly ``1``, ``true`` or ``yes``, as the native side reads the variable; never raises."""
+    return text in ("1", "true", "yes")
+
+
+def _store_dir(text: str) -> str | None:
+    """A directory; ``none``, ``off`` or nothing: no local store."""
+    return None if text.strip().lower() in ("", "none", "off") else text
+
+
+def _http_url(text: str) -> str:
+    url = text.strip()
+    if not re.match(r"https?://[^/?#\s]+", url, re.IGNORECASE):
+        raise ValueError("must be an http:// or https:// URL")
+    if _CONTROL.search(url) or " " in url:
+        raise ValueError("contains spaces or control characters")
+    return url
+
+
+def _header_value(text: str) -> str:
+    v = text.strip()
+    if not v:
+        raise ValueError("empty")
+    if _CONTROL.search(v):
+        raise ValueError("contains control characters")
+    return v
+
+
+def _tenant(text: str) -> str:
+    v = text.strip()
+    if not _TENANT.match(v):
+        raise ValueError("must match [A-Za-z0-9_.-]{1,128}")
+    return v
+
+
+# ---------------------------------------------------------------- the service-name and tag rules
+
+
 def _service_name(text: str) -> str:
     name = re.sub(r"\s+", "-", text.strip())
     if not name:
@@ -138,108 +216,402 @@ def _service_name(text: str) -> str:
     return name
 
 
-@dataclass
-class ProfilerConfig:
-    """Resolved settings of the process profiler."""
-
-    enabled: bool = True
-    service_name: str = field(default_factory=lambda: f"python-service-{os.getpid()}")
-    sample_rate: int = 100
-    # Wall-time samples per second at most (the sampler's ticks) while CPU samples come from the
-    # threads' own CPU timers; without them the ticks run at sample_rate.
-    wall_rate: int = 100
-    upload_interval: float = 10.0
-    profile_dir: str | None = field(default_factory=default_profile_dir)
-    store_max_mb: int = 256
-    max_depth: int = 1024
-    native: bool = False
-    native_show_internal: bool = False
-    instrument: bool = True
-    upload: bool = True  # False: never push to a backend, even if one is configured
-    tags: dict[str, str] = field(default_factory=dict)
+def _series_safe_name(name: str, where: str, log: logging.Logger) -> str:
+    """The service name with what would break the ``name{k=v}`` series syntax replaced by ``-``."""
+    cleaned = _SERIES_BREAKERS.sub("-", name)
+    if cleaned != name:
+        visible_warning(log, "middleware: %s %r contains characters not allowed in a series name; using %r",
+                        where, name, cleaned)
+    return cleaned
 
 
-def _setting(
-    name: str,
-    arg: T | None,
-    env: Mapping[str, str],
-    variables: tuple[str, ...],
-    parse: Callable[[str], T],
-    default: T,
-) -> T:
-    """One setting: the argument if given (validated), else the first set variable, else default."""
-    if arg is not None:
-        if isinstance(arg, str):
-            try:
-                return parse(arg)
-            except (ValueError, TypeError) as exc:
-                visible_warning(logger, "middleware: invalid %s=%r (%s); using %r", name, arg, exc, default)
-                return default
-        try:
-            return parse(str(arg)) if not isinstance(arg, bool) else arg
-        except (ValueError, TypeError) as exc:
-            visible_warning(logger, "middleware: invalid %s=%r (%s); using %r", name, arg, exc, default)
-            return default
-    for var in variables:
-        raw = env.get(var)
-        if raw is None or raw.strip() == "":
-            continue
-        try:
-            return parse(raw)
-        except (ValueError, TypeError) as exc:
-            visible_warning(logger, "middleware: invalid %s=%r (%s); using the default %r", var, raw, exc, default)
-            return default
-    return default
+def _default_service_name() -> str:
+    return f"python-service-{os.getpid()}"
 
 
-def _parse_tags(text: str) -> dict[str, str]:
-    tags: dict[str, str] = {}
-    for part in text.split(","):
+def _tag_pairs(tags: str | Mapping[str, Any]) -> list[tuple[str, str | None]]:
+    """``"k=v,k=v"`` or a mapping as (name, value) pairs; value None for a part without ``=``."""
+    if isinstance(tags, Mapping):
+        return [(str(k).strip(), str(v).strip()) for k, v in tags.items()]
+    if not isinstance(tags, str):
+        raise TypeError("expected k=v,k=v or a mapping")
+    pairs: list[tuple[str, str | None]] = []
+    for part in tags.split(","):
         if not part.strip():
             continue
         if "=" not in part:
-            visible_warning(logger, "middleware: ignoring tag %r in MW_CUSTOM_RESOURCE_ATTRIBUTES (want k=v)", part)
+            pairs.append((part.strip(), None))
             continue
         k, v = part.split("=", 1)
-        tags[k.strip()] = v.strip()
-    return tags
+        pairs.append((k.strip(), v.strip()))
+    return pairs
+
+
+def _valid_tags(pairs: list[tuple[str, str | None]], where: str, log: logging.Logger) -> dict[str, str]:
+    """The tag rule: the valid tags in order; each other one dropped with a warning."""
+    out: dict[str, str] = {}
+    for k, v in pairs:
+        if v is None:
+            visible_warning(log, "middleware: ignoring tag %r in %s (want k=v)", k, where)
+        elif not _TAG_NAME.match(k) or k.startswith("__"):
+            visible_warning(
+                log, "middleware: ignoring tag %r in %s: names must match [a-zA-Z_][a-zA-Z0-9_]* and not start "
+                "with '__'", k, where,
+            )
+        elif k in out:
+            visible_warning(log, "middleware: ignoring repeated tag %r in %s", k, where)
+        elif not v or _BAD_TAG_VALUE.search(v):
+            visible_warning(log, "middleware: ignoring tag %r in %s: the value must be non-empty without ,{}=", k,
+                            where)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_tags(tags: str | Mapping[str, Any] | None, source: str = "tags",
+               log: logging.Logger = upload_logger) -> str | None:
+    """Static tags (``"k=v,k=v"`` or a mapping) checked by the tag rule, in the uploader's form:
+    ``"k=v,k=v"``, or None when none is left."""
+    if tags is None:
+        return None
+    return ",".join(f"{k}={v}" for k, v in _valid_tags(_tag_pairs(tags), source, log).items()) or None
+
+
+# ---------------------------------------------------------------- the table
+
+
+def default_profile_dir() -> str:
+    """The local store: ``$XDG_CACHE_HOME/middleware/profiles`` (``~/.cache/middleware/profiles``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "middleware", "profiles")
+
+
+_user_agent_cache: str | None = None
+
+
+def _user_agent() -> str:
+    """``middleware-python/<installed version>``; looked up once, and only when there is a backend
+    (importing :mod:`importlib.metadata` costs tens of milliseconds)."""
+    global _user_agent_cache
+    if _user_agent_cache is None:
+        try:
+            from importlib.metadata import version
+
+            _user_agent_cache = f"{SPY_NAME}/{version('middleware')}"
+        except Exception:  # not installed as a distribution
+            _user_agent_cache = f"{SPY_NAME}/unknown"
+    return _user_agent_cache
+
+
+#: Who reads a row: the profiler (:class:`ProfilerConfig`), the uploader (:class:`UploadConfig`).
+PROFILER, UPLOADER = "profiler", "uploader"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: how it is named, set, checked and defaulted."""
+
+    name: str  # keyword argument and field name (the uploader's field for service_name: app_name)
+    env: tuple[str, ...]  # the variables that set it, the first non-blank one wins
+    parse: Callable[[Any], Any]  # text (or the argument) -> value; ValueError/TypeError: invalid
+    default: Any = None
+    default_factory: Callable[[], Any] | None = None  # computed default (beats ``default``)
+    secret: bool = False  # never shown in a warning or a repr
+    used_by: tuple[str, ...] = ()  # PROFILER, UPLOADER
+    check: Callable[[Any, str, logging.Logger], Any] | None = None  # after parsing: (value, where, log)
+    mapping_arg: bool = False  # an argument that is not a string is handed to ``parse`` as is
+    doc: str = ""
+
+    def default_value(self) -> Any:
+        return self.default_factory() if self.default_factory is not None else self.default
+
+
+_P, _U, _PU = (PROFILER,), (UPLOADER,), (PROFILER, UPLOADER)
+
+#: Every setting, by name.
+SETTINGS: dict[str, Setting] = {s.name: s for s in (
+    # the profiler
+    Setting("enabled", ("MW_APM_COLLECT_PROFILING",), parse_bool, True, used_by=_P,
+            doc="profile at all"),
+    Setting("service_name", ("OTEL_SERVICE_NAME", "MW_SERVICE_NAME"), _service_name,
+            default_factory=_default_service_name, used_by=_PU, check=_series_safe_name,
+            doc="service name (store file names, the uploaded series name)"),
+    Setting("sample_rate", ("MW_PROFILING_SAMPLE_RATE",), int_in(1, 10000), 100, used_by=_PU,
+            doc="CPU samples per second of a thread's CPU time (uploaded as sampleRate)"),
+    Setting("wall_rate", ("MW_PROFILING_WALL_RATE",), int_in(1, 10000), 100, used_by=_P,
+            doc="wall-time samples (sampler ticks) per second at most"),
+    Setting("upload_interval", ("MW_PROFILING_UPLOAD_INTERVAL",), float_in(0.05, 3600.0), 10.0, used_by=_P,
+            doc="seconds per exported profile"),
+    Setting("profile_dir", ("MW_PROFILE_DIR",), _store_dir, default_factory=default_profile_dir, used_by=_P,
+            doc="local store; none/off: no store (`middleware serve` imports it too)"),
+    Setting("store_max_mb", ("MW_PROFILE_DIR_MAX_MB",), int_in(1, 1 << 20), 256, used_by=_P,
+            doc="store size bound, oldest files removed past it"),
+    Setting("max_depth", ("MW_PROFILING_MAX_DEPTH",), int_in(1, 4096), 1024, used_by=_P,
+            doc="frames kept per stack (leaf side)"),
+    Setting("native", ("MW_PROFILING_NATIVE",), parse_bool, False, used_by=_P, doc="also capture C frames"),
+    Setting("native_show_internal", ("MW_PROFILING_NATIVE_INTERNAL",), parse_bool, False, used_by=_P,
+            doc="keep the interpreter's own C frames"),
+    Setting("instrument", ("MW_PROFILING_INSTRUMENT",), parse_bool, True, used_by=_P,
+            doc="label Flask/WSGI requests with endpoint"),
+    Setting("upload", ("MW_PROFILING_UPLOAD",), parse_bool, True, used_by=_P,
+            doc="false: never upload, even with a backend configured"),
+    Setting("tags", ("MW_CUSTOM_RESOURCE_ATTRIBUTES",), _tag_pairs, default_factory=dict, used_by=_PU,
+            check=_valid_tags, mapping_arg=True, doc="static tags k=v,k=v, added to the series name"),
+    # the uploader
+    Setting("server_url", ("MW_PROFILING_SERVER_URL",), _http_url, None, used_by=_U,
+            doc="backend base URL ({server}/ingest); with a key and no URL the tenant template"),
+    Setting("api_key", ("MW_API_KEY",), _header_value, None, secret=True, used_by=_U,
+            doc="account key, exchanged for a tenant at auth_url"),
+    Setting("auth_url", ("MW_AUTH_URL",), _http_url, DEFAULT_AUTH_URL, used_by=_U, doc="key exchange URL"),
+    Setting("tenant_id", ("MW_PROFILING_TENANT_ID",), _tenant, None, used_by=_U,
+            doc="X-Scope-OrgID (skips the key exchange)"),
+    Setting("bearer_token", ("MW_PROFILING_BEARER_TOKEN",), _header_value, None, secret=True, used_by=_U,
+            doc="Authorization: Bearer, for self-hosted backends"),
+    Setting("basic_user", ("MW_PROFILING_BASIC_AUTH_USER",), _header_value, None, used_by=_U,
+            doc="basic auth user, for self-hosted backends"),
+    Setting("basic_password", ("MW_PROFILING_BASIC_AUTH_PASSWORD",), _header_value, None, secret=True,
+            used_by=_U, doc="basic auth password"),
+    Setting("queue_max", ("MW_PROFILING_UPLOAD_QUEUE",), int_in(1, MAX_QUEUE_MAX), DEFAULT_QUEUE_MAX, used_by=_U,
+            doc="profiles kept while the backend is down"),
+    Setting("use_push_api", ("MW_PROFILING_PUSH_API",), parse_bool, False, used_by=_U,
+            doc="true: /push.v1.PusherService/Push instead of /ingest"),
+    Setting("spy_name", (), _header_value, SPY_NAME, used_by=_U, doc="spyName query parameter"),
+    Setting("user_agent", (), _header_value, f"{SPY_NAME}/unknown", used_by=_U,
+            doc="User-Agent (the installed version when there is a backend)"),
+    Setting("connect_timeout_s", (), float_in(0.001, 600), 5.0, used_by=_U, doc="per HTTP request"),
+    Setting("total_timeout_s", (), float_in(0.001, 3600), 30.0, used_by=_U, doc="per HTTP request"),
+    Setting("backoff_initial_s", (), float_in(0.001, 3600), 1.0, used_by=_U, doc="first retry delay"),
+    Setting("backoff_max_s", (), float_in(0.001, 86400), 60.0, used_by=_U, doc="longest retry delay"),
+    # the whole process (read by :func:`quiet` and by the native side with the same rule)
+    Setting("quiet", ("MW_PROFILING_QUIET",), _quiet_flag, False,
+            doc="1/true/yes: none of our lines on stderr"),
+)}
+
+#: Variables the native core reads itself (csrc/), not through this table.
+NATIVE_VARIABLES = ("MW_PROFILING_QUIET", "MW_PROFILING_CPU_TIMER", "MW_PROFILING_DIRECT_READS")
+
+#: The variables only the uploader reads. With none of them set and no tags there is nowhere to
+#: upload and nothing upload-specific to check.
+UPLOAD_VARIABLES = tuple(v for s in SETTINGS.values() if s.used_by == _U for v in s.env)
+
+# ---------------------------------------------------------------- the resolver
+
+_UNSET: Any = object()
+
+
+def _shown(row: Setting, value: Any) -> str:
+    return "'***'" if row.secret and value is not None else repr(value)
+
+
+def _resolve(row: Setting, arg: Any, env: Mapping[str, str], log: logging.Logger,
+             default: Any = _UNSET) -> tuple[Any, bool]:
+    """(value, whether the argument or a variable gave it) for one row."""
+    dflt = row.default_value() if default is _UNSET else default
+    if arg is not None:
+        where, value = row.name, arg
+    else:
+        for var in row.env:
+            raw = env.get(var)
+            if raw is not None and raw.strip() != "":
+                where, value = var, raw
+                break
+        else:
+            return dflt, False
+    try:
+        if isinstance(value, bool) and row.parse is parse_bool:
+            v = value
+        elif isinstance(value, str) or row.mapping_arg:
+            v = row.parse(value)
+        else:
+            v = row.parse(str(value))
+    except (ValueError, TypeError) as exc:
+        if where == row.name:
+            visible_warning(log, "middleware: invalid %s=%s (%s); using %s", where, _shown(row, value), exc,
+                            _shown(row, dflt))
+        else:
+            visible_warning(log, "middleware: invalid %s=%s (%s); using the default %s", where, _shown(row, value),
+                            exc, _shown(row, dflt))
+        return dflt, False
+    return (row.check(v, where, log) if row.check is not None else v), True
+
+
+def resolve_setting(name: str, arg: Any = None, env: Mapping[str, str] | None = None,
+                    log: logging.Logger = logger) -> Any:
+    """One setting by the name of its row: ``arg`` if given (checked), else the first variable
+    set in ``env`` (default ``os.environ``), else the default; a bad value is a warning on
+    ``log`` and the default."""
+    return _resolve(SETTINGS[name], arg, os.environ if env is None else env, log)[0]
+
+
+def resolve_service_name(arg: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """Argument, else ``OTEL_SERVICE_NAME``, else ``MW_SERVICE_NAME``, else ``python-service-<pid>``,
+    by the service-name rule (see the module's doc)."""
+    return str(resolve_setting("service_name", arg, env, upload_logger))
+
+
+# ---------------------------------------------------------------- the profiler
+
+
+def _default(name: str) -> Any:
+    """The dataclass field of a row's default."""
+    row = SETTINGS[name]
+    return field(default_factory=row.default_factory) if row.default_factory else field(default=row.default)
+
+
+@dataclass
+class ProfilerConfig:
+    """Resolved settings of the process profiler (rows used by PROFILER; see :data:`SETTINGS`)."""
+
+    enabled: bool = _default("enabled")
+    service_name: str = _default("service_name")
+    sample_rate: int = _default("sample_rate")
+    # Wall-time samples per second at most (the sampler's ticks) while CPU samples come from the
+    # threads' own CPU timers; without them the ticks run at sample_rate.
+    wall_rate: int = _default("wall_rate")
+    upload_interval: float = _default("upload_interval")
+    profile_dir: str | None = _default("profile_dir")
+    store_max_mb: int = _default("store_max_mb")
+    max_depth: int = _default("max_depth")
+    native: bool = _default("native")
+    native_show_internal: bool = _default("native_show_internal")
+    instrument: bool = _default("instrument")
+    upload: bool = _default("upload")  # False: never push to a backend, even if one is configured
+    tags: dict[str, str] = _default("tags")
+    # Whether the argument or MW_PROFILE_DIR chose profile_dir (else it is the default store,
+    # which a process that uploads does not keep).
+    profile_dir_set: bool = False
 
 
 def resolve_config(env: Mapping[str, str] | None = None, **args: Any) -> ProfilerConfig:
     """Builds the configuration from keyword arguments, then ``env`` (default ``os.environ``)."""
     env = os.environ if env is None else env
-    d = ProfilerConfig()
-    profile_dir_arg = args.get("profile_dir")
-    cfg = ProfilerConfig(
-        enabled=_setting("enabled", args.get("enabled"), env, ("MW_APM_COLLECT_PROFILING",), parse_bool, True),
-        service_name=_setting(
-            "service_name", args.get("service_name"), env, ("OTEL_SERVICE_NAME", "MW_SERVICE_NAME"), _service_name,
-            d.service_name,
-        ),
-        sample_rate=_setting(
-            "sample_rate", args.get("sample_rate"), env, ("MW_PROFILING_SAMPLE_RATE",), int_in(1, 10000), 100
-        ),
-        wall_rate=_setting(
-            "wall_rate", args.get("wall_rate"), env, ("MW_PROFILING_WALL_RATE",), int_in(1, 10000), 100
-        ),
-        upload_interval=_setting(
-            "upload_interval", args.get("upload_interval"), env, ("MW_PROFILING_UPLOAD_INTERVAL",),
-            float_in(0.05, 3600.0), 10.0,
-        ),
-        profile_dir=_setting("profile_dir", profile_dir_arg, env, ("MW_PROFILE_DIR",), str, d.profile_dir),
-        store_max_mb=_setting(
-            "store_max_mb", args.get("store_max_mb"), env, ("MW_PROFILE_DIR_MAX_MB",), int_in(1, 1 << 20), 256
-        ),
-        max_depth=_setting("max_depth", args.get("max_depth"), env, ("MW_PROFILING_MAX_DEPTH",), int_in(1, 4096), 1024),
-        native=_setting("native", args.get("native"), env, ("MW_PROFILING_NATIVE",), parse_bool, False),
-        native_show_internal=_setting(
-            "native_show_internal", args.get("native_show_internal"), env, ("MW_PROFILING_NATIVE_INTERNAL",),
-            parse_bool, False,
-        ),
-        instrument=_setting("instrument", args.get("instrument"), env, ("MW_PROFILING_INSTRUMENT",), parse_bool, True),
-        upload=_setting("upload", args.get("upload"), env, ("MW_PROFILING_UPLOAD",), parse_bool, True),
-        tags=dict(args["tags"]) if args.get("tags") else _parse_tags(env.get("MW_CUSTOM_RESOURCE_ATTRIBUTES", "")),
+    values: dict[str, Any] = {}
+    for f in fields(ProfilerConfig):
+        if f.name in SETTINGS:
+            values[f.name], given = _resolve(SETTINGS[f.name], args.get(f.name), env, logger)
+            if f.name == "profile_dir":
+                values["profile_dir_set"] = given
+    return ProfilerConfig(**values)
+
+
+# ---------------------------------------------------------------- the uploader
+
+_SECRETS = tuple(s.name for s in SETTINGS.values() if s.secret)
+
+
+@dataclass(repr=False)
+class UploadConfig:
+    """Resolved uploader settings; field names = ``_native.upload_start`` keyword arguments."""
+
+    server_url: str | None = _default("server_url")
+    app_name: str = ""  # the service_name row
+    tags: str | None = None  # the tags row, as "k=v,k=v"
+    tenant_id: str | None = _default("tenant_id")
+    auth_url: str | None = _default("auth_url")
+    api_key: str | None = _default("api_key")
+    bearer_token: str | None = _default("bearer_token")
+    basic_user: str | None = _default("basic_user")
+    basic_password: str | None = _default("basic_password")
+    spy_name: str = _default("spy_name")
+    user_agent: str = _default("user_agent")
+    sample_rate: int = _default("sample_rate")
+    queue_max: int = _default("queue_max")
+    connect_timeout_s: float = _default("connect_timeout_s")
+    total_timeout_s: float = _default("total_timeout_s")
+    backoff_initial_s: float = _default("backoff_initial_s")
+    backoff_max_s: float = _default("backoff_max_s")
+    use_push_api: bool = _default("use_push_api")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether there is anywhere to upload to (a server URL or an API key)."""
+        return bool(self.server_url or self.api_key)
+
+    def __repr__(self) -> str:  # never print secrets
+        parts = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            parts.append(f"{f.name}={repr('***') if f.name in _SECRETS and v else repr(v)}")
+        return f"UploadConfig({', '.join(parts)})"
+
+
+def resolve_upload_config(
+    *,
+    server_url: str | None = None,
+    app_name: str | None = None,
+    service_name: str | None = None,
+    tags: str | Mapping[str, Any] | None = None,
+    tenant_id: str | None = None,
+    api_key: str | None = None,
+    auth_url: str | None = None,
+    bearer_token: str | None = None,
+    basic_user: str | None = None,
+    basic_password: str | None = None,
+    sample_rate: int | None = None,
+    queue_max: int | None = None,
+    use_push_api: bool | None = None,
+    spy_name: str | None = None,
+    user_agent: str | None = None,
+    connect_timeout_s: float | None = None,
+    total_timeout_s: float | None = None,
+    backoff_initial_s: float | None = None,
+    backoff_max_s: float | None = None,
+    env: Mapping[str, str] | None = None,
+) -> UploadConfig | None:
+    """Builds the upload settings from arguments, then ``env`` (default ``os.environ``), then defaults.
+
+    Returns None when there is nowhere to upload (neither a server URL nor an API key): profiles
+    then stay local. ``service_name`` is an alias of ``app_name`` (``app_name`` wins). Never
+    raises over a bad value: it logs a warning (on ``middleware.upload_config``) and uses the
+    default. The tracker passes the service name, sample rate and tags it resolved already.
+    """
+    e: Mapping[str, str] = os.environ if env is None else env
+    log = upload_logger
+
+    def get(name: str, arg: Any, default: Any = _UNSET) -> Any:
+        return _resolve(SETTINGS[name], arg, e, log, default)[0]
+
+    key = get("api_key", api_key)
+    tenant = get("tenant_id", tenant_id)
+    server = get("server_url", server_url)
+    if server is None and key is not None:
+        server = DEFAULT_SERVER_URL_TEMPLATE
+    if server is not None and tenant is not None:
+        server = server.replace("{tenant}", tenant)
+    if server is not None and "{tenant}" in server and key is None and tenant is None:
+        visible_warning(log, "middleware: the server URL %r needs a tenant (MW_API_KEY or MW_PROFILING_TENANT_ID); "
+                        "uploads are disabled", server)
+        server = None
+
+    bearer = get("bearer_token", bearer_token)
+    user = get("basic_user", basic_user)
+    password = get("basic_password", basic_password)
+    if password is not None and user is None:
+        visible_warning(log, "middleware: MW_PROFILING_BASIC_AUTH_PASSWORD is set without a user; ignoring it")
+        password = None
+    if bearer is not None and user is not None:
+        visible_warning(log, "middleware: both a bearer token and basic auth are configured; using the bearer token")
+        user = password = None
+
+    tag_map: dict[str, str] = get("tags", tags)
+    cfg = UploadConfig(
+        server_url=server,
+        app_name=get("service_name", app_name if app_name is not None else service_name),
+        tags=",".join(f"{k}={v}" for k, v in tag_map.items()) or None,
+        tenant_id=tenant,
+        auth_url=get("auth_url", auth_url),
+        api_key=key,
+        bearer_token=bearer,
+        basic_user=user,
+        basic_password=password,
+        spy_name=get("spy_name", spy_name),
+        user_agent=get("user_agent", user_agent, _user_agent() if server is not None or key is not None else _UNSET),
+        sample_rate=get("sample_rate", sample_rate),
+        queue_max=get("queue_max", queue_max),
+        connect_timeout_s=get("connect_timeout_s", connect_timeout_s),
+        total_timeout_s=get("total_timeout_s", total_timeout_s),
+        backoff_initial_s=get("backoff_initial_s", backoff_initial_s),
+        backoff_max_s=get("backoff_max_s", backoff_max_s),
+        use_push_api=get("use_push_api", use_push_api),
     )
-    if cfg.profile_dir is not None and cfg.profile_dir.strip().lower() in ("", "none", "off"):
-        cfg.profile_dir = None
-    return cfg
+    return cfg if cfg.enabled else None
