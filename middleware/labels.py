@@ -29,12 +29,24 @@ app that never uses asyncio should not pay): :func:`enable_asyncio_hook` wraps w
 once; otherwise the first label pushed arranges for the rest, right away or when the app imports
 it (post-import hooks). Until a label is pushed every context's label set is empty, which the
 native slot already holds, so nothing is lost by waiting.
+
+Label names. One rule, :func:`label_name_problem`, says which names are label names: the
+Prometheus form :data:`LABEL_NAME_FORM` (``[a-zA-Z_][a-zA-Z0-9_]*``), at most
+:data:`MAX_LABEL_NAME_LENGTH` characters, not starting with ``__`` (the server's own labels,
+``__name__``). The agent keeps a pushed label only if its name passes; the others are dropped
+with one warning per name, so that snapshots, stored files and uploads carry the same labels
+(a Pyroscope server refuses a whole profile over one bad name). Static tags follow it (the tag
+rule of :mod:`middleware.config`), and ``serve`` checks every label name it receives with it
+after turning dots into underscores (:mod:`middleware.serve.labels`). The native pprof encoder
+applies the same form and ``__`` prefix (``mw_pprof_label_key_ok`` in csrc/mw_pprof.h) to what
+reaches it. docs/protocol.md describes the rule on the wire.
 """
 from __future__ import annotations
 
 import contextvars
 import functools
 import logging
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -45,8 +57,35 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "labels", "push_labels", "pop_labels", "current_labels", "install_asyncio_hook",
-    "install_asyncio_hook_when_imported", "enable_asyncio_hook",
+    "install_asyncio_hook_when_imported", "enable_asyncio_hook", "label_name_problem",
+    "LABEL_NAME_FORM", "LABEL_NAME_RE", "MAX_LABEL_NAME_LENGTH",
 ]
+
+#: The form of a label name (Prometheus' data model).
+LABEL_NAME_FORM = "[a-zA-Z_][a-zA-Z0-9_]*"
+#: A whole string of that form.
+LABEL_NAME_RE = re.compile(f"{LABEL_NAME_FORM}\\Z")
+#: The longest label name (Grafana Pyroscope's default limit).
+MAX_LABEL_NAME_LENGTH = 1024
+
+
+def label_name_problem(name: str) -> str | None:
+    """None when ``name`` is a label name the profiler writes, uploads and serves; else why not.
+
+    The one label-name rule of the project (see the module's doc): :data:`LABEL_NAME_FORM`, at
+    most :data:`MAX_LABEL_NAME_LENGTH` characters, no leading ``__``. The reasons read as the
+    end of a sentence (``f"bad label name {name!r}: {problem}"``).
+    """
+    if not name:
+        return "label names must not be empty"
+    if len(name) > MAX_LABEL_NAME_LENGTH:
+        return f"longer than {MAX_LABEL_NAME_LENGTH} characters"
+    if not LABEL_NAME_RE.match(name):
+        return f"must match {LABEL_NAME_FORM}"
+    if name.startswith("__"):
+        return "names starting with '__' are reserved"
+    return None
+
 
 _current: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar(
     "middleware_labels", default=()
@@ -256,13 +295,24 @@ _merge_cache: dict[tuple[tuple[tuple[str, str], ...], tuple[tuple[str, object], 
 _MERGE_CACHE_MAX = 4096
 
 
+_warned_names: set[str] = set()
+_WARNED_NAMES_MAX = 256
+
+
 def _merged(current: tuple[tuple[str, str], ...], mapping: Mapping[str, object]) -> tuple[tuple[str, str], ...]:
     merged = dict(current)
     for k, v in mapping.items():
         if k in _RESERVED:
             logger.warning("middleware: label %r is reserved and ignored", k)
             continue
-        merged[str(k)] = str(v)
+        name = str(k)
+        problem = label_name_problem(name)
+        if problem is not None:
+            if name not in _warned_names and len(_warned_names) < _WARNED_NAMES_MAX:
+                _warned_names.add(name)
+                logger.warning("middleware: ignoring label %r: bad label name: %s", name[:64], problem)
+            continue
+        merged[name] = str(v)
     return tuple(sorted(merged.items()))
 
 

@@ -9,7 +9,8 @@ their values as sent, a CPU total within the workload's measured CPU/wall band, 
 workload's call chain among the stacks.
 
 Also: the same label rules on the ``/ingest`` API (``name`` tags, pprof sample labels), what is
-still refused (with a 400 saying why, storing nothing), and the sanitizer's rules themselves.
+still refused (with a 400 saying why, storing nothing), the sanitizer's rules themselves, and
+that the agent keeps exactly the label names serve takes as they are (one rule for both).
 """
 from __future__ import annotations
 
@@ -370,3 +371,49 @@ def test_series_size_counts_service_name_and_profile_type() -> None:
     check_series_size(room)
     with pytest.raises(LabelError, match=f"limit {MAX_LABEL_NAMES_PER_SERIES}"):
         check_series_size(room + (("one_more", "v"),))
+
+
+# ------------------------------------------------------------------------------------------------
+# one label-name rule for the agent and serve
+# ------------------------------------------------------------------------------------------------
+AGENT_NAMES = [
+    "endpoint", "_x", "A9_b", "n" * MAX_LABEL_NAME_LENGTH,  # label names
+    "", "9lives", "bad-name", "a b", "ключ", "__name__", "__x",  # not label names
+    "n" * (MAX_LABEL_NAME_LENGTH + 1),
+]
+
+
+@pytest.mark.parametrize("name", AGENT_NAMES, ids=lambda n: n[:12] or "empty")
+def test_the_agent_keeps_exactly_the_label_names_serve_stores_as_sent(
+    name: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import middleware.labels as agent
+
+    # (a fresh process's state: nothing merged, no name warned about yet)
+    monkeypatch.setattr(agent, "_merge_cache", {})
+    monkeypatch.setattr(agent, "_warned_names", set())
+    # GIVEN a label name without dots (serve's one rewrite), WHEN the agent pushes a label of
+    # that name and serve receives it
+    with caplog.at_level("WARNING", logger="middleware.labels"):
+        with agent.labels(**{name: "v"}, kept_too="v"):
+            active = agent.current_labels()
+    try:
+        served = sanitize_label_name(name) == name
+    except LabelError:
+        served = False
+    # THEN both follow the one rule: the agent keeps the label exactly when serve takes the name
+    # as it is, the rest of the label set is kept, and a dropped name is said in the log
+    rule = agent.label_name_problem(name) is None
+    assert (name in active) == served == rule, (name[:40], sorted(active)[:3], served, rule)
+    assert active["kept_too"] == "v"
+    warned = [r for r in caplog.records if "bad label name" in r.getMessage()]
+    assert len(warned) == (0 if rule else 1), [r.getMessage()[:120] for r in warned]
+
+
+def test_a_dotted_name_is_sanitized_by_serve_and_refused_by_the_agent() -> None:
+    from middleware.labels import current_labels, labels
+
+    # GIVEN an OTel-style dotted name: the agent never sends one, serve stores it with '_'
+    with labels(**{"otel.scope.name": "v"}):
+        assert "otel.scope.name" not in current_labels()
+    assert sanitize_label_name("otel.scope.name") == "otel_scope_name"

@@ -1,9 +1,11 @@
 """Label-name rules of the collector, matching what a Grafana Pyroscope server accepts.
 
-Label names follow the Prometheus data model, ``[a-zA-Z_][a-zA-Z0-9_]*``, with one leniency that
-Pyroscope has as well: OpenTelemetry-style names with dots (``otel.scope.name``,
-``process.runtime.version``, which the official clients send as series labels) are accepted and
-stored with every ``.`` replaced by ``_`` (``otel_scope_name``). Nothing else is rewritten: a
+Label names follow the project's one label-name rule,
+:func:`middleware.labels.label_name_problem` (the Prometheus data model,
+``[a-zA-Z_][a-zA-Z0-9_]*``, no leading ``__``, at most :data:`MAX_LABEL_NAME_LENGTH`
+characters), with one leniency that Pyroscope has as well: OpenTelemetry-style names with dots
+(``otel.scope.name``, ``process.runtime.version``, which the official clients send as series
+labels) are accepted and stored with every ``.`` replaced by ``_`` (``otel_scope_name``). Nothing else is rewritten: a
 name with any other character outside ``[a-zA-Z0-9_.]`` (``bad-name``, ``ключ``), an empty name or
 one starting with a digit is refused, because replacing arbitrary characters would make distinct
 names collide silently. Values are kept exactly as sent (they must be valid UTF-8, which a
@@ -27,8 +29,9 @@ Refused, with a message naming the label (each is an :class:`IngestError` 400):
 
 from __future__ import annotations
 
-import re
 from typing import Iterable
+
+from middleware.labels import LABEL_NAME_FORM, MAX_LABEL_NAME_LENGTH, label_name_problem
 
 __all__ = [
     "LabelError",
@@ -41,13 +44,10 @@ __all__ = [
     "check_series_size",
 ]
 
-MAX_LABEL_NAME_LENGTH = 1024
 MAX_LABEL_VALUE_LENGTH = 2048
 MAX_LABEL_NAMES_PER_SERIES = 30
 #: Labels every stored series has besides its own: the service and the profile type.
 IMPLICIT_SERIES_LABELS = 2
-
-_LEGACY_NAME_RE = re.compile(r"^[a-zA-Z_.][a-zA-Z0-9_.]*$")
 
 
 class LabelError(ValueError):
@@ -55,22 +55,16 @@ class LabelError(ValueError):
 
 
 def sanitize_label_name(name: str, where: str = "a label") -> str:
-    """``name`` with dots replaced by underscores, or :class:`LabelError` if it is not allowed."""
-    if not name:
-        raise LabelError(f"bad label name '' in {where}: label names must not be empty")
-    if len(name) > MAX_LABEL_NAME_LENGTH:
-        raise LabelError(
-            f"bad label name {name[:64]!r}... in {where}: longer than {MAX_LABEL_NAME_LENGTH} characters"
-        )
-    if not _LEGACY_NAME_RE.match(name):
-        raise LabelError(
-            f"bad label name {name!r} in {where}: must match [a-zA-Z_][a-zA-Z0-9_]* "
-            "(dots are accepted and become '_')"
-        )
+    """``name`` with dots replaced by underscores, or :class:`LabelError` if the result is not a
+    label name (:func:`middleware.labels.label_name_problem`)."""
     sanitized = name.replace(".", "_")
-    if sanitized.startswith("__"):
-        raise LabelError(f"bad label name {name!r} in {where}: names starting with '__' are reserved")
-    return sanitized
+    problem = label_name_problem(sanitized)
+    if problem is None:
+        return sanitized
+    shown = f"{name[:64]!r}..." if len(name) > MAX_LABEL_NAME_LENGTH else repr(name)
+    if problem.endswith(LABEL_NAME_FORM):
+        problem += " (dots are accepted and become '_')"
+    raise LabelError(f"bad label name {shown} in {where}: {problem}")
 
 
 def _check_value(name: str, value: str, where: str) -> None:

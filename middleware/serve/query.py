@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from middleware.labels import LABEL_NAME_FORM
 from middleware.profile import Profile, Sample
 from middleware.serve.ingest import EXCLUDED_SAMPLE_LABELS, INT64_MAX, MAX_UNIX_SECONDS, SERVICE_LABEL, unix_seconds_to_ns
 from middleware.serve.store import Store, labels_from_key
@@ -79,7 +80,7 @@ class Matcher:
 
 
 _MATCHER_RE = re.compile(
-    r'\s*(?P<name>[a-zA-Z_][a-zA-Z0-9_]*)\s*(?P<op>=~|!~|!=|=)\s*"(?P<value>(?:[^"\\]|\\.)*)"\s*(?P<sep>,|$)'
+    rf'\s*(?P<name>{LABEL_NAME_FORM})\s*(?P<op>=~|!~|!=|=)\s*"(?P<value>(?:[^"\\]|\\.)*)"\s*(?P<sep>,|$)'
 )
 
 
