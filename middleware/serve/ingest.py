@@ -1,4 +1,4 @@
-"""Decoding of ingest requests (the Pyroscope ``POST /ingest`` API of PROTOCOL.md).
+"""Decoding of ingest requests (the Pyroscope ``POST /ingest`` API, docs/protocol.md).
 
 An upload is ``POST /ingest?name=<service>{k=v,...}&from=<unix s>&until=<unix s>&format=pprof
 &sampleRate=<hz>&spyName=<name>`` with a pprof body, plain or gzipped, either raw
@@ -25,7 +25,7 @@ Label names (of ``name`` tags, push series labels and pprof sample labels) follo
 Pyroscope's rules, :mod:`middleware.serve.labels`: dots become underscores (``otel.scope.name``
 is stored as ``otel_scope_name``), values are kept as sent, and what Pyroscope refuses is refused.
 
-Series naming (PROTOCOL.md): a sample type containing ``wall`` gives the series ``wall``, one
+Series naming (docs/protocol.md): a sample type containing ``wall`` gives the series ``wall``, one
 starting with ``alloc_``/``inuse_`` gives ``memory``, one containing ``cpu`` gives
 ``process_cpu``; any other sample type (e.g. ``samples/count``) takes the name of the profile's
 period type (``cpu`` period -> ``process_cpu``). The profile type id is
@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import parse_qs
 
+# The form of every stored label name (after sanitization, see :mod:`middleware.serve.labels`).
+from middleware.labels import LABEL_NAME_RE
 from middleware.serve.labels import (
     MAX_LABEL_VALUE_LENGTH,
     LabelError,
@@ -88,10 +90,8 @@ __all__ = [
     "SERIES_PER_SERVICE_ENV",
 ]
 
-#: The form of every stored label name (after sanitization, see :mod:`middleware.serve.labels`).
-LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-#: String sample labels that do not become series labels (PROTOCOL.md): per-request ids would
-#: make one series per request.
+#: String sample labels that do not become series labels (docs/protocol.md): per-request ids
+#: would make one series per request.
 EXCLUDED_SAMPLE_LABELS = frozenset({"span_id", "trace_id", "profile_id"})
 #: The label holding the service name in queries; reserved in upload tags.
 SERVICE_LABEL = "service_name"
@@ -637,47 +637,15 @@ def _window(params: IngestParams, profile: "Profile", now_ns: int | None) -> tup
 # The newer push API: POST /push.v1.PusherService/Push (Connect protocol)
 # ------------------------------------------------------------------------------------------------
 #
-# push.v1.PushRequest {repeated RawProfileSeries series = 1}
-# RawProfileSeries {repeated types.v1.LabelPair labels = 1; repeated RawSample samples = 2}
-# RawSample {bytes raw_profile = 1; string ID = 2}
-# types.v1.LabelPair {string name = 1; string value = 2}
-#
-# The messages are declared at run time with protobuf's descriptor API (no generated module, no
-# .proto file to keep in sync for four small messages).
-
-_PUSH_CLASSES: dict[str, Any] = {}
+# The messages are declared once, in proto/push.proto, which the native uploader's encoder is
+# generated from as well; middleware/_proto/push_pb2.py is its generated Python side.
 
 
 def _push_request_class() -> Any:
-    if "PushRequest" in _PUSH_CLASSES:
-        return _PUSH_CLASSES["PushRequest"]
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    """The generated ``push.v1.PushRequest`` class (imported at the first push)."""
+    from middleware._proto.push_pb2 import PushRequest
 
-    fdp = descriptor_pb2.FileDescriptorProto(name="middleware_serve_push.proto", package="push.v1", syntax="proto3")
-    F = descriptor_pb2.FieldDescriptorProto
-
-    def message(name: str, fields: list[tuple[str, int, int, int, str]]) -> None:
-        msg = fdp.message_type.add(name=name)
-        for fname, number, ftype, label, type_name in fields:
-            field_proto = msg.field.add(name=fname, number=number, type=ftype, label=label)
-            if type_name:
-                field_proto.type_name = type_name
-
-    message("LabelPair", [("name", 1, F.TYPE_STRING, F.LABEL_OPTIONAL, ""), ("value", 2, F.TYPE_STRING, F.LABEL_OPTIONAL, "")])
-    message("RawSample", [("raw_profile", 1, F.TYPE_BYTES, F.LABEL_OPTIONAL, ""), ("ID", 2, F.TYPE_STRING, F.LABEL_OPTIONAL, "")])
-    message(
-        "RawProfileSeries",
-        [
-            ("labels", 1, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".push.v1.LabelPair"),
-            ("samples", 2, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".push.v1.RawSample"),
-        ],
-    )
-    message("PushRequest", [("series", 1, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".push.v1.RawProfileSeries")])
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("push.v1.PushRequest"))
-    _PUSH_CLASSES["PushRequest"] = cls
-    return cls
+    return PushRequest
 
 
 def decode_push(headers: Mapping[str, str], body: bytes, limits: IngestLimits, now_ns: int | None = None) -> list[Upload]:
