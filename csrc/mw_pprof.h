@@ -67,8 +67,10 @@ int mw_pprof_gzip(const uint8_t *in, size_t n, int level, uint8_t **out, size_t 
 int mw_pprof_encode_gz(const mw_profbuf_t *b, const mw_pprof_meta_t *meta, uint8_t **out,
                        size_t *len, mw_pprof_info_t *info);
 
-/* 1 if key is an acceptable label name (PROTOCOL.md): [a-zA-Z_][a-zA-Z0-9_]*, not starting
- * with "__". Pure function, any thread, async-signal-safe. */
+/* 1 if key is an acceptable label name (docs/protocol.md, "Label names"): [a-zA-Z_][a-zA-Z0-9_]*,
+ * not starting with "__" -- the form and prefix of middleware.labels.label_name_problem, the
+ * project's one rule, which also bounds the length (the Python side drops longer names before
+ * they get here). Pure function, any thread, async-signal-safe. */
 int mw_pprof_label_key_ok(const char *key);
 
 #endif

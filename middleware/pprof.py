@@ -1,8 +1,8 @@
 """Reading and writing pprof (google/pprof profile.proto) profiles.
 
 * :func:`parse_pprof` turns pprof bytes (gzipped or plain) into a :class:`~middleware.profile.Profile`,
-  checking the structure rules of PROTOCOL.md on the way (string_table[0] == "", nonzero unique
-  ids, references that resolve, one value per sample type).
+  checking pprof's structure rules on the way (docs/protocol.md, "The profile":
+  string_table[0] == "", nonzero unique ids, references that resolve, one value per sample type).
 * :func:`encode_pprof` does the reverse and gzips the result; functions are unique by
   (name, file), locations by (function, line), stacks are written leaf first.
 * :func:`load_profiles` reads files and directories, keeps the profiles whose time window

@@ -1,4 +1,4 @@
-"""`python -m middleware serve`: the ingest side (PROTOCOL.md), its limits, auth and the importer.
+"""`python -m middleware serve`: the ingest side (docs/protocol.md), its limits, auth and the importer.
 
 GIVEN a serve started in-process on 127.0.0.1 (free port, temporary --data)
 WHEN profiles built with encode_pprof are pushed as raw, gzipped, multipart or push-API bodies
@@ -131,7 +131,7 @@ def test_static_tags_and_sample_labels_are_queryable(serve: Client) -> None:
     profile.samples.append(sample("main;traced", 70_000_000, labels={"span_id": "abc123", "endpoint": "/t"}))
     assert push(serve, profile, name="svc{env=prod}")[0] == 200
     names = serve.get("/api/label_names", service="svc")["names"]
-    # static tag, sample labels and service_name; span_id is not a series label (PROTOCOL.md)
+    # static tag, sample labels and service_name; span_id is not a series label (docs/protocol.md)
     assert names == ["endpoint", "env", "service_name", "thread_name"]
     assert serve.get("/api/label_values", service="svc", name="endpoint")["values"] == ["/calculate", "/other", "/t"]
     assert serve.get("/api/label_values", service="svc", name="env")["values"] == ["prod"]
