@@ -1,4 +1,4 @@
-"""The local store and the exporter's behaviour around it (issue 3): the size bound, flush and
+"""The local store and the exporter thread's behaviour around it: the size bound, flush and
 stop semantics, an unwritable directory, fork, and a stress run with very frequent exports while
 threads churn. Each profiling run happens in a child process (see test_pprof_export.py)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Native frames (issue 7): mixed Python and C stacks with libunwind, in child processes.
+"""Native frames: mixed Python and C stacks with libunwind (native=True), in child processes.
 
 GIVEN a thread whose hot spots are inside C code called from Python (zlib.compress on a large
 buffer; mw_test_spin in a small test-only extension built here with gcc), WHEN it is profiled

@@ -1,4 +1,4 @@
-"""Native frames under the sampler stress test (issue 7): tests/stress_target.py --native runs
+"""Native frames (libunwind) under the sampler stress test: tests/stress_target.py --native runs
 thread churn, deep recursion, generators, coroutines, exec'd functions and a blocking-I/O thread
 for MW_STRESS_SECONDS (default 60) at 1 kHz with a signal per sampled thread: no crash, no
 deadlock (the child must finish within its time), no EINTR failure in the app, sane counters."""

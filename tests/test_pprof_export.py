@@ -1,4 +1,4 @@
-"""The pprof encoder and the exporter thread (issue 3), checked by independent readers.
+"""The pprof encoder and the files the exporter thread writes, checked by independent readers.
 
 Every profiling run happens in a child process (a crash in the native code becomes a readable
 failure, and every test gets a fresh profiler). The files the exporter writes are decoded here

@@ -1,4 +1,4 @@
-"""The sampler core against known workloads (issue 2). Each workload runs in a child process.
+"""The sampler core's CPU, wall, line and label attribution against known workloads (child processes).
 
 Tolerance bands, never exact counts: sampling is statistical."""
 from __future__ import annotations

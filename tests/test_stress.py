@@ -1,4 +1,4 @@
-"""Sampler stress test (issue 2): about a minute of thread churn, deep recursion, generators,
+"""Sampler stress (no crash, sane counters): about a minute of thread churn, deep recursion, generators,
 coroutines and exec'd throw-away functions under a 1 kHz sampler. The target runs in a child
 process: a crash or hang is a test failure with the child's output, not a dead test run.
 
