@@ -13,10 +13,10 @@ Two values have a rule of their own, applied wherever they are read:
 * the service name: whitespace runs become ``-``, and so do the characters that would break the
   ``name{k=v}`` series syntax (``{}``, ``,``, ``=``, quotes, control characters; with a warning);
   ``OTEL_SERVICE_NAME`` beats ``MW_SERVICE_NAME``; the default is ``python-service-<pid>``;
-* static tags (``MW_CUSTOM_RESOURCE_ATTRIBUTES=k=v,k=v`` or a mapping): a name must match
-  ``[a-zA-Z_][a-zA-Z0-9_]*``, must not start with ``__`` and must not repeat (the first wins); a
-  value must be non-empty and free of ``,{}=`` and control characters; any other tag is dropped
-  with a warning.
+* static tags (``MW_CUSTOM_RESOURCE_ATTRIBUTES=k=v,k=v`` or a mapping): a name must be a label
+  name (:func:`middleware.labels.label_name_problem`: ``[a-zA-Z_][a-zA-Z0-9_]*``, at most 1024
+  characters, not starting with ``__``) and must not repeat (the first wins); a value must be
+  non-empty and free of ``,{}=`` and control characters; any other tag is dropped with a warning.
 
 The profiler (:func:`resolve_config`) and the uploader (:func:`resolve_upload_config`) read the
 shared rows (service name, sample rate, tags) through the same rows; the tracker resolves them
@@ -38,6 +38,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from middleware.labels import label_name_problem
+
 logger = logging.getLogger(__name__)
 #: Upload settings are reported under the uploader's logger, as its messages are.
 upload_logger = logging.getLogger("middleware.upload_config")
@@ -46,7 +48,6 @@ __all__ = [
     "Setting",
     "SETTINGS",
     "NATIVE_VARIABLES",
-    "UPLOAD_VARIABLES",
     "ProfilerConfig",
     "UploadConfig",
     "resolve_config",
@@ -138,7 +139,6 @@ _FALSE = {"0", "false", "no", "off"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TENANT = re.compile(r"[A-Za-z0-9_.-]{1,128}\Z")
 _SERIES_BREAKERS = re.compile(r"[{}=,\"'\x00-\x1f\x7f]")
-_TAG_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 _BAD_TAG_VALUE = re.compile(r"[,{}=\x00-\x1f\x7f]")
 
 
@@ -253,11 +253,8 @@ def _valid_tags(pairs: list[tuple[str, str | None]], where: str, log: logging.Lo
     for k, v in pairs:
         if v is None:
             visible_warning(log, "middleware: ignoring tag %r in %s (want k=v)", k, where)
-        elif not _TAG_NAME.match(k) or k.startswith("__"):
-            visible_warning(
-                log, "middleware: ignoring tag %r in %s: names must match [a-zA-Z_][a-zA-Z0-9_]* and not start "
-                "with '__'", k, where,
-            )
+        elif (problem := label_name_problem(k)) is not None:
+            visible_warning(log, "middleware: ignoring tag %r in %s: bad label name: %s", k, where, problem)
         elif k in out:
             visible_warning(log, "middleware: ignoring repeated tag %r in %s", k, where)
         elif not v or _BAD_TAG_VALUE.search(v):
@@ -389,10 +386,6 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
 
 #: Variables the native core reads itself (csrc/), not through this table.
 NATIVE_VARIABLES = ("MW_PROFILING_QUIET", "MW_PROFILING_CPU_TIMER", "MW_PROFILING_DIRECT_READS")
-
-#: The variables only the uploader reads. With none of them set and no tags there is nowhere to
-#: upload and nothing upload-specific to check.
-UPLOAD_VARIABLES = tuple(v for s in SETTINGS.values() if s.used_by == _U for v in s.env)
 
 # ---------------------------------------------------------------- the resolver
 

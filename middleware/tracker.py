@@ -10,9 +10,9 @@ Nothing here runs on the sampling path: the sampler and exporter are native thre
 take the GIL. Python only configures, labels and reports.
 
 Start-up stays cheap: what only some processes need is imported when it is needed (asyncio's
-label hook is installed when the app has imported asyncio and pushes labels, the upload
-settings only when an upload variable is set, the package version for the uploader's user
-agent only when a backend is configured, the profile model at the first ``snapshot()``).
+label hook is installed when the app has imported asyncio and pushes labels, the package
+version for the uploader's user agent only when a backend is configured, the profile model at
+the first ``snapshot()``).
 """
 from __future__ import annotations
 
@@ -25,9 +25,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from middleware.labels import enable_asyncio_hook, labels as _labels_cm
-from middleware.config import (
-    UPLOAD_VARIABLES, ProfilerConfig, default_profile_dir, resolve_config, visible_warning,
-)
+from middleware.config import ProfilerConfig, resolve_config, resolve_upload_config, visible_warning
 
 if TYPE_CHECKING:
     from middleware.profile import Profile
@@ -103,14 +101,8 @@ class _ProcessProfiler:
     def _start_upload(self, n: Any) -> None:
         if not self.config.upload:
             return
-        if not self.config.tags and not any(os.environ.get(v, "").strip() for v in UPLOAD_VARIABLES):
-            return  # no destination: resolve_upload_config() would return None without a warning
-        try:
-            from middleware import upload_config
-        except ImportError:
-            return
-        try:
-            ucfg = upload_config.resolve_upload_config(
+        try:  # None when there is nowhere to upload
+            ucfg = resolve_upload_config(
                 service_name=self.config.service_name, sample_rate=self.config.sample_rate,
                 tags=self.config.tags,
             )
@@ -137,7 +129,7 @@ class _ProcessProfiler:
             return
         cfg = self.config
         profile_dir = cfg.profile_dir
-        if self.uploading and "MW_PROFILE_DIR" not in os.environ and profile_dir == default_profile_dir():
+        if self.uploading and not cfg.profile_dir_set:
             profile_dir = None  # a backend is configured and no local store was asked for
         if profile_dir:
             try:
