@@ -37,7 +37,33 @@ int mw_saferead_init(void) {
     return ok ? 0 : -1;
 }
 
+/* The one thread whose mw_safe_read/mw_safe_readv calls are guarded direct copies (the sampler,
+ * during a tick), and its guard. */
+static mw_guard_t *_Atomic g_direct_guard;
+static pthread_t g_direct_thread;
+
+static int guarded_copy(mw_guard_t *g, const void *addr, size_t len, void *dst);
+
+static inline mw_guard_t *direct_guard(void) {
+    mw_guard_t *g = atomic_load_explicit(&g_direct_guard, memory_order_relaxed);
+    return g && pthread_equal(g_direct_thread, pthread_self()) ? g : NULL;
+}
+
+void mw_saferead_direct_begin(mw_guard_t *g) {
+    g_direct_thread = pthread_self();
+    atomic_store(&g_direct_guard, g);
+}
+
+void mw_saferead_direct_end(void) {
+    atomic_store(&g_direct_guard, NULL);
+}
+
 int mw_safe_read(const void *addr, size_t len, void *dst) {
+    mw_guard_t *g = direct_guard();
+    if (g) {
+        if (guarded_copy(g, addr, len, dst) == 0) return 0;
+        goto fail;
+    }
     if (addr == NULL || !atomic_load_explicit(&g_ok, memory_order_relaxed)) goto fail;
     if (len == 0) return 0;
     struct iovec l = {dst, len}, r = {(void *)addr, len};
@@ -50,6 +76,15 @@ fail:
 }
 
 int mw_safe_readv(const struct iovec *local, const struct iovec *remote, int n) {
+    mw_guard_t *g = direct_guard();
+    if (g) {
+        int done = 0;
+        while (done < n && guarded_copy(g, remote[done].iov_base, remote[done].iov_len,
+                                        local[done].iov_base) == 0)
+            done++;
+        if (done < n) atomic_fetch_add_explicit(&g_failures, 1, memory_order_relaxed);
+        return done;
+    }
     if (n <= 0 || !atomic_load_explicit(&g_ok, memory_order_relaxed)) return 0;
     ssize_t got = process_vm_readv(atomic_load_explicit(&g_pid, memory_order_relaxed), local,
                                    (unsigned long)n, remote, (unsigned long)n, 0);
@@ -114,8 +149,9 @@ static void on_fault(int sig, siginfo_t *si, void *uc) {
         mw_guard_t *g = atomic_load(&g_guards[i]);
         /* Inside a guarded copy of this thread: the copy loop is the only code that runs armed.
          * (si_addr is not checked against the range: a non-canonical address faults with a
-         * general-protection fault whose si_addr is 0.) */
-        if (g && g->armed && atomic_load(&g->owner) == me) {
+         * general-protection fault whose si_addr is 0.) A SIGSEGV sent by kill() is not a
+         * fault of the copy: it takes its course. */
+        if (g && g->armed && si->si_code > 0 && atomic_load(&g->owner) == me) {
             g->faults++;
             siglongjmp(g->jb, 1);
         }
@@ -217,7 +253,9 @@ static inline unsigned rc_slot(uintptr_t page) {
 
 void mw_readcache_reset(mw_readcache_t *c) {
     memset(c->page, 0, sizeof c->page);
-    c->guard = NULL;
+    /* The direct-read thread copies exactly what it reads: whole pages would cost it a
+     * cache-line transfer from the other core for every line of them. */
+    c->guard = direct_guard();
 }
 
 void mw_readcache_direct(mw_readcache_t *c, mw_guard_t *guard) {

@@ -84,6 +84,17 @@ int mw_guard_active(void);
 /* Registers a guard with the fault handler (before its first use). 0 or -1 (table full). */
 int mw_guard_register(mw_guard_t *g);
 
+/* Makes the calling thread's mw_safe_read/mw_safe_readv calls (and its readcaches, from their
+ * next reset) guarded direct copies under g instead of process_vm_readv, until
+ * mw_saferead_direct_end():
+ * for the sampler thread, whose reads of other threads' frames are then plain loads (a system
+ * call per read costs more than the whole walk). One thread at a time; the caller must own g
+ * (g->owner = its kernel tid, g registered), have SIGSEGV and SIGBUS unblocked, and have just
+ * seen mw_guard_active(). Other threads' calls are unaffected. Not async-signal-safe to begin
+ * or end; the reads themselves stay async-signal-safe. */
+void mw_saferead_direct_begin(mw_guard_t *g);
+void mw_saferead_direct_end(void);
+
 typedef struct mw_readcache {
     uintptr_t page[MW_READCACHE_PAGES]; /* page address + 1 (0 = empty) */
     uint64_t hits, misses;
@@ -92,7 +103,9 @@ typedef struct mw_readcache {
 } mw_readcache_t;
 
 /* Empties the cache. With guard non-NULL (and mw_guard_active()), later reads through it are
- * guarded direct copies (nothing cached); with NULL, process_vm_readv through the page cache. */
+ * guarded direct copies (nothing cached); with NULL, process_vm_readv through the page cache.
+ * Reset puts the cache of the thread in mw_saferead_direct_begin() in direct mode under its
+ * guard, and any other cache in the page-cache mode. */
 void mw_readcache_reset(mw_readcache_t *c);
 void mw_readcache_direct(mw_readcache_t *c, mw_guard_t *guard);
 

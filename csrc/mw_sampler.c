@@ -33,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -99,6 +100,11 @@ static mw_rawframe_t *g_raw, *g_raw2;
 static mw_id_t *g_ids;
 static const mw_symentry_t **g_sym;
 static mw_readcache_t *g_rc;
+/* Direct reads: the sampler reads other threads' memory with plain loads under this guard
+ * (mw_saferead_direct_begin) while our fault handler is the installed one, instead of one
+ * process_vm_readv per read (MW_PROFILING_DIRECT_READS=0: system calls only). */
+static mw_guard_t g_sguard;
+static int g_direct;             /* the guard is registered and direct reads are allowed */
 static int g_can_pause;          /* the pause handler is installed (mw_unwind_setup) */
 static int g_timers;             /* CPU samples come from the threads' CPU timers (mw_cputimer) */
 static int g_timers_armed;       /* some thread may hold a timer */
@@ -1032,9 +1038,30 @@ static uint64_t rng_next(void) {
     return g_rng;
 }
 
+/* A tick with direct reads when our fault handler is still the installed one (checked once per
+ * tick: an application that installs its own SIGSEGV handler turns them off). */
+static void guarded_tick(void) {
+    int direct = g_direct && mw_guard_active();
+    if (direct) mw_saferead_direct_begin(&g_sguard);
+    mw_readcache_reset(g_rc); /* in the tick's mode */
+    tick();
+    if (direct) mw_saferead_direct_end();
+    mw_readcache_reset(g_rc);
+}
+
 static void *sampler_main(void *arg) {
     (void)arg;
     pthread_setname_np(pthread_self(), "mw-sampler");
+    if (g_direct) {
+        /* A fault inside a guarded read must reach our handler: a blocked synchronous SIGSEGV
+         * would kill the process. */
+        sigset_t faults;
+        sigemptyset(&faults);
+        sigaddset(&faults, SIGSEGV);
+        sigaddset(&faults, SIGBUS);
+        pthread_sigmask(SIG_UNBLOCK, &faults, NULL);
+        atomic_store(&g_sguard.owner, (long)syscall(SYS_gettid));
+    }
     int64_t next = mw_now_monotonic_ns();
     g_rng ^= (uint64_t)next;
     for (;;) {
@@ -1052,7 +1079,7 @@ static void *sampler_main(void *arg) {
         if (stop || mw_pyframes_finalizing()) {
             /* Stopping (not finalizing): one last tick, so the CPU the threads used since the
              * previous one is counted (a child's last window ends here). */
-            if (stop && g_tick > 0 && !mw_pyframes_finalizing()) tick();
+            if (stop && g_tick > 0 && !mw_pyframes_finalizing()) guarded_tick();
             break;
         }
 
@@ -1061,7 +1088,7 @@ static void *sampler_main(void *arg) {
             g_stats.late_ticks++;
             next = t0; /* do not try to catch up with a burst of ticks */
         }
-        tick();
+        guarded_tick();
         int64_t took = mw_now_monotonic_ns() - t0;
         if ((uint64_t)took > g_stats.tick_ns_max) g_stats.tick_ns_max = (uint64_t)took;
         g_stats.tick_ns_total += (uint64_t)took;
@@ -1125,6 +1152,11 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
      * virtual machine: at 1 kHz that alone would be 2% of a core. */
     g_tick_hz = g_cfg.rate_hz;
     if (g_timers && g_tick_hz > g_cfg.wall_hz) g_tick_hz = g_cfg.wall_hz;
+    if (!g_direct) {
+        const char *direct = getenv("MW_PROFILING_DIRECT_READS");
+        g_direct = !(direct && strcmp(direct, "0") == 0) && mw_guard_install() == 0 &&
+                   mw_guard_register(&g_sguard) == 0;
+    }
     pthread_mutex_lock(&g_buf_lock);
     if (!g_active) {
         g_active = mw_profbuf_new(&g_cfg.limits);
