@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.hangs import native_stacks
+from support.hangs import native_stacks, process_tree
 
 pytestmark = pytest.mark.slow
 
@@ -186,7 +186,7 @@ def _serve(tmp_path: Path, flags: list[str], extra: str = "") -> Run:
     try:
         _wait_ready(proc, port, log)
         _drive(run, port)
-        _wait_idle(log, lazy="--lazy-apps" in flags)
+        _wait_idle(log, lazy="--lazy-apps" in flags, master=proc.pid)
         proc.send_signal(signal.SIGINT)  # uWSGI's shutdown: workers get SIGINT, then exit()
         try:
             proc.wait(timeout=30)
@@ -214,19 +214,43 @@ def _wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
     pytest.fail(f"uwsgi did not become ready:\n{log.read_text()[-3000:]}")
 
 
-def _wait_idle(log: Path, lazy: bool) -> None:
+def _wait_idle(log: Path, lazy: bool, master: int) -> None:
     """Waits until the workers are idle before uWSGI is stopped: a worker still closing a request
     when the master tells it to stop is busy, and uWSGI runs no Python at its exit (its last
-    window is lost, as documented); and a worker respawned after its last request that is still
-    loading the app (--lazy-apps) has the master's signal handlers, so uWSGI's SIGINT does not
-    end it."""
+    window is lost, as documented); and a worker respawned after its last request that has not
+    yet installed its own signal handlers still has the master's: uWSGI's SIGINT then runs the
+    master's handler in it (which only forwards SIGINT) and the worker lives on until the master's
+    reload mercy (60 s). That window is the app's loading with --lazy-apps, and the post-fork
+    hooks (the profiler's restart among them) otherwise. A worker has its own handlers once it
+    catches SIGUSR2, which uWSGI installs in workers right after SIGINT's and the master never
+    catches."""
     time.sleep(IDLE_BEFORE_STOP_S)
     deadline = time.monotonic() + 20
     while lazy and time.monotonic() < deadline:
         text = log.read_text(errors="replace")
         if text.count("WSGI app 0 ") >= WORKERS + text.count("Respawned uWSGI worker"):
+            break
+        time.sleep(0.05)
+    stable_since, last = time.monotonic(), None
+    while time.monotonic() < deadline:
+        workers = sorted(p for p in process_tree(master) if p != master)
+        ready = len(workers) >= WORKERS and all(_catches(p, signal.SIGUSR2) for p in workers)
+        if workers != last or not ready:
+            stable_since, last = time.monotonic(), workers
+        elif time.monotonic() - stable_since >= 0.5:  # no respawn under way
             return
         time.sleep(0.05)
+
+
+def _catches(pid: int, sig: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except OSError:
+        pass
+    return False
 
 
 def _drive(run: Run, port: int, clients: int = 3) -> None:
