@@ -1,9 +1,8 @@
 /* mw_module — the middleware._native module: thin glue between Python and the native core.
  *
  * Every function here runs in a Python thread with the GIL held, and releases it around
- * anything that may wait (joining the sampler). Other concerns contribute their own method
- * tables (mw_<concern>_methods, NULL-terminated, defined in csrc/mw_module_<concern>.c); they
- * are declared weak so the module builds with any subset present.
+ * anything that may wait (joining the sampler). The other concerns' method tables and init
+ * hooks (csrc/mw_module_<concern>.c) are declared in mw_module.h and always linked in.
  *
  * The uploader is not one of them: it is the separate module middleware._upload (libcurl), and
  * this file holds this module's side of the interface in mw_upload.h: the core table exported
@@ -15,6 +14,7 @@
 
 #include "mw_collect.h"
 #include "mw_labels.h"
+#include "mw_module.h"
 #include "mw_pyframes.h"
 #include "mw_pyglue.h"
 #include "mw_cputimer.h"
@@ -27,12 +27,6 @@
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-
-extern PyMethodDef mw_export_methods[] __attribute__((weak));
-extern PyMethodDef mw_unwind_methods[] __attribute__((weak));
-/* Optional per-concern hooks run at module init (e.g. fork handlers). */
-extern int mw_export_module_init(PyObject *m) __attribute__((weak));
-extern int mw_unwind_module_init(PyObject *m) __attribute__((weak));
 
 static PyObject *py_start(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"rate_hz", "max_depth", "max_stacks", "wall_hz", NULL};
@@ -439,7 +433,7 @@ static PyMethodDef *g_all_methods;
 
 static size_t count_methods(const PyMethodDef *t) {
     size_t n = 0;
-    while (t && t[n].ml_name)
+    while (t[n].ml_name)
         n++;
     return n;
 }
@@ -489,8 +483,7 @@ __attribute__((visibility("default"))) PyMODINIT_FUNC PyInit__native(void) {
         Py_DECREF(m);
         return NULL;
     }
-    if ((mw_export_module_init && mw_export_module_init(m) != 0) ||
-        (mw_unwind_module_init && mw_unwind_module_init(m) != 0)) {
+    if (mw_export_module_init(m) != 0 || mw_unwind_module_init(m) != 0) {
         Py_DECREF(m);
         return NULL;
     }

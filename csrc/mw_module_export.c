@@ -1,5 +1,5 @@
 /* mw_module_export — Python glue for the exporter (mw_export.h), the pprof encoder and the
- * local store. Appended to middleware._native by csrc/mw_module.c (weak references):
+ * local store. Appended to middleware._native by csrc/mw_module.c (declared in mw_module.h):
  *
  *   export_start(interval_s, service, profile_dir=None, store_max_bytes=0, upload=False) -> bool
  *       starts the exporter thread; False when it was already running (left as is).
@@ -18,6 +18,7 @@
 #include <Python.h>
 
 #include "mw_export.h"
+#include "mw_module.h"
 #include "mw_pyglue.h"
 
 #include <pthread.h>

@@ -48,8 +48,7 @@ def _interpreter_unsupported() -> bool:
     not know: a tracker there does nothing and loads no native code, however it was imported."""
     import middleware  # initialised before any tracker is made
 
-    supported = getattr(middleware, "python_supported", None)
-    if supported is None or supported():
+    if middleware.python_supported():
         return False
     middleware._say_unsupported()
     return True
@@ -86,13 +85,8 @@ class _ProcessProfiler:
             enable_asyncio_hook()
             self._start_upload(n)
             self._start_export(n)
-            if cfg.native and hasattr(n, "unwind_enable"):
+            if cfg.native:
                 n.unwind_enable(bool(cfg.native_show_internal))
-            elif cfg.native:
-                visible_warning(
-                    logger, "middleware: native mode requested but not built in (this build of middleware._native "
-                    "has no native frames); Python frames only",
-                )
         logger.info(
             "middleware: profiling pid %d at %d Hz (service %s, store %s)",
             self.pid, cfg.sample_rate, cfg.service_name, cfg.profile_dir or "off",
@@ -125,8 +119,6 @@ class _ProcessProfiler:
         self.uploading = True
 
     def _start_export(self, n: Any) -> None:
-        if not hasattr(n, "export_start"):
-            return
         cfg = self.config
         profile_dir = cfg.profile_dir
         if self.uploading and not cfg.profile_dir_set:
@@ -154,7 +146,7 @@ class _ProcessProfiler:
         ok = True
         if self.exporting:
             ok = bool(n.export_flush(timeout))
-        if self.uploading and hasattr(n, "upload_flush"):
+        if self.uploading:
             n.upload_flush(timeout)
         self.drain_messages()
         return ok
@@ -183,13 +175,9 @@ class _ProcessProfiler:
     def drain_messages(self) -> None:
         if not self.uploading:
             return
-        try:
-            from middleware import upload_config
-        except ImportError:
-            return
-        drain = getattr(upload_config, "drain_messages", None)
-        if drain is not None:
-            drain()
+        from middleware import upload_config
+
+        upload_config.drain_upload_messages()
 
     def after_fork_in_child(self) -> None:
         """gunicorn workers: the child has no sampler thread; start a fresh one."""
@@ -470,12 +458,9 @@ class MwTracker:
             return {}
         n = _native_module()
         out: dict[str, int] = dict(n.stats())
-        if hasattr(n, "export_stats"):
-            out.update({f"export_{k}" if not k.startswith("export") else k: v for k, v in n.export_stats().items()})
-        if hasattr(n, "upload_stats"):
-            out.update({f"upload_{k}": v for k, v in n.upload_stats().items()})
-        if hasattr(n, "unwind_stats"):
-            out.update(n.unwind_stats())  # native frames: unwind_* counters
+        out.update({f"export_{k}" if not k.startswith("export") else k: v for k, v in n.export_stats().items()})
+        out.update({f"upload_{k}": v for k, v in n.upload_stats().items()})
+        out.update(n.unwind_stats())  # native frames: unwind_* counters
         children = sys.modules.get("middleware.children")
         if children is not None:  # child processes: handed profiling, final exports
             out.update(children.stats())
