@@ -1,6 +1,6 @@
 """Build script for the middleware C extensions: middleware._native (sampler, exporter) and
-middleware._upload (the uploader, the only one linked against libcurl; imported only when an
-upload is configured, so other processes never load libcurl and its libraries).
+middleware._upload (the uploader, the only one linked against libcurl and json-c; imported only
+when an upload is configured, so other processes never load those libraries).
 
 The extension reads CPython's private structures, so it is compiled per CPython minor version
 against that interpreter's internal headers (include/pythonX.Y/internal).
@@ -26,7 +26,8 @@ if not os.environ.get("MW_SKIP_EXT") and (
 from setuptools import Extension, setup  # noqa: E402
 
 include = sysconfig.get_paths()["include"]
-upload_sources = ["csrc/mw_upload.c", "csrc/mw_module_upload.c", "csrc/gen/push.pb-c.c"]
+# The uploader: csrc/mw_upload*.c (see csrc/mw_upload_ctx.h), its module glue and the push.v1 code.
+upload_sources = sorted(glob.glob("csrc/mw_upload*.c")) + ["csrc/mw_module_upload.c", "csrc/gen/push.pb-c.c"]
 sources = sorted(set(glob.glob("csrc/*.c") + glob.glob("csrc/gen/*.c")) - set(upload_sources))
 extra_compile = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden",
                  "-Wno-missing-field-initializers", "-Wno-unused-parameter"]
@@ -56,7 +57,7 @@ setup(
             sources=upload_sources,
             depends=sorted(glob.glob("csrc/*.h") + glob.glob("csrc/gen/*.h")),
             include_dirs=["csrc", "csrc/gen"],
-            libraries=["curl", "protobuf-c", "pthread"],
+            libraries=["curl", "json-c", "protobuf-c", "pthread"],
             extra_compile_args=extra_compile,
             extra_link_args=extra_link,
         ),

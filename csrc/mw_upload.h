@@ -4,12 +4,12 @@
  * (docs/interfaces.md, "Native module: upload part"; the push API is Pyroscope's /ingest).
  *
  * Two modules
- *   The uploader is built into its own extension module, middleware._upload (mw_upload.c,
- *   mw_module_upload.c, gen/push.pb-c.c; linked against libcurl), so a process that only
- *   writes the local store never loads libcurl and its libraries. middleware._native (sampler,
- *   exporter, mw_report) does not link libcurl and calls none of the mw_upload_* functions
- *   below directly: the modules reach each other only through the two tables at the end of
- *   this header.
+ *   The uploader is built into its own extension module, middleware._upload (mw_upload*.c,
+ *   listed in mw_upload_ctx.h, mw_module_upload.c, gen/push.pb-c.c; linked against libcurl and
+ *   json-c), so a process that only writes the local store never loads libcurl, json-c and
+ *   their libraries. middleware._native (sampler, exporter, mw_report) links neither and
+ *   calls none of the mw_upload_* functions below directly: the modules reach each other only
+ *   through the two tables at the end of this header.
  *
  * Data path
  *   exporter thread --mw_upload_submit()--> queue (<= queue_max profiles, oldest dropped)
@@ -32,7 +32,7 @@
  *     not from a signal handler; start and stop are serialized by a second (lifecycle) mutex.
  *   - No function here is async-signal-safe.
  *
- * Upload outcome per HTTP status (PROTOCOL.md)
+ * Upload outcome per HTTP status (docs/protocol.md, "Answers, retries and the queue")
  *   2xx                    -> delivered (uploaded++), profile freed.
  *   408, 429, 5xx, transport errors (refused, timeout, reset, garbage reply)
  *                          -> retried after a jittered exponential backoff
@@ -173,9 +173,8 @@ typedef struct {
     uint64_t auth_failed;        /* failed key -> tenant attempts */
     uint64_t last_status;        /* HTTP status of the last upload attempt, 0 = transport error */
     int64_t last_error_unix_s;   /* wall-clock time of the last failed attempt, 0 = never */
-    /* additions to the interface in the brief: */
-    uint64_t queued;     /* profiles held right now (waiting + on the wire) */
-    uint64_t queue_high; /* highest value `queued` reached since start (<= queue_max) */
+    uint64_t queued;             /* profiles held right now (waiting + on the wire) */
+    uint64_t queue_high;         /* highest value `queued` reached since start (<= queue_max) */
 } mw_upload_stats_t;
 
 /*

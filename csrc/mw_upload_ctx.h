@@ -1,0 +1,78 @@
+/* mw_upload_ctx — the context of one uploader thread, shared by the uploader's files.
+ *
+ * The uploader (contract in mw_upload.h) is built from four files, one concern each:
+ *   mw_upload.c         the queue, the uploader thread and its lifecycle (start, stop, fork)
+ *   mw_upload_http.c    HTTP: libcurl, the profile request, status classes, backoff, Retry-After
+ *   mw_upload_tenant.c  the tenant: API key -> tenant exchange, {tenant} in the server URL
+ *   mw_upload_json.c    reading the exchange's JSON answer (json-c)
+ * This header holds what the first three share: the uploader's copy of its configuration and
+ * the context of the uploader thread (mw_uploader_t), plus two clock helpers.
+ *
+ * Memory and threads
+ *   mw_upload_start() allocates a context, fills it (mw_upload_http_init, mw_upload_tenant_set
+ *   when a tenant id is given) and hands it to the uploader thread, which from then on is the
+ *   only one to read or write it. The one exception is mw_upload_stop(), which aborts a request
+ *   through mw_upload_http_abort_at() (an atomic store and curl_multi_wakeup(), both safe from
+ *   any thread) and frees the context after joining the thread. A forked child forgets (leaks)
+ *   its parent's context. So no lock guards the context, and none of its fields is ever read
+ *   by one thread while another writes it.
+ *   Every string of cfg is owned (malloc'd, or NULL) and zeroed before it is freed: some hold
+ *   secrets (api_key, bearer_token, basic_password).
+ */
+#ifndef MW_UPLOAD_CTX_H
+#define MW_UPLOAD_CTX_H
+
+#include <curl/curl.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <time.h>
+
+#define MW_NS_PER_S 1000000000LL
+
+/* The configuration, copied by mw_upload_start() with the defaults of mw_upload.h applied. */
+typedef struct mw_upload_cfg {
+    char *server_url, *app_name, *tags, *tenant_id, *auth_url, *api_key, *bearer_token, *basic_user,
+        *basic_password, *spy_name, *user_agent;
+    int sample_rate, queue_max, use_push_api;
+    double connect_timeout_s, total_timeout_s, backoff_initial_s, backoff_max_s;
+} mw_upload_cfg_t;
+
+typedef struct mw_uploader {
+    mw_upload_cfg_t cfg;
+
+    /* HTTP (mw_upload_http.c) */
+    CURL *easy;
+    CURLM *multi;
+    _Atomic int64_t abort_ns; /* monotonic time after which a request is aborted */
+    char errbuf[CURL_ERROR_SIZE];
+    char *resp; /* the last response's body, at most resp_cap bytes kept */
+    size_t resp_len, resp_cap;
+    char *name_enc, *spy_enc; /* URL-encoded ?name= and &spyName= values (curl_free) */
+    uint64_t rng;             /* xorshift64* state: backoff jitter, push sample ids */
+
+    /* the tenant (mw_upload_tenant.c) */
+    char *tenant; /* NULL until known */
+    char *base;   /* server URL with the tenant substituted, no trailing '/'; NULL until known */
+    char base_redacted[256]; /* the same without user:password@, for messages */
+
+    /* the uploader thread (mw_upload.c) */
+    int fail_streak, auth_streak; /* consecutive failed uploads / exchanges */
+    int outage, auth_reported;
+    uint64_t outage_failures;
+    char last_error[160]; /* the last retried failure, for the line about profiles dropped */
+} mw_uploader_t;
+
+static inline int64_t mw_upload_mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * MW_NS_PER_S + ts.tv_nsec;
+}
+
+/* Seconds to nanoseconds, capped at 1e6 s; 0 for anything not > 0 (also NaN). */
+static inline int64_t mw_upload_secs_to_ns(double s) {
+    if (!(s > 0)) return 0;
+    if (s > 1e6) s = 1e6;
+    return (int64_t)(s * 1e9);
+}
+
+#endif /* MW_UPLOAD_CTX_H */
