@@ -387,158 +387,189 @@ static int64_t clamp64(uint64_t v) {
     return v > (uint64_t)INT64_MAX ? INT64_MAX : (int64_t)v;
 }
 
-int mw_pprof_encode(const mw_profbuf_t *b, const mw_pprof_meta_t *meta, uint8_t **out, size_t *len,
-                    mw_pprof_info_t *info) {
-    enc_t e;
-    memset(&e, 0, sizeof e);
-    e.b = b;
-    uint32_t ns = mw_profbuf_nstacks(b), nf = mw_profbuf_nframes(b), nstr = mw_profbuf_nstrings(b);
-    int rc = -1;
-    uint8_t *buf = NULL;
+/* What pass 1 counts: the sizes of the tables pass 2 fills. */
+typedef struct {
+    uint64_t slots;    /* sum of the stack depths: location ids of all samples */
+    uint64_t pairs;    /* label pairs of the distinct label sets */
+    uint32_t nthreads; /* distinct thread names */
+} enc_sizes_t;
 
-    /* Pass 1: sizes. */
+/* The fixed string-table entries and the labels every sample may share. */
+typedef struct {
+    int64_t samples, count, cpu, ns, wall, thread, pid, unknown, map;
+    pb_label_t *pid_label;      /* NULL without a pid */
+    pb_label_t *unknown_thread; /* made when a stack has no thread name */
+    char pid_text[24];          /* the pid label's value (the pool keeps a pointer to it) */
+} enc_fixed_t;
+
+/* Pass 1: finds the distinct label sets (e->ls, e->stack_ls) and thread names, and counts. */
+static int count_pass(enc_t *e, enc_sizes_t *sz) {
+    uint32_t ns = mw_profbuf_nstacks(e->b), nstr = mw_profbuf_nstrings(e->b);
     uint32_t ls_cap = pow2_at_least(2ull * ns + 2);
-    e.ls = calloc(ls_cap, sizeof *e.ls);
-    e.ls_mask = ls_cap - 1;
-    e.stack_ls = calloc(ns + 1, sizeof *e.stack_ls);
-    e.thread_label = calloc(nstr + 1, sizeof *e.thread_label);
-    if (!e.ls || !e.stack_ls || !e.thread_label) goto done;
-    uint64_t slots = 0, pairs = 0;
-    uint32_t nthreads = 0, nsets = 0;
+    e->ls = calloc(ls_cap, sizeof *e->ls);
+    e->ls_mask = ls_cap - 1;
+    e->stack_ls = calloc(ns + 1, sizeof *e->stack_ls);
+    e->thread_label = calloc(nstr + 1, sizeof *e->thread_label);
+    if (!e->ls || !e->stack_ls || !e->thread_label) return -1;
+    memset(sz, 0, sizeof *sz);
     for (uint32_t i = 0; i < ns; i++) {
-        const mw_stack_t *s = mw_profbuf_stack(b, i);
-        slots += s->depth;
-        if (s->thread >= 1 && s->thread <= nstr && !e.thread_label[s->thread]) {
-            e.thread_label[s->thread] = 1; /* seen; the real label index comes in pass 2 */
-            nthreads++;
+        const mw_stack_t *s = mw_profbuf_stack(e->b, i);
+        sz->slots += s->depth;
+        if (s->thread >= 1 && s->thread <= nstr && !e->thread_label[s->thread]) {
+            e->thread_label[s->thread] = 1; /* seen; the real label index comes in pass 2 */
+            sz->nthreads++;
         }
         if (s->labelset) {
             int created;
-            lsent_t *ent = ls_slot(&e, s->labelset, &created);
+            lsent_t *ent = ls_slot(e, s->labelset, &created);
             if (created) {
                 const char *const *k, *const *v;
                 int n = mw_labels_get(s->labelset, &k, &v);
-                pairs += n > 0 ? (uint64_t)n : 0;
-                nsets++;
+                sz->pairs += n > 0 ? (uint64_t)n : 0;
             }
-            e.stack_ls[i] = (uint32_t)(ent - e.ls) + 1;
+            e->stack_ls[i] = (uint32_t)(ent - e->ls) + 1;
         }
     }
-    memset(e.thread_label, 0, (size_t)(nstr + 1) * sizeof *e.thread_label);
+    memset(e->thread_label, 0, (size_t)(nstr + 1) * sizeof *e->thread_label);
+    return 0;
+}
 
-    /* Allocation, all sized from the counts above. */
-    if (pool_init(&e.pool, nstr + 16 + 2 * (uint32_t)pairs) != 0) goto done;
-    e.strmap = calloc(nstr + 1, sizeof *e.strmap);
-    e.labels_cap = 2 + nthreads + (uint32_t)pairs;
-    e.labels = calloc(e.labels_cap, sizeof *e.labels);
-    e.funcs = calloc(nf + 1, sizeof *e.funcs);
-    e.func_ptrs = calloc(nf + 1, sizeof *e.func_ptrs);
+/* Allocates every table of pass 2, sized from pass 1's counts. */
+static int alloc_tables(enc_t *e, const enc_sizes_t *sz) {
+    uint32_t ns = mw_profbuf_nstacks(e->b), nf = mw_profbuf_nframes(e->b);
+    uint32_t nstr = mw_profbuf_nstrings(e->b);
+    if (pool_init(&e->pool, nstr + 16 + 2 * (uint32_t)sz->pairs) != 0) return -1;
+    e->strmap = calloc(nstr + 1, sizeof *e->strmap);
+    e->labels_cap = 2 + sz->nthreads + (uint32_t)sz->pairs;
+    e->labels = calloc(e->labels_cap, sizeof *e->labels);
+    e->funcs = calloc(nf + 1, sizeof *e->funcs);
+    e->func_ptrs = calloc(nf + 1, sizeof *e->func_ptrs);
     uint32_t fsz = pow2_at_least(2ull * nf + 2);
-    e.func_index = calloc(fsz, sizeof *e.func_index);
-    e.func_mask = fsz - 1;
-    e.locs = calloc(nf + 1, sizeof *e.locs);
-    e.loc_ptrs = calloc(nf + 1, sizeof *e.loc_ptrs);
-    e.lines = calloc(nf + 1, sizeof *e.lines);
-    e.line_ptrs = calloc(nf + 1, sizeof *e.line_ptrs);
-    e.loc_index = calloc(fsz, sizeof *e.loc_index);
-    e.loc_mask = fsz - 1;
-    e.frame_loc = calloc(nf + 1, sizeof *e.frame_loc);
-    e.samples = calloc(ns + 1, sizeof *e.samples);
-    e.sample_ptrs = calloc(ns + 1, sizeof *e.sample_ptrs);
-    e.loc_ids = calloc(slots + 1, sizeof *e.loc_ids);
-    e.values = calloc(3ull * ns + 1, sizeof *e.values);
-    if (!e.strmap || !e.labels || !e.funcs || !e.func_ptrs || !e.func_index || !e.locs ||
-        !e.loc_ptrs || !e.lines || !e.line_ptrs || !e.loc_index || !e.frame_loc || !e.samples ||
-        !e.sample_ptrs || !e.loc_ids || !e.values)
-        goto done;
+    e->func_index = calloc(fsz, sizeof *e->func_index);
+    e->func_mask = fsz - 1;
+    e->locs = calloc(nf + 1, sizeof *e->locs);
+    e->loc_ptrs = calloc(nf + 1, sizeof *e->loc_ptrs);
+    e->lines = calloc(nf + 1, sizeof *e->lines);
+    e->line_ptrs = calloc(nf + 1, sizeof *e->line_ptrs);
+    e->loc_index = calloc(fsz, sizeof *e->loc_index);
+    e->loc_mask = fsz - 1;
+    e->frame_loc = calloc(nf + 1, sizeof *e->frame_loc);
+    e->samples = calloc(ns + 1, sizeof *e->samples);
+    e->sample_ptrs = calloc(ns + 1, sizeof *e->sample_ptrs);
+    e->loc_ids = calloc(sz->slots + 1, sizeof *e->loc_ids);
+    e->values = calloc(3ull * ns + 1, sizeof *e->values);
+    if (!e->strmap || !e->labels || !e->funcs || !e->func_ptrs || !e->func_index || !e->locs ||
+        !e->loc_ptrs || !e->lines || !e->line_ptrs || !e->loc_index || !e->frame_loc ||
+        !e->samples || !e->sample_ptrs || !e->loc_ids || !e->values)
+        return -1;
+    return 0;
+}
 
-    /* Fixed strings and labels. */
-    int64_t s_empty = pool_add(&e.pool, ""), s_samples = pool_add(&e.pool, "samples"),
-            s_count = pool_add(&e.pool, "count"), s_cpu = pool_add(&e.pool, "cpu"),
-            s_ns = pool_add(&e.pool, "nanoseconds"), s_wall = pool_add(&e.pool, "wall"),
-            k_thread = pool_add(&e.pool, "thread_name"), k_pid = pool_add(&e.pool, "pid"),
-            s_unknown = pool_add(&e.pool, "unknown"), s_map = pool_add(&e.pool, "[python]");
-    char pidbuf[24];
-    snprintf(pidbuf, sizeof pidbuf, "%ld", meta->pid);
-    int64_t s_pid = meta->pid > 0 ? pool_add(&e.pool, pidbuf) : 0;
-    if (s_empty != 0 || s_samples < 0 || s_count < 0 || s_cpu < 0 || s_ns < 0 || s_wall < 0 ||
-        k_thread < 0 || k_pid < 0 || s_unknown < 0 || s_map < 0 || s_pid < 0)
-        goto done;
-    pb_label_t *pid_label = meta->pid > 0 ? new_label(&e, k_pid, s_pid) : NULL;
-    pb_label_t *unknown_thread = NULL;
-    if (build_labelsets(&e, k_thread, k_pid) != 0) goto done;
+/* The fixed strings ("" first), the pid label, the label sets' labels, and the per-sample
+ * label pointers (thread + pid + the set's kept pairs). */
+static int fixed_labels(enc_t *e, const mw_pprof_meta_t *meta, enc_fixed_t *fx) {
+    memset(fx, 0, sizeof *fx);
+    int64_t empty = pool_add(&e->pool, "");
+    fx->samples = pool_add(&e->pool, "samples");
+    fx->count = pool_add(&e->pool, "count");
+    fx->cpu = pool_add(&e->pool, "cpu");
+    fx->ns = pool_add(&e->pool, "nanoseconds");
+    fx->wall = pool_add(&e->pool, "wall");
+    fx->thread = pool_add(&e->pool, "thread_name");
+    fx->pid = pool_add(&e->pool, "pid");
+    fx->unknown = pool_add(&e->pool, "unknown");
+    fx->map = pool_add(&e->pool, "[python]");
+    snprintf(fx->pid_text, sizeof fx->pid_text, "%ld", meta->pid);
+    int64_t pid_value = meta->pid > 0 ? pool_add(&e->pool, fx->pid_text) : 0;
+    if (empty != 0 || fx->samples < 0 || fx->count < 0 || fx->cpu < 0 || fx->ns < 0 ||
+        fx->wall < 0 || fx->thread < 0 || fx->pid < 0 || fx->unknown < 0 || fx->map < 0 ||
+        pid_value < 0)
+        return -1;
+    fx->pid_label = meta->pid > 0 ? new_label(e, fx->pid, pid_value) : NULL;
+    if (build_labelsets(e, fx->thread, fx->pid) != 0) return -1;
 
-    /* Per-sample label pointers: thread + pid + the set's kept pairs. */
+    uint32_t ns = mw_profbuf_nstacks(e->b);
     uint64_t nptr = 0;
     for (uint32_t i = 0; i < ns; i++)
-        nptr += 1 + (pid_label ? 1 : 0) + (e.stack_ls[i] ? e.ls[e.stack_ls[i] - 1].n : 0);
-    e.label_ptrs = calloc(nptr + 1, sizeof *e.label_ptrs);
-    if (!e.label_ptrs) goto done;
+        nptr += 1 + (fx->pid_label ? 1 : 0) + (e->stack_ls[i] ? e->ls[e->stack_ls[i] - 1].n : 0);
+    e->label_ptrs = calloc(nptr + 1, sizeof *e->label_ptrs);
+    return e->label_ptrs ? 0 : -1;
+}
 
-    /* Pass 2: samples. */
+/* The thread_name label of a stack's thread (made at its first use). NULL on failure. */
+static pb_label_t *label_of_thread(enc_t *e, enc_fixed_t *fx, mw_id_t thread) {
+    if (thread < 1 || thread > mw_profbuf_nstrings(e->b)) {
+        if (!fx->unknown_thread) fx->unknown_thread = new_label(e, fx->thread, fx->unknown);
+        return fx->unknown_thread;
+    }
+    if (!e->thread_label[thread]) {
+        int64_t v = buf_str(e, thread);
+        if (v < 0) return NULL;
+        new_label(e, fx->thread, v);
+        e->thread_label[thread] = e->nlabels; /* index + 1 */
+    }
+    return &e->labels[e->thread_label[thread] - 1];
+}
+
+/* Pass 2: one sample per stack, mapping its frames to locations and pointing at its labels. */
+static int sample_pass(enc_t *e, enc_fixed_t *fx) {
+    uint32_t ns = mw_profbuf_nstacks(e->b);
     uint64_t lo = 0, po = 0;
     for (uint32_t i = 0; i < ns; i++) {
-        const mw_stack_t *s = mw_profbuf_stack(b, i);
-        const mw_id_t *ids = mw_profbuf_stack_frames(b, s);
-        pb_sample_t *sm = &e.samples[i];
+        const mw_stack_t *s = mw_profbuf_stack(e->b, i);
+        const mw_id_t *ids = mw_profbuf_stack_frames(e->b, s);
+        pb_sample_t *sm = &e->samples[i];
         perftools__profiles__sample__init(sm);
-        sm->location_id = &e.loc_ids[lo];
+        sm->location_id = &e->loc_ids[lo];
         for (uint32_t d = 0; d < s->depth; d++) { /* leaf first, as stored */
-            uint32_t loc = frame_loc(&e, ids[d]);
-            if (loc == (uint32_t)-1) goto done;
-            if (loc) e.loc_ids[lo + sm->n_location_id++] = loc;
+            uint32_t loc = frame_loc(e, ids[d]);
+            if (loc == (uint32_t)-1) return -1;
+            if (loc) e->loc_ids[lo + sm->n_location_id++] = loc;
         }
         lo += sm->n_location_id;
-        sm->value = &e.values[3ull * i];
+        sm->value = &e->values[3ull * i];
         sm->n_value = 3;
         sm->value[0] = clamp64(s->v.cpu_samples);
         sm->value[1] = clamp64(s->v.cpu_ns);
         sm->value[2] = clamp64(s->v.wall_ns);
 
-        sm->label = &e.label_ptrs[po];
-        pb_label_t *tl;
-        if (s->thread >= 1 && s->thread <= nstr) {
-            if (!e.thread_label[s->thread]) {
-                int64_t v = buf_str(&e, s->thread);
-                if (v < 0) goto done;
-                new_label(&e, k_thread, v);
-                e.thread_label[s->thread] = e.nlabels; /* index + 1 */
-            }
-            tl = &e.labels[e.thread_label[s->thread] - 1];
-        } else {
-            if (!unknown_thread) unknown_thread = new_label(&e, k_thread, s_unknown);
-            tl = unknown_thread;
-        }
+        sm->label = &e->label_ptrs[po];
+        pb_label_t *tl = label_of_thread(e, fx, s->thread);
+        if (!tl) return -1;
         sm->label[sm->n_label++] = tl;
-        if (pid_label) sm->label[sm->n_label++] = pid_label;
-        if (e.stack_ls[i]) {
-            const lsent_t *ls = &e.ls[e.stack_ls[i] - 1];
+        if (fx->pid_label) sm->label[sm->n_label++] = fx->pid_label;
+        if (e->stack_ls[i]) {
+            const lsent_t *ls = &e->ls[e->stack_ls[i] - 1];
             for (uint32_t j = 0; j < ls->n; j++)
-                sm->label[sm->n_label++] = &e.labels[ls->first + j];
+                sm->label[sm->n_label++] = &e->labels[ls->first + j];
         }
         po += sm->n_label;
-        e.sample_ptrs[i] = sm;
+        e->sample_ptrs[i] = sm;
     }
+    return 0;
+}
 
-    /* The profile. */
+/* The Profile message around the tables, packed into a new malloc'd buffer. */
+static int pack_profile(enc_t *e, const enc_fixed_t *fx, const mw_pprof_meta_t *meta, uint8_t **out,
+                        size_t *len) {
     pb_valuetype_t st[3], period_type;
     pb_valuetype_t *st_ptrs[3] = {&st[0], &st[1], &st[2]};
-    const int64_t st_def[3][2] = {{s_samples, s_count}, {s_cpu, s_ns}, {s_wall, s_ns}};
+    const int64_t st_def[3][2] = {{fx->samples, fx->count}, {fx->cpu, fx->ns}, {fx->wall, fx->ns}};
     for (int i = 0; i < 3; i++) {
         perftools__profiles__value_type__init(&st[i]);
         st[i].type = st_def[i][0];
         st[i].unit = st_def[i][1];
     }
     perftools__profiles__value_type__init(&period_type);
-    period_type.type = s_cpu;
-    period_type.unit = s_ns;
+    period_type.type = fx->cpu;
+    period_type.unit = fx->ns;
 
     /* One pseudo mapping, fully symbolized, so that pprof tools neither look for a binary
      * nor try to symbolize addresses. */
     pb_mapping_t mapping, *mapping_ptr = &mapping;
     perftools__profiles__mapping__init(&mapping);
     mapping.id = 1;
-    mapping.filename = s_map;
+    mapping.filename = fx->map;
     mapping.has_functions = mapping.has_filenames = mapping.has_line_numbers = 1;
 
     pb_profile_t p;
@@ -547,39 +578,54 @@ int mw_pprof_encode(const mw_profbuf_t *b, const mw_pprof_meta_t *meta, uint8_t 
     p.mapping = &mapping_ptr;
     p.n_sample_type = 3;
     p.sample_type = st_ptrs;
-    p.n_sample = ns;
-    p.sample = e.sample_ptrs;
-    p.n_location = e.nlocs;
-    p.location = e.loc_ptrs;
-    p.n_function = e.nfuncs;
-    p.function = e.func_ptrs;
-    p.n_string_table = e.pool.n;
-    p.string_table = e.pool.tab;
+    p.n_sample = mw_profbuf_nstacks(e->b);
+    p.sample = e->sample_ptrs;
+    p.n_location = e->nlocs;
+    p.location = e->loc_ptrs;
+    p.n_function = e->nfuncs;
+    p.function = e->func_ptrs;
+    p.n_string_table = e->pool.n;
+    p.string_table = e->pool.tab;
     p.time_nanos = meta->time_nanos;
     p.duration_nanos = meta->duration_nanos > 0 ? meta->duration_nanos : 0;
     p.period_type = &period_type;
     p.period = meta->period_ns > 0 ? meta->period_ns : 1000000000LL / 100;
-    p.default_sample_type = s_cpu;
+    p.default_sample_type = fx->cpu;
 
     size_t size = perftools__profiles__profile__get_packed_size(&p);
-    buf = malloc(size ? size : 1);
-    if (!buf) goto done;
-    if (perftools__profiles__profile__pack(&p, buf) != size) goto done;
+    uint8_t *buf = malloc(size ? size : 1);
+    if (!buf) return -1;
+    if (perftools__profiles__profile__pack(&p, buf) != size) {
+        free(buf);
+        return -1;
+    }
     *out = buf;
     *len = size;
-    buf = NULL;
-    if (info) {
-        info->samples = ns;
-        info->locations = e.nlocs;
-        info->functions = e.nfuncs;
-        info->strings = e.pool.n;
-        info->labels_skipped = e.labels_skipped;
-        info->strings_repaired = e.pool.repaired;
-        info->raw_bytes = size;
+    return 0;
+}
+
+int mw_pprof_encode(const mw_profbuf_t *b, const mw_pprof_meta_t *meta, uint8_t **out, size_t *len,
+                    mw_pprof_info_t *info) {
+    enc_t e;
+    memset(&e, 0, sizeof e);
+    e.b = b;
+    enc_sizes_t sz;
+    enc_fixed_t fx;
+    int rc = -1;
+    if (count_pass(&e, &sz) == 0 && alloc_tables(&e, &sz) == 0 &&
+        fixed_labels(&e, meta, &fx) == 0 && sample_pass(&e, &fx) == 0 &&
+        pack_profile(&e, &fx, meta, out, len) == 0) {
+        if (info) {
+            info->samples = mw_profbuf_nstacks(b);
+            info->locations = e.nlocs;
+            info->functions = e.nfuncs;
+            info->strings = e.pool.n;
+            info->labels_skipped = e.labels_skipped;
+            info->strings_repaired = e.pool.repaired;
+            info->raw_bytes = *len;
+        }
+        rc = 0;
     }
-    rc = 0;
-done:
-    free(buf);
     enc_free(&e);
     return rc;
 }
