@@ -47,7 +47,7 @@ lint:  ## clang-format check of csrc/
 format:  ## clang-format csrc/ in place
 	@clang-format -i $$(ls csrc/*.c csrc/*.h)
 
-proto:  ## regenerate protobuf-c (C) and Python code from proto/profile.proto
+proto:  ## regenerate protobuf-c (C) and Python code from proto/*.proto
 	@scripts/gen-proto.sh
 
 clean:  ## remove build products

@@ -209,11 +209,11 @@ def decode_push_loosely(headers: dict[str, str], body: bytes) -> list[tuple[str,
     import gzip
 
     from middleware.pprof import parse_pprof
-    from middleware.serve.ingest import _push_request_class
+    from middleware._proto.push_pb2 import PushRequest
 
     if headers.get("content-encoding", "").lower() in ("gzip", "x-gzip"):
         body = gzip.decompress(body)
-    request = _push_request_class()()
+    request = PushRequest()
     request.ParseFromString(body)
     out = []
     for series in request.series:

@@ -3,7 +3,7 @@
 Every profiling run happens in a child process (a crash in the native code becomes a readable
 failure, and every test gets a fresh profiler). The files the exporter writes are decoded here
 with the generated protobuf classes (middleware/_proto/profile_pb2.py), not with our own reader,
-and checked against every structure rule of PROTOCOL.md; `go tool pprof -top` is a second,
+and checked against every structure rule of docs/protocol.md; `go tool pprof -top` is a second,
 fully independent reader.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ def run_child(body: str, timeout: float = 60, **params: Any) -> dict[str, Any]:
     return out
 
 
-# --- an independent decoder with the PROTOCOL.md checks ------------------------------------------
+# --- an independent decoder with the docs/protocol.md checks ------------------------------------
 @dataclass
 class Decoded:
     msg: pb.Profile
@@ -75,7 +75,7 @@ class Decoded:
 
 
 def check_pprof(data: bytes) -> Decoded:
-    """Decodes a gzipped pprof and asserts every structure rule of PROTOCOL.md / interfaces.md."""
+    """Decodes a gzipped pprof and asserts every structure rule of docs/protocol.md / interfaces.md."""
     assert data[:2] == b"\x1f\x8b", "profiles are gzipped"
     msg = pb.Profile()
     msg.ParseFromString(gzip.decompress(data))  # also rejects strings that are not UTF-8

@@ -1,7 +1,7 @@
 """The profile model and the pprof reader/writer, on synthetic profiles.
 
 The encoder's output is decoded independently with the raw protobuf classes (not with
-parse_pprof) and checked against the structure rules of PROTOCOL.md.
+parse_pprof) and checked against the structure rules of docs/protocol.md.
 """
 from __future__ import annotations
 

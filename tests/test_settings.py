@@ -120,8 +120,7 @@ def test_every_variable_read_has_one_row_and_a_case_here():
 def test_no_other_module_names_a_variable_of_the_table():
     outside = {(path, var) for path, var in _literals()
                if var in _table_variables() and path != "middleware/config.py"}
-    # The serve command looks up the agent's store itself (see the serve test below).
-    assert outside == {("middleware/commands/serve.py", "MW_PROFILE_DIR")}
+    assert outside == set()
 
 
 def test_each_row_is_a_field_of_the_configurations_that_read_it():
@@ -318,8 +317,6 @@ def test_serve_imports_the_store_the_agent_writes(tmp_path, monkeypatch, store):
     assert _serve_imports(tmp_path, env) == agent
 
 
-@pytest.mark.xfail(strict=True, reason="serve looks MW_PROFILE_DIR up itself, without the table's none/off rule: "
-                   "it imports a directory named 'off' where the agent keeps no store")
 def test_serve_imports_no_store_when_the_agent_keeps_none(tmp_path):
     env = _hermetic(tmp_path, MW_PROFILE_DIR="off")
     assert resolve_config(env).profile_dir is None

@@ -1,4 +1,4 @@
-"""The native uploader speaks PROTOCOL.md: request shape, auth, key exchange, configuration.
+"""The native uploader speaks docs/protocol.md: request shape, auth, key exchange, configuration.
 
 Every test runs the real uploader thread (middleware._native) against a recording backend on
 127.0.0.1 (tests/support/fake_backend.py). Fault handling lives in test_upload_faults.py.
@@ -61,7 +61,7 @@ def test_upload_request_has_the_protocol_path_query_headers_and_body(backend):
     assert native.upload_submit(body, 1_700_000_000, 1_700_000_010) is True
     assert native.upload_flush(5.0) == 0
     native.upload_stop(1.0)
-    # THEN exactly one POST {server}/ingest arrives, shaped as PROTOCOL.md says
+    # THEN exactly one POST {server}/ingest arrives, shaped as docs/protocol.md says
     [req] = backend.ingests()
     assert req.method == "POST" and req.path == "/ingest"  # trailing '/' of the base URL ignored
     assert req.q("name") == "svc{env=prod,region=eu-1}"
@@ -215,7 +215,7 @@ def test_api_key_is_exchanged_for_a_tenant_exactly_once(backend):
         native.upload_submit(payload(i), 100 + i, 110 + i)
     assert native.upload_flush(5.0) == 0
     native.upload_stop(1.0)
-    # THEN the exchange happened once, as PROTOCOL.md describes
+    # THEN the exchange happened once, as docs/protocol.md describes
     [auth] = backend.auths()
     assert auth.method == "POST"
     assert auth.headers["authorization"] == "Bearer mw-key-SECRET"

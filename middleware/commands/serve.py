@@ -41,7 +41,6 @@ from middleware.commands import CommandError
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 4040
-PROFILE_DIR_ENV = "MW_PROFILE_DIR"
 
 
 def default_data_dir() -> str:
@@ -121,7 +120,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--no-store-import", action="store_true",
-        help=f"do not import the agent's local store (${PROFILE_DIR_ENV} or ~/.cache/middleware/profiles)",
+        help="do not import the agent's local store (the profile directory the agent's settings name; "
+        "default ~/.cache/middleware/profiles)",
     )
     parser.add_argument(
         "--import-interval", type=float, default=10.0, metavar="SECONDS",
@@ -166,10 +166,10 @@ def run(args: argparse.Namespace) -> int:
 
     import_dirs = list(args.import_dirs)
     if not args.no_store_import:
-        from middleware.config import default_profile_dir
+        from middleware.config import resolve_setting
 
-        store_dir = os.environ.get(PROFILE_DIR_ENV) or default_profile_dir()
-        if store_dir not in import_dirs:
+        store_dir = resolve_setting("profile_dir")  # the agent's rule: None for "none"/"off"
+        if store_dir and store_dir not in import_dirs:
             import_dirs.append(store_dir)
     if args.import_interval <= 0:
         raise CommandError("--import-interval must be positive")
