@@ -332,15 +332,12 @@ if case == "no-pause":  # the app handles every real-time signal the sampler cou
         signal.signal(sig, signal.SIG_IGN)
 import middleware
 from middleware import _native
-if case == "no-native":  # an extension built without native frames
-    del _native.unwind_enable
 if case == "start-fails":  # the sampler cannot start here
     def start(**kwargs):
         raise RuntimeError("cannot start the sampler thread")
     _native.start = start
 from middleware import MwTracker
-kwargs = dict(native=True) if case == "no-native" else {{}}
-trackers = [MwTracker(**kwargs), MwTracker(**kwargs)]  # the second joins (or tries again)
+trackers = [MwTracker(), MwTracker()]  # the second joins (or tries again)
 deadline = time.perf_counter() + 0.4
 while time.perf_counter() < deadline:
     sum(i * i for i in range(200))
@@ -354,7 +351,6 @@ sys.exit(3)
 #: (case, extra environment, what the one line says)
 TRACKER_CASES = [
     ("no-pause", {}, "middleware: no free real-time signal"),
-    ("no-native", {}, "middleware: native mode requested but not built in"),
     ("start-fails", {}, "middleware: profiling could not start (RuntimeError: cannot start the sampler thread); "
                         "the app runs unprofiled"),
     ("profile-dir", {"MW_PROFILE_DIR": "{tmp}/a-file/profiles"}, "middleware: cannot create the profile directory "
