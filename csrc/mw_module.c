@@ -483,7 +483,7 @@ __attribute__((visibility("default"))) PyMODINIT_FUNC PyInit__native(void) {
         Py_DECREF(m);
         return NULL;
     }
-    if (mw_export_module_init(m) != 0 || mw_unwind_module_init(m) != 0) {
+    if (mw_export_module_init(m) != 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -26,6 +26,5 @@ int mw_export_module_init(PyObject *m);
 
 /* csrc/mw_module_unwind.c: unwind_*, thread_init (native frames, per-thread set-up). */
 extern PyMethodDef mw_unwind_methods[];
-int mw_unwind_module_init(PyObject *m);
 
 #endif /* MW_MODULE_H */

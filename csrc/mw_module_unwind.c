@@ -10,6 +10,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "mw_module.h"
 #include "mw_pyglue.h"
 
 #include "mw_sampler.h"
@@ -102,8 +103,3 @@ PyMethodDef mw_unwind_methods[] = {
      "an alternate signal stack in native mode (1 installed, 0 not needed or present)"},
     {NULL, NULL, 0, NULL},
 };
-
-int mw_unwind_module_init(PyObject *m) {
-    (void)m;
-    return 0;
-}
