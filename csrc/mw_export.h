@@ -3,8 +3,9 @@
  *
  * One export:  mw_collect_rotate() → the finished window's buffer, now ours alone
  *              → mw_pprof_encode_gz() (no lock held, no GIL)
- *              → mw_store_write() into profile_dir (if set) and/or mw_upload_submit() (if
- *                upload is on; the uploader copies the bytes and never blocks)
+ *              → mw_store_write() into profile_dir (if set) and/or
+ *                mw_upload_submit_registered() (if upload is on; the uploader copies the
+ *                bytes and never blocks)
  *              → mw_collect_recycle().
  * A window without any stack is not written nor submitted (counted as empty_windows). Windows
  * are contiguous: each starts where the previous one ended (mw_sampler_swap).
@@ -39,7 +40,7 @@ typedef struct mw_export_config {
     const char *service;      /* sanitized for file names (mw_store_sanitize_service) */
     const char *profile_dir;  /* NULL or "": no local files */
     uint64_t store_max_bytes; /* 0: MW_STORE_DEFAULT_MAX_BYTES (256 MiB) */
-    int upload;               /* submit each profile to the uploader (mw_upload_submit) */
+    int upload;               /* submit each profile to the uploader */
 } mw_export_config_t;
 
 typedef struct mw_export_stats {
@@ -47,7 +48,7 @@ typedef struct mw_export_stats {
     uint64_t export_errors; /* windows for which some step failed (encode, write, submit) */
     uint64_t encode_errors; /* of which the encoding (memory, zlib) */
     uint64_t store_errors;  /* of which writing the file */
-    uint64_t upload_errors; /* of which mw_upload_submit refused (uploader not running...) */
+    uint64_t upload_errors; /* of which the uploader refused (uploader not running...) */
     uint64_t uploads_submitted;
     uint64_t empty_windows;          /* windows without stacks (nothing written nor submitted) */
     uint64_t rotate_failures;        /* no buffer to rotate (sampler never started) */
