@@ -41,8 +41,12 @@ peers: build  ## our profiler next to py-spy, austin, pyroscope-io, ddtrace (ven
 demo:  ## run the Flask demo under gunicorn and show the calc3 bottleneck
 	@scripts/demo.sh
 
-lint:  ## clang-format check of csrc/
-	@clang-format --dry-run --Werror $$(ls csrc/*.c csrc/*.h)
+lint: bootstrap  ## clang-format check of csrc/, ruff (Python sources), mypy --strict (the package); all run, any finding fails
+	@rc=0; \
+	clang-format --dry-run --Werror $$(ls csrc/*.c csrc/*.h) || rc=1; \
+	$(PY) -m ruff check --quiet middleware tests bench scripts || rc=1; \
+	$(PY) -m mypy --strict middleware || rc=1; \
+	exit $$rc
 
 format:  ## clang-format csrc/ in place
 	@clang-format -i $$(ls csrc/*.c csrc/*.h)

@@ -8,8 +8,8 @@ merge into the cumulative profile, pprof encode, gzip, write to a temporary stor
 baseline arm, sleeps for as long as the export took. Meanwhile an application thread ticks every
 100 µs (`time.sleep(0.0001)`) and records the gaps between its ticks. The two arms alternate, so
 both see the same machine noise (the ticker and the native threads are pinned to different CPUs, so CPU
-contention on a busy machine is not mistaken for a pause). An export that held the GIL or stopped threads would show up as
-larger gaps in the export arm; the exporter's own cost is read from its thread CPU clock
+contention on a busy machine is not mistaken for a pause). An export that held the GIL or stopped threads would
+show up as larger gaps in the export arm; the exporter's own cost is read from its thread CPU clock
 (`export_stats()["last_export_cpu_ns"]`).
 """
 from __future__ import annotations
@@ -123,7 +123,7 @@ def main() -> int:
           f"(depth {args.depth}, {per_export[-1]['last_functions']} functions, "
           f"{per_export[-1]['last_locations']} locations), store={'off' if args.no_store else 'tmp dir'}, "
           f"sampler {args.rate} Hz, python {sys.version.split()[0]}")
-    print(f"  {'ticker on CPU %d, sampler+exporter on CPU %d' % (cpus[0], cpus[1]) if pin else 'no pinning'}; "
+    print(f"  {f'ticker on CPU {cpus[0]}, sampler+exporter on CPU {cpus[1]}' if pin else 'no pinning'}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"  pprof size: {per_export[-1]['last_raw_bytes'] / 1024:.0f} KiB raw, "
           f"{per_export[-1]['last_gz_bytes'] / 1024:.0f} KiB gzipped")

@@ -23,8 +23,9 @@ one warm-up child per variant), as an installed package would. Memory is read in
 ``/proc/self/status`` (VmRSS) and ``/proc/self/smaps_rollup`` (PSS; USS = Private_Clean +
 Private_Dirty) after the workload ran for ``--seconds`` under the sampler, again after
 ``tracker.flush()`` (the first export: pprof encoding, gzip, store write), and after half as much
-work again and a second export (buffers rotated and reset once: closer to the steady state). Times are ``perf_counter`` around ``import middleware`` and around ``MwTracker(...)``
-(construction + start: sampler, exporter, hooks). ``--detail`` attributes the tracker's memory to
+work again and a second export (buffers rotated and reset once: closer to the steady state). Times
+are ``perf_counter`` around ``import middleware`` and around ``MwTracker(...)`` (construction + start:
+sampler, exporter, hooks). ``--detail`` attributes the tracker's memory to
 mappings (shared libraries loaded by the extension, anonymous mappings by size, the heap), diffing
 ``/proc/self/smaps`` phase by phase inside one child (import, extension load, start, sampling,
 first and second export), with glibc's ``mallinfo2`` counters.

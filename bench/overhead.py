@@ -220,18 +220,18 @@ def med(xs: list[float]) -> float:
 def sampler_figures(on: list[dict[str, Any]]) -> dict[str, float]:
     st = [r["stats"] for r in on]
     return {
-        "core_pct": med([s["sampler_ns"] / 1e9 / r["wall"] * 100 for s, r in zip(st, on)]),
+        "core_pct": med([s["sampler_ns"] / 1e9 / r["wall"] * 100 for s, r in zip(st, on, strict=True)]),
         "us_sample": med([s["sampler_ns"] / max(1, s["samples"]) / 1e3 for s in st]),
         "us_tick": med([s["sampler_ns"] / max(1, s["ticks"]) / 1e3 for s in st]),
         "samples_tick": med([s["samples"] / max(1, s["ticks"]) for s in st]),
-        "ticks_s": med([s["ticks"] / r["wall"] for s, r in zip(st, on)]),
+        "ticks_s": med([s["ticks"] / r["wall"] for s, r in zip(st, on, strict=True)]),
         "export_ms": med([s["export_ns"] / 1e6 for s in st]),
         # CPU samples taken by the threads' own CPU timers: the handler's time in the application
         # thread per sample, and everything (handler + sampler thread) per CPU sample
         "handler_us": med([s.get("handler_ns", 0) / max(1, s.get("cpu_timer_recorded", 0)) / 1e3 for s in st]),
         "total_us": med([(s["sampler_ns"] + s.get("handler_ns", 0)) / max(1, s.get("cpu_timer_recorded", 0)) / 1e3
                          for s in st]),
-        "cpu_samples_s": med([s.get("cpu_timer_recorded", 0) / r["wall"] for s, r in zip(st, on)]),
+        "cpu_samples_s": med([s.get("cpu_timer_recorded", 0) / r["wall"] for s, r in zip(st, on, strict=True)]),
     }
 
 
@@ -290,10 +290,13 @@ def main() -> None:
                     res[side].append(run(spec(name, mm)))
     elapsed = time.perf_counter() - t_start
 
-    print(f"overhead bench: CPython {sys.version.split()[0]}, {args.rate} Hz{' with native frames' if args.native else ''}"
-          f", {pairs} pairs per workload (fresh interpreter per run, profiled/unprofiled "
-          f"{'at the same time, one vCPU each' if args.concurrent else 'alternating'}), medians; "
-          f"{elapsed:.0f} s")
+    print(
+        f"overhead bench: CPython {sys.version.split()[0]}, {args.rate} Hz"
+        f"{' with native frames' if args.native else ''}, {pairs} pairs per workload "
+        f"(fresh interpreter per run, profiled/unprofiled "
+        f"{'at the same time, one vCPU each' if args.concurrent else 'alternating'}), medians; "
+        f"{elapsed:.0f} s"
+    )
     rows = [n for n in ("calc", "depth30", "depth150", "threads", "busy4") if n in results]
     if rows:
         print()
@@ -307,7 +310,7 @@ def main() -> None:
             ar = med([r["app_cpu"] / r["units"] for r in on]) / med([r["app_cpu"] / r["units"] for r in off])
             f = sampler_figures(on)
             # the same ratio pair by pair (each profiled run against the unprofiled run next to it)
-            pr = sorted((a["app_cpu"] / a["units"]) / (b["app_cpu"] / b["units"]) for a, b in zip(on, off))
+            pr = sorted((a["app_cpu"] / a["units"]) / (b["app_cpu"] / b["units"]) for a, b in zip(on, off, strict=True))
             spread = f"{med(pr):.3f} ({pr[0]:.2f}-{pr[-1]:.2f})"
             print(f"{n:<10} {wr:10.3f} {cr:9.3f} {ar:9.3f} {spread:>16} | {f['core_pct']:7.2f}% "
                   f"{f['us_tick']:8.1f} {f['ticks_s']:7.0f} {f['cpu_samples_s']:9.0f} {f['handler_us']:10.2f} "

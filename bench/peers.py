@@ -58,8 +58,9 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -208,8 +209,8 @@ def decode_push_loosely(headers: dict[str, str], body: bytes) -> list[tuple[str,
     """
     import gzip
 
-    from middleware.pprof import parse_pprof
     from middleware._proto.push_pb2 import PushRequest
+    from middleware.pprof import parse_pprof
 
     if headers.get("content-encoding", "").lower() in ("gzip", "x-gzip"):
         body = gzip.decompress(body)
@@ -633,7 +634,7 @@ def main() -> None:
           "pyroscope: its pushes decoded by a collector on loopback; ddtrace: stack collector only, adaptive "
           "sampling off, local pprof.")
     worst: Counter[str] = Counter()
-    for (w, r, p), cell in cells.items():
+    for (w, _r, p), cell in cells.items():
         for _, on in cell["pairs"]:
             for edge, n in on.get("check", {}).get("bad_edges", {}).items():
                 worst[f"{p} {w} {edge}"] += n

@@ -68,10 +68,14 @@ def agent_profile(seed: int = 1) -> Profile:
     samples = []
     for _ in range(120):
         depth = rnd.randint(6, 24)
-        stack = (Frame("main", "/app/main.py", 3), Frame("handle", "/app/web.py", 40)) + tuple(rnd.choice(fns) for _ in range(depth))
+        stack = (Frame("main", "/app/main.py", 3), Frame("handle", "/app/web.py", 40)) + tuple(
+            rnd.choice(fns) for _ in range(depth)
+        )
         n = rnd.randint(1, 40)
         labels = (("endpoint", rnd.choice(endpoints)), ("thread_name", f"worker-{rnd.randint(1, 4)}"))
-        samples.append(Sample(stack, (n, n * 10_000_000, n * 10_000_000 + rnd.randint(0, 5_000_000)), tuple(sorted(labels))))
+        samples.append(
+            Sample(stack, (n, n * 10_000_000, n * 10_000_000 + rnd.randint(0, 5_000_000)), tuple(sorted(labels)))
+        )
     return Profile(
         sample_types=[("samples", "count"), ("cpu", "nanoseconds"), ("wall", "nanoseconds")],
         samples=samples,
@@ -111,7 +115,8 @@ class LoadResult:
         return (
             f"{self.uploaders} uploaders for {self.duration_s:.0f} s: {self.accepted} uploads accepted "
             f"({self.uploads_per_s:.0f}/s, {self.body_bytes} bytes each), {self.rejected} rejected, "
-            f"{self.errors} transport errors, {self.lost} lost; {self.queries} UI queries ({self.query_errors} failed)\n"
+            f"{self.errors} transport errors, {self.lost} lost; "
+            f"{self.queries} UI queries ({self.query_errors} failed)\n"
             f"upload latency: p50 {self.p50_ms:.1f} ms  p90 {self.p90_ms:.1f} ms  p99 {self.p99_ms:.1f} ms  "
             f"max {self.max_ms:.1f} ms"
         )
@@ -170,7 +175,15 @@ def _uploader(
         conn.close()
 
 
-def _querier(host: str, port: int, services: list[str], stop_at: float, headers: dict[str, str], counts: list[int], lock: threading.Lock) -> None:
+def _querier(
+    host: str,
+    port: int,
+    services: list[str],
+    stop_at: float,
+    headers: dict[str, str],
+    counts: list[int],
+    lock: threading.Lock,
+) -> None:
     rnd = random.Random(threading.get_ident())
     conn = http.client.HTTPConnection(host, port, timeout=60)
     while time.monotonic() < stop_at:
@@ -238,11 +251,15 @@ def run_load(
     start = time.monotonic()
     stop_at = start + duration
     threads = [
-        threading.Thread(target=_uploader, args=(host, port, bodies, stop_at, headers, results[i], interval), daemon=True)
+        threading.Thread(
+            target=_uploader, args=(host, port, bodies, stop_at, headers, results[i], interval), daemon=True
+        )
         for i in range(uploaders)
     ]
     threads += [
-        threading.Thread(target=_querier, args=(host, port, [r.service for r in results], stop_at, auth, counts, lock), daemon=True)
+        threading.Thread(
+            target=_querier, args=(host, port, [r.service for r in results], stop_at, auth, counts, lock), daemon=True
+        )
         for _ in range(queriers)
     ]
     for t in threads:
@@ -266,7 +283,16 @@ def run_load(
                 problems.append(f"{r.service}: {have} stored but only {r.accepted} accepted")
         if r.accepted:
             last = BASE_S + 10 * (r.accepted + len(r.errors) + sum(r.rejected.values())) + 10
-            doc = _get_json(host, port, "/api/timeline", auth, service=r.service, type=CPU, **{"from": BASE_S, "until": last}, step=86400)
+            doc = _get_json(
+                host,
+                port,
+                "/api/timeline",
+                auth,
+                service=r.service,
+                type=CPU,
+                **{"from": BASE_S, "until": last},
+                step=86400,
+            )
             if doc["total"] != have * cpu_per_upload:
                 problems.append(f"{r.service}: cpu total {doc['total']} != {have} x {cpu_per_upload}")
     latencies = [x for r in results for x in r.latencies]
@@ -324,7 +350,7 @@ class ServeProcess:
             self._tmp.cleanup()
         return out + err
 
-    def __enter__(self) -> "ServeProcess":
+    def __enter__(self) -> ServeProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:

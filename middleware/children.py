@@ -53,9 +53,9 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 try:  # the C module behind ``signal``: its calls take ~0.4 us, the enum-converting wrappers ~5 us
-    import _signal as _sig
+    import _signal as _sig  # type: ignore[import-not-found]  # typeshed has no _signal: signal's C half
 except ImportError:  # pragma: no cover - every CPython has it
-    _sig = signal  # type: ignore[no-redef]
+    _sig = signal
 
 if TYPE_CHECKING:
     from middleware.config import ProfilerConfig
@@ -210,7 +210,7 @@ def _start_in_child(settings: dict[str, Any], parent_pid: int) -> _ChildProfilin
 
 
 def _wrap_start(original: Any) -> Any:
-    def start(self: Any) -> None:
+    def start(self: Any) -> Any:
         p = _profiler_here()
         if p is not None:
             try:

@@ -105,8 +105,9 @@ def _native() -> Any | None:
         try:
             from middleware import _native as n
         except ImportError:
-            n = None
-        _native_mod, _native_tried = n, True
+            _native_mod, _native_tried = None, True
+        else:
+            _native_mod, _native_tried = n, True
     return _native_mod
 
 
@@ -215,7 +216,7 @@ def _wrap_handle_run(events: Any) -> None:
         original(self)
 
     _run._mw_wrapped = True  # type: ignore[attr-defined]
-    handle._run = _run  # type: ignore[method-assign]
+    handle._run = _run
 
 
 # -- thread pools ---------------------------------------------------------------------------------

@@ -332,7 +332,9 @@ def load_profiles(
         else:
             loaded.append(read_pprof_file(p))
     if not loaded:
-        raise ProfileError(skipped[0] if len(skipped) == 1 else f"no readable profile ({len(skipped)} files failed: {skipped[0]})")
+        raise ProfileError(
+            skipped[0] if len(skipped) == 1 else f"no readable profile ({len(skipped)} files failed: {skipped[0]})"
+        )
 
     names = ", ".join(str(p) for p in paths)
     if not allow_empty and all(p.is_empty() for p in loaded):

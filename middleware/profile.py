@@ -67,7 +67,7 @@ def normalize_label_filter(
         if isinstance(value, str):
             out.setdefault(key, set()).add(value)
         else:
-            out.setdefault(key, set()).update(str(v) for v in value)  # type: ignore[attr-defined]
+            out.setdefault(key, set()).update(str(v) for v in value)
     return {k: frozenset(v) for k, v in out.items()}
 
 

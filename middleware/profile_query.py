@@ -23,6 +23,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import contextvars
+
     from middleware.profile import Profile
 
 __all__ = ["MwProfile", "Share", "Callers", "TopRow", "LABEL_KEY", "matches"]
@@ -145,8 +147,8 @@ class MwProfile:
         self.asked: list[str] = []  # functions asked about, for the failure report
         self.value = "cpu"
         self._id = f"{os.getpid()}-{next(_ids)}"
-        self._auto_token: object | None = None
-        self._block_tokens: list[object] = []
+        self._auto_token: contextvars.Token[tuple[tuple[str, str], ...]] | None = None
+        self._block_tokens: list[contextvars.Token[tuple[tuple[str, str], ...]]] = []
         self._used_blocks = False
         self._profile: Profile | None = None
 

@@ -46,7 +46,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def under_uwsgi() -> Any:
 def _chain(previous: Any, ours: Callable[[], None]) -> Callable[[], None]:
     """``ours``, then what was installed before (both run whatever the other does)."""
     if getattr(previous, "_mw_hook", False):
-        return previous  # already ours (or chained to ours)
+        return cast(Callable[[], None], previous)  # already ours (or chained to ours)
     if previous is None or not callable(previous):
         return ours
 
@@ -256,12 +256,12 @@ def _install_billiard(pool_module: Any) -> None:
     _installed_billiard = True
     from middleware import children
 
-    worker = getattr(pool_module, "Worker", None)
+    worker: Any = getattr(pool_module, "Worker", None)
     do_exit = getattr(worker, "_do_exit", None)
     if do_exit is not None and not getattr(do_exit, "_mw_wrapped", False):
         worker._do_exit = _wrap_do_exit(do_exit)
     process = sys.modules.get("billiard.process")
-    base = getattr(process, "BaseProcess", None)
+    base: Any = getattr(process, "BaseProcess", None)
     bootstrap = getattr(base, "_bootstrap", None)
     if bootstrap is not None and not getattr(bootstrap, "_mw_wrapped", False):
         base._bootstrap = children._wrap_bootstrap(bootstrap)

@@ -24,8 +24,9 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from middleware.labels import enable_asyncio_hook, labels as _labels_cm
 from middleware.config import ProfilerConfig, resolve_config, resolve_upload_config, visible_warning
+from middleware.labels import enable_asyncio_hook
+from middleware.labels import labels as _labels_cm
 
 if TYPE_CHECKING:
     from middleware.profile import Profile
@@ -353,6 +354,7 @@ class MwTracker:
 
     #: True on an interpreter the sampler does not know: nothing runs, no native code is loaded.
     _unprofiled = False
+    _profiler: _ProcessProfiler | None
 
     def __init__(
         self,
@@ -392,7 +394,7 @@ class MwTracker:
         self.config = config
         if not self.config.enabled:
             logger.info("middleware: profiling disabled (MW_APM_COLLECT_PROFILING=false)")
-            self._profiler: _ProcessProfiler | None = None
+            self._profiler = None
             return
         with _profiler_lock:
             if _profiler is not None and _profiler.running and _profiler.pid == os.getpid():

@@ -56,7 +56,7 @@ def drain_upload_messages(native: Any = None, limit: int = 100) -> int:
     """
     if native is None:
         try:
-            from middleware import _native as native  # type: ignore[attr-defined, no-redef]
+            from middleware import _native as native
         except ImportError:
             return 0
     n = 0

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from support.hangs import native_stacks
 
 pytestmark = pytest.mark.slow

@@ -221,9 +221,8 @@ def test_process_pool_executor_children_profiles_hold_their_cpu(method: str, tmp
 
 
 def test_spawn_pool_children_upload_their_profiles(tmp_path: Path) -> None:
-    from support.fake_backend import FakeBackend
-
     from middleware.pprof import parse_pprof
+    from support.fake_backend import FakeBackend
 
     # GIVEN a parent that uploads (no local store) and a spawn pool ended by terminate()
     with FakeBackend() as backend:
@@ -257,9 +256,8 @@ def test_a_child_whose_last_export_fails_says_so_once(quiet: str, tmp_path: Path
 @pytest.mark.slow
 @pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
 def test_gunicorn_recycled_workers_keep_main_thread_name(preload: bool, tmp_path: Path) -> None:
-    from test_demo_e2e import DEMO, _children, _free_port, _get
-
     from middleware.pprof import load_profiles
+    from test_demo_e2e import DEMO, _children, _free_port, _get
 
     # GIVEN the demo under gunicorn, one sync worker recycled every 3 requests
     store, log, port = tmp_path / "profiles", tmp_path / "gunicorn.log", _free_port()

@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.profiles import T0, build, calc_profile, recursive_profile, sample
 
 from middleware import cli
 from middleware.pprof import encode_pprof, write_pprof_file
 from middleware.profile import Frame, Profile, Sample
+from support.profiles import T0, build, calc_profile, recursive_profile, sample
 
 ROOT = Path(__file__).resolve().parents[1]
 MS = 1_000_000
@@ -99,7 +99,12 @@ def test_top_options(calc_file):
     assert wall[0][:2] == ("2.00s", "62.70") and wall[0][4] == "main"
     assert _table(ok("top", "--value", "samples", calc_file))[0][:2] == ("60", "60.00")
     other = _table(ok("top", "--label", "endpoint=/other", calc_file))
-    assert [(r[0], r[4]) for r in other] == [("100.00ms", "calc1"), ("60.00ms", "helper"), ("0ns", "handle"), ("0ns", "main")]
+    assert [(r[0], r[4]) for r in other] == [
+        ("100.00ms", "calc1"),
+        ("60.00ms", "helper"),
+        ("0ns", "handle"),
+        ("0ns", "main"),
+    ]
     doc = json.loads(ok("top", "--format", "json", "--limit", "0", calc_file))
     assert doc["total"] == 1000 * MS and doc["functions"][0]["function"] == "calc3"
     assert sum(f["self"] for f in doc["functions"]) == doc["total"]
@@ -130,11 +135,15 @@ def _random_profile(seed: int) -> Profile:
     samples = []
     for _ in range(300):
         depth = rnd.randint(1, 9)
-        stack = tuple(Frame(rnd.choice(names[: 5 + 4 * d]), f"src/mod{d % 2}.py", rnd.randint(1, 200)) for d in range(depth))
+        stack = tuple(
+            Frame(rnd.choice(names[: 5 + 4 * d]), f"src/mod{d % 2}.py", rnd.randint(1, 200)) for d in range(depth)
+        )
         # functions must map to one file for go's by-name view: derive the file from the name
         stack = tuple(Frame(f.function, f"src/{f.function.split('.')[0]}.py", f.line) for f in stack)
         cpu = rnd.randint(1, 5000) * 10_007
-        samples.append(Sample(stack, (cpu // 10 * MS or 1, cpu, cpu * 3 + rnd.randint(0, 999)), (("thread_name", "t"),)))
+        samples.append(
+            Sample(stack, (cpu // 10 * MS or 1, cpu, cpu * 3 + rnd.randint(0, 999)), (("thread_name", "t"),))
+        )
     return build(samples)
 
 
@@ -178,7 +187,7 @@ def test_go_tool_pprof_agrees_with_top(tmp_path, which, value):
     ours_json = json.loads(ok(*args, "--format", "json"))["functions"]
 
     assert [r[4] for r in go_rows[:n]] == [r[4] for r in ours_text] == [f["function"] for f in ours_json]
-    for go, text, exact in zip(go_rows, ours_text, ours_json):
+    for go, text, exact in zip(go_rows, ours_text, ours_json, strict=False):  # go lists more than n
         flat, flat_pct, cum, cum_pct, name = go
         assert (exact["self"], exact["total"]) == (flat, cum), name
         assert float(text[1]) == pytest.approx(flat_pct, abs=0.006), name
@@ -240,7 +249,9 @@ def test_diff_two_files_and_two_time_ranges(store, tmp_path):
     assert ranged_rows[0][:3] == ["+75.00pp", "0.00%", "75.00%"]
     assert "before: cpu (nanoseconds): total 2.00s" in ranged
     assert "give AFTER" in fails("diff", store)
-    assert fails("diff", before, tmp_path / "missing.pb.gz").endswith("AFTER: " + str(tmp_path / "missing.pb.gz") + ": no such file or directory")
+    assert fails("diff", before, tmp_path / "missing.pb.gz").endswith(
+        "AFTER: " + str(tmp_path / "missing.pb.gz") + ": no such file or directory"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,7 +279,9 @@ def test_clear_errors_for_bad_inputs(tmp_path, calc_file):
 
     assert "bad --label 'endpoint'" in fails("top", "--label", "endpoint", calc_file)
     assert "bad time 'yesterday'" in fails("top", "--from", "yesterday", calc_file)
-    assert "no sample type 'alloc' in this profile (available: samples, cpu, wall)" in fails("top", "--value", "alloc", calc_file)
+    assert "no sample type 'alloc' in this profile (available: samples, cpu, wall)" in fails(
+        "top", "--value", "alloc", calc_file
+    )
     assert "no samples match --label endpoint=/x" in fails("top", "--label", "endpoint=/x", calc_file)
     assert "no profile in the time range" in fails("top", "--from", "2030-01-01", calc_file)
 
@@ -302,7 +315,12 @@ def test_relative_and_iso_times():
     assert parse_time("-15m", now) == int((now - 900) * SEC)
     assert parse_time("now-2h", now) == int((now - 7200) * SEC)
     assert parse_time("1763719200") == T0
-    assert parse_time("2025-11-21T10:00:00Z") == T0 == parse_time("2025-11-21T11:00:00+01:00") == parse_time("2025-11-21 10:00:00")
+    assert (
+        parse_time("2025-11-21T10:00:00Z")
+        == T0
+        == parse_time("2025-11-21T11:00:00+01:00")
+        == parse_time("2025-11-21 10:00:00")
+    )
     assert parse_time("2025-11-21T10:00:00.5Z") == T0 + SEC // 2
     with pytest.raises(CommandError):
         parse_time("soon")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ def _windows(files: list[Path]) -> list[tuple[int, int]]:
 
 
 def _assert_contiguous(windows: list[tuple[int, int]]) -> None:
-    for (_, a1), (b0, _) in zip(windows, windows[1:]):
+    for (_, a1), (b0, _) in pairwise(windows):
         assert b0 == a1, f"windows not contiguous: {a1} -> {b0}"
 
 

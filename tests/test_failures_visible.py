@@ -358,7 +358,9 @@ TRACKER_CASES = [
 ]
 
 
-def _run_tracker_case(tmp_path: Path, case: str, extra: dict[str, str], **more: str) -> subprocess.CompletedProcess[str]:
+def _run_tracker_case(
+    tmp_path: Path, case: str, extra: dict[str, str], **more: str
+) -> subprocess.CompletedProcess[str]:
     (tmp_path / "a-file").write_text("not a directory\n")
     script = tmp_path / "tracker_app.py"
     script.write_text(TRACKER_APP.format(root=str(ROOT)))

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.browser import chromium_driver
-from support.profiles import calc_profile
 
 from middleware.pprof import write_pprof_file
+from support.browser import chromium_driver
+from support.profiles import calc_profile
 
 pytestmark = pytest.mark.browser
 
@@ -121,7 +121,8 @@ def test_clicking_calc3_in_table_highlights_it_and_shows_sandwich(driver, page):
         "return getComputedStyle(document.querySelector('#mw-flame .mw-frame.highlighted')).backgroundColor"
     )
     other = driver.execute_script(
-        "return getComputedStyle(document.querySelector('#mw-flame .mw-frame[data-function=\"calc2\"]')).backgroundColor"
+        "return getComputedStyle("
+        "document.querySelector('#mw-flame .mw-frame[data-function=\"calc2\"]')).backgroundColor"
     )
     assert colour != other
     row = driver.find_element(By.CSS_SELECTOR, '#mw-table tr[data-function="calc3"]')
@@ -139,8 +140,12 @@ def test_clicking_calc3_in_table_highlights_it_and_shows_sandwich(driver, page):
 
     # clicking a caller in the sandwich moves the selection to it
     driver.find_element(By.CSS_SELECTOR, '#mw-callers tr[data-function="calc2"]').click()
-    assert {h.get_attribute("data-function") for h in driver.find_elements(By.CSS_SELECTOR, "#mw-flame .highlighted")} == {"calc2"}
-    assert [c.get_attribute("data-function") for c in driver.find_elements(By.CSS_SELECTOR, "#mw-callers tr[data-function]")] == ["calc1"]
+    assert {
+        h.get_attribute("data-function") for h in driver.find_elements(By.CSS_SELECTOR, "#mw-flame .highlighted")
+    } == {"calc2"}
+    assert [
+        c.get_attribute("data-function") for c in driver.find_elements(By.CSS_SELECTOR, "#mw-callers tr[data-function]")
+    ] == ["calc1"]
 
 
 def test_search_zoom_and_sort(driver, page):
@@ -152,7 +157,9 @@ def test_search_zoom_and_sort(driver, page):
     share = driver.find_element(By.ID, "mw-search-share")
     assert share.get_attribute("data-share") == "10.00"
     assert "10.00%" in share.text
-    matched = {m.get_attribute("data-function") for m in driver.find_elements(By.CSS_SELECTOR, "#mw-flame .mw-frame.match")}
+    matched = {
+        m.get_attribute("data-function") for m in driver.find_elements(By.CSS_SELECTOR, "#mw-flame .mw-frame.match")
+    }
     assert matched == {"helper"}
     box.clear()
     box.send_keys("calc")  # calc1 is on every calc stack: 95%

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import textwrap
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +216,7 @@ def test_export_thread_lifecycle_and_files_written(export_run):
 
 def test_every_file_follows_the_pprof_rules(export_run):
     r = export_run
-    for path, dec in zip(r["files"], r["decoded"]):
+    for path, dec in zip(r["files"], r["decoded"], strict=True):
         m = STORE_NAME.match(path.name)
         assert m and m["service"] == "svc_test_1" and int(m["pid"]) == r["pid"], path.name
         # the file name carries the window start in ms
@@ -230,7 +231,7 @@ def test_every_file_follows_the_pprof_rules(export_run):
 def test_consecutive_windows_are_contiguous_and_do_not_overlap(export_run):
     windows = sorted(d.window for d in export_run["decoded"])
     assert len(windows) >= 4
-    for (a0, a1), (b0, b1) in zip(windows, windows[1:]):
+    for (a0, a1), (b0, b1) in pairwise(windows):
         assert a0 < a1 and b0 < b1
         assert b0 == a1, f"gap or overlap between windows: {a1} -> {b0} ({(b0 - a1) / 1e6:.3f} ms)"
     # each periodic window is about one interval long (the last two come from flush and stop)
@@ -277,7 +278,7 @@ def test_exported_windows_add_up_to_the_cumulative_snapshot(export_run):
 
 def test_go_pprof_accepts_every_file_and_finds_the_hot_function(export_run):
     r = export_run
-    for path, dec in zip(r["files"], r["decoded"]):
+    for path, dec in zip(r["files"], r["decoded"], strict=True):
         top = go_pprof_top(path)
         # windows in which the worker burned CPU have it on top
         if dec.total(1, "hot-worker") > 0.5 * dec.total(1):

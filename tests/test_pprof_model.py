@@ -11,15 +11,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from support.profiles import (
-    PERIOD,
-    T0,
-    build,
-    calc_profile,
-    frame,
-    recursive_profile,
-    sample,
-)
 
 from middleware._proto import profile_pb2 as pb
 from middleware.pprof import (
@@ -32,6 +23,15 @@ from middleware.pprof import (
     write_pprof_file,
 )
 from middleware.profile import Frame, Profile, Sample
+from support.profiles import (
+    PERIOD,
+    T0,
+    build,
+    calc_profile,
+    frame,
+    recursive_profile,
+    sample,
+)
 
 SEC = 1_000_000_000
 
@@ -71,7 +71,7 @@ def test_encoded_profile_follows_protocol_rules():
 
     locations = {loc.id: loc for loc in msg.location}
     assert len(msg.sample) == len(profile.samples)
-    for smp, src in zip(msg.sample, profile.samples):
+    for smp, src in zip(msg.sample, profile.samples, strict=True):
         assert len(smp.value) == len(msg.sample_type), "one value per sample type"
         assert all(lid in locations for lid in smp.location_id)
         names = [functions[locations[lid].line[0].function_id][0] for lid in smp.location_id]
@@ -117,7 +117,9 @@ def test_round_trip(compress):
 
 def test_round_trip_keeps_comments_and_odd_names():
     p = build([sample("weird;name\u00e9@/srv/a b.py:7", 5 * PERIOD, labels={"k": "v with spaces"})])
-    p.samples[0] = Sample((Frame("<lambda>", "/srv/a b.py", 7), Frame("Klass.méthode", "", 0)), p.samples[0].values, p.samples[0].labels)
+    p.samples[0] = Sample(
+        (Frame("<lambda>", "/srv/a b.py", 7), Frame("Klass.méthode", "", 0)), p.samples[0].values, p.samples[0].labels
+    )
     p.comments = ["made by a test"]
     q = parse_pprof(encode_pprof(p))
     assert q.samples == p.samples
@@ -261,7 +263,9 @@ def _store(tmp_path: Path) -> Path:
     store = tmp_path / "store"
     (store / "svc").mkdir(parents=True)
     for i in range(3):
-        write_pprof_file(calc_profile(time_nanos=T0 + i * 10 * SEC), store / "svc" / f"svc-100-{T0 // SEC + i * 10}.pb.gz")
+        write_pprof_file(
+            calc_profile(time_nanos=T0 + i * 10 * SEC), store / "svc" / f"svc-100-{T0 // SEC + i * 10}.pb.gz"
+        )
     write_pprof_file(recursive_profile(), store / "other.pprof")
     (store / "README.txt").write_text("not a profile")
     (store / ".partial.pb.gz").write_bytes(b"\x1f\x8b half")
@@ -271,7 +275,12 @@ def _store(tmp_path: Path) -> Path:
 def test_load_directory_merges_and_selects_time(tmp_path):
     store = _store(tmp_path)
     files = find_profile_files(store)
-    assert [f.name for f in files] == ["other.pprof", "svc-100-1763719200.pb.gz", "svc-100-1763719210.pb.gz", "svc-100-1763719220.pb.gz"]
+    assert [f.name for f in files] == [
+        "other.pprof",
+        "svc-100-1763719200.pb.gz",
+        "svc-100-1763719210.pb.gz",
+        "svc-100-1763719220.pb.gz",
+    ]
     everything = load_profiles(store)
     assert everything.total("cpu") == 3 * calc_profile().total("cpu") + recursive_profile().total("cpu")
 
@@ -281,7 +290,9 @@ def test_load_directory_merges_and_selects_time(tmp_path):
     assert second.time_nanos == T0 + 10 * SEC
     two = load_profiles(svc, time_range=(T0 + 5 * SEC, T0 + 15 * SEC))
     assert two.total("cpu") == 2 * calc_profile().total("cpu")
-    several = load_profiles([svc / "svc-100-1763719200.pb.gz", svc / "svc-100-1763719210.pb.gz"], labels={"endpoint": "/other"})
+    several = load_profiles(
+        [svc / "svc-100-1763719200.pb.gz", svc / "svc-100-1763719210.pb.gz"], labels={"endpoint": "/other"}
+    )
     assert several.total("cpu") == 2 * 160 * 1_000_000
 
 

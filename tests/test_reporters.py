@@ -6,7 +6,6 @@ import re
 from html.parser import HTMLParser
 
 import pytest
-from support.profiles import PERIOD, build, calc_profile, recursive_profile, sample
 
 from middleware.profile import Frame, Profile, Sample
 from middleware.reporters import format_value
@@ -26,6 +25,7 @@ from middleware.reporters.sandwich import (
 )
 from middleware.reporters.speedscope import SCHEMA_URL, speedscope_document
 from middleware.reporters.table import function_table, render_table
+from support.profiles import PERIOD, build, calc_profile, recursive_profile, sample
 
 MS = 1_000_000
 
@@ -181,7 +181,7 @@ def test_speedscope_document():
             assert frames[stack[0]]["name"] == "main", "stacks are root first"
     assert total == p.total("cpu")
     worker = names["cpu - worker-1"]
-    stacks = {tuple(frames[i]["name"] for i in s): w for s, w in zip(worker["samples"], worker["weights"])}
+    stacks = {tuple(frames[i]["name"] for i in s): w for s, w in zip(worker["samples"], worker["weights"], strict=True)}
     assert stacks == {("main", "handle", "calc1", "calc2", "calc3"): 100 * MS,
                       ("main", "handle", "calc1", "calc2", "calc3", "helper"): 40 * MS}
     assert json.loads(json.dumps(doc)) == doc
@@ -192,8 +192,12 @@ def test_speedscope_document():
 # diff
 # ------------------------------------------------------------------------------------------------
 def test_diff_shares():
-    before = build([sample("main;calc1;calc2", 500 * MS), sample("main;calc1;calc3", 300 * MS), sample("main;io", 200 * MS)])
-    after = build([sample("main;calc1;calc2", 100 * MS), sample("main;calc1;calc3", 1400 * MS), sample("main;new", 500 * MS)])
+    before = build(
+        [sample("main;calc1;calc2", 500 * MS), sample("main;calc1;calc3", 300 * MS), sample("main;io", 200 * MS)]
+    )
+    after = build(
+        [sample("main;calc1;calc2", 100 * MS), sample("main;calc1;calc3", 1400 * MS), sample("main;new", 500 * MS)]
+    )
     rows = diff_profiles(before, after, "cpu")
     got = [(r.function, round(r.before_percent, 2), round(r.after_percent, 2), round(r.change, 2)) for r in rows]
     assert got == [
@@ -311,7 +315,9 @@ def test_render_html_is_self_contained():
     tags = parser.tags
     assert not [t for t in tags if t[0] in ("link", "img", "iframe")]
     assert not [t for t in tags if "src" in t[1] or "href" in t[1]], "nothing loaded from elsewhere"
-    assert not re.search(r"\bfetch\s*\(|XMLHttpRequest|\bimport\s*\(|WebSocket|EventSource|https?:", flamegraph_js()), "the viewer makes no requests"
+    assert not re.search(r"\bfetch\s*\(|XMLHttpRequest|\bimport\s*\(|WebSocket|EventSource|https?:", flamegraph_js()), (
+        "the viewer makes no requests"
+    )
     assert "<title>calc &lt;workload&gt;</title>" in page and "<h1>calc &lt;workload&gt;</h1>" in page
     assert "__MW_" not in page, "every placeholder filled"
     data = re.search(r'<script type="application/json" id="mw-profile-data">(.*?)</script>', page, re.S).group(1)

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.browser import chromium_driver
 
 from middleware.pprof import encode_pprof
 from middleware.profile import Profile
 from middleware.serve import ServeApp, ServeConfig
+from support.browser import chromium_driver
 from support.profiles import build, sample
 
 pytestmark = pytest.mark.browser
@@ -41,7 +41,14 @@ def upload_profile(i: int) -> Profile:
         sample("main;handle;with_bottleneck;calc1", 10 * MS, 10 * MS, {"endpoint": "/calculate2", "thread_name": "w2"}),
     ]
     if i >= N // 2:
-        samples.append(sample("main;handle;with_bottleneck;calc3", 300 * MS, 300 * MS, {"endpoint": "/calculate2", "thread_name": "w2"}))
+        samples.append(
+            sample(
+                "main;handle;with_bottleneck;calc3",
+                300 * MS,
+                300 * MS,
+                {"endpoint": "/calculate2", "thread_name": "w2"},
+            )
+        )
     return build(samples, time_nanos=(T0 + 10 * i) * 10**9)
 
 
@@ -254,7 +261,10 @@ def test_compare_time_ranges_and_label_values(driver: Any, server: ServeApp) -> 
     page.Wait(driver, 10).until(
         lambda d: "/calculate2" in page.el("cmp-summary").text
     )
-    changes = {tr.get_attribute("data-function"): float(tr.get_attribute("data-change")) for tr in page.css("#diff-table tbody tr")}
+    changes = {
+        tr.get_attribute("data-function"): float(tr.get_attribute("data-change"))
+        for tr in page.css("#diff-table tbody tr")
+    }
     assert max(changes, key=lambda k: changes[k]) == "calc3"
     assert changes["calc2"] < 0 and changes["calc3"] > 0
     page.shot("compare-labels")
@@ -280,7 +290,9 @@ def test_empty_server_says_how_to_send_profiles(driver: Any, tmp_path: Path) -> 
     try:
         driver.get(app.url + "/")
         page = Page(driver, app)
-        page.Wait(driver, 10).until(lambda d: d.execute_script("return document.body.getAttribute('data-state')") == "empty")
+        page.Wait(driver, 10).until(
+            lambda d: d.execute_script("return document.body.getAttribute('data-state')") == "empty"
+        )
         text = page.el("empty").text
         assert "No profiles yet" in text and f"MW_PROFILING_SERVER_URL={app.url}" in text
     finally:

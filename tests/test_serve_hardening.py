@@ -31,8 +31,8 @@ from middleware.profile import Profile
 from middleware.serve import ConfigError, ServeApp, ServeConfig, is_loopback
 from middleware.serve.ingest import (
     INT64_MAX,
-    IngestError,
     MAX_PROFILE_TOTAL,
+    IngestError,
     IngestLimits,
     IngestParams,
     upload_from_profile,
@@ -54,7 +54,9 @@ class Client:
     def __init__(self, app: ServeApp) -> None:
         self.port = app.port
 
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
             conn.request(method, path, body=body, headers=headers or {})
@@ -65,7 +67,10 @@ class Client:
 
     def ingest(self, profile: Profile, **params: Any) -> tuple[int, str]:
         status, data = self.request(
-            "POST", "/ingest?" + urllib.parse.urlencode(params), encode_pprof(profile), {"Content-Type": "binary/octet-stream"}
+            "POST",
+            "/ingest?" + urllib.parse.urlencode(params),
+            encode_pprof(profile),
+            {"Content-Type": "binary/octet-stream"},
         )
         return status, data.decode("utf-8", "replace")
 
@@ -89,7 +94,9 @@ def app(tmp_path: Path) -> Iterator[ServeApp]:
 
 
 def total(client: Client, service: str, selector: str = "{}") -> int:
-    status, doc = client.get("/api/profile", service=service, type=CPU, selector=selector, **{"from": T0_S - 60, "until": T0_S + 3600})
+    status, doc = client.get(
+        "/api/profile", service=service, type=CPU, selector=selector, **{"from": T0_S - 60, "until": T0_S + 3600}
+    )
     assert status == 200, doc
     return int(doc["total"])
 
@@ -98,7 +105,15 @@ def total(client: Client, service: str, selector: str = "{}") -> int:
 # times beyond int64 nanoseconds
 # ------------------------------------------------------------------------------------------------
 BAD_SECONDS = [str(LAST_SECOND + 1), "9999999999", "1e300", "inf", "nan", "-1"]
-QUERY_ENDPOINTS = ["/api/profile", "/api/timeline", "/api/pprof", "/api/label_names", "/api/label_values", "/api/sandwich", "/api/diff"]
+QUERY_ENDPOINTS = [
+    "/api/profile",
+    "/api/timeline",
+    "/api/pprof",
+    "/api/label_names",
+    "/api/label_values",
+    "/api/sandwich",
+    "/api/diff",
+]
 
 
 @pytest.mark.parametrize("endpoint", QUERY_ENDPOINTS)
@@ -106,7 +121,14 @@ def test_query_times_beyond_int64_nanoseconds_get_400(app: ServeApp, endpoint: s
     # GIVEN a service with data (so the range reaches SQLite)
     c = Client(app)
     assert c.ingest(calc_profile(), name="svc", **{"from": T0_S, "until": T0_S + 10})[0] == 200
-    base = {"service": "svc", "type": CPU, "name": "endpoint", "function": "calc3", "from": T0_S - 60, "until": T0_S + 60}
+    base = {
+        "service": "svc",
+        "type": CPU,
+        "name": "endpoint",
+        "function": "calc3",
+        "from": T0_S - 60,
+        "until": T0_S + 60,
+    }
     params = ["from", "until"] + (["from2", "until2"] if endpoint == "/api/diff" else [])
     for param in params:
         for bad in BAD_SECONDS:
@@ -162,7 +184,9 @@ def users_profile(first: int, count: int, start_s: int = T0_S) -> Profile:
 
 
 def test_series_per_upload_and_per_service_are_capped(tmp_path: Path) -> None:
-    limits = IngestLimits(max_body_bytes=1 << 20, max_decompressed_bytes=4 << 20, max_series_per_upload=50, max_series_per_service=120)
+    limits = IngestLimits(
+        max_body_bytes=1 << 20, max_decompressed_bytes=4 << 20, max_series_per_upload=50, max_series_per_service=120
+    )
     app = start(tmp_path, limits=limits)
     try:
         c = Client(app)
@@ -200,7 +224,7 @@ def test_series_per_upload_and_per_service_are_capped(tmp_path: Path) -> None:
         sent_total = sum(p.total("cpu") for p in sent)
         folded = [s for p in sent for s in p.samples if dict(s.labels)["user"] not in kept]
         assert total(c, "svc") == sent_total
-        assert total(c, "svc", '{%s="true"}' % OVERFLOW_LABEL) == sum(s.values[1] for s in folded)
+        assert total(c, "svc", f'{{{OVERFLOW_LABEL}="true"}}') == sum(s.values[1] for s in folded)
         # AND each answer says how much it folded; the stats count it all
         assert answers[0].get("series_overflow") is None
         reported = sum(a["series_overflow"]["samples"] for a in answers if "series_overflow" in a)
@@ -232,7 +256,9 @@ def push_body(profiles: list[Profile]) -> bytes:
     return req.SerializeToString()
 
 
-def test_series_caps_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_series_caps_come_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     default = IngestLimits()
     monkeypatch.setenv("MW_SERVE_MAX_SERIES_PER_UPLOAD", "7")
     monkeypatch.setenv("MW_SERVE_MAX_SERIES_PER_SERVICE", "70")
@@ -299,7 +325,7 @@ def test_label_values_are_capped_everywhere(app: ServeApp) -> None:
         status, text = c.ingest(p, name="svc")
         assert status == 400 and key in text and f"longer than {MAX_LABEL_VALUE_LENGTH}" in text, (key, text)
     # a tag value and a tag name over their limits
-    status, text = c.ingest(calc_profile(), name="svc{v=%s}" % over)
+    status, text = c.ingest(calc_profile(), name=f"svc{{v={over}}}")
     assert status == 400 and "longer than" in text
     status, text = c.ingest(calc_profile(), name="svc{%s=1}" % ("n" * 1025))
     assert status == 400 and "longer than" in text
@@ -548,7 +574,18 @@ def kernel_binds_loopback(host: str) -> bool | None:
 
 LOOPBACK_SPELLINGS = ["127.0.0.1", "127.1", "127.0.1", "0x7f.1", "0x7f.0.0.1", "0177.0.0.1", "2130706433", "0x7f000001",
                       "127.1.2.3", "localhost", "LOCALHOST", "::1", "[::1]", "0:0:0:0:0:0:0:1", "::ffff:127.0.0.1"]
-OTHER_HOSTS = ["0.0.0.0", "0", "::", "", "10.1", "192.168.1.5", "8.8.8.8", "::ffff:8.8.8.8", "127.0.0.1 evil", "no-such-host.invalid"]
+OTHER_HOSTS = [
+    "0.0.0.0",
+    "0",
+    "::",
+    "",
+    "10.1",
+    "192.168.1.5",
+    "8.8.8.8",
+    "::ffff:8.8.8.8",
+    "127.0.0.1 evil",
+    "no-such-host.invalid",
+]
 
 
 @pytest.mark.parametrize("host", LOOPBACK_SPELLINGS + OTHER_HOSTS)

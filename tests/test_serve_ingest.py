@@ -71,15 +71,28 @@ class Client:
         return json.loads(data)
 
 
-def push(client: Client, profile: Profile, name: str = "svc", *, start_s: int = T0_S, gz: bool = True, **extra: Any) -> tuple[int, str]:
+def push(
+    client: Client, profile: Profile, name: str = "svc", *, start_s: int = T0_S, gz: bool = True, **extra: Any
+) -> tuple[int, str]:
     body = encode_pprof(profile, compress=gz)
-    params = {"name": name, "from": start_s, "until": start_s + 10, "format": "pprof", "sampleRate": 100, "spyName": "test"}
+    params = {
+        "name": name,
+        "from": start_s,
+        "until": start_s + 10,
+        "format": "pprof",
+        "sampleRate": 100,
+        "spyName": "test",
+    }
     params.update(extra)
     return client.ingest(body, **params)
 
 
-def totals(client: Client, service: str, type_id: str, selector: str = "{}", start_s: int = T0_S - 60, end_s: int = T0_S + 3600) -> int:
-    doc = client.get("/api/profile", service=service, type=type_id, **{"from": start_s, "until": end_s}, selector=selector)
+def totals(
+    client: Client, service: str, type_id: str, selector: str = "{}", start_s: int = T0_S - 60, end_s: int = T0_S + 3600
+) -> int:
+    doc = client.get(
+        "/api/profile", service=service, type=type_id, **{"from": start_s, "until": end_s}, selector=selector
+    )
     return int(doc["total"])
 
 
@@ -136,7 +149,9 @@ def test_static_tags_and_sample_labels_are_queryable(serve: Client) -> None:
     assert serve.get("/api/label_values", service="svc", name="endpoint")["values"] == ["/calculate", "/other", "/t"]
     assert serve.get("/api/label_values", service="svc", name="env")["values"] == ["prod"]
     # selectors on a sample label, a static tag, negation and regex give the matching subsets
-    assert totals(serve, "svc", CPU, '{endpoint="/calculate"}') == expected_total(profile, "cpu", {"endpoint": "/calculate"})
+    assert totals(serve, "svc", CPU, '{endpoint="/calculate"}') == expected_total(
+        profile, "cpu", {"endpoint": "/calculate"}
+    )
     assert totals(serve, "svc", CPU, '{env="prod"}') == profile.total("cpu")
     assert totals(serve, "svc", CPU, '{env="dev"}') == 0
     assert totals(serve, "svc", CPU, '{thread_name!="MainThread"}') == profile.total("cpu") - expected_total(
@@ -178,7 +193,9 @@ def test_multipart_upload(serve: Client) -> None:
     profile = calc_profile()
     config = json.dumps({"cpu": {"units": "nanoseconds", "aggregation": "sum", "display-name": "cpu"}}).encode()
     body, ctype = multipart([("profile", "profile.pprof", encode_pprof(profile)), ("sample_type_config", "", config)])
-    status, text = serve.ingest(body, {"Content-Type": ctype}, name="mp", **{"from": T0_S, "until": T0_S + 10}, format="pprof")
+    status, text = serve.ingest(
+        body, {"Content-Type": ctype}, name="mp", **{"from": T0_S, "until": T0_S + 10}, format="pprof"
+    )
     assert status == 200, text
     assert totals(serve, "mp", CPU) == profile.total("cpu")
 
@@ -243,7 +260,10 @@ def test_push_api(serve: Client) -> None:
     later = calc_profile(time_nanos=(T0_S + 10) * 10**9)
     series.samples[0].raw_profile = encode_pprof(later)
     status, data, _ = serve.request(
-        "POST", "/push.v1.PusherService/Push", json_format.MessageToJson(req).encode(), {"Content-Type": "application/json"}
+        "POST",
+        "/push.v1.PusherService/Push",
+        json_format.MessageToJson(req).encode(),
+        {"Content-Type": "application/json"},
     )
     assert status == 200 and json.loads(data) == {}
     assert totals(serve, "pushed", CPU) == profile.total("cpu") + later.total("cpu")
@@ -252,7 +272,9 @@ def test_push_api(serve: Client) -> None:
     s2 = bad.series.add()
     s2.labels.add(name="service_name", value="pushed")
     s2.samples.add(raw_profile=b"not a profile")
-    status, data, _ = serve.request("POST", "/push.v1.PusherService/Push", bad.SerializeToString(), {"Content-Type": "application/proto"})
+    status, data, _ = serve.request(
+        "POST", "/push.v1.PusherService/Push", bad.SerializeToString(), {"Content-Type": "application/proto"}
+    )
     assert status == 400 and json.loads(data)["code"] == "invalid_argument"
     assert serve.app.store.profile_count() == 2
 
@@ -337,7 +359,9 @@ def test_wrong_method_and_path(serve: Client) -> None:
     assert serve.request("POST", "/api/services", b"{}")[0] == 405
     assert serve.request("GET", "/api/nothing")[0] == 404
     assert serve.request("GET", "/static/../store.py")[0] == 404
-    status, data, _ = serve.request("POST", "/ingest?name=svc&format=pprof", None, {"Content-Type": "binary/octet-stream"})
+    status, data, _ = serve.request(
+        "POST", "/ingest?name=svc&format=pprof", None, {"Content-Type": "binary/octet-stream"}
+    )
     assert status in (400, 411) and serve.app.store.profile_count() == 0
 
 
@@ -393,8 +417,23 @@ def test_non_loopback_needs_a_token(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("MW_SERVE_TOKEN", raising=False)
     env = {k: v for k, v in os.environ.items() if k != "MW_SERVE_TOKEN"}
     proc = subprocess.run(
-        [sys.executable, "-m", "middleware", "serve", "--host", "0.0.0.0", "--port", "0", "--data", str(tmp_path / "d2")],
-        capture_output=True, text=True, timeout=60, cwd=str(ROOT), env=env,
+        [
+            sys.executable,
+            "-m",
+            "middleware",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--data",
+            str(tmp_path / "d2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(ROOT),
+        env=env,
     )
     assert proc.returncode == 2
     assert "without a token" in proc.stderr and "MW_SERVE_TOKEN" in proc.stderr
@@ -440,7 +479,9 @@ def test_local_store_files_are_imported_once(tmp_path: Path) -> None:
     data_dir = str(tmp_path / "data")
 
     def start() -> ServeApp:
-        return ServeApp(ServeConfig(port=0, data_dir=data_dir, import_dirs=[str(store_dir)], import_interval=0.2)).start()
+        return ServeApp(
+            ServeConfig(port=0, data_dir=data_dir, import_dirs=[str(store_dir)], import_interval=0.2)
+        ).start()
 
     app = start()
     try:
@@ -570,7 +611,9 @@ def test_agent_uploads_equal_its_local_store(serve: Client, tmp_path: Path) -> N
     script = tmp_path / "agent.py"
     script.write_text(AGENT_SCRIPT)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MW_", "OTEL_"))}
-    env.update(MW_PROFILING_SERVER_URL=serve.app.url, MW_PROFILE_DIR=str(store_dir), MW_CUSTOM_RESOURCE_ATTRIBUTES="env=e2e")
+    env.update(
+        MW_PROFILING_SERVER_URL=serve.app.url, MW_PROFILE_DIR=str(store_dir), MW_CUSTOM_RESOURCE_ATTRIBUTES="env=e2e"
+    )
     proc = subprocess.run([sys.executable, str(script), str(ROOT / "demo_flask")], capture_output=True, text=True,
                           timeout=90, cwd=str(ROOT), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -88,7 +88,9 @@ class Client:
     def __init__(self, app: ServeApp) -> None:
         self.app = app
 
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.app.port, timeout=30)
         try:
             conn.request(method, path, body=body, headers=headers or {})
@@ -116,7 +118,9 @@ class Client:
         for k, v in labels:
             series.labels.add(name=k, value=v)
         series.samples.add(raw_profile=encode_pprof(profile))
-        status, data = self.request("POST", "/push.v1.PusherService/Push", req.SerializeToString(), {"Content-Type": "application/proto"})
+        status, data = self.request(
+            "POST", "/push.v1.PusherService/Push", req.SerializeToString(), {"Content-Type": "application/proto"}
+        )
         return status, data.decode("utf-8", "replace")
 
     def label_values(self, service: str) -> dict[str, list[str]]:
@@ -180,8 +184,11 @@ def test_pyroscope_io_push_is_stored_with_sanitized_labels(serve: Client, tmp_pa
     assert 0.5 * truth["cpu_s"] <= total_s <= 1.25 * truth["wall_s"] + 0.2, (total_s, truth)
     # selecting on a sanitized label name finds all of it
     for name in ("otel_scope_name", "deploy_region"):
-        sel = '{%s="%s"}' % (name, labels[name][0])
-        assert serve.get("/api/profile", service="pyro-client-app", type=CPU, selector=sel, **window)["total"] == doc["total"]
+        sel = f'{{{name}="{labels[name][0]}"}}'
+        assert (
+            serve.get("/api/profile", service="pyro-client-app", type=CPU, selector=sel, **window)["total"]
+            == doc["total"]
+        )
 
     # AND the stacks are the workload's: the hot leaf, called by pyro_middle, is most of the CPU
     merged = parse_pprof(serve.get_raw("/api/pprof", service="pyro-client-app", type=CPU, **window))
@@ -218,12 +225,16 @@ def test_ingest_sanitizes_dotted_tags_and_sample_labels(serve: Client) -> None:
     window = {"from": T0_S - 60, "until": T0_S + 60}
     got = serve.get("/api/profile", service="dotted", type=CPU, selector='{http_route="/t.x"}', **window)["total"]
     assert got == 70_000_000
-    assert serve.get("/api/profile", service="dotted", type=CPU, selector='{deploy_env="prod.eu"}', **window)["total"] == profile.total("cpu")
+    assert serve.get("/api/profile", service="dotted", type=CPU, selector='{deploy_env="prod.eu"}', **window)[
+        "total"
+    ] == profile.total("cpu")
 
 
 def test_push_labels_that_meet_after_sanitizing_with_one_value_are_one_label(serve: Client) -> None:
     profile = calc_profile()
-    status, text = serve.push([("service_name", "meet"), ("__name__", "process_cpu"), ("a.b", "1"), ("a_b", "1")], profile)
+    status, text = serve.push(
+        [("service_name", "meet"), ("__name__", "process_cpu"), ("a.b", "1"), ("a_b", "1")], profile
+    )
     assert status == 200, text
     assert serve.label_values("meet")["a_b"] == ["1"]
     window = {"from": T0_S - 60, "until": T0_S + 60}
@@ -247,8 +258,8 @@ ROOM = MAX_LABEL_NAMES_PER_SERIES - 2  # besides service_name and __name__
         ("svc{..x=1}", "reserved"),
         ("svc{service.name=x}", "reserved"),
         ("svc{%s=1}" % ("n" * (MAX_LABEL_NAME_LENGTH + 1)), f"longer than {MAX_LABEL_NAME_LENGTH}"),
-        ("svc{v=%s}" % ("x" * (MAX_LABEL_VALUE_LENGTH + 1)), f"longer than {MAX_LABEL_VALUE_LENGTH}"),
-        ("svc{%s}" % _many(ROOM + 1), f"limit {MAX_LABEL_NAMES_PER_SERIES}"),
+        (f"svc{{v={'x' * (MAX_LABEL_VALUE_LENGTH + 1)}}}", f"longer than {MAX_LABEL_VALUE_LENGTH}"),
+        (f"svc{{{_many(ROOM + 1)}}}", f"limit {MAX_LABEL_NAMES_PER_SERIES}"),
     ],
     ids=["dash", "empty", "leading-digit", "collision", "reserved-after-dots", "service-name-dotted",
          "long-name", "long-value", "too-many"],
@@ -263,8 +274,8 @@ def test_ingest_still_refuses_what_pyroscope_refuses(serve: Client, name: str, m
 def test_labels_exactly_at_the_limits_are_accepted(serve: Client) -> None:
     names = [
         "svc{%s=1}" % ("n" * MAX_LABEL_NAME_LENGTH),
-        "svc{v=%s}" % ("x" * MAX_LABEL_VALUE_LENGTH),
-        "svc{%s}" % _many(ROOM),
+        f"svc{{v={'x' * MAX_LABEL_VALUE_LENGTH}}}",
+        f"svc{{{_many(ROOM)}}}",
     ]
     for i, name in enumerate(names):
         unlabelled = build([sample("main;work", 10_000_000)])  # no sample labels: the tags alone count
@@ -278,8 +289,8 @@ def test_too_many_labels_counts_sample_labels_too(serve: Client) -> None:
     tags = _many(ROOM - 1)
     fits = build([sample("main;a", 10_000_000, labels={"endpoint": "/a"})])
     over = build([sample("main;a", 10_000_000, labels={"endpoint": "/a", "user.tier": "gold"})])
-    assert serve.ingest(encode_pprof(fits), "svc{%s}" % tags)[0] == 200
-    status, text = serve.ingest(encode_pprof(over), "svc{%s}" % tags, start_s=T0_S + 10)
+    assert serve.ingest(encode_pprof(fits), f"svc{{{tags}}}")[0] == 200
+    status, text = serve.ingest(encode_pprof(over), f"svc{{{tags}}}", start_s=T0_S + 10)
     assert status == 400 and f"limit {MAX_LABEL_NAMES_PER_SERIES}" in text, text
     assert serve.app.store.profile_count() == 1
 

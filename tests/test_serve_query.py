@@ -115,7 +115,13 @@ def test_catalogue(api: Api) -> None:
     assert {t["id"] for t in types} == {CPU, WALL, "process_cpu:samples:count:cpu:nanoseconds"}
     cpu = next(t for t in types if t["id"] == CPU)
     assert (cpu["name"], cpu["sample_type"], cpu["unit"]) == ("process_cpu", "cpu", "nanoseconds")
-    assert api("/api/label_names", service="shop")["names"] == ["endpoint", "env", "release", "service_name", "thread_name"]
+    assert api("/api/label_names", service="shop")["names"] == [
+        "endpoint",
+        "env",
+        "release",
+        "service_name",
+        "thread_name",
+    ]
     assert api("/api/label_values", service="shop", name="endpoint")["values"] == ["/calculate1", "/calculate2"]
     assert api("/api/label_values", service="shop", name="service_name")["values"] == ["shop"]
     assert api("/api/label_values", service="other", name="endpoint")["values"] == []
@@ -164,7 +170,9 @@ def test_timeline_totals_per_bucket(api: Api) -> None:
         (0, N, '{endpoint!="/calculate2"}', {"endpoint": "/calculate1"}),
     ],
 )
-def test_merged_profile_equals_the_pushed_profiles(api: Api, a: int, b: int, selector: str, labels: dict[str, str] | None) -> None:
+def test_merged_profile_equals_the_pushed_profiles(
+    api: Api, a: int, b: int, selector: str, labels: dict[str, str] | None
+) -> None:
     doc = api("/api/profile", service="shop", type=CPU, selector=selector, **rng(a, b))
     want = merged(range(a, b), labels)
     assert doc["profiles"] == b - a
@@ -260,7 +268,12 @@ def test_concurrent_queries_agree(api: Api) -> None:
 
 def test_selector_parsing() -> None:
     ms = parse_selector('{a="x", b!="y\\"z", c=~"v.*",d!~"w"}')
-    assert [(m.name, m.op, m.value) for m in ms] == [("a", "=", "x"), ("b", "!=", 'y"z'), ("c", "=~", "v.*"), ("d", "!~", "w")]
+    assert [(m.name, m.op, m.value) for m in ms] == [
+        ("a", "=", "x"),
+        ("b", "!=", 'y"z'),
+        ("c", "=~", "v.*"),
+        ("d", "!~", "w"),
+    ]
     assert parse_selector("{}") == () and parse_selector("") == ()
     assert ms[2].matches({"c": "vvv"}) and not ms[2].matches({"c": "xv"})
     assert ms[1].matches({}) and not parse_selector('{a="x"}')[0].matches({})

@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 from collections import defaultdict
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +185,7 @@ def impossible_edges(nodes: GraphNodes, frames: list[list[Any]]) -> list[tuple[s
         return []
     path = nodes.path(frames)
     bad = [] if path[0][1] == ROOT_NODE else [("<root>", path[0][1])]
-    for (ka, a), (kb, b) in zip(path, path[1:]):
+    for (ka, a), (kb, b) in pairwise(path):
         if (ka in CHECKED_KINDS or kb == "W") and b not in GRAPH.get(a, ()):
             bad.append((a, b))
     return bad
@@ -428,10 +429,12 @@ def test_idle_threads_wall_is_theirs_and_follows_a_move() -> None:
             if any(n.split(".")[-1] == "phase_two" for n in names):
                 p["two"] += s["wall"]
     st = r["stats"]
-    figures = (f"elapsed {elapsed_ns / 1e9:.2f} s; idle threads {len(wall)}/{len(expect)}; wall/elapsed "
-               f"min {min(wall.values(), default=0) / elapsed_ns:.3f} max {max(wall.values(), default=0) / elapsed_ns:.3f}; "
-               f"quiet ticks {st['quiet_ticks']}/{st['ticks']}; movers "
-               f"{sorted(round(p['two'] / p['all'], 2) for p in phases.values() if p['all'])}")
+    figures = (
+        f"elapsed {elapsed_ns / 1e9:.2f} s; idle threads {len(wall)}/{len(expect)}; wall/elapsed "
+        f"min {min(wall.values(), default=0) / elapsed_ns:.3f} max {max(wall.values(), default=0) / elapsed_ns:.3f}; "
+        f"quiet ticks {st['quiet_ticks']}/{st['ticks']}; movers "
+        f"{sorted(round(p['two'] / p['all'], 2) for p in phases.values() if p['all'])}"
+    )
     print(figures)
     # every idle thread is in the profile with the window's wall time (the last tick can be up
     # to a period before the snapshot: 2.5% of 4 s) ...

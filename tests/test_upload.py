@@ -8,8 +8,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import gzip
-import logging
 import json
+import logging
 import os
 import re
 import subprocess
@@ -143,7 +143,7 @@ def test_push_api_sends_a_push_request_our_server_decodes(backend):
     reqs = backend.ingests()
     assert [r.path for r in reqs] == ["/push.v1.PusherService/Push"] * 2
     ids = set()
-    for req, body in zip(reqs, bodies):
+    for req, body in zip(reqs, bodies, strict=True):
         assert req.raw_query == ""
         assert req.headers["content-type"] == "application/proto"
         assert req.headers["x-scope-orgid"] == "acme" and req.headers["authorization"] == "Bearer t"

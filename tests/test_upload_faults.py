@@ -11,6 +11,7 @@ import os
 import random
 import threading
 import time
+from itertools import pairwise
 
 import pytest
 
@@ -112,7 +113,7 @@ def test_backoff_grows_exponentially_up_to_the_cap(backend):
     assert backend.wait_for(lambda b: len(b.ingests()) >= 7, timeout=5.0)
     native.upload_stop(0.0)
     t = [r.t for r in backend.ingests()]
-    gaps = [b - a for a, b in zip(t, t[1:])]
+    gaps = [b - a for a, b in pairwise(t)]
     # jitter keeps each delay within [d/2, d] of d = 0.05 * 2^k capped at 0.4
     for k, gap in enumerate(gaps[:6]):
         d = min(0.05 * 2**k, 0.4)

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from support.hangs import native_stacks, process_tree
 
 pytestmark = pytest.mark.slow

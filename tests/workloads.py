@@ -17,13 +17,11 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from middleware import MwTracker  # noqa: E402
-from middleware.profile import Profile  # noqa: E402
-
-
 # --- the calc workload of the seed app (demo_flask/calculations.py): pure loops with no Python
 # callees, so each function's self time is its total time ------------------------------------------
 from demo_flask.calculations import calc1, calc2, calc3  # noqa: E402
+from middleware import MwTracker  # noqa: E402
+from middleware.profile import Profile  # noqa: E402
 
 
 def two_loops(n: int) -> int:
@@ -88,7 +86,7 @@ def run_lines(args: argparse.Namespace, tracker: MwTracker) -> dict[str, Any]:
     import inspect
 
     src, start = inspect.getsourcelines(two_loops)
-    lines = {tag: start + i for i, l in enumerate(src) for tag in ("LOOP_A", "LOOP_B") if tag in l}
+    lines = {tag: start + i for i, text in enumerate(src) for tag in ("LOOP_A", "LOOP_B") if tag in text}
     deadline = time.monotonic() + args.seconds
     while time.monotonic() < deadline:
         two_loops(200_000)

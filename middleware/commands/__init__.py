@@ -99,7 +99,8 @@ def add_time_options(parser: argparse.ArgumentParser, prefix: str = "", what: st
     dest = prefix.replace("-", "_")
     parser.add_argument(
         f"--{prefix}from", dest=f"{dest}time_from", metavar="TIME",
-        help=f"only profiles{what} whose window ends after TIME (Unix seconds, ISO 8601 - UTC unless a zone is given -, now, -15m)",
+        help=f"only profiles{what} whose window ends after TIME "
+        "(Unix seconds, ISO 8601 - UTC unless a zone is given -, now, -15m)",
     )
     parser.add_argument(
         f"--{prefix}until", dest=f"{dest}time_until", metavar="TIME",

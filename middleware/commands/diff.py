@@ -24,7 +24,7 @@ from middleware.reporters.diff import diff_profiles, render_diff
 logger = logging.getLogger(__name__)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "diff",
         help="what grew or shrank between two profiles",

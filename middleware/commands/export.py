@@ -17,7 +17,7 @@ from middleware.reporters.speedscope import render_speedscope
 logger = logging.getLogger(__name__)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "export",
         help="export as folded stacks or speedscope JSON",

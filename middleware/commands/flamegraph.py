@@ -17,7 +17,7 @@ from middleware.reporters.flamegraph import render_html
 logger = logging.getLogger(__name__)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "flamegraph",
         help="write an interactive HTML flame graph",

@@ -16,7 +16,7 @@ from middleware.reporters.sandwich import render_sandwich, sandwich
 logger = logging.getLogger(__name__)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "sandwich",
         help="callers and callees of one function",

@@ -102,7 +102,7 @@ MAX_CONNECTIONS = 100_000
 REQUEST_TIMEOUT_RANGE = (0.1, 3600.0)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="local collector (Pyroscope ingest API) with the profiling web page",
@@ -110,7 +110,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0 = any free port)")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0 = any free port)"
+    )
     parser.add_argument(
         "--data", metavar="DIR", default=None, help=f"where the SQLite store lives (default: {default_data_dir()})"
     )
@@ -131,7 +133,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--token", default=None,
         help="token uploads and the page must send (default: $MW_SERVE_TOKEN); required off loopback",
     )
-    parser.add_argument("--max-body", type=_size, default="16M", metavar="BYTES", help="largest upload body (default: 16M)")
+    parser.add_argument(
+        "--max-body", type=_size, default="16M", metavar="BYTES", help="largest upload body (default: 16M)"
+    )
     parser.add_argument(
         "--max-profile", type=_size, default="64M", metavar="BYTES",
         help="largest decompressed profile (default: 64M); protects against gzip bombs",

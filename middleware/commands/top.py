@@ -17,7 +17,7 @@ from middleware.reporters.table import function_table, render_table
 logger = logging.getLogger(__name__)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "top", aliases=["table"],
         help="functions by Self and Total time",

@@ -28,9 +28,10 @@ import sys
 import threading
 import types
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
+    import importlib.abc
     import importlib.machinery
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def _find_spec_elsewhere(
         find_spec = getattr(finder, "find_spec", None)
         if find_spec is None:
             continue
-        spec = find_spec(fullname, path, target)
+        spec: importlib.machinery.ModuleSpec | None = find_spec(fullname, path, target)
         if spec is not None:
             return spec
     return None
@@ -158,7 +159,8 @@ def _wrap_loader(spec: importlib.machinery.ModuleSpec, fullname: str) -> None:
     if patched_instance:
         loader.__dict__["exec_module"] = exec_module
     else:
-        spec.loader = _LoaderProxy(loader, exec_module)
+        # The proxy is a Loader by delegation (__getattr__), not by inheritance.
+        spec.loader = cast("importlib.abc.Loader", _LoaderProxy(loader, exec_module))
 
 
 class _LoaderProxy:

@@ -157,7 +157,7 @@ def _tree_json(root: list[Any], threshold: int) -> tuple[dict[str, Any], list[li
         else:
             out["c"] = children
             child_depth = depth + 1
-        todo.extend((k, c, child_depth) for k, c in zip(kept, children))
+        todo.extend((k, c, child_depth) for k, c in zip(kept, children, strict=True))
     return tree, deep, dropped
 
 

@@ -69,7 +69,9 @@ def _pick(query: str, found: list[FunctionKey], how: str) -> FunctionKey:
         return found[0]
     shown = ", ".join(f"{n} ({f})" if f else n for n, f in sorted(found)[:8])
     more = f" and {len(found) - 8} more" if len(found) > 8 else ""
-    raise FunctionMatchError(f"function {query!r} is ambiguous ({how} {len(found)} functions: {shown}{more}); give the full name")
+    raise FunctionMatchError(
+        f"function {query!r} is ambiguous ({how} {len(found)} functions: {shown}{more}); give the full name"
+    )
 
 
 def find_function(profile: Profile, query: str) -> FunctionKey:
@@ -151,7 +153,7 @@ def render_sandwich(sw: Sandwich, unit: str, limit: int | None = None) -> str:
         pcts = [format_percent(r.value, sw.profile_total) for r in shown]
         w1 = max((len(x) for x in vals), default=0)
         w2 = max((len(x) for x in pcts), default=0)
-        for r, val, pct in zip(shown, vals, pcts):
+        for r, val, pct in zip(shown, vals, pcts, strict=True):
             where = f"  {r.file}" if r.file else ""
             out.append(f"    {val.rjust(w1)}  {pct.rjust(w2)}  {r.function}{where}")
         if len(shown) < len(rels):

@@ -93,7 +93,7 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256
     allow_reuse_address = True
-    app: "ServeApp"
+    app: ServeApp
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._conns: dict[socket.socket, _Conn] = {}
@@ -225,7 +225,8 @@ class BaseHandler(BaseHTTPRequestHandler):
     # -- plumbing ----------------------------------------------------------------------------
 
     def setup(self) -> None:
-        self.timeout = self.server.app.config.request_timeout
+        # typeshed declares it a ClassVar; socketserver reads it per instance (self.timeout)
+        self.timeout = self.server.app.config.request_timeout  # type: ignore[misc]
         super().setup()
 
     def handle_one_request(self) -> None:
@@ -312,7 +313,9 @@ class BaseHandler(BaseHTTPRequestHandler):
         limit = self.server.app.config.limits.max_body_bytes
         if length is not None and length.isdigit() and int(length) > limit:
             self.close_connection = True
-            self._text(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes exceeds the limit of {limit} bytes")
+            self._text(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes exceeds the limit of {limit} bytes"
+            )
             return False
         return super().handle_expect_100()
 
@@ -335,7 +338,9 @@ class BaseHandler(BaseHTTPRequestHandler):
         length = int(raw)
         if length > limit:
             self._drain(length)
-            raise IngestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes exceeds the limit of {limit} bytes")
+            raise IngestError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes exceeds the limit of {limit} bytes"
+            )
         self._body_phase(length)
         try:
             data = self.rfile.read(length)

@@ -19,7 +19,7 @@ import os
 import re
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from middleware.serve.ingest import (
     IngestError,
@@ -99,7 +99,8 @@ class Importer:
                 except OSError:
                     continue  # removed meanwhile
                 prev = known.get(path)
-                if prev is not None and (prev.error is None or (prev.size, prev.mtime_ns) == (st.st_size, st.st_mtime_ns)):
+                unchanged = prev is not None and (prev.size, prev.mtime_ns) == (st.st_size, st.st_mtime_ns)
+                if prev is not None and (prev.error is None or unchanged):
                     continue
                 if self._import_file(path, st):
                     count += 1

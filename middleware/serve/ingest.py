@@ -39,16 +39,17 @@ and ``wall:wall:nanoseconds:wall:nanoseconds`` for the profiles the agent writes
 from __future__ import annotations
 
 import email.parser
-import hashlib
 import email.policy
+import hashlib
 import json
 import logging
 import os
 import re
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 # The form of every stored label name (after sanitization, see :mod:`middleware.serve.labels`).
@@ -170,7 +171,7 @@ class Upload:
     """A decoded upload, ready to be stored."""
 
     params: IngestParams
-    profile: "Profile"
+    profile: Profile
     pprof_plain: bytes
     start_ns: int
     end_ns: int
@@ -416,7 +417,7 @@ def _extract(
     return body, original
 
 
-def profile_type_ids(profile: "Profile") -> list[tuple[str, int]]:
+def profile_type_ids(profile: Profile) -> list[tuple[str, int]]:
     """``(profile type id, value index)`` for every sample type of ``profile`` (see module doc)."""
     period_type, period_unit = profile.period_type or ("", "")
     period_series = _series_of(period_type) or _series_of_any(profile) or period_type or "unknown"
@@ -442,7 +443,7 @@ def _series_of(sample_type: str) -> str | None:
     return None
 
 
-def _series_of_any(profile: "Profile") -> str | None:
+def _series_of_any(profile: Profile) -> str | None:
     for stype, _ in profile.sample_types:
         series = _series_of(stype)
         if series and series != "wall":
@@ -462,7 +463,7 @@ def series_labels(
 
 
 def _check_profile(
-    profile: "Profile", tags: tuple[tuple[str, str], ...] = (), max_series: int | None = None
+    profile: Profile, tags: tuple[tuple[str, str], ...] = (), max_series: int | None = None
 ) -> frozenset[tuple[tuple[str, str], ...]]:
     """Check ``profile`` and sanitize its samples' label names in place (see ``labels``); returns
     its distinct series label sets.
@@ -493,10 +494,12 @@ def _check_profile(
         clean = done.get(sample.labels)
         if clean is None:
             kept = tuple((k, v) for k, v in sample.labels if k in EXCLUDED_SAMPLE_LABELS)
-            for key, value in kept:
-                if len(value) > MAX_LABEL_VALUE_LENGTH:
+            for key, text in kept:
+                if len(text) > MAX_LABEL_VALUE_LENGTH:
                     raise IngestError(
-                        400, f"label {key!r} in a pprof sample's labels: value longer than {MAX_LABEL_VALUE_LENGTH} characters"
+                        400,
+                        f"label {key!r} in a pprof sample's labels: value longer than {MAX_LABEL_VALUE_LENGTH} "
+                        "characters",
                     )
             rest = [(k, v) for k, v in sample.labels if k not in EXCLUDED_SAMPLE_LABELS]
             clean = _sanitized_labels(rest, where="a pprof sample's labels") + kept
@@ -564,7 +567,7 @@ def decode_upload(
 
 def upload_from_profile(
     params: IngestParams,
-    profile: "Profile",
+    profile: Profile,
     plain: bytes,
     *,
     tenant: str = "",
@@ -593,7 +596,7 @@ def upload_from_profile(
     )
 
 
-def _window(params: IngestParams, profile: "Profile", now_ns: int | None) -> tuple[int, int]:
+def _window(params: IngestParams, profile: Profile, now_ns: int | None) -> tuple[int, int]:
     """The profile's time window: ``from``/``until`` when given, else the pprof's own, else now.
 
     ``from``/``until`` have one-second resolution (agents send ``floor(start)`` and
@@ -648,7 +651,9 @@ def _push_request_class() -> Any:
     return PushRequest
 
 
-def decode_push(headers: Mapping[str, str], body: bytes, limits: IngestLimits, now_ns: int | None = None) -> list[Upload]:
+def decode_push(
+    headers: Mapping[str, str], body: bytes, limits: IngestLimits, now_ns: int | None = None
+) -> list[Upload]:
     """Decode a ``PushRequest`` (``application/proto``, or Connect's ``application/json``).
 
     Every profile of every series is decoded before anything is stored; one bad profile refuses
@@ -698,7 +703,8 @@ def decode_push(headers: Mapping[str, str], body: bytes, limits: IngestLimits, n
         for key, value in tags:
             if key == SERVICE_LABEL and value != service:
                 raise IngestError(
-                    400, f"a push series of {service!r} has a second, different service name {value!r} (dots become '_')"
+                    400,
+                    f"a push series of {service!r} has a second, different service name {value!r} (dots become '_')",
                 )
         tags = tuple((k, v) for k, v in tags if k != SERVICE_LABEL)
         _check_series_size(tags, where=f"a push series of {service!r}")
@@ -710,7 +716,9 @@ def decode_push(headers: Mapping[str, str], body: bytes, limits: IngestLimits, n
             plain = gunzip_capped(data, budget) if data.startswith(_GZIP_MAGIC) else data
             budget -= len(plain)
             if budget < 0:
-                raise IngestError(413, f"decompressed profiles exceed the limit of {limits.max_decompressed_bytes} bytes")
+                raise IngestError(
+                    413, f"decompressed profiles exceed the limit of {limits.max_decompressed_bytes} bytes"
+                )
             try:
                 profile = parse_pprof(plain)
             except ProfileError as exc:

@@ -29,7 +29,7 @@ Refused, with a message naming the label (each is an :class:`IngestError` 400):
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from middleware.labels import LABEL_NAME_FORM, MAX_LABEL_NAME_LENGTH, label_name_problem
 

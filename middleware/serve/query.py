@@ -23,12 +23,19 @@ import logging
 import math
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from middleware.labels import LABEL_NAME_FORM
 from middleware.profile import Profile, Sample
-from middleware.serve.ingest import EXCLUDED_SAMPLE_LABELS, INT64_MAX, MAX_UNIX_SECONDS, SERVICE_LABEL, unix_seconds_to_ns
+from middleware.serve.ingest import (
+    EXCLUDED_SAMPLE_LABELS,
+    INT64_MAX,
+    MAX_UNIX_SECONDS,
+    SERVICE_LABEL,
+    unix_seconds_to_ns,
+)
 from middleware.serve.store import Store, labels_from_key
 
 log = logging.getLogger(__name__)
@@ -70,7 +77,7 @@ class Matcher:
             return have == self.value
         if self.op == "!=":
             return have != self.value
-        regex: re.Pattern[str] = getattr(self, "_regex")
+        regex: re.Pattern[str] = vars(self)["_regex"]  # set by __post_init__ (the dataclass is frozen)
         found = regex.fullmatch(have) is not None
         return found if self.op == "=~" else not found
 
@@ -217,7 +224,10 @@ class QueryEngine:
         for type_id in self.store.profile_types(service):
             name, stype, unit, ptype, punit = type_id.split(":")
             out.append(
-                {"id": type_id, "name": name, "sample_type": stype, "unit": unit, "period_type": ptype, "period_unit": punit}
+                {
+                    "id": type_id, "name": name, "sample_type": stype, "unit": unit,
+                    "period_type": ptype, "period_unit": punit,
+                }
             )
         return out
 
@@ -228,7 +238,7 @@ class QueryEngine:
             return [s.labels for s in self.store.series(service)]
         if type_id:
             stype = self.store.stype_id(service, type_id)
-            stypes = [stype] if stype is not None else []
+            stypes: list[int | None] = [stype] if stype is not None else []
         else:
             stypes = [self.store.stype_id(service, t) for t in self.store.profile_types(service)]
         if not stypes:
@@ -348,7 +358,9 @@ class QueryEngine:
             where, args = clause
             # TOTAL, not SUM: sums beyond int64 (possible over many profiles) come back as
             # floats instead of failing the query with SQLite's "integer overflow".
-            values = self.store.query(f"SELECT stack_id, TOTAL(value) FROM samples WHERE {where} GROUP BY stack_id", args)
+            values = self.store.query(
+                f"SELECT stack_id, TOTAL(value) FROM samples WHERE {where} GROUP BY stack_id", args
+            )
             row = self.store.query(
                 "SELECT COUNT(*), MAX(p.period) FROM profiles p WHERE p.id IN "
                 f"(SELECT DISTINCT profile_id FROM totals WHERE {where})",

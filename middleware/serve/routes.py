@@ -28,9 +28,10 @@ bodies are :class:`middleware.serve.httpd.BaseHandler`'s.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from middleware.serve.httpd import BaseHandler
@@ -140,7 +141,9 @@ class Handler(BaseHandler):
             return
         except Exception as exc:
             log.exception("storing an upload failed")
-            self._text(HTTPStatus.SERVICE_UNAVAILABLE, f"could not store the profile ({exc}); retry", {"Retry-After": "1"})
+            self._text(
+                HTTPStatus.SERVICE_UNAVAILABLE, f"could not store the profile ({exc}); retry", {"Retry-After": "1"}
+            )
             return
         app.accepted += len(ids)
         overflow_samples = sum(u.overflow_samples for u in uploads)

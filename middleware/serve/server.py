@@ -212,7 +212,7 @@ class ServeApp:
             },
         }
 
-    def start(self) -> "ServeApp":
+    def start(self) -> ServeApp:
         """Serve in a background thread (returns at once)."""
         self.importer.start()
         self._thread = threading.Thread(
@@ -243,7 +243,7 @@ class ServeApp:
         self.httpd.server_close()
         self.store.close()
 
-    def __enter__(self) -> "ServeApp":
+    def __enter__(self) -> ServeApp:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

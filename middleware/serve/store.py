@@ -62,10 +62,11 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from middleware.profile import Frame
 from middleware.serve.ingest import Upload, series_labels
@@ -196,7 +197,7 @@ class _WriteJob:
     uploads: list[Upload]
     source: str
     imported: ImportedFile | None
-    future: "Future[list[int]]"
+    future: Future[list[int]]
 
 
 class Store:
@@ -221,10 +222,10 @@ class Store:
         self._max_batch = max_batch
         self._writer_conn = self._connect(write=True)
         self._init_schema(self._writer_conn)
-        self._jobs: "queue.Queue[_WriteJob | None]" = queue.Queue()
+        self._jobs: queue.Queue[_WriteJob | None] = queue.Queue()
         self._closed = False
         self._close_lock = threading.Lock()
-        self._readers: "queue.Queue[sqlite3.Connection]" = queue.Queue()
+        self._readers: queue.Queue[sqlite3.Connection] = queue.Queue()
         self._all_readers: list[sqlite3.Connection] = []
         for _ in range(max(1, read_connections)):
             conn = self._connect(write=False)
@@ -376,7 +377,7 @@ class Store:
                             "stored under %s=\"true\" (their labels are not indexed)",
                             upload.params.service, self.max_series_per_service, OVERFLOW_LABEL,
                         )
-        for job, job_ids in zip(batch, ids):
+        for job, job_ids in zip(batch, ids, strict=True):
             job.future.set_result(job_ids)
 
     def _insert(self, conn: sqlite3.Connection, job: _WriteJob) -> list[int]:
@@ -519,7 +520,8 @@ class Store:
         if row is not None:
             stack_id = int(row[0])
         else:
-            stack_id = int(conn.execute("INSERT INTO stacks(digest, frames) VALUES(?, ?)", (digest, text)).lastrowid or 0)
+            cur = conn.execute("INSERT INTO stacks(digest, frames) VALUES(?, ?)", (digest, text))
+            stack_id = int(cur.lastrowid or 0)
         if len(self._w_stacks) > _WRITER_CACHE_MAX:
             self._w_stacks.clear()
         self._w_stacks[stack] = stack_id
@@ -569,21 +571,22 @@ class Store:
         rows: list[tuple[Any, ...]] = []
         for n in range(0, len(missing), 500):
             chunk = missing[n : n + 500]
-            rows += self.query(f"SELECT id, frames FROM stacks WHERE id IN ({','.join('?' * len(chunk))})", tuple(chunk))
+            marks = ",".join("?" * len(chunk))
+            rows += self.query(f"SELECT id, frames FROM stacks WHERE id IN ({marks})", tuple(chunk))
         with self._r_lock:
             if len(self._r_stacks) + len(rows) > _READER_STACK_CACHE_MAX:
                 self._r_stacks.clear()
                 self._r_frames.clear()
             frames = self._r_frames
             for stack_id, text in rows:
-                stack = []
+                stack_frames: list[Frame] = []
                 for function, file, line in json.loads(text):
                     key = (function, file, line)
                     frame = frames.get(key)
                     if frame is None:
                         frame = frames[key] = Frame(function, file, line)
-                    stack.append(frame)
-                out[int(stack_id)] = self._r_stacks[int(stack_id)] = tuple(stack)
+                    stack_frames.append(frame)
+                out[int(stack_id)] = self._r_stacks[int(stack_id)] = tuple(stack_frames)
         return out
 
     def pprof_blob(self, profile_id: int) -> bytes:
@@ -636,7 +639,7 @@ class Store:
             except sqlite3.Error:  # pragma: no cover
                 pass
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -73,7 +73,7 @@ class _State:
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-    backend: "FakeBackend"
+    backend: FakeBackend
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -181,7 +181,7 @@ class FakeBackend:
         self._release.set()
         self._unlisten()
 
-    def __enter__(self) -> "FakeBackend":
+    def __enter__(self) -> FakeBackend:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -264,7 +264,7 @@ class FakeBackend:
         with self._lock:
             return [r for r in self.requests if r.path == "/auth"]
 
-    def wait_for(self, pred: Callable[["FakeBackend"], bool], timeout: float = 5.0) -> bool:
+    def wait_for(self, pred: Callable[[FakeBackend], bool], timeout: float = 5.0) -> bool:
         """Waits until pred(self) is true (re-checked on every request and every 50 ms)."""
         end = time.monotonic() + timeout
         while True:

@@ -6,7 +6,6 @@ and line: ``"calc3@app.py:30"`` (default file ``app.py``, line from :data:`LINES
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Union
 
 from middleware.profile import DEFAULT_SAMPLE_TYPES, Frame, Profile, Sample
 
@@ -16,7 +15,7 @@ LINES = {"main": 5, "handle": 12, "calc1": 20, "calc2": 30, "calc3": 40, "helper
 PERIOD = 10_000_000  # 100 Hz, in ns
 T0 = 1_763_719_200 * 1_000_000_000  # 2025-11-21T10:00:00Z
 
-StackSpec = Union[str, Sequence[Frame]]
+StackSpec = str | Sequence[Frame]
 
 
 def frame(spec: str) -> Frame:
@@ -70,12 +69,27 @@ def calc_profile(time_nanos: int = T0, scale: int = 1) -> Profile:
     ms = 1_000_000 * scale
     return build(
         [
-            ("main;handle;calc1;calc2;calc3", 500 * ms, 520 * ms, {"endpoint": "/calculate", "thread_name": "MainThread"}),
-            ("main;handle;calc1;calc2;calc3@app.py:41", 100 * ms, 110 * ms, {"endpoint": "/calculate", "thread_name": "worker-1"}),
+            (
+                "main;handle;calc1;calc2;calc3",
+                500 * ms,
+                520 * ms,
+                {"endpoint": "/calculate", "thread_name": "MainThread"},
+            ),
+            (
+                "main;handle;calc1;calc2;calc3@app.py:41",
+                100 * ms,
+                110 * ms,
+                {"endpoint": "/calculate", "thread_name": "worker-1"},
+            ),
             ("main;handle;calc1;calc2", 150 * ms, 160 * ms, {"endpoint": "/calculate", "thread_name": "MainThread"}),
             ("main;handle;calc1", 100 * ms, 300 * ms, {"endpoint": "/other", "thread_name": "MainThread"}),
             ("main;handle;calc1;helper", 60 * ms, 60 * ms, {"endpoint": "/other", "thread_name": "MainThread"}),
-            ("main;handle;calc1;calc2;calc3;helper", 40 * ms, 40 * ms, {"endpoint": "/calculate", "thread_name": "worker-1"}),
+            (
+                "main;handle;calc1;calc2;calc3;helper",
+                40 * ms,
+                40 * ms,
+                {"endpoint": "/calculate", "thread_name": "worker-1"},
+            ),
             ("main", 50 * ms, 2000 * ms, {"thread_name": "MainThread"}),
         ],
         time_nanos=time_nanos,
