@@ -21,7 +21,7 @@ build: bootstrap  ## build the C extension in place; .venv/bin/python can import
 test: build  ## run the whole test suite on the default interpreter
 	$(PY) -m pytest -ra tests $(PYTEST_ARGS)
 
-check: test matrix lint  ## what CI runs: the suite, the sampler tests on every CPython 3.10-3.13 here, clang-format
+check: test matrix lint  ## what CI runs: the suite, the sampler tests on every CPython 3.10-3.13 here, make lint
 
 matrix:  ## run the sampler tests on every CPython 3.10-3.13 on this machine
 	@scripts/matrix.sh $(MATRIX_VERSIONS)

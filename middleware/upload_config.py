@@ -39,7 +39,6 @@ __all__ = [
     "resolve_service_name",
     "parse_tags",
     "drain_upload_messages",
-    "drain_messages",
     "DEFAULT_AUTH_URL",
     "DEFAULT_SERVER_URL_TEMPLATE",
     "DEFAULT_QUEUE_MAX",
@@ -70,6 +69,3 @@ def drain_upload_messages(native: Any = None, limit: int = 100) -> int:
         n += 1
     return n
 
-
-#: Another name of :func:`drain_upload_messages`.
-drain_messages = drain_upload_messages

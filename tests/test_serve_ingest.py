@@ -547,10 +547,6 @@ UPLOADER_SCRIPT = textwrap.dedent(
 
 
 def test_native_uploader_end_to_end(serve: Client, tmp_path: Path) -> None:
-    from middleware import _native
-
-    if not hasattr(_native, "upload_start"):
-        pytest.skip("the native uploader is not built")
     # GIVEN a profiled workload (calc3 under with_bottleneck) pushed by the native uploader
     script = tmp_path / "uploader.py"
     script.write_text(UPLOADER_SCRIPT)
@@ -601,11 +597,8 @@ AGENT_SCRIPT = textwrap.dedent(
 
 
 def test_agent_uploads_equal_its_local_store(serve: Client, tmp_path: Path) -> None:
-    from middleware import _native
     from middleware.serve.importer import Importer
 
-    if not hasattr(_native, "export_start"):
-        pytest.skip("the native exporter is not built")
     # GIVEN an app profiled by MwTracker that both uploads to serve and writes its local store
     store_dir = tmp_path / "store"
     script = tmp_path / "agent.py"

@@ -24,7 +24,6 @@ from middleware.upload_config import (
     DEFAULT_AUTH_URL,
     DEFAULT_SERVER_URL_TEMPLATE,
     UploadConfig,
-    drain_messages,
     drain_upload_messages,
     parse_tags,
     resolve_service_name,
@@ -531,7 +530,7 @@ def test_drain_upload_messages_logs_each_message_once(backend, caplog):
     native.upload_stop(1.0)
     with caplog.at_level(logging.INFO, logger="middleware.upload_config"):
         assert drain_upload_messages(native) == 1
-        assert drain_messages() == 0  # the tracker's name for it, on middleware._native
+        assert drain_upload_messages() == 0
     [rec] = caplog.records
     assert rec.levelno == logging.ERROR and "401" in rec.getMessage() and "bad token" in rec.getMessage()
 

@@ -66,7 +66,7 @@ def samples_of(p: Profile, thread: str) -> list[dict[str, Any]]:
 def native_stats() -> dict[str, int]:
     from middleware import _native
 
-    return dict(_native.unwind_stats()) if hasattr(_native, "unwind_stats") else {}
+    return dict(_native.unwind_stats())
 
 
 def run_hotspots(args: argparse.Namespace) -> dict[str, Any]:
