@@ -452,7 +452,9 @@ def run_once(env: Env, workload: str, profiler: str, rate: int, reps: int | None
             res["own_us_per_sample"] = window_cpu / chk.own * 1e6
         res["window_samples"] = chk.own
     if profiler == "middleware" and res.get("stats_window", {}).get("samples"):
-        res["window_samples"] = res["stats_window"]["samples"]  # exact (its stacks are weighted by time)
+        # exact (its stacks are weighted by time): the stacks read at ticks and by the CPU timers
+        st = res["stats_window"]
+        res["window_samples"] = st["samples"] + st.get("timer_samples", 0)
     if note:
         res["note"] = note
     for p in glob.glob(out + "*"):
