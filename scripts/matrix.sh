@@ -2,6 +2,7 @@
 # Runs the sampler-core tests on every CPython among the given versions found under pyenv, each
 # with its own venv (.venv-X.Y) and its own build of the extension (the .so carries the version
 # tag, so builds for several versions live side by side), and prints which ran and passed.
+# Every version asked for must be installed: a missing one fails the run (it is not skipped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
@@ -9,7 +10,10 @@ declare -A result
 ran=()
 for v in "$@"; do
   py=$(ls -d "$root"/versions/"$v".*/bin/python"$v" 2>/dev/null | sort -V | tail -1)
-  if [ -z "$py" ]; then result[$v]="absent"; continue; fi
+  if [ -z "$py" ]; then
+    echo "matrix: CPython $v was asked for but is not installed (no $root/versions/$v.*/bin/python$v)" >&2
+    result[$v]="MISSING (not installed)"; continue
+  fi
   ran+=("$v")
   echo "=== matrix: CPython $v ($py)"
   if ! scripts/bootstrap.sh "$py" >/dev/null; then result[$v]="FAILED (venv)"; continue; fi
@@ -29,7 +33,8 @@ echo "matrix summary (sampler tests per CPython):"
 rc=0
 for v in "$@"; do
   echo "  CPython $v: ${result[$v]}"
-  case "${result[$v]}" in passed|absent) ;; *) rc=1 ;; esac
+  case "${result[$v]}" in passed) ;; *) rc=1 ;; esac
 done
-[ ${#ran[@]} -gt 0 ] || { echo "no CPython among $* found"; rc=1; }
+[ $# -gt 0 ] || { echo "matrix: no CPython version asked for"; rc=1; }
+[ ${#ran[@]} -gt 0 ] || { echo "matrix: no CPython among $* found"; rc=1; }
 exit $rc
