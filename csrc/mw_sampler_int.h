@@ -1,0 +1,141 @@
+/* mw_sampler_int — the state shared by the sampler's files (the sampler's contract is
+ * mw_sampler.h).
+ *
+ * The sampler is built from three files, one concern each:
+ *   mw_sampler.c          configuration, start/stop, the sampler thread and its ticks (quiet
+ *                         ticks included), buffer swap, stats, fork handlers
+ *   mw_sampler_threads.c  the per-thread state table (g_ts), the CPU of each window per thread
+ *                         (g_win), the wall time of quiet ticks (g_quiet_wall, g_quiet_n)
+ *   mw_sampler_take.c     taking samples: a thread's sample at a tick, the CPU timers' samples,
+ *                         naming and interning their frames
+ * Only these files include this header.
+ *
+ * Threads and locks
+ *   - Written by mw_sampler_start() (the thread that starts the sampler) before the sampler thread
+ *     is created, then only read while it runs: g_cfg, g_can_pause, g_timers. g_cfg.rate_hz is
+ *     also read by any thread (mw_sampler_rate), g_timers by any thread that starts
+ *     (mw_sampler_thread_started).
+ *   - The sampler thread only, while it runs: g_ts and every mw_tstate_t, the scratch arrays
+ *     (g_raw, g_raw2, g_ids, g_sym, g_rc), g_tick, g_last_tick_ns, g_gil_tick. mw_sampler_start()
+ *     resets g_tick and g_ts before creating the thread; mw_sampler_stop() (after the join) and
+ *     the fork child's handler clear the entries' timer registrations (reg).
+ *   - Under the buffer lock (g_buf_lock, mw_sampler.c), taken by the sampler thread for a tick
+ *     and by the swap/snapshot side: g_win and g_quiet_wall/g_quiet_n, and every function below
+ *     that is given a buffer (mws_quiet_flush*, mws_cpu_window_*, mws_thread_name_id,
+ *     mws_sample_thread, mws_drain_timed) as it writes into that buffer.
+ *   - g_stats: written by the sampler thread, by mw_sampler_stop (stop_timeouts) and by the fork
+ *     child's handler; read racily by mw_sampler_get_stats.
+ *   - g_timers_armed: set by the sampler thread and by mw_sampler_thread_started (any thread), a
+ *     hint that some timer may be armed; cleared by mw_sampler_stop after the join.
+ * Memory: g_ts, g_win and the scratch arrays are allocated by the first mw_sampler_start() and
+ * kept for the life of the process (a fork child reuses them).
+ */
+#ifndef MW_SAMPLER_INT_H
+#define MW_SAMPLER_INT_H
+
+#include "mw_sampler.h"
+
+#include "mw_pyframes.h"
+#include "mw_saferead.h"
+#include "mw_symcache.h"
+
+#include <stdint.h>
+
+#define MW_MAX_DEPTH_CAP 4096
+
+/* A thread the sampler has met: an entry of g_ts, open addressing by kernel tid. */
+typedef struct {
+    /* What a quiet tick looks at, first: one cache line per idle thread per tick. */
+    long tid;              /* 0 = free */
+    uint64_t tick;         /* last tick the thread was seen */
+    uint64_t stack_gen;    /* buffer generation of the remembered stack entry */
+    uint64_t active_until; /* read in full on every tick until then: it used CPU recently */
+    int stack_valid;       /* the remembered entry may be reused (1 Python-only, 2 native) */
+    int quiet;             /* its quiet-tick wall time is owed to the remembered entry */
+    int reg;               /* CPU timer (mw_cputimer) registration + 1, 0 = none */
+    uint64_t cpu_ns;       /* CPU clock at the start of the last read */
+    uint64_t cpu_end;      /* CPU clock right after the last proven read (stack reuse) */
+    uint64_t pending;      /* CPU ns used while the thread had no on-CPU sample in the window */
+    uint64_t hit_gen;      /* buffer generation in which the thread had an on-CPU sample */
+    uint32_t name_seq;
+    uint64_t name_gen; /* buffer generation the cached name id belongs to */
+    mw_id_t name_id;
+    /* The last sample's stack entry, reused while the thread has not run since. */
+    uint32_t stack_idx;
+    uint32_t stack_labels; /* label-set change counter when it was read */
+    mw_id_t stack_thread;
+    uint32_t stack_labelset;
+    uint64_t py_hash; /* the remembered sample's Python frames (native reuse check) */
+    /* Quiet: counted from the global quiet totals at the time it went quiet (see tick(),
+     * mw_sampler.c). */
+    uint64_t qbase_wall, qbase_n;
+    /* The thread state the CPU timer was armed for; wall time of ticks that found the thread
+     * running, owed to its next CPU sample. */
+    int arm_failed;
+    int timer_born;     /* first met through a CPU-timer sample, before any tick read it */
+    uint64_t credit_ns; /* CPU already credited from such samples, not yet met by the clock */
+    uintptr_t reg_tstate;
+    uint64_t owed_wall, owed_n;
+    /* The last CPU-timer sample's entry: the next one with the same raw stack goes to it. */
+    int list_idx; /* its index in the last full thread list (quiet ticks) */
+    uint64_t timed_hash, timed_gen;
+    uint32_t timed_idx;
+    mw_id_t timed_thread;
+} mw_tstate_t;
+
+#define TS_SLOTS (2 * MW_MAX_THREADS)
+
+/* A row of the CPU-window table (mw_sampler_threads.c). */
+#define WIN_SLOTS (2 * MW_MAX_THREADS)
+typedef struct {
+    uint64_t gen; /* buffer generation the row belongs to (0 = free) */
+    mw_id_t thread;
+    uint64_t cpu_ns, hits;
+} cpu_window_t;
+
+/* mw_sampler.c */
+extern mw_sampler_config_t g_cfg;
+extern mw_sampler_stats_t g_stats;
+extern mw_tstate_t *g_ts;             /* TS_SLOTS entries */
+extern mw_rawframe_t *g_raw, *g_raw2; /* MW_MAX_DEPTH_CAP frames each */
+extern mw_id_t *g_ids;                /* MW_MAX_DEPTH_CAP */
+extern const mw_symentry_t **g_sym;   /* MW_MAX_DEPTH_CAP */
+extern mw_readcache_t *g_rc;
+extern int g_can_pause;          /* the pause handler is installed (mw_unwind_setup) */
+extern int g_timers;             /* CPU samples come from the threads' CPU timers (mw_cputimer) */
+extern int g_timers_armed;       /* some thread may hold a timer */
+extern mw_gilstate_t g_gil_tick; /* GIL state read before the current thread's walk */
+extern uint64_t g_tick;
+extern int64_t g_last_tick_ns;
+/* A thread's CPU-timer sample says it ran: the next quiet tick must visit it. */
+void mws_wake(mw_tstate_t *st);
+
+/* mw_sampler_threads.c */
+extern cpu_window_t *g_win; /* WIN_SLOTS rows */
+extern uint64_t g_quiet_wall, g_quiet_n;
+/* The entry of thread tid, created (zeroed, *created = 1) when absent; NULL when the table is
+ * full. */
+mw_tstate_t *mws_ts_find(long tid, int *created);
+/* Drops entries of threads not seen in the last few ticks (rebuilds the table). */
+void mws_ts_prune(void);
+/* Zeroes memory, handing whole pages back to the kernel. */
+void mws_zero_pages(void *p, size_t len);
+/* The interned name of st's thread in b (cached per buffer generation); its label set. */
+mw_id_t mws_thread_name_id(mw_profbuf_t *b, mw_tstate_t *st, uint32_t *labelset);
+/* Adds CPU time and on-CPU sample counts to a thread's row of window gen. */
+void mws_cpu_window_add(mw_id_t thread, uint64_t gen, uint64_t cpu_ns, uint64_t hits);
+/* Writes every on-CPU stack's CPU time: its share of its thread's window CPU. Idempotent. */
+void mws_cpu_window_finalize(mw_profbuf_t *b);
+/* Pays a quiet thread's wall time to its remembered entry in b; the thread is no longer quiet. */
+void mws_quiet_flush(mw_profbuf_t *b, mw_tstate_t *st);
+/* Settles every quiet thread's wall time into buffer b (before it is handed out or read). */
+void mws_quiet_flush_all(mw_profbuf_t *b);
+
+/* mw_sampler_take.c */
+/* Samples one listed thread into b at this tick; its entry, or NULL (gone, table full). */
+mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
+                               int first_tick);
+/* Takes the samples the CPU-timer handlers left (b NULL or no timers: frees them unused). */
+void mws_drain_timed(mw_profbuf_t *b);
+
+#endif

@@ -1,0 +1,640 @@
+/* mw_sampler_take — taking samples: a thread's sample at a tick (proven reads, stack reuse),
+ * the samples left by the threads' CPU timers, and the naming and interning of their frames
+ * into the active buffer. Sampler thread only, buffer lock held (see mw_sampler_int.h).
+ *
+ * Per-thread CPU time. Linux encodes a thread's CPU clock as a clockid built from its kernel
+ * tid (the MAKE_THREAD_CPUCLOCK encoding: ~tid << 3 | CPUCLOCK_PERTHREAD | CPUCLOCK_SCHED), so
+ * the sampler can read any thread's CPU time of its own process with clock_gettime() and no
+ * pthread handle. A thread that has exited gives EINVAL: it is skipped, never touched. (A tid
+ * reused by a new thread in our own process between two ticks would look like a thread whose
+ * clock went backwards: that sample gets no CPU time.)
+ */
+#define _GNU_SOURCE
+#include "mw_sampler_int.h"
+
+#include "mw_cputimer.h"
+#include "mw_symcache.h"
+#include "mw_threads.h"
+#include "mw_unwind.h"
+
+#include <string.h>
+#include <time.h>
+
+#define ACTIVE_TICKS 8 /* a thread that used CPU is read in full for this many ticks */
+
+static int thread_cpu_ns(long tid, uint64_t *out) {
+    clockid_t cid = (clockid_t)((~(unsigned int)tid) << 3) | 6;
+    struct timespec ts;
+    if (clock_gettime(cid, &ts) != 0) return -1;
+    *out = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    return 0;
+}
+
+/* One read of a thread's Python frames, names included: walks from a fresh top-frame pointer
+ * and resolves every frame in the symbol cache (names and line tables of cache misses are
+ * copied now, while the code objects are alive). Returns the depth; *ok = 0 when a frame could
+ * not be resolved. */
+static int read_stack(uintptr_t tstate, int *truncated, int *ok) {
+    *ok = 1;
+    *truncated = 0;
+    mw_readcache_reset(g_rc);
+    mw_symcache_begin();
+    uintptr_t anchor = 0;
+    uintptr_t top = mw_pyframes_top_frame_anchored(tstate, &anchor);
+    if (!top) return 0;
+    int depth = mw_pyframes_walk(g_rc, NULL, top, anchor, g_raw, g_cfg.max_depth, truncated);
+    uint64_t epoch = mw_symcache_epoch();
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < depth; i++) {
+            g_sym[i] = mw_symcache_resolve(&g_raw[i]);
+            if (!g_sym[i]) *ok = 0;
+        }
+        if (mw_symcache_epoch() == epoch) break;
+        /* The cache was emptied midway (full): earlier handles are gone, resolve again. */
+        epoch = mw_symcache_epoch();
+        *ok = 1;
+    }
+    return depth;
+}
+
+static uint64_t raw_hash(int depth) {
+    uint64_t h = 1469598103934665603ULL;
+    for (int i = 0; i < depth; i++) {
+        h = (h ^ g_raw[i].code) * 1099511628211ULL;
+        h = (h ^ (uint64_t)(uint32_t)g_raw[i].lasti) * 1099511628211ULL;
+    }
+    return h ^ (uint64_t)depth;
+}
+
+static void remember_stack(mw_tstate_t *st, uint64_t gen, uint32_t idx, uint32_t labels_seq,
+                           mw_id_t thread, uint32_t labelset, uint64_t cpu_end, int native,
+                           uint64_t py_hash) {
+    st->cpu_end = cpu_end;
+    st->stack_valid = native ? 2 : 1;
+    st->stack_gen = gen;
+    st->stack_idx = idx;
+    st->stack_labels = labels_seq;
+    st->stack_thread = thread;
+    st->stack_labelset = labelset;
+    st->py_hash = py_hash;
+}
+
+/* Adds wall time to the thread's remembered entry when it still describes the thread. */
+static int reuse_stack(mw_profbuf_t *b, mw_tstate_t *st, uint64_t gen, uint32_t labels_seq,
+                       uint64_t dwall) {
+    if (!st->stack_valid || st->stack_gen != gen || labels_seq != st->stack_labels) return 0;
+    uint32_t labelset;
+    mw_id_t thread = mws_thread_name_id(b, st, &labelset);
+    if (thread != st->stack_thread || labelset != st->stack_labelset) return 0;
+    mw_values_t v = {0, 0, 1, dwall};
+    if (mw_profbuf_add_at(b, st->stack_idx, &v) != 0) return 0;
+    g_stats.samples++;
+    g_stats.reused++;
+    return 1;
+}
+
+/* The handlers' set of named code objects follows the symbol cache: emptied with it. */
+static uint64_t g_known_epoch;
+static void known_sync(void) {
+    uint64_t e = mw_symcache_epoch();
+    if (e != g_known_epoch) {
+        mw_cputimer_known_clear();
+        g_known_epoch = e;
+    }
+}
+
+/* The marker frame of CPU used outside any Python frame (thread start or end, pure C). */
+static mw_id_t no_frame_id(mw_profbuf_t *b) {
+    mw_id_t name = mw_profbuf_intern_str(b, "[no Python frame]", 17);
+    mw_id_t file = mw_profbuf_intern_str(b, "", 0);
+    mw_frame_t f = {name, file, 0, 0};
+    return name && file ? mw_profbuf_intern_frame(b, &f) : 0;
+}
+
+/* A stack with no readable Python frame (g_ids empty) gets the marker frame, so its CPU time
+ * still counts. 0 when the buffer cannot take the marker. */
+static int mark_if_empty(mw_profbuf_t *b, uint32_t *n) {
+    if (*n) return 1;
+    mw_id_t id = no_frame_id(b);
+    if (!id) return 0;
+    g_ids[(*n)++] = id;
+    return 1;
+}
+
+/* Interns raw frames [0..depth), named in g_sym, into g_ids (leaf first); a recursion's frame
+ * repeated at the same instruction is interned once. Returns the number of ids. */
+static uint32_t intern_frames(mw_profbuf_t *b, const mw_rawframe_t *raw, int depth) {
+    uint32_t n = 0;
+    mw_id_t prev = 0;
+    for (int i = 0; i < depth; i++) {
+        mw_id_t id = i > 0 && g_sym[i] == g_sym[i - 1] && raw[i].lasti == raw[i - 1].lasti
+                         ? prev
+                         : mw_symcache_intern(b, g_sym[i], raw[i].lasti);
+        if (id) g_ids[n++] = id;
+        prev = id;
+    }
+    return n;
+}
+
+/* Tells the CPU-timer handlers that these frames' code objects are named (g_sym resolved). */
+static void mark_known(const mw_rawframe_t *raw, int depth) {
+    known_sync();
+    for (int i = 0; i < depth; i++)
+        if (i == 0 || g_sym[i] != g_sym[i - 1])
+            mw_cputimer_known_add(mw_cputimer_code_key(&raw[i]));
+}
+
+/* Adds a proven read of st's Python frames (g_raw/g_sym[0..depth), read between CPU clock
+ * readings c0 and c1) as a sample: wall time dwall, and an on-CPU sample when on_cpu. native:
+ * the thread is paused in mw_unwind's handler with its native stack captured. */
+static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int ok, int on_cpu,
+                 int native, uint32_t labels_seq, uint64_t dwall, uint64_t c0, uint64_t c1,
+                 uint64_t gen) {
+    if (truncated) g_stats.truncated++;
+    uint64_t py_hash = raw_hash(depth);
+    uint32_t n = 0;
+    if (native) { /* native and Python frames spliced, leaf first */
+        mw_unwind_release();
+        n = ok ? mw_unwind_combine(b, g_raw, depth, g_ids, MW_MAX_DEPTH_CAP) : 0;
+    } else if (ok) {
+        n = intern_frames(b, g_raw, depth);
+        if (g_timers) mark_known(g_raw, depth);
+    }
+    if (!ok) {
+        /* A frame whose names could not be read: the sample would be a partial stack. (A thread
+         * that ended meanwhile took its frames with it: that is not a lost sample.) */
+        uint64_t c;
+        if (thread_cpu_ns(st->tid, &c) != 0)
+            g_stats.threads_gone++;
+        else
+            g_stats.dropped++;
+        return;
+    }
+    if (depth == 0 && n == 0 && !on_cpu) return; /* not running, no Python frame */
+    if (!mark_if_empty(b, &n)) {
+        g_stats.dropped++;
+        return;
+    }
+    uint32_t labelset = 0;
+    mw_id_t thread = mws_thread_name_id(b, st, &labelset);
+    uint32_t labels_after = mw_threads_labelset_seq(st->tid);
+    if (labels_after != labels_seq) {
+        g_stats.label_races++;
+        labelset = 0;
+    }
+    /* CPU goes only to samples taken while the thread was on CPU: its clock moved across the
+     * read, or it was found running and paused. Such samples fall uniformly over the thread's
+     * CPU time, so stacks are drawn in proportion to where CPU was used; the CPU time itself is
+     * given to them at the end of the window (mws_cpu_window_finalize). */
+    mw_values_t v = {(uint64_t)on_cpu, 0, 1, dwall};
+    uint32_t idx = 0;
+    if (mw_profbuf_add_ex(b, g_ids, n, thread, labelset, &v, &idx) != 0) {
+        g_stats.dropped++;
+        g_stats.overflow++;
+        return;
+    }
+    g_stats.samples++;
+    if (on_cpu) {
+        g_stats.cpu_samples++;
+        mws_cpu_window_add(thread, gen, st->pending, 1);
+        st->pending = 0;
+        st->hit_gen = gen;
+    }
+    /* Reusable while the thread does not run. Python-only: only when the read itself saw it
+     * not running. Native: when it was not running when asked (the handler's own CPU use makes
+     * its clock move: the Python frames decide at the next tick, see above). */
+    if (labels_after == labels_seq && !on_cpu) {
+        if (!native && c1 == c0)
+            remember_stack(st, gen, idx, labels_seq, thread, labelset, c1, 0, py_hash);
+        else if (native)
+            remember_stack(st, gen, idx, labels_seq, thread, labelset, UINT64_MAX, 1, py_hash);
+    }
+}
+
+/* A thread with a CPU timer (mw_cputimer): its CPU samples come from its own timer, so the tick
+ * only places its wall time. Not running: its frames are read and kept when proven (clock
+ * unchanged, or the GIL never reached it), as a wall-only sample. Running Python: reading it
+ * would need a pause; instead the tick's wall time is owed to its next CPU sample (it is on
+ * CPU, and its CPU samples are where its running time goes). */
+static void owe(mw_tstate_t *st, uint64_t dwall) {
+    st->owed_wall += dwall;
+    st->owed_n++;
+    g_stats.owed++;
+}
+
+static mw_tstate_t *sample_timed(mw_profbuf_t *b, const mw_pythread_t *th, mw_tstate_t *st,
+                                 uint64_t gen, uint32_t labels_seq, uint64_t dwall, uint64_t c0) {
+    uintptr_t tstate = th->tstate;
+    if (g_gil_tick.ok && g_gil_tick.last_holder == tstate) {
+        uint64_t c;
+        if (thread_cpu_ns(th->tid, &c) == 0 && c > c0) {
+            owe(st, dwall);
+            return st;
+        }
+    }
+    int truncated = 0, ok = 0;
+    mw_gilstate_t g0 = g_gil_tick;
+    int depth = read_stack(tstate, &truncated, &ok);
+    uint64_t c1;
+    if (thread_cpu_ns(th->tid, &c1) != 0) {
+        mw_symcache_abort();
+        g_stats.threads_gone++;
+        return st;
+    }
+    int proven = 0;
+    if (truncated == 2) {
+        g_stats.torn_reads++;
+    } else if (c1 == c0) {
+        proven = 1;
+    } else {
+        mw_gilstate_t g1;
+        mw_pyframes_gil(&g1);
+        proven = g0.ok && g1.ok && g1.switch_number == g0.switch_number && g1.last_holder != tstate;
+        g_gil_tick = g1;
+    }
+    if (!proven) {
+        mw_symcache_abort();
+        owe(st, dwall);
+        return st;
+    }
+    emit(b, st, depth, truncated, ok, 0, 0, labels_seq, dwall, c0, c1, gen);
+    return st;
+}
+
+static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thread, uint64_t gen);
+
+/* A raw sample left by a thread's CPU-timer handler: named now. Names of code objects the symbol
+ * cache does not have come from the copies the handler made while they were alive; application
+ * memory is never read for them after the fact (the code object may be gone by now). */
+static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
+    int created = 0;
+    mw_tstate_t *st = mws_ts_find(r->tid, &created);
+    if (!st) {
+        g_stats.dropped++;
+        return;
+    }
+    st->active_until = g_tick + ACTIVE_TICKS; /* it runs: quiet ticks must read it in full */
+    if (st->quiet) mws_wake(st);
+    if (created) {
+        st->tick = g_tick;
+        st->reg = r->reg + 1; /* armed at its start, before any tick saw it */
+        st->reg_tstate = r->tstate;
+        st->timer_born = 1;
+    }
+    uint64_t gen = mw_profbuf_generation(b);
+    uint32_t labelset_now;
+    mw_id_t thread = mws_thread_name_id(b, st, &labelset_now);
+    /* The same raw stack as this thread's previous CPU sample (a hot loop): same entry, no
+     * naming at all. */
+    uint64_t h = 1469598103934665603ULL;
+    for (int i = 0; i < r->depth; i++) {
+        h = (h ^ r->frames[i].code) * 1099511628211ULL;
+        h = (h ^ (uint64_t)(uint32_t)r->frames[i].lasti) * 1099511628211ULL;
+    }
+    h = (h ^ ((uint64_t)r->labelset << 32 | (uint64_t)(uint32_t)r->depth)) * 1099511628211ULL;
+    if (r->nips == 0 && !created && st->timed_gen == gen && st->timed_hash == h &&
+        st->timed_thread == thread) {
+        mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall};
+        if (mw_profbuf_add_at(b, st->timed_idx, &v) == 0) {
+            g_stats.reused++;
+            timed_account(st, r, thread, gen);
+            return;
+        }
+    }
+    int depth = r->depth, ok = 1;
+    known_sync();
+    uint64_t epoch = mw_symcache_epoch();
+    mw_symcache_begin();
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < depth && ok; i++) {
+            if (i > 0 && r->frames[i].code == r->frames[i - 1].code &&
+                memcmp(&r->frames[i].info, &r->frames[i - 1].info, sizeof r->frames[i].info) == 0) {
+                g_sym[i] = g_sym[i - 1]; /* recursion: the same code object again */
+                continue;
+            }
+            const mw_symentry_t *h = mw_symcache_peek(&r->frames[i]);
+            if (!h) {
+                const mw_codecopy_t *c = NULL;
+                for (int k = 0; k < r->ncopies && !c; k++)
+                    if (r->copies[k].code == r->frames[i].code) c = &r->copies[k];
+                if (c) {
+                    mw_symcopy_t cp = {r->names + c->name_off,
+                                       r->names + c->file_off,
+                                       (const uint8_t *)r->names + c->lt_off,
+                                       c->name_len,
+                                       c->file_len,
+                                       c->lt_len,
+                                       c->lt_ok};
+                    h = mw_symcache_put_copied(&r->frames[i], &cp);
+                }
+            }
+            g_sym[i] = h;
+            if (!h) ok = 0;
+        }
+        if (!ok || mw_symcache_epoch() == epoch) break;
+        epoch = mw_symcache_epoch(); /* emptied midway: the earlier handles are gone */
+        known_sync();
+    }
+    if (!ok) {
+        /* A code object the sampler had not named and whose names the handler could not copy:
+         * no name is better than one read after the code object may have been freed. */
+        mw_symcache_abort();
+        g_stats.names_lost++;
+        g_stats.dropped++;
+        return;
+    }
+    mark_known(r->frames, depth);
+    uint32_t n = 0;
+    if (r->nips > 0) { /* native mode: the native stack of the same instant, Python spliced in */
+        n = mw_unwind_combine_ips(b, r->ips, r->nips, r->ips_complete, r->frames, depth, g_ids,
+                                  MW_MAX_DEPTH_CAP);
+    } else {
+        n = intern_frames(b, r->frames, depth);
+    }
+    if (!mark_if_empty(b, &n)) {
+        g_stats.dropped++;
+        return;
+    }
+    if (r->truncated) g_stats.truncated++;
+    mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall};
+    uint32_t idx = 0;
+    if (mw_profbuf_add_ex(b, g_ids, n, thread, r->labelset, &v, &idx) != 0) {
+        g_stats.dropped++;
+        g_stats.overflow++;
+        return;
+    }
+    st->timed_hash = h;
+    st->timed_gen = gen;
+    st->timed_idx = idx;
+    st->timed_thread = thread;
+    timed_account(st, r, thread, gen);
+}
+
+/* The bookkeeping of a CPU-timer sample added to the buffer: owed wall time paid, CPU window. */
+static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thread, uint64_t gen) {
+    g_stats.samples += st->owed_n;
+    st->owed_n = st->owed_wall = 0;
+    g_stats.cpu_samples++;
+    g_stats.timer_samples++;
+    /* A thread no tick has read yet: its CPU so far is known only from its samples (periods of
+     * CPU time); the first tick that reads its clock takes the credited part off. */
+    uint64_t credit = 0;
+    if (st->timer_born) {
+        credit = (uint64_t)r->periods * (uint64_t)(1000000000LL / g_cfg.rate_hz);
+        st->credit_ns += credit;
+    }
+    mws_cpu_window_add(thread, gen, st->pending + credit, r->periods);
+    st->pending = 0;
+    st->hit_gen = gen;
+}
+
+void mws_drain_timed(mw_profbuf_t *b) {
+    mw_cpusample_t *r;
+    for (int k = 0; k < MW_CPUTIMER_RECORDS && (r = mw_cputimer_next()) != NULL; k++) {
+        if (b && g_timers) take_timed(b, r);
+        mw_cputimer_done(r);
+    }
+}
+
+/* Why a stack may be trusted. The sampler reads a thread's frames while the thread may run on.
+ * A read is kept only when it is PROVEN to show one instant of the thread:
+ *   - the thread's CPU clock did not move across the read (it executed nothing meanwhile); or
+ *   - the GIL never reached the thread across the read (same switch_number before and after,
+ *     and another last holder): in a GIL build only the GIL holder changes its Python frames; or
+ *   - the thread was paused in a signal handler while it was read (mw_unwind_pause/capture).
+ * A read that is not proven is thrown away (its symbol-cache fills too) and redone. */
+mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
+                               int first_tick) {
+    uint64_t dwall = first_tick ? (uint64_t)(1000000000LL / mw_sampler_tick_rate())
+                                : (uint64_t)(now - g_last_tick_ns);
+    uint64_t c0 = 0;
+    if (th->tid <= 0 || thread_cpu_ns(th->tid, &c0) != 0) {
+        /* No CPU clock: the thread is gone (or its kernel id is unknown). */
+        g_stats.threads_gone++;
+        return NULL;
+    }
+    int created = 0;
+    mw_tstate_t *st = mws_ts_find(th->tid, &created);
+    if (!st) {
+        g_stats.dropped++;
+        return NULL;
+    }
+    mws_quiet_flush(b, st);
+    /* A thread first seen after the first tick was born since the previous tick: all its CPU
+     * time is new. Threads alive at start only count from now on. */
+    uint64_t dcpu = created ? (first_tick ? 0 : c0) : (c0 > st->cpu_ns ? c0 - st->cpu_ns : 0);
+    /* A thread armed before this tick first saw it (at its start, or the thread that started the
+     * sampler): its CPU samples cover it from the arming on, so its CPU counts from there. */
+    uint64_t at_arm = 0;
+    if ((created || st->timer_born) && g_timers &&
+        mw_cputimer_find(th->tid, th->tstate, &at_arm) >= 0 && at_arm && c0 >= at_arm)
+        dcpu = c0 - at_arm;
+    if (st->timer_born) { /* first clock reading: its CPU since arming, minus what was credited */
+        dcpu = dcpu > st->credit_ns ? dcpu - st->credit_ns : 0;
+        st->timer_born = 0;
+        st->credit_ns = 0;
+    }
+    st->cpu_ns = c0;
+    st->tick = g_tick;
+    if (dcpu) st->active_until = g_tick + ACTIVE_TICKS;
+    uint64_t gen = mw_profbuf_generation(b);
+    /* CPU time: see mws_cpu_window_* (mw_sampler_threads.c). Until the thread's first on-CPU sample
+     * of this window its CPU waits in `pending`. */
+    if (dcpu) {
+        if (st->hit_gen == gen && st->name_gen == gen && st->name_id)
+            mws_cpu_window_add(st->name_id, gen, dcpu, 0);
+        else
+            st->pending += dcpu;
+    }
+    uint32_t labels_seq = mw_threads_labelset_seq(st->tid);
+
+    /* A thread that has not run since its last proven read still has that stack (and labels):
+     * its wall time goes to the same entry with no read at all, and in native mode it is not
+     * signalled. Idle threads cost one clock read. */
+    if (!created && c0 == st->cpu_end && reuse_stack(b, st, gen, labels_seq, dwall)) return st;
+
+    /* CPU timers: a thread gets one the first time it is seen (again if its id now belongs to
+     * another thread state). Until its timer has run for a tick it is read the older way. */
+    int wall_only = 0; /* native mode with a timer: the tick gives wall time only */
+    if (g_timers) {
+        if (created && st->reg && st->reg_tstate == th->tstate && !st->timed_gen &&
+            !mw_unwind_enabled()) {
+            /* First seen, armed at its start, no CPU-timer sample yet: read the older way once,
+             * so a thread that ends before its first timer sample is still seen. */
+        } else if (st->reg && st->reg_tstate == th->tstate) {
+            if (!mw_unwind_enabled()) return sample_timed(b, th, st, gen, labels_seq, dwall, c0);
+            /* Native: running → its wall time is owed to its next CPU sample (which carries
+             * its native stack); not running → read below the native way, for wall time. */
+            uint64_t c;
+            if (thread_cpu_ns(th->tid, &c) == 0 && c > c0) {
+                owe(st, dwall);
+                return st;
+            }
+            wall_only = 1;
+        } else {
+            if (st->reg) mw_cputimer_disarm(st->reg - 1);
+            st->reg = 0;
+            if (!st->arm_failed || st->reg_tstate != th->tstate) {
+                int existed = 0;
+                int r = mw_cputimer_arm(th->tid, th->tstate, &existed);
+                st->reg = r >= 0 ? r + 1 : 0;
+                st->arm_failed = r < 0;
+                st->reg_tstate = th->tstate;
+                g_timers_armed |= r >= 0;
+                /* It armed itself at its start: native mode reads it for wall time only (its CPU
+                 * samples carry its native stacks); Python-only, until its first CPU sample it is
+                 * read the older way (above). */
+                if (existed && mw_unwind_enabled()) wall_only = 1;
+            }
+        }
+    }
+
+    int truncated = 0, ok = 0, depth = 0, proven = 0, native = 0, on_cpu = 0;
+    uintptr_t tstate = th->tstate;
+    int want_native = mw_unwind_enabled();
+    int want_pause = 0;
+    uint64_t cs = c0; /* CPU clock before the current read */
+    /* Is it on CPU right now? Only asked where the answer decides whether to pause: the GIL's
+     * last holder (running Python, reading it unpaused would be wasted) and native mode. */
+    if (want_native || (g_gil_tick.ok && g_gil_tick.last_holder == tstate)) {
+        uint64_t c;
+        int r = thread_cpu_ns(th->tid, &c);
+        if (r == 0 && c > c0 && wall_only) { /* running after all: owed, as above */
+            owe(st, dwall);
+            return st;
+        } else if (r == 0 && c > c0) {
+            on_cpu = 1;
+            want_pause = 1;
+            cs = c;
+        } else if (r == 0 && want_native && !wall_only && g_gil_tick.ok &&
+                   g_gil_tick.last_holder == tstate) {
+            /* Native mode reads it paused: the preempted-holder test (below) is made here. */
+            mw_gilstate_t ga;
+            mw_pyframes_gil(&ga);
+            uint64_t c2;
+            if (ga.ok && ga.locked && ga.last_holder == tstate &&
+                thread_cpu_ns(th->tid, &c2) == 0 && c2 == c) {
+                on_cpu = 1;
+                g_stats.preempted++;
+            }
+        }
+    }
+    if (want_native && !on_cpu && st->stack_valid == 2 && st->stack_gen == gen &&
+        labels_seq == st->stack_labels) {
+        /* Native, not running, and it ran only briefly since its last native sample (the
+         * handler's own return counts): if its Python frames are exactly those of that sample,
+         * its native stack is too (blocked at the same call): reuse it, unsignalled. */
+        uint64_t c1;
+        depth = read_stack(tstate, &truncated, &ok);
+        int frozen = thread_cpu_ns(th->tid, &c1) == 0 && c1 == cs;
+        if (!frozen) mw_symcache_abort();
+        if (frozen && ok && raw_hash(depth) == st->py_hash &&
+            reuse_stack(b, st, gen, labels_seq, dwall)) {
+            st->cpu_end = c1;
+            return st;
+        }
+    }
+    /* Native mode: a thread whose frames may have changed is signalled, running or not (a
+     * blocked thread's native leaf is the call it waits in); one whose Python frames are
+     * unchanged kept its native stack above, unsignalled. */
+    if (want_native) want_pause = 1;
+    uint64_t c1 = cs;
+    for (int attempt = 0; attempt < 3 && !proven; attempt++) {
+        if (want_pause) {
+            /* Pause the thread in its handler (native mode: and unwind its C stack). */
+            uintptr_t top_unused = 0;
+            int paused = 0;
+            if (want_native && mw_unwind_capture(th->tid, tstate, &top_unused) == 0)
+                paused = native = 1;
+            else if (!want_native && g_can_pause && mw_unwind_pause(th->tid) == 0)
+                paused = 1;
+            if (paused) {
+                depth = read_stack(tstate, &truncated, &ok);
+                if (truncated == 2) { /* paused between two stores of the eval loop */
+                    if (native) native = 0;
+                    mw_unwind_release();
+                    mw_symcache_abort();
+                    g_stats.torn_reads++;
+                    want_native = 0;
+                    continue;
+                }
+                if (!native) mw_unwind_release(); /* native: after mw_unwind_combine's reads */
+                proven = 1;
+                g_stats.paused++;
+                break;
+            }
+            want_native = want_pause = 0; /* cannot pause it: read it unpaused, and prove it */
+        }
+        mw_gilstate_t g0 = g_gil_tick, ga = {0, 0, 0, 0};
+        depth = read_stack(tstate, &truncated, &ok);
+        /* A GIL holder that is not running was preempted in the middle of running Python (it
+         * cannot hold the GIL without having run since it last blocked), so it counts as on
+         * CPU. Read inside the window in which its clock must not move: then it held the GIL
+         * throughout. */
+        if (!on_cpu && g0.ok && g0.last_holder == tstate) mw_pyframes_gil(&ga);
+        if (thread_cpu_ns(th->tid, &c1) != 0) {
+            mw_symcache_abort();
+            g_stats.threads_gone++;
+            return st;
+        }
+        if (c1 > cs) on_cpu = 1;
+        if (truncated == 2) {
+            g_stats.torn_reads++; /* caught between two stores: not proven, read again */
+        } else if (c1 == cs) {
+            proven = 1;
+            if (ga.ok && ga.locked && ga.last_holder == tstate) {
+                on_cpu = 1;
+                g_stats.preempted++;
+            }
+        } else {
+            mw_gilstate_t g1;
+            mw_pyframes_gil(&g1);
+            if (g0.ok && g1.ok && g1.switch_number == g0.switch_number && g1.last_holder != tstate)
+                proven = 1;
+            g_gil_tick = g1; /* the reference for whatever is read next */
+        }
+        if (!proven) {
+            mw_symcache_abort();
+            g_stats.walk_retries++;
+            want_pause = g_can_pause;
+            cs = c1;
+        }
+    }
+    if (!proven && !g_can_pause) {
+        /* No pause at all in this process (no free real-time signal): the next best thing is
+         * two reads back to back that agree frame for frame (and on every caller's instruction).
+         * Counted apart (`unverified`): such a stack is very probably, not provably, real. */
+        depth = read_stack(tstate, &truncated, &ok);
+        int again = 0, t2 = 0;
+        uintptr_t anchor = 0;
+        uintptr_t top = mw_pyframes_top_frame_anchored(tstate, &anchor);
+        mw_readcache_reset(g_rc);
+        if (top) again = mw_pyframes_walk(g_rc, NULL, top, anchor, g_raw2, g_cfg.max_depth, &t2);
+        /* The leaf's instruction moves on between the reads of a running thread; its callers'
+         * do not while it runs. */
+        int same = again == depth && truncated != 2 && t2 != 2;
+        for (int i = 0; same && i < depth; i++)
+            same = g_raw2[i].code == g_raw[i].code && (i == 0 || g_raw2[i].lasti == g_raw[i].lasti);
+        if (same) {
+            proven = 1;
+            g_stats.unverified++;
+        } else {
+            mw_symcache_abort();
+        }
+    }
+    if (!proven) {
+        /* Could not be read consistently (it runs Python and cannot be paused): no stack is
+         * better than a wrong one. Its CPU stays pending for its next proven on-CPU sample. */
+        uint64_t c;
+        if (thread_cpu_ns(th->tid, &c) != 0) {
+            g_stats.threads_gone++;
+        } else {
+            g_stats.dropped++;
+            g_stats.unproven++;
+        }
+        return st;
+    }
+    emit(b, st, depth, truncated, ok, wall_only ? 0 : on_cpu, native, labels_seq, dwall, c0, c1,
+         gen);
+    return st;
+}

@@ -1,0 +1,159 @@
+/* mw_sampler_threads — the sampler's per-thread state; see mw_sampler_int.h for who may touch
+ * what, mw_sampler.c for the sampler as a whole.
+ *
+ * The sampler keeps a private table tid → last CPU reading, so each sample carries exactly the
+ * CPU nanoseconds consumed since the previous tick: the profile's CPU total equals the CPU
+ * time the threads really used, whatever the jitter or a late tick.
+ */
+#define _GNU_SOURCE
+#include "mw_sampler_int.h"
+
+#include "mw_cputimer.h"
+#include "mw_threads.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+mw_tstate_t *mws_ts_find(long tid, int *created) {
+    uint32_t h = (uint32_t)((unsigned long)tid * 2654435761u);
+    *created = 0;
+    for (uint32_t k = 0; k < TS_SLOTS; k++) {
+        mw_tstate_t *s = &g_ts[(h + k) & (TS_SLOTS - 1)];
+        if (s->tid == tid) return s;
+        if (s->tid == 0) {
+            memset(s, 0, sizeof *s);
+            s->tid = tid;
+            *created = 1;
+            return s;
+        }
+    }
+    return NULL;
+}
+
+/* Drops entries of threads not seen in the last few ticks (rebuilds the table). */
+/* Zeroes memory, handing whole pages back to the kernel (they read back as zeros), so a big
+ * table is resident only where it is in use. */
+void mws_zero_pages(void *p, size_t len) {
+    uintptr_t a = (uintptr_t)p, lo = (a + 4095) & ~(uintptr_t)4095,
+              hi = (a + len) & ~(uintptr_t)4095;
+    if (hi > lo + 4096 && madvise((void *)lo, hi - lo, MADV_DONTNEED) == 0) {
+        memset(p, 0, lo - a);
+        memset((void *)hi, 0, a + len - hi);
+        return;
+    }
+    memset(p, 0, len);
+}
+
+/* Drops entries of threads not seen in the last few ticks (rebuilds the table). */
+void mws_ts_prune(void) {
+    static mw_tstate_t *tmp;
+    if (!tmp) tmp = malloc(TS_SLOTS * sizeof *tmp); /* only the prefix in use is touched */
+    if (!tmp) return;
+    uint32_t live = 0;
+    for (uint32_t i = 0; i < TS_SLOTS; i++) {
+        if (g_ts[i].tid == 0) continue;
+        if (g_ts[i].tick + 2 < g_tick) { /* gone: CPU it used after its last on-CPU sample */
+            g_stats.cpu_unattributed_ns += g_ts[i].pending;
+            g_stats.wall_unattributed_ns += g_ts[i].owed_wall;
+            if (g_ts[i].reg) mw_cputimer_disarm(g_ts[i].reg - 1);
+            continue;
+        }
+        tmp[live++] = g_ts[i];
+    }
+    mws_zero_pages(g_ts, TS_SLOTS * sizeof *g_ts);
+    for (uint32_t i = 0; i < live; i++) {
+        int c;
+        mw_tstate_t *st = mws_ts_find(tmp[i].tid, &c);
+        if (st) *st = tmp[i];
+    }
+}
+
+mw_id_t mws_thread_name_id(mw_profbuf_t *b, mw_tstate_t *st, uint32_t *labelset) {
+    char name[MW_THREAD_NAME_MAX];
+    uint32_t seq;
+    *labelset = mw_threads_lookup(st->tid, name, sizeof name, &seq);
+    uint64_t gen = mw_profbuf_generation(b);
+    if (st->name_id && st->name_gen == gen && st->name_seq == seq) return st->name_id;
+    if (name[0] == '\0') snprintf(name, sizeof name, "thread-%ld", st->tid);
+    st->name_id = mw_profbuf_intern_str(b, name, strlen(name));
+    st->name_gen = gen;
+    st->name_seq = seq;
+    return st->name_id;
+}
+
+/* CPU per window, per thread name. A thread's CPU time is exact (its CPU clock), but where it
+ * was spent is only known at its on-CPU samples. At the end of a window (and for a snapshot)
+ * each thread's CPU of the window is split over its on-CPU samples of the window in
+ * proportion to their counts: a ratio estimator, unbiased as the samples are, with the exact
+ * total. Threads with the same name share one row. Sampler thread (ticks) and the swap/snapshot
+ * side, both under the buffer lock. */
+cpu_window_t *g_win;
+
+static cpu_window_t *cpu_window_row(mw_id_t thread, uint64_t gen, int create) {
+    uint32_t h = (uint32_t)(thread * 2654435761u);
+    for (uint32_t k = 0; k < WIN_SLOTS; k++) {
+        cpu_window_t *w = &g_win[(h + k) & (WIN_SLOTS - 1)];
+        if (w->gen == gen && w->thread == thread) return w;
+        if (w->gen != gen) { /* free, or left over from an older window */
+            if (!create) return NULL;
+            w->gen = gen;
+            w->thread = thread;
+            w->cpu_ns = w->hits = 0;
+            return w;
+        }
+    }
+    return NULL;
+}
+
+void mws_cpu_window_add(mw_id_t thread, uint64_t gen, uint64_t cpu_ns, uint64_t hits) {
+    cpu_window_t *w = g_win ? cpu_window_row(thread, gen, 1) : NULL;
+    if (!w) {
+        g_stats.cpu_unattributed_ns += cpu_ns;
+        return;
+    }
+    w->cpu_ns += cpu_ns;
+    w->hits += hits;
+}
+
+/* Writes every on-CPU stack's CPU time: its share of its thread's window CPU. Idempotent. */
+void mws_cpu_window_finalize(mw_profbuf_t *b) {
+    if (!g_win || !b) return;
+    uint64_t gen = mw_profbuf_generation(b);
+    uint32_t n = mw_profbuf_nstacks(b);
+    for (uint32_t i = 0; i < n; i++) {
+        mw_stack_t *s = (mw_stack_t *)mw_profbuf_stack(b, i);
+        if (!s->v.cpu_samples) continue;
+        cpu_window_t *w = cpu_window_row(s->thread, gen, 0);
+        s->v.cpu_ns =
+            w && w->hits ? (uint64_t)((__uint128_t)w->cpu_ns * s->v.cpu_samples / w->hits) : 0;
+    }
+}
+
+/* Wall time of quiet ticks (see tick(), mw_sampler.c): totals over all quiet ticks so far; a quiet
+ * thread owes its remembered entry the difference since it went quiet. Buffer lock held. */
+uint64_t g_quiet_wall, g_quiet_n;
+
+void mws_quiet_flush(mw_profbuf_t *b, mw_tstate_t *st) {
+    if (!st->quiet) return;
+    st->quiet = 0;
+    uint64_t n = g_quiet_n - st->qbase_n;
+    if (!n) return;
+    mw_values_t v = {0, 0, n, g_quiet_wall - st->qbase_wall};
+    /* A window that was reset since (snapshot(reset=True)) took that wall time with it. */
+    if (st->stack_gen == mw_profbuf_generation(b) && mw_profbuf_add_at(b, st->stack_idx, &v) == 0) {
+        g_stats.samples += n;
+        g_stats.reused += n;
+        g_stats.quiet += n;
+    }
+}
+
+/* Settles every quiet thread's wall time into buffer b (before it is handed out or read). */
+void mws_quiet_flush_all(mw_profbuf_t *b) {
+    if (!g_ts || !b) return;
+    for (uint32_t i = 0; i < TS_SLOTS; i++) {
+        mw_tstate_t *st = &g_ts[i];
+        if (st->tid && st->quiet) mws_quiet_flush(b, st); /* the next quiet tick starts it again */
+    }
+}
