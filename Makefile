@@ -5,7 +5,7 @@ PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 MATRIX_VERSIONS ?= 3.10 3.11 3.12 3.13
 CSRC := $(wildcard csrc/*.c csrc/*.h)
 
-.PHONY: help bootstrap build test check matrix asan bench demo lint format proto clean peers
+.PHONY: help bootstrap build test test-fast check matrix asan bench demo lint format proto clean peers
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -20,6 +20,9 @@ build: bootstrap  ## build the C extension in place; .venv/bin/python can import
 
 test: build  ## run the whole test suite on the default interpreter
 	$(PY) -m pytest -ra tests $(PYTEST_ARGS)
+
+test-fast: build  ## the unit tier (pytest -m unit: no workload process, no browser, no long sampling), under a minute
+	$(PY) -m pytest -q -m unit tests $(PYTEST_ARGS)
 
 check: test matrix lint  ## what CI runs: the suite, the sampler tests on every CPython 3.10-3.13 here, make lint
 

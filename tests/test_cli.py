@@ -20,6 +20,8 @@ from middleware.pprof import encode_pprof, write_pprof_file
 from middleware.profile import Frame, Profile, Sample
 from support.profiles import T0, build, calc_profile, recursive_profile, sample
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 MS = 1_000_000
 SEC = 1_000_000_000

@@ -8,7 +8,7 @@ import pytest
 
 from middleware.config import default_profile_dir, resolve_config
 
-pytestmark = pytest.mark.sampler
+pytestmark = [pytest.mark.sampler, pytest.mark.unit]
 
 
 def test_defaults():

@@ -33,6 +33,8 @@ from support.profiles import (
     sample,
 )
 
+pytestmark = pytest.mark.unit
+
 SEC = 1_000_000_000
 
 

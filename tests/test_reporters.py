@@ -27,6 +27,8 @@ from middleware.reporters.speedscope import SCHEMA_URL, speedscope_document
 from middleware.reporters.table import function_table, render_table
 from support.profiles import PERIOD, build, calc_profile, recursive_profile, sample
 
+pytestmark = pytest.mark.unit
+
 MS = 1_000_000
 
 

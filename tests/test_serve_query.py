@@ -27,6 +27,8 @@ from middleware.serve import ServeApp, ServeConfig
 from middleware.serve.query import QueryError, parse_selector
 from support.profiles import build, sample
 
+pytestmark = pytest.mark.unit
+
 CPU = "process_cpu:cpu:nanoseconds:cpu:nanoseconds"
 WALL = "wall:wall:nanoseconds:wall:nanoseconds"
 T0 = 1_763_719_200  # seconds

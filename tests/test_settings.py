@@ -27,6 +27,8 @@ from middleware.config import ProfilerConfig, UploadConfig, resolve_config, reso
 from middleware.pprof import parse_pprof
 from support.fake_backend import FakeBackend
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "middleware"
 VARIABLE = re.compile(r"(?:MW|OTEL|PYROSCOPE)_[A-Z0-9_]*[A-Z0-9]\Z")
