@@ -10,7 +10,7 @@
  *                 read, it was found running and paused, or it holds the GIL while waiting for
  *                 a CPU); cpu_ns of such stacks is written when the window ends (or is read):
  *                 the thread's exact CPU of the window split over its on-CPU samples.
- * A stack is kept only when its read is proven consistent (see mw_sampler.c: the clock did not
+ * A stack is kept only when its read is proven consistent (see mw_sampler_take.c: the clock did not
  * move, the GIL never reached the thread, or the thread was paused in mw_unwind's handler).
  *
  * Signals: the sampler sends a real-time signal (mw_unwind) only to a thread that runs Python

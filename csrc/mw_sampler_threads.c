@@ -32,7 +32,6 @@ mw_tstate_t *mws_ts_find(long tid, int *created) {
     return NULL;
 }
 
-/* Drops entries of threads not seen in the last few ticks (rebuilds the table). */
 /* Zeroes memory, handing whole pages back to the kernel (they read back as zeros), so a big
  * table is resident only where it is in use. */
 void mws_zero_pages(void *p, size_t len) {
