@@ -220,6 +220,7 @@ def test_process_pool_executor_children_profiles_hold_their_cpu(method: str, tmp
     _check_children(r, _stored(store))
 
 
+@pytest.mark.asan
 def test_spawn_pool_children_upload_their_profiles(tmp_path: Path) -> None:
     from middleware.pprof import parse_pprof
     from support.fake_backend import FakeBackend
@@ -242,6 +243,7 @@ def test_child_that_starts_its_own_tracker_writes_its_profile(method: str, tmp_p
 
 
 @pytest.mark.parametrize("quiet", ["0", "1"])
+@pytest.mark.asan
 def test_a_child_whose_last_export_fails_says_so_once(quiet: str, tmp_path: Path) -> None:
     # GIVEN children whose final export reports a failure: a process leaving normally and a
     # pool worker ended by terminate() while idle

@@ -224,6 +224,7 @@ def test_flamegraph_writes_self_contained_page(calc_file, tmp_path):
     assert "cannot write (Not a directory)" in fails("flamegraph", "-o", out / "x.html", calc_file)
 
 
+@pytest.mark.asan
 def test_export_folded_and_speedscope(calc_file, tmp_path):
     folded = tmp_path / "calc.folded"
     ok("export", "--format", "folded", "-o", folded, calc_file)

@@ -13,6 +13,8 @@ import pytest
 
 from test_pprof_export import STORE_NAME, check_pprof, run_child, store_files
 
+pytestmark = pytest.mark.asan
+
 
 def _windows(files: list[Path]) -> list[tuple[int, int]]:
     return sorted(check_pprof(p.read_bytes()).window for p in files)

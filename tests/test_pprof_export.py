@@ -27,6 +27,8 @@ import pytest
 from middleware._proto import profile_pb2 as pb
 from support.fake_backend import FakeBackend
 
+pytestmark = pytest.mark.asan
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_TYPES = [("samples", "count"), ("cpu", "nanoseconds"), ("wall", "nanoseconds")]
 LABEL_KEY = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")

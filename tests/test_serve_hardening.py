@@ -183,6 +183,7 @@ def users_profile(first: int, count: int, start_s: int = T0_S) -> Profile:
     )
 
 
+@pytest.mark.asan
 def test_series_per_upload_and_per_service_are_capped(tmp_path: Path) -> None:
     limits = IngestLimits(
         max_body_bytes=1 << 20, max_decompressed_bytes=4 << 20, max_series_per_upload=50, max_series_per_service=120

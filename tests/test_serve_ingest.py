@@ -189,6 +189,7 @@ def multipart(fields: list[tuple[str, str, bytes]], boundary: str = "mwBoundary7
     return out, f"multipart/form-data; boundary={boundary}"
 
 
+@pytest.mark.asan
 def test_multipart_upload(serve: Client) -> None:
     profile = calc_profile()
     config = json.dumps({"cpu": {"units": "nanoseconds", "aggregation": "sum", "display-name": "cpu"}}).encode()
@@ -333,6 +334,7 @@ OK_PARAMS = {"name": "svc", "from": T0_S, "until": T0_S + 10, "format": "pprof"}
         "unknown-content-encoding", "multipart-without-profile", "bad-sample-type-config", "bad-pprof-label",
     ],
 )
+@pytest.mark.asan
 def test_bad_upload_is_refused_and_changes_nothing(
     serve: Client, body: bytes, params: dict[str, Any], headers: dict[str, str], status: int, message: str
 ) -> None:
@@ -546,6 +548,7 @@ UPLOADER_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.asan
 def test_native_uploader_end_to_end(serve: Client, tmp_path: Path) -> None:
     # GIVEN a profiled workload (calc3 under with_bottleneck) pushed by the native uploader
     script = tmp_path / "uploader.py"
@@ -596,6 +599,7 @@ AGENT_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.asan
 def test_agent_uploads_equal_its_local_store(serve: Client, tmp_path: Path) -> None:
     from middleware.serve.importer import Importer
 

@@ -24,6 +24,7 @@ UPLOADERS = 50
 DURATION_S = 10.0
 
 
+@pytest.mark.asan
 def test_concurrent_uploads_and_queries_lose_nothing() -> None:
     with serve_load.ServeProcess() as server:
         result = serve_load.run_load(server.url, uploaders=UPLOADERS, duration=DURATION_S, queriers=4)

@@ -149,6 +149,7 @@ def _handed_over(p: ProfilerConfig, env: dict[str, str]) -> UploadConfig | None:
 
 
 @pytest.mark.parametrize("var", sorted(CASES))
+@pytest.mark.asan
 def test_a_good_value_reaches_the_profiler_and_the_uploader_alike(var, caplog):
     case = CASES[var]
     env = _uploader_env(var, case.good, case)
@@ -260,6 +261,7 @@ def _hermetic(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.asan
 def test_the_store_and_the_uploads_carry_the_same_service_and_rate(tmp_path):
     # GIVEN an app configured by the environment only: a service name with characters a series
     # name cannot hold, a sample rate, tags (one bad), a local store and a backend

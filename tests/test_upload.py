@@ -41,6 +41,8 @@ from support.upload_native import (  # noqa: F401 - no_uploader_left is an autou
     wait_until,
 )
 
+pytestmark = pytest.mark.asan
+
 
 @pytest.fixture
 def backend():

@@ -27,6 +27,8 @@ import pytest
 
 from support.fake_backend import FakeBackend
 
+pytestmark = pytest.mark.asan
+
 APP = r"""
 import json, os, sys, time
 PRELUDE
