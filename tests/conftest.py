@@ -32,3 +32,12 @@ def run_workload(name: str, *args: str, timeout: float = 120, env: dict[str, str
 @pytest.fixture
 def workload():
     return run_workload
+
+
+@pytest.fixture
+def backend():
+    """A recording profile backend on 127.0.0.1 (support/fake_backend.py), for one test."""
+    from support.fake_backend import FakeBackend
+
+    with FakeBackend() as b:
+        yield b

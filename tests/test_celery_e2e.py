@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 
 from support.hangs import native_stacks
+from support.processes import burn, clean_env
 
 pytestmark = pytest.mark.slow
 
@@ -47,22 +48,7 @@ BAND = 0.05
 PER_PROCESS_SLACK_NS = 20_000_000  # a pool process's own first and last tick (10 ms each)
 
 
-# --- the app (runs in the worker's main process and its pool processes) ---------------------------
-def _spin(k: int) -> int:
-    s = 0
-    for i in range(k):
-        s += i * i
-    return s
-
-
-def burn(seconds: float) -> int:
-    """Burns ``seconds`` of this thread's CPU; returns the CPU ns it measured."""
-    t0 = time.thread_time_ns()
-    while time.thread_time_ns() - t0 < seconds * 1e9:
-        _spin(2000)
-    return time.thread_time_ns() - t0
-
-
+# --- the app (runs in the worker's main process and its pool processes; burn: support.processes) --
 def _record(kind: str, cpu_ns: int) -> None:
     line = json.dumps({"kind": kind, "pid": os.getpid(), "cpu_ns": cpu_ns, "at": time.time(),
                        "thread": threading.current_thread().name})
@@ -148,7 +134,7 @@ def _run_worker(tmp_path: Path, tasks: int, flags: list[str], stop_after: int | 
     broker.mkdir()
     (tmp_path / "celery_app.py").write_text(APP_MODULE)
     log = tmp_path / "worker.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MW_", "OTEL_", "CELERY_"))}
+    env = clean_env("CELERY_")
     env.update(
         MW_SERVICE_NAME="celery-e2e", MW_PROFILE_DIR=str(store), MW_PROFILING_UPLOAD_INTERVAL="600",
         CELERY_E2E_BROKER=str(broker), CELERY_E2E_RESULTS=str(results),

@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from support.processes import burn, children, clean_env, free_port, http_get
+
 ROOT = Path(__file__).resolve().parent.parent
 RATE_HZ = 500
 WORKERS = 2
@@ -39,20 +41,7 @@ TASK_CPU_S = 0.06  # per task: ~0.25 s of CPU per worker, ~120 samples each at 5
 BAND = 0.05
 
 
-# --- the workload (runs in the parent and its children) --------------------------------------------
-def _spin(k: int) -> int:
-    s = 0
-    for i in range(k):
-        s += i * i
-    return s
-
-
-def burn(seconds: float) -> None:
-    t0 = time.thread_time()
-    while time.thread_time() - t0 < seconds:
-        _spin(2000)
-
-
+# --- the workload (runs in the parent and its children; burn comes from support.processes) ----------
 _sampled_once = False
 
 
@@ -152,7 +141,7 @@ def _workload(kind: str, method: str, ending: str, store: str) -> dict[str, Any]
 # --- the tests -------------------------------------------------------------------------------------
 def _run(kind: str, method: str, ending: str, store: Path | str, timeout: float = 60,
          **extra_env: str) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MW_", "OTEL_"))}
+    env = clean_env()
     env.update({"MW_PROFILING_QUIET": "1", **extra_env})
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), kind, method, ending, str(store)],
@@ -259,11 +248,11 @@ def test_a_child_whose_last_export_fails_says_so_once(quiet: str, tmp_path: Path
 @pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
 def test_gunicorn_recycled_workers_keep_main_thread_name(preload: bool, tmp_path: Path) -> None:
     from middleware.pprof import load_profiles
-    from test_demo_e2e import DEMO, _children, _free_port, _get
+    from test_demo_e2e import DEMO
 
     # GIVEN the demo under gunicorn, one sync worker recycled every 3 requests
-    store, log, port = tmp_path / "profiles", tmp_path / "gunicorn.log", _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MW_", "OTEL_"))}
+    store, log, port = tmp_path / "profiles", tmp_path / "gunicorn.log", free_port()
+    env = clean_env()
     env.update(MW_SERVICE_NAME="recycle", MW_PROFILE_DIR=str(store), MW_PROFILING_UPLOAD_INTERVAL="60",
                MW_PROFILING_QUIET="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
@@ -280,9 +269,9 @@ def test_gunicorn_recycled_workers_keep_main_thread_name(preload: bool, tmp_path
         # WHEN 10 requests come (the worker is replaced after every third)
         while ok < 10 and time.monotonic() < deadline:
             assert proc.poll() is None, log.read_text()
-            served |= _children(proc.pid)
+            served |= children(proc.pid)
             try:
-                status, _ = _get(port, "/calculate1/300", timeout=5)
+                status, _ = http_get(port, "/calculate1/300", timeout=5)
             except OSError:
                 time.sleep(0.05)
                 continue

@@ -12,11 +12,9 @@ THEN the local store holds profiles in which
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +28,7 @@ import pytest
 from middleware.pprof import load_profiles
 from middleware.profile import Profile
 from middleware.reporters.table import function_table
+from support.processes import children, clean_env, free_port, http_get
 
 pytestmark = pytest.mark.slow
 
@@ -52,46 +51,15 @@ class Served:
     preload: bool
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _children(pid: int) -> set[int]:
-    kids = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...; comm may contain spaces, so split after the last ')'
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            kids.add(int(entry.name))
-    return kids
-
-
-def _get(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
 def _wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> set[int]:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"gunicorn exited with {proc.returncode}:\n{log.read_text()}")
-        workers = _children(proc.pid)
+        workers = children(proc.pid)
         if len(workers) == 2:
             try:
-                if _get(port, "/calculate1/1", timeout=2)[0] == 200:
+                if http_get(port, "/calculate1/1", timeout=2)[0] == 200:
                     return workers
             except OSError:
                 pass
@@ -121,7 +89,7 @@ def _drive_load(port: int, per_endpoint: int, max_seconds: float, clients: int =
             )
             i += 1
             try:
-                status, body = _get(port, path)
+                status, body = http_get(port, path)
             except OSError as exc:
                 errors.append(f"{path}: {exc!r}")
                 return
@@ -145,8 +113,8 @@ def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Served]:
     preload: bool = request.param
     store = tmp_path / "profiles"
     log = tmp_path / "gunicorn.log"
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MW_", "OTEL_"))}
+    port = free_port()
+    env = clean_env()
     env.update(
         MW_SERVICE_NAME="demo-e2e",
         MW_PROFILE_DIR=str(store),

@@ -39,6 +39,7 @@ from middleware.serve.ingest import (
 )
 from middleware.serve.labels import MAX_LABEL_VALUE_LENGTH
 from middleware.serve.store import OVERFLOW_LABEL
+from support.processes import http_request
 from support.profiles import PERIOD, build, calc_profile, sample
 
 CPU = "process_cpu:cpu:nanoseconds:cpu:nanoseconds"
@@ -57,13 +58,7 @@ class Client:
     def request(
         self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
     ) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            return resp.status, resp.read()
-        finally:
-            conn.close()
+        return http_request(self.port, method, path, body, headers)
 
     def ingest(self, profile: Profile, **params: Any) -> tuple[int, str]:
         status, data = self.request(

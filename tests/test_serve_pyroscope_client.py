@@ -14,7 +14,6 @@ that the agent keeps exactly the label names serve takes as they are (one rule f
 """
 from __future__ import annotations
 
-import http.client
 import json
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from middleware.serve.labels import (
     sanitize_label_name,
     sanitize_labels,
 )
+from support.processes import http_request
 from support.profiles import build, calc_profile, sample
 
 CPU = "process_cpu:cpu:nanoseconds:cpu:nanoseconds"
@@ -91,13 +91,7 @@ class Client:
     def request(
         self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
     ) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.app.port, timeout=30)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            return resp.status, resp.read()
-        finally:
-            conn.close()
+        return http_request(self.app.port, method, path, body, headers)
 
     def get_raw(self, path: str, **params: Any) -> bytes:
         status, data = self.request("GET", f"{path}?{urllib.parse.urlencode(params)}")

@@ -29,7 +29,7 @@ from middleware.upload_config import (
     resolve_service_name,
     resolve_upload_config,
 )
-from support.fake_backend import FakeBackend, Response
+from support.fake_backend import Response
 from support.upload_native import (  # noqa: F401 - no_uploader_left is an autouse fixture
     assert_accounting,
     messages,
@@ -42,12 +42,6 @@ from support.upload_native import (  # noqa: F401 - no_uploader_left is an autou
 )
 
 pytestmark = pytest.mark.asan
-
-
-@pytest.fixture
-def backend():
-    with FakeBackend() as b:
-        yield b
 
 
 # ---------------------------------------------------------------- the request

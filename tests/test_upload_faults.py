@@ -12,10 +12,11 @@ import random
 import threading
 import time
 from itertools import pairwise
+from typing import Any
 
 import pytest
 
-from support.fake_backend import FakeBackend, Response
+from support.fake_backend import FakeBackend, Recorded, Response
 from support.upload_native import (  # noqa: F401 - no_uploader_left is an autouse fixture
     assert_accounting,
     messages,
@@ -28,12 +29,6 @@ from support.upload_native import (  # noqa: F401 - no_uploader_left is an autou
 )
 
 pytestmark = pytest.mark.asan
-
-
-@pytest.fixture
-def backend():
-    with FakeBackend() as b:
-        yield b
 
 
 def _recovers_and_delivers(backend: FakeBackend, bodies: list[bytes]) -> None:
@@ -73,14 +68,22 @@ def test_retryable_faults_are_retried_and_profiles_delivered_on_recovery(backend
     assert "retrying" in msgs[0][1] and "recovered" in msgs[1][1]
 
 
-def test_retry_after_is_honoured(backend):
-    # GIVEN one 429 with Retry-After: 1 (backoff_initial is 50 ms, backoff_max 5 s)
-    backend.script(Response(status=429, body=b"slow down", headers=(("Retry-After", "1"),)))
-    start(backend.url, backoff_max_s=5.0)
+def _first_two_attempts(backend: FakeBackend, answer: Response, **config: Any) -> tuple[Recorded, Recorded]:
+    """One profile through a backend that gives ``answer`` once, then 200: the two attempts."""
+    backend.script(answer)
+    start(backend.url, **config)
     native.upload_submit(payload(0), 1, 2)
     assert native.upload_flush(5.0) == 0
     native.upload_stop(1.0)
     first, second = backend.ingests()
+    return first, second
+
+
+def test_retry_after_is_honoured(backend):
+    # GIVEN one 429 with Retry-After: 1 (backoff_initial is 50 ms, backoff_max 5 s)
+    first, second = _first_two_attempts(
+        backend, Response(status=429, body=b"slow down", headers=(("Retry-After", "1"),)), backoff_max_s=5.0
+    )
     # THEN the retry waited at least the announced second
     assert first.answered == "429" and second.answered == "200"
     assert second.t - first.t >= 0.95
@@ -89,22 +92,13 @@ def test_retry_after_is_honoured(backend):
 
 def test_without_retry_after_the_backoff_is_short(backend):
     # the counterpart of the test above: the delay there comes from Retry-After, not the backoff
-    backend.script(Response(status=503, body=b"busy"))
-    start(backend.url, backoff_max_s=5.0)
-    native.upload_submit(payload(0), 1, 2)
-    assert native.upload_flush(5.0) == 0
-    native.upload_stop(1.0)
-    first, second = backend.ingests()
+    first, second = _first_two_attempts(backend, Response(status=503, body=b"busy"), backoff_max_s=5.0)
     assert 0.02 <= second.t - first.t < 0.5
 
 
 def test_retry_after_is_capped_by_backoff_max(backend):
-    backend.script(Response(status=429, headers=(("Retry-After", "30"),)))
-    start(backend.url, backoff_max_s=0.3)
-    native.upload_submit(payload(0), 1, 2)
-    assert native.upload_flush(5.0) == 0
-    native.upload_stop(1.0)
-    first, second = backend.ingests()
+    first, second = _first_two_attempts(backend, Response(status=429, headers=(("Retry-After", "30"),)),
+                                        backoff_max_s=0.3)
     assert 0.25 <= second.t - first.t < 1.5
 
 

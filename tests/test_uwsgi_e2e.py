@@ -26,7 +26,6 @@ The app's code is in this file (``application``); the app module the test writes
 """
 from __future__ import annotations
 
-import http.client
 import inspect
 import json
 import os
@@ -45,6 +44,7 @@ from typing import Any
 import pytest
 
 from support.hangs import native_stacks, process_tree
+from support.processes import burn, clean_env, free_port, http_get, spin
 
 pytestmark = pytest.mark.slow
 
@@ -60,20 +60,7 @@ LOST_PER_LIFETIME_NS = int(2 * TICK_S * 1e9)
 IDLE_BEFORE_STOP_S = 0.5
 
 
-# --- the app (runs in the uWSGI workers) ---------------------------------------------------------
-def _spin(k: int) -> int:
-    s = 0
-    for i in range(k):
-        s += i * i
-    return s
-
-
-def burn(seconds: float) -> None:
-    t0 = time.thread_time()
-    while time.thread_time() - t0 < seconds:
-        _spin(2000)
-
-
+# --- the app (runs in the uWSGI workers; with spin and burn from support.processes) ---------------
 def application(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     """``/burn``: burns BURN_S of CPU; ``/light``: does nearly nothing. Answers with the pid, the
     CPU measured around ``burn``, and whether this worker's sampler ticked meanwhile."""
@@ -122,7 +109,7 @@ application = MwWsgiMiddleware(application)
 def _app_module(extra: str) -> str:
     """The app module: the tracker first, then this file's app functions (copied, so a worker
     that loads the app does not import pytest with this file)."""
-    functions = "\n\n".join(inspect.getsource(f) for f in (_spin, burn, application))
+    functions = "\n\n".join(inspect.getsource(f) for f in (spin, burn, application))
     return APP_MODULE.format(extra=extra, burn_s=BURN_S, functions=functions)
 
 
@@ -150,28 +137,12 @@ class Run:
     answers: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
 def _serve(tmp_path: Path, flags: list[str], extra: str = "") -> Run:
     if UWSGI is None:
         pytest.fail("uwsgi is not installed in this venv (requirements.txt pins it)")
     (tmp_path / "wsgi_app.py").write_text(_app_module(extra))
-    store, log, port = tmp_path / "profiles", tmp_path / "uwsgi.log", _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MW_", "OTEL_", "UWSGI_"))}
+    store, log, port = tmp_path / "profiles", tmp_path / "uwsgi.log", free_port()
+    env = clean_env("UWSGI_")
     env.update(MW_SERVICE_NAME="uwsgi-e2e", MW_PROFILE_DIR=str(store),
                MW_PROFILING_UPLOAD_INTERVAL="600")  # every profile depends on the last export
     cmd = [
@@ -269,7 +240,7 @@ def _drive(run: Run, port: int, clients: int = 3) -> None:
                     return
                 path = paths.pop()
             try:
-                status, body = _get(port, path)
+                status, body = http_get(port, path)
             except OSError as exc:
                 errors.append(f"{path}: {exc!r}")
                 return
@@ -342,7 +313,7 @@ def _check(run: Run) -> None:
     rows = {r.function: r for r in function_table(burn_requests, value="cpu", sort="total")}
     assert rows["burn"].total_percent > 90, sorted(
         ((r.function, round(r.total_percent, 1)) for r in rows.values()), key=lambda x: -x[1])[:8]
-    assert max(rows.values(), key=lambda r: r.self_value).function == "_spin"
+    assert max(rows.values(), key=lambda r: r.self_value).function == "spin"
     light = profile.filter(labels={"endpoint": "/light"})
     assert not any(f.function == "burn" for s in light.samples for f in s.stack)
 

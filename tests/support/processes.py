@@ -1,0 +1,79 @@
+"""Helpers for tests that run a child process or a server: its environment, a free port, HTTP
+requests to it, its children, and a CPU burner whose time the child measures.
+
+``spin`` and ``burn`` run inside the children too (imported, or copied by ``inspect.getsource``
+into an app module), so they use only ``time``; the profiles are searched for them by name.
+"""
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import time
+from pathlib import Path
+
+# Variables that configure the profiler (or that it reads as a fallback): a child starts without them.
+PROFILER_PREFIXES = ("MW_", "OTEL_")
+
+
+def clean_env(*also_drop: str) -> dict[str, str]:
+    """This process's environment without the profiler's variables (nor those starting with
+    ``also_drop``), so that a child's profiler sees only what the test sets."""
+    drop = PROFILER_PREFIXES + also_drop
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_request(
+    port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> tuple[int, bytes]:
+    """One request to 127.0.0.1:``port`` on a new connection: (status, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def http_get(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
+    return http_request(port, "GET", path, timeout=timeout)
+
+
+def children(pid: int) -> set[int]:
+    """The pids whose parent is ``pid`` (from /proc)."""
+    kids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...; comm may contain spaces, so split after the last ')'
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            kids.add(int(entry.name))
+    return kids
+
+
+def spin(k: int) -> int:
+    s = 0
+    for i in range(k):
+        s += i * i
+    return s
+
+
+def burn(seconds: float) -> int:
+    """Burns ``seconds`` of this thread's CPU; returns the CPU ns it measured."""
+    t0 = time.thread_time_ns()
+    while time.thread_time_ns() - t0 < seconds * 1e9:
+        spin(2000)
+    return time.thread_time_ns() - t0
