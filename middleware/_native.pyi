@@ -1,8 +1,17 @@
 """Types of middleware._native, the native sampling core (csrc/mw_module*.c method tables)."""
 
-from typing import Literal, TypeAlias, overload
+from typing import TypeAlias
 
-from typing_extensions import Buffer, CapsuleType
+from typing_extensions import CapsuleType
+
+# ---- the uploader: these forward to the same functions of middleware._upload (csrc/mw_module.c)
+from middleware._upload import upload_flush as upload_flush
+from middleware._upload import upload_running as upload_running
+from middleware._upload import upload_start as upload_start
+from middleware._upload import upload_stats as upload_stats
+from middleware._upload import upload_stop as upload_stop
+from middleware._upload import upload_submit as upload_submit
+from middleware._upload import upload_take_message as upload_take_message
 
 MAX_LABELS_PER_SET: int
 PYTHON_VERSION: str
@@ -25,40 +34,6 @@ def set_thread_labelset(tid: int, id: int, /) -> bool: ...
 def labelset(pairs: tuple[tuple[str, str], ...] | list[tuple[str, str]], /) -> int: ...
 def labelset_pairs(id: int, /) -> tuple[tuple[str, str], ...]: ...
 def build_info() -> dict[str, str]: ...
-
-# ---- the uploader: forwarded to middleware._upload (csrc/mw_module.c), see _upload.pyi
-def upload_start(
-    *,
-    server_url: str | None = None,
-    app_name: str | None = None,
-    tags: str | None = None,
-    tenant_id: str | None = None,
-    auth_url: str | None = None,
-    api_key: str | None = None,
-    bearer_token: str | None = None,
-    basic_user: str | None = None,
-    basic_password: str | None = None,
-    spy_name: str | None = None,
-    user_agent: str | None = None,
-    sample_rate: int = 0,
-    queue_max: int = 0,
-    connect_timeout_s: float = 0.0,
-    total_timeout_s: float = 0.0,
-    backoff_initial_s: float = 0.0,
-    backoff_max_s: float = 0.0,
-    use_push_api: bool = False,
-) -> None: ...
-def upload_submit(data: Buffer, from_s: int, until_s: int, /) -> bool: ...
-def upload_flush(deadline: float, /) -> int: ...
-def upload_stop(deadline: float, /) -> None: ...
-def upload_running() -> bool: ...
-def upload_stats() -> dict[str, int]: ...
-@overload
-def upload_take_message(with_level: Literal[False] = False) -> str | None: ...
-@overload
-def upload_take_message(with_level: Literal[True]) -> tuple[int, str] | None: ...
-@overload
-def upload_take_message(with_level: bool) -> str | tuple[int, str] | None: ...
 
 # ---- the exporter, pprof encoder and local store (csrc/mw_module_export.c)
 def export_start(

@@ -184,14 +184,22 @@ class _ProcessProfiler:
         """gunicorn workers: the child has no sampler thread; start a fresh one."""
         self.running = self.exporting = self.uploading = False
         self.lock = threading.RLock()
-        try:
-            self.start()
-        except Exception as exc:
-            logger.debug("middleware: restarting profiling in the forked child failed", exc_info=True)
-            visible_warning(
-                logger, "middleware: could not restart profiling in forked process %d (%s: %s); it runs unprofiled",
-                os.getpid(), type(exc).__name__, exc,
-            )
+        _start_or_warn(
+            self, "middleware: restarting profiling in the forked child failed",
+            "middleware: could not restart profiling in forked process %d (%s: %s); it runs unprofiled", os.getpid(),
+        )
+
+
+def _start_or_warn(p: _ProcessProfiler, debug: str, warning: str, *args: Any) -> bool:
+    """Starts ``p``; if that raises, logs ``debug`` with the traceback and ``warning`` (its
+    arguments: ``args``, then the exception's type name and the exception) visibly. Started?"""
+    try:
+        p.start()
+        return True
+    except Exception as exc:
+        logger.debug(debug, exc_info=True)
+        visible_warning(logger, warning, *args, type(exc).__name__, exc)
+        return False
 
 
 def _dropped_at_exit(n: Any) -> int:
@@ -401,14 +409,10 @@ class MwTracker:
                 logger.debug("middleware: profiler already running; reusing it")
             else:
                 _profiler = _ProcessProfiler(self.config)
-                try:
-                    _profiler.start()
-                except Exception as exc:
-                    logger.debug("middleware: starting the profiler failed", exc_info=True)
-                    visible_warning(
-                        logger, "middleware: profiling could not start (%s: %s); the app runs unprofiled",
-                        type(exc).__name__, exc,
-                    )
+                if not _start_or_warn(
+                    _profiler, "middleware: starting the profiler failed",
+                    "middleware: profiling could not start (%s: %s); the app runs unprofiled",
+                ):
                     try:  # whatever did start (the sampler) stops: the app runs unprofiled indeed
                         _profiler.stop(0.5)
                     except Exception:

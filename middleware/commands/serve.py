@@ -34,7 +34,7 @@ import signal
 import sys
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from middleware.commands import CommandError
 
@@ -66,34 +66,33 @@ def _size(text: str) -> int:
     return value
 
 
-def _int_within(lo: int, hi: int) -> Callable[[str], int]:
-    """An argparse type: a whole number within lo..hi (a bad one: exit status 2, one line)."""
+_N = TypeVar("_N", int, float)
 
-    def parse(text: str) -> int:
+
+def _within(number: Callable[[str], _N], lo: _N, hi: _N, expected: str) -> Callable[[str], _N]:
+    """An argparse type: ``number(text)`` within lo..hi (a bad one: exit status 2, one line
+    saying ``expected``)."""
+
+    def parse(text: str) -> _N:
         try:
-            value = int(text.strip())
+            value = number(text.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number from {lo} to {hi}, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"expected a whole number from {lo} to {hi}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
     return parse
+
+
+def _int_within(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: a whole number within lo..hi."""
+    return _within(int, lo, hi, f"a whole number from {lo} to {hi}")
 
 
 def _seconds_within(lo: float, hi: float) -> Callable[[str], float]:
     """An argparse type: seconds (a decimal number) within lo..hi."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text.strip())
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and lo <= value <= hi):
-            raise argparse.ArgumentTypeError(f"expected seconds from {lo:g} to {hi:g}, got {text!r}")
-        return value
-
-    return parse
+    return _within(float, lo, hi, f"seconds from {lo:g} to {hi:g}")
 
 
 # The ranges the environment variables accept too (middleware/serve/ingest.py and server.py).

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from middleware.profile import Profile
 from middleware.reporters import format_value, resolve_value
-from middleware.reporters.table import function_table
+from middleware.reporters.table import align_columns, function_table
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +79,4 @@ def render_diff(rows: list[DiffRow], unit: str, limit: int | None = None, header
                 r.file,
             )
         )
-    widths = [max(len(c[i]) for c in cells) for i in range(7)]
-    lines = [header] if header else []
-    for c in cells:
-        nums = "  ".join(c[i].rjust(widths[i]) for i in range(5))
-        lines.append(f"{nums}  {c[5].ljust(widths[5])}  {c[6]}".rstrip())
-    if len(shown) < len(rows):
-        lines.append(f"({len(rows) - len(shown)} more functions; use --limit 0 to show all)")
-    return "\n".join(lines) + "\n"
+    return align_columns(cells, 5, header, len(rows) - len(shown))

@@ -20,8 +20,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from middleware.profile import Profile
-from middleware.reporters import format_percent, format_value, percent, resolve_value
-from middleware.reporters.table import NO_FRAMES, FunctionKey
+from middleware.reporters import format_percent, format_value, resolve_value
+from middleware.reporters.table import NO_FRAMES, FunctionKey, Shares
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class Relative:
 
 
 @dataclass
-class Sandwich:
+class Sandwich(Shares):
     function: str
     file: str
     self_value: int
@@ -50,14 +50,6 @@ class Sandwich:
     profile_total: int
     callers: list[Relative] = field(default_factory=list)
     callees: list[Relative] = field(default_factory=list)
-
-    @property
-    def self_percent(self) -> float:
-        return percent(self.self_value, self.profile_total)
-
-    @property
-    def total_percent(self) -> float:
-        return percent(self.total_value, self.profile_total)
 
 
 def _functions(profile: Profile) -> set[FunctionKey]:

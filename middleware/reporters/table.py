@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from middleware.profile import Frame, Profile
@@ -20,7 +21,7 @@ from middleware.reporters import format_percent, format_value, percent, resolve_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FunctionRow", "function_table", "render_table", "SORT_KEYS"]
+__all__ = ["FunctionRow", "Shares", "align_columns", "function_table", "render_table", "SORT_KEYS"]
 
 SORT_KEYS = ("self", "total", "name")
 
@@ -30,8 +31,25 @@ FunctionKey = tuple[str, str]  # (function, file)
 NO_FRAMES = (Frame("(no frames)"),)
 
 
+class Shares:
+    """``self_percent`` and ``total_percent`` of a row that has ``self_value``, ``total_value`` and
+    ``profile_total`` (the whole profile's total for the selected sample type)."""
+
+    self_value: int
+    total_value: int
+    profile_total: int
+
+    @property
+    def self_percent(self) -> float:
+        return percent(self.self_value, self.profile_total)
+
+    @property
+    def total_percent(self) -> float:
+        return percent(self.total_value, self.profile_total)
+
+
 @dataclass(frozen=True)
-class FunctionRow:
+class FunctionRow(Shares):
     """One function of the table. Values are in the unit of the selected sample type."""
 
     function: str
@@ -44,14 +62,6 @@ class FunctionRow:
     @property
     def key(self) -> FunctionKey:
         return (self.function, self.file)
-
-    @property
-    def self_percent(self) -> float:
-        return percent(self.self_value, self.profile_total)
-
-    @property
-    def total_percent(self) -> float:
-        return percent(self.total_value, self.profile_total)
 
     @property
     def location(self) -> str:
@@ -131,11 +141,18 @@ def render_table(
                 r.location,
             )
         )
-    widths = [max(len(row[i]) for row in cells) for i in range(6)]
+    return align_columns(cells, 4, header, len(rows) - len(shown))
+
+
+def align_columns(cells: Sequence[Sequence[str]], numeric: int, header: str, hidden: int) -> str:
+    """``cells`` (the first row holds the titles) as aligned text: the first ``numeric`` columns
+    right-aligned, then the function column left-aligned, then the last column as it is; after
+    them a line saying how many functions (``hidden``) were left out, if any."""
+    widths = [max(len(row[i]) for row in cells) for i in range(numeric + 1)]
     lines = [header] if header else []
     for row in cells:
-        numeric = "  ".join(row[i].rjust(widths[i]) for i in range(4))
-        lines.append(f"{numeric}  {row[4].ljust(widths[4])}  {row[5]}".rstrip())
-    if len(shown) < len(rows):
-        lines.append(f"({len(rows) - len(shown)} more functions; use --limit 0 to show all)")
+        numbers = "  ".join(row[i].rjust(widths[i]) for i in range(numeric))
+        lines.append(f"{numbers}  {row[numeric].ljust(widths[numeric])}  {row[numeric + 1]}".rstrip())
+    if hidden > 0:
+        lines.append(f"({hidden} more functions; use --limit 0 to show all)")
     return "\n".join(lines) + "\n"
