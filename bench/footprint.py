@@ -52,6 +52,24 @@ TYPICAL_IMPORTS = (
     "functools", "itertools", "pathlib", "urllib.parse", "hashlib", "base64", "uuid", "contextlib",
 )
 
+# Both children's reader of /proc/self/smaps: {start: [start, end, path, Rss kB, private kB]}.
+SMAPS = r"""
+def smaps():
+    maps, cur = {}, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                cur = [lo, hi, head[5] if len(head) > 5 else "", 0, 0]
+                maps[lo] = cur
+            elif head[0] == "Rss:":
+                cur[3] = int(head[1])
+            elif head[0] in ("Private_Clean:", "Private_Dirty:"):
+                cur[4] += int(head[1])
+    return maps
+"""
+
 # The child: argv = variant, seconds, store dir, detail flag. Prints one JSON line.
 CHILD = r"""
 import os, sys, time
@@ -79,21 +97,7 @@ def rollup():
     return {"rss": status_kb("VmRSS"), "pss": out.get("Pss", 0),
             "uss": out.get("Private_Clean", 0) + out.get("Private_Dirty", 0)}
 
-def smaps():
-    maps, cur = {}, None
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()
-            if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
-                lo, hi = (int(x, 16) for x in head[0].split("-"))
-                cur = [lo, hi, head[5] if len(head) > 5 else "", 0, 0]
-                maps[lo] = cur
-            elif head[0] == "Rss:":
-                cur[3] = int(head[1])
-            elif head[0] in ("Private_Clean:", "Private_Dirty:"):
-                cur[4] += int(head[1])
-    return maps
-
+""" + SMAPS + r"""
 def depth(n, x):
     if n == 0:
         s = 0
@@ -275,19 +279,7 @@ try:
 except AttributeError:
     libc = None
 
-def smaps():
-    maps, cur = {}, None
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()
-            if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
-                lo, hi = (int(x, 16) for x in head[0].split("-"))
-                cur = [lo, hi, head[5] if len(head) > 5 else "", 0]
-                maps[lo] = cur
-            elif head[0] == "Rss:":
-                cur[3] = int(head[1])
-    return maps
-
+""" + SMAPS + r"""
 def rss_kb():
     with open("/proc/self/status") as f:
         for line in f:

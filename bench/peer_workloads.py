@@ -280,29 +280,14 @@ WORKLOADS: dict[str, Callable[[int, float | None], int]] = {
 
 
 # --- measurement -------------------------------------------------------------------------------------
-def process_cpu_ns(pid: int) -> int | None:
-    """CPU time of every live thread of ``pid`` (ns, from /proc/PID/task/*/schedstat)."""
-    total = 0
+def _cpu_ns_by_thread(pid: int) -> dict[str, int] | None:
+    """CPU ns of each live thread of ``pid`` (/proc/PID/task/*/schedstat), keyed by ``comm:tid``;
+    None when ``pid`` is gone."""
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return None
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
-
-
-def thread_cpu_by_name(pid: int) -> dict[str, int]:
-    """CPU ns of each live thread of ``pid``, keyed by ``comm:tid``."""
     out: dict[str, int] = {}
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
     for tid in tasks:
         try:
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
@@ -312,6 +297,17 @@ def thread_cpu_by_name(pid: int) -> dict[str, int]:
         except (OSError, ValueError, IndexError):
             continue
     return out
+
+
+def process_cpu_ns(pid: int) -> int | None:
+    """CPU time of every live thread of ``pid`` (ns); None when ``pid`` is gone."""
+    by_thread = _cpu_ns_by_thread(pid)
+    return None if by_thread is None else sum(by_thread.values())
+
+
+def thread_cpu_by_name(pid: int) -> dict[str, int]:
+    """CPU ns of each live thread of ``pid``, keyed by ``comm:tid``."""
+    return _cpu_ns_by_thread(pid) or {}
 
 
 class Profiler:
