@@ -78,55 +78,49 @@ void mw_threads_forget(long tid) {
     pthread_mutex_unlock(&g_wlock);
 }
 
+/* Readers (no lock, async-signal-safe): the slot of tid, or NULL. */
+static mw_tslot_t *slot_of(long tid) {
+    uint32_t h = slot_hash(tid);
+    for (uint32_t k = 0; k < MW_THREADS_MAX; k++) {
+        mw_tslot_t *s = &g_slots[(h + k) & (MW_THREADS_MAX - 1)];
+        long t = atomic_load(&s->tid);
+        if (t == 0) return NULL;
+        if (t == tid) return s;
+    }
+    return NULL;
+}
+
 uint32_t mw_threads_lookup(long tid, char *name, size_t cap, uint32_t *name_seq) {
     name[0] = '\0';
     *name_seq = 0;
-    uint32_t h = slot_hash(tid);
-    for (uint32_t k = 0; k < MW_THREADS_MAX; k++) {
-        mw_tslot_t *s = &g_slots[(h + k) & (MW_THREADS_MAX - 1)];
-        long t = atomic_load(&s->tid);
-        if (t == 0) return 0;
-        if (t != tid) continue;
-        for (int tries = 0; tries < 4; tries++) {
-            uint32_t a = atomic_load(&s->seq);
-            if (a & 1) continue;
-            size_t n = cap < MW_THREAD_NAME_MAX ? cap : MW_THREAD_NAME_MAX;
-            /* Racy copy validated by the sequence counter (a seqlock). */
-            for (size_t i = 0; i < n; i++)
-                name[i] = ((volatile char *)s->name)[i];
-            name[n - 1] = '\0';
-            atomic_thread_fence(memory_order_acquire);
-            if (atomic_load(&s->seq) == a) {
-                *name_seq = a + 1;
-                return atomic_load(&s->labelset);
-            }
+    mw_tslot_t *s = slot_of(tid);
+    if (!s) return 0;
+    for (int tries = 0; tries < 4; tries++) {
+        uint32_t a = atomic_load(&s->seq);
+        if (a & 1) continue;
+        size_t n = cap < MW_THREAD_NAME_MAX ? cap : MW_THREAD_NAME_MAX;
+        /* Racy copy validated by the sequence counter (a seqlock). */
+        for (size_t i = 0; i < n; i++)
+            name[i] = ((volatile char *)s->name)[i];
+        name[n - 1] = '\0';
+        atomic_thread_fence(memory_order_acquire);
+        if (atomic_load(&s->seq) == a) {
+            *name_seq = a + 1;
+            return atomic_load(&s->labelset);
         }
-        name[0] = '\0';
-        return atomic_load(&s->labelset);
     }
-    return 0;
+    name[0] = '\0';
+    return atomic_load(&s->labelset);
 }
 
 uint32_t mw_threads_labelset_seq(long tid) {
-    uint32_t h = slot_hash(tid);
-    for (uint32_t k = 0; k < MW_THREADS_MAX; k++) {
-        mw_tslot_t *s = &g_slots[(h + k) & (MW_THREADS_MAX - 1)];
-        long t = atomic_load(&s->tid);
-        if (t == 0) return 0;
-        if (t == tid) return atomic_load(&s->labelset_seq);
-    }
-    return 0;
+    mw_tslot_t *s = slot_of(tid);
+    return s ? atomic_load(&s->labelset_seq) : 0;
 }
 
 uint32_t mw_threads_labelset_now(long tid) {
-    uint32_t h = slot_hash(tid);
-    for (uint32_t k = 0; k < MW_THREADS_MAX; k++) {
-        mw_tslot_t *s = &g_slots[(h + k) & (MW_THREADS_MAX - 1)];
-        long t = atomic_load(&s->tid);
-        if (t == 0) return 0;
-        if (t == tid) return atomic_load(&s->labelset);
-    }
-    return 0;
+    mw_tslot_t *s = slot_of(tid);
+    return s ? atomic_load(&s->labelset) : 0;
 }
 
 void mw_threads_reset_after_fork(void) {
