@@ -5,7 +5,7 @@ PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 MATRIX_VERSIONS ?= 3.10 3.11 3.12 3.13
 CSRC := $(wildcard csrc/*.c csrc/*.h)
 
-.PHONY: help bootstrap build test test-fast check matrix asan bench demo lint format proto clean peers
+.PHONY: help bootstrap build test test-fast ctest check matrix asan bench demo lint format proto clean peers
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -23,6 +23,19 @@ test: build  ## run the whole test suite on the default interpreter
 
 test-fast: build  ## the unit tier (pytest -m unit: no workload process, no browser, no long sampling), under a minute
 	$(PY) -m pytest -q -m unit tests $(PYTEST_ARGS)
+
+# C unit tests of the pure C parts (tests/c/test_c_units.c), linked against their sources with
+# the extension's warning flags; CTEST_SAN adds sanitizer flags (scripts/asan.sh).
+CTEST_DIR ?= build/ctest
+CTEST_SAN ?=
+CTEST_SRC := tests/c/test_c_units.c csrc/mw_linetable.c csrc/mw_profbuf.c csrc/mw_upload_json.c
+$(CTEST_DIR)/test_c_units: $(CTEST_SRC) csrc/mw_linetable.h csrc/mw_profbuf.h csrc/mw_upload_json.h
+	@mkdir -p $(CTEST_DIR)
+	$(CC) -std=gnu11 -Wall -Wextra -Werror -Wno-missing-field-initializers -Wno-unused-parameter \
+	  -O1 -g $(CTEST_SAN) -Icsrc $$(pkg-config --cflags json-c) -o $@ $(CTEST_SRC) $$(pkg-config --libs json-c)
+
+ctest: $(CTEST_DIR)/test_c_units  ## C unit tests: line tables (against every CPython 3.10-3.13 here), stack table limits, JSON reading
+	$(PY) -m pytest -q tests/test_c_units.py $(PYTEST_ARGS)
 
 check: test matrix lint  ## what CI runs: the suite, the sampler tests on every CPython 3.10-3.13 here, make lint
 

@@ -17,6 +17,10 @@ so=$(ls "$out"/middleware/_native*.so)
 # (not `nm | grep -q`: with pipefail, grep quitting early can fail nm with SIGPIPE)
 nm -D "$so" > "$out/nm.txt"
 grep -q __asan_init "$out/nm.txt" || { echo "asan: $so is not instrumented"; exit 1; }
+# The C unit tests' program (tests/test_c_units.py runs it), sanitized the same way.
+make -s CTEST_DIR="$out/ctest" CTEST_SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
+  "$out/ctest/test_c_units"
+export MW_CTEST_BIN="$root/$out/ctest/test_c_units"
 asan=$(gcc -print-file-name=libasan.so)
 ubsan=$(gcc -print-file-name=libubsan.so)
 export LD_PRELOAD="$asan:$ubsan"
@@ -31,7 +35,7 @@ echo "asan: extension at $loaded"
 case "$loaded" in "$root/$out/"*) ;; *) echo "asan: the sanitized extension is not the one loaded"; exit 1;; esac
 set +e
 # The selection is by marker: the sampler tests (marker sampler) and the tests marked asan
-# (export, store, upload, children, the uploads that serve receives). The process-CPU total is
+# (export, store, upload, children, the uploads that serve receives, the C unit tests). The process-CPU total is
 # left out: the sanitizers' own CPU counts in the process but not in the profile.
 "$root/.venv/bin/python" -m pytest -q -p no:cacheprovider tests -m "sampler or asan" \
   --deselect tests/test_sampler.py::test_profile_cpu_total_matches_process_cpu

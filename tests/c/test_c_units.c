@@ -1,0 +1,572 @@
+/* Unit tests of the pure C parts, linked straight against their sources (no Python):
+ *   test_c_units profbuf    the profile buffer's tables at and past their limits
+ *   test_c_units json       reading the tenant exchange's answer (mw_upload_json, json-c)
+ *   test_c_units corrupt    line-table decoding of corrupt tables (random bytes, cut varints)
+ *   test_c_units linetable  line-table decoding; cases on stdin, one code object a line:
+ *                           "<format> <firstlineno> <ncodeunits> <table hex|-> <line,line,...>"
+ *                           where line i is the line CPython itself gives code unit i.
+ * Each prints "<part>: <n> checks, <m> failed" and exits 1 when a check failed. Every input
+ * is copied into a buffer of exactly its size, so a read past the end is caught under ASan.
+ */
+#include "mw_linetable.h"
+#include "mw_profbuf.h"
+#include "mw_upload_json.h"
+
+#include <limits.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+
+static long g_checks, g_failed;
+
+#define CHECK(cond)                                                                                \
+    do {                                                                                           \
+        g_checks++;                                                                                \
+        if (!(cond)) {                                                                             \
+            g_failed++;                                                                            \
+            if (g_failed <= 50) fprintf(stderr, "%s:%d: failed: %s\n", __FILE__, __LINE__, #cond); \
+        }                                                                                          \
+    } while (0)
+
+/* A heap copy of exactly n bytes (at least one allocated byte, never read when n == 0). */
+static void *exact_copy(const void *p, size_t n) {
+    void *c = malloc(n ? n : 1);
+    if (!c) abort();
+    if (n) memcpy(c, p, n);
+    return c;
+}
+
+/* ---- profbuf ------------------------------------------------------------------------------ */
+
+static mw_profbuf_t *new_buf(uint32_t stacks, uint32_t frames, uint32_t strings, uint32_t bytes,
+                             uint32_t slots) {
+    mw_profbuf_limits_t lim = {stacks, frames, strings, bytes, slots};
+    mw_profbuf_t *b = mw_profbuf_new(&lim);
+    if (!b) abort();
+    return b;
+}
+
+static int str_is(const mw_profbuf_t *b, mw_id_t id, const char *want) {
+    size_t len = 0;
+    const char *s = mw_profbuf_str(b, id, &len);
+    return s && len == strlen(want) && memcmp(s, want, len) == 0 && s[len] == '\0';
+}
+
+static void profbuf_strings(void) {
+    /* the string count limit: the fifth distinct string is refused, known ones still resolve */
+    mw_profbuf_t *b = new_buf(4, 4, 4, 1024, 16);
+    const char *names[] = {"alpha", "beta", "gamma", "delta"};
+    for (int i = 0; i < 4; i++)
+        CHECK(mw_profbuf_intern_str(b, names[i], strlen(names[i])) == (mw_id_t)(i + 1));
+    CHECK(mw_profbuf_intern_str(b, "beta", 4) == 2);
+    CHECK(mw_profbuf_intern_str(b, "epsilon", 7) == 0);
+    CHECK(mw_profbuf_intern_str(b, "zeta", 4) == 0);
+    mw_profbuf_counts_t c;
+    mw_profbuf_counts(b, &c);
+    CHECK(c.strings == 4 && c.overflow == 2);
+    CHECK(c.string_bytes_used == 6 + 5 + 6 + 6);
+    for (int i = 0; i < 4; i++)
+        CHECK(str_is(b, (mw_id_t)(i + 1), names[i]));
+    CHECK(mw_profbuf_str(b, 0, NULL) == NULL && mw_profbuf_str(b, 5, NULL) == NULL);
+    mw_profbuf_free(b);
+
+    /* the arena limit, to the byte: 11 + 5 bytes fill 16 exactly, one more byte does not fit */
+    b = new_buf(4, 4, 100, 16, 16);
+    CHECK(mw_profbuf_intern_str(b, "0123456789", 10) == 1);
+    CHECK(mw_profbuf_intern_str(b, "abcde", 5) == 0);
+    CHECK(mw_profbuf_intern_str(b, "abcd", 4) == 2);
+    CHECK(mw_profbuf_intern_str(b, "", 0) == 0);
+    mw_profbuf_counts(b, &c);
+    CHECK(c.string_bytes_used == 16 && c.strings == 2 && c.overflow == 2);
+    CHECK(str_is(b, 1, "0123456789") && str_is(b, 2, "abcd"));
+    mw_profbuf_free(b);
+
+    /* strings longer than 65535 bytes are cut to 65535; the cut copy is NUL-terminated */
+    size_t big = 70000;
+    char *s = malloc(big);
+    if (!s) abort();
+    memset(s, 'x', big);
+    b = new_buf(4, 4, 4, 1 << 17, 16);
+    mw_id_t id = mw_profbuf_intern_str(b, s, big);
+    size_t len = 0;
+    const char *got = mw_profbuf_str(b, id, &len);
+    CHECK(id == 1 && got && len == 0xFFFF && got[len] == '\0' && got[len - 1] == 'x');
+    CHECK(mw_profbuf_intern_str(b, s, 0xFFFF) == 1);
+    free(s);
+    mw_profbuf_free(b);
+}
+
+static void profbuf_frames(void) {
+    mw_profbuf_t *b = new_buf(4, 3, 8, 256, 16);
+    mw_id_t f = mw_profbuf_intern_str(b, "f", 1), file = mw_profbuf_intern_str(b, "a.py", 4);
+    mw_frame_t fr[4];
+    for (int i = 0; i < 4; i++) {
+        memset(&fr[i], 0, sizeof fr[i]);
+        fr[i].name = f;
+        fr[i].file = file;
+        fr[i].line = 10 + i;
+        fr[i].first_line = 9;
+    }
+    for (int i = 0; i < 3; i++)
+        CHECK(mw_profbuf_intern_frame(b, &fr[i]) == (mw_id_t)(i + 1));
+    CHECK(mw_profbuf_intern_frame(b, &fr[3]) == 0);
+    CHECK(mw_profbuf_intern_frame(b, &fr[1]) == 2);
+    mw_profbuf_counts_t c;
+    mw_profbuf_counts(b, &c);
+    CHECK(c.frames == 3 && c.overflow == 1);
+    for (int i = 0; i < 3; i++) {
+        const mw_frame_t *g = mw_profbuf_frame(b, (mw_id_t)(i + 1));
+        CHECK(g && g->line == 10 + i && g->name == f && g->file == file && g->first_line == 9);
+    }
+    CHECK(mw_profbuf_frame(b, 0) == NULL && mw_profbuf_frame(b, 4) == NULL);
+    mw_profbuf_free(b);
+}
+
+static int stack_is(const mw_profbuf_t *b, uint32_t i, const mw_id_t *frames, uint32_t depth,
+                    mw_id_t thread, uint64_t cpu_samples) {
+    const mw_stack_t *s = mw_profbuf_stack(b, i);
+    if (!s || s->depth != depth || s->thread != thread || s->v.cpu_samples != cpu_samples) return 0;
+    return depth == 0 || memcmp(mw_profbuf_stack_frames(b, s), frames, depth * sizeof *frames) == 0;
+}
+
+static void profbuf_stacks(void) {
+    mw_values_t one = {1, 1000, 1, 2000};
+    mw_profbuf_counts_t c;
+
+    /* the stack count limit: a third distinct stack is refused; adding to a known one works */
+    mw_profbuf_t *b = new_buf(2, 8, 8, 256, 64);
+    mw_id_t a[] = {1, 2}, bb[] = {3, 2, 1}, cc[] = {4};
+    CHECK(mw_profbuf_add(b, a, 2, 7, 0, &one) == 0);
+    CHECK(mw_profbuf_add(b, bb, 3, 7, 0, &one) == 0);
+    CHECK(mw_profbuf_add(b, cc, 1, 7, 0, &one) == -1);
+    CHECK(mw_profbuf_add(b, a, 2, 8, 0, &one) == -1); /* same frames, another thread */
+    CHECK(mw_profbuf_add(b, a, 2, 7, 5, &one) == -1); /* same frames, another label set */
+    CHECK(mw_profbuf_add(b, a, 2, 7, 0, &one) == 0);
+    mw_profbuf_counts(b, &c);
+    CHECK(c.stacks == 2 && c.overflow == 3 && c.frame_slots_used == 5);
+    CHECK(stack_is(b, 0, a, 2, 7, 2) && stack_is(b, 1, bb, 3, 7, 1));
+    CHECK(mw_profbuf_stack(b, 0)->v.wall_ns == 4000);
+    CHECK(mw_profbuf_add_at(b, 2, &one) == -1 && mw_profbuf_add_at(b, 1, &one) == 0);
+    CHECK(stack_is(b, 1, bb, 3, 7, 2));
+    mw_profbuf_free(b);
+
+    /* the frame-slot limit, to the slot: 3 + 1 fill 4, a stack of 2 does not fit */
+    b = new_buf(10, 8, 8, 256, 4);
+    CHECK(mw_profbuf_add(b, bb, 3, 1, 0, &one) == 0);
+    CHECK(mw_profbuf_add(b, a, 2, 1, 0, &one) == -1);
+    CHECK(mw_profbuf_add(b, cc, 1, 1, 0, &one) == 0);
+    CHECK(mw_profbuf_add(b, cc, 0, 2, 0, &one) == 0); /* an empty stack needs no slot */
+    mw_profbuf_counts(b, &c);
+    CHECK(c.stacks == 3 && c.frame_slots_used == 4 && c.overflow == 1);
+    CHECK(stack_is(b, 0, bb, 3, 1, 1) && stack_is(b, 1, cc, 1, 1, 1));
+    mw_profbuf_free(b);
+
+    /* a full table of 1000 stacks: 1000 more are refused, each of the first is found again */
+    enum { N = 1000 };
+    b = new_buf(N, 8, 8, 256, 3 * N);
+    for (uint32_t i = 0; i < 2 * N; i++) {
+        mw_id_t fr[3] = {i + 1, i % 7 + 1, 99};
+        uint32_t idx = UINT32_MAX;
+        int rc = mw_profbuf_add_ex(b, fr, 3, 1, i % 3, &one, &idx);
+        CHECK(i < N ? rc == 0 && idx == i : rc == -1);
+    }
+    for (uint32_t i = 0; i < N; i++) {
+        mw_id_t fr[3] = {i + 1, i % 7 + 1, 99};
+        CHECK(mw_profbuf_add(b, fr, 3, 1, i % 3, &one) == 0);
+    }
+    mw_profbuf_counts(b, &c);
+    CHECK(c.stacks == N && c.overflow == N && c.frame_slots_used == 3 * N);
+    int intact = 1;
+    for (uint32_t i = 0; i < N; i++) {
+        mw_id_t fr[3] = {i + 1, i % 7 + 1, 99};
+        intact &= stack_is(b, i, fr, 3, 1, 2) && mw_profbuf_stack(b, i)->labelset == i % 3;
+    }
+    CHECK(intact);
+
+    /* a reset empties every table and the counter; ids start again at 1 */
+    uint64_t gen = mw_profbuf_generation(b);
+    mw_profbuf_reset(b);
+    mw_profbuf_counts(b, &c);
+    CHECK(c.stacks == 0 && c.frames == 0 && c.strings == 0 && c.overflow == 0 &&
+          c.frame_slots_used == 0 && c.string_bytes_used == 0);
+    CHECK(mw_profbuf_generation(b) != gen);
+    CHECK(mw_profbuf_intern_str(b, "again", 5) == 1);
+    mw_id_t fr[3] = {5, 6, 7};
+    uint32_t idx = UINT32_MAX;
+    CHECK(mw_profbuf_add_ex(b, fr, 3, 1, 0, &one, &idx) == 0 && idx == 0);
+    CHECK(mw_profbuf_add_at(b, 1, &one) == -1);
+    mw_profbuf_free(b);
+}
+
+static void profbuf_merge(void) {
+    /* src holds 6 stacks over 6 frames; dst takes 4 stacks: 2 are lost and counted, the 4
+     * that fit carry the same names, lines and values */
+    mw_values_t v = {3, 30, 5, 50};
+    mw_profbuf_t *src = new_buf(16, 16, 16, 1024, 64);
+    mw_id_t file = mw_profbuf_intern_str(src, "m.py", 4), th = mw_profbuf_intern_str(src, "T", 1);
+    mw_id_t ids[6];
+    for (int i = 0; i < 6; i++) {
+        char name[16];
+        snprintf(name, sizeof name, "f%d", i);
+        mw_frame_t f = {mw_profbuf_intern_str(src, name, strlen(name)), file, 100 + i, 1};
+        ids[i] = mw_profbuf_intern_frame(src, &f);
+    }
+    for (int i = 0; i < 6; i++) {
+        mw_id_t stack[2] = {ids[i], ids[(i + 1) % 6]};
+        CHECK(mw_profbuf_add(src, stack, 2, th, 0, &v) == 0);
+    }
+    mw_profbuf_t *dst = new_buf(4, 16, 16, 1024, 64);
+    CHECK(mw_profbuf_merge(dst, src) == 2);
+    mw_profbuf_counts_t c;
+    mw_profbuf_counts(dst, &c);
+    CHECK(c.stacks == 4 && c.overflow == 2);
+    for (uint32_t i = 0; i < 4; i++) {
+        const mw_stack_t *s = mw_profbuf_stack(dst, i);
+        const mw_id_t *fr = mw_profbuf_stack_frames(dst, s);
+        const mw_frame_t *leaf = mw_profbuf_frame(dst, fr[0]);
+        const mw_frame_t *caller = mw_profbuf_frame(dst, fr[1]);
+        char want[16];
+        snprintf(want, sizeof want, "f%u", i);
+        CHECK(s->depth == 2 && leaf && caller && str_is(dst, leaf->name, want));
+        CHECK(leaf->line == 100 + (int)i && caller->line == 100 + (int)(i + 1) % 6);
+        CHECK(str_is(dst, leaf->file, "m.py") && str_is(dst, s->thread, "T"));
+        CHECK(s->v.cpu_samples == 3 && s->v.cpu_ns == 30 && s->v.wall_samples == 5 &&
+              s->v.wall_ns == 50);
+    }
+    /* merging again adds to the same 4 stacks */
+    CHECK(mw_profbuf_merge(dst, src) == 2);
+    CHECK(mw_profbuf_nstacks(dst) == 4 && mw_profbuf_stack(dst, 3)->v.wall_ns == 100);
+    mw_profbuf_free(dst);
+
+    /* a destination whose string table is full loses every stack needing a new string */
+    dst = new_buf(16, 16, 2, 1024, 64);
+    CHECK(mw_profbuf_merge(dst, src) == 6);
+    CHECK(mw_profbuf_nstacks(dst) == 0);
+    mw_profbuf_free(dst);
+    mw_profbuf_free(src);
+}
+
+/* ---- json --------------------------------------------------------------------------------- */
+
+typedef struct {
+    int rc, bad;
+    char uid[64];
+    const char *why;
+} answer_t;
+
+static answer_t read_answer(const char *body, size_t len, size_t n) {
+    answer_t a = {0, -1, "", NULL};
+    char *copy = exact_copy(body, len);
+    memset(a.uid, '#', sizeof a.uid);
+    a.rc = mw_upload_json_project_uid(copy, len, a.uid, n, &a.bad, &a.why);
+    free(copy);
+    return a;
+}
+
+static answer_t answer(const char *body) {
+    return read_answer(body, strlen(body), sizeof((answer_t *)0)->uid);
+}
+
+static int refused(const char *body, const char *why_part) {
+    answer_t a = answer(body);
+    return a.rc == -1 && a.why && strstr(a.why, why_part) != NULL;
+}
+
+static void json_valid(void) {
+    answer_t a = answer("{\"success\":true,\"data\":{\"project_uid\":\"abc\"}}");
+    CHECK(a.rc == 0 && a.bad == 0 && strcmp(a.uid, "abc") == 0);
+    a = answer(" \r\n\t{ \"data\" : { \"other\": [1, {\"x\": null}], \"project_uid\" : \"t-1\" },"
+               " \"extra\": {\"success\": false}, \"success\" : true }\n ");
+    CHECK(a.rc == 0 && a.bad == 0 && strcmp(a.uid, "t-1") == 0);
+    a = answer("{\"success\":true,\"data\":{\"project_uid\":\"\\u0061b\\/c\\u00e9\"}}");
+    CHECK(a.rc == 0 && a.bad == 0 && strcmp(a.uid, "ab/c\xc3\xa9") == 0);
+    a = answer("{\"success\":true,\"data\":{\"project_uid\":\"\"}}");
+    CHECK(a.rc == 0 && a.bad == 0 && a.uid[0] == '\0');
+    /* the body is read to len only: what follows in memory is not part of it */
+    const char *longer = "{\"success\":true,\"data\":{\"project_uid\":\"z\"}}garbage";
+    a = read_answer(longer, strlen(longer) - 7, 64);
+    CHECK(a.rc == 0 && strcmp(a.uid, "z") == 0);
+}
+
+static void json_uid_limits(void) {
+    const char *body = "{\"success\":true,\"data\":{\"project_uid\":\"abcdef\"}}";
+    answer_t a = read_answer(body, strlen(body), 7); /* 6 bytes fit in 7 */
+    CHECK(a.rc == 0 && a.bad == 0 && strcmp(a.uid, "abcdef") == 0);
+    a = read_answer(body, strlen(body), 6); /* 6 bytes do not fit in 6: cut, said bad */
+    CHECK(a.rc == 0 && a.bad == 1 && strcmp(a.uid, "abcde") == 0);
+    a = read_answer(body, strlen(body), 1);
+    CHECK(a.rc == 0 && a.bad == 1 && a.uid[0] == '\0' && a.uid[1] == '#');
+    a = answer("{\"success\":true,\"data\":{\"project_uid\":\"ab\\u0000cd\"}}");
+    CHECK(a.rc == 0 && a.bad == 1);
+}
+
+static void json_wrong_types(void) {
+    const char *no_success = "\"success\": true";
+    const char *no_uid = "data.project_uid";
+    CHECK(refused("{\"data\":{\"project_uid\":\"a\"}}", no_success));
+    CHECK(refused("{\"success\":false,\"data\":{\"project_uid\":\"a\"}}", no_success));
+    CHECK(refused("{\"success\":\"true\",\"data\":{\"project_uid\":\"a\"}}", no_success));
+    CHECK(refused("{\"success\":1,\"data\":{\"project_uid\":\"a\"}}", no_success));
+    CHECK(refused("{\"success\":null,\"data\":{\"project_uid\":\"a\"}}", no_success));
+    CHECK(refused("{\"success\":true}", no_uid));
+    CHECK(refused("{\"success\":true,\"data\":null}", no_uid));
+    CHECK(refused("{\"success\":true,\"data\":[{\"project_uid\":\"a\"}]}", no_uid));
+    CHECK(refused("{\"success\":true,\"data\":\"project_uid\"}", no_uid));
+    CHECK(refused("{\"success\":true,\"data\":{}}", no_uid));
+    CHECK(refused("{\"success\":true,\"data\":{\"project_uid\":7}}", no_uid));
+    CHECK(refused("{\"success\":true,\"data\":{\"project_uid\":null}}", no_uid));
+    CHECK(refused("{\"success\":true,\"data\":{\"project_uid\":[\"a\"]}}", no_uid));
+    CHECK(refused("{\"success\":true,\"project_uid\":\"a\"}", no_uid));
+    const char *not_object = "not a JSON object";
+    CHECK(refused("", not_object));
+    CHECK(refused("   ", not_object));
+    CHECK(refused("[]", not_object));
+    CHECK(refused("null", not_object));
+    CHECK(refused("\"abc\"", not_object));
+    CHECK(refused("42", not_object));
+    CHECK(refused("{\"success\":true,\"data\":{\"project_uid\":\"a\"},}", not_object));
+    CHECK(refused("{\"success\":tru,\"data\":{\"project_uid\":\"a\"}}", not_object));
+    CHECK(refused("{\"success\":true \"data\":{\"project_uid\":\"a\"}}", not_object));
+    CHECK(refused("{\"success\":true,\"data\":{\"project_uid\":\"a\\x\"}}", not_object));
+    CHECK(refused("\xef\xbb\xbf{\"success\":true,\"data\":{\"project_uid\":\"a\"}}", not_object));
+}
+
+static void json_trailing_and_truncated(void) {
+    const char *ok =
+        "{\"success\":true,\"data\":{\"project_uid\":\"abc\",\"n\":[1,2,{\"k\":\"v\"}]}}";
+    size_t len = strlen(ok);
+    char buf[256];
+    const char *tails[] = {"x", "{}", "}", "/* c */", "1", "\"s\""};
+    for (size_t i = 0; i < sizeof tails / sizeof *tails; i++) {
+        snprintf(buf, sizeof buf, "%s \n%s", ok, tails[i]);
+        CHECK(refused(buf, "trailing data"));
+    }
+    memcpy(buf, ok, len);
+    buf[len] = '\0';
+    buf[len + 1] = ' ';
+    answer_t a = read_answer(buf, len + 2, 64); /* a NUL byte after the object */
+    CHECK(a.rc == -1 && a.why && strstr(a.why, "trailing data"));
+    /* every proper prefix is refused (no prefix of it is a complete object) */
+    int all_refused = 1;
+    for (size_t n = 0; n < len; n++) {
+        a = read_answer(ok, n, 64);
+        all_refused &= a.rc == -1 && a.why != NULL;
+    }
+    CHECK(all_refused);
+    /* a length beyond INT_MAX is refused before a byte is read */
+    a.why = NULL;
+    CHECK(mw_upload_json_project_uid(ok, (size_t)INT_MAX + 1, a.uid, 64, &a.bad, &a.why) == -1 &&
+          a.why != NULL);
+}
+
+/* {"success":true,"data":{"project_uid":"d"},"x":[[...]]}: the answer object plus `arrays`
+ * nested arrays is arrays + 1 levels deep. */
+static answer_t nested(int arrays) {
+    size_t cap = (size_t)arrays * 2 + 128;
+    char *b = malloc(cap);
+    if (!b) abort();
+    int k = snprintf(b, cap, "{\"success\":true,\"data\":{\"project_uid\":\"d\"},\"x\":");
+    for (int i = 0; i < arrays; i++)
+        b[k++] = '[';
+    for (int i = 0; i < arrays; i++)
+        b[k++] = ']';
+    b[k++] = '}';
+    answer_t a = read_answer(b, (size_t)k, 64);
+    free(b);
+    return a;
+}
+
+static void json_nesting(void) {
+    answer_t a = nested(MW_UPLOAD_JSON_DEPTH - 1);
+    CHECK(a.rc == 0 && strcmp(a.uid, "d") == 0);
+    CHECK(nested(MW_UPLOAD_JSON_DEPTH).rc == -1);
+    CHECK(nested(100000).rc == -1); /* refused at the limit, not by exhausting the stack */
+    /* the answer's own members nested too deep: refused as a whole */
+    char b[4096];
+    int k = snprintf(b, sizeof b, "{\"success\":true,\"data\":");
+    for (int i = 0; i < 70; i++)
+        k += snprintf(b + k, sizeof b - (size_t)k, "{\"project_uid\":");
+    k += snprintf(b + k, sizeof b - (size_t)k, "\"deep\"");
+    for (int i = 0; i < 71; i++)
+        b[k++] = '}';
+    b[k] = '\0';
+    CHECK(refused(b, "not a JSON object"));
+}
+
+/* ---- line tables ------------------------------------------------------------------------------
+ */
+
+/* Entry starts of a table and the code units before each: for 3.10, every byte pair (its first
+ * byte is a length in bytes); for 3.11+, every byte with bit 7 set (its low 3 bits are length
+ * - 1 in code units). Returns the number of starts, with len itself as the last one. */
+static size_t entry_starts(int format, const uint8_t *t, size_t len, size_t *at, long *units) {
+    size_t n = 0;
+    long pos = 0;
+    for (size_t i = 0; i < len;) {
+        if (format == MW_LT_310) {
+            if (i + 1 >= len) break;
+            at[n] = i;
+            units[n++] = pos;
+            pos += t[i];
+            i += 2;
+            continue;
+        }
+        if (t[i] & 0x80) {
+            at[n] = i;
+            units[n++] = pos;
+            pos += (t[i] & 7) + 1;
+        }
+        i++;
+    }
+    at[n] = len;
+    units[n++] = pos;
+    if (format == MW_LT_310)
+        for (size_t j = 0; j < n; j++)
+            units[j] /= 2;
+    return n;
+}
+
+static int hexval(int c) {
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* One code object: every code unit against CPython's own lines; past the end and lasti < 0
+ * give firstlineno; a table cut at an entry start keeps the lines before the cut and gives
+ * firstlineno after it; a cut inside an entry keeps the lines before that entry. */
+static void linetable_case(int format, int first, long units, const uint8_t *table, size_t len,
+                           const int *want) {
+    uint8_t *t = exact_copy(table, len);
+    int all = 1;
+    for (long i = 0; i < units; i++)
+        all &= mw_linetable_line(format, t, len, first, (int)i) == want[i];
+    CHECK(all);
+    CHECK(mw_linetable_line(format, t, len, first, -1) == first);
+    CHECK(mw_linetable_line(format, t, len, first, (int)units) == first);
+    CHECK(mw_linetable_line(format, t, len, first, (int)units + 1000) == first);
+    CHECK(mw_linetable_line(format, NULL, 0, first, 0) == first);
+    free(t);
+
+    size_t *at = malloc((len + 2) * sizeof *at);
+    long *pos = malloc((len + 2) * sizeof *pos);
+    if (!at || !pos) abort();
+    size_t n = entry_starts(format, table, len, at, pos);
+    CHECK(pos[n - 1] == units);
+    size_t step = n > 8 ? n / 8 : 1;
+    for (size_t e = 0; e < n; e += step) {
+        for (int inside = 0; inside < 2; inside++) {
+            size_t cut = at[e] + (size_t)inside;
+            if (cut > len || (inside && e + 1 < n && cut >= at[e + 1])) continue;
+            uint8_t *p = exact_copy(table, cut);
+            int ok = 1;
+            for (long i = 0; i < units; i++) {
+                int got = mw_linetable_line(format, p, cut, first, (int)i);
+                if (i < pos[e])
+                    ok &= got == want[i];
+                else if (!inside)
+                    ok &= got == first;
+                else
+                    ok &= got > 0;
+            }
+            CHECK(ok);
+            free(p);
+        }
+    }
+    free(at);
+    free(pos);
+}
+
+static int linetable_cases(FILE *in, long *ncases) {
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t got;
+    while ((got = getline(&line, &cap, in)) > 0) {
+        int format, first, off = 0;
+        long units;
+        if (sscanf(line, "%d %d %ld %n", &format, &first, &units, &off) != 3 || units < 0 ||
+            (format != MW_LT_310 && format != MW_LT_311)) {
+            fprintf(stderr, "linetable: bad input line: %.80s\n", line);
+            free(line);
+            return -1;
+        }
+        char *hex = line + off;
+        char *sp = strchr(hex, ' ');
+        if (!sp) {
+            fprintf(stderr, "linetable: no lines field: %.80s\n", line);
+            free(line);
+            return -1;
+        }
+        size_t len = hex[0] == '-' ? 0 : (size_t)(sp - hex) / 2;
+        uint8_t *table = malloc(len ? len : 1);
+        int *want = malloc(((size_t)units + 1) * sizeof *want);
+        if (!table || !want) abort();
+        for (size_t i = 0; i < len; i++)
+            table[i] = (uint8_t)(hexval(hex[2 * i]) * 16 + hexval(hex[2 * i + 1]));
+        char *p = sp + 1;
+        for (long i = 0; i < units; i++) {
+            want[i] = (int)strtol(p, &p, 10);
+            if (*p == ',') p++;
+        }
+        linetable_case(format, first, units, table, len, want);
+        free(table);
+        free(want);
+        (*ncases)++;
+    }
+    free(line);
+    return 0;
+}
+
+/* Tables of random bytes: the decoder stays inside them and answers a line or firstlineno. */
+static void linetable_random(void) {
+    uint64_t s = 0x9E3779B97F4A7C15u;
+    int positive = 1;
+    for (int round = 0; round < 2000; round++) {
+        size_t len = (size_t)(round % 97);
+        uint8_t *t = malloc(len ? len : 1);
+        if (!t) abort();
+        for (size_t i = 0; i < len; i++) {
+            s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+            t[i] = (uint8_t)s;
+        }
+        for (int lasti = 0; lasti < 300; lasti += 7) {
+            positive &= mw_linetable_line(MW_LT_310, t, len, 40, lasti) > 0;
+            positive &= mw_linetable_line(MW_LT_311, t, len, 40, lasti) > 0;
+        }
+        free(t);
+    }
+    CHECK(positive);
+    /* 3.11+: a table whose first byte is not an entry start is corrupt: firstlineno */
+    const uint8_t bad[] = {0x05, 0x80 | (13 << 3), 0x04};
+    CHECK(mw_linetable_line(MW_LT_311, bad, sizeof bad, 12, 0) == 12);
+    /* 3.11+: a line delta varint cut by the table's end */
+    const uint8_t cut[] = {0x80 | (14 << 3), 0x7f};
+    CHECK(mw_linetable_line(MW_LT_311, cut, sizeof cut, 12, 0) > 0);
+}
+
+int main(int argc, char **argv) {
+    const char *part = argc > 1 ? argv[1] : "";
+    if (strcmp(part, "profbuf") == 0) {
+        profbuf_strings();
+        profbuf_frames();
+        profbuf_stacks();
+        profbuf_merge();
+    } else if (strcmp(part, "json") == 0) {
+        json_valid();
+        json_uid_limits();
+        json_wrong_types();
+        json_trailing_and_truncated();
+        json_nesting();
+    } else if (strcmp(part, "linetable") == 0) {
+        long ncases = 0;
+        if (linetable_cases(stdin, &ncases) != 0) return 2;
+        printf("linetable: %ld code objects\n", ncases);
+    } else if (strcmp(part, "corrupt") == 0) {
+        linetable_random();
+    } else {
+        fprintf(stderr, "usage: %s profbuf|json|corrupt|linetable < cases\n", argv[0]);
+        return 2;
+    }
+    printf("%s: %ld checks, %ld failed\n", part, g_checks, g_failed);
+    return g_failed ? 1 : 0;
+}
