@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 
 from support.hangs import native_stacks
-from support.processes import burn, clean_env
+from support.processes import burn, burn_cpu_by_pid, clean_env
 
 pytestmark = pytest.mark.slow
 
@@ -187,18 +187,9 @@ def _check(run: dict[str, Any]) -> dict[str, int]:
     assert tasks_by_pid <= shut, (tasks_by_pid, shut, log)
     assert str(run["main"]) not in measured
 
-    profiled: dict[str, int] = {}
-    names: set[str] = set()
     files = find_profile_files(run["store"]) if run["store"].is_dir() else []
     assert files, f"no profile written\n{log}"
-    for f in files:
-        p = read_pprof_file(f)
-        ci = p.value_index("cpu")
-        for s in p.samples:
-            if any(fr.function == "burn" for fr in s.stack):
-                pid = s.label("pid") or "?"
-                profiled[pid] = profiled.get(pid, 0) + s.values[ci]
-                names.add(s.label("thread_name") or "?")
+    profiled, names = burn_cpu_by_pid(read_pprof_file(f) for f in files)
     per_pid = {pid: (round(m / 1e6, 1), round(profiled.get(pid, 0) / 1e6, 1)) for pid, m in measured.items()}
     # the main process never burns; every pool process that ran a task is there, under its
     # own pid, with its CPU (tasks and shutdown handler); all of them together within BAND

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from support.processes import burn, children, clean_env, free_port, http_get
+from support.processes import burn, burn_cpu_by_pid, children, clean_env, free_port, http_get
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE_HZ = 500
@@ -159,26 +159,12 @@ def _stored(store: Path) -> list[Any]:
     return [read_pprof_file(f) for f in find_profile_files(store)] if store.is_dir() else []
 
 
-def _burn_cpu_by_pid(profiles: list[Any]) -> tuple[dict[str, int], set[str]]:
-    """CPU ns of samples whose stack holds ``burn``, per pid; and their thread names."""
-    out: dict[str, int] = {}
-    names: set[str] = set()
-    for p in profiles:
-        ci = p.value_index("cpu")
-        for s in p.samples:
-            if any(f.function == "burn" for f in s.stack):
-                pid = s.label("pid") or "?"
-                out[pid] = out.get(pid, 0) + s.values[ci]
-                names.add(s.label("thread_name") or "?")
-    return out, names
-
-
 def _check_children(r: dict[str, Any], profiles: list[Any]) -> None:
     measured: dict[str, int] = {}
     for pid, ns in r["results"]:
         measured[str(pid)] = measured.get(str(pid), 0) + ns
     assert str(r["parent"]) not in measured
-    profiled, names = _burn_cpu_by_pid(profiles)
+    profiled, names = burn_cpu_by_pid(profiles)
     total_m, total_p = sum(measured.values()), sum(profiled.get(pid, 0) for pid in measured)
     per_child = {pid: (round(ns / 1e6, 1), round(profiled.get(pid, 0) / 1e6, 1)) for pid, ns in measured.items()}
     # the parent itself never burns

@@ -36,7 +36,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from typing import Any
 import pytest
 
 from support.hangs import native_stacks, process_tree
-from support.processes import burn, clean_env, free_port, http_get, spin
+from support.processes import burn, burn_cpu_by_pid, clean_env, free_port, http_get, spin
 
 pytestmark = pytest.mark.slow
 
@@ -280,15 +279,6 @@ def _check(run: Run) -> None:
     # the workers were recycled: more pids served than there are worker slots
     assert len(served) > WORKERS, served
     profile = load_profiles([run.store])
-    ci = profile.value_index("cpu")
-
-    def burn_cpu(samples: Iterable[Any]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for s in samples:
-            if any(f.function == "burn" for f in s.stack):
-                out[s.label("pid") or "?"] = out.get(s.label("pid") or "?", 0) + s.values[ci]
-        return out
-
     # every worker that burned is in the store, under its own pid, in its own file
     request_pids = {s.label("pid") for s in profile.samples if s.label("endpoint")}
     assert set(run.burn) <= request_pids, (run.burn, request_pids)
@@ -297,7 +287,7 @@ def _check(run: Run) -> None:
     assert str(run.master) not in request_pids
 
     # the CPU under burn is what the requests measured, per worker and in total
-    profiled = burn_cpu(profile.samples)
+    profiled, _ = burn_cpu_by_pid([profile])
     assert set(profiled) == set(run.burn), (profiled, run.burn)
     per_pid = {pid: (round(m / 1e6, 1), round(profiled.get(pid, 0) / 1e6, 1)) for pid, m in run.burn.items()}
     total_m, total_p = sum(run.burn.values()), sum(profiled.values())

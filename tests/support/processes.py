@@ -10,7 +10,9 @@ import http.client
 import os
 import socket
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 # Variables that configure the profiler (or that it reads as a fallback): a child starts without them.
 PROFILER_PREFIXES = ("MW_", "OTEL_")
@@ -77,3 +79,18 @@ def burn(seconds: float) -> int:
     while time.thread_time_ns() - t0 < seconds * 1e9:
         spin(2000)
     return time.thread_time_ns() - t0
+
+
+def burn_cpu_by_pid(profiles: Iterable[Any]) -> tuple[dict[str, int], set[str]]:
+    """The CPU ns of the samples whose stack holds ``burn``, per ``pid`` label; and the thread
+    names those samples carry."""
+    out: dict[str, int] = {}
+    names: set[str] = set()
+    for p in profiles:
+        ci = p.value_index("cpu")
+        for s in p.samples:
+            if any(f.function == "burn" for f in s.stack):
+                pid = s.label("pid") or "?"
+                out[pid] = out.get(pid, 0) + s.values[ci]
+                names.add(s.label("thread_name") or "?")
+    return out, names
