@@ -47,9 +47,9 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs
 
 # The form of every stored label name (after sanitization, see :mod:`middleware.serve.labels`).
@@ -121,19 +121,29 @@ class IngestError(Exception):
         self.message = message
 
 
-def _env_int(name: str, default: int, lo: int = 1, hi: int = 10**9) -> int:
-    """An integer setting from the environment; a bad value is logged and the default used."""
+_N = TypeVar("_N", int, float)
+
+
+def env_number(name: str, default: _N, lo: _N, hi: _N, number: Callable[[str], _N], expected: str) -> _N:
+    """A numeric setting from the environment, read by ``number``; a value it cannot read or
+    outside lo..hi is logged (saying it ``expected``) and the default used."""
     raw = os.environ.get(name)
     if raw is None or not raw.strip():
         return default
     try:
-        value = int(raw.strip())
+        value = number(raw.strip())
+        ok = lo <= value <= hi  # also false for nan
     except ValueError:
-        value = lo - 1
-    if not lo <= value <= hi:
-        log.warning("ignoring %s=%r: expected an integer within %d..%d; using %d", name, raw, lo, hi, default)
+        ok = False
+    if not ok:
+        log.warning("ignoring %s=%r: expected %s", name, raw, expected)
         return default
     return value
+
+
+def _env_int(name: str, default: int, lo: int = 1, hi: int = 10**9) -> int:
+    """An integer setting from the environment; a bad value is logged and the default used."""
+    return env_number(name, default, lo, hi, int, f"an integer within {lo}..{hi}; using {default}")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 from middleware.serve.httpd import BODY, BUSY, WAITING, Server, Server6
 from middleware.serve.importer import Importer
-from middleware.serve.ingest import IngestLimits
+from middleware.serve.ingest import IngestLimits, env_number
 from middleware.serve.query import QueryEngine
 from middleware.serve.routes import Handler
 from middleware.serve.store import Store
@@ -52,17 +52,7 @@ class ConfigError(ValueError):
 
 def _env_number(name: str, default: float, lo: float, hi: float) -> float:
     """A numeric setting from the environment; a bad value is logged and the default used."""
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        value = float("nan")
-    if not lo <= value <= hi:  # also false for nan
-        log.warning("ignoring %s=%r: expected a number within %g..%g; using %g", name, raw, lo, hi, default)
-        return default
-    return value
+    return env_number(name, default, lo, hi, float, f"a number within {lo:g}..{hi:g}; using {default:g}")
 
 
 @dataclass
