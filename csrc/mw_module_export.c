@@ -48,22 +48,23 @@ static PyObject *py_export_start(PyObject *self, PyObject *args, PyObject *kw) {
     return PyBool_FromLong(rc == 0);
 }
 
-static PyObject *py_export_flush(PyObject *self, PyObject *args, PyObject *kw) {
+/* export_flush / export_stop: fn(timeout_s) without the GIL; True when it returned 0. */
+static PyObject *call_with_timeout(PyObject *args, PyObject *kw, const char *format,
+                                   int (*fn)(double)) {
     static char *kwlist[] = {"timeout_s", NULL};
     double t = 10.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|d:export_flush", kwlist, &t)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, format, kwlist, &t)) return NULL;
     int rc;
-    Py_BEGIN_ALLOW_THREADS rc = mw_export_flush(t);
+    Py_BEGIN_ALLOW_THREADS rc = fn(t);
     Py_END_ALLOW_THREADS return PyBool_FromLong(rc == 0);
 }
 
+static PyObject *py_export_flush(PyObject *self, PyObject *args, PyObject *kw) {
+    return call_with_timeout(args, kw, "|d:export_flush", mw_export_flush);
+}
+
 static PyObject *py_export_stop(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"timeout_s", NULL};
-    double t = 10.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|d:export_stop", kwlist, &t)) return NULL;
-    int rc;
-    Py_BEGIN_ALLOW_THREADS rc = mw_export_stop(t);
-    Py_END_ALLOW_THREADS return PyBool_FromLong(rc == 0);
+    return call_with_timeout(args, kw, "|d:export_stop", mw_export_stop);
 }
 
 static PyObject *py_export_running(PyObject *self, PyObject *noargs) {
