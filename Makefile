@@ -39,7 +39,7 @@ ctest: $(CTEST_DIR)/test_c_units  ## C unit tests: line tables (against every CP
 
 check: test matrix lint  ## what CI runs: the suite, the sampler tests on every CPython 3.10-3.13 here, make lint
 
-matrix:  ## run the sampler tests on every CPython 3.10-3.13 on this machine
+matrix:  ## run the sampler tests on every CPython 3.10-3.13 (a version asked for but missing fails the run)
 	@scripts/matrix.sh $(MATRIX_VERSIONS)
 
 asan:  ## build with AddressSanitizer+UBSan and run the sampler tests
@@ -57,9 +57,9 @@ peers: build  ## our profiler next to py-spy, austin, pyroscope-io, ddtrace (ven
 demo:  ## run the Flask demo under gunicorn and show the calc3 bottleneck
 	@scripts/demo.sh
 
-lint: bootstrap  ## clang-format check of csrc/, ruff (Python sources), mypy --strict (the package); all run, any finding fails
+lint: bootstrap  ## clang-format check of csrc/ and tests/c/, ruff (Python sources), mypy --strict (the package); all run, any finding fails
 	@rc=0; \
-	clang-format --dry-run --Werror $$(ls csrc/*.c csrc/*.h) || rc=1; \
+	clang-format --dry-run --Werror $$(ls csrc/*.c csrc/*.h tests/c/*.c) || rc=1; \
 	$(PY) -m ruff check --quiet middleware tests bench scripts || rc=1; \
 	$(PY) -m mypy --strict middleware || rc=1; \
 	exit $$rc

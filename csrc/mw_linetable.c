@@ -3,6 +3,8 @@
  * Objects/locations.md (3.11+). */
 #include "mw_linetable.h"
 
+#include <limits.h>
+
 static int line_310(const uint8_t *t, size_t len, int line, int lasti) {
     long addr = (long)lasti * 2, end = 0;
     int cur = -1;
@@ -33,8 +35,9 @@ static size_t read_varint(const uint8_t *t, size_t len, size_t i, unsigned *out)
     return i;
 }
 
-static int line_311(const uint8_t *t, size_t len, int line, int lasti) {
+static int line_311(const uint8_t *t, size_t len, int first, int lasti) {
     long pos = 0;
+    long line = first; /* a corrupt table's deltas may add up past an int */
     size_t i = 0;
     while (i < len) {
         uint8_t h = t[i];
@@ -50,7 +53,8 @@ static int line_311(const uint8_t *t, size_t len, int line, int lasti) {
             delta = code - 10;
         }
         line += delta;
-        if (lasti >= pos && lasti < pos + n) return code == 15 ? -1 : line;
+        if (line < INT_MIN || line > INT_MAX) return -1; /* corrupt */
+        if (lasti >= pos && lasti < pos + n) return code == 15 ? -1 : (int)line;
         pos += n;
         do
             i++;

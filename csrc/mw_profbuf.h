@@ -80,8 +80,9 @@ mw_id_t mw_profbuf_intern_str(mw_profbuf_t *b, const char *s, size_t len);
 /* Interns a frame whose string ids belong to this buffer. Returns its id or 0 when full. */
 mw_id_t mw_profbuf_intern_frame(mw_profbuf_t *b, const mw_frame_t *f);
 
-/* Adds values to the stack (frame ids leaf first, depth <= 65535) of this thread/labelset,
- * creating it if needed. Returns 0, or -1 if a table is full (counted as overflow). */
+/* Adds values to the stack (frame ids leaf first, depth <= 65535; frames non-NULL even when
+ * depth is 0) of this thread/labelset, creating it if needed. Returns 0, or -1 if a table is
+ * full (counted as overflow). */
 int mw_profbuf_add(mw_profbuf_t *b, const mw_id_t *frames, uint32_t depth, mw_id_t thread,
                    uint32_t labelset, const mw_values_t *v);
 

@@ -1,9 +1,11 @@
 /* mw_upload_json — reading the answer of the API key -> tenant exchange.
  *
  * The exchange answers {"success": true, "data": {"project_uid": "<tenant>"}}, in any key
- * order, with any other members, whitespace and escapes. The answer is parsed with json-c in
- * strict mode (RFC 8259 syntax, nesting at most MW_UPLOAD_JSON_DEPTH deep); only data
- * .project_uid and success are read.
+ * order, with any other members, whitespace and escapes. The answer is parsed with json-c's
+ * JSON_TOKENER_STRICT (nesting at most MW_UPLOAD_JSON_DEPTH deep), which is stricter than its
+ * default but still takes a few non-RFC 8259 forms (NaN, Infinity, single-quoted keys, raw
+ * control characters in strings); only data.project_uid (a string) and success (a boolean)
+ * are read, so such forms elsewhere in the answer change nothing.
  *
  * Threads, locks, memory: pure; any thread, no lock, no state. The parse allocates through
  * json-c and frees everything before returning; the caller's buffers stay the caller's.
