@@ -40,7 +40,6 @@ typedef struct {
     uintptr_t tstate;
     int fd;                /* perf event, -1 if none */
     uint32_t since_refill; /* handler samples since it last topped up the perf budget */
-    uint64_t rng;          /* the thread's own period jitter (its handler only) */
     uint64_t cpu_at_arm;   /* the thread's CPU clock when it was armed: samples cover from there */
     int has_timer;
     timer_t timer;
@@ -235,14 +234,6 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
         ++r->since_refill >= PERF_REFILL) {
         r->since_refill = 0;
         ioctl(perf_fd, PERF_EVENT_IOC_REFRESH, PERF_REFILL);
-        /* A new period, uniform in [P/2, 3P/2): strictly periodic sampling aliases with code that
-         * alternates on a fixed rhythm, and the handler's own time (longer on deep stacks) then
-         * shifts which phase the next sample lands in. Each sample still weighs P: the mean. */
-        r->rng ^= r->rng << 13;
-        r->rng ^= r->rng >> 7;
-        r->rng ^= r->rng << 17;
-        uint64_t p = (uint64_t)g_period_ns / 2 + r->rng % (uint64_t)g_period_ns;
-        ioctl(perf_fd, PERF_EVENT_IOC_PERIOD, &p);
     }
     /* The signal is routed to the registered thread (F_OWNER_TID / SIGEV_THREAD_ID, both bound to
      * that task, not to its number): while the registration has the key's generation, we are
@@ -449,7 +440,6 @@ static int arm_perf(reg_t *r, long tid, uint32_t key) {
     }
     atomic_store_explicit(&g_fdkey[fd], key, memory_order_release);
     r->since_refill = 0;
-    r->rng = 0x9E3779B97F4A7C15ULL ^ ((uint64_t)tid << 17) ^ (uint64_t)mono_ns();
     if (ioctl(fd, PERF_EVENT_IOC_REFRESH, PERF_BUDGET) != 0) { /* a budget of overflows */
         atomic_store(&g_fdkey[fd], 0);
         close(fd);

@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from support.hangs import native_stacks
 from support.processes import burn, burn_cpu_by_pid, children, clean_env, free_port, http_get
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,10 +144,18 @@ def _run(kind: str, method: str, ending: str, store: Path | str, timeout: float 
          **extra_env: str) -> dict[str, Any]:
     env = clean_env()
     env.update({"MW_PROFILING_QUIET": "1", **extra_env})
-    proc = subprocess.run(
+    child = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), kind, method, ending, str(store)],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT),
     )
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # what each process of the tree is doing, then fail
+        stacks = native_stacks(child.pid)
+        child.kill()
+        _, stderr = child.communicate()
+        pytest.fail(f"workload did not finish in {timeout:.0f} s; native stacks:\n{stacks}\nstderr:\n{stderr[-3000:]}")
+    proc = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
     assert proc.returncode == 0, f"workload failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["_stderr"] = proc.stderr
