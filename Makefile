@@ -24,18 +24,18 @@ test: build  ## run the whole test suite on the default interpreter
 test-fast: build  ## the unit tier (pytest -m unit: no workload process, no browser, no long sampling), under a minute
 	$(PY) -m pytest -q -m unit tests $(PYTEST_ARGS)
 
-# C unit tests of the pure C parts (tests/c/test_c_units.c), linked against their sources with
+# C unit tests of the pure C parts (tests/native/c/test_c_units.c), linked against their sources with
 # the extension's warning flags; CTEST_SAN adds sanitizer flags (scripts/asan.sh).
 CTEST_DIR ?= build/ctest
 CTEST_SAN ?=
-CTEST_SRC := tests/c/test_c_units.c csrc/mw_linetable.c csrc/mw_profbuf.c csrc/mw_upload_json.c
+CTEST_SRC := tests/native/c/test_c_units.c csrc/mw_linetable.c csrc/mw_profbuf.c csrc/mw_upload_json.c
 $(CTEST_DIR)/test_c_units: $(CTEST_SRC) csrc/mw_linetable.h csrc/mw_profbuf.h csrc/mw_upload_json.h
 	@mkdir -p $(CTEST_DIR)
 	$(CC) -std=gnu11 -Wall -Wextra -Werror -Wno-missing-field-initializers -Wno-unused-parameter \
 	  -O1 -g $(CTEST_SAN) -Icsrc $$(pkg-config --cflags json-c) -o $@ $(CTEST_SRC) $$(pkg-config --libs json-c)
 
 ctest: $(CTEST_DIR)/test_c_units  ## C unit tests: line tables (against every CPython 3.10-3.13 here), stack table limits, JSON reading
-	$(PY) -m pytest -q tests/test_c_units.py $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests/native/test_c_units.py $(PYTEST_ARGS)
 
 check: test matrix lint  ## what CI runs: the suite, the sampler tests on every CPython 3.10-3.13 here, make lint
 
@@ -57,9 +57,9 @@ peers: build  ## our profiler next to py-spy, austin, pyroscope-io, ddtrace (ven
 demo:  ## run the Flask demo under gunicorn and show the calc3 bottleneck
 	@scripts/demo.sh
 
-lint: bootstrap  ## clang-format check of csrc/ and tests/c/, ruff (Python sources), mypy --strict (the package); all run, any finding fails
+lint: bootstrap  ## clang-format check of csrc/ and tests/native/c/, ruff (Python sources), mypy --strict (the package); all run, any finding fails
 	@rc=0; \
-	clang-format --dry-run --Werror $$(ls csrc/*.c csrc/*.h tests/c/*.c) || rc=1; \
+	clang-format --dry-run --Werror $$(ls csrc/*.c csrc/*.h tests/native/c/*.c) || rc=1; \
 	$(PY) -m ruff check --quiet middleware tests bench scripts || rc=1; \
 	$(PY) -m mypy --strict middleware || rc=1; \
 	exit $$rc

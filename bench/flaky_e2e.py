@@ -2,7 +2,7 @@
 not part of CI: 50 runs take a few minutes).
 
     .venv/bin/python bench/flaky_e2e.py [--runs 50] [--test test_agent_uploads_equal_its_local_store]
-                                        [--file tests/test_serve_ingest.py]
+                                        [--file tests/e2e/test_serve_ingest.py]
 
 Each run is a fresh `pytest -q FILE -k TEST`. Without --file, the file is the one under tests/ that
 defines TEST. Prints `N passed, M failed`, and the last lines of pytest's output for each distinct
@@ -25,7 +25,7 @@ NO_TESTS_COLLECTED = 5  # pytest's exit status when nothing was selected
 def defining_file(test: str) -> Path | None:
     """The test file under tests/ that defines `test`."""
     pattern = re.compile(rf"^\s*(?:async\s+)?def {re.escape(test)}\(", re.M)
-    for path in sorted((ROOT / "tests").glob("test_*.py")):
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
         if pattern.search(path.read_text(errors="replace")):
             return path
     return None

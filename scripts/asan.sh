@@ -17,7 +17,7 @@ so=$(ls "$out"/middleware/_native*.so)
 # (not `nm | grep -q`: with pipefail, grep quitting early can fail nm with SIGPIPE)
 nm -D "$so" > "$out/nm.txt"
 grep -q __asan_init "$out/nm.txt" || { echo "asan: $so is not instrumented"; exit 1; }
-# The C unit tests' program (tests/test_c_units.py runs it), sanitized the same way.
+# The C unit tests' program (tests/native/test_c_units.py runs it), sanitized the same way.
 make -s CTEST_DIR="$out/ctest" CTEST_SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
   "$out/ctest/test_c_units"
 export MW_CTEST_BIN="$root/$out/ctest/test_c_units"
@@ -38,7 +38,7 @@ set +e
 # (export, store, upload, children, the uploads that serve receives, the C unit tests). The process-CPU total is
 # left out: the sanitizers' own CPU counts in the process but not in the profile.
 "$root/.venv/bin/python" -m pytest -q -p no:cacheprovider tests -m "sampler or asan" \
-  --deselect tests/test_sampler.py::test_profile_cpu_total_matches_process_cpu
+  --deselect tests/native/test_sampler.py::test_profile_cpu_total_matches_process_cpu
 rc=$?
 cd "$root"
 set -e

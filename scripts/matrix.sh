@@ -22,7 +22,8 @@ for v in "$@"; do
     cat /tmp/mw-matrix-build-$v.log; result[$v]="FAILED (build)"; continue
   fi
   if MW_STRESS_SECONDS=${MW_MATRIX_STRESS_SECONDS:-15} "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-       -m sampler tests/test_sampler.py tests/test_truth.py tests/test_stress.py tests/test_config.py; then
+       -m sampler tests/native/test_sampler.py tests/native/test_truth.py tests/native/test_stress.py \
+       tests/unit/test_config.py; then
     result[$v]="passed"
   else
     result[$v]="FAILED"

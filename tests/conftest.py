@@ -18,11 +18,11 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def run_workload(name: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Runs tests/workloads.py NAME in a fresh interpreter and returns its JSON report."""
+    """Runs tests/targets/workloads.py NAME in a fresh interpreter and returns its JSON report."""
     e = dict(os.environ)
     e.update(env or {})
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "workloads.py"), name, *args],
+        [sys.executable, str(ROOT / "tests" / "targets" / "workloads.py"), name, *args],
         capture_output=True, text=True, timeout=timeout, env=e, cwd=str(ROOT),
     )
     assert proc.returncode == 0, f"workload {name} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"

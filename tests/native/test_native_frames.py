@@ -21,19 +21,19 @@ from typing import Any
 import pytest
 
 pytestmark = [pytest.mark.sampler]
-ROOT = Path(__file__).resolve().parent.parent
-TARGET = ROOT / "tests" / "native_ext" / "native_target.py"
+ROOT = Path(__file__).resolve().parents[2]
+TARGET = ROOT / "tests" / "targets" / "native_ext" / "native_target.py"
 
 
 @pytest.fixture(scope="module")
 def ext_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Builds tests/native_ext/mw_test_ext.c for this interpreter into a temporary directory."""
+    """Builds tests/targets/native_ext/mw_test_ext.c for this interpreter into a temporary directory."""
     if shutil.which("gcc") is None:
         pytest.skip("gcc is needed to build the test extension")
     out = tmp_path_factory.mktemp("native_ext")
     so = out / f"mw_test_ext{sysconfig.get_config_var('EXT_SUFFIX')}"
     cmd = ["gcc", "-shared", "-fPIC", "-O1", "-g", f"-I{sysconfig.get_paths()['include']}",
-           "-o", str(so), str(ROOT / "tests" / "native_ext" / "mw_test_ext.c")]
+           "-o", str(so), str(ROOT / "tests" / "targets" / "native_ext" / "mw_test_ext.c")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return str(out)

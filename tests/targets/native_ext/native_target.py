@@ -1,6 +1,6 @@
-"""Child process for tests/test_native_frames.py: known native workloads under MwTracker(native=True).
+"""Child process for tests/native/test_native_frames.py: known native workloads under MwTracker(native=True).
 
-    python tests/native_ext/native_target.py MODE --ext-dir DIR [--seconds S] [--internal] [--python-only]
+    python tests/targets/native_ext/native_target.py MODE --ext-dir DIR [--seconds S] [--internal] [--python-only]
 
 MODE hotspots: one thread alternates zlib.compress on a large buffer (zlib_caller), the test
 extension's C loop (ext_caller) and a pure-Python loop (py_caller); prints the ground truth
@@ -27,7 +27,7 @@ import warnings
 import zlib
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, ROOT)
 
 from middleware import MwTracker  # noqa: E402

@@ -1,5 +1,5 @@
-/* Test-only C extension for tests/test_native_frames.py: a CPU hot spot inside C code called
- * from Python. Built by the test with gcc into a temporary directory; never installed.
+/* Test-only C extension for tests/native/test_native_frames.py: a CPU hot spot inside C code
+ * called from Python. Built by the test with gcc into a temporary directory; never installed.
  *
  *   mw_test_ext.spin(n) -> int   runs mw_test_spin(n) (about n multiply-adds), GIL held
  */

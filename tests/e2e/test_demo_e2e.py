@@ -32,7 +32,7 @@ from support.processes import children, clean_env, free_port, http_get
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "demo_flask"
 CALC1 = "/calculate1/<int:number>"
 CALC2 = "/calculate2/<int:number>"

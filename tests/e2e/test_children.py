@@ -34,7 +34,7 @@ import pytest
 from support.hangs import native_stacks
 from support.processes import burn, burn_cpu_by_pid, children, clean_env, free_port, http_get
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RATE_HZ = 500
 WORKERS = 2
 TASKS = 8
@@ -144,6 +144,7 @@ def _run(kind: str, method: str, ending: str, store: Path | str, timeout: float 
          **extra_env: str) -> dict[str, Any]:
     env = clean_env()
     env.update({"MW_PROFILING_QUIET": "1", **extra_env})
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), env.get("PYTHONPATH")]))
     child = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), kind, method, ending, str(store)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT),

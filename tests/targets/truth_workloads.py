@@ -1,7 +1,7 @@
-"""Hostile workloads with measured ground truth for tests/test_truth.py, each run in a child
+"""Hostile workloads with measured ground truth for tests/native/test_truth.py, each run in a child
 process (a crash in the sampler becomes a readable test failure; every run gets a fresh profiler):
 
-    python tests/truth_workloads.py NAME --rate HZ --seconds S [--threads N] [--native] [--samples N]
+    python tests/targets/truth_workloads.py NAME --rate HZ --seconds S [--threads N] [--native] [--samples N]
 
 prints one JSON object:
 
@@ -48,11 +48,11 @@ import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from middleware import MwTracker  # noqa: E402
 from middleware.profile import Profile  # noqa: E402
-from workloads import summarize  # noqa: E402  (tests/ is sys.path[0] when run as a script)
+from workloads import summarize  # noqa: E402  (tests/targets/ is sys.path[0] when run as a script)
 
 STARTED = time.time()
 TRACKER: MwTracker | None = None

@@ -134,7 +134,7 @@ def test_a_thread_blocking_our_signal_does_not_pile_up_queued_signals(tmp_path, 
     import os
     import subprocess
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, MW_PROFILING_CPU_TIMER=mode)
     p = subprocess.run([sys.executable, "-c", BLOCKED_SIGNALS_CHILD, root], capture_output=True, text=True,
                        timeout=60, env=env)

@@ -1,5 +1,5 @@
 """Are the samples TRUE? The profile against ground truth measured inside hostile workloads
-(tests/truth_workloads.py, each in a child process):
+(tests/targets/truth_workloads.py, each in a child process):
 
 - CPU attribution: threads that burn 1-5 ms and then block 10-20 ms must show their CPU in their
   burn function, not in the blocking call they are in when the tick comes (time.thread_time);
@@ -26,12 +26,12 @@ from typing import Any
 import pytest
 
 pytestmark = pytest.mark.sampler
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_truth(name: str, *args: str, timeout: float = 150) -> dict[str, Any]:
-    """Runs tests/truth_workloads.py NAME in a fresh interpreter and returns its JSON report."""
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "truth_workloads.py"), name, *args],
+    """Runs tests/targets/truth_workloads.py NAME in a fresh interpreter and returns its JSON report."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "targets" / "truth_workloads.py"), name, *args],
                           capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
     assert proc.returncode == 0, f"truth workload {name} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout)
@@ -96,7 +96,7 @@ def test_bursty_threads_cpu_is_charged_to_the_burning_function(rate: int, second
 
 
 # --- 2. Stacks: a static call graph -------------------------------------------------------------
-# Nodes are "<kind>:<qualname>", kind = the file the frame is in: W (tests/truth_workloads.py),
+# Nodes are "<kind>:<qualname>", kind = the file the frame is in: W (tests/targets/truth_workloads.py),
 # contextlib, labels (middleware/labels.py), tracker (MwTracker.labels only), threading, other.
 # The generator-based context manager's __enter__/__exit__ are one node per calling function,
 # because what they may call depends on whose `with` they serve.

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 INTERVAL_S = 0.1  # MW_PROFILING_UPLOAD_INTERVAL: a window every 0.1 s, about a dozen per run
 
 APP = """

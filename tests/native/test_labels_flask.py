@@ -22,7 +22,7 @@ import pytest
 
 from middleware.integrations import _post_import
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def spin(seconds: float) -> int:

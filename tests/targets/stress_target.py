@@ -1,4 +1,4 @@
-"""Stress target for the sampler (run in a child process by tests/test_stress.py).
+"""Stress target for the sampler (run in a child process by tests/native/test_stress.py).
 
 For --seconds: thread churn (hundreds of short threads a second), recursion 1,000 deep,
 generators and coroutines, and functions created with exec and discarded in a loop — all while
@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from middleware import MwTracker  # noqa: E402
 

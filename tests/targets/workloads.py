@@ -1,7 +1,7 @@
 """Known workloads for the sampler tests, run in a child process so that a crash in the sampler
 becomes a readable test failure and every test gets a fresh profiler.
 
-    python tests/workloads.py NAME [--rate HZ] [--seconds S]
+    python tests/targets/workloads.py NAME [--rate HZ] [--seconds S]
 
 prints one JSON object: the workload's ground truth and a summary of the profile.
 """
@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 # --- the calc workload of the seed app (demo_flask/calculations.py): pure loops with no Python
 # callees, so each function's self time is its total time ------------------------------------------

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 pytestmark = [pytest.mark.sampler, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_stress_no_crash_and_expected_functions():
     seconds = float(os.environ.get("MW_STRESS_SECONDS", "60"))
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "stress_target.py"), "--seconds", str(seconds)],
+        [sys.executable, str(ROOT / "tests" / "targets" / "stress_target.py"), "--seconds", str(seconds)],
         capture_output=True, text=True, timeout=seconds * 4 + 120, cwd=str(ROOT),
     )
     assert proc.returncode == 0, f"stress target died (rc={proc.returncode}):\n{proc.stderr[-6000:]}"

@@ -22,7 +22,7 @@ from support.profiles import T0, build, calc_profile, recursive_profile, sample
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MS = 1_000_000
 SEC = 1_000_000_000
 GO = shutil.which("go")

@@ -27,7 +27,7 @@ from support.profiles import build, sample
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
 T0 = 1_763_719_200
 N = 60

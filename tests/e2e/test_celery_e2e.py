@@ -40,7 +40,8 @@ from support.processes import burn, burn_cpu_by_pid, clean_env
 
 pytestmark = pytest.mark.slow
 
-TESTS = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent
+TESTS = HERE.parent
 CONCURRENCY = 2
 TASK_CPU_S = 0.15
 SHUTDOWN_CPU_S = 0.02
@@ -138,7 +139,7 @@ def _run_worker(tmp_path: Path, tasks: int, flags: list[str], stop_after: int | 
     env.update(
         MW_SERVICE_NAME="celery-e2e", MW_PROFILE_DIR=str(store), MW_PROFILING_UPLOAD_INTERVAL="600",
         CELERY_E2E_BROKER=str(broker), CELERY_E2E_RESULTS=str(results),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), str(TESTS), env.get("PYTHONPATH")])),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), str(HERE), str(TESTS), env.get("PYTHONPATH")])),
     )
     cmd = [sys.executable, "-m", "celery", "-A", "celery_app", "worker", "-P", "prefork",
            "-c", str(CONCURRENCY), "--without-gossip", "--without-mingle", "--without-heartbeat",

@@ -32,7 +32,7 @@ from middleware.pprof import encode_pprof
 from middleware.profile import Profile
 from support.profiles import build, sample
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV_VARS = ("MW_SERVE_MAX_SERIES_PER_UPLOAD", "MW_SERVE_MAX_SERIES_PER_SERVICE", "MW_SERVE_REQUEST_TIMEOUT",
             "MW_SERVE_MAX_CONNECTIONS")
 T0_S = 1_763_719_200

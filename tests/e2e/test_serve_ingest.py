@@ -31,7 +31,7 @@ from middleware.serve import ConfigError, ServeApp, ServeConfig, is_loopback
 from middleware.serve.ingest import IngestLimits, profile_type_ids
 from support.profiles import build, calc_profile, sample
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU = "process_cpu:cpu:nanoseconds:cpu:nanoseconds"
 SAMPLES = "process_cpu:samples:count:cpu:nanoseconds"
 WALL = "wall:wall:nanoseconds:wall:nanoseconds"

@@ -29,7 +29,7 @@ from support.fake_backend import FakeBackend
 
 pytestmark = pytest.mark.asan
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_TYPES = [("samples", "count"), ("cpu", "nanoseconds"), ("wall", "nanoseconds")]
 LABEL_KEY = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 STORE_NAME = re.compile(r"(?P<service>.+)-(?P<pid>\d+)-(?P<ms>\d+)\.pb\.gz\Z")

@@ -12,7 +12,7 @@ import pytest
 
 from middleware.pytest_plugin import MwProfile
 
-DEMO = Path(__file__).resolve().parent.parent / "demo_flask"
+DEMO = Path(__file__).resolve().parents[2] / "demo_flask"
 
 
 def _load_calculations() -> ModuleType:

@@ -29,7 +29,7 @@ from support.fake_backend import FakeBackend
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "middleware"
 VARIABLE = re.compile(r"(?:MW|OTEL|PYROSCOPE)_[A-Z0-9_]*[A-Z0-9]\Z")
 

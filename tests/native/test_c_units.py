@@ -1,4 +1,4 @@
-"""C unit tests of the pure C parts: tests/c/test_c_units.c linked against csrc/ sources.
+"""C unit tests of the pure C parts: tests/native/c/test_c_units.c linked against csrc/ sources.
 
 The line-table decoder is checked against CPython itself: each available CPython 3.10-3.13
 compiles hostile code shapes and a few standard-library modules, and sends every code object's
@@ -19,11 +19,11 @@ import pytest
 
 pytestmark = [pytest.mark.unit, pytest.mark.asan]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIN = "build/ctest/test_c_units"
 
 # Runs in the CPython under test; prints one line per code object (format documented in
-# tests/c/test_c_units.c) and, first, the number of code objects it sends.
+# tests/native/c/test_c_units.c) and, first, the number of code objects it sends.
 DUMP = r'''
 import importlib.util, sys, types
 
