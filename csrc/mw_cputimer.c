@@ -359,8 +359,7 @@ int mw_cputimer_init(int rate_hz, int max_depth, int signo, const char **why) {
         }
         for (int i = 0; i < REGS; i++)
             g_reg[i].fd = -1;
-        const char *direct = getenv("MW_PROFILING_DIRECT_READS");
-        g_guarded = !(direct && strcmp(direct, "0") == 0) && mw_guard_install() == 0;
+        g_guarded = mw_guard_allowed();
         for (int i = 0; i < SCRATCH && g_guarded; i++)
             if (mw_guard_register(&scratch_at(i)->guard) != 0) g_guarded = 0;
     }

@@ -11,8 +11,15 @@
 static _Atomic pid_t g_pid; /* cached: glibc's getpid() is a system call; refreshed after fork */
 static atomic_int g_ok;
 
+/* The one thread whose mw_safe_read/mw_safe_readv calls are guarded direct copies (the sampler,
+ * during a tick), and its guard. */
+static mw_guard_t *_Atomic g_direct_guard;
+static pthread_t g_direct_thread;
+
+/* In a forked child too: our pid changed, and the thread that read directly is not there. */
 static void refresh_pid(void) {
     atomic_store(&g_pid, getpid());
+    atomic_store(&g_direct_guard, NULL);
 }
 static atomic_uint_fast64_t g_failures;
 
@@ -36,11 +43,6 @@ int mw_saferead_init(void) {
     atomic_store(&g_ok, ok);
     return ok ? 0 : -1;
 }
-
-/* The one thread whose mw_safe_read/mw_safe_readv calls are guarded direct copies (the sampler,
- * during a tick), and its guard. */
-static mw_guard_t *_Atomic g_direct_guard;
-static pthread_t g_direct_thread;
 
 static int guarded_copy(mw_guard_t *g, const void *addr, size_t len, void *dst);
 
@@ -109,6 +111,7 @@ uint64_t mw_saferead_failures(void) {
 /* ---- mw_guard ---------------------------------------------------------------------------------
  */
 #include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 
@@ -174,6 +177,11 @@ int mw_guard_install(void) {
     }
     atomic_store(&g_guard_installed, 1);
     return 0;
+}
+
+int mw_guard_allowed(void) {
+    const char *direct = getenv("MW_PROFILING_DIRECT_READS");
+    return !(direct && strcmp(direct, "0") == 0) && mw_guard_install() == 0;
 }
 
 int mw_guard_active(void) {

@@ -79,6 +79,9 @@ typedef struct mw_guard {
 
 /* Installs the fault handlers (once; any thread, GIL held). 0, or -1 (not installed). */
 int mw_guard_install(void);
+/* mw_guard_install(), unless MW_PROFILING_DIRECT_READS=0 turns direct reads off: 1 when guarded
+ * direct reads may be used, 0 otherwise. Same threads and rules as mw_guard_install. */
+int mw_guard_allowed(void);
 /* 1 when our SIGSEGV handler is still the installed one (one sigaction query). */
 int mw_guard_active(void);
 /* Registers a guard with the fault handler (before its first use). 0 or -1 (table full). */

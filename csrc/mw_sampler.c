@@ -340,9 +340,7 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
     g_tick_hz = g_cfg.rate_hz;
     if (g_timers && g_tick_hz > g_cfg.wall_hz) g_tick_hz = g_cfg.wall_hz;
     if (!g_direct) {
-        const char *direct = getenv("MW_PROFILING_DIRECT_READS");
-        g_direct = !(direct && strcmp(direct, "0") == 0) && mw_guard_install() == 0 &&
-                   mw_guard_register(&g_sguard) == 0;
+        g_direct = mw_guard_allowed() && mw_guard_register(&g_sguard) == 0;
     }
     pthread_mutex_lock(&g_buf_lock);
     if (!g_active) {
