@@ -1,8 +1,9 @@
 /* mw_cputimer — CPU samples taken by the thread that spends the CPU, at the instant it spends it.
  *
  * Every Python thread the sampler knows gets a timer on its OWN CPU-time clock: a perf software
- * event (task-clock, PERF_COUNT_SW_TASK_CLOCK, one fd per thread, overflow every period of CPU
- * time, the signal routed to that thread with F_SETOWN_EX/F_SETSIG) where perf_event_open is
+ * event (task-clock, PERF_COUNT_SW_TASK_CLOCK, one fd per thread, the signal routed to that
+ * thread with F_SETOWN_EX/F_SETSIG; jittered systematic: one overflow at a random instant of
+ * each period of CPU time, the handler setting the next one) where perf_event_open is
  * allowed, else a POSIX timer on the thread's CPU clock (timer_create, SIGEV_THREAD_ID; the
  * kernel checks it on its scheduler tick, so a busy thread gets at most CONFIG_HZ signals a
  * second and an overrun count says how many periods each one stands for). Either way the signal

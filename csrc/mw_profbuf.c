@@ -187,6 +187,7 @@ static void add_values(mw_stack_t *s, const mw_values_t *v) {
     s->v.cpu_ns += v->cpu_ns;
     s->v.wall_samples += v->wall_samples;
     s->v.wall_ns += v->wall_ns;
+    s->v.own_ns += v->own_ns;
 }
 
 int mw_profbuf_add(mw_profbuf_t *b, const mw_id_t *frames, uint32_t depth, mw_id_t thread,

@@ -41,6 +41,8 @@ typedef struct mw_values {
     uint64_t cpu_ns;      /* CPU time attributed to the stack */
     uint64_t wall_samples;
     uint64_t wall_ns; /* elapsed time attributed to the stack */
+    uint64_t own_ns;  /* the profiler's own time in the thread at this stack (a CPU-timer
+                       * handler's run), part of cpu_ns once the window is settled */
 } mw_values_t;
 
 typedef struct mw_stack {

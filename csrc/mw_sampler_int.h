@@ -90,7 +90,7 @@ typedef struct {
 typedef struct {
     uint64_t gen; /* buffer generation the row belongs to (0 = free) */
     mw_id_t thread;
-    uint64_t cpu_ns, hits;
+    uint64_t cpu_ns, hits, own_ns;
 } cpu_window_t;
 
 /* mw_sampler.c */
@@ -122,8 +122,10 @@ void mws_ts_prune(void);
 void mws_zero_pages(void *p, size_t len);
 /* The interned name of st's thread in b (cached per buffer generation); its label set. */
 mw_id_t mws_thread_name_id(mw_profbuf_t *b, mw_tstate_t *st, uint32_t *labelset);
-/* Adds CPU time and on-CPU sample counts to a thread's row of window gen. */
-void mws_cpu_window_add(mw_id_t thread, uint64_t gen, uint64_t cpu_ns, uint64_t hits);
+/* Adds CPU time, on-CPU sample counts and the profiler's own time at those samples (a part of
+ * cpu_ns, see mws_cpu_window_finalize) to a thread's row of window gen. */
+void mws_cpu_window_add(mw_id_t thread, uint64_t gen, uint64_t cpu_ns, uint64_t hits,
+                        uint64_t own_ns);
 /* Writes every on-CPU stack's CPU time: its share of its thread's window CPU. Idempotent. */
 void mws_cpu_window_finalize(mw_profbuf_t *b);
 /* Pays a quiet thread's wall time to its remembered entry in b; the thread is no longer quiet. */

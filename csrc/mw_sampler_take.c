@@ -196,7 +196,7 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
     g_stats.samples++;
     if (on_cpu) {
         g_stats.cpu_samples++;
-        mws_cpu_window_add(thread, gen, st->pending, 1);
+        mws_cpu_window_add(thread, gen, st->pending, 1, 0);
         st->pending = 0;
         st->hit_gen = gen;
     }
@@ -261,7 +261,8 @@ static mw_tstate_t *sample_timed(mw_profbuf_t *b, const mw_pythread_t *th, mw_ts
     return st;
 }
 
-static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thread, uint64_t gen);
+static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thread, uint64_t gen,
+                          uint64_t own);
 
 /* A raw sample left by a thread's CPU-timer handler: named now. Names of code objects the symbol
  * cache does not have come from the copies the handler made while they were alive; application
@@ -284,6 +285,10 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
     uint64_t gen = mw_profbuf_generation(b);
     uint32_t labelset_now;
     mw_id_t thread = mws_thread_name_id(b, st, &labelset_now);
+    /* The handler's own run is CPU the thread spent at this very stack (its clock counts it),
+     * capped at a period: a handler preempted midway ran longer in wall time than on CPU. */
+    uint64_t period = (uint64_t)(1000000000LL / g_cfg.rate_hz);
+    uint64_t own = r->handler_ns < period ? r->handler_ns : period;
     /* The same raw stack as this thread's previous CPU sample (a hot loop): same entry, no
      * naming at all. */
     uint64_t h = 1469598103934665603ULL;
@@ -294,10 +299,10 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
     h = (h ^ ((uint64_t)r->labelset << 32 | (uint64_t)(uint32_t)r->depth)) * 1099511628211ULL;
     if (r->nips == 0 && !created && st->timed_gen == gen && st->timed_hash == h &&
         st->timed_thread == thread) {
-        mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall};
+        mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall, own};
         if (mw_profbuf_add_at(b, st->timed_idx, &v) == 0) {
             g_stats.reused++;
-            timed_account(st, r, thread, gen);
+            timed_account(st, r, thread, gen, own);
             return;
         }
     }
@@ -356,7 +361,7 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
         return;
     }
     if (r->truncated) g_stats.truncated++;
-    mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall};
+    mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall, own};
     uint32_t idx = 0;
     if (mw_profbuf_add_ex(b, g_ids, n, thread, r->labelset, &v, &idx) != 0) {
         g_stats.dropped++;
@@ -367,11 +372,12 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
     st->timed_gen = gen;
     st->timed_idx = idx;
     st->timed_thread = thread;
-    timed_account(st, r, thread, gen);
+    timed_account(st, r, thread, gen, own);
 }
 
 /* The bookkeeping of a CPU-timer sample added to the buffer: owed wall time paid, CPU window. */
-static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thread, uint64_t gen) {
+static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thread, uint64_t gen,
+                          uint64_t own) {
     g_stats.samples += st->owed_n;
     st->owed_n = st->owed_wall = 0;
     g_stats.cpu_samples++;
@@ -383,7 +389,7 @@ static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thre
         credit = (uint64_t)r->periods * (uint64_t)(1000000000LL / g_cfg.rate_hz);
         st->credit_ns += credit;
     }
-    mws_cpu_window_add(thread, gen, st->pending + credit, r->periods);
+    mws_cpu_window_add(thread, gen, st->pending + credit, r->periods, own);
     st->pending = 0;
     st->hit_gen = gen;
 }
@@ -442,7 +448,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
      * of this window its CPU waits in `pending`. */
     if (dcpu) {
         if (st->hit_gen == gen && st->name_gen == gen && st->name_id)
-            mws_cpu_window_add(st->name_id, gen, dcpu, 0);
+            mws_cpu_window_add(st->name_id, gen, dcpu, 0, 0);
         else
             st->pending += dcpu;
     }

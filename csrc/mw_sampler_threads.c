@@ -86,8 +86,12 @@ mw_id_t mws_thread_name_id(mw_profbuf_t *b, mw_tstate_t *st, uint32_t *labelset)
  * was spent is only known at its on-CPU samples. At the end of a window (and for a snapshot)
  * each thread's CPU of the window is split over its on-CPU samples of the window in
  * proportion to their counts: a ratio estimator, unbiased as the samples are, with the exact
- * total. Threads with the same name share one row. Sampler thread (ticks) and the swap/snapshot
- * side, both under the buffer lock. */
+ * total. One part is known exactly: the CPU-timer handlers' own runs (own_ns), which the
+ * thread's clock counts at the stack each one interrupted but which no sample can land in (a
+ * sample comes at the start of its handler). Each stack gets its own handler time, and the rest
+ * of the window's CPU is split by counts; otherwise a stack whose handler is dearer (a deep
+ * native stack to unwind) would lose its surplus to the cheaper stacks. Threads with the same name
+ * share one row. Sampler thread (ticks) and the swap/snapshot side, both under the buffer lock. */
 cpu_window_t *g_win;
 
 static cpu_window_t *cpu_window_row(mw_id_t thread, uint64_t gen, int create) {
@@ -99,14 +103,15 @@ static cpu_window_t *cpu_window_row(mw_id_t thread, uint64_t gen, int create) {
             if (!create) return NULL;
             w->gen = gen;
             w->thread = thread;
-            w->cpu_ns = w->hits = 0;
+            w->cpu_ns = w->hits = w->own_ns = 0;
             return w;
         }
     }
     return NULL;
 }
 
-void mws_cpu_window_add(mw_id_t thread, uint64_t gen, uint64_t cpu_ns, uint64_t hits) {
+void mws_cpu_window_add(mw_id_t thread, uint64_t gen, uint64_t cpu_ns, uint64_t hits,
+                        uint64_t own_ns) {
     cpu_window_t *w = g_win ? cpu_window_row(thread, gen, 1) : NULL;
     if (!w) {
         g_stats.cpu_unattributed_ns += cpu_ns;
@@ -114,6 +119,7 @@ void mws_cpu_window_add(mw_id_t thread, uint64_t gen, uint64_t cpu_ns, uint64_t 
     }
     w->cpu_ns += cpu_ns;
     w->hits += hits;
+    w->own_ns += own_ns;
 }
 
 /* Writes every on-CPU stack's CPU time: its share of its thread's window CPU. Idempotent. */
@@ -125,8 +131,16 @@ void mws_cpu_window_finalize(mw_profbuf_t *b) {
         mw_stack_t *s = (mw_stack_t *)mw_profbuf_stack(b, i);
         if (!s->v.cpu_samples) continue;
         cpu_window_t *w = cpu_window_row(s->thread, gen, 0);
-        s->v.cpu_ns =
-            w && w->hits ? (uint64_t)((__uint128_t)w->cpu_ns * s->v.cpu_samples / w->hits) : 0;
+        if (!w || !w->hits) {
+            s->v.cpu_ns = 0;
+            continue;
+        }
+        uint64_t own = s->v.own_ns, rest = 0;
+        if (w->own_ns > w->cpu_ns) /* not expected: the clock counts every handler run */
+            own = (uint64_t)((__uint128_t)w->cpu_ns * own / w->own_ns);
+        else
+            rest = w->cpu_ns - w->own_ns;
+        s->v.cpu_ns = (uint64_t)((__uint128_t)rest * s->v.cpu_samples / w->hits) + own;
     }
 }
 

@@ -53,8 +53,8 @@ def is_marker(name: str) -> bool:
 # clock, exact) belongs to its burn function except for what its loop and blocking calls really
 # cost: 40-100 µs of CPU per blocking call on a VM, ~2% of the thread's CPU, measured as the
 # truth ("outside" = thread_time not inside a burn call). The profile may put at most 5% of the
-# bursty threads' CPU outside the burn functions, or the true outside share plus 3 points when
-# a loaded machine makes the blocking calls dearer than 2%.
+# bursty threads' CPU outside the burn functions, or the true outside share plus 3 points (4 sigma
+# when that is more) when a loaded machine makes the blocking calls dearer than 2%.
 # Durations. A sampler that charges each thread's CPU to where that thread really ran gets these
 # shares right whatever the number of samples; the duration is for a sampler that finds the
 # running stack by sampling: at 100 Hz a tick lands inside a burst only 15-25% of the time, and
@@ -86,8 +86,13 @@ def test_bursty_threads_cpu_is_charged_to_the_burning_function(rate: int, second
                f"bursty threads' CPU outside burn functions {100 * outside:.1f}% (truly {100 * truth_outside:.1f}%); "
                f"burn shares (truth %, profile %) {shares}")
     print(figures)
-    # THEN the blocking calls (every stack without a burn function) get <= 5% of the CPU
-    assert outside <= max(0.05, truth_outside + 0.03), figures
+    # THEN the blocking calls (every stack without a burn function) get <= 5% of the CPU, or
+    # their true share plus the larger of 3 points and 4 sigma of a share estimated from the
+    # bursty threads' on-CPU samples (their CPU / period): on a loaded machine the blocking calls
+    # cost more (a true 8.7% in one CI run), and at ~550 samples one sigma is then 1.2 points
+    n_samples = max(mine_cpu * rate / 1e9, 1)
+    sigma = (max(truth_outside, 0.01) * (1 - truth_outside) / n_samples) ** 0.5
+    assert outside <= max(0.05, truth_outside + max(0.03, 4 * sigma)), figures
     # AND each burn function's share is within 5 points of its thread_time share
     for b, (want, got) in shares.items():
         assert abs(want - got) <= 5, (b, figures)
@@ -395,26 +400,18 @@ def test_line_shares_agree_between_python_and_native_sampling() -> None:
     assert sum(a.get(k, 0) for k in hot) >= 0.9 and sum(b.get(k, 0) for k in hot) >= 0.9, figures
     # AND every line's share agrees within 5 points between the modes
     worst_line = max(abs(d) for d in diffs.values())
-    # AND in both modes the two targets' shares match their thread_time split within 5 points
+    # AND in both modes the two targets' shares match their thread_time split
     off = {}
     for mode, r, shares in (("python", py, a), ("native", nat, b)):
         t = r["truth"]["cpu_s"]
         want = t["rec_lines"] / (t["rec_lines"] + t["busy_two"])
         off[mode] = 100 * (sum(v for k, v in shares.items() if k.startswith("rec_lines:")) - want)
-    assert abs(off["python"]) <= 5, (off, figures)
-    if worst_line <= 5 and abs(off["native"]) <= 5:
-        return
-    # A known defect, CPython 3.10 with native frames only: the CPU timer's period is strictly
-    # periodic and these two functions alternate every ~0.3 ms, so samples lock onto a phase, and
-    # the handler's own time (30-40 us there: 3.10 runs one C eval frame per Python call, ~80
-    # native frames to unwind at depth 20) shifts which one: the recursion gets 1-6 points fewer
-    # samples than its thread_time share (measured -1.3 to -5.7; python-only within 1.6; with
-    # 4.5 ms phases no bias; 3.11+ within 1). Expected failure within 8 points, in its direction;
-    # anything else fails.
-    known = sys.version_info[:2] == (3, 10) and worst_line <= 8 and -8 <= off["native"] < 0
-    assert known, (worst_line, off, figures)
-    pytest.xfail(f"CPython 3.10 native: deep recursion under-sampled by {-off['native']:.1f} points when it "
-                 f"alternates faster than the sampling period ({figures})")
+    # (within 4 points: ~4 sigma of a 50% share at 2,500 samples). This is what caught the
+    # strictly periodic CPU timer aliasing with code alternating every ~0.3 ms, and a deep
+    # stack's dearer handler run (3.10 native: ~80 native frames to unwind) being split over all
+    # samples instead of charged to its own stack: the recursion came out 1-6 points short.
+    assert abs(off["python"]) <= 4 and abs(off["native"]) <= 4, (off, figures)
+    assert worst_line <= 5, (worst_line, figures)
 
 
 # --- 5. Wall time of idle threads: quiet ticks read (almost) none of them ---------------------------
