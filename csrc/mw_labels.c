@@ -89,6 +89,10 @@ out:
     return id;
 }
 
+void mw_labels_after_fork_child(void) {
+    pthread_mutex_init(&g_lock, NULL);
+}
+
 int mw_labels_get(uint32_t id, const char *const **keys, const char *const **vals) {
     if (id == 0) return 0;
     if (id > atomic_load(&g_count)) return -1;

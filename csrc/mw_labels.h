@@ -25,4 +25,9 @@ int mw_labels_get(uint32_t id, const char *const **keys, const char *const **val
 
 uint64_t mw_labels_refused(void);
 
+/* In a forked child, before any other call: the interning mutex starts unlocked again (the fork
+ * may have come from a thread without the GIL while another was interning; a set half-added
+ * then is only missing from the lookup index, and interning it again adds a duplicate). */
+void mw_labels_after_fork_child(void);
+
 #endif

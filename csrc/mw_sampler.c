@@ -15,6 +15,7 @@
 #include "mw_sampler_int.h"
 
 #include "mw_cputimer.h"
+#include "mw_labels.h"
 #include "mw_pyframes.h"
 #include "mw_report.h"
 #include "mw_saferead.h"
@@ -477,6 +478,7 @@ static void atfork_child(void) {
     g_window_start_ns = mw_now_realtime_ns();
     memset(&g_stats, 0, sizeof g_stats);
     mw_threads_reset_after_fork();
+    mw_labels_after_fork_child();
     mw_cputimer_after_fork_child();
     g_timers_armed = 0;
     for (uint32_t i = 0; g_ts && i < TS_SLOTS; i++)

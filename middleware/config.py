@@ -29,6 +29,7 @@ The native core reads three variables itself, listed in :data:`NATIVE_VARIABLES`
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import os
@@ -478,6 +479,11 @@ class ProfilerConfig:
 def resolve_config(env: Mapping[str, str] | None = None, **args: Any) -> ProfilerConfig:
     """Builds the configuration from keyword arguments, then ``env`` (default ``os.environ``)."""
     env = os.environ if env is None else env
+    for name in sorted(set(args) - set(SETTINGS)):
+        # A misspelt option must not pass for a default, nor stop the application: said once.
+        close = difflib.get_close_matches(name, list(SETTINGS), n=1)
+        logger.warning("unknown profiler option %r ignored%s; the options are: %s", name,
+                       f" (did you mean {close[0]!r}?)" if close else "", ", ".join(sorted(SETTINGS)))
     values: dict[str, Any] = {}
     for f in fields(ProfilerConfig):
         if f.name in SETTINGS:

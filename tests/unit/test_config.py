@@ -27,6 +27,14 @@ def test_env_then_args():
     assert resolve_config({**env, "OTEL_SERVICE_NAME": "otel"}).service_name == "otel"
 
 
+def test_an_unknown_option_is_named_in_a_warning_and_changes_nothing(caplog):
+    with caplog.at_level(logging.WARNING, logger="middleware.config"):
+        c = resolve_config({}, sampel_rate=5)
+    assert c.sample_rate == 100
+    msgs = [r.getMessage() for r in caplog.records if "sampel_rate" in r.getMessage()]
+    assert len(msgs) == 1 and "did you mean 'sample_rate'" in msgs[0], caplog.text
+
+
 @pytest.mark.parametrize("bad", ["fast", "0", "-5", "100000", ""])
 def test_bad_sample_rate_warns_and_uses_default(bad, caplog):
     with caplog.at_level(logging.WARNING, logger="middleware.config"):

@@ -325,3 +325,9 @@ def test_serve_imports_no_store_when_the_agent_keeps_none(tmp_path):
     env = _hermetic(tmp_path, MW_PROFILE_DIR="off")
     assert resolve_config(env).profile_dir is None
     assert _serve_imports(tmp_path, env) == "none"
+
+
+def test_every_environment_variable_of_the_settings_table_is_in_the_readme():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [env for s in config.SETTINGS.values() for env in s.env if f"`{env}`" not in readme]
+    assert not missing, f"README's configuration table lacks {missing}"
