@@ -33,7 +33,7 @@
 #define PERF_MAX 256  /* perf fds at most (and at most a quarter of RLIMIT_NOFILE) */
 #define PERF_BUDGET 8 /* overflows a perf event may signal before the handler re-arms it */
 #define PERF_REFILL 4
-#define PERF_MIN_PERIOD 10000 /* ns: the kernel's floor for a task-clock period */
+#define PERF_MIN_PERIOD 20000 /* ns: no period shorter (a handler runs 10-50 us) */
 
 typedef struct {
     _Atomic long tid;     /* 0 = free */
@@ -41,8 +41,9 @@ typedef struct {
     uintptr_t tstate;
     int fd;                /* perf event, -1 if none */
     uint32_t since_refill; /* handler samples since it last topped up the perf budget */
-    uint64_t slot_off;     /* perf: where in its period slot the coming sample falls (ns of CPU) */
-    uint64_t rng;          /* perf: xorshift64* state for slot_off (the owning thread's handler) */
+    uint64_t slot_end;     /* perf: end of the coming sample's slot, in the event's own count */
+    uint64_t slot_off;     /* perf: where in its slot the coming sample falls (fallback only) */
+    uint64_t rng;          /* perf: xorshift64* state (the owning thread's handler) */
     uint64_t cpu_at_arm;   /* the thread's CPU clock when it was armed: samples cover from there */
     int has_timer;
     timer_t timer;
@@ -238,26 +239,56 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
         return;
     }
     reg_t *r = &g_reg[key & (REGS - 1)];
-    /* Jittered systematic sampling: CPU time is cut in slots of one period and each slot gets
-     * one sample at a random instant within it. The next overflow is therefore (end of this
-     * sample's slot) + (a fresh random offset into the next one): a function's sample count is
-     * its CPU time / period to within one sample per stretch it ran (as with a fixed period),
-     * but the phase is random, so code that alternates on a fixed rhythm cannot alias with the
+    /* Jittered systematic sampling: the thread's CPU time is cut in slots of one period and
+     * each slot gets one sample at a random instant within it. A function's sample count is its
+     * CPU time / period to within one sample per stretch it ran (as with a fixed period), but
+     * the phase is random, so code that alternates on a fixed rhythm cannot alias with the
      * period (with a fixed period the handler's own time, longer on deep stacks, shifted which
      * phase the next sample hit: a 20-deep recursion alternating with a loop every 0.3 ms got up
-     * to 5.6 points too few samples on CPython 3.10 with native frames). The period is set
-     * first thing in the handler so the few us between the overflow and the ioctl are the same
-     * whatever the stack (~4 us, one ioctl per sample).
+     * to 5.6 points too few samples on CPython 3.10 with native frames). The slots are laid in
+     * the event's own count (task-clock ns of this thread, read here): setting the next period
+     * restarts the countdown, and the CPU between the overflow and that restart (signal
+     * delivery, the ioctl itself: tens of us on a loaded VM) would otherwise be lost at every
+     * sample — a thread whose CPU is known only from its samples came out 10% short. A signal
+     * that comes later than a whole slot stands for the slots it missed (periods), as a POSIX
+     * timer's overrun count does. One read and one ioctl per sample (~5 and ~15 us here).
      * A perf event also stops by itself after PERF_BUDGET overflows (PERF_EVENT_IOC_REFRESH) and
      * the handler tops the budget up every PERF_REFILL samples, so at most PERF_BUDGET of its
      * signals are ever queued: a thread that blocks our signal cannot pile up queued real-time
      * signals (past RLIMIT_SIGPENDING the kernel would turn an overflow into SIGIO, which
      * kills). */
     if (perf_fd >= 0 && key && atomic_load(&r->gen) == key >> REG_BITS && atomic_load(&r->tid)) {
-        uint64_t u = jitter_draw(&r->rng, (uint64_t)g_period_ns);
-        uint64_t next = (uint64_t)g_period_ns - r->slot_off + u;
-        r->slot_off = u;
-        if (next < PERF_MIN_PERIOD) next = PERF_MIN_PERIOD;
+        uint64_t P = (uint64_t)g_period_ns, u = jitter_draw(&r->rng, P), c = 0, next;
+        if (read(perf_fd, &c, sizeof c) == (ssize_t)sizeof c) {
+            uint64_t end = r->slot_end;
+            if (c >= end + P) { /* whole slots went by without a sample: this one stands for them */
+                uint64_t missed = (c - end) / P;
+                if (missed > 1000000) missed = 1000000;
+                periods += (uint32_t)missed;
+                end += missed * P;
+            }
+            /* The next sample: in the next slot, [end, end + P). Never sooner than P/8 from now:
+             * a short period fires again inside this handler, and a train of them is an
+             * overflow storm (the budget would stop it, the samples would be wrong). When the
+             * instant drawn is that close (or already past: this signal came late), the slot
+             * goes to this sample too and the next slot gets the next one. */
+            uint64_t target = end + u,
+                     soonest = c + (P / 8 > PERF_MIN_PERIOD ? P / 8 : PERF_MIN_PERIOD);
+            for (int g = 0; target < soonest && g < 4; g++) {
+                periods++;
+                end += P;
+                target = end + jitter_draw(&r->rng, P);
+            }
+            next = target > c ? target - c : P;
+            r->slot_end = end + P;
+        } else { /* no count: relative to now (the gap before the restart is lost) */
+            next = P - r->slot_off + u;
+            r->slot_off = u;
+            if (next < P / 8 + PERF_MIN_PERIOD) { /* as above: too soon, one slot more */
+                next += P;
+                periods++;
+            }
+        }
         ioctl(perf_fd, PERF_EVENT_IOC_PERIOD, &next);
         if (++r->since_refill >= PERF_REFILL) {
             r->since_refill = 0;
@@ -463,6 +494,7 @@ static int arm_perf(reg_t *r, long tid, uint32_t key) {
     /* The first sample at a random instant of the first slot (see the handler). */
     r->rng = ((uint64_t)mono_ns() << 20) ^ ((uint64_t)tid << 1) ^ key ^ 1;
     r->slot_off = jitter_draw(&r->rng, (uint64_t)g_period_ns);
+    r->slot_end = (uint64_t)g_period_ns; /* the event counts from 0: slot 0 is [0, P) */
     int fd = perf_open(tid, r->slot_off < PERF_MIN_PERIOD ? PERF_MIN_PERIOD : (int64_t)r->slot_off);
     if (fd < 0) return -1;
     if (fd >= FDKEYS || perf_route(fd, tid) != 0) {
