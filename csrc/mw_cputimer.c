@@ -42,6 +42,7 @@ typedef struct {
     int fd;                /* perf event, -1 if none */
     uint32_t since_refill; /* handler samples since it last topped up the perf budget */
     uint64_t slot_end;     /* perf: end of the coming sample's slot, in the event's own count */
+    uint64_t target;       /* perf: the count at which the coming sample is due */
     uint64_t slot_off;     /* perf: where in its slot the coming sample falls (fallback only) */
     uint64_t rng;          /* perf: xorshift64* state (the owning thread's handler) */
     uint64_t cpu_at_arm;   /* the thread's CPU clock when it was armed: samples cover from there */
@@ -156,7 +157,7 @@ static uint32_t g_rec_next;      /* sampler: where the drain scan resumes */
 static _Atomic uint32_t g_ready; /* records in state 2: a tick with none scans nothing */
 
 static _Atomic uint64_t c_faults, c_native, c_native_frames, c_signals, c_recorded, c_periods,
-    c_no_record, c_no_scratch, c_torn, c_stale, c_handler_ns;
+    c_no_record, c_no_scratch, c_torn, c_stale, c_handler_ns, c_early;
 static uint64_t c_armed, c_arm_failed;                     /* under g_lock */
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER; /* arm / disarm / sweep */
 
@@ -257,9 +258,20 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
      * signals are ever queued: a thread that blocks our signal cannot pile up queued real-time
      * signals (past RLIMIT_SIGPENDING the kernel would turn an overflow into SIGIO, which
      * kills). */
+    int early = 0;
     if (perf_fd >= 0 && key && atomic_load(&r->gen) == key >> REG_BITS && atomic_load(&r->tid)) {
         uint64_t P = (uint64_t)g_period_ns, u = jitter_draw(&r->rng, P), c = 0, next;
-        if (read(perf_fd, &c, sizeof c) == (ssize_t)sizeof c) {
+        if (++r->since_refill >= PERF_REFILL) { /* every overflow spends the budget */
+            r->since_refill = 0;
+            ioctl(perf_fd, PERF_EVENT_IOC_REFRESH, PERF_REFILL);
+        }
+        if (read(perf_fd, &c, sizeof c) == (ssize_t)sizeof c && c < r->target) {
+            /* Early: the previous period ran on until our ioctl took effect and overflowed
+             * once more meanwhile (a short period, a late handler). Not a sample: the one due
+             * is still ahead. */
+            early = 1;
+            next = r->target - c;
+        } else if (c) {
             uint64_t end = r->slot_end;
             if (c >= end + P) { /* whole slots went by without a sample: this one stands for them */
                 uint64_t missed = (c - end) / P;
@@ -281,6 +293,7 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
             }
             next = target > c ? target - c : P;
             r->slot_end = end + P;
+            r->target = target;
         } else { /* no count: relative to now (the gap before the restart is lost) */
             next = P - r->slot_off + u;
             r->slot_off = u;
@@ -290,10 +303,10 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
             }
         }
         ioctl(perf_fd, PERF_EVENT_IOC_PERIOD, &next);
-        if (++r->since_refill >= PERF_REFILL) {
-            r->since_refill = 0;
-            ioctl(perf_fd, PERF_EVENT_IOC_REFRESH, PERF_REFILL);
-        }
+    }
+    if (early) {
+        bump(&c_early, 1);
+        return;
     }
     /* The signal is routed to the registered thread (F_OWNER_TID / SIGEV_THREAD_ID, both bound to
      * that task, not to its number): while the registration has the key's generation, we are
@@ -495,7 +508,9 @@ static int arm_perf(reg_t *r, long tid, uint32_t key) {
     r->rng = ((uint64_t)mono_ns() << 20) ^ ((uint64_t)tid << 1) ^ key ^ 1;
     r->slot_off = jitter_draw(&r->rng, (uint64_t)g_period_ns);
     r->slot_end = (uint64_t)g_period_ns; /* the event counts from 0: slot 0 is [0, P) */
-    int fd = perf_open(tid, r->slot_off < PERF_MIN_PERIOD ? PERF_MIN_PERIOD : (int64_t)r->slot_off);
+    if (r->slot_off < PERF_MIN_PERIOD) r->slot_off = PERF_MIN_PERIOD;
+    r->target = r->slot_off;
+    int fd = perf_open(tid, (int64_t)r->slot_off);
     if (fd < 0) return -1;
     if (fd >= FDKEYS || perf_route(fd, tid) != 0) {
         close(fd);
@@ -660,6 +675,7 @@ void mw_cputimer_get_stats(mw_cputimer_stats_t *out) {
     out->no_scratch = atomic_load(&c_no_scratch);
     out->torn = atomic_load(&c_torn);
     out->stale = atomic_load(&c_stale);
+    out->early = atomic_load(&c_early);
     out->handler_ns = atomic_load(&c_handler_ns);
     out->native = atomic_load(&c_native);
     out->faults = atomic_load(&c_faults);

@@ -91,6 +91,7 @@ typedef struct mw_cputimer_stats {
     uint64_t torn;          /* dropped: the thread was between two stores of the eval loop */
     uint64_t faults;        /* of which a read that faulted (recovered by the guard) */
     uint64_t stale;         /* signals for a registration that had moved on (ignored) */
+    uint64_t early;         /* perf overflows before the sample due (a period not yet reset) */
     uint64_t handler_ns;    /* total time spent in handlers */
     uint64_t native;        /* samples with a native stack (native mode) */
     uint64_t native_frames; /* native frames captured in them */

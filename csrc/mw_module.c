@@ -116,6 +116,7 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "cpu_timer_torn", t.torn) ||
         mw_dict_put_u64(d, "cpu_timer_faults", t.faults) ||
         mw_dict_put_u64(d, "cpu_timer_stale", t.stale) ||
+        mw_dict_put_u64(d, "cpu_timer_early", t.early) ||
         mw_dict_put_u64(d, "handler_ns", t.handler_ns) ||
         mw_dict_put_u64(d, "tick_rate", (uint64_t)mw_sampler_tick_rate()) ||
         mw_dict_put_u64(d, "symcache_aborted", c.aborted) ||

@@ -688,8 +688,35 @@ def run_idle(args: argparse.Namespace) -> dict[str, Any]:
     return {"elapsed_s": elapsed, "idle": {t.name: ("idle_a" if i % 2 == 0 else "idle_b") for i, t in enumerate(idle)}}
 
 
+# --- short: threads that live less than one sampling period ----------------------------------------
+# Batches of threads that each run ~0.1 ms of Python and end, for --seconds. Truth: the process's
+# CPU minus the main thread's and the sampler thread's (stats()["sampler_cpu_ns"]): all the rest
+# is the short threads' own, from their start-up to their exit.
+def short_task() -> None:
+    sum(range(3000))
+
+
+def run_short(args: argparse.Namespace) -> dict[str, Any]:
+    assert TRACKER is not None
+    s0 = TRACKER.stats()["sampler_cpu_ns"]
+    p0, m0 = time.process_time(), time.thread_time()
+    end = time.monotonic() + args.seconds
+    n = 0
+    while time.monotonic() < end:
+        batch = [threading.Thread(target=short_task, name=f"short-{n + i}") for i in range(args.threads or 50)]
+        for t in batch:
+            t.start()
+        for t in batch:
+            t.join()
+        n += len(batch)
+    process, main = time.process_time() - p0, time.thread_time() - m0
+    sampler = (TRACKER.stats()["sampler_cpu_ns"] - s0) / 1e9
+    return {"threads": n, "short_cpu_s": process - main - sampler, "main_cpu_s": main, "sampler_cpu_s": sampler}
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "bursty": run_bursty, "graph": run_graph, "churn": run_churn, "lines": run_lines, "idle": run_idle}
+    "bursty": run_bursty, "graph": run_graph, "churn": run_churn, "lines": run_lines, "idle": run_idle,
+    "short": run_short}
 
 
 def main() -> None:
