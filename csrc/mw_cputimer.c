@@ -250,9 +250,9 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
      * the event's own count (task-clock ns of this thread, read here): setting the next period
      * restarts the countdown, and the CPU between the overflow and that restart (signal
      * delivery, the ioctl itself: tens of us on a loaded VM) would otherwise be lost at every
-     * sample — a thread whose CPU is known only from its samples came out 10% short. A signal
+     * sample (a thread whose CPU was known only from its samples came out 10% short). A signal
      * that comes later than a whole slot stands for the slots it missed (periods), as a POSIX
-     * timer's overrun count does. One read and one ioctl per sample (~5 and ~15 us here).
+     * timer's overrun count does. One read and one ioctl per sample (~2 and ~12 us here).
      * A perf event also stops by itself after PERF_BUDGET overflows (PERF_EVENT_IOC_REFRESH) and
      * the handler tops the budget up every PERF_REFILL samples, so at most PERF_BUDGET of its
      * signals are ever queued: a thread that blocks our signal cannot pile up queued real-time
