@@ -264,6 +264,11 @@ static mw_tstate_t *sample_timed(mw_profbuf_t *b, const mw_pythread_t *th, mw_ts
 static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thread, uint64_t gen,
                           uint64_t own);
 
+/* The CPU time one CPU-timer period stands for (1 / the sample rate). */
+static uint64_t cpu_period_ns(void) {
+    return (uint64_t)(1000000000LL / g_cfg.rate_hz);
+}
+
 /* A raw sample left by a thread's CPU-timer handler: named now. Names of code objects the symbol
  * cache does not have come from the copies the handler made while they were alive; application
  * memory is never read for them after the fact (the code object may be gone by now). */
@@ -287,8 +292,7 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
     mw_id_t thread = mws_thread_name_id(b, st, &labelset_now);
     /* The handler's own run is CPU the thread spent at this very stack (its clock counts it),
      * capped at a period: a handler preempted midway ran longer in wall time than on CPU. */
-    uint64_t period = (uint64_t)(1000000000LL / g_cfg.rate_hz);
-    uint64_t own = r->handler_ns < period ? r->handler_ns : period;
+    uint64_t own = r->handler_ns < cpu_period_ns() ? r->handler_ns : cpu_period_ns();
     /* The same raw stack as this thread's previous CPU sample (a hot loop): same entry, no
      * naming at all. */
     uint64_t h = 1469598103934665603ULL;
@@ -386,7 +390,7 @@ static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thre
      * CPU time); the first tick that reads its clock takes the credited part off. */
     uint64_t credit = 0;
     if (st->timer_born) {
-        credit = (uint64_t)r->periods * (uint64_t)(1000000000LL / g_cfg.rate_hz);
+        credit = (uint64_t)r->periods * cpu_period_ns();
         st->credit_ns += credit;
     }
     mws_cpu_window_add(thread, gen, st->pending + credit, r->periods, own);

@@ -482,8 +482,8 @@ def resolve_config(env: Mapping[str, str] | None = None, **args: Any) -> Profile
     for name in sorted(set(args) - set(SETTINGS)):
         # A misspelt option must not pass for a default, nor stop the application: said once.
         close = difflib.get_close_matches(name, list(SETTINGS), n=1)
-        logger.warning("unknown profiler option %r ignored%s; the options are: %s", name,
-                       f" (did you mean {close[0]!r}?)" if close else "", ", ".join(sorted(SETTINGS)))
+        visible_warning(logger, "middleware: unknown profiler option %r ignored%s; the options are: %s", name,
+                        f" (did you mean {close[0]!r}?)" if close else "", ", ".join(sorted(SETTINGS)))
     values: dict[str, Any] = {}
     for f in fields(ProfilerConfig):
         if f.name in SETTINGS:
