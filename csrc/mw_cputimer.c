@@ -45,7 +45,8 @@ typedef struct {
     uint64_t target;       /* perf: the count at which the coming sample is due */
     uint64_t slot_off;     /* perf: where in its slot the coming sample falls (fallback only) */
     uint64_t rng;          /* perf: xorshift64* state (the owning thread's handler) */
-    uint64_t cpu_at_arm;   /* the thread's CPU clock when it was armed: samples cover from there */
+    uint64_t cpu_at_arm;   /* CPU clock from which samples cover the thread (0: from its birth) */
+    uint32_t bonus;        /* perf: periods the first sample also stands for (CPU before arming) */
     int has_timer;
     timer_t timer;
 } reg_t;
@@ -157,7 +158,7 @@ static uint32_t g_rec_next;      /* sampler: where the drain scan resumes */
 static _Atomic uint32_t g_ready; /* records in state 2: a tick with none scans nothing */
 
 static _Atomic uint64_t c_faults, c_native, c_native_frames, c_signals, c_recorded, c_periods,
-    c_no_record, c_no_scratch, c_torn, c_stale, c_handler_ns, c_early;
+    c_no_record, c_no_scratch, c_torn, c_stale, c_handler_ns, c_early, c_exit_periods;
 static uint64_t c_armed, c_arm_failed;                     /* under g_lock */
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER; /* arm / disarm / sweep */
 
@@ -303,6 +304,10 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
             }
         }
         ioctl(perf_fd, PERF_EVENT_IOC_PERIOD, &next);
+        if (!early && r->bonus) { /* the CPU it used before it was armed (arm_perf) */
+            periods += r->bonus;
+            r->bonus = 0;
+        }
     }
     if (early) {
         bump(&c_early, 1);
@@ -338,16 +343,17 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
     }
     int mine = 0, truncated = 0;
     int read = read_self(sc, rec, r->tstate, me, &mine, &truncated);
-    if (read < 0 || !mine || truncated == 2) {
+    if (read < 0 || (mine && truncated == 2)) {
         atomic_store(&sc->busy, 0);
         atomic_store(&g_state[rec - g_rec], 0);
-        if (read < 0) { /* a read faulted: the thread was caught between two stores */
-            bump(&c_torn, 1);
-            bump(&c_faults, 1);
-        } else {
-            bump(!mine ? &c_stale : &c_torn, 1); /* !mine: its state is going (thread ending) */
-        }
+        bump(&c_torn, 1);
+        if (read < 0) bump(&c_faults, 1); /* a read faulted: caught between two stores */
         return;
+    }
+    if (!mine) { /* its thread state is going (the thread is ending): its CPU, no Python frame */
+        rec->depth = 0;
+        rec->ncopies = 0;
+        truncated = 0;
     }
     int depth = rec->depth;
     rec->nips = rec->ips_complete = 0;
@@ -498,7 +504,7 @@ static int arm_timer(reg_t *r, long tid, uint32_t key) {
     return 0;
 }
 
-static int arm_perf(reg_t *r, long tid, uint32_t key) {
+static int arm_perf(reg_t *r, long tid, uint32_t key, int born) {
     if (g_perf_open >= g_perf_max) return -1;
     /* perf_event_open accepts any thread of the same user: make sure tid is one of OURS (a thread
      * id inherited from another process, e.g. a forked worker's stale thread state, would send
@@ -509,16 +515,37 @@ static int arm_perf(reg_t *r, long tid, uint32_t key) {
     r->slot_off = jitter_draw(&r->rng, (uint64_t)g_period_ns);
     r->slot_end = (uint64_t)g_period_ns; /* the event counts from 0: slot 0 is [0, P) */
     if (r->slot_off < PERF_MIN_PERIOD) r->slot_off = PERF_MIN_PERIOD;
-    r->target = r->slot_off;
+    r->bonus = 0;
     int fd = perf_open(tid, (int64_t)r->slot_off);
     if (fd < 0) return -1;
     if (fd >= FDKEYS || perf_route(fd, tid) != 0) {
         close(fd);
         return -1;
     }
+    struct timespec ts;
+    if (born && clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0) {
+        /* A thread arming itself at its start has already run `pre` ns (its creation, the
+         * interpreter's thread bootstrap, this arming: ~0.1 ms, as much as a thread that runs
+         * 0.1 ms of Python uses in all) that no slot of the event covers: it counts from the
+         * enabling below. Those slots' samples were due before: they are taken now, as one
+         * sample standing for floor(pre / P) periods plus one more with probability
+         * frac(pre / P) (unbiased: pre in expectation), at the stack the thread is in a few us
+         * from now (its start-up code). Slot 0 starts after that sample. */
+        uint64_t P = (uint64_t)g_period_ns,
+                 pre = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec, k = pre / P;
+        if (jitter_draw(&r->rng, P) < pre % P) k++;
+        if (k > 1000000) k = 1000000;
+        uint64_t first = PERF_MIN_PERIOD;
+        if (k && ioctl(fd, PERF_EVENT_IOC_PERIOD, &first) == 0) { /* disabled: no timer to move */
+            r->bonus = (uint32_t)(k - 1);                         /* the sample itself counts one */
+            r->slot_off = PERF_MIN_PERIOD;
+            r->slot_end = 0; /* the handler draws slot 0's instant after this sample */
+        }
+    }
+    r->target = r->slot_off;
     atomic_store_explicit(&g_fdkey[fd], key, memory_order_release);
     r->since_refill = 0;
-    if (ioctl(fd, PERF_EVENT_IOC_REFRESH, PERF_BUDGET) != 0) { /* a budget of overflows */
+    if (ioctl(fd, PERF_EVENT_IOC_REFRESH, PERF_BUDGET) != 0) { /* enables, with a budget */
         atomic_store(&g_fdkey[fd], 0);
         close(fd);
         return -1;
@@ -528,16 +555,16 @@ static int arm_perf(reg_t *r, long tid, uint32_t key) {
     return 0;
 }
 
-static int arm_locked(long tid, uintptr_t tstate, int *existed);
+static int arm_locked(long tid, uintptr_t tstate, int born, int *existed);
 static void disarm_locked(int i);
 
-int mw_cputimer_arm(long tid, uintptr_t tstate, int *existed) {
+int mw_cputimer_arm(long tid, uintptr_t tstate, int born, int *existed) {
     int dummy;
     if (!existed) existed = &dummy;
     *existed = 0;
     if (!g_mode || !g_reg || tid <= 0) return -1;
     pthread_mutex_lock(&g_lock);
-    int r = arm_locked(tid, tstate, existed);
+    int r = arm_locked(tid, tstate, born, existed);
     pthread_mutex_unlock(&g_lock);
     return r;
 }
@@ -555,15 +582,64 @@ int mw_cputimer_find(long tid, uintptr_t tstate, uint64_t *cpu_at_arm) {
     return found;
 }
 
+static int thread_gone(long tid) {
+    struct timespec ts;
+    clockid_t cid = (clockid_t)((~(unsigned int)tid) << 3) | 6;
+    return clock_gettime(cid, &ts) != 0;
+}
+
+/* Thread r has exited (its CPU clock is gone, so no handler of its runs any more). Its event's
+ * count stopped at its exit: if it passed the sample due, that sample never came — past the
+ * kernel's exit_signals no signal is delivered, and the exit path (~20-50 us: the thread state's
+ * teardown, the C library's and the kernel's exit) is CPU like any other. Those periods are one
+ * record with no frame ("[no Python frame]", as the thread's other samples taken after its
+ * thread state was gone), as a sample taken then would have been. */
+static void exit_credit(reg_t *r, long tid, int i) {
+    uint64_t c = 0, P = (uint64_t)g_period_ns;
+    if (r->fd < 0 || read(r->fd, &c, sizeof c) != (ssize_t)sizeof c || c < r->target) return;
+    uint64_t periods = 1 + (uint64_t)r->bonus;
+    if (c >= r->slot_end) { /* the slots after: each one's sample was due at a random instant */
+        periods += (c - r->slot_end) / P;
+        if (jitter_draw(&r->rng, P) < (c - r->slot_end) % P) periods++;
+    }
+    if (periods > 1000000) periods = 1000000;
+    mw_cpusample_t *rec = NULL;
+    for (int k = 0; k < MW_CPUTIMER_RECORDS && !rec; k++) {
+        uint32_t z = 0;
+        if (atomic_compare_exchange_strong(&g_state[k], &z, 1)) rec = &g_rec[k];
+    }
+    if (!rec) {
+        bump(&c_no_record, 1);
+        return;
+    }
+    rec->reg = i;
+    rec->tstate = r->tstate;
+    rec->tid = tid;
+    rec->periods = (uint32_t)periods;
+    rec->labelset = mw_threads_labelset_now(tid);
+    rec->depth = rec->truncated = rec->ncopies = rec->nips = rec->ips_complete = 0;
+    rec->handler_ns = 0;
+    bump(&c_recorded, 1);
+    bump(&c_periods, periods);
+    bump(&c_exit_periods, periods);
+    atomic_store_explicit(&g_state[rec - g_rec], 2, memory_order_release);
+    atomic_fetch_add_explicit(&g_ready, 1, memory_order_release);
+}
+
 void mw_cputimer_forget(long tid) {
     if (!g_reg || tid <= 0) return;
     pthread_mutex_lock(&g_lock);
+    int gone = -1;
     for (int i = 0; i < REGS; i++)
-        if (atomic_load(&g_reg[i].tid) == tid) disarm_locked(i);
+        if (atomic_load(&g_reg[i].tid) == tid) {
+            if (gone < 0) gone = thread_gone(tid);
+            if (gone) exit_credit(&g_reg[i], tid, i);
+            disarm_locked(i);
+        }
     pthread_mutex_unlock(&g_lock);
 }
 
-static int arm_locked(long tid, uintptr_t tstate, int *existed) {
+static int arm_locked(long tid, uintptr_t tstate, int born, int *existed) {
     for (int i = 0; i < REGS; i++) { /* already armed (by itself at start, or a tick) */
         if (atomic_load(&g_reg[i].tid) != tid) continue;
         if (g_reg[i].tstate == tstate) {
@@ -593,7 +669,14 @@ static int arm_locked(long tid, uintptr_t tstate, int *existed) {
         atomic_store(&r->gen, gen);
         atomic_store(&r->tid, tid);
         uint32_t key = gen << REG_BITS | i;
-        if ((g_mode == 2 && arm_perf(r, tid, key) == 0) || arm_timer(r, tid, key) == 0) {
+        if (g_mode == 2 && arm_perf(r, tid, key, born) == 0) {
+            /* Its samples cover it from its birth on (the first one stands for the CPU before
+             * the arming): so does its CPU clock, read at ticks. */
+            if (born) r->cpu_at_arm = 0;
+            c_armed++;
+            return (int)i;
+        }
+        if (arm_timer(r, tid, key) == 0) {
             c_armed++;
             return (int)i;
         }
@@ -611,14 +694,24 @@ void mw_cputimer_disarm(int i) {
     pthread_mutex_unlock(&g_lock);
 }
 
+void mw_cputimer_retire(int i) {
+    if (!g_reg || i < 0 || i >= REGS) return;
+    pthread_mutex_lock(&g_lock);
+    long tid = atomic_load(&g_reg[i].tid);
+    if (tid > 0 && thread_gone(tid)) exit_credit(&g_reg[i], tid, i);
+    disarm_locked(i);
+    pthread_mutex_unlock(&g_lock);
+}
+
 void mw_cputimer_sweep(void) {
     if (!g_reg) return;
     pthread_mutex_lock(&g_lock);
     for (int i = 0; i < REGS; i++) {
         long tid = atomic_load(&g_reg[i].tid);
-        struct timespec ts;
-        clockid_t cid = (clockid_t)((~(unsigned int)tid) << 3) | 6;
-        if (tid > 0 && clock_gettime(cid, &ts) != 0) disarm_locked(i);
+        if (tid > 0 && thread_gone(tid)) {
+            exit_credit(&g_reg[i], tid, i);
+            disarm_locked(i);
+        }
     }
     pthread_mutex_unlock(&g_lock);
 }
@@ -676,6 +769,7 @@ void mw_cputimer_get_stats(mw_cputimer_stats_t *out) {
     out->torn = atomic_load(&c_torn);
     out->stale = atomic_load(&c_stale);
     out->early = atomic_load(&c_early);
+    out->exit_periods = atomic_load(&c_exit_periods);
     out->handler_ns = atomic_load(&c_handler_ns);
     out->native = atomic_load(&c_native);
     out->faults = atomic_load(&c_faults);

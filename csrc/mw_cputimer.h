@@ -92,6 +92,7 @@ typedef struct mw_cputimer_stats {
     uint64_t faults;        /* of which a read that faulted (recovered by the guard) */
     uint64_t stale;         /* signals for a registration that had moved on (ignored) */
     uint64_t early;         /* perf overflows before the sample due (a period not yet reset) */
+    uint64_t exit_periods;  /* periods of exited threads whose due sample never came (credited) */
     uint64_t handler_ns;    /* total time spent in handlers */
     uint64_t native;        /* samples with a native stack (native mode) */
     uint64_t native_frames; /* native frames captured in them */
@@ -106,16 +107,24 @@ int mw_cputimer_init(int rate_hz, int max_depth, int signo, const char **why);
 int mw_cputimer_mode(void);
 
 /* Gives thread tid (its PyThreadState at tstate) a timer, or finds the one it has. Returns its
- * registration index (>= 0) or -1 (no timer: counted; the sampler reads it at ticks as before). */
-int mw_cputimer_arm(long tid, uintptr_t tstate, int *existed /* 1: it had one; may be NULL */);
-/* The registration of (tid, tstate) and the thread's CPU clock when it was armed, or -1. */
+ * registration index (>= 0) or -1 (no timer: counted; the sampler reads it at ticks as before).
+ * born: tid is the calling thread, arming itself at its start: with a perf event its samples
+ * cover its CPU from its creation (the first one also stands for the CPU before the arming). */
+int mw_cputimer_arm(long tid, uintptr_t tstate, int born,
+                    int *existed /* 1: it had one; may be NULL */);
+/* The registration of (tid, tstate) and the thread's CPU clock from which its samples cover it
+ * (0: from its creation), or -1. */
 int mw_cputimer_find(long tid, uintptr_t tstate, uint64_t *cpu_at_arm);
-/* Disarms thread tid's registration, if any (its Thread object is gone). */
+/* Disarms thread tid's registration, if any (its Thread object is gone); if the thread has
+ * exited, first credits its exit as mw_cputimer_retire does. */
 void mw_cputimer_forget(long tid);
-/* Disarms registrations whose thread has exited. */
+/* Retires registrations whose thread has exited (mw_cputimer_retire). */
 void mw_cputimer_sweep(void);
 /* Stops and frees a registration (the thread is gone, or the sampler stops). */
 void mw_cputimer_disarm(int reg);
+/* The same for a thread no longer seen: if it has exited, the periods its count passed without
+ * their sample (its exit) are left as one record with no frame first (as _forget and _sweep). */
+void mw_cputimer_retire(int reg);
 void mw_cputimer_disarm_all(void);
 
 /* Drain: the next ready record (NULL when none), to be handed back with _done. */

@@ -53,7 +53,7 @@ static PyObject *py_start(PyObject *self, PyObject *args, PyObject *kw) {
         return NULL;
     }
     /* The starting thread's CPU timer now (in a fork child: the only thread, from its start). */
-    mw_sampler_thread_started((long)syscall(SYS_gettid), (uintptr_t)PyThreadState_Get());
+    mw_sampler_thread_started((long)syscall(SYS_gettid), (uintptr_t)PyThreadState_Get(), 0);
     if (mw_collect_init() != 0) {
         PyErr_NoMemory();
         return NULL;
@@ -117,6 +117,7 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "cpu_timer_faults", t.faults) ||
         mw_dict_put_u64(d, "cpu_timer_stale", t.stale) ||
         mw_dict_put_u64(d, "cpu_timer_early", t.early) ||
+        mw_dict_put_u64(d, "cpu_timer_exit_periods", t.exit_periods) ||
         mw_dict_put_u64(d, "handler_ns", t.handler_ns) ||
         mw_dict_put_u64(d, "tick_rate", (uint64_t)mw_sampler_tick_rate()) ||
         mw_dict_put_u64(d, "symcache_aborted", c.aborted) ||

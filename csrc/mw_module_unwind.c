@@ -55,7 +55,7 @@ static PyObject *py_thread_init(PyObject *self, PyObject *noargs) {
         sigaddset(&one, sig);
         pthread_sigmask(SIG_UNBLOCK, &one, NULL);
     }
-    mw_sampler_thread_started((long)syscall(SYS_gettid), (uintptr_t)PyThreadState_Get());
+    mw_sampler_thread_started((long)syscall(SYS_gettid), (uintptr_t)PyThreadState_Get(), 1);
     if (!mw_unwind_enabled()) return PyLong_FromLong(0);
     return PyLong_FromLong(mw_unwind_thread_init());
 }

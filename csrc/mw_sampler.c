@@ -421,8 +421,8 @@ int mw_sampler_running(void) {
 int mw_sampler_rate(void) {
     return g_cfg.rate_hz;
 }
-void mw_sampler_thread_started(long tid, uintptr_t tstate) {
-    if (atomic_load(&g_running) && g_timers && mw_cputimer_arm(tid, tstate, NULL) >= 0)
+void mw_sampler_thread_started(long tid, uintptr_t tstate, int born) {
+    if (atomic_load(&g_running) && g_timers && mw_cputimer_arm(tid, tstate, born, NULL) >= 0)
         g_timers_armed = 1;
 }
 

@@ -88,8 +88,9 @@ void mw_sampler_stop(void);
 int mw_sampler_running(void);
 int mw_sampler_rate(void);
 /* A Python thread that starts (GIL held): gives it its CPU timer now when the sampler runs with
- * timers. Any thread. */
-void mw_sampler_thread_started(long tid, uintptr_t tstate);
+ * timers. Any thread. born: tid is the calling thread at its own start (its CPU since its
+ * creation is in the profile); 0 for the thread that starts the sampler. */
+void mw_sampler_thread_started(long tid, uintptr_t tstate, int born);
 
 /* Ticks per second actually used (rate_hz, or at most wall_hz with CPU timers). */
 int mw_sampler_tick_rate(void);

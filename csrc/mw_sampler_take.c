@@ -486,7 +486,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
             st->reg = 0;
             if (!st->arm_failed || st->reg_tstate != th->tstate) {
                 int existed = 0;
-                int r = mw_cputimer_arm(th->tid, th->tstate, &existed);
+                int r = mw_cputimer_arm(th->tid, th->tstate, 0, &existed);
                 st->reg = r >= 0 ? r + 1 : 0;
                 st->arm_failed = r < 0;
                 st->reg_tstate = th->tstate;

@@ -417,13 +417,14 @@ def test_line_shares_agree_between_python_and_native_sampling() -> None:
 # --- 4b. Threads shorter than a sampling period -------------------------------------------------
 # Batches of 50 threads that each live ~0.2 ms of CPU, 2 s at 1 kHz (~6,000 threads, ~1.3 s of
 # their CPU): a CPU sample is due at a random instant of each period of a thread's CPU time, so a
-# thread shorter than a period gets one with probability (its CPU / period) and the profile holds
-# their CPU without bias, EXCEPT what no timer can see: a thread's CPU before its timer is armed
-# (creating the thread, CPython's bootstrap, the arming's own system calls: ~110 of ~220 us here)
-# and after it is disarmed (its exit), neither read by a tick in so short a life. Measured: the
-# profile holds ~52% of their CPU at 1 kHz (73% at 100 Hz). The band guards both sides of that:
-# below 35% samples are lost; above 115% short threads are over-sampled (an overflow of a short
-# first period that came before the sample due was once counted as a sample: 216%).
+# thread shorter than a period gets one with probability (its CPU / period). Its CPU before its
+# timer is armed (creation, CPython's bootstrap, the arming: ~35-60 us here) is credited by an
+# extra sample at its start with probability (that CPU / period); samples due in its exit path,
+# where no signal is delivered any more, are counted from its event's final count. Left out:
+# the kernel's exit after the event stops counting (~25 us a thread) and the handlers' own runs.
+# Measured: 79-85% of their CPU at 1 kHz (50-60% before the start-up credit). Below 65%
+# start-up or exit CPU is lost again; above 115% short threads are over-sampled (an overflow of a
+# short first period that came before the sample due was once counted as a sample: 216%).
 def test_threads_shorter_than_a_period_are_neither_lost_nor_over_sampled() -> None:
     r = run_truth("short", "--rate", "1000", "--seconds", "2")
     truth = r["truth"]
@@ -433,7 +434,7 @@ def test_threads_shorter_than_a_period_are_neither_lost_nor_over_sampled() -> No
                f"{profiled:.3f} s (ratio {ratio:.2f}); early overflows {r['stats'].get('cpu_timer_early')}")
     print(figures)
     assert truth["threads"] >= 1000, figures
-    assert 0.35 <= ratio <= 1.15, figures
+    assert 0.65 <= ratio <= 1.15, figures
 
 
 # --- 5. Wall time of idle threads: quiet ticks read (almost) none of them ---------------------------
