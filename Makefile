@@ -28,13 +28,15 @@ test-fast: build  ## the unit tier (pytest -m unit: no workload process, no brow
 # the extension's warning flags; CTEST_SAN adds sanitizer flags (scripts/asan.sh).
 CTEST_DIR ?= build/ctest
 CTEST_SAN ?=
-CTEST_SRC := tests/native/c/test_c_units.c csrc/mw_linetable.c csrc/mw_profbuf.c csrc/mw_upload_json.c
-$(CTEST_DIR)/test_c_units: $(CTEST_SRC) csrc/mw_linetable.h csrc/mw_profbuf.h csrc/mw_upload_json.h
+CTEST_SRC := tests/native/c/test_c_units.c csrc/mw_linetable.c csrc/mw_profbuf.c csrc/mw_upload_json.c \
+  csrc/mw_threads.c
+$(CTEST_DIR)/test_c_units: $(CTEST_SRC) csrc/mw_linetable.h csrc/mw_profbuf.h csrc/mw_upload_json.h \
+  csrc/mw_threads.h
 	@mkdir -p $(CTEST_DIR)
 	$(CC) -std=gnu11 -Wall -Wextra -Werror -Wno-missing-field-initializers -Wno-unused-parameter \
 	  -O1 -g $(CTEST_SAN) -Icsrc $$(pkg-config --cflags json-c) -o $@ $(CTEST_SRC) $$(pkg-config --libs json-c)
 
-ctest: $(CTEST_DIR)/test_c_units  ## C unit tests: line tables (against every CPython 3.10-3.13 here), stack table limits, JSON reading
+ctest: $(CTEST_DIR)/test_c_units  ## C unit tests: line tables (against every CPython 3.10-3.13 here), stack table limits, JSON reading, thread names
 	$(PY) -m pytest -q tests/native/test_c_units.py $(PYTEST_ARGS)
 
 check: test matrix lint  ## what CI runs: the suite, the sampler tests on every CPython 3.10-3.13 here, make lint
@@ -64,8 +66,8 @@ lint: bootstrap  ## clang-format check of csrc/ and tests/native/c/, ruff (Pytho
 	$(PY) -m mypy --strict middleware || rc=1; \
 	exit $$rc
 
-format:  ## clang-format csrc/ in place
-	@clang-format -i $$(ls csrc/*.c csrc/*.h)
+format:  ## clang-format csrc/ and tests/native/c/ in place (what lint checks)
+	@clang-format -i $$(ls csrc/*.c csrc/*.h tests/native/c/*.c)
 
 proto:  ## regenerate protobuf-c (C) and Python code from proto/*.proto
 	@scripts/gen-proto.sh

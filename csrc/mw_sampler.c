@@ -168,6 +168,7 @@ static void tick(void) {
     g_tick++;
     g_gil_tick = g;
     mws_drain_timed(g_active);
+    mw_threads_reap(); /* names of threads forgotten before the previous drain */
     uint64_t dwall = first ? (uint64_t)(1000000000LL / mw_sampler_tick_rate())
                            : (uint64_t)(now - g_last_tick_ns);
     /* On a quiet tick only the threads that may need a read are visited: the previous tick's

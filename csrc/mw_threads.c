@@ -71,10 +71,46 @@ int mw_threads_set_labelset(long tid, uint32_t labelset) {
     return s ? 0 : -1;
 }
 
+/* Forgotten threads whose names the sampler may still need: the CPU samples their handlers
+ * left (and the last one credited at their end) are named at the sampler's next drain, after
+ * the Thread object is gone. A name is dropped at the second reap after its forget, so one whole
+ * drain sees it; a thread that takes the id again meanwhile (its name written since) keeps it.
+ * Writer lock held for all of it. */
+#define DYING_MAX 1024
+static struct {
+    long tid;
+    uint32_t seq;   /* the slot's name sequence at the forget */
+    uint32_t epoch; /* g_epoch at the forget */
+} g_dying[DYING_MAX];
+static uint32_t g_ndying, g_epoch;
+
 void mw_threads_forget(long tid) {
     pthread_mutex_lock(&g_wlock);
     mw_tslot_t *s = find(tid, 0);
-    if (s) atomic_store(&s->tid, -1);
+    if (s && g_ndying < DYING_MAX) {
+        g_dying[g_ndying].tid = tid;
+        g_dying[g_ndying].seq = atomic_load(&s->seq);
+        g_dying[g_ndying].epoch = g_epoch;
+        g_ndying++;
+    } else if (s) { /* more forgotten than the sampler reaps (it is stopped): at once */
+        atomic_store(&s->tid, -1);
+    }
+    pthread_mutex_unlock(&g_wlock);
+}
+
+void mw_threads_reap(void) {
+    pthread_mutex_lock(&g_wlock);
+    uint32_t kept = 0;
+    for (uint32_t i = 0; i < g_ndying; i++) {
+        if (g_dying[i].epoch == g_epoch) { /* forgotten since the last reap: one drain more */
+            g_dying[kept++] = g_dying[i];
+            continue;
+        }
+        mw_tslot_t *s = find(g_dying[i].tid, 0);
+        if (s && atomic_load(&s->seq) == g_dying[i].seq) atomic_store(&s->tid, -1);
+    }
+    g_ndying = kept;
+    g_epoch++;
     pthread_mutex_unlock(&g_wlock);
 }
 
@@ -125,6 +161,7 @@ uint32_t mw_threads_labelset_now(long tid) {
 
 void mw_threads_reset_after_fork(void) {
     pthread_mutex_init(&g_wlock, NULL);
+    g_ndying = 0;
     for (int i = 0; i < MW_THREADS_MAX; i++)
         atomic_store(&g_slots[i].tid, 0);
 }

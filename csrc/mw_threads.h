@@ -17,7 +17,12 @@
 
 int mw_threads_set_name(long tid, const char *name); /* 0, or -1 when full */
 int mw_threads_set_labelset(long tid, uint32_t labelset);
+/* The thread is gone (its Thread object was collected): its entry goes at the sampler's
+ * second mw_threads_reap from now, so the samples it left are still named after it. */
 void mw_threads_forget(long tid);
+/* Sampler thread, after each drain of CPU-timer samples: drops the entries forgotten before the
+ * previous reap. */
+void mw_threads_reap(void);
 
 /* Sampler side. Copies the name (NUL-terminated, "" if unknown) and returns the labelset
  * (0 if none). *name_seq gets a value that changes whenever the name changes. */

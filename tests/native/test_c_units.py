@@ -167,6 +167,11 @@ def test_tenant_answer_reading_takes_valid_answers_and_refuses_the_rest(ctest: s
     assert checks >= 40, checks
 
 
+def test_forgotten_threads_keep_their_names_until_the_sampler_has_drained_their_samples(ctest: str) -> None:
+    checks, _ = _run(ctest, "threads")
+    assert checks >= 4000, checks
+
+
 def test_line_table_decoder_answers_a_line_for_corrupt_tables(ctest: str) -> None:
     """Random bytes and cut varints: the decoder reads only the table (ASan) and answers a
     positive line (the line or firstlineno), with no undefined arithmetic on the way (UBSan)."""

@@ -2,6 +2,7 @@
  *   test_c_units profbuf    the profile buffer's tables at and past their limits
  *   test_c_units json       reading the tenant exchange's answer (mw_upload_json, json-c)
  *   test_c_units corrupt    line-table decoding of corrupt tables (random bytes, cut varints)
+ *   test_c_units threads    thread names: forgotten threads keep theirs through one reap
  *   test_c_units linetable  line-table decoding; cases on stdin, one code object a line:
  *                           "<format> <firstlineno> <ncodeunits> <table hex|-> <line,line,...>"
  *                           where line i is the line CPython itself gives code unit i.
@@ -11,6 +12,7 @@
 #include "mw_linetable.h"
 #include "mw_profbuf.h"
 #include "mw_upload_json.h"
+#include "mw_threads.h"
 
 #include <limits.h>
 #include <stdint.h>
@@ -544,6 +546,51 @@ static void linetable_random(void) {
     CHECK(mw_linetable_line(MW_LT_311, cut, sizeof cut, 12, 0) > 0);
 }
 
+/* Thread names: a forgotten thread keeps its name through one whole reap (the sampler names the
+ * samples it left at its next drain), unless its id is taken again meanwhile. */
+static int named(long tid, const char *want) {
+    char name[MW_THREAD_NAME_MAX];
+    uint32_t seq;
+    mw_threads_lookup(tid, name, sizeof name, &seq);
+    return strcmp(name, want) == 0;
+}
+
+static void threads_forget_reap(void) {
+    CHECK(mw_threads_set_name(101, "worker-1") == 0);
+    CHECK(mw_threads_set_name(102, "worker-2") == 0);
+    mw_threads_forget(101);
+    CHECK(named(101, "worker-1")); /* forgotten: still named until reaped */
+    mw_threads_reap();
+    CHECK(named(101, "worker-1")); /* the reap right after the forget keeps it */
+    mw_threads_reap();
+    CHECK(named(101, "")); /* gone at the second */
+    CHECK(named(102, "worker-2"));
+    /* an id taken again by a new thread between the forget and the reaps keeps the new name */
+    mw_threads_forget(102);
+    CHECK(mw_threads_set_name(102, "worker-2b") == 0);
+    mw_threads_reap();
+    mw_threads_reap();
+    CHECK(named(102, "worker-2b"));
+    /* more forgets than the queue holds (no sampler reaping): the rest go at once */
+    for (long t = 1000; t < 3100; t++)
+        CHECK(mw_threads_set_name(t, "many") == 0);
+    for (long t = 1000; t < 3100; t++)
+        mw_threads_forget(t);
+    int kept = 0;
+    for (long t = 1000; t < 3100; t++)
+        kept += named(t, "many");
+    CHECK(kept > 0 && kept < 2100);
+    mw_threads_reap();
+    mw_threads_reap();
+    kept = 0;
+    for (long t = 1000; t < 3100; t++)
+        kept += named(t, "many");
+    CHECK(kept == 0);
+    /* the table is usable again: its slots were freed */
+    for (long t = 5000; t < 5000 + MW_THREADS_MAX / 2; t++)
+        CHECK(mw_threads_set_name(t, "again") == 0);
+}
+
 int main(int argc, char **argv) {
     const char *part = argc > 1 ? argv[1] : "";
     if (strcmp(part, "profbuf") == 0) {
@@ -563,8 +610,10 @@ int main(int argc, char **argv) {
         printf("linetable: %ld code objects\n", ncases);
     } else if (strcmp(part, "corrupt") == 0) {
         linetable_random();
+    } else if (strcmp(part, "threads") == 0) {
+        threads_forget_reap();
     } else {
-        fprintf(stderr, "usage: %s profbuf|json|corrupt|linetable < cases\n", argv[0]);
+        fprintf(stderr, "usage: %s profbuf|json|corrupt|threads|linetable < cases\n", argv[0]);
         return 2;
     }
     printf("%s: %ld checks, %ld failed\n", part, g_checks, g_failed);
