@@ -370,6 +370,7 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
     rec->tstate = r->tstate;
     rec->tid = me;
     rec->periods = periods;
+    rec->counted = perf_fd >= 0;
     rec->labelset = mw_threads_labelset_now(me);
     rec->depth = depth;
     rec->truncated = truncated;
@@ -616,6 +617,7 @@ static void exit_credit(reg_t *r, long tid, int i) {
     rec->tstate = r->tstate;
     rec->tid = tid;
     rec->periods = (uint32_t)periods;
+    rec->counted = 1;
     rec->labelset = mw_threads_labelset_now(tid);
     rec->depth = rec->truncated = rec->ncopies = rec->nips = rec->ips_complete = 0;
     rec->handler_ns = 0;
@@ -692,6 +694,10 @@ void mw_cputimer_disarm(int i) {
     pthread_mutex_lock(&g_lock);
     disarm_locked(i);
     pthread_mutex_unlock(&g_lock);
+}
+
+int mw_cputimer_counted(int i) {
+    return g_reg && i >= 0 && i < REGS && atomic_load(&g_reg[i].tid) != 0 && g_reg[i].fd >= 0;
 }
 
 void mw_cputimer_retire(int i) {

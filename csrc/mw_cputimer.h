@@ -59,6 +59,8 @@ typedef struct mw_cpusample {
     uintptr_t tstate; /* its PyThreadState */
     long tid;
     uint32_t periods;    /* CPU periods this sample stands for (1 + timer overruns) */
+    int counted;         /* perf: laid in its event's count, so periods x period estimates the
+                          * CPU without bias; 0: a POSIX timer's (checked at scheduler ticks) */
     uint32_t labelset;   /* the thread's label set at the sample (mw_threads) */
     int depth;           /* frames[0..depth), leaf first */
     int truncated;       /* as mw_pyframes_walk: 1 cut, 2 torn (depth 0, to be dropped) */
@@ -118,6 +120,9 @@ int mw_cputimer_find(long tid, uintptr_t tstate, uint64_t *cpu_at_arm);
 /* Disarms thread tid's registration, if any (its Thread object is gone); if the thread has
  * exited, first credits its exit as mw_cputimer_retire does. */
 void mw_cputimer_forget(long tid);
+/* Whether registration reg's samples are laid in its perf event's count (rec->counted). A hint
+ * for the sampler thread (the registration may be disarmed meanwhile). */
+int mw_cputimer_counted(int reg);
 /* Retires registrations whose thread has exited (mw_cputimer_retire). */
 void mw_cputimer_sweep(void);
 /* Stops and frees a registration (the thread is gone, or the sampler stops). */

@@ -74,6 +74,10 @@ typedef struct {
     int arm_failed;
     int timer_born;     /* first met through a CPU-timer sample, before any tick read it */
     uint64_t credit_ns; /* CPU already credited from such samples, not yet met by the clock */
+    /* A thread whose CPU samples are laid in its perf event's count: its CPU clock since its
+     * timer (ticks) and the periods its samples stood for (drains). Their ratio scales its
+     * samples (the event misses the ~18 us of each context switch the clock counts). */
+    uint64_t ht_clock, ht_credit;
     uintptr_t reg_tstate;
     uint64_t owed_wall, owed_n;
     /* The last CPU-timer sample's entry: the next one with the same raw stack goes to it. */

@@ -388,10 +388,19 @@ static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thre
     g_stats.timer_samples++;
     /* A thread no tick has read yet: its CPU so far is known only from its samples (periods of
      * CPU time); the first tick that reads its clock takes the credited part off. */
-    uint64_t credit = 0;
-    if (st->timer_born) {
-        credit = (uint64_t)r->periods * cpu_period_ns();
-        st->credit_ns += credit;
+    uint64_t credit = 0, P = cpu_period_ns();
+    if (st->timer_born || r->counted) credit = (uint64_t)r->periods * P;
+    if (st->timer_born) st->credit_ns += credit;
+    if (r->counted) {
+        /* Its samples are laid in its event's count: each stands for its periods (unbiased for
+         * the count), scaled by the thread's CPU clock / the periods credited so far once that
+         * ratio rests on 50 periods (the clock also counts context switches; within [0.5, 2]). */
+        st->ht_credit += credit;
+        if (st->ht_credit >= 50 * P && st->ht_clock) {
+            double rho = (double)st->ht_clock / (double)st->ht_credit;
+            rho = rho < 0.5 ? 0.5 : rho > 2.0 ? 2.0 : rho;
+            credit = (uint64_t)((double)credit * rho);
+        }
     }
     mws_cpu_window_add(thread, gen, st->pending + credit, r->periods, own);
     st->pending = 0;
@@ -436,10 +445,12 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
     /* A thread armed before this tick first saw it (at its start, or the thread that started the
      * sampler): its CPU samples cover it from the arming on, so its CPU counts from there. */
     uint64_t at_arm = 0;
-    if ((created || st->timer_born) && g_timers &&
-        mw_cputimer_find(th->tid, th->tstate, &at_arm) >= 0 && at_arm && c0 >= at_arm)
-        dcpu = c0 - at_arm;
-    if (st->timer_born) { /* first clock reading: its CPU since arming, minus what was credited */
+    int reg_found = (created || st->timer_born) && g_timers
+                        ? mw_cputimer_find(th->tid, th->tstate, &at_arm)
+                        : -1;
+    if (reg_found >= 0 && at_arm && c0 >= at_arm) dcpu = c0 - at_arm;
+    uint64_t dclock = dcpu; /* its CPU since the previous read (or since its timer) */
+    if (st->timer_born) {   /* first clock reading: its CPU since arming, minus what was credited */
         dcpu = dcpu > st->credit_ns ? dcpu - st->credit_ns : 0;
         st->timer_born = 0;
         st->credit_ns = 0;
@@ -450,7 +461,15 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
     uint64_t gen = mw_profbuf_generation(b);
     /* CPU time: see mws_cpu_window_* (mw_sampler_threads.c). Until the thread's first on-CPU sample
      * of this window its CPU waits in `pending`. */
-    if (dcpu) {
+    /* A thread whose CPU samples are laid in its perf event's count: its CPU is what its samples
+     * stand for (periods, scaled by its clock / their periods: see timed_account). Its clock is
+     * not split over them: a light thread (0.3 ms bursts, 100 Hz) has a sample in few windows,
+     * and the CPU of the others, waiting in `pending` for one, was lost at its end (56%). */
+    int counted = (st->reg && st->reg_tstate == th->tstate && mw_cputimer_counted(st->reg - 1)) ||
+                  (reg_found >= 0 && mw_cputimer_counted(reg_found)); /* armed at its start */
+    if (counted) {
+        st->ht_clock += dclock;
+    } else if (dcpu) {
         if (st->hit_gen == gen && st->name_gen == gen && st->name_id)
             mws_cpu_window_add(st->name_id, gen, dcpu, 0, 0);
         else

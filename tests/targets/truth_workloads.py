@@ -26,6 +26,10 @@ Workloads:
           line range, and those of the real source files the profile names
   lines   a recursive target and a loop with two hot lines, Python frames only or --native,
           for --seconds and on until --samples on-CPU samples (at most 4 x --seconds)
+  idle    --threads idle threads, movers between two waits, one busy thread (wall time)
+  short   batches of threads of ~0.2 ms of CPU each; truth: their CPU (process - main - sampler)
+  light   6 rounds of --threads (250) light threads, each 3 x (1 ms of CPU in light_burst, 0.25 s
+          asleep), less CPU than a period at 100 Hz; truth: each thread's time.thread_time
 """
 from __future__ import annotations
 
@@ -714,9 +718,36 @@ def run_short(args: argparse.Namespace) -> dict[str, Any]:
     return {"threads": n, "short_cpu_s": process - main - sampler, "main_cpu_s": main, "sampler_cpu_s": sampler}
 
 
+def light_burst(seconds: float) -> None:
+    t = time.thread_time()
+    while time.thread_time() - t < seconds:
+        pass
+
+
+def light_thread(cpu: dict[str, float]) -> None:
+    for _ in range(3):
+        light_burst(0.001)
+        time.sleep(0.25)
+    cpu[threading.current_thread().name] = time.thread_time()
+
+
+def run_light(args: argparse.Namespace) -> dict[str, Any]:
+    cpu: dict[str, float] = {}
+    for round_ in range(6):
+        threads = [threading.Thread(target=light_thread, args=(cpu,), name=f"light-{round_}-{i}")
+                   for i in range(args.threads or 250)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        del threads, t  # their Thread objects go: their timers are retired, their ends counted
+    time.sleep(0.05)
+    return {"threads": len(cpu), "light_cpu_s": sum(cpu.values())}
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "bursty": run_bursty, "graph": run_graph, "churn": run_churn, "lines": run_lines, "idle": run_idle,
-    "short": run_short}
+    "short": run_short, "light": run_light}
 
 
 def main() -> None:
