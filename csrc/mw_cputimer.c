@@ -696,16 +696,18 @@ void mw_cputimer_disarm(int i) {
     pthread_mutex_unlock(&g_lock);
 }
 
-int mw_cputimer_counted(int i) {
-    return g_reg && i >= 0 && i < REGS && atomic_load(&g_reg[i].tid) != 0 && g_reg[i].fd >= 0;
+int mw_cputimer_counted(int i, long tid) {
+    return g_reg && i >= 0 && i < REGS && tid > 0 && atomic_load(&g_reg[i].tid) == tid &&
+           g_reg[i].fd >= 0;
 }
 
-void mw_cputimer_retire(int i) {
-    if (!g_reg || i < 0 || i >= REGS) return;
+void mw_cputimer_retire(int i, long tid) {
+    if (!g_reg || i < 0 || i >= REGS || tid <= 0) return;
     pthread_mutex_lock(&g_lock);
-    long tid = atomic_load(&g_reg[i].tid);
-    if (tid > 0 && thread_gone(tid)) exit_credit(&g_reg[i], tid, i);
-    disarm_locked(i);
+    if (atomic_load(&g_reg[i].tid) == tid) {
+        if (thread_gone(tid)) exit_credit(&g_reg[i], tid, i);
+        disarm_locked(i);
+    }
     pthread_mutex_unlock(&g_lock);
 }
 

@@ -120,16 +120,18 @@ int mw_cputimer_find(long tid, uintptr_t tstate, uint64_t *cpu_at_arm);
 /* Disarms thread tid's registration, if any (its Thread object is gone); if the thread has
  * exited, first credits its exit as mw_cputimer_retire does. */
 void mw_cputimer_forget(long tid);
-/* Whether registration reg's samples are laid in its perf event's count (rec->counted). A hint
- * for the sampler thread (the registration may be disarmed meanwhile). */
-int mw_cputimer_counted(int reg);
+/* Whether registration reg is thread tid's and its samples are laid in its perf event's count
+ * (rec->counted). A hint for the sampler thread (it may be disarmed meanwhile). */
+int mw_cputimer_counted(int reg, long tid);
 /* Retires registrations whose thread has exited (mw_cputimer_retire). */
 void mw_cputimer_sweep(void);
 /* Stops and frees a registration (the thread is gone, or the sampler stops). */
 void mw_cputimer_disarm(int reg);
-/* The same for a thread no longer seen: if it has exited, the periods its count passed without
- * their sample (its exit) are left as one record with no frame first (as _forget and _sweep). */
-void mw_cputimer_retire(int reg);
+/* The same for thread tid, no longer seen or seen with another thread state, if reg is still
+ * its registration (the index may have gone to another thread since): if it has exited, the
+ * periods its count passed without their sample (its exit) are left as one record with no
+ * frame first (as _forget and _sweep do). */
+void mw_cputimer_retire(int reg, long tid);
 void mw_cputimer_disarm_all(void);
 
 /* Drain: the next ready record (NULL when none), to be handed back with _done. */

@@ -38,6 +38,12 @@ static pthread_mutex_t g_buf_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t g_ctl_lock = PTHREAD_MUTEX_INITIALIZER; /* guards g_stop/cond */
 static pthread_cond_t g_cond;
 static pthread_t g_thread;
+/* Drains asked of the sampler thread by the threads that take its buffer (under g_ctl_lock):
+ * the CPU-timer samples the handlers left since its last tick belong to the window being taken
+ * (a flush right after 10 ms of work exported an empty window: the samples waited for the next
+ * tick, up to a tick period). */
+static pthread_cond_t g_sync_cond;
+static uint64_t g_sync_req, g_sync_done;
 static atomic_int g_running;
 static int g_stop;
 static int g_joinable; /* a started thread has not been joined yet */
@@ -260,11 +266,26 @@ static void *sampler_main(void *arg) {
                          period * MW_JITTER_PCT / 100;
         next += period + jitter;
         struct timespec ts = {next / 1000000000LL, next % 1000000000LL};
-        pthread_mutex_lock(&g_ctl_lock);
-        while (!g_stop && pthread_cond_timedwait(&g_cond, &g_ctl_lock, &ts) != ETIMEDOUT) {
+        int stop = 0;
+        for (;;) { /* until the tick is due (or a stop), draining for whoever asks meanwhile */
+            int due = 0;
+            pthread_mutex_lock(&g_ctl_lock);
+            while (!g_stop && g_sync_done == g_sync_req && !due)
+                due = pthread_cond_timedwait(&g_cond, &g_ctl_lock, &ts) == ETIMEDOUT;
+            stop = g_stop;
+            uint64_t req = g_sync_req, done = g_sync_done;
+            pthread_mutex_unlock(&g_ctl_lock);
+            if (!stop && req != done) {
+                pthread_mutex_lock(&g_buf_lock);
+                mws_drain_timed(g_active);
+                pthread_mutex_unlock(&g_buf_lock);
+                pthread_mutex_lock(&g_ctl_lock);
+                g_sync_done = req;
+                pthread_cond_broadcast(&g_sync_cond);
+                pthread_mutex_unlock(&g_ctl_lock);
+            }
+            if (stop || due) break;
         }
-        int stop = g_stop;
-        pthread_mutex_unlock(&g_ctl_lock);
         if (stop || mw_pyframes_finalizing()) {
             /* Stopping (not finalizing): one last tick, so the CPU the threads used since the
              * previous one is counted (a child's last window ends here). */
@@ -364,8 +385,10 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&g_cond, &ca);
+    pthread_cond_init(&g_sync_cond, &ca);
     pthread_condattr_destroy(&ca);
     g_stop = 0;
+    g_sync_req = g_sync_done = 0;
 
     sigset_t all, old;
     sigfillset(&all);
@@ -431,7 +454,29 @@ int mw_sampler_tick_rate(void) {
     return g_timers ? g_tick_hz : g_cfg.rate_hz;
 }
 
+/* Any thread but the sampler's: has the sampler thread drain the CPU-timer samples taken so far
+ * into the active buffer, waiting at most MW_SYNC_WAIT_MS (a sampler stopping or stuck is not
+ * waited for longer: the samples then go to the next window). */
+#define MW_SYNC_WAIT_MS 100
+static void sync_drain(void) {
+    if (!atomic_load(&g_running) || !g_timers || pthread_equal(pthread_self(), g_thread)) return;
+    struct timespec dl;
+    clock_gettime(CLOCK_MONOTONIC, &dl);
+    dl.tv_nsec += MW_SYNC_WAIT_MS * 1000000L;
+    if (dl.tv_nsec >= 1000000000L) {
+        dl.tv_sec++;
+        dl.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&g_ctl_lock);
+    uint64_t want = ++g_sync_req;
+    pthread_cond_signal(&g_cond);
+    while (!g_stop && g_sync_done < want)
+        if (pthread_cond_timedwait(&g_sync_cond, &g_ctl_lock, &dl) == ETIMEDOUT) break;
+    pthread_mutex_unlock(&g_ctl_lock);
+}
+
 mw_profbuf_t *mw_sampler_swap(mw_profbuf_t *fresh, int64_t *t_start, int64_t *t_end) {
+    sync_drain();
     pthread_mutex_lock(&g_buf_lock);
     mw_profbuf_t *old = g_active;
     mws_quiet_flush_all(old);
@@ -446,6 +491,7 @@ mw_profbuf_t *mw_sampler_swap(mw_profbuf_t *fresh, int64_t *t_start, int64_t *t_
 }
 
 void mw_sampler_with_active(void (*fn)(const mw_profbuf_t *, void *), void *arg) {
+    sync_drain();
     pthread_mutex_lock(&g_buf_lock);
     mws_quiet_flush_all(g_active);
     mws_cpu_window_finalize(g_active);

@@ -97,7 +97,9 @@ int mw_sampler_tick_rate(void);
 
 /* Hands the active buffer to the caller and installs `fresh` (empty, same limits) in its
  * place. t_start and t_end get the window the returned buffer covers (CLOCK_REALTIME ns).
- * Caller must hold the collect lock (mw_collect_lock). */
+ * Caller must hold the collect lock (mw_collect_lock). First (any thread but the sampler's) it
+ * has the sampler thread drain the CPU-timer samples left since its last tick into the buffer,
+ * waiting for that at most 100 ms; so does mw_sampler_with_active. */
 mw_profbuf_t *mw_sampler_swap(mw_profbuf_t *fresh, int64_t *t_start, int64_t *t_end);
 
 /* Calls fn on the active buffer with the buffer lock held (for snapshots). */

@@ -465,8 +465,9 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
      * stand for (periods, scaled by its clock / their periods: see timed_account). Its clock is
      * not split over them: a light thread (0.3 ms bursts, 100 Hz) has a sample in few windows,
      * and the CPU of the others, waiting in `pending` for one, was lost at its end (56%). */
-    int counted = (st->reg && st->reg_tstate == th->tstate && mw_cputimer_counted(st->reg - 1)) ||
-                  (reg_found >= 0 && mw_cputimer_counted(reg_found)); /* armed at its start */
+    int counted =
+        (st->reg && st->reg_tstate == th->tstate && mw_cputimer_counted(st->reg - 1, th->tid)) ||
+        (reg_found >= 0 && mw_cputimer_counted(reg_found, th->tid)); /* armed at its start */
     if (counted) {
         st->ht_clock += dclock;
     } else if (dcpu) {
@@ -501,7 +502,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
             }
             wall_only = 1;
         } else {
-            if (st->reg) mw_cputimer_disarm(st->reg - 1);
+            if (st->reg) mw_cputimer_retire(st->reg - 1, th->tid);
             st->reg = 0;
             if (!st->arm_failed || st->reg_tstate != th->tstate) {
                 int existed = 0;

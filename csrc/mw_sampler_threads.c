@@ -56,7 +56,7 @@ void mws_ts_prune(void) {
         if (g_ts[i].tick + 2 < g_tick) { /* gone: CPU it used after its last on-CPU sample */
             g_stats.cpu_unattributed_ns += g_ts[i].pending;
             g_stats.wall_unattributed_ns += g_ts[i].owed_wall;
-            if (g_ts[i].reg) mw_cputimer_retire(g_ts[i].reg - 1);
+            if (g_ts[i].reg) mw_cputimer_retire(g_ts[i].reg - 1, g_ts[i].tid);
             continue;
         }
         tmp[live++] = g_ts[i];
