@@ -87,6 +87,7 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "overflow", s.overflow + mw_collect_overflow()) ||
         mw_dict_put_u64(d, "threads_seen", s.threads_seen) ||
         mw_dict_put_u64(d, "threads_gone", s.threads_gone) ||
+        mw_dict_put_u64(d, "threads_unborn", s.unborn) ||
         mw_dict_put_u64(d, "sampler_cpu_ns", s.sampler_cpu_ns) ||
         mw_dict_put_u64(d, "tick_ns_max", s.tick_ns_max) ||
         mw_dict_put_u64(d, "tick_ns_total", s.tick_ns_total) ||

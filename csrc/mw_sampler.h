@@ -56,6 +56,7 @@ typedef struct mw_sampler_stats {
     uint64_t overflow;       /* insertions refused by a full buffer */
     uint64_t threads_seen;   /* threads in the last tick */
     uint64_t threads_gone;   /* threads whose CPU clock vanished mid-tick */
+    uint64_t unborn;         /* thread states skipped: not started, their creator's ids */
     uint64_t sampler_cpu_ns; /* CPU time of the sampler thread itself */
     uint64_t tick_ns_max;    /* longest tick */
     uint64_t tick_ns_total;  /* time spent in ticks (the rest of sampler_cpu_ns is waking up) */

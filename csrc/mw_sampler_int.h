@@ -74,10 +74,11 @@ typedef struct {
     int arm_failed;
     int timer_born;     /* first met through a CPU-timer sample, before any tick read it */
     uint64_t credit_ns; /* CPU already credited from such samples, not yet met by the clock */
-    /* A thread whose CPU samples are laid in its perf event's count: its CPU clock since its
-     * timer (ticks) and the periods its samples stood for (drains). Their ratio scales its
-     * samples (the event misses the ~18 us of each context switch the clock counts). */
-    uint64_t ht_clock, ht_credit;
+    /* A thread whose CPU samples are laid in its perf event's count, in window hw_gen: its
+     * samples, the CPU they stood for (added to its row), its clock read by ticks meanwhile,
+     * and whether its clock has replaced its samples' CPU (from MWS_CLOCK_HITS samples on). */
+    uint64_t hw_gen, hw_hits, hw_credit, hw_clock;
+    int hw_clocked;
     uintptr_t reg_tstate;
     uint64_t owed_wall, owed_n;
     /* The last CPU-timer sample's entry: the next one with the same raw stack goes to it. */
@@ -130,6 +131,11 @@ mw_id_t mws_thread_name_id(mw_profbuf_t *b, mw_tstate_t *st, uint32_t *labelset)
  * cpu_ns, see mws_cpu_window_finalize) to a thread's row of window gen. */
 void mws_cpu_window_add(mw_id_t thread, uint64_t gen, uint64_t cpu_ns, uint64_t hits,
                         uint64_t own_ns);
+/* Replaces CPU time in a thread's row of window gen: takes `sub` off (never below 0), adds
+ * `add`. */
+void mws_cpu_window_replace(mw_id_t thread, uint64_t gen, uint64_t sub, uint64_t add);
+/* Samples of a thread in a window from which its CPU clock replaces what they stand for. */
+#define MWS_CLOCK_HITS 8
 /* Writes every on-CPU stack's CPU time: its share of its thread's window CPU. Idempotent. */
 void mws_cpu_window_finalize(mw_profbuf_t *b);
 /* Pays a quiet thread's wall time to its remembered entry in b; the thread is no longer quiet. */

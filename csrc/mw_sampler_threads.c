@@ -86,12 +86,16 @@ mw_id_t mws_thread_name_id(mw_profbuf_t *b, mw_tstate_t *st, uint32_t *labelset)
  * was spent is only known at its on-CPU samples. At the end of a window (and for a snapshot)
  * each thread's CPU of the window is split over its on-CPU samples of the window in
  * proportion to their counts: a ratio estimator, unbiased as the samples are, with the exact
- * total. One part is known exactly: the CPU-timer handlers' own runs (own_ns), which the
- * thread's clock counts at the stack each one interrupted but which no sample can land in (a
- * sample comes at the start of its handler). Each stack gets its own handler time, and the rest
- * of the window's CPU is split by counts; otherwise a stack whose handler is dearer (a deep
- * native stack to unwind) would lose its surplus to the cheaper stacks. Threads with the same name
- * share one row. Sampler thread (ticks) and the swap/snapshot side, both under the buffer lock. */
+ * total. Except for a thread sampled through its perf event with fewer than MWS_CLOCK_HITS
+ * samples in the window: the CPU its samples stand for goes in instead (periods, unbiased),
+ * since splitting its clock only over windows where it has a sample gives a thread using less
+ * than a period its CPU only when sampled (mw_sampler_take.c). One part is known exactly: the
+ * CPU-timer handlers' own runs (own_ns), which the thread's clock counts at the stack each one
+ * interrupted but which no sample can land in (a sample comes at the start of its handler). Each
+ * stack gets its own handler time, and the rest of the window's CPU is split by counts; otherwise a
+ * stack whose handler is dearer (a deep native stack to unwind) would lose its surplus to the
+ * cheaper stacks. Threads with the same name share one row. Sampler thread (ticks) and the
+ * swap/snapshot side, both under the buffer lock. */
 cpu_window_t *g_win;
 
 static cpu_window_t *cpu_window_row(mw_id_t thread, uint64_t gen, int create) {
@@ -120,6 +124,15 @@ void mws_cpu_window_add(mw_id_t thread, uint64_t gen, uint64_t cpu_ns, uint64_t 
     w->cpu_ns += cpu_ns;
     w->hits += hits;
     w->own_ns += own_ns;
+}
+
+void mws_cpu_window_replace(mw_id_t thread, uint64_t gen, uint64_t sub, uint64_t add) {
+    cpu_window_t *w = g_win ? cpu_window_row(thread, gen, 0) : NULL;
+    if (!w) {
+        g_stats.cpu_unattributed_ns += add;
+        return;
+    }
+    w->cpu_ns = (w->cpu_ns > sub ? w->cpu_ns - sub : 0) + add;
 }
 
 /* Writes every on-CPU stack's CPU time: its share of its thread's window CPU. Idempotent. */

@@ -422,7 +422,7 @@ def test_line_shares_agree_between_python_and_native_sampling() -> None:
 # extra sample at its start with probability (that CPU / period); samples due in its exit path,
 # where no signal is delivered any more, are counted from its event's final count. Left out:
 # the kernel's exit after the event stops counting (~25 us a thread) and the handlers' own runs.
-# Measured: 79-85% of their CPU at 1 kHz (50-60% before the start-up credit). Below 65%
+# Measured: 81-88% of their CPU at 1 kHz on 3.10-3.13 (50-60% before the start-up credit). Below 65%
 # start-up or exit CPU is lost again; above 115% short threads are over-sampled (an overflow of a
 # short first period that came before the sample due was once counted as a sample: 216%).
 def test_threads_shorter_than_a_period_are_neither_lost_nor_over_sampled() -> None:
@@ -435,6 +435,11 @@ def test_threads_shorter_than_a_period_are_neither_lost_nor_over_sampled() -> No
     print(figures)
     assert truth["threads"] >= 1000, figures
     assert 0.65 <= ratio <= 1.15, figures
+    # the thread starting them keeps its own CPU: on CPython <= 3.11 a new thread's state carries
+    # its creator's ids until it runs, and taking it for the creator re-armed the creator's timer
+    # at every start (its CPU came out 5-14% high)
+    main = sum(s["cpu"] for s in r["profile"]["stacks"] if s["thread"] == "MainThread") / 1e9
+    assert abs(main / truth["main_cpu_s"] - 1) <= 0.05, (main, truth["main_cpu_s"], figures)
     # ... each under its own thread's name: samples named after the Thread object was collected
     # (at the sampler's next drain) once came out as "thread-<id>", ~30% of these threads' CPU
     unnamed = sum(s["cpu"] for s in r["profile"]["stacks"]
