@@ -409,6 +409,7 @@ void mw_sampler_stop(void) {
     pthread_mutex_lock(&g_ctl_lock);
     g_stop = 1;
     pthread_cond_broadcast(&g_cond);
+    pthread_cond_broadcast(&g_sync_cond); /* a drain asked for will not come */
     pthread_mutex_unlock(&g_ctl_lock);
     if (g_joinable) {
         /* Bounded: stopping runs on the way out of a process (atexit, a worker's last window),
