@@ -177,7 +177,27 @@ static void *map(size_t len) {
     return p == MAP_FAILED ? NULL : p;
 }
 
+/* The CPU-time clock of thread tid (of this process), as clock_gettime takes it. */
+static clockid_t thread_clockid(long tid) {
+    return (clockid_t)((~(unsigned int)tid) << 3) | 6;
+}
+
 /* ---- the handler (async-signal-safe) -------------------------------------------------------- */
+
+/* A free record, claimed (state 1), or NULL when every one waits for the sampler. Lock-free. */
+static mw_cpusample_t *record_claim(void) {
+    for (int i = 0; i < MW_CPUTIMER_RECORDS; i++) {
+        uint32_t z = 0;
+        if (atomic_compare_exchange_strong(&g_state[i], &z, 1)) return &g_rec[i];
+    }
+    return NULL;
+}
+
+/* Hands a filled record to the sampler (state 2). Lock-free. */
+static void record_publish(mw_cpusample_t *rec) {
+    atomic_store_explicit(&g_state[rec - g_rec], 2, memory_order_release);
+    atomic_fetch_add_explicit(&g_ready, 1, memory_order_release);
+}
 
 /* A uniform draw in [0, n) from a xorshift64* state (never 0). */
 static uint64_t jitter_draw(uint64_t *st, uint64_t n) {
@@ -331,11 +351,7 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
         bump(&c_no_scratch, 1);
         return;
     }
-    mw_cpusample_t *rec = NULL;
-    for (int i = 0; i < MW_CPUTIMER_RECORDS && !rec; i++) {
-        uint32_t z = 0;
-        if (atomic_compare_exchange_strong(&g_state[i], &z, 1)) rec = &g_rec[i];
-    }
+    mw_cpusample_t *rec = record_claim();
     if (!rec) {
         atomic_store(&sc->busy, 0);
         bump(&c_no_record, 1);
@@ -379,8 +395,7 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
     bump(&c_handler_ns, rec->handler_ns);
     bump(&c_recorded, 1);
     bump(&c_periods, periods);
-    atomic_store_explicit(&g_state[rec - g_rec], 2, memory_order_release);
-    atomic_fetch_add_explicit(&g_ready, 1, memory_order_release);
+    record_publish(rec);
 }
 
 /* ---- set-up --------------------------------------------------------------------------------- */
@@ -492,7 +507,7 @@ static int arm_timer(reg_t *r, long tid, uint32_t key) {
     sev.sigev_signo = g_signo;
     sev.sigev_value.sival_int = (int)key;
     sev._sigev_un._tid = (pid_t)tid;
-    clockid_t cid = (clockid_t)((~(unsigned int)tid) << 3) | 6; /* the thread's CPU clock */
+    clockid_t cid = thread_clockid(tid);
     if (timer_create(cid, &sev, &r->timer) != 0) return -1;
     struct itimerspec its;
     its.it_interval.tv_sec = its.it_value.tv_sec = g_period_ns / 1000000000LL;
@@ -585,8 +600,7 @@ int mw_cputimer_find(long tid, uintptr_t tstate, uint64_t *cpu_at_arm) {
 
 static int thread_gone(long tid) {
     struct timespec ts;
-    clockid_t cid = (clockid_t)((~(unsigned int)tid) << 3) | 6;
-    return clock_gettime(cid, &ts) != 0;
+    return clock_gettime(thread_clockid(tid), &ts) != 0;
 }
 
 /* Thread r has exited (its CPU clock is gone, so no handler of its runs any more). Its event's
@@ -604,11 +618,7 @@ static void exit_credit(reg_t *r, long tid, int i) {
         if (jitter_draw(&r->rng, P) < (c - r->slot_end) % P) periods++;
     }
     if (periods > 1000000) periods = 1000000;
-    mw_cpusample_t *rec = NULL;
-    for (int k = 0; k < MW_CPUTIMER_RECORDS && !rec; k++) {
-        uint32_t z = 0;
-        if (atomic_compare_exchange_strong(&g_state[k], &z, 1)) rec = &g_rec[k];
-    }
+    mw_cpusample_t *rec = record_claim();
     if (!rec) {
         bump(&c_no_record, 1);
         return;
@@ -624,8 +634,7 @@ static void exit_credit(reg_t *r, long tid, int i) {
     bump(&c_recorded, 1);
     bump(&c_periods, periods);
     bump(&c_exit_periods, periods);
-    atomic_store_explicit(&g_state[rec - g_rec], 2, memory_order_release);
-    atomic_fetch_add_explicit(&g_ready, 1, memory_order_release);
+    record_publish(rec);
 }
 
 void mw_cputimer_forget(long tid) {
@@ -663,8 +672,7 @@ static int arm_locked(long tid, uintptr_t tstate, int born, int *existed) {
         r->has_timer = 0;
         {
             struct timespec ts;
-            clockid_t cid = (clockid_t)((~(unsigned int)tid) << 3) | 6;
-            r->cpu_at_arm = clock_gettime(cid, &ts) == 0
+            r->cpu_at_arm = clock_gettime(thread_clockid(tid), &ts) == 0
                                 ? (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec
                                 : 0;
         }
