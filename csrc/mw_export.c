@@ -50,7 +50,11 @@ static struct {
 } g_cfg;
 
 /* Guarded by g_hold. */
-static mw_profbuf_t *g_held;   /* window buffer owned by the exporter right now */
+static mw_profbuf_t *g_held; /* window buffer owned by the exporter right now */
+/* Start of the first window since the last one written that had no stack (exporter thread):
+ * a window with nothing in it writes no file, and the next file covers it, so the files of a
+ * process tile its time without holes. 0: none. */
+static int64_t g_empty_since;
 static mw_profbuf_t *g_orphan; /* in a fork child: the buffer the parent's exporter held */
 
 static int64_t thread_cpu_ns(void) {
@@ -125,6 +129,8 @@ static void export_once(void) {
     }
 
     uint32_t nstacks = mw_profbuf_nstacks(b);
+    if (g_empty_since && g_empty_since < ts) ts = g_empty_since;
+    g_empty_since = nstacks ? 0 : ts;
     int encode_err = 0, store_err = 0, upload_err = 0, submitted = 0;
     mw_pprof_info_t info;
     memset(&info, 0, sizeof info);
@@ -282,6 +288,7 @@ int mw_export_start(const mw_export_config_t *cfg, const char **why) {
     g_req = g_served = 0;
     g_exited = 0;
     pthread_mutex_unlock(&g_lock);
+    g_empty_since = 0; /* no exporter thread runs yet */
 
     sigset_t all, old;
     sigfillset(&all);
@@ -500,6 +507,7 @@ static void atfork_child(void) {
     g_exited = 1;
     g_stop = 0;
     g_req = g_served = 0;
+    g_empty_since = 0;
     memset(&g_stats, 0, sizeof g_stats);
     mw_report_reset_after_fork(); /* a child reports its own failures once */
 }
