@@ -9,6 +9,7 @@
 #define _GNU_SOURCE
 #include "mw_cputimer.h"
 
+#include "mw_codenames.h"
 #include "mw_threads.h"
 #include "mw_unwind.h"
 
@@ -67,87 +68,7 @@ static _Atomic uint32_t g_state[MW_CPUTIMER_RECORDS];
 static mw_rawframe_t *g_frames; /* MW_CPUTIMER_RECORDS * g_max_depth */
 static char *g_names;           /* MW_CPUTIMER_RECORDS * MW_CPUTIMER_NAMES */
 static uintptr_t *g_ips;        /* MW_CPUTIMER_RECORDS * MW_UNWIND_MAX_FRAMES */
-#define KNOWN 16384
-static _Atomic uint64_t *g_known;
 
-uint64_t mw_cputimer_code_key(const mw_rawframe_t *f) {
-    uint64_t h = 1469598103934665603ULL;
-    uint64_t parts[6] = {f->code,
-                         f->info.qualname,
-                         f->info.filename,
-                         f->info.linetable,
-                         (uint64_t)(uint32_t)f->info.firstlineno,
-                         f->info.version};
-    for (int i = 0; i < 6; i++)
-        h = (h ^ parts[i]) * 1099511628211ULL;
-    return h | 1; /* 0 = empty slot */
-}
-
-static int known(uint64_t key) {
-    if (!g_known) return 0;
-    for (uint32_t k = 0, i = (uint32_t)(key >> 20) & (KNOWN - 1); k < 16;
-         k++, i = (i + 1) & (KNOWN - 1)) {
-        uint64_t v = atomic_load_explicit(&g_known[i], memory_order_relaxed);
-        if (v == key) return 1;
-        if (v == 0) return 0;
-    }
-    return 0;
-}
-
-void mw_cputimer_known_add(uint64_t key) {
-    if (!g_known) return;
-    for (uint32_t k = 0, i = (uint32_t)(key >> 20) & (KNOWN - 1); k < 16;
-         k++, i = (i + 1) & (KNOWN - 1)) {
-        uint64_t v = atomic_load_explicit(&g_known[i], memory_order_relaxed);
-        if (v == key) return;
-        if (v == 0) {
-            atomic_store_explicit(&g_known[i], key, memory_order_relaxed);
-            return;
-        }
-    }
-    /* A full run of slots: the handlers copy that code's names each time (correct, slower). */
-}
-
-void mw_cputimer_known_clear(void) {
-    if (g_known) memset((void *)g_known, 0, KNOWN * sizeof *g_known);
-}
-
-/* Copies the names and line table of the sample's code objects the sampler does not know. */
-static void copy_names(mw_readcache_t *rc, mw_cpusample_t *rec) {
-    uint32_t used = 0;
-    rec->ncopies = 0;
-    for (int i = 0; i < rec->depth; i++) {
-        const mw_rawframe_t *f = &rec->frames[i];
-        if (known(mw_cputimer_code_key(f))) continue;
-        int dup = 0;
-        for (int k = 0; k < rec->ncopies && !dup; k++)
-            dup = rec->copies[k].code == f->code;
-        if (dup) continue;
-        if (rec->ncopies >= MW_CPUTIMER_COPIES) return;
-        mw_codecopy_t *c = &rec->copies[rec->ncopies];
-        char *base = rec->names;
-        int n;
-        if (used + 1024 > MW_CPUTIMER_NAMES) return;
-        n = mw_pyframes_read_str_rc(rc, f->info.qualname, base + used, 512);
-        if (n < 0) continue;
-        c->name_off = used;
-        c->name_len = (uint32_t)n;
-        used += (uint32_t)n + 1;
-        n = mw_pyframes_read_str_rc(rc, f->info.filename, base + used, 512);
-        if (n < 0) continue;
-        c->file_off = used;
-        c->file_len = (uint32_t)n;
-        used += (uint32_t)n + 1;
-        n = mw_pyframes_read_bytes_rc(rc, f->info.linetable, (uint8_t *)base + used,
-                                      MW_CPUTIMER_NAMES - used);
-        c->lt_ok = n >= 0;
-        c->lt_off = used;
-        c->lt_len = n >= 0 ? (uint32_t)n : 0;
-        if (n > 0) used += (uint32_t)n;
-        c->code = f->code;
-        rec->ncopies++;
-    }
-}
 static uint8_t *g_scratch;
 static size_t g_scratch_stride;
 static int g_max_depth, g_signo, g_mode, g_perf_max, g_perf_open;
@@ -238,7 +159,7 @@ static int read_self(scratch_t *sc, mw_cpusample_t *rec, uintptr_t tstate, long 
         depth = mw_pyframes_walk(&sc->rc, (mw_walkscratch_t *)(sc + 1), top, anchor, rec->frames,
                                  g_max_depth, truncated);
     rec->depth = *truncated == 2 ? 0 : depth;
-    if (*mine && *truncated != 2) copy_names(&sc->rc, rec);
+    if (*mine && *truncated != 2) mw_codenames_copy(&sc->rc, rec);
     sc->guard.armed = sc->guard.session = 0;
     atomic_signal_fence(memory_order_seq_cst);
     atomic_store(&sc->guard.owner, 0);
@@ -440,7 +361,6 @@ int mw_cputimer_init(int rate_hz, int max_depth, int signo, const char **why) {
     }
     if (!g_reg) {
         g_reg = map(REGS * sizeof *g_reg);
-        g_known = map(KNOWN * sizeof *g_known);
         g_names = map((size_t)MW_CPUTIMER_RECORDS * MW_CPUTIMER_NAMES);
         g_ips = map((size_t)MW_CPUTIMER_RECORDS * MW_UNWIND_MAX_FRAMES * sizeof *g_ips);
         g_fdkey = map(FDKEYS * sizeof *g_fdkey);
@@ -448,7 +368,7 @@ int mw_cputimer_init(int rate_hz, int max_depth, int signo, const char **why) {
             (sizeof(scratch_t) + mw_walkscratch_size() + 64 + mw_unwind_cursor_size() + 4095) &
             ~(size_t)4095;
         g_scratch = map(SCRATCH * g_scratch_stride);
-        if (!g_reg || !g_fdkey || !g_scratch || !g_known || !g_names || !g_ips) {
+        if (!g_reg || !g_fdkey || !g_scratch || mw_codenames_init() != 0 || !g_names || !g_ips) {
             *why = "out of memory";
             return 0;
         }
@@ -697,7 +617,7 @@ static int arm_locked(long tid, uintptr_t tstate, int born, int *existed) {
     return -1;
 }
 
-void mw_cputimer_disarm(int i) {
+static void disarm(int i) {
     if (!g_reg || i < 0 || i >= REGS) return;
     pthread_mutex_lock(&g_lock);
     disarm_locked(i);
@@ -753,7 +673,7 @@ static void disarm_locked(int i) {
 void mw_cputimer_disarm_all(void) {
     if (!g_reg) return;
     for (int i = 0; i < REGS; i++)
-        mw_cputimer_disarm(i);
+        disarm(i);
 }
 
 mw_cpusample_t *mw_cputimer_next(void) {

@@ -74,13 +74,6 @@ typedef struct mw_cpusample {
     char *names;    /* MW_CPUTIMER_NAMES bytes */
 } mw_cpusample_t;
 
-/* The set of code objects the sampler has named (key: mw_cputimer_code_key), read by handlers to
- * know which code objects' names they must copy. Sampler thread: add after naming, clear when
- * its symbol cache is emptied. A stale "known" only costs a dropped sample (names_lost). */
-uint64_t mw_cputimer_code_key(const mw_rawframe_t *f);
-void mw_cputimer_known_add(uint64_t key);
-void mw_cputimer_known_clear(void);
-
 typedef struct mw_cputimer_stats {
     uint64_t mode;          /* 0 off, 1 POSIX CPU timers, 2 perf task-clock */
     uint64_t armed;         /* threads with a timer now */
@@ -125,13 +118,12 @@ void mw_cputimer_forget(long tid);
 int mw_cputimer_counted(int reg, long tid);
 /* Retires registrations whose thread has exited (mw_cputimer_retire). */
 void mw_cputimer_sweep(void);
-/* Stops and frees a registration (the thread is gone, or the sampler stops). */
-void mw_cputimer_disarm(int reg);
-/* The same for thread tid, no longer seen or seen with another thread state, if reg is still
- * its registration (the index may have gone to another thread since): if it has exited, the
- * periods its count passed without their sample (its exit) are left as one record with no
- * frame first (as _forget and _sweep do). */
+/* Stops and frees registration reg of thread tid, no longer seen or seen with another thread
+ * state, if reg is still its registration (the index may have gone to another thread since): if
+ * it has exited, the periods its count passed without their sample (its exit) are left as one
+ * record with no frame first (as _forget and _sweep do). */
 void mw_cputimer_retire(int reg, long tid);
+/* Stops and frees every registration (the sampler stops). */
 void mw_cputimer_disarm_all(void);
 
 /* Drain: the next ready record (NULL when none), to be handed back with _done. */

@@ -12,6 +12,7 @@
 #define _GNU_SOURCE
 #include "mw_sampler_int.h"
 
+#include "mw_codenames.h"
 #include "mw_cputimer.h"
 #include "mw_symcache.h"
 #include "mw_threads.h"
@@ -98,7 +99,7 @@ static uint64_t g_known_epoch;
 static void known_sync(void) {
     uint64_t e = mw_symcache_epoch();
     if (e != g_known_epoch) {
-        mw_cputimer_known_clear();
+        mw_codenames_clear();
         g_known_epoch = e;
     }
 }
@@ -140,8 +141,7 @@ static uint32_t intern_frames(mw_profbuf_t *b, const mw_rawframe_t *raw, int dep
 static void mark_known(const mw_rawframe_t *raw, int depth) {
     known_sync();
     for (int i = 0; i < depth; i++)
-        if (i == 0 || g_sym[i] != g_sym[i - 1])
-            mw_cputimer_known_add(mw_cputimer_code_key(&raw[i]));
+        if (i == 0 || g_sym[i] != g_sym[i - 1]) mw_codenames_add(mw_codenames_key(&raw[i]));
 }
 
 /* Adds a proven read of st's Python frames (g_raw/g_sym[0..depth), read between CPU clock

@@ -1,8 +1,8 @@
-"""Sampler stress (no crash, sane counters): about a minute of thread churn, deep recursion, generators,
+"""Sampler stress (no crash, sane counters): half a minute of thread churn, deep recursion, generators,
 coroutines and exec'd throw-away functions under a 1 kHz sampler. The target runs in a child
 process: a crash or hang is a test failure with the child's output, not a dead test run.
 
-MW_STRESS_SECONDS overrides the duration (make asan uses a shorter run)."""
+MW_STRESS_SECONDS overrides the duration (make asan and make matrix use shorter runs)."""
 from __future__ import annotations
 
 import json
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_stress_no_crash_and_expected_functions():
-    seconds = float(os.environ.get("MW_STRESS_SECONDS", "60"))
+    seconds = float(os.environ.get("MW_STRESS_SECONDS", "30"))
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "targets" / "stress_target.py"), "--seconds", str(seconds)],
         capture_output=True, text=True, timeout=seconds * 4 + 120, cwd=str(ROOT),
