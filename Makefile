@@ -7,7 +7,7 @@ MATRIX_VERSIONS ?= 3.10 3.11 3.12 3.13
 PY_VERSION = $(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
 CSRC := $(wildcard csrc/*.c csrc/*.h)
 
-.PHONY: help bootstrap build test test-fast ctest check matrix asan bench demo lint format proto clean peers
+.PHONY: help bootstrap build test test-fast ctest check matrix wheels asan bench demo lint format proto clean peers
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -46,6 +46,9 @@ check: test lint  ## what CI runs: the suite, the sampler tests on the other CPy
 
 matrix:  ## run the sampler tests on every CPython 3.10-3.13 (a version asked for but missing fails the run)
 	@scripts/matrix.sh $(MATRIX_VERSIONS)
+
+wheels: bootstrap  ## the sdist and one manylinux wheel per CPython 3.10-3.13 in dist/, each tried in a fresh venv
+	@scripts/wheels.sh $(MATRIX_VERSIONS)
 
 asan:  ## build with AddressSanitizer+UBSan and run the sampler tests
 	@scripts/asan.sh

@@ -24,6 +24,59 @@ if not os.environ.get("MW_SKIP_EXT") and (
              % (sys.implementation.name, *sys.version_info[:3], *SUPPORTED_PYTHON[0], *SUPPORTED_PYTHON[1]))
 
 from setuptools import Extension, setup  # noqa: E402
+from setuptools.command.build_ext import build_ext  # noqa: E402
+
+# The C headers the extensions include, each with the Debian/Ubuntu package that ships it (and the
+# Fedora/RHEL one): checked before compiling, so that a machine without them gets one line naming
+# every missing package instead of a compiler error.
+HEADERS = (
+    ("zlib.h", "zlib1g-dev", "zlib-devel"),
+    ("protobuf-c/protobuf-c.h", "libprotobuf-c-dev", "protobuf-c-devel"),
+    ("libunwind.h", "libunwind-dev", "libunwind-devel"),
+    ("libelf.h", "libelf-dev", "elfutils-libelf-devel"),
+    ("curl/curl.h", "libcurl4-openssl-dev", "libcurl-devel"),
+    ("json-c/json.h", "libjson-c-dev", "json-c-devel"),
+)
+
+
+class BuildExt(build_ext):
+    """Builds the extensions in parallel, after checking that every C header they need is found."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        if self.parallel is None:
+            self.parallel = os.cpu_count() or 1
+
+    def build_extensions(self) -> None:
+        missing = [h for h in HEADERS if not self._header_found(h[0])]
+        if missing:
+            sys.exit("error: middleware: cannot build the C extension: C headers not found: %s; install %s "
+                     "(Debian/Ubuntu; Fedora/RHEL: %s), or install a binary wheel"
+                     % (", ".join(h[0] for h in missing), " ".join(h[1] for h in missing),
+                        " ".join(h[2] for h in missing)))
+        super().build_extensions()
+
+    def _header_found(self, header: str) -> bool:
+        import tempfile
+
+        from setuptools.errors import CompileError
+
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "probe.c")
+            with open(src, "w") as f:
+                f.write("#include <%s>\n" % header)
+            saved = os.dup(2)  # the compiler's "No such file" lines would bury the one line that matters
+            try:
+                with open(os.devnull, "w") as null:
+                    os.dup2(null.fileno(), 2)
+                self.compiler.preprocess(src, os.path.join(tmp, "probe.i"))
+            except CompileError:
+                return False
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+        return True
+
 
 include = sysconfig.get_paths()["include"]
 # The uploader: csrc/mw_upload*.c (see csrc/mw_upload_ctx.h), its module glue and the push.v1 code.
@@ -42,6 +95,7 @@ else:
 # MW_SKIP_EXT=1: metadata-only install (entry points, editable path); the extension itself is
 # built in place by `make build` (setup.py build_ext --inplace).
 setup(
+    cmdclass={"build_ext": BuildExt},
     ext_modules=[] if os.environ.get("MW_SKIP_EXT") else [
         Extension(
             "middleware._native",
