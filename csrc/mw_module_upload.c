@@ -24,32 +24,20 @@
 #include "mw_upload.h"
 
 static PyObject *mw_py_upload_start(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"server_url",
-                             "app_name",
-                             "tags",
-                             "tenant_id",
-                             "auth_url",
-                             "api_key",
-                             "bearer_token",
-                             "basic_user",
-                             "basic_password",
-                             "spy_name",
-                             "user_agent",
-                             "sample_rate",
-                             "queue_max",
-                             "connect_timeout_s",
-                             "total_timeout_s",
-                             "backoff_initial_s",
-                             "backoff_max_s",
-                             "use_push_api",
-                             NULL};
+    static char *kwlist[] = {"server_url",        "app_name",          "tags",
+                             "tenant_id",         "auth_url",          "api_key",
+                             "bearer_token",      "basic_user",        "basic_password",
+                             "spy_name",          "user_agent",        "sample_rate",
+                             "queue_max",         "connect_timeout_s", "total_timeout_s",
+                             "backoff_initial_s", "backoff_max_s",     "use_push_api",
+                             "ca_file",           "ca_path",           NULL};
     mw_upload_config_t c = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$zzzzzzzzzzziiddddp:upload_start", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$zzzzzzzzzzziiddddpzz:upload_start", kwlist,
                                      &c.server_url, &c.app_name, &c.tags, &c.tenant_id, &c.auth_url,
                                      &c.api_key, &c.bearer_token, &c.basic_user, &c.basic_password,
                                      &c.spy_name, &c.user_agent, &c.sample_rate, &c.queue_max,
                                      &c.connect_timeout_s, &c.total_timeout_s, &c.backoff_initial_s,
-                                     &c.backoff_max_s, &c.use_push_api))
+                                     &c.backoff_max_s, &c.use_push_api, &c.ca_file, &c.ca_path))
         return NULL;
     /* The strings belong to the argument objects, which the caller keeps alive for the whole
      * call, so the GIL can be released: start waits for the lifecycle lock, which a concurrent
@@ -119,7 +107,8 @@ static PyMethodDef mw_upload_methods[] = {
     {"upload_start", (PyCFunction)(void (*)(void))mw_py_upload_start, METH_VARARGS | METH_KEYWORDS,
      "upload_start(*, server_url, app_name, tags, tenant_id, auth_url, api_key, bearer_token, "
      "basic_user, basic_password, spy_name, user_agent, sample_rate, queue_max, "
-     "connect_timeout_s, total_timeout_s, backoff_initial_s, backoff_max_s, use_push_api)\n"
+     "connect_timeout_s, total_timeout_s, backoff_initial_s, backoff_max_s, use_push_api, ca_file, "
+     "ca_path)\n"
      "Start the native uploader thread. RuntimeError if it cannot start."},
     {"upload_submit", mw_py_upload_submit, METH_VARARGS,
      "upload_submit(data: bytes, from_s: int, until_s: int) -> bool\n"

@@ -388,7 +388,8 @@ static double pos_or(double v, double def) {
 static void cfg_free(mw_upload_cfg_t *c) {
     char **s[] = {&c->server_url,     &c->app_name, &c->tags,         &c->tenant_id,
                   &c->auth_url,       &c->api_key,  &c->bearer_token, &c->basic_user,
-                  &c->basic_password, &c->spy_name, &c->user_agent};
+                  &c->basic_password, &c->spy_name, &c->user_agent,   &c->ca_file,
+                  &c->ca_path};
     for (size_t i = 0; i < sizeof(s) / sizeof(s[0]); i++) {
         if (*s[i]) {
             memset(*s[i], 0, strlen(*s[i])); /* secrets do not outlive the uploader */
@@ -426,6 +427,8 @@ static int copy_config(mw_upload_cfg_t *c, const mw_upload_config_t *in, const c
     c->basic_password = strdup0(in->basic_password);
     c->spy_name = strdup0(in->spy_name ? in->spy_name : MW_UPLOAD_DEFAULT_SPY_NAME);
     c->user_agent = strdup0(in->user_agent ? in->user_agent : MW_UPLOAD_DEFAULT_USER_AGENT);
+    c->ca_file = strdup0(in->ca_file);
+    c->ca_path = strdup0(in->ca_path);
     if (!c->server_url && c->api_key) c->server_url = strdup(MW_UPLOAD_DEFAULT_SERVER_URL);
     c->sample_rate = in->sample_rate > 0 ? in->sample_rate : MW_UPLOAD_DEFAULT_SAMPLE_RATE;
     c->queue_max = in->queue_max > 0 ? in->queue_max : MW_UPLOAD_DEFAULT_QUEUE_MAX;
@@ -457,7 +460,8 @@ static int start_locked(const mw_upload_config_t *in) {
     if (g_thread_alive || g_zombie) return fail_start(NULL, "the uploader is already running");
     const char *strs[] = {in->server_url,     in->app_name, in->tags,         in->tenant_id,
                           in->auth_url,       in->api_key,  in->bearer_token, in->basic_user,
-                          in->basic_password, in->spy_name, in->user_agent};
+                          in->basic_password, in->spy_name, in->user_agent,   in->ca_file,
+                          in->ca_path};
     for (size_t i = 0; i < sizeof(strs) / sizeof(strs[0]); i++)
         if (has_ctl(strs[i]))
             return fail_start(NULL, "a configuration string contains control characters");

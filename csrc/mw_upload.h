@@ -113,7 +113,9 @@ typedef struct mw_upload_config {
     int queue_max; /* max profiles held (waiting + on the wire); oldest waiting one dropped */
     double connect_timeout_s, total_timeout_s; /* per HTTP request */
     double backoff_initial_s, backoff_max_s;
-    int use_push_api; /* POST {server}/push.v1.PusherService/Push instead of /ingest */
+    int use_push_api;    /* POST {server}/push.v1.PusherService/Push instead of /ingest */
+    const char *ca_file; /* CA certificates (PEM) for https, may be NULL: libcurl's built-in */
+    const char *ca_path; /* directory of hashed CA certificates, may be NULL: libcurl's built-in */
 } mw_upload_config_t;
 
 /*

@@ -32,7 +32,7 @@
 /* The configuration, copied by mw_upload_start() with the defaults of mw_upload.h applied. */
 typedef struct mw_upload_cfg {
     char *server_url, *app_name, *tags, *tenant_id, *auth_url, *api_key, *bearer_token, *basic_user,
-        *basic_password, *spy_name, *user_agent;
+        *basic_password, *spy_name, *user_agent, *ca_file, *ca_path;
     int sample_rate, queue_max, use_push_api;
     double connect_timeout_s, total_timeout_s, backoff_initial_s, backoff_max_s;
 } mw_upload_cfg_t;

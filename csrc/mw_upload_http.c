@@ -99,6 +99,8 @@ static void set_options(mw_uploader_t *u, const char *url, struct curl_slist *hd
     curl_easy_setopt(e, CURLOPT_ERRORBUFFER, u->errbuf);
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, keep_body);
     curl_easy_setopt(e, CURLOPT_WRITEDATA, u);
+    if (u->cfg.ca_file) curl_easy_setopt(e, CURLOPT_CAINFO, u->cfg.ca_file);
+    if (u->cfg.ca_path) curl_easy_setopt(e, CURLOPT_CAPATH, u->cfg.ca_path);
     u->resp_len = 0;
     u->resp_cap = resp_cap < MW_UPLOAD_RESP_CAP ? resp_cap : MW_UPLOAD_RESP_CAP;
 }

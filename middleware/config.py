@@ -191,6 +191,36 @@ def _http_url(text: str) -> str:
     return url
 
 
+#: Where distributions keep the system's CA certificates (one PEM file): Debian/Ubuntu, RHEL/Fedora,
+#: openSUSE, older RHEL, Alpine-style. The uploader's libcurl may have been built on another
+#: distribution (a binary wheel), so the file is found here rather than taken from its build.
+SYSTEM_CA_FILES = (
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/pki/tls/cacert.pem",
+    "/etc/ssl/cert.pem",
+)
+
+
+def _system_ca_file() -> str | None:
+    return next((f for f in SYSTEM_CA_FILES if os.path.isfile(f)), None)
+
+
+def _ca_file(text: str) -> str:
+    path = os.path.expanduser(text.strip())
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ValueError("not a readable file")
+    return path
+
+
+def _ca_dir(text: str) -> str:
+    path = os.path.expanduser(text.strip())
+    if not os.path.isdir(path):
+        raise ValueError("not a directory")
+    return path
+
+
 def _header_value(text: str) -> str:
     v = text.strip()
     if not v:
@@ -373,6 +403,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             doc="profiles kept while the backend is down"),
     Setting("use_push_api", ("MW_PROFILING_PUSH_API",), parse_bool, False, used_by=_U,
             doc="true: /push.v1.PusherService/Push instead of /ingest"),
+    Setting("ca_file", ("SSL_CERT_FILE", "CURL_CA_BUNDLE"), _ca_file, default_factory=_system_ca_file, used_by=_U,
+            doc="CA certificates (PEM) for https backends; default: the system's bundle"),
+    Setting("ca_path", ("SSL_CERT_DIR",), _ca_dir, None, used_by=_U,
+            doc="directory of hashed CA certificates for https backends, besides ca_file"),
     Setting("spy_name", (), _header_value, SPY_NAME, used_by=_U, doc="spyName query parameter"),
     Setting("user_agent", (), _header_value, f"{SPY_NAME}/unknown", used_by=_U,
             doc="User-Agent (the installed version when there is a backend)"),
@@ -520,6 +554,8 @@ class UploadConfig:
     backoff_initial_s: float = _default("backoff_initial_s")
     backoff_max_s: float = _default("backoff_max_s")
     use_push_api: bool = _default("use_push_api")
+    ca_file: str | None = _default("ca_file")
+    ca_path: str | None = _default("ca_path")
 
     @property
     def enabled(self) -> bool:
@@ -555,6 +591,8 @@ def resolve_upload_config(
     total_timeout_s: float | None = None,
     backoff_initial_s: float | None = None,
     backoff_max_s: float | None = None,
+    ca_file: str | None = None,
+    ca_path: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> UploadConfig | None:
     """Builds the upload settings from arguments, then ``env`` (default ``os.environ``), then defaults.
@@ -612,5 +650,7 @@ def resolve_upload_config(
         backoff_initial_s=get("backoff_initial_s", backoff_initial_s),
         backoff_max_s=get("backoff_max_s", backoff_max_s),
         use_push_api=get("use_push_api", use_push_api),
+        ca_file=get("ca_file", ca_file),
+        ca_path=get("ca_path", ca_path),
     )
     return cfg if cfg.enabled else None

@@ -102,6 +102,59 @@ def test_basic_auth_is_sent_when_configured(backend):
     assert req.headers["authorization"] == "Basic " + base64.b64encode(b"alice:s3cret:x").decode()
 
 
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 signed by itself (no system bundle trusts it), and its key."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = str(d / "cert.pem"), str(d / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_https_backends_are_verified_against_the_configured_ca_certificates(self_signed):
+    from support.fake_backend import FakeBackend
+
+    cert, key = self_signed
+    with FakeBackend(tls=(cert, key)) as tls_backend:
+        # the certificate's own file as the CA file (SSL_CERT_FILE): trusted, the profile arrives
+        cfg = resolve_upload_config(env={"MW_PROFILING_SERVER_URL": tls_backend.url, "SSL_CERT_FILE": cert})
+        assert cfg is not None and cfg.ca_file == cert
+        start(tls_backend.url, ca_file=cfg.ca_file)
+        native.upload_submit(payload(1), 10, 20)
+        assert native.upload_flush(5.0) == 0
+        native.upload_stop(1.0)
+        assert len(tls_backend.ingests()) == 1 and stats()["uploaded"] == 1
+        # the system's bundle (the default): the self-signed server is refused, and it is said why
+        default = resolve_upload_config(env={"MW_PROFILING_SERVER_URL": tls_backend.url})
+        assert default is not None and default.ca_file is not None and default.ca_file != cert
+        start(tls_backend.url, ca_file=default.ca_file)
+        native.upload_submit(payload(2), 10, 20)
+        assert wait_until(lambda: stats()["failed_attempts"] >= 1, 5.0), stats()
+        native.upload_stop(0.5)
+        assert len(tls_backend.ingests()) == 1 and stats()["uploaded"] == 0
+        assert any("certificate" in m.lower() for _, m in messages()), messages()
+
+
+def test_the_ca_file_is_the_systems_bundle_unless_a_variable_names_one(tmp_path, caplog):
+    from middleware import config
+
+    url = {"MW_PROFILING_SERVER_URL": "https://collector.example"}
+    system = resolve_upload_config(env=url)
+    assert system is not None and system.ca_file in config.SYSTEM_CA_FILES and os.path.isfile(system.ca_file)
+    assert system.ca_path is None
+    pem = tmp_path / "ca.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\n")
+    both = resolve_upload_config(env={**url, "SSL_CERT_FILE": str(pem), "CURL_CA_BUNDLE": "/elsewhere.pem",
+                                      "SSL_CERT_DIR": str(tmp_path)})
+    assert both is not None and both.ca_file == str(pem) and both.ca_path == str(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="middleware"):
+        missing = resolve_upload_config(env={**url, "SSL_CERT_FILE": str(tmp_path / "absent.pem")})
+    assert missing is not None and missing.ca_file == system.ca_file
+    assert any("SSL_CERT_FILE" in r.getMessage() for r in caplog.records), caplog.text
+
+
 def test_profiles_arrive_in_order_with_their_own_time_windows(backend):
     start(backend.url)
     bodies = [payload(i) for i in range(6)]

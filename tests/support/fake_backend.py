@@ -14,12 +14,13 @@ switch how it answers at any time:
 The key -> tenant exchange is served on ``/auth`` (``backend.auth_url``), configured with
 ``auth(status, body)`` or ``auth_script(...)``. Every request is recorded (``requests``,
 ``ingests()``, ``auths()``) with its arrival time, so tests can check paths, query parameters,
-headers, bodies and delays.
+headers, bodies and delays. ``FakeBackend(tls=(certfile, keyfile))`` serves https instead.
 """
 from __future__ import annotations
 
 import http.server
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -141,7 +142,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class FakeBackend:
     """A recording HTTP server on 127.0.0.1 whose behaviour tests can switch."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[str, str] | None = None) -> None:
+        self._tls = tls
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._state = _State()
@@ -157,6 +159,10 @@ class FakeBackend:
     def _listen(self) -> None:
         srv = _Server(("127.0.0.1", self.port), _Handler)
         srv.backend = self
+        if self._tls is not None:  # the handshake runs in accept(); a client that refuses it is dropped
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self._tls)
+            srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
         self.port = srv.server_address[1]
         self._server = srv
         self._thread = threading.Thread(
@@ -189,7 +195,7 @@ class FakeBackend:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self._tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def auth_url(self) -> str:

@@ -2,8 +2,9 @@
 see the same value for every variable the package reads, and a bad value is said once.
 
 The variables are found in the package's source (string literals naming ``MW_*``, ``OTEL_*`` or
-``PYROSCOPE_*`` variables, ``getenv`` calls in csrc/), not taken from the settings table, so a
-variable read anywhere without a row, or a row without a case here, fails the first test. The
+``PYROSCOPE_*`` variables or the standard CA-certificate ones, ``getenv`` calls in csrc/), not
+taken from the settings table, so a variable read anywhere without a row, or a row without a
+case here, fails the first test. The
 last tests run the real thing: a profiled app whose local store and uploads must carry the same
 service name and sample rate, and the ``serve`` command, which imports the local store.
 """
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "middleware"
-VARIABLE = re.compile(r"(?:MW|OTEL|PYROSCOPE)_[A-Z0-9_]*[A-Z0-9]\Z")
+VARIABLE = re.compile(r"(?:(?:MW|OTEL|PYROSCOPE)_[A-Z0-9_]*[A-Z0-9]|SSL_CERT_FILE|SSL_CERT_DIR|CURL_CA_BUNDLE)\Z")
 
 #: Where the uploader goes when the variable under test is not itself the destination.
 BACKEND = {"MW_PROFILING_SERVER_URL": "http://127.0.0.1:9"}
@@ -77,6 +78,9 @@ CASES: dict[str, Case] = {
                                              extra={"MW_PROFILING_BASIC_AUTH_USER": "ann"}),
     "MW_PROFILING_UPLOAD_QUEUE": Case("32", {}, {"queue_max": 32}, "lots"),
     "MW_PROFILING_PUSH_API": Case("yes", {}, {"use_push_api": True}, "maybe"),
+    "SSL_CERT_FILE": Case(str(ROOT / "LICENSE"), {}, {"ca_file": str(ROOT / "LICENSE")}, "/nonexistent/ca.pem"),
+    "CURL_CA_BUNDLE": Case(str(ROOT / "README.md"), {}, {"ca_file": str(ROOT / "README.md")}, "/nonexistent/b.pem"),
+    "SSL_CERT_DIR": Case(str(ROOT), {}, {"ca_path": str(ROOT)}, "/nonexistent/certs"),
 }
 #: Read by the process as a whole (tested below), not a field of either configuration.
 PROCESS_WIDE = {"MW_PROFILING_QUIET"}
