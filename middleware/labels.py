@@ -24,6 +24,12 @@ worker going back to its pool (and the next request it serves) keeps nothing of 
 no labels active the function is handed over unchanged. A process pool is left alone (its
 functions must stay picklable), and so are event loops that are not asyncio's (uvloop).
 
+Event loops that are not asyncio's own (uvloop) run task steps without ``Handle._run``, so the
+hook cannot see a task switch there: a label set pushed by one task would stay in the thread's
+slot while other tasks run. Label sets pushed in such a loop's thread are therefore not written
+to the slot (one warning per loop type): those tasks' samples carry no labels rather than
+another request's. Work they hand to a thread pool through anyio keeps its labels.
+
 The tracker does not import asyncio (or anyio) for that (tens of milliseconds and a few MiB an
 app that never uses asyncio should not pay): :func:`enable_asyncio_hook` wraps what is loaded at
 once; otherwise the first label pushed arranges for the rest, right away or when the app imports
@@ -127,7 +133,38 @@ def _labelset_id(pairs: tuple[tuple[str, str], ...]) -> int:
 _applied = threading.local()  # the label set last pushed to this thread's native slot
 
 
+def _unseen_loop() -> str | None:
+    """The type name of the event loop running in this thread when it is not asyncio's own (whose
+    task steps the hook sees), e.g. ``uvloop.Loop``; None when no loop runs or it is asyncio's."""
+    events = sys.modules.get("asyncio.events")
+    if events is None:
+        return None
+    loop = events._get_running_loop()
+    if loop is None:
+        return None
+    base_events = sys.modules.get("asyncio.base_events")
+    if base_events is not None and isinstance(loop, base_events.BaseEventLoop):
+        return None
+    return f"{type(loop).__module__}.{type(loop).__qualname__}"
+
+
+_warned_loops: set[str] = set()
+
+
 def _apply(pairs: tuple[tuple[str, str], ...]) -> None:
+    if pairs and (loop := _unseen_loop()) is not None:
+        # Tasks of this loop switch without a callback the hook sees, so a label set pushed here
+        # would stay in the thread's slot while other tasks run: their samples would carry it.
+        # Samples of such tasks are left unlabelled instead (never another request's labels).
+        if loop not in _warned_loops:
+            _warned_loops.add(loop)
+            from middleware.config import visible_warning
+
+            visible_warning(
+                logger, "middleware: labels set in tasks of an event loop whose task switches the profiler "
+                "cannot follow (%s) are not attached to samples (they would land on other tasks' samples); "
+                "work those tasks hand to a thread pool keeps them. asyncio's own loop is supported", loop)
+        pairs = ()
     if getattr(_applied, "pairs", None) == pairs:
         return  # the native slot already holds this set
     n = _native()

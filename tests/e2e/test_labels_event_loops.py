@@ -1,0 +1,201 @@
+"""Labels set in async endpoints land on their own request's samples, on asyncio's loop and on uvloop.
+
+GIVEN a FastAPI app under uvicorn in a child process, whose ASGI middleware labels each request
+``endpoint=<path>``, with two async endpoints that burn CPU in slices and yield to the loop
+between slices (so the tasks of concurrent requests interleave on the loop's thread), and one
+sync endpoint (run in anyio's thread pool)
+WHEN client threads send interleaved concurrent requests
+THEN on asyncio's loop, nearly all of each async endpoint's CPU carries its own label and never
+another route's; on uvloop (whose task switches the profiler cannot follow) the async endpoints'
+samples carry no label at all rather than another request's, one warning line on stderr says so,
+and the sync endpoint's work, handed to a worker thread, still carries its own label.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("httpx")
+
+ROOT = Path(__file__).resolve().parents[2]
+ASYNC_ROUTES = ("/alpha", "/beta")
+SYNC_ROUTE = "/gamma"
+
+CHILD = r"""
+import asyncio, json, random, socket, sys, threading, time
+sys.path.insert(0, {root!r})
+from middleware import MwTracker
+from middleware.labels import labels
+
+tracker = MwTracker(sample_rate=400, profile_dir="none", instrument=False, native=False, upload=False)
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+SLICE_S = 0.002
+SLICES = 6
+
+
+def spin(seconds):
+    t0 = time.thread_time()
+    x = 0
+    while time.thread_time() - t0 < seconds:
+        for i in range(200):
+            x += i * i
+    return x
+
+
+async def work_alpha():
+    for _ in range(SLICES):
+        spin(SLICE_S)
+        await asyncio.sleep(0)  # another request's task runs here
+
+
+async def work_beta():
+    for _ in range(SLICES):
+        spin(SLICE_S)
+        await asyncio.sleep(0)
+
+
+def work_gamma():
+    spin(SLICE_S * SLICES)
+
+
+app = FastAPI()
+
+
+@app.get("/alpha")
+async def alpha():
+    await work_alpha()
+    return {{}}
+
+
+@app.get("/beta")
+async def beta():
+    await work_beta()
+    return {{}}
+
+
+@app.get("/gamma")
+def gamma():
+    work_gamma()
+    return {{}}
+
+
+class EndpointLabels:
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        with labels(endpoint=scope["path"]):
+            await self.inner(scope, receive, send)
+
+
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+port = sock.getsockname()[1]
+server = uvicorn.Server(uvicorn.Config(EndpointLabels(app), loop={loop!r}, http="h11", lifespan="off",
+                                       log_level="warning", access_log=False))
+server_thread = threading.Thread(target=server.run, kwargs={{"sockets": [sock]}}, name="uvicorn")
+server_thread.start()
+deadline = time.monotonic() + 20
+while not server.started and time.monotonic() < deadline:
+    time.sleep(0.01)
+assert server.started, "uvicorn did not start"
+ROUTES = {routes!r}
+errors = []
+
+
+def client(seed):
+    rng = random.Random(seed)
+    with httpx.Client(base_url=f"http://127.0.0.1:{{port}}", timeout=30) as c:
+        for _ in range(15):
+            order = list(ROUTES)
+            rng.shuffle(order)
+            for route in order:
+                r = c.get(route)
+                if r.status_code != 200:
+                    errors.append((route, r.status_code))
+
+
+tracker.snapshot(reset=True)
+clients = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+for t in clients:
+    t.start()
+for t in clients:
+    t.join()
+profile = tracker.snapshot()
+server.should_exit = True
+server_thread.join(timeout=20)
+ci = profile.value_index("cpu")
+by_route = {{r: {{}} for r in ROUTES}}  # route -> endpoint label (or "") -> cpu ns of its work function
+for s in profile.samples:
+    ep = s.label("endpoint") or ""
+    names = {{f.function for f in s.stack}}
+    for r in ROUTES:
+        if "work_" + r[1:] in names:
+            by_route[r][ep] = by_route[r].get(ep, 0) + s.values[ci]
+print(json.dumps({{"by_route": by_route, "errors": errors}}))
+tracker.stop()
+"""
+
+
+def _run(loop: str, tmp: Path) -> tuple[dict[str, Any], str]:
+    script = tmp / f"app_{loop}.py"
+    script.write_text(CHILD.format(root=str(ROOT), loop=loop, routes=ASYNC_ROUTES + (SYNC_ROUTE,)))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=str(tmp))
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
+
+
+@pytest.fixture(scope="module")
+def asyncio_loop(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    return _run("asyncio", tmp_path_factory.mktemp("asyncio"))
+
+
+@pytest.fixture(scope="module")
+def uvloop_loop(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    pytest.importorskip("uvloop")
+    return _run("uvloop", tmp_path_factory.mktemp("uvloop"))
+
+
+def _shares(result: dict[str, Any], route: str) -> tuple[dict[str, int], int]:
+    shares = result["by_route"][route]
+    seen = sum(shares.values())
+    assert seen > 0.1e9, (route, shares)  # ~6 clients x 15 rounds x 12 ms of CPU burnt in the route
+    return shares, seen
+
+
+@pytest.mark.parametrize("route", ASYNC_ROUTES)
+def test_asyncio_tasks_cpu_carries_its_own_request_label(asyncio_loop, route: str) -> None:
+    result, _ = asyncio_loop
+    assert result["errors"] == []
+    shares, seen = _shares(result, route)
+    assert shares.get(route, 0) >= 0.99 * seen, (route, shares)
+    assert set(shares) <= {route, ""}, (route, shares)
+
+
+@pytest.mark.parametrize("route", ASYNC_ROUTES)
+def test_uvloop_tasks_cpu_is_unlabelled_rather_than_mislabelled(uvloop_loop, route: str) -> None:
+    result, stderr = uvloop_loop
+    assert result["errors"] == []
+    shares, seen = _shares(result, route)
+    assert shares == {"": seen}, (route, shares)
+    said = [ln for ln in stderr.splitlines() if "task switches the profiler cannot follow" in ln]
+    assert len(said) == 1 and "uvloop" in said[0], stderr[-3000:]
+
+
+def test_uvloop_sync_endpoint_work_keeps_its_label_in_the_thread_pool(uvloop_loop) -> None:
+    result, _ = uvloop_loop
+    shares, seen = _shares(result, SYNC_ROUTE)
+    assert shares.get(SYNC_ROUTE, 0) >= 0.95 * seen, shares
+    assert set(shares) <= {SYNC_ROUTE, ""}, shares
