@@ -96,9 +96,9 @@ def stats() -> dict[str, int]:
 
 
 def _after_fork_in_child() -> None:
-    global _lock, _in_bootstrap, _armed
+    global _lock, _in_bootstrap, _armed, _flushing, _terminate_pending
     _lock = threading.Lock()
-    _in_bootstrap = _armed = False
+    _in_bootstrap = _armed = _flushing = _terminate_pending = False
     _reset_counts()
     try:  # a process forked by an idle pool worker does not keep the worker's SIGTERM handler
         if _sig.getsignal(_SIGTERM) is _on_sigterm:
@@ -236,39 +236,61 @@ def _wrap_bootstrap(original: Any) -> Any:
             return original(self, *args, **kwargs)
         finally:
             _final_flush("exit")
+            if _terminate_pending:
+                _die_of(_SIGTERM)
 
     _bootstrap._mw_wrapped = True  # type: ignore[attr-defined]
     _bootstrap.__wrapped__ = original  # type: ignore[attr-defined]
     return _bootstrap
 
 
+_flushing = False  # a final export is under way in this process
+_terminate_pending = False  # SIGTERM came during the exit flush: the process dies of it after
+
+
 def _final_flush(reason: str) -> None:
-    """Stops the profiler of this process with a final export; counts and reports a failure."""
+    """Stops the profiler of this process with a final export; counts and reports a failure.
+    A SIGTERM that comes meanwhile waits for all of it, the report included (see _on_sigterm)."""
+    global _flushing
     p = _profiler_here()
     if p is None:
         return
+    _flushing = True
     try:
-        ok = p.stop(EXIT_FLUSH_TIMEOUT_S)
-    except Exception:
-        logger.exception("middleware: final export of child process %d failed", os.getpid())
-        ok = False
-    _counts["child_terminate_flushes" if reason == "terminate" else "child_exit_flushes"] += 1
-    if not ok:
-        _counts["child_exit_flush_failures"] += 1
-        _warn(
-            "middleware: child process %d: its last profile was not written %s within %g s; the "
-            "samples since its previous export are lost",
-            os.getpid(), "on SIGTERM" if reason == "terminate" else "at exit", EXIT_FLUSH_TIMEOUT_S,
-        )
+        try:
+            ok = p.stop(EXIT_FLUSH_TIMEOUT_S)
+        except Exception:
+            logger.exception("middleware: final export of child process %d failed", os.getpid())
+            ok = False
+        _counts["child_terminate_flushes" if reason == "terminate" else "child_exit_flushes"] += 1
+        if not ok:
+            _counts["child_exit_flush_failures"] += 1
+            _warn(
+                "middleware: child process %d: its last profile was not written %s within %g s; the "
+                "samples since its previous export are lost",
+                os.getpid(), "on SIGTERM" if reason == "terminate" else "at exit", EXIT_FLUSH_TIMEOUT_S,
+            )
+    finally:
+        _flushing = False
 
 
 # -- pool workers: SIGTERM while idle flushes first ---------------------------------------------------
 def _on_sigterm(signum: int, frame: Any) -> None:
-    global _armed
+    global _armed, _terminate_pending
     _armed = False
     signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not cut the export short
+    if _flushing:
+        # A worker that took the pool's sentinel is already writing its last profile on its way
+        # out (terminate() races with the sentinels): let that export finish, then die of it.
+        _terminate_pending = True
+        return
     _final_flush("terminate")
-    # die of the signal, as without this handler (the parent sees the same exit code)
+    _die_of(signum)
+
+
+def _die_of(signum: int) -> None:
+    """Ends the process by ``signum``'s default action, as without our handler (the parent sees
+    the same exit code)."""
     signal.signal(signum, signal.SIG_DFL)
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})

@@ -94,6 +94,24 @@ def fail_last_export() -> int:
     return os.getpid()
 
 
+def slow_failing_exit() -> int:
+    """In a pool worker: its final export takes 0.5 s, the profiler stopped half-way, and reports
+    a failure (so that it says so)."""
+    from middleware import tracker
+
+    p = tracker._profiler
+    real = p.stop
+
+    def stop(*a: Any) -> bool:
+        time.sleep(0.25)
+        ok = bool(real(*a))  # the profiler is stopped from here on...
+        time.sleep(0.25)  # ... and SIGTERM comes before the failure is reported
+        return ok and False
+
+    p.stop = stop
+    return os.getpid()
+
+
 def _workload(kind: str, method: str, ending: str, store: str) -> dict[str, Any]:
     import multiprocessing
 
@@ -107,6 +125,18 @@ def _workload(kind: str, method: str, ending: str, store: str) -> dict[str, Any]
             worker = pool.apply(fail_last_export)
         t.stop()
         return {"parent": os.getpid(), "process": proc.pid, "worker": worker}
+    if kind == "sigterm-during-exit":
+        import signal
+
+        t = _start_tracker(store)
+        pool = ctx.Pool(1)
+        worker = pool.apply(slow_failing_exit)
+        pool.close()  # the sentinel: the worker leaves and starts its (slow) final export
+        time.sleep(0.35)
+        os.kill(worker, signal.SIGTERM)  # as terminate() does when it races with the sentinel
+        pool.join()
+        t.stop()
+        return {"parent": os.getpid(), "worker": worker}
     if kind == "self":
         q = ctx.Queue()
         procs = [ctx.Process(target=self_profiled, args=(store, q)) for _ in range(WORKERS)]
@@ -235,9 +265,23 @@ def test_a_child_whose_last_export_fails_says_so_once(quiet: str, tmp_path: Path
     r = _run("fail", "fork", "-", tmp_path / "store", MW_PROFILING_QUIET=quiet)
     lines = re.findall(r"middleware: child process (\d+): its last profile was not written (at exit|on SIGTERM)",
                        r["_stderr"])
-    # THEN each says so once on stderr, unless MW_PROFILING_QUIET
-    expected = [(str(r["process"]), "at exit"), (str(r["worker"]), "on SIGTERM")]
-    assert lines == ([] if quiet == "1" else expected), r["_stderr"][-3000:]
+    # THEN each says so once on stderr, unless MW_PROFILING_QUIET (the worker says "at exit" when
+    # it took the pool's sentinel before terminate()'s SIGTERM: the two race in the pool)
+    if quiet == "1":
+        assert lines == [], r["_stderr"][-3000:]
+    else:
+        assert len(lines) == 2 and lines[0] == (str(r["process"]), "at exit"), r["_stderr"][-3000:]
+        assert lines[1][0] == str(r["worker"]) and lines[1][1] in ("on SIGTERM", "at exit"), r["_stderr"][-3000:]
+
+
+def test_sigterm_during_a_workers_exit_export_does_not_cut_it_short(tmp_path: Path) -> None:
+    # GIVEN a pool worker that took the sentinel and is writing its last profile (0.5 s) on its
+    # way out, WHEN SIGTERM arrives meanwhile, THEN the export finishes (its result is said, once)
+    r = _run("sigterm-during-exit", "fork", "-", tmp_path / "store", MW_PROFILING_QUIET="0")
+    lines = re.findall(r"middleware: child process (\d+): its last profile was not written (at exit|on SIGTERM)",
+                       r["_stderr"])
+    # ("on SIGTERM" if the worker was slower to take the sentinel than the parent to send SIGTERM)
+    assert len(lines) == 1 and lines[0][0] == str(r["worker"]), r["_stderr"][-3000:]
 
 
 @pytest.mark.slow

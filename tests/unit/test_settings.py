@@ -78,9 +78,10 @@ CASES: dict[str, Case] = {
                                              extra={"MW_PROFILING_BASIC_AUTH_USER": "ann"}),
     "MW_PROFILING_UPLOAD_QUEUE": Case("32", {}, {"queue_max": 32}, "lots"),
     "MW_PROFILING_PUSH_API": Case("yes", {}, {"use_push_api": True}, "maybe"),
-    "SSL_CERT_FILE": Case(str(ROOT / "LICENSE"), {}, {"ca_file": str(ROOT / "LICENSE")}, "/nonexistent/ca.pem"),
-    "CURL_CA_BUNDLE": Case(str(ROOT / "README.md"), {}, {"ca_file": str(ROOT / "README.md")}, "/nonexistent/b.pem"),
-    "SSL_CERT_DIR": Case(str(ROOT), {}, {"ca_path": str(ROOT)}, "/nonexistent/certs"),
+    "SSL_CERT_FILE": Case(__file__, {}, {"ca_file": __file__}, "/nonexistent/ca.pem"),
+    "CURL_CA_BUNDLE": Case(str(ROOT / "tests" / "conftest.py"), {}, {"ca_file": str(ROOT / "tests" / "conftest.py")},
+                           "/nonexistent/b.pem"),
+    "SSL_CERT_DIR": Case(str(ROOT / "tests"), {}, {"ca_path": str(ROOT / "tests")}, "/nonexistent/certs"),
 }
 #: Read by the process as a whole (tested below), not a field of either configuration.
 PROCESS_WIDE = {"MW_PROFILING_QUIET"}
