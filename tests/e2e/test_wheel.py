@@ -83,6 +83,14 @@ def test_the_wheel_profiles_in_a_fresh_venv_that_cannot_see_the_build_tree(dist:
     r = json.loads(proc.stdout)
     assert r["module"].startswith(str(venv)) and r["native"].startswith(str(venv)), r
     assert r["calc_cpu_ms"]["calc3"] > r["calc_cpu_ms"]["calc1"], r  # the demo's bottleneck leads
+    # the console scripts: middleware-run profiles a command with no code change
+    code = "import sys; print('middleware._native' in sys.modules)"
+    run = subprocess.run([str(venv / "bin" / "middleware-run"), str(venv / "bin" / "python"), "-c", code],
+                         capture_output=True, text=True, timeout=60, cwd=str(run_dir),
+                         env={**env, "MW_PROFILE_DIR": str(tmp_path / "run-store")})
+    assert run.returncode == 0 and run.stdout.strip() == "True", (run.stdout, run.stderr)
+    assert subprocess.run([str(venv / "bin" / "middleware"), "--help"], capture_output=True,
+                          timeout=60).returncode == 0
     (profile,) = r["files"]
     top = subprocess.run([GO, "tool", "pprof", "-top", "-sample_index=cpu", profile],
                          capture_output=True, text=True, timeout=120)
