@@ -17,7 +17,13 @@ def _start() -> None:
 
         MwTracker()
     except Exception as exc:  # the program must run, profiled or not
-        if os.environ.get("MW_PROFILING_QUIET", "") not in ("1", "true", "yes"):
+        try:
+            from middleware.config import quiet
+
+            silent = quiet()
+        except Exception:
+            silent = False
+        if not silent:
             sys.stderr.write(f"middleware: middleware-run could not start the profiler ({type(exc).__name__}: "
                              f"{exc}); the program runs unprofiled\n")
 

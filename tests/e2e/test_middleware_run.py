@@ -138,7 +138,9 @@ def test_sigint_ends_the_program_as_it_would_without_the_profiler(tmp_path: Path
     results = []
     for cmd, env in (([sys.executable, str(script)], _env(tmp_path / "s0", MW_APM_COLLECT_PROFILING="false")),
                      ([*RUN, sys.executable, str(script)], _env(tmp_path / "s1"))):
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        # SIGINT's default action, whatever this test runner inherited (a background job ignores it)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
