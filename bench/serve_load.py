@@ -39,7 +39,8 @@ from middleware.pprof import encode_pprof  # noqa: E402
 from middleware.profile import Frame, Profile, Sample  # noqa: E402
 
 CPU = "process_cpu:cpu:nanoseconds:cpu:nanoseconds"
-BASE_S = 1_700_000_000
+# Windows from a day ago on (on the hour): recent data, which serve's retention (7 days by default) keeps
+BASE_S = (int(time.time()) // 3600 - 24) * 3600
 
 
 class Bodies:
@@ -319,7 +320,8 @@ def run_load(
 class ServeProcess:
     """``python -m middleware serve`` on a free loopback port with a temporary data directory."""
 
-    def __init__(self, data_dir: str | None = None, token: str | None = None) -> None:
+    def __init__(self, data_dir: str | None = None, token: str | None = None,
+                 extra_args: list[str] | None = None) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="mw-serve-load-") if data_dir is None else None
         self.data_dir = data_dir or self._tmp.name  # type: ignore[union-attr]
         self.token = token
@@ -328,7 +330,7 @@ class ServeProcess:
             env["MW_SERVE_TOKEN"] = token
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "middleware", "serve", "--host", "127.0.0.1", "--port", "0",
-             "--data", self.data_dir, "--no-store-import"],
+             "--data", self.data_dir, "--no-store-import", *(extra_args or [])],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT), env=env,
         )
         assert self.proc.stdout is not None

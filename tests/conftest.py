@@ -12,6 +12,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The suite's profiles carry fixed timestamps (from 2025): `serve`'s retention by age (7 days by
+# default) would delete them as they arrive. The retention tests give their bounds explicitly.
+os.environ.setdefault("MW_SERVE_RETENTION", "off")
+
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"middleware: running on CPython {sys.version.split()[0]} ({sys.executable})"

@@ -4,6 +4,7 @@
                                [--token TOKEN] [--max-body BYTES] [--max-profile BYTES]
                                [--max-series-per-upload N] [--max-series-per-service N]
                                [--request-timeout SECONDS] [--max-connections N]
+                               [--retention DURATION] [--max-size SIZE]
 
 Agents push to it exactly as to Grafana Pyroscope (``MW_PROFILING_SERVER_URL=http://HOST:PORT``);
 profiles are kept in SQLite under ``--data``. Profiles an agent wrote to its local store are
@@ -23,6 +24,11 @@ that go to its one overflow series; a request's headers must arrive within
 (``MW_SERVE_MAX_SERIES_PER_UPLOAD``, ``MW_SERVE_MAX_SERIES_PER_SERVICE``,
 ``MW_SERVE_REQUEST_TIMEOUT``, ``MW_SERVE_MAX_CONNECTIONS``), else 2000, 50000, 30 and 256; the
 option wins.
+
+Retention: profiles older than ``--retention`` (default 7d) go, and the oldest go while the data
+is larger than ``--max-size`` (default 2GiB), in the background (``off``: no such bound). Each
+defaults to ``$MW_SERVE_RETENTION`` / ``$MW_SERVE_MAX_SIZE``, else to what the store was given
+last. A full disk: uploads are answered 507 and the page keeps working.
 """
 from __future__ import annotations
 
@@ -83,6 +89,21 @@ def _within(number: Callable[[str], _N], lo: _N, hi: _N, expected: str) -> Calla
         return value
 
     return parse
+
+
+def _checked(kind: str) -> Callable[[str], str]:
+    """An argparse type: the text, once it reads as a retention ``kind`` ("duration" or "size");
+    serve parses it again (the serve package is imported only when the command runs)."""
+    def check(text: str) -> str:
+        from middleware.serve import retention
+
+        try:
+            (retention.parse_duration if kind == "duration" else retention.parse_size)(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return check
 
 
 def _int_within(lo: int, hi: int) -> Callable[[str], int]:
@@ -159,6 +180,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="connections open at once, one thread each; beyond it the one waiting longest for its request is "
              "closed, or 503 when all are busy (default: $MW_SERVE_MAX_CONNECTIONS or 256)",
     )
+    parser.add_argument(
+        "--retention", type=_checked("duration"), default=None, metavar="DURATION",
+        help="keep profiles this long (7d, 12h, 30m, seconds; off) (default: $MW_SERVE_RETENTION, else the "
+             "store's last setting, else 7d)",
+    )
+    parser.add_argument(
+        "--max-size", type=_checked("size"), default=None, metavar="SIZE",
+        help="keep at most this much data, the oldest going first (2GiB, 500M, bytes; off) "
+             "(default: $MW_SERVE_MAX_SIZE, else the store's last setting, else 2GiB)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -195,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
         import_dirs=import_dirs,
         import_interval=args.import_interval,
         limits=IngestLimits(**limits),
+        retention=args.retention,
+        max_size=args.max_size,
         **connections,
     )
     try:

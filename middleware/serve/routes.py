@@ -16,7 +16,8 @@ Routes::
     GET  /api/sandwich               selection &function=[&file=]
     GET  /api/diff                   base selection + comparison (from2/until2/selector2)
     GET  /api/pprof                  selection -> merged profile as gzipped pprof
-    GET  /api/stats                  uploads accepted/rejected, series overflow, connections
+    GET  /api/stats                  uploads accepted/rejected, series overflow, storage (span kept,
+                                     size, retention), connections
 
 A *selection* is ``service``, ``type``, ``from``, ``until`` (unix seconds) and ``selector``
 (``{label="value",...}``); see :mod:`middleware.serve.query`. Uploads are decoded by
@@ -28,6 +29,7 @@ bodies are :class:`middleware.serve.httpd.BaseHandler`'s.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
@@ -138,6 +140,19 @@ class Handler(BaseHandler):
         except StoreClosed:
             self.close_connection = True
             self._text(HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down; retry", {"Retry-After": "5"})
+            return
+        except sqlite3.OperationalError as exc:
+            if "full" not in str(exc).lower():  # SQLITE_FULL: "database or disk is full"
+                log.exception("storing an upload failed")
+                self._text(HTTPStatus.SERVICE_UNAVAILABLE, f"could not store the profile ({exc}); retry",
+                           {"Retry-After": "1"})
+                return
+            app.rejected += len(uploads)
+            if not app.disk_full_warned:
+                app.disk_full_warned = True
+                log.warning("the store's disk is full (%s): uploads are answered 507 until there is room", exc)
+            self._text(HTTPStatus.INSUFFICIENT_STORAGE, "the collector's disk is full; retry later",
+                       {"Retry-After": "60"})
             return
         except Exception as exc:
             log.exception("storing an upload failed")

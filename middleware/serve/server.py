@@ -25,8 +25,9 @@ from middleware.serve.httpd import BODY, BUSY, WAITING, Server, Server6
 from middleware.serve.importer import Importer
 from middleware.serve.ingest import IngestLimits, env_number
 from middleware.serve.query import QueryEngine
+from middleware.serve.retention import MAX_SIZE_ENV, RETENTION_ENV, parse_duration, parse_size
 from middleware.serve.routes import Handler
-from middleware.serve.store import Store
+from middleware.serve.store import STORED, Store
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ __all__ = [
     "TOKEN_ENV",
     "REQUEST_TIMEOUT_ENV",
     "MAX_CONNECTIONS_ENV",
+    "RETENTION_ENV",
+    "MAX_SIZE_ENV",
 ]
 
 TOKEN_ENV = "MW_SERVE_TOKEN"
@@ -68,6 +71,12 @@ class ServeConfig:
     request_timeout: float = field(default_factory=lambda: _env_number(REQUEST_TIMEOUT_ENV, 30.0, 0.1, 3600.0))
     #: Connections open at once (one thread each).
     max_connections: int = field(default_factory=lambda: int(_env_number(MAX_CONNECTIONS_ENV, 256, 1, 100_000)))
+    #: Retention (:mod:`middleware.serve.retention`): "7d", "off"...; None: $MW_SERVE_RETENTION, else
+    #: what the store was given last, else 7 days. ``max_size`` likewise ("2GiB"; $MW_SERVE_MAX_SIZE).
+    retention: str | None = None
+    max_size: str | None = None
+    #: Seconds between retention passes when the last one had nothing more to delete.
+    retention_interval: float = 10.0
 
 
 def resolve_listen_address(host: str) -> tuple[socket.AddressFamily, str]:
@@ -141,6 +150,28 @@ def check_config(config: ServeConfig) -> tuple[socket.AddressFamily, str]:
     return family, address
 
 
+def retention_bounds(config: ServeConfig) -> tuple[Any, Any]:
+    """(max age in seconds, max bytes) from the config, else the environment; each may be None
+    (no bound) or :data:`~middleware.serve.store.STORED` (the store's own). A bad value in the
+    config is a ConfigError; in the environment, a logged warning and the store's own."""
+    out: list[Any] = []
+    for given, env, parse, option in ((config.retention, RETENTION_ENV, parse_duration, "retention"),
+                                      (config.max_size, MAX_SIZE_ENV, parse_size, "max_size")):
+        if given is not None:
+            try:
+                out.append(parse(given))
+            except ValueError as exc:
+                raise ConfigError(f"{option}: {exc}") from None
+            continue
+        raw = (os.environ.get(env) or "").strip()
+        try:
+            out.append(parse(raw) if raw else STORED)
+        except ValueError as exc:
+            log.warning("ignoring %s=%r: %s; using the store's own setting", env, raw, exc)
+            out.append(STORED)
+    return out[0], out[1]
+
+
 class ServeApp:
     """The collector: store + importer + HTTP server. Use :meth:`start`/:meth:`stop` (tests) or
     :meth:`serve_forever` (the command)."""
@@ -148,11 +179,14 @@ class ServeApp:
     def __init__(self, config: ServeConfig) -> None:
         family, address = check_config(config)
         self.config = config
-        self.store = Store(config.data_dir, max_series_per_service=config.limits.max_series_per_service)
+        max_age, max_bytes = retention_bounds(config)
+        self.store = Store(config.data_dir, max_series_per_service=config.limits.max_series_per_service,
+                           max_age_s=max_age, max_bytes=max_bytes, retention_interval_s=config.retention_interval)
         self.engine = QueryEngine(self.store)
         self.importer = Importer(self.store, config.import_dirs, limits=config.limits, interval=config.import_interval)
         self.accepted = 0
         self.rejected = 0
+        self.disk_full_warned = False
         server_cls = Server6 if family == socket.AF_INET6 else Server
         try:
             # The numeric address the loopback check looked at, not the name again.
@@ -190,6 +224,7 @@ class ServeApp:
                 "uploads": self.store.overflow_uploads,
                 "samples": self.store.overflow_samples,
             },
+            "storage": self.store.storage(),
             "connections": {
                 "open": sum(phases.values()),
                 "max": self.config.max_connections,

@@ -41,6 +41,11 @@ A profile is identified by (service, window start, digest of its pprof bytes). T
 arriving again — an agent retrying after its answer was lost, or a local-store file of a profile
 that was also uploaded — is acknowledged with the stored profile's id and not counted twice.
 
+Retention
+---------
+The oldest profiles go (by age and by size, :mod:`middleware.serve.retention`), deleted by the
+writer thread between write batches in short transactions.
+
 Concurrency
 -----------
 The database runs in WAL mode. All writes go through **one writer thread** owning the only
@@ -69,7 +74,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from middleware.profile import Frame
+from middleware.serve import retention as _retention
 from middleware.serve.ingest import Upload, series_labels
+from middleware.serve.retention import RetentionPolicy
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +108,7 @@ CREATE TABLE IF NOT EXISTS profiles(
     pprof_gz BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS profiles_by_service_time ON profiles(service, start_ns);
+CREATE INDEX IF NOT EXISTS profiles_by_time ON profiles(start_ns);
 CREATE UNIQUE INDEX IF NOT EXISTS profiles_unique ON profiles(service, start_ns, digest);
 CREATE TABLE IF NOT EXISTS series(
     id INTEGER PRIMARY KEY,
@@ -152,6 +160,10 @@ CREATE TABLE IF NOT EXISTS imported_files(
     error TEXT
 );
 """
+
+#: Store(): the retention bounds written in the store last (else the defaults).
+STORED: Any = object()
+_RETAIN: Any = object()  # the writer's own wake-up for a retention step
 
 Labels = tuple[tuple[str, str], ...]
 Stack = tuple[Frame, ...]
@@ -214,7 +226,13 @@ class Store:
         busy_timeout_ms: int = 10_000,
         max_batch: int = 128,
         max_series_per_service: int | None = None,
+        max_age_s: float | None | object = STORED,
+        max_bytes: int | None | object = STORED,
+        retention_interval_s: float = 10.0,
     ) -> None:
+        """``max_age_s`` / ``max_bytes``: the retention bounds (None: none); :data:`STORED` (the
+        default): those this store was last given, else 7 days and 2 GiB. See
+        :mod:`middleware.serve.retention`."""
         os.makedirs(data_dir, exist_ok=True)
         self.max_series_per_service = max_series_per_service
         self.path = os.path.join(data_dir, DB_FILENAME)
@@ -222,6 +240,10 @@ class Store:
         self._max_batch = max_batch
         self._writer_conn = self._connect(write=True)
         self._init_schema(self._writer_conn)
+        self.retention = self._retention_policy(max_age_s, max_bytes, retention_interval_s)
+        #: Profiles deleted by retention since the start, and the last retention failure.
+        self.retention_deleted = 0
+        self.retention_error: str | None = None
         self._jobs: queue.Queue[_WriteJob | None] = queue.Queue()
         self._closed = False
         self._close_lock = threading.Lock()
@@ -259,6 +281,8 @@ class Store:
         )
         conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
         if write:
+            # Only takes effect on a new, empty database: freed pages go back to the file system.
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a commit survives a process crash; only an OS crash or power
             # loss can lose the last transactions. Fine for a local collector, and much faster.
@@ -284,6 +308,37 @@ class Store:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+    def _retention_policy(self, max_age_s: Any, max_bytes: Any, interval_s: float) -> RetentionPolicy:
+        """The bounds given, written in ``meta`` for the next start; or those written last."""
+        conn = self._writer_conn
+        stored = dict(conn.execute(
+            "SELECT key, value FROM meta WHERE key IN ('retention_max_age_s', 'retention_max_bytes')").fetchall())
+
+        def pick(given: Any, key: str, default: Any, kind: type) -> Any:
+            if given is STORED:
+                if key not in stored:
+                    return default
+                return None if stored[key] == "off" else kind(stored[key])
+            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)",
+                         (key, "off" if given is None else str(given)))
+            return given
+
+        age = pick(max_age_s, "retention_max_age_s", _retention.DEFAULT_RETENTION_S, float)
+        size = pick(max_bytes, "retention_max_bytes", _retention.DEFAULT_MAX_BYTES, int)
+        return RetentionPolicy(max_age_s=age, max_bytes=size, interval_s=interval_s)
+
+    def storage(self) -> dict[str, Any]:
+        """What the store keeps: the span of its data, its size and the retention bounds."""
+        with self._reader() as conn:
+            oldest, newest, count = _retention.span(conn)
+            used = _retention.used_bytes(conn)
+        policy = self.retention
+        return {
+            "oldest_ns": oldest, "newest_ns": newest, "profiles": count, "used_bytes": used,
+            "file_bytes": _retention.file_bytes(self.path), "retention_s": policy.max_age_s,
+            "max_bytes": policy.max_bytes, "deleted": self.retention_deleted, "error": self.retention_error,
+        }
 
     @contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:
@@ -321,10 +376,21 @@ class Store:
 
     def _writer_loop(self) -> None:
         conn = self._writer_conn
+        policy = self.retention
+        next_step = time.monotonic() if policy.bounded else float("inf")
         while True:
-            job = self._jobs.get()
+            try:
+                job = self._jobs.get(timeout=max(0.0, next_step - time.monotonic()) if policy.bounded else None)
+            except queue.Empty:
+                job = _RETAIN
             if job is None:
                 return
+            if job is _RETAIN or time.monotonic() >= next_step:
+                # Retention: one short transaction between write batches (see retention.py).
+                more = self._retention_step(conn) == policy.batch
+                next_step = time.monotonic() + (0.0 if more else policy.interval_s)
+                if job is _RETAIN:
+                    continue
             batch = [job]
             stop = False
             while len(batch) < self._max_batch:
@@ -340,6 +406,18 @@ class Store:
             if stop:
                 return
 
+    def _retention_step(self, conn: sqlite3.Connection) -> int:
+        try:
+            n = _retention.step(conn, self.retention, time.time_ns())
+        except sqlite3.Error as exc:
+            if self.retention_error is None:
+                log.warning("retention could not delete old profiles: %s", exc)
+            self.retention_error = str(exc)
+            return 0
+        self.retention_error = None
+        self.retention_deleted += n
+        return n
+
     def _write_batch(self, conn: sqlite3.Connection, batch: list[_WriteJob]) -> None:
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -347,7 +425,10 @@ class Store:
             conn.execute("COMMIT")
         except Exception as exc:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:  # the writer must live on (a full disk rolls back by itself)
+                    log.exception("rolling back a failed write failed")
             # Ids handed out inside the rolled-back transaction are void.
             self._w_stacks.clear()
             self._w_series.clear()

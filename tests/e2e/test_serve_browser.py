@@ -152,8 +152,11 @@ class Page:
 def test_pick_service_and_range_then_inspect_calc3(driver: Any, server: ServeApp) -> None:
     page = Page(driver, server)
     page.open()
-    # GIVEN the page, which starts on the first service ("another")
+    # GIVEN the page, which starts on the first service ("another"), and says what the store keeps
     assert page.el("service").get_attribute("value") == "another"
+    page.Wait(page.d, 10).until(lambda d: page.el("kept").text.startswith("Data kept: "))
+    kept = page.el("kept").text
+    assert local(T0).rsplit(":", 1)[0] in kept and "retention off" in kept, kept
     # WHEN the user picks "shop" and the second half of the window
     page.select("service", "shop")
     page.set_range(T0 + 300, T0 + 600)

@@ -87,7 +87,8 @@ CASES: dict[str, Case] = {
 PROCESS_WIDE = {"MW_PROFILING_QUIET"}
 #: The ``serve`` command's own settings: its options' defaults, read by ``serve`` alone.
 SERVE_ONLY = {"MW_SERVE_TOKEN", "MW_SERVE_REQUEST_TIMEOUT", "MW_SERVE_MAX_CONNECTIONS",
-              "MW_SERVE_MAX_SERIES_PER_UPLOAD", "MW_SERVE_MAX_SERIES_PER_SERVICE"}
+              "MW_SERVE_MAX_SERIES_PER_UPLOAD", "MW_SERVE_MAX_SERIES_PER_SERVICE", "MW_SERVE_RETENTION",
+              "MW_SERVE_MAX_SIZE"}
 
 
 def _literals() -> set[tuple[str, str]]:

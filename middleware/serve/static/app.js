@@ -115,6 +115,27 @@
     return window.MwFlame ? MwFlame.formatValue(value, unit) : String(value);
   }
 
+  function fmtBytes(n) {
+    if (n >= 1 << 30) return (n / (1 << 30)).toFixed(1) + " GiB";
+    if (n >= 1 << 20) return (n / (1 << 20)).toFixed(1) + " MiB";
+    return Math.round(n / 1024) + " KiB";
+  }
+
+  /* The header's "Data kept" line: the span of the data the collector keeps and its bounds. */
+  function loadStorage() {
+    return api("/api/stats").then(function (body) {
+      var st = body.storage;
+      if (!st) return;
+      var text = "Data kept: ";
+      text += st.profiles ? fmtTime(st.oldest_ns / 1e9) + " – " + fmtTime(st.newest_ns / 1e9) : "none";
+      text += " · " + fmtBytes(st.used_bytes) + (st.max_bytes ? " of " + fmtBytes(st.max_bytes) : "");
+      text += " · retention " + (st.retention_s ? fmtDuration(st.retention_s) : "off");
+      $("kept").textContent = text;
+    }, function () {
+      $("kept").textContent = "";
+    });
+  }
+
   function setStatus(text, kind) {
     var s = $("status");
     s.textContent = text || "";
@@ -735,6 +756,7 @@
     });
     $("refresh").addEventListener("click", function () {
       var keep = state.service;
+      loadStorage();
       api("/api/services").then(function (body) {
         state.services = body.services;
         if (!state.services.length) return;
@@ -791,6 +813,7 @@
       }, 100);
     });
     loadServices();
+    loadStorage();
   }
 
   window.mwServe = { state: state, refresh: refresh, parseTime: parseTime, fmtTime: fmtTime };
