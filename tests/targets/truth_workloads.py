@@ -688,7 +688,9 @@ def run_idle(args: argparse.Namespace) -> dict[str, Any]:
     for t in movers:
         t.join()
     elapsed = time.monotonic() - t0
-    ev.set()
+    # The idle threads stay blocked (daemon threads: they do not hold the exit): the profile is
+    # taken after this returns, and a thread woken now would be sampled on its way out, outside
+    # its function.
     return {"elapsed_s": elapsed, "idle": {t.name: ("idle_a" if i % 2 == 0 else "idle_b") for i, t in enumerate(idle)}}
 
 
