@@ -29,6 +29,7 @@ COMMANDS: list[tuple[str, bool]] = [
     ("middleware.commands.flamegraph", False),
     ("middleware.commands.export", False),
     ("middleware.commands.diff", False),
+    ("middleware.commands.regress", False),
     ("middleware.commands.serve", True),
 ]
 

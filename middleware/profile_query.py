@@ -19,6 +19,7 @@ import itertools
 import os
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -137,8 +138,11 @@ class MwProfile:
         name: str = "",
         root: tuple[str, str] | None = None,
         base: str | None = None,
+        save_baselines: bool = False,
     ) -> None:
         self._tracker = tracker
+        #: assert_no_regression writes baselines instead of comparing (pytest --mw-save-baseline).
+        self.save_baselines = save_baselines
         self.name = name
         #: ``(function name, file)`` of the test function: frames above it (pytest's own) are cut.
         self.root = root
@@ -417,6 +421,34 @@ class MwProfile:
         if not rows or not matches(rows[0].function, function):
             raise AssertionError(
                 f"expected {function!r} to have the largest {by} share\n{self.table(by=by)}"
+            )
+
+    def assert_no_regression(self, baseline: str | os.PathLike[str], threshold: float = 0.10) -> None:
+        """Fail when a function's share of this test's profile grew by more than ``threshold``
+        beyond the sampling noise, or a function is new, compared with the profile saved in
+        ``baseline`` (a pprof file; relative to pytest's root directory) by a run with
+        ``--mw-save-baseline``. The test: :mod:`middleware.regression`."""
+        from middleware.pprof import read_pprof_file, write_pprof_file
+        from middleware.regression import detect, render_findings
+
+        path = Path(baseline)
+        if not path.is_absolute() and self.base:
+            path = Path(self.base) / path
+        if self.save_baselines:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_pprof_file(self.profile, path)
+            return
+        if not path.exists():
+            raise AssertionError(
+                f"no baseline profile at {path}: run the tests once with --mw-save-baseline on the code "
+                "to compare with"
+            )
+        before = read_pprof_file(path)
+        findings = detect(before, self.profile, value=self.value, threshold=threshold)
+        if findings:
+            raise AssertionError(
+                f"the profile regressed against {path}:\n"
+                + render_findings(findings, threshold).rstrip("\n")
             )
 
     def assert_called_by(self, function: str, caller: str, min_share: float = 0.0) -> None:

@@ -50,6 +50,11 @@ __all__ = ["MwProfile", "Share", "Callers", "TopRow", "LABEL_KEY"]
 # pytest hooks and fixtures
 # ------------------------------------------------------------------------------------------------
 def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--mw-save-baseline", action="store_true", default=False,
+        help="mw_profile.assert_no_regression(BASELINE) writes this run's profile to BASELINE instead of "
+             "comparing with it (run once on the code before the change)",
+    )
     parser.addini(
         "mw_sample_rate",
         "sampling rate (Hz) of the middleware tracker the mw_profile fixture starts "
@@ -131,7 +136,8 @@ def mw_profile(mw_tracker: Any, request: pytest.FixtureRequest) -> Iterator[MwPr
     code = getattr(function, "__code__", None)
     root = (code.co_name, code.co_filename) if code is not None else None
     profile = MwProfile(
-        mw_tracker, name=request.node.nodeid, root=root, base=str(request.config.rootpath)
+        mw_tracker, name=request.node.nodeid, root=root, base=str(request.config.rootpath),
+        save_baselines=bool(request.config.getoption("mw_save_baseline", False)),
     )
     profile.start()
     try:

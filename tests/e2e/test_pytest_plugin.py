@@ -220,3 +220,56 @@ def test_asyncio_tasks_started_by_the_test_are_counted(pytester: pytest.Pytester
         """,
     )
     result.assert_outcomes(passed=1)
+
+
+# calc2's cost depends on SLOWER, as a change to the code would make it.
+REGRESS_PROGRAM = """
+import os, time
+
+def spin(seconds):
+    end = time.thread_time() + seconds
+    n = 0
+    while time.thread_time() < end:
+        n += 1
+    return n
+
+def calc1():
+    return spin(0.30)
+
+def calc2():
+    return spin(0.15 * float(os.environ.get("SLOWER", "1")))
+
+def work():
+    return calc1() + calc2()
+"""
+
+
+def test_assert_no_regression_against_a_saved_baseline(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(regress_program=REGRESS_PROGRAM)
+    pytester.makepyfile(
+        """
+        from regress_program import work
+
+        def test_work(mw_profile):
+            with mw_profile:
+                work()
+            mw_profile.assert_no_regression("baselines/work.pb.gz")
+        """
+    )
+    args = ("-p", "no:cacheprovider", "-o", "mw_sample_rate=1000")
+    # no baseline yet: the assertion says how to make one
+    missing = pytester.runpytest_subprocess(*args, timeout=120)
+    missing.assert_outcomes(failed=1)
+    missing.stdout.fnmatch_lines(["*no baseline profile at*--mw-save-baseline*"])
+    # the code before the change: save its profile
+    saved = pytester.runpytest_subprocess(*args, "--mw-save-baseline", timeout=120)
+    saved.assert_outcomes(passed=1)
+    assert (pytester.path / "baselines" / "work.pb.gz").is_file()
+    # the same code again: no regression
+    same = pytester.runpytest_subprocess(*args, timeout=120)
+    same.assert_outcomes(passed=1)
+    # calc2 twice as slow: the test fails and names calc2
+    pytester._monkeypatch.setenv("SLOWER", "2")
+    slower = pytester.runpytest_subprocess(*args, timeout=120)
+    slower.assert_outcomes(failed=1)
+    slower.stdout.fnmatch_lines(["*the profile regressed against*", "*regression*calc2*"])

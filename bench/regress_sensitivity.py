@@ -1,0 +1,48 @@
+"""How small a regression the detector finds (middleware/regression.py), and how often it cries wolf.
+
+Draws sampled profiles of the calc demo's shape (tests/unit/test_regression.py's SHARES) at 100 Hz
+for --seconds on each side (default 60: 6,000 samples), makes calc2 slower by each change size,
+and prints the share of --trials comparisons that flag calc2; then the share of null comparisons
+(same code, fresh samples) that flag anything.
+
+    .venv/bin/python bench/regress_sensitivity.py [--seconds 60] [--trials 200]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit"))
+
+from middleware.regression import detect  # noqa: E402
+from test_regression import SHARES, sampled, slower  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--rate", type=int, default=100)
+    ap.add_argument("--trials", type=int, default=200)
+    ap.add_argument("--null-trials", type=int, default=1000)
+    args = ap.parse_args()
+    n = int(args.seconds * args.rate)
+    rng = random.Random(7)
+    print(f"{n} samples per side ({args.seconds:g} s at {args.rate} Hz); calc2 = 15% of the samples; "
+          f"threshold 10%, family-wise 99.9%")
+    print(f"{'calc2 slower by':>16} {'detected':>9}")
+    for change in (0.10, 0.15, 0.20, 0.25, 0.30, 0.40, 0.50):
+        hits = 0
+        for _ in range(args.trials):
+            found = detect(sampled(SHARES, n, rng), sampled(slower(SHARES, "calc2", 1 + change), n, rng))
+            hits += any(f.function == "calc2" for f in found)
+        print(f"{change:>15.0%} {hits / args.trials:>9.0%}")
+    false = sum(bool(detect(sampled(SHARES, n, rng), sampled(SHARES, n, rng))) for _ in range(args.null_trials))
+    print(f"null changes flagged: {false} of {args.null_trials}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""``regress BEFORE AFTER``: the functions whose cost grew beyond a threshold and the noise.
+
+Exit status 0: no regression; 1: at least one (the findings are printed); 2: a usage error. For
+CI: save a baseline profile of the code before the change, compare the new run's profile to it.
+The test is described in :mod:`middleware.regression`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from middleware.commands import CommandError, add_profile_options, add_time_options, describe, value_name
+from middleware.commands.diff import _load
+from middleware.regression import DEFAULT_THRESHOLD, detect, render_findings
+
+
+def _threshold(text: str) -> float:
+    t = text.strip()
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad threshold {text!r} (e.g. 10% or 0.1)") from None
+    if not 0 <= value < 100:
+        raise argparse.ArgumentTypeError(f"bad threshold {text!r} (e.g. 10% or 0.1)")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "regress",
+        help="functions whose cost grew from BEFORE to AFTER (exit status 1 if any)",
+        description=(
+            "Compare every function's share of the profile's total (Self and Total) between BEFORE "
+            "and AFTER and report those that grew by more than --threshold beyond the sampling noise (a "
+            "99.9%% family-wise interval on the ratio of shares), and those that are new. Exit status 1 when "
+            "there is one, so a CI step can stop a slow change."
+        ),
+    )
+    parser.add_argument("before", metavar="BEFORE", help="pprof file or directory (the baseline)")
+    parser.add_argument("after", metavar="AFTER", help="pprof file or directory (the change)")
+    add_profile_options(parser, paths=False)
+    add_time_options(parser, "before-", " of BEFORE")
+    add_time_options(parser, "after-", " of AFTER")
+    parser.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD, metavar="PCT",
+                        help="smallest growth of a share to report, e.g. 10%% (default: 10%%)")
+    parser.add_argument("--share", dest="metric", choices=("auto", "self", "total"), default="auto",
+                        help="which share to compare: self (a function's own frames), total (with its callees), or "
+                             "auto: both, callers of a reported function left out (default)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    before = _load(args, args.before, "before")
+    after = _load(args, args.after, "after")
+    name, unit = value_name(after, args.value)
+    value_name(before, name)
+    try:
+        findings = detect(before, after, value=name, threshold=args.threshold, metric=args.metric)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    header = f"before: {describe(before, name, unit)}\nafter:  {describe(after, name, unit)}"
+    sys.stdout.write(render_findings(findings, args.threshold, header=header))
+    return 1 if findings else 0

@@ -1,0 +1,182 @@
+"""Regression detection: which functions cost more in AFTER than in BEFORE, beyond the noise.
+
+One detector, used by the CLI (``python -m middleware regress BEFORE AFTER``) and the pytest
+plugin (``mw_profile.assert_no_regression(baseline)``).
+
+What is compared. For every function, its cost as a share of the profile's work: its Self and
+its Total value divided by the whole profile's value of the same type, so that a run that did
+more or less work in all (a longer window, more requests) compares like for like. Reported by
+default: the functions whose Self share grew (the code that got slower), and those whose Total
+share grew with no reported callee below them (a function whose own frames did not change but
+whose calls cost more, e.g. into a helper shared with others) -- not every caller whose Total
+grew with its callee. A function whose
+share grew by more than ``threshold`` (default 10%) AND whose growth is beyond the sampling
+noise is a regression; a function absent before and clearly present after is new.
+
+The noise. A sampled profile's values are counts of samples times the sampling period, so a
+function's value in a profile is ``k`` samples out of ``n``. Given the two totals, ``k_after`` is
+binomial with ``k_before + k_after`` trials and probability ``p = n_after * r / (n_before + n_after
+* r)`` where ``r`` is the true ratio of shares (the conditional test of two Poisson rates). The
+interval for ``r`` comes from the Wilson score interval of that binomial proportion, which stays
+right for small counts (an exact test would be marginally tighter; the normal approximation on
+``log r`` is wrong for the counts of rare functions). A function is flagged when both hold: its
+share grew by more than ``threshold`` (the point estimate of ``r`` is above ``1 + threshold``)
+and it grew beyond the noise (the interval's lower bound is above 1). The intervals have a
+family-wise confidence of 99.9%: each function's is at ``1 - 0.001 / m`` for ``m`` functions
+compared (Bonferroni), so a null change (same code, fresh samples) flags nothing in all but
+about one comparison in a thousand, however many functions there are. The sample count of a
+value is the value over the sampling period (the profile's period for its period type, 1 for
+counts, else the least value a stack has: one sample).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from statistics import NormalDist
+
+from middleware.profile import Profile
+from middleware.reporters.table import function_table
+
+__all__ = ["Finding", "detect", "render_findings", "DEFAULT_THRESHOLD", "DEFAULT_CONFIDENCE"]
+
+DEFAULT_THRESHOLD = 0.10
+DEFAULT_CONFIDENCE = 0.999
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A function whose cost share grew (``kind="regression"``) or appeared (``kind="new"``)."""
+
+    kind: str
+    metric: str  # "self" or "total": which share grew
+    function: str
+    file: str
+    share_before: float  # of the profile's total, 0..1
+    share_after: float
+    ratio: float  # share_after / share_before (inf for a new function)
+    ratio_low: float  # the interval's bounds for the ratio
+    ratio_high: float
+    samples_before: float
+    samples_after: float
+
+    @property
+    def growth(self) -> float:
+        """Relative growth of the share (0.5 = +50%)."""
+        return self.ratio - 1.0
+
+
+def _counts(profile: Profile, value: str | None, metric: str) -> tuple[dict[tuple[str, str], float], float, float]:
+    """(function -> value, total value, value per sample) for ``metric`` "total" or "self"."""
+    rows = function_table(profile, value)
+    per = {(r.function, r.file): float(r.total_value if metric == "total" else r.self_value) for r in rows}
+    total = float(rows[0].profile_total) if rows else 0.0
+    index = profile.value_index(value)
+    name, unit = profile.sample_types[index]
+    if unit == "count":
+        period = 1.0
+    elif profile.period > 0 and name == profile.period_type[0]:
+        period = float(profile.period)
+    else:  # e.g. wall time: a stack's value is its samples times the interval, the least is one sample
+        period = float(min((s.values[index] for s in profile.samples if s.values[index] > 0), default=0))
+    return per, total, period
+
+
+def _wilson(k: float, n: float, z: float) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (k successes in n trials)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def detect(
+    before: Profile,
+    after: Profile,
+    *,
+    value: str | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    confidence: float = DEFAULT_CONFIDENCE,
+    metric: str = "auto",
+) -> list[Finding]:
+    """The functions whose ``metric`` share ("self", "total", or "auto": see the module's doc) of
+    ``value`` grew beyond ``threshold`` and the noise, and the new ones; biggest growth first."""
+    if threshold < 0:
+        raise ValueError("threshold must not be negative")
+    if metric != "auto":
+        return _detect(before, after, value, threshold, confidence, metric)
+    by_self = _detect(before, after, value, threshold, confidence, "self")
+    by_total = _detect(before, after, value, threshold, confidence, "total")
+    above = _ancestors(after)
+    flagged = {(f.function, f.file) for f in by_total}
+    deepest = [f for f in by_total
+               if not any((f.function, f.file) in above.get(g, ()) for g in flagged if g != (f.function, f.file))]
+    seen = {(f.function, f.file) for f in by_self}
+    out = by_self + [f for f in deepest if (f.function, f.file) not in seen]
+    out.sort(key=lambda f: (f.kind != "regression", -min(f.ratio, 1e9), f.function))
+    return out
+
+
+def _ancestors(profile: Profile) -> dict[tuple[str, str], set[tuple[str, str]]]:
+    """function -> the functions found above it (its callers, theirs...) in some stack."""
+    out: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    for sample in profile.samples:
+        keys = [(f.function, f.file) for f in sample.stack]
+        for i, key in enumerate(keys):
+            out.setdefault(key, set()).update(k for k in keys[:i] if k != key)
+    return out
+
+
+def _detect(before: Profile, after: Profile, value: str | None, threshold: float, confidence: float,
+            metric: str) -> list[Finding]:
+    per_a, total_a, period_a = _counts(before, value, metric)
+    per_b, total_b, period_b = _counts(after, value, metric)
+    if total_a <= 0 or total_b <= 0:
+        raise ValueError("BEFORE and AFTER must both hold samples of that type")
+    unit_a = period_a or max(total_a, total_b) / 100.0  # no sample at all: coarse units
+    unit_b = period_b or max(total_a, total_b) / 100.0
+    n_a, n_b = total_a / unit_a, total_b / unit_b
+    keys = set(per_a) | set(per_b)
+    compared = [k for k in keys if per_a.get(k, 0) > 0 or per_b.get(k, 0) > 0]
+    alpha = (1 - confidence) / max(1, len(compared))
+    z = NormalDist().inv_cdf(1 - alpha / 2)
+    out: list[Finding] = []
+    for key in compared:
+        k_a, k_b = per_a.get(key, 0.0) / unit_a, per_b.get(key, 0.0) / unit_b
+        share_a, share_b = k_a / n_a, k_b / n_b
+        lo_p, hi_p = _wilson(k_b, k_a + k_b, z)
+        # p = n_b r / (n_a + n_b r)  <=>  r = p n_a / ((1 - p) n_b)
+        r_low = lo_p * n_a / ((1 - lo_p) * n_b) if lo_p < 1 else math.inf
+        r_high = hi_p * n_a / ((1 - hi_p) * n_b) if hi_p < 1 else math.inf
+        if k_a == 0:
+            # new: present after, beyond what chance alone would leave at 0 before
+            if r_low > 1 and share_b > 0:
+                out.append(Finding("new", metric, key[0], key[1], 0.0, share_b, math.inf, r_low, r_high, k_a, k_b))
+            continue
+        ratio = share_b / share_a
+        if ratio > 1 + threshold and r_low > 1:
+            out.append(Finding("regression", metric, key[0], key[1], share_a, share_b, ratio, r_low, r_high, k_a,
+                               k_b))
+    out.sort(key=lambda f: (f.kind != "regression", -min(f.ratio, 1e9), f.function))
+    return out
+
+
+def render_findings(findings: Iterable[Finding], threshold: float, header: str = "") -> str:
+    """The findings as a text table (one line saying so when there is none)."""
+    rows = list(findings)
+    lines = [header] if header else []
+    if not rows:
+        lines.append(f"no regression: no function's share grew by more than {threshold:.0%} beyond the noise")
+        return "\n".join(lines) + "\n"
+    lines.append(f"{'kind':<10} {'share':<5} {'before':>8} {'after':>8} {'change':>8} {'interval':>17}  function")
+    for f in rows:
+        change = "new" if f.kind == "new" else f"{f.growth:+.0%}"
+        high = "inf" if math.isinf(f.ratio_high) else f"{f.ratio_high - 1:+.0%}"
+        interval = f"[{f.ratio_low - 1:+.0%}, {high}]"
+        where = f" ({f.file})" if f.file else ""
+        lines.append(f"{f.kind:<10} {f.metric:<5} {f.share_before:>8.2%} {f.share_after:>8.2%} {change:>8} "
+                     f"{interval:>17}  {f.function}{where}")
+    return "\n".join(lines) + "\n"
