@@ -29,14 +29,12 @@ ASYNC_ROUTES = ("/alpha", "/beta")
 SYNC_ROUTE = "/gamma"
 
 CHILD = r"""
-import asyncio, json, random, socket, sys, threading, time
+import asyncio, json, sys, time
 sys.path.insert(0, {root!r})
 from middleware import MwTracker
 from middleware.labels import labels
 
 tracker = MwTracker(sample_rate=400, profile_dir="none", instrument=False, native=False, upload=False)
-import httpx
-import uvicorn
 from fastapi import FastAPI
 
 SLICE_S = 0.002
@@ -45,11 +43,8 @@ SLICES = 6
 
 def spin(seconds):
     t0 = time.thread_time()
-    x = 0
     while time.thread_time() - t0 < seconds:
-        for i in range(200):
-            x += i * i
-    return x
+        sum(i * i for i in range(200))
 
 
 async def work_alpha():
@@ -89,61 +84,16 @@ def gamma():
     return {{}}
 
 
-class EndpointLabels:
-    def __init__(self, inner):
-        self.inner = inner
+sys.path.insert(0, {tests!r})
+from support.asgi_child import EndpointLabels, cpu_by_route_label, drive, serve_in_thread
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.inner(scope, receive, send)
-        with labels(endpoint=scope["path"]):
-            await self.inner(scope, receive, send)
-
-
-sock = socket.socket()
-sock.bind(("127.0.0.1", 0))
-port = sock.getsockname()[1]
-server = uvicorn.Server(uvicorn.Config(EndpointLabels(app), loop={loop!r}, http="h11", lifespan="off",
-                                       log_level="warning", access_log=False))
-server_thread = threading.Thread(target=server.run, kwargs={{"sockets": [sock]}}, name="uvicorn")
-server_thread.start()
-deadline = time.monotonic() + 20
-while not server.started and time.monotonic() < deadline:
-    time.sleep(0.01)
-assert server.started, "uvicorn did not start"
-ROUTES = {routes!r}
-errors = []
-
-
-def client(seed):
-    rng = random.Random(seed)
-    with httpx.Client(base_url=f"http://127.0.0.1:{{port}}", timeout=30) as c:
-        for _ in range(15):
-            order = list(ROUTES)
-            rng.shuffle(order)
-            for route in order:
-                r = c.get(route)
-                if r.status_code != 200:
-                    errors.append((route, r.status_code))
-
-
+server, server_thread, port = serve_in_thread(EndpointLabels(app, labels), {loop!r})
 tracker.snapshot(reset=True)
-clients = [threading.Thread(target=client, args=(k,)) for k in range(6)]
-for t in clients:
-    t.start()
-for t in clients:
-    t.join()
+errors = drive(port, {routes!r}, clients=6, rounds=15)
 profile = tracker.snapshot()
 server.should_exit = True
 server_thread.join(timeout=20)
-ci = profile.value_index("cpu")
-by_route = {{r: {{}} for r in ROUTES}}  # route -> endpoint label (or "") -> cpu ns of its work function
-for s in profile.samples:
-    ep = s.label("endpoint") or ""
-    names = {{f.function for f in s.stack}}
-    for r in ROUTES:
-        if "work_" + r[1:] in names:
-            by_route[r][ep] = by_route[r].get(ep, 0) + s.values[ci]
+by_route, _ = cpu_by_route_label(profile, {routes!r})
 print(json.dumps({{"by_route": by_route, "errors": errors}}))
 tracker.stop()
 """
@@ -151,7 +101,8 @@ tracker.stop()
 
 def _run(loop: str, tmp: Path) -> tuple[dict[str, Any], str]:
     script = tmp / f"app_{loop}.py"
-    script.write_text(CHILD.format(root=str(ROOT), loop=loop, routes=ASYNC_ROUTES + (SYNC_ROUTE,)))
+    script.write_text(CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"), loop=loop,
+                                   routes=ASYNC_ROUTES + (SYNC_ROUTE,)))
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=str(tmp))
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr

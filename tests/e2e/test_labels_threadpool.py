@@ -33,15 +33,15 @@ ROUTES = ("/alpha", "/beta", "/gamma", "/delta", "/plain")
 LABELLED = ROUTES[:4]
 
 CHILD = r"""
-import asyncio, json, random, socket, sys, threading, time
+import asyncio, json, sys, threading, time
 sys.path.insert(0, {root!r})
 from middleware import MwTracker
 from middleware.labels import labels
 
 if {tracker_first!r}:
     tracker = MwTracker(sample_rate=400, profile_dir="none", instrument=False, native=False, upload=False)
-import httpx
-import uvicorn
+import httpx  # noqa: F401 (loaded before the tracker in the app-first run)
+import uvicorn  # noqa: F401
 from fastapi import FastAPI
 if not {tracker_first!r}:  # asyncio and anyio are loaded when the tracker starts
     tracker = MwTracker(sample_rate=400, profile_dir="none", instrument=False, native=False, upload=False)
@@ -112,71 +112,19 @@ async def delta():
     return {{"x": (await loop.run_in_executor(None, work_delta)) % 7}}
 
 
-class EndpointLabels:
-    # what a framework integration does: label the request, here by path (not /plain)
-    def __init__(self, inner):
-        self.inner = inner
+sys.path.insert(0, {tests!r})
+from support.asgi_child import EndpointLabels, cpu_by_route_label, drive, serve_in_thread
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] == "/plain":
-            return await self.inner(scope, receive, send)
-        with labels(endpoint=scope["path"]):
-            await self.inner(scope, receive, send)
-
-
-sock = socket.socket()
-sock.bind(("127.0.0.1", 0))
-port = sock.getsockname()[1]
-server = uvicorn.Server(uvicorn.Config(EndpointLabels(app), loop="asyncio", http="h11", lifespan="off",
-                                       log_level="warning", access_log=False))
-server_thread = threading.Thread(target=server.run, kwargs={{"sockets": [sock]}}, name="uvicorn")
-server_thread.start()
-deadline = time.monotonic() + 20
-while not server.started and time.monotonic() < deadline:
-    time.sleep(0.01)
-assert server.started, "uvicorn did not start"
-
+server, server_thread, port = serve_in_thread(EndpointLabels(app, labels, unlabelled=["/plain"]), "asyncio")
 ROUTES = {routes!r}
-ROUNDS = 12
-errors = []
-
-
-def client(seed):
-    rng = random.Random(seed)
-    with httpx.Client(base_url=f"http://127.0.0.1:{{port}}", timeout=30) as c:
-        for _ in range(ROUNDS):
-            order = list(ROUTES)
-            rng.shuffle(order)
-            for route in order:
-                r = c.get(route)
-                if r.status_code != 200:
-                    errors.append((route, r.status_code))
-
-
 tracker.snapshot(reset=True)
 with lock:
     measured.clear()
-clients = [threading.Thread(target=client, args=(k,)) for k in range(4)]
-for t in clients:
-    t.start()
-for t in clients:
-    t.join()
+errors = drive(port, ROUTES, clients=4, rounds=12)
 profile = tracker.snapshot()
 server.should_exit = True
 server_thread.join(timeout=20)
-
-ci = profile.value_index("cpu")
-by_route = {{r: {{}} for r in ROUTES}}  # route -> endpoint label (or "") -> cpu ns in its work function
-labelled_anywhere = {{}}  # endpoint label -> cpu ns of all its samples
-for s in profile.samples:
-    ep = s.label("endpoint") or ""
-    if ep:
-        labelled_anywhere[ep] = labelled_anywhere.get(ep, 0) + s.values[ci]
-    names = {{f.function for f in s.stack}}
-    for r in ROUTES:
-        if "work_" + r[1:] in names:
-            d = by_route[r]
-            d[ep] = d.get(ep, 0) + s.values[ci]
+by_route, labelled_anywhere = cpu_by_route_label(profile, ROUTES)
 print(json.dumps({{"measured_ns": {{r: int(v * 1e9) for r, v in measured.items()}}, "by_route": by_route,
                   "labelled_anywhere": labelled_anywhere, "errors": errors,
                   "stats": {{k: tracker.stats().get(k) for k in ("samples", "dropped", "unproven")}}}}))
@@ -188,7 +136,8 @@ tracker.stop()
 def result(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("threadpool")
     script = tmp / "app.py"
-    script.write_text(CHILD.format(root=str(ROOT), routes=ROUTES, tracker_first=request.param))
+    script.write_text(CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"), routes=ROUTES,
+                                   tracker_first=request.param))
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=50, cwd=str(tmp))
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(r.stdout.strip().splitlines()[-1])

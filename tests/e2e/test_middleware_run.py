@@ -28,12 +28,9 @@ RUN = [sys.executable, "-m", "middleware.run"]
 BURN = r'''
 import time
 def burn(seconds):
-    t0 = time.thread_time()
-    x = 0
-    while time.thread_time() - t0 < seconds:
-        for i in range(500):
-            x += i * i
-    return x
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        sum(i * i for i in range(500))
 '''
 
 SCRIPT = BURN + r'''

@@ -12,9 +12,8 @@ pytest_plugins = ["pytester"]
 
 pytestmark = pytest.mark.slow
 
-# A small program with a known shape: parent() -> hot() (about 80%) and parent() -> cold().
-PROGRAM = """
-import time
+SPIN = """
+import os, time
 
 def spin(seconds):
     end = time.thread_time() + seconds
@@ -22,6 +21,10 @@ def spin(seconds):
     while time.thread_time() < end:
         n += 1
     return n
+"""
+
+# A small program with a known shape: parent() -> hot() (about 80%) and parent() -> cold().
+PROGRAM = SPIN + """
 
 def hot():
     return spin(0.40)
@@ -223,16 +226,7 @@ def test_asyncio_tasks_started_by_the_test_are_counted(pytester: pytest.Pytester
 
 
 # calc2's cost depends on SLOWER, as a change to the code would make it.
-REGRESS_PROGRAM = """
-import os, time
-
-def spin(seconds):
-    end = time.thread_time() + seconds
-    n = 0
-    while time.thread_time() < end:
-        n += 1
-    return n
-
+REGRESS_PROGRAM = SPIN + """
 def calc1():
     return spin(0.30)
 

@@ -1,0 +1,88 @@
+"""Helpers of the child processes that serve an ASGI app under uvicorn and drive it with client
+threads (tests/e2e/test_labels_threadpool.py, tests/e2e/test_labels_event_loops.py).
+
+Imported in the child only (uvicorn and httpx are test dependencies; the test modules skip
+themselves without them)."""
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+class EndpointLabels:
+    """What a framework integration does: labels each HTTP request ``endpoint=<path>`` (except
+    the paths in ``unlabelled``)."""
+
+    def __init__(self, inner: Any, labels: Callable[..., Any], unlabelled: Sequence[str] = ()) -> None:
+        self.inner, self.labels, self.unlabelled = inner, labels, set(unlabelled)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in self.unlabelled:
+            return await self.inner(scope, receive, send)
+        with self.labels(endpoint=scope["path"]):
+            await self.inner(scope, receive, send)
+
+
+def serve_in_thread(app: Any, loop: str) -> tuple[Any, threading.Thread, int]:
+    """uvicorn (h11, event loop ``loop``) serving ``app`` on a free loopback port in a thread:
+    (server, its thread, port), once it has started."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, loop=loop, http="h11", lifespan="off", log_level="warning",
+                                           access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn")
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started, "uvicorn did not start"
+    return server, thread, sock.getsockname()[1]
+
+
+def drive(port: int, routes: Sequence[str], clients: int, rounds: int) -> list[tuple[str, int]]:
+    """``clients`` threads each GET every route ``rounds`` times, in a shuffled order each round;
+    returns the (route, status) of every answer that was not 200."""
+    import httpx
+
+    errors: list[tuple[str, int]] = []
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            for _ in range(rounds):
+                order = list(routes)
+                rng.shuffle(order)
+                for route in order:
+                    r = c.get(route)
+                    if r.status_code != 200:
+                        errors.append((route, r.status_code))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def cpu_by_route_label(profile: Any, routes: Sequence[str]) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """route -> endpoint label ("" for none) -> CPU ns of the samples in the route's work function
+    (``work_<route name>``); and endpoint label -> CPU ns of all its samples."""
+    ci = profile.value_index("cpu")
+    by_route: dict[str, dict[str, int]] = {r: {} for r in routes}
+    labelled: dict[str, int] = {}
+    for s in profile.samples:
+        ep = s.label("endpoint") or ""
+        if ep:
+            labelled[ep] = labelled.get(ep, 0) + s.values[ci]
+        names = {f.function for f in s.stack}
+        for r in routes:
+            if "work_" + r[1:] in names:
+                by_route[r][ep] = by_route[r].get(ep, 0) + s.values[ci]
+    return by_route, labelled
