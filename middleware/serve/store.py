@@ -409,7 +409,7 @@ class Store:
     def _retention_step(self, conn: sqlite3.Connection) -> int:
         try:
             n = _retention.step(conn, self.retention, time.time_ns())
-        except sqlite3.Error as exc:
+        except Exception as exc:  # the writer must live on: uploads depend on it
             if self.retention_error is None:
                 log.warning("retention could not delete old profiles: %s", exc)
             self.retention_error = str(exc)
