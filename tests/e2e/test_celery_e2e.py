@@ -63,6 +63,12 @@ def burn_task(seconds: float) -> int:
     return os.getpid()
 
 
+def _on_process_init(**_: Any) -> None:
+    """A pool process starts (``worker_process_init``): recorded, so that a hang report can say
+    which pool processes never reached their shutdown."""
+    _record("start", 0)
+
+
 def _on_process_shutdown(**_: Any) -> None:
     """The app's own clean-up as a pool process leaves (``worker_process_shutdown``)."""
     _record("shutdown", burn(SHUTDOWN_CPU_S))
@@ -83,6 +89,7 @@ def make_app(broker: str) -> Any:
         worker_hijack_root_logger=False,
     )
     app.task(name="burn_task")(burn_task)
+    signals.worker_process_init.connect(_on_process_init, weak=False)
     signals.worker_process_shutdown.connect(_on_process_shutdown, weak=False)
     return app
 
@@ -106,6 +113,17 @@ app = make_app(os.environ["CELERY_E2E_BROKER"])
 
 
 # --- driving the worker ----------------------------------------------------------------------------
+def _pool_lives(records: list[dict[str, Any]]) -> str:
+    """Per pool process: when it started, whether it reached its shutdown, how many tasks it ran."""
+    lines = []
+    for pid in sorted({r["pid"] for r in records}):
+        mine = [r for r in records if r["pid"] == pid]
+        kinds = [r["kind"] for r in mine]
+        lines.append(f"  pid {pid}: start {'start' in kinds}, tasks {kinds.count('task')}, shutdown "
+                     f"{'shutdown' in kinds}, first record at {min(r['at'] for r in mine):.3f}")
+    return "\n".join(lines) or "  (no record)"
+
+
 def _records(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -164,7 +182,9 @@ def _run_worker(tmp_path: Path, tasks: int, flags: list[str], stop_after: int | 
         except subprocess.TimeoutExpired:
             _dump_stacks(proc.pid)
             raise AssertionError("the worker did not stop:\n" + log.read_text()[-12000:] +
-                                 "\nnative stacks:\n" + native_stacks(proc.pid)) from None
+                                 "\nnative stacks:\n" + native_stacks(proc.pid) +
+                                 "\npool processes (their start, task and shutdown records):\n" +
+                                 _pool_lives(_records(results))) from None
         assert code == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
