@@ -66,11 +66,19 @@ class Finding:
         return self.ratio - 1.0
 
 
-def _counts(profile: Profile, value: str | None, metric: str) -> tuple[dict[tuple[str, str], float], float, float]:
-    """(function -> value, total value, value per sample) for ``metric`` "total" or "self"."""
+@dataclass(frozen=True)
+class _Side:
+    """One profile's figures: each function's Self and Total, the whole total, the value of one
+    sample."""
+
+    self_values: dict[tuple[str, str], float]
+    total_values: dict[tuple[str, str], float]
+    total: float
+    period: float
+
+
+def _side(profile: Profile, value: str | None) -> _Side:
     rows = function_table(profile, value)
-    per = {(r.function, r.file): float(r.total_value if metric == "total" else r.self_value) for r in rows}
-    total = float(rows[0].profile_total) if rows else 0.0
     index = profile.value_index(value)
     name, unit = profile.sample_types[index]
     if unit == "count":
@@ -79,7 +87,9 @@ def _counts(profile: Profile, value: str | None, metric: str) -> tuple[dict[tupl
         period = float(profile.period)
     else:  # e.g. wall time: a stack's value is its samples times the interval, the least is one sample
         period = float(min((s.values[index] for s in profile.samples if s.values[index] > 0), default=0))
-    return per, total, period
+    return _Side({(r.function, r.file): float(r.self_value) for r in rows},
+                 {(r.function, r.file): float(r.total_value) for r in rows},
+                 float(rows[0].profile_total) if rows else 0.0, period)
 
 
 def _wilson(k: float, n: float, z: float) -> tuple[float, float]:
@@ -106,18 +116,26 @@ def detect(
     ``value`` grew beyond ``threshold`` and the noise, and the new ones; biggest growth first."""
     if threshold < 0:
         raise ValueError("threshold must not be negative")
+    a, b = _side(before, value), _side(after, value)
+    if a.total <= 0 or b.total <= 0:
+        raise ValueError("BEFORE and AFTER must both hold samples of that type")
     if metric != "auto":
-        return _detect(before, after, value, threshold, confidence, metric)
-    by_self = _detect(before, after, value, threshold, confidence, "self")
-    by_total = _detect(before, after, value, threshold, confidence, "total")
+        return _detect(a, b, threshold, confidence, metric)
+    by_self = _detect(a, b, threshold, confidence, "self")
+    by_total = _detect(a, b, threshold, confidence, "total")
     above = _ancestors(after)
     flagged = {(f.function, f.file) for f in by_total}
     deepest = [f for f in by_total
                if not any((f.function, f.file) in above.get(g, ()) for g in flagged if g != (f.function, f.file))]
     seen = {(f.function, f.file) for f in by_self}
     out = by_self + [f for f in deepest if (f.function, f.file) not in seen]
-    out.sort(key=lambda f: (f.kind != "regression", -min(f.ratio, 1e9), f.function))
+    out.sort(key=_order)
     return out
+
+
+def _order(f: Finding) -> tuple[bool, float, str]:
+    """Regressions first, the biggest growth first, then new functions."""
+    return f.kind != "regression", -min(f.ratio, 1e9), f.function
 
 
 def _ancestors(profile: Profile) -> dict[tuple[str, str], set[tuple[str, str]]]:
@@ -130,12 +148,10 @@ def _ancestors(profile: Profile) -> dict[tuple[str, str], set[tuple[str, str]]]:
     return out
 
 
-def _detect(before: Profile, after: Profile, value: str | None, threshold: float, confidence: float,
-            metric: str) -> list[Finding]:
-    per_a, total_a, period_a = _counts(before, value, metric)
-    per_b, total_b, period_b = _counts(after, value, metric)
-    if total_a <= 0 or total_b <= 0:
-        raise ValueError("BEFORE and AFTER must both hold samples of that type")
+def _detect(a: _Side, b: _Side, threshold: float, confidence: float, metric: str) -> list[Finding]:
+    per_a = a.total_values if metric == "total" else a.self_values
+    per_b = b.total_values if metric == "total" else b.self_values
+    total_a, total_b, period_a, period_b = a.total, b.total, a.period, b.period
     unit_a = period_a or max(total_a, total_b) / 100.0  # no sample at all: coarse units
     unit_b = period_b or max(total_a, total_b) / 100.0
     n_a, n_b = total_a / unit_a, total_b / unit_b
@@ -160,7 +176,7 @@ def _detect(before: Profile, after: Profile, value: str | None, threshold: float
         if ratio > 1 + threshold and r_low > 1:
             out.append(Finding("regression", metric, key[0], key[1], share_a, share_b, ratio, r_low, r_high, k_a,
                                k_b))
-    out.sort(key=lambda f: (f.kind != "regression", -min(f.ratio, 1e9), f.function))
+    out.sort(key=_order)
     return out
 
 
