@@ -9,7 +9,7 @@ root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
 declare -A result
 ran=()
 for v in "$@"; do
-  py=$(ls -d "$root"/versions/"$v".*/bin/python"$v" 2>/dev/null | sort -V | tail -1)
+  py=$(scripts/pyenv-python.sh "$v")
   if [ -z "$py" ]; then
     echo "matrix: CPython $v was asked for but is not installed (no $root/versions/$v.*/bin/python$v)" >&2
     result[$v]="MISSING (not installed)"; continue

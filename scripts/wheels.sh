@@ -28,7 +28,7 @@ cp demo_flask/calculations.py "$work/"
 
 rc=0
 for v in "${versions[@]}"; do
-  py=$(ls -d "$root"/versions/"$v".*/bin/python"$v" 2>/dev/null | sort -V | tail -1)
+  py=$(scripts/pyenv-python.sh "$v")
   if [ -z "$py" ]; then echo "wheels: CPython $v was asked for but is not installed under $root" >&2; rc=1; continue; fi
   echo "wheels: CPython $v ($py)"
   w=$work/$v
