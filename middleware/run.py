@@ -1,6 +1,6 @@
 """``middleware-run COMMAND [ARGS...]``: profile a Python program without changing its code.
 
-Like ``ddtrace-run`` and ``opentelemetry-instrument``: the command is executed (``execvp``: same
+Like ``ddtrace-run`` and ``opentelemetry-instrument``: the command is executed (``exec``: same
 process id, exit code, signals, standard streams) with :mod:`middleware.bootstrap` first on
 ``PYTHONPATH``, whose ``sitecustomize`` starts :class:`~middleware.MwTracker` when an interpreter
 starts. So the program and every Python process it starts are profiled — gunicorn's master and
