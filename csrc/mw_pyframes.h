@@ -120,7 +120,7 @@ typedef struct mw_gilstate {
 
 void mw_pyframes_gil(mw_gilstate_t *out);
 
-/* 1 while the interpreter is finalizing (or its state cannot be read). */
+/* 1 while the interpreter is finalizing. Any thread; a plain load of _PyRuntime. */
 int mw_pyframes_finalizing(void);
 
 /* Version string of the headers the extension was built with, e.g. "3.12". */

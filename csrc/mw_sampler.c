@@ -105,7 +105,6 @@ static uint64_t g_gen_prev;
 
 static mw_tstate_t *g_tsp[MW_MAX_THREADS]; /* thread i's state, as of the last full list */
 static uint64_t g_last_prune;
-static int g_ts_used; /* g_ts holds entries of an earlier run */
 
 /* Quiet-tick bookkeeping (see tick()). Indices into g_threads / g_tsp. */
 static int g_hot[MW_MAX_THREADS], g_hot_prev[MW_MAX_THREADS], g_nhot;
@@ -318,7 +317,8 @@ mw_profbuf_t *mw_sampler_new_buffer(void) {
 }
 
 static int alloc_private(void) {
-    if (!g_ts) g_ts = calloc(TS_SLOTS, sizeof *g_ts);
+    if (!g_ts) g_ts = calloc(MW_MAX_THREADS, sizeof *g_ts);
+    if (!g_ts_index) g_ts_index = calloc(TS_SLOTS, sizeof *g_ts_index);
     if (!g_threads) g_threads = calloc(MW_MAX_THREADS, sizeof *g_threads);
     if (!g_raw) g_raw = calloc(MW_MAX_DEPTH_CAP, sizeof *g_raw);
     if (!g_raw2) g_raw2 = calloc(MW_MAX_DEPTH_CAP, sizeof *g_raw2);
@@ -327,7 +327,7 @@ static int alloc_private(void) {
     if (!g_win) g_win = calloc(WIN_SLOTS, sizeof *g_win);
     if (!g_rc) g_rc = malloc(sizeof *g_rc);
     if (g_rc) mw_readcache_reset(g_rc);
-    return (g_ts && g_threads && g_raw && g_raw2 && g_ids && g_sym && g_win && g_rc &&
+    return (g_ts && g_ts_index && g_threads && g_raw && g_raw2 && g_ids && g_sym && g_win && g_rc &&
             mw_symcache_init() == 0)
                ? 0
                : -1;
@@ -375,9 +375,7 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
         *why = "out of memory";
         return -1;
     }
-    if (g_ts_used)
-        mws_zero_pages(g_ts, TS_SLOTS * sizeof *g_ts); /* calloc'd: untouched till used */
-    g_ts_used = 1;
+    mws_ts_clear();
     g_tick = 0;
     g_last_prune = 0;
     g_nthreads = 0;
@@ -435,7 +433,7 @@ void mw_sampler_stop(void) {
     if (g_timers_armed) {
         mw_cputimer_disarm_all();
         g_timers_armed = 0;
-        for (uint32_t i = 0; g_ts && i < TS_SLOTS; i++)
+        for (uint32_t i = 0; g_ts && i < g_ts_n; i++)
             g_ts[i].reg = 0;
     }
 }
@@ -529,7 +527,7 @@ static void atfork_child(void) {
     mw_labels_after_fork_child();
     mw_cputimer_after_fork_child();
     g_timers_armed = 0;
-    for (uint32_t i = 0; g_ts && i < TS_SLOTS; i++)
+    for (uint32_t i = 0; g_ts && i < g_ts_n; i++)
         g_ts[i].reg = 0;
 }
 

@@ -101,7 +101,13 @@ typedef struct {
 /* mw_sampler.c */
 extern mw_sampler_config_t g_cfg;
 extern mw_sampler_stats_t g_stats;
-extern mw_tstate_t *g_ts;             /* TS_SLOTS entries */
+/* The threads the sampler has met: g_ts_n entries in a dense array of MW_MAX_THREADS (only the
+ * prefix in use is ever touched), found by tid through g_ts_index (TS_SLOTS slots, entry + 1,
+ * 0 = free). Pointers into g_ts stay valid until the next mws_ts_prune. Sampler thread only
+ * (and start/stop/at-fork, when it is not running). */
+extern mw_tstate_t *g_ts;
+extern uint32_t g_ts_n;
+extern uint32_t *g_ts_index;
 extern mw_rawframe_t *g_raw, *g_raw2; /* MW_MAX_DEPTH_CAP frames each */
 extern mw_id_t *g_ids;                /* MW_MAX_DEPTH_CAP */
 extern const mw_symentry_t **g_sym;   /* MW_MAX_DEPTH_CAP */
@@ -121,8 +127,10 @@ extern uint64_t g_quiet_wall, g_quiet_n;
 /* The entry of thread tid, created (zeroed, *created = 1) when absent; NULL when the table is
  * full. */
 mw_tstate_t *mws_ts_find(long tid, int *created);
-/* Drops entries of threads not seen in the last few ticks (rebuilds the table). */
+/* Drops entries of threads not seen in the last few ticks (compacts the table). */
 void mws_ts_prune(void);
+/* Empties the table (a new run). */
+void mws_ts_clear(void);
 /* Zeroes memory, handing whole pages back to the kernel. */
 void mws_zero_pages(void *p, size_t len);
 /* The interned name of st's thread in b (cached per buffer generation); its label set. */

@@ -16,18 +16,40 @@
 #include <string.h>
 #include <sys/mman.h>
 
+uint32_t g_ts_n;
+uint32_t *g_ts_index;
+
+static uint32_t ts_hash(long tid) {
+    return (uint32_t)((unsigned long)tid * 2654435761u);
+}
+
+/* Indexes entry i (its tid is set) in g_ts_index. */
+static void ts_index_put(uint32_t i) {
+    uint32_t h = ts_hash(g_ts[i].tid);
+    for (uint32_t k = 0; k < TS_SLOTS; k++) {
+        uint32_t *slot = &g_ts_index[(h + k) & (TS_SLOTS - 1)];
+        if (*slot == 0) {
+            *slot = i + 1;
+            return;
+        }
+    }
+}
+
 mw_tstate_t *mws_ts_find(long tid, int *created) {
-    uint32_t h = (uint32_t)((unsigned long)tid * 2654435761u);
+    uint32_t h = ts_hash(tid);
     *created = 0;
     for (uint32_t k = 0; k < TS_SLOTS; k++) {
-        mw_tstate_t *s = &g_ts[(h + k) & (TS_SLOTS - 1)];
-        if (s->tid == tid) return s;
-        if (s->tid == 0) {
+        uint32_t *slot = &g_ts_index[(h + k) & (TS_SLOTS - 1)];
+        if (*slot == 0) {
+            if (g_ts_n >= MW_MAX_THREADS) return NULL;
+            mw_tstate_t *s = &g_ts[g_ts_n];
             memset(s, 0, sizeof *s);
             s->tid = tid;
+            *slot = ++g_ts_n;
             *created = 1;
             return s;
         }
+        if (g_ts[*slot - 1].tid == tid) return &g_ts[*slot - 1];
     }
     return NULL;
 }
@@ -45,28 +67,34 @@ void mws_zero_pages(void *p, size_t len) {
     memset(p, 0, len);
 }
 
-/* Drops entries of threads not seen in the last few ticks (rebuilds the table). */
+void mws_ts_clear(void) {
+    if (g_ts_n) mws_zero_pages(g_ts, (size_t)g_ts_n * sizeof *g_ts);
+    g_ts_n = 0;
+    if (g_ts_index) memset(g_ts_index, 0, TS_SLOTS * sizeof *g_ts_index);
+}
+
+/* Drops entries of threads not seen in the last few ticks: the live ones move down in place
+ * (their order kept) and the index is rebuilt. Touches only the entries in use and the 32 KiB
+ * index: no page of the table is handed back and faulted in again at every prune (each such
+ * write fault on a page read as zeros flushes the TLB of every CPU running the app). */
 void mws_ts_prune(void) {
-    static mw_tstate_t *tmp;
-    if (!tmp) tmp = malloc(TS_SLOTS * sizeof *tmp); /* only the prefix in use is touched */
-    if (!tmp) return;
     uint32_t live = 0;
-    for (uint32_t i = 0; i < TS_SLOTS; i++) {
-        if (g_ts[i].tid == 0) continue;
-        if (g_ts[i].tick + 2 < g_tick) { /* gone: CPU it used after its last on-CPU sample */
-            g_stats.cpu_unattributed_ns += g_ts[i].pending;
-            g_stats.wall_unattributed_ns += g_ts[i].owed_wall;
-            if (g_ts[i].reg) mw_cputimer_retire(g_ts[i].reg - 1, g_ts[i].tid);
+    for (uint32_t i = 0; i < g_ts_n; i++) {
+        mw_tstate_t *s = &g_ts[i];
+        if (s->tick + 2 < g_tick) { /* gone: CPU it used after its last on-CPU sample */
+            g_stats.cpu_unattributed_ns += s->pending;
+            g_stats.wall_unattributed_ns += s->owed_wall;
+            if (s->reg) mw_cputimer_retire(s->reg - 1, s->tid);
             continue;
         }
-        tmp[live++] = g_ts[i];
+        if (live != i) g_ts[live] = *s;
+        live++;
     }
-    mws_zero_pages(g_ts, TS_SLOTS * sizeof *g_ts);
-    for (uint32_t i = 0; i < live; i++) {
-        int c;
-        mw_tstate_t *st = mws_ts_find(tmp[i].tid, &c);
-        if (st) *st = tmp[i];
-    }
+    if (live < g_ts_n) memset(&g_ts[live], 0, (size_t)(g_ts_n - live) * sizeof *g_ts);
+    g_ts_n = live;
+    memset(g_ts_index, 0, TS_SLOTS * sizeof *g_ts_index);
+    for (uint32_t i = 0; i < live; i++)
+        ts_index_put(i);
 }
 
 mw_id_t mws_thread_name_id(mw_profbuf_t *b, mw_tstate_t *st, uint32_t *labelset) {
@@ -178,7 +206,7 @@ void mws_quiet_flush(mw_profbuf_t *b, mw_tstate_t *st) {
 /* Settles every quiet thread's wall time into buffer b (before it is handed out or read). */
 void mws_quiet_flush_all(mw_profbuf_t *b) {
     if (!g_ts || !b) return;
-    for (uint32_t i = 0; i < TS_SLOTS; i++) {
+    for (uint32_t i = 0; i < g_ts_n; i++) {
         mw_tstate_t *st = &g_ts[i];
         if (st->tid && st->quiet) mws_quiet_flush(b, st); /* the next quiet tick starts it again */
     }
