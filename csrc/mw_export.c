@@ -47,7 +47,52 @@ static struct {
     char service[MW_STORE_SERVICE_MAX + 1];
     uint64_t max_bytes;
     int upload;
+    /* Static labels: replaced by start under g_static as well, which encode_snapshot holds
+     * while it encodes (it may run while no exporter thread does, from any thread). */
+    char *keys[MW_PPROF_MAX_STATIC], *vals[MW_PPROF_MAX_STATIC];
+    uint32_t nlabels;
 } g_cfg;
+static pthread_mutex_t g_static = PTHREAD_MUTEX_INITIALIZER;
+
+/* The profile metadata of a window: its span, the sampling period, our pid, the static labels. */
+static mw_pprof_meta_t window_meta(int64_t start, int64_t end) {
+    int rate = mw_sampler_rate();
+    mw_pprof_meta_t meta = {start,
+                            end - start,
+                            1000000000LL / (rate > 0 ? rate : 100),
+                            (long)getpid(),
+                            (const char *const *)g_cfg.keys,
+                            (const char *const *)g_cfg.vals,
+                            g_cfg.nlabels};
+    return meta;
+}
+
+/* Replaces the static labels (g_life held, no exporter thread running). -1: out of memory. */
+static int set_static_labels(const mw_export_config_t *cfg) {
+    char *keys[MW_PPROF_MAX_STATIC] = {0}, *vals[MW_PPROF_MAX_STATIC] = {0};
+    uint32_t n = cfg->nlabels < MW_PPROF_MAX_STATIC ? cfg->nlabels : MW_PPROF_MAX_STATIC;
+    for (uint32_t i = 0; i < n; i++) {
+        keys[i] = strdup(cfg->label_keys[i]);
+        vals[i] = strdup(cfg->label_vals[i]);
+        if (!keys[i] || !vals[i]) {
+            for (uint32_t j = 0; j <= i; j++) {
+                free(keys[j]);
+                free(vals[j]);
+            }
+            return -1;
+        }
+    }
+    pthread_mutex_lock(&g_static);
+    for (uint32_t i = 0; i < g_cfg.nlabels; i++) {
+        free(g_cfg.keys[i]);
+        free(g_cfg.vals[i]);
+    }
+    memcpy(g_cfg.keys, keys, sizeof keys);
+    memcpy(g_cfg.vals, vals, sizeof vals);
+    g_cfg.nlabels = n;
+    pthread_mutex_unlock(&g_static);
+    return 0;
+}
 
 /* Guarded by g_hold. */
 static mw_profbuf_t *g_held; /* window buffer owned by the exporter right now */
@@ -139,9 +184,7 @@ static void export_once(void) {
     uint8_t *gz = NULL;
     size_t gzlen = 0;
     if (nstacks > 0) {
-        int rate = mw_sampler_rate();
-        mw_pprof_meta_t meta = {ts, te - ts, 1000000000LL / (rate > 0 ? rate : 100),
-                                (long)getpid()};
+        mw_pprof_meta_t meta = window_meta(ts, te);
         if (mw_pprof_encode_gz(b, &meta, &gz, &gzlen, &info) != 0) {
             encode_err = 1;
             mw_report_once(MW_REPORT_ENCODE,
@@ -271,6 +314,12 @@ int mw_export_start(const mw_export_config_t *cfg, const char **why) {
 
     char *dir = NULL;
     if (cfg->profile_dir && cfg->profile_dir[0] && !(dir = strdup(cfg->profile_dir))) {
+        pthread_mutex_unlock(&g_life);
+        *why = "out of memory";
+        return -1;
+    }
+    if (set_static_labels(cfg) != 0) {
+        free(dir);
         pthread_mutex_unlock(&g_life);
         *why = "out of memory";
         return -1;
@@ -428,10 +477,10 @@ int mw_export_encode_snapshot(uint8_t **out, size_t *len) {
         for (int i = 0; i < ctx.n; i++)
             if (mw_profbuf_merge(all, ctx.copy[i]) != 0) goto done;
     }
-    int rate = mw_sampler_rate();
-    mw_pprof_meta_t meta = {start, end - start, 1000000000LL / (rate > 0 ? rate : 100),
-                            (long)getpid()};
+    pthread_mutex_lock(&g_static);
+    mw_pprof_meta_t meta = window_meta(start, end);
     rc = mw_pprof_encode_gz(all, &meta, out, len, NULL);
+    pthread_mutex_unlock(&g_static);
 done:
     mw_profbuf_free(all);
     for (int i = 0; i < 2; i++)
@@ -497,6 +546,7 @@ static void atfork_parent(void) {
 }
 
 static void atfork_child(void) {
+    pthread_mutex_init(&g_static, NULL); /* a snapshot being encoded in another thread is gone */
     pthread_mutex_init(&g_life, NULL);
     pthread_mutex_init(&g_lock, NULL);
     pthread_mutex_init(&g_hold, NULL);

@@ -17,7 +17,10 @@
  * Locks (internal): g_lock guards the control state (requests, completion, stats) and is never
  * held across an export. g_hold is held only while rotating (and while recycling), so that the
  * fork handler always knows whether the thread owned a window buffer at fork time; order:
- * g_hold → collect lock → sampler buffer lock. A lifecycle mutex serializes start/stop.
+ * g_hold → collect lock → sampler buffer lock. A lifecycle mutex serializes start/stop. The static
+ * labels (mw_export_config_t) are replaced only by start, under g_static, which
+ * encode_snapshot holds while it encodes; the exporter thread reads them without it (start
+ * replaces them only while no exporter thread runs).
  *
  * Fork: mw_export_register_atfork(). The child has no exporter thread; it re-creates the locks,
  * zeroes the statistics and keeps a buffer the parent's exporter held at fork time, to give
@@ -41,6 +44,10 @@ typedef struct mw_export_config {
     const char *profile_dir;  /* NULL or "": no local files */
     uint64_t store_max_bytes; /* 0: MW_STORE_DEFAULT_MAX_BYTES (256 MiB) */
     int upload;               /* submit each profile to the uploader */
+    /* Labels on every sample of every profile (mw_pprof_meta_t's static labels), copied:
+     * nlabels pairs, at most MW_PPROF_MAX_STATIC, keys checked by the caller. */
+    const char *const *label_keys, *const *label_vals;
+    uint32_t nlabels;
 } mw_export_config_t;
 
 typedef struct mw_export_stats {

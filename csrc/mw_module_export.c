@@ -1,9 +1,12 @@
 /* mw_module_export — Python glue for the exporter (mw_export.h), the pprof encoder and the
  * local store. Appended to middleware._native by csrc/mw_module.c (declared in mw_module.h):
  *
- *   export_start(interval_s, service, profile_dir=None, store_max_bytes=0, upload=False) -> bool
+ *   export_start(interval_s, service, profile_dir=None, store_max_bytes=0, upload=False,
+ *                labels=()) -> bool
  *       starts the exporter thread; False when it was already running (left as is).
- *       store_max_bytes 0 = 256 MiB. ValueError for a bad interval, RuntimeError otherwise.
+ *       store_max_bytes 0 = 256 MiB. labels: (key, value) pairs of str put on every sample of
+ *       every profile (at most MW_PPROF_MAX_STATIC; keys valid label names, not thread_name
+ *       nor pid, no key twice). ValueError for a bad interval or label, RuntimeError otherwise.
  *   export_flush(timeout_s=10.0) -> bool     export now and wait (GIL released)
  *   export_stop(timeout_s=10.0) -> bool      final export, join; False if it had to give up
  *   export_running() -> bool
@@ -19,28 +22,76 @@
 
 #include "mw_export.h"
 #include "mw_module.h"
+#include "mw_pprof.h"
 #include "mw_pyglue.h"
 
 #include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
+
+/* Reads labels (a sequence of (str, str)) into keys/vals, borrowed from the items (kept alive by
+ * *seq, a new reference the caller releases). -1 with a Python exception set. */
+static int parse_labels(PyObject *labels, PyObject **seq, const char **keys, const char **vals,
+                        uint32_t *n) {
+    *n = 0;
+    *seq = NULL;
+    if (!labels || labels == Py_None) return 0;
+    *seq = PySequence_Fast(labels, "labels must be a sequence of (key, value) pairs");
+    if (!*seq) return -1;
+    Py_ssize_t len = PySequence_Fast_GET_SIZE(*seq);
+    if (len > MW_PPROF_MAX_STATIC) {
+        PyErr_Format(PyExc_ValueError, "at most %d labels", MW_PPROF_MAX_STATIC);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < len; i++) {
+        PyObject *pair = PySequence_Fast_GET_ITEM(*seq, i);
+        const char *k, *v;
+        if (!PyTuple_Check(pair) || !PyArg_ParseTuple(pair, "ss", &k, &v)) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "labels must be (key, value) pairs of str");
+            return -1;
+        }
+        int bad = !mw_pprof_label_key_ok(k) || strcmp(k, "thread_name") == 0 ||
+                  strcmp(k, "pid") == 0 || !*v;
+        for (uint32_t j = 0; j < *n && !bad; j++)
+            bad = strcmp(keys[j], k) == 0;
+        if (bad) {
+            PyErr_Format(PyExc_ValueError, "bad static label %R", pair);
+            return -1;
+        }
+        keys[*n] = k;
+        vals[*n] = v;
+        (*n)++;
+    }
+    return 0;
+}
 
 static PyObject *py_export_start(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"interval_s",      "service", "profile_dir",
-                             "store_max_bytes", "upload",  NULL};
+    static char *kwlist[] = {"interval_s", "service", "profile_dir", "store_max_bytes",
+                             "upload",     "labels",  NULL};
     mw_export_config_t c = {0};
     unsigned long long max_bytes = 0;
     int upload = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "ds|zKp:export_start", kwlist, &c.interval_s,
-                                     &c.service, &c.profile_dir, &max_bytes, &upload))
+    PyObject *labels = NULL, *seq = NULL;
+    const char *keys[MW_PPROF_MAX_STATIC], *vals[MW_PPROF_MAX_STATIC];
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ds|zKpO:export_start", kwlist, &c.interval_s,
+                                     &c.service, &c.profile_dir, &max_bytes, &upload, &labels))
         return NULL;
     if (!(c.interval_s >= MW_EXPORT_MIN_INTERVAL_S) || c.interval_s > 86400.0) {
         PyErr_SetString(PyExc_ValueError, "interval_s must be within 0.01..86400 seconds");
         return NULL;
     }
+    if (parse_labels(labels, &seq, keys, vals, &c.nlabels) != 0) {
+        Py_XDECREF(seq);
+        return NULL;
+    }
+    c.label_keys = keys;
+    c.label_vals = vals;
     c.store_max_bytes = max_bytes;
     c.upload = upload;
     const char *why = "unknown error";
     int rc = mw_export_start(&c, &why); /* quick: copies the config, creates a thread */
+    Py_XDECREF(seq);
     if (rc < 0) {
         PyErr_Format(PyExc_RuntimeError, "middleware: cannot start the exporter: %s", why);
         return NULL;

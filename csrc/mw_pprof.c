@@ -295,8 +295,10 @@ int mw_pprof_label_key_ok(const char *k) {
     return 1;
 }
 
-/* Turns the distinct label sets found in pass 1 into label messages. */
-static int build_labelsets(enc_t *e, int64_t k_thread, int64_t k_pid) {
+/* Turns the distinct label sets found in pass 1 into label messages. Keys k_thread, k_pid and
+ * the static labels' keys (reserved[0..nreserved)) are left out. */
+static int build_labelsets(enc_t *e, int64_t k_thread, int64_t k_pid, const int64_t *reserved,
+                           uint32_t nreserved) {
     for (uint32_t i = 0; i <= e->ls_mask; i++) {
         lsent_t *s = &e->ls[i];
         if (!s->id) continue;
@@ -310,6 +312,8 @@ static int build_labelsets(enc_t *e, int64_t k_thread, int64_t k_pid) {
                 dup = strcmp(keys[q], keys[j]) == 0;
             int64_t k = dup ? -1 : pool_add(&e->pool, keys[j]);
             if (!dup && k < 0) return -1;
+            for (uint32_t r = 0; r < nreserved && !dup; r++)
+                dup = k == reserved[r];
             if (dup || k == k_thread || k == k_pid) {
                 e->labels_skipped++;
                 continue;
@@ -397,7 +401,9 @@ typedef struct {
 /* The fixed string-table entries and the labels every sample may share. */
 typedef struct {
     int64_t samples, count, cpu, ns, wall, thread, pid, unknown, map;
-    pb_label_t *pid_label;      /* NULL without a pid */
+    pb_label_t *pid_label; /* NULL without a pid */
+    pb_label_t *statics;   /* the meta's static labels, nstatic of them */
+    uint32_t nstatic;
     pb_label_t *unknown_thread; /* made when a stack has no thread name */
     char pid_text[24];          /* the pid label's value (the pool keeps a pointer to it) */
 } enc_fixed_t;
@@ -438,9 +444,10 @@ static int count_pass(enc_t *e, enc_sizes_t *sz) {
 static int alloc_tables(enc_t *e, const enc_sizes_t *sz) {
     uint32_t ns = mw_profbuf_nstacks(e->b), nf = mw_profbuf_nframes(e->b);
     uint32_t nstr = mw_profbuf_nstrings(e->b);
-    if (pool_init(&e->pool, nstr + 16 + 2 * (uint32_t)sz->pairs) != 0) return -1;
+    if (pool_init(&e->pool, nstr + 16 + 2 * MW_PPROF_MAX_STATIC + 2 * (uint32_t)sz->pairs) != 0)
+        return -1;
     e->strmap = calloc(nstr + 1, sizeof *e->strmap);
-    e->labels_cap = 2 + sz->nthreads + (uint32_t)sz->pairs;
+    e->labels_cap = 2 + MW_PPROF_MAX_STATIC + sz->nthreads + (uint32_t)sz->pairs;
     e->labels = calloc(e->labels_cap, sizeof *e->labels);
     e->funcs = calloc(nf + 1, sizeof *e->funcs);
     e->func_ptrs = calloc(nf + 1, sizeof *e->func_ptrs);
@@ -486,12 +493,22 @@ static int fixed_labels(enc_t *e, const mw_pprof_meta_t *meta, enc_fixed_t *fx) 
         pid_value < 0)
         return -1;
     fx->pid_label = meta->pid > 0 ? new_label(e, fx->pid, pid_value) : NULL;
-    if (build_labelsets(e, fx->thread, fx->pid) != 0) return -1;
+    int64_t reserved[MW_PPROF_MAX_STATIC];
+    for (uint32_t j = 0; j < meta->nstatic && j < MW_PPROF_MAX_STATIC; j++) {
+        int64_t k = pool_add(&e->pool, meta->static_keys[j]),
+                v = pool_add(&e->pool, meta->static_vals[j]);
+        if (k < 0 || v < 0) return -1;
+        pb_label_t *l = new_label(e, k, v);
+        if (!fx->statics) fx->statics = l;
+        reserved[fx->nstatic++] = k;
+    }
+    if (build_labelsets(e, fx->thread, fx->pid, reserved, fx->nstatic) != 0) return -1;
 
     uint32_t ns = mw_profbuf_nstacks(e->b);
     uint64_t nptr = 0;
     for (uint32_t i = 0; i < ns; i++)
-        nptr += 1 + (fx->pid_label ? 1 : 0) + (e->stack_ls[i] ? e->ls[e->stack_ls[i] - 1].n : 0);
+        nptr += 1 + (fx->pid_label ? 1 : 0) + fx->nstatic +
+                (e->stack_ls[i] ? e->ls[e->stack_ls[i] - 1].n : 0);
     e->label_ptrs = calloc(nptr + 1, sizeof *e->label_ptrs);
     return e->label_ptrs ? 0 : -1;
 }
@@ -538,6 +555,8 @@ static int sample_pass(enc_t *e, enc_fixed_t *fx) {
         if (!tl) return -1;
         sm->label[sm->n_label++] = tl;
         if (fx->pid_label) sm->label[sm->n_label++] = fx->pid_label;
+        for (uint32_t j = 0; j < fx->nstatic; j++)
+            sm->label[sm->n_label++] = &fx->statics[j];
         if (e->stack_ls[i]) {
             const lsent_t *ls = &e->ls[e->stack_ls[i] - 1];
             for (uint32_t j = 0; j < ls->n; j++)

@@ -38,11 +38,20 @@
  * in ~4.0 ms. Level 4 keeps level 6's size (lazy matching) at less than half its CPU. */
 #define MW_PPROF_GZIP_LEVEL 4
 
+/* At most this many static labels per profile (more are ignored). */
+#define MW_PPROF_MAX_STATIC 8
+
 typedef struct mw_pprof_meta {
     int64_t time_nanos;     /* window start, ns since the Unix epoch */
     int64_t duration_nanos; /* window length in ns (negative values are written as 0) */
     int64_t period_ns;      /* 1e9 / sampling rate; <= 0 means 1e9 / 100 */
     long pid;               /* value of the "pid" label; <= 0: no pid label */
+    /* Labels every sample carries besides thread_name and pid (the process's code version):
+     * nstatic pairs, keys valid label names (mw_pprof_label_key_ok), neither thread_name nor
+     * pid, no key twice. A label set's pair with one of these keys is left out (counted in
+     * labels_skipped). Borrowed for the duration of the call. */
+    const char *const *static_keys, *const *static_vals;
+    uint32_t nstatic;
 } mw_pprof_meta_t;
 
 typedef struct mw_pprof_info {

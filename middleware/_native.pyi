@@ -1,5 +1,6 @@
 """Types of middleware._native, the native sampling core (csrc/mw_module*.c method tables)."""
 
+from collections.abc import Sequence
 from typing import TypeAlias
 
 from typing_extensions import CapsuleType
@@ -37,7 +38,8 @@ def build_info() -> dict[str, str]: ...
 
 # ---- the exporter, pprof encoder and local store (csrc/mw_module_export.c)
 def export_start(
-    interval_s: float, service: str, profile_dir: str | None = None, store_max_bytes: int = 0, upload: bool = False
+    interval_s: float, service: str, profile_dir: str | None = None, store_max_bytes: int = 0, upload: bool = False,
+    labels: Sequence[tuple[str, str]] = (),
 ) -> bool: ...
 def export_flush(timeout_s: float = 10.0) -> bool: ...
 def export_stop(timeout_s: float = 10.0) -> bool: ...

@@ -385,6 +385,12 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             doc="false: never upload, even with a backend configured"),
     Setting("tags", ("MW_CUSTOM_RESOURCE_ATTRIBUTES",), _tag_pairs, default_factory=dict, used_by=_PU,
             check=_valid_tags, mapping_arg=True, doc="static tags k=v,k=v, added to the series name"),
+    Setting("commit_sha", ("MW_VCS_COMMIT_SHA",), _header_value, None, used_by=_P,
+            doc="code version: service_git_ref and version labels (default: the app's git commit)"),
+    Setting("repository_url", ("MW_VCS_REPOSITORY_URL",), _header_value, None, used_by=_P,
+            doc="service_repository label (default: the app's git origin, without credentials)"),
+    Setting("resource_attributes", ("OTEL_RESOURCE_ATTRIBUTES",), _header_value, None, used_by=_P,
+            doc="its service.version is the version label when MW_VCS_COMMIT_SHA is not set"),
     # the uploader
     Setting("server_url", ("MW_PROFILING_SERVER_URL",), _http_url, None, used_by=_U,
             doc="backend base URL ({server}/ingest); with a key and no URL the tenant template"),
@@ -505,6 +511,10 @@ class ProfilerConfig:
     instrument: bool = _default("instrument")
     upload: bool = _default("upload")  # False: never push to a backend, even if one is configured
     tags: dict[str, str] = _default("tags")
+    # The code version (middleware.version turns these and the app's git work tree into labels).
+    commit_sha: str | None = _default("commit_sha")
+    repository_url: str | None = _default("repository_url")
+    resource_attributes: str | None = _default("resource_attributes")
     # Whether the argument or MW_PROFILE_DIR chose profile_dir (else it is the default store,
     # which a process that uploads does not keep).
     profile_dir_set: bool = False

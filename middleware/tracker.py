@@ -133,12 +133,15 @@ class _ProcessProfiler:
                     "are not stored while it cannot be created (set MW_PROFILE_DIR to a writable directory, "
                     "or to none)", profile_dir, exc.strerror or exc, os.getpid(),
                 )
+        from middleware.version import service_version, version_labels
+
         n.export_start(
             interval_s=float(cfg.upload_interval),
             service=cfg.service_name,
             profile_dir=profile_dir,
             store_max_bytes=int(cfg.store_max_mb) << 20,
             upload=self.uploading,
+            labels=version_labels(cfg.commit_sha, cfg.repository_url, service_version(cfg.resource_attributes)),
         )
         self.exporting = True
 

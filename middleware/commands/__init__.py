@@ -106,6 +106,11 @@ def add_time_options(parser: argparse.ArgumentParser, prefix: str = "", what: st
         f"--{prefix}until", dest=f"{dest}time_until", metavar="TIME",
         help=f"only profiles{what} whose window starts before TIME",
     )
+    if prefix:  # one side of a comparison: its own labels too (e.g. --before-label version=OLD)
+        parser.add_argument(
+            f"--{prefix}label", dest=f"{dest}label", action="append", default=[], metavar="KEY=VALUE",
+            help=f"only samples{what} with this label, besides --label (repeatable)",
+        )
 
 
 def add_profile_options(parser: argparse.ArgumentParser, paths: bool = True) -> None:
@@ -147,11 +152,13 @@ def load_from_args(
     paths: Sequence[str] | None = None,
     prefix: str = "",
 ) -> Profile:
-    """Load and merge the profiles the options select (``prefix``: "before-"/"after-" ranges)."""
+    """Load and merge the profiles the options select (``prefix``: "before-"/"after-" ranges and
+    labels, on top of --from/--until and --label)."""
+    side_labels = getattr(args, f"{prefix.replace('-', '_')}label", None) if prefix else None
     return load_profiles(
         list(paths if paths is not None else args.paths),
         time_range=time_range_of(args, prefix),
-        labels=parse_labels(getattr(args, "label", None)),
+        labels=parse_labels([*(getattr(args, "label", None) or []), *(side_labels or [])]),
     )
 
 

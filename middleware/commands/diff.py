@@ -54,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
     after_path = args.after
     if after_path is None:
         ranged = any(getattr(args, f"{s}_time_{e}") for s in ("before", "after") for e in ("from", "until"))
-        if not ranged:
-            raise CommandError("give AFTER, or one store with --before-from/--before-until/--after-from/--after-until")
+        if not ranged and not (args.before_label or args.after_label):
+            raise CommandError("give AFTER, or one store with --before-from/--before-until/--after-from/--after-until"
+                               " or --before-label/--after-label")
         after_path = args.before
     before = _load(args, args.before, "before")
     after = _load(args, after_path, "after")
