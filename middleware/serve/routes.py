@@ -18,6 +18,8 @@ Routes::
     GET  /api/pprof                  selection -> merged profile as gzipped pprof
     GET  /api/stats                  uploads accepted/rejected, series overflow, storage (span kept,
                                      size, retention), connections
+    GET  /api/regressions            ?service=[&type=] each version against the one before it
+                                     (middleware.serve.regressions)
 
 A *selection* is ``service``, ``type``, ``from``, ``until`` (unix seconds) and ``selector``
 (``{label="value",...}``); see :mod:`middleware.serve.query`. Uploads are decoded by
@@ -215,6 +217,20 @@ class Handler(BaseHandler):
         service = _need(params, "service")
         self._json(HTTPStatus.OK, {"service": service, "types": self.server.app.engine.profile_types(service)})
 
+    def api_regressions(self, params: dict[str, str]) -> None:
+        """The regression detector's findings for a service: each version against the one before
+        (``type``: a profile type id, default the CPU type when the service has one)."""
+        service = _need(params, "service")
+        types = self.server.app.store.profile_types(service)
+        cpu = [t for t in types if t.startswith("process_cpu:")]
+        type_id = params.get("type") or (cpu or types or [""])[0]
+        if type_id and type_id not in types:
+            raise QueryError(f"service {service!r} has no profile type {type_id!r}")
+        if not type_id:
+            self._json(HTTPStatus.OK, {"service": service, "type": None, "comparisons": []})
+            return
+        self._json(HTTPStatus.OK, self.server.app.regressions.snapshot(service, type_id))
+
     def _range(self, params: dict[str, str]) -> tuple[int | None, int | None]:
         f = parse_seconds(params["from"], "from") if params.get("from") else None
         u = parse_seconds(params["until"], "until") if params.get("until") else None
@@ -298,4 +314,5 @@ GET_ROUTES: dict[str, Callable[[Handler, dict[str, str]], None]] = {
     "/api/diff": Handler.api_diff,
     "/api/pprof": Handler.api_pprof,
     "/api/stats": Handler.api_stats,
+    "/api/regressions": Handler.api_regressions,
 }

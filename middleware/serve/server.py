@@ -25,6 +25,7 @@ from middleware.serve.httpd import BODY, BUSY, WAITING, Server, Server6
 from middleware.serve.importer import Importer
 from middleware.serve.ingest import IngestLimits, env_number
 from middleware.serve.query import QueryEngine
+from middleware.serve.regressions import RegressionWatcher
 from middleware.serve.retention import MAX_SIZE_ENV, RETENTION_ENV, parse_duration, parse_size
 from middleware.serve.routes import Handler
 from middleware.serve.store import STORED, Store
@@ -77,6 +78,8 @@ class ServeConfig:
     max_size: str | None = None
     #: Seconds between retention passes when the last one had nothing more to delete.
     retention_interval: float = 10.0
+    #: Seconds between passes of the regression detector over the versions (:mod:`middleware.serve.regressions`).
+    regress_interval: float = 10.0
 
 
 def resolve_listen_address(host: str) -> tuple[socket.AddressFamily, str]:
@@ -183,6 +186,7 @@ class ServeApp:
         self.store = Store(config.data_dir, max_series_per_service=config.limits.max_series_per_service,
                            max_age_s=max_age, max_bytes=max_bytes, retention_interval_s=config.retention_interval)
         self.engine = QueryEngine(self.store)
+        self.regressions = RegressionWatcher(self.store, self.engine, interval_s=config.regress_interval)
         self.importer = Importer(self.store, config.import_dirs, limits=config.limits, interval=config.import_interval)
         self.accepted = 0
         self.rejected = 0
@@ -240,6 +244,7 @@ class ServeApp:
     def start(self) -> ServeApp:
         """Serve in a background thread (returns at once)."""
         self.importer.start()
+        self.regressions.start()
         self._thread = threading.Thread(
             target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="mw-serve-http", daemon=True
         )
@@ -249,6 +254,7 @@ class ServeApp:
     def serve_forever(self) -> None:
         """Serve in this thread until :meth:`stop` is called from another thread or a signal."""
         self.importer.start()
+        self.regressions.start()
         try:
             self.httpd.serve_forever()
         finally:
@@ -264,6 +270,7 @@ class ServeApp:
 
     def _close(self) -> None:
         self.importer.stop()
+        self.regressions.stop()
         self.httpd.close_all_connections()
         self.httpd.server_close()
         self.store.close()

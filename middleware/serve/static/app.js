@@ -614,7 +614,9 @@
     });
     $("view-profile").hidden = name !== "profile";
     $("view-compare").hidden = name !== "compare";
+    $("view-regressions").hidden = name !== "regressions";
     if (name === "compare") defaultCompareRanges();
+    if (name === "regressions") loadRegressions();
     drawCompareOverlays();
     $("timeline-hint").textContent =
       name === "compare" && $("cmp-mode").value === "time"
@@ -646,6 +648,10 @@
       params.until = state.until;
       params.selector = selector(name, $("cmp-value-a").value);
       params.selector2 = selector(name, $("cmp-value-b").value);
+      if (state.cmpExtra) { /* a regression opened within one endpoint: both sides in it */
+        params.selector = params.selector.replace(/}$/, "," + state.cmpExtra + "}");
+        params.selector2 = params.selector2.replace(/}$/, "," + state.cmpExtra + "}");
+      }
     }
     setState("loading");
     setStatus("Comparing…");
@@ -655,6 +661,87 @@
       setStatus("");
       setState("ready");
     }, fail);
+  }
+
+  /* The regression detector's findings (serve compares each version with the one before it). */
+  function loadRegressions() {
+    if (!state.service) return Promise.resolve();
+    return api("/api/regressions", { service: state.service, type: state.type }).then(renderRegressions, fail);
+  }
+
+  function renderRegressions(body) {
+    var rows = [];
+    (body.comparisons || []).forEach(function (c) {
+      c.findings.forEach(function (f) {
+        rows.push({ c: c, f: f });
+      });
+    });
+    var n = (body.comparisons || []).length;
+    $("regress-summary").textContent = n
+      ? n + " version change" + (n === 1 ? "" : "s") + " compared (label '" + body.label + "'); " + rows.length +
+        " finding" + (rows.length === 1 ? "" : "s") + ": functions whose share grew by more than " +
+        Math.round(body.threshold * 100) + "% beyond the sampling noise (" + body.confidence * 100 +
+        "% family-wise), and new ones. Click a row to compare the two versions."
+      : "No two versions of this service to compare yet: agents label profiles with the version they run " +
+        "(MW_VCS_COMMIT_SHA, service.version, or the app's git commit).";
+    var tbody = $("regress-table").tBodies[0];
+    tbody.textContent = "";
+    rows.forEach(function (r) {
+      var f = r.f, c = r.c;
+      var tr = document.createElement("tr");
+      tr.className = "grew serve-link";
+      tr.setAttribute("data-function", f.function);
+      tr.setAttribute("data-endpoint", f.endpoint || "");
+      function pct(ratio) {
+        var v = Math.round((ratio - 1) * 100);
+        return (v >= 0 ? "+" : "") + v + "%";
+      }
+      var growth = f.kind === "new" ? "new"
+        : pct(f.ratio) + " (" + pct(f.ratio_low) + " … " + (f.ratio_high === null ? "∞" : pct(f.ratio_high)) + ")";
+      [
+        f.function,
+        f.endpoint || "(all)",
+        c.before.version + " → " + c.after.version,
+        (f.share_before * 100).toFixed(2) + "% → " + (f.share_after * 100).toFixed(2) + "%",
+        growth,
+        fmtTime(f.first_seen)
+      ].forEach(function (text, i) {
+        var td = document.createElement("td");
+        td.textContent = text;
+        td.className = i === 0 ? "serve-text serve-fn" : i < 3 ? "serve-text" : "serve-num";
+        if (i === 0) td.title = f.file;
+        tr.append(td);
+      });
+      tr.addEventListener("click", function () {
+        openRegression(body.label, c, f);
+      });
+      tbody.append(tr);
+    });
+  }
+
+  function openRegression(label, c, f) {
+    $("range-preset").value = "custom";
+    setRange(Math.min(c.before.from, c.after.from), Math.max(c.before.until, c.after.until));
+    $("cmp-mode").value = "label";
+    $("cmp-time").hidden = true;
+    $("cmp-label").hidden = false;
+    state.cmpExtra = f.endpoint ? selector("endpoint", f.endpoint).replace(/^{|}$/g, "") : "";
+    showView("compare");
+    var names = $("cmp-label-name");
+    names.value = label;
+    if (names.value !== label) { /* not among the names loaded for the current range */
+      var opt = document.createElement("option");
+      opt.value = opt.textContent = label;
+      names.append(opt);
+      names.value = label;
+    }
+    $("cmp-value-a").value = "";
+    $("cmp-value-b").value = "";
+    return loadCompareValues().then(function () {
+      $("cmp-value-a").value = c.before.version;
+      $("cmp-value-b").value = c.after.version;
+      return runCompare();
+    });
   }
 
   function describeSide(side) {
@@ -787,12 +874,14 @@
       });
     });
     $("cmp-mode").addEventListener("change", function () {
+      state.cmpExtra = "";
       var time = $("cmp-mode").value === "time";
       $("cmp-time").hidden = !time;
       $("cmp-label").hidden = time;
       showView("compare");
     });
     $("cmp-label-name").addEventListener("change", function () {
+      state.cmpExtra = "";
       $("cmp-value-a").value = "";
       $("cmp-value-b").value = "";
       loadCompareValues();

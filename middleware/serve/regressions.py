@@ -1,0 +1,223 @@
+"""Regressions `serve` finds by itself: each code version compared with the one before it.
+
+Agents label every sample with the code version they run (``version``, see
+:mod:`middleware.version`). For each service and profile type, a :class:`RegressionWatcher`
+thread orders the service's versions by their first profile and compares each version (AFTER)
+with the one seen before it (BEFORE), with the detector the CLI's ``regress`` uses
+(:func:`middleware.regression.detect`: each function's share of the total, an interval from the
+sampling statistics, a threshold): over the whole of each version's profiles, and within each
+``endpoint`` the two versions share (the endpoint's own profile: a function's share of that
+endpoint's cost, i.e. its cost per unit of the endpoint's work). A comparison is run again when
+AFTER gained profiles since (a new version is compared at its first profile, and after every
+window that follows), at most every ``interval_s``.
+
+The findings are derived from the stored profiles, kept in memory and served by
+``GET /api/regressions?service=...&type=...``; a restarted `serve` computes them again from its
+store at its first pass (``first_seen`` is then the time of that pass).
+
+Thread: one daemon thread reading the store through the query engine (the store's readers are
+safe to use from any thread); :meth:`RegressionWatcher.snapshot` may be called from any thread
+(one lock guards the results).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from middleware.regression import DEFAULT_CONFIDENCE, DEFAULT_THRESHOLD, Finding, detect
+from middleware.serve.query import Selection, parse_selector
+
+if TYPE_CHECKING:
+    from middleware.serve.query import QueryEngine
+    from middleware.serve.store import Store
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RegressionWatcher", "VERSION_LABEL", "ENDPOINT_LABEL", "DEFAULT_INTERVAL_S"]
+
+VERSION_LABEL = "version"
+ENDPOINT_LABEL = "endpoint"
+DEFAULT_INTERVAL_S = 10.0
+#: Endpoints compared per pair of versions, the busiest first (each is one more merge per side).
+MAX_ENDPOINTS = 20
+
+
+@dataclass
+class _Version:
+    name: str
+    first_ns: int
+    last_ns: int
+    profiles: int
+
+
+@dataclass
+class _Comparison:
+    before: _Version
+    after: _Version
+    profiles_after: int  # AFTER's profile count when computed
+    findings: list[tuple[str | None, Finding]] = field(default_factory=list)  # (endpoint, finding)
+    computed_at: float = 0.0
+    error: str | None = None
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class RegressionWatcher:
+    """Compares consecutive versions of every service in the background (see the module doc)."""
+
+    def __init__(self, store: Store, engine: QueryEngine, interval_s: float = DEFAULT_INTERVAL_S,
+                 threshold: float = DEFAULT_THRESHOLD, confidence: float = DEFAULT_CONFIDENCE) -> None:
+        self.store = store
+        self.engine = engine
+        self.interval_s = interval_s
+        self.threshold = threshold
+        self.confidence = confidence
+        self._lock = threading.Lock()
+        self._results: dict[tuple[str, str], list[_Comparison]] = {}
+        self._first_seen: dict[tuple[Any, ...], float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.passes = 0
+
+    # -- life cycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mw-serve-regressions", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _run(self) -> None:
+        failed = False
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+                failed = False
+            except Exception as exc:  # a pass that fails is retried at the next one, said once
+                if not failed:
+                    log.warning("regression detection failed: %s", exc, exc_info=True)
+                failed = True
+            self._stop.wait(self.interval_s)
+
+    # -- one pass ---------------------------------------------------------------------------------
+    def run_once(self) -> None:
+        """Compares, for every service and profile type, each version with its predecessor where
+        AFTER has new profiles."""
+        for svc in self.store.services():
+            service = svc["name"]
+            for type_id in self.store.profile_types(service):
+                self._service_type(service, type_id)
+        self.passes += 1
+
+    def _versions(self, service: str, type_id: str) -> list[_Version]:
+        stype = self.store.stype_id(service, type_id)
+        if stype is None:
+            return []
+        version_of = {row.id: dict(row.labels).get(VERSION_LABEL) for row in self.store.series(service)}
+        versions: dict[str, _Version] = {}
+        rows = self.store.query(
+            "SELECT series_id, MIN(start_ns), MAX(start_ns), COUNT(DISTINCT profile_id) FROM totals "
+            "WHERE stype = ? GROUP BY series_id", (stype,))
+        for series_id, first, last, count in rows:
+            name = version_of.get(int(series_id))
+            if not name:
+                continue
+            v = versions.get(name)
+            if v is None:
+                versions[name] = _Version(name, int(first), int(last), int(count))
+            else:
+                v.first_ns, v.last_ns = min(v.first_ns, int(first)), max(v.last_ns, int(last))
+                v.profiles += int(count)
+        return sorted(versions.values(), key=lambda v: (v.first_ns, v.name))
+
+    def _selection(self, service: str, type_id: str, v: _Version, endpoint: str | None) -> Selection:
+        text = f"{VERSION_LABEL}={_quote(v.name)}"
+        if endpoint is not None:
+            text += f",{ENDPOINT_LABEL}={_quote(endpoint)}"
+        # the window's start is what is indexed: a profile starting at last_ns is in [first, last + 1)
+        return Selection(service, type_id, v.first_ns, v.last_ns + 1, parse_selector(text))
+
+    def _endpoints(self, service: str, type_id: str, before: _Version, after: _Version) -> list[str]:
+        def values(v: _Version) -> set[str]:
+            sel = self._selection(service, type_id, v, None)
+            out: set[str] = set()
+            for labels in self.engine._series_in_range(service, sel.from_ns, sel.until_ns, type_id):
+                d = dict(labels)
+                if d.get(VERSION_LABEL) == v.name and d.get(ENDPOINT_LABEL):
+                    out.add(d[ENDPOINT_LABEL])
+            return out
+
+        return sorted(values(before) & values(after))[:MAX_ENDPOINTS]
+
+    def _service_type(self, service: str, type_id: str) -> None:
+        versions = self._versions(service, type_id)
+        with self._lock:
+            done = {(c.before.name, c.after.name): c for c in self._results.get((service, type_id), [])}
+        out: list[_Comparison] = []
+        for before, after in itertools.pairwise(versions):
+            old = done.get((before.name, after.name))
+            if old is not None and old.profiles_after == after.profiles and old.error is None:
+                out.append(old)
+                continue
+            out.append(self._compare(service, type_id, before, after))
+        with self._lock:
+            self._results[(service, type_id)] = out
+
+    def _compare(self, service: str, type_id: str, before: _Version, after: _Version) -> _Comparison:
+        c = _Comparison(before, after, after.profiles, computed_at=time.time())
+        scopes: list[str | None] = [None, *self._endpoints(service, type_id, before, after)]
+        for endpoint in scopes:
+            a = self.engine.merge(self._selection(service, type_id, before, endpoint)).profile
+            b = self.engine.merge(self._selection(service, type_id, after, endpoint)).profile
+            if not a.samples or not b.samples:
+                continue
+            try:
+                found = detect(a, b, threshold=self.threshold, confidence=self.confidence)
+            except ValueError as exc:  # no samples of that type on one side
+                c.error = str(exc)
+                continue
+            for f in found:
+                key = (service, type_id, before.name, after.name, endpoint, f.function, f.file, f.metric)
+                self._first_seen.setdefault(key, c.computed_at)
+                c.findings.append((endpoint, f))
+        return c
+
+    # -- results ----------------------------------------------------------------------------------
+    def snapshot(self, service: str, type_id: str) -> dict[str, Any]:
+        """The comparisons of one service and profile type, for the JSON API."""
+        with self._lock:
+            comparisons = list(self._results.get((service, type_id), []))
+        out = []
+        for c in comparisons:
+            findings = []
+            for endpoint, f in c.findings:
+                key = (service, type_id, c.before.name, c.after.name, endpoint, f.function, f.file, f.metric)
+                findings.append({
+                    "kind": f.kind, "metric": f.metric, "function": f.function, "file": f.file,
+                    "endpoint": endpoint, "share_before": f.share_before, "share_after": f.share_after,
+                    "ratio": None if f.ratio == float("inf") else f.ratio,
+                    "ratio_low": f.ratio_low,
+                    "ratio_high": None if f.ratio_high == float("inf") else f.ratio_high,
+                    "samples_before": f.samples_before, "samples_after": f.samples_after,
+                    "first_seen": self._first_seen.get(key, c.computed_at),
+                })
+            out.append({
+                # until: a second past the last profile's start (a range is [from, until) on starts)
+                "before": {"version": c.before.name, "from": c.before.first_ns // 10**9,
+                           "until": c.before.last_ns // 10**9 + 1, "profiles": c.before.profiles},
+                "after": {"version": c.after.name, "from": c.after.first_ns // 10**9,
+                          "until": c.after.last_ns // 10**9 + 1, "profiles": c.profiles_after},
+                "computed_at": c.computed_at, "error": c.error, "findings": findings,
+            })
+        return {"service": service, "type": type_id, "label": VERSION_LABEL, "threshold": self.threshold,
+                "confidence": self.confidence, "passes": self.passes, "comparisons": out}
