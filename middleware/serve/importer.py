@@ -28,6 +28,7 @@ from middleware.serve.ingest import (
     gunzip_capped,
     upload_from_profile,
 )
+from middleware.serve.periodic import Periodic
 from middleware.serve.store import ImportedFile, Store, StoreClosed
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,10 @@ def parse_store_filename(name: str) -> tuple[str, int, int] | None:
     return m.group("service"), int(m.group("pid")), start
 
 
-class Importer:
+class Importer(Periodic):
     """Imports the store files under ``directories`` into ``store`` (see module doc)."""
+
+    thread_name = "mw-serve-import"
 
     def __init__(
         self,
@@ -65,15 +68,13 @@ class Importer:
         interval: float = 10.0,
         settle_seconds: float = 30.0,
     ) -> None:
+        super().__init__(interval)
         self.store = store
         self.directories = [os.path.abspath(d) for d in directories]
         self.limits = limits
-        self.interval = interval
         self.settle_seconds = settle_seconds
         self.imported = 0
         self.failed = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._scan_lock = threading.Lock()
 
     def _candidates(self) -> list[str]:
@@ -140,26 +141,18 @@ class Importer:
         log.debug("imported %s", path)
         return True
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                n = self.scan_once()
-                if n:
-                    log.info("imported %d profile file(s) from the local store", n)
-            except StoreClosed:
-                return
-            except Exception:  # keep importing on the next round whatever happened
-                log.exception("importing the local store failed")
-            self._stop.wait(self.interval)
+    def step(self) -> bool:
+        try:
+            n = self.scan_once()
+            if n:
+                log.info("imported %d profile file(s) from the local store", n)
+        except StoreClosed:
+            return False
+        except Exception:  # keep importing on the next round whatever happened
+            log.exception("importing the local store failed")
+        return True
 
     def start(self) -> None:
         """Scan now (in the background) and then every ``interval`` seconds."""
-        if self._thread is None and self.directories:
-            self._thread = threading.Thread(target=self._loop, name="mw-serve-import", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        if self.directories:
+            super().start()

@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from middleware.regression import DEFAULT_CONFIDENCE, DEFAULT_THRESHOLD, Finding, detect
+from middleware.serve.periodic import Periodic
 from middleware.serve.query import Selection, parse_selector
+from middleware.serve.store import StoreClosed
 
 if TYPE_CHECKING:
     from middleware.serve.query import QueryEngine
@@ -68,46 +70,35 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-class RegressionWatcher:
+class RegressionWatcher(Periodic):
     """Compares consecutive versions of every service in the background (see the module doc)."""
+
+    thread_name = "mw-serve-regressions"
 
     def __init__(self, store: Store, engine: QueryEngine, interval_s: float = DEFAULT_INTERVAL_S,
                  threshold: float = DEFAULT_THRESHOLD, confidence: float = DEFAULT_CONFIDENCE) -> None:
+        super().__init__(interval_s)
         self.store = store
         self.engine = engine
-        self.interval_s = interval_s
         self.threshold = threshold
         self.confidence = confidence
         self._lock = threading.Lock()
         self._results: dict[tuple[str, str], list[_Comparison]] = {}
         self._first_seen: dict[tuple[Any, ...], float] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._failed = False
         self.passes = 0
 
-    # -- life cycle -------------------------------------------------------------------------------
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="mw-serve-regressions", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-
-    def _run(self) -> None:
-        failed = False
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-                failed = False
-            except Exception as exc:  # a pass that fails is retried at the next one, said once
-                if not failed:
-                    log.warning("regression detection failed: %s", exc, exc_info=True)
-                failed = True
-            self._stop.wait(self.interval_s)
+    def step(self) -> bool:
+        try:
+            self.run_once()
+            self._failed = False
+        except StoreClosed:
+            return False
+        except Exception as exc:  # a pass that fails is retried at the next one, said once
+            if not self._failed:
+                log.warning("regression detection failed: %s", exc, exc_info=True)
+            self._failed = True
+        return True
 
     # -- one pass ---------------------------------------------------------------------------------
     def run_once(self) -> None:
