@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import pytest
 from middleware.pprof import load_profiles
 from middleware.profile import Profile
 from middleware.reporters.table import function_table
-from support.processes import children, clean_env, free_port, http_get
+from support.processes import children, clean_env, closed_loop, free_port, http_get
 
 pytestmark = pytest.mark.slow
 
@@ -72,39 +71,23 @@ def _drive_load(port: int, per_endpoint: int, max_seconds: float, clients: int =
     endpoint has answered ``per_endpoint`` requests (or ``max_seconds`` passed: the machine may
     be busy, so the test counts requests rather than trusting a fixed duration)."""
     counts = {"calc1": 0, "calc2": 0}
-    errors: list[str] = []
-    lock = threading.Lock()
+    names = {f"/calculate1/{EFFICIENT_N}": "calc1", f"/calculate2/{BOTTLENECK_N}": "calc2"}
     stop_at = time.monotonic() + max_seconds
+    sent = [0] * clients
 
-    def client(k: int) -> None:
-        i = k
-        while time.monotonic() < stop_at and not errors:
-            with lock:
-                if min(counts.values()) >= per_endpoint:
-                    return
-            name, path = (
-                ("calc2", f"/calculate2/{BOTTLENECK_N}")
-                if i % 2
-                else ("calc1", f"/calculate1/{EFFICIENT_N}")
-            )
-            i += 1
-            try:
-                status, body = http_get(port, path)
-            except OSError as exc:
-                errors.append(f"{path}: {exc!r}")
-                return
-            if status != 200 or "result" not in json.loads(body):
-                errors.append(f"{path}: {status} {body[:200]!r}")
-                return
-            with lock:
-                counts[name] += 1
+    def next_path(k: int) -> str | None:
+        if time.monotonic() >= stop_at or min(counts.values()) >= per_endpoint:
+            return None
+        i = k + sent[k]
+        sent[k] += 1
+        return f"/calculate2/{BOTTLENECK_N}" if i % 2 else f"/calculate1/{EFFICIENT_N}"
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    def on_answer(path: str, body: bytes) -> None:
+        if "result" not in json.loads(body):
+            raise ValueError("no result")
+        counts[names[path]] += 1
+
+    closed_loop(port, next_path, clients, on_answer)
     return counts
 
 

@@ -43,7 +43,7 @@ from typing import Any
 import pytest
 
 from support.hangs import native_stacks, process_tree
-from support.processes import burn, burn_cpu_by_pid, clean_env, free_port, http_get, spin
+from support.processes import burn, burn_cpu_by_pid, clean_env, closed_loop, free_port, spin
 
 pytestmark = pytest.mark.slow
 
@@ -229,38 +229,20 @@ def _drive(run: Run, port: int, clients: int = 3) -> None:
     every = BURN_REQUESTS // LIGHT_REQUESTS + 1
     paths = ["/light" if i % every == every - 1 else "/burn" for i in range(BURN_REQUESTS + LIGHT_REQUESTS)]
     assert paths.count("/burn") == BURN_REQUESTS
-    lock = threading.Lock()
-    errors: list[str] = []
 
-    def client() -> None:
-        while not errors:
-            with lock:
-                if not paths:
-                    return
-                path = paths.pop()
-            try:
-                status, body = http_get(port, path)
-            except OSError as exc:
-                errors.append(f"{path}: {exc!r}")
-                return
-            if status != 200:
-                errors.append(f"{path}: {status} {body[:200]!r}")
-                return
-            answer = json.loads(body)
-            with lock:
-                run.answers.append(answer)
-                pid = str(answer["pid"])
-                if path == "/burn":
-                    run.burn[pid] = run.burn.get(pid, 0) + answer["cpu_ns"]
-                else:
-                    run.light.add(pid)
+    def next_path(k: int) -> str | None:
+        return paths.pop() if paths else None
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
+    def on_answer(path: str, body: bytes) -> None:
+        answer = json.loads(body)
+        run.answers.append(answer)
+        pid = str(answer["pid"])
+        if path == "/burn":
+            run.burn[pid] = run.burn.get(pid, 0) + answer["cpu_ns"]
+        else:
+            run.light.add(pid)
+
+    closed_loop(port, next_path, clients, on_answer, join_timeout=60)
     assert len(run.answers) == BURN_REQUESTS + LIGHT_REQUESTS
 
 

@@ -9,13 +9,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from support.processes import children, clean_env, free_port, http_get
+from support.processes import children, clean_env, closed_loop, free_port, http_get
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "demo_flask"
@@ -43,28 +42,15 @@ def make_calc2_slower(demo: Path, factor: float = 1.5) -> None:
 def _load(port: int, seconds: float) -> None:
     """4 clients for ``seconds``: 3 of 4 requests to /calculate1 (where calc2 runs), 1 to /calculate2."""
     stop_at = time.monotonic() + seconds
-    errors: list[str] = []
+    sent = [0, 0, 0, 0]
 
-    def client(k: int) -> None:
-        i = k
-        while time.monotonic() < stop_at and not errors:
-            path = CALC2_PATH if i % 4 == 3 else CALC1_PATH
-            i += 1
-            try:
-                status, body = http_get(port, path)
-            except OSError as exc:
-                errors.append(f"{path}: {exc!r}")
-                return
-            if status != 200:
-                errors.append(f"{path}: {status} {body[:200]!r}")
+    def next_path(k: int) -> str | None:
+        if time.monotonic() >= stop_at:
+            return None
+        sent[k] += 1
+        return CALC2_PATH if (k + sent[k]) % 4 == 3 else CALC1_PATH
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(f"demo requests failed: {errors}")
+    closed_loop(port, next_path, clients=4)
 
 
 def deploy(demo: Path, version: str, serve_url: str, seconds: float, window_s: float, log: Path) -> None:

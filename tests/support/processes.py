@@ -9,8 +9,9 @@ from __future__ import annotations
 import http.client
 import os
 import socket
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,46 @@ def http_request(
 
 def http_get(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
     return http_request(port, "GET", path, timeout=timeout)
+
+
+def closed_loop(port: int, next_path: Callable[[int], str | None], clients: int,
+                on_answer: Callable[[str, bytes], None] | None = None, join_timeout: float | None = None) -> None:
+    """Closed-loop HTTP load: ``clients`` threads each GET ``next_path(client)`` (called under one
+    lock, so it may keep state) until it returns None; ``on_answer(path, body)`` (also under the
+    lock) sees each 200 answer and may raise to reject it. The first failure (not 200, a
+    connection error, a rejected answer) stops every client and fails the caller with the
+    failures seen."""
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def client(k: int) -> None:
+        while not errors:
+            with lock:
+                path = next_path(k)
+            if path is None:
+                return
+            try:
+                status, body = http_get(port, path)
+            except OSError as exc:
+                errors.append(f"{path}: {exc!r}")
+                return
+            if status != 200:
+                errors.append(f"{path}: {status} {body[:200]!r}")
+                return
+            if on_answer is not None:
+                with lock:
+                    try:
+                        on_answer(path, body)
+                    except Exception as exc:
+                        errors.append(f"{path}: {exc!r}: {body[:200]!r}")
+                        return
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=join_timeout)
+    assert not errors, errors
 
 
 def children(pid: int) -> set[int]:
