@@ -317,8 +317,8 @@ mw_profbuf_t *mw_sampler_new_buffer(void) {
 }
 
 static int alloc_private(void) {
-    if (!g_ts) g_ts = calloc(MW_MAX_THREADS, sizeof *g_ts);
-    if (!g_ts_index) g_ts_index = calloc(TS_SLOTS, sizeof *g_ts_index);
+    if (!g_ts) g_ts = calloc(TS_SLOTS, sizeof *g_ts);
+    if (!g_ts_index) g_ts_index = calloc(TS_INDEX, sizeof *g_ts_index);
     if (!g_threads) g_threads = calloc(MW_MAX_THREADS, sizeof *g_threads);
     if (!g_raw) g_raw = calloc(MW_MAX_DEPTH_CAP, sizeof *g_raw);
     if (!g_raw2) g_raw2 = calloc(MW_MAX_DEPTH_CAP, sizeof *g_raw2);
@@ -379,6 +379,13 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
     g_tick = 0;
     g_last_prune = 0;
     g_nthreads = 0;
+    /* The tick-indexed bookkeeping of an earlier run (or of the parent, in a forked child) must
+     * not carry over: a visit stamp equal to the new run's first tick number made the first
+     * tick skip that thread as "already visited", so it never became hot and the quiet ticks
+     * that followed never read it (a pool worker forked at its parent's first tick lost its
+     * whole CPU). */
+    memset(g_visit_stamp, 0, sizeof g_visit_stamp);
+    g_nhot = g_nwoken = g_woken_overflow = 0;
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);

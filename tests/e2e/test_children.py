@@ -339,3 +339,46 @@ def test_gunicorn_recycled_workers_keep_main_thread_name(preload: bool, tmp_path
 
 if __name__ == "__main__":
     print(json.dumps(_workload(*sys.argv[1:5])))
+
+
+FORK_AT_FIRST_TICK = """
+import json, os, sys, time
+from middleware import MwTracker, _native
+from support.processes import burn
+
+t = MwTracker(service_name="first-tick", sample_rate=500, profile_dir=sys.argv[1], upload_interval=600,
+              instrument=False)
+while _native.stats()["ticks"] < 1:
+    time.sleep(0.0002)
+ticks = _native.stats()["ticks"]
+pid = os.fork()  # at the parent's first tick, as a pool made right after MwTracker() may be
+if pid == 0:
+    t0 = time.thread_time_ns()
+    burn(0.1)
+    cpu = time.thread_time_ns() - t0
+    time.sleep(0.05)
+    print(json.dumps({"pid": os.getpid(), "cpu": cpu, "parent_ticks": ticks}), flush=True)
+    t.stop()
+    os._exit(0)
+os.waitpid(pid, 0)
+t.stop()
+"""
+
+
+def test_a_child_forked_at_its_parents_first_tick_is_sampled(tmp_path: Path) -> None:
+    # The sampler's per-thread visit stamps are tick numbers; a child inherits its parent's, and
+    # its own ticks count from zero again: a stamp equal to the child's first tick made that tick
+    # skip the child's main thread, which then no quiet tick ever read (its CPU came out as 0).
+    from middleware.pprof import find_profile_files, read_pprof_file
+
+    store = tmp_path / "store"
+    env = clean_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", FORK_AT_FIRST_TICK, str(store)], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert child["parent_ticks"] == 1, child  # forked at the parent's first tick indeed
+    profiled = sum(s.values[1] for f in find_profile_files(store) if f.name.split("-")[-2] == str(child["pid"])
+                   for s in read_pprof_file(f).samples if any(fr.function == "burn" for fr in s.stack))
+    assert abs(profiled - child["cpu"]) <= 0.1 * child["cpu"], (profiled, child)
