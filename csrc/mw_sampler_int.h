@@ -88,7 +88,8 @@ typedef struct {
     mw_id_t timed_thread;
 } mw_tstate_t;
 
-#define TS_SLOTS (2 * MW_MAX_THREADS)
+#define TS_SLOTS (2 * MW_MAX_THREADS) /* entries: live threads and the dead ones not pruned yet */
+#define TS_INDEX (2 * TS_SLOTS)       /* index slots (half full at most) */
 
 /* A row of the CPU-window table (mw_sampler_threads.c). */
 #define WIN_SLOTS (2 * MW_MAX_THREADS)
@@ -101,10 +102,10 @@ typedef struct {
 /* mw_sampler.c */
 extern mw_sampler_config_t g_cfg;
 extern mw_sampler_stats_t g_stats;
-/* The threads the sampler has met: g_ts_n entries in a dense array of MW_MAX_THREADS (only the
- * prefix in use is ever touched), found by tid through g_ts_index (TS_SLOTS slots, entry + 1,
- * 0 = free). Pointers into g_ts stay valid until the next mws_ts_prune. Sampler thread only
- * (and start/stop/at-fork, when it is not running). */
+/* The threads the sampler has met: g_ts_n entries in a dense array of TS_SLOTS (only the prefix
+ * in use is ever touched), found by tid through g_ts_index (TS_INDEX slots, entry + 1, 0 = free).
+ * Pointers into g_ts stay valid until the next mws_ts_prune. Sampler thread only (and
+ * start/stop/at-fork, when it is not running). */
 extern mw_tstate_t *g_ts;
 extern uint32_t g_ts_n;
 extern uint32_t *g_ts_index;

@@ -26,8 +26,8 @@ static uint32_t ts_hash(long tid) {
 /* Indexes entry i (its tid is set) in g_ts_index. */
 static void ts_index_put(uint32_t i) {
     uint32_t h = ts_hash(g_ts[i].tid);
-    for (uint32_t k = 0; k < TS_SLOTS; k++) {
-        uint32_t *slot = &g_ts_index[(h + k) & (TS_SLOTS - 1)];
+    for (uint32_t k = 0; k < TS_INDEX; k++) {
+        uint32_t *slot = &g_ts_index[(h + k) & (TS_INDEX - 1)];
         if (*slot == 0) {
             *slot = i + 1;
             return;
@@ -38,10 +38,10 @@ static void ts_index_put(uint32_t i) {
 mw_tstate_t *mws_ts_find(long tid, int *created) {
     uint32_t h = ts_hash(tid);
     *created = 0;
-    for (uint32_t k = 0; k < TS_SLOTS; k++) {
-        uint32_t *slot = &g_ts_index[(h + k) & (TS_SLOTS - 1)];
+    for (uint32_t k = 0; k < TS_INDEX; k++) {
+        uint32_t *slot = &g_ts_index[(h + k) & (TS_INDEX - 1)];
         if (*slot == 0) {
-            if (g_ts_n >= MW_MAX_THREADS) return NULL;
+            if (g_ts_n >= TS_SLOTS) return NULL;
             mw_tstate_t *s = &g_ts[g_ts_n];
             memset(s, 0, sizeof *s);
             s->tid = tid;
@@ -70,11 +70,11 @@ void mws_zero_pages(void *p, size_t len) {
 void mws_ts_clear(void) {
     if (g_ts_n) mws_zero_pages(g_ts, (size_t)g_ts_n * sizeof *g_ts);
     g_ts_n = 0;
-    if (g_ts_index) memset(g_ts_index, 0, TS_SLOTS * sizeof *g_ts_index);
+    if (g_ts_index) memset(g_ts_index, 0, TS_INDEX * sizeof *g_ts_index);
 }
 
 /* Drops entries of threads not seen in the last few ticks: the live ones move down in place
- * (their order kept) and the index is rebuilt. Touches only the entries in use and the 32 KiB
+ * (their order kept) and the index is rebuilt. Touches only the entries in use and the 64 KiB
  * index: no page of the table is handed back and faulted in again at every prune (each such
  * write fault on a page read as zeros flushes the TLB of every CPU running the app). */
 void mws_ts_prune(void) {
@@ -92,7 +92,7 @@ void mws_ts_prune(void) {
     }
     if (live < g_ts_n) memset(&g_ts[live], 0, (size_t)(g_ts_n - live) * sizeof *g_ts);
     g_ts_n = live;
-    memset(g_ts_index, 0, TS_SLOTS * sizeof *g_ts_index);
+    memset(g_ts_index, 0, TS_INDEX * sizeof *g_ts_index);
     for (uint32_t i = 0; i < live; i++)
         ts_index_put(i);
 }
