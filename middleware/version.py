@@ -14,10 +14,11 @@ can be told apart and compared (``python -m middleware regress``, ``--label vers
     ``MW_VCS_COMMIT_SHA``, else ``service.version`` of ``OTEL_RESOURCE_ATTRIBUTES``, else the
     work tree's commit.
 
-The application's work tree is found from the directory of ``__main__``'s file (else the
-current directory) upwards. Git is not run: ``HEAD``, the ref it names (loose or packed) and the
-``config`` file are read, worktrees and submodules (a ``.git`` file) included. A label whose value
-cannot be found is left out; a value that is not a valid label value is left out with a warning.
+The application's work tree is found from the directory of ``__main__``'s file upwards, else from
+the current directory upwards (under gunicorn, uWSGI or Celery the server is ``__main__``). Git is
+not run: ``HEAD``, the ref it names (loose or packed) and the ``config`` file are read, worktrees
+and submodules (a ``.git`` file) included. A label whose value cannot be found is left out; a
+value that is not a valid label value is left out with a warning.
 """
 from __future__ import annotations
 
@@ -140,12 +141,19 @@ def git_state(start: Path) -> tuple[str | None, str | None]:
     return commit, repository_url(url)
 
 
-def _app_dir() -> Path:
+def _app_dirs() -> tuple[str, ...]:
+    """Where the app's work tree may be: ``__main__``'s directory, then the current directory (a
+    server such as gunicorn, uWSGI or Celery is ``__main__``, the app is where it runs)."""
+    dirs = []
     main = sys.modules.get("__main__")
     file = getattr(main, "__file__", None)
     if isinstance(file, str) and file:
-        return Path(os.path.abspath(file)).parent
-    return Path.cwd()
+        dirs.append(os.path.dirname(os.path.abspath(file)))
+    try:
+        dirs.append(os.getcwd())
+    except OSError:  # the current directory was removed
+        pass
+    return tuple(dict.fromkeys(dirs))
 
 
 def version_labels(commit_sha: str | None, repo_url: str | None, otel_version: str | None,
@@ -154,19 +162,22 @@ def version_labels(commit_sha: str | None, repo_url: str | None, otel_version: s
     ``repo_url`` and ``otel_version`` are the resolved settings (None: not set); the work tree is
     read only for what they leave open. Computed once per process and arguments (a forked worker
     restarting its profiler reuses it, a bad value is said once)."""
-    where = str(app_dir if app_dir is not None else _app_dir())
+    where = (str(app_dir),) if app_dir is not None else _app_dirs()
     return list(_version_labels(commit_sha, repo_url, otel_version, where))
 
 
 @functools.lru_cache(maxsize=8)
 def _version_labels(commit_sha: str | None, repo_url: str | None, otel_version: str | None,
-                    app_dir: str) -> tuple[tuple[str, str], ...]:
+                    app_dirs: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     git_commit = git_url = None
     if commit_sha is None or repo_url is None:
-        try:
-            git_commit, git_url = git_state(Path(app_dir))
-        except (OSError, ValueError, RuntimeError):  # never a reason not to profile
-            logger.debug("middleware: reading the git work tree failed", exc_info=True)
+        for d in app_dirs:  # the first work tree found
+            try:
+                git_commit, git_url = git_state(Path(d))
+            except (OSError, ValueError, RuntimeError):  # never a reason not to profile
+                logger.debug("middleware: reading the git work tree of %s failed", d, exc_info=True)
+            if git_commit or git_url:
+                break
     candidates = (
         ("service_git_ref", commit_sha or git_commit),
         ("service_repository", repo_url or git_url),

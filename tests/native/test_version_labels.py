@@ -44,10 +44,10 @@ def _git_app(root: Path) -> str:
                           timeout=30).stdout.strip()
 
 
-def _run(app_dir: Path, store: Path, **env: str) -> None:
+def _run(app_dir: Path, store: Path, cwd: Path | None = None, **env: str) -> None:
     e = {k: v for k, v in os.environ.items() if not k.startswith(("MW_", "OTEL_"))}
     e.update(MW_PROFILE_DIR=str(store), **env)
-    proc = subprocess.run([sys.executable, str(app_dir / "app.py")], cwd=str(app_dir.parent), env=e,
+    proc = subprocess.run([sys.executable, str(app_dir / "app.py")], cwd=str(cwd or app_dir.parent), env=e,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
@@ -76,6 +76,18 @@ def test_the_work_trees_commit_and_origin_label_every_sample(tmp_path):
     other = subprocess.run(cli + ["--label", "version=0000"], capture_output=True, text=True, timeout=60)
     assert mine.returncode == 0 and "versioned_busy_loop" in mine.stdout, mine.stderr
     assert "versioned_busy_loop" not in other.stdout
+
+
+def test_a_server_run_as_main_finds_the_work_tree_from_the_current_directory(tmp_path):
+    # gunicorn, uWSGI or Celery is __main__ (its script lives elsewhere); the app runs in its tree
+    commit = _git_app(tmp_path / "shop")
+    runner = tmp_path / "venv-bin"
+    runner.mkdir()
+    (runner / "app.py").write_text(APP)
+    store = tmp_path / "store"
+    _run(runner, store, cwd=tmp_path / "shop")
+    assert _labels_of_every_sample(store) == {
+        (("service_git_ref", commit), ("service_repository", "https://git.example/shop.git"), ("version", commit))}
 
 
 def test_the_variables_name_the_version_and_reach_the_uploader(tmp_path, backend):
