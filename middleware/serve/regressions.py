@@ -44,7 +44,7 @@ __all__ = ["RegressionWatcher", "VERSION_LABEL", "ENDPOINT_LABEL", "DEFAULT_INTE
 VERSION_LABEL = "version"
 ENDPOINT_LABEL = "endpoint"
 DEFAULT_INTERVAL_S = 10.0
-#: Endpoints compared per pair of versions, the busiest first (each is one more merge per side).
+#: Endpoints compared per pair of versions, by name (each is one more merge per side).
 MAX_ENDPOINTS = 20
 
 
@@ -114,22 +114,19 @@ class RegressionWatcher(Periodic):
         stype = self.store.stype_id(service, type_id)
         if stype is None:
             return []
-        version_of = {row.id: dict(row.labels).get(VERSION_LABEL) for row in self.store.series(service)}
-        versions: dict[str, _Version] = {}
-        rows = self.store.query(
-            "SELECT series_id, MIN(start_ns), MAX(start_ns), COUNT(DISTINCT profile_id) FROM totals "
-            "WHERE stype = ? GROUP BY series_id", (stype,))
-        for series_id, first, last, count in rows:
-            name = version_of.get(int(series_id))
-            if not name:
-                continue
-            v = versions.get(name)
-            if v is None:
-                versions[name] = _Version(name, int(first), int(last), int(count))
-            else:
-                v.first_ns, v.last_ns = min(v.first_ns, int(first)), max(v.last_ns, int(last))
-                v.profiles += int(count)
-        return sorted(versions.values(), key=lambda v: (v.first_ns, v.name))
+        series_of: dict[str, list[int]] = {}
+        for row in self.store.series(service):
+            name = dict(row.labels).get(VERSION_LABEL)
+            if name:
+                series_of.setdefault(name, []).append(row.id)
+        versions = []
+        for name, ids in series_of.items():
+            first, last, count = self.store.query(
+                "SELECT MIN(start_ns), MAX(start_ns), COUNT(DISTINCT profile_id) FROM totals "
+                f"WHERE stype = ? AND series_id IN ({','.join(str(int(i)) for i in ids)})", (stype,))[0]
+            if count:
+                versions.append(_Version(name, int(first), int(last), int(count)))
+        return sorted(versions, key=lambda v: (v.first_ns, v.name))
 
     def _selection(self, service: str, type_id: str, v: _Version, endpoint: str | None) -> Selection:
         text = f"{VERSION_LABEL}={_quote(v.name)}"
@@ -138,17 +135,15 @@ class RegressionWatcher(Periodic):
         # the window's start is what is indexed: a profile starting at last_ns is in [first, last + 1)
         return Selection(service, type_id, v.first_ns, v.last_ns + 1, parse_selector(text))
 
-    def _endpoints(self, service: str, type_id: str, before: _Version, after: _Version) -> list[str]:
-        def values(v: _Version) -> set[str]:
-            sel = self._selection(service, type_id, v, None)
-            out: set[str] = set()
-            for labels in self.engine._series_in_range(service, sel.from_ns, sel.until_ns, type_id):
-                d = dict(labels)
-                if d.get(VERSION_LABEL) == v.name and d.get(ENDPOINT_LABEL):
-                    out.add(d[ENDPOINT_LABEL])
-            return out
-
-        return sorted(values(before) & values(after))[:MAX_ENDPOINTS]
+    def _endpoints(self, service: str, before: _Version, after: _Version) -> list[str]:
+        """The endpoints both versions have series of (one with no data left gives empty merges)."""
+        seen: dict[str, set[str]] = {before.name: set(), after.name: set()}
+        for row in self.store.series(service):
+            labels = dict(row.labels)
+            version, endpoint = labels.get(VERSION_LABEL), labels.get(ENDPOINT_LABEL)
+            if version in seen and endpoint:
+                seen[version].add(endpoint)
+        return sorted(seen[before.name] & seen[after.name])[:MAX_ENDPOINTS]
 
     def _service_type(self, service: str, type_id: str) -> None:
         versions = self._versions(service, type_id)
@@ -166,7 +161,7 @@ class RegressionWatcher(Periodic):
 
     def _compare(self, service: str, type_id: str, before: _Version, after: _Version) -> _Comparison:
         c = _Comparison(before, after, after.profiles, computed_at=time.time())
-        scopes: list[str | None] = [None, *self._endpoints(service, type_id, before, after)]
+        scopes: list[str | None] = [None, *self._endpoints(service, before, after)]
         for endpoint in scopes:
             a = self.engine.merge(self._selection(service, type_id, before, endpoint)).profile
             b = self.engine.merge(self._selection(service, type_id, after, endpoint)).profile

@@ -104,6 +104,8 @@ def test_a_version_that_made_calc2_slower_is_flagged_and_nothing_else(serve: Ser
     assert body["type"].startswith("process_cpu:") and body["label"] == "version"
     by_pair = {(c["before"]["version"], c["after"]["version"]): c for c in body["comparisons"]}
     assert set(by_pair) == {("v1", "v2"), ("v2", "v3")}
+    # each window is one profile, whatever the number of series (endpoints) it holds
+    assert by_pair[("v1", "v2")]["before"]["profiles"] == by_pair[("v1", "v2")]["after"]["profiles"] == 30
     assert _flagged(by_pair[("v1", "v2")]) == {("calc2", None), ("calc2", "/calculate2")}, by_pair[("v1", "v2")]
     assert _flagged(by_pair[("v2", "v3")]) == set()
     f = next(f for f in by_pair[("v1", "v2")]["findings"] if f["endpoint"] is None)
