@@ -180,7 +180,7 @@ def _version_labels(commit_sha: str | None, repo_url: str | None, otel_version: 
                 break
     candidates = (
         ("service_git_ref", commit_sha or git_commit),
-        ("service_repository", repo_url or git_url),
+        ("service_repository", repository_url(repo_url) or git_url),
         ("version", commit_sha or otel_version or git_commit),
     )
     out: list[tuple[str, str]] = []

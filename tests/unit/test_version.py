@@ -97,7 +97,9 @@ def test_the_variables_come_before_the_work_tree(tmp_path):
     # service.version names the version when no commit is given; the work tree still gives the ref
     assert version_labels(None, None, "1.4.2", tmp_path) == [
         ("service_git_ref", SHA1), ("service_repository", "https://git.example/shop.git"), ("version", "1.4.2")]
-    # MW_VCS_COMMIT_SHA / MW_VCS_REPOSITORY_URL beat both
+    # MW_VCS_COMMIT_SHA / MW_VCS_REPOSITORY_URL beat both (a URL given with a token loses it too)
+    assert ("service_repository", "https://git.example/x.git") in version_labels(
+        "abc", "https://ci:tok3n@git.example/x.git", None, tmp_path)
     assert version_labels("abc123", "https://git.example/other", "1.4.2", tmp_path) == [
         ("service_git_ref", "abc123"), ("service_repository", "https://git.example/other"), ("version", "abc123")]
 
