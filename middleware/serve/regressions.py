@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 from middleware.regression import DEFAULT_CONFIDENCE, DEFAULT_THRESHOLD, Finding, detect
 from middleware.serve.periodic import Periodic
-from middleware.serve.query import Selection, parse_selector
+from middleware.serve.query import Matcher, Selection
 from middleware.serve.store import StoreClosed
 
 if TYPE_CHECKING:
     from middleware.serve.query import QueryEngine
-    from middleware.serve.store import Store
+    from middleware.serve.store import SeriesRow, Store
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,20 @@ class _Comparison:
     error: str | None = None
 
 
-def _quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+class _SeriesByVersion:
+    """A service's series grouped by version: their ids, and the endpoints among their labels."""
+
+    def __init__(self, rows: list[SeriesRow]) -> None:
+        self.ids: dict[str, list[int]] = {}
+        self.endpoints: dict[str, set[str]] = {}
+        for row in rows:
+            labels = dict(row.labels)
+            version = labels.get(VERSION_LABEL)
+            if not version:
+                continue
+            self.ids.setdefault(version, []).append(row.id)
+            if labels.get(ENDPOINT_LABEL):
+                self.endpoints.setdefault(version, set()).add(labels[ENDPOINT_LABEL])
 
 
 class RegressionWatcher(Periodic):
@@ -106,21 +118,17 @@ class RegressionWatcher(Periodic):
         AFTER has new profiles."""
         for svc in self.store.services():
             service = svc["name"]
+            series = _SeriesByVersion(self.store.series(service))
             for type_id in self.store.profile_types(service):
-                self._service_type(service, type_id)
+                self._service_type(service, type_id, series)
         self.passes += 1
 
-    def _versions(self, service: str, type_id: str) -> list[_Version]:
+    def _versions(self, service: str, type_id: str, series: _SeriesByVersion) -> list[_Version]:
         stype = self.store.stype_id(service, type_id)
         if stype is None:
             return []
-        series_of: dict[str, list[int]] = {}
-        for row in self.store.series(service):
-            name = dict(row.labels).get(VERSION_LABEL)
-            if name:
-                series_of.setdefault(name, []).append(row.id)
         versions = []
-        for name, ids in series_of.items():
+        for name, ids in series.ids.items():
             first, last, count = self.store.query(
                 "SELECT MIN(start_ns), MAX(start_ns), COUNT(DISTINCT profile_id) FROM totals "
                 f"WHERE stype = ? AND series_id IN ({','.join(str(int(i)) for i in ids)})", (stype,))[0]
@@ -129,24 +137,14 @@ class RegressionWatcher(Periodic):
         return sorted(versions, key=lambda v: (v.first_ns, v.name))
 
     def _selection(self, service: str, type_id: str, v: _Version, endpoint: str | None) -> Selection:
-        text = f"{VERSION_LABEL}={_quote(v.name)}"
+        matchers = [Matcher(VERSION_LABEL, "=", v.name)]
         if endpoint is not None:
-            text += f",{ENDPOINT_LABEL}={_quote(endpoint)}"
+            matchers.append(Matcher(ENDPOINT_LABEL, "=", endpoint))
         # the window's start is what is indexed: a profile starting at last_ns is in [first, last + 1)
-        return Selection(service, type_id, v.first_ns, v.last_ns + 1, parse_selector(text))
+        return Selection(service, type_id, v.first_ns, v.last_ns + 1, tuple(matchers))
 
-    def _endpoints(self, service: str, before: _Version, after: _Version) -> list[str]:
-        """The endpoints both versions have series of (one with no data left gives empty merges)."""
-        seen: dict[str, set[str]] = {before.name: set(), after.name: set()}
-        for row in self.store.series(service):
-            labels = dict(row.labels)
-            version, endpoint = labels.get(VERSION_LABEL), labels.get(ENDPOINT_LABEL)
-            if version in seen and endpoint:
-                seen[version].add(endpoint)
-        return sorted(seen[before.name] & seen[after.name])[:MAX_ENDPOINTS]
-
-    def _service_type(self, service: str, type_id: str) -> None:
-        versions = self._versions(service, type_id)
+    def _service_type(self, service: str, type_id: str, series: _SeriesByVersion) -> None:
+        versions = self._versions(service, type_id, series)
         with self._lock:
             done = {(c.before.name, c.after.name): c for c in self._results.get((service, type_id), [])}
         out: list[_Comparison] = []
@@ -155,13 +153,16 @@ class RegressionWatcher(Periodic):
             if old is not None and old.profiles_after == after.profiles and old.error is None:
                 out.append(old)
                 continue
-            out.append(self._compare(service, type_id, before, after))
+            out.append(self._compare(service, type_id, before, after, series))
         with self._lock:
             self._results[(service, type_id)] = out
 
-    def _compare(self, service: str, type_id: str, before: _Version, after: _Version) -> _Comparison:
+    def _compare(self, service: str, type_id: str, before: _Version, after: _Version,
+                 series: _SeriesByVersion) -> _Comparison:
         c = _Comparison(before, after, after.profiles, computed_at=time.time())
-        scopes: list[str | None] = [None, *self._endpoints(service, before, after)]
+        # the endpoints both versions have series of (one with no data left gives empty merges)
+        shared = series.endpoints.get(before.name, set()) & series.endpoints.get(after.name, set())
+        scopes: list[str | None] = [None, *sorted(shared)[:MAX_ENDPOINTS]]
         for endpoint in scopes:
             a = self.engine.merge(self._selection(service, type_id, before, endpoint)).profile
             b = self.engine.merge(self._selection(service, type_id, after, endpoint)).profile
