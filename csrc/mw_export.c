@@ -8,6 +8,7 @@
 #define _GNU_SOURCE
 #include "mw_export.h"
 
+#include "mw_blockprof.h"
 #include "mw_collect.h"
 #include "mw_pprof.h"
 #include "mw_report.h"
@@ -63,7 +64,8 @@ static mw_pprof_meta_t window_meta(int64_t start, int64_t end) {
                             (long)getpid(),
                             (const char *const *)g_cfg.keys,
                             (const char *const *)g_cfg.vals,
-                            g_cfg.nlabels};
+                            g_cfg.nlabels,
+                            MW_PPROF_CPU};
     return meta;
 }
 
@@ -157,6 +159,62 @@ static void report_store_failure(const char *dir, const mw_store_result_t *res) 
                        dir, step, why, (long)getpid());
 }
 
+/* The lock waits of the window [ts, te] (mw_blockprof), written and submitted like the CPU
+ * profile, as a profile of kind MW_PPROF_BLOCK ("block"). Exporter thread; nothing is done when
+ * lock profiling never started or the window has no wait. */
+static void export_block(int64_t ts, int64_t te) {
+    mw_profbuf_t *b = mw_blockprof_rotate();
+    if (!b) return;
+    uint32_t nstacks = mw_profbuf_nstacks(b);
+    int encode_err = 0, store_err = 0, upload_err = 0, submitted = 0;
+    mw_store_result_t res;
+    memset(&res, 0, sizeof res);
+    uint8_t *gz = NULL;
+    size_t gzlen = 0;
+    if (nstacks > 0) {
+        mw_pprof_meta_t meta = window_meta(ts, te);
+        meta.kind = MW_PPROF_BLOCK;
+        meta.period_ns = 1;
+        if (mw_pprof_encode_gz(b, &meta, &gz, &gzlen, NULL) != 0) {
+            encode_err = 1;
+        } else {
+            if (g_cfg.dir && mw_store_write(g_cfg.dir, g_cfg.service, (long)getpid(), ts / 1000000,
+                                            gz, gzlen, g_cfg.max_bytes, &res) != 0) {
+                store_err = 1;
+                report_store_failure(g_cfg.dir, &res);
+            }
+            if (g_cfg.upload) {
+                int64_t from = ts / 1000000000LL, until = (te + 999999999LL) / 1000000000LL;
+                if (until <= from) until = from + 1;
+                if (mw_upload_submit_registered(gz, gzlen, from, until, "block") == 0)
+                    submitted = 1;
+                else
+                    upload_err = 1;
+            }
+            free(gz);
+        }
+    }
+    mw_blockprof_recycle(b);
+    if (nstacks == 0) return;
+    pthread_mutex_lock(&g_lock);
+    mw_export_stats_t *s = &g_stats;
+    s->block_exports += (uint64_t) !(encode_err || store_err || upload_err);
+    s->block_stacks += nstacks;
+    s->encode_errors += (uint64_t)encode_err;
+    s->store_errors += (uint64_t)store_err;
+    s->upload_errors += (uint64_t)upload_err;
+    s->uploads_submitted += (uint64_t)submitted;
+    if (store_err) s->last_errno = res.err;
+    if (res.bytes_written) {
+        s->bytes_written += res.bytes_written;
+        s->files_written++;
+        s->store_dir_bytes = res.dir_bytes;
+    }
+    s->files_evicted += res.files_evicted;
+    s->bytes_evicted += res.bytes_evicted;
+    pthread_mutex_unlock(&g_lock);
+}
+
 /* One window: rotate, encode, deliver, recycle. Runs on the exporter thread, no lock held
  * except g_hold around rotate and recycle. */
 static void export_once(void) {
@@ -201,7 +259,7 @@ static void export_once(void) {
                 int64_t from = ts / 1000000000LL, until = (te + 999999999LL) / 1000000000LL;
                 if (until <= from) until = from + 1;
                 /* the uploader is middleware._upload, reached through its registered table */
-                if (mw_upload_submit_registered(gz, gzlen, from, until) == 0)
+                if (mw_upload_submit_registered(gz, gzlen, from, until, "process_cpu") == 0)
                     submitted = 1;
                 else
                     upload_err = 1;
@@ -214,6 +272,7 @@ static void export_once(void) {
     mw_collect_recycle(b);
     g_held = NULL;
     pthread_mutex_unlock(&g_hold);
+    export_block(ts, te);
 
     uint64_t cpu = (uint64_t)(thread_cpu_ns() - c0), wall = (uint64_t)(mw_now_monotonic_ns() - w0);
     pthread_mutex_lock(&g_lock);

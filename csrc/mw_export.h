@@ -6,7 +6,9 @@
  *              → mw_store_write() into profile_dir (if set) and/or
  *                mw_upload_submit_registered() (if upload is on; the uploader copies the
  *                bytes and never blocks)
- *              → mw_collect_recycle().
+ *              → mw_collect_recycle()
+ *              → the same for the window's lock waits (mw_blockprof_rotate, a profile of kind
+ *                MW_PPROF_BLOCK submitted as "block"), when lock profiling ever started.
  * A window without any stack is not written nor submitted (counted as empty_windows). Windows
  * are contiguous: each starts where the previous one ended (mw_sampler_swap).
  *
@@ -77,7 +79,9 @@ typedef struct mw_export_stats {
     uint64_t last_raw_bytes; /* protobuf size of the last profile */
     uint64_t last_gz_bytes;  /* gzipped size */
     int64_t last_window_start_ns, last_window_end_ns;
-    int64_t last_errno; /* errno of the last store failure, 0 if none */
+    int64_t last_errno;     /* errno of the last store failure, 0 if none */
+    uint64_t block_exports; /* lock-wait windows written/submitted without error (mw_blockprof) */
+    uint64_t block_stacks;  /* stacks in them */
     uint64_t running;
 } mw_export_stats_t;
 

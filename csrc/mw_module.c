@@ -317,9 +317,9 @@ static const mw_core_api_t g_core_api = {MW_UPLOAD_ABI, mw_report_once, mw_repor
                                          mw_report_reset_after_fork, set_uploader};
 
 int mw_upload_submit_registered(const void *gz_pprof, size_t len, int64_t from_unix_s,
-                                int64_t until_unix_s) {
+                                int64_t until_unix_s, const char *name) {
     const mw_upload_api_t *up = atomic_load(&g_uploader);
-    if (up) return up->submit(gz_pprof, len, from_unix_s, until_unix_s);
+    if (up) return up->submit(gz_pprof, len, from_unix_s, until_unix_s, name);
     mw_report_once(MW_REPORT_UPLOAD_DROPPED,
                    "uploading is on but the uploader (" MW_UPLOAD_MODULE ") was never loaded in "
                    "process %ld; its profiles are not uploaded",
@@ -455,7 +455,7 @@ static struct PyModuleDef g_moddef = {
 
 __attribute__((visibility("default"))) PyMODINIT_FUNC PyInit__native(void) {
     const PyMethodDef *tables[] = {core_methods, upload_methods, mw_export_methods,
-                                   mw_unwind_methods};
+                                   mw_unwind_methods, mw_locks_methods};
     size_t total = 0;
     for (size_t i = 0; i < sizeof tables / sizeof *tables; i++)
         total += count_methods(tables[i]);
@@ -486,7 +486,7 @@ __attribute__((visibility("default"))) PyMODINIT_FUNC PyInit__native(void) {
         Py_DECREF(m);
         return NULL;
     }
-    if (mw_export_module_init(m) != 0) {
+    if (mw_export_module_init(m) != 0 || mw_locks_module_init(m) != 0) {
         Py_DECREF(m);
         return NULL;
     }

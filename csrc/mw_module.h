@@ -27,4 +27,9 @@ int mw_export_module_init(PyObject *m);
 /* csrc/mw_module_unwind.c: unwind_*, thread_init (native frames, per-thread set-up). */
 extern PyMethodDef mw_unwind_methods[];
 
+/* csrc/mw_module_locks.c: locks_* and the ProfiledLock / ProfiledRLock types (block profile). */
+extern PyMethodDef mw_locks_methods[];
+/* Adds the two lock types to the module and registers mw_blockprof's fork handlers (once). */
+int mw_locks_module_init(PyObject *m);
+
 #endif /* MW_MODULE_H */

@@ -156,6 +156,8 @@ static PyObject *py_export_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_i64(d, "last_window_start_ns", s.last_window_start_ns) ||
         mw_dict_put_i64(d, "last_window_end_ns", s.last_window_end_ns) ||
         mw_dict_put_i64(d, "last_errno", s.last_errno) ||
+        mw_dict_put_u64(d, "block_exports", s.block_exports) ||
+        mw_dict_put_u64(d, "block_stacks", s.block_stacks) ||
         mw_dict_put_u64(d, "running", s.running)) {
         Py_DECREF(d);
         return NULL;

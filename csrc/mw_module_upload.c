@@ -4,11 +4,10 @@
  * module); the methods are:
  *   upload_start(**config) -> None       keyword-only, names = mw_upload_config_t fields
  *                                          (RuntimeError with the reason when it cannot start)
- *   upload_submit(data, from_s, until_s) -> bool   False when the uploader is not running
- *   upload_flush(deadline) -> int         profiles still held after waiting (GIL released)
- *   upload_stop(deadline) -> None         GIL released while stopping
- *   upload_running() -> bool
- *   upload_stats() -> dict[str, int]      the mw_upload_stats_t fields
+ *   upload_submit(data, from_s, until_s, name="process_cpu") -> bool   False when the uploader is
+ * not running upload_flush(deadline) -> int         profiles still held after waiting (GIL
+ * released) upload_stop(deadline) -> None         GIL released while stopping upload_running() ->
+ * bool upload_stats() -> dict[str, int]      the mw_upload_stats_t fields
  *   upload_take_message(with_level=False) -> str | (int, str) | None
  *
  * Every function is called with the GIL held; the GIL is released around anything that can
@@ -55,9 +54,11 @@ static PyObject *mw_py_upload_start(PyObject *self, PyObject *args, PyObject *kw
 static PyObject *mw_py_upload_submit(PyObject *self, PyObject *args) {
     Py_buffer buf;
     long long from_s, until_s;
-    if (!PyArg_ParseTuple(args, "y*LL:upload_submit", &buf, &from_s, &until_s)) return NULL;
+    const char *name = "process_cpu";
+    if (!PyArg_ParseTuple(args, "y*LL|s:upload_submit", &buf, &from_s, &until_s, &name))
+        return NULL;
     PyThreadState *ts = PyEval_SaveThread();
-    int rc = mw_upload_submit(buf.buf, (size_t)buf.len, (int64_t)from_s, (int64_t)until_s);
+    int rc = mw_upload_submit(buf.buf, (size_t)buf.len, (int64_t)from_s, (int64_t)until_s, name);
     PyEval_RestoreThread(ts);
     PyBuffer_Release(&buf);
     return PyBool_FromLong(rc == 0);
@@ -111,7 +112,7 @@ static PyMethodDef mw_upload_methods[] = {
      "ca_path)\n"
      "Start the native uploader thread. RuntimeError if it cannot start."},
     {"upload_submit", mw_py_upload_submit, METH_VARARGS,
-     "upload_submit(data: bytes, from_s: int, until_s: int) -> bool\n"
+     "upload_submit(data: bytes, from_s: int, until_s: int, name: str = \"process_cpu\") -> bool\n"
      "Queue one gzipped pprof (copied). False if the uploader is not running."},
     {"upload_flush", mw_py_upload_flush, METH_VARARGS,
      "upload_flush(deadline: float) -> int\nWait up to deadline seconds for the queue to empty; "

@@ -400,7 +400,8 @@ typedef struct {
 
 /* The fixed string-table entries and the labels every sample may share. */
 typedef struct {
-    int64_t samples, count, cpu, ns, wall, thread, pid, unknown, map;
+    int64_t samples, count, cpu, ns, wall, thread, pid, unknown, map, contentions, delay;
+    int kind;              /* meta.kind */
     pb_label_t *pid_label; /* NULL without a pid */
     pb_label_t *statics;   /* the meta's static labels, nstatic of them */
     uint32_t nstatic;
@@ -444,7 +445,7 @@ static int count_pass(enc_t *e, enc_sizes_t *sz) {
 static int alloc_tables(enc_t *e, const enc_sizes_t *sz) {
     uint32_t ns = mw_profbuf_nstacks(e->b), nf = mw_profbuf_nframes(e->b);
     uint32_t nstr = mw_profbuf_nstrings(e->b);
-    if (pool_init(&e->pool, nstr + 16 + 2 * MW_PPROF_MAX_STATIC + 2 * (uint32_t)sz->pairs) != 0)
+    if (pool_init(&e->pool, nstr + 20 + 2 * MW_PPROF_MAX_STATIC + 2 * (uint32_t)sz->pairs) != 0)
         return -1;
     e->strmap = calloc(nstr + 1, sizeof *e->strmap);
     e->labels_cap = 2 + MW_PPROF_MAX_STATIC + sz->nthreads + (uint32_t)sz->pairs;
@@ -482,6 +483,9 @@ static int fixed_labels(enc_t *e, const mw_pprof_meta_t *meta, enc_fixed_t *fx) 
     fx->cpu = pool_add(&e->pool, "cpu");
     fx->ns = pool_add(&e->pool, "nanoseconds");
     fx->wall = pool_add(&e->pool, "wall");
+    fx->kind = meta->kind;
+    fx->contentions = meta->kind == MW_PPROF_BLOCK ? pool_add(&e->pool, "contentions") : 0;
+    fx->delay = meta->kind == MW_PPROF_BLOCK ? pool_add(&e->pool, "delay") : 0;
     fx->thread = pool_add(&e->pool, "thread_name");
     fx->pid = pool_add(&e->pool, "pid");
     fx->unknown = pool_add(&e->pool, "unknown");
@@ -489,8 +493,8 @@ static int fixed_labels(enc_t *e, const mw_pprof_meta_t *meta, enc_fixed_t *fx) 
     snprintf(fx->pid_text, sizeof fx->pid_text, "%ld", meta->pid);
     int64_t pid_value = meta->pid > 0 ? pool_add(&e->pool, fx->pid_text) : 0;
     if (empty != 0 || fx->samples < 0 || fx->count < 0 || fx->cpu < 0 || fx->ns < 0 ||
-        fx->wall < 0 || fx->thread < 0 || fx->pid < 0 || fx->unknown < 0 || fx->map < 0 ||
-        pid_value < 0)
+        fx->wall < 0 || fx->contentions < 0 || fx->delay < 0 || fx->thread < 0 || fx->pid < 0 ||
+        fx->unknown < 0 || fx->map < 0 || pid_value < 0)
         return -1;
     fx->pid_label = meta->pid > 0 ? new_label(e, fx->pid, pid_value) : NULL;
     int64_t reserved[MW_PPROF_MAX_STATIC];
@@ -545,10 +549,16 @@ static int sample_pass(enc_t *e, enc_fixed_t *fx) {
         }
         lo += sm->n_location_id;
         sm->value = &e->values[3ull * i];
-        sm->n_value = 3;
-        sm->value[0] = clamp64(s->v.cpu_samples);
-        sm->value[1] = clamp64(s->v.cpu_ns);
-        sm->value[2] = clamp64(s->v.wall_ns);
+        if (fx->kind == MW_PPROF_BLOCK) {
+            sm->n_value = 2;
+            sm->value[0] = clamp64(s->v.wall_samples);
+            sm->value[1] = clamp64(s->v.wall_ns);
+        } else {
+            sm->n_value = 3;
+            sm->value[0] = clamp64(s->v.cpu_samples);
+            sm->value[1] = clamp64(s->v.cpu_ns);
+            sm->value[2] = clamp64(s->v.wall_ns);
+        }
 
         sm->label = &e->label_ptrs[po];
         pb_label_t *tl = label_of_thread(e, fx, s->thread);
@@ -573,15 +583,19 @@ static int pack_profile(enc_t *e, const enc_fixed_t *fx, const mw_pprof_meta_t *
                         size_t *len) {
     pb_valuetype_t st[3], period_type;
     pb_valuetype_t *st_ptrs[3] = {&st[0], &st[1], &st[2]};
-    const int64_t st_def[3][2] = {{fx->samples, fx->count}, {fx->cpu, fx->ns}, {fx->wall, fx->ns}};
-    for (int i = 0; i < 3; i++) {
+    const int block = fx->kind == MW_PPROF_BLOCK;
+    const int64_t st_def[3][2] = {{block ? fx->contentions : fx->samples, fx->count},
+                                  {block ? fx->delay : fx->cpu, fx->ns},
+                                  {fx->wall, fx->ns}};
+    const size_t ntypes = block ? 2 : 3;
+    for (size_t i = 0; i < ntypes; i++) {
         perftools__profiles__value_type__init(&st[i]);
         st[i].type = st_def[i][0];
         st[i].unit = st_def[i][1];
     }
     perftools__profiles__value_type__init(&period_type);
-    period_type.type = fx->cpu;
-    period_type.unit = fx->ns;
+    period_type.type = block ? fx->contentions : fx->cpu;
+    period_type.unit = block ? fx->count : fx->ns;
 
     /* One pseudo mapping, fully symbolized, so that pprof tools neither look for a binary
      * nor try to symbolize addresses. */
@@ -595,7 +609,7 @@ static int pack_profile(enc_t *e, const enc_fixed_t *fx, const mw_pprof_meta_t *
     perftools__profiles__profile__init(&p);
     p.n_mapping = 1;
     p.mapping = &mapping_ptr;
-    p.n_sample_type = 3;
+    p.n_sample_type = ntypes;
     p.sample_type = st_ptrs;
     p.n_sample = mw_profbuf_nstacks(e->b);
     p.sample = e->sample_ptrs;
@@ -609,7 +623,7 @@ static int pack_profile(enc_t *e, const enc_fixed_t *fx, const mw_pprof_meta_t *
     p.duration_nanos = meta->duration_nanos > 0 ? meta->duration_nanos : 0;
     p.period_type = &period_type;
     p.period = meta->period_ns > 0 ? meta->period_ns : 1000000000LL / 100;
-    p.default_sample_type = fx->cpu;
+    p.default_sample_type = block ? fx->delay : fx->cpu;
 
     size_t size = perftools__profiles__profile__get_packed_size(&p);
     uint8_t *buf = malloc(size ? size : 1);

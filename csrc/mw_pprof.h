@@ -1,9 +1,14 @@
 /* mw_pprof — one mw_profbuf (plus the window's metadata) → pprof protobuf bytes → gzip.
  *
- * What we write (docs/interfaces.md, "pprof we write"):
+ * What we write (docs/interfaces.md, "pprof we write"), by meta.kind:
+ *   MW_PPROF_CPU (the sampler's windows):
  *   sample_type          [samples/count, cpu/nanoseconds, wall/nanoseconds]
  *                        = (cpu_samples, cpu_ns, wall_ns) of each stack
  *   default_sample_type  "cpu";  period_type cpu/nanoseconds;  period = meta.period_ns
+ *   MW_PPROF_BLOCK (lock waits, mw_blockprof):
+ *   sample_type          [contentions/count, delay/nanoseconds] = (wall_samples, wall_ns)
+ *   default_sample_type  "delay";  period_type contentions/count;  period = meta.period_ns
+ *   (the other fields are the same for both kinds)
  *   time_nanos           window start (unix ns);  duration_nanos = window length
  *   string_table[0]      "" (every string is stored once; invalid UTF-8 is repaired with '?')
  *   function             one per (name, file), ids 1..n, start_line = the code's first line
@@ -41,6 +46,10 @@
 /* At most this many static labels per profile (more are ignored). */
 #define MW_PPROF_MAX_STATIC 8
 
+/* Which values of the buffer's stacks a profile carries (mw_pprof_meta_t.kind). */
+#define MW_PPROF_CPU 0
+#define MW_PPROF_BLOCK 1
+
 typedef struct mw_pprof_meta {
     int64_t time_nanos;     /* window start, ns since the Unix epoch */
     int64_t duration_nanos; /* window length in ns (negative values are written as 0) */
@@ -52,6 +61,7 @@ typedef struct mw_pprof_meta {
      * labels_skipped). Borrowed for the duration of the call. */
     const char *const *static_keys, *const *static_vals;
     uint32_t nstatic;
+    int kind; /* MW_PPROF_CPU (0) or MW_PPROF_BLOCK */
 } mw_pprof_meta_t;
 
 typedef struct mw_pprof_info {

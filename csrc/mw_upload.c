@@ -55,7 +55,8 @@ typedef struct {
     unsigned char *data; /* owned copy of the profile */
     size_t len;
     int64_t from_s, until_s;
-    uint64_t seq; /* unique per start, for the retry counter */
+    uint64_t seq;  /* unique per start, for the retry counter */
+    char name[32]; /* the series name (__name__) */
 } item_t;
 
 typedef struct {
@@ -325,7 +326,7 @@ static void *uploader_main(void *arg) {
 
         mw_upload_resp_t r;
         mw_http_outcome_t out =
-            mw_upload_http_send_profile(u, it.data, it.len, it.from_s, it.until_s, &r);
+            mw_upload_http_send_profile(u, it.data, it.len, it.from_s, it.until_s, it.name, &r);
         unsigned char *to_free = NULL;
 
         pthread_mutex_lock(&g.lock);
@@ -545,7 +546,8 @@ static void report_full(const char *url, int cap) {
                 url, cap, cap == 1 ? "" : "s");
 }
 
-int mw_upload_submit(const void *gz_pprof, size_t len, int64_t from_unix_s, int64_t until_unix_s) {
+int mw_upload_submit(const void *gz_pprof, size_t len, int64_t from_unix_s, int64_t until_unix_s,
+                     const char *name) {
     if (!gz_pprof || len == 0) return -1;
     unsigned char *copy = malloc(len);
     if (!copy) return -1;
@@ -593,6 +595,7 @@ int mw_upload_submit(const void *gz_pprof, size_t len, int64_t from_unix_s, int6
     it->len = len;
     it->from_s = from_unix_s;
     it->until_s = until_unix_s;
+    snprintf(it->name, sizeof it->name, "%s", name && *name ? name : "process_cpu");
     it->seq = ++g.next_seq;
     g.count++;
     if ((uint64_t)g.count > g.stats.queue_high) g.stats.queue_high = (uint64_t)g.count;

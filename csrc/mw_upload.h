@@ -16,7 +16,7 @@
  *   uploader thread --libcurl--> POST {server}/ingest?name=...&from=...&until=...
  *                                (or {server}/push.v1.PusherService/Push with use_push_api)
  *   With use_push_api the body is a push.v1.PushRequest (proto/push.proto, Content-Type
- *   application/proto) holding one RawProfileSeries: labels __name__=process_cpu,
+ *   application/proto) holding one RawProfileSeries: labels __name__=<the profile's name>,
  *   service_name=<app_name> and the static tags (except __name__/service_name), and one
  *   RawSample{raw_profile = the submitted bytes, ID = a random UUID}. Headers, auth and status
  *   handling are the same as for /ingest.
@@ -134,15 +134,17 @@ const char *mw_upload_start_error(void);
 int mw_upload_is_running(void);
 
 /*
- * Queues one profile covering [from_unix_s, until_unix_s]. Copies the buffer (the caller keeps
- * ownership of gz_pprof), never waits for anything but the internal mutex, never touches
- * Python. When queue_max profiles are already held, the oldest one that is not on the wire is
- * dropped (dropped_queue_full++); if queue_max == 1 and that single profile is on the wire, the
- * new profile is dropped instead. Returns 0 when queued, -1 when the uploader is not running,
+ * Queues one profile covering [from_unix_s, until_unix_s], of the series `name` (the push API's
+ * __name__: "process_cpu", "block"; NULL or "" = "process_cpu", at most 31 bytes kept). Copies the
+ * buffer (the caller keeps ownership of gz_pprof), never waits for anything but the internal mutex,
+ * never touches Python. When queue_max profiles are already held, the oldest one that is not on the
+ * wire is dropped (dropped_queue_full++); if queue_max == 1 and that single profile is on the wire,
+ * the new profile is dropped instead. Returns 0 when queued, -1 when the uploader is not running,
  * len == 0, or the copy cannot be allocated (the profile is then not counted as submitted).
  * Any thread; typically the exporter thread.
  */
-int mw_upload_submit(const void *gz_pprof, size_t len, int64_t from_unix_s, int64_t until_unix_s);
+int mw_upload_submit(const void *gz_pprof, size_t len, int64_t from_unix_s, int64_t until_unix_s,
+                     const char *name);
 
 /*
  * Waits until every held profile is delivered or dropped, or deadline_s seconds (relative,
@@ -228,13 +230,14 @@ void mw_upload_atfork_child(void);
  * imported), and an import failure there is an ImportError plus one MW_REPORT_UPLOAD_DROPPED
  * line. Before that the others answer as a stopped uploader would, without importing it.
  */
-#define MW_UPLOAD_ABI 1 /* bump on any change to the two tables */
+#define MW_UPLOAD_ABI 2 /* bump on any change to the two tables */
 #define MW_CORE_API_CAPSULE "middleware._native._core_api"
 
 typedef struct mw_upload_api {
     int abi; /* MW_UPLOAD_ABI */
     /* mw_upload_submit: any thread, never touches Python */
-    int (*submit)(const void *gz_pprof, size_t len, int64_t from_unix_s, int64_t until_unix_s);
+    int (*submit)(const void *gz_pprof, size_t len, int64_t from_unix_s, int64_t until_unix_s,
+                  const char *name);
 } mw_upload_api_t;
 
 typedef struct mw_core_api {
@@ -254,7 +257,7 @@ void mw_upload_set_core(const mw_core_api_t *core);
  * contract; -1 and one MW_REPORT_UPLOAD_DROPPED line when middleware._upload is not loaded.
  * Any thread; what the exporter calls. */
 int mw_upload_submit_registered(const void *gz_pprof, size_t len, int64_t from_unix_s,
-                                int64_t until_unix_s);
+                                int64_t until_unix_s, const char *name);
 
 /* Python side, both modules: the mw_upload_stats_t fields as a new dict (NULL with an error
  * set). Visible only to files that include <Python.h> before this header. */

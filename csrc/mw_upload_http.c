@@ -197,7 +197,7 @@ static uint64_t next_rand(mw_uploader_t *u) { /* xorshift64* */
 
 /* Encodes a push.v1.PushRequest around the profile; malloc'd buffer or NULL. */
 static unsigned char *push_body(mw_uploader_t *u, const void *data, size_t data_len,
-                                size_t *out_len) {
+                                const char *name, size_t *out_len) {
     size_t ntags = 0;
     for (const char *p = u->cfg.tags; p && *p; p++)
         ntags += (*p == ',');
@@ -211,7 +211,7 @@ static unsigned char *push_body(mw_uploader_t *u, const void *data, size_t data_
     size_t n = 0;
     push__v1__label_pair__init(&labels[n]);
     labels[n].name = "__name__";
-    labels[n].value = "process_cpu";
+    labels[n].value = (char *)name;
     n++;
     push__v1__label_pair__init(&labels[n]);
     labels[n].name = "service_name";
@@ -265,13 +265,13 @@ out:
 }
 
 mw_http_outcome_t mw_upload_http_send_profile(mw_uploader_t *u, const void *data, size_t len,
-                                              int64_t from_s, int64_t until_s,
+                                              int64_t from_s, int64_t until_s, const char *name,
                                               mw_upload_resp_t *r) {
     const void *body = data;
     unsigned char *owned = NULL;
     char *url;
     if (u->cfg.use_push_api) {
-        body = owned = push_body(u, data, len, &len);
+        body = owned = push_body(u, data, len, name, &len);
         url = mw_upload_http_fmt("%s/push.v1.PusherService/Push", u->base);
     } else {
         url = mw_upload_http_fmt("%s/ingest?name=%s&from=%lld&until=%lld&format=pprof"

@@ -76,11 +76,12 @@ mw_http_outcome_t mw_upload_http_post(mw_uploader_t *u, const char *url, const c
 /* Sends one gzipped pprof covering [from_s, until_s] to u->base: POST /ingest?name=...&from=
  * ...&until=...&format=pprof&sampleRate=...&spyName=... with the profile as the body, or, with
  * use_push_api, POST /push.v1.PusherService/Push with a push.v1.PushRequest around it (labels
- * __name__=process_cpu, service_name=<app_name> and the static tags, one RawSample with a
+ * __name__=<name>, service_name=<app_name> and the static tags, one RawSample with a
  * random UUID). X-Scope-OrgID carries u->tenant, Authorization the bearer token; the API key
  * is never sent. data stays the caller's. Fills *r; returns the outcome. */
 mw_http_outcome_t mw_upload_http_send_profile(mw_uploader_t *u, const void *data, size_t len,
-                                              int64_t from_s, int64_t until_s, mw_upload_resp_t *r);
+                                              int64_t from_s, int64_t until_s, const char *name,
+                                              mw_upload_resp_t *r);
 
 /* The failure of *r in words: libcurl's error (and its detail) or "HTTP <status>". */
 void mw_upload_http_describe(const mw_uploader_t *u, const mw_upload_resp_t *r, char *out,

@@ -379,6 +379,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("native", ("MW_PROFILING_NATIVE",), parse_bool, False, used_by=_P, doc="also capture C frames"),
     Setting("native_show_internal", ("MW_PROFILING_NATIVE_INTERNAL",), parse_bool, False, used_by=_P,
             doc="keep the interpreter's own C frames"),
+    Setting("locks", ("MW_PROFILING_LOCKS",), parse_bool, True, used_by=_P,
+            doc="lock-wait profiles (block:contentions:count, block:delay:nanoseconds)"),
+    Setting("lock_rate", ("MW_PROFILING_LOCK_RATE",), int_in(0, 10**10), 1_000_000, used_by=_P,
+            doc="nanoseconds of waiting per recorded lock wait; shorter waits are sampled (0: all)"),
     Setting("instrument", ("MW_PROFILING_INSTRUMENT",), parse_bool, True, used_by=_P,
             doc="label Flask/WSGI requests with endpoint"),
     Setting("upload", ("MW_PROFILING_UPLOAD",), parse_bool, True, used_by=_P,
@@ -509,6 +513,8 @@ class ProfilerConfig:
     native: bool = _default("native")
     native_show_internal: bool = _default("native_show_internal")
     instrument: bool = _default("instrument")
+    locks: bool = _default("locks")
+    lock_rate: int = _default("lock_rate")
     upload: bool = _default("upload")  # False: never push to a backend, even if one is configured
     tags: dict[str, str] = _default("tags")
     # The code version (middleware.version turns these and the app's git work tree into labels).

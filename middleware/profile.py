@@ -133,7 +133,8 @@ class Profile:
         """Merge this profile with ``others`` into a new profile.
 
         Sample types are the union (in order of first appearance); a profile lacking a type
-        contributes 0 for it. Samples with the same stack and labels are summed. The time window
+        contributes 0 for it. The default sample type (and period) is the first profile's, or
+        ``cpu`` when one of them defaults to it. Samples with the same stack and labels are summed. The time window
         becomes the smallest window covering every non-empty window.
         """
         profiles = [self, *others]
@@ -163,14 +164,17 @@ class Profile:
         comments: list[str] = []
         for p in profiles:
             comments.extend(c for c in p.comments if c not in comments)
+        # A store holds CPU profiles and lock-wait profiles side by side: CPU stays the default
+        # whichever file comes first.
+        lead = next((p for p in profiles if p.default_sample_type == "cpu"), self)
         return Profile(
             sample_types=types,
             samples=[Sample(stack, tuple(v), labels) for (stack, labels), v in acc.items()],
             time_nanos=start,
             duration_nanos=end - start,
-            period_type=self.period_type,
-            period=self.period,
-            default_sample_type=self.default_sample_type,
+            period_type=lead.period_type,
+            period=lead.period,
+            default_sample_type=lead.default_sample_type,
             comments=comments,
         )
 

@@ -86,6 +86,10 @@ class _ProcessProfiler:
             enable_asyncio_hook()
             self._start_upload(n)
             self._start_export(n)
+            if cfg.locks:
+                from middleware import locks
+
+                locks.install(n, cfg.lock_rate)
             if cfg.native:
                 n.unwind_enable(bool(cfg.native_show_internal))
         logger.info(
@@ -163,6 +167,10 @@ class _ProcessProfiler:
         with self.lock:
             if not self.running:
                 return True
+            if self.config.locks:
+                from middleware import locks
+
+                locks.uninstall(n)
             n.stop()
             if self.exporting:
                 ok = bool(n.export_stop(timeout))
@@ -470,6 +478,7 @@ class MwTracker:
         out.update({f"export_{k}" if not k.startswith("export") else k: v for k, v in n.export_stats().items()})
         out.update({f"upload_{k}": v for k, v in n.upload_stats().items()})
         out.update(n.unwind_stats())  # native frames: unwind_* counters
+        out.update(n.locks_stats())  # lock waits: lock_* counters
         children = sys.modules.get("middleware.children")
         if children is not None:  # child processes: handed profiling, final exports
             out.update(children.stats())

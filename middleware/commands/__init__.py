@@ -126,8 +126,9 @@ def add_profile_options(parser: argparse.ArgumentParser, paths: bool = True) -> 
         help="only samples with this label (repeatable; same key: any of the values, different keys: all)",
     )
     parser.add_argument(
-        "--value", metavar="TYPE",
-        help="sample type to show: cpu, wall, samples, ... (default: the profile's default type)",
+        "--value", "--type", dest="value", metavar="TYPE",
+        help="sample type to show: cpu, wall, samples, delay (lock waits), contentions, ... "
+             "(default: the profile's default type)",
     )
 
 

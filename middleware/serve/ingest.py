@@ -27,13 +27,15 @@ is stored as ``otel_scope_name``), values are kept as sent, and what Pyroscope r
 
 Series naming (docs/protocol.md): a sample type containing ``wall`` gives the series ``wall``, one
 starting with ``alloc_``/``inuse_`` gives ``memory``, one containing ``cpu`` gives
-``process_cpu``; any other sample type (e.g. ``samples/count``) takes the name of the profile's
-period type (``cpu`` period -> ``process_cpu``). The profile type id is
-``name:type:unit:period_type:period_unit`` where the period is the profile's own, except for a
+``process_cpu``, ``contentions`` and ``delay`` give ``block``; any other sample type (e.g.
+``samples/count``) takes the name of the profile's period type (``cpu`` period -> ``process_cpu``).
+The profile type id is ``name:type:unit:period_type:period_unit`` where the period is the profile's own, except for a
 sample type whose series differs from the period's series (a ``wall`` value in a profile whose
 period type is ``cpu``): that one uses itself as period type. This yields exactly
 ``process_cpu:cpu:nanoseconds:cpu:nanoseconds``, ``process_cpu:samples:count:cpu:nanoseconds``
-and ``wall:wall:nanoseconds:wall:nanoseconds`` for the profiles the agent writes.
+and ``wall:wall:nanoseconds:wall:nanoseconds`` for the agent's CPU profiles, and
+``block:contentions:count:contentions:count`` and ``block:delay:nanoseconds:contentions:count``
+for its lock-wait profiles (Pyroscope's names for Go's block profile).
 """
 
 from __future__ import annotations
@@ -450,6 +452,8 @@ def _series_of(sample_type: str) -> str | None:
         return "memory"
     if "cpu" in lowered:
         return "process_cpu"
+    if lowered in ("contentions", "delay"):
+        return "block"
     return None
 
 

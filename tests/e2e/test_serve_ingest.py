@@ -636,3 +636,29 @@ def test_agent_uploads_equal_its_local_store(serve: Client, tmp_path: Path) -> N
     assert Importer(serve.app.store, [str(store_dir)]).scan_once() == len(files)  # recorded as imported...
     assert serve.app.store.profile_count() == len(files)  # ...but stored once
     assert serve.get("/api/profile", service="agent-e2e", type=CPU, **window)["total"] == cpu_before
+
+
+def test_lock_wait_profiles_reach_serve_as_block_types(serve: Client, tmp_path: Path) -> None:
+    # GIVEN an app whose threads wait for two contended locks, uploading to serve and storing locally
+    store_dir = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MW_", "OTEL_"))}
+    env.update(MW_PROFILING_SERVER_URL=serve.app.url)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "targets" / "lock_workloads.py"), "contention",
+                           str(store_dir), "2"], capture_output=True, text=True, timeout=90, cwd=str(ROOT), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    truth = json.loads(proc.stdout)
+    block = [p for p in (parse_pprof(f.read_bytes()) for f in sorted(store_dir.glob("locks-*.pb.gz")))
+             if p.sample_types[0][0] == "contentions"]
+    assert block
+    # THEN serve lists the two block types under Pyroscope's ids, with the delay the agent stored
+    types = serve.get("/api/profile_types", service="locks")["types"]
+    delay, contentions = "block:delay:nanoseconds:contentions:count", "block:contentions:count:contentions:count"
+    assert {delay, contentions} <= {t if isinstance(t, str) else t["id"] for t in types}, types
+    info = {s["name"]: s for s in serve.get("/api/services")["services"]}["locks"]
+    window = {"from": math.floor(info["first"]), "until": math.ceil(info["last"]) + 1}
+    assert serve.get("/api/profile", service="locks", type=delay, **window)["total"] == sum(
+        p.total("delay") for p in block)
+    # AND the lock label says which lock was waited for
+    sites = serve.get("/api/label_values", service="locks", name="lock")["values"]
+    assert f"{truth['file']}:{truth['sites']['a']}" in sites, sites
+

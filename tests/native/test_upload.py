@@ -252,6 +252,23 @@ def test_tracker_exporter_and_uploader_end_to_end(backend, tmp_path):
     assert windows[0][0] >= int(time.time()) - 120
 
 
+def test_push_api_names_each_series_after_its_profile(backend):
+    from middleware._proto import push_pb2
+
+    # GIVEN the push API and one CPU and one lock-wait (block) profile submitted
+    start(backend.url, use_push_api=True, tenant_id="acme")
+    native.upload_submit(payload(1), 10, 20)
+    native.upload_submit(payload(2), 10, 20, "block")
+    assert native.upload_flush(5.0) == 0
+    native.upload_stop(1.0)
+    # THEN their series carry __name__ process_cpu and block, Pyroscope's names of the two families
+    names = []
+    for req in backend.ingests():
+        msg = push_pb2.PushRequest.FromString(req.body)
+        names += [lp.value for series in msg.series for lp in series.labels if lp.name == "__name__"]
+    assert names == ["process_cpu", "block"]
+
+
 # ---------------------------------------------------------------- key -> tenant exchange
 
 

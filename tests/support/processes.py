@@ -128,6 +128,8 @@ def burn_cpu_by_pid(profiles: Iterable[Any]) -> tuple[dict[str, int], set[str]]:
     out: dict[str, int] = {}
     names: set[str] = set()
     for p in profiles:
+        if "cpu" not in (t for t, _ in p.sample_types):
+            continue  # a lock-wait profile of the same window
         ci = p.value_index("cpu")
         for s in p.samples:
             if any(f.function == "burn" for f in s.stack):

@@ -64,6 +64,8 @@ CASES: dict[str, Case] = {
     "MW_PROFILING_NATIVE": Case("true", {"native": True}, {}, "sometimes"),
     "MW_PROFILING_NATIVE_INTERNAL": Case("yes", {"native_show_internal": True}, {}, "2"),
     "MW_PROFILING_INSTRUMENT": Case("off", {"instrument": False}, {}, "maybe"),
+    "MW_PROFILING_LOCKS": Case("false", {"locks": False}, {}, "sometimes"),
+    "MW_PROFILING_LOCK_RATE": Case("250000", {"lock_rate": 250000}, {}, "-1"),
     "MW_PROFILING_UPLOAD": Case("no", {"upload": False}, {}, "never"),
     "MW_CUSTOM_RESOURCE_ATTRIBUTES": Case("env=prod, team=core", {"tags": {"env": "prod", "team": "core"}},
                                           {"tags": "env=prod,team=core"}, "bad-name=1"),

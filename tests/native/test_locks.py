@@ -1,0 +1,388 @@
+"""Lock-wait (block) profiles: the waits recorded against the waits measured, and profiled locks
+that behave as threading's own.
+
+The truth workloads (tests/targets/lock_workloads.py) run in child processes with the profiler
+on; the behaviour tests run here with the profiled types installed in this process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from middleware import _native, locks
+from middleware.pprof import find_profile_files, load_profiles, read_pprof_file
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKLOADS = ROOT / "tests" / "targets" / "lock_workloads.py"
+
+
+def run_workload(name: str, store: Path, seconds: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, str(WORKLOADS), name, str(store), str(seconds)],
+                          capture_output=True, text=True, timeout=seconds * 6 + 60, cwd=str(ROOT),
+                          env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, f"lock workload {name} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout)
+
+
+def delay_by_site(store: Path) -> tuple[dict[tuple[str, str], int], int]:
+    """Recorded delay by (leaf function, lock label), and the total."""
+    profile = load_profiles(store)
+    i = profile.value_index("delay")
+    out: dict[tuple[str, str], int] = defaultdict(int)
+    for s in profile.samples:
+        if s.values[i]:
+            out[(s.stack[-1].function if s.stack else "", s.label("lock") or "")] += s.values[i]
+    return out, sum(out.values())
+
+
+@pytest.mark.sampler
+def test_lock_waits_are_charged_to_their_acquire_sites_in_the_measured_ratio(tmp_path: Path) -> None:
+    truth = run_workload("contention", tmp_path, 4.0)
+    site = {k: f"{truth['file']}:{line}" for k, line in truth["sites"].items()}
+    got, total = delay_by_site(tmp_path)
+    waited_a, waited_b = truth["waited_ns"]["a"], truth["waited_ns"]["b"]
+    # Every wait of at least 1 ms (the default rate) is recorded as it is, the shorter ones are
+    # sampled without bias: the total is the measured total within 10%.
+    assert total == pytest.approx(waited_a + waited_b, rel=0.10), (got, truth)
+    right = got[("wait_on_a", site["a"])] + got[("wait_on_b", site["b"])]
+    assert right >= 0.90 * total, (got, site)
+    share_a = got[("wait_on_a", site["a"])] / right
+    assert share_a == pytest.approx(waited_a / (waited_a + waited_b), abs=0.10), (got, truth)
+    assert not any(lock == site["u"] for _, lock in got), got  # the uncontended lock waited for nothing
+    # one lock-wait profile per window, with Pyroscope's block sample types, beside the CPU ones
+    kinds = {tuple(read_pprof_file(f).sample_types[0]) for f in find_profile_files(tmp_path)}
+    assert kinds == {("samples", "count"), ("contentions", "count")}, kinds
+    block = [read_pprof_file(f) for f in find_profile_files(tmp_path)]
+    block = [p for p in block if p.sample_types[0][0] == "contentions"]
+    assert all(p.sample_types == [("contentions", "count"), ("delay", "nanoseconds")] for p in block)
+    assert all(p.default_sample_type == "delay" for p in block)
+    names = {s.label("thread_name") for p in block for s in p.samples}
+    assert {"a0", "a1", "a2", "b0", "b1", "b2"} <= names, names
+
+
+@pytest.mark.sampler
+def test_short_waits_sampled_by_delay_keep_the_total(tmp_path: Path) -> None:
+    # At a rate of 20 ms nearly every wait here (1-6 ms) is a draw with probability delay/rate:
+    # few are recorded, each standing for rate/delay waits; the estimate stays unbiased (about
+    # 300 draws kept: 6% standard error, the band is 4 of them).
+    truth = run_workload("contention", tmp_path, 4.0, env={"MW_PROFILING_LOCK_RATE": "20000000"})
+    st = truth["stats"]
+    assert st["lock_waits_sampled_out"] > 0.5 * st["lock_waits"], st
+    _, total = delay_by_site(tmp_path)
+    assert total == pytest.approx(truth["waited_ns"]["a"] + truth["waited_ns"]["b"], rel=0.25), (total, truth)
+
+
+@pytest.mark.slow
+@pytest.mark.sampler
+def test_thirty_two_threads_contending_do_not_crash_nor_grow(tmp_path: Path) -> None:
+    # 10 s here and in make matrix; MW_LOCK_STRESS_SECONDS=60 for the long run
+    seconds = float(os.environ.get("MW_LOCK_STRESS_SECONDS", "10"))
+    r = run_workload("stress", tmp_path, seconds)
+    st = r["stats"]
+    assert r["ops"] > 1000 * seconds, r
+    assert st["lock_waits"] > 0 and st["lock_waits_recorded"] > 0, st
+    assert st["lock_waits_dropped"] <= 0.01 * st["lock_waits_recorded"], st
+    assert st["export_block_exports"] > 0, st
+    if "ASAN_OPTIONS" not in os.environ:  # AddressSanitizer's shadow memory and quarantine: no bound
+        assert r["max_rss_kib"] < 200 * 1024, r  # bounded buffers: no growth with the run's length
+
+
+# --------------------------------------------------------------------- behaviour, in this process
+
+
+@contextmanager
+def restored() -> Iterator[None]:
+    """Puts back whatever an in-process tracker of an earlier test left (installed, and its rate)."""
+    was, rate = locks.installed(), _native.locks_stats()["lock_rate_ns"]
+    try:
+        yield
+    finally:
+        if was:
+            locks.install(_native, rate)
+        else:
+            locks.uninstall(_native)
+
+
+@pytest.fixture
+def profiled() -> Iterator[None]:
+    with restored():
+        locks.install(_native, 0)
+        yield
+
+
+pytestmark = pytest.mark.asan
+
+
+def test_install_swaps_threadings_lock_types_and_uninstall_restores_them() -> None:
+    import _thread
+
+    with restored():
+        locks.install(_native, 0)
+        assert isinstance(threading.Lock(), _native.ProfiledLock)
+        assert isinstance(threading.RLock(), _native.ProfiledRLock)
+        assert isinstance(threading.Condition()._lock, _native.ProfiledRLock)  # type: ignore[attr-defined]
+        kept = threading.Lock()
+        locks.uninstall(_native)
+        assert type(threading.Lock()) is type(_thread.allocate_lock())
+        assert type(threading.RLock()) is _thread.RLock
+        assert not _native.locks_stats()["lock_profiling"]
+        with kept:  # a profiled lock made before stays usable
+            assert kept.locked()
+
+
+def test_profiled_lock_keeps_the_lock_contract(profiled: None) -> None:
+    lock = threading.Lock()
+    assert not lock.locked() and "unlocked" in repr(lock)
+    assert lock.acquire() and lock.locked() and "locked" in repr(lock)
+    assert lock.acquire(False) is False and lock.acquire(blocking=False) is False
+    t0 = time.perf_counter()
+    assert lock.acquire(timeout=0.05) is False
+    assert time.perf_counter() - t0 >= 0.045
+    lock.release()
+    with pytest.raises(RuntimeError):
+        lock.release()
+    with lock:
+        assert lock.locked()
+    assert not lock.locked()
+    assert lock.acquire_lock() and lock.locked_lock()  # type: ignore[attr-defined]
+    lock.release_lock()  # type: ignore[attr-defined]
+    with pytest.raises(ValueError):
+        lock.acquire(False, 1)
+    with pytest.raises(ValueError):
+        lock.acquire(timeout=-2)
+    with pytest.raises(OverflowError):
+        lock.acquire(timeout=1e300)
+    with pytest.raises(TypeError):
+        lock.acquire(True, 1, 2)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        lock.acquire(bogus=1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        pickle.dumps(lock)
+    with pytest.raises(TypeError):
+        _native.ProfiledLock(1)  # type: ignore[call-arg]
+    assert weakref.ref(lock)() is lock
+
+
+def test_profiled_rlock_keeps_the_rlock_contract(profiled: None) -> None:
+    rlock = threading.RLock()
+    with rlock, rlock:
+        assert rlock._is_owned() and rlock._recursion_count() == 2  # type: ignore[attr-defined]
+    assert not rlock._is_owned() and rlock._recursion_count() == 0  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError):
+        rlock.release()
+    rlock.acquire()
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            assert rlock.acquire(timeout=0.02) is False
+            rlock.release()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            errors.append(exc)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError), errors  # not the owner
+    state = rlock._release_save()  # type: ignore[attr-defined]
+    assert not rlock._is_owned()  # type: ignore[attr-defined]
+    rlock._acquire_restore(state)  # type: ignore[attr-defined]
+    assert rlock._is_owned()  # type: ignore[attr-defined]
+    rlock.release()
+    with pytest.raises(TypeError):
+        pickle.dumps(rlock)
+
+
+def test_conditions_semaphores_events_barriers_and_queues_work_on_profiled_locks(profiled: None) -> None:
+    cond = threading.Condition()  # a profiled RLock inside
+    items: list[int] = []
+
+    def producer() -> None:
+        for i in range(50):
+            with cond:
+                items.append(i)
+                cond.notify()
+
+    t = threading.Thread(target=producer)
+    with cond:
+        t.start()
+        got = cond.wait_for(lambda: len(items) == 50, timeout=10)
+    t.join()
+    assert got
+    plain = threading.Condition(threading.Lock())
+    with plain:
+        assert plain.wait(0.01) is False
+
+    sem = threading.BoundedSemaphore(2)
+    assert sem.acquire() and sem.acquire() and not sem.acquire(timeout=0.01)
+    sem.release()
+    sem.release()
+    with pytest.raises(ValueError):
+        sem.release()
+
+    ev = threading.Event()
+    threading.Timer(0.02, ev.set).start()
+    assert ev.wait(5)
+
+    barrier = threading.Barrier(3)
+    ts = [threading.Thread(target=barrier.wait) for _ in range(2)]
+    for x in ts:
+        x.start()
+    barrier.wait(5)
+    for x in ts:
+        x.join()
+
+    q: queue.Queue[int] = queue.Queue(maxsize=1)
+    q.put(1)
+    with pytest.raises(queue.Full):
+        q.put(2, timeout=0.01)
+    assert q.get() == 1
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.01)
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sum(pool.map(lambda x: x * x, range(100))) == 328350
+
+
+def test_a_signal_handler_that_raises_interrupts_a_wait_as_with_the_stock_lock(profiled: None) -> None:
+    lock = threading.Lock()
+    lock.acquire()
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        t0 = time.perf_counter()
+        with pytest.raises(Interrupted):
+            lock.acquire(timeout=5)
+        assert time.perf_counter() - t0 < 4
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert lock.locked()
+    lock.release()
+
+
+def test_each_wait_is_counted_once_with_its_delay_and_an_uncontended_acquire_not_at_all(profiled: None) -> None:
+    import _thread
+
+    lock = threading.Lock()
+    before = _native.locks_stats()
+    for _ in range(1000):
+        with lock:
+            pass
+    assert _native.locks_stats()["lock_waits"] == before["lock_waits"]
+    lock.acquire()
+
+    def release_later() -> None:  # a raw thread: no threading primitive that would wait too
+        time.sleep(0.03)
+        lock.release()
+
+    _thread.start_new_thread(release_later, ())
+    with lock:
+        pass
+    after = _native.locks_stats()
+    assert after["lock_waits"] == before["lock_waits"] + 1, (before, after)
+    assert after["lock_waits_recorded"] == before["lock_waits_recorded"] + 1  # rate 0: all
+    assert after["lock_wait_ns"] - before["lock_wait_ns"] >= 20_000_000
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_fork_while_another_thread_holds_a_profiled_lock(profiled: None) -> None:
+    lock, rlock = threading.Lock(), threading.RLock()
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with lock, rlock:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert held.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: the holder does not exist here; reinitialised locks work again
+        code = 1
+        try:
+            lock._at_fork_reinit()  # type: ignore[attr-defined]
+            rlock._at_fork_reinit()  # type: ignore[attr-defined]
+            with lock, rlock:
+                code = 0 if lock.locked() and rlock._is_owned() else 2  # type: ignore[attr-defined]
+        finally:
+            os._exit(code)
+    release.set()
+    t.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_asyncio_lock_and_semaphore_waits_are_recorded_and_their_behaviour_kept(profiled: None) -> None:
+    import asyncio
+
+    async def main() -> tuple[list[str], bool]:
+        lock = asyncio.Lock()
+        sem = asyncio.BoundedSemaphore(1)
+        cond = asyncio.Condition()
+        order: list[str] = []
+
+        async def holder() -> None:
+            async with lock, sem:
+                order.append("held")
+                await asyncio.sleep(0.05)
+
+        async def waiter() -> None:
+            async with lock:
+                order.append("lock")
+            async with sem:
+                order.append("sem")
+
+        async def cancelled() -> None:
+            await lock.acquire()
+
+        async def wait_notified() -> None:
+            async with cond:
+                await cond.wait()
+
+        await asyncio.gather(holder(), waiter())
+        notified = asyncio.ensure_future(wait_notified())
+        await asyncio.sleep(0.01)
+        async with cond:
+            cond.notify()
+        await notified
+        async with lock:
+            t = asyncio.ensure_future(cancelled())
+            await asyncio.sleep(0.01)
+            t.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await t
+        return order, lock.locked() or sem.locked()
+
+    before = _native.locks_stats()
+    order, still_locked = asyncio.run(main())
+    after = _native.locks_stats()
+    assert order == ["held", "lock", "sem"] and not still_locked
+    # the waiter's lock wait (~50 ms), the cancelled acquire's (~10 ms); the semaphore was free by then
+    assert after["lock_waits"] - before["lock_waits"] >= 2, (before, after)
+    assert after["lock_wait_ns"] - before["lock_wait_ns"] >= 50_000_000
