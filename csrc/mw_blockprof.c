@@ -90,7 +90,7 @@ int mw_blockprof_sample(uint64_t delay_ns, uint64_t *contentions, uint64_t *dela
     return 1;
 }
 
-int mw_blockprof_add(const mw_strframe_t *frames, uint32_t depth, const char *thread,
+int mw_blockprof_add(mw_strframe_t *const *frames, uint32_t depth, const char *thread,
                      uint32_t labelset, uint64_t contentions, uint64_t delay_ns) {
     mw_id_t ids[MW_BLOCKPROF_MAX_DEPTH];
     if (depth > MW_BLOCKPROF_MAX_DEPTH) depth = MW_BLOCKPROF_MAX_DEPTH;
@@ -99,13 +99,18 @@ int mw_blockprof_add(const mw_strframe_t *frames, uint32_t depth, const char *th
     mw_profbuf_t *b = g_active;
     if (b && mw_blockprof_enabled()) {
         uint32_t n = 0;
+        uint64_t gen = mw_profbuf_generation(b);
         for (uint32_t i = 0; i < depth; i++) {
-            mw_frame_t f = {mw_profbuf_intern_str(b, frames[i].name, frames[i].name_len),
-                            mw_profbuf_intern_str(b, frames[i].file, frames[i].file_len),
-                            frames[i].line, frames[i].first_line};
-            mw_id_t id = f.name && f.file ? mw_profbuf_intern_frame(b, &f) : 0;
-            if (!id) break;
-            ids[n++] = id;
+            mw_strframe_t *sf = frames[i];
+            if (sf->gen != gen || !sf->id) {
+                mw_frame_t f = {mw_profbuf_intern_str(b, sf->name, sf->name_len),
+                                mw_profbuf_intern_str(b, sf->file, sf->file_len), sf->line,
+                                sf->first_line};
+                sf->id = f.name && f.file ? mw_profbuf_intern_frame(b, &f) : 0;
+                sf->gen = gen;
+            }
+            if (!sf->id) break;
+            ids[n++] = sf->id;
         }
         mw_id_t tid = mw_profbuf_intern_str(b, thread ? thread : "", thread ? strlen(thread) : 0);
         mw_values_t v = {0};
@@ -116,6 +121,10 @@ int mw_blockprof_add(const mw_strframe_t *frames, uint32_t depth, const char *th
     pthread_mutex_unlock(&g_mu);
     atomic_fetch_add_explicit(rc == 0 ? &g_recorded : &g_dropped, 1, memory_order_relaxed);
     return rc;
+}
+
+void mw_blockprof_count_dropped(void) {
+    atomic_fetch_add_explicit(&g_dropped, 1, memory_order_relaxed);
 }
 
 mw_profbuf_t *mw_blockprof_rotate(void) {

@@ -35,11 +35,15 @@
 
 #define MW_BLOCKPROF_MAX_DEPTH 256 /* frames kept per stack (the leaf side) */
 
-/* A frame as the recording thread resolved it (strings borrowed for the call). */
+/* A frame as the recording thread resolved it (strings borrowed for the call). gen/id: the
+ * caller's cache of the frame's id in the buffer of generation gen (0/0: none), read and updated
+ * by mw_blockprof_add under its lock; callers serialize their calls (the GIL). */
 typedef struct mw_strframe {
     const char *name, *file;
     size_t name_len, file_len;
     int32_t line, first_line;
+    uint64_t gen;
+    mw_id_t id;
 } mw_strframe_t;
 
 /* Starts recording waits with sampling rate rate_ns (allocates the buffers the first time).
@@ -54,11 +58,15 @@ int mw_blockprof_enabled(void);
  * out or recording is off. Counts the wait either way. Any thread. */
 int mw_blockprof_sample(uint64_t delay_ns, uint64_t *contentions, uint64_t *delay_out);
 
-/* Adds one wait: frames leaf first (depth <= MW_BLOCKPROF_MAX_DEPTH), the waiting thread's
+/* Adds one wait: frames leaf first (depth <= MW_BLOCKPROF_MAX_DEPTH; each frame's gen/id
+ * updated), the waiting thread's
  * name, its label set (mw_labels id, 0 = none) and the values from mw_blockprof_sample.
  * Returns 0, or -1 when the buffer is full or recording is off (counted). */
-int mw_blockprof_add(const mw_strframe_t *frames, uint32_t depth, const char *thread,
+int mw_blockprof_add(mw_strframe_t *const *frames, uint32_t depth, const char *thread,
                      uint32_t labelset, uint64_t contentions, uint64_t delay_ns);
+
+/* Counts a wait kept by the sampling but not added (its recorder could not read the stack). */
+void mw_blockprof_count_dropped(void);
 
 /* Exporter: takes the active buffer (the spare becomes active). NULL when recording never
  * started or the spare is out. The caller gives it back with mw_blockprof_recycle(). */

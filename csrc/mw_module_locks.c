@@ -109,12 +109,75 @@ static PyObject *creation_site(int *line) {
     return first;
 }
 
+/* Resolved frames by (code object, instruction): a frame seen before costs one probe instead of
+ * a line-table decode and two string interns. An entry holds a reference to its code object, so
+ * the address it is keyed by cannot be reused while the entry lives; its strings are the code
+ * object's. The profile-buffer id is cached per buffer generation (mw_strframe_t.gen/id, updated
+ * by mw_blockprof_add under its lock). GIL held for every access. */
+#define FCACHE_SLOTS 4096
+typedef struct {
+    PyCodeObject *code; /* strong reference, NULL = empty */
+    int lasti;
+    uint64_t walk; /* the last walk that used the entry (g_walk) */
+    mw_strframe_t f;
+} fcache_t;
+static fcache_t g_fcache[FCACHE_SLOTS];
+static uint64_t g_walk;
+
+static int frame_lasti(PyFrameObject *f) {
+#if PY_VERSION_HEX >= 0x030B0000
+    return PyFrame_GetLasti(f);
+#else
+    return f->f_lasti;
+#endif
+}
+
+/* The resolved frame f (code co: a new reference, which the cache entry takes over or which
+ * goes to *held). The cached entry when the slot is free for this walk; otherwise (the slot
+ * serves another frame of the same stack) the frame is resolved into *spill. NULL when the
+ * names cannot be read. *held gets a code object to release once the stack is added
+ * (releasing one can run arbitrary code: weak reference callbacks). */
+static mw_strframe_t *resolve_frame(PyFrameObject *f, PyCodeObject *co, mw_strframe_t *spill,
+                                    PyCodeObject **held) {
+    int lasti = frame_lasti(f);
+    uintptr_t h = ((uintptr_t)co >> 4) * 0x9E3779B97F4A7C15ull ^ (uintptr_t)lasti * 0x85EBCA6Bu;
+    fcache_t *e = &g_fcache[(h >> 20) & (FCACHE_SLOTS - 1)];
+    *held = NULL;
+    if (e->code == co && e->lasti == lasti) {
+        Py_DECREF(co);
+        e->walk = g_walk;
+        return &e->f;
+    }
+    Py_ssize_t nlen = 0, flen = 0;
+    const char *name = PyUnicode_AsUTF8AndSize(MW_CODE_NAME(co), &nlen);
+    const char *file = PyUnicode_AsUTF8AndSize(co->co_filename, &flen);
+    if (!name || !file) {
+        PyErr_Clear();
+        Py_DECREF(co);
+        return NULL;
+    }
+    mw_strframe_t r = {
+        name, file, (size_t)nlen, (size_t)flen, PyFrame_GetLineNumber(f), co->co_firstlineno, 0, 0};
+    if (e->walk == g_walk) { /* in use by this stack: not evicted, resolved aside */
+        *held = co;
+        *spill = r;
+        return spill;
+    }
+    *held = e->code;
+    e->code = co;
+    e->lasti = lasti;
+    e->walk = g_walk;
+    e->f = r;
+    return &e->f;
+}
+
 /* The waiting thread's stack (leaf first) and identity, into the block profile. GIL held. */
 static void record_wait(PyObject *site_file, int site_line, uint64_t contentions, uint64_t delay_ns,
                         int skip) {
-    mw_strframe_t frames[MW_BLOCKPROF_MAX_DEPTH];
-    PyCodeObject *codes[MW_BLOCKPROF_MAX_DEPTH];
-    uint32_t depth = 0;
+    mw_strframe_t *frames[MW_BLOCKPROF_MAX_DEPTH], spill[MW_BLOCKPROF_MAX_DEPTH];
+    PyCodeObject *held[MW_BLOCKPROF_MAX_DEPTH];
+    uint32_t depth = 0, nheld = 0;
+    g_walk++;
     PyObject *exc_type, *exc_value, *exc_tb;
     PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
     PyFrameObject *f = PyEval_GetFrame();
@@ -125,19 +188,11 @@ static void record_wait(PyObject *site_file, int site_line, uint64_t contentions
         f = back;
     }
     while (f && depth < MW_BLOCKPROF_MAX_DEPTH) {
-        PyCodeObject *co = PyFrame_GetCode(f);
-        Py_ssize_t nlen = 0, flen = 0;
-        const char *name = PyUnicode_AsUTF8AndSize(MW_CODE_NAME(co), &nlen);
-        const char *file = PyUnicode_AsUTF8AndSize(co->co_filename, &flen);
-        if (!name || !file) {
-            PyErr_Clear();
-            Py_DECREF(co);
-            break;
-        }
-        codes[depth] = co; /* keeps the strings alive until the stack is added */
-        frames[depth] = (mw_strframe_t){
-            name, file, (size_t)nlen, (size_t)flen, PyFrame_GetLineNumber(f), co->co_firstlineno};
-        depth++;
+        PyCodeObject *code;
+        mw_strframe_t *r = resolve_frame(f, PyFrame_GetCode(f), &spill[depth], &code);
+        if (code) held[nheld++] = code;
+        if (!r) break;
+        frames[depth++] = r;
         PyFrameObject *back = PyFrame_GetBack(f);
         Py_DECREF(f);
         f = back;
@@ -166,17 +221,28 @@ static void record_wait(PyObject *site_file, int site_line, uint64_t contentions
     uint32_t with_site = mw_labels_intern(keys, vals, n);
     mw_blockprof_add(frames, depth, thread, with_site ? with_site : labelset, contentions,
                      delay_ns);
-    for (uint32_t i = 0; i < depth; i++)
-        Py_DECREF(codes[i]);
+    for (uint32_t i = 0; i < nheld; i++)
+        Py_DECREF(held[i]);
     PyErr_Restore(exc_type, exc_value, exc_tb);
 }
 
 /* After a wait of waited_ns for a lock made at (site_file, site_line); skip: innermost Python
  * frames left out of the stack. */
 static void waited(PyObject *site_file, int site_line, int64_t waited_ns, int skip) {
+    /* Set while a stack is read and added: the walk can run Python code (a frame object's
+     * allocation can start a collection, whose finalizers may wait for a lock, even release the
+     * GIL), and a nested record would reuse the frame cache under the walk in progress: it is
+     * dropped instead (counted). GIL held. */
+    static int recording;
     uint64_t contentions, delay;
-    if (waited_ns > 0 && mw_blockprof_sample((uint64_t)waited_ns, &contentions, &delay))
-        record_wait(site_file, site_line, contentions, delay, skip);
+    if (waited_ns <= 0 || !mw_blockprof_sample((uint64_t)waited_ns, &contentions, &delay)) return;
+    if (recording) {
+        mw_blockprof_count_dropped();
+        return;
+    }
+    recording = 1;
+    record_wait(site_file, site_line, contentions, delay, skip);
+    recording = 0;
 }
 
 /* Acquires lk within us microseconds (-1: no limit, 0: no wait). *waited_ns gets the time spent

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 
 from middleware.pprof import encode_pprof
-from middleware.profile import Profile
+from middleware.profile import Profile, Sample
 from middleware.serve import ServeApp, ServeConfig
 from support.browser import chromium_driver
-from support.profiles import build, sample
+from support.profiles import build, sample, stack
 
 pytestmark = pytest.mark.browser
 
@@ -300,3 +300,34 @@ def test_empty_server_says_how_to_send_profiles(driver: Any, tmp_path: Path) -> 
         assert "No profiles yet" in text and f"MW_PROFILING_SERVER_URL={app.url}" in text
     finally:
         app.stop()
+
+
+def test_lock_wait_profiles_show_as_block_types_with_time_units(driver: Any, server: ServeApp) -> None:
+    # GIVEN a service whose agent sent a lock-wait profile (the block type family)
+    waits = Profile(
+        sample_types=[("contentions", "count"), ("delay", "nanoseconds")],
+        samples=[
+            Sample(stack("main;handle;pool_get"), (40, 1_500 * MS), (("lock", "/srv/app/pool.py:12"),)),
+            Sample(stack("main;handle;cache_get"), (10, 120 * MS), (("lock", "/srv/app/cache.py:7"),)),
+        ],
+        time_nanos=T0 * 10**9,
+        duration_nanos=10 * 10**9,
+        period_type=("contentions", "count"),
+        period=1,
+        default_sample_type="delay",
+    )
+    _push(server, "locky", waits, T0)
+    page = Page(driver, server)
+    page.open()
+    page.select("service", "locky")
+    page.set_range(T0, T0 + 20)
+    # WHEN the delay type is picked
+    delay = "block:delay:nanoseconds:contentions:count"
+    types = [o.get_attribute("value") for o in page.Select(page.el("profile-type")).options]
+    assert delay in types and "block:contentions:count:contentions:count" in types, types
+    page.select("profile-type", delay)
+    # THEN the longest wait is on top, and the totals read as times
+    assert page.shown_total() == 1_620 * MS
+    assert page.table_functions()[0] == "pool_get"
+    assert "total 1.62s" in page.el("profile-info").text, page.el("profile-info").text
+    assert page.console_errors() == []

@@ -31,6 +31,8 @@ from middleware.pprof import find_profile_files, load_profiles, read_pprof_file
 ROOT = Path(__file__).resolve().parents[2]
 WORKLOADS = ROOT / "tests" / "targets" / "lock_workloads.py"
 
+pytestmark = [pytest.mark.asan, pytest.mark.sampler]  # make asan and make matrix run them all
+
 
 def run_workload(name: str, store: Path, seconds: float, env: dict[str, str] | None = None) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, str(WORKLOADS), name, str(store), str(seconds)],
@@ -51,7 +53,6 @@ def delay_by_site(store: Path) -> tuple[dict[tuple[str, str], int], int]:
     return out, sum(out.values())
 
 
-@pytest.mark.sampler
 def test_lock_waits_are_charged_to_their_acquire_sites_in_the_measured_ratio(tmp_path: Path) -> None:
     truth = run_workload("contention", tmp_path, 4.0)
     site = {k: f"{truth['file']}:{line}" for k, line in truth["sites"].items()}
@@ -76,7 +77,6 @@ def test_lock_waits_are_charged_to_their_acquire_sites_in_the_measured_ratio(tmp
     assert {"a0", "a1", "a2", "b0", "b1", "b2"} <= names, names
 
 
-@pytest.mark.sampler
 def test_short_waits_sampled_by_delay_keep_the_total(tmp_path: Path) -> None:
     # At a rate of 20 ms nearly every wait here (1-6 ms) is a draw with probability delay/rate:
     # few are recorded, each standing for rate/delay waits; the estimate stays unbiased (about
@@ -88,8 +88,26 @@ def test_short_waits_sampled_by_delay_keep_the_total(tmp_path: Path) -> None:
     assert total == pytest.approx(truth["waited_ns"]["a"] + truth["waited_ns"]["b"], rel=0.25), (total, truth)
 
 
+def test_wait_stacks_follow_the_call_graph_under_short_lived_code_objects(tmp_path: Path) -> None:
+    # Thousands of fresh code objects (their addresses reused as they die) and recursion of
+    # varying depth: each recorded stack must be one that existed, named right, frame by frame.
+    truth = run_workload("stacks", tmp_path, 3.0)
+    assert truth["stats"]["lock_waits_recorded"] > 1000, truth
+    profile = load_profiles(tmp_path)
+    i = profile.value_index("delay")
+    checked = 0
+    for s in profile.samples:
+        if not s.values[i] or not any(f.function.startswith("fn_") for f in s.stack):
+            continue
+        names = [f.function.rsplit(".", 1)[-1] for f in s.stack]
+        at = next(j for j, n in enumerate(names) if n.startswith("fn_"))
+        k = int(names[at].split("_")[1])
+        assert names[at + 1:] == [f"mid{k % 3}"] * (k % 7 + 1) + ["leaf_wait"], names
+        checked += 1
+    assert checked >= 20, checked
+
+
 @pytest.mark.slow
-@pytest.mark.sampler
 def test_thirty_two_threads_contending_do_not_crash_nor_grow(tmp_path: Path) -> None:
     # 10 s here and in make matrix; MW_LOCK_STRESS_SECONDS=60 for the long run
     seconds = float(os.environ.get("MW_LOCK_STRESS_SECONDS", "10"))
@@ -124,9 +142,6 @@ def profiled() -> Iterator[None]:
     with restored():
         locks.install(_native, 0)
         yield
-
-
-pytestmark = pytest.mark.asan
 
 
 def test_install_swaps_threadings_lock_types_and_uninstall_restores_them() -> None:

@@ -8,6 +8,11 @@ profiler on; the truth goes to stdout as JSON.
         timed with time.perf_counter around it (the truth: how long each thread waited), and each
         lock's creation line is reported.
 
+    python lock_workloads.py stacks STORE_DIR SECONDS
+        Waits under short-lived code objects: every round execs 20 fresh functions fn_<k>_<round>,
+        each calling mid<k % 3>, which recurses k % 7 times and then waits on a lock that is never
+        free (a 0.3 ms timeout): the static call graph every recorded stack must follow.
+
     python lock_workloads.py stress STORE_DIR SECONDS
         32 threads contending for a few locks every way threading offers (with, timeouts,
         non-blocking tries, RLock recursion, Conditions, Semaphores, Events, a Queue), locks and
@@ -90,6 +95,49 @@ def contention(store: str, seconds: float) -> dict[str, object]:
     }
 
 
+def leaf_wait(lock: threading.Lock) -> None:
+    lock.acquire(timeout=0.0003)
+
+
+def mid0(lock: threading.Lock, d: int) -> None:
+    return mid0(lock, d - 1) if d else leaf_wait(lock)
+
+
+def mid1(lock: threading.Lock, d: int) -> None:
+    return mid1(lock, d - 1) if d else leaf_wait(lock)
+
+
+def mid2(lock: threading.Lock, d: int) -> None:
+    return mid2(lock, d - 1) if d else leaf_wait(lock)
+
+
+def stacks(store: str, seconds: float) -> dict[str, object]:
+    tracker = MwTracker(service_name="lockstacks", profile_dir=store, upload_interval=0.3)
+    held = threading.Lock()
+    held.acquire()
+    mids = (mid0, mid1, mid2)
+    deadline = time.perf_counter() + seconds
+    rounds = 0
+
+    def run() -> None:
+        nonlocal rounds
+        while time.perf_counter() < deadline:
+            rounds += 1
+            for k in range(20):
+                scope: dict[str, object] = {}
+                exec(f"def fn_{k}_{rounds}(m, lock, d):\n    return m(lock, d)\n", scope)
+                scope[f"fn_{k}_{rounds}"](mids[k % 3], held, k % 7)  # type: ignore[operator]
+
+    threads = [threading.Thread(target=run, name=f"s{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stats = tracker.stats()
+    tracker.stop()
+    return {"rounds": rounds, "stats": {k: v for k, v in stats.items() if k.startswith("lock_")}}
+
+
 def stress(store: str, seconds: float) -> dict[str, object]:
     tracker = MwTracker(service_name="lockstress", profile_dir=store, upload_interval=0.2, upload=False)
     deadline = time.perf_counter() + seconds
@@ -156,6 +204,8 @@ def stress(store: str, seconds: float) -> dict[str, object]:
 if __name__ == "__main__":
     if sys.argv[1] == "contention":
         print(json.dumps(contention(sys.argv[2], float(sys.argv[3]))))
+    elif sys.argv[1] == "stacks":
+        print(json.dumps(stacks(sys.argv[2], float(sys.argv[3]))))
     elif sys.argv[1] == "stress":
         print(json.dumps(stress(sys.argv[2], float(sys.argv[3]))))
     else:
