@@ -16,6 +16,7 @@ from middleware.commands import (
     describe,
     load_from_args,
     value_name,
+    write_output,
 )
 from middleware.pprof import ProfileError
 from middleware.profile import Profile
@@ -40,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_time_options(parser, "before-", " of BEFORE")
     add_time_options(parser, "after-", " of AFTER")
     parser.add_argument("--limit", type=int, default=20, metavar="N", help="rows to show, 0 for all (default: 20)")
+    parser.add_argument(
+        "-o", "--output", metavar="FILE.html",
+        help="also write the diff flame graph (frames coloured by the change of their share) as one HTML page",
+    )
     parser.set_defaults(func=run)
 
 
@@ -72,4 +77,11 @@ def run(args: argparse.Namespace) -> int:
         "Change = Self share after - before, in percentage points"
     )
     sys.stdout.write(render_diff(rows, unit, limit=args.limit, header=header))
+    if args.output:
+        from middleware.reporters.flamegraph import diff_to_json, render_html
+
+        title = f"middleware diff ({name}): {args.before} -> {after_path}"
+        data = diff_to_json(before, after, name, title=title, names=("before", "after"))
+        write_output(args.output, render_html(after, title=title, data=data))
+        sys.stderr.write(f"wrote {args.output}\n")
     return 0

@@ -76,6 +76,21 @@
     return "hsl(" + (h % 50) + ", " + (60 + (h % 25)) + "%, " + (58 + ((h >> 5) % 14)) + "%)";
   }
 
+  /* Diff mode: how a node's share changed from A to B, in [-1, 1]: (shareB - shareA) divided by
+     the larger share; 1 = only in B (new), -1 = only in A (gone). */
+  function diffChange(a, b, totalA, totalB) {
+    var sa = totalA ? a / totalA : 0, sb = totalB ? b / totalB : 0;
+    var big = Math.max(sa, sb);
+    return big > 0 ? (sb - sa) / big : 0;
+  }
+
+  /* Red for grew, green for shrank, grey for unchanged; the stronger the change, the deeper. */
+  function diffColor(change) {
+    var k = Math.min(1, Math.abs(change));
+    if (k < 0.02) return "hsl(0, 0%, 82%)";
+    return "hsl(" + (change > 0 ? 0 : 125) + ", " + Math.round(35 + 40 * k) + "%, " + Math.round(82 - 30 * k) + "%)";
+  }
+
   function Viewer(container, data, options) {
     this.container = container;
     this.options = options || {};
@@ -98,7 +113,8 @@
     this.searchShare = el("span", { id: "mw-search-share", class: "mw-search-share" });
     this.resetButton = el("button", { id: "mw-reset", type: "button", title: "Reset zoom (Esc)" }, "Reset zoom");
     this.summary = el("span", { id: "mw-summary", class: "mw-summary" });
-    toolbar.append(this.searchBox, this.searchShare, this.resetButton, this.summary);
+    this.legend = el("div", { class: "mw-legend", hidden: "" });
+    toolbar.append(this.searchBox, this.searchShare, this.resetButton, this.summary, this.legend);
 
     var main = el("div", { class: "mw-main" });
     var flamePane = el("section", { class: "mw-flame-pane", "aria-label": "Flame graph" });
@@ -111,10 +127,12 @@
     var tableWrap = el("div", { class: "mw-table-wrap" });
     this.table = el("table", { id: "mw-table", class: "mw-table" });
     var head = el("tr");
+    this.headCells = [];
     [["name", "Function"], ["self", "Self"], ["self", "Self%"], ["total", "Total"], ["total", "Total%"]].forEach(
       function (c) {
         var th = el("th", { "data-sort": c[0], scope: "col", title: "Sort by " + c[0] }, c[1]);
         head.append(th);
+        self.headCells.push(th);
       }
     );
     var thead = el("thead");
@@ -184,6 +202,8 @@
     this.functions = data.functions || [];
     this.unit = (data.value && data.value.unit) || "";
     this.total = data.total || 0;
+    this.diff = data.diff || null;
+    this._setDiffChrome();
     this.nodes = [];
     this.maxDepth = 0;
     var byFunction = this.functions.map(function () {
@@ -194,7 +214,7 @@
     while (stack.length) {
       var item = stack.pop();
       var n = item[0];
-      var node = { id: this.nodes.length, f: n.f, v: n.v, s: n.s, parent: item[1], depth: item[2], start: item[3], children: [] };
+      var node = { id: this.nodes.length, f: n.f, v: n.v, s: n.s, a: n.a, b: n.b, parent: item[1], depth: item[2], start: item[3], children: [] };
       this.nodes.push(node);
       if (node.parent) node.parent.children.push(node);
       if (node.f >= 0) byFunction[node.f].push(node);
@@ -212,8 +232,10 @@
     this.state.zoom = null;
     this.state.highlighted = null;
     var v = data.value || {};
-    this.summary.textContent =
-      (v.name || "value") + ": total " + formatValue(this.total, this.unit) +
+    this.summary.textContent = this.diff
+      ? (v.name || "value") + ": " + this.diff.name_a + " against " + this.diff.name_b + ", " +
+        this.functions.length + " functions; a frame's width is its average share of the two"
+      : (v.name || "value") + ": total " + formatValue(this.total, this.unit) +
       " in " + (data.samples || 0) + " stacks, " + this.functions.length + " functions" +
       (data.pruned_nodes
         ? " (" + data.pruned_nodes + " call paths under " + formatValue(data.pruned_below, this.unit) +
@@ -223,6 +245,32 @@
     this.renderTable();
     this.renderSandwich();
     this.search(this.searchBox.value);
+  };
+
+  /* Diff mode's legend and table headings (or the plain ones back). */
+  Viewer.prototype._setDiffChrome = function () {
+    var d = this.diff;
+    var titles = d
+      ? ["Function", "Self " + d.name_a, "Self " + d.name_b, "Change", "Total " + d.name_b]
+      : ["Function", "Self", "Self%", "Total", "Total%"];
+    this.headCells.forEach(function (th, i) {
+      th.textContent = titles[i];
+    });
+    this.legend.textContent = "";
+    this.legend.hidden = !d;
+    this.sandwich.hidden = !!d; /* callers/callees of a diff: not shown (the table says it all) */
+    if (!d) return;
+    var self = this;
+    [["shrank", -1], ["unchanged", 0], ["grew", 1]].forEach(function (item) {
+      var sw = el("span", { class: "mw-legend-swatch" });
+      sw.style.backgroundColor = diffColor(item[1]);
+      self.legend.append(sw, el("span", { class: "mw-legend-text" }, item[0]));
+    });
+    this.legend.append(
+      el("span", { class: "mw-legend-text" },
+        "share of " + d.name_a + " (" + formatValue(d.total_a, this.unit) + ") → " + d.name_b +
+        " (" + formatValue(d.total_b, this.unit) + ")")
+    );
   };
 
   Viewer.prototype.zoomNode = function () {
@@ -264,8 +312,14 @@
       div.style.left = left * 100 + "%";
       div.style.width = width * 100 + "%";
       div.style.top = node.depth * ROW_HEIGHT + "px";
-      if (fn) {
+      if (fn && self.diff) {
+        var change = diffChange(node.a || 0, node.b || 0, self.diff.total_a, self.diff.total_b);
+        div.setAttribute("data-change", change.toFixed(3));
+        div.style.backgroundColor = diffColor(change);
+      } else if (fn) {
         div.style.backgroundColor = colorFor(fn.name);
+      }
+      if (fn) {
         if (node.f === highlighted) div.classList.add("highlighted");
         if (matches[node.f]) div.classList.add("match");
       }
@@ -307,8 +361,16 @@
     var fn = node.f >= 0 ? this.functions[node.f] : null;
     t.append(el("strong", null, fn ? fn.name : "all"));
     if (fn && fn.file) t.append(el("div", { class: "mw-loc" }, fn.file + (fn.line ? ":" + fn.line : "")));
-    t.append(el("div", null, "Total " + formatValue(node.v, this.unit) + " (" + formatPercent(node.v, this.total) + ")"));
-    if (node.s) t.append(el("div", null, "Self " + formatValue(node.s, this.unit) + " (" + formatPercent(node.s, this.total) + ")"));
+    var d = this.diff;
+    if (d) {
+      var pa = percent(node.a || 0, d.total_a), pb = percent(node.b || 0, d.total_b);
+      t.append(el("div", { class: "mw-tip-a" }, d.name_a + " " + formatValue(node.a || 0, this.unit) + " (" + pa.toFixed(2) + "%)"));
+      t.append(el("div", { class: "mw-tip-b" }, d.name_b + " " + formatValue(node.b || 0, this.unit) + " (" + pb.toFixed(2) + "%)"));
+      t.append(el("div", { class: "mw-tip-change" }, "change " + (pb - pa >= 0 ? "+" : "") + (pb - pa).toFixed(2) + " points"));
+    } else {
+      t.append(el("div", null, "Total " + formatValue(node.v, this.unit) + " (" + formatPercent(node.v, this.total) + ")"));
+      if (node.s) t.append(el("div", null, "Self " + formatValue(node.s, this.unit) + " (" + formatPercent(node.s, this.total) + ")"));
+    }
     t.hidden = false;
     var pane = this.flame.parentNode.getBoundingClientRect();
     var x = ev.clientX - pane.left + 12, y = ev.clientY - pane.top + 12;
@@ -342,7 +404,7 @@
     });
     var frag = document.createDocumentFragment();
     var shown = order.slice(0, MAX_TABLE_ROWS);
-    var total = this.total, unit = this.unit, selected = this.state.highlighted;
+    var total = this.total, unit = this.unit, selected = this.state.highlighted, d = this.diff;
     var matches = this._matchSet || {};
     shown.forEach(function (i) {
       var fn = fns[i];
@@ -351,13 +413,24 @@
       if (matches[i]) tr.classList.add("match");
       var name = el("td", { class: "mw-fn", title: fn.file + (fn.line ? ":" + fn.line : "") }, fn.name);
       if (fn.file) name.append(el("span", { class: "mw-loc" }, fn.file.split("/").pop() + (fn.line ? ":" + fn.line : "")));
-      tr.append(
-        name,
-        el("td", { class: "mw-num", "data-value": fn.self }, formatValue(fn.self, unit)),
-        el("td", { class: "mw-num" }, formatPercent(fn.self, total)),
-        el("td", { class: "mw-num", "data-value": fn.total }, formatValue(fn.total, unit)),
-        el("td", { class: "mw-num" }, formatPercent(fn.total, total))
-      );
+      if (d) {
+        var sa = percent(fn.self_a || 0, d.total_a), sb = percent(fn.self_b || 0, d.total_b);
+        tr.append(
+          name,
+          el("td", { class: "mw-num", "data-value": fn.self_a }, sa.toFixed(2) + "%"),
+          el("td", { class: "mw-num", "data-value": fn.self_b }, sb.toFixed(2) + "%"),
+          el("td", { class: "mw-num", "data-change": (sb - sa).toFixed(2) }, (sb - sa >= 0 ? "+" : "") + (sb - sa).toFixed(2)),
+          el("td", { class: "mw-num", "data-value": fn.total_b }, formatValue(fn.total_b || 0, unit))
+        );
+      } else {
+        tr.append(
+          name,
+          el("td", { class: "mw-num", "data-value": fn.self }, formatValue(fn.self, unit)),
+          el("td", { class: "mw-num" }, formatPercent(fn.self, total)),
+          el("td", { class: "mw-num", "data-value": fn.total }, formatValue(fn.total, unit)),
+          el("td", { class: "mw-num" }, formatPercent(fn.total, total))
+        );
+      }
       frag.append(tr);
     });
     this.tbody.textContent = "";
@@ -516,6 +589,7 @@
         width: parseFloat(box.style.width) / 100,
         highlighted: box.classList.contains("highlighted"),
         match: box.classList.contains("match"),
+        change: box.hasAttribute("data-change") ? Number(box.getAttribute("data-change")) : null,
       };
     });
   };

@@ -49,13 +49,13 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from middleware.profile import Profile
+from middleware.profile import Profile, Sample
 from middleware.reporters import resolve_value
 from middleware.reporters.table import NO_FRAMES, FunctionKey, function_table
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["profile_to_json", "render_html", "flamegraph_js", "flamegraph_css", "json_for_script"]
+__all__ = ["profile_to_json", "diff_to_json", "render_html", "flamegraph_js", "flamegraph_css", "json_for_script"]
 
 JSON_VERSION = 1
 #: Default bound on the number of tree nodes sent to the browser.
@@ -92,21 +92,27 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _build_tree(profile: Profile, index: int, fids: dict[FunctionKey, int]) -> list[Any]:
-    """Call tree as nested lists ``[fid, total, self, {fid: child}]``; the root has fid -1."""
-    root: list[Any] = [-1, 0, 0, {}]
+def _build_tree(profile: Profile, index: int, fids: dict[FunctionKey, int], extra: tuple[int, ...] = ()) -> list[Any]:
+    """Call tree as nested lists ``[fid, total, self, {fid: child}, *extra totals]``; the root has
+    fid -1. ``extra``: indexes of further sample types whose totals each node also sums."""
+    root: list[Any] = [-1, 0, 0, {}] + [0] * len(extra)
     for sample in profile.samples:
         v = sample.values[index]
         if not v:
             continue
+        more = [sample.values[i] for i in extra]
         node = root
         node[1] += v
+        for k, x in enumerate(more):
+            node[4 + k] += x
         for frame in sample.stack or NO_FRAMES:
             fid = fids[(frame.function, frame.file)]
             child = node[3].get(fid)
             if child is None:
-                child = node[3][fid] = [fid, 0, 0, {}]
+                child = node[3][fid] = [fid, 0, 0, {}] + [0] * len(extra)
             child[1] += v
+            for k, x in enumerate(more):
+                child[4 + k] += x
             node = child
         node[2] += v
     return root
@@ -132,10 +138,20 @@ def _prune_threshold(root: list[Any], max_nodes: int | None) -> int:
     return values[max_nodes] + 1
 
 
-def _tree_json(root: list[Any], threshold: int) -> tuple[dict[str, Any], list[list[dict[str, Any]]], int]:
+def _node_json(node: list[Any], extra: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {"f": node[0], "v": node[1], "s": node[2], "c": []}
+    for k, key in enumerate(extra):
+        out[key] = node[4 + k]
+    return out
+
+
+def _tree_json(
+    root: list[Any], threshold: int, extra: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], list[list[dict[str, Any]]], int]:
     """``(tree, deep, dropped)``: nested dict nodes, the child lists cut off at CHUNK_DEPTH, and
-    the number of nodes left out (value below ``threshold``). Built without recursion."""
-    tree: dict[str, Any] = {"f": -1, "v": root[1], "s": root[2], "c": []}
+    the number of nodes left out (value below ``threshold``). Built without recursion. ``extra``:
+    the keys of the nodes' extra totals (see :func:`_build_tree`)."""
+    tree: dict[str, Any] = _node_json(root, extra)
     deep: list[list[dict[str, Any]]] = []
     dropped = 0
     todo: list[tuple[list[Any], dict[str, Any], int]] = [(root, tree, 0)]
@@ -149,7 +165,7 @@ def _tree_json(root: list[Any], threshold: int) -> tuple[dict[str, Any], list[li
                 n = stack.pop()
                 dropped += 1
                 stack.extend(n[3].values())
-        children: list[dict[str, Any]] = [{"f": k[0], "v": k[1], "s": k[2], "c": []} for k in kept]
+        children: list[dict[str, Any]] = [_node_json(k, extra) for k in kept]
         if depth + 1 >= CHUNK_DEPTH and children:
             out["cx"] = len(deep)
             deep.append(children)
@@ -202,6 +218,77 @@ def profile_to_json(
     }
 
 
+#: Each side of a diff weighs the same: a value counts as its share of its side's total, in
+#: billionths (so the root of a diff tree is 2e9 when both sides have samples).
+DIFF_SCALE = 1_000_000_000
+
+
+def diff_to_json(
+    before: Profile,
+    after: Profile,
+    value: str | None = None,
+    title: str = "",
+    names: tuple[str, str] = ("A", "B"),
+    max_nodes: int | None = DEFAULT_MAX_NODES,
+) -> dict[str, Any]:
+    """The viewer's data for the diff flame graph of ``before`` (A) and ``after`` (B).
+
+    One tree of the stacks of both sides. A node's ``v``/``s`` weigh each side by its share of
+    that side's total (:data:`DIFF_SCALE`), so both sides count alike whatever their sizes; ``a``
+    and ``b`` are the node's total values on each side, in the sample type's unit. Functions carry
+    ``self_a``/``self_b``/``total_a``/``total_b`` likewise. ``diff`` holds both totals and names.
+    The viewer colours a frame by the change of its share from A to B.
+    """
+    ia, name, unit = resolve_value(before, value)
+    ib, _, _ = resolve_value(after, name)
+    ta, tb = before.total(name), after.total(name)
+
+    def weighed(p: Profile, i: int, total: int, side: int) -> list[Sample]:
+        out = []
+        for smp in p.samples:
+            v = smp.values[i]
+            if v:
+                vals = (v, 0) if side == 0 else (0, v)
+                out.append(Sample(smp.stack, (*vals, v * DIFF_SCALE // total), smp.labels))
+        return out
+
+    both = Profile(sample_types=[("a", unit), ("b", unit), ("weight", "share")],
+                   samples=weighed(before, ia, ta, 0) + weighed(after, ib, tb, 1))
+    rows = function_table(both, "weight", sort="self")
+    side = [{r.key: r for r in function_table(both, t)} for t in ("a", "b")]
+    fids: dict[FunctionKey, int] = {row.key: i for i, row in enumerate(rows)}
+    with _gc_paused():
+        root = _build_tree(both, 2, fids, extra=(0, 1))
+        threshold = _prune_threshold(root, max_nodes)
+        tree, deep, dropped = _tree_json(root, threshold, extra=("a", "b"))
+
+    def side_values(key: FunctionKey, k: int) -> tuple[int, int]:
+        r = side[k].get(key)
+        return (r.self_value, r.total_value) if r else (0, 0)
+
+    functions = []
+    for r in rows:
+        (sa, tota), (sb, totb) = side_values(r.key, 0), side_values(r.key, 1)
+        functions.append({"name": r.function, "file": r.file, "line": r.line, "self": r.self_value,
+                          "total": r.total_value, "self_a": sa, "self_b": sb, "total_a": tota, "total_b": totb})
+    return {
+        "version": JSON_VERSION,
+        "title": title,
+        "value": {"name": name, "unit": unit},
+        "sample_types": [[name, unit]],
+        "total": root[1],
+        "samples": len(both.samples),
+        "time_nanos": min((t for t in (before.time_nanos, after.time_nanos) if t), default=0),
+        "duration_nanos": 0,
+        "functions": functions,
+        "tree": tree,
+        "deep": deep,
+        "pruned_nodes": dropped,
+        "pruned_below": threshold if dropped else 0,
+        "diff": {"total_a": ta, "total_b": tb, "name_a": names[0], "name_b": names[1]},
+    }
+
+
 def json_for_script(data: Any) -> str:
     """JSON that is safe to place inside an HTML ``<script>`` element."""
     text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
@@ -214,12 +301,16 @@ def json_for_script(data: Any) -> str:
     )
 
 
-def render_html(profile: Profile, title: str = "middleware profile", value: str | None = None) -> str:
-    """One self-contained HTML page (no external resources) showing ``profile``.
+def render_html(
+    profile: Profile, title: str = "middleware profile", value: str | None = None, data: dict[str, Any] | None = None
+) -> str:
+    """One self-contained HTML page (no external resources) showing ``profile`` (or ``data``, the
+    viewer's data made already, e.g. by :func:`diff_to_json`).
 
     Raises ``KeyError`` for an unknown sample type.
     """
-    data = profile_to_json(profile, value, title)
+    if data is None:
+        data = profile_to_json(profile, value, title)
     js, css = flamegraph_js(), flamegraph_css()
     if "</script" in js.lower() or "</style" in css.lower():
         raise RuntimeError("flamegraph assets must not close their own element")

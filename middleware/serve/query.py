@@ -425,7 +425,8 @@ class QueryEngine:
     def diff_json(self, base: Selection, comparison: Selection) -> dict[str, Any]:
         """What changed from ``base`` to ``comparison``: each function's Self share (percent of
         each side's own total) and the change in percentage points, from the reporters' diff
-        (:func:`middleware.reporters.diff.diff_profiles`), with Total values alongside."""
+        (:func:`middleware.reporters.diff.diff_profiles`), with Total values alongside; and the
+        diff flame graph's data (``flame``, :func:`middleware.reporters.flamegraph.diff_to_json`)."""
         from middleware.reporters.diff import diff_profiles
         from middleware.reporters.table import function_table
 
@@ -435,7 +436,10 @@ class QueryEngine:
         totals_a = {r.key: r.total_value for r in function_table(a.profile, value=stype)}
         totals_b = {r.key: r.total_value for r in function_table(b.profile, value=stype)}
         rows = diff_profiles(a.profile, b.profile, value=stype)
+        from middleware.reporters.flamegraph import diff_to_json
+
         return {
+            "flame": diff_to_json(a.profile, b.profile, value=stype, names=("A", "B")),
             "base": {**base.to_json(), "profiles": a.profiles, "total": a.profile.total(stype)},
             "comparison": {**comparison.to_json(), "profiles": b.profiles, "total": b.profile.total(stype)},
             "unit": base.type_id.split(":")[2],

@@ -11,6 +11,7 @@ says. Screenshots go to artifacts/ (gitignored).
 from __future__ import annotations
 
 import http.client
+import re
 import urllib.parse
 from collections.abc import Iterator
 from datetime import datetime
@@ -330,4 +331,72 @@ def test_lock_wait_profiles_show_as_block_types_with_time_units(driver: Any, ser
     assert page.shown_total() == 1_620 * MS
     assert page.table_functions()[0] == "pool_get"
     assert "total 1.62s" in page.el("profile-info").text, page.el("profile-info").text
+    assert page.console_errors() == []
+
+
+def test_diff_flame_graph_colours_frames_by_their_change(driver: Any, server: ServeApp) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    # GIVEN a service whose f_double's share doubles (20% -> 40%) and f_gone's vanishes (30% -> 0)
+    # from one 10 s window to the next, and a label that splits the second window the same way
+    first = build([sample("main;f_double", 20 * MS, labels={"side": "old"}),
+                   sample("main;f_gone", 30 * MS, labels={"side": "old"}),
+                   sample("main;f_same", 50 * MS, labels={"side": "old"})], time_nanos=T0 * 10**9)
+    second = build([sample("main;f_double", 80 * MS, labels={"side": "new"}),
+                    sample("main;f_same", 120 * MS, labels={"side": "new"})], time_nanos=(T0 + 10) * 10**9)
+    _push(server, "diffy", first, T0)
+    _push(server, "diffy", second, T0 + 10)
+    page = Page(driver, server)
+    page.open()
+    page.select("service", "diffy")
+    page.set_range(T0, T0 + 20)
+    page.el("tab-compare").click()
+
+    def frames() -> dict[str, Any]:
+        got = driver.execute_script("return window.mwDiffViewer ? window.mwDiffViewer.frames() : []")
+        return {f["function"]: f for f in got}
+
+    def compare() -> dict[str, Any]:
+        before = driver.execute_script("return window.mwDiffViewer ? window.mwDiffViewer.data : null")
+        page.el("cmp-run").click()
+        page.Wait(driver, 10).until(lambda d: driver.execute_script(
+            "return !!window.mwDiffViewer && window.mwDiffViewer.data !== arguments[0]", before))
+        return frames()
+
+    for mode in ("time", "label"):
+        if mode == "time":  # WHEN the two windows are compared
+            for id_, ts in (("cmp-a-from", T0), ("cmp-a-until", T0 + 10), ("cmp-b-from", T0 + 10),
+                            ("cmp-b-until", T0 + 20)):
+                box = page.el(id_)
+                box.clear()
+                box.send_keys(local(ts))
+        else:  # WHEN two label values are compared instead
+            page.Select(page.el("cmp-mode")).select_by_value("label")
+            page.Select(page.el("cmp-label-name")).select_by_value("side")
+            page.Wait(driver, 10).until(lambda d: len(page.Select(page.el("cmp-value-b")).options) == 2)
+            page.Select(page.el("cmp-value-a")).select_by_value("old")
+            page.Select(page.el("cmp-value-b")).select_by_value("new")
+        got = compare()
+        # THEN the doubled function is red (its share grew by half of its new share), the vanished
+        # one fully green, and the one barely changed close to grey
+        assert got["f_double"]["change"] == pytest.approx(0.5, abs=0.01), (mode, got)
+        assert got["f_gone"]["change"] == pytest.approx(-1.0, abs=0.001), (mode, got)
+        assert got["f_same"]["change"] == pytest.approx((0.6 - 0.5) / 0.6, abs=0.01), (mode, got)
+        colours = {name: driver.execute_script(
+            "return getComputedStyle(document.querySelector('#cmp-flame .mw-frame[data-function=\"' + arguments[0]"
+            " + '\"]')).backgroundColor", name) for name in ("f_double", "f_gone")}
+        r, g, _ = (int(x) for x in re.findall(r"\d+", colours["f_double"])[:3])
+        assert r > g, colours  # red
+        r, g, _ = (int(x) for x in re.findall(r"\d+", colours["f_gone"])[:3])
+        assert g > r, colours  # green
+        # AND the legend says what the colours mean; hovering shows both sides' values
+        legend = page.css("#cmp-flame .mw-legend")[0]
+        assert legend.is_displayed() and "grew" in legend.text and "shrank" in legend.text
+        box = page.css('#cmp-flame .mw-frame[data-function="f_double"]')[0]
+        ActionChains(driver).move_to_element(box).perform()
+        tip = page.css("#cmp-flame .mw-tooltip")[0]
+        page.Wait(driver, 5).until(lambda d, tip=tip: tip.is_displayed())
+        assert "A 20.00ms (20.00%)" in tip.text and "B 80.00ms (40.00%)" in tip.text, tip.text
+        assert "change +20.00 points" in tip.text, tip.text
+        page.shot(f"compare-diff-flame-{mode}")
     assert page.console_errors() == []

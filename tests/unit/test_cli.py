@@ -257,6 +257,18 @@ def test_diff_two_files_and_two_time_ranges(store, tmp_path):
     )
 
 
+def test_diff_writes_the_diff_flame_graph_page(store, tmp_path):
+    before, after = sorted(store.iterdir())[0], sorted(store.iterdir())[2]
+    page = tmp_path / "diff.html"
+    out = ok("diff", before, after, "-o", page)
+    assert "slow_io" in out  # the table still goes to stdout
+    data = json.loads(re.search(r'<script type="application/json" id="mw-profile-data">(.*?)</script>',
+                                page.read_text(), re.S).group(1))
+    assert data["diff"]["name_a"] == "before" and data["diff"]["name_b"] == "after"
+    slow_io = next(f for f in data["functions"] if f["name"] == "slow_io")
+    assert slow_io["self_a"] == 0 and slow_io["self_b"] > 0  # new in AFTER: drawn red
+
+
 # ------------------------------------------------------------------------------------------------
 # errors
 # ------------------------------------------------------------------------------------------------

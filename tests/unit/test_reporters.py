@@ -11,6 +11,8 @@ from middleware.profile import Frame, Profile, Sample
 from middleware.reporters import format_value
 from middleware.reporters.diff import diff_profiles, render_diff
 from middleware.reporters.flamegraph import (
+    DIFF_SCALE,
+    diff_to_json,
     flamegraph_js,
     json_for_script,
     profile_to_json,
@@ -308,6 +310,36 @@ class _Collect(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         self.tags.append((tag, dict(attrs)))
+
+
+def test_diff_flame_graph_data_weighs_both_sides_by_share():
+    before = build(
+        [sample("main;calc1;calc2", 500 * MS), sample("main;calc1;calc3", 300 * MS), sample("main;io", 200 * MS)]
+    )
+    after = build(  # twice the total: shares, not values, are compared
+        [sample("main;calc1;calc2", 200 * MS), sample("main;calc1;calc3", 1400 * MS), sample("main;new", 400 * MS)]
+    )
+    data = diff_to_json(before, after, "cpu", names=("old", "new"))
+    assert data["diff"] == {"total_a": 1000 * MS, "total_b": 2000 * MS, "name_a": "old", "name_b": "new"}
+    assert data["value"] == {"name": "cpu", "unit": "nanoseconds"}
+    tree = data["tree"]
+    assert (tree["a"], tree["b"], tree["v"]) == (1000 * MS, 2000 * MS, 2 * DIFF_SCALE)
+    fns = [f["name"] for f in data["functions"]]
+    main = tree["c"][0]
+    by_name = {fns[c["f"]]: c for c in main["c"]}
+    # calc1: 80% of A, 80% of B; io: only in A; new: only in B
+    assert (by_name["calc1"]["a"], by_name["calc1"]["b"]) == (800 * MS, 1600 * MS)
+    assert by_name["calc1"]["v"] == pytest.approx(1.6 * DIFF_SCALE, abs=2)
+    assert (by_name["io"]["a"], by_name["io"]["b"]) == (200 * MS, 0)
+    assert (by_name["new"]["a"], by_name["new"]["b"]) == (0, 400 * MS)
+    calc3 = next(f for f in data["functions"] if f["name"] == "calc3")
+    assert (calc3["self_a"], calc3["self_b"], calc3["total_a"], calc3["total_b"]) == (300 * MS, 1400 * MS,
+                                                                                      300 * MS, 1400 * MS)
+    page = render_html(after, title="diff", data=data)
+    embedded = re.search(r'<script type="application/json" id="mw-profile-data">(.*?)</script>', page, re.S).group(1)
+    assert json.loads(embedded)["diff"]["name_b"] == "new"
+    with pytest.raises(KeyError):
+        diff_to_json(before, after, "bogus")
 
 
 def test_render_html_is_self_contained():

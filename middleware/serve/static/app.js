@@ -10,7 +10,8 @@
  * lists functions by how much their Self share grew.
  *
  * Hooks for tests and tools: body[data-state] is "loading" / "ready" / "error" / "empty";
- * body[data-seq] counts finished loads; window.mwViewer is the MwFlame viewer; timeline bars are
+ * body[data-seq] counts finished loads; window.mwViewer is the MwFlame viewer (window.mwDiffViewer
+ * the Compare tab's diff flame graph); timeline bars are
  * rect.tl-bar[data-t][data-value]; diff rows are #diff-table tr[data-function][data-change].
  * The selection is mirrored in location.hash so a reload or a shared link shows the same view.
  */
@@ -753,6 +754,13 @@
   function renderDiff() {
     var body = state.diff;
     if (!body) return;
+    /* the diff flame graph: frames coloured by the change of their share from A to B */
+    if (!state.diffViewer) {
+      state.diffViewer = MwFlame.mount($("cmp-flame"), body.flame, {});
+      window.mwDiffViewer = state.diffViewer;
+    } else if (state.diffViewer.data !== body.flame) { /* not on a re-sort of the table */
+      state.diffViewer.setData(body.flame);
+    }
     $("cmp-summary").textContent = "A: " + describeSide(body.base) + "   B: " + describeSide(body.comparison) +
       ". Shares are percent of each side's own total; Change is B − A in percentage points.";
     var key = state.diffSort;
