@@ -100,6 +100,16 @@ def _cpu_seconds(pids: list[int]) -> tuple[float, float]:
     return ticks / hz, mw_ticks / hz
 
 
+def _stop(proc: subprocess.Popen[bytes]) -> bytes:
+    """SIGTERM, then SIGKILL after 30 s; the process's stderr."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=30)[1] or b""
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[1] or b""
+
+
 def _wrk(url: str, seconds: float, connections: int) -> float:
     done = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", url],
@@ -157,12 +167,7 @@ def one_run(profiled: bool, args: argparse.Namespace, load: str) -> tuple[float,
             return rate, 0.0, 0.0
         return rate, 1e6 * (cpu1 - cpu0) / requests, 1e6 * (mw1 - mw0) / requests
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, stderr = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, stderr = proc.communicate()
+        stderr = _stop(proc)
         if proc.returncode not in (0, None):
             sys.stderr.write(stderr.decode(errors="replace")[-2000:])
         wrote = len(os.listdir(store))

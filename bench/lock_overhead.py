@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demo_throughput import _free_port, _wait_ready, _wrk  # noqa: E402
+from demo_throughput import _free_port, _stop, _wait_ready, _wrk  # noqa: E402
 from middleware import _native  # noqa: E402
 
 LOOP = 200_000
@@ -149,12 +148,7 @@ def one_service_run(locks_on: bool, app_dir: str, seconds: float, connections: i
         _wrk(url, 1, connections)
         return _wrk(url, seconds, connections)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        _stop(proc)
         if locks_on:
             waits.append(waits_in_store(store))
         shutil.rmtree(store, ignore_errors=True)

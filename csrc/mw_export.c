@@ -159,6 +159,60 @@ static void report_store_failure(const char *dir, const mw_store_result_t *res) 
                        dir, step, why, (long)getpid());
 }
 
+/* What delivering one encoded profile did (deliver / account). */
+typedef struct {
+    int encode_err, store_err, upload_err, submitted;
+    mw_store_result_t res;
+} delivery_t;
+
+/* Encodes b (window [ts, te], kind of meta) and hands it to the store and/or the uploader under
+ * the series name `name`. Exporter thread, no lock held. */
+static void deliver(const mw_profbuf_t *b, const mw_pprof_meta_t *meta, int64_t ts, int64_t te,
+                    const char *name, delivery_t *d, mw_pprof_info_t *info, size_t *gzlen) {
+    memset(d, 0, sizeof *d);
+    uint8_t *gz = NULL;
+    *gzlen = 0;
+    if (mw_pprof_encode_gz(b, meta, &gz, gzlen, info) != 0) {
+        d->encode_err = 1;
+        mw_report_once(MW_REPORT_ENCODE,
+                       "a profile window could not be encoded (out of memory or a zlib "
+                       "error); profiles of process %ld are being dropped",
+                       (long)getpid());
+        return;
+    }
+    if (g_cfg.dir && mw_store_write(g_cfg.dir, g_cfg.service, (long)getpid(), ts / 1000000, gz,
+                                    *gzlen, g_cfg.max_bytes, &d->res) != 0) {
+        d->store_err = 1;
+        report_store_failure(g_cfg.dir, &d->res);
+    }
+    if (g_cfg.upload) {
+        int64_t from = ts / 1000000000LL, until = (te + 999999999LL) / 1000000000LL;
+        if (until <= from) until = from + 1;
+        /* the uploader is middleware._upload, reached through its registered table */
+        if (mw_upload_submit_registered(gz, *gzlen, from, until, name) == 0)
+            d->submitted = 1;
+        else
+            d->upload_err = 1;
+    }
+    free(gz);
+}
+
+/* Adds a delivery's outcome to the statistics (g_lock held). */
+static void account(mw_export_stats_t *s, const delivery_t *d) {
+    s->encode_errors += (uint64_t)d->encode_err;
+    s->store_errors += (uint64_t)d->store_err;
+    s->upload_errors += (uint64_t)d->upload_err;
+    s->uploads_submitted += (uint64_t)d->submitted;
+    if (d->store_err) s->last_errno = d->res.err;
+    if (d->res.bytes_written) {
+        s->bytes_written += d->res.bytes_written;
+        s->files_written++;
+        s->store_dir_bytes = d->res.dir_bytes;
+    }
+    s->files_evicted += d->res.files_evicted;
+    s->bytes_evicted += d->res.bytes_evicted;
+}
+
 /* The lock waits of the window [ts, te] (mw_blockprof), written and submitted like the CPU
  * profile, as a profile of kind MW_PPROF_BLOCK ("block"). Exporter thread; nothing is done when
  * lock profiling never started or the window has no wait. */
@@ -166,52 +220,20 @@ static void export_block(int64_t ts, int64_t te) {
     mw_profbuf_t *b = mw_blockprof_rotate();
     if (!b) return;
     uint32_t nstacks = mw_profbuf_nstacks(b);
-    int encode_err = 0, store_err = 0, upload_err = 0, submitted = 0;
-    mw_store_result_t res;
-    memset(&res, 0, sizeof res);
-    uint8_t *gz = NULL;
-    size_t gzlen = 0;
+    delivery_t d;
     if (nstacks > 0) {
         mw_pprof_meta_t meta = window_meta(ts, te);
         meta.kind = MW_PPROF_BLOCK;
         meta.period_ns = 1;
-        if (mw_pprof_encode_gz(b, &meta, &gz, &gzlen, NULL) != 0) {
-            encode_err = 1;
-        } else {
-            if (g_cfg.dir && mw_store_write(g_cfg.dir, g_cfg.service, (long)getpid(), ts / 1000000,
-                                            gz, gzlen, g_cfg.max_bytes, &res) != 0) {
-                store_err = 1;
-                report_store_failure(g_cfg.dir, &res);
-            }
-            if (g_cfg.upload) {
-                int64_t from = ts / 1000000000LL, until = (te + 999999999LL) / 1000000000LL;
-                if (until <= from) until = from + 1;
-                if (mw_upload_submit_registered(gz, gzlen, from, until, "block") == 0)
-                    submitted = 1;
-                else
-                    upload_err = 1;
-            }
-            free(gz);
-        }
+        size_t gzlen;
+        deliver(b, &meta, ts, te, "block", &d, NULL, &gzlen);
     }
     mw_blockprof_recycle(b);
     if (nstacks == 0) return;
     pthread_mutex_lock(&g_lock);
-    mw_export_stats_t *s = &g_stats;
-    s->block_exports += (uint64_t) !(encode_err || store_err || upload_err);
-    s->block_stacks += nstacks;
-    s->encode_errors += (uint64_t)encode_err;
-    s->store_errors += (uint64_t)store_err;
-    s->upload_errors += (uint64_t)upload_err;
-    s->uploads_submitted += (uint64_t)submitted;
-    if (store_err) s->last_errno = res.err;
-    if (res.bytes_written) {
-        s->bytes_written += res.bytes_written;
-        s->files_written++;
-        s->store_dir_bytes = res.dir_bytes;
-    }
-    s->files_evicted += res.files_evicted;
-    s->bytes_evicted += res.bytes_evicted;
+    g_stats.block_exports += (uint64_t) !(d.encode_err || d.store_err || d.upload_err);
+    g_stats.block_stacks += nstacks;
+    account(&g_stats, &d);
     pthread_mutex_unlock(&g_lock);
 }
 
@@ -234,38 +256,14 @@ static void export_once(void) {
     uint32_t nstacks = mw_profbuf_nstacks(b);
     if (g_empty_since && g_empty_since < ts) ts = g_empty_since;
     g_empty_since = nstacks ? 0 : ts;
-    int encode_err = 0, store_err = 0, upload_err = 0, submitted = 0;
     mw_pprof_info_t info;
     memset(&info, 0, sizeof info);
-    mw_store_result_t res;
-    memset(&res, 0, sizeof res);
-    uint8_t *gz = NULL;
+    delivery_t d;
+    memset(&d, 0, sizeof d);
     size_t gzlen = 0;
     if (nstacks > 0) {
         mw_pprof_meta_t meta = window_meta(ts, te);
-        if (mw_pprof_encode_gz(b, &meta, &gz, &gzlen, &info) != 0) {
-            encode_err = 1;
-            mw_report_once(MW_REPORT_ENCODE,
-                           "a profile window could not be encoded (out of memory or a zlib "
-                           "error); profiles of process %ld are being dropped",
-                           (long)getpid());
-        } else {
-            if (g_cfg.dir && mw_store_write(g_cfg.dir, g_cfg.service, (long)getpid(), ts / 1000000,
-                                            gz, gzlen, g_cfg.max_bytes, &res) != 0) {
-                store_err = 1;
-                report_store_failure(g_cfg.dir, &res);
-            }
-            if (g_cfg.upload) {
-                int64_t from = ts / 1000000000LL, until = (te + 999999999LL) / 1000000000LL;
-                if (until <= from) until = from + 1;
-                /* the uploader is middleware._upload, reached through its registered table */
-                if (mw_upload_submit_registered(gz, gzlen, from, until, "process_cpu") == 0)
-                    submitted = 1;
-                else
-                    upload_err = 1;
-            }
-            free(gz);
-        }
+        deliver(b, &meta, ts, te, "process_cpu", &d, &info, &gzlen);
     }
 
     pthread_mutex_lock(&g_hold);
@@ -283,27 +281,16 @@ static void export_once(void) {
     if (nstacks == 0) {
         s->empty_windows++;
     } else {
-        if (encode_err || store_err || upload_err)
+        if (d.encode_err || d.store_err || d.upload_err)
             s->export_errors++;
         else
             s->exports++;
-        s->encode_errors += (uint64_t)encode_err;
-        s->store_errors += (uint64_t)store_err;
-        s->upload_errors += (uint64_t)upload_err;
-        s->uploads_submitted += (uint64_t)submitted;
-        if (store_err) s->last_errno = res.err;
-        if (res.bytes_written) {
-            s->bytes_written += res.bytes_written;
-            s->files_written++;
-            s->store_dir_bytes = res.dir_bytes;
-        }
-        s->files_evicted += res.files_evicted;
-        s->bytes_evicted += res.bytes_evicted;
+        account(s, &d);
         s->labels_skipped += info.labels_skipped;
         s->last_locations = info.locations;
         s->last_functions = info.functions;
         s->last_raw_bytes = info.raw_bytes;
-        s->last_gz_bytes = encode_err ? 0 : gzlen;
+        s->last_gz_bytes = d.encode_err ? 0 : gzlen;
     }
     s->last_export_cpu_ns = cpu;
     max_into(&s->max_export_cpu_ns, cpu);

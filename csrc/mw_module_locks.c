@@ -336,21 +336,21 @@ static int parse_acquire(PyObject *const *args, Py_ssize_t nargs, PyObject *kwna
     return 0;
 }
 
-/* ---------------------------------------------------------------- ProfiledLock */
+/* ---------------------------------------------------------------- the two types */
 
+/* One layout for both types: a ProfiledLock is held when count is 1 (owner: the thread that
+ * took it, informational); a ProfiledRLock counts its owner's acquisitions. */
 typedef struct {
     PyObject_HEAD PyThread_type_lock lock;
-    char locked;
+    unsigned long owner;
+    unsigned long count;
+    int reentrant; /* ProfiledRLock (or a subclass) */
     int site_line;
     PyObject *site_file; /* str or NULL */
     PyObject *weakreflist;
 } plock_t;
 
-static PyObject *plock_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    if ((args && PyTuple_GET_SIZE(args)) || (kw && PyDict_GET_SIZE(kw))) {
-        PyErr_SetString(PyExc_TypeError, "lock() takes no arguments");
-        return NULL;
-    }
+static PyObject *lock_new(PyTypeObject *type, int reentrant) {
     plock_t *self = (plock_t *)type->tp_alloc(type, 0);
     if (!self) return NULL;
     self->lock = PyThread_allocate_lock();
@@ -359,144 +359,26 @@ static PyObject *plock_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_MemoryError, "can't allocate lock");
         return NULL;
     }
+    self->reentrant = reentrant;
     self->site_file = creation_site(&self->site_line);
     return (PyObject *)self;
 }
 
-static void plock_dealloc(plock_t *self) {
-    if (self->weakreflist) PyObject_ClearWeakRefs((PyObject *)self);
-    if (self->lock) {
-        if (self->locked) PyThread_release_lock(self->lock);
-        PyThread_free_lock(self->lock);
-    }
-    Py_XDECREF(self->site_file);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static PyObject *plock_acquire_us(plock_t *self, PY_TIMEOUT_T us) {
-    int64_t w;
-    PyLockStatus r = acquire_timed(self->lock, us, &w);
-    if (r == PY_LOCK_INTR) return NULL;
-    if (r == PY_LOCK_ACQUIRED) self->locked = 1;
-    if (w) waited(self->site_file, self->site_line, w, 0);
-    return PyBool_FromLong(r == PY_LOCK_ACQUIRED);
-}
-
-static PyObject *plock_acquire(plock_t *self, PyObject *const *args, Py_ssize_t nargs,
-                               PyObject *kwnames) {
-    PY_TIMEOUT_T us;
-    if (nargs == 0 && !kwnames) { /* the common case: no parsing */
-        us = -1;
-    } else if (parse_acquire(args, nargs, kwnames, &us) != 0) {
+static PyObject *plock_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    if ((args && PyTuple_GET_SIZE(args)) || (kw && PyDict_GET_SIZE(kw))) {
+        PyErr_SetString(PyExc_TypeError, "lock() takes no arguments");
         return NULL;
     }
-    return plock_acquire_us(self, us);
+    return lock_new(type, 0);
 }
-
-static PyObject *plock_enter(plock_t *self, PyObject *noargs) {
-    (void)noargs;
-    return plock_acquire_us(self, -1);
-}
-
-static PyObject *plock_release(plock_t *self, PyObject *unused) {
-    (void)unused;
-    if (!self->locked) {
-        PyErr_SetString(PyExc_RuntimeError, "release unlocked lock");
-        return NULL;
-    }
-    self->locked = 0;
-    PyThread_release_lock(self->lock);
-    Py_RETURN_NONE;
-}
-
-static PyObject *plock_exit(plock_t *self, PyObject *args) {
-    (void)args;
-    return plock_release(self, NULL);
-}
-
-static PyObject *plock_locked(plock_t *self, PyObject *noargs) {
-    (void)noargs;
-    return PyBool_FromLong(self->locked);
-}
-
-static PyObject *plock_at_fork_reinit(plock_t *self, PyObject *noargs) {
-    (void)noargs;
-    PyThread_type_lock fresh = PyThread_allocate_lock();
-    if (!fresh) {
-        PyErr_SetString(PyExc_MemoryError, "can't allocate lock");
-        return NULL;
-    }
-    /* The old lock may be held by a thread that does not exist in the child: not freed. */
-    self->lock = fresh;
-    self->locked = 0;
-    Py_RETURN_NONE;
-}
-
-static PyObject *no_pickle(PyObject *self, PyObject *args) {
-    (void)args;
-    return PyErr_Format(PyExc_TypeError, "cannot pickle '%.100s' object", Py_TYPE(self)->tp_name);
-}
-
-static PyObject *plock_repr(plock_t *self) {
-    return PyUnicode_FromFormat("<%s %s object at %p>", self->locked ? "locked" : "unlocked",
-                                Py_TYPE(self)->tp_name, self);
-}
-
-static PyMethodDef plock_methods[] = {
-    {"acquire", (PyCFunction)(void (*)(void))plock_acquire, METH_FASTCALL | METH_KEYWORDS,
-     "acquire(blocking=True, timeout=-1) -> bool"},
-    {"acquire_lock", (PyCFunction)(void (*)(void))plock_acquire, METH_FASTCALL | METH_KEYWORDS,
-     "alias of acquire"},
-    {"release", (PyCFunction)plock_release, METH_NOARGS, "release the lock"},
-    {"release_lock", (PyCFunction)plock_release, METH_NOARGS, "alias of release"},
-    {"locked", (PyCFunction)plock_locked, METH_NOARGS, "whether the lock is held"},
-    {"locked_lock", (PyCFunction)plock_locked, METH_NOARGS, "alias of locked"},
-    {"__enter__", (PyCFunction)plock_enter, METH_NOARGS, "acquire the lock"},
-    {"__exit__", (PyCFunction)plock_exit, METH_VARARGS, "release the lock"},
-    {"_at_fork_reinit", (PyCFunction)plock_at_fork_reinit, METH_NOARGS, "a new, unlocked lock"},
-    {"__reduce_ex__", no_pickle, METH_VARARGS, "locks cannot be pickled"},
-    {NULL, NULL, 0, NULL},
-};
-
-static PyTypeObject g_plock_type = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "middleware._native.ProfiledLock",
-    .tp_basicsize = sizeof(plock_t),
-    .tp_dealloc = (destructor)plock_dealloc,
-    .tp_repr = (reprfunc)plock_repr,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "A threading.Lock whose waits go to the block profile.",
-    .tp_weaklistoffset = offsetof(plock_t, weakreflist),
-    .tp_methods = plock_methods,
-    .tp_new = plock_new,
-};
-
-/* ---------------------------------------------------------------- ProfiledRLock */
-
-typedef struct {
-    PyObject_HEAD PyThread_type_lock lock;
-    unsigned long owner;
-    unsigned long count;
-    int site_line;
-    PyObject *site_file;
-    PyObject *weakreflist;
-} prlock_t;
 
 static PyObject *prlock_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     (void)args;
     (void)kw;
-    prlock_t *self = (prlock_t *)type->tp_alloc(type, 0);
-    if (!self) return NULL;
-    self->lock = PyThread_allocate_lock();
-    if (!self->lock) {
-        Py_DECREF(self);
-        PyErr_SetString(PyExc_MemoryError, "can't allocate lock");
-        return NULL;
-    }
-    self->site_file = creation_site(&self->site_line);
-    return (PyObject *)self;
+    return lock_new(type, 1);
 }
 
-static void prlock_dealloc(prlock_t *self) {
+static void lock_dealloc(plock_t *self) {
     if (self->weakreflist) PyObject_ClearWeakRefs((PyObject *)self);
     if (self->lock) {
         if (self->count) PyThread_release_lock(self->lock);
@@ -506,9 +388,9 @@ static void prlock_dealloc(prlock_t *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *prlock_acquire_us(prlock_t *self, PY_TIMEOUT_T us) {
+static PyObject *lock_acquire_us(plock_t *self, PY_TIMEOUT_T us) {
     unsigned long tid = PyThread_get_thread_ident();
-    if (self->count > 0 && self->owner == tid) {
+    if (self->reentrant && self->count > 0 && self->owner == tid) {
         if (self->count + 1 == 0) {
             PyErr_SetString(PyExc_OverflowError, "Internal lock count overflowed");
             return NULL;
@@ -527,26 +409,28 @@ static PyObject *prlock_acquire_us(prlock_t *self, PY_TIMEOUT_T us) {
     return PyBool_FromLong(r == PY_LOCK_ACQUIRED);
 }
 
-static PyObject *prlock_acquire(prlock_t *self, PyObject *const *args, Py_ssize_t nargs,
-                                PyObject *kwnames) {
+static PyObject *lock_acquire(plock_t *self, PyObject *const *args, Py_ssize_t nargs,
+                              PyObject *kwnames) {
     PY_TIMEOUT_T us;
-    if (nargs == 0 && !kwnames) {
+    if (nargs == 0 && !kwnames) { /* the common case: no parsing */
         us = -1;
     } else if (parse_acquire(args, nargs, kwnames, &us) != 0) {
         return NULL;
     }
-    return prlock_acquire_us(self, us);
+    return lock_acquire_us(self, us);
 }
 
-static PyObject *prlock_enter(prlock_t *self, PyObject *noargs) {
+static PyObject *lock_enter(plock_t *self, PyObject *noargs) {
     (void)noargs;
-    return prlock_acquire_us(self, -1);
+    return lock_acquire_us(self, -1);
 }
 
-static PyObject *prlock_release(prlock_t *self, PyObject *unused) {
+/* A Lock may be released by any thread; an RLock only by its owner, once per acquisition. */
+static PyObject *lock_release(plock_t *self, PyObject *unused) {
     (void)unused;
-    if (self->count == 0 || self->owner != PyThread_get_thread_ident()) {
-        PyErr_SetString(PyExc_RuntimeError, "cannot release un-acquired lock");
+    if (self->count == 0 || (self->reentrant && self->owner != PyThread_get_thread_ident())) {
+        PyErr_SetString(PyExc_RuntimeError, self->reentrant ? "cannot release un-acquired lock"
+                                                            : "release unlocked lock");
         return NULL;
     }
     if (--self->count == 0) {
@@ -556,28 +440,82 @@ static PyObject *prlock_release(prlock_t *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-static PyObject *prlock_exit(prlock_t *self, PyObject *args) {
+static PyObject *lock_exit(plock_t *self, PyObject *args) {
     (void)args;
-    return prlock_release(self, NULL);
+    return lock_release(self, NULL);
 }
 
-static PyObject *prlock_locked(prlock_t *self, PyObject *noargs) {
+static PyObject *lock_locked(plock_t *self, PyObject *noargs) {
     (void)noargs;
     return PyBool_FromLong(self->count > 0);
 }
 
-static PyObject *prlock_is_owned(prlock_t *self, PyObject *noargs) {
+static PyObject *lock_at_fork_reinit(plock_t *self, PyObject *noargs) {
+    (void)noargs;
+    PyThread_type_lock fresh = PyThread_allocate_lock();
+    if (!fresh) {
+        PyErr_SetString(PyExc_MemoryError, "can't allocate lock");
+        return NULL;
+    }
+    /* The old lock may be held by a thread that does not exist in the child: not freed. */
+    self->lock = fresh;
+    self->owner = 0;
+    self->count = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *no_pickle(PyObject *self, PyObject *args) {
+    (void)args;
+    return PyErr_Format(PyExc_TypeError, "cannot pickle '%.100s' object", Py_TYPE(self)->tp_name);
+}
+
+static PyObject *plock_repr(plock_t *self) {
+    return PyUnicode_FromFormat("<%s %s object at %p>", self->count ? "locked" : "unlocked",
+                                Py_TYPE(self)->tp_name, self);
+}
+
+static PyMethodDef plock_methods[] = {
+    {"acquire", (PyCFunction)(void (*)(void))lock_acquire, METH_FASTCALL | METH_KEYWORDS,
+     "acquire(blocking=True, timeout=-1) -> bool"},
+    {"acquire_lock", (PyCFunction)(void (*)(void))lock_acquire, METH_FASTCALL | METH_KEYWORDS,
+     "alias of acquire"},
+    {"release", (PyCFunction)lock_release, METH_NOARGS, "release the lock"},
+    {"release_lock", (PyCFunction)lock_release, METH_NOARGS, "alias of release"},
+    {"locked", (PyCFunction)lock_locked, METH_NOARGS, "whether the lock is held"},
+    {"locked_lock", (PyCFunction)lock_locked, METH_NOARGS, "alias of locked"},
+    {"__enter__", (PyCFunction)lock_enter, METH_NOARGS, "acquire the lock"},
+    {"__exit__", (PyCFunction)lock_exit, METH_VARARGS, "release the lock"},
+    {"_at_fork_reinit", (PyCFunction)lock_at_fork_reinit, METH_NOARGS, "a new, unlocked lock"},
+    {"__reduce_ex__", no_pickle, METH_VARARGS, "locks cannot be pickled"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject g_plock_type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "middleware._native.ProfiledLock",
+    .tp_basicsize = sizeof(plock_t),
+    .tp_dealloc = (destructor)lock_dealloc,
+    .tp_repr = (reprfunc)plock_repr,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A threading.Lock whose waits go to the block profile.",
+    .tp_weaklistoffset = offsetof(plock_t, weakreflist),
+    .tp_methods = plock_methods,
+    .tp_new = plock_new,
+};
+
+/* ---------------------------------------------------------------- RLock's own methods */
+
+static PyObject *prlock_is_owned(plock_t *self, PyObject *noargs) {
     (void)noargs;
     return PyBool_FromLong(self->count > 0 && self->owner == PyThread_get_thread_ident());
 }
 
-static PyObject *prlock_recursion_count(prlock_t *self, PyObject *noargs) {
+static PyObject *prlock_recursion_count(plock_t *self, PyObject *noargs) {
     (void)noargs;
     return PyLong_FromUnsignedLong(self->owner == PyThread_get_thread_ident() ? self->count : 0);
 }
 
 /* Condition.wait: gives the lock up whatever its count, to take it back with that state. */
-static PyObject *prlock_release_save(prlock_t *self, PyObject *noargs) {
+static PyObject *prlock_release_save(plock_t *self, PyObject *noargs) {
     (void)noargs;
     if (self->count == 0) {
         PyErr_SetString(PyExc_RuntimeError, "cannot release un-acquired lock");
@@ -590,7 +528,7 @@ static PyObject *prlock_release_save(prlock_t *self, PyObject *noargs) {
     return Py_BuildValue("kk", count, owner);
 }
 
-static PyObject *prlock_acquire_restore(prlock_t *self, PyObject *args) {
+static PyObject *prlock_acquire_restore(plock_t *self, PyObject *args) {
     unsigned long count, owner;
     if (!PyArg_ParseTuple(args, "(kk):_acquire_restore", &count, &owner)) return NULL;
     int64_t w = acquire_uninterrupted(self->lock);
@@ -600,50 +538,37 @@ static PyObject *prlock_acquire_restore(prlock_t *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *prlock_at_fork_reinit(prlock_t *self, PyObject *noargs) {
-    (void)noargs;
-    PyThread_type_lock fresh = PyThread_allocate_lock();
-    if (!fresh) {
-        PyErr_SetString(PyExc_MemoryError, "can't allocate lock");
-        return NULL;
-    }
-    self->lock = fresh;
-    self->owner = 0;
-    self->count = 0;
-    Py_RETURN_NONE;
-}
-
-static PyObject *prlock_repr(prlock_t *self) {
+static PyObject *prlock_repr(plock_t *self) {
     return PyUnicode_FromFormat("<%s %s object owner=%lu count=%lu at %p>",
                                 self->count ? "locked" : "unlocked", Py_TYPE(self)->tp_name,
                                 self->owner, self->count, self);
 }
 
 static PyMethodDef prlock_methods[] = {
-    {"acquire", (PyCFunction)(void (*)(void))prlock_acquire, METH_FASTCALL | METH_KEYWORDS,
+    {"acquire", (PyCFunction)(void (*)(void))lock_acquire, METH_FASTCALL | METH_KEYWORDS,
      "acquire(blocking=True, timeout=-1) -> bool"},
-    {"release", (PyCFunction)prlock_release, METH_NOARGS, "release the lock once"},
-    {"locked", (PyCFunction)prlock_locked, METH_NOARGS, "whether some thread holds the lock"},
-    {"__enter__", (PyCFunction)prlock_enter, METH_NOARGS, "acquire the lock"},
-    {"__exit__", (PyCFunction)prlock_exit, METH_VARARGS, "release the lock"},
+    {"release", (PyCFunction)lock_release, METH_NOARGS, "release the lock once"},
+    {"locked", (PyCFunction)lock_locked, METH_NOARGS, "whether some thread holds the lock"},
+    {"__enter__", (PyCFunction)lock_enter, METH_NOARGS, "acquire the lock"},
+    {"__exit__", (PyCFunction)lock_exit, METH_VARARGS, "release the lock"},
     {"_is_owned", (PyCFunction)prlock_is_owned, METH_NOARGS, "held by the calling thread"},
     {"_recursion_count", (PyCFunction)prlock_recursion_count, METH_NOARGS,
      "how many times the calling thread holds it"},
     {"_release_save", (PyCFunction)prlock_release_save, METH_NOARGS, "for Condition.wait"},
     {"_acquire_restore", (PyCFunction)prlock_acquire_restore, METH_VARARGS, "for Condition.wait"},
-    {"_at_fork_reinit", (PyCFunction)prlock_at_fork_reinit, METH_NOARGS, "a new, unlocked lock"},
+    {"_at_fork_reinit", (PyCFunction)lock_at_fork_reinit, METH_NOARGS, "a new, unlocked lock"},
     {"__reduce_ex__", no_pickle, METH_VARARGS, "locks cannot be pickled"},
     {NULL, NULL, 0, NULL},
 };
 
 static PyTypeObject g_prlock_type = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "middleware._native.ProfiledRLock",
-    .tp_basicsize = sizeof(prlock_t),
-    .tp_dealloc = (destructor)prlock_dealloc,
+    .tp_basicsize = sizeof(plock_t),
+    .tp_dealloc = (destructor)lock_dealloc,
     .tp_repr = (reprfunc)prlock_repr,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_doc = "A threading.RLock whose waits go to the block profile.",
-    .tp_weaklistoffset = offsetof(prlock_t, weakreflist),
+    .tp_weaklistoffset = offsetof(plock_t, weakreflist),
     .tp_methods = prlock_methods,
     .tp_new = prlock_new,
 };

@@ -35,6 +35,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from middleware import MwTracker  # noqa: E402
 
 
+def run_all(threads: list[threading.Thread]) -> None:
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def wait_on_a(lock: threading.Lock) -> float:
     t0 = time.perf_counter()
     lock.acquire()
@@ -83,10 +90,7 @@ def contention(store: str, seconds: float) -> dict[str, object]:
     threads += [threading.Thread(target=worker, args=("b", k, lock_b, wait_on_b, 0.001, 0.0015), name=f"b{k}")
                 for k in range(3)]
     threads.append(threading.Thread(target=uncontended, name="u"))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_all(threads)
     stats = tracker.stats()
     tracker.stop()
     return {
@@ -132,10 +136,7 @@ def stacks(store: str, seconds: float) -> dict[str, object]:
                 scope[f"fn_{k}_{rounds}"](mids[k % 3], held, k % 7)  # type: ignore[operator]
 
     threads = [threading.Thread(target=run, name=f"s{i}") for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_all(threads)
     stats = tracker.stats()
     tracker.stop()
     return {"rounds": rounds, "stats": {k: v for k, v in stats.items() if k.startswith("lock_")}}
@@ -191,10 +192,7 @@ def stress(store: str, seconds: float) -> dict[str, object]:
             done[k] += 1
 
     threads = [threading.Thread(target=churn, args=(k,)) for k in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_all(threads)
     stats = tracker.stats()
     tracker.stop()
     return {
