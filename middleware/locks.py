@@ -1,7 +1,5 @@
 """Lock-wait profiles: ``threading``'s locks replaced by profiled ones while profiling runs.
 
-(and ``asyncio.Lock``/``Semaphore``'s ``acquire`` timed when it has to wait: see below)
-
 :func:`install` makes ``threading.Lock``, ``threading.RLock`` and the locks ``threading`` builds
 on (``Condition``, ``Semaphore``, ``Event``, ``Barrier``; and so ``queue.Queue`` and
 ``concurrent.futures``) the native :class:`ProfiledLock` / :class:`ProfiledRLock`, which
@@ -10,18 +8,19 @@ once) to the block profile: the waiting thread's stack, the time waited and the 
 site (label ``lock=<file>:<line>``). Each window's waits are written and uploaded next to the
 CPU profile as ``block:contentions:count`` and ``block:delay:nanoseconds``.
 
-Covered: locks made through ``threading`` after :func:`install` (at ``MwTracker()``). Not
-covered: locks made before it (a module-level ``threading.Lock()`` of a module imported
-earlier), locks made through ``_thread.allocate_lock`` directly, C-level locks
-(``queue.SimpleQueue``, the import lock, the GIL itself) and ``multiprocessing`` locks.
-
 ``asyncio.Lock`` and ``asyncio.Semaphore`` (so ``BoundedSemaphore`` and ``Condition``, which use
-them): their ``acquire`` is wrapped; when the lock cannot be taken at once, the time until it is
-taken (or the wait is cancelled) is recorded with the stack at that moment (the waiting task's
-await chain, under the event loop's frames) and ``lock=<file>:<line>`` where the lock was made
-(outside asyncio). An acquire that does not wait adds one coroutine call.
-:func:`uninstall` puts the stock types back for new locks; profiled locks already made keep
-working and stop reporting.
+them) keep their type: their ``acquire`` is wrapped once the app imports ``asyncio.locks``; when
+the lock cannot be taken at once, the time until it is taken (or the wait is cancelled) is
+recorded with the stack at that moment (the waiting task's await chain, under the event loop's
+frames) and ``lock=<file>:<line>`` where the lock was made (outside asyncio). An acquire that
+does not wait costs one coroutine call more.
+
+Covered: locks made through ``threading`` and ``asyncio`` after :func:`install` (at
+``MwTracker()``). Not covered: locks made before it (a module-level ``threading.Lock()`` of a
+module imported earlier), locks made through ``_thread.allocate_lock`` directly, C-level locks
+(``queue.SimpleQueue``, the import lock, the GIL itself) and ``multiprocessing`` locks.
+:func:`uninstall` puts the stock types and methods back for new locks; profiled locks already
+made keep working and stop reporting.
 """
 from __future__ import annotations
 
@@ -40,6 +39,9 @@ __all__ = ["install", "uninstall", "installed"]
 # threading's attributes that make locks, and what they were before install().
 _PATCHED = ("Lock", "_allocate_lock", "_CRLock")
 _saved: dict[str, Any] = {}
+# asyncio's lock classes wrapped, with their own __init__ and acquire.
+_saved_asyncio: dict[type, tuple[Callable[..., Any], Callable[..., Any]]] = {}
+_asyncio_hooked = False  # the post-import callback for asyncio.locks is registered (it runs once)
 
 # Standard-library files whose frames do not name a lock's creation site: a Condition's waiter
 # lock is named after the code that waits, a Queue's mutex after the code that made the Queue.
@@ -72,7 +74,10 @@ def _wrap_asyncio(cls: type, native: Any, own_files: set[str]) -> None:
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         orig_init(self, *args, **kwargs)
-        f = sys._getframe(1)
+        try:
+            f = sys._getframe(1)
+        except ValueError:  # made from C, no Python caller
+            return
         while f.f_back is not None and f.f_code.co_filename in own_files:
             f = f.f_back
         self._mw_site = (f.f_code.co_filename, f.f_lineno or 0)
@@ -93,9 +98,6 @@ def _wrap_asyncio(cls: type, native: Any, own_files: set[str]) -> None:
     cls.__init__ = __init__  # type: ignore[misc]
     cls.acquire = acquire  # type: ignore[attr-defined]
 
-
-_saved_asyncio: dict[type, tuple[Callable[..., Any], Callable[..., Any]]] = {}
-_asyncio_hooked = False  # the post-import callback for asyncio.locks is registered (it runs once)
 
 
 def installed() -> bool:

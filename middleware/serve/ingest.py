@@ -29,9 +29,9 @@ Series naming (docs/protocol.md): a sample type containing ``wall`` gives the se
 starting with ``alloc_``/``inuse_`` gives ``memory``, one containing ``cpu`` gives
 ``process_cpu``, ``contentions`` and ``delay`` give ``block``; any other sample type (e.g.
 ``samples/count``) takes the name of the profile's period type (``cpu`` period -> ``process_cpu``).
-The profile type id is ``name:type:unit:period_type:period_unit`` where the period is the profile's own, except for a
-sample type whose series differs from the period's series (a ``wall`` value in a profile whose
-period type is ``cpu``): that one uses itself as period type. This yields exactly
+The profile type id is ``name:type:unit:period_type:period_unit`` where the period is the
+profile's own, except for a sample type whose series differs from the period's series (a ``wall``
+value in a profile whose period type is ``cpu``): that one uses itself as period type. This yields exactly
 ``process_cpu:cpu:nanoseconds:cpu:nanoseconds``, ``process_cpu:samples:count:cpu:nanoseconds``
 and ``wall:wall:nanoseconds:wall:nanoseconds`` for the agent's CPU profiles, and
 ``block:contentions:count:contentions:count`` and ``block:delay:nanoseconds:contentions:count``
