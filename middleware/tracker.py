@@ -89,7 +89,11 @@ class _ProcessProfiler:
             if cfg.locks:
                 from middleware import locks
 
-                locks.install(n, cfg.lock_rate)
+                try:
+                    locks.install(n, cfg.lock_rate)
+                except Exception as exc:  # the CPU profile goes on without lock waits
+                    visible_warning(logger, "middleware: lock-wait profiling could not start (%s: %s); "
+                                    "process %d profiles CPU only", type(exc).__name__, exc, os.getpid())
             if cfg.native:
                 n.unwind_enable(bool(cfg.native_show_internal))
         logger.info(

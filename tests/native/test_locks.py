@@ -401,3 +401,29 @@ def test_asyncio_lock_and_semaphore_waits_are_recorded_and_their_behaviour_kept(
     # the waiter's lock wait (~50 ms), the cancelled acquire's (~10 ms); the semaphore was free by then
     assert after["lock_waits"] - before["lock_waits"] >= 2, (before, after)
     assert after["lock_wait_ns"] - before["lock_wait_ns"] >= 50_000_000
+
+
+def test_lock_profiling_that_cannot_start_is_said_once_and_cpu_profiling_goes_on(tmp_path: Path) -> None:
+    script = tmp_path / "app.py"
+    script.write_text(
+        "import sys, threading, time\n"
+        "from middleware import _native\n"
+        "def refuse(*args, **kwargs):\n"
+        "    raise MemoryError('no room for the lock-wait buffers')\n"
+        "_native.locks_enable = refuse\n"
+        "from middleware import MwTracker\n"
+        "t = MwTracker(service_name='nolocks', profile_dir=sys.argv[1], upload_interval=0.2)\n"
+        "end = time.perf_counter() + 0.5\n"
+        "while time.perf_counter() < end:\n"
+        "    pass\n"
+        "print(t.running, type(threading.Lock()).__name__)\n"
+        "t.stop()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MW_", "OTEL_"))}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "store")], capture_output=True, text=True,
+                          timeout=60, cwd=str(ROOT), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == "True"  # profiling runs; threading keeps (or gets back) stock locks
+    lines = [ln for ln in proc.stderr.splitlines() if "lock-wait profiling could not start" in ln]
+    assert len(lines) == 1 and "MemoryError: no room for the lock-wait buffers" in lines[0], proc.stderr
+    assert load_profiles(tmp_path / "store").total("cpu") > 0
