@@ -420,6 +420,7 @@ def test_lock_profiling_that_cannot_start_is_said_once_and_cpu_profiling_goes_on
         "t.stop()\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MW_", "OTEL_"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))  # matrix venvs
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "store")], capture_output=True, text=True,
                           timeout=60, cwd=str(ROOT), env=env)
     assert proc.returncode == 0, proc.stderr
