@@ -75,6 +75,15 @@ def test_lock_waits_are_charged_to_their_acquire_sites_in_the_measured_ratio(tmp
     assert all(p.default_sample_type == "delay" for p in block)
     names = {s.label("thread_name") for p in block for s in p.samples}
     assert {"a0", "a1", "a2", "b0", "b1", "b2"} <= names, names
+    # the CLI views read them with --type delay
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    top = subprocess.run([sys.executable, "-m", "middleware", "top", str(tmp_path), "--type", "delay", "--format",
+                          "json"], capture_output=True, text=True, timeout=60, env=env, cwd=str(ROOT))
+    assert top.returncode == 0, top.stderr
+    doc = json.loads(top.stdout)
+    assert doc["value"] == {"name": "delay", "unit": "nanoseconds"} and doc["total"] == total
+    longest = "wait_on_a" if waited_a > waited_b else "wait_on_b"
+    assert doc["functions"][0]["function"] == longest, doc["functions"][:3]
 
 
 def test_short_waits_sampled_by_delay_keep_the_total(tmp_path: Path) -> None:
