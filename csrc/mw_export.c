@@ -9,6 +9,7 @@
 #include "mw_export.h"
 
 #include "mw_blockprof.h"
+#include "mw_memprof.h"
 #include "mw_collect.h"
 #include "mw_pprof.h"
 #include "mw_report.h"
@@ -237,6 +238,27 @@ static void export_block(int64_t ts, int64_t te) {
     pthread_mutex_unlock(&g_lock);
 }
 
+/* The memory profile of the window [ts, te] (mw_memprof: allocations of the window, sampled
+ * live set at its end), as a profile of kind MW_PPROF_MEMORY ("memory"). Exporter thread;
+ * nothing is done when memory profiling never started or nothing was sampled. */
+static void export_memory(int64_t ts, int64_t te) {
+    mw_profbuf_t *b = mw_memprof_take();
+    if (!b) return;
+    uint32_t nstacks = mw_profbuf_nstacks(b);
+    mw_pprof_meta_t meta = window_meta(ts, te);
+    meta.kind = MW_PPROF_MEMORY;
+    meta.period_ns = (int64_t)mw_memprof_rate();
+    size_t gzlen;
+    delivery_t d;
+    deliver(b, &meta, ts, te, "memory", &d, NULL, &gzlen);
+    mw_memprof_give_back(b);
+    pthread_mutex_lock(&g_lock);
+    g_stats.memory_exports += (uint64_t) !(d.encode_err || d.store_err || d.upload_err);
+    g_stats.memory_stacks += nstacks;
+    account(&g_stats, &d);
+    pthread_mutex_unlock(&g_lock);
+}
+
 /* One window: rotate, encode, deliver, recycle. Runs on the exporter thread, no lock held
  * except g_hold around rotate and recycle. */
 static void export_once(void) {
@@ -271,6 +293,7 @@ static void export_once(void) {
     g_held = NULL;
     pthread_mutex_unlock(&g_hold);
     export_block(ts, te);
+    export_memory(ts, te);
 
     uint64_t cpu = (uint64_t)(thread_cpu_ns() - c0), wall = (uint64_t)(mw_now_monotonic_ns() - w0);
     pthread_mutex_lock(&g_lock);

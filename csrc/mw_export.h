@@ -79,9 +79,11 @@ typedef struct mw_export_stats {
     uint64_t last_raw_bytes; /* protobuf size of the last profile */
     uint64_t last_gz_bytes;  /* gzipped size */
     int64_t last_window_start_ns, last_window_end_ns;
-    int64_t last_errno;     /* errno of the last store failure, 0 if none */
-    uint64_t block_exports; /* lock-wait windows written/submitted without error (mw_blockprof) */
-    uint64_t block_stacks;  /* stacks in them */
+    int64_t last_errno;      /* errno of the last store failure, 0 if none */
+    uint64_t block_exports;  /* lock-wait windows written/submitted without error (mw_blockprof) */
+    uint64_t block_stacks;   /* stacks in them */
+    uint64_t memory_exports; /* memory windows written/submitted without error (mw_memprof) */
+    uint64_t memory_stacks;  /* stacks in them */
     uint64_t running;
 } mw_export_stats_t;
 

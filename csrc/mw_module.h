@@ -32,4 +32,9 @@ extern PyMethodDef mw_locks_methods[];
 /* Adds the two lock types to the module and registers mw_blockprof's fork handlers (once). */
 int mw_locks_module_init(PyObject *m);
 
+/* csrc/mw_module_memory.c: memory_* (allocator hooks, memory profile). */
+extern PyMethodDef mw_memory_methods[];
+/* Registers mw_memprof's fork handlers (once). */
+int mw_memory_module_init(PyObject *m);
+
 #endif /* MW_MODULE_H */

@@ -401,7 +401,8 @@ typedef struct {
 /* The fixed string-table entries and the labels every sample may share. */
 typedef struct {
     int64_t samples, count, cpu, ns, wall, thread, pid, unknown, map, contentions, delay;
-    int kind;              /* meta.kind */
+    int64_t alloc_objects, alloc_space, inuse_objects, inuse_space, space, bytes; /* memory */
+    int kind;                                                                     /* meta.kind */
     pb_label_t *pid_label; /* NULL without a pid */
     pb_label_t *statics;   /* the meta's static labels, nstatic of them */
     uint32_t nstatic;
@@ -465,7 +466,7 @@ static int alloc_tables(enc_t *e, const enc_sizes_t *sz) {
     e->samples = calloc(ns + 1, sizeof *e->samples);
     e->sample_ptrs = calloc(ns + 1, sizeof *e->sample_ptrs);
     e->loc_ids = calloc(sz->slots + 1, sizeof *e->loc_ids);
-    e->values = calloc(3ull * ns + 1, sizeof *e->values);
+    e->values = calloc(4ull * ns + 1, sizeof *e->values);
     if (!e->strmap || !e->labels || !e->funcs || !e->func_ptrs || !e->func_index || !e->locs ||
         !e->loc_ptrs || !e->lines || !e->line_ptrs || !e->loc_index || !e->frame_loc ||
         !e->samples || !e->sample_ptrs || !e->loc_ids || !e->values)
@@ -486,6 +487,17 @@ static int fixed_labels(enc_t *e, const mw_pprof_meta_t *meta, enc_fixed_t *fx) 
     fx->kind = meta->kind;
     fx->contentions = meta->kind == MW_PPROF_BLOCK ? pool_add(&e->pool, "contentions") : 0;
     fx->delay = meta->kind == MW_PPROF_BLOCK ? pool_add(&e->pool, "delay") : 0;
+    if (meta->kind == MW_PPROF_MEMORY) {
+        fx->alloc_objects = pool_add(&e->pool, "alloc_objects");
+        fx->alloc_space = pool_add(&e->pool, "alloc_space");
+        fx->inuse_objects = pool_add(&e->pool, "inuse_objects");
+        fx->inuse_space = pool_add(&e->pool, "inuse_space");
+        fx->space = pool_add(&e->pool, "space");
+        fx->bytes = pool_add(&e->pool, "bytes");
+        if (fx->alloc_objects < 0 || fx->alloc_space < 0 || fx->inuse_objects < 0 ||
+            fx->inuse_space < 0 || fx->space < 0 || fx->bytes < 0)
+            return -1;
+    }
     fx->thread = pool_add(&e->pool, "thread_name");
     fx->pid = pool_add(&e->pool, "pid");
     fx->unknown = pool_add(&e->pool, "unknown");
@@ -548,8 +560,14 @@ static int sample_pass(enc_t *e, enc_fixed_t *fx) {
             if (loc) e->loc_ids[lo + sm->n_location_id++] = loc;
         }
         lo += sm->n_location_id;
-        sm->value = &e->values[3ull * i];
-        if (fx->kind == MW_PPROF_BLOCK) {
+        sm->value = &e->values[4ull * i];
+        if (fx->kind == MW_PPROF_MEMORY) {
+            sm->n_value = 4;
+            sm->value[0] = clamp64(s->v.cpu_samples);
+            sm->value[1] = clamp64(s->v.cpu_ns);
+            sm->value[2] = clamp64(s->v.wall_samples);
+            sm->value[3] = clamp64(s->v.wall_ns);
+        } else if (fx->kind == MW_PPROF_BLOCK) {
             sm->n_value = 2;
             sm->value[0] = clamp64(s->v.wall_samples);
             sm->value[1] = clamp64(s->v.wall_ns);
@@ -581,21 +599,29 @@ static int sample_pass(enc_t *e, enc_fixed_t *fx) {
 /* The Profile message around the tables, packed into a new malloc'd buffer. */
 static int pack_profile(enc_t *e, const enc_fixed_t *fx, const mw_pprof_meta_t *meta, uint8_t **out,
                         size_t *len) {
-    pb_valuetype_t st[3], period_type;
-    pb_valuetype_t *st_ptrs[3] = {&st[0], &st[1], &st[2]};
-    const int block = fx->kind == MW_PPROF_BLOCK;
-    const int64_t st_def[3][2] = {{block ? fx->contentions : fx->samples, fx->count},
-                                  {block ? fx->delay : fx->cpu, fx->ns},
-                                  {fx->wall, fx->ns}};
-    const size_t ntypes = block ? 2 : 3;
+    pb_valuetype_t st[4], period_type;
+    pb_valuetype_t *st_ptrs[4] = {&st[0], &st[1], &st[2], &st[3]};
+    const int block = fx->kind == MW_PPROF_BLOCK, memory = fx->kind == MW_PPROF_MEMORY;
+    int64_t st_def[4][2] = {{block ? fx->contentions : fx->samples, fx->count},
+                            {block ? fx->delay : fx->cpu, fx->ns},
+                            {fx->wall, fx->ns},
+                            {0, 0}};
+    if (memory) {
+        const int64_t mem_def[4][2] = {{fx->alloc_objects, fx->count},
+                                       {fx->alloc_space, fx->bytes},
+                                       {fx->inuse_objects, fx->count},
+                                       {fx->inuse_space, fx->bytes}};
+        memcpy(st_def, mem_def, sizeof st_def);
+    }
+    const size_t ntypes = memory ? 4 : block ? 2 : 3;
     for (size_t i = 0; i < ntypes; i++) {
         perftools__profiles__value_type__init(&st[i]);
         st[i].type = st_def[i][0];
         st[i].unit = st_def[i][1];
     }
     perftools__profiles__value_type__init(&period_type);
-    period_type.type = block ? fx->contentions : fx->cpu;
-    period_type.unit = block ? fx->count : fx->ns;
+    period_type.type = memory ? fx->space : block ? fx->contentions : fx->cpu;
+    period_type.unit = memory ? fx->bytes : block ? fx->count : fx->ns;
 
     /* One pseudo mapping, fully symbolized, so that pprof tools neither look for a binary
      * nor try to symbolize addresses. */
@@ -623,7 +649,7 @@ static int pack_profile(enc_t *e, const enc_fixed_t *fx, const mw_pprof_meta_t *
     p.duration_nanos = meta->duration_nanos > 0 ? meta->duration_nanos : 0;
     p.period_type = &period_type;
     p.period = meta->period_ns > 0 ? meta->period_ns : 1000000000LL / 100;
-    p.default_sample_type = block ? fx->delay : fx->cpu;
+    p.default_sample_type = memory ? fx->inuse_space : block ? fx->delay : fx->cpu;
 
     size_t size = perftools__profiles__profile__get_packed_size(&p);
     uint8_t *buf = malloc(size ? size : 1);

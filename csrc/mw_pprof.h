@@ -8,7 +8,12 @@
  *   MW_PPROF_BLOCK (lock waits, mw_blockprof):
  *   sample_type          [contentions/count, delay/nanoseconds] = (wall_samples, wall_ns)
  *   default_sample_type  "delay";  period_type contentions/count;  period = meta.period_ns
- *   (the other fields are the same for both kinds)
+ *   MW_PPROF_MEMORY (allocations and live set, mw_memprof):
+ *   sample_type          [alloc_objects/count, alloc_space/bytes, inuse_objects/count,
+ *                        inuse_space/bytes] = (cpu_samples, cpu_ns, wall_samples, wall_ns)
+ *   default_sample_type  "inuse_space";  period_type space/bytes;  period = meta.period_ns (the
+ *                        mean bytes between samples)
+ *   (the other fields are the same for every kind)
  *   time_nanos           window start (unix ns);  duration_nanos = window length
  *   string_table[0]      "" (every string is stored once; invalid UTF-8 is repaired with '?')
  *   function             one per (name, file), ids 1..n, start_line = the code's first line
@@ -49,6 +54,7 @@
 /* Which values of the buffer's stacks a profile carries (mw_pprof_meta_t.kind). */
 #define MW_PPROF_CPU 0
 #define MW_PPROF_BLOCK 1
+#define MW_PPROF_MEMORY 2
 
 typedef struct mw_pprof_meta {
     int64_t time_nanos;     /* window start, ns since the Unix epoch */
@@ -61,7 +67,7 @@ typedef struct mw_pprof_meta {
      * labels_skipped). Borrowed for the duration of the call. */
     const char *const *static_keys, *const *static_vals;
     uint32_t nstatic;
-    int kind; /* MW_PPROF_CPU (0) or MW_PPROF_BLOCK */
+    int kind; /* MW_PPROF_CPU (0), MW_PPROF_BLOCK or MW_PPROF_MEMORY */
 } mw_pprof_meta_t;
 
 typedef struct mw_pprof_info {

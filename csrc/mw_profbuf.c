@@ -243,7 +243,15 @@ static mw_id_t copy_str(mw_profbuf_t *dst, const mw_profbuf_t *src, mw_id_t id) 
 }
 
 uint32_t mw_profbuf_merge(mw_profbuf_t *dst, const mw_profbuf_t *src) {
+    return mw_profbuf_merge_pick(dst, src, NULL, NULL, NULL);
+}
+
+uint32_t mw_profbuf_merge_pick(mw_profbuf_t *dst, const mw_profbuf_t *src, mw_profbuf_pick_fn pick,
+                               void *ctx, uint32_t *remap) {
     uint32_t lost = 0;
+    if (remap)
+        for (uint32_t i = 0; i < src->nstacks; i++)
+            remap[i] = UINT32_MAX;
     /* Frame ids of src translate to dst lazily; a small map avoids re-hashing strings. */
     mw_id_t *map = calloc(src->nframes + 1, sizeof *map);
     mw_id_t *ids = malloc(0x10000 * sizeof *ids);
@@ -254,6 +262,8 @@ uint32_t mw_profbuf_merge(mw_profbuf_t *dst, const mw_profbuf_t *src) {
     }
     for (uint32_t i = 0; i < src->nstacks; i++) {
         const mw_stack_t *s = &src->stacks[i];
+        mw_values_t v = s->v;
+        if (pick && !pick(ctx, s, &v)) continue;
         const mw_id_t *fr = src->slots + s->frames_off;
         int ok = 1;
         for (uint32_t d = 0; d < s->depth && ok; d++) {
@@ -268,13 +278,22 @@ uint32_t mw_profbuf_merge(mw_profbuf_t *dst, const mw_profbuf_t *src) {
             ok = ids[d] != 0;
         }
         mw_id_t th = ok ? copy_str(dst, src, s->thread) : 0;
+        uint32_t at = 0;
         if (!ok || (s->thread && !th) ||
-            mw_profbuf_add(dst, ids, s->depth, th, s->labelset, &s->v) != 0)
+            mw_profbuf_add_ex(dst, ids, s->depth, th, s->labelset, &v, &at) != 0)
             lost++;
+        else if (remap)
+            remap[i] = at;
     }
     free(map);
     free(ids);
     return lost;
+}
+
+int mw_profbuf_set_values(mw_profbuf_t *b, uint32_t idx, const mw_values_t *v) {
+    if (idx >= b->nstacks) return -1;
+    b->stacks[idx].v = *v;
+    return 0;
 }
 
 uint32_t mw_profbuf_nstacks(const mw_profbuf_t *b) {

@@ -100,6 +100,17 @@ int mw_profbuf_add_at(mw_profbuf_t *b, uint32_t idx, const mw_values_t *v);
  * stacks that did not fit. */
 uint32_t mw_profbuf_merge(mw_profbuf_t *dst, const mw_profbuf_t *src);
 
+/* Like mw_profbuf_merge, for the stacks of src that pick(ctx, stack, &values) keeps (returns 1;
+ * it may change the values added, which start as the stack's); pick NULL keeps all. remap
+ * (NULL, or one entry per stack of src) gets each kept stack's index in dst, UINT32_MAX for the
+ * others and for those that did not fit. Returns the number of kept stacks that did not fit. */
+typedef int (*mw_profbuf_pick_fn)(void *ctx, const mw_stack_t *s, mw_values_t *v);
+uint32_t mw_profbuf_merge_pick(mw_profbuf_t *dst, const mw_profbuf_t *src, mw_profbuf_pick_fn pick,
+                               void *ctx, uint32_t *remap);
+
+/* Replaces the values of the stack entry at idx. 0, or -1 when idx is out of range. */
+int mw_profbuf_set_values(mw_profbuf_t *b, uint32_t idx, const mw_values_t *v);
+
 /* Read access (any thread that owns the buffer at the moment). */
 uint32_t mw_profbuf_nstacks(const mw_profbuf_t *b);
 const mw_stack_t *mw_profbuf_stack(const mw_profbuf_t *b, uint32_t i); /* 0-based index */

@@ -383,6 +383,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             doc="lock-wait profiles (block:contentions:count, block:delay:nanoseconds)"),
     Setting("lock_rate", ("MW_PROFILING_LOCK_RATE",), int_in(0, 10**10), 1_000_000, used_by=_P,
             doc="nanoseconds of waiting per recorded lock wait; shorter waits are sampled (0: all)"),
+    Setting("memory", ("MW_PROFILING_MEMORY",), parse_bool, True, used_by=_P,
+            doc="memory profiles (memory:alloc_objects/alloc_space/inuse_objects/inuse_space)"),
+    Setting("memory_rate", ("MW_PROFILING_MEMORY_RATE",), int_in(1, 1 << 40), 512 * 1024, used_by=_P,
+            doc="mean bytes allocated between two sampled allocations"),
     Setting("instrument", ("MW_PROFILING_INSTRUMENT",), parse_bool, True, used_by=_P,
             doc="label Flask/WSGI requests with endpoint"),
     Setting("upload", ("MW_PROFILING_UPLOAD",), parse_bool, True, used_by=_P,
@@ -515,6 +519,8 @@ class ProfilerConfig:
     instrument: bool = _default("instrument")
     locks: bool = _default("locks")
     lock_rate: int = _default("lock_rate")
+    memory: bool = _default("memory")
+    memory_rate: int = _default("memory_rate")
     upload: bool = _default("upload")  # False: never push to a backend, even if one is configured
     tags: dict[str, str] = _default("tags")
     # The code version (middleware.version turns these and the app's git work tree into labels).

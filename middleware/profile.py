@@ -71,6 +71,31 @@ def normalize_label_filter(
     return {k: frozenset(v) for k, v in out.items()}
 
 
+#: Sample types that are snapshots (what is live at the end of a window), not amounts over the
+#: window: merged over time, each process contributes its latest window only (summing them
+#: would count memory that stayed live once per window).
+GAUGE_TYPES = frozenset({"inuse_objects", "inuse_space"})
+
+
+def _pid_of(s: Sample) -> str:
+    for k, v in s.labels:
+        if k == "pid":
+            return v
+    return ""
+
+
+def _latest_snapshots(profiles: Sequence[Profile]) -> dict[str, int]:
+    """For each process (``pid`` label), the start of its latest profile with gauge types."""
+    latest: dict[str, int] = {}
+    for p in profiles:
+        if not any(name in GAUGE_TYPES for name, _ in p.sample_types):
+            continue
+        for pid in {_pid_of(s) for s in p.samples}:
+            if p.time_nanos > latest.get(pid, -1):
+                latest[pid] = p.time_nanos
+    return latest
+
+
 @dataclass
 class Profile:
     """A set of samples sharing the same sample types."""
@@ -147,15 +172,20 @@ class Profile:
         if len(set(names)) != len(names):
             raise ValueError(f"sample types with the same name but different units: {types}")
 
+        latest = _latest_snapshots(profiles)
         acc: dict[tuple[tuple[Frame, ...], tuple[tuple[str, str], ...]], list[int]] = {}
         for p in profiles:
             where = [types.index(t) for t in p.sample_types]
+            gauges = {src for src, (name, _) in enumerate(p.sample_types) if name in GAUGE_TYPES}
             for s in p.samples:
                 key = (s.stack, s.labels)
                 vals = acc.get(key)
                 if vals is None:
                     vals = acc[key] = [0] * len(types)
+                stale = bool(gauges) and latest.get(_pid_of(s), p.time_nanos) != p.time_nanos
                 for src, dst in enumerate(where):
+                    if stale and src in gauges:
+                        continue
                     vals[dst] += s.values[src]
 
         windows = [(p.time_nanos, p.time_end_nanos) for p in profiles if p.time_nanos]

@@ -94,6 +94,12 @@ class _ProcessProfiler:
                 except Exception as exc:  # the CPU profile goes on without lock waits
                     visible_warning(logger, "middleware: lock-wait profiling could not start (%s: %s); "
                                     "process %d profiles CPU only", type(exc).__name__, exc, os.getpid())
+            if cfg.memory:
+                try:
+                    n.memory_enable(rate_bytes=cfg.memory_rate)
+                except Exception as exc:  # the CPU profile goes on without memory profiles
+                    visible_warning(logger, "middleware: memory profiling could not start (%s: %s); "
+                                    "process %d has no memory profiles", type(exc).__name__, exc, os.getpid())
             if cfg.native:
                 n.unwind_enable(bool(cfg.native_show_internal))
         logger.info(
@@ -175,6 +181,8 @@ class _ProcessProfiler:
                 from middleware import locks
 
                 locks.uninstall(n)
+            if self.config.memory:
+                n.memory_disable()
             n.stop()
             if self.exporting:
                 ok = bool(n.export_stop(timeout))
@@ -483,6 +491,8 @@ class MwTracker:
         out.update({f"upload_{k}": v for k, v in n.upload_stats().items()})
         out.update(n.unwind_stats())  # native frames: unwind_* counters
         out.update(n.locks_stats())  # lock waits: lock_* counters
+        out.update({f"memory_{k}" if not k.startswith("memory") else k: v
+                    for k, v in n.memory_stats().items()})  # allocations: memory_* counters
         children = sys.modules.get("middleware.children")
         if children is not None:  # child processes: handed profiling, final exports
             out.update(children.stats())

@@ -127,7 +127,8 @@ def add_profile_options(parser: argparse.ArgumentParser, paths: bool = True) -> 
     )
     parser.add_argument(
         "--value", "--type", dest="value", metavar="TYPE",
-        help="sample type to show: cpu, wall, samples, delay (lock waits), contentions, ... "
+        help="sample type to show: cpu, wall, samples, delay (lock waits), contentions, "
+             "alloc_space, alloc_objects, inuse_space, inuse_objects (memory), ... "
              "(default: the profile's default type)",
     )
 

@@ -19,7 +19,7 @@ from middleware.commands import (
     write_output,
 )
 from middleware.pprof import ProfileError
-from middleware.profile import Profile
+from middleware.profile import GAUGE_TYPES, Profile
 from middleware.reporters.diff import diff_profiles, render_diff
 
 logger = logging.getLogger(__name__)
@@ -71,12 +71,14 @@ def run(args: argparse.Namespace) -> int:
         rows = diff_profiles(before, after, name)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
+    growth = name in GAUGE_TYPES
     header = (
         f"before: {describe(before, name, unit)}\n"
         f"after:  {describe(after, name, unit)}\n"
-        "Change = Self share after - before, in percentage points"
+        + ("Growth = Self after - before (live at the end of each side's latest window), biggest first"
+           if growth else "Change = Self share after - before, in percentage points")
     )
-    sys.stdout.write(render_diff(rows, unit, limit=args.limit, header=header))
+    sys.stdout.write(render_diff(rows, unit, limit=args.limit, header=header, growth=growth))
     if args.output:
         from middleware.reporters.flamegraph import diff_to_json, render_html
 

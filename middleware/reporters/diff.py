@@ -3,13 +3,17 @@
 Shares are percentages of each profile's own total, so profiles of different lengths or loads
 compare fairly; the change is in percentage points (after - before). Rows are sorted by the size
 of the change, biggest first.
+
+Snapshot types (``inuse_objects``, ``inuse_space``: what is live at a moment) are compared by
+their values instead: the growth view. A function whose live memory grew from one window to a
+later one comes first, by how much it grew (a leak), whatever its share.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 
-from middleware.profile import Profile
+from middleware.profile import GAUGE_TYPES, Profile
 from middleware.reporters import format_value, resolve_value
 from middleware.reporters.table import align_columns, function_table
 
@@ -31,6 +35,11 @@ class DiffRow:
     def change(self) -> float:
         """After minus before, in percentage points."""
         return self.after_percent - self.before_percent
+
+    @property
+    def growth(self) -> int:
+        """After minus before, in the sample type's unit."""
+        return self.after_self - self.before_self
 
 
 def diff_profiles(before: Profile, after: Profile, value: str | None = None) -> list[DiffRow]:
@@ -59,18 +68,25 @@ def diff_profiles(before: Profile, after: Profile, value: str | None = None) -> 
             )
         )
     rows = [r for r in rows if r.before_self or r.after_self]
-    rows.sort(key=lambda r: (-abs(r.change), r.function, r.file))
+    if name in GAUGE_TYPES:  # growth view: biggest growth first, then the biggest shrinking
+        rows.sort(key=lambda r: (-r.growth, r.function, r.file))
+    else:
+        rows.sort(key=lambda r: (-abs(r.change), r.function, r.file))
     return rows
 
 
-def render_diff(rows: list[DiffRow], unit: str, limit: int | None = None, header: str = "") -> str:
-    """Aligned text: change in points, Self share before -> after, Self values, function."""
+def render_diff(
+    rows: list[DiffRow], unit: str, limit: int | None = None, header: str = "", growth: bool = False
+) -> str:
+    """Aligned text: change in points (``growth``: in the unit), Self share before -> after, Self
+    values, function."""
     shown = rows if not limit or limit <= 0 else rows[:limit]
-    cells = [("Change", "Before", "After", "Self before", "Self after", "Function", "File")]
+    cells = [("Growth" if growth else "Change", "Before", "After", "Self before", "Self after", "Function", "File")]
     for r in shown:
+        change = ("+" if r.growth >= 0 else "-") + format_value(abs(r.growth), unit) if growth else f"{r.change:+.2f}pp"
         cells.append(
             (
-                f"{r.change:+.2f}pp",
+                change,
                 f"{r.before_percent:.2f}%",
                 f"{r.after_percent:.2f}%",
                 format_value(r.before_self, unit),

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from middleware.labels import LABEL_NAME_FORM
-from middleware.profile import Profile, Sample
+from middleware.profile import GAUGE_TYPES, Profile, Sample
 from middleware.serve.ingest import (
     EXCLUDED_SAMPLE_LABELS,
     INT64_MAX,
@@ -306,6 +306,42 @@ class QueryEngine:
             where += f" AND series_id IN ({','.join(str(int(i)) for i in ids)})"
         return where, args
 
+    # -- snapshot types (inuse_*) ------------------------------------------------------------
+    # A snapshot type's value is what was live at the end of a window: over a range (or a
+    # timeline bucket) each process counts with its latest window in it, never summed over time.
+
+    def _latest_per_process(
+        self, sel: Selection, where: str, args: tuple[Any, ...], bucket_ns: int | None = None
+    ) -> str | None:
+        """SQL condition keeping, of a snapshot type, the rows of each process's (``pid`` label;
+        without one, each series') latest window within the selection (or within each timeline
+        bucket of ``bucket_ns``); None when nothing matches."""
+        rows = self.store.query(f"SELECT DISTINCT series_id, start_ns FROM totals WHERE {where}", args)
+        if not rows:
+            return None
+        pid_of = {r.id: dict(r.labels).get("pid") for r in self.store.series(sel.service)}
+
+        def owner(series_id: int) -> str:
+            pid = pid_of.get(series_id)
+            return f"pid:{pid}" if pid is not None else f"series:{series_id}"
+
+        latest: dict[tuple[str, int], int] = {}
+        for series_id, start in rows:
+            b = (int(start) - sel.from_ns) // bucket_ns if bucket_ns else 0
+            key = (owner(int(series_id)), b)
+            if int(start) > latest.get(key, -1):
+                latest[key] = int(start)
+        by_start: dict[int, list[int]] = {}
+        for series_id, start in rows:
+            b = (int(start) - sel.from_ns) // bucket_ns if bucket_ns else 0
+            if latest[(owner(int(series_id)), b)] == int(start):
+                by_start.setdefault(int(start), []).append(int(series_id))
+        # integers from our own tables: inlined (no bound-parameter limit)
+        return "(" + " OR ".join(
+            f"(start_ns = {start} AND series_id IN ({','.join(str(i) for i in sorted(set(ids)))}))"
+            for start, ids in sorted(by_start.items())
+        ) + ")"
+
     # -- timeline ----------------------------------------------------------------------------
 
     def timeline(self, sel: Selection, step_s: float | None = None) -> dict[str, Any]:
@@ -323,6 +359,10 @@ class QueryEngine:
         values = [0] * buckets
         profiles = [0] * buckets
         clause = self._where(sel)
+        if clause is not None and sel.type_id.split(":")[1] in GAUGE_TYPES:
+            where, args = clause
+            latest = self._latest_per_process(sel, where, args, bucket_ns=step_ns)
+            clause = (f"{where} AND {latest}", args) if latest else None
         if clause is not None:
             where, args = clause
             rows = self.store.query(
@@ -352,6 +392,10 @@ class QueryEngine:
         indexed ``GROUP BY stack_id`` over the stored samples; see :mod:`middleware.serve.store`)."""
         _, stype, sunit, ptype, punit = sel.type_id.split(":")
         clause = self._where(sel)
+        if clause is not None and stype in GAUGE_TYPES:
+            where, args = clause
+            latest = self._latest_per_process(sel, where, args)
+            clause = (f"{where} AND {latest}", args) if latest else None
         values: list[tuple[Any, ...]] = []
         profiles, period = 0, 0
         if clause is not None:

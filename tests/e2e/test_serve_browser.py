@@ -334,6 +334,42 @@ def test_lock_wait_profiles_show_as_block_types_with_time_units(driver: Any, ser
     assert page.console_errors() == []
 
 
+def test_memory_profiles_show_in_bytes_with_in_use_from_the_latest_window(driver: Any, server: ServeApp) -> None:
+    # GIVEN a service whose agent sent two memory windows: `leak` holds 1 MiB live, then 3 MiB
+    mib = 1 << 20
+
+    def window(i: int, leaked: int) -> Profile:
+        labels = (("pid", "7"),)
+        return Profile(
+            sample_types=[("alloc_objects", "count"), ("alloc_space", "bytes"), ("inuse_objects", "count"),
+                          ("inuse_space", "bytes")],
+            samples=[Sample(stack("main;handle;leak"), (10, 2 * mib, 10 * leaked, leaked * mib), labels),
+                     Sample(stack("main;handle;churn"), (900, 40 * mib, 1, 4096), labels)],
+            time_nanos=(T0 + 10 * i) * 10**9, duration_nanos=10 * 10**9, period_type=("space", "bytes"),
+            period=512 * 1024, default_sample_type="inuse_space")
+
+    _push(server, "leaky", window(0, 1), T0)
+    _push(server, "leaky", window(1, 3), T0 + 10)
+    page = Page(driver, server)
+    page.open()
+    page.select("service", "leaky")
+    page.set_range(T0, T0 + 20)
+    inuse = "memory:inuse_space:bytes:space:bytes"
+    types = [o.get_attribute("value") for o in page.Select(page.el("profile-type")).options]
+    assert {inuse, "memory:alloc_space:bytes:space:bytes", "memory:alloc_objects:count:space:bytes",
+            "memory:inuse_objects:count:space:bytes"} <= set(types), types
+    # WHEN in-use space is picked: THEN the leak is on top, with the latest window's 3 MiB (not 4)
+    page.select("profile-type", inuse)
+    assert page.shown_total() == 3 * mib + 4096
+    assert page.table_functions()[0] == "leak"
+    assert "total 3.00MiB" in page.el("profile-info").text, page.el("profile-info").text
+    # and allocated space adds both windows up: the churner is on top
+    page.select("profile-type", "memory:alloc_space:bytes:space:bytes")
+    assert page.shown_total() == 84 * mib
+    assert page.table_functions()[0] == "churn"
+    assert page.console_errors() == []
+
+
 def test_diff_flame_graph_colours_frames_by_their_change(driver: Any, server: ServeApp) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
 

@@ -332,3 +332,34 @@ def test_read_and_write_file(tmp_path):
     assert _multiset(read_pprof_file(path)) == _multiset(calc_profile())
     with pytest.raises(ProfileError, match="is a directory"):
         read_pprof_file(tmp_path)
+
+
+MEMORY_TYPES = [("alloc_objects", "count"), ("alloc_space", "bytes"), ("inuse_objects", "count"),
+                ("inuse_space", "bytes")]
+
+
+def _memory_window(t: int, pid: str, rows: dict[str, tuple[int, int, int, int]]) -> Profile:
+    from support.profiles import stack
+
+    return Profile(sample_types=list(MEMORY_TYPES),
+                   samples=[Sample(stack(f"main;{fn}"), v, (("pid", pid),)) for fn, v in rows.items()],
+                   time_nanos=t, duration_nanos=10, period_type=("space", "bytes"), period=512 * 1024,
+                   default_sample_type="inuse_space")
+
+
+def test_merging_memory_windows_sums_allocations_and_keeps_each_process_latest_in_use() -> None:
+    # in-use is a snapshot: over windows 1..3 of a process, the merged value is window 3's (a
+    # stack freed by then counts 0), while allocations add up; another process counts with its own
+    # latest window
+    w1 = _memory_window(100, "1", {"leak": (1, 100, 1, 100), "gone": (5, 50, 5, 50)})
+    w2 = _memory_window(200, "1", {"leak": (1, 100, 2, 200), "gone": (0, 0, 5, 50)})
+    w3 = _memory_window(300, "1", {"leak": (1, 100, 3, 300)})
+    other = _memory_window(150, "2", {"cache": (2, 20, 2, 20)})
+    cpu = Profile(samples=[Sample((Frame("main", "m.py", 1),), (1, 10, 10), (("pid", "1"),))], time_nanos=400)
+    merged = Profile.merge_all([w3, cpu, w1, other, w2])
+    got = {s.stack[-1].function: (s.values[merged.value_index("alloc_space")],
+                                  s.values[merged.value_index("inuse_space")],
+                                  s.values[merged.value_index("inuse_objects")]) for s in merged.samples}
+    assert got["leak"] == (300, 300, 3) and got["gone"] == (50, 0, 0) and got["cache"] == (20, 20, 2)
+    assert merged.default_sample_type == "cpu"  # CPU stays the default view of a mixed store
+    assert Profile.merge_all([w1, w2]).total("inuse_space") == 250

@@ -366,3 +366,22 @@ def test_render_html_escapes_hostile_names():
     embedded = re.search(r'id="mw-profile-data">(.*?)</script>', page, re.S).group(1)
     assert json.loads(embedded)["functions"][0]["name"] == evil
     assert json_for_script({"a": "\u2028&"}) == '{"a":"\\u2028\\u0026"}'
+
+
+def test_diff_of_in_use_memory_is_the_growth_view() -> None:
+    # biggest growth first, whatever the shares (a leak with a small share but the most growth leads)
+    from support.profiles import stack
+
+    def window(leak: int, big: int) -> Profile:
+        types = [("alloc_objects", "count"), ("alloc_space", "bytes"), ("inuse_objects", "count"),
+                 ("inuse_space", "bytes")]
+        return Profile(sample_types=types, samples=[Sample(stack("main;leak"), (0, 0, 1, leak)),
+                                                    Sample(stack("main;big"), (0, 0, 1, big))],
+                       period_type=("space", "bytes"), default_sample_type="inuse_space")
+
+    rows = diff_profiles(window(1 << 20, 100 << 20), window(3 << 20, 120 << 20), "inuse_space")
+    assert [(r.function, r.growth) for r in rows] == [("big", 20 << 20), ("leak", 2 << 20)]
+    rows = diff_profiles(window(1 << 20, 100 << 20), window(30 << 20, 100 << 20), "inuse_space")
+    assert rows[0].function == "leak" and rows[0].growth == 29 << 20
+    text = render_diff(rows, "bytes", growth=True)
+    assert text.splitlines()[0].split()[0] == "Growth" and "+29.00MiB" in text

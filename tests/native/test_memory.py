@@ -1,0 +1,144 @@
+"""Memory profiles (memory:alloc_objects/alloc_space/inuse_objects/inuse_space): the sampled
+allocations against tracemalloc's count of the same allocations, a planted leak found among
+churners, and the allocator hooks under threads, forks and restarts.
+
+The workloads (tests/targets/memory_workloads.py) run in child processes with the profiler on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from middleware.pprof import find_profile_files, load_profiles, read_pprof_file
+from middleware.profile import Profile
+from middleware.reporters.diff import diff_profiles
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKLOADS = ROOT / "tests" / "targets" / "memory_workloads.py"
+MEMORY_TYPES = [("alloc_objects", "count"), ("alloc_space", "bytes"), ("inuse_objects", "count"),
+                ("inuse_space", "bytes")]
+
+pytestmark = [pytest.mark.asan, pytest.mark.sampler]  # make asan and make matrix run them all
+
+
+def run_workload(name: str, store: Path, arg: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, str(WORKLOADS), name, str(store), str(arg)],
+                          capture_output=True, text=True, timeout=180, cwd=str(ROOT),
+                          env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, f"memory workload {name} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout)
+
+
+def by_function(profile: Profile, value: str, names: set[str]) -> dict[str, int]:
+    """Value per workload function (the innermost frame named in names, else 'other')."""
+    i = profile.value_index(value)
+    out: dict[str, int] = defaultdict(int)
+    for s in profile.samples:
+        if s.values[i]:
+            out[next((f.function for f in reversed(s.stack) if f.function in names), "other")] += s.values[i]
+    return out
+
+
+def memory_profiles(store: Path) -> list[Profile]:
+    profiles = [read_pprof_file(f) for f in find_profile_files(store)]
+    return sorted((p for p in profiles if p.sample_types == MEMORY_TYPES), key=lambda p: p.time_nanos)
+
+
+def check_shares(store: Path, truth: dict[str, dict[str, int]], points: float) -> None:
+    profile = load_profiles(store)
+    for value, key in (("alloc_space", "bytes"), ("alloc_objects", "objects")):
+        got = by_function(profile, value, set(truth))
+        total, true_total = sum(got.values()), sum(t[key] for t in truth.values())
+        assert got.get("other", 0) <= 0.01 * total, (value, dict(got))
+        for fn, t in truth.items():
+            share, true_share = 100 * got.get(fn, 0) / total, 100 * t[key] / true_total
+            assert share == pytest.approx(true_share, abs=points), (value, fn, dict(got), truth)
+
+
+def test_allocation_shares_match_tracemalloc(tmp_path: Path) -> None:
+    # ~4 MB a round, 1000 rounds at the default rate (one sample per 512 KiB): ~8,000 samples.
+    r = run_workload("accuracy", tmp_path, 1000)
+    st = r["stats"]
+    assert st["memory_hook_mode"] == 2, st  # pymalloc: frees are not hooked
+    assert st["memory_samples"] > 5000 and st["memory_dropped"] == 0 and st["memory_walk_failed"] == 0, st
+    assert st["memory_live"] <= 3, st  # everything allocated was freed again, and seen freed
+    check_shares(tmp_path, r["truth"], points=5.0)
+    mem = memory_profiles(tmp_path)
+    assert mem and all(p.default_sample_type == "inuse_space" and p.period_type == ("space", "bytes")
+                       and p.period == 512 * 1024 for p in mem), [(p.default_sample_type, p.period) for p in mem]
+    # the CLI views read them with --type
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    top = subprocess.run([sys.executable, "-m", "middleware", "top", str(tmp_path), "--type", "alloc_space",
+                          "--format", "json"], capture_output=True, text=True, timeout=60, env=env, cwd=str(ROOT))
+    assert top.returncode == 0, top.stderr
+    doc = json.loads(top.stdout)
+    assert doc["value"] == {"name": "alloc_space", "unit": "bytes"}
+    assert doc["functions"][0]["function"] == "medium_bytes", doc["functions"][:3]  # 1.36 MB a round
+
+
+@pytest.mark.parametrize("env", [{"PYTHONMALLOC": "malloc"}, {"MW_PROFILING_MEMORY_HOOKS": "wrapped"}],
+                         ids=["pythonmalloc-malloc", "wrapped-hooks"])
+def test_every_free_is_seen_without_pymalloc(tmp_path: Path, env: dict[str, str]) -> None:
+    # Without pymalloc (or forced) every call of the two domains goes through the hooks.
+    r = run_workload("accuracy", tmp_path, 300, env=env)
+    st = r["stats"]
+    assert st["memory_hook_mode"] == 1, st
+    assert st["memory_samples"] > 1000 and st["memory_live"] <= 3, st
+    check_shares(tmp_path, r["truth"], points=7.0)
+
+
+def test_a_planted_leak_tops_inuse_and_the_growth_view(tmp_path: Path) -> None:
+    # 1 MiB/s kept alive among churners allocating ~1000x as much for nothing. Windows of 2 s
+    # instead of 10, so the rate is 64 KiB instead of 512: as many samples per window of leak
+    # (~32 by the end of the second window; the last in-use value within ~11%).
+    rate = 64 * 1024
+    r = run_workload("leak", tmp_path, 7.0, env={"MW_PROFILING_UPLOAD_INTERVAL": "2",
+                                                 "MW_PROFILING_MEMORY_RATE": str(rate)})
+    assert r["stats"]["memory_dropped"] == 0, r
+    mem = memory_profiles(tmp_path)
+    assert len(mem) >= 3, r
+    names = {"leak_slowly", "churn_dicts", "churn_strings"}
+    alloc = by_function(Profile.merge_all(mem), "alloc_space", names)
+    assert alloc["churn_dicts"] + alloc["churn_strings"] > 100 * alloc["leak_slowly"], dict(alloc)
+    # within two intervals the leak is the top of inuse_space, and stays there
+    for p in mem[1:]:
+        inuse = by_function(p, "inuse_space", names)
+        assert max(inuse, key=lambda k: inuse[k]) == "leak_slowly", dict(inuse)
+    # what is live at the end is about what was kept (2 s windows: the last one ends at stop)
+    last = by_function(mem[-1], "inuse_space", names)
+    kept = r["kept"] * 100  # bytes(70) objects, ~100 bytes each
+    assert last["leak_slowly"] == pytest.approx(kept, rel=0.35), (dict(last), kept)
+    # merged over the whole store, in-use is the latest window's, not the sum of every window
+    merged = load_profiles(tmp_path)
+    assert merged.total("inuse_space") == mem[-1].total("inuse_space")
+    # the growth view between the first and the last window puts the leak first
+    rows = diff_profiles(mem[0], mem[-1], "inuse_space")
+    assert rows[0].function == "leak_slowly" and rows[0].growth > 0.5 * (kept - kept / len(mem)), rows[:3]
+    # a churner shows at most the objects it had in flight at the window's end: a sampled one
+    # stands for ~64 KiB (the rate), so two of them at most
+    assert all(r.growth <= 2 * rate for r in rows[1:] if r.function in names), rows[:4]
+
+
+@pytest.mark.slow
+def test_allocating_threads_forks_and_restarts_do_not_crash_nor_grow(tmp_path: Path) -> None:
+    seconds = float(os.environ.get("MW_MEMORY_STRESS_SECONDS", "8"))
+    r = run_workload("stress", tmp_path, seconds, env={"MW_PROFILING_UPLOAD_INTERVAL": "0.2"})
+    st = r["stats"]
+    assert r["forks"] >= 10 and r["children_ok"] == r["forks"] and r["restarts"] >= 2, r
+    assert st["memory_samples"] > 100 and st["memory_dropped"] == 0, st
+    assert st["export_memory_exports"] > 0, st
+    if "ASAN_OPTIONS" not in os.environ:
+        assert r["max_rss_kib"] < 250 * 1024, r
+
+
+def test_memory_profiling_can_be_turned_off(tmp_path: Path) -> None:
+    r = run_workload("accuracy", tmp_path, 20, env={"MW_PROFILING_MEMORY": "false"})
+    assert r["stats"]["memory_hook_mode"] == 0 and r["stats"]["memory_samples"] == 0, r["stats"]
+    assert not memory_profiles(tmp_path)

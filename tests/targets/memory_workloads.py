@@ -1,0 +1,225 @@
+"""Allocation workloads for the memory profiles, each run in a fresh interpreter; the truth goes
+to stdout as JSON.
+
+    python memory_workloads.py accuracy STORE_DIR ROUNDS
+        Four functions that allocate known blocks (bytes objects of 10, 300 and 20,000 bytes,
+        and bytearrays: two blocks each) into a preallocated list, and nothing else. The truth: each function's
+        blocks and bytes, measured with tracemalloc (one call each, its result kept alive)
+        before the profiler starts. Then ROUNDS rounds of all four with the profiler on, the
+        results dropped at once (everything is allocated and freed again).
+
+    python memory_workloads.py leak STORE_DIR SECONDS
+        `leak_slowly` keeps ~1 MiB a second alive (small bytes objects) while `churn_dicts` and
+        `churn_strings` allocate and drop ~20 times as much; exports every second.
+
+    python memory_workloads.py stress STORE_DIR SECONDS
+        Threads that allocate, pass objects to other threads through a queue and free them there;
+        fork children while they run (each child allocates and exits through the normal path);
+        stop() and start again while they allocate; exports every 0.2 s. Reports the counters.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import resource
+import sys
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+# the checkout, for interpreters where the package is not installed (make matrix's venvs)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from middleware import MwTracker  # noqa: E402
+
+# Loop indices made once: iterating over range() would allocate an int per index past 256 (a
+# temporary block that tracemalloc's before/after comparison cannot see, but the profile does).
+INDEX = tuple(range(20000))
+
+
+def small_bytes() -> list[Any]:
+    out: list[Any] = [None] * 20000
+    for i in INDEX:
+        out[i] = bytes(10)
+    return out
+
+
+def medium_bytes() -> list[Any]:
+    out: list[Any] = [None] * 4000
+    for i in INDEX[:4000]:
+        out[i] = bytes(300)
+    return out
+
+
+def large_bytes() -> list[Any]:
+    out: list[Any] = [None] * 60
+    for i in INDEX[:60]:
+        out[i] = bytes(20000)
+    return out
+
+
+def bytearrays() -> list[Any]:
+    out: list[Any] = [None] * 3000
+    for i in INDEX[:3000]:
+        out[i] = bytearray(100)
+    return out
+
+
+FUNCTIONS: dict[str, Callable[[], list[Any]]] = {
+    f.__name__: f for f in (small_bytes, medium_bytes, large_bytes, bytearrays)
+}
+
+
+def measure(fn: Callable[[], list[Any]]) -> tuple[int, int]:
+    """Blocks and bytes fn allocates (its result kept alive), from tracemalloc's traces."""
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    kept = fn()
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    diff = after.compare_to(before, "filename")
+    blocks = sum(d.count_diff for d in diff if d.count_diff > 0)
+    size = sum(d.size_diff for d in diff if d.size_diff > 0)
+    del kept
+    return blocks, size
+
+
+def accuracy(store: str, rounds: int) -> dict[str, Any]:
+    truth = {}
+    for name, fn in FUNCTIONS.items():
+        fn()  # warm: the code's own first-call allocations are not the function's
+        blocks, size = measure(fn)
+        truth[name] = {"objects": blocks, "bytes": size}
+    tracker = MwTracker()
+    for _ in range(rounds):
+        for fn in FUNCTIONS.values():
+            fn()
+    stats = tracker.stats()
+    tracker.stop()
+    return {"truth": truth, "stats": {k: v for k, v in stats.items() if k.startswith("memory")}}
+
+
+def leak_slowly(keep: list[Any]) -> None:
+    for _ in range(1000):
+        keep.append(bytes(70))  # ~100 bytes each: ~100 KiB per call
+
+
+def churn_dicts() -> int:
+    n = 0
+    for i in range(5000):
+        d = {"k": i, "v": [i, i, i, i]}
+        n += len(d)
+    return n
+
+
+def churn_strings() -> int:
+    n = 0
+    for i in range(5000):
+        n += len(" ".join(["item", str(i), "x" * 40]))
+    return n
+
+
+def leak(store: str, seconds: float) -> dict[str, Any]:
+    tracker = MwTracker()
+    keep: list[Any] = []
+    t0 = time.monotonic()
+    leaked_at = []
+    while time.monotonic() - t0 < seconds:
+        tick = time.monotonic()
+        leak_slowly(keep)
+        leaked_at.append(tick - t0)
+        while time.monotonic() - tick < 0.1:
+            churn_dicts()
+            churn_strings()
+        time.sleep(0.002)
+    stats = tracker.stats()
+    tracker.stop()
+    return {"leaked_calls": len(leaked_at), "kept": len(keep),
+            "stats": {k: v for k, v in stats.items() if k.startswith(("memory", "export_memory"))}}
+
+
+def stress(store: str, seconds: float) -> dict[str, Any]:
+    tracker = MwTracker()
+    q: queue.Queue[Any] = queue.Queue(maxsize=1000)
+    stop = threading.Event()
+
+    def producer() -> None:
+        rnd = random.Random()
+        while not stop.is_set():
+            obj = [bytes(rnd.randrange(1, 3000)) for _ in range(rnd.randrange(1, 50))]
+            try:
+                q.put(obj, timeout=0.05)
+            except queue.Full:
+                pass
+
+    def consumer() -> None:
+        while not stop.is_set():
+            try:
+                obj = q.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            obj.append(bytearray(len(obj) * 10))  # realloc of a list another thread made
+            del obj
+
+    def short_lived() -> None:
+        while not stop.is_set():
+            t = threading.Thread(target=lambda: [str(i) * 5 for i in range(2000)])
+            t.start()
+            t.join()
+
+    threads = [threading.Thread(target=f, name=f"{f.__name__}-{i}")
+               for i, f in enumerate([producer, producer, consumer, consumer, short_lived])]
+    for t in threads:
+        t.start()
+    t0 = time.monotonic()
+    forks = restarts = 0
+    children_ok = 0
+    while time.monotonic() - t0 < seconds:
+        time.sleep(0.15)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                junk = [bytes(100) for _ in range(20000)]
+                del junk
+                code = 0
+            except BaseException:
+                code = 1
+            os._exit(code)
+        forks += 1
+        _, status = os.waitpid(pid, 0)
+        children_ok += int(os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)
+        if forks % 4 == 0:
+            tracker.stop()
+            tracker = MwTracker()
+            restarts += 1
+    stop.set()
+    for t in threads:
+        t.join()
+    stats = tracker.stats()
+    tracker.stop()
+    return {"forks": forks, "children_ok": children_ok, "restarts": restarts,
+            "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "stats": {k: v for k, v in stats.items() if k.startswith(("memory", "export_memory"))}}
+
+
+def main() -> None:
+    name, store, arg = sys.argv[1], sys.argv[2], sys.argv[3]
+    os.environ["MW_PROFILE_DIR"] = store
+    os.environ.setdefault("MW_PROFILING_UPLOAD_INTERVAL", "1")
+    os.environ.setdefault("MW_PROFILING_LOCKS", "false")
+    if name == "accuracy":
+        out = accuracy(store, int(arg))
+    elif name == "leak":
+        out = leak(store, float(arg))
+    elif name == "stress":
+        out = stress(store, float(arg))
+    else:
+        raise SystemExit(f"unknown workload {name!r}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
