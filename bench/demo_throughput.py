@@ -14,7 +14,11 @@ of it spent in the profiler's own threads (``mw-sampler``, ``mw-export``): on a 
 throughput moves with other load, while these two say what the tracker itself costs. (What the
 tracker adds on the request path, the endpoint label, is in the workers' main-thread CPU.)
 
-    python bench/demo_throughput.py [--rounds 5] [--seconds 5] [--json]
+With ``--vs-setting MW_NAME=VALUE`` the "off" side runs the tracker too, with that setting, and
+``--setting MW_NAME=VALUE`` sets the profiled side (``--setting MW_PROFILING_MEMORY=true
+--vs-setting MW_PROFILING_MEMORY=false``: the cost of memory profiling alone).
+
+    python bench/demo_throughput.py [--rounds 5] [--seconds 5] [--setting MW_NAME=VALUE] [--vs-setting MW_NAME=VALUE] [--json]
 """
 
 from __future__ import annotations
@@ -147,7 +151,11 @@ def one_run(profiled: bool, args: argparse.Namespace, load: str) -> tuple[float,
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["MW_SERVICE_NAME"] = "demo-bench"
     env["MW_PROFILE_DIR"] = store
-    env["MW_APM_COLLECT_PROFILING"] = "true" if profiled else "false"
+    env["MW_APM_COLLECT_PROFILING"] = "true" if profiled or args.vs_setting else "false"
+    if not profiled:  # --vs-setting: the tracker runs on both sides, this one with these settings
+        env.update(kv.split("=", 1) for kv in args.vs_setting)
+    else:
+        env.update(kv.split("=", 1) for kv in args.setting)
     if args.rate:
         env["MW_PROFILING_SAMPLE_RATE"] = str(args.rate)
     cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}"]
@@ -186,6 +194,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--path", default="/calculate1/100", help="URL path (default /calculate1/100)")
     parser.add_argument("--rate", type=int, default=0, help="sampling rate in Hz (default: the tracker's)")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--setting", action="append", default=[], metavar="MW_NAME=VALUE",
+                        help="settings of the profiled side (repeatable)")
+    parser.add_argument(
+        "--vs-setting", action="append", default=[], metavar="MW_NAME=VALUE",
+        help="compare against the tracker with these settings instead of without the tracker "
+             "(e.g. MW_PROFILING_MEMORY=false: what memory profiling costs); repeatable",
+    )
     parser.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.seconds <= 0:

@@ -149,7 +149,7 @@ static int read_self(scratch_t *sc, mw_cpusample_t *rec, uintptr_t tstate, long 
         atomic_store(&sc->guard.owner, me);
         sc->guard.session = 1;
         atomic_signal_fence(memory_order_seq_cst);
-        sc->guard.armed = 1;
+        mw_guard_arm(&sc->guard);
         mw_readcache_direct(&sc->rc, &sc->guard);
     }
     uintptr_t anchor = 0;

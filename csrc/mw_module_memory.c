@@ -14,14 +14,15 @@
  *
  * Threads: the hooks run in whatever thread allocates, with the GIL held (required by the
  * two domains hooked), so the countdown, the walk scratch and the frame cache are serialized by
- * the GIL. The CPU-timer signal is blocked while the thread reads its frames (its handler walks
- * the same thread with a guard of its own; the fault handler must find only one armed guard
- * per thread). memory_enable/disable/stats: GIL held.
+ * the GIL. The CPU-timer handler may interrupt a walk and walk the same thread with a guard of
+ * its own, armed later: a fault goes to the innermost armed guard (mw_guard_arm).
+ * memory_enable/disable/stats: GIL held.
  *
- * The hooks stay installed once put in place: another hook (tracemalloc, memray) may have been
- * put in front of them since, and would be cut off by putting the old allocators back. Disable
- * stops the sampling (the countdown never runs out); frees of sampled pointers are still seen,
- * so the live set stays true.
+ * Disable stops the sampling (the countdown never runs out). In delegated mode (below) it also
+ * takes the mem/obj hooks out when they are still the installed allocators (nobody -- tracemalloc,
+ * memray -- put a hook in front of them since); the raw hook stays for the sampled blocks still
+ * live. In wrapped mode the hooks stay: frees of sampled pointers are still seen, so the live
+ * set stays true.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -32,9 +33,7 @@
 #include "mw_pyglue.h"
 #include "mw_saferead.h"
 #include "mw_threads.h"
-#include "mw_unwind.h"
 
-#include <signal.h>
 #include <stdio.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -44,6 +43,7 @@
 static PyMemAllocatorEx g_orig_mem, g_orig_obj, g_orig_raw;
 static PyMemAllocatorEx g_hook_mem, g_hook_obj, g_hook_raw;
 static int g_installed; /* 1: wrapped mode, 2: delegated mode */
+static int g_on_top;    /* delegated mode: the mem/obj hooks are in place */
 
 /* Walk scratch, mmap'd by the first enable (pages resident once used). GIL-serialized. */
 static mw_readcache_t *g_rc;
@@ -101,44 +101,28 @@ static int read_own_frames(void) {
 #endif
     if (!ts) return 0;
     if (!t_tid) t_tid = (long)syscall(SYS_gettid);
-    int sig = mw_unwind_signal();
-    sigset_t block, old;
-    if (sig > 0) {
-        sigemptyset(&block);
-        sigaddset(&block, sig);
-        pthread_sigmask(SIG_BLOCK, &block, &old);
-    }
-    int depth = -1, truncated = 0, mine = 0;
     mw_readcache_reset(g_rc);
-    int guarded = g_direct && mw_guard_active();
-    if (guarded) {
+    if (g_direct && mw_guard_active()) {
         if (sigsetjmp(g_guard.jb, 0)) {
             g_guard.armed = g_guard.session = 0;
             atomic_store(&g_guard.owner, 0);
-            guarded = 0;
-            depth = -1;
-            goto out;
+            return -1;
         }
         atomic_store(&g_guard.owner, t_tid);
         g_guard.session = 1;
-        atomic_signal_fence(memory_order_seq_cst);
-        g_guard.armed = 1;
+        mw_guard_arm(&g_guard); /* a CPU-timer handler's walk nested here arms its own, later */
         mw_readcache_direct(g_rc, &g_guard);
     }
+    int truncated = 0, mine = 0;
     uintptr_t anchor = 0;
     uintptr_t top = mw_pyframes_top_frame_of(g_rc, (uintptr_t)ts, t_tid, &anchor, &mine);
-    depth = 0;
-    if (top)
-        depth = mw_pyframes_walk(g_rc, g_ws, top, anchor, g_raw, MW_MEMPROF_MAX_DEPTH, &truncated);
-    if (truncated == 2) depth = -1;
-    if (guarded) {
-        g_guard.armed = g_guard.session = 0;
-        atomic_signal_fence(memory_order_seq_cst);
-        atomic_store(&g_guard.owner, 0);
-    }
-out:
-    if (sig > 0) pthread_sigmask(SIG_SETMASK, &old, NULL);
-    return depth;
+    int depth =
+        top ? mw_pyframes_walk(g_rc, g_ws, top, anchor, g_raw, MW_MEMPROF_MAX_DEPTH, &truncated)
+            : 0;
+    g_guard.armed = g_guard.session = 0;
+    atomic_signal_fence(memory_order_seq_cst);
+    atomic_store(&g_guard.owner, 0);
+    return truncated == 2 ? -1 : depth;
 }
 
 /* A sampled allocation of size bytes at p. GIL held. */
@@ -222,23 +206,35 @@ static void *raw_copy_of(const PyMemAllocatorEx *dom, void *p, size_t n) {
     return r;
 }
 
+/* The sampled calls, out of line: the hooks' fast path then needs no stack frame. */
+__attribute__((noinline)) static void *d_sampled_malloc(size_t n) {
+    return sampled_block(g_orig_raw.malloc(g_orig_raw.ctx, n ? n : 1), n);
+}
+__attribute__((noinline)) static void *d_sampled_calloc(size_t k, size_t n) {
+    return sampled_block(k && n ? g_orig_raw.calloc(g_orig_raw.ctx, k, n)
+                                : g_orig_raw.malloc(g_orig_raw.ctx, 1),
+                         k * n);
+}
+__attribute__((noinline)) static void *d_sampled_realloc(const PyMemAllocatorEx *dom, void *p,
+                                                         size_t n) {
+    return sampled_block(raw_copy_of(dom, p, n ? n : 1), n);
+}
+
 #define DELEGATED(dom)                                                                             \
     static void *d_##dom##_malloc(void *ctx, size_t n) {                                           \
         if (__builtin_expect((mw_memprof_countdown -= (int64_t)n) > 0, 1))                         \
             return g_orig_##dom.malloc(ctx, n);                                                    \
-        return sampled_block(g_orig_raw.malloc(g_orig_raw.ctx, n ? n : 1), n);                     \
+        return d_sampled_malloc(n);                                                                \
     }                                                                                              \
     static void *d_##dom##_calloc(void *ctx, size_t k, size_t n) {                                 \
         if (__builtin_expect((mw_memprof_countdown -= (int64_t)(k * n)) > 0, 1))                   \
             return g_orig_##dom.calloc(ctx, k, n);                                                 \
-        return sampled_block(k && n ? g_orig_raw.calloc(g_orig_raw.ctx, k, n)                      \
-                                    : g_orig_raw.malloc(g_orig_raw.ctx, 1),                        \
-                             k * n);                                                               \
+        return d_sampled_calloc(k, n);                                                             \
     }                                                                                              \
     static void *d_##dom##_realloc(void *ctx, void *q, size_t n) {                                 \
         void *p = g_orig_##dom.realloc(ctx, q, n);                                                 \
         if (__builtin_expect((mw_memprof_countdown -= (int64_t)n) > 0, 1)) return p;               \
-        return sampled_block(raw_copy_of(&g_orig_##dom, p, n ? n : 1), n);                         \
+        return d_sampled_realloc(&g_orig_##dom, p, n);                                             \
     }
 
 DELEGATED(mem)
@@ -275,6 +271,13 @@ static int frees_through_raw(const PyMemAllocatorEx *dom) {
     dom->free(dom->ctx, p);
     probe_block = NULL;
     return probe_seen;
+}
+
+static int is_current(PyMemAllocatorDomain dom, const PyMemAllocatorEx *a) {
+    PyMemAllocatorEx cur;
+    PyMem_GetAllocator(dom, &cur);
+    return cur.ctx == a->ctx && cur.malloc == a->malloc && cur.calloc == a->calloc &&
+           cur.realloc == a->realloc && cur.free == a->free;
 }
 
 static void *map(size_t len) {
@@ -319,6 +322,7 @@ static PyObject *py_memory_enable(PyObject *self, PyObject *args, PyObject *kw) 
             g_hook_obj = (PyMemAllocatorEx){g_orig_obj.ctx, d_obj_malloc, d_obj_calloc,
                                             d_obj_realloc, g_orig_obj.free};
             g_installed = 2;
+            g_on_top = 1;
         } else {
             g_hook_mem = (PyMemAllocatorEx){NULL, mem_malloc, mem_calloc, mem_realloc, mem_free};
             g_hook_obj = (PyMemAllocatorEx){NULL, obj_malloc, obj_calloc, obj_realloc, obj_free};
@@ -326,6 +330,11 @@ static PyObject *py_memory_enable(PyObject *self, PyObject *args, PyObject *kw) 
         }
         PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &g_hook_mem);
         PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &g_hook_obj);
+    } else if (g_installed == 2 && !g_on_top && is_current(PYMEM_DOMAIN_MEM, &g_orig_mem) &&
+               is_current(PYMEM_DOMAIN_OBJ, &g_orig_obj)) {
+        PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &g_hook_mem);
+        PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &g_hook_obj);
+        g_on_top = 1;
     }
     Py_RETURN_NONE;
 }
@@ -334,6 +343,15 @@ static PyObject *py_memory_disable(PyObject *self, PyObject *noargs) {
     (void)self;
     (void)noargs;
     mw_memprof_disable();
+    /* Delegated mode: the mem/obj hooks only count (frees never pass through them), so they can
+     * go while nobody has put another hook on top of them: a disabled profiler costs nothing.
+     * The raw hook stays: sampled blocks still live come back through it. */
+    if (g_installed == 2 && g_on_top && is_current(PYMEM_DOMAIN_MEM, &g_hook_mem) &&
+        is_current(PYMEM_DOMAIN_OBJ, &g_hook_obj)) {
+        PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &g_orig_mem);
+        PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &g_orig_obj);
+        g_on_top = 0;
+    }
     Py_RETURN_NONE;
 }
 
@@ -352,7 +370,8 @@ static PyObject *py_memory_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "rate_bytes", s.rate_bytes) ||
         mw_dict_put_u64(d, "enabled", s.enabled) ||
         mw_dict_put_u64(d, "walk_failed", g_walk_failed) ||
-        mw_dict_put_u64(d, "hook_mode", (uint64_t)g_installed)) {
+        mw_dict_put_u64(d, "hook_mode", (uint64_t)g_installed) ||
+        mw_dict_put_u64(d, "hooked", (uint64_t)(g_installed == 1 || g_on_top))) {
         Py_DECREF(d);
         return NULL;
     }

@@ -116,6 +116,7 @@ uint64_t mw_saferead_failures(void) {
 #include <sys/syscall.h>
 
 static mw_guard_t *_Atomic g_guards[MW_GUARDS];
+_Atomic uint64_t mw_guard_clock;
 
 /* A user-space address of this architecture (x86-64 and arm64: below 2^47 / 2^48). */
 static int mw_addr_plausible(uintptr_t a) {
@@ -148,16 +149,21 @@ static void chain(int sig, siginfo_t *si, void *uc, const struct sigaction *prev
 
 static void on_fault(int sig, siginfo_t *si, void *uc) {
     long me = (long)syscall(SYS_gettid);
+    mw_guard_t *hit = NULL;
     for (int i = 0; i < MW_GUARDS; i++) {
         mw_guard_t *g = atomic_load(&g_guards[i]);
         /* Inside a guarded copy of this thread: the copy loop is the only code that runs armed.
          * (si_addr is not checked against the range: a non-canonical address faults with a
          * general-protection fault whose si_addr is 0.) A SIGSEGV sent by kill() is not a
-         * fault of the copy: it takes its course. */
-        if (g && g->armed && si->si_code > 0 && atomic_load(&g->owner) == me) {
-            g->faults++;
-            siglongjmp(g->jb, 1);
-        }
+         * fault of the copy: it takes its course. Of two armed guards of this thread (a
+         * handler's walk nested in another walk), the one armed last. */
+        if (g && g->armed && si->si_code > 0 && atomic_load(&g->owner) == me &&
+            (!hit || g->stamp > hit->stamp))
+            hit = g;
+    }
+    if (hit) {
+        hit->faults++;
+        siglongjmp(hit->jb, 1);
     }
     chain(sig, si, uc, sig == SIGBUS ? &g_prev_bus : &g_prev_segv);
 }
@@ -231,7 +237,7 @@ static int guarded_copy(mw_guard_t *g, const void *addr, size_t len, void *dst) 
     }
     g->lo = a;
     g->hi = a + len;
-    g->armed = 1;
+    mw_guard_arm(g);
     atomic_signal_fence(memory_order_seq_cst);
     raw_copy((volatile const uint8_t *)addr, dst, len);
     atomic_signal_fence(memory_order_seq_cst);

@@ -75,7 +75,18 @@ typedef struct mw_guard {
     volatile int session;      /* the caller did sigsetjmp(jb) around many copies: plain copies */
     volatile uintptr_t lo, hi; /* the range being copied */
     uint64_t faults;           /* copies that faulted (recovered) */
+    volatile uint64_t stamp;   /* when it was last armed (mw_guard_arm) */
 } mw_guard_t;
+
+/* Arms g (armed = 1) with a stamp from a process-wide clock. A thread may hold two armed guards
+ * at once (an allocation's walk interrupted by the CPU-timer handler, whose walk has a guard of
+ * its own): a fault goes to the one armed last, the innermost. Async-signal-safe. */
+extern _Atomic uint64_t mw_guard_clock;
+static inline void mw_guard_arm(mw_guard_t *g) {
+    g->stamp = atomic_fetch_add_explicit(&mw_guard_clock, 1, memory_order_relaxed) + 1;
+    atomic_signal_fence(memory_order_seq_cst);
+    g->armed = 1;
+}
 
 /* Installs the fault handlers (once; any thread, GIL held). 0, or -1 (not installed). */
 int mw_guard_install(void);

@@ -23,9 +23,10 @@ shared rows (service name, sample rate, tags) through the same rows; the tracker
 once and hands the uploader the resolved values. The native side takes every value as given: the
 tracker passes each one explicitly (its own defaults and limits only serve direct calls).
 
-The native core reads three variables itself, listed in :data:`NATIVE_VARIABLES`:
-``MW_PROFILING_QUIET`` (with the rule of :func:`quiet`), ``MW_PROFILING_CPU_TIMER`` and
-``MW_PROFILING_DIRECT_READS``.
+The native core reads four variables itself, listed in :data:`NATIVE_VARIABLES`:
+``MW_PROFILING_QUIET`` (with the rule of :func:`quiet`), and three diagnostics:
+``MW_PROFILING_CPU_TIMER``, ``MW_PROFILING_DIRECT_READS`` and ``MW_PROFILING_MEMORY_HOOKS``
+(``wrapped``: every allocator call hooked, as without pymalloc).
 """
 from __future__ import annotations
 
@@ -383,8 +384,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             doc="lock-wait profiles (block:contentions:count, block:delay:nanoseconds)"),
     Setting("lock_rate", ("MW_PROFILING_LOCK_RATE",), int_in(0, 10**10), 1_000_000, used_by=_P,
             doc="nanoseconds of waiting per recorded lock wait; shorter waits are sampled (0: all)"),
-    Setting("memory", ("MW_PROFILING_MEMORY",), parse_bool, True, used_by=_P,
-            doc="memory profiles (memory:alloc_objects/alloc_space/inuse_objects/inuse_space)"),
+    Setting("memory", ("MW_PROFILING_MEMORY",), parse_bool, False, used_by=_P,
+            doc="memory profiles (memory:alloc_objects/alloc_space/inuse_objects/inuse_space); off by "
+                "default: the allocation hooks cost 2-5% of CPU on allocation-bound code"),
     Setting("memory_rate", ("MW_PROFILING_MEMORY_RATE",), int_in(1, 1 << 40), 512 * 1024, used_by=_P,
             doc="mean bytes allocated between two sampled allocations"),
     Setting("instrument", ("MW_PROFILING_INSTRUMENT",), parse_bool, True, used_by=_P,
@@ -434,7 +436,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
 )}
 
 #: Variables the native core reads itself (csrc/), not through this table.
-NATIVE_VARIABLES = ("MW_PROFILING_QUIET", "MW_PROFILING_CPU_TIMER", "MW_PROFILING_DIRECT_READS")
+NATIVE_VARIABLES = ("MW_PROFILING_QUIET", "MW_PROFILING_CPU_TIMER", "MW_PROFILING_DIRECT_READS",
+                    "MW_PROFILING_MEMORY_HOOKS")
 
 # ---------------------------------------------------------------- the resolver
 

@@ -67,6 +67,7 @@ EOF
 
 # -- 2. the collector -------------------------------------------------------------------------
 export MW_SERVICE_NAME=flask-demo
+export MW_PROFILING_MEMORY=true  # memory profiles are off by default (their cost); the demo shows them
 export MW_PROFILE_DIR=$STORE
 if "$PY" -m middleware serve --help >/dev/null 2>&1; then
   SERVE_PORT=${MW_DEMO_SERVE_PORT:-4040}
@@ -138,6 +139,10 @@ echo "\$ python -m middleware top --label 'endpoint=$RULE2' $STORE"
 echo
 echo "\$ python -m middleware sandwich --label 'endpoint=$RULE2' calc3 $STORE"
 "$PY" -m middleware sandwich --label "endpoint=$RULE2" calc3 "$STORE"
+
+say "where /calculate2 allocates memory"
+echo "\$ python -m middleware top --type alloc_space --label 'endpoint=$RULE2' $STORE"
+"$PY" -m middleware top --type alloc_space --label "endpoint=$RULE2" --limit 8 "$STORE"
 
 FLAME=$WORK/calculate2-flamegraph.html
 "$PY" -m middleware flamegraph --label "endpoint=$RULE2" -o "$FLAME" --title "flask-demo $RULE2" "$STORE"

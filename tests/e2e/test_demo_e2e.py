@@ -102,6 +102,7 @@ def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Served]:
         MW_SERVICE_NAME="demo-e2e",
         MW_PROFILE_DIR=str(store),
         MW_PROFILING_UPLOAD_INTERVAL="2",
+        MW_PROFILING_MEMORY="true",  # as make demo: where /calculate2 allocates
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
     )
     cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
@@ -155,6 +156,10 @@ def test_demo_profiles_show_the_bottleneck_per_endpoint(served: Served) -> None:
     assert rows[0].function == "calc3", [(r.function, round(r.self_percent, 1)) for r in rows[:5]]
     assert rows[0].self_percent > 50
     assert _callers(calc2, "calc3") == {"with_bottleneck"}
+
+    # and where it allocates: its memory samples carry the endpoint label too, calc3 on top
+    mem = function_table(calc2, value="alloc_space", sort="self")
+    assert mem and mem[0].function == "calc3", [(r.function, round(r.self_percent, 1)) for r in mem[:5]]
 
     # /calculate1: calc1 and calc2 run, calc3 never
     calc1 = profile.filter(labels={"endpoint": CALC1})

@@ -210,6 +210,7 @@ def main() -> None:
     os.environ["MW_PROFILE_DIR"] = store
     os.environ.setdefault("MW_PROFILING_UPLOAD_INTERVAL", "1")
     os.environ.setdefault("MW_PROFILING_LOCKS", "false")
+    os.environ.setdefault("MW_PROFILING_MEMORY", "true")
     if name == "accuracy":
         out = accuracy(store, int(arg))
     elif name == "leak":

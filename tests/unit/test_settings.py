@@ -66,6 +66,8 @@ CASES: dict[str, Case] = {
     "MW_PROFILING_INSTRUMENT": Case("off", {"instrument": False}, {}, "maybe"),
     "MW_PROFILING_LOCKS": Case("false", {"locks": False}, {}, "sometimes"),
     "MW_PROFILING_LOCK_RATE": Case("250000", {"lock_rate": 250000}, {}, "-1"),
+    "MW_PROFILING_MEMORY": Case("true", {"memory": True}, {}, "sometimes"),
+    "MW_PROFILING_MEMORY_RATE": Case("65536", {"memory_rate": 65536}, {}, "0"),
     "MW_PROFILING_UPLOAD": Case("no", {"upload": False}, {}, "never"),
     "MW_CUSTOM_RESOURCE_ATTRIBUTES": Case("env=prod, team=core", {"tags": {"env": "prod", "team": "core"}},
                                           {"tags": "env=prod,team=core"}, "bad-name=1"),
@@ -129,7 +131,8 @@ def test_every_variable_read_has_one_row_and_a_case_here():
     assert _table_variables() == set(CASES) | PROCESS_WIDE
     assert _native_getenv() == set(config.NATIVE_VARIABLES), "the native side reads a variable not listed"
     assert set(config.NATIVE_VARIABLES) - _table_variables() == {"MW_PROFILING_CPU_TIMER",
-                                                                 "MW_PROFILING_DIRECT_READS"}
+                                                                 "MW_PROFILING_DIRECT_READS",
+                                                                 "MW_PROFILING_MEMORY_HOOKS"}
 
 
 def test_no_other_module_names_a_variable_of_the_table():
