@@ -18,7 +18,8 @@ With ``--vs-setting MW_NAME=VALUE`` the "off" side runs the tracker too, with th
 ``--setting MW_NAME=VALUE`` sets the profiled side (``--setting MW_PROFILING_MEMORY=true
 --vs-setting MW_PROFILING_MEMORY=false``: the cost of memory profiling alone).
 
-    python bench/demo_throughput.py [--rounds 5] [--seconds 5] [--setting MW_NAME=VALUE] [--vs-setting MW_NAME=VALUE] [--json]
+    python bench/demo_throughput.py [--rounds 5] [--seconds 5] [--json]
+                                    [--setting MW_NAME=VALUE] [--vs-setting MW_NAME=VALUE]
 """
 
 from __future__ import annotations

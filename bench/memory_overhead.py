@@ -13,6 +13,11 @@ Workloads:
 - ``--soak SECONDS``: the alloc workload with a slowly growing cache, memory profiling on,
   printing the resident memory every 10 s (flat once the live set stops growing).
 
+The same two workloads are also measured in ONE process, alternating three states per round
+(hooks out; hooks in but sampling nothing, a rate of 2**40 bytes; the default rate), medians
+of --pairs x 2 rounds: on this noisy VM the in-process ratios are far steadier than the
+process pairs, and they split the cost between the hooks and the samples.
+
     python bench/memory_overhead.py [--pairs 9] [--only alloc,calc] [--soak 600] [--json]
 """
 from __future__ import annotations
@@ -116,6 +121,56 @@ def pairs(work: str, reps: int, n: int, store: str) -> dict[str, Any]:
             "rss_added_mib": statistics.median(rss) / 1024, "samples_per_cpu_s": statistics.median(samples)}
 
 
+INPROCESS = textwrap.dedent(
+    """
+    import json, statistics, sys, time
+    sys.path.insert(0, {root!r})
+    from middleware import _native as n
+    from demo_flask.calculations import calc1, calc2, calc3
+    rounds = int(sys.argv[1])
+
+    def alloc():
+        for _ in range(10):
+            for i in range(20000):
+                d = {{"id": i, "name": "item-%d" % i, "tags": [i, i + 1, i + 2]}}
+
+    def calc():
+        for _ in range(100):
+            calc1(100); calc2(100); calc3(6)
+
+    out = []
+    for name, fn in (("alloc", alloc), ("calc", calc)):
+        fn()
+        hooks, sampled = [], []
+        for i in range(rounds):
+            got = {{}}
+            for m in ((0, 1, 2) if i % 2 else (2, 1, 0)):
+                if m == 0:
+                    n.memory_disable()  # takes the hooks out
+                else:
+                    n.memory_enable(1 << 40 if m == 1 else 512 * 1024)
+                t = time.process_time(); fn(); got[m] = time.process_time() - t
+            hooks.append(got[1] / got[0]); sampled.append(got[2] / got[0])
+        s0 = n.memory_stats()["samples"]
+        n.memory_enable(512 * 1024); t = time.process_time(); fn(); dt = time.process_time() - t
+        out.append({{"workload": name, "rounds": rounds, "hooks_ratio": statistics.median(hooks),
+                    "sampled_ratio": statistics.median(sampled),
+                    "samples_per_cpu_s": (n.memory_stats()["samples"] - s0) / dt}})
+    print(json.dumps(out))
+    """
+).format(root=str(ROOT))
+
+
+def in_process(rounds: int) -> list[dict[str, Any]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", INPROCESS, str(rounds)], capture_output=True, text=True,
+                          env=env, cwd=str(ROOT), timeout=1200)
+    if proc.returncode != 0:
+        raise SystemExit(f"in-process run failed:\n{proc.stderr[-3000:]}")
+    rows: list[dict[str, Any]] = json.loads(proc.stdout)
+    return rows
+
+
 def soak(seconds: float, store: str) -> None:
     env = {**os.environ, "MW_PROFILE_DIR": store, "PYTHONPATH": str(ROOT)}
     print("seconds  rss_kib  memory_samples  live_samples")
@@ -136,8 +191,9 @@ def main() -> None:
             return
         reps = {"alloc": 150, "calc": 400}
         rows = [pairs(w, reps[w], args.pairs, store) for w in args.only.split(",")]
+    inproc = in_process(2 * args.pairs + 1)
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps({"process_pairs": rows, "in_process": inproc}))
         return
     print(f"{'workload':<8} {'pairs':>5} {'CPU ratio':>9} {'(min..max)':>14} {'off CPU':>8} {'RSS added':>10} "
           f"{'samples/CPU s':>13}")
@@ -145,6 +201,11 @@ def main() -> None:
         print(f"{r['workload']:<8} {r['pairs']:>5} {r['cpu_ratio']:>9.3f} "
               f"{r['ratio_min']:>6.3f}..{r['ratio_max']:<6.3f} {r['cpu_off_s']:>7.2f}s "
               f"{r['rss_added_mib']:>7.2f}MiB {r['samples_per_cpu_s']:>13.0f}")
+    print(f"\nin one process, alternating ({inproc[0]['rounds']} rounds):")
+    print(f"{'workload':<8} {'hooks only':>10} {'default rate':>12} {'samples/CPU s':>13}")
+    for r in inproc:
+        print(f"{r['workload']:<8} {r['hooks_ratio']:>10.3f} {r['sampled_ratio']:>12.3f} "
+              f"{r['samples_per_cpu_s']:>13.0f}")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def test_allocation_shares_match_tracemalloc(tmp_path: Path) -> None:
     # ~4 MB a round, 1000 rounds at the default rate (one sample per 512 KiB): ~8,000 samples.
     r = run_workload("accuracy", tmp_path, 1000)
     st = r["stats"]
-    assert st["memory_hook_mode"] == 2, st  # pymalloc: frees are not hooked
+    # pymalloc: frees are not hooked (make asan runs without pymalloc: every call is)
+    assert st["memory_hook_mode"] == (1 if os.environ.get("PYTHONMALLOC") == "malloc" else 2), st
     assert st["memory_samples"] > 5000 and st["memory_dropped"] == 0 and st["memory_walk_failed"] == 0, st
     assert st["memory_live"] <= 3, st  # everything allocated was freed again, and seen freed
     check_shares(tmp_path, r["truth"], points=5.0)
@@ -83,13 +84,15 @@ def test_allocation_shares_match_tracemalloc(tmp_path: Path) -> None:
     assert doc["functions"][0]["function"] == "medium_bytes", doc["functions"][:3]  # 1.36 MB a round
 
 
-@pytest.mark.parametrize("env", [{"PYTHONMALLOC": "malloc"}, {"MW_PROFILING_MEMORY_HOOKS": "wrapped"}],
-                         ids=["pythonmalloc-malloc", "wrapped-hooks"])
-def test_every_free_is_seen_without_pymalloc(tmp_path: Path, env: dict[str, str]) -> None:
-    # Without pymalloc (or forced) every call of the two domains goes through the hooks.
+@pytest.mark.parametrize("env, mode", [({"PYTHONMALLOC": "malloc"}, 1), ({"MW_PROFILING_MEMORY_HOOKS": "wrapped"}, 1),
+                                       ({"PYTHONMALLOC": "pymalloc"}, 2)],
+                         ids=["pythonmalloc-malloc", "wrapped-hooks", "pymalloc"])
+def test_every_free_is_seen_in_both_hook_modes(tmp_path: Path, env: dict[str, str], mode: int) -> None:
+    # Without pymalloc (or forced) every call of the two domains goes through the hooks; with it
+    # (also under make asan, which otherwise runs without pymalloc) only allocations do.
     r = run_workload("accuracy", tmp_path, 300, env=env)
     st = r["stats"]
-    assert st["memory_hook_mode"] == 1, st
+    assert st["memory_hook_mode"] == mode, st
     assert st["memory_samples"] > 1000 and st["memory_live"] <= 3, st
     check_shares(tmp_path, r["truth"], points=7.0)
 
@@ -142,3 +145,34 @@ def test_memory_profiling_can_be_turned_off(tmp_path: Path) -> None:
     r = run_workload("accuracy", tmp_path, 20, env={"MW_PROFILING_MEMORY": "false"})
     assert r["stats"]["memory_hook_mode"] == 0 and r["stats"]["memory_samples"] == 0, r["stats"]
     assert not memory_profiles(tmp_path)
+
+
+@pytest.mark.parametrize("push_api", ["false", "true"], ids=["ingest", "push"])
+def test_memory_profiles_upload_under_pyroscopes_names(tmp_path: Path, push_api: str) -> None:
+    # the agent's uploads (ingest and push APIs) reach serve as the four memory types
+    import http.client
+    import urllib.parse
+
+    from middleware.serve import ServeApp, ServeConfig
+
+    app = ServeApp(ServeConfig(host="127.0.0.1", port=0, data_dir=str(tmp_path / "data"))).start()
+    try:
+        run_workload("accuracy", tmp_path / "store", 200, env={
+            "MW_PROFILING_SERVER_URL": f"http://127.0.0.1:{app.port}", "MW_SERVICE_NAME": "allocs",
+            "MW_PROFILING_PUSH_API": push_api})
+
+        def get(path: str, **params: Any) -> Any:
+            conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=30)
+            conn.request("GET", f"{path}?{urllib.parse.urlencode(params)}")
+            body = conn.getresponse().read()
+            conn.close()
+            return json.loads(body)
+
+        types = {t["id"] for t in get("/api/profile_types", service="allocs")["types"]}
+        assert {f"memory:{n}:{u}:space:bytes" for n, u in MEMORY_TYPES} <= types, types
+        doc = get("/api/profile", service="allocs", type="memory:alloc_space:bytes:space:bytes",
+                  **{"from": 0, "until": 2**31})
+        top = max(doc["data"]["functions"], key=lambda f: f["self"])
+        assert top["name"] == "medium_bytes", doc["data"]["functions"][:4]
+    finally:
+        app.stop()
