@@ -1,6 +1,8 @@
 /* mw_blockprof — the block profile's buffers and its delay sampling (contract: mw_blockprof.h). */
 #include "mw_blockprof.h"
 
+#include "mw_rand.h"
+
 #include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
@@ -14,35 +16,18 @@ static atomic_int g_enabled;
 static _Atomic uint64_t g_rate_ns;
 static _Atomic uint64_t g_waits, g_recorded, g_sampled_out, g_dropped, g_wait_ns;
 
-/* Per-thread xorshift64* state for the sampling draws (seeded from the thread's address). */
+/* Per-thread state of the sampling draws (mw_rand). */
 static _Thread_local uint64_t t_rng;
 
-static uint64_t next_random(void) {
-    if (!t_rng) t_rng = ((uint64_t)(uintptr_t)&t_rng * 0x9E3779B97F4A7C15ull) | 1;
-    t_rng ^= t_rng >> 12;
-    t_rng ^= t_rng << 25;
-    t_rng ^= t_rng >> 27;
-    return t_rng * 0x2545F4914F6CDD1Dull;
-}
-
-/* A uniform draw in [0, 1). */
 static double uniform(void) {
-    return (double)(next_random() >> 11) * (1.0 / 9007199254740992.0);
-}
-
-static void block_limits(mw_profbuf_limits_t *lim) {
-    lim->max_stacks = 8192;
-    lim->max_frames = 16384;
-    lim->max_strings = 16384;
-    lim->string_bytes = 1u << 20;
-    lim->frame_slots = 1u << 18;
+    return mw_rand_uniform(&t_rng);
 }
 
 int mw_blockprof_enable(uint64_t rate_ns) {
     pthread_mutex_lock(&g_mu);
     if (!g_active) {
         mw_profbuf_limits_t lim;
-        block_limits(&lim);
+        mw_profbuf_small_limits(&lim);
         mw_profbuf_t *a = mw_profbuf_new(&lim), *s = mw_profbuf_new(&lim);
         if (!a || !s) {
             mw_profbuf_free(a);

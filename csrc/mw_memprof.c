@@ -2,6 +2,7 @@
 #include "mw_memprof.h"
 
 #include "mw_pyframes.h"
+#include "mw_rand.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -35,34 +36,13 @@ static _Atomic uint64_t g_rate;
 static _Atomic uint64_t g_samples, g_recorded, g_dropped, g_overflow, g_frees, g_compactions;
 static _Atomic uint64_t g_inuse_bytes;
 
-static uint64_t g_rng; /* GIL-serialized draws */
-
-static uint64_t next_random(void) {
-    if (!g_rng) g_rng = ((uint64_t)(uintptr_t)&g_rng * 0x9E3779B97F4A7C15ull) | 1;
-    g_rng ^= g_rng >> 12;
-    g_rng ^= g_rng << 25;
-    g_rng ^= g_rng >> 27;
-    return g_rng * 0x2545F4914F6CDD1Dull;
-}
-
-/* A uniform draw in (0, 1]. */
-static double uniform(void) {
-    return ((double)(next_random() >> 11) + 1.0) * (1.0 / 9007199254740992.0);
-}
+static uint64_t g_rng; /* state of the draws (mw_rand), GIL-serialized */
 
 static int64_t draw_countdown(uint64_t rate) {
-    double d = -log(uniform()) * (double)rate;
+    double d = -log1p(-mw_rand_uniform(&g_rng)) * (double)rate; /* exponential, mean rate */
     if (d < 1.0) d = 1.0;
     if (d > 9.0e18) d = 9.0e18;
     return (int64_t)d;
-}
-
-static void mem_limits(mw_profbuf_limits_t *lim) {
-    lim->max_stacks = 8192;
-    lim->max_frames = 16384;
-    lim->max_strings = 16384;
-    lim->string_bytes = 1u << 20;
-    lim->frame_slots = 1u << 18;
 }
 
 int mw_memprof_enable(uint64_t rate_bytes) {
@@ -70,7 +50,7 @@ int mw_memprof_enable(uint64_t rate_bytes) {
     pthread_mutex_lock(&g_mu);
     if (!g_buf) {
         mw_profbuf_limits_t lim;
-        mem_limits(&lim);
+        mw_profbuf_small_limits(&lim);
         mw_profbuf_t *a = mw_profbuf_new(&lim), *s = mw_profbuf_new(&lim),
                      *o = mw_profbuf_new(&lim);
         live_t *live = calloc(MW_MEMPROF_LIVE_SLOTS, sizeof *live);
@@ -127,7 +107,7 @@ int mw_memprof_draw(size_t size, uint64_t *objects, uint64_t *bytes) {
     double n = p > 0 ? 1.0 / p : 1.0;
     uint64_t whole = (uint64_t)n;
     double frac = n - (double)whole;
-    *objects = whole + ((double)(next_random() >> 11) * (1.0 / 9007199254740992.0) < frac ? 1 : 0);
+    *objects = whole + (mw_rand_uniform(&g_rng) < frac ? 1 : 0);
     *bytes = (uint64_t)(s * n + 0.5);
     return 1;
 }
@@ -278,7 +258,7 @@ static int pick_live(void *ctx, const mw_stack_t *s, mw_values_t *v) {
 /* Whether a table of b is over half full. */
 static int crowded(const mw_profbuf_t *b) {
     mw_profbuf_limits_t lim;
-    mem_limits(&lim);
+    mw_profbuf_small_limits(&lim);
     mw_profbuf_counts_t c;
     mw_profbuf_counts(b, &c);
     return c.stacks > lim.max_stacks / 2 || c.frames > lim.max_frames / 2 ||

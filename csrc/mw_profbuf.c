@@ -50,6 +50,14 @@ void mw_profbuf_default_limits(mw_profbuf_limits_t *lim) {
     lim->frame_slots = 1u << 20;
 }
 
+void mw_profbuf_small_limits(mw_profbuf_limits_t *lim) {
+    lim->max_stacks = 8192;
+    lim->max_frames = 16384;
+    lim->max_strings = 16384;
+    lim->string_bytes = 1u << 20;
+    lim->frame_slots = 1u << 18;
+}
+
 static uint32_t index_size(uint32_t n) {
     uint32_t s = 16;
     while (s < 2 * n)

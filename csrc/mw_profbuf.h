@@ -64,6 +64,9 @@ typedef struct mw_profbuf mw_profbuf_t;
 
 /* Default limits (documented in the README's design section). */
 void mw_profbuf_default_limits(mw_profbuf_limits_t *lim);
+/* The limits of the event profiles' buffers (lock waits, memory): 8,192 stacks, 16,384 frames
+ * and strings, 1 MiB of strings, 256 Ki frame slots. */
+void mw_profbuf_small_limits(mw_profbuf_limits_t *lim);
 
 /* Allocates a buffer. Returns NULL on allocation failure. Caller owns it; free with
  * mw_profbuf_free. */
