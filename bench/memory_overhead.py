@@ -172,7 +172,7 @@ def in_process(rounds: int) -> list[dict[str, Any]]:
 
 
 def soak(seconds: float, store: str) -> None:
-    env = {**os.environ, "MW_PROFILE_DIR": store, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "MW_PROFILE_DIR": store, "PYTHONPATH": str(ROOT), "MW_PROFILING_MEMORY": "true"}
     print("seconds  rss_kib  memory_samples  live_samples")
     subprocess.run([sys.executable, "-c", SOAK, str(seconds)], env=env, cwd=str(ROOT), check=True,
                    timeout=seconds + 120)
