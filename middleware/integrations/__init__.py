@@ -11,6 +11,9 @@ Supported:
   (:mod:`middleware.integrations.flask`).
 - Any WSGI app: wrap it in :class:`middleware.integrations.wsgi.MwWsgiMiddleware`, which labels
   ``endpoint=<PATH_INFO>`` (explicit, since there is no generic way to find a WSGI app).
+- Starlette and FastAPI: every request is labelled ``endpoint=<route path template>``, e.g.
+  ``/items/{item_id}`` (:mod:`middleware.integrations.asgi`); any other ASGI app: wrap it in
+  :class:`middleware.integrations.asgi.MwAsgiMiddleware` (``endpoint=<path>``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 from ._post_import import when_imported
 
-__all__ = ["install_all", "installed", "MwWsgiMiddleware"]
+__all__ = ["install_all", "installed", "MwWsgiMiddleware", "MwAsgiMiddleware"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ def install_all(tracker: object | None = None) -> None:
             return
         _requested = True
     when_imported("flask", _install_flask)
+    when_imported("starlette.routing", _install_starlette)
+    when_imported("fastapi.routing", _install_fastapi)
 
 
 def installed() -> frozenset[str]:
@@ -58,6 +63,10 @@ def __getattr__(name: str) -> Any:
         from .wsgi import MwWsgiMiddleware
 
         return MwWsgiMiddleware
+    if name == "MwAsgiMiddleware":
+        from .asgi import MwAsgiMiddleware
+
+        return MwAsgiMiddleware
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -68,3 +77,21 @@ def _install_flask(module: types.ModuleType) -> None:
         with _lock:
             _installed.add("flask")
         logger.debug("middleware: Flask requests are labelled with their endpoint")
+
+
+def _install_starlette(module: types.ModuleType) -> None:
+    from . import asgi
+
+    if asgi.install_starlette(module):
+        with _lock:
+            _installed.add("starlette")
+        logger.debug("middleware: Starlette requests are labelled with their route template")
+
+
+def _install_fastapi(module: types.ModuleType) -> None:
+    from . import asgi
+
+    if asgi.install_fastapi(module):
+        with _lock:
+            _installed.add("fastapi")
+        logger.debug("middleware: FastAPI requests are labelled with their route template")
