@@ -34,6 +34,7 @@
 #include "mw_saferead.h"
 #include "mw_threads.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -53,7 +54,14 @@ static int g_direct;
 static mw_rawframe_t g_raw[MW_MEMPROF_MAX_DEPTH];
 static uint64_t g_walk_failed;
 
+/* The calling thread's kernel id, cached. A fork child's only thread inherits the forking
+ * thread's copy: reset by the fork handler below (a stale id would fail the walk's check that
+ * the thread state is the thread's, and find another thread's name and labels). */
 static __thread long t_tid;
+
+static void forget_tid_in_child(void) {
+    t_tid = 0;
+}
 
 /* Resolved frames by (code object, instruction), validated against the code object's
  * identifying fields (a freed code object's slot reused by another shows a mismatch). */
@@ -392,6 +400,7 @@ int mw_memory_module_init(PyObject *m) {
     static int once;
     if (!once) {
         mw_memprof_register_atfork();
+        pthread_atfork(NULL, NULL, forget_tid_in_child);
         once = 1;
     }
     return 0;

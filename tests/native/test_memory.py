@@ -176,3 +176,49 @@ def test_memory_profiles_upload_under_pyroscopes_names(tmp_path: Path, push_api:
         assert top["name"] == "medium_bytes", doc["data"]["functions"][:4]
     finally:
         app.stop()
+
+
+FORK_CHILD = r"""
+import os, sys
+sys.path.insert(0, {root!r})
+os.environ["MW_PROFILE_DIR"] = {store!r}
+os.environ["MW_PROFILING_MEMORY"] = "true"
+os.environ["MW_PROFILING_MEMORY_RATE"] = "65536"
+from middleware import MwTracker
+tracker = MwTracker()
+
+
+def child_allocs():
+    keep = []
+    for _ in range(300):
+        keep.append([bytes(100) for _ in range(100)])
+    return keep
+
+
+pid = os.fork()
+if pid == 0:
+    with tracker.labels(role="child"):
+        child_allocs()
+    sys.exit(0)  # the exit path writes the child's last window
+_, status = os.waitpid(pid, 0)
+print(pid, status)
+tracker.stop()
+"""
+
+
+def test_a_fork_child_samples_its_own_stacks_and_labels(tmp_path: Path) -> None:
+    # the forked child's allocation walks check the thread state against the child's thread id
+    # (a stale id inherited from the parent would give "[no Python frame]" and no labels)
+    store = tmp_path / "store"
+    script = tmp_path / "fork.py"
+    script.write_text(FORK_CHILD.format(root=str(ROOT), store=str(store)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    child, status = proc.stdout.split()
+    assert status == "0", proc.stdout
+    profile = load_profiles(store).filter(labels={"pid": child})
+    got = by_function(profile, "alloc_space", {"child_allocs"})
+    total = sum(got.values())
+    assert total > 0 and got.get("child_allocs", 0) >= 0.9 * total, dict(got)
+    labelled = profile.filter(labels={"role": "child"})
+    assert by_function(labelled, "alloc_space", {"child_allocs"}).get("child_allocs", 0) >= 0.9 * total
