@@ -90,7 +90,8 @@ SOAK = textwrap.dedent(
             with open("/proc/self/status") as f:
                 rss = next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
             st = tracker.stats()
-            print(int(last - t0), rss, st["memory_samples"], st["memory_live"], flush=True)
+            print(int(last - t0), rss, st["memory_samples"], st["memory_live"], st["memory_compactions"],
+                  flush=True)
     tracker.stop()
     """
 ).format(root=str(ROOT))
@@ -173,7 +174,7 @@ def in_process(rounds: int) -> list[dict[str, Any]]:
 
 def soak(seconds: float, store: str) -> None:
     env = {**os.environ, "MW_PROFILE_DIR": store, "PYTHONPATH": str(ROOT), "MW_PROFILING_MEMORY": "true"}
-    print("seconds  rss_kib  memory_samples  live_samples")
+    print("seconds  rss_kib  memory_samples  live_samples  compactions")
     subprocess.run([sys.executable, "-c", SOAK, str(seconds)], env=env, cwd=str(ROOT), check=True,
                    timeout=seconds + 120)
 
