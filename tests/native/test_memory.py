@@ -222,3 +222,49 @@ def test_a_fork_child_samples_its_own_stacks_and_labels(tmp_path: Path) -> None:
     assert total > 0 and got.get("child_allocs", 0) >= 0.9 * total, dict(got)
     labelled = profile.filter(labels={"role": "child"})
     assert by_function(labelled, "alloc_space", {"child_allocs"}).get("child_allocs", 0) >= 0.9 * total
+
+
+INTERPLAY = r"""
+import sys, threading, tracemalloc
+sys.path.insert(0, {root!r})
+from middleware import _native as n
+
+def churn():
+    for _ in range(200):
+        x = [bytes(300) for _ in range(50)]
+        y = bytearray(10)
+        y.extend(b"z" * 5000)  # reallocs of a block that may be sampled
+        del x, y
+
+n.memory_enable(4096)                       # a sample every 4 KiB: most blocks go through it
+churn()
+tracemalloc.start()                         # tracemalloc's hooks on top of ours
+churn()
+n.memory_disable()                          # ours are not on top: they stay, sampling stops
+churn()
+n.memory_enable(4096)
+threads = [threading.Thread(target=churn) for _ in range(4)]
+[t.start() for t in threads]; [t.join() for t in threads]
+tracemalloc.stop()                          # ours on top again
+churn()
+for _ in range(20):                         # hooks out and in, threads allocating meanwhile
+    n.memory_disable(); n.memory_enable(4096)
+    t = threading.Thread(target=churn); t.start(); churn(); t.join()
+n.memory_disable()
+st = n.memory_stats()
+print(st["samples"], st["live"], st["hooked"], st["hook_mode"])
+"""
+
+
+@pytest.mark.parametrize("pymalloc", ["pymalloc", "malloc"])
+def test_hooks_survive_tracemalloc_and_enable_disable_cycles(tmp_path: Path, pymalloc: str) -> None:
+    script = tmp_path / "interplay.py"
+    script.write_text(INTERPLAY.format(root=str(ROOT)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONMALLOC": pymalloc})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples, live, hooked, mode = map(int, proc.stdout.split())
+    # what stays live is what the script keeps (threads, its last objects): a handful of the
+    # tens of thousands sampled; a free missed by the hooks would leave thousands
+    assert samples > 10000 and live <= 50, proc.stdout
+    assert (hooked, mode) == ((0, 2) if pymalloc == "pymalloc" else (1, 1)), proc.stdout
