@@ -77,20 +77,13 @@ def normalize_label_filter(
 GAUGE_TYPES = frozenset({"inuse_objects", "inuse_space"})
 
 
-def _pid_of(s: Sample) -> str:
-    for k, v in s.labels:
-        if k == "pid":
-            return v
-    return ""
-
-
 def _latest_snapshots(profiles: Sequence[Profile]) -> dict[str, int]:
     """For each process (``pid`` label), the start of its latest profile with gauge types."""
     latest: dict[str, int] = {}
     for p in profiles:
         if not any(name in GAUGE_TYPES for name, _ in p.sample_types):
             continue
-        for pid in {_pid_of(s) for s in p.samples}:
+        for pid in {s.label("pid") or "" for s in p.samples}:
             if p.time_nanos > latest.get(pid, -1):
                 latest[pid] = p.time_nanos
     return latest
@@ -182,7 +175,7 @@ class Profile:
                 vals = acc.get(key)
                 if vals is None:
                     vals = acc[key] = [0] * len(types)
-                stale = bool(gauges) and latest.get(_pid_of(s), p.time_nanos) != p.time_nanos
+                stale = bool(gauges) and latest.get(s.label("pid") or "", p.time_nanos) != p.time_nanos
                 for src, dst in enumerate(where):
                     if stale and src in gauges:
                         continue
