@@ -53,13 +53,17 @@ def main() -> int:
     for c in flagged:
         for f in c["findings"]:
             print(f"  {c['before']['version']} -> {c['after']['version']}: {f['function']} "
-                  f"({f['endpoint'] or 'all'}) {f['kind']} x{f['ratio'] or float('inf'):.2f}")
+                  f"({f['endpoint'] or 'all'}) {f['kind']} x{f['ratio'] or float('inf'):.2f} per {f['basis']}")
     last = next(c for c in body["comparisons"] if c["after"]["version"] == "slower")
     print(f"calc2 1.5x ({last['before']['version']} -> slower, {last['after']['profiles']} profiles after):")
     for f in last["findings"]:
         ratio = "new" if f["ratio"] is None else f"x{f['ratio']:.2f} [{f['ratio_low']:.2f}, {f['ratio_high']:.2f}]"
-        print(f"  {f['function']} ({f['endpoint'] or 'all'}): {100 * f['share_before']:.1f}% -> "
-              f"{100 * f['share_after']:.1f}% {ratio}")
+        if f["basis"] == "request":
+            cost = (f"{f['share_before'] / 1e6:.2f} -> {f['share_after'] / 1e6:.2f} ms CPU per request "
+                    f"({f['requests_before']:.0f} -> {f['requests_after']:.0f} requests)")
+        else:
+            cost = f"{100 * f['share_before']:.1f}% -> {100 * f['share_after']:.1f}% of the CPU"
+        print(f"  {f['function']} ({f['endpoint'] or 'all'}): {cost} {ratio}")
     return 0
 
 

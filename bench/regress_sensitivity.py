@@ -3,9 +3,11 @@
 Draws sampled profiles of the calc demo's shape (tests/unit/test_regression.py's SHARES) at 100 Hz
 for --seconds on each side (default 60: 6,000 samples), makes calc2 slower by each change size,
 and prints the share of --trials comparisons that flag calc2; then the share of null comparisons
-(same code, fresh samples) that flag anything.
+(same code, fresh samples) that flag anything. ``--per share`` (default) compares shares of the
+total; ``--per request`` draws the samples of a number of requests (Poisson counts, the same
+expected samples per side) whose count both profiles carry, and compares cost per request.
 
-    .venv/bin/python bench/regress_sensitivity.py [--seconds 60] [--trials 200]
+    .venv/bin/python bench/regress_sensitivity.py [--seconds 60] [--trials 200] [--per share|request]
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit"))
 
+from middleware.profile import Profile  # noqa: E402
 from middleware.regression import detect  # noqa: E402
-from test_regression import SHARES, sampled, slower  # noqa: E402
+from test_regression import PER_REQUEST, SHARES, sampled, served, slower  # noqa: E402
 
 
 def main() -> int:
@@ -27,19 +30,28 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=100)
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--null-trials", type=int, default=1000)
+    ap.add_argument("--per", choices=("share", "request"), default="share")
     args = ap.parse_args()
     n = int(args.seconds * args.rate)
     rng = random.Random(7)
-    print(f"{n} samples per side ({args.seconds:g} s at {args.rate} Hz); calc2 = 15% of the samples; "
+    requests = round(n / sum(PER_REQUEST.values()))
+
+    def side(change: float) -> Profile:
+        if args.per == "request":
+            return served(slower(PER_REQUEST, "calc2", 1 + change) if change else PER_REQUEST, requests, rng)
+        return sampled(slower(SHARES, "calc2", 1 + change) if change else SHARES, n, rng)
+
+    what = f"{requests} requests" if args.per == "request" else "compared as shares"
+    print(f"{n} samples per side ({args.seconds:g} s at {args.rate} Hz, {what}); calc2 = 15% of the samples; "
           f"threshold 10%, family-wise 99.9%")
     print(f"{'calc2 slower by':>16} {'detected':>9}")
     for change in (0.10, 0.15, 0.20, 0.25, 0.30, 0.40, 0.50):
         hits = 0
         for _ in range(args.trials):
-            found = detect(sampled(SHARES, n, rng), sampled(slower(SHARES, "calc2", 1 + change), n, rng))
+            found = detect(side(0.0), side(change), per=args.per)
             hits += any(f.function == "calc2" for f in found)
         print(f"{change:>15.0%} {hits / args.trials:>9.0%}")
-    false = sum(bool(detect(sampled(SHARES, n, rng), sampled(SHARES, n, rng))) for _ in range(args.null_trials))
+    false = sum(bool(detect(side(0.0), side(0.0), per=args.per)) for _ in range(args.null_trials))
     print(f"null changes flagged: {false} of {args.null_trials}")
     return 0
 

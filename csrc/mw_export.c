@@ -11,6 +11,7 @@
 #include "mw_blockprof.h"
 #include "mw_memprof.h"
 #include "mw_collect.h"
+#include "mw_labels.h"
 #include "mw_pprof.h"
 #include "mw_report.h"
 #include "mw_sampler.h"
@@ -68,6 +69,108 @@ static mw_pprof_meta_t window_meta(int64_t start, int64_t end) {
                             g_cfg.nlabels,
                             MW_PPROF_CPU};
     return meta;
+}
+
+/* ---- request counts as profile comments ------------------------------------------------- */
+
+typedef struct {
+    char *p;
+    size_t n, cap;
+    int failed;
+} sbuf_t;
+
+static void sb_put(sbuf_t *b, const char *s, size_t n) {
+    if (b->failed) return;
+    if (b->n + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 1024;
+        while (cap < b->n + n + 1)
+            cap *= 2;
+        char *p = realloc(b->p, cap);
+        if (!p) {
+            b->failed = 1;
+            return;
+        }
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, s, n);
+    b->n += n;
+}
+
+/* s as a JSON string ('"', '\\' and control characters escaped; other bytes as they are: the
+ * encoder repairs invalid UTF-8). */
+static void sb_json(sbuf_t *b, const char *s) {
+    sb_put(b, "\"", 1);
+    for (const unsigned char *c = (const unsigned char *)s; *c; c++) {
+        char esc[8];
+        if (*c == '"' || *c == '\\') {
+            esc[0] = '\\';
+            esc[1] = (char)*c;
+            sb_put(b, esc, 2);
+        } else if (*c < 0x20) {
+            snprintf(esc, sizeof esc, "\\u%04x", *c);
+            sb_put(b, esc, 6);
+        } else {
+            sb_put(b, (const char *)c, 1);
+        }
+    }
+    sb_put(b, "\"", 1);
+}
+
+typedef struct {
+    sbuf_t text;                             /* the comments, each NUL-terminated */
+    const char *ptrs[MW_PPROF_MAX_COMMENTS]; /* into text, once complete */
+    uint32_t n;
+    uint64_t requests;
+} req_comments_t;
+
+/* Takes the requests counted since the last take and formats them into rc (exporter thread;
+ * reads the static labels, which only start replaces while no exporter thread runs). Returns
+ * the number of comments; 0 also when formatting ran out of memory (those counts are lost,
+ * like the window's samples would be). */
+static uint32_t take_request_comments(req_comments_t *rc) {
+    uint32_t ids[MW_PPROF_MAX_COMMENTS];
+    uint64_t counts[MW_PPROF_MAX_COMMENTS];
+    memset(rc, 0, sizeof *rc);
+    uint32_t n = mw_labels_take_requests(ids, counts, MW_PPROF_MAX_COMMENTS);
+    size_t starts[MW_PPROF_MAX_COMMENTS];
+    char pid[24];
+    snprintf(pid, sizeof pid, "%ld", (long)getpid());
+    for (uint32_t i = 0; i < n; i++) {
+        const char *const *k, *const *v;
+        int m = mw_labels_get(ids[i], &k, &v);
+        if (m < 0) m = 0;
+        char head[64];
+        int hl = snprintf(head, sizeof head, "mw:requests {\"count\":%llu,\"labels\":{",
+                          (unsigned long long)counts[i]);
+        starts[i] = rc->text.n;
+        sb_put(&rc->text, head, (size_t)hl);
+        for (int j = 0; j < m; j++) {
+            sb_json(&rc->text, k[j]);
+            sb_put(&rc->text, ":", 1);
+            sb_json(&rc->text, v[j]);
+            sb_put(&rc->text, ",", 1);
+        }
+        for (uint32_t j = 0; j < g_cfg.nlabels; j++) {
+            sb_json(&rc->text, g_cfg.keys[j]);
+            sb_put(&rc->text, ":", 1);
+            sb_json(&rc->text, g_cfg.vals[j]);
+            sb_put(&rc->text, ",", 1);
+        }
+        sb_put(&rc->text, "\"pid\":", 6);
+        sb_json(&rc->text, pid);
+        sb_put(&rc->text, "}}", 3); /* with the NUL */
+        rc->requests += counts[i];
+    }
+    if (rc->text.failed) {
+        free(rc->text.p);
+        memset(rc, 0, sizeof *rc);
+        return 0;
+    }
+    for (uint32_t i = 0; i < n; i++)
+        rc->ptrs[i] = rc->text.p + starts[i];
+    rc->n = n;
+    return n;
 }
 
 /* Replaces the static labels (g_life held, no exporter thread running). -1: out of memory. */
@@ -283,9 +386,14 @@ static void export_once(void) {
     delivery_t d;
     memset(&d, 0, sizeof d);
     size_t gzlen = 0;
+    req_comments_t req;
+    memset(&req, 0, sizeof req);
     if (nstacks > 0) {
         mw_pprof_meta_t meta = window_meta(ts, te);
+        meta.ncomments = take_request_comments(&req);
+        meta.comments = req.ptrs;
         deliver(b, &meta, ts, te, "process_cpu", &d, &info, &gzlen);
+        free(req.text.p);
     }
 
     pthread_mutex_lock(&g_hold);
@@ -309,6 +417,7 @@ static void export_once(void) {
         else
             s->exports++;
         account(s, &d);
+        s->requests += req.requests;
         s->labels_skipped += info.labels_skipped;
         s->last_locations = info.locations;
         s->last_functions = info.functions;
@@ -379,6 +488,11 @@ int mw_export_start(const mw_export_config_t *cfg, const char **why) {
         pthread_mutex_lock(&g_lock);
         g_stats.fork_buffers_recovered++;
         pthread_mutex_unlock(&g_lock);
+    }
+    /* Requests counted while no exporter ran belong to no window of ours. */
+    uint32_t ids[64];
+    uint64_t counts[64];
+    while (mw_labels_take_requests(ids, counts, 64) == 64) {
     }
 
     char *dir = NULL;

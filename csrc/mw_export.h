@@ -9,7 +9,12 @@
  *              → mw_collect_recycle()
  *              → the same for the window's lock waits (mw_blockprof_rotate, a profile of kind
  *                MW_PPROF_BLOCK submitted as "block"), when lock profiling ever started.
- * A window without any stack is not written nor submitted (counted as empty_windows). Windows
+ * Each CPU profile carries the requests counted since the previous one (mw_labels_take_requests),
+ * one comment per counted label set: `mw:requests {"count":N,"labels":{...}}` (JSON; the labels
+ * are the set's pairs, the static labels and pid: docs/interfaces.md, "Request counts"), so that
+ * a reader can divide a window's cost by the requests served in it.
+ * A window without any stack is not written nor submitted (counted as empty_windows; its
+ * requests go with the next window written). Windows
  * are contiguous: each starts where the previous one ended (mw_sampler_swap).
  *
  * Thread: one pthread, all signals blocked, never touches Python. It sleeps on a condition
@@ -84,6 +89,7 @@ typedef struct mw_export_stats {
     uint64_t block_stacks;   /* stacks in them */
     uint64_t memory_exports; /* memory windows written/submitted without error (mw_memprof) */
     uint64_t memory_stacks;  /* stacks in them */
+    uint64_t requests;       /* requests counted (mw_labels_count_request) in the windows written */
     uint64_t running;
 } mw_export_stats_t;
 

@@ -11,6 +11,7 @@ typedef struct {
     uint32_t hash;
     const char *keys[MW_LABELS_PER_SET];
     const char *vals[MW_LABELS_PER_SET];
+    atomic_uint_fast64_t requests; /* requests counted against the set since the last take */
 } mw_labelset_t;
 
 #define INDEX_SIZE (2 * MW_LABELSETS_MAX)
@@ -91,6 +92,33 @@ out:
 
 void mw_labels_after_fork_child(void) {
     pthread_mutex_init(&g_lock, NULL);
+    /* the parent's uncounted requests are the parent's: the child's first window starts at 0 */
+    uint32_t n = atomic_load(&g_count);
+    for (uint32_t id = 1; id <= n; id++) {
+        mw_labelset_t *s = atomic_load(&g_sets[id]);
+        if (s) atomic_store(&s->requests, 0);
+    }
+}
+
+int mw_labels_count_request(uint32_t id) {
+    if (id == 0 || id > atomic_load(&g_count)) return -1;
+    mw_labelset_t *s = atomic_load(&g_sets[id]);
+    if (!s) return -1;
+    atomic_fetch_add_explicit(&s->requests, 1, memory_order_relaxed);
+    return 0;
+}
+
+uint32_t mw_labels_take_requests(uint32_t *ids, uint64_t *counts, uint32_t max) {
+    uint32_t n = atomic_load(&g_count), got = 0;
+    for (uint32_t id = 1; id <= n && got < max; id++) {
+        mw_labelset_t *s = atomic_load(&g_sets[id]);
+        if (!s || atomic_load_explicit(&s->requests, memory_order_relaxed) == 0) continue;
+        uint64_t c = atomic_exchange(&s->requests, 0);
+        if (c == 0) continue;
+        ids[got] = id;
+        counts[got++] = c;
+    }
+    return got;
 }
 
 int mw_labels_get(uint32_t id, const char *const **keys, const char *const **vals) {

@@ -280,6 +280,12 @@ static PyObject *py_labelset_pairs(PyObject *self, PyObject *args) {
     return t;
 }
 
+static PyObject *py_count_request(PyObject *self, PyObject *arg) {
+    unsigned long id = PyLong_AsUnsignedLong(arg);
+    if (id == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(id <= UINT32_MAX && mw_labels_count_request((uint32_t)id) == 0);
+}
+
 static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
     return Py_BuildValue("{s:s}", "python", mw_pyframes_version());
 }
@@ -298,6 +304,9 @@ static PyMethodDef core_methods[] = {
     {"set_thread_labelset", py_set_thread_labelset, METH_VARARGS, "set_thread_labelset(tid, id)"},
     {"labelset", py_labelset, METH_O, "labelset(pairs) -> id (0 = none / registry full)"},
     {"labelset_pairs", py_labelset_pairs, METH_VARARGS, "labelset_pairs(id) -> pairs"},
+    {"count_request", py_count_request, METH_O,
+     "count_request(id) -> bool: one request served under label set id (a comment of the next "
+     "CPU profile; False for an unknown id)"},
     {"build_info", py_build_info, METH_NOARGS, "what the extension was built for"},
     {NULL, NULL, 0, NULL},
 };

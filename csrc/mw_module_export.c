@@ -160,7 +160,7 @@ static PyObject *py_export_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "block_stacks", s.block_stacks) ||
         mw_dict_put_u64(d, "memory_exports", s.memory_exports) ||
         mw_dict_put_u64(d, "memory_stacks", s.memory_stacks) ||
-        mw_dict_put_u64(d, "running", s.running)) {
+        mw_dict_put_u64(d, "requests", s.requests) || mw_dict_put_u64(d, "running", s.running)) {
         Py_DECREF(d);
         return NULL;
     }

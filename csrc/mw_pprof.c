@@ -446,7 +446,8 @@ static int count_pass(enc_t *e, enc_sizes_t *sz) {
 static int alloc_tables(enc_t *e, const enc_sizes_t *sz) {
     uint32_t ns = mw_profbuf_nstacks(e->b), nf = mw_profbuf_nframes(e->b);
     uint32_t nstr = mw_profbuf_nstrings(e->b);
-    if (pool_init(&e->pool, nstr + 20 + 2 * MW_PPROF_MAX_STATIC + 2 * (uint32_t)sz->pairs) != 0)
+    if (pool_init(&e->pool, nstr + 20 + 2 * MW_PPROF_MAX_STATIC + MW_PPROF_MAX_COMMENTS +
+                                2 * (uint32_t)sz->pairs) != 0)
         return -1;
     e->strmap = calloc(nstr + 1, sizeof *e->strmap);
     e->labels_cap = 2 + MW_PPROF_MAX_STATIC + sz->nthreads + (uint32_t)sz->pairs;
@@ -643,13 +644,22 @@ static int pack_profile(enc_t *e, const enc_fixed_t *fx, const mw_pprof_meta_t *
     p.location = e->loc_ptrs;
     p.n_function = e->nfuncs;
     p.function = e->func_ptrs;
-    p.n_string_table = e->pool.n;
     p.string_table = e->pool.tab;
     p.time_nanos = meta->time_nanos;
     p.duration_nanos = meta->duration_nanos > 0 ? meta->duration_nanos : 0;
     p.period_type = &period_type;
     p.period = meta->period_ns > 0 ? meta->period_ns : 1000000000LL / 100;
     p.default_sample_type = memory ? fx->inuse_space : block ? fx->delay : fx->cpu;
+    int64_t comments[MW_PPROF_MAX_COMMENTS];
+    size_t ncomments = 0;
+    for (uint32_t i = 0; i < meta->ncomments && i < MW_PPROF_MAX_COMMENTS; i++) {
+        int64_t c = pool_add(&e->pool, meta->comments[i]);
+        if (c < 0) return -1;
+        comments[ncomments++] = c;
+    }
+    p.n_comment = ncomments;
+    p.comment = comments;
+    p.n_string_table = e->pool.n; /* the comments may have added strings */
 
     size_t size = perftools__profiles__profile__get_packed_size(&p);
     uint8_t *buf = malloc(size ? size : 1);

@@ -14,6 +14,8 @@
  *   default_sample_type  "inuse_space";  period_type space/bytes;  period = meta.period_ns (the
  *                        mean bytes between samples)
  *   (the other fields are the same for every kind)
+ *   comment              meta.comments, in order (the exporter's request counts, see
+ *                        mw_export.h)
  *   time_nanos           window start (unix ns);  duration_nanos = window length
  *   string_table[0]      "" (every string is stored once; invalid UTF-8 is repaired with '?')
  *   function             one per (name, file), ids 1..n, start_line = the code's first line
@@ -51,6 +53,9 @@
 /* At most this many static labels per profile (more are ignored). */
 #define MW_PPROF_MAX_STATIC 8
 
+/* At most this many comments per profile (more are ignored). */
+#define MW_PPROF_MAX_COMMENTS 256
+
 /* Which values of the buffer's stacks a profile carries (mw_pprof_meta_t.kind). */
 #define MW_PPROF_CPU 0
 #define MW_PPROF_BLOCK 1
@@ -68,6 +73,10 @@ typedef struct mw_pprof_meta {
     const char *const *static_keys, *const *static_vals;
     uint32_t nstatic;
     int kind; /* MW_PPROF_CPU (0), MW_PPROF_BLOCK or MW_PPROF_MEMORY */
+    /* The profile's comments (pprof's Profile.comment, in this order): ncomments strings, at most
+     * MW_PPROF_MAX_COMMENTS (more are ignored); borrowed for the duration of the call. */
+    const char *const *comments;
+    uint32_t ncomments;
 } mw_pprof_meta_t;
 
 typedef struct mw_pprof_info {

@@ -130,6 +130,22 @@ def _labelset_id(pairs: tuple[tuple[str, str], ...]) -> int:
     return lid
 
 
+def count_request(label: str, value: str) -> None:
+    """Counts one request served under ``label=value`` (e.g. ``endpoint=/calculate2/<int:n>``).
+
+    The CPU profile of the window carries the count (a ``mw:requests`` comment), so that the
+    window's cost reads per request: ``regress`` and ``serve``'s regression detector compare
+    cost per request when both sides have counts. Called by the Flask, WSGI and ASGI
+    integrations once per request; one dictionary lookup and a relaxed atomic add.
+    """
+    n = _native()
+    if n is None:
+        return
+    lid = _labelset_id(((label, value),))
+    if lid:
+        n.count_request(lid)
+
+
 _applied = threading.local()  # the label set last pushed to this thread's native slot
 
 

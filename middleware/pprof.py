@@ -14,6 +14,7 @@ file (missing file, not pprof, corrupt gzip, empty profile, ...).
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import os
 import zlib
@@ -161,6 +162,7 @@ def _from_message(msg: pb.Profile, source: str) -> Profile:
         if msg.HasField("period_type")
         else ("", "")
     )
+    comments, requests = split_request_comments(s(c, "comment") for c in msg.comment)
     return Profile(
         sample_types=sample_types,
         samples=samples,
@@ -169,8 +171,47 @@ def _from_message(msg: pb.Profile, source: str) -> Profile:
         period_type=period_type,
         period=int(msg.period),
         default_sample_type=default,
-        comments=[s(c, "comment") for c in msg.comment],
+        comments=comments,
+        requests=requests,
     )
+
+
+#: Prefix of the comments carrying request counts: ``mw:requests {"count": N, "labels": {...}}``.
+REQUESTS_COMMENT = "mw:requests "
+
+
+def split_request_comments(
+    comments: Iterable[str],
+) -> tuple[list[str], dict[tuple[tuple[str, str], ...], int]]:
+    """The plain comments, and the request counts (label set -> count) of the ``mw:requests`` ones.
+
+    A malformed request comment is kept as a plain comment (never an error: comments are free
+    text to other tools)."""
+    plain: list[str] = []
+    requests: dict[tuple[tuple[str, str], ...], int] = {}
+    for c in comments:
+        if c.startswith(REQUESTS_COMMENT):
+            try:
+                doc = json.loads(c[len(REQUESTS_COMMENT):])
+                count = doc["count"]
+                labels = doc["labels"]
+                if not (isinstance(count, int) and count >= 0 and isinstance(labels, dict)
+                        and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())):
+                    raise ValueError("bad request count")
+            except (ValueError, KeyError, TypeError):
+                plain.append(c)
+                continue
+            key = tuple(sorted(labels.items()))
+            requests[key] = requests.get(key, 0) + count
+        else:
+            plain.append(c)
+    return plain, requests
+
+
+def request_comments(requests: Mapping[tuple[tuple[str, str], ...], int]) -> list[str]:
+    """The ``mw:requests`` comments of request counts (inverse of :func:`split_request_comments`)."""
+    return [REQUESTS_COMMENT + json.dumps({"count": count, "labels": dict(key)}, separators=(",", ":"))
+            for key, count in requests.items() if count > 0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,7 +272,7 @@ def to_message(profile: Profile) -> pb.Profile:
         msg.period_type.type = st(profile.period_type[0])
         msg.period_type.unit = st(profile.period_type[1])
     msg.period = profile.period
-    msg.comment.extend(st(c) for c in profile.comments)
+    msg.comment.extend(st(c) for c in [*profile.comments, *request_comments(profile.requests)])
     if profile.default_sample_type:
         msg.default_sample_type = st(profile.default_sample_type)
     msg.string_table.extend(st.table)

@@ -101,6 +101,10 @@ class Profile:
     period: int = 10_000_000
     default_sample_type: str = "cpu"
     comments: list[str] = field(default_factory=list)
+    #: Requests served in the profile's window, per label set (sorted (key, value) pairs: the
+    #: request's own label such as ``endpoint``, the profile's static labels, ``pid``) -> count.
+    #: Read from and written as ``mw:requests`` comments (see :mod:`middleware.pprof`).
+    requests: dict[tuple[tuple[str, str], ...], int] = field(default_factory=dict)
 
     # -- values ---------------------------------------------------------------------------------
     def value_index(self, name: str | None = None) -> int:
@@ -137,6 +141,10 @@ class Profile:
     @property
     def time_end_nanos(self) -> int:
         return self.time_nanos + self.duration_nanos
+
+    def request_count(self) -> int:
+        """Requests served in the profile's window (0 when no integration counted any)."""
+        return sum(self.requests.values())
 
     def is_empty(self) -> bool:
         """True when there is no sample with a nonzero value."""
@@ -185,8 +193,11 @@ class Profile:
         start = min((w[0] for w in windows), default=0)
         end = max((w[1] for w in windows), default=0)
         comments: list[str] = []
+        requests: dict[tuple[tuple[str, str], ...], int] = {}
         for p in profiles:
             comments.extend(c for c in p.comments if c not in comments)
+            for rkey, count in p.requests.items():
+                requests[rkey] = requests.get(rkey, 0) + count
         # A store holds CPU profiles and lock-wait profiles side by side: CPU stays the default
         # whichever file comes first.
         lead = next((p for p in profiles if p.default_sample_type == "cpu"), self)
@@ -199,6 +210,7 @@ class Profile:
             period=lead.period,
             default_sample_type=lead.default_sample_type,
             comments=comments,
+            requests=requests,
         )
 
     @staticmethod
@@ -247,6 +259,13 @@ class Profile:
                     if not all(have.get(k) in vs for k, vs in wanted.items()):
                         continue
                 samples.append(s)
+        requests: dict[tuple[tuple[str, str], ...], int] = {}
+        if keep_all:
+            for key, count in self.requests.items():
+                # a request lacking a label filtered on (thread_name...) is not counted
+                have = dict(key)
+                if all(have.get(k) in vs for k, vs in wanted.items()):
+                    requests[key] = count
         return Profile(
             sample_types=list(self.sample_types),
             samples=samples,
@@ -256,6 +275,7 @@ class Profile:
             period=self.period,
             default_sample_type=self.default_sample_type,
             comments=list(self.comments),
+            requests=requests,
         )
 
     def label_values(self) -> dict[str, list[str]]:

@@ -3,9 +3,18 @@
 One detector, used by the CLI (``python -m middleware regress BEFORE AFTER``) and the pytest
 plugin (``mw_profile.assert_no_regression(baseline)``).
 
-What is compared. For every function, its cost as a share of the profile's work: its Self and
-its Total value divided by the whole profile's value of the same type, so that a run that did
-more or less work in all (a longer window, more requests) compares like for like. Reported by
+What is compared. For every function, its cost normalised by the work done, on one of two bases:
+
+* ``request`` (when both sides count requests: profiles of an app whose requests the Flask, WSGI
+  or ASGI integration counts, see :attr:`middleware.profile.Profile.requests`): its Self and its
+  Total value **per request** served in the profiles' windows (within an endpoint when the
+  profiles are filtered on ``endpoint``). A function that did not change keeps its cost per
+  request whatever else changed -- other code made faster or slower, more or fewer requests.
+* ``share`` (otherwise): its Self and Total value divided by the whole profile's value of the
+  same type, so that a run that did more or less work in all (a longer window) compares like
+  for like. Here a function's share also grows when *other* code got faster, which the request
+  basis does not mistake for a regression; the request basis in turn moves with the mix of
+  requests (heavier inputs cost more per request), which shares do not. Reported by
 default: the functions whose Self share grew (the code that got slower), and those whose Total
 share grew with no reported callee below them (a function whose own frames did not change but
 whose calls cost more, e.g. into a helper shared with others) -- not every caller whose Total
@@ -14,9 +23,11 @@ share grew by more than ``threshold`` (default 10%) AND whose growth is beyond t
 noise is a regression; a function absent before and clearly present after is new.
 
 The noise. A sampled profile's values are counts of samples times the sampling period, so a
-function's value in a profile is ``k`` samples out of ``n``. Given the two totals, ``k_after`` is
-binomial with ``k_before + k_after`` trials and probability ``p = n_after * r / (n_before + n_after
-* r)`` where ``r`` is the true ratio of shares (the conditional test of two Poisson rates). The
+function's value in a profile is ``k`` samples, a Poisson count whose mean is its rate times the
+exposure ``n`` (the profile's samples on the share basis, its requests on the request basis).
+Given the two counts' sum, ``k_after`` is binomial with ``k_before + k_after`` trials and
+probability ``p = n_after * r / (n_before + n_after * r)`` where ``r`` is the true ratio of
+rates (the conditional test of two Poisson rates). The
 interval for ``r`` comes from the Wilson score interval of that binomial proportion, which stays
 right for small counts (an exact test would be marginally tighter; the normal approximation on
 ``log r`` is wrong for the counts of rare functions). A function is flagged when both hold: its
@@ -38,15 +49,21 @@ from statistics import NormalDist
 from middleware.profile import Profile
 from middleware.reporters.table import function_table
 
-__all__ = ["Finding", "detect", "render_findings", "DEFAULT_THRESHOLD", "DEFAULT_CONFIDENCE"]
+__all__ = ["Finding", "detect", "render_findings", "DEFAULT_THRESHOLD", "DEFAULT_CONFIDENCE", "BASES"]
 
 DEFAULT_THRESHOLD = 0.10
 DEFAULT_CONFIDENCE = 0.999
+#: What a function's cost is divided by: ``auto`` is ``request`` when both sides count requests.
+BASES = ("auto", "request", "share")
 
 
 @dataclass(frozen=True)
 class Finding:
-    """A function whose cost share grew (``kind="regression"``) or appeared (``kind="new"``)."""
+    """A function whose cost grew (``kind="regression"``) or appeared (``kind="new"``).
+
+    ``share_before``/``share_after`` are its cost on the finding's ``basis``: a share of the
+    profile's total (0..1) for ``"share"``, the value per request (e.g. nanoseconds of CPU) for
+    ``"request"``."""
 
     kind: str
     metric: str  # "self" or "total": which share grew
@@ -59,6 +76,9 @@ class Finding:
     ratio_high: float
     samples_before: float
     samples_after: float
+    basis: str = "share"
+    requests_before: float = 0.0  # requests served on each side (request basis)
+    requests_after: float = 0.0
 
     @property
     def growth(self) -> float:
@@ -69,12 +89,13 @@ class Finding:
 @dataclass(frozen=True)
 class _Side:
     """One profile's figures: each function's Self and Total, the whole total, the value of one
-    sample."""
+    sample, the requests served."""
 
     self_values: dict[tuple[str, str], float]
     total_values: dict[tuple[str, str], float]
     total: float
     period: float
+    requests: float
 
 
 def _side(profile: Profile, value: str | None) -> _Side:
@@ -89,7 +110,7 @@ def _side(profile: Profile, value: str | None) -> _Side:
         period = float(min((s.values[index] for s in profile.samples if s.values[index] > 0), default=0))
     return _Side({(r.function, r.file): float(r.self_value) for r in rows},
                  {(r.function, r.file): float(r.total_value) for r in rows},
-                 float(rows[0].profile_total) if rows else 0.0, period)
+                 float(rows[0].profile_total) if rows else 0.0, period, float(profile.request_count()))
 
 
 def _wilson(k: float, n: float, z: float) -> tuple[float, float]:
@@ -111,18 +132,29 @@ def detect(
     threshold: float = DEFAULT_THRESHOLD,
     confidence: float = DEFAULT_CONFIDENCE,
     metric: str = "auto",
+    per: str = "auto",
 ) -> list[Finding]:
-    """The functions whose ``metric`` share ("self", "total", or "auto": see the module's doc) of
-    ``value`` grew beyond ``threshold`` and the noise, and the new ones; biggest growth first."""
+    """The functions whose ``metric`` ("self", "total", or "auto": see the module's doc) cost of
+    ``value`` grew beyond ``threshold`` and the noise, and the new ones; biggest growth first.
+
+    ``per``: the basis of the cost, "request", "share", or "auto" (request when both profiles
+    count requests, else share)."""
     if threshold < 0:
         raise ValueError("threshold must not be negative")
+    if per not in BASES:
+        raise ValueError(f"per must be one of {', '.join(BASES)}")
     a, b = _side(before, value), _side(after, value)
     if a.total <= 0 or b.total <= 0:
         raise ValueError("BEFORE and AFTER must both hold samples of that type")
+    has_requests = a.requests > 0 and b.requests > 0
+    if per == "request" and not has_requests:
+        raise ValueError("cost per request needs request counts on both sides (profiles of an app whose "
+                         "requests the Flask, WSGI or ASGI integration counts)")
+    basis = "request" if per == "request" or (per == "auto" and has_requests) else "share"
     if metric != "auto":
-        return _detect(a, b, threshold, confidence, metric)
-    by_self = _detect(a, b, threshold, confidence, "self")
-    by_total = _detect(a, b, threshold, confidence, "total")
+        return _detect(a, b, threshold, confidence, metric, basis)
+    by_self = _detect(a, b, threshold, confidence, "self", basis)
+    by_total = _detect(a, b, threshold, confidence, "total", basis)
     above = _ancestors(after)
     flagged = {(f.function, f.file) for f in by_total}
     deepest = [f for f in by_total
@@ -148,13 +180,17 @@ def _ancestors(profile: Profile) -> dict[tuple[str, str], set[tuple[str, str]]]:
     return out
 
 
-def _detect(a: _Side, b: _Side, threshold: float, confidence: float, metric: str) -> list[Finding]:
+def _detect(a: _Side, b: _Side, threshold: float, confidence: float, metric: str, basis: str) -> list[Finding]:
     per_a = a.total_values if metric == "total" else a.self_values
     per_b = b.total_values if metric == "total" else b.self_values
     total_a, total_b, period_a, period_b = a.total, b.total, a.period, b.period
     unit_a = period_a or max(total_a, total_b) / 100.0  # no sample at all: coarse units
     unit_b = period_b or max(total_a, total_b) / 100.0
-    n_a, n_b = total_a / unit_a, total_b / unit_b
+    # the exposures: samples in all (share basis) or requests served (request basis)
+    n_a, n_b = (a.requests, b.requests) if basis == "request" else (total_a / unit_a, total_b / unit_b)
+    # a cost as reported: a share, or the value per request
+    scale_a, scale_b = (unit_a, unit_b) if basis == "request" else (1.0, 1.0)
+    reqs = (a.requests, b.requests) if basis == "request" else (0.0, 0.0)
     keys = set(per_a) | set(per_b)
     compared = [k for k in keys if per_a.get(k, 0) > 0 or per_b.get(k, 0) > 0]
     alpha = (1 - confidence) / max(1, len(compared))
@@ -170,29 +206,43 @@ def _detect(a: _Side, b: _Side, threshold: float, confidence: float, metric: str
         if k_a == 0:
             # new: present after, beyond what chance alone would leave at 0 before
             if r_low > 1 and share_b > 0:
-                out.append(Finding("new", metric, key[0], key[1], 0.0, share_b, math.inf, r_low, r_high, k_a, k_b))
+                out.append(Finding("new", metric, key[0], key[1], 0.0, share_b * scale_b, math.inf, r_low, r_high,
+                                   k_a, k_b, basis, *reqs))
             continue
         ratio = share_b / share_a
         if ratio > 1 + threshold and r_low > 1:
-            out.append(Finding("regression", metric, key[0], key[1], share_a, share_b, ratio, r_low, r_high, k_a,
-                               k_b))
+            out.append(Finding("regression", metric, key[0], key[1], share_a * scale_a, share_b * scale_b, ratio,
+                               r_low, r_high, k_a, k_b, basis, *reqs))
     out.sort(key=_order)
     return out
 
 
-def render_findings(findings: Iterable[Finding], threshold: float, header: str = "") -> str:
-    """The findings as a text table (one line saying so when there is none)."""
+def _cost(f: Finding, v: float, unit: str) -> str:
+    if f.basis != "request":
+        return f"{v:.2%}"
+    if unit == "nanoseconds":
+        return f"{v / 1e6:.3g}ms/req" if v >= 1e5 else f"{v / 1e3:.3g}us/req"
+    if unit == "bytes":
+        return f"{v / 1024:.3g}KiB/req"
+    return f"{v:.3g}/req"
+
+
+def render_findings(findings: Iterable[Finding], threshold: float, header: str = "", unit: str = "") -> str:
+    """The findings as a text table (one line saying so when there is none); ``unit``: of the
+    value compared (for costs per request)."""
     rows = list(findings)
     lines = [header] if header else []
     if not rows:
-        lines.append(f"no regression: no function's share grew by more than {threshold:.0%} beyond the noise")
+        lines.append(f"no regression: no function's cost grew by more than {threshold:.0%} beyond the noise")
         return "\n".join(lines) + "\n"
-    lines.append(f"{'kind':<10} {'share':<5} {'before':>8} {'after':>8} {'change':>8} {'interval':>17}  function")
+    width = 14 if rows[0].basis == "request" else 8
+    lines.append(f"{'kind':<10} {'cost':<5} {'before':>{width}} {'after':>{width}} {'change':>8} {'interval':>17}  "
+                 "function")
     for f in rows:
         change = "new" if f.kind == "new" else f"{f.growth:+.0%}"
         high = "inf" if math.isinf(f.ratio_high) else f"{f.ratio_high - 1:+.0%}"
         interval = f"[{f.ratio_low - 1:+.0%}, {high}]"
         where = f" ({f.file})" if f.file else ""
-        lines.append(f"{f.kind:<10} {f.metric:<5} {f.share_before:>8.2%} {f.share_after:>8.2%} {change:>8} "
-                     f"{interval:>17}  {f.function}{where}")
+        lines.append(f"{f.kind:<10} {f.metric:<5} {_cost(f, f.share_before, unit):>{width}} "
+                     f"{_cost(f, f.share_after, unit):>{width}} {change:>8} {interval:>17}  {f.function}{where}")
     return "\n".join(lines) + "\n"

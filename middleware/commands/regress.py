@@ -11,7 +11,7 @@ import sys
 
 from middleware.commands import CommandError, add_profile_options, add_time_options, describe, value_name
 from middleware.commands.diff import _load
-from middleware.regression import DEFAULT_THRESHOLD, detect, render_findings
+from middleware.regression import BASES, DEFAULT_THRESHOLD, detect, render_findings
 
 
 def _threshold(text: str) -> float:
@@ -30,10 +30,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "regress",
         help="functions whose cost grew from BEFORE to AFTER (exit status 1 if any)",
         description=(
-            "Compare every function's share of the profile's total (Self and Total) between BEFORE "
-            "and AFTER and report those that grew by more than --threshold beyond the sampling noise (a "
-            "99.9%% family-wise interval on the ratio of shares), and those that are new. Exit status 1 when "
-            "there is one, so a CI step can stop a slow change."
+            "Compare every function's cost (Self and Total) between BEFORE and AFTER -- per request when "
+            "both sides count requests (the Flask, WSGI and ASGI integrations do), else as a share of the "
+            "profile's total -- and report those that grew by more than --threshold beyond the sampling "
+            "noise (a 99.9%% family-wise interval on the ratio of costs), and those that are new. Exit status "
+            "1 when there is one, so a CI step can stop a slow change."
         ),
     )
     parser.add_argument("before", metavar="BEFORE", help="pprof file or directory (the baseline)")
@@ -46,6 +47,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--share", dest="metric", choices=("auto", "self", "total"), default="auto",
                         help="which share to compare: self (a function's own frames), total (with its callees), or "
                              "auto: both, callers of a reported function left out (default)")
+    parser.add_argument("--per", choices=BASES, default="auto",
+                        help="what a function's cost is divided by: request (the requests served in the "
+                             "profiles' windows), share (the profile's total), or auto: request when both sides "
+                             "count requests (default)")
     parser.set_defaults(func=run)
 
 
@@ -55,9 +60,13 @@ def run(args: argparse.Namespace) -> int:
     name, unit = value_name(after, args.value)
     value_name(before, name)
     try:
-        findings = detect(before, after, value=name, threshold=args.threshold, metric=args.metric)
+        findings = detect(before, after, value=name, threshold=args.threshold, metric=args.metric, per=args.per)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     header = f"before: {describe(before, name, unit)}\nafter:  {describe(after, name, unit)}"
-    sys.stdout.write(render_findings(findings, args.threshold, header=header))
+    if args.per != "share" and before.request_count() and after.request_count():
+        header += f"\ncost per request: {before.request_count()} requests before, {after.request_count()} after"
+    elif args.per == "auto":
+        header += "\ncost as a share of the total (the profiles count no requests)"
+    sys.stdout.write(render_findings(findings, args.threshold, header=header, unit=unit))
     return 1 if findings else 0

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from middleware.labels import pop_labels, push_labels
+from middleware.labels import count_request, pop_labels, push_labels
 
 __all__ = ["MwAsgiMiddleware", "install_starlette", "install_fastapi", "LABEL"]
 
@@ -55,7 +55,9 @@ def _warn(exc: BaseException) -> None:
 
 def _push(endpoint: str) -> contextvars.Token[tuple[tuple[str, str], ...]] | None:
     try:
-        return push_labels({LABEL: endpoint})
+        token = push_labels({LABEL: endpoint})
+        count_request(LABEL, endpoint)
+        return token
     except Exception as exc:  # never break the request
         _warn(exc)
         return None

@@ -19,7 +19,7 @@ import logging
 import threading
 from typing import Any
 
-from middleware.labels import pop_labels, push_labels
+from middleware.labels import count_request, pop_labels, push_labels
 
 __all__ = ["install", "uninstall", "is_installed", "LABEL", "UNMATCHED"]
 
@@ -83,6 +83,7 @@ def _on_request_started(sender: Any, **extra: Any) -> None:
         rule = request.url_rule
         endpoint = rule.rule if rule is not None else UNMATCHED
         environ[_TOKEN_KEY] = push_labels({LABEL: endpoint})
+        count_request(LABEL, endpoint)
     except Exception:
         logger.debug("middleware: could not label a Flask request", exc_info=True)
 

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from middleware.labels import pop_labels, push_labels
+from middleware.labels import count_request, pop_labels, push_labels
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -62,6 +62,7 @@ class MwWsgiMiddleware:
         if not labels:
             return self.app(environ, start_response)
         token = push_labels(labels)
+        count_request(self.label, labels[self.label])
         try:
             body = self.app(environ, start_response)
         finally:

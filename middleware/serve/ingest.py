@@ -524,6 +524,19 @@ def _check_profile(
                 raise IngestError(400, _too_many_series(f"more than {max_series}", max_series))
             done[sample.labels] = clean
         sample.labels = clean
+    requests: dict[tuple[tuple[str, str], ...], int] = {}
+    for labels, count in profile.requests.items():
+        if count > MAX_PROFILE_TOTAL:
+            raise IngestError(400, f"bad pprof profile: a request count of {count}")
+        rest = [(k, v) for k, v in labels if k not in EXCLUDED_SAMPLE_LABELS]
+        clean = tuple(sorted(_sanitized_labels(rest, where="a pprof request count's labels")))
+        merged = series_labels(tags, clean)
+        _check_series_size(merged, where="a series (tags and request count labels)")
+        series.add(merged)  # request counts open series too: under the same cap
+        if max_series is not None and len(series) > max_series:
+            raise IngestError(400, _too_many_series(f"more than {max_series}", max_series))
+        requests[clean] = requests.get(clean, 0) + count
+    profile.requests = requests
     for i, total in enumerate(sums):
         if total > MAX_PROFILE_TOTAL:
             raise IngestError(

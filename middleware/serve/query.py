@@ -411,6 +411,7 @@ class QueryEngine:
                 args,
             )[0]
             profiles, period = int(row[0]), int(row[1] or 0)
+        requests = self._requests(sel) if clause is not None and stype not in GAUGE_TYPES else 0
         stacks = self.store.stacks([int(r[0]) for r in values])
         merged = Profile(
             sample_types=[(stype, sunit)],
@@ -420,8 +421,29 @@ class QueryEngine:
             period_type=(ptype, punit),
             period=period,
             default_sample_type=stype,
+            requests={(): requests} if requests else {},
         )
         return MergeResult(merged, profiles)
+
+    def _requests(self, sel: Selection) -> int:
+        """The requests counted in the profiles of the selection's type and range, by the series
+        the selector matches (a selector on a label requests do not carry, such as a thread's
+        name, matches none: no count)."""
+        stype = self.store.stype_id(sel.service, sel.type_id)
+        if stype is None:
+            return 0
+        where = "start_ns >= ? AND start_ns < ?"
+        ids = self._matching_series(sel)
+        if ids is not None:
+            if not ids:
+                return 0
+            where += f" AND series_id IN ({','.join(str(int(i)) for i in ids)})"
+        row = self.store.query(
+            f"SELECT TOTAL(count) FROM requests WHERE {where} AND profile_id IN "
+            "(SELECT DISTINCT profile_id FROM totals WHERE stype = ? AND start_ns >= ? AND start_ns < ?)",
+            (sel.from_ns, sel.until_ns, stype, sel.from_ns, sel.until_ns),
+        )[0]
+        return int(row[0] or 0)
 
     def profile_json(self, sel: Selection) -> dict[str, Any]:
         """The merged profile as the reporters' JSON, plus what was selected."""

@@ -4,8 +4,9 @@ Agents label every sample with the code version they run (``version``, see
 :mod:`middleware.version`). For each service and profile type, a :class:`RegressionWatcher`
 thread orders the service's versions by their first profile and compares each version (AFTER)
 with the one seen before it (BEFORE), with the detector the CLI's ``regress`` uses
-(:func:`middleware.regression.detect`: each function's share of the total, an interval from the
-sampling statistics, a threshold): over the whole of each version's profiles, and within each
+(:func:`middleware.regression.detect`: each function's cost per request where the agents count
+requests -- the store keeps their counts per profile and series -- else its share of the total,
+an interval from the sampling statistics, a threshold): over the whole of each version's profiles, and within each
 ``endpoint`` the two versions share (the endpoint's own profile: a function's share of that
 endpoint's cost, i.e. its cost per unit of the endpoint's work). A comparison is run again when
 AFTER gained profiles since (a new version is compared at its first profile, and after every
@@ -196,6 +197,8 @@ class RegressionWatcher(Periodic):
                     "ratio_low": f.ratio_low,
                     "ratio_high": None if f.ratio_high == float("inf") else f.ratio_high,
                     "samples_before": f.samples_before, "samples_after": f.samples_after,
+                    # basis "request": share_* are the value per request, over these requests
+                    "basis": f.basis, "requests_before": f.requests_before, "requests_after": f.requests_after,
                     "first_seen": self._first_seen.get(key, c.computed_at),
                 })
             out.append({

@@ -137,6 +137,7 @@ def _delete(conn: sqlite3.Connection, victims: list[tuple[int, int]]) -> None:
             (stype, lo, hi, *ids),
         )
     conn.execute(f"DELETE FROM totals WHERE profile_id IN ({marks})", ids)
+    conn.execute(f"DELETE FROM requests WHERE profile_id IN ({marks})", ids)
     conn.execute(f"UPDATE imported_files SET profile_id=NULL WHERE profile_id IN ({marks})", ids)
     conn.execute(f"DELETE FROM profiles WHERE id IN ({marks})", ids)
 

@@ -18,6 +18,9 @@ so that no query ever has to parse a blob:
 * ``samples`` — per (profile, series, stack, profile type) the value, with the profile's start
   time copied in. A merged flame graph is one indexed ``GROUP BY stack_id`` in SQLite.
 * ``totals`` — per (profile, series, profile type) the sum; the timeline is a ``GROUP BY`` on it.
+* ``requests`` — per (profile, series) the requests the agent counted in the profile's window
+  (its ``mw:requests`` comments; the series is the upload's tags plus the request's labels, e.g.
+  ``endpoint``, ``version``, ``pid``), so a merge can also say how many requests its cost served.
 
 Normalising costs some work per upload (a few hundred small rows, written in one
 ``executemany``), which the single writer absorbs; in exchange a query over an hour or a day of
@@ -152,6 +155,14 @@ CREATE TABLE IF NOT EXISTS samples(
     value INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS samples_by_query ON samples(stype, start_ns);
+CREATE TABLE IF NOT EXISTS requests(
+    profile_id INTEGER NOT NULL REFERENCES profiles(id),
+    series_id INTEGER NOT NULL REFERENCES series(id),
+    start_ns INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY(profile_id, series_id)
+);
+CREATE INDEX IF NOT EXISTS requests_by_time ON requests(start_ns);
 CREATE TABLE IF NOT EXISTS imported_files(
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -549,6 +560,17 @@ class Store:
         conn.executemany(
             "INSERT INTO samples(profile_id, series_id, stype, stack_id, start_ns, value) VALUES(?, ?, ?, ?, ?, ?)",
             [(profile_id, sid, stype, stack, start, v) for (sid, stype, stack), v in values.items()],
+        )
+        counts: dict[int, int] = {}
+        for labels, count in profile.requests.items():
+            series_id = self._series_id(conn, service, series_labels(params.tags, labels), capped=True)
+            if series_id < 0:  # beyond the series cap: the count is dropped, counted like samples
+                upload.overflow_series += 1
+                continue
+            counts[series_id] = counts.get(series_id, 0) + int(count)
+        conn.executemany(
+            "INSERT INTO requests(profile_id, series_id, start_ns, count) VALUES(?, ?, ?, ?)",
+            [(profile_id, sid, start, count) for sid, count in counts.items()],
         )
         return profile_id
 

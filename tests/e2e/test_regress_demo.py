@@ -5,7 +5,7 @@ version A, then as version B whose calc2 does 1.5x the work (calc2's loops widen
 in place, as a deploy replaces the files), each labelled by MW_VCS_COMMIT_SHA as Middleware's
 agents are
 WHEN both endpoints get requests under each version (3 of 4 to /calculate1; the default 10 s
-windows)
+windows; the agent counts them, so costs compare per request)
 THEN within two windows of B's first profile the regressions API flags calc2 for A -> B, over the
 service and within /calculate1 (where calc2 runs; in /calculate2 it is a few µs per request),
 and flags no other function (calc1, calc3: their cost did not change).
@@ -37,10 +37,12 @@ def test_serve_flags_the_function_the_new_version_made_slower(tmp_path: Path) ->
         comparisons = body["comparisons"]
         assert [(c["before"]["version"], c["after"]["version"]) for c in comparisons] == [("A", "B")], body
         flagged = {(f["function"], f["endpoint"]) for f in comparisons[0]["findings"]}
-        detail = [(f["function"], f["endpoint"], f["kind"], f["metric"], round(f["share_before"], 4),
+        detail = [(f["function"], f["endpoint"], f["kind"], f["metric"], f["basis"], round(f["share_before"], 4),
                    round(f["share_after"], 4), f["samples_before"], f["samples_after"])
                   for f in comparisons[0]["findings"]]
         assert ("calc2", None) in flagged and ("calc2", "/calculate1/<int:number>") in flagged, detail
         assert {fn for fn, _ in flagged} == {"calc2"}, detail
+        # the demo's Flask requests are counted: costs compare per request
+        assert all(f["basis"] == "request" and f["requests_after"] > 0 for f in comparisons[0]["findings"]), detail
     finally:
         app.stop()

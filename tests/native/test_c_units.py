@@ -172,6 +172,11 @@ def test_forgotten_threads_keep_their_names_until_the_sampler_has_drained_their_
     assert checks >= 4000, checks
 
 
+def test_request_counts_taken_while_threads_count_are_each_taken_once(ctest: str) -> None:
+    checks, _ = _run(ctest, "requests")
+    assert checks >= 40, checks
+
+
 def test_line_table_decoder_answers_a_line_for_corrupt_tables(ctest: str) -> None:
     """Random bytes and cut varints: the decoder reads only the table (ASan) and answers a
     positive line (the line or firstlineno), with no undefined arithmetic on the way (UBSan)."""

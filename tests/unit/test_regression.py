@@ -103,3 +103,100 @@ def test_a_function_whose_calls_into_a_shared_helper_grew_is_found_by_its_total(
     shares = {"main;work;calc1;spin": 0.6, "main;work;calc2;spin": 0.3, "main;work;render": 0.1}
     found = detect(sampled(shares, 6000, rng), sampled(slower(shares, "calc2;spin", 1.5), 6000, rng))
     assert [(f.kind, f.metric, f.function) for f in found] == [("regression", "total", "calc2")], found
+
+
+# -- cost per request ------------------------------------------------------------------------------
+#: The calc demo per request: stack -> samples per request (at 100 Hz).
+PER_REQUEST = {s: 2.0 * w for s, w in SHARES.items()}
+ENDPOINT = (("endpoint", "/calculate2/<int:number>"),)
+
+
+def poisson(lam: float, rng: random.Random) -> int:
+    """A Poisson draw (exponential inter-arrival times: exact, fine for the means used here)."""
+    n, t = 0, rng.expovariate(1.0)
+    while t < lam:
+        n += 1
+        t += rng.expovariate(1.0)
+    return n
+
+
+def served(per_request: dict[str, float], requests: int, rng: random.Random) -> Profile:
+    """The profile of ``requests`` requests whose stacks take ``per_request`` samples each on
+    average (Poisson), with its request count as an integration records it."""
+    profile = sampled(per_request, poisson(sum(per_request.values()) * requests, rng), rng)
+    profile.requests = {ENDPOINT: requests}
+    return profile
+
+
+def test_per_request_other_code_made_faster_is_no_regression_where_shares_see_one() -> None:
+    # calc3 made twice as fast: every other function's share grows, its cost per request does not
+    rng = random.Random(7)
+    before = served(PER_REQUEST, 3000, rng)
+    after = served(slower(PER_REQUEST, "calc3", 0.5), 3000, rng)
+    assert detect(before, after) == []  # both count requests: per request
+    by_share = {f.function for f in detect(before, after, per="share")}
+    assert {"calc1", "calc2"} <= by_share, by_share
+    # a real regression next to the speed-up is found per request, alone
+    worse = served(slower(slower(PER_REQUEST, "calc3", 0.5), "calc2", 1.5), 3000, rng)
+    found = detect(before, worse)
+    assert [(f.function, f.basis) for f in found] == [("calc2", "request")], found
+    f = found[0]
+    assert 1.3 < f.ratio < 1.7 and f.ratio_low > 1, f
+    # its cost is reported per request, in the value's unit (ns of CPU)
+    assert f.share_before == pytest.approx(PER_REQUEST["main;handle;efficient;calc2"] * PERIOD_NS, rel=0.15)
+    assert f.requests_before == f.requests_after == 3000
+
+
+def test_per_request_more_requests_alone_is_no_regression_and_nulls_flag_nothing() -> None:
+    rng = random.Random(8)
+    # three times the traffic, same code: the profile's totals triple, costs per request do not move
+    assert detect(served(PER_REQUEST, 1000, rng), served(PER_REQUEST, 3000, rng)) == []
+    flagged = sum(bool(detect(served(PER_REQUEST, 3000, rng), served(PER_REQUEST, 3000, rng))) for _ in range(100))
+    assert flagged <= 1, flagged
+
+
+def test_per_request_needs_counts_on_both_sides() -> None:
+    rng = random.Random(9)
+    counted, plain = served(PER_REQUEST, 3000, rng), sampled(SHARES, 6000, rng)
+    assert all(f.basis == "share" for f in detect(plain, sampled(slower(SHARES, "calc2", 1.5), 6000, rng)))
+    with pytest.raises(ValueError, match="request counts on both sides"):
+        detect(plain, counted, per="request")
+    with pytest.raises(ValueError, match="per must be one of"):
+        detect(counted, counted, per="second")
+
+
+def test_request_counts_round_trip_through_pprof_merge_and_label_filters(tmp_path: Path) -> None:
+    from middleware.pprof import load_profiles
+
+    rng = random.Random(10)
+    p = sampled(SHARES, 100, rng)
+    p.comments = ["built by a test"]
+    p.requests = {(("endpoint", "/a"), ("pid", "7")): 30, (("endpoint", "/b"), ("pid", "7")): 12}
+    write_pprof_file(p, tmp_path / "one.pb.gz")
+    q = sampled(SHARES, 100, rng)
+    q.requests = {(("endpoint", "/a"), ("pid", "7")): 5}
+    write_pprof_file(q, tmp_path / "two.pb.gz")
+    loaded = load_profiles([tmp_path / "one.pb.gz"])
+    assert loaded.requests == p.requests and loaded.comments == ["built by a test"]
+    merged = load_profiles([tmp_path])
+    assert merged.requests == {(("endpoint", "/a"), ("pid", "7")): 35, (("endpoint", "/b"), ("pid", "7")): 12}
+    assert merged.filter({"endpoint": "/a"}).request_count() == 35
+    # a filter on a label requests do not carry (a thread) leaves no count: no per-request basis
+    assert merged.filter({"thread_name": "MainThread"}).request_count() == 0
+
+
+def test_the_cli_compares_per_request_and_says_so(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    base, faster = tmp_path / "base.pb.gz", tmp_path / "faster.pb.gz"
+    write_pprof_file(served(PER_REQUEST, 3000, rng), base)
+    write_pprof_file(served(slower(PER_REQUEST, "calc3", 0.5), 3000, rng), faster)
+    cmd = [sys.executable, "-m", "middleware", "regress", str(base), str(faster)]
+    per_request = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert per_request.returncode == 0, per_request.stdout + per_request.stderr
+    by_share = subprocess.run([*cmd, "--per", "share"], capture_output=True, text=True, timeout=60)
+    assert by_share.returncode == 1 and " calc2 (" in by_share.stdout, by_share.stdout
+    worse = tmp_path / "worse.pb.gz"
+    write_pprof_file(served(slower(PER_REQUEST, "calc2", 1.5), 3000, rng), worse)
+    found = subprocess.run([*cmd[:-1], str(worse)], capture_output=True, text=True, timeout=60)
+    assert found.returncode == 1 and "ms/req" in found.stdout and " calc2 (" in found.stdout, found.stdout
+    assert "cost per request: 3000 requests before, 3000 after" in found.stdout

@@ -131,3 +131,36 @@ def test_unknown_service_or_type(serve: Serve) -> None:
     conn.request("GET", "/api/regressions?service=nobody&type=a:b:c:d:e")
     assert conn.getresponse().status == 400
     conn.close()
+
+
+def counted_window(version: str, i: int, calc3_ms: float, calc2_ms: float, requests: bool) -> Profile:
+    """A window of the calc service in which the agent counted 100 requests of /calculate1 and 50
+    of /calculate2 (``requests``), or none."""
+    p = window(version, i, calc2_ms)
+    for s in p.samples:
+        if s.stack[-1].function == "calc3":
+            s.values = tuple(int(calc3_ms * 1_000_000) for _ in s.values)
+    if requests:
+        p.requests = {(("endpoint", "/calculate1"), ("pid", "9"), ("version", version)): 100,
+                      (("endpoint", "/calculate2"), ("pid", "9"), ("version", version)): 50}
+    return p
+
+
+def test_with_request_counts_costs_compare_per_request_and_a_speed_up_elsewhere_is_no_regression(
+        serve: Serve) -> None:
+    # v2 makes calc3 (under /calculate1) twice as fast and calc2 (under /calculate2) 1.5x as slow
+    for service, requests in (("counted", True), ("uncounted", False)):
+        for i in range(6):
+            serve.push(service, counted_window("v1", i, calc3_ms=4000, calc2_ms=1500, requests=requests))
+        for i in range(6):
+            serve.push(service, counted_window("v2", i, calc3_ms=2000, calc2_ms=2250, requests=requests))
+    (counted,) = serve.regressions("counted")["comparisons"]
+    # per request: calc2 alone, over the service and within its endpoint
+    assert _flagged(counted) == {("calc2", None), ("calc2", "/calculate2")}, counted
+    f = next(f for f in counted["findings"] if f["endpoint"] == "/calculate2")
+    assert f["basis"] == "request" and f["requests_before"] == f["requests_after"] == 300
+    assert f["share_before"] == pytest.approx(1.5e9 / 50) and f["share_after"] == pytest.approx(2.25e9 / 50)
+    # the same profiles without counts compare shares: calc1's share grew with calc3's speed-up
+    (uncounted,) = serve.regressions("uncounted")["comparisons"]
+    assert ("calc1", "/calculate1") in _flagged(uncounted), uncounted
+    assert all(f["basis"] == "share" for f in uncounted["findings"])

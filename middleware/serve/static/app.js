@@ -680,7 +680,8 @@
     var n = (body.comparisons || []).length;
     $("regress-summary").textContent = n
       ? n + " version change" + (n === 1 ? "" : "s") + " compared (label '" + body.label + "'); " + rows.length +
-        " finding" + (rows.length === 1 ? "" : "s") + ": functions whose share grew by more than " +
+        " finding" + (rows.length === 1 ? "" : "s") + ": functions whose cost (per request where the agents " +
+        "count requests, else as a share of the total) grew by more than " +
         Math.round(body.threshold * 100) + "% beyond the sampling noise (" + body.confidence * 100 +
         "% family-wise), and new ones. Click a row to compare the two versions."
       : "No two versions of this service to compare yet: agents label profiles with the version they run " +
@@ -703,7 +704,10 @@
         f.function,
         f.endpoint || "(all)",
         c.before.version + " → " + c.after.version,
-        (f.share_before * 100).toFixed(2) + "% → " + (f.share_after * 100).toFixed(2) + "%",
+        f.basis === "request"
+          ? fmtValue(f.share_before, unitOf(body.type)) + " → " + fmtValue(f.share_after, unitOf(body.type)) +
+            " per request"
+          : (f.share_before * 100).toFixed(2) + "% → " + (f.share_after * 100).toFixed(2) + "%",
         growth,
         fmtTime(f.first_seen)
       ].forEach(function (text, i) {

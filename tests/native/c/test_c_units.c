@@ -9,12 +9,14 @@
  * Each prints "<part>: <n> checks, <m> failed" and exits 1 when a check failed. Every input
  * is copied into a buffer of exactly its size, so a read past the end is caught under ASan.
  */
+#include "mw_labels.h"
 #include "mw_linetable.h"
 #include "mw_profbuf.h"
 #include "mw_upload_json.h"
 #include "mw_threads.h"
 
 #include <limits.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -591,6 +593,63 @@ static void threads_forget_reap(void) {
         CHECK(mw_threads_set_name(t, "again") == 0);
 }
 
+/* Request counts on label sets: counted from four threads while another takes them with a small
+ * bound; every request is taken exactly once, by set. */
+#define REQ_SETS 40
+#define REQ_PER_THREAD 200000
+
+static uint32_t g_req_ids[REQ_SETS];
+static volatile int g_req_done;
+
+static void *count_requests(void *arg) {
+    uintptr_t t = (uintptr_t)arg;
+    for (uint32_t i = 0; i < REQ_PER_THREAD; i++)
+        mw_labels_count_request(g_req_ids[(i + t) % REQ_SETS]);
+    return NULL;
+}
+
+static void labels_requests(void) {
+    char vals[REQ_SETS][16];
+    for (int i = 0; i < REQ_SETS; i++) {
+        const char *k = "endpoint", *v = vals[i];
+        snprintf(vals[i], sizeof vals[i], "/e%d", i);
+        g_req_ids[i] = mw_labels_intern(&k, &v, 1);
+        CHECK(g_req_ids[i] == (uint32_t)i + 1);
+    }
+    CHECK(mw_labels_count_request(0) == -1);
+    CHECK(mw_labels_count_request(REQ_SETS + 1) == -1); /* not interned */
+    uint32_t ids[7];
+    uint64_t counts[7], taken[REQ_SETS + 1] = {0};
+    CHECK(mw_labels_take_requests(ids, counts, 7) == 0);
+    pthread_t th[4];
+    for (uintptr_t t = 0; t < 4; t++)
+        CHECK(pthread_create(&th[t], NULL, count_requests, (void *)t) == 0);
+    for (int round = 0; round < 2000; round++) {
+        uint32_t n = mw_labels_take_requests(ids, counts, 7);
+        CHECK(n <= 7);
+        for (uint32_t i = 0; i < n; i++) {
+            CHECK(ids[i] >= 1 && ids[i] <= REQ_SETS && counts[i] > 0);
+            if (ids[i] >= 1 && ids[i] <= REQ_SETS) taken[ids[i]] += counts[i];
+        }
+    }
+    for (int t = 0; t < 4; t++)
+        pthread_join(th[t], NULL);
+    uint32_t n;
+    while ((n = mw_labels_take_requests(ids, counts, 7)) > 0)
+        for (uint32_t i = 0; i < n; i++)
+            if (ids[i] >= 1 && ids[i] <= REQ_SETS) taken[ids[i]] += counts[i];
+    uint64_t all = 0;
+    for (int i = 1; i <= REQ_SETS; i++) {
+        CHECK(taken[i] == 4ull * REQ_PER_THREAD / REQ_SETS);
+        all += taken[i];
+    }
+    CHECK(all == 4ull * REQ_PER_THREAD);
+    /* after a fork the child starts from zero */
+    mw_labels_count_request(g_req_ids[0]);
+    mw_labels_after_fork_child();
+    CHECK(mw_labels_take_requests(ids, counts, 7) == 0);
+}
+
 int main(int argc, char **argv) {
     const char *part = argc > 1 ? argv[1] : "";
     if (strcmp(part, "profbuf") == 0) {
@@ -612,8 +671,11 @@ int main(int argc, char **argv) {
         linetable_random();
     } else if (strcmp(part, "threads") == 0) {
         threads_forget_reap();
+    } else if (strcmp(part, "requests") == 0) {
+        labels_requests();
     } else {
-        fprintf(stderr, "usage: %s profbuf|json|corrupt|threads|linetable < cases\n", argv[0]);
+        fprintf(stderr, "usage: %s profbuf|json|corrupt|threads|requests|linetable < cases\n",
+                argv[0]);
         return 2;
     }
     printf("%s: %ld checks, %ld failed\n", part, g_checks, g_failed);
