@@ -22,13 +22,18 @@ label set active where it was handed over — in the context variable and in the
 slot — and the worker's slot gets back what it held before when the function returns, so a
 worker going back to its pool (and the next request it serves) keeps nothing of this one. With
 no labels active the function is handed over unchanged. A process pool is left alone (its
-functions must stay picklable), and so are event loops that are not asyncio's (uvloop).
+functions must stay picklable). uvloop's ``Loop.run_in_executor`` is wrapped the same way (its
+``set_default_executor`` watched, since uvloop does not show its default executor).
 
-Event loops that are not asyncio's own (uvloop) run task steps without ``Handle._run``, so the
-hook cannot see a task switch there: a label set pushed by one task would stay in the thread's
-slot while other tasks run. Label sets pushed in such a loop's thread are therefore not written
-to the slot (one warning per loop type): those tasks' samples carry no labels rather than
-another request's. Work they hand to a thread pool through anyio keeps its labels.
+Event loops that are not asyncio's own (uvloop) run task steps without ``Handle._run``, so that
+hook cannot see a task switch there. The first label pushed in such a loop's thread installs a
+task factory on the loop (wrapping the loop's own factory, if any) that hands each new task a
+thin wrapper of its coroutine (:class:`_LabelledSteps`): every step of the task (``send``,
+``throw``) runs with the task's label set in the thread's slot and puts back what the slot held
+before when it yields, whatever loop calls it. A label set pushed outside such a step (in a task
+created before the factory was installed) is not written to the slot: those samples carry no
+labels rather than another request's (one warning per loop type when the loop takes no task
+factory). Work they hand to a thread pool through anyio keeps its labels.
 
 The tracker does not import asyncio (or anyio) for that (tens of milliseconds and a few MiB an
 app that never uses asyncio should not pay): :func:`enable_asyncio_hook` wraps what is loaded at
@@ -55,6 +60,7 @@ import logging
 import re
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -146,7 +152,9 @@ def count_request(label: str, value: str) -> None:
         n.count_request(lid)
 
 
-_applied = threading.local()  # the label set last pushed to this thread's native slot
+# Per thread: .pairs, the label set last pushed to the native slot; .depth > 0 while a step of a
+# task followed by _LabelledSteps runs; .tid, the thread's native id once known.
+_applied = threading.local()
 
 
 def _unseen_loop() -> str | None:
@@ -167,19 +175,154 @@ def _unseen_loop() -> str | None:
 _warned_loops: set[str] = set()
 
 
+def _set_slot(state: dict[str, Any], pairs: tuple[tuple[str, str], ...]) -> None:
+    """Writes ``pairs`` to this thread's native slot; ``state`` is ``_applied.__dict__``."""
+    n = _native()
+    if n is not None:
+        tid = state.get("tid")
+        if tid is None:
+            tid = state["tid"] = threading.get_native_id()
+        lid = _ids.get(pairs)
+        n.set_thread_labelset(tid, lid if lid is not None else _labelset_id(pairs))
+    state["pairs"] = pairs
+
+
+class _LabelledSteps:
+    """A task's coroutine, each of whose steps runs with the task's labels in the thread's slot.
+
+    Made by the task factory :func:`_follow_task_steps` installs on event loops whose task
+    switches ``Handle._run`` does not see (uvloop). The task calls ``send``/``throw`` in its own
+    context, so ``_current`` is the task's label set; when the step yields (or ends) the slot
+    gets back what it held before. Everything else (``cr_frame``, ``cr_code``... for the task's
+    repr and stack) is the wrapped coroutine's.
+    """
+
+    __slots__ = ("_coro", "__weakref__")
+
+    def __init__(self, coro: Any) -> None:
+        self._coro = coro
+
+    # A step: the slot gets the task's label set (when it differs), and back what it held when
+    # the step yields or ends. Kept lean: it runs at every step of every followed task.
+    def send(self, value: Any) -> Any:
+        pairs = _current.get()
+        state = _applied.__dict__
+        before = state.get("pairs", ())
+        depth = state.get("depth", 0)
+        state["depth"] = depth + 1
+        try:
+            if pairs != before:
+                _set_slot(state, pairs)
+            return self._coro.send(value)
+        finally:
+            state["depth"] = depth
+            if state.get("pairs", ()) != before:
+                _set_slot(state, before)
+
+    def throw(self, *args: Any) -> Any:
+        pairs = _current.get()
+        state = _applied.__dict__
+        before = state.get("pairs", ())
+        depth = state.get("depth", 0)
+        state["depth"] = depth + 1
+        try:
+            if pairs != before:
+                _set_slot(state, pairs)
+            return self._coro.throw(*args)
+        finally:
+            state["depth"] = depth
+            if state.get("pairs", ()) != before:
+                _set_slot(state, before)
+
+    def close(self) -> Any:
+        return self._coro.close()
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def __iter__(self) -> _LabelledSteps:
+        return self
+
+    def __await__(self) -> _LabelledSteps:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._coro, name)
+
+    def __repr__(self) -> str:
+        return repr(self._coro)
+
+
+def _follow_task_steps(loop: Any = None) -> bool:
+    """Installs, on ``loop`` (default: the event loop running in this thread), a task factory
+    whose tasks run each step under their own labels (:class:`_LabelledSteps`), around the loop's
+    own factory. True when the loop has it (now or already); False when the loop takes no task
+    factory."""
+    if loop is None:
+        events = sys.modules.get("asyncio.events")
+        loop = events._get_running_loop() if events is not None else None
+    if loop is None:
+        return False
+    try:
+        previous = loop.get_task_factory()
+        if getattr(previous, "_mw_labels", False):
+            return True
+        import asyncio.tasks as tasks  # loaded: a loop exists
+
+        def labelled_task_factory(loop: Any, coro: Any, **kwargs: Any) -> Any:
+            if previous is not None:
+                return previous(loop, _LabelledSteps(coro), **kwargs)
+            return tasks.Task(_LabelledSteps(coro), loop=loop,
+                              **{k: v for k, v in kwargs.items() if v is not None})
+
+        labelled_task_factory._mw_labels = True  # type: ignore[attr-defined]
+        loop.set_task_factory(labelled_task_factory)
+    except Exception:  # a loop without task factories, or one that refuses ours
+        logger.debug("middleware: could not install the labels' task factory", exc_info=True)
+        return False
+    logger.debug("middleware: labels follow the tasks of %s created from now on", type(loop).__name__)
+    return True
+
+
+def _wrap_uvloop(uvloop: Any) -> None:
+    """``uvloop.new_event_loop`` (what ``uvloop.run``, its policy and uvicorn call) made to give
+    loops whose tasks are followed from their first (see :func:`_follow_task_steps`), and
+    ``uvloop.Loop.run_in_executor`` made to carry labels to thread pools as asyncio's does."""
+    loop_cls = getattr(uvloop, "Loop", None)
+    if loop_cls is not None and hasattr(loop_cls, "run_in_executor"):
+        try:
+            _wrap_uvloop_executors(loop_cls)
+        except (AttributeError, TypeError):  # a uvloop whose Loop takes no attributes
+            logger.debug("middleware: uvloop's run_in_executor not wrapped", exc_info=True)
+    original = getattr(uvloop, "new_event_loop", None)
+    if original is None or getattr(original, "_mw_wrapped", False):
+        return
+
+    def new_event_loop(*args: Any, **kwargs: Any) -> Any:
+        loop = original(*args, **kwargs)
+        _follow_task_steps(loop)
+        return loop
+
+    functools.update_wrapper(new_event_loop, original)
+    new_event_loop._mw_wrapped = True  # type: ignore[attr-defined]
+    uvloop.new_event_loop = new_event_loop
+
+
 def _apply(pairs: tuple[tuple[str, str], ...]) -> None:
-    if pairs and (loop := _unseen_loop()) is not None:
-        # Tasks of this loop switch without a callback the hook sees, so a label set pushed here
-        # would stay in the thread's slot while other tasks run: their samples would carry it.
-        # Samples of such tasks are left unlabelled instead (never another request's labels).
-        if loop not in _warned_loops:
+    if pairs and not getattr(_applied, "depth", 0) and (loop := _unseen_loop()) is not None:
+        # Tasks of this loop switch without a callback the hook sees, so a label set pushed here,
+        # outside a step of a task the profiler follows, would stay in the thread's slot while
+        # other tasks run: their samples would carry it. Samples of such tasks are left
+        # unlabelled instead (never another request's labels); the tasks created from now on are
+        # followed step by step.
+        if not _follow_task_steps() and loop not in _warned_loops:
             _warned_loops.add(loop)
             from middleware.config import visible_warning
 
             visible_warning(
                 logger, "middleware: labels set in tasks of an event loop whose task switches the profiler "
-                "cannot follow (%s) are not attached to samples (they would land on other tasks' samples); "
-                "work those tasks hand to a thread pool keeps them. asyncio's own loop is supported", loop)
+                "cannot follow (%s: it takes no task factory) are not attached to samples (they would land "
+                "on other tasks' samples); work those tasks hand to a thread pool keeps them", loop)
         pairs = ()
     if getattr(_applied, "pairs", None) == pairs:
         return  # the native slot already holds this set
@@ -221,6 +364,7 @@ def install_asyncio_hook_when_imported() -> None:
     when_imported("asyncio.events", _wrap_handle_run)
     when_imported("asyncio.base_events", _wrap_run_in_executor)
     when_imported("anyio.to_thread", _wrap_anyio_run_sync)
+    when_imported("uvloop", _wrap_uvloop)
 
 
 # 0: nobody asked for the hooks; 1: asked (tracker started), what is loaded is wrapped, the rest
@@ -236,6 +380,9 @@ def enable_asyncio_hook() -> None:
     if _asyncio_hook_state != _HOOK_OFF:
         return
     _wrap_loaded_asyncio()
+    from middleware.integrations._post_import import when_imported
+
+    when_imported("uvloop", _wrap_uvloop)  # loops made from now on follow their tasks
     _asyncio_hook_state = _HOOK_ON_FIRST_LABEL
 
 
@@ -301,7 +448,13 @@ def _wrap_run_in_executor(base_events: Any) -> None:
     """``loop.run_in_executor(executor, func, *args)`` on a thread pool (``None``: the loop's
     default one, a thread pool unless the app set another kind) carries the caller's labels to
     ``func``; ``asyncio.to_thread`` goes through it too."""
-    loop_cls = base_events.BaseEventLoop
+    _wrap_executor_method(base_events.BaseEventLoop, lambda loop: getattr(loop, "_default_executor", None))
+
+
+def _wrap_executor_method(loop_cls: Any, default_executor: Callable[[Any], Any]) -> None:
+    """``loop_cls.run_in_executor`` made to carry the caller's labels to ``func`` when it runs on a
+    thread pool; ``default_executor(loop)`` is the executor ``None`` stands for (None: the loop's
+    own thread pool)."""
     if getattr(loop_cls.run_in_executor, "_mw_wrapped", False):
         return
     original = loop_cls.run_in_executor
@@ -310,7 +463,7 @@ def _wrap_run_in_executor(base_events: Any) -> None:
     def run_in_executor(self: Any, executor: Any, func: Any, *args: Any) -> Any:
         pairs = _current.get()
         if pairs and callable(func):
-            pool = executor if executor is not None else getattr(self, "_default_executor", None)
+            pool = executor if executor is not None else default_executor(self)
             if (pool is None or _is_thread_pool(pool)) and not (
                 coroutines is not None and (coroutines.iscoroutine(func) or coroutines.iscoroutinefunction(func))
             ):  # (asyncio refuses those in debug mode: leave them to it)
@@ -320,6 +473,29 @@ def _wrap_run_in_executor(base_events: Any) -> None:
     functools.update_wrapper(run_in_executor, original)
     run_in_executor._mw_wrapped = True  # type: ignore[attr-defined]
     loop_cls.run_in_executor = run_in_executor
+
+
+#: The default executors set on uvloop loops (uvloop does not show its own): loop -> executor.
+_uvloop_default_executors: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _wrap_uvloop_executors(loop_cls: Any) -> None:
+    """``uvloop.Loop.run_in_executor`` carries labels like asyncio's; ``set_default_executor`` is
+    watched so that a process pool set as the default is left alone."""
+    original_set = loop_cls.set_default_executor
+    if not getattr(original_set, "_mw_wrapped", False):
+        def set_default_executor(self: Any, executor: Any) -> Any:
+            result = original_set(self, executor)
+            try:
+                _uvloop_default_executors[self] = executor
+            except TypeError:  # not weak-referenceable: treat its default as unknown
+                pass
+            return result
+
+        functools.update_wrapper(set_default_executor, original_set)
+        set_default_executor._mw_wrapped = True  # type: ignore[attr-defined]
+        loop_cls.set_default_executor = set_default_executor
+    _wrap_executor_method(loop_cls, lambda loop: _uvloop_default_executors.get(loop))
 
 
 def _wrap_anyio_run_sync(to_thread: Any) -> None:

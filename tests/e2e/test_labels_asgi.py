@@ -1,6 +1,7 @@
 """Starlette and FastAPI requests are labelled with their route template, with no code in the app.
 
-GIVEN a FastAPI app under uvicorn (asyncio's loop) in a child process whose only profiler code is
+GIVEN a FastAPI app under uvicorn (asyncio's loop, and uvloop: uvicorn's default loop when it is
+installed) in a child process whose only profiler code is
 ``MwTracker()``: an async endpoint with a path parameter that burns CPU in slices and yields
 between them, one in an ``APIRouter`` with a prefix, a Starlette sub-app under a ``Mount``, and a
 sync endpoint (run in anyio's thread pool)
@@ -102,7 +103,7 @@ sys.path.insert(0, {tests!r})
 from support.asgi_child import serve_in_thread
 import httpx
 
-server, server_thread, port = serve_in_thread(app, "asyncio")
+server, server_thread, port = serve_in_thread(app, {loop!r})
 errors = []
 
 
@@ -145,11 +146,13 @@ WANT = {"work_burn": "/burn/{n}", "work_item": "/api/items/{item_id}", "work_cal
         "work_sync": "/sync/{k}"}
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop")
     tmp = tmp_path_factory.mktemp("asgi")
     script = tmp / "app.py"
-    script.write_text(CHILD.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    script.write_text(CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"), loop=request.param))
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=str(tmp))
     assert r.returncode == 0, r.stderr[-4000:]
     out: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
