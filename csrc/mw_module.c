@@ -20,6 +20,7 @@
 #include "mw_cputimer.h"
 #include "mw_sampler.h"
 #include "mw_symcache.h"
+#include "mw_termguard.h"
 #include "mw_threads.h"
 #include "mw_upload.h"
 
@@ -286,6 +287,14 @@ static PyObject *py_count_request(PyObject *self, PyObject *arg) {
     return PyBool_FromLong(id <= UINT32_MAX && mw_labels_count_request((uint32_t)id) == 0);
 }
 
+static PyObject *py_termguard_arm(PyObject *self, PyObject *noargs) {
+    return PyBool_FromLong(mw_termguard_arm() == 0);
+}
+
+static PyObject *py_termguard_rekicks(PyObject *self, PyObject *noargs) {
+    return PyLong_FromUnsignedLong(mw_termguard_rekicks());
+}
+
 static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
     return Py_BuildValue("{s:s}", "python", mw_pyframes_version());
 }
@@ -304,6 +313,11 @@ static PyMethodDef core_methods[] = {
     {"set_thread_labelset", py_set_thread_labelset, METH_VARARGS, "set_thread_labelset(tid, id)"},
     {"labelset", py_labelset, METH_O, "labelset(pairs) -> id (0 = none / registry full)"},
     {"labelset_pairs", py_labelset_pairs, METH_VARARGS, "labelset_pairs(id) -> pairs"},
+    {"termguard_arm", py_termguard_arm, METH_NOARGS,
+     "termguard_arm() -> bool: put the SIGTERM guard in front of SIGTERM's Python handler, from "
+     "the main thread (csrc/mw_termguard.h)"},
+    {"termguard_rekicks", py_termguard_rekicks, METH_NOARGS,
+     "termguard_rekicks() -> int: SIGTERMs the guard re-sent to the main thread"},
     {"count_request", py_count_request, METH_O,
      "count_request(id) -> bool: one request served under label set id (a comment of the next "
      "CPU profile; False for an unknown id)"},

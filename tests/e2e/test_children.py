@@ -112,6 +112,22 @@ def slow_failing_exit() -> int:
     return os.getpid()
 
 
+def burn_then_sigterm_from_another_thread() -> tuple[int, int]:
+    """In a pool worker: burns, and leaves a thread that sends SIGTERM to itself 0.3 s later,
+    when the worker is idle on the pool's queue (a process-directed signal can land in any
+    thread that does not block it; this one makes sure it lands outside the main thread)."""
+    import signal
+    import threading
+
+    def later() -> None:
+        time.sleep(0.3)
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+        time.sleep(5)
+
+    threading.Thread(target=later, daemon=True).start()
+    return task(TASK_CPU_S)
+
+
 def _workload(kind: str, method: str, ending: str, store: str) -> dict[str, Any]:
     import multiprocessing
 
@@ -137,6 +153,28 @@ def _workload(kind: str, method: str, ending: str, store: str) -> dict[str, Any]
         pool.join()
         t.stop()
         return {"parent": os.getpid(), "worker": worker}
+    if kind == "sigterm-in-another-thread":
+        # A pool worker as Pool makes it, in the state Pool.terminate() puts idle workers in:
+        # the parent holds the task queue's read lock, the worker waits for it.
+        from multiprocessing import pool as mp_pool
+
+        t = _start_tracker(store)
+        inqueue, outqueue = ctx.SimpleQueue(), ctx.SimpleQueue()
+        worker = ctx.Process(target=mp_pool.worker, args=(inqueue, outqueue), daemon=True)
+        worker.start()
+        inqueue.put((0, 0, burn_then_sigterm_from_another_thread, (), {}))
+        while inqueue._reader.poll():  # the worker took the task (and releases the lock at once)
+            time.sleep(0.001)
+        inqueue._rlock.acquire()  # the worker's next get() waits on it, as under terminate()
+        _, _, (ok, result) = outqueue.get()
+        worker.join(timeout=5)
+        exitcode = worker.exitcode
+        if exitcode is None:  # it would wait for ever: end it for the test to report
+            worker.kill()
+            worker.join()
+        inqueue._rlock.release()
+        t.stop()
+        return {"parent": os.getpid(), "results": [result] if ok else [], "exitcode": exitcode}
     if kind == "self":
         q = ctx.Queue()
         procs = [ctx.Process(target=self_profiled, args=(store, q)) for _ in range(WORKERS)]
@@ -282,6 +320,19 @@ def test_sigterm_during_a_workers_exit_export_does_not_cut_it_short(tmp_path: Pa
                        r["_stderr"])
     # ("on SIGTERM" if the worker was slower to take the sentinel than the parent to send SIGTERM)
     assert len(lines) == 1 and lines[0][0] == str(r["worker"]), r["_stderr"][-3000:]
+
+
+def test_an_idle_pool_worker_dies_of_a_sigterm_taken_by_another_thread_after_its_last_export(
+        tmp_path: Path) -> None:
+    # GIVEN an idle pool worker (blocked in the pool's queue, our SIGTERM handler armed) with a
+    # thread of its own, WHEN a SIGTERM lands in that thread (not in the main thread, whose
+    # blocking call it therefore does not interrupt), THEN the worker still writes its last
+    # profile and dies of SIGTERM, as it would without the profiler -- it used to block on for
+    # ever, and Pool.terminate(), which sends SIGTERM and joins, with it
+    store = tmp_path / "store"
+    r = _run("sigterm-in-another-thread", "fork", "-", store, timeout=60)
+    assert r["exitcode"] == -signal.SIGTERM, r
+    _check_children(r, _stored(store))
 
 
 @pytest.mark.slow

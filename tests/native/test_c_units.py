@@ -177,6 +177,12 @@ def test_request_counts_taken_while_threads_count_are_each_taken_once(ctest: str
     assert checks >= 40, checks
 
 
+def test_sigterm_guard_resends_a_sigterm_the_main_thread_took_before_blocking_or_did_not_take(
+        ctest: str) -> None:
+    checks, _ = _run(ctest, "termguard")
+    assert checks >= 10, checks
+
+
 def test_line_table_decoder_answers_a_line_for_corrupt_tables(ctest: str) -> None:
     """Random bytes and cut varints: the decoder reads only the table (ASan) and answers a
     positive line (the line or firstlineno), with no undefined arithmetic on the way (UBSan)."""

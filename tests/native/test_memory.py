@@ -134,7 +134,10 @@ def test_allocating_threads_forks_and_restarts_do_not_crash_nor_grow(tmp_path: P
     seconds = float(os.environ.get("MW_MEMORY_STRESS_SECONDS", "8"))
     r = run_workload("stress", tmp_path, seconds, env={"MW_PROFILING_UPLOAD_INTERVAL": "0.2"})
     st = r["stats"]
-    assert r["forks"] >= 10 and r["children_ok"] == r["forks"] and r["restarts"] >= 2, r
+    if "ASAN_OPTIONS" in os.environ:  # no fork under ASan (see the workload)
+        assert r["forks"] == 0 and r["restarts"] >= 10, r
+    else:
+        assert r["forks"] >= 10 and r["children_ok"] == r["forks"] and r["restarts"] >= 2, r
     assert st["memory_samples"] > 100 and st["memory_dropped"] == 0, st
     assert st["export_memory_exports"] > 0, st
     if "ASAN_OPTIONS" not in os.environ:

@@ -13,10 +13,15 @@
 #include "mw_linetable.h"
 #include "mw_profbuf.h"
 #include "mw_upload_json.h"
+#include "mw_termguard.h"
 #include "mw_threads.h"
 
+#include <errno.h>
 #include <limits.h>
 #include <pthread.h>
+#include <semaphore.h>
+#include <signal.h>
+#include <time.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -650,6 +655,66 @@ static void labels_requests(void) {
     CHECK(mw_labels_take_requests(ids, counts, 7) == 0);
 }
 
+/* The SIGTERM guard: a SIGTERM taken by the main thread just before it blocks is sent again
+ * until the chained handler has seen it while blocked; one taken by another thread is redirected
+ * to the main thread. The chained handler stands for CPython's: it counts, and posts the
+ * semaphore the main thread waits on from its second call on (a Python handler would run then). */
+static sem_t g_guard_sem;
+static volatile sig_atomic_t g_guard_calls;
+
+static void counting_handler(int sig) {
+    (void)sig;
+    if (++g_guard_calls >= 2) sem_post(&g_guard_sem);
+}
+
+static void *term_from_thread(void *arg) {
+    (void)arg;
+    pthread_kill(pthread_self(), SIGTERM);
+    return NULL;
+}
+
+static int wait_posted(double seconds) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += (time_t)seconds;
+    while (sem_timedwait(&g_guard_sem, &ts) != 0)
+        if (errno != EINTR) return 0;
+    return 1;
+}
+
+static void termguard(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = counting_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_ONSTACK;
+    CHECK(sem_init(&g_guard_sem, 0, 0) == 0);
+    CHECK(sigaction(SIGTERM, &sa, NULL) == 0);
+    CHECK(mw_termguard_arm() == 0);
+    CHECK(mw_termguard_arm() == 0); /* idempotent */
+    /* taken by the main thread before it blocks: the chained handler runs once, then the timer
+     * sends it again while the main thread waits */
+    raise(SIGTERM);
+    CHECK(g_guard_calls == 1);
+    CHECK(wait_posted(3));
+    CHECK(g_guard_calls >= 2);
+    CHECK(mw_termguard_rekicks() >= 1);
+    /* taken by another thread: redirected to the main thread (the chained handler runs in both) */
+    sigaction(SIGTERM, &sa, NULL); /* stop the re-sends: the guard is out of the way */
+    while (sem_trywait(&g_guard_sem) == 0) {
+    }
+    g_guard_calls = 0;
+    CHECK(mw_termguard_arm() == 0);
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, term_from_thread, NULL) == 0);
+    pthread_join(t, NULL);
+    CHECK(wait_posted(3));
+    CHECK(g_guard_calls >= 2);
+    /* a disposition that is not a plain handler is left alone */
+    signal(SIGTERM, SIG_IGN);
+    CHECK(mw_termguard_arm() == -1);
+}
+
 int main(int argc, char **argv) {
     const char *part = argc > 1 ? argv[1] : "";
     if (strcmp(part, "profbuf") == 0) {
@@ -673,8 +738,11 @@ int main(int argc, char **argv) {
         threads_forget_reap();
     } else if (strcmp(part, "requests") == 0) {
         labels_requests();
+    } else if (strcmp(part, "termguard") == 0) {
+        termguard();
     } else {
-        fprintf(stderr, "usage: %s profbuf|json|corrupt|threads|requests|linetable < cases\n",
+        fprintf(stderr,
+                "usage: %s profbuf|json|corrupt|threads|requests|termguard|linetable < cases\n",
                 argv[0]);
         return 2;
     }
