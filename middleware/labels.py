@@ -204,7 +204,7 @@ class _LabelledSteps:
 
     # A step: the slot gets the task's label set (when it differs), and back what it held when
     # the step yields or ends. Kept lean: it runs at every step of every followed task.
-    def send(self, value: Any) -> Any:
+    def _step(self, resume: Callable[..., Any], *args: Any) -> Any:
         pairs = _current.get()
         state = _applied.__dict__
         before = state.get("pairs", ())
@@ -213,26 +213,17 @@ class _LabelledSteps:
         try:
             if pairs != before:
                 _set_slot(state, pairs)
-            return self._coro.send(value)
+            return resume(*args)
         finally:
             state["depth"] = depth
             if state.get("pairs", ()) != before:
                 _set_slot(state, before)
 
+    def send(self, value: Any) -> Any:
+        return self._step(self._coro.send, value)
+
     def throw(self, *args: Any) -> Any:
-        pairs = _current.get()
-        state = _applied.__dict__
-        before = state.get("pairs", ())
-        depth = state.get("depth", 0)
-        state["depth"] = depth + 1
-        try:
-            if pairs != before:
-                _set_slot(state, pairs)
-            return self._coro.throw(*args)
-        finally:
-            state["depth"] = depth
-            if state.get("pairs", ()) != before:
-                _set_slot(state, before)
+        return self._step(self._coro.throw, *args)
 
     def close(self) -> Any:
         return self._coro.close()
