@@ -153,7 +153,7 @@ def count_request(label: str, value: str) -> None:
 
 
 # Per thread: .pairs, the label set last pushed to the native slot; .depth > 0 while a step of a
-# task followed by _LabelledSteps runs; .tid, the thread's native id once known.
+# task followed by _LabelledSteps runs.
 _applied = threading.local()
 
 
@@ -179,11 +179,9 @@ def _set_slot(state: dict[str, Any], pairs: tuple[tuple[str, str], ...]) -> None
     """Writes ``pairs`` to this thread's native slot; ``state`` is ``_applied.__dict__``."""
     n = _native()
     if n is not None:
-        tid = state.get("tid")
-        if tid is None:
-            tid = state["tid"] = threading.get_native_id()
-        lid = _ids.get(pairs)
-        n.set_thread_labelset(tid, lid if lid is not None else _labelset_id(pairs))
+        # the native id is read each time: a forked child's thread keeps this thread-local
+        # state but not its parent's id
+        n.set_thread_labelset(threading.get_native_id(), _labelset_id(pairs))
     state["pairs"] = pairs
 
 
@@ -317,10 +315,7 @@ def _apply(pairs: tuple[tuple[str, str], ...]) -> None:
         pairs = ()
     if getattr(_applied, "pairs", None) == pairs:
         return  # the native slot already holds this set
-    n = _native()
-    if n is not None:
-        n.set_thread_labelset(threading.get_native_id(), _labelset_id(pairs))
-    _applied.pairs = pairs
+    _set_slot(_applied.__dict__, pairs)
 
 
 def install_asyncio_hook() -> bool:
