@@ -21,7 +21,9 @@
  * call (eval_entry). The calls are paired leaf first (the leaf side is what a truncated native
  * stack keeps); Python frames of unpaired calls go at the root. Hidden by default: frames in
  * the python executable and libpython (the eval frames become the Python frames they run), and
- * libc frames below the outermost eval call (thread start, clone, __libc_start_main).
+ * libc frames below the outermost eval call, and libc's thread/process start (start_thread,
+ * clone3, __libc_start_main) wherever it appears: a thread exiting after its Python function
+ * returned has no eval frame, and its exit work (start_thread -> __munmap) keeps only the leaf.
  */
 #define _GNU_SOURCE
 #define UNW_LOCAL_ONLY
@@ -393,7 +395,19 @@ void mw_unwind_release(void) {
  * Both are emptied together (with the name arena) when either is half full. */
 #include "mw_elfsym.h"
 
-enum { SY_INTERNAL = 1, SY_EVAL = 2, SY_LIBC = 4 };
+enum { SY_INTERNAL = 1, SY_EVAL = 2, SY_LIBC = 4, SY_ROOT = 8 };
+
+/* libc's thread and process start: the root of every complete native stack. Hidden by default
+ * wherever they appear, also in a stack with no eval frame to anchor the libc rule (a thread
+ * exiting after its Python function returned: start_thread -> __munmap). */
+static int sy_is_root(const char *name, size_t len) {
+    static const char *const roots[] = {
+        "start_thread",           "clone", "clone3", "__clone", "__clone3", "__libc_start_main",
+        "__libc_start_call_main", "_start"};
+    for (size_t i = 0; i < sizeof roots / sizeof *roots; i++)
+        if (strlen(roots[i]) == len && memcmp(roots[i], name, len) == 0) return 1;
+    return 0;
+}
 
 typedef struct {
     uintptr_t start; /* function start (the address itself if bounds unknown); 0 = empty */
@@ -508,6 +522,7 @@ static int sy_fill(sym_t *e, const mw_elfsym_t *fn, int found) {
         }
         if (base == g_base_python || base == g_base_exe) e->flags |= SY_INTERNAL;
         if (base == g_base_libc) e->flags |= SY_LIBC;
+        if (fn->name && sy_is_root(fn->name, fn->name_len)) e->flags |= SY_ROOT;
     }
     if (!name) {
         if (found)
@@ -675,7 +690,7 @@ uint32_t mw_unwind_combine_ips(mw_profbuf_t *b, const uintptr_t *ips, int k, int
             continue;
         }
         if (!show) {
-            if (e->flags & SY_INTERNAL) continue;
+            if (e->flags & (SY_INTERNAL | SY_ROOT)) continue;
             if ((e->flags & SY_LIBC) && last_eval >= 0 && i > last_eval) continue;
         }
         EMIT(sy_frame(b, e));

@@ -121,6 +121,23 @@ def test_native_interpreter_frames_hidden_by_default(hot: dict[str, Any]) -> Non
     assert st["unwind_mismatches"] <= 0.05 * st["unwind_captured"], st
 
 
+THREAD_ROOTS = {"start_thread", "clone", "clone3", "__libc_start_main"}
+
+
+def test_a_thread_exiting_after_its_python_code_shows_no_thread_start_frames() -> None:
+    # Sampled at 1 kHz, threads that live a few milliseconds are often caught after their Python
+    # function returned, in libc's thread exit (start_thread -> __munmap): a complete native
+    # stack with no eval frame. libc's thread start is hidden there too, as under Python code.
+    r = run_target("exits", "--seconds", "3", "--rate", "1000")
+    assert r["threads"] > 100 and r["samples"], (r["threads"], len(r["samples"]))
+    for s in r["samples"]:
+        names = [f for f, _ in s["stack"]]
+        assert not THREAD_ROOTS & set(names), names
+        # Python frames, when any, are the thread's own: its target under threading's start
+        py = [f for f, file in s["stack"] if file.endswith(".py")]
+        assert not py or py[0] == "_bootstrap", names
+
+
 def test_native_show_internal(ext_dir: str) -> None:
     r = run_target("hotspots", "--ext-dir", ext_dir, "--seconds", "1.5", "--internal")
     names = {f for s in r["samples"] for f, _ in s["stack"]}

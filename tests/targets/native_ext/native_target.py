@@ -8,6 +8,9 @@ extension's C loop (ext_caller) and a pure-Python loop (py_caller); prints the g
 MODE signals: native mode while the app uses faulthandler, its own SIGUSR1 handler, blocking
 reads through ctypes (libc read, restarted by SA_RESTART or failing with EINTR) and Python I/O
 (os.read, time.sleep, select, socket.recv); prints what each saw.
+MODE exits: threads that each compress a buffer and exit, one after another, sampled at
+--rate in native mode: many samples fall in a thread's exit path, after its Python function
+returned; prints every sample of those threads (root first).
 MODE crash: faulthandler enabled, native mode on, then a segfault: faulthandler must report it.
 """
 from __future__ import annotations
@@ -94,6 +97,22 @@ def run_hotspots(args: argparse.Namespace) -> dict[str, Any]:
     p = tracker.snapshot()
     out = {"truth_cpu_s": truth, "samples": samples_of(p, "hot-worker"), "native": native_stats(),
            "stats": tracker.stats()}
+    tracker.stop()
+    return out
+
+
+def run_exits(args: argparse.Namespace) -> dict[str, Any]:
+    tracker = MwTracker(sample_rate=args.rate, native=True, profile_dir="none", instrument=False)
+    data = os.urandom(1 << 18)
+    deadline = time.monotonic() + args.seconds
+    n = 0
+    while time.monotonic() < deadline:
+        th = threading.Thread(target=zlib_caller, args=(data,), name="short-lived")
+        th.start()
+        th.join()
+        n += 1
+    p = tracker.snapshot()
+    out = {"threads": n, "samples": samples_of(p, "short-lived"), "native": native_stats()}
     tracker.stop()
     return out
 
@@ -242,7 +261,7 @@ def run_refuse(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["hotspots", "signals", "crash", "refuse"])
+    ap.add_argument("mode", choices=["hotspots", "exits", "signals", "crash", "refuse"])
     ap.add_argument("--ext-dir", default="")
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--rate", type=int, default=100)
@@ -250,7 +269,7 @@ def main() -> None:
     ap.add_argument("--python-only", action="store_true")
     ap.add_argument("--occupy-rt", action="store_true")
     args = ap.parse_args()
-    fn = {"hotspots": run_hotspots, "signals": run_signals, "crash": run_crash, "refuse": run_refuse}[args.mode]
+    fn = {"hotspots": run_hotspots, "exits": run_exits, "signals": run_signals, "crash": run_crash, "refuse": run_refuse}[args.mode]
     json.dump(fn(args), sys.stdout)
 
 
