@@ -269,7 +269,8 @@ def main() -> None:
     ap.add_argument("--python-only", action="store_true")
     ap.add_argument("--occupy-rt", action="store_true")
     args = ap.parse_args()
-    fn = {"hotspots": run_hotspots, "exits": run_exits, "signals": run_signals, "crash": run_crash, "refuse": run_refuse}[args.mode]
+    fn = {"hotspots": run_hotspots, "exits": run_exits, "signals": run_signals, "crash": run_crash,
+          "refuse": run_refuse}[args.mode]
     json.dump(fn(args), sys.stdout)
 
 
