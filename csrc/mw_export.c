@@ -201,6 +201,63 @@ static int set_static_labels(const mw_export_config_t *cfg) {
 }
 
 /* Guarded by g_hold. */
+static int cmp_u32(const void *a, const void *b) {
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* The trace of each span whose set the window's stacks carry, as comments
+ * `mw:spans {"<span_id>":"<trace_id>",...}` (MW_SPANS_PER_COMMENT spans each) appended to rc
+ * while rc has room (spans past it keep their labels; only their trace is not written). */
+#define MW_SPANS_PER_COMMENT 256
+static void add_span_comments(const mw_profbuf_t *b, req_comments_t *rc) {
+    uint32_t ns = mw_profbuf_nstacks(b), nid = 0;
+    uint32_t *ids = malloc((size_t)(ns ? ns : 1) * sizeof *ids);
+    if (!ids) return;
+    for (uint32_t i = 0; i < ns; i++) {
+        uint32_t ls = mw_profbuf_stack(b, i)->labelset;
+        if (ls & MW_SPANSET_FLAG) ids[nid++] = ls;
+    }
+    qsort(ids, nid, sizeof *ids, cmp_u32);
+    size_t starts[MW_PPROF_MAX_COMMENTS]; /* offsets: the text may move as it grows */
+    uint32_t n = rc->n, in_comment = 0;
+    for (uint32_t i = 0; i < n; i++)
+        starts[i] = (size_t)(rc->ptrs[i] - rc->text.p);
+    for (uint32_t i = 0; i < nid && n < MW_PPROF_MAX_COMMENTS; i++) {
+        const char *span, *trace;
+        if ((i && ids[i] == ids[i - 1]) || mw_labels_span_ids(ids[i], &span, &trace) != 0 ||
+            !trace[0])
+            continue;
+        if (in_comment == 0) {
+            starts[n] = rc->text.n;
+            sb_put(&rc->text, "mw:spans {", 10);
+        } else {
+            sb_put(&rc->text, ",", 1);
+        }
+        sb_json(&rc->text, span);
+        sb_put(&rc->text, ":", 1);
+        sb_json(&rc->text, trace);
+        if (++in_comment == MW_SPANS_PER_COMMENT) {
+            sb_put(&rc->text, "}", 2); /* with the NUL */
+            in_comment = 0;
+            n++;
+        }
+    }
+    if (in_comment) {
+        sb_put(&rc->text, "}", 2);
+        n++;
+    }
+    free(ids);
+    if (rc->text.failed) { /* out of memory: the window goes without its comments */
+        free(rc->text.p);
+        memset(rc, 0, sizeof *rc);
+        return;
+    }
+    for (uint32_t i = 0; i < n; i++)
+        rc->ptrs[i] = rc->text.p + starts[i];
+    rc->n = n;
+}
+
 static mw_profbuf_t *g_held; /* window buffer owned by the exporter right now */
 /* Start of the first window since the last one written that had no stack (exporter thread):
  * a window with nothing in it writes no file, and the next file covers it, so the files of a
@@ -390,7 +447,9 @@ static void export_once(void) {
     memset(&req, 0, sizeof req);
     if (nstacks > 0) {
         mw_pprof_meta_t meta = window_meta(ts, te);
-        meta.ncomments = take_request_comments(&req);
+        take_request_comments(&req);
+        add_span_comments(b, &req);
+        meta.ncomments = req.n;
         meta.comments = req.ptrs;
         deliver(b, &meta, ts, te, "process_cpu", &d, &info, &gzlen);
         free(req.text.p);
@@ -400,6 +459,7 @@ static void export_once(void) {
     mw_collect_recycle(b);
     g_held = NULL;
     pthread_mutex_unlock(&g_hold);
+    mw_labels_window_done(); /* span sets released two windows ago are no longer in any buffer */
     export_block(ts, te);
     export_memory(ts, te);
 
@@ -457,6 +517,7 @@ static void *export_main(void *arg) {
         next = began + g_cfg.interval_ns;
     }
     g_exited = 1;
+    mw_labels_spans_enable(0);
     pthread_cond_broadcast(&g_done);
     pthread_mutex_unlock(&g_lock);
     return NULL;
@@ -534,6 +595,7 @@ int mw_export_start(const mw_export_config_t *cfg, const char **why) {
     else
         g_started = 1;
     pthread_mutex_unlock(&g_lock);
+    mw_labels_spans_enable(rc == 0); /* span sets only while windows are exported */
     pthread_mutex_unlock(&g_life);
     if (rc != 0) {
         *why = strerror(rc);
@@ -738,6 +800,7 @@ static void atfork_child(void) {
     g_held = NULL;
     g_started = 0;
     g_exited = 1;
+    mw_labels_spans_enable(0); /* until the child's exporter starts */
     g_stop = 0;
     g_req = g_served = 0;
     g_empty_since = 0;

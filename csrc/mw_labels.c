@@ -121,8 +121,187 @@ uint32_t mw_labels_take_requests(uint32_t *ids, uint64_t *counts, uint32_t max) 
     return got;
 }
 
+/* ---- span sets ---------------------------------------------------------------------------- */
+
+#define SPAN_IDX_BITS 14
+#define SPAN_IDX_MASK ((1u << SPAN_IDX_BITS) - 1)
+#define SPAN_GEN_MASK ((MW_SPANSET_FLAG - 1) >> SPAN_IDX_BITS)
+_Static_assert(MW_SPANSETS_MAX == 1 << SPAN_IDX_BITS, "span slot index bits");
+
+typedef struct {
+    int n;
+    const char *keys[MW_LABELS_PER_SET + 2];
+    const char *vals[MW_LABELS_PER_SET + 2];
+    char span[17], trace[33], name[MW_SPAN_NAME_MAX + 1];
+} spanset_t;
+
+typedef struct {
+    _Atomic uint32_t id;   /* the live id, 0 = free; published after set and base */
+    _Atomic uint32_t base; /* the base set's id */
+    spanset_t *_Atomic set;
+    uint64_t released; /* window epoch + 1 at release, 0 while owned (g_lock) */
+    uint32_t gen;      /* g_lock */
+} span_slot_t;
+
+static span_slot_t g_spans[MW_SPANSETS_MAX];
+static uint32_t g_span_used;                  /* slots ever handed out (g_lock) */
+static uint32_t g_span_free[MW_SPANSETS_MAX]; /* reclaimed slots, a stack (g_lock) */
+static uint32_t g_span_nfree;
+static uint32_t g_span_ring[MW_SPANSETS_MAX]; /* released slots, oldest first (g_lock) */
+static uint32_t g_span_head, g_span_nring;
+static atomic_uint_fast64_t g_windows_done;
+static _Atomic int g_spans_on;
+static atomic_uint_fast64_t g_span_created, g_span_refused, g_span_released, g_span_reclaimed;
+
+static int is_hex(const char *s, size_t len) {
+    for (size_t i = 0; i < len; i++)
+        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f'))) return 0;
+    return s[len] == 0;
+}
+
+static int span_key(const char *k) {
+    return strcmp(k, "span_id") == 0 || strcmp(k, "span_name") == 0;
+}
+
+void mw_labels_spans_enable(int on) {
+    atomic_store(&g_spans_on, on);
+}
+
+uint32_t mw_labels_intern_span(uint32_t base, const char *span_id, const char *trace_id,
+                               const char *span_name) {
+    if (!atomic_load(&g_spans_on)) return 0;
+    const char *const *bk = NULL, *const *bv = NULL;
+    int bn = base ? mw_labels_get(base, &bk, &bv) : 0;
+    if (bn < 0 || (base & MW_SPANSET_FLAG) || !span_id || !is_hex(span_id, 16) || !trace_id ||
+        (trace_id[0] && !is_hex(trace_id, 32))) {
+        atomic_fetch_add(&g_span_refused, 1);
+        return 0;
+    }
+    spanset_t *set = calloc(1, sizeof *set);
+    if (!set) {
+        atomic_fetch_add(&g_span_refused, 1);
+        return 0;
+    }
+    memcpy(set->span, span_id, 17);
+    memcpy(set->trace, trace_id, strlen(trace_id) + 1);
+    size_t nl = span_name ? strlen(span_name) : 0;
+    if (nl > MW_SPAN_NAME_MAX) {
+        nl = MW_SPAN_NAME_MAX;
+        while (nl > 0 && ((unsigned char)span_name[nl] & 0xC0) == 0x80)
+            nl--; /* not inside a UTF-8 sequence */
+    }
+    if (nl) memcpy(set->name, span_name, nl);
+    set->keys[0] = "span_id";
+    set->vals[0] = set->span;
+    set->n = 1;
+    if (nl) {
+        set->keys[1] = "span_name";
+        set->vals[1] = set->name;
+        set->n = 2;
+    }
+    for (int i = 0; i < bn; i++) { /* base sets' strings live as long as the process */
+        if (span_key(bk[i])) continue;
+        set->keys[set->n] = bk[i];
+        set->vals[set->n++] = bv[i];
+    }
+    pthread_mutex_lock(&g_lock);
+    uint32_t idx;
+    if (g_span_nfree) {
+        idx = g_span_free[--g_span_nfree];
+    } else if (g_span_used < MW_SPANSETS_MAX) {
+        idx = g_span_used++;
+    } else {
+        pthread_mutex_unlock(&g_lock);
+        free(set);
+        atomic_fetch_add(&g_span_refused, 1);
+        return 0;
+    }
+    span_slot_t *sl = &g_spans[idx];
+    sl->gen = (sl->gen + 1) & SPAN_GEN_MASK;
+    sl->released = 0;
+    uint32_t id = MW_SPANSET_FLAG | sl->gen << SPAN_IDX_BITS | idx;
+    atomic_store(&sl->set, set);
+    atomic_store(&sl->base, base);
+    atomic_store_explicit(&sl->id, id, memory_order_release);
+    pthread_mutex_unlock(&g_lock);
+    atomic_fetch_add(&g_span_created, 1);
+    return id;
+}
+
+void mw_labels_release_span(uint32_t id) {
+    if (!(id & MW_SPANSET_FLAG)) return;
+    span_slot_t *sl = &g_spans[id & SPAN_IDX_MASK];
+    pthread_mutex_lock(&g_lock);
+    if (atomic_load(&sl->id) == id && sl->released == 0) {
+        sl->released = atomic_load(&g_windows_done) + 1;
+        g_span_ring[(g_span_head + g_span_nring++) % MW_SPANSETS_MAX] = id & SPAN_IDX_MASK;
+        atomic_fetch_add(&g_span_released, 1);
+    }
+    pthread_mutex_unlock(&g_lock);
+}
+
+uint32_t mw_labels_base(uint32_t id) {
+    if (!(id & MW_SPANSET_FLAG)) return id;
+    span_slot_t *sl = &g_spans[id & SPAN_IDX_MASK];
+    if (atomic_load_explicit(&sl->id, memory_order_acquire) != id) return 0;
+    uint32_t base = atomic_load(&sl->base);
+    return atomic_load(&sl->id) == id ? base : 0;
+}
+
+static spanset_t *span_set(uint32_t id) {
+    span_slot_t *sl = &g_spans[id & SPAN_IDX_MASK];
+    if (atomic_load_explicit(&sl->id, memory_order_acquire) != id) return NULL;
+    return atomic_load(&sl->set);
+}
+
+int mw_labels_span_ids(uint32_t id, const char **span_id, const char **trace_id) {
+    spanset_t *set = (id & MW_SPANSET_FLAG) ? span_set(id) : NULL;
+    if (!set) return -1;
+    *span_id = set->span;
+    *trace_id = set->trace;
+    return 0;
+}
+
+void mw_labels_window_done(void) {
+    uint64_t done = atomic_fetch_add(&g_windows_done, 1) + 1;
+    pthread_mutex_lock(&g_lock);
+    while (g_span_nring) {
+        uint32_t idx = g_span_ring[g_span_head];
+        span_slot_t *sl = &g_spans[idx];
+        /* released during window epoch r - 1: that window and the next are encoded by now */
+        if (sl->released + 1 > done) break;
+        g_span_head = (g_span_head + 1) % MW_SPANSETS_MAX;
+        g_span_nring--;
+        spanset_t *set = atomic_load(&sl->set);
+        atomic_store(&sl->id, 0);
+        atomic_store(&sl->set, NULL);
+        free(set);
+        sl->released = 0;
+        g_span_free[g_span_nfree++] = idx;
+        atomic_fetch_add(&g_span_reclaimed, 1);
+    }
+    pthread_mutex_unlock(&g_lock);
+}
+
+void mw_labels_span_stats(mw_spansets_stats_t *out) {
+    pthread_mutex_lock(&g_lock);
+    out->live = g_span_used - g_span_nfree;
+    pthread_mutex_unlock(&g_lock);
+    out->created = atomic_load(&g_span_created);
+    out->refused = atomic_load(&g_span_refused);
+    out->released = atomic_load(&g_span_released);
+    out->reclaimed = atomic_load(&g_span_reclaimed);
+}
+
 int mw_labels_get(uint32_t id, const char *const **keys, const char *const **vals) {
     if (id == 0) return 0;
+    if (id & MW_SPANSET_FLAG) {
+        spanset_t *set = span_set(id);
+        if (!set) return -1;
+        *keys = set->keys;
+        *vals = set->vals;
+        return set->n;
+    }
     if (id > atomic_load(&g_count)) return -1;
     mw_labelset_t *s = atomic_load(&g_sets[id]);
     if (!s) return -1;

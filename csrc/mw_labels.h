@@ -35,6 +35,54 @@ uint64_t mw_labels_refused(void);
 int mw_labels_count_request(uint32_t id);
 uint32_t mw_labels_take_requests(uint32_t *ids, uint64_t *counts, uint32_t max);
 
+/* Span label sets: per-request label sets that are not kept for the life of the process.
+ *
+ * A request traced with OpenTelemetry labels its samples with span_id (its local root span, 16
+ * lowercase hex digits) and span_name over the request's other labels (a "base" set interned
+ * above). Such ids are per request, so these sets live in a recycled table of their own: ids
+ * with MW_SPANSET_FLAG set, a slot index and a generation (a stale id never names another
+ * request's set). The owner (the Python object holding the span's label sets) interns, then
+ * releases when no context can push the set any more; the slot is reused only once two windows
+ * have been exported since the release (mw_labels_window_done), so no buffer still being encoded
+ * holds the id, and the sampler's in-flight tick is covered. Full table: interning returns 0
+ * (the caller falls back to the base set), counted.
+ *
+ * Threads: intern/release from Python threads (GIL held) or any thread (they take the interning
+ * mutex); mw_labels_get / mw_labels_span_ids from the exporter (lock-free: the epoch rule keeps
+ * the set alive while a window that may hold the id is encoded); mw_labels_base from any thread,
+ * lock-free and async-signal-safe (a stale or released id gives its base or 0, never another
+ * request's). Span sets are for CPU and wall windows only: the cumulative buffer, memory and
+ * lock-wait profiles store mw_labels_base() of the thread's set. */
+#define MW_SPANSETS_MAX 16384
+#define MW_SPANSET_FLAG 0x80000000u
+#define MW_SPAN_NAME_MAX 255
+
+/* A span set over `base` (0 = no other labels): base's pairs (minus any span_id/span_name)
+ * plus span_id and span_name (cut at MW_SPAN_NAME_MAX bytes, on a UTF-8 boundary). span_id: 16
+ * lowercase hex digits; trace_id: 32 lowercase hex digits or "" (unknown). Returns the id, 0 when
+ * the table is full or the input is malformed (counted: refused). */
+uint32_t mw_labels_intern_span(uint32_t base, const char *span_id, const char *trace_id,
+                               const char *span_name);
+/* The owner will not push the set again. Idempotent; ignores ids that are not live span sets. */
+void mw_labels_release_span(uint32_t id);
+/* The base set of a span set (0 if the id is stale), the id itself otherwise. */
+uint32_t mw_labels_base(uint32_t id);
+/* Span and trace id of a live span set (exporter). Returns 0, or -1 for other ids. */
+int mw_labels_span_ids(uint32_t id, const char **span_id, const char **trace_id);
+/* Span sets are made only while an exporter writes windows (without one, no window would ever
+ * carry them and the table would never be reclaimed): intern_span returns 0 while disabled (not
+ * counted as refused). The exporter enables them when it starts, disables them when it ends. */
+void mw_labels_spans_enable(int on);
+/* Exporter thread: a window's buffer has been encoded and recycled. Reclaims the slots released
+ * two windows ago or earlier. */
+void mw_labels_window_done(void);
+
+typedef struct {
+    uint64_t created, refused, released, reclaimed;
+    uint32_t live; /* slots in use (pushed or waiting for reclaim) */
+} mw_spansets_stats_t;
+void mw_labels_span_stats(mw_spansets_stats_t *out);
+
 /* In a forked child, before any other call: the interning mutex starts unlocked again (the fork
  * may have come from a thread without the GIL while another was interning; a set half-added
  * then is only missing from the lookup index, and interning it again adds a duplicate). The request

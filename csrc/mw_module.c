@@ -78,6 +78,8 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
     mw_sampler_get_stats(&s);
     mw_symcache_get_stats(&c);
     mw_cputimer_get_stats(&t);
+    mw_spansets_stats_t sp;
+    mw_labels_span_stats(&sp);
     PyObject *d = PyDict_New();
     if (!d) return NULL;
     if (mw_dict_put_u64(d, "ticks", s.ticks) || mw_dict_put_u64(d, "samples", s.samples) ||
@@ -128,6 +130,11 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "symcache_resets", c.resets) ||
         mw_dict_put_u64(d, "symbol_read_failures", c.read_failures) ||
         mw_dict_put_u64(d, "labelsets_refused", mw_labels_refused()) ||
+        mw_dict_put_u64(d, "spansets_created", sp.created) ||
+        mw_dict_put_u64(d, "spansets_refused", sp.refused) ||
+        mw_dict_put_u64(d, "spansets_released", sp.released) ||
+        mw_dict_put_u64(d, "spansets_reclaimed", sp.reclaimed) ||
+        mw_dict_put_u64(d, "spansets_live", sp.live) ||
         mw_dict_put_u64(d, "threads_refused", mw_threads_refused())) {
         Py_DECREF(d);
         return NULL;
@@ -281,6 +288,20 @@ static PyObject *py_labelset_pairs(PyObject *self, PyObject *args) {
     return t;
 }
 
+static PyObject *py_span_labelset(PyObject *self, PyObject *args) {
+    unsigned int base;
+    const char *span, *trace, *name;
+    if (!PyArg_ParseTuple(args, "Isss", &base, &span, &trace, &name)) return NULL;
+    return PyLong_FromUnsignedLong(mw_labels_intern_span(base, span, trace, name));
+}
+
+static PyObject *py_span_release(PyObject *self, PyObject *arg) {
+    unsigned long id = PyLong_AsUnsignedLong(arg);
+    if (id == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    if (id <= UINT32_MAX) mw_labels_release_span((uint32_t)id);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_count_request(PyObject *self, PyObject *arg) {
     unsigned long id = PyLong_AsUnsignedLong(arg);
     if (id == (unsigned long)-1 && PyErr_Occurred()) return NULL;
@@ -313,6 +334,9 @@ static PyMethodDef core_methods[] = {
     {"set_thread_labelset", py_set_thread_labelset, METH_VARARGS, "set_thread_labelset(tid, id)"},
     {"labelset", py_labelset, METH_O, "labelset(pairs) -> id (0 = none / registry full)"},
     {"labelset_pairs", py_labelset_pairs, METH_VARARGS, "labelset_pairs(id) -> pairs"},
+    {"span_labelset", py_span_labelset, METH_VARARGS,
+     "span_labelset(base, span_id, trace_id, span_name) -> id (0 = refused)"},
+    {"span_release", py_span_release, METH_O, "span_release(id)"},
     {"termguard_arm", py_termguard_arm, METH_NOARGS,
      "termguard_arm() -> bool: put the SIGTERM guard in front of SIGTERM's Python handler, from "
      "the main thread (csrc/mw_termguard.h)"},

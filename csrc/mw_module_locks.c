@@ -202,7 +202,8 @@ static void record_wait(PyObject *site_file, int site_line, uint64_t contentions
     char thread[MW_THREAD_NAME_MAX];
     uint32_t seq;
     long tid = (long)PyThread_get_thread_native_id();
-    uint32_t labelset = mw_threads_lookup(tid, thread, sizeof thread, &seq);
+    /* the set interned with the lock's site lives for ever: never a per-request span set */
+    uint32_t labelset = mw_labels_base(mw_threads_lookup(tid, thread, sizeof thread, &seq));
     if (!thread[0]) snprintf(thread, sizeof thread, "thread-%ld", tid);
     const char *keys[MW_LABELS_PER_SET], *vals[MW_LABELS_PER_SET];
     const char *const *k0, *const *v0;

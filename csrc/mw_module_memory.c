@@ -27,6 +27,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "mw_labels.h"
 #include "mw_memprof.h"
 #include "mw_module.h"
 #include "mw_pyframes.h"
@@ -157,7 +158,8 @@ static void sample(void *p, size_t size) {
         frames[i] = resolve(&g_raw[i], &spill[i], walk, stamps);
     char thread[MW_THREAD_NAME_MAX];
     uint32_t seq;
-    uint32_t labelset = mw_threads_lookup(t_tid, thread, sizeof thread, &seq);
+    /* memory profiles outlive windows: no per-request span set */
+    uint32_t labelset = mw_labels_base(mw_threads_lookup(t_tid, thread, sizeof thread, &seq));
     if (!thread[0]) snprintf(thread, sizeof thread, "thread-%ld", t_tid);
     mw_memprof_record(p, objects, bytes, frames, (uint32_t)depth, thread, labelset);
     busy = 0;

@@ -6,6 +6,8 @@
  */
 #include "mw_profbuf.h"
 
+#include "mw_labels.h"
+
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -288,7 +290,7 @@ uint32_t mw_profbuf_merge_pick(mw_profbuf_t *dst, const mw_profbuf_t *src, mw_pr
         mw_id_t th = ok ? copy_str(dst, src, s->thread) : 0;
         uint32_t at = 0;
         if (!ok || (s->thread && !th) ||
-            mw_profbuf_add_ex(dst, ids, s->depth, th, s->labelset, &v, &at) != 0)
+            mw_profbuf_add_ex(dst, ids, s->depth, th, mw_labels_base(s->labelset), &v, &at) != 0)
             lost++;
         else if (remap)
             remap[i] = at;

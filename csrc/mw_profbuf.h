@@ -99,8 +99,9 @@ int mw_profbuf_add_ex(mw_profbuf_t *b, const mw_id_t *frames, uint32_t depth, mw
  * generation). Returns 0, or -1 when idx is out of range. */
 int mw_profbuf_add_at(mw_profbuf_t *b, uint32_t idx, const mw_values_t *v);
 
-/* Adds every stack of src into dst, re-interning strings and frames. Returns the number of
- * stacks that did not fit. */
+/* Adds every stack of src into dst, re-interning strings and frames; a stack's span label set
+ * becomes its base set (mw_labels_base: per-request span sets are for a window's own buffer,
+ * never for a buffer that outlives it). Returns the number of stacks that did not fit. */
 uint32_t mw_profbuf_merge(mw_profbuf_t *dst, const mw_profbuf_t *src);
 
 /* Like mw_profbuf_merge, for the stacks of src that pick(ctx, stack, &values) keeps (returns 1;

@@ -123,11 +123,71 @@ def _native() -> Any | None:
     return _native_mod
 
 
+class SpanId(str):
+    """The value of a ``span_id`` label (16 lowercase hex digits): a request's local root span.
+
+    Span ids are per request, so the label sets that carry one are not interned for the life of
+    the process like other label sets: they live in the native registry's recycled span table
+    (``mw_labels_intern_span``) for as long as this object does — that is, as long as any context
+    (a thread's, a task's, a copy handed to a pool) can still push them — and are released when
+    it goes. ``trace_id`` (32 lowercase hex digits, or "") is written with the profile
+    (``mw:spans`` comments) so the span's trace can be found from the profile.
+    """
+
+    trace_id: str
+    _ids: dict[tuple[tuple[str, str], ...], int]
+
+    def __new__(cls, span_id: str, trace_id: str = "") -> SpanId:
+        self = super().__new__(cls, span_id)
+        self.trace_id = trace_id
+        self._ids = {}
+        return self
+
+    def labelset_id(self, pairs: tuple[tuple[str, str], ...]) -> int:
+        """The native id of ``pairs`` (which hold this span id): a span set over the other labels."""
+        base = tuple(p for p in pairs if p[0] != "span_id" and p[0] != "span_name")
+        lid = self._ids.get(base)
+        if lid is None:
+            base_id = _labelset_id(base)
+            n = _native()
+            name = next((v for k, v in pairs if k == "span_name"), "")
+            lid = int(n.span_labelset(base_id, str(self), self.trace_id, name)) if n is not None else 0
+            if lid == 0:  # the span table is full (counted): the request's other labels still hold
+                lid = base_id
+            self._ids[base] = lid
+        return lid
+
+    def __del__(self) -> None:
+        n = _native_mod
+        if n is not None:
+            try:
+                for lid in self._ids.values():
+                    n.span_release(lid)
+            except Exception:  # interpreter shutdown
+                pass
+
+    def __reduce__(self) -> tuple[Any, ...]:  # a plain string across processes
+        return (str, (str(self),))
+
+
+_SPAN_ID_RE = re.compile(r"[0-9a-f]{16}\Z")
+
+
+def _span_of(pairs: tuple[tuple[str, str], ...]) -> SpanId | None:
+    for k, v in pairs:
+        if k == "span_id":
+            return v if isinstance(v, SpanId) else None
+    return None
+
+
 def _labelset_id(pairs: tuple[tuple[str, str], ...]) -> int:
     if not pairs:
         return 0
     lid = _ids.get(pairs)
     if lid is None:
+        span = _span_of(pairs)
+        if span is not None:  # per request: never kept in _ids
+            return span.labelset_id(pairs)
         n = _native()
         lid = int(n.labelset(pairs)) if n is not None else 0
         if lid == 0 and n is not None:
@@ -528,7 +588,9 @@ def _merged(current: tuple[tuple[str, str], ...], mapping: Mapping[str, object])
                 _warned_names.add(name)
                 logger.warning("middleware: ignoring label %r: bad label name: %s", name[:64], problem)
             continue
-        merged[name] = str(v)
+        if name == "span_id" and not isinstance(v, SpanId) and _SPAN_ID_RE.match(str(v)):
+            v = SpanId(str(v))  # per-request: the span table, not the process-long registry
+        merged[name] = v if isinstance(v, SpanId) else str(v)
     return tuple(sorted(merged.items()))
 
 
@@ -542,8 +604,29 @@ def push_labels(mapping: Mapping[str, object]) -> contextvars.Token[tuple[tuple[
         key, pairs = None, None
     if pairs is None:
         pairs = _merged(current, mapping)
-        if key is not None and len(_merge_cache) < _MERGE_CACHE_MAX:
+        if key is not None and len(_merge_cache) < _MERGE_CACHE_MAX and _span_of(pairs) is None:
             _merge_cache[key] = pairs
+    token = _current.set(pairs)
+    _apply(pairs)
+    if _asyncio_hook_state == _HOOK_ON_FIRST_LABEL:
+        try:
+            install_asyncio_hook_when_imported()
+        except Exception:  # labels must never break the app
+            logger.debug("middleware: could not arrange the asyncio label hook", exc_info=True)
+    return token
+
+
+def push_span(span_id: SpanId, span_name: str) -> contextvars.Token[tuple[tuple[str, str], ...]]:
+    """:func:`push_labels` of ``span_id``/``span_name`` (the OpenTelemetry integration's, once per
+    request: no name check nor merge cache, both keys are ours)."""
+    current = _current.get()
+    if current:
+        merged = dict(current)
+        merged["span_id"] = span_id
+        merged["span_name"] = span_name
+        pairs = tuple(sorted(merged.items()))
+    else:
+        pairs = (("span_id", span_id), ("span_name", span_name))
     token = _current.set(pairs)
     _apply(pairs)
     if _asyncio_hook_state == _HOOK_ON_FIRST_LABEL:

@@ -17,6 +17,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -163,6 +164,7 @@ def _from_message(msg: pb.Profile, source: str) -> Profile:
         else ("", "")
     )
     comments, requests = split_request_comments(s(c, "comment") for c in msg.comment)
+    comments, span_traces = split_span_comments(comments)
     return Profile(
         sample_types=sample_types,
         samples=samples,
@@ -173,7 +175,46 @@ def _from_message(msg: pb.Profile, source: str) -> Profile:
         default_sample_type=default,
         comments=comments,
         requests=requests,
+        span_traces=span_traces,
     )
+
+
+#: Prefix of the comments carrying the trace of each span id: ``mw:spans {"<span>": "<trace>", ...}``.
+SPANS_COMMENT = "mw:spans "
+#: Spans per ``mw:spans`` comment (a window's spans take as many comments as needed).
+SPANS_PER_COMMENT = 256
+_SPAN_ID_RE = re.compile(r"[0-9a-f]{16}\Z")
+_TRACE_ID_RE = re.compile(r"[0-9a-f]{32}\Z")
+
+
+def split_span_comments(comments: Iterable[str]) -> tuple[list[str], dict[str, str]]:
+    """The plain comments, and span id -> trace id of the ``mw:spans`` ones (lowercase hex).
+
+    A malformed spans comment is kept as a plain comment."""
+    plain: list[str] = []
+    spans: dict[str, str] = {}
+    for c in comments:
+        if c.startswith(SPANS_COMMENT):
+            try:
+                doc = json.loads(c[len(SPANS_COMMENT):])
+                if not (isinstance(doc, dict) and all(
+                        isinstance(k, str) and isinstance(v, str) and _SPAN_ID_RE.match(k) and _TRACE_ID_RE.match(v)
+                        for k, v in doc.items())):
+                    raise ValueError("bad spans comment")
+            except ValueError:
+                plain.append(c)
+                continue
+            spans.update(doc)
+        else:
+            plain.append(c)
+    return plain, spans
+
+
+def span_comments(span_traces: Mapping[str, str]) -> list[str]:
+    """The ``mw:spans`` comments of ``span_traces`` (inverse of :func:`split_span_comments`)."""
+    items = sorted(span_traces.items())
+    return [SPANS_COMMENT + json.dumps(dict(items[i:i + SPANS_PER_COMMENT]), separators=(",", ":"))
+            for i in range(0, len(items), SPANS_PER_COMMENT)]
 
 
 #: Prefix of the comments carrying request counts: ``mw:requests {"count": N, "labels": {...}}``.
@@ -272,7 +313,8 @@ def to_message(profile: Profile) -> pb.Profile:
         msg.period_type.type = st(profile.period_type[0])
         msg.period_type.unit = st(profile.period_type[1])
     msg.period = profile.period
-    msg.comment.extend(st(c) for c in [*profile.comments, *request_comments(profile.requests)])
+    msg.comment.extend(st(c) for c in [*profile.comments, *request_comments(profile.requests),
+                                    *span_comments(profile.span_traces)])
     if profile.default_sample_type:
         msg.default_sample_type = st(profile.default_sample_type)
     msg.string_table.extend(st.table)

@@ -105,6 +105,10 @@ class Profile:
     #: request's own label such as ``endpoint``, the profile's static labels, ``pid``) -> count.
     #: Read from and written as ``mw:requests`` comments (see :mod:`middleware.pprof`).
     requests: dict[tuple[tuple[str, str], ...], int] = field(default_factory=dict)
+    #: The trace of each span whose id samples carry (``span_id`` label, the local root span of
+    #: the request that ran them): span id -> trace id, both lowercase hex (16 and 32 digits).
+    #: Read from and written as ``mw:spans`` comments (see :mod:`middleware.pprof`).
+    span_traces: dict[str, str] = field(default_factory=dict)
 
     # -- values ---------------------------------------------------------------------------------
     def value_index(self, name: str | None = None) -> int:
@@ -194,10 +198,12 @@ class Profile:
         end = max((w[1] for w in windows), default=0)
         comments: list[str] = []
         requests: dict[tuple[tuple[str, str], ...], int] = {}
+        span_traces: dict[str, str] = {}
         for p in profiles:
             comments.extend(c for c in p.comments if c not in comments)
             for rkey, count in p.requests.items():
                 requests[rkey] = requests.get(rkey, 0) + count
+            span_traces.update(p.span_traces)
         # A store holds CPU profiles and lock-wait profiles side by side: CPU stays the default
         # whichever file comes first.
         lead = next((p for p in profiles if p.default_sample_type == "cpu"), self)
@@ -211,6 +217,7 @@ class Profile:
             default_sample_type=lead.default_sample_type,
             comments=comments,
             requests=requests,
+            span_traces=span_traces,
         )
 
     @staticmethod
@@ -266,6 +273,7 @@ class Profile:
                 have = dict(key)
                 if all(have.get(k) in vs for k, vs in wanted.items()):
                     requests[key] = count
+        spans = {v for s in samples for k, v in s.labels if k == "span_id"}
         return Profile(
             sample_types=list(self.sample_types),
             samples=samples,
@@ -276,6 +284,7 @@ class Profile:
             default_sample_type=self.default_sample_type,
             comments=list(self.comments),
             requests=requests,
+            span_traces={k: v for k, v in self.span_traces.items() if k in spans},
         )
 
     def label_values(self) -> dict[str, list[str]]:

@@ -14,6 +14,8 @@ Supported:
 - Starlette and FastAPI: every request is labelled ``endpoint=<route path template>``, e.g.
   ``/items/{item_id}`` (:mod:`middleware.integrations.asgi`); any other ASGI app: wrap it in
   :class:`middleware.integrations.asgi.MwAsgiMiddleware` (``endpoint=<path>``).
+- OpenTelemetry: samples taken while a span is current carry ``span_id``/``span_name`` of the
+  request's local root span, which gets ``pyroscope.profile.id`` (:mod:`middleware.integrations.otel`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def install_all(tracker: object | None = None) -> None:
     when_imported("flask", _install_flask)
     when_imported("starlette.routing", _install_starlette)
     when_imported("fastapi.routing", _install_fastapi)
+    when_imported("opentelemetry.context", _install_otel)
 
 
 def installed() -> frozenset[str]:
@@ -95,3 +98,12 @@ def _install_fastapi(module: types.ModuleType) -> None:
         with _lock:
             _installed.add("fastapi")
         logger.debug("middleware: FastAPI requests are labelled with their route template")
+
+
+def _install_otel(module: types.ModuleType) -> None:
+    from . import otel
+
+    if otel.install(module):
+        with _lock:
+            _installed.add("opentelemetry")
+        logger.debug("middleware: samples of traced requests carry their root span's id")

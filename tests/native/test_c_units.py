@@ -177,6 +177,11 @@ def test_request_counts_taken_while_threads_count_are_each_taken_once(ctest: str
     assert checks >= 40, checks
 
 
+def test_span_label_sets_are_recycled_two_windows_after_release_and_stale_ids_never_answer(ctest: str) -> None:
+    checks, _ = _run(ctest, "spansets")
+    assert checks >= 200000, checks
+
+
 def test_sigterm_guard_resends_a_sigterm_the_main_thread_took_before_blocking_or_did_not_take(
         ctest: str) -> None:
     checks, _ = _run(ctest, "termguard")

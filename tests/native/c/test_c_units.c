@@ -21,6 +21,7 @@
 #include <pthread.h>
 #include <semaphore.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <time.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -715,6 +716,100 @@ static void termguard(void) {
     CHECK(mw_termguard_arm() == -1);
 }
 
+/* Span sets: pairs over their base, ids recycled only two windows after release, a stale id never
+ * answers (neither pairs nor a base), a full table refuses (the caller keeps the base), malformed
+ * ids refused, long names cut on a UTF-8 boundary; the same under a thread interning and
+ * releasing while another reads bases and finishes windows. */
+static _Atomic int g_span_stop;
+
+static void *span_reader(void *arg) {
+    const uint32_t *live = arg;
+    while (!atomic_load(&g_span_stop)) {
+        uint32_t id = atomic_load((_Atomic uint32_t *)live);
+        uint32_t b = mw_labels_base(id);
+        CHECK(b == 0 || b == 1); /* its base, or 0 once stale: never another set */
+        mw_labels_window_done();
+    }
+    return NULL;
+}
+
+static void spansets(void) {
+    CHECK(mw_labels_intern_span(0, "00f067aa0ba902b7", "", "off") == 0); /* no exporter yet */
+    mw_labels_spans_enable(1);
+    const char *k[2] = {"endpoint", "span_id"}, *v[2] = {"/a", "ffffffffffffffff"};
+    uint32_t base = mw_labels_intern(k, v, 2);
+    CHECK(base == 1);
+    const char *span = "00f067aa0ba902b7", *trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    uint32_t id = mw_labels_intern_span(base, span, trace, "GET /a");
+    CHECK(id & MW_SPANSET_FLAG);
+    const char *const *kk, *const *vv;
+    CHECK(mw_labels_get(id, &kk, &vv) == 3);
+    CHECK(!strcmp(kk[0], "span_id") && !strcmp(vv[0], span));
+    CHECK(!strcmp(kk[1], "span_name") && !strcmp(vv[1], "GET /a"));
+    CHECK(!strcmp(kk[2], "endpoint") && !strcmp(vv[2], "/a")); /* base's own span_id left out */
+    const char *s2, *t2;
+    CHECK(mw_labels_span_ids(id, &s2, &t2) == 0 && !strcmp(s2, span) && !strcmp(t2, trace));
+    CHECK(mw_labels_base(id) == base && mw_labels_base(base) == base);
+    /* released: still readable until two windows are done */
+    mw_labels_release_span(id);
+    mw_labels_release_span(id);
+    mw_labels_window_done();
+    CHECK(mw_labels_get(id, &kk, &vv) == 3);
+    mw_labels_window_done();
+    CHECK(mw_labels_get(id, &kk, &vv) == -1 && mw_labels_base(id) == 0);
+    CHECK(mw_labels_span_ids(id, &s2, &t2) == -1);
+    uint32_t again = mw_labels_intern_span(0, span, "", "");
+    CHECK(again && again != id && (again & 0x3FFF) == (id & 0x3FFF)); /* same slot, new id */
+    CHECK(mw_labels_get(again, &kk, &vv) == 1);                       /* no name: span_id only */
+    CHECK(mw_labels_get(id, &kk, &vv) == -1);
+    mw_labels_release_span(again);
+    /* malformed */
+    CHECK(mw_labels_intern_span(0, "00F067AA0BA902B7", "", "x") == 0);
+    CHECK(mw_labels_intern_span(0, "00f067aa0ba902b", "", "x") == 0);
+    CHECK(mw_labels_intern_span(0, span, "4bf9", "x") == 0);
+    uint32_t unnamed = mw_labels_intern_span(0, span, trace, NULL);
+    CHECK(unnamed != 0 && mw_labels_get(unnamed, &kk, &vv) == 1);
+    mw_labels_release_span(unnamed);
+    CHECK(mw_labels_intern_span(12345, span, trace, "x") == 0); /* unknown base */
+    /* a long name is cut before a multi-byte character, not inside it */
+    char name[400];
+    memset(name, 'a', sizeof name);
+    memcpy(name + MW_SPAN_NAME_MAX - 1, "\xc3\xa9", 2);
+    name[sizeof name - 1] = 0;
+    uint32_t cut = mw_labels_intern_span(0, span, "", name);
+    CHECK(mw_labels_get(cut, &kk, &vv) == 2 && strlen(vv[1]) == MW_SPAN_NAME_MAX - 1);
+    mw_labels_release_span(cut);
+    /* full: refused until windows are done */
+    mw_spansets_stats_t st;
+    mw_labels_span_stats(&st);
+    uint64_t refused0 = st.refused;
+    static uint32_t ids[MW_SPANSETS_MAX];
+    uint32_t n = 0;
+    while (n < MW_SPANSETS_MAX && (ids[n] = mw_labels_intern_span(base, span, trace, "n")) != 0)
+        n++;
+    CHECK(n == MW_SPANSETS_MAX - 3); /* three released sets wait for their windows */
+    mw_labels_span_stats(&st);
+    CHECK(st.refused == refused0 + 1 && st.live == MW_SPANSETS_MAX);
+    for (uint32_t i = 0; i < n; i++)
+        mw_labels_release_span(ids[i]);
+    mw_labels_window_done();
+    mw_labels_window_done();
+    mw_labels_span_stats(&st);
+    CHECK(st.live == 0 && st.reclaimed == st.released);
+    /* concurrent: one thread interns/releases, another reads bases and finishes windows */
+    static _Atomic uint32_t live;
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, span_reader, (void *)&live) == 0);
+    for (int i = 0; i < 200000; i++) {
+        uint32_t x = mw_labels_intern_span(base, span, trace, "c");
+        atomic_store(&live, x);
+        if (x) CHECK(mw_labels_base(x) == base);
+        mw_labels_release_span(x);
+    }
+    atomic_store(&g_span_stop, 1);
+    pthread_join(th, NULL);
+}
+
 int main(int argc, char **argv) {
     const char *part = argc > 1 ? argv[1] : "";
     if (strcmp(part, "profbuf") == 0) {
@@ -738,11 +833,14 @@ int main(int argc, char **argv) {
         threads_forget_reap();
     } else if (strcmp(part, "requests") == 0) {
         labels_requests();
+    } else if (strcmp(part, "spansets") == 0) {
+        spansets();
     } else if (strcmp(part, "termguard") == 0) {
         termguard();
     } else {
         fprintf(stderr,
-                "usage: %s profbuf|json|corrupt|threads|requests|termguard|linetable < cases\n",
+                "usage: %s profbuf|json|corrupt|threads|requests|spansets|termguard|linetable < "
+                "cases\n",
                 argv[0]);
         return 2;
     }

@@ -1,0 +1,359 @@
+"""Span-linked samples: with OpenTelemetry in the app, each request's samples carry its root span.
+
+GIVEN a Flask app instrumented with the real ``opentelemetry-sdk`` and
+``opentelemetry-instrumentation-flask`` under gunicorn with gthread workers (2 workers x 4
+threads), every request burning a few milliseconds of CPU in a function named after its kind,
+then sleeping, then burning again under a child span (a bursty thread), some requests arriving
+with a ``traceparent`` header (a remote parent: their local root is the server span), and the
+tracker started by the two lines, WHEN 8 clients send requests concurrently, THEN:
+- >= 95% of the CPU samples under the request functions carry a span id, every one of them the
+  id of a root span the app's in-memory span exporter recorded, of a request of the sample's
+  own kind (never another request's: with three kinds interleaving in each worker, a label left
+  over from another request shows as the wrong kind), and of a request served by that process;
+- each span's trace id is written with the profile, and the root span has the attribute
+  ``pyroscope.profile.id`` = its span id; child spans change nothing (same root span id);
+- the CPU the profile gives each span matches what the request measured (``thread_time``), in
+  total over the requests (per request the 100 Hz sampling allows ±1-2 samples);
+- the same under asyncio: tasks interleaving on one loop, each in its own root span.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from middleware.pprof import find_profile_files, read_pprof_file
+from support.processes import children, clean_env, closed_loop, free_port
+
+pytest.importorskip("opentelemetry.sdk.trace")
+pytest.importorskip("opentelemetry.instrumentation.flask")
+
+pytestmark = [pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+KINDS = ("alpha", "beta", "gamma")
+
+APP = r'''
+import json, os, sys, threading, time
+sys.path.insert(0, os.environ["MW_TEST_ROOT"])
+from middleware import MwTracker
+tracker = MwTracker()
+
+from flask import Flask
+from opentelemetry import trace
+from opentelemetry.instrumentation.flask import FlaskInstrumentor
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+OUT = os.environ["SPAN_TRUTH_DIR"]
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+tracer = trace.get_tracer("span-test")
+app = Flask(__name__)
+FlaskInstrumentor().instrument_app(app)
+lock = threading.Lock()
+
+
+def spin(k):
+    s = 0
+    for i in range(k):
+        s += i * i
+    return s
+
+
+def burn(seconds):
+    t0 = time.thread_time()
+    while time.thread_time() - t0 < seconds:
+        spin(500)
+
+
+def work_alpha(): burn(0.006)
+def work_beta(): burn(0.010)
+def work_gamma(): burn(0.014)
+
+
+WORK = {"alpha": work_alpha, "beta": work_beta, "gamma": work_gamma}
+
+
+@app.route("/work/<kind>")
+def work(kind):
+    t0 = time.thread_time()
+    WORK[kind]()
+    time.sleep(0.004)
+    with tracer.start_as_current_span("inner"):
+        WORK[kind]()
+    cpu = time.thread_time() - t0
+    sc = trace.get_current_span().get_span_context()  # the server span: this request's root
+    with lock, open(os.path.join(OUT, f"truth-{os.getpid()}.jsonl"), "a") as f:
+        f.write(json.dumps({"span": format(sc.span_id, "016x"), "trace": format(sc.trace_id, "032x"),
+                            "kind": kind, "cpu": cpu}) + "\n")
+    return "ok"
+
+
+@app.route("/spans")
+def spans():
+    out = [{"span": format(s.context.span_id, "016x"), "trace": format(s.context.trace_id, "032x"),
+            "name": s.name, "root": s.parent is None or s.parent.is_remote,
+            "root_attr": (s.attributes or {}).get("pyroscope.profile.id")}
+           for s in exporter.get_finished_spans()]
+    return json.dumps({"pid": os.getpid(), "spans": out})
+'''
+
+ASYNC_APP = r'''
+import asyncio, json, os, sys, time
+sys.path.insert(0, os.environ["MW_TEST_ROOT"])
+from middleware import MwTracker
+tracker = MwTracker()
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+tracer = trace.get_tracer("span-test")
+
+
+def spin(k):
+    s = 0
+    for i in range(k):
+        s += i * i
+    return s
+
+
+def burn(seconds):
+    t0 = time.thread_time()
+    while time.thread_time() - t0 < seconds:
+        spin(500)
+
+
+def work_alpha(): burn(0.003)
+def work_beta(): burn(0.005)
+def work_gamma(): burn(0.007)
+
+
+WORK = {"alpha": work_alpha, "beta": work_beta, "gamma": work_gamma}
+truth = []
+
+
+async def request(i):
+    kind = ("alpha", "beta", "gamma")[i % 3]
+    with tracer.start_as_current_span("task-" + kind) as span:
+        cpu = 0.0
+        for step in range(4):  # interleaves with the other tasks at each await
+            t0 = time.thread_time()
+            WORK[kind]()
+            cpu += time.thread_time() - t0
+            await asyncio.sleep(0.001 * (i % 4))
+        sc = span.get_span_context()
+        truth.append({"span": format(sc.span_id, "016x"), "trace": format(sc.trace_id, "032x"),
+                      "kind": kind, "cpu": cpu})
+
+
+async def main():
+    for _ in range(12):
+        await asyncio.gather(*(request(i) for i in range(24)))
+
+
+asyncio.run(main())
+tracker.stop()
+spans = [{"span": format(s.context.span_id, "016x"), "trace": format(s.context.trace_id, "032x"),
+          "name": s.name, "root": s.parent is None, "root_attr": (s.attributes or {}).get("pyroscope.profile.id")}
+         for s in exporter.get_finished_spans()]
+print(json.dumps({"pid": os.getpid(), "truth": truth, "spans": spans, "stats": tracker.stats()}))
+'''
+
+
+def _env(tmp: Path, store: Path) -> dict[str, str]:
+    env = clean_env()
+    env.update(MW_TEST_ROOT=str(ROOT), SPAN_TRUTH_DIR=str(tmp), MW_PROFILE_DIR=str(store),
+               MW_PROFILING_UPLOAD="false", MW_PROFILING_UPLOAD_INTERVAL="1", MW_SERVICE_NAME="span-test")
+    return env
+
+
+def _request_samples(store: Path) -> tuple[list[tuple[str, str | None, str | None, int]], dict[str, str]]:
+    """(kind, span_id, pid, cpu ns) of every CPU sample under a work_<kind> function, and the
+    span -> trace map the profiles carry."""
+    out: list[tuple[str, str | None, str | None, int]] = []
+    traces: dict[str, str] = {}
+    for f in find_profile_files(store):
+        p = read_pprof_file(f)
+        if "cpu" not in (t for t, _ in p.sample_types):
+            continue
+        traces.update(p.span_traces)
+        ci = p.value_index("cpu")
+        for s in p.samples:
+            kinds = {f.function.rsplit(".", 1)[-1][5:] for f in s.stack
+                     if f.function.rsplit(".", 1)[-1].startswith("work_")}
+            if len(kinds) == 1 and s.values[ci]:
+                out.append((kinds.pop(), s.label("span_id"), s.label("pid"), s.values[ci]))
+    return out, traces
+
+
+def _check(samples: list[tuple[str, str | None, str | None, int]], traces: dict[str, str],
+           truth: list[dict[str, Any]], spans: dict[str, dict[str, Any]], pids_of: dict[str, str]) -> None:
+    by_span = {t["span"]: t for t in truth}
+    total = sum(c for *_, c in samples)
+    assert total > 0
+    labelled = sum(c for _, span, _, c in samples if span)
+    assert labelled >= 0.95 * total, (labelled, total)
+    wrong = [(kind, span) for kind, span, pid, _ in samples
+             if span and (span not in by_span or by_span[span]["kind"] != kind or pids_of.get(span) != pid)]
+    assert not wrong, wrong[:10]
+    # the root spans' attribute and trace ids; child spans never labelled
+    roots = {s for s, v in spans.items() if v["root"]}
+    assert {span for _, span, _, _ in samples if span} <= roots
+    for s in roots & set(by_span):
+        assert spans[s]["root_attr"] == s, spans[s]
+    for span in {span for _, span, _, _ in samples if span}:
+        assert traces.get(span) == by_span[span]["trace"], span
+    # CPU per span: in total as measured; per request within the sampling's granularity
+    measured = sum(t["cpu"] for t in truth) * 1e9
+    assert abs(labelled - measured) <= 0.10 * measured, (labelled, measured)
+    per_span: Counter[str] = Counter()
+    for _, span, _, c in samples:
+        if span:
+            per_span[span] += c
+    off = [s for s, t in by_span.items() if abs(per_span.get(s, 0) - t["cpu"] * 1e9) > 40e6]
+    assert len(off) <= 0.05 * len(by_span), [(s, per_span.get(s, 0), by_span[s]["cpu"]) for s in off][:10]
+
+
+def test_flask_under_gunicorn_gthread_each_requests_cpu_carries_its_root_span(tmp_path: Path) -> None:
+    (tmp_path / "spanapp.py").write_text(APP)
+    store = tmp_path / "store"
+    port = free_port()
+    cmd = [sys.executable, "-m", "gunicorn", "-w", "2", "-k", "gthread", "--threads", "4",
+           "-b", f"127.0.0.1:{port}", "--chdir", str(tmp_path), "spanapp:app"]
+    log = (tmp_path / "gunicorn.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(tmp_path, store), cwd=str(tmp_path))
+    spans: dict[str, dict[str, Any]] = {}
+    pids_of: dict[str, str] = {}
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(children(proc.pid)) < 2:
+            assert proc.poll() is None, (tmp_path / "gunicorn.log").read_text()
+            time.sleep(0.1)
+        import http.client
+
+        def get(path: str, headers: dict[str, str]) -> bytes:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            try:
+                conn.request("GET", path, headers=headers)
+                r = conn.getresponse()
+                body = r.read()
+                assert r.status == 200, (r.status, body[:200])
+                return body
+            finally:
+                conn.close()
+
+        while time.monotonic() < deadline:  # both workers up and serving
+            try:
+                get("/work/alpha", {})
+                break
+            except OSError:
+                time.sleep(0.1)
+        sent = [0]
+        remote = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+        def next_path(client: int) -> str | None:
+            if sent[0] >= 240:
+                return None
+            sent[0] += 1
+            return f"/work/{KINDS[(sent[0] + client) % 3]}"
+
+        closed_loop(port, next_path, clients=8)
+        for _ in range(12):  # with a remote parent: the server span is still the local root
+            get(f"/work/{KINDS[_ % 3]}", {"traceparent": remote})
+        time.sleep(1.5)  # a last window with the requests' samples
+        for _ in range(40):  # each worker's recorded spans (the port reaches both, in turn)
+            doc = json.loads(get("/spans", {}))
+            for s in doc["spans"]:
+                spans[s["span"]] = s
+                pids_of[s["span"]] = str(doc["pid"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+    truth = [json.loads(line) for f in tmp_path.glob("truth-*.jsonl") for line in f.read_text().splitlines()]
+    assert len(truth) >= 250, len(truth)
+    assert len({pids_of.get(t["span"]) for t in truth}) == 2  # both workers served and reported
+    samples, traces = _request_samples(store)
+    _check(samples, traces, [t for t in truth if t["span"] in pids_of], spans, pids_of)
+    remote_roots = [t for t in truth if t["trace"] == "0af7651916cd43dd8448eb211c80319c"]
+    assert len(remote_roots) == 12
+
+
+def test_asyncio_tasks_each_carry_their_own_root_span(tmp_path: Path) -> None:
+    script = tmp_path / "spans_async.py"
+    script.write_text(ASYNC_APP)
+    store = tmp_path / "store"
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env=_env(tmp_path, store))
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads(run.stdout)
+    spans = {s["span"]: s for s in doc["spans"]}
+    pids_of = {s: str(doc["pid"]) for s in spans}
+    samples, traces = _request_samples(store)
+    _check(samples, traces, doc["truth"], spans, pids_of)
+    st = doc["stats"]
+    # every request's span set went back to the table once its windows were written
+    assert st["spansets_created"] >= 12 * 24 and st["spansets_refused"] == 0, st
+    assert st["spansets_released"] >= st["spansets_created"] - 24, st
+
+
+def test_span_sets_are_recycled_and_a_stale_span_never_labels_another_request() -> None:
+    # In-process: far more spans than the table holds, with windows exported between them; the
+    # table never fills and each window's span ids are exactly the spans active in it.
+    code = r'''
+import json, os, sys, tempfile, time
+from middleware import MwTracker, labels
+from middleware.pprof import find_profile_files, read_pprof_file
+d = tempfile.mkdtemp()
+t = MwTracker(profile_dir=d, upload=False, upload_interval=0.05, instrument=False)
+from middleware import _native
+def spin(k):
+    s = 0
+    for i in range(k):
+        s += i * i
+    return s
+made = []
+for i in range(40000):
+    span = labels.SpanId(format(i + 1, "016x"), format(i + 1, "032x"))
+    with labels.labels(span_id=span, span_name="req"):
+        spin(20)
+    made.append(str(span))
+    del span
+t.stop()
+st = t.stats()
+seen = {}
+for f in find_profile_files(d):
+    p = read_pprof_file(f)
+    if "cpu" in (x for x, _ in p.sample_types):
+        for s in p.samples:
+            if s.label("span_id"):
+                seen[s.label("span_id")] = p.span_traces.get(s.label("span_id"))
+print(json.dumps({"stats": {k: v for k, v in st.items() if k.startswith("spansets")}, "seen": seen}))
+'''
+    env = clean_env()
+    env["PYTHONPATH"] = str(ROOT)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads(run.stdout)
+    st = doc["stats"]
+    assert st["spansets_created"] == 40000 and st["spansets_refused"] == 0, st
+    assert st["spansets_reclaimed"] >= 40000 - 16384, st
+    # a span id seen in a profile carries its own trace (hex i+1 for both)
+    bad = {s: tr for s, tr in doc["seen"].items() if tr is None or int(tr, 16) != int(s, 16)}
+    assert not bad, list(bad.items())[:5]
