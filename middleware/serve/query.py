@@ -36,11 +36,14 @@ from middleware.serve.ingest import (
     SERVICE_LABEL,
     unix_seconds_to_ns,
 )
+from middleware.serve.spans import parse_span_id, parse_trace_id, span_hex, trace_hex
 from middleware.serve.store import Store, labels_from_key
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QueryError", "Matcher", "Selection", "parse_selector", "parse_selection", "QueryEngine"]
+__all__ = [
+    "QueryError", "Matcher", "Selection", "parse_selector", "parse_selection", "parse_span_filter", "QueryEngine",
+]
 
 Labels = tuple[tuple[str, str], ...]
 _MAX_TIMELINE_POINTS = 2000
@@ -118,26 +121,40 @@ def parse_selector(text: str) -> tuple[Matcher, ...]:
 
 @dataclass(frozen=True)
 class Selection:
-    """What to merge: a service, a profile type, a time range and a label selector."""
+    """What to merge: a service, a profile type, a time range and a label selector; optionally
+    the samples of one request (``span_id``: its local root span) or of one trace (``trace_id``:
+    the samples of all its spans), in which case ``service`` may be empty (every service)."""
 
     service: str
     type_id: str
     from_ns: int
     until_ns: int
     matchers: tuple[Matcher, ...] = ()
+    span_id: str | None = None
+    trace_id: str | None = None
 
     @property
     def selector_text(self) -> str:
         return "{" + ",".join(m.to_text() for m in self.matchers) + "}"
 
+    @property
+    def spanned(self) -> bool:
+        """Whether the selection is the samples of a span or a trace."""
+        return self.span_id is not None or self.trace_id is not None
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "service": self.service,
             "type": self.type_id,
             "from": self.from_ns / 1e9,
             "until": self.until_ns / 1e9,
             "selector": self.selector_text,
         }
+        if self.span_id is not None:
+            out["span_id"] = self.span_id
+        if self.trace_id is not None:
+            out["trace_id"] = self.trace_id
+        return out
 
 
 def parse_seconds(raw: str, name: str) -> int:
@@ -160,10 +177,29 @@ def parse_step(raw: str) -> float:
     return step
 
 
+def parse_span_filter(span_id: str | None, trace_id: str | None, suffix: str = "") -> tuple[str | None, str | None]:
+    """``span_id`` (16 lowercase hex digits) or ``trace_id`` (32), checked; empty means not given.
+    Raises :class:`QueryError` (400) on a malformed id or on both given."""
+    span_id = span_id or None
+    trace_id = trace_id or None
+    if span_id is not None and trace_id is not None:
+        raise QueryError(f"give 'span_id{suffix}' or 'trace_id{suffix}', not both")
+    try:
+        if span_id is not None:
+            parse_span_id(span_id)
+        if trace_id is not None:
+            parse_trace_id(trace_id)
+    except ValueError as exc:
+        raise QueryError(str(exc)) from None
+    return span_id, trace_id
+
+
 def parse_selection(params: Mapping[str, str], suffix: str = "", now_ns: int | None = None) -> Selection:
     """A :class:`Selection` from query parameters ``service``, ``type``, ``from``, ``until`` and
     ``selector`` (each name + ``suffix``, e.g. ``from2`` for the comparison side of a diff; a
-    missing suffixed parameter falls back to the unsuffixed one)."""
+    missing suffixed parameter falls back to the unsuffixed one), and optionally ``span_id`` or
+    ``trace_id``: then ``service`` may be left out (every service) and the time range defaults
+    to all the data (a request's samples lie where they lie)."""
 
     def get(name: str) -> str | None:
         value = params.get(name + suffix)
@@ -171,8 +207,10 @@ def parse_selection(params: Mapping[str, str], suffix: str = "", now_ns: int | N
             value = params.get(name)
         return value
 
-    service = get("service")
-    if not service:
+    span_id, trace_id = parse_span_filter(get("span_id"), get("trace_id"), suffix)
+    spanned = span_id is not None or trace_id is not None
+    service = get("service") or ""
+    if not service and not spanned:
         raise QueryError("missing 'service'")
     type_id = get("type")
     if not type_id:
@@ -181,12 +219,15 @@ def parse_selection(params: Mapping[str, str], suffix: str = "", now_ns: int | N
         raise QueryError(f"bad 'type' {type_id!r}: expected name:sample_type:unit:period_type:period_unit")
     now = now_ns if now_ns is not None else time.time_ns()
     until_raw, from_raw = get("until"), get("from")
-    until_ns = parse_seconds(until_raw, "until" + suffix) if until_raw else now
-    from_ns = parse_seconds(from_raw, "from" + suffix) if from_raw else until_ns - _DEFAULT_RANGE_S * 1_000_000_000
+    until_ns = parse_seconds(until_raw, "until" + suffix) if until_raw else INT64_MAX if spanned else now
+    if from_raw:
+        from_ns = parse_seconds(from_raw, "from" + suffix)
+    else:
+        from_ns = 0 if spanned else until_ns - _DEFAULT_RANGE_S * 1_000_000_000
     if from_ns >= until_ns:
         raise QueryError(f"empty time range: 'from{suffix}' must be before 'until{suffix}'")
     matchers = parse_selector(get("selector") or "")
-    return Selection(service, type_id, max(from_ns, 0), until_ns, matchers)
+    return Selection(service, type_id, max(from_ns, 0), until_ns, matchers, span_id, trace_id)
 
 
 @dataclass
@@ -279,30 +320,65 @@ class QueryEngine:
     # -- series selection --------------------------------------------------------------------
 
     def _matching_series(self, sel: Selection) -> list[int] | None:
-        """Ids of the service's series matching the selector (None: all of them)."""
+        """Ids of the service's (every service's, when none is selected) series matching the
+        selector (None: all of them)."""
         if not sel.matchers:
             return None
         out = []
-        for row in self.store.series(sel.service):
-            labels = dict(row.labels)
-            labels[SERVICE_LABEL] = sel.service
-            if all(m.matches(labels) for m in sel.matchers):
-                out.append(row.id)
+        services = [sel.service] if sel.service else [s["name"] for s in self.store.services()]
+        for service in services:
+            for row in self.store.series(service):
+                labels = dict(row.labels)
+                labels[SERVICE_LABEL] = service
+                if all(m.matches(labels) for m in sel.matchers):
+                    out.append(row.id)
         return out
 
+    def _stypes(self, sel: Selection) -> list[int]:
+        """The ids of (service, profile type) of the selection: one, or one per service having
+        the type when no service is selected."""
+        if sel.service:
+            stype = self.store.stype_id(sel.service, sel.type_id)
+            return [stype] if stype is not None else []
+        return [int(r[0]) for r in self.store.query("SELECT id FROM service_types WHERE type_id=?", (sel.type_id,))]
+
+    def _span_keys(self, sel: Selection) -> list[int] | None:
+        """The stored keys of the selection's spans (its span, or its trace's spans); None when
+        it is not a span selection."""
+        if sel.span_id is not None:
+            return [parse_span_id(sel.span_id)]
+        if sel.trace_id is not None:
+            rows = self.store.query("SELECT span_id FROM span_traces WHERE trace_id=?", (parse_trace_id(sel.trace_id),))
+            return sorted(int(r[0]) for r in rows)
+        return None
+
+    @staticmethod
+    def _tables(sel: Selection) -> tuple[str, str, str]:
+        """(table of values per stack, table of totals, its total column) for the selection: the
+        span rows for a span selection, else the index of every sample."""
+        if sel.spanned:
+            return "span_samples", "span_samples", "value"
+        return "samples", "totals", "total"
+
     def _where(self, sel: Selection) -> tuple[str, tuple[Any, ...]] | None:
-        """SQL condition (on ``totals`` or ``samples``) for the selection; None: matches nothing."""
-        stype = self.store.stype_id(sel.service, sel.type_id)
-        if stype is None:
+        """SQL condition (on ``totals`` or ``samples``; on ``span_samples`` for a span
+        selection) for the selection; None: matches nothing."""
+        stypes = self._stypes(sel)
+        if not stypes:
             return None
-        where = "stype = ? AND start_ns >= ? AND start_ns < ?"
-        args: tuple[Any, ...] = (stype, sel.from_ns, sel.until_ns)
+        # Ids and span keys are integers from our own tables: inlining them is safe and avoids
+        # the bound-parameter limit for services with many series.
+        where = f"stype IN ({','.join(str(int(i)) for i in stypes)}) AND start_ns >= ? AND start_ns < ?"
+        args: tuple[Any, ...] = (sel.from_ns, sel.until_ns)
+        spans = self._span_keys(sel)
+        if spans is not None:
+            if not spans:
+                return None
+            where += f" AND span_id IN ({','.join(str(int(k)) for k in spans)})"
         ids = self._matching_series(sel)
         if ids is not None:
             if not ids:
                 return None
-            # Series ids are integers from our own table: inlining them is safe and avoids the
-            # bound-parameter limit for services with many series.
             where += f" AND series_id IN ({','.join(str(int(i)) for i in ids)})"
         return where, args
 
@@ -359,14 +435,15 @@ class QueryEngine:
         values = [0] * buckets
         profiles = [0] * buckets
         clause = self._where(sel)
-        if clause is not None and sel.type_id.split(":")[1] in GAUGE_TYPES:
+        if clause is not None and sel.type_id.split(":")[1] in GAUGE_TYPES and not sel.spanned:
             where, args = clause
             latest = self._latest_per_process(sel, where, args, bucket_ns=step_ns)
             clause = (f"{where} AND {latest}", args) if latest else None
         if clause is not None:
             where, args = clause
+            _, table, column = self._tables(sel)
             rows = self.store.query(
-                "SELECT (start_ns - ?) / ? AS b, TOTAL(total), COUNT(DISTINCT profile_id) FROM totals "
+                f"SELECT (start_ns - ?) / ? AS b, TOTAL({column}), COUNT(DISTINCT profile_id) FROM {table} "
                 f"WHERE {where} GROUP BY b",
                 (sel.from_ns, step_ns) + args,
             )
@@ -392,7 +469,7 @@ class QueryEngine:
         indexed ``GROUP BY stack_id`` over the stored samples; see :mod:`middleware.serve.store`)."""
         _, stype, sunit, ptype, punit = sel.type_id.split(":")
         clause = self._where(sel)
-        if clause is not None and stype in GAUGE_TYPES:
+        if clause is not None and stype in GAUGE_TYPES and not sel.spanned:
             where, args = clause
             latest = self._latest_per_process(sel, where, args)
             clause = (f"{where} AND {latest}", args) if latest else None
@@ -400,18 +477,25 @@ class QueryEngine:
         profiles, period = 0, 0
         if clause is not None:
             where, args = clause
+            values_table, totals_table, _ = self._tables(sel)
             # TOTAL, not SUM: sums beyond int64 (possible over many profiles) come back as
             # floats instead of failing the query with SQLite's "integer overflow".
             values = self.store.query(
-                f"SELECT stack_id, TOTAL(value) FROM samples WHERE {where} GROUP BY stack_id", args
+                f"SELECT stack_id, TOTAL(value) FROM {values_table} WHERE {where} GROUP BY stack_id", args
             )
             row = self.store.query(
                 "SELECT COUNT(*), MAX(p.period) FROM profiles p WHERE p.id IN "
-                f"(SELECT DISTINCT profile_id FROM totals WHERE {where})",
+                f"(SELECT DISTINCT profile_id FROM {totals_table} WHERE {where})",
                 args,
             )[0]
             profiles, period = int(row[0]), int(row[1] or 0)
-        requests = self._requests(sel) if clause is not None and stype not in GAUGE_TYPES else 0
+        if clause is not None and sel.spanned:
+            # A span is one request (its local root span): the requests are the spans seen.
+            where, args = clause
+            row = self.store.query(f"SELECT COUNT(DISTINCT span_id) FROM span_samples WHERE {where}", args)[0]
+            requests = int(row[0])
+        else:
+            requests = self._requests(sel) if clause is not None and stype not in GAUGE_TYPES else 0
         stacks = self.store.stacks([int(r[0]) for r in values])
         merged = Profile(
             sample_types=[(stype, sunit)],
@@ -458,6 +542,79 @@ class QueryEngine:
             "unit": sel.type_id.split(":")[2],
             "data": profile_to_json(result.profile, value=stype),
         }
+
+    # -- spans -------------------------------------------------------------------------------
+
+    def spans(self, span_id: str | None = None, trace_id: str | None = None) -> dict[str, Any]:
+        """The spans of a trace (or the one span) whose samples are stored, to navigate a trace
+        that ran in several processes: per span and service, its name (``span_name``), process
+        (``pid``), first window start and last window end, profiles, and per profile type the
+        total of its samples, with the CPU samples (``samples/count``, on-CPU samples), CPU time and
+        wall time drawn out. An unknown id: no spans."""
+        span_id, trace_id = parse_span_filter(span_id, trace_id)
+        if span_id is None and trace_id is None:
+            raise QueryError("missing 'span_id' or 'trace_id'")
+        sel = Selection("", "", 0, INT64_MAX, (), span_id, trace_id)
+        keys = self._span_keys(sel) or []
+        out: dict[str, Any] = {"span_id": span_id, "trace_id": trace_id, "spans": []}
+        if not keys:
+            return out
+        inlined = ",".join(str(int(k)) for k in keys)  # integers from our own table
+        traces = {
+            int(r[0]): trace_hex(r[1])
+            for r in self.store.query(f"SELECT span_id, trace_id FROM span_traces WHERE span_id IN ({inlined})")
+        }
+        windows = self.store.query(
+            "SELECT s.span_id, p.service, COUNT(DISTINCT s.profile_id), MIN(p.start_ns), MAX(p.end_ns) "
+            f"FROM span_samples s JOIN profiles p ON p.id = s.profile_id WHERE s.span_id IN ({inlined}) "
+            "GROUP BY s.span_id, p.service"
+        )
+        sums = self.store.query(
+            "SELECT span_id, series_id, stype, TOTAL(value) FROM span_samples "
+            f"WHERE span_id IN ({inlined}) GROUP BY span_id, series_id, stype"
+        )
+        stypes = {int(r[0]): (str(r[1]), str(r[2])) for r in self.store.query(
+            "SELECT id, service, type_id FROM service_types WHERE id IN "
+            f"({','.join(sorted({str(int(r[2])) for r in sums}))})")}
+        series = {int(r[0]): dict(labels_from_key(r[1])) for r in self.store.query(
+            "SELECT id, labels FROM series WHERE id IN "
+            f"({','.join(sorted({str(int(r[1])) for r in sums}))})")}
+        spans: dict[tuple[int, str], dict[str, Any]] = {}
+        for key, service, profiles, first, last in windows:
+            spans[(int(key), str(service))] = {
+                "span_id": span_hex(int(key)),
+                "trace_id": traces.get(int(key)),
+                "service": service,
+                "profiles": int(profiles),
+                "first": int(first) / 1e9,
+                "last": int(last) / 1e9,
+                "first_ns": int(first),
+                "last_ns": int(last),
+                "types": {},
+                "_names": set(),
+                "_pids": set(),
+            }
+        for key, series_id, stype, total in sums:
+            service, type_id = stypes[int(stype)]
+            entry = spans[(int(key), service)]
+            entry["types"][type_id] = entry["types"].get(type_id, 0) + int(round(total))
+            labels = series.get(int(series_id), {})
+            if labels.get("span_name"):
+                entry["_names"].add(labels["span_name"])
+            if labels.get("pid"):
+                entry["_pids"].add(labels["pid"])
+        for entry in spans.values():
+            names, pids = sorted(entry.pop("_names")), sorted(entry.pop("_pids"))
+            entry["span_name"] = ", ".join(names)
+            entry["pid"] = ", ".join(pids)
+            types: dict[str, int] = entry["types"]
+            entry["cpu_samples"] = _type_total(types, "process_cpu", "samples")
+            entry["cpu_ns"] = _type_total(types, "process_cpu", "cpu")
+            entry["wall_ns"] = _type_total(types, "wall", "wall")
+        out["spans"] = sorted(spans.values(), key=lambda e: (e["first_ns"], e["service"], e["span_id"]))
+        if trace_id is None and out["spans"]:
+            out["trace_id"] = out["spans"][0]["trace_id"]
+        return out
 
     def sandwich_json(self, sel: Selection, function: str, file: str | None) -> dict[str, Any]:
         """Callers and callees of one function in the selection."""
@@ -524,6 +681,11 @@ class QueryEngine:
                 for r in rows
             ],
         }
+
+
+def _type_total(types: Mapping[str, int], name: str, sample_type: str) -> int:
+    """The total of the profile type ``name:sample_type:...`` among ``types`` (0 when absent)."""
+    return sum(v for t, v in types.items() if t.split(":")[:2] == [name, sample_type])
 
 
 def _nice_step(ns: float) -> int:

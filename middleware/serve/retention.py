@@ -3,7 +3,8 @@
 Two bounds, either may be off: ``--retention`` (``$MW_SERVE_RETENTION``, default 7 days) drops
 profiles whose window started longer ago than that; ``--max-size`` (``$MW_SERVE_MAX_SIZE``,
 default 2 GiB) drops the oldest profiles while the data kept is larger than that. A profile goes
-with everything indexed from it (its samples and totals); call stacks and series are shared by
+with everything indexed from it (its samples, totals, request counts and span rows, and the
+trace of each span no remaining profile carries); call stacks and series are shared by
 many profiles and stay (they are a small part of the store). What a restart keeps: the bounds
 given last (by option or variable) are written in the store and used when none is given.
 
@@ -138,8 +139,26 @@ def _delete(conn: sqlite3.Connection, victims: list[tuple[int, int]]) -> None:
         )
     conn.execute(f"DELETE FROM totals WHERE profile_id IN ({marks})", ids)
     conn.execute(f"DELETE FROM requests WHERE profile_id IN ({marks})", ids)
+    _delete_spans(conn, ids, marks)
     conn.execute(f"UPDATE imported_files SET profile_id=NULL WHERE profile_id IN ({marks})", ids)
     conn.execute(f"DELETE FROM profiles WHERE id IN ({marks})", ids)
+
+
+def _delete_spans(conn: sqlite3.Connection, ids: list[int], marks: str) -> None:
+    """The span rows of the profiles ``ids``, and the trace of each of their spans that no other
+    profile's samples carry any more."""
+    rows = conn.execute(f"SELECT DISTINCT span_id FROM span_samples WHERE profile_id IN ({marks})", ids)
+    spans = [int(r[0]) for r in rows]
+    if not spans:
+        return
+    conn.execute(f"DELETE FROM span_samples WHERE profile_id IN ({marks})", ids)
+    for n in range(0, len(spans), 500):
+        # span keys are integers from our own table: inlined (no bound-parameter limit)
+        chunk = ",".join(str(int(s)) for s in spans[n : n + 500])
+        conn.execute(
+            f"DELETE FROM span_traces WHERE span_id IN ({chunk}) AND NOT EXISTS "
+            "(SELECT 1 FROM span_samples s WHERE s.span_id = span_traces.span_id)"
+        )
 
 
 def span(conn: sqlite3.Connection) -> tuple[int | None, int | None, int]:

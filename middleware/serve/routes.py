@@ -16,13 +16,18 @@ Routes::
     GET  /api/sandwich               selection &function=[&file=]
     GET  /api/diff                   base selection + comparison (from2/until2/selector2)
     GET  /api/pprof                  selection -> merged profile as gzipped pprof
+    GET  /api/spans                  ?trace_id= (or ?span_id=) the spans of a trace whose samples are
+                                     stored: span id, name, service, pid, first/last window, totals
     GET  /api/stats                  uploads accepted/rejected, series overflow, storage (span kept,
                                      size, retention), connections
     GET  /api/regressions            ?service=[&type=] each version against the one before it
                                      (middleware.serve.regressions)
 
 A *selection* is ``service``, ``type``, ``from``, ``until`` (unix seconds) and ``selector``
-(``{label="value",...}``); see :mod:`middleware.serve.query`. Uploads are decoded by
+(``{label="value",...}``), or the samples of one request or trace: ``span_id`` (16 lowercase hex
+digits) or ``trace_id`` (32), with which ``service`` may be left out and the range defaults to
+all the data (a malformed id is a 400, an unknown one an empty answer); see
+:mod:`middleware.serve.query`. Uploads are decoded by
 :mod:`middleware.serve.ingest` and stored by :mod:`middleware.serve.store`, whose single writer
 thread serialises the SQLite writes with group commit. Connections, authentication and request
 bodies are :class:`middleware.serve.httpd.BaseHandler`'s.
@@ -71,6 +76,10 @@ class Handler(BaseHandler):
             self.close_connection = True
             self._text(HTTPStatus.METHOD_NOT_ALLOWED, f"{url.path} only answers GET", {"Allow": "GET"})
             return
+        if url.path == "/v1development/profiles":  # OTLP profiles export: middleware.serve.otlp
+            from middleware.serve.otlp import handle_otlp_export
+
+            return handle_otlp_export(self)
         if url.path not in (_INGEST, _PUSH):
             self.close_connection = True
             self._text(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {url.path}")
@@ -269,6 +278,10 @@ class Handler(BaseHandler):
             raise QueryError("a diff compares one service and profile type (service2/type2 must match)")
         self._json(HTTPStatus.OK, self.server.app.engine.diff_json(base, comparison))
 
+    def api_spans(self, params: dict[str, str]) -> None:
+        engine = self.server.app.engine
+        self._json(HTTPStatus.OK, engine.spans(params.get("span_id") or None, params.get("trace_id") or None))
+
     def api_pprof(self, params: dict[str, str]) -> None:
         from middleware.pprof import encode_pprof
 
@@ -277,7 +290,10 @@ class Handler(BaseHandler):
         for smp in merged.samples:  # pprof values are int64; a sum over many profiles may not fit
             if smp.values[0] > INT64_MAX:
                 smp.values = (INT64_MAX,)
-        filename = f"{sel.service}-{sel.from_ns // 1_000_000_000}-{sel.until_ns // 1_000_000_000}.pb.gz"
+        if sel.spanned:
+            filename = f"{sel.service or 'trace'}-{sel.span_id or sel.trace_id}.pb.gz"
+        else:
+            filename = f"{sel.service}-{sel.from_ns // 1_000_000_000}-{sel.until_ns // 1_000_000_000}.pb.gz"
         self._send(
             HTTPStatus.OK,
             encode_pprof(merged),
@@ -313,6 +329,7 @@ GET_ROUTES: dict[str, Callable[[Handler, dict[str, str]], None]] = {
     "/api/sandwich": Handler.api_sandwich,
     "/api/diff": Handler.api_diff,
     "/api/pprof": Handler.api_pprof,
+    "/api/spans": Handler.api_spans,
     "/api/stats": Handler.api_stats,
     "/api/regressions": Handler.api_regressions,
 }

@@ -21,6 +21,18 @@ so that no query ever has to parse a blob:
 * ``requests`` — per (profile, series) the requests the agent counted in the profile's window
   (its ``mw:requests`` comments; the series is the upload's tags plus the request's labels, e.g.
   ``endpoint``, ``version``, ``pid``), so a merge can also say how many requests its cost served.
+* ``span_samples`` — per (profile, span, series, profile type, stack) the value of the samples
+  that carry a ``span_id`` label (the request's local root span, 16 hex digits, stored as the
+  signed 64-bit integer of its bits). A span id is never a series label (one series per request
+  would slow every query): the samples are counted in ``samples``/``totals`` like any other, and
+  this table holds, beside them, which span each value came from, indexed by span id. The
+  flame graph of one request is one indexed lookup of its few rows.
+* ``span_traces`` — span id -> trace id (16 bytes) of the spans in ``span_samples``, from the
+  profiles' ``mw:spans`` comments (:attr:`middleware.profile.Profile.span_traces`), indexed by
+  trace id: the samples of a trace are those of its spans.
+
+A ``span_id`` value that is not 16 hex digits (another client's) is kept in the pprof blob and in
+every total, but not indexed by span (said once per service in the log).
 
 Normalising costs some work per upload (a few hundred small rows, written in one
 ``executemany``), which the single writer absorbs; in exchange a query over an hour or a day of
@@ -80,6 +92,7 @@ from middleware.profile import Frame
 from middleware.serve import retention as _retention
 from middleware.serve.ingest import Upload, series_labels
 from middleware.serve.retention import RetentionPolicy
+from middleware.serve.spans import SPAN_LABEL, span_key, trace_key
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +176,22 @@ CREATE TABLE IF NOT EXISTS requests(
     PRIMARY KEY(profile_id, series_id)
 );
 CREATE INDEX IF NOT EXISTS requests_by_time ON requests(start_ns);
+CREATE TABLE IF NOT EXISTS span_samples(
+    profile_id INTEGER NOT NULL REFERENCES profiles(id),
+    span_id INTEGER NOT NULL,
+    series_id INTEGER NOT NULL REFERENCES series(id),
+    stype INTEGER NOT NULL REFERENCES service_types(id),
+    stack_id INTEGER NOT NULL REFERENCES stacks(id),
+    start_ns INTEGER NOT NULL,
+    value INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS span_samples_by_span ON span_samples(span_id, stype);
+CREATE INDEX IF NOT EXISTS span_samples_by_profile ON span_samples(profile_id);
+CREATE TABLE IF NOT EXISTS span_traces(
+    span_id INTEGER PRIMARY KEY,
+    trace_id BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS span_traces_by_trace ON span_traces(trace_id);
 CREATE TABLE IF NOT EXISTS imported_files(
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -270,6 +299,7 @@ class Store:
         self._w_stypes: dict[tuple[str, str], int] = {}
         self._w_series_count: dict[str, int] = {}  # service -> its number of series
         self._overflow_warned: set[str] = set()
+        self._span_warned: set[str] = set()  # services told once that some span ids are not indexed
         #: Samples (and uploads holding any) stored in an overflow series since the start.
         self.overflow_samples = 0
         self.overflow_uploads = 0
@@ -520,20 +550,30 @@ class Store:
         start = upload.start_ns
         stypes = [(self._stype_id(conn, service, type_id), index) for type_id, index in upload.type_ids]
 
-        series_of: dict[Labels, int] = {}
+        series_of: dict[Labels, tuple[int, int | None]] = {}  # labels -> (series, span key)
         values: dict[tuple[int, int, int], int] = {}  # (series, stype, stack) -> value
         totals: dict[tuple[int, int], int] = {}  # (series, stype) -> total
+        span_values: dict[tuple[int, int, int, int], int] = {}  # (span, series, stype, stack) -> value
+        unindexed_span = ""
         overflow_id = -1
+        span: int | None
         for sample in profile.samples:
-            series_id = series_of.get(sample.labels)
-            if series_id is None:
+            known = series_of.get(sample.labels)
+            if known is None:
                 series_id = self._series_id(conn, service, series_labels(params.tags, sample.labels), capped=True)
                 if series_id < 0:
                     upload.overflow_series += 1
                     if overflow_id < 0:
                         overflow_id = self._series_id(conn, service, OVERFLOW_LABELS)
                     series_id = overflow_id
-                series_of[sample.labels] = series_id
+                span = None
+                for name, text in sample.labels:
+                    if name == SPAN_LABEL:
+                        span = span_key(text)
+                        if span is None:
+                            unindexed_span = text
+                known = series_of[sample.labels] = (series_id, span)
+            series_id, span = known
             if series_id == overflow_id:
                 upload.overflow_samples += 1
             stack_id = -1
@@ -546,6 +586,16 @@ class Store:
                         stack_id = self._stack_id(conn, sample.stack)
                     vkey = (series_id, stype, stack_id)
                     values[vkey] = values.get(vkey, 0) + value
+                    if span is not None:
+                        skey = (span, series_id, stype, stack_id)
+                        span_values[skey] = span_values.get(skey, 0) + value
+        if unindexed_span and service not in self._span_warned:
+            self._span_warned.add(service)
+            log.warning(
+                "service %r sends span_id values that are not 16 hex digits (e.g. %r): their samples are "
+                "stored and counted, but cannot be queried by span",
+                service, unindexed_span[:64],
+            )
         if not totals:
             # An empty profile still marks the service's series (its static tags) as present.
             series_id = self._series_id(conn, service, params.tags, capped=True)
@@ -561,6 +611,20 @@ class Store:
             "INSERT INTO samples(profile_id, series_id, stype, stack_id, start_ns, value) VALUES(?, ?, ?, ?, ?, ?)",
             [(profile_id, sid, stype, stack, start, v) for (sid, stype, stack), v in values.items()],
         )
+        if span_values:
+            conn.executemany(
+                "INSERT INTO span_samples(profile_id, span_id, series_id, stype, stack_id, start_ns, value) "
+                "VALUES(?, ?, ?, ?, ?, ?, ?)",
+                [(profile_id, k, sid, stype, stack, start, v) for (k, sid, stype, stack), v in span_values.items()],
+            )
+            if profile.span_traces:
+                spans = {key[0] for key in span_values}
+                traces: list[tuple[int, bytes]] = []
+                for span_text, trace_text in profile.span_traces.items():
+                    span, trace = span_key(span_text), trace_key(trace_text)
+                    if span is not None and span in spans and trace is not None:
+                        traces.append((span, trace))
+                conn.executemany("INSERT OR REPLACE INTO span_traces(span_id, trace_id) VALUES(?, ?)", traces)
         counts: dict[int, int] = {}
         for labels, count in profile.requests.items():
             series_id = self._series_id(conn, service, series_labels(params.tags, labels), capped=True)

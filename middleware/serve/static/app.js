@@ -14,6 +14,12 @@
  * the Compare tab's diff flame graph); timeline bars are
  * rect.tl-bar[data-t][data-value]; diff rows are #diff-table tr[data-function][data-change].
  * The selection is mirrored in location.hash so a reload or a shared link shows the same view.
+ *
+ * One request: /?span_id=<16 hex> (or /?trace_id=<32 hex>, all the spans of a trace) asks
+ * /api/spans where and when the span's samples are, picks its service and window, and every query
+ * carries the id, so the flame graph, table and timeline are that request's alone; #span-header
+ * (data-span-id, data-cpu-samples, data-cpu-ns, data-wall-ns) says which span, its name, service,
+ * time and samples, lists a trace's spans (links to each), and links back to the normal view.
  */
 (function () {
   "use strict";
@@ -42,6 +48,7 @@
     diff: null,
     diffSort: "change",
     hash: parseHash(),
+    span: spanFromQuery(), // {param: "span_id"|"trace_id", id, info} on a request's page, else null
   };
 
   // ---------------------------------------------------------------------------------------------
@@ -160,6 +167,14 @@
     }
   }
 
+  /* The request (span or trace) the page was opened for: /?span_id=... or /?trace_id=... */
+  function spanFromQuery() {
+    var qs = new URLSearchParams(location.search);
+    if (qs.get("span_id")) return { param: "span_id", id: qs.get("span_id"), info: null };
+    if (qs.get("trace_id")) return { param: "trace_id", id: qs.get("trace_id"), info: null };
+    return null;
+  }
+
   function parseHash() {
     var out = {};
     new URLSearchParams(location.hash.replace(/^#/, "")).forEach(function (v, k) {
@@ -199,6 +214,7 @@
       until: state.until,
       selector: currentSelector(),
     };
+    if (state.span) p[state.span.param] = state.span.id;
     Object.keys(extra || {}).forEach(function (k) {
       p[k] = extra[k];
     });
@@ -213,6 +229,10 @@
     setStatus("Loading services…");
     return api("/api/services").then(function (body) {
       state.services = body.services;
+      if (state.span) {
+        loadSpan();
+        return;
+      }
       if (!state.services.length) {
         showNoData();
         return;
@@ -278,6 +298,11 @@
   }
 
   function loadLabelNames() {
+    if (!state.service) { /* a trace over several services: no label list of one service */
+      fillSelect($("label-name"), [{ value: "", label: "(any)" }], "");
+      state.labelName = "";
+      return loadLabelValues();
+    }
     var params = { service: state.service, type: state.type, from: state.from, until: state.until };
     return api("/api/label_names", params).then(function (body) {
       var names = body.names.filter(function (n) {
@@ -330,6 +355,155 @@
   }
 
   // ---------------------------------------------------------------------------------------------
+  // one request (span) or trace
+
+  function uniq(items) {
+    return items.filter(function (x, i) { return items.indexOf(x) === i; });
+  }
+
+  function loadSpan() {
+    setState("loading");
+    setStatus("Looking up the " + (state.span.param === "span_id" ? "span" : "trace") + "…");
+    var q = {};
+    q[state.span.param] = state.span.id;
+    return api("/api/spans", q).then(function (body) {
+      state.span.info = body;
+      if (!body.spans.length) {
+        renderSpanHeader(body);
+        var empty = $("empty");
+        empty.hidden = false;
+        empty.textContent = "";
+        var h = document.createElement("h2");
+        h.textContent = "No samples of this " + (state.span.param === "span_id" ? "span" : "trace");
+        var p = document.createElement("p");
+        p.textContent = "The collector holds no samples labelled with " + state.span.param + " " + state.span.id +
+          ": the request was not sampled (it used less CPU and wall time than the sampling interval), its " +
+          "profile has not arrived yet (agents send one every 10 s by default), or it is older than the retention.";
+        empty.append(h, p);
+        setStatus("");
+        setState("empty");
+        return;
+      }
+      var services = uniq(body.spans.map(function (sp) { return sp.service; }));
+      var items = services.map(function (name) { return { value: name, label: name }; });
+      if (services.length > 1) items.unshift({ value: "", label: "all " + services.length + " services of the trace" });
+      fillSelect($("service"), items, services.length > 1 ? "" : services[0]);
+      state.service = $("service").value;
+      var types = [];
+      state.services.forEach(function (info) {
+        if (services.indexOf(info.name) >= 0) types = uniq(types.concat(info.types));
+      });
+      var wanted = state.hash.type && types.indexOf(state.hash.type) >= 0 ? state.hash.type
+        : types.indexOf(PREFERRED_TYPE) >= 0 ? PREFERRED_TYPE : types[0];
+      fillSelect($("profile-type"), types.map(function (t) {
+        var parts = t.split(":");
+        return { value: t, label: parts[0] + " · " + parts[1] + " (" + parts[2] + ")" };
+      }), wanted);
+      state.type = $("profile-type").value;
+      renderSpanHeader(body);
+      var first = Math.min.apply(null, body.spans.map(function (sp) { return sp.first; }));
+      var last = Math.max.apply(null, body.spans.map(function (sp) { return sp.last; }));
+      $("range-preset").value = "custom";
+      setRange(first, last);
+      state.labelName = state.hash.label || "";
+      state.labelValue = state.hash.value || "";
+      return loadLabelNames().then(refresh);
+    }, fail);
+  }
+
+  function spanLink(param, id) {
+    var a = document.createElement("a");
+    a.href = "/?" + param + "=" + encodeURIComponent(id);
+    a.textContent = id;
+    return a;
+  }
+
+  function code(text) {
+    var c = document.createElement("code");
+    c.textContent = text;
+    return c;
+  }
+
+  function renderSpanHeader(body) {
+    var header = $("span-header");
+    header.hidden = false;
+    document.querySelector(".serve-tabs").hidden = true;
+    var spans = body.spans;
+    var title = $("span-title");
+    title.textContent = "";
+    var sum = { cpu_samples: 0, cpu_ns: 0, wall_ns: 0 };
+    spans.forEach(function (sp) {
+      sum.cpu_samples += sp.cpu_samples;
+      sum.cpu_ns += sp.cpu_ns;
+      sum.wall_ns += sp.wall_ns;
+    });
+    header.setAttribute("data-span-id", state.span.id);
+    header.setAttribute("data-spans", String(spans.length));
+    header.setAttribute("data-cpu-samples", String(sum.cpu_samples));
+    header.setAttribute("data-cpu-ns", String(sum.cpu_ns));
+    header.setAttribute("data-wall-ns", String(sum.wall_ns));
+    var services = uniq(spans.map(function (sp) { return sp.service; }));
+    var facts = [];
+    if (state.span.param === "span_id") {
+      title.append("Request span ", code(state.span.id));
+      if (body.trace_id) title.append(" of trace ", spanLink("trace_id", body.trace_id));
+      if (spans.length) {
+        var names = uniq(spans.map(function (sp) { return sp.span_name; }).filter(Boolean));
+        var pids = uniq(spans.map(function (sp) { return sp.pid; }).filter(Boolean));
+        facts.push(names.length ? names.join(", ") : "(no span name)");
+        facts.push("service " + services.join(", ") + (pids.length ? " (pid " + pids.join(", ") + ")" : ""));
+      }
+    } else {
+      title.append("Trace ", code(state.span.id));
+      if (spans.length) {
+        facts.push(spans.length + " span" + (spans.length === 1 ? "" : "s") + " in " + services.length + " service" +
+          (services.length === 1 ? "" : "s") + " (" + services.join(", ") + ")");
+      }
+    }
+    if (spans.length) {
+      var first = Math.min.apply(null, spans.map(function (sp) { return sp.first; }));
+      var last = Math.max.apply(null, spans.map(function (sp) { return sp.last; }));
+      facts.push(fmtTime(first) + " → " + fmtTime(last) + " (profile windows)");
+      facts.push("CPU: " + sum.cpu_samples + " sample" + (sum.cpu_samples === 1 ? "" : "s") + ", " +
+        fmtValue(sum.cpu_ns, "nanoseconds") + " · wall: " + fmtValue(sum.wall_ns, "nanoseconds"));
+      var back = new URLSearchParams();
+      back.set("service", spans[0].service);
+      back.set("type", state.type || PREFERRED_TYPE);
+      back.set("from", String(Math.floor(first)));
+      back.set("until", String(Math.ceil(last)));
+      $("span-back").href = "/#" + back.toString();
+    }
+    $("span-facts").textContent = facts.join(" · ");
+    var table = $("span-table");
+    table.hidden = state.span.param !== "trace_id" || !spans.length;
+    var tbody = table.tBodies[0];
+    tbody.textContent = "";
+    spans.forEach(function (sp) {
+      var tr = document.createElement("tr");
+      tr.setAttribute("data-span-id", sp.span_id);
+      var id = document.createElement("td");
+      id.className = "serve-text";
+      id.append(spanLink("span_id", sp.span_id));
+      tr.append(id);
+      [
+        [sp.span_name, "serve-text"],
+        [sp.service, "serve-text"],
+        [sp.pid, "serve-text"],
+        [fmtTime(sp.first) + " → " + fmtTime(sp.last).slice(11), "serve-text"],
+        [String(sp.cpu_samples), "serve-num"],
+        [fmtValue(sp.cpu_ns, "nanoseconds"), "serve-num"],
+        [fmtValue(sp.wall_ns, "nanoseconds"), "serve-num"],
+      ].forEach(function (cell) {
+        var td = document.createElement("td");
+        td.className = cell[1];
+        td.textContent = cell[0];
+        tr.append(td);
+      });
+      tbody.append(tr);
+    });
+  }
+
+  // ---------------------------------------------------------------------------------------------
   // time range
 
   function setRange(from, until) {
@@ -377,7 +551,7 @@
   // loading
 
   function refresh() {
-    if (!state.service || !state.type) return Promise.resolve();
+    if ((!state.service && !state.span) || !state.type) return Promise.resolve();
     var seq = ++state.seq;
     setState("loading");
     setStatus("Loading…");
@@ -408,15 +582,18 @@
   function renderProfile(body) {
     var unit = body.unit;
     var info = $("profile-info");
-    info.textContent =
-      state.service + " · " + body.type.split(":").slice(0, 3).join(":") + " · " + fmtTime(body.from) + " → " +
+    var who = state.span ? state.span.param.replace("_id", "") + " " + state.span.id + " · " : "";
+    info.textContent = who +
+      (state.service || "all services") + " · " + body.type.split(":").slice(0, 3).join(":") + " · " + fmtTime(body.from) + " → " +
       fmtTime(body.until) + " (" + fmtDuration(body.until - body.from) + ") · " + body.profiles + " profile" +
       (body.profiles === 1 ? "" : "s") + " · total " + fmtValue(body.total, unit) +
       (body.selector !== "{}" ? " · " + body.selector : "");
     var empty = $("empty");
     if (!body.total) {
       empty.hidden = false;
-      empty.textContent = "No samples in this range for this selection. Widen the time range or pick another label.";
+      empty.textContent = state.span
+        ? "No samples of this " + state.span.param.replace("_id", "") + " for this profile type, range or label."
+        : "No samples in this range for this selection. Widen the time range or pick another label.";
     } else {
       empty.hidden = true;
       empty.textContent = "";
@@ -828,6 +1005,12 @@
       });
     });
     $("service").addEventListener("change", function () {
+      if (state.span) { /* one service of the trace, or all of them */
+        state.service = $("service").value;
+        state.labelName = state.labelValue = "";
+        loadLabelNames().then(refresh);
+        return;
+      }
       onServiceChange(false);
     });
     $("profile-type").addEventListener("change", function () {
@@ -856,6 +1039,14 @@
     $("refresh").addEventListener("click", function () {
       var keep = state.service;
       loadStorage();
+      if (state.span) {
+        api("/api/services").then(function (body) {
+          state.services = body.services;
+          $("empty").hidden = true;
+          loadSpan();
+        }, fail);
+        return;
+      }
       api("/api/services").then(function (body) {
         state.services = body.services;
         if (!state.services.length) return;
