@@ -79,9 +79,15 @@ class BuildExt(build_ext):
 
 
 include = sysconfig.get_paths()["include"]
-# The uploader: csrc/mw_upload*.c (see csrc/mw_upload_ctx.h), its module glue and the push.v1 code.
-upload_sources = sorted(glob.glob("csrc/mw_upload*.c")) + ["csrc/mw_module_upload.c", "csrc/gen/push.pb-c.c"]
-sources = sorted(set(glob.glob("csrc/*.c") + glob.glob("csrc/gen/*.c")) - set(upload_sources))
+# The uploader: csrc/mw_upload*.c (see csrc/mw_upload_ctx.h), its module glue, the push.v1 code and
+# the OTLP exporter's converter (csrc/mw_otlp.c, the OTLP code generated under csrc/gen/otlp, and its
+# own copy of the pprof code, which it reads).
+otlp_gen = sorted(glob.glob("csrc/gen/otlp/**/*.c", recursive=True))
+upload_only = sorted(glob.glob("csrc/mw_upload*.c")) + ["csrc/mw_module_upload.c", "csrc/mw_otlp.c",
+                                                         "csrc/gen/push.pb-c.c"] + otlp_gen
+upload_sources = upload_only + ["csrc/gen/profile.pb-c.c"]
+sources = sorted(set(glob.glob("csrc/*.c") + glob.glob("csrc/gen/*.c")) - set(upload_only))
+gen_headers = sorted(glob.glob("csrc/gen/**/*.h", recursive=True))
 extra_compile = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden",
                  "-Wno-missing-field-initializers", "-Wno-unused-parameter"]
 extra_link = []
@@ -109,9 +115,9 @@ setup(
         Extension(
             "middleware._upload",
             sources=upload_sources,
-            depends=sorted(glob.glob("csrc/*.h") + glob.glob("csrc/gen/*.h")),
-            include_dirs=["csrc", "csrc/gen"],
-            libraries=["curl", "json-c", "protobuf-c", "pthread"],
+            depends=sorted(glob.glob("csrc/*.h")) + gen_headers,
+            include_dirs=["csrc", "csrc/gen", "csrc/gen/otlp"],
+            libraries=["curl", "json-c", "protobuf-c", "z", "pthread"],
             extra_compile_args=extra_compile,
             extra_link_args=extra_link,
         ),

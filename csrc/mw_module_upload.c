@@ -9,6 +9,7 @@
  * released) upload_stop(deadline) -> None         GIL released while stopping upload_running() ->
  * bool upload_stats() -> dict[str, int]      the mw_upload_stats_t fields
  *   upload_take_message(with_level=False) -> str | (int, str) | None
+ *   otlp_from_pprof(data, service_name, ...) -> bytes   the OTLP exporter's converter
  *
  * Every function is called with the GIL held; the GIL is released around anything that can
  * wait (submit's mutex and copy, flush, stop).
@@ -20,35 +21,166 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "mw_otlp.h"
 #include "mw_upload.h"
 
+/* (key, value) string pairs of obj (None or a sequence of 2-tuples of str) as two arrays of
+ * UTF-8 pointers, valid while *keep (a new reference, or NULL) is alive; the arrays are
+ * PyMem_Malloc'd (free with PyMem_Free). 0, or -1 with an exception set. */
+static int str_pairs(PyObject *obj, const char *what, PyObject **keep, const char ***keys,
+                     const char ***values, size_t *n) {
+    *keep = NULL;
+    *keys = *values = NULL;
+    *n = 0;
+    if (!obj || obj == Py_None) return 0;
+    PyObject *seq = PySequence_Fast(obj, what);
+    if (!seq) return -1;
+    Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
+    *keys = PyMem_Calloc((size_t)len + 1, sizeof(char *));
+    *values = PyMem_Calloc((size_t)len + 1, sizeof(char *));
+    if (!*keys || !*values) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < len; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *k, *v;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 ||
+            !PyUnicode_Check(k = PyTuple_GET_ITEM(item, 0)) ||
+            !PyUnicode_Check(v = PyTuple_GET_ITEM(item, 1))) {
+            PyErr_Format(PyExc_TypeError, "%s: expected a sequence of (str, str) pairs", what);
+            goto fail;
+        }
+        if (!((*keys)[i] = PyUnicode_AsUTF8(k)) || !((*values)[i] = PyUnicode_AsUTF8(v))) goto fail;
+    }
+    *keep = seq;
+    *n = (size_t)len;
+    return 0;
+fail:
+    Py_DECREF(seq);
+    PyMem_Free((void *)*keys);
+    PyMem_Free((void *)*values);
+    *keys = *values = NULL;
+    return -1;
+}
+
 static PyObject *mw_py_upload_start(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"server_url",        "app_name",          "tags",
-                             "tenant_id",         "auth_url",          "api_key",
-                             "bearer_token",      "basic_user",        "basic_password",
-                             "spy_name",          "user_agent",        "sample_rate",
-                             "queue_max",         "connect_timeout_s", "total_timeout_s",
-                             "backoff_initial_s", "backoff_max_s",     "use_push_api",
-                             "ca_file",           "ca_path",           NULL};
+    static char *kwlist[] = {"server_url",
+                             "app_name",
+                             "tags",
+                             "tenant_id",
+                             "auth_url",
+                             "api_key",
+                             "bearer_token",
+                             "basic_user",
+                             "basic_password",
+                             "spy_name",
+                             "user_agent",
+                             "sample_rate",
+                             "queue_max",
+                             "connect_timeout_s",
+                             "total_timeout_s",
+                             "backoff_initial_s",
+                             "backoff_max_s",
+                             "use_push_api",
+                             "ca_file",
+                             "ca_path",
+                             "exporter",
+                             "otlp_headers",
+                             "resource_attributes",
+                             "sdk_version",
+                             "otlp_gzip",
+                             NULL};
     mw_upload_config_t c = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$zzzzzzzzzzziiddddpzz:upload_start", kwlist,
-                                     &c.server_url, &c.app_name, &c.tags, &c.tenant_id, &c.auth_url,
-                                     &c.api_key, &c.bearer_token, &c.basic_user, &c.basic_password,
-                                     &c.spy_name, &c.user_agent, &c.sample_rate, &c.queue_max,
-                                     &c.connect_timeout_s, &c.total_timeout_s, &c.backoff_initial_s,
-                                     &c.backoff_max_s, &c.use_push_api, &c.ca_file, &c.ca_path))
+    PyObject *headers = NULL, *resource = NULL;
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwargs, "|$zzzzzzzzzzziiddddpzzzOOzp:upload_start", kwlist, &c.server_url,
+            &c.app_name, &c.tags, &c.tenant_id, &c.auth_url, &c.api_key, &c.bearer_token,
+            &c.basic_user, &c.basic_password, &c.spy_name, &c.user_agent, &c.sample_rate,
+            &c.queue_max, &c.connect_timeout_s, &c.total_timeout_s, &c.backoff_initial_s,
+            &c.backoff_max_s, &c.use_push_api, &c.ca_file, &c.ca_path, &c.exporter, &headers,
+            &resource, &c.sdk_version, &c.otlp_gzip))
         return NULL;
+    PyObject *keep_h = NULL, *keep_r = NULL;
+    const char **hk = NULL, **hv = NULL, **rk = NULL, **rv = NULL;
+    if (str_pairs(headers, "otlp_headers", &keep_h, &hk, &hv, &c.n_headers) != 0) return NULL;
+    if (str_pairs(resource, "resource_attributes", &keep_r, &rk, &rv, &c.n_resource) != 0) {
+        Py_XDECREF(keep_h);
+        PyMem_Free((void *)hk);
+        PyMem_Free((void *)hv);
+        return NULL;
+    }
+    c.header_names = hk;
+    c.header_values = hv;
+    c.resource_keys = rk;
+    c.resource_values = rv;
     /* The strings belong to the argument objects, which the caller keeps alive for the whole
-     * call, so the GIL can be released: start waits for the lifecycle lock, which a concurrent
-     * upload_stop holds while it joins the thread. */
+     * call (and keep_h / keep_r), so the GIL can be released: start waits for the lifecycle
+     * lock, which a concurrent upload_stop holds while it joins the thread. */
     PyThreadState *ts = PyEval_SaveThread();
     int rc = mw_upload_start(&c);
     PyEval_RestoreThread(ts);
+    Py_XDECREF(keep_h);
+    Py_XDECREF(keep_r);
+    PyMem_Free((void *)hk);
+    PyMem_Free((void *)hv);
+    PyMem_Free((void *)rk);
+    PyMem_Free((void *)rv);
     if (rc != 0) {
         PyErr_Format(PyExc_RuntimeError, "upload_start: %s", mw_upload_start_error());
         return NULL;
     }
     Py_RETURN_NONE;
+}
+
+/* The OTLP converter of the uploader (mw_otlp.h), for tests and tools. */
+static PyObject *mw_py_otlp_from_pprof(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"data", "service_name", "sdk_version", "resource_attributes",
+                             "pid",  "gzip",         NULL};
+    Py_buffer buf;
+    const char *service = NULL, *version = NULL;
+    PyObject *resource = NULL;
+    long long pid = 0;
+    int gz = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*s|zOLp:otlp_from_pprof", kwlist, &buf,
+                                     &service, &version, &resource, &pid, &gz))
+        return NULL;
+    PyObject *keep = NULL;
+    const char **rk = NULL, **rv = NULL;
+    size_t n = 0;
+    if (str_pairs(resource, "resource_attributes", &keep, &rk, &rv, &n) != 0) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    mw_otlp_resource_t res = {service, version, rk, rv, n};
+    unsigned char *out = NULL, *z = NULL;
+    size_t out_len = 0, z_len = 0;
+    const char *why = NULL;
+    PyThreadState *ts = PyEval_SaveThread();
+    int rc = mw_otlp_from_pprof(buf.buf, (size_t)buf.len, &res, (int64_t)pid, &out, &out_len, &why);
+    if (rc == 0 && gz) {
+        if (mw_otlp_gzip(out, out_len, &z, &z_len) == 0) {
+            free(out);
+            out = z;
+            out_len = z_len;
+        } else {
+            rc = -1;
+            why = "gzip failed";
+        }
+    }
+    PyEval_RestoreThread(ts);
+    PyBuffer_Release(&buf);
+    Py_XDECREF(keep);
+    PyMem_Free((void *)rk);
+    PyMem_Free((void *)rv);
+    if (rc != 0) {
+        free(out);
+        PyErr_Format(PyExc_ValueError, "otlp_from_pprof: %s", why);
+        return NULL;
+    }
+    PyObject *r = PyBytes_FromStringAndSize((const char *)out, (Py_ssize_t)out_len);
+    free(out);
+    return r;
 }
 
 static PyObject *mw_py_upload_submit(PyObject *self, PyObject *args) {
@@ -109,8 +241,14 @@ static PyMethodDef mw_upload_methods[] = {
      "upload_start(*, server_url, app_name, tags, tenant_id, auth_url, api_key, bearer_token, "
      "basic_user, basic_password, spy_name, user_agent, sample_rate, queue_max, "
      "connect_timeout_s, total_timeout_s, backoff_initial_s, backoff_max_s, use_push_api, ca_file, "
-     "ca_path)\n"
+     "ca_path, exporter, otlp_headers, resource_attributes, sdk_version, otlp_gzip)\n"
      "Start the native uploader thread. RuntimeError if it cannot start."},
+    {"otlp_from_pprof", (PyCFunction)(void (*)(void))mw_py_otlp_from_pprof,
+     METH_VARARGS | METH_KEYWORDS,
+     "otlp_from_pprof(data, service_name, sdk_version=None, resource_attributes=(), pid=0, "
+     "gzip=False) -> bytes\n"
+     "The OTLP ExportProfilesServiceRequest the OTLP exporter sends for this pprof (gzipped or "
+     "plain). ValueError with the reason for a pprof it cannot convert."},
     {"upload_submit", mw_py_upload_submit, METH_VARARGS,
      "upload_submit(data: bytes, from_s: int, until_s: int, name: str = \"process_cpu\") -> bool\n"
      "Queue one gzipped pprof (copied). False if the uploader is not running."},

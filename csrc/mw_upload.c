@@ -28,6 +28,7 @@
 #define _GNU_SOURCE
 #include "mw_upload.h"
 
+#include "mw_otlp.h"
 #include "mw_upload_ctx.h"
 #include "mw_upload_http.h"
 #include "mw_upload_tenant.h"
@@ -41,6 +42,7 @@
 #include <string.h>
 #include <strings.h>
 #include <time.h>
+#include <unistd.h>
 
 #define MSG_SLOTS 16
 #define MSG_LEN 512
@@ -57,6 +59,7 @@ typedef struct {
     int64_t from_s, until_s;
     uint64_t seq;  /* unique per start, for the retry counter */
     char name[32]; /* the series name (__name__) */
+    int ready;     /* OTLP: data is the request already (converted before the first attempt) */
 } item_t;
 
 typedef struct {
@@ -258,7 +261,7 @@ static void account_locked(mw_uploader_t *u, mw_http_outcome_t out, const mw_upl
                             "Such profiles are dropped, not retried (counted in "
                             "dropped_rejected; this message is not repeated)",
                             u->base_redacted, s, snip[0] ? ": " : "", snip,
-                            mw_upload_http_reject_hint(s));
+                            mw_upload_http_reject_hint(s, u->cfg.otlp));
         }
         return;
     }
@@ -282,17 +285,83 @@ static void report_attempt(mw_uploader_t *u, mw_http_outcome_t out, const mw_upl
         report_line(MW_REPORT_UPLOAD_AUTH,
                     "profile upload to %.200s was refused with HTTP %ld: %s; refused profiles "
                     "are dropped, not retried",
-                    u->base_redacted, r->status, mw_upload_http_reject_hint(r->status));
+                    u->base_redacted, r->status,
+                    mw_upload_http_reject_hint(r->status, u->cfg.otlp));
     else if (out == MW_HTTP_REJECT)
         report_line(MW_REPORT_UPLOAD_REJECTED,
                     "profile upload to %.200s was rejected with HTTP %ld: %s; rejected profiles "
                     "are dropped, not retried",
-                    u->base_redacted, r->status, mw_upload_http_reject_hint(r->status));
+                    u->base_redacted, r->status,
+                    mw_upload_http_reject_hint(r->status, u->cfg.otlp));
     else if (out == MW_HTTP_RETRY)
         report_line(MW_REPORT_UPLOAD_UNREACHABLE,
                     "profile upload to %.200s failed (%s); profiles are kept (at most %d, "
                     "oldest dropped) and retried with backoff",
                     u->base_redacted, u->last_error, u->cfg.queue_max);
+}
+
+/* ---------------------------------------------------------------- the OTLP request */
+
+/* Converts the head item (busy: nobody else frees or moves its buffer, though a submit may move
+ * its descriptor to another slot, which stays g.ring[g.head]) into the OTLP request, in place.
+ * On failure the item is dropped, counted and said once. Uploader thread, g.lock not held;
+ * returns 0 when the head is now the request, -1 when it was dropped (busy cleared). */
+static int otlp_convert(mw_uploader_t *u) {
+    pthread_mutex_lock(&g.lock);
+    const unsigned char *src = g.ring[g.head].data;
+    size_t src_len = g.ring[g.head].len;
+    pthread_mutex_unlock(&g.lock);
+
+    const mw_upload_cfg_t *c = &u->cfg;
+    mw_otlp_resource_t res = {
+        .service_name = c->app_name,
+        .sdk_version = c->sdk_version,
+        .keys = (const char *const *)c->res_keys,
+        .values = (const char *const *)c->res_values,
+        .n = c->n_resource,
+    };
+    unsigned char *req = NULL, *gz = NULL;
+    size_t req_len = 0, gz_len = 0;
+    const char *why = NULL;
+    int rc = mw_otlp_from_pprof(src, src_len, &res, (int64_t)getpid(), &req, &req_len, &why);
+    if (rc == 0 && c->otlp_gzip) {
+        if (mw_otlp_gzip(req, req_len, &gz, &gz_len) == 0) {
+            free(req);
+            req = gz;
+            req_len = gz_len;
+        } else {
+            rc = -1;
+            why = "gzip failed";
+        }
+    }
+    unsigned char *old = NULL;
+    int first = 0;
+    pthread_mutex_lock(&g.lock);
+    if (rc == 0) {
+        old = g.ring[g.head].data;
+        g.ring[g.head].data = req;
+        g.ring[g.head].len = req_len;
+        g.ring[g.head].ready = 1;
+    } else {
+        g.busy = 0;
+        g.stats.dropped_rejected++;
+        g.stats.convert_failed++;
+        first = g.stats.convert_failed == 1;
+        if (first)
+            post_msg_locked(LEVEL_ERROR,
+                            "a profile could not be converted to OTLP (%s); it was dropped "
+                            "(counted in convert_failed; this message is not repeated)",
+                            why);
+        old = pop_head_locked();
+    }
+    pthread_mutex_unlock(&g.lock);
+    free(old);
+    if (rc != 0)
+        report_line(MW_REPORT_UPLOAD_REJECTED,
+                    "profile upload to %.200s: a profile could not be converted to OTLP (%.120s); "
+                    "such profiles are dropped",
+                    u->base_redacted, why);
+    return rc;
 }
 
 /* ---------------------------------------------------------------- the uploader thread */
@@ -323,6 +392,16 @@ static void *uploader_main(void *arg) {
         item_t it = g.ring[g.head];
         g.busy = 1;
         pthread_mutex_unlock(&g.lock);
+
+        if (u->cfg.otlp && !it.ready) {
+            if (otlp_convert(u) != 0) {
+                pthread_mutex_lock(&g.lock);
+                continue;
+            }
+            pthread_mutex_lock(&g.lock);
+            it = g.ring[g.head]; /* still ours (busy), now the request */
+            pthread_mutex_unlock(&g.lock);
+        }
 
         mw_upload_resp_t r;
         mw_http_outcome_t out =
@@ -386,6 +465,14 @@ static double pos_or(double v, double def) {
     return (isfinite(v) && v > 0) ? v : def;
 }
 
+static void cfg_free_one(char **s) {
+    if (*s) {
+        memset(*s, 0, strlen(*s)); /* secrets do not outlive the uploader */
+        free(*s);
+    }
+    *s = NULL;
+}
+
 static void cfg_free(mw_upload_cfg_t *c) {
     char **s[] = {&c->server_url,     &c->app_name, &c->tags,         &c->tenant_id,
                   &c->auth_url,       &c->api_key,  &c->bearer_token, &c->basic_user,
@@ -398,6 +485,72 @@ static void cfg_free(mw_upload_cfg_t *c) {
         }
         *s[i] = NULL;
     }
+    for (size_t i = 0; c->header_lines && i < c->n_headers; i++)
+        if (c->header_lines[i]) {
+            memset(c->header_lines[i], 0, strlen(c->header_lines[i])); /* may carry a key */
+            free(c->header_lines[i]);
+        }
+    for (size_t i = 0; c->res_keys && i < c->n_resource; i++) {
+        free(c->res_keys[i]);
+        free(c->res_values[i]);
+    }
+    free(c->header_lines);
+    free(c->res_keys);
+    free(c->res_values);
+    free(c->sdk_version);
+    c->header_lines = c->res_keys = c->res_values = NULL;
+    c->sdk_version = NULL;
+    c->n_headers = c->n_resource = 0;
+}
+
+/* An HTTP header name: a token (RFC 9110), 1..256 characters. */
+static int is_token(const char *s) {
+    size_t n = 0;
+    for (; s && *s; s++, n++)
+        if (!(((unsigned char)*s > 0x20 && (unsigned char)*s < 0x7f) &&
+              !strchr("\"(),/:;<=>?@[\\]{}", *s)))
+            return 0;
+    return n > 0 && n <= 256;
+}
+
+/* The OTLP part of the configuration copy. 0, or -1 with *why. */
+static int copy_otlp(mw_upload_cfg_t *c, const mw_upload_config_t *in, const char **why) {
+    c->otlp_gzip = in->otlp_gzip != 0;
+    c->sdk_version = strdup(in->sdk_version ? in->sdk_version : "");
+    if (!c->sdk_version) return *why = "out of memory", -1;
+    if (in->n_headers > 256 || in->n_resource > 1024)
+        return *why = "too many OTLP headers or resource attributes", -1;
+    if (in->n_headers) {
+        if (!in->header_names || !in->header_values) return *why = "no header names or values", -1;
+        c->header_lines = calloc(in->n_headers, sizeof(char *));
+        if (!c->header_lines) return *why = "out of memory", -1;
+        c->n_headers = in->n_headers;
+        for (size_t i = 0; i < in->n_headers; i++) {
+            const char *k = in->header_names[i], *v = in->header_values[i];
+            if (!is_token(k)) return *why = "an OTLP header name is not an HTTP token", -1;
+            if (!v || has_ctl(v))
+                return *why = "an OTLP header value contains control characters", -1;
+            size_t n = strlen(k) + strlen(v) + 3;
+            if (!(c->header_lines[i] = malloc(n))) return *why = "out of memory", -1;
+            snprintf(c->header_lines[i], n, "%s: %s", k, v);
+        }
+    }
+    if (in->n_resource) {
+        if (!in->resource_keys || !in->resource_values)
+            return *why = "no resource keys or values", -1;
+        c->res_keys = calloc(in->n_resource, sizeof(char *));
+        c->res_values = calloc(in->n_resource, sizeof(char *));
+        if (!c->res_keys || !c->res_values) return *why = "out of memory", -1;
+        c->n_resource = in->n_resource;
+        for (size_t i = 0; i < in->n_resource; i++) {
+            if (!in->resource_keys[i] || !in->resource_values[i] || !*in->resource_keys[i])
+                return *why = "a resource attribute has no key or value", -1;
+            c->res_keys[i] = strdup(in->resource_keys[i]);
+            c->res_values[i] = strdup(in->resource_values[i]);
+            if (!c->res_keys[i] || !c->res_values[i]) return *why = "out of memory", -1;
+        }
+    }
+    return 0;
 }
 
 static void ctx_free(mw_uploader_t *u) {
@@ -441,6 +594,19 @@ static int copy_config(mw_upload_cfg_t *c, const mw_upload_config_t *in, const c
     if (c->backoff_max_s < c->backoff_initial_s) c->backoff_max_s = c->backoff_initial_s;
     c->use_push_api = in->use_push_api != 0;
     *why = NULL;
+    if (in->exporter && *in->exporter && strcmp(in->exporter, "pyroscope") != 0) {
+        if (strcmp(in->exporter, "otlp") != 0)
+            return *why = "exporter must be pyroscope or otlp", -1;
+        c->otlp = 1;
+        if (copy_otlp(c, in, why) != 0) return -1;
+        /* no key exchange, tenant, push API or credentials of ours: the headers carry them */
+        cfg_free_one(&c->api_key);
+        cfg_free_one(&c->tenant_id);
+        cfg_free_one(&c->bearer_token);
+        cfg_free_one(&c->basic_user);
+        cfg_free_one(&c->basic_password);
+        c->use_push_api = 0;
+    }
     if (!c->app_name || !c->auth_url || !c->spy_name || !c->user_agent)
         *why = "out of memory";
     else if (!c->server_url)
@@ -449,7 +615,7 @@ static int copy_config(mw_upload_cfg_t *c, const mw_upload_config_t *in, const c
         *why = "server_url must start with http:// or https://";
     else if (c->api_key && !c->tenant_id && !is_http_url(c->auth_url))
         *why = "auth_url must start with http:// or https://";
-    else if (strstr(c->server_url, "{tenant}") && !c->tenant_id && !c->api_key)
+    else if (!c->otlp && strstr(c->server_url, "{tenant}") && !c->tenant_id && !c->api_key)
         *why = "server_url contains {tenant} but there is no tenant_id nor api_key";
     else if (c->tenant_id && !mw_upload_tenant_valid(c->tenant_id))
         *why = "tenant_id must match [A-Za-z0-9_.-]{1,128}";
@@ -462,7 +628,7 @@ static int start_locked(const mw_upload_config_t *in) {
     const char *strs[] = {in->server_url,     in->app_name, in->tags,         in->tenant_id,
                           in->auth_url,       in->api_key,  in->bearer_token, in->basic_user,
                           in->basic_password, in->spy_name, in->user_agent,   in->ca_file,
-                          in->ca_path};
+                          in->ca_path,        in->exporter, in->sdk_version};
     for (size_t i = 0; i < sizeof(strs) / sizeof(strs[0]); i++)
         if (has_ctl(strs[i]))
             return fail_start(NULL, "a configuration string contains control characters");
@@ -474,7 +640,9 @@ static int start_locked(const mw_upload_config_t *in) {
     if (copy_config(&u->cfg, in, &why) != 0 || mw_upload_http_init(u, &why) != 0)
         return fail_start(u, why);
     mw_upload_cfg_t *c = &u->cfg;
-    if (c->tenant_id) {
+    if (c->otlp) { /* the full URL, as given */
+        if (!(u->base = strdup(c->server_url))) return fail_start(u, "out of memory");
+    } else if (c->tenant_id) {
         if (mw_upload_tenant_set(u, c->tenant_id) != 0) return fail_start(u, "out of memory");
     } else if (!strstr(c->server_url, "{tenant}")) {
         if (!(u->base = mw_upload_tenant_url(c->server_url, NULL)))
@@ -597,6 +765,7 @@ int mw_upload_submit(const void *gz_pprof, size_t len, int64_t from_unix_s, int6
     it->until_s = until_unix_s;
     snprintf(it->name, sizeof it->name, "%s", name && *name ? name : "process_cpu");
     it->seq = ++g.next_seq;
+    it->ready = 0;
     g.count++;
     if ((uint64_t)g.count > g.stats.queue_high) g.stats.queue_high = (uint64_t)g.count;
     int cap = g.cap;

@@ -69,6 +69,16 @@
  *   Every occurrence of "{tenant}" in server_url is replaced by the tenant id. When server_url
  *   is NULL or empty and api_key is set, it defaults to "https://{tenant}.middleware.io/profiling".
  *   A trailing '/' is ignored. Only http:// and https:// are accepted.
+ *
+ * OTLP exporter (exporter = "otlp")
+ *   Each profile is sent as an OTLP profiles ExportProfilesServiceRequest (mw_otlp.h) with
+ *   POST <server_url> (the full URL, used as is: no {tenant}, no path added), Content-Type
+ *   application/x-protobuf, the configured header lines (header_names/header_values) and, with
+ *   otlp_gzip, Content-Encoding: gzip. The uploader thread converts the submitted pprof before
+ *   its first attempt and keeps the request for the retries; a pprof that cannot be converted is
+ *   dropped (dropped_rejected++, convert_failed++, one message and one
+ *   MW_REPORT_UPLOAD_REJECTED line). No key exchange, tenant, bearer or basic auth, push API nor
+ *   query string in this mode. Statuses, retries, backoff, the queue and the lines are the same.
  */
 #ifndef MW_UPLOAD_H
 #define MW_UPLOAD_H
@@ -113,9 +123,19 @@ typedef struct mw_upload_config {
     int queue_max; /* max profiles held (waiting + on the wire); oldest waiting one dropped */
     double connect_timeout_s, total_timeout_s; /* per HTTP request */
     double backoff_initial_s, backoff_max_s;
-    int use_push_api;    /* POST {server}/push.v1.PusherService/Push instead of /ingest */
-    const char *ca_file; /* CA certificates (PEM) for https, may be NULL: libcurl's built-in */
-    const char *ca_path; /* directory of hashed CA certificates, may be NULL: libcurl's built-in */
+    int use_push_api;     /* POST {server}/push.v1.PusherService/Push instead of /ingest */
+    const char *ca_file;  /* CA certificates (PEM) for https, may be NULL: libcurl's built-in */
+    const char *ca_path;  /* directory of hashed CA certificates, may be NULL: libcurl's built-in */
+    const char *exporter; /* "pyroscope" (or NULL/"") or "otlp"; anything else fails the start */
+    /* OTLP only: extra request headers (names are HTTP tokens, values without control
+     * characters), n_headers of each */
+    const char *const *header_names, *const *header_values;
+    size_t n_headers;
+    /* OTLP only: extra resource attributes (mw_otlp.h), n_resource of each */
+    const char *const *resource_keys, *const *resource_values;
+    size_t n_resource;
+    const char *sdk_version; /* OTLP only: telemetry.sdk.version and the scope's version */
+    int otlp_gzip;           /* OTLP only: gzip the request (Content-Encoding: gzip) */
 } mw_upload_config_t;
 
 /*
@@ -179,6 +199,7 @@ typedef struct {
     int64_t last_error_unix_s;   /* wall-clock time of the last failed attempt, 0 = never */
     uint64_t queued;             /* profiles held right now (waiting + on the wire) */
     uint64_t queue_high;         /* highest value `queued` reached since start (<= queue_max) */
+    uint64_t convert_failed;     /* OTLP: profiles that could not be converted (also rejected) */
 } mw_upload_stats_t;
 
 /*
@@ -264,7 +285,7 @@ int mw_upload_submit_registered(const void *gz_pprof, size_t len, int64_t from_u
 #ifdef Py_PYTHON_H
 static inline PyObject *mw_upload_stats_dict(const mw_upload_stats_t *s) {
     return Py_BuildValue(
-        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:L,s:K,s:K}", "submitted",
+        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:L,s:K,s:K,s:K}", "submitted",
         (unsigned long long)s->submitted, "uploaded", (unsigned long long)s->uploaded,
         "failed_attempts", (unsigned long long)s->failed_attempts, "retried",
         (unsigned long long)s->retried, "dropped_queue_full",
@@ -273,7 +294,8 @@ static inline PyObject *mw_upload_stats_dict(const mw_upload_stats_t *s) {
         (unsigned long long)s->dropped_at_exit, "auth_ok", (unsigned long long)s->auth_ok,
         "auth_failed", (unsigned long long)s->auth_failed, "last_status",
         (unsigned long long)s->last_status, "last_error_unix_s", (long long)s->last_error_unix_s,
-        "queued", (unsigned long long)s->queued, "queue_high", (unsigned long long)s->queue_high);
+        "queued", (unsigned long long)s->queued, "queue_high", (unsigned long long)s->queue_high,
+        "convert_failed", (unsigned long long)s->convert_failed);
 }
 #endif
 

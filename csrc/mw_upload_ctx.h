@@ -5,6 +5,7 @@
  *   mw_upload_http.c    HTTP: libcurl, the profile request, status classes, backoff, Retry-After
  *   mw_upload_tenant.c  the tenant: API key -> tenant exchange, {tenant} in the server URL
  *   mw_upload_json.c    reading the exchange's JSON answer (json-c)
+ * and, for the OTLP exporter, mw_otlp.c (pprof -> OTLP request, a pure function).
  * This header holds what the first three share: the uploader's copy of its configuration and
  * the context of the uploader thread (mw_uploader_t), plus two clock helpers.
  *
@@ -35,6 +36,13 @@ typedef struct mw_upload_cfg {
         *basic_password, *spy_name, *user_agent, *ca_file, *ca_path;
     int sample_rate, queue_max, use_push_api;
     double connect_timeout_s, total_timeout_s, backoff_initial_s, backoff_max_s;
+    /* OTLP exporter: header lines ("Name: value"), resource attributes, sdk version */
+    int otlp, otlp_gzip;
+    char **header_lines;
+    size_t n_headers;
+    char **res_keys, **res_values;
+    size_t n_resource;
+    char *sdk_version;
 } mw_upload_cfg_t;
 
 typedef struct mw_uploader {

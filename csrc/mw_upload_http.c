@@ -264,9 +264,32 @@ out:
     return buf;
 }
 
+/* One OTLP request (already encoded) to u->base. */
+static mw_http_outcome_t send_otlp(mw_uploader_t *u, const void *data, size_t len,
+                                   mw_upload_resp_t *r) {
+    const mw_upload_cfg_t *c = &u->cfg;
+    size_t nl = 0;
+    const char **lines = malloc((c->n_headers + 3) * sizeof(*lines));
+    if (!lines) {
+        memset(r, 0, sizeof(*r));
+        r->cc = CURLE_OUT_OF_MEMORY;
+        return MW_HTTP_RETRY;
+    }
+    lines[nl++] = "Content-Type: application/x-protobuf";
+    lines[nl++] = "Expect:";
+    if (c->otlp_gzip) lines[nl++] = "Content-Encoding: gzip";
+    for (size_t i = 0; i < c->n_headers; i++)
+        lines[nl++] = c->header_lines[i];
+    mw_http_outcome_t out =
+        mw_upload_http_post(u, u->base, lines, nl, data, len, RESP_CAP_INGEST, 0, r);
+    free(lines);
+    return out;
+}
+
 mw_http_outcome_t mw_upload_http_send_profile(mw_uploader_t *u, const void *data, size_t len,
                                               int64_t from_s, int64_t until_s, const char *name,
                                               mw_upload_resp_t *r) {
+    if (u->cfg.otlp) return send_otlp(u, data, len, r);
     const void *body = data;
     unsigned char *owned = NULL;
     char *url;
@@ -312,7 +335,17 @@ void mw_upload_http_describe(const mw_uploader_t *u, const mw_upload_resp_t *r, 
         snprintf(out, n, "HTTP %ld", r->status);
 }
 
-const char *mw_upload_http_reject_hint(long status) {
+const char *mw_upload_http_reject_hint(long status, int otlp) {
+    if (otlp) {
+        if (status == 401 || status == 403)
+            return "check the credentials in OTEL_EXPORTER_OTLP_PROFILES_HEADERS or "
+                   "OTEL_EXPORTER_OTLP_HEADERS";
+        if (status == 404 || status == 405)
+            return "check OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT (the full URL) or "
+                   "OTEL_EXPORTER_OTLP_ENDPOINT (profiles go to {endpoint}/v1development/profiles)";
+        if (status == 413) return "the profile is larger than the collector accepts";
+        if (status == 415) return "the collector does not accept OTLP profiles over HTTP/protobuf";
+    }
     if (status == 401 || status == 403)
         return "check the credentials (MW_API_KEY, MW_PROFILING_TENANT_ID, "
                "MW_PROFILING_BEARER_TOKEN, MW_PROFILING_BASIC_AUTH_USER/PASSWORD)";

@@ -78,7 +78,9 @@ mw_http_outcome_t mw_upload_http_post(mw_uploader_t *u, const char *url, const c
  * use_push_api, POST /push.v1.PusherService/Push with a push.v1.PushRequest around it (labels
  * __name__=<name>, service_name=<app_name> and the static tags, one RawSample with a
  * random UUID). X-Scope-OrgID carries u->tenant, Authorization the bearer token; the API key
- * is never sent. data stays the caller's. Fills *r; returns the outcome. */
+ * is never sent. With the OTLP exporter (u->cfg.otlp) data is the OTLP request already: POST
+ * u->base as is, Content-Type application/x-protobuf, Content-Encoding gzip when configured,
+ * and the configured header lines. data stays the caller's. Fills *r; returns the outcome. */
 mw_http_outcome_t mw_upload_http_send_profile(mw_uploader_t *u, const void *data, size_t len,
                                               int64_t from_s, int64_t until_s, const char *name,
                                               mw_upload_resp_t *r);
@@ -87,8 +89,9 @@ mw_http_outcome_t mw_upload_http_send_profile(mw_uploader_t *u, const void *data
 void mw_upload_http_describe(const mw_uploader_t *u, const mw_upload_resp_t *r, char *out,
                              size_t n);
 
-/* What a rejected status asks the user to check (static text). Pure. */
-const char *mw_upload_http_reject_hint(long status);
+/* What a rejected status asks the user to check (static text; otlp: for the OTLP exporter's
+ * settings). Pure. */
+const char *mw_upload_http_reject_hint(long status, int otlp);
 
 /* Delay before the next attempt after `streak` consecutive failures (see Backoff). */
 int64_t mw_upload_http_backoff_ns(mw_uploader_t *u, int streak, int64_t retry_after_s);

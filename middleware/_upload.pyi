@@ -3,6 +3,7 @@
 Loaded by middleware._native.upload_start; the tracker calls it through middleware._native.
 """
 
+from collections.abc import Sequence
 from typing import Literal, overload
 
 from typing_extensions import Buffer
@@ -29,7 +30,20 @@ def upload_start(
     use_push_api: bool = False,
     ca_file: str | None = None,
     ca_path: str | None = None,
+    exporter: str | None = None,
+    otlp_headers: Sequence[tuple[str, str]] | None = None,
+    resource_attributes: Sequence[tuple[str, str]] | None = None,
+    sdk_version: str | None = None,
+    otlp_gzip: bool = False,
 ) -> None: ...
+def otlp_from_pprof(
+    data: Buffer,
+    service_name: str,
+    sdk_version: str | None = None,
+    resource_attributes: Sequence[tuple[str, str]] | None = ...,
+    pid: int = 0,
+    gzip: bool = False,
+) -> bytes: ...
 def upload_submit(data: Buffer, from_s: int, until_s: int, name: str = ..., /) -> bool: ...
 def upload_flush(deadline: float, /) -> int: ...
 def upload_stop(deadline: float, /) -> None: ...

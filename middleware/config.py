@@ -39,6 +39,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import unquote
 
 from middleware.labels import label_name_problem
 
@@ -57,6 +58,7 @@ __all__ = [
     "resolve_setting",
     "resolve_service_name",
     "parse_tags",
+    "resource_attributes",
     "default_profile_dir",
     "visible_warning",
     "quiet",
@@ -70,6 +72,10 @@ DEFAULT_SERVER_URL_TEMPLATE = "https://{tenant}.middleware.io/profiling"
 DEFAULT_QUEUE_MAX = 16
 MAX_QUEUE_MAX = 4096  # the uploader's own clamp (MW_UPLOAD_QUEUE_MAX_LIMIT) is the same
 SPY_NAME = "middleware-python"
+#: The OTLP exporter's defaults: the collector's OTLP/HTTP address and the profiles path under it.
+DEFAULT_OTLP_ENDPOINT = "http://localhost:4318"
+OTLP_PROFILES_PATH = "/v1development/profiles"
+EXPORTERS = ("pyroscope", "otlp")
 
 # ---------------------------------------------------------------- showing a problem
 
@@ -231,6 +237,50 @@ def _header_value(text: str) -> str:
     return v
 
 
+def _exporter(text: str) -> str:
+    v = text.strip().lower()
+    if v not in EXPORTERS:
+        raise ValueError("expected " + " or ".join(EXPORTERS))
+    return v
+
+
+def _compression(text: str) -> str:
+    v = text.strip().lower()
+    if v not in ("gzip", "none"):
+        raise ValueError("expected gzip or none")
+    return v
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}\Z")
+
+
+def _kv_part(part: str) -> tuple[str, str]:
+    """One ``key=value`` of OpenTelemetry's lists (OTEL_EXPORTER_OTLP_HEADERS, OTEL_RESOURCE_ATTRIBUTES):
+    key and value stripped and percent-decoded; ValueError without ``=`` or with an empty key."""
+    key, sep, value = part.partition("=")
+    key = unquote(key.strip())
+    if not sep:
+        raise ValueError("expected key=value pairs separated by commas")
+    if not key:
+        raise ValueError("a key is empty")
+    return key, unquote(value.strip())
+
+
+def _kv_list(text: str) -> list[tuple[str, str]]:
+    """Every ``key=value`` of a comma-separated list (:func:`_kv_part`); blank parts skipped."""
+    return [_kv_part(part) for part in text.split(",") if part.strip()]
+
+
+def _otlp_headers(text: str) -> tuple[tuple[str, str], ...]:
+    pairs = _kv_list(text)
+    for k, v in pairs:
+        if not _HEADER_NAME.match(k):
+            raise ValueError(f"{k[:64]!r} is not an HTTP header name")
+        if _CONTROL.search(v):
+            raise ValueError(f"the value of {k[:64]!r} contains control characters")
+    return tuple(pairs)
+
+
 def _tenant(text: str) -> str:
     v = text.strip()
     if not _TENANT.match(v):
@@ -304,6 +354,26 @@ def parse_tags(tags: str | Mapping[str, Any] | None, source: str = "tags",
     if tags is None:
         return None
     return ",".join(f"{k}={v}" for k, v in _valid_tags(_tag_pairs(tags), source, log).items()) or None
+
+
+def resource_attributes(env: Mapping[str, str] | None = None, log: logging.Logger = logger) -> dict[str, str]:
+    """OpenTelemetry resource attributes: every ``key=value`` of ``OTEL_RESOURCE_ATTRIBUTES``, then
+    of ``MW_CUSTOM_RESOURCE_ATTRIBUTES`` (comma separated, keys and values percent-decoded as the
+    OpenTelemetry specification says; a later key wins). Unlike static tags, keys keep their dots
+    (``deployment.environment``). A part without ``=`` or with an empty key is left out, said once."""
+    e = os.environ if env is None else env
+    out: dict[str, str] = {}
+    for var in (*SETTINGS["resource_attributes"].env, *SETTINGS["tags"].env):
+        for part in (e.get(var) or "").split(","):
+            if not part.strip():
+                continue
+            try:
+                key, value = _kv_part(part)
+            except ValueError:
+                visible_warning(log, "middleware: ignoring %r in %s (want key=value)", part.strip(), var)
+                continue
+            out[key] = value
+    return out
 
 
 # ---------------------------------------------------------------- the table
@@ -391,6 +461,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             doc="mean bytes allocated between two sampled allocations"),
     Setting("instrument", ("MW_PROFILING_INSTRUMENT",), parse_bool, True, used_by=_P,
             doc="label Flask/WSGI requests with endpoint"),
+    Setting("span_links", ("MW_PROFILING_SPAN_LINKS",), parse_bool, True, used_by=_P,
+            doc="with OpenTelemetry in the app: label samples with their request's root span_id/span_name"),
     Setting("upload", ("MW_PROFILING_UPLOAD",), parse_bool, True, used_by=_P,
             doc="false: never upload, even with a backend configured"),
     Setting("tags", ("MW_CUSTOM_RESOURCE_ATTRIBUTES",), _tag_pairs, default_factory=dict, used_by=_PU,
@@ -399,8 +471,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             doc="code version: service_git_ref and version labels (default: the app's git commit)"),
     Setting("repository_url", ("MW_VCS_REPOSITORY_URL",), _header_value, None, used_by=_P,
             doc="service_repository label (default: the app's git origin, without credentials)"),
-    Setting("resource_attributes", ("OTEL_RESOURCE_ATTRIBUTES",), _header_value, None, used_by=_P,
-            doc="its service.version is the version label when MW_VCS_COMMIT_SHA is not set"),
+    Setting("resource_attributes", ("OTEL_RESOURCE_ATTRIBUTES",), _header_value, None, used_by=_PU,
+            doc="its service.version is the version label when MW_VCS_COMMIT_SHA is not set; the OTLP "
+                "exporter sends its attributes"),
     # the uploader
     Setting("server_url", ("MW_PROFILING_SERVER_URL",), _http_url, None, used_by=_U,
             doc="backend base URL ({server}/ingest); with a key and no URL the tenant template"),
@@ -423,6 +496,16 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             doc="CA certificates (PEM) for https backends; default: the system's bundle"),
     Setting("ca_path", ("SSL_CERT_DIR",), _ca_dir, None, used_by=_U,
             doc="directory of hashed CA certificates for https backends, besides ca_file"),
+    Setting("exporter", ("MW_PROFILING_EXPORTER",), _exporter, "pyroscope", used_by=_U,
+            doc="pyroscope (the ingest API at the server URL) or otlp (OTLP profiles over HTTP/protobuf)"),
+    Setting("otlp_profiles_endpoint", ("OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT",), _http_url, None, used_by=_U,
+            doc="otlp: the full URL profiles are posted to"),
+    Setting("otlp_endpoint", ("OTEL_EXPORTER_OTLP_ENDPOINT",), _http_url, DEFAULT_OTLP_ENDPOINT, used_by=_U,
+            doc="otlp: the collector's base URL; profiles go to {endpoint}/v1development/profiles"),
+    Setting("otlp_headers", ("OTEL_EXPORTER_OTLP_PROFILES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"), _otlp_headers,
+            None, secret=True, used_by=_U, doc="otlp: request headers k=v,k=v (percent-decoded)"),
+    Setting("otlp_compression", ("OTEL_EXPORTER_OTLP_PROFILES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION"),
+            _compression, "none", used_by=_U, doc="otlp: gzip or none"),
     Setting("spy_name", (), _header_value, SPY_NAME, used_by=_U, doc="spyName query parameter"),
     Setting("user_agent", (), _header_value, f"{SPY_NAME}/unknown", used_by=_U,
             doc="User-Agent (the installed version when there is a backend)"),
@@ -520,6 +603,7 @@ class ProfilerConfig:
     native: bool = _default("native")
     native_show_internal: bool = _default("native_show_internal")
     instrument: bool = _default("instrument")
+    span_links: bool = _default("span_links")
     locks: bool = _default("locks")
     lock_rate: int = _default("lock_rate")
     memory: bool = _default("memory")
@@ -581,6 +665,13 @@ class UploadConfig:
     use_push_api: bool = _default("use_push_api")
     ca_file: str | None = _default("ca_file")
     ca_path: str | None = _default("ca_path")
+    # The OTLP exporter (exporter="otlp"): server_url is then the full URL profiles are posted to.
+    exporter: str = _default("exporter")
+    otlp_headers: tuple[tuple[str, str], ...] | None = _default("otlp_headers")
+    otlp_gzip: bool = False
+    # OTLP resource attributes beyond ours (None: not the OTLP exporter)
+    resource_attributes: tuple[tuple[str, str], ...] | None = None
+    sdk_version: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -618,6 +709,8 @@ def resolve_upload_config(
     backoff_max_s: float | None = None,
     ca_file: str | None = None,
     ca_path: str | None = None,
+    exporter: str | None = None,
+    resource_attributes: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> UploadConfig | None:
     """Builds the upload settings from arguments, then ``env`` (default ``os.environ``), then defaults.
@@ -626,12 +719,23 @@ def resolve_upload_config(
     then stay local. ``service_name`` is an alias of ``app_name`` (``app_name`` wins). Never
     raises over a bad value: it logs a warning (on ``middleware.upload_config``) and uses the
     default. The tracker passes the service name, sample rate and tags it resolved already.
+
+    With ``exporter="otlp"`` (``MW_PROFILING_EXPORTER``) there is always somewhere to upload: the
+    OTLP endpoint (``OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT`` as is, else ``OTEL_EXPORTER_OTLP_ENDPOINT``
+    + ``/v1development/profiles``, default ``http://localhost:4318``), with the OTLP headers and
+    compression, and the resource attributes of ``OTEL_RESOURCE_ATTRIBUTES`` then the static tags;
+    the Pyroscope settings (server URL, key, tenant, credentials, push API) are not used.
     """
     e: Mapping[str, str] = os.environ if env is None else env
     log = upload_logger
 
     def get(name: str, arg: Any, default: Any = _UNSET) -> Any:
         return _resolve(SETTINGS[name], arg, e, log, default)[0]
+
+    if get("exporter", exporter) == "otlp":
+        return _resolve_otlp(get, e, app_name if app_name is not None else service_name, tags, resource_attributes,
+                             sample_rate, queue_max, user_agent, connect_timeout_s, total_timeout_s,
+                             backoff_initial_s, backoff_max_s, ca_file, ca_path)
 
     key = get("api_key", api_key)
     tenant = get("tenant_id", tenant_id)
@@ -679,3 +783,52 @@ def resolve_upload_config(
         ca_path=get("ca_path", ca_path),
     )
     return cfg if cfg.enabled else None
+
+
+def _resolve_otlp(get: Callable[..., Any], env: Mapping[str, str], service: str | None,
+                  tags: str | Mapping[str, Any] | None,
+                  otel_attributes: str | None, sample_rate: int | None, queue_max: int | None,
+                  user_agent: str | None, connect_timeout_s: float | None, total_timeout_s: float | None,
+                  backoff_initial_s: float | None, backoff_max_s: float | None, ca_file: str | None,
+                  ca_path: str | None) -> UploadConfig:
+    """The upload settings of the OTLP exporter (see :func:`resolve_upload_config`)."""
+    from middleware import __version__
+
+    url = get("otlp_profiles_endpoint", None)
+    if url is None:
+        url = str(get("otlp_endpoint", None)).rstrip("/") + OTLP_PROFILES_PATH
+    # resource_attributes(): OTEL_RESOURCE_ATTRIBUTES (the argument when given), then
+    # MW_CUSTOM_RESOURCE_ATTRIBUTES, as OpenTelemetry reads such lists; without the variable, the
+    # static tags given (an argument of the tracker). Later ones win; the agent's service name wins.
+    e = dict(env)
+    if otel_attributes is not None:
+        e["OTEL_RESOURCE_ATTRIBUTES"] = otel_attributes
+    resource = resource_attributes(e, upload_logger)
+    if not (env.get("MW_CUSTOM_RESOURCE_ATTRIBUTES") or "").strip() and tags is not None:
+        tag_map: dict[str, str] = get("tags", tags)
+        resource.update((k, unquote(v)) for k, v in tag_map.items())
+    resource.pop("service.name", None)
+    return UploadConfig(
+        server_url=url,
+        app_name=get("service_name", service),
+        spy_name=get("spy_name", None),
+        user_agent=get("user_agent", user_agent, _user_agent()),
+        sample_rate=get("sample_rate", sample_rate),
+        queue_max=get("queue_max", queue_max),
+        connect_timeout_s=get("connect_timeout_s", connect_timeout_s),
+        total_timeout_s=get("total_timeout_s", total_timeout_s),
+        backoff_initial_s=get("backoff_initial_s", backoff_initial_s),
+        backoff_max_s=get("backoff_max_s", backoff_max_s),
+        ca_file=get("ca_file", ca_file),
+        ca_path=get("ca_path", ca_path),
+        tenant_id=None,
+        api_key=None,
+        bearer_token=None,
+        basic_user=None,
+        basic_password=None,
+        exporter="otlp",
+        otlp_headers=get("otlp_headers", None),
+        otlp_gzip=get("otlp_compression", None) == "gzip",
+        resource_attributes=tuple(resource.items()),
+        sdk_version=__version__,
+    )

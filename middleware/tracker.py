@@ -113,7 +113,7 @@ class _ProcessProfiler:
         try:  # None when there is nowhere to upload
             ucfg = resolve_upload_config(
                 service_name=self.config.service_name, sample_rate=self.config.sample_rate,
-                tags=self.config.tags,
+                tags=self.config.tags, resource_attributes=self.config.resource_attributes,
             )
         except Exception as exc:  # configuration must never break the app
             logger.debug("middleware: resolving the upload settings failed", exc_info=True)

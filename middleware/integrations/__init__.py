@@ -39,7 +39,8 @@ _installed: set[str] = set()
 def install_all(tracker: object | None = None) -> None:
     """Instrument every supported framework, now or when the app imports it.
 
-    ``tracker`` is the :class:`~middleware.MwTracker` that asked (unused for now: the labels go
+    ``tracker`` is the :class:`~middleware.MwTracker` that asked: its ``config.span_links``
+    (``MW_PROFILING_SPAN_LINKS``) says whether OpenTelemetry spans label samples (the labels go
     through :mod:`middleware.labels`, which is process-wide). Safe to call any number of times
     from any thread.
     """
@@ -51,7 +52,8 @@ def install_all(tracker: object | None = None) -> None:
     when_imported("flask", _install_flask)
     when_imported("starlette.routing", _install_starlette)
     when_imported("fastapi.routing", _install_fastapi)
-    when_imported("opentelemetry.context", _install_otel)
+    if getattr(getattr(tracker, "config", None), "span_links", True):
+        when_imported("opentelemetry.context", _install_otel)
 
 
 def installed() -> frozenset[str]:

@@ -50,6 +50,8 @@ class Case:
     extra: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
+OTLP = {"MW_PROFILING_EXPORTER": "otlp"}  # the OTLP exporter's variables are read with it only
+
 CASES: dict[str, Case] = {
     "MW_APM_COLLECT_PROFILING": Case("false", {"enabled": False}, {}, "maybe"),
     "OTEL_SERVICE_NAME": Case("shop api", {"service_name": "shop-api"}, {"app_name": "shop-api"}, None),
@@ -86,6 +88,20 @@ CASES: dict[str, Case] = {
     "OTEL_RESOURCE_ATTRIBUTES": Case("service.version=1.2.3", {"resource_attributes": "service.version=1.2.3"}, {},
                                      "a\x01b"),
     "MW_PROFILING_UPLOAD_QUEUE": Case("32", {}, {"queue_max": 32}, "lots"),
+    "MW_PROFILING_SPAN_LINKS": Case("false", {"span_links": False}, {}, "maybe"),
+    "MW_PROFILING_EXPORTER": Case("otlp", {}, {"exporter": "otlp",
+                                               "server_url": "http://localhost:4318/v1development/profiles"}, "kafka"),
+    "OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT": Case("http://collector:4318/p", {}, {"server_url": "http://collector:4318/p"},
+                                                 "ftp://collector", extra=OTLP),
+    "OTEL_EXPORTER_OTLP_ENDPOINT": Case("http://collector:4318/", {},
+                                        {"server_url": "http://collector:4318/v1development/profiles"},
+                                        "ftp://collector", extra=OTLP),
+    "OTEL_EXPORTER_OTLP_PROFILES_HEADERS": Case("api-key=a%20b", {}, {"otlp_headers": (("api-key", "a b"),)},
+                                                "no-value\x01", extra=OTLP),
+    "OTEL_EXPORTER_OTLP_HEADERS": Case("api-key=a%20b", {}, {"otlp_headers": (("api-key", "a b"),)}, "no-value\x01",
+                                       extra=OTLP),
+    "OTEL_EXPORTER_OTLP_PROFILES_COMPRESSION": Case("gzip", {}, {"otlp_gzip": True}, "zstd", extra=OTLP),
+    "OTEL_EXPORTER_OTLP_COMPRESSION": Case("gzip", {}, {"otlp_gzip": True}, "zstd", extra=OTLP),
     "MW_PROFILING_PUSH_API": Case("yes", {}, {"use_push_api": True}, "maybe"),
     "SSL_CERT_FILE": Case(__file__, {}, {"ca_file": __file__}, "/nonexistent/ca.pem"),
     "CURL_CA_BUNDLE": Case(str(ROOT / "tests" / "conftest.py"), {}, {"ca_file": str(ROOT / "tests" / "conftest.py")},
@@ -144,13 +160,16 @@ def test_no_other_module_names_a_variable_of_the_table():
 def test_each_row_is_a_field_of_the_configurations_that_read_it():
     profiler = {f.name for f in dataclasses.fields(ProfilerConfig)}
     uploader = {f.name for f in dataclasses.fields(UploadConfig)}
+    # rows the uploader resolves into another field: the OTLP endpoint into the URL posted to
+    derived = {"service_name": "app_name", "otlp_profiles_endpoint": "server_url", "otlp_endpoint": "server_url",
+               "otlp_compression": "otlp_gzip"}
     for row in config.SETTINGS.values():
-        up_field = "app_name" if row.name == "service_name" else row.name
+        up_field = derived.get(row.name, row.name)
         assert (config.PROFILER in row.used_by) == (row.name in profiler), row.name
         assert (config.UPLOADER in row.used_by) == (up_field in uploader), row.name
         if row.name in profiler:
             assert getattr(ProfilerConfig(), row.name) == row.default_value(), row.name
-        if up_field in uploader and row.name not in ("service_name", "tags"):
+        if up_field in uploader and row.name not in ("service_name", "tags") and row.name not in derived:
             assert getattr(UploadConfig(), up_field) == row.default_value(), row.name
 
 
