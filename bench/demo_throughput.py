@@ -18,7 +18,12 @@ With ``--vs-setting MW_NAME=VALUE`` the "off" side runs the tracker too, with th
 ``--setting MW_NAME=VALUE`` sets the profiled side (``--setting MW_PROFILING_MEMORY=true
 --vs-setting MW_PROFILING_MEMORY=false``: the cost of memory profiling alone).
 
-    python bench/demo_throughput.py [--rounds 5] [--seconds 5] [--json]
+With ``--otel`` both sides serve the demo traced by OpenTelemetry (the SDK, a batch span processor
+whose exporter drops the spans, ``opentelemetry-instrumentation-flask``), so that ``--setting
+MW_PROFILING_SPAN_LINKS=true --vs-setting MW_PROFILING_SPAN_LINKS=false`` measures what labelling
+samples with their request's span costs.
+
+    python bench/demo_throughput.py [--rounds 5] [--seconds 5] [--json] [--otel]
                                     [--setting MW_NAME=VALUE] [--vs-setting MW_NAME=VALUE]
 """
 
@@ -139,6 +144,29 @@ def _python_load(url: str, seconds: float, connections: int) -> float:
     return result.rate
 
 
+# The demo traced by OpenTelemetry (--otel): gunicorn serves otel_wsgi:app from a temporary directory.
+OTEL_WSGI = """
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+
+class DropSpans(SpanExporter):
+    def export(self, spans):
+        return SpanExportResult.SUCCESS
+
+
+provider = TracerProvider()
+provider.add_span_processor(BatchSpanProcessor(DropSpans()))
+trace.set_tracer_provider(provider)
+
+from opentelemetry.instrumentation.flask import FlaskInstrumentor  # noqa: E402
+from wsgi import app  # noqa: E402  (the demo: its app module starts the tracker)
+
+FlaskInstrumentor().instrument_app(app)
+"""
+
+
 def one_run(profiled: bool, args: argparse.Namespace, load: str) -> tuple[float, float, float]:
     """Start gunicorn, warm up, measure.
 
@@ -161,6 +189,11 @@ def one_run(profiled: bool, args: argparse.Namespace, load: str) -> tuple[float,
         env["MW_PROFILING_SAMPLE_RATE"] = str(args.rate)
     cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}"]
     cmd += ["--workers", str(args.workers), "--log-level", "warning"]
+    shim = tempfile.mkdtemp(prefix="mw-bench-otel-") if args.otel else None
+    if shim:
+        Path(shim, "otel_wsgi.py").write_text(OTEL_WSGI)
+        env["PYTHONPATH"] = os.pathsep.join([shim, str(DEMO), env["PYTHONPATH"]])
+        cmd.append("otel_wsgi:app")
     proc = subprocess.Popen(cmd, cwd=DEMO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_ready(proc, url)
@@ -181,6 +214,8 @@ def one_run(profiled: bool, args: argparse.Namespace, load: str) -> tuple[float,
             sys.stderr.write(stderr.decode(errors="replace")[-2000:])
         wrote = len(os.listdir(store))
         shutil.rmtree(store, ignore_errors=True)
+        if shim:
+            shutil.rmtree(shim, ignore_errors=True)
         if profiled and wrote == 0:
             sys.stderr.write("warning: the profiled run wrote no profile\n")
 
@@ -202,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="compare against the tracker with these settings instead of without the tracker "
              "(e.g. MW_PROFILING_MEMORY=false: what memory profiling costs); repeatable",
     )
+    parser.add_argument("--otel", action="store_true",
+                        help="serve the demo traced by OpenTelemetry (opentelemetry-sdk + its Flask instrumentation)")
     parser.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.seconds <= 0:

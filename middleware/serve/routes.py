@@ -4,6 +4,7 @@ Routes::
 
     POST /ingest                     the Pyroscope ingest API (docs/protocol.md)
     POST /push.v1.PusherService/Push the newer push API (application/proto or application/json)
+    POST /v1development/profiles     OTLP profiles export (middleware.serve.otlp; docs/protocol.md)
     GET  /                           the web page (static/index.html, app.js, app.css)
     GET  /static/<file>              page assets, plus the reporters' flame graph script
     GET  /healthz                    "ok" (no token needed)
