@@ -3,7 +3,8 @@
 Every setting is one row of :data:`SETTINGS` (a :class:`Setting`): its name (the keyword argument
 of :class:`~middleware.MwTracker` or of :func:`resolve_upload_config`, and the field of
 :class:`ProfilerConfig` or :class:`UploadConfig`), the environment variables that set it (the
-first one set to something other than blanks wins), the parser that checks a value, the default,
+first one set to something other than blanks wins), the parser that checks a value (those of
+:mod:`middleware.setting_values`, or a rule below), the default,
 and whether the value is a secret (then never shown). :func:`resolve_setting` reads every row the
 same way: an argument beats the variables, which beat the default. A bad value never raises: it is
 a warning naming the argument or the variable (:func:`visible_warning`), and the default is used.
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import math
 import os
 import re
 import sys
@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import unquote
 
+from middleware import setting_values as _pv
 from middleware.labels import label_name_problem
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ SPY_NAME = "middleware-python"
 #: The OTLP exporter's defaults: the collector's OTLP/HTTP address and the profiles path under it.
 DEFAULT_OTLP_ENDPOINT = "http://localhost:4318"
 OTLP_PROFILES_PATH = "/v1development/profiles"
-EXPORTERS = ("pyroscope", "otlp")
+EXPORTERS = _pv.EXPORTERS
+SYSTEM_CA_FILES = _pv.SYSTEM_CA_FILES
 
 # ---------------------------------------------------------------- showing a problem
 
@@ -83,7 +85,7 @@ EXPORTERS = ("pyroscope", "otlp")
 def quiet(env: Mapping[str, str] | None = None) -> bool:
     """``MW_PROFILING_QUIET=1`` (or ``true``, ``yes``): no line of ours on stderr, the C side's
     failure lines included; records still go to the app's logging when it is configured."""
-    return _quiet_flag((os.environ if env is None else env).get("MW_PROFILING_QUIET", ""))
+    return _pv.quiet_flag((os.environ if env is None else env).get("MW_PROFILING_QUIET", ""))
 
 
 def _logging_configured(log: logging.Logger) -> bool:
@@ -140,152 +142,8 @@ def visible_warning(log: logging.Logger, msg: str, *args: object) -> None:
         pass
 
 
-# ---------------------------------------------------------------- value parsers (raise ValueError)
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_TENANT = re.compile(r"[A-Za-z0-9_.-]{1,128}\Z")
 _SERIES_BREAKERS = re.compile(r"[{}=,\"'\x00-\x1f\x7f]")
 _BAD_TAG_VALUE = re.compile(r"[,{}=\x00-\x1f\x7f]")
-
-
-def parse_bool(text: str) -> bool:
-    t = text.strip().lower()
-    if t in _TRUE:
-        return True
-    if t in _FALSE:
-        return False
-    raise ValueError("expected true or false")
-
-
-def int_in(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        v = int(text.strip())
-        if not lo <= v <= hi:
-            raise ValueError(f"must be within {lo}..{hi}")
-        return v
-
-    return parse
-
-
-def float_in(lo: float, hi: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        v = float(text.strip())
-        if not (math.isfinite(v) and lo <= v <= hi):
-            raise ValueError(f"must be within {lo:g}..{hi:g}")
-        return v
-
-    return parse
-
-
-def _quiet_flag(text: str) -> bool:
-    """Exactly ``1``, ``true`` or ``yes``, as the native side reads the variable; never raises."""
-    return text in ("1", "true", "yes")
-
-
-def _store_dir(text: str) -> str | None:
-    """A directory; ``none``, ``off`` or nothing: no local store."""
-    return None if text.strip().lower() in ("", "none", "off") else text
-
-
-def _http_url(text: str) -> str:
-    url = text.strip()
-    if not re.match(r"https?://[^/?#\s]+", url, re.IGNORECASE):
-        raise ValueError("must be an http:// or https:// URL")
-    if _CONTROL.search(url) or " " in url:
-        raise ValueError("contains spaces or control characters")
-    return url
-
-
-#: Where distributions keep the system's CA certificates (one PEM file): Debian/Ubuntu, RHEL/Fedora,
-#: openSUSE, older RHEL, Alpine-style. The uploader's libcurl may have been built on another
-#: distribution (a binary wheel), so the file is found here rather than taken from its build.
-SYSTEM_CA_FILES = (
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/ca-bundle.pem",
-    "/etc/pki/tls/cacert.pem",
-    "/etc/ssl/cert.pem",
-)
-
-
-def _system_ca_file() -> str | None:
-    return next((f for f in SYSTEM_CA_FILES if os.path.isfile(f)), None)
-
-
-def _ca_file(text: str) -> str:
-    path = os.path.expanduser(text.strip())
-    if not os.path.isfile(path) or not os.access(path, os.R_OK):
-        raise ValueError("not a readable file")
-    return path
-
-
-def _ca_dir(text: str) -> str:
-    path = os.path.expanduser(text.strip())
-    if not os.path.isdir(path):
-        raise ValueError("not a directory")
-    return path
-
-
-def _header_value(text: str) -> str:
-    v = text.strip()
-    if not v:
-        raise ValueError("empty")
-    if _CONTROL.search(v):
-        raise ValueError("contains control characters")
-    return v
-
-
-def _exporter(text: str) -> str:
-    v = text.strip().lower()
-    if v not in EXPORTERS:
-        raise ValueError("expected " + " or ".join(EXPORTERS))
-    return v
-
-
-def _compression(text: str) -> str:
-    v = text.strip().lower()
-    if v not in ("gzip", "none"):
-        raise ValueError("expected gzip or none")
-    return v
-
-
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}\Z")
-
-
-def _kv_part(part: str) -> tuple[str, str]:
-    """One ``key=value`` of OpenTelemetry's lists (OTEL_EXPORTER_OTLP_HEADERS, OTEL_RESOURCE_ATTRIBUTES):
-    key and value stripped and percent-decoded; ValueError without ``=`` or with an empty key."""
-    key, sep, value = part.partition("=")
-    key = unquote(key.strip())
-    if not sep:
-        raise ValueError("expected key=value pairs separated by commas")
-    if not key:
-        raise ValueError("a key is empty")
-    return key, unquote(value.strip())
-
-
-def _kv_list(text: str) -> list[tuple[str, str]]:
-    """Every ``key=value`` of a comma-separated list (:func:`_kv_part`); blank parts skipped."""
-    return [_kv_part(part) for part in text.split(",") if part.strip()]
-
-
-def _otlp_headers(text: str) -> tuple[tuple[str, str], ...]:
-    pairs = _kv_list(text)
-    for k, v in pairs:
-        if not _HEADER_NAME.match(k):
-            raise ValueError(f"{k[:64]!r} is not an HTTP header name")
-        if _CONTROL.search(v):
-            raise ValueError(f"the value of {k[:64]!r} contains control characters")
-    return tuple(pairs)
-
-
-def _tenant(text: str) -> str:
-    v = text.strip()
-    if not _TENANT.match(v):
-        raise ValueError("must match [A-Za-z0-9_.-]{1,128}")
-    return v
 
 
 # ---------------------------------------------------------------- the service-name and tag rules
@@ -368,7 +226,7 @@ def resource_attributes(env: Mapping[str, str] | None = None, log: logging.Logge
             if not part.strip():
                 continue
             try:
-                key, value = _kv_part(part)
+                key, value = _pv.kv_part(part)
             except ValueError:
                 visible_warning(log, "middleware: ignoring %r in %s (want key=value)", part.strip(), var)
                 continue
@@ -430,91 +288,92 @@ _P, _U, _PU = (PROFILER,), (UPLOADER,), (PROFILER, UPLOADER)
 #: Every setting, by name.
 SETTINGS: dict[str, Setting] = {s.name: s for s in (
     # the profiler
-    Setting("enabled", ("MW_APM_COLLECT_PROFILING",), parse_bool, True, used_by=_P,
+    Setting("enabled", ("MW_APM_COLLECT_PROFILING",), _pv.parse_bool, True, used_by=_P,
             doc="profile at all"),
     Setting("service_name", ("OTEL_SERVICE_NAME", "MW_SERVICE_NAME"), _service_name,
             default_factory=_default_service_name, used_by=_PU, check=_series_safe_name,
             doc="service name (store file names, the uploaded series name)"),
-    Setting("sample_rate", ("MW_PROFILING_SAMPLE_RATE",), int_in(1, 10000), 100, used_by=_PU,
+    Setting("sample_rate", ("MW_PROFILING_SAMPLE_RATE",), _pv.int_in(1, 10000), 100, used_by=_PU,
             doc="CPU samples per second of a thread's CPU time (uploaded as sampleRate)"),
-    Setting("wall_rate", ("MW_PROFILING_WALL_RATE",), int_in(1, 10000), 100, used_by=_P,
+    Setting("wall_rate", ("MW_PROFILING_WALL_RATE",), _pv.int_in(1, 10000), 100, used_by=_P,
             doc="wall-time samples (sampler ticks) per second at most"),
-    Setting("upload_interval", ("MW_PROFILING_UPLOAD_INTERVAL",), float_in(0.05, 3600.0), 10.0, used_by=_P,
+    Setting("upload_interval", ("MW_PROFILING_UPLOAD_INTERVAL",), _pv.float_in(0.05, 3600.0), 10.0, used_by=_P,
             doc="seconds per exported profile"),
-    Setting("profile_dir", ("MW_PROFILE_DIR",), _store_dir, default_factory=default_profile_dir, used_by=_P,
+    Setting("profile_dir", ("MW_PROFILE_DIR",), _pv.store_dir, default_factory=default_profile_dir, used_by=_P,
             doc="local store; none/off: no store (`middleware serve` imports it too)"),
-    Setting("store_max_mb", ("MW_PROFILE_DIR_MAX_MB",), int_in(1, 1 << 20), 256, used_by=_P,
+    Setting("store_max_mb", ("MW_PROFILE_DIR_MAX_MB",), _pv.int_in(1, 1 << 20), 256, used_by=_P,
             doc="store size bound, oldest files removed past it"),
-    Setting("max_depth", ("MW_PROFILING_MAX_DEPTH",), int_in(1, 4096), 1024, used_by=_P,
+    Setting("max_depth", ("MW_PROFILING_MAX_DEPTH",), _pv.int_in(1, 4096), 1024, used_by=_P,
             doc="frames kept per stack (leaf side)"),
-    Setting("native", ("MW_PROFILING_NATIVE",), parse_bool, False, used_by=_P, doc="also capture C frames"),
-    Setting("native_show_internal", ("MW_PROFILING_NATIVE_INTERNAL",), parse_bool, False, used_by=_P,
+    Setting("native", ("MW_PROFILING_NATIVE",), _pv.parse_bool, False, used_by=_P, doc="also capture C frames"),
+    Setting("native_show_internal", ("MW_PROFILING_NATIVE_INTERNAL",), _pv.parse_bool, False, used_by=_P,
             doc="keep the interpreter's own C frames"),
-    Setting("locks", ("MW_PROFILING_LOCKS",), parse_bool, True, used_by=_P,
+    Setting("locks", ("MW_PROFILING_LOCKS",), _pv.parse_bool, True, used_by=_P,
             doc="lock-wait profiles (block:contentions:count, block:delay:nanoseconds)"),
-    Setting("lock_rate", ("MW_PROFILING_LOCK_RATE",), int_in(0, 10**10), 1_000_000, used_by=_P,
+    Setting("lock_rate", ("MW_PROFILING_LOCK_RATE",), _pv.int_in(0, 10**10), 1_000_000, used_by=_P,
             doc="nanoseconds of waiting per recorded lock wait; shorter waits are sampled (0: all)"),
-    Setting("memory", ("MW_PROFILING_MEMORY",), parse_bool, False, used_by=_P,
+    Setting("memory", ("MW_PROFILING_MEMORY",), _pv.parse_bool, False, used_by=_P,
             doc="memory profiles (memory:alloc_objects/alloc_space/inuse_objects/inuse_space); off by "
                 "default: the allocation hooks cost 2-5% of CPU on allocation-bound code"),
-    Setting("memory_rate", ("MW_PROFILING_MEMORY_RATE",), int_in(1, 1 << 40), 512 * 1024, used_by=_P,
+    Setting("memory_rate", ("MW_PROFILING_MEMORY_RATE",), _pv.int_in(1, 1 << 40), 512 * 1024, used_by=_P,
             doc="mean bytes allocated between two sampled allocations"),
-    Setting("instrument", ("MW_PROFILING_INSTRUMENT",), parse_bool, True, used_by=_P,
+    Setting("instrument", ("MW_PROFILING_INSTRUMENT",), _pv.parse_bool, True, used_by=_P,
             doc="label Flask/WSGI requests with endpoint"),
-    Setting("span_links", ("MW_PROFILING_SPAN_LINKS",), parse_bool, True, used_by=_P,
+    Setting("span_links", ("MW_PROFILING_SPAN_LINKS",), _pv.parse_bool, True, used_by=_P,
             doc="with OpenTelemetry in the app: label samples with their request's root span_id/span_name"),
-    Setting("upload", ("MW_PROFILING_UPLOAD",), parse_bool, True, used_by=_P,
+    Setting("upload", ("MW_PROFILING_UPLOAD",), _pv.parse_bool, True, used_by=_P,
             doc="false: never upload, even with a backend configured"),
     Setting("tags", ("MW_CUSTOM_RESOURCE_ATTRIBUTES",), _tag_pairs, default_factory=dict, used_by=_PU,
             check=_valid_tags, mapping_arg=True, doc="static tags k=v,k=v, added to the series name"),
-    Setting("commit_sha", ("MW_VCS_COMMIT_SHA",), _header_value, None, used_by=_P,
+    Setting("commit_sha", ("MW_VCS_COMMIT_SHA",), _pv.header_value, None, used_by=_P,
             doc="code version: service_git_ref and version labels (default: the app's git commit)"),
-    Setting("repository_url", ("MW_VCS_REPOSITORY_URL",), _header_value, None, used_by=_P,
+    Setting("repository_url", ("MW_VCS_REPOSITORY_URL",), _pv.header_value, None, used_by=_P,
             doc="service_repository label (default: the app's git origin, without credentials)"),
-    Setting("resource_attributes", ("OTEL_RESOURCE_ATTRIBUTES",), _header_value, None, used_by=_PU,
+    Setting("resource_attributes", ("OTEL_RESOURCE_ATTRIBUTES",), _pv.header_value, None, used_by=_PU,
             doc="its service.version is the version label when MW_VCS_COMMIT_SHA is not set; the OTLP "
                 "exporter sends its attributes"),
     # the uploader
-    Setting("server_url", ("MW_PROFILING_SERVER_URL",), _http_url, None, used_by=_U,
+    Setting("server_url", ("MW_PROFILING_SERVER_URL",), _pv.http_url, None, used_by=_U,
             doc="backend base URL ({server}/ingest); with a key and no URL the tenant template"),
-    Setting("api_key", ("MW_API_KEY",), _header_value, None, secret=True, used_by=_U,
+    Setting("api_key", ("MW_API_KEY",), _pv.header_value, None, secret=True, used_by=_U,
             doc="account key, exchanged for a tenant at auth_url"),
-    Setting("auth_url", ("MW_AUTH_URL",), _http_url, DEFAULT_AUTH_URL, used_by=_U, doc="key exchange URL"),
-    Setting("tenant_id", ("MW_PROFILING_TENANT_ID",), _tenant, None, used_by=_U,
+    Setting("auth_url", ("MW_AUTH_URL",), _pv.http_url, DEFAULT_AUTH_URL, used_by=_U, doc="key exchange URL"),
+    Setting("tenant_id", ("MW_PROFILING_TENANT_ID",), _pv.tenant, None, used_by=_U,
             doc="X-Scope-OrgID (skips the key exchange)"),
-    Setting("bearer_token", ("MW_PROFILING_BEARER_TOKEN",), _header_value, None, secret=True, used_by=_U,
+    Setting("bearer_token", ("MW_PROFILING_BEARER_TOKEN",), _pv.header_value, None, secret=True, used_by=_U,
             doc="Authorization: Bearer, for self-hosted backends"),
-    Setting("basic_user", ("MW_PROFILING_BASIC_AUTH_USER",), _header_value, None, used_by=_U,
+    Setting("basic_user", ("MW_PROFILING_BASIC_AUTH_USER",), _pv.header_value, None, used_by=_U,
             doc="basic auth user, for self-hosted backends"),
-    Setting("basic_password", ("MW_PROFILING_BASIC_AUTH_PASSWORD",), _header_value, None, secret=True,
+    Setting("basic_password", ("MW_PROFILING_BASIC_AUTH_PASSWORD",), _pv.header_value, None, secret=True,
             used_by=_U, doc="basic auth password"),
-    Setting("queue_max", ("MW_PROFILING_UPLOAD_QUEUE",), int_in(1, MAX_QUEUE_MAX), DEFAULT_QUEUE_MAX, used_by=_U,
+    Setting("queue_max", ("MW_PROFILING_UPLOAD_QUEUE",), _pv.int_in(1, MAX_QUEUE_MAX), DEFAULT_QUEUE_MAX, used_by=_U,
             doc="profiles kept while the backend is down"),
-    Setting("use_push_api", ("MW_PROFILING_PUSH_API",), parse_bool, False, used_by=_U,
+    Setting("use_push_api", ("MW_PROFILING_PUSH_API",), _pv.parse_bool, False, used_by=_U,
             doc="true: /push.v1.PusherService/Push instead of /ingest"),
-    Setting("ca_file", ("SSL_CERT_FILE", "CURL_CA_BUNDLE"), _ca_file, default_factory=_system_ca_file, used_by=_U,
+    Setting("ca_file", ("SSL_CERT_FILE", "CURL_CA_BUNDLE"), _pv.ca_file, default_factory=_pv.system_ca_file,
+            used_by=_U,
             doc="CA certificates (PEM) for https backends; default: the system's bundle"),
-    Setting("ca_path", ("SSL_CERT_DIR",), _ca_dir, None, used_by=_U,
+    Setting("ca_path", ("SSL_CERT_DIR",), _pv.ca_dir, None, used_by=_U,
             doc="directory of hashed CA certificates for https backends, besides ca_file"),
-    Setting("exporter", ("MW_PROFILING_EXPORTER",), _exporter, "pyroscope", used_by=_U,
+    Setting("exporter", ("MW_PROFILING_EXPORTER",), _pv.exporter, "pyroscope", used_by=_U,
             doc="pyroscope (the ingest API at the server URL) or otlp (OTLP profiles over HTTP/protobuf)"),
-    Setting("otlp_profiles_endpoint", ("OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT",), _http_url, None, used_by=_U,
+    Setting("otlp_profiles_endpoint", ("OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT",), _pv.http_url, None, used_by=_U,
             doc="otlp: the full URL profiles are posted to"),
-    Setting("otlp_endpoint", ("OTEL_EXPORTER_OTLP_ENDPOINT",), _http_url, DEFAULT_OTLP_ENDPOINT, used_by=_U,
+    Setting("otlp_endpoint", ("OTEL_EXPORTER_OTLP_ENDPOINT",), _pv.http_url, DEFAULT_OTLP_ENDPOINT, used_by=_U,
             doc="otlp: the collector's base URL; profiles go to {endpoint}/v1development/profiles"),
-    Setting("otlp_headers", ("OTEL_EXPORTER_OTLP_PROFILES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"), _otlp_headers,
+    Setting("otlp_headers", ("OTEL_EXPORTER_OTLP_PROFILES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"), _pv.otlp_headers,
             None, secret=True, used_by=_U, doc="otlp: request headers k=v,k=v (percent-decoded)"),
     Setting("otlp_compression", ("OTEL_EXPORTER_OTLP_PROFILES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION"),
-            _compression, "none", used_by=_U, doc="otlp: gzip or none"),
-    Setting("spy_name", (), _header_value, SPY_NAME, used_by=_U, doc="spyName query parameter"),
-    Setting("user_agent", (), _header_value, f"{SPY_NAME}/unknown", used_by=_U,
+            _pv.compression, "none", used_by=_U, doc="otlp: gzip or none"),
+    Setting("spy_name", (), _pv.header_value, SPY_NAME, used_by=_U, doc="spyName query parameter"),
+    Setting("user_agent", (), _pv.header_value, f"{SPY_NAME}/unknown", used_by=_U,
             doc="User-Agent (the installed version when there is a backend)"),
-    Setting("connect_timeout_s", (), float_in(0.001, 600), 5.0, used_by=_U, doc="per HTTP request"),
-    Setting("total_timeout_s", (), float_in(0.001, 3600), 30.0, used_by=_U, doc="per HTTP request"),
-    Setting("backoff_initial_s", (), float_in(0.001, 3600), 1.0, used_by=_U, doc="first retry delay"),
-    Setting("backoff_max_s", (), float_in(0.001, 86400), 60.0, used_by=_U, doc="longest retry delay"),
+    Setting("connect_timeout_s", (), _pv.float_in(0.001, 600), 5.0, used_by=_U, doc="per HTTP request"),
+    Setting("total_timeout_s", (), _pv.float_in(0.001, 3600), 30.0, used_by=_U, doc="per HTTP request"),
+    Setting("backoff_initial_s", (), _pv.float_in(0.001, 3600), 1.0, used_by=_U, doc="first retry delay"),
+    Setting("backoff_max_s", (), _pv.float_in(0.001, 86400), 60.0, used_by=_U, doc="longest retry delay"),
     # the whole process (read by :func:`quiet` and by the native side with the same rule)
-    Setting("quiet", ("MW_PROFILING_QUIET",), _quiet_flag, False,
+    Setting("quiet", ("MW_PROFILING_QUIET",), _pv.quiet_flag, False,
             doc="1/true/yes: none of our lines on stderr"),
 )}
 
@@ -546,7 +405,7 @@ def _resolve(row: Setting, arg: Any, env: Mapping[str, str], log: logging.Logger
         else:
             return dflt, False
     try:
-        if isinstance(value, bool) and row.parse is parse_bool:
+        if isinstance(value, bool) and row.parse is _pv.parse_bool:
             v = value
         elif isinstance(value, str) or row.mapping_arg:
             v = row.parse(value)
@@ -732,10 +591,20 @@ def resolve_upload_config(
     def get(name: str, arg: Any, default: Any = _UNSET) -> Any:
         return _resolve(SETTINGS[name], arg, e, log, default)[0]
 
+    # how profiles travel, whichever the exporter
+    transport: dict[str, Any] = dict(
+        sample_rate=get("sample_rate", sample_rate),
+        queue_max=get("queue_max", queue_max),
+        connect_timeout_s=get("connect_timeout_s", connect_timeout_s),
+        total_timeout_s=get("total_timeout_s", total_timeout_s),
+        backoff_initial_s=get("backoff_initial_s", backoff_initial_s),
+        backoff_max_s=get("backoff_max_s", backoff_max_s),
+        ca_file=get("ca_file", ca_file),
+        ca_path=get("ca_path", ca_path),
+    )
     if get("exporter", exporter) == "otlp":
         return _resolve_otlp(get, e, app_name if app_name is not None else service_name, tags, resource_attributes,
-                             sample_rate, queue_max, user_agent, connect_timeout_s, total_timeout_s,
-                             backoff_initial_s, backoff_max_s, ca_file, ca_path)
+                             user_agent, transport)
 
     key = get("api_key", api_key)
     tenant = get("tenant_id", tenant_id)
@@ -772,25 +641,15 @@ def resolve_upload_config(
         basic_password=password,
         spy_name=get("spy_name", spy_name),
         user_agent=get("user_agent", user_agent, _user_agent() if server is not None or key is not None else _UNSET),
-        sample_rate=get("sample_rate", sample_rate),
-        queue_max=get("queue_max", queue_max),
-        connect_timeout_s=get("connect_timeout_s", connect_timeout_s),
-        total_timeout_s=get("total_timeout_s", total_timeout_s),
-        backoff_initial_s=get("backoff_initial_s", backoff_initial_s),
-        backoff_max_s=get("backoff_max_s", backoff_max_s),
         use_push_api=get("use_push_api", use_push_api),
-        ca_file=get("ca_file", ca_file),
-        ca_path=get("ca_path", ca_path),
+        **transport,
     )
     return cfg if cfg.enabled else None
 
 
 def _resolve_otlp(get: Callable[..., Any], env: Mapping[str, str], service: str | None,
-                  tags: str | Mapping[str, Any] | None,
-                  otel_attributes: str | None, sample_rate: int | None, queue_max: int | None,
-                  user_agent: str | None, connect_timeout_s: float | None, total_timeout_s: float | None,
-                  backoff_initial_s: float | None, backoff_max_s: float | None, ca_file: str | None,
-                  ca_path: str | None) -> UploadConfig:
+                  tags: str | Mapping[str, Any] | None, otel_attributes: str | None, user_agent: str | None,
+                  transport: dict[str, Any]) -> UploadConfig:
     """The upload settings of the OTLP exporter (see :func:`resolve_upload_config`)."""
     from middleware import __version__
 
@@ -813,19 +672,6 @@ def _resolve_otlp(get: Callable[..., Any], env: Mapping[str, str], service: str 
         app_name=get("service_name", service),
         spy_name=get("spy_name", None),
         user_agent=get("user_agent", user_agent, _user_agent()),
-        sample_rate=get("sample_rate", sample_rate),
-        queue_max=get("queue_max", queue_max),
-        connect_timeout_s=get("connect_timeout_s", connect_timeout_s),
-        total_timeout_s=get("total_timeout_s", total_timeout_s),
-        backoff_initial_s=get("backoff_initial_s", backoff_initial_s),
-        backoff_max_s=get("backoff_max_s", backoff_max_s),
-        ca_file=get("ca_file", ca_file),
-        ca_path=get("ca_path", ca_path),
-        tenant_id=None,
-        api_key=None,
-        bearer_token=None,
-        basic_user=None,
-        basic_password=None,
         exporter="otlp",
         otlp_headers=get("otlp_headers", None),
         otlp_gzip=get("otlp_compression", None) == "gzip",

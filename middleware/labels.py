@@ -606,6 +606,10 @@ def push_labels(mapping: Mapping[str, object]) -> contextvars.Token[tuple[tuple[
         pairs = _merged(current, mapping)
         if key is not None and len(_merge_cache) < _MERGE_CACHE_MAX and _span_of(pairs) is None:
             _merge_cache[key] = pairs
+    return _push(pairs)
+
+
+def _push(pairs: tuple[tuple[str, str], ...]) -> contextvars.Token[tuple[tuple[str, str], ...]]:
     token = _current.set(pairs)
     _apply(pairs)
     if _asyncio_hook_state == _HOOK_ON_FIRST_LABEL:
@@ -627,14 +631,7 @@ def push_span(span_id: SpanId, span_name: str) -> contextvars.Token[tuple[tuple[
         pairs = tuple(sorted(merged.items()))
     else:
         pairs = (("span_id", span_id), ("span_name", span_name))
-    token = _current.set(pairs)
-    _apply(pairs)
-    if _asyncio_hook_state == _HOOK_ON_FIRST_LABEL:
-        try:
-            install_asyncio_hook_when_imported()
-        except Exception:  # labels must never break the app
-            logger.debug("middleware: could not arrange the asyncio label hook", exc_info=True)
-    return token
+    return _push(pairs)
 
 
 def pop_labels(token: contextvars.Token[tuple[tuple[str, str], ...]]) -> None:

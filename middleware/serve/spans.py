@@ -12,6 +12,8 @@ Pure functions, no state: any thread may call them.
 from __future__ import annotations
 
 import re
+import sqlite3
+from collections.abc import Mapping
 
 __all__ = [
     "SPAN_LABEL",
@@ -79,3 +81,24 @@ def parse_trace_id(text: str) -> bytes:
             f"bad 'trace_id' {text[:80]!r}: expected 32 lowercase hex digits (an OpenTelemetry trace id)"
         )
     return bytes.fromhex(text)
+
+
+def insert_span_rows(conn: sqlite3.Connection, profile_id: int, start_ns: int,
+                     span_values: Mapping[tuple[int, int, int, int], int], span_traces: Mapping[str, str]) -> None:
+    """Writes a profile's ``span_samples`` rows ((span, series, type, stack) -> value) and the
+    ``span_traces`` of those spans (span id -> trace id from the profile's ``mw:spans``); the
+    store's writer thread, inside its transaction."""
+    if not span_values:
+        return
+    conn.executemany(
+        "INSERT INTO span_samples(profile_id, span_id, series_id, stype, stack_id, start_ns, value) "
+        "VALUES(?, ?, ?, ?, ?, ?, ?)",
+        [(profile_id, k, sid, stype, stack, start_ns, v) for (k, sid, stype, stack), v in span_values.items()],
+    )
+    spans = {key[0] for key in span_values}
+    traces: list[tuple[int, bytes]] = []
+    for span_text, trace_text in span_traces.items():
+        span, trace = span_key(span_text), trace_key(trace_text)
+        if span is not None and span in spans and trace is not None:
+            traces.append((span, trace))
+    conn.executemany("INSERT OR REPLACE INTO span_traces(span_id, trace_id) VALUES(?, ?)", traces)

@@ -92,7 +92,7 @@ from middleware.profile import Frame
 from middleware.serve import retention as _retention
 from middleware.serve.ingest import Upload, series_labels
 from middleware.serve.retention import RetentionPolicy
-from middleware.serve.spans import SPAN_LABEL, span_key, trace_key
+from middleware.serve.spans import SPAN_LABEL, insert_span_rows, span_key
 
 log = logging.getLogger(__name__)
 
@@ -611,20 +611,7 @@ class Store:
             "INSERT INTO samples(profile_id, series_id, stype, stack_id, start_ns, value) VALUES(?, ?, ?, ?, ?, ?)",
             [(profile_id, sid, stype, stack, start, v) for (sid, stype, stack), v in values.items()],
         )
-        if span_values:
-            conn.executemany(
-                "INSERT INTO span_samples(profile_id, span_id, series_id, stype, stack_id, start_ns, value) "
-                "VALUES(?, ?, ?, ?, ?, ?, ?)",
-                [(profile_id, k, sid, stype, stack, start, v) for (k, sid, stype, stack), v in span_values.items()],
-            )
-            if profile.span_traces:
-                spans = {key[0] for key in span_values}
-                traces: list[tuple[int, bytes]] = []
-                for span_text, trace_text in profile.span_traces.items():
-                    span, trace = span_key(span_text), trace_key(trace_text)
-                    if span is not None and span in spans and trace is not None:
-                        traces.append((span, trace))
-                conn.executemany("INSERT OR REPLACE INTO span_traces(span_id, trace_id) VALUES(?, ?)", traces)
+        insert_span_rows(conn, profile_id, start, span_values, profile.span_traces)
         counts: dict[int, int] = {}
         for labels, count in profile.requests.items():
             series_id = self._series_id(conn, service, series_labels(params.tags, labels), capped=True)
