@@ -80,11 +80,11 @@ class BuildExt(build_ext):
 
 include = sysconfig.get_paths()["include"]
 # The uploader: csrc/mw_upload*.c (see csrc/mw_upload_ctx.h), its module glue, the push.v1 code and
-# the OTLP exporter's converter (csrc/mw_otlp.c, the OTLP code generated under csrc/gen/otlp, and its
+# the OTLP exporter's converter (csrc/mw_otlp*.c, the OTLP code generated under csrc/gen/otlp, and its
 # own copy of the pprof code, which it reads).
 otlp_gen = sorted(glob.glob("csrc/gen/otlp/**/*.c", recursive=True))
-upload_only = sorted(glob.glob("csrc/mw_upload*.c")) + ["csrc/mw_module_upload.c", "csrc/mw_otlp.c",
-                                                         "csrc/gen/push.pb-c.c"] + otlp_gen
+upload_only = (sorted(glob.glob("csrc/mw_upload*.c")) + sorted(glob.glob("csrc/mw_otlp*.c"))
+               + ["csrc/mw_module_upload.c", "csrc/gen/push.pb-c.c"] + otlp_gen)
 upload_sources = upload_only + ["csrc/gen/profile.pb-c.c"]
 sources = sorted(set(glob.glob("csrc/*.c") + glob.glob("csrc/gen/*.c")) - set(upload_only))
 gen_headers = sorted(glob.glob("csrc/gen/**/*.h", recursive=True))

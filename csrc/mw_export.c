@@ -4,6 +4,9 @@
  * until g_served reaches its number; the thread, when it wakes, reads g_req, exports, and
  * publishes that value as g_served. A request that arrives during an export is therefore
  * served by the next one, whose window includes the moment of the request.
+ *
+ * The comments of each CPU profile (request counts, span traces) are built by
+ * mw_export_comments.c.
  */
 #define _GNU_SOURCE
 #include "mw_export.h"
@@ -11,6 +14,7 @@
 #include "mw_blockprof.h"
 #include "mw_memprof.h"
 #include "mw_collect.h"
+#include "mw_export_comments.h"
 #include "mw_labels.h"
 #include "mw_pprof.h"
 #include "mw_report.h"
@@ -71,108 +75,6 @@ static mw_pprof_meta_t window_meta(int64_t start, int64_t end) {
     return meta;
 }
 
-/* ---- request counts as profile comments ------------------------------------------------- */
-
-typedef struct {
-    char *p;
-    size_t n, cap;
-    int failed;
-} sbuf_t;
-
-static void sb_put(sbuf_t *b, const char *s, size_t n) {
-    if (b->failed) return;
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 1024;
-        while (cap < b->n + n + 1)
-            cap *= 2;
-        char *p = realloc(b->p, cap);
-        if (!p) {
-            b->failed = 1;
-            return;
-        }
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-}
-
-/* s as a JSON string ('"', '\\' and control characters escaped; other bytes as they are: the
- * encoder repairs invalid UTF-8). */
-static void sb_json(sbuf_t *b, const char *s) {
-    sb_put(b, "\"", 1);
-    for (const unsigned char *c = (const unsigned char *)s; *c; c++) {
-        char esc[8];
-        if (*c == '"' || *c == '\\') {
-            esc[0] = '\\';
-            esc[1] = (char)*c;
-            sb_put(b, esc, 2);
-        } else if (*c < 0x20) {
-            snprintf(esc, sizeof esc, "\\u%04x", *c);
-            sb_put(b, esc, 6);
-        } else {
-            sb_put(b, (const char *)c, 1);
-        }
-    }
-    sb_put(b, "\"", 1);
-}
-
-typedef struct {
-    sbuf_t text;                             /* the comments, each NUL-terminated */
-    const char *ptrs[MW_PPROF_MAX_COMMENTS]; /* into text, once complete */
-    uint32_t n;
-    uint64_t requests;
-} req_comments_t;
-
-/* Takes the requests counted since the last take and formats them into rc (exporter thread;
- * reads the static labels, which only start replaces while no exporter thread runs). Returns
- * the number of comments; 0 also when formatting ran out of memory (those counts are lost,
- * like the window's samples would be). */
-static uint32_t take_request_comments(req_comments_t *rc) {
-    uint32_t ids[MW_PPROF_MAX_COMMENTS];
-    uint64_t counts[MW_PPROF_MAX_COMMENTS];
-    memset(rc, 0, sizeof *rc);
-    uint32_t n = mw_labels_take_requests(ids, counts, MW_PPROF_MAX_COMMENTS);
-    size_t starts[MW_PPROF_MAX_COMMENTS];
-    char pid[24];
-    snprintf(pid, sizeof pid, "%ld", (long)getpid());
-    for (uint32_t i = 0; i < n; i++) {
-        const char *const *k, *const *v;
-        int m = mw_labels_get(ids[i], &k, &v);
-        if (m < 0) m = 0;
-        char head[64];
-        int hl = snprintf(head, sizeof head, "mw:requests {\"count\":%llu,\"labels\":{",
-                          (unsigned long long)counts[i]);
-        starts[i] = rc->text.n;
-        sb_put(&rc->text, head, (size_t)hl);
-        for (int j = 0; j < m; j++) {
-            sb_json(&rc->text, k[j]);
-            sb_put(&rc->text, ":", 1);
-            sb_json(&rc->text, v[j]);
-            sb_put(&rc->text, ",", 1);
-        }
-        for (uint32_t j = 0; j < g_cfg.nlabels; j++) {
-            sb_json(&rc->text, g_cfg.keys[j]);
-            sb_put(&rc->text, ":", 1);
-            sb_json(&rc->text, g_cfg.vals[j]);
-            sb_put(&rc->text, ",", 1);
-        }
-        sb_put(&rc->text, "\"pid\":", 6);
-        sb_json(&rc->text, pid);
-        sb_put(&rc->text, "}}", 3); /* with the NUL */
-        rc->requests += counts[i];
-    }
-    if (rc->text.failed) {
-        free(rc->text.p);
-        memset(rc, 0, sizeof *rc);
-        return 0;
-    }
-    for (uint32_t i = 0; i < n; i++)
-        rc->ptrs[i] = rc->text.p + starts[i];
-    rc->n = n;
-    return n;
-}
-
 /* Replaces the static labels (g_life held, no exporter thread running). -1: out of memory. */
 static int set_static_labels(const mw_export_config_t *cfg) {
     char *keys[MW_PPROF_MAX_STATIC] = {0}, *vals[MW_PPROF_MAX_STATIC] = {0};
@@ -201,63 +103,6 @@ static int set_static_labels(const mw_export_config_t *cfg) {
 }
 
 /* Guarded by g_hold. */
-static int cmp_u32(const void *a, const void *b) {
-    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-    return x < y ? -1 : x > y;
-}
-
-/* The trace of each span whose set the window's stacks carry, as comments
- * `mw:spans {"<span_id>":"<trace_id>",...}` (MW_SPANS_PER_COMMENT spans each) appended to rc
- * while rc has room (spans past it keep their labels; only their trace is not written). */
-#define MW_SPANS_PER_COMMENT 256
-static void add_span_comments(const mw_profbuf_t *b, req_comments_t *rc) {
-    uint32_t ns = mw_profbuf_nstacks(b), nid = 0;
-    uint32_t *ids = malloc((size_t)(ns ? ns : 1) * sizeof *ids);
-    if (!ids) return;
-    for (uint32_t i = 0; i < ns; i++) {
-        uint32_t ls = mw_profbuf_stack(b, i)->labelset;
-        if (ls & MW_SPANSET_FLAG) ids[nid++] = ls;
-    }
-    qsort(ids, nid, sizeof *ids, cmp_u32);
-    size_t starts[MW_PPROF_MAX_COMMENTS]; /* offsets: the text may move as it grows */
-    uint32_t n = rc->n, in_comment = 0;
-    for (uint32_t i = 0; i < n; i++)
-        starts[i] = (size_t)(rc->ptrs[i] - rc->text.p);
-    for (uint32_t i = 0; i < nid && n < MW_PPROF_MAX_COMMENTS; i++) {
-        const char *span, *trace;
-        if ((i && ids[i] == ids[i - 1]) || mw_labels_span_ids(ids[i], &span, &trace) != 0 ||
-            !trace[0])
-            continue;
-        if (in_comment == 0) {
-            starts[n] = rc->text.n;
-            sb_put(&rc->text, "mw:spans {", 10);
-        } else {
-            sb_put(&rc->text, ",", 1);
-        }
-        sb_json(&rc->text, span);
-        sb_put(&rc->text, ":", 1);
-        sb_json(&rc->text, trace);
-        if (++in_comment == MW_SPANS_PER_COMMENT) {
-            sb_put(&rc->text, "}", 2); /* with the NUL */
-            in_comment = 0;
-            n++;
-        }
-    }
-    if (in_comment) {
-        sb_put(&rc->text, "}", 2);
-        n++;
-    }
-    free(ids);
-    if (rc->text.failed) { /* out of memory: the window goes without its comments */
-        free(rc->text.p);
-        memset(rc, 0, sizeof *rc);
-        return;
-    }
-    for (uint32_t i = 0; i < n; i++)
-        rc->ptrs[i] = rc->text.p + starts[i];
-    rc->n = n;
-}
-
 static mw_profbuf_t *g_held; /* window buffer owned by the exporter right now */
 /* Start of the first window since the last one written that had no stack (exporter thread):
  * a window with nothing in it writes no file, and the next file covers it, so the files of a
@@ -443,16 +288,19 @@ static void export_once(void) {
     delivery_t d;
     memset(&d, 0, sizeof d);
     size_t gzlen = 0;
-    req_comments_t req;
-    memset(&req, 0, sizeof req);
+    uint64_t requests = 0; /* the requests counted in the window's comments */
     if (nstacks > 0) {
         mw_pprof_meta_t meta = window_meta(ts, te);
-        take_request_comments(&req);
-        add_span_comments(b, &req);
+        mw_export_comments_t req;
+        /* the static labels: only start replaces them, while no exporter thread runs */
+        mw_export_comments_take_requests(&req, (const char *const *)g_cfg.keys,
+                                         (const char *const *)g_cfg.vals, g_cfg.nlabels);
+        mw_export_comments_add_spans(b, &req);
         meta.ncomments = req.n;
         meta.comments = req.ptrs;
         deliver(b, &meta, ts, te, "process_cpu", &d, &info, &gzlen);
-        free(req.text.p);
+        requests = req.requests;
+        mw_export_comments_free(&req);
     }
 
     pthread_mutex_lock(&g_hold);
@@ -477,7 +325,7 @@ static void export_once(void) {
         else
             s->exports++;
         account(s, &d);
-        s->requests += req.requests;
+        s->requests += requests;
         s->labels_skipped += info.labels_skipped;
         s->last_locations = info.locations;
         s->last_functions = info.functions;

@@ -3,18 +3,20 @@
  * How: the pprof is inflated (when gzipped) and unpacked with the generated pprof code. Every
  * output message lives in one arena freed after packing; the dictionary's tables are growable
  * arrays of pointers, and each table is deduplicated by an open-addressing hash map from the
- * entry's bytes (a string, or the indices that make the entry) to its index. Output strings
- * point into the unpacked pprof (alive until packing) or into the arena.
+ * entry's bytes (a string, or the indices that make the entry) to its index (the arena, the
+ * tables and the maps: mw_otlp_tables.h; gzip, UTF-8 and hex: mw_otlp_codec.h, which also
+ * defines mw_otlp_gzip). Output strings point into the unpacked pprof (alive until packing) or
+ * into the arena.
  */
 #include "mw_otlp.h"
 
 #include <json-c/json.h>
-#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <zlib.h>
 
+#include "mw_otlp_codec.h"
+#include "mw_otlp_tables.h"
 #include "opentelemetry/proto/collector/profiles/v1development/profiles_service.pb-c.h"
 #include "profile.pb-c.h"
 
@@ -43,123 +45,13 @@ typedef Perftools__Profiles__Profile pprof_t;
 #define SPAN_HEX 16
 #define TRACE_HEX 32
 
-/* ---------------------------------------------------------------- arena */
-
-typedef struct chunk {
-    struct chunk *next;
-    size_t used, cap;
-    _Alignas(16) unsigned char data[];
-} chunk_t;
-
-typedef struct {
-    chunk_t *head;
-} arena_t;
-
-/* n zeroed bytes, 16-aligned, alive until arena_free; NULL when out of memory. */
-static void *arena_alloc(arena_t *a, size_t n) {
-    n = (n + 15) & ~(size_t)15;
-    if (n == 0) n = 16;
-    chunk_t *c = a->head;
-    if (!c || c->cap - c->used < n) {
-        size_t cap = n > (1u << 16) ? n : (1u << 16);
-        c = calloc(1, sizeof(chunk_t) + cap);
-        if (!c) return NULL;
-        c->cap = cap;
-        c->next = a->head;
-        a->head = c;
-    }
-    void *p = c->data + c->used;
-    c->used += n;
-    return p;
-}
-
-static void arena_free(arena_t *a) {
-    for (chunk_t *c = a->head, *next; c; c = next) {
-        next = c->next;
-        free(c);
-    }
-    a->head = NULL;
-}
-
-/* ---------------------------------------------------------------- growable pointer table */
-
-typedef struct {
-    void **v;
-    size_t n, cap;
-} vec_t;
-
-static int vec_push(vec_t *t, void *p) {
-    if (t->n == t->cap) {
-        size_t cap = t->cap ? t->cap * 2 : 64;
-        void **v = realloc(t->v, cap * sizeof(*v));
-        if (!v) return -1;
-        t->v = v;
-        t->cap = cap;
-    }
-    t->v[t->n++] = p;
-    return 0;
-}
-
-/* ---------------------------------------------------------------- hash map: bytes -> index */
-
-typedef struct {
-    const unsigned char *key; /* in the arena; NULL = empty slot */
-    size_t len;
-    uint64_t hash;
-    int32_t val;
-} slot_t;
-
-typedef struct {
-    slot_t *slots;
-    size_t cap, n; /* cap: a power of 2 */
-} imap_t;
-
-static uint64_t hash_bytes(const void *p, size_t n) { /* FNV-1a, 64 bits */
-    const unsigned char *b = p;
-    uint64_t h = 1469598103934665603ULL;
-    for (size_t i = 0; i < n; i++)
-        h = (h ^ b[i]) * 1099511628211ULL;
-    return h;
-}
-
-static int imap_grow(imap_t *m) {
-    size_t cap = m->cap ? m->cap * 2 : 256;
-    slot_t *s = calloc(cap, sizeof(*s));
-    if (!s) return -1;
-    for (size_t i = 0; i < m->cap; i++) {
-        if (!m->slots[i].key) continue;
-        size_t j = m->slots[i].hash & (cap - 1);
-        while (s[j].key)
-            j = (j + 1) & (cap - 1);
-        s[j] = m->slots[i];
-    }
-    free(m->slots);
-    m->slots = s;
-    m->cap = cap;
-    return 0;
-}
-
-/* The index stored for key, or -1 with *slot where it would go. */
-static int32_t imap_get(const imap_t *m, const void *key, size_t len, uint64_t h, size_t *slot) {
-    size_t j = h & (m->cap - 1);
-    while (m->slots[j].key) {
-        const slot_t *s = &m->slots[j];
-        if (s->hash == h && s->len == len && memcmp(s->key, key, len) == 0) return s->val;
-        j = (j + 1) & (m->cap - 1);
-    }
-    *slot = j;
-    return -1;
-}
-
-/* ---------------------------------------------------------------- the conversion */
-
 typedef struct {
     const pprof_t *p;
-    arena_t arena;
+    mw_otlp_arena_t arena;
     const char *why;
     /* the dictionary's tables */
-    vec_t strings, functions, locations, stacks, attrs, links;
-    imap_t str_map, fn_map, loc_map, stack_map, attr_map, link_map, span_map;
+    mw_otlp_vec_t strings, functions, locations, stacks, attrs, links;
+    mw_otlp_imap_t str_map, fn_map, loc_map, stack_map, attr_map, link_map, span_map;
     /* pprof -> dictionary */
     int32_t *str_idx;      /* pprof string index -> string_table index (-1: not yet) */
     unsigned char *str_ok; /* pprof string index -> 0 unchecked, 1 UTF-8, 2 not UTF-8 */
@@ -178,26 +70,23 @@ static int fail(conv_t *c, const char *why) {
  * the index or -1 (c->why set). */
 typedef int32_t (*make_fn)(conv_t *c, void *ctx);
 
-static int32_t intern(conv_t *c, imap_t *m, const void *key, size_t len, make_fn make, void *ctx) {
-    if (m->n * 2 >= m->cap && imap_grow(m) != 0) return fail(c, "out of memory");
-    uint64_t h = hash_bytes(key, len);
+static int32_t intern(conv_t *c, mw_otlp_imap_t *m, const void *key, size_t len, make_fn make,
+                      void *ctx) {
+    if (mw_otlp_imap_reserve(m) != 0) return fail(c, "out of memory");
+    uint64_t h = mw_otlp_hash_bytes(key, len);
     size_t slot = 0;
-    int32_t v = imap_get(m, key, len, h, &slot);
+    int32_t v = mw_otlp_imap_get(m, key, len, h, &slot);
     if (v >= 0) return v;
-    unsigned char *copy = arena_alloc(&c->arena, len ? len : 1);
-    if (!copy) return fail(c, "out of memory");
-    memcpy(copy, key, len);
     v = make(c, ctx);
     if (v < 0) return -1;
-    m->slots[slot] = (slot_t){.key = copy, .len = len, .hash = h, .val = v};
-    m->n++;
+    if (mw_otlp_imap_set(m, &c->arena, slot, key, len, h, v) != 0) return fail(c, "out of memory");
     return v;
 }
 
-static int32_t push_entry(conv_t *c, vec_t *t, void *msg) {
+static int32_t push_entry(conv_t *c, mw_otlp_vec_t *t, void *msg) {
     if (!msg) return fail(c, "out of memory");
     if (t->n >= INT32_MAX) return fail(c, "the profile has more than 2^31 dictionary entries");
-    if (vec_push(t, msg) != 0) return fail(c, "out of memory");
+    if (mw_otlp_vec_push(t, msg) != 0) return fail(c, "out of memory");
     return (int32_t)(t->n - 1);
 }
 
@@ -210,35 +99,6 @@ static int32_t str_of(conv_t *c, const char *s) {
     return intern(c, &c->str_map, s, strlen(s), make_string, (void *)s);
 }
 
-/* 1 when s is well-formed UTF-8 (RFC 3629: no overlongs, surrogates or code points past
- * U+10FFFF), as protobuf requires of strings. */
-static int utf8_valid(const unsigned char *s) {
-    while (*s) {
-        unsigned char b = *s;
-        size_t n;
-        uint32_t cp, min;
-        if (b < 0x80) {
-            s++;
-            continue;
-        } else if ((b & 0xe0) == 0xc0) {
-            n = 1, cp = b & 0x1f, min = 0x80;
-        } else if ((b & 0xf0) == 0xe0) {
-            n = 2, cp = b & 0x0f, min = 0x800;
-        } else if ((b & 0xf8) == 0xf0) {
-            n = 3, cp = b & 0x07, min = 0x10000;
-        } else {
-            return 0;
-        }
-        for (size_t i = 1; i <= n; i++) {
-            if ((s[i] & 0xc0) != 0x80) return 0; /* also stops at the NUL */
-            cp = (cp << 6) | (s[i] & 0x3f);
-        }
-        if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return 0;
-        s += n + 1;
-    }
-    return 1;
-}
-
 /* The pprof's string i, checked (index in range, UTF-8). */
 static const char *pstr(conv_t *c, int64_t i) {
     if (i < 0 || (uint64_t)i >= c->p->n_string_table) {
@@ -246,7 +106,7 @@ static const char *pstr(conv_t *c, int64_t i) {
         return NULL;
     }
     if (c->str_ok[i] == 0)
-        c->str_ok[i] = utf8_valid((const unsigned char *)c->p->string_table[i]) ? 1 : 2;
+        c->str_ok[i] = mw_otlp_utf8_valid((const unsigned char *)c->p->string_table[i]) ? 1 : 2;
     if (c->str_ok[i] == 2) {
         fail(c, "a pprof string is not valid UTF-8");
         return NULL;
@@ -262,13 +122,6 @@ static int32_t pstr_idx(conv_t *c, int64_t i) {
     return c->str_idx[i];
 }
 
-static char *arena_strdup(conv_t *c, const char *s) {
-    size_t n = strlen(s) + 1;
-    char *d = arena_alloc(&c->arena, n);
-    if (d) memcpy(d, s, n);
-    return d;
-}
-
 /* -- functions, locations, stacks, attributes, links */
 
 typedef struct {
@@ -277,7 +130,7 @@ typedef struct {
 
 static int32_t make_function(conv_t *c, void *ctx) {
     const fn_key_t *k = ctx;
-    otlp_function_t *f = arena_alloc(&c->arena, sizeof(*f));
+    otlp_function_t *f = mw_otlp_arena_alloc(&c->arena, sizeof(*f));
     if (!f) return fail(c, "out of memory");
     opentelemetry__proto__profiles__v1development__function__init(f);
     f->name_strindex = f->system_name_strindex = k->name;
@@ -300,9 +153,9 @@ typedef struct {
 
 static int32_t make_location(conv_t *c, void *ctx) {
     const loc_key_t *k = ctx;
-    otlp_location_t *l = arena_alloc(&c->arena, sizeof(*l));
-    otlp_line_t *ln = arena_alloc(&c->arena, sizeof(*ln));
-    otlp_line_t **lines = arena_alloc(&c->arena, sizeof(*lines));
+    otlp_location_t *l = mw_otlp_arena_alloc(&c->arena, sizeof(*l));
+    otlp_line_t *ln = mw_otlp_arena_alloc(&c->arena, sizeof(*ln));
+    otlp_line_t **lines = mw_otlp_arena_alloc(&c->arena, sizeof(*lines));
     if (!l || !ln || !lines) return fail(c, "out of memory");
     opentelemetry__proto__profiles__v1development__location__init(l);
     opentelemetry__proto__profiles__v1development__line__init(ln);
@@ -326,8 +179,8 @@ typedef struct {
 
 static int32_t make_stack(conv_t *c, void *ctx) {
     const stack_ctx_t *k = ctx;
-    otlp_stack_t *s = arena_alloc(&c->arena, sizeof(*s));
-    int32_t *idx = arena_alloc(&c->arena, k->n * sizeof(*idx));
+    otlp_stack_t *s = mw_otlp_arena_alloc(&c->arena, sizeof(*s));
+    int32_t *idx = mw_otlp_arena_alloc(&c->arena, k->n * sizeof(*idx));
     if (!s || !idx) return fail(c, "out of memory");
     opentelemetry__proto__profiles__v1development__stack__init(s);
     memcpy(idx, k->idx, k->n * sizeof(*idx));
@@ -343,8 +196,8 @@ typedef struct {
 
 static int32_t make_attr(conv_t *c, void *ctx) {
     const attr_ctx_t *k = ctx;
-    otlp_kvu_t *a = arena_alloc(&c->arena, sizeof(*a));
-    otlp_any_t *v = arena_alloc(&c->arena, sizeof(*v));
+    otlp_kvu_t *a = mw_otlp_arena_alloc(&c->arena, sizeof(*a));
+    otlp_any_t *v = mw_otlp_arena_alloc(&c->arena, sizeof(*v));
     if (!a || !v) return fail(c, "out of memory");
     opentelemetry__proto__profiles__v1development__key_value_and_unit__init(a);
     opentelemetry__proto__common__v1__any_value__init(v);
@@ -357,8 +210,8 @@ static int32_t make_attr(conv_t *c, void *ctx) {
 
 static int32_t make_link(conv_t *c, void *ctx) {
     const unsigned char *k = ctx; /* 16 bytes trace, 8 bytes span */
-    otlp_link_t *l = arena_alloc(&c->arena, sizeof(*l));
-    unsigned char *b = arena_alloc(&c->arena, 24);
+    otlp_link_t *l = mw_otlp_arena_alloc(&c->arena, sizeof(*l));
+    unsigned char *b = mw_otlp_arena_alloc(&c->arena, 24);
     if (!l || !b) return fail(c, "out of memory");
     opentelemetry__proto__profiles__v1development__link__init(l);
     memcpy(b, k, 24);
@@ -370,19 +223,6 @@ static int32_t make_link(conv_t *c, void *ctx) {
 }
 
 /* -- the mw:spans comments */
-
-static int hex_bytes(const char *s, size_t nhex, unsigned char *out) {
-    for (size_t i = 0; i < nhex; i++) {
-        char ch = s[i];
-        int v = (ch >= '0' && ch <= '9') ? ch - '0' : (ch >= 'a' && ch <= 'f') ? ch - 'a' + 10 : -1;
-        if (v < 0) return -1;
-        if (i % 2 == 0)
-            out[i / 2] = (unsigned char)(v << 4);
-        else
-            out[i / 2] |= (unsigned char)v;
-    }
-    return s[nhex] == '\0' ? 0 : -1;
-}
 
 static int32_t make_trace(conv_t *c, void *ctx) {
     if (c->n_traces == c->cap_traces) {
@@ -406,8 +246,9 @@ static int read_spans_comment(conv_t *c, const char *text) {
     if (ok) {
         json_object_object_foreach(doc, k1, v1) {
             if (!json_object_is_type(v1, json_type_string) || strlen(k1) != SPAN_HEX ||
-                hex_bytes(k1, SPAN_HEX, span) != 0 || json_object_get_string_len(v1) != TRACE_HEX ||
-                hex_bytes(json_object_get_string(v1), TRACE_HEX, trace) != 0) {
+                mw_otlp_hex_bytes(k1, SPAN_HEX, span) != 0 ||
+                json_object_get_string_len(v1) != TRACE_HEX ||
+                mw_otlp_hex_bytes(json_object_get_string(v1), TRACE_HEX, trace) != 0) {
                 ok = 0;
                 break;
             }
@@ -416,15 +257,15 @@ static int read_spans_comment(conv_t *c, const char *text) {
     int rc = 0;
     if (ok) {
         json_object_object_foreach(doc, k2, v2) {
-            hex_bytes(json_object_get_string(v2), TRACE_HEX, trace);
+            mw_otlp_hex_bytes(json_object_get_string(v2), TRACE_HEX, trace);
             /* a later comment's trace for the same span wins, as in middleware.pprof */
-            if (c->span_map.n * 2 >= c->span_map.cap && imap_grow(&c->span_map) != 0) {
+            if (mw_otlp_imap_reserve(&c->span_map) != 0) {
                 rc = fail(c, "out of memory");
                 break;
             }
-            uint64_t h = hash_bytes(k2, SPAN_HEX);
+            uint64_t h = mw_otlp_hash_bytes(k2, SPAN_HEX);
             size_t slot = 0;
-            int32_t at = imap_get(&c->span_map, k2, SPAN_HEX, h, &slot);
+            int32_t at = mw_otlp_imap_get(&c->span_map, k2, SPAN_HEX, h, &slot);
             if (at >= 0) {
                 memcpy(c->traces[at], trace, 16);
                 continue;
@@ -511,7 +352,7 @@ static int read_locations(conv_t *c, const idpos_t *fns, const idpos_t *maps) {
         if (loc->mapping_id && (mpos = find_id(maps, p->n_mapping, loc->mapping_id)) < 0)
             return fail(c, "a pprof location refers to a missing mapping");
         size_t n = loc->n_line ? loc->n_line : 1;
-        int32_t *fr = arena_alloc(&c->arena, n * sizeof(*fr));
+        int32_t *fr = mw_otlp_arena_alloc(&c->arena, n * sizeof(*fr));
         if (!fr) return fail(c, "out of memory");
         for (size_t j = 0; j < loc->n_line; j++) {
             long fpos = find_id(fns, p->n_function, loc->line[j]->function_id);
@@ -525,7 +366,7 @@ static int read_locations(conv_t *c, const idpos_t *fns, const idpos_t *maps) {
         if (loc->n_line == 0) { /* an unsymbolized address */
             char addr[24];
             snprintf(addr, sizeof(addr), "0x%llx", (unsigned long long)loc->address);
-            const char *name = arena_strdup(c, addr);
+            const char *name = mw_otlp_arena_strdup(&c->arena, addr);
             const char *file = mpos >= 0 ? pstr(c, p->mapping[mpos]->filename) : "";
             if (!name || !file) return name ? -1 : fail(c, "out of memory");
             int32_t fi = function_of(c, name, file);
@@ -567,7 +408,7 @@ static int convert_sample(conv_t *c, const Perftools__Profiles__Sample *s, const
         return -1;
 
     out->link = 0;
-    out->attrs = arena_alloc(&c->arena, (s->n_label ? s->n_label : 1) * sizeof(int32_t));
+    out->attrs = mw_otlp_arena_alloc(&c->arena, (s->n_label ? s->n_label : 1) * sizeof(int32_t));
     if (!out->attrs) return fail(c, "out of memory");
     out->n_attrs = 0;
     for (size_t i = 0; i < s->n_label; i++) {
@@ -582,14 +423,15 @@ static int convert_sample(conv_t *c, const Perftools__Profiles__Sample *s, const
             if (!unit) return -1;
             char buf[96];
             snprintf(buf, sizeof(buf), "%lld%s%.64s", (long long)l->num, unit[0] ? " " : "", unit);
-            if (!(val = arena_strdup(c, buf))) return fail(c, "out of memory");
+            if (!(val = mw_otlp_arena_strdup(&c->arena, buf))) return fail(c, "out of memory");
         }
         if (strcmp(key, "span_id") == 0 && out->link == 0 && strlen(val) == SPAN_HEX &&
             c->span_map.cap) {
             size_t slot = 0;
-            int32_t t = imap_get(&c->span_map, val, SPAN_HEX, hash_bytes(val, SPAN_HEX), &slot);
+            int32_t t = mw_otlp_imap_get(&c->span_map, val, SPAN_HEX,
+                                         mw_otlp_hash_bytes(val, SPAN_HEX), &slot);
             unsigned char lk[24];
-            if (t >= 0 && hex_bytes(val, SPAN_HEX, lk + 16) == 0) {
+            if (t >= 0 && mw_otlp_hex_bytes(val, SPAN_HEX, lk + 16) == 0) {
                 memcpy(lk, c->traces[t], 16);
                 if ((out->link = intern(c, &c->link_map, lk, 24, make_link, lk)) < 0) return -1;
                 continue;
@@ -605,28 +447,14 @@ static int convert_sample(conv_t *c, const Perftools__Profiles__Sample *s, const
     return 0;
 }
 
-/* Registers key -> val in m (when absent). 0, or -1 (c->why). */
-static int imap_put(conv_t *c, imap_t *m, const void *key, size_t len, int32_t val) {
-    if (m->n * 2 >= m->cap && imap_grow(m) != 0) return fail(c, "out of memory");
-    uint64_t h = hash_bytes(key, len);
-    size_t slot = 0;
-    if (imap_get(m, key, len, h, &slot) >= 0) return 0;
-    unsigned char *copy = arena_alloc(&c->arena, len ? len : 1);
-    if (!copy) return fail(c, "out of memory");
-    memcpy(copy, key, len);
-    m->slots[slot] = (slot_t){.key = copy, .len = len, .hash = h, .val = val};
-    m->n++;
-    return 0;
-}
-
 /* The tables' entries 0 (zero values); the empty stack and the all-zero link map to them. */
 static int zero_entries(conv_t *c, otlp_mapping_t **mapping0) {
-    otlp_mapping_t *m = arena_alloc(&c->arena, sizeof(*m));
-    otlp_location_t *l = arena_alloc(&c->arena, sizeof(*l));
-    otlp_function_t *f = arena_alloc(&c->arena, sizeof(*f));
-    otlp_link_t *k = arena_alloc(&c->arena, sizeof(*k));
-    otlp_kvu_t *a = arena_alloc(&c->arena, sizeof(*a));
-    otlp_stack_t *s = arena_alloc(&c->arena, sizeof(*s));
+    otlp_mapping_t *m = mw_otlp_arena_alloc(&c->arena, sizeof(*m));
+    otlp_location_t *l = mw_otlp_arena_alloc(&c->arena, sizeof(*l));
+    otlp_function_t *f = mw_otlp_arena_alloc(&c->arena, sizeof(*f));
+    otlp_link_t *k = mw_otlp_arena_alloc(&c->arena, sizeof(*k));
+    otlp_kvu_t *a = mw_otlp_arena_alloc(&c->arena, sizeof(*a));
+    otlp_stack_t *s = mw_otlp_arena_alloc(&c->arena, sizeof(*s));
     if (!m || !l || !f || !k || !a || !s) return fail(c, "out of memory");
     opentelemetry__proto__profiles__v1development__mapping__init(m);
     opentelemetry__proto__profiles__v1development__location__init(l);
@@ -638,8 +466,9 @@ static int zero_entries(conv_t *c, otlp_mapping_t **mapping0) {
     if (str_of(c, "") != 0 || push_entry(c, &c->locations, l) != 0 ||
         push_entry(c, &c->functions, f) != 0 || push_entry(c, &c->links, k) != 0 ||
         push_entry(c, &c->attrs, a) != 0 || push_entry(c, &c->stacks, s) != 0 ||
-        imap_put(c, &c->stack_map, "", 0, 0) != 0 || imap_put(c, &c->link_map, zero, 24, 0) != 0)
-        return -1;
+        mw_otlp_imap_put(&c->stack_map, &c->arena, "", 0, 0) != 0 ||
+        mw_otlp_imap_put(&c->link_map, &c->arena, zero, 24, 0) != 0)
+        return fail(c, "out of memory"); /* keeps the reason of a failure before */
     *mapping0 = m;
     return 0;
 }
@@ -647,8 +476,8 @@ static int zero_entries(conv_t *c, otlp_mapping_t **mapping0) {
 /* -- the resource */
 
 static otlp_kv_t *kv_new(conv_t *c, const char *key) {
-    otlp_kv_t *kv = arena_alloc(&c->arena, sizeof(*kv));
-    otlp_any_t *v = arena_alloc(&c->arena, sizeof(*v));
+    otlp_kv_t *kv = mw_otlp_arena_alloc(&c->arena, sizeof(*kv));
+    otlp_any_t *v = mw_otlp_arena_alloc(&c->arena, sizeof(*v));
     if (!kv || !v) return NULL;
     opentelemetry__proto__common__v1__key_value__init(kv);
     opentelemetry__proto__common__v1__any_value__init(v);
@@ -686,8 +515,8 @@ static int64_t profile_pid(const pprof_t *p, int64_t fallback) {
 
 static otlp_resource_t *build_resource(conv_t *c, const mw_otlp_resource_t *res, int64_t pid) {
     size_t cap = 5 + res->n;
-    otlp_kv_t **kvs = arena_alloc(&c->arena, cap * sizeof(*kvs));
-    otlp_resource_t *r = arena_alloc(&c->arena, sizeof(*r));
+    otlp_kv_t **kvs = mw_otlp_arena_alloc(&c->arena, cap * sizeof(*kvs));
+    otlp_resource_t *r = mw_otlp_arena_alloc(&c->arena, sizeof(*r));
     if (!kvs || !r) return NULL;
     opentelemetry__proto__resource__v1__resource__init(r);
     const char *ver = res->sdk_version ? res->sdk_version : "";
@@ -722,71 +551,21 @@ static otlp_resource_t *build_resource(conv_t *c, const mw_otlp_resource_t *res,
 
 /* -- the whole request */
 
-static int inflate_all(const unsigned char *in, size_t len, unsigned char **out, size_t *out_len,
-                       const char **why) {
-    z_stream z;
-    memset(&z, 0, sizeof(z));
-    if (inflateInit2(&z, 15 + 32) != Z_OK) return *why = "zlib failed", -1;
-    size_t cap = len * 4 + 4096, n = 0;
-    unsigned char *buf = malloc(cap);
-    int rc = Z_OK;
-    z.next_in = (unsigned char *)in;
-    while (buf && rc != Z_STREAM_END) {
-        if (n == cap) {
-            if (cap >= MW_OTLP_MAX_PPROF_BYTES) {
-                *why = "the inflated pprof is larger than the limit";
-                break;
-            }
-            cap = cap * 2 < MW_OTLP_MAX_PPROF_BYTES ? cap * 2 : MW_OTLP_MAX_PPROF_BYTES;
-            unsigned char *b = realloc(buf, cap);
-            if (!b) break;
-            buf = b;
-        }
-        size_t in_left = len - (size_t)(z.next_in - in);
-        z.avail_in = in_left > UINT_MAX ? UINT_MAX : (unsigned)in_left;
-        size_t room = cap - n;
-        z.avail_out = room > UINT_MAX ? UINT_MAX : (unsigned)room;
-        z.next_out = buf + n;
-        unsigned before = z.avail_out;
-        rc = inflate(&z, Z_NO_FLUSH);
-        n += before - z.avail_out;
-        if (rc == Z_BUF_ERROR && z.avail_out > 0) { /* no more input before the end */
-            *why = "the gzipped pprof is truncated";
-            break;
-        }
-        if (rc != Z_OK && rc != Z_STREAM_END && rc != Z_BUF_ERROR) {
-            *why = "the pprof is not valid gzip";
-            break;
-        }
-    }
-    inflateEnd(&z);
-    if (rc != Z_STREAM_END) {
-        if (!buf)
-            *why = "out of memory";
-        else if (!*why)
-            *why = "out of memory";
-        free(buf);
-        return -1;
-    }
-    *out = buf;
-    *out_len = n;
-    return 0;
-}
-
 static void conv_free(conv_t *c) {
-    vec_t *v[] = {&c->strings, &c->functions, &c->locations, &c->stacks, &c->attrs, &c->links};
+    mw_otlp_vec_t *v[] = {&c->strings, &c->functions, &c->locations,
+                          &c->stacks,  &c->attrs,     &c->links};
     for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++)
-        free(v[i]->v);
-    imap_t *m[] = {&c->str_map,  &c->fn_map,   &c->loc_map, &c->stack_map,
-                   &c->attr_map, &c->link_map, &c->span_map};
+        mw_otlp_vec_free(v[i]);
+    mw_otlp_imap_t *m[] = {&c->str_map,  &c->fn_map,   &c->loc_map, &c->stack_map,
+                           &c->attr_map, &c->link_map, &c->span_map};
     for (size_t i = 0; i < sizeof(m) / sizeof(m[0]); i++)
-        free(m[i]->slots);
+        mw_otlp_imap_free(m[i]);
     free(c->str_idx);
     free(c->str_ok);
     free(c->loc_frames);
     free(c->loc_nframes);
     free(c->traces);
-    arena_free(&c->arena);
+    mw_otlp_arena_free(&c->arena);
 }
 
 /* Builds and packs the request from c->p. */
@@ -829,7 +608,7 @@ static int build(conv_t *c, const mw_otlp_resource_t *res, int64_t pid_fallback,
 
     /* one Profile per sample type */
     size_t nt = p->n_sample_type;
-    otlp_profile_t **profs = arena_alloc(&c->arena, nt * sizeof(*profs));
+    otlp_profile_t **profs = mw_otlp_arena_alloc(&c->arena, nt * sizeof(*profs));
     if (!profs) {
         fail(c, "out of memory");
         goto out;
@@ -838,9 +617,9 @@ static int build(conv_t *c, const mw_otlp_resource_t *res, int64_t pid_fallback,
     int32_t pt_type = pt ? pstr_idx(c, pt->type) : 0, pt_unit = pt ? pstr_idx(c, pt->unit) : 0;
     if (pt_type < 0 || pt_unit < 0) goto out;
     for (size_t t = 0; t < nt; t++) {
-        otlp_profile_t *pr = arena_alloc(&c->arena, sizeof(*pr));
-        otlp_vt_t *st = arena_alloc(&c->arena, sizeof(*st));
-        otlp_vt_t *ptv = arena_alloc(&c->arena, sizeof(*ptv));
+        otlp_profile_t *pr = mw_otlp_arena_alloc(&c->arena, sizeof(*pr));
+        otlp_vt_t *st = mw_otlp_arena_alloc(&c->arena, sizeof(*st));
+        otlp_vt_t *ptv = mw_otlp_arena_alloc(&c->arena, sizeof(*ptv));
         if (!pr || !st || !ptv) {
             fail(c, "out of memory");
             goto out;
@@ -861,9 +640,9 @@ static int build(conv_t *c, const mw_otlp_resource_t *res, int64_t pid_fallback,
         size_t ns = 0;
         for (size_t i = 0; i < p->n_sample; i++)
             ns += p->sample[i]->value[t] != 0;
-        otlp_sample_t **ss = arena_alloc(&c->arena, (ns ? ns : 1) * sizeof(*ss));
-        otlp_sample_t *sv = arena_alloc(&c->arena, (ns ? ns : 1) * sizeof(*sv));
-        int64_t *vals = arena_alloc(&c->arena, (ns ? ns : 1) * sizeof(*vals));
+        otlp_sample_t **ss = mw_otlp_arena_alloc(&c->arena, (ns ? ns : 1) * sizeof(*ss));
+        otlp_sample_t *sv = mw_otlp_arena_alloc(&c->arena, (ns ? ns : 1) * sizeof(*sv));
+        int64_t *vals = mw_otlp_arena_alloc(&c->arena, (ns ? ns : 1) * sizeof(*vals));
         if (!ss || !sv || !vals) {
             fail(c, "out of memory");
             goto out;
@@ -960,7 +739,7 @@ int mw_otlp_from_pprof(const void *pprof, size_t len, const mw_otlp_resource_t *
     unsigned char *plain = NULL;
     size_t plain_len = len;
     if (len >= 2 && in[0] == 0x1f && in[1] == 0x8b) {
-        if (inflate_all(in, len, &plain, &plain_len, why) != 0) return -1;
+        if (mw_otlp_inflate_pprof(in, len, &plain, &plain_len, why) != 0) return -1;
         in = plain;
     } else if (len > MW_OTLP_MAX_PPROF_BYTES) {
         return *why = "the pprof is larger than the limit", -1;
@@ -976,31 +755,4 @@ int mw_otlp_from_pprof(const void *pprof, size_t len, const mw_otlp_resource_t *
     conv_free(&c);
     perftools__profiles__profile__free_unpacked(p, NULL);
     return rc;
-}
-
-int mw_otlp_gzip(const void *in, size_t n, unsigned char **out, size_t *out_len) {
-    if ((uint64_t)n >= UINT_MAX) return -1;
-    z_stream z;
-    memset(&z, 0, sizeof(z));
-    if (deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY) != Z_OK)
-        return -1;
-    uLong cap = deflateBound(&z, (uLong)n);
-    unsigned char *buf = malloc(cap);
-    if (!buf) {
-        deflateEnd(&z);
-        return -1;
-    }
-    z.next_in = (unsigned char *)in;
-    z.avail_in = (unsigned)n;
-    z.next_out = buf;
-    z.avail_out = (unsigned)cap;
-    int rc = deflate(&z, Z_FINISH);
-    *out_len = (size_t)z.total_out;
-    deflateEnd(&z);
-    if (rc != Z_STREAM_END) {
-        free(buf);
-        return -1;
-    }
-    *out = buf;
-    return 0;
 }

@@ -1,12 +1,14 @@
 /* mw_upload_ctx — the context of one uploader thread, shared by the uploader's files.
  *
- * The uploader (contract in mw_upload.h) is built from four files, one concern each:
+ * The uploader (contract in mw_upload.h) is built from five files, one concern each:
  *   mw_upload.c         the queue, the uploader thread and its lifecycle (start, stop, fork)
+ *   mw_upload_config.c  the uploader's copy of its configuration: checks, defaults, freeing
  *   mw_upload_http.c    HTTP: libcurl, the profile request, status classes, backoff, Retry-After
  *   mw_upload_tenant.c  the tenant: API key -> tenant exchange, {tenant} in the server URL
  *   mw_upload_json.c    reading the exchange's JSON answer (json-c)
- * and, for the OTLP exporter, mw_otlp.c (pprof -> OTLP request, a pure function).
- * This header holds what the first three share: the uploader's copy of its configuration and
+ * and, for the OTLP exporter, mw_otlp.c (pprof -> OTLP request, a pure function; with
+ * mw_otlp_tables.c and mw_otlp_codec.c).
+ * This header holds what the first four share: the uploader's copy of its configuration and
  * the context of the uploader thread (mw_uploader_t), plus two clock helpers.
  *
  * Memory and threads
@@ -30,7 +32,8 @@
 
 #define MW_NS_PER_S 1000000000LL
 
-/* The configuration, copied by mw_upload_start() with the defaults of mw_upload.h applied. */
+/* The configuration, copied by mw_upload_start() with the defaults of mw_upload.h applied
+ * (mw_upload_config.h). */
 typedef struct mw_upload_cfg {
     char *server_url, *app_name, *tags, *tenant_id, *auth_url, *api_key, *bearer_token, *basic_user,
         *basic_password, *spy_name, *user_agent, *ca_file, *ca_path;

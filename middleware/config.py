@@ -672,6 +672,7 @@ def _resolve_otlp(get: Callable[..., Any], env: Mapping[str, str], service: str 
         app_name=get("service_name", service),
         spy_name=get("spy_name", None),
         user_agent=get("user_agent", user_agent, _user_agent()),
+        **transport,
         exporter="otlp",
         otlp_headers=get("otlp_headers", None),
         otlp_gzip=get("otlp_compression", None) == "gzip",

@@ -235,6 +235,16 @@ def test_a_bad_value_is_the_default_on_both_sides_and_is_said_once(var, caplog):
     assert u == resolve_upload_config(env=unset)
 
 
+def test_the_transport_settings_reach_both_exporters():
+    # queue, timeouts, backoff and CA files apply whichever exporter sends the profiles
+    given = dict(queue_max=3, connect_timeout_s=0.5, total_timeout_s=2.0, backoff_initial_s=0.1, backoff_max_s=0.4,
+                 ca_path=str(ROOT / "tests"))
+    for env in ({**BACKEND}, {"MW_PROFILING_EXPORTER": "otlp"}):
+        u = resolve_upload_config(env=env, **given)
+        assert u is not None
+        assert {k: getattr(u, k) for k in given} == given, env
+
+
 def test_secrets_are_never_shown(caplog):
     with caplog.at_level(logging.WARNING, logger="middleware"):
         resolve_upload_config(env={"MW_API_KEY": "SECRET1\x01", "MW_PROFILING_SERVER_URL": "http://h"},
