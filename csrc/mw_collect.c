@@ -1,6 +1,7 @@
 /* mw_collect — see mw_collect.h. */
 #include "mw_collect.h"
 
+#include "mw_labels.h"
 #include "mw_sampler.h"
 
 #include <pthread.h>
@@ -28,6 +29,7 @@ mw_profbuf_t *mw_collect_rotate(int64_t *t_start, int64_t *t_end) {
     mw_profbuf_t *out = NULL;
     if (!g_spare) g_spare = mw_sampler_new_buffer(); /* e.g. a fork child whose spare was away */
     if (g_spare && g_cumulative) {
+        mw_labels_window_rotated(); /* before the swap: a span set released now waits for it */
         out = mw_sampler_swap(g_spare, t_start, t_end);
         g_spare = NULL;
         if (out) atomic_fetch_add(&g_overflow, mw_profbuf_merge(g_cumulative, out));

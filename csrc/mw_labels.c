@@ -123,23 +123,23 @@ uint32_t mw_labels_take_requests(uint32_t *ids, uint64_t *counts, uint32_t max) 
 
 /* ---- span sets ---------------------------------------------------------------------------- */
 
-#define SPAN_IDX_BITS 14
+#define SPAN_IDX_BITS 15
 #define SPAN_IDX_MASK ((1u << SPAN_IDX_BITS) - 1)
 #define SPAN_GEN_MASK ((MW_SPANSET_FLAG - 1) >> SPAN_IDX_BITS)
 _Static_assert(MW_SPANSETS_MAX == 1 << SPAN_IDX_BITS, "span slot index bits");
 
+/* One allocation: the struct, then keys[n] and vals[n], then the span id, trace id and name. */
 typedef struct {
     int n;
-    const char *keys[MW_LABELS_PER_SET + 2];
-    const char *vals[MW_LABELS_PER_SET + 2];
-    char span[17], trace[33], name[MW_SPAN_NAME_MAX + 1];
+    const char **keys, **vals;
+    char *span, *trace, *name;
 } spanset_t;
 
 typedef struct {
     _Atomic uint32_t id;   /* the live id, 0 = free; published after set and base */
     _Atomic uint32_t base; /* the base set's id */
     spanset_t *_Atomic set;
-    uint64_t released; /* window epoch + 1 at release, 0 while owned (g_lock) */
+    uint64_t released; /* windows rotated at release + 1, 0 while owned (g_lock) */
     uint32_t gen;      /* g_lock */
 } span_slot_t;
 
@@ -149,7 +149,7 @@ static uint32_t g_span_free[MW_SPANSETS_MAX]; /* reclaimed slots, a stack (g_loc
 static uint32_t g_span_nfree;
 static uint32_t g_span_ring[MW_SPANSETS_MAX]; /* released slots, oldest first (g_lock) */
 static uint32_t g_span_head, g_span_nring;
-static atomic_uint_fast64_t g_windows_done;
+static atomic_uint_fast64_t g_windows_done, g_windows_rotated;
 static _Atomic int g_spans_on;
 static atomic_uint_fast64_t g_span_created, g_span_refused, g_span_released, g_span_reclaimed;
 
@@ -177,20 +177,27 @@ uint32_t mw_labels_intern_span(uint32_t base, const char *span_id, const char *t
         atomic_fetch_add(&g_span_refused, 1);
         return 0;
     }
-    spanset_t *set = calloc(1, sizeof *set);
-    if (!set) {
-        atomic_fetch_add(&g_span_refused, 1);
-        return 0;
-    }
-    memcpy(set->span, span_id, 17);
-    memcpy(set->trace, trace_id, strlen(trace_id) + 1);
     size_t nl = span_name ? strlen(span_name) : 0;
     if (nl > MW_SPAN_NAME_MAX) {
         nl = MW_SPAN_NAME_MAX;
         while (nl > 0 && ((unsigned char)span_name[nl] & 0xC0) == 0x80)
             nl--; /* not inside a UTF-8 sequence */
     }
-    if (nl) memcpy(set->name, span_name, nl);
+    size_t npairs = (size_t)bn + 2;
+    spanset_t *set = malloc(sizeof *set + 2 * npairs * sizeof(char *) + 17 + 33 + nl + 1);
+    if (!set) {
+        atomic_fetch_add(&g_span_refused, 1);
+        return 0;
+    }
+    set->keys = (const char **)(set + 1);
+    set->vals = set->keys + npairs;
+    set->span = (char *)(set->vals + npairs);
+    set->trace = set->span + 17;
+    set->name = set->trace + 33;
+    memcpy(set->span, span_id, 17);
+    memcpy(set->trace, trace_id, strlen(trace_id) + 1);
+    memcpy(set->name, span_name ? span_name : "", nl);
+    set->name[nl] = 0;
     set->keys[0] = "span_id";
     set->vals[0] = set->span;
     set->n = 1;
@@ -233,7 +240,7 @@ void mw_labels_release_span(uint32_t id) {
     span_slot_t *sl = &g_spans[id & SPAN_IDX_MASK];
     pthread_mutex_lock(&g_lock);
     if (atomic_load(&sl->id) == id && sl->released == 0) {
-        sl->released = atomic_load(&g_windows_done) + 1;
+        sl->released = atomic_load(&g_windows_rotated) + 1;
         g_span_ring[(g_span_head + g_span_nring++) % MW_SPANSETS_MAX] = id & SPAN_IDX_MASK;
         atomic_fetch_add(&g_span_released, 1);
     }
@@ -262,14 +269,19 @@ int mw_labels_span_ids(uint32_t id, const char **span_id, const char **trace_id)
     return 0;
 }
 
+void mw_labels_window_rotated(void) {
+    atomic_fetch_add(&g_windows_rotated, 1);
+}
+
 void mw_labels_window_done(void) {
     uint64_t done = atomic_fetch_add(&g_windows_done, 1) + 1;
     pthread_mutex_lock(&g_lock);
     while (g_span_nring) {
         uint32_t idx = g_span_ring[g_span_head];
         span_slot_t *sl = &g_spans[idx];
-        /* released during window epoch r - 1: that window and the next are encoded by now */
-        if (sl->released + 1 > done) break;
+        /* released while r windows had been rotated: the window then active is the (r + 1)th,
+         * encoded once r + 1 windows are done */
+        if (sl->released > done) break;
         g_span_head = (g_span_head + 1) % MW_SPANSETS_MAX;
         g_span_nring--;
         spanset_t *set = atomic_load(&sl->set);

@@ -42,10 +42,12 @@ uint32_t mw_labels_take_requests(uint32_t *ids, uint64_t *counts, uint32_t max);
  * above). Such ids are per request, so these sets live in a recycled table of their own: ids
  * with MW_SPANSET_FLAG set, a slot index and a generation (a stale id never names another
  * request's set). The owner (the Python object holding the span's label sets) interns, then
- * releases when no context can push the set any more; the slot is reused only once two windows
- * have been exported since the release (mw_labels_window_done), so no buffer still being encoded
- * holds the id, and the sampler's in-flight tick is covered. Full table: interning returns 0
- * (the caller falls back to the base set), counted.
+ * releases when no context can push the set any more (no thread's slot holds it then); the slot
+ * is reused only once the window active at the release has been encoded (mw_labels_window_done),
+ * so no buffer still being encoded holds the id; a sample recorded late (a CPU-timer record
+ * drained after the rotation) holds a stale id at worst, which answers nothing. Full table:
+ * interning returns 0 (the caller falls back to the base set), counted. At the default 10 s
+ * windows the table holds the requests of 10-20 s: about 1,600 traced requests a second.
  *
  * Threads: intern/release from Python threads (GIL held) or any thread (they take the interning
  * mutex); mw_labels_get / mw_labels_span_ids from the exporter (lock-free: the epoch rule keeps
@@ -53,7 +55,7 @@ uint32_t mw_labels_take_requests(uint32_t *ids, uint64_t *counts, uint32_t max);
  * lock-free and async-signal-safe (a stale or released id gives its base or 0, never another
  * request's). Span sets are for CPU and wall windows only: the cumulative buffer, memory and
  * lock-wait profiles store mw_labels_base() of the thread's set. */
-#define MW_SPANSETS_MAX 16384
+#define MW_SPANSETS_MAX 32768
 #define MW_SPANSET_FLAG 0x80000000u
 #define MW_SPAN_NAME_MAX 255
 
@@ -73,8 +75,11 @@ int mw_labels_span_ids(uint32_t id, const char **span_id, const char **trace_id)
  * carry them and the table would never be reclaimed): intern_span returns 0 while disabled (not
  * counted as refused). The exporter enables them when it starts, disables them when it ends. */
 void mw_labels_spans_enable(int on);
-/* Exporter thread: a window's buffer has been encoded and recycled. Reclaims the slots released
- * two windows ago or earlier. */
+/* Window bookkeeping, in order, one exporter: mw_labels_window_rotated before the active window
+ * is swapped out (mw_collect_rotate), mw_labels_window_done once a swapped-out window has been
+ * encoded and recycled. A slot released while r windows had been rotated is reclaimed once r + 1
+ * windows are done: the window active at the release is encoded by then. */
+void mw_labels_window_rotated(void);
 void mw_labels_window_done(void);
 
 typedef struct {

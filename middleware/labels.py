@@ -134,27 +134,32 @@ class SpanId(str):
     (``mw:spans`` comments) so the span's trace can be found from the profile.
     """
 
+    __slots__ = ("trace_id", "span_int", "_ids")
     trace_id: str
-    _ids: dict[tuple[tuple[str, str], ...], int]
+    span_int: int  # the span id as a number (OpenTelemetry's SpanContext.span_id)
+    _ids: dict[int, int]  # base label set's id -> this span's set over it
 
-    def __new__(cls, span_id: str, trace_id: str = "") -> SpanId:
+    def __new__(cls, span_id: str, trace_id: str = "", span_int: int | None = None) -> SpanId:
         self = super().__new__(cls, span_id)
         self.trace_id = trace_id
+        self.span_int = int(span_id, 16) if span_int is None else span_int
         self._ids = {}
         return self
 
     def labelset_id(self, pairs: tuple[tuple[str, str], ...]) -> int:
         """The native id of ``pairs`` (which hold this span id): a span set over the other labels."""
         base = tuple(p for p in pairs if p[0] != "span_id" and p[0] != "span_name")
-        lid = self._ids.get(base)
+        return self.over(_labelset_id(base), next((v for k, v in pairs if k == "span_name"), ""))
+
+    def over(self, base_id: int, name: str) -> int:
+        """The native id of this span (named ``name``) over the label set ``base_id``."""
+        lid = self._ids.get(base_id)
         if lid is None:
-            base_id = _labelset_id(base)
             n = _native()
-            name = next((v for k, v in pairs if k == "span_name"), "")
             lid = int(n.span_labelset(base_id, str(self), self.trace_id, name)) if n is not None else 0
             if lid == 0:  # the span table is full (counted): the request's other labels still hold
                 lid = base_id
-            self._ids[base] = lid
+            self._ids[base_id] = lid
         return lid
 
     def __del__(self) -> None:
@@ -235,13 +240,14 @@ def _unseen_loop() -> str | None:
 _warned_loops: set[str] = set()
 
 
-def _set_slot(state: dict[str, Any], pairs: tuple[tuple[str, str], ...]) -> None:
-    """Writes ``pairs`` to this thread's native slot; ``state`` is ``_applied.__dict__``."""
+def _set_slot(state: dict[str, Any], pairs: tuple[tuple[str, str], ...], lid: int | None = None) -> None:
+    """Writes ``pairs`` (whose native id is ``lid`` when known) to this thread's native slot;
+    ``state`` is ``_applied.__dict__``."""
     n = _native()
     if n is not None:
         # the native id is read each time: a forked child's thread keeps this thread-local
         # state but not its parent's id
-        n.set_thread_labelset(threading.get_native_id(), _labelset_id(pairs))
+        n.set_thread_labelset(threading.get_native_id(), _labelset_id(pairs) if lid is None else lid)
     state["pairs"] = pairs
 
 
@@ -357,7 +363,7 @@ def _wrap_uvloop(uvloop: Any) -> None:
     uvloop.new_event_loop = new_event_loop
 
 
-def _apply(pairs: tuple[tuple[str, str], ...]) -> None:
+def _apply(pairs: tuple[tuple[str, str], ...], lid: int | None = None) -> None:
     if pairs and not getattr(_applied, "depth", 0) and (loop := _unseen_loop()) is not None:
         # Tasks of this loop switch without a callback the hook sees, so a label set pushed here,
         # outside a step of a task the profiler follows, would stay in the thread's slot while
@@ -373,9 +379,10 @@ def _apply(pairs: tuple[tuple[str, str], ...]) -> None:
                 "cannot follow (%s: it takes no task factory) are not attached to samples (they would land "
                 "on other tasks' samples); work those tasks hand to a thread pool keeps them", loop)
         pairs = ()
+        lid = None
     if getattr(_applied, "pairs", None) == pairs:
         return  # the native slot already holds this set
-    _set_slot(_applied.__dict__, pairs)
+    _set_slot(_applied.__dict__, pairs, lid)
 
 
 def install_asyncio_hook() -> bool:
@@ -609,9 +616,9 @@ def push_labels(mapping: Mapping[str, object]) -> contextvars.Token[tuple[tuple[
     return _push(pairs)
 
 
-def _push(pairs: tuple[tuple[str, str], ...]) -> contextvars.Token[tuple[tuple[str, str], ...]]:
+def _push(pairs: tuple[tuple[str, str], ...], lid: int | None = None) -> contextvars.Token[tuple[tuple[str, str], ...]]:
     token = _current.set(pairs)
-    _apply(pairs)
+    _apply(pairs, lid)
     if _asyncio_hook_state == _HOOK_ON_FIRST_LABEL:
         try:
             install_asyncio_hook_when_imported()
@@ -620,18 +627,46 @@ def _push(pairs: tuple[tuple[str, str], ...]) -> contextvars.Token[tuple[tuple[s
     return token
 
 
+def current_span() -> SpanId | None:
+    """The ``span_id`` label active in the current context, if it is a :class:`SpanId`."""
+    for k, v in _current.get():
+        if k == "span_id":
+            return v if isinstance(v, SpanId) else None
+    return None
+
+
 def push_span(span_id: SpanId, span_name: str) -> contextvars.Token[tuple[tuple[str, str], ...]]:
     """:func:`push_labels` of ``span_id``/``span_name`` (the OpenTelemetry integration's, once per
-    request: no name check nor merge cache, both keys are ours)."""
+    request: no name check nor merge cache, both keys are ours). One function on purpose: it runs
+    at every traced request."""
     current = _current.get()
     if current:
         merged = dict(current)
+        other_span = "span_id" in merged  # another span's labels: the generic path strips them
         merged["span_id"] = span_id
         merged["span_name"] = span_name
         pairs = tuple(sorted(merged.items()))
+        base = -1 if other_span else _ids.get(current)
     else:
         pairs = (("span_id", span_id), ("span_name", span_name))
-    return _push(pairs)
+        base = 0
+    token = _current.set(pairs)
+    state = _applied.__dict__
+    n = _native_mod
+    if base is None or base < 0 or n is None or (not state.get("depth") and _unseen_loop() is not None):
+        _apply(pairs)  # the general path
+    else:
+        lid = span_id._ids.get(base)
+        if lid is None:
+            lid = span_id.over(base, span_name)
+        n.set_thread_labelset(threading.get_native_id(), lid)
+        state["pairs"] = pairs
+    if _asyncio_hook_state == _HOOK_ON_FIRST_LABEL:
+        try:
+            install_asyncio_hook_when_imported()
+        except Exception:  # labels must never break the app
+            logger.debug("middleware: could not arrange the asyncio label hook", exc_info=True)
+    return token
 
 
 def pop_labels(token: contextvars.Token[tuple[tuple[str, str], ...]]) -> None:

@@ -54,19 +54,22 @@ def _push_root(context: Any) -> Any:
             return None
         _span_key = propagation._SPAN_KEY
     span: Any = context.get(_span_key) if context is not None else None
-    parent: Any = getattr(span, "parent", False)  # SDK spans have it (None for a root)
-    if span is None or parent is False or (parent is not None and not parent.is_remote) \
-            or not span.is_recording():
+    if span is None:
         return None
     sc = span.get_span_context()
-    if not sc.is_valid:
-        return None
+    current = mw_labels.current_span()
+    if current is not None and current.span_int == sc.span_id:
+        return None  # the same span made current again (an instrumentation's nested use_span)
+    parent: Any = getattr(span, "parent", False)  # SDK spans have it (None for a root)
+    if parent is False or (parent is not None and not parent.is_remote) or not span.is_recording() \
+            or not sc.is_valid:
+        return None  # not a span of the SDK's, a child span (its root's labels hold), not sampled
     span_hex = format(sc.span_id, "016x")
     try:
         span.set_attribute(PROFILE_ID_ATTRIBUTE, span_hex)
     except Exception:  # a span implementation that refuses attributes: the labels still hold
         logger.debug("middleware: could not set %s", PROFILE_ID_ATTRIBUTE, exc_info=True)
-    return mw_labels.push_span(mw_labels.SpanId(span_hex, format(sc.trace_id, "032x")),
+    return mw_labels.push_span(mw_labels.SpanId(span_hex, format(sc.trace_id, "032x"), sc.span_id),
                                str(getattr(span, "name", "")))
 
 

@@ -728,6 +728,7 @@ static void *span_reader(void *arg) {
         uint32_t id = atomic_load((_Atomic uint32_t *)live);
         uint32_t b = mw_labels_base(id);
         CHECK(b == 0 || b == 1); /* its base, or 0 once stale: never another set */
+        mw_labels_window_rotated();
         mw_labels_window_done();
     }
     return NULL;
@@ -750,10 +751,13 @@ static void spansets(void) {
     const char *s2, *t2;
     CHECK(mw_labels_span_ids(id, &s2, &t2) == 0 && !strcmp(s2, span) && !strcmp(t2, trace));
     CHECK(mw_labels_base(id) == base && mw_labels_base(base) == base);
-    /* released: still readable until two windows are done */
+    /* released: still readable until the window active at the release is encoded */
+    mw_labels_window_rotated(); /* window 0 rotated: being encoded */
+    mw_labels_release_span(id); /* during window 1 */
     mw_labels_release_span(id);
-    mw_labels_release_span(id);
-    mw_labels_window_done();
+    mw_labels_window_done(); /* window 0 done */
+    CHECK(mw_labels_get(id, &kk, &vv) == 3);
+    mw_labels_window_rotated(); /* window 1 */
     CHECK(mw_labels_get(id, &kk, &vv) == 3);
     mw_labels_window_done();
     CHECK(mw_labels_get(id, &kk, &vv) == -1 && mw_labels_base(id) == 0);
@@ -792,7 +796,7 @@ static void spansets(void) {
     CHECK(st.refused == refused0 + 1 && st.live == MW_SPANSETS_MAX);
     for (uint32_t i = 0; i < n; i++)
         mw_labels_release_span(ids[i]);
-    mw_labels_window_done();
+    mw_labels_window_rotated();
     mw_labels_window_done();
     mw_labels_span_stats(&st);
     CHECK(st.live == 0 && st.reclaimed == st.released);

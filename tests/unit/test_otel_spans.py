@@ -1,0 +1,114 @@
+"""The OpenTelemetry hook: which spans label samples, and that every label goes back.
+
+In-process, with the real SDK (``opentelemetry-sdk``): the hook wraps ``opentelemetry.context``'s
+attach/detach; the labels pushed are read back with ``middleware.labels.current_labels``.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("opentelemetry.sdk.trace")
+
+from opentelemetry import context as otel_context  # noqa: E402
+from opentelemetry import trace  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags  # noqa: E402
+
+from middleware import labels  # noqa: E402
+from middleware.integrations import otel  # noqa: E402
+
+pytestmark = [pytest.mark.unit]
+
+
+@pytest.fixture(scope="module")
+def tracer() -> Iterator[Any]:
+    otel.install(otel_context)
+    provider = TracerProvider()
+    yield provider.get_tracer("hook-test")
+
+
+def _hex(span: Any) -> str:
+    return format(span.get_span_context().span_id, "016x")
+
+
+def test_a_root_span_labels_its_context_and_children_change_nothing(tracer: Any) -> None:
+    assert labels.current_labels() == {}
+    with tracer.start_as_current_span("root") as root:
+        got = labels.current_labels()
+        assert got == {"span_id": _hex(root), "span_name": "root"}
+        assert root.attributes[otel.PROFILE_ID_ATTRIBUTE] == _hex(root)
+        with tracer.start_as_current_span("child") as child:
+            assert labels.current_labels() == got
+            assert otel.PROFILE_ID_ATTRIBUTE not in (child.attributes or {})
+        with trace.use_span(root):  # the same span made current again: no second push
+            assert labels.current_labels() == got
+        assert labels.current_labels() == got
+    assert labels.current_labels() == {}
+
+
+def test_a_remote_parent_makes_the_server_span_the_local_root(tracer: Any) -> None:
+    remote = SpanContext(trace_id=0x0AF7651916CD43DD8448EB211C80319C, span_id=0xB7AD6B7169203331, is_remote=True,
+                         trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(remote)))
+    try:
+        assert labels.current_labels() == {}  # a remote span is not ours to label
+        with tracer.start_as_current_span("server") as server:
+            assert labels.current_labels()["span_id"] == _hex(server)
+            sid = labels.current_span()
+            assert sid is not None and sid.trace_id == "0af7651916cd43dd8448eb211c80319c"
+    finally:
+        otel_context.detach(token)
+    assert labels.current_labels() == {}
+
+
+def test_span_labels_merge_over_the_requests_own_labels_and_go_back(tracer: Any) -> None:
+    with labels.labels(endpoint="/x"):
+        with tracer.start_as_current_span("GET /x") as root:
+            assert labels.current_labels() == {"endpoint": "/x", "span_id": _hex(root), "span_name": "GET /x"}
+            with labels.labels(customer="acme"):
+                assert labels.current_labels()["span_id"] == _hex(root)
+        assert labels.current_labels() == {"endpoint": "/x"}
+    assert labels.current_labels() == {}
+
+
+def test_threads_and_tasks_each_keep_their_own_root(tracer: Any) -> None:
+    seen: dict[str, str] = {}
+
+    def worker(name: str) -> None:
+        with tracer.start_as_current_span(name) as root:
+            for _ in range(200):
+                assert labels.current_labels()["span_id"] == _hex(root)
+            seen[name] = _hex(root)
+
+    threads = [threading.Thread(target=worker, args=(f"t{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(seen.values())) == 4
+
+    async def task(name: str) -> str:
+        with tracer.start_as_current_span(name) as root:
+            for _ in range(20):
+                await asyncio.sleep(0)
+                assert labels.current_labels()["span_id"] == _hex(root)
+            return _hex(root)
+
+    async def main() -> list[str]:
+        return await asyncio.gather(*(task(f"a{i}") for i in range(8)))
+
+    assert len(set(asyncio.run(main()))) == 8
+    assert labels.current_labels() == {}
+
+
+def test_a_users_own_span_id_label_is_a_span_label_too() -> None:
+    with labels.labels(span_id="00f067aa0ba902b7", span_name="manual"):
+        sid = labels.current_span()
+        assert sid is not None and sid == "00f067aa0ba902b7" and sid.span_int == 0x00F067AA0BA902B7
+    with labels.labels(span_id="not-hex"):  # any other value stays an ordinary label
+        assert labels.current_span() is None and labels.current_labels() == {"span_id": "not-hex"}
