@@ -620,11 +620,15 @@ def _push(pairs: tuple[tuple[str, str], ...], lid: int | None = None) -> context
     token = _current.set(pairs)
     _apply(pairs, lid)
     if _asyncio_hook_state == _HOOK_ON_FIRST_LABEL:
-        try:
-            install_asyncio_hook_when_imported()
-        except Exception:  # labels must never break the app
-            logger.debug("middleware: could not arrange the asyncio label hook", exc_info=True)
+        _arrange_asyncio_hook()
     return token
+
+
+def _arrange_asyncio_hook() -> None:
+    try:
+        install_asyncio_hook_when_imported()
+    except Exception:  # labels must never break the app
+        logger.debug("middleware: could not arrange the asyncio label hook", exc_info=True)
 
 
 def current_span() -> SpanId | None:
@@ -662,10 +666,7 @@ def push_span(span_id: SpanId, span_name: str) -> contextvars.Token[tuple[tuple[
         n.set_thread_labelset(threading.get_native_id(), lid)
         state["pairs"] = pairs
     if _asyncio_hook_state == _HOOK_ON_FIRST_LABEL:
-        try:
-            install_asyncio_hook_when_imported()
-        except Exception:  # labels must never break the app
-            logger.debug("middleware: could not arrange the asyncio label hook", exc_info=True)
+        _arrange_asyncio_hook()
     return token
 
 

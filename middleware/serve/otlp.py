@@ -19,7 +19,6 @@ storing failures as for ``/ingest`` (503, 507).
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -39,10 +38,9 @@ from middleware.serve.ingest import (
     upload_from_profile,
 )
 from middleware.serve.labels import LabelError, sanitize_labels
-from middleware.serve.store import StoreClosed
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from middleware.serve.httpd import BaseHandler
+    from middleware.serve.routes import Handler
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +144,7 @@ def _response(partial: OtlpDecoded, ctype: str) -> tuple[bytes, str]:
     return msg.SerializeToString(), "application/x-protobuf"
 
 
-def handle_otlp_export(handler: BaseHandler) -> None:
+def handle_otlp_export(handler: Handler) -> None:
     """Answer ``POST /v1development/profiles`` on ``handler`` (authorization included)."""
     app = handler.server.app
     if not handler._authorized():
@@ -168,29 +166,8 @@ def handle_otlp_export(handler: BaseHandler) -> None:
         log.info("rejected OTLP export from %s: 400 %s", handler.client_address[0], message)
         handler._text(HTTPStatus.BAD_REQUEST, message)
         return
-    try:
-        ids = app.store.add_many(decoded.uploads, source="otlp")
-    except StoreClosed:
-        handler.close_connection = True
-        handler._text(HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down; retry", {"Retry-After": "5"})
-        return
-    except sqlite3.OperationalError as exc:
-        if "full" not in str(exc).lower():  # SQLITE_FULL: "database or disk is full"
-            log.exception("storing an OTLP export failed")
-            handler._text(HTTPStatus.SERVICE_UNAVAILABLE, f"could not store the profiles ({exc}); retry",
-                          {"Retry-After": "1"})
-            return
-        app.rejected += len(decoded.uploads)
-        if not app.disk_full_warned:
-            app.disk_full_warned = True
-            log.warning("the store's disk is full (%s): uploads are answered 507 until there is room", exc)
-        handler._text(HTTPStatus.INSUFFICIENT_STORAGE, "the collector's disk is full; retry later",
-                      {"Retry-After": "60"})
-        return
-    except Exception as exc:
-        log.exception("storing an OTLP export failed")
-        handler._text(HTTPStatus.SERVICE_UNAVAILABLE, f"could not store the profiles ({exc}); retry",
-                      {"Retry-After": "1"})
+    ids = handler._store(decoded.uploads, "otlp", "an OTLP export", "the profiles")
+    if ids is None:
         return
     app.accepted += len(ids)
     if decoded.rejected_profiles:

@@ -147,30 +147,8 @@ class Handler(BaseHandler):
             else:
                 self._text(exc.status, exc.message)
             return
-        try:
-            ids = app.store.add_many(uploads, source="push" if push else "ingest")
-        except StoreClosed:
-            self.close_connection = True
-            self._text(HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down; retry", {"Retry-After": "5"})
-            return
-        except sqlite3.OperationalError as exc:
-            if "full" not in str(exc).lower():  # SQLITE_FULL: "database or disk is full"
-                log.exception("storing an upload failed")
-                self._text(HTTPStatus.SERVICE_UNAVAILABLE, f"could not store the profile ({exc}); retry",
-                           {"Retry-After": "1"})
-                return
-            app.rejected += len(uploads)
-            if not app.disk_full_warned:
-                app.disk_full_warned = True
-                log.warning("the store's disk is full (%s): uploads are answered 507 until there is room", exc)
-            self._text(HTTPStatus.INSUFFICIENT_STORAGE, "the collector's disk is full; retry later",
-                       {"Retry-After": "60"})
-            return
-        except Exception as exc:
-            log.exception("storing an upload failed")
-            self._text(
-                HTTPStatus.SERVICE_UNAVAILABLE, f"could not store the profile ({exc}); retry", {"Retry-After": "1"}
-            )
+        ids = self._store(uploads, "push" if push else "ingest", "an upload", "the profile")
+        if ids is None:
             return
         app.accepted += len(ids)
         overflow_samples = sum(u.overflow_samples for u in uploads)
@@ -191,6 +169,32 @@ class Handler(BaseHandler):
                     "limit": app.store.max_series_per_service,
                 }
             self._json(HTTPStatus.OK, answer)
+
+    def _store(self, uploads: list[Upload], source: str, what: str, noun: str) -> list[int] | None:
+        """Stores decoded uploads; on failure answers the client (503 to retry, 507 on a full
+        disk, said once) and returns None. ``what``/``noun`` name them in the log and the answer."""
+        app = self.server.app
+        try:
+            return app.store.add_many(uploads, source=source)
+        except StoreClosed:
+            self.close_connection = True
+            self._text(HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down; retry", {"Retry-After": "5"})
+        except sqlite3.OperationalError as exc:
+            if "full" not in str(exc).lower():  # SQLITE_FULL: "database or disk is full"
+                log.exception("storing %s failed", what)
+                self._text(HTTPStatus.SERVICE_UNAVAILABLE, f"could not store {noun} ({exc}); retry",
+                           {"Retry-After": "1"})
+                return None
+            app.rejected += len(uploads)
+            if not app.disk_full_warned:
+                app.disk_full_warned = True
+                log.warning("the store's disk is full (%s): uploads are answered 507 until there is room", exc)
+            self._text(HTTPStatus.INSUFFICIENT_STORAGE, "the collector's disk is full; retry later",
+                       {"Retry-After": "60"})
+        except Exception as exc:
+            log.exception("storing %s failed", what)
+            self._text(HTTPStatus.SERVICE_UNAVAILABLE, f"could not store {noun} ({exc}); retry", {"Retry-After": "1"})
+        return None
 
     # -- static ------------------------------------------------------------------------------
 
