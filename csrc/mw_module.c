@@ -502,7 +502,8 @@ static struct PyModuleDef g_moddef = {
 
 __attribute__((visibility("default"))) PyMODINIT_FUNC PyInit__native(void) {
     const PyMethodDef *tables[] = {core_methods,      upload_methods,   mw_export_methods,
-                                   mw_unwind_methods, mw_locks_methods, mw_memory_methods};
+                                   mw_unwind_methods, mw_locks_methods, mw_memory_methods,
+                                   mw_otel_methods};
     size_t total = 0;
     for (size_t i = 0; i < sizeof tables / sizeof *tables; i++)
         total += count_methods(tables[i]);
@@ -534,7 +535,7 @@ __attribute__((visibility("default"))) PyMODINIT_FUNC PyInit__native(void) {
         return NULL;
     }
     if (mw_export_module_init(m) != 0 || mw_locks_module_init(m) != 0 ||
-        mw_memory_module_init(m) != 0) {
+        mw_memory_module_init(m) != 0 || mw_otel_module_init(m) != 0) {
         Py_DECREF(m);
         return NULL;
     }

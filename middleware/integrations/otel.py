@@ -5,7 +5,9 @@ for the app to), every sample taken while a span is current — CPU and wall ali
 in asyncio tasks — carries the labels ``span_id`` (the *local root* span of the request: 16
 lowercase hex digits) and ``span_name`` (that span's name), and the root span gets the attribute
 ``pyroscope.profile.id`` (its span id), so that a tracing UI can go from the trace to the profile
-of exactly that request (Grafana's span profiles follow the same convention). Each profile also
+of exactly that request (Grafana's span profiles follow the same convention). The attribute is set
+when the span becomes current, not when it stops being current (which would let it go to spans
+with samples only): ASGI instrumentation ends its server span before detaching it. Each profile also
 records the trace of each span id it holds (``mw:spans`` comments), so a trace id finds its
 spans' samples too.
 
@@ -17,9 +19,12 @@ The stack itself shows where in the request the time went.
 How: OpenTelemetry makes a span current by ``opentelemetry.context.attach`` and ends that by
 ``detach`` (``start_as_current_span``, ``use_span`` and every instrumentation go through them).
 Both are wrapped: attaching a context whose span is a recording local root (no parent, or a
-remote one) pushes the span labels (:func:`middleware.labels.push_labels`, so they follow the
+remote one) pushes the span labels (:func:`middleware.labels.push_span`, so they follow the
 context into tasks and thread pools like any label), and detaching that token pops them. Attaching
-a child span changes nothing: its root's labels are already active in that context.
+a child span changes nothing: its root's labels are already active in that context. This runs at
+every traced request, so with the extension module the wrappers are C objects
+(``csrc/mw_module_otel.c``) that do the common case themselves (a thread with no running event
+loop, labels already interned) and call the functions below for the rest.
 """
 from __future__ import annotations
 
@@ -37,23 +42,31 @@ __all__ = ["install", "PROFILE_ID_ATTRIBUTE"]
 #: The root span's attribute naming its profile (its span id), as Grafana Pyroscope expects.
 PROFILE_ID_ATTRIBUTE = "pyroscope.profile.id"
 
-# id(OpenTelemetry's token) -> (that token, our labels token). A context attached and never
-# detached (an app bug) would leave its entry: bounded.
+# id(OpenTelemetry's token) -> (that token, our labels token), for the Python hooks (no extension
+# module). A context attached and never detached (an app bug) would leave its entry: bounded.
 _pushed: dict[int, tuple[Any, Any]] = {}
 _PUSHED_MAX = 65536
 _span_key: Any = None
 
 
-def _push_root(context: Any) -> Any:
-    """Pushes the span labels of ``context``'s current span when it is a recording local root span
-    (returns the labels token), else None."""
+def _span_key_now() -> Any:
+    """OpenTelemetry's context key of the current span, once its trace API is loaded (else None)."""
     global _span_key
     if _span_key is None:
         propagation = sys.modules.get("opentelemetry.trace.propagation")
-        if propagation is None:
-            return None
-        _span_key = propagation._SPAN_KEY
-    span: Any = context.get(_span_key) if context is not None else None
+        if propagation is not None:
+            _span_key = propagation._SPAN_KEY
+    return _span_key
+
+
+def _push_root(context: Any) -> Any:
+    """Pushes the span labels of ``context``'s current span when it is a recording local root span
+    and sets its ``pyroscope.profile.id``; returns the labels token, else None. The general path:
+    the native hooks take it when their fast path does not apply (same rules)."""
+    key = _span_key_now()
+    if key is None:
+        return None
+    span: Any = context.get(key) if context is not None else None
     if span is None:
         return None
     sc = span.get_span_context()
@@ -65,18 +78,27 @@ def _push_root(context: Any) -> Any:
             or not sc.is_valid:
         return None  # not a span of the SDK's, a child span (its root's labels hold), not sampled
     span_hex = format(sc.span_id, "016x")
+    token = mw_labels.push_span(mw_labels.SpanId(span_hex, format(sc.trace_id, "032x"), sc.span_id),
+                                str(getattr(span, "name", "")))
     try:
         span.set_attribute(PROFILE_ID_ATTRIBUTE, span_hex)
     except Exception:  # a span implementation that refuses attributes: the labels still hold
         logger.debug("middleware: could not set %s", PROFILE_ID_ATTRIBUTE, exc_info=True)
-    return mw_labels.push_span(mw_labels.SpanId(span_hex, format(sc.trace_id, "032x"), sc.span_id),
-                               str(getattr(span, "name", "")))
+    return token
 
 
 def install(context_module: Any) -> bool:
     """Wraps ``context_module.attach``/``detach`` (``opentelemetry.context``). Idempotent."""
     attach, detach = context_module.attach, context_module.detach
     if getattr(attach, "_mw_wrapped", False):
+        return True
+    n = mw_labels._native()
+    if n is not None:  # the per-request path in C (csrc/mw_module_otel.c), same rules
+        context_module.attach, context_module.detach = n.otel_hooks(
+            attach, detach, slow_push=_push_root, pop_labels=mw_labels.pop_labels,
+            apply=mw_labels._apply, current=mw_labels._current, ids=mw_labels._ids,
+            applied=mw_labels._applied, span_id_type=mw_labels.SpanId,
+            labels_globals=vars(mw_labels), span_key=_span_key_now, attribute=PROFILE_ID_ATTRIBUTE)
         return True
 
     @functools.wraps(attach)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -42,6 +43,7 @@ def test_a_root_span_labels_its_context_and_children_change_nothing(tracer: Any)
         got = labels.current_labels()
         assert got == {"span_id": _hex(root), "span_name": "root"}
         assert root.attributes[otel.PROFILE_ID_ATTRIBUTE] == _hex(root)
+        assert type(root.attributes[otel.PROFILE_ID_ATTRIBUTE]) is str  # not the SpanId: it would keep its sets
         with tracer.start_as_current_span("child") as child:
             assert labels.current_labels() == got
             assert otel.PROFILE_ID_ATTRIBUTE not in (child.attributes or {})
@@ -104,6 +106,30 @@ def test_threads_and_tasks_each_keep_their_own_root(tracer: Any) -> None:
 
     assert len(set(asyncio.run(main()))) == 8
     assert labels.current_labels() == {}
+
+
+def test_the_hooks_are_the_extensions_and_the_python_ones_follow_the_same_rules(tracer: Any) -> None:
+    assert type(otel_context.attach).__name__ == "SpanHook" and otel_context.attach._mw_wrapped
+    assert otel_context.attach.__name__ == "attach"  # the wrapped function's attributes show through
+    original = SimpleNamespace(attach=otel_context.attach.__wrapped__, detach=otel_context.detach.__wrapped__)
+    root = tracer.start_span("py-root")
+    child = tracer.start_span("py-child", context=trace.set_span_in_context(root))
+    native = labels._native_mod
+    labels._native_mod = None  # no extension module: the Python wrappers (labels stay in context)
+    try:
+        assert otel.install(original) and type(original.attach).__name__ == "function"
+    finally:
+        labels._native_mod = native
+    token = original.attach(trace.set_span_in_context(root))
+    got = labels.current_labels()
+    assert got == {"span_id": _hex(root), "span_name": "py-root"}
+    inner = original.attach(trace.set_span_in_context(child))
+    assert labels.current_labels() == got  # a child changes nothing
+    original.detach(inner)
+    original.detach(token)
+    assert labels.current_labels() == {}
+    root.end()
+    child.end()
 
 
 def test_a_users_own_span_id_label_is_a_span_label_too() -> None:
