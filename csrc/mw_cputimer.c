@@ -10,6 +10,7 @@
 #include "mw_cputimer.h"
 
 #include "mw_codenames.h"
+#include "mw_labels.h"
 #include "mw_threads.h"
 #include "mw_unwind.h"
 
@@ -309,6 +310,7 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
     rec->periods = periods;
     rec->counted = perf_fd >= 0;
     rec->labelset = mw_threads_labelset_now(me);
+    mw_labels_span_seen(rec->labelset);
     rec->depth = depth;
     rec->truncated = truncated;
     int64_t took = mono_ns() - t0;
@@ -549,6 +551,7 @@ static void exit_credit(reg_t *r, long tid, int i) {
     rec->periods = (uint32_t)periods;
     rec->counted = 1;
     rec->labelset = mw_threads_labelset_now(tid);
+    mw_labels_span_seen(rec->labelset);
     rec->depth = rec->truncated = rec->ncopies = rec->nips = rec->ips_complete = 0;
     rec->handler_ns = 0;
     bump(&c_recorded, 1);

@@ -139,8 +139,9 @@ typedef struct {
     _Atomic uint32_t id;   /* the live id, 0 = free; published after set and base */
     _Atomic uint32_t base; /* the base set's id */
     spanset_t *_Atomic set;
-    uint64_t released; /* windows rotated at release + 1, 0 while owned (g_lock) */
-    uint32_t gen;      /* g_lock */
+    _Atomic uint32_t seen; /* a sample was taken with the set (mw_labels_span_seen) */
+    uint64_t released;     /* windows rotated at release + 1, 0 while owned (g_lock) */
+    uint32_t gen;          /* g_lock */
 } span_slot_t;
 
 static span_slot_t g_spans[MW_SPANSETS_MAX];
@@ -152,6 +153,7 @@ static uint32_t g_span_head, g_span_nring;
 static atomic_uint_fast64_t g_windows_done, g_windows_rotated;
 static _Atomic int g_spans_on;
 static atomic_uint_fast64_t g_span_created, g_span_refused, g_span_released, g_span_reclaimed;
+static atomic_uint_fast64_t g_span_linked, g_span_link_missed;
 
 static int is_hex(const char *s, size_t len) {
     for (size_t i = 0; i < len; i++)
@@ -229,6 +231,7 @@ uint32_t mw_labels_intern_span(uint32_t base, const char *span_id, const char *t
     uint32_t id = MW_SPANSET_FLAG | sl->gen << SPAN_IDX_BITS | idx;
     atomic_store(&sl->set, set);
     atomic_store(&sl->base, base);
+    atomic_store(&sl->seen, 0);
     atomic_store_explicit(&sl->id, id, memory_order_release);
     pthread_mutex_unlock(&g_lock);
     atomic_fetch_add(&g_span_created, 1);
@@ -253,6 +256,26 @@ uint32_t mw_labels_base(uint32_t id) {
     if (atomic_load_explicit(&sl->id, memory_order_acquire) != id) return 0;
     uint32_t base = atomic_load(&sl->base);
     return atomic_load(&sl->id) == id ? base : 0;
+}
+
+void mw_labels_span_seen(uint32_t id) {
+    if (!(id & MW_SPANSET_FLAG)) return;
+    span_slot_t *sl = &g_spans[id & SPAN_IDX_MASK];
+    /* read first: a request's later samples do not write the line again */
+    if (atomic_load_explicit(&sl->id, memory_order_acquire) == id &&
+        !atomic_load_explicit(&sl->seen, memory_order_relaxed))
+        atomic_store_explicit(&sl->seen, 1, memory_order_relaxed);
+}
+
+int mw_labels_span_was_seen(uint32_t id) {
+    if (!(id & MW_SPANSET_FLAG)) return 0;
+    span_slot_t *sl = &g_spans[id & SPAN_IDX_MASK];
+    if (atomic_load_explicit(&sl->id, memory_order_acquire) != id) return 0;
+    return atomic_load(&sl->seen) != 0;
+}
+
+void mw_labels_span_link_counted(int linked) {
+    atomic_fetch_add(linked ? &g_span_linked : &g_span_link_missed, 1);
 }
 
 static spanset_t *span_set(uint32_t id) {
@@ -303,6 +326,8 @@ void mw_labels_span_stats(mw_spansets_stats_t *out) {
     out->refused = atomic_load(&g_span_refused);
     out->released = atomic_load(&g_span_released);
     out->reclaimed = atomic_load(&g_span_reclaimed);
+    out->linked = atomic_load(&g_span_linked);
+    out->link_missed = atomic_load(&g_span_link_missed);
 }
 
 int mw_labels_get(uint32_t id, const char *const **keys, const char *const **vals) {

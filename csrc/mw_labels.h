@@ -67,6 +67,18 @@ uint32_t mw_labels_intern_span(uint32_t base, const char *span_id, const char *t
                                const char *span_name);
 /* The owner will not push the set again. Idempotent; ignores ids that are not live span sets. */
 void mw_labels_release_span(uint32_t id);
+/* The sampler took a sample carrying `id` (CPU-timer handler or sampler thread; lock-free,
+ * async-signal-safe; ids that are not live span sets are ignored). A set read for a sample
+ * that is then dropped (a torn read) counts as seen too. */
+void mw_labels_span_seen(uint32_t id);
+/* 1 when a sample was taken while `id` was a thread's label set (mw_labels_span_seen since it
+ * was interned), 0 otherwise (also for stale and non-span ids). Any thread, lock-free. The owner
+ * asks when the request's span stops being current, to link the span to the profile only when
+ * the profile holds the request. */
+int mw_labels_span_was_seen(uint32_t id);
+/* Counts a seen span that was linked to its profile (1), or that could not be any more (0: the
+ * span had ended). Any thread. */
+void mw_labels_span_link_counted(int linked);
 /* The base set of a span set (0 if the id is stale), the id itself otherwise. */
 uint32_t mw_labels_base(uint32_t id);
 /* Span and trace id of a live span set (exporter). Returns 0, or -1 for other ids. */
@@ -84,7 +96,8 @@ void mw_labels_window_done(void);
 
 typedef struct {
     uint64_t created, refused, released, reclaimed;
-    uint32_t live; /* slots in use (pushed or waiting for reclaim) */
+    uint64_t linked, link_missed; /* mw_labels_span_link_counted */
+    uint32_t live;                /* slots in use (pushed or waiting for reclaim) */
 } mw_spansets_stats_t;
 void mw_labels_span_stats(mw_spansets_stats_t *out);
 

@@ -134,6 +134,8 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "spansets_refused", sp.refused) ||
         mw_dict_put_u64(d, "spansets_released", sp.released) ||
         mw_dict_put_u64(d, "spansets_reclaimed", sp.reclaimed) ||
+        mw_dict_put_u64(d, "spansets_linked", sp.linked) ||
+        mw_dict_put_u64(d, "spansets_link_missed", sp.link_missed) ||
         mw_dict_put_u64(d, "spansets_live", sp.live) ||
         mw_dict_put_u64(d, "threads_refused", mw_threads_refused())) {
         Py_DECREF(d);

@@ -9,15 +9,18 @@
  * attach, then, when the context's span is a recording local root span (an SDK span whose parent
  * is None or remote) and not already the current span label, pushes the labels span_id (a
  * middleware.labels.SpanId) and span_name over the context's other labels, exactly as
- * middleware.labels.push_span does, sets the span's attribute `attribute` to its span id, and
- * remembers the labels token under attach's token. hook_detach(token) calls detach and pops
- * those labels.
+ * middleware.labels.push_span does, and remembers (labels token, SpanId, span) under attach's
+ * token. hook_detach(token) calls detach, pops those labels and, when a sample carried the span's
+ * labels (mw_labels_span_was_seen) and the span has not ended, sets its attribute `attribute` to
+ * its span id: the trace links to a profile that holds the request. (The Python path, taken in
+ * threads running an event loop, sets it when pushing: ASGI instrumentation ends its server span
+ * before detaching it.)
  *
  * The fast path writes middleware.labels' state itself: the context variable `current` (the
  * label pairs), the thread's native slot (mw_threads_set_labelset) and `applied.__dict__["pairs"]`
  * (what the slot holds), looking base label sets up in `ids` (pairs -> native id). Anything it
  * does not cover goes through the Python functions given, which implement the same rules:
- * `slow_push(context)` -> labels token or None (a context that is not a dict,
+ * `slow_push(context)` -> (labels token, None, None) or None (a context that is not a dict,
  * other labels not interned yet, another span's labels active, a running event loop in the
  * thread, the asyncio hook not arranged yet); `pop_labels(token)` when the token cannot be reset
  * here; `apply(pairs)` when the pairs restored are not interned or an event loop runs. What the
@@ -57,7 +60,7 @@ static struct {
     PyObject *span_key_fn;                    /* () -> OpenTelemetry's span key or None */
     PyObject *span_key;                       /* cached once known */
     PyObject *attribute;                      /* "pyroscope.profile.id" */
-    PyObject *pushed;                         /* dict: id(attach's token) -> (it, labels token) */
+    PyObject *pushed;                         /* dict: id(attach's token) -> (it, entry) */
     PyObject *get_running_loop;               /* asyncio.events._get_running_loop, once loaded */
 } g;
 
@@ -225,8 +228,8 @@ static int set_profile_id(PyObject *span, const char *hex) {
     return r ? 0 : -1;
 }
 
-/* The fast push: a new reference to the labels token, Py_None (nothing pushed), SLOW, or NULL
- * with an error. */
+/* The fast push: a new reference to (labels token, SpanId, span), Py_None (nothing pushed),
+ * SLOW, or NULL with an error. */
 static PyObject *fast_push(PyObject *context) {
     if (!PyDict_Check(context)) return context == Py_None ? Py_NewRef(Py_None) : SLOW;
     if (!g.span_key) {
@@ -376,9 +379,7 @@ static PyObject *fast_push(PyObject *context) {
     if (!(pairs = merged_pairs(cur, sid, name))) goto done;
     if (!(token = PyContextVar_Set(g.current, pairs))) goto done;
     if (write_slot(state, pairs, lid) < 0) goto done;
-    if (set_profile_id(span, hex) < 0) /* a span that refuses attributes: the labels hold */
-        PyErr_Clear();
-    ret = Py_NewRef(token);
+    ret = PyTuple_Pack(3, token, sid, span);
 done:
     Py_XDECREF(token);
     Py_XDECREF(pairs);
@@ -442,6 +443,34 @@ done:
     Py_XDECREF(state);
     Py_DECREF(now);
     return rc;
+}
+
+/* After the pop: the root span names its profile when a sample carried its labels. */
+static int link_profile(PyObject *sid, PyObject *span) {
+    PyObject *ids = PyObject_GetAttr(sid, s_ids);
+    if (!ids) return -1;
+    int seen = 0;
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (!seen && PyDict_Next(ids, &pos, &k, &v)) {
+        unsigned long lid = PyLong_AsUnsignedLong(v);
+        if (lid == (unsigned long)-1 && PyErr_Occurred()) {
+            Py_DECREF(ids);
+            return -1;
+        }
+        seen = lid <= UINT32_MAX && mw_labels_span_was_seen((uint32_t)lid);
+    }
+    Py_DECREF(ids);
+    if (!seen) return 0;
+    PyObject *rec = PyObject_CallMethodNoArgs(span, s_is_recording); /* ended: too late */
+    if (!rec) return -1;
+    int recording = PyObject_IsTrue(rec);
+    Py_DECREF(rec);
+    if (recording < 0) return -1;
+    mw_labels_span_link_counted(recording);
+    const char *hex = recording ? PyUnicode_AsUTF8(sid) : NULL;
+    if (recording && (!hex || set_profile_id(span, hex) < 0)) return -1;
+    return 0;
 }
 
 /* Our part failed: the app's tracing goes on, the profile loses this request's labels. */
@@ -512,14 +541,16 @@ static PyObject *hook_detach(hook_t *self, PyObject *const *args, size_t nargsf,
     PyObject *et = NULL, *ev = NULL, *etb = NULL;
     if (!r) PyErr_Fetch(&et, &ev, &etb);
 #endif
-    if (entry) {
-        int rc = fast_pop(entry);
+    if (entry && PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 3) {
+        PyObject *ltok = PyTuple_GET_ITEM(entry, 0), *sid = PyTuple_GET_ITEM(entry, 1);
+        int rc = fast_pop(ltok);
         if (rc == 1) {
-            PyObject *p = PyObject_CallOneArg(g.pop_labels, entry);
+            PyObject *p = PyObject_CallOneArg(g.pop_labels, ltok);
             rc = p ? 0 : -1;
             Py_XDECREF(p);
         }
-        if (rc < 0) drop_error();
+        if (rc < 0 || (sid != Py_None && link_profile(sid, PyTuple_GET_ITEM(entry, 2)) < 0))
+            drop_error();
     }
     Py_XDECREF(entry);
 #if PY_VERSION_HEX >= 0x030C0000

@@ -9,6 +9,7 @@
 #include "mw_sampler_int.h"
 
 #include "mw_cputimer.h"
+#include "mw_labels.h"
 #include "mw_threads.h"
 
 #include <stdio.h>
@@ -101,6 +102,7 @@ mw_id_t mws_thread_name_id(mw_profbuf_t *b, mw_tstate_t *st, uint32_t *labelset)
     char name[MW_THREAD_NAME_MAX];
     uint32_t seq;
     *labelset = mw_threads_lookup(st->tid, name, sizeof name, &seq);
+    mw_labels_span_seen(*labelset);
     uint64_t gen = mw_profbuf_generation(b);
     if (st->name_id && st->name_gen == gen && st->name_seq == seq) return st->name_id;
     if (name[0] == '\0') snprintf(name, sizeof name, "thread-%ld", st->tid);

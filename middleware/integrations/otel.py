@@ -5,9 +5,12 @@ for the app to), every sample taken while a span is current — CPU and wall ali
 in asyncio tasks — carries the labels ``span_id`` (the *local root* span of the request: 16
 lowercase hex digits) and ``span_name`` (that span's name), and the root span gets the attribute
 ``pyroscope.profile.id`` (its span id), so that a tracing UI can go from the trace to the profile
-of exactly that request (Grafana's span profiles follow the same convention). The attribute is set
-when the span becomes current, not when it stops being current (which would let it go to spans
-with samples only): ASGI instrumentation ends its server span before detaching it. Each profile also
+of exactly that request (Grafana's span profiles follow the same convention). In threads the
+attribute is set when the span stops being current, and only when a sample carried its labels:
+a request too short to be sampled gets no link to an empty profile (and costs no attribute). In
+threads running an event loop it is set when the span becomes current: ASGI instrumentation ends
+its server span before it stops being current, when no attribute can be set any more. Each
+profile also
 records the trace of each span id it holds (``mw:spans`` comments), so a trace id finds its
 spans' samples too.
 
@@ -42,7 +45,7 @@ __all__ = ["install", "PROFILE_ID_ATTRIBUTE"]
 #: The root span's attribute naming its profile (its span id), as Grafana Pyroscope expects.
 PROFILE_ID_ATTRIBUTE = "pyroscope.profile.id"
 
-# id(OpenTelemetry's token) -> (that token, our labels token), for the Python hooks (no extension
+# id(OpenTelemetry's token) -> (that token, what _push_root returned), for the Python hooks (no extension
 # module). A context attached and never detached (an app bug) would leave its entry: bounded.
 _pushed: dict[int, tuple[Any, Any]] = {}
 _PUSHED_MAX = 65536
@@ -59,10 +62,11 @@ def _span_key_now() -> Any:
     return _span_key
 
 
-def _push_root(context: Any) -> Any:
+def _push_root(context: Any) -> tuple[Any, None, None] | None:
     """Pushes the span labels of ``context``'s current span when it is a recording local root span
-    and sets its ``pyroscope.profile.id``; returns the labels token, else None. The general path:
-    the native hooks take it when their fast path does not apply (same rules)."""
+    and sets its ``pyroscope.profile.id``; returns (the labels token, None, None: nothing left to
+    link), else None. The general path: the native hooks take it when their fast path does not
+    apply (same rules)."""
     key = _span_key_now()
     if key is None:
         return None
@@ -84,7 +88,7 @@ def _push_root(context: Any) -> Any:
         span.set_attribute(PROFILE_ID_ATTRIBUTE, span_hex)
     except Exception:  # a span implementation that refuses attributes: the labels still hold
         logger.debug("middleware: could not set %s", PROFILE_ID_ATTRIBUTE, exc_info=True)
-    return token
+    return token, None, None
 
 
 def install(context_module: Any) -> bool:
@@ -121,7 +125,7 @@ def install(context_module: Any) -> bool:
             detach(token)
         finally:
             if entry is not None and entry[0] is token:
-                mw_labels.pop_labels(entry[1])
+                mw_labels.pop_labels(entry[1][0])
 
     mw_attach._mw_wrapped = True  # type: ignore[attr-defined]
     context_module.attach = mw_attach

@@ -10,8 +10,10 @@ tracker started by the two lines, WHEN 8 clients send requests concurrently, THE
   id of a root span the app's in-memory span exporter recorded, of a request of the sample's
   own kind (never another request's: with three kinds interleaving in each worker, a label left
   over from another request shows as the wrong kind), and of a request served by that process;
-- each span's trace id is written with the profile, and the root span has the attribute
-  ``pyroscope.profile.id`` = its span id; child spans change nothing (same root span id);
+- each span's trace id is written with the profile, and the root span of each request the
+  profile holds has the attribute ``pyroscope.profile.id`` = its span id (a root span no sample
+  carried has none in threads, where the link is made when the span stops being current, or its
+  own id); child spans change nothing (same root span id);
 - the CPU the profile gives the spans matches what the requests measured (``thread_time``), in
   total and per kind of request; the wall time inside the requests is carried by their spans too;
 - the same under asyncio: tasks interleaving on one loop, each in its own root span.
@@ -259,9 +261,11 @@ def _check(samples: list[tuple[str, str | None, str | None, int]], traces: dict[
     assert not wrong, wrong[:10]
     # the root spans' attribute and trace ids; child spans never labelled
     roots = {s for s, v in spans.items() if v["root"]}
-    assert {span for _, span, _, _ in samples if span} <= roots
-    for s in roots & set(by_span):
+    sampled = {span for _, span, _, _ in samples if span}
+    assert sampled <= roots
+    for s in sampled:
         assert spans[s]["root_attr"] == s, spans[s]
+    assert all(spans[s]["root_attr"] in (None, s) for s in roots - sampled)
     for span in {span for _, span, _, _ in samples if span}:
         assert traces.get(span) == by_span[span]["trace"], span
     # CPU per span: in total as measured; per request within the sampling's granularity

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -42,8 +43,6 @@ def test_a_root_span_labels_its_context_and_children_change_nothing(tracer: Any)
     with tracer.start_as_current_span("root") as root:
         got = labels.current_labels()
         assert got == {"span_id": _hex(root), "span_name": "root"}
-        assert root.attributes[otel.PROFILE_ID_ATTRIBUTE] == _hex(root)
-        assert type(root.attributes[otel.PROFILE_ID_ATTRIBUTE]) is str  # not the SpanId: it would keep its sets
         with tracer.start_as_current_span("child") as child:
             assert labels.current_labels() == got
             assert otel.PROFILE_ID_ATTRIBUTE not in (child.attributes or {})
@@ -130,6 +129,50 @@ def test_the_hooks_are_the_extensions_and_the_python_ones_follow_the_same_rules(
     assert labels.current_labels() == {}
     root.end()
     child.end()
+
+
+def test_the_root_span_links_its_profile_when_a_sample_carried_it(tracer: Any, tmp_path: Any) -> None:
+    from middleware import MwTracker
+
+    def burn(seconds: float) -> None:
+        deadline = time.thread_time() + seconds
+        while time.thread_time() < deadline:  # CPU samples at 100 Hz
+            pass
+
+    tracker = MwTracker(service_name="otel-link-test", profile_dir=str(tmp_path), instrument=False)
+    try:
+        with tracer.start_as_current_span("first"):  # the process's first labels take the Python path
+            pass
+        linked0 = tracker.stats()["spansets_linked"]
+        with tracer.start_as_current_span("linked") as root:
+            burn(0.15)
+            assert otel.PROFILE_ID_ATTRIBUTE not in (root.attributes or {})  # set when it stops being current
+        assert root.attributes[otel.PROFILE_ID_ATTRIBUTE] == _hex(root)
+        assert type(root.attributes[otel.PROFILE_ID_ATTRIBUTE]) is str  # not the SpanId: it would keep its sets
+        with tracer.start_as_current_span("outer") as outer:
+            with tracer.start_as_current_span("inner") as inner:
+                burn(0.1)
+        assert outer.attributes[otel.PROFILE_ID_ATTRIBUTE] == _hex(outer)
+        assert otel.PROFILE_ID_ATTRIBUTE not in (inner.attributes or {})  # children never
+        assert tracker.stats()["spansets_linked"] >= linked0 + 2
+        # ended before it stops being current (as ASGI instrumentation does): too late, counted
+        missed0 = tracker.stats()["spansets_link_missed"]
+        ended = tracer.start_span("ended-first")
+        with trace.use_span(ended, end_on_exit=False):
+            burn(0.1)
+            ended.end()
+        assert otel.PROFILE_ID_ATTRIBUTE not in (ended.attributes or {})
+        assert tracker.stats()["spansets_link_missed"] == missed0 + 1
+
+        async def request() -> Any:  # in a thread running an event loop: set when it becomes current
+            with tracer.start_as_current_span("async-root") as span:
+                assert span.attributes[otel.PROFILE_ID_ATTRIBUTE] == _hex(span)
+                await asyncio.sleep(0)
+            return span
+
+        assert asyncio.run(request()).attributes[otel.PROFILE_ID_ATTRIBUTE]
+    finally:
+        tracker.stop()
 
 
 def test_a_users_own_span_id_label_is_a_span_label_too() -> None:

@@ -751,6 +751,15 @@ static void spansets(void) {
     const char *s2, *t2;
     CHECK(mw_labels_span_ids(id, &s2, &t2) == 0 && !strcmp(s2, span) && !strcmp(t2, trace));
     CHECK(mw_labels_base(id) == base && mw_labels_base(base) == base);
+    /* seen by a sample: only that set, only while it is live; other ids are ignored */
+    CHECK(!mw_labels_span_was_seen(id));
+    mw_labels_span_seen(base);
+    mw_labels_span_seen(0);
+    mw_labels_span_seen(id ^ (1u << 20)); /* another generation of the slot */
+    CHECK(!mw_labels_span_was_seen(id) && !mw_labels_span_was_seen(base));
+    mw_labels_span_seen(id);
+    mw_labels_span_seen(id);
+    CHECK(mw_labels_span_was_seen(id));
     /* released: still readable until the window active at the release is encoded */
     mw_labels_window_rotated(); /* window 0 rotated: being encoded */
     mw_labels_release_span(id); /* during window 1 */
@@ -766,6 +775,7 @@ static void spansets(void) {
     CHECK(again && again != id && (again & 0x3FFF) == (id & 0x3FFF)); /* same slot, new id */
     CHECK(mw_labels_get(again, &kk, &vv) == 1);                       /* no name: span_id only */
     CHECK(mw_labels_get(id, &kk, &vv) == -1);
+    CHECK(!mw_labels_span_was_seen(again) && !mw_labels_span_was_seen(id)); /* a new set: unseen */
     mw_labels_release_span(again);
     /* malformed */
     CHECK(mw_labels_intern_span(0, "00F067AA0BA902B7", "", "x") == 0);
