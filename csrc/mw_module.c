@@ -297,13 +297,6 @@ static PyObject *py_span_labelset(PyObject *self, PyObject *args) {
     return PyLong_FromUnsignedLong(mw_labels_intern_span(base, span, trace, name));
 }
 
-static PyObject *py_span_release(PyObject *self, PyObject *arg) {
-    unsigned long id = PyLong_AsUnsignedLong(arg);
-    if (id == (unsigned long)-1 && PyErr_Occurred()) return NULL;
-    if (id <= UINT32_MAX) mw_labels_release_span((uint32_t)id);
-    Py_RETURN_NONE;
-}
-
 static PyObject *py_count_request(PyObject *self, PyObject *arg) {
     unsigned long id = PyLong_AsUnsignedLong(arg);
     if (id == (unsigned long)-1 && PyErr_Occurred()) return NULL;
@@ -338,7 +331,6 @@ static PyMethodDef core_methods[] = {
     {"labelset_pairs", py_labelset_pairs, METH_VARARGS, "labelset_pairs(id) -> pairs"},
     {"span_labelset", py_span_labelset, METH_VARARGS,
      "span_labelset(base, span_id, trace_id, span_name) -> id (0 = refused)"},
-    {"span_release", py_span_release, METH_O, "span_release(id)"},
     {"termguard_arm", py_termguard_arm, METH_NOARGS,
      "termguard_arm() -> bool: put the SIGTERM guard in front of SIGTERM's Python handler, from "
      "the main thread (csrc/mw_termguard.h)"},

@@ -1,7 +1,8 @@
 """Types of middleware._native, the native sampling core (csrc/mw_module*.c method tables)."""
 
-from collections.abc import Sequence
-from typing import TypeAlias
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
+from typing import Any, TypeAlias
 
 from typing_extensions import CapsuleType
 
@@ -36,7 +37,6 @@ def labelset(pairs: tuple[tuple[str, str], ...] | list[tuple[str, str]], /) -> i
 def labelset_pairs(id: int, /) -> tuple[tuple[str, str], ...]: ...
 def count_request(id: int, /) -> bool: ...
 def span_labelset(base: int, span_id: str, trace_id: str, span_name: str, /) -> int: ...
-def span_release(id: int, /) -> None: ...
 def termguard_arm() -> bool: ...
 def termguard_rekicks() -> int: ...
 def build_info() -> dict[str, str]: ...
@@ -89,3 +89,21 @@ class ProfiledRLock:
     def _release_save(self) -> tuple[int, int]: ...
     def _acquire_restore(self, state: tuple[int, int], /) -> None: ...
     def _at_fork_reinit(self) -> None: ...
+
+# ---- OpenTelemetry span labels (csrc/mw_module_otel.c)
+class SpanHook:
+    """opentelemetry.context.attach or detach, wrapped."""
+
+    __wrapped__: Callable[[Any], Any]
+    _mw_wrapped: bool
+    def __call__(self, arg: Any, /) -> Any: ...
+
+class SpanSets(dict[int, int]):
+    """A span's label sets (base id -> span set id), released when the dict is deallocated."""
+
+def otel_hooks(
+    attach: Callable[[Any], Any], detach: Callable[[Any], Any], *, slow_push: Callable[[Any], Any],
+    pop_labels: Callable[[Any], None], apply: Callable[[Any], None], current: ContextVar[Any],
+    ids: dict[Any, int], applied: Any, span_id_type: type, labels_globals: dict[str, Any],
+    span_key: Callable[[], Any], attribute: str,
+) -> tuple[SpanHook, SpanHook]: ...

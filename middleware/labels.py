@@ -130,8 +130,10 @@ class SpanId(str):
     the process like other label sets: they live in the native registry's recycled span table
     (``mw_labels_intern_span``) for as long as this object does — that is, as long as any context
     (a thread's, a task's, a copy handed to a pool) can still push them — and are released when
-    it goes. ``trace_id`` (32 lowercase hex digits, or "") is written with the profile
-    (``mw:spans`` comments) so the span's trace can be found from the profile.
+    it goes, by its ``_ids`` (a ``_native.SpanSets``: a dict that releases its sets when it is
+    deallocated; no Python ``__del__`` runs at each request's end). ``trace_id`` (32 lowercase
+    hex digits, or "") is written with the profile (``mw:spans`` comments) so the span's trace
+    can be found from the profile.
     """
 
     __slots__ = ("trace_id", "span_int", "_ids")
@@ -143,7 +145,8 @@ class SpanId(str):
         self = super().__new__(cls, span_id)
         self.trace_id = trace_id
         self.span_int = int(span_id, 16) if span_int is None else span_int
-        self._ids = {}
+        n = _native_mod
+        self._ids = n.SpanSets() if n is not None else {}
         return self
 
     def labelset_id(self, pairs: tuple[tuple[str, str], ...]) -> int:
@@ -159,17 +162,10 @@ class SpanId(str):
             lid = int(n.span_labelset(base_id, str(self), self.trace_id, name)) if n is not None else 0
             if lid == 0:  # the span table is full (counted): the request's other labels still hold
                 lid = base_id
+            elif type(self._ids) is dict and n is not None:  # made before the extension was loaded: now it releases
+                self._ids = n.SpanSets(self._ids)
             self._ids[base_id] = lid
         return lid
-
-    def __del__(self) -> None:
-        n = _native_mod
-        if n is not None:
-            try:
-                for lid in self._ids.values():
-                    n.span_release(lid)
-            except Exception:  # interpreter shutdown
-                pass
 
     def __reduce__(self) -> tuple[Any, ...]:  # a plain string across processes
         return (str, (str(self),))

@@ -175,6 +175,30 @@ def test_the_root_span_links_its_profile_when_a_sample_carried_it(tracer: Any, t
         tracker.stop()
 
 
+def test_a_spans_label_sets_are_released_when_its_id_goes_even_through_a_garbage_cycle(tmp_path: Any) -> None:
+    import gc
+
+    from middleware import MwTracker
+
+    tracker = MwTracker(service_name="otel-release-test", profile_dir=str(tmp_path), instrument=False)
+    try:
+        before = tracker.stats()
+        for i in range(300):
+            sid = labels.SpanId(format(i + 1, "016x"), format(i + 1, "032x"))
+            assert sid.over(0, "req") != 0 and sid.over(0, "req") == sid.over(0, "other name")  # one set per base
+            if i % 2:
+                cycle: list[Any] = [sid]
+                cycle.append(cycle)  # only the collector frees it
+                del cycle
+            del sid
+        gc.collect()
+        after = tracker.stats()
+        delta = {k: after[k] - before[k] for k in after if k.startswith("spansets")}
+        assert delta["spansets_created"] == 300 and delta["spansets_released"] == 300, (delta, before)
+    finally:
+        tracker.stop()
+
+
 def test_a_users_own_span_id_label_is_a_span_label_too() -> None:
     with labels.labels(span_id="00f067aa0ba902b7", span_name="manual"):
         sid = labels.current_span()
