@@ -71,8 +71,9 @@ static struct {
 
 /* Interned names. */
 static PyObject *s_span_id, *s_span_name, *s_get_span_context, *s_parent, *s_is_remote,
-    *s_is_recording, *s_is_valid, *s_trace_id, *s_name, *s_span_int, *s_ids, *s_pairs, *s_dict,
-    *s_set_attribute, *s_hook_state, *s_asyncio_events, *s_get_loop_name;
+    *s_is_recording, *s_is_valid, *s_trace_id, *s_name, *s_span_int, *s_ids, *s_pairs, *s__parent,
+    *s__context, *s__name, *s__end_time, *s_dict, *s_set_attribute, *s_hook_state,
+    *s_asyncio_events, *s_get_loop_name;
 
 /* The thread's kernel id, cached per thread; a forked child's threads look it up again. */
 static __thread long t_tid;
@@ -122,9 +123,11 @@ static int loop_running(void) {
 /* The pairs' key is "span_id" or "span_name". */
 static int span_key_of(PyObject *pair) {
     PyObject *k = PyTuple_GET_ITEM(pair, 0);
-    return k == s_span_id || k == s_span_name ||
-           (PyUnicode_Check(k) &&
-            (PyUnicode_Compare(k, s_span_id) == 0 || PyUnicode_Compare(k, s_span_name) == 0));
+    if (k == s_span_id || k == s_span_name) return 1;
+    if (!PyUnicode_Check(k)) return 0;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(k); /* most keys differ in length: no compare */
+    return (n == 7 && PyUnicode_Compare(k, s_span_id) == 0) ||
+           (n == 9 && PyUnicode_Compare(k, s_span_name) == 0);
 }
 
 /* The thread's native slot gets `lid` and applied.pairs `pairs`. */
@@ -281,6 +284,63 @@ static int set_profile_id(PyObject *span, const char *hex) {
     return r ? 0 : -1;
 }
 
+/* A span type whose instance attributes _parent, _context, _name and _end_time were checked to
+ * be what its parent, get_span_context(), name and is_recording() return (the SDK's span):
+ * spans of that type are read through them, without calling Python code. Others go through
+ * the public properties and methods. */
+static PyTypeObject *g_span_type;
+
+/* The span attribute `priv` when the span's type was checked, else `pub` (a property; or a
+ * method when call). New reference, or NULL with an error. */
+static PyObject *span_get(PyObject *span, PyObject *priv, PyObject *pub, int call) {
+    if (Py_TYPE(span) == g_span_type) {
+        PyObject *v = PyObject_GetAttr(span, priv);
+        if (v || !PyErr_ExceptionMatches(PyExc_AttributeError)) return v;
+        PyErr_Clear(); /* this instance lacks it: the public way */
+    }
+    return call ? PyObject_CallMethodNoArgs(span, pub) : PyObject_GetAttr(span, pub);
+}
+
+/* span.is_recording(): 1, 0, or -1 with an error. */
+static int span_recording(PyObject *span) {
+    if (Py_TYPE(span) == g_span_type) {
+        PyObject *end = PyObject_GetAttr(span, s__end_time);
+        if (end) {
+            int recording = end == Py_None;
+            Py_DECREF(end);
+            return recording;
+        }
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
+        PyErr_Clear();
+    }
+    PyObject *rec = PyObject_CallMethodNoArgs(span, s_is_recording);
+    if (!rec) return -1;
+    int recording = PyObject_IsTrue(rec);
+    Py_DECREF(rec);
+    return recording;
+}
+
+/* Checks once whether `span`'s type can be read through its instance attributes. */
+static void check_span_type(PyObject *span) {
+    if (g_span_type) return;
+    PyObject *pub[4] = {
+        PyObject_GetAttr(span, s_parent), PyObject_CallMethodNoArgs(span, s_get_span_context),
+        PyObject_GetAttr(span, s_name), PyObject_CallMethodNoArgs(span, s_is_recording)};
+    PyObject *priv[4] = {PyObject_GetAttr(span, s__parent), PyObject_GetAttr(span, s__context),
+                         PyObject_GetAttr(span, s__name), PyObject_GetAttr(span, s__end_time)};
+    int ok = 1;
+    for (int i = 0; i < 4; i++)
+        ok = ok && pub[i] && priv[i];
+    ok = ok && pub[0] == priv[0] && pub[1] == priv[1] && pub[2] == priv[2] &&
+         (pub[3] == Py_True) == (priv[3] == Py_None) && (pub[3] == Py_True || pub[3] == Py_False);
+    PyErr_Clear();
+    for (int i = 0; i < 4; i++) {
+        Py_XDECREF(pub[i]);
+        Py_XDECREF(priv[i]);
+    }
+    if (ok) g_span_type = (PyTypeObject *)Py_NewRef(Py_TYPE(span));
+}
+
 /* The fast push: a new reference to (labels token, SpanId, span), Py_None (nothing pushed),
  * SLOW, or NULL with an error. */
 static PyObject *fast_push(PyObject *context) {
@@ -300,8 +360,9 @@ static PyObject *fast_push(PyObject *context) {
     PyObject *ret = NULL, *sc = NULL, *span_int = NULL, *trace_int = NULL, *cur = NULL,
              *parent = NULL, *name = NULL, *sid = NULL, *pairs = NULL, *base_obj = NULL,
              *lid_obj = NULL, *state = NULL, *token = NULL;
+    check_span_type(span);
     /* a local root span of the SDK's (parent None or remote): children leave here */
-    parent = PyObject_GetAttr(span, s_parent);
+    parent = span_get(span, s__parent, s_parent, 0);
     if (!parent) {
         if (!PyErr_ExceptionMatches(PyExc_AttributeError)) goto done;
         PyErr_Clear();
@@ -316,7 +377,7 @@ static PyObject *fast_push(PyObject *context) {
             goto done;
         }
     }
-    sc = PyObject_CallMethodNoArgs(span, s_get_span_context);
+    sc = span_get(span, s__context, s_get_span_context, 1);
     if (!sc) goto done;
     int valid = span_context_ids(sc, &span_int, &trace_int);
     if (valid <= 0) {
@@ -354,10 +415,7 @@ static PyObject *fast_push(PyObject *context) {
         }
         other_span = 1;
     }
-    PyObject *rec = PyObject_CallMethodNoArgs(span, s_is_recording);
-    if (!rec) goto done;
-    int recording = PyObject_IsTrue(rec);
-    Py_DECREF(rec);
+    int recording = span_recording(span);
     if (recording <= 0) {
         if (recording == 0) ret = Py_NewRef(Py_None); /* not sampled, or ended */
         goto done;
@@ -408,7 +466,7 @@ static PyObject *fast_push(PyObject *context) {
     put_hex(hex, s64);
     put_hex(trace_hex, hi);
     put_hex(trace_hex + 16, lo);
-    name = PyObject_GetAttr(span, s_name);
+    name = span_get(span, s__name, s_name, 0);
     if (!name) {
         if (!PyErr_ExceptionMatches(PyExc_AttributeError)) goto done;
         PyErr_Clear();
@@ -514,10 +572,7 @@ static int link_profile(PyObject *sid, PyObject *span) {
     }
     Py_DECREF(ids);
     if (!seen) return 0;
-    PyObject *rec = PyObject_CallMethodNoArgs(span, s_is_recording); /* ended: too late */
-    if (!rec) return -1;
-    int recording = PyObject_IsTrue(rec);
-    Py_DECREF(rec);
+    int recording = span_recording(span); /* ended: too late */
     if (recording < 0) return -1;
     mw_labels_span_link_counted(recording);
     const char *hex = recording ? PyUnicode_AsUTF8(sid) : NULL;
@@ -740,6 +795,10 @@ int mw_otel_module_init(PyObject *m) {
     INTERN(s_span_int, "span_int");
     INTERN(s_ids, "_ids");
     INTERN(s_pairs, "pairs");
+    INTERN(s__parent, "_parent");
+    INTERN(s__context, "_context");
+    INTERN(s__name, "_name");
+    INTERN(s__end_time, "_end_time");
     INTERN(s_dict, "__dict__");
     INTERN(s_set_attribute, "set_attribute");
     INTERN(s_hook_state, "_asyncio_hook_state");
