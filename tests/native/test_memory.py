@@ -109,7 +109,10 @@ def test_a_planted_leak_tops_inuse_and_the_growth_view(tmp_path: Path) -> None:
     assert len(mem) >= 3, r
     names = {"leak_slowly", "churn_dicts", "churn_strings"}
     alloc = by_function(Profile.merge_all(mem), "alloc_space", names)
-    assert alloc["churn_dicts"] + alloc["churn_strings"] > 100 * alloc["leak_slowly"], dict(alloc)
+    # the leak is paced by the clock, the churn by the CPU: under the sanitizers (make asan) the
+    # churn runs several times slower, still far ahead of the leak
+    far_more = 20 if "ASAN_OPTIONS" in os.environ else 100
+    assert alloc["churn_dicts"] + alloc["churn_strings"] > far_more * alloc["leak_slowly"], dict(alloc)
     # within two intervals the leak is the top of inuse_space, and stays there
     for p in mem[1:]:
         inuse = by_function(p, "inuse_space", names)

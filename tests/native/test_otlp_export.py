@@ -527,7 +527,8 @@ def test_a_large_window_converts_quickly_with_exact_totals():
     cpu = time.process_time() - t
     _, _, agg = otlp_view(decode(out))
     assert agg == pprof_view(prof)
-    assert cpu < 1.0, cpu  # the uploader thread's work per window
+    # the uploader thread's work per window (~0.4 s here; the sanitizers (make asan) slow it 4-5x)
+    assert cpu < (4.0 if "ASAN_OPTIONS" in os.environ else 1.0), cpu
 
 
 # ---------------------------------------------------------------- settings

@@ -3,6 +3,8 @@
 Tolerance bands, never exact counts: sampling is statistical."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 pytestmark = pytest.mark.sampler
@@ -76,7 +78,8 @@ def test_threads_created_after_start_are_sampled(workload):
     started = set(r["extra"]["started"])
     names = set(r["profile"]["threads"])
     seen = {n for n in names if n.startswith("late-")}
-    assert len(started) >= 100
+    # the workload starts threads for 3 s: ~100+ of them, fewer under the sanitizers (make asan)
+    assert len(started) >= (50 if "ASAN_OPTIONS" in os.environ else 100)
     # short threads are sampled (not every one lives across a tick), named as Python named them
     assert len(seen) >= 50 and len(seen) >= 0.2 * len(started), (len(seen), len(started))
     assert seen <= started

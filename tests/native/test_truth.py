@@ -15,6 +15,7 @@ on 2 cores.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -467,7 +468,8 @@ def test_light_threads_cpu_is_not_lost_waiting_for_a_sample() -> None:
     print(figures)
     assert truth["threads"] == 1500, figures
     assert 0.8 <= ratio <= 1.2, figures
-    assert burst >= 0.8 * profiled, figures
+    # the rest is each thread's start and exit, which the sanitizers (make asan) make far dearer
+    assert burst >= (0.7 if "ASAN_OPTIONS" in os.environ else 0.8) * profiled, figures
 
 
 # --- 5. Wall time of idle threads: quiet ticks read (almost) none of them ---------------------------

@@ -24,7 +24,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags  # noq
 from middleware import labels  # noqa: E402
 from middleware.integrations import otel  # noqa: E402
 
-pytestmark = [pytest.mark.unit]
+pytestmark = [pytest.mark.unit, pytest.mark.asan]  # asan: the C span hooks under the sanitizers
 
 
 @pytest.fixture(scope="module")
