@@ -297,6 +297,48 @@ static PyObject *py_span_labelset(PyObject *self, PyObject *args) {
     return PyLong_FromUnsignedLong(mw_labels_intern_span(base, span, trace, name));
 }
 
+/* SpanSets: middleware.labels.SpanId._ids, a dict (base label set id -> the span's set over it)
+ * that releases the span sets it holds when it is deallocated with its SpanId (no Python
+ * __del__ at each request's end). */
+static void spansets_release(PyObject *self) {
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(self, &pos, &k, &v)) {
+        unsigned long lid = PyLong_Check(v) ? PyLong_AsUnsignedLong(v) : 0;
+        if (lid == (unsigned long)-1 && PyErr_Occurred())
+            PyErr_Clear();
+        else if (lid && lid <= UINT32_MAX)
+            mw_labels_release_span((uint32_t)lid); /* idempotent; ignores other ids */
+    }
+}
+
+static void spansets_dealloc(PyObject *self) {
+    spansets_release(self);
+    PyDict_Type.tp_dealloc(self); /* frees through the type's tp_free */
+}
+
+/* The garbage collector empties a dict of a cycle before it goes: release first. */
+static int spansets_clear(PyObject *self) {
+    spansets_release(self);
+    return PyDict_Type.tp_clear(self);
+}
+
+PyTypeObject mw_spansets_type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "middleware._native.SpanSets",
+    .tp_basicsize = sizeof(PyDictObject),
+    .tp_dealloc = spansets_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, /* tp_traverse: dict's, set at init */
+    .tp_clear = spansets_clear,
+    .tp_doc = "A dict of a span's label sets (base id -> span set id), released when it goes.",
+};
+
+static int spansets_init(PyObject *m) {
+    mw_spansets_type.tp_base = &PyDict_Type;
+    mw_spansets_type.tp_traverse = PyDict_Type.tp_traverse;
+    if (PyType_Ready(&mw_spansets_type) < 0) return -1;
+    return PyModule_AddObjectRef(m, "SpanSets", (PyObject *)&mw_spansets_type);
+}
+
 static PyObject *py_count_request(PyObject *self, PyObject *arg) {
     unsigned long id = PyLong_AsUnsignedLong(arg);
     if (id == (unsigned long)-1 && PyErr_Occurred()) return NULL;
@@ -529,7 +571,7 @@ __attribute__((visibility("default"))) PyMODINIT_FUNC PyInit__native(void) {
         return NULL;
     }
     if (mw_export_module_init(m) != 0 || mw_locks_module_init(m) != 0 ||
-        mw_memory_module_init(m) != 0 || mw_otel_module_init(m) != 0) {
+        mw_memory_module_init(m) != 0 || spansets_init(m) != 0 || mw_otel_module_init(m) != 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -37,6 +37,10 @@ extern PyMethodDef mw_memory_methods[];
 /* Registers mw_memprof's fork handlers (once). */
 int mw_memory_module_init(PyObject *m);
 
+/* csrc/mw_module.c: SpanSets, the dict type of middleware.labels.SpanId._ids (ready once the
+ * module is initialised). */
+extern PyTypeObject mw_spansets_type;
+
 /* csrc/mw_module_otel.c: otel_hooks, span_seen (the OpenTelemetry span labels' hot path). */
 extern PyMethodDef mw_otel_methods[];
 /* Interns its names and readies the hook type; registers its fork handler (once). */

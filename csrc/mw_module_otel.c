@@ -26,10 +26,8 @@
  * here; `apply(pairs)` when the pairs restored are not interned or an event loop runs. What the
  * fast path writes is what the Python path would have written.
  *
- * SpanSets, a dict (base label set id -> a span's set over it: middleware.labels.SpanId._ids)
- * that releases every span set it holds (mw_labels_release_span) when it is deallocated, with
- * its SpanId: no Python __del__ runs at the end of each request. The fast path makes SpanIds
- * itself (str's own constructor; their three slots set here).
+ * The fast path makes SpanIds itself (str's own constructor; their three slots set here, _ids
+ * a new mw_spansets_type: csrc/mw_module.c).
  *
  * A failure in our part never reaches the app: the error is dropped (attach/detach's own result
  * and exceptions pass through unchanged). Remembered tokens are bounded (MAX_PUSHED: the oldest
@@ -136,39 +134,7 @@ static int write_slot(PyObject *state, PyObject *pairs, unsigned long lid) {
     return PyDict_SetItem(state, s_pairs, pairs);
 }
 
-/* ---- span sets owned by a SpanId ---------------------------------------------------------- */
-
-static void spansets_release(PyObject *self) {
-    Py_ssize_t pos = 0;
-    PyObject *k, *v;
-    while (PyDict_Next(self, &pos, &k, &v)) {
-        unsigned long lid = PyLong_Check(v) ? PyLong_AsUnsignedLong(v) : 0;
-        if (lid == (unsigned long)-1 && PyErr_Occurred())
-            PyErr_Clear();
-        else if (lid && lid <= UINT32_MAX)
-            mw_labels_release_span((uint32_t)lid); /* idempotent; ignores other ids */
-    }
-}
-
-static void spansets_dealloc(PyObject *self) {
-    spansets_release(self);
-    PyDict_Type.tp_dealloc(self); /* frees through the type's tp_free */
-}
-
-/* The garbage collector empties a dict of a cycle before it goes: release first. */
-static int spansets_clear(PyObject *self) {
-    spansets_release(self);
-    return PyDict_Type.tp_clear(self);
-}
-
-static PyTypeObject g_spansets_type = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "middleware._native.SpanSets",
-    .tp_basicsize = sizeof(PyDictObject),
-    .tp_dealloc = spansets_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, /* tp_traverse: dict's, set at init */
-    .tp_clear = spansets_clear,
-    .tp_doc = "A dict of a span's label sets (base id -> span set id), released when it goes.",
-};
+/* ---- span id values ----------------------------------------------------------------------- */
 
 /* A new SpanId: str's constructor over the hex (SpanId.__new__ is not run), then its slots. */
 static PyObject *new_span_id(const char *hex, const char *trace_hex, PyObject *span_int) {
@@ -180,7 +146,7 @@ static PyObject *new_span_id(const char *hex, const char *trace_hex, PyObject *s
     Py_DECREF(args);
     if (!sid) return NULL;
     PyObject *trace = PyUnicode_FromStringAndSize(trace_hex, 32);
-    PyObject *ids = trace ? PyObject_CallNoArgs((PyObject *)&g_spansets_type) : NULL;
+    PyObject *ids = trace ? PyObject_CallNoArgs((PyObject *)&mw_spansets_type) : NULL;
     if (!ids || PyObject_SetAttr(sid, s_trace_id, trace) < 0 ||
         PyObject_SetAttr(sid, s_span_int, span_int) < 0 || PyObject_SetAttr(sid, s_ids, ids) < 0) {
         Py_XDECREF(trace);
@@ -804,11 +770,7 @@ int mw_otel_module_init(PyObject *m) {
     INTERN(s_hook_state, "_asyncio_hook_state");
     INTERN(s_asyncio_events, "asyncio.events");
     INTERN(s_get_loop_name, "_get_running_loop");
-    g_spansets_type.tp_base = &PyDict_Type;
-    g_spansets_type.tp_traverse = PyDict_Type.tp_traverse;
-    if (PyType_Ready(&g_hook_type) < 0 || PyType_Ready(&g_spansets_type) < 0 ||
-        PyModule_AddObjectRef(m, "SpanSets", (PyObject *)&g_spansets_type) < 0)
-        return -1;
+    if (PyType_Ready(&g_hook_type) < 0) return -1;
     static int registered;
     if (!registered) {
         registered = 1;
