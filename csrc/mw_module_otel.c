@@ -454,9 +454,15 @@ static PyObject *fast_push(PyObject *context) {
     if (put < 0) goto done;
     if (!(pairs = merged_pairs(cur, sid, name))) goto done;
     if (!(token = PyContextVar_Set(g.current, pairs))) goto done;
-    if (write_slot(state, pairs, lid) < 0) goto done;
-    ret = PyTuple_Pack(3, token, sid, span);
+    if (write_slot(state, pairs, lid) < 0 || !(ret = PyTuple_Pack(3, token, sid, span))) {
+        /* not remembered, so never popped: this request's labels must not outlive the failure */
+        PyErr_Clear();
+        if (PyContextVar_Reset(g.current, token) < 0 || write_slot(state, cur, base) < 0)
+            PyErr_Clear();
+        PyErr_SetString(PyExc_RuntimeError, "span labels not pushed");
+    }
 done:
+    Py_XDECREF(state);
     Py_XDECREF(token);
     Py_XDECREF(pairs);
     Py_XDECREF(lid_obj);
@@ -482,9 +488,9 @@ static int fast_pop(PyObject *ltok) {
     int rc = -1;
     if (PyContextVar_Get(g.current, NULL, &now) < 0) return -1;
     if (!now) return -1;
-    int running = PyTuple_GET_SIZE(now) ? loop_running() : 0;
+    int running = !PyTuple_CheckExact(now) ? 1 : PyTuple_GET_SIZE(now) ? loop_running() : 0;
     if (running < 0) goto done;
-    if (running || !PyTuple_CheckExact(now)) {
+    if (running) { /* or not a tuple: the Python path */
         PyObject *r = PyObject_CallOneArg(g.apply, now);
         rc = r ? 0 : -1;
         Py_XDECREF(r);

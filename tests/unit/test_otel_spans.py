@@ -199,6 +199,31 @@ def test_a_spans_label_sets_are_released_when_its_id_goes_even_through_a_garbage
         tracker.stop()
 
 
+def test_the_c_hooks_keep_no_reference_they_took(tracer: Any, tmp_path: Any) -> None:
+    import sys
+
+    from middleware import MwTracker
+
+    tracker = MwTracker(service_name="otel-refs-test", profile_dir=str(tmp_path), instrument=False)
+    try:
+        with tracer.start_as_current_span("first"):  # the process's first labels take the Python path
+            pass
+        state = labels._applied.__dict__
+        span = tracer.start_span("again")
+        context = trace.set_span_in_context(span)
+        before = sys.getrefcount(state), sys.getrefcount(span), sys.getrefcount(context)
+        for _ in range(1000):
+            token = otel_context.attach(context)
+            assert labels.current_labels()["span_id"] == _hex(span)
+            otel_context.detach(token)
+        del token
+        assert (sys.getrefcount(state), sys.getrefcount(span), sys.getrefcount(context)) == before
+        assert labels.current_labels() == {}
+        span.end()
+    finally:
+        tracker.stop()
+
+
 def test_a_users_own_span_id_label_is_a_span_label_too() -> None:
     with labels.labels(span_id="00f067aa0ba902b7", span_name="manual"):
         sid = labels.current_span()
