@@ -10,9 +10,8 @@ attribute is set when the span stops being current, and only when a sample carri
 a request too short to be sampled gets no link to an empty profile (and costs no attribute). In
 threads running an event loop it is set when the span becomes current: ASGI instrumentation ends
 its server span before it stops being current, when no attribute can be set any more. Each
-profile also
-records the trace of each span id it holds (``mw:spans`` comments), so a trace id finds its
-spans' samples too.
+profile also records the trace of each span id it holds (``mw:spans`` comments), so a trace id
+finds its spans' samples too.
 
 Why the local root and not the innermost span: a request's samples then share one id, the one a
 trace view starts from, and the label changes once per request instead of at every child span
@@ -45,8 +44,9 @@ __all__ = ["install", "PROFILE_ID_ATTRIBUTE"]
 #: The root span's attribute naming its profile (its span id), as Grafana Pyroscope expects.
 PROFILE_ID_ATTRIBUTE = "pyroscope.profile.id"
 
-# id(OpenTelemetry's token) -> (that token, what _push_root returned), for the Python hooks (no extension
-# module). A context attached and never detached (an app bug) would leave its entry: bounded.
+# id(OpenTelemetry's token) -> (that token, what _push_root returned), for the Python hooks (no
+# extension module). A context attached and never detached (an app bug) would leave its entry:
+# bounded.
 _pushed: dict[int, tuple[Any, Any]] = {}
 _PUSHED_MAX = 65536
 _span_key: Any = None
