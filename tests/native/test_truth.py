@@ -15,7 +15,6 @@ on 2 cores.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -463,13 +462,16 @@ def test_light_threads_cpu_is_not_lost_waiting_for_a_sample() -> None:
     burst = sum(s["cpu"] for s in r["profile"]["stacks"]
                 if s["thread"].startswith("light-") and any(f[0] == "light_burst" for f in s["frames"])) / 1e9
     ratio = profiled / truth["light_cpu_s"]
+    burst_ratio = burst / truth["light_burst_s"]
     figures = (f"{truth['threads']} threads, their CPU {truth['light_cpu_s']:.3f} s, in the profile "
-               f"{profiled:.3f} s (ratio {ratio:.2f}), in light_burst {burst:.3f} s")
+               f"{profiled:.3f} s (ratio {ratio:.2f}), in light_burst {burst:.3f} s of "
+               f"{truth['light_burst_s']:.3f} s measured (ratio {burst_ratio:.2f})")
     print(figures)
     assert truth["threads"] == 1500, figures
     assert 0.8 <= ratio <= 1.2, figures
-    # the rest is each thread's start and exit, which the sanitizers (make asan) make far dearer
-    assert burst >= (0.7 if "ASAN_OPTIONS" in os.environ else 0.8) * profiled, figures
+    # and the CPU of the bursts themselves, as each measured it, is where they ran (the rest is each
+    # thread's start and exit, whose share grows on a slower machine and under the sanitizers)
+    assert 0.8 <= burst_ratio <= 1.2, figures
 
 
 # --- 5. Wall time of idle threads: quiet ticks read (almost) none of them ---------------------------

@@ -720,23 +720,27 @@ def run_short(args: argparse.Namespace) -> dict[str, Any]:
     return {"threads": n, "short_cpu_s": process - main - sampler, "main_cpu_s": main, "sampler_cpu_s": sampler}
 
 
-def light_burst(seconds: float) -> None:
+def light_burst(seconds: float) -> float:
     t = time.thread_time()
     while time.thread_time() - t < seconds:
         pass
+    return time.thread_time() - t
 
 
-def light_thread(cpu: dict[str, float]) -> None:
+def light_thread(cpu: dict[str, float], bursts: dict[str, float]) -> None:
+    burst = 0.0
     for _ in range(3):
-        light_burst(0.001)
+        burst += light_burst(0.001)
         time.sleep(0.25)
     cpu[threading.current_thread().name] = time.thread_time()
+    bursts[threading.current_thread().name] = burst
 
 
 def run_light(args: argparse.Namespace) -> dict[str, Any]:
     cpu: dict[str, float] = {}
+    bursts: dict[str, float] = {}
     for round_ in range(6):
-        threads = [threading.Thread(target=light_thread, args=(cpu,), name=f"light-{round_}-{i}")
+        threads = [threading.Thread(target=light_thread, args=(cpu, bursts), name=f"light-{round_}-{i}")
                    for i in range(args.threads or 250)]
         for t in threads:
             t.start()
@@ -744,7 +748,7 @@ def run_light(args: argparse.Namespace) -> dict[str, Any]:
             t.join()
         del threads, t  # their Thread objects go: their timers are retired, their ends counted
     time.sleep(0.05)
-    return {"threads": len(cpu), "light_cpu_s": sum(cpu.values())}
+    return {"threads": len(cpu), "light_cpu_s": sum(cpu.values()), "light_burst_s": sum(bursts.values())}
 
 
 WORKLOADS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
