@@ -539,7 +539,7 @@ static struct PyModuleDef g_moddef = {
 __attribute__((visibility("default"))) PyMODINIT_FUNC PyInit__native(void) {
     const PyMethodDef *tables[] = {core_methods,      upload_methods,   mw_export_methods,
                                    mw_unwind_methods, mw_locks_methods, mw_memory_methods,
-                                   mw_otel_methods};
+                                   mw_otel_methods,   mw_tasks_methods};
     size_t total = 0;
     for (size_t i = 0; i < sizeof tables / sizeof *tables; i++)
         total += count_methods(tables[i]);

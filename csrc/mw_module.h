@@ -46,4 +46,7 @@ extern PyMethodDef mw_otel_methods[];
 /* Interns its names and readies the hook type; registers its fork handler (once). */
 int mw_otel_module_init(PyObject *m);
 
+/* csrc/mw_module_tasks.c: tasks_* (asyncio task stacks). */
+extern PyMethodDef mw_tasks_methods[];
+
 #endif /* MW_MODULE_H */

@@ -41,6 +41,7 @@
 #include <structmember.h> /* T_OBJECT, READONLY (3.10, 3.11) */
 
 #include "mw_labels.h"
+#include "mw_tasks.h"
 #include "mw_module.h"
 #include "mw_threads.h"
 
@@ -454,6 +455,7 @@ static PyObject *fast_push(PyObject *context) {
     if (put < 0) goto done;
     if (!(pairs = merged_pairs(cur, sid, name))) goto done;
     if (!(token = PyContextVar_Set(g.current, pairs))) goto done;
+    mw_tasks_label_value((uintptr_t)pairs, lid); /* a task waiting under it is labelled too */
     if (write_slot(state, pairs, lid) < 0 || !(ret = PyTuple_Pack(3, token, sid, span))) {
         /* not remembered, so never popped: this request's labels must not outlive the failure */
         PyErr_Clear();

@@ -188,6 +188,23 @@ static int64_t pool_add(strpool_t *p, const char *s) {
     return p->n - 1;
 }
 
+/* Index of a copy of s[0..len) (a part of a buffer string), the copy owned by the pool. */
+static int64_t pool_add_copy(strpool_t *p, const char *s, size_t len) {
+    char *c = strndup(s, len);
+    if (!c) return -1;
+    if (!p->owned && !(p->owned = calloc(p->cap, sizeof *p->owned))) {
+        free(c);
+        return -1;
+    }
+    uint32_t before = p->n;
+    int64_t k = pool_add(p, c);
+    if (k >= 0 && p->n != before && p->tab[k] == c)
+        p->owned[p->nowned++] = c;
+    else
+        free(c);
+    return k;
+}
+
 /* ---- the encoder ------------------------------------------------------------------------- */
 
 typedef struct {
@@ -205,6 +222,7 @@ typedef struct {
     uint32_t ls_mask;
     uint32_t *stack_ls;     /* per stack: slot in ls + 1 (0 = no label set) */
     uint32_t *thread_label; /* buffer string id → label index + 1 */
+    uint32_t *task_label;   /* buffer string id → its task label's index + 1, 0 = none */
 
     pb_label_t *labels;
     uint32_t nlabels, labels_cap;
@@ -238,6 +256,7 @@ static void enc_free(enc_t *e) {
     free(e->ls);
     free(e->stack_ls);
     free(e->thread_label);
+    free(e->task_label);
     free(e->labels);
     free(e->label_ptrs);
     free(e->funcs);
@@ -400,7 +419,7 @@ typedef struct {
 
 /* The fixed string-table entries and the labels every sample may share. */
 typedef struct {
-    int64_t samples, count, cpu, ns, wall, thread, pid, unknown, map, contentions, delay;
+    int64_t samples, count, cpu, ns, wall, thread, task, pid, unknown, map, contentions, delay;
     int64_t alloc_objects, alloc_space, inuse_objects, inuse_space, space, bytes; /* memory */
     int kind;                                                                     /* meta.kind */
     pb_label_t *pid_label; /* NULL without a pid */
@@ -418,7 +437,8 @@ static int count_pass(enc_t *e, enc_sizes_t *sz) {
     e->ls_mask = ls_cap - 1;
     e->stack_ls = calloc(ns + 1, sizeof *e->stack_ls);
     e->thread_label = calloc(nstr + 1, sizeof *e->thread_label);
-    if (!e->ls || !e->stack_ls || !e->thread_label) return -1;
+    e->task_label = calloc(nstr + 1, sizeof *e->task_label);
+    if (!e->ls || !e->stack_ls || !e->thread_label || !e->task_label) return -1;
     memset(sz, 0, sizeof *sz);
     for (uint32_t i = 0; i < ns; i++) {
         const mw_stack_t *s = mw_profbuf_stack(e->b, i);
@@ -446,11 +466,11 @@ static int count_pass(enc_t *e, enc_sizes_t *sz) {
 static int alloc_tables(enc_t *e, const enc_sizes_t *sz) {
     uint32_t ns = mw_profbuf_nstacks(e->b), nf = mw_profbuf_nframes(e->b);
     uint32_t nstr = mw_profbuf_nstrings(e->b);
-    if (pool_init(&e->pool, nstr + 20 + 2 * MW_PPROF_MAX_STATIC + MW_PPROF_MAX_COMMENTS +
-                                2 * (uint32_t)sz->pairs) != 0)
+    if (pool_init(&e->pool, nstr + 20 + 2 * sz->nthreads + 2 * MW_PPROF_MAX_STATIC +
+                                MW_PPROF_MAX_COMMENTS + 2 * (uint32_t)sz->pairs) != 0)
         return -1;
     e->strmap = calloc(nstr + 1, sizeof *e->strmap);
-    e->labels_cap = 2 + MW_PPROF_MAX_STATIC + sz->nthreads + (uint32_t)sz->pairs;
+    e->labels_cap = 2 + MW_PPROF_MAX_STATIC + 2 * sz->nthreads + (uint32_t)sz->pairs;
     e->labels = calloc(e->labels_cap, sizeof *e->labels);
     e->funcs = calloc(nf + 1, sizeof *e->funcs);
     e->func_ptrs = calloc(nf + 1, sizeof *e->func_ptrs);
@@ -500,14 +520,15 @@ static int fixed_labels(enc_t *e, const mw_pprof_meta_t *meta, enc_fixed_t *fx) 
             return -1;
     }
     fx->thread = pool_add(&e->pool, "thread_name");
+    fx->task = pool_add(&e->pool, "task");
     fx->pid = pool_add(&e->pool, "pid");
     fx->unknown = pool_add(&e->pool, "unknown");
     fx->map = pool_add(&e->pool, "[python]");
     snprintf(fx->pid_text, sizeof fx->pid_text, "%ld", meta->pid);
     int64_t pid_value = meta->pid > 0 ? pool_add(&e->pool, fx->pid_text) : 0;
     if (empty != 0 || fx->samples < 0 || fx->count < 0 || fx->cpu < 0 || fx->ns < 0 ||
-        fx->wall < 0 || fx->contentions < 0 || fx->delay < 0 || fx->thread < 0 || fx->pid < 0 ||
-        fx->unknown < 0 || fx->map < 0 || pid_value < 0)
+        fx->wall < 0 || fx->contentions < 0 || fx->delay < 0 || fx->thread < 0 || fx->task < 0 ||
+        fx->pid < 0 || fx->unknown < 0 || fx->map < 0 || pid_value < 0)
         return -1;
     fx->pid_label = meta->pid > 0 ? new_label(e, fx->pid, pid_value) : NULL;
     int64_t reserved[MW_PPROF_MAX_STATIC];
@@ -524,7 +545,7 @@ static int fixed_labels(enc_t *e, const mw_pprof_meta_t *meta, enc_fixed_t *fx) 
     uint32_t ns = mw_profbuf_nstacks(e->b);
     uint64_t nptr = 0;
     for (uint32_t i = 0; i < ns; i++)
-        nptr += 1 + (fx->pid_label ? 1 : 0) + fx->nstatic +
+        nptr += 2 + (fx->pid_label ? 1 : 0) + fx->nstatic +
                 (e->stack_ls[i] ? e->ls[e->stack_ls[i] - 1].n : 0);
     e->label_ptrs = calloc(nptr + 1, sizeof *e->label_ptrs);
     return e->label_ptrs ? 0 : -1;
@@ -537,10 +558,20 @@ static pb_label_t *label_of_thread(enc_t *e, enc_fixed_t *fx, mw_id_t thread) {
         return fx->unknown_thread;
     }
     if (!e->thread_label[thread]) {
-        int64_t v = buf_str(e, thread);
+        /* An asyncio task's sample: "<thread name>\x1f<task name>" (mw_sampler_tasks.c). */
+        size_t len;
+        const char *text = mw_profbuf_str(e->b, thread, &len);
+        const char *sep = text ? memchr(text, '\x1f', len) : NULL;
+        int64_t v = sep ? pool_add_copy(&e->pool, text, (size_t)(sep - text)) : buf_str(e, thread);
         if (v < 0) return NULL;
         new_label(e, fx->thread, v);
         e->thread_label[thread] = e->nlabels; /* index + 1 */
+        if (sep) {
+            int64_t t = pool_add_copy(&e->pool, sep + 1, len - (size_t)(sep - text) - 1);
+            if (t < 0) return NULL;
+            new_label(e, fx->task, t);
+            e->task_label[thread] = e->nlabels;
+        }
     }
     return &e->labels[e->thread_label[thread] - 1];
 }
@@ -583,6 +614,8 @@ static int sample_pass(enc_t *e, enc_fixed_t *fx) {
         pb_label_t *tl = label_of_thread(e, fx, s->thread);
         if (!tl) return -1;
         sm->label[sm->n_label++] = tl;
+        if (s->thread >= 1 && s->thread <= mw_profbuf_nstrings(e->b) && e->task_label[s->thread])
+            sm->label[sm->n_label++] = &e->labels[e->task_label[s->thread] - 1];
         if (fx->pid_label) sm->label[sm->n_label++] = fx->pid_label;
         for (uint32_t j = 0; j < fx->nstatic; j++)
             sm->label[sm->n_label++] = &fx->statics[j];

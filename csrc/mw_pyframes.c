@@ -253,7 +253,9 @@ int mw_pyframes_threads(mw_readcache_t *rc, mw_pythread_t *out, int max) {
 
 static int read_code_head(mw_readcache_t *rc, uintptr_t addr, PyCodeObject *co) {
     if (addr == 0 || (addr & (sizeof(void *) - 1))) return -1;
-    if (mw_readcache_read(rc, (void *)addr, MW_CODE_HEAD, co, 0) != 0) return -1;
+    if (rc ? mw_readcache_read(rc, (void *)addr, MW_CODE_HEAD, co, 0) != 0
+           : mw_safe_read((void *)addr, MW_CODE_HEAD, co) != 0)
+        return -1;
     if (Py_TYPE((PyObject *)co) != &PyCode_Type) return -1;
     return 0;
 }
@@ -471,6 +473,97 @@ int mw_pyframes_walk(mw_readcache_t *rc, mw_walkscratch_t *ws, uintptr_t frame, 
 
 static int rd(mw_readcache_t *rc, const void *addr, size_t len, void *dst) {
     return rc ? mw_readcache_read_exact(rc, addr, len, dst) : mw_safe_read(addr, len, dst);
+}
+
+uintptr_t mw_pyframes_type_of(mw_readcache_t *rc, uintptr_t obj) {
+    PyObject o;
+    if (!obj || (obj & (sizeof(void *) - 1)) || rd(rc, (void *)obj, sizeof o, &o) != 0) return 0;
+    return (uintptr_t)Py_TYPE(&o);
+}
+
+int mw_pyframes_code_frame(mw_readcache_t *rc, uintptr_t code, int32_t lasti, mw_rawframe_t *out) {
+    PyCodeObject co;
+    if (read_code_head(rc, code, &co) != 0) return -1;
+#if PY_VERSION_HEX >= 0x030B0000
+    if (lasti < -1 || lasti >= (int32_t)Py_SIZE((PyObject *)&co)) return -1;
+#else
+    if (lasti < -1) return -1; /* 3.10: the bytecode is a separate object (a walk checks no more) */
+#endif
+    out->code = code;
+    out->lasti = lasti;
+    out->eval_entry = 0;
+    code_info(&co, &out->info);
+    return 0;
+}
+
+int mw_pyframes_coro(mw_readcache_t *rc, uintptr_t gen, mw_rawframe_t *out, uintptr_t *awaited) {
+    *awaited = 0;
+    if (!gen || (gen & (sizeof(void *) - 1))) return MW_CORO_UNREADABLE;
+#if PY_VERSION_HEX >= 0x030B0000
+    /* The frame is inside the object (gi_iframe), after the fields read here. */
+    PyGenObject g;
+    size_t head = offsetof(PyGenObject, gi_iframe);
+    if (rd(rc, (void *)gen, head, &g) != 0) return MW_CORO_UNREADABLE;
+    if (Py_TYPE((PyObject *)&g) != &PyCoro_Type && Py_TYPE((PyObject *)&g) != &PyGen_Type)
+        return MW_CORO_UNREADABLE;
+    int8_t state = g.gi_frame_state;
+    if (state == FRAME_EXECUTING) return MW_CORO_RUNNING;
+    if (state > FRAME_EXECUTING) return MW_CORO_DONE;
+    _PyInterpreterFrame f;
+    uintptr_t fa = gen + head;
+    if (rd(rc, (void *)fa, offsetof(_PyInterpreterFrame, localsplus), &f) != 0)
+        return MW_CORO_UNREADABLE;
+#if PY_VERSION_HEX >= 0x030D0000
+    uintptr_t code = (uintptr_t)f.f_executable;
+    const _Py_CODEUNIT *ip = f.instr_ptr;
+#else
+    uintptr_t code = (uintptr_t)f.f_code;
+    const _Py_CODEUNIT *ip = f.prev_instr;
+#endif
+    PyCodeObject co;
+    if (read_code_head(rc, code, &co) != 0) return MW_CORO_UNREADABLE;
+    long idx = (long)(ip - (const _Py_CODEUNIT *)(code + MW_CODE_HEAD));
+    if (idx < -1 || idx >= (long)Py_SIZE((PyObject *)&co)) return MW_CORO_UNREADABLE;
+    out->code = code;
+    out->lasti = (int32_t)idx;
+    out->eval_entry = 0;
+    code_info(&co, &out->info);
+    if (state == FRAME_CREATED) return MW_CORO_CREATED;
+#if PY_VERSION_HEX >= 0x030D0000
+    if (state != FRAME_SUSPENDED_YIELD_FROM) return MW_CORO_SUSPENDED;
+#endif
+    /* Suspended in an await (yield from): what it awaits is the top of its value stack. */
+    int top = f.stacktop;
+    if (top > co.co_nlocalsplus && top <= co.co_nlocalsplus + co.co_stacksize) {
+        uintptr_t tos = 0;
+        if (rd(rc,
+               (const char *)fa + offsetof(_PyInterpreterFrame, localsplus) +
+                   (size_t)(top - 1) * sizeof(PyObject *),
+               sizeof tos, &tos) == 0)
+            *awaited = tos;
+    }
+    return MW_CORO_SUSPENDED;
+#else
+    PyGenObject g;
+    if (rd(rc, (void *)gen, sizeof g, &g) != 0) return MW_CORO_UNREADABLE;
+    if (Py_TYPE((PyObject *)&g) != &PyCoro_Type && Py_TYPE((PyObject *)&g) != &PyGen_Type)
+        return MW_CORO_UNREADABLE;
+    if (!g.gi_frame) return MW_CORO_DONE;
+    PyFrameObject f;
+    if (rd(rc, (void *)g.gi_frame, sizeof f, &f) != 0) return MW_CORO_UNREADABLE;
+    if (f.f_state == FRAME_EXECUTING) return MW_CORO_RUNNING;
+    if (f.f_state > FRAME_EXECUTING) return MW_CORO_DONE;
+    if (mw_pyframes_code_frame(rc, (uintptr_t)f.f_code, f.f_lasti, out) != 0)
+        return MW_CORO_UNREADABLE;
+    if (f.f_state == FRAME_CREATED) return MW_CORO_CREATED;
+    PyCodeObject co;
+    if (read_code_head(rc, (uintptr_t)f.f_code, &co) != 0) return MW_CORO_UNREADABLE;
+    if (f.f_stackdepth > 0 && f.f_stackdepth <= co.co_stacksize) {
+        uintptr_t tos = 0;
+        if (rd(rc, f.f_valuestack + f.f_stackdepth - 1, sizeof tos, &tos) == 0) *awaited = tos;
+    }
+    return MW_CORO_SUSPENDED;
+#endif
 }
 
 int mw_pyframes_read_str(uintptr_t str, char *buf, size_t cap) {

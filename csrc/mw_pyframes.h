@@ -94,6 +94,31 @@ size_t mw_walkscratch_size(void);
 int mw_pyframes_walk(mw_readcache_t *rc, mw_walkscratch_t *ws, uintptr_t top_frame,
                      uintptr_t anchor, mw_rawframe_t *out, int max, int *truncated);
 
+/* What a coroutine or generator object is doing (mw_pyframes_coro). */
+enum {
+    MW_CORO_UNREADABLE = -1, /* not a coroutine/generator, or a read failed */
+    MW_CORO_SUSPENDED = 0,   /* paused (at an await when *awaited is set) */
+    MW_CORO_CREATED = 1,     /* not started yet */
+    MW_CORO_RUNNING = 2,     /* its frame is executing: it is on some thread's stack */
+    MW_CORO_DONE = 3         /* returned, raised or closed */
+};
+
+/* Reads the coroutine or generator object at `gen` (of the built-in coroutine or generator
+ * type, else MW_CORO_UNREADABLE): its frame into *out (code object, instruction index, code
+ * info; filled for SUSPENDED and CREATED only) and, when it is suspended at an await (yield
+ * from), the object it awaits into *awaited (the top of its value stack: the caller checks its
+ * type; 0 when none). Returns its MW_CORO_* state. No GIL, no C API: reads through rc (NULL:
+ * one safe read each). */
+int mw_pyframes_coro(mw_readcache_t *rc, uintptr_t gen, mw_rawframe_t *out, uintptr_t *awaited);
+
+/* Fills *out for code object `code` at instruction index `lasti` (-1: at entry), validated as a
+ * walk validates a frame. 0, or -1 when it is not a readable code object or lasti is out of
+ * its bytecode. Any thread, no GIL (reads as mw_pyframes_coro). */
+int mw_pyframes_code_frame(mw_readcache_t *rc, uintptr_t code, int32_t lasti, mw_rawframe_t *out);
+
+/* The type (ob_type) of the object at obj, 0 when unreadable. Any thread, no GIL. */
+uintptr_t mw_pyframes_type_of(mw_readcache_t *rc, uintptr_t obj);
+
 /* Copies a str object as UTF-8 into buf (NUL-terminated, truncated to cap-1). Returns length
  * or -1. */
 int mw_pyframes_read_str(uintptr_t str, char *buf, size_t cap);

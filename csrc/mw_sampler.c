@@ -13,6 +13,7 @@
  */
 #define _GNU_SOURCE
 #include "mw_sampler_int.h"
+#include "mw_tasks.h"
 
 #include "mw_cputimer.h"
 #include "mw_labels.h"
@@ -196,6 +197,7 @@ static void tick(void) {
     }
     g_nwoken = 0;
     g_woken_overflow = 0;
+    mws_tasks_tick(g_active, dwall);
     memcpy(g_hot_prev, g_hot, (size_t)g_nhot * sizeof *g_hot);
     if (quiet) {
         g_quiet_wall += dwall;
@@ -533,6 +535,7 @@ static void atfork_child(void) {
     mw_threads_reset_after_fork();
     mw_labels_after_fork_child();
     mw_cputimer_after_fork_child();
+    mw_tasks_after_fork_child();
     g_timers_armed = 0;
     for (uint32_t i = 0; g_ts && i < g_ts_n; i++)
         g_ts[i].reg = 0;

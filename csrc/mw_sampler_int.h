@@ -156,6 +156,11 @@ void mws_quiet_flush_all(mw_profbuf_t *b);
 /* Samples one listed thread into b at this tick; its entry, or NULL (gone, table full). */
 mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
                                int first_tick);
+/* mw_sampler_tasks.c */
+/* The wall samples of the waiting asyncio tasks of the registered event loops (mw_tasks). */
+void mws_tasks_tick(mw_profbuf_t *b, uint64_t dwall);
+
+/* mw_sampler_take.c */
 /* Takes the samples the CPU-timer handlers left (b NULL or no timers: frees them unused). */
 void mws_drain_timed(mw_profbuf_t *b);
 

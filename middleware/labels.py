@@ -103,7 +103,10 @@ _current: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.Cont
     "middleware_labels", default=()
 )
 _ids: dict[tuple[tuple[str, str], ...], int] = {}
-_RESERVED = {"thread_name", "pid"}
+_RESERVED = {"thread_name", "pid", "task"}
+# The sampler's record of label-set ids by value object (asyncio task stacks read a waiting task's
+# labels from its context): set by middleware.asyncio_tasks once the sampler reads tasks.
+_task_values: Callable[[object, int], None] | None = None
 
 
 _native_mod: Any | None = None
@@ -462,7 +465,12 @@ def _wrap_handle_run(events: Any) -> None:
             pairs = ctx.get(_current, ())
             if getattr(_applied, "pairs", ()) != pairs:
                 _apply(pairs)
-        original(self)
+        try:
+            original(self)
+        finally:
+            # what the loop runs next outside a callback (its select) carries no task's labels
+            if getattr(_applied, "pairs", ()):
+                _apply(())
 
     _run._mw_wrapped = True  # type: ignore[attr-defined]
     handle._run = _run
@@ -614,6 +622,8 @@ def push_labels(mapping: Mapping[str, object]) -> contextvars.Token[tuple[tuple[
 
 def _push(pairs: tuple[tuple[str, str], ...], lid: int | None = None) -> contextvars.Token[tuple[tuple[str, str], ...]]:
     token = _current.set(pairs)
+    if _task_values is not None and pairs:
+        _task_values(pairs, _labelset_id(pairs) if lid is None else lid)
     _apply(pairs, lid)
     if _asyncio_hook_state == _HOOK_ON_FIRST_LABEL:
         _arrange_asyncio_hook()
@@ -654,11 +664,15 @@ def push_span(span_id: SpanId, span_name: str) -> contextvars.Token[tuple[tuple[
     state = _applied.__dict__
     n = _native_mod
     if base is None or base < 0 or n is None or (not state.get("depth") and _unseen_loop() is not None):
+        if _task_values is not None:
+            _task_values(pairs, _labelset_id(pairs))
         _apply(pairs)  # the general path
     else:
         lid = span_id._ids.get(base)
         if lid is None:
             lid = span_id.over(base, span_name)
+        if _task_values is not None:
+            _task_values(pairs, lid)
         n.set_thread_labelset(threading.get_native_id(), lid)
         state["pairs"] = pairs
     if _asyncio_hook_state == _HOOK_ON_FIRST_LABEL:

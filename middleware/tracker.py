@@ -24,6 +24,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from middleware import asyncio_tasks
 from middleware.config import ProfilerConfig, resolve_config, resolve_upload_config, visible_warning
 from middleware.labels import enable_asyncio_hook
 from middleware.labels import labels as _labels_cm
@@ -84,6 +85,7 @@ class _ProcessProfiler:
             _install_thread_naming()
             _children_profiling_started()
             enable_asyncio_hook()
+            asyncio_tasks.enable()
             self._start_upload(n)
             self._start_export(n)
             if cfg.locks:
@@ -292,6 +294,7 @@ def _after_fork_in_child() -> None:
     if p is not None and p.running:
         _reregister_threads()
         p.after_fork_in_child()
+        asyncio_tasks.after_fork_in_child()
 
 
 # -- thread names ----------------------------------------------------------------------------------
@@ -535,7 +538,11 @@ def snapshot_profile(reset: bool = False, rate: int = 100) -> Profile:
         if pairs is None:
             pairs = tuple(n.labelset_pairs(labelset)) if labelset else ()
             label_cache[labelset] = pairs
-        lab = tuple(sorted({**dict(pairs), "thread_name": thread_name, "pid": pid}.items()))
+        thread_name, _, task = thread_name.partition("\x1f")  # an asyncio task's sample
+        extra = {"thread_name": thread_name, "pid": pid}
+        if task:
+            extra["task"] = task
+        lab = tuple(sorted({**dict(pairs), **extra}.items()))
         key = (stack, lab)
         v = acc.get(key)
         if v is None:

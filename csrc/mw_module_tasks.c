@@ -1,0 +1,167 @@
+/* mw_module_tasks — Python glue for asyncio task stacks (mw_tasks). GIL held in every function.
+ *
+ *   tasks_setup(task, coro, loop, name, tasks_set, labels_var, ctx_one, ctx_many,
+ *               steps_type=None, steps_slot=None) -> bool
+ *       learns the C Task's layout from `task` (a task made for the purpose, of coroutine `coro`,
+ *       loop `loop`, name `name`), the set of weak references holding every task (`tasks_set`,
+ *       WeakSet.data), the labels' context variable and the HAMT node types of two contexts
+ *       (`ctx_one` with one variable set, `ctx_many` with enough for an array node); steps_type
+ *       and its member descriptor steps_slot: a coroutine wrapper whose slot holds the task's
+ *       coroutine. False (nothing published) when the layout is not the expected one. Once.
+ *   tasks_loop(tid, loop, frames) -> bool
+ *       the loop running in thread tid (None: none any more), with the frames under it as
+ *       (code, instruction index) pairs, innermost first
+ *   tasks_label_value(value, labelset_id) -> None
+ *       the label-set id of a value pushed into the labels' context variable
+ *   tasks_stats() -> dict[str, int]
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include "mw_module.h"
+#include "mw_pyglue.h"
+
+#include "mw_pyframes.h"
+#include "mw_tasks.h"
+
+#include <string.h>
+
+/* Byte offset of a pointer to `what` among the first `size` bytes of obj, -1 when absent. */
+static long find_field(PyObject *obj, size_t size, PyObject *what) {
+    for (size_t off = sizeof(PyObject); off + sizeof(void *) <= size; off += sizeof(void *)) {
+        PyObject *p;
+        memcpy(&p, (const char *)obj + off, sizeof p);
+        if (p == what) return (long)off;
+    }
+    return -1;
+}
+
+/* The type of a context's HAMT root node (0 when it has none). */
+static uintptr_t root_node_type(PyObject *ctx) {
+    /* PyContext: head, ctx_prev, ctx_vars; PyHamtObject: head, h_root (3.10 to 3.13). */
+    PyObject *vars, *root;
+    memcpy(&vars, (const char *)ctx + sizeof(PyObject) + sizeof(void *), sizeof vars);
+    if (!vars) return 0;
+    memcpy(&root, (const char *)vars + sizeof(PyObject), sizeof root);
+    return root ? (uintptr_t)Py_TYPE(root) : 0;
+}
+
+static int32_t hamt_hash(Py_hash_t h) {
+    int32_t x = (int32_t)(h & 0xffffffffl) ^ (int32_t)(h >> 32);
+    return x == -1 ? -2 : x;
+}
+
+static PyObject *py_tasks_setup(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"task",       "coro",       "loop",    "name",
+                             "tasks_set",  "labels_var", "ctx_one", "ctx_many",
+                             "steps_type", "steps_slot", NULL};
+    PyObject *task, *coro, *loop, *name, *set, *var, *one, *many, *steps = Py_None, *slot = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO!OO!O!|OO", kwlist, &task, &coro, &loop, &name,
+                                     &PySet_Type, &set, &var, &PyContext_Type, &one,
+                                     &PyContext_Type, &many, &steps, &slot))
+        return NULL;
+    if (!PyContextVar_CheckExact(var)) {
+        PyErr_SetString(PyExc_TypeError, "labels_var must be a ContextVar");
+        return NULL;
+    }
+    mw_tasks_config_t c;
+    memset(&c, 0, sizeof c);
+    size_t size = (size_t)Py_TYPE(task)->tp_basicsize;
+    c.task_type = (uintptr_t)Py_TYPE(task);
+    c.tasks_set = (uintptr_t)set;
+    c.off_loop = find_field(task, size, loop);
+    c.off_coro = find_field(task, size, coro);
+    c.off_name = find_field(task, size, name);
+    /* The context follows the name (3.10 to 3.13: fut_waiter, coro, name, context). */
+    c.off_context = c.off_coro + 2 * (long)sizeof(void *);
+    PyObject *ctx = NULL;
+    if (c.off_coro > 0 && (size_t)c.off_context + sizeof(void *) <= size)
+        memcpy(&ctx, (const char *)task + c.off_context, sizeof ctx);
+    if (c.off_loop < 0 || c.off_coro < 0 || c.off_name != c.off_coro + (long)sizeof(void *) ||
+        !ctx || !PyContext_CheckExact(ctx))
+        Py_RETURN_FALSE;
+    Py_hash_t h = PyObject_Hash(var);
+    if (h == -1) return NULL;
+    c.labels_var = (uintptr_t)var;
+    c.labels_hash = hamt_hash(h);
+    c.hamt_bitmap_type = root_node_type(one);
+    c.hamt_array_type = root_node_type(many);
+    if (!c.hamt_bitmap_type || c.hamt_array_type == c.hamt_bitmap_type) c.hamt_array_type = 0;
+    if (steps != Py_None && slot != Py_None) {
+        if (!PyType_Check(steps) || Py_TYPE(slot) != &PyMemberDescr_Type) {
+            PyErr_SetString(PyExc_TypeError, "steps_type must be a type and steps_slot its member");
+            return NULL;
+        }
+        c.steps_type = (uintptr_t)steps;
+        c.steps_off = (long)((PyMemberDescrObject *)slot)->d_member->offset;
+    }
+    mw_tasks_setup(&c);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *py_tasks_loop(PyObject *self, PyObject *args) {
+    long tid;
+    PyObject *loop, *frames;
+    if (!PyArg_ParseTuple(args, "lOO", &tid, &loop, &frames)) return NULL;
+    static mw_rawframe_t base[MW_TASK_BASE_MAX]; /* GIL held: one caller at a time */
+    int n = 0;
+    if (loop != Py_None) {
+        PyObject *seq = PySequence_Fast(frames, "frames must be a sequence");
+        if (!seq) return NULL;
+        Py_ssize_t len = PySequence_Fast_GET_SIZE(seq);
+        for (Py_ssize_t i = 0; i < len && n < MW_TASK_BASE_MAX; i++) {
+            PyObject *code;
+            int lasti;
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "O!i", &PyCode_Type, &code,
+                                  &lasti)) {
+                Py_DECREF(seq);
+                return NULL;
+            }
+            if (mw_pyframes_code_frame(NULL, (uintptr_t)code, lasti, &base[n]) == 0) n++;
+        }
+        Py_DECREF(seq);
+    }
+    int rc = mw_tasks_loop_set(tid, loop == Py_None ? 0 : (uintptr_t)loop, base, n);
+    return PyBool_FromLong(rc == 0);
+}
+
+static PyObject *py_tasks_label_value(PyObject *self, PyObject *args) {
+    PyObject *value;
+    unsigned int lid;
+    if (!PyArg_ParseTuple(args, "OI", &value, &lid)) return NULL;
+    mw_tasks_label_value((uintptr_t)value, lid);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_tasks_stats(PyObject *self, PyObject *noargs) {
+    mw_tasks_stats_t s;
+    mw_tasks_get_stats(&s);
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    if (mw_dict_put_u64(d, "task_samples", s.tasks) ||
+        mw_dict_put_u64(d, "tasks_running", s.running) ||
+        mw_dict_put_u64(d, "tasks_unreadable", s.unreadable) ||
+        mw_dict_put_u64(d, "tasks_other_types", s.other_types) ||
+        mw_dict_put_u64(d, "task_partial_ticks", s.partial_ticks) ||
+        mw_dict_put_u64(d, "task_chains_capped", s.chain_capped) ||
+        mw_dict_put_u64(d, "task_loops_refused", s.loops_refused) ||
+        mw_dict_put_u64(d, "task_labels_missed", s.labels_missed) ||
+        mw_dict_put_u64(d, "task_torn", s.torn) || mw_dict_put_u64(d, "task_dropped", s.dropped) ||
+        mw_dict_put_u64(d, "tasks_ready", (uint64_t)mw_tasks_ready())) {
+        Py_DECREF(d);
+        return NULL;
+    }
+    return d;
+}
+
+PyMethodDef mw_tasks_methods[] = {
+    {"tasks_setup", (PyCFunction)(void (*)(void))py_tasks_setup, METH_VARARGS | METH_KEYWORDS,
+     "Learns the asyncio Task layout and the task set (once)."},
+    {"tasks_loop", py_tasks_loop, METH_VARARGS,
+     "Registers the event loop running in a thread, with the frames under it."},
+    {"tasks_label_value", py_tasks_label_value, METH_VARARGS,
+     "Records the label-set id of a value of the labels' context variable."},
+    {"tasks_stats", py_tasks_stats, METH_NOARGS, "Counters of the asyncio task samples."},
+    {NULL, NULL, 0, NULL},
+};

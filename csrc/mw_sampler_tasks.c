@@ -1,0 +1,104 @@
+/* mw_sampler_tasks — the samples of waiting asyncio tasks (mw_tasks), taken at each tick.
+ *
+ * For each event loop registered with its thread, every task of it that is not running gets a
+ * wall-time sample: its await chain (leaf first) over the frames the thread had when it started
+ * running the loop, labelled with the task's own label set, its thread's name and the task's
+ * name (the stack's thread string is "<thread name>\x1f<task name>": the encoder makes it the
+ * thread_name and task labels). A task stands for the tick's wall time divided by the share of
+ * the task set read this tick (all of it below MW_TASK_SLOTS_TICK slots). The running task is on
+ * its thread's stack: the thread's own sample has it. CPU time never goes to task samples.
+ *
+ * A chain is kept only when a second read after naming its frames finds every coroutine where
+ * the first read found it (mw_tasks_recheck): the task did not run in between, so the frames
+ * were on its chain together and their code objects were alive when named (otherwise the names
+ * the attempt filled are dropped, mw_symcache_abort).
+ *
+ * Sampler thread only, buffer lock held (see mw_sampler_int.h).
+ */
+#include "mw_sampler_int.h"
+
+#include "mw_labels.h"
+#include "mw_symcache.h"
+#include "mw_tasks.h"
+#include "mw_threads.h"
+
+#include <stdio.h>
+#include <string.h>
+
+#define TASK_FRAMES (MW_TASK_CHAIN_MAX + MW_TASK_BASE_MAX)
+
+static mw_taskloop_t g_tloops[MW_TASK_LOOPS];
+static mw_rawframe_t g_traw[TASK_FRAMES];
+static const mw_symentry_t *g_tsym[TASK_FRAMES];
+static mw_id_t g_tids[TASK_FRAMES];
+
+typedef struct {
+    mw_profbuf_t *b;
+    int nloops;
+    uint64_t dwall;
+    double fraction; /* set by mw_tasks_sweep before the first task */
+} tick_t;
+
+static void task_sample(void *arg, const mw_task_t *t) {
+    tick_t *k = arg;
+    const mw_taskloop_t *l = NULL;
+    for (int i = 0; i < k->nloops && !l; i++)
+        if (g_tloops[i].loop == t->loop) l = &g_tloops[i];
+    if (!l) return;
+    int n = 0;
+    for (int i = 0; i < t->nframes && n < TASK_FRAMES; i++)
+        g_traw[n++] = t->frames[i];
+    for (int i = 0; i < l->nbase && n < TASK_FRAMES; i++)
+        g_traw[n++] = l->base[i];
+    mw_symcache_begin();
+    for (int i = 0; i < n; i++) {
+        g_tsym[i] = mw_symcache_resolve(&g_traw[i]);
+        if (!g_tsym[i]) {
+            mw_symcache_abort();
+            mw_tasks_count_dropped(0);
+            return;
+        }
+    }
+    if (mw_tasks_recheck(g_rc, t) != 0) {
+        mw_symcache_abort();
+        mw_tasks_count_dropped(1);
+        return;
+    }
+    uint32_t m = 0;
+    for (int i = 0; i < n; i++) {
+        mw_id_t id = mw_symcache_intern(k->b, g_tsym[i], g_traw[i].lasti);
+        if (id) g_tids[m++] = id;
+    }
+    int created = 0;
+    mw_tstate_t *st = mws_ts_find(l->tid, &created);
+    if (!st || !m) {
+        mw_tasks_count_dropped(0);
+        return;
+    }
+    uint32_t thread_labels;
+    mw_id_t tname = mws_thread_name_id(k->b, st, &thread_labels);
+    size_t len = 0;
+    const char *thread = tname ? mw_profbuf_str(k->b, tname, &len) : NULL;
+    char s[MW_THREAD_NAME_MAX + MW_TASK_NAME_MAX + 2];
+    int sl = snprintf(s, sizeof s, "%s\x1f%s", thread ? thread : "", t->name);
+    if (sl < 0) return;
+    if ((size_t)sl >= sizeof s) sl = (int)sizeof s - 1;
+    mw_id_t sid = mw_profbuf_intern_str(k->b, s, (size_t)sl);
+    mw_labels_span_seen(t->labelset);
+    double f = k->fraction > 0 ? k->fraction : 1.0;
+    mw_values_t v = {0, 0, 1, (uint64_t)((double)k->dwall / f + 0.5), 0};
+    if (!sid || mw_profbuf_add(k->b, g_tids, m, sid, t->labelset, &v) != 0) {
+        mw_tasks_count_dropped(0);
+        g_stats.overflow++;
+        return;
+    }
+    g_stats.samples++;
+}
+
+void mws_tasks_tick(mw_profbuf_t *b, uint64_t dwall) {
+    if (!mw_tasks_ready()) return;
+    int n = mw_tasks_loops(g_tloops, MW_TASK_LOOPS);
+    if (n <= 0) return;
+    tick_t k = {b, n, dwall, 1.0};
+    mw_tasks_sweep(g_rc, g_tloops, n, task_sample, &k, &k.fraction);
+}

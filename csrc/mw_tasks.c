@@ -1,0 +1,386 @@
+/* mw_tasks — asyncio tasks read without the GIL; see mw_tasks.h for the contract.
+ *
+ * Compiled with Py_BUILD_CORE (as mw_pyframes.c) for the layouts of PyContext and the HAMT
+ * object; the HAMT's node layouts are private to Python/hamt.c and the same from 3.10 to 3.13:
+ * mirrored below, their types recognised by the addresses found at set-up.
+ */
+#define Py_BUILD_CORE 1
+#include <Python.h>
+#if PY_VERSION_HEX >= 0x030C0000 && PY_VERSION_HEX < 0x030D0000
+#undef _PyGC_FINALIZED
+#endif
+#include "pycore_context.h"
+#include "pycore_hamt.h"
+
+#include "mw_tasks.h"
+
+#include <pthread.h>
+#include <string.h>
+
+typedef struct {
+    PyObject_VAR_HEAD uint32_t b_bitmap;
+    PyObject *b_array[1]; /* key, value-or-node pairs: 2 * popcount(b_bitmap) */
+} hamt_bitmap_t;
+typedef struct {
+    PyObject_HEAD PyObject *a_array[32];
+    Py_ssize_t a_count;
+} hamt_array_t;
+typedef struct {
+    PyObject_VAR_HEAD int32_t c_hash;
+    PyObject *c_array[1]; /* key, value pairs: Py_SIZE entries */
+} hamt_collision_t;
+
+static mw_tasks_config_t g_cfg;
+static int g_ready;
+static mw_tasks_stats_t g_stats;
+
+int mw_tasks_setup(const mw_tasks_config_t *cfg) {
+    if (__atomic_load_n(&g_ready, __ATOMIC_ACQUIRE)) return 1;
+    g_cfg = *cfg;
+    __atomic_store_n(&g_ready, 1, __ATOMIC_RELEASE);
+    return 0;
+}
+
+int mw_tasks_ready(void) {
+    return __atomic_load_n(&g_ready, __ATOMIC_ACQUIRE);
+}
+
+/* ---- loops ------------------------------------------------------------------------------- */
+
+static pthread_mutex_t g_loops_lock = PTHREAD_MUTEX_INITIALIZER;
+static mw_taskloop_t g_loops[MW_TASK_LOOPS];
+static int g_nloops;
+
+int mw_tasks_loop_set(long tid, uintptr_t loop, const mw_rawframe_t *base, int nbase) {
+    int rc = 0;
+    pthread_mutex_lock(&g_loops_lock);
+    int i = 0;
+    while (i < g_nloops && g_loops[i].tid != tid)
+        i++;
+    if (!loop) {
+        if (i < g_nloops) g_loops[i] = g_loops[--g_nloops];
+    } else if (i == g_nloops && g_nloops == MW_TASK_LOOPS) {
+        g_stats.loops_refused++;
+        rc = -1;
+    } else {
+        if (i == g_nloops) g_nloops++;
+        if (nbase > MW_TASK_BASE_MAX) nbase = MW_TASK_BASE_MAX;
+        if (nbase < 0) nbase = 0;
+        g_loops[i].tid = tid;
+        g_loops[i].loop = loop;
+        g_loops[i].nbase = nbase;
+        if (nbase) memcpy(g_loops[i].base, base, (size_t)nbase * sizeof *base);
+    }
+    pthread_mutex_unlock(&g_loops_lock);
+    return rc;
+}
+
+int mw_tasks_loops(mw_taskloop_t *out, int max) {
+    pthread_mutex_lock(&g_loops_lock);
+    int n = g_nloops < max ? g_nloops : max;
+    for (int i = 0; i < n; i++) {
+        out[i].tid = g_loops[i].tid;
+        out[i].loop = g_loops[i].loop;
+        out[i].nbase = g_loops[i].nbase;
+        memcpy(out[i].base, g_loops[i].base, (size_t)g_loops[i].nbase * sizeof *out[i].base);
+    }
+    pthread_mutex_unlock(&g_loops_lock);
+    return n;
+}
+
+void mw_tasks_after_fork_child(void) {
+    pthread_mutex_init(&g_loops_lock, NULL);
+    g_nloops = 0;
+}
+
+/* ---- label values ------------------------------------------------------------------------ */
+
+/* Two ways per slot; an entry is (key << 32 | lid) with key = (a >> LV_BITS) + 1, a = obj >> 4:
+ * the slot index and the key together give back a (the slot index mixes in the key), so a hit
+ * is exact. Objects above 2^51 (five-level page tables) are not registered: a miss. */
+#define LV_BITS 14
+#define LV_SLOTS (1u << LV_BITS)
+static uint64_t g_lv[LV_SLOTS][2];
+
+static int lv_where(uintptr_t obj, uint32_t *slot, uint64_t *key) {
+    uint64_t a = (uint64_t)obj >> 4, hi = a >> LV_BITS;
+    if (!obj || hi + 1 >= (1ull << 32)) return -1;
+    *slot = ((uint32_t)a ^ (uint32_t)(hi * 2654435761u)) & (LV_SLOTS - 1);
+    *key = hi + 1;
+    return 0;
+}
+
+void mw_tasks_label_value(uintptr_t obj, uint32_t lid) {
+    uint32_t s;
+    uint64_t key;
+    if (lv_where(obj, &s, &key) != 0) return;
+    uint64_t e = key << 32 | lid;
+    uint64_t w0 = __atomic_load_n(&g_lv[s][0], __ATOMIC_RELAXED);
+    uint64_t w1 = __atomic_load_n(&g_lv[s][1], __ATOMIC_RELAXED);
+    if (w0 >> 32 == key) {
+        if (w0 != e) __atomic_store_n(&g_lv[s][0], e, __ATOMIC_RELAXED);
+    } else if (w1 >> 32 == key) {
+        if (w1 != e) __atomic_store_n(&g_lv[s][1], e, __ATOMIC_RELAXED);
+    } else {
+        __atomic_store_n(&g_lv[s][1], w0, __ATOMIC_RELAXED);
+        __atomic_store_n(&g_lv[s][0], e, __ATOMIC_RELAXED);
+    }
+}
+
+static int lv_lookup(uintptr_t obj, uint32_t *lid) {
+    uint32_t s;
+    uint64_t key;
+    if (lv_where(obj, &s, &key) != 0) return -1;
+    for (int w = 0; w < 2; w++) {
+        uint64_t e = __atomic_load_n(&g_lv[s][w], __ATOMIC_RELAXED);
+        if (e >> 32 == key) {
+            *lid = (uint32_t)e;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* ---- reading ----------------------------------------------------------------------------- */
+
+static int rd(mw_readcache_t *rc, uintptr_t addr, size_t len, void *dst) {
+    if (!addr || (addr & (sizeof(void *) - 1))) return -1;
+    return mw_readcache_read_exact(rc, (const void *)addr, len, dst);
+}
+
+static int rd_ptr(mw_readcache_t *rc, uintptr_t addr, uintptr_t *out) {
+    return rd(rc, addr, sizeof *out, out);
+}
+
+/* The value of the labels' variable in context ctx: 0 and *value = 0 when it is not set there;
+ * -1 when unreadable. */
+static int context_value(mw_readcache_t *rc, uintptr_t ctx, uintptr_t *value) {
+    *value = 0;
+    PyContext c;
+    if (rd(rc, ctx, offsetof(PyContext, ctx_weakreflist), &c) != 0) return -1;
+    if ((uintptr_t)Py_TYPE((PyObject *)&c) != (uintptr_t)&PyContext_Type) return -1;
+    PyHamtObject h;
+    if (rd(rc, (uintptr_t)c.ctx_vars, sizeof h, &h) != 0) return -1;
+    uintptr_t node = (uintptr_t)h.h_root;
+    uint32_t hash = (uint32_t)g_cfg.labels_hash;
+    for (unsigned shift = 0; shift < 35 && node; shift += 5) {
+        uintptr_t type = mw_pyframes_type_of(rc, node);
+        uint32_t idx = (hash >> shift) & 0x1f;
+        if (type && type == g_cfg.hamt_bitmap_type) {
+            hamt_bitmap_t b;
+            if (rd(rc, node, offsetof(hamt_bitmap_t, b_array), &b) != 0) return -1;
+            uint32_t bit = 1u << idx;
+            if (!(b.b_bitmap & bit)) return 0;
+            uint32_t k = (uint32_t)__builtin_popcount(b.b_bitmap & (bit - 1));
+            if ((Py_ssize_t)(2 * k + 1) >= Py_SIZE((PyObject *)&b)) return -1;
+            uintptr_t kv[2];
+            if (rd(rc, node + offsetof(hamt_bitmap_t, b_array) + 2 * k * sizeof(PyObject *),
+                   sizeof kv, kv) != 0)
+                return -1;
+            if (kv[0] == 0) { /* a sub-node */
+                node = kv[1];
+                continue;
+            }
+            if (kv[0] != g_cfg.labels_var) return 0;
+            *value = kv[1];
+            return 0;
+        } else if (type && type == g_cfg.hamt_array_type) {
+            if (rd_ptr(rc, node + offsetof(hamt_array_t, a_array) + idx * sizeof(PyObject *),
+                       &node) != 0)
+                return -1;
+            if (!node) return 0;
+        } else if (type && type == g_cfg.hamt_collision_type) {
+            hamt_collision_t cn;
+            if (rd(rc, node, offsetof(hamt_collision_t, c_array), &cn) != 0) return -1;
+            Py_ssize_t n = Py_SIZE((PyObject *)&cn);
+            for (Py_ssize_t i = 0; i + 1 < n && i < 64; i += 2) {
+                uintptr_t kv[2];
+                if (rd(rc,
+                       node + offsetof(hamt_collision_t, c_array) + (size_t)i * sizeof(PyObject *),
+                       sizeof kv, kv) != 0)
+                    return -1;
+                if (kv[0] == g_cfg.labels_var) {
+                    *value = kv[1];
+                    return 0;
+                }
+            }
+            return 0;
+        } else {
+            return -1; /* a node type not known: not read */
+        }
+    }
+    return node ? -1 : 0;
+}
+
+/* A task's name: its str, or "Task-<n>" for a name kept as a number until asked for. */
+static void task_name(mw_readcache_t *rc, uintptr_t name, char *out, size_t cap) {
+    if (mw_pyframes_read_str_rc(rc, name, out, cap) >= 0) return;
+    out[0] = '\0';
+    PyLongObject l;
+    if (rd(rc, name, sizeof l, &l) != 0 || Py_TYPE((PyObject *)&l) != &PyLong_Type) return;
+#if PY_VERSION_HEX >= 0x030C0000
+    uintptr_t tag = l.long_value.lv_tag;
+    if ((tag & 3) != 0 || (tag >> 3) != 1) return; /* a positive one-digit number only */
+    unsigned long v = l.long_value.ob_digit[0];
+#else
+    if (Py_SIZE((PyObject *)&l) != 1) return;
+    unsigned long v = l.ob_digit[0];
+#endif
+    snprintf(out, cap, "Task-%lu", v);
+}
+
+static mw_rawframe_t g_chain[MW_TASK_CHAIN_MAX];
+static uintptr_t g_gens[MW_TASK_CHAIN_MAX], g_awaits[MW_TASK_CHAIN_MAX]; /* as g_chain */
+static uint64_t g_cursor; /* the next slot of the set's table to read */
+
+/* Reads one task; 1 when it is waiting and *t is filled, 0 to skip it. */
+static int read_task(mw_readcache_t *rc, uintptr_t task, const mw_taskloop_t *loops, int nloops,
+                     mw_task_t *t) {
+    uint8_t head[512];
+    long need = g_cfg.off_context + (long)sizeof(uintptr_t);
+    if (need > (long)sizeof head || rd(rc, task, (size_t)need, head) != 0) {
+        g_stats.unreadable++;
+        return 0;
+    }
+    if ((uintptr_t)Py_TYPE((PyObject *)head) != g_cfg.task_type) {
+        g_stats.other_types++;
+        return 0;
+    }
+    uintptr_t loop, coro, name, ctx;
+    memcpy(&loop, head + g_cfg.off_loop, sizeof loop);
+    memcpy(&coro, head + g_cfg.off_coro, sizeof coro);
+    memcpy(&name, head + g_cfg.off_name, sizeof name);
+    memcpy(&ctx, head + g_cfg.off_context, sizeof ctx);
+    int mine = 0;
+    for (int i = 0; i < nloops && !mine; i++)
+        mine = loops[i].loop == loop;
+    if (!mine) return 0;
+    if (g_cfg.steps_type && mw_pyframes_type_of(rc, coro) == g_cfg.steps_type &&
+        rd_ptr(rc, coro + (uintptr_t)g_cfg.steps_off, &coro) != 0) {
+        g_stats.unreadable++;
+        return 0;
+    }
+    /* The chain, outermost first: the task's coroutine, what it awaits, and so on. */
+    int n = 0;
+    uintptr_t cur = coro;
+    while (cur) {
+        if (n == MW_TASK_CHAIN_MAX) {
+            g_stats.chain_capped++;
+            break;
+        }
+        uintptr_t awaited = 0;
+        int at = MW_TASK_CHAIN_MAX - 1 - n;
+        int st = mw_pyframes_coro(rc, cur, &g_chain[at], &awaited);
+        g_gens[at] = cur;
+        g_awaits[at] = awaited;
+        if (st == MW_CORO_RUNNING) {
+            g_stats.running++;
+            return 0;
+        }
+        if (st == MW_CORO_DONE) return n ? 1 : 0;
+        if (st == MW_CORO_UNREADABLE) {
+            if (n == 0) {
+                g_stats.unreadable++;
+                return 0;
+            }
+            break;
+        }
+        n++;
+        uintptr_t type = mw_pyframes_type_of(rc, awaited);
+        cur = type == (uintptr_t)&PyCoro_Type || type == (uintptr_t)&PyGen_Type ? awaited : 0;
+    }
+    if (n == 0) return 0;
+    t->task = task;
+    t->loop = loop;
+    t->nframes = n;
+    t->frames = &g_chain[MW_TASK_CHAIN_MAX - n]; /* leaf first */
+    t->labelset = 0;
+    uintptr_t value = 0;
+    if (context_value(rc, ctx, &value) == 0 && value && lv_lookup(value, &t->labelset) != 0) {
+        t->labelset = 0;
+        g_stats.labels_missed++;
+    }
+    task_name(rc, name, t->name, sizeof t->name);
+    return 1;
+}
+
+int mw_tasks_recheck(mw_readcache_t *rc, const mw_task_t *t) {
+    int first = (int)(t->frames - g_chain);
+    if (first < 0 || first + t->nframes != MW_TASK_CHAIN_MAX) return -1;
+    for (int i = first; i < MW_TASK_CHAIN_MAX; i++) {
+        mw_rawframe_t f;
+        uintptr_t awaited = 0;
+        mw_readcache_reset(rc);
+        int st = mw_pyframes_coro(rc, g_gens[i], &f, &awaited);
+        if ((st != MW_CORO_SUSPENDED && st != MW_CORO_CREATED) || f.code != g_chain[i].code ||
+            f.lasti != g_chain[i].lasti || awaited != g_awaits[i])
+            return -1;
+    }
+    return 0;
+}
+
+int mw_tasks_sweep(mw_readcache_t *rc, const mw_taskloop_t *loops, int nloops, mw_task_fn fn,
+                   void *arg, double *fraction) {
+    *fraction = 1.0;
+    if (!mw_tasks_ready()) return -1;
+    PySetObject set;
+    mw_readcache_reset(rc);
+    if (rd(rc, g_cfg.tasks_set, sizeof set, &set) != 0 ||
+        Py_TYPE((PyObject *)&set) != &PySet_Type || set.mask < 0 || set.mask > (1 << 26))
+        return -1;
+    uint64_t size = (uint64_t)set.mask + 1, todo = size;
+    uintptr_t table = (uintptr_t)set.table;
+    if (table == g_cfg.tasks_set + offsetof(PySetObject, smalltable)) table = 0; /* in the copy */
+    if (size > MW_TASK_SLOTS_TICK) {
+        todo = MW_TASK_SLOTS_TICK;
+        g_stats.partial_ticks++;
+    }
+    *fraction = (double)todo / (double)size;
+    uint64_t start = g_cursor % size;
+    g_cursor = start + todo;
+    int given = 0;
+    setentry chunk[32];
+    for (uint64_t done = 0; done < todo;) {
+        uint64_t at = (start + done) % size, n = todo - done;
+        if (n > 32) n = 32;
+        if (n > size - at) n = size - at;
+        if (table) {
+            mw_readcache_reset(rc);
+            if (rd(rc, table + at * sizeof(setentry), n * sizeof(setentry), chunk) != 0)
+                return given;
+        } else {
+            memcpy(chunk, set.smalltable + at, n * sizeof(setentry));
+        }
+        done += n;
+        for (uint64_t i = 0; i < n; i++) {
+            uintptr_t key = (uintptr_t)chunk[i].key;
+            if (!key) continue;
+            mw_readcache_reset(rc);
+            PyWeakReference w;
+            if (rd(rc, key, sizeof w, &w) != 0 || Py_TYPE((PyObject *)&w) != &_PyWeakref_RefType)
+                continue; /* the set's dummy entry, or not a reference */
+            uintptr_t task = (uintptr_t)w.wr_object;
+            if (!task || task == (uintptr_t)Py_None) continue;
+            mw_task_t t;
+            if (read_task(rc, task, loops, nloops, &t)) {
+                g_stats.tasks++;
+                given++;
+                fn(arg, &t);
+            }
+        }
+    }
+    return given;
+}
+
+void mw_tasks_count_dropped(int torn) {
+    if (torn)
+        g_stats.torn++;
+    else
+        g_stats.dropped++;
+}
+
+void mw_tasks_get_stats(mw_tasks_stats_t *out) {
+    pthread_mutex_lock(&g_loops_lock);
+    *out = g_stats;
+    pthread_mutex_unlock(&g_loops_lock);
+}

@@ -1,0 +1,126 @@
+/* mw_tasks — asyncio tasks read without the GIL: for each task of an event loop that is not
+ * running, its await chain (coroutine frames), its label set and its name.
+ *
+ * How the tasks are found. asyncio keeps every task in one process-wide WeakSet (3.10/3.11
+ * asyncio.tasks._all_tasks, 3.12/3.13 _scheduled_tasks): its `data` set holds a weak reference to
+ * each task. The sampler reads that set's hash table with safe reads, a slice of it per tick, the
+ * task each live reference points to (the C Task type only), the task's loop, name, context and
+ * coroutine, then the chain of coroutines it awaits: a suspended coroutine's awaitable is the top
+ * of its value stack (mw_pyframes_coro). Field offsets of the Task object are found at set-up by
+ * looking for known objects in a task made for the purpose.
+ *
+ * Labels. A task's labels are the value of middleware.labels' context variable in the task's
+ * context: the sampler looks the variable up in the context's HAMT (its node types found at
+ * set-up) and gets the value object, a tuple; the tuple's label-set id comes from a table that
+ * every push of a label set fills (mw_tasks_label_value: object address → id). An address whose
+ * object was freed and reused is registered again when the new tuple is pushed, so a hit is
+ * always that object's id; an entry pushed out of the table (two ways per slot) is a miss, and
+ * the task's samples carry no labels rather than another's.
+ *
+ * Event loops. A loop is registered with its thread (mw_tasks_loop_set) while it runs, with the
+ * frames the thread had when it started running it: a waiting task's stack is its await chain
+ * over those frames.
+ *
+ * Threads and locks. mw_tasks_setup, mw_tasks_loop_set and mw_tasks_label_value: Python threads
+ * with the GIL (so one at a time). mw_tasks_loops and mw_tasks_sweep: the sampler thread. The
+ * loop table is guarded by its own mutex (held for copies only, never across a read of the
+ * interpreter); the label-value table is written with relaxed 64-bit atomic stores and read
+ * lock-free; the configuration is published once (ready flag, release/acquire).
+ * Nothing here allocates after set-up or calls the Python C API outside mw_tasks_setup.
+ */
+#ifndef MW_TASKS_H
+#define MW_TASKS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "mw_pyframes.h"
+#include "mw_saferead.h"
+
+#define MW_TASK_LOOPS 64       /* event loops running at once (more: not followed, counted) */
+#define MW_TASK_BASE_MAX 48    /* frames kept under a loop's tasks */
+#define MW_TASK_CHAIN_MAX 64   /* coroutines followed per task */
+#define MW_TASK_NAME_MAX 96    /* bytes of a task's name kept (UTF-8, NUL included) */
+#define MW_TASK_SLOTS_TICK 256 /* slots of the task set read per tick (a bounded walk) */
+
+typedef struct {
+    long tid;       /* the loop's thread (kernel id) */
+    uintptr_t loop; /* the loop object */
+    int nbase;      /* frames of the thread under the loop's tasks, innermost first */
+    mw_rawframe_t base[MW_TASK_BASE_MAX];
+} mw_taskloop_t;
+
+/* What the set-up learnt (filled by the module glue with the GIL held, then published). */
+typedef struct {
+    uintptr_t task_type;                            /* _asyncio.Task */
+    uintptr_t tasks_set;                            /* the set object of the WeakSet of tasks */
+    long off_loop, off_coro, off_name, off_context; /* byte offsets in a Task */
+    uintptr_t steps_type; /* a coroutine wrapper whose slot holds the task's coroutine, 0 none */
+    long steps_off;
+    uintptr_t labels_var;                                             /* the labels' ContextVar */
+    int32_t labels_hash;                                              /* its HAMT hash */
+    uintptr_t hamt_bitmap_type, hamt_array_type, hamt_collision_type; /* 0 when unknown */
+} mw_tasks_config_t;
+
+/* Publishes the configuration (once; later calls are ignored and return 1). GIL held. */
+int mw_tasks_setup(const mw_tasks_config_t *cfg);
+int mw_tasks_ready(void);
+
+/* Registers the loop running in thread tid with its base frames (innermost first, at most
+ * MW_TASK_BASE_MAX kept), replacing what that thread had; loop 0 removes the thread's. Returns 0,
+ * or -1 when the table is full (counted). GIL held. */
+int mw_tasks_loop_set(long tid, uintptr_t loop, const mw_rawframe_t *base, int nbase);
+
+/* Copies the registered loops into out (at most max). Sampler thread. */
+int mw_tasks_loops(mw_taskloop_t *out, int max);
+
+/* Records that label-set id `lid` is the value object at `obj` (a tuple pushed into the labels'
+ * context variable). GIL held; lock-free for readers. */
+void mw_tasks_label_value(uintptr_t obj, uint32_t lid);
+
+/* A task found waiting (not running) by a sweep. */
+typedef struct {
+    uintptr_t task, loop;
+    int nframes; /* await chain, leaf (innermost) first */
+    const mw_rawframe_t *frames;
+    uint32_t labelset; /* 0: none (or its value was not found) */
+    char name[MW_TASK_NAME_MAX];
+} mw_task_t;
+
+typedef void (*mw_task_fn)(void *arg, const mw_task_t *t);
+
+/* Reads the next slice of the task set (at most MW_TASK_SLOTS_TICK slots, from where the last
+ * sweep stopped) and calls fn for each waiting task of a loop in loops[0..nloops). *fraction gets
+ * the share of the set's table the slice covers (1 when all of it: each task met stands for
+ * 1/fraction of the tick), set before fn is first called. Returns the number of tasks given to fn,
+ * -1 when not set up or the set was unreadable. Sampler thread; reads through rc (reset per task).
+ */
+int mw_tasks_sweep(mw_readcache_t *rc, const mw_taskloop_t *loops, int nloops, mw_task_fn fn,
+                   void *arg, double *fraction);
+
+/* Reads the task's coroutines again: 0 when each is where the sweep found it (same code,
+ * instruction and awaitable), so the chain given to fn was one the task had; -1 otherwise (it
+ * ran meanwhile: drop the sample). Call from fn, with the t it was given. Sampler thread. */
+int mw_tasks_recheck(mw_readcache_t *rc, const mw_task_t *t);
+
+typedef struct {
+    uint64_t tasks;         /* waiting tasks given to samples */
+    uint64_t running;       /* tasks skipped because they were running (on their thread's stack) */
+    uint64_t unreadable;    /* tasks whose fields or coroutines could not be read */
+    uint64_t other_types;   /* objects in the set that are not C Tasks (not followed) */
+    uint64_t partial_ticks; /* ticks that read only a slice of the set (the cap) */
+    uint64_t chain_capped;  /* await chains cut at MW_TASK_CHAIN_MAX */
+    uint64_t loops_refused; /* loops not followed: the table was full */
+    uint64_t labels_missed; /* tasks with a label value the table did not know */
+    uint64_t torn;          /* samples dropped: the task ran while it was read (recheck) */
+    uint64_t dropped;       /* samples dropped: a frame not named, or the buffer full */
+} mw_tasks_stats_t;
+/* Counts a task sample the sampler dropped (torn: mw_tasks_recheck failed). Sampler thread. */
+void mw_tasks_count_dropped(int torn);
+void mw_tasks_get_stats(mw_tasks_stats_t *out);
+
+/* In a forked child: the loop table's mutex starts unlocked and the table empty (the parent's
+ * loops do not run in the child; its own register again). */
+void mw_tasks_after_fork_child(void);
+
+#endif

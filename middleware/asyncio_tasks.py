@@ -1,0 +1,202 @@
+"""Asyncio task stacks: the sampler also reads each event loop's waiting tasks.
+
+A thread running an event loop shows, at any instant, only the task running then; a request
+awaiting a database sits on no thread's stack, so without this the wall profile of an async
+service is mostly the loop's ``select``. The sampler (``csrc/mw_tasks.c``) reads, without the
+GIL, the task set asyncio keeps (a WeakSet of every task), and gives each task of a followed loop
+that is not running a wall-time sample: its await chain (``handler > helper > sleep``) over the
+frames its thread had when the loop started, with the task's own labels (read from the task's
+context) and a ``task`` label holding its name. The running task is on its thread's stack, so
+its samples (CPU and wall) are the thread's own.
+
+What this module does, with the GIL: teaches the sampler the layout of asyncio's C ``Task`` once
+asyncio is loaded (a task made for the purpose, never run), and tells it which loop runs in which
+thread: ``asyncio.events._set_running_loop`` (what every loop calls when it starts and stops
+running) is wrapped, and so is the package's re-export of it (uvloop keeps that one from its own
+import, so a uvloop imported before the tracker starts is followed only through the loop running
+where the tracker starts). A loop already running where the tracker starts is registered then.
+Tasks of other Task types (pure-Python tasks, eager tasks of 3.12+ until they first suspend) are
+not read: counted in ``stats()`` (``tasks_other_types``).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from types import FrameType
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_CO_COROUTINE = 0x0080
+_CO_ITERABLE_COROUTINE = 0x0100
+_CO_ASYNC_GENERATOR = 0x0200
+_ASYNC_FLAGS = _CO_COROUTINE | _CO_ITERABLE_COROUTINE | _CO_ASYNC_GENERATOR
+_BASE_MAX = 48
+
+_enabled = False
+_set_up = False
+
+
+def _native() -> Any | None:
+    from middleware.labels import _native as native
+
+    return native()
+
+
+def _base_frames(frame: FrameType | None) -> list[tuple[Any, int]]:
+    """(code, instruction index) of frame and its callers, innermost first, from the outermost
+    coroutine frame's caller down (a loop's tasks sit over what runs the loop)."""
+    chain: list[FrameType] = []
+    while frame is not None:
+        chain.append(frame)
+        frame = frame.f_back
+    # outermost first: keep frames until the first coroutine's
+    kept: list[FrameType] = []
+    for f in reversed(chain):
+        if f.f_code.co_flags & _ASYNC_FLAGS:
+            break
+        kept.append(f)
+    kept.reverse()
+    return [(f.f_code, max(f.f_lasti, 0) // 2) for f in kept[:_BASE_MAX]]
+
+
+class _ProbeLoop:
+    """Enough of a loop for a Task to be made (it is never run)."""
+
+    def get_debug(self) -> bool:
+        return False
+
+    def call_soon(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _setup(native: Any) -> bool:
+    """Teaches the sampler the C Task's layout and where the tasks are. Once."""
+    global _set_up
+    if _set_up:
+        return True
+    import contextvars
+
+    from middleware import labels
+
+    tasks = sys.modules.get("asyncio.tasks")
+    if tasks is None:
+        return False
+    task_type = getattr(tasks, "_CTask", None)
+    if task_type is None or tasks.Task is not task_type:
+        logger.debug("middleware: asyncio runs without its C Task: task stacks are off")
+        return False
+    weak = getattr(tasks, "_scheduled_tasks", None)
+    if weak is None:
+        weak = getattr(tasks, "_all_tasks", None)
+    data = getattr(weak, "data", None)
+    if not isinstance(data, set):
+        logger.debug("middleware: asyncio's task set is not where it is expected: task stacks are off")
+        return False
+
+    async def probe() -> None:  # never run
+        return None
+
+    coro = probe()
+    name = "middleware-task-probe"
+    loop = _ProbeLoop()
+    try:
+        task = task_type(coro, loop=loop, name=name)
+    except Exception:  # a Task that needs more of a loop: no task stacks
+        coro.close()
+        logger.debug("middleware: could not make a probe task: task stacks are off", exc_info=True)
+        return False
+    try:
+        one = contextvars.Context()
+        one.run(labels._current.set, ())
+        many = contextvars.Context()
+        probe_vars: list[contextvars.ContextVar[int]] = [
+            contextvars.ContextVar(f"middleware_probe_{i}") for i in range(64)]
+        for v in probe_vars:
+            many.run(v.set, 1)
+        ok = bool(native.tasks_setup(
+            task, coro, loop, name, data, labels._current, one, many,
+            steps_type=labels._LabelledSteps, steps_slot=labels._LabelledSteps.__dict__["_coro"]))
+    finally:
+        task._log_destroy_pending = False
+        coro.close()
+        del task
+    if not ok:
+        logger.debug("middleware: asyncio's Task layout is not the expected one: task stacks are off")
+        return False
+    _set_up = True
+    labels._task_values = native.tasks_label_value
+    return True
+
+
+def _register(loop: Any, frame: FrameType | None) -> None:
+    native = _native()
+    if native is None or not _setup(native):
+        return
+    tid = threading.get_native_id()
+    if loop is None:
+        native.tasks_loop(tid, None, ())
+    elif not native.tasks_loop(tid, loop, _base_frames(frame)):
+        logger.debug("middleware: too many event loops running: tasks of this one are not read")
+
+
+def _wrap_set_running_loop(module: Any) -> None:
+    original = getattr(module, "_set_running_loop", None)
+    if original is None or getattr(original, "_mw_wrapped", False):
+        return
+
+    def _set_running_loop(loop: Any) -> None:
+        original(loop)
+        try:
+            frame = sys._getframe(1) if loop is not None else None
+            if frame is not None and frame.f_code.co_name == "_run_forever_setup":
+                frame = frame.f_back  # 3.13: a helper of run_forever, gone once the loop runs
+            _register(loop, frame)
+        except Exception:  # the app's loop must start whatever happens here
+            logger.debug("middleware: event loop not registered for task stacks", exc_info=True)
+
+    _set_running_loop._mw_wrapped = True  # type: ignore[attr-defined]
+    _set_running_loop.__wrapped__ = original  # type: ignore[attr-defined]
+    module._set_running_loop = _set_running_loop
+
+
+def _on_asyncio(events: Any) -> None:
+    _wrap_set_running_loop(events)
+    package = sys.modules.get("asyncio")
+    if package is not None and getattr(package, "_set_running_loop", None) is not None:
+        _wrap_set_running_loop(package)
+    loop = events._get_running_loop()
+    if loop is not None:  # started inside a running loop (e.g. an app imported by uvicorn)
+        _register(loop, sys._getframe(1))
+
+
+def enable() -> None:
+    """Follows the event loops of this process from now on (those started later, and one running
+    in this thread now). Idempotent; asyncio is never imported by this."""
+    global _enabled
+    if _enabled:
+        return
+    _enabled = True
+    from middleware.integrations._post_import import when_imported
+
+    when_imported("asyncio.events", _on_asyncio_safely)
+
+
+def _on_asyncio_safely(events: Any) -> None:
+    try:
+        _on_asyncio(events)
+    except Exception:
+        logger.debug("middleware: asyncio task stacks not set up", exc_info=True)
+
+
+def after_fork_in_child() -> None:
+    """A forked child's loop table starts empty: the loop running in this thread (if any) is
+    registered again."""
+    events = sys.modules.get("asyncio.events")
+    if not _enabled or events is None:
+        return
+    loop = events._get_running_loop()
+    if loop is not None:
+        _register(loop, sys._getframe(1))
+

@@ -1,0 +1,94 @@
+"""Asyncio task stacks: the wall time of tasks waiting on an event loop, each in its own await chain
+under its own labels, against the truth measured inside the workload
+(tests/targets/asyncio_workloads.py, each in a fresh interpreter).
+
+Bands: at 100 Hz a task that waits 0.4 s gets ~40 samples, each standing for its tick's wall time
+(measured), so a task's wall is within a few ticks of the truth; shares within 5 points.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.sampler
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_asyncio(name: str, *args: str, timeout: float = 180) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "targets" / "asyncio_workloads.py"), name, *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    assert proc.returncode == 0, f"asyncio workload {name} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def gathered() -> dict[str, Any]:
+    return run_asyncio("gather", "100")
+
+
+def test_each_waiting_task_gets_its_own_wall_time_in_its_await_chain(gathered: dict[str, Any]) -> None:
+    truth = gathered["truth"]
+    wall: dict[str, int] = defaultdict(int)
+    own: dict[str, int] = defaultdict(int)
+    for r in gathered["rows"]:
+        task = r["labels"].get("task", "")
+        if not task.startswith("task-") or task == "task-burn":
+            continue
+        k = task[len("task-"):]
+        wall[k] += r["wall_ns"]
+        if r["labels"].get("endpoint") == f"/{k}" and r["stack"][-4:] == ["handler", "helper", "leaf", "sleep"]:
+            own[k] += r["wall_ns"]
+    for k in ("a", "b", "c"):
+        assert wall[k] / 1e9 == pytest.approx(truth[k], rel=0.15, abs=0.05), (k, dict(wall), truth)
+        # the request's waiting time sits under its own label and its own await chain
+        assert own[k] >= 0.95 * wall[k], (k, own[k], wall[k])
+    total, true_total = sum(wall.values()), sum(truth[k] for k in "abc")
+    for k in "abc":
+        assert abs(wall[k] / total - truth[k] / true_total) <= 0.05, (k, dict(wall), truth)
+
+
+def test_task_samples_carry_no_cpu_and_no_other_tasks_labels(gathered: dict[str, Any]) -> None:
+    for r in gathered["rows"]:
+        task = r["labels"].get("task")
+        if task is None:
+            continue
+        assert r["cpu_ns"] == 0, r  # CPU goes to the running task, on its thread's stack
+        endpoint = r["labels"].get("endpoint")
+        if task.startswith("task-") and endpoint is not None:
+            assert endpoint == "/" + task[len("task-"):], r
+
+
+def test_the_running_task_keeps_its_cpu_on_its_threads_stack(gathered: dict[str, Any]) -> None:
+    burned = sum(r["cpu_ns"] for r in gathered["rows"]
+                 if "burner" in r["stack"] and r["labels"].get("endpoint") == "/burn")
+    truth = gathered["truth"]["burn_cpu"]
+    assert burned / 1e9 == pytest.approx(truth, rel=0.2), (burned, truth)
+    stats = gathered["stats"]
+    assert stats["tasks_ready"] == 1 and stats["task_samples"] > 0, stats
+    assert stats["tasks_unreadable"] == 0 and stats["task_labels_missed"] == 0, stats
+
+
+def test_the_loop_waiting_in_select_carries_no_tasks_labels(gathered: dict[str, Any]) -> None:
+    select = [r for r in gathered["rows"] if r["stack"] and r["stack"][-1].endswith("select")]
+    assert select, "the loop thread's own samples are missing"
+    for r in select:
+        assert "endpoint" not in r["labels"], r
+
+
+def test_tasks_made_and_cancelled_fast_in_loops_of_many_threads_at_1khz() -> None:
+    seconds = os.environ.get("MW_STRESS_SECONDS", "8")
+    out = run_asyncio("stress", seconds, "1000", timeout=180 + 2 * float(seconds))
+    stats = out["stats"]
+    assert out["made"] > 1000 and stats["task_samples"] > 100, stats
+    for r in out["rows"]:
+        endpoint = r["labels"].get("endpoint")
+        if r["labels"].get("task") and endpoint is not None:
+            # a task labelled /n<k> waits in nap: its chain is nap's (never another coroutine's)
+            assert endpoint.startswith("/n") and any(f.split(".")[-1] == "nap" for f in r["stack"]), r

@@ -1,0 +1,156 @@
+"""Asyncio workloads for the task-stack tests (tests/native/test_asyncio_tasks.py), each run in a
+fresh interpreter: ``python asyncio_workloads.py NAME [args]`` prints a JSON report with the truth
+measured inside the workload and the profile's rows (stack root first, labels, cpu_ns, wall_ns).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from middleware import MwTracker  # noqa: E402
+from middleware.labels import labels  # noqa: E402
+
+
+def rows(tracker: MwTracker) -> list[dict[str, Any]]:
+    p = tracker.snapshot()
+    ci, wi = p.value_index("cpu"), p.value_index("wall")
+    return [{"stack": [f.function for f in s.stack], "labels": dict(s.labels),
+             "cpu_ns": s.values[ci], "wall_ns": s.values[wi]} for s in p.samples]
+
+
+def report(tracker: MwTracker, **truth: Any) -> None:
+    from middleware import _native
+
+    tracker.stop()
+    out = {"rows": rows(tracker), "stats": {**tracker.stats(), **_native.tasks_stats()}, **truth}
+    json.dump(out, sys.stdout)
+
+
+# --- gather: tasks with known sleep times --------------------------------------------------------
+async def leaf(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
+async def helper(seconds: float) -> None:
+    await leaf(seconds)
+
+
+async def handler(name: str, seconds: float) -> float:
+    with labels(endpoint=f"/{name}"):
+        t0 = time.perf_counter()
+        await helper(seconds)
+        return time.perf_counter() - t0
+
+
+async def burner(seconds: float) -> float:
+    """Burns CPU in slices, yielding to the loop between them (a CPU-bound task among waiters)."""
+    with labels(endpoint="/burn"):
+        t0 = time.thread_time()
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            x = 0
+            for i in range(20000):
+                x += i
+            await asyncio.sleep(0)
+        return time.thread_time() - t0
+
+
+def gather_workload(rate: int) -> None:
+    tracker = MwTracker(sample_rate=rate, wall_rate=rate, profile_dir="none", instrument=False)
+    sleeps = {"a": 0.4, "b": 0.8, "c": 1.6}
+
+    async def main() -> dict[str, float]:
+        tasks = {k: asyncio.ensure_future(handler(k, v)) for k, v in sleeps.items()}
+        burn = asyncio.ensure_future(burner(1.0))
+        for k, t in tasks.items():
+            t.set_name(f"task-{k}")
+        burn.set_name("task-burn")
+        waited = {k: await t for k, t in tasks.items()}
+        waited["burn_cpu"] = await burn
+        return waited
+
+    truth = asyncio.run(main())
+    report(tracker, truth=truth)
+
+
+# --- stress: tasks made and cancelled at a high rate, loops opened and closed in threads ---------
+def stress_workload(seconds: float, rate: int) -> None:
+    tracker = MwTracker(sample_rate=rate, wall_rate=rate, profile_dir="none", instrument=False)
+    stop = time.monotonic() + seconds
+    made = [0]
+
+    async def nap(i: int) -> None:
+        with labels(endpoint=f"/n{i % 7}"):
+            await asyncio.sleep(0.001 * (i % 5))
+
+    async def churn() -> None:
+        i = 0
+        while time.monotonic() < stop:
+            batch = [asyncio.ensure_future(nap(i + k)) for k in range(50)]
+            for t in batch[::3]:
+                t.cancel()
+            await asyncio.gather(*batch, return_exceptions=True)
+            i += 50
+            made[0] += 50
+
+    async def batch() -> None:
+        await asyncio.wait_for(asyncio.gather(*(nap(k) for k in range(20))), 5)
+
+    def loop_thread() -> None:
+        while time.monotonic() < stop:
+            loop = asyncio.new_event_loop()
+            loop.run_until_complete(batch())
+            loop.close()
+
+    threads = [threading.Thread(target=loop_thread, name=f"loops-{k}") for k in range(2)]
+    for t in threads:
+        t.start()
+    asyncio.run(churn())
+    for t in threads:
+        t.join()
+    report(tracker, made=made[0])
+
+
+# --- many pending tasks (the cost of the walk) ---------------------------------------------------
+def pending_workload(ntasks: int, seconds: float, rate: int) -> None:
+    tracker = MwTracker(sample_rate=rate, wall_rate=rate, profile_dir="none", instrument=False)
+
+    async def main() -> float:
+        blocker = asyncio.Event()
+        tasks = [asyncio.ensure_future(helper_wait(blocker)) for _ in range(ntasks)]
+        await asyncio.sleep(0.2)
+        from middleware import _native
+
+        c0 = tracker.stats()["sampler_cpu_ns"]
+        t0 = time.monotonic()
+        await asyncio.sleep(seconds)
+        cpu = (tracker.stats()["sampler_cpu_ns"] - c0) / 1e9 / (time.monotonic() - t0)
+        _ = _native
+        blocker.set()
+        await asyncio.gather(*tasks)
+        return cpu
+
+    async def helper_wait(ev: asyncio.Event) -> None:
+        await ev.wait()
+
+    share = asyncio.run(main())
+    report(tracker, sampler_core_share=share)
+
+
+if __name__ == "__main__":
+    name, args = sys.argv[1], sys.argv[2:]
+    if name == "gather":
+        gather_workload(int(args[0]) if args else 100)
+    elif name == "stress":
+        stress_workload(float(args[0]), int(args[1]))
+    elif name == "pending":
+        pending_workload(int(args[0]), float(args[1]), int(args[2]))
+    else:
+        raise SystemExit(f"unknown workload {name}")
