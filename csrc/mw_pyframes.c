@@ -496,6 +496,60 @@ int mw_pyframes_code_frame(mw_readcache_t *rc, uintptr_t code, int32_t lasti, mw
     return 0;
 }
 
+int mw_pyframes_coro_peek(mw_readcache_t *rc, uintptr_t gen, uintptr_t *code, int32_t *lasti,
+                          uintptr_t *awaited) {
+    *awaited = *code = 0;
+    *lasti = -1;
+    if (!gen || (gen & (sizeof(void *) - 1))) return MW_CORO_UNREADABLE;
+#if PY_VERSION_HEX >= 0x030B0000
+    size_t head = offsetof(PyGenObject, gi_iframe);
+    uint8_t buf[offsetof(PyGenObject, gi_iframe) + offsetof(_PyInterpreterFrame, localsplus)];
+    if (rd(rc, (void *)gen, sizeof buf, buf) != 0) return MW_CORO_UNREADABLE;
+    PyGenObject g;
+    memcpy(&g, buf, head);
+    if (Py_TYPE((PyObject *)&g) != &PyCoro_Type && Py_TYPE((PyObject *)&g) != &PyGen_Type)
+        return MW_CORO_UNREADABLE;
+    int8_t state = g.gi_frame_state;
+    if (state == FRAME_EXECUTING) return MW_CORO_RUNNING;
+    if (state > FRAME_EXECUTING) return MW_CORO_DONE;
+    _PyInterpreterFrame f;
+    memcpy(&f, buf + head, offsetof(_PyInterpreterFrame, localsplus));
+#if PY_VERSION_HEX >= 0x030D0000
+    *code = (uintptr_t)f.f_executable;
+    *lasti = (int32_t)(f.instr_ptr - (const _Py_CODEUNIT *)(*code + MW_CODE_HEAD));
+#else
+    *code = (uintptr_t)f.f_code;
+    *lasti = (int32_t)(f.prev_instr - (const _Py_CODEUNIT *)(*code + MW_CODE_HEAD));
+#endif
+    if (state == FRAME_CREATED) return MW_CORO_CREATED;
+#if PY_VERSION_HEX >= 0x030D0000
+    if (state != FRAME_SUSPENDED_YIELD_FROM) return MW_CORO_SUSPENDED;
+#endif
+    if (f.stacktop > 0 && f.stacktop < (1 << 20))
+        (void)rd(rc,
+                 (const char *)gen + head + offsetof(_PyInterpreterFrame, localsplus) +
+                     (size_t)(f.stacktop - 1) * sizeof(PyObject *),
+                 sizeof *awaited, awaited);
+    return MW_CORO_SUSPENDED;
+#else
+    PyGenObject g;
+    if (rd(rc, (void *)gen, sizeof g, &g) != 0) return MW_CORO_UNREADABLE;
+    if (Py_TYPE((PyObject *)&g) != &PyCoro_Type && Py_TYPE((PyObject *)&g) != &PyGen_Type)
+        return MW_CORO_UNREADABLE;
+    if (!g.gi_frame) return MW_CORO_DONE;
+    PyFrameObject f;
+    if (rd(rc, (void *)g.gi_frame, sizeof f, &f) != 0) return MW_CORO_UNREADABLE;
+    if (f.f_state == FRAME_EXECUTING) return MW_CORO_RUNNING;
+    if (f.f_state > FRAME_EXECUTING) return MW_CORO_DONE;
+    *code = (uintptr_t)f.f_code;
+    *lasti = f.f_lasti;
+    if (f.f_state == FRAME_CREATED) return MW_CORO_CREATED;
+    if (f.f_stackdepth > 0 && f.f_stackdepth < (1 << 20))
+        (void)rd(rc, f.f_valuestack + f.f_stackdepth - 1, sizeof *awaited, awaited);
+    return MW_CORO_SUSPENDED;
+#endif
+}
+
 int mw_pyframes_coro(mw_readcache_t *rc, uintptr_t gen, mw_rawframe_t *out, uintptr_t *awaited) {
     *awaited = 0;
     if (!gen || (gen & (sizeof(void *) - 1))) return MW_CORO_UNREADABLE;

@@ -111,6 +111,12 @@ enum {
  * one safe read each). */
 int mw_pyframes_coro(mw_readcache_t *rc, uintptr_t gen, mw_rawframe_t *out, uintptr_t *awaited);
 
+/* The same without reading the code object: its state, code object address, instruction index
+ * and awaited object (0 when none) as mw_pyframes_coro gives them, unvalidated: to compare a
+ * coroutine with an earlier full read of it. */
+int mw_pyframes_coro_peek(mw_readcache_t *rc, uintptr_t gen, uintptr_t *code, int32_t *lasti,
+                          uintptr_t *awaited);
+
 /* Fills *out for code object `code` at instruction index `lasti` (-1: at entry), validated as a
  * walk validates a frame. 0, or -1 when it is not a readable code object or lasti is out of
  * its bytecode. Any thread, no GIL (reads as mw_pyframes_coro). */

@@ -233,8 +233,14 @@ static mw_rawframe_t g_chain[MW_TASK_CHAIN_MAX];
 static uintptr_t g_gens[MW_TASK_CHAIN_MAX], g_awaits[MW_TASK_CHAIN_MAX]; /* as g_chain */
 static uint64_t g_cursor; /* the next slot of the set's table to read */
 
-/* Reads one task; 1 when it is waiting and *t is filled, 0 to skip it. */
-static int read_task(mw_readcache_t *rc, uintptr_t task, const mw_taskloop_t *loops, int nloops,
+static uint64_t mix(uint64_t h, uint64_t v) {
+    return (h ^ v) * 1099511628211ULL;
+}
+
+/* Looks at one task: 1 when it is a waiting task of a followed loop and *t is filled (all but
+ * its frames, labels and name: mw_tasks_frames), 0 to skip it. The chain is only peeked at: its
+ * signature says whether it is where an earlier full read found it. */
+static int peek_task(mw_readcache_t *rc, uintptr_t task, const mw_taskloop_t *loops, int nloops,
                      mw_task_t *t) {
     uint8_t head[512];
     long need = g_cfg.off_context + (long)sizeof(uintptr_t);
@@ -260,9 +266,41 @@ static int read_task(mw_readcache_t *rc, uintptr_t task, const mw_taskloop_t *lo
         g_stats.unreadable++;
         return 0;
     }
-    /* The chain, outermost first: the task's coroutine, what it awaits, and so on. */
+    uint64_t sig = mix(mix(1469598103934665603ULL, task), coro);
     int n = 0;
-    uintptr_t cur = coro;
+    for (uintptr_t cur = coro; cur && n < MW_TASK_CHAIN_MAX; n++) {
+        uintptr_t code, awaited;
+        int32_t lasti;
+        int st = mw_pyframes_coro_peek(rc, cur, &code, &lasti, &awaited);
+        if (st == MW_CORO_RUNNING) {
+            g_stats.running++;
+            return 0;
+        }
+        if (st == MW_CORO_DONE || st == MW_CORO_UNREADABLE) {
+            if (n == 0) return 0;
+            break;
+        }
+        sig = mix(mix(mix(mix(sig, cur), code), (uint64_t)(uint32_t)lasti), awaited);
+        uintptr_t type = mw_pyframes_type_of(rc, awaited);
+        cur = type == (uintptr_t)&PyCoro_Type || type == (uintptr_t)&PyGen_Type ? awaited : 0;
+    }
+    PyContext c;
+    uintptr_t vars = 0;
+    if (rd(rc, ctx, offsetof(PyContext, ctx_weakreflist), &c) == 0) vars = (uintptr_t)c.ctx_vars;
+    memset(t, 0, sizeof *t);
+    t->task = task;
+    t->loop = loop;
+    t->coro = coro;
+    t->context = ctx;
+    t->vars = vars;
+    t->name_obj = name;
+    t->sig = mix(mix(mix(sig, ctx), vars), name);
+    return 1;
+}
+
+int mw_tasks_frames(mw_readcache_t *rc, mw_task_t *t) {
+    int n = 0;
+    uintptr_t cur = t->coro;
     while (cur) {
         if (n == MW_TASK_CHAIN_MAX) {
             g_stats.chain_capped++;
@@ -273,50 +311,45 @@ static int read_task(mw_readcache_t *rc, uintptr_t task, const mw_taskloop_t *lo
         int st = mw_pyframes_coro(rc, cur, &g_chain[at], &awaited);
         g_gens[at] = cur;
         g_awaits[at] = awaited;
-        if (st == MW_CORO_RUNNING) {
-            g_stats.running++;
-            return 0;
+        if (st == MW_CORO_RUNNING || (n == 0 && st != MW_CORO_SUSPENDED && st != MW_CORO_CREATED)) {
+            g_stats.torn++; /* it ran since the peek */
+            return -1;
         }
-        if (st == MW_CORO_DONE) return n ? 1 : 0;
-        if (st == MW_CORO_UNREADABLE) {
-            if (n == 0) {
-                g_stats.unreadable++;
-                return 0;
-            }
-            break;
-        }
+        if (st != MW_CORO_SUSPENDED && st != MW_CORO_CREATED) break;
         n++;
         uintptr_t type = mw_pyframes_type_of(rc, awaited);
         cur = type == (uintptr_t)&PyCoro_Type || type == (uintptr_t)&PyGen_Type ? awaited : 0;
     }
-    if (n == 0) return 0;
-    t->task = task;
-    t->loop = loop;
     t->nframes = n;
     t->frames = &g_chain[MW_TASK_CHAIN_MAX - n]; /* leaf first */
     t->labelset = 0;
     uintptr_t value = 0;
-    if (context_value(rc, ctx, &value) == 0 && value && lv_lookup(value, &t->labelset) != 0) {
+    if (context_value(rc, t->context, &value) == 0 && value &&
+        lv_lookup(value, &t->labelset) != 0) {
         t->labelset = 0;
         g_stats.labels_missed++;
     }
-    task_name(rc, name, t->name, sizeof t->name);
-    return 1;
+    task_name(rc, t->name_obj, t->name, sizeof t->name);
+    return 0;
 }
 
 int mw_tasks_recheck(mw_readcache_t *rc, const mw_task_t *t) {
     int first = (int)(t->frames - g_chain);
     if (first < 0 || first + t->nframes != MW_TASK_CHAIN_MAX) return -1;
-    for (int i = first; i < MW_TASK_CHAIN_MAX; i++) {
-        mw_rawframe_t f;
-        uintptr_t awaited = 0;
-        mw_readcache_reset(rc);
-        int st = mw_pyframes_coro(rc, g_gens[i], &f, &awaited);
-        if ((st != MW_CORO_SUSPENDED && st != MW_CORO_CREATED) || f.code != g_chain[i].code ||
-            f.lasti != g_chain[i].lasti || awaited != g_awaits[i])
+    /* Each coroutine where the full read found it, and the whole as the sweep's peek saw it
+     * (the same signature): the task did not run from the peek to now. */
+    uint64_t sig = mix(mix(1469598103934665603ULL, t->task), t->coro);
+    for (int i = MW_TASK_CHAIN_MAX - 1; i >= first; i--) {
+        uintptr_t code, awaited;
+        int32_t lasti;
+        int st = mw_pyframes_coro_peek(rc, g_gens[i], &code, &lasti, &awaited);
+        if ((st != MW_CORO_SUSPENDED && st != MW_CORO_CREATED) || code != g_chain[i].code ||
+            lasti != g_chain[i].lasti || (g_awaits[i] && awaited != g_awaits[i]))
             return -1;
+        sig = mix(mix(mix(mix(sig, g_gens[i]), code), (uint64_t)(uint32_t)lasti), awaited);
     }
-    return 0;
+    sig = mix(mix(mix(sig, t->context), t->vars), t->name_obj);
+    return sig == t->sig ? 0 : -1;
 }
 
 int mw_tasks_sweep(mw_readcache_t *rc, const mw_taskloop_t *loops, int nloops, mw_task_fn fn,
@@ -324,7 +357,6 @@ int mw_tasks_sweep(mw_readcache_t *rc, const mw_taskloop_t *loops, int nloops, m
     *fraction = 1.0;
     if (!mw_tasks_ready()) return -1;
     PySetObject set;
-    mw_readcache_reset(rc);
     if (rd(rc, g_cfg.tasks_set, sizeof set, &set) != 0 ||
         Py_TYPE((PyObject *)&set) != &PySet_Type || set.mask < 0 || set.mask > (1 << 26))
         return -1;
@@ -345,7 +377,6 @@ int mw_tasks_sweep(mw_readcache_t *rc, const mw_taskloop_t *loops, int nloops, m
         if (n > 32) n = 32;
         if (n > size - at) n = size - at;
         if (table) {
-            mw_readcache_reset(rc);
             if (rd(rc, table + at * sizeof(setentry), n * sizeof(setentry), chunk) != 0)
                 return given;
         } else {
@@ -355,14 +386,13 @@ int mw_tasks_sweep(mw_readcache_t *rc, const mw_taskloop_t *loops, int nloops, m
         for (uint64_t i = 0; i < n; i++) {
             uintptr_t key = (uintptr_t)chunk[i].key;
             if (!key) continue;
-            mw_readcache_reset(rc);
             PyWeakReference w;
             if (rd(rc, key, sizeof w, &w) != 0 || Py_TYPE((PyObject *)&w) != &_PyWeakref_RefType)
                 continue; /* the set's dummy entry, or not a reference */
             uintptr_t task = (uintptr_t)w.wr_object;
             if (!task || task == (uintptr_t)Py_None) continue;
             mw_task_t t;
-            if (read_task(rc, task, loops, nloops, &t)) {
+            if (peek_task(rc, task, loops, nloops, &t)) {
                 g_stats.tasks++;
                 given++;
                 fn(arg, &t);

@@ -41,7 +41,7 @@
 #define MW_TASK_BASE_MAX 48    /* frames kept under a loop's tasks */
 #define MW_TASK_CHAIN_MAX 64   /* coroutines followed per task */
 #define MW_TASK_NAME_MAX 96    /* bytes of a task's name kept (UTF-8, NUL included) */
-#define MW_TASK_SLOTS_TICK 256 /* slots of the task set read per tick (a bounded walk) */
+#define MW_TASK_SLOTS_TICK 128 /* slots of the task set read per tick (a bounded walk) */
 
 typedef struct {
     long tid;       /* the loop's thread (kernel id) */
@@ -78,16 +78,24 @@ int mw_tasks_loops(mw_taskloop_t *out, int max);
  * context variable). GIL held; lock-free for readers. */
 void mw_tasks_label_value(uintptr_t obj, uint32_t lid);
 
-/* A task found waiting (not running) by a sweep. */
+/* A task found waiting (not running) by a sweep. What the sweep fills: the addresses and a
+ * signature of what it peeked at (the task, its coroutines' code, instruction and awaitable, its
+ * context and variables, its name): equal signatures, equal samples. The rest (frames, label
+ * set, name) is filled by mw_tasks_frames. */
 typedef struct {
-    uintptr_t task, loop;
-    int nframes; /* await chain, leaf (innermost) first */
-    const mw_rawframe_t *frames;
-    uint32_t labelset; /* 0: none (or its value was not found) */
+    uintptr_t task, loop, coro, context, vars, name_obj;
+    uint64_t sig;
+    int nframes;                 /* await chain, leaf (innermost) first */
+    const mw_rawframe_t *frames; /* valid until the next call */
+    uint32_t labelset;           /* 0: none (or its value was not found) */
     char name[MW_TASK_NAME_MAX];
 } mw_task_t;
 
-typedef void (*mw_task_fn)(void *arg, const mw_task_t *t);
+/* Reads the task's await chain, label set and name into *t. 0, or -1 when the task ran since the
+ * sweep looked at it (counted as torn). Sampler thread, from the sweep's fn. */
+int mw_tasks_frames(mw_readcache_t *rc, mw_task_t *t);
+
+typedef void (*mw_task_fn)(void *arg, mw_task_t *t);
 
 /* Reads the next slice of the task set (at most MW_TASK_SLOTS_TICK slots, from where the last
  * sweep stopped) and calls fn for each waiting task of a loop in loops[0..nloops). *fraction gets
