@@ -212,21 +212,21 @@ static int context_value(mw_readcache_t *rc, uintptr_t ctx, uintptr_t *value) {
     return node ? -1 : 0;
 }
 
-/* A task's name: its str, or "Task-<n>" for a name kept as a number until asked for. */
+/* A task's name as its label: the name the app gave it, or "Task" for asyncio's own numbered
+ * names ("Task-<n>", kept as a number until asked for in 3.12+): one label value per request
+ * would make one series per request in a backend. */
 static void task_name(mw_readcache_t *rc, uintptr_t name, char *out, size_t cap) {
-    if (mw_pyframes_read_str_rc(rc, name, out, cap) >= 0) return;
-    out[0] = '\0';
-    PyLongObject l;
-    if (rd(rc, name, sizeof l, &l) != 0 || Py_TYPE((PyObject *)&l) != &PyLong_Type) return;
-#if PY_VERSION_HEX >= 0x030C0000
-    uintptr_t tag = l.long_value.lv_tag;
-    if ((tag & 3) != 0 || (tag >> 3) != 1) return; /* a positive one-digit number only */
-    unsigned long v = l.long_value.ob_digit[0];
-#else
-    if (Py_SIZE((PyObject *)&l) != 1) return;
-    unsigned long v = l.ob_digit[0];
-#endif
-    snprintf(out, cap, "Task-%lu", v);
+    int n = mw_pyframes_read_str_rc(rc, name, out, cap);
+    if (n < 0) {
+        snprintf(out, cap, "%s", mw_pyframes_type_of(rc, name) == (uintptr_t)&PyLong_Type ? "Task" : "");
+        return;
+    }
+    if (n > 5 && memcmp(out, "Task-", 5) == 0) {
+        int digits = 1;
+        for (int i = 5; i < n && digits; i++)
+            digits = out[i] >= '0' && out[i] <= '9';
+        if (digits) out[4] = '\0';
+    }
 }
 
 static mw_rawframe_t g_chain[MW_TASK_CHAIN_MAX];

@@ -75,6 +75,19 @@ def test_the_running_task_keeps_its_cpu_on_its_threads_stack(gathered: dict[str,
     assert stats["tasks_unreadable"] == 0 and stats["task_labels_missed"] == 0, stats
 
 
+def test_a_task_label_holds_the_tasks_name_and_asyncios_numbered_names_are_one_value(
+        gathered: dict[str, Any]) -> None:
+    tasks = {r["labels"]["task"] for r in gathered["rows"] if "task" in r["labels"]}
+    # the main task of asyncio.run is "Task-1": numbered names are one value (a series each
+    # would make one series per request in a backend)
+    # (the burner waits only between its slices: it may have no sample of its own)
+    assert {"task-a", "task-b", "task-c", "Task"} <= tasks <= {"task-a", "task-b", "task-c", "task-burn", "Task"}, tasks
+    # the pprof encoder splits the sample's thread into thread_name and task the same way
+    encoded = set(gathered["pprof_labels"])
+    assert {f"task={t}" for t in tasks} <= encoded, encoded
+    assert {x for x in encoded if x.startswith("thread_name=")} == {"thread_name=MainThread"}, encoded
+
+
 def test_the_loop_waiting_in_select_carries_no_tasks_labels(gathered: dict[str, Any]) -> None:
     select = [r for r in gathered["rows"] if r["stack"] and r["stack"][-1].endswith("select")]
     assert select, "the loop thread's own samples are missing"
@@ -92,3 +105,5 @@ def test_tasks_made_and_cancelled_fast_in_loops_of_many_threads_at_1khz() -> Non
         if r["labels"].get("task") and endpoint is not None:
             # a task labelled /n<k> waits in nap: its chain is nap's (never another coroutine's)
             assert endpoint.startswith("/n") and any(f.split(".")[-1] == "nap" for f in r["stack"]), r
+        if "task" in r["labels"]:
+            assert r["labels"]["task"] == "Task", r  # unnamed tasks: asyncio's numbered names

@@ -27,9 +27,13 @@ def rows(tracker: MwTracker) -> list[dict[str, Any]]:
 
 def report(tracker: MwTracker, **truth: Any) -> None:
     from middleware import _native
+    from middleware.pprof import parse_pprof
 
+    encoded = parse_pprof(_native.encode_snapshot())  # the pprof encoder's labels
+    pprof_labels = sorted({f"{k}={v}" for s in encoded.samples for k, v in s.labels if k in ("task", "thread_name")})
     tracker.stop()
-    out = {"rows": rows(tracker), "stats": {**tracker.stats(), **_native.tasks_stats()}, **truth}
+    out = {"rows": rows(tracker), "stats": {**tracker.stats(), **_native.tasks_stats()},
+           "pprof_labels": pprof_labels, **truth}
     json.dump(out, sys.stdout)
 
 
