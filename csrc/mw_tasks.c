@@ -218,7 +218,8 @@ static int context_value(mw_readcache_t *rc, uintptr_t ctx, uintptr_t *value) {
 static void task_name(mw_readcache_t *rc, uintptr_t name, char *out, size_t cap) {
     int n = mw_pyframes_read_str_rc(rc, name, out, cap);
     if (n < 0) {
-        snprintf(out, cap, "%s", mw_pyframes_type_of(rc, name) == (uintptr_t)&PyLong_Type ? "Task" : "");
+        snprintf(out, cap, "%s",
+                 mw_pyframes_type_of(rc, name) == (uintptr_t)&PyLong_Type ? "Task" : "");
         return;
     }
     if (n > 5 && memcmp(out, "Task-", 5) == 0) {
