@@ -36,6 +36,7 @@ _BASE_MAX = 48
 
 _enabled = False
 _set_up = False
+_failed = False  # the layout was not the expected one: not tried again
 
 
 def _native() -> Any | None:
@@ -73,9 +74,9 @@ class _ProbeLoop:
 
 def _setup(native: Any) -> bool:
     """Teaches the sampler the C Task's layout and where the tasks are. Once."""
-    global _set_up
-    if _set_up:
-        return True
+    global _set_up, _failed
+    if _set_up or _failed:
+        return _set_up
     import contextvars
 
     from middleware import labels
@@ -83,6 +84,7 @@ def _setup(native: Any) -> bool:
     tasks = sys.modules.get("asyncio.tasks")
     if tasks is None:
         return False
+    _failed = True  # until it succeeds
     task_type = getattr(tasks, "_CTask", None)
     if task_type is None or tasks.Task is not task_type:
         logger.debug("middleware: asyncio runs without its C Task: task stacks are off")
@@ -125,8 +127,7 @@ def _setup(native: Any) -> bool:
     if not ok:
         logger.debug("middleware: asyncio's Task layout is not the expected one: task stacks are off")
         return False
-    _set_up = True
-    labels._task_values = native.tasks_label_value
+    _set_up, _failed = True, False
     return True
 
 
@@ -178,6 +179,12 @@ def enable() -> None:
     if _enabled:
         return
     _enabled = True
+    native = _native()
+    if native is not None:
+        from middleware import labels
+
+        # every label set pushed from now on can be found from a task's context
+        labels._task_values = native.tasks_label_value
     from middleware.integrations._post_import import when_imported
 
     when_imported("asyncio.events", _on_asyncio_safely)

@@ -60,6 +60,7 @@ def test_task_samples_carry_no_cpu_and_no_other_tasks_labels(gathered: dict[str,
         if task is None:
             continue
         assert r["cpu_ns"] == 0, r  # CPU goes to the running task, on its thread's stack
+        assert r["labels"].get("job") == "gather", r  # a label pushed before the loop started
         endpoint = r["labels"].get("endpoint")
         if task.startswith("task-") and endpoint is not None:
             assert endpoint == "/" + task[len("task-"):], r

@@ -80,7 +80,8 @@ def gather_workload(rate: int) -> None:
         waited["burn_cpu"] = await burn
         return waited
 
-    truth = asyncio.run(main())
+    with labels(job="gather"):  # pushed before the loop runs: every task's context has it
+        truth = asyncio.run(main())
     report(tracker, truth=truth)
 
 
