@@ -1,13 +1,15 @@
 /* mw_module_tasks — Python glue for asyncio task stacks (mw_tasks). GIL held in every function.
  *
  *   tasks_setup(task, coro, loop, name, tasks_set, labels_var, ctx_one, ctx_many,
- *               steps_type=None, steps_slot=None) -> bool
+ *               steps_type=None, steps_slot=None, gather_code=None, gather_outer=-1) -> bool
  *       learns the C Task's layout from `task` (a task made for the purpose, of coroutine `coro`,
  *       loop `loop`, name `name`), the set of weak references holding every task (`tasks_set`,
  *       WeakSet.data), the labels' context variable and the HAMT node types of two contexts
  *       (`ctx_one` with one variable set, `ctx_many` with enough for an array node); steps_type
  *       and its member descriptor steps_slot: a coroutine wrapper whose slot holds the task's
- *       coroutine. False (nothing published) when the layout is not the expected one. Once.
+ *       coroutine; gather_code: the code of asyncio.gather's done-callback, whose closure holds
+ *       the gather's future at index gather_outer. False (nothing published) when the layout is
+ *       not the expected one. Once.
  *   tasks_loop(tid, loop, frames) -> bool
  *       the loop running in thread tid (None: none any more), with the frames under it as
  *       (code, instruction index) pairs, innermost first
@@ -53,13 +55,15 @@ static int32_t hamt_hash(Py_hash_t h) {
 }
 
 static PyObject *py_tasks_setup(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"task",       "coro",       "loop",    "name",
-                             "tasks_set",  "labels_var", "ctx_one", "ctx_many",
-                             "steps_type", "steps_slot", NULL};
-    PyObject *task, *coro, *loop, *name, *set, *var, *one, *many, *steps = Py_None, *slot = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO!OO!O!|OO", kwlist, &task, &coro, &loop, &name,
-                                     &PySet_Type, &set, &var, &PyContext_Type, &one,
-                                     &PyContext_Type, &many, &steps, &slot))
+    static char *kwlist[] = {"task",        "coro",         "loop",     "name",       "tasks_set",
+                             "labels_var",  "ctx_one",      "ctx_many", "steps_type", "steps_slot",
+                             "gather_code", "gather_outer", NULL};
+    PyObject *task, *coro, *loop, *name, *set, *var, *one, *many, *steps = Py_None, *slot = Py_None,
+                                                                  *gather = Py_None;
+    long outer = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO!OO!O!|OOOl", kwlist, &task, &coro, &loop,
+                                     &name, &PySet_Type, &set, &var, &PyContext_Type, &one,
+                                     &PyContext_Type, &many, &steps, &slot, &gather, &outer))
         return NULL;
     if (!PyContextVar_CheckExact(var)) {
         PyErr_SetString(PyExc_TypeError, "labels_var must be a ContextVar");
@@ -95,6 +99,11 @@ static PyObject *py_tasks_setup(PyObject *self, PyObject *args, PyObject *kw) {
         }
         c.steps_type = (uintptr_t)steps;
         c.steps_off = (long)((PyMemberDescrObject *)slot)->d_member->offset;
+    }
+    if (gather != Py_None && PyCode_Check(gather) && outer >= 0) {
+        c.gather_code = (uintptr_t)gather;
+        c.gather_outer = outer;
+        Py_INCREF(gather); /* kept for the life of the process: the sampler compares with it */
     }
     mw_tasks_setup(&c);
     Py_RETURN_TRUE;

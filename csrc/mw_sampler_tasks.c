@@ -25,7 +25,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#define TASK_FRAMES (MW_TASK_CHAIN_MAX + MW_TASK_BASE_MAX)
+#define TASK_FRAMES (MW_TASK_FRAMES_MAX + MW_TASK_BASE_MAX)
 
 static mw_taskloop_t g_tloops[MW_TASK_LOOPS];
 static mw_rawframe_t g_traw[TASK_FRAMES];

@@ -230,99 +230,192 @@ static void task_name(mw_readcache_t *rc, uintptr_t name, char *out, size_t cap)
     }
 }
 
-static mw_rawframe_t g_chain[MW_TASK_CHAIN_MAX];
-static uintptr_t g_gens[MW_TASK_CHAIN_MAX], g_awaits[MW_TASK_CHAIN_MAX]; /* as g_chain */
+/* The frames of the task being sampled, leaf first: its own chain, then each parent's. */
+static mw_rawframe_t g_frames[MW_TASK_FRAMES_MAX];
+static uintptr_t g_gens[MW_TASK_FRAMES_MAX], g_awaits[MW_TASK_FRAMES_MAX]; /* as g_frames */
 static uint64_t g_cursor; /* the next slot of the set's table to read */
 
 static uint64_t mix(uint64_t h, uint64_t v) {
     return (h ^ v) * 1099511628211ULL;
 }
 
-/* Looks at one task: 1 when it is a waiting task of a followed loop and *t is filled (all but
- * its frames, labels and name: mw_tasks_frames), 0 to skip it. The chain is only peeked at: its
- * signature says whether it is where an earlier full read found it. */
-static int peek_task(mw_readcache_t *rc, uintptr_t task, const mw_taskloop_t *loops, int nloops,
-                     mw_task_t *t) {
+/* What a Task's head says. 0, or -1 when unreadable or not a C Task (counted). */
+typedef struct {
+    uintptr_t loop, coro, name, ctx, waiter, callback0;
+} head_t;
+
+static int read_head(mw_readcache_t *rc, uintptr_t task, head_t *h) {
     uint8_t head[512];
     long need = g_cfg.off_context + (long)sizeof(uintptr_t);
     if (need > (long)sizeof head || rd(rc, task, (size_t)need, head) != 0) {
         g_stats.unreadable++;
-        return 0;
+        return -1;
     }
     if ((uintptr_t)Py_TYPE((PyObject *)head) != g_cfg.task_type) {
         g_stats.other_types++;
-        return 0;
+        return -1;
     }
-    uintptr_t loop, coro, name, ctx;
-    memcpy(&loop, head + g_cfg.off_loop, sizeof loop);
-    memcpy(&coro, head + g_cfg.off_coro, sizeof coro);
-    memcpy(&name, head + g_cfg.off_name, sizeof name);
-    memcpy(&ctx, head + g_cfg.off_context, sizeof ctx);
-    int mine = 0;
-    for (int i = 0; i < nloops && !mine; i++)
-        mine = loops[i].loop == loop;
-    if (!mine) return 0;
-    if (g_cfg.steps_type && mw_pyframes_type_of(rc, coro) == g_cfg.steps_type &&
-        rd_ptr(rc, coro + (uintptr_t)g_cfg.steps_off, &coro) != 0) {
+    memcpy(&h->loop, head + g_cfg.off_loop, sizeof h->loop);
+    memcpy(&h->coro, head + g_cfg.off_coro, sizeof h->coro);
+    memcpy(&h->name, head + g_cfg.off_name, sizeof h->name);
+    memcpy(&h->ctx, head + g_cfg.off_context, sizeof h->ctx);
+    memcpy(&h->waiter, head + g_cfg.off_coro - (long)sizeof(uintptr_t), sizeof h->waiter);
+    memcpy(&h->callback0, head + g_cfg.off_loop + (long)sizeof(uintptr_t), sizeof h->callback0);
+    if (g_cfg.steps_type && mw_pyframes_type_of(rc, h->coro) == g_cfg.steps_type &&
+        rd_ptr(rc, h->coro + (uintptr_t)g_cfg.steps_off, &h->coro) != 0) {
         g_stats.unreadable++;
-        return 0;
+        return -1;
     }
-    uint64_t sig = mix(mix(1469598103934665603ULL, task), coro);
+    return 0;
+}
+
+/* The awaitable a coroutine awaits, when it is a coroutine or generator to follow. */
+static uintptr_t next_link(mw_readcache_t *rc, uintptr_t awaited) {
+    uintptr_t type = mw_pyframes_type_of(rc, awaited);
+    return type == (uintptr_t)&PyCoro_Type || type == (uintptr_t)&PyGen_Type ? awaited : 0;
+}
+
+/* Peeks at the chain from coro, mixing each link into *sig. Returns the number of links, -1 when
+ * a coroutine of it is running. */
+static int peek_chain(mw_readcache_t *rc, uintptr_t coro, uint64_t *sig) {
     int n = 0;
     for (uintptr_t cur = coro; cur && n < MW_TASK_CHAIN_MAX; n++) {
         uintptr_t code, awaited;
         int32_t lasti;
         int st = mw_pyframes_coro_peek(rc, cur, &code, &lasti, &awaited);
-        if (st == MW_CORO_RUNNING) {
-            g_stats.running++;
+        if (st == MW_CORO_RUNNING) return -1;
+        if (st == MW_CORO_DONE || st == MW_CORO_UNREADABLE) break;
+        *sig = mix(mix(mix(mix(*sig, cur), code), (uint64_t)(uint32_t)lasti), awaited);
+        cur = next_link(rc, awaited);
+    }
+    return n;
+}
+
+/* The task awaiting `task` (whose first done-callback is callback0): the task whose wake-up is
+ * that callback and whose awaited future is `task` itself (`await task`), or, for a task gathered
+ * by asyncio.gather, the task awaiting the gather's future (its callback's closure holds it).
+ * 0 when neither, or when anything read does not confirm it. */
+static uintptr_t parent_of(mw_readcache_t *rc, uintptr_t task, uintptr_t callback0) {
+    uintptr_t awaited = task, cb = callback0, type = mw_pyframes_type_of(rc, cb);
+    if (type == (uintptr_t)&PyFunction_Type && g_cfg.gather_code) {
+        PyFunctionObject f;
+        uintptr_t cell, outer;
+        if (rd(rc, cb, sizeof f, &f) != 0 || (uintptr_t)f.func_code != g_cfg.gather_code ||
+            !f.func_closure ||
+            rd_ptr(rc,
+                   (uintptr_t)f.func_closure + offsetof(PyTupleObject, ob_item) +
+                       (uintptr_t)g_cfg.gather_outer * sizeof(PyObject *),
+                   &cell) != 0 ||
+            mw_pyframes_type_of(rc, cell) != (uintptr_t)&PyCell_Type ||
+            rd_ptr(rc, cell + offsetof(PyCellObject, ob_ref), &outer) != 0 || !outer ||
+            rd_ptr(rc, outer + (uintptr_t)g_cfg.off_loop + sizeof(uintptr_t), &cb) != 0)
             return 0;
-        }
-        if (st == MW_CORO_DONE || st == MW_CORO_UNREADABLE) {
-            if (n == 0) return 0;
-            break;
-        }
-        sig = mix(mix(mix(mix(sig, cur), code), (uint64_t)(uint32_t)lasti), awaited);
-        uintptr_t type = mw_pyframes_type_of(rc, awaited);
-        cur = type == (uintptr_t)&PyCoro_Type || type == (uintptr_t)&PyGen_Type ? awaited : 0;
+        awaited = outer;
+        type = mw_pyframes_type_of(rc, cb);
+    }
+    if (type != (uintptr_t)&PyCFunction_Type && type != (uintptr_t)&PyCMethod_Type) return 0;
+    PyCFunctionObject m;
+    head_t h;
+    if (rd(rc, cb, sizeof m, &m) != 0 || !m.m_self ||
+        mw_pyframes_type_of(rc, (uintptr_t)m.m_self) != g_cfg.task_type)
+        return 0;
+    uintptr_t parent = (uintptr_t)m.m_self;
+    if (parent == task || read_head(rc, parent, &h) != 0 || h.waiter != awaited) return 0;
+    return parent;
+}
+
+/* Looks at one task: 1 when it is a waiting task of a followed loop and *t is filled (all but
+ * its frames, labels and name: mw_tasks_frames), 0 to skip it. The chains are only peeked at:
+ * the signature says whether they are where an earlier full read found them. */
+static int peek_task(mw_readcache_t *rc, uintptr_t task, const mw_taskloop_t *loops, int nloops,
+                     mw_task_t *t) {
+    head_t h;
+    if (read_head(rc, task, &h) != 0) return 0;
+    int mine = 0;
+    for (int i = 0; i < nloops && !mine; i++)
+        mine = loops[i].loop == h.loop;
+    if (!mine) return 0;
+    uint64_t sig = mix(mix(1469598103934665603ULL, task), h.coro);
+    int n = peek_chain(rc, h.coro, &sig);
+    if (n < 0) {
+        g_stats.running++;
+        return 0;
+    }
+    if (n == 0) return 0;
+    memset(t, 0, sizeof *t);
+    /* Its parents, while each is waiting on the one below and they fit. */
+    uintptr_t cur = task, cb = h.callback0;
+    while (t->nparents < MW_TASK_PARENTS) {
+        uintptr_t parent = parent_of(rc, cur, cb);
+        head_t ph;
+        if (!parent || read_head(rc, parent, &ph) != 0) break;
+        uint64_t psig = mix(mix(sig, parent), ph.coro);
+        if (peek_chain(rc, ph.coro, &psig) <= 0) break;
+        sig = psig;
+        t->parents[t->nparents] = parent;
+        t->parent_coros[t->nparents++] = ph.coro;
+        cur = parent;
+        cb = ph.callback0;
     }
     PyContext c;
     uintptr_t vars = 0;
-    if (rd(rc, ctx, offsetof(PyContext, ctx_weakreflist), &c) == 0) vars = (uintptr_t)c.ctx_vars;
-    memset(t, 0, sizeof *t);
+    if (rd(rc, h.ctx, offsetof(PyContext, ctx_weakreflist), &c) == 0) vars = (uintptr_t)c.ctx_vars;
     t->task = task;
-    t->loop = loop;
-    t->coro = coro;
-    t->context = ctx;
+    t->loop = h.loop;
+    t->coro = h.coro;
+    t->context = h.ctx;
     t->vars = vars;
-    t->name_obj = name;
-    t->sig = mix(mix(mix(sig, ctx), vars), name);
+    t->name_obj = h.name;
+    t->sig = mix(mix(mix(sig, h.ctx), vars), h.name);
     return 1;
 }
 
-int mw_tasks_frames(mw_readcache_t *rc, mw_task_t *t) {
+/* Reads the chain from coro in full into g_frames[at..], leaf first. Returns the number of
+ * frames, -1 when it ran since it was peeked (its first coroutine no longer suspended). */
+static int read_chain(mw_readcache_t *rc, uintptr_t coro, int at) {
+    mw_rawframe_t tmp[MW_TASK_CHAIN_MAX];
+    uintptr_t gens[MW_TASK_CHAIN_MAX], awaits[MW_TASK_CHAIN_MAX];
     int n = 0;
-    uintptr_t cur = t->coro;
-    while (cur) {
-        if (n == MW_TASK_CHAIN_MAX) {
+    for (uintptr_t cur = coro; cur;) {
+        if (n == MW_TASK_CHAIN_MAX || at + n == MW_TASK_FRAMES_MAX) {
             g_stats.chain_capped++;
             break;
         }
         uintptr_t awaited = 0;
-        int at = MW_TASK_CHAIN_MAX - 1 - n;
-        int st = mw_pyframes_coro(rc, cur, &g_chain[at], &awaited);
-        g_gens[at] = cur;
-        g_awaits[at] = awaited;
-        if (st == MW_CORO_RUNNING || (n == 0 && st != MW_CORO_SUSPENDED && st != MW_CORO_CREATED)) {
-            g_stats.torn++; /* it ran since the peek */
+        int st = mw_pyframes_coro(rc, cur, &tmp[n], &awaited);
+        if (st == MW_CORO_RUNNING || (n == 0 && st != MW_CORO_SUSPENDED && st != MW_CORO_CREATED))
+            return -1;
+        if (st != MW_CORO_SUSPENDED && st != MW_CORO_CREATED) break;
+        gens[n] = cur;
+        awaits[n++] = awaited;
+        cur = next_link(rc, awaited);
+    }
+    for (int i = 0; i < n; i++) { /* outermost first there, leaf first here */
+        g_frames[at + i] = tmp[n - 1 - i];
+        g_gens[at + i] = gens[n - 1 - i];
+        g_awaits[at + i] = awaits[n - 1 - i];
+    }
+    return n;
+}
+
+int mw_tasks_frames(mw_readcache_t *rc, mw_task_t *t) {
+    int n = read_chain(rc, t->coro, 0);
+    if (n <= 0) {
+        g_stats.torn++; /* it ran since the peek */
+        return -1;
+    }
+    t->nown = n;
+    for (int i = 0; i < t->nparents; i++) {
+        int m = read_chain(rc, t->parent_coros[i], n);
+        if (m <= 0) {
+            g_stats.torn++;
             return -1;
         }
-        if (st != MW_CORO_SUSPENDED && st != MW_CORO_CREATED) break;
-        n++;
-        uintptr_t type = mw_pyframes_type_of(rc, awaited);
-        cur = type == (uintptr_t)&PyCoro_Type || type == (uintptr_t)&PyGen_Type ? awaited : 0;
+        t->parent_len[i] = m;
+        n += m;
     }
     t->nframes = n;
-    t->frames = &g_chain[MW_TASK_CHAIN_MAX - n]; /* leaf first */
+    t->frames = g_frames;
     t->labelset = 0;
     uintptr_t value = 0;
     if (context_value(rc, t->context, &value) == 0 && value &&
@@ -334,20 +427,32 @@ int mw_tasks_frames(mw_readcache_t *rc, mw_task_t *t) {
     return 0;
 }
 
-int mw_tasks_recheck(mw_readcache_t *rc, const mw_task_t *t) {
-    int first = (int)(t->frames - g_chain);
-    if (first < 0 || first + t->nframes != MW_TASK_CHAIN_MAX) return -1;
-    /* Each coroutine where the full read found it, and the whole as the sweep's peek saw it
-     * (the same signature): the task did not run from the peek to now. */
-    uint64_t sig = mix(mix(1469598103934665603ULL, t->task), t->coro);
-    for (int i = MW_TASK_CHAIN_MAX - 1; i >= first; i--) {
+/* Peeks at a chain the full read found at g_frames[at..at+n) (leaf first): each coroutine
+ * where it was, mixed into *sig as peek_chain does (outermost first). 0, or -1 on a change. */
+static int recheck_chain(mw_readcache_t *rc, int at, int n, uint64_t *sig) {
+    for (int i = at + n - 1; i >= at; i--) {
         uintptr_t code, awaited;
         int32_t lasti;
         int st = mw_pyframes_coro_peek(rc, g_gens[i], &code, &lasti, &awaited);
-        if ((st != MW_CORO_SUSPENDED && st != MW_CORO_CREATED) || code != g_chain[i].code ||
-            lasti != g_chain[i].lasti || (g_awaits[i] && awaited != g_awaits[i]))
+        if ((st != MW_CORO_SUSPENDED && st != MW_CORO_CREATED) || code != g_frames[i].code ||
+            lasti != g_frames[i].lasti || (g_awaits[i] && awaited != g_awaits[i]))
             return -1;
-        sig = mix(mix(mix(mix(sig, g_gens[i]), code), (uint64_t)(uint32_t)lasti), awaited);
+        *sig = mix(mix(mix(mix(*sig, g_gens[i]), code), (uint64_t)(uint32_t)lasti), awaited);
+    }
+    return 0;
+}
+
+int mw_tasks_recheck(mw_readcache_t *rc, const mw_task_t *t) {
+    if (t->frames != g_frames) return -1;
+    /* Each coroutine where the full read found it, and the whole as the sweep's peek saw it
+     * (the same signature): the tasks did not run from the peek to now. */
+    uint64_t sig = mix(mix(1469598103934665603ULL, t->task), t->coro);
+    if (recheck_chain(rc, 0, t->nown, &sig) != 0) return -1;
+    int at = t->nown;
+    for (int i = 0; i < t->nparents; i++) {
+        sig = mix(mix(sig, t->parents[i]), t->parent_coros[i]);
+        if (recheck_chain(rc, at, t->parent_len[i], &sig) != 0) return -1;
+        at += t->parent_len[i];
     }
     sig = mix(mix(mix(sig, t->context), t->vars), t->name_obj);
     return sig == t->sig ? 0 : -1;

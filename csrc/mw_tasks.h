@@ -9,6 +9,12 @@
  * of its value stack (mw_pyframes_coro). Field offsets of the Task object are found at set-up by
  * looking for known objects in a task made for the purpose.
  *
+ * Parents. A task awaited by another task (`await task`) or gathered by asyncio.gather sits under
+ * the awaiting task's chain: the awaiting task is the owner of the awaited future's first
+ * done-callback (its wake-up method; for a gathered task, gather's callback holds the gather's
+ * future in its closure, and that future's callback is the awaiting task's wake-up), confirmed by
+ * the awaiting task's own awaited future (fut_waiter).
+ *
  * Labels. A task's labels are the value of middleware.labels' context variable in the task's
  * context: the sampler looks the variable up in the context's HAMT (its node types found at
  * set-up) and gets the value object, a tuple; the tuple's label-set id comes from a table that
@@ -40,6 +46,8 @@
 #define MW_TASK_LOOPS 64       /* event loops running at once (more: not followed, counted) */
 #define MW_TASK_BASE_MAX 48    /* frames kept under a loop's tasks */
 #define MW_TASK_CHAIN_MAX 64   /* coroutines followed per task */
+#define MW_TASK_PARENTS 8      /* awaiting tasks followed up from a task */
+#define MW_TASK_FRAMES_MAX 128 /* frames of a task and its parents */
 #define MW_TASK_NAME_MAX 96    /* bytes of a task's name kept (UTF-8, NUL included) */
 #define MW_TASK_SLOTS_TICK 128 /* slots of the task set read per tick (a bounded walk) */
 
@@ -57,8 +65,10 @@ typedef struct {
     long off_loop, off_coro, off_name, off_context; /* byte offsets in a Task */
     uintptr_t steps_type; /* a coroutine wrapper whose slot holds the task's coroutine, 0 none */
     long steps_off;
-    uintptr_t labels_var;                                             /* the labels' ContextVar */
-    int32_t labels_hash;                                              /* its HAMT hash */
+    uintptr_t gather_code; /* code of asyncio.gather's done-callback (0: gathers not followed) */
+    long gather_outer;     /* index of `outer` (the gather's future) in its closure */
+    uintptr_t labels_var;  /* the labels' ContextVar */
+    int32_t labels_hash;   /* its HAMT hash */
     uintptr_t hamt_bitmap_type, hamt_array_type, hamt_collision_type; /* 0 when unknown */
 } mw_tasks_config_t;
 
@@ -85,9 +95,13 @@ void mw_tasks_label_value(uintptr_t obj, uint32_t lid);
 typedef struct {
     uintptr_t task, loop, coro, context, vars, name_obj;
     uint64_t sig;
-    int nframes;                 /* await chain, leaf (innermost) first */
-    const mw_rawframe_t *frames; /* valid until the next call */
-    uint32_t labelset;           /* 0: none (or its value was not found) */
+    int nparents; /* tasks awaiting it (`await task`, asyncio.gather), innermost first */
+    uintptr_t parents[MW_TASK_PARENTS], parent_coros[MW_TASK_PARENTS];
+    int parent_len[MW_TASK_PARENTS]; /* frames of each parent's chain */
+    int nown;                        /* frames of its own chain (the first of frames) */
+    int nframes;                     /* its chain, then each parent's, leaf (innermost) first */
+    const mw_rawframe_t *frames;     /* valid until the next call */
+    uint32_t labelset;               /* 0: none (or its value was not found) */
     char name[MW_TASK_NAME_MAX];
 } mw_task_t;
 

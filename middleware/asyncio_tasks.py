@@ -117,9 +117,11 @@ def _setup(native: Any) -> bool:
             contextvars.ContextVar(f"middleware_probe_{i}") for i in range(64)]
         for v in probe_vars:
             many.run(v.set, 1)
+        gather_code, gather_outer = _gather_callback(tasks)
         ok = bool(native.tasks_setup(
             task, coro, loop, name, data, labels._current, one, many,
-            steps_type=labels._LabelledSteps, steps_slot=labels._LabelledSteps.__dict__["_coro"]))
+            steps_type=labels._LabelledSteps, steps_slot=labels._LabelledSteps.__dict__["_coro"],
+            gather_code=gather_code, gather_outer=gather_outer))
     finally:
         task._log_destroy_pending = False
         coro.close()
@@ -129,6 +131,17 @@ def _setup(native: Any) -> bool:
         return False
     _set_up, _failed = True, False
     return True
+
+
+def _gather_callback(tasks: Any) -> tuple[Any, int]:
+    """The code of the done-callback asyncio.gather puts on each task it gathers, and the index of
+    ``outer`` (the gather's future) in its closure: how a gathered task's parent is found. (None,
+    -1) when this asyncio's gather is not shaped so."""
+    gather = getattr(tasks, "gather", None)
+    for const in getattr(getattr(gather, "__code__", None), "co_consts", ()):
+        if getattr(const, "co_name", None) == "_done_callback" and "outer" in const.co_freevars:
+            return const, const.co_freevars.index("outer")
+    return None, -1
 
 
 def _register(loop: Any, frame: FrameType | None) -> None:

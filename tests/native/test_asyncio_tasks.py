@@ -96,6 +96,26 @@ def test_the_loop_waiting_in_select_carries_no_tasks_labels(gathered: dict[str, 
         assert "endpoint" not in r["labels"], r
 
 
+def test_a_task_sits_under_the_tasks_awaiting_it() -> None:
+    # GIVEN main gathering fan_out (which gathers two child_part tasks) and direct (which awaits a
+    # child_part task it made): each child_part waits 0.6 s
+    out = run_asyncio("nested", "100")
+    under: dict[str, int] = defaultdict(int)
+    for r in out["rows"]:
+        short = [f.split(".")[-1] for f in r["stack"]]
+        if short[-2:] != ["child_part", "sleep"]:
+            continue
+        parent = short[-3] if len(short) >= 3 else ""
+        grand = short[-4] if len(short) >= 4 else ""
+        under[f"{grand}>{parent}" if parent in ("fan_out", "direct") else "alone"] += r["wall_ns"]
+    total = sum(under.values())
+    # THEN the three children's 1.8 s of waiting sit under their parents, themselves under main
+    assert total / 1e9 == pytest.approx(1.8, rel=0.15), dict(under)
+    assert under["main>fan_out"] / total == pytest.approx(2 / 3, abs=0.05), dict(under)
+    assert under["main>direct"] / total == pytest.approx(1 / 3, abs=0.05), dict(under)
+    assert out["stats"]["task_torn"] <= 2, out["stats"]
+
+
 def test_tasks_made_and_cancelled_fast_in_loops_of_many_threads_at_1khz() -> None:
     seconds = os.environ.get("MW_STRESS_SECONDS", "8")
     out = run_asyncio("stress", seconds, "1000", timeout=180 + 2 * float(seconds))

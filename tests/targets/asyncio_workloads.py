@@ -85,6 +85,30 @@ def gather_workload(rate: int) -> None:
     report(tracker, truth=truth)
 
 
+# --- nested: tasks under the tasks awaiting them --------------------------------------------------
+async def child_part(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
+async def fan_out() -> None:
+    await asyncio.gather(child_part(0.6), child_part(0.6))
+
+
+async def direct() -> None:
+    task = asyncio.ensure_future(child_part(0.6))
+    await task
+
+
+def nested_workload(rate: int) -> None:
+    tracker = MwTracker(sample_rate=rate, wall_rate=rate, profile_dir="none", instrument=False)
+
+    async def main() -> None:
+        await asyncio.gather(fan_out(), direct())
+
+    asyncio.run(main())
+    report(tracker)
+
+
 # --- stress: tasks made and cancelled at a high rate, loops opened and closed in threads ---------
 def stress_workload(seconds: float, rate: int) -> None:
     tracker = MwTracker(sample_rate=rate, wall_rate=rate, profile_dir="none", instrument=False)
@@ -153,6 +177,8 @@ if __name__ == "__main__":
     name, args = sys.argv[1], sys.argv[2:]
     if name == "gather":
         gather_workload(int(args[0]) if args else 100)
+    elif name == "nested":
+        nested_workload(int(args[0]) if args else 100)
     elif name == "stress":
         stress_workload(float(args[0]), int(args[1]))
     elif name == "pending":
