@@ -26,7 +26,8 @@ pytest.importorskip("httpx")
 ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = r"""
-import asyncio, json, random, sys, threading, time
+import asyncio, faulthandler, json, random, sys, threading, time
+faulthandler.enable()  # a crash says where in the test's output
 sys.path.insert(0, {root!r})
 from middleware import MwTracker
 
