@@ -1,17 +1,19 @@
 /* mw_sampler_tasks — the samples of waiting asyncio tasks (mw_tasks), taken at each tick.
  *
  * For each event loop registered with its thread, every task of it that is not running gets a
- * wall-time sample: its await chain (leaf first) over the frames the thread had when it started
- * running the loop, labelled with the task's own label set, its thread's name and the task's
- * name (the stack's thread string is "<thread name>\x1f<task name>": the encoder makes it the
- * thread_name and task labels). A task stands for the tick's wall time divided by the share of
- * the task set read this tick (all of it below MW_TASK_SLOTS_TICK slots). The running task is on
- * its thread's stack: the thread's own sample has it. CPU time never goes to task samples.
+ * wall-time sample: its await chain (leaf first), the chains of the tasks awaiting it, then the
+ * frames the thread had when it started running the loop, labelled with the task's own label set,
+ * its thread's name and the task's name (the stack's thread string is "<thread name>\x1f<task
+ * name>": the encoder makes it the thread_name and task labels). A task stands for the tick's wall
+ * time divided by the share of the task set read this tick (all of it below MW_TASK_SLOTS_TICK
+ * slots). The running task is on its thread's stack: the thread's own sample has it. CPU time never
+ * goes to task samples.
  *
  * A chain is kept only when a second read after naming its frames finds every coroutine where
  * the first read found it (mw_tasks_recheck): the task did not run in between, so the frames
  * were on its chain together and their code objects were alive when named (otherwise the names
- * the attempt filled are dropped, mw_symcache_abort).
+ * the attempt filled are dropped, mw_symcache_abort). A task the sweep finds as its last sample
+ * found it (the same signature, mw_task_t.sig) adds to that sample's entry without a full read.
  *
  * Sampler thread only, buffer lock held (see mw_sampler_int.h).
  */

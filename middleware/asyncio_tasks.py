@@ -4,9 +4,10 @@ A thread running an event loop shows, at any instant, only the task running then
 awaiting a database sits on no thread's stack, so without this the wall profile of an async
 service is mostly the loop's ``select``. The sampler (``csrc/mw_tasks.c``) reads, without the
 GIL, the task set asyncio keeps (a WeakSet of every task), and gives each task of a followed loop
-that is not running a wall-time sample: its await chain (``handler > helper > sleep``) over the
-frames its thread had when the loop started, with the task's own labels (read from the task's
-context) and a ``task`` label holding its name. The running task is on its thread's stack, so
+that is not running a wall-time sample: its await chain (``handler > helper > sleep``) under the
+chains of the tasks awaiting it (``await task``, ``asyncio.gather``), over the frames its thread
+had when the loop started, with the task's own labels (read from the task's context) and a
+``task`` label holding its name (asyncio's numbered names as one value, ``Task``). The running task is on its thread's stack, so
 its samples (CPU and wall) are the thread's own.
 
 What this module does, with the GIL: teaches the sampler the layout of asyncio's C ``Task`` once
