@@ -7,8 +7,8 @@ GIL, the task set asyncio keeps (a WeakSet of every task), and gives each task o
 that is not running a wall-time sample: its await chain (``handler > helper > sleep``) under the
 chains of the tasks awaiting it (``await task``, ``asyncio.gather``), over the frames its thread
 had when the loop started, with the task's own labels (read from the task's context) and a
-``task`` label holding its name (asyncio's numbered names as one value, ``Task``). The running task is on its thread's stack, so
-its samples (CPU and wall) are the thread's own.
+``task`` label holding its name (asyncio's numbered names as one value, ``Task``). The running
+task is on its thread's stack, so its samples (CPU and wall) are the thread's own.
 
 What this module does, with the GIL: teaches the sampler the layout of asyncio's C ``Task`` once
 asyncio is loaded (a task made for the purpose, never run), and tells it which loop runs in which
