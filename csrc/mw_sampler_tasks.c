@@ -30,6 +30,7 @@
 #define TASK_FRAMES (MW_TASK_FRAMES_MAX + MW_TASK_BASE_MAX)
 
 static mw_taskloop_t g_tloops[MW_TASK_LOOPS];
+static uint64_t g_tloops_version; /* of the copy in g_tloops (mw_tasks_loops) */
 static mw_rawframe_t g_traw[TASK_FRAMES];
 static const mw_symentry_t *g_tsym[TASK_FRAMES];
 static mw_id_t g_tids[TASK_FRAMES];
@@ -124,7 +125,7 @@ static void task_sample(void *arg, mw_task_t *t) {
 
 void mws_tasks_tick(mw_profbuf_t *b, uint64_t dwall) {
     if (!mw_tasks_ready()) return;
-    int n = mw_tasks_loops(g_tloops, MW_TASK_LOOPS);
+    int n = mw_tasks_loops(g_tloops, MW_TASK_LOOPS, &g_tloops_version);
     if (n <= 0) return;
     tick_t k = {b, n, dwall, 1.0};
     mw_tasks_sweep(g_rc, g_tloops, n, task_sample, &k, &k.fraction);

@@ -50,6 +50,7 @@ int mw_tasks_ready(void) {
 static pthread_mutex_t g_loops_lock = PTHREAD_MUTEX_INITIALIZER;
 static mw_taskloop_t g_loops[MW_TASK_LOOPS];
 static int g_nloops;
+static uint64_t g_loops_version = 1; /* changes with every change of the table */
 
 int mw_tasks_loop_set(long tid, uintptr_t loop, const mw_rawframe_t *base, int nbase) {
     int rc = 0;
@@ -71,18 +72,22 @@ int mw_tasks_loop_set(long tid, uintptr_t loop, const mw_rawframe_t *base, int n
         g_loops[i].nbase = nbase;
         if (nbase) memcpy(g_loops[i].base, base, (size_t)nbase * sizeof *base);
     }
+    g_loops_version++;
     pthread_mutex_unlock(&g_loops_lock);
     return rc;
 }
 
-int mw_tasks_loops(mw_taskloop_t *out, int max) {
+int mw_tasks_loops(mw_taskloop_t *out, int max, uint64_t *version) {
     pthread_mutex_lock(&g_loops_lock);
     int n = g_nloops < max ? g_nloops : max;
-    for (int i = 0; i < n; i++) {
-        out[i].tid = g_loops[i].tid;
-        out[i].loop = g_loops[i].loop;
-        out[i].nbase = g_loops[i].nbase;
-        memcpy(out[i].base, g_loops[i].base, (size_t)g_loops[i].nbase * sizeof *out[i].base);
+    if (*version != g_loops_version) {
+        for (int i = 0; i < n; i++) {
+            out[i].tid = g_loops[i].tid;
+            out[i].loop = g_loops[i].loop;
+            out[i].nbase = g_loops[i].nbase;
+            memcpy(out[i].base, g_loops[i].base, (size_t)g_loops[i].nbase * sizeof *out[i].base);
+        }
+        *version = g_loops_version;
     }
     pthread_mutex_unlock(&g_loops_lock);
     return n;
@@ -91,6 +96,7 @@ int mw_tasks_loops(mw_taskloop_t *out, int max) {
 void mw_tasks_after_fork_child(void) {
     pthread_mutex_init(&g_loops_lock, NULL);
     g_nloops = 0;
+    g_loops_version++;
 }
 
 /* ---- label values ------------------------------------------------------------------------ */

@@ -81,8 +81,10 @@ int mw_tasks_ready(void);
  * or -1 when the table is full (counted). GIL held. */
 int mw_tasks_loop_set(long tid, uintptr_t loop, const mw_rawframe_t *base, int nbase);
 
-/* Copies the registered loops into out (at most max). Sampler thread. */
-int mw_tasks_loops(mw_taskloop_t *out, int max);
+/* The registered loops in out (at most max): copied only when the table changed since the copy
+ * of *version (the caller keeps out and *version between calls; start *version at 0). Returns
+ * their number. Sampler thread. */
+int mw_tasks_loops(mw_taskloop_t *out, int max, uint64_t *version);
 
 /* Records that label-set id `lid` is the value object at `obj` (a tuple pushed into the labels'
  * context variable). GIL held; lock-free for readers. */

@@ -146,6 +146,10 @@ def _gather_callback(tasks: Any) -> tuple[Any, int]:
 
 
 def _register(loop: Any, frame: FrameType | None) -> None:
+    if loop is not None:
+        from middleware.labels import clear_labels_when_idle
+
+        clear_labels_when_idle(loop)
     native = _native()
     if native is None or not _setup(native):
         return

@@ -465,15 +465,32 @@ def _wrap_handle_run(events: Any) -> None:
             pairs = ctx.get(_current, ())
             if getattr(_applied, "pairs", ()) != pairs:
                 _apply(pairs)
-        try:
-            original(self)
-        finally:
-            # what the loop runs next outside a callback (its select) carries no task's labels
-            if getattr(_applied, "pairs", ()):
-                _apply(())
+        original(self)
 
     _run._mw_wrapped = True  # type: ignore[attr-defined]
     handle._run = _run
+
+
+def clear_labels_when_idle(loop: Any) -> None:
+    """Makes ``loop``'s selector put the thread's native slot back to no labels before it waits:
+    the slot keeps the last callback's label set after the callback (so that consecutive steps of
+    one task cost nothing), and the loop's idle time must not carry a request's labels. Loops
+    without a Python selector (uvloop) put the slot back after each task step instead."""
+    selector: Any = getattr(loop, "_selector", None)
+    original = getattr(selector, "select", None)
+    if original is None or getattr(original, "_mw_wrapped", False):
+        return
+
+    def select(timeout: float | None = None) -> Any:
+        if getattr(_applied, "pairs", ()):
+            _apply(())
+        return original(timeout)
+
+    select._mw_wrapped = True  # type: ignore[attr-defined]
+    try:
+        selector.select = select
+    except AttributeError:  # a selector that takes no attribute
+        logger.debug("middleware: the loop's selector is not followed for labels", exc_info=True)
 
 
 # -- thread pools ---------------------------------------------------------------------------------
