@@ -598,25 +598,16 @@ int mw_pyframes_coro(mw_readcache_t *rc, uintptr_t gen, mw_rawframe_t *out, uint
     }
     return MW_CORO_SUSPENDED;
 #else
-    PyGenObject g;
-    if (rd(rc, (void *)gen, sizeof g, &g) != 0) return MW_CORO_UNREADABLE;
-    if (Py_TYPE((PyObject *)&g) != &PyCoro_Type && Py_TYPE((PyObject *)&g) != &PyGen_Type)
+    /* 3.10: the value stack is apart from the locals, so the peek's top of stack is exact. */
+    uintptr_t code;
+    int32_t lasti;
+    int state = mw_pyframes_coro_peek(rc, gen, &code, &lasti, awaited);
+    if (state != MW_CORO_SUSPENDED && state != MW_CORO_CREATED) return state;
+    if (mw_pyframes_code_frame(rc, code, lasti, out) != 0) {
+        *awaited = 0;
         return MW_CORO_UNREADABLE;
-    if (!g.gi_frame) return MW_CORO_DONE;
-    PyFrameObject f;
-    if (rd(rc, (void *)g.gi_frame, sizeof f, &f) != 0) return MW_CORO_UNREADABLE;
-    if (f.f_state == FRAME_EXECUTING) return MW_CORO_RUNNING;
-    if (f.f_state > FRAME_EXECUTING) return MW_CORO_DONE;
-    if (mw_pyframes_code_frame(rc, (uintptr_t)f.f_code, f.f_lasti, out) != 0)
-        return MW_CORO_UNREADABLE;
-    if (f.f_state == FRAME_CREATED) return MW_CORO_CREATED;
-    PyCodeObject co;
-    if (read_code_head(rc, (uintptr_t)f.f_code, &co) != 0) return MW_CORO_UNREADABLE;
-    if (f.f_stackdepth > 0 && f.f_stackdepth <= co.co_stacksize) {
-        uintptr_t tos = 0;
-        if (rd(rc, f.f_valuestack + f.f_stackdepth - 1, sizeof tos, &tos) == 0) *awaited = tos;
     }
-    return MW_CORO_SUSPENDED;
+    return state;
 #endif
 }
 
