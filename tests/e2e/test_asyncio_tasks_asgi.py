@@ -170,9 +170,12 @@ def test_gathered_sub_tasks_wall_is_under_the_requests_label(served: dict[str, A
 
 
 def test_the_loops_select_carries_no_requests_label(served: dict[str, Any]) -> None:
-    for r in served["rows"]:
-        if r["stack"] and r["stack"][-1].rsplit(".", 1)[-1] in ("select", "poll", "epoll"):
-            assert "endpoint" not in r["labels"], r
+    # not the waiting; a sample in the instant the loop enters its select may (see the native
+    # test of the same)
+    select = [r for r in served["rows"]
+              if r["stack"] and r["stack"][-1].rsplit(".", 1)[-1] in ("select", "poll", "epoll")]
+    labelled = sum(r["wall"] for r in select if "endpoint" in r["labels"])
+    assert labelled <= 0.02 * sum(r["wall"] for r in select), select
 
 
 def test_the_cpu_endpoints_cpu_carries_its_label(served: dict[str, Any]) -> None:
