@@ -20,6 +20,7 @@
 #endif
 #if PY_VERSION_HEX < 0x030B0000
 #include <frameobject.h>
+#include <opcode.h> /* YIELD_FROM (at_await) */
 #include "pycore_interp.h"
 #include "pycore_runtime.h"
 #else
@@ -29,6 +30,9 @@
 #include "pycore_frame.h"
 #include "pycore_interp.h"
 #include "pycore_runtime.h"
+#if PY_VERSION_HEX < 0x030D0000
+#include "opcode.h" /* RESUME... (at_await) */
+#endif
 #endif
 
 #include "mw_linetable.h"
@@ -496,6 +500,36 @@ int mw_pyframes_code_frame(mw_readcache_t *rc, uintptr_t code, int32_t lasti, mw
     return 0;
 }
 
+#if PY_VERSION_HEX < 0x030B0000
+/* CPython's own test (_PyGen_yf, 3.10): a suspended generator is in a `yield from` (an await)
+ * when its next instruction is YIELD_FROM; then the top of its value stack is what it awaits. */
+static int at_await(mw_readcache_t *rc, uintptr_t code, int lasti) {
+    uintptr_t bytes;
+    uint8_t op;
+    if (lasti < 0 ||
+        rd(rc, (const char *)code + offsetof(PyCodeObject, co_code), sizeof bytes, &bytes) != 0 ||
+        !bytes ||
+        rd(rc, (const char *)bytes + offsetof(PyBytesObject, ob_sval) + (size_t)(lasti + 1) * 2, 1,
+           &op) != 0)
+        return 0;
+    return op == YIELD_FROM;
+}
+#elif PY_VERSION_HEX < 0x030D0000
+/* CPython's own test (_PyGen_yf, 3.11/3.12): a suspended generator is in a `yield from` (an
+ * await) when the instruction after its last one is a RESUME with an argument of 2 or more; then
+ * the top of its value stack is what it awaits. (3.13 says so in the generator's state.) */
+static int at_await(mw_readcache_t *rc, const _Py_CODEUNIT *prev_instr) {
+    _Py_CODEUNIT next;
+    if (rd(rc, prev_instr + 1, sizeof next, &next) != 0) return 0;
+    int op = _Py_OPCODE(next), arg = _Py_OPARG(next);
+#if PY_VERSION_HEX >= 0x030C0000
+    return (op == RESUME || op == INSTRUMENTED_RESUME) && arg >= 2;
+#else
+    return (op == RESUME || op == RESUME_QUICK) && arg >= 2;
+#endif
+}
+#endif
+
 int mw_pyframes_coro_peek(mw_readcache_t *rc, uintptr_t gen, uintptr_t *code, int32_t *lasti,
                           uintptr_t *awaited) {
     *awaited = *code = 0;
@@ -524,6 +558,8 @@ int mw_pyframes_coro_peek(mw_readcache_t *rc, uintptr_t gen, uintptr_t *code, in
     if (state == FRAME_CREATED) return MW_CORO_CREATED;
 #if PY_VERSION_HEX >= 0x030D0000
     if (state != FRAME_SUSPENDED_YIELD_FROM) return MW_CORO_SUSPENDED;
+#else
+    if (!at_await(rc, f.prev_instr)) return MW_CORO_SUSPENDED;
 #endif
     if (f.stacktop > 0 && f.stacktop < (1 << 20))
         (void)rd(rc,
@@ -544,6 +580,7 @@ int mw_pyframes_coro_peek(mw_readcache_t *rc, uintptr_t gen, uintptr_t *code, in
     *code = (uintptr_t)f.f_code;
     *lasti = f.f_lasti;
     if (f.f_state == FRAME_CREATED) return MW_CORO_CREATED;
+    if (!at_await(rc, *code, f.f_lasti)) return MW_CORO_SUSPENDED;
     if (f.f_stackdepth > 0 && f.f_stackdepth < (1 << 20))
         (void)rd(rc, f.f_valuestack + f.f_stackdepth - 1, sizeof *awaited, awaited);
     return MW_CORO_SUSPENDED;
@@ -585,6 +622,8 @@ int mw_pyframes_coro(mw_readcache_t *rc, uintptr_t gen, mw_rawframe_t *out, uint
     if (state == FRAME_CREATED) return MW_CORO_CREATED;
 #if PY_VERSION_HEX >= 0x030D0000
     if (state != FRAME_SUSPENDED_YIELD_FROM) return MW_CORO_SUSPENDED;
+#else
+    if (!at_await(rc, ip)) return MW_CORO_SUSPENDED;
 #endif
     /* Suspended in an await (yield from): what it awaits is the top of its value stack. */
     int top = f.stacktop;
@@ -598,7 +637,6 @@ int mw_pyframes_coro(mw_readcache_t *rc, uintptr_t gen, mw_rawframe_t *out, uint
     }
     return MW_CORO_SUSPENDED;
 #else
-    /* 3.10: the value stack is apart from the locals, so the peek's top of stack is exact. */
     uintptr_t code;
     int32_t lasti;
     int state = mw_pyframes_coro_peek(rc, gen, &code, &lasti, awaited);

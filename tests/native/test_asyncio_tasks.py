@@ -118,6 +118,18 @@ def test_a_task_sits_under_the_tasks_awaiting_it() -> None:
     assert out["stats"]["task_torn"] <= 2, out["stats"]
 
 
+def test_a_generator_at_a_plain_yield_awaits_nothing() -> None:
+    # GIVEN a task whose generator-based coroutine is suspended for 1 s at a bare `yield` with a
+    # coroutine object on its value stack (an argument being built), not awaiting it
+    out = run_asyncio("plain_yield", "100")
+    victim = [r for r in out["rows"] if "task" in r["labels"] and any(f.endswith("victim") for f in r["stack"])]
+    # THEN its samples end in the generator: the coroutine on the stack is not taken for an awaitable
+    assert sum(r["wall_ns"] for r in victim) > 0.5e9, out["stats"]
+    for r in victim:
+        assert not any(f.endswith("never_awaited") for f in r["stack"]), r
+        assert r["stack"][-1].endswith("yield_with_a_coroutine_on_the_stack"), r
+
+
 def test_tasks_made_and_cancelled_fast_in_loops_of_many_threads_at_1khz() -> None:
     seconds = os.environ.get("MW_STRESS_SECONDS", "8")
     out = run_asyncio("stress", seconds, "1000", timeout=180 + 2 * float(seconds))

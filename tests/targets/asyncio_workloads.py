@@ -10,6 +10,7 @@ import os
 import sys
 import threading
 import time
+import types
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -109,6 +110,36 @@ def nested_workload(rate: int) -> None:
     report(tracker)
 
 
+# --- a generator suspended at a plain yield with a coroutine on its value stack -----------------
+async def never_awaited() -> None:
+    return None
+
+
+@types.coroutine
+def yield_with_a_coroutine_on_the_stack(coro: Any) -> Any:
+    # suspended at the bare yield while `coro` waits on the value stack as an argument being built:
+    # the generator awaits nothing (its task only gave the loop a turn)
+    return (lambda c, _: c.close())(coro, (yield))
+
+
+def plain_yield_workload(rate: int) -> None:
+    tracker = MwTracker(sample_rate=rate, wall_rate=rate, profile_dir="none", instrument=False)
+
+    async def victim() -> None:
+        await yield_with_a_coroutine_on_the_stack(never_awaited())
+
+    async def main() -> None:
+        task = asyncio.ensure_future(victim())
+        await asyncio.sleep(0)  # the victim runs to its bare yield and is scheduled again
+        end = time.perf_counter() + 1.0
+        while time.perf_counter() < end:  # the loop is held: the victim waits at its yield
+            pass
+        await task
+
+    asyncio.run(main())
+    report(tracker)
+
+
 # --- stress: tasks made and cancelled at a high rate, loops opened and closed in threads ---------
 def stress_workload(seconds: float, rate: int) -> None:
     tracker = MwTracker(sample_rate=rate, wall_rate=rate, profile_dir="none", instrument=False)
@@ -177,6 +208,8 @@ if __name__ == "__main__":
     name, args = sys.argv[1], sys.argv[2:]
     if name == "gather":
         gather_workload(int(args[0]) if args else 100)
+    elif name == "plain_yield":
+        plain_yield_workload(int(args[0]) if args else 100)
     elif name == "nested":
         nested_workload(int(args[0]) if args else 100)
     elif name == "stress":
