@@ -88,14 +88,14 @@ def _setup(native: Any) -> bool:
     _failed = True  # until it succeeds
     task_type = getattr(tasks, "_CTask", None)
     if task_type is None or tasks.Task is not task_type:
-        logger.debug("middleware: asyncio runs without its C Task: task stacks are off")
+        _off("asyncio runs without its C Task")
         return False
     weak = getattr(tasks, "_scheduled_tasks", None)
     if weak is None:
         weak = getattr(tasks, "_all_tasks", None)
     data = getattr(weak, "data", None)
     if not isinstance(data, set):
-        logger.debug("middleware: asyncio's task set is not where it is expected: task stacks are off")
+        _off("asyncio's task set is not where it is expected")
         return False
 
     async def probe() -> None:  # never run
@@ -106,9 +106,9 @@ def _setup(native: Any) -> bool:
     loop = _ProbeLoop()
     try:
         task = task_type(coro, loop=loop, name=name)
-    except Exception:  # a Task that needs more of a loop: no task stacks
+    except Exception as e:  # a Task that needs more of a loop: no task stacks
         coro.close()
-        logger.debug("middleware: could not make a probe task: task stacks are off", exc_info=True)
+        _off(f"a task could not be made to learn its layout ({type(e).__name__}: {e})")
         return False
     try:
         one = contextvars.Context()
@@ -128,10 +128,17 @@ def _setup(native: Any) -> bool:
         coro.close()
         del task
     if not ok:
-        logger.debug("middleware: asyncio's Task layout is not the expected one: task stacks are off")
+        _off("asyncio's Task layout is not the expected one")
         return False
     _set_up, _failed = True, False
     return True
+
+
+def _off(why: str) -> None:
+    from middleware.config import visible_warning
+
+    visible_warning(logger, "middleware: asyncio task stacks are off (%s): the wall time of waiting "
+                    "tasks is not in the profile (the running task's is)", why)
 
 
 def _gather_callback(tasks: Any) -> tuple[Any, int]:
