@@ -1,4 +1,4 @@
-"""Asyncio workloads for the task-stack tests (tests/native/test_asyncio_tasks.py), each run in a
+"""Asyncio workloads for the task-stack tests (tests/native/test_task_stacks.py), each run in a
 fresh interpreter: ``python asyncio_workloads.py NAME [args]`` prints a JSON report with the truth
 measured inside the workload and the profile's rows (stack root first, labels, cpu_ns, wall_ns).
 """
