@@ -164,7 +164,10 @@ def _register(loop: Any, frame: FrameType | None) -> None:
     if loop is None:
         native.tasks_loop(tid, None, ())
     elif not native.tasks_loop(tid, loop, _base_frames(frame)):
-        logger.debug("middleware: too many event loops running: tasks of this one are not read")
+        from middleware.config import visible_warning
+
+        visible_warning(logger, "middleware: more event loops run at once than the sampler follows (64): "
+                        "the waiting tasks of the others are not in the profile (tasks_stats: task_loops_refused)")
 
 
 def _wrap_set_running_loop(module: Any) -> None:

@@ -4,6 +4,7 @@
 - An asyncio without its C Task (or whose layout is not understood) turns task stacks off with one
   visible warning, and is not probed again at every loop start.
 - The loop's selector puts the thread's label slot back to no labels before it waits.
+- A loop the sampler cannot follow (its table full) is said once.
 """
 from __future__ import annotations
 
@@ -80,3 +81,14 @@ def test_the_loops_selector_clears_the_label_slot_before_it_waits(monkeypatch: p
     # pushed, then put back to none by the selector while the task still waited in its labels block
     pushed = events.index((("endpoint", "/x"),))
     assert () in events[pushed:events.index("resumed")], events
+
+
+def test_a_loop_the_sampler_cannot_follow_is_said_once(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    native = types.SimpleNamespace(tasks_loop=lambda tid, loop, frames: False)
+    monkeypatch.setattr(asyncio_tasks, "_native", lambda: native)
+    monkeypatch.setattr(asyncio_tasks, "_setup", lambda n: True)
+    monkeypatch.setenv("MW_PROFILING_QUIET", "1")
+    with caplog.at_level(logging.WARNING, logger="middleware"):
+        asyncio_tasks._register(object(), sys._getframe())
+    assert any("more event loops run at once" in r.getMessage() for r in caplog.records), caplog.records
