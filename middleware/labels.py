@@ -640,7 +640,9 @@ def push_labels(mapping: Mapping[str, object]) -> contextvars.Token[tuple[tuple[
 def _push(pairs: tuple[tuple[str, str], ...], lid: int | None = None) -> contextvars.Token[tuple[tuple[str, str], ...]]:
     token = _current.set(pairs)
     if _task_values is not None and pairs:
-        _task_values(pairs, _labelset_id(pairs) if lid is None else lid)
+        if lid is None:
+            lid = _labelset_id(pairs)  # once, for the task stacks' table and the slot
+        _task_values(pairs, lid)
     _apply(pairs, lid)
     if _asyncio_hook_state == _HOOK_ON_FIRST_LABEL:
         _arrange_asyncio_hook()
@@ -681,9 +683,11 @@ def push_span(span_id: SpanId, span_name: str) -> contextvars.Token[tuple[tuple[
     state = _applied.__dict__
     n = _native_mod
     if base is None or base < 0 or n is None or (not state.get("depth") and _unseen_loop() is not None):
+        lid = None
         if _task_values is not None:
-            _task_values(pairs, _labelset_id(pairs))
-        _apply(pairs)  # the general path
+            lid = _labelset_id(pairs)  # once, for the task stacks' table and the slot
+            _task_values(pairs, lid)
+        _apply(pairs, lid)  # the general path
     else:
         lid = span_id._ids.get(base)
         if lid is None:
