@@ -1,14 +1,15 @@
 /* mw_module_tasks — Python glue for asyncio task stacks (mw_tasks). GIL held in every function.
  *
  *   tasks_setup(task, coro, loop, name, tasks_set, labels_var, ctx_one, ctx_many,
- *               steps_type=None, steps_slot=None, gather_code=None, gather_outer=-1) -> bool
+ *               steps_type=None, steps_slot=None, joins=()) -> bool
  *       learns the C Task's layout from `task` (a task made for the purpose, of coroutine `coro`,
  *       loop `loop`, name `name`), the set of weak references holding every task (`tasks_set`,
  *       WeakSet.data), the labels' context variable and the HAMT node types of two contexts
  *       (`ctx_one` with one variable set, `ctx_many` with enough for an array node); steps_type
  *       and its member descriptor steps_slot: a coroutine wrapper whose slot holds the task's
- *       coroutine; gather_code: the code of asyncio.gather's done-callback, whose closure holds
- *       the gather's future at index gather_outer. False (nothing published) when the layout is
+ *       coroutine; joins: (code, index) pairs, at most MW_TASK_JOINS: the code of a done-callback
+ *       that asyncio.gather or asyncio.wait puts on the tasks it awaits, whose closure holds the
+ *       future the awaiting task awaits at that index. False (nothing published) when the layout is
  *       not the expected one. Once.
  *   tasks_loop(tid, loop, frames) -> bool
  *       the loop running in thread tid (None: none any more), with the frames under it as
@@ -55,16 +56,28 @@ static int32_t hamt_hash(Py_hash_t h) {
 }
 
 static PyObject *py_tasks_setup(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"task",        "coro",         "loop",     "name",       "tasks_set",
-                             "labels_var",  "ctx_one",      "ctx_many", "steps_type", "steps_slot",
-                             "gather_code", "gather_outer", NULL};
+    static char *kwlist[] = {"task",       "coro",       "loop",    "name",
+                             "tasks_set",  "labels_var", "ctx_one", "ctx_many",
+                             "steps_type", "steps_slot", "joins",   NULL};
     PyObject *task, *coro, *loop, *name, *set, *var, *one, *many, *steps = Py_None, *slot = Py_None,
-                                                                  *gather = Py_None;
-    long outer = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO!OO!O!|OOOl", kwlist, &task, &coro, &loop,
+                                                                  *joins = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO!OO!O!|OOO!", kwlist, &task, &coro, &loop,
                                      &name, &PySet_Type, &set, &var, &PyContext_Type, &one,
-                                     &PyContext_Type, &many, &steps, &slot, &gather, &outer))
+                                     &PyContext_Type, &many, &steps, &slot, &PyTuple_Type, &joins))
         return NULL;
+    Py_ssize_t njoins = joins ? PyTuple_GET_SIZE(joins) : 0;
+    if (njoins > MW_TASK_JOINS) {
+        PyErr_Format(PyExc_ValueError, "at most %d joins", MW_TASK_JOINS);
+        return NULL;
+    }
+    for (Py_ssize_t j = 0; j < njoins; j++) {
+        PyObject *p = PyTuple_GET_ITEM(joins, j);
+        if (!PyTuple_Check(p) || PyTuple_GET_SIZE(p) != 2 ||
+            !PyCode_Check(PyTuple_GET_ITEM(p, 0)) || !PyLong_Check(PyTuple_GET_ITEM(p, 1))) {
+            PyErr_SetString(PyExc_TypeError, "joins must hold (code, closure index) pairs");
+            return NULL;
+        }
+    }
     if (!PyContextVar_CheckExact(var)) {
         PyErr_SetString(PyExc_TypeError, "labels_var must be a ContextVar");
         return NULL;
@@ -100,10 +113,14 @@ static PyObject *py_tasks_setup(PyObject *self, PyObject *args, PyObject *kw) {
         c.steps_type = (uintptr_t)steps;
         c.steps_off = (long)((PyMemberDescrObject *)slot)->d_member->offset;
     }
-    if (gather != Py_None && PyCode_Check(gather) && outer >= 0) {
-        c.gather_code = (uintptr_t)gather;
-        c.gather_outer = outer;
-        Py_INCREF(gather); /* kept for the life of the process: the sampler compares with it */
+    for (Py_ssize_t j = 0; j < njoins; j++) {
+        PyObject *code = PyTuple_GET_ITEM(PyTuple_GET_ITEM(joins, j), 0);
+        long cell = PyLong_AsLong(PyTuple_GET_ITEM(PyTuple_GET_ITEM(joins, j), 1));
+        if (cell == -1 && PyErr_Occurred()) return NULL;
+        if (cell < 0 || cell >= PyCode_GetNumFree((PyCodeObject *)code)) continue;
+        c.join_code[j] = (uintptr_t)code;
+        c.join_cell[j] = cell;
+        Py_INCREF(code); /* kept for the life of the process: the sampler compares with it */
     }
     mw_tasks_setup(&c);
     Py_RETURN_TRUE;

@@ -5,9 +5,10 @@
  * frames the thread had when it started running the loop, labelled with the task's own label set,
  * its thread's name and the task's name (the stack's thread string is "<thread name>\x1f<task
  * name>": the encoder makes it the thread_name and task labels). A task stands for the tick's wall
- * time divided by the share of the task set read this tick (all of it below MW_TASK_SLOTS_TICK
- * slots). The running task is on its thread's stack: the thread's own sample has it. CPU time never
- * goes to task samples.
+ * time divided by the share of the task set read this tick: all of it while it holds at most
+ * MW_TASK_VISITS_SEC / rate tasks, else a slice of that many (each task is met in turn, and
+ * stands for the ticks since it was last met). The running task is on its thread's stack: the
+ * thread's own sample has it. CPU time never goes to task samples.
  *
  * A chain is kept only when a second read after naming its frames finds every coroutine where
  * the first read found it (mw_tasks_recheck): the task did not run in between, so the frames
@@ -39,18 +40,40 @@ typedef struct {
     mw_profbuf_t *b;
     int nloops;
     uint64_t dwall;
+    int visits;      /* tasks looked at per tick */
     double fraction; /* set by mw_tasks_sweep before the first task */
 } tick_t;
 
 /* The stack entry each task's last sample went to, reused while the sweep finds the task as it
- * was then (same signature: coroutines, instructions, awaitables, context, name). */
-#define TASK_CACHE 4096 /* 2^12: the hash below takes 12 bits */
+ * was then (same signature: coroutines, instructions, awaitables, context, name). Four ways per
+ * bucket (with one, a quarter of a thousand tasks would share a slot with another and be read in
+ * full at every visit). A way is given to a new task only when its entry is stale (not met for
+ * two rounds of the set: its task ended, or left the cache): the sweep meets the tasks in a
+ * cycle, and replacing the least recently met would, with more tasks than entries, always evict
+ * the one met next. */
+#define TASK_BUCKETS 1024 /* 2^10: the hash below takes 10 bits */
+#define TASK_WAYS 4
 typedef struct {
     uintptr_t task;
     uint64_t sig, gen;
     uint32_t idx;
+    uint32_t used; /* g_tclock when last met */
 } task_entry_t;
-static task_entry_t g_tcache[TASK_CACHE];
+static task_entry_t g_tcache[TASK_BUCKETS][TASK_WAYS];
+static uint32_t g_tclock; /* tasks met */
+
+/* The entry of this task, else a stale one to give it, else NULL (not cached). `round`: tasks
+ * met in one round of the set. */
+static task_entry_t *task_entry(uintptr_t task, uint32_t round) {
+    /* the high bits of the product: tasks sit at a fixed stride in their pools */
+    task_entry_t *b = g_tcache[((uint64_t)(task >> 4) * 0x9E3779B97F4A7C15ULL) >> 54];
+    task_entry_t *old = &b[0];
+    for (int w = 0; w < TASK_WAYS; w++) {
+        if (b[w].task == task) return &b[w];
+        if ((int32_t)(b[w].used - old->used) < 0) old = &b[w];
+    }
+    return !old->task || g_tclock - old->used > 2 * round + 64 ? old : NULL;
+}
 
 static void task_sample(void *arg, mw_task_t *t) {
     tick_t *k = arg;
@@ -61,9 +84,11 @@ static void task_sample(void *arg, mw_task_t *t) {
     double f = k->fraction > 0 ? k->fraction : 1.0;
     mw_values_t v = {0, 0, 1, (uint64_t)((double)k->dwall / f + 0.5), 0};
     uint64_t gen = mw_profbuf_generation(k->b);
-    /* the high bits of the product: tasks sit at a fixed stride in their pools */
-    task_entry_t *c = &g_tcache[((uint64_t)(t->task >> 4) * 0x9E3779B97F4A7C15ULL) >> 52];
-    if (c->task == t->task && c->sig == t->sig && c->gen == gen &&
+    g_tclock++;
+    double round = (double)k->visits / f;
+    task_entry_t *c = task_entry(t->task, round < (1 << 28) ? (uint32_t)round : 1u << 28);
+    if (c) c->used = g_tclock;
+    if (c && c->task == t->task && c->sig == t->sig && c->gen == gen &&
         mw_profbuf_add_at(k->b, c->idx, &v) == 0) {
         g_stats.samples++;
         g_stats.reused++;
@@ -117,16 +142,19 @@ static void task_sample(void *arg, mw_task_t *t) {
         return;
     }
     g_stats.samples++;
-    c->task = t->task;
-    c->sig = t->sig;
-    c->gen = gen;
-    c->idx = idx;
+    if (c) {
+        c->task = t->task;
+        c->sig = t->sig;
+        c->gen = gen;
+        c->idx = idx;
+    }
 }
 
 void mws_tasks_tick(mw_profbuf_t *b, uint64_t dwall) {
     if (!mw_tasks_ready()) return;
     int n = mw_tasks_loops(g_tloops, MW_TASK_LOOPS, &g_tloops_version);
     if (n <= 0) return;
-    tick_t k = {b, n, dwall, 1.0};
-    mw_tasks_sweep(g_rc, g_tloops, n, task_sample, &k, &k.fraction);
+    int rate = mw_sampler_tick_rate();
+    tick_t k = {b, n, dwall, rate > 0 ? (MW_TASK_VISITS_SEC + rate - 1) / rate : 1, 1.0};
+    mw_tasks_sweep(g_rc, g_tloops, n, k.visits, task_sample, &k, &k.fraction);
 }

@@ -245,10 +245,24 @@ static uint64_t mix(uint64_t h, uint64_t v) {
     return (h ^ v) * 1099511628211ULL;
 }
 
+/* The bytes of a coroutine's head worth prefetching: the object and the frame fields a peek reads
+ * (3.11+ the frame is inside the object), a few cache lines. */
+#define CORO_PREFETCH 192
+
 /* What a Task's head says. 0, or -1 when unreadable or not a C Task (counted). */
 typedef struct {
     uintptr_t loop, coro, name, ctx, waiter, callback0;
 } head_t;
+
+/* 1 when `type` is asyncio's C Task or a class derived from it (same C layout in front: a
+ * Task subclass written in Python, e.g. one a task factory makes), read up its bases. */
+static int task_type(mw_readcache_t *rc, uintptr_t type) {
+    for (int up = 0; up < 8 && type; up++) {
+        if (type == g_cfg.task_type) return 1;
+        if (rd_ptr(rc, type + offsetof(PyTypeObject, tp_base), &type) != 0) return 0;
+    }
+    return 0;
+}
 
 static int read_head(mw_readcache_t *rc, uintptr_t task, head_t *h) {
     uint8_t head[512];
@@ -257,7 +271,7 @@ static int read_head(mw_readcache_t *rc, uintptr_t task, head_t *h) {
         g_stats.unreadable++;
         return -1;
     }
-    if ((uintptr_t)Py_TYPE((PyObject *)head) != g_cfg.task_type) {
+    if (!task_type(rc, (uintptr_t)Py_TYPE((PyObject *)head))) {
         g_stats.other_types++;
         return -1;
     }
@@ -297,33 +311,44 @@ static int peek_chain(mw_readcache_t *rc, uintptr_t coro, uint64_t *sig) {
     return n;
 }
 
-/* The task awaiting `task` (whose first done-callback is callback0): the task whose wake-up is
- * that callback and whose awaited future is `task` itself (`await task`), or, for a task gathered
- * by asyncio.gather, the task awaiting the gather's future (its callback's closure holds it).
- * 0 when neither, or when anything read does not confirm it. */
-static uintptr_t parent_of(mw_readcache_t *rc, uintptr_t task, uintptr_t callback0) {
-    uintptr_t awaited = task, cb = callback0, type = mw_pyframes_type_of(rc, cb);
-    if (type == (uintptr_t)&PyFunction_Type && g_cfg.gather_code) {
-        PyFunctionObject f;
-        uintptr_t cell, outer;
-        if (rd(rc, cb, sizeof f, &f) != 0 || (uintptr_t)f.func_code != g_cfg.gather_code ||
-            !f.func_closure ||
-            rd_ptr(rc,
+/* The future a gather-like helper's done-callback `cb` (a function) holds for the task awaiting
+ * the helper: 0 when cb is not one of the known callbacks (or anything read does not fit). */
+static uintptr_t joined_future(mw_readcache_t *rc, uintptr_t cb) {
+    PyFunctionObject f;
+    if (rd(rc, cb, sizeof f, &f) != 0 || !f.func_closure) return 0;
+    for (int j = 0; j < MW_TASK_JOINS; j++) {
+        uintptr_t cell, fut;
+        if (!g_cfg.join_code[j] || (uintptr_t)f.func_code != g_cfg.join_code[j]) continue;
+        if (rd_ptr(rc,
                    (uintptr_t)f.func_closure + offsetof(PyTupleObject, ob_item) +
-                       (uintptr_t)g_cfg.gather_outer * sizeof(PyObject *),
+                       (uintptr_t)g_cfg.join_cell[j] * sizeof(PyObject *),
                    &cell) != 0 ||
             mw_pyframes_type_of(rc, cell) != (uintptr_t)&PyCell_Type ||
-            rd_ptr(rc, cell + offsetof(PyCellObject, ob_ref), &outer) != 0 || !outer ||
-            rd_ptr(rc, outer + (uintptr_t)g_cfg.off_loop + sizeof(uintptr_t), &cb) != 0)
+            rd_ptr(rc, cell + offsetof(PyCellObject, ob_ref), &fut) != 0)
             return 0;
-        awaited = outer;
+        return fut;
+    }
+    return 0;
+}
+
+/* The task awaiting `task` (whose first done-callback is callback0): the task whose wake-up is
+ * that callback and whose awaited future is `task` itself (`await task`), or, for a task gathered
+ * by asyncio.gather or waited for by asyncio.wait, the task awaiting the future the helper's
+ * callback holds in its closure. 0 when neither, or when anything read does not confirm it. */
+static uintptr_t parent_of(mw_readcache_t *rc, uintptr_t task, uintptr_t callback0) {
+    uintptr_t awaited = task, cb = callback0, type = mw_pyframes_type_of(rc, cb);
+    if (type == (uintptr_t)&PyFunction_Type) {
+        uintptr_t fut = joined_future(rc, cb);
+        if (!fut || rd_ptr(rc, fut + (uintptr_t)g_cfg.off_loop + sizeof(uintptr_t), &cb) != 0)
+            return 0;
+        awaited = fut;
         type = mw_pyframes_type_of(rc, cb);
     }
     if (type != (uintptr_t)&PyCFunction_Type && type != (uintptr_t)&PyCMethod_Type) return 0;
     PyCFunctionObject m;
     head_t h;
     if (rd(rc, cb, sizeof m, &m) != 0 || !m.m_self ||
-        mw_pyframes_type_of(rc, (uintptr_t)m.m_self) != g_cfg.task_type)
+        !task_type(rc, mw_pyframes_type_of(rc, (uintptr_t)m.m_self)))
         return 0;
     uintptr_t parent = (uintptr_t)m.m_self;
     if (parent == task || read_head(rc, parent, &h) != 0 || h.waiter != awaited) return 0;
@@ -333,14 +358,7 @@ static uintptr_t parent_of(mw_readcache_t *rc, uintptr_t task, uintptr_t callbac
 /* Looks at one task: 1 when it is a waiting task of a followed loop and *t is filled (all but
  * its frames, labels and name: mw_tasks_frames), 0 to skip it. The chains are only peeked at:
  * the signature says whether they are where an earlier full read found them. */
-static int peek_task(mw_readcache_t *rc, uintptr_t task, const mw_taskloop_t *loops, int nloops,
-                     mw_task_t *t) {
-    head_t h;
-    if (read_head(rc, task, &h) != 0) return 0;
-    int mine = 0;
-    for (int i = 0; i < nloops && !mine; i++)
-        mine = loops[i].loop == h.loop;
-    if (!mine) return 0;
+static int peek_task(mw_readcache_t *rc, uintptr_t task, head_t h, mw_task_t *t) {
     uint64_t sig = mix(mix(1469598103934665603ULL, task), h.coro);
     int n = peek_chain(rc, h.coro, &sig);
     if (n < 0) {
@@ -366,6 +384,15 @@ static int peek_task(mw_readcache_t *rc, uintptr_t task, const mw_taskloop_t *lo
     PyContext c;
     uintptr_t vars = 0;
     if (rd(rc, h.ctx, offsetof(PyContext, ctx_weakreflist), &c) == 0) vars = (uintptr_t)c.ctx_vars;
+    /* The head again, after the chains: the sweep read it before (a stage ahead), and a task
+     * that ended meanwhile may have left its address, coroutine and context to others. The same
+     * head now says the chain peeked was this task's (a task's coroutine never changes). */
+    head_t again;
+    if (read_head(rc, task, &again) != 0 || again.loop != h.loop || again.coro != h.coro ||
+        again.ctx != h.ctx || again.name != h.name || again.callback0 != h.callback0) {
+        g_stats.torn++;
+        return 0;
+    }
     t->task = task;
     t->loop = h.loop;
     t->coro = h.coro;
@@ -464,8 +491,8 @@ int mw_tasks_recheck(mw_readcache_t *rc, const mw_task_t *t) {
     return sig == t->sig ? 0 : -1;
 }
 
-int mw_tasks_sweep(mw_readcache_t *rc, const mw_taskloop_t *loops, int nloops, mw_task_fn fn,
-                   void *arg, double *fraction) {
+int mw_tasks_sweep(mw_readcache_t *rc, const mw_taskloop_t *loops, int nloops, int visits,
+                   mw_task_fn fn, void *arg, double *fraction) {
     *fraction = 1.0;
     if (!mw_tasks_ready()) return -1;
     PySetObject set;
@@ -475,15 +502,21 @@ int mw_tasks_sweep(mw_readcache_t *rc, const mw_taskloop_t *loops, int nloops, m
     uint64_t size = (uint64_t)set.mask + 1, todo = size;
     uintptr_t table = (uintptr_t)set.table;
     if (table == g_cfg.tasks_set + offsetof(PySetObject, smalltable)) table = 0; /* in the copy */
-    if (size > MW_TASK_SLOTS_TICK) {
-        todo = MW_TASK_SLOTS_TICK;
+    if (visits < 1) visits = 1;
+    if (set.used > visits) /* a slice holding about `visits` of the set's tasks */
+        todo = (size * (uint64_t)visits + (uint64_t)set.used - 1) / (uint64_t)set.used;
+    if (todo > MW_TASK_SLOTS_TICK) todo = MW_TASK_SLOTS_TICK;
+    if (todo < size)
         g_stats.partial_ticks++;
-    }
+    else
+        todo = size;
     *fraction = (double)todo / (double)size;
     uint64_t start = g_cursor % size;
     g_cursor = start + todo;
     int given = 0;
     setentry chunk[32];
+    uintptr_t tasks[32];
+    head_t heads[32];
     for (uint64_t done = 0; done < todo;) {
         uint64_t at = (start + done) % size, n = todo - done;
         if (n > 32) n = 32;
@@ -495,6 +528,12 @@ int mw_tasks_sweep(mw_readcache_t *rc, const mw_taskloop_t *loops, int nloops, m
             memcpy(chunk, set.smalltable + at, n * sizeof(setentry));
         }
         done += n;
+        /* In stages over the chunk, each prefetching what the next reads: the objects of
+         * different tasks are far apart, and one after the other each read would wait for
+         * memory in turn. (A prefetch never faults; the reads stay guarded.) */
+        for (uint64_t i = 0; i < n; i++)
+            if (chunk[i].key) __builtin_prefetch(chunk[i].key);
+        int nt = 0;
         for (uint64_t i = 0; i < n; i++) {
             uintptr_t key = (uintptr_t)chunk[i].key;
             if (!key) continue;
@@ -503,8 +542,27 @@ int mw_tasks_sweep(mw_readcache_t *rc, const mw_taskloop_t *loops, int nloops, m
                 continue; /* the set's dummy entry, or not a reference */
             uintptr_t task = (uintptr_t)w.wr_object;
             if (!task || task == (uintptr_t)Py_None) continue;
+            for (long o = 0; o <= g_cfg.off_context; o += 64)
+                __builtin_prefetch((const void *)(task + (uintptr_t)o));
+            tasks[nt++] = task;
+        }
+        int nh = 0;
+        for (int i = 0; i < nt; i++) {
+            head_t h;
+            if (read_head(rc, tasks[i], &h) != 0) continue;
+            int mine = 0;
+            for (int l = 0; l < nloops && !mine; l++)
+                mine = loops[l].loop == h.loop;
+            if (!mine) continue;
+            for (unsigned o = 0; o < CORO_PREFETCH; o += 64)
+                __builtin_prefetch((const void *)(h.coro + o));
+            __builtin_prefetch((const void *)h.ctx);
+            tasks[nh] = tasks[i];
+            heads[nh++] = h;
+        }
+        for (int i = 0; i < nh; i++) {
             mw_task_t t;
-            if (peek_task(rc, task, loops, nloops, &t)) {
+            if (peek_task(rc, tasks[i], heads[i], &t)) {
                 g_stats.tasks++;
                 given++;
                 fn(arg, &t);

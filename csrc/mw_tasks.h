@@ -9,11 +9,12 @@
  * of its value stack (mw_pyframes_coro). Field offsets of the Task object are found at set-up by
  * looking for known objects in a task made for the purpose.
  *
- * Parents. A task awaited by another task (`await task`) or gathered by asyncio.gather sits under
- * the awaiting task's chain: the awaiting task is the owner of the awaited future's first
- * done-callback (its wake-up method; for a gathered task, gather's callback holds the gather's
- * future in its closure, and that future's callback is the awaiting task's wake-up), confirmed by
- * the awaiting task's own awaited future (fut_waiter).
+ * Parents. A task awaited by another task (`await task`), gathered by asyncio.gather or waited
+ * for by asyncio.wait sits under the awaiting task's chain: the awaiting task is the owner of the
+ * awaited future's first done-callback (its wake-up method; for a gathered or waited-for task, the
+ * callback gather or wait put on it holds in its closure the future the awaiting task awaits
+ * (gather's `outer`, wait's `waiter`), and that future's callback is the awaiting task's
+ * wake-up), confirmed by the awaiting task's own awaited future (fut_waiter).
  *
  * Labels. A task's labels are the value of middleware.labels' context variable in the task's
  * context: the sampler looks the variable up in the context's HAMT (its node types found at
@@ -47,9 +48,12 @@
 #define MW_TASK_BASE_MAX 48    /* frames kept under a loop's tasks */
 #define MW_TASK_CHAIN_MAX 64   /* coroutines followed per task */
 #define MW_TASK_PARENTS 8      /* awaiting tasks followed up from a task */
+#define MW_TASK_JOINS 2        /* callbacks of gather-like helpers known (see Parents) */
 #define MW_TASK_FRAMES_MAX 128 /* frames of a task and its parents */
 #define MW_TASK_NAME_MAX 96    /* bytes of a task's name kept (UTF-8, NUL included) */
-#define MW_TASK_SLOTS_TICK 128 /* slots of the task set read per tick (a bounded walk) */
+#define MW_TASK_VISITS_SEC                                                                         \
+    1000 /* tasks looked at per second (a bounded walk: see mw_tasks_sweep) */
+#define MW_TASK_SLOTS_TICK 1024 /* slots of the task set's table read per tick, at most */
 
 typedef struct {
     long tid;       /* the loop's thread (kernel id) */
@@ -65,10 +69,12 @@ typedef struct {
     long off_loop, off_coro, off_name, off_context; /* byte offsets in a Task */
     uintptr_t steps_type; /* a coroutine wrapper whose slot holds the task's coroutine, 0 none */
     long steps_off;
-    uintptr_t gather_code; /* code of asyncio.gather's done-callback (0: gathers not followed) */
-    long gather_outer;     /* index of `outer` (the gather's future) in its closure */
-    uintptr_t labels_var;  /* the labels' ContextVar */
-    int32_t labels_hash;   /* its HAMT hash */
+    /* Done-callbacks whose closure holds the future an awaiting task awaits: asyncio.gather's
+     * (`outer`) and asyncio.wait's (`waiter`); code 0: not followed. */
+    uintptr_t join_code[MW_TASK_JOINS];
+    long join_cell[MW_TASK_JOINS]; /* index of that future's cell in the closure */
+    uintptr_t labels_var;          /* the labels' ContextVar */
+    int32_t labels_hash;           /* its HAMT hash */
     uintptr_t hamt_bitmap_type, hamt_array_type, hamt_collision_type; /* 0 when unknown */
 } mw_tasks_config_t;
 
@@ -97,7 +103,7 @@ void mw_tasks_label_value(uintptr_t obj, uint32_t lid);
 typedef struct {
     uintptr_t task, loop, coro, context, vars, name_obj;
     uint64_t sig;
-    int nparents; /* tasks awaiting it (`await task`, asyncio.gather), innermost first */
+    int nparents; /* tasks awaiting it (`await task`, gather, wait), innermost first */
     uintptr_t parents[MW_TASK_PARENTS], parent_coros[MW_TASK_PARENTS];
     int parent_len[MW_TASK_PARENTS]; /* frames of each parent's chain */
     int nown;                        /* frames of its own chain (the first of frames) */
@@ -113,14 +119,16 @@ int mw_tasks_frames(mw_readcache_t *rc, mw_task_t *t);
 
 typedef void (*mw_task_fn)(void *arg, mw_task_t *t);
 
-/* Reads the next slice of the task set (at most MW_TASK_SLOTS_TICK slots, from where the last
- * sweep stopped) and calls fn for each waiting task of a loop in loops[0..nloops). *fraction gets
- * the share of the set's table the slice covers (1 when all of it: each task met stands for
- * 1/fraction of the tick), set before fn is first called. Returns the number of tasks given to fn,
- * -1 when not set up or the set was unreadable. Sampler thread; reads through rc (reset per task).
- */
-int mw_tasks_sweep(mw_readcache_t *rc, const mw_taskloop_t *loops, int nloops, mw_task_fn fn,
-                   void *arg, double *fraction);
+/* Reads the next slice of the task set, from where the last sweep stopped, and calls fn for each
+ * waiting task of a loop in loops[0..nloops). The walk is bounded: all of the set when it holds
+ * at most `visits` tasks, else a slice of its table sized to hold about `visits` of them (the
+ * set's count over its table's size; at most MW_TASK_SLOTS_TICK slots), so each task is met once
+ * every size/slice ticks and stands for 1/fraction of the tick. *fraction gets the share of the
+ * table the slice covers (1 when all of it), set before fn is first called. Returns the number of
+ * tasks given to fn, -1 when not set up or the set was unreadable. Sampler thread; reads through
+ * rc (reset per task). */
+int mw_tasks_sweep(mw_readcache_t *rc, const mw_taskloop_t *loops, int nloops, int visits,
+                   mw_task_fn fn, void *arg, double *fraction);
 
 /* Reads the task's coroutines again: 0 when each is where the sweep found it (same code,
  * instruction and awaitable), so the chain given to fn was one the task had; -1 otherwise (it
@@ -131,7 +139,7 @@ typedef struct {
     uint64_t tasks;         /* waiting tasks given to samples */
     uint64_t running;       /* tasks skipped because they were running (on their thread's stack) */
     uint64_t unreadable;    /* tasks whose fields or coroutines could not be read */
-    uint64_t other_types;   /* objects in the set that are not C Tasks (not followed) */
+    uint64_t other_types;   /* objects in the set not of the C Task or a subclass (not followed) */
     uint64_t partial_ticks; /* ticks that read only a slice of the set (the cap) */
     uint64_t chain_capped;  /* await chains cut at MW_TASK_CHAIN_MAX */
     uint64_t loops_refused; /* loops not followed: the table was full */

@@ -5,8 +5,8 @@ awaiting a database sits on no thread's stack, so without this the wall profile 
 service is mostly the loop's ``select``. The sampler (``csrc/mw_tasks.c``) reads, without the
 GIL, the task set asyncio keeps (a WeakSet of every task), and gives each task of a followed loop
 that is not running a wall-time sample: its await chain (``handler > helper > sleep``) under the
-chains of the tasks awaiting it (``await task``, ``asyncio.gather``), over the frames its thread
-had when the loop started, with the task's own labels (read from the task's context) and a
+chains of the tasks awaiting it (``await task``, ``asyncio.gather``, ``asyncio.wait``), over the
+frames its thread had when the loop started, with the task's own labels (read from the task's context) and a
 ``task`` label holding its name (asyncio's numbered names as one value, ``Task``). The running
 task is on its thread's stack, so its samples (CPU and wall) are the thread's own.
 
@@ -118,11 +118,10 @@ def _setup(native: Any) -> bool:
             contextvars.ContextVar(f"middleware_probe_{i}") for i in range(64)]
         for v in probe_vars:
             many.run(v.set, 1)
-        gather_code, gather_outer = _gather_callback(tasks)
         ok = bool(native.tasks_setup(
             task, coro, loop, name, data, labels._current, one, many,
             steps_type=labels._LabelledSteps, steps_slot=labels._LabelledSteps.__dict__["_coro"],
-            gather_code=gather_code, gather_outer=gather_outer))
+            joins=_join_callbacks(tasks)))
     finally:
         task._log_destroy_pending = False
         coro.close()
@@ -141,15 +140,22 @@ def _off(why: str) -> None:
                     "tasks is not in the profile (the running task's is)", why)
 
 
-def _gather_callback(tasks: Any) -> tuple[Any, int]:
-    """The code of the done-callback asyncio.gather puts on each task it gathers, and the index of
-    ``outer`` (the gather's future) in its closure: how a gathered task's parent is found. (None,
-    -1) when this asyncio's gather is not shaped so."""
-    gather = getattr(tasks, "gather", None)
-    for const in getattr(getattr(gather, "__code__", None), "co_consts", ()):
-        if getattr(const, "co_name", None) == "_done_callback" and "outer" in const.co_freevars:
-            return const, const.co_freevars.index("outer")
-    return None, -1
+def _join_callbacks(tasks: Any) -> tuple[tuple[Any, int], ...]:
+    """The done-callbacks asyncio.gather and asyncio.wait put on each task they await, as (code,
+    index in its closure of the future the awaiting task awaits: gather's ``outer``, wait's
+    ``waiter``): how such a task's parent is found. A helper not shaped so is left out (its tasks
+    are then not put under their parent)."""
+    found = []
+    for helper, callback, cell in (("gather", "_done_callback", "outer"), ("_wait", "_on_completion", "waiter")):
+        code = getattr(getattr(tasks, helper, None), "__code__", None)
+        for const in getattr(code, "co_consts", ()):
+            if getattr(const, "co_name", None) == callback and cell in const.co_freevars:
+                found.append((const, const.co_freevars.index(cell)))
+                break
+        else:
+            logger.debug("asyncio.%s has no %s callback: its tasks are not put under their parent", helper,
+                         callback)
+    return tuple(found)
 
 
 def _register(loop: Any, frame: FrameType | None) -> None:

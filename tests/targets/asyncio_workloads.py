@@ -100,11 +100,15 @@ async def direct() -> None:
     await task
 
 
+async def waits() -> None:
+    await asyncio.wait([asyncio.ensure_future(child_part(0.6)), asyncio.ensure_future(child_part(0.6))])
+
+
 def nested_workload(rate: int) -> None:
     tracker = MwTracker(sample_rate=rate, wall_rate=rate, profile_dir="none", instrument=False)
 
     async def main() -> None:
-        await asyncio.gather(fan_out(), direct())
+        await asyncio.gather(fan_out(), direct(), waits())
 
     asyncio.run(main())
     report(tracker)
@@ -204,6 +208,57 @@ def pending_workload(ntasks: int, seconds: float, rate: int) -> None:
     report(tracker, sampler_core_share=share)
 
 
+# --- factories: tasks made by a task factory (a Task subclass; 3.12+ eager tasks) ----------------
+class CountingTask(asyncio.Task):  # type: ignore[type-arg]
+    """A Task subclass, as task factories make (same C layout in front, a __dict__ behind)."""
+
+    made = 0
+
+
+def factory_workload(kind: str) -> None:
+    tracker = MwTracker(sample_rate=100, wall_rate=100, profile_dir="none", instrument=False)
+    truth = {"task-short": 0.4, "task-long": 0.8}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        if kind == "subclass":
+            loop.set_task_factory(lambda loop, coro, **kw: CountingTask(coro, loop=loop, **kw))
+        else:
+            loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+        tasks = [asyncio.create_task(handler(name[len("task-"):], s), name=name) for name, s in truth.items()]
+        await asyncio.gather(*tasks)
+        types = {type(t).__name__ for t in tasks}
+        assert types == ({"CountingTask"} if kind == "subclass" else {"Task"}), types
+
+    asyncio.run(main())
+    report(tracker, truth=truth)
+
+
+# --- many: more tasks than the walk looks at per tick, each timing its own wait --------------------
+def many_workload(ntasks: int, seconds: float) -> None:
+    tracker = MwTracker(sample_rate=100, wall_rate=100, profile_dir="none", instrument=False)
+    waited: list[float] = []
+
+    async def many_wait(ev: asyncio.Event) -> None:
+        t0 = time.perf_counter()
+        await ev.wait()
+        waited.append(time.perf_counter() - t0)
+
+    async def many_helper(ev: asyncio.Event, offset: float) -> None:
+        await asyncio.sleep(offset)  # starts spread over 0.5 s: the walk's phase is not theirs
+        await many_wait(ev)
+
+    async def main() -> None:
+        ev = asyncio.Event()
+        tasks = [asyncio.ensure_future(many_helper(ev, 0.5 * i / ntasks)) for i in range(ntasks)]
+        await asyncio.sleep(seconds)
+        ev.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    report(tracker, waited=sum(waited), ntasks=ntasks)
+
+
 if __name__ == "__main__":
     name, args = sys.argv[1], sys.argv[2:]
     if name == "gather":
@@ -214,6 +269,10 @@ if __name__ == "__main__":
         nested_workload(int(args[0]) if args else 100)
     elif name == "stress":
         stress_workload(float(args[0]), int(args[1]))
+    elif name == "factory":
+        factory_workload(args[0])
+    elif name == "many":
+        many_workload(int(args[0]), float(args[1]))
     elif name == "pending":
         pending_workload(int(args[0]), float(args[1]), int(args[2]))
     else:
