@@ -449,8 +449,8 @@ def test_threads_shorter_than_a_period_are_neither_lost_nor_over_sampled() -> No
 
 # --- 4c. Light threads: less CPU than a period in a life of several ticks --------------------------
 # 6 rounds of 250 threads, each 3 x (1 ms of CPU, 0.25 s asleep), 100 Hz: ~5 s of their CPU, each
-# thread ~3 ms (a sample with probability ~0.3), read by several ticks. Truth: each thread's
-# time.thread_time. A sample stands for the CPU its slot held (one period). When a thread's clock
+# thread ~3 ms (a sample with probability ~0.3), read by several ticks. Truth: the process's CPU
+# less the main thread's and the sampler's (each thread's time.thread_time for the bursts). A sample stands for the CPU its slot held (one period). When a thread's clock
 # was split over its samples instead, a thread without a sample kept its CPU waiting for one that
 # never came (lost at its end) and a sampled one got only its own few ms: 300 such threads came
 # out at 44% of their CPU (this workload: 64-69%, the rest counted as unattributed). The band is
@@ -461,11 +461,13 @@ def test_light_threads_cpu_is_not_lost_waiting_for_a_sample() -> None:
     profiled = sum(s["cpu"] for s in r["profile"]["stacks"] if s["thread"].startswith("light-")) / 1e9
     burst = sum(s["cpu"] for s in r["profile"]["stacks"]
                 if s["thread"].startswith("light-") and any(f[0] == "light_burst" for f in s["frames"])) / 1e9
-    ratio = profiled / truth["light_cpu_s"]
+    # their CPU: the process's less the other threads' (each thread's own thread_time misses its
+    # exit, which a loaded VM makes dear: 1,500 exits once cost ~1.8 s more than here)
+    ratio = profiled / truth["light_process_s"]
     burst_ratio = burst / truth["light_burst_s"]
-    figures = (f"{truth['threads']} threads, their CPU {truth['light_cpu_s']:.3f} s, in the profile "
-               f"{profiled:.3f} s (ratio {ratio:.2f}), in light_burst {burst:.3f} s of "
-               f"{truth['light_burst_s']:.3f} s measured (ratio {burst_ratio:.2f})")
+    figures = (f"{truth['threads']} threads, their CPU {truth['light_process_s']:.3f} s (measured inside "
+               f"each {truth['light_cpu_s']:.3f} s), in the profile {profiled:.3f} s (ratio {ratio:.2f}), "
+               f"in light_burst {burst:.3f} s of {truth['light_burst_s']:.3f} s measured (ratio {burst_ratio:.2f})")
     print(figures)
     assert truth["threads"] == 1500, figures
     assert 0.8 <= ratio <= 1.2, figures
