@@ -453,8 +453,9 @@ def test_threads_shorter_than_a_period_are_neither_lost_nor_over_sampled() -> No
 # less the main thread's and the sampler's (each thread's time.thread_time for the bursts). A sample
 # stands for the CPU its slot held (one period). When a thread's clock was split over its samples
 # instead, a thread without a sample kept its CPU waiting for one that never came (lost at its
-# end) and a sampled one got only its own few ms: 300 such threads came out at 44% of their CPU (this workload: 64-69%, the rest counted as unattributed). The band is
-# ~4 sigma of ~450 samples, less the context switches the perf event does not count (~2% here).
+# end) and a sampled one got only its own few ms: 300 such threads came out at 44% of their CPU
+# (this workload: 64-69%, the rest counted as unattributed). The band is ~4 sigma of ~450
+# samples, less the context switches the perf event does not count (~2% here).
 def test_light_threads_cpu_is_not_lost_waiting_for_a_sample() -> None:
     r = run_truth("light", "--rate", "100")
     truth = r["truth"]
