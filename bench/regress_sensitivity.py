@@ -7,7 +7,11 @@ and prints the share of --trials comparisons that flag calc2; then the share of 
 total; ``--per request`` draws the samples of a number of requests (Poisson counts, the same
 expected samples per side) whose count both profiles carry, and compares cost per request.
 
+``--machine 1.15`` (with ``--per request``) runs the AFTER side on a machine 15% slower: every
+function's cost per request x1.15, calc2's change on top (judged beyond the common change).
+
     .venv/bin/python bench/regress_sensitivity.py [--seconds 60] [--trials 200] [--per share|request]
+        [--machine 1.15]
 """
 from __future__ import annotations
 
@@ -31,14 +35,18 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--null-trials", type=int, default=1000)
     ap.add_argument("--per", choices=("share", "request"), default="share")
+    ap.add_argument("--machine", type=float, default=1.0,
+                    help="with --per request: every function's cost per request times this on the AFTER side "
+                         "(a slower machine: 1.15), calc2's change on top")
     args = ap.parse_args()
     n = int(args.seconds * args.rate)
     rng = random.Random(7)
     requests = round(n / sum(PER_REQUEST.values()))
 
-    def side(change: float) -> Profile:
+    def side(change: float, machine: float = 1.0) -> Profile:
         if args.per == "request":
-            return served(slower(PER_REQUEST, "calc2", 1 + change) if change else PER_REQUEST, requests, rng)
+            base = {s: machine * w for s, w in PER_REQUEST.items()}
+            return served(slower(base, "calc2", 1 + change) if change else base, requests, rng)
         return sampled(slower(SHARES, "calc2", 1 + change) if change else SHARES, n, rng)
 
     what = f"{requests} requests" if args.per == "request" else "compared as shares"
@@ -48,11 +56,12 @@ def main() -> int:
     for change in (0.10, 0.15, 0.20, 0.25, 0.30, 0.40, 0.50):
         hits = 0
         for _ in range(args.trials):
-            found = detect(side(0.0), side(change), per=args.per)
+            found = detect(side(0.0), side(change, args.machine), per=args.per)
             hits += any(f.function == "calc2" for f in found)
         print(f"{change:>15.0%} {hits / args.trials:>9.0%}")
-    false = sum(bool(detect(side(0.0), side(0.0), per=args.per)) for _ in range(args.null_trials))
-    print(f"null changes flagged: {false} of {args.null_trials}")
+    false = sum(bool(detect(side(0.0), side(0.0, args.machine), per=args.per)) for _ in range(args.null_trials))
+    machine = f" (the AFTER machine x{args.machine:g})" if args.machine != 1.0 else ""
+    print(f"null changes{machine} flagged: {false} of {args.null_trials}")
     return 0
 
 

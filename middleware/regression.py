@@ -38,21 +38,46 @@ compared (Bonferroni), so a null change (same code, fresh samples) flags nothing
 about one comparison in a thousand, however many functions there are. The sample count of a
 value is the value over the sampling period (the profile's period for its period type, 1 for
 counts, else the least value a stack has: one sample).
+
+The common change. Code that did not change can still cost more in AFTER: the machine is slower
+(another tenant on the host, a smaller instance, a hotter CPU), the interpreter changed, or (on
+the share basis) other code got faster and left it a larger share. Every function then moves
+together, and judging each against 1 would flag them all. So each function is judged against the
+common change: the median ratio of the functions well sampled on both sides (at least
+``COMMON_MIN_SAMPLES`` samples each side, and at least ``COMMON_MIN_FUNCTIONS`` of them; each
+weighted by its samples, no one above ``1 / COMMON_MIN_FUNCTIONS`` of the weight, so that a
+function that did change cannot set it alone), when it is above 1 beyond its own noise (two
+standard deviations: a null change's median, a little above 1 half of the time, is left alone).
+A function is flagged when its ratio *divided by the common change* passes both tests, the
+interval widened by the median's own noise (its spread when the functions' ratios are drawn
+again from their sampling noise, added in quadrature). Only a rise is discounted: a common fall
+(a faster machine, or the others' shares shrinking because one function grew) is left as is, so
+the correction never flags more than the plain test. What the correction takes for the machine
+is a rise shared by most of the well-sampled functions; a change of the code that slows most of
+them alike is reported as the common change
+(:attr:`Comparison.common`), not as findings.
 """
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass
-from statistics import NormalDist
+from statistics import NormalDist, pstdev
 
 from middleware.profile import Profile
 from middleware.reporters.table import function_table
 
-__all__ = ["Finding", "detect", "render_findings", "DEFAULT_THRESHOLD", "DEFAULT_CONFIDENCE", "BASES"]
+__all__ = ["Finding", "Comparison", "compare", "detect", "render_findings", "DEFAULT_THRESHOLD",
+           "DEFAULT_CONFIDENCE", "BASES", "COMMON_MIN_SAMPLES", "COMMON_MIN_FUNCTIONS"]
 
 DEFAULT_THRESHOLD = 0.10
 DEFAULT_CONFIDENCE = 0.999
+#: A function counts towards the common change with at least this many samples on each side
+#: (its ratio is then known to about +-20% at 2 sigma)...
+COMMON_MIN_SAMPLES = 50
+#: ...and the common change is estimated from at least this many such functions (else it is 1).
+COMMON_MIN_FUNCTIONS = 3
 #: What a function's cost is divided by: ``auto`` is ``request`` when both sides count requests.
 BASES = ("auto", "request", "share")
 
@@ -71,19 +96,32 @@ class Finding:
     file: str
     share_before: float  # of the profile's total, 0..1
     share_after: float
-    ratio: float  # share_after / share_before (inf for a new function)
-    ratio_low: float  # the interval's bounds for the ratio
+    ratio: float  # share_after / share_before over the common change (inf for a new function)
+    ratio_low: float  # the interval's bounds for the ratio (over the common change too)
     ratio_high: float
     samples_before: float
     samples_after: float
     basis: str = "share"
     requests_before: float = 0.0  # requests served on each side (request basis)
     requests_after: float = 0.0
+    common: float = 1.0  # the common change it was judged against (see the module's doc)
 
     @property
     def growth(self) -> float:
-        """Relative growth of the share (0.5 = +50%)."""
+        """Relative growth of the share beyond the common change (0.5 = +50%)."""
         return self.ratio - 1.0
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What :func:`compare` found: the findings, and the common change every function was judged
+    against (1.0 when none was discounted) with the count of functions it was estimated from."""
+
+    findings: list[Finding]
+    common: float
+    common_functions: int
+    basis: str
+    common_sd: float = 0.0  # the standard deviation of the common change's log
 
 
 @dataclass(frozen=True)
@@ -138,7 +176,26 @@ def detect(
     ``value`` grew beyond ``threshold`` and the noise, and the new ones; biggest growth first.
 
     ``per``: the basis of the cost, "request", "share", or "auto" (request when both profiles
-    count requests, else share)."""
+    count requests, else share). :func:`compare` also gives the common change."""
+    return compare(before, after, value=value, threshold=threshold, confidence=confidence, metric=metric,
+                   per=per).findings
+
+
+def compare(
+    before: Profile,
+    after: Profile,
+    *,
+    value: str | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    confidence: float = DEFAULT_CONFIDENCE,
+    metric: str = "auto",
+    per: str = "auto",
+    common: Comparison | None = None,
+) -> Comparison:
+    """:func:`detect`'s findings with the common change they were judged against: the one of
+    ``common`` when given on the same basis (e.g. the whole service's, for a comparison within one
+    endpoint: the machine is the same, and the whole has more functions to tell it from the code),
+    else the one of these profiles."""
     if threshold < 0:
         raise ValueError("threshold must not be negative")
     if per not in BASES:
@@ -151,10 +208,15 @@ def detect(
         raise ValueError("cost per request needs request counts on both sides (profiles of an app whose "
                          "requests the Flask, WSGI or ASGI integration counts)")
     basis = "request" if per == "request" or (per == "auto" and has_requests) else "share"
+    if common is not None and common.basis == basis:
+        common_change, common_sd, counted = common.common, common.common_sd, common.common_functions
+    else:
+        common_change, common_sd, counted = _common(a, b, basis)
     if metric != "auto":
-        return _detect(a, b, threshold, confidence, metric, basis)
-    by_self = _detect(a, b, threshold, confidence, "self", basis)
-    by_total = _detect(a, b, threshold, confidence, "total", basis)
+        return Comparison(_detect(a, b, threshold, confidence, metric, basis, common_change, common_sd),
+                          common_change, counted, basis, common_sd)
+    by_self = _detect(a, b, threshold, confidence, "self", basis, common_change, common_sd)
+    by_total = _detect(a, b, threshold, confidence, "total", basis, common_change, common_sd)
     above = _ancestors(after)
     flagged = {(f.function, f.file) for f in by_total}
     deepest = [f for f in by_total
@@ -162,7 +224,7 @@ def detect(
     seen = {(f.function, f.file) for f in by_self}
     out = by_self + [f for f in deepest if (f.function, f.file) not in seen]
     out.sort(key=_order)
-    return out
+    return Comparison(out, common_change, counted, basis, common_sd)
 
 
 def _order(f: Finding) -> tuple[bool, float, str]:
@@ -180,14 +242,86 @@ def _ancestors(profile: Profile) -> dict[tuple[str, str], set[tuple[str, str]]]:
     return out
 
 
-def _detect(a: _Side, b: _Side, threshold: float, confidence: float, metric: str, basis: str) -> list[Finding]:
+def _units(a: _Side, b: _Side, basis: str) -> tuple[float, float, float, float]:
+    """The value of one sample on each side, and the exposures: samples in all (share basis) or
+    requests served (request basis)."""
+    unit_a = a.period or max(a.total, b.total) / 100.0  # no sample at all: coarse units
+    unit_b = b.period or max(a.total, b.total) / 100.0
+    n_a, n_b = (a.requests, b.requests) if basis == "request" else (a.total / unit_a, b.total / unit_b)
+    return unit_a, unit_b, n_a, n_b
+
+
+def _common(a: _Side, b: _Side, basis: str) -> tuple[float, float, int]:
+    """The common change (see the module's doc), the standard deviation of its log (from the
+    functions' sampling noise), and the number of functions it comes from."""
+    unit_a, unit_b, n_a, n_b = _units(a, b, basis)
+    logs: list[float] = []  # each function's log ratio...
+    sds: list[float] = []  # ...and its standard deviation (counts are Poisson: 1/k each side)
+    for key, v_a in a.self_values.items():
+        k_a, k_b = v_a / unit_a, b.self_values.get(key, 0.0) / unit_b
+        if k_a >= COMMON_MIN_SAMPLES and k_b >= COMMON_MIN_SAMPLES:
+            logs.append(math.log((k_b / n_b) / (k_a / n_a)))
+            sds.append(math.sqrt(1 / k_a + 1 / k_b))
+    if len(logs) < COMMON_MIN_FUNCTIONS:
+        return 1.0, 0.0, len(logs)
+    weights = _capped([1 / (sd * sd) for sd in sds], 1 / COMMON_MIN_FUNCTIONS)
+    centre = _weighted_median(logs, weights)
+    if centre <= 0:
+        return 1.0, 0.0, len(logs)
+    # the median's own noise: the median of the functions' ratios drawn again from their noise
+    # (seeded: the same profiles give the same answer)
+    rng = random.Random(0)
+    draws = [_weighted_median([rng.gauss(x, sd) for x, sd in zip(logs, sds, strict=True)], weights)
+             for _ in range(_COMMON_DRAWS)]
+    spread = pstdev(draws)
+    if centre <= _COMMON_SIGMAS * spread:  # within its own noise: nothing to discount
+        return 1.0, 0.0, len(logs)
+    return math.exp(centre), spread, len(logs)
+
+
+_COMMON_DRAWS = 200
+#: A common rise is discounted when it is beyond this many standard deviations of its own noise.
+_COMMON_SIGMAS = 2.0
+
+
+def _capped(weights: list[float], most: float) -> list[float]:
+    """The weights with none above ``most`` of their sum (the big ones clipped until it holds):
+    the precise functions count more, but no one function decides the median alone."""
+    out = list(weights)
+    for _ in range(len(out)):
+        cap = most * sum(out)
+        if all(w <= cap * (1 + 1e-9) for w in out):
+            break
+        out = [min(w, cap) for w in out]
+    return out
+
+
+def _weighted_median(values: list[float], weights: list[float]) -> float:
+    """The value where the cumulative weight (values in order) reaches half the total."""
+    half, acc = sum(weights) / 2, 0.0
+    pairs = sorted(zip(values, weights, strict=True))
+    for v, w in pairs:
+        acc += w
+        if acc >= half:
+            return v
+    return pairs[-1][0]
+
+
+def _beyond(r: float, bound: float, common: float, spread: float) -> float:
+    """A bound of a ratio's interval judged against the common change: the bound's distance from
+    the ratio (in logs) and the common change's own noise (``spread``: z times the standard
+    deviation of its log) add in quadrature."""
+    if common == 1.0 or not 0 < bound < math.inf or not 0 < r < math.inf:
+        return bound / common
+    margin = math.log(r) - math.log(bound)
+    return math.exp(math.log(r) - math.copysign(math.hypot(margin, spread), margin)) / common
+
+
+def _detect(a: _Side, b: _Side, threshold: float, confidence: float, metric: str, basis: str,
+            common: float = 1.0, common_sd: float = 0.0) -> list[Finding]:
     per_a = a.total_values if metric == "total" else a.self_values
     per_b = b.total_values if metric == "total" else b.self_values
-    total_a, total_b, period_a, period_b = a.total, b.total, a.period, b.period
-    unit_a = period_a or max(total_a, total_b) / 100.0  # no sample at all: coarse units
-    unit_b = period_b or max(total_a, total_b) / 100.0
-    # the exposures: samples in all (share basis) or requests served (request basis)
-    n_a, n_b = (a.requests, b.requests) if basis == "request" else (total_a / unit_a, total_b / unit_b)
+    unit_a, unit_b, n_a, n_b = _units(a, b, basis)
     # a cost as reported: a share, or the value per request
     scale_a, scale_b = (unit_a, unit_b) if basis == "request" else (1.0, 1.0)
     reqs = (a.requests, b.requests) if basis == "request" else (0.0, 0.0)
@@ -203,16 +337,20 @@ def _detect(a: _Side, b: _Side, threshold: float, confidence: float, metric: str
         # p = n_b r / (n_a + n_b r)  <=>  r = p n_a / ((1 - p) n_b)
         r_low = lo_p * n_a / ((1 - lo_p) * n_b) if lo_p < 1 else math.inf
         r_high = hi_p * n_a / ((1 - hi_p) * n_b) if hi_p < 1 else math.inf
+        # judged against the common change (1 when none is discounted), its noise included
+        raw = share_b / share_a if share_a > 0 else math.inf
+        r_low = _beyond(raw, r_low, common, z * common_sd)
+        r_high = _beyond(raw, r_high, common, z * common_sd)
         if k_a == 0:
             # new: present after, beyond what chance alone would leave at 0 before
             if r_low > 1 and share_b > 0:
                 out.append(Finding("new", metric, key[0], key[1], 0.0, share_b * scale_b, math.inf, r_low, r_high,
-                                   k_a, k_b, basis, *reqs))
+                                   k_a, k_b, basis, *reqs, common))
             continue
-        ratio = share_b / share_a
+        ratio = share_b / share_a / common
         if ratio > 1 + threshold and r_low > 1:
             out.append(Finding("regression", metric, key[0], key[1], share_a * scale_a, share_b * scale_b, ratio,
-                               r_low, r_high, k_a, k_b, basis, *reqs))
+                               r_low, r_high, k_a, k_b, basis, *reqs, common))
     out.sort(key=_order)
     return out
 
@@ -227,11 +365,20 @@ def _cost(f: Finding, v: float, unit: str) -> str:
     return f"{v:.3g}/req"
 
 
-def render_findings(findings: Iterable[Finding], threshold: float, header: str = "", unit: str = "") -> str:
+def render_findings(findings: Iterable[Finding], threshold: float, header: str = "", unit: str = "",
+                    common: float | None = None, common_functions: int = 0) -> str:
     """The findings as a text table (one line saying so when there is none); ``unit``: of the
-    value compared (for costs per request)."""
+    value compared (for costs per request); ``common``: the common change they were judged
+    against (default: the findings'), said in a line when it is not 1."""
     rows = list(findings)
     lines = [header] if header else []
+    if common is None:
+        common = rows[0].common if rows else 1.0
+    if common != 1.0:
+        counted = f" of the {common_functions} functions well sampled on both sides" if common_functions else ""
+        lines.append(f"common change: {common - 1:+.0%} (the median{counted}: a slower machine or runtime, other "
+                     "code made faster, or a change that slowed most functions alike); each function is judged "
+                     "beyond it")
     if not rows:
         lines.append(f"no regression: no function's cost grew by more than {threshold:.0%} beyond the noise")
         return "\n".join(lines) + "\n"

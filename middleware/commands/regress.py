@@ -11,7 +11,7 @@ import sys
 
 from middleware.commands import CommandError, add_profile_options, add_time_options, describe, value_name
 from middleware.commands.diff import _load
-from middleware.regression import BASES, DEFAULT_THRESHOLD, detect, render_findings
+from middleware.regression import BASES, DEFAULT_THRESHOLD, compare, render_findings
 
 
 def _threshold(text: str) -> float:
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     name, unit = value_name(after, args.value)
     value_name(before, name)
     try:
-        findings = detect(before, after, value=name, threshold=args.threshold, metric=args.metric, per=args.per)
+        result = compare(before, after, value=name, threshold=args.threshold, metric=args.metric, per=args.per)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     header = f"before: {describe(before, name, unit)}\nafter:  {describe(after, name, unit)}"
@@ -68,5 +68,6 @@ def run(args: argparse.Namespace) -> int:
         header += f"\ncost per request: {before.request_count()} requests before, {after.request_count()} after"
     elif args.per == "auto":
         header += "\ncost as a share of the total (the profiles count no requests)"
-    sys.stdout.write(render_findings(findings, args.threshold, header=header, unit=unit))
-    return 1 if findings else 0
+    sys.stdout.write(render_findings(result.findings, args.threshold, header=header, unit=unit,
+                                     common=result.common, common_functions=result.common_functions))
+    return 1 if result.findings else 0

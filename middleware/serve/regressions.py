@@ -4,9 +4,11 @@ Agents label every sample with the code version they run (``version``, see
 :mod:`middleware.version`). For each service and profile type, a :class:`RegressionWatcher`
 thread orders the service's versions by their first profile and compares each version (AFTER)
 with the one seen before it (BEFORE), with the detector the CLI's ``regress`` uses
-(:func:`middleware.regression.detect`: each function's cost per request where the agents count
+(:func:`middleware.regression.compare`: each function's cost per request where the agents count
 requests -- the store keeps their counts per profile and series -- else its share of the total,
-an interval from the sampling statistics, a threshold): over the whole of each version's profiles, and within each
+an interval from the sampling statistics, a threshold, judged against the common change of all
+functions: a slower machine is not a regression; within an endpoint, the whole service's common
+change on the same basis): over the whole of each version's profiles, and within each
 ``endpoint`` the two versions share (the endpoint's own profile: a function's share of that
 endpoint's cost, i.e. its cost per unit of the endpoint's work). A comparison is run again when
 AFTER gained profiles since (a new version is compared at its first profile, and after every
@@ -29,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from middleware.regression import DEFAULT_CONFIDENCE, DEFAULT_THRESHOLD, Finding, detect
+from middleware.regression import DEFAULT_CONFIDENCE, DEFAULT_THRESHOLD, Comparison, Finding, compare
 from middleware.serve.periodic import Periodic
 from middleware.serve.query import Matcher, Selection
 from middleware.serve.store import StoreClosed
@@ -63,6 +65,8 @@ class _Comparison:
     after: _Version
     profiles_after: int  # AFTER's profile count when computed
     findings: list[tuple[str | None, Finding]] = field(default_factory=list)  # (endpoint, finding)
+    # endpoint (None: the whole service) -> the common change its functions were judged against
+    common: dict[str | None, float] = field(default_factory=dict)
     computed_at: float = 0.0
     error: str | None = None
 
@@ -164,17 +168,21 @@ class RegressionWatcher(Periodic):
         # the endpoints both versions have series of (one with no data left gives empty merges)
         shared = series.endpoints.get(before.name, set()) & series.endpoints.get(after.name, set())
         scopes: list[str | None] = [None, *sorted(shared)[:MAX_ENDPOINTS]]
+        whole: Comparison | None = None  # the service's: its common change holds within endpoints too
         for endpoint in scopes:
             a = self.engine.merge(self._selection(service, type_id, before, endpoint)).profile
             b = self.engine.merge(self._selection(service, type_id, after, endpoint)).profile
             if not a.samples or not b.samples:
                 continue
             try:
-                found = detect(a, b, threshold=self.threshold, confidence=self.confidence)
+                result = compare(a, b, threshold=self.threshold, confidence=self.confidence, common=whole)
             except ValueError as exc:  # no samples of that type on one side
                 c.error = str(exc)
                 continue
-            for f in found:
+            if endpoint is None:
+                whole = result
+            c.common[endpoint] = result.common
+            for f in result.findings:
                 key = (service, type_id, before.name, after.name, endpoint, f.function, f.file, f.metric)
                 self._first_seen.setdefault(key, c.computed_at)
                 c.findings.append((endpoint, f))
@@ -199,6 +207,7 @@ class RegressionWatcher(Periodic):
                     "samples_before": f.samples_before, "samples_after": f.samples_after,
                     # basis "request": share_* are the value per request, over these requests
                     "basis": f.basis, "requests_before": f.requests_before, "requests_after": f.requests_after,
+                    "common": f.common,
                     "first_seen": self._first_seen.get(key, c.computed_at),
                 })
             out.append({
@@ -208,6 +217,8 @@ class RegressionWatcher(Periodic):
                 "after": {"version": c.after.name, "from": c.after.first_ns // 10**9,
                           "until": c.after.last_ns // 10**9 + 1, "profiles": c.profiles_after},
                 "computed_at": c.computed_at, "error": c.error, "findings": findings,
+                # the common change each scope's functions were judged against ("" = the service)
+                "common": {endpoint or "": v for endpoint, v in c.common.items()},
             })
         return {"service": service, "type": type_id, "label": VERSION_LABEL, "threshold": self.threshold,
                 "confidence": self.confidence, "passes": self.passes, "comparisons": out}

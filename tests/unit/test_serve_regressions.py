@@ -164,3 +164,22 @@ def test_with_request_counts_costs_compare_per_request_and_a_speed_up_elsewhere_
     (uncounted,) = serve.regressions("uncounted")["comparisons"]
     assert ("calc1", "/calculate1") in _flagged(uncounted), uncounted
     assert all(f["basis"] == "share" for f in uncounted["findings"])
+
+
+def test_a_slower_machine_is_the_common_change_and_only_the_slower_function_is_flagged(serve: Serve) -> None:
+    # v2 runs on a machine 20% slower (every function's cost per request x1.2) and its calc2 does
+    # 1.5x the work on top; within an endpoint (two functions each here) the service's common change holds
+    for i in range(6):
+        serve.push("machine", counted_window("v1", i, calc3_ms=4000, calc2_ms=1500, requests=True))
+    for i in range(6):
+        p = counted_window("v2", i, calc3_ms=4000 * 1.2, calc2_ms=1500 * 1.2 * 1.5, requests=True)
+        for s in p.samples:
+            if s.stack[-1].function == "calc1":
+                s.values = tuple(int(v * 1.2) for v in s.values)
+        serve.push("machine", p)
+    (c,) = serve.regressions("machine")["comparisons"]
+    assert _flagged(c) == {("calc2", None), ("calc2", "/calculate2")}, c
+    assert c["common"][""] == pytest.approx(1.2) and c["common"]["/calculate1"] == pytest.approx(1.2), c
+    f = next(f for f in c["findings"] if f["endpoint"] == "/calculate2")
+    assert f["ratio"] == pytest.approx(1.5) and f["common"] == pytest.approx(1.2), f
+    assert f["share_after"] / f["share_before"] == pytest.approx(1.8)  # as measured

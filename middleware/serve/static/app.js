@@ -847,6 +847,22 @@
     return api("/api/regressions", { service: state.service, type: state.type }).then(renderRegressions, fail);
   }
 
+  /* The version changes where every function got dearer alike (the machine, the runtime...): each
+     function was judged beyond that common change. */
+  function commonNote(body) {
+    var notes = [];
+    (body.comparisons || []).forEach(function (c) {
+      var all = (c.common || {})[""];
+      if (all && all > 1) {
+        notes.push(c.before.version + " → " + c.after.version + ": +" + Math.round((all - 1) * 100) + "%");
+      }
+    });
+    return notes.length
+      ? " Common change of all functions (the machine, the runtime, or code that slowed most functions alike; " +
+        "each function is judged beyond it): " + notes.join(", ") + "."
+      : "";
+  }
+
   function renderRegressions(body) {
     var rows = [];
     (body.comparisons || []).forEach(function (c) {
@@ -860,7 +876,7 @@
         " finding" + (rows.length === 1 ? "" : "s") + ": functions whose cost (per request where the agents " +
         "count requests, else as a share of the total) grew by more than " +
         Math.round(body.threshold * 100) + "% beyond the sampling noise (" + body.confidence * 100 +
-        "% family-wise), and new ones. Click a row to compare the two versions."
+        "% family-wise), and new ones. Click a row to compare the two versions." + commonNote(body)
       : "No two versions of this service to compare yet: agents label profiles with the version they run " +
         "(MW_VCS_COMMIT_SHA, service.version, or the app's git commit).";
     var tbody = $("regress-table").tBodies[0];
@@ -876,7 +892,8 @@
         return (v >= 0 ? "+" : "") + v + "%";
       }
       var growth = f.kind === "new" ? "new"
-        : pct(f.ratio) + " (" + pct(f.ratio_low) + " … " + (f.ratio_high === null ? "∞" : pct(f.ratio_high)) + ")";
+        : pct(f.ratio) + " (" + pct(f.ratio_low) + " … " + (f.ratio_high === null ? "∞" : pct(f.ratio_high)) + ")" +
+          (f.common > 1 ? " beyond " + pct(f.common) + " common" : "");
       [
         f.function,
         f.endpoint || "(all)",
