@@ -54,6 +54,9 @@ def main() -> int:
         for f in c["findings"]:
             print(f"  {c['before']['version']} -> {c['after']['version']}: {f['function']} "
                   f"({f['endpoint'] or 'all'}) {f['kind']} x{f['ratio'] or float('inf'):.2f} per {f['basis']}")
+    common = [f"{c['before']['version']} -> {c['after']['version']}: {c['common'].get('', 1.0) - 1:+.0%}"
+              for c in body["comparisons"] if c.get("common", {}).get("", 1.0) != 1.0]
+    print(f"common change discounted (the machine): {', '.join(common) if common else 'none'}")
     last = next(c for c in body["comparisons"] if c["after"]["version"] == "slower")
     print(f"calc2 1.5x ({last['before']['version']} -> slower, {last['after']['profiles']} profiles after):")
     for f in last["findings"]:
