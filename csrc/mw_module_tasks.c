@@ -1,7 +1,7 @@
 /* mw_module_tasks — Python glue for asyncio task stacks (mw_tasks). GIL held in every function.
  *
  *   tasks_setup(task, coro, loop, name, tasks_set, labels_var, ctx_one, ctx_many,
- *               steps_type=None, steps_slot=None, joins=()) -> bool
+ *               steps_type=None, steps_slot=None, joins=(), groups=None) -> bool
  *       learns the C Task's layout from `task` (a task made for the purpose, of coroutine `coro`,
  *       loop `loop`, name `name`), the set of weak references holding every task (`tasks_set`,
  *       WeakSet.data), the labels' context variable and the HAMT node types of two contexts
@@ -9,8 +9,10 @@
  *       and its member descriptor steps_slot: a coroutine wrapper whose slot holds the task's
  *       coroutine; joins: (code, index) pairs, at most MW_TASK_JOINS: the code of a done-callback
  *       that asyncio.gather or asyncio.wait puts on the tasks it awaits, whose closure holds the
- *       future the awaiting task awaits at that index. False (nothing published) when the layout is
- *       not the expected one. Once.
+ *       future the awaiting task awaits at that index; groups: (done_code, (wait_code, ...)) of
+ *       asyncio.TaskGroup (at most MW_TASK_GROUP_WAITS wait codes): the code of the done-callback
+ *       it puts on its tasks and of the coroutines whose first local is the group while its owner
+ *       waits for them. False (nothing published) when the layout is not the expected one. Once.
  *   tasks_loop(tid, loop, frames) -> bool
  *       the loop running in thread tid (None: none any more), with the frames under it as
  *       (code, instruction index) pairs, innermost first
@@ -56,15 +58,33 @@ static int32_t hamt_hash(Py_hash_t h) {
 }
 
 static PyObject *py_tasks_setup(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"task",       "coro",       "loop",    "name",
-                             "tasks_set",  "labels_var", "ctx_one", "ctx_many",
-                             "steps_type", "steps_slot", "joins",   NULL};
+    static char *kwlist[] = {"task",       "coro",    "loop",     "name",       "tasks_set",
+                             "labels_var", "ctx_one", "ctx_many", "steps_type", "steps_slot",
+                             "joins",      "groups",  NULL};
     PyObject *task, *coro, *loop, *name, *set, *var, *one, *many, *steps = Py_None, *slot = Py_None,
-                                                                  *joins = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO!OO!O!|OOO!", kwlist, &task, &coro, &loop,
+                                                                  *joins = NULL, *groups = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO!OO!O!|OOO!O", kwlist, &task, &coro, &loop,
                                      &name, &PySet_Type, &set, &var, &PyContext_Type, &one,
-                                     &PyContext_Type, &many, &steps, &slot, &PyTuple_Type, &joins))
+                                     &PyContext_Type, &many, &steps, &slot, &PyTuple_Type, &joins,
+                                     &groups))
         return NULL;
+    PyObject *group_done = NULL, *group_waits = NULL;
+    if (groups != Py_None) {
+        if (!PyTuple_Check(groups) || PyTuple_GET_SIZE(groups) != 2 ||
+            !PyCode_Check(group_done = PyTuple_GET_ITEM(groups, 0)) ||
+            !PyTuple_Check(group_waits = PyTuple_GET_ITEM(groups, 1)) ||
+            PyTuple_GET_SIZE(group_waits) > MW_TASK_GROUP_WAITS) {
+            PyErr_Format(PyExc_TypeError,
+                         "groups must be (code, (code, ...)) with at most %d codes",
+                         MW_TASK_GROUP_WAITS);
+            return NULL;
+        }
+        for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(group_waits); j++)
+            if (!PyCode_Check(PyTuple_GET_ITEM(group_waits, j))) {
+                PyErr_SetString(PyExc_TypeError, "groups' wait codes must be code objects");
+                return NULL;
+            }
+    }
     Py_ssize_t njoins = joins ? PyTuple_GET_SIZE(joins) : 0;
     if (njoins > MW_TASK_JOINS) {
         PyErr_Format(PyExc_ValueError, "at most %d joins", MW_TASK_JOINS);
@@ -121,6 +141,14 @@ static PyObject *py_tasks_setup(PyObject *self, PyObject *args, PyObject *kw) {
         c.join_code[j] = (uintptr_t)code;
         c.join_cell[j] = cell;
         Py_INCREF(code); /* kept for the life of the process: the sampler compares with it */
+    }
+    if (group_done) { /* kept for the life of the process: the sampler compares with them */
+        c.group_done_code = (uintptr_t)group_done;
+        Py_INCREF(group_done);
+        for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(group_waits); j++) {
+            c.group_wait_code[j] = (uintptr_t)PyTuple_GET_ITEM(group_waits, j);
+            Py_INCREF(PyTuple_GET_ITEM(group_waits, j));
+        }
     }
     mw_tasks_setup(&c);
     Py_RETURN_TRUE;

@@ -587,6 +587,20 @@ int mw_pyframes_coro_peek(mw_readcache_t *rc, uintptr_t gen, uintptr_t *code, in
 #endif
 }
 
+int mw_pyframes_coro_local0(mw_readcache_t *rc, uintptr_t gen, uintptr_t *out) {
+    *out = 0;
+    if (!gen || (gen & (sizeof(void *) - 1))) return -1;
+#if PY_VERSION_HEX >= 0x030B0000
+    return rd(rc,
+              (const char *)gen + offsetof(PyGenObject, gi_iframe) +
+                  offsetof(_PyInterpreterFrame, localsplus),
+              sizeof *out, out);
+#else
+    (void)rc;
+    return -1;
+#endif
+}
+
 int mw_pyframes_coro(mw_readcache_t *rc, uintptr_t gen, mw_rawframe_t *out, uintptr_t *awaited) {
     *awaited = 0;
     if (!gen || (gen & (sizeof(void *) - 1))) return MW_CORO_UNREADABLE;

@@ -117,6 +117,12 @@ int mw_pyframes_coro(mw_readcache_t *rc, uintptr_t gen, mw_rawframe_t *out, uint
 int mw_pyframes_coro_peek(mw_readcache_t *rc, uintptr_t gen, uintptr_t *code, int32_t *lasti,
                           uintptr_t *awaited);
 
+/* The first local (the first argument: `self` of a method) of the frame of the suspended
+ * coroutine or generator at `gen` into *out. 0, or -1 when unreadable or before 3.11 (where a
+ * coroutine's frame is a separate object; nothing needs it there). No GIL, no C API: reads
+ * through rc; the value is unvalidated (the caller compares it with an address it knows). */
+int mw_pyframes_coro_local0(mw_readcache_t *rc, uintptr_t gen, uintptr_t *out);
+
 /* Fills *out for code object `code` at instruction index `lasti` (-1: at entry), validated as a
  * walk validates a frame. 0, or -1 when it is not a readable code object or lasti is out of
  * its bytecode. Any thread, no GIL (reads as mw_pyframes_coro). */

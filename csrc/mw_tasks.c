@@ -295,20 +295,76 @@ static uintptr_t next_link(mw_readcache_t *rc, uintptr_t awaited) {
     return type == (uintptr_t)&PyCoro_Type || type == (uintptr_t)&PyGen_Type ? awaited : 0;
 }
 
-/* Peeks at the chain from coro, mixing each link into *sig. Returns the number of links, -1 when
- * a coroutine of it is running. */
-static int peek_chain(mw_readcache_t *rc, uintptr_t coro, uint64_t *sig) {
+/* Task groups and the task waiting in each one's exit, as last seen (see Parents in the header):
+ * direct-mapped by the group's address, sampler thread only; an entry is a hint, confirmed on use.
+ */
+static struct { uintptr_t group, task; } g_groups[MW_TASK_GROUPS];
+
+static int group_wait(uintptr_t code) {
+    for (int i = 0; i < MW_TASK_GROUP_WAITS; i++)
+        if (code && code == g_cfg.group_wait_code[i]) return 1;
+    return 0;
+}
+
+static uint32_t group_slot(uintptr_t group) {
+    return (uint32_t)(mix(0, group) % MW_TASK_GROUPS);
+}
+
+/* Peeks at the chain from coro (of task `owner`), mixing each link into *sig; a link waiting in a
+ * task group's exit is remembered as that group's owner. Returns the number of links, -1 when a
+ * coroutine of it is running. */
+static int peek_chain(mw_readcache_t *rc, uintptr_t coro, uintptr_t owner, uint64_t *sig) {
     int n = 0;
     for (uintptr_t cur = coro; cur && n < MW_TASK_CHAIN_MAX; n++) {
-        uintptr_t code, awaited;
+        uintptr_t code, awaited, group;
         int32_t lasti;
         int st = mw_pyframes_coro_peek(rc, cur, &code, &lasti, &awaited);
         if (st == MW_CORO_RUNNING) return -1;
         if (st == MW_CORO_DONE || st == MW_CORO_UNREADABLE) break;
         *sig = mix(mix(mix(mix(*sig, cur), code), (uint64_t)(uint32_t)lasti), awaited);
+        if (st == MW_CORO_SUSPENDED && group_wait(code) &&
+            mw_pyframes_coro_local0(rc, cur, &group) == 0 && group) {
+            uint32_t slot = group_slot(group);
+            g_groups[slot].group = group;
+            g_groups[slot].task = owner;
+        }
         cur = next_link(rc, awaited);
     }
     return n;
+}
+
+/* Whether the chain from coro waits in the exit of task group `group` now. */
+static int waits_in_group(mw_readcache_t *rc, uintptr_t coro, uintptr_t group) {
+    int n = 0;
+    for (uintptr_t cur = coro; cur && n < MW_TASK_CHAIN_MAX; n++) {
+        uintptr_t code, awaited, local0;
+        int32_t lasti;
+        if (mw_pyframes_coro_peek(rc, cur, &code, &lasti, &awaited) != MW_CORO_SUSPENDED) return 0;
+        if (group_wait(code) && mw_pyframes_coro_local0(rc, cur, &local0) == 0 && local0 == group)
+            return 1;
+        cur = next_link(rc, awaited);
+    }
+    return 0;
+}
+
+/* The task waiting in the exit of the task group whose done-callback `cb` (a bound method) is,
+ * when it is one and that task is known and confirmed; else 0. */
+static uintptr_t group_owner(mw_readcache_t *rc, uintptr_t task, uintptr_t cb) {
+    PyMethodObject m;
+    uintptr_t code;
+    if (!g_cfg.group_done_code || rd(rc, cb, sizeof m, &m) != 0 || !m.im_func || !m.im_self ||
+        mw_pyframes_type_of(rc, (uintptr_t)m.im_func) != (uintptr_t)&PyFunction_Type ||
+        rd_ptr(rc, (uintptr_t)m.im_func + offsetof(PyFunctionObject, func_code), &code) != 0 ||
+        code != g_cfg.group_done_code)
+        return 0;
+    uintptr_t group = (uintptr_t)m.im_self;
+    uint32_t slot = group_slot(group);
+    uintptr_t owner = g_groups[slot].group == group ? g_groups[slot].task : 0;
+    head_t h;
+    if (!owner || owner == task || read_head(rc, owner, &h) != 0 ||
+        !waits_in_group(rc, h.coro, group))
+        return 0;
+    return owner;
 }
 
 /* The future a gather-like helper's done-callback `cb` (a function) holds for the task awaiting
@@ -337,6 +393,7 @@ static uintptr_t joined_future(mw_readcache_t *rc, uintptr_t cb) {
  * callback holds in its closure. 0 when neither, or when anything read does not confirm it. */
 static uintptr_t parent_of(mw_readcache_t *rc, uintptr_t task, uintptr_t callback0) {
     uintptr_t awaited = task, cb = callback0, type = mw_pyframes_type_of(rc, cb);
+    if (type == (uintptr_t)&PyMethod_Type) return group_owner(rc, task, cb);
     if (type == (uintptr_t)&PyFunction_Type) {
         uintptr_t fut = joined_future(rc, cb);
         if (!fut || rd_ptr(rc, fut + (uintptr_t)g_cfg.off_loop + sizeof(uintptr_t), &cb) != 0)
@@ -360,7 +417,7 @@ static uintptr_t parent_of(mw_readcache_t *rc, uintptr_t task, uintptr_t callbac
  * the signature says whether they are where an earlier full read found them. */
 static int peek_task(mw_readcache_t *rc, uintptr_t task, head_t h, mw_task_t *t) {
     uint64_t sig = mix(mix(1469598103934665603ULL, task), h.coro);
-    int n = peek_chain(rc, h.coro, &sig);
+    int n = peek_chain(rc, h.coro, task, &sig);
     if (n < 0) {
         g_stats.running++;
         return 0;
@@ -374,7 +431,7 @@ static int peek_task(mw_readcache_t *rc, uintptr_t task, head_t h, mw_task_t *t)
         head_t ph;
         if (!parent || read_head(rc, parent, &ph) != 0) break;
         uint64_t psig = mix(mix(sig, parent), ph.coro);
-        if (peek_chain(rc, ph.coro, &psig) <= 0) break;
+        if (peek_chain(rc, ph.coro, parent, &psig) <= 0) break;
         sig = psig;
         t->parents[t->nparents] = parent;
         t->parent_coros[t->nparents++] = ph.coro;

@@ -14,7 +14,12 @@
  * awaited future's first done-callback (its wake-up method; for a gathered or waited-for task, the
  * callback gather or wait put on it holds in its closure the future the awaiting task awaits
  * (gather's `outer`, wait's `waiter`), and that future's callback is the awaiting task's
- * wake-up), confirmed by the awaiting task's own awaited future (fut_waiter).
+ * wake-up), confirmed by the awaiting task's own awaited future (fut_waiter). A task of an
+ * asyncio.TaskGroup (3.11+) has the group's `_on_task_done` as its callback, a method whose
+ * __self__ is the group; the task waiting in the group's `__aexit__` (3.13: `_aexit`) has the
+ * group as that coroutine's first local. Each sweep remembers, for the groups whose exit it sees
+ * in a chain, the task waiting there (MW_TASK_GROUPS, direct-mapped by address), and a group's
+ * task goes under that task once its chain is read again and still waits in that group's exit.
  *
  * Labels. A task's labels are the value of middleware.labels' context variable in the task's
  * context: the sampler looks the variable up in the context's HAMT (its node types found at
@@ -49,6 +54,8 @@
 #define MW_TASK_CHAIN_MAX 64   /* coroutines followed per task */
 #define MW_TASK_PARENTS 8      /* awaiting tasks followed up from a task */
 #define MW_TASK_JOINS 2        /* callbacks of gather-like helpers known (see Parents) */
+#define MW_TASK_GROUP_WAITS 2  /* coroutines of TaskGroup in which its owner waits (see Parents) */
+#define MW_TASK_GROUPS 256     /* task groups whose waiting owner is remembered (see Parents) */
 #define MW_TASK_FRAMES_MAX 128 /* frames of a task and its parents */
 #define MW_TASK_NAME_MAX 96    /* bytes of a task's name kept (UTF-8, NUL included) */
 #define MW_TASK_VISITS_SEC                                                                         \
@@ -73,8 +80,13 @@ typedef struct {
      * (`outer`) and asyncio.wait's (`waiter`); code 0: not followed. */
     uintptr_t join_code[MW_TASK_JOINS];
     long join_cell[MW_TASK_JOINS]; /* index of that future's cell in the closure */
-    uintptr_t labels_var;          /* the labels' ContextVar */
-    int32_t labels_hash;           /* its HAMT hash */
+    /* asyncio.TaskGroup (3.11+; 0: not followed): the code of the done-callback it puts on each
+     * of its tasks (a method: its __self__ is the group) and of the coroutines in which the task
+     * of the `async with` waits for them (`self` their first local). */
+    uintptr_t group_done_code;
+    uintptr_t group_wait_code[MW_TASK_GROUP_WAITS];
+    uintptr_t labels_var;                                             /* the labels' ContextVar */
+    int32_t labels_hash;                                              /* its HAMT hash */
     uintptr_t hamt_bitmap_type, hamt_array_type, hamt_collision_type; /* 0 when unknown */
 } mw_tasks_config_t;
 

@@ -121,7 +121,7 @@ def _setup(native: Any) -> bool:
         ok = bool(native.tasks_setup(
             task, coro, loop, name, data, labels._current, one, many,
             steps_type=labels._LabelledSteps, steps_slot=labels._LabelledSteps.__dict__["_coro"],
-            joins=_join_callbacks(tasks)))
+            joins=_join_callbacks(tasks), groups=_group_codes()))
     finally:
         task._log_destroy_pending = False
         coro.close()
@@ -156,6 +156,23 @@ def _join_callbacks(tasks: Any) -> tuple[tuple[Any, int], ...]:
             logger.debug("asyncio.%s has no %s callback: its tasks are not put under their parent", helper,
                          callback)
     return tuple(found)
+
+
+def _group_codes() -> tuple[Any, tuple[Any, ...]] | None:
+    """asyncio.TaskGroup's (3.11+) done-callback on its tasks and the coroutines in which the task
+    of the ``async with`` waits for them (``__aexit__``; 3.13: also ``_aexit``, where the wait is),
+    as code objects: how a group's task is put under the task waiting for it. None when there is
+    no TaskGroup or it is not shaped so."""
+    group = getattr(sys.modules.get("asyncio.taskgroups"), "TaskGroup", None)
+    done = getattr(getattr(group, "_on_task_done", None), "__code__", None)
+    waits = tuple(code for name in ("__aexit__", "_aexit")
+                  if (code := getattr(getattr(group, name, None), "__code__", None)) is not None
+                  and code.co_varnames[:1] == ("self",))
+    if done is None or not waits:
+        if group is not None:
+            logger.debug("asyncio.TaskGroup is not shaped as expected: its tasks are not put under their owner")
+        return None
+    return done, waits
 
 
 def _register(loop: Any, frame: FrameType | None) -> None:

@@ -104,11 +104,17 @@ async def waits() -> None:
     await asyncio.wait([asyncio.ensure_future(child_part(0.6)), asyncio.ensure_future(child_part(0.6))])
 
 
+async def grouped() -> None:
+    async with asyncio.TaskGroup() as group:  # type: ignore[attr-defined,unused-ignore]  # 3.11+
+        group.create_task(child_part(0.6))
+        group.create_task(child_part(0.6))
+
+
 def nested_workload(rate: int) -> None:
     tracker = MwTracker(sample_rate=rate, wall_rate=rate, profile_dir="none", instrument=False)
 
     async def main() -> None:
-        await asyncio.gather(fan_out(), direct(), waits())
+        await asyncio.gather(fan_out(), direct(), waits(), *([grouped()] if hasattr(asyncio, "TaskGroup") else []))
 
     asyncio.run(main())
     report(tracker)
