@@ -172,6 +172,10 @@ def stress_workload(seconds: float, rate: int) -> None:
 
     async def batch() -> None:
         await asyncio.wait_for(asyncio.gather(*(nap(k) for k in range(20))), 5)
+        if hasattr(asyncio, "TaskGroup"):  # 3.11+: tasks under the task waiting in the group's exit
+            async with asyncio.TaskGroup() as group:
+                for k in range(20):
+                    group.create_task(nap(k))
 
     def loop_thread() -> None:
         while time.monotonic() < stop:
