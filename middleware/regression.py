@@ -64,6 +64,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from statistics import NormalDist, pstdev
+from typing import Any
 
 from middleware.profile import Profile
 from middleware.reporters.table import function_table
@@ -162,23 +163,11 @@ def _wilson(k: float, n: float, z: float) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def detect(
-    before: Profile,
-    after: Profile,
-    *,
-    value: str | None = None,
-    threshold: float = DEFAULT_THRESHOLD,
-    confidence: float = DEFAULT_CONFIDENCE,
-    metric: str = "auto",
-    per: str = "auto",
-) -> list[Finding]:
-    """The functions whose ``metric`` ("self", "total", or "auto": see the module's doc) cost of
-    ``value`` grew beyond ``threshold`` and the noise, and the new ones; biggest growth first.
-
-    ``per``: the basis of the cost, "request", "share", or "auto" (request when both profiles
-    count requests, else share). :func:`compare` also gives the common change."""
-    return compare(before, after, value=value, threshold=threshold, confidence=confidence, metric=metric,
-                   per=per).findings
+def detect(before: Profile, after: Profile, **options: Any) -> list[Finding]:
+    """The findings of :func:`compare` (same options): the functions whose ``metric`` cost of
+    ``value`` grew beyond ``threshold``, the noise and the common change, and the new ones;
+    biggest growth first."""
+    return compare(before, after, **options).findings
 
 
 def compare(
@@ -192,10 +181,15 @@ def compare(
     per: str = "auto",
     common: Comparison | None = None,
 ) -> Comparison:
-    """:func:`detect`'s findings with the common change they were judged against: the one of
-    ``common`` when given on the same basis (e.g. the whole service's, for a comparison within one
-    endpoint: the machine is the same, and the whole has more functions to tell it from the code),
-    else the one of these profiles."""
+    """The functions whose ``metric`` ("self", "total", or "auto": see the module's doc) cost of
+    ``value`` grew beyond ``threshold``, the noise and the common change, and the new ones (biggest
+    growth first), with the common change they were judged against: the one of ``common`` when
+    given on the same basis (e.g. the whole service's, for a comparison within one endpoint: the
+    machine is the same, and the whole has more functions to tell it from the code), else the one
+    of these profiles.
+
+    ``per``: the basis of the cost, "request", "share", or "auto" (request when both profiles
+    count requests, else share)."""
     if threshold < 0:
         raise ValueError("threshold must not be negative")
     if per not in BASES:
