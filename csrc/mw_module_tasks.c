@@ -1,7 +1,8 @@
 /* mw_module_tasks — Python glue for asyncio task stacks (mw_tasks). GIL held in every function.
  *
  *   tasks_setup(task, coro, loop, name, tasks_set, labels_var, ctx_one, ctx_many,
- *               steps_type=None, steps_slot=None, joins=(), groups=None) -> bool
+ *               steps_type=None, steps_slot=None, joins=(), groups=None,
+ *               release=None) -> bool
  *       learns the C Task's layout from `task` (a task made for the purpose, of coroutine `coro`,
  *       loop `loop`, name `name`), the set of weak references holding every task (`tasks_set`,
  *       WeakSet.data), the labels' context variable and the HAMT node types of two contexts
@@ -12,7 +13,9 @@
  *       future the awaiting task awaits at that index; groups: (done_code, (wait_code, ...)) of
  *       asyncio.TaskGroup (at most MW_TASK_GROUP_WAITS wait codes): the code of the done-callback
  *       it puts on its tasks and of the coroutines whose first local is the group while its owner
- *       waits for them. False (nothing published) when the layout is not the expected one. Once.
+ *       waits for them; release: (functools.partial, asyncio.tasks._release_waiter), whose
+ *       partial asyncio.wait_for puts on the task it waits for (3.10/3.11). False (nothing
+ *       published) when the layout is not the expected one. Once.
  *   tasks_loop(tid, loop, frames) -> bool
  *       the loop running in thread tid (None: none any more), with the frames under it as
  *       (code, instruction index) pairs, innermost first
@@ -52,6 +55,36 @@ static uintptr_t root_node_type(PyObject *ctx) {
     return root ? (uintptr_t)Py_TYPE(root) : 0;
 }
 
+/* Learns where a functools.partial keeps its function and arguments from one made for the
+ * purpose: partial(fn, marker). Fills c's partial fields when found (else leaves them 0: wait_for's
+ * tasks are then not put under their parent). 0 with an exception set on a Python error. */
+static int partial_layout(mw_tasks_config_t *c, PyObject *type, PyObject *fn) {
+    PyObject *marker = PyTuple_New(0);
+    if (!marker) return 0;
+    PyObject *probe = PyObject_CallFunctionObjArgs(type, fn, marker, NULL);
+    Py_DECREF(marker);
+    if (!probe) return 0;
+    PyObject *args = PyObject_GetAttrString(probe, "args");
+    if (!args) {
+        Py_DECREF(probe);
+        return 0;
+    }
+    size_t size = (size_t)Py_TYPE(probe)->tp_basicsize;
+    long off_fn = Py_TYPE(probe) == (PyTypeObject *)type ? find_field(probe, size, fn) : -1;
+    long off_args = PyTuple_Check(args) ? find_field(probe, size, args) : -1;
+    Py_DECREF(args);
+    Py_DECREF(probe);
+    if (off_fn > 0 && off_args > 0) {
+        c->partial_type = (uintptr_t)type;
+        c->release_waiter = (uintptr_t)fn;
+        c->off_partial_fn = off_fn;
+        c->off_partial_args = off_args;
+        Py_INCREF(type); /* kept for the life of the process: the sampler compares with them */
+        Py_INCREF(fn);
+    }
+    return 1;
+}
+
 static int32_t hamt_hash(Py_hash_t h) {
     int32_t x = (int32_t)(h & 0xffffffffl) ^ (int32_t)(h >> 32);
     return x == -1 ? -2 : x;
@@ -60,14 +93,20 @@ static int32_t hamt_hash(Py_hash_t h) {
 static PyObject *py_tasks_setup(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"task",       "coro",    "loop",     "name",       "tasks_set",
                              "labels_var", "ctx_one", "ctx_many", "steps_type", "steps_slot",
-                             "joins",      "groups",  NULL};
-    PyObject *task, *coro, *loop, *name, *set, *var, *one, *many, *steps = Py_None, *slot = Py_None,
-                                                                  *joins = NULL, *groups = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO!OO!O!|OOO!O", kwlist, &task, &coro, &loop,
+                             "joins",      "groups",  "release",  NULL};
+    PyObject *task, *coro, *loop, *name, *set, *var, *one, *many,
+        *steps = Py_None, *slot = Py_None, *joins = NULL, *groups = Py_None, *release = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO!OO!O!|OOO!OO", kwlist, &task, &coro, &loop,
                                      &name, &PySet_Type, &set, &var, &PyContext_Type, &one,
                                      &PyContext_Type, &many, &steps, &slot, &PyTuple_Type, &joins,
-                                     &groups))
+                                     &groups, &release))
         return NULL;
+    if (release != Py_None && (!PyTuple_Check(release) || PyTuple_GET_SIZE(release) != 2 ||
+                               !PyType_Check(PyTuple_GET_ITEM(release, 0)) ||
+                               !PyFunction_Check(PyTuple_GET_ITEM(release, 1)))) {
+        PyErr_SetString(PyExc_TypeError, "release must be (functools.partial, a function)");
+        return NULL;
+    }
     PyObject *group_done = NULL, *group_waits = NULL;
     if (groups != Py_None) {
         if (!PyTuple_Check(groups) || PyTuple_GET_SIZE(groups) != 2 ||
@@ -142,6 +181,9 @@ static PyObject *py_tasks_setup(PyObject *self, PyObject *args, PyObject *kw) {
         c.join_cell[j] = cell;
         Py_INCREF(code); /* kept for the life of the process: the sampler compares with it */
     }
+    if (release != Py_None &&
+        !partial_layout(&c, PyTuple_GET_ITEM(release, 0), PyTuple_GET_ITEM(release, 1)))
+        return NULL;
     if (group_done) { /* kept for the life of the process: the sampler compares with them */
         c.group_done_code = (uintptr_t)group_done;
         Py_INCREF(group_done);

@@ -391,11 +391,26 @@ static uintptr_t joined_future(mw_readcache_t *rc, uintptr_t cb) {
  * that callback and whose awaited future is `task` itself (`await task`), or, for a task gathered
  * by asyncio.gather or waited for by asyncio.wait, the task awaiting the future the helper's
  * callback holds in its closure. 0 when neither, or when anything read does not confirm it. */
+/* The waiter future of a functools.partial(_release_waiter, waiter) callback, else 0. */
+static uintptr_t released_waiter(mw_readcache_t *rc, uintptr_t cb) {
+    uintptr_t fn, args, waiter;
+    if (rd_ptr(rc, cb + (uintptr_t)g_cfg.off_partial_fn, &fn) != 0 || fn != g_cfg.release_waiter ||
+        rd_ptr(rc, cb + (uintptr_t)g_cfg.off_partial_args, &args) != 0 ||
+        mw_pyframes_type_of(rc, args) != (uintptr_t)&PyTuple_Type)
+        return 0;
+    Py_ssize_t n;
+    if (rd(rc, args + offsetof(PyVarObject, ob_size), sizeof n, &n) != 0 || n < 1 ||
+        rd_ptr(rc, args + offsetof(PyTupleObject, ob_item), &waiter) != 0)
+        return 0;
+    return waiter;
+}
+
 static uintptr_t parent_of(mw_readcache_t *rc, uintptr_t task, uintptr_t callback0) {
     uintptr_t awaited = task, cb = callback0, type = mw_pyframes_type_of(rc, cb);
     if (type == (uintptr_t)&PyMethod_Type) return group_owner(rc, task, cb);
-    if (type == (uintptr_t)&PyFunction_Type) {
-        uintptr_t fut = joined_future(rc, cb);
+    if (type == (uintptr_t)&PyFunction_Type || (g_cfg.partial_type && type == g_cfg.partial_type)) {
+        uintptr_t fut =
+            type == (uintptr_t)&PyFunction_Type ? joined_future(rc, cb) : released_waiter(rc, cb);
         if (!fut || rd_ptr(rc, fut + (uintptr_t)g_cfg.off_loop + sizeof(uintptr_t), &cb) != 0)
             return 0;
         awaited = fut;

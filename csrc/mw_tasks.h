@@ -20,6 +20,10 @@
  * group as that coroutine's first local. Each sweep remembers, for the groups whose exit it sees
  * in a chain, the task waiting there (MW_TASK_GROUPS, direct-mapped by address), and a group's
  * task goes under that task once its chain is read again and still waits in that group's exit.
+ * A task asyncio.wait_for waits for in 3.10/3.11 (it wraps the awaitable in a task and awaits a
+ * future of its own) has functools.partial(_release_waiter, waiter) as its callback: the
+ * awaiting task is the one whose wake-up is that waiter's callback and whose awaited future it
+ * is, as for gather.
  *
  * Labels. A task's labels are the value of middleware.labels' context variable in the task's
  * context: the sampler looks the variable up in the context's HAMT (its node types found at
@@ -85,6 +89,11 @@ typedef struct {
      * of the `async with` waits for them (`self` their first local). */
     uintptr_t group_done_code;
     uintptr_t group_wait_code[MW_TASK_GROUP_WAITS];
+    /* functools.partial(asyncio.tasks._release_waiter, waiter), the callback asyncio.wait_for
+     * (3.10/3.11) puts on the task it waits for: the partial type, the function, and the byte
+     * offsets of a partial's function and argument tuple (0: not followed). */
+    uintptr_t partial_type, release_waiter;
+    long off_partial_fn, off_partial_args;
     uintptr_t labels_var;                                             /* the labels' ContextVar */
     int32_t labels_hash;                                              /* its HAMT hash */
     uintptr_t hamt_bitmap_type, hamt_array_type, hamt_collision_type; /* 0 when unknown */

@@ -121,7 +121,7 @@ def _setup(native: Any) -> bool:
         ok = bool(native.tasks_setup(
             task, coro, loop, name, data, labels._current, one, many,
             steps_type=labels._LabelledSteps, steps_slot=labels._LabelledSteps.__dict__["_coro"],
-            joins=_join_callbacks(tasks), groups=_group_codes()))
+            joins=_join_callbacks(tasks), groups=_group_codes(), release=_release_waiter(tasks)))
     finally:
         task._log_destroy_pending = False
         coro.close()
@@ -156,6 +156,17 @@ def _join_callbacks(tasks: Any) -> tuple[tuple[Any, int], ...]:
             logger.debug("asyncio.%s has no %s callback: its tasks are not put under their parent", helper,
                          callback)
     return tuple(found)
+
+
+def _release_waiter(tasks: Any) -> tuple[Any, Any] | None:
+    """(functools.partial, asyncio.tasks._release_waiter): asyncio.wait_for (3.10/3.11) puts such a
+    partial on the task it waits for, bound to the future the waiting task awaits. None when
+    asyncio has no such function."""
+    import functools
+    import types
+
+    release = getattr(tasks, "_release_waiter", None)
+    return (functools.partial, release) if isinstance(release, types.FunctionType) else None
 
 
 def _group_codes() -> tuple[Any, tuple[Any, ...]] | None:

@@ -131,6 +131,29 @@ def test_a_task_sits_under_the_tasks_awaiting_it() -> None:
     assert out["stats"]["task_torn"] <= 2, out["stats"]
 
 
+def test_wait_for_and_thread_offloads_wait_in_their_task_under_its_parent() -> None:
+    # GIVEN main gathering timed (asyncio.wait_for of child_part, which waits 0.6 s: in 3.10/3.11
+    # wait_for runs it in a task of its own), threaded (asyncio.to_thread of a 0.6 s sleep) and
+    # executor (loop.run_in_executor of a 0.6 s sleep)
+    out = run_asyncio("offloads", "100")
+    wall: dict[str, int] = defaultdict(int)
+    for r in out["rows"]:
+        short = [f.split(".")[-1] for f in r["stack"]]
+        if "task" not in r["labels"] or "main" not in short:
+            continue
+        under = short[short.index("main") + 1:]
+        if under[:1] == ["timed"] and short[-2:] == ["child_part", "sleep"]:
+            wall["timed"] += r["wall_ns"]
+        elif under[:1] == ["threaded"] and short[-1] == "to_thread":
+            wall["threaded"] += r["wall_ns"]
+        elif under == ["executor"]:
+            wall["executor"] += r["wall_ns"]
+    # THEN each one's 0.6 s of waiting is in its await chain, under main (for wait_for, the task it
+    # made sits under the task waiting for it)
+    for name in ("timed", "threaded", "executor"):
+        assert wall[name] / 1e9 == pytest.approx(0.6, rel=0.15), (name, dict(wall), out["stats"])
+
+
 def test_more_tasks_than_a_tick_looks_at_still_get_their_wall_time() -> None:
     # GIVEN 1,000 tasks each waiting ~2.5 s on an event (timed by each task), at 100 Hz: far more
     # tasks than the walk looks at per tick (MW_TASK_VISITS_SEC = 1,000 a second, 10 a tick)

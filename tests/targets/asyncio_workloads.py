@@ -120,6 +120,29 @@ def nested_workload(rate: int) -> None:
     report(tracker)
 
 
+# --- offloads: asyncio.wait_for, asyncio.to_thread, loop.run_in_executor -------------------------
+async def timed() -> None:
+    await asyncio.wait_for(child_part(0.6), 5)  # 3.10/3.11: child_part runs in a task of its own
+
+
+async def threaded() -> None:
+    await asyncio.to_thread(time.sleep, 0.6)
+
+
+async def executor() -> None:
+    await asyncio.get_running_loop().run_in_executor(None, time.sleep, 0.6)
+
+
+def offloads_workload(rate: int) -> None:
+    tracker = MwTracker(sample_rate=rate, wall_rate=rate, profile_dir="none", instrument=False)
+
+    async def main() -> None:
+        await asyncio.gather(timed(), threaded(), executor())
+
+    asyncio.run(main())
+    report(tracker)
+
+
 # --- a generator suspended at a plain yield with a coroutine on its value stack -----------------
 async def never_awaited() -> None:
     return None
@@ -277,6 +300,8 @@ if __name__ == "__main__":
         plain_yield_workload(int(args[0]) if args else 100)
     elif name == "nested":
         nested_workload(int(args[0]) if args else 100)
+    elif name == "offloads":
+        offloads_workload(int(args[0]) if args else 100)
     elif name == "stress":
         stress_workload(float(args[0]), int(args[1]))
     elif name == "factory":
