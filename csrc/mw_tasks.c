@@ -387,10 +387,6 @@ static uintptr_t joined_future(mw_readcache_t *rc, uintptr_t cb) {
     return 0;
 }
 
-/* The task awaiting `task` (whose first done-callback is callback0): the task whose wake-up is
- * that callback and whose awaited future is `task` itself (`await task`), or, for a task gathered
- * by asyncio.gather or waited for by asyncio.wait, the task awaiting the future the helper's
- * callback holds in its closure. 0 when neither, or when anything read does not confirm it. */
 /* The waiter future of a functools.partial(_release_waiter, waiter) callback, else 0. */
 static uintptr_t released_waiter(mw_readcache_t *rc, uintptr_t cb) {
     uintptr_t fn, args, waiter;
@@ -405,6 +401,12 @@ static uintptr_t released_waiter(mw_readcache_t *rc, uintptr_t cb) {
     return waiter;
 }
 
+/* The task awaiting `task` (whose first done-callback is callback0): the task whose wake-up is
+ * that callback and whose awaited future is `task` itself (`await task`); for a task gathered by
+ * asyncio.gather, waited for by asyncio.wait or (3.10/3.11) by asyncio.wait_for, the task awaiting
+ * the future the helper's callback holds (in its closure, or as the partial's argument); for a
+ * task of an asyncio.TaskGroup, the task waiting in the group's exit. 0 when none, or when
+ * anything read does not confirm it. */
 static uintptr_t parent_of(mw_readcache_t *rc, uintptr_t task, uintptr_t callback0) {
     uintptr_t awaited = task, cb = callback0, type = mw_pyframes_type_of(rc, cb);
     if (type == (uintptr_t)&PyMethod_Type) return group_owner(rc, task, cb);

@@ -341,7 +341,7 @@ def _detect(a: _Side, b: _Side, threshold: float, confidence: float, metric: str
                 out.append(Finding("new", metric, key[0], key[1], 0.0, share_b * scale_b, math.inf, r_low, r_high,
                                    k_a, k_b, basis, *reqs, common))
             continue
-        ratio = share_b / share_a / common
+        ratio = raw / common
         if ratio > 1 + threshold and r_low > 1:
             out.append(Finding("regression", metric, key[0], key[1], share_a * scale_a, share_b * scale_b, ratio,
                                r_low, r_high, k_a, k_b, basis, *reqs, common))
