@@ -156,9 +156,11 @@ static int read_self(scratch_t *sc, mw_cpusample_t *rec, uintptr_t tstate, long 
     uintptr_t anchor = 0;
     int depth = 0;
     uintptr_t top = mw_pyframes_top_frame_of(&sc->rc, tstate, me, &anchor, mine);
+    rec->outer.gen = 0;
+    rec->outer.idx = -1;
     if (top)
-        depth = mw_pyframes_walk(&sc->rc, (mw_walkscratch_t *)(sc + 1), top, anchor, rec->frames,
-                                 g_max_depth, truncated);
+        depth = mw_pyframes_walk_gen(&sc->rc, (mw_walkscratch_t *)(sc + 1), top, anchor,
+                                     rec->frames, g_max_depth, truncated, &rec->outer);
     rec->depth = *truncated == 2 ? 0 : depth;
     if (*mine && *truncated != 2) mw_codenames_copy(&sc->rc, rec);
     sc->guard.armed = sc->guard.session = 0;
@@ -291,6 +293,8 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
     if (!mine) { /* its thread state is going (the thread is ending): its CPU, no Python frame */
         rec->depth = 0;
         rec->ncopies = 0;
+        rec->outer.gen = 0;
+        rec->outer.idx = -1;
         truncated = 0;
     }
     int depth = rec->depth;
@@ -553,6 +557,8 @@ static void exit_credit(reg_t *r, long tid, int i) {
     rec->labelset = mw_threads_labelset_now(tid);
     mw_labels_span_seen(rec->labelset);
     rec->depth = rec->truncated = rec->ncopies = rec->nips = rec->ips_complete = 0;
+    rec->outer.gen = 0;
+    rec->outer.idx = -1;
     rec->handler_ns = 0;
     bump(&c_recorded, 1);
     bump(&c_periods, periods);

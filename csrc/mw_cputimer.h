@@ -64,6 +64,7 @@ typedef struct mw_cpusample {
     uint32_t labelset;   /* the thread's label set at the sample (mw_threads) */
     int depth;           /* frames[0..depth), leaf first */
     int truncated;       /* as mw_pyframes_walk: 1 cut, 2 torn (depth 0, to be dropped) */
+    mw_outergen_t outer; /* the outermost frame a coroutine runs (mw_pyframes_walk_gen) */
     uint64_t handler_ns; /* time the handler took (its cost to the application thread) */
     mw_rawframe_t *frames;
     int ncopies;

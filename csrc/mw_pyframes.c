@@ -321,13 +321,19 @@ static int ucode_index(mw_walkscratch_t *w, uintptr_t code, int *nu) {
     }
 }
 
-int mw_pyframes_walk(mw_readcache_t *rc, mw_walkscratch_t *ws, uintptr_t frame, uintptr_t anchor,
-                     mw_rawframe_t *out, int max, int *truncated) {
+int mw_pyframes_walk_gen(mw_readcache_t *rc, mw_walkscratch_t *ws, uintptr_t frame,
+                         uintptr_t anchor, mw_rawframe_t *out, int max, int *truncated,
+                         mw_outergen_t *og) {
     mw_walkscratch_t *w = ws ? ws : &g_scratch;
     pending_t *g_pending = w->pending;
-    int np = 0, steps = 0, met = anchor == 0;
+    int np = 0, steps = 0, met = anchor == 0, gen_at = -1;
+    uintptr_t gen = 0;
     char last_owner = 0;
     *truncated = 0;
+    if (og) {
+        og->gen = 0;
+        og->idx = -1;
+    }
     if (max > MW_WALK_FRAMES) max = MW_WALK_FRAMES;
     /* Pass 1: the frame chain. */
     while (frame) {
@@ -344,6 +350,10 @@ int mw_pyframes_walk(mw_readcache_t *rc, mw_walkscratch_t *ws, uintptr_t frame, 
         }
         if (frame == anchor) met = 1;
         last_owner = f.owner;
+        if (f.owner == FRAME_OWNED_BY_GENERATOR) { /* the frame is inside the object */
+            gen_at = np;
+            gen = frame - offsetof(PyGenObject, gi_iframe);
+        }
         frame = (uintptr_t)f.previous;
 #if PY_VERSION_HEX >= 0x030D0000
         if (f.owner >= FRAME_OWNED_BY_CSTACK) {
@@ -435,6 +445,10 @@ int mw_pyframes_walk(mw_readcache_t *rc, mw_walkscratch_t *ws, uintptr_t frame, 
         out[n].lasti = (int32_t)idx;
         out[n].eval_entry = g_pending[i].entry;
         code_info(co, &out[n].info);
+        if (og && i == gen_at) {
+            og->gen = gen;
+            og->idx = n;
+        }
         n++;
     }
     return n;
@@ -443,12 +457,17 @@ int mw_pyframes_walk(mw_readcache_t *rc, mw_walkscratch_t *ws, uintptr_t frame, 
 struct mw_walkscratch {
     int unused;
 };
-int mw_pyframes_walk(mw_readcache_t *rc, mw_walkscratch_t *ws, uintptr_t frame, uintptr_t anchor,
-                     mw_rawframe_t *out, int max, int *truncated) {
+int mw_pyframes_walk_gen(mw_readcache_t *rc, mw_walkscratch_t *ws, uintptr_t frame,
+                         uintptr_t anchor, mw_rawframe_t *out, int max, int *truncated,
+                         mw_outergen_t *og) {
     (void)anchor; /* 3.10: tstate->frame is written in one store */
     (void)ws;
     int n = 0, steps = 0;
     *truncated = 0;
+    if (og) {
+        og->gen = 0;
+        og->idx = -1;
+    }
     while (frame) {
         if (n >= max || ++steps > 4 * max || (frame & (sizeof(void *) - 1))) {
             *truncated = 1;
@@ -468,12 +487,21 @@ int mw_pyframes_walk(mw_readcache_t *rc, mw_walkscratch_t *ws, uintptr_t frame, 
         out[n].lasti = f.f_lasti;
         out[n].eval_entry = 1; /* 3.10: one C-level eval call per frame */
         code_info(&co, &out[n].info);
+        if (og && f.f_gen) {
+            og->gen = (uintptr_t)f.f_gen;
+            og->idx = n;
+        }
         n++;
         frame = (uintptr_t)f.f_back;
     }
     return n;
 }
 #endif
+
+int mw_pyframes_walk(mw_readcache_t *rc, mw_walkscratch_t *ws, uintptr_t top_frame,
+                     uintptr_t anchor, mw_rawframe_t *out, int max, int *truncated) {
+    return mw_pyframes_walk_gen(rc, ws, top_frame, anchor, out, max, truncated, NULL);
+}
 
 static int rd(mw_readcache_t *rc, const void *addr, size_t len, void *dst) {
     return rc ? mw_readcache_read_exact(rc, addr, len, dst) : mw_safe_read(addr, len, dst);

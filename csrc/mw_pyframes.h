@@ -94,6 +94,19 @@ size_t mw_walkscratch_size(void);
 int mw_pyframes_walk(mw_readcache_t *rc, mw_walkscratch_t *ws, uintptr_t top_frame,
                      uintptr_t anchor, mw_rawframe_t *out, int max, int *truncated);
 
+/* The outermost frame of a walk that a generator or coroutine runs (an asyncio task's coroutine,
+ * when the thread runs a task): the object's address and the frame's index in out[] (gen 0 and
+ * idx -1 when none was kept). */
+typedef struct mw_outergen {
+    uintptr_t gen;
+    int idx;
+} mw_outergen_t;
+
+/* mw_pyframes_walk, also filling *og (which may be NULL). Same threads and reads. */
+int mw_pyframes_walk_gen(mw_readcache_t *rc, mw_walkscratch_t *ws, uintptr_t top_frame,
+                         uintptr_t anchor, mw_rawframe_t *out, int max, int *truncated,
+                         mw_outergen_t *og);
+
 /* What a coroutine or generator object is doing (mw_pyframes_coro). */
 enum {
     MW_CORO_UNREADABLE = -1, /* not a coroutine/generator, or a read failed */

@@ -159,6 +159,20 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
 /* mw_sampler_tasks.c */
 /* The wall samples of the waiting asyncio tasks of the registered event loops (mw_tasks). */
 void mws_tasks_tick(mw_profbuf_t *b, uint64_t dwall);
+/* A thread's sample (raw[0..*depth), named in g_sym) when the thread runs a task of the event
+ * loop registered with it: og (mw_pyframes_walk_gen) says which coroutine runs outermost. When
+ * it is a task's, *thread gets the thread string with the task's name (as for a waiting task's
+ * sample) and, when `splice`, the frames between the task's coroutine and the loop's base frames
+ * (the loop running its callbacks) are replaced by the chains of the tasks awaiting it: *raw and
+ * *depth then point to the spliced frames (named in g_sym). 1 when the task was found, 0 when the
+ * thread runs no registered loop or no coroutine, 2 when it does but the task was not found (both:
+ * nothing changed), -1 when the symbol cache was emptied meanwhile (g_sym is stale: drop the
+ * sample). Sampler thread, buffer lock held. */
+int mws_task_running(mw_profbuf_t *b, mw_tstate_t *st, const mw_outergen_t *og, int splice,
+                     const mw_rawframe_t **raw, int *depth, mw_id_t *thread);
+/* The plain thread of a stack's thread string (a task's: "<thread name>\x1f<task name>"), for
+ * the CPU window rows (kept per thread). */
+mw_id_t mws_plain_thread(mw_profbuf_t *b, mw_id_t thread);
 
 /* mw_sampler_take.c */
 /* Takes the samples the CPU-timer handlers left (b NULL or no timers: frees them unused). */

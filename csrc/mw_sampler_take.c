@@ -35,15 +35,20 @@ static int thread_cpu_ns(long tid, uint64_t *out) {
  * and resolves every frame in the symbol cache (names and line tables of cache misses are
  * copied now, while the code objects are alive). Returns the depth; *ok = 0 when a frame could
  * not be resolved. */
+static mw_outergen_t g_og; /* of the last read_stack */
+
 static int read_stack(uintptr_t tstate, int *truncated, int *ok) {
     *ok = 1;
     *truncated = 0;
+    g_og.gen = 0;
+    g_og.idx = -1;
     mw_readcache_reset(g_rc);
     mw_symcache_begin();
     uintptr_t anchor = 0;
     uintptr_t top = mw_pyframes_top_frame_anchored(tstate, &anchor);
     if (!top) return 0;
-    int depth = mw_pyframes_walk(g_rc, NULL, top, anchor, g_raw, g_cfg.max_depth, truncated);
+    int depth =
+        mw_pyframes_walk_gen(g_rc, NULL, top, anchor, g_raw, g_cfg.max_depth, truncated, &g_og);
     uint64_t epoch = mw_symcache_epoch();
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 0; i < depth; i++) {
@@ -153,12 +158,19 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
     if (truncated) g_stats.truncated++;
     uint64_t py_hash = raw_hash(depth);
     uint32_t n = 0;
+    /* A thread running an asyncio task: the task's name, and (Python frames only) its parents
+     * between its coroutine and the loop (mws_task_running). */
+    mw_id_t task_thread = 0;
+    const mw_rawframe_t *raw = g_raw;
+    int rdepth = depth;
+    if (ok && g_og.gen && mws_task_running(b, st, &g_og, !native, &raw, &rdepth, &task_thread) < 0)
+        ok = 0;
     if (native) { /* native and Python frames spliced, leaf first */
         mw_unwind_release();
         n = ok ? mw_unwind_combine(b, g_raw, depth, g_ids, MW_MAX_DEPTH_CAP) : 0;
     } else if (ok) {
-        n = intern_frames(b, g_raw, depth);
-        if (g_timers) mark_known(g_raw, depth);
+        n = intern_frames(b, raw, rdepth);
+        if (g_timers) mark_known(raw, rdepth);
     }
     if (!ok) {
         /* A frame whose names could not be read: the sample would be a partial stack. (A thread
@@ -188,7 +200,8 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
      * given to them at the end of the window (mws_cpu_window_finalize). */
     mw_values_t v = {(uint64_t)on_cpu, 0, 1, dwall};
     uint32_t idx = 0;
-    if (mw_profbuf_add_ex(b, g_ids, n, thread, labelset, &v, &idx) != 0) {
+    if (mw_profbuf_add_ex(b, g_ids, n, task_thread ? task_thread : thread, labelset, &v, &idx) !=
+        0) {
         g_stats.dropped++;
         g_stats.overflow++;
         return;
@@ -301,6 +314,7 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
         h = (h ^ (uint64_t)(uint32_t)r->frames[i].lasti) * 1099511628211ULL;
     }
     h = (h ^ ((uint64_t)r->labelset << 32 | (uint64_t)(uint32_t)r->depth)) * 1099511628211ULL;
+    h = (h ^ r->outer.gen) * 1099511628211ULL; /* another task at the same frames: its own entry */
     if (r->nips == 0 && !created && st->timed_gen == gen && st->timed_hash == h &&
         st->timed_thread == thread) {
         mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall, own};
@@ -353,12 +367,24 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
         return;
     }
     mark_known(r->frames, depth);
+    /* A thread running an asyncio task: as in emit() (mws_task_running). */
+    mw_id_t task_thread = 0;
+    const mw_rawframe_t *raw = r->frames;
+    int rdepth = depth;
+    int task = r->outer.gen
+                   ? mws_task_running(b, st, &r->outer, r->nips == 0, &raw, &rdepth, &task_thread)
+                   : 0;
+    if (task < 0) {
+        g_stats.dropped++;
+        return;
+    }
     uint32_t n = 0;
     if (r->nips > 0) { /* native mode: the native stack of the same instant, Python spliced in */
         n = mw_unwind_combine_ips(b, r->ips, r->nips, r->ips_complete, r->frames, depth, g_ids,
                                   MW_MAX_DEPTH_CAP);
     } else {
-        n = intern_frames(b, r->frames, depth);
+        n = intern_frames(b, raw, rdepth);
+        if (raw != r->frames) mark_known(raw, rdepth);
     }
     if (!mark_if_empty(b, &n)) {
         g_stats.dropped++;
@@ -367,12 +393,14 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
     if (r->truncated) g_stats.truncated++;
     mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall, own};
     uint32_t idx = 0;
-    if (mw_profbuf_add_ex(b, g_ids, n, thread, r->labelset, &v, &idx) != 0) {
+    if (mw_profbuf_add_ex(b, g_ids, n, task_thread ? task_thread : thread, r->labelset, &v, &idx) !=
+        0) {
         g_stats.dropped++;
         g_stats.overflow++;
         return;
     }
-    st->timed_hash = h;
+    /* An entry whose task was not found is not reused: the next sample looks again. */
+    st->timed_hash = task == 2 ? ~h : h;
     st->timed_gen = gen;
     st->timed_idx = idx;
     st->timed_thread = thread;

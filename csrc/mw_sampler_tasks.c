@@ -8,7 +8,9 @@
  * time divided by the share of the task set read this tick: all of it while it holds at most
  * MW_TASK_VISITS_SEC / rate tasks, else a slice of that many (each task is met in turn, and
  * stands for the ticks since it was last met). The running task is on its thread's stack: the
- * thread's own sample has it. CPU time never goes to task samples.
+ * thread's own sample has it, and mws_task_running gives that sample the task's name and puts
+ * the chains of the tasks awaiting it in place of the loop's own frames between the task's
+ * coroutine and the loop's base. CPU time never goes to waiting tasks' samples.
  *
  * A chain is kept only when a second read after naming its frames finds every coroutine where
  * the first read found it (mw_tasks_recheck): the task did not run in between, so the frames
@@ -26,6 +28,7 @@
 #include "mw_threads.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define TASK_FRAMES (MW_TASK_FRAMES_MAX + MW_TASK_BASE_MAX)
@@ -148,6 +151,106 @@ static void task_sample(void *arg, mw_task_t *t) {
         c->gen = gen;
         c->idx = idx;
     }
+}
+
+/* ---- the running task of a thread's sample --------------------------------------------- */
+
+static mw_rawframe_t *g_xraw; /* the spliced stack: MW_MAX_DEPTH_CAP frames */
+static const mw_symentry_t **g_xsym;
+static int g_ntloops;
+
+/* The thread string "<thread name>\x1f<task name>" of a task's sample in b; 0 when b is full. */
+static mw_id_t task_thread(mw_profbuf_t *b, mw_tstate_t *st, const char *task) {
+    uint32_t thread_labels;
+    mw_id_t tname = mws_thread_name_id(b, st, &thread_labels);
+    size_t len = 0;
+    const char *thread = tname ? mw_profbuf_str(b, tname, &len) : NULL;
+    char s[MW_THREAD_NAME_MAX + MW_TASK_NAME_MAX + 2];
+    int sl = snprintf(s, sizeof s, "%s\x1f%s", thread ? thread : "", task);
+    if (sl < 0) return 0;
+    if ((size_t)sl >= sizeof s) sl = (int)sizeof s - 1;
+    return mw_profbuf_intern_str(b, s, (size_t)sl);
+}
+
+mw_id_t mws_plain_thread(mw_profbuf_t *b, mw_id_t thread) {
+    size_t len = 0;
+    const char *s = thread ? mw_profbuf_str(b, thread, &len) : NULL;
+    const char *sep = s ? memchr(s, '\x1f', len) : NULL;
+    if (!sep) return thread;
+    mw_id_t plain = mw_profbuf_intern_str(b, s, (size_t)(sep - s));
+    return plain ? plain : thread;
+}
+
+/* Where the loop's base frames start in raw (after index k): the first index from which the
+ * thread's outermost frames are the base's codes, else -1. */
+static int base_at(const mw_taskloop_t *l, const mw_rawframe_t *raw, int depth, int k) {
+    if (l->nbase <= 0) return depth;
+    for (int j = k + 1; j + l->nbase <= depth; j++) {
+        int i = 0;
+        while (i < l->nbase && raw[j + i].code == l->base[i].code)
+            i++;
+        if (i == l->nbase) return j;
+    }
+    return -1;
+}
+
+int mws_task_running(mw_profbuf_t *b, mw_tstate_t *st, const mw_outergen_t *og, int splice,
+                     const mw_rawframe_t **raw, int *depth, mw_id_t *thread) {
+    if (!og || !og->gen || og->idx < 0 || og->idx >= *depth || !mw_tasks_ready()) return 0;
+    int n = mw_tasks_loops(g_tloops, MW_TASK_LOOPS, &g_tloops_version);
+    if (n >= 0) g_ntloops = n;
+    const mw_taskloop_t *l = NULL;
+    for (int i = 0; i < g_ntloops && !l; i++)
+        if (g_tloops[i].tid == st->tid) l = &g_tloops[i];
+    if (!l) return 0;
+    if (splice && !g_xraw) {
+        g_xraw = calloc(MW_MAX_DEPTH_CAP, sizeof *g_xraw);
+        g_xsym = calloc(MW_MAX_DEPTH_CAP, sizeof *g_xsym);
+        if (!g_xraw || !g_xsym) {
+            free(g_xraw);
+            free((void *)g_xsym);
+            g_xraw = NULL;
+            g_xsym = NULL;
+            splice = 0;
+        }
+    }
+    int k = og->idx, j = splice ? base_at(l, *raw, *depth, k) : -1;
+    mw_task_t t;
+    mw_readcache_reset(g_rc);
+    if (mw_tasks_running(g_rc, l->loop, og->gen, j >= 0, &t) != 0) return 2;
+    mw_id_t sid = task_thread(b, st, t.name);
+    if (!sid) return 2;
+    *thread = sid;
+    if (j < 0) return 1;
+    /* own frames [0..k], the parents' chains, the base [j..depth) */
+    int m = k + 1 + t.nframes + (*depth - j);
+    if (m > MW_MAX_DEPTH_CAP) return 1;
+    const mw_rawframe_t *in = *raw;
+    uint64_t epoch = mw_symcache_epoch();
+    mw_symcache_begin();
+    int x = 0;
+    for (int i = 0; i <= k; i++, x++) {
+        g_xraw[x] = in[i];
+        g_xsym[x] = g_sym[i];
+    }
+    for (int i = 0; i < t.nframes; i++, x++) {
+        g_xraw[x] = t.frames[i];
+        g_xsym[x] = mw_symcache_resolve(&t.frames[i]);
+        if (!g_xsym[x]) break;
+    }
+    if (mw_symcache_epoch() != epoch) return -1; /* emptied: every handle is gone */
+    if (x != k + 1 + t.nframes || (t.nframes && mw_tasks_recheck(g_rc, &t) != 0)) {
+        mw_symcache_abort(); /* a parent ran meanwhile: the thread's stack as it is */
+        return 1;
+    }
+    for (int i = j; i < *depth; i++, x++) {
+        g_xraw[x] = in[i];
+        g_xsym[x] = g_sym[i];
+    }
+    memcpy((void *)g_sym, g_xsym, (size_t)x * sizeof *g_sym);
+    *raw = g_xraw;
+    *depth = x;
+    return 1;
 }
 
 void mws_tasks_tick(mw_profbuf_t *b, uint64_t dwall) {

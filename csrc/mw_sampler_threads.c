@@ -173,7 +173,7 @@ void mws_cpu_window_finalize(mw_profbuf_t *b) {
     for (uint32_t i = 0; i < n; i++) {
         mw_stack_t *s = (mw_stack_t *)mw_profbuf_stack(b, i);
         if (!s->v.cpu_samples) continue;
-        cpu_window_t *w = cpu_window_row(s->thread, gen, 0);
+        cpu_window_t *w = cpu_window_row(mws_plain_thread(b, s->thread), gen, 0);
         if (!w || !w->hits) {
             s->v.cpu_ns = 0;
             continue;

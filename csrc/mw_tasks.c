@@ -11,6 +11,9 @@
 #endif
 #include "pycore_context.h"
 #include "pycore_hamt.h"
+#if PY_VERSION_HEX >= 0x030B0000
+#include "pycore_dict.h"
+#endif
 
 #include "mw_tasks.h"
 
@@ -429,20 +432,11 @@ static uintptr_t parent_of(mw_readcache_t *rc, uintptr_t task, uintptr_t callbac
     return parent;
 }
 
-/* Looks at one task: 1 when it is a waiting task of a followed loop and *t is filled (all but
- * its frames, labels and name: mw_tasks_frames), 0 to skip it. The chains are only peeked at:
- * the signature says whether they are where an earlier full read found them. */
-static int peek_task(mw_readcache_t *rc, uintptr_t task, head_t h, mw_task_t *t) {
-    uint64_t sig = mix(mix(1469598103934665603ULL, task), h.coro);
-    int n = peek_chain(rc, h.coro, task, &sig);
-    if (n < 0) {
-        g_stats.running++;
-        return 0;
-    }
-    if (n == 0) return 0;
-    memset(t, 0, sizeof *t);
-    /* Its parents, while each is waiting on the one below and they fit. */
-    uintptr_t cur = task, cb = h.callback0;
+/* The tasks awaiting `task` (first done-callback callback0) into t->parents, while each waits on
+ * the one below and they fit, each one's chain peeked and mixed into sig. Returns sig. */
+static uint64_t find_parents(mw_readcache_t *rc, uintptr_t task, uintptr_t callback0, uint64_t sig,
+                             mw_task_t *t) {
+    uintptr_t cur = task, cb = callback0;
     while (t->nparents < MW_TASK_PARENTS) {
         uintptr_t parent = parent_of(rc, cur, cb);
         head_t ph;
@@ -455,6 +449,25 @@ static int peek_task(mw_readcache_t *rc, uintptr_t task, head_t h, mw_task_t *t)
         cur = parent;
         cb = ph.callback0;
     }
+    return sig;
+}
+
+/* Looks at one task: 1 when it is a waiting task of a followed loop and *t is filled (all but
+ * its frames, labels and name: mw_tasks_frames), 0 to skip it. The chains are only peeked at:
+ * the signature says whether they are where an earlier full read found them. */
+static void run_remember(uintptr_t gen, uintptr_t task);
+
+static int peek_task(mw_readcache_t *rc, uintptr_t task, head_t h, mw_task_t *t) {
+    uint64_t sig = mix(mix(1469598103934665603ULL, task), h.coro);
+    int n = peek_chain(rc, h.coro, task, &sig);
+    if (n < 0) {
+        g_stats.running++;
+        run_remember(h.coro, task); /* a thread's sample will ask which task runs it */
+        return 0;
+    }
+    if (n == 0) return 0;
+    memset(t, 0, sizeof *t);
+    sig = find_parents(rc, task, h.callback0, sig, t);
     PyContext c;
     uintptr_t vars = 0;
     if (rd(rc, h.ctx, offsetof(PyContext, ctx_weakreflist), &c) == 0) vars = (uintptr_t)c.ctx_vars;
@@ -475,6 +488,115 @@ static int peek_task(mw_readcache_t *rc, uintptr_t task, head_t h, mw_task_t *t)
     t->name_obj = h.name;
     t->sig = mix(mix(mix(sig, h.ctx), vars), h.name);
     return 1;
+}
+
+/* ---- the running task ------------------------------------------------------------------ */
+
+/* The value of `key` (compared by identity) in a dict with few entries (asyncio's current tasks:
+ * one per running loop), by a scan of its entries; 0 when absent or unreadable. The dict changes
+ * as tasks run: what is found is confirmed by the caller. */
+#define DICT_SCAN_MAX 256
+static uintptr_t dict_value_of(mw_readcache_t *rc, uintptr_t dict, uintptr_t key) {
+    PyDictObject d;
+    if (rd(rc, dict, sizeof d, &d) != 0 || Py_TYPE((PyObject *)&d) != &PyDict_Type || d.ma_values ||
+        !d.ma_keys)
+        return 0;
+    uintptr_t keys = (uintptr_t)d.ma_keys, entries;
+    Py_ssize_t n;
+#if PY_VERSION_HEX >= 0x030B0000
+    PyDictKeysObject k;
+    if (rd(rc, keys, offsetof(PyDictKeysObject, dk_indices), &k) != 0 ||
+        k.dk_kind != DICT_KEYS_GENERAL || k.dk_log2_index_bytes > 40)
+        return 0;
+    entries =
+        keys + offsetof(PyDictKeysObject, dk_indices) + ((uintptr_t)1 << k.dk_log2_index_bytes);
+    n = k.dk_nentries;
+#else
+    struct { /* 3.10's PyDictKeysObject (Objects/dict-common.h), up to its index table */
+        Py_ssize_t dk_refcnt, dk_size;
+        void *dk_lookup;
+        Py_ssize_t dk_usable, dk_nentries;
+    } k;
+    if (rd(rc, keys, sizeof k, &k) != 0 || k.dk_size < 8 || k.dk_size > (1L << 30)) return 0;
+    uintptr_t width = k.dk_size <= 0xff ? 1 : k.dk_size <= 0xffff ? 2 : 4;
+    entries = keys + sizeof k + (uintptr_t)k.dk_size * width;
+    n = k.dk_nentries;
+#endif
+    if (n < 0) return 0;
+    if (n > DICT_SCAN_MAX) n = DICT_SCAN_MAX;
+    struct {
+        Py_hash_t hash;
+        uintptr_t key, value;
+    } e[16];
+    for (Py_ssize_t at = 0; at < n; at += 16) {
+        Py_ssize_t m = n - at < 16 ? n - at : 16;
+        if (rd(rc, entries + (uintptr_t)at * sizeof e[0], (size_t)m * sizeof e[0], e) != 0)
+            return 0;
+        for (Py_ssize_t i = 0; i < m; i++)
+            if (e[i].key == key) return e[i].value;
+    }
+    return 0;
+}
+
+/* Coroutines found to be a task's (gen → task), direct-mapped: a hint, confirmed on use. */
+#define RUN_SLOTS 1024
+static struct { uintptr_t gen, task; } g_run[RUN_SLOTS];
+
+static void run_remember(uintptr_t gen, uintptr_t task) {
+    uint32_t slot = (uint32_t)(mix(0, gen) % RUN_SLOTS);
+    g_run[slot].gen = gen;
+    g_run[slot].task = task;
+}
+
+static int read_chain(mw_readcache_t *rc, uintptr_t coro, int at);
+
+int mw_tasks_running(mw_readcache_t *rc, uintptr_t loop, uintptr_t gen, int parents, mw_task_t *t) {
+    if (!mw_tasks_ready() || !gen || !loop) return -1;
+    uint32_t slot = (uint32_t)(mix(0, gen) % RUN_SLOTS);
+    head_t h;
+    uintptr_t task = g_run[slot].gen == gen ? g_run[slot].task : 0;
+    if (!task || read_head(rc, task, &h) != 0 || h.loop != loop || h.coro != gen) {
+        task = g_cfg.current_tasks ? dict_value_of(rc, g_cfg.current_tasks, loop) : 0;
+        if (!task || read_head(rc, task, &h) != 0 || h.loop != loop || h.coro != gen) {
+            g_stats.running_missed++;
+            return -1;
+        }
+        run_remember(gen, task);
+    }
+    memset(t, 0, sizeof *t);
+    uint64_t sig = mix(mix(1469598103934665603ULL, task), h.coro);
+    if (parents) sig = find_parents(rc, task, h.callback0, sig, t);
+    int n = 0;
+    for (int i = 0; i < t->nparents; i++) {
+        int m = read_chain(rc, t->parent_coros[i], n);
+        if (m <= 0) { /* it ran since the peek: the parents up to it only */
+            t->nparents = i;
+            break;
+        }
+        t->parent_len[i] = m;
+        n += m;
+    }
+    t->task = task;
+    t->loop = h.loop;
+    t->coro = h.coro;
+    t->context = h.ctx;
+    t->name_obj = h.name;
+    t->nframes = n;
+    t->frames = g_frames;
+    /* recomputed over the parents kept, as mw_tasks_recheck will */
+    sig = mix(mix(1469598103934665603ULL, task), h.coro);
+    for (int i = 0, at = 0; i < t->nparents; i++) {
+        sig = mix(mix(sig, t->parents[i]), t->parent_coros[i]);
+        for (int j = at + t->parent_len[i] - 1; j >= at; j--)
+            sig = mix(mix(mix(mix(sig, g_gens[j]), g_frames[j].code),
+                          (uint64_t)(uint32_t)g_frames[j].lasti),
+                      g_awaits[j]);
+        at += t->parent_len[i];
+    }
+    t->sig = mix(mix(mix(sig, h.ctx), 0), h.name);
+    task_name(rc, h.name, t->name, sizeof t->name);
+    g_stats.running_found++;
+    return 0;
 }
 
 /* Reads the chain from coro in full into g_frames[at..], leaf first. Returns the number of

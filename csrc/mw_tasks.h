@@ -33,6 +33,12 @@
  * always that object's id; an entry pushed out of the table (two ways per slot) is a miss, and
  * the task's samples carry no labels rather than another's.
  *
+ * The running task. A thread's sample knows the outermost coroutine on its stack
+ * (mw_pyframes_walk_gen); mw_tasks_running finds its task: among the tasks the sweep met (a
+ * coroutine → task hint table, sampler thread only), else in asyncio's dict of each loop's current
+ * task (its entries scanned with safe reads; 3.11+ as pycore_dict.h lays them out, 3.10 as its
+ * dict-common.h), confirmed by the task's head (its loop, its coroutine).
+ *
  * Event loops. A loop is registered with its thread (mw_tasks_loop_set) while it runs, with the
  * frames the thread had when it started running it: a waiting task's stack is its await chain
  * over those frames.
@@ -94,6 +100,8 @@ typedef struct {
      * offsets of a partial's function and argument tuple (0: not followed). */
     uintptr_t partial_type, release_waiter;
     long off_partial_fn, off_partial_args;
+    /* asyncio's dict of the task each loop runs now (_current_tasks: loop → task), 0 unknown */
+    uintptr_t current_tasks;
     uintptr_t labels_var;                                             /* the labels' ContextVar */
     int32_t labels_hash;                                              /* its HAMT hash */
     uintptr_t hamt_bitmap_type, hamt_array_type, hamt_collision_type; /* 0 when unknown */
@@ -156,17 +164,29 @@ int mw_tasks_sweep(mw_readcache_t *rc, const mw_taskloop_t *loops, int nloops, i
  * ran meanwhile: drop the sample). Call from fn, with the t it was given. Sampler thread. */
 int mw_tasks_recheck(mw_readcache_t *rc, const mw_task_t *t);
 
+/* The running task of a thread's sample: the task of `loop` whose coroutine is `gen` (the
+ * outermost frame a coroutine runs on the thread's stack, mw_pyframes_walk_gen), found through
+ * the tasks met so far as the loop's current task, else asyncio's dict of current tasks, and
+ * confirmed by the task's own head (its loop, its coroutine: a coroutine belongs to one task,
+ * and the task keeps it alive). Fills *t: the task, its name and, when `parents`, the tasks
+ * awaiting it and their chains (t->frames: the parents' chains only, nown 0; then check with
+ * mw_tasks_recheck after naming them). 0, or -1 when gen is no known task's coroutine (counted).
+ * Sampler thread. */
+int mw_tasks_running(mw_readcache_t *rc, uintptr_t loop, uintptr_t gen, int parents, mw_task_t *t);
+
 typedef struct {
-    uint64_t tasks;         /* waiting tasks given to samples */
-    uint64_t running;       /* tasks skipped because they were running (on their thread's stack) */
-    uint64_t unreadable;    /* tasks whose fields or coroutines could not be read */
-    uint64_t other_types;   /* objects in the set not of the C Task or a subclass (not followed) */
-    uint64_t partial_ticks; /* ticks that read only a slice of the set (the cap) */
-    uint64_t chain_capped;  /* await chains cut at MW_TASK_CHAIN_MAX */
-    uint64_t loops_refused; /* loops not followed: the table was full */
-    uint64_t labels_missed; /* tasks with a label value the table did not know */
-    uint64_t torn;          /* samples dropped: the task ran while it was read (recheck) */
-    uint64_t dropped;       /* samples dropped: a frame not named, or the buffer full */
+    uint64_t tasks;          /* waiting tasks given to samples */
+    uint64_t running_found;  /* thread samples given their running task (name, parents) */
+    uint64_t running_missed; /* thread samples of a loop's thread whose task was not found */
+    uint64_t running;        /* tasks skipped because they were running (on their thread's stack) */
+    uint64_t unreadable;     /* tasks whose fields or coroutines could not be read */
+    uint64_t other_types;    /* objects in the set not of the C Task or a subclass (not followed) */
+    uint64_t partial_ticks;  /* ticks that read only a slice of the set (the cap) */
+    uint64_t chain_capped;   /* await chains cut at MW_TASK_CHAIN_MAX */
+    uint64_t loops_refused;  /* loops not followed: the table was full */
+    uint64_t labels_missed;  /* tasks with a label value the table did not know */
+    uint64_t torn;           /* samples dropped: the task ran while it was read (recheck) */
+    uint64_t dropped;        /* samples dropped: a frame not named, or the buffer full */
 } mw_tasks_stats_t;
 /* Counts a task sample the sampler dropped (torn: mw_tasks_recheck failed). Sampler thread. */
 void mw_tasks_count_dropped(int torn);

@@ -8,7 +8,9 @@ that is not running a wall-time sample: its await chain (``handler > helper > sl
 chains of the tasks awaiting it (``await task``, ``asyncio.gather``, ``asyncio.wait``), over the
 frames its thread had when the loop started, with the task's own labels (read from the task's context) and a
 ``task`` label holding its name (asyncio's numbered names as one value, ``Task``). The running
-task is on its thread's stack, so its samples (CPU and wall) are the thread's own.
+task is on its thread's stack, so its samples (CPU and wall) are the thread's own; the sampler
+finds which task that is (from the outermost coroutine on the stack: ``_current_tasks``) and gives
+them the task's name and its parents' chains in place of the loop's callback frames.
 
 What this module does, with the GIL: teaches the sampler the layout of asyncio's C ``Task`` once
 asyncio is loaded (a task made for the purpose, never run), and tells it which loop runs in which
@@ -121,7 +123,8 @@ def _setup(native: Any) -> bool:
         ok = bool(native.tasks_setup(
             task, coro, loop, name, data, labels._current, one, many,
             steps_type=labels._LabelledSteps, steps_slot=labels._LabelledSteps.__dict__["_coro"],
-            joins=_join_callbacks(tasks), groups=_group_codes(), release=_release_waiter(tasks)))
+            joins=_join_callbacks(tasks), groups=_group_codes(), release=_release_waiter(tasks),
+            current=_current_tasks(tasks)))
     finally:
         task._log_destroy_pending = False
         coro.close()
@@ -167,6 +170,14 @@ def _release_waiter(tasks: Any) -> tuple[Any, Any] | None:
 
     release = getattr(tasks, "_release_waiter", None)
     return (functools.partial, release) if isinstance(release, types.FunctionType) else None
+
+
+def _current_tasks(tasks: Any) -> dict[Any, Any] | None:
+    """asyncio's dict of the task each running loop runs now (3.10 to 3.13: ``_current_tasks``,
+    the C module's): how the sampler finds which task a thread's stack is running, for its name and
+    its parents. None when absent (the running task's samples are then the thread's alone)."""
+    current = getattr(tasks, "_current_tasks", None)
+    return current if type(current) is dict else None
 
 
 def _group_codes() -> tuple[Any, tuple[Any, ...]] | None:

@@ -143,6 +143,84 @@ def offloads_workload(rate: int) -> None:
     report(tracker)
 
 
+# --- running: tasks that burn CPU in short slices under their parents, one that blocks the loop --
+def spin(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+async def spin_slices(name: str, total: float, slice_s: float, own: dict[str, float]) -> None:
+    while own[name] < total:
+        t0 = time.thread_time()
+        spin(slice_s)
+        own[name] += time.thread_time() - t0  # this task's own CPU: the thread's is shared
+        await asyncio.sleep(0)
+
+
+async def crunch(name: str, total: float, slice_s: float, own: dict[str, float]) -> None:
+    await spin_slices(name, total, slice_s, own)
+
+
+async def fan(own: dict[str, float]) -> None:
+    x = asyncio.ensure_future(crunch("crunch-x", 0.5, 0.002, own))
+    y = asyncio.ensure_future(crunch("crunch-y", 0.25, 0.001, own))
+    x.set_name("crunch-x")
+    y.set_name("crunch-y")
+    await asyncio.gather(x, y)
+
+
+async def solo(own: dict[str, float]) -> None:
+    z = asyncio.ensure_future(crunch("crunch-z", 0.35, 0.003, own))
+    z.set_name("crunch-z")
+    await z
+
+
+async def blocker(own: dict[str, float]) -> None:
+    await asyncio.sleep(0.05)
+    t0 = time.perf_counter()
+    time.sleep(0.3)  # blocks the loop's thread inside the task
+    own["blocker"] = time.perf_counter() - t0
+
+
+def running_workload(rate: int) -> None:
+    tracker = MwTracker(sample_rate=rate, wall_rate=rate, profile_dir="none", instrument=False)
+    own = {"crunch-x": 0.0, "crunch-y": 0.0, "crunch-z": 0.0, "blocker": 0.0}
+
+    async def main() -> None:
+        b = asyncio.ensure_future(blocker(own))
+        b.set_name("blocker")
+        await asyncio.gather(fan(own), solo(own), b)
+
+    asyncio.run(main())
+    report(tracker, truth=own)
+
+
+# --- burn: the sampler's cost per CPU sample, burning in tasks under parents or in a plain loop --
+def burn_workload(mode: str, seconds: float, rate: int) -> None:
+    tracker = MwTracker(sample_rate=rate, wall_rate=rate, profile_dir="none", instrument=False)
+    own = {"a": 0.0, "b": 0.0}
+
+    async def slices(name: str) -> None:  # 2 ms of CPU, then the other task's turn
+        while time.perf_counter() < end:
+            await spin_slices(name, own[name] + 0.002, 0.002, own)
+
+    async def parent() -> None:
+        await asyncio.gather(slices("a"), slices("b"))
+
+    time.sleep(0.2)  # start-up settled
+    s0, t0 = tracker.stats(), time.perf_counter()
+    end = t0 + seconds
+    if mode == "task":
+        asyncio.run(parent())
+    else:
+        while time.perf_counter() < end:
+            spin(0.002)
+    s1, t1 = tracker.stats(), time.perf_counter()
+    report(tracker, sampler_ns=s1["sampler_cpu_ns"] - s0["sampler_cpu_ns"],
+           cpu_samples=s1["cpu_samples"] - s0["cpu_samples"], wall=t1 - t0)
+
+
 # --- a generator suspended at a plain yield with a coroutine on its value stack -----------------
 async def never_awaited() -> None:
     return None
@@ -300,6 +378,10 @@ if __name__ == "__main__":
         plain_yield_workload(int(args[0]) if args else 100)
     elif name == "nested":
         nested_workload(int(args[0]) if args else 100)
+    elif name == "burn":
+        burn_workload(args[0], float(args[1]), int(args[2]))
+    elif name == "running":
+        running_workload(int(args[0]) if args else 100)
     elif name == "offloads":
         offloads_workload(int(args[0]) if args else 100)
     elif name == "stress":
