@@ -2,7 +2,7 @@
  *
  *   tasks_setup(task, coro, loop, name, tasks_set, labels_var, ctx_one, ctx_many,
  *               steps_type=None, steps_slot=None, joins=(), groups=None,
- *               release=None, current=None) -> bool
+ *               release=None, current=None, loop_codes=()) -> bool
  *       learns the C Task's layout from `task` (a task made for the purpose, of coroutine `coro`,
  *       loop `loop`, name `name`), the set of weak references holding every task (`tasks_set`,
  *       WeakSet.data), the labels' context variable and the HAMT node types of two contexts
@@ -15,8 +15,9 @@
  *       it puts on its tasks and of the coroutines whose first local is the group while its owner
  *       waits for them; release: (functools.partial, asyncio.tasks._release_waiter), whose
  *       partial asyncio.wait_for puts on the task it waits for (3.10/3.11); current: asyncio's
- *       dict of each loop's current task (how the running task of a thread's sample is found).
- *       False (nothing
+ *       dict of each loop's current task (how the running task of a thread's sample is found);
+ *       loop_codes: code objects of a loop's own frames under a running task's coroutine
+ *       (Handle._run, BaseEventLoop._run_once), at most MW_TASK_LOOP_CODES. False (nothing
  *       published) when the layout is not the expected one. Once.
  *   tasks_loop(tid, loop, frames) -> bool
  *       the loop running in thread tid (None: none any more), with the frames under it as
@@ -93,17 +94,27 @@ static int32_t hamt_hash(Py_hash_t h) {
 }
 
 static PyObject *py_tasks_setup(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"task",       "coro",    "loop",     "name",       "tasks_set",
-                             "labels_var", "ctx_one", "ctx_many", "steps_type", "steps_slot",
-                             "joins",      "groups",  "release",  "current",    NULL};
+    static char *kwlist[] = {"task",       "coro",       "loop",       "name",
+                             "tasks_set",  "labels_var", "ctx_one",    "ctx_many",
+                             "steps_type", "steps_slot", "joins",      "groups",
+                             "release",    "current",    "loop_codes", NULL};
     PyObject *task, *coro, *loop, *name, *set, *var, *one, *many,
         *steps = Py_None, *slot = Py_None, *joins = NULL, *groups = Py_None, *release = Py_None,
-        *current = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO!OO!O!|OOO!OOO", kwlist, &task, &coro, &loop,
+        *current = Py_None, *loop_codes = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO!OO!O!|OOO!OOOO!", kwlist, &task, &coro, &loop,
                                      &name, &PySet_Type, &set, &var, &PyContext_Type, &one,
                                      &PyContext_Type, &many, &steps, &slot, &PyTuple_Type, &joins,
-                                     &groups, &release, &current))
+                                     &groups, &release, &current, &PyTuple_Type, &loop_codes))
         return NULL;
+    if (loop_codes && PyTuple_GET_SIZE(loop_codes) > MW_TASK_LOOP_CODES) {
+        PyErr_Format(PyExc_ValueError, "at most %d loop codes", MW_TASK_LOOP_CODES);
+        return NULL;
+    }
+    for (Py_ssize_t j = 0; loop_codes && j < PyTuple_GET_SIZE(loop_codes); j++)
+        if (!PyCode_Check(PyTuple_GET_ITEM(loop_codes, j))) {
+            PyErr_SetString(PyExc_TypeError, "loop_codes must be code objects");
+            return NULL;
+        }
     if (current != Py_None && !PyDict_CheckExact(current)) {
         PyErr_SetString(PyExc_TypeError, "current must be asyncio's dict of current tasks");
         return NULL;
@@ -199,6 +210,10 @@ static PyObject *py_tasks_setup(PyObject *self, PyObject *args, PyObject *kw) {
             Py_INCREF(PyTuple_GET_ITEM(group_waits, j));
         }
     }
+    for (Py_ssize_t j = 0; loop_codes && j < PyTuple_GET_SIZE(loop_codes); j++) {
+        c.loop_codes[j] = (uintptr_t)PyTuple_GET_ITEM(loop_codes, j);
+        Py_INCREF(PyTuple_GET_ITEM(loop_codes, j)); /* kept: the sampler compares with them */
+    }
     if (current != Py_None) { /* kept for the life of the process: the sampler reads it */
         c.current_tasks = (uintptr_t)current;
         Py_INCREF(current);
@@ -249,6 +264,7 @@ static PyObject *py_tasks_stats(PyObject *self, PyObject *noargs) {
     if (mw_dict_put_u64(d, "task_samples", s.tasks) ||
         mw_dict_put_u64(d, "tasks_running", s.running) ||
         mw_dict_put_u64(d, "tasks_running_found", s.running_found) ||
+        mw_dict_put_u64(d, "task_loops_found", s.loops_found) ||
         mw_dict_put_u64(d, "tasks_running_missed", s.running_missed) ||
         mw_dict_put_u64(d, "tasks_unreadable", s.unreadable) ||
         mw_dict_put_u64(d, "tasks_other_types", s.other_types) ||

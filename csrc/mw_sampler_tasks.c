@@ -158,6 +158,12 @@ static void task_sample(void *arg, mw_task_t *t) {
 static mw_rawframe_t *g_xraw; /* the spliced stack: MW_MAX_DEPTH_CAP frames */
 static const mw_symentry_t **g_xsym;
 static int g_ntloops;
+/* Per thread, the last outermost coroutine found to be no loop's task (asked about once). */
+#define NO_LOOP_SLOTS 64
+static struct {
+    long tid;
+    uintptr_t gen;
+} g_noloop[NO_LOOP_SLOTS];
 
 /* The thread string "<thread name>\x1f<task name>" of a task's sample in b; 0 when b is full. */
 static mw_id_t task_thread(mw_profbuf_t *b, mw_tstate_t *st, const char *task) {
@@ -194,6 +200,29 @@ static int base_at(const mw_taskloop_t *l, const mw_rawframe_t *raw, int depth, 
     return -1;
 }
 
+/* A loop whose start was not seen (a uvloop imported before the tracker, a loop already running
+ * in another thread when it started, a loop started after the thread's last one ended unseen):
+ * the loop of the task whose coroutine og's is, registered with st's thread in place of `old`
+ * (0: none). Asked once per coroutine met outermost on such a thread (a generator a thread
+ * iterates is asked about once). The new entry, or NULL. */
+static const mw_taskloop_t *adopt_loop(mw_tstate_t *st, const mw_outergen_t *og,
+                                       const mw_rawframe_t *raw, int depth, uintptr_t old) {
+    uint32_t slot = (uint32_t)st->tid % NO_LOOP_SLOTS;
+    if (g_noloop[slot].tid == st->tid && g_noloop[slot].gen == og->gen) return NULL;
+    mw_readcache_reset(g_rc);
+    uintptr_t loop = mw_tasks_loop_of(g_rc, og->gen);
+    if (!loop || loop == old ||
+        mw_tasks_loop_adopt(st->tid, loop, raw + og->idx + 1, depth - og->idx - 1) != 0) {
+        g_noloop[slot].tid = st->tid;
+        g_noloop[slot].gen = og->gen;
+        return NULL;
+    }
+    g_ntloops = mw_tasks_loops(g_tloops, MW_TASK_LOOPS, &g_tloops_version);
+    for (int i = 0; i < g_ntloops; i++)
+        if (g_tloops[i].tid == st->tid) return &g_tloops[i];
+    return NULL;
+}
+
 int mws_task_running(mw_profbuf_t *b, mw_tstate_t *st, const mw_outergen_t *og, int splice,
                      const mw_rawframe_t **raw, int *depth, mw_id_t *thread) {
     if (!og || !og->gen || og->idx < 0 || og->idx >= *depth || !mw_tasks_ready()) return 0;
@@ -202,7 +231,7 @@ int mws_task_running(mw_profbuf_t *b, mw_tstate_t *st, const mw_outergen_t *og, 
     const mw_taskloop_t *l = NULL;
     for (int i = 0; i < g_ntloops && !l; i++)
         if (g_tloops[i].tid == st->tid) l = &g_tloops[i];
-    if (!l) return 0;
+    if (!l && !(l = adopt_loop(st, og, *raw, *depth, 0))) return 0;
     if (splice && !g_xraw) {
         g_xraw = calloc(MW_MAX_DEPTH_CAP, sizeof *g_xraw);
         g_xsym = calloc(MW_MAX_DEPTH_CAP, sizeof *g_xsym);
@@ -217,7 +246,15 @@ int mws_task_running(mw_profbuf_t *b, mw_tstate_t *st, const mw_outergen_t *og, 
     int k = og->idx, j = splice ? base_at(l, *raw, *depth, k) : -1;
     mw_task_t t;
     mw_readcache_reset(g_rc);
-    if (mw_tasks_running(g_rc, l->loop, og->gen, j >= 0, &t) != 0) return 2;
+    if (mw_tasks_running(g_rc, l->loop, og->gen, j >= 0, &t) != 0) {
+        /* the thread's entry may be a loop gone (its stop not seen) and this a new one's task */
+        const mw_taskloop_t *l2 = adopt_loop(st, og, *raw, *depth, l->loop);
+        if (!l2) return 2;
+        l = l2;
+        j = splice ? base_at(l, *raw, *depth, k) : -1;
+        mw_readcache_reset(g_rc);
+        if (mw_tasks_running(g_rc, l->loop, og->gen, j >= 0, &t) != 0) return 2;
+    }
     mw_id_t sid = task_thread(b, st, t.name);
     if (!sid) return 2;
     *thread = sid;

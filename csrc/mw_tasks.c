@@ -492,11 +492,16 @@ static int peek_task(mw_readcache_t *rc, uintptr_t task, head_t h, mw_task_t *t)
 
 /* ---- the running task ------------------------------------------------------------------ */
 
-/* The value of `key` (compared by identity) in a dict with few entries (asyncio's current tasks:
- * one per running loop), by a scan of its entries; 0 when absent or unreadable. The dict changes
- * as tasks run: what is found is confirmed by the caller. */
-#define DICT_SCAN_MAX 256
-static uintptr_t dict_value_of(mw_readcache_t *rc, uintptr_t dict, uintptr_t key) {
+/* The (key, value) entries of a dict with few entries (asyncio's current tasks: one per running
+ * loop), at most max, read with safe reads (3.11+ laid out as pycore_dict.h says, 3.10 as its
+ * dict-common.h); deleted entries have key 0. Returns their number, 0 when unreadable. The dict
+ * changes as tasks run: what is found is confirmed by the caller. */
+typedef struct {
+    Py_hash_t hash;
+    uintptr_t key, value;
+} dict_entry_t;
+#define DICT_SCAN_MAX 64
+static int dict_entries(mw_readcache_t *rc, uintptr_t dict, dict_entry_t *out, int max) {
     PyDictObject d;
     if (rd(rc, dict, sizeof d, &d) != 0 || Py_TYPE((PyObject *)&d) != &PyDict_Type || d.ma_values ||
         !d.ma_keys)
@@ -522,20 +527,9 @@ static uintptr_t dict_value_of(mw_readcache_t *rc, uintptr_t dict, uintptr_t key
     entries = keys + sizeof k + (uintptr_t)k.dk_size * width;
     n = k.dk_nentries;
 #endif
-    if (n < 0) return 0;
-    if (n > DICT_SCAN_MAX) n = DICT_SCAN_MAX;
-    struct {
-        Py_hash_t hash;
-        uintptr_t key, value;
-    } e[16];
-    for (Py_ssize_t at = 0; at < n; at += 16) {
-        Py_ssize_t m = n - at < 16 ? n - at : 16;
-        if (rd(rc, entries + (uintptr_t)at * sizeof e[0], (size_t)m * sizeof e[0], e) != 0)
-            return 0;
-        for (Py_ssize_t i = 0; i < m; i++)
-            if (e[i].key == key) return e[i].value;
-    }
-    return 0;
+    if (n <= 0) return 0;
+    if (n > max) n = max;
+    return rd(rc, entries, (size_t)n * sizeof *out, out) == 0 ? (int)n : 0;
 }
 
 /* Coroutines found to be a task's (gen → task), direct-mapped: a hint, confirmed on use. */
@@ -556,7 +550,11 @@ int mw_tasks_running(mw_readcache_t *rc, uintptr_t loop, uintptr_t gen, int pare
     head_t h;
     uintptr_t task = g_run[slot].gen == gen ? g_run[slot].task : 0;
     if (!task || read_head(rc, task, &h) != 0 || h.loop != loop || h.coro != gen) {
-        task = g_cfg.current_tasks ? dict_value_of(rc, g_cfg.current_tasks, loop) : 0;
+        dict_entry_t e[DICT_SCAN_MAX];
+        int ne = g_cfg.current_tasks ? dict_entries(rc, g_cfg.current_tasks, e, DICT_SCAN_MAX) : 0;
+        task = 0;
+        for (int i = 0; i < ne && !task; i++)
+            if (e[i].key == loop) task = e[i].value;
         if (!task || read_head(rc, task, &h) != 0 || h.loop != loop || h.coro != gen) {
             g_stats.running_missed++;
             return -1;
@@ -596,6 +594,37 @@ int mw_tasks_running(mw_readcache_t *rc, uintptr_t loop, uintptr_t gen, int pare
     t->sig = mix(mix(mix(sig, h.ctx), 0), h.name);
     task_name(rc, h.name, t->name, sizeof t->name);
     g_stats.running_found++;
+    return 0;
+}
+
+uintptr_t mw_tasks_loop_of(mw_readcache_t *rc, uintptr_t gen) {
+    if (!mw_tasks_ready() || !gen || !g_cfg.current_tasks) return 0;
+    dict_entry_t e[DICT_SCAN_MAX];
+    int ne = dict_entries(rc, g_cfg.current_tasks, e, DICT_SCAN_MAX);
+    for (int i = 0; i < ne; i++) {
+        head_t h;
+        if (e[i].key && e[i].value && read_head(rc, e[i].value, &h) == 0 && h.coro == gen &&
+            h.loop == e[i].key) {
+            run_remember(gen, e[i].value);
+            return e[i].key;
+        }
+    }
+    return 0;
+}
+
+int mw_tasks_loop_adopt(long tid, uintptr_t loop, const mw_rawframe_t *below, int n) {
+    int skip = 0;
+    while (skip < n && skip < 8) {
+        int known = 0;
+        for (int i = 0; i < MW_TASK_LOOP_CODES && !known; i++)
+            known = g_cfg.loop_codes[i] && g_cfg.loop_codes[i] == below[skip].code;
+        if (!known) break;
+        skip++;
+    }
+    if (mw_tasks_loop_set(tid, loop, below + skip, n - skip) != 0) return -1;
+    pthread_mutex_lock(&g_loops_lock);
+    g_stats.loops_found++;
+    pthread_mutex_unlock(&g_loops_lock);
     return 0;
 }
 

@@ -67,6 +67,7 @@
 #define MW_TASK_GROUP_WAITS 2  /* coroutines of TaskGroup in which its owner waits (see Parents) */
 #define MW_TASK_GROUPS 256     /* task groups whose waiting owner is remembered (see Parents) */
 #define MW_TASK_FRAMES_MAX 128 /* frames of a task and its parents */
+#define MW_TASK_LOOP_CODES 4   /* codes of a loop's own frames known (see loop_codes) */
 #define MW_TASK_NAME_MAX 96    /* bytes of a task's name kept (UTF-8, NUL included) */
 #define MW_TASK_VISITS_SEC                                                                         \
     1000 /* tasks looked at per second (a bounded walk: see mw_tasks_sweep) */
@@ -102,6 +103,9 @@ typedef struct {
     long off_partial_fn, off_partial_args;
     /* asyncio's dict of the task each loop runs now (_current_tasks: loop → task), 0 unknown */
     uintptr_t current_tasks;
+    /* Code of the loop's own frames between a running task's coroutine and the loop's run
+     * (asyncio's Handle._run, BaseEventLoop._run_once): not part of a loop's base. */
+    uintptr_t loop_codes[MW_TASK_LOOP_CODES];
     uintptr_t labels_var;                                             /* the labels' ContextVar */
     int32_t labels_hash;                                              /* its HAMT hash */
     uintptr_t hamt_bitmap_type, hamt_array_type, hamt_collision_type; /* 0 when unknown */
@@ -174,6 +178,16 @@ int mw_tasks_recheck(mw_readcache_t *rc, const mw_task_t *t);
  * Sampler thread. */
 int mw_tasks_running(mw_readcache_t *rc, uintptr_t loop, uintptr_t gen, int parents, mw_task_t *t);
 
+/* The loop whose current task runs coroutine `gen` (asyncio's dict of current tasks, each
+ * task's head read), else 0: how a loop whose start was not seen (a uvloop imported before the
+ * tracker, a loop already running in another thread) is found from a thread's sample. Sampler
+ * thread. */
+uintptr_t mw_tasks_loop_of(mw_readcache_t *rc, uintptr_t gen);
+/* Registers loop with thread tid from a sample: its base frames are the n frames below the
+ * task's coroutine (innermost first), less the loop's own frames (loop_codes) in front. 0, or -1
+ * when the table is full (counted). Sampler thread. */
+int mw_tasks_loop_adopt(long tid, uintptr_t loop, const mw_rawframe_t *below, int n);
+
 typedef struct {
     uint64_t tasks;          /* waiting tasks given to samples */
     uint64_t running_found;  /* thread samples given their running task (name, parents) */
@@ -184,6 +198,7 @@ typedef struct {
     uint64_t partial_ticks;  /* ticks that read only a slice of the set (the cap) */
     uint64_t chain_capped;   /* await chains cut at MW_TASK_CHAIN_MAX */
     uint64_t loops_refused;  /* loops not followed: the table was full */
+    uint64_t loops_found;    /* loops registered from a thread's sample (their start not seen) */
     uint64_t labels_missed;  /* tasks with a label value the table did not know */
     uint64_t torn;           /* samples dropped: the task ran while it was read (recheck) */
     uint64_t dropped;        /* samples dropped: a frame not named, or the buffer full */

@@ -15,9 +15,11 @@ them the task's name and its parents' chains in place of the loop's callback fra
 What this module does, with the GIL: teaches the sampler the layout of asyncio's C ``Task`` once
 asyncio is loaded (a task made for the purpose, never run), and tells it which loop runs in which
 thread: ``asyncio.events._set_running_loop`` (what every loop calls when it starts and stops
-running) is wrapped, and so is the package's re-export of it (uvloop keeps that one from its own
-import, so a uvloop imported before the tracker starts is followed only through the loop running
-where the tracker starts). A loop already running where the tracker starts is registered then.
+running) is wrapped, and so is the package's re-export of it. A loop already running where the
+tracker starts is registered then. A loop none of this sees (uvloop keeps its own reference to
+``_set_running_loop``, so a uvloop imported before the tracker starts; a loop already running in
+another thread) is found by the sampler from its samples (``_native.tasks_stats()``:
+``task_loops_found``).
 Tasks of other Task types (pure-Python tasks, eager tasks of 3.12+ until they first suspend) are
 not read: counted in ``stats()`` (``tasks_other_types``).
 """
@@ -124,7 +126,7 @@ def _setup(native: Any) -> bool:
             task, coro, loop, name, data, labels._current, one, many,
             steps_type=labels._LabelledSteps, steps_slot=labels._LabelledSteps.__dict__["_coro"],
             joins=_join_callbacks(tasks), groups=_group_codes(), release=_release_waiter(tasks),
-            current=_current_tasks(tasks)))
+            current=_current_tasks(tasks), loop_codes=_loop_codes()))
     finally:
         task._log_destroy_pending = False
         coro.close()
@@ -178,6 +180,16 @@ def _current_tasks(tasks: Any) -> dict[Any, Any] | None:
     its parents. None when absent (the running task's samples are then the thread's alone)."""
     current = getattr(tasks, "_current_tasks", None)
     return current if type(current) is dict else None
+
+
+def _loop_codes() -> tuple[Any, ...]:
+    """The code of asyncio's own frames between a running task's coroutine and the loop's run
+    (``Handle._run``, ``BaseEventLoop._run_once``): left out of the frames under a loop found from
+    a thread's sample (a loop whose start was not seen)."""
+    events, base = sys.modules.get("asyncio.events"), sys.modules.get("asyncio.base_events")
+    found = (getattr(getattr(getattr(events, "Handle", None), "_run", None), "__code__", None),
+             getattr(getattr(getattr(base, "BaseEventLoop", None), "_run_once", None), "__code__", None))
+    return tuple(c for c in found if c is not None)
 
 
 def _group_codes() -> tuple[Any, tuple[Any, ...]] | None:
@@ -261,6 +273,18 @@ def enable() -> None:
     from middleware.integrations._post_import import when_imported
 
     when_imported("asyncio.events", _on_asyncio_safely)
+    # set up once the package is whole (a loop may run whose start no wrapper sees: found from
+    # the sampler's samples, which needs the layouts learnt)
+    when_imported("asyncio", _setup_safely)
+
+
+def _setup_safely(_package: Any) -> None:
+    native = _native()
+    try:
+        if native is not None:
+            _setup(native)
+    except Exception:
+        logger.debug("middleware: asyncio task stacks not set up", exc_info=True)
 
 
 def _on_asyncio_safely(events: Any) -> None:

@@ -165,6 +165,33 @@ def test_static_tags_and_sample_labels_are_queryable(serve: Client) -> None:
     assert status == 400 and b"span_id" in data
 
 
+def test_asyncio_tasks_are_queryable_by_their_task_label(serve: Client, tmp_path: Path) -> None:
+    # GIVEN the profile of a real asyncio workload: tasks crunch-x/y/z burning CPU under their
+    # parents, each waiting for its turn, and a task blocking the loop
+    out = tmp_path / "tasks.pprof"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "targets" / "asyncio_workloads.py"), "running", "1000"],
+                          capture_output=True, text=True, timeout=120, cwd=str(ROOT),
+                          env={**os.environ, "MW_WORKLOAD_PPROF": str(out)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    profile = parse_pprof(out.read_bytes())
+    # WHEN it is pushed
+    assert push(serve, profile, name="tasks-svc")[0] == 200
+    # THEN `task` is a label of the service, with every task's name
+    assert "task" in serve.get("/api/label_names", service="tasks-svc")["names"]
+    values = serve.get("/api/label_values", service="tasks-svc", name="task")["values"]
+    assert {"crunch-x", "crunch-y", "crunch-z", "blocker"} <= set(values), values
+    # AND a selector on it gives that task's CPU and wall exactly, under its own frames
+    for task in ("crunch-x", "crunch-z"):
+        cpu = expected_total(profile, "cpu", {"task": task})
+        assert cpu > 0.1e9 and totals(serve, "tasks-svc", CPU, f'{{task="{task}"}}') == cpu
+        assert totals(serve, "tasks-svc", WALL, f'{{task="{task}"}}') == expected_total(profile, "wall", {"task": task})
+        doc = serve.get("/api/profile", service="tasks-svc", type=CPU, selector=f'{{task="{task}"}}',
+                        **{"from": 0, "until": int(time.time()) + 60})
+        names = {f["name"].split(".")[-1] for f in doc["data"]["functions"] if f["self"] or f["total"]}
+        assert {"crunch", "spin_slices", "spin"} <= names, names
+        assert "blocker" not in names, names
+
+
 def test_window_from_query_or_from_pprof(serve: Client) -> None:
     # from/until given: they are the window
     assert push(serve, calc_profile(), name="a", start_s=T0_S + 100)[0] == 200

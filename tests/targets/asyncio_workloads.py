@@ -30,7 +30,11 @@ def report(tracker: MwTracker, **truth: Any) -> None:
     from middleware import _native
     from middleware.pprof import parse_pprof
 
-    encoded = parse_pprof(_native.encode_snapshot())  # the pprof encoder's labels
+    raw = _native.encode_snapshot()
+    if os.environ.get("MW_WORKLOAD_PPROF"):  # the encoded profile, for a test that pushes it
+        with open(os.environ["MW_WORKLOAD_PPROF"], "wb") as f:
+            f.write(raw)
+    encoded = parse_pprof(raw)  # the pprof encoder's labels
     pprof_labels = sorted({f"{k}={v}" for s in encoded.samples for k, v in s.labels if k in ("task", "thread_name")})
     tracker.stop()
     out = {"rows": rows(tracker), "stats": {**tracker.stats(), **_native.tasks_stats()},
@@ -183,7 +187,14 @@ async def blocker(own: dict[str, float]) -> None:
     own["blocker"] = time.perf_counter() - t0
 
 
-def running_workload(rate: int) -> None:
+def running_workload(rate: int, loop: str = "asyncio") -> None:
+    # uvloop: imported before the tracker starts, so no wrapper sees its loop start (uvloop calls
+    # asyncio's _set_running_loop through its own reference): the sampler finds it
+    run: Any = asyncio.run
+    if loop == "uvloop":
+        import uvloop
+
+        run = uvloop.run
     tracker = MwTracker(sample_rate=rate, wall_rate=rate, profile_dir="none", instrument=False)
     own = {"crunch-x": 0.0, "crunch-y": 0.0, "crunch-z": 0.0, "blocker": 0.0}
 
@@ -192,7 +203,7 @@ def running_workload(rate: int) -> None:
         b.set_name("blocker")
         await asyncio.gather(fan(own), solo(own), b)
 
-    asyncio.run(main())
+    run(main())
     report(tracker, truth=own)
 
 
@@ -381,7 +392,7 @@ if __name__ == "__main__":
     elif name == "burn":
         burn_workload(args[0], float(args[1]), int(args[2]))
     elif name == "running":
-        running_workload(int(args[0]) if args else 100)
+        running_workload(int(args[0]), *args[1:])
     elif name == "offloads":
         offloads_workload(int(args[0]) if args else 100)
     elif name == "stress":
