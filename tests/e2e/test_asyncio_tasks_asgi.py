@@ -115,7 +115,8 @@ from middleware import _native
 ci, wi = profile.value_index("cpu"), profile.value_index("wall")
 rows = [{{"stack": [f.function for f in s.stack], "labels": dict(s.labels), "cpu": s.values[ci], "wall": s.values[wi]}}
         for s in profile.samples]
-print(json.dumps({{"rows": rows, "truth": truth, "errors": errors, "stats": _native.tasks_stats()}}))
+with open({out!r}, "w") as f:  # a file: a profiled process's large stdout write can lose its tail
+    json.dump({{"rows": rows, "truth": truth, "errors": errors, "stats": _native.tasks_stats()}}, f)
 tracker.stop()
 """
 
@@ -132,10 +133,11 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         pytest.importorskip("uvloop")
     tmp = tmp_path_factory.mktemp("asgi_tasks")
     script = tmp / "app.py"
-    script.write_text(CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"), loop=request.param))
+    result = tmp / "result.json"
+    script.write_text(CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"), loop=request.param, out=str(result)))
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=str(tmp))
     assert r.returncode == 0, r.stderr[-4000:]
-    out: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    out: dict[str, Any] = json.loads(result.read_text())
     assert out["errors"] == []
     return out
 

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_asyncio(name: str, *args: str, timeout: float = 180) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "targets" / "asyncio_workloads.py"), name, *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
-    assert proc.returncode == 0, f"asyncio workload {name} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "targets" / "asyncio_workloads.py"), name, *args],
+                              capture_output=True, text=True, timeout=timeout, cwd=str(ROOT),
+                              env={**os.environ, "MW_WORKLOAD_OUT": str(result)})
+        assert proc.returncode == 0, f"asyncio workload {name} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+        out: dict[str, Any] = json.loads(result.read_text())
+        return out
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,11 @@ def report(tracker: MwTracker, **truth: Any) -> None:
     tracker.stop()
     out = {"rows": rows(tracker), "stats": {**tracker.stats(), **_native.tasks_stats()},
            "pprof_labels": pprof_labels, **truth}
-    json.dump(out, sys.stdout)
+    if os.environ.get("MW_WORKLOAD_OUT"):  # a file: a profiled process's large stdout write can lose its tail
+        with open(os.environ["MW_WORKLOAD_OUT"], "w") as f:
+            json.dump(out, f)
+    else:
+        json.dump(out, sys.stdout)
 
 
 # --- gather: tasks with known sleep times --------------------------------------------------------
