@@ -115,7 +115,7 @@ from middleware import _native
 ci, wi = profile.value_index("cpu"), profile.value_index("wall")
 rows = [{{"stack": [f.function for f in s.stack], "labels": dict(s.labels), "cpu": s.values[ci], "wall": s.values[wi]}}
         for s in profile.samples]
-with open({out!r}, "w") as f:  # a file: a profiled process's large stdout write can lose its tail
+with open({out!r}, "w") as f:  # a file: a signal during a large print to a pipe loses its tail (CPython)
     json.dump({{"rows": rows, "truth": truth, "errors": errors, "stats": _native.tasks_stats()}}, f)
 tracker.stop()
 """

@@ -39,7 +39,7 @@ def report(tracker: MwTracker, **truth: Any) -> None:
     tracker.stop()
     out = {"rows": rows(tracker), "stats": {**tracker.stats(), **_native.tasks_stats()},
            "pprof_labels": pprof_labels, **truth}
-    if os.environ.get("MW_WORKLOAD_OUT"):  # a file: a profiled process's large stdout write can lose its tail
+    if os.environ.get("MW_WORKLOAD_OUT"):  # a file: a signal during a large print to a pipe loses its tail (CPython)
         with open(os.environ["MW_WORKLOAD_OUT"], "w") as f:
             json.dump(out, f)
     else:
