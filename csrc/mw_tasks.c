@@ -452,11 +452,11 @@ static uint64_t find_parents(mw_readcache_t *rc, uintptr_t task, uintptr_t callb
     return sig;
 }
 
-static void run_remember(uintptr_t gen, uintptr_t task);
-
 /* Looks at one task: 1 when it is a waiting task of a followed loop and *t is filled (all but
  * its frames, labels and name: mw_tasks_frames), 0 to skip it. The chains are only peeked at:
  * the signature says whether they are where an earlier full read found them. */
+static void run_remember(uintptr_t gen, uintptr_t task);
+
 static int peek_task(mw_readcache_t *rc, uintptr_t task, head_t h, mw_task_t *t) {
     uint64_t sig = mix(mix(1469598103934665603ULL, task), h.coro);
     int n = peek_chain(rc, h.coro, task, &sig);
@@ -562,7 +562,8 @@ int mw_tasks_running(mw_readcache_t *rc, uintptr_t loop, uintptr_t gen, int pare
         run_remember(gen, task);
     }
     memset(t, 0, sizeof *t);
-    if (parents) find_parents(rc, task, h.callback0, 0, t); /* its signature: below, once read */
+    uint64_t sig = mix(mix(1469598103934665603ULL, task), h.coro);
+    if (parents) sig = find_parents(rc, task, h.callback0, sig, t);
     int n = 0;
     for (int i = 0; i < t->nparents; i++) {
         int m = read_chain(rc, t->parent_coros[i], n);
@@ -580,8 +581,8 @@ int mw_tasks_running(mw_readcache_t *rc, uintptr_t loop, uintptr_t gen, int pare
     t->name_obj = h.name;
     t->nframes = n;
     t->frames = g_frames;
-    /* over the parents kept and the chains read, as mw_tasks_recheck computes it */
-    uint64_t sig = mix(mix(1469598103934665603ULL, task), h.coro);
+    /* recomputed over the parents kept, as mw_tasks_recheck will */
+    sig = mix(mix(1469598103934665603ULL, task), h.coro);
     for (int i = 0, at = 0; i < t->nparents; i++) {
         sig = mix(mix(sig, t->parents[i]), t->parent_coros[i]);
         for (int j = at + t->parent_len[i] - 1; j >= at; j--)
