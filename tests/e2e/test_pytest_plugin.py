@@ -147,12 +147,18 @@ def test_failed_share_assertion_prints_the_top_table(pytester: pytest.Pytester) 
     )
     result.assert_outcomes(failed=1)
     # the assertion explains itself with the top of the table (paths relative to the rootdir)
+    # spin() heads the table with (nearly) all of it: a CPU sample can fall in the block's own
+    # __enter__/__exit__, after the label is pushed or before it is popped (~0.4% of runs at 100 Hz)
     result.stdout.fnmatch_lines(
         [
             "E*assert self share of 'cold' = *% > 50.0%",
             "E*mw_profile of *test_wrong_guess: * samples, value=cpu*",
-            "E*Self*Self%*Total*Total%*Function*Location*",
-            "E*100.00%*spin*program.py:*",
+        ]
+    )
+    result.stdout.re_match_lines(
+        [
+            r"E\s+Self\s+Self%\s+Total\s+Total%\s+Function\s+Location",
+            r"E\s+\S+\s+(9[5-9]|100)\.\d\d%\s+\S+\s+\S+\s+spin\s+program\.py:\d+",
         ]
     )
     # and the report gets the whole table plus the sandwich of what the test asked about
