@@ -11,6 +11,7 @@
 
 #include "mw_codenames.h"
 #include "mw_labels.h"
+#include "mw_tasks.h"
 #include "mw_threads.h"
 #include "mw_unwind.h"
 
@@ -158,10 +159,15 @@ static int read_self(scratch_t *sc, mw_cpusample_t *rec, uintptr_t tstate, long 
     uintptr_t top = mw_pyframes_top_frame_of(&sc->rc, tstate, me, &anchor, mine);
     rec->outer.gen = 0;
     rec->outer.idx = -1;
+    rec->outer.task = 0;
     if (top)
         depth = mw_pyframes_walk_gen(&sc->rc, (mw_walkscratch_t *)(sc + 1), top, anchor,
                                      rec->frames, g_max_depth, truncated, &rec->outer);
     rec->depth = *truncated == 2 ? 0 : depth;
+    /* the task running the coroutine now: by the time the sampler drains this record the loop
+     * may be between steps or in another task's, and asyncio's dict says so */
+    if (rec->outer.gen && *mine && *truncated != 2)
+        rec->outer.task = mw_tasks_current(&sc->rc, rec->outer.gen);
     if (*mine && *truncated != 2) mw_codenames_copy(&sc->rc, rec);
     sc->guard.armed = sc->guard.session = 0;
     atomic_signal_fence(memory_order_seq_cst);
@@ -295,6 +301,7 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
         rec->ncopies = 0;
         rec->outer.gen = 0;
         rec->outer.idx = -1;
+        rec->outer.task = 0;
         truncated = 0;
     }
     int depth = rec->depth;
@@ -559,6 +566,7 @@ static void exit_credit(reg_t *r, long tid, int i) {
     rec->depth = rec->truncated = rec->ncopies = rec->nips = rec->ips_complete = 0;
     rec->outer.gen = 0;
     rec->outer.idx = -1;
+    rec->outer.task = 0;
     rec->handler_ns = 0;
     bump(&c_recorded, 1);
     bump(&c_periods, periods);

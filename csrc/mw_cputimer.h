@@ -14,10 +14,12 @@
  * thread's own Python frames through the safe-read primitive — the thread is interrupted, so
  * they show one instant (the eval loop's half-written states are caught by the walk's anchor
  * checks, as for a paused thread) — and leaves a raw sample (code addresses with the fields that
- * identify each code object, instruction indices, the thread's label set) in a record of a fixed
- * pool. The sampler thread drains ready records every tick, names the frames (mw_symcache) and
- * adds them as on-CPU samples. Every CPU sample is therefore a stack the thread had while it was
- * using CPU, and samples fall uniformly over its CPU time.
+ * identify each code object, instruction indices, the thread's label set; when a coroutine runs
+ * outermost, the asyncio task running it, read from asyncio's dict of current tasks at that
+ * instant: mw_tasks_current) in a record of a fixed pool. The sampler thread drains ready records
+ * every tick, names the frames (mw_symcache) and adds them as on-CPU samples. Every CPU sample is
+ * therefore a stack the thread had while it was using CPU, and samples fall uniformly over its CPU
+ * time.
  *
  * Threads and safety:
  *   - mw_cputimer_init / mw_cputimer_shutdown: the thread that starts/stops the sampler (GIL
@@ -64,7 +66,7 @@ typedef struct mw_cpusample {
     uint32_t labelset;   /* the thread's label set at the sample (mw_threads) */
     int depth;           /* frames[0..depth), leaf first */
     int truncated;       /* as mw_pyframes_walk: 1 cut, 2 torn (depth 0, to be dropped) */
-    mw_outergen_t outer; /* the outermost frame a coroutine runs (mw_pyframes_walk_gen) */
+    mw_outergen_t outer; /* the outermost frame a coroutine runs (mw_pyframes_walk_gen), its task */
     uint64_t handler_ns; /* time the handler took (its cost to the application thread) */
     mw_rawframe_t *frames;
     int ncopies;

@@ -333,6 +333,7 @@ int mw_pyframes_walk_gen(mw_readcache_t *rc, mw_walkscratch_t *ws, uintptr_t fra
     if (og) {
         og->gen = 0;
         og->idx = -1;
+        og->task = 0;
     }
     if (max > MW_WALK_FRAMES) max = MW_WALK_FRAMES;
     /* Pass 1: the frame chain. */
@@ -467,6 +468,7 @@ int mw_pyframes_walk_gen(mw_readcache_t *rc, mw_walkscratch_t *ws, uintptr_t fra
     if (og) {
         og->gen = 0;
         og->idx = -1;
+        og->task = 0;
     }
     while (frame) {
         if (n >= max || ++steps > 4 * max || (frame & (sizeof(void *) - 1))) {

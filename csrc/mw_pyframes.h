@@ -100,6 +100,9 @@ int mw_pyframes_walk(mw_readcache_t *rc, mw_walkscratch_t *ws, uintptr_t top_fra
 typedef struct mw_outergen {
     uintptr_t gen;
     int idx;
+    /* the asyncio task running gen at the walk, when the walk's caller looked it up then (the
+     * CPU-timer handler: mw_tasks_current), else 0; a hint, confirmed when used */
+    uintptr_t task;
 } mw_outergen_t;
 
 /* mw_pyframes_walk, also filling *og (which may be NULL). Same threads and reads. */

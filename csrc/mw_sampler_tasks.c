@@ -210,7 +210,7 @@ static const mw_taskloop_t *adopt_loop(mw_tstate_t *st, const mw_outergen_t *og,
     uint32_t slot = (uint32_t)st->tid % NO_LOOP_SLOTS;
     if (g_noloop[slot].tid == st->tid && g_noloop[slot].gen == og->gen) return NULL;
     mw_readcache_reset(g_rc);
-    uintptr_t loop = mw_tasks_loop_of(g_rc, og->gen);
+    uintptr_t loop = mw_tasks_loop_of(g_rc, og->gen, og->task);
     if (!loop || loop == old ||
         mw_tasks_loop_adopt(st->tid, loop, raw + og->idx + 1, depth - og->idx - 1) != 0) {
         g_noloop[slot].tid = st->tid;
@@ -246,14 +246,14 @@ int mws_task_running(mw_profbuf_t *b, mw_tstate_t *st, const mw_outergen_t *og, 
     int k = og->idx, j = splice ? base_at(l, *raw, *depth, k) : -1;
     mw_task_t t;
     mw_readcache_reset(g_rc);
-    if (mw_tasks_running(g_rc, l->loop, og->gen, j >= 0, &t) != 0) {
+    if (mw_tasks_running(g_rc, l->loop, og->gen, og->task, j >= 0, &t) != 0) {
         /* the thread's entry may be a loop gone (its stop not seen) and this a new one's task */
         const mw_taskloop_t *l2 = adopt_loop(st, og, *raw, *depth, l->loop);
         if (!l2) return 2;
         l = l2;
         j = splice ? base_at(l, *raw, *depth, k) : -1;
         mw_readcache_reset(g_rc);
-        if (mw_tasks_running(g_rc, l->loop, og->gen, j >= 0, &t) != 0) return 2;
+        if (mw_tasks_running(g_rc, l->loop, og->gen, og->task, j >= 0, &t) != 0) return 2;
     }
     mw_id_t sid = task_thread(b, st, t.name);
     if (!sid) return 2;

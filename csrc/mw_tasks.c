@@ -16,6 +16,7 @@
 #endif
 
 #include "mw_tasks.h"
+#include "mw_task_loops.h"
 
 #include <pthread.h>
 #include <string.h>
@@ -46,60 +47,6 @@ int mw_tasks_setup(const mw_tasks_config_t *cfg) {
 
 int mw_tasks_ready(void) {
     return __atomic_load_n(&g_ready, __ATOMIC_ACQUIRE);
-}
-
-/* ---- loops ------------------------------------------------------------------------------- */
-
-static pthread_mutex_t g_loops_lock = PTHREAD_MUTEX_INITIALIZER;
-static mw_taskloop_t g_loops[MW_TASK_LOOPS];
-static int g_nloops;
-static uint64_t g_loops_version = 1; /* changes with every change of the table */
-
-int mw_tasks_loop_set(long tid, uintptr_t loop, const mw_rawframe_t *base, int nbase) {
-    int rc = 0;
-    pthread_mutex_lock(&g_loops_lock);
-    int i = 0;
-    while (i < g_nloops && g_loops[i].tid != tid)
-        i++;
-    if (!loop) {
-        if (i < g_nloops) g_loops[i] = g_loops[--g_nloops];
-    } else if (i == g_nloops && g_nloops == MW_TASK_LOOPS) {
-        g_stats.loops_refused++;
-        rc = -1;
-    } else {
-        if (i == g_nloops) g_nloops++;
-        if (nbase > MW_TASK_BASE_MAX) nbase = MW_TASK_BASE_MAX;
-        if (nbase < 0) nbase = 0;
-        g_loops[i].tid = tid;
-        g_loops[i].loop = loop;
-        g_loops[i].nbase = nbase;
-        if (nbase) memcpy(g_loops[i].base, base, (size_t)nbase * sizeof *base);
-    }
-    g_loops_version++;
-    pthread_mutex_unlock(&g_loops_lock);
-    return rc;
-}
-
-int mw_tasks_loops(mw_taskloop_t *out, int max, uint64_t *version) {
-    pthread_mutex_lock(&g_loops_lock);
-    int n = g_nloops < max ? g_nloops : max;
-    if (*version != g_loops_version) {
-        for (int i = 0; i < n; i++) {
-            out[i].tid = g_loops[i].tid;
-            out[i].loop = g_loops[i].loop;
-            out[i].nbase = g_loops[i].nbase;
-            memcpy(out[i].base, g_loops[i].base, (size_t)g_loops[i].nbase * sizeof *out[i].base);
-        }
-        *version = g_loops_version;
-    }
-    pthread_mutex_unlock(&g_loops_lock);
-    return n;
-}
-
-void mw_tasks_after_fork_child(void) {
-    pthread_mutex_init(&g_loops_lock, NULL);
-    g_nloops = 0;
-    g_loops_version++;
 }
 
 /* ---- label values ------------------------------------------------------------------------ */
@@ -267,17 +214,13 @@ static int task_type(mw_readcache_t *rc, uintptr_t type) {
     return 0;
 }
 
-static int read_head(mw_readcache_t *rc, uintptr_t task, head_t *h) {
+/* read_head without counting: 0, -1 unreadable, -2 not a C Task. Reads only (any thread, and
+ * async-signal-safe with a direct read cache). */
+static int head_of(mw_readcache_t *rc, uintptr_t task, head_t *h) {
     uint8_t head[512];
     long need = g_cfg.off_context + (long)sizeof(uintptr_t);
-    if (need > (long)sizeof head || rd(rc, task, (size_t)need, head) != 0) {
-        g_stats.unreadable++;
-        return -1;
-    }
-    if (!task_type(rc, (uintptr_t)Py_TYPE((PyObject *)head))) {
-        g_stats.other_types++;
-        return -1;
-    }
+    if (need > (long)sizeof head || rd(rc, task, (size_t)need, head) != 0) return -1;
+    if (!task_type(rc, (uintptr_t)Py_TYPE((PyObject *)head))) return -2;
     memcpy(&h->loop, head + g_cfg.off_loop, sizeof h->loop);
     memcpy(&h->coro, head + g_cfg.off_coro, sizeof h->coro);
     memcpy(&h->name, head + g_cfg.off_name, sizeof h->name);
@@ -285,11 +228,16 @@ static int read_head(mw_readcache_t *rc, uintptr_t task, head_t *h) {
     memcpy(&h->waiter, head + g_cfg.off_coro - (long)sizeof(uintptr_t), sizeof h->waiter);
     memcpy(&h->callback0, head + g_cfg.off_loop + (long)sizeof(uintptr_t), sizeof h->callback0);
     if (g_cfg.steps_type && mw_pyframes_type_of(rc, h->coro) == g_cfg.steps_type &&
-        rd_ptr(rc, h->coro + (uintptr_t)g_cfg.steps_off, &h->coro) != 0) {
-        g_stats.unreadable++;
+        rd_ptr(rc, h->coro + (uintptr_t)g_cfg.steps_off, &h->coro) != 0)
         return -1;
-    }
     return 0;
+}
+
+static int read_head(mw_readcache_t *rc, uintptr_t task, head_t *h) {
+    int r = head_of(rc, task, h);
+    if (r == -1) g_stats.unreadable++;
+    if (r == -2) g_stats.other_types++;
+    return r < 0 ? -1 : 0;
 }
 
 /* The awaitable a coroutine awaits, when it is a coroutine or generator to follow. */
@@ -501,6 +449,7 @@ typedef struct {
     uintptr_t key, value;
 } dict_entry_t;
 #define DICT_SCAN_MAX 64
+#define CURRENT_SCAN_MAX 16 /* in a signal handler: a smaller copy on its stack */
 static int dict_entries(mw_readcache_t *rc, uintptr_t dict, dict_entry_t *out, int max) {
     PyDictObject d;
     if (rd(rc, dict, sizeof d, &d) != 0 || Py_TYPE((PyObject *)&d) != &PyDict_Type || d.ma_values ||
@@ -544,11 +493,29 @@ static void run_remember(uintptr_t gen, uintptr_t task) {
 
 static int read_chain(mw_readcache_t *rc, uintptr_t coro, int at);
 
-int mw_tasks_running(mw_readcache_t *rc, uintptr_t loop, uintptr_t gen, int parents, mw_task_t *t) {
+uintptr_t mw_tasks_current(mw_readcache_t *rc, uintptr_t gen) {
+    if (!gen || !mw_tasks_ready() || !g_cfg.current_tasks) return 0;
+    dict_entry_t e[CURRENT_SCAN_MAX];
+    int ne = dict_entries(rc, g_cfg.current_tasks, e, CURRENT_SCAN_MAX);
+    head_t h;
+    for (int i = 0; i < ne; i++)
+        if (e[i].key && e[i].value && head_of(rc, e[i].value, &h) == 0 && h.coro == gen &&
+            h.loop == e[i].key)
+            return e[i].value;
+    return 0;
+}
+
+int mw_tasks_running(mw_readcache_t *rc, uintptr_t loop, uintptr_t gen, uintptr_t hint, int parents,
+                     mw_task_t *t) {
     if (!mw_tasks_ready() || !gen || !loop) return -1;
     uint32_t slot = (uint32_t)(mix(0, gen) % RUN_SLOTS);
     head_t h;
-    uintptr_t task = g_run[slot].gen == gen ? g_run[slot].task : 0;
+    uintptr_t task = hint;
+    if (task && (head_of(rc, task, &h) != 0 || h.loop != loop || h.coro != gen)) task = 0;
+    if (task)
+        run_remember(gen, task);
+    else
+        task = g_run[slot].gen == gen ? g_run[slot].task : 0;
     if (!task || read_head(rc, task, &h) != 0 || h.loop != loop || h.coro != gen) {
         dict_entry_t e[DICT_SCAN_MAX];
         int ne = g_cfg.current_tasks ? dict_entries(rc, g_cfg.current_tasks, e, DICT_SCAN_MAX) : 0;
@@ -597,8 +564,13 @@ int mw_tasks_running(mw_readcache_t *rc, uintptr_t loop, uintptr_t gen, int pare
     return 0;
 }
 
-uintptr_t mw_tasks_loop_of(mw_readcache_t *rc, uintptr_t gen) {
+uintptr_t mw_tasks_loop_of(mw_readcache_t *rc, uintptr_t gen, uintptr_t hint) {
     if (!mw_tasks_ready() || !gen || !g_cfg.current_tasks) return 0;
+    head_t hh;
+    if (hint && head_of(rc, hint, &hh) == 0 && hh.coro == gen && hh.loop) {
+        run_remember(gen, hint);
+        return hh.loop;
+    }
     dict_entry_t e[DICT_SCAN_MAX];
     int ne = dict_entries(rc, g_cfg.current_tasks, e, DICT_SCAN_MAX);
     for (int i = 0; i < ne; i++) {
@@ -622,9 +594,7 @@ int mw_tasks_loop_adopt(long tid, uintptr_t loop, const mw_rawframe_t *below, in
         skip++;
     }
     if (mw_tasks_loop_set(tid, loop, below + skip, n - skip) != 0) return -1;
-    pthread_mutex_lock(&g_loops_lock);
-    g_stats.loops_found++;
-    pthread_mutex_unlock(&g_loops_lock);
+    mw_task_loops_count_found();
     return 0;
 }
 
@@ -805,7 +775,6 @@ void mw_tasks_count_dropped(int torn) {
 }
 
 void mw_tasks_get_stats(mw_tasks_stats_t *out) {
-    pthread_mutex_lock(&g_loops_lock);
     *out = g_stats;
-    pthread_mutex_unlock(&g_loops_lock);
+    mw_task_loops_counts(&out->loops_refused, &out->loops_found);
 }

@@ -174,15 +174,24 @@ int mw_tasks_recheck(mw_readcache_t *rc, const mw_task_t *t);
  * confirmed by the task's own head (its loop, its coroutine: a coroutine belongs to one task,
  * and the task keeps it alive). Fills *t: the task, its name and, when `parents`, the tasks
  * awaiting it and their chains (t->frames: the parents' chains only, nown 0; then check with
- * mw_tasks_recheck after naming them). 0, or -1 when gen is no known task's coroutine (counted).
- * Sampler thread. */
-int mw_tasks_running(mw_readcache_t *rc, uintptr_t loop, uintptr_t gen, int parents, mw_task_t *t);
+ * mw_tasks_recheck after naming them). `hint`, when not 0, is tried first: the task found running
+ * gen when the sample was taken (mw_tasks_current). 0, or -1 when gen is no known task's
+ * coroutine (counted). Sampler thread. */
+int mw_tasks_running(mw_readcache_t *rc, uintptr_t loop, uintptr_t gen, uintptr_t hint, int parents,
+                     mw_task_t *t);
+
+/* The task whose coroutine is `gen` among asyncio's current tasks (one per running loop), read
+ * now, else 0. For the thread running gen, at the instant of its sample: between two steps of a
+ * task the dict no longer holds it, so a sample resolved later can miss its task. Reads only
+ * (no counter, no lock, no allocation): async-signal-safe with a direct read cache, so the
+ * CPU-timer handler calls it on the thread's own sample. */
+uintptr_t mw_tasks_current(mw_readcache_t *rc, uintptr_t gen);
 
 /* The loop whose current task runs coroutine `gen` (asyncio's dict of current tasks, each
  * task's head read), else 0: how a loop whose start was not seen (a uvloop imported before the
- * tracker, a loop already running in another thread) is found from a thread's sample. Sampler
- * thread. */
-uintptr_t mw_tasks_loop_of(mw_readcache_t *rc, uintptr_t gen);
+ * tracker, a loop already running in another thread) is found from a thread's sample; `hint` as
+ * for mw_tasks_running. Sampler thread. */
+uintptr_t mw_tasks_loop_of(mw_readcache_t *rc, uintptr_t gen, uintptr_t hint);
 /* Registers loop with thread tid from a sample: its base frames are the n frames below the
  * task's coroutine (innermost first), less the loop's own frames (loop_codes) in front. 0, or -1
  * when the table is full (counted). Sampler thread. */
