@@ -139,7 +139,8 @@ def main() -> int:
               f"off {rate_off:.0f} req/s {cpu_off:.0f} us CPU/req", flush=True)
         time.sleep(0.2)
     q = statistics.quantiles
-    print(f"span links {on_label} vs off, GET {args.path}, both sides at once, {args.rounds} rounds of {args.seconds:g} s")
+    print(f"span links {on_label} vs off, GET {args.path}, both sides at once, "
+          f"{args.rounds} rounds of {args.seconds:g} s")
     print(f"throughput ratio: median {statistics.median(thr):.4f} (quartiles {q(thr)[0]:.4f}..{q(thr)[2]:.4f}, "
           f"min..max {min(thr):.4f}..{max(thr):.4f})")
     print(f"CPU per request ratio: median {statistics.median(cpu):.4f} (quartiles {q(cpu)[0]:.4f}..{q(cpu)[2]:.4f}, "
