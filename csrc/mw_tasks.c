@@ -449,34 +449,41 @@ typedef struct {
     uintptr_t key, value;
 } dict_entry_t;
 #define DICT_SCAN_MAX 64
-#define CURRENT_SCAN_MAX 16 /* in a signal handler: a smaller copy on its stack */
-static int dict_entries(mw_readcache_t *rc, uintptr_t dict, dict_entry_t *out, int max) {
+#define CURRENT_SCAN_MAX 64 /* entries the handler's look-up reads, one at a time */
+/* Where a dict with few entries keeps them: *entries and their number (deleted ones included).
+ * 0, or -1 when unreadable or not laid out as expected. */
+static int dict_table(mw_readcache_t *rc, uintptr_t dict, uintptr_t *entries, Py_ssize_t *n) {
     PyDictObject d;
     if (rd(rc, dict, sizeof d, &d) != 0 || Py_TYPE((PyObject *)&d) != &PyDict_Type || d.ma_values ||
         !d.ma_keys)
-        return 0;
-    uintptr_t keys = (uintptr_t)d.ma_keys, entries;
-    Py_ssize_t n;
+        return -1;
+    uintptr_t keys = (uintptr_t)d.ma_keys;
 #if PY_VERSION_HEX >= 0x030B0000
     PyDictKeysObject k;
     if (rd(rc, keys, offsetof(PyDictKeysObject, dk_indices), &k) != 0 ||
         k.dk_kind != DICT_KEYS_GENERAL || k.dk_log2_index_bytes > 40)
-        return 0;
-    entries =
+        return -1;
+    *entries =
         keys + offsetof(PyDictKeysObject, dk_indices) + ((uintptr_t)1 << k.dk_log2_index_bytes);
-    n = k.dk_nentries;
+    *n = k.dk_nentries;
 #else
     struct { /* 3.10's PyDictKeysObject (Objects/dict-common.h), up to its index table */
         Py_ssize_t dk_refcnt, dk_size;
         void *dk_lookup;
         Py_ssize_t dk_usable, dk_nentries;
     } k;
-    if (rd(rc, keys, sizeof k, &k) != 0 || k.dk_size < 8 || k.dk_size > (1L << 30)) return 0;
+    if (rd(rc, keys, sizeof k, &k) != 0 || k.dk_size < 8 || k.dk_size > (1L << 30)) return -1;
     uintptr_t width = k.dk_size <= 0xff ? 1 : k.dk_size <= 0xffff ? 2 : 4;
-    entries = keys + sizeof k + (uintptr_t)k.dk_size * width;
-    n = k.dk_nentries;
+    *entries = keys + sizeof k + (uintptr_t)k.dk_size * width;
+    *n = k.dk_nentries;
 #endif
-    if (n <= 0) return 0;
+    return *n > 0 ? 0 : -1;
+}
+
+static int dict_entries(mw_readcache_t *rc, uintptr_t dict, dict_entry_t *out, int max) {
+    uintptr_t entries;
+    Py_ssize_t n;
+    if (dict_table(rc, dict, &entries, &n) != 0) return 0;
     if (n > max) n = max;
     return rd(rc, entries, (size_t)n * sizeof *out, out) == 0 ? (int)n : 0;
 }
@@ -495,13 +502,23 @@ static int read_chain(mw_readcache_t *rc, uintptr_t coro, int at);
 
 uintptr_t mw_tasks_current(mw_readcache_t *rc, uintptr_t gen) {
     if (!gen || !mw_tasks_ready() || !g_cfg.current_tasks) return 0;
-    dict_entry_t e[CURRENT_SCAN_MAX];
-    int ne = dict_entries(rc, g_cfg.current_tasks, e, CURRENT_SCAN_MAX);
-    head_t h;
-    for (int i = 0; i < ne; i++)
-        if (e[i].key && e[i].value && head_of(rc, e[i].value, &h) == 0 && h.coro == gen &&
-            h.loop == e[i].key)
-            return e[i].value;
+    uintptr_t entries, type, loop, coro;
+    Py_ssize_t n;
+    if (dict_table(rc, g_cfg.current_tasks, &entries, &n) != 0) return 0;
+    if (n > CURRENT_SCAN_MAX) n = CURRENT_SCAN_MAX;
+    /* one entry and one field at a time: this runs on the signal's stack, which may be small */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        dict_entry_t e;
+        if (rd(rc, entries + (uintptr_t)i * sizeof e, sizeof e, &e) != 0) return 0;
+        if (!e.key || !e.value || rd_ptr(rc, e.value + offsetof(PyObject, ob_type), &type) != 0 ||
+            !task_type(rc, type) || rd_ptr(rc, e.value + (uintptr_t)g_cfg.off_loop, &loop) != 0 ||
+            loop != e.key || rd_ptr(rc, e.value + (uintptr_t)g_cfg.off_coro, &coro) != 0)
+            continue;
+        if (g_cfg.steps_type && mw_pyframes_type_of(rc, coro) == g_cfg.steps_type &&
+            rd_ptr(rc, coro + (uintptr_t)g_cfg.steps_off, &coro) != 0)
+            continue;
+        if (coro == gen) return e.value;
+    }
     return 0;
 }
 
