@@ -48,6 +48,13 @@ class Served:
     store: Path
     log: Path
     preload: bool
+    master_cpu_ns: int  # the master's own CPU (user + system, /proc) just before its SIGTERM
+
+
+def _cpu_ns(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> set[int]:
@@ -115,10 +122,11 @@ def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Served]:
         workers = _wait_ready(proc, port, log)
         counts = _drive_load(port, REQUESTS_PER_ENDPOINT, MAX_LOAD_SECONDS)
         assert min(counts.values()) >= REQUESTS_PER_ENDPOINT, counts
+        master_cpu_ns = _cpu_ns(proc.pid)
         # Graceful stop: workers finish, exit normally and write their last profile.
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=40) == 0, log.read_text()
-        yield Served(proc.pid, workers, store, log, preload)
+        yield Served(proc.pid, workers, store, log, preload, master_cpu_ns)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -185,8 +193,10 @@ def test_demo_profiles_show_the_bottleneck_per_endpoint(served: Served) -> None:
         # it never imports the app, so it is not profiled at all
         assert master not in cpu and not any(f"-{master}-" in name for name in files)
     else:
-        # it imported the app (real start-up work, a few percent at most) and then only waited
-        assert cpu.get(master, 0) <= 0.05 * total_cpu, cpu
+        # it imported the app (real start-up work: 100-160 ms of CPU here, whatever the load) and
+        # then only waited: its profile holds no more CPU than it used (measured before its
+        # SIGTERM; its shutdown — reaping, the last export — gets 50 ms)
+        assert cpu.get(master, 0) <= 1.1 * served.master_cpu_ns + 50_000_000, (cpu, served.master_cpu_ns)
         i = profile.value_index("cpu")
         # (managing the workers — forking a process this size, reaping, checking on them — is
         # real work of the loop and costs the parent milliseconds of CPU; its waiting —
