@@ -49,12 +49,15 @@ def test_blocked_threads_get_wall_but_no_cpu(workload):
     # A blocked thread's CPU is its start-up (~0.1-0.3 ms after its timer is armed): a CPU sample
     # is due at a random instant of each period of a thread's CPU time, so with probability
     # ~(that CPU / 10 ms) it gets one, which stands for one period (unbiased over many threads).
-    # What must hold: none of it in the blocking call, and at most a couple of samples.
+    # What must hold: no time spent blocked counted as CPU, and at most a couple of samples. The
+    # blocking function's own few microseconds of CPU (its line, entering the sleep or wait before
+    # the thread blocks) can draw that one sample (a fraction of a percent of runs, seen in a
+    # clean-clone run): at most one period there; CPU charged while blocked would be many.
     period_ns = 1e9 / 100  # the default rate
     for name in ("sleeper", "waiter"):
         t = threads[name]
         blocking = sum(v for fn, v in t["self_cpu"].items() if fn.split(".")[-1] == name)
-        assert blocking < 5e6, (name, t)
+        assert blocking <= period_ns, (name, t)
         assert t["cpu_samples"] <= 2, (name, t)
         assert t["cpu_ns"] <= t["cpu_samples"] * period_ns + 5e6, (name, t)
         assert t["wall_ns"] > 0.6 * elapsed_ns, (name, t["wall_ns"], elapsed_ns)
