@@ -529,11 +529,10 @@ int mw_tasks_running(mw_readcache_t *rc, uintptr_t loop, uintptr_t gen, uintptr_
     head_t h;
     uintptr_t task = hint;
     if (task && (head_of(rc, task, &h) != 0 || h.loop != loop || h.coro != gen)) task = 0;
-    if (task)
-        run_remember(gen, task);
-    else
-        task = g_run[slot].gen == gen ? g_run[slot].task : 0;
-    if (!task || read_head(rc, task, &h) != 0 || h.loop != loop || h.coro != gen) {
+    if (task) {
+        run_remember(gen, task); /* confirmed: h is its head */
+    } else if (!(task = g_run[slot].gen == gen ? g_run[slot].task : 0) ||
+               read_head(rc, task, &h) != 0 || h.loop != loop || h.coro != gen) {
         dict_entry_t e[DICT_SCAN_MAX];
         int ne = g_cfg.current_tasks ? dict_entries(rc, g_cfg.current_tasks, e, DICT_SCAN_MAX) : 0;
         task = 0;
