@@ -33,6 +33,11 @@
  *     are claimed with compare-and-swap; none free → the sample is dropped and counted.
  *   - mw_cputimer_after_fork_child: in the child, before any other call (closes inherited perf
  *     fds; POSIX timers are not inherited).
+ *   - A thread that armed a POSIX timer itself (born) also sets a thread-specific value whose
+ *     destructor runs in that thread at its exit (after its thread state is gone): it blocks our
+ *     signal, credits its timer's instants passed with no signal yet (a record with no frame),
+ *     and disarms it, under the arm/disarm mutex. mw_cputimer_forget leaves a thread that is
+ *     still running armed for it (or for the sweep).
  * Memory: the registration table, the record pool and the walk scratch are mmap'd once by the
  * first init and kept for the life of the process; pages are resident only once used.
  */
@@ -61,8 +66,8 @@ typedef struct mw_cpusample {
     uintptr_t tstate; /* its PyThreadState */
     long tid;
     uint32_t periods;    /* CPU periods this sample stands for (1 + timer overruns) */
-    int counted;         /* perf: laid in its event's count, so periods x period estimates the
-                          * CPU without bias; 0: a POSIX timer's (checked at scheduler ticks) */
+    int counted;         /* periods x period estimates the CPU without bias: laid in its perf
+                          * event's count, or on its POSIX timer's grid of random phase */
     uint32_t labelset;   /* the thread's label set at the sample (mw_threads) */
     int depth;           /* frames[0..depth), leaf first */
     int truncated;       /* as mw_pyframes_walk: 1 cut, 2 torn (depth 0, to be dropped) */
@@ -113,10 +118,11 @@ int mw_cputimer_arm(long tid, uintptr_t tstate, int born,
 /* The registration of (tid, tstate) and the thread's CPU clock from which its samples cover it
  * (0: from its creation), or -1. */
 int mw_cputimer_find(long tid, uintptr_t tstate, uint64_t *cpu_at_arm);
-/* Disarms thread tid's registration, if any (its Thread object is gone); if the thread has
- * exited, first credits its exit as mw_cputimer_retire does. */
+/* Thread tid's Thread object is gone: if the thread has exited, credits its exit as
+ * mw_cputimer_retire does and disarms its registration; a thread still running (a join returns
+ * before the thread has exited) keeps it until its own exit or the sweep. */
 void mw_cputimer_forget(long tid);
-/* Whether registration reg is thread tid's and its samples are laid in its perf event's count
+/* Whether registration reg is thread tid's and has a timer, whose samples are counted
  * (rec->counted). A hint for the sampler thread (it may be disarmed meanwhile). */
 int mw_cputimer_counted(int reg, long tid);
 /* Retires registrations whose thread has exited (mw_cputimer_retire). */

@@ -17,11 +17,18 @@ pytestmark = [pytest.mark.sampler, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_stress_no_crash_and_expected_functions():
+# "timer": POSIX CPU timers (where perf_event_open is refused), whose threads also credit their
+# exit from a thread-specific-data destructor; a shorter run, the thread churn is what it adds
+@pytest.mark.parametrize("cpu_timer", [None, "timer"], ids=["default", "posix-timer"])
+def test_stress_no_crash_and_expected_functions(cpu_timer):
     seconds = float(os.environ.get("MW_STRESS_SECONDS", "30"))
+    env = dict(os.environ)
+    if cpu_timer:
+        env["MW_PROFILING_CPU_TIMER"] = cpu_timer
+        seconds = min(seconds, 10.0)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "targets" / "stress_target.py"), "--seconds", str(seconds)],
-        capture_output=True, text=True, timeout=seconds * 4 + 120, cwd=str(ROOT),
+        capture_output=True, text=True, timeout=seconds * 4 + 120, cwd=str(ROOT), env=env,
     )
     assert proc.returncode == 0, f"stress target died (rc={proc.returncode}):\n{proc.stderr[-6000:]}"
     r = json.loads(proc.stdout)
@@ -38,3 +45,5 @@ def test_stress_no_crash_and_expected_functions():
     assert st["samples"] > st["ticks"]
     # what was lost is counted, and little was lost
     assert st["dropped"] <= 0.01 * st["samples"], st
+    if cpu_timer:
+        assert st["cpu_timer_mode"] == 1, st
