@@ -105,8 +105,9 @@ class _ProcessProfiler:
             if cfg.native:
                 n.unwind_enable(bool(cfg.native_show_internal))
         logger.info(
-            "middleware: profiling pid %d at %d Hz (service %s, store %s)",
+            "middleware: profiling pid %d at %d Hz (service %s, store %s); CPU samples from %s",
             self.pid, cfg.sample_rate, cfg.service_name, cfg.profile_dir or "off",
+            _CPU_TIMER_MODES.get(int(n.stats().get("cpu_timer_mode", 0)), "sampler ticks"),
         )
 
     def _start_upload(self, n: Any) -> None:
@@ -240,6 +241,15 @@ _hooks_installed = False
 
 
 _warned_no_pause = False
+
+
+# stats()["cpu_timer_mode"] -> what takes the CPU samples (README: "CPU samples taken by the thread")
+_CPU_TIMER_MODES = {
+    2: "per-thread perf task-clock events",
+    1: "per-thread POSIX CPU timers (perf_event_open refused: a sample comes at the kernel's next tick "
+       "of the thread's running, so bursts shorter than a tick are placed less exactly; totals are unbiased)",
+    0: "sampler ticks (no CPU timer: MW_PROFILING_CPU_TIMER=off or no free real-time signal)",
+}
 
 
 def _warn_once_without_pause(n: Any) -> None:

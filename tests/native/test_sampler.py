@@ -164,3 +164,32 @@ def test_a_thread_blocking_our_signal_does_not_pile_up_queued_signals(tmp_path, 
     # fire at most CONFIG_HZ times a second, each standing for its overrun periods)
     assert r["queued"] <= 32, r
     assert r["periods"] >= 600, r
+
+
+MODE_CHILD = """
+import json, logging, sys
+sys.path.insert(0, sys.argv[1])
+logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="LOG %(message)s")
+from middleware import MwTracker
+t = MwTracker(profile_dir="none", instrument=False)
+print(json.dumps({"mode": t.stats()["cpu_timer_mode"]}))
+t.stop()
+"""
+
+
+@pytest.mark.parametrize("mode, expect", [("timer", (1, "POSIX CPU timers")), ("off", (0, "sampler ticks"))])
+def test_the_start_line_says_what_takes_the_cpu_samples(mode, expect):
+    # GIVEN an app that logs at INFO and a CPU-timer mechanism forced (POSIX timers are what a
+    # container's default seccomp profile or perf_event_paranoid >= 3 leaves)
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.run([sys.executable, "-c", MODE_CHILD, root], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, MW_PROFILING_CPU_TIMER=mode))
+    assert p.returncode == 0, p.stderr[-2000:]
+    # THEN stats() and the start line name it (short bursts are placed at the kernel's tick with
+    # POSIX timers: a user reading the profile should know)
+    assert json.loads(p.stdout.strip().splitlines()[-1])["mode"] == expect[0]
+    start = [line for line in p.stderr.splitlines() if "middleware: profiling pid" in line]
+    assert len(start) == 1 and expect[1] in start[0], p.stderr[-2000:]
