@@ -337,6 +337,7 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
     mw_labels_span_seen(rec->labelset);
     rec->depth = depth;
     rec->truncated = truncated;
+    rec->unplaced = 0;
     int64_t took = mono_ns() - t0;
     rec->handler_ns = took > 0 ? (uint64_t)took : 0;
     bump(&c_handler_ns, rec->handler_ns);
@@ -567,15 +568,10 @@ static int thread_gone(long tid) {
     return clock_gettime(thread_clockid(tid), &ts) != 0;
 }
 
-/* Thread r has exited (its CPU clock is gone, so no handler of its runs any more). Its event's
- * count stopped at its exit: if it passed the sample due, that sample never came — past the
- * kernel's exit_signals no signal is delivered, and the exit path (~20-50 us: the thread state's
- * teardown, the C library's and the kernel's exit) is CPU like any other. Those periods are one
- * record with no frame ("[no Python frame]", as the thread's other samples taken after its
- * thread state was gone), as a sample taken then would have been. */
-/* One record with no frame for `periods` of thread tid's CPU whose samples never came ("[no
- * Python frame]", as the thread's other samples taken after its thread state was gone). */
-static void credit_record(reg_t *r, long tid, int i, uint64_t periods) {
+/* One record with no frame for `periods` of thread tid's CPU whose samples never came: "[no
+ * Python frame]" as the thread's other samples taken after its thread state was gone, or, unplaced
+ * (a POSIX timer's instants passed during its life), "[place unknown: due before thread exit]". */
+static void credit_record(reg_t *r, long tid, int i, uint64_t periods, int unplaced) {
     if (periods > 1000000) periods = 1000000;
     mw_cpusample_t *rec = record_claim();
     if (!rec) {
@@ -587,6 +583,7 @@ static void credit_record(reg_t *r, long tid, int i, uint64_t periods) {
     rec->tid = tid;
     rec->periods = (uint32_t)periods;
     rec->counted = 1;
+    rec->unplaced = unplaced;
     rec->labelset = mw_threads_labelset_now(tid);
     mw_labels_span_seen(rec->labelset);
     rec->depth = rec->truncated = rec->ncopies = rec->nips = rec->ips_complete = 0;
@@ -600,6 +597,11 @@ static void credit_record(reg_t *r, long tid, int i, uint64_t periods) {
     record_publish(rec);
 }
 
+/* Thread r has exited (its CPU clock is gone, so no handler of its runs any more). Its event's
+ * count stopped at its exit: if it passed the sample due, that sample never came — past the
+ * kernel's exit_signals no signal is delivered, and the exit path (~20-50 us: the thread state's
+ * teardown, the C library's and the kernel's exit) is CPU like any other. Those periods are one
+ * record with no frame, as a sample taken then would have been. */
 static void exit_credit(reg_t *r, long tid, int i) {
     uint64_t c = 0, P = (uint64_t)g_period_ns;
     if (r->fd < 0 || read(r->fd, &c, sizeof c) != (ssize_t)sizeof c || c < r->target) return;
@@ -608,15 +610,15 @@ static void exit_credit(reg_t *r, long tid, int i) {
         periods += (c - r->slot_end) / P;
         if (jitter_draw(&r->rng, P) < (c - r->slot_end) % P) periods++;
     }
-    credit_record(r, tid, i, periods);
+    credit_record(r, tid, i, periods, 0);
 }
 
 /* A thread with a POSIX timer that armed itself at its start ends here: a destructor of its
  * thread-specific data, run by the C library in the thread itself after its thread state is gone
  * (CPython's thread function has returned). Its timer's instants passed since its last signal
  * never fire now (the kernel checks them at its tick, and a dead thread has none), so they are
- * credited from its own clock, as perf's are from the event's final count (exit_credit); the
- * kernel's own exit after this point (~25 us) is not. Our signal is blocked first (a signal
+ * credited from its own clock (unplaced), as perf's are from the event's final count (exit_credit);
+ * the kernel's own exit after this point (~25 us) is not. Our signal is blocked first (a signal
  * already queued would otherwise be counted twice) and stays blocked: the thread is ending. */
 static void timer_exit(void *v) {
     uint32_t key = (uint32_t)(uintptr_t)v;
@@ -634,7 +636,7 @@ static void timer_exit(void *v) {
         clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0) {
         uint64_t c = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
         if (c >= r->next_due)
-            credit_record(r, me, i, 1 + (c - r->next_due) / (uint64_t)g_period_ns);
+            credit_record(r, me, i, 1 + (c - r->next_due) / (uint64_t)g_period_ns, 1);
         disarm_locked(i);
     }
     pthread_mutex_unlock(&g_lock);

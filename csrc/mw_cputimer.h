@@ -35,7 +35,7 @@
  *     fds; POSIX timers are not inherited).
  *   - A thread that armed a POSIX timer itself (born) also sets a thread-specific value whose
  *     destructor runs in that thread at its exit (after its thread state is gone): it blocks our
- *     signal, credits its timer's instants passed with no signal yet (a record with no frame),
+ *     signal, credits its timer's instants passed with no signal yet (an unplaced record),
  *     and disarms it, under the arm/disarm mutex. mw_cputimer_forget leaves a thread that is
  *     still running armed for it (or for the sweep).
  * Memory: the registration table, the record pool and the walk scratch are mmap'd once by the
@@ -71,6 +71,8 @@ typedef struct mw_cpusample {
     uint32_t labelset;   /* the thread's label set at the sample (mw_threads) */
     int depth;           /* frames[0..depth), leaf first */
     int truncated;       /* as mw_pyframes_walk: 1 cut, 2 torn (depth 0, to be dropped) */
+    int unplaced;        /* a POSIX timer's instants credited at the thread's exit (depth 0):
+                          * due earlier, where the kernel's tick never came to tell */
     mw_outergen_t outer; /* the outermost frame a coroutine runs (mw_pyframes_walk_gen), its task */
     uint64_t handler_ns; /* time the handler took (its cost to the application thread) */
     mw_rawframe_t *frames;

@@ -117,11 +117,22 @@ static mw_id_t no_frame_id(mw_profbuf_t *b) {
     return name && file ? mw_profbuf_intern_frame(b, &f) : 0;
 }
 
+/* The marker frame of a POSIX timer's samples that were due before the thread ended but never
+ * signalled (the kernel checks those timers only at its tick): CPU whose place is unknown. */
+static mw_id_t unplaced_id(mw_profbuf_t *b) {
+    static const char m[] = "[place unknown: due before thread exit]";
+    mw_id_t name = mw_profbuf_intern_str(b, m, sizeof m - 1);
+    mw_id_t file = mw_profbuf_intern_str(b, "", 0);
+    mw_frame_t f = {name, file, 0, 0};
+    return name && file ? mw_profbuf_intern_frame(b, &f) : 0;
+}
+
 /* A stack with no readable Python frame (g_ids empty) gets the marker frame, so its CPU time
- * still counts. 0 when the buffer cannot take the marker. */
-static int mark_if_empty(mw_profbuf_t *b, uint32_t *n) {
+ * still counts (unplaced: the CPU-timer record says where is unknown). 0 when the buffer cannot
+ * take the marker. */
+static int mark_if_empty_as(mw_profbuf_t *b, uint32_t *n, int unplaced) {
     if (*n) return 1;
-    mw_id_t id = no_frame_id(b);
+    mw_id_t id = unplaced ? unplaced_id(b) : no_frame_id(b);
     if (!id) return 0;
     g_ids[(*n)++] = id;
     return 1;
@@ -183,7 +194,7 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
         return;
     }
     if (depth == 0 && n == 0 && !on_cpu) return; /* not running, no Python frame */
-    if (!mark_if_empty(b, &n)) {
+    if (!mark_if_empty_as(b, &n, 0)) {
         g_stats.dropped++;
         return;
     }
@@ -315,6 +326,7 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
     }
     h = (h ^ ((uint64_t)r->labelset << 32 | (uint64_t)(uint32_t)r->depth)) * 1099511628211ULL;
     h = (h ^ r->outer.gen) * 1099511628211ULL; /* another task at the same frames: its own entry */
+    h = (h ^ (uint64_t)r->unplaced) * 1099511628211ULL; /* its own marker (mark_if_empty_as) */
     if (r->nips == 0 && !created && st->timed_gen == gen && st->timed_hash == h &&
         st->timed_thread == thread) {
         mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall, own};
@@ -386,7 +398,7 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
         n = intern_frames(b, raw, rdepth);
         if (raw != r->frames) mark_known(raw, rdepth);
     }
-    if (!mark_if_empty(b, &n)) {
+    if (!mark_if_empty_as(b, &n, r->unplaced)) {
         g_stats.dropped++;
         return;
     }
