@@ -1,0 +1,94 @@
+/* mw_cputimer_int — the state shared by the CPU timers' two files (the contract is mw_cputimer.h).
+ *
+ *   mw_cputimer.c      the handler (the in-thread read, the records it fills), set-up, stats, fork
+ *   mw_cputimer_reg.c  registrations: arming a thread's perf event or POSIX timer, disarming,
+ *                      the sweep of threads gone and the CPU of their exits
+ * Only these files include this header.
+ *
+ * Threads and locks: g_reg's entries are armed and disarmed under g_lock (never taken by a
+ * handler); a handler reads its entry's tid and gen atomically and writes only the fields of its
+ * own thread's entry (perf slots, next_due, rng). g_mode, g_signo, g_period_ns, g_perf_max: set by
+ * mw_cputimer_init (sampler not running), then read only. g_perf_open, g_gen_next, c_armed,
+ * c_arm_failed: under g_lock. The c_* atomics: any thread.
+ */
+#ifndef MW_CPUTIMER_INT_H
+#define MW_CPUTIMER_INT_H
+
+#include "mw_cputimer.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <time.h>
+
+#define REGS 4096 /* = MW_MAX_THREADS; the index takes the key's low 12 bits */
+#define REG_BITS 12
+#define SCRATCH 8     /* handlers reading at the same time (one per CPU running one) */
+#define FDKEYS 65536  /* perf fds above this use a POSIX timer instead */
+#define PERF_MAX 256  /* perf fds at most (and at most a quarter of RLIMIT_NOFILE) */
+#define PERF_BUDGET 8 /* overflows a perf event may signal before the handler re-arms it */
+#define PERF_REFILL 4
+#define PERF_MIN_PERIOD 20000 /* ns: no period shorter (a handler runs 10-50 us) */
+
+typedef struct {
+    _Atomic long tid;     /* 0 = free */
+    _Atomic uint32_t gen; /* generation of the current registration (1..2^20-1) */
+    uintptr_t tstate;
+    int fd;                /* perf event, -1 if none */
+    uint32_t since_refill; /* handler samples since it last topped up the perf budget */
+    uint64_t slot_end;     /* perf: end of the coming sample's slot, in the event's own count */
+    uint64_t target;       /* perf: the count at which the coming sample is due */
+    uint64_t slot_off;     /* perf: where in its slot the coming sample falls (fallback only) */
+    uint64_t rng;          /* perf: xorshift64* state (the owning thread's handler) */
+    uint64_t cpu_at_arm;   /* CPU clock from which samples cover the thread (0: from its birth) */
+    uint32_t bonus;        /* perf: periods the first sample also stands for (CPU before arming) */
+    uint64_t next_due;     /* POSIX: the thread-CPU instant (its clock) of the coming sample */
+    int has_timer;
+    timer_t timer;
+} reg_t;
+
+extern reg_t *g_reg;
+extern _Atomic uint32_t *g_fdkey; /* perf fd -> key, 0 = none */
+extern int g_signo, g_mode, g_perf_max, g_perf_open;
+extern int64_t g_period_ns;
+extern uint32_t g_gen_next;
+extern pthread_mutex_t g_lock; /* arm / disarm / sweep */
+extern _Atomic uint64_t c_recorded, c_periods, c_no_record, c_exit_periods;
+extern uint64_t c_armed, c_arm_failed; /* under g_lock */
+
+static inline int64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static inline void bump(_Atomic uint64_t *c, uint64_t v) {
+    atomic_fetch_add_explicit(c, v, memory_order_relaxed);
+}
+
+/* The CPU-time clock of thread tid (of this process), as clock_gettime takes it. */
+static inline clockid_t thread_clockid(long tid) {
+    return (clockid_t)((~(unsigned int)tid) << 3) | 6;
+}
+
+/* A uniform draw in [0, n) from a xorshift64* state (never 0). */
+static inline uint64_t jitter_draw(uint64_t *st, uint64_t n) {
+    uint64_t x = *st ? *st : 0x9E3779B97F4A7C15ULL;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *st = x;
+    return n ? ((x * 0x2545F4914F6CDD1DULL) >> 11) % n : 0;
+}
+
+/* A free record, claimed (state 1), or NULL when every one waits for the sampler. Lock-free,
+ * async-signal-safe. */
+mw_cpusample_t *mwc_record_claim(void);
+/* Hands a filled record to the sampler (state 2). Lock-free, async-signal-safe. */
+void mwc_record_publish(mw_cpusample_t *rec);
+/* A task-clock perf event on thread tid (disabled, sampling every period_ns), or -1. */
+int mwc_perf_open(long tid, int64_t period_ns);
+/* Routes fd's overflow signal (g_signo) to thread tid. 0, or -1. */
+int mwc_perf_route(int fd, long tid);
+
+#endif
