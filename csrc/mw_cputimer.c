@@ -10,6 +10,7 @@
 #include "mw_cputimer_int.h"
 
 #include "mw_codenames.h"
+#include "mw_cputrap.h"
 #include "mw_labels.h"
 #include "mw_tasks.h"
 #include "mw_threads.h"
@@ -48,7 +49,7 @@ static uintptr_t *g_ips;        /* MW_CPUTIMER_RECORDS * MW_UNWIND_MAX_FRAMES */
 
 static uint8_t *g_scratch;
 static size_t g_scratch_stride;
-int g_signo, g_mode, g_perf_max, g_perf_open;
+int g_signo, g_mode, g_perf_max, g_perf_open, g_trap;
 static int g_max_depth;
 static int g_guarded; /* direct reads under mw_guard are possible */
 int64_t g_period_ns;
@@ -132,7 +133,11 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
     int64_t t0 = mono_ns();
     uint32_t key = 0, periods = 1;
     int perf_fd = -1;
-    if (si->si_code == SI_TIMER) {
+    if (si->si_signo == SIGTRAP) { /* mw_cputrap's handler passes only TRAP_PERF ones */
+        key = (uint32_t)mw_cputrap_data(si);
+        reg_t *k = &g_reg[key & (REGS - 1)];
+        if (key && atomic_load(&k->gen) == key >> REG_BITS && atomic_load(&k->tid)) perf_fd = k->fd;
+    } else if (si->si_code == SI_TIMER) {
         key = (uint32_t)si->si_value.sival_int;
         if (si->si_overrun > 0) periods += (uint32_t)si->si_overrun;
     } else if ((si->si_code == POLL_IN || si->si_code == POLL_HUP) && si->si_fd >= 0 &&
@@ -295,7 +300,7 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
 /* ---- set-up --------------------------------------------------------------------------------- */
 
 /* The perf event and its routing (mwc_perf_open, mwc_perf_route: mw_cputimer_int.h). */
-int mwc_perf_open(long tid, int64_t period_ns) {
+int mwc_perf_open(long tid, int64_t period_ns, uint32_t key, int trap) {
     struct perf_event_attr a;
     memset(&a, 0, sizeof a);
     a.type = PERF_TYPE_SOFTWARE;
@@ -305,6 +310,11 @@ int mwc_perf_open(long tid, int64_t period_ns) {
     a.disabled = 1;
     a.wakeup_events = 1;
     a.exclude_hv = 1;
+    if (trap) { /* SIGTRAP on the way back to user mode, carrying the key (mw_cputrap.h) */
+        a.sigtrap = 1;
+        a.remove_on_exec = 1; /* required with sigtrap: an exec'd program has no handler */
+        a.sig_data = key;
+    }
     /* Kernel time counts: CPU spent in a system call belongs to the Python line that made it. */
     int fd = (int)syscall(SYS_perf_event_open, &a, (pid_t)tid, -1, -1, PERF_FLAG_FD_CLOEXEC);
     if (fd < 0 && (errno == EACCES || errno == EPERM)) {
@@ -376,13 +386,23 @@ int mw_cputimer_init(int rate_hz, int max_depth, int signo, const char **why) {
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
         (int)(rl.rlim_cur / 4) < g_perf_max)
         g_perf_max = (int)(rl.rlim_cur / 4);
-    int want_perf = !force || strcmp(force, "perf") == 0;
-    if (force && strcmp(force, "timer") == 0) want_perf = 0;
+    /* perf-rt: perf events on the real-time signal even where SIGTRAP could carry them */
+    int rt_only = force && strcmp(force, "perf-rt") == 0;
+    int want_perf = !force || strcmp(force, "perf") == 0 || rt_only;
     if (want_perf) {
-        int fd = mwc_perf_open((long)syscall(SYS_gettid), g_period_ns);
+        long me = (long)syscall(SYS_gettid);
+        int fd = mwc_perf_open(me, g_period_ns, 0, 0);
         if (fd >= 0) {
             close(fd);
             g_mode = 2;
+            /* The SIGTRAP route where the kernel has it (5.13+) and nothing else claims SIGTRAP. */
+            const char *trap_why = NULL;
+            g_trap = 0;
+            if (!rt_only && mw_cputrap_install(&trap_why) == 0 &&
+                (fd = mwc_perf_open(me, g_period_ns, 0, 1)) >= 0) {
+                close(fd);
+                g_trap = 1;
+            }
             return g_mode;
         }
     }
@@ -429,6 +449,7 @@ void mw_cputimer_get_stats(mw_cputimer_stats_t *out) {
     out->faults = atomic_load(&c_faults);
     out->native_frames = atomic_load(&c_native_frames);
     out->period_ns = (uint64_t)g_period_ns;
+    out->sigtrap = (uint64_t)g_trap;
 }
 
 void mw_cputimer_after_fork_child(void) {

@@ -50,6 +50,7 @@ typedef struct {
 extern reg_t *g_reg;
 extern _Atomic uint32_t *g_fdkey; /* perf fd -> key, 0 = none */
 extern int g_signo, g_mode, g_perf_max, g_perf_open;
+extern int g_trap; /* perf events signal through SIGTRAP (mw_cputrap.h), else g_signo */
 extern int64_t g_period_ns;
 extern uint32_t g_gen_next;
 extern pthread_mutex_t g_lock; /* arm / disarm / sweep */
@@ -86,8 +87,9 @@ static inline uint64_t jitter_draw(uint64_t *st, uint64_t n) {
 mw_cpusample_t *mwc_record_claim(void);
 /* Hands a filled record to the sampler (state 2). Lock-free, async-signal-safe. */
 void mwc_record_publish(mw_cpusample_t *rec);
-/* A task-clock perf event on thread tid (disabled, sampling every period_ns), or -1. */
-int mwc_perf_open(long tid, int64_t period_ns);
+/* A task-clock perf event on thread tid (disabled, sampling every period_ns), or -1. trap: its
+ * overflows raise SIGTRAP carrying key (mw_cputrap.h) instead of needing mwc_perf_route. */
+int mwc_perf_open(long tid, int64_t period_ns, uint32_t key, int trap);
 /* Routes fd's overflow signal (g_signo) to thread tid. 0, or -1. */
 int mwc_perf_route(int fd, long tid);
 

@@ -4,6 +4,7 @@
 #define _GNU_SOURCE
 #include "mw_cputimer_int.h"
 
+#include "mw_cputrap.h"
 #include "mw_labels.h"
 #include "mw_threads.h"
 
@@ -72,9 +73,11 @@ static int arm_perf(reg_t *r, long tid, uint32_t key, int born) {
     r->slot_end = (uint64_t)g_period_ns; /* the event counts from 0: slot 0 is [0, P) */
     if (r->slot_off < PERF_MIN_PERIOD) r->slot_off = PERF_MIN_PERIOD;
     r->bonus = 0;
-    int fd = mwc_perf_open(tid, (int64_t)r->slot_off);
+    /* SIGTRAP while it is still ours (an application may have taken it since) */
+    int trap = g_trap && mw_cputrap_ours();
+    int fd = mwc_perf_open(tid, (int64_t)r->slot_off, key, trap);
     if (fd < 0) return -1;
-    if (fd >= FDKEYS || mwc_perf_route(fd, tid) != 0) {
+    if (fd >= FDKEYS || (!trap && mwc_perf_route(fd, tid) != 0)) {
         close(fd);
         return -1;
     }

@@ -112,9 +112,12 @@ from middleware import MwTracker
 t = MwTracker(sample_rate=1000, profile_dir="none", instrument=False)
 burnt, stopped, counted = threading.Event(), threading.Event(), []
 
+# every real-time signal, and SIGTRAP (the perf events' signal where the kernel has attr.sigtrap)
+OURS = [*range(signal.SIGRTMIN, signal.SIGRTMAX + 1), signal.SIGTRAP]
+
 def blocked_burner():
     # a thread that blocks every real-time signal (as some C libraries do) and burns CPU
-    signal.pthread_sigmask(signal.SIG_BLOCK, range(signal.SIGRTMIN, signal.SIGRTMAX + 1))
+    signal.pthread_sigmask(signal.SIG_BLOCK, OURS)
     end = time.thread_time() + 2.0
     while time.thread_time() < end:
         sum(range(1000))
@@ -123,7 +126,7 @@ def blocked_burner():
     # the profiler is stopped (its timers disarmed): what was queued for this thread is
     # delivered now, and its handler counts each as stale
     before = t.stats()["cpu_timer_stale"]
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, range(signal.SIGRTMIN, signal.SIGRTMAX + 1))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, OURS)
     counted.append(t.stats()["cpu_timer_stale"] - before)
 
 def free_burner():
@@ -141,7 +144,7 @@ print(json.dumps({"queued": counted[0], "periods": st["cpu_timer_periods"], "mod
 """
 
 
-@pytest.mark.parametrize("mode", ["perf", "timer"])
+@pytest.mark.parametrize("mode", ["perf", "perf-rt", "timer"])
 def test_a_thread_blocking_our_signal_does_not_pile_up_queued_signals(tmp_path, mode):
     # GIVEN a thread that blocks all real-time signals and burns 2 s of CPU at 1 kHz
     import json
@@ -193,3 +196,64 @@ def test_the_start_line_says_what_takes_the_cpu_samples(mode, expect):
     assert json.loads(p.stdout.strip().splitlines()[-1])["mode"] == expect[0]
     start = [line for line in p.stderr.splitlines() if "middleware: profiling pid" in line]
     assert len(start) == 1 and expect[1] in start[0], p.stderr[-2000:]
+
+
+PIPE_WRITER_CHILD = r"""
+import json, os, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from middleware import MwTracker
+t = MwTracker(profile_dir="none", instrument=False, sample_rate=1000)
+r, w = os.pipe()
+
+def reader():  # a slow reader: the pipe fills and each large write blocks in the kernel
+    while os.read(r, 4096):
+        time.sleep(0.0001)
+
+th = threading.Thread(target=reader)
+th.start()
+big = b"x" * 300_000
+partial = 0
+for _ in range(60):
+    end = time.thread_time() + 0.002
+    while time.thread_time() < end:  # CPU right before the write: an overflow can fall in it
+        pass
+    n = os.write(w, big)
+    if n < len(big):
+        partial += 1
+        rest = memoryview(big)[n:]
+        while rest:
+            rest = rest[os.write(w, rest):]
+os.close(w)
+th.join()
+st = t.stats()
+print(json.dumps({"partial": partial, "sigtrap": st["cpu_timer_sigtrap"], "signals": st["cpu_timer_signals"]}))
+"""
+
+
+@pytest.mark.parametrize("mode", [None, "perf-rt"], ids=["default", "perf-rt"])
+def test_cpu_samples_never_cut_a_system_call_short(mode):
+    # GIVEN a thread that burns 2 ms, then writes 300 KB to a pipe whose reader is slow, 60 times,
+    # sampled at 1 kHz
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ)
+    env.pop("MW_PROFILING_CPU_TIMER", None)
+    if mode:
+        env["MW_PROFILING_CPU_TIMER"] = mode
+    p = subprocess.run([sys.executable, "-c", PIPE_WRITER_CHILD, root], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["signals"] >= 60, r
+    if mode == "perf-rt":
+        # the hazard, shown: a real-time signal queued by an overflow while the thread was in the
+        # kernel is pending when the write blocks, and the write returns a partial count (CPython's
+        # TextIOWrapper then loses the rest of a large print: python/cpython#85393); 24 of 60 here
+        assert r["partial"] > 0, r
+        return
+    if not r["sigtrap"]:
+        pytest.skip(f"the perf events' SIGTRAP route is not available here: {r}")
+    # THEN by default (SIGTRAP raised on the way back to user mode) no write is ever cut short
+    assert r["partial"] == 0, r
