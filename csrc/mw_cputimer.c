@@ -386,19 +386,21 @@ int mw_cputimer_init(int rate_hz, int max_depth, int signo, const char **why) {
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
         (int)(rl.rlim_cur / 4) < g_perf_max)
         g_perf_max = (int)(rl.rlim_cur / 4);
-    /* perf-rt: perf events on the real-time signal even where SIGTRAP could carry them */
-    int rt_only = force && strcmp(force, "perf-rt") == 0;
-    int want_perf = !force || strcmp(force, "perf") == 0 || rt_only;
+    /* perf-trap: perf events raise SIGTRAP (mw_cputrap.h), opt-in: a library that takes SIGTRAP
+     * after the profiler started would get ours (Celery's billiard pool workers exit on it) */
+    int trap_wanted = force && strcmp(force, "perf-trap") == 0;
+    int want_perf = !force || strcmp(force, "perf") == 0 || trap_wanted;
     if (want_perf) {
         long me = (long)syscall(SYS_gettid);
         int fd = mwc_perf_open(me, g_period_ns, 0, 0);
         if (fd >= 0) {
             close(fd);
             g_mode = 2;
-            /* The SIGTRAP route where the kernel has it (5.13+) and nothing else claims SIGTRAP. */
+            /* The SIGTRAP route when asked for, where the kernel has it (5.13+) and nothing else
+             * claims SIGTRAP yet. */
             const char *trap_why = NULL;
             g_trap = 0;
-            if (!rt_only && mw_cputrap_install(&trap_why) == 0 &&
+            if (trap_wanted && mw_cputrap_install(&trap_why) == 0 &&
                 (fd = mwc_perf_open(me, g_period_ns, 0, 1)) >= 0) {
                 close(fd);
                 g_trap = 1;

@@ -1,10 +1,9 @@
 /* mw_cputimer — CPU samples taken by the thread that spends the CPU, at the instant it spends it.
  *
  * Every Python thread the sampler knows gets a timer on its OWN CPU-time clock: a perf software
- * event (task-clock, PERF_COUNT_SW_TASK_CLOCK, one fd per thread, its overflow raising SIGTRAP in
- * that thread on its way back to user mode (attr.sigtrap, mw_cputrap.h: a system call is never
- * cut short by it) or, where SIGTRAP is not ours to take, our real-time signal routed to that
- * thread with F_SETOWN_EX/F_SETSIG; jittered systematic: one overflow at a random instant of
+ * event (task-clock, PERF_COUNT_SW_TASK_CLOCK, one fd per thread, its overflow signal routed to
+ * that thread with F_SETOWN_EX/F_SETSIG, or, opt-in, raising SIGTRAP in it on its way back to user
+ * mode: mw_cputrap.h; jittered systematic: one overflow at a random instant of
  * each period of CPU time, the handler setting the next one) where perf_event_open is
  * allowed, else a POSIX timer on the thread's CPU clock (timer_create, SIGEV_THREAD_ID; the
  * kernel checks it on its scheduler tick, so a busy thread gets at most CONFIG_HZ signals a
@@ -109,10 +108,10 @@ typedef struct mw_cputimer_stats {
 
 /* Sets the period (1e9 / rate_hz ns of CPU time), the frames kept per sample and the signal
  * (mw_unwind's, which must be installed), and picks the mechanism (perf if a probe on the calling
- * thread works, else POSIX timers) and the perf route (SIGTRAP where mw_cputrap_install takes
- * it, else the real-time signal). MW_PROFILING_CPU_TIMER=timer|perf|perf-rt|off forces one
- * (tests, diagnosis; perf-rt: perf on the real-time signal). Returns the mode (1 or 2), 0 when off
- * or unusable (*why says why). */
+ * thread works, else POSIX timers) and the perf route (the real-time signal; SIGTRAP with
+ * MW_PROFILING_CPU_TIMER=perf-trap where mw_cputrap_install takes it).
+ * MW_PROFILING_CPU_TIMER=timer|perf|perf-trap|off forces one (tests, diagnosis). Returns the mode
+ * (1 or 2), 0 when off or unusable (*why says why). */
 int mw_cputimer_init(int rate_hz, int max_depth, int signo, const char **why);
 int mw_cputimer_mode(void);
 

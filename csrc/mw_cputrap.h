@@ -10,9 +10,13 @@
  * EINTR. A signal raised on the way back to user mode comes after the call has finished. The
  * sample is the same: either way the handler runs at the thread's return to user mode.
  *
- * Used only where nothing else claims SIGTRAP: its disposition is the default and no debugger or
- * tracer is attached (each SIGTRAP would stop a traced process); otherwise, and on kernels
- * without attr.sigtrap, the perf events keep the real-time signal (F_SETSIG). Once installed the
+ * Opt-in (MW_PROFILING_CPU_TIMER=perf-trap), because SIGTRAP is not ours to keep: a library that
+ * installs a SIGTRAP handler after the profiler started receives our signals (Celery's billiard
+ * pool resets SIGTRAP in its workers to a handler that exits: they died of it), and one that
+ * resets it to the default dumps core at the next sample. Taken only where nothing claims SIGTRAP
+ * yet: its disposition is the default and no debugger or tracer is attached (each SIGTRAP would
+ * stop a traced process); otherwise, and on kernels without attr.sigtrap, the perf events keep
+ * the real-time signal (F_SETSIG). Once installed the
  * handler stays for the life of the process (a SIGTRAP of a closed event may still be on its
  * way, and SIGTRAP's default action dumps core); a SIGTRAP that is not TRAP_PERF goes to what
  * was installed before (the default: re-raised with it).

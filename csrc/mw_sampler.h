@@ -78,6 +78,8 @@ typedef struct mw_sampler_stats {
     uint64_t names_lost; /* timer samples dropped: a code object was gone before it was named */
     uint64_t wall_unattributed_ns; /* wall owed to threads that ended before their next sample */
     uint64_t stop_timeouts;        /* stops that did not see the sampler thread end in time */
+    uint64_t
+        native_spared_writes; /* native mode: blocked in a write, not signalled (no C frames) */
 } mw_sampler_stats_t;
 
 /* Starts sampling. Returns 0, -1 on failure (errno-style reason in *why). Idempotent: a running

@@ -136,6 +136,10 @@ void mws_ts_clear(void);
 void mws_zero_pages(void *p, size_t len);
 /* The interned name of st's thread in b (cached per buffer generation); its label set. */
 mw_id_t mws_thread_name_id(mw_profbuf_t *b, mw_tstate_t *st, uint32_t *labelset);
+/* Whether thread tid (of this process) is blocked in a system call that writes (write, writev,
+ * pwrite*, send*, sendfile, splice, vmsplice: /proc/self/task/<tid>/syscall). A signal would end
+ * its wait with a partial count. Sampler thread; ~3 system calls. */
+int mws_blocked_writing(long tid);
 /* Adds CPU time, on-CPU sample counts and the profiler's own time at those samples (a part of
  * cpu_ns, see mws_cpu_window_finalize) to a thread's row of window gen. */
 void mws_cpu_window_add(mw_id_t thread, uint64_t gen, uint64_t cpu_ns, uint64_t hits,

@@ -631,6 +631,14 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
     /* Native mode: a thread whose frames may have changed is signalled, running or not (a
      * blocked thread's native leaf is the call it waits in); one whose Python frames are
      * unchanged kept its native stack above, unsignalled. */
+    /* ... except one blocked in a write: the signal would end its wait with a partial count (a
+     * pipe or socket writer; CPython's TextIOWrapper then loses the rest of a large print), so
+     * its Python frames are read unpaused (proven: its clock does not move), with no native
+     * frames (counted: native_spared_writes). */
+    if (want_native && !on_cpu && mws_blocked_writing(th->tid)) {
+        want_native = 0;
+        g_stats.native_spared_writes++;
+    }
     if (want_native) want_pause = 1;
     uint64_t c1 = cs;
     for (int attempt = 0; attempt < 3 && !proven; attempt++) {

@@ -12,10 +12,13 @@
 #include "mw_labels.h"
 #include "mw_threads.h"
 
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 uint32_t g_ts_n;
 uint32_t *g_ts_index;
@@ -96,6 +99,28 @@ void mws_ts_prune(void) {
     memset(g_ts_index, 0, TS_INDEX * sizeof *g_ts_index);
     for (uint32_t i = 0; i < live; i++)
         ts_index_put(i);
+}
+
+int mws_blocked_writing(long tid) {
+    char path[64], buf[64];
+    snprintf(path, sizeof path, "/proc/self/task/%ld/syscall", tid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0 || buf[0] < '0' || buf[0] > '9') return 0; /* "running", "-1 ..." or unreadable */
+    buf[n] = '\0';
+    long nr = strtol(buf, NULL, 10);
+    static const long writes[] = {
+        SYS_write,    SYS_writev,   SYS_pwrite64, SYS_pwritev, SYS_sendto,
+        SYS_sendmsg,  SYS_sendmmsg, SYS_sendfile, SYS_splice,  SYS_vmsplice,
+#ifdef SYS_pwritev2
+        SYS_pwritev2,
+#endif
+    };
+    for (size_t i = 0; i < sizeof writes / sizeof *writes; i++)
+        if (nr == writes[i]) return 1;
+    return 0;
 }
 
 mw_id_t mws_thread_name_id(mw_profbuf_t *b, mw_tstate_t *st, uint32_t *labelset) {
