@@ -176,7 +176,7 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
     int early = 0;
     if (perf_fd >= 0 && key && atomic_load(&r->gen) == key >> REG_BITS && atomic_load(&r->tid)) {
         uint64_t P = (uint64_t)g_period_ns, u = jitter_draw(&r->rng, P), c = 0, next;
-        if (++r->since_refill >= PERF_REFILL) { /* every overflow spends the budget */
+        if (!r->trap && ++r->since_refill >= PERF_REFILL) { /* every overflow spends the budget */
             r->since_refill = 0;
             ioctl(perf_fd, PERF_EVENT_IOC_REFRESH, PERF_REFILL);
         }

@@ -44,6 +44,7 @@ typedef struct {
     uint32_t bonus;        /* perf: periods the first sample also stands for (CPU before arming) */
     uint64_t next_due;     /* POSIX: the thread-CPU instant (its clock) of the coming sample */
     int has_timer;
+    int trap; /* perf: its overflows raise SIGTRAP (no budget: mw_cputimer_reg.c arm_perf) */
     timer_t timer;
 } reg_t;
 

@@ -104,7 +104,14 @@ static int arm_perf(reg_t *r, long tid, uint32_t key, int born) {
     r->target = r->slot_off;
     atomic_store_explicit(&g_fdkey[fd], key, memory_order_release);
     r->since_refill = 0;
-    if (ioctl(fd, PERF_EVENT_IOC_REFRESH, PERF_BUDGET) != 0) { /* enables, with a budget */
+    r->trap = trap;
+    /* Enabled with a budget on the real-time route; SIGTRAP needs none (a standard signal, one
+     * pending at most, and perf queues one task work per event at a time) and must not have one:
+     * the overflow that spends a budget disables the event from an irq work, which may run after
+     * the SIGTRAP it raised has been handled and its top-up done, leaving the event disabled for
+     * good (a thread's samples stopped after 9 in a clean-clone run on 3.13). */
+    if (ioctl(fd, trap ? PERF_EVENT_IOC_ENABLE : PERF_EVENT_IOC_REFRESH, trap ? 0 : PERF_BUDGET) !=
+        0) {
         atomic_store(&g_fdkey[fd], 0);
         close(fd);
         return -1;
