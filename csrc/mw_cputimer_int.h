@@ -15,6 +15,7 @@
 #define MW_CPUTIMER_INT_H
 
 #include "mw_cputimer.h"
+#include "mw_rand.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -73,14 +74,9 @@ static inline clockid_t thread_clockid(long tid) {
     return (clockid_t)((~(unsigned int)tid) << 3) | 6;
 }
 
-/* A uniform draw in [0, n) from a xorshift64* state (never 0). */
+/* A uniform draw in [0, n) (xorshift64*, mw_rand.h; the state is seeded by its owner). */
 static inline uint64_t jitter_draw(uint64_t *st, uint64_t n) {
-    uint64_t x = *st ? *st : 0x9E3779B97F4A7C15ULL;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *st = x;
-    return n ? ((x * 0x2545F4914F6CDD1DULL) >> 11) % n : 0;
+    return n ? (mw_rand_next(st) >> 11) % n : 0;
 }
 
 /* A free record, claimed (state 1), or NULL when every one waits for the sampler. Lock-free,

@@ -109,19 +109,15 @@ static void known_sync(void) {
     }
 }
 
-/* The marker frame of CPU used outside any Python frame (thread start or end, pure C). */
-static mw_id_t no_frame_id(mw_profbuf_t *b) {
-    mw_id_t name = mw_profbuf_intern_str(b, "[no Python frame]", 17);
-    mw_id_t file = mw_profbuf_intern_str(b, "", 0);
-    mw_frame_t f = {name, file, 0, 0};
-    return name && file ? mw_profbuf_intern_frame(b, &f) : 0;
-}
-
-/* The marker frame of a POSIX timer's samples that were due before the thread ended but never
- * signalled (the kernel checks those timers only at its tick): CPU whose place is unknown. */
-static mw_id_t unplaced_id(mw_profbuf_t *b) {
-    static const char m[] = "[place unknown: due before thread exit]";
-    mw_id_t name = mw_profbuf_intern_str(b, m, sizeof m - 1);
+/* A marker frame: "[no Python frame]" for CPU used outside any Python frame (thread start or
+ * end, pure C); unplaced, "[place unknown: due before thread exit]" for a POSIX timer's samples
+ * that were due before the thread ended but never signalled (the kernel checks those timers only
+ * at its tick). */
+static mw_id_t marker_id(mw_profbuf_t *b, int unplaced) {
+    static const char none[] = "[no Python frame]",
+                      unknown[] = "[place unknown: due before thread exit]";
+    mw_id_t name = unplaced ? mw_profbuf_intern_str(b, unknown, sizeof unknown - 1)
+                            : mw_profbuf_intern_str(b, none, sizeof none - 1);
     mw_id_t file = mw_profbuf_intern_str(b, "", 0);
     mw_frame_t f = {name, file, 0, 0};
     return name && file ? mw_profbuf_intern_frame(b, &f) : 0;
@@ -132,7 +128,7 @@ static mw_id_t unplaced_id(mw_profbuf_t *b) {
  * take the marker. */
 static int mark_if_empty_as(mw_profbuf_t *b, uint32_t *n, int unplaced) {
     if (*n) return 1;
-    mw_id_t id = unplaced ? unplaced_id(b) : no_frame_id(b);
+    mw_id_t id = marker_id(b, unplaced);
     if (!id) return 0;
     g_ids[(*n)++] = id;
     return 1;
