@@ -3,6 +3,7 @@
 #include "mw_cputrap.h"
 
 #include "mw_cputimer.h"
+#include "mw_unwind.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -69,17 +70,7 @@ int mw_cputrap_install(const char **why) {
         return -1;
     }
     struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_sigaction = on_trap;
-    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
-    /* as the real-time route's handler (mw_unwind.c): other asynchronous signals wait for it,
-     * faults stay deliverable */
-    sigfillset(&sa.sa_mask);
-    sigdelset(&sa.sa_mask, SIGSEGV);
-    sigdelset(&sa.sa_mask, SIGBUS);
-    sigdelset(&sa.sa_mask, SIGILL);
-    sigdelset(&sa.sa_mask, SIGFPE);
-    sigdelset(&sa.sa_mask, SIGABRT);
+    mw_unwind_signal_action(&sa, on_trap); /* as the real-time route's */
     if (sigaction(SIGTRAP, &sa, &g_prev) != 0) {
         *why = "sigaction(SIGTRAP) failed";
         return -1;

@@ -161,6 +161,18 @@ static int signal_is_ours(int sig) {
            old.sa_sigaction == on_signal;
 }
 
+void mw_unwind_signal_action(struct sigaction *sa, void (*handler)(int, siginfo_t *, void *)) {
+    memset(sa, 0, sizeof *sa);
+    sa->sa_sigaction = handler;
+    sa->sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
+    sigfillset(&sa->sa_mask);
+    sigdelset(&sa->sa_mask, SIGSEGV);
+    sigdelset(&sa->sa_mask, SIGBUS);
+    sigdelset(&sa->sa_mask, SIGILL);
+    sigdelset(&sa->sa_mask, SIGFPE);
+    sigdelset(&sa->sa_mask, SIGABRT);
+}
+
 static int install_handler(const char **why) {
     if (g_sig && signal_is_ours(g_sig)) return 0;
     /* Probe for a real-time signal nobody handles (glibc keeps its own below SIGRTMIN). */
@@ -169,17 +181,7 @@ static int install_handler(const char **why) {
         if (sigaction(sig, NULL, &old) != 0) continue;
         if ((old.sa_flags & SA_SIGINFO) || old.sa_handler != SIG_DFL) continue;
         struct sigaction sa;
-        memset(&sa, 0, sizeof sa);
-        sa.sa_sigaction = on_signal;
-        sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
-        /* Other asynchronous signals wait for our short handler; faults stay deliverable so a
-         * crash still reaches faulthandler. */
-        sigfillset(&sa.sa_mask);
-        sigdelset(&sa.sa_mask, SIGSEGV);
-        sigdelset(&sa.sa_mask, SIGBUS);
-        sigdelset(&sa.sa_mask, SIGILL);
-        sigdelset(&sa.sa_mask, SIGFPE);
-        sigdelset(&sa.sa_mask, SIGABRT);
+        mw_unwind_signal_action(&sa, on_signal);
         if (sigaction(sig, &sa, NULL) != 0) continue;
         g_sig = sig;
         return 0;

@@ -28,6 +28,7 @@
 #include "mw_profbuf.h"
 #include "mw_pyframes.h"
 
+#include <signal.h>
 #include <stdint.h>
 
 #define MW_UNWIND_MAX_FRAMES 512     /* native frames captured per sample (leaf side kept) */
@@ -68,6 +69,10 @@ int mw_unwind_pause(long tid);
  * signals of the threads' CPU timers (mw_cputimer: si_code SI_TIMER or POLL_IN) and hands them
  * to mw_cputimer_on_signal. */
 int mw_unwind_signal(void);
+/* The action of our sampling signals (handler given): SA_SIGINFO | SA_ONSTACK | SA_RESTART, every
+ * other asynchronous signal waiting for the short handler, faults (SEGV, BUS, ILL, FPE, ABRT)
+ * still deliverable so a crash in it reaches faulthandler. Any thread. */
+void mw_unwind_signal_action(struct sigaction *sa, void (*handler)(int, siginfo_t *, void *));
 
 /* Disables native frames (the handler stays installed and ignores stray signals). */
 void mw_unwind_disable(void);
