@@ -231,6 +231,13 @@ static void exit_key_create(void) {
     g_exit_key_ok = pthread_key_create(&g_exit_key, timer_exit) == 0;
 }
 
+/* The calling thread, whose POSIX-timer registration has this key, credits its exit (timer_exit).
+ */
+static void exit_hook(uint32_t key) {
+    pthread_once(&g_exit_once, exit_key_create);
+    if (g_exit_key_ok) pthread_setspecific(g_exit_key, (void *)(uintptr_t)key);
+}
+
 void mw_cputimer_forget(long tid) {
     if (!g_reg || tid <= 0) return;
     pthread_mutex_lock(&g_lock);
@@ -254,11 +261,7 @@ static int arm_locked(long tid, uintptr_t tstate, int born, int *existed) {
         if (g_reg[i].tstate == tstate) {
             *existed = 1;
             if (born && g_reg[i].has_timer) { /* armed by a tick: its exit is still its own */
-                pthread_once(&g_exit_once, exit_key_create);
-                if (g_exit_key_ok)
-                    pthread_setspecific(
-                        g_exit_key,
-                        (void *)(uintptr_t)(atomic_load(&g_reg[i].gen) << REG_BITS | (uint32_t)i));
+                exit_hook(atomic_load(&g_reg[i].gen) << REG_BITS | (uint32_t)i);
             }
             return i;
         }
@@ -294,8 +297,7 @@ static int arm_locked(long tid, uintptr_t tstate, int born, int *existed) {
         if (arm_timer(r, tid, key, born) == 0) {
             if (born) {
                 r->cpu_at_arm = 0; /* its samples cover it from its creation (arm_timer) */
-                pthread_once(&g_exit_once, exit_key_create);
-                if (g_exit_key_ok) pthread_setspecific(g_exit_key, (void *)(uintptr_t)key);
+                exit_hook(key);
             }
             c_armed++;
             return (int)i;
