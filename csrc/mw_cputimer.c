@@ -11,6 +11,7 @@
 
 #include "mw_codenames.h"
 #include "mw_cputrap.h"
+#include "mw_report.h"
 #include "mw_labels.h"
 #include "mw_tasks.h"
 #include "mw_threads.h"
@@ -335,6 +336,15 @@ int mwc_perf_route(int fd, long tid) {
 int mw_cputimer_init(int rate_hz, int max_depth, int signo, const char **why) {
     g_mode = 0;
     const char *force = getenv("MW_PROFILING_CPU_TIMER");
+    if (force && !*force) force = NULL;
+    if (force && strcmp(force, "perf") != 0 && strcmp(force, "perf-trap") != 0 &&
+        strcmp(force, "timer") != 0 && strcmp(force, "off") != 0) {
+        mw_report_once(MW_REPORT_CPU_TIMER,
+                       "MW_PROFILING_CPU_TIMER=%.40s is none of perf, perf-trap, timer, off: "
+                       "ignored (the default: perf events where the kernel allows them)",
+                       force);
+        force = NULL;
+    }
     if (force && strcmp(force, "off") == 0) {
         *why = "MW_PROFILING_CPU_TIMER=off";
         return 0;
@@ -392,7 +402,7 @@ int mw_cputimer_init(int rate_hz, int max_depth, int signo, const char **why) {
     int want_perf = !force || strcmp(force, "perf") == 0 || trap_wanted;
     if (want_perf) {
         long me = (long)syscall(SYS_gettid);
-        int fd = mwc_perf_open(me, g_period_ns, 0, 0);
+        int fd = mwc_perf_open(me, g_period_ns, 0, 0), err = errno;
         if (fd >= 0) {
             close(fd);
             g_mode = 2;
@@ -404,9 +414,19 @@ int mw_cputimer_init(int rate_hz, int max_depth, int signo, const char **why) {
                 (fd = mwc_perf_open(me, g_period_ns, 0, 1)) >= 0) {
                 close(fd);
                 g_trap = 1;
+            } else if (trap_wanted) { /* asked for, not had: say so (stats: cpu_timer_sigtrap 0) */
+                mw_report_once(MW_REPORT_CPU_TIMER,
+                               "MW_PROFILING_CPU_TIMER=perf-trap: no SIGTRAP route (%s); CPU "
+                               "samples from perf events on the real-time signal",
+                               trap_why ? trap_why : strerror(errno));
             }
             return g_mode;
         }
+        if (force) /* perf or perf-trap asked for: where it is refused, the fallback is said */
+            mw_report_once(MW_REPORT_CPU_TIMER,
+                           "MW_PROFILING_CPU_TIMER=%s: perf_event_open refused (%s); CPU samples "
+                           "from POSIX CPU timers",
+                           force, strerror(err));
     }
     g_mode = 1;
     return g_mode;

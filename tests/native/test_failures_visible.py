@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import socket
 import subprocess
@@ -330,6 +331,16 @@ if os.environ.get("TEST_LOGGING") == "root":
 if case == "no-pause":  # the app handles every real-time signal the sampler could take
     for sig in range(signal.SIGRTMIN + 6, signal.SIGRTMAX - 1):
         signal.signal(sig, signal.SIG_IGN)
+if case == "perf-refused":  # as a container's default seccomp profile does (x86-64 numbers)
+    import ctypes, struct
+    libc = ctypes.CDLL(None, use_errno=True)
+    ld_nr, jeq, ret = 0x20, 0x15, 0x06
+    prog = [(ld_nr, 0, 0, 0), (jeq, 0, 1, 298), (ret, 0, 0, 0x00050000 | 13), (ret, 0, 0, 0x7FFF0000)]
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in prog))
+    fprog = struct.pack("HxxxxxxP", len(prog), ctypes.addressof(code))
+    assert libc.prctl(38, 1, 0, 0, 0) == 0 and libc.prctl(22, 2, ctypes.c_char_p(fprog), 0, 0) == 0
+if case == "trap-taken":  # the app handles SIGTRAP (as Celery's billiard pool workers do)
+    signal.signal(signal.SIGTRAP, lambda *args: None)
 import middleware
 from middleware import _native
 if case == "start-fails":  # the sampler cannot start here
@@ -344,7 +355,8 @@ while time.perf_counter() < deadline:
 with trackers[0].labels(step="last"):
     print("result", sum(i * i for i in range(1000)), flush=True)
 print(json.dumps({{"running": [t.running for t in trackers],
-                  "can_pause": trackers[0].stats().get("can_pause") if trackers[0].running else None}}))
+                  "can_pause": trackers[0].stats().get("can_pause") if trackers[0].running else None,
+                  "timer": trackers[0].stats().get("cpu_timer_mode") if trackers[0].running else None}}))
 sys.exit(3)
 """
 
@@ -355,6 +367,14 @@ TRACKER_CASES = [
                         "the app runs unprofiled"),
     ("profile-dir", {"MW_PROFILE_DIR": "{tmp}/a-file/profiles"}, "middleware: cannot create the profile directory "
                                                                   "{tmp}/a-file/profiles (Not a directory)"),
+    ("cpu-timer-unknown", {"MW_PROFILING_CPU_TIMER": "perff"},
+     "middleware: MW_PROFILING_CPU_TIMER=perff is none of perf, perf-trap, timer, off: ignored"),
+    ("trap-taken", {"MW_PROFILING_CPU_TIMER": "perf-trap"},
+     "middleware: MW_PROFILING_CPU_TIMER=perf-trap: no SIGTRAP route (SIGTRAP has a handler); "
+     "CPU samples from perf events on the real-time signal"),
+    ("perf-refused", {"MW_PROFILING_CPU_TIMER": "perf"},
+     "middleware: MW_PROFILING_CPU_TIMER=perf: perf_event_open refused (Permission denied); "
+     "CPU samples from POSIX CPU timers"),
 ]
 
 
@@ -374,6 +394,8 @@ def _run_tracker_case(
 def test_the_trackers_own_problems_are_said_once_on_stderr(tmp_path, case, extra, said):
     # GIVEN an app with logging not configured that starts two trackers where profiling cannot
     # work as asked
+    if case == "perf-refused" and platform.machine() != "x86_64":
+        pytest.skip("the seccomp filter uses x86-64 system call numbers")
     r = _run_tracker_case(tmp_path, case, extra)
     # THEN the app runs as it would unprofiled
     assert r.returncode == 3, r.stderr
@@ -394,6 +416,19 @@ def test_the_trackers_own_problems_are_said_once_on_stderr(tmp_path, case, extra
         assert res["running"] == [False, False]
     if case == "no-pause":
         assert res["can_pause"] == 0, res
+    if case == "perf-refused":  # the fallback profiles: per-thread POSIX CPU timers
+        assert res["running"] == [True, True] and res["timer"] == 1, res
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the seccomp filter uses x86-64 system call numbers")
+def test_where_perf_is_refused_the_default_takes_posix_timers_without_a_warning(tmp_path):
+    # GIVEN a process whose seccomp filter refuses perf_event_open (Docker's default profile does)
+    r = _run_tracker_case(tmp_path, "perf-refused", {})
+    # THEN it is profiled with POSIX CPU timers, and that is no failure: nothing on stderr
+    assert r.returncode == 3, r.stderr
+    res = json.loads(r.stdout.splitlines()[1])
+    assert res["running"] == [True, True] and res["timer"] == 1, res
+    assert _lines(r.stderr) == [], r.stderr
 
 
 def test_the_trackers_own_problems_go_through_logging_when_it_is_configured(tmp_path):
