@@ -58,7 +58,7 @@ uint32_t g_gen_next = 1;
 static uint32_t g_rec_next;      /* sampler: where the drain scan resumes */
 static _Atomic uint32_t g_ready; /* records in state 2: a tick with none scans nothing */
 
-_Atomic uint64_t c_recorded, c_periods, c_no_record, c_exit_periods;
+_Atomic uint64_t c_recorded, c_periods, c_no_record, c_exit_periods, c_steal_ns;
 static _Atomic uint64_t c_faults, c_native, c_native_frames, c_signals, c_no_scratch, c_torn,
     c_stale, c_handler_ns, c_early;
 uint64_t c_armed, c_arm_failed;
@@ -168,7 +168,9 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
      * delivery, the ioctl itself: tens of us on a loaded VM) would otherwise be lost at every
      * sample (a thread whose CPU was known only from its samples came out 10% short). A signal
      * that comes later than a whole slot stands for the slots it missed (periods), as a POSIX
-     * timer's overrun count does. One read and one ioctl per sample (~2 and ~12 us here).
+     * timer's overrun count does. One read and one ioctl per sample (~2 and ~12 us here). The
+     * count is read less the time the host took the virtual CPU away (mw_cpusteal.h: one more
+     * clock read, ~0.4 us): a sample due in the thread's CPU is not one due in stolen time.
      * A perf event also stops by itself after PERF_BUDGET overflows (PERF_EVENT_IOC_REFRESH) and
      * the handler tops the budget up every PERF_REFILL samples, so at most PERF_BUDGET of its
      * signals are ever queued: a thread that blocks our signal cannot pile up queued real-time
@@ -181,7 +183,18 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
             r->since_refill = 0;
             ioctl(perf_fd, PERF_EVENT_IOC_REFRESH, PERF_REFILL);
         }
-        if (read(perf_fd, &c, sizeof c) == (ssize_t)sizeof c && c < r->target) {
+        struct timespec now;
+        uint64_t stolen = 0;
+        if (read(perf_fd, &c, sizeof c) == (ssize_t)sizeof c && c &&
+            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now) ==
+                0) { /* the count less the host's steal */
+            c = mw_steal_less(&r->steal, c,
+                              (uint64_t)now.tv_sec * 1000000000ULL + (uint64_t)now.tv_nsec,
+                              &stolen);
+            if (!c) c = 1; /* 0 means "no count" below */
+            if (stolen) bump(&c_steal_ns, stolen);
+        }
+        if (c && c < r->target) {
             /* Early: the previous period ran on until our ioctl took effect and overflowed
              * once more meanwhile (a short period, a late handler). Not a sample: the one due
              * is still ahead. */
@@ -466,6 +479,7 @@ void mw_cputimer_get_stats(mw_cputimer_stats_t *out) {
     out->stale = atomic_load(&c_stale);
     out->early = atomic_load(&c_early);
     out->exit_periods = atomic_load(&c_exit_periods);
+    out->steal_ns = atomic_load(&c_steal_ns);
     out->handler_ns = atomic_load(&c_handler_ns);
     out->native = atomic_load(&c_native);
     out->faults = atomic_load(&c_faults);

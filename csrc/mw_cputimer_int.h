@@ -14,6 +14,7 @@
 #ifndef MW_CPUTIMER_INT_H
 #define MW_CPUTIMER_INT_H
 
+#include "mw_cpusteal.h"
 #include "mw_cputimer.h"
 #include "mw_rand.h"
 
@@ -43,6 +44,7 @@ typedef struct {
     uint64_t rng;          /* perf: xorshift64* state (the owning thread's handler) */
     uint64_t cpu_at_arm;   /* CPU clock from which samples cover the thread (0: from its birth) */
     uint32_t bonus;        /* perf: periods the first sample also stands for (CPU before arming) */
+    mw_steal_t steal;      /* perf: the count less the host's steal (mw_cpusteal.h) */
     uint64_t next_due;     /* POSIX: the thread-CPU instant (its clock) of the coming sample */
     int has_timer;
     int trap; /* perf: its overflows raise SIGTRAP (no budget: mw_cputimer_reg.c arm_perf) */
@@ -56,7 +58,7 @@ extern int g_trap; /* perf events signal through SIGTRAP (mw_cputrap.h), else g_
 extern int64_t g_period_ns;
 extern uint32_t g_gen_next;
 extern pthread_mutex_t g_lock; /* arm / disarm / sweep */
-extern _Atomic uint64_t c_recorded, c_periods, c_no_record, c_exit_periods;
+extern _Atomic uint64_t c_recorded, c_periods, c_no_record, c_exit_periods, c_steal_ns;
 extern uint64_t c_armed, c_arm_failed; /* under g_lock */
 
 static inline int64_t mono_ns(void) {

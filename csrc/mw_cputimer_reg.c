@@ -82,7 +82,13 @@ static int arm_perf(reg_t *r, long tid, uint32_t key, int born) {
         return -1;
     }
     struct timespec ts;
-    if (born && clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0) {
+    /* The thread's CPU clock as the event starts counting from 0 (its count is read less the
+     * host's steal, mw_cpusteal.h); another thread's is read through its clock id. */
+    int clock_ok = clock_gettime(born ? CLOCK_THREAD_CPUTIME_ID : thread_clockid(tid), &ts) == 0;
+    mw_steal_start(&r->steal, 0,
+                   clock_ok ? (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec : 0,
+                   clock_ok);
+    if (born && clock_ok) {
         /* A thread arming itself at its start has already run `pre` ns (its creation, the
          * interpreter's thread bootstrap, this arming: ~0.1 ms, as much as a thread that runs
          * 0.1 ms of Python uses in all) that no slot of the event covers: it counts from the
@@ -189,7 +195,9 @@ static void credit_record(reg_t *r, long tid, int i, uint64_t periods, int unpla
  * record with no frame, as a sample taken then would have been. */
 static void exit_credit(reg_t *r, long tid, int i) {
     uint64_t c = 0, P = (uint64_t)g_period_ns;
-    if (r->fd < 0 || read(r->fd, &c, sizeof c) != (ssize_t)sizeof c || c < r->target) return;
+    if (r->fd < 0 || read(r->fd, &c, sizeof c) != (ssize_t)sizeof c) return;
+    c = c > r->steal.steal ? c - r->steal.steal : 0; /* the steal set aside by its handler */
+    if (c < r->target) return;
     uint64_t periods = 1 + (uint64_t)r->bonus;
     if (c >= r->slot_end) { /* the slots after: each one's sample was due at a random instant */
         periods += (c - r->slot_end) / P;

@@ -207,3 +207,10 @@ def test_line_table_decoder_agrees_with_cpython(ctest: str, version: str) -> Non
     checks, out = _run(ctest, "linetable", cases)
     assert f"linetable: {sent} code objects" in out
     assert checks >= 5 * sent
+
+
+def test_a_perf_count_is_read_less_the_time_the_host_took_the_virtual_cpu(ctest: str) -> None:
+    """perf's task-clock runs on while the host has the vCPU (steal), the thread's CPU clock does
+    not: over each interval the count advances no more than the clock (a small slack aside)."""
+    checks, _ = _run(ctest, "steal")
+    assert checks >= 12, checks

@@ -3,12 +3,14 @@
  *   test_c_units json       reading the tenant exchange's answer (mw_upload_json, json-c)
  *   test_c_units corrupt    line-table decoding of corrupt tables (random bytes, cut varints)
  *   test_c_units threads    thread names: forgotten threads keep theirs through one reap
+ *   test_c_units steal      a perf count read less the host's steal (readings of count, clock)
  *   test_c_units linetable  line-table decoding; cases on stdin, one code object a line:
  *                           "<format> <firstlineno> <ncodeunits> <table hex|-> <line,line,...>"
  *                           where line i is the line CPython itself gives code unit i.
  * Each prints "<part>: <n> checks, <m> failed" and exits 1 when a check failed. Every input
  * is copied into a buffer of exactly its size, so a read past the end is caught under ASan.
  */
+#include "mw_cpusteal.h"
 #include "mw_labels.h"
 #include "mw_linetable.h"
 #include "mw_profbuf.h"
@@ -824,6 +826,34 @@ static void spansets(void) {
     pthread_join(th, NULL);
 }
 
+/* mw_cpusteal: readings (count, clock) of a perf task-clock event and its thread's CPU clock. */
+static void steal_readings(void) {
+    mw_steal_t s;
+    uint64_t stolen = 0, ms = 1000000;
+    /* a busy thread: both advance alike (the clock a little more, read after the count) */
+    mw_steal_start(&s, 0, 5 * ms, 1);
+    CHECK(mw_steal_less(&s, 10 * ms, 15 * ms + 1000, &stolen) == 10 * ms && stolen == 0);
+    CHECK(mw_steal_less(&s, 20 * ms, 25 * ms + 1500, &stolen) == 20 * ms && stolen == 0);
+    /* two reads a few us apart: the count ahead by less than the slack is not steal */
+    CHECK(mw_steal_less(&s, 30 * ms + 9000, 35 * ms, &stolen) == 30 * ms + 9000 && stolen == 0);
+    /* the host took the vCPU for 4 ms: the count ran on, the clock did not */
+    CHECK(mw_steal_less(&s, 44 * ms + 9000, 45 * ms, &stolen) == 40 * ms + 9000);
+    CHECK(stolen == 4 * ms && s.steal == 4 * ms);
+    /* what was set aside stays aside; context switches (the clock ahead) take nothing back */
+    CHECK(mw_steal_less(&s, 50 * ms, 52 * ms, &stolen) == 46 * ms && stolen == 0);
+    CHECK(mw_steal_less(&s, 60 * ms, 70 * ms, &stolen) == 56 * ms && stolen == 0);
+    /* a clock that goes back sets nothing aside, the next interval counts from it */
+    CHECK(mw_steal_less(&s, 70 * ms, 60 * ms, &stolen) == 66 * ms && stolen == 0);
+    CHECK(mw_steal_less(&s, 80 * ms, 61 * ms, &stolen) == 67 * ms && stolen == 9 * ms);
+    /* an unknown start: the first reading only sets the pair */
+    mw_steal_start(&s, 0, 0, 0);
+    CHECK(mw_steal_less(&s, 50 * ms, 1 * ms, &stolen) == 50 * ms && stolen == 0);
+    CHECK(mw_steal_less(&s, 60 * ms, 2 * ms, &stolen) == 51 * ms && stolen == 9 * ms);
+    /* never below zero */
+    mw_steal_start(&s, 0, 0, 1);
+    CHECK(mw_steal_less(&s, 5 * ms, 0, &stolen) == 0 && stolen == 5 * ms);
+}
+
 int main(int argc, char **argv) {
     const char *part = argc > 1 ? argv[1] : "";
     if (strcmp(part, "profbuf") == 0) {
@@ -851,11 +881,14 @@ int main(int argc, char **argv) {
         spansets();
     } else if (strcmp(part, "termguard") == 0) {
         termguard();
+    } else if (strcmp(part, "steal") == 0) {
+        steal_readings();
     } else {
-        fprintf(stderr,
-                "usage: %s profbuf|json|corrupt|threads|requests|spansets|termguard|linetable < "
-                "cases\n",
-                argv[0]);
+        fprintf(
+            stderr,
+            "usage: %s profbuf|json|corrupt|threads|requests|spansets|termguard|steal|linetable < "
+            "cases\n",
+            argv[0]);
         return 2;
     }
     printf("%s: %ld checks, %ld failed\n", part, g_checks, g_failed);
