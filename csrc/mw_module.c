@@ -30,9 +30,10 @@
 #include <unistd.h>
 
 static PyObject *py_start(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"rate_hz", "max_depth", "max_stacks", "wall_hz", NULL};
-    int rate = 100, depth = 1024, max_stacks = 0, wall = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iiii", kwlist, &rate, &depth, &max_stacks, &wall))
+    static char *kwlist[] = {"rate_hz", "max_depth", "max_stacks", "wall_hz", "max_frames", NULL};
+    int rate = 100, depth = 1024, max_stacks = 0, wall = 0, max_frames = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iiiii", kwlist, &rate, &depth, &max_stacks, &wall,
+                                     &max_frames))
         return NULL;
     if (wall < 0 || wall > 10000) {
         PyErr_SetString(PyExc_ValueError, "wall_hz must be within 1..10000 (0: default)");
@@ -47,6 +48,7 @@ static PyObject *py_start(PyObject *self, PyObject *args, PyObject *kw) {
     mw_sampler_config_t cfg = {.rate_hz = rate, .max_depth = depth, .wall_hz = wall};
     mw_profbuf_default_limits(&cfg.limits);
     if (max_stacks > 0) cfg.limits.max_stacks = (uint32_t)max_stacks;
+    if (max_frames > 0) cfg.limits.max_frames = (uint32_t)max_frames;
     const char *why = "unknown error";
     int rc = mw_sampler_start(&cfg, &why);
     if (rc < 0) {
@@ -88,6 +90,7 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "torn_reads", s.torn_reads) ||
         mw_dict_put_u64(d, "truncated", s.truncated) ||
         mw_dict_put_u64(d, "overflow", s.overflow + mw_collect_overflow()) ||
+        mw_dict_put_u64(d, "overflow_kept", s.overflow_kept) ||
         mw_dict_put_u64(d, "threads_seen", s.threads_seen) ||
         mw_dict_put_u64(d, "threads_gone", s.threads_gone) ||
         mw_dict_put_u64(d, "threads_unborn", s.unborn) ||
@@ -362,8 +365,9 @@ static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
 
 static PyMethodDef core_methods[] = {
     {"start", (PyCFunction)(void (*)(void))py_start, METH_VARARGS | METH_KEYWORDS,
-     "start(rate_hz=100, max_depth=1024, max_stacks=0, wall_hz=0) -> bool: start the sampler "
-     "thread (wall_hz: cap of the tick rate when CPU timers give the CPU samples; 0 = 100)"},
+     "start(rate_hz=100, max_depth=1024, max_stacks=0, wall_hz=0, max_frames=0) -> bool: start "
+     "the sampler thread (wall_hz: cap of the tick rate when CPU timers give the CPU samples; 0 = "
+     "100; max_stacks/max_frames: a window's table sizes, 0 = 32768/65536)"},
     {"stop", py_stop, METH_NOARGS, "stop the sampler thread (joins it)"},
     {"running", py_running, METH_NOARGS, "is the sampler thread running"},
     {"stats", py_stats, METH_NOARGS, "counters of the sampler"},

@@ -19,6 +19,8 @@ typedef struct {
 
 struct mw_profbuf {
     mw_profbuf_limits_t lim;
+    mw_profbuf_limits_t room; /* what the tables take with the reserve off (lim less the reserve) */
+    int reserve_on;
     uint64_t generation;
     uint64_t overflow;
 
@@ -50,6 +52,7 @@ void mw_profbuf_default_limits(mw_profbuf_limits_t *lim) {
     lim->max_strings = 65536;
     lim->string_bytes = 4u << 20;
     lim->frame_slots = 1u << 20;
+    lim->reserve_div = 16;
 }
 
 void mw_profbuf_small_limits(mw_profbuf_limits_t *lim) {
@@ -95,6 +98,15 @@ mw_profbuf_t *mw_profbuf_new(const mw_profbuf_limits_t *lim) {
         mw_profbuf_free(b);
         return NULL;
     }
+    b->room = *lim;
+    if (lim->reserve_div > 1) { /* the last 1/d of each table: see mw_profbuf_use_reserve */
+        uint32_t d = lim->reserve_div;
+        b->room.max_stacks -= lim->max_stacks / d;
+        b->room.max_frames -= lim->max_frames / d;
+        b->room.max_strings -= lim->max_strings / d;
+        b->room.string_bytes -= lim->string_bytes / d;
+        b->room.frame_slots -= lim->frame_slots / d;
+    }
     b->str_mask = si - 1;
     b->frame_mask = fi - 1;
     b->stack_mask = ki - 1;
@@ -139,6 +151,16 @@ void mw_profbuf_reset(mw_profbuf_t *b) {
     b->generation = atomic_fetch_add(&g_generation, 1);
 }
 
+void mw_profbuf_use_reserve(mw_profbuf_t *b, int on) {
+    b->reserve_on = on;
+}
+
+/* The limits in force: all of them with the reserve on, the room left for ordinary entries
+ * otherwise. */
+static const mw_profbuf_limits_t *limits(const mw_profbuf_t *b) {
+    return b->reserve_on ? &b->lim : &b->room;
+}
+
 uint64_t mw_profbuf_generation(const mw_profbuf_t *b) {
     return b->generation;
 }
@@ -149,7 +171,8 @@ mw_id_t mw_profbuf_intern_str(mw_profbuf_t *b, const char *s, size_t len) {
     for (uint32_t i = h & b->str_mask;; i = (i + 1) & b->str_mask) {
         uint32_t id = b->str_index[i];
         if (id == 0) {
-            if (b->nstrs >= b->lim.max_strings || b->arena_used + len + 1 > b->lim.string_bytes) {
+            const mw_profbuf_limits_t *l = limits(b);
+            if (b->nstrs >= l->max_strings || b->arena_used + len + 1 > l->string_bytes) {
                 b->overflow++;
                 return 0;
             }
@@ -173,7 +196,7 @@ mw_id_t mw_profbuf_intern_frame(mw_profbuf_t *b, const mw_frame_t *f) {
     for (uint32_t i = h & b->frame_mask;; i = (i + 1) & b->frame_mask) {
         uint32_t id = b->frame_index[i];
         if (id == 0) {
-            if (b->nframes >= b->lim.max_frames) {
+            if (b->nframes >= limits(b)->max_frames) {
                 b->overflow++;
                 return 0;
             }
@@ -219,7 +242,8 @@ int mw_profbuf_add_ex(mw_profbuf_t *b, const mw_id_t *frames, uint32_t depth, mw
         uint32_t id = b->stack_index[i];
         mw_stack_t *s;
         if (id == 0) {
-            if (b->nstacks >= b->lim.max_stacks || b->slots_used + depth > b->lim.frame_slots) {
+            const mw_profbuf_limits_t *l = limits(b);
+            if (b->nstacks >= l->max_stacks || b->slots_used + depth > l->frame_slots) {
                 b->overflow++;
                 return -1;
             }

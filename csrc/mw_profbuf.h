@@ -27,6 +27,8 @@ typedef struct mw_profbuf_limits {
     uint32_t max_strings;  /* distinct strings */
     uint32_t string_bytes; /* bytes of string arena */
     uint32_t frame_slots;  /* total frame ids stored over all stacks */
+    uint32_t reserve_div;  /* 0: no reserve; d: the last 1/d of each table is a reserve that only
+                            * mw_profbuf_use_reserve opens */
 } mw_profbuf_limits_t;
 
 typedef struct mw_frame {
@@ -62,7 +64,7 @@ typedef struct mw_profbuf_counts {
 
 typedef struct mw_profbuf mw_profbuf_t;
 
-/* Default limits (documented in the README's design section). */
+/* Default limits (documented in the README's design section), with a reserve of 1/16. */
 void mw_profbuf_default_limits(mw_profbuf_limits_t *lim);
 /* The limits of the event profiles' buffers (lock waits, memory): 8,192 stacks, 16,384 frames
  * and strings, 1 MiB of strings, 256 Ki frame slots. */
@@ -79,6 +81,11 @@ void mw_profbuf_reset(mw_profbuf_t *b);
 /* Changes whenever the buffer is reset; lets callers cache ids per generation. Buffers get
  * distinct generation numbers, so (generation) identifies both the buffer and its epoch. */
 uint64_t mw_profbuf_generation(const mw_profbuf_t *b);
+
+/* With the reserve on, interning and adding may use the reserve (limits.reserve_div): the writer
+ * opens it to keep, with less detail, a sample whose own entry did not fit (its stack without its
+ * labels, or a marker frame), so that a full table costs detail, not time. Off at creation. */
+void mw_profbuf_use_reserve(mw_profbuf_t *b, int on);
 
 /* Interns a string (copied). Returns its id, or 0 if the string table is full. */
 mw_id_t mw_profbuf_intern_str(mw_profbuf_t *b, const char *s, size_t len);

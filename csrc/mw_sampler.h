@@ -54,6 +54,7 @@ typedef struct mw_sampler_stats {
     uint64_t torn_reads;     /* thread lists or frame chains that changed under us */
     uint64_t truncated;      /* stacks kept partially */
     uint64_t overflow;       /* insertions refused by a full buffer */
+    uint64_t overflow_kept;  /* samples past a full table kept with less detail (mws_add_sample) */
     uint64_t threads_seen;   /* threads in the last tick */
     uint64_t threads_gone;   /* threads whose CPU clock vanished mid-tick */
     uint64_t unborn;         /* thread states skipped: not started, their creator's ids */

@@ -177,6 +177,17 @@ int mws_task_running(mw_profbuf_t *b, mw_tstate_t *st, const mw_outergen_t *og, 
 /* The plain thread of a stack's thread string (a task's: "<thread name>\x1f<task name>"), for
  * the CPU window rows (kept per thread). */
 mw_id_t mws_plain_thread(mw_profbuf_t *b, mw_id_t thread);
+/* Adds a sample of stack ids[0..n) (mw_profbuf_add_ex); when its entry does not fit, keeps it with
+ * less detail from the buffer's reserve (its span labels dropped, then all labels, then under a
+ * "[stack table full]" frame), counted as overflow_kept and said once on stderr. 0, or -1 when
+ * even that failed (the caller counts the sample dropped). Sampler thread. */
+int mws_add_sample(mw_profbuf_t *b, const mw_id_t *ids, uint32_t n, mw_id_t thread,
+                   uint32_t labelset, const mw_values_t *v, uint32_t *idx);
+/* ids[0..n) (leaf first) holds a 0 where a frame could not be interned (a full table): cuts the
+ * stack at the outermost such frame, under a "[frame table full]" leaf from the reserve, and
+ * returns the new length (n when nothing is missing); *lost = 1 (and 0 returned) when not even the
+ * marker fits. Sampler thread. */
+uint32_t mws_cut_at_full(mw_profbuf_t *b, mw_id_t *ids, uint32_t n, int *lost);
 
 /* mw_sampler_take.c */
 /* Takes the samples the CPU-timer handlers left (b NULL or no timers: frees them unused). */

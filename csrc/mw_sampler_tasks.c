@@ -118,10 +118,13 @@ static void task_sample(void *arg, mw_task_t *t) {
         return;
     }
     uint32_t m = 0;
+    int full = 0, lost = 0;
     for (int i = 0; i < n; i++) {
         mw_id_t id = mw_symcache_intern(k->b, g_tsym[i], g_traw[i].lasti);
-        if (id) g_tids[m++] = id;
+        g_tids[m++] = id;
+        full |= !id;
     }
+    if (full) m = mws_cut_at_full(k->b, g_tids, m, &lost);
     int created = 0;
     mw_tstate_t *st = mws_ts_find(l->tid, &created);
     if (!st || !m) {
@@ -139,9 +142,9 @@ static void task_sample(void *arg, mw_task_t *t) {
     mw_id_t sid = mw_profbuf_intern_str(k->b, s, (size_t)sl);
     mw_labels_span_seen(t->labelset);
     uint32_t idx;
-    if (!sid || mw_profbuf_add_ex(k->b, g_tids, m, sid, t->labelset, &v, &idx) != 0) {
+    if (!sid || mws_add_sample(k->b, g_tids, m, sid, t->labelset, &v, &idx) != 0) {
         mw_tasks_count_dropped(0);
-        g_stats.overflow++;
+        if (!sid) g_stats.overflow++;
         return;
     }
     g_stats.samples++;
