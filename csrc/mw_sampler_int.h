@@ -177,6 +177,9 @@ int mws_task_running(mw_profbuf_t *b, mw_tstate_t *st, const mw_outergen_t *og, 
 /* The plain thread of a stack's thread string (a task's: "<thread name>\x1f<task name>"), for
  * the CPU window rows (kept per thread). */
 mw_id_t mws_plain_thread(mw_profbuf_t *b, mw_id_t thread);
+/* mw_sampler_full.c. A marker frame (name, empty file, line 0) interned from the buffer's
+ * reserve (markers are few): 0 only when not even the reserve takes it. Sampler thread. */
+mw_id_t mws_marker(mw_profbuf_t *b, const char *name);
 /* Adds a sample of stack ids[0..n) (mw_profbuf_add_ex); when its entry does not fit, keeps it with
  * less detail from the buffer's reserve (its span labels dropped, then all labels, then under a
  * "[stack table full]" frame), counted as overflow_kept and said once on stderr. 0, or -1 when

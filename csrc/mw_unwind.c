@@ -675,7 +675,7 @@ uint32_t mw_unwind_combine_ips(mw_profbuf_t *b, const uintptr_t *ips, int k, int
 #define EMIT(id)                                                                                   \
     do {                                                                                           \
         mw_id_t id_ = (id);                                                                        \
-        if (id_ && n < cap) out[n++] = id_;                                                        \
+        if (n < cap) out[n++] = id_; /* 0: a full table; the caller cuts the stack there */        \
     } while (0)
 #define EMIT_GROUP(g)                                                                              \
     do {                                                                                           \

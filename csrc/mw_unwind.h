@@ -97,7 +97,8 @@ void mw_unwind_release(void);
  * of frame ids of buffer b into out (leaf first, at most cap; the root side is cut) — native
  * frames interned as (symbol or object+0xSTART, shared object basename, line 0), Python frames
  * (py[0..npy), leaf first, resolved with mw_symcache) in place of the eval loop's frames.
- * Returns the number of ids written. */
+ * Returns the number of ids written; an id is 0 where a frame could not be interned (a full
+ * table: the caller cuts the stack at the outermost one, never skips it). */
 uint32_t mw_unwind_combine(mw_profbuf_t *b, const mw_rawframe_t *py, int npy, mw_id_t *out,
                            uint32_t cap);
 

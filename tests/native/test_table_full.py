@@ -18,6 +18,8 @@ pytestmark = pytest.mark.asan
 
 WORKLOAD = """
 n.start(rate_hz=1000, max_stacks={stacks}, max_frames={frames})
+if {native}:
+    n.unwind_enable(False)
 n.export_start(interval_s=60.0, service="svc", profile_dir={d!r})
 labelsets = [n.labelset([("request", str(i))]) for i in range(3000)]
 truth = {{}}
@@ -92,7 +94,7 @@ def test_a_full_stack_table_keeps_each_functions_cpu_with_fewer_labels(tmp_path)
     # GIVEN three threads switching to a new request label every 0.3-0.9 ms of CPU, at 1 kHz, in a
     # window whose stack table holds 600 entries: full within the first half of the run, after
     # which the threads run a function they had not run before
-    r, samples = _profile(tmp_path, stacks=600, frames=0, generated=0, seconds=2.0)
+    r, samples = _profile(tmp_path, stacks=600, frames=0, generated=0, seconds=2.0, native=False)
     st, truth = r["stats"], r["truth"]
     # THEN the table filled, and the samples past it were kept, none dropped
     assert st["overflow"] > 0 and st["overflow_kept"] > 0, st
@@ -115,10 +117,11 @@ def test_a_full_stack_table_keeps_each_functions_cpu_with_fewer_labels(tmp_path)
     assert len(_full_lines(r)) == 1, r["_stderr"]
 
 
-def test_a_full_frame_table_cuts_stacks_under_a_marker_and_never_skips_a_frame(tmp_path):
+@pytest.mark.parametrize("native", [False, True], ids=["python", "native"])
+def test_a_full_frame_table_cuts_stacks_under_a_marker_and_never_skips_a_frame(tmp_path, native):
     # GIVEN 400 generated functions called in turn at 1 kHz, in a window whose frame table holds
-    # 150 frames (a code-generating app: templates, ORMs, lambdas)
-    r, samples = _profile(tmp_path, stacks=0, frames=150, generated=400, seconds=2.0)
+    # 150 frames (a code-generating app: templates, ORMs, lambdas); with native frames too
+    r, samples = _profile(tmp_path, stacks=0, frames=150, generated=400, seconds=2.0, native=native)
     st, truth = r["stats"], r["truth"]
     assert st["overflow_kept"] > 0 and st["dropped"] == 0, st
     # THEN every stack is a true stack: each caller -> callee pair is one the code makes, and a
@@ -135,6 +138,8 @@ def test_a_full_frame_table_cuts_stacks_under_a_marker_and_never_skips_a_frame(t
         for callee, caller in pairwise(names):
             assert caller_of.get(callee, caller) == caller, (names, caller, callee)
     assert cut > 0, "no stack was cut: the table did not fill"
+    if native:  # C frames were taken (the leaf under burn: time.thread_time's clock_gettime)
+        assert any(".so" in f[1] for frames, _, _ in samples for f in frames), samples[:3]
     # AND the CPU is all there
     profiled = sum(v[1] for _, _, v in samples) / 1e9
     assert 0.9 <= profiled / sum(truth.values()) <= 1.15, (profiled, truth, st)
