@@ -1,5 +1,6 @@
 /* mw_labels — see mw_labels.h. */
 #include "mw_labels.h"
+#include "mw_report.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -49,6 +50,7 @@ uint32_t mw_labels_intern(const char *const *keys, const char *const *vals, int 
         return 0;
     }
     uint32_t h = hash_set(keys, vals, n), id = 0;
+    int full = 0;
     pthread_mutex_lock(&g_lock);
     uint32_t i = h & (INDEX_SIZE - 1);
     for (;; i = (i + 1) & (INDEX_SIZE - 1)) {
@@ -63,6 +65,7 @@ uint32_t mw_labels_intern(const char *const *keys, const char *const *vals, int 
     uint32_t next = atomic_load(&g_count) + 1;
     if (next > MW_LABELSETS_MAX) {
         atomic_fetch_add(&g_refused, 1);
+        full = 1;
         goto out;
     }
     mw_labelset_t *s = calloc(1, sizeof *s);
@@ -87,6 +90,13 @@ uint32_t mw_labels_intern(const char *const *keys, const char *const *vals, int 
     id = next;
 out:
     pthread_mutex_unlock(&g_lock);
+    if (full)
+        mw_report_once(MW_REPORT_LABELS_FULL,
+                       "the label registry is full (%d distinct label sets: a label whose value "
+                       "changes per request or user fills it); samples under newer label sets "
+                       "carry no labels (stats() labelsets_refused; per-request ids belong in "
+                       "OpenTelemetry span labels, which are recycled)",
+                       MW_LABELSETS_MAX);
     return id;
 }
 
@@ -223,6 +233,12 @@ uint32_t mw_labels_intern_span(uint32_t base, const char *span_id, const char *t
         pthread_mutex_unlock(&g_lock);
         free(set);
         atomic_fetch_add(&g_span_refused, 1);
+        mw_report_once(MW_REPORT_SPANS_FULL,
+                       "the span label table is full (%d requests in the last one or two "
+                       "windows): samples of further requests keep their other labels but no "
+                       "span_id (stats() spansets_refused; shorter windows, "
+                       "MW_PROFILING_UPLOAD_INTERVAL, hold fewer)",
+                       MW_SPANSETS_MAX);
         return 0;
     }
     span_slot_t *sl = &g_spans[idx];

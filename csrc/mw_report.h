@@ -22,6 +22,8 @@ typedef enum {
     MW_REPORT_SAMPLER,            /* the sampler could not start or lost its read primitive */
     MW_REPORT_CPU_TIMER,          /* MW_PROFILING_CPU_TIMER unknown, or what it asks is not here */
     MW_REPORT_TABLE_FULL,         /* a window's stack/frame/name tables filled: less detail kept */
+    MW_REPORT_LABELS_FULL,        /* the process's label registry is full: new label sets refused */
+    MW_REPORT_SPANS_FULL,         /* the span label table is full: requests without span_id */
     MW_REPORT_KINDS
 } mw_report_kind_t;
 

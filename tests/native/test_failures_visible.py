@@ -349,6 +349,12 @@ if case == "start-fails":  # the sampler cannot start here
     _native.start = start
 from middleware import MwTracker
 trackers = [MwTracker(), MwTracker()]  # the second joins (or tries again)
+if case == "labels-full":  # a label whose value changes per request: more sets than the registry holds
+    for i in range(66_000):
+        with trackers[0].labels(request=str(i)):
+            pass
+if case == "spans-full":  # more traced requests than the span table holds, none released yet
+    ids = [_native.span_labelset(0, "%016x" % i, "", "GET /") for i in range(33_000)]
 deadline = time.perf_counter() + 0.4
 while time.perf_counter() < deadline:
     sum(i * i for i in range(200))
@@ -372,6 +378,8 @@ TRACKER_CASES = [
     ("trap-taken", {"MW_PROFILING_CPU_TIMER": "perf-trap"},
      "middleware: MW_PROFILING_CPU_TIMER=perf-trap: no SIGTRAP route (SIGTRAP has a handler); "
      "CPU samples from perf events on the real-time signal"),
+    ("labels-full", {}, "middleware: the label registry is full (65536 distinct label sets"),
+    ("spans-full", {}, "middleware: the span label table is full (32768 requests"),
     ("perf-refused", {"MW_PROFILING_CPU_TIMER": "perf"},
      "middleware: MW_PROFILING_CPU_TIMER=perf: perf_event_open refused (Permission denied); "
      "CPU samples from POSIX CPU timers"),
