@@ -58,7 +58,7 @@ uint32_t g_gen_next = 1;
 static uint32_t g_rec_next;      /* sampler: where the drain scan resumes */
 static _Atomic uint32_t g_ready; /* records in state 2: a tick with none scans nothing */
 
-_Atomic uint64_t c_recorded, c_periods, c_no_record, c_exit_periods, c_steal_ns;
+_Atomic uint64_t c_recorded, c_periods, c_no_record, c_exit_periods, c_steal_ns, c_revived;
 static _Atomic uint64_t c_faults, c_native, c_native_frames, c_signals, c_no_scratch, c_torn,
     c_stale, c_handler_ns, c_early;
 uint64_t c_armed, c_arm_failed;
@@ -185,12 +185,13 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
         }
         struct timespec now;
         uint64_t stolen = 0;
+        /* the count less the host's steal; the clock also tells the sampler's watch that this
+         * event still signals (mw_cputimer_watch) */
         if (read(perf_fd, &c, sizeof c) == (ssize_t)sizeof c && c &&
-            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now) ==
-                0) { /* the count less the host's steal */
-            c = mw_steal_less(&r->steal, c,
-                              (uint64_t)now.tv_sec * 1000000000ULL + (uint64_t)now.tv_nsec,
-                              &stolen);
+            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now) == 0) {
+            uint64_t t = (uint64_t)now.tv_sec * 1000000000ULL + (uint64_t)now.tv_nsec;
+            atomic_store_explicit(&r->heard, t, memory_order_relaxed);
+            c = mw_steal_less(&r->steal, c, t, &stolen);
             if (!c) c = 1; /* 0 means "no count" below */
             if (stolen) bump(&c_steal_ns, stolen);
         }
@@ -200,6 +201,7 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
              * is still ahead. */
             early = 1;
             next = r->target - c;
+            if (next < PERF_MIN_PERIOD) next = PERF_MIN_PERIOD;
         } else if (c) {
             uint64_t end = r->slot_end;
             if (c >= end + P) { /* whole slots went by without a sample: this one stands for them */
@@ -480,6 +482,7 @@ void mw_cputimer_get_stats(mw_cputimer_stats_t *out) {
     out->early = atomic_load(&c_early);
     out->exit_periods = atomic_load(&c_exit_periods);
     out->steal_ns = atomic_load(&c_steal_ns);
+    out->revived = atomic_load(&c_revived);
     out->handler_ns = atomic_load(&c_handler_ns);
     out->native = atomic_load(&c_native);
     out->faults = atomic_load(&c_faults);

@@ -86,22 +86,23 @@ typedef struct mw_cpusample {
 } mw_cpusample_t;
 
 typedef struct mw_cputimer_stats {
-    uint64_t mode;          /* 0 off, 1 POSIX CPU timers, 2 perf task-clock */
-    uint64_t armed;         /* threads with a timer now */
-    uint64_t arm_failed;    /* threads that could not get one (read at ticks instead) */
-    uint64_t signals;       /* handler runs for a timer */
-    uint64_t recorded;      /* raw samples left for the sampler */
-    uint64_t periods;       /* CPU periods they stand for */
-    uint64_t no_record;     /* dropped: every record was waiting (sampler behind) */
-    uint64_t no_scratch;    /* dropped: every walk scratch busy (more handlers than CPUs) */
-    uint64_t torn;          /* dropped: the thread was between two stores of the eval loop */
-    uint64_t faults;        /* of which a read that faulted (recovered by the guard) */
-    uint64_t stale;         /* signals for a registration that had moved on (ignored) */
-    uint64_t early;         /* perf overflows before the sample due (a period not yet reset) */
-    uint64_t exit_periods;  /* periods of exited threads whose due sample never came (credited) */
-    uint64_t steal_ns;      /* perf count set aside: the host had the virtual CPU (mw_cpusteal.h) */
-    uint64_t handler_ns;    /* total time spent in handlers */
-    uint64_t native;        /* samples with a native stack (native mode) */
+    uint64_t mode;         /* 0 off, 1 POSIX CPU timers, 2 perf task-clock */
+    uint64_t armed;        /* threads with a timer now */
+    uint64_t arm_failed;   /* threads that could not get one (read at ticks instead) */
+    uint64_t signals;      /* handler runs for a timer */
+    uint64_t recorded;     /* raw samples left for the sampler */
+    uint64_t periods;      /* CPU periods they stand for */
+    uint64_t no_record;    /* dropped: every record was waiting (sampler behind) */
+    uint64_t no_scratch;   /* dropped: every walk scratch busy (more handlers than CPUs) */
+    uint64_t torn;         /* dropped: the thread was between two stores of the eval loop */
+    uint64_t faults;       /* of which a read that faulted (recovered by the guard) */
+    uint64_t stale;        /* signals for a registration that had moved on (ignored) */
+    uint64_t early;        /* perf overflows before the sample due (a period not yet reset) */
+    uint64_t exit_periods; /* periods of exited threads whose due sample never came (credited) */
+    uint64_t steal_ns;     /* perf count set aside: the host had the virtual CPU (mw_cpusteal.h) */
+    uint64_t revived;      /* stopped perf events the sampler topped up again (mw_cputimer_watch) */
+    uint64_t handler_ns;   /* total time spent in handlers */
+    uint64_t native;       /* samples with a native stack (native mode) */
     uint64_t native_frames; /* native frames captured in them */
     uint64_t period_ns;
     uint64_t sigtrap; /* perf events signal through SIGTRAP (mw_cputrap.h), not a real-time one */
@@ -122,6 +123,12 @@ int mw_cputimer_mode(void);
  * cover its CPU from its creation (the first one also stands for the CPU before the arming). */
 int mw_cputimer_arm(long tid, uintptr_t tstate, int born,
                     int *existed /* 1: it had one; may be NULL */);
+/* The sampler thread, at a tick, for a thread counted by its timer (registration i) whose CPU
+ * clock reads cpu_now: a perf event on the real-time route that has stopped (its overflow budget
+ * spent with no handler run to top it up) while our signal is neither blocked nor pending in the
+ * thread is topped up again. Takes the arm/disarm mutex only when it acts. */
+void mw_cputimer_watch(int i, long tid, uint64_t cpu_now);
+
 /* The registration of (tid, tstate) and the thread's CPU clock from which its samples cover it
  * (0: from its creation), or -1. */
 int mw_cputimer_find(long tid, uintptr_t tstate, uint64_t *cpu_at_arm);

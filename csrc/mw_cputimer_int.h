@@ -36,16 +36,18 @@ typedef struct {
     _Atomic long tid;     /* 0 = free */
     _Atomic uint32_t gen; /* generation of the current registration (1..2^20-1) */
     uintptr_t tstate;
-    int fd;                /* perf event, -1 if none */
-    uint32_t since_refill; /* handler samples since it last topped up the perf budget */
-    uint64_t slot_end;     /* perf: end of the coming sample's slot, in the event's own count */
-    uint64_t target;       /* perf: the count at which the coming sample is due */
-    uint64_t slot_off;     /* perf: where in its slot the coming sample falls (fallback only) */
-    uint64_t rng;          /* perf: xorshift64* state (the owning thread's handler) */
-    uint64_t cpu_at_arm;   /* CPU clock from which samples cover the thread (0: from its birth) */
-    uint32_t bonus;        /* perf: periods the first sample also stands for (CPU before arming) */
-    mw_steal_t steal;      /* perf: the count less the host's steal (mw_cpusteal.h) */
-    uint64_t next_due;     /* POSIX: the thread-CPU instant (its clock) of the coming sample */
+    int fd;                 /* perf event, -1 if none */
+    uint32_t since_refill;  /* handler samples since it last topped up the perf budget */
+    uint64_t slot_end;      /* perf: end of the coming sample's slot, in the event's own count */
+    uint64_t target;        /* perf: the count at which the coming sample is due */
+    uint64_t slot_off;      /* perf: where in its slot the coming sample falls (fallback only) */
+    uint64_t rng;           /* perf: xorshift64* state (the owning thread's handler) */
+    uint64_t cpu_at_arm;    /* CPU clock from which samples cover the thread (0: from its birth) */
+    uint32_t bonus;         /* perf: periods the first sample also stands for (CPU before arming) */
+    mw_steal_t steal;       /* perf: the count less the host's steal (mw_cpusteal.h) */
+    _Atomic uint64_t heard; /* perf: the thread's CPU clock at its handler's last run (the
+                             * sampler's watch, mw_cputimer_watch); 0 = unknown */
+    uint64_t next_due;      /* POSIX: the thread-CPU instant (its clock) of the coming sample */
     int has_timer;
     int trap; /* perf: its overflows raise SIGTRAP (no budget: mw_cputimer_reg.c arm_perf) */
     timer_t timer;
@@ -58,7 +60,7 @@ extern int g_trap; /* perf events signal through SIGTRAP (mw_cputrap.h), else g_
 extern int64_t g_period_ns;
 extern uint32_t g_gen_next;
 extern pthread_mutex_t g_lock; /* arm / disarm / sweep */
-extern _Atomic uint64_t c_recorded, c_periods, c_no_record, c_exit_periods, c_steal_ns;
+extern _Atomic uint64_t c_recorded, c_periods, c_no_record, c_exit_periods, c_steal_ns, c_revived;
 extern uint64_t c_armed, c_arm_failed; /* under g_lock */
 
 static inline int64_t mono_ns(void) {

@@ -9,6 +9,9 @@
 #include "mw_threads.h"
 
 #include <errno.h>
+#include <stdlib.h>
+#include <stdio.h>
+#include <fcntl.h>
 #include <linux/perf_event.h>
 #include <signal.h>
 #include <string.h>
@@ -88,6 +91,7 @@ static int arm_perf(reg_t *r, long tid, uint32_t key, int born) {
     mw_steal_start(&r->steal, 0,
                    clock_ok ? (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec : 0,
                    clock_ok);
+    atomic_store(&r->heard, clock_ok ? r->steal.clock : 0);
     if (born && clock_ok) {
         /* A thread arming itself at its start has already run `pre` ns (its creation, the
          * interpreter's thread bootstrap, this arming: ~0.1 ms, as much as a thread that runs
@@ -125,6 +129,53 @@ static int arm_perf(reg_t *r, long tid, uint32_t key, int born) {
     r->fd = fd;
     g_perf_open++;
     return 0;
+}
+
+/* Whether signal signo is blocked or pending in thread tid (its /proc status masks), or that
+ * cannot be told (then it is taken as held). */
+static int signal_held(long tid, int signo) {
+    char path[64], buf[2048];
+    snprintf(path, sizeof path, "/proc/self/task/%ld/status", tid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 1;
+    buf[n] = 0;
+    static const char *const keys[] = {"\nSigPnd:", "\nShdPnd:", "\nSigBlk:"};
+    int seen = 0;
+    for (int k = 0; k < 3; k++) {
+        const char *p = strstr(buf, keys[k]);
+        if (!p) continue;
+        unsigned long long mask = strtoull(p + strlen(keys[k]), NULL, 16);
+        if (mask & (1ULL << (signo - 1))) return 1;
+        seen++;
+    }
+    return seen != 3;
+}
+
+/* A perf event on the real-time route stops itself after PERF_BUDGET overflows no handler run has
+ * answered (so a thread blocking our signal cannot pile up queued signals), and the handler tops
+ * it up. Overflows can outrun the signals (at 5-10 kHz a busy thread's samples stopped for good
+ * within a second: the kernel sends one signal for overflows that come faster than it delivers,
+ * and a top-up can land before the disabling of the overflow that spent the budget): so the
+ * sampler watches. A thread that used PERF_WATCH_PERIODS periods of CPU (and 2 ms) since its
+ * handler last ran, with our signal neither blocked nor pending in it, has a stopped event. */
+#define PERF_WATCH_PERIODS 4
+void mw_cputimer_watch(int i, long tid, uint64_t cpu_now) {
+    if (!g_reg || i < 0 || i >= REGS || g_mode != 2) return;
+    reg_t *r = &g_reg[i];
+    uint64_t heard = atomic_load_explicit(&r->heard, memory_order_relaxed);
+    if (!heard || atomic_load(&r->tid) != tid ||
+        cpu_now < heard + PERF_WATCH_PERIODS * (uint64_t)g_period_ns + 2000000)
+        return;
+    if (signal_held(tid, g_signo)) return; /* its budget is doing its job */
+    pthread_mutex_lock(&g_lock);
+    if (atomic_load(&r->tid) == tid && r->fd >= 0 && !r->trap &&
+        ioctl(r->fd, PERF_EVENT_IOC_REFRESH, PERF_BUDGET) == 0)
+        bump(&c_revived, 1);
+    atomic_store_explicit(&r->heard, cpu_now, memory_order_relaxed); /* one try per watch span */
+    pthread_mutex_unlock(&g_lock);
 }
 
 static int arm_locked(long tid, uintptr_t tstate, int born, int *existed);

@@ -127,6 +127,7 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "cpu_timer_early", t.early) ||
         mw_dict_put_u64(d, "cpu_timer_exit_periods", t.exit_periods) ||
         mw_dict_put_u64(d, "cpu_timer_steal_ns", t.steal_ns) ||
+        mw_dict_put_u64(d, "cpu_timer_revived", t.revived) ||
         mw_dict_put_u64(d, "cpu_timer_sigtrap", t.sigtrap) ||
         mw_dict_put_u64(d, "handler_ns", t.handler_ns) ||
         mw_dict_put_u64(d, "tick_rate", (uint64_t)mw_sampler_tick_rate()) ||

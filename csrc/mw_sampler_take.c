@@ -536,6 +536,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
         (st->reg && st->reg_tstate == th->tstate && mw_cputimer_counted(st->reg - 1, th->tid)) ||
         (reg_found >= 0 && mw_cputimer_counted(reg_found, th->tid)); /* armed at its start */
     if (counted) {
+        if (st->reg && st->reg_tstate == th->tstate) mw_cputimer_watch(st->reg - 1, th->tid, c0);
         hw_window(st, gen);
         if (st->hw_clocked && st->name_gen == gen && st->name_id)
             mws_cpu_window_add(st->name_id, gen, dclock, 0, 0);
