@@ -24,6 +24,7 @@ typedef enum {
     MW_REPORT_TABLE_FULL,         /* a window's stack/frame/name tables filled: less detail kept */
     MW_REPORT_LABELS_FULL,        /* the process's label registry is full: new label sets refused */
     MW_REPORT_SPANS_FULL,         /* the span label table is full: requests without span_id */
+    MW_REPORT_SAMPLES_LOST,       /* CPU-timer samples lost: the sampler thread fell behind */
     MW_REPORT_KINDS
 } mw_report_kind_t;
 

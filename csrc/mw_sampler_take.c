@@ -11,6 +11,7 @@
  */
 #define _GNU_SOURCE
 #include "mw_sampler_int.h"
+#include "mw_report.h"
 
 #include "mw_codenames.h"
 #include "mw_cputimer.h"
@@ -469,6 +470,18 @@ void mws_drain_timed(mw_profbuf_t *b) {
     for (int k = 0; k < MW_CPUTIMER_RECORDS && (r = mw_cputimer_next()) != NULL; k++) {
         if (b && g_timers) take_timed(b, r);
         mw_cputimer_done(r);
+    }
+    /* A sample taken while every record waiting for this thread was full is lost: said once. */
+    static uint64_t lost_seen;
+    mw_cputimer_stats_t t;
+    mw_cputimer_get_stats(&t);
+    if (t.no_record + t.no_scratch > lost_seen) {
+        lost_seen = t.no_record + t.no_scratch;
+        mw_report_once(MW_REPORT_SAMPLES_LOST,
+                       "CPU samples lost: %llu came while the %d records waiting for the sampler "
+                       "thread were all taken (it fell behind: more busy threads than the rate "
+                       "allows for); stats() cpu_timer_no_record",
+                       (unsigned long long)lost_seen, MW_CPUTIMER_RECORDS);
     }
 }
 
