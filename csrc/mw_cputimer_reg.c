@@ -134,14 +134,8 @@ static int arm_perf(reg_t *r, long tid, uint32_t key, int born) {
 /* Whether signal signo is blocked or pending in thread tid (its /proc status masks), or that
  * cannot be told (then it is taken as held). */
 static int signal_held(long tid, int signo) {
-    char path[64], buf[2048];
-    snprintf(path, sizeof path, "/proc/self/task/%ld/status", tid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return 1;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0) return 1;
-    buf[n] = 0;
+    char buf[2048];
+    if (mw_threads_proc_read(tid, "status", buf, sizeof buf) < 0) return 1;
     static const char *const keys[] = {"\nSigPnd:", "\nShdPnd:", "\nSigBlk:"};
     int seen = 0;
     for (int k = 0; k < 3; k++) {

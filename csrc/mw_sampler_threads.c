@@ -102,14 +102,9 @@ void mws_ts_prune(void) {
 }
 
 int mws_blocked_writing(long tid) {
-    char path[64], buf[64];
-    snprintf(path, sizeof path, "/proc/self/task/%ld/syscall", tid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return 0;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0 || buf[0] < '0' || buf[0] > '9') return 0; /* "running", "-1 ..." or unreadable */
-    buf[n] = '\0';
+    char buf[64];
+    if (mw_threads_proc_read(tid, "syscall", buf, sizeof buf) < 0 || buf[0] < '0' || buf[0] > '9')
+        return 0; /* "running", "-1 ..." or unreadable */
     long nr = strtol(buf, NULL, 10);
     static const long writes[] = {
         SYS_write,    SYS_writev,   SYS_pwrite64, SYS_pwritev, SYS_sendto,

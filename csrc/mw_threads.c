@@ -1,9 +1,12 @@
 /* mw_threads — see mw_threads.h. Open addressing keyed by tid with tombstones (-1). */
 #include "mw_threads.h"
 
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef struct {
     _Atomic long tid; /* 0 empty, -1 tombstone */
@@ -168,4 +171,17 @@ void mw_threads_reset_after_fork(void) {
 
 uint64_t mw_threads_refused(void) {
     return atomic_load(&g_refused);
+}
+
+long mw_threads_proc_read(long tid, const char *file, char *buf, size_t cap) {
+    char path[96];
+    if (cap < 2) return -1;
+    snprintf(path, sizeof path, "/proc/self/task/%ld/%s", tid, file);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t n = read(fd, buf, cap - 1);
+    close(fd);
+    if (n <= 0) return -1;
+    buf[n] = '\0';
+    return (long)n;
 }

@@ -24,6 +24,11 @@ void mw_threads_forget(long tid);
  * previous reap. */
 void mw_threads_reap(void);
 
+/* Reads /proc/self/task/<tid>/<file> (what fits in cap - 1 bytes) into buf, NUL-terminated.
+ * Returns the bytes read, or -1 (the thread is gone, or /proc is not there). Any thread; not
+ * async-signal-safe. */
+long mw_threads_proc_read(long tid, const char *file, char *buf, size_t cap);
+
 /* Sampler side. Copies the name (NUL-terminated, "" if unknown) and returns the labelset
  * (0 if none). *name_seq gets a value that changes whenever the name changes. */
 uint32_t mw_threads_lookup(long tid, char *name, size_t cap, uint32_t *name_seq);
