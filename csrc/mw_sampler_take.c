@@ -130,15 +130,14 @@ static int mark_if_empty_as(mw_profbuf_t *b, uint32_t *n, int unplaced) {
     return 1;
 }
 
-static int g_frames_lost; /* the last intern_frames could not keep its sample (a full reserve) */
-
 /* Interns raw frames [0..depth), named in g_sym, into g_ids (leaf first); a recursion's frame
- * repeated at the same instruction is interned once. Returns the number of ids. */
-static uint32_t intern_frames(mw_profbuf_t *b, const mw_rawframe_t *raw, int depth) {
+ * repeated at the same instruction is interned once. Returns the number of ids (a stack cut where
+ * a table was full, mws_cut_at_full); *lost = 1 when not even that could be kept. */
+static uint32_t intern_frames(mw_profbuf_t *b, const mw_rawframe_t *raw, int depth, int *lost) {
     uint32_t n = 0;
     mw_id_t prev = 0;
     int full = 0;
-    g_frames_lost = 0;
+    *lost = 0;
     for (int i = 0; i < depth; i++) {
         mw_id_t id = i > 0 && g_sym[i] == g_sym[i - 1] && raw[i].lasti == raw[i - 1].lasti
                          ? prev
@@ -147,7 +146,7 @@ static uint32_t intern_frames(mw_profbuf_t *b, const mw_rawframe_t *raw, int dep
         full |= !id;
         prev = id;
     }
-    return full ? mws_cut_at_full(b, g_ids, n, &g_frames_lost) : n;
+    return full ? mws_cut_at_full(b, g_ids, n, lost) : n;
 }
 
 /* Tells the CPU-timer handlers that these frames' code objects are named (g_sym resolved). */
@@ -173,17 +172,16 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
     int rdepth = depth;
     if (ok && g_og.gen && mws_task_running(b, st, &g_og, !native, &raw, &rdepth, &task_thread) < 0)
         ok = 0;
+    int lost = 0;
     if (native) { /* native and Python frames spliced, leaf first */
         mw_unwind_release();
         n = ok ? mw_unwind_combine(b, g_raw, depth, g_ids, MW_MAX_DEPTH_CAP) : 0;
-        int lost = 0;
         n = mws_cut_at_full(b, g_ids, n, &lost);
-        if (lost) ok = 0;
     } else if (ok) {
-        n = intern_frames(b, raw, rdepth);
-        if (g_frames_lost) ok = 0;
+        n = intern_frames(b, raw, rdepth, &lost);
         if (g_timers) mark_known(raw, rdepth);
     }
+    if (lost) ok = 0;
     if (!ok) {
         /* A frame whose names could not be read: the sample would be a partial stack. (A thread
          * that ended meanwhile took its frames with it: that is not a lost sample.) */
@@ -390,22 +388,18 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
         return;
     }
     uint32_t n = 0;
+    int lost = 0;
     if (r->nips > 0) { /* native mode: the native stack of the same instant, Python spliced in */
         n = mw_unwind_combine_ips(b, r->ips, r->nips, r->ips_complete, r->frames, depth, g_ids,
                                   MW_MAX_DEPTH_CAP);
-        int lost = 0;
         n = mws_cut_at_full(b, g_ids, n, &lost);
-        if (lost) {
-            g_stats.dropped++;
-            return;
-        }
     } else {
-        n = intern_frames(b, raw, rdepth);
+        n = intern_frames(b, raw, rdepth, &lost);
         if (raw != r->frames) mark_known(raw, rdepth);
-        if (g_frames_lost) {
-            g_stats.dropped++;
-            return;
-        }
+    }
+    if (lost) {
+        g_stats.dropped++;
+        return;
     }
     if (!mark_if_empty_as(b, &n, r->unplaced)) {
         g_stats.dropped++;
