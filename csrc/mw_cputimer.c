@@ -203,6 +203,12 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
             next = r->target - c;
             if (next < PERF_MIN_PERIOD) next = PERF_MIN_PERIOD;
         } else if (c) {
+            /* The first signal after the sampler's watch revived a stopped event: the slots of
+             * the stopped stretch had no sample, and this one must not stand for them all at
+             * this one stack (a thread with a window's worth of samples gets that CPU from its
+             * clock, split over all of them). */
+            if (atomic_exchange_explicit(&r->revived, 0, memory_order_relaxed) && c > r->slot_end)
+                r->slot_end = c;
             uint64_t end = r->slot_end;
             if (c >= end + P) { /* whole slots went by without a sample: this one stands for them */
                 uint64_t missed = (c - end) / P;

@@ -47,6 +47,7 @@ typedef struct {
     mw_steal_t steal;       /* perf: the count less the host's steal (mw_cpusteal.h) */
     _Atomic uint64_t heard; /* perf: the thread's CPU clock at its handler's last run (the
                              * sampler's watch, mw_cputimer_watch); 0 = unknown */
+    _Atomic int revived;    /* perf: set by the watch when it topped the event up again */
     uint64_t next_due;      /* POSIX: the thread-CPU instant (its clock) of the coming sample */
     int has_timer;
     int trap; /* perf: its overflows raise SIGTRAP (no budget: mw_cputimer_reg.c arm_perf) */

@@ -92,6 +92,7 @@ static int arm_perf(reg_t *r, long tid, uint32_t key, int born) {
                    clock_ok ? (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec : 0,
                    clock_ok);
     atomic_store(&r->heard, clock_ok ? r->steal.clock : 0);
+    atomic_store(&r->revived, 0);
     if (born && clock_ok) {
         /* A thread arming itself at its start has already run `pre` ns (its creation, the
          * interpreter's thread bootstrap, this arming: ~0.1 ms, as much as a thread that runs
@@ -166,8 +167,10 @@ void mw_cputimer_watch(int i, long tid, uint64_t cpu_now) {
     if (signal_held(tid, g_signo)) return; /* its budget is doing its job */
     pthread_mutex_lock(&g_lock);
     if (atomic_load(&r->tid) == tid && r->fd >= 0 && !r->trap &&
-        ioctl(r->fd, PERF_EVENT_IOC_REFRESH, PERF_BUDGET) == 0)
+        ioctl(r->fd, PERF_EVENT_IOC_REFRESH, PERF_BUDGET) == 0) {
+        atomic_store(&r->revived, 1); /* the handler starts its slots afresh (mw_cputimer.c) */
         bump(&c_revived, 1);
+    }
     atomic_store_explicit(&r->heard, cpu_now, memory_order_relaxed); /* one try per watch span */
     pthread_mutex_unlock(&g_lock);
 }
