@@ -10,8 +10,6 @@
 
 #include <errno.h>
 #include <stdlib.h>
-#include <stdio.h>
-#include <fcntl.h>
 #include <linux/perf_event.h>
 #include <signal.h>
 #include <string.h>

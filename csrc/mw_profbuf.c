@@ -151,8 +151,10 @@ void mw_profbuf_reset(mw_profbuf_t *b) {
     b->generation = atomic_fetch_add(&g_generation, 1);
 }
 
-void mw_profbuf_use_reserve(mw_profbuf_t *b, int on) {
+int mw_profbuf_use_reserve(mw_profbuf_t *b, int on) {
+    int was = b->reserve_on;
     b->reserve_on = on;
+    return was;
 }
 
 /* The limits in force: all of them with the reserve on, the room left for ordinary entries

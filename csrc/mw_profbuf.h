@@ -84,8 +84,9 @@ uint64_t mw_profbuf_generation(const mw_profbuf_t *b);
 
 /* With the reserve on, interning and adding may use the reserve (limits.reserve_div): the writer
  * opens it to keep, with less detail, a sample whose own entry did not fit (its stack without its
- * labels, or a marker frame), so that a full table costs detail, not time. Off at creation. */
-void mw_profbuf_use_reserve(mw_profbuf_t *b, int on);
+ * labels, or a marker frame), so that a full table costs detail, not time. Off at creation.
+ * Returns whether it was on (to restore it). */
+int mw_profbuf_use_reserve(mw_profbuf_t *b, int on);
 
 /* Interns a string (copied). Returns its id, or 0 if the string table is full. */
 mw_id_t mw_profbuf_intern_str(mw_profbuf_t *b, const char *s, size_t len);

@@ -9,12 +9,12 @@
 /* Markers are few (five names) and come from the buffer's reserve: a full table never costs a
  * sample its marker. */
 mw_id_t mws_marker(mw_profbuf_t *b, const char *s) {
-    mw_profbuf_use_reserve(b, 1);
+    int was = mw_profbuf_use_reserve(b, 1);
     mw_id_t name = mw_profbuf_intern_str(b, s, strlen(s));
     mw_id_t file = mw_profbuf_intern_str(b, "", 0);
     mw_frame_t f = {name, file, 0, 0};
     mw_id_t id = name && file ? mw_profbuf_intern_frame(b, &f) : 0;
-    mw_profbuf_use_reserve(b, 0);
+    mw_profbuf_use_reserve(b, was);
     return id;
 }
 
@@ -65,13 +65,11 @@ int mws_add_sample(mw_profbuf_t *b, const mw_id_t *ids, uint32_t n, mw_id_t thre
     uint32_t base = mw_labels_base(labelset);
     if (base != labelset) rc = mw_profbuf_add_ex(b, ids, n, thread, base, v, idx);
     if (rc != 0 && labelset) rc = mw_profbuf_add_ex(b, ids, n, thread, 0, v, idx);
-    mw_profbuf_use_reserve(b, 0);
     if (rc != 0) {
         mw_id_t m = mws_marker(b, "[stack table full]");
-        mw_profbuf_use_reserve(b, 1);
         if (m) rc = mw_profbuf_add_ex(b, &m, 1, thread, 0, v, idx);
-        mw_profbuf_use_reserve(b, 0);
     }
+    mw_profbuf_use_reserve(b, 0);
     said_full(b);
     if (rc == 0) g_stats.overflow_kept++;
     return rc;

@@ -136,17 +136,14 @@ static int mark_if_empty_as(mw_profbuf_t *b, uint32_t *n, int unplaced) {
 static uint32_t intern_frames(mw_profbuf_t *b, const mw_rawframe_t *raw, int depth, int *lost) {
     uint32_t n = 0;
     mw_id_t prev = 0;
-    int full = 0;
-    *lost = 0;
     for (int i = 0; i < depth; i++) {
         mw_id_t id = i > 0 && g_sym[i] == g_sym[i - 1] && raw[i].lasti == raw[i - 1].lasti
                          ? prev
                          : mw_symcache_intern(b, g_sym[i], raw[i].lasti);
         g_ids[n++] = id;
-        full |= !id;
         prev = id;
     }
-    return full ? mws_cut_at_full(b, g_ids, n, lost) : n;
+    return mws_cut_at_full(b, g_ids, n, lost);
 }
 
 /* Tells the CPU-timer handlers that these frames' code objects are named (g_sym resolved). */

@@ -118,13 +118,10 @@ static void task_sample(void *arg, mw_task_t *t) {
         return;
     }
     uint32_t m = 0;
-    int full = 0, lost = 0;
-    for (int i = 0; i < n; i++) {
-        mw_id_t id = mw_symcache_intern(k->b, g_tsym[i], g_traw[i].lasti);
-        g_tids[m++] = id;
-        full |= !id;
-    }
-    if (full) m = mws_cut_at_full(k->b, g_tids, m, &lost);
+    int lost = 0;
+    for (int i = 0; i < n; i++)
+        g_tids[m++] = mw_symcache_intern(k->b, g_tsym[i], g_traw[i].lasti);
+    m = mws_cut_at_full(k->b, g_tids, m, &lost); /* 0 ids: a full table (lost: m == 0) */
     int created = 0;
     mw_tstate_t *st = mws_ts_find(l->tid, &created);
     if (!st || !m) {
