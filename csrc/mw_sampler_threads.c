@@ -12,7 +12,6 @@
 #include "mw_labels.h"
 #include "mw_threads.h"
 
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

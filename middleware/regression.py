@@ -50,12 +50,17 @@ function that did change cannot set it alone), when it is above 1 beyond its own
 standard deviations: a null change's median, a little above 1 half of the time, is left alone).
 A function is flagged when its ratio *divided by the common change* passes both tests, the
 interval widened by the median's own noise (its spread when the functions' ratios are drawn
-again from their sampling noise, added in quadrature). Only a rise is discounted: a common fall
-(a faster machine, or the others' shares shrinking because one function grew) is left as is, so
-the correction never flags more than the plain test. What the correction takes for the machine
-is a rise shared by most of the well-sampled functions; a change of the code that slows most of
-them alike is reported as the common change
-(:attr:`Comparison.common`), not as findings.
+again from their sampling noise, added in quadrature). On the share basis only a rise is
+discounted: there a common fall is what one function's growth does to the others' shares, and
+the correction never flags more than the plain test. On the request basis a common fall is
+discounted too: one function's cost per request does not fall because another's grew, so a fall
+shared by most functions is the machine (BEFORE ran beside a busy neighbour, or on a slower
+instance: on a shared 2-core VM the same code's CPU per request moves by up to a third between
+runs), and a function that kept its cost while the rest got cheaper did get dearer against the
+machine -- judged against 1, a function made 1.5x as costly after a slow BEFORE can show no
+growth at all. What the correction takes for the machine is a change shared by most of the
+well-sampled functions; a change of the code that slows (or, per request, speeds up) most of them
+alike is reported as the common change (:attr:`Comparison.common`), not as findings.
 """
 from __future__ import annotations
 
@@ -260,7 +265,7 @@ def _common(a: _Side, b: _Side, basis: str) -> tuple[float, float, int]:
         return 1.0, 0.0, len(logs)
     weights = _capped([1 / (sd * sd) for sd in sds], 1 / COMMON_MIN_FUNCTIONS)
     centre = _weighted_median(logs, weights)
-    if centre <= 0:
+    if centre == 0 or (centre < 0 and basis != "request"):  # a fall of shares: see the module's doc
         return 1.0, 0.0, len(logs)
     # the median's own noise: the median of the functions' ratios drawn again from their noise
     # (seeded: the same profiles give the same answer)
@@ -268,13 +273,13 @@ def _common(a: _Side, b: _Side, basis: str) -> tuple[float, float, int]:
     draws = [_weighted_median([rng.gauss(x, sd) for x, sd in zip(logs, sds, strict=True)], weights)
              for _ in range(_COMMON_DRAWS)]
     spread = pstdev(draws)
-    if centre <= _COMMON_SIGMAS * spread:  # within its own noise: nothing to discount
+    if abs(centre) <= _COMMON_SIGMAS * spread:  # within its own noise: nothing to discount
         return 1.0, 0.0, len(logs)
     return math.exp(centre), spread, len(logs)
 
 
 _COMMON_DRAWS = 200
-#: A common rise is discounted when it is beyond this many standard deviations of its own noise.
+#: A common change is discounted when it is beyond this many standard deviations of its own noise.
 _COMMON_SIGMAS = 2.0
 
 
@@ -370,8 +375,9 @@ def render_findings(findings: Iterable[Finding], threshold: float, header: str =
         common = rows[0].common if rows else 1.0
     if common != 1.0:
         counted = f" of the {common_functions} functions well sampled on both sides" if common_functions else ""
-        lines.append(f"common change: {common - 1:+.0%} (the median{counted}: a slower machine or runtime, other "
-                     "code made faster, or a change that slowed most functions alike); each function is judged "
+        why = ("a slower machine or runtime, other code made faster, or a change that slowed most functions alike"
+               if common > 1 else "a faster machine or runtime, or a change that sped most functions up alike")
+        lines.append(f"common change: {common - 1:+.0%} (the median{counted}: {why}); each function is judged "
                      "beyond it")
     if not rows:
         lines.append(f"no regression: no function's cost grew by more than {threshold:.0%} beyond the noise")

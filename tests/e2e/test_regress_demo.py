@@ -40,8 +40,11 @@ def test_serve_flags_the_function_the_new_version_made_slower(tmp_path: Path) ->
         detail = [(f["function"], f["endpoint"], f["kind"], f["metric"], f["basis"], round(f["share_before"], 4),
                    round(f["share_after"], 4), f["samples_before"], f["samples_after"])
                   for f in comparisons[0]["findings"]]
-        assert ("calc2", None) in flagged and ("calc2", "/calculate1/<int:number>") in flagged, detail
-        assert {fn for fn, _ in flagged} == {"calc2"}, detail
+        context = {k: comparisons[0][k] for k in ("before", "after", "error", "common")}
+        said = [line for line in log.read_text(errors="replace").splitlines() if "middleware" in line]
+        context["agent said"] = said[-10:]
+        assert ("calc2", None) in flagged and ("calc2", "/calculate1/<int:number>") in flagged, (detail, context)
+        assert {fn for fn, _ in flagged} == {"calc2"}, (detail, context)
         # the demo's Flask requests are counted: costs compare per request
         assert all(f["basis"] == "request" and f["requests_after"] > 0 for f in comparisons[0]["findings"]), detail
     finally:

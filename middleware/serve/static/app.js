@@ -847,18 +847,19 @@
     return api("/api/regressions", { service: state.service, type: state.type }).then(renderRegressions, fail);
   }
 
-  /* The version changes where every function got dearer alike (the machine, the runtime...): each
-     function was judged beyond that common change. */
+  /* The version changes where every function got dearer (or, per request, cheaper) alike (the
+     machine, the runtime...): each function was judged beyond that common change. */
   function commonNote(body) {
     var notes = [];
     (body.comparisons || []).forEach(function (c) {
       var all = (c.common || {})[""];
-      if (all && all > 1) {
-        notes.push(c.before.version + " → " + c.after.version + ": +" + Math.round((all - 1) * 100) + "%");
+      if (all && all !== 1) {
+        var v = Math.round((all - 1) * 100);
+        notes.push(c.before.version + " → " + c.after.version + ": " + (v >= 0 ? "+" : "") + v + "%");
       }
     });
     return notes.length
-      ? " Common change of all functions (the machine, the runtime, or code that slowed most functions alike; " +
+      ? " Common change of all functions (the machine, the runtime, or code that changed most functions alike; " +
         "each function is judged beyond it): " + notes.join(", ") + "."
       : "";
   }
@@ -893,7 +894,7 @@
       }
       var growth = f.kind === "new" ? "new"
         : pct(f.ratio) + " (" + pct(f.ratio_low) + " … " + (f.ratio_high === null ? "∞" : pct(f.ratio_high)) + ")" +
-          (f.common > 1 ? " beyond " + pct(f.common) + " common" : "");
+          (f.common !== 1 ? " beyond " + pct(f.common) + " common" : "");
       [
         f.function,
         f.endpoint || "(all)",
