@@ -265,7 +265,7 @@ def _common(a: _Side, b: _Side, basis: str) -> tuple[float, float, int]:
         return 1.0, 0.0, len(logs)
     weights = _capped([1 / (sd * sd) for sd in sds], 1 / COMMON_MIN_FUNCTIONS)
     centre = _weighted_median(logs, weights)
-    if centre == 0 or (centre < 0 and basis != "request"):  # a fall of shares: see the module's doc
+    if centre <= 0 and basis != "request":  # a fall of shares: see the module's doc
         return 1.0, 0.0, len(logs)
     # the median's own noise: the median of the functions' ratios drawn again from their noise
     # (seeded: the same profiles give the same answer)
