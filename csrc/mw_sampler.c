@@ -26,6 +26,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -64,12 +65,16 @@ mw_readcache_t *g_rc;
  * (mw_saferead_direct_begin) while our fault handler is the installed one, instead of one
  * process_vm_readv per read (MW_PROFILING_DIRECT_READS=0: system calls only). */
 static mw_guard_t g_sguard;
-static int g_direct;      /* the guard is registered and direct reads are allowed */
-int g_can_pause;          /* the pause handler is installed (mw_unwind_setup) */
-int g_timers;             /* CPU samples come from the threads' CPU timers (mw_cputimer) */
-int g_timers_armed;       /* some thread may hold a timer */
-static int g_tick_hz;     /* ticks per second: rate_hz, at most MW_WALL_HZ with timers */
-mw_gilstate_t g_gil_tick; /* GIL state read before the current thread's walk */
+static int g_direct;        /* the guard is registered and direct reads are allowed */
+int g_can_pause;            /* the pause handler is installed (mw_unwind_setup) */
+int g_timers;               /* CPU samples come from the threads' CPU timers (mw_cputimer) */
+int g_timers_armed;         /* some thread may hold a timer */
+static int g_tick_hz;       /* ticks per second: rate_hz, at most MW_WALL_HZ with timers */
+static int g_drained;       /* CPU-timer records the tick's drain took, -1 none (drain_pace) */
+static int64_t g_drain_gap; /* ns between drains between ticks, 0: none (see drain_pace) */
+static int64_t g_last_drain_ns;
+static int64_t g_drain_safe; /* the longest gap between drains (see drain_pace), 0: no bound */
+mw_gilstate_t g_gil_tick;    /* GIL state read before the current thread's walk */
 uint64_t g_tick;
 int64_t g_last_tick_ns;
 static uint64_t g_rng = 0x9E3779B97F4A7C15ULL;
@@ -146,6 +151,7 @@ static void visit(int i, int quiet, uint64_t gen, int64_t now, int first, const 
 static void tick(void) {
     int64_t now = mw_now_monotonic_ns();
     int first = g_tick == 0;
+    g_drained = -1; /* no drain (a torn thread list ends the tick before it) */
     mw_gilstate_t g;
     mw_pyframes_gil(&g);
     uintptr_t head = mw_pyframes_threads_head();
@@ -173,7 +179,7 @@ static void tick(void) {
     }
     g_tick++;
     g_gil_tick = g;
-    mws_drain_timed(g_active);
+    g_drained = mws_drain_timed(g_active);
     mw_threads_reap(); /* names of threads forgotten before the previous drain */
     uint64_t dwall = first ? (uint64_t)(1000000000LL / mw_sampler_tick_rate())
                            : (uint64_t)(now - g_last_tick_ns);
@@ -245,6 +251,38 @@ static void guarded_tick(void) {
     mw_readcache_reset(g_rc);
 }
 
+/* Draining between ticks. The CPU-timer records wait in a pool of MW_CPUTIMER_RECORDS for the
+ * sampler thread, which drains them at each tick (100 Hz by default with the timers, whatever the
+ * sampling rate). Threads on many CPUs at a high rate fill it faster than that (10 kHz on 2 CPUs
+ * leaves ~75-100 a tick; 1 kHz on 32 busy CPUs, 320; past the pool, samples are lost). After each
+ * drain the thread sets the gap to its next one from the flow the drain saw, so that a drain
+ * finds about DRAIN_TARGET records (an eighth of the pool: room for seven late drains), and never
+ * longer than g_drain_safe, in which even every CPU the process may run on sampling at the full
+ * rate fills only half of it (a burst after a quiet spell, the first tick); no drain between ticks
+ * while the ticks suffice, none closer than DRAIN_MIN_GAP_NS. Sampler thread only. */
+#define DRAIN_TARGET (MW_CPUTIMER_RECORDS / 8)
+#define DRAIN_MIN_GAP_NS 200000LL
+static void drain_pace(int drained, int64_t period) {
+    int64_t now = mw_now_monotonic_ns(), since = now - g_last_drain_ns;
+    g_last_drain_ns = now;
+    int64_t gap = drained > 0 && since > 0 ? since * DRAIN_TARGET / drained : period;
+    if (g_drain_safe && gap > g_drain_safe) gap = g_drain_safe;
+    g_drain_gap = gap >= period ? 0 : gap < DRAIN_MIN_GAP_NS ? DRAIN_MIN_GAP_NS : gap;
+}
+
+/* g_drain_safe for a start: at most rate_hz records a second from each CPU the process may run
+ * on (its affinity mask). */
+static void drain_safe_set(void) {
+    cpu_set_t set;
+    long cpus = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set)
+                                                            : sysconf(_SC_NPROCESSORS_ONLN);
+    if (cpus < 1) cpus = 1;
+    int64_t safe = (int64_t)(MW_CPUTIMER_RECORDS / 2) * 1000000000LL /
+                   ((int64_t)g_cfg.rate_hz * (int64_t)cpus);
+    g_drain_safe = g_timers && safe < 1000000000LL / g_tick_hz ? safe : 0;
+    g_drain_gap = g_drain_safe;
+}
+
 static void *sampler_main(void *arg) {
     (void)arg;
     pthread_setname_np(pthread_self(), "mw-sampler");
@@ -268,22 +306,40 @@ static void *sampler_main(void *arg) {
         next += period + jitter;
         struct timespec ts = {next / 1000000000LL, next % 1000000000LL};
         int stop = 0;
-        for (;;) { /* until the tick is due (or a stop), draining for whoever asks meanwhile */
-            int due = 0;
+        for (;;) { /* until the tick is due (or a stop), draining for whoever asks meanwhile,
+                    * and every g_drain_gap when the records come in fast */
+            int due = 0, drain = 0;
+            int64_t until = g_drain_gap ? mw_now_monotonic_ns() + g_drain_gap : next;
+            struct timespec wts = ts;
+            if (until < next) {
+                wts.tv_sec = until / 1000000000LL;
+                wts.tv_nsec = until % 1000000000LL;
+            } else {
+                until = next;
+            }
             pthread_mutex_lock(&g_ctl_lock);
-            while (!g_stop && g_sync_done == g_sync_req && !due)
-                due = pthread_cond_timedwait(&g_cond, &g_ctl_lock, &ts) == ETIMEDOUT;
+            while (!g_stop && g_sync_done == g_sync_req && !due && !drain) {
+                if (pthread_cond_timedwait(&g_cond, &g_ctl_lock, &wts) != ETIMEDOUT) continue;
+                if (until == next)
+                    due = 1;
+                else
+                    drain = 1;
+            }
             stop = g_stop;
             uint64_t req = g_sync_req, done = g_sync_done;
             pthread_mutex_unlock(&g_ctl_lock);
-            if (!stop && req != done) {
+            if (!stop && (req != done || drain)) {
                 pthread_mutex_lock(&g_buf_lock);
-                mws_drain_timed(g_active);
+                int n = mws_drain_timed(g_active);
                 pthread_mutex_unlock(&g_buf_lock);
-                pthread_mutex_lock(&g_ctl_lock);
-                g_sync_done = req;
-                pthread_cond_broadcast(&g_sync_cond);
-                pthread_mutex_unlock(&g_ctl_lock);
+                if (drain) g_stats.timer_drains++;
+                drain_pace(n, period);
+                if (req != done) {
+                    pthread_mutex_lock(&g_ctl_lock);
+                    g_sync_done = req;
+                    pthread_cond_broadcast(&g_sync_cond);
+                    pthread_mutex_unlock(&g_ctl_lock);
+                }
             }
             if (stop || due) break;
         }
@@ -300,6 +356,7 @@ static void *sampler_main(void *arg) {
             next = t0; /* do not try to catch up with a burst of ticks */
         }
         guarded_tick();
+        if (g_drained >= 0) drain_pace(g_drained, period);
         int64_t took = mw_now_monotonic_ns() - t0;
         if ((uint64_t)took > g_stats.tick_ns_max) g_stats.tick_ns_max = (uint64_t)took;
         g_stats.tick_ns_total += (uint64_t)took;
@@ -379,6 +436,8 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
     }
     mws_ts_clear();
     g_tick = 0;
+    drain_safe_set();
+    g_last_drain_ns = mw_now_monotonic_ns();
     g_last_prune = 0;
     g_nthreads = 0;
     /* The tick-indexed bookkeeping of an earlier run (or of the parent, in a forked child) must

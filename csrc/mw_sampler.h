@@ -62,6 +62,9 @@ typedef struct mw_sampler_stats {
     uint64_t tick_ns_max;    /* longest tick */
     uint64_t tick_ns_total;  /* time spent in ticks (the rest of sampler_cpu_ns is waking up) */
     uint64_t late_ticks;     /* ticks that started more than a period late */
+    uint64_t timer_backlog_max; /* most CPU-timer records one drain found waiting (of
+                                 * MW_CPUTIMER_RECORDS: past them samples are lost) */
+    uint64_t timer_drains;      /* drains between ticks, when the records came in fast */
     uint64_t saferead_failures;
     uint64_t walk_retries; /* walks redone from a fresh top frame after a torn first try */
     uint64_t label_races;  /* samples whose labels changed during the walk: recorded unlabelled */

@@ -193,7 +193,8 @@ int mws_add_sample(mw_profbuf_t *b, const mw_id_t *ids, uint32_t n, mw_id_t thre
 uint32_t mws_cut_at_full(mw_profbuf_t *b, mw_id_t *ids, uint32_t n, int *lost);
 
 /* mw_sampler_take.c */
-/* Takes the samples the CPU-timer handlers left (b NULL or no timers: frees them unused). */
-void mws_drain_timed(mw_profbuf_t *b);
+/* Takes the samples the CPU-timer handlers left (b NULL or no timers: frees them unused);
+ * returns how many there were. */
+int mws_drain_timed(mw_profbuf_t *b);
 
 #endif

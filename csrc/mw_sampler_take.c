@@ -456,12 +456,14 @@ static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thre
     }
 }
 
-void mws_drain_timed(mw_profbuf_t *b) {
+int mws_drain_timed(mw_profbuf_t *b) {
     mw_cpusample_t *r;
-    for (int k = 0; k < MW_CPUTIMER_RECORDS && (r = mw_cputimer_next()) != NULL; k++) {
+    int k = 0;
+    for (; k < MW_CPUTIMER_RECORDS && (r = mw_cputimer_next()) != NULL; k++) {
         if (b && g_timers) take_timed(b, r);
         mw_cputimer_done(r);
     }
+    if ((uint64_t)k > g_stats.timer_backlog_max) g_stats.timer_backlog_max = (uint64_t)k;
     /* A sample taken while every record waiting for this thread was full is lost: said once. */
     static uint64_t lost_seen;
     mw_cputimer_stats_t t;
@@ -474,6 +476,7 @@ void mws_drain_timed(mw_profbuf_t *b) {
                        "allows for); stats() cpu_timer_no_record",
                        (unsigned long long)lost_seen, MW_CPUTIMER_RECORDS);
     }
+    return k;
 }
 
 /* Why a stack may be trusted. The sampler reads a thread's frames while the thread may run on.

@@ -210,6 +210,50 @@ def test_a_busy_thread_keeps_its_samples_at_the_highest_rates(rate):
         assert 0.85 <= periods / (cpu * rate) <= 1.15, r
 
 
+BACKLOG_CHILD = """
+import json, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from middleware import MwTracker
+t = MwTracker(profile_dir="none", instrument=False, sample_rate=int(sys.argv[2]))
+cpu = []
+def burn():
+    end = time.thread_time() + 1.5
+    while time.thread_time() < end:
+        pass
+    cpu.append(time.thread_time())
+threads = [threading.Thread(target=burn) for _ in range(2)]
+for th in threads:
+    th.start()
+for th in threads:
+    th.join()
+s = t.stats()
+print(json.dumps({"cpu": sum(cpu), "stats": s}))
+t.stop()
+"""
+
+
+@pytest.mark.parametrize("rate, wall", [(10000, 10), (100, 100)])
+def test_cpu_timer_records_are_drained_before_their_pool_fills(rate, wall):
+    # GIVEN two busy threads at 10 kHz while the sampler ticks at 10 Hz (MW_PROFILING_WALL_RATE):
+    # up to 2,000 samples a tick for a pool of 256 records (10,605 samples were lost in 3 s when
+    # the records were drained only at ticks); and the default 100 Hz
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.run([sys.executable, "-c", BACKLOG_CHILD, root, str(rate)], capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, MW_PROFILING_WALL_RATE=str(wall)))
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    s = r["stats"]
+    if s["cpu_timer_mode"] != 2:
+        pytest.skip("perf events are not available here")
+    # THEN no sample is lost for want of a record: the pool never holds more than half of them
+    assert s["cpu_timer_no_record"] == 0 and s["cpu_timer_backlog_max"] <= 128, s
+    # ... by draining between ticks only where the ticks do not suffice
+    assert (s["cpu_timer_drains"] > 0) == (rate == 10000), s
+
+
 MODE_CHILD = """
 import json, logging, sys
 sys.path.insert(0, sys.argv[1])
