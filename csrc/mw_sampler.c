@@ -70,7 +70,6 @@ int g_can_pause;            /* the pause handler is installed (mw_unwind_setup) 
 int g_timers;               /* CPU samples come from the threads' CPU timers (mw_cputimer) */
 int g_timers_armed;         /* some thread may hold a timer */
 static int g_tick_hz;       /* ticks per second: rate_hz, at most MW_WALL_HZ with timers */
-static int g_drained;       /* CPU-timer records the tick's drain took, -1 none (drain_pace) */
 static int64_t g_drain_gap; /* ns between drains between ticks, 0: none (see drain_pace) */
 static int64_t g_last_drain_ns;
 static int64_t g_drain_safe; /* the longest gap between drains (see drain_pace), 0: no bound */
@@ -148,10 +147,10 @@ static void visit(int i, int quiet, uint64_t gen, int64_t now, int first, const 
     g_hot[g_nhot++] = i;
 }
 
-static void tick(void) {
+/* Returns the CPU-timer records its drain took, -1 when a torn thread list ended it before. */
+static int tick(void) {
     int64_t now = mw_now_monotonic_ns();
     int first = g_tick == 0;
-    g_drained = -1; /* no drain (a torn thread list ends the tick before it) */
     mw_gilstate_t g;
     mw_pyframes_gil(&g);
     uintptr_t head = mw_pyframes_threads_head();
@@ -172,14 +171,14 @@ static void tick(void) {
             g_stats.torn_reads++;
             g_nthreads = 0;
             g_nhot = 0;
-            return;
+            return -1;
         }
     } else {
         g_stats.quiet_ticks++;
     }
     g_tick++;
     g_gil_tick = g;
-    g_drained = mws_drain_timed(g_active);
+    int drained = mws_drain_timed(g_active);
     mw_threads_reap(); /* names of threads forgotten before the previous drain */
     uint64_t dwall = first ? (uint64_t)(1000000000LL / mw_sampler_tick_rate())
                            : (uint64_t)(now - g_last_tick_ns);
@@ -225,6 +224,7 @@ static void tick(void) {
         if (g_timers_armed) mw_cputimer_sweep(); /* threads that ended unseen */
         g_nthreads = 0; /* the table moved: the next tick lists the threads again */
     }
+    return drained;
 }
 
 static void sampler_cpu_update(void) {
@@ -242,13 +242,14 @@ static uint64_t rng_next(void) {
 
 /* A tick with direct reads when our fault handler is still the installed one (checked once per
  * tick: an application that installs its own SIGSEGV handler turns them off). */
-static void guarded_tick(void) {
+static int guarded_tick(void) {
     int direct = g_direct && mw_guard_active();
     if (direct) mw_saferead_direct_begin(&g_sguard);
     mw_readcache_reset(g_rc); /* in the tick's mode */
-    tick();
+    int drained = tick();
     if (direct) mw_saferead_direct_end();
     mw_readcache_reset(g_rc);
+    return drained;
 }
 
 /* Draining between ticks. The CPU-timer records wait in a pool of MW_CPUTIMER_RECORDS for the
@@ -346,7 +347,7 @@ static void *sampler_main(void *arg) {
         if (stop || mw_pyframes_finalizing()) {
             /* Stopping (not finalizing): one last tick, so the CPU the threads used since the
              * previous one is counted (a child's last window ends here). */
-            if (stop && g_tick > 0 && !mw_pyframes_finalizing()) guarded_tick();
+            if (stop && g_tick > 0 && !mw_pyframes_finalizing()) (void)guarded_tick();
             break;
         }
 
@@ -355,8 +356,8 @@ static void *sampler_main(void *arg) {
             g_stats.late_ticks++;
             next = t0; /* do not try to catch up with a burst of ticks */
         }
-        guarded_tick();
-        if (g_drained >= 0) drain_pace(g_drained, period);
+        int drained = guarded_tick();
+        if (drained >= 0) drain_pace(drained, period);
         int64_t took = mw_now_monotonic_ns() - t0;
         if ((uint64_t)took > g_stats.tick_ns_max) g_stats.tick_ns_max = (uint64_t)took;
         g_stats.tick_ns_total += (uint64_t)took;
