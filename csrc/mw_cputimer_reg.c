@@ -151,9 +151,10 @@ static int signal_held(long tid, int signo) {
  * answered (so a thread blocking our signal cannot pile up queued signals), and the handler tops
  * it up. Overflows can outrun the signals (at 5-10 kHz a busy thread's samples stopped for good
  * within a second: the kernel sends one signal for overflows that come faster than it delivers,
- * and a top-up can land before the disabling of the overflow that spent the budget): so the
- * sampler watches. A thread that used PERF_WATCH_PERIODS periods of CPU (and 2 ms) since its
- * handler last ran, with our signal neither blocked nor pending in it, has a stopped event. */
+ * and a top-up can land before the disabling of the overflow that spent the budget). The handler
+ * of that overflow's signal (POLL_HUP) restarts it (mw_cputimer.c); should a stop still escape
+ * it, the sampler watches. A thread that used PERF_WATCH_PERIODS periods of CPU (and 2 ms) since
+ * its handler last ran, with our signal neither blocked nor pending in it, has a stopped event. */
 #define PERF_WATCH_PERIODS 4
 void mw_cputimer_watch(int i, long tid, uint64_t cpu_now) {
     if (!g_reg || i < 0 || i >= REGS || g_mode != 2) return;

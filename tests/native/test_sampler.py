@@ -204,10 +204,14 @@ def test_a_busy_thread_keeps_its_samples_at_the_highest_rates(rate):
     r = json.loads(p.stdout.strip().splitlines()[-1])
     if r["mode"] != 2:
         pytest.skip("perf events are not available here")
-    # THEN every stretch has its samples: CPU / period within 15% (the perf event's overflow budget
-    # once ran out for good within a second at these rates, and the thread had no sample after)
-    for cpu, periods in r["chunks"]:
-        assert 0.85 <= periods / (cpu * rate) <= 1.15, r
+    # THEN every stretch has its samples: CPU / period within 10% (the perf event's overflow budget
+    # once ran out for good within a second at these rates, and the thread had no sample after),
+    # and 97% of them over the six: the event does not stop (restarted by the sampler's watch at
+    # its ticks, 10 kHz kept 94-98% of its periods; the signal of the overflow that spends the
+    # budget now restarts it: 99.5-99.9%, 97.4-99.7% beside two bursty CPU hogs)
+    ratios = [periods / (cpu * rate) for cpu, periods in r["chunks"]]
+    assert all(0.9 <= x <= 1.1 for x in ratios), r
+    assert sum(ratios) / len(ratios) >= 0.97, (ratios, r)
 
 
 BACKLOG_CHILD = """
