@@ -6,7 +6,7 @@
 
 #include <string.h>
 
-/* Markers are few (five names) and come from the buffer's reserve: a full table never costs a
+/* Markers are few (six names) and come from the buffer's reserve: a full table never costs a
  * sample its marker. */
 mw_id_t mws_marker(mw_profbuf_t *b, const char *s) {
     int was = mw_profbuf_use_reserve(b, 1);

@@ -130,6 +130,17 @@ static int mark_if_empty_as(mw_profbuf_t *b, uint32_t *n, int unplaced) {
     return 1;
 }
 
+/* A walk cut short (truncated 1: more frames than MW_PROFILING_MAX_DEPTH keeps, or a frame that
+ * could not be read or looped) kept the leaf side only: its root end gets a marker frame, so that
+ * the partial stack is not shown as a call made from nowhere (a root of its own in a flame graph)
+ * and its time is seen as cut. */
+#define CUT_MARKER "[stack cut: its outer frames were not read]"
+static void mark_if_cut(mw_profbuf_t *b, uint32_t *n, int truncated) {
+    if (truncated != 1 || !*n || *n >= MW_MAX_DEPTH_CAP) return;
+    mw_id_t id = mws_marker(b, CUT_MARKER);
+    if (id) g_ids[(*n)++] = id;
+}
+
 /* Interns raw frames [0..depth), named in g_sym, into g_ids (leaf first); a recursion's frame
  * repeated at the same instruction is interned once. Returns the number of ids (a stack cut where
  * a table was full, mws_cut_at_full); *lost = 1 when not even that could be kept. */
@@ -174,8 +185,10 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
         mw_unwind_release();
         n = ok ? mw_unwind_combine(b, g_raw, depth, g_ids, MW_MAX_DEPTH_CAP) : 0;
         n = mws_cut_at_full(b, g_ids, n, &lost);
+        if (!lost) mark_if_cut(b, &n, truncated);
     } else if (ok) {
         n = intern_frames(b, raw, rdepth, &lost);
+        if (!lost) mark_if_cut(b, &n, truncated);
         if (g_timers) mark_known(raw, rdepth);
     }
     if (lost) ok = 0;
@@ -320,7 +333,8 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
     }
     h = (h ^ ((uint64_t)r->labelset << 32 | (uint64_t)(uint32_t)r->depth)) * 1099511628211ULL;
     h = (h ^ r->outer.gen) * 1099511628211ULL; /* another task at the same frames: its own entry */
-    h = (h ^ (uint64_t)r->unplaced) * 1099511628211ULL; /* its own marker (mark_if_empty_as) */
+    h = (h ^ (uint64_t)r->unplaced) * 1099511628211ULL;  /* its own marker (mark_if_empty_as) */
+    h = (h ^ (uint64_t)r->truncated) * 1099511628211ULL; /* and mark_if_cut's */
     if (r->nips == 0 && !created && st->timed_gen == gen && st->timed_hash == h &&
         st->timed_thread == thread) {
         mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall, own};
@@ -390,8 +404,10 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
         n = mw_unwind_combine_ips(b, r->ips, r->nips, r->ips_complete, r->frames, depth, g_ids,
                                   MW_MAX_DEPTH_CAP);
         n = mws_cut_at_full(b, g_ids, n, &lost);
+        if (!lost) mark_if_cut(b, &n, r->truncated);
     } else {
         n = intern_frames(b, raw, rdepth, &lost);
+        if (!lost) mark_if_cut(b, &n, r->truncated);
         if (raw != r->frames) mark_known(raw, rdepth);
     }
     if (lost) {

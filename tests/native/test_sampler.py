@@ -350,3 +350,77 @@ def test_cpu_samples_cut_system_calls_short_only_on_the_real_time_route(mode):
         pytest.skip(f"the perf events' SIGTRAP route is not available here: {r}")
     # THEN with perf-trap (SIGTRAP raised on the way back to user mode) no write is cut short
     assert r["partial"] == 0, r
+
+
+DEEP_CHILD = """
+import json, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from middleware import MwTracker
+t = MwTracker(profile_dir=sys.argv[2], instrument=False, sample_rate=250)
+stop = time.monotonic() + 1.5
+def burn_deep(d):
+    if d:
+        return burn_deep(d - 1)
+    while time.monotonic() < stop:
+        pass
+def wait_deep(d):
+    if d:
+        return wait_deep(d - 1)
+    time.sleep(max(0.0, stop - time.monotonic()))
+def burn_shallow():
+    while time.monotonic() < stop:
+        pass
+threads = [threading.Thread(target=burn_deep, args=(100,), name="deep-burn"),
+           threading.Thread(target=wait_deep, args=(100,), name="deep-wait"),
+           threading.Thread(target=burn_shallow, name="shallow")]
+for th in threads:
+    th.start()
+for th in threads:
+    th.join()
+print(json.dumps({k: v for k, v in t.stats().items() if k in ("truncated", "cpu_timer_mode")}))
+t.stop()
+"""
+
+
+@pytest.mark.parametrize("cpu_timer,native", [(None, False), ("timer", False), ("off", False), (None, True)],
+                         ids=["default", "posix-timer", "ticks", "native"])
+def test_a_stack_deeper_than_the_frames_kept_has_its_cut_marked_at_its_root(tmp_path, cpu_timer, native):
+    # GIVEN threads 100 calls deep (one burning, one sleeping) and a shallow one, with 40 frames kept
+    import json
+    import subprocess
+    import sys
+
+    from middleware.pprof import load_profiles
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "MW_PROFILING_MAX_DEPTH": "40"}
+    env.pop("MW_PROFILING_CPU_TIMER", None)
+    if cpu_timer:
+        env["MW_PROFILING_CPU_TIMER"] = cpu_timer
+    child = DEEP_CHILD.replace("instrument=False,", "instrument=False, native=True,") if native else DEEP_CHILD
+    p = subprocess.run([sys.executable, "-c", child, root, str(tmp_path)], capture_output=True, text=True,
+                       timeout=60, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    stats = json.loads(p.stdout.strip().splitlines()[-1])
+    assert stats["truncated"] > 0, stats
+    profile = load_profiles(tmp_path)
+    cpu, wall = profile.value_index("cpu"), profile.value_index("wall")
+    marker = "[stack cut: its outer frames were not read]"
+    by_thread: dict[str, list] = {}
+    for s in profile.samples:
+        by_thread.setdefault(s.label("thread_name") or "", []).append(s)
+    # THEN every sample of the deep threads has the leaf side kept (40 Python frames of the leaf's
+    # function, then in native mode the C frames they called) under the marker at its root: no
+    # partial stack is shown as a root call of its own
+    for name, leaf, value in (("deep-burn", "burn_deep", cpu), ("deep-wait", "wait_deep", wall)):
+        samples = [s for s in by_thread.get(name, []) if s.values[value]]
+        deep = [s for s in samples if leaf in [f.function for f in s.stack]]  # not the thread's start
+        assert sum(s.values[value] for s in deep) >= 0.9 * sum(s.values[value] for s in samples), samples
+        for s in deep:
+            functions = [f.function for f in s.stack]
+            assert functions[0] == marker, functions
+            assert functions[1:41] == [leaf] * 40 and leaf not in functions[41:], functions
+            if not native:
+                assert len(functions) == 41, functions
+    # and a stack that fits has no marker
+    shallow = [s for s in by_thread.get("shallow", []) if s.values[cpu]]
+    assert shallow and all(marker not in [f.function for f in s.stack] for s in shallow), shallow[:3]
