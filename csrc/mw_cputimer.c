@@ -184,13 +184,12 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
     int early = 0;
     if (perf_fd >= 0 && key && atomic_load(&r->gen) == key >> REG_BITS && atomic_load(&r->tid)) {
         uint64_t P = (uint64_t)g_period_ns, u = jitter_draw(&r->rng, P), c = 0, next;
-        if (r->trap) {
-        } else if (si->si_code == POLL_HUP) { /* this overflow spent the budget: a fresh one */
-            r->since_refill = 0;
-            ioctl(perf_fd, PERF_EVENT_IOC_REFRESH, PERF_BUDGET);
-        } else if (++r->since_refill >= PERF_REFILL) { /* every overflow spends the budget */
-            r->since_refill = 0;
-            ioctl(perf_fd, PERF_EVENT_IOC_REFRESH, PERF_REFILL);
+        if (!r->trap) {                          /* every overflow spends the budget */
+            int spent = si->si_code == POLL_HUP; /* this one spent it all: a whole budget again */
+            if (spent || ++r->since_refill >= PERF_REFILL) {
+                r->since_refill = 0;
+                ioctl(perf_fd, PERF_EVENT_IOC_REFRESH, spent ? PERF_BUDGET : PERF_REFILL);
+            }
         }
         struct timespec now;
         uint64_t stolen = 0;

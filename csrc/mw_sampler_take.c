@@ -185,10 +185,8 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
         mw_unwind_release();
         n = ok ? mw_unwind_combine(b, g_raw, depth, g_ids, MW_MAX_DEPTH_CAP) : 0;
         n = mws_cut_at_full(b, g_ids, n, &lost);
-        if (!lost) mark_if_cut(b, &n, truncated);
     } else if (ok) {
         n = intern_frames(b, raw, rdepth, &lost);
-        if (!lost) mark_if_cut(b, &n, truncated);
         if (g_timers) mark_known(raw, rdepth);
     }
     if (lost) ok = 0;
@@ -203,6 +201,7 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
         return;
     }
     if (depth == 0 && n == 0 && !on_cpu) return; /* not running, no Python frame */
+    mark_if_cut(b, &n, truncated);
     if (!mark_if_empty_as(b, &n, 0)) {
         g_stats.dropped++;
         return;
@@ -404,16 +403,15 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
         n = mw_unwind_combine_ips(b, r->ips, r->nips, r->ips_complete, r->frames, depth, g_ids,
                                   MW_MAX_DEPTH_CAP);
         n = mws_cut_at_full(b, g_ids, n, &lost);
-        if (!lost) mark_if_cut(b, &n, r->truncated);
     } else {
         n = intern_frames(b, raw, rdepth, &lost);
-        if (!lost) mark_if_cut(b, &n, r->truncated);
         if (raw != r->frames) mark_known(raw, rdepth);
     }
     if (lost) {
         g_stats.dropped++;
         return;
     }
+    mark_if_cut(b, &n, r->truncated);
     if (!mark_if_empty_as(b, &n, r->unplaced)) {
         g_stats.dropped++;
         return;
