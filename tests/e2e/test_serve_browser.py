@@ -123,6 +123,23 @@ class Page:
     def css(self, selector: str) -> list[Any]:
         return self.d.find_elements(self.By.CSS_SELECTOR, selector)
 
+    def click_first(self, selector: str) -> None:
+        """Clicks the first element that matches once the page has drawn it: a view that draws its
+        rows again after a fetch (the regressions list, each time its tab opens) replaces the ones
+        found before, and a click on those would meet a stale element."""
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        def clicked(d: Any) -> bool:
+            try:
+                found = self.css(selector)
+                if found:
+                    found[0].click()
+                return bool(found)
+            except StaleElementReferenceException:
+                return False
+
+        self.Wait(self.d, 10).until(clicked)
+
     def select(self, id_: str, value: str) -> None:
         before = self.seq()
         self.Select(self.el(id_)).select_by_value(value)

@@ -73,17 +73,28 @@ def test_the_regressions_list_opens_the_comparison_of_the_two_versions(driver: A
     page.open()
     page.el("tab-regressions").click()
     assert page.el("view-regressions").is_displayed() and not page.el("view-profile").is_displayed()
-    page.Wait(driver, 10).until(lambda d: page.css("#regress-table tbody tr"))
-    rows = page.css("#regress-table tbody tr")
-    found = {(tr.get_attribute("data-function"), tr.get_attribute("data-endpoint")): tr for tr in rows}
+    found: dict[tuple[str, str], list[str]] = {}
+
+    def read_rows(d: Any) -> bool:  # the rows as drawn last (a row drawn over meanwhile: read again)
+        from selenium.common.exceptions import StaleElementReferenceException
+        try:
+            found.clear()
+            for tr in page.css("#regress-table tbody tr"):
+                key = (tr.get_attribute("data-function"), tr.get_attribute("data-endpoint"))
+                found[key] = [td.text for td in tr.find_elements(page.By.TAG_NAME, "td")]
+            return bool(found)
+        except StaleElementReferenceException:
+            return False
+
+    page.Wait(driver, 10).until(read_rows)
     assert set(found) == {("calc2", ""), ("calc2", "/calculate2")}, list(found)
-    cells = [td.text for td in found[("calc2", "")].find_elements(page.By.TAG_NAME, "td")]
+    cells = found[("calc2", "")]
     assert cells[1] == "(all)" and cells[2] == "v1 → v2"
     assert cells[3] == f"{100 * 1500 / 8500:.2f}% → {100 * 2250 / 9250:.2f}%"
     assert cells[4].startswith("+38% (")  # (2250/9250) / (1500/8500) = 1.378
     assert "2 version" not in page.el("regress-summary").text and "1 version change" in page.el("regress-summary").text
     page.shot("regressions")
-    found[("calc2", "")].click()
+    page.click_first('#regress-table tbody tr[data-endpoint=""]')
     assert page.el("view-compare").is_displayed()
     page.Wait(driver, 10).until(lambda d: 'version="v2"' in page.el("cmp-summary").text)
     assert "(20 profiles" in page.el("cmp-summary").text  # each version's every profile
@@ -93,8 +104,7 @@ def test_the_regressions_list_opens_the_comparison_of_the_two_versions(driver: A
     page.shot("regression-compare")
     # the finding within /calculate2 compares that endpoint only
     page.el("tab-regressions").click()
-    page.Wait(driver, 10).until(lambda d: page.css('#regress-table tbody tr[data-endpoint="/calculate2"]'))
-    page.css('#regress-table tbody tr[data-endpoint="/calculate2"]')[0].click()
+    page.click_first('#regress-table tbody tr[data-endpoint="/calculate2"]')
     page.Wait(driver, 10).until(lambda d: 'endpoint="/calculate2"' in page.el("cmp-summary").text)
     functions = {tr.get_attribute("data-function") for tr in page.css("#diff-table tbody tr")}
     assert functions == {"calc1", "calc2"}  # with_bottleneck's callees only
