@@ -78,11 +78,13 @@ class _ProcessProfiler:
             from middleware import servers  # uWSGI workers, billiard (Celery) pool processes
 
             servers.install()  # before the sampler reads this process's thread states
+            # names first: the sampler's first tick may come before this thread runs again, and a
+            # sample of a thread not named yet is filed under thread-<tid> (a label value of its own)
+            _install_thread_naming()
             n.start(rate_hz=cfg.sample_rate, max_depth=cfg.max_depth, wall_hz=cfg.wall_rate)
             self.running = True
             self.pid = os.getpid()
             _warn_once_without_pause(n)
-            _install_thread_naming()
             _children_profiling_started()
             enable_asyncio_hook()
             asyncio_tasks.enable()
