@@ -33,6 +33,11 @@ def run_asyncio(name: str, *args: str, timeout: float = 180) -> dict[str, Any]:
         return out
 
 
+def row_text(r: dict[str, Any]) -> str:
+    """A row in full (a dict as an assertion's message is cut at a few hundred characters)."""
+    return f"stack {' > '.join(r['stack'])}; labels {r['labels']}; cpu {r['cpu_ns']} ns; wall {r['wall_ns']} ns"
+
+
 @pytest.fixture(scope="module")
 def gathered() -> dict[str, Any]:
     return run_asyncio("gather", "100")
@@ -68,11 +73,11 @@ def test_task_samples_carry_no_cpu_and_no_other_tasks_labels(gathered: dict[str,
         if r["cpu_ns"]:
             # CPU goes to the running task only, on its thread's stack: the burner's (the other
             # tasks run for microseconds between their waits)
-            assert task == "task-burn" and "burner" in r["stack"] or r["cpu_ns"] <= 0.03 * burn_cpu, r
-        assert r["labels"].get("job") == "gather", r  # a label pushed before the loop started
+            assert task == "task-burn" and "burner" in r["stack"] or r["cpu_ns"] <= 0.03 * burn_cpu, row_text(r)
+        assert r["labels"].get("job") == "gather", row_text(r)  # a label pushed before the loop started
         endpoint = r["labels"].get("endpoint")
         if task.startswith("task-") and endpoint is not None:
-            assert endpoint == "/" + task[len("task-"):], r
+            assert endpoint == "/" + task[len("task-"):], row_text(r)
 
 
 def test_the_running_task_keeps_its_cpu_on_its_threads_stack(gathered: dict[str, Any]) -> None:
@@ -103,7 +108,8 @@ def test_a_task_label_holds_the_tasks_name_and_asyncios_numbered_names_are_one_v
     # the pprof encoder splits the sample's thread into thread_name and task the same way
     encoded = set(gathered["pprof_labels"])
     assert {f"task={t}" for t in tasks} <= encoded, encoded
-    assert {x for x in encoded if x.startswith("thread_name=")} == {"thread_name=MainThread"}, encoded
+    other = [row_text(r) for r in gathered["rows"] if r["labels"].get("thread_name") != "MainThread"]
+    assert {x for x in encoded if x.startswith("thread_name=")} == {"thread_name=MainThread"}, f"{encoded} {other}"
 
 
 def test_the_loop_waiting_in_select_carries_no_tasks_labels(gathered: dict[str, Any]) -> None:
