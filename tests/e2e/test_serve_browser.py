@@ -13,7 +13,7 @@ from __future__ import annotations
 import http.client
 import re
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -123,22 +123,30 @@ class Page:
     def css(self, selector: str) -> list[Any]:
         return self.d.find_elements(self.By.CSS_SELECTOR, selector)
 
-    def click_first(self, selector: str) -> None:
-        """Clicks the first element that matches once the page has drawn it: a view that draws its
-        rows again after a fetch (the regressions list, each time its tab opens) replaces the ones
-        found before, and a click on those would meet a stale element."""
+    def when_drawn(self, action: Callable[[], Any]) -> Any:
+        """Runs ``action`` until it returns something true, again when it meets a stale element: a
+        view that draws its rows again after a fetch (the regressions list, each time its tab
+        opens) replaces the ones found before. Returns what it returned."""
         from selenium.common.exceptions import StaleElementReferenceException
 
-        def clicked(d: Any) -> bool:
+        def attempt(d: Any) -> Any:
             try:
-                found = self.css(selector)
-                if found:
-                    found[0].click()
-                return bool(found)
+                return action()
             except StaleElementReferenceException:
                 return False
 
-        self.Wait(self.d, 10).until(clicked)
+        return self.Wait(self.d, 10).until(attempt)
+
+    def click_first(self, selector: str) -> None:
+        """Clicks the first element that matches, as drawn last (see when_drawn)."""
+
+        def click() -> bool:
+            found = self.css(selector)
+            if found:
+                found[0].click()
+            return bool(found)
+
+        self.when_drawn(click)
 
     def select(self, id_: str, value: str) -> None:
         before = self.seq()

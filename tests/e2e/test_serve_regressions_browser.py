@@ -73,20 +73,13 @@ def test_the_regressions_list_opens_the_comparison_of_the_two_versions(driver: A
     page.open()
     page.el("tab-regressions").click()
     assert page.el("view-regressions").is_displayed() and not page.el("view-profile").is_displayed()
-    found: dict[tuple[str, str], list[str]] = {}
 
-    def read_rows(d: Any) -> bool:  # the rows as drawn last (a row drawn over meanwhile: read again)
-        from selenium.common.exceptions import StaleElementReferenceException
-        try:
-            found.clear()
-            for tr in page.css("#regress-table tbody tr"):
-                key = (tr.get_attribute("data-function"), tr.get_attribute("data-endpoint"))
-                found[key] = [td.text for td in tr.find_elements(page.By.TAG_NAME, "td")]
-            return bool(found)
-        except StaleElementReferenceException:
-            return False
+    def read_rows() -> dict[tuple[str, str], list[str]]:  # (function, endpoint) -> its cells' text
+        return {(tr.get_attribute("data-function"), tr.get_attribute("data-endpoint")):
+                [td.text for td in tr.find_elements(page.By.TAG_NAME, "td")]
+                for tr in page.css("#regress-table tbody tr")}
 
-    page.Wait(driver, 10).until(read_rows)
+    found: dict[tuple[str, str], list[str]] = page.when_drawn(read_rows)  # the rows as drawn last
     assert set(found) == {("calc2", ""), ("calc2", "/calculate2")}, list(found)
     cells = found[("calc2", "")]
     assert cells[1] == "(all)" and cells[2] == "v1 → v2"
