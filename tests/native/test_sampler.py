@@ -3,11 +3,33 @@
 Tolerance bands, never exact counts: sampling is statistical."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.sampler
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_child(code: str, *args: str, env: dict[str, str | None] | None = None,
+              timeout: float = 60) -> tuple[dict[str, Any], str]:
+    """Runs ``code`` in a fresh interpreter (argv: the checkout, then ``args``; ``env`` added to
+    this process's, None removing a variable); asserts it exits 0 and returns the JSON of its
+    last stdout line and its stderr."""
+    full = dict(os.environ)
+    for k, v in (env or {}).items():
+        if v is None:
+            full.pop(k, None)
+        else:
+            full[k] = v
+    p = subprocess.run([sys.executable, "-c", code, ROOT, *args], capture_output=True, text=True, timeout=timeout,
+                       env=full)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1]), p.stderr
 
 
 def test_calc_self_cpu_shares_match_thread_time(workload):
@@ -147,17 +169,9 @@ print(json.dumps({"queued": counted[0], "periods": st["cpu_timer_periods"], "mod
 @pytest.mark.parametrize("mode", ["perf", "perf-trap", "timer"])
 def test_a_thread_blocking_our_signal_does_not_pile_up_queued_signals(tmp_path, mode):
     # GIVEN a thread that blocks all real-time signals and burns 2 s of CPU at 1 kHz
-    import json
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, MW_PROFILING_CPU_TIMER=mode)
-    p = subprocess.run([sys.executable, "-c", BLOCKED_SIGNALS_CHILD, root], capture_output=True, text=True,
-                       timeout=60, env=env)
-    # THEN the process lives (an overflowing signal queue would turn into SIGIO, which kills)
-    assert p.returncode == 0, p.stderr[-2000:]
-    r = json.loads(p.stdout.strip().splitlines()[-1])
+    # THEN the process lives (an overflowing signal queue would turn into SIGIO, which kills:
+    # run_child asserts its exit status)
+    r, _ = run_child(BLOCKED_SIGNALS_CHILD, env={"MW_PROFILING_CPU_TIMER": mode})
     # and the signals queued for the blocked thread stay bounded: a perf event's budget (8,
     # topped up by 4), or a POSIX timer's single pending signal; 1,992 were queued in 2 s without
     # the budget. They are counted in the child itself (delivered once it unblocks them, after
@@ -183,7 +197,8 @@ for k in range(6):
         pass
     cpu = time.thread_time() - c0
     s = t.stats()
-    chunks.append([cpu, s["cpu_timer_periods"] - prev["cpu_timer_periods"]])
+    chunks.append([cpu, s["cpu_timer_periods"] - prev["cpu_timer_periods"],
+                   s["cpu_timer_steal_ns"] - prev["cpu_timer_steal_ns"]])
     prev = s
 print(json.dumps({"chunks": chunks, "revived": s["cpu_timer_revived"], "mode": s["cpu_timer_mode"]}))
 t.stop()
@@ -193,15 +208,7 @@ t.stop()
 @pytest.mark.parametrize("rate", [5000, 10000])
 def test_a_busy_thread_keeps_its_samples_at_the_highest_rates(rate):
     # GIVEN a busy thread at 5 and 10 kHz (the highest rates start() takes), 6 stretches of 0.4 s
-    import json
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    p = subprocess.run([sys.executable, "-c", HIGH_RATE_CHILD, root, str(rate)], capture_output=True, text=True,
-                       timeout=60)
-    assert p.returncode == 0, p.stderr[-2000:]
-    r = json.loads(p.stdout.strip().splitlines()[-1])
+    r, _ = run_child(HIGH_RATE_CHILD, str(rate))
     if r["mode"] != 2:
         pytest.skip("perf events are not available here")
     # THEN every stretch has its samples: CPU / period within 10% (the perf event's overflow budget
@@ -209,9 +216,13 @@ def test_a_busy_thread_keeps_its_samples_at_the_highest_rates(rate):
     # and 97% of them over the six: the event does not stop (restarted by the sampler's watch at
     # its ticks, 10 kHz kept 94-98% of its periods; the signal of the overflow that spends the
     # budget now restarts it: 99.5-99.9%, 97.4-99.7% beside two bursty CPU hogs)
-    ratios = [periods / (cpu * rate) for cpu, periods in r["chunks"]]
+    ratios = [periods / (cpu * rate) for cpu, periods, _ in r["chunks"]]
     assert all(0.9 <= x <= 1.1 for x in ratios), r
-    assert sum(ratios) / len(ratios) >= 0.97, (ratios, r)
+    # (the count the steal estimate set aside, mw_cpusteal.h, is counted back in: on this VM it
+    # took 0.3-2.7% of the count at 10 kHz on a quiet machine, the reads' jitter included; without
+    # it the mean of the six ranged 0.970-0.998 over 16 runs)
+    kept = [(periods + steal * rate / 1e9) / (cpu * rate) for cpu, periods, steal in r["chunks"]]
+    assert sum(kept) / len(kept) >= 0.98, (ratios, kept, r)
 
 
 BACKLOG_CHILD = """
@@ -241,14 +252,7 @@ def test_cpu_timer_records_are_drained_before_their_pool_fills(rate, wall):
     # GIVEN two busy threads at 10 kHz while the sampler ticks at 10 Hz (MW_PROFILING_WALL_RATE):
     # up to 2,000 samples a tick for a pool of 256 records (10,605 samples were lost in 3 s when
     # the records were drained only at ticks); and the default 100 Hz
-    import json
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    p = subprocess.run([sys.executable, "-c", BACKLOG_CHILD, root, str(rate)], capture_output=True, text=True,
-                       timeout=60, env=dict(os.environ, MW_PROFILING_WALL_RATE=str(wall)))
-    assert p.returncode == 0, p.stderr[-2000:]
-    r = json.loads(p.stdout.strip().splitlines()[-1])
+    r, _ = run_child(BACKLOG_CHILD, str(rate), env={"MW_PROFILING_WALL_RATE": str(wall)})
     s = r["stats"]
     if s["cpu_timer_mode"] != 2:
         pytest.skip("perf events are not available here")
@@ -273,18 +277,12 @@ t.stop()
 def test_the_start_line_says_what_takes_the_cpu_samples(mode, expect):
     # GIVEN an app that logs at INFO and a CPU-timer mechanism forced (POSIX timers are what a
     # container's default seccomp profile or perf_event_paranoid >= 3 leaves)
-    import json
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    p = subprocess.run([sys.executable, "-c", MODE_CHILD, root], capture_output=True, text=True, timeout=60,
-                       env=dict(os.environ, MW_PROFILING_CPU_TIMER=mode))
-    assert p.returncode == 0, p.stderr[-2000:]
+    r, stderr = run_child(MODE_CHILD, env={"MW_PROFILING_CPU_TIMER": mode})
     # THEN stats() and the start line name it (short bursts are placed at the kernel's tick with
     # POSIX timers: a user reading the profile should know)
-    assert json.loads(p.stdout.strip().splitlines()[-1])["mode"] == expect[0]
-    start = [line for line in p.stderr.splitlines() if "middleware: profiling pid" in line]
-    assert len(start) == 1 and expect[1] in start[0], p.stderr[-2000:]
+    assert r["mode"] == expect[0]
+    start = [line for line in stderr.splitlines() if "middleware: profiling pid" in line]
+    assert len(start) == 1 and expect[1] in start[0], stderr[-2000:]
 
 
 PIPE_WRITER_CHILD = r"""
@@ -325,16 +323,7 @@ print(json.dumps({"partial": partial, "sigtrap": st["cpu_timer_sigtrap"], "signa
 def test_cpu_samples_cut_system_calls_short_only_on_the_real_time_route(mode):
     # GIVEN a thread that burns 2 ms, then writes 300 KB to a pipe whose reader is slow, 60 times,
     # sampled at 1 kHz
-    import json
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ)
-    env["MW_PROFILING_CPU_TIMER"] = mode
-    p = subprocess.run([sys.executable, "-c", PIPE_WRITER_CHILD, root], capture_output=True, text=True,
-                       timeout=120, env=env)
-    assert p.returncode == 0, p.stderr[-2000:]
-    r = json.loads(p.stdout.strip().splitlines()[-1])
+    r, _ = run_child(PIPE_WRITER_CHILD, env={"MW_PROFILING_CPU_TIMER": mode}, timeout=120)
     assert r["signals"] >= 60, r
     if mode == "perf":
         # the known problem, shown (the default route): a real-time signal queued by an overflow
@@ -386,21 +375,11 @@ t.stop()
                          ids=["default", "posix-timer", "ticks", "native"])
 def test_a_stack_deeper_than_the_frames_kept_has_its_cut_marked_at_its_root(tmp_path, cpu_timer, native):
     # GIVEN threads 100 calls deep (one burning, one sleeping) and a shallow one, with 40 frames kept
-    import json
-    import subprocess
-    import sys
-
     from middleware.pprof import load_profiles
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "MW_PROFILING_MAX_DEPTH": "40"}
-    env.pop("MW_PROFILING_CPU_TIMER", None)
-    if cpu_timer:
-        env["MW_PROFILING_CPU_TIMER"] = cpu_timer
+
     child = DEEP_CHILD.replace("instrument=False,", "instrument=False, native=True,") if native else DEEP_CHILD
-    p = subprocess.run([sys.executable, "-c", child, root, str(tmp_path)], capture_output=True, text=True,
-                       timeout=60, env=env)
-    assert p.returncode == 0, p.stderr[-2000:]
-    stats = json.loads(p.stdout.strip().splitlines()[-1])
+    stats, _ = run_child(child, str(tmp_path),
+                         env={"MW_PROFILING_MAX_DEPTH": "40", "MW_PROFILING_CPU_TIMER": cpu_timer})
     assert stats["truncated"] > 0, stats
     profile = load_profiles(tmp_path)
     cpu, wall = profile.value_index("cpu"), profile.value_index("wall")
