@@ -849,6 +849,35 @@ static void steal_readings(void) {
     mw_steal_start(&s, 0, 0, 0);
     CHECK(mw_steal_less(&s, 50 * ms, 1 * ms, &stolen) == 50 * ms && stolen == 0);
     CHECK(mw_steal_less(&s, 60 * ms, 2 * ms, &stolen) == 51 * ms && stolen == 9 * ms);
+    /* read jitter: the clock read 1 us after the count, but at one reading in 10 (and two in a
+     * row once in 100) 20-600 us after it (an interrupt, a long VM exit between the two reads).
+     * Each long gap puts the clock ahead for that reading only: none of it is steal. */
+    {
+        uint64_t us = 1000, count = 0, rng = 12345, total = 0, gap = us;
+        mw_steal_start(&s, 0, us, 1);
+        for (int i = 0; i < 10000; i++) {
+            count += gap + 100 * us; /* the last reading's gap, then 100 us of work */
+            rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+            int long_gap = i % 10 == 0 || i % 100 == 5 || i % 100 == 6;
+            gap = long_gap ? 20 * us + (rng >> 33) % (580 * us) : 1 * us;
+            mw_steal_less(&s, count, count + gap, &stolen);
+            total += stolen;
+        }
+        CHECK(total == 0 && s.steal == 0);
+        /* a steal right after a context switch (the clock 18 us ahead since): that much less */
+        mw_steal_start(&s, 0, 0, 1);
+        CHECK(mw_steal_less(&s, 100 * us, 118 * us, &stolen) == 100 * us && stolen == 0);
+        CHECK(mw_steal_less(&s, 3200 * us, 218 * us, &stolen) == 218 * us);
+        CHECK(stolen == 3 * ms - 18 * us);
+        CHECK(mw_steal_less(&s, 3300 * us, 318 * us, &stolen) == 318 * us && stolen == 0);
+        /* the next steal is all counted */
+        CHECK(mw_steal_less(&s, 6400 * us, 418 * us, &stolen) == 418 * us && stolen == 3 * ms);
+        /* a stretch the count missed (an event stopped for 5 ms) then a steal of 8 ms: the 5 ms
+         * rise might be a spike of one reading, but no more than MW_STEAL_CREDIT_NS of it */
+        CHECK(mw_steal_less(&s, 6500 * us, 5518 * us, &stolen) == 518 * us && stolen == 0);
+        CHECK(mw_steal_less(&s, 14600 * us, 5618 * us, &stolen) == 5618 * us - 5 * ms + 2 * ms);
+        CHECK(stolen == 8 * ms - 2 * ms && MW_STEAL_CREDIT_NS == 2 * ms);
+    }
     /* never below zero */
     mw_steal_start(&s, 0, 0, 1);
     CHECK(mw_steal_less(&s, 5 * ms, 0, &stolen) == 0 && stolen == 5 * ms);
