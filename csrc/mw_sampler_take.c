@@ -16,6 +16,7 @@
 #include "mw_codenames.h"
 #include "mw_cputimer.h"
 #include "mw_symcache.h"
+#include "mw_labels.h"
 #include "mw_threads.h"
 #include "mw_unwind.h"
 
@@ -164,11 +165,25 @@ static void mark_known(const mw_rawframe_t *raw, int depth) {
         if (i == 0 || g_sym[i] != g_sym[i - 1]) mw_codenames_add(mw_codenames_key(&raw[i]));
 }
 
+/* The label set of a thread as its frames are read: taken while it is paused, or inside the
+ * window its unpaused read is proven for (its clock did not move, or the GIL never reached it:
+ * labels are written with the GIL held), so it is the set of the instant the stack shows (taken
+ * after the read, a set pushed or popped meanwhile paired the stack with no labels: 11% of the
+ * CPU of a thread flipping labels every 40 us). The sequence is read first: a write between the
+ * two reads leaves the pair with an older sequence, which only makes the next tick read again. */
+typedef struct {
+    uint32_t set, seq;
+} mw_readlabels_t;
+static void labels_at_read(long tid, mw_readlabels_t *lab) {
+    lab->seq = mw_threads_labelset_seq(tid);
+    lab->set = mw_threads_labelset_now(tid);
+}
+
 /* Adds a proven read of st's Python frames (g_raw/g_sym[0..depth), read between CPU clock
  * readings c0 and c1) as a sample: wall time dwall, and an on-CPU sample when on_cpu. native:
  * the thread is paused in mw_unwind's handler with its native stack captured. */
 static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int ok, int on_cpu,
-                 int native, uint32_t labels_seq, uint64_t dwall, uint64_t c0, uint64_t c1,
+                 int native, const mw_readlabels_t *lab, uint64_t dwall, uint64_t c0, uint64_t c1,
                  uint64_t gen) {
     if (truncated) g_stats.truncated++;
     uint64_t py_hash = raw_hash(depth);
@@ -206,13 +221,9 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
         g_stats.dropped++;
         return;
     }
-    uint32_t labelset = 0;
-    mw_id_t thread = mws_thread_name_id(b, st, &labelset);
-    uint32_t labels_after = mw_threads_labelset_seq(st->tid);
-    if (labels_after != labels_seq) {
-        g_stats.label_races++;
-        labelset = 0;
-    }
+    uint32_t labelset_now, labelset = lab->set;
+    mw_id_t thread = mws_thread_name_id(b, st, &labelset_now);
+    mw_labels_span_seen(labelset);
     /* CPU goes only to samples taken while the thread was on CPU: its clock moved across the
      * read, or it was found running and paused. Such samples fall uniformly over the thread's
      * CPU time, so stacks are drawn in proportion to where CPU was used; the CPU time itself is
@@ -233,11 +244,11 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
     /* Reusable while the thread does not run. Python-only: only when the read itself saw it
      * not running. Native: when it was not running when asked (the handler's own CPU use makes
      * its clock move: the Python frames decide at the next tick, see above). */
-    if (labels_after == labels_seq && !on_cpu) {
+    if (!on_cpu) {
         if (!native && c1 == c0)
-            remember_stack(st, gen, idx, labels_seq, thread, labelset, c1, 0, py_hash);
+            remember_stack(st, gen, idx, lab->seq, thread, labelset, c1, 0, py_hash);
         else if (native)
-            remember_stack(st, gen, idx, labels_seq, thread, labelset, UINT64_MAX, 1, py_hash);
+            remember_stack(st, gen, idx, lab->seq, thread, labelset, UINT64_MAX, 1, py_hash);
     }
 }
 
@@ -253,7 +264,7 @@ static void owe(mw_tstate_t *st, uint64_t dwall) {
 }
 
 static mw_tstate_t *sample_timed(mw_profbuf_t *b, const mw_pythread_t *th, mw_tstate_t *st,
-                                 uint64_t gen, uint32_t labels_seq, uint64_t dwall, uint64_t c0) {
+                                 uint64_t gen, uint64_t dwall, uint64_t c0) {
     uintptr_t tstate = th->tstate;
     if (g_gil_tick.ok && g_gil_tick.last_holder == tstate) {
         uint64_t c;
@@ -265,6 +276,8 @@ static mw_tstate_t *sample_timed(mw_profbuf_t *b, const mw_pythread_t *th, mw_ts
     int truncated = 0, ok = 0;
     mw_gilstate_t g0 = g_gil_tick;
     int depth = read_stack(tstate, &truncated, &ok);
+    mw_readlabels_t lab;
+    labels_at_read(th->tid, &lab);
     uint64_t c1;
     if (thread_cpu_ns(th->tid, &c1) != 0) {
         mw_symcache_abort();
@@ -287,7 +300,7 @@ static mw_tstate_t *sample_timed(mw_profbuf_t *b, const mw_pythread_t *th, mw_ts
         owe(st, dwall);
         return st;
     }
-    emit(b, st, depth, truncated, ok, 0, 0, labels_seq, dwall, c0, c1, gen);
+    emit(b, st, depth, truncated, ok, 0, 0, &lab, dwall, c0, c1, gen);
     return st;
 }
 
@@ -585,7 +598,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
             /* First seen, armed at its start, no CPU-timer sample yet: read the older way once,
              * so a thread that ends before its first timer sample is still seen. */
         } else if (st->reg && st->reg_tstate == th->tstate) {
-            if (!mw_unwind_enabled()) return sample_timed(b, th, st, gen, labels_seq, dwall, c0);
+            if (!mw_unwind_enabled()) return sample_timed(b, th, st, gen, dwall, c0);
             /* Native: running → its wall time is owed to its next CPU sample (which carries
              * its native stack); not running → read below the native way, for wall time. */
             uint64_t c;
@@ -613,6 +626,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
     }
 
     int truncated = 0, ok = 0, depth = 0, proven = 0, native = 0, on_cpu = 0;
+    mw_readlabels_t lab = {0, 0};
     uintptr_t tstate = th->tstate;
     int want_native = mw_unwind_enabled();
     int want_pause = 0;
@@ -681,6 +695,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
                 paused = 1;
             if (paused) {
                 depth = read_stack(tstate, &truncated, &ok);
+                labels_at_read(th->tid, &lab);
                 if (truncated == 2) { /* paused between two stores of the eval loop */
                     if (native) native = 0;
                     mw_unwind_release();
@@ -698,6 +713,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
         }
         mw_gilstate_t g0 = g_gil_tick, ga = {0, 0, 0, 0};
         depth = read_stack(tstate, &truncated, &ok);
+        labels_at_read(th->tid, &lab);
         /* A GIL holder that is not running was preempted in the middle of running Python (it
          * cannot hold the GIL without having run since it last blocked), so it counts as on
          * CPU. Read inside the window in which its clock must not move: then it held the GIL
@@ -736,6 +752,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
          * two reads back to back that agree frame for frame (and on every caller's instruction).
          * Counted apart (`unverified`): such a stack is very probably, not provably, real. */
         depth = read_stack(tstate, &truncated, &ok);
+        labels_at_read(th->tid, &lab);
         int again = 0, t2 = 0;
         uintptr_t anchor = 0;
         uintptr_t top = mw_pyframes_top_frame_anchored(tstate, &anchor);
@@ -749,6 +766,10 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
         if (same) {
             proven = 1;
             g_stats.unverified++;
+            if (mw_threads_labelset_seq(th->tid) != lab.seq) { /* changed between the reads */
+                g_stats.label_races++;
+                lab.set = 0;
+            }
         } else {
             mw_symcache_abort();
         }
@@ -765,7 +786,6 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
         }
         return st;
     }
-    emit(b, st, depth, truncated, ok, wall_only ? 0 : on_cpu, native, labels_seq, dwall, c0, c1,
-         gen);
+    emit(b, st, depth, truncated, ok, wall_only ? 0 : on_cpu, native, &lab, dwall, c0, c1, gen);
     return st;
 }

@@ -118,13 +118,20 @@ def test_threads_created_after_start_are_sampled(workload):
     assert r["stats"]["dropped"] <= 0.005 * r["stats"]["samples"], r["stats"]
 
 
-def test_labels_never_pair_with_the_other_sides_stack(workload):
-    # GIVEN labels flipping every ~0.1 ms between two functions, sampled at 1 kHz
-    r = workload("labelflips", "--seconds", "3", "--rate", "1000")
-    sides = r["profile"]["leaf_sides"]
-    # THEN side_a's samples are labelled a (or, when the walk straddled a flip, unlabelled)
+@pytest.mark.parametrize("cpu_timer", ["perf", "timer", "off"], ids=["default", "posix-timer", "ticks"])
+def test_labels_never_pair_with_the_other_sides_stack(workload, cpu_timer):
+    # GIVEN labels flipping every ~0.1 ms between two functions, sampled at 1 kHz, with CPU
+    # samples from perf events, POSIX timers, or the sampler's ticks alone
+    r = workload("labelflips", "--seconds", "3", "--rate", "1000", env={"MW_PROFILING_CPU_TIMER": cpu_timer})
+    sides, walls = r["profile"]["leaf_sides"], r["profile"]["leaf_sides_wall"]
+    # THEN side_a's samples are labelled a, side_b's b: never the other side's label, and not
+    # without one (the labels are those of the instant the stack was read: read after it, a flip
+    # meanwhile left 3-5% of a side's samples with no label in the ticks-only mode)
     assert sides["side_a"].get("a", 0) > 100 and sides["side_b"].get("b", 0) > 100, sides
     assert "b" not in sides["side_a"] and "a" not in sides["side_b"], sides
+    for side in "ab":
+        assert sides[f"side_{side}"].get("-", 0) <= 0.005 * sides[f"side_{side}"][side], sides
+        assert walls[f"side_{side}"].get("-", 0) <= 0.005 * walls[f"side_{side}"][side], walls
 
 
 BLOCKED_SIGNALS_CHILD = r"""

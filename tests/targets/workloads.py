@@ -58,6 +58,8 @@ def summarize(p: Profile) -> dict[str, Any]:
         side = s.label("side") or "-"
         per_leaf = out.setdefault("leaf_sides", {}).setdefault(name, {})
         per_leaf[side] = per_leaf.get(side, 0) + s.values[si] + s.values[wi] // 10**9
+        wall_leaf = out.setdefault("leaf_sides_wall", {}).setdefault(name, {})
+        wall_leaf[side] = wall_leaf.get(side, 0) + s.values[wi]
         out["total_cpu_ns"] += s.values[ci]
         out["functions"].update(f.function for f in s.stack)
     out["functions"] = sorted(out["functions"])
