@@ -43,8 +43,12 @@ extern PyTypeObject mw_spansets_type;
 
 /* csrc/mw_module_otel.c: otel_hooks, span_seen (the OpenTelemetry span labels' hot path). */
 extern PyMethodDef mw_otel_methods[];
-/* Interns its names and readies the hook type; registers its fork handler (once). */
+/* Interns its names and readies the hook type. */
 int mw_otel_module_init(PyObject *m);
+
+/* csrc/mw_module.c: the calling thread's kernel id (gettid), cached per thread and looked up
+ * again in a forked child. Any thread; not async-signal-safe (its first call per thread). */
+long mw_module_tid(void);
 
 /* csrc/mw_module_tasks.c: tasks_* (asyncio task stacks). */
 extern PyMethodDef mw_tasks_methods[];

@@ -26,6 +26,10 @@
  * here; `apply(pairs)` when the pairs restored are not interned or an event loop runs. What the
  * fast path writes is what the Python path would have written.
  *
+ * In a thread where greenlets switch (greenlet loaded) and whose switches middleware.labels does
+ * not follow yet (no "greenlets" key in applied.__dict__), the fast path takes the Python path,
+ * which installs the thread's switch tracer (middleware.labels._follow_greenlets).
+ *
  * The fast path makes SpanIds itself (str's own constructor; their three slots set here, _ids
  * a new mw_spansets_type: csrc/mw_module.c).
  *
@@ -45,10 +49,8 @@
 #include "mw_module.h"
 #include "mw_threads.h"
 
-#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #define MAX_PUSHED 65536
@@ -72,24 +74,7 @@ static struct {
 static PyObject *s_span_id, *s_span_name, *s_get_span_context, *s_parent, *s_is_remote,
     *s_is_recording, *s_is_valid, *s_trace_id, *s_name, *s_span_int, *s_ids, *s_pairs, *s__parent,
     *s__context, *s__name, *s__end_time, *s_dict, *s_set_attribute, *s_hook_state,
-    *s_asyncio_events, *s_get_loop_name;
-
-/* The thread's kernel id, cached per thread; a forked child's threads look it up again. */
-static __thread long t_tid;
-static __thread unsigned t_tid_gen;
-static unsigned g_fork_gen = 1;
-
-static void after_fork_child(void) {
-    g_fork_gen++;
-}
-
-static long my_tid(void) {
-    if (t_tid_gen != g_fork_gen) {
-        t_tid = (long)syscall(SYS_gettid);
-        t_tid_gen = g_fork_gen;
-    }
-    return t_tid;
-}
+    *s_asyncio_events, *s_get_loop_name, *s_greenlets, *s_greenlet;
 
 /* Returned by the fast paths to mean "take the Python path". */
 static PyObject g_slow_marker_obj;
@@ -129,9 +114,18 @@ static int span_key_of(PyObject *pair) {
            (n == 9 && PyUnicode_Compare(k, s_span_name) == 0);
 }
 
+/* 1 when greenlet is loaded and this thread's greenlet switches are not followed yet (the Python
+ * path installs the tracer), 0 when not, -1 with an error. `state`: applied.__dict__. */
+static int greenlets_unfollowed(PyObject *state) {
+    int has = PyDict_Contains(state, s_greenlets);
+    if (has != 0) return has < 0 ? -1 : 0;
+    PyObject *mod = PyDict_GetItemWithError(PyImport_GetModuleDict(), s_greenlet); /* borrowed */
+    return mod ? 1 : PyErr_Occurred() ? -1 : 0;
+}
+
 /* The thread's native slot gets `lid` and applied.pairs `pairs`. */
 static int write_slot(PyObject *state, PyObject *pairs, unsigned long lid) {
-    mw_threads_set_labelset(my_tid(), (uint32_t)lid);
+    mw_threads_set_labelset(mw_module_tid(), (uint32_t)lid);
     return PyDict_SetItem(state, s_pairs, pairs);
 }
 
@@ -397,8 +391,11 @@ static PyObject *fast_push(PyObject *context) {
     if (!hook_state && PyErr_Occurred()) goto done;
     int running = loop_running();
     if (running < 0) goto done;
-    /* the asyncio hook still to arrange (1 = ON_FIRST_LABEL), or a loop's tasks in this thread */
-    if (running || !hook_state || !PyLong_CheckExact(hook_state) ||
+    int unfollowed = greenlets_unfollowed(state);
+    if (unfollowed < 0) goto done;
+    /* the asyncio hook still to arrange (1 = ON_FIRST_LABEL), a loop's tasks in this thread, or
+     * greenlet switches to follow */
+    if (running || unfollowed || !hook_state || !PyLong_CheckExact(hook_state) ||
         PyLong_AsLong(hook_state) == 1) {
         ret = SLOW;
         goto done;
@@ -499,6 +496,14 @@ static int fast_pop(PyObject *ltok) {
         goto done;
     }
     if (!(state = PyObject_GetAttr(g.applied, s_dict))) goto done;
+    int unfollowed = greenlets_unfollowed(state);
+    if (unfollowed < 0) goto done;
+    if (unfollowed) { /* the Python path installs the thread's switch tracer */
+        PyObject *r = PyObject_CallOneArg(g.apply, now);
+        rc = r ? 0 : -1;
+        Py_XDECREF(r);
+        goto done;
+    }
     PyObject *before = PyDict_GetItemWithError(state, s_pairs); /* borrowed */
     if (!before && PyErr_Occurred()) goto done;
     if (before) {
@@ -778,11 +783,8 @@ int mw_otel_module_init(PyObject *m) {
     INTERN(s_hook_state, "_asyncio_hook_state");
     INTERN(s_asyncio_events, "asyncio.events");
     INTERN(s_get_loop_name, "_get_running_loop");
+    INTERN(s_greenlets, "greenlets");
+    INTERN(s_greenlet, "greenlet");
     if (PyType_Ready(&g_hook_type) < 0) return -1;
-    static int registered;
-    if (!registered) {
-        registered = 1;
-        pthread_atfork(NULL, NULL, after_fork_child);
-    }
     return 0;
 }

@@ -134,6 +134,29 @@ def test_labels_never_pair_with_the_other_sides_stack(workload, cpu_timer):
         assert walls[f"side_{side}"].get("-", 0) <= 0.005 * walls[f"side_{side}"][side], walls
 
 
+@pytest.mark.parametrize("mode", ["gevent-first", "tracker-first", "greenlet"])
+def test_greenlets_sharing_a_thread_each_keep_their_own_labels(mode):
+    pytest.importorskip("greenlet")
+    pytest.importorskip("gevent")
+    # GIVEN two greenlets on one OS thread, each inside its own labels block, switching to the
+    # other every ~0.1 ms: under gevent (patched before the profiler was imported, as a gevent
+    # worker does, or after) and as bare greenlets
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "targets", "greenlet_workloads.py"), mode,
+                        "--seconds", "2", "--rate", "1000"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout)
+    sides, walls = r["leaf_sides"], r["leaf_sides_wall"]
+    assert r["switches"] > 5000, r["switches"]
+    # THEN each side's samples carry its own label: never the other greenlet's (the thread's slot
+    # kept the label set of whichever greenlet wrote it last: every sample of both sides carried
+    # side=b), and next to none without one
+    assert sides["side_a"].get("a", 0) > 100 and sides["side_b"].get("b", 0) > 100, sides
+    assert "b" not in sides["side_a"] and "a" not in sides["side_b"], sides
+    for side in "ab":
+        assert sides[f"side_{side}"].get("-", 0) <= 0.005 * sides[f"side_{side}"][side], sides
+        assert walls[f"side_{side}"].get("-", 0) <= 0.005 * walls[f"side_{side}"][side], walls
+
+
 BLOCKED_SIGNALS_CHILD = r"""
 import json, signal, sys, threading, time
 sys.path.insert(0, sys.argv[1])
