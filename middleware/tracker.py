@@ -321,8 +321,29 @@ def _register_thread(t: threading.Thread) -> None:
 
 def _reregister_threads() -> None:
     _refresh_current_native_id()
-    for t in threading.enumerate():
-        _register_thread(t)
+    main = threading.main_thread()
+    named: set[int] = set()
+    # each OS thread once, the main thread's own object first: under gevent a Thread object may
+    # be a greenlet, with its OS thread's native id
+    for t in sorted(threading.enumerate(), key=lambda t: t is not main):
+        tid = getattr(t, "native_id", None)
+        if tid and tid not in named:
+            named.add(tid)
+            _register_thread(t)
+
+
+def _in_greenlet() -> bool:
+    """True when the caller runs in a greenlet other than its OS thread's main one: a
+    ``threading.Thread`` started under gevent's ``monkey.patch_all()`` is such a greenlet, and
+    shares its OS thread's native id (naming the OS thread after it, and forgetting that id when
+    its Thread object goes, took the real thread's name and labels)."""
+    greenlet = sys.modules.get("greenlet")
+    if greenlet is None:
+        return False
+    try:
+        return greenlet.getcurrent().parent is not None
+    except Exception:
+        return False
 
 
 def _refresh_current_native_id() -> None:
@@ -372,6 +393,8 @@ def _install_thread_naming() -> None:
     if hook is not None:
         def _set_native_id(self: threading.Thread) -> None:
             hook(self)
+            if _in_greenlet():
+                return  # not a thread of its own (gevent): its OS thread is named already
             register(self)
             try:  # native frames: an alternate signal stack for this thread (no-op when off)
                 _native_module().thread_init()

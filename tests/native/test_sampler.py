@@ -157,6 +157,24 @@ def test_greenlets_sharing_a_thread_each_keep_their_own_labels(mode):
         assert walls[f"side_{side}"].get("-", 0) <= 0.005 * walls[f"side_{side}"][side], walls
 
 
+def test_threads_that_are_greenlets_leave_their_os_threads_name_and_labels():
+    pytest.importorskip("gevent")
+    # GIVEN gevent patched (threading.Thread objects are then greenlets sharing the main thread's
+    # native id), three such threads run and are collected, then the main thread burns under a label
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "targets", "greenlet_workloads.py"),
+                        "gevent-threads", "--seconds", "1.2", "--rate", "500"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout)
+    # THEN every sample is the OS thread's, under its own name, and the main thread's label holds
+    # (the greenlets' start named the OS thread after them, and their objects' collection made
+    # the sampler forget its name and label slot: its later samples were "thread-<id>", unlabelled)
+    assert r["threads"] == ["MainThread"], r["threads"]
+    sides = r["leaf_sides"]
+    assert sides["side_a"].get("a", 0) > 50 and set(sides["side_a"]) == {"a"}, sides
+    assert sides["side_b"].get("-", 0) > 50 and set(sides["side_b"]) == {"-"}, sides
+
+
 BLOCKED_SIGNALS_CHILD = r"""
 import json, signal, sys, threading, time
 sys.path.insert(0, sys.argv[1])

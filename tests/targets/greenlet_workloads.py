@@ -6,8 +6,11 @@ MODE: ``gevent-first`` (``monkey.patch_all()`` before the profiler is imported, 
 worker does), ``tracker-first`` (the profiler imported and started, then gevent patched), or
 ``greenlet`` (bare greenlets switching to each other, no gevent). Two greenlets, each inside its
 own ``labels(side=...)`` block, run ``side_a`` / ``side_b`` for ~0.1 ms and switch to the other,
-so the thread's label slot must change at every switch. Prints one JSON object: per leaf function,
-the samples (CPU samples + wall seconds) per ``side`` label, and the switches made.
+so the thread's label slot must change at every switch. ``gevent-threads``: gevent patched first,
+three ``threading.Thread`` (greenlets, then) run ``side_b`` one after the other and are
+collected; then the main thread runs ``side_a`` under ``labels(side="a")``. Prints one JSON
+object: per leaf function, the samples (CPU samples + wall seconds) per ``side`` label, the
+switches made and the thread names the samples carry.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import os
 import sys
 
 MODE = sys.argv[1] if len(sys.argv) > 1 else ""
-if MODE == "gevent-first":
+if MODE in ("gevent-first", "gevent-threads"):
     from gevent import monkey
 
     monkey.patch_all()
@@ -34,7 +37,7 @@ from workloads import side_a, side_b, summarize  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["gevent-first", "tracker-first", "greenlet"])
+    ap.add_argument("mode", choices=["gevent-first", "tracker-first", "greenlet", "gevent-threads"])
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=2.0)
     args = ap.parse_args()
@@ -48,7 +51,27 @@ def main() -> None:
     deadline = time.monotonic() + args.seconds
     switches = [0]
     tracker.snapshot(reset=True)
-    if args.mode == "greenlet":
+    if args.mode == "gevent-threads":
+        import gc
+        import threading
+
+        def burn_b() -> None:
+            end = time.thread_time() + args.seconds / 6
+            while time.thread_time() < end:
+                side_b(2000)
+
+        for i in range(3):
+            t = threading.Thread(target=burn_b, name=f"green-{i}")
+            t.start()
+            t.join()
+            del t
+        gc.collect()  # their Thread objects go: the OS thread's name and slot must stay
+        time.sleep(0.3)  # the sampler's drains forget what those objects named
+        with tracker.labels(side="a"):
+            end = time.thread_time() + args.seconds / 2
+            while time.thread_time() < end:
+                side_a(2000)
+    elif args.mode == "greenlet":
         peers: dict[str, Any] = {}
 
         def bare(side: str, fn: Any, other: str) -> None:
@@ -76,7 +99,8 @@ def main() -> None:
     tracker.stop()
     summary: dict[str, Any] = summarize(profile)
     json.dump({"switches": switches[0], "leaf_sides": summary.get("leaf_sides", {}),
-               "leaf_sides_wall": summary.get("leaf_sides_wall", {})}, sys.stdout)
+               "leaf_sides_wall": summary.get("leaf_sides_wall", {}), "threads": sorted(summary["threads"])},
+              sys.stdout)
 
 
 if __name__ == "__main__":
