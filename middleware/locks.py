@@ -16,7 +16,8 @@ frames) and ``lock=<file>:<line>`` where the lock was made (outside asyncio). An
 does not wait costs one coroutine call more.
 
 Covered: locks made through ``threading`` and ``asyncio`` after :func:`install` (at
-``MwTracker()``). Not covered: locks made before it (a module-level ``threading.Lock()`` of a
+``MwTracker()``). Not covered: ``threading``'s locks once gevent (or eventlet) has patched it
+(they are cooperative locks, left as they are: said once on stderr), locks made before it (a module-level ``threading.Lock()`` of a
 module imported earlier), locks made through ``_thread.allocate_lock`` directly, C-level locks
 (``queue.SimpleQueue``, the import lock, the GIL itself) and ``multiprocessing`` locks.
 :func:`uninstall` puts the stock types and methods back for new locks; profiled locks already
@@ -105,11 +106,32 @@ def installed() -> bool:
     return bool(_saved)
 
 
+def _foreign_locks() -> str | None:
+    """The module whose locks ``threading`` makes, when they are not the interpreter's own: gevent
+    (``monkey.patch_all()``) and eventlet put cooperative locks there, and an OS lock in their
+    place blocks the whole thread — every greenlet, the hub included — when a greenlet waits for
+    a lock another one holds across a switch (a hang). None for the interpreter's own."""
+    try:
+        module = type(threading._allocate_lock()).__module__  # type: ignore[attr-defined]
+    except Exception:
+        return "unknown"
+    return None if module == "_thread" else module
+
+
 def install(native: Any, rate_ns: int) -> None:
     """Records lock waits (sampled by ``rate_ns``, see ``MW_PROFILING_LOCK_RATE``) and makes
-    ``threading`` create profiled locks. Idempotent; call with the GIL (any thread)."""
+    ``threading`` create profiled locks, unless its locks are another library's (gevent's after
+    its monkey-patching: they stay as they are). Idempotent; call with the GIL (any thread)."""
     native.locks_enable(int(rate_ns), _skip_files())
     if _saved:
+        return
+    foreign = _foreign_locks()
+    if foreign is not None:
+        from middleware.config import visible_warning
+
+        visible_warning(
+            logger, "middleware: threading's locks are %s's (monkey-patched): they are left as they are and "
+            "their waits are not in the lock-wait profile", foreign.split(".")[0])
         return
     for name in _PATCHED:
         _saved[name] = getattr(threading, name, None)
