@@ -17,9 +17,10 @@ does not wait costs one coroutine call more.
 
 Covered: locks made through ``threading`` and ``asyncio`` after :func:`install` (at
 ``MwTracker()``). Not covered: ``threading``'s locks once gevent (or eventlet) has patched it
-(they are cooperative locks, left as they are: said once on stderr), locks made before it (a module-level ``threading.Lock()`` of a
-module imported earlier), locks made through ``_thread.allocate_lock`` directly, C-level locks
-(``queue.SimpleQueue``, the import lock, the GIL itself) and ``multiprocessing`` locks.
+(they are cooperative locks, left as they are: said once on stderr), locks made before it (a
+module-level ``threading.Lock()`` of a module imported earlier), locks made through
+``_thread.allocate_lock`` directly, C-level locks (``queue.SimpleQueue``, the import lock, the
+GIL itself) and ``multiprocessing`` locks.
 :func:`uninstall` puts the stock types and methods back for new locks; profiled locks already
 made keep working and stop reporting.
 """
