@@ -4,7 +4,7 @@ Each program here burns CPU in a function named ``burn`` (tests/support/processe
 profiler code; ``middleware-run`` (``python -m middleware.run``, the console script's module) runs
 it with the store in a temporary directory, configured by variables only. The profiles must
 hold ``burn`` under each process that ran it (a plain script, a ``multiprocessing`` spawn child,
-gunicorn's workers with and without ``--preload``), and the program's exit code, standard
+gunicorn's workers with and without ``--preload``, and gevent workers), and the program's exit code, standard
 streams and signal behaviour must be the same as without ``middleware-run``.
 """
 from __future__ import annotations
@@ -151,13 +151,16 @@ def test_a_missing_command_is_said_and_exits_127(tmp_path: Path) -> None:
     assert run.returncode == 127 and "no-such-command-here: command not found" in run.stderr
 
 
-@pytest.mark.parametrize("preload", [False, True], ids=["fork", "preload"])
-def test_gunicorn_workers_are_profiled(tmp_path: Path, preload: bool) -> None:
+@pytest.mark.parametrize("preload,worker", [(False, "sync"), (True, "sync"), (False, "gevent")],
+                         ids=["fork", "preload", "gevent"])
+def test_gunicorn_workers_are_profiled(tmp_path: Path, preload: bool, worker: str) -> None:
+    if worker == "gevent":  # the workers patch the standard library after the profiler started
+        pytest.importorskip("gevent")
     (tmp_path / "wsgiapp.py").write_text(APP)
     store = tmp_path / "store"
     port = free_port()
-    cmd = [*RUN, sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}", "--chdir", str(tmp_path),
-           *(["--preload"] if preload else []), "wsgiapp:app"]
+    cmd = [*RUN, sys.executable, "-m", "gunicorn", "-w", "2", "-k", worker, "-b", f"127.0.0.1:{port}",
+           "--chdir", str(tmp_path), *(["--preload"] if preload else []), "wsgiapp:app"]
     log = (tmp_path / "gunicorn.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(store), cwd=str(tmp_path))
     try:
