@@ -146,7 +146,7 @@ def test_greenlets_sharing_a_thread_each_keep_their_own_labels(mode):
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(p.stdout)
     sides, walls = r["leaf_sides"], r["leaf_sides_wall"]
-    assert r["switches"] > 5000, r["switches"]
+    assert r["switches"] > 2000, r["switches"]  # ~27,000 a second here, ~2,400 under the sanitizers
     # THEN each side's samples carry its own label: never the other greenlet's (the thread's slot
     # kept the label set of whichever greenlet wrote it last: every sample of both sides carried
     # side=b), and next to none without one
