@@ -6,9 +6,10 @@ Two greenlets on one thread switch to each other --switches times, bare (``green
 under gevent (each ``gevent.sleep(0)``: a switch to the hub and one to the other greenlet). Three
 shapes, each run in a fresh interpreter (the switch tracer, once installed, stays for the
 thread's life): ``none`` (no label ever set: no tracer), ``same`` (both greenlets inside the same
-``labels(...)`` block: the tracer runs at every switch and finds the slot right) and ``differ``
-(each greenlet inside its own block: every switch writes the thread's slot). Prints the medians of
---rounds alternating runs.
+``labels(...)`` block: the tracer runs at every switch and finds the slot right), ``differ``
+(each greenlet inside its own block: every switch writes the thread's slot) and ``spans`` (each
+greenlet under its own span id, as OpenTelemetry's requests are). Prints the medians of --rounds
+alternating runs.
 """
 from __future__ import annotations
 
@@ -33,9 +34,20 @@ import greenlet
 from middleware import labels as mw_labels
 
 
+@contextlib.contextmanager
+def span(side):
+    token = mw_labels.push_span(mw_labels.SpanId(("a" if side == "a" else "b") * 16), "GET /" + side)
+    try:
+        yield
+    finally:
+        mw_labels.pop_labels(token)
+
+
 def block(side):
     if shape == "none":
         return contextlib.nullcontext()
+    if shape == "spans":
+        return span(side)
     return mw_labels.labels(side=side if shape == "differ" else "same")
 
 
@@ -79,14 +91,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
     for kind in ("greenlet", "gevent"):
-        times: dict[str, list[float]] = {"none": [], "same": [], "differ": []}
+        times: dict[str, list[float]] = {"none": [], "same": [], "differ": [], "spans": []}
         for _ in range(args.rounds):
             for shape in times:
                 times[shape].append(run(kind, shape, args.switches if kind == "greenlet" else args.switches // 4))
         med = {shape: statistics.median(v) for shape, v in times.items()}
         print(f"{kind}: {med['none']:.0f} ns per switch without labels, {med['same']:.0f} with the same labels "
               f"(+{med['same'] - med['none']:.0f}), {med['differ']:.0f} with each greenlet's own "
-              f"(+{med['differ'] - med['none']:.0f})")
+              f"(+{med['differ'] - med['none']:.0f}), {med['spans']:.0f} with each its own span "
+              f"(+{med['spans'] - med['none']:.0f})")
     return 0
 
 

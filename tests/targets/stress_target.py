@@ -1,7 +1,8 @@
 """Stress target for the sampler (run in a child process by tests/native/test_stress.py).
 
 For --seconds: thread churn (hundreds of short threads a second), recursion 1,000 deep,
-generators and coroutines, and functions created with exec and discarded in a loop — all while
+generators and coroutines, functions created with exec and discarded in a loop, and greenlets
+switching every few microseconds — all while
 the sampler runs at a high rate. Prints a JSON report of what the profile contains.
 """
 from __future__ import annotations
@@ -91,6 +92,32 @@ def exec_loop(deadline: float) -> None:
             time.sleep(0.002)
 
 
+def greenlets_loop(deadline: float, tracker: MwTracker) -> None:
+    """Two greenlets at different depths switching every few microseconds, each under its own
+    labels (if greenlet is installed): their C stacks are sliced and copied at every switch, and
+    the thread's label slot written, under the sampler's signals."""
+    try:
+        import greenlet
+    except ImportError:
+        return
+    peers: dict[str, greenlet.greenlet] = {}
+
+    def greenlet_leaf(other: str, depth: int, side: str) -> None:
+        if depth:
+            return greenlet_leaf(other, depth - 1, side)
+        with tracker.labels(side=side):
+            while time.monotonic() < deadline:
+                sum(range(30))
+                peers[other].switch()
+        return None
+
+    peers["a"] = greenlet.greenlet(lambda: greenlet_leaf("b", 40, "a"))
+    peers["b"] = greenlet.greenlet(lambda: greenlet_leaf("a", 3, "b"))
+    peers["a"].switch()  # back here when a ends; then b, at its next step
+    if not peers["b"].dead:
+        peers["b"].switch()
+
+
 def io_loop(deadline: float, io: dict[str, int]) -> None:
     """--native: blocking I/O while the sampler's signals flow; any EINTR failure is counted."""
     import select
@@ -130,6 +157,7 @@ def main() -> None:
         threading.Thread(target=generators_loop, args=(deadline,), name="generators"),
         threading.Thread(target=coroutines_loop, args=(deadline,), name="coroutines"),
         threading.Thread(target=exec_loop, args=(deadline,), name="exec"),
+        threading.Thread(target=greenlets_loop, args=(deadline, tracker), name="greenlets"),
     ]
     io = {"ops": 0, "errors": 0}
     if args.native:
