@@ -222,15 +222,16 @@ def count_request(label: str, value: str) -> None:
 
 
 def _os_thread_local() -> Any:
-    """A thread-local object of the OS thread, even in a process where gevent has made
-    ``threading.local`` per greenlet (``monkey.patch_all()`` before this module is imported): the
-    native slot it mirrors is the OS thread's."""
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None:
-        try:
+    """A thread-local object of the OS thread, even in a process where gevent or eventlet has made
+    ``threading.local`` per greenlet (patched before this module is imported): the native slot
+    it mirrors is the OS thread's."""
+    try:
+        if (monkey := sys.modules.get("gevent.monkey")) is not None:
             return monkey.get_original("_thread", "_local")()
-        except Exception:  # an older gevent: its own local, then the switch tracer keeps it right
-            logger.debug("middleware: gevent's original thread-local type not found", exc_info=True)
+        if (patcher := sys.modules.get("eventlet.patcher")) is not None:
+            return patcher.original("_thread")._local()
+    except Exception:
+        logger.debug("middleware: the original thread-local type not found", exc_info=True)
     return _thread._local()
 
 
