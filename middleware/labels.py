@@ -310,11 +310,9 @@ def _follow_greenlets(state: dict[str, Any]) -> None:
                             if len(span_lids) >= _SPAN_LIDS_MAX:
                                 span_lids.clear()
                             span_lids[pairs] = lid
-                    if n is None:
-                        _set_slot(state, pairs)
-                    else:
+                    if n is not None:
                         n.set_labelset_here(lid)
-                        state["pairs"] = pairs
+                    state["pairs"] = pairs
             except Exception:  # labels must never break a switch
                 logger.debug("middleware: greenlet switch not followed for labels", exc_info=True)
         if previous is not None:
@@ -770,10 +768,7 @@ def push_span(span_id: SpanId, span_name: str) -> contextvars.Token[tuple[tuple[
             lid = span_id.over(base, span_name)
         if _task_values is not None:
             _task_values(pairs, lid)
-        n.set_labelset_here(lid)
-        state["pairs"] = pairs
-        if "greenlets" not in state and "greenlet" in sys.modules:
-            _follow_greenlets(state)
+        _set_slot(state, pairs, lid)
     if _asyncio_hook_state == _HOOK_ON_FIRST_LABEL:
         _arrange_asyncio_hook()
     return token
