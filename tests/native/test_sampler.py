@@ -134,6 +134,14 @@ def test_labels_never_pair_with_the_other_sides_stack(workload, cpu_timer):
         assert walls[f"side_{side}"].get("-", 0) <= 0.005 * walls[f"side_{side}"][side], walls
 
 
+def run_greenlet_workload(mode: str, *args: str) -> dict[str, Any]:
+    """Runs tests/targets/greenlet_workloads.py MODE in a fresh interpreter: its JSON report."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "targets", "greenlet_workloads.py"), mode,
+                        *args], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout)
+
+
 @pytest.mark.parametrize("mode", ["gevent-first", "tracker-first", "greenlet"])
 def test_greenlets_sharing_a_thread_each_keep_their_own_labels(mode):
     pytest.importorskip("greenlet")
@@ -141,10 +149,7 @@ def test_greenlets_sharing_a_thread_each_keep_their_own_labels(mode):
     # GIVEN two greenlets on one OS thread, each inside its own labels block, switching to the
     # other every ~0.1 ms: under gevent (patched before the profiler was imported, as a gevent
     # worker does, or after) and as bare greenlets
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "targets", "greenlet_workloads.py"), mode,
-                        "--seconds", "2", "--rate", "1000"], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr[-3000:]
-    r = json.loads(p.stdout)
+    r = run_greenlet_workload(mode, "--seconds", "2", "--rate", "1000")
     sides, walls = r["leaf_sides"], r["leaf_sides_wall"]
     assert r["switches"] > 2000, r["switches"]  # ~27,000 a second here, ~2,400 under the sanitizers
     # THEN each side's samples carry its own label: never the other greenlet's (the thread's slot
@@ -161,11 +166,7 @@ def test_threads_that_are_greenlets_leave_their_os_threads_name_and_labels():
     pytest.importorskip("gevent")
     # GIVEN gevent patched (threading.Thread objects are then greenlets sharing the main thread's
     # native id), three such threads run and are collected, then the main thread burns under a label
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "targets", "greenlet_workloads.py"),
-                        "gevent-threads", "--seconds", "1.2", "--rate", "500"], capture_output=True, text=True,
-                       timeout=60)
-    assert p.returncode == 0, p.stderr[-3000:]
-    r = json.loads(p.stdout)
+    r = run_greenlet_workload("gevent-threads", "--seconds", "1.2", "--rate", "500")
     # THEN every sample is the OS thread's, under its own name, and the main thread's label holds
     # (the greenlets' start named the OS thread after them, and their objects' collection made
     # the sampler forget its name and label slot: its later samples were "thread-<id>", unlabelled)
