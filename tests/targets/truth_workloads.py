@@ -100,8 +100,9 @@ def pin_apart() -> list[int]:
 
 # --- bursty: short CPU bursts between blocking calls ----------------------------------------------
 # Four burn functions with the same body (distinct code objects, so each thread's CPU has a name
-# of its own). Each spins until its thread has used `ms` milliseconds of CPU; it has no Python
-# callee, so "inside burn_x" is "burn_x is the leaf".
+# of its own: burn_b, burn_c and burn_d are copies of burn_a's code under their own names). Each
+# spins until its thread has used `ms` milliseconds of CPU; it has no Python callee, so "inside
+# burn_x" is "burn_x is the leaf".
 def burn_a(ms: float) -> int:
     end = time.thread_time() + ms / 1e3
     x = 0
@@ -111,31 +112,13 @@ def burn_a(ms: float) -> int:
     return x
 
 
-def burn_b(ms: float) -> int:
-    end = time.thread_time() + ms / 1e3
-    x = 0
-    while time.thread_time() < end:
-        for i in range(100):
-            x += i * i
-    return x
+def renamed(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """A function running a copy of ``fn``'s code whose code object is named ``name``."""
+    code = fn.__code__.replace(co_name=name, **({"co_qualname": name} if QUALNAMES else {}))
+    return types.FunctionType(code, fn.__globals__, name)
 
 
-def burn_c(ms: float) -> int:
-    end = time.thread_time() + ms / 1e3
-    x = 0
-    while time.thread_time() < end:
-        for i in range(100):
-            x += i * i
-    return x
-
-
-def burn_d(ms: float) -> int:
-    end = time.thread_time() + ms / 1e3
-    x = 0
-    while time.thread_time() < end:
-        for i in range(100):
-            x += i * i
-    return x
+burn_b, burn_c, burn_d = (renamed(burn_a, name) for name in ("burn_b", "burn_c", "burn_d"))
 
 
 # (thread name, burn function, burst length range in ms, how the thread blocks afterwards).
