@@ -15,7 +15,6 @@ import json
 import random
 import subprocess
 import sys
-import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +34,7 @@ from middleware.otlp import OtlpError, encode_otlp, from_otlp, read_otlp, to_otl
 from middleware.pprof import encode_pprof, parse_pprof
 from middleware.profile import Frame, Profile, Sample
 from middleware.serve import ServeApp, ServeConfig
+from support.serve_http import api
 
 pytestmark = pytest.mark.unit
 
@@ -424,18 +424,6 @@ def post(app: ServeApp, body: bytes, headers: dict[str, str] | None = None) -> t
                      {"Content-Type": "application/x-protobuf", **(headers or {})})
         resp = conn.getresponse()
         return resp.status, resp.read(), resp.getheader("Content-Type") or ""
-    finally:
-        conn.close()
-
-
-def api(app: ServeApp, path: str, **params: Any) -> Any:
-    conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=30)
-    try:
-        conn.request("GET", f"{path}?{urllib.parse.urlencode(params)}")
-        resp = conn.getresponse()
-        body = resp.read()
-        assert resp.status == 200, body[:300]
-        return json.loads(body)
     finally:
         conn.close()
 

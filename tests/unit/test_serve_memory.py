@@ -7,18 +7,15 @@ live; process 2 pushes windows 0..2 only, with 2 MiB live in `cache`.
 """
 from __future__ import annotations
 
-import http.client
-import json
-import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from middleware.pprof import encode_pprof
 from middleware.profile import Profile, Sample
 from middleware.serve import ServeApp, ServeConfig
 from support.profiles import stack
+from support.serve_http import api, ingest_pprof
 
 pytestmark = pytest.mark.unit
 
@@ -50,29 +47,10 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
     try:
         for i in range(N):
             for pid in (1, 2) if i < 3 else (1,):
-                conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=30)
-                q = urllib.parse.urlencode({"name": "shop", "from": T0 + 10 * i, "until": T0 + 10 * i + 10,
-                                            "format": "pprof"})
-                conn.request("POST", f"/ingest?{q}", encode_pprof(window(pid, i)),
-                             {"Content-Type": "binary/octet-stream"})
-                resp = conn.getresponse()
-                assert resp.status == 200, resp.read()
-                conn.close()
+                ingest_pprof(app, "shop", window(pid, i), T0 + 10 * i)
         yield app
     finally:
         app.stop()
-
-
-def api(app: ServeApp, path: str, **params: Any) -> Any:
-    conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=30)
-    try:
-        conn.request("GET", f"{path}?{urllib.parse.urlencode(params)}")
-        resp = conn.getresponse()
-        body = resp.read()
-        assert resp.status == 200, body[:300]
-        return json.loads(body)
-    finally:
-        conn.close()
 
 
 def functions(doc: dict[str, Any]) -> dict[str, int]:

@@ -10,22 +10,19 @@ profiles that were pushed.
 from __future__ import annotations
 
 import gzip
-import http.client
-import json
 import threading
-import urllib.parse
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
-from middleware.pprof import encode_pprof, parse_pprof
+from middleware.pprof import parse_pprof
 from middleware.profile import Profile
 from middleware.reporters.sandwich import sandwich
 from middleware.reporters.table import function_table
 from middleware.serve import ServeApp, ServeConfig
 from middleware.serve.query import QueryError, parse_selector
 from support.profiles import build, sample
+from support.serve_http import Api, ingest_pprof
 
 pytestmark = pytest.mark.unit
 
@@ -61,45 +58,17 @@ def merged(indices: range | list[int], labels: dict[str, str] | None = None) -> 
     return p.filter(labels=labels) if labels else p
 
 
-class Api:
-    def __init__(self, app: ServeApp) -> None:
-        self.app = app
-
-    def raw(self, path: str, **params: Any) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.app.port, timeout=30)
-        try:
-            conn.request("GET", f"{path}?{urllib.parse.urlencode(params)}")
-            resp = conn.getresponse()
-            return resp.status, resp.read()
-        finally:
-            conn.close()
-
-    def __call__(self, path: str, **params: Any) -> Any:
-        status, data = self.raw(path, **params)
-        assert status == 200, (path, params, data[:300])
-        return json.loads(data)
-
-
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     data = tmp_path_factory.mktemp("serve-query")
     app = ServeApp(ServeConfig(port=0, data_dir=str(data))).start()
     try:
         for i, p in enumerate(PROFILES):
-            _ingest(app, "shop{env=prod}", p, T0 + 10 * i)
-        _ingest(app, "other", build([sample("main;x", 7 * MS)], time_nanos=T0 * 10**9), T0)
+            ingest_pprof(app, "shop{env=prod}", p, T0 + 10 * i, sampleRate=100)
+        ingest_pprof(app, "other", build([sample("main;x", 7 * MS)], time_nanos=T0 * 10**9), T0, sampleRate=100)
         yield Api(app)
     finally:
         app.stop()
-
-
-def _ingest(app: ServeApp, name: str, profile: Profile, start: int) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=30)
-    q = urllib.parse.urlencode({"name": name, "from": start, "until": start + 10, "format": "pprof", "sampleRate": 100})
-    conn.request("POST", f"/ingest?{q}", encode_pprof(profile), {"Content-Type": "binary/octet-stream"})
-    resp = conn.getresponse()
-    assert resp.status == 200, resp.read()
-    conn.close()
 
 
 def rng(a: int, b: int) -> dict[str, int]:

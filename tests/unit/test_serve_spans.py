@@ -22,7 +22,6 @@ import json
 import random
 import sqlite3
 import time
-import urllib.parse
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from middleware.serve.ingest import IngestParams, upload_from_profile
 from middleware.serve.query import QueryEngine, parse_selection
 from middleware.serve.store import Store
 from support.profiles import build, sample
+from support.serve_http import Api, ingest_pprof
 
 pytestmark = pytest.mark.unit
 
@@ -145,25 +145,6 @@ def stacks_of(profile: Profile, index: int) -> dict[tuple[Frame, ...], int]:
     return out
 
 
-class Api:
-    def __init__(self, app: ServeApp) -> None:
-        self.app = app
-
-    def raw(self, path: str, **params: Any) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.app.port, timeout=30)
-        try:
-            conn.request("GET", f"{path}?{urllib.parse.urlencode(params)}")
-            resp = conn.getresponse()
-            return resp.status, resp.read()
-        finally:
-            conn.close()
-
-    def __call__(self, path: str, **params: Any) -> Any:
-        status, data = self.raw(path, **params)
-        assert status == 200, (path, params, data[:300])
-        return json.loads(data)
-
-
 def _post(app: ServeApp, path: str, body: bytes, headers: dict[str, str]) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=30)
     conn.request("POST", path, body, headers)
@@ -188,9 +169,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
         for (proc, window), profile in sorted(PROFILES.items()):
             start = T0 + 10 * window
             if proc == "shop-101":
-                q = urllib.parse.urlencode({"name": "shop{env=prod}", "from": start, "until": start + 10,
-                                            "format": "pprof", "sampleRate": 100})
-                _post(app, f"/ingest?{q}", encode_pprof(_copy(profile)), {"Content-Type": "binary/octet-stream"})
+                ingest_pprof(app, "shop{env=prod}", _copy(profile), start, sampleRate=100)
             elif proc == "shop-202":
                 series = push.series.add()
                 for k, v in (("__name__", "process_cpu"), ("service_name", "shop"), ("env", "prod")):
