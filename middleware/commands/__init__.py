@@ -33,6 +33,9 @@ __all__ = [
     "add_profile_options",
     "add_time_options",
     "load_from_args",
+    "load_selected",
+    "add_comparison_options",
+    "load_comparison",
     "parse_time",
     "parse_labels",
     "value_name",
@@ -162,6 +165,42 @@ def load_from_args(
         time_range=time_range_of(args, prefix),
         labels=parse_labels([*(getattr(args, "label", None) or []), *(side_labels or [])]),
     )
+
+
+def load_selected(args: argparse.Namespace) -> tuple[Profile, str, str]:
+    """``(profile, name, unit)``: the merged profile the options select and the sample type to show."""
+    profile = load_from_args(args)
+    name, unit = value_name(profile, args.value)
+    return profile, name, unit
+
+
+def add_comparison_options(parser: argparse.ArgumentParser, before_help: str, after_help: str,
+                           after_optional: bool = False) -> None:
+    """``BEFORE AFTER`` (AFTER optional if ``after_optional``), the profile options without paths and
+    each side's ``--before-*``/``--after-*`` time ranges and labels."""
+    parser.add_argument("before", metavar="BEFORE", help=before_help)
+    parser.add_argument("after", metavar="AFTER", nargs="?" if after_optional else None, help=after_help)
+    add_profile_options(parser, paths=False)
+    add_time_options(parser, "before-", " of BEFORE")
+    add_time_options(parser, "after-", " of AFTER")
+
+
+def _load_side(args: argparse.Namespace, path: str, side: str) -> Profile:
+    try:
+        return load_from_args(args, [path], prefix=f"{side}-")
+    except ProfileError as exc:
+        raise ProfileError(f"{side.upper()}: {exc}") from None
+
+
+def load_comparison(args: argparse.Namespace, after_path: str) -> tuple[Profile, Profile, str, str, str]:
+    """``(before, after, name, unit, header)``: BEFORE and AFTER (read from ``after_path``) with their
+    ``--before-*``/``--after-*`` options, the sample type of both and a two-line header describing them."""
+    before = _load_side(args, args.before, "before")
+    after = _load_side(args, after_path, "after")
+    name, unit = value_name(after, args.value)
+    value_name(before, name)
+    header = f"before: {describe(before, name, unit)}\nafter:  {describe(after, name, unit)}"
+    return before, after, name, unit, header
 
 
 def value_name(profile: Profile, value: str | None) -> tuple[str, str]:

@@ -6,23 +6,11 @@ BEFORE and AFTER are pprof files or directories. With one directory (a store) an
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from middleware.commands import (
-    CommandError,
-    add_profile_options,
-    add_time_options,
-    describe,
-    load_from_args,
-    value_name,
-    write_output,
-)
-from middleware.pprof import ProfileError
-from middleware.profile import GAUGE_TYPES, Profile
+from middleware.commands import CommandError, add_comparison_options, load_comparison, write_output
+from middleware.profile import GAUGE_TYPES
 from middleware.reporters.diff import diff_profiles, render_diff
-
-logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,24 +23,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "--before-*/--after-* time ranges (e.g. two periods of the local store)."
         ),
     )
-    parser.add_argument("before", metavar="BEFORE", help="pprof file or directory")
-    parser.add_argument("after", metavar="AFTER", nargs="?", help="pprof file or directory (default: BEFORE)")
-    add_profile_options(parser, paths=False)
-    add_time_options(parser, "before-", " of BEFORE")
-    add_time_options(parser, "after-", " of AFTER")
+    add_comparison_options(parser, "pprof file or directory", "pprof file or directory (default: BEFORE)",
+                           after_optional=True)
     parser.add_argument("--limit", type=int, default=20, metavar="N", help="rows to show, 0 for all (default: 20)")
     parser.add_argument(
         "-o", "--output", metavar="FILE.html",
         help="also write the diff flame graph (frames coloured by the change of their share) as one HTML page",
     )
     parser.set_defaults(func=run)
-
-
-def _load(args: argparse.Namespace, path: str, side: str) -> Profile:
-    try:
-        return load_from_args(args, [path], prefix=f"{side}-")
-    except ProfileError as exc:
-        raise ProfileError(f"{side.upper()}: {exc}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,20 +41,15 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError("give AFTER, or one store with --before-from/--before-until/--after-from/--after-until"
                                " or --before-label/--after-label")
         after_path = args.before
-    before = _load(args, args.before, "before")
-    after = _load(args, after_path, "after")
-    name, unit = value_name(after, args.value)
-    value_name(before, name)
+    before, after, name, unit, sides = load_comparison(args, after_path)
     try:
         rows = diff_profiles(before, after, name)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     growth = name in GAUGE_TYPES
-    header = (
-        f"before: {describe(before, name, unit)}\n"
-        f"after:  {describe(after, name, unit)}\n"
-        + ("Growth = Self after - before (live at the end of each side's latest window), biggest first"
-           if growth else "Change = Self share after - before, in percentage points")
+    header = sides + "\n" + (
+        "Growth = Self after - before (live at the end of each side's latest window), biggest first"
+        if growth else "Change = Self share after - before, in percentage points"
     )
     sys.stdout.write(render_diff(rows, unit, limit=args.limit, header=header, growth=growth))
     if args.output:

@@ -17,10 +17,9 @@ from pathlib import Path
 from middleware.commands import (
     CommandError,
     add_profile_options,
-    load_from_args,
+    load_selected,
     parse_labels,
     time_range_of,
-    value_name,
     write_output,
 )
 from middleware.pprof import ProfileError, find_profile_files, read_pprof_file
@@ -56,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_otlp(args)
     if args.service is not None:
         raise CommandError("--service applies to --format otlp only")
-    profile = load_from_args(args)
-    name, _ = value_name(profile, args.value)
+    profile, name, _ = load_selected(args)
     if args.format == "folded":
         text = render_folded(profile, name)
     else:

@@ -2,19 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from middleware.commands import (
-    add_profile_options,
-    describe,
-    load_from_args,
-    value_name,
-    write_output,
-)
+from middleware.commands import add_profile_options, describe, load_selected, write_output
 from middleware.reporters.flamegraph import render_html
-
-logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,8 +21,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    profile = load_from_args(args)
-    name, unit = value_name(profile, args.value)
+    profile, name, unit = load_selected(args)
     title = args.title or f"middleware: {name} profile of {', '.join(args.paths)}"
     write_output(args.output, render_html(profile, title=title, value=name))
     sys.stderr.write(f"wrote {args.output}: {describe(profile, name, unit)}\n")

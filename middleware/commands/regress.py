@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from middleware.commands import CommandError, add_profile_options, add_time_options, describe, value_name
-from middleware.commands.diff import _load
+from middleware.commands import CommandError, add_comparison_options, load_comparison
 from middleware.regression import BASES, DEFAULT_THRESHOLD, compare, render_findings
 
 
@@ -37,11 +36,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "1 when there is one, so a CI step can stop a slow change."
         ),
     )
-    parser.add_argument("before", metavar="BEFORE", help="pprof file or directory (the baseline)")
-    parser.add_argument("after", metavar="AFTER", help="pprof file or directory (the change)")
-    add_profile_options(parser, paths=False)
-    add_time_options(parser, "before-", " of BEFORE")
-    add_time_options(parser, "after-", " of AFTER")
+    add_comparison_options(parser, "pprof file or directory (the baseline)", "pprof file or directory (the change)")
     parser.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD, metavar="PCT",
                         help="smallest growth of a share to report, e.g. 10%% (default: 10%%)")
     parser.add_argument("--share", dest="metric", choices=("auto", "self", "total"), default="auto",
@@ -55,15 +50,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    before = _load(args, args.before, "before")
-    after = _load(args, args.after, "after")
-    name, unit = value_name(after, args.value)
-    value_name(before, name)
+    before, after, name, unit, header = load_comparison(args, args.after)
     try:
         result = compare(before, after, value=name, threshold=args.threshold, metric=args.metric, per=args.per)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    header = f"before: {describe(before, name, unit)}\nafter:  {describe(after, name, unit)}"
     if args.per != "share" and before.request_count() and after.request_count():
         header += f"\ncost per request: {before.request_count()} requests before, {after.request_count()} after"
     elif args.per == "auto":

@@ -2,18 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from middleware.commands import (
-    add_profile_options,
-    describe,
-    load_from_args,
-    value_name,
-)
+from middleware.commands import add_profile_options, describe, load_selected
 from middleware.reporters.sandwich import render_sandwich, sandwich
-
-logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -32,8 +24,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    profile = load_from_args(args)
-    name, unit = value_name(profile, args.value)
+    profile, name, unit = load_selected(args)
     sw = sandwich(profile, args.function, name)
     sys.stdout.write(describe(profile, name, unit) + "\n" + render_sandwich(sw, unit, limit=args.limit))
     return 0

@@ -3,18 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
-from middleware.commands import (
-    add_profile_options,
-    describe,
-    load_from_args,
-    value_name,
-)
+from middleware.commands import add_profile_options, describe, load_selected
 from middleware.reporters.table import function_table, render_table
-
-logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -31,8 +23,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    profile = load_from_args(args)
-    name, unit = value_name(profile, args.value)
+    profile, name, unit = load_selected(args)
     rows = function_table(profile, name, sort=args.sort)
     if args.format == "json":
         shown = rows if args.limit <= 0 else rows[: args.limit]
