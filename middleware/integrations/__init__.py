@@ -75,37 +75,36 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _mark_installed(name: str, message: str) -> None:
+    """Record ``name`` in :func:`installed` and log ``message`` (what its requests now carry)."""
+    with _lock:
+        _installed.add(name)
+    logger.debug(message)
+
+
 def _install_flask(module: types.ModuleType) -> None:
     from . import flask as mw_flask
 
     if mw_flask.install():
-        with _lock:
-            _installed.add("flask")
-        logger.debug("middleware: Flask requests are labelled with their endpoint")
+        _mark_installed("flask", "middleware: Flask requests are labelled with their endpoint")
 
 
 def _install_starlette(module: types.ModuleType) -> None:
     from . import asgi
 
     if asgi.install_starlette(module):
-        with _lock:
-            _installed.add("starlette")
-        logger.debug("middleware: Starlette requests are labelled with their route template")
+        _mark_installed("starlette", "middleware: Starlette requests are labelled with their route template")
 
 
 def _install_fastapi(module: types.ModuleType) -> None:
     from . import asgi
 
     if asgi.install_fastapi(module):
-        with _lock:
-            _installed.add("fastapi")
-        logger.debug("middleware: FastAPI requests are labelled with their route template")
+        _mark_installed("fastapi", "middleware: FastAPI requests are labelled with their route template")
 
 
 def _install_otel(module: types.ModuleType) -> None:
     from . import otel
 
     if otel.install(module):
-        with _lock:
-            _installed.add("opentelemetry")
-        logger.debug("middleware: samples of traced requests carry their root span's id")
+        _mark_installed("opentelemetry", "middleware: samples of traced requests carry their root span's id")
