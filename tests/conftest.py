@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +46,13 @@ def backend():
 
     with FakeBackend() as b:
         yield b
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[Any]:
+    """A 1500x1000 headless Chrome (support/browser.py), with the folder made where the browser
+    tests save their screenshots; a module may define a driver of its own."""
+    from support.browser import ARTIFACTS, chromium_driver
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    yield from chromium_driver("1500,1000")

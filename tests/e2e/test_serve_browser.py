@@ -10,9 +10,7 @@ says. Screenshots go to artifacts/ (gitignored).
 """
 from __future__ import annotations
 
-import http.client
 import re
-import urllib.parse
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -20,16 +18,14 @@ from typing import Any
 
 import pytest
 
-from middleware.pprof import encode_pprof
 from middleware.profile import Profile, Sample
 from middleware.serve import ServeApp, ServeConfig
-from support.browser import chromium_driver
+from support.browser import ARTIFACTS
 from support.profiles import build, sample, stack
+from support.serve_http import ingest_pprof
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "artifacts"
 T0 = 1_763_719_200
 N = 60
 MS = 1_000_000
@@ -74,25 +70,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
     app = ServeApp(ServeConfig(port=0, data_dir=str(tmp_path_factory.mktemp("serve-browser")))).start()
     try:
         for i, p in enumerate(PROFILES):
-            _push(app, "shop{env=prod}", p, T0 + 10 * i)
-        _push(app, "another", build([sample("main;idle", 5 * MS)], time_nanos=T0 * 10**9), T0)
+            ingest_pprof(app, "shop{env=prod}", p, T0 + 10 * i)
+        ingest_pprof(app, "another", build([sample("main;idle", 5 * MS)], time_nanos=T0 * 10**9), T0)
         yield app
     finally:
         app.stop()
-
-
-def _push(app: ServeApp, name: str, p: Profile, start: int) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=30)
-    q = urllib.parse.urlencode({"name": name, "from": start, "until": start + 10, "format": "pprof"})
-    conn.request("POST", f"/ingest?{q}", encode_pprof(p), {"Content-Type": "binary/octet-stream"})
-    assert conn.getresponse().status == 200
-    conn.close()
-
-
-@pytest.fixture(scope="module")
-def driver() -> Iterator[Any]:
-    ARTIFACTS.mkdir(exist_ok=True)
-    yield from chromium_driver("1500,1000")
 
 
 class Page:
@@ -342,7 +324,7 @@ def test_lock_wait_profiles_show_as_block_types_with_time_units(driver: Any, ser
         period=1,
         default_sample_type="delay",
     )
-    _push(server, "locky", waits, T0)
+    ingest_pprof(server, "locky", waits, T0)
     page = Page(driver, server)
     page.open()
     page.select("service", "locky")
@@ -373,8 +355,8 @@ def test_memory_profiles_show_in_bytes_with_in_use_from_the_latest_window(driver
             time_nanos=(T0 + 10 * i) * 10**9, duration_nanos=10 * 10**9, period_type=("space", "bytes"),
             period=512 * 1024, default_sample_type="inuse_space")
 
-    _push(server, "leaky", window(0, 1), T0)
-    _push(server, "leaky", window(1, 3), T0 + 10)
+    ingest_pprof(server, "leaky", window(0, 1), T0)
+    ingest_pprof(server, "leaky", window(1, 3), T0 + 10)
     page = Page(driver, server)
     page.open()
     page.select("service", "leaky")
@@ -405,8 +387,8 @@ def test_diff_flame_graph_colours_frames_by_their_change(driver: Any, server: Se
                    sample("main;f_same", 50 * MS, labels={"side": "old"})], time_nanos=T0 * 10**9)
     second = build([sample("main;f_double", 80 * MS, labels={"side": "new"}),
                     sample("main;f_same", 120 * MS, labels={"side": "new"})], time_nanos=(T0 + 10) * 10**9)
-    _push(server, "diffy", first, T0)
-    _push(server, "diffy", second, T0 + 10)
+    ingest_pprof(server, "diffy", first, T0)
+    ingest_pprof(server, "diffy", second, T0 + 10)
     page = Page(driver, server)
     page.open()
     page.select("service", "diffy")

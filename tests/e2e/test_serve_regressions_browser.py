@@ -9,25 +9,19 @@ Screenshots go to artifacts/ (gitignored).
 """
 from __future__ import annotations
 
-import http.client
-import urllib.parse
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from middleware.pprof import encode_pprof
 from middleware.profile import Profile
 from middleware.serve import ServeApp, ServeConfig
-from support.browser import chromium_driver
 from support.profiles import build, sample
+from support.serve_http import ingest_pprof
 from test_serve_browser import Page
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "artifacts"
 T0 = 1_763_719_200
 MS = 1_000_000
 
@@ -49,23 +43,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
     try:
         for i in range(40):
             version, calc2 = ("v1", 1500) if i < 20 else ("v2", 2250)
-            conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=30)
-            start = T0 + 10 * i
-            q = urllib.parse.urlencode({"name": "shop", "from": start, "until": start + 10, "format": "pprof"})
-            conn.request("POST", f"/ingest?{q}", encode_pprof(window(version, i, calc2)),
-                         {"Content-Type": "binary/octet-stream"})
-            assert conn.getresponse().status == 200
-            conn.close()
+            ingest_pprof(app, "shop", window(version, i, calc2), T0 + 10 * i)
         app.regressions.run_once()
         yield app
     finally:
         app.stop()
-
-
-@pytest.fixture(scope="module")
-def driver() -> Iterator[Any]:
-    ARTIFACTS.mkdir(exist_ok=True)
-    yield from chromium_driver("1500,1000")
 
 
 def test_the_regressions_list_opens_the_comparison_of_the_two_versions(driver: Any, server: ServeApp) -> None:

@@ -11,24 +11,19 @@ service again from the "back" link. Screenshots go to artifacts/ (gitignored).
 """
 from __future__ import annotations
 
-import http.client
-import urllib.parse
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from middleware.pprof import encode_pprof
 from middleware.profile import Profile, Sample
 from middleware.serve import ServeApp, ServeConfig
-from support.browser import chromium_driver
+from support.browser import ARTIFACTS
 from support.profiles import build, sample
+from support.serve_http import ingest_pprof
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "artifacts"
 T0 = 1_763_719_200
 MS = 1_000_000
 A, D, C = "a00000000000000a", "d00000000000000d", "c00000000000000c"
@@ -71,21 +66,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
         for (service, window), items in SAMPLES.items():
             p: Profile = build(items, time_nanos=(T0 + 10 * window) * 10**9)
             p.span_traces = {k: v for k, v in TRACES.items() if any(s.label("span_id") == k for s in items)}
-            conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=30)
-            start = T0 + 10 * window
-            q = urllib.parse.urlencode({"name": service, "from": start, "until": start + 10, "format": "pprof"})
-            conn.request("POST", f"/ingest?{q}", encode_pprof(p), {"Content-Type": "binary/octet-stream"})
-            assert conn.getresponse().status == 200
-            conn.close()
+            ingest_pprof(app, service, p, T0 + 10 * window)
         yield app
     finally:
         app.stop()
-
-
-@pytest.fixture(scope="module")
-def driver() -> Iterator[Any]:
-    ARTIFACTS.mkdir(exist_ok=True)
-    yield from chromium_driver("1500,1000")
 
 
 class Page:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 CHROMIUM = os.environ.get("MW_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("MW_CHROMEDRIVER", "/usr/bin/chromedriver")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"  # where the browser tests save screenshots
 
 
 def chromium_driver(window: str = "1500,900") -> Iterator[Any]:
@@ -31,3 +33,4 @@ def chromium_driver(window: str = "1500,900") -> Iterator[Any]:
         yield drv
     finally:
         drv.quit()
+
