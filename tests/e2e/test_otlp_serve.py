@@ -14,17 +14,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from middleware.pprof import find_profile_files, read_pprof_file
-from middleware.serve import ServeApp, ServeConfig
-from support.processes import clean_env, http_request
+from support.processes import clean_env
+from support.serve_http import Api, running_serve
 
 pytest.importorskip("opentelemetry.sdk.trace")
 
@@ -65,27 +63,14 @@ print(json.dumps({"truth": truth, **{k: v for k, v in st.items() if k.startswith
 '''
 
 
-class Client:
-    def __init__(self, app: ServeApp) -> None:
-        self.app = app
-
-    def get(self, path: str, **params: Any) -> Any:
-        status, data = http_request(self.app.port, "GET", f"{path}?{urllib.parse.urlencode(params)}")
-        assert status == 200, (path, status, data[:300])
-        return json.loads(data)
-
-
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Client]:
-    app = ServeApp(ServeConfig(host="127.0.0.1", port=0, data_dir=str(tmp_path / "data"))).start()
-    try:
-        yield Client(app)
-    finally:
-        app.stop()
+def serve(tmp_path: Path) -> Iterator[Api]:
+    with running_serve(tmp_path / "data", host="127.0.0.1") as app:
+        yield Api(app)
 
 
 def test_an_app_exporting_otlp_to_serve_is_stored_as_its_store_holds_it_with_its_spans(
-        serve: Client, tmp_path: Path) -> None:
+        serve: Api, tmp_path: Path) -> None:
     store = tmp_path / "store"
     script = tmp_path / "otlp_app.py"
     script.write_text(APP)
@@ -118,7 +103,7 @@ def test_an_app_exporting_otlp_to_serve_is_stored_as_its_store_holds_it_with_its
 
     # serve holds the same totals (the whole range of the run)
     for type_id, want in totals.items():
-        tl = serve.get("/api/timeline", service="otlp-spans", type=type_id, **{"from": 0, "until": 2**33})
+        tl = serve("/api/timeline", service="otlp-spans", type=type_id, **{"from": 0, "until": 2**33})
         assert tl["total"] == want, (type_id, tl["total"], want)
 
     # and each request's span, by span id and by its trace, with the CPU its samples hold
@@ -126,8 +111,8 @@ def test_an_app_exporting_otlp_to_serve_is_stored_as_its_store_holds_it_with_its
     truth = {t["span"]: t["trace"] for t in doc["truth"]}
     for span, cpu in span_cpu.items():
         assert span in truth and span_trace.get(span) == truth[span], span
-        by_span = serve.get("/api/spans", span_id=span)["spans"]
+        by_span = serve("/api/spans", span_id=span)["spans"]
         assert len(by_span) == 1 and by_span[0]["trace_id"] == truth[span], by_span
         assert by_span[0]["types"].get(CPU) == cpu, (by_span[0]["types"], cpu)
-        by_trace = serve.get("/api/spans", trace_id=truth[span])["spans"]
+        by_trace = serve("/api/spans", trace_id=truth[span])["spans"]
         assert [s["span_id"] for s in by_trace] == [span]

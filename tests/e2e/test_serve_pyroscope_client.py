@@ -28,7 +28,7 @@ import pytest
 
 from middleware.pprof import encode_pprof, parse_pprof
 from middleware.profile import Profile
-from middleware.serve import ServeApp, ServeConfig
+from middleware.serve import ServeApp
 from middleware.serve.ingest import LABEL_NAME_RE, _push_request_class
 from middleware.serve.labels import (
     MAX_LABEL_NAME_LENGTH,
@@ -41,6 +41,7 @@ from middleware.serve.labels import (
 )
 from support.processes import http_request
 from support.profiles import build, calc_profile, sample
+from support.serve_http import running_serve
 
 CPU = "process_cpu:cpu:nanoseconds:cpu:nanoseconds"
 T0_S = 1_763_719_200  # support.profiles.T0 in seconds
@@ -124,11 +125,8 @@ class Client:
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Client]:
-    app = ServeApp(ServeConfig(host="127.0.0.1", port=0, data_dir=str(tmp_path / "data"))).start()
-    try:
+    with running_serve(tmp_path / "data", host="127.0.0.1") as app:
         yield Client(app)
-    finally:
-        app.stop()
 
 
 def _stack_names(s: Any) -> list[str]:

@@ -2,14 +2,28 @@
 pprof window to ``/ingest``, and GET the JSON query API."""
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from middleware.pprof import encode_pprof
 from middleware.profile import Profile
-from middleware.serve import ServeApp
+from middleware.serve import ServeApp, ServeConfig
 from support.processes import http_request
+
+
+@contextlib.contextmanager
+def running_serve(data_dir: Path, **config: Any) -> Iterator[ServeApp]:
+    """A serve storing in ``data_dir`` (more ServeConfig settings in ``config``) on a free port,
+    stopped afterwards."""
+    app = ServeApp(ServeConfig(port=0, data_dir=str(data_dir), **config)).start()
+    try:
+        yield app
+    finally:
+        app.stop()
 
 
 def ingest_pprof(app: ServeApp, name: str, profile: Profile, start: int, seconds: int = 10, **params: Any) -> None:
