@@ -26,10 +26,12 @@ pytest.importorskip("httpx")
 ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = r"""
-import asyncio, faulthandler, json, random, sys, threading, time
+import asyncio, faulthandler, json, sys, time
 faulthandler.enable()  # a crash says where in the test's output
 sys.path.insert(0, {root!r})
+sys.path.insert(0, {tests!r})
 from middleware import MwTracker
+from support.asgi_child import drive, serve_in_thread, spin
 
 tracker = MwTracker(sample_rate=200, profile_dir="none", native=False, upload=False)
 from fastapi import FastAPI
@@ -68,12 +70,6 @@ async def fan_route(n: int):
     return {{}}
 
 
-def spin(seconds):
-    t0 = time.thread_time()
-    while time.thread_time() - t0 < seconds:
-        sum(i * i for i in range(200))
-
-
 @app.get("/burn/{{n}}")
 async def burn_route(n: int):
     for _ in range(4):
@@ -82,32 +78,9 @@ async def burn_route(n: int):
     return {{}}
 
 
-sys.path.insert(0, {tests!r})
-from support.asgi_child import serve_in_thread
-import httpx
-
 server, server_thread, port = serve_in_thread(app, {loop!r})
-errors = []
-
-
-def client(seed):
-    rng = random.Random(seed)
-    with httpx.Client(base_url=f"http://127.0.0.1:{{port}}", timeout=60) as c:
-        for _ in range(3):
-            urls = [f"/wait/{{rng.randrange(100)}}", f"/fan/{{rng.randrange(100)}}", f"/burn/{{rng.randrange(100)}}"]
-            rng.shuffle(urls)
-            for url in urls:
-                r = c.get(url)
-                if r.status_code != 200:
-                    errors.append((url, r.status_code))
-
-
 tracker.snapshot(reset=True)
-threads = [threading.Thread(target=client, args=(k,)) for k in range(50)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
+errors = drive(port, ["/wait/{{}}", "/fan/{{}}", "/burn/{{}}"], clients=50, rounds=3, timeout=60)
 profile = tracker.snapshot()
 server.should_exit = True
 server_thread.join(timeout=20)

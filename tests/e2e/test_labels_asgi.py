@@ -28,9 +28,11 @@ pytest.importorskip("httpx")
 ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = r"""
-import asyncio, json, random, sys, threading, time
+import asyncio, json, sys
 sys.path.insert(0, {root!r})
+sys.path.insert(0, {tests!r})
 from middleware import MwTracker
+from support.asgi_child import drive, serve_in_thread, spin
 
 tracker = MwTracker(sample_rate=400, profile_dir="none", native=False, upload=False)
 from fastapi import APIRouter, FastAPI
@@ -39,12 +41,6 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 SLICE_S = 0.002
-
-
-def spin(seconds):
-    t0 = time.thread_time()
-    while time.thread_time() - t0 < seconds:
-        sum(i * i for i in range(200))
 
 
 async def work_burn():
@@ -99,33 +95,10 @@ async def calc(request):
 app.include_router(router)
 app.mount("/sub", Starlette(routes=[Route("/calc/{{x}}", calc)]))
 
-sys.path.insert(0, {tests!r})
-from support.asgi_child import serve_in_thread
-import httpx
-
 server, server_thread, port = serve_in_thread(app, {loop!r})
-errors = []
-
-
-def client(seed):
-    rng = random.Random(seed)
-    with httpx.Client(base_url=f"http://127.0.0.1:{{port}}", timeout=60) as c:
-        for _ in range(2):
-            urls = [f"/burn/{{rng.randrange(100)}}", f"/api/items/{{rng.randrange(100)}}",
-                    f"/sub/calc/{{rng.randrange(100)}}", f"/sync/{{rng.randrange(100)}}"]
-            rng.shuffle(urls)
-            for url in urls:
-                r = c.get(url)
-                if r.status_code != 200:
-                    errors.append((url, r.status_code))
-
-
 tracker.snapshot(reset=True)
-threads = [threading.Thread(target=client, args=(k,)) for k in range(50)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
+errors = drive(port, ["/burn/{{}}", "/api/items/{{}}", "/sub/calc/{{}}", "/sync/{{}}"], clients=50, rounds=2,
+               timeout=60)
 profile = tracker.snapshot()
 server.should_exit = True
 server_thread.join(timeout=20)

@@ -45,18 +45,26 @@ def serve_in_thread(app: Any, loop: str) -> tuple[Any, threading.Thread, int]:
     return server, thread, sock.getsockname()[1]
 
 
-def drive(port: int, routes: Sequence[str], clients: int, rounds: int) -> list[tuple[str, int]]:
-    """``clients`` threads each GET every route ``rounds`` times, in a shuffled order each round;
-    returns the (route, status) of every answer that was not 200."""
+def spin(seconds: float) -> None:
+    """Burns ``seconds`` of this thread's CPU."""
+    t0 = time.thread_time()
+    while time.thread_time() - t0 < seconds:
+        sum(i * i for i in range(200))
+
+
+def drive(port: int, routes: Sequence[str], clients: int, rounds: int, timeout: float = 30) -> list[tuple[str, int]]:
+    """``clients`` threads each GET every route ``rounds`` times, in a shuffled order each round (a
+    ``{}`` in a route is a random number 0-99, new for each request); returns the (route, status)
+    of every answer that was not 200."""
     import httpx
 
     errors: list[tuple[str, int]] = []
 
     def client(seed: int) -> None:
         rng = random.Random(seed)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=timeout) as c:
             for _ in range(rounds):
-                order = list(routes)
+                order = [r.format(rng.randrange(100)) if "{}" in r else r for r in routes]
                 rng.shuffle(order)
                 for route in order:
                     r = c.get(route)
