@@ -30,6 +30,7 @@ from middleware.pprof import ProfileError, encode_pprof, parse_pprof
 from middleware.profile import Frame, Profile
 from middleware.upload_config import resolve_upload_config
 from support.fake_backend import FakeBackend, Recorded, Response
+from support.otlp import sample_stack
 from support.profiles import build, sample
 from support.upload_native import (  # noqa: F401 - no_uploader_left is an autouse fixture
     assert_accounting,
@@ -87,20 +88,13 @@ def otlp_view(msg: ExportProfilesServiceRequest) -> tuple[int, list[tuple[str, s
     agg: dict[Key, list[int]] = {}
     for ti, p in enumerate(sp.profiles):
         for s in p.samples:
-            frames: list[Frame] = []
-            for li in d.stack_table[s.stack_index].location_indices:
-                loc = d.location_table[li]
-                assert loc.mapping_index == 0 and len(loc.lines) == 1
-                f = d.function_table[loc.lines[0].function_index]
-                assert f.name_strindex == f.system_name_strindex
-                frames.append(Frame(st[f.name_strindex], st[f.filename_strindex], loc.lines[0].line))
             labels = [(st[d.attribute_table[a].key_strindex], d.attribute_table[a].value.string_value)
                       for a in s.attribute_indices]
             if s.link_index:
                 link = d.link_table[s.link_index]
                 labels += [("span_id", link.span_id.hex()), ("trace_id", link.trace_id.hex())]
             assert len(s.values) == 1 and s.values[0] != 0
-            key = (tuple(reversed(frames)), tuple(sorted(labels)))
+            key = (sample_stack(d, s), tuple(sorted(labels)))
             agg.setdefault(key, [0] * len(types))[ti] += s.values[0]
     return t0, types, agg
 

@@ -34,6 +34,7 @@ from middleware.otlp import OtlpError, encode_otlp, from_otlp, read_otlp, to_otl
 from middleware.pprof import encode_pprof, parse_pprof
 from middleware.profile import Frame, Profile, Sample
 from middleware.serve import ServeApp, ServeConfig
+from support.otlp import sample_stack
 from support.serve_http import api
 
 pytestmark = pytest.mark.unit
@@ -125,13 +126,6 @@ def official_samples(msg: OfficialRequest, prof: Any) -> Counter[tuple[Any, ...]
     s = d.string_table
     out: Counter[tuple[Any, ...]] = Counter()
     for smp in prof.samples:
-        frames = []
-        for li in d.stack_table[smp.stack_index].location_indices:
-            loc = d.location_table[li]
-            assert loc.mapping_index == 0 and len(loc.lines) == 1
-            fn = d.function_table[loc.lines[0].function_index]
-            assert fn.name_strindex == fn.system_name_strindex
-            frames.append(Frame(s[fn.name_strindex], s[fn.filename_strindex], loc.lines[0].line))
         labels = {}
         for ai in smp.attribute_indices:
             kv = d.attribute_table[ai]
@@ -144,7 +138,7 @@ def official_samples(msg: OfficialRequest, prof: Any) -> Counter[tuple[Any, ...]
             labels["span_id"] = link.span_id.hex()
             trace = link.trace_id.hex()
         assert len(smp.values) == 1 and smp.values[0] != 0
-        out[(tuple(reversed(frames)), tuple(sorted(labels.items())), trace, smp.values[0])] += 1
+        out[(sample_stack(d, smp), tuple(sorted(labels.items())), trace, smp.values[0])] += 1
     return out
 
 
