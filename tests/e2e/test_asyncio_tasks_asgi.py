@@ -12,18 +12,16 @@ much more; the loop's ``select`` carries no request's label; the CPU endpoint's 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
+
+from support.asgi_child import run_child
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
 
-ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = r"""
 import asyncio, faulthandler, json, sys, time
@@ -102,14 +100,9 @@ def tail(stack: list[str], names: list[str]) -> bool:
 
 @pytest.fixture(scope="module", params=["asyncio", "uvloop"])
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    if request.param == "uvloop":
-        pytest.importorskip("uvloop")
     tmp = tmp_path_factory.mktemp("asgi_tasks")
-    script = tmp / "app.py"
     result = tmp / "result.json"
-    script.write_text(CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"), loop=request.param, out=str(result)))
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=str(tmp))
-    assert r.returncode == 0, r.stderr[-4000:]
+    run_child(CHILD, request.param, tmp, timeout=180, out=str(result))
     out: dict[str, Any] = json.loads(result.read_text())
     assert out["errors"] == []
     return out

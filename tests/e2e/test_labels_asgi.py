@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
+
+from support.asgi_child import run_child
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
 
-ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = r"""
 import asyncio, json, sys
@@ -121,13 +119,7 @@ WANT = {"work_burn": "/burn/{n}", "work_item": "/api/items/{item_id}", "work_cal
 
 @pytest.fixture(scope="module", params=["asyncio", "uvloop"])
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    if request.param == "uvloop":
-        pytest.importorskip("uvloop")
-    tmp = tmp_path_factory.mktemp("asgi")
-    script = tmp / "app.py"
-    script.write_text(CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"), loop=request.param))
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=str(tmp))
-    assert r.returncode == 0, r.stderr[-4000:]
+    r = run_child(CHILD, request.param, tmp_path_factory.mktemp("asgi"), timeout=120)
     out: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
     return out
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from support.asgi_child import run_child
+
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
@@ -94,11 +96,7 @@ tracker.stop()
 
 
 def _run(loop: str, tmp: Path) -> tuple[dict[str, Any], str]:
-    script = tmp / f"app_{loop}.py"
-    script.write_text(CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"), loop=loop,
-                                   routes=ASYNC_ROUTES + (SYNC_ROUTE,)))
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=str(tmp))
-    assert r.returncode == 0, r.stderr[-4000:]
+    r = run_child(CHILD, loop, tmp, timeout=60, routes=ASYNC_ROUTES + (SYNC_ROUTE,))
     return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
 
 

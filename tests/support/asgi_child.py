@@ -1,16 +1,37 @@
 """Helpers of the child processes that serve an ASGI app under uvicorn and drive it with client
-threads (tests/e2e/test_labels_threadpool.py, tests/e2e/test_labels_event_loops.py).
+threads (tests/e2e/test_labels_*.py, tests/e2e/test_asyncio_tasks_asgi.py), and the tests' way of
+running such a child (``run_child``).
 
-Imported in the child only (uvicorn and httpx are test dependencies; the test modules skip
+The children import it (uvicorn and httpx are test dependencies; the test modules skip
 themselves without them)."""
 from __future__ import annotations
 
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_child(template: str, loop: str, tmp: Path, timeout: float, **fields: Any) -> subprocess.CompletedProcess[str]:
+    """Runs the child script ``template`` (formatted with ``root``, ``tests``, ``loop`` and
+    ``fields``) in ``tmp``, serving on event loop ``loop`` (a test needing uvloop is skipped
+    without it); the child must exit 0."""
+    if loop == "uvloop":
+        import pytest
+
+        pytest.importorskip("uvloop")
+    script = tmp / "app.py"
+    script.write_text(template.format(root=str(ROOT), tests=str(ROOT / "tests"), loop=loop, **fields))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout, cwd=str(tmp))
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
 
 
 class EndpointLabels:
