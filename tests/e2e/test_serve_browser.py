@@ -144,6 +144,16 @@ class Page:
         self.el("apply-range").click()
         self.wait_ready(before)
 
+    def show(self, service: str, start: float, end: float) -> None:
+        """Opens the page, then picks ``service`` and the range [start, end]."""
+        self.open()
+        self.select("service", service)
+        self.set_range(start, end)
+
+    def options(self, id_: str) -> list[str]:
+        """The values of the options of select ``id_``."""
+        return [o.get_attribute("value") for o in self.Select(self.el(id_)).options]
+
     def table_functions(self) -> list[str]:
         return [tr.get_attribute("data-function") for tr in self.css("#mw-table tbody tr[data-fid]")]
 
@@ -198,9 +208,7 @@ def test_timeline_drag_selects_a_range(driver: Any, server: ServeApp) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
 
     page = Page(driver, server)
-    page.open()
-    page.select("service", "shop")
-    page.set_range(T0, T0 + 600)
+    page.show("shop", T0, T0 + 600)
     svg = page.el("timeline")
     width = svg.size["width"]
     before = page.seq()
@@ -220,13 +228,10 @@ def test_timeline_drag_selects_a_range(driver: Any, server: ServeApp) -> None:
 
 def test_label_selection(driver: Any, server: ServeApp) -> None:
     page = Page(driver, server)
-    page.open()
-    page.select("service", "shop")
-    page.set_range(T0, T0 + 600)
-    Select = page.Select
-    Select(page.el("label-name")).select_by_value("endpoint")
+    page.show("shop", T0, T0 + 600)
+    page.Select(page.el("label-name")).select_by_value("endpoint")
     page.Wait(driver, 10).until(lambda d: page.el("label-value").is_enabled())
-    values = [o.get_attribute("value") for o in Select(page.el("label-value")).options]
+    values = page.options("label-value")
     assert values == ["", "/calculate1", "/calculate2"]
     page.select("label-value", "/calculate1")
     assert page.el("selector").text == '{endpoint="/calculate1"}'
@@ -239,9 +244,7 @@ def test_label_selection(driver: Any, server: ServeApp) -> None:
 
 def test_compare_time_ranges_and_label_values(driver: Any, server: ServeApp) -> None:
     page = Page(driver, server)
-    page.open()
-    page.select("service", "shop")
-    page.set_range(T0, T0 + 600)
+    page.show("shop", T0, T0 + 600)
     page.el("tab-compare").click()
     assert page.el("view-compare").is_displayed() and not page.el("view-profile").is_displayed()
     assert page.el("cmp-time").is_displayed() and not page.el("cmp-label").is_displayed()
@@ -284,9 +287,7 @@ def test_compare_time_ranges_and_label_values(driver: Any, server: ServeApp) -> 
 
 def test_reload_keeps_the_selection_in_the_url(driver: Any, server: ServeApp) -> None:
     page = Page(driver, server)
-    page.open()
-    page.select("service", "shop")
-    page.set_range(T0 + 300, T0 + 600)
+    page.show("shop", T0 + 300, T0 + 600)
     url = driver.current_url
     assert "service=shop" in url
     driver.get("about:blank")
@@ -326,12 +327,10 @@ def test_lock_wait_profiles_show_as_block_types_with_time_units(driver: Any, ser
     )
     ingest_pprof(server, "locky", waits, T0)
     page = Page(driver, server)
-    page.open()
-    page.select("service", "locky")
-    page.set_range(T0, T0 + 20)
+    page.show("locky", T0, T0 + 20)
     # WHEN the delay type is picked
     delay = "block:delay:nanoseconds:contentions:count"
-    types = [o.get_attribute("value") for o in page.Select(page.el("profile-type")).options]
+    types = page.options("profile-type")
     assert delay in types and "block:contentions:count:contentions:count" in types, types
     page.select("profile-type", delay)
     # THEN the longest wait is on top, and the totals read as times
@@ -358,11 +357,9 @@ def test_memory_profiles_show_in_bytes_with_in_use_from_the_latest_window(driver
     ingest_pprof(server, "leaky", window(0, 1), T0)
     ingest_pprof(server, "leaky", window(1, 3), T0 + 10)
     page = Page(driver, server)
-    page.open()
-    page.select("service", "leaky")
-    page.set_range(T0, T0 + 20)
+    page.show("leaky", T0, T0 + 20)
     inuse = "memory:inuse_space:bytes:space:bytes"
-    types = [o.get_attribute("value") for o in page.Select(page.el("profile-type")).options]
+    types = page.options("profile-type")
     assert {inuse, "memory:alloc_space:bytes:space:bytes", "memory:alloc_objects:count:space:bytes",
             "memory:inuse_objects:count:space:bytes"} <= set(types), types
     # WHEN in-use space is picked: THEN the leak is on top, with the latest window's 3 MiB (not 4)
@@ -390,9 +387,7 @@ def test_diff_flame_graph_colours_frames_by_their_change(driver: Any, server: Se
     ingest_pprof(server, "diffy", first, T0)
     ingest_pprof(server, "diffy", second, T0 + 10)
     page = Page(driver, server)
-    page.open()
-    page.select("service", "diffy")
-    page.set_range(T0, T0 + 20)
+    page.show("diffy", T0, T0 + 20)
     page.el("tab-compare").click()
 
     def frames() -> dict[str, Any]:
