@@ -92,9 +92,11 @@ static scratch_t *scratch_at(int i) {
 
 /* Reads the calling thread's own Python frames (and the names the sampler lacks) into rec: plain
  * loads under one fault guard while our fault handler is the installed one, else
- * process_vm_readv. Returns 0, or -1 when a read faulted (the sample is abandoned). */
-static int read_self(scratch_t *sc, mw_cpusample_t *rec, uintptr_t tstate, long me, int *mine,
-                     int *truncated) {
+ * process_vm_readv. tstate: the thread state it was armed for (unlisted: found out of the thread
+ * list since, see mw_cputimer_unlisted). Returns 0, or -1 when a read faulted (the sample is
+ * abandoned). */
+static int read_self(scratch_t *sc, mw_cpusample_t *rec, uintptr_t tstate, int unlisted, long me,
+                     int *mine, int *truncated) {
     mw_readcache_reset(&sc->rc);
     if (g_guarded && mw_guard_active()) {
         if (sigsetjmp(sc->guard.jb, 0)) {
@@ -110,7 +112,16 @@ static int read_self(scratch_t *sc, mw_cpusample_t *rec, uintptr_t tstate, long 
     }
     uintptr_t anchor = 0;
     int depth = 0;
-    uintptr_t top = mw_pyframes_top_frame_of(&sc->rc, tstate, me, &anchor, mine);
+    /* Found out of the list by the sampler (a native thread between calls into Python): the
+     * thread state it was armed for may be freed (its memory still looking like this thread's
+     * state, stale frames and all); the one it runs Python under now, if any, is among the newest.
+     */
+    uintptr_t cur = unlisted ? mw_pyframes_find_own(&sc->rc, me) : tstate;
+    uintptr_t top = mw_pyframes_top_frame_of(&sc->rc, cur, me, &anchor, mine);
+    if (!*mine) { /* armed for a thread state it no longer has: it may run Python under another */
+        uintptr_t own = mw_pyframes_find_own(&sc->rc, me);
+        if (own && own != cur) top = mw_pyframes_top_frame_of(&sc->rc, own, me, &anchor, mine);
+    }
     rec->outer.gen = 0;
     rec->outer.idx = -1;
     rec->outer.task = 0;
@@ -282,7 +293,7 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
         return;
     }
     int mine = 0, truncated = 0;
-    int read = read_self(sc, rec, r->tstate, me, &mine, &truncated);
+    int read = read_self(sc, rec, r->tstate, atomic_load(&r->unlisted), me, &mine, &truncated);
     if (read < 0 || (mine && truncated == 2)) {
         atomic_store(&sc->busy, 0);
         atomic_store(&g_state[rec - g_rec], 0);

@@ -139,6 +139,13 @@ void mw_cputimer_forget(long tid);
 /* Whether registration reg is thread tid's and has a timer, whose samples are counted
  * (rec->counted). A hint for the sampler thread (it may be disarmed meanwhile). */
 int mw_cputimer_counted(int reg, long tid);
+/* The sampler found thread tid (registration reg) running but out of the interpreter's thread
+ * list: a native thread between two calls into Python, each under a thread state of its own
+ * (PyGILState_Ensure: ctypes callbacks, pybind11). From now on its handler reads the thread
+ * state the thread has at the sample (mw_pyframes_find_own) instead of the one it was armed for,
+ * which may be freed. A new registration (re-armed for a new thread state) starts listed.
+ * Sampler thread. */
+void mw_cputimer_unlisted(int reg, long tid);
 /* Retires registrations whose thread has exited (mw_cputimer_retire). */
 void mw_cputimer_sweep(void);
 /* Stops and frees registration reg of thread tid, no longer seen or seen with another thread

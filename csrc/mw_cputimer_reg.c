@@ -188,6 +188,11 @@ int mw_cputimer_arm(long tid, uintptr_t tstate, int born, int *existed) {
     return r;
 }
 
+void mw_cputimer_unlisted(int reg, long tid) {
+    if (!g_reg || reg < 0 || reg >= REGS) return;
+    if (atomic_load(&g_reg[reg].tid) == tid) atomic_store(&g_reg[reg].unlisted, 1);
+}
+
 int mw_cputimer_find(long tid, uintptr_t tstate, uint64_t *cpu_at_arm) {
     if (!g_reg || tid <= 0) return -1;
     int found = -1;
@@ -331,6 +336,7 @@ static int arm_locked(long tid, uintptr_t tstate, int born, int *existed) {
         uint32_t gen = g_gen_next++;
         if (g_gen_next >= (1u << (32 - REG_BITS))) g_gen_next = 1;
         r->tstate = tstate;
+        atomic_store(&r->unlisted, 0);
         r->fd = -1;
         r->has_timer = 0;
         {

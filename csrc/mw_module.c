@@ -117,6 +117,10 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "owed", s.owed) || mw_dict_put_u64(d, "names_lost", s.names_lost) ||
         mw_dict_put_u64(d, "wall_unattributed_ns", s.wall_unattributed_ns) ||
         mw_dict_put_u64(d, "stop_timeouts", s.stop_timeouts) ||
+        mw_dict_put_u64(d, "native_threads", s.native_threads) ||
+        mw_dict_put_u64(d, "native_thread_cpu_ns", s.native_thread_cpu_ns) ||
+        mw_dict_put_u64(d, "native_thread_samples", s.native_thread_samples) ||
+        mw_dict_put_u64(d, "native_scans", s.native_scans) ||
         mw_dict_put_u64(d, "cpu_timer_mode", t.mode) ||
         mw_dict_put_u64(d, "cpu_timer_armed", t.armed) ||
         mw_dict_put_u64(d, "cpu_timer_arm_failed", t.arm_failed) ||

@@ -118,11 +118,6 @@ static uintptr_t top_frame_of(const PyThreadState *ts) {
 #endif
 }
 
-uintptr_t mw_pyframes_top_frame(uintptr_t tstate) {
-    uintptr_t anchor;
-    return mw_pyframes_top_frame_anchored(tstate, &anchor);
-}
-
 uintptr_t mw_pyframes_top_frame_anchored(uintptr_t tstate, uintptr_t *anchor) {
     PyThreadState *ts = (PyThreadState *)tstate;
     uintptr_t top = 0;
@@ -193,6 +188,18 @@ uintptr_t mw_pyframes_top_frame_of(mw_readcache_t *rc, uintptr_t tstate, long ti
 #endif
 }
 
+uintptr_t mw_pyframes_find_own(mw_readcache_t *rc, long tid) {
+    uintptr_t cur = mw_pyframes_threads_head();
+    for (int hops = 0; cur && hops < MW_FIND_OWN_HOPS; hops++) {
+        PyThreadState ts;
+        if (mw_readcache_read_exact(rc, (void *)cur, sizeof ts, &ts) != 0 || ts.interp != g_interp)
+            return 0;
+        if (tid_of(&ts) == tid && top_frame_of(&ts)) return cur;
+        cur = (uintptr_t)ts.next;
+    }
+    return 0;
+}
+
 uintptr_t mw_pyframes_threads_head(void) {
     uintptr_t head = 0;
     if (g_interp == NULL) return 0;
@@ -242,6 +249,7 @@ int mw_pyframes_threads(mw_readcache_t *rc, mw_pythread_t *out, int max) {
         out[n].tstate = cur;
         out[n].tid = tid_of(&ts);
         out[n].top_frame = top_frame_of(&ts);
+        out[n].uid = (uint64_t)ts.id;
         n++;
         cur = (uintptr_t)ts.next;
     }
@@ -691,14 +699,6 @@ int mw_pyframes_coro(mw_readcache_t *rc, uintptr_t gen, mw_rawframe_t *out, uint
     }
     return state;
 #endif
-}
-
-int mw_pyframes_read_str(uintptr_t str, char *buf, size_t cap) {
-    return mw_pyframes_read_str_rc(NULL, str, buf, cap);
-}
-
-int mw_pyframes_read_bytes(uintptr_t bytes, uint8_t *buf, size_t cap) {
-    return mw_pyframes_read_bytes_rc(NULL, bytes, buf, cap);
 }
 
 int mw_pyframes_read_str_rc(mw_readcache_t *rc, uintptr_t str, char *buf, size_t cap) {

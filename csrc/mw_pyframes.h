@@ -26,6 +26,8 @@ typedef struct mw_pythread {
     uintptr_t tstate;
     long tid;            /* kernel thread id (gettid), 0 if unknown */
     uintptr_t top_frame; /* newest frame (version-specific pointer), 0 if none */
+    uint64_t uid;        /* the thread state's id: unique in the interpreter (its address is not:
+                          * a thread state made again soon after one is freed reuses its memory) */
 } mw_pythread_t;
 
 /* What a frame tells about its code object: read once per frame during the walk, and used
@@ -65,12 +67,14 @@ int mw_pyframes_threads(mw_readcache_t *rc, mw_pythread_t *out, int max);
 uintptr_t mw_pyframes_threads_head(void);
 
 /* Re-reads a thread's newest frame pointer (the one mw_pyframes_threads gave is as old as the
- * tick). Returns 0 when it cannot be read. */
-uintptr_t mw_pyframes_top_frame(uintptr_t tstate);
-
-/* Same, and *anchor = a frame the chain from the top must reach when the top was read at a
- * consistent moment (3.11/3.12: the previous eval call's current frame), 0 when none. */
+ * tick), and *anchor = a frame the chain from the top must reach when the top was read at a
+ * consistent moment (3.11/3.12: the previous eval call's current frame), 0 when none. Returns 0
+ * when it cannot be read. */
 uintptr_t mw_pyframes_top_frame_anchored(uintptr_t tstate, uintptr_t *anchor);
+static inline uintptr_t mw_pyframes_top_frame(uintptr_t tstate) {
+    uintptr_t anchor;
+    return mw_pyframes_top_frame_anchored(tstate, &anchor);
+}
 
 /* Reads the newest frame of thread state `tstate` through rc (the caller resets it) and checks
  * that the state belongs to kernel thread `tid` (3.10: only that it is of our interpreter).
@@ -79,6 +83,14 @@ uintptr_t mw_pyframes_top_frame_anchored(uintptr_t tstate, uintptr_t *anchor);
  * thread reading its own frames in a signal handler (mw_cputimer). */
 uintptr_t mw_pyframes_top_frame_of(mw_readcache_t *rc, uintptr_t tstate, long tid,
                                    uintptr_t *anchor, int *mine);
+
+/* The thread state of kernel thread `tid` that has a frame, among the MW_FIND_OWN_HOPS newest of
+ * the list (a thread state is put at its head when made), or 0. For a thread whose CPU timer was
+ * armed for an older thread state: a native thread that calls into Python gets a new one for each
+ * call (PyGILState_Ensure: ctypes callbacks, pybind11). Async-signal-safe, like
+ * mw_pyframes_top_frame_of; the caller resets rc. */
+#define MW_FIND_OWN_HOPS 16
+uintptr_t mw_pyframes_find_own(mw_readcache_t *rc, long tid);
 
 /* Scratch space of one walk (a few hundred KiB). The sampler thread passes NULL (its own static
  * scratch); other callers (signal handlers) pass one they own exclusively for the walk. */
@@ -147,17 +159,18 @@ int mw_pyframes_code_frame(mw_readcache_t *rc, uintptr_t code, int32_t lasti, mw
 /* The type (ob_type) of the object at obj, 0 when unreadable. Any thread, no GIL. */
 uintptr_t mw_pyframes_type_of(mw_readcache_t *rc, uintptr_t obj);
 
-/* Copies a str object as UTF-8 into buf (NUL-terminated, truncated to cap-1). Returns length
- * or -1. */
-int mw_pyframes_read_str(uintptr_t str, char *buf, size_t cap);
-
-/* Copies a bytes object's contents into buf. Returns length, or -1 (also if larger than cap). */
-int mw_pyframes_read_bytes(uintptr_t bytes, uint8_t *buf, size_t cap);
-
-/* The same two through a read cache's mode (guarded direct copies in a signal handler).
- * Async-signal-safe. */
+/* Copies a str object as UTF-8 into buf (NUL-terminated, truncated to cap-1), or a bytes
+ * object's contents (-1 also if larger than cap). Returns the length or -1. Through a read
+ * cache's mode (guarded direct copies in a signal handler: async-signal-safe), or, rc NULL, safe
+ * reads. */
 int mw_pyframes_read_str_rc(mw_readcache_t *rc, uintptr_t str, char *buf, size_t cap);
 int mw_pyframes_read_bytes_rc(mw_readcache_t *rc, uintptr_t bytes, uint8_t *buf, size_t cap);
+static inline int mw_pyframes_read_str(uintptr_t str, char *buf, size_t cap) {
+    return mw_pyframes_read_str_rc(NULL, str, buf, cap);
+}
+static inline int mw_pyframes_read_bytes(uintptr_t bytes, uint8_t *buf, size_t cap) {
+    return mw_pyframes_read_bytes_rc(NULL, bytes, buf, cap);
+}
 
 /* The GIL's bookkeeping, read without the GIL. In a GIL build only the thread holding the GIL
  * can change its Python frames. `switch_number` grows each time the GIL passes to a thread

@@ -110,6 +110,10 @@ static uint64_t g_gen_prev;
 
 static mw_tstate_t *g_tsp[MW_MAX_THREADS]; /* thread i's state, as of the last full list */
 static uint64_t g_last_prune;
+/* Threads without Python (mw_sampler_others.c): when the last scan ran; a scan is due at the next
+ * tick (a window ends, the sampler stops). Sampler thread only. */
+static int64_t g_others_last_ns;
+static int g_others_due;
 
 /* Quiet-tick bookkeeping (see tick()). Indices into g_threads / g_tsp. */
 static int g_hot[MW_MAX_THREADS], g_hot_prev[MW_MAX_THREADS], g_nhot;
@@ -203,6 +207,13 @@ static int tick(void) {
     g_nwoken = 0;
     g_woken_overflow = 0;
     mws_tasks_tick(g_active, dwall);
+    if (first || g_others_due ||
+        now - g_others_last_ns >=
+            (mws_others_active() ? MWS_OTHERS_SCAN_NS : MWS_OTHERS_IDLE_SCAN_NS)) {
+        if (first || g_others_due || mws_others_needed(n)) mws_others_scan(g_active, g_threads, n);
+        g_others_last_ns = now;
+        g_others_due = 0;
+    }
     memcpy(g_hot_prev, g_hot, (size_t)g_nhot * sizeof *g_hot);
     if (quiet) {
         g_quiet_wall += dwall;
@@ -332,6 +343,12 @@ static void *sampler_main(void *arg) {
             if (!stop && (req != done || drain)) {
                 pthread_mutex_lock(&g_buf_lock);
                 int n = mws_drain_timed(g_active);
+                /* A window ends: the CPU of threads without Python since the last scan is its
+                 * own (with the thread list of the last tick: none after a prune). */
+                if (req != done && g_nthreads > 0) {
+                    mws_others_scan(g_active, g_threads, g_nthreads);
+                    g_others_last_ns = mw_now_monotonic_ns();
+                }
                 pthread_mutex_unlock(&g_buf_lock);
                 if (drain) g_stats.timer_drains++;
                 drain_pace(n, period);
@@ -347,7 +364,10 @@ static void *sampler_main(void *arg) {
         if (stop || mw_pyframes_finalizing()) {
             /* Stopping (not finalizing): one last tick, so the CPU the threads used since the
              * previous one is counted (a child's last window ends here). */
-            if (stop && g_tick > 0 && !mw_pyframes_finalizing()) (void)guarded_tick();
+            if (stop && g_tick > 0 && !mw_pyframes_finalizing()) {
+                g_others_due = 1;
+                (void)guarded_tick();
+            }
             break;
         }
 
@@ -436,6 +456,8 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
         return -1;
     }
     mws_ts_clear();
+    mws_others_clear();
+    g_others_due = 0;
     g_tick = 0;
     drain_safe_set();
     g_last_drain_ns = mw_now_monotonic_ns();
@@ -523,11 +545,14 @@ int mw_sampler_tick_rate(void) {
 }
 
 /* Any thread but the sampler's: has the sampler thread drain the CPU-timer samples taken so far
- * into the active buffer, waiting at most MW_SYNC_WAIT_MS (a sampler stopping or stuck is not
- * waited for longer: the samples then go to the next window). */
+ * (and scan the threads without Python, when there are any) into the active buffer, waiting at
+ * most MW_SYNC_WAIT_MS (a sampler stopping or stuck is not waited for longer: the samples then go
+ * to the next window). */
 #define MW_SYNC_WAIT_MS 100
 static void sync_drain(void) {
-    if (!atomic_load(&g_running) || !g_timers || pthread_equal(pthread_self(), g_thread)) return;
+    if (!atomic_load(&g_running) || (!g_timers && !mws_others_any()) ||
+        pthread_equal(pthread_self(), g_thread))
+        return;
     struct timespec dl;
     clock_gettime(CLOCK_MONOTONIC, &dl);
     dl.tv_nsec += MW_SYNC_WAIT_MS * 1000000L;

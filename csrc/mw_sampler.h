@@ -84,6 +84,11 @@ typedef struct mw_sampler_stats {
     uint64_t stop_timeouts;        /* stops that did not see the sampler thread end in time */
     uint64_t
         native_spared_writes; /* native mode: blocked in a write, not signalled (no C frames) */
+    /* Threads with no Python thread state in the main interpreter (mw_sampler_others.c): */
+    uint64_t native_threads;        /* of them at the last scan (the profiler's own left out) */
+    uint64_t native_thread_cpu_ns;  /* CPU they used, in the profile under "[native thread]" */
+    uint64_t native_thread_samples; /* on-CPU samples that CPU stands for */
+    uint64_t native_scans;          /* listings of the process's threads (mw_sampler_others.c) */
 } mw_sampler_stats_t;
 
 /* Starts sampling. Returns 0, -1 on failure (errno-style reason in *why). Idempotent: a running

@@ -1,13 +1,14 @@
 /* mw_sampler_int — the state shared by the sampler's files (the sampler's contract is
  * mw_sampler.h).
  *
- * The sampler is built from three files, one concern each:
+ * The sampler is built from these files, one concern each:
  *   mw_sampler.c          configuration, start/stop, the sampler thread and its ticks (quiet
  *                         ticks included), buffer swap, stats, fork handlers
  *   mw_sampler_threads.c  the per-thread state table (g_ts), the CPU of each window per thread
  *                         (g_win), the wall time of quiet ticks (g_quiet_wall, g_quiet_n)
  *   mw_sampler_take.c     taking samples: a thread's sample at a tick, the CPU timers' samples,
  *                         naming and interning their frames
+ *   mw_sampler_others.c   the CPU of threads without a Python thread state (native threads)
  * Only these files include this header.
  *
  * Threads and locks
@@ -82,7 +83,8 @@ typedef struct {
     uintptr_t reg_tstate;
     uint64_t owed_wall, owed_n;
     /* The last CPU-timer sample's entry: the next one with the same raw stack goes to it. */
-    int list_idx; /* its index in the last full thread list (quiet ticks) */
+    int list_idx;    /* its index in the last full thread list (quiet ticks) */
+    uint64_t py_uid; /* id of the thread state (with a frame) its last read found it under */
     uint64_t timed_hash, timed_gen;
     uint32_t timed_idx;
     mw_id_t timed_thread;
@@ -128,6 +130,8 @@ extern uint64_t g_quiet_wall, g_quiet_n;
 /* The entry of thread tid, created (zeroed, *created = 1) when absent; NULL when the table is
  * full. */
 mw_tstate_t *mws_ts_find(long tid, int *created);
+/* The entry of thread tid, or NULL. */
+mw_tstate_t *mws_ts_lookup(long tid);
 /* Drops entries of threads not seen in the last few ticks (compacts the table). */
 void mws_ts_prune(void);
 /* Empties the table (a new run). */
@@ -160,6 +164,14 @@ void mws_quiet_flush_all(mw_profbuf_t *b);
 /* Samples one listed thread into b at this tick; its entry, or NULL (gone, table full). */
 mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
                                int first_tick);
+/* A thread's CPU-timer accounting (hw_*) starts afresh in window gen (once per window). */
+void mws_hw_window(mw_tstate_t *st, uint64_t gen);
+/* The CPU a thread's clock says it used since its last read (dclock; dcpu: the part that is new
+ * to the profile) into window gen: through its CPU-timer samples when they are laid in its event's
+ * count (counted; watch: its clock is read for the event too), else to its row once it has an
+ * on-CPU sample in the window (pending until then). Buffer lock held. */
+void mws_clock_account(mw_tstate_t *st, uint64_t gen, int counted, int watch, uint64_t c0,
+                       uint64_t dclock, uint64_t dcpu);
 /* mw_sampler_tasks.c */
 /* The wall samples of the waiting asyncio tasks of the registered event loops (mw_tasks). */
 void mws_tasks_tick(mw_profbuf_t *b, uint64_t dwall);
@@ -191,6 +203,35 @@ int mws_add_sample(mw_profbuf_t *b, const mw_id_t *ids, uint32_t n, mw_id_t thre
  * returns the new length (n when nothing is missing); *lost = 1 (and 0 returned) when not even the
  * marker fits. Sampler thread. */
 uint32_t mws_cut_at_full(mw_profbuf_t *b, mw_id_t *ids, uint32_t n, int *lost);
+
+/* mw_sampler_others.c: the CPU of threads without a Python thread state in the main interpreter.
+ * Sampler thread (a scan inside a tick, buffer lock held); mws_others_clear before it starts. */
+/* A scan every 50 ms while threads without Python use CPU, every 250 ms while none does (listing
+ * /proc/self/task costs ~60 us, ~0.6 ms with 500 threads here), and at a window's end. */
+#define MWS_OTHERS_SCAN_NS 50000000LL
+#define MWS_OTHERS_IDLE_SCAN_NS 250000000LL
+/* Forgets every thread (a new run: the next scan takes their clocks as its base). Allocates the
+ * tables at the first call. */
+void mws_others_clear(void);
+/* Counts cpu_ns of thread tid's CPU as used without Python (a "[native thread]" sample in b). */
+void mws_others_credit(mw_profbuf_t *b, long tid, uint64_t cpu_ns);
+/* Lists the process's threads: each that is not in the tick's thread list threads[0..n), has no
+ * CPU timer and is not the profiler's own gets the CPU it used since the previous scan in b. */
+void mws_others_scan(mw_profbuf_t *b, const mw_pythread_t *threads, int n);
+/* Some thread without Python used CPU between the last two scans: the next is due sooner. */
+int mws_others_active(void);
+/* Whether a scan can find anything: 0 only when no thread without Python used CPU at the last
+ * scan and the process has no more threads than the n of the thread list and the profiler's own
+ * (one read of /proc/self/stat, however many threads: listing them costs ~1 us each). */
+int mws_others_needed(int n);
+/* A thread a scan counted as without Python is in the thread list now, its clock at cpu_ns: the
+ * CPU it used since that scan is counted as the scan would (it ran C until lately), into b.
+ * Returns 1, or 0 when no scan counted it (nothing done). */
+int mws_others_settle(mw_profbuf_t *b, long tid, uint64_t cpu_ns);
+/* Thread tid left the thread list (its entry is pruned) with its CPU counted up to cpu_ns. */
+void mws_others_carry(long tid, uint64_t cpu_ns);
+/* Some thread without Python used CPU in this run (any thread: an atomic load). */
+int mws_others_any(void);
 
 /* mw_sampler_take.c */
 /* Takes the samples the CPU-timer handlers left (b NULL or no timers: frees them unused);

@@ -446,14 +446,6 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
     timed_account(st, r, thread, gen, own);
 }
 
-/* A counted thread's window counters belong to window gen (a new window starts them over). */
-static void hw_window(mw_tstate_t *st, uint64_t gen) {
-    if (st->hw_gen == gen) return;
-    st->hw_gen = gen;
-    st->hw_hits = st->hw_credit = st->hw_clock = 0;
-    st->hw_clocked = 0;
-}
-
 /* The bookkeeping of a CPU-timer sample added to the buffer: owed wall time paid, CPU window. */
 static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thread, uint64_t gen,
                           uint64_t own) {
@@ -470,7 +462,7 @@ static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thre
      * until the thread has MWS_CLOCK_HITS samples in the window; then its clock of the window
      * (exact: the event misses the CPU of each context switch, ~18 us here) replaces them, and
      * later samples only place it. */
-    if (r->counted) hw_window(st, gen);
+    if (r->counted) mws_hw_window(st, gen);
     if (r->counted && st->hw_clocked) credit = 0;
     mws_cpu_window_add(thread, gen, st->pending + credit, r->periods, own);
     st->pending = 0;
@@ -550,6 +542,16 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
                         ? mw_cputimer_find(th->tid, th->tstate, &at_arm)
                         : -1;
     if (reg_found >= 0 && at_arm && c0 >= at_arm) dcpu = c0 - at_arm;
+    /* A thread that a scan found out of the list (a native thread calling into Python): its CPU
+     * since then goes where its CPU without Python went, not to this stack. */
+    if (!first_tick && mws_others_settle(b, th->tid, c0)) dcpu = 0;
+    /* Without a CPU timer: under another thread state than at its last read, it ran without one
+     * in between (a native thread calling into Python gets one per call): that CPU was C. */
+    if (!created && !st->reg && th->top_frame && st->py_uid && st->py_uid != th->uid && dcpu) {
+        mws_others_credit(b, th->tid, dcpu);
+        dcpu = 0;
+    }
+    if (th->top_frame) st->py_uid = th->uid;
     uint64_t dclock = dcpu; /* its CPU since the previous read (or since its timer) */
     if (st->timer_born) {   /* first clock reading: its CPU since arming, minus what was credited */
         dcpu = dcpu > st->credit_ns ? dcpu - st->credit_ns : 0;
@@ -570,19 +572,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
     int counted =
         (st->reg && st->reg_tstate == th->tstate && mw_cputimer_counted(st->reg - 1, th->tid)) ||
         (reg_found >= 0 && mw_cputimer_counted(reg_found, th->tid)); /* armed at its start */
-    if (counted) {
-        if (st->reg && st->reg_tstate == th->tstate) mw_cputimer_watch(st->reg - 1, th->tid, c0);
-        hw_window(st, gen);
-        if (st->hw_clocked && st->name_gen == gen && st->name_id)
-            mws_cpu_window_add(st->name_id, gen, dclock, 0, 0);
-        else
-            st->hw_clock += dclock;
-    } else if (dcpu) {
-        if (st->hit_gen == gen && st->name_gen == gen && st->name_id)
-            mws_cpu_window_add(st->name_id, gen, dcpu, 0, 0);
-        else
-            st->pending += dcpu;
-    }
+    mws_clock_account(st, gen, counted, st->reg && st->reg_tstate == th->tstate, c0, dclock, dcpu);
     uint32_t labels_seq = mw_threads_labelset_seq(st->tid);
 
     /* A thread that has not run since its last proven read still has that stack (and labels):

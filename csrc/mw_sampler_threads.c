@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 uint32_t g_ts_n;
@@ -57,6 +58,16 @@ mw_tstate_t *mws_ts_find(long tid, int *created) {
     return NULL;
 }
 
+mw_tstate_t *mws_ts_lookup(long tid) {
+    uint32_t h = ts_hash(tid);
+    for (uint32_t k = 0; k < TS_INDEX; k++) {
+        uint32_t slot = g_ts_index[(h + k) & (TS_INDEX - 1)];
+        if (slot == 0) return NULL;
+        if (g_ts[slot - 1].tid == tid) return &g_ts[slot - 1];
+    }
+    return NULL;
+}
+
 /* Zeroes memory, handing whole pages back to the kernel (they read back as zeros), so a big
  * table is resident only where it is in use. */
 void mws_zero_pages(void *p, size_t len) {
@@ -84,10 +95,20 @@ void mws_ts_prune(void) {
     uint32_t live = 0;
     for (uint32_t i = 0; i < g_ts_n; i++) {
         mw_tstate_t *s = &g_ts[i];
-        if (s->tick + 2 < g_tick) { /* gone: CPU it used after its last on-CPU sample */
+        struct timespec alive;
+        if (s->tick + 2 < g_tick && s->reg &&
+            clock_gettime((clockid_t)((~(unsigned int)s->tid) << 3) | 6, &alive) == 0) {
+            /* Out of the list but running, with its CPU timer: a native thread between two calls
+             * into Python. Kept, timer and all: its samples place its CPU (no Python frame, or the
+             * frames of its next call), which a new timer would miss until its first tick. */
+            mw_cputimer_unlisted(s->reg - 1, s->tid);
+        } else if (s->tick + 2 < g_tick) { /* gone: CPU it used after its last on-CPU sample */
             g_stats.cpu_unattributed_ns += s->pending;
             g_stats.wall_unattributed_ns += s->owed_wall;
             if (s->reg) mw_cputimer_retire(s->reg - 1, s->tid);
+            /* Still running without Python (a native thread between two calls into Python):
+             * its CPU from here on is counted by the scans of threads without Python. */
+            mws_others_carry(s->tid, s->cpu_ns);
             continue;
         }
         if (live != i) g_ts[live] = *s;
@@ -182,6 +203,30 @@ void mws_cpu_window_replace(mw_id_t thread, uint64_t gen, uint64_t sub, uint64_t
         return;
     }
     w->cpu_ns = (w->cpu_ns > sub ? w->cpu_ns - sub : 0) + add;
+}
+
+void mws_hw_window(mw_tstate_t *st, uint64_t gen) {
+    if (st->hw_gen == gen) return;
+    st->hw_gen = gen;
+    st->hw_hits = st->hw_credit = st->hw_clock = 0;
+    st->hw_clocked = 0;
+}
+
+void mws_clock_account(mw_tstate_t *st, uint64_t gen, int counted, int watch, uint64_t c0,
+                       uint64_t dclock, uint64_t dcpu) {
+    if (counted) {
+        if (watch) mw_cputimer_watch(st->reg - 1, st->tid, c0);
+        mws_hw_window(st, gen);
+        if (st->hw_clocked && st->name_gen == gen && st->name_id)
+            mws_cpu_window_add(st->name_id, gen, dclock, 0, 0);
+        else
+            st->hw_clock += dclock;
+    } else if (dcpu) {
+        if (st->hit_gen == gen && st->name_gen == gen && st->name_id)
+            mws_cpu_window_add(st->name_id, gen, dcpu, 0, 0);
+        else
+            st->pending += dcpu;
+    }
 }
 
 /* Writes every on-CPU stack's CPU time: its share of its thread's window CPU. Idempotent. */

@@ -367,6 +367,7 @@ static int otlp_convert(mw_uploader_t *u) {
 
 static void *uploader_main(void *arg) {
     mw_uploader_t *u = arg;
+    pthread_setname_np(pthread_self(), "mw-upload"); /* the profiler's own: not in the profile */
     int need_auth = u->tenant == NULL && u->cfg.api_key != NULL;
     uint64_t retry_seq = 0; /* item whose previous attempt failed */
 

@@ -23,7 +23,8 @@ for v in "$@"; do
   fi
   if MW_STRESS_SECONDS=${MW_MATRIX_STRESS_SECONDS:-15} "$venv/bin/python" -m pytest -q -p no:cacheprovider \
        -m sampler tests/native/test_sampler.py tests/native/test_truth.py tests/native/test_stress.py \
-       tests/native/test_locks.py tests/native/test_task_stacks.py tests/unit/test_config.py; then
+       tests/native/test_locks.py tests/native/test_task_stacks.py tests/native/test_native_threads.py \
+       tests/unit/test_config.py; then
     result[$v]="passed"
   else
     result[$v]="FAILED"

@@ -1,19 +1,21 @@
 """Stress target for the sampler (run in a child process by tests/native/test_stress.py).
 
 For --seconds: thread churn (hundreds of short threads a second), recursion 1,000 deep,
-generators and coroutines, functions created with exec and discarded in a loop, and greenlets
-switching every few microseconds — all while
+generators and coroutines, functions created with exec and discarded in a loop, greenlets
+switching every few microseconds, and threads made by C running a ctypes callback — all while
 the sampler runs at a high rate. Prints a JSON report of what the profile contains.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import os
 import sys
 import threading
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -118,6 +120,35 @@ def greenlets_loop(deadline: float, tracker: MwTracker) -> None:
         peers["b"].switch()
 
 
+def native_threads_loop(deadline: float, counter: list[int]) -> None:
+    """Threads made by C (libc's pthread_create), whose start routine is a ctypes callback: each
+    runs Python under a thread state made for the call and freed at its return, inside C (qsort
+    calling back a Python comparison: C frames between Python ones), and ends; new ones reuse
+    the freed states' memory and ids."""
+    libc = ctypes.CDLL(None)
+    libc.pthread_create.argtypes = [ctypes.POINTER(ctypes.c_ulong), ctypes.c_void_p, ctypes.c_void_p,
+                                    ctypes.c_void_p]
+    libc.pthread_join.argtypes = [ctypes.c_ulong, ctypes.c_void_p]
+    cmp_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int))
+
+    def native_cmp(a: Any, b: Any) -> int:
+        return a[0] - b[0]
+
+    compare = cmp_type(native_cmp)
+
+    def native_start(_arg: Any) -> None:
+        values = (ctypes.c_int * 300)(*range(300, 0, -1))
+        libc.qsort(values, len(values), ctypes.sizeof(ctypes.c_int), compare)
+
+    start = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(native_start)
+    while time.monotonic() < deadline:
+        ids = [ctypes.c_ulong() for _ in range(4)]
+        made = [i for i in ids if libc.pthread_create(ctypes.byref(i), None, start, None) == 0]
+        for i in made:
+            libc.pthread_join(i.value, None)
+        counter[0] += len(made)
+
+
 def io_loop(deadline: float, io: dict[str, int]) -> None:
     """--native: blocking I/O while the sampler's signals flow; any EINTR failure is counted."""
     import select
@@ -150,7 +181,7 @@ def main() -> None:
                         upload_interval=1.0, instrument=False, native=args.native)
     sys.setswitchinterval(0.001)
     deadline = time.monotonic() + args.seconds
-    counter = [0]
+    counter, native_counter = [0], [0]
     workers = [
         threading.Thread(target=churn, args=(deadline, counter), name="churner"),
         threading.Thread(target=recurse_loop, args=(deadline,), name="recurser"),
@@ -158,6 +189,7 @@ def main() -> None:
         threading.Thread(target=coroutines_loop, args=(deadline,), name="coroutines"),
         threading.Thread(target=exec_loop, args=(deadline,), name="exec"),
         threading.Thread(target=greenlets_loop, args=(deadline, tracker), name="greenlets"),
+        threading.Thread(target=native_threads_loop, args=(deadline, native_counter), name="native-starter"),
     ]
     io = {"ops": 0, "errors": 0}
     if args.native:
@@ -176,8 +208,9 @@ def main() -> None:
     max_depth = max((len(s.stack) for s in p.samples), default=0)
     stats = tracker.stats()
     tracker.stop()
-    json.dump({"threads_started": counter[0], "functions": functions, "max_depth": max_depth,
-               "stats": stats, "snapshots": snapshots, "seconds": args.seconds, "io": io}, sys.stdout)
+    json.dump({"threads_started": counter[0], "native_threads_started": native_counter[0],
+               "functions": functions, "max_depth": max_depth, "stats": stats, "snapshots": snapshots,
+               "seconds": args.seconds, "io": io}, sys.stdout)
 
 
 if __name__ == "__main__":
