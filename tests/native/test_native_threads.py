@@ -8,13 +8,14 @@ a 4 ms Python callback, and the main thread burning Python; every thread measure
 clock, and the process's CPU is measured around it all. Checked, with each way of taking CPU
 samples (perf events, POSIX CPU timers, ticks only):
 
-- the whole profile holds the process's CPU (before: the native threads' 3.1 s of 5.2 s missing,
-  without a word);
+- the whole profile holds the process's CPU (before: the two native threads' 1.9 s of 4.1 s
+  missing, without a word);
 - each native thread's CPU is under its kernel name (``thread-<tid>`` when it has the process's
   own), in a ``[native thread]`` frame;
-- the callback thread's Python CPU is the callback's, its C CPU is not charged to the callback
-  (before: up to a scan interval of C per call went to the callback's stack), and its total is its
-  clock;
+- the callback thread's Python CPU is the callback's, its C CPU is not charged to the callback, and
+  its total is its clock (before: ticks only charged the C between two ticks to the callback, 1.35 s
+  for 0.16; with CPU timers the thread's clock was counted again at each new thread state, 2.58 s
+  for 1.36);
 - the profiler's own threads (``mw-*``) are not in the profile.
 """
 from __future__ import annotations
@@ -95,7 +96,7 @@ def test_threads_without_python_have_their_cpu_in_the_profile_once(native_lib: s
     leaves = threads[caller[0]]
     assert near(sum(leaves.values()), truth["caller"], 0.03, 30), why
     c_leaves = {"[native thread]", "[no Python frame]"}
-    assert set(leaves) - c_leaves <= {"py_burn", "main.<locals>.on_callback"}, why
+    assert set(leaves) - c_leaves <= {"py_burn", "main.<locals>.on_callback", "on_callback"}, why  # 3.10: co_name
     # 160 ms of callback at 1 kHz: ~160 samples (sd 8%); ticks-only charges a tick's whole
     # interval to the stack it finds (the callback holds the thread for 4 ms of each 34).
     python_cpu = sum(v for f, v in leaves.items() if f not in c_leaves)
