@@ -210,7 +210,7 @@ static int tick(void) {
     if (first || g_others_due ||
         now - g_others_last_ns >=
             (mws_others_active() ? MWS_OTHERS_SCAN_NS : MWS_OTHERS_IDLE_SCAN_NS)) {
-        if (first || g_others_due || mws_others_needed(n)) mws_others_scan(g_active, g_threads, n);
+        if (first || mws_others_needed(n)) mws_others_scan(g_active, g_threads, n);
         g_others_last_ns = now;
         g_others_due = 0;
     }
@@ -345,7 +345,7 @@ static void *sampler_main(void *arg) {
                 int n = mws_drain_timed(g_active);
                 /* A window ends: the CPU of threads without Python since the last scan is its
                  * own (with the thread list of the last tick: none after a prune). */
-                if (req != done && g_nthreads > 0) {
+                if (req != done && g_nthreads > 0 && mws_others_needed(g_nthreads)) {
                     mws_others_scan(g_active, g_threads, g_nthreads);
                     g_others_last_ns = mw_now_monotonic_ns();
                 }

@@ -41,8 +41,17 @@
 #include "mw_symcache.h"
 
 #include <stdint.h>
+#include <time.h>
 
 #define MW_MAX_DEPTH_CAP 4096
+
+/* Thread tid's CPU clock (ns) into *out, read through its clock id; -1 when the thread is gone. */
+static inline int mws_thread_cpu_ns(long tid, uint64_t *out) {
+    struct timespec ts;
+    if (clock_gettime((clockid_t)((~(unsigned int)tid) << 3) | 6, &ts) != 0) return -1;
+    *out = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    return 0;
+}
 
 /* A thread the sampler has met: an entry of g_ts, open addressing by kernel tid. */
 typedef struct {

@@ -9,14 +9,15 @@
  * a Python thread burning 1 s: a profile of 1.0 s for 2.5 s of process CPU).
  *
  * Every MWS_OTHERS_SCAN_NS while such threads use CPU, MWS_OTHERS_IDLE_SCAN_NS while none does,
- * and when a window ends and when the sampler stops, the sampler lists
- * /proc/self/task; a thread that is not in the tick's Python thread list, is not one of the
- * profiler's own (their names start with "mw-"; their CPU is in stats()), and used CPU since the
- * previous scan gets that CPU as on-CPU samples (one per sample period, at least one) under the
- * marker frame "[native thread]", named after its kernel name (thread-<tid> when that is the
- * process's own name). The clock is cumulative, so nothing a thread that is still there used is
- * lost; a thread that ends between two scans takes the CPU it used since the last one with it (at
- * most 50 ms of CPU; 250 ms for one that lives less than that in a process where none used CPU).
+ * and when a window ends and when the sampler stops — unless the process has no more threads than
+ * the tick's list and the profiler's own (mws_others_needed) — the sampler lists /proc/self/task; a
+ * thread that is not in the tick's Python thread list, is not one of the profiler's own (their
+ * names start with "mw-"; their CPU is in stats()), and used CPU since the previous scan gets that
+ * CPU as on-CPU samples (one per sample period, at least one) under the marker frame "[native
+ * thread]", named after its kernel name (thread-<tid> when that is the process's own name). The
+ * clock is cumulative, so nothing a thread that is still there used is lost; a thread that ends
+ * between two scans takes the CPU it used since the last one with it (at most 50 ms of CPU; 250 ms
+ * for one that lives less than that in a process where none used CPU).
  *
  * A thread that moves between the two sides is counted once, and its C time is not charged to its
  * Python: out of the list, its CPU counts here from the last clock the ticks read (its entry's
@@ -44,7 +45,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
-#include <time.h>
 #include <unistd.h>
 
 #define OTHERS_SLOTS 4096 /* open addressing, half full at most: 2,048 threads without Python */
@@ -127,14 +127,6 @@ void mws_others_carry(long tid, uint64_t cpu_ns) {
     o->settled = 0;
 }
 
-static int cpu_clock(long tid, uint64_t *out) {
-    clockid_t cid = (clockid_t)((~(unsigned int)tid) << 3) | 6; /* the thread's CPU clock */
-    struct timespec ts;
-    if (clock_gettime(cid, &ts) != 0) return -1;
-    *out = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-    return 0;
-}
-
 /* Its kernel name, without the newline; "" when unreadable. */
 static void kernel_name(long tid, char *name, size_t cap) {
     long n = mw_threads_proc_read(tid, "comm", name, cap);
@@ -202,7 +194,7 @@ static void scan_one(mw_profbuf_t *b, long tid, const mw_pythread_t *threads, in
     mw_tstate_t *st = mws_ts_lookup(tid);
     if (in_python(tid, st, threads, n)) return;
     uint64_t c;
-    if (cpu_clock(tid, &c) != 0) return; /* ended meanwhile */
+    if (mws_thread_cpu_ns(tid, &c) != 0) return; /* ended meanwhile */
     if (st && st->reg) {
         uint64_t d = c > st->cpu_ns ? c - st->cpu_ns : 0;
         st->cpu_ns = c;

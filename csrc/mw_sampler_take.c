@@ -25,14 +25,6 @@
 
 #define ACTIVE_TICKS 8 /* a thread that used CPU is read in full for this many ticks */
 
-static int thread_cpu_ns(long tid, uint64_t *out) {
-    clockid_t cid = (clockid_t)((~(unsigned int)tid) << 3) | 6;
-    struct timespec ts;
-    if (clock_gettime(cid, &ts) != 0) return -1;
-    *out = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-    return 0;
-}
-
 /* One read of a thread's Python frames, names included: walks from a fresh top-frame pointer
  * and resolves every frame in the symbol cache (names and line tables of cache misses are
  * copied now, while the code objects are alive). Returns the depth; *ok = 0 when a frame could
@@ -210,7 +202,7 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
         /* A frame whose names could not be read: the sample would be a partial stack. (A thread
          * that ended meanwhile took its frames with it: that is not a lost sample.) */
         uint64_t c;
-        if (thread_cpu_ns(st->tid, &c) != 0)
+        if (mws_thread_cpu_ns(st->tid, &c) != 0)
             g_stats.threads_gone++;
         else
             g_stats.dropped++;
@@ -269,7 +261,7 @@ static mw_tstate_t *sample_timed(mw_profbuf_t *b, const mw_pythread_t *th, mw_ts
     uintptr_t tstate = th->tstate;
     if (g_gil_tick.ok && g_gil_tick.last_holder == tstate) {
         uint64_t c;
-        if (thread_cpu_ns(th->tid, &c) == 0 && c > c0) {
+        if (mws_thread_cpu_ns(th->tid, &c) == 0 && c > c0) {
             owe(st, dwall);
             return st;
         }
@@ -280,7 +272,7 @@ static mw_tstate_t *sample_timed(mw_profbuf_t *b, const mw_pythread_t *th, mw_ts
     mw_readlabels_t lab;
     labels_at_read(th->tid, &lab);
     uint64_t c1;
-    if (thread_cpu_ns(th->tid, &c1) != 0) {
+    if (mws_thread_cpu_ns(th->tid, &c1) != 0) {
         mw_symcache_abort();
         g_stats.threads_gone++;
         return st;
@@ -511,7 +503,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
     uint64_t dwall = first_tick ? (uint64_t)(1000000000LL / mw_sampler_tick_rate())
                                 : (uint64_t)(now - g_last_tick_ns);
     uint64_t c0 = 0;
-    if (th->tid <= 0 || thread_cpu_ns(th->tid, &c0) != 0) {
+    if (th->tid <= 0 || mws_thread_cpu_ns(th->tid, &c0) != 0) {
         /* No CPU clock: the thread is gone (or its kernel id is unknown). */
         g_stats.threads_gone++;
         return NULL;
@@ -593,7 +585,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
             /* Native: running → its wall time is owed to its next CPU sample (which carries
              * its native stack); not running → read below the native way, for wall time. */
             uint64_t c;
-            if (thread_cpu_ns(th->tid, &c) == 0 && c > c0) {
+            if (mws_thread_cpu_ns(th->tid, &c) == 0 && c > c0) {
                 owe(st, dwall);
                 return st;
             }
@@ -626,7 +618,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
      * last holder (running Python, reading it unpaused would be wasted) and native mode. */
     if (want_native || (g_gil_tick.ok && g_gil_tick.last_holder == tstate)) {
         uint64_t c;
-        int r = thread_cpu_ns(th->tid, &c);
+        int r = mws_thread_cpu_ns(th->tid, &c);
         if (r == 0 && c > c0 && wall_only) { /* running after all: owed, as above */
             owe(st, dwall);
             return st;
@@ -641,7 +633,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
             mw_pyframes_gil(&ga);
             uint64_t c2;
             if (ga.ok && ga.locked && ga.last_holder == tstate &&
-                thread_cpu_ns(th->tid, &c2) == 0 && c2 == c) {
+                mws_thread_cpu_ns(th->tid, &c2) == 0 && c2 == c) {
                 on_cpu = 1;
                 g_stats.preempted++;
             }
@@ -654,7 +646,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
          * its native stack is too (blocked at the same call): reuse it, unsignalled. */
         uint64_t c1;
         depth = read_stack(tstate, &truncated, &ok);
-        int frozen = thread_cpu_ns(th->tid, &c1) == 0 && c1 == cs;
+        int frozen = mws_thread_cpu_ns(th->tid, &c1) == 0 && c1 == cs;
         if (!frozen) mw_symcache_abort();
         if (frozen && ok && raw_hash(depth) == st->py_hash &&
             reuse_stack(b, st, gen, labels_seq, dwall)) {
@@ -710,7 +702,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
          * CPU. Read inside the window in which its clock must not move: then it held the GIL
          * throughout. */
         if (!on_cpu && g0.ok && g0.last_holder == tstate) mw_pyframes_gil(&ga);
-        if (thread_cpu_ns(th->tid, &c1) != 0) {
+        if (mws_thread_cpu_ns(th->tid, &c1) != 0) {
             mw_symcache_abort();
             g_stats.threads_gone++;
             return st;
@@ -769,7 +761,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
         /* Could not be read consistently (it runs Python and cannot be paused): no stack is
          * better than a wrong one. Its CPU stays pending for its next proven on-CPU sample. */
         uint64_t c;
-        if (thread_cpu_ns(th->tid, &c) != 0) {
+        if (mws_thread_cpu_ns(th->tid, &c) != 0) {
             g_stats.threads_gone++;
         } else {
             g_stats.dropped++;

@@ -17,7 +17,6 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
-#include <time.h>
 #include <unistd.h>
 
 uint32_t g_ts_n;
@@ -95,9 +94,8 @@ void mws_ts_prune(void) {
     uint32_t live = 0;
     for (uint32_t i = 0; i < g_ts_n; i++) {
         mw_tstate_t *s = &g_ts[i];
-        struct timespec alive;
-        if (s->tick + 2 < g_tick && s->reg &&
-            clock_gettime((clockid_t)((~(unsigned int)s->tid) << 3) | 6, &alive) == 0) {
+        uint64_t alive;
+        if (s->tick + 2 < g_tick && s->reg && mws_thread_cpu_ns(s->tid, &alive) == 0) {
             /* Out of the list but running, with its CPU timer: a native thread between two calls
              * into Python. Kept, timer and all: its samples place its CPU (no Python frame, or the
              * frames of its next call), which a new timer would miss until its first tick. */
