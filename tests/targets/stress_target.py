@@ -137,7 +137,7 @@ def native_threads_loop(deadline: float, counter: list[int]) -> None:
     compare = cmp_type(native_cmp)
 
     def native_start(_arg: Any) -> None:
-        values = (ctypes.c_int * 300)(*range(300, 0, -1))
+        values = (ctypes.c_int * 3000)(*range(3000, 0, -1))  # ~30 ms of comparisons: met by ticks
         libc.qsort(values, len(values), ctypes.sizeof(ctypes.c_int), compare)
 
     start = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(native_start)
