@@ -33,7 +33,9 @@ billiard (Celery's prefork pool)
     once ``Process._bootstrap`` returns. The last window is exported in ``Worker._do_exit``
     after the pool's ``on_exit`` callback (Celery's ``worker_process_shutdown`` signal) has run,
     and after ``_bootstrap`` for other billiard processes. Lost: a pool process ended by SIGKILL
-    (Celery's hard time limit, a cold shutdown's last resort).
+    (Celery's hard time limit, a cold shutdown's last resort, and Celery's ``PR_SET_PDEATHSIG``
+    at a warm shutdown, which kills the replacement pool processes as the billiard supervisor
+    thread that forked them ends).
 
 Final exports go through :func:`middleware.children._final_flush` (bounded, counted, a failure
 said once on stderr). :func:`install` runs each time profiling starts in a process, from the
