@@ -89,6 +89,8 @@ typedef struct mw_sampler_stats {
     uint64_t native_thread_cpu_ns;  /* CPU they used, in the profile under "[native thread]" */
     uint64_t native_thread_samples; /* on-CPU samples that CPU stands for */
     uint64_t native_scans;          /* listings of the process's threads (mw_sampler_others.c) */
+    uint64_t
+        native_threads_untracked; /* times a scan met one it had no room to remember: not counted */
 } mw_sampler_stats_t;
 
 /* Starts sampling. Returns 0, -1 on failure (errno-style reason in *why). Idempotent: a running

@@ -219,8 +219,9 @@ uint32_t mws_cut_at_full(mw_profbuf_t *b, mw_id_t *ids, uint32_t n, int *lost);
  * /proc/self/task costs ~60 us, ~0.6 ms with 500 threads here), and at a window's end. */
 #define MWS_OTHERS_SCAN_NS 50000000LL
 #define MWS_OTHERS_IDLE_SCAN_NS 250000000LL
-/* Forgets every thread (a new run: the next scan takes their clocks as its base). Allocates the
- * tables at the first call. */
+/* Forgets every thread and takes the clocks of those there now as the base of a new run (their
+ * CPU counts from here; when /proc cannot be listed, the first scan takes it). Allocates the
+ * tables at the first call. mw_sampler_start, in the starting thread, before the sampler starts. */
 void mws_others_clear(void);
 /* Counts cpu_ns of thread tid's CPU as used without Python (a "[native thread]" sample in b). */
 void mws_others_credit(mw_profbuf_t *b, long tid, uint64_t cpu_ns);

@@ -29,8 +29,13 @@
  * (mw_cputimer_unlisted), reads the thread state the thread has at each sample.
  *
  * Sampler thread only (scans run inside a tick or a drain, buffer lock held); mws_others_clear
- * from mw_sampler_start before the thread starts. Not async-signal-safe. No allocation but the two
- * tables (96 KiB each, resident only where used), at the first start.
+ * from mw_sampler_start before the thread starts. Not async-signal-safe. Allocates the two tables
+ * (96 KiB each, resident only where used) at the first start, and doubles them, in the sampler
+ * thread, whenever more threads than half their slots are to be remembered (a process with
+ * thousands of native threads: each keeps its entry, so none is counted twice or forgotten); they
+ * are never shrunk. Past OTHERS_SLOTS_MAX, or when memory is refused, a thread that gets no entry
+ * is not counted (stats: native_threads_untracked) and, after such a scan, neither is a thread
+ * without an entry: its CPU may have been counted before the entry was lost.
  */
 #define _GNU_SOURCE
 #include "mw_sampler_int.h"
@@ -47,7 +52,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define OTHERS_SLOTS 4096 /* open addressing, half full at most: 2,048 threads without Python */
+#define OTHERS_SLOTS 4096           /* at first: open addressing, half full at most */
+#define OTHERS_SLOTS_MAX (1u << 20) /* 524,288 threads without Python */
 
 typedef struct {
     long tid;
@@ -63,12 +69,16 @@ typedef struct {
 typedef struct {
     other_t *e;
     uint32_t stamp;
+    uint32_t used; /* entries with the stamp */
 } table_t;
 static table_t g_tab[2];
+static uint32_t g_slots; /* of each table: a power of two */
+static int g_lost_entry; /* the last scan could not remember a thread */
+static int g_lost_next;  /* ... the scan being made */
 static int g_cur;        /* g_tab[g_cur]: the last scan's */
 static uint32_t g_stamp; /* the last stamp given (never 0: the stamp of a calloc'd slot) */
-static int g_based;      /* a scan of this run has taken the clocks as they were at its start */
-static atomic_int g_any; /* some thread without Python has used CPU in this run */
+static int g_based; /* the clocks of the threads there at the run's start are taken (clear, scan) */
+static atomic_int g_any;            /* some thread without Python has used CPU in this run */
 static int g_active, g_active_next; /* ... between the last two scans; in the scan being made */
 static uint64_t g_own;              /* the profiler's own threads at the last scan */
 
@@ -83,19 +93,21 @@ struct linux_dirent64 {
 static void empty(table_t *t) {
     if (++g_stamp == 0) g_stamp = 1;
     t->stamp = g_stamp;
+    t->used = 0;
 }
 
-static other_t *find(table_t *t, long tid, int create) {
-    if (!t->e) return NULL;
+/* Thread tid's entry; with create, a new one when it has none (NULL only when t is full). */
+static other_t *probe(table_t *t, long tid, int create) {
     uint32_t h = (uint32_t)((unsigned long)tid * 2654435761u);
-    for (uint32_t k = 0; k < OTHERS_SLOTS / 2; k++) {
-        other_t *o = &t->e[(h + k) & (OTHERS_SLOTS - 1)];
+    for (uint32_t k = 0; k < g_slots; k++) {
+        other_t *o = &t->e[(h + k) & (g_slots - 1)];
         if (o->stamp != t->stamp) {
             if (!create) return NULL;
             o->tid = tid;
             o->last = 0;
             o->stamp = t->stamp;
             o->settled = o->own = 0;
+            t->used++;
             return o;
         }
         if (o->tid == tid) return o;
@@ -103,13 +115,98 @@ static other_t *find(table_t *t, long tid, int create) {
     return NULL;
 }
 
-void mws_others_clear(void) {
+/* Both tables twice as large, their entries moved over; -1 (tables unchanged) when they are at
+ * OTHERS_SLOTS_MAX or memory is refused. Pointers into the tables are stale after it. */
+static int grow(void) {
+    if (g_slots >= OTHERS_SLOTS_MAX) return -1;
+    uint32_t old = g_slots;
+    other_t *e[2] = {calloc((size_t)old * 2, sizeof(other_t)),
+                     calloc((size_t)old * 2, sizeof(other_t))};
+    if (!e[0] || !e[1]) {
+        free(e[0]);
+        free(e[1]);
+        return -1;
+    }
+    g_slots = old * 2;
     for (int i = 0; i < 2; i++) {
-        if (!g_tab[i].e) g_tab[i].e = calloc(OTHERS_SLOTS, sizeof *g_tab[i].e);
+        other_t *prev = g_tab[i].e;
+        g_tab[i].e = e[i];
+        g_tab[i].used = 0;
+        for (uint32_t j = 0; j < old; j++)
+            if (prev[j].stamp == g_tab[i].stamp) *probe(&g_tab[i], prev[j].tid, 1) = prev[j];
+        free(prev);
+    }
+    return 0;
+}
+
+static other_t *find(table_t *t, long tid, int create) {
+    if (!t->e) return NULL;
+    if (!create) return probe(t, tid, 0);
+    if ((t->used + 1) * 2 > g_slots) (void)grow(); /* failing that, the table fills up */
+    return probe(t, tid, 1);
+}
+
+/* One of the profiler's own threads, by its kernel name. */
+static int own_name(const char *name) {
+    return strncmp(name, "mw-", 3) == 0;
+}
+
+/* Its kernel name, without the newline; "" when unreadable. */
+static void kernel_name(long tid, char *name, size_t cap) {
+    long n = mw_threads_proc_read(tid, "comm", name, cap);
+    if (n < 0) n = 0;
+    name[n] = '\0';
+    if (n > 0 && name[n - 1] == '\n') name[n - 1] = '\0';
+}
+
+/* Calls fn for each thread of the process (/proc/self/task); -1 when it cannot be listed. */
+static int each_thread(void (*fn)(long tid, void *ctx), void *ctx) {
+    int fd = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    _Alignas(8) char buf[4096];
+    for (;;) {
+        long got = syscall(SYS_getdents64, fd, buf, sizeof buf);
+        if (got <= 0) break;
+        for (long off = 0; off < got;) {
+            const struct linux_dirent64 *d = (const struct linux_dirent64 *)(buf + off);
+            off += d->d_reclen;
+            char *end;
+            long tid = strtol(d->d_name, &end, 10);
+            if (tid > 0 && *end == '\0') fn(tid, ctx);
+        }
+    }
+    close(fd);
+    return 0;
+}
+
+/* A thread there when the run starts: its CPU counts from now on. */
+static void take_base(long tid, void *ctx) {
+    (void)ctx;
+    uint64_t c;
+    if (mws_thread_cpu_ns(tid, &c) != 0) return;
+    other_t *o = find(&g_tab[!g_cur], tid, 1);
+    if (!o) {
+        g_lost_next = 1;
+        return;
+    }
+    char name[MW_THREAD_NAME_MAX];
+    kernel_name(tid, name, sizeof name);
+    o->last = c;
+    o->own = (uint8_t)own_name(name);
+}
+
+void mws_others_clear(void) {
+    if (!g_slots) g_slots = OTHERS_SLOTS;
+    for (int i = 0; i < 2; i++) {
+        if (!g_tab[i].e) g_tab[i].e = calloc(g_slots, sizeof *g_tab[i].e);
         empty(&g_tab[i]);
     }
-    g_based = g_active = 0;
+    g_active = g_lost_next = 0;
     atomic_store(&g_any, 0);
+    /* the threads there now (when they cannot be listed, the first scan takes them instead) */
+    g_based = g_tab[0].e && g_tab[1].e && each_thread(take_base, NULL) == 0;
+    if (g_based) g_cur = !g_cur;
+    g_lost_entry = g_based && g_lost_next;
 }
 
 int mws_others_active(void) {
@@ -127,14 +224,6 @@ void mws_others_carry(long tid, uint64_t cpu_ns) {
     o->settled = 0;
 }
 
-/* Its kernel name, without the newline; "" when unreadable. */
-static void kernel_name(long tid, char *name, size_t cap) {
-    long n = mw_threads_proc_read(tid, "comm", name, cap);
-    if (n < 0) n = 0;
-    name[n] = '\0';
-    if (n > 0 && name[n - 1] == '\n') name[n - 1] = '\0';
-}
-
 /* A Python thread of the tick's list (the ticks count its CPU), or met through a CPU-timer sample
  * before any tick listed it (a thread that has just started). */
 static int in_python(long tid, const mw_tstate_t *st, const mw_pythread_t *threads, int n) {
@@ -145,11 +234,16 @@ static int in_python(long tid, const mw_tstate_t *st, const mw_pythread_t *threa
 }
 
 /* Counts cpu_ns of thread tid as used without Python; returns 1 (nothing counted) when it is one
- * of the profiler's own threads. */
-static int credit(mw_profbuf_t *b, long tid, uint64_t cpu_ns, char *proc_name) {
+ * of the profiler's own threads. known_name: its kernel name when the caller has just read it
+ * (NULL: read here). */
+static int credit(mw_profbuf_t *b, long tid, uint64_t cpu_ns, const char *known_name,
+                  char *proc_name) {
     char name[MW_THREAD_NAME_MAX];
-    kernel_name(tid, name, sizeof name);
-    if (strncmp(name, "mw-", 3) == 0) return 1;
+    if (known_name)
+        snprintf(name, sizeof name, "%s", known_name);
+    else
+        kernel_name(tid, name, sizeof name);
+    if (own_name(name)) return 1;
     if (proc_name[0] == '\0') kernel_name((long)getpid(), proc_name, MW_THREAD_NAME_MAX);
     if (name[0] == '\0' || strcmp(name, proc_name) == 0)
         snprintf(name, sizeof name, "thread-%ld", tid);
@@ -175,7 +269,7 @@ static int credit(mw_profbuf_t *b, long tid, uint64_t cpu_ns, char *proc_name) {
 
 void mws_others_credit(mw_profbuf_t *b, long tid, uint64_t cpu_ns) {
     char proc_name[MW_THREAD_NAME_MAX] = "";
-    (void)credit(b, tid, cpu_ns, proc_name);
+    (void)credit(b, tid, cpu_ns, NULL, proc_name);
 }
 
 int mws_others_settle(mw_profbuf_t *b, long tid, uint64_t cpu_ns) {
@@ -183,16 +277,25 @@ int mws_others_settle(mw_profbuf_t *b, long tid, uint64_t cpu_ns) {
     if (!o || o->settled) return 0;
     o->settled = 1;
     char proc_name[MW_THREAD_NAME_MAX] = "";
-    if (cpu_ns > o->last) (void)credit(b, tid, cpu_ns - o->last, proc_name);
+    if (cpu_ns > o->last) (void)credit(b, tid, cpu_ns - o->last, NULL, proc_name);
     o->last = cpu_ns;
     return 1;
 }
 
+typedef struct {
+    mw_profbuf_t *b;
+    const mw_pythread_t *threads;
+    int n;
+    char proc_name[MW_THREAD_NAME_MAX]; /* the process's own name, read when first needed */
+    uint64_t count, own;                /* threads without Python met, the profiler's own met */
+} scan_t;
+
 /* One thread of the listing: its CPU since the previous scan, when it is not a Python thread. */
-static void scan_one(mw_profbuf_t *b, long tid, const mw_pythread_t *threads, int n,
-                     char *proc_name, uint64_t *count, uint64_t *own) {
+static void scan_one(long tid, void *ctx) {
+    scan_t *sc = ctx;
+    mw_profbuf_t *b = sc->b;
     mw_tstate_t *st = mws_ts_lookup(tid);
-    if (in_python(tid, st, threads, n)) return;
+    if (in_python(tid, st, sc->threads, sc->n)) return;
     uint64_t c;
     if (mws_thread_cpu_ns(tid, &c) != 0) return; /* ended meanwhile */
     if (st && st->reg) {
@@ -204,26 +307,32 @@ static void scan_one(mw_profbuf_t *b, long tid, const mw_pythread_t *threads, in
         mws_clock_account(st, mw_profbuf_generation(b), counted, counted, c, d, d);
         return;
     }
-    other_t *o = find(&g_tab[g_cur], tid, 0);
-    uint64_t base = o ? o->last : g_based ? 0 : c; /* new since the last scan: all its CPU */
-    if (base > c) base = 0;                        /* its id was reused by a new thread */
+    const other_t *o = find(&g_tab[g_cur], tid, 0);
+    /* new since the last scan: all its CPU (unless that scan lost entries: one may be this) */
+    uint64_t base = o ? o->last : (g_based && !g_lost_entry) ? 0 : c;
+    if (base > c) base = 0; /* its id was reused by a new thread */
     if (st && st->cpu_ns > base && st->cpu_ns <= c) base = st->cpu_ns; /* the ticks' part */
     if (st) st->cpu_ns = c; /* back in the list, its CPU counts from here */
-    other_t *nx = find(&g_tab[!g_cur], tid, 1);
-    if (!nx) return; /* more threads without Python than the table holds: counted next time */
-    nx->last = c;
-    if (o) {
-        nx->own = o->own;
-    } else { /* first met: ours? */
-        char name[MW_THREAD_NAME_MAX];
-        kernel_name(tid, name, sizeof name);
-        nx->own = strncmp(name, "mw-", 3) == 0;
+    int mine = o ? o->own : -1;
+    other_t *nx = find(&g_tab[!g_cur], tid, 1); /* may grow the tables: o is stale from here */
+    if (!nx) {
+        g_lost_next = 1;
+        g_stats.native_threads_untracked++;
+        return;
     }
-    if (!nx->own && c > base && credit(b, tid, c - base, proc_name)) nx->own = 1;
+    nx->last = c;
+    char name[MW_THREAD_NAME_MAX] = "";
+    if (mine < 0) { /* first met: ours? */
+        kernel_name(tid, name, sizeof name);
+        mine = own_name(name);
+    }
+    nx->own = (uint8_t)mine;
+    if (!nx->own && c > base && credit(b, tid, c - base, name[0] ? name : NULL, sc->proc_name))
+        nx->own = 1;
     if (nx->own)
-        (*own)++;
+        sc->own++;
     else
-        (*count)++;
+        sc->count++;
 }
 
 /* The process's thread count (/proc/self/stat, field 20), -1 when unreadable. */
@@ -249,27 +358,14 @@ int mws_others_needed(int n) {
 
 void mws_others_scan(mw_profbuf_t *b, const mw_pythread_t *threads, int n) {
     if (!g_tab[0].e || !g_tab[1].e || !b) return;
-    int fd = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) return; /* no /proc: the threads without Python stay unseen */
     empty(&g_tab[!g_cur]);
-    g_active_next = 0;
-    char proc_name[MW_THREAD_NAME_MAX] = "";
-    uint64_t count = 0, own = 0;
-    _Alignas(8) char buf[4096];
-    for (;;) {
-        long got = syscall(SYS_getdents64, fd, buf, sizeof buf);
-        if (got <= 0) break;
-        for (long off = 0; off < got;) {
-            const struct linux_dirent64 *d = (const struct linux_dirent64 *)(buf + off);
-            off += d->d_reclen;
-            char *end;
-            long tid = strtol(d->d_name, &end, 10);
-            if (tid > 0 && *end == '\0') scan_one(b, tid, threads, n, proc_name, &count, &own);
-        }
-    }
-    close(fd);
+    g_active_next = g_lost_next = 0;
+    scan_t sc = {.b = b, .threads = threads, .n = n};
+    if (each_thread(scan_one, &sc) != 0) return; /* no /proc: threads without Python stay unseen */
+    uint64_t count = sc.count, own = sc.own;
     g_cur = !g_cur;
     g_based = 1;
+    g_lost_entry = g_lost_next;
     g_active = g_active_next;
     g_own = own;
     g_stats.native_threads = count;

@@ -1,14 +1,16 @@
 """Threads without a Python thread state beside Python threads, for tests/native/test_native_threads.py
 (run in a child process; ground truth measured inside):
 
-    python tests/targets/native_threads_workload.py LIB.so [--rate HZ]
+    python tests/targets/native_threads_workload.py LIB.so [--rate HZ] [--crowd N]
 
 LIB.so is tests/targets/native_ext/native_threads.c built by the test. The workload, all at once:
 a named native thread ("pool-worker") and an unnamed one burn C code, a native thread calls a
 Python callback (a ctypes callback: Python only for the call) between bursts of C, and the main
 thread burns Python. Every native thread reports its own CPU clock; the callback and the main
 thread measure theirs with time.thread_time. The profile is taken while the native threads are
-still alive (waiting to be released), so all their CPU is in it.
+still alive (waiting to be released), so all their CPU is in it. With --crowd N: only N unnamed
+native threads, each burning 0.4 ms three times with 30 ms sleeps between (truth: their clocks
+together), the main thread waiting.
 
 Prints one JSON object: {"truth": {...}, "rows": [[thread, leaf function, cpu_ns]...],
 "profile_cpu_ns", "process_cpu_ns", "stats"}.
@@ -22,6 +24,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from middleware import MwTracker  # noqa: E402
@@ -36,12 +39,23 @@ def py_burn(seconds: float) -> None:
         x += 1
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("lib")
-    ap.add_argument("--rate", type=int, default=100)
-    args = ap.parse_args()
-    lib = ctypes.CDLL(args.lib)
+def crowd(lib: ctypes.CDLL, n: int, rate: int) -> dict[str, Any]:
+    lib.mw_native_crowd_cpu_ns.restype = ctypes.c_int64
+    tracker = MwTracker(sample_rate=rate)
+    c0 = time.process_time_ns()
+    started = lib.mw_native_crowd(n, 400, 3)
+    while lib.mw_native_crowd_done() < started:
+        time.sleep(0.01)
+    time.sleep(0.1)  # past the next scan
+    profile = tracker.snapshot(reset=True)
+    stats = tracker.stats()
+    c1 = time.process_time_ns()
+    truth = {"crowd": lib.mw_native_crowd_cpu_ns(), "started": started}
+    lib.mw_native_release()
+    return {"truth": truth, "profile": profile, "stats": stats, "process_cpu_ns": c1 - c0}
+
+
+def mixed(lib: ctypes.CDLL, rate: int) -> dict[str, Any]:
     lib.mw_native_burner.argtypes = [ctypes.c_long, ctypes.c_char_p]
     lib.mw_native_caller.argtypes = [ctypes.c_long, ctypes.c_long, CALLBACK]
     lib.mw_native_cpu_ns.restype = ctypes.c_int64
@@ -53,7 +67,7 @@ def main() -> None:
         callback_cpu[0] += time.thread_time() - t0
 
     callback = CALLBACK(on_callback)
-    tracker = MwTracker(sample_rate=args.rate)
+    tracker = MwTracker(sample_rate=rate)
     c0 = time.process_time_ns()
     named = lib.mw_native_burner(1200, b"pool-worker")
     unnamed = lib.mw_native_burner(700, None)
@@ -74,16 +88,28 @@ def main() -> None:
         "main": int(main_cpu * 1e9),
     }
     lib.mw_native_release()
+    return {"truth": truth, "profile": profile, "stats": tracker.stats(), "process_cpu_ns": c1 - c0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("lib")
+    ap.add_argument("--rate", type=int, default=100)
+    ap.add_argument("--crowd", type=int, default=0)
+    args = ap.parse_args()
+    lib = ctypes.CDLL(args.lib)
+    run = crowd(lib, args.crowd, args.rate) if args.crowd else mixed(lib, args.rate)
+    profile = run["profile"]
     ci = profile.value_index("cpu")
     rows: dict[tuple[str, str], int] = defaultdict(int)
     for s in profile.samples:
         rows[(s.label("thread_name") or "?", s.stack[-1].function if s.stack else "?")] += s.values[ci]
     print(json.dumps({
-        "truth": truth,
+        "truth": run["truth"],
         "rows": [[t, f, v] for (t, f), v in rows.items()],
         "profile_cpu_ns": sum(rows.values()),
-        "process_cpu_ns": c1 - c0,
-        "stats": tracker.stats(),
+        "process_cpu_ns": run["process_cpu_ns"],
+        "stats": run["stats"],
     }))
 
 

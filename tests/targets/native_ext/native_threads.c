@@ -3,13 +3,16 @@
  *   - burners: burn a given CPU time on their own CPU clock, then wait to be released (so they are
  *     still there when the profile is taken), optionally under a kernel thread name;
  *   - a caller: burns, then calls a C function pointer (a ctypes callback: Python runs in that
- *     thread only for the call, under a thread state made and dropped by ctypes), in rounds.
+ *     thread only for the call, under a thread state made and dropped by ctypes), in rounds;
+ *   - a crowd: thousands of unnamed threads, each burning a little CPU in rounds with sleeps
+ *     between (a thread-per-connection C server, a runaway pool).
  * Every thread reports its own CPU time (CLOCK_THREAD_CPUTIME_ID), the truth the test checks
  * against. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -35,12 +38,34 @@ static int64_t cpu_now(void) {
     return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
 }
 
-static void burn(long ms) {
+static void burn_ns(int64_t ns) {
     volatile uint64_t x = 0;
-    int64_t end = cpu_now() + (int64_t)ms * 1000000LL;
+    int64_t end = cpu_now() + ns;
     while (cpu_now() < end)
         for (int i = 0; i < 2000; i++)
             x += (uint64_t)i;
+}
+
+static void burn(long ms) {
+    burn_ns((int64_t)ms * 1000000LL);
+}
+
+static pthread_mutex_t g_release_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_release_cond = PTHREAD_COND_INITIALIZER;
+
+/* Off CPU until mw_native_release (no polling: thousands of threads wait here). */
+static void wait_released(void) {
+    pthread_mutex_lock(&g_release_lock);
+    while (!atomic_load(&g_released))
+        pthread_cond_wait(&g_release_cond, &g_release_lock);
+    pthread_mutex_unlock(&g_release_lock);
+}
+
+static void release_all(void) {
+    pthread_mutex_lock(&g_release_lock);
+    atomic_store(&g_released, 1);
+    pthread_cond_broadcast(&g_release_cond);
+    pthread_mutex_unlock(&g_release_lock);
 }
 
 static void *run(void *arg) {
@@ -55,9 +80,7 @@ static void *run(void *arg) {
         burn(w->burn_ms);
     }
     w->cpu_ns = cpu_now();
-    struct timespec ms = {0, 1000000};
-    while (!atomic_load(&g_released))
-        nanosleep(&ms, NULL);
+    wait_released();
     return NULL;
 }
 
@@ -94,10 +117,68 @@ int64_t mw_native_cpu_ns(int i) {
     return i >= 0 && i < g_n ? g_w[i].cpu_ns : -1;
 }
 
+/* ---- the crowd ---- */
+typedef struct {
+    pthread_t th;
+    int64_t cpu_ns;
+} member_t;
+
+static member_t *g_crowd;
+static int g_crowd_n;
+static long g_crowd_us, g_crowd_rounds;
+static atomic_int g_crowd_done;
+static atomic_llong g_crowd_cpu;
+
+static void *crowd_run(void *arg) {
+    member_t *m = arg;
+    for (long r = 0; r < g_crowd_rounds; r++) {
+        burn_ns((int64_t)g_crowd_us * 1000);
+        struct timespec off = {0, 30 * 1000000}; /* off CPU: a scan or two between bursts */
+        nanosleep(&off, NULL);
+    }
+    m->cpu_ns = cpu_now();
+    atomic_fetch_add(&g_crowd_cpu, m->cpu_ns);
+    atomic_fetch_add(&g_crowd_done, 1);
+    wait_released();
+    return NULL;
+}
+
+/* Starts n threads (64 KiB stacks) that each burn burn_us of CPU `rounds` times, sleeping 30 ms
+ * after each burst; returns how many started. */
+int mw_native_crowd(int n, long burn_us, long rounds) {
+    g_crowd = calloc((size_t)n, sizeof *g_crowd);
+    if (!g_crowd) return 0;
+    g_crowd_us = burn_us;
+    g_crowd_rounds = rounds;
+    atomic_store(&g_released, 0);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 64 * 1024);
+    for (g_crowd_n = 0; g_crowd_n < n; g_crowd_n++)
+        if (pthread_create(&g_crowd[g_crowd_n].th, &attr, crowd_run, &g_crowd[g_crowd_n]) != 0) break;
+    pthread_attr_destroy(&attr);
+    return g_crowd_n;
+}
+
+/* How many of the crowd have done their work. */
+int mw_native_crowd_done(void) {
+    return atomic_load(&g_crowd_done);
+}
+
+/* The CPU time the crowd's threads used, together (ns), once they are done. */
+int64_t mw_native_crowd_cpu_ns(void) {
+    return (int64_t)atomic_load(&g_crowd_cpu);
+}
+
 /* Lets every thread end, and waits for them. */
 void mw_native_release(void) {
-    atomic_store(&g_released, 1);
+    release_all();
     for (int i = 0; i < g_n; i++)
         pthread_join(g_w[i].th, NULL);
     g_n = 0;
+    for (int i = 0; i < g_crowd_n; i++)
+        pthread_join(g_crowd[i].th, NULL);
+    free(g_crowd);
+    g_crowd = NULL;
+    g_crowd_n = 0;
 }
