@@ -122,6 +122,8 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "native_thread_samples", s.native_thread_samples) ||
         mw_dict_put_u64(d, "native_scans", s.native_scans) ||
         mw_dict_put_u64(d, "native_threads_untracked", s.native_threads_untracked) ||
+        mw_dict_put_u64(d, "exited_thread_cpu_ns", s.exited_thread_cpu_ns) ||
+        mw_dict_put_u64(d, "exited_unknown", s.exited_unknown) ||
         mw_dict_put_u64(d, "cpu_timer_mode", t.mode) ||
         mw_dict_put_u64(d, "cpu_timer_armed", t.armed) ||
         mw_dict_put_u64(d, "cpu_timer_arm_failed", t.arm_failed) ||

@@ -210,7 +210,8 @@ static int tick(void) {
     if (first || g_others_due ||
         now - g_others_last_ns >=
             (mws_others_active() ? MWS_OTHERS_SCAN_NS : MWS_OTHERS_IDLE_SCAN_NS)) {
-        if (first || mws_others_needed(n)) mws_others_scan(g_active, g_threads, n);
+        /* at a window's end and at stop always: threads that ended since the last listing */
+        if (first || g_others_due || mws_others_needed(n)) mws_others_scan(g_active, g_threads, n);
         g_others_last_ns = now;
         g_others_due = 0;
     }
@@ -344,8 +345,9 @@ static void *sampler_main(void *arg) {
                 pthread_mutex_lock(&g_buf_lock);
                 int n = mws_drain_timed(g_active);
                 /* A window ends: the CPU of threads without Python since the last scan is its
-                 * own (with the thread list of the last tick: none after a prune). */
-                if (req != done && g_nthreads > 0 && mws_others_needed(g_nthreads)) {
+                 * own (with the thread list of the last tick: none after a prune), and so is
+                 * that of the threads that ended since. */
+                if (req != done && g_nthreads > 0) {
                     mws_others_scan(g_active, g_threads, g_nthreads);
                     g_others_last_ns = mw_now_monotonic_ns();
                 }

@@ -85,8 +85,10 @@ typedef struct mw_sampler_stats {
     uint64_t
         native_spared_writes; /* native mode: blocked in a write, not signalled (no C frames) */
     /* Threads with no Python thread state in the main interpreter (mw_sampler_others.c): */
-    uint64_t native_threads;        /* of them at the last scan (the profiler's own left out) */
-    uint64_t native_thread_cpu_ns;  /* CPU they used, in the profile under "[native thread]" */
+    uint64_t native_threads;       /* of them at the last scan (the profiler's own left out) */
+    uint64_t native_thread_cpu_ns; /* CPU they used, in the profile under "[native thread]" */
+    uint64_t exited_thread_cpu_ns; /* CPU of threads that ended unread, under "[exited thread]" */
+    uint64_t exited_unknown; /* listings where that CPU could not be told (a Python one ended) */
     uint64_t native_thread_samples; /* on-CPU samples that CPU stands for */
     uint64_t native_scans;          /* listings of the process's threads (mw_sampler_others.c) */
     uint64_t

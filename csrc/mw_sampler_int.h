@@ -93,6 +93,7 @@ typedef struct {
     uint64_t owed_wall, owed_n;
     /* The last CPU-timer sample's entry: the next one with the same raw stack goes to it. */
     int list_idx;    /* its index in the last full thread list (quiet ticks) */
+    uint64_t listed; /* the last listing of the process's threads that found it (others scan) */
     uint64_t py_uid; /* id of the thread state (with a frame) its last read found it under */
     uint64_t timed_hash, timed_gen;
     uint32_t timed_idx;
@@ -226,13 +227,15 @@ void mws_others_clear(void);
 /* Counts cpu_ns of thread tid's CPU as used without Python (a "[native thread]" sample in b). */
 void mws_others_credit(mw_profbuf_t *b, long tid, uint64_t cpu_ns);
 /* Lists the process's threads: each that is not in the tick's thread list threads[0..n), has no
- * CPU timer and is not the profiler's own gets the CPU it used since the previous scan in b. */
+ * CPU timer and is not the profiler's own gets the CPU it used since the previous scan in b, and
+ * the threads that ended since get theirs (found through the process's CPU clock). */
 void mws_others_scan(mw_profbuf_t *b, const mw_pythread_t *threads, int n);
 /* Some thread without Python used CPU between the last two scans: the next is due sooner. */
 int mws_others_active(void);
 /* Whether a scan can find anything: 0 only when no thread without Python used CPU at the last
  * scan and the process has no more threads than the n of the thread list and the profiler's own
- * (one read of /proc/self/stat, however many threads: listing them costs ~1 us each). */
+ * (one read of /proc/self/stat, however many threads: listing them costs ~1 us each). Threads that
+ * came and went meanwhile are found by the next scan: at a window's end and at stop, always. */
 int mws_others_needed(int n);
 /* A thread a scan counted as without Python is in the thread list now, its clock at cpu_ns: the
  * CPU it used since that scan is counted as the scan would (it ran C until lately), into b.
@@ -240,6 +243,9 @@ int mws_others_needed(int n);
 int mws_others_settle(mw_profbuf_t *b, long tid, uint64_t cpu_ns);
 /* Thread tid left the thread list (its entry is pruned) with its CPU counted up to cpu_ns. */
 void mws_others_carry(long tid, uint64_t cpu_ns);
+/* A Python thread has ended (its entry is pruned): the CPU of threads that ended between the
+ * listing before and the next is not told apart from its own then (none is counted). */
+void mws_others_py_gone(void);
 /* Some thread without Python used CPU in this run (any thread: an atomic load). */
 int mws_others_any(void);
 

@@ -104,6 +104,8 @@ void mws_ts_prune(void) {
             g_stats.cpu_unattributed_ns += s->pending;
             g_stats.wall_unattributed_ns += s->owed_wall;
             if (s->reg) mw_cputimer_retire(s->reg - 1, s->tid);
+            uint64_t now_cpu;
+            if (mws_thread_cpu_ns(s->tid, &now_cpu) != 0) mws_others_py_gone(); /* ended */
             /* Still running without Python (a native thread between two calls into Python):
              * its CPU from here on is counted by the scans of threads without Python. */
             mws_others_carry(s->tid, s->cpu_ns);

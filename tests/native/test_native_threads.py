@@ -49,13 +49,15 @@ def native_lib(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(so)
 
 
-def run_workload(lib: str, cpu_timer: str | None, rate: int = 1000, crowd: int = 0) -> dict[str, Any]:
+def run_workload(lib: str, cpu_timer: str | None, rate: int = 1000, crowd: int = 0, churn: int = 0,
+                 py_churn: int = 0) -> dict[str, Any]:
     env = dict(os.environ)
     env.pop("MW_PROFILING_CPU_TIMER", None)
     if cpu_timer:
         env["MW_PROFILING_CPU_TIMER"] = cpu_timer
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "targets" / "native_threads_workload.py"), lib,
-                           "--rate", str(rate), "--crowd", str(crowd)],
+                           "--rate", str(rate), "--crowd", str(crowd), "--churn", str(churn),
+                           "--py-churn", str(py_churn)],
                           capture_output=True, text=True, timeout=120, cwd=str(ROOT), env=env)
     assert proc.returncode == 0, f"workload failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
     data: dict[str, Any] = json.loads(proc.stdout)
@@ -124,3 +126,32 @@ def test_thousands_of_threads_without_python_are_each_counted_once(native_lib: s
     assert stats["native_threads"] == truth["started"], why
     assert stats["native_threads_untracked"] == 0, why
     assert near(sum(native.values()), truth["crowd"], 0.03, 40), why
+
+
+@pytest.mark.parametrize("py_churn", [0, 150], ids=["native-only", "python-threads-ending-too"])
+def test_threads_that_end_before_any_listing_keep_their_cpu(native_lib: str, py_churn: int) -> None:
+    """A native thread makes 60 threads one after the other, each burning 10 ms of C and ending: most
+    live less than the 50 ms between two listings of the process's threads and were missing from
+    the profile (124 ms of 1,001 for 100 such threads). The process's CPU clock counts them: what it
+    gained between two listings beyond what the listed threads' clocks gained is theirs, under
+    "[exited thread]". With Python threads ending too (150 of 3 ms each, started one after the
+    other), a listing where one ended cannot tell their CPU apart (partly counted by the ticks):
+    none of it is counted there (stats: exited_unknown), and nothing is counted twice."""
+    d = run_workload(native_lib, None, rate=100, churn=60, py_churn=py_churn)
+    truth, stats = d["truth"], d["stats"]
+    native = sum(v for _, leaf, v in d["rows"] if leaf == "[native thread]")
+    exited = sum(v for t, leaf, v in d["rows"] if leaf == "[exited thread]" and t == "exited threads")
+    why = (f"truth {truth}, profile native {native / MS:.0f} ms + exited {exited / MS:.0f} ms, profile "
+           f"{d['profile_cpu_ns'] / MS:.0f} ms, process {d['process_cpu_ns'] / MS:.0f} ms, stats "
+           f"{ {k: v for k, v in stats.items() if 'exited' in k or k.startswith('native')} }")
+    assert d["profile_cpu_ns"] <= 1.02 * d["process_cpu_ns"] + 20 * MS, why  # never more
+    assert native + exited <= 1.02 * truth["churn"] + 20 * MS, why
+    if py_churn:
+        assert stats["exited_unknown"] > 0, why
+        python = sum(v for t, leaf, v in d["rows"] if t.startswith("Thread-"))
+        assert near(python, truth["py_churn"], 0.25, 30), why
+    else:
+        assert stats["exited_unknown"] == 0, why
+        assert exited >= truth["churn"] / 2, why
+        assert near(native + exited, truth["churn"], 0.03, 20), why
+        assert near(d["profile_cpu_ns"], d["process_cpu_ns"], 0.03, 40), why

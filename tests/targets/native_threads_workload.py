@@ -2,6 +2,7 @@
 (run in a child process; ground truth measured inside):
 
     python tests/targets/native_threads_workload.py LIB.so [--rate HZ] [--crowd N]
+        [--churn N [--py-churn M]]
 
 LIB.so is tests/targets/native_ext/native_threads.c built by the test. The workload, all at once:
 a named native thread ("pool-worker") and an unnamed one burn C code, a native thread calls a
@@ -10,7 +11,10 @@ thread burns Python. Every native thread reports its own CPU clock; the callback
 thread measure theirs with time.thread_time. The profile is taken while the native threads are
 still alive (waiting to be released), so all their CPU is in it. With --crowd N: only N unnamed
 native threads, each burning 0.4 ms three times with 30 ms sleeps between (truth: their clocks
-together), the main thread waiting.
+together), the main thread waiting. With --churn N: a native thread makes N threads one after the
+other, each burning 10 ms of C and ending (truth: their clocks and their maker's together); with
+--py-churn M as well, the main thread meanwhile starts M short Python threads one after the other,
+each burning 3 ms of Python (truth: their thread_time together).
 
 Prints one JSON object: {"truth": {...}, "rows": [[thread, leaf function, cpu_ns]...],
 "profile_cpu_ns", "process_cpu_ns", "stats"}.
@@ -21,6 +25,7 @@ import argparse
 import ctypes
 import json
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -51,6 +56,33 @@ def crowd(lib: ctypes.CDLL, n: int, rate: int) -> dict[str, Any]:
     stats = tracker.stats()
     c1 = time.process_time_ns()
     truth = {"crowd": lib.mw_native_crowd_cpu_ns(), "started": started}
+    lib.mw_native_release()
+    return {"truth": truth, "profile": profile, "stats": stats, "process_cpu_ns": c1 - c0}
+
+
+def churn(lib: ctypes.CDLL, n: int, py_n: int, rate: int) -> dict[str, Any]:
+    lib.mw_native_churn_cpu_ns.restype = ctypes.c_int64
+    py_cpu = [0.0]
+
+    def short() -> None:
+        t0 = time.thread_time()
+        py_burn(0.003)
+        py_cpu[0] += time.thread_time() - t0
+
+    tracker = MwTracker(sample_rate=rate)
+    c0 = time.process_time_ns()
+    assert lib.mw_native_churn(n, 10) == 0
+    for _ in range(py_n):
+        t = threading.Thread(target=short)
+        t.start()
+        t.join()
+    while not lib.mw_native_churn_done():
+        time.sleep(0.01)
+    time.sleep(0.1)  # past the next scan
+    profile = tracker.snapshot(reset=True)
+    stats = tracker.stats()
+    c1 = time.process_time_ns()
+    truth = {"churn": lib.mw_native_churn_cpu_ns(), "py_churn": int(py_cpu[0] * 1e9)}
     lib.mw_native_release()
     return {"truth": truth, "profile": profile, "stats": stats, "process_cpu_ns": c1 - c0}
 
@@ -96,9 +128,16 @@ def main() -> None:
     ap.add_argument("lib")
     ap.add_argument("--rate", type=int, default=100)
     ap.add_argument("--crowd", type=int, default=0)
+    ap.add_argument("--churn", type=int, default=0)
+    ap.add_argument("--py-churn", type=int, default=0)
     args = ap.parse_args()
     lib = ctypes.CDLL(args.lib)
-    run = crowd(lib, args.crowd, args.rate) if args.crowd else mixed(lib, args.rate)
+    if args.crowd:
+        run = crowd(lib, args.crowd, args.rate)
+    elif args.churn:
+        run = churn(lib, args.churn, args.py_churn, args.rate)
+    else:
+        run = mixed(lib, args.rate)
     profile = run["profile"]
     ci = profile.value_index("cpu")
     rows: dict[tuple[str, str], int] = defaultdict(int)

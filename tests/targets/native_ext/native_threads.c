@@ -5,7 +5,9 @@
  *   - a caller: burns, then calls a C function pointer (a ctypes callback: Python runs in that
  *     thread only for the call, under a thread state made and dropped by ctypes), in rounds;
  *   - a crowd: thousands of unnamed threads, each burning a little CPU in rounds with sleeps
- *     between (a thread-per-connection C server, a runaway pool).
+ *     between (a thread-per-connection C server, a runaway pool);
+ *   - a churn: a thread making short-lived threads one after the other, each burning a few ms and
+ *     ending (a thread per task), all ended long before any listing of threads can read them.
  * Every thread reports its own CPU time (CLOCK_THREAD_CPUTIME_ID), the truth the test checks
  * against. */
 #define _GNU_SOURCE
@@ -170,6 +172,53 @@ int64_t mw_native_crowd_cpu_ns(void) {
     return (int64_t)atomic_load(&g_crowd_cpu);
 }
 
+/* ---- the churn ---- */
+static pthread_t g_churner;
+static int g_churn_n, g_churning;
+static long g_churn_ms;
+static atomic_int g_churn_done;
+static atomic_llong g_churn_cpu;
+
+static void *churn_one(void *arg) {
+    (void)arg;
+    burn(g_churn_ms);
+    atomic_fetch_add(&g_churn_cpu, cpu_now());
+    return NULL;
+}
+
+static void *churn_run(void *arg) {
+    (void)arg;
+    for (int i = 0; i < g_churn_n; i++) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, churn_one, NULL) != 0) break;
+        pthread_join(t, NULL);
+    }
+    atomic_fetch_add(&g_churn_cpu, cpu_now()); /* the churner's own (creating, joining) */
+    atomic_store(&g_churn_done, 1);
+    return NULL;
+}
+
+/* Starts a thread that makes n threads one after the other, each burning ms of CPU and ending;
+ * 0 when started. */
+int mw_native_churn(int n, long ms) {
+    g_churn_n = n;
+    g_churn_ms = ms;
+    atomic_store(&g_churn_done, 0);
+    atomic_store(&g_churn_cpu, 0);
+    g_churning = pthread_create(&g_churner, NULL, churn_run, NULL) == 0;
+    return g_churning ? 0 : -1;
+}
+
+/* 1 when the churn is over (every thread it made has ended). */
+int mw_native_churn_done(void) {
+    return atomic_load(&g_churn_done);
+}
+
+/* The CPU time of the churn's threads (and of the thread making them), together (ns). */
+int64_t mw_native_churn_cpu_ns(void) {
+    return (int64_t)atomic_load(&g_churn_cpu);
+}
+
 /* Lets every thread end, and waits for them. */
 void mw_native_release(void) {
     release_all();
@@ -181,4 +230,6 @@ void mw_native_release(void) {
     free(g_crowd);
     g_crowd = NULL;
     g_crowd_n = 0;
+    if (g_churning) pthread_join(g_churner, NULL);
+    g_churning = 0;
 }
