@@ -8,16 +8,15 @@
  * file that CPU was missing from the profile without a word (a native thread burning 1.5 s beside
  * a Python thread burning 1 s: a profile of 1.0 s for 2.5 s of process CPU).
  *
- * Every MWS_OTHERS_SCAN_NS while such threads use CPU, MWS_OTHERS_IDLE_SCAN_NS while none does,
- * and when a window ends and when the sampler stops — unless the process has no more threads than
- * the tick's list and the profiler's own (mws_others_needed) — the sampler lists /proc/self/task; a
- * thread that is not in the tick's Python thread list, is not one of the profiler's own (their
- * names start with "mw-"; their CPU is in stats()), and used CPU since the previous scan gets that
- * CPU as on-CPU samples (one per sample period, at least one) under the marker frame "[native
- * thread]", named after its kernel name (thread-<tid> when that is the process's own name). The
- * clock is cumulative, so nothing a thread that is still there used is lost; a thread that ends
- * between two scans takes the CPU it used since the last one with it (at most 50 ms of CPU; 250 ms
- * for one that lives less than that in a process where none used CPU).
+ * Every MWS_OTHERS_SCAN_NS while such threads use CPU and MWS_OTHERS_IDLE_SCAN_NS while none does
+ * (unless the process has no more threads than the tick's list and the profiler's own:
+ * mws_others_needed), and always when a window ends and when the sampler stops, the sampler lists
+ * /proc/self/task; a thread that is not in the tick's Python thread list, is not one of the
+ * profiler's own (their names start with "mw-"; their CPU is in stats()), and used CPU since the
+ * previous scan gets that CPU as on-CPU samples (one per sample period, at least one) under the
+ * marker frame "[native thread]", named after its kernel name (thread-<tid> when that is the
+ * process's own name). The clock is cumulative, so nothing a thread that is still there used is
+ * lost; what a thread that ends between two scans used since the last one is found as below.
  *
  * A thread that moves between the two sides is counted once, and its C time is not charged to its
  * Python: out of the list, its CPU counts here from the last clock the ticks read (its entry's

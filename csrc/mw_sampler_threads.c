@@ -94,18 +94,19 @@ void mws_ts_prune(void) {
     uint32_t live = 0;
     for (uint32_t i = 0; i < g_ts_n; i++) {
         mw_tstate_t *s = &g_ts[i];
-        uint64_t alive;
-        if (s->tick + 2 < g_tick && s->reg && mws_thread_cpu_ns(s->tid, &alive) == 0) {
+        uint64_t cpu;
+        int stale = s->tick + 2 < g_tick;
+        int running = stale && mws_thread_cpu_ns(s->tid, &cpu) == 0; /* one read per stale entry */
+        if (stale && s->reg && running) {
             /* Out of the list but running, with its CPU timer: a native thread between two calls
              * into Python. Kept, timer and all: its samples place its CPU (no Python frame, or the
              * frames of its next call), which a new timer would miss until its first tick. */
             mw_cputimer_unlisted(s->reg - 1, s->tid);
-        } else if (s->tick + 2 < g_tick) { /* gone: CPU it used after its last on-CPU sample */
+        } else if (stale) { /* gone: CPU it used after its last on-CPU sample */
             g_stats.cpu_unattributed_ns += s->pending;
             g_stats.wall_unattributed_ns += s->owed_wall;
             if (s->reg) mw_cputimer_retire(s->reg - 1, s->tid);
-            uint64_t now_cpu;
-            if (mws_thread_cpu_ns(s->tid, &now_cpu) != 0) mws_others_py_gone(); /* ended */
+            if (!running) mws_others_py_gone(); /* ended */
             /* Still running without Python (a native thread between two calls into Python):
              * its CPU from here on is counted by the scans of threads without Python. */
             mws_others_carry(s->tid, s->cpu_ns);
