@@ -311,12 +311,16 @@ def _after_fork_in_child() -> None:
 
 # -- thread names ----------------------------------------------------------------------------------
 _naming_installed = False
+#: The Thread object each OS thread is named after (by native id): a rename of that object names
+#: the thread again; a rename of another (a gevent greenlet's, a stale object) does not.
+_named: weakref.WeakValueDictionary[int, threading.Thread] = weakref.WeakValueDictionary()
 
 
 def _register_thread(t: threading.Thread) -> None:
     tid = getattr(t, "native_id", None)
     if tid:
         _native_module().set_thread_name(tid, t.name)
+        _named[tid] = t
 
 
 def _reregister_threads() -> None:
@@ -381,13 +385,14 @@ def _install_thread_naming() -> None:
         tid = getattr(t, "native_id", None)
         if tid:
             try:
-                n = _native_module()
-                n.set_thread_name(tid, t.name)
+                _register_thread(t)
                 # not at interpreter exit: finalizers run before the last window is exported,
                 # whose samples would lose their thread's name
-                weakref.finalize(t, n.forget_thread, tid).atexit = False
+                weakref.finalize(t, _native_module().forget_thread, tid).atexit = False
             except Exception:  # never break thread start-up
                 pass
+
+    _follow_renames()
 
     hook = getattr(threading.Thread, "_set_native_id", None)
     if hook is not None:
@@ -410,6 +415,27 @@ def _install_thread_naming() -> None:
             register(self)
 
         threading.Thread.start = start  # type: ignore[method-assign]
+
+
+def _follow_renames() -> None:
+    """Wraps the setter of ``Thread.name`` (``setName`` goes through it too): a thread renamed
+    while it runs (``threading.current_thread().name = "poller"``) has its samples named after its
+    new name from then on, not after the name it started with."""
+    prop = threading.Thread.__dict__.get("name")
+    if not isinstance(prop, property) or prop.fset is None or prop.fget is None:
+        return  # pragma: no cover - CPython 3.10-3.13 define it so
+    fset = prop.fset
+
+    def set_name(self: threading.Thread, name: str) -> None:
+        fset(self, name)
+        tid = getattr(self, "native_id", None)
+        if tid and _named.get(tid) is self:
+            try:
+                _native_module().set_thread_name(tid, self.name)
+            except Exception:  # never break the rename
+                pass
+
+    threading.Thread.name = property(prop.fget, set_name, prop.fdel, prop.__doc__)  # type: ignore[assignment]
 
 
 # -- the public handle -----------------------------------------------------------------------------

@@ -176,6 +176,56 @@ def test_threads_that_are_greenlets_leave_their_os_threads_name_and_labels():
     assert sides["side_b"].get("-", 0) > 50 and set(sides["side_b"]) == {"-"}, sides
 
 
+RENAMED_CHILD = r"""
+import json, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from middleware import MwTracker
+t = MwTracker(sample_rate=100, profile_dir="none", instrument=False)
+t.snapshot(reset=True)
+
+def spin(seconds):
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        sum(range(1000))
+
+def renamed():
+    me = threading.current_thread()
+    spin(0.4)
+    me.name = "second-name"
+    spin(0.4)
+    me.setName("third-name")  # the old spelling: the same setter
+    spin(0.4)
+
+threading.current_thread().name = "main-renamed"
+w = threading.Thread(target=renamed, name="first-name")
+w.start()
+w.join()
+spin(0.3)
+p = t.snapshot()
+t.stop()
+ci = p.value_index("cpu")
+cpu = {}
+for s in p.samples:
+    name = s.label("thread_name") or "?"
+    cpu[name] = cpu.get(name, 0) + s.values[ci] / 1e9
+print(json.dumps(cpu))
+"""
+
+
+@pytest.mark.parametrize("cpu_timer", [None, "timer", "off"], ids=["default", "posix-timer", "ticks-only"])
+def test_a_thread_renamed_while_it_runs_has_its_cpu_under_each_name_it_had(cpu_timer):
+    # GIVEN a thread that burns 0.4 s of CPU under each of three names (renamed through the
+    # ``name`` property, then ``setName``) and a main thread renamed before it burns 0.3 s
+    r, _ = run_child(RENAMED_CHILD, env={"MW_PROFILING_CPU_TIMER": cpu_timer})
+    # THEN each name holds the CPU burnt under it: the thread's CPU is exact, and a new name is
+    # taken at the sampler's next tick, so at most a tick's CPU (10 ms) per rename goes to the
+    # name after (each name kept the name the thread started with: 1.2 s under "first-name")
+    for name in ("first-name", "second-name", "third-name"):
+        assert 0.36 <= r.get(name, 0) <= 0.44, r
+    assert 0.27 <= r.get("main-renamed", 0) <= 0.33, r
+    assert r.get("MainThread", 0) <= 0.02, r
+
+
 BLOCKED_SIGNALS_CHILD = r"""
 import json, signal, sys, threading, time
 sys.path.insert(0, sys.argv[1])
