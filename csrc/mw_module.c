@@ -124,6 +124,8 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "native_threads_untracked", s.native_threads_untracked) ||
         mw_dict_put_u64(d, "exited_thread_cpu_ns", s.exited_thread_cpu_ns) ||
         mw_dict_put_u64(d, "exited_unknown", s.exited_unknown) ||
+        mw_dict_put_u64(d, "exit_tail_cpu_ns", s.exit_tail_cpu_ns) ||
+        mw_dict_put_u64(d, "exits_lost", s.exits_lost) ||
         mw_dict_put_u64(d, "cpu_timer_mode", t.mode) ||
         mw_dict_put_u64(d, "cpu_timer_armed", t.armed) ||
         mw_dict_put_u64(d, "cpu_timer_arm_failed", t.arm_failed) ||

@@ -151,6 +151,14 @@ static void visit(int i, int quiet, uint64_t gen, int64_t now, int first, const 
     g_hot[g_nhot++] = i;
 }
 
+/* What the threads left for the sampler: their CPU-timer samples, and the last clocks of those
+ * that ended. Buffer lock held. */
+static int drain_left(mw_profbuf_t *b) {
+    int n = mws_drain_timed(b);
+    mws_exits_settle(b);
+    return n;
+}
+
 /* Returns the CPU-timer records its drain took, -1 when a torn thread list ended it before. */
 static int tick(void) {
     int64_t now = mw_now_monotonic_ns();
@@ -182,7 +190,7 @@ static int tick(void) {
     }
     g_tick++;
     g_gil_tick = g;
-    int drained = mws_drain_timed(g_active);
+    int drained = drain_left(g_active);
     mw_threads_reap(); /* names of threads forgotten before the previous drain */
     uint64_t dwall = first ? (uint64_t)(1000000000LL / mw_sampler_tick_rate())
                            : (uint64_t)(now - g_last_tick_ns);
@@ -343,7 +351,7 @@ static void *sampler_main(void *arg) {
             pthread_mutex_unlock(&g_ctl_lock);
             if (!stop && (req != done || drain)) {
                 pthread_mutex_lock(&g_buf_lock);
-                int n = mws_drain_timed(g_active);
+                int n = drain_left(g_active);
                 /* A window ends: the CPU of threads without Python since the last scan is its
                  * own (with the thread list of the last tick: none after a prune), and so is
                  * that of the threads that ended since. */
@@ -387,7 +395,7 @@ static void *sampler_main(void *arg) {
         if ((g_stats.ticks & 15) == 0) sampler_cpu_update(); /* a system call: not every tick */
     }
     pthread_mutex_lock(&g_buf_lock);
-    mws_drain_timed(g_active);
+    drain_left(g_active);
     pthread_mutex_unlock(&g_buf_lock);
     sampler_cpu_update();
     atomic_store(&g_running, 0);
@@ -459,6 +467,7 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
     }
     mws_ts_clear();
     mws_others_clear();
+    mws_exits_clear();
     g_others_due = 0;
     g_tick = 0;
     drain_safe_set();
@@ -538,6 +547,7 @@ int mw_sampler_rate(void) {
     return g_cfg.rate_hz;
 }
 void mw_sampler_thread_started(long tid, uintptr_t tstate, int born) {
+    if (born && atomic_load(&g_running)) mws_exit_watch();
     if (atomic_load(&g_running) && g_timers && mw_cputimer_arm(tid, tstate, born, NULL) >= 0)
         g_timers_armed = 1;
 }
@@ -598,6 +608,7 @@ void mw_sampler_get_stats(mw_sampler_stats_t *out) {
     *out = g_stats;
     out->can_pause = (uint64_t)g_can_pause;
     out->saferead_failures = mw_saferead_failures();
+    out->exits_lost = mws_exits_lost();
 }
 
 /* Fork handling: the parent holds both locks across fork() so the child never inherits a lock
@@ -623,6 +634,7 @@ static void atfork_child(void) {
     mw_labels_after_fork_child();
     mw_cputimer_after_fork_child();
     mw_tasks_after_fork_child();
+    mws_exits_clear();
     g_timers_armed = 0;
     for (uint32_t i = 0; g_ts && i < g_ts_n; i++)
         g_ts[i].reg = 0;

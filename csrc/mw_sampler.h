@@ -88,7 +88,9 @@ typedef struct mw_sampler_stats {
     uint64_t native_threads;       /* of them at the last scan (the profiler's own left out) */
     uint64_t native_thread_cpu_ns; /* CPU they used, in the profile under "[native thread]" */
     uint64_t exited_thread_cpu_ns; /* CPU of threads that ended unread, under "[exited thread]" */
-    uint64_t exited_unknown; /* listings where that CPU could not be told (a Python one ended) */
+    uint64_t exited_unknown;   /* listings where that CPU could not be told (a Python one ended) */
+    uint64_t exit_tail_cpu_ns; /* CPU of ending threads from their last tick to their end */
+    uint64_t exits_lost;       /* ending threads whose last clock found the ring full */
     uint64_t native_thread_samples; /* on-CPU samples that CPU stands for */
     uint64_t native_scans;          /* listings of the process's threads (mw_sampler_others.c) */
     uint64_t

@@ -5,7 +5,8 @@
  *   mw_sampler.c          configuration, start/stop, the sampler thread and its ticks (quiet
  *                         ticks included), buffer swap, stats, fork handlers
  *   mw_sampler_threads.c  the per-thread state table (g_ts), the CPU of each window per thread
- *                         (g_win), the wall time of quiet ticks (g_quiet_wall, g_quiet_n)
+ *                         (g_win), the wall time of quiet ticks (g_quiet_wall, g_quiet_n), the
+ *                         last clocks of threads that end (mws_exit*)
  *   mw_sampler_take.c     taking samples: a thread's sample at a tick, the CPU timers' samples,
  *                         naming and interning their frames
  *   mw_sampler_others.c   the CPU of threads without a Python thread state (native threads)
@@ -89,6 +90,7 @@ typedef struct {
      * and whether its clock has replaced its samples' CPU (from MWS_CLOCK_HITS samples on). */
     uint64_t hw_gen, hw_hits, hw_credit, hw_clock;
     int hw_clocked;
+    int counted; /* the last tick's: its CPU samples are laid in a count (mws_clock_account) */
     uintptr_t reg_tstate;
     uint64_t owed_wall, owed_n;
     /* The last CPU-timer sample's entry: the next one with the same raw stack goes to it. */
@@ -169,6 +171,18 @@ void mws_cpu_window_finalize(mw_profbuf_t *b);
 void mws_quiet_flush(mw_profbuf_t *b, mw_tstate_t *st);
 /* Settles every quiet thread's wall time into buffer b (before it is handed out or read). */
 void mws_quiet_flush_all(mw_profbuf_t *b);
+
+/* Threads' last CPU clocks (mw_sampler_threads.c). A thread registered by mws_exit_watch (any
+ * thread, for itself, at its start: a pthread key whose destructor runs at its end) leaves its
+ * CPU clock as it ends, after its last Python code, in a ring of 256 (full: counted by
+ * mws_exits_lost, any thread). mws_exits_settle (sampler thread, buffer lock held, at each drain)
+ * counts each such thread's CPU since the last tick read it as that tick would have (a tick
+ * reads a thread's clock only while it lives: what a busy thread used from its last tick to its
+ * end was lost, half a tick of CPU on average). mws_exits_clear: at start and in a fork child. */
+void mws_exit_watch(void);
+void mws_exits_settle(mw_profbuf_t *b);
+void mws_exits_clear(void);
+uint64_t mws_exits_lost(void);
 
 /* mw_sampler_take.c */
 /* Samples one listed thread into b at this tick; its entry, or NULL (gone, table full). */

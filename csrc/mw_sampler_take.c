@@ -564,6 +564,14 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
     int counted =
         (st->reg && st->reg_tstate == th->tstate && mw_cputimer_counted(st->reg - 1, th->tid)) ||
         (reg_found >= 0 && mw_cputimer_counted(reg_found, th->tid)); /* armed at its start */
+    st->counted = counted;
+    if (st->name_id && st->name_seq != mw_threads_name_seq(st->tid)) {
+        /* named (or renamed) since its last sample: its CPU since goes to the name it has now (a
+         * tick that met a new thread before it registered its name left its next tick's CPU to
+         * "thread-<tid>": ~1% of new threads here) */
+        uint32_t labelset;
+        (void)mws_thread_name_id(b, st, &labelset);
+    }
     mws_clock_account(st, gen, counted, st->reg && st->reg_tstate == th->tstate, c0, dclock, dcpu);
     uint32_t labels_seq = mw_threads_labelset_seq(st->tid);
 

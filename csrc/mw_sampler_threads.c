@@ -12,6 +12,8 @@
 #include "mw_labels.h"
 #include "mw_threads.h"
 
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -277,4 +279,67 @@ void mws_quiet_flush_all(mw_profbuf_t *b) {
         mw_tstate_t *st = &g_ts[i];
         if (st->tid && st->quiet) mws_quiet_flush(b, st); /* the next quiet tick starts it again */
     }
+}
+
+/* Threads' last clocks: a ring the ending threads write (a slot is theirs while its tid is 0) and
+ * the sampler empties at each drain. */
+#define EXITS 256
+static struct {
+    _Atomic long tid; /* 0: free; set last, after the clock */
+    uint64_t cpu_ns;
+} g_exits[EXITS];
+static _Atomic uint32_t g_exits_next;
+static _Atomic uint64_t g_exits_lost;
+static pthread_key_t g_exit_key;
+static pthread_once_t g_exit_once = PTHREAD_ONCE_INIT;
+
+/* The key's destructor: runs in the ending thread, after its last Python code. */
+static void thread_ending(void *unused) {
+    (void)unused;
+    struct timespec ts;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) != 0) return;
+    uint32_t i = atomic_fetch_add(&g_exits_next, 1) % EXITS;
+    if (atomic_load(&g_exits[i].tid) != 0) { /* not emptied since it went round */
+        atomic_fetch_add(&g_exits_lost, 1);
+        return;
+    }
+    g_exits[i].cpu_ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    atomic_store(&g_exits[i].tid, (long)syscall(SYS_gettid)); /* after the clock */
+}
+
+static void exit_key_create(void) {
+    if (pthread_key_create(&g_exit_key, thread_ending) != 0) g_exit_key = (pthread_key_t)-1;
+}
+
+void mws_exit_watch(void) {
+    pthread_once(&g_exit_once, exit_key_create);
+    if (g_exit_key != (pthread_key_t)-1) (void)pthread_setspecific(g_exit_key, (void *)1);
+}
+
+void mws_exits_settle(mw_profbuf_t *b) {
+    uint64_t gen = b ? mw_profbuf_generation(b) : 0;
+    for (int i = 0; i < EXITS; i++) {
+        long tid = atomic_load(&g_exits[i].tid);
+        if (!tid) continue;
+        uint64_t c = g_exits[i].cpu_ns;
+        atomic_store(&g_exits[i].tid, 0);
+        mw_tstate_t *st = b ? mws_ts_lookup(tid) : NULL;
+        /* read by a tick (a thread known only from its CPU samples has no clock reading yet) */
+        if (!st || st->timer_born || c <= st->cpu_ns) continue;
+        uint64_t d = c - st->cpu_ns;
+        st->cpu_ns = c;
+        g_stats.exit_tail_cpu_ns += d;
+        /* as the last tick counted it (its timer may be retired by now) */
+        mws_clock_account(st, gen, st->counted, 0, c, d, d);
+    }
+}
+
+void mws_exits_clear(void) {
+    for (int i = 0; i < EXITS; i++)
+        atomic_store(&g_exits[i].tid, 0);
+    atomic_store(&g_exits_lost, 0);
+}
+
+uint64_t mws_exits_lost(void) {
+    return atomic_load(&g_exits_lost);
 }

@@ -152,6 +152,12 @@ uint32_t mw_threads_lookup(long tid, char *name, size_t cap, uint32_t *name_seq)
     return atomic_load(&s->labelset);
 }
 
+uint32_t mw_threads_name_seq(long tid) {
+    mw_tslot_t *s = slot_of(tid);
+    uint32_t a = s ? atomic_load(&s->seq) : 1;
+    return a & 1 ? 0 : a + 1;
+}
+
 uint32_t mw_threads_labelset_seq(long tid) {
     mw_tslot_t *s = slot_of(tid);
     return s ? atomic_load(&s->labelset_seq) : 0;

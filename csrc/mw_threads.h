@@ -32,6 +32,9 @@ long mw_threads_proc_read(long tid, const char *file, char *buf, size_t cap);
 /* Sampler side. Copies the name (NUL-terminated, "" if unknown) and returns the labelset
  * (0 if none). *name_seq gets a value that changes whenever the name changes. */
 uint32_t mw_threads_lookup(long tid, char *name, size_t cap, uint32_t *name_seq);
+/* The *name_seq mw_threads_lookup would give now (0 while the name is being written, or for a
+ * thread unknown): a cheap check that a name is still the one read. Lock-free. */
+uint32_t mw_threads_name_seq(long tid);
 
 /* Sampler side: a counter bumped on every labelset write for tid (0 if unknown). Equal values
  * before and after reading a stack mean the labels did not change meanwhile. Lock-free. */

@@ -742,9 +742,27 @@ def run_light(args: argparse.Namespace) -> dict[str, Any]:
             "light_process_s": process - main - sampler}
 
 
+def ending_thread(seconds: float, out: dict[str, float]) -> None:
+    t0 = time.thread_time()
+    while time.thread_time() - t0 < seconds:
+        sum(range(200))
+    out[threading.current_thread().name] = time.thread_time() - t0  # and ends at once
+
+
+def run_ending(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, float] = {}
+    time.sleep(LINGER_S)  # the sampler's first tick counts the threads it finds from then on
+    for i in range(args.threads or 20):
+        t = threading.Thread(target=ending_thread, args=(args.seconds, out), name=f"ending-{i}")
+        t.start()
+        t.join()
+    time.sleep(LINGER_S)  # the last one's end is met before the profile is taken
+    return {"threads": out}
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "bursty": run_bursty, "graph": run_graph, "churn": run_churn, "lines": run_lines, "idle": run_idle,
-    "short": run_short, "light": run_light}
+    "short": run_short, "light": run_light, "ending": run_ending}
 
 
 def main() -> None:
