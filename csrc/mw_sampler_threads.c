@@ -324,13 +324,22 @@ void mws_exits_settle(mw_profbuf_t *b) {
         uint64_t c = g_exits[i].cpu_ns;
         atomic_store(&g_exits[i].tid, 0);
         mw_tstate_t *st = b ? mws_ts_lookup(tid) : NULL;
+        if (!st) continue;
         /* read by a tick (a thread known only from its CPU samples has no clock reading yet) */
-        if (!st || st->timer_born || c <= st->cpu_ns) continue;
-        uint64_t d = c - st->cpu_ns;
-        st->cpu_ns = c;
-        g_stats.exit_tail_cpu_ns += d;
-        /* as the last tick counted it (its timer may be retired by now) */
-        mws_clock_account(st, gen, st->counted, 0, c, d, d);
+        if (!st->timer_born && c > st->cpu_ns) {
+            uint64_t d = c - st->cpu_ns;
+            st->cpu_ns = c;
+            g_stats.exit_tail_cpu_ns += d;
+            /* as the last tick counted it (its timer may be retired by now) */
+            mws_clock_account(st, gen, st->counted, 0, c, d, d);
+        }
+        /* The wall time of ticks that found it running, owed to a next CPU sample that will not
+         * come: to its last one (else lost at its prune, wall_unattributed_ns). */
+        mw_values_t v = {0, 0, st->owed_n, st->owed_wall, 0};
+        if (st->owed_n && st->timed_gen == gen && mw_profbuf_add_at(b, st->timed_idx, &v) == 0) {
+            g_stats.samples += st->owed_n;
+            st->owed_n = st->owed_wall = 0;
+        }
     }
 }
 

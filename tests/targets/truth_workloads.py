@@ -742,22 +742,28 @@ def run_light(args: argparse.Namespace) -> dict[str, Any]:
             "light_process_s": process - main - sampler}
 
 
-def ending_thread(seconds: float, out: dict[str, float]) -> None:
-    t0 = time.thread_time()
+def ending_thread(seconds: float, out: dict[str, float], walls: dict[str, float]) -> None:
+    w0, t0 = time.perf_counter(), time.thread_time()
     while time.thread_time() - t0 < seconds:
         sum(range(200))
-    out[threading.current_thread().name] = time.thread_time() - t0  # and ends at once
+    name = threading.current_thread().name
+    out[name], walls[name] = time.thread_time() - t0, time.perf_counter() - w0  # and ends at once
 
 
 def run_ending(args: argparse.Namespace) -> dict[str, Any]:
+    """Threads one after the other, each burning and ending at once: ``ending-<i>`` (args.threads,
+    default 20, of args.seconds of CPU each), then 60 ``brief-<i>`` of 20 ms."""
     out: dict[str, float] = {}
+    walls: dict[str, float] = {}
     time.sleep(LINGER_S)  # the sampler's first tick counts the threads it finds from then on
-    for i in range(args.threads or 20):
-        t = threading.Thread(target=ending_thread, args=(args.seconds, out), name=f"ending-{i}")
+    plan = [(f"ending-{i}", args.seconds) for i in range(args.threads or 20)]
+    plan += [(f"brief-{i}", 0.02) for i in range(60)]
+    for name, seconds in plan:
+        t = threading.Thread(target=ending_thread, args=(seconds, out, walls), name=name)
         t.start()
         t.join()
     time.sleep(LINGER_S)  # the last one's end is met before the profile is taken
-    return {"threads": out}
+    return {"threads": out, "walls": walls}
 
 
 WORKLOADS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
