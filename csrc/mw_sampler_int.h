@@ -175,11 +175,12 @@ void mws_quiet_flush_all(mw_profbuf_t *b);
 /* Threads' last CPU clocks (mw_sampler_threads.c). A thread registered by mws_exit_watch (any
  * thread, for itself, at its start: a pthread key whose destructor runs at its end) leaves its
  * CPU clock as it ends, after its last Python code, in a ring of 256 (full: counted by
- * mws_exits_lost, any thread). mws_exits_settle (sampler thread, buffer lock held, at each drain)
- * counts each such thread's CPU since the last tick read it as that tick would have (a tick
- * reads a thread's clock only while it lives: what a busy thread used from its last tick to its
- * end was lost, half a tick of CPU on average), and gives the wall time its ticks owed to its next
- * CPU sample to its last one. mws_exits_clear: at start and in a fork child. */
+ * mws_exits_lost, any thread). mws_exits_settle (sampler thread, buffer lock held, at each drain;
+ * the ring is looked at only when a record was written since) counts each such thread's CPU since
+ * the last tick read it as that tick would have (a tick reads a thread's clock only while it lives:
+ * what a busy thread used from its last tick to its end was lost, half a tick of CPU on average),
+ * and gives the wall time its ticks owed to its next CPU sample to its last one. mws_exits_clear:
+ * at start and in a fork child. */
 void mws_exit_watch(void);
 void mws_exits_settle(mw_profbuf_t *b);
 void mws_exits_clear(void);

@@ -289,6 +289,8 @@ static struct {
     uint64_t cpu_ns;
 } g_exits[EXITS];
 static _Atomic uint32_t g_exits_next;
+static _Atomic uint32_t g_exits_done; /* records written, each after its slot */
+static uint32_t g_exits_read;         /* g_exits_done at the last settle (sampler thread) */
 static _Atomic uint64_t g_exits_lost;
 static pthread_key_t g_exit_key;
 static pthread_once_t g_exit_once = PTHREAD_ONCE_INIT;
@@ -305,6 +307,7 @@ static void thread_ending(void *unused) {
     }
     g_exits[i].cpu_ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
     atomic_store(&g_exits[i].tid, (long)syscall(SYS_gettid)); /* after the clock */
+    atomic_fetch_add(&g_exits_done, 1);
 }
 
 static void exit_key_create(void) {
@@ -317,6 +320,9 @@ void mws_exit_watch(void) {
 }
 
 void mws_exits_settle(mw_profbuf_t *b) {
+    uint32_t done = atomic_load(&g_exits_done);
+    if (done == g_exits_read) return; /* no thread ended since: the ring is not touched */
+    g_exits_read = done;
     uint64_t gen = b ? mw_profbuf_generation(b) : 0;
     for (int i = 0; i < EXITS; i++) {
         long tid = atomic_load(&g_exits[i].tid);
@@ -347,6 +353,7 @@ void mws_exits_clear(void) {
     for (int i = 0; i < EXITS; i++)
         atomic_store(&g_exits[i].tid, 0);
     atomic_store(&g_exits_lost, 0);
+    g_exits_read = atomic_load(&g_exits_done);
 }
 
 uint64_t mws_exits_lost(void) {
