@@ -565,10 +565,12 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
         (st->reg && st->reg_tstate == th->tstate && mw_cputimer_counted(st->reg - 1, th->tid)) ||
         (reg_found >= 0 && mw_cputimer_counted(reg_found, th->tid)); /* armed at its start */
     st->counted = counted;
-    if (st->name_id && st->name_seq != mw_threads_name_seq(st->tid)) {
+    uint32_t name_seq = mw_threads_name_seq(st->tid);
+    if (st->name_id && name_seq && st->name_seq != name_seq) {
         /* named (or renamed) since its last sample: its CPU since goes to the name it has now (a
          * tick that met a new thread before it registered its name left its next tick's CPU to
-         * "thread-<tid>": ~1% of new threads here) */
+         * "thread-<tid>": ~1% of new threads here); not when its name is gone (its Thread
+         * object was collected, the thread is ending): the name it had */
         uint32_t labelset;
         (void)mws_thread_name_id(b, st, &labelset);
     }
