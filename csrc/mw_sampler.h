@@ -34,6 +34,7 @@
 #include <stdint.h>
 
 #define MW_JITTER_PCT 10
+#define MW_SAMPLER_SLICE_NS 100000ULL /* the sampler thread's time slice (the kernel's minimum) */
 #define MW_STOP_WAIT_S 3 /* mw_sampler_stop waits at most this long for the sampler thread */
 
 /* Default cap of the tick rate when CPU samples come from the threads' CPU timers. */
@@ -62,6 +63,8 @@ typedef struct mw_sampler_stats {
     uint64_t tick_ns_max;    /* longest tick */
     uint64_t tick_ns_total;  /* time spent in ticks (the rest of sampler_cpu_ns is waking up) */
     uint64_t late_ticks;     /* ticks that started more than a period late */
+    uint64_t tick_late_ns; /* sum over ticks of how late each started (waking, waiting for a CPU) */
+    uint64_t sampler_slice_ns;  /* the sampler thread's own time slice, 0: the kernel's default */
     uint64_t timer_backlog_max; /* most CPU-timer records one drain found waiting (of
                                  * MW_CPUTIMER_RECORDS: past them samples are lost) */
     uint64_t timer_drains;      /* drains between ticks, when the records came in fast */

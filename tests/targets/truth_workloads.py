@@ -30,6 +30,9 @@ Workloads:
   short   batches of threads of ~0.2 ms of CPU each; truth: their CPU (process - main - sampler)
   light   6 rounds of --threads (250) light threads, each 3 x (1 ms of CPU in light_burst, 0.25 s
           asleep), less CPU than a period at 100 Hz; truth: each thread's time.thread_time
+  ending  threads that burn and end at once; truth: each thread's time.thread_time and wall
+  phases  one thread whose ~1.2 ms bursts have two halves (phase_head, phase_tail) between 2-4 ms
+          sleeps; truth: each half's time.thread_time and wall
 """
 from __future__ import annotations
 
@@ -766,9 +769,41 @@ def run_ending(args: argparse.Namespace) -> dict[str, Any]:
     return {"threads": out, "walls": walls}
 
 
+# --- phases: where in its bursts a thread is read ---------------------------------------------------
+phase_head, phase_tail = (renamed(burn_a, name) for name in ("phase_head", "phase_tail"))
+
+
+def run_phases(args: argparse.Namespace) -> dict[str, Any]:
+    """One thread, ``phased``, for args.seconds: bursts of two halves, 0.6 ms of CPU in phase_head
+    then 0.6 ms in phase_tail, each followed by a 2-4 ms sleep. Truth: each phase's CPU
+    (time.thread_time) and wall time (perf_counter), and the sleeps' wall time."""
+    out = {"cpu": {"phase_head": 0.0, "phase_tail": 0.0},
+           "wall": {"phase_head": 0.0, "phase_tail": 0.0, "sleep": 0.0}, "bursts": 0}
+
+    def phased() -> None:
+        rng = random.Random(7)
+        deadline = time.monotonic() + args.seconds
+        while time.monotonic() < deadline:
+            for fn in (phase_head, phase_tail):
+                w0, t0 = time.perf_counter(), time.thread_time()
+                fn(0.6)
+                out["cpu"][fn.__name__] += time.thread_time() - t0
+                out["wall"][fn.__name__] += time.perf_counter() - w0
+            w0 = time.perf_counter()
+            time.sleep(rng.uniform(0.002, 0.004))
+            out["wall"]["sleep"] += time.perf_counter() - w0
+            out["bursts"] += 1
+        time.sleep(LINGER_S)
+
+    t = threading.Thread(target=phased, name="phased")
+    t.start()
+    t.join()
+    return out
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "bursty": run_bursty, "graph": run_graph, "churn": run_churn, "lines": run_lines, "idle": run_idle,
-    "short": run_short, "light": run_light, "ending": run_ending}
+    "short": run_short, "light": run_light, "ending": run_ending, "phases": run_phases}
 
 
 def main() -> None:
