@@ -102,6 +102,8 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "late_ticks", s.late_ticks) ||
         mw_dict_put_u64(d, "tick_late_ns", s.tick_late_ns) ||
         mw_dict_put_u64(d, "sampler_slice_ns", s.sampler_slice_ns) ||
+        mw_dict_put_u64(d, "tick_placed", s.tick_placed) ||
+        mw_dict_put_u64(d, "timer_unplaced", s.timer_unplaced) ||
         mw_dict_put_u64(d, "cpu_timer_backlog_max", s.timer_backlog_max) ||
         mw_dict_put_u64(d, "cpu_timer_drains", s.timer_drains) ||
         mw_dict_put_u64(d, "saferead_failures", s.saferead_failures) ||

@@ -1,12 +1,8 @@
 /* mw_sampler — the sampling thread; see mw_sampler.h for the contract.
  *
- * Built from three files (their shared state and its rules: mw_sampler_int.h):
- *   mw_sampler.c          configuration, start/stop, the sampler thread and its ticks (quiet
- *                         ticks included), buffer swap, stats, fork handlers
- *   mw_sampler_threads.c  the per-thread state table, the CPU of each window per thread, the
- *                         wall time of quiet ticks
- *   mw_sampler_take.c     taking a thread's sample: proven reads, naming and interning
- *                         frames, the CPU timers' samples
+ * Built from several files, one concern each (listed, with their shared state and its rules, in
+ * mw_sampler_int.h); this one: configuration, start/stop, the sampler thread and its ticks (quiet
+ * ticks included), buffer swap, stats, fork handlers.
  *
  * Waiting: a condition variable on CLOCK_MONOTONIC with an absolute deadline (rather than a bare
  * clock_nanosleep) so that stop() wakes the thread at once.

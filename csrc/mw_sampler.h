@@ -64,7 +64,9 @@ typedef struct mw_sampler_stats {
     uint64_t tick_ns_total;  /* time spent in ticks (the rest of sampler_cpu_ns is waking up) */
     uint64_t late_ticks;     /* ticks that started more than a period late */
     uint64_t tick_late_ns; /* sum over ticks of how late each started (waking, waiting for a CPU) */
-    uint64_t sampler_slice_ns;  /* the sampler thread's own time slice, 0: the kernel's default */
+    uint64_t sampler_slice_ns; /* the sampler thread's own time slice, 0: the kernel's default */
+    uint64_t tick_placed; /* POSIX CPU timers: running threads read by ticks to place their CPU */
+    uint64_t timer_unplaced;    /* ... their timers' samples meanwhile, counting CPU only */
     uint64_t timer_backlog_max; /* most CPU-timer records one drain found waiting (of
                                  * MW_CPUTIMER_RECORDS: past them samples are lost) */
     uint64_t timer_drains;      /* drains between ticks, when the records came in fast */

@@ -7,8 +7,9 @@
  *   mw_sampler_threads.c  the per-thread state table (g_ts), the CPU of each window per thread
  *                         (g_win), the wall time of quiet ticks (g_quiet_wall, g_quiet_n), the
  *                         last clocks of threads that end (mws_exit*)
- *   mw_sampler_take.c     taking samples: a thread's sample at a tick, the CPU timers' samples,
- *                         naming and interning their frames
+ *   mw_sampler_take.c     taking samples: a thread's sample at a tick, naming and interning
+ *                         frames
+ *   mw_sampler_timed.c    the CPU timers' samples: naming them, their owed wall, their CPU
  *   mw_sampler_others.c   the CPU of threads without a Python thread state (native threads)
  * Only these files include this header.
  *
@@ -68,6 +69,8 @@ typedef struct {
     uint64_t cpu_end;      /* CPU clock right after the last proven read (stack reuse) */
     uint64_t pending;      /* CPU ns used while the thread had no on-CPU sample in the window */
     uint64_t hit_gen;      /* buffer generation in which the thread had an on-CPU sample */
+    uint64_t
+        tick_hit_gen; /* ... read running by a tick (POSIX CPU timers: its ticks place its CPU) */
     uint32_t name_seq;
     uint64_t name_gen; /* buffer generation the cached name id belongs to */
     mw_id_t name_id;
@@ -187,6 +190,20 @@ void mws_exits_clear(void);
 uint64_t mws_exits_lost(void);
 
 /* mw_sampler_take.c */
+#define MWS_ACTIVE_TICKS 8 /* a thread that used CPU is read in full for this many ticks */
+/* Naming and interning frames (g_raw-style raw frames, named in g_sym, into g_ids). The CPU-timer
+ * handlers' set of named code objects follows the symbol cache (mws_known_sync: emptied with it);
+ * mws_mark_known tells them these frames' code objects are named. mws_intern_frames: ids of
+ * raw[0..depth) into g_ids (leaf first; a recursion's frame repeated at one instruction interned
+ * once), the count (cut where a table was full: mws_cut_at_full), *lost = 1 when not even that
+ * fits. mws_mark_if_cut: a marker at the root of a walk cut short (truncated 1).
+ * mws_mark_if_empty_as: the marker frame of a stack with no Python frame ("[place unknown: due
+ * before thread exit]" when unplaced), 0 when the buffer cannot take it. */
+void mws_known_sync(void);
+void mws_mark_known(const mw_rawframe_t *raw, int depth);
+uint32_t mws_intern_frames(mw_profbuf_t *b, const mw_rawframe_t *raw, int depth, int *lost);
+void mws_mark_if_cut(mw_profbuf_t *b, uint32_t *n, int truncated);
+int mws_mark_if_empty_as(mw_profbuf_t *b, uint32_t *n, int unplaced);
 /* Samples one listed thread into b at this tick; its entry, or NULL (gone, table full). */
 mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
                                int first_tick);
@@ -265,7 +282,7 @@ void mws_others_py_gone(void);
 /* Some thread without Python used CPU in this run (any thread: an atomic load). */
 int mws_others_any(void);
 
-/* mw_sampler_take.c */
+/* mw_sampler_timed.c */
 /* Takes the samples the CPU-timer handlers left (b NULL or no timers: frees them unused);
  * returns how many there were. */
 int mws_drain_timed(mw_profbuf_t *b);

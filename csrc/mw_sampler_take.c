@@ -1,6 +1,6 @@
 /* mw_sampler_take — taking samples: a thread's sample at a tick (proven reads, stack reuse),
- * the samples left by the threads' CPU timers, and the naming and interning of their frames
- * into the active buffer. Sampler thread only, buffer lock held (see mw_sampler_int.h).
+ * and the naming and interning of frames into the active buffer (the samples left by the threads'
+ * CPU timers: mw_sampler_timed.c). Sampler thread only, buffer lock held (see mw_sampler_int.h).
  *
  * Per-thread CPU time. Linux encodes a thread's CPU clock as a clockid built from its kernel
  * tid (the MAKE_THREAD_CPUCLOCK encoding: ~tid << 3 | CPUCLOCK_PERTHREAD | CPUCLOCK_SCHED), so
@@ -22,8 +22,6 @@
 
 #include <string.h>
 #include <time.h>
-
-#define ACTIVE_TICKS 8 /* a thread that used CPU is read in full for this many ticks */
 
 /* One read of a thread's Python frames, names included: walks from a fresh top-frame pointer
  * and resolves every frame in the symbol cache (names and line tables of cache misses are
@@ -95,7 +93,7 @@ static int reuse_stack(mw_profbuf_t *b, mw_tstate_t *st, uint64_t gen, uint32_t 
 
 /* The handlers' set of named code objects follows the symbol cache: emptied with it. */
 static uint64_t g_known_epoch;
-static void known_sync(void) {
+void mws_known_sync(void) {
     uint64_t e = mw_symcache_epoch();
     if (e != g_known_epoch) {
         mw_codenames_clear();
@@ -115,7 +113,7 @@ static mw_id_t marker_id(mw_profbuf_t *b, int unplaced) {
 /* A stack with no readable Python frame (g_ids empty) gets the marker frame, so its CPU time
  * still counts (unplaced: the CPU-timer record says where is unknown). 0 when the buffer cannot
  * take the marker. */
-static int mark_if_empty_as(mw_profbuf_t *b, uint32_t *n, int unplaced) {
+int mws_mark_if_empty_as(mw_profbuf_t *b, uint32_t *n, int unplaced) {
     if (*n) return 1;
     mw_id_t id = marker_id(b, unplaced);
     if (!id) return 0;
@@ -128,7 +126,7 @@ static int mark_if_empty_as(mw_profbuf_t *b, uint32_t *n, int unplaced) {
  * the partial stack is not shown as a call made from nowhere (a root of its own in a flame graph)
  * and its time is seen as cut. */
 #define CUT_MARKER "[stack cut: its outer frames were not read]"
-static void mark_if_cut(mw_profbuf_t *b, uint32_t *n, int truncated) {
+void mws_mark_if_cut(mw_profbuf_t *b, uint32_t *n, int truncated) {
     if (truncated != 1 || !*n || *n >= MW_MAX_DEPTH_CAP) return;
     mw_id_t id = mws_marker(b, CUT_MARKER);
     if (id) g_ids[(*n)++] = id;
@@ -137,7 +135,7 @@ static void mark_if_cut(mw_profbuf_t *b, uint32_t *n, int truncated) {
 /* Interns raw frames [0..depth), named in g_sym, into g_ids (leaf first); a recursion's frame
  * repeated at the same instruction is interned once. Returns the number of ids (a stack cut where
  * a table was full, mws_cut_at_full); *lost = 1 when not even that could be kept. */
-static uint32_t intern_frames(mw_profbuf_t *b, const mw_rawframe_t *raw, int depth, int *lost) {
+uint32_t mws_intern_frames(mw_profbuf_t *b, const mw_rawframe_t *raw, int depth, int *lost) {
     uint32_t n = 0;
     mw_id_t prev = 0;
     for (int i = 0; i < depth; i++) {
@@ -151,8 +149,8 @@ static uint32_t intern_frames(mw_profbuf_t *b, const mw_rawframe_t *raw, int dep
 }
 
 /* Tells the CPU-timer handlers that these frames' code objects are named (g_sym resolved). */
-static void mark_known(const mw_rawframe_t *raw, int depth) {
-    known_sync();
+void mws_mark_known(const mw_rawframe_t *raw, int depth) {
+    mws_known_sync();
     for (int i = 0; i < depth; i++)
         if (i == 0 || g_sym[i] != g_sym[i - 1]) mw_codenames_add(mw_codenames_key(&raw[i]));
 }
@@ -173,7 +171,8 @@ static void labels_at_read(long tid, mw_readlabels_t *lab) {
 }
 
 /* Adds a proven read of st's Python frames (g_raw/g_sym[0..depth), read between CPU clock
- * readings c0 and c1) as a sample: wall time dwall, and an on-CPU sample when on_cpu. native:
+ * readings c0 and c1) as a sample: wall time dwall, and an on-CPU sample when on_cpu (the CPU
+ * periods it stands for: 1, or a tick's worth with CPU timers: tick_weight). native:
  * the thread is paused in mw_unwind's handler with its native stack captured. */
 static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int ok, int on_cpu,
                  int native, const mw_readlabels_t *lab, uint64_t dwall, uint64_t c0, uint64_t c1,
@@ -194,8 +193,8 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
         n = ok ? mw_unwind_combine(b, g_raw, depth, g_ids, MW_MAX_DEPTH_CAP) : 0;
         n = mws_cut_at_full(b, g_ids, n, &lost);
     } else if (ok) {
-        n = intern_frames(b, raw, rdepth, &lost);
-        if (g_timers) mark_known(raw, rdepth);
+        n = mws_intern_frames(b, raw, rdepth, &lost);
+        if (g_timers) mws_mark_known(raw, rdepth);
     }
     if (lost) ok = 0;
     if (!ok) {
@@ -209,8 +208,8 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
         return;
     }
     if (depth == 0 && n == 0 && !on_cpu) return; /* not running, no Python frame */
-    mark_if_cut(b, &n, truncated);
-    if (!mark_if_empty_as(b, &n, 0)) {
+    mws_mark_if_cut(b, &n, truncated);
+    if (!mws_mark_if_empty_as(b, &n, 0)) {
         g_stats.dropped++;
         return;
     }
@@ -230,7 +229,7 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
     g_stats.samples++;
     if (on_cpu) {
         g_stats.cpu_samples++;
-        mws_cpu_window_add(thread, gen, st->pending, 1, 0);
+        mws_cpu_window_add(thread, gen, st->pending, (uint64_t)on_cpu, 0);
         st->pending = 0;
         st->hit_gen = gen;
     }
@@ -256,21 +255,61 @@ static void owe(mw_tstate_t *st, uint64_t dwall) {
     g_stats.owed++;
 }
 
+/* POSIX CPU timers place a thread's CPU badly: the kernel checks them only at its scheduler tick
+ * while the thread runs, and those ticks do not fall evenly over a thread that runs in bursts
+ * (fewer early in a burst, more at its end: a thread burning 0.6 ms in one function then 0.6 ms in
+ * another between sleeps had 0.66-0.73 and 1.27-1.36 of their CPU at 100 Hz). Our own ticks, at
+ * instants of their own, do: a tick that finds such a thread running reads it paused (as without
+ * timers) and that read places its CPU; from then on in the window its timer's samples only count
+ * CPU (take_timed). A thread no tick has found running (it runs less than a tick at a time) is
+ * placed by its timer's samples, as before. Returns 1 when the read was taken. */
+/* The CPU periods a tick's read of a running thread stands for, ticking slower than the CPU rate.
+ */
+static int tick_weight(void) {
+    int w = g_cfg.rate_hz / mw_sampler_tick_rate();
+    return w > 1 ? w : 1;
+}
+
+static int place_running(mw_profbuf_t *b, const mw_pythread_t *th, mw_tstate_t *st, uint64_t gen,
+                         uint64_t dwall, uint64_t c0) {
+    if (mw_cputimer_mode() != 1 || !g_can_pause || mw_unwind_pause(th->tid) != 0) return 0;
+    int truncated = 0, ok = 0;
+    int depth = read_stack(th->tstate, &truncated, &ok);
+    mw_readlabels_t lab;
+    labels_at_read(th->tid, &lab);
+    mw_unwind_release();
+    if (truncated == 2) { /* paused between two stores of the eval loop */
+        mw_symcache_abort();
+        g_stats.torn_reads++;
+        return 0;
+    }
+    g_stats.paused++;
+    g_stats.tick_placed++;
+    st->tick_hit_gen = gen;
+    emit(b, st, depth, truncated, ok, tick_weight(), 0, &lab, dwall, c0, c0 + 1, gen);
+    return 1;
+}
+
 static mw_tstate_t *sample_timed(mw_profbuf_t *b, const mw_pythread_t *th, mw_tstate_t *st,
                                  uint64_t gen, uint64_t dwall, uint64_t c0) {
     uintptr_t tstate = th->tstate;
     if (g_gil_tick.ok && g_gil_tick.last_holder == tstate) {
         uint64_t c;
         if (mws_thread_cpu_ns(th->tid, &c) == 0 && c > c0) {
-            owe(st, dwall);
+            if (!place_running(b, th, st, gen, dwall, c0)) owe(st, dwall);
             return st;
         }
     }
     int truncated = 0, ok = 0;
-    mw_gilstate_t g0 = g_gil_tick;
+    mw_gilstate_t g0 = g_gil_tick, ga = {0, 0, 0, 0};
     int depth = read_stack(tstate, &truncated, &ok);
     mw_readlabels_t lab;
     labels_at_read(th->tid, &lab);
+    /* POSIX timers: the GIL's holder found not running was preempted while running Python (often
+     * by this very thread, on its CPU): on CPU, as without timers (place_running). Read inside the
+     * window in which its clock must not move: then it held the GIL throughout. */
+    int posix = mw_cputimer_mode() == 1, preempted = 0;
+    if (posix && g0.ok && g0.last_holder == tstate) mw_pyframes_gil(&ga);
     uint64_t c1;
     if (mws_thread_cpu_ns(th->tid, &c1) != 0) {
         mw_symcache_abort();
@@ -282,213 +321,27 @@ static mw_tstate_t *sample_timed(mw_profbuf_t *b, const mw_pythread_t *th, mw_ts
         g_stats.torn_reads++;
     } else if (c1 == c0) {
         proven = 1;
+        preempted = ga.ok && ga.locked && ga.last_holder == tstate;
     } else {
         mw_gilstate_t g1;
         mw_pyframes_gil(&g1);
         proven = g0.ok && g1.ok && g1.switch_number == g0.switch_number && g1.last_holder != tstate;
         g_gil_tick = g1;
+        /* running without the GIL (in C under these frames): on CPU too */
+        preempted = posix && proven;
     }
     if (!proven) {
         mw_symcache_abort();
         owe(st, dwall);
         return st;
     }
-    emit(b, st, depth, truncated, ok, 0, 0, &lab, dwall, c0, c1, gen);
+    if (preempted) {
+        if (c1 == c0) g_stats.preempted++;
+        g_stats.tick_placed++;
+        st->tick_hit_gen = gen;
+    }
+    emit(b, st, depth, truncated, ok, preempted ? tick_weight() : 0, 0, &lab, dwall, c0, c1, gen);
     return st;
-}
-
-static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thread, uint64_t gen,
-                          uint64_t own);
-
-/* The CPU time one CPU-timer period stands for (1 / the sample rate). */
-static uint64_t cpu_period_ns(void) {
-    return (uint64_t)(1000000000LL / g_cfg.rate_hz);
-}
-
-/* A raw sample left by a thread's CPU-timer handler: named now. Names of code objects the symbol
- * cache does not have come from the copies the handler made while they were alive; application
- * memory is never read for them after the fact (the code object may be gone by now). */
-static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
-    int created = 0;
-    mw_tstate_t *st = mws_ts_find(r->tid, &created);
-    if (!st) {
-        g_stats.dropped++;
-        return;
-    }
-    st->active_until = g_tick + ACTIVE_TICKS; /* it runs: quiet ticks must read it in full */
-    if (st->quiet) mws_wake(st);
-    if (created) {
-        st->tick = g_tick;
-        st->reg = r->reg + 1; /* armed at its start, before any tick saw it */
-        st->reg_tstate = r->tstate;
-        st->timer_born = 1;
-    }
-    uint64_t gen = mw_profbuf_generation(b);
-    uint32_t labelset_now;
-    mw_id_t thread = mws_thread_name_id(b, st, &labelset_now);
-    /* The handler's own run is CPU the thread spent at this very stack (its clock counts it),
-     * capped at a period: a handler preempted midway ran longer in wall time than on CPU. */
-    uint64_t own = r->handler_ns < cpu_period_ns() ? r->handler_ns : cpu_period_ns();
-    /* The same raw stack as this thread's previous CPU sample (a hot loop): same entry, no
-     * naming at all. */
-    uint64_t h = 1469598103934665603ULL;
-    for (int i = 0; i < r->depth; i++) {
-        h = (h ^ r->frames[i].code) * 1099511628211ULL;
-        h = (h ^ (uint64_t)(uint32_t)r->frames[i].lasti) * 1099511628211ULL;
-    }
-    h = (h ^ ((uint64_t)r->labelset << 32 | (uint64_t)(uint32_t)r->depth)) * 1099511628211ULL;
-    h = (h ^ r->outer.gen) * 1099511628211ULL; /* another task at the same frames: its own entry */
-    h = (h ^ (uint64_t)r->unplaced) * 1099511628211ULL;  /* its own marker (mark_if_empty_as) */
-    h = (h ^ (uint64_t)r->truncated) * 1099511628211ULL; /* and mark_if_cut's */
-    if (r->nips == 0 && !created && st->timed_gen == gen && st->timed_hash == h &&
-        st->timed_thread == thread) {
-        mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall, own};
-        if (mw_profbuf_add_at(b, st->timed_idx, &v) == 0) {
-            g_stats.reused++;
-            timed_account(st, r, thread, gen, own);
-            return;
-        }
-    }
-    int depth = r->depth, ok = 1;
-    known_sync();
-    uint64_t epoch = mw_symcache_epoch();
-    mw_symcache_begin();
-    for (int pass = 0; pass < 2; pass++) {
-        for (int i = 0; i < depth && ok; i++) {
-            if (i > 0 && r->frames[i].code == r->frames[i - 1].code &&
-                memcmp(&r->frames[i].info, &r->frames[i - 1].info, sizeof r->frames[i].info) == 0) {
-                g_sym[i] = g_sym[i - 1]; /* recursion: the same code object again */
-                continue;
-            }
-            const mw_symentry_t *h = mw_symcache_peek(&r->frames[i]);
-            if (!h) {
-                const mw_codecopy_t *c = NULL;
-                for (int k = 0; k < r->ncopies && !c; k++)
-                    if (r->copies[k].code == r->frames[i].code) c = &r->copies[k];
-                if (c) {
-                    mw_symcopy_t cp = {r->names + c->name_off,
-                                       r->names + c->file_off,
-                                       (const uint8_t *)r->names + c->lt_off,
-                                       c->name_len,
-                                       c->file_len,
-                                       c->lt_len,
-                                       c->lt_ok};
-                    h = mw_symcache_put_copied(&r->frames[i], &cp);
-                }
-            }
-            g_sym[i] = h;
-            if (!h) ok = 0;
-        }
-        if (!ok || mw_symcache_epoch() == epoch) break;
-        epoch = mw_symcache_epoch(); /* emptied midway: the earlier handles are gone */
-        known_sync();
-    }
-    if (!ok) {
-        /* A code object the sampler had not named and whose names the handler could not copy:
-         * no name is better than one read after the code object may have been freed. */
-        mw_symcache_abort();
-        g_stats.names_lost++;
-        g_stats.dropped++;
-        return;
-    }
-    mark_known(r->frames, depth);
-    /* A thread running an asyncio task: as in emit() (mws_task_running). */
-    mw_id_t task_thread = 0;
-    const mw_rawframe_t *raw = r->frames;
-    int rdepth = depth;
-    int task = r->outer.gen
-                   ? mws_task_running(b, st, &r->outer, r->nips == 0, &raw, &rdepth, &task_thread)
-                   : 0;
-    if (task < 0) {
-        g_stats.dropped++;
-        return;
-    }
-    uint32_t n = 0;
-    int lost = 0;
-    if (r->nips > 0) { /* native mode: the native stack of the same instant, Python spliced in */
-        n = mw_unwind_combine_ips(b, r->ips, r->nips, r->ips_complete, r->frames, depth, g_ids,
-                                  MW_MAX_DEPTH_CAP);
-        n = mws_cut_at_full(b, g_ids, n, &lost);
-    } else {
-        n = intern_frames(b, raw, rdepth, &lost);
-        if (raw != r->frames) mark_known(raw, rdepth);
-    }
-    if (lost) {
-        g_stats.dropped++;
-        return;
-    }
-    mark_if_cut(b, &n, r->truncated);
-    if (!mark_if_empty_as(b, &n, r->unplaced)) {
-        g_stats.dropped++;
-        return;
-    }
-    if (r->truncated) g_stats.truncated++;
-    mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall, own};
-    uint32_t idx = 0;
-    if (mws_add_sample(b, g_ids, n, task_thread ? task_thread : thread, r->labelset, &v, &idx) !=
-        0) {
-        g_stats.dropped++;
-        return;
-    }
-    /* An entry whose task was not found is not reused: the next sample looks again. */
-    st->timed_hash = task == 2 ? ~h : h;
-    st->timed_gen = gen;
-    st->timed_idx = idx;
-    st->timed_thread = thread;
-    timed_account(st, r, thread, gen, own);
-}
-
-/* The bookkeeping of a CPU-timer sample added to the buffer: owed wall time paid, CPU window. */
-static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thread, uint64_t gen,
-                          uint64_t own) {
-    g_stats.samples += st->owed_n;
-    st->owed_n = st->owed_wall = 0;
-    g_stats.cpu_samples++;
-    g_stats.timer_samples++;
-    /* A thread no tick has read yet: its CPU so far is known only from its samples (periods of
-     * CPU time); the first tick that reads its clock takes the credited part off. */
-    uint64_t credit = 0;
-    if (st->timer_born || r->counted) credit = (uint64_t)r->periods * cpu_period_ns();
-    if (st->timer_born) st->credit_ns += credit;
-    /* Laid in its event's count: the sample stands for its periods (unbiased for the count)
-     * until the thread has MWS_CLOCK_HITS samples in the window; then its clock of the window
-     * (exact: the event misses the CPU of each context switch, ~18 us here) replaces them, and
-     * later samples only place it. */
-    if (r->counted) mws_hw_window(st, gen);
-    if (r->counted && st->hw_clocked) credit = 0;
-    mws_cpu_window_add(thread, gen, st->pending + credit, r->periods, own);
-    st->pending = 0;
-    st->hit_gen = gen;
-    if (r->counted && !st->hw_clocked) {
-        st->hw_credit += credit;
-        if (++st->hw_hits >= MWS_CLOCK_HITS) {
-            mws_cpu_window_replace(thread, gen, st->hw_credit, st->hw_clock);
-            st->hw_clocked = 1;
-        }
-    }
-}
-
-int mws_drain_timed(mw_profbuf_t *b) {
-    mw_cpusample_t *r;
-    int k = 0;
-    for (; k < MW_CPUTIMER_RECORDS && (r = mw_cputimer_next()) != NULL; k++) {
-        if (b && g_timers) take_timed(b, r);
-        mw_cputimer_done(r);
-    }
-    if ((uint64_t)k > g_stats.timer_backlog_max) g_stats.timer_backlog_max = (uint64_t)k;
-    /* A sample taken while every record waiting for this thread was full is lost: said once. */
-    static uint64_t lost_seen;
-    mw_cputimer_stats_t t;
-    mw_cputimer_get_stats(&t);
-    if (t.no_record + t.no_scratch > lost_seen) {
-        lost_seen = t.no_record + t.no_scratch;
-        mw_report_once(MW_REPORT_SAMPLES_LOST,
-                       "CPU samples lost: %llu came while the %d records waiting for the sampler "
-                       "thread were all taken (it fell behind: more busy threads than the rate "
-                       "allows for); stats() cpu_timer_no_record",
-                       (unsigned long long)lost_seen, MW_CPUTIMER_RECORDS);
-    }
-    return k;
 }
 
 /* Why a stack may be trusted. The sampler reads a thread's frames while the thread may run on.
@@ -552,7 +405,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
     }
     st->cpu_ns = c0;
     st->tick = g_tick;
-    if (dcpu) st->active_until = g_tick + ACTIVE_TICKS;
+    if (dcpu) st->active_until = g_tick + MWS_ACTIVE_TICKS;
     uint64_t gen = mw_profbuf_generation(b);
     /* CPU time: see mws_cpu_window_* (mw_sampler_threads.c). Until the thread's first on-CPU sample
      * of this window its CPU waits in `pending`. Except for a thread whose CPU samples are laid

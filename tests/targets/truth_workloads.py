@@ -815,8 +815,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--native", action="store_true", help="MwTracker(native=True): C frames too")
     ap.add_argument("--samples", type=int, default=0, help="lines: run on until this many on-CPU samples")
+    ap.add_argument("--wall-rate", type=int, default=None, help="ticks a second with CPU timers (default: 100)")
     args = ap.parse_args()
-    TRACKER = MwTracker(sample_rate=args.rate, profile_dir="none", instrument=False, native=args.native)
+    TRACKER = MwTracker(sample_rate=args.rate, wall_rate=args.wall_rate, profile_dir="none", instrument=False,
+                        native=args.native)
     TRACKER.snapshot(reset=True)
     truth = WORKLOADS[args.workload](args)
     profile = TRACKER.snapshot()

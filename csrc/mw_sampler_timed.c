@@ -1,0 +1,220 @@
+/* mw_sampler_timed — the samples the threads' CPU timers left (mw_cputimer): named (from the
+ * symbol cache, or from the copies their handler made while the code objects were alive), added
+ * to the active buffer with the wall time their thread's ticks owed them, and their CPU counted in
+ * their thread's window (mws_cpu_window_*). Sampler thread only, buffer lock held (see
+ * mw_sampler_int.h).
+ */
+#define _GNU_SOURCE
+#include "mw_sampler_int.h"
+
+#include "mw_cputimer.h"
+#include "mw_report.h"
+#include "mw_symcache.h"
+#include "mw_unwind.h"
+
+#include <string.h>
+
+static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thread, uint64_t gen,
+                          uint64_t own, int place);
+
+/* The CPU time one CPU-timer period stands for (1 / the sample rate). */
+static uint64_t cpu_period_ns(void) {
+    return (uint64_t)(1000000000LL / g_cfg.rate_hz);
+}
+
+/* A raw sample left by a thread's CPU-timer handler: named now. Names of code objects the symbol
+ * cache does not have come from the copies the handler made while they were alive; application
+ * memory is never read for them after the fact (the code object may be gone by now). */
+static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
+    int created = 0;
+    mw_tstate_t *st = mws_ts_find(r->tid, &created);
+    if (!st) {
+        g_stats.dropped++;
+        return;
+    }
+    st->active_until = g_tick + MWS_ACTIVE_TICKS; /* it runs: quiet ticks must read it in full */
+    if (st->quiet) mws_wake(st);
+    if (created) {
+        st->tick = g_tick;
+        st->reg = r->reg + 1; /* armed at its start, before any tick saw it */
+        st->reg_tstate = r->tstate;
+        st->timer_born = 1;
+    }
+    uint64_t gen = mw_profbuf_generation(b);
+    uint32_t labelset_now;
+    mw_id_t thread = mws_thread_name_id(b, st, &labelset_now);
+    /* The handler's own run is CPU the thread spent at this very stack (its clock counts it),
+     * capped at a period: a handler preempted midway ran longer in wall time than on CPU. */
+    uint64_t own = r->handler_ns < cpu_period_ns() ? r->handler_ns : cpu_period_ns();
+    /* POSIX timers: a thread a tick has read running in this window has its CPU placed by its
+     * ticks (place_running): this sample only counts CPU. Except where ticks cannot see it: with
+     * no Python frame (a native thread between its calls into Python). */
+    if (st->tick_hit_gen == gen && r->nips == 0 && !r->unplaced && r->depth > 0) {
+        g_stats.timer_unplaced++;
+        timed_account(st, r, thread, gen, 0, 0);
+        return;
+    }
+    /* The same raw stack as this thread's previous CPU sample (a hot loop): same entry, no
+     * naming at all. */
+    uint64_t h = 1469598103934665603ULL;
+    for (int i = 0; i < r->depth; i++) {
+        h = (h ^ r->frames[i].code) * 1099511628211ULL;
+        h = (h ^ (uint64_t)(uint32_t)r->frames[i].lasti) * 1099511628211ULL;
+    }
+    h = (h ^ ((uint64_t)r->labelset << 32 | (uint64_t)(uint32_t)r->depth)) * 1099511628211ULL;
+    h = (h ^ r->outer.gen) * 1099511628211ULL; /* another task at the same frames: its own entry */
+    h = (h ^ (uint64_t)r->unplaced) * 1099511628211ULL;  /* its own marker (mark_if_empty_as) */
+    h = (h ^ (uint64_t)r->truncated) * 1099511628211ULL; /* and mark_if_cut's */
+    if (r->nips == 0 && !created && st->timed_gen == gen && st->timed_hash == h &&
+        st->timed_thread == thread) {
+        mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall, own};
+        if (mw_profbuf_add_at(b, st->timed_idx, &v) == 0) {
+            g_stats.reused++;
+            timed_account(st, r, thread, gen, own, 1);
+            return;
+        }
+    }
+    int depth = r->depth, ok = 1;
+    mws_known_sync();
+    uint64_t epoch = mw_symcache_epoch();
+    mw_symcache_begin();
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < depth && ok; i++) {
+            if (i > 0 && r->frames[i].code == r->frames[i - 1].code &&
+                memcmp(&r->frames[i].info, &r->frames[i - 1].info, sizeof r->frames[i].info) == 0) {
+                g_sym[i] = g_sym[i - 1]; /* recursion: the same code object again */
+                continue;
+            }
+            const mw_symentry_t *h = mw_symcache_peek(&r->frames[i]);
+            if (!h) {
+                const mw_codecopy_t *c = NULL;
+                for (int k = 0; k < r->ncopies && !c; k++)
+                    if (r->copies[k].code == r->frames[i].code) c = &r->copies[k];
+                if (c) {
+                    mw_symcopy_t cp = {r->names + c->name_off,
+                                       r->names + c->file_off,
+                                       (const uint8_t *)r->names + c->lt_off,
+                                       c->name_len,
+                                       c->file_len,
+                                       c->lt_len,
+                                       c->lt_ok};
+                    h = mw_symcache_put_copied(&r->frames[i], &cp);
+                }
+            }
+            g_sym[i] = h;
+            if (!h) ok = 0;
+        }
+        if (!ok || mw_symcache_epoch() == epoch) break;
+        epoch = mw_symcache_epoch(); /* emptied midway: the earlier handles are gone */
+        mws_known_sync();
+    }
+    if (!ok) {
+        /* A code object the sampler had not named and whose names the handler could not copy:
+         * no name is better than one read after the code object may have been freed. */
+        mw_symcache_abort();
+        g_stats.names_lost++;
+        g_stats.dropped++;
+        return;
+    }
+    mws_mark_known(r->frames, depth);
+    /* A thread running an asyncio task: as in emit() (mws_task_running). */
+    mw_id_t task_thread = 0;
+    const mw_rawframe_t *raw = r->frames;
+    int rdepth = depth;
+    int task = r->outer.gen
+                   ? mws_task_running(b, st, &r->outer, r->nips == 0, &raw, &rdepth, &task_thread)
+                   : 0;
+    if (task < 0) {
+        g_stats.dropped++;
+        return;
+    }
+    uint32_t n = 0;
+    int lost = 0;
+    if (r->nips > 0) { /* native mode: the native stack of the same instant, Python spliced in */
+        n = mw_unwind_combine_ips(b, r->ips, r->nips, r->ips_complete, r->frames, depth, g_ids,
+                                  MW_MAX_DEPTH_CAP);
+        n = mws_cut_at_full(b, g_ids, n, &lost);
+    } else {
+        n = mws_intern_frames(b, raw, rdepth, &lost);
+        if (raw != r->frames) mws_mark_known(raw, rdepth);
+    }
+    if (lost) {
+        g_stats.dropped++;
+        return;
+    }
+    mws_mark_if_cut(b, &n, r->truncated);
+    if (!mws_mark_if_empty_as(b, &n, r->unplaced)) {
+        g_stats.dropped++;
+        return;
+    }
+    if (r->truncated) g_stats.truncated++;
+    mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall, own};
+    uint32_t idx = 0;
+    if (mws_add_sample(b, g_ids, n, task_thread ? task_thread : thread, r->labelset, &v, &idx) !=
+        0) {
+        g_stats.dropped++;
+        return;
+    }
+    /* An entry whose task was not found is not reused: the next sample looks again. */
+    st->timed_hash = task == 2 ? ~h : h;
+    st->timed_gen = gen;
+    st->timed_idx = idx;
+    st->timed_thread = thread;
+    timed_account(st, r, thread, gen, own, 1);
+}
+
+/* The bookkeeping of a CPU-timer sample: the CPU it counts in its thread's window, and when it was
+ * added to the buffer (place), the owed wall time it paid and the weight it places. */
+static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thread, uint64_t gen,
+                          uint64_t own, int place) {
+    if (place) {
+        g_stats.samples += st->owed_n;
+        st->owed_n = st->owed_wall = 0;
+        g_stats.cpu_samples++;
+    }
+    g_stats.timer_samples++;
+    /* A thread no tick has read yet: its CPU so far is known only from its samples (periods of
+     * CPU time); the first tick that reads its clock takes the credited part off. */
+    uint64_t credit = 0;
+    if (st->timer_born || r->counted) credit = (uint64_t)r->periods * cpu_period_ns();
+    if (st->timer_born) st->credit_ns += credit;
+    /* Laid in its event's count: the sample stands for its periods (unbiased for the count)
+     * until the thread has MWS_CLOCK_HITS samples in the window; then its clock of the window
+     * (exact: the event misses the CPU of each context switch, ~18 us here) replaces them, and
+     * later samples only place it. */
+    if (r->counted) mws_hw_window(st, gen);
+    if (r->counted && st->hw_clocked) credit = 0;
+    mws_cpu_window_add(thread, gen, st->pending + credit, place ? r->periods : 0, own);
+    st->pending = 0;
+    st->hit_gen = gen;
+    if (r->counted && !st->hw_clocked) {
+        st->hw_credit += credit;
+        if (++st->hw_hits >= MWS_CLOCK_HITS) {
+            mws_cpu_window_replace(thread, gen, st->hw_credit, st->hw_clock);
+            st->hw_clocked = 1;
+        }
+    }
+}
+
+int mws_drain_timed(mw_profbuf_t *b) {
+    mw_cpusample_t *r;
+    int k = 0;
+    for (; k < MW_CPUTIMER_RECORDS && (r = mw_cputimer_next()) != NULL; k++) {
+        if (b && g_timers) take_timed(b, r);
+        mw_cputimer_done(r);
+    }
+    if ((uint64_t)k > g_stats.timer_backlog_max) g_stats.timer_backlog_max = (uint64_t)k;
+    /* A sample taken while every record waiting for this thread was full is lost: said once. */
+    static uint64_t lost_seen;
+    mw_cputimer_stats_t t;
+    mw_cputimer_get_stats(&t);
+    if (t.no_record + t.no_scratch > lost_seen) {
+        lost_seen = t.no_record + t.no_scratch;
+        mw_report_once(MW_REPORT_SAMPLES_LOST,
+                       "CPU samples lost: %llu came while the %d records waiting for the sampler "
+                       "thread were all taken (it fell behind: more busy threads than the rate "
+                       "allows for); stats() cpu_timer_no_record",
+                       (unsigned long long)lost_seen, MW_CPUTIMER_RECORDS);
+    }
+    return k;
+}
