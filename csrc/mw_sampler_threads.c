@@ -10,6 +10,7 @@
 
 #include "mw_cputimer.h"
 #include "mw_labels.h"
+#include "mw_report.h"
 #include "mw_threads.h"
 
 #include <pthread.h>
@@ -282,7 +283,9 @@ void mws_quiet_flush_all(mw_profbuf_t *b) {
 }
 
 /* Threads' last clocks: a ring the ending threads write (a slot is theirs while its tid is 0) and
- * the sampler empties at each drain. */
+ * the sampler empties at a drain when a record was written since the previous one. A thread that
+ * finds its slot still taken (more than EXITS threads ended between two drains) is counted lost,
+ * and said once. */
 #define EXITS 256
 static struct {
     _Atomic long tid; /* 0: free; set last, after the clock */
@@ -292,6 +295,7 @@ static _Atomic uint32_t g_exits_next;
 static _Atomic uint32_t g_exits_done; /* records written, each after its slot */
 static uint32_t g_exits_read;         /* g_exits_done at the last settle (sampler thread) */
 static _Atomic uint64_t g_exits_lost;
+static uint64_t g_exits_lost_seen; /* g_exits_lost when last looked at (sampler thread) */
 static pthread_key_t g_exit_key;
 static pthread_once_t g_exit_once = PTHREAD_ONCE_INIT;
 
@@ -320,6 +324,15 @@ void mws_exit_watch(void) {
 }
 
 void mws_exits_settle(mw_profbuf_t *b) {
+    uint64_t lost = atomic_load(&g_exits_lost);
+    if (lost > g_exits_lost_seen) {
+        g_exits_lost_seen = lost;
+        mw_report_once(MW_REPORT_EXITS_LOST,
+                       "the CPU of %llu ending threads' last moments is not in the profile: more "
+                       "than %d threads ended between two ticks and their last clocks found no "
+                       "room; stats() exits_lost",
+                       (unsigned long long)lost, EXITS);
+    }
     uint32_t done = atomic_load(&g_exits_done);
     if (done == g_exits_read) return; /* no thread ended since: the ring is not touched */
     g_exits_read = done;
@@ -353,6 +366,7 @@ void mws_exits_clear(void) {
     for (int i = 0; i < EXITS; i++)
         atomic_store(&g_exits[i].tid, 0);
     atomic_store(&g_exits_lost, 0);
+    g_exits_lost_seen = 0;
     g_exits_read = atomic_load(&g_exits_done);
 }
 

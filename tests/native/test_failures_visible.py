@@ -453,3 +453,38 @@ def test_the_trackers_own_problems_are_silenced_by_quiet(tmp_path):
     r = _run_tracker_case(tmp_path, "no-pause", {}, MW_PROFILING_QUIET="1")
     assert r.returncode == 3 and _lines(r.stderr) == [], r.stderr
     assert json.loads(r.stdout.splitlines()[1])["can_pause"] == 0
+
+
+ENDING_APP = """
+import json, sys, threading, time
+sys.path.insert(0, {root!r})
+from middleware import MwTracker
+tracker = MwTracker(sample_rate=10, profile_dir="none", instrument=False)
+go = threading.Event()
+threads = [threading.Thread(target=go.wait) for _ in range(800)]
+for t in threads:
+    t.start()
+time.sleep(0.3)
+go.set()  # 800 threads end at once, between two of the sampler's ticks (10 Hz)
+for t in threads:
+    t.join()
+time.sleep(0.3)
+print(json.dumps({{"exits_lost": tracker.stats()["exits_lost"]}}))
+tracker.stop()
+"""
+
+
+def test_ending_threads_whose_last_clocks_find_no_room_are_said_once(tmp_path):
+    # GIVEN 800 threads started under the profiler that end at once at 10 Hz: their last CPU
+    # clocks overflow the ring of 256 the sampler empties at each tick
+    script = tmp_path / "ending.py"
+    script.write_text(ENDING_APP.format(root=str(ROOT)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MW_")}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lost = json.loads(proc.stdout)["exits_lost"]
+    lines = [line for line in proc.stderr.splitlines() if "ending threads" in line]
+    # THEN the loss is counted and said in one stderr line
+    assert lost > 0, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("middleware: "), proc.stderr
+    assert "exits_lost" in lines[0], lines
