@@ -477,11 +477,14 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
     const char *timer_why = NULL;
     g_timers = g_can_pause &&
                mw_cputimer_init(g_cfg.rate_hz, g_cfg.max_depth, mw_unwind_signal(), &timer_why) > 0;
-    /* With CPU timers the ticks only place wall time (and collect the timers' samples): they
+    /* With perf events the ticks only place wall time (and collect the timers' samples): they
      * need not come faster than MW_WALL_HZ. A wake-up of this thread costs ~20 us of CPU on a
-     * virtual machine: at 1 kHz that alone would be 2% of a core. */
+     * virtual machine: at 1 kHz that alone would be 2% of a core. POSIX timers cannot place CPU
+     * inside bursts: there the ticks place it (mw_sampler_take.c), so they come at the sampling
+     * rate (at the wall rate, 160 ms of Python callbacks in a thread at 1 kHz were placed by ~16
+     * ticks, each worth 10 samples: its share off by 25%). */
     g_tick_hz = g_cfg.rate_hz;
-    if (g_timers && g_tick_hz > g_cfg.wall_hz) g_tick_hz = g_cfg.wall_hz;
+    if (g_timers && mw_cputimer_mode() == 2 && g_tick_hz > g_cfg.wall_hz) g_tick_hz = g_cfg.wall_hz;
     if (!g_direct) {
         g_direct = mw_guard_allowed() && mw_guard_register(&g_sguard) == 0;
     }

@@ -69,8 +69,9 @@ typedef struct {
     uint64_t cpu_end;      /* CPU clock right after the last proven read (stack reuse) */
     uint64_t pending;      /* CPU ns used while the thread had no on-CPU sample in the window */
     uint64_t hit_gen;      /* buffer generation in which the thread had an on-CPU sample */
-    uint64_t
-        tick_hit_gen; /* ... read running by a tick (POSIX CPU timers: its ticks place its CPU) */
+    /* POSIX CPU timers: the generation in which a tick read it running (its ticks place its CPU),
+     * and one in which its timer sampled it with no Python frame (ticks cannot see all of it). */
+    uint64_t tick_hit_gen, noframe_gen;
     uint32_t name_seq;
     uint64_t name_gen; /* buffer generation the cached name id belongs to */
     mw_id_t name_id;
@@ -114,6 +115,11 @@ typedef struct {
     uint64_t gen; /* buffer generation the row belongs to (0 = free) */
     mw_id_t thread;
     uint64_t cpu_ns, hits, own_ns;
+    /* Wall time (and ticks) of ticks that found the thread running, not split yet. */
+    uint64_t owed_wall, owed_n;
+    /* mws_cpu_window_finalize's split of what was owed at its call `sp_epoch`: the wall time and
+     * ticks it splits, the hits and wall given out so far. */
+    uint64_t sp_epoch, sp_wall, sp_n, sp_hits, sp_given;
 } cpu_window_t;
 
 /* mw_sampler.c */
@@ -163,12 +169,17 @@ int mws_blocked_writing(long tid);
  * cpu_ns, see mws_cpu_window_finalize) to a thread's row of window gen. */
 void mws_cpu_window_add(mw_id_t thread, uint64_t gen, uint64_t cpu_ns, uint64_t hits,
                         uint64_t own_ns);
+/* The wall time of a tick that found a thread running, into its row of window gen: split over its
+ * on-CPU samples of the window like its CPU (they fall where its running time went). -1 when the
+ * row is not there (the caller owes it to the thread's next CPU sample instead). */
+int mws_cpu_window_owe(mw_id_t thread, uint64_t gen, uint64_t wall);
 /* Replaces CPU time in a thread's row of window gen: takes `sub` off (never below 0), adds
  * `add`. */
 void mws_cpu_window_replace(mw_id_t thread, uint64_t gen, uint64_t sub, uint64_t add);
 /* Samples of a thread in a window from which its CPU clock replaces what they stand for. */
 #define MWS_CLOCK_HITS 8
-/* Writes every on-CPU stack's CPU time: its share of its thread's window CPU. Idempotent. */
+/* Writes every on-CPU stack's CPU time: its share of its thread's window CPU; and adds its share of
+ * the wall time owed to its thread's row since the last call (mws_cpu_window_owe). Idempotent. */
 void mws_cpu_window_finalize(mw_profbuf_t *b);
 /* Pays a quiet thread's wall time to its remembered entry in b; the thread is no longer quiet. */
 void mws_quiet_flush(mw_profbuf_t *b, mw_tstate_t *st);

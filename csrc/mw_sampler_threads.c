@@ -168,8 +168,9 @@ mw_id_t mws_thread_name_id(mw_profbuf_t *b, mw_tstate_t *st, uint32_t *labelset)
  * interrupted but which no sample can land in (a sample comes at the start of its handler). Each
  * stack gets its own handler time, and the rest of the window's CPU is split by counts; otherwise a
  * stack whose handler is dearer (a deep native stack to unwind) would lose its surplus to the
- * cheaper stacks. Threads with the same name share one row. Sampler thread (ticks) and the
- * swap/snapshot side, both under the buffer lock. */
+ * cheaper stacks. The wall time of ticks that found the thread running (mws_cpu_window_owe) is
+ * split the same way, by counts. Threads with the same name share one row. Sampler thread (ticks)
+ * and the swap/snapshot side, both under the buffer lock. */
 cpu_window_t *g_win;
 
 static cpu_window_t *cpu_window_row(mw_id_t thread, uint64_t gen, int create) {
@@ -182,6 +183,8 @@ static cpu_window_t *cpu_window_row(mw_id_t thread, uint64_t gen, int create) {
             w->gen = gen;
             w->thread = thread;
             w->cpu_ns = w->hits = w->own_ns = 0;
+            w->owed_wall = w->owed_n = w->sp_epoch = w->sp_wall = w->sp_n = 0;
+            w->sp_hits = w->sp_given = 0;
             return w;
         }
     }
@@ -198,6 +201,14 @@ void mws_cpu_window_add(mw_id_t thread, uint64_t gen, uint64_t cpu_ns, uint64_t 
     w->cpu_ns += cpu_ns;
     w->hits += hits;
     w->own_ns += own_ns;
+}
+
+int mws_cpu_window_owe(mw_id_t thread, uint64_t gen, uint64_t wall) {
+    cpu_window_t *w = g_win ? cpu_window_row(thread, gen, 0) : NULL;
+    if (!w || !w->hits) return -1;
+    w->owed_wall += wall;
+    w->owed_n++;
+    return 0;
 }
 
 void mws_cpu_window_replace(mw_id_t thread, uint64_t gen, uint64_t sub, uint64_t add) {
@@ -233,10 +244,20 @@ void mws_clock_account(mw_tstate_t *st, uint64_t gen, int counted, int watch, ui
     }
 }
 
-/* Writes every on-CPU stack's CPU time: its share of its thread's window CPU. Idempotent. */
+/* A stack's share of `owed` when the hits of the row's stacks before it are `before` of `hits`:
+ * cumulative rounding, so the shares of a row add up to `owed` exactly. */
+static uint64_t share(uint64_t owed, uint64_t before, uint64_t mine, uint64_t hits) {
+    return (uint64_t)((__uint128_t)owed * (before + mine) / hits -
+                      (__uint128_t)owed * before / hits);
+}
+
+/* Writes every on-CPU stack's CPU time (its share of its thread's window CPU) and adds its share of
+ * the wall time owed to its row since the last call. Idempotent. */
 void mws_cpu_window_finalize(mw_profbuf_t *b) {
+    static uint64_t epoch;
     if (!g_win || !b) return;
     uint64_t gen = mw_profbuf_generation(b);
+    epoch++;
     uint32_t n = mw_profbuf_nstacks(b);
     for (uint32_t i = 0; i < n; i++) {
         mw_stack_t *s = (mw_stack_t *)mw_profbuf_stack(b, i);
@@ -246,6 +267,22 @@ void mws_cpu_window_finalize(mw_profbuf_t *b) {
             s->v.cpu_ns = 0;
             continue;
         }
+        if (w->sp_epoch != epoch) {       /* the row's first stack in this call: what it owes now */
+            if (w->sp_given < w->sp_wall) /* not expected: its stacks and hits disagreed */
+                g_stats.wall_unattributed_ns += w->sp_wall - w->sp_given;
+            w->sp_epoch = epoch;
+            w->sp_wall = w->owed_wall;
+            w->sp_n = w->owed_n;
+            w->owed_wall = w->owed_n = w->sp_hits = w->sp_given = 0;
+        }
+        uint64_t mine = s->v.cpu_samples, before = w->sp_hits;
+        if (w->sp_n && before + mine <= w->hits) { /* the row's stacks add up to its hits */
+            uint64_t wall = share(w->sp_wall, before, mine, w->hits);
+            s->v.wall_ns += wall;
+            s->v.wall_samples += share(w->sp_n, before, mine, w->hits);
+            w->sp_given += wall;
+        }
+        w->sp_hits = before + mine;
         uint64_t own = s->v.own_ns, rest = 0;
         if (w->own_ns > w->cpu_ns) /* not expected: the clock counts every handler run */
             own = (uint64_t)((__uint128_t)w->cpu_ns * own / w->own_ns);

@@ -47,9 +47,12 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
      * capped at a period: a handler preempted midway ran longer in wall time than on CPU. */
     uint64_t own = r->handler_ns < cpu_period_ns() ? r->handler_ns : cpu_period_ns();
     /* POSIX timers: a thread a tick has read running in this window has its CPU placed by its
-     * ticks (place_running): this sample only counts CPU. Except where ticks cannot see it: with
-     * no Python frame (a native thread between its calls into Python). */
-    if (st->tick_hit_gen == gen && r->nips == 0 && !r->unplaced && r->depth > 0) {
+     * ticks (place_running): this sample only counts CPU. Except a thread that ticks cannot see all
+     * the time: one sampled with no Python frame in this window (a native thread between its calls
+     * into Python): its samples place it, as its ticks do not (its samples' periods count CPU used
+     * in its calls too: mixing the two put 1.4x its calls' CPU in them). */
+    if (r->depth == 0 && !r->unplaced) st->noframe_gen = gen;
+    if (st->tick_hit_gen == gen && st->noframe_gen != gen && r->nips == 0 && !r->unplaced) {
         g_stats.timer_unplaced++;
         timed_account(st, r, thread, gen, 0, 0);
         return;
