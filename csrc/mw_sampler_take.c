@@ -171,8 +171,7 @@ static void labels_at_read(long tid, mw_readlabels_t *lab) {
 }
 
 /* Adds a proven read of st's Python frames (g_raw/g_sym[0..depth), read between CPU clock
- * readings c0 and c1) as a sample: wall time dwall, and an on-CPU sample when on_cpu (the CPU
- * periods it stands for: 1, or a tick's worth with CPU timers: tick_weight). native:
+ * readings c0 and c1) as a sample: wall time dwall, and an on-CPU sample when on_cpu. native:
  * the thread is paused in mw_unwind's handler with its native stack captured. */
 static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int ok, int on_cpu,
                  int native, const mw_readlabels_t *lab, uint64_t dwall, uint64_t c0, uint64_t c1,
@@ -229,7 +228,7 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
     g_stats.samples++;
     if (on_cpu) {
         g_stats.cpu_samples++;
-        mws_cpu_window_add(thread, gen, st->pending, (uint64_t)on_cpu, 0);
+        mws_cpu_window_add(thread, gen, st->pending, 1, 0);
         st->pending = 0;
         st->hit_gen = gen;
     }
@@ -270,14 +269,8 @@ static void owe(mw_tstate_t *st, uint64_t gen, uint64_t dwall) {
  * instants of their own, do: a tick that finds such a thread running reads it paused (as without
  * timers) and that read places its CPU; from then on in the window its timer's samples only count
  * CPU (take_timed). A thread no tick has found running (it runs less than a tick at a time) is
- * placed by its timer's samples, as before. Returns 1 when the read was taken. */
-/* The CPU periods a tick's read of a running thread stands for, ticking slower than the CPU rate.
- */
-static int tick_weight(void) {
-    int w = g_cfg.rate_hz / mw_sampler_tick_rate();
-    return w > 1 ? w : 1;
-}
-
+ * placed by its timer's samples, as before. The ticks come at the sampling rate in this mode
+ * (mw_sampler.c), so a tick's read stands for one sample. Returns 1 when the read was taken. */
 static int place_running(mw_profbuf_t *b, const mw_pythread_t *th, mw_tstate_t *st, uint64_t gen,
                          uint64_t dwall, uint64_t c0) {
     if (mw_cputimer_mode() != 1 || st->noframe_gen == gen || !g_can_pause ||
@@ -296,7 +289,7 @@ static int place_running(mw_profbuf_t *b, const mw_pythread_t *th, mw_tstate_t *
     g_stats.paused++;
     g_stats.tick_placed++;
     st->tick_hit_gen = gen;
-    emit(b, st, depth, truncated, ok, tick_weight(), 0, &lab, dwall, c0, c0 + 1, gen);
+    emit(b, st, depth, truncated, ok, 1, 0, &lab, dwall, c0, c0 + 1, gen);
     return 1;
 }
 
@@ -318,7 +311,7 @@ static mw_tstate_t *sample_timed(mw_profbuf_t *b, const mw_pythread_t *th, mw_ts
     /* POSIX timers: the GIL's holder found not running was preempted while running Python (often
      * by this very thread, on its CPU): on CPU, as without timers (place_running). Read inside the
      * window in which its clock must not move: then it held the GIL throughout. */
-    int posix = mw_cputimer_mode() == 1 && st->noframe_gen != gen, preempted = 0;
+    int posix = mw_cputimer_mode() == 1 && st->noframe_gen != gen, on_cpu = 0;
     if (posix && g0.ok && g0.last_holder == tstate) mw_pyframes_gil(&ga);
     uint64_t c1;
     if (mws_thread_cpu_ns(th->tid, &c1) != 0) {
@@ -331,26 +324,26 @@ static mw_tstate_t *sample_timed(mw_profbuf_t *b, const mw_pythread_t *th, mw_ts
         g_stats.torn_reads++;
     } else if (c1 == c0) {
         proven = 1;
-        preempted = ga.ok && ga.locked && ga.last_holder == tstate;
+        on_cpu = ga.ok && ga.locked && ga.last_holder == tstate; /* preempted */
     } else {
         mw_gilstate_t g1;
         mw_pyframes_gil(&g1);
         proven = g0.ok && g1.ok && g1.switch_number == g0.switch_number && g1.last_holder != tstate;
         g_gil_tick = g1;
         /* running without the GIL (in C under these frames): on CPU too */
-        preempted = posix && proven;
+        on_cpu = posix && proven;
     }
     if (!proven) {
         mw_symcache_abort();
         owe(st, gen, dwall);
         return st;
     }
-    if (preempted) {
+    if (on_cpu) {
         if (c1 == c0) g_stats.preempted++;
         g_stats.tick_placed++;
         st->tick_hit_gen = gen;
     }
-    emit(b, st, depth, truncated, ok, preempted ? tick_weight() : 0, 0, &lab, dwall, c0, c1, gen);
+    emit(b, st, depth, truncated, ok, on_cpu, 0, &lab, dwall, c0, c1, gen);
     return st;
 }
 
