@@ -18,6 +18,7 @@
 #include "mw_pyframes.h"
 #include "mw_pyglue.h"
 #include "mw_cputimer.h"
+#include "mw_finishwrite.h"
 #include "mw_sampler.h"
 #include "mw_symcache.h"
 #include "mw_termguard.h"
@@ -84,6 +85,8 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
     mw_cputimer_get_stats(&t);
     mw_spansets_stats_t sp;
     mw_labels_span_stats(&sp);
+    uint64_t fw_n, fw_bytes, fw_watched;
+    mw_finishwrite_stats(&fw_n, &fw_bytes, &fw_watched);
     PyObject *d = PyDict_New();
     if (!d) return NULL;
     if (mw_dict_put_u64(d, "ticks", s.ticks) || mw_dict_put_u64(d, "samples", s.samples) ||
@@ -146,6 +149,9 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "cpu_timer_steal_ns", t.steal_ns) ||
         mw_dict_put_u64(d, "cpu_timer_revived", t.revived) ||
         mw_dict_put_u64(d, "cpu_timer_sigtrap", t.sigtrap) ||
+        mw_dict_put_u64(d, "cut_writes_finished", fw_n) ||
+        mw_dict_put_u64(d, "cut_writes_bytes", fw_bytes) ||
+        mw_dict_put_u64(d, "cut_writes_watched", fw_watched) ||
         mw_dict_put_u64(d, "handler_ns", t.handler_ns) ||
         mw_dict_put_u64(d, "tick_rate", (uint64_t)mw_sampler_tick_rate()) ||
         mw_dict_put_u64(d, "symcache_aborted", c.aborted) ||

@@ -30,6 +30,7 @@
 #include "mw_unwind.h"
 
 #include "mw_cputimer.h"
+#include "mw_finishwrite.h"
 #include "mw_symcache.h"
 
 #include <dlfcn.h>
@@ -96,7 +97,6 @@ static int64_t mono_ns(void) {
 }
 
 static void on_signal(int sig, siginfo_t *si, void *ucv) {
-    (void)sig;
     int saved_errno = errno;
     slot_t *s = g_slot;
     if (si->si_code == SI_TIMER || si->si_code == POLL_IN || si->si_code == POLL_HUP) {
@@ -150,6 +150,8 @@ static void on_signal(int sig, siginfo_t *si, void *ucv) {
         syscall(SYS_futex, &s->release, FUTEX_WAIT_PRIVATE, r, &ts, NULL, 0);
     }
 out:
+    /* last: a write this signal cut short is finished before the thread goes on */
+    mw_finishwrite_after_signal(ucv, sig);
     errno = saved_errno;
 }
 
@@ -175,6 +177,7 @@ void mw_unwind_signal_action(struct sigaction *sa, void (*handler)(int, siginfo_
 
 static int install_handler(const char **why) {
     if (g_sig && signal_is_ours(g_sig)) return 0;
+    mw_finishwrite_init();
     /* Probe for a real-time signal nobody handles (glibc keeps its own below SIGRTMIN). */
     for (int sig = SIGRTMIN + 6; sig <= SIGRTMAX - 2; sig++) {
         struct sigaction old;
