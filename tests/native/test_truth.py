@@ -450,10 +450,14 @@ def test_threads_shorter_than_a_period_are_neither_lost_nor_over_sampled(cpu_tim
     main = sum(s["cpu"] for s in r["profile"]["stacks"] if s["thread"] == "MainThread") / 1e9
     assert abs(main / truth["main_cpu_s"] - 1) <= 0.05, (main, truth["main_cpu_s"], figures)
     # ... each under its own thread's name: samples named after the Thread object was collected
-    # (at the sampler's next drain) once came out as "thread-<id>", ~30% of these threads' CPU
+    # (at the sampler's next drain) once came out as "thread-<id>", ~30% of these threads' CPU.
+    # What is left there is a thread's start before it registers its name (threading's bootstrap,
+    # the arming of its timer) and its exit after: 0.04-0.29% here, 0.65-1.04% under the
+    # sanitizers (make asan: our C code runs several times slower, and Python without pymalloc)
+    bound = 0.02 if "ASAN_OPTIONS" in os.environ else 0.01
     unnamed = sum(s["cpu"] for s in r["profile"]["stacks"]
                   if s["thread"] != "MainThread" and not s["thread"].startswith("short-")) / 1e9
-    assert unnamed <= 0.01 * profiled, (unnamed, figures)
+    assert unnamed <= bound * profiled, (unnamed, figures)
 
 
 # --- 4c. Light threads: less CPU than a period in a life of several ticks --------------------------

@@ -44,6 +44,7 @@ import json
 import os
 import queue
 import random
+import resource
 import shutil
 import socket
 import sys
@@ -801,9 +802,53 @@ def run_phases(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# --- kernel: CPU spent in system calls beside CPU spent in Python ----------------------------------
+def in_python(ms: float) -> int:
+    return burn_a(ms)
+
+
+def in_kernel(ms: float) -> int:
+    """System calls whose CPU is the kernel's (reading /dev/zero: the kernel clears the buffer)
+    for ``ms`` of this thread's CPU."""
+    end = time.thread_time() + ms / 1e3
+    n = 0
+    with open("/dev/zero", "rb", buffering=0) as f:
+        buf = bytearray(1 << 18)
+        while time.thread_time() < end:
+            n += f.readinto(buf) or 0
+    return n
+
+
+def run_kernel(args: argparse.Namespace) -> dict[str, Any]:
+    """One thread, ``syscalling``, for args.seconds: 0.6 ms of CPU in Python (in_python), then
+    0.6 ms of CPU mostly in the kernel (in_kernel), then a 2-4 ms sleep. Truth: each part's CPU
+    (time.thread_time) and the kernel's share of in_kernel's (getrusage's system time)."""
+    out = {"cpu": {"in_python": 0.0, "in_kernel": 0.0}, "system": 0.0, "bursts": 0}
+
+    def syscalling() -> None:
+        rng = random.Random(11)
+        deadline = time.monotonic() + args.seconds
+        while time.monotonic() < deadline:
+            for fn in (in_python, in_kernel):
+                t0, s0 = time.thread_time(), resource.getrusage(resource.RUSAGE_THREAD).ru_stime
+                fn(0.6)
+                out["cpu"][fn.__name__] += time.thread_time() - t0
+                if fn is in_kernel:
+                    out["system"] += resource.getrusage(resource.RUSAGE_THREAD).ru_stime - s0
+            time.sleep(rng.uniform(0.002, 0.004))
+            out["bursts"] += 1
+        time.sleep(LINGER_S)
+
+    t = threading.Thread(target=syscalling, name="syscalling")
+    t.start()
+    t.join()
+    return out
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "bursty": run_bursty, "graph": run_graph, "churn": run_churn, "lines": run_lines, "idle": run_idle,
-    "short": run_short, "light": run_light, "ending": run_ending, "phases": run_phases}
+    "short": run_short, "light": run_light, "ending": run_ending, "phases": run_phases,
+    "kernel": run_kernel}
 
 
 def main() -> None:
