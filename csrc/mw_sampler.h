@@ -78,9 +78,10 @@ typedef struct mw_sampler_stats {
     uint64_t quiet_ticks;  /* ticks on which no thread but the GIL's holder can have run Python */
     uint64_t paused;       /* samples read while the thread was paused in the signal handler */
     uint64_t preempted;    /* on-CPU samples of a GIL holder found waiting for a CPU */
-    uint64_t can_pause;    /* 1 when the pause handler is installed */
-    uint64_t unproven;     /* thread samples dropped: no read could be proven consistent */
-    uint64_t unverified;   /* no pause possible here: two agreeing reads kept (not proven) */
+    uint64_t preempted_released;  /* ... of a thread without the GIL (in C) found waiting for one */
+    uint64_t can_pause;           /* 1 when the pause handler is installed */
+    uint64_t unproven;            /* thread samples dropped: no read could be proven consistent */
+    uint64_t unverified;          /* no pause possible here: two agreeing reads kept (not proven) */
     uint64_t cpu_unattributed_ns; /* CPU of threads that ended after their last on-CPU sample */
     uint64_t timer_samples;       /* on-CPU samples taken by the threads' CPU timers */
     uint64_t owed;                /* ticks that found a timed thread running (wall owed) */

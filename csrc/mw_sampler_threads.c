@@ -142,6 +142,60 @@ int mws_blocked_writing(long tid) {
     return 0;
 }
 
+/* A call in which a thread waits for something other than a CPU (it is woken, then runs): a
+ * thread found runnable in one was woken and has not run yet. A socket's receive and connect are
+ * among them (their CPU is a copy, their wait the peer); read and write are not (a file's read is
+ * the kernel's CPU). */
+static int waiting_call(long nr) {
+    static const long waits[] = {
+        SYS_futex,        SYS_clock_nanosleep, SYS_nanosleep,       SYS_ppoll,
+        SYS_pselect6,     SYS_epoll_pwait,     SYS_wait4,           SYS_waitid,
+        SYS_accept4,      SYS_rt_sigsuspend,   SYS_rt_sigtimedwait, SYS_io_getevents,
+        SYS_semtimedop,   SYS_msgrcv,          SYS_mq_timedreceive,
+#ifdef SYS_poll
+        SYS_poll,
+#endif
+#ifdef SYS_select
+        SYS_select,
+#endif
+#ifdef SYS_epoll_wait
+        SYS_epoll_wait,
+#endif
+#ifdef SYS_epoll_pwait2
+        SYS_epoll_pwait2,
+#endif
+#ifdef SYS_accept
+        SYS_accept,
+#endif
+#ifdef SYS_pause
+        SYS_pause,
+#endif
+#ifdef SYS_semop
+        SYS_semop,
+#endif
+#ifdef SYS_futex_waitv
+        SYS_futex_waitv,
+#endif
+    };
+    for (size_t i = 0; i < sizeof waits / sizeof *waits; i++)
+        if (nr == waits[i]) return 1;
+    return 0;
+}
+
+int mws_preempted_running(long tid) {
+    char buf[256];
+    long n = mw_threads_proc_read(tid, "stat", buf, sizeof buf);
+    if (n <= 0) return 0;
+    const char *paren = NULL; /* "pid (comm) S ...": comm may hold spaces and parentheses */
+    for (long i = n - 1; i >= 0 && !paren; i--)
+        if (buf[i] == ')') paren = buf + i;
+    if (!paren || paren + 2 >= buf + n || paren[2] != 'R') return 0; /* blocked, or unknown */
+    if (mw_threads_proc_read(tid, "syscall", buf, sizeof buf) <= 0) return 0;
+    if (buf[0] == 'r') return 1; /* "running": on a CPU by now */
+    long nr = strtol(buf, NULL, 10);
+    return nr == -1 || !waiting_call(nr); /* in its own code, or preempted inside a call */
+}
+
 mw_id_t mws_thread_name_id(mw_profbuf_t *b, mw_tstate_t *st, uint32_t *labelset) {
     char name[MW_THREAD_NAME_MAX];
     uint32_t seq;
