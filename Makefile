@@ -21,7 +21,7 @@ build: bootstrap  ## build the C extension in place; .venv/bin/python can import
 	@$(PY) -c "import middleware._native"
 
 test: build  ## run the whole test suite on the default interpreter
-	$(PY) -m pytest -ra tests $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=15 tests $(PYTEST_ARGS)
 
 test-fast: build  ## the unit tier (pytest -m unit: no workload process, no browser, no long sampling), under a minute
 	$(PY) -m pytest -q -m unit tests $(PYTEST_ARGS)

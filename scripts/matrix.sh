@@ -21,7 +21,7 @@ for v in "$@"; do
   if ! "$venv/bin/python" setup.py -q build_ext --inplace >/tmp/mw-matrix-build-$v.log 2>&1; then
     cat /tmp/mw-matrix-build-$v.log; result[$v]="FAILED (build)"; continue
   fi
-  if MW_STRESS_SECONDS=${MW_MATRIX_STRESS_SECONDS:-15} "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+  if MW_STRESS_SECONDS=${MW_MATRIX_STRESS_SECONDS:-10} "$venv/bin/python" -m pytest -q -p no:cacheprovider \
        -m sampler tests/native/test_sampler.py tests/native/test_truth.py tests/native/test_stress.py \
        tests/native/test_locks.py tests/native/test_task_stacks.py tests/native/test_native_threads.py \
        tests/unit/test_config.py; then
