@@ -116,6 +116,7 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "quiet_ticks", s.quiet_ticks) ||
         mw_dict_put_u64(d, "paused", s.paused) || mw_dict_put_u64(d, "preempted", s.preempted) ||
         mw_dict_put_u64(d, "preempted_released", s.preempted_released) ||
+        mw_dict_put_u64(d, "preempt_checks", s.preempt_checks) ||
         mw_dict_put_u64(d, "unverified", s.unverified) ||
         mw_dict_put_u64(d, "native_spared_writes", s.native_spared_writes) ||
         mw_dict_put_u64(d, "can_pause", s.can_pause) ||

@@ -166,12 +166,13 @@ mw_id_t mws_thread_name_id(mw_profbuf_t *b, mw_tstate_t *st, uint32_t *labelset)
  * its wait with a partial count. Sampler thread; ~3 system calls. */
 int mws_blocked_writing(long tid);
 /* Whether thread tid (of this process), found not running, was preempted while running: it is
- * runnable (/proc/self/task/<tid>/stat) and not in a call that waits for an event (a thread woken
- * from one has not run since: /proc/self/task/<tid>/syscall), i.e. in its own code or in a call
- * that uses the CPU (a read, a write, getrandom). A thread running C without the GIL (hashing,
- * compressing, in a system call), preempted there — by the sampler itself when they share a
- * CPU — holds no GIL that says it was running. Sampler thread; 3-6 system calls. */
-int mws_preempted_running(long tid);
+ * not in a call that waits for an event (/proc/self/task/<tid>/syscall: one found runnable in one
+ * was woken and has not run since) and is runnable (/proc/self/task/<tid>/stat), i.e. in its own
+ * code or in a call that uses the CPU (a read, a write, getrandom). A thread running C without the
+ * GIL (hashing, compressing, in a system call), preempted there — by the sampler itself when they
+ * share a CPU — holds no GIL that says it was running. Sampler thread; 3 system calls (a thread in
+ * a wait) or 6, counted in *checks. */
+int mws_preempted_running(long tid, uint64_t *checks);
 /* Adds CPU time, on-CPU sample counts and the profiler's own time at those samples (a part of
  * cpu_ns, see mws_cpu_window_finalize) to a thread's row of window gen. */
 void mws_cpu_window_add(mw_id_t thread, uint64_t gen, uint64_t cpu_ns, uint64_t hits,

@@ -325,7 +325,7 @@ static mw_tstate_t *sample_timed(mw_profbuf_t *b, const mw_pythread_t *th, mw_ts
     } else if (c1 == c0) {
         proven = 1;
         on_cpu = ga.ok && ga.locked && ga.last_holder == tstate; /* preempted */
-        if (posix && !on_cpu && mws_preempted_running(th->tid)) {
+        if (posix && !on_cpu && mws_preempted_running(th->tid, &g_stats.preempt_checks)) {
             on_cpu = 1; /* preempted in C without the GIL (see the older way's read) */
             g_stats.preempted_released++;
         }
@@ -585,7 +585,8 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
             if (ga.ok && ga.locked && ga.last_holder == tstate) {
                 on_cpu = 1;
                 g_stats.preempted++;
-            } else if (!on_cpu && !wall_only && mws_preempted_running(th->tid)) {
+            } else if (!on_cpu && !wall_only &&
+                       mws_preempted_running(th->tid, &g_stats.preempt_checks)) {
                 /* Not running, GIL not held, yet runnable outside a waiting call: preempted in C
                  * without the GIL (hashing, compressing, a read's copy), often by this very
                  * thread on its CPU. Not asking put such C at 0.26-0.33 of its CPU, the Python

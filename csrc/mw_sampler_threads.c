@@ -182,18 +182,22 @@ static int waiting_call(long nr) {
     return 0;
 }
 
-int mws_preempted_running(long tid) {
+int mws_preempted_running(long tid, uint64_t *checks) {
     char buf[256];
+    ++*checks;
+    /* the call first: a thread blocked in a wait (the GIL's waiters among them) is answered by
+     * one read */
+    if (mw_threads_proc_read(tid, "syscall", buf, sizeof buf) <= 0) return 0;
+    if (buf[0] == 'r') return 1; /* "running": on a CPU by now */
+    long nr = strtol(buf, NULL, 10);
+    if (nr != -1 && waiting_call(nr)) return 0; /* waiting, or woken and not run yet */
+    /* in its own code or in another call: preempted there if runnable */
     long n = mw_threads_proc_read(tid, "stat", buf, sizeof buf);
     if (n <= 0) return 0;
     const char *paren = NULL; /* "pid (comm) S ...": comm may hold spaces and parentheses */
     for (long i = n - 1; i >= 0 && !paren; i--)
         if (buf[i] == ')') paren = buf + i;
-    if (!paren || paren + 2 >= buf + n || paren[2] != 'R') return 0; /* blocked, or unknown */
-    if (mw_threads_proc_read(tid, "syscall", buf, sizeof buf) <= 0) return 0;
-    if (buf[0] == 'r') return 1; /* "running": on a CPU by now */
-    long nr = strtol(buf, NULL, 10);
-    return nr == -1 || !waiting_call(nr); /* in its own code, or preempted inside a call */
+    return paren && paren + 2 < buf + n && paren[2] == 'R';
 }
 
 mw_id_t mws_thread_name_id(mw_profbuf_t *b, mw_tstate_t *st, uint32_t *labelset) {
