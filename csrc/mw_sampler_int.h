@@ -166,12 +166,12 @@ mw_id_t mws_thread_name_id(mw_profbuf_t *b, mw_tstate_t *st, uint32_t *labelset)
  * its wait with a partial count. Sampler thread; ~3 system calls. */
 int mws_blocked_writing(long tid);
 /* Whether thread tid (of this process), found not running, was preempted while running: it is
- * not in a call that waits for an event (/proc/self/task/<tid>/syscall: one found runnable in one
- * was woken and has not run since) and is runnable (/proc/self/task/<tid>/stat), i.e. in its own
- * code or in a call that uses the CPU (a read, a write, getrandom). A thread running C without the
- * GIL (hashing, compressing, in a system call), preempted there — by the sampler itself when they
- * share a CPU — holds no GIL that says it was running. Sampler thread; 3 system calls (a thread in
- * a wait) or 6, counted in *checks. */
+ * runnable (/proc/self/task/<tid>/stat: R). A thread running C without the GIL (hashing,
+ * compressing, in a system call), preempted there — by the sampler itself when they share a CPU —
+ * holds no GIL that says it was running. A thread woken and not yet run is runnable too, and
+ * nothing cheap tells it apart (the kernel reports any runnable thread's system call as
+ * "running"): its blocking call is then taken for running. Sampler thread; 3 system calls,
+ * counted in *checks. */
 int mws_preempted_running(long tid, uint64_t *checks);
 /* Adds CPU time, on-CPU sample counts and the profiler's own time at those samples (a part of
  * cpu_ns, see mws_cpu_window_finalize) to a thread's row of window gen. */

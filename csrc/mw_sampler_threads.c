@@ -142,56 +142,9 @@ int mws_blocked_writing(long tid) {
     return 0;
 }
 
-/* A call in which a thread waits for something other than a CPU (it is woken, then runs): a
- * thread found runnable in one was woken and has not run yet. A socket's receive and connect are
- * among them (their CPU is a copy, their wait the peer); read and write are not (a file's read is
- * the kernel's CPU). */
-static int waiting_call(long nr) {
-    static const long waits[] = {
-        SYS_futex,        SYS_clock_nanosleep, SYS_nanosleep,       SYS_ppoll,
-        SYS_pselect6,     SYS_epoll_pwait,     SYS_wait4,           SYS_waitid,
-        SYS_accept4,      SYS_rt_sigsuspend,   SYS_rt_sigtimedwait, SYS_io_getevents,
-        SYS_semtimedop,   SYS_msgrcv,          SYS_mq_timedreceive,
-#ifdef SYS_poll
-        SYS_poll,
-#endif
-#ifdef SYS_select
-        SYS_select,
-#endif
-#ifdef SYS_epoll_wait
-        SYS_epoll_wait,
-#endif
-#ifdef SYS_epoll_pwait2
-        SYS_epoll_pwait2,
-#endif
-#ifdef SYS_accept
-        SYS_accept,
-#endif
-#ifdef SYS_pause
-        SYS_pause,
-#endif
-#ifdef SYS_semop
-        SYS_semop,
-#endif
-#ifdef SYS_futex_waitv
-        SYS_futex_waitv,
-#endif
-    };
-    for (size_t i = 0; i < sizeof waits / sizeof *waits; i++)
-        if (nr == waits[i]) return 1;
-    return 0;
-}
-
 int mws_preempted_running(long tid, uint64_t *checks) {
     char buf[256];
     ++*checks;
-    /* the call first: a thread blocked in a wait (the GIL's waiters among them) is answered by
-     * one read */
-    if (mw_threads_proc_read(tid, "syscall", buf, sizeof buf) <= 0) return 0;
-    if (buf[0] == 'r') return 1; /* "running": on a CPU by now */
-    long nr = strtol(buf, NULL, 10);
-    if (nr != -1 && waiting_call(nr)) return 0; /* waiting, or woken and not run yet */
-    /* in its own code or in another call: preempted there if runnable */
     long n = mw_threads_proc_read(tid, "stat", buf, sizeof buf);
     if (n <= 0) return 0;
     const char *paren = NULL; /* "pid (comm) S ...": comm may hold spaces and parentheses */
