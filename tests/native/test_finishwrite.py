@@ -3,30 +3,17 @@ written by a thread that burns CPU between its writes, a large print under PYTHO
 the app's own signal ending such a write."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
-from typing import Any
 
 import pytest
 
+from support.processes import ROOT
+from support.processes import run_code as run_child
+
 pytestmark = pytest.mark.asan  # the handler's new path runs under make asan too
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def run_child(code: str, *args: str, env: dict[str, str] | None = None,
-              timeout: float = 60) -> tuple[dict[str, Any], str]:
-    """Runs ``code`` in a fresh interpreter (argv: the checkout, then ``args``; ``env`` added to
-    this process's); asserts it exits 0 and returns the JSON of its last stdout line and its
-    stderr."""
-    p = subprocess.run([sys.executable, "-c", code, ROOT, *args], capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, **(env or {})})
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout.strip().splitlines()[-1]), p.stderr
-
 
 PIPE_WRITER_CHILD = r"""
 import json, os, sys, threading, time

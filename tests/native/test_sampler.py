@@ -11,25 +11,10 @@ from typing import Any
 
 import pytest
 
+from support.processes import ROOT
+from support.processes import run_code as run_child
+
 pytestmark = pytest.mark.sampler
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def run_child(code: str, *args: str, env: dict[str, str | None] | None = None,
-              timeout: float = 60) -> tuple[dict[str, Any], str]:
-    """Runs ``code`` in a fresh interpreter (argv: the checkout, then ``args``; ``env`` added to
-    this process's, None removing a variable); asserts it exits 0 and returns the JSON of its
-    last stdout line and its stderr."""
-    full = dict(os.environ)
-    for k, v in (env or {}).items():
-        if v is None:
-            full.pop(k, None)
-        else:
-            full[k] = v
-    p = subprocess.run([sys.executable, "-c", code, ROOT, *args], capture_output=True, text=True, timeout=timeout,
-                       env=full)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return json.loads(p.stdout.strip().splitlines()[-1]), p.stderr
 
 
 def test_calc_self_cpu_shares_match_thread_time(workload):

@@ -7,14 +7,18 @@ into an app module), so they use only ``time``; the profiles are searched for th
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+ROOT = str(Path(__file__).resolve().parents[2])  # the checkout
 # Variables that configure the profiler (or that it reads as a fallback): a child starts without them.
 PROFILER_PREFIXES = ("MW_", "OTEL_")
 
@@ -24,6 +28,23 @@ def clean_env(*also_drop: str) -> dict[str, str]:
     ``also_drop``), so that a child's profiler sees only what the test sets."""
     drop = PROFILER_PREFIXES + also_drop
     return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+
+
+def run_code(code: str, *args: str, env: dict[str, str | None] | None = None,
+             timeout: float = 60) -> tuple[dict[str, Any], str]:
+    """Runs ``code`` in a fresh interpreter (argv: the checkout, then ``args``; ``env`` added to
+    this process's, None removing a variable); asserts it exits 0 and returns the JSON of its
+    last stdout line and its stderr."""
+    full = dict(os.environ)
+    for k, v in (env or {}).items():
+        if v is None:
+            full.pop(k, None)
+        else:
+            full[k] = v
+    p = subprocess.run([sys.executable, "-c", code, ROOT, *args], capture_output=True, text=True, timeout=timeout,
+                       env=full)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1]), p.stderr
 
 
 def free_port() -> int:
