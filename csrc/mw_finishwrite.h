@@ -36,8 +36,8 @@ void mw_finishwrite_init(void);
  * while the rest is written. */
 void mw_finishwrite_after_signal(void *uc, int our_sig);
 /* writes finished (*finished) and bytes written for them (*bytes) since the process started;
- * *watched: the C library's write was recognized (the system calls found in it; 0: nothing is
- * done) */
+ * *watched: the system calls found in the C library's write (0: nothing is done; glibc 2.36: 2,
+ * its single-threaded and its cancellable path) */
 void mw_finishwrite_stats(uint64_t *finished, uint64_t *bytes, uint64_t *watched);
 
 #endif
