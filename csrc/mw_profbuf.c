@@ -28,6 +28,7 @@ struct mw_profbuf {
     uint32_t arena_used;
     mw_strent_t *strs;
     uint32_t nstrs;
+    uint32_t nrenamed; /* index slots taken by renamed strings (mw_profbuf_rename_str) */
     uint32_t *str_index;
     uint32_t str_mask;
 
@@ -146,7 +147,7 @@ void mw_profbuf_reset(mw_profbuf_t *b) {
     if (b->nstrs) clear_index(b->str_index, (size_t)b->str_mask + 1);
     if (b->nframes) clear_index(b->frame_index, (size_t)b->frame_mask + 1);
     if (b->nstacks) clear_index(b->stack_index, (size_t)b->stack_mask + 1);
-    b->arena_used = b->nstrs = b->nframes = b->nstacks = b->slots_used = 0;
+    b->arena_used = b->nstrs = b->nrenamed = b->nframes = b->nstacks = b->slots_used = 0;
     b->overflow = 0;
     b->generation = atomic_fetch_add(&g_generation, 1);
 }
@@ -174,7 +175,8 @@ mw_id_t mw_profbuf_intern_str(mw_profbuf_t *b, const char *s, size_t len) {
         uint32_t id = b->str_index[i];
         if (id == 0) {
             const mw_profbuf_limits_t *l = limits(b);
-            if (b->nstrs >= l->max_strings || b->arena_used + len + 1 > l->string_bytes) {
+            if (b->nstrs + b->nrenamed >= l->max_strings ||
+                b->arena_used + len + 1 > l->string_bytes) {
                 b->overflow++;
                 return 0;
             }
@@ -191,6 +193,32 @@ mw_id_t mw_profbuf_intern_str(mw_profbuf_t *b, const char *s, size_t len) {
         mw_strent_t *e = &b->strs[id - 1];
         if (e->hash == h && e->len == len && memcmp(b->arena + e->off, s, len) == 0) return id;
     }
+}
+
+int mw_profbuf_rename_str(mw_profbuf_t *b, mw_id_t id, const char *s, size_t len) {
+    if (id < 1 || id > b->nstrs) return -1;
+    if (len > 0xFFFF) len = 0xFFFF;
+    const mw_profbuf_limits_t *l = limits(b);
+    /* the renamed string takes one more index slot: counted as a string, so the index stays at
+     * most half full */
+    if (b->nstrs + b->nrenamed >= l->max_strings || b->arena_used + len + 1 > l->string_bytes) {
+        b->overflow++;
+        return -1;
+    }
+    uint32_t h = hash_bytes(s, len, 0);
+    mw_strent_t *e = &b->strs[id - 1];
+    e->off = b->arena_used;
+    e->len = (uint32_t)len;
+    e->hash = h; /* its old slot no longer matches the old text */
+    memcpy(b->arena + e->off, s, len);
+    b->arena[e->off + len] = '\0';
+    b->arena_used += (uint32_t)len + 1;
+    b->nrenamed++;
+    uint32_t i = h & b->str_mask;
+    while (b->str_index[i] != 0)
+        i = (i + 1) & b->str_mask;
+    b->str_index[i] = id;
+    return 0;
 }
 
 mw_id_t mw_profbuf_intern_frame(mw_profbuf_t *b, const mw_frame_t *f) {

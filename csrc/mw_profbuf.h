@@ -90,6 +90,11 @@ int mw_profbuf_use_reserve(mw_profbuf_t *b, int on);
 
 /* Interns a string (copied). Returns its id, or 0 if the string table is full. */
 mw_id_t mw_profbuf_intern_str(mw_profbuf_t *b, const char *s, size_t len);
+/* Gives string id the text s from now on, in everything that holds the id (a placeholder whose
+ * real text became known later); interning s then finds id, unless s was interned before. The old
+ * text is no longer found. 0, or -1 when the arena or the string table is full (counted as
+ * overflow; nothing changed). */
+int mw_profbuf_rename_str(mw_profbuf_t *b, mw_id_t id, const char *s, size_t len);
 /* Interns a frame whose string ids belong to this buffer. Returns its id or 0 when full. */
 mw_id_t mw_profbuf_intern_frame(mw_profbuf_t *b, const mw_frame_t *f);
 

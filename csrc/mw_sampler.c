@@ -187,7 +187,8 @@ static int tick(void) {
     g_tick++;
     g_gil_tick = g;
     int drained = drain_left(g_active);
-    mw_threads_reap(); /* names of threads forgotten before the previous drain */
+    mws_names_settle(g_active); /* before a name registered since goes */
+    mw_threads_reap();          /* names of threads forgotten before the previous drain */
     uint64_t dwall = first ? (uint64_t)(1000000000LL / mw_sampler_tick_rate())
                            : (uint64_t)(now - g_last_tick_ns);
     /* On a quiet tick only the threads that may need a read are visited: the previous tick's

@@ -75,6 +75,7 @@ typedef struct {
     uint32_t name_seq;
     uint64_t name_gen; /* buffer generation the cached name id belongs to */
     mw_id_t name_id;
+    int name_unknown; /* name_id is "thread-<tid>": the thread had no name yet (or never) */
     /* The last sample's stack entry, reused while the thread has not run since. */
     uint32_t stack_idx;
     uint32_t stack_labels; /* label-set change counter when it was read */
@@ -159,8 +160,14 @@ void mws_ts_prune(void);
 void mws_ts_clear(void);
 /* Zeroes memory, handing whole pages back to the kernel. */
 void mws_zero_pages(void *p, size_t len);
-/* The interned name of st's thread in b (cached per buffer generation); its label set. */
+/* The interned name of st's thread in b (cached per buffer generation); its label set. A thread
+ * with no name yet is "thread-<tid>" until it registers one: then that string takes the name, so
+ * what was charged to the thread before (its start-up) carries it too. A thread whose name is gone
+ * (its Thread object collected, the thread ending) keeps the name it had in this buffer. */
 mw_id_t mws_thread_name_id(mw_profbuf_t *b, mw_tstate_t *st, uint32_t *labelset);
+/* Sampler thread, each tick (buffer lock held): threads met before they registered a name and
+ * named since get it on what was charged to them in b (mws_thread_name_id). */
+void mws_names_settle(mw_profbuf_t *b);
 /* Whether thread tid (of this process) is blocked in a system call that writes (write, writev,
  * pwrite*, send*, sendfile, splice, vmsplice: /proc/self/task/<tid>/syscall). A signal would end
  * its wait with a partial count. Sampler thread; ~3 system calls. */

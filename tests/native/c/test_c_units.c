@@ -108,6 +108,26 @@ static void profbuf_strings(void) {
     CHECK(mw_profbuf_intern_str(b, s, 0xFFFF) == 1);
     free(s);
     mw_profbuf_free(b);
+
+    /* a renamed string: its id gives the new text, interning the new text finds that id, the old
+     * text is a new string; a rename takes a string's room, and refused ones change nothing */
+    b = new_buf(4, 4, 4, 64, 16);
+    mw_id_t ph = mw_profbuf_intern_str(b, "thread-42", 9);
+    CHECK(mw_profbuf_rename_str(b, ph, "worker-1", 8) == 0);
+    CHECK(str_is(b, ph, "worker-1"));
+    CHECK(mw_profbuf_intern_str(b, "worker-1", 8) == ph);
+    mw_id_t again = mw_profbuf_intern_str(b, "thread-42", 9);
+    CHECK(again == ph + 1 && str_is(b, again, "thread-42"));
+    CHECK(mw_profbuf_rename_str(b, 0, "x", 1) == -1 && mw_profbuf_rename_str(b, 9, "x", 1) == -1);
+    CHECK(mw_profbuf_intern_str(b, "c", 1) == 3);
+    CHECK(mw_profbuf_rename_str(b, again, "y", 1) == -1); /* 3 strings + 1 rename: full */
+    CHECK(str_is(b, again, "thread-42") && mw_profbuf_intern_str(b, "d", 1) == 0);
+    mw_profbuf_counts(b, &c);
+    CHECK(c.strings == 3 && c.overflow == 2);
+    mw_profbuf_reset(b); /* a reset frees the renames' room too */
+    for (int i = 0; i < 4; i++)
+        CHECK(mw_profbuf_intern_str(b, names[i], strlen(names[i])) == (mw_id_t)(i + 1));
+    mw_profbuf_free(b);
 }
 
 static void profbuf_frames(void) {
