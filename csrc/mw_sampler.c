@@ -71,6 +71,8 @@ static int64_t g_last_drain_ns;
 static int64_t g_drain_safe; /* the longest gap between drains (see drain_pace), 0: no bound */
 mw_gilstate_t g_gil_tick;    /* GIL state read before the current thread's walk */
 uint64_t g_tick;
+long g_start_tid;
+uint64_t g_start_cpu;
 int64_t g_last_tick_ns;
 static uint64_t g_rng = 0x9E3779B97F4A7C15ULL;
 
@@ -524,6 +526,9 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
     g_stop = 0;
     g_sync_req = g_sync_done = 0;
 
+    struct timespec cpu;
+    g_start_tid = clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu) == 0 ? (long)syscall(SYS_gettid) : 0;
+    g_start_cpu = (uint64_t)cpu.tv_sec * 1000000000ULL + (uint64_t)cpu.tv_nsec;
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);

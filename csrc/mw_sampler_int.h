@@ -142,6 +142,11 @@ extern int g_timers;             /* CPU samples come from the threads' CPU timer
 extern int g_timers_armed;       /* some thread may hold a timer */
 extern mw_gilstate_t g_gil_tick; /* GIL state read before the current thread's walk */
 extern uint64_t g_tick;
+/* The thread that started the sampler and its CPU clock then (mw_sampler_start): its CPU counts
+ * from there, not from the first tick that reads it. Set before the sampler thread starts; the
+ * sampler thread clears g_start_tid once it has used it. */
+extern long g_start_tid;
+extern uint64_t g_start_cpu;
 extern int64_t g_last_tick_ns;
 /* A thread's CPU-timer sample says it ran: the next quiet tick must visit it. */
 void mws_wake(mw_tstate_t *st);
