@@ -43,8 +43,8 @@ wraps two methods of ``multiprocessing.process.BaseProcess``:
 A profiler started inside a child's target (not inherited, not given by the parent) registers a
 ``multiprocessing.util.Finalize`` that flushes at the child's ``util._exit_function``.
 
-What cannot be flushed: a child ended by SIGKILL, by ``os._exit`` called by the app, or by
-SIGTERM while it runs a task loses the samples since its last export. A final export that does
+What cannot be flushed: a child ended by SIGKILL or by SIGTERM while it runs a task loses the
+samples since its last export (``os._exit`` called by the app flushes first: see tracker.py). A final export that does
 not finish in time is counted (``child_exit_flush_failures`` in ``tracker.stats()``), logged,
 and reported once on stderr (``MW_PROFILING_QUIET=1`` silences it).
 """

@@ -17,12 +17,13 @@ the first ``snapshot()``).
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import sys
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from middleware import asyncio_tasks
 from middleware.config import ProfilerConfig, resolve_config, resolve_upload_config, visible_warning
@@ -276,6 +277,7 @@ def _install_process_hooks() -> None:
     _hooks_installed = True
     atexit.register(_at_exit)
     os.register_at_fork(after_in_child=_after_fork_in_child)
+    _install_os_exit_flush()
     # multiprocessing children: profiled from their start, flushed before they end; hooked when
     # the app imports multiprocessing (never imported by us)
     from middleware.integrations._post_import import when_imported
@@ -299,6 +301,50 @@ def _at_exit() -> None:
     p = _profiler
     if p is not None and p.running and p.pid == os.getpid():
         p.stop(EXIT_FLUSH_TIMEOUT_S)
+
+
+def _install_os_exit_flush() -> None:
+    """``os._exit`` ends a process without ``atexit``: a process leaving through it (a forked
+    worker of a hand-made pre-fork server, a daemon's parent, an app's fast exit) lost every
+    sample since its last export, silently. Wrapped, it first stops this process's profiler (the
+    last window exported, the uploader drained, bounded by EXIT_FLUSH_TIMEOUT_S), then exits with
+    the status it was given. Code that took ``os._exit`` before the tracker started keeps the
+    original; multiprocessing's children have already stopped theirs (children.py)."""
+    original = os._exit
+    if getattr(original, "_mw_flushes", False):
+        return
+
+    @functools.wraps(original)
+    def _exit(status: int) -> NoReturn:
+        try:
+            _flush_before_os_exit()
+        except BaseException:  # never keep a process from exiting
+            pass
+        original(status)
+
+    _exit._mw_flushes = True  # type: ignore[attr-defined]
+    os._exit = _exit
+
+
+def _flush_before_os_exit() -> None:
+    p = _profiler
+    if p is None or not p.running or p.pid != os.getpid():
+        return
+    owned = getattr(p.lock, "_is_owned", None)
+    if owned is not None and owned():
+        return  # called from inside stop() (a signal handler): that stop goes on after us
+    if not p.lock.acquire(timeout=EXIT_FLUSH_TIMEOUT_S):
+        ok = False
+    else:
+        try:
+            ok = p.stop(EXIT_FLUSH_TIMEOUT_S)
+        finally:
+            p.lock.release()
+    if not ok:
+        visible_warning(
+            logger, "middleware: process %d: its last profile was not written before os._exit within %g s; the "
+            "samples since its previous export are lost", os.getpid(), EXIT_FLUSH_TIMEOUT_S,
+        )
 
 
 def _after_fork_in_child() -> None:
