@@ -26,6 +26,7 @@ typedef enum {
     MW_REPORT_SPANS_FULL,         /* the span label table is full: requests without span_id */
     MW_REPORT_SAMPLES_LOST,       /* CPU-timer samples lost: the sampler thread fell behind */
     MW_REPORT_EXITS_LOST,         /* ending threads' last clocks lost: the ring was full */
+    MW_REPORT_THREADS_CUT,        /* more Python threads than the ticks list: the oldest unread */
     MW_REPORT_KINDS
 } mw_report_kind_t;
 

@@ -176,6 +176,14 @@ static int tick(void) {
         for (int i = 0; i < g_nthreads; i++)
             if (g_tsp[i] && g_tsp[i]->quiet) mws_quiet_flush(g_active, g_tsp[i]);
         n = mw_pyframes_threads(g_rc, g_threads, MW_MAX_THREADS);
+        if (n == MW_MAX_THREADS) {
+            g_stats.threads_cut++;
+            mw_report_once(MW_REPORT_THREADS_CUT,
+                           "process %d has more than %d Python threads: the ticks read the %d "
+                           "newest; the older ones get no wall-time samples, and their CPU where "
+                           "ticks place it (POSIX timers, ticks only) has no Python stack",
+                           (int)getpid(), MW_MAX_THREADS, MW_MAX_THREADS);
+        }
         if (n < 0) {
             pthread_mutex_unlock(&g_buf_lock);
             g_stats.torn_reads++;

@@ -81,6 +81,7 @@ typedef struct mw_sampler_stats {
     uint64_t preempted_released;  /* ... of a thread without the GIL (in C) found waiting for one */
     uint64_t preempt_checks;      /* threads asked whether they were preempted (/proc reads) */
     uint64_t names_unsettled;     /* threads met unnamed, not followed for a name (list full) */
+    uint64_t threads_cut;         /* ticks whose thread list was cut at MW_MAX_THREADS */
     uint64_t can_pause;           /* 1 when the pause handler is installed */
     uint64_t unproven;            /* thread samples dropped: no read could be proven consistent */
     uint64_t unverified;          /* no pause possible here: two agreeing reads kept (not proven) */

@@ -305,10 +305,16 @@ static uint64_t add_cpu(mw_profbuf_t *b, const char *thread_name, const char *ma
 static int credit(mw_profbuf_t *b, long tid, uint64_t cpu_ns, const char *known_name,
                   char *proc_name) {
     char name[MW_THREAD_NAME_MAX];
-    if (known_name)
-        snprintf(name, sizeof name, "%s", known_name);
-    else
-        kernel_name(tid, name, sizeof name);
+    uint32_t seq;
+    /* the name Python gave it, if any: a Python thread out of the list (past MW_MAX_THREADS, or
+     * ending) is not named by the kernel */
+    (void)mw_threads_lookup(tid, name, sizeof name, &seq);
+    if (name[0] == '\0') {
+        if (known_name)
+            snprintf(name, sizeof name, "%s", known_name);
+        else
+            kernel_name(tid, name, sizeof name);
+    }
     if (own_name(name)) return 1;
     if (proc_name[0] == '\0') kernel_name((long)getpid(), proc_name, MW_THREAD_NAME_MAX);
     if (name[0] == '\0' || strcmp(name, proc_name) == 0)

@@ -488,3 +488,52 @@ def test_ending_threads_whose_last_clocks_find_no_room_are_said_once(tmp_path):
     assert lost > 0, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("middleware: "), proc.stderr
     assert "exits_lost" in lines[0], lines
+
+
+MANY_THREADS_APP = r"""
+import hashlib, json, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from middleware import MwTracker, _native
+t = MwTracker(sample_rate=100, profile_dir="none", instrument=False)
+t.snapshot(reset=True)
+threading.stack_size(256 * 1024)
+done, stop, cpu = threading.Event(), threading.Event(), {}
+
+def oldest():  # C without the GIL, so starting the others does not wait for it
+    t0, data = time.thread_time(), b"x" * (1 << 20)
+    while not done.is_set():
+        hashlib.sha256(data).digest()
+    cpu["busy"] = time.thread_time() - t0
+
+busy = threading.Thread(target=oldest, name="busy-oldest")
+busy.start()
+idle = [threading.Thread(target=stop.wait, name=f"idle-{i}") for i in range(int(sys.argv[2]))]
+for th in idle:
+    th.start()
+time.sleep(0.5)
+done.set()
+busy.join()
+p = t.snapshot()
+stats = _native.stats()
+stop.set()
+for th in idle:
+    th.join()
+t.stop()
+ci = p.value_index("cpu")
+cpu["profiled"] = sum(s.values[ci] for s in p.samples if s.label("thread_name") == "busy-oldest") / 1e9
+print(json.dumps({"cpu": cpu, "cut": stats["threads_cut"]}))
+"""
+
+
+@pytest.mark.skipif("ASAN_OPTIONS" in os.environ, reason="4,200 threads: heavy under the sanitizers, nothing of C")
+def test_more_python_threads_than_the_ticks_read_is_said_and_the_oldest_keep_their_cpu():
+    from support.processes import run_code
+
+    # GIVEN 4,200 Python threads (the ticks list the 4,096 newest), the oldest of them busy in C,
+    # sampled with ticks only (there its CPU is counted as a thread out of the list's)
+    r, err = run_code(MANY_THREADS_APP, "4200", env={"MW_PROFILING_CPU_TIMER": "off", "MW_PROFILING_QUIET": None})
+    # THEN it is said, once (before: nothing, and the oldest threads were simply not read)
+    assert r["cut"] > 0 and err.count("more than 4096 Python threads") == 1, (r, err)
+    # AND the oldest thread's CPU is under its own name (it was under thread-<tid>: its kernel
+    # name is the process's)
+    assert abs(r["cpu"]["profiled"] - r["cpu"]["busy"]) <= 0.1 * r["cpu"]["busy"] + 0.02, r

@@ -656,11 +656,13 @@ def test_a_bursty_thread_is_read_evenly_across_its_bursts(cpu_timer: str | None)
     assert truth["bursts"] >= 500, figures
     assert all(0.85 <= v <= 1.15 for v in cpu_r.values()), figures
     assert 0.94 <= wall_r["sleep"] <= 1.06, figures
-    # Ticks only: a tick at a burst's start still finds the thread asleep (woken, not yet run:
-    # its first read after a wake-up comes late), so its first half's wall is short and the sleep's
-    # long: 0.88-0.91 and 1.03-1.05 in 4 runs here, once 0.83 in a CI run on 3.12. Known residual,
-    # not a bias of the other routes (their halves stay within 15%).
-    head_low = 0.80 if cpu_timer == "off" else 0.85
+    # Where ticks place the wall (ticks only, POSIX timers): a tick at a burst's start still finds
+    # the thread asleep (woken, not yet run: its first read after a wake-up comes late), so its
+    # first half's wall is short and the sleep's long: ticks only 0.88-0.91 and 1.03-1.05 in 4 runs
+    # here, once 0.83 in a CI run on 3.12; POSIX timers 0.875-0.937 in 8 runs (the same before the
+    # last changes to the sampler), once 0.838 in a suite run. Known residual; perf events' wall
+    # stays within 15%.
+    head_low = 0.85 if cpu_timer is None else 0.80
     assert head_low <= wall_r["phase_head"] <= 1.15 and 0.85 <= wall_r["phase_tail"] <= 1.15, figures
     if cpu_timer == "timer":
         assert st["cpu_timer_mode"] == 1 and st["tick_placed"] >= 500, figures
