@@ -72,6 +72,7 @@ static int64_t g_drain_safe; /* the longest gap between drains (see drain_pace),
 mw_gilstate_t g_gil_tick;    /* GIL state read before the current thread's walk */
 uint64_t g_tick;
 long g_start_tid;
+int g_list_cut;
 uint64_t g_start_cpu;
 int64_t g_last_tick_ns;
 static uint64_t g_rng = 0x9E3779B97F4A7C15ULL;
@@ -176,7 +177,8 @@ static int tick(void) {
         for (int i = 0; i < g_nthreads; i++)
             if (g_tsp[i] && g_tsp[i]->quiet) mws_quiet_flush(g_active, g_tsp[i]);
         n = mw_pyframes_threads(g_rc, g_threads, MW_MAX_THREADS);
-        if (n == MW_MAX_THREADS) {
+        g_list_cut = n == MW_MAX_THREADS;
+        if (g_list_cut) {
             g_stats.threads_cut++;
             mw_report_once(MW_REPORT_THREADS_CUT,
                            "process %d has more than %d Python threads: the ticks read the %d "

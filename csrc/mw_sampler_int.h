@@ -145,6 +145,10 @@ extern uint64_t g_tick;
 /* The thread that started the sampler and its CPU clock then (mw_sampler_start): its CPU counts
  * from there, not from the first tick that reads it. Set before the sampler thread starts; the
  * sampler thread clears g_start_tid once it has used it. */
+/* The last full list of Python threads was cut at MW_MAX_THREADS: threads out of it may be
+ * Python threads (their CPU is counted by the scans of threads without Python, under their Python
+ * names). Sampler thread. */
+extern int g_list_cut;
 extern long g_start_tid;
 extern uint64_t g_start_cpu;
 extern int64_t g_last_tick_ns;

@@ -306,9 +306,11 @@ static int credit(mw_profbuf_t *b, long tid, uint64_t cpu_ns, const char *known_
                   char *proc_name) {
     char name[MW_THREAD_NAME_MAX];
     uint32_t seq;
-    /* the name Python gave it, if any: a Python thread out of the list (past MW_MAX_THREADS, or
-     * ending) is not named by the kernel */
-    (void)mw_threads_lookup(tid, name, sizeof name, &seq);
+    /* past a cut list, the name Python gave it, if any: a Python thread out of the list is not
+     * named by the kernel. Not otherwise: a Python thread's start before it is listed, counted
+     * here as a native thread's (a sample for a few us of CPU), must not join its own row. */
+    name[0] = '\0';
+    if (g_list_cut) (void)mw_threads_lookup(tid, name, sizeof name, &seq);
     if (name[0] == '\0') {
         if (known_name)
             snprintf(name, sizeof name, "%s", known_name);
