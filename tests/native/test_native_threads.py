@@ -149,7 +149,10 @@ def test_threads_that_end_before_any_listing_keep_their_cpu(native_lib: str, py_
     if py_churn:
         assert stats["exited_unknown"] > 0, why
         python = sum(v for t, leaf, v in d["rows"] if t.startswith("Thread-"))
-        assert near(python, truth["py_churn"], 0.25, 30), why
+        # 150 threads of 3 ms at 100 Hz: ~0.3 samples a thread, each standing for a period, so
+        # their sum spreads: 0.83-1.27 of the truth in 30 runs here (before this session's
+        # sampler changes as after), once 1.36 in a CI run on 3.12
+        assert near(python, truth["py_churn"], 0.4, 30), why
     else:
         assert stats["exited_unknown"] == 0, why
         assert exited >= truth["churn"] / 2, why
