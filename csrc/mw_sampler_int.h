@@ -41,6 +41,7 @@
 #include "mw_pyframes.h"
 #include "mw_saferead.h"
 #include "mw_symcache.h"
+#include "mw_threads.h"
 
 #include <stdint.h>
 #include <time.h>
@@ -76,6 +77,8 @@ typedef struct {
     uint64_t name_gen; /* buffer generation the cached name id belongs to */
     mw_id_t name_id;
     int name_unknown; /* name_id is "thread-<tid>": the thread had no name yet (or never) */
+    char last_name[MW_THREAD_NAME_MAX]; /* the last name it had ("" if none): kept for its end,
+                                         * which may come in a later window than its name */
     /* The last sample's stack entry, reused while the thread has not run since. */
     uint32_t stack_idx;
     uint32_t stack_labels; /* label-set change counter when it was read */

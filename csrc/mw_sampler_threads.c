@@ -177,11 +177,16 @@ mw_id_t mws_thread_name_id(mw_profbuf_t *b, mw_tstate_t *st, uint32_t *labelset)
         /* named since it was met (its start-up before it registered a name: 0.5-1% of short
          * threads' CPU with POSIX timers) or its name gone since (it is ending) */
         if (name[0] == '\0' || mw_profbuf_rename_str(b, st->name_id, name, strlen(name)) == 0) {
+            if (name[0] != '\0') memcpy(st->last_name, name, sizeof name);
             st->name_unknown = 0;
             st->name_seq = seq;
             return st->name_id;
         }
     }
+    if (name[0] == '\0' && st->last_name[0] != '\0') /* its name gone: the one it had */
+        memcpy(name, st->last_name, sizeof name);
+    else if (name[0] != '\0')
+        memcpy(st->last_name, name, sizeof name);
     st->name_unknown = name[0] == '\0';
     if (st->name_unknown) snprintf(name, sizeof name, "thread-%ld", st->tid);
     st->name_id = mw_profbuf_intern_str(b, name, strlen(name));
