@@ -211,6 +211,22 @@ uintptr_t mw_pyframes_threads_head(void) {
     return head;
 }
 
+int mw_pyframes_listed(uintptr_t tstate, long tid) {
+    PyThreadState ts;
+    uintptr_t back = 0;
+    if (!tstate || g_interp == NULL || mw_safe_read((void *)tstate, sizeof ts, &ts) != 0 ||
+        ts.interp != g_interp || tid_of(&ts) != tid)
+        return 0;
+    if (ts.prev == NULL)
+        back = mw_pyframes_threads_head();
+    else if (mw_safe_read(&ts.prev->next, sizeof back, &back) != 0)
+        return 0;
+    if (back != tstate) return 0;
+    if (ts.next && (mw_safe_read(&ts.next->prev, sizeof back, &back) != 0 || back != tstate))
+        return 0;
+    return 1;
+}
+
 /* The set of thread states met in one list walk (a cycle means the list changed under us).
  * Sampler thread only. */
 #define SEEN_SLOTS (2 * MW_MAX_THREADS)
@@ -726,26 +742,11 @@ int mw_pyframes_read_str_rc(mw_readcache_t *rc, uintptr_t str, char *buf, size_t
     for (size_t i = 0; i < count; i++) {
         uint32_t c = kind == 1 ? raw[i] : kind == 2 ? ((uint16_t *)raw)[i] : ((uint32_t *)raw)[i];
         char tmp[4];
-        size_t k;
-        if (c < 0x80) {
-            tmp[0] = (char)c;
-            k = 1;
-        } else if (c < 0x800) {
-            tmp[0] = (char)(0xC0 | (c >> 6));
-            tmp[1] = (char)(0x80 | (c & 63));
-            k = 2;
-        } else if (c < 0x10000) {
-            tmp[0] = (char)(0xE0 | (c >> 12));
-            tmp[1] = (char)(0x80 | ((c >> 6) & 63));
-            tmp[2] = (char)(0x80 | (c & 63));
-            k = 3;
-        } else {
-            tmp[0] = (char)(0xF0 | (c >> 18));
-            tmp[1] = (char)(0x80 | ((c >> 12) & 63));
-            tmp[2] = (char)(0x80 | ((c >> 6) & 63));
-            tmp[3] = (char)(0x80 | (c & 63));
-            k = 4;
-        }
+        size_t k = c < 0x80 ? 1 : c < 0x800 ? 2 : c < 0x10000 ? 3 : 4;
+        for (size_t j = k - 1; j > 0; j--, c >>= 6) /* continuation bytes, last first */
+            tmp[j] = (char)(0x80 | (c & 63));
+        static const uint8_t lead[5] = {0, 0, 0xC0, 0xE0, 0xF0}; /* by length */
+        tmp[0] = (char)(lead[k] | c);
         if (o + k >= cap) break;
         memcpy(buf + o, tmp, k);
         o += k;

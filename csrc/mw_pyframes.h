@@ -66,6 +66,13 @@ int mw_pyframes_threads(mw_readcache_t *rc, mw_pythread_t *out, int max);
 /* The newest thread state of the list (its head), 0 when unreadable. A new thread changes it. */
 uintptr_t mw_pyframes_threads_head(void);
 
+/* 1 when thread state `tstate` is of our interpreter, kernel thread `tid`'s (3.10: through its
+ * pthread), and still linked into the interpreter's list: its neighbours point back at it. A
+ * deleted thread state is unlinked (its neighbours point past it) even while its own memory
+ * still looks like the thread's. For a thread beyond a list cut at its length limit, whose
+ * absence from the listing says nothing. Plain safe reads; sampler thread. */
+int mw_pyframes_listed(uintptr_t tstate, long tid);
+
 /* Re-reads a thread's newest frame pointer (the one mw_pyframes_threads gave is as old as the
  * tick), and *anchor = a frame the chain from the top must reach when the top was read at a
  * consistent moment (3.11/3.12: the previous eval call's current frame), 0 when none. Returns 0

@@ -182,8 +182,8 @@ static int tick(void) {
             g_stats.threads_cut++;
             mw_report_once(MW_REPORT_THREADS_CUT,
                            "process %d has more than %d Python threads: the ticks read the %d "
-                           "newest; the older ones get no wall-time samples, and their CPU where "
-                           "ticks place it (POSIX timers, ticks only) has no Python stack",
+                           "newest; the older ones get no wall-time samples, and with ticks only "
+                           "(MW_PROFILING_CPU_TIMER=off) their CPU has no Python stack",
                            (int)getpid(), MW_MAX_THREADS, MW_MAX_THREADS);
         }
         if (n < 0) {

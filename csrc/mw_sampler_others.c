@@ -394,7 +394,8 @@ static void scan_one(long tid, void *ctx) {
         uint64_t d = c > st->cpu_ns ? c - st->cpu_ns : 0;
         st->cpu_ns = c;
         if (d) g_active_next = 1;
-        mw_cputimer_unlisted(st->reg - 1, tid);
+        if (!g_list_cut || !mw_pyframes_listed(st->reg_tstate, tid)) /* see mws_ts_prune */
+            mw_cputimer_unlisted(st->reg - 1, tid);
         int counted = mw_cputimer_counted(st->reg - 1, tid);
         mws_clock_account(st, mw_profbuf_generation(b), counted, counted, c, d, d);
         return;

@@ -115,8 +115,12 @@ void mws_ts_prune(void) {
         if (stale && s->reg && running) {
             /* Out of the list but running, with its CPU timer: a native thread between two calls
              * into Python. Kept, timer and all: its samples place its CPU (no Python frame, or the
-             * frames of its next call), which a new timer would miss until its first tick. */
-            mw_cputimer_unlisted(s->reg - 1, s->tid);
+             * frames of its next call), which a new timer would miss until its first tick. Or a
+             * Python thread beyond a list cut at MW_MAX_THREADS: its handler keeps reading the
+             * thread state it was armed for (the newest few, where an unlisted one looks, do not
+             * have it). */
+            if (!g_list_cut || !mw_pyframes_listed(s->reg_tstate, s->tid))
+                mw_cputimer_unlisted(s->reg - 1, s->tid);
         } else if (stale) { /* gone: CPU it used after its last on-CPU sample */
             g_stats.cpu_unattributed_ns += s->pending;
             g_stats.wall_unattributed_ns += s->owed_wall;

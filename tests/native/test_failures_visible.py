@@ -521,19 +521,29 @@ for th in idle:
 t.stop()
 ci = p.value_index("cpu")
 cpu["profiled"] = sum(s.values[ci] for s in p.samples if s.label("thread_name") == "busy-oldest") / 1e9
+cpu["in_python"] = sum(
+    s.values[ci] for s in p.samples
+    if s.label("thread_name") == "busy-oldest" and any(f.function == "oldest" for f in s.stack)
+) / 1e9
 print(json.dumps({"cpu": cpu, "cut": stats["threads_cut"]}))
 """
 
 
 @pytest.mark.skipif("ASAN_OPTIONS" in os.environ, reason="4,200 threads: heavy under the sanitizers, nothing of C")
-def test_more_python_threads_than_the_ticks_read_is_said_and_the_oldest_keep_their_cpu():
+@pytest.mark.parametrize("cpu_timer", ["off", None], ids=["ticks-only", "default"])
+def test_more_python_threads_than_the_ticks_read_is_said_and_the_oldest_keep_their_cpu(cpu_timer):
     from support.processes import run_code
 
-    # GIVEN 4,200 Python threads (the ticks list the 4,096 newest), the oldest of them busy in C,
-    # sampled with ticks only (there its CPU is counted as a thread out of the list's)
-    r, err = run_code(MANY_THREADS_APP, "4200", env={"MW_PROFILING_CPU_TIMER": "off", "MW_PROFILING_QUIET": None})
+    # GIVEN 4,200 Python threads (the ticks list the 4,096 newest), the oldest of them busy in C
+    # all along, sampled with ticks only (there its CPU is counted as a thread out of the list's)
+    # or with the default CPU timers
+    r, err = run_code(MANY_THREADS_APP, "4200", env={"MW_PROFILING_CPU_TIMER": cpu_timer, "MW_PROFILING_QUIET": None})
     # THEN it is said, once (before: nothing, and the oldest threads were simply not read)
     assert r["cut"] > 0 and err.count("more than 4096 Python threads") == 1, (r, err)
-    # AND the oldest thread's CPU is under its own name (it was under thread-<tid>: its kernel
-    # name is the process's)
+    # AND the oldest thread's CPU is under its own name (it was under thread-<tid> with ticks
+    # only: its kernel name is the process's)
     assert abs(r["cpu"]["profiled"] - r["cpu"]["busy"]) <= 0.1 * r["cpu"]["busy"] + 0.02, r
+    # AND with CPU timers all of it is at its Python stack (its handler reads the thread state it
+    # was armed for: the ~18% it used once the list was cut had no Python frame)
+    if cpu_timer is None:
+        assert r["cpu"]["in_python"] >= 0.97 * r["cpu"]["profiled"], r
