@@ -309,30 +309,61 @@ def _install_os_exit_flush() -> None:
     sample since its last export, silently. Wrapped, it first stops this process's profiler (the
     last window exported, the uploader drained, bounded by EXIT_FLUSH_TIMEOUT_S), then exits with
     the status it was given. Code that took ``os._exit`` before the tracker started keeps the
-    original; multiprocessing's children have already stopped theirs (children.py)."""
+    original; multiprocessing's children have already stopped theirs (children.py).
+
+    ``os.exec*`` replaces the program the same way, and worse: a CPU-timer or pause signal
+    queued for the calling thread while the kernel runs ``execve`` is delivered to the new
+    program, where its default action ends it (a profiled ``os.execv`` ended its new program
+    with "Real-time signal 6"). Every ``os.exec*`` ends in ``execv``, ``execve`` or
+    ``_execvpe`` (``execvp*``: one ``execv``/``execve`` per ``PATH`` entry): each is wrapped to
+    stop the profiler first (its signals then stop, and those already queued are delivered to
+    our handlers as its system calls return); when the exec fails, profiling starts again."""
     original = os._exit
-    if getattr(original, "_mw_flushes", False):
-        return
+    if not getattr(original, "_mw_flushes", False):
 
+        @functools.wraps(original)
+        def _exit(status: int) -> NoReturn:
+            try:
+                _stop_before_leaving("os._exit")
+            except BaseException:  # never keep a process from exiting
+                pass
+            original(status)
+
+        _exit._mw_flushes = True  # type: ignore[attr-defined]
+        os._exit = _exit
+    for name in ("execv", "execve", "_execvpe"):
+        func = getattr(os, name, None)
+        if func is not None and not getattr(func, "_mw_flushes", False):
+            setattr(os, name, _stopping_before_exec(func))
+
+
+def _stopping_before_exec(original: Any) -> Any:
     @functools.wraps(original)
-    def _exit(status: int) -> NoReturn:
+    def exec_(*args: Any, **kw: Any) -> Any:
         try:
-            _flush_before_os_exit()
-        except BaseException:  # never keep a process from exiting
-            pass
-        original(status)
+            p = _stop_before_leaving("os.exec")
+        except Exception:  # never keep a process from exec'ing
+            p = None
+        try:
+            return original(*args, **kw)
+        except BaseException:
+            if p is not None:  # the program goes on: so does its profile
+                p.start()
+            raise
 
-    _exit._mw_flushes = True  # type: ignore[attr-defined]
-    os._exit = _exit
+    exec_._mw_flushes = True  # type: ignore[attr-defined]
+    return exec_
 
 
-def _flush_before_os_exit() -> None:
+def _stop_before_leaving(how: str) -> _ProcessProfiler | None:
+    """Stops this process's profiler before ``how`` leaves the program; returns it when it was
+    running and this call stopped it."""
     p = _profiler
     if p is None or not p.running or p.pid != os.getpid():
-        return
+        return None
     owned = getattr(p.lock, "_is_owned", None)
     if owned is not None and owned():
-        return  # called from inside stop() (a signal handler): that stop goes on after us
+        return None  # called from inside stop() (a signal handler): that stop goes on after us
     if not p.lock.acquire(timeout=EXIT_FLUSH_TIMEOUT_S):
         ok = False
     else:
@@ -342,9 +373,10 @@ def _flush_before_os_exit() -> None:
             p.lock.release()
     if not ok:
         visible_warning(
-            logger, "middleware: process %d: its last profile was not written before os._exit within %g s; the "
-            "samples since its previous export are lost", os.getpid(), EXIT_FLUSH_TIMEOUT_S,
+            logger, "middleware: process %d: its last profile was not written before %s within %g s; the "
+            "samples since its previous export are lost", os.getpid(), how, EXIT_FLUSH_TIMEOUT_S,
         )
+    return None if p.running else p
 
 
 def _after_fork_in_child() -> None:

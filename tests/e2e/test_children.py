@@ -435,6 +435,60 @@ def test_a_child_forked_at_its_parents_first_tick_is_sampled(tmp_path: Path) -> 
     assert abs(profiled - child["cpu"]) <= 0.1 * child["cpu"], (profiled, child)
 
 
+EXECS_ITSELF = """
+import json, os, sys, threading
+from middleware import MwTracker
+from support.processes import burn, spin
+
+store, left = sys.argv[1], int(sys.argv[2])
+t = MwTracker(service_name="execs", sample_rate=1000, profile_dir=store, upload_interval=600, instrument=False)
+
+def hum():  # CPU-timer signals queued in every thread, all along
+    while True:
+        spin(2000)
+
+for _ in range(2):
+    threading.Thread(target=hum, daemon=True).start()
+cpu = burn(0.03)
+try:  # an exec that fails: the program goes on, and so does its profile
+    os.execvp("no-such-program-of-middleware", ["no-such-program-of-middleware"])
+except FileNotFoundError:
+    cpu += burn(0.03)
+print(json.dumps({"incarnation": left, "cpu": cpu, "running": t.running}), flush=True)
+if left:
+    os.execv(sys.executable, [sys.executable, __file__, store, str(left - 1)])
+"""
+
+
+@pytest.mark.parametrize("cpu_timer", [None, "off"], ids=["default", "ticks-only"])
+def test_a_program_that_execs_itself_survives_and_keeps_each_profile(cpu_timer: str | None, tmp_path: Path) -> None:
+    # os.execv replaces the program without atexit: each incarnation's profile was lost, and a
+    # CPU-timer signal queued while the kernel ran execve killed the new program ("Real-time
+    # signal 6": the exit status 168 every time at 500 Hz)
+    from middleware.pprof import find_profile_files, read_pprof_file
+
+    store = tmp_path / "store"
+    env = clean_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH")]))
+    if cpu_timer:
+        env["MW_PROFILING_CPU_TIMER"] = cpu_timer
+    script = tmp_path / "execs_itself.py"
+    script.write_text(EXECS_ITSELF)
+    proc = subprocess.run([sys.executable, str(script), str(store), "3"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    # THEN every incarnation ran to its end, the last one exiting 0
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    runs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["incarnation"] for r in runs] == [3, 2, 1, 0], proc.stdout
+    # AND profiling went on after the failed exec
+    assert all(r["running"] for r in runs), runs
+    # AND the profiles of all four (one pid) hold their burns: within 3% + 2 ms
+    profiled, _ = burn_cpu_by_pid(read_pprof_file(f) for f in find_profile_files(store))
+    truth = sum(r["cpu"] for r in runs)
+    assert len(profiled) == 1, profiled
+    assert abs(sum(profiled.values()) - truth) <= 0.03 * truth + 2e6, (profiled, truth)
+
+
 EXITS_BY_OS_EXIT = """
 import json, os, sys, time
 from middleware import MwTracker
