@@ -15,6 +15,7 @@
 #include "mw_labels.h"
 #include "mw_tasks.h"
 #include "mw_threads.h"
+#include "mw_unmasked.h"
 #include "mw_unwind.h"
 
 #include <errno.h>
@@ -330,6 +331,7 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
     rec->depth = depth;
     rec->truncated = truncated;
     rec->unplaced = 0;
+    rec->unmasked = ucontext ? mw_unmasked_at(ucontext) : 0;
     int64_t took = mono_ns() - t0;
     rec->handler_ns = took > 0 ? (uint64_t)took : 0;
     bump(&c_handler_ns, rec->handler_ns);

@@ -74,6 +74,8 @@ typedef struct mw_cpusample {
     int truncated;       /* as mw_pyframes_walk: 1 cut, 2 torn (depth 0, to be dropped) */
     int unplaced;        /* a POSIX timer's instants credited at the thread's exit (depth 0):
                           * due earlier, where the kernel's tick never came to tell */
+    int unmasked;        /* it came as the thread unblocked our signal (mw_unmasked): due
+                          * earlier, at a stack not known */
     mw_outergen_t outer; /* the outermost frame a coroutine runs (mw_pyframes_walk_gen), its task */
     uint64_t handler_ns; /* time the handler took (its cost to the application thread) */
     mw_rawframe_t *frames;
@@ -128,6 +130,11 @@ int mw_cputimer_arm(long tid, uintptr_t tstate, int born,
  * spent with no handler run to top it up) while our signal is neither blocked nor pending in the
  * thread is topped up again. Takes the arm/disarm mutex only when it acts. */
 void mw_cputimer_watch(int i, long tid, uint64_t cpu_now);
+/* Whether registration i (thread tid's) has a timer whose signal is overdue at the thread's CPU
+ * clock cpu_now: more than 4 periods and 2 ms of its CPU since its handler last ran (perf) or
+ * since its next expiry was due (POSIX). 0 when unknown. A hint for the sampler thread, which
+ * then asks whether the thread blocks the signal. */
+int mw_cputimer_overdue(int i, long tid, uint64_t cpu_now);
 
 /* The registration of (tid, tstate) and the thread's CPU clock from which its samples cover it
  * (0: from its creation), or -1. */

@@ -133,18 +133,9 @@ static int arm_perf(reg_t *r, long tid, uint32_t key, int born) {
 /* Whether signal signo is blocked or pending in thread tid (its /proc status masks), or that
  * cannot be told (then it is taken as held). */
 static int signal_held(long tid, int signo) {
-    char buf[2048];
-    if (mw_threads_proc_read(tid, "status", buf, sizeof buf) < 0) return 1;
-    static const char *const keys[] = {"\nSigPnd:", "\nShdPnd:", "\nSigBlk:"};
-    int seen = 0;
-    for (int k = 0; k < 3; k++) {
-        const char *p = strstr(buf, keys[k]);
-        if (!p) continue;
-        unsigned long long mask = strtoull(p + strlen(keys[k]), NULL, 16);
-        if (mask & (1ULL << (signo - 1))) return 1;
-        seen++;
-    }
-    return seen != 3;
+    uint64_t pnd, shd, blk;
+    if (mw_threads_sigmasks(tid, &pnd, &shd, &blk) != 0) return 1;
+    return ((pnd | shd | blk) >> (signo - 1)) & 1;
 }
 
 /* A perf event on the real-time route stops itself after PERF_BUDGET overflows no handler run has
@@ -172,6 +163,14 @@ void mw_cputimer_watch(int i, long tid, uint64_t cpu_now) {
     }
     atomic_store_explicit(&r->heard, cpu_now, memory_order_relaxed); /* one try per watch span */
     pthread_mutex_unlock(&g_lock);
+}
+
+int mw_cputimer_overdue(int i, long tid, uint64_t cpu_now) {
+    if (!g_reg || i < 0 || i >= REGS || atomic_load(&g_reg[i].tid) != tid) return 0;
+    reg_t *r = &g_reg[i];
+    uint64_t since = g_mode == 2 ? atomic_load_explicit(&r->heard, memory_order_relaxed)
+                                 : r->next_due; /* POSIX: written by the thread's handler */
+    return since && cpu_now >= since + PERF_WATCH_PERIODS * (uint64_t)g_period_ns + 2000000;
 }
 
 static int arm_locked(long tid, uintptr_t tstate, int born, int *existed);
@@ -227,6 +226,7 @@ static void credit_record(reg_t *r, long tid, int i, uint64_t periods, int unpla
     rec->periods = (uint32_t)periods;
     rec->counted = 1;
     rec->unplaced = unplaced;
+    rec->unmasked = 0;
     rec->labelset = mw_threads_labelset_now(tid);
     mw_labels_span_seen(rec->labelset);
     rec->depth = rec->truncated = rec->ncopies = rec->nips = rec->ips_complete = 0;

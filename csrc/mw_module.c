@@ -119,6 +119,9 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "preempt_checks", s.preempt_checks) ||
         mw_dict_put_u64(d, "names_unsettled", s.names_unsettled) ||
         mw_dict_put_u64(d, "threads_cut", s.threads_cut) ||
+        mw_dict_put_u64(d, "signals_blocked", s.signals_blocked) ||
+        mw_dict_put_u64(d, "sigblk_placed", s.sigblk_placed) ||
+        mw_dict_put_u64(d, "timer_late", s.timer_late) ||
         mw_dict_put_u64(d, "unverified", s.unverified) ||
         mw_dict_put_u64(d, "native_spared_writes", s.native_spared_writes) ||
         mw_dict_put_u64(d, "can_pause", s.can_pause) ||

@@ -82,6 +82,9 @@ typedef struct mw_sampler_stats {
     uint64_t preempt_checks;      /* threads asked whether they were preempted (/proc reads) */
     uint64_t names_unsettled;     /* threads met unnamed, not followed for a name (list full) */
     uint64_t threads_cut;         /* ticks whose thread list was cut at MW_MAX_THREADS */
+    uint64_t signals_blocked;     /* threads found running with our sampling signal blocked */
+    uint64_t sigblk_placed;       /* on-CPU samples the ticks took of such threads (unpaused) */
+    uint64_t timer_late;          /* CPU-timer samples that came when such a thread unblocked */
     uint64_t can_pause;           /* 1 when the pause handler is installed */
     uint64_t unproven;            /* thread samples dropped: no read could be proven consistent */
     uint64_t unverified;          /* no pause possible here: two agreeing reads kept (not proven) */

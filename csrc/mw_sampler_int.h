@@ -57,6 +57,9 @@ static inline int mws_thread_cpu_ns(long tid, uint64_t *out) {
 }
 
 /* A thread the sampler has met: an entry of g_ts, open addressing by kernel tid. */
+/* Ticks a thread stays watched after a CPU-timer sample came as it unblocked our signal. */
+#define MWS_MASKS_TICKS 256
+
 typedef struct {
     /* What a quiet tick looks at, first: one cache line per idle thread per tick. */
     long tid;              /* 0 = free */
@@ -99,6 +102,13 @@ typedef struct {
     uint64_t hw_gen, hw_hits, hw_credit, hw_clock;
     int hw_clocked;
     int counted; /* the last tick's: its CPU samples are laid in a count (mws_clock_account) */
+    /* Whether it blocks our sampling signal (signals_blocked, mw_sampler_take.c): the answer of
+     * its /proc mask at tick sigblk_tick; and its CPU clock at the last tick that placed its CPU
+     * for that reason (0: none since its last CPU-timer sample). */
+    int sigblk;
+    uint64_t sigblk_tick, sigblk_cpu;
+    uint64_t masks_until; /* a CPU-timer sample came as it unblocked our signal: until this tick,
+                           * each tick that finds it running asks whether it blocks it now */
     uintptr_t reg_tstate;
     uint64_t owed_wall, owed_n;
     /* The last CPU-timer sample's entry: the next one with the same raw stack goes to it. */

@@ -171,7 +171,8 @@ static void labels_at_read(long tid, mw_readlabels_t *lab) {
 }
 
 /* Adds a proven read of st's Python frames (g_raw/g_sym[0..depth), read between CPU clock
- * readings c0 and c1) as a sample: wall time dwall, and an on-CPU sample when on_cpu. native:
+ * readings c0 and c1) as a sample: wall time dwall, and when on_cpu, that many on-CPU samples
+ * (1 but for a thread that blocks our signal, see signals_blocked). native:
  * the thread is paused in mw_unwind's handler with its native stack captured. */
 static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int ok, int on_cpu,
                  int native, const mw_readlabels_t *lab, uint64_t dwall, uint64_t c0, uint64_t c1,
@@ -219,7 +220,7 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
      * read, or it was found running and paused. Such samples fall uniformly over the thread's
      * CPU time, so stacks are drawn in proportion to where CPU was used; the CPU time itself is
      * given to them at the end of the window (mws_cpu_window_finalize). */
-    mw_values_t v = {(uint64_t)on_cpu, 0, 1, dwall};
+    mw_values_t v = {(uint64_t)on_cpu, 0, 1, dwall}; /* on_cpu: its weight in samples */
     uint32_t idx = 0;
     if (mws_add_sample(b, g_ids, n, task_thread ? task_thread : thread, labelset, &v, &idx) != 0) {
         g_stats.dropped++;
@@ -228,7 +229,7 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
     g_stats.samples++;
     if (on_cpu) {
         g_stats.cpu_samples++;
-        mws_cpu_window_add(thread, gen, st->pending, 1, 0);
+        mws_cpu_window_add(thread, gen, st->pending, (uint64_t)on_cpu, 0);
         st->pending = 0;
         st->hit_gen = gen;
     }
@@ -260,6 +261,28 @@ static void owe(mw_tstate_t *st, uint64_t gen, uint64_t dwall) {
     }
     st->owed_wall += dwall;
     st->owed_n++;
+}
+
+/* A thread that blocks our sampling signal (signal.pthread_sigmask in a worker, a library's own
+ * threads) gets no CPU-timer sample and no pause while it does, and the CPU it used meanwhile went
+ * to wherever it was when it unblocked: a thread burning 1 s with its signals blocked had it all
+ * at its unblocking call (POSIX timers; 0.2-0.3 of it with perf events, the rest at the code
+ * after: with ticks only too). The ticks place such a thread's CPU instead, as without timers,
+ * reading it unpaused: two reads that agree (`unverified`, as where no signal can pause at all).
+ * Asked of /proc (SigBlk) when a pause went unanswered (fresh), or when a timer's signal is
+ * overdue, at most every SIGBLK_TICKS ticks per thread; at every tick that finds it running for
+ * a while after a timer's sample came as it unblocked the signal (short stretches: mw_unmasked).
+ * The signal is the pause's, which the timers share. */
+#define SIGBLK_TICKS 8
+static int signals_blocked(mw_tstate_t *st, int fresh) {
+    if (!fresh && st->sigblk_tick && g_tick < st->sigblk_tick + SIGBLK_TICKS) return st->sigblk;
+    st->sigblk_tick = g_tick;
+    uint64_t pnd, shd, blk;
+    int sig = mw_unwind_signal(), was = st->sigblk;
+    st->sigblk =
+        sig > 0 && mw_threads_sigmasks(st->tid, &pnd, &shd, &blk) == 0 && ((blk >> (sig - 1)) & 1);
+    if (st->sigblk && !was) g_stats.signals_blocked++;
+    return st->sigblk;
 }
 
 /* POSIX CPU timers place a thread's CPU badly: the kernel checks them only at its scheduler tick
@@ -430,6 +453,16 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
     int counted =
         (st->reg && st->reg_tstate == th->tstate && mw_cputimer_counted(st->reg - 1, th->tid)) ||
         (reg_found >= 0 && mw_cputimer_counted(reg_found, th->tid)); /* armed at its start */
+    /* Blocking our signal while it runs (signals_blocked): its CPU is placed by this tick's read,
+     * not counted by its timer. */
+    int blocked = 0, masks = st->masks_until > g_tick;
+    if (st->reg && (masks || mw_cputimer_overdue(st->reg - 1, th->tid, c0))) {
+        if (dclock) blocked = signals_blocked(st, masks); /* else asleep: read as any other */
+    } else if (st->reg) {
+        st->sigblk = 0; /* its timer's signals come: ask again when they stop */
+        st->sigblk_tick = 0;
+    }
+    if (blocked) counted = 0;
     st->counted = counted;
     uint32_t name_seq = mw_threads_name_seq(st->tid);
     if (st->name_id && name_seq && st->name_seq != name_seq) {
@@ -451,7 +484,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
     /* CPU timers: a thread gets one the first time it is seen (again if its id now belongs to
      * another thread state). Until its timer has run for a tick it is read the older way. */
     int wall_only = 0; /* native mode with a timer: the tick gives wall time only */
-    if (g_timers) {
+    if (g_timers && !blocked) {
         if (created && st->reg && st->reg_tstate == th->tstate && !st->timed_gen &&
             !mw_unwind_enabled()) {
             /* First seen, armed at its start, no CPU-timer sample yet: read the older way once,
@@ -487,7 +520,9 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
     int truncated = 0, ok = 0, depth = 0, proven = 0, native = 0, on_cpu = 0;
     mw_readlabels_t lab = {0, 0};
     uintptr_t tstate = th->tstate;
-    int want_native = mw_unwind_enabled();
+    /* Without a timer, known to block the pause's signal (asked again every SIGBLK_TICKS) */
+    if (!blocked && !st->reg && st->sigblk && signals_blocked(st, 0)) blocked = 1;
+    int want_native = mw_unwind_enabled() && !blocked;
     int want_pause = 0;
     uint64_t cs = c0; /* CPU clock before the current read */
     /* Is it on CPU right now? Only asked where the answer decides whether to pause: the GIL's
@@ -550,8 +585,10 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
             int paused = 0;
             if (want_native && mw_unwind_capture(th->tid, tstate, &top_unused) == 0)
                 paused = native = 1;
-            else if (!want_native && g_can_pause && mw_unwind_pause(th->tid) == 0)
+            else if (!want_native && g_can_pause && !blocked && mw_unwind_pause(th->tid) == 0)
                 paused = 1;
+            else if (!want_native && g_can_pause && !blocked)
+                blocked = signals_blocked(st, 1); /* unanswered: does it block the signal? */
             if (paused) {
                 depth = read_stack(tstate, &truncated, &ok);
                 labels_at_read(th->tid, &lab);
@@ -610,12 +647,13 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
         if (!proven) {
             mw_symcache_abort();
             g_stats.walk_retries++;
-            want_pause = g_can_pause;
+            want_pause = g_can_pause && !blocked;
             cs = c1;
         }
     }
-    if (!proven && !g_can_pause) {
-        /* No pause at all in this process (no free real-time signal): the next best thing is
+    if (!proven && (!g_can_pause || blocked)) {
+        /* No pause at all in this process (no free real-time signal), or none reaches this thread
+         * (it blocks the signal): the next best thing is
          * two reads back to back that agree frame for frame (and on every caller's instruction).
          * Counted apart (`unverified`): such a stack is very probably, not provably, real. */
         depth = read_stack(tstate, &truncated, &ok);
@@ -653,6 +691,16 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
         }
         return st;
     }
+    if (blocked && on_cpu) {
+        /* As many samples as the timers take in the time between two ticks: the ticks may come
+         * slower than the rate (perf events: at the wall rate), its other stretches' samples not */
+        int tr = mw_sampler_tick_rate();
+        on_cpu = tr > 0 && g_cfg.rate_hz > tr ? (g_cfg.rate_hz + tr / 2) / tr : 1;
+    }
     emit(b, st, depth, truncated, ok, wall_only ? 0 : on_cpu, native, &lab, dwall, c0, c1, gen);
+    if (blocked && on_cpu) { /* its timer's late sample must not place this stretch again */
+        st->sigblk_cpu = c1;
+        g_stats.sigblk_placed++;
+    }
     return st;
 }

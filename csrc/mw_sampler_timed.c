@@ -14,8 +14,8 @@
 
 #include <string.h>
 
-static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thread, uint64_t gen,
-                          uint64_t own, int place);
+static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, uint32_t periods,
+                          mw_id_t thread, uint64_t gen, uint64_t own, int place);
 
 /* The CPU time one CPU-timer period stands for (1 / the sample rate). */
 static uint64_t cpu_period_ns(void) {
@@ -51,10 +51,23 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
      * the time: one sampled with no Python frame in this window (a native thread between its calls
      * into Python): its samples place it, as its ticks do not (its samples' periods count CPU used
      * in its calls too: mixing the two put 1.4x its calls' CPU in them). */
+    /* A sample that came as the thread unblocked our signal (mw_unmasked) was due earlier, at a
+     * stack not known: its CPU is counted, not placed; and the ticks watch the thread for a while
+     * (mw_sampler_take.c, signals_blocked), placing its CPU while it blocks the signal. The first
+     * sample after a stretch whose CPU the ticks placed stands for the periods it missed, whose
+     * CPU and places the ticks have already counted: neither placed nor counted again. */
+    if (r->unmasked) st->masks_until = g_tick + MWS_MASKS_TICKS;
+    int placed_by_ticks = st->sigblk_cpu && r->periods > 1;
+    st->sigblk_cpu = 0;
+    if (placed_by_ticks || r->unmasked) {
+        g_stats.timer_late++;
+        timed_account(st, r, placed_by_ticks ? 0 : r->periods, thread, gen, 0, 0);
+        return;
+    }
     if (r->depth == 0 && !r->unplaced) st->noframe_gen = gen;
     if (st->tick_hit_gen == gen && st->noframe_gen != gen && r->nips == 0 && !r->unplaced) {
         g_stats.timer_unplaced++;
-        timed_account(st, r, thread, gen, 0, 0);
+        timed_account(st, r, r->periods, thread, gen, 0, 0);
         return;
     }
     /* The same raw stack as this thread's previous CPU sample (a hot loop): same entry, no
@@ -73,7 +86,7 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
         mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall, own};
         if (mw_profbuf_add_at(b, st->timed_idx, &v) == 0) {
             g_stats.reused++;
-            timed_account(st, r, thread, gen, own, 1);
+            timed_account(st, r, r->periods, thread, gen, own, 1);
             return;
         }
     }
@@ -163,13 +176,13 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
     st->timed_gen = gen;
     st->timed_idx = idx;
     st->timed_thread = thread;
-    timed_account(st, r, thread, gen, own, 1);
+    timed_account(st, r, r->periods, thread, gen, own, 1);
 }
 
 /* The bookkeeping of a CPU-timer sample: the CPU it counts in its thread's window, and when it was
  * added to the buffer (place), the owed wall time it paid and the weight it places. */
-static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thread, uint64_t gen,
-                          uint64_t own, int place) {
+static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, uint32_t periods,
+                          mw_id_t thread, uint64_t gen, uint64_t own, int place) {
     if (place) {
         g_stats.samples += st->owed_n;
         st->owed_n = st->owed_wall = 0;
@@ -179,7 +192,7 @@ static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thre
     /* A thread no tick has read yet: its CPU so far is known only from its samples (periods of
      * CPU time); the first tick that reads its clock takes the credited part off. */
     uint64_t credit = 0;
-    if (st->timer_born || r->counted) credit = (uint64_t)r->periods * cpu_period_ns();
+    if (st->timer_born || r->counted) credit = (uint64_t)periods * cpu_period_ns();
     if (st->timer_born) st->credit_ns += credit;
     /* Laid in its event's count: the sample stands for its periods (unbiased for the count)
      * until the thread has MWS_CLOCK_HITS samples in the window; then its clock of the window
@@ -187,7 +200,7 @@ static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, mw_id_t thre
      * later samples only place it. */
     if (r->counted) mws_hw_window(st, gen);
     if (r->counted && st->hw_clocked) credit = 0;
-    mws_cpu_window_add(thread, gen, st->pending + credit, place ? r->periods : 0, own);
+    mws_cpu_window_add(thread, gen, st->pending + credit, place ? periods : 0, own);
     st->pending = 0;
     st->hit_gen = gen;
     if (r->counted && !st->hw_clocked) {

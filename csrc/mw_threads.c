@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -190,4 +191,17 @@ long mw_threads_proc_read(long tid, const char *file, char *buf, size_t cap) {
     if (n <= 0) return -1;
     buf[n] = '\0';
     return (long)n;
+}
+
+int mw_threads_sigmasks(long tid, uint64_t *pending, uint64_t *shared_pending, uint64_t *blocked) {
+    char buf[2048];
+    if (mw_threads_proc_read(tid, "status", buf, sizeof buf) < 0) return -1;
+    static const char *const keys[] = {"\nSigPnd:", "\nShdPnd:", "\nSigBlk:"};
+    uint64_t *out[] = {pending, shared_pending, blocked};
+    for (int k = 0; k < 3; k++) {
+        const char *p = strstr(buf, keys[k]);
+        if (!p) return -1;
+        *out[k] = strtoull(p + strlen(keys[k]), NULL, 16);
+    }
+    return 0;
 }

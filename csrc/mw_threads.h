@@ -28,6 +28,10 @@ void mw_threads_reap(void);
  * Returns the bytes read, or -1 (the thread is gone, or /proc is not there). Any thread; not
  * async-signal-safe. */
 long mw_threads_proc_read(long tid, const char *file, char *buf, size_t cap);
+/* Thread tid's signal masks from its /proc status (SigPnd, ShdPnd, SigBlk; bit signo - 1 each).
+ * Returns 0, or -1 when unreadable. Any thread (a system call and a parse: not async-signal-safe
+ * only in that it calls strtoull). */
+int mw_threads_sigmasks(long tid, uint64_t *pending, uint64_t *shared_pending, uint64_t *blocked);
 
 /* Sampler side. Copies the name (NUL-terminated, "" if unknown) and returns the labelset
  * (0 if none). *name_seq gets a value that changes whenever the name changes. */

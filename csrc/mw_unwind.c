@@ -31,6 +31,7 @@
 
 #include "mw_cputimer.h"
 #include "mw_finishwrite.h"
+#include "mw_unmasked.h"
 #include "mw_symcache.h"
 
 #include <dlfcn.h>
@@ -178,6 +179,7 @@ void mw_unwind_signal_action(struct sigaction *sa, void (*handler)(int, siginfo_
 static int install_handler(const char **why) {
     if (g_sig && signal_is_ours(g_sig)) return 0;
     mw_finishwrite_init();
+    mw_unmasked_init();
     /* Probe for a real-time signal nobody handles (glibc keeps its own below SIGRTMIN). */
     for (int sig = SIGRTMIN + 6; sig <= SIGRTMAX - 2; sig++) {
         struct sigaction old;

@@ -33,6 +33,9 @@ Workloads:
   ending  threads that burn and end at once; truth: each thread's time.thread_time and wall
   phases  one thread whose ~1.2 ms bursts have two halves (phase_head, phase_tail) between 2-4 ms
           sleeps; truth: each half's time.thread_time and wall
+  released  bursts in Python, in C without the GIL and in the kernel; truth: each part's thread_time
+  masked  one thread burning in bursts with every signal blocked, then blocking them only around
+          short bursts; truth: each function's time.thread_time
 """
 from __future__ import annotations
 
@@ -857,10 +860,55 @@ def run_released(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# --- masked: a thread that blocks every signal, the profiler's included -------------------------------
+masked_a, masked_b, short_masked, open_c = (
+    renamed(burn_a, name) for name in ("masked_a", "masked_b", "short_masked", "open_c"))
+
+
+def run_masked(args: argparse.Namespace) -> dict[str, Any]:
+    """One thread, ``masking``, blocking every signal (``signal.pthread_sigmask``, as a worker
+    keeping signals for the main thread does): for the first half of args.seconds it keeps them
+    blocked and burns in bursts of 1.2 ms in masked_a then 0.6 ms in masked_b, each followed by a
+    1-2 ms sleep; for the second half it blocks them only around 1.2 ms bursts in short_masked,
+    each followed by 0.6 ms in open_c and a 1-2 ms sleep. Truth: each function's CPU
+    (time.thread_time)."""
+    import signal
+
+    out = {"cpu": {"masked_a": 0.0, "masked_b": 0.0, "short_masked": 0.0, "open_c": 0.0}}
+    every = signal.valid_signals()
+
+    def burst(fn: Callable[[float], int], ms: float, rng: random.Random | None) -> None:
+        t0 = time.thread_time()
+        fn(ms)
+        out["cpu"][fn.__name__] += time.thread_time() - t0
+        if rng:
+            time.sleep(rng.uniform(0.001, 0.002))
+
+    def masking() -> None:
+        rng = random.Random(5)
+        start = time.monotonic()
+        signal.pthread_sigmask(signal.SIG_BLOCK, every)
+        while time.monotonic() < start + args.seconds / 2:
+            burst(masked_a, 1.2, rng)
+            burst(masked_b, 0.6, rng)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, every)
+        while time.monotonic() < start + args.seconds:
+            signal.pthread_sigmask(signal.SIG_BLOCK, every)
+            burst(short_masked, 1.2, None)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, every)
+            burst(open_c, 0.6, rng)
+        time.sleep(LINGER_S)
+
+    t = threading.Thread(target=masking, name="masking")
+    t.start()
+    t.join()
+    return out
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "bursty": run_bursty, "graph": run_graph, "churn": run_churn, "lines": run_lines, "idle": run_idle,
     "short": run_short, "light": run_light, "ending": run_ending, "phases": run_phases,
-    "released": run_released}
+    "released": run_released, "masked": run_masked}
 
 
 def main() -> None:
