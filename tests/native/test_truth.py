@@ -730,8 +730,9 @@ def test_cpu_of_a_thread_blocking_the_profilers_signal_stays_where_it_was_spent(
     elsewhere = r["truth"]["thread_cpu"] - in_functions  # the loops, sleeps' and masks' calls
     st = r["stats"]
     figures = (f"CPU {({k: round(v, 3) for k, v in ratio.items()})}, long-masked pair {masked:.3f}, elsewhere "
-               f"{cpu['other']:.3f} s (truth {elsewhere:.3f} s); found blocking {st['signals_blocked']}, placed by ticks "
-               f"{st['sigblk_placed']}, unverified {st['unverified']}, late timer samples {st['timer_late']}")
+               f"{cpu['other']:.3f} s (truth {elsewhere:.3f} s); found blocking {st['signals_blocked']}, "
+               f"placed by ticks {st['sigblk_placed']}, unverified {st['unverified']}, "
+               f"late timer samples {st['timer_late']}")
     print(figures)
     assert st["signals_blocked"] >= 1 and st["sigblk_placed"] > 0, figures
     assert 0.88 <= masked <= 1.12, figures
