@@ -377,6 +377,7 @@ int mwc_perf_route(int fd, long tid) {
 
 int mw_cputimer_init(int rate_hz, int max_depth, int signo, const char **why) {
     g_mode = 0;
+    mw_cputimer_unhalt(); /* a signal of our own again */
     const char *force = getenv("MW_PROFILING_CPU_TIMER");
     if (force && !*force) force = NULL;
     if (force && strcmp(force, "perf") != 0 && strcmp(force, "perf-trap") != 0 &&

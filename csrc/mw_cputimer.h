@@ -162,6 +162,10 @@ void mw_cputimer_sweep(void);
 void mw_cputimer_retire(int reg, long tid);
 /* Stops and frees every registration (the sampler stops). */
 void mw_cputimer_disarm_all(void);
+/* Disarms every registration and arms none until mw_cputimer_unhalt (the app took our signal:
+ * no thread may get one more of it). Any thread. */
+void mw_cputimer_halt(void);
+void mw_cputimer_unhalt(void);
 
 /* Drain: the next ready record (NULL when none), to be handed back with _done. */
 mw_cpusample_t *mw_cputimer_next(void);

@@ -315,7 +315,25 @@ void mw_cputimer_forget(long tid) {
     pthread_mutex_unlock(&g_lock);
 }
 
+static int g_halted; /* mw_cputimer_halt: nothing is armed until the next init (g_lock) */
+
+void mw_cputimer_halt(void) {
+    if (!g_reg) return;
+    pthread_mutex_lock(&g_lock);
+    g_halted = 1;
+    for (int i = 0; i < REGS; i++)
+        disarm_locked(i);
+    pthread_mutex_unlock(&g_lock);
+}
+
+void mw_cputimer_unhalt(void) {
+    pthread_mutex_lock(&g_lock);
+    g_halted = 0;
+    pthread_mutex_unlock(&g_lock);
+}
+
 static int arm_locked(long tid, uintptr_t tstate, int born, int *existed) {
+    if (g_halted) return -1;
     for (int i = 0; i < REGS; i++) { /* already armed (by itself at start, or a tick) */
         if (atomic_load(&g_reg[i].tid) != tid) continue;
         if (g_reg[i].tstate == tstate) {

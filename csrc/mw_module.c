@@ -23,12 +23,16 @@
 #include "mw_symcache.h"
 #include "mw_termguard.h"
 #include "mw_threads.h"
+#include "mw_unwind.h"
 #include "mw_upload.h"
 
+#include <dirent.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -120,6 +124,7 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "names_unsettled", s.names_unsettled) ||
         mw_dict_put_u64(d, "threads_cut", s.threads_cut) ||
         mw_dict_put_u64(d, "signals_blocked", s.signals_blocked) ||
+        mw_dict_put_u64(d, "signal_taken", s.signal_taken) ||
         mw_dict_put_u64(d, "sigblk_placed", s.sigblk_placed) ||
         mw_dict_put_u64(d, "timer_late", s.timer_late) ||
         mw_dict_put_u64(d, "unverified", s.unverified) ||
@@ -420,6 +425,44 @@ static PyObject *py_termguard_rekicks(PyObject *self, PyObject *noargs) {
     return PyLong_FromUnsignedLong(mw_termguard_rekicks());
 }
 
+static PyObject *py_sampling_signal(PyObject *self, PyObject *noargs) {
+    int sig = mw_unwind_signal();
+    return PyLong_FromLong(sig && !mw_unwind_released() && mw_unwind_signal_ours() ? sig : 0);
+}
+
+/* Whether a thread of this process has signal sig pending (its /proc status). */
+static int any_pending(int sig) {
+    DIR *d = opendir("/proc/self/task");
+    if (!d) return 0;
+    struct dirent *e;
+    int any = 0;
+    while (!any && (e = readdir(d)) != NULL) {
+        long tid = strtol(e->d_name, NULL, 10);
+        uint64_t pnd, shd, blk;
+        if (tid > 0 && mw_threads_sigmasks(tid, &pnd, &shd, &blk) == 0)
+            any = (int)(((pnd | shd) >> (sig - 1)) & 1);
+    }
+    closedir(d);
+    return any;
+}
+
+static PyObject *py_release_signal(PyObject *self, PyObject *args) {
+    double timeout = 0.1;
+    if (!PyArg_ParseTuple(args, "|d", &timeout)) return NULL;
+    int sig = mw_sampler_release_signal(), drained = 1;
+    if (sig) { /* those already queued reach our handler before the app's disposition is in */
+        Py_BEGIN_ALLOW_THREADS;
+        int64_t waited = 0;
+        while ((drained = !any_pending(sig)) == 0 && waited < (int64_t)(timeout * 1e9)) {
+            struct timespec ms = {0, 1000000};
+            nanosleep(&ms, NULL);
+            waited += 1000000;
+        }
+        Py_END_ALLOW_THREADS;
+    }
+    return Py_BuildValue("(iO)", sig, drained ? Py_True : Py_False);
+}
+
 static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
     return Py_BuildValue("{s:s}", "python", mw_pyframes_version());
 }
@@ -432,6 +475,11 @@ static PyMethodDef core_methods[] = {
     {"stop", py_stop, METH_NOARGS, "stop the sampler thread (joins it)"},
     {"running", py_running, METH_NOARGS, "is the sampler thread running"},
     {"stats", py_stats, METH_NOARGS, "counters of the sampler"},
+    {"sampling_signal", py_sampling_signal, METH_NOARGS,
+     "the real-time signal the sampler sends (CPU timers, pauses), 0 when none"},
+    {"release_signal", py_release_signal, METH_VARARGS,
+     "release_signal(timeout=0.1) -> (signal, drained): the app takes our signal: stop sending it "
+     "and wait until no thread has it pending"},
     {"snapshot", (PyCFunction)(void (*)(void))py_snapshot, METH_VARARGS | METH_KEYWORDS,
      "snapshot(reset=False) -> (start_ns, end_ns, rows)"},
     {"set_thread_name", py_set_thread_name, METH_VARARGS, "set_thread_name(tid, name)"},

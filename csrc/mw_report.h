@@ -27,6 +27,7 @@ typedef enum {
     MW_REPORT_SAMPLES_LOST,       /* CPU-timer samples lost: the sampler thread fell behind */
     MW_REPORT_EXITS_LOST,         /* ending threads' last clocks lost: the ring was full */
     MW_REPORT_THREADS_CUT,        /* more Python threads than the ticks list: the oldest unread */
+    MW_REPORT_SIGNAL_TAKEN,       /* the app installed its own handler for our signal */
     MW_REPORT_KINDS
 } mw_report_kind_t;
 

@@ -83,6 +83,7 @@ typedef struct mw_sampler_stats {
     uint64_t names_unsettled;     /* threads met unnamed, not followed for a name (list full) */
     uint64_t threads_cut;         /* ticks whose thread list was cut at MW_MAX_THREADS */
     uint64_t signals_blocked;     /* threads found running with our sampling signal blocked */
+    uint64_t signal_taken;        /* the signal the app took from us (its own handler), 0 none */
     uint64_t sigblk_placed;       /* on-CPU samples the ticks took of such threads (unpaused) */
     uint64_t timer_late;          /* CPU-timer samples that came when such a thread unblocked */
     uint64_t can_pause;           /* 1 when the pause handler is installed */
@@ -116,6 +117,10 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why);
  * and reported once). The buffers keep their data. Safe to call when stopped. */
 void mw_sampler_stop(void);
 int mw_sampler_running(void);
+/* The app is about to install its own disposition for our signal (signal.signal): from now on no
+ * pause is asked and every CPU timer is disarmed (the sampler thread places CPU by its ticks at
+ * its next tick, and says so once). Returns the signal, 0 when none. Any thread. */
+int mw_sampler_release_signal(void);
 int mw_sampler_rate(void);
 /* A Python thread that starts (GIL held): gives it its CPU timer now when the sampler runs with
  * timers. Any thread. born: tid is the calling thread at its own start (its CPU since its

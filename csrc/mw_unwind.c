@@ -80,10 +80,12 @@ typedef struct {
 
 static slot_t *g_slot;
 static sem_t g_sem;
-static int g_sig;            /* 0 = handler never installed */
-static atomic_int g_enabled; /* native frames wanted */
-static int g_show_internal;  /* read by the sampler */
-static uint64_t g_seq;       /* sampler thread */
+static int g_sig;             /* 0 = handler never installed */
+static atomic_int g_enabled;  /* native frames wanted */
+static atomic_int g_released; /* the app is taking g_sig: no request is sent */
+static pthread_mutex_t g_send_lock = PTHREAD_MUTEX_INITIALIZER; /* released vs a request's send */
+static int g_show_internal;                                     /* read by the sampler */
+static uint64_t g_seq;                                          /* sampler thread */
 static pthread_key_t g_altstack_key;
 static pthread_once_t g_key_once = PTHREAD_ONCE_INIT;
 static mw_unwind_stats_t g_st;                    /* sampler-thread counters */
@@ -177,7 +179,10 @@ void mw_unwind_signal_action(struct sigaction *sa, void (*handler)(int, siginfo_
 }
 
 static int install_handler(const char **why) {
-    if (g_sig && signal_is_ours(g_sig)) return 0;
+    if (g_sig && signal_is_ours(g_sig)) {
+        atomic_store(&g_released, 0); /* still ours: the app's own set-up did not happen */
+        return 0;
+    }
     mw_finishwrite_init();
     mw_unmasked_init();
     /* Probe for a real-time signal nobody handles (glibc keeps its own below SIGRTMIN). */
@@ -189,6 +194,7 @@ static int install_handler(const char **why) {
         mw_unwind_signal_action(&sa, on_signal);
         if (sigaction(sig, &sa, NULL) != 0) continue;
         g_sig = sig;
+        atomic_store(&g_released, 0);
         return 0;
     }
     *why = "no free real-time signal (every SIGRTMIN+6..SIGRTMAX-2 already has a handler)";
@@ -229,6 +235,27 @@ int mw_unwind_enable(int show_internal, const char **why) {
 
 int mw_unwind_signal(void) {
     return g_sig;
+}
+
+int mw_unwind_signal_ours(void) {
+    return !g_sig || signal_is_ours(g_sig);
+}
+
+int mw_unwind_release_signal(void) {
+    if (!g_sig) return 0;
+    pthread_mutex_lock(&g_send_lock); /* a request being sent is sent before this returns */
+    atomic_store(&g_released, 1);
+    pthread_mutex_unlock(&g_send_lock);
+    atomic_store(&g_enabled, 0);
+    return g_sig;
+}
+
+int mw_unwind_released(void) {
+    return atomic_load(&g_released);
+}
+
+void mw_unwind_after_fork_child(void) {
+    pthread_mutex_init(&g_send_lock, NULL);
 }
 
 void mw_unwind_disable(void) {
@@ -301,7 +328,7 @@ static void release_seq(uint64_t seq) {
  * on the semaphore, so that a pause costs neither side a context switch. */
 static int request(long tid, int unwind, int64_t wait_ns) {
     slot_t *s = g_slot;
-    if (!s || !g_sig || tid <= 0) return -1;
+    if (!s || !g_sig || tid <= 0 || atomic_load(&g_released)) return -1;
     unsigned bi = (unsigned)tid & (BACKOFF_SLOTS - 1);
     long late = atomic_exchange(&s->late_tid, 0);
     if (late) { /* its handler ran after all: it takes our signal, forget the back-off */
@@ -327,7 +354,10 @@ static int request(long tid, int unwind, int64_t wait_ns) {
     s->n = 0;
     atomic_store(&s->state, seq << 2 | PH_REQ);
     g_st.requests++;
-    if (syscall(SYS_tgkill, getpid(), (pid_t)tid, g_sig) != 0) {
+    pthread_mutex_lock(&g_send_lock);
+    int sent = !atomic_load(&g_released) && syscall(SYS_tgkill, getpid(), (pid_t)tid, g_sig) == 0;
+    pthread_mutex_unlock(&g_send_lock);
+    if (!sent) {
         atomic_store(&s->state, seq << 2 | PH_IDLE);
         g_st.send_failed++;
         return -1;

@@ -69,6 +69,16 @@ int mw_unwind_pause(long tid);
  * signals of the threads' CPU timers (mw_cputimer: si_code SI_TIMER or POLL_IN) and hands them
  * to mw_cputimer_on_signal. */
 int mw_unwind_signal(void);
+/* 0 when that signal's handler is no longer ours (the app installed its own after our set-up),
+ * 1 otherwise (or no signal). One sigaction call; any thread. */
+int mw_unwind_signal_ours(void);
+/* The app is taking our signal (its own disposition for it, about to be installed): no pause is
+ * asked from now on and native unwinding stops. Returns the signal (0: none). Any thread. A later
+ * mw_unwind_setup finds a free signal again. */
+int mw_unwind_release_signal(void);
+int mw_unwind_released(void);
+/* In a fork child (its only thread): the send lock afresh. */
+void mw_unwind_after_fork_child(void);
 /* The action of our sampling signals (handler given): SA_SIGINFO | SA_ONSTACK | SA_RESTART, every
  * other asynchronous signal waiting for the short handler, faults (SEGV, BUS, ILL, FPE, ABRT)
  * still deliverable so a crash in it reaches faulthandler. Any thread. */

@@ -278,6 +278,7 @@ def _install_process_hooks() -> None:
     atexit.register(_at_exit)
     os.register_at_fork(after_in_child=_after_fork_in_child)
     _install_os_exit_flush()
+    _install_signal_guard()
     # multiprocessing children: profiled from their start, flushed before they end; hooked when
     # the app imports multiprocessing (never imported by us)
     from middleware.integrations._post_import import when_imported
@@ -335,6 +336,37 @@ def _install_os_exit_flush() -> None:
         func = getattr(os, name, None)
         if func is not None and not getattr(func, "_mw_flushes", False):
             setattr(os, name, _stopping_before_exec(func))
+
+
+def _install_signal_guard() -> None:
+    """The sampler sends one real-time signal (CPU timers, pauses), the first of
+    SIGRTMIN+6..SIGRTMAX-2 with no handler when it started. An app that later installs its own
+    disposition for that signal would get ours: a handler of its own was called at every CPU
+    sample, and ``SIG_DFL`` (code resetting every signal to its default) ended the process at the
+    next one. ``signal.signal`` is wrapped: for that signal the sampler first stops sending it and
+    waits (at most 0.1 s) until no thread has one pending, then the app's disposition goes in;
+    the sampler goes on with its ticks only and says so once. (A disposition installed from C code
+    is seen at the sampler's next tick: one or two of ours may reach a handler before; a
+    ``SIG_DFL`` there can still end the process.)"""
+    import signal
+
+    original = signal.signal
+    if getattr(original, "_mw_guards", False):
+        return
+
+    @functools.wraps(original)
+    def signal_(signalnum: Any, handler: Any) -> Any:
+        try:
+            n = _native_module()
+            ours = n.sampling_signal()
+            if ours and int(signalnum) == ours:
+                n.release_signal(0.1)
+        except Exception:  # never keep the app from setting its handler
+            logger.debug("middleware: releasing the sampling signal failed", exc_info=True)
+        return original(signalnum, handler)
+
+    signal_._mw_guards = True  # type: ignore[attr-defined]
+    signal.signal = signal_
 
 
 def _stopping_before_exec(original: Any) -> Any:

@@ -547,3 +547,50 @@ def test_more_python_threads_than_the_ticks_read_is_said_and_the_oldest_keep_the
     # was armed for: the ~18% it used once the list was cut had no Python frame)
     if cpu_timer is None:
         assert r["cpu"]["in_python"] >= 0.97 * r["cpu"]["profiled"], r
+
+
+APP_TAKES_THE_SIGNAL = r"""
+import json, signal, sys, threading, time
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+from middleware import MwTracker, _native
+from support.processes import burn
+t = MwTracker(sample_rate=100, profile_dir="none", instrument=False)
+t.snapshot(reset=True)
+ours = _native.sampling_signal()
+calls = []
+# the app takes "its" real-time signal after the tracker started: a handler of its own, or the
+# default disposition back (code resetting every signal)
+signal.signal(ours, (lambda signum, frame: calls.append(signum)) if sys.argv[2] == "handler" else signal.SIG_DFL)
+truth = {}
+def worker(name):
+    truth[name] = burn(1.0)
+threads = [threading.Thread(target=worker, args=(f"w{i}",), name=f"w{i}") for i in range(2)]
+for th in threads:
+    th.start()
+for th in threads:
+    th.join()
+p = t.snapshot()
+ci = p.value_index("cpu")
+got = {name: sum(s.values[ci] for s in p.samples
+                 if s.label("thread_name") == name and any(f.function == "burn" for f in s.stack)) for name in truth}
+print(json.dumps({"ours": ours, "calls": len(calls), "truth": truth, "got": got,
+                  "taken": _native.stats()["signal_taken"], "now": _native.sampling_signal()}))
+"""
+
+
+@pytest.mark.parametrize("cpu_timer", [None, "off"], ids=["default", "ticks-only"])
+@pytest.mark.parametrize("disposition", ["handler", "default"])
+def test_an_app_taking_the_profilers_signal_gets_none_of_it_and_the_profile_goes_on(disposition, cpu_timer):
+    from support.processes import run_code
+
+    # GIVEN a profiled app that installs its own disposition for the profiler's real-time signal
+    r, err = run_code(APP_TAKES_THE_SIGNAL, disposition, env={"MW_PROFILING_CPU_TIMER": cpu_timer,
+                                                             "MW_PROFILING_QUIET": None})
+    # THEN it lives (SIG_DFL: "Real-time signal 6" ended it at the next CPU sample, in every mode),
+    # its handler is never called with ours (240 calls in 2 s of two busy threads before)
+    assert r["ours"] > 0 and r["calls"] == 0, (r, err)
+    # AND the sampler stopped sending it, said once
+    assert r["taken"] == r["ours"] and r["now"] == 0, r
+    assert err.count(f"set a disposition of its own for signal {r['ours']}") == 1, err
+    # AND each thread's CPU is still in the profile, read by the ticks (all of it was lost)
+    assert all(abs(r["got"][k] - v) <= 0.1 * v for k, v in r["truth"].items()), r
