@@ -359,7 +359,8 @@ def _install_signal_guard() -> None:
         try:
             n = _native_module()
             ours = n.sampling_signal()
-            if ours and int(signalnum) == ours:
+            # only where the call can succeed: signal.signal raises in any other thread
+            if ours and int(signalnum) == ours and threading.current_thread() is threading.main_thread():
                 n.release_signal(0.1)
         except Exception:  # never keep the app from setting its handler
             logger.debug("middleware: releasing the sampling signal failed", exc_info=True)

@@ -594,3 +594,28 @@ def test_an_app_taking_the_profilers_signal_gets_none_of_it_and_the_profile_goes
     assert err.count(f"set a disposition of its own for signal {r['ours']}") == 1, err
     # AND each thread's CPU is still in the profile, read by the ticks (all of it was lost)
     assert all(abs(r["got"][k] - v) <= 0.1 * v for k, v in r["truth"].items()), r
+
+
+def test_a_signal_call_that_fails_outside_the_main_thread_leaves_the_profilers_signal_alone():
+    from support.processes import run_code
+
+    code = r'''
+import json, signal, sys, threading
+sys.path.insert(0, sys.argv[1])
+from middleware import MwTracker, _native
+t = MwTracker(sample_rate=100, profile_dir="none", instrument=False)
+ours, out = _native.sampling_signal(), {}
+def other():
+    try:
+        signal.signal(ours, signal.SIG_DFL)
+    except ValueError as exc:  # signal only works in the main thread
+        out["error"] = str(exc)
+th = threading.Thread(target=other)
+th.start()
+th.join()
+print(json.dumps({"ours": ours, "now": _native.sampling_signal(), "error": out.get("error", ""),
+                  "taken": _native.stats()["signal_taken"]}))
+'''
+    r, err = run_code(code)
+    # THEN the app's call fails as it would have, and the profiler keeps its signal (CPU timers on)
+    assert r["error"] and r["ours"] > 0 and r["now"] == r["ours"] and r["taken"] == 0, (r, err)
