@@ -345,27 +345,22 @@ static void short_slice(void) {
         g_stats.sampler_slice_ns = a.sched_runtime;
 }
 
-/* The app installed a handler of its own for our signal after we set it up (a library taking
- * "its" real-time signal): each CPU-timer signal and pause request would run the app's handler
- * (240 calls in 2 s of two busy threads at 100 Hz) and every CPU sample was lost. It is no longer
- * sent: the timers are disarmed (the ticks place CPU from now on, at the sampling rate), running
- * threads are read unpaused (two reads that agree), native frames stop. Said once. Sampler
- * thread, at a tick. */
-static void disarm_timers(void) {
-    mw_cputimer_disarm_all();
-    g_timers_armed = 0;
-    for (uint32_t i = 0; g_ts && i < g_ts_n; i++)
-        g_ts[i].reg = 0;
-}
-
+/* The app set a disposition of its own for our signal after we set it up (a library taking
+ * "its" real-time signal, code resetting every signal): each CPU-timer signal and pause request
+ * would run the app's handler (240 calls in 2 s of two busy threads at 100 Hz, every CPU sample
+ * lost) or end the process (SIG_DFL). It is no longer sent: the timers are halted (none is armed
+ * again: the ticks place CPU from now on, at the sampling rate), running threads are read
+ * unpaused (two reads that agree), native frames stop. Said once. Sampler thread, at a tick;
+ * signal.signal has mostly released it already (mw_sampler_release_signal). */
 static void signal_taken(void) {
     int sig = mw_unwind_release_signal();
     g_can_pause = 0;
-    g_timers = 0; /* first: a thread starting now arms no timer (one that already read it is
-                   * disarmed at the next tick) */
+    g_timers = 0;
     mw_unwind_disable();
     mw_cputimer_halt();
-    disarm_timers();
+    g_timers_armed = 0;
+    for (uint32_t i = 0; g_ts && i < g_ts_n; i++)
+        g_ts[i].reg = 0;
     drain_safe_set();
     g_stats.signal_taken = (uint64_t)sig;
     mw_report_once(MW_REPORT_SIGNAL_TAKEN,
@@ -392,10 +387,7 @@ static void *sampler_main(void *arg) {
     int64_t next = mw_now_monotonic_ns();
     g_rng ^= (uint64_t)next;
     for (;;) {
-        if (g_can_pause && (mw_unwind_released() || !mw_unwind_signal_ours()))
-            signal_taken();
-        else if (g_stats.signal_taken && g_timers_armed)
-            disarm_timers();
+        if (g_can_pause && (mw_unwind_released() || !mw_unwind_signal_ours())) signal_taken();
         /* Native mode reads threads at ticks (paused and unwound): full rate there. */
         int64_t period = 1000000000LL / mw_sampler_tick_rate();
         int64_t jitter = (int64_t)(rng_next() % (uint64_t)(2 * period * MW_JITTER_PCT / 100 + 1)) -
@@ -637,8 +629,7 @@ int mw_sampler_rate(void) {
 }
 void mw_sampler_thread_started(long tid, uintptr_t tstate, int born) {
     if (born && atomic_load(&g_running)) mws_exit_watch();
-    if (atomic_load(&g_running) && g_timers && !mw_unwind_released() &&
-        mw_cputimer_arm(tid, tstate, born, NULL) >= 0)
+    if (atomic_load(&g_running) && g_timers && mw_cputimer_arm(tid, tstate, born, NULL) >= 0)
         g_timers_armed = 1;
 }
 

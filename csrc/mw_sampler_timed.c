@@ -46,11 +46,6 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
     /* The handler's own run is CPU the thread spent at this very stack (its clock counts it),
      * capped at a period: a handler preempted midway ran longer in wall time than on CPU. */
     uint64_t own = r->handler_ns < cpu_period_ns() ? r->handler_ns : cpu_period_ns();
-    /* POSIX timers: a thread a tick has read running in this window has its CPU placed by its
-     * ticks (place_running): this sample only counts CPU. Except a thread that ticks cannot see all
-     * the time: one sampled with no Python frame in this window (a native thread between its calls
-     * into Python): its samples place it, as its ticks do not (its samples' periods count CPU used
-     * in its calls too: mixing the two put 1.4x its calls' CPU in them). */
     /* A sample that came as the thread unblocked our signal (mw_unmasked) was due earlier, at a
      * stack not known: its CPU is counted, not placed; and the ticks watch the thread for a while
      * (mw_sampler_take.c, signals_blocked), placing its CPU while it blocks the signal. The first
@@ -64,6 +59,11 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
         timed_account(st, r, placed_by_ticks ? 0 : r->periods, thread, gen, 0, 0);
         return;
     }
+    /* POSIX timers: a thread a tick has read running in this window has its CPU placed by its
+     * ticks (place_running): this sample only counts CPU. Except a thread that ticks cannot see all
+     * the time: one sampled with no Python frame in this window (a native thread between its calls
+     * into Python): its samples place it, as its ticks do not (its samples' periods count CPU used
+     * in its calls too: mixing the two put 1.4x its calls' CPU in them). */
     if (r->depth == 0 && !r->unplaced) st->noframe_gen = gen;
     if (st->tick_hit_gen == gen && st->noframe_gen != gen && r->nips == 0 && !r->unplaced) {
         g_stats.timer_unplaced++;

@@ -277,7 +277,7 @@ def _install_process_hooks() -> None:
     _hooks_installed = True
     atexit.register(_at_exit)
     os.register_at_fork(after_in_child=_after_fork_in_child)
-    _install_os_exit_flush()
+    _install_leaving_hooks()
     _install_signal_guard()
     # multiprocessing children: profiled from their start, flushed before they end; hooked when
     # the app imports multiprocessing (never imported by us)
@@ -304,7 +304,7 @@ def _at_exit() -> None:
         p.stop(EXIT_FLUSH_TIMEOUT_S)
 
 
-def _install_os_exit_flush() -> None:
+def _install_leaving_hooks() -> None:
     """``os._exit`` ends a process without ``atexit``: a process leaving through it (a forked
     worker of a hand-made pre-fork server, a daemon's parent, an app's fast exit) lost every
     sample since its last export, silently. Wrapped, it first stops this process's profiler (the
