@@ -38,6 +38,7 @@ void mw_collect_reset(int also_active);
 void mw_collect_register_atfork(void);
 
 uint64_t mw_collect_overflow(void); /* stacks that did not fit the cumulative buffer */
-int64_t mw_collect_start_ns(void);  /* start of the cumulative window */
+/* Start of the cumulative window, unix ns (mw_window_start: the wall clock stepped since). */
+int64_t mw_collect_start_ns(void);
 
 #endif

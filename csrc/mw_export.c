@@ -472,9 +472,8 @@ int mw_export_flush(double timeout_s) {
 int mw_export_stop(double timeout_s) {
     int64_t dl = deadline_after(timeout_s);
     /* Another start/stop in progress: wait for it, but not past our own deadline. */
-    struct timespec life_dl =
-        ns_to_ts(mw_now_realtime_ns() + (dl - mw_now_monotonic_ns()) + 1000000LL);
-    if (pthread_mutex_timedlock(&g_life, &life_dl) != 0) return -1;
+    struct timespec life_dl = ns_to_ts(dl + 1000000LL);
+    if (pthread_mutex_clocklock(&g_life, CLOCK_MONOTONIC, &life_dl) != 0) return -1;
     pthread_mutex_lock(&g_lock);
     if (!g_started) {
         pthread_mutex_unlock(&g_lock);

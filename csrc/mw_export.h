@@ -15,7 +15,8 @@
  * a reader can divide a window's cost by the requests served in it.
  * A window without any stack is not written nor submitted (counted as empty_windows; its
  * requests go with the next window written). Windows
- * are contiguous: each starts where the previous one ended (mw_sampler_swap).
+ * are contiguous: each starts where the previous one ended (mw_sampler_swap), unless the wall
+ * clock was stepped in between (mw_window_start).
  *
  * Thread: one pthread, all signals blocked, never touches Python. It sleeps on a condition
  * variable (CLOCK_MONOTONIC) until the next interval, a flush request or stop; the next

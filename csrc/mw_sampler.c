@@ -47,7 +47,7 @@ static int g_stop;
 static int g_joinable; /* a started thread has not been joined yet */
 mw_sampler_config_t g_cfg;
 static mw_profbuf_t *g_active;
-static int64_t g_window_start_ns;
+static int64_t g_window_start_ns, g_window_start_mono; /* see mw_sampler_swap */
 mw_sampler_stats_t g_stats; /* written by the sampler thread; read racily for stats */
 
 /* Sampler-thread-private state. */
@@ -81,6 +81,12 @@ int64_t mw_now_realtime_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+int64_t mw_window_start(int64_t start_ns, int64_t start_mono, int64_t now_ns, int64_t now_mono) {
+    int64_t ran = now_mono - start_mono, gap = (now_ns - start_ns) - ran;
+    if (gap < 0) gap = -gap;
+    return gap > MW_CLOCK_STEP_NS + ran / 100 ? now_ns - ran : start_ns;
 }
 
 int64_t mw_now_monotonic_ns(void) {
@@ -531,6 +537,7 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
     if (!g_active) {
         g_active = mw_profbuf_new(&g_cfg.limits);
         g_window_start_ns = mw_now_realtime_ns();
+        g_window_start_mono = mw_now_monotonic_ns();
     }
     pthread_mutex_unlock(&g_buf_lock);
     if (!g_active) {
@@ -590,10 +597,10 @@ void mw_sampler_stop(void) {
         /* Bounded: stopping runs on the way out of a process (atexit, a worker's last window),
          * and a process must never hang in it because of us. A sampler thread that does not end
          * in time is left alone (still "running": no second one is ever started) and said once. */
-        struct timespec dl;
-        clock_gettime(CLOCK_REALTIME, &dl);
+        struct timespec dl; /* monotonic: a step of the wall clock neither ends nor stretches it */
+        clock_gettime(CLOCK_MONOTONIC, &dl);
         dl.tv_sec += MW_STOP_WAIT_S;
-        int rc = pthread_timedjoin_np(g_thread, NULL, &dl);
+        int rc = pthread_clockjoin_np(g_thread, NULL, CLOCK_MONOTONIC, &dl);
         if (rc == ETIMEDOUT) {
             g_stats.stop_timeouts++;
             mw_report_once(MW_REPORT_SAMPLER,
@@ -667,11 +674,12 @@ mw_profbuf_t *mw_sampler_swap(mw_profbuf_t *fresh, int64_t *t_start, int64_t *t_
     mw_profbuf_t *old = g_active;
     mws_quiet_flush_all(old);
     mws_cpu_window_finalize(old);
-    int64_t now = mw_now_realtime_ns();
-    *t_start = g_window_start_ns;
+    int64_t now = mw_now_realtime_ns(), mono = mw_now_monotonic_ns();
+    *t_start = mw_window_start(g_window_start_ns, g_window_start_mono, now, mono);
     *t_end = now;
     g_active = fresh;
     g_window_start_ns = now;
+    g_window_start_mono = mono;
     pthread_mutex_unlock(&g_buf_lock);
     return old;
 }
@@ -710,6 +718,7 @@ static void atfork_child(void) {
     g_stop = 1;
     if (g_active) mw_profbuf_reset(g_active);
     g_window_start_ns = mw_now_realtime_ns();
+    g_window_start_mono = mw_now_monotonic_ns();
     memset(&g_stats, 0, sizeof g_stats);
     mw_threads_reset_after_fork();
     mw_labels_after_fork_child();

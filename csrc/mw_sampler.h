@@ -131,10 +131,11 @@ void mw_sampler_thread_started(long tid, uintptr_t tstate, int born);
 int mw_sampler_tick_rate(void);
 
 /* Hands the active buffer to the caller and installs `fresh` (empty, same limits) in its
- * place. t_start and t_end get the window the returned buffer covers (CLOCK_REALTIME ns).
- * Caller must hold the collect lock (mw_collect_lock). First (any thread but the sampler's) it
- * has the sampler thread drain the CPU-timer samples left since its last tick into the buffer,
- * waiting for that at most 100 ms; so does mw_sampler_with_active. */
+ * place. t_start and t_end get the window the returned buffer covers (CLOCK_REALTIME ns): from the
+ * previous swap to now (but see mw_window_start). Caller must hold the collect lock
+ * (mw_collect_lock). First (any thread but the sampler's) it has the sampler thread drain the
+ * CPU-timer samples left since its last tick into the buffer, waiting for that at most 100 ms; so
+ * does mw_sampler_with_active. */
 mw_profbuf_t *mw_sampler_swap(mw_profbuf_t *fresh, int64_t *t_start, int64_t *t_end);
 
 /* Calls fn on the active buffer with the buffer lock held (for snapshots). */
@@ -150,5 +151,13 @@ void mw_sampler_register_atfork(void);
 
 int64_t mw_now_realtime_ns(void);
 int64_t mw_now_monotonic_ns(void);
+
+/* The wall-clock start of a window begun at start_ns (CLOCK_REALTIME) / start_mono
+ * (CLOCK_MONOTONIC) and ending at now_ns / now_mono: start_ns, so that windows stay contiguous,
+ * unless the wall clock was stepped meanwhile (NTP, a VM resumed: the two clocks disagree on the
+ * time elapsed by more than MW_CLOCK_STEP_NS plus 1%, far above NTP's slewing), then now_ns minus
+ * the monotonic time elapsed: a step neither empties nor stretches the window. Pure; any thread. */
+#define MW_CLOCK_STEP_NS 50000000LL
+int64_t mw_window_start(int64_t start_ns, int64_t start_mono, int64_t now_ns, int64_t now_mono);
 
 #endif

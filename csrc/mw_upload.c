@@ -634,13 +634,10 @@ void mw_upload_stop(double deadline_s) {
     pthread_mutex_unlock(&g.lock);
     mw_upload_http_abort_at(g_ctx, deadline);
 
-    struct timespec abs;
-    clock_gettime(CLOCK_REALTIME, &abs);
-    int64_t guard = (int64_t)abs.tv_sec * MW_NS_PER_S + abs.tv_nsec +
-                    mw_upload_secs_to_ns(deadline_s) +
+    int64_t guard = mw_upload_mono_ns() + mw_upload_secs_to_ns(deadline_s) +
                     mw_upload_secs_to_ns(g_ctx->cfg.total_timeout_s) + 2 * MW_NS_PER_S;
-    abs = ns_to_ts(guard);
-    if (pthread_timedjoin_np(g_thread, NULL, &abs) == 0) {
+    struct timespec abs = ns_to_ts(guard);
+    if (pthread_clockjoin_np(g_thread, NULL, CLOCK_MONOTONIC, &abs) == 0) {
         ctx_free(g_ctx);
     } else { /* should not happen: give up on the thread rather than hang the app */
         pthread_detach(g_thread);

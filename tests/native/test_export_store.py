@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import time
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
 
+from support.processes import run_code
 from test_pprof_export import STORE_NAME, check_pprof, run_child, store_files
 
 pytestmark = pytest.mark.asan
@@ -159,6 +161,58 @@ def test_flush_and_stop_semantics(tmp_path):
     assert w[0][1] >= r["t_call"]
     _assert_contiguous(w)
     assert r["stats"]["flushes"] >= 2
+
+
+# --- the wall clock stepped ---------------------------------------------------------------------
+STEPPED_CLOCK_CHILD = r"""
+import ctypes, json, sys, time
+sys.path.insert(0, sys.argv[1])
+step = ctypes.CDLL(None).realtime_step
+step.argtypes = [ctypes.c_int64]
+from middleware import MwTracker
+t = MwTracker(profile_dir=sys.argv[2], upload_interval=3600, sample_rate=100, instrument=False)
+def burn(s):
+    end = time.thread_time() + s
+    while time.thread_time() < end:
+        pass
+out = {"windows": []}
+for shift_s in (-60, 3600):  # NTP stepping the clock back; a VM resumed after an hour
+    c0, m0 = time.thread_time(), time.perf_counter()
+    burn(0.4)
+    step(int(shift_s * 1e9))
+    burn(0.4)
+    t.flush()
+    out["windows"].append({"cpu_s": time.thread_time() - c0, "wall_s": time.perf_counter() - m0,
+                           "flushed_at": time.time_ns()})
+snap = t.snapshot()
+out["snapshot_s"] = snap.duration_nanos / 1e9
+t.stop()
+print(json.dumps(out))
+"""
+
+
+def test_a_wall_clock_step_neither_empties_nor_stretches_a_window(tmp_path):
+    # GIVEN a child whose wall clock (CLOCK_REALTIME, its own and Python's) is stepped back 60 s in
+    # the middle of one window and forward an hour in the middle of the next (a preloaded
+    # clock_gettime adds the steps), each window burning 0.8 s of CPU in about 0.8 s
+    shim = tmp_path / "librealtime_step.so"
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(shim),
+                    str(Path(__file__).parent / "c" / "realtime_step.c"), "-ldl"], check=True)
+    d = tmp_path / "store"
+    preload = f"{os.environ.get('LD_PRELOAD', '')} {shim}".strip()  # after ASan's when there
+    r, err = run_code(STEPPED_CLOCK_CHILD, str(d), env={"LD_PRELOAD": preload}, timeout=60)
+    # THEN each window lasts what it lasted (before: the first one 0 s long, its end before its
+    # start, the second 3,600.8 s) and ends at the wall clock's time of its flush
+    files = sorted(store_files(d), key=lambda p: p.stat().st_mtime_ns)
+    decoded = [check_pprof(p.read_bytes()) for p in files]
+    assert len(decoded) >= 2, [p.name for p in files]
+    for want, got in zip(r["windows"], decoded[:2], strict=True):
+        start, end = got.window
+        assert 0.9 * want["wall_s"] <= (end - start) / 1e9 <= want["wall_s"] + 0.05, (want, got.window)
+        assert want["flushed_at"] - 50_000_000 <= end <= want["flushed_at"], (want, got.window)
+    # AND the cumulative snapshot's length is the run's (about 1.6 s), and nothing was said
+    assert 1.5 <= r["snapshot_s"] <= 2.5, r
+    assert "middleware" not in err, err
 
 
 # --- faults -------------------------------------------------------------------------------------
