@@ -18,6 +18,7 @@
 #include "mw_pyframes.h"
 #include "mw_pyglue.h"
 #include "mw_cputimer.h"
+#include "mw_exitorder.h"
 #include "mw_finishwrite.h"
 #include "mw_sampler.h"
 #include "mw_symcache.h"
@@ -463,6 +464,10 @@ static PyObject *py_release_signal(PyObject *self, PyObject *args) {
     return Py_BuildValue("(iO)", sig, drained ? Py_True : Py_False);
 }
 
+static PyObject *py_atexit_run_last(PyObject *self, PyObject *func) {
+    return PyBool_FromLong(mw_exitorder_run_last(func));
+}
+
 static PyObject *py_build_info(PyObject *self, PyObject *noargs) {
     return Py_BuildValue("{s:s}", "python", mw_pyframes_version());
 }
@@ -480,6 +485,9 @@ static PyMethodDef core_methods[] = {
     {"release_signal", py_release_signal, METH_VARARGS,
      "release_signal(timeout=0.1) -> (signal, drained): the app takes our signal: stop sending it "
      "and wait until no thread has it pending"},
+    {"atexit_run_last", py_atexit_run_last, METH_O,
+     "atexit_run_last(func) -> bool: func's atexit registration runs after every other one "
+     "(csrc/mw_exitorder.h); False when func is not registered"},
     {"snapshot", (PyCFunction)(void (*)(void))py_snapshot, METH_VARARGS | METH_KEYWORDS,
      "snapshot(reset=False) -> (start_ns, end_ns, rows)"},
     {"set_thread_name", py_set_thread_name, METH_VARARGS, "set_thread_name(tid, name)"},

@@ -275,7 +275,10 @@ def _install_process_hooks() -> None:
     if _hooks_installed:
         return
     _hooks_installed = True
+    # atexit runs the newest first: moved to the oldest place, the last export waits for every
+    # callback, those registered before the tracker started too (their CPU was lost)
     atexit.register(_at_exit)
+    _native_module().atexit_run_last(_at_exit)
     os.register_at_fork(after_in_child=_after_fork_in_child)
     _install_leaving_hooks()
     _install_signal_guard()

@@ -4,6 +4,7 @@ threads churn. Each profiling run happens in a child process (see test_pprof_exp
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from middleware.pprof import parse_pprof
 from support.processes import run_code
 from test_pprof_export import STORE_NAME, check_pprof, run_child, store_files
 
@@ -213,6 +215,53 @@ def test_a_wall_clock_step_neither_empties_nor_stretches_a_window(tmp_path):
     # AND the cumulative snapshot's length is the run's (about 1.6 s), and nothing was said
     assert 1.5 <= r["snapshot_s"] <= 2.5, r
     assert "middleware" not in err, err
+
+
+# --- the process's end ---------------------------------------------------------------------------
+EXIT_CALLBACKS_CHILD = r"""
+import atexit, json, sys, time
+sys.path.insert(0, sys.argv[1])
+LOG = sys.argv[3]
+def burner(name, seconds):
+    def run():
+        c0 = time.thread_time()
+        while time.thread_time() < c0 + seconds:
+            pass
+        with open(LOG, "a") as f:
+            f.write(json.dumps([name, time.thread_time() - c0]) + "\n")
+    run.__name__ = run.__qualname__ = name
+    run.__code__ = run.__code__.replace(co_name=name, co_qualname=name) if sys.version_info >= (3, 11) \
+        else run.__code__.replace(co_name=name)
+    return run
+atexit.register(burner("registered_first", 0.3))  # before the tracker: a library, the app's setup
+atexit.register(burner("registered_second", 0.3))
+from middleware import MwTracker
+t = MwTracker(profile_dir=sys.argv[2], sample_rate=100, instrument=False)
+atexit.register(burner("registered_after", 0.2))
+burner("main_work", 0.2)()
+print(json.dumps({}))
+"""
+
+
+def test_the_last_window_holds_the_cpu_of_atexit_callbacks_registered_before_the_tracker(tmp_path):
+    # GIVEN a program that registers two atexit callbacks burning 0.3 s each, then starts the
+    # tracker, then registers one burning 0.2 s
+    d, log = tmp_path / "store", tmp_path / "ran.jsonl"
+    run_code(EXIT_CALLBACKS_CHILD, str(d), str(log), timeout=60)
+    ran = [json.loads(line) for line in log.read_text().splitlines()]
+    # THEN atexit still runs them newest first (the tracker's own export aside)
+    assert [name for name, _ in ran] == ["main_work", "registered_after", "registered_second", "registered_first"]
+    # AND the store holds each one's CPU: the last export waits for all of them (before, it ran
+    # before those registered ahead of the tracker, whose 0.6 s were missing)
+    cpu: dict[str, float] = {}
+    for p in store_files(d):
+        prof = parse_pprof(p.read_bytes())
+        i = prof.value_index("cpu")
+        for smp in prof.samples:
+            name = next((f.function for f in smp.stack if f.function in dict(ran)), "other")
+            cpu[name] = cpu.get(name, 0.0) + smp.values[i] / 1e9
+    for name, truth in ran:
+        assert 0.85 * truth <= cpu.get(name, 0.0) <= truth + 0.03, (name, truth, cpu)
 
 
 # --- faults -------------------------------------------------------------------------------------
