@@ -22,6 +22,7 @@
 #include "mw_finishwrite.h"
 #include "mw_sampler.h"
 #include "mw_symcache.h"
+#include "mw_termflush.h"
 #include "mw_termguard.h"
 #include "mw_threads.h"
 #include "mw_unwind.h"
@@ -464,6 +465,12 @@ static PyObject *py_release_signal(PyObject *self, PyObject *args) {
     return Py_BuildValue("(iO)", sig, drained ? Py_True : Py_False);
 }
 
+static PyObject *py_termflush_arm(PyObject *self, PyObject *noargs) {
+    int r = mw_termflush_arm();
+    if (r < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    return PyBool_FromLong(r);
+}
+
 static PyObject *py_atexit_run_last(PyObject *self, PyObject *func) {
     return PyBool_FromLong(mw_exitorder_run_last(func));
 }
@@ -485,6 +492,10 @@ static PyMethodDef core_methods[] = {
     {"release_signal", py_release_signal, METH_VARARGS,
      "release_signal(timeout=0.1) -> (signal, drained): the app takes our signal: stop sending it "
      "and wait until no thread has it pending"},
+    {"termflush_arm", py_termflush_arm, METH_NOARGS,
+     "termflush_arm() -> bool: where SIGTERM's disposition is the default, a SIGTERM exports the "
+     "last window, then ends the process as the default would (csrc/mw_termflush.h); False: the "
+     "app has its own disposition"},
     {"atexit_run_last", py_atexit_run_last, METH_O,
      "atexit_run_last(func) -> bool: func's atexit registration runs after every other one "
      "(csrc/mw_exitorder.h); False when func is not registered"},
@@ -533,6 +544,11 @@ int mw_upload_submit_registered(const void *gz_pprof, size_t len, int64_t from_u
                    "process %ld; its profiles are not uploaded",
                    (long)getpid());
     return -1;
+}
+
+int mw_upload_flush_registered(double deadline_s) {
+    const mw_upload_api_t *up = atomic_load(&g_uploader);
+    return up ? up->flush(deadline_s) : 0;
 }
 
 /* upload_start: imports middleware._upload (the only place that does), then forwards. */

@@ -268,7 +268,7 @@ static PyMethodDef mw_upload_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static const mw_upload_api_t g_upload_api = {MW_UPLOAD_ABI, mw_upload_submit};
+static const mw_upload_api_t g_upload_api = {MW_UPLOAD_ABI, mw_upload_submit, mw_upload_flush};
 
 static struct PyModuleDef g_moddef = {
     PyModuleDef_HEAD_INIT,

@@ -251,7 +251,7 @@ void mw_upload_atfork_child(void);
  * imported), and an import failure there is an ImportError plus one MW_REPORT_UPLOAD_DROPPED
  * line. Before that the others answer as a stopped uploader would, without importing it.
  */
-#define MW_UPLOAD_ABI 2 /* bump on any change to the two tables */
+#define MW_UPLOAD_ABI 3 /* bump on any change to the two tables */
 #define MW_CORE_API_CAPSULE "middleware._native._core_api"
 
 typedef struct mw_upload_api {
@@ -259,6 +259,7 @@ typedef struct mw_upload_api {
     /* mw_upload_submit: any thread, never touches Python */
     int (*submit)(const void *gz_pprof, size_t len, int64_t from_unix_s, int64_t until_unix_s,
                   const char *name);
+    int (*flush)(double deadline_s); /* mw_upload_flush: any thread but the uploader's */
 } mw_upload_api_t;
 
 typedef struct mw_core_api {
@@ -279,6 +280,9 @@ void mw_upload_set_core(const mw_core_api_t *core);
  * Any thread; what the exporter calls. */
 int mw_upload_submit_registered(const void *gz_pprof, size_t len, int64_t from_unix_s,
                                 int64_t until_unix_s, const char *name);
+/* mw_upload_flush through the registered table, same contract; 0 when middleware._upload is not
+ * loaded. Any thread but the uploader's. */
+int mw_upload_flush_registered(double deadline_s);
 
 /* Python side, both modules: the mw_upload_stats_t fields as a new dict (NULL with an error
  * set). Visible only to files that include <Python.h> before this header. */

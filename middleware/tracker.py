@@ -91,6 +91,10 @@ class _ProcessProfiler:
             asyncio_tasks.enable()
             self._start_upload(n)
             self._start_export(n)
+            try:  # a SIGTERM with its default action exports the last window before it ends us
+                n.termflush_arm()
+            except OSError as exc:
+                logger.debug("middleware: SIGTERM's last export not armed: %s", exc)
             if cfg.locks:
                 from middleware import locks
 

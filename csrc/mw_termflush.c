@@ -1,0 +1,88 @@
+/* mw_termflush — see mw_termflush.h. */
+#define _GNU_SOURCE
+#include "mw_termflush.h"
+
+#include "mw_export.h"
+#include "mw_upload.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <semaphore.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <unistd.h>
+
+static sem_t g_sem;
+static atomic_int g_pid;   /* the process whose thread waits (0: none) */
+static atomic_int g_fired; /* a SIGTERM was held back */
+
+static void default_action(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = SIG_DFL;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+}
+
+static void on_term(int sig) {
+    (void)sig;
+    int saved = errno;
+    if (atomic_load(&g_pid) != (int)getpid()) {
+        /* a forked child that has not armed again: no thread here to export */
+        default_action();
+        raise(SIGTERM); /* blocked while this handler runs: the default action as it returns */
+    } else if (!atomic_exchange(&g_fired, 1)) {
+        sem_post(&g_sem);
+    }
+    errno = saved;
+}
+
+/* SIG_DFL, or this handler inherited through a fork */
+static int ours_or_default(const struct sigaction *sa) {
+    return !(sa->sa_flags & SA_SIGINFO) && (sa->sa_handler == SIG_DFL || sa->sa_handler == on_term);
+}
+
+static void *flusher(void *arg) {
+    (void)arg;
+    pthread_setname_np(pthread_self(), "mw-termflush"); /* the profiler's own: not profiled */
+    while (sem_wait(&g_sem) != 0) {
+    }
+    mw_export_flush(MW_TERMFLUSH_EXPORT_S);
+    mw_upload_flush_registered(MW_TERMFLUSH_UPLOAD_S);
+    default_action();
+    kill(getpid(), SIGTERM);
+    return NULL;
+}
+
+int mw_termflush_arm(void) {
+    if (atomic_load(&g_pid) == (int)getpid()) return 1;
+    struct sigaction cur;
+    if (sigaction(SIGTERM, NULL, &cur) != 0) return -1;
+    if (!ours_or_default(&cur)) return 0;
+    if (sem_init(&g_sem, 0, 0) != 0) return -1;
+    atomic_store(&g_fired, 0);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old); /* the thread starts with every signal blocked */
+    pthread_t t;
+    int rc = pthread_create(&t, NULL, flusher, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        errno = rc;
+        return -1;
+    }
+    pthread_detach(t);
+    atomic_store(&g_pid, (int)getpid());
+    struct sigaction sa, was;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_term;
+    sa.sa_flags = SA_RESTART; /* the app's calls go on as if nothing came */
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGTERM, &sa, &was) != 0) return -1;
+    if (!ours_or_default(&was)) {
+        sigaction(SIGTERM, &was, NULL); /* set by another thread meanwhile: theirs */
+        return 0;
+    }
+    return 1;
+}
