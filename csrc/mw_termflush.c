@@ -55,11 +55,9 @@ static void *flusher(void *arg) {
     return NULL;
 }
 
-int mw_termflush_arm(void) {
-    if (atomic_load(&g_pid) == (int)getpid()) return 1;
-    struct sigaction cur;
-    if (sigaction(SIGTERM, NULL, &cur) != 0) return -1;
-    if (!ours_or_default(&cur)) return 0;
+/* The thread that waits for the handler, started once per process. */
+static int start_flusher(void) {
+    if (atomic_load(&g_pid) == (int)getpid()) return 0;
     if (sem_init(&g_sem, 0, 0) != 0) return -1;
     atomic_store(&g_fired, 0);
     sigset_t all, old;
@@ -74,6 +72,15 @@ int mw_termflush_arm(void) {
     }
     pthread_detach(t);
     atomic_store(&g_pid, (int)getpid());
+    return 0;
+}
+
+int mw_termflush_arm(void) {
+    struct sigaction cur;
+    if (sigaction(SIGTERM, NULL, &cur) != 0) return -1;
+    if (!ours_or_default(&cur)) return 0;
+    if (cur.sa_handler == on_term && atomic_load(&g_pid) == (int)getpid()) return 1;
+    if (start_flusher() != 0) return -1;
     struct sigaction sa, was;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_term;

@@ -14,6 +14,10 @@
  * local store). A disposition set afterwards (signal.signal, sigaction) replaces the handler, and
  * the thread waits for ever, unused.
  *
+ * Arming again where SIGTERM's disposition went back to SIG_DFL puts the handler back (a pool
+ * worker running a task: middleware/children.py); where it is the handler already, it costs one
+ * sigaction call.
+ *
  * Threads: arm from any thread, GIL held (the tracker's start). The handler is async-signal-safe
  * (getpid, sem_post, sigaction, raise). Fork: the child inherits the handler but not the thread;
  * until it arms again (its tracker's restart), a SIGTERM in it takes the default action at once.
@@ -24,8 +28,9 @@
 #define MW_TERMFLUSH_EXPORT_S 2.0
 #define MW_TERMFLUSH_UPLOAD_S 2.0
 
-/* 1: armed (now or before, in this process); 0: SIGTERM has another disposition than SIG_DFL
- * (the app's or a server's: nothing done); -1: the thread could not be started (errno set). */
+/* 1: armed (now or already); 0: SIGTERM has another disposition than SIG_DFL or this handler
+ * (the app's, a server's, the pool worker's Python handler: nothing done); -1: the thread could
+ * not be started (errno set). */
 int mw_termflush_arm(void);
 
 #endif

@@ -27,25 +27,26 @@ wraps two methods of ``multiprocessing.process.BaseProcess``:
     :data:`EXIT_FLUSH_TIMEOUT_S`. A pool worker additionally gets a SIGTERM handler, armed only
     while it sends a result, waits for its next task, or exits: it flushes, then re-raises
     SIGTERM with the default action, so the worker still dies by SIGTERM (same exit code). While
-    a task runs the disposition is left as it was, so a task blocked in C code is still ended at
-    once. A native guard sits in front of the handler (``csrc/mw_termguard.h``): CPython runs a
-    Python handler only in the main thread, between bytecodes, so a SIGTERM taken by another
-    thread, or by the main thread just before it blocks on the pool's queue, would leave the
-    worker blocked for ever (and ``terminate()``, which joins it); the guard redirects it to the
-    main thread and re-sends it until the handler has run. The cost is three ``sigaction`` calls
-    per task (1.1 us, 0.6 without the guard, through ``_signal``; a pool task's round trip is
-    ~40 us here). The handler
-    is only installed over the default disposition, never over the app's own. Why a handler and
-    not a flush each time the worker goes idle: ``with Pool() as pool: pool.map(...)`` sends
-    SIGTERM right after the last result, so only a flush that SIGTERM itself waits for loses
-    nothing, and it costs no export per task.
+    a task runs SIGTERM keeps its default action behind the tracker's native last export
+    (``csrc/mw_termflush.h``): a thread of the profiler's exports, then the worker dies of it a
+    few milliseconds later, whatever the task is doing (blocked in C code too). A native guard
+    sits in front of the idle worker's handler (``csrc/mw_termguard.h``): CPython runs a Python
+    handler only in the main thread, between bytecodes, so a SIGTERM taken by another thread, or
+    by the main thread just before it blocks on the pool's queue, would leave the worker blocked
+    for ever (and ``terminate()``, which joins it); the guard redirects it to the main thread and
+    re-sends it until the handler has run. The cost is five ``sigaction`` calls per task (1.65 us
+    arming and disarming, 1.25 without the task's last export; a pool task's round trip is ~40 us
+    here). The handler is only installed over the default
+    disposition, never over the app's own. Why a handler and not a flush each time the worker
+    goes idle: ``with Pool() as pool: pool.map(...)`` sends SIGTERM right after the last result,
+    so only a flush that SIGTERM itself waits for loses nothing, and it costs no export per task.
 
 A profiler started inside a child's target (not inherited, not given by the parent) registers a
 ``multiprocessing.util.Finalize`` that flushes at the child's ``util._exit_function``.
 
-What cannot be flushed: a child ended by SIGKILL or by SIGTERM while it runs a task loses the
-samples since its last export (``os._exit`` called by the app flushes first: see tracker.py). A final export that does
-not finish in time is counted (``child_exit_flush_failures`` in ``tracker.stats()``), logged,
+What cannot be flushed: a child ended by SIGKILL loses the samples since its last export
+(``os._exit`` called by the app flushes first: see tracker.py). A final export that does not
+finish in time is counted (``child_exit_flush_failures`` in ``tracker.stats()``), logged,
 and reported once on stderr (``MW_PROFILING_QUIET=1`` silences it).
 """
 from __future__ import annotations
@@ -347,8 +348,24 @@ def _disarm() -> None:
     try:
         if _sig.getsignal(_SIGTERM) is _on_sigterm:
             _sig.signal(_SIGTERM, _SIG_DFL)
+            _termflush_arm()  # while the task runs: the native last export (csrc/mw_termflush.h)
     except (ValueError, OSError):
         pass
+
+
+def _termflush_arm() -> None:
+    global _termflush
+    try:
+        if _termflush is None:
+            from middleware import _native
+
+            _termflush = _native.termflush_arm
+        _termflush()
+    except Exception:  # the default action, as before
+        pass
+
+
+_termflush: Any = None
 
 
 def _hook_pool_worker(process: Any) -> None:

@@ -69,6 +69,17 @@ def task(seconds: float) -> tuple[int, int]:
     return os.getpid(), time.thread_time_ns() - t0
 
 
+def burn_until_terminated(progress_dir: str) -> None:
+    """A task that burns until its worker is killed, writing the CPU it has burned so far to
+    <progress_dir>/<pid> every 10 ms."""
+    _wait_for_first_sample()
+    fd = os.open(os.path.join(progress_dir, str(os.getpid())), os.O_WRONLY | os.O_CREAT)
+    t0 = time.thread_time_ns()
+    while True:
+        burn(0.01)
+        os.pwrite(fd, str(time.thread_time_ns() - t0).ljust(20).encode(), 0)
+
+
 def _start_tracker(store: str) -> Any:
     from middleware import MwTracker
 
@@ -175,6 +186,24 @@ def _workload(kind: str, method: str, ending: str, store: str) -> dict[str, Any]
         inqueue._rlock.release()
         t.stop()
         return {"parent": os.getpid(), "results": [result] if ok else [], "exitcode": exitcode}
+    if kind == "terminate-busy":
+        # Pool.terminate() while every worker runs a task: SIGTERM, default action
+        t = _start_tracker(store)
+        progress = os.path.join(store, "..", "progress")
+        os.makedirs(progress, exist_ok=True)
+        pool = ctx.Pool(WORKERS)
+        pool.map_async(burn_until_terminated, [progress] * WORKERS, chunksize=1)
+        while len(os.listdir(progress)) < WORKERS:
+            time.sleep(0.01)
+        time.sleep(0.4)
+        burned = {}
+        for name in os.listdir(progress):
+            with open(os.path.join(progress, name)) as f:
+                burned[name] = int(f.read().strip())
+        pool.terminate()
+        pool.join()
+        t.stop()
+        return {"parent": os.getpid(), "burned": burned, "exitcodes": [w.exitcode for w in pool._pool]}
     if kind == "self":
         q = ctx.Queue()
         procs = [ctx.Process(target=self_profiled, args=(store, q)) for _ in range(WORKERS)]
@@ -264,6 +293,21 @@ def test_pool_children_profiles_hold_their_cpu(method: str, ending: str, tmp_pat
     _check_children(r, _stored(store))
     # the workers still end as they did: by SIGTERM (terminate) or normally (close, join)
     assert set(r["exitcodes"]) <= ({0, -signal.SIGTERM} if ending == "with" else {0}), r["exitcodes"]
+
+
+def test_pool_workers_terminated_while_they_run_a_task_keep_their_last_window(tmp_path: Path) -> None:
+    # GIVEN pool workers that burn in a task until Pool.terminate() sends them SIGTERM (no export
+    # due before: the interval is 10 minutes)
+    store = tmp_path / "store"
+    r = _run("terminate-busy", "fork", "-", store)
+    # THEN they still die of SIGTERM
+    assert r["exitcodes"] == [-signal.SIGTERM] * WORKERS, r
+    # AND each one's profile holds what it burned until then (before: nothing at all; it burned
+    # on for up to 10 ms after its last progress note, and a few ms between the note and the kill)
+    profiled, _ = burn_cpu_by_pid(_stored(store))
+    for pid, ns in r["burned"].items():
+        got = profiled.get(pid, 0)
+        assert 0.9 * ns - 5e6 <= got <= 1.1 * ns + 40e6, (pid, ns / 1e6, got / 1e6)
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
