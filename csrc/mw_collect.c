@@ -10,14 +10,13 @@
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static mw_profbuf_t *g_cumulative, *g_spare;
 static atomic_uint_fast64_t g_overflow;
-static int64_t g_start_ns, g_start_mono; /* see mw_collect_start_ns */
+static mw_stamp_t g_start; /* see mw_collect_start_ns */
 
 int mw_collect_init(void) {
     pthread_mutex_lock(&g_lock);
     if (!g_cumulative) {
         g_cumulative = mw_sampler_new_buffer();
-        g_start_ns = mw_now_realtime_ns();
-        g_start_mono = mw_now_monotonic_ns();
+        g_start = mw_stamp_now();
     }
     if (!g_spare) g_spare = mw_sampler_new_buffer();
     int ok = g_cumulative && g_spare;
@@ -64,8 +63,7 @@ static void reset_active(const mw_profbuf_t *b, void *arg) {
 void mw_collect_reset(int also_active) {
     pthread_mutex_lock(&g_lock);
     if (g_cumulative) mw_profbuf_reset(g_cumulative);
-    g_start_ns = mw_now_realtime_ns();
-    g_start_mono = mw_now_monotonic_ns();
+    g_start = mw_stamp_now();
     if (also_active) mw_sampler_with_active(reset_active, NULL);
     pthread_mutex_unlock(&g_lock);
 }
@@ -74,7 +72,7 @@ uint64_t mw_collect_overflow(void) {
     return atomic_load(&g_overflow);
 }
 int64_t mw_collect_start_ns(void) {
-    return mw_window_start(g_start_ns, g_start_mono, mw_now_realtime_ns(), mw_now_monotonic_ns());
+    return mw_window_start(g_start, mw_stamp_now());
 }
 
 static void atfork_prepare(void) {
@@ -87,8 +85,7 @@ static void atfork_child(void) {
     pthread_mutex_init(&g_lock, NULL);
     /* The parent's samples are the parent's to export. */
     if (g_cumulative) mw_profbuf_reset(g_cumulative);
-    g_start_ns = mw_now_realtime_ns();
-    g_start_mono = mw_now_monotonic_ns();
+    g_start = mw_stamp_now();
     atomic_store(&g_overflow, 0);
 }
 

@@ -47,8 +47,8 @@ static int g_stop;
 static int g_joinable; /* a started thread has not been joined yet */
 mw_sampler_config_t g_cfg;
 static mw_profbuf_t *g_active;
-static int64_t g_window_start_ns, g_window_start_mono; /* see mw_sampler_swap */
-mw_sampler_stats_t g_stats; /* written by the sampler thread; read racily for stats */
+static mw_stamp_t g_window_start; /* see mw_sampler_swap */
+mw_sampler_stats_t g_stats;       /* written by the sampler thread; read racily for stats */
 
 /* Sampler-thread-private state. */
 mw_tstate_t *g_ts;
@@ -83,16 +83,21 @@ int64_t mw_now_realtime_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-int64_t mw_window_start(int64_t start_ns, int64_t start_mono, int64_t now_ns, int64_t now_mono) {
-    int64_t ran = now_mono - start_mono, gap = (now_ns - start_ns) - ran;
+int64_t mw_window_start(mw_stamp_t start, mw_stamp_t now) {
+    int64_t ran = now.mono_ns - start.mono_ns, gap = (now.real_ns - start.real_ns) - ran;
     if (gap < 0) gap = -gap;
-    return gap > MW_CLOCK_STEP_NS + ran / 100 ? now_ns - ran : start_ns;
+    return gap > MW_CLOCK_STEP_NS + ran / 100 ? now.real_ns - ran : start.real_ns;
 }
 
 int64_t mw_now_monotonic_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+mw_stamp_t mw_stamp_now(void) {
+    mw_stamp_t t = {mw_now_realtime_ns(), mw_now_monotonic_ns()};
+    return t;
 }
 
 /* A quiet tick: since the previous tick no thread other than the GIL's last holder took the
@@ -536,8 +541,7 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
     pthread_mutex_lock(&g_buf_lock);
     if (!g_active) {
         g_active = mw_profbuf_new(&g_cfg.limits);
-        g_window_start_ns = mw_now_realtime_ns();
-        g_window_start_mono = mw_now_monotonic_ns();
+        g_window_start = mw_stamp_now();
     }
     pthread_mutex_unlock(&g_buf_lock);
     if (!g_active) {
@@ -674,12 +678,11 @@ mw_profbuf_t *mw_sampler_swap(mw_profbuf_t *fresh, int64_t *t_start, int64_t *t_
     mw_profbuf_t *old = g_active;
     mws_quiet_flush_all(old);
     mws_cpu_window_finalize(old);
-    int64_t now = mw_now_realtime_ns(), mono = mw_now_monotonic_ns();
-    *t_start = mw_window_start(g_window_start_ns, g_window_start_mono, now, mono);
-    *t_end = now;
+    mw_stamp_t now = mw_stamp_now();
+    *t_start = mw_window_start(g_window_start, now);
+    *t_end = now.real_ns;
     g_active = fresh;
-    g_window_start_ns = now;
-    g_window_start_mono = mono;
+    g_window_start = now;
     pthread_mutex_unlock(&g_buf_lock);
     return old;
 }
@@ -717,8 +720,7 @@ static void atfork_child(void) {
     g_joinable = 0;
     g_stop = 1;
     if (g_active) mw_profbuf_reset(g_active);
-    g_window_start_ns = mw_now_realtime_ns();
-    g_window_start_mono = mw_now_monotonic_ns();
+    g_window_start = mw_stamp_now();
     memset(&g_stats, 0, sizeof g_stats);
     mw_threads_reset_after_fork();
     mw_labels_after_fork_child();

@@ -152,12 +152,19 @@ void mw_sampler_register_atfork(void);
 int64_t mw_now_realtime_ns(void);
 int64_t mw_now_monotonic_ns(void);
 
-/* The wall-clock start of a window begun at start_ns (CLOCK_REALTIME) / start_mono
- * (CLOCK_MONOTONIC) and ending at now_ns / now_mono: start_ns, so that windows stay contiguous,
- * unless the wall clock was stepped meanwhile (NTP, a VM resumed: the two clocks disagree on the
- * time elapsed by more than MW_CLOCK_STEP_NS plus 1%, far above NTP's slewing), then now_ns minus
- * the monotonic time elapsed: a step neither empties nor stretches the window. Pure; any thread. */
+/* A moment on both clocks: CLOCK_REALTIME (unix ns, what a profile says) and CLOCK_MONOTONIC
+ * (what tells a step of the former). Pure values; any thread. */
+typedef struct {
+    int64_t real_ns, mono_ns;
+} mw_stamp_t;
+mw_stamp_t mw_stamp_now(void);
+
+/* The wall-clock start of a window begun at `start` and ending at `now`: start.real_ns, so that
+ * windows stay contiguous, unless the wall clock was stepped meanwhile (NTP, a VM resumed: the two
+ * clocks disagree on the time elapsed by more than MW_CLOCK_STEP_NS plus 1%, far above NTP's
+ * slewing), then now.real_ns minus the monotonic time elapsed: a step neither empties nor
+ * stretches the window. Pure; any thread. */
 #define MW_CLOCK_STEP_NS 50000000LL
-int64_t mw_window_start(int64_t start_ns, int64_t start_mono, int64_t now_ns, int64_t now_mono);
+int64_t mw_window_start(mw_stamp_t start, mw_stamp_t now);
 
 #endif
