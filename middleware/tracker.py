@@ -93,8 +93,9 @@ class _ProcessProfiler:
             self._start_export(n)
             try:  # a SIGTERM with its default action exports the last window before it ends us
                 n.termflush_arm()
-            except OSError as exc:
-                logger.debug("middleware: SIGTERM's last export not armed: %s", exc)
+            except OSError as exc:  # SIGTERM then ends the process as before, its last window unsaved
+                visible_warning(logger, "middleware: no thread for the last export on SIGTERM (%s); a SIGTERM ends "
+                                "process %d without its last window", exc.strerror or exc, os.getpid())
             if cfg.locks:
                 from middleware import locks
 

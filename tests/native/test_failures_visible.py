@@ -347,6 +347,10 @@ if case == "start-fails":  # the sampler cannot start here
     def start(**kwargs):
         raise RuntimeError("cannot start the sampler thread")
     _native.start = start
+if case == "termflush-fails":  # no thread can be started for the last export on SIGTERM
+    def termflush_arm():
+        raise OSError(11, "Resource temporarily unavailable")
+    _native.termflush_arm = termflush_arm
 from middleware import MwTracker
 trackers = [MwTracker(), MwTracker()]  # the second joins (or tries again)
 if case == "labels-full":  # a label whose value changes per request: more sets than the registry holds
@@ -371,6 +375,8 @@ TRACKER_CASES = [
     ("no-pause", {}, "middleware: no free real-time signal"),
     ("start-fails", {}, "middleware: profiling could not start (RuntimeError: cannot start the sampler thread); "
                         "the app runs unprofiled"),
+    ("termflush-fails", {}, "middleware: no thread for the last export on SIGTERM (Resource temporarily unavailable); "
+                            "a SIGTERM ends process "),
     ("profile-dir", {"MW_PROFILE_DIR": "{tmp}/a-file/profiles"}, "middleware: cannot create the profile directory "
                                                                   "{tmp}/a-file/profiles (Not a directory)"),
     ("cpu-timer-unknown", {"MW_PROFILING_CPU_TIMER": "perff"},
