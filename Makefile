@@ -31,15 +31,16 @@ test-fast: build  ## the unit tier (pytest -m unit: no workload process, no brow
 CTEST_DIR ?= build/ctest
 CTEST_SAN ?=
 CTEST_SRC := tests/native/c/test_c_units.c csrc/mw_linetable.c csrc/mw_profbuf.c csrc/mw_upload_json.c \
-  csrc/mw_threads.c csrc/mw_labels.c csrc/mw_termguard.c csrc/mw_report.c
+  csrc/mw_threads.c csrc/mw_labels.c csrc/mw_termguard.c csrc/mw_report.c csrc/mw_backlog.c csrc/mw_store.c
 $(CTEST_DIR)/test_c_units: $(CTEST_SRC) csrc/mw_linetable.h csrc/mw_profbuf.h csrc/mw_upload_json.h \
-  csrc/mw_threads.h csrc/mw_labels.h csrc/mw_termguard.h csrc/mw_cpusteal.h csrc/mw_report.h
+  csrc/mw_threads.h csrc/mw_labels.h csrc/mw_termguard.h csrc/mw_cpusteal.h csrc/mw_report.h csrc/mw_backlog.h \
+  csrc/mw_store.h
 	@mkdir -p $(CTEST_DIR)
 	$(CC) -std=gnu11 -Wall -Wextra -Werror -Wno-missing-field-initializers -Wno-unused-parameter \
 	  -O1 -g $(CTEST_SAN) -Icsrc $$(pkg-config --cflags json-c) -o $@ $(CTEST_SRC) $$(pkg-config --libs json-c) \
 	  -pthread
 
-ctest: $(CTEST_DIR)/test_c_units  ## C unit tests: line tables (against every CPython 3.10-3.13 here), stack table limits, JSON reading, thread names, request counters, the SIGTERM guard, the perf count less steal
+ctest: $(CTEST_DIR)/test_c_units  ## C unit tests: line tables (against every CPython 3.10-3.13 here), stack table limits, JSON reading, thread names, request counters, the SIGTERM guard, the perf count less steal, the store's backlog
 	$(PY) -m pytest -q tests/native/test_c_units.py $(PYTEST_ARGS)
 
 check: test lint  ## what CI runs: the suite, the sampler tests on the other CPythons 3.10-3.13 here, make lint

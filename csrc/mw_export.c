@@ -11,6 +11,7 @@
 #define _GNU_SOURCE
 #include "mw_export.h"
 
+#include "mw_backlog.h"
 #include "mw_blockprof.h"
 #include "mw_memprof.h"
 #include "mw_collect.h"
@@ -154,9 +155,9 @@ static void report_store_failure(const char *dir, const mw_store_result_t *res) 
     if (res->err == ENOSPC || res->err == EDQUOT)
         mw_report_once(MW_REPORT_STORE_FULL,
                        "the profile directory %.200s is full (%s: %s); profiles of process %ld "
-                       "are being dropped until there is room (MW_PROFILE_DIR, "
-                       "MW_PROFILE_DIR_MAX_MB)",
-                       dir, step, why, (long)getpid());
+                       "wait in memory until there is room (the last %u MiB; what still waits "
+                       "when the process ends is lost) (MW_PROFILE_DIR, MW_PROFILE_DIR_MAX_MB)",
+                       dir, step, why, (long)getpid(), MW_BACKLOG_MAX_BYTES >> 20);
     else
         mw_report_once(MW_REPORT_STORE_WRITE,
                        "cannot write to the profile directory %.200s (%s: %s); profiles of process "
@@ -169,7 +170,23 @@ static void report_store_failure(const char *dir, const mw_store_result_t *res) 
 typedef struct {
     int encode_err, store_err, upload_err, submitted;
     mw_store_result_t res;
+    mw_backlog_result_t late; /* the waiting profiles written first (store) */
 } delivery_t;
+
+/* Writes a profile to the store: first the profiles waiting for room (mw_backlog), oldest first;
+ * when they cannot all be written, or this one meets a full store, it waits too (any other
+ * failure drops it). Exporter thread. */
+static void store(int64_t start_ms, const uint8_t *gz, size_t len, delivery_t *d) {
+    long pid = (long)getpid();
+    if (mw_backlog_write(g_cfg.dir, g_cfg.service, pid, g_cfg.max_bytes, &d->late) > 0)
+        d->res = d->late.failure; /* the older ones wait: this one cannot go before them */
+    else if (mw_store_write(g_cfg.dir, g_cfg.service, pid, start_ms, gz, len, g_cfg.max_bytes,
+                            &d->res) == 0)
+        return;
+    d->store_err = 1;
+    if (mw_backlog_waits_for(d->res.err)) mw_backlog_keep(start_ms, gz, len);
+    report_store_failure(g_cfg.dir, &d->res);
+}
 
 /* Encodes b (window [ts, te], kind of meta) and hands it to the store and/or the uploader under
  * the series name `name`. Exporter thread, no lock held. */
@@ -186,11 +203,7 @@ static void deliver(const mw_profbuf_t *b, const mw_pprof_meta_t *meta, int64_t 
                        (long)getpid());
         return;
     }
-    if (g_cfg.dir && mw_store_write(g_cfg.dir, g_cfg.service, (long)getpid(), ts / 1000000, gz,
-                                    *gzlen, g_cfg.max_bytes, &d->res) != 0) {
-        d->store_err = 1;
-        report_store_failure(g_cfg.dir, &d->res);
-    }
+    if (g_cfg.dir) store(ts / 1000000, gz, *gzlen, d);
     if (g_cfg.upload) {
         int64_t from = ts / 1000000000LL, until = (te + 999999999LL) / 1000000000LL;
         if (until <= from) until = from + 1;
@@ -215,8 +228,13 @@ static void account(mw_export_stats_t *s, const delivery_t *d) {
         s->files_written++;
         s->store_dir_bytes = d->res.dir_bytes;
     }
-    s->files_evicted += d->res.files_evicted;
-    s->bytes_evicted += d->res.bytes_evicted;
+    s->files_evicted += d->res.files_evicted + d->late.files_evicted;
+    s->bytes_evicted += d->res.bytes_evicted + d->late.bytes_evicted;
+    if (d->late.files_written) {
+        s->bytes_written += d->late.bytes_written;
+        s->files_written += d->late.files_written;
+        if (!d->res.bytes_written) s->store_dir_bytes = d->late.dir_bytes;
+    }
 }
 
 /* The lock waits of the window [ts, te] (mw_blockprof), written and submitted like the CPU
@@ -508,6 +526,13 @@ void mw_export_get_stats(mw_export_stats_t *out) {
     *out = g_stats;
     out->running = (uint64_t)(g_started && !g_exited);
     pthread_mutex_unlock(&g_lock);
+    mw_backlog_stats_t b;
+    mw_backlog_stats(&b);
+    out->store_waiting = b.waiting;
+    out->store_waiting_bytes = b.waiting_bytes;
+    out->store_kept = b.kept;
+    out->store_written_late = b.written;
+    out->store_dropped = b.dropped;
 }
 
 /* ---- snapshot ------------------------------------------------------------------------------ */
@@ -630,9 +655,11 @@ uint32_t mw_export_debug_fill_active(uint32_t n, uint32_t depth) {
 static void atfork_prepare(void) {
     pthread_mutex_lock(&g_hold);
     pthread_mutex_lock(&g_lock);
+    mw_backlog_atfork_prepare();
 }
 
 static void atfork_parent(void) {
+    mw_backlog_atfork_parent();
     pthread_mutex_unlock(&g_lock);
     pthread_mutex_unlock(&g_hold);
 }
@@ -652,6 +679,7 @@ static void atfork_child(void) {
     g_req = g_served = 0;
     g_empty_since = 0;
     memset(&g_stats, 0, sizeof g_stats);
+    mw_backlog_atfork_child();
     mw_report_reset_after_fork(); /* a child reports its own failures once */
 }
 

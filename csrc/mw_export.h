@@ -3,7 +3,8 @@
  *
  * One export:  mw_collect_rotate() → the finished window's buffer, now ours alone
  *              → mw_pprof_encode_gz() (no lock held, no GIL)
- *              → mw_store_write() into profile_dir (if set) and/or
+ *              → mw_store_write() into profile_dir (if set; when it is full, the profile
+ *                waits in memory for room: mw_backlog) and/or
  *                mw_upload_submit_registered() (if upload is on; the uploader copies the
  *                bytes and never blocks)
  *              → mw_collect_recycle()
@@ -92,6 +93,9 @@ typedef struct mw_export_stats {
     uint64_t memory_stacks;  /* stacks in them */
     uint64_t requests;       /* requests counted (mw_labels_count_request) in the windows written */
     uint64_t running;
+    /* Profiles the store had no room for (mw_backlog): waiting in memory now (files, bytes),
+     * ever kept, written later, dropped (the backlog's bound, no memory). */
+    uint64_t store_waiting, store_waiting_bytes, store_kept, store_written_late, store_dropped;
 } mw_export_stats_t;
 
 /* Starts the exporter thread with a copy of *cfg. Returns 0 when started, 1 when already

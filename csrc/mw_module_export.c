@@ -160,7 +160,12 @@ static PyObject *py_export_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "block_stacks", s.block_stacks) ||
         mw_dict_put_u64(d, "memory_exports", s.memory_exports) ||
         mw_dict_put_u64(d, "memory_stacks", s.memory_stacks) ||
-        mw_dict_put_u64(d, "requests", s.requests) || mw_dict_put_u64(d, "running", s.running)) {
+        mw_dict_put_u64(d, "requests", s.requests) || mw_dict_put_u64(d, "running", s.running) ||
+        mw_dict_put_u64(d, "store_waiting", s.store_waiting) ||
+        mw_dict_put_u64(d, "store_waiting_bytes", s.store_waiting_bytes) ||
+        mw_dict_put_u64(d, "store_kept", s.store_kept) ||
+        mw_dict_put_u64(d, "store_written_late", s.store_written_late) ||
+        mw_dict_put_u64(d, "store_dropped", s.store_dropped)) {
         Py_DECREF(d);
         return NULL;
     }

@@ -4,7 +4,8 @@ The line-table decoder is checked against CPython itself: each available CPython
 compiles hostile code shapes and a few standard-library modules, and sends every code object's
 co_linetable with the line co_lines() gives each code unit; the decoder must give the same
 line for every code unit, firstlineno where CPython has none, and stay inside cut tables.
-The stack table's limits and the tenant-answer reader are checked inside the C program.
+The stack table's limits, the tenant-answer reader and the store's backlog are checked inside the C
+program.
 """
 from __future__ import annotations
 
@@ -186,6 +187,12 @@ def test_sigterm_guard_resends_a_sigterm_the_main_thread_took_before_blocking_or
         ctest: str) -> None:
     checks, _ = _run(ctest, "termguard")
     assert checks >= 10, checks
+
+
+def test_profiles_waiting_for_room_in_the_store_are_bounded_ordered_and_forgotten_by_a_fork_child(
+        ctest: str) -> None:
+    checks, _ = _run(ctest, "backlog")
+    assert checks >= 30, checks
 
 
 def test_line_table_decoder_answers_a_line_for_corrupt_tables(ctest: str) -> None:

@@ -27,6 +27,8 @@ from typing import Any
 
 import pytest
 
+from middleware.pprof import parse_pprof
+
 ROOT = Path(__file__).resolve().parents[2]
 INTERVAL_S = 0.1  # MW_PROFILING_UPLOAD_INTERVAL: a window every 0.1 s, about a dozen per run
 
@@ -183,7 +185,73 @@ def test_a_full_store_is_said_once(tmp_path, can_mount):
     lines = _lines(r.stderr)
     assert len(lines) == 1, lines
     assert str(store) in lines[0] and "is full" in lines[0] and "No space left on device" in lines[0]
-    assert "dropped" in lines[0]
+    assert "wait in memory until there is room" in lines[0] and "is lost" in lines[0]
+    assert st["export_store_kept"] >= 5 and st["export_store_written_late"] == 0, st
+
+
+FILLED_STORE_APP = """
+import json, os, shutil, sys, time
+sys.path.insert(0, {root!r})
+store = os.environ["MW_PROFILE_DIR"]
+filler = os.path.join(store, "filler")  # not a store file: the store neither counts nor removes it
+fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(fd, bytes(4096))
+except OSError:
+    pass
+os.close(fd)
+from middleware import MwTracker
+
+def burn(seconds):
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        sum(i * i for i in range(200))
+
+c0 = time.process_time()
+tracker = MwTracker(upload_interval=3600)
+for _ in range(5):  # five windows the full store cannot take
+    burn(0.15)
+    tracker.flush()
+full = tracker.stats()
+os.unlink(filler)  # room again
+burn(0.15)
+tracker.flush()
+tracker.stop()
+cpu = time.process_time() - c0
+shutil.copytree(store, os.environ["TEST_OUT"])
+print(json.dumps({{"cpu": cpu, "full": full, "end": tracker.stats()}}))
+"""
+
+
+def test_profiles_a_full_store_had_no_room_for_are_written_once_there_is_room(tmp_path, can_mount):
+    # GIVEN an app whose store is on a file system it fills itself, that exports five windows
+    # there, then removes its filler file and exports one more
+    store, out = tmp_path / "store", tmp_path / "out"
+    store.mkdir()
+    script = tmp_path / "filled.py"
+    script.write_text(FILLED_STORE_APP.format(root=str(ROOT)))
+    env = _hermetic_env(tmp_path, MW_PROFILE_DIR=str(store), TEST_OUT=str(out))
+    r = subprocess.run(_mounted([sys.executable, str(script)], store, "size=256k"), capture_output=True, text=True,
+                       timeout=60, env=env, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    # THEN the five windows waited in memory while the store was full, and were written once
+    # there was room, before the sixth: the store holds the CPU the app burned
+    full, end = res["full"], res["end"]
+    assert full["export_store_waiting"] >= 5 and full["export_files_written"] == 0, full
+    assert end["export_store_waiting"] == 0 and end["export_store_dropped"] == 0, end
+    assert end["export_store_written_late"] == end["export_store_kept"] == full["export_store_waiting"], end
+    cpu = 0.0
+    for p in sorted(out.glob("*.pb.gz")):
+        prof = parse_pprof(p.read_bytes())
+        if ("cpu", "nanoseconds") in prof.sample_types:
+            i = prof.value_index("cpu")
+            cpu += sum(smp.values[i] for smp in prof.samples) / 1e9
+    assert 0.9 * res["cpu"] - 0.02 <= cpu <= 1.1 * res["cpu"] + 0.02, (cpu, res["cpu"])
+    # AND the full store was said once
+    lines = _lines(r.stderr)
+    assert len(lines) == 1 and "is full" in lines[0] and "wait in memory" in lines[0], lines
 
 
 # --- logging configured by the app ------------------------------------------------------------------

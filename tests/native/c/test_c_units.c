@@ -4,12 +4,14 @@
  *   test_c_units corrupt    line-table decoding of corrupt tables (random bytes, cut varints)
  *   test_c_units threads    thread names: forgotten threads keep theirs through one reap
  *   test_c_units steal      a perf count read less the host's steal (readings of count, clock)
+ *   test_c_units backlog    profiles waiting for room in the store: the bound, the order, a fork
  *   test_c_units linetable  line-table decoding; cases on stdin, one code object a line:
  *                           "<format> <firstlineno> <ncodeunits> <table hex|-> <line,line,...>"
  *                           where line i is the line CPython itself gives code unit i.
  * Each prints "<part>: <n> checks, <m> failed" and exits 1 when a check failed. Every input
  * is copied into a buffer of exactly its size, so a read past the end is caught under ASan.
  */
+#include "mw_backlog.h"
 #include "mw_cpusteal.h"
 #include "mw_labels.h"
 #include "mw_linetable.h"
@@ -29,7 +31,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 static long g_checks, g_failed;
 
@@ -903,6 +908,81 @@ static void steal_readings(void) {
     CHECK(mw_steal_less(&s, 5 * ms, 0, &stolen) == 0 && stolen == 5 * ms);
 }
 
+/* The store's backlog: kept beyond its bound it drops the oldest; written into a directory that
+ * fails it keeps all and stops at the first; written where it can, oldest first, each under its
+ * own window start; a fork child forgets the parent's. */
+static int backlog_waiting(void) {
+    mw_backlog_stats_t st;
+    mw_backlog_stats(&st);
+    return (int)st.waiting;
+}
+
+static void backlog(void) {
+    char dir[] = "/tmp/mw-backlog-XXXXXX", notdir[4200], store[4200], path[4400];
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(notdir, sizeof notdir, "%s/a-file", dir);
+    snprintf(store, sizeof store, "%s/store", dir);
+    FILE *f = fopen(notdir, "w");
+    CHECK(f != NULL);
+    if (f) fclose(f);
+    CHECK(mw_backlog_waits_for(ENOSPC) && mw_backlog_waits_for(EDQUOT) &&
+          !mw_backlog_waits_for(EROFS));
+    uint8_t data[64];
+    for (int i = 0; i < MW_BACKLOG_MAX_FILES + 10; i++) { /* 10 more files than the bound */
+        memset(data, i & 0xff, sizeof data);
+        CHECK(mw_backlog_keep(1000 + i, data, sizeof data) == 0);
+    }
+    mw_backlog_stats_t st;
+    mw_backlog_stats(&st);
+    CHECK(st.waiting == MW_BACKLOG_MAX_FILES && st.dropped == 10 &&
+          st.kept == MW_BACKLOG_MAX_FILES + 10);
+    CHECK(st.waiting_bytes == MW_BACKLOG_MAX_FILES * sizeof data);
+    /* bytes past the bound drop the oldest too; one profile larger than the bound is refused */
+    size_t big = MW_BACKLOG_MAX_BYTES - 10 * sizeof data;
+    uint8_t *bigp = calloc(1, big + 1);
+    CHECK(bigp && mw_backlog_keep(5000, bigp, big) == 0);
+    mw_backlog_stats(&st); /* the 10 newest small ones and the big one */
+    CHECK(st.waiting_bytes == MW_BACKLOG_MAX_BYTES && st.waiting == 11);
+    CHECK(st.dropped == 10 + MW_BACKLOG_MAX_FILES - 10);
+    CHECK(mw_backlog_keep(6000, bigp, MW_BACKLOG_MAX_BYTES + 1) == -1);
+    free(bigp);
+    mw_backlog_stats(&st);
+    CHECK(st.waiting == 11); /* refused without dropping the others */
+    /* a fork child frees the parent's (which the parent still holds) */
+    pid_t pid = fork();
+    if (pid == 0) {
+        mw_backlog_atfork_child();
+        _exit(backlog_waiting() == 0 ? 0 : 1);
+    }
+    int status = 0;
+    CHECK(pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) &&
+          WEXITSTATUS(status) == 0);
+    /* a store that cannot be written: nothing written, all still waiting, the failure given */
+    mw_backlog_result_t res;
+    CHECK(mw_backlog_write(notdir, "svc", 7, 0, &res) == 11);
+    CHECK(res.files_written == 0 && res.failure.err == ENOTDIR && backlog_waiting() == 11);
+    /* a store with room: all written, oldest first, each under its own window start */
+    CHECK(mw_backlog_write(store, "svc", 7, 0, &res) == 0);
+    CHECK(res.files_written == 11 && res.failure.err == 0 && backlog_waiting() == 0);
+    CHECK(res.bytes_written == 10 * sizeof data + big);
+    for (int i = 0; i < 10; i++) {
+        snprintf(path, sizeof path, "%s/svc-7-%d.pb.gz", store, 1000 + MW_BACKLOG_MAX_FILES + i);
+        struct stat sb;
+        CHECK(stat(path, &sb) == 0 && sb.st_size == (off_t)sizeof data);
+        FILE *in = fopen(path, "rb");
+        uint8_t got[64] = {0};
+        CHECK(in && fread(got, 1, sizeof got, in) == sizeof got &&
+              got[0] == ((MW_BACKLOG_MAX_FILES + i) & 0xff));
+        if (in) fclose(in);
+        CHECK(unlink(path) == 0);
+    }
+    snprintf(path, sizeof path, "%s/svc-7-5000.pb.gz", store);
+    CHECK(unlink(path) == 0);
+    mw_backlog_stats(&st);
+    CHECK(st.written == 11 && st.waiting_bytes == 0);
+    CHECK(rmdir(store) == 0 && unlink(notdir) == 0 && rmdir(dir) == 0);
+}
+
 int main(int argc, char **argv) {
     const char *part = argc > 1 ? argv[1] : "";
     if (strcmp(part, "profbuf") == 0) {
@@ -932,10 +1012,13 @@ int main(int argc, char **argv) {
         termguard();
     } else if (strcmp(part, "steal") == 0) {
         steal_readings();
+    } else if (strcmp(part, "backlog") == 0) {
+        backlog();
     } else {
         fprintf(
             stderr,
-            "usage: %s profbuf|json|corrupt|threads|requests|spansets|termguard|steal|linetable < "
+            "usage: %s "
+            "profbuf|json|corrupt|threads|requests|spansets|termguard|steal|backlog|linetable < "
             "cases\n",
             argv[0]);
         return 2;
