@@ -240,7 +240,7 @@ def resource_attributes(env: Mapping[str, str] | None = None, log: logging.Logge
 def default_profile_dir() -> str:
     """The local store: ``$XDG_CACHE_HOME/middleware/profiles`` (``~/.cache/middleware/profiles``)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "middleware", "profiles")
+    return os.path.abspath(os.path.join(base, "middleware", "profiles"))
 
 
 _user_agent_cache: str | None = None

@@ -53,8 +53,12 @@ def quiet_flag(text: str) -> bool:
 
 
 def store_dir(text: str) -> str | None:
-    """A directory; ``none``, ``off`` or nothing: no local store."""
-    return None if text.strip().lower() in ("", "none", "off") else text
+    """A directory, made absolute now (``~`` expanded): an app that changes its working directory
+    later (a daemon's ``chdir("/")``) keeps writing where it was asked to. ``none``, ``off`` or
+    nothing: no local store."""
+    if text.strip().lower() in ("", "none", "off"):
+        return None
+    return os.path.abspath(os.path.expanduser(text))
 
 
 def http_url(text: str) -> str:

@@ -57,6 +57,18 @@ def test_profiling_can_be_disabled():
     assert resolve_config({}, profile_dir="none").profile_dir is None
 
 
+def test_a_relative_or_home_store_directory_is_made_absolute_when_resolved(tmp_path, monkeypatch):
+    # a daemon that changes its working directory after the tracker started keeps writing where
+    # it was asked to (before: the windows after a chdir went to <new cwd>/store)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert resolve_config({"MW_PROFILE_DIR": "store"}).profile_dir == str(tmp_path / "store")
+    assert resolve_config({}, profile_dir="./a/../b").profile_dir == str(tmp_path / "b")
+    assert resolve_config({"MW_PROFILE_DIR": "~/profiles"}).profile_dir == str(tmp_path / "home" / "profiles")
+    monkeypatch.setenv("XDG_CACHE_HOME", "cache")
+    assert resolve_config({}).profile_dir == str(tmp_path / "cache" / "middleware" / "profiles")
+
+
 def test_tracker_with_bad_rate_env_still_profiles(workload):
     r = workload("lines", "--seconds", "1", env={"MW_PROFILING_SAMPLE_RATE": "not-a-number"})
     assert r["stats"]["ticks"] > 50  # the default 100 Hz, not a crash
