@@ -23,7 +23,6 @@
 #include "mw_store.h"
 #include "mw_upload.h"
 
-#include <errno.h>
 #include <math.h>
 #include <pthread.h>
 #include <signal.h>
@@ -152,7 +151,7 @@ static void report_store_failure(const char *dir, const mw_store_result_t *res) 
                        : strcmp(res->failed, "open") == 0   ? "creating a file"
                        : strcmp(res->failed, "rename") == 0 ? "renaming a file"
                                                             : "writing a file";
-    if (res->err == ENOSPC || res->err == EDQUOT)
+    if (mw_backlog_waits_for(res->err))
         mw_report_once(MW_REPORT_STORE_FULL,
                        "the profile directory %.200s is full (%s: %s); profiles of process %ld "
                        "wait in memory until there is room (the last %u MiB; what still waits "

@@ -202,8 +202,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_store_import:
         from middleware.config import resolve_setting
 
-        store_dir = resolve_setting("profile_dir")  # the agent's rule: None for "none"/"off"
-        if store_dir and store_dir not in import_dirs:
+        store_dir = resolve_setting("profile_dir")  # the agent's rule: None for "none"/"off", else absolute
+        if store_dir and store_dir not in {os.path.abspath(d) for d in import_dirs}:
             import_dirs.append(store_dir)
     if args.import_interval <= 0:
         raise CommandError("--import-interval must be positive")

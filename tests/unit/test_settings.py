@@ -337,10 +337,10 @@ def test_the_store_and_the_uploads_carry_the_same_service_and_rate(tmp_path):
     assert len(lines) == 2, lines
 
 
-def _serve_imports(tmp_path: Path, env: dict[str, str]) -> str:
+def _serve_imports(tmp_path: Path, env: dict[str, str], *args: str) -> str:
     """What ``middleware serve`` says it imports (the agent's store among them)."""
     proc = subprocess.Popen([sys.executable, "-m", "middleware", "serve", "--port", "0", "--data",
-                             str(tmp_path / "data")], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                             str(tmp_path / "data"), *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -364,6 +364,15 @@ def test_serve_imports_the_store_the_agent_writes(tmp_path, monkeypatch, store):
     agent = resolve_config(env).profile_dir
     assert agent is not None
     assert _serve_imports(tmp_path, env) == agent
+
+
+def test_serve_imports_a_relative_store_once_when_it_is_also_given_to_import(tmp_path, monkeypatch):
+    # the agent's relative MW_PROFILE_DIR is made absolute; serve, told to import the same
+    # directory by its relative name, does not add it a second time
+    monkeypatch.chdir(tmp_path)
+    env = _hermetic(tmp_path, MW_PROFILE_DIR="agent-store")
+    assert resolve_config(env).profile_dir == str(tmp_path / "agent-store")
+    assert _serve_imports(tmp_path, env, "--import", "agent-store") == "agent-store"
 
 
 def test_serve_imports_no_store_when_the_agent_keeps_none(tmp_path):
