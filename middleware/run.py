@@ -25,9 +25,17 @@ USAGE = "usage: middleware-run COMMAND [ARGS...]  (profiles COMMAND and the Pyth
 
 
 def command_environment(env: dict[str, str]) -> dict[str, str]:
-    """``env`` with the bootstrap directory first on ``PYTHONPATH`` (once)."""
+    """``env`` with the bootstrap directory first on ``PYTHONPATH`` (once), and a relative
+    ``MW_PROFILE_DIR`` made absolute: the processes the command starts in other directories
+    write to the same store."""
+    from middleware.setting_values import store_dir
+
     parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != BOOTSTRAP_DIR]
-    return {**env, "PYTHONPATH": os.pathsep.join([BOOTSTRAP_DIR, *parts])}
+    out = {**env, "PYTHONPATH": os.pathsep.join([BOOTSTRAP_DIR, *parts])}
+    store = store_dir(env.get("MW_PROFILE_DIR", ""))
+    if store is not None:
+        out["MW_PROFILE_DIR"] = store
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

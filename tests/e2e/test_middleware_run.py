@@ -61,6 +61,13 @@ def app(environ, start_response):
     return [b"ok"]
 '''
 
+ELSEWHERE = BURN + r'''
+import os, subprocess, sys
+os.makedirs("elsewhere", exist_ok=True)
+subprocess.run([sys.executable, "-c", sys.argv[1] + "\nburn(0.3)\n"], cwd="elsewhere", check=True)
+burn(0.2)
+'''
+
 SIGINT_WAIT = r'''
 import sys, time
 sys.stdout.write("ready\n"); sys.stdout.flush()
@@ -117,6 +124,20 @@ def test_a_spawn_child_is_profiled_too(tmp_path: Path) -> None:
     assert exitcode == "0", run.stdout
     burnt = _burn_by_pid(store)
     assert 0.2e9 <= burnt.get(child_pid, 0) <= 0.45e9, (child_pid, burnt)
+
+
+def test_a_relative_store_is_one_store_for_processes_started_in_other_directories(tmp_path: Path) -> None:
+    # GIVEN MW_PROFILE_DIR=store (relative) and a program that starts a Python subprocess in
+    # another working directory
+    script = tmp_path / "elsewhere.py"
+    script.write_text(ELSEWHERE)
+    run = subprocess.run([*RUN, sys.executable, str(script), BURN], capture_output=True, text=True, timeout=60,
+                         env=_env(Path("store")), cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    # THEN both processes write to <where middleware-run started>/store, none to elsewhere/store
+    burnt = _burn_by_pid(tmp_path / "store")
+    assert len(burnt) == 2 and all(0.1e9 <= v <= 0.45e9 for v in burnt.values()), burnt
+    assert not (tmp_path / "elsewhere" / "store").exists()
 
 
 def test_the_users_own_sitecustomize_still_runs(tmp_path: Path) -> None:
