@@ -23,6 +23,7 @@
 #include "mw_store.h"
 #include "mw_upload.h"
 
+#include <errno.h>
 #include <math.h>
 #include <pthread.h>
 #include <signal.h>
