@@ -493,9 +493,9 @@ static PyMethodDef core_methods[] = {
      "release_signal(timeout=0.1) -> (signal, drained): the app takes our signal: stop sending it "
      "and wait until no thread has it pending"},
     {"termflush_arm", py_termflush_arm, METH_NOARGS,
-     "termflush_arm() -> bool: where SIGTERM's disposition is the default, a SIGTERM exports the "
-     "last window, then ends the process as the default would (csrc/mw_termflush.h); False: the "
-     "app has its own disposition"},
+     "termflush_arm() -> bool: where SIGTERM's (SIGHUP's) disposition is the default, the signal "
+     "exports the last window, then ends the process as the default would (csrc/mw_termflush.h); "
+     "False: the app has its own SIGTERM disposition"},
     {"atexit_run_last", py_atexit_run_last, METH_O,
      "atexit_run_last(func) -> bool: func's atexit registration runs after every other one "
      "(csrc/mw_exitorder.h); False when func is not registered"},

@@ -14,25 +14,24 @@
 #include <unistd.h>
 
 static sem_t g_sem;
-static atomic_int g_pid;   /* the process whose thread waits (0: none) */
-static atomic_int g_fired; /* a SIGTERM was held back */
+static atomic_int g_pid; /* the process whose thread waits (0: none) */
+static atomic_int g_sig; /* the signal held back (0: none yet) */
 
-static void default_action(void) {
+static void default_action(int sig) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = SIG_DFL;
     sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
+    sigaction(sig, &sa, NULL);
 }
 
 static void on_term(int sig) {
-    (void)sig;
-    int saved = errno;
+    int saved = errno, none = 0;
     if (atomic_load(&g_pid) != (int)getpid()) {
         /* a forked child that has not armed again: no thread here to export */
-        default_action();
-        raise(SIGTERM); /* blocked while this handler runs: the default action as it returns */
-    } else if (!atomic_exchange(&g_fired, 1)) {
+        default_action(sig);
+        raise(sig); /* blocked while this handler runs: the default action as it returns */
+    } else if (atomic_compare_exchange_strong(&g_sig, &none, sig)) {
         sem_post(&g_sem);
     }
     errno = saved;
@@ -48,10 +47,11 @@ static void *flusher(void *arg) {
     pthread_setname_np(pthread_self(), "mw-termflush"); /* the profiler's own: not profiled */
     while (sem_wait(&g_sem) != 0) {
     }
+    int sig = atomic_load(&g_sig);
     mw_export_flush(MW_TERMFLUSH_EXPORT_S);
     mw_upload_flush_registered(MW_TERMFLUSH_UPLOAD_S);
-    default_action();
-    kill(getpid(), SIGTERM);
+    default_action(sig);
+    kill(getpid(), sig);
     return NULL;
 }
 
@@ -59,7 +59,7 @@ static void *flusher(void *arg) {
 static int start_flusher(void) {
     if (atomic_load(&g_pid) == (int)getpid()) return 0;
     if (sem_init(&g_sem, 0, 0) != 0) return -1;
-    atomic_store(&g_fired, 0);
+    atomic_store(&g_sig, 0);
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old); /* the thread starts with every signal blocked */
@@ -75,9 +75,10 @@ static int start_flusher(void) {
     return 0;
 }
 
-int mw_termflush_arm(void) {
+/* The handler for sig where its disposition is SIG_DFL: 1 (now or already), 0, -1 (errno). */
+static int arm(int sig) {
     struct sigaction cur;
-    if (sigaction(SIGTERM, NULL, &cur) != 0) return -1;
+    if (sigaction(sig, NULL, &cur) != 0) return -1;
     if (!ours_or_default(&cur)) return 0;
     if (cur.sa_handler == on_term && atomic_load(&g_pid) == (int)getpid()) return 1;
     if (start_flusher() != 0) return -1;
@@ -86,10 +87,16 @@ int mw_termflush_arm(void) {
     sa.sa_handler = on_term;
     sa.sa_flags = SA_RESTART; /* the app's calls go on as if nothing came */
     sigemptyset(&sa.sa_mask);
-    if (sigaction(SIGTERM, &sa, &was) != 0) return -1;
+    if (sigaction(sig, &sa, &was) != 0) return -1;
     if (!ours_or_default(&was)) {
-        sigaction(SIGTERM, &was, NULL); /* set by another thread meanwhile: theirs */
+        sigaction(sig, &was, NULL); /* set by another thread meanwhile: theirs */
         return 0;
     }
     return 1;
+}
+
+int mw_termflush_arm(void) {
+    int r = arm(SIGTERM);
+    if (r >= 0) arm(SIGHUP);
+    return r;
 }

@@ -1,7 +1,8 @@
-"""A process ended by SIGTERM's default action keeps its last window (csrc/mw_termflush.h): a
-plain script or worker killed by `kill`, `docker stop` or a Kubernetes rolling update used to lose
-everything sampled since its last export, without a word. Each case runs a child, kills it with
-SIGTERM and reads the store (or the backend) it leaves."""
+"""A process ended by SIGTERM's or SIGHUP's default action keeps its last window
+(csrc/mw_termflush.h): a plain script or worker killed by `kill`, `docker stop` or a Kubernetes
+rolling update, or a script whose terminal went away, used to lose everything sampled since its
+last export, without a word. Each case runs a child, sends it the signal and reads the store (or
+the backend) it leaves."""
 from __future__ import annotations
 
 import json
@@ -26,6 +27,8 @@ import hashlib, json, os, signal, sys, time
 sys.path.insert(0, sys.argv[1])
 from middleware import MwTracker
 store, mode = sys.argv[2], sys.argv[3]
+if mode == "nohup":  # started under nohup: SIGHUP ignored before the tracker starts
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 t = MwTracker(profile_dir=store or None, upload_interval=3600, sample_rate=100, instrument=False)
 if mode == "handler":  # the app's own handler, set after the tracker started: it runs, as before
     def on_term(sig, frame):
@@ -43,7 +46,8 @@ if mode == "forked":  # the child of a fork (its tracker restarted there) is the
         print(json.dumps({"child_signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None}), flush=True)
         sys.exit(0)
 burn_before_sigterm(0.5)
-print(json.dumps({"pid": os.getpid(), "default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL}), flush=True)
+print(json.dumps({"pid": os.getpid(), "default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+                  "hup_default": signal.getsignal(signal.SIGHUP) == signal.SIG_DFL}), flush=True)
 if mode == "busy_c":  # the main thread in a long C call when the signal comes
     hashlib.pbkdf2_hmac("sha256", b"x", b"y", 100_000_000)
 else:
@@ -51,15 +55,16 @@ else:
 """
 
 
-def kill_when_ready(store: str, mode: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Runs CHILD, sends SIGTERM to the pid it names once it has burned, and returns its exit
+def kill_when_ready(store: str, mode: str, env: dict[str, str] | None = None,
+                    sig: int = signal.SIGTERM) -> dict[str, Any]:
+    """Runs CHILD, sends sig to the pid it names once it has burned, and returns its exit
     code, the seconds from the signal to its end and the JSON lines it printed."""
     p = subprocess.Popen([sys.executable, "-c", CHILD, ROOT, store, mode], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     assert p.stdout is not None and p.stderr is not None
     ready = json.loads(p.stdout.readline())
     t0 = time.monotonic()
-    os.kill(ready["pid"], signal.SIGTERM)
+    os.kill(ready["pid"], sig)
     out, err = p.communicate(timeout=30)
     return {"rc": p.returncode, "seconds": time.monotonic() - t0, "ready": ready, "err": err,
             "lines": [json.loads(line) for line in out.splitlines() if line.strip()]}
@@ -91,6 +96,39 @@ def test_a_process_ended_by_sigterm_exports_its_last_window_and_dies_of_it(mode:
     # AND its last window is in the store, burn and all (before: no file at all)
     files = sorted(tmp_path.glob(f"*-{r['ready']['pid']}-*.pb.gz"))
     assert 0.45 <= burn_cpu([f.read_bytes() for f in files]) <= 0.55, [f.name for f in files]
+
+
+@pytest.mark.parametrize("mode", ["sleeping", "forked"])
+def test_a_process_ended_by_sighup_exports_its_last_window_and_dies_of_it(mode: str, tmp_path: Path) -> None:
+    # GIVEN a process (or a forked child) with SIGHUP's default disposition (Python's), whose
+    # terminal goes away
+    r = kill_when_ready(str(tmp_path), mode, sig=signal.SIGHUP)
+    # THEN it dies of SIGHUP as it would have, within a second, saying nothing
+    if mode == "forked":
+        assert r["rc"] == 0 and r["lines"] == [{"child_signal": signal.SIGHUP}], r
+    else:
+        assert r["rc"] == -signal.SIGHUP, r
+    assert r["seconds"] < 1.0 and r["ready"]["hup_default"] is True, r
+    assert "middleware" not in r["err"], r["err"]
+    # AND its last window is in the store (before: no file at all)
+    files = sorted(tmp_path.glob(f"*-{r['ready']['pid']}-*.pb.gz"))
+    assert 0.45 <= burn_cpu([f.read_bytes() for f in files]) <= 0.55, [f.name for f in files]
+
+
+def test_a_sighup_ignored_before_the_tracker_started_stays_ignored(tmp_path: Path) -> None:
+    # GIVEN a process started under nohup (SIGHUP ignored)
+    p = subprocess.Popen([sys.executable, "-c", CHILD, ROOT, str(tmp_path), "nohup"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    ready = json.loads(p.stdout.readline())
+    # THEN a SIGHUP leaves it running, and a SIGTERM still ends it after its last export
+    os.kill(ready["pid"], signal.SIGHUP)
+    time.sleep(0.3)
+    assert p.poll() is None and ready["hup_default"] is False
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == -signal.SIGTERM and "middleware" not in err, err
+    assert 0.45 <= burn_cpu([f.read_bytes() for f in tmp_path.glob("*.pb.gz")]) <= 0.55
 
 
 def test_an_apps_own_sigterm_handler_runs_as_before(tmp_path: Path) -> None:
