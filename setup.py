@@ -81,11 +81,11 @@ class BuildExt(build_ext):
 include = sysconfig.get_paths()["include"]
 # The uploader: csrc/mw_upload*.c (see csrc/mw_upload_ctx.h), its module glue, the push.v1 code and
 # the OTLP exporter's converter (csrc/mw_otlp*.c, the OTLP code generated under csrc/gen/otlp, and its
-# own copy of the pprof code, which it reads).
+# own copy of the pprof code, which it reads), and the starter of the profiler's threads it shares.
 otlp_gen = sorted(glob.glob("csrc/gen/otlp/**/*.c", recursive=True))
 upload_only = (sorted(glob.glob("csrc/mw_upload*.c")) + sorted(glob.glob("csrc/mw_otlp*.c"))
                + ["csrc/mw_module_upload.c", "csrc/gen/push.pb-c.c"] + otlp_gen)
-upload_sources = upload_only + ["csrc/gen/profile.pb-c.c"]
+upload_sources = upload_only + ["csrc/gen/profile.pb-c.c", "csrc/mw_ownthread.c"]
 sources = sorted(set(glob.glob("csrc/*.c") + glob.glob("csrc/gen/*.c")) - set(upload_only))
 gen_headers = sorted(glob.glob("csrc/gen/**/*.h", recursive=True))
 extra_compile = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden",

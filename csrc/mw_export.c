@@ -17,6 +17,7 @@
 #include "mw_collect.h"
 #include "mw_export_comments.h"
 #include "mw_labels.h"
+#include "mw_ownthread.h"
 #include "mw_pprof.h"
 #include "mw_report.h"
 #include "mw_sampler.h"
@@ -360,7 +361,6 @@ static void export_once(void) {
 
 static void *export_main(void *arg) {
     (void)arg;
-    pthread_setname_np(pthread_self(), "mw-export");
     pthread_mutex_lock(&g_lock);
     int64_t next = mw_now_monotonic_ns() + g_cfg.interval_ns;
     for (;;) {
@@ -449,11 +449,7 @@ int mw_export_start(const mw_export_config_t *cfg, const char **why) {
     pthread_mutex_unlock(&g_lock);
     g_empty_since = 0; /* no exporter thread runs yet */
 
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int rc = pthread_create(&g_thread, NULL, export_main, NULL);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    int rc = mw_ownthread_create(&g_thread, "mw-export", export_main, NULL);
 
     pthread_mutex_lock(&g_lock);
     if (rc != 0)

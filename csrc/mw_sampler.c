@@ -13,6 +13,7 @@
 
 #include "mw_cputimer.h"
 #include "mw_labels.h"
+#include "mw_ownthread.h"
 #include "mw_pyframes.h"
 #include "mw_report.h"
 #include "mw_saferead.h"
@@ -383,7 +384,6 @@ static void signal_taken(void) {
 
 static void *sampler_main(void *arg) {
     (void)arg;
-    pthread_setname_np(pthread_self(), "mw-sampler");
     short_slice();
     if (g_direct) {
         /* A fault inside a guarded read must reach our handler: a blocked synchronous SIGSEGV
@@ -576,12 +576,8 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
     struct timespec cpu;
     g_start_tid = clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu) == 0 ? (long)syscall(SYS_gettid) : 0;
     g_start_cpu = (uint64_t)cpu.tv_sec * 1000000000ULL + (uint64_t)cpu.tv_nsec;
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
     atomic_store(&g_running, 1);
-    int rc = pthread_create(&g_thread, NULL, sampler_main, NULL);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    int rc = mw_ownthread_create(&g_thread, "mw-sampler", sampler_main, NULL);
     if (rc != 0) {
         atomic_store(&g_running, 0);
         *why = strerror(rc);

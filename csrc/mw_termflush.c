@@ -3,6 +3,7 @@
 #include "mw_termflush.h"
 
 #include "mw_export.h"
+#include "mw_ownthread.h"
 #include "mw_upload.h"
 
 #include <errno.h>
@@ -44,7 +45,6 @@ static int ours_or_default(const struct sigaction *sa) {
 
 static void *flusher(void *arg) {
     (void)arg;
-    pthread_setname_np(pthread_self(), "mw-termflush"); /* the profiler's own: not profiled */
     while (sem_wait(&g_sem) != 0) {
     }
     int sig = atomic_load(&g_sig);
@@ -60,12 +60,8 @@ static int start_flusher(void) {
     if (atomic_load(&g_pid) == (int)getpid()) return 0;
     if (sem_init(&g_sem, 0, 0) != 0) return -1;
     atomic_store(&g_sig, 0);
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old); /* the thread starts with every signal blocked */
     pthread_t t;
-    int rc = pthread_create(&t, NULL, flusher, NULL);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    int rc = mw_ownthread_create(&t, "mw-termflush", flusher, NULL); /* the profiler's own */
     if (rc != 0) {
         errno = rc;
         return -1;

@@ -29,6 +29,7 @@
 #include "mw_upload.h"
 
 #include "mw_otlp.h"
+#include "mw_ownthread.h"
 #include "mw_upload_config.h"
 #include "mw_upload_ctx.h"
 #include "mw_upload_http.h"
@@ -367,7 +368,6 @@ static int otlp_convert(mw_uploader_t *u) {
 
 static void *uploader_main(void *arg) {
     mw_uploader_t *u = arg;
-    pthread_setname_np(pthread_self(), "mw-upload"); /* the profiler's own: not in the profile */
     int need_auth = u->tenant == NULL && u->cfg.api_key != NULL;
     uint64_t retry_seq = 0; /* item whose previous attempt failed */
 
@@ -503,11 +503,7 @@ static int start_locked(const mw_upload_config_t *in) {
     g.running = 1;
     pthread_mutex_unlock(&g.lock);
 
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    int rc = pthread_create(&g_thread, NULL, uploader_main, u);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    int rc = mw_ownthread_create(&g_thread, "mw-upload", uploader_main, u);
     if (rc != 0) {
         pthread_mutex_lock(&g.lock);
         g.running = 0;

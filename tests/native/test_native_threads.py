@@ -16,7 +16,7 @@ samples (perf events, POSIX CPU timers, ticks only):
   its total is its clock (before: ticks only charged the C between two ticks to the callback, 1.35 s
   for 0.16; with CPU timers the thread's clock was counted again at each new thread state, 2.58 s
   for 1.36);
-- the profiler's own threads (``mw-*``) are not in the profile.
+- the profiler's own threads (``mw-*``) are not in the profile, not even while they start.
 """
 from __future__ import annotations
 
@@ -158,3 +158,39 @@ def test_threads_that_end_before_any_listing_keep_their_cpu(native_lib: str, py_
         assert exited >= truth["churn"] / 2, why
         assert near(native + exited, truth["churn"], 0.03, 20), why
         assert near(d["profile_cpu_ns"], d["process_cpu_ns"], 0.03, 40), why
+
+
+SLOW_START_CHILD = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from middleware import MwTracker
+t = MwTracker(profile_dir=sys.argv[2], upload_interval=3600, sample_rate=1000, instrument=False)
+end = time.thread_time() + 1.0  # the exporter and SIGTERM threads start meanwhile, slowly
+while time.thread_time() < end:
+    pass
+t.stop()
+print(json.dumps(t.stats()))
+"""
+
+
+def test_the_profilers_own_threads_are_not_in_the_profile_while_they_start(tmp_path: Path) -> None:
+    # GIVEN threads that take 0.4 s of their own CPU to start (a preloaded pthread_create; the
+    # sampler's thread, created first, starts at once): the profiler's exporter and SIGTERM threads
+    # start while the sampler lists the process's threads
+    shim = tmp_path / "libslow_thread_start.so"
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(shim),
+                    str(Path(__file__).parent / "c" / "slow_thread_start.c"), "-ldl"], check=True)
+    preload = f"{os.environ.get('LD_PRELOAD', '')} {shim}".strip()  # after ASan's when there
+    store = tmp_path / "store"
+    proc = subprocess.run([sys.executable, "-c", SLOW_START_CHILD, str(ROOT), str(store)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "LD_PRELOAD": preload})
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)
+    # THEN no native thread is in the profile: they bear the profiler's names from their first
+    # instant (before: each was an unnamed native thread until it named itself, 0.4 s of CPU each
+    # under thread-<tid>)
+    from middleware.pprof import parse_pprof
+
+    native = [s for f in store.glob("*.pb.gz") for s in parse_pprof(f.read_bytes()).samples
+              if any(fr.function == "[native thread]" for fr in s.stack)]
+    assert native == [] and stats["native_thread_cpu_ns"] == 0, (stats["native_thread_cpu_ns"], native[:3])
