@@ -15,8 +15,9 @@
 #include <unistd.h>
 
 static sem_t g_sem;
-static atomic_int g_pid; /* the process whose thread waits (0: none) */
-static atomic_int g_sig; /* the signal held back (0: none yet) */
+static atomic_int g_pid;     /* the process whose thread waits (0: none) */
+static atomic_int g_sig;     /* the signal held back (0: none yet) */
+static atomic_int g_hup_pid; /* the process in which SIGHUP was armed (or found taken) */
 
 static void default_action(int sig) {
     struct sigaction sa;
@@ -56,8 +57,8 @@ static void *flusher(void *arg) {
 }
 
 /* The thread that waits for the handler, started once per process. */
-static int start_flusher(void) {
-    if (atomic_load(&g_pid) == (int)getpid()) return 0;
+static int start_flusher(int pid) {
+    if (atomic_load(&g_pid) == pid) return 0;
     if (sem_init(&g_sem, 0, 0) != 0) return -1;
     atomic_store(&g_sig, 0);
     pthread_t t;
@@ -67,17 +68,17 @@ static int start_flusher(void) {
         return -1;
     }
     pthread_detach(t);
-    atomic_store(&g_pid, (int)getpid());
+    atomic_store(&g_pid, pid);
     return 0;
 }
 
 /* The handler for sig where its disposition is SIG_DFL: 1 (now or already), 0, -1 (errno). */
-static int arm(int sig) {
+static int arm(int sig, int pid) {
     struct sigaction cur;
     if (sigaction(sig, NULL, &cur) != 0) return -1;
     if (!ours_or_default(&cur)) return 0;
-    if (cur.sa_handler == on_term && atomic_load(&g_pid) == (int)getpid()) return 1;
-    if (start_flusher() != 0) return -1;
+    if (cur.sa_handler == on_term && atomic_load(&g_pid) == pid) return 1;
+    if (start_flusher(pid) != 0) return -1;
     struct sigaction sa, was;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_term;
@@ -92,7 +93,9 @@ static int arm(int sig) {
 }
 
 int mw_termflush_arm(void) {
-    int r = arm(SIGTERM);
-    if (r >= 0) arm(SIGHUP);
+    int pid = (int)getpid(), r = arm(SIGTERM, pid);
+    if (r >= 0 &&
+        atomic_exchange(&g_hup_pid, pid) != pid) /* once per process: tasks re-arm SIGTERM */
+        arm(SIGHUP, pid);
     return r;
 }

@@ -19,8 +19,9 @@
  * SIG_IGN before) replaces or keeps out the handler, and the thread waits for ever, unused.
  *
  * Arming again where SIGTERM's disposition went back to SIG_DFL puts the handler back (a pool
- * worker running a task: middleware/children.py); where both are the handler already (or the
- * app's), it costs two sigaction calls.
+ * worker running a task: middleware/children.py); where it is the handler already (or the app's),
+ * it costs one sigaction call. SIGHUP is armed once per process (a disposition the app gives it
+ * later is the app's).
  *
  * Threads: arm from any thread, GIL held (the tracker's start). The handler is async-signal-safe
  * (getpid, sem_post, sigaction, raise). Fork: the child inherits the handler but not the thread;
