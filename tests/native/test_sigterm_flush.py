@@ -27,8 +27,9 @@ import hashlib, json, os, signal, sys, time
 sys.path.insert(0, sys.argv[1])
 from middleware import MwTracker
 store, mode = sys.argv[2], sys.argv[3]
-if mode == "nohup":  # started under nohup: SIGHUP ignored before the tracker starts
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+# SIGHUP's default disposition, as a process started from a terminal has it (the test runner's may
+# be nohup's SIG_IGN, which a child inherits), or, started under nohup, ignored
+signal.signal(signal.SIGHUP, signal.SIG_IGN if mode == "nohup" else signal.SIG_DFL)
 t = MwTracker(profile_dir=store or None, upload_interval=3600, sample_rate=100, instrument=False)
 if mode == "handler":  # the app's own handler, set after the tracker started: it runs, as before
     def on_term(sig, frame):
