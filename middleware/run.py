@@ -28,13 +28,15 @@ def command_environment(env: dict[str, str]) -> dict[str, str]:
     """``env`` with the bootstrap directory first on ``PYTHONPATH`` (once), and a relative
     ``MW_PROFILE_DIR`` made absolute: the processes the command starts in other directories
     write to the same store."""
-    from middleware.setting_values import store_dir
+    from middleware.config import SETTINGS
 
     parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != BOOTSTRAP_DIR]
     out = {**env, "PYTHONPATH": os.pathsep.join([BOOTSTRAP_DIR, *parts])}
-    store = store_dir(env.get("MW_PROFILE_DIR", ""))
-    if store is not None:
-        out["MW_PROFILE_DIR"] = store
+    row = SETTINGS["profile_dir"]
+    for var in row.env:
+        store = row.parse(env.get(var, ""))  # absolute, or None for none/off/unset
+        if store is not None:
+            out[var] = store
     return out
 
 
