@@ -67,10 +67,19 @@ void mw_finishwrite_after_signal(void *ucv, int our_sig) {
     const char *buf = (const char *)g[REG_RSI];
     /* wait as the write would have: the app's signals as the interrupted code had them, ours
      * (and SIGTRAP, the perf events' other route) blocked */
-    sigset_t during, before;
+    sigset_t during, before, pending;
     memcpy(&during, &uc->uc_sigmask, sizeof during);
     sigaddset(&during, SIGTRAP);
     if (our_sig > 0) sigaddset(&during, our_sig);
+    /* a signal of the app's that came while this handler ran (every signal blocked here) would be
+     * taken as the mask below is set, before the write waits, and would not end it: it ends the
+     * app's call as it would have, with the count so far (the window left is this check's) */
+    if (sigpending(&pending) == 0)
+        for (int s = 1; s < NSIG; s++)
+            if (sigismember(&pending, s) == 1 && sigismember(&during, s) == 0) {
+                errno = saved_errno;
+                return;
+            }
     pthread_sigmask(SIG_SETMASK, &during, &before);
     /* one call, as the app made one: it returns short only for what would have cut the app's
      * own call short (its signal, a send timeout, a non-blocking descriptor) */

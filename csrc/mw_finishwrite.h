@@ -13,8 +13,10 @@
  * same buffer to the same descriptor with one more write(2), and puts the total in the context's
  * return register, so the call returns as if our signal had not come. That write waits as the
  * app's would have: with the interrupted code's signal mask (ours and SIGTRAP blocked), so the
- * app's own signals end it as they would have ended the app's write (with the count so far), as
- * do a send timeout, a non-blocking descriptor (EAGAIN) or an error (the count so far is
+ * app's own signals end it as they would have ended the app's write (with the count so far; one
+ * that came while the handler ran, pending, ends it before it is written: taken as the mask is
+ * set, it would otherwise be gone before the write waits, and a write that never ends could hang),
+ * as do a send timeout, a non-blocking descriptor (EAGAIN) or an error (the count so far is
  * returned: the error is the next call's). The kernel checks the buffer (a bad address is
  * EFAULT, never a fault in the handler).
  *
