@@ -22,14 +22,14 @@ int mw_backlog_waits_for(int err) {
     return err == ENOSPC || err == EDQUOT;
 }
 
-static void drop_oldest_locked(void) {
+/* Frees the oldest entry (written or dropped: the caller counts which). */
+static void pop_oldest_locked(void) {
     entry_t *e = &g_ring[g_head];
     g_bytes -= e->len;
     free(e->data);
     memset(e, 0, sizeof *e);
     g_head = (g_head + 1) % MW_BACKLOG_MAX_FILES;
     g_n--;
-    g_stats.dropped++;
 }
 
 int mw_backlog_keep(int64_t start_ms, const void *data, size_t len) {
@@ -42,8 +42,10 @@ int mw_backlog_keep(int64_t start_ms, const void *data, size_t len) {
         return -1;
     }
     memcpy(copy, data, len);
-    while (g_n > 0 && (g_n == MW_BACKLOG_MAX_FILES || g_bytes + len > MW_BACKLOG_MAX_BYTES))
-        drop_oldest_locked();
+    while (g_n > 0 && (g_n == MW_BACKLOG_MAX_FILES || g_bytes + len > MW_BACKLOG_MAX_BYTES)) {
+        pop_oldest_locked();
+        g_stats.dropped++;
+    }
     entry_t *e = &g_ring[(g_head + g_n) % MW_BACKLOG_MAX_FILES];
     e->start_ms = start_ms;
     e->data = copy;
@@ -81,11 +83,7 @@ size_t mw_backlog_write(const char *dir, const char *service, long pid, uint64_t
         out->files_written++;
         out->bytes_written += res.bytes_written;
         out->dir_bytes = res.dir_bytes;
-        free(e.data);
-        memset(&g_ring[g_head], 0, sizeof g_ring[g_head]);
-        g_head = (g_head + 1) % MW_BACKLOG_MAX_FILES;
-        g_n--;
-        g_bytes -= e.len;
+        pop_oldest_locked();
         g_stats.written++;
         pthread_mutex_unlock(&g_lock);
     }
