@@ -584,12 +584,14 @@ static int at_await(mw_readcache_t *rc, const _Py_CODEUNIT *prev_instr) {
 }
 #endif
 
-int mw_pyframes_coro_peek(mw_readcache_t *rc, uintptr_t gen, uintptr_t *code, int32_t *lasti,
-                          uintptr_t *awaited) {
-    *awaited = *code = 0;
-    *lasti = -1;
-    if (!gen || (gen & (sizeof(void *) - 1))) return MW_CORO_UNREADABLE;
 #if PY_VERSION_HEX >= 0x030B0000
+/* What mw_pyframes_coro and its peek share, 3.11+: the generator's state and its frame, read
+ * together (the frame is inside the object, gi_iframe, after its head; its fixed part, up to
+ * the locals, into *f). Returns the MW_CORO_* state; for SUSPENDED and CREATED also the code
+ * object (*code), the instruction pointer (*ip) and whether it is suspended at an await, a
+ * `yield from` (*at: the top of its value stack is what it awaits). */
+static int gen_read(mw_readcache_t *rc, uintptr_t gen, _PyInterpreterFrame *f, uintptr_t *code,
+                    const _Py_CODEUNIT **ip, int *at) {
     size_t head = offsetof(PyGenObject, gi_iframe);
     uint8_t buf[offsetof(PyGenObject, gi_iframe) + offsetof(_PyInterpreterFrame, localsplus)];
     if (rd(rc, (void *)gen, sizeof buf, buf) != 0) return MW_CORO_UNREADABLE;
@@ -600,27 +602,49 @@ int mw_pyframes_coro_peek(mw_readcache_t *rc, uintptr_t gen, uintptr_t *code, in
     int8_t state = g.gi_frame_state;
     if (state == FRAME_EXECUTING) return MW_CORO_RUNNING;
     if (state > FRAME_EXECUTING) return MW_CORO_DONE;
-    _PyInterpreterFrame f;
-    memcpy(&f, buf + head, offsetof(_PyInterpreterFrame, localsplus));
+    memcpy(f, buf + head, offsetof(_PyInterpreterFrame, localsplus));
 #if PY_VERSION_HEX >= 0x030D0000
-    *code = (uintptr_t)f.f_executable;
-    *lasti = (int32_t)(f.instr_ptr - (const _Py_CODEUNIT *)(*code + MW_CODE_HEAD));
+    *code = (uintptr_t)f->f_executable;
+    *ip = f->instr_ptr;
 #else
-    *code = (uintptr_t)f.f_code;
-    *lasti = (int32_t)(f.prev_instr - (const _Py_CODEUNIT *)(*code + MW_CODE_HEAD));
+    *code = (uintptr_t)f->f_code;
+    *ip = f->prev_instr;
 #endif
     if (state == FRAME_CREATED) return MW_CORO_CREATED;
 #if PY_VERSION_HEX >= 0x030D0000
-    if (state != FRAME_SUSPENDED_YIELD_FROM) return MW_CORO_SUSPENDED;
+    *at = state == FRAME_SUSPENDED_YIELD_FROM;
 #else
-    if (!at_await(rc, f.prev_instr)) return MW_CORO_SUSPENDED;
+    *at = at_await(rc, *ip);
 #endif
-    if (f.stacktop > 0 && f.stacktop < (1 << 20))
-        (void)rd(rc,
-                 (const char *)gen + head + offsetof(_PyInterpreterFrame, localsplus) +
-                     (size_t)(f.stacktop - 1) * sizeof(PyObject *),
-                 sizeof *awaited, awaited);
     return MW_CORO_SUSPENDED;
+}
+
+/* The top of the value stack of the frame inside gen (depth `top`), or 0 when unreadable. */
+static uintptr_t gen_stack_top(mw_readcache_t *rc, uintptr_t gen, int top) {
+    uintptr_t tos = 0;
+    if (rd(rc,
+           (const char *)gen + offsetof(PyGenObject, gi_iframe) +
+               offsetof(_PyInterpreterFrame, localsplus) + (size_t)(top - 1) * sizeof(PyObject *),
+           sizeof tos, &tos) != 0)
+        return 0;
+    return tos;
+}
+#endif
+
+int mw_pyframes_coro_peek(mw_readcache_t *rc, uintptr_t gen, uintptr_t *code, int32_t *lasti,
+                          uintptr_t *awaited) {
+    *awaited = *code = 0;
+    *lasti = -1;
+    if (!gen || (gen & (sizeof(void *) - 1))) return MW_CORO_UNREADABLE;
+#if PY_VERSION_HEX >= 0x030B0000
+    _PyInterpreterFrame f;
+    const _Py_CODEUNIT *ip = NULL;
+    int at = 0, state = gen_read(rc, gen, &f, code, &ip, &at);
+    if (state == MW_CORO_SUSPENDED || state == MW_CORO_CREATED)
+        *lasti = (int32_t)(ip - (const _Py_CODEUNIT *)(*code + MW_CODE_HEAD));
+    if (at && f.stacktop > 0 && f.stacktop < (1 << 20))
+        *awaited = gen_stack_top(rc, gen, f.stacktop);
+    return state;
 #else
     PyGenObject g;
     if (rd(rc, (void *)gen, sizeof g, &g) != 0) return MW_CORO_UNREADABLE;
@@ -659,26 +683,11 @@ int mw_pyframes_coro(mw_readcache_t *rc, uintptr_t gen, mw_rawframe_t *out, uint
     *awaited = 0;
     if (!gen || (gen & (sizeof(void *) - 1))) return MW_CORO_UNREADABLE;
 #if PY_VERSION_HEX >= 0x030B0000
-    /* The frame is inside the object (gi_iframe), after the fields read here. */
-    PyGenObject g;
-    size_t head = offsetof(PyGenObject, gi_iframe);
-    if (rd(rc, (void *)gen, head, &g) != 0) return MW_CORO_UNREADABLE;
-    if (Py_TYPE((PyObject *)&g) != &PyCoro_Type && Py_TYPE((PyObject *)&g) != &PyGen_Type)
-        return MW_CORO_UNREADABLE;
-    int8_t state = g.gi_frame_state;
-    if (state == FRAME_EXECUTING) return MW_CORO_RUNNING;
-    if (state > FRAME_EXECUTING) return MW_CORO_DONE;
     _PyInterpreterFrame f;
-    uintptr_t fa = gen + head;
-    if (rd(rc, (void *)fa, offsetof(_PyInterpreterFrame, localsplus), &f) != 0)
-        return MW_CORO_UNREADABLE;
-#if PY_VERSION_HEX >= 0x030D0000
-    uintptr_t code = (uintptr_t)f.f_executable;
-    const _Py_CODEUNIT *ip = f.instr_ptr;
-#else
-    uintptr_t code = (uintptr_t)f.f_code;
-    const _Py_CODEUNIT *ip = f.prev_instr;
-#endif
+    uintptr_t code = 0;
+    const _Py_CODEUNIT *ip = NULL;
+    int at = 0, state = gen_read(rc, gen, &f, &code, &ip, &at);
+    if (state != MW_CORO_SUSPENDED && state != MW_CORO_CREATED) return state;
     PyCodeObject co;
     if (read_code_head(rc, code, &co) != 0) return MW_CORO_UNREADABLE;
     long idx = (long)(ip - (const _Py_CODEUNIT *)(code + MW_CODE_HEAD));
@@ -687,23 +696,11 @@ int mw_pyframes_coro(mw_readcache_t *rc, uintptr_t gen, mw_rawframe_t *out, uint
     out->lasti = (int32_t)idx;
     out->eval_entry = 0;
     code_info(&co, &out->info);
-    if (state == FRAME_CREATED) return MW_CORO_CREATED;
-#if PY_VERSION_HEX >= 0x030D0000
-    if (state != FRAME_SUSPENDED_YIELD_FROM) return MW_CORO_SUSPENDED;
-#else
-    if (!at_await(rc, ip)) return MW_CORO_SUSPENDED;
-#endif
-    /* Suspended in an await (yield from): what it awaits is the top of its value stack. */
+    /* At an await: what it awaits is the top of its value stack, within the code's bounds. */
     int top = f.stacktop;
-    if (top > co.co_nlocalsplus && top <= co.co_nlocalsplus + co.co_stacksize) {
-        uintptr_t tos = 0;
-        if (rd(rc,
-               (const char *)fa + offsetof(_PyInterpreterFrame, localsplus) +
-                   (size_t)(top - 1) * sizeof(PyObject *),
-               sizeof tos, &tos) == 0)
-            *awaited = tos;
-    }
-    return MW_CORO_SUSPENDED;
+    if (at && top > co.co_nlocalsplus && top <= co.co_nlocalsplus + co.co_stacksize)
+        *awaited = gen_stack_top(rc, gen, top);
+    return state;
 #else
     uintptr_t code;
     int32_t lasti;
