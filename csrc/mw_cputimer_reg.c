@@ -174,7 +174,6 @@ int mw_cputimer_overdue(int i, long tid, uint64_t cpu_now) {
 }
 
 static int arm_locked(long tid, uintptr_t tstate, int born, int *existed);
-static void disarm_locked(int i);
 
 int mw_cputimer_arm(long tid, uintptr_t tstate, int born, int *existed) {
     int dummy;
@@ -317,13 +316,18 @@ void mw_cputimer_forget(long tid) {
 
 static int g_halted; /* mw_cputimer_halt: nothing is armed until the next init (g_lock) */
 
-void mw_cputimer_halt(void) {
+/* Stops and frees every registration; halt 1: and arms none until mw_cputimer_unhalt. */
+static void disarm_every(int halt) {
     if (!g_reg) return;
     pthread_mutex_lock(&g_lock);
-    g_halted = 1;
+    if (halt) g_halted = 1;
     for (int i = 0; i < REGS; i++)
         disarm_locked(i);
     pthread_mutex_unlock(&g_lock);
+}
+
+void mw_cputimer_halt(void) {
+    disarm_every(1);
 }
 
 void mw_cputimer_unhalt(void) {
@@ -388,13 +392,6 @@ static int arm_locked(long tid, uintptr_t tstate, int born, int *existed) {
     return -1;
 }
 
-static void disarm(int i) {
-    if (!g_reg || i < 0 || i >= REGS) return;
-    pthread_mutex_lock(&g_lock);
-    disarm_locked(i);
-    pthread_mutex_unlock(&g_lock);
-}
-
 int mw_cputimer_counted(int i, long tid) {
     return g_reg && i >= 0 && i < REGS && tid > 0 && atomic_load(&g_reg[i].tid) == tid &&
            (g_reg[i].fd >= 0 || g_reg[i].has_timer);
@@ -442,7 +439,5 @@ static void disarm_locked(int i) {
 }
 
 void mw_cputimer_disarm_all(void) {
-    if (!g_reg) return;
-    for (int i = 0; i < REGS; i++)
-        disarm(i);
+    disarm_every(0);
 }

@@ -28,7 +28,6 @@
 #include "mw_unwind.h"
 #include "mw_upload.h"
 
-#include <dirent.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -432,22 +431,6 @@ static PyObject *py_sampling_signal(PyObject *self, PyObject *noargs) {
     return PyLong_FromLong(sig && !mw_unwind_released() && mw_unwind_signal_ours() ? sig : 0);
 }
 
-/* Whether a thread of this process has signal sig pending (its /proc status). */
-static int any_pending(int sig) {
-    DIR *d = opendir("/proc/self/task");
-    if (!d) return 0;
-    struct dirent *e;
-    int any = 0;
-    while (!any && (e = readdir(d)) != NULL) {
-        long tid = strtol(e->d_name, NULL, 10);
-        uint64_t pnd, shd, blk;
-        if (tid > 0 && mw_threads_sigmasks(tid, &pnd, &shd, &blk) == 0)
-            any = (int)(((pnd | shd) >> (sig - 1)) & 1);
-    }
-    closedir(d);
-    return any;
-}
-
 static PyObject *py_release_signal(PyObject *self, PyObject *args) {
     double timeout = 0.1;
     if (!PyArg_ParseTuple(args, "|d", &timeout)) return NULL;
@@ -455,7 +438,8 @@ static PyObject *py_release_signal(PyObject *self, PyObject *args) {
     if (sig) { /* those already queued reach our handler before the app's disposition is in */
         Py_BEGIN_ALLOW_THREADS;
         int64_t waited = 0;
-        while ((drained = !any_pending(sig)) == 0 && waited < (int64_t)(timeout * 1e9)) {
+        while ((drained = !mw_threads_signal_pending(sig)) == 0 &&
+               waited < (int64_t)(timeout * 1e9)) {
             struct timespec ms = {0, 1000000};
             nanosleep(&ms, NULL);
             waited += 1000000;

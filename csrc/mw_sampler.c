@@ -357,6 +357,14 @@ static void short_slice(void) {
         g_stats.sampler_slice_ns = a.sched_runtime;
 }
 
+/* No CPU timer is armed any more (disarmed or halted, or a fork child's): the threads' entries
+ * forget their registrations (a restart arms them again). */
+static void timers_forgotten(void) {
+    g_timers_armed = 0;
+    for (uint32_t i = 0; g_ts && i < g_ts_n; i++)
+        g_ts[i].reg = 0;
+}
+
 /* The app set a disposition of its own for our signal after we set it up (a library taking
  * "its" real-time signal, code resetting every signal): each CPU-timer signal and pause request
  * would run the app's handler (240 calls in 2 s of two busy threads at 100 Hz, every CPU sample
@@ -370,9 +378,7 @@ static void signal_taken(void) {
     g_timers = 0;
     mw_unwind_disable();
     mw_cputimer_halt();
-    g_timers_armed = 0;
-    for (uint32_t i = 0; g_ts && i < g_ts_n; i++)
-        g_ts[i].reg = 0;
+    timers_forgotten();
     drain_safe_set();
     g_stats.signal_taken = (uint64_t)sig;
     mw_report_once(MW_REPORT_SIGNAL_TAKEN,
@@ -616,9 +622,7 @@ void mw_sampler_stop(void) {
      * them (a restart arms them again). */
     if (g_timers_armed) {
         mw_cputimer_disarm_all();
-        g_timers_armed = 0;
-        for (uint32_t i = 0; g_ts && i < g_ts_n; i++)
-            g_ts[i].reg = 0;
+        timers_forgotten();
     }
 }
 
@@ -724,9 +728,7 @@ static void atfork_child(void) {
     mw_unwind_after_fork_child();
     mw_tasks_after_fork_child();
     mws_exits_clear();
-    g_timers_armed = 0;
-    for (uint32_t i = 0; g_ts && i < g_ts_n; i++)
-        g_ts[i].reg = 0;
+    timers_forgotten();
 }
 
 void mw_sampler_register_atfork(void) {

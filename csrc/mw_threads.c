@@ -1,6 +1,7 @@
 /* mw_threads — see mw_threads.h. Open addressing keyed by tid with tombstones (-1). */
 #include "mw_threads.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -204,4 +205,19 @@ int mw_threads_sigmasks(long tid, uint64_t *pending, uint64_t *shared_pending, u
         *out[k] = strtoull(p + strlen(keys[k]), NULL, 16);
     }
     return 0;
+}
+
+int mw_threads_signal_pending(int sig) {
+    DIR *d = opendir("/proc/self/task");
+    if (!d) return 0;
+    struct dirent *e;
+    int any = 0;
+    while (!any && (e = readdir(d)) != NULL) {
+        long tid = strtol(e->d_name, NULL, 10);
+        uint64_t pnd, shd, blk;
+        if (tid > 0 && mw_threads_sigmasks(tid, &pnd, &shd, &blk) == 0)
+            any = (int)(((pnd | shd) >> (sig - 1)) & 1);
+    }
+    closedir(d);
+    return any;
 }

@@ -32,6 +32,10 @@ long mw_threads_proc_read(long tid, const char *file, char *buf, size_t cap);
  * Returns 0, or -1 when unreadable. Any thread (a system call and a parse: not async-signal-safe
  * only in that it calls strtoull). */
 int mw_threads_sigmasks(long tid, uint64_t *pending, uint64_t *shared_pending, uint64_t *blocked);
+/* 1 when a thread of this process has signal sig pending (its own or the process's), from each
+ * thread's /proc status; 0 when none does or /proc is not there. Any thread; not
+ * async-signal-safe (opendir). */
+int mw_threads_signal_pending(int sig);
 
 /* Sampler side. Copies the name (NUL-terminated, "" if unknown) and returns the labelset
  * (0 if none). *name_seq gets a value that changes whenever the name changes. */
