@@ -32,13 +32,7 @@ import time
 # the checkout, for interpreters where the package is not installed (make matrix's venvs)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from middleware import MwTracker  # noqa: E402
-
-
-def peak_rss_kib() -> int:
-    """This program's peak resident memory (VmHWM): not getrusage's ru_maxrss, which keeps the
-    peak of the process that forked and exec'ed it (a test runner of 300 MiB)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+from peak_rss import peak_rss_kib  # noqa: E402 - beside this script
 
 
 def run_all(threads: list[threading.Thread]) -> None:
