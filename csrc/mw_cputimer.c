@@ -59,7 +59,8 @@ uint32_t g_gen_next = 1;
 static uint32_t g_rec_next;      /* sampler: where the drain scan resumes */
 static _Atomic uint32_t g_ready; /* records in state 2: a tick with none scans nothing */
 
-_Atomic uint64_t c_recorded, c_periods, c_no_record, c_exit_periods, c_steal_ns, c_revived;
+_Atomic uint64_t c_recorded, c_periods, c_no_record, c_exit_periods, c_steal_ns, c_revived,
+    c_fds_lost;
 static _Atomic uint64_t c_faults, c_native, c_native_frames, c_signals, c_no_scratch, c_torn,
     c_stale, c_handler_ns, c_early;
 uint64_t c_armed, c_arm_failed;
@@ -161,6 +162,9 @@ void mw_cputimer_on_signal(siginfo_t *si, void *ucontext) {
         return;
     }
     reg_t *r = &g_reg[key & (REGS - 1)];
+    /* A descriptor the app closed (and may have reused) is not read nor ioctl'd: its event is gone
+     * with it, and this signal, on its way before, is a sample like any other. */
+    if (perf_fd >= 0 && !mwc_perf_ours(perf_fd, atomic_load(&r->tid))) perf_fd = -1;
     /* POSIX timer: its expiries lie on a grid of the thread's CPU clock (a random phase, one per
      * period, arm_timer); this signal stands for the grid's instants up to its dequeue (1 +
      * overrun), and the coming one is the next. The thread's exit credits those passed since
@@ -367,9 +371,19 @@ int mwc_perf_open(long tid, int64_t period_ns, uint32_t key, int trap) {
     return fd;
 }
 
-int mwc_perf_route(int fd, long tid) {
+int mwc_perf_own(int fd, long tid) {
     struct f_owner_ex o = {F_OWNER_TID, (pid_t)tid};
-    if (fcntl(fd, F_SETOWN_EX, &o) != 0 || fcntl(fd, F_SETSIG, g_signo) != 0) return -1;
+    return fcntl(fd, F_SETOWN_EX, &o) == 0 ? 0 : -1;
+}
+
+int mwc_perf_ours(int fd, long tid) {
+    struct f_owner_ex o;
+    return fd >= 0 && tid > 0 && fcntl(fd, F_GETOWN_EX, &o) == 0 && o.type == F_OWNER_TID &&
+           o.pid == (pid_t)tid;
+}
+
+int mwc_perf_route(int fd, long tid) {
+    if (mwc_perf_own(fd, tid) != 0 || fcntl(fd, F_SETSIG, g_signo) != 0) return -1;
     int fl = fcntl(fd, F_GETFL);
     if (fl < 0 || fcntl(fd, F_SETFL, fl | O_ASYNC | O_NONBLOCK) != 0) return -1;
     return 0;
@@ -511,6 +525,7 @@ void mw_cputimer_get_stats(mw_cputimer_stats_t *out) {
     out->exit_periods = atomic_load(&c_exit_periods);
     out->steal_ns = atomic_load(&c_steal_ns);
     out->revived = atomic_load(&c_revived);
+    out->fds_lost = atomic_load(&c_fds_lost);
     out->handler_ns = atomic_load(&c_handler_ns);
     out->native = atomic_load(&c_native);
     out->faults = atomic_load(&c_faults);
@@ -524,9 +539,9 @@ void mw_cputimer_after_fork_child(void) {
     if (!g_reg) return;
     for (int i = 0; i < REGS; i++) {
         reg_t *r = &g_reg[i];
-        if (r->fd >= 0) { /* the parent's event: not ours to keep */
+        if (r->fd >= 0) { /* the parent's event: not ours to keep (unless the app closed it) */
             atomic_store(&g_fdkey[r->fd], 0);
-            close(r->fd);
+            if (mwc_perf_ours(r->fd, atomic_load(&r->tid))) close(r->fd);
             r->fd = -1;
         }
         r->has_timer = 0; /* POSIX timers are not inherited */

@@ -103,6 +103,7 @@ typedef struct mw_cputimer_stats {
     uint64_t exit_periods; /* periods of exited threads whose due sample never came (credited) */
     uint64_t steal_ns;     /* perf count set aside: the host had the virtual CPU (mw_cpusteal.h) */
     uint64_t revived;      /* stopped perf events the sampler topped up again (mw_cputimer_watch) */
+    uint64_t fds_lost;     /* perf event descriptors the app closed (armed again: the watch) */
     uint64_t handler_ns;   /* total time spent in handlers */
     uint64_t native;       /* samples with a native stack (native mode) */
     uint64_t native_frames; /* native frames captured in them */

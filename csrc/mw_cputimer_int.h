@@ -63,7 +63,8 @@ extern int g_trap; /* perf events signal through SIGTRAP (mw_cputrap.h), else g_
 extern int64_t g_period_ns;
 extern uint32_t g_gen_next;
 extern pthread_mutex_t g_lock; /* arm / disarm / sweep */
-extern _Atomic uint64_t c_recorded, c_periods, c_no_record, c_exit_periods, c_steal_ns, c_revived;
+extern _Atomic uint64_t c_recorded, c_periods, c_no_record, c_exit_periods, c_steal_ns, c_revived,
+    c_fds_lost;
 extern uint64_t c_armed, c_arm_failed; /* under g_lock */
 
 static inline int64_t mono_ns(void) {
@@ -94,7 +95,16 @@ void mwc_record_publish(mw_cpusample_t *rec);
 /* A task-clock perf event on thread tid (disabled, sampling every period_ns), or -1. trap: its
  * overflows raise SIGTRAP carrying key (mw_cputrap.h) instead of needing mwc_perf_route. */
 int mwc_perf_open(long tid, int64_t period_ns, uint32_t key, int trap);
-/* Routes fd's overflow signal (g_signo) to thread tid. 0, or -1. */
+/* Makes thread tid the owner of fd (F_SETOWN_EX, F_OWNER_TID): what mwc_perf_ours checks. 0, or
+ * -1. */
+int mwc_perf_own(int fd, long tid);
+/* Routes fd's overflow signal (g_signo) to thread tid (its owner, as mwc_perf_own). 0, or -1. */
 int mwc_perf_route(int fd, long tid);
+/* 1 when descriptor fd is still the perf event we opened for thread tid: its owner is that
+ * thread. The app may close our descriptors (a daemon closing every descriptor it did not open)
+ * and its next file, pipe or eventfd gets the number: such a descriptor is never read, ioctl'd
+ * nor closed by us. One fcntl (F_GETOWN_EX: any kind of descriptor answers it, and the owner of
+ * a thread that has exited is still its id). Async-signal-safe. */
+int mwc_perf_ours(int fd, long tid);
 
 #endif

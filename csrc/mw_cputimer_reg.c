@@ -6,6 +6,7 @@
 
 #include "mw_cputrap.h"
 #include "mw_labels.h"
+#include "mw_report.h"
 #include "mw_threads.h"
 
 #include <errno.h>
@@ -78,7 +79,7 @@ static int arm_perf(reg_t *r, long tid, uint32_t key, int born) {
     int trap = g_trap && mw_cputrap_ours();
     int fd = mwc_perf_open(tid, (int64_t)r->slot_off, key, trap);
     if (fd < 0) return -1;
-    if (fd >= FDKEYS || (!trap && mwc_perf_route(fd, tid) != 0)) {
+    if (fd >= FDKEYS || (trap ? mwc_perf_own(fd, tid) : mwc_perf_route(fd, tid)) != 0) {
         close(fd);
         return -1;
     }
@@ -147,6 +148,17 @@ static int signal_held(long tid, int signo) {
  * it, the sampler watches. A thread that used PERF_WATCH_PERIODS periods of CPU (and 2 ms) since
  * its handler last ran, with our signal neither blocked nor pending in it, has a stopped event. */
 #define PERF_WATCH_PERIODS 4
+/* Said once, by the sampler thread (never under g_lock: stderr may block), when the app has
+ * closed an event's descriptor: found by the watch, or as the thread ended (the sweep). */
+static void say_lost(void) {
+    if (atomic_load(&c_fds_lost))
+        mw_report_once(MW_REPORT_CPU_TIMER_LOST,
+                       "the app closed the profiler's perf event descriptors (a daemon closing "
+                       "every descriptor?): their threads' CPU timers are armed again; until "
+                       "then, up to about %d ms of each one's CPU went to its last samples",
+                       (int)((PERF_WATCH_PERIODS * g_period_ns + 2000000 + g_period_ns) / 1000000));
+}
+
 void mw_cputimer_watch(int i, long tid, uint64_t cpu_now) {
     if (!g_reg || i < 0 || i >= REGS || g_mode != 2) return;
     reg_t *r = &g_reg[i];
@@ -156,6 +168,15 @@ void mw_cputimer_watch(int i, long tid, uint64_t cpu_now) {
         return;
     if (signal_held(tid, g_signo)) return; /* its budget is doing its job */
     pthread_mutex_lock(&g_lock);
+    if (atomic_load(&r->tid) == tid && r->fd >= 0 && !mwc_perf_ours(r->fd, tid)) {
+        /* The app closed the event's descriptor (a daemon closing every descriptor): the event
+         * is gone. The registration goes (disarm_locked leaves the number alone); the sampler
+         * arms the thread again at its next tick (mw_sampler_take.c). */
+        disarm_locked(i);
+        pthread_mutex_unlock(&g_lock);
+        say_lost();
+        return;
+    }
     if (atomic_load(&r->tid) == tid && r->fd >= 0 && !r->trap &&
         ioctl(r->fd, PERF_EVENT_IOC_REFRESH, PERF_BUDGET) == 0) {
         atomic_store(&r->revived, 1); /* the handler starts its slots afresh (mw_cputimer.c) */
@@ -246,7 +267,7 @@ static void credit_record(reg_t *r, long tid, int i, uint64_t periods, int unpla
  * record with no frame, as a sample taken then would have been. */
 static void exit_credit(reg_t *r, long tid, int i) {
     uint64_t c = 0, P = (uint64_t)g_period_ns;
-    if (r->fd < 0 || read(r->fd, &c, sizeof c) != (ssize_t)sizeof c) return;
+    if (!mwc_perf_ours(r->fd, tid) || read(r->fd, &c, sizeof c) != (ssize_t)sizeof c) return;
     c = c > r->steal.steal ? c - r->steal.steal : 0; /* the steal set aside by its handler */
     if (c < r->target) return;
     uint64_t periods = 1 + (uint64_t)r->bonus;
@@ -418,16 +439,25 @@ void mw_cputimer_sweep(void) {
         }
     }
     pthread_mutex_unlock(&g_lock);
+    say_lost();
 }
 
 static void disarm_locked(int i) {
     reg_t *r = &g_reg[i];
-    if (atomic_load(&r->tid) == 0) return;
+    long tid = atomic_load(&r->tid);
+    if (tid == 0) return;
     atomic_store(&r->tid, 0); /* a signal still on its way is ignored from here on */
     if (r->fd >= 0) {
-        ioctl(r->fd, PERF_EVENT_IOC_DISABLE, 0);
-        atomic_store(&g_fdkey[r->fd], 0);
-        close(r->fd);
+        /* Its key leaves the number's slot unless another registration of ours has the number
+         * now (the app closed this one's descriptor and our next event got it). */
+        uint32_t key = atomic_load(&r->gen) << REG_BITS | (uint32_t)i;
+        atomic_compare_exchange_strong(&g_fdkey[r->fd], &key, 0);
+        if (mwc_perf_ours(r->fd, tid)) {
+            ioctl(r->fd, PERF_EVENT_IOC_DISABLE, 0);
+            close(r->fd);
+        } else { /* closed by the app: the number may be a file of its own now */
+            bump(&c_fds_lost, 1);
+        }
         r->fd = -1;
         g_perf_open--;
     }

@@ -161,6 +161,7 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "cpu_timer_exit_periods", t.exit_periods) ||
         mw_dict_put_u64(d, "cpu_timer_steal_ns", t.steal_ns) ||
         mw_dict_put_u64(d, "cpu_timer_revived", t.revived) ||
+        mw_dict_put_u64(d, "cpu_timer_fds_lost", t.fds_lost) ||
         mw_dict_put_u64(d, "cpu_timer_sigtrap", t.sigtrap) ||
         mw_dict_put_u64(d, "cut_writes_finished", fw_n) ||
         mw_dict_put_u64(d, "cut_writes_bytes", fw_bytes) ||

@@ -28,6 +28,7 @@ typedef enum {
     MW_REPORT_EXITS_LOST,         /* ending threads' last clocks lost: the ring was full */
     MW_REPORT_THREADS_CUT,        /* more Python threads than the ticks list: the oldest unread */
     MW_REPORT_SIGNAL_TAKEN,       /* the app installed its own handler for our signal */
+    MW_REPORT_CPU_TIMER_LOST,     /* the app closed our perf event descriptors: armed again */
     MW_REPORT_KINDS
 } mw_report_kind_t;
 

@@ -489,7 +489,8 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t
             !mw_unwind_enabled()) {
             /* First seen, armed at its start, no CPU-timer sample yet: read the older way once,
              * so a thread that ends before its first timer sample is still seen. */
-        } else if (st->reg && st->reg_tstate == th->tstate) {
+        } else if (st->reg && st->reg_tstate == th->tstate &&
+                   mw_cputimer_counted(st->reg - 1, th->tid)) {
             if (!mw_unwind_enabled()) return sample_timed(b, th, st, gen, dwall, c0);
             /* Native: running → its wall time is owed to its next CPU sample (which carries
              * its native stack); not running → read below the native way, for wall time. */

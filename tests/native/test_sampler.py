@@ -445,3 +445,87 @@ def test_a_stack_deeper_than_the_frames_kept_has_its_cut_marked_at_its_root(tmp_
     # and a stack that fits has no marker
     shallow = [s for s in by_thread.get("shallow", []) if s.values[cpu]]
     assert shallow and all(marker not in [f.function for f in s.stack] for s in shallow), shallow[:3]
+
+
+CLOSED_FDS_CHILD = """
+import json, os, sys, threading, time
+from collections import defaultdict
+sys.path.insert(0, sys.argv[1])
+from middleware import MwTracker
+from middleware.pprof import find_profile_files, read_pprof_file
+store = sys.argv[2]
+t = MwTracker(profile_dir=store, instrument=False)
+cpu = defaultdict(list)  # appends: two threads add to one name
+def burn(name, seconds):
+    c0 = time.thread_time()
+    while time.thread_time() < c0 + seconds:
+        pass
+    cpu[name].append(time.thread_time() - c0)
+def before_close(who):
+    burn("before_close", 0.4)
+def after_close(who):
+    burn("after_close", 0.8)
+go = threading.Event()
+def worker():
+    before_close("worker")
+    go.wait()
+    after_close("worker")
+w = threading.Thread(target=worker)
+w.start()
+before_close("main")
+os.closerange(3, 65536)  # a daemon closing every descriptor it did not open itself
+app = [os.pipe() for _ in range(16)]  # the app's own: the lowest numbers, the profiler's old ones
+for r, wr in app:
+    os.write(wr, b"app data")
+go.set()
+after_close("main")
+w.join()
+s = t.stats()
+t.stop()
+time.sleep(0.2)
+intact = 0
+for r, wr in app:
+    try:
+        os.fstat(wr)
+        os.set_blocking(r, False)
+        intact += os.read(r, 64) == b"app data"
+    except OSError:
+        pass
+got = defaultdict(int)
+for f in find_profile_files(store):
+    p = read_pprof_file(f)
+    if not any(kind == "cpu" for kind, _ in p.sample_types):
+        continue
+    i = p.value_index("cpu")
+    for smp in p.samples:
+        name = next((fr.function for fr in reversed(smp.stack) if fr.function in cpu), "other")
+        got[name] += smp.values[i]
+print(json.dumps({"truth": {k: sum(v) for k, v in cpu.items()}, "got": got, "intact": intact,
+                  "pipes": len(app), "mode": s["cpu_timer_mode"], "lost": s["cpu_timer_fds_lost"]}))
+"""
+
+
+@pytest.mark.parametrize("cpu_timer", [None, "perf-trap", "timer"], ids=["default", "perf-trap", "posix-timer"])
+def test_an_app_closing_every_descriptor_keeps_its_files_and_its_cpu_where_it_was_spent(tmp_path, cpu_timer):
+    # GIVEN two threads that burn in before_close, then the app closes every descriptor (as a
+    # daemon does) and opens pipes of its own, which get the numbers of the profiler's perf events,
+    # then both threads burn in after_close
+    r, stderr = run_child(CLOSED_FDS_CHILD, str(tmp_path / "store"), env={"MW_PROFILING_CPU_TIMER": cpu_timer})
+    # THEN the app's pipes are untouched: no read of ours took their data, no close of ours closed
+    # them (the profiler closed two of them as its threads' timers went, and the profile put the
+    # CPU burnt after the close in before_close: its events were gone and their last samples took
+    # the threads' CPU from their clocks)
+    assert r["intact"] == r["pipes"], r
+    truth, got = r["truth"], r["got"]
+    # AND the CPU of each phase is where it was spent: the timers are armed again once the
+    # sampler sees their signals stop (before it, a few periods of each thread's CPU, here
+    # 42 ms, still go to their last samples)
+    assert got["after_close"] / 1e9 == pytest.approx(truth["after_close"], rel=0.1), r
+    assert got["before_close"] / 1e9 <= truth["before_close"] + 0.1, r
+    # AND with perf events (on either signal route) it is said once; POSIX timers have no
+    # descriptor to lose
+    said = [line for line in stderr.splitlines() if "closed the profiler's perf event descriptors" in line]
+    if r["mode"] == 2:
+        assert r["lost"] >= 1 and len(said) == 1, (r, stderr)
+    else:
+        assert r["lost"] == 0 and not said, (r, stderr)
