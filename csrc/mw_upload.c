@@ -235,6 +235,7 @@ static void account_locked(mw_uploader_t *u, mw_http_outcome_t out, const mw_upl
                            unsigned char **to_free) {
     char what[300], snip[200];
     g.stats.last_status = (r->cc == CURLE_OK) ? (uint64_t)r->status : 0;
+    g.stats.fds_lost = u->fds_lost;
     if (out == MW_HTTP_OK) {
         g.stats.uploaded++;
         *to_free = pop_head_locked();

@@ -200,6 +200,7 @@ typedef struct {
     uint64_t queued;             /* profiles held right now (waiting + on the wire) */
     uint64_t queue_high;         /* highest value `queued` reached since start (<= queue_max) */
     uint64_t convert_failed;     /* OTLP: profiles that could not be converted (also rejected) */
+    uint64_t fds_lost; /* libcurl handles renewed: the app had closed a descriptor of theirs */
 } mw_upload_stats_t;
 
 /*
@@ -289,7 +290,7 @@ int mw_upload_flush_registered(double deadline_s);
 #ifdef Py_PYTHON_H
 static inline PyObject *mw_upload_stats_dict(const mw_upload_stats_t *s) {
     return Py_BuildValue(
-        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:L,s:K,s:K,s:K}", "submitted",
+        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:L,s:K,s:K,s:K,s:K}", "submitted",
         (unsigned long long)s->submitted, "uploaded", (unsigned long long)s->uploaded,
         "failed_attempts", (unsigned long long)s->failed_attempts, "retried",
         (unsigned long long)s->retried, "dropped_queue_full",
@@ -299,7 +300,8 @@ static inline PyObject *mw_upload_stats_dict(const mw_upload_stats_t *s) {
         "auth_failed", (unsigned long long)s->auth_failed, "last_status",
         (unsigned long long)s->last_status, "last_error_unix_s", (long long)s->last_error_unix_s,
         "queued", (unsigned long long)s->queued, "queue_high", (unsigned long long)s->queue_high,
-        "convert_failed", (unsigned long long)s->convert_failed);
+        "convert_failed", (unsigned long long)s->convert_failed, "fds_lost",
+        (unsigned long long)s->fds_lost);
 }
 #endif
 

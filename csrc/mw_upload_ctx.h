@@ -17,8 +17,9 @@
  *   only one to read or write it. The one exception is mw_upload_stop(), which aborts a request
  *   through mw_upload_http_abort_at() (an atomic store and curl_multi_wakeup(), both safe from
  *   any thread) and frees the context after joining the thread. A forked child forgets (leaks)
- *   its parent's context. So no lock guards the context, and none of its fields is ever read
- *   by one thread while another writes it.
+ *   its parent's context. So no lock guards the context but fds_mu, which guards what
+ *   mw_upload_http_abort_at() reads (the multi handle, and the descriptors it must still own
+ *   to wake it): no other field is ever read by one thread while another writes it.
  *   Every string of cfg is owned (malloc'd, or NULL) and zeroed before it is freed: some hold
  *   secrets (api_key, bearer_token, basic_password).
  */
@@ -26,11 +27,14 @@
 #define MW_UPLOAD_CTX_H
 
 #include <curl/curl.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <time.h>
 
 #define MW_NS_PER_S 1000000000LL
+#define MW_UPLOAD_FDS 32 /* descriptors of the handles watched (connections, the wakeup pair) */
 
 /* The configuration, copied by mw_upload_start() with the defaults of mw_upload.h applied
  * (mw_upload_config.h). */
@@ -60,6 +64,16 @@ typedef struct mw_uploader {
     size_t resp_len, resp_cap;
     char *name_enc, *spy_enc; /* URL-encoded ?name= and &spyName= values (curl_free) */
     uint64_t rng;             /* xorshift64* state: backoff jitter, push sample ids */
+    /* the descriptors the handles hold, each with its device and inode: the app may close them
+     * (a daemon closing every descriptor) and reuse the numbers (mw_upload_http.c) */
+    pthread_mutex_t fds_mu; /* guards fds, nfds, and easy/multi as mw_upload_http_abort_at reads */
+    struct mw_upload_fd {
+        int fd;
+        dev_t dev;
+        ino_t ino;
+    } fds[MW_UPLOAD_FDS];
+    int nfds, fds_mu_ok;
+    uint64_t fds_lost; /* handles abandoned because a descriptor of theirs was no longer ours */
 
     /* the tenant (mw_upload_tenant.c) */
     char *tenant; /* NULL until known */

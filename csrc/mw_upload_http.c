@@ -6,14 +6,26 @@
  * early, so a stop deadline is kept within milliseconds instead of when libcurl's own
  * timeouts fire. Between requests curl_easy_reset() clears the options but keeps the
  * connection and DNS caches.
+ *
+ * The handles keep descriptors between requests: the connections (opened and closed through
+ * open_socket / close_socket) and the multi handle's wakeup pair (found as the descriptors that
+ * appear across curl_multi_init). An app may close every descriptor it did not open (a daemon)
+ * and get the numbers for its own files, pipes and sockets: libcurl would then write a request
+ * into them, read them and close them. Each descriptor is recorded with its device and inode
+ * (a socket's are its own) and checked before each request, each wait and each wakeup; when one
+ * is not ours any more the handles are abandoned (never cleaned up: that would close the app's
+ * numbers), the descriptors still ours are closed, and new handles take over.
  */
 #define _GNU_SOURCE
 #include "mw_upload_http.h"
 
+#include <dirent.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "push.pb-c.h" /* generated from proto/push.proto (csrc/gen) */
@@ -25,13 +37,117 @@ void mw_upload_http_global_init(void) {
     curl_global_init(CURL_GLOBAL_DEFAULT);
 }
 
+/* ---------------------------------------------------------------- the handles' descriptors */
+
+#define FDMAP 65536 /* descriptors above are not watched */
+
+/* The descriptors open now, one bit each (NULL: /proc not there, or out of memory). */
+static uint8_t *open_fds(void) {
+    DIR *d = opendir("/proc/self/fd");
+    if (!d) return NULL;
+    uint8_t *map = calloc(FDMAP / 8, 1);
+    struct dirent *e;
+    while (map && (e = readdir(d)) != NULL) {
+        if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+        long fd = strtol(e->d_name, NULL, 10);
+        if (fd >= 0 && fd < FDMAP) map[fd / 8] |= (uint8_t)(1u << (fd % 8));
+    }
+    closedir(d);
+    return map;
+}
+
+static void fd_record(mw_uploader_t *u, int fd) { /* fds_mu held */
+    struct stat st;
+    if (u->nfds < MW_UPLOAD_FDS && fstat(fd, &st) == 0)
+        u->fds[u->nfds++] = (struct mw_upload_fd){fd, st.st_dev, st.st_ino};
+}
+
+static int fd_still_ours(const struct mw_upload_fd *f) {
+    struct stat st;
+    return fstat(f->fd, &st) == 0 && st.st_dev == f->dev && st.st_ino == f->ino;
+}
+
+static int fds_intact(const mw_uploader_t *u) { /* fds_mu held */
+    for (int i = 0; i < u->nfds; i++)
+        if (!fd_still_ours(&u->fds[i])) return 0;
+    return 1;
+}
+
+static int handles_intact(mw_uploader_t *u) {
+    pthread_mutex_lock(&u->fds_mu);
+    int ok = u->easy && u->multi && fds_intact(u);
+    pthread_mutex_unlock(&u->fds_mu);
+    return ok;
+}
+
+/* CURLOPT_OPENSOCKETFUNCTION: a connection's socket, recorded. */
+static curl_socket_t open_socket(void *ud, curlsocktype purpose, struct curl_sockaddr *a) {
+    (void)purpose;
+    mw_uploader_t *u = ud;
+    int fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
+    if (fd < 0) return CURL_SOCKET_BAD;
+    pthread_mutex_lock(&u->fds_mu);
+    fd_record(u, fd);
+    pthread_mutex_unlock(&u->fds_mu);
+    return fd;
+}
+
+/* CURLOPT_CLOSESOCKETFUNCTION: closed while it is still the socket opened (one not recorded,
+ * past MW_UPLOAD_FDS, is closed as libcurl would). */
+static int close_socket(void *ud, curl_socket_t fd) {
+    mw_uploader_t *u = ud;
+    int ours = 1;
+    pthread_mutex_lock(&u->fds_mu);
+    for (int i = 0; i < u->nfds; i++)
+        if (u->fds[i].fd == fd) {
+            ours = fd_still_ours(&u->fds[i]);
+            u->fds[i] = u->fds[--u->nfds];
+            break;
+        }
+    pthread_mutex_unlock(&u->fds_mu);
+    if (ours) close(fd);
+    return 0;
+}
+
+/* New handles. The multi handle's own descriptors (its wakeup pair) are those that appear across
+ * curl_multi_init; one another thread opened meanwhile is recorded too (if its owner closes it,
+ * the handles are renewed once more: no harm). 0, or -1. */
+static int handles_new(mw_uploader_t *u) {
+    uint8_t *before = open_fds();
+    CURLM *m = curl_multi_init();
+    uint8_t *after = before ? open_fds() : NULL;
+    CURL *e = curl_easy_init();
+    pthread_mutex_lock(&u->fds_mu);
+    u->nfds = 0;
+    for (int fd = 0; before && after && m && fd < FDMAP; fd++)
+        if ((after[fd / 8] & ~before[fd / 8]) & (1u << (fd % 8))) fd_record(u, fd);
+    u->multi = m;
+    u->easy = e;
+    pthread_mutex_unlock(&u->fds_mu);
+    free(before);
+    free(after);
+    return m && e ? 0 : -1;
+}
+
+/* A descriptor of the handles is not ours any more: they are abandoned (see the top of this
+ * file) and the descriptors still ours closed. */
+static void handles_abandon(mw_uploader_t *u) {
+    pthread_mutex_lock(&u->fds_mu);
+    for (int i = 0; i < u->nfds; i++)
+        if (fd_still_ours(&u->fds[i])) close(u->fds[i].fd);
+    u->nfds = 0;
+    u->multi = NULL;
+    u->easy = NULL;
+    pthread_mutex_unlock(&u->fds_mu);
+    u->fds_lost++;
+}
+
 int mw_upload_http_init(mw_uploader_t *u, const char **why) {
     const mw_upload_cfg_t *c = &u->cfg;
     atomic_store(&u->abort_ns, INT64_MAX);
-    u->easy = curl_easy_init();
-    u->multi = curl_multi_init();
+    u->fds_mu_ok = pthread_mutex_init(&u->fds_mu, NULL) == 0;
     u->resp = malloc(MW_UPLOAD_RESP_CAP + 1);
-    if (!u->easy || !u->multi || !u->resp) {
+    if (!u->fds_mu_ok || handles_new(u) != 0 || !u->resp) {
         *why = "cannot create the libcurl handles";
         return -1;
     }
@@ -51,6 +167,7 @@ int mw_upload_http_init(mw_uploader_t *u, const char **why) {
 }
 
 void mw_upload_http_free(mw_uploader_t *u) {
+    if (u->fds_mu_ok && u->easy && u->multi && !handles_intact(u)) handles_abandon(u);
     if (u->multi) curl_multi_cleanup(u->multi);
     if (u->easy) curl_easy_cleanup(u->easy);
     if (u->name_enc) curl_free(u->name_enc);
@@ -59,11 +176,15 @@ void mw_upload_http_free(mw_uploader_t *u) {
     u->multi = NULL;
     u->easy = NULL;
     u->name_enc = u->spy_enc = u->resp = NULL;
+    if (u->fds_mu_ok) pthread_mutex_destroy(&u->fds_mu);
+    u->fds_mu_ok = 0;
 }
 
 void mw_upload_http_abort_at(mw_uploader_t *u, int64_t mono_ns) {
     atomic_store(&u->abort_ns, mono_ns);
-    curl_multi_wakeup(u->multi);
+    pthread_mutex_lock(&u->fds_mu);
+    if (u->multi && fds_intact(u)) curl_multi_wakeup(u->multi); /* else its poll ends within 1 s */
+    pthread_mutex_unlock(&u->fds_mu);
 }
 
 /* ---------------------------------------------------------------- one request */
@@ -99,21 +220,32 @@ static void set_options(mw_uploader_t *u, const char *url, struct curl_slist *hd
     curl_easy_setopt(e, CURLOPT_ERRORBUFFER, u->errbuf);
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, keep_body);
     curl_easy_setopt(e, CURLOPT_WRITEDATA, u);
+    curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, open_socket);
+    curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, u);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, close_socket);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, u);
     if (u->cfg.ca_file) curl_easy_setopt(e, CURLOPT_CAINFO, u->cfg.ca_file);
     if (u->cfg.ca_path) curl_easy_setopt(e, CURLOPT_CAPATH, u->cfg.ca_path);
     u->resp_len = 0;
     u->resp_cap = resp_cap < MW_UPLOAD_RESP_CAP ? resp_cap : MW_UPLOAD_RESP_CAP;
 }
 
-/* Runs the configured request; abandons it once the abort time has passed. */
-static void perform(mw_uploader_t *u, mw_upload_resp_t *r) {
+/* Runs the configured request; abandons it once the abort time has passed. Returns 1 when it
+ * was stopped because a descriptor of the handles is not ours any more (the app closed it
+ * meanwhile): the request is to be made again on new handles. */
+static int perform(mw_uploader_t *u, mw_upload_resp_t *r) {
     if (curl_multi_add_handle(u->multi, u->easy) != CURLM_OK) {
         r->cc = CURLE_FAILED_INIT;
-        return;
+        return 0;
     }
-    int done = 0;
+    int done = 0, lost = 0;
     for (;;) {
         int running = 0;
+        if (!handles_intact(u)) { /* closed by the app meanwhile */
+            lost = 1;
+            r->cc = CURLE_SEND_ERROR;
+            break;
+        }
         if (curl_multi_perform(u->multi, &running) != CURLM_OK) {
             r->cc = CURLE_FAILED_INIT;
             break;
@@ -135,13 +267,14 @@ static void perform(mw_uploader_t *u, mw_upload_resp_t *r) {
         int64_t wait_ms = (abort_ns - now) / 1000000 + 1;
         curl_multi_poll(u->multi, NULL, 0, wait_ms < 1000 ? (int)wait_ms : 1000, NULL);
     }
-    curl_multi_remove_handle(u->multi, u->easy);
+    if (!lost) curl_multi_remove_handle(u->multi, u->easy);
     if (!r->aborted && r->cc == CURLE_OK) {
         curl_off_t ra = 0;
         curl_easy_getinfo(u->easy, CURLINFO_RESPONSE_CODE, &r->status);
         if (curl_easy_getinfo(u->easy, CURLINFO_RETRY_AFTER, &ra) == CURLE_OK && ra > 0)
             r->retry_after_s = (int64_t)ra;
     }
+    return lost;
 }
 
 static mw_http_outcome_t classify(const mw_upload_resp_t *r) {
@@ -172,15 +305,28 @@ mw_http_outcome_t mw_upload_http_post(mw_uploader_t *u, const char *url, const c
         curl_slist_free_all(h);
         return MW_HTTP_RETRY;
     }
-    r->cc = CURLE_OK;
-    set_options(u, url, h, body, len, resp_cap);
-    if (basic_auth && !u->cfg.bearer_token && u->cfg.basic_user) {
-        curl_easy_setopt(u->easy, CURLOPT_HTTPAUTH, (long)CURLAUTH_BASIC);
-        curl_easy_setopt(u->easy, CURLOPT_USERNAME, u->cfg.basic_user);
-        curl_easy_setopt(u->easy, CURLOPT_PASSWORD,
-                         u->cfg.basic_password ? u->cfg.basic_password : "");
+    /* Once more on new handles when the app closed a descriptor of theirs during the request. */
+    for (int again = 1; again >= 0; again--) {
+        if (!handles_intact(u)) {
+            handles_abandon(u);
+            (void)handles_new(u);
+        }
+        if (!u->easy || !u->multi) {
+            curl_slist_free_all(h);
+            r->cc = CURLE_OUT_OF_MEMORY;
+            return MW_HTTP_RETRY;
+        }
+        *r = (mw_upload_resp_t){CURLE_OK, 0, 0, 0};
+        u->errbuf[0] = '\0';
+        set_options(u, url, h, body, len, resp_cap);
+        if (basic_auth && !u->cfg.bearer_token && u->cfg.basic_user) {
+            curl_easy_setopt(u->easy, CURLOPT_HTTPAUTH, (long)CURLAUTH_BASIC);
+            curl_easy_setopt(u->easy, CURLOPT_USERNAME, u->cfg.basic_user);
+            curl_easy_setopt(u->easy, CURLOPT_PASSWORD,
+                             u->cfg.basic_password ? u->cfg.basic_password : "");
+        }
+        if (!perform(u, r)) break;
     }
-    perform(u, r);
     curl_easy_setopt(u->easy, CURLOPT_HTTPHEADER, NULL);
     curl_slist_free_all(h);
     return classify(r);

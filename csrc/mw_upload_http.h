@@ -25,11 +25,17 @@
  * Threads, locks, memory
  *   Every function taking a context runs on the uploader thread (mw_upload_ctx.h), except
  *   mw_upload_http_init / mw_upload_http_free (the lifecycle: before the thread starts, after it
- *   is joined) and mw_upload_http_abort_at (any thread while the context is alive). None takes
- *   a lock, and none may be called with the uploader's queue lock held (they wait for the
- *   network). The functions without a context are pure and may run on any thread. Strings
- *   returned to the caller are malloc'd and the caller frees them; the context owns the
+ *   is joined) and mw_upload_http_abort_at (any thread while the context is alive). The only
+ *   lock taken is u->fds_mu (the records of the handles' descriptors, held around a few system
+ *   calls, never while waiting), and none may be called with the uploader's queue lock held (they
+ *   wait for the network). The functions without a context are pure and may run on any thread.
+ *   Strings returned to the caller are malloc'd and the caller frees them; the context owns the
  *   handles, the response buffer and the encoded query values.
+ *
+ * Descriptors
+ *   The handles' descriptors (connections, the multi handle's wakeup pair) are checked before
+ *   each request, wait and wakeup: one the app closed (its number may be a file of the app's now)
+ *   makes the handles abandoned, never cleaned up, and new ones made (u->fds_lost).
  */
 #ifndef MW_UPLOAD_HTTP_H
 #define MW_UPLOAD_HTTP_H

@@ -175,3 +175,54 @@ def test_an_uploader_that_cannot_be_loaded_is_said_once_and_the_store_still_gets
         assert not backend.requests and st["upload_submitted"] == 0, st
         files = list(store.glob("visible-*.pb.gz"))  # the counters were read before the last one
         assert len(files) >= st["export_files_written"] >= 3, (st, files)
+
+
+CLOSING_APP = r"""
+import json, os, sys, time
+from middleware import MwTracker
+
+def work(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        sum(i * i for i in range(300))
+
+t = MwTracker(service_name="closing", sample_rate=200, upload_interval=0.2, profile_dir="none",
+              instrument=False)
+work(1.0)
+t.flush(2.0)  # uploaded: libcurl keeps its connection and its multi handle's wakeup pair open
+os.closerange(3, 65536)  # a daemon closing every descriptor it did not open itself
+app = [os.pipe() for _ in range(16)]  # the app's own: the lowest numbers, libcurl's old ones
+for r, w in app:
+    os.write(w, b"app data")
+work(1.0)
+t.flush(2.0)
+t.stop()
+intact = 0
+for r, w in app:
+    try:
+        os.fstat(w)
+        os.set_blocking(r, False)
+        intact += os.read(r, 4096) == b"app data"
+    except OSError:
+        pass
+st = t.stats()
+print(json.dumps({"intact": intact, **{k: v for k, v in st.items() if k.startswith("upload_")}}), flush=True)
+"""
+
+
+def test_an_app_closing_every_descriptor_keeps_its_files_and_its_uploads(tmp_path):
+    with FakeBackend() as backend:
+        # GIVEN an app uploading every 0.2 s that closes every descriptor (as a daemon does) and
+        # opens pipes of its own, which get the numbers libcurl held
+        proc = subprocess.run([sys.executable, "-c", CLOSING_APP], env=app_env(MW_PROFILING_SERVER_URL=backend.url),
+                              cwd=tmp_path, capture_output=True, text=True, timeout=90)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        st = json.loads(proc.stdout.strip().splitlines()[-1])
+        # THEN no pipe of the app was written, read or closed by the uploader (before: libcurl
+        # closed two of them at stop, and the uploads after the close never left)
+        assert st["intact"] == 16, (st, proc.stderr)
+        # AND every window was uploaded, on new handles, without a failed attempt or a line
+        assert st["upload_fds_lost"] >= 1, st
+        assert st["upload_uploaded"] == st["upload_submitted"] == len(backend.ingests()) >= 8, st
+        assert st["upload_failed_attempts"] == 0, (st, proc.stderr)
+        assert not [ln for ln in LINE.findall(proc.stderr) if "upload" in ln], proc.stderr
