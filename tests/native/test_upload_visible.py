@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from support.fake_backend import FakeBackend
+from support.processes import ROOT
 
 pytestmark = pytest.mark.asan
 
@@ -179,6 +180,7 @@ def test_an_uploader_that_cannot_be_loaded_is_said_once_and_the_store_still_gets
 
 CLOSING_APP = r"""
 import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
 from middleware import MwTracker
 
 def work(seconds):
@@ -214,8 +216,9 @@ def test_an_app_closing_every_descriptor_keeps_its_files_and_its_uploads(tmp_pat
     with FakeBackend() as backend:
         # GIVEN an app uploading every 0.2 s that closes every descriptor (as a daemon does) and
         # opens pipes of its own, which get the numbers libcurl held
-        proc = subprocess.run([sys.executable, "-c", CLOSING_APP], env=app_env(MW_PROFILING_SERVER_URL=backend.url),
-                              cwd=tmp_path, capture_output=True, text=True, timeout=90)
+        env = app_env(MW_PROFILING_SERVER_URL=backend.url)
+        proc = subprocess.run([sys.executable, "-c", CLOSING_APP, ROOT], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=90)
         assert proc.returncode == 0, proc.stderr[-4000:]
         st = json.loads(proc.stdout.strip().splitlines()[-1])
         # THEN no pipe of the app was written, read or closed by the uploader (before: libcurl
