@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/stat.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -382,6 +383,13 @@ int mwc_perf_ours(int fd, long tid) {
            o.pid == (pid_t)tid;
 }
 
+int mwc_perf_still(const reg_t *r) {
+    struct stat st;
+    uint64_t id = 0;
+    return r->fd >= 0 && fstat(r->fd, &st) == 0 && st.st_dev == r->fd_dev &&
+           st.st_ino == r->fd_ino && ioctl(r->fd, PERF_EVENT_IOC_ID, &id) == 0 && id == r->fd_id;
+}
+
 int mwc_perf_route(int fd, long tid) {
     if (mwc_perf_own(fd, tid) != 0 || fcntl(fd, F_SETSIG, g_signo) != 0) return -1;
     int fl = fcntl(fd, F_GETFL);
@@ -541,7 +549,7 @@ void mw_cputimer_after_fork_child(void) {
         reg_t *r = &g_reg[i];
         if (r->fd >= 0) { /* the parent's event: not ours to keep (unless the app closed it) */
             atomic_store(&g_fdkey[r->fd], 0);
-            if (mwc_perf_ours(r->fd, atomic_load(&r->tid))) close(r->fd);
+            if (mwc_perf_still(r)) close(r->fd);
             r->fd = -1;
         }
         r->has_timer = 0; /* POSIX timers are not inherited */

@@ -21,6 +21,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <time.h>
 
 #define REGS 4096 /* = MW_MAX_THREADS; the index takes the key's low 12 bits */
@@ -36,7 +37,10 @@ typedef struct {
     _Atomic long tid;     /* 0 = free */
     _Atomic uint32_t gen; /* generation of the current registration (1..2^20-1) */
     uintptr_t tstate;
-    int fd;                 /* perf event, -1 if none */
+    int fd;       /* perf event, -1 if none */
+    dev_t fd_dev; /* perf: its device, inode and event id (mwc_perf_still) */
+    ino_t fd_ino;
+    uint64_t fd_id;
     uint32_t since_refill;  /* handler samples since it last topped up the perf budget */
     uint64_t slot_end;      /* perf: end of the coming sample's slot, in the event's own count */
     uint64_t target;        /* perf: the count at which the coming sample is due */
@@ -100,11 +104,18 @@ int mwc_perf_open(long tid, int64_t period_ns, uint32_t key, int trap);
 int mwc_perf_own(int fd, long tid);
 /* Routes fd's overflow signal (g_signo) to thread tid (its owner, as mwc_perf_own). 0, or -1. */
 int mwc_perf_route(int fd, long tid);
-/* 1 when descriptor fd is still the perf event we opened for thread tid: its owner is that
- * thread. The app may close our descriptors (a daemon closing every descriptor it did not open)
- * and its next file, pipe or eventfd gets the number: such a descriptor is never read, ioctl'd
- * nor closed by us. One fcntl (F_GETOWN_EX: any kind of descriptor answers it, and the owner of
- * a thread that has exited is still its id). Async-signal-safe. */
+/* The app may close our descriptors (a daemon closing every descriptor it did not open) and its
+ * next file, pipe or eventfd gets the number: such a descriptor is never read, ioctl'd nor closed
+ * by us. Two checks:
+ * mwc_perf_ours: 1 when fd's owner is thread tid, as mwc_perf_own set it. One fcntl
+ *   (F_GETOWN_EX: any kind of descriptor answers it), for the signal handler, which runs in that
+ *   thread. Only while tid lives: the owner of a thread that has exited reads as none.
+ *   Async-signal-safe.
+ * mwc_perf_still: 1 when r->fd is still the event r opened (the device and inode it had, and the
+ *   event id the kernel gave it: perf events share one inode with eventfds and epolls, and only
+ *   descriptors of that inode are asked PERF_EVENT_IOC_ID). Whether r's thread lives or not
+ *   (its exit, a fork child). Sampler side. */
 int mwc_perf_ours(int fd, long tid);
+int mwc_perf_still(const reg_t *r);
 
 #endif

@@ -15,6 +15,7 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -126,6 +127,15 @@ static int arm_perf(reg_t *r, long tid, uint32_t key, int born) {
         close(fd);
         return -1;
     }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || ioctl(fd, PERF_EVENT_IOC_ID, &r->fd_id) != 0) {
+        ioctl(fd, PERF_EVENT_IOC_DISABLE, 0);
+        atomic_store(&g_fdkey[fd], 0);
+        close(fd);
+        return -1;
+    }
+    r->fd_dev = st.st_dev;
+    r->fd_ino = st.st_ino;
     r->fd = fd;
     g_perf_open++;
     return 0;
@@ -168,7 +178,7 @@ void mw_cputimer_watch(int i, long tid, uint64_t cpu_now) {
         return;
     if (signal_held(tid, g_signo)) return; /* its budget is doing its job */
     pthread_mutex_lock(&g_lock);
-    if (atomic_load(&r->tid) == tid && r->fd >= 0 && !mwc_perf_ours(r->fd, tid)) {
+    if (atomic_load(&r->tid) == tid && r->fd >= 0 && !mwc_perf_still(r)) {
         /* The app closed the event's descriptor (a daemon closing every descriptor): the event
          * is gone. The registration goes (disarm_locked leaves the number alone); the sampler
          * arms the thread again at its next tick (mw_sampler_take.c). */
@@ -267,7 +277,7 @@ static void credit_record(reg_t *r, long tid, int i, uint64_t periods, int unpla
  * record with no frame, as a sample taken then would have been. */
 static void exit_credit(reg_t *r, long tid, int i) {
     uint64_t c = 0, P = (uint64_t)g_period_ns;
-    if (!mwc_perf_ours(r->fd, tid) || read(r->fd, &c, sizeof c) != (ssize_t)sizeof c) return;
+    if (!mwc_perf_still(r) || read(r->fd, &c, sizeof c) != (ssize_t)sizeof c) return;
     c = c > r->steal.steal ? c - r->steal.steal : 0; /* the steal set aside by its handler */
     if (c < r->target) return;
     uint64_t periods = 1 + (uint64_t)r->bonus;
@@ -452,7 +462,7 @@ static void disarm_locked(int i) {
          * now (the app closed this one's descriptor and our next event got it). */
         uint32_t key = atomic_load(&r->gen) << REG_BITS | (uint32_t)i;
         atomic_compare_exchange_strong(&g_fdkey[r->fd], &key, 0);
-        if (mwc_perf_ours(r->fd, tid)) {
+        if (mwc_perf_still(r)) {
             ioctl(r->fd, PERF_EVENT_IOC_DISABLE, 0);
             close(r->fd);
         } else { /* closed by the app: the number may be a file of its own now */
