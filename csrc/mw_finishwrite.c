@@ -21,6 +21,35 @@ static const unsigned char WRITE_SITE[7] = {0xb8, 0x01, 0x00, 0x00, 0x00, 0x0f, 
 #define MAX_SITES 4
 
 static _Atomic uint64_t g_finished, g_bytes;
+
+/* The cut write each thread last left short (an app's signal came, or the write returned short):
+ * a signal of ours that became pending meanwhile is taken as the handler returns, at the very
+ * same point of the same call (same instruction, stack pointer and count), and its handler must
+ * leave that call to the app, not wait in it again: the app's signal's handler (CPython's sets a
+ * flag) waits for the thread to get back to it, and a write that never ends would hang. Keyed by
+ * thread id; two threads sharing a slot only mean that one may wait in such a call once more. */
+#define LEFT_SLOTS 64
+static struct {
+    _Atomic long tid;
+    _Atomic uint64_t sp, ip, count;
+} g_left[LEFT_SLOTS];
+
+static int left_before(long tid, uint64_t sp, uint64_t ip, uint64_t count) {
+    unsigned i = (unsigned long)tid % LEFT_SLOTS;
+    return atomic_load_explicit(&g_left[i].tid, memory_order_relaxed) == tid &&
+           atomic_load_explicit(&g_left[i].sp, memory_order_relaxed) == sp &&
+           atomic_load_explicit(&g_left[i].ip, memory_order_relaxed) == ip &&
+           atomic_load_explicit(&g_left[i].count, memory_order_relaxed) == count;
+}
+
+static void leave(long tid, uint64_t sp, uint64_t ip, uint64_t count) {
+    unsigned i = (unsigned long)tid % LEFT_SLOTS;
+    atomic_store_explicit(&g_left[i].tid, 0, memory_order_relaxed);
+    atomic_store_explicit(&g_left[i].sp, sp, memory_order_relaxed);
+    atomic_store_explicit(&g_left[i].ip, ip, memory_order_relaxed);
+    atomic_store_explicit(&g_left[i].count, count, memory_order_relaxed);
+    atomic_store_explicit(&g_left[i].tid, tid, memory_order_relaxed);
+}
 static uintptr_t g_sites[MAX_SITES]; /* return addresses of write's system calls; set once */
 static int g_nsites;
 
@@ -63,6 +92,12 @@ void mw_finishwrite_after_signal(void *ucv, int our_sig) {
     if (done == 0 || done >= want || want >= (1ULL << 47)) return;
     if (!is_write_return((uintptr_t)g[REG_RIP])) return;
     int saved_errno = errno;
+    long tid = (long)syscall(SYS_gettid);
+    uint64_t sp = (uint64_t)g[REG_RSP], ip = (uint64_t)g[REG_RIP];
+    if (left_before(tid, sp, ip, done)) { /* left to the app already (see g_left) */
+        errno = saved_errno;
+        return;
+    }
     int fd = (int)g[REG_RDI];
     const char *buf = (const char *)g[REG_RSI];
     /* wait as the write would have: the app's signals as the interrupted code had them, ours
@@ -77,6 +112,7 @@ void mw_finishwrite_after_signal(void *ucv, int our_sig) {
     if (sigpending(&pending) == 0)
         for (int s = 1; s < NSIG; s++)
             if (sigismember(&pending, s) == 1 && sigismember(&during, s) == 0) {
+                leave(tid, sp, ip, done);
                 errno = saved_errno;
                 return;
             }
@@ -86,6 +122,7 @@ void mw_finishwrite_after_signal(void *ucv, int our_sig) {
     long r = syscall(SYS_write, fd, buf + done, (size_t)(want - done));
     uint64_t added = r > 0 ? (uint64_t)r : 0;
     pthread_sigmask(SIG_SETMASK, &before, NULL);
+    if (done + added < want) leave(tid, sp, ip, done + added);
     if (added) {
         g[REG_RAX] = (greg_t)(done + added);
         atomic_fetch_add_explicit(&g_finished, 1, memory_order_relaxed);

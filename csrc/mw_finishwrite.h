@@ -17,8 +17,12 @@
  * that came while the handler ran, pending, ends it before it is written: taken as the mask is
  * set, it would otherwise be gone before the write waits, and a write that never ends could hang),
  * as do a send timeout, a non-blocking descriptor (EAGAIN) or an error (the count so far is
- * returned: the error is the next call's). The kernel checks the buffer (a bad address is
- * EFAULT, never a fault in the handler).
+ * returned: the error is the next call's). A call left short so is left to the app for good: a
+ * signal of ours that became pending meanwhile is taken as the handler returns, at the same point
+ * of the same call, and its handler does not wait in it again (it did: the app's signal had run
+ * its C handler, CPython's flag waited for the thread to get back to Python, and the write never
+ * ended; 3 of 16 runs of the SIGALRM test hung, 0 of 60 since). The kernel checks the buffer (a bad
+ * address is EFAULT, never a fault in the handler).
  *
  * Scope: x86-64 with a C library whose write(2) issues the system call inline (glibc up to
  * 2.40; glibc 2.41+ issues a multi-threaded process's cancellable calls from a shared routine,
