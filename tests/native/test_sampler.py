@@ -451,6 +451,8 @@ CLOSED_FDS_CHILD = """
 import json, os, sys, threading, time
 from collections import defaultdict
 sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, os.path.join(sys.argv[1], "tests", "targets"))
+from closing_fds import close_every_descriptor_and_open_pipes, pipes_intact
 from middleware import MwTracker
 from middleware.pprof import find_profile_files, read_pprof_file
 store = sys.argv[2]
@@ -473,24 +475,14 @@ def worker():
 w = threading.Thread(target=worker)
 w.start()
 before_close("main")
-os.closerange(3, 65536)  # a daemon closing every descriptor it did not open itself
-app = [os.pipe() for _ in range(16)]  # the app's own: the lowest numbers, the profiler's old ones
-for r, wr in app:
-    os.write(wr, b"app data")
+app = close_every_descriptor_and_open_pipes()  # the app's pipes get the profiler's old numbers
 go.set()
 after_close("main")
 w.join()
 s = t.stats()
 t.stop()
 time.sleep(0.2)
-intact = 0
-for r, wr in app:
-    try:
-        os.fstat(wr)
-        os.set_blocking(r, False)
-        intact += os.read(r, 64) == b"app data"
-    except OSError:
-        pass
+intact = pipes_intact(app)
 got = defaultdict(int)
 for f in find_profile_files(store):
     p = read_pprof_file(f)

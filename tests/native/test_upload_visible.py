@@ -181,6 +181,8 @@ def test_an_uploader_that_cannot_be_loaded_is_said_once_and_the_store_still_gets
 CLOSING_APP = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, os.path.join(sys.argv[1], "tests", "targets"))
+from closing_fds import close_every_descriptor_and_open_pipes, pipes_intact
 from middleware import MwTracker
 
 def work(seconds):
@@ -192,21 +194,11 @@ t = MwTracker(service_name="closing", sample_rate=200, upload_interval=0.2, prof
               instrument=False)
 work(1.0)
 t.flush(2.0)  # uploaded: libcurl keeps its connection and its multi handle's wakeup pair open
-os.closerange(3, 65536)  # a daemon closing every descriptor it did not open itself
-app = [os.pipe() for _ in range(16)]  # the app's own: the lowest numbers, libcurl's old ones
-for r, w in app:
-    os.write(w, b"app data")
+app = close_every_descriptor_and_open_pipes()  # the app's pipes get libcurl's old numbers
 work(1.0)
 t.flush(2.0)
 t.stop()
-intact = 0
-for r, w in app:
-    try:
-        os.fstat(w)
-        os.set_blocking(r, False)
-        intact += os.read(r, 4096) == b"app data"
-    except OSError:
-        pass
+intact = pipes_intact(app)
 st = t.stats()
 print(json.dumps({"intact": intact, **{k: v for k, v in st.items() if k.startswith("upload_")}}), flush=True)
 """
