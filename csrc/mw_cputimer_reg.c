@@ -158,6 +158,11 @@ static int signal_held(long tid, int signo) {
  * it, the sampler watches. A thread that used PERF_WATCH_PERIODS periods of CPU (and 2 ms) since
  * its handler last ran, with our signal neither blocked nor pending in it, has a stopped event. */
 #define PERF_WATCH_PERIODS 4
+/* The CPU a thread may use without a sample before the watch acts: PERF_WATCH_PERIODS periods
+ * and 2 ms. */
+static uint64_t watch_span_ns(void) {
+    return PERF_WATCH_PERIODS * (uint64_t)g_period_ns + 2000000;
+}
 /* Said once, by the sampler thread (never under g_lock: stderr may block), when the app has
  * closed an event's descriptor: found by the watch, or as the thread ended (the sweep). */
 static void say_lost(void) {
@@ -166,16 +171,14 @@ static void say_lost(void) {
                        "the app closed the profiler's perf event descriptors (a daemon closing "
                        "every descriptor?): their threads' CPU timers are armed again; until "
                        "then, up to about %d ms of each one's CPU went to its last samples",
-                       (int)((PERF_WATCH_PERIODS * g_period_ns + 2000000 + g_period_ns) / 1000000));
+                       (int)((watch_span_ns() + g_period_ns) / 1000000));
 }
 
 void mw_cputimer_watch(int i, long tid, uint64_t cpu_now) {
     if (!g_reg || i < 0 || i >= REGS || g_mode != 2) return;
     reg_t *r = &g_reg[i];
     uint64_t heard = atomic_load_explicit(&r->heard, memory_order_relaxed);
-    if (!heard || atomic_load(&r->tid) != tid ||
-        cpu_now < heard + PERF_WATCH_PERIODS * (uint64_t)g_period_ns + 2000000)
-        return;
+    if (!heard || atomic_load(&r->tid) != tid || cpu_now < heard + watch_span_ns()) return;
     if (signal_held(tid, g_signo)) return; /* its budget is doing its job */
     pthread_mutex_lock(&g_lock);
     if (atomic_load(&r->tid) == tid && r->fd >= 0 && !mwc_perf_still(r)) {
@@ -201,7 +204,7 @@ int mw_cputimer_overdue(int i, long tid, uint64_t cpu_now) {
     reg_t *r = &g_reg[i];
     uint64_t since = g_mode == 2 ? atomic_load_explicit(&r->heard, memory_order_relaxed)
                                  : r->next_due; /* POSIX: written by the thread's handler */
-    return since && cpu_now >= since + PERF_WATCH_PERIODS * (uint64_t)g_period_ns + 2000000;
+    return since && cpu_now >= since + watch_span_ns();
 }
 
 static int arm_locked(long tid, uintptr_t tstate, int born, int *existed);
