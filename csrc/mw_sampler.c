@@ -76,6 +76,19 @@ long g_start_tid;
 int g_list_cut;
 uint64_t g_start_cpu;
 int64_t g_last_tick_ns;
+uint64_t g_tick_wall;
+/* The ticks' slots, with CPU timers (the ticks then place wall time only): time is cut into slots
+ * of one tick period and each slot gets one tick at a random instant within it, which stands for
+ * the whole slot (jittered systematic sampling, as the CPU timers' samples). A thread doing the
+ * same thing every 10 ms is then read at independent phases of its cycle: with the ticks'
+ * random walk (each interval the period +-10%) the phase drifted slowly, and a 100 Hz cycle of
+ * 3 ms of work and 7 ms of sleep had 14-46% of its wall in the work over 6 s (truth 29%). Without
+ * CPU timers the ticks also place the CPU a thread used since its last read, at the stack they
+ * find: an instant drawn anew in each slot would make those intervals long exactly when the
+ * tick comes late in its slot, so those ticks keep the random walk and place the time elapsed.
+ * Sampler thread only. */
+static int64_t g_slot_end;      /* where the slots placed so far end */
+static int64_t g_tick_slot_end; /* the end of the slot of the tick being taken; 0: up to now */
 static uint64_t g_rng = 0x9E3779B97F4A7C15ULL;
 
 int64_t mw_now_realtime_ns(void) {
@@ -141,7 +154,7 @@ void mws_wake(mw_tstate_t *st) {
         g_woken_overflow = 1;
 }
 
-static void visit(int i, int quiet, uint64_t gen, int64_t now, int first, const mw_gilstate_t *g) {
+static void visit(int i, int quiet, uint64_t gen, int first, const mw_gilstate_t *g) {
     if (g_visit_stamp[i] == g_tick) return; /* already visited this tick */
     g_visit_stamp[i] = g_tick;
     mw_tstate_t *st = quiet ? g_tsp[i] : NULL;
@@ -157,7 +170,7 @@ static void visit(int i, int quiet, uint64_t gen, int64_t now, int first, const 
         if (!st->reg) g_hot[g_nhot++] = i; /* its rotation is checked on every quiet tick */
         return;
     }
-    st = g_tsp[i] = mws_sample_thread(g_active, &g_threads[i], now, first);
+    st = g_tsp[i] = mws_sample_thread(g_active, &g_threads[i], first);
     if (st) st->list_idx = i;
     g_hot[g_nhot++] = i;
 }
@@ -213,8 +226,16 @@ static int tick(void) {
     int drained = drain_left(g_active);
     mws_names_settle(g_active); /* before a name registered since goes */
     mw_threads_reap();          /* names of threads forgotten before the previous drain */
-    uint64_t dwall = first ? (uint64_t)(1000000000LL / mw_sampler_tick_rate())
-                           : (uint64_t)(now - g_last_tick_ns);
+    uint64_t dwall;
+    if (g_timers) { /* the slots up to this tick's (a stop: up to now) */
+        int64_t end = g_tick_slot_end ? g_tick_slot_end : now;
+        dwall = end > g_slot_end ? (uint64_t)(end - g_slot_end) : 0;
+        if (end > g_slot_end) g_slot_end = end;
+    } else {
+        dwall = first ? (uint64_t)(1000000000LL / mw_sampler_tick_rate())
+                      : (uint64_t)(now - g_last_tick_ns);
+    }
+    g_tick_wall = dwall;
     /* On a quiet tick only the threads that may need a read are visited: the previous tick's
      * "hot" ones (read, not settled, or without a CPU timer), those whose CPU-timer samples said
      * they ran (woken), and a rotating slice; threads settled quiet with a timer are skipped
@@ -223,15 +244,15 @@ static int tick(void) {
     g_nhot = 0;
     if (!quiet || g_woken_overflow) {
         for (int i = 0; i < n; i++)
-            visit(i, quiet, gen, now, first, &g);
+            visit(i, quiet, gen, first, &g);
     } else {
         for (int k = 0; k < nhot_prev; k++)
-            visit(g_hot_prev[k], quiet, gen, now, first, &g);
+            visit(g_hot_prev[k], quiet, gen, first, &g);
         for (int k = 0; k < g_nwoken; k++)
-            visit(g_woken[k], quiet, gen, now, first, &g);
+            visit(g_woken[k], quiet, gen, first, &g);
         for (int i = (int)((QUIET_ROUND_TIMED - g_tick % QUIET_ROUND_TIMED) % QUIET_ROUND_TIMED);
              i < n; i += QUIET_ROUND_TIMED)
-            visit(i, quiet, gen, now, first, &g);
+            visit(i, quiet, gen, first, &g);
     }
     g_nwoken = 0;
     g_woken_overflow = 0;
@@ -403,13 +424,20 @@ static void *sampler_main(void *arg) {
     }
     int64_t next = mw_now_monotonic_ns();
     g_rng ^= (uint64_t)next;
+    g_slot_end = next; /* the first slot starts now */
     for (;;) {
         if (g_can_pause && (mw_unwind_released() || !mw_unwind_signal_ours())) signal_taken();
         /* Native mode reads threads at ticks (paused and unwound): full rate there. */
         int64_t period = 1000000000LL / mw_sampler_tick_rate();
-        int64_t jitter = (int64_t)(rng_next() % (uint64_t)(2 * period * MW_JITTER_PCT / 100 + 1)) -
-                         period * MW_JITTER_PCT / 100;
-        next += period + jitter;
+        if (g_timers) { /* a random instant of the next slot */
+            g_tick_slot_end = g_slot_end + period;
+            next = g_slot_end + (int64_t)(rng_next() % (uint64_t)period);
+        } else {
+            int64_t jitter =
+                (int64_t)(rng_next() % (uint64_t)(2 * period * MW_JITTER_PCT / 100 + 1)) -
+                period * MW_JITTER_PCT / 100;
+            next += period + jitter;
+        }
         struct timespec ts = {next / 1000000000LL, next % 1000000000LL};
         int stop = 0;
         for (;;) { /* until the tick is due (or a stop), draining for whoever asks meanwhile,
@@ -461,6 +489,7 @@ static void *sampler_main(void *arg) {
              * previous one is counted (a child's last window ends here). */
             if (stop && g_tick > 0 && !mw_pyframes_finalizing()) {
                 g_others_due = 1;
+                g_tick_slot_end = 0; /* its wall: up to now */
                 (void)guarded_tick();
             }
             break;
@@ -470,7 +499,8 @@ static void *sampler_main(void *arg) {
         if (t0 > next) g_stats.tick_late_ns += (uint64_t)(t0 - next);
         if (t0 - next > period) {
             g_stats.late_ticks++;
-            next = t0; /* do not try to catch up with a burst of ticks */
+            next = t0;                          /* do not try to catch up with a burst of ticks */
+            if (g_timers) g_tick_slot_end = t0; /* this one stands for the slots missed */
         }
         int drained = guarded_tick();
         if (drained >= 0) drain_pace(drained, period);

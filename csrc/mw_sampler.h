@@ -1,11 +1,14 @@
 /* mw_sampler — the native sampling thread and the buffers it fills.
  *
  * One pthread (all signals blocked, no Python thread state, never takes the GIL) wakes at the
- * configured rate with random jitter (±MW_JITTER_PCT%) on CLOCK_MONOTONIC, so periodic work in
- * the application cannot alias with the ticks. Each tick it lists the interpreter's threads
+ * configured rate on CLOCK_MONOTONIC, so that periodic work in the application cannot alias
+ * with the ticks: with CPU timers at a random instant of each slot of one period (the tick
+ * stands for its slot), without them with random jitter (±MW_JITTER_PCT% on each interval; see
+ * g_slot_end in mw_sampler.c for why). Each tick it lists the interpreter's threads
  * (mw_pyframes), reads each thread's CPU clock (derived from its kernel tid) and its frames, and
  * adds one sample per thread to the active mw_profbuf:
- *   wall_ns     = time elapsed since the previous tick, under the thread's stack;
+ *   wall_ns     = the tick's slot (without CPU timers: the time elapsed since the previous
+ *                 tick), under the thread's stack;
  *   cpu_samples = 1 when the thread was on CPU at the sample instant (its clock moved across the
  *                 read, it was found running and paused, or it holds the GIL while waiting for
  *                 a CPU); cpu_ns of such stacks is written when the window ends (or is read):

@@ -19,9 +19,9 @@
  *     also read by any thread (mw_sampler_rate), g_timers by any thread that starts
  *     (mw_sampler_thread_started).
  *   - The sampler thread only, while it runs: g_ts and every mw_tstate_t, the scratch arrays
- *     (g_raw, g_raw2, g_ids, g_sym, g_rc), g_tick, g_last_tick_ns, g_gil_tick. mw_sampler_start()
- *     resets g_tick and g_ts before creating the thread; mw_sampler_stop() (after the join) and
- *     the fork child's handler clear the entries' timer registrations (reg).
+ *     (g_raw, g_raw2, g_ids, g_sym, g_rc), g_tick, g_last_tick_ns, g_tick_wall, g_gil_tick.
+ * mw_sampler_start() resets g_tick and g_ts before creating the thread; mw_sampler_stop() (after
+ * the join) and the fork child's handler clear the entries' timer registrations (reg).
  *   - Under the buffer lock (g_buf_lock, mw_sampler.c), taken by the sampler thread for a tick
  *     and by the swap/snapshot side: g_win and g_quiet_wall/g_quiet_n, and every function below
  *     that is given a buffer (mws_quiet_flush*, mws_cpu_window_*, mws_thread_name_id,
@@ -165,6 +165,9 @@ extern int g_list_cut;
 extern long g_start_tid;
 extern uint64_t g_start_cpu;
 extern int64_t g_last_tick_ns;
+/* The wall time the tick being taken places under each thread it reads (see g_slot_end in
+ * mw_sampler.c). Sampler thread. */
+extern uint64_t g_tick_wall;
 /* A thread's CPU-timer sample says it ran: the next quiet tick must visit it. */
 void mws_wake(mw_tstate_t *st);
 
@@ -253,8 +256,7 @@ uint32_t mws_intern_frames(mw_profbuf_t *b, const mw_rawframe_t *raw, int depth,
 void mws_mark_if_cut(mw_profbuf_t *b, uint32_t *n, int truncated);
 int mws_mark_if_empty_as(mw_profbuf_t *b, uint32_t *n, int unplaced);
 /* Samples one listed thread into b at this tick; its entry, or NULL (gone, table full). */
-mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
-                               int first_tick);
+mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int first_tick);
 /* A thread's CPU-timer accounting (hw_*) starts afresh in window gen (once per window). */
 void mws_hw_window(mw_tstate_t *st, uint64_t gen);
 /* The CPU a thread's clock says it used since its last read (dclock; dcpu: the part that is new

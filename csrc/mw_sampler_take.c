@@ -381,10 +381,8 @@ static mw_tstate_t *sample_timed(mw_profbuf_t *b, const mw_pythread_t *th, mw_ts
  *     and another last holder): in a GIL build only the GIL holder changes its Python frames; or
  *   - the thread was paused in a signal handler while it was read (mw_unwind_pause/capture).
  * A read that is not proven is thrown away (its symbol-cache fills too) and redone. */
-mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int64_t now,
-                               int first_tick) {
-    uint64_t dwall = first_tick ? (uint64_t)(1000000000LL / mw_sampler_tick_rate())
-                                : (uint64_t)(now - g_last_tick_ns);
+mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int first_tick) {
+    uint64_t dwall = g_tick_wall;
     uint64_t c0 = 0;
     if (th->tid <= 0 || mws_thread_cpu_ns(th->tid, &c0) != 0) {
         /* No CPU clock: the thread is gone (or its kernel id is unknown). */

@@ -36,6 +36,9 @@ Workloads:
   released  bursts in Python, in C without the GIL and in the kernel; truth: each part's thread_time
   masked  one thread burning in bursts with every signal blocked, then blocking them only around
           short bursts; truth: each function's time.thread_time
+  periodic  one thread on a fixed cycle of --cycle-ms with absolute deadlines (a 100 Hz loop):
+          30% of each cycle working, the rest asleep, for --seconds, the profile read every
+          second; truth: each second's wall time in each part (perf_counter)
 """
 from __future__ import annotations
 
@@ -906,10 +909,69 @@ def run_masked(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# --- periodic: a loop on the same cycle as the ticks ---------------------------------------------------
+def periodic_work(until: float) -> None:
+    while time.perf_counter() < until:
+        pass
+
+
+def periodic_wait(until: float) -> None:
+    left = until - time.perf_counter()
+    if left > 0:
+        time.sleep(left)
+
+
+def run_periodic(args: argparse.Namespace) -> dict[str, Any]:
+    """One thread, ``periodic``, for args.seconds: cycles of args.cycle_ms on absolute deadlines,
+    the first 30% in periodic_work (burning), the rest in periodic_wait (asleep). The main thread
+    reads the profile (snapshot, reset) every second. Truth, per second: each part's wall time
+    (perf_counter, from the thread's wake-up to the end of its work, and from there to its
+    wake-up). Returns {"windows": [{"work", "wait": profile wall ns, "truth_work", "truth_wait": s}]}."""
+    assert TRACKER is not None
+    cycle = args.cycle_ms / 1e3
+    truth = {"work": 0.0, "wait": 0.0}
+    done = threading.Event()
+
+    def periodic() -> None:
+        t0 = woke = time.perf_counter()
+        k = 0
+        while not done.is_set():
+            start = t0 + k * cycle
+            periodic_work(start + 0.3 * cycle)
+            worked = time.perf_counter()
+            truth["work"] += worked - woke
+            periodic_wait(start + cycle)
+            woke = time.perf_counter()
+            truth["wait"] += woke - worked
+            k += 1
+
+    t = threading.Thread(target=periodic, name="periodic")
+    t.start()
+    TRACKER.snapshot(reset=True)
+    windows = []
+    before = dict(truth)
+    for _ in range(int(args.seconds)):
+        time.sleep(1.0)
+        profile = TRACKER.snapshot(reset=True)
+        now = dict(truth)
+        wi = profile.value_index("wall")
+        wall = {"work": 0, "wait": 0}
+        for smp in profile.samples:
+            names = {f.function for f in smp.stack}
+            for part in wall:
+                if f"periodic_{part}" in names:
+                    wall[part] += smp.values[wi]
+        windows.append({**wall, "truth_work": now["work"] - before["work"], "truth_wait": now["wait"] - before["wait"]})
+        before = now
+    done.set()
+    t.join()
+    return {"windows": windows}
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "bursty": run_bursty, "graph": run_graph, "churn": run_churn, "lines": run_lines, "idle": run_idle,
     "short": run_short, "light": run_light, "ending": run_ending, "phases": run_phases,
-    "released": run_released, "masked": run_masked}
+    "released": run_released, "masked": run_masked, "periodic": run_periodic}
 
 
 def main() -> None:
@@ -922,6 +984,7 @@ def main() -> None:
     ap.add_argument("--native", action="store_true", help="MwTracker(native=True): C frames too")
     ap.add_argument("--samples", type=int, default=0, help="lines: run on until this many on-CPU samples")
     ap.add_argument("--wall-rate", type=int, default=None, help="ticks a second with CPU timers (default: 100)")
+    ap.add_argument("--cycle-ms", type=float, default=10.0, help="periodic: the loop's cycle")
     args = ap.parse_args()
     TRACKER = MwTracker(sample_rate=args.rate, wall_rate=args.wall_rate, profile_dir="none", instrument=False,
                         native=args.native)
