@@ -65,8 +65,11 @@ static PyObject *py_start(PyObject *self, PyObject *args, PyObject *kw) {
     }
     /* The starting thread's CPU timer now (in a fork child: the only thread, from its start). */
     mw_sampler_thread_started((long)syscall(SYS_gettid), (uintptr_t)PyThreadState_Get(), 0);
-    if (mw_collect_init() != 0) {
-        PyErr_NoMemory();
+    if (mw_collect_init() != 0) { /* no window could be taken: the sampler goes too */
+        PyThreadState *ts = PyEval_SaveThread();
+        mw_sampler_stop();
+        PyEval_RestoreThread(ts);
+        PyErr_SetString(PyExc_MemoryError, "middleware: no memory for the profile's buffers");
         return NULL;
     }
     Py_RETURN_TRUE;

@@ -566,7 +566,8 @@ class MwTracker:
     interpreter the sampler does not know, the tracker does nothing (see :mod:`middleware`).
     """
 
-    #: True on an interpreter the sampler does not know: nothing runs, no native code is loaded.
+    #: True on an interpreter the sampler does not know (nothing runs, no native code is loaded),
+    #: and once profiling could not start here: the tracker's methods then do nothing.
     _unprofiled = False
     _profiler: _ProcessProfiler | None
 
@@ -624,6 +625,10 @@ class MwTracker:
                     except Exception:
                         logger.debug("middleware: stopping after a failed start failed", exc_info=True)
                     _profiler = None
+                    # labels(), stats(), snapshot() then do nothing: the native module may not
+                    # even load (no memory to map it), and the app's calls must not fail for it
+                    self._stay_unprofiled()
+                    return
             self._profiler = _profiler
             if _profiler is not None:
                 self.config = _profiler.config

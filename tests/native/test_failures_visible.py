@@ -410,7 +410,10 @@ if case == "perf-refused":  # as a container's default seccomp profile does (x86
 if case == "trap-taken":  # the app handles SIGTRAP (as Celery's billiard pool workers do)
     signal.signal(signal.SIGTRAP, lambda *args: None)
 import middleware
-from middleware import _native
+if case == "native-unloadable":  # the native module cannot be loaded (no memory left to map it)
+    sys.modules["middleware._native"] = None
+else:
+    from middleware import _native
 if case == "start-fails":  # the sampler cannot start here
     def start(**kwargs):
         raise RuntimeError("cannot start the sampler thread")
@@ -432,6 +435,8 @@ while time.perf_counter() < deadline:
     sum(i * i for i in range(200))
 with trackers[0].labels(step="last"):
     print("result", sum(i * i for i in range(1000)), flush=True)
+if case == "native-unloadable":  # the tracker's methods do nothing, and do not fail
+    assert trackers[0].stats() == {{}} and not trackers[0].snapshot().samples and not trackers[0].flush(1)
 print(json.dumps({{"running": [t.running for t in trackers],
                   "can_pause": trackers[0].stats().get("can_pause") if trackers[0].running else None,
                   "timer": trackers[0].stats().get("cpu_timer_mode") if trackers[0].running else None}}))
@@ -443,6 +448,8 @@ TRACKER_CASES = [
     ("no-pause", {}, "middleware: no free real-time signal"),
     ("start-fails", {}, "middleware: profiling could not start (RuntimeError: cannot start the sampler thread); "
                         "the app runs unprofiled"),
+    ("native-unloadable", {}, "middleware: profiling could not start (ModuleNotFoundError: import of "
+                              "middleware._native halted; None in sys.modules); the app runs unprofiled"),
     ("termflush-fails", {}, "middleware: no thread for the last export on SIGTERM (Resource temporarily unavailable); "
                             "a SIGTERM ends process "),
     ("profile-dir", {"MW_PROFILE_DIR": "{tmp}/a-file/profiles"}, "middleware: cannot create the profile directory "
@@ -494,12 +501,65 @@ def test_the_trackers_own_problems_are_said_once_on_stderr(tmp_path, case, extra
         assert res["running"] == [True, True]
     else:
         assert lines == ours, lines
-    if case == "start-fails":
+    if case in ("start-fails", "native-unloadable"):
         assert res["running"] == [False, False]
     if case == "no-pause":
         assert res["can_pause"] == 0, res
     if case == "perf-refused":  # the fallback profiles: per-thread POSIX CPU timers
         assert res["running"] == [True, True] and res["timer"] == 1, res
+
+
+SHORT_OF_ADDRESS_SPACE = """
+import json, os, resource, sys
+sys.path.insert(0, {root!r})
+import middleware
+with open("/proc/self/status") as f:
+    size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+limit = size + int(sys.argv[1]) * 2**20  # this much more address space, and no more
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from middleware import MwTracker
+t = MwTracker()
+with t.labels(step="work"):
+    print("result", sum(i * i for i in range(1000)), flush=True)
+threads = [open(f"/proc/self/task/{{tid}}/comm").read().strip() for tid in os.listdir("/proc/self/task")]
+print(json.dumps({{"running": t.running, "threads": threads, "stats": len(t.stats())}}))
+t.stop()
+"""
+
+
+@pytest.mark.skipif("ASAN_OPTIONS" in os.environ, reason="the sanitizers reserve terabytes of address space")
+def test_a_start_that_runs_out_of_memory_leaves_nothing_running_and_the_app_unchanged(tmp_path):
+    # GIVEN an app allowed only a few more MiB of address space (RLIMIT_AS) once it has imported
+    # middleware, from 4 to 124 MiB: the native module cannot be mapped, the sampler's tables or
+    # thread cannot be had, the profile's buffers cannot, or everything starts
+    script = tmp_path / "app.py"
+    script.write_text(SHORT_OF_ADDRESS_SPACE.format(root=str(ROOT)))
+    failures: dict[int, str] = {}
+    started = []
+    for mib in range(4, 125, 6):
+        r = subprocess.run([sys.executable, str(script), str(mib)], capture_output=True, text=True, timeout=60,
+                           env=_hermetic_env(tmp_path, MW_PROFILE_DIR="none"), cwd=str(tmp_path))
+        # THEN the app runs as it would unprofiled
+        assert r.returncode == 0, (mib, r.stderr)
+        out = r.stdout.splitlines()
+        assert out[0] == f"result {sum(i * i for i in range(1000))}", (mib, r.stdout, r.stderr)
+        res = json.loads(out[1])
+        if res["running"]:
+            started.append(mib)
+            assert "mw-sampler" in res["threads"], (mib, res)
+            continue
+        # AND a start that fails says so in one line, and leaves no thread of ours running (the
+        # sampler went on sampling, for nothing, when the profile's buffers could not be had after
+        # it had started) and a tracker whose methods do nothing (labels() raised ImportError when
+        # the native module could not be mapped)
+        lines = _lines(r.stderr)
+        assert len(lines) == 1 and lines[0].startswith("middleware: profiling could not start (") and \
+            lines[0].endswith("the app runs unprofiled"), (mib, lines)
+        failures[mib] = lines[0].split("(", 1)[1].split(":", 1)[0]
+        assert not [n for n in res["threads"] if n.startswith("mw-")], (mib, res)
+        assert res["stats"] == 0, (mib, res)
+    # AND the range crossed every way to fail into a start
+    assert {"ImportError", "RuntimeError", "MemoryError"} <= set(failures.values()) and started, (failures, started)
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the seccomp filter uses x86-64 system call numbers")
