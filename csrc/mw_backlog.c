@@ -19,7 +19,7 @@ static size_t g_head, g_n, g_bytes;
 static mw_backlog_stats_t g_stats;
 
 int mw_backlog_waits_for(int err) {
-    return err == ENOSPC || err == EDQUOT;
+    return err == ENOSPC || err == EDQUOT || err == EMFILE || err == ENFILE;
 }
 
 /* Frees the oldest entry (written or dropped: the caller counts which). */

@@ -1,5 +1,7 @@
-/* mw_backlog — profiles the local store had no room for (ENOSPC, EDQUOT), kept in memory and
- * written, oldest first, once there is room again: a full disk that is cleared loses nothing.
+/* mw_backlog — profiles the local store had no room for (ENOSPC, EDQUOT), or no descriptor to
+ * create a file with (EMFILE, ENFILE: the app holds as many as it may), kept in memory and
+ * written, oldest first, once there is room again: a full disk that is cleared, or an app that
+ * closes files again, loses nothing.
  *
  * Bound: at most MW_BACKLOG_MAX_FILES files and MW_BACKLOG_MAX_BYTES bytes wait; keeping one
  * more drops the oldest (counted as dropped). What still waits when the process ends is lost
@@ -37,7 +39,7 @@ typedef struct mw_backlog_result {
     mw_store_result_t failure; /* the write that failed (failure.err != 0), if one did */
 } mw_backlog_result_t;
 
-/* 1 when a store failure with this errno is one the backlog waits out (no room). */
+/* 1 when a store failure with this errno is one the backlog waits out (no room, no descriptor). */
 int mw_backlog_waits_for(int err);
 
 /* Keeps a copy of data[0..len), the profile of the window starting at start_ms. Returns 0, or

@@ -153,7 +153,15 @@ static void report_store_failure(const char *dir, const mw_store_result_t *res) 
                        : strcmp(res->failed, "open") == 0   ? "creating a file"
                        : strcmp(res->failed, "rename") == 0 ? "renaming a file"
                                                             : "writing a file";
-    if (mw_backlog_waits_for(res->err))
+    if (res->err == EMFILE || res->err == ENFILE)
+        mw_report_once(MW_REPORT_STORE_NO_FD,
+                       "cannot create a file in the profile directory %.200s (%s: the %s has as "
+                       "many files open as it may); profiles of process %ld wait in memory until "
+                       "one can be created (the last %u MiB; what still waits when the process "
+                       "ends is lost)",
+                       dir, why, res->err == EMFILE ? "process" : "system", (long)getpid(),
+                       MW_BACKLOG_MAX_BYTES >> 20);
+    else if (mw_backlog_waits_for(res->err))
         mw_report_once(MW_REPORT_STORE_FULL,
                        "the profile directory %.200s is full (%s: %s); profiles of process %ld "
                        "wait in memory until there is room (the last %u MiB; what still waits "

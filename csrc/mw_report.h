@@ -29,6 +29,7 @@ typedef enum {
     MW_REPORT_THREADS_CUT,        /* more Python threads than the ticks list: the oldest unread */
     MW_REPORT_SIGNAL_TAKEN,       /* the app installed its own handler for our signal */
     MW_REPORT_CPU_TIMER_LOST,     /* the app closed our perf event descriptors: armed again */
+    MW_REPORT_STORE_NO_FD,        /* EMFILE / ENFILE creating a file in the local store */
     MW_REPORT_KINDS
 } mw_report_kind_t;
 

@@ -190,17 +190,18 @@ def test_a_full_store_is_said_once(tmp_path, can_mount):
 
 
 FILLED_STORE_APP = """
-import json, os, shutil, sys, time
+import json, os, resource, shutil, sys, time
 sys.path.insert(0, {root!r})
-store = os.environ["MW_PROFILE_DIR"]
+store, how = os.environ["MW_PROFILE_DIR"], os.environ["TEST_HOW"]
 filler = os.path.join(store, "filler")  # not a store file: the store neither counts nor removes it
-fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-try:
-    while True:
-        os.write(fd, bytes(4096))
-except OSError:
-    pass
-os.close(fd)
+if how == "full":  # the app fills the store's file system
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, bytes(4096))
+    except OSError:
+        pass
+    os.close(fd)
 from middleware import MwTracker
 
 def burn(seconds):
@@ -210,11 +211,22 @@ def burn(seconds):
 
 c0 = time.process_time()
 tracker = MwTracker(upload_interval=3600)
-for _ in range(5):  # five windows the full store cannot take
+held = []
+if how == "no-fd":  # the app holds as many descriptors as it may: no file can be created
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    try:
+        while True:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+for _ in range(5):  # five windows the store cannot take
     burn(0.15)
     tracker.flush()
 full = tracker.stats()
-os.unlink(filler)  # room again
+if how == "full":
+    os.unlink(filler)  # room again
+for fd in held:
+    os.close(fd)  # descriptors again
 burn(0.15)
 tracker.flush()
 tracker.stop()
@@ -224,20 +236,26 @@ print(json.dumps({{"cpu": cpu, "full": full, "end": tracker.stats()}}))
 """
 
 
-def test_profiles_a_full_store_had_no_room_for_are_written_once_there_is_room(tmp_path, can_mount):
-    # GIVEN an app whose store is on a file system it fills itself, that exports five windows
-    # there, then removes its filler file and exports one more
+@pytest.mark.parametrize("how", ["full", "no-fd"])
+def test_profiles_a_store_could_not_take_are_written_once_it_can(tmp_path, request, how):
+    # GIVEN an app whose store is on a file system it fills itself (or that holds as many
+    # descriptors as it may), that exports five windows there, then removes its filler file (or
+    # closes its descriptors) and exports one more
     store, out = tmp_path / "store", tmp_path / "out"
     store.mkdir()
     script = tmp_path / "filled.py"
     script.write_text(FILLED_STORE_APP.format(root=str(ROOT)))
-    env = _hermetic_env(tmp_path, MW_PROFILE_DIR=str(store), TEST_OUT=str(out))
-    r = subprocess.run(_mounted([sys.executable, str(script)], store, "size=256k"), capture_output=True, text=True,
-                       timeout=60, env=env, cwd=str(tmp_path))
+    env = _hermetic_env(tmp_path, MW_PROFILE_DIR=str(store), TEST_OUT=str(out), TEST_HOW=how)
+    cmd = [sys.executable, str(script)]
+    if how == "full":
+        request.getfixturevalue("can_mount")
+        cmd = _mounted(cmd, store, "size=256k")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    # THEN the five windows waited in memory while the store was full, and were written once
-    # there was room, before the sixth: the store holds the CPU the app burned
+    # THEN the five windows waited in memory while the store could not take them, and were
+    # written once it could, before the sixth: the store holds the CPU the app burned (an app
+    # holding every descriptor lost them: only the sixth was written)
     full, end = res["full"], res["end"]
     assert full["export_store_waiting"] >= 5 and full["export_files_written"] == 0, full
     assert end["export_store_waiting"] == 0 and end["export_store_dropped"] == 0, end
@@ -249,9 +267,10 @@ def test_profiles_a_full_store_had_no_room_for_are_written_once_there_is_room(tm
             i = prof.value_index("cpu")
             cpu += sum(smp.values[i] for smp in prof.samples) / 1e9
     assert 0.9 * res["cpu"] - 0.02 <= cpu <= 1.1 * res["cpu"] + 0.02, (cpu, res["cpu"])
-    # AND the full store was said once
+    # AND it was said once
     lines = _lines(r.stderr)
-    assert len(lines) == 1 and "is full" in lines[0] and "wait in memory" in lines[0], lines
+    said = "is full" if how == "full" else "(Too many open files: the process has as many files open as it may)"
+    assert len(lines) == 1 and said in lines[0] and "wait in memory" in lines[0], lines
 
 
 # --- logging configured by the app ------------------------------------------------------------------
