@@ -65,6 +65,7 @@ _Atomic uint64_t c_recorded, c_periods, c_no_record, c_exit_periods, c_steal_ns,
 static _Atomic uint64_t c_faults, c_native, c_native_frames, c_signals, c_no_scratch, c_torn,
     c_stale, c_handler_ns, c_early;
 uint64_t c_armed, c_arm_failed;
+int g_reg_top;
 pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static void *map(size_t len) {
@@ -545,18 +546,21 @@ void mw_cputimer_get_stats(mw_cputimer_stats_t *out) {
 void mw_cputimer_after_fork_child(void) {
     pthread_mutex_init(&g_lock, NULL);
     if (!g_reg) return;
-    for (int i = 0; i < REGS; i++) {
+    /* Only the entries in use are written: a write to each would copy every page of the table
+     * (copy-on-write), a good part of every fork's cost. */
+    for (int i = 0; i < g_reg_top; i++) {
         reg_t *r = &g_reg[i];
         if (r->fd >= 0) { /* the parent's event: not ours to keep (unless the app closed it) */
             atomic_store(&g_fdkey[r->fd], 0);
             if (mwc_perf_still(r)) close(r->fd);
             r->fd = -1;
         }
-        r->has_timer = 0; /* POSIX timers are not inherited */
-        atomic_store(&r->tid, 0);
+        if (r->has_timer) r->has_timer = 0; /* POSIX timers are not inherited */
+        if (atomic_load(&r->tid)) atomic_store(&r->tid, 0);
     }
+    g_reg_top = 0;
     for (int i = 0; i < MW_CPUTIMER_RECORDS; i++)
-        atomic_store(&g_state[i], 0);
+        if (atomic_load(&g_state[i])) atomic_store(&g_state[i], 0);
     atomic_store(&g_ready, 0);
     for (int i = 0; i < SCRATCH && g_scratch; i++)
         atomic_store(&scratch_at(i)->busy, 0);

@@ -67,6 +67,10 @@ extern int g_trap; /* perf events signal through SIGTRAP (mw_cputrap.h), else g_
 extern int64_t g_period_ns;
 extern uint32_t g_gen_next;
 extern pthread_mutex_t g_lock; /* arm / disarm / sweep */
+/* 1 + the highest index in use: every scan of the registrations (arming, forgetting, the sweep,
+ * a fork child's reset) stops here rather than read all REGS entries (~0.5 MiB) while the
+ * process has not used them all. Under g_lock; a fork child's handler alone reads it without. */
+extern int g_reg_top;
 extern _Atomic uint64_t c_recorded, c_periods, c_no_record, c_exit_periods, c_steal_ns, c_revived,
     c_fds_lost;
 extern uint64_t c_armed, c_arm_failed; /* under g_lock */

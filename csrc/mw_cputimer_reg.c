@@ -26,6 +26,12 @@ static int g_exit_key_ok;
 static void exit_key_create(void);
 static void disarm_locked(int i);
 
+/* g_reg_top after a registration went: past the highest index still in use. g_lock held. */
+static void shrink_top(void) {
+    while (g_reg_top > 0 && atomic_load(&g_reg[g_reg_top - 1].tid) == 0)
+        g_reg_top--;
+}
+
 /* A POSIX timer on thread tid's CPU clock. Its expiries lie on a grid of that clock, one per
  * period at a random phase: the first at base + u (u uniform in (0, P]), then every P. A thread
  * therefore gets a sample with probability cpu / P even when it uses less than a period in all,
@@ -229,7 +235,7 @@ int mw_cputimer_find(long tid, uintptr_t tstate, uint64_t *cpu_at_arm) {
     if (!g_reg || tid <= 0) return -1;
     int found = -1;
     pthread_mutex_lock(&g_lock);
-    for (int i = 0; i < REGS && found < 0; i++)
+    for (int i = 0; i < g_reg_top && found < 0; i++)
         if (atomic_load(&g_reg[i].tid) == tid && g_reg[i].tstate == tstate) {
             found = i;
             *cpu_at_arm = g_reg[i].cpu_at_arm;
@@ -335,7 +341,7 @@ void mw_cputimer_forget(long tid) {
     if (!g_reg || tid <= 0) return;
     pthread_mutex_lock(&g_lock);
     int gone = -1;
-    for (int i = 0; i < REGS; i++)
+    for (int i = 0; i < g_reg_top; i++)
         if (atomic_load(&g_reg[i].tid) == tid) {
             /* A thread still running (its Thread object went at its join, which returns before
              * the thread has exited) keeps its timer: its exit is credited by timer_exit or by
@@ -355,7 +361,7 @@ static void disarm_every(int halt) {
     if (!g_reg) return;
     pthread_mutex_lock(&g_lock);
     if (halt) g_halted = 1;
-    for (int i = 0; i < REGS; i++)
+    for (int i = 0; i < g_reg_top; i++)
         disarm_locked(i);
     pthread_mutex_unlock(&g_lock);
 }
@@ -372,7 +378,7 @@ void mw_cputimer_unhalt(void) {
 
 static int arm_locked(long tid, uintptr_t tstate, int born, int *existed) {
     if (g_halted) return -1;
-    for (int i = 0; i < REGS; i++) { /* already armed (by itself at start, or a tick) */
+    for (int i = 0; i < g_reg_top; i++) { /* already armed (by itself at start, or a tick) */
         if (atomic_load(&g_reg[i].tid) != tid) continue;
         if (g_reg[i].tstate == tstate) {
             *existed = 1;
@@ -383,12 +389,14 @@ static int arm_locked(long tid, uintptr_t tstate, int born, int *existed) {
         }
         disarm_locked(i); /* the id now belongs to another thread state */
     }
-    static uint32_t hint;
+    static uint32_t hint; /* the next free index after the last taken: an index is taken again
+                           * as late as can be (a late signal's key names a past registration) */
     for (uint32_t k = 0; k < REGS; k++) {
         uint32_t i = (hint + k) & (REGS - 1);
         reg_t *r = &g_reg[i];
         if (atomic_load(&r->tid) != 0) continue;
         hint = i + 1;
+        if ((int)i >= g_reg_top) g_reg_top = (int)i + 1;
         uint32_t gen = g_gen_next++;
         if (g_gen_next >= (1u << (32 - REG_BITS))) g_gen_next = 1;
         r->tstate = tstate;
@@ -420,6 +428,7 @@ static int arm_locked(long tid, uintptr_t tstate, int born, int *existed) {
             return (int)i;
         }
         atomic_store(&r->tid, 0);
+        shrink_top();
         break;
     }
     c_arm_failed++;
@@ -444,7 +453,7 @@ void mw_cputimer_retire(int i, long tid) {
 void mw_cputimer_sweep(void) {
     if (!g_reg) return;
     pthread_mutex_lock(&g_lock);
-    for (int i = 0; i < REGS; i++) {
+    for (int i = 0; i < g_reg_top; i++) {
         long tid = atomic_load(&g_reg[i].tid);
         if (tid > 0 && thread_gone(tid)) {
             exit_credit(&g_reg[i], tid, i);
@@ -460,6 +469,7 @@ static void disarm_locked(int i) {
     long tid = atomic_load(&r->tid);
     if (tid == 0) return;
     atomic_store(&r->tid, 0); /* a signal still on its way is ignored from here on */
+    shrink_top();
     if (r->fd >= 0) {
         /* Its key leaves the number's slot unless another registration of ours has the number
          * now (the app closed this one's descriptor and our next event got it). */

@@ -420,9 +420,17 @@ def _stop_before_leaving(how: str) -> _ProcessProfiler | None:
     return None if p.running else p
 
 
+def _forked_to_exec() -> bool:
+    """True in the child subprocess forks to run a ``preexec_fn`` in before it execs (CPython runs
+    the fork hooks there): nothing in it is worth profiling, and starting the profiler there cost
+    every such spawn ~3.5 ms, in the parent's wait for the exec."""
+    caller = sys._getframe(2)  # this function's caller is the hook; the hook's, the forking code
+    return caller.f_code.co_name == "_execute_child" and caller.f_globals.get("__name__") == "subprocess"
+
+
 def _after_fork_in_child() -> None:
     p = _profiler
-    if p is not None and p.running:
+    if p is not None and p.running and not _forked_to_exec():
         _reregister_threads()
         p.after_fork_in_child()
         asyncio_tasks.after_fork_in_child()

@@ -583,3 +583,50 @@ def test_a_forked_child_leaving_through_os_exit_keeps_its_profile_and_status(cpu
     assert all(k["status"] == 3 for k in kids.values()), kids  # the status it gave
     # each child's burn (its clock: 50 samples, more than a thread's count needs) within 2% + 1 ms
     assert all(abs(profiled.get(pid, 0) - k["cpu"]) <= 0.02 * k["cpu"] + 1e6 for pid, k in kids.items()), figures
+
+
+PREEXEC_SPAWNS = r"""
+import json, os, subprocess, sys, time
+from middleware import MwTracker
+t = MwTracker(profile_dir=sys.argv[1], instrument=False)
+def threads_and_perf_events():
+    # what the child a preexec_fn runs in holds: its threads, and its perf event descriptors
+    names = [open(f"/proc/self/task/{tid}/comm").read().strip() for tid in os.listdir("/proc/self/task")]
+    perf = sum(os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[perf_event]" for fd in os.listdir("/proc/self/fd")
+               if os.path.exists(f"/proc/self/fd/{fd}"))
+    os.write(int(sys.argv[2]), (json.dumps({"threads": names, "perf": perf}) + "\n").encode())
+r, w = os.pipe()
+sys.argv.append(str(w))
+codes = [subprocess.run(["/bin/sh", "-c", "exit 7"], preexec_fn=threads_and_perf_events, pass_fds=(w,)).returncode
+         for _ in range(3)]
+os.close(w)
+seen = [json.loads(line) for line in os.fdopen(r).read().splitlines()]
+# and a child forked to go on running Python (as multiprocessing's fork children do) is profiled
+pid = os.fork()
+if pid == 0:
+    names = [open(f"/proc/self/task/{tid}/comm").read().strip() for tid in os.listdir("/proc/self/task")]
+    os._exit(0 if "mw-sampler" in names else 1)
+forked = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+t.stop()
+print(json.dumps({"codes": codes, "seen": seen, "forked": forked}))
+"""
+
+
+def test_a_subprocess_preexec_fn_child_starts_no_profiler_and_a_forked_child_does(tmp_path: Path) -> None:
+    # GIVEN a profiled app spawning commands with a preexec_fn: CPython forks, runs the fork hooks
+    # and the preexec_fn in the child, then execs, while the parent waits for the exec. Restarting
+    # the profiler there (threads, timers, the exporter) made each spawn ~3.5 ms slower, for a
+    # process that is about to become another program
+    env = clean_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", PREEXEC_SPAWNS, str(tmp_path / "store")], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    # THEN the commands ran as asked
+    assert res["codes"] == [7, 7, 7], res
+    # AND the preexec_fn ran in a child holding one thread and none of the profiler's perf events
+    assert len(res["seen"]) == 3 and all(len(s["threads"]) == 1 for s in res["seen"]), res
+    assert all(s["perf"] == 0 for s in res["seen"]), res
+    # AND a child forked to go on running Python restarted the profiler
+    assert res["forked"] == 0, res
