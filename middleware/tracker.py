@@ -424,7 +424,10 @@ def _forked_to_exec() -> bool:
     """True in the child subprocess forks to run a ``preexec_fn`` in before it execs (CPython runs
     the fork hooks there): nothing in it is worth profiling, and starting the profiler there cost
     every such spawn ~3.5 ms, in the parent's wait for the exec."""
-    caller = sys._getframe(2)  # this function's caller is the hook; the hook's, the forking code
+    try:  # this function's caller is the hook; the hook's, the forking code (if any: C may fork)
+        caller = sys._getframe(2)
+    except ValueError:
+        return False
     return caller.f_code.co_name == "_execute_child" and caller.f_globals.get("__name__") == "subprocess"
 
 
