@@ -278,7 +278,9 @@ def _check_children(r: dict[str, Any], profiles: list[Any]) -> None:
     assert str(r["parent"]) not in profiled, profiled
     # every child that ran a task is in the store, with (about) the CPU it measured
     assert set(profiled) == set(measured), ("measured vs profiled ms per pid", per_child)
-    assert abs(total_p - total_m) <= BAND * total_m, (
+    # a thread's CPU is split between its stacks by sample counts: each stretch of work is known to
+    # a sample or two whatever its length (a lone 60 ms task, 30 samples, came out -4.9..+3.4%)
+    assert abs(total_p - total_m) <= BAND * total_m + 2e9 / RATE_HZ, (
         f"profiled {total_p / 1e6:.1f} ms vs measured {total_m / 1e6:.1f} ms", per_child)
     for pid, (m, p) in per_child.items():
         assert abs(p - m) <= 0.2 * m + 5, ("measured vs profiled ms", pid, per_child)
