@@ -677,18 +677,25 @@ _warned_names: set[str] = set()
 _WARNED_NAMES_MAX = 256
 
 
+def _say_dropped(name: str, why: str) -> None:
+    """A pushed label the profile will not carry: said once per name (stderr too, by default)."""
+    if name in _warned_names or len(_warned_names) >= _WARNED_NAMES_MAX:
+        return
+    _warned_names.add(name)
+    from middleware.config import visible_warning  # config imports this module
+    visible_warning(logger, "middleware: ignoring label %r: %s", name[:64], why)
+
+
 def _merged(current: tuple[tuple[str, str], ...], mapping: Mapping[str, object]) -> tuple[tuple[str, str], ...]:
     merged = dict(current)
     for k, v in mapping.items():
-        if k in _RESERVED:
-            logger.warning("middleware: label %r is reserved and ignored", k)
-            continue
         name = str(k)
+        if name in _RESERVED:
+            _say_dropped(name, "the profiler sets this label itself")
+            continue
         problem = label_name_problem(name)
         if problem is not None:
-            if name not in _warned_names and len(_warned_names) < _WARNED_NAMES_MAX:
-                _warned_names.add(name)
-                logger.warning("middleware: ignoring label %r: bad label name: %s", name[:64], problem)
+            _say_dropped(name, f"bad label name: {problem}")
             continue
         if name == "span_id" and not isinstance(v, SpanId) and _SPAN_ID_RE.match(str(v)):
             v = SpanId(str(v))  # per-request: the span table, not the process-long registry

@@ -50,6 +50,8 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
+from middleware.config import visible_warning
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["install", "under_uwsgi"]
@@ -122,9 +124,10 @@ def _install_uwsgi(uwsgi: Any) -> None:
             # it replaces uwsgi.post_fork_hook by its own chain when imported
             when_imported("uwsgidecorators", _append_to_postfork_chain)
         uwsgi.atexit = _chain(getattr(uwsgi, "atexit", None), _uwsgi_at_exit)
-    except Exception:  # never break the app over this
-        logger.warning("middleware: could not hook uWSGI's fork and exit; uWSGI workers may not be "
-                       "profiled", exc_info=True)
+    except Exception as exc:  # never break the app over this
+        logger.debug("middleware: could not hook uWSGI's fork and exit", exc_info=True)
+        visible_warning(logger, "middleware: could not hook uWSGI's fork and exit (%s: %s); uWSGI workers may not "
+                        "be profiled", type(exc).__name__, exc)
         return
     logger.debug("middleware: uWSGI post-fork and exit hooks installed (pid %d)", os.getpid())
 

@@ -30,6 +30,8 @@ import types
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+from middleware.config import visible_warning
+
 if TYPE_CHECKING:
     import importlib.abc
     import importlib.machinery
@@ -86,8 +88,10 @@ def _fire(name: str, module: types.ModuleType) -> None:
     for callback in callbacks:
         try:
             callback(module)
-        except Exception:  # never break the user's import over instrumentation
-            logger.warning("middleware: instrumenting %s failed", name, exc_info=True)
+        except Exception as exc:  # never break the user's import over instrumentation
+            logger.debug("middleware: instrumenting %s failed", name, exc_info=True)
+            visible_warning(logger, "middleware: instrumenting %s failed (%s: %s); it runs as it would unprofiled",
+                            name, type(exc).__name__, exc)
 
 
 class _PostImportFinder:

@@ -447,6 +447,14 @@ if case == "labels-full":  # a label whose value changes per request: more sets 
     for i in range(66_000):
         with trackers[0].labels(request=str(i)):
             pass
+if case == "bad-label":  # a name the profile cannot carry, pushed at every request
+    for i in range(1000):
+        with trackers[i % 2].labels(**{{"user-id": str(i)}}):
+            pass
+if case == "reserved-label":  # a label the profiler sets itself
+    for i in range(1000):
+        with trackers[0].labels(thread_name=str(i)):
+            pass
 if case == "spans-full":  # more traced requests than the span table holds, none released yet
     ids = [_native.span_labelset(0, "%016x" % i, "", "GET /") for i in range(33_000)]
 deadline = time.perf_counter() + 0.4
@@ -480,6 +488,8 @@ TRACKER_CASES = [
      "CPU samples from perf events on the real-time signal"),
     ("labels-full", {}, "middleware: the label registry is full (65536 distinct label sets"),
     ("spans-full", {}, "middleware: the span label table is full (32768 requests"),
+    ("bad-label", {}, "middleware: ignoring label 'user-id': bad label name: must match [a-zA-Z_][a-zA-Z0-9_]*"),
+    ("reserved-label", {}, "middleware: ignoring label 'thread_name': the profiler sets this label itself"),
     ("perf-refused", {"MW_PROFILING_CPU_TIMER": "perf"},
      "middleware: MW_PROFILING_CPU_TIMER=perf: perf_event_open refused (Permission denied); "
      "CPU samples from POSIX CPU timers"),
