@@ -103,6 +103,13 @@ def _logging_configured(log: logging.Logger) -> bool:
     return False
 
 
+def exc_text(exc: BaseException) -> str:
+    """An exception as a failure line shows it: ``Type: message``, or ``Type`` when it has none
+    (a ``MemoryError()`` read "(MemoryError: )")."""
+    msg = str(exc)
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
 _shown_on_stderr: dict[str, object] = {}
 
 

@@ -50,7 +50,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
-from middleware.config import visible_warning
+from middleware.config import exc_text, visible_warning
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +126,8 @@ def _install_uwsgi(uwsgi: Any) -> None:
         uwsgi.atexit = _chain(getattr(uwsgi, "atexit", None), _uwsgi_at_exit)
     except Exception as exc:  # never break the app over this
         logger.debug("middleware: could not hook uWSGI's fork and exit", exc_info=True)
-        visible_warning(logger, "middleware: could not hook uWSGI's fork and exit (%s: %s); uWSGI workers may not "
-                        "be profiled", type(exc).__name__, exc)
+        visible_warning(logger, "middleware: could not hook uWSGI's fork and exit (%s); uWSGI workers may not "
+                        "be profiled", exc_text(exc))
         return
     logger.debug("middleware: uWSGI post-fork and exit hooks installed (pid %d)", os.getpid())
 
@@ -246,8 +246,6 @@ def _thread_state_names_this_thread() -> bool:
 
 
 def _warn_not_profiled(why: str) -> None:
-    from middleware.config import visible_warning
-
     visible_warning(logger, "middleware: uWSGI worker %d is not profiled: %s; run uWSGI with "
                     "--py-call-osafterfork", os.getpid(), why)
 

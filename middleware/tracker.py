@@ -26,7 +26,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from middleware import asyncio_tasks
-from middleware.config import ProfilerConfig, resolve_config, resolve_upload_config, visible_warning
+from middleware.config import ProfilerConfig, exc_text, resolve_config, resolve_upload_config, visible_warning
 from middleware.labels import enable_asyncio_hook
 from middleware.labels import labels as _labels_cm
 
@@ -102,14 +102,14 @@ class _ProcessProfiler:
                 try:
                     locks.install(n, cfg.lock_rate)
                 except Exception as exc:  # the CPU profile goes on without lock waits
-                    visible_warning(logger, "middleware: lock-wait profiling could not start (%s: %s); "
-                                    "process %d profiles CPU only", type(exc).__name__, exc, os.getpid())
+                    visible_warning(logger, "middleware: lock-wait profiling could not start (%s); "
+                                    "process %d profiles CPU only", exc_text(exc), os.getpid())
             if cfg.memory:
                 try:
                     n.memory_enable(rate_bytes=cfg.memory_rate)
                 except Exception as exc:  # the CPU profile goes on without memory profiles
-                    visible_warning(logger, "middleware: memory profiling could not start (%s: %s); "
-                                    "process %d has no memory profiles", type(exc).__name__, exc, os.getpid())
+                    visible_warning(logger, "middleware: memory profiling could not start (%s); "
+                                    "process %d has no memory profiles", exc_text(exc), os.getpid())
             if cfg.native:
                 n.unwind_enable(bool(cfg.native_show_internal))
         logger.info(
@@ -128,8 +128,8 @@ class _ProcessProfiler:
             )
         except Exception as exc:  # configuration must never break the app
             logger.debug("middleware: resolving the upload settings failed", exc_info=True)
-            visible_warning(logger, "middleware: bad upload configuration (%s: %s); profiles stay local",
-                            type(exc).__name__, exc)
+            visible_warning(logger, "middleware: bad upload configuration (%s); profiles stay local",
+                            exc_text(exc))
             return
         if ucfg is None:
             return
@@ -220,7 +220,7 @@ class _ProcessProfiler:
         self.lock = threading.RLock()
         _start_or_warn(
             self, "middleware: restarting profiling in the forked child failed",
-            "middleware: could not restart profiling in forked process %d (%s: %s); it runs unprofiled", os.getpid(),
+            "middleware: could not restart profiling in forked process %d (%s); it runs unprofiled", os.getpid(),
         )
 
 
@@ -232,7 +232,7 @@ def _start_or_warn(p: _ProcessProfiler, debug: str, warning: str, *args: Any) ->
         return True
     except Exception as exc:
         logger.debug(debug, exc_info=True)
-        visible_warning(logger, warning, *args, type(exc).__name__, exc)
+        visible_warning(logger, warning, *args, exc_text(exc))
         return False
 
 
@@ -629,7 +629,7 @@ class MwTracker:
                 _profiler = _ProcessProfiler(self.config)
                 if not _start_or_warn(
                     _profiler, "middleware: starting the profiler failed",
-                    "middleware: profiling could not start (%s: %s); the app runs unprofiled",
+                    "middleware: profiling could not start (%s); the app runs unprofiled",
                 ):
                     try:  # whatever did start (the sampler) stops: the app runs unprofiled indeed
                         _profiler.stop(0.5)
@@ -652,8 +652,8 @@ class MwTracker:
             except Exception as exc:
                 logger.debug("middleware: framework instrumentation failed", exc_info=True)
                 visible_warning(
-                    logger, "middleware: framework instrumentation failed (%s: %s); requests are not labelled, "
-                    "profiling continues", type(exc).__name__, exc,
+                    logger, "middleware: framework instrumentation failed (%s); requests are not labelled, "
+                    "profiling continues", exc_text(exc),
                 )
 
     # -- control ----------------------------------------------------------------------------------

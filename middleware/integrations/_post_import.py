@@ -30,7 +30,7 @@ import types
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from middleware.config import visible_warning
+from middleware.config import exc_text, visible_warning
 
 if TYPE_CHECKING:
     import importlib.abc
@@ -90,8 +90,8 @@ def _fire(name: str, module: types.ModuleType) -> None:
             callback(module)
         except Exception as exc:  # never break the user's import over instrumentation
             logger.debug("middleware: instrumenting %s failed", name, exc_info=True)
-            visible_warning(logger, "middleware: instrumenting %s failed (%s: %s); it runs as it would unprofiled",
-                            name, type(exc).__name__, exc)
+            visible_warning(logger, "middleware: instrumenting %s failed (%s); it runs as it would unprofiled",
+                            name, exc_text(exc))
 
 
 class _PostImportFinder:

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from middleware.config import visible_warning
+from middleware.config import exc_text, visible_warning
 from middleware.labels import count_request, pop_labels, push_labels
 
 __all__ = ["MwAsgiMiddleware", "install_starlette", "install_fastapi", "LABEL"]
@@ -50,8 +50,8 @@ def _warn(exc: BaseException) -> None:
     global _warned
     if not _warned:
         _warned = True
-        visible_warning(logger, "middleware: labelling an ASGI request failed (%s: %s); its samples carry no "
-                        "endpoint", type(exc).__name__, exc)
+        visible_warning(logger, "middleware: labelling an ASGI request failed (%s); its samples carry no "
+                        "endpoint", exc_text(exc))
 
 
 def _push(endpoint: str) -> contextvars.Token[tuple[tuple[str, str], ...]] | None:
