@@ -13,10 +13,11 @@ Workloads:
 - ``--soak SECONDS``: the alloc workload with a slowly growing cache, memory profiling on,
   printing the resident memory every 10 s (flat once the live set stops growing).
 
-The same two workloads are also measured in ONE process, alternating three states per round
-(hooks out; hooks in but sampling nothing, a rate of 2**40 bytes; the default rate), medians
-of --pairs x 2 rounds: on this noisy VM the in-process ratios are far steadier than the
-process pairs, and they split the cost between the hooks and the samples.
+The same two workloads are also measured in ONE process (the sampler running, whose ticks move
+the hooks), alternating four states per round (hooks out; hooks always in but sampling nothing,
+a rate of 2**40 bytes; hooks always in at the default rate; the default: hooks in at one tick of
+four, default rate), medians of --pairs x 2 rounds: on this noisy VM the in-process ratios are
+far steadier than the process pairs, and they split the cost between the hooks and the samples.
 
     python bench/memory_overhead.py [--pairs 9] [--only alloc,calc] [--soak 600] [--json]
 """
@@ -97,8 +98,9 @@ SOAK = textwrap.dedent(
 ).format(root=str(ROOT))
 
 
-def run_child(work: str, reps: int, memory: bool, store: str) -> dict[str, Any]:
+def run_child(work: str, reps: int, memory: bool, store: str, duty: int) -> dict[str, Any]:
     env = {**os.environ, "MW_PROFILING_MEMORY": "true" if memory else "false", "MW_PROFILE_DIR": store,
+           "MW_PROFILING_MEMORY_DUTY": str(duty),
            "MW_PROFILING_LOCKS": "false", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", CHILD, work, str(reps)], capture_output=True, text=True,
                           env=env, cwd=str(ROOT), timeout=600)
@@ -108,11 +110,11 @@ def run_child(work: str, reps: int, memory: bool, store: str) -> dict[str, Any]:
     return out
 
 
-def pairs(work: str, reps: int, n: int, store: str) -> dict[str, Any]:
+def pairs(work: str, reps: int, n: int, store: str, duty: int) -> dict[str, Any]:
     ratios, rss, off_cpu, samples = [], [], [], []
     for i in range(n):
         order = (False, True) if i % 2 == 0 else (True, False)
-        got = {m: run_child(work, reps, m, store) for m in order}
+        got = {m: run_child(work, reps, m, store, duty) for m in order}
         ratios.append(got[True]["cpu"] / got[False]["cpu"])
         rss.append(got[True]["rss_kib"] - got[False]["rss_kib"])
         off_cpu.append(got[False]["cpu"])
@@ -126,9 +128,11 @@ INPROCESS = textwrap.dedent(
     """
     import json, statistics, sys, time
     sys.path.insert(0, {root!r})
+    from middleware import MwTracker
     from middleware import _native as n
     from demo_flask.calculations import calc1, calc2, calc3
-    rounds = int(sys.argv[1])
+    rounds, run = int(sys.argv[1]), int(sys.argv[2])
+    tracker = MwTracker(profile_dir="none", instrument=False, locks=False)  # the sampler's ticks move the hooks
 
     def alloc():
         for _ in range(10):
@@ -142,29 +146,33 @@ INPROCESS = textwrap.dedent(
     out = []
     for name, fn in (("alloc", alloc), ("calc", calc)):
         fn()
-        hooks, sampled = [], []
+        hooks, sampled, default = [], [], []
         for i in range(rounds):
             got = {{}}
-            for m in ((0, 1, 2) if i % 2 else (2, 1, 0)):
+            for m in ((0, 1, 2, 3) if i % 2 else (3, 2, 1, 0)):
                 if m == 0:
                     n.memory_disable()  # takes the hooks out
-                else:
-                    n.memory_enable(1 << 40 if m == 1 else 512 * 1024)
+                elif m == 3:  # the default: the hooks in at one tick of `run` (4)
+                    n.memory_enable(512 * 1024, duty_run=run)
+                else:  # the hooks always in, sampling nothing / at the default rate
+                    n.memory_enable(1 << 40 if m == 1 else 512 * 1024, duty_run=1)
                 t = time.process_time(); fn(); got[m] = time.process_time() - t
-            hooks.append(got[1] / got[0]); sampled.append(got[2] / got[0])
+            hooks.append(got[1] / got[0]); sampled.append(got[2] / got[0]); default.append(got[3] / got[0])
         s0 = n.memory_stats()["samples"]
-        n.memory_enable(512 * 1024); t = time.process_time(); fn(); dt = time.process_time() - t
+        n.memory_enable(512 * 1024, duty_run=run); t = time.process_time(); fn(); dt = time.process_time() - t
         out.append({{"workload": name, "rounds": rounds, "hooks_ratio": statistics.median(hooks),
-                    "sampled_ratio": statistics.median(sampled),
+                    "sampled_ratio": statistics.median(sampled), "default_ratio": statistics.median(default),
                     "samples_per_cpu_s": (n.memory_stats()["samples"] - s0) / dt}})
+    tracker.stop()
     print(json.dumps(out))
     """
 ).format(root=str(ROOT))
 
 
-def in_process(rounds: int) -> list[dict[str, Any]]:
+def in_process(rounds: int, duty: int) -> list[dict[str, Any]]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", INPROCESS, str(rounds)], capture_output=True, text=True,
+    run = max(1, round(100 / duty))  # as the tracker turns MW_PROFILING_MEMORY_DUTY into ticks per run
+    proc = subprocess.run([sys.executable, "-c", INPROCESS, str(rounds), str(run)], capture_output=True, text=True,
                           env=env, cwd=str(ROOT), timeout=1200)
     if proc.returncode != 0:
         raise SystemExit(f"in-process run failed:\n{proc.stderr[-3000:]}")
@@ -185,14 +193,17 @@ def main() -> None:
     ap.add_argument("--only", default="alloc,calc")
     ap.add_argument("--soak", type=float, default=0, metavar="SECONDS")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--duty", type=int, default=25, help="MW_PROFILING_MEMORY_DUTY of the memory-on side (percent)")
+    ap.add_argument("--in-process-only", action="store_true", help="skip the process pairs")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as store:
         if args.soak:
             soak(args.soak, store)
             return
         reps = {"alloc": 150, "calc": 400}
-        rows = [pairs(w, reps[w], args.pairs, store) for w in args.only.split(",")]
-    inproc = in_process(2 * args.pairs + 1)
+        rows = [] if args.in_process_only else [pairs(w, reps[w], args.pairs, store, args.duty)
+                                                for w in args.only.split(",")]
+    inproc = in_process(2 * args.pairs + 1, args.duty)
     if args.json:
         print(json.dumps({"process_pairs": rows, "in_process": inproc}))
         return
@@ -203,9 +214,10 @@ def main() -> None:
               f"{r['ratio_min']:>6.3f}..{r['ratio_max']:<6.3f} {r['cpu_off_s']:>7.2f}s "
               f"{r['rss_added_mib']:>7.2f}MiB {r['samples_per_cpu_s']:>13.0f}")
     print(f"\nin one process, alternating ({inproc[0]['rounds']} rounds):")
-    print(f"{'workload':<8} {'hooks only':>10} {'default rate':>12} {'samples/CPU s':>13}")
+    print(f"{'workload':<8} {'hooks always in':>15} {'+ default rate':>14} {f'duty {args.duty}%':>18} "
+          f"{'samples/CPU s':>13}")
     for r in inproc:
-        print(f"{r['workload']:<8} {r['hooks_ratio']:>10.3f} {r['sampled_ratio']:>12.3f} "
+        print(f"{r['workload']:<8} {r['hooks_ratio']:>15.3f} {r['sampled_ratio']:>14.3f} {r['default_ratio']:>18.3f} "
               f"{r['samples_per_cpu_s']:>13.0f}")
 
 

@@ -82,6 +82,16 @@ static inline int mw_memprof_maybe_tracked(const void *p) {
     return mw_memprof_filter && mw_memprof_filter[mw_memprof_bucket(p)];
 }
 
+/* What each sampled allocation's weights are multiplied by: 1 / the fraction of the time the
+ * hooks are in place (mw_module_memory.c's duty cycle; 1 when they always are). Set by that file
+ * (GIL held, or the sampler thread under its duty lock); read by mw_memprof_draw. */
+extern _Atomic double mw_memprof_weight;
+
+/* Defined by csrc/mw_module_memory.c (the hooks' owner): at each tick of the sampler, puts the
+ * allocation hooks in place until the next tick, or takes them out (its duty cycle). The sampler
+ * thread only; never blocks (a tick that meets memory_enable/disable at work leaves the state). */
+void mw_memory_duty_tick(void);
+
 /* After a tick that ran out: draws the next countdown and gives the sampled allocation of size
  * bytes its weights (objects and bytes it stands for). Returns 0 when sampling is off meanwhile
  * (nothing to record). */

@@ -14,9 +14,11 @@
  *
  * Threads: the hooks run in whatever thread allocates, with the GIL held (required by the
  * two domains hooked), so the countdown, the walk scratch and the frame cache are serialized by
- * the GIL. The CPU-timer handler may interrupt a walk and walk the same thread with a guard of
- * its own, armed later: a fault goes to the innermost armed guard (mw_guard_arm).
- * memory_enable/disable/stats: GIL held.
+ * the GIL. The sampler thread puts the allocation hooks in and takes them out at its ticks (the
+ * duty cycle below: word swaps in the interpreter's allocator tables, no C API, no GIL). The
+ * CPU-timer handler may interrupt a walk and walk the same thread with a guard of its own, armed
+ * later: a fault goes to the innermost armed guard (mw_guard_arm). memory_enable/disable/stats: GIL
+ * held.
  *
  * Disable stops the sampling (the countdown never runs out). In delegated mode (below) it also
  * takes the mem/obj hooks out when they are still the installed allocators (nobody -- tracemalloc,
@@ -35,10 +37,14 @@
 #include "mw_saferead.h"
 #include "mw_threads.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 /* The allocators the hooks replaced, per domain (the hooks' ctx). */
@@ -290,6 +296,171 @@ static int is_current(PyMemAllocatorDomain dom, const PyMemAllocatorEx *a) {
            cur.realloc == a->realloc && cur.free == a->free;
 }
 
+/* ---- duty cycle (delegated mode): the hooks in place a quarter of the time --------------------
+ * Every allocation through a hook pays one more indirect call (~1 ns): 2% of the CPU of code that
+ * allocates at every step. So the sampler thread takes the mem/obj allocation hooks out and puts
+ * them back at its ticks: one tick of every run of g_duty_run (4 by default: a quarter of the
+ * time; memory_enable's duty_run, MW_PROFILING_MEMORY_DUTY), at a random place in the run, puts
+ * them in until the next tick, independently of anything the app does, so an allocation at any
+ * instant is seen with probability 1 / g_duty_run and each sample stands for g_duty_run times
+ * more (mw_memprof_weight): unbiased, as the Poisson sampling over the bytes. A run of 1: always
+ * in, no cycle. Frees are untouched (a
+ * sampled block's free comes through the raw hook, always in place), so the live set stays exact.
+ * How, without the C API (the sampler thread holds no GIL): PyMem_SetAllocator copies the hooks
+ * into the interpreter's own PyMemAllocatorEx of each domain (a static of obmalloc.c, or a field
+ * of _PyRuntime on 3.12+); after installing, that copy is found once in the interpreter's
+ * writable data (the one place holding our hook's five words) and the sampler swaps its malloc,
+ * calloc and realloc words between ours and the originals with compare-and-swap (each word a
+ * valid allocator either way: a caller reading a mix calls a consistent pair, since the ctx and
+ * free words never change). A value that is neither (tracemalloc or memray put its hooks in front
+ * of ours) is left alone: cycling pauses, and samples count once each while what it captured
+ * was ours in place (`foreign`). memory_enable/disable stop and restart the cycle under g_duty.
+ * Threads: mw_memory_duty_tick, the sampler thread only; the rest GIL held. */
+static int g_duty_run = 4; /* ticks per run, one of them with the hooks in (GIL held) */
+static PyMemAllocatorEx *g_live_mem, *g_live_obj; /* the interpreter's copies, or NULL */
+static atomic_int g_duty;                         /* lock: sampler tick vs enable/disable */
+static int g_cycling;                             /* the sampler may flip (under g_duty) */
+static int g_out;                                 /* the hooks are out (under g_duty) */
+static int g_foreign;                             /* another hook in front of the copies */
+static uint64_t g_duty_rng, g_duty_ticks, g_duty_in, g_duty_foreign;
+static int g_duty_pos, g_duty_pick; /* the tick's place in its run, the run's tick in */
+
+static void duty_lock(void) {
+    while (atomic_exchange(&g_duty, 1))
+        sched_yield();
+}
+static void duty_unlock(void) {
+    atomic_store(&g_duty, 0);
+}
+
+/* The single 8-aligned place in the interpreter's writable file mappings holding hook's words. */
+static PyMemAllocatorEx *find_live(const PyMemAllocatorEx *hook) {
+    Dl_info info;
+    if (!dladdr((void *)(uintptr_t)PyObject_Malloc, &info) || !info.dli_fname) return NULL;
+    FILE *f = fopen("/proc/self/maps", "re");
+    if (!f) return NULL;
+    char line[4096], exe[4096] = "";
+    PyMemAllocatorEx *found = NULL;
+    int n = 0;
+    uintptr_t code = (uintptr_t)PyObject_Malloc;
+    /* the path of the mapping holding PyObject_Malloc's code: its rw mappings hold the copies */
+    while (fgets(line, sizeof line, f)) {
+        unsigned long lo, hi;
+        char path[4096] = "";
+        if (sscanf(line, "%lx-%lx %*s %*s %*s %*s %4095s", &lo, &hi, path) >= 2 && code >= lo &&
+            code < hi)
+            snprintf(exe, sizeof exe, "%s", path);
+    }
+    rewind(f);
+    while (exe[0] && fgets(line, sizeof line, f)) {
+        unsigned long lo, hi;
+        char perms[8] = "", path[4096] = "";
+        if (sscanf(line, "%lx-%lx %7s %*s %*s %*s %4095s", &lo, &hi, perms, path) < 4 ||
+            perms[0] != 'r' || perms[1] != 'w' || strcmp(path, exe) != 0)
+            continue;
+        const uintptr_t *w = (const uintptr_t *)hook, first = w[1]; /* its malloc word */
+        for (uintptr_t a = lo; a + sizeof *hook <= hi; a += sizeof(void *)) {
+            const uintptr_t *v = (const uintptr_t *)a;
+            if (v[1] == first && v[0] == w[0] && v[2] == w[2] && v[3] == w[3] && v[4] == w[4]) {
+                found = (PyMemAllocatorEx *)a;
+                n++;
+            }
+        }
+    }
+    fclose(f);
+    return n == 1 ? found : NULL;
+}
+
+/* Swaps one word of live from `from` to `to`. 0 done (or already there), -1 a foreign value. */
+static int swap_word(void *word, const void *from, const void *to) {
+    uintptr_t expect = (uintptr_t)from;
+    if (__atomic_compare_exchange_n((uintptr_t *)word, &expect, (uintptr_t)to, 0, __ATOMIC_SEQ_CST,
+                                    __ATOMIC_SEQ_CST))
+        return 0;
+    return expect == (uintptr_t)to ? 0 : -1;
+}
+
+/* Puts the hooks of one domain in (in = 1) or out. 0, or -1 when a foreign hook is in front. */
+static int swap_domain(PyMemAllocatorEx *live, const PyMemAllocatorEx *hook,
+                       const PyMemAllocatorEx *orig, int in) {
+    const PyMemAllocatorEx *from = in ? orig : hook, *to = in ? hook : orig;
+    if (swap_word(&live->malloc, (const void *)(uintptr_t)from->malloc,
+                  (const void *)(uintptr_t)to->malloc) ||
+        swap_word(&live->calloc, (const void *)(uintptr_t)from->calloc,
+                  (const void *)(uintptr_t)to->calloc) ||
+        swap_word(&live->realloc, (const void *)(uintptr_t)from->realloc,
+                  (const void *)(uintptr_t)to->realloc))
+        return -1;
+    return 0;
+}
+
+/* Both domains in or out; keeps g_out, g_foreign and the weight in step. Under g_duty. */
+static void duty_set(int in) {
+    int bad = swap_domain(g_live_mem, &g_hook_mem, &g_orig_mem, in) ||
+              swap_domain(g_live_obj, &g_hook_obj, &g_orig_obj, in);
+    if (bad) {
+        /* what stands in front captured the hooks as they were: in → every allocation seen */
+        if (!g_foreign) atomic_store(&mw_memprof_weight, g_out ? (double)g_duty_run : 1.0);
+        g_foreign = 1;
+        g_duty_foreign++;
+        return;
+    }
+    g_foreign = 0;
+    g_out = !in;
+    atomic_store(&mw_memprof_weight, (double)g_duty_run);
+}
+
+void mw_memory_duty_tick(void) {
+    if (atomic_exchange(&g_duty, 1)) return; /* enable/disable at work: this tick leaves it */
+    if (g_cycling) {
+        /* Stratified: one tick of each run of g_duty_run, at a random place in the run (each
+         * tick is in with probability 1 / g_duty_run whatever its length, and the runs keep the
+         * share of ticks in exact: independent draws made the totals of a few seconds vary by
+         * +-9% with the count of ticks in) */
+        if (g_duty_pos == 0) {
+            g_duty_rng ^= g_duty_rng << 13;
+            g_duty_rng ^= g_duty_rng >> 7;
+            g_duty_rng ^= g_duty_rng << 17;
+            g_duty_pick = (int)((g_duty_rng >> 33) % (uint64_t)g_duty_run);
+        }
+        int in = g_duty_pos == g_duty_pick;
+        g_duty_pos = (g_duty_pos + 1) % g_duty_run;
+        duty_set(in);
+        g_duty_ticks++;
+        g_duty_in += (uint64_t)(in && !g_foreign);
+    }
+    duty_unlock();
+}
+
+/* Stops the cycle with the hooks in (when they are ours to move): the state enable/disable and
+ * is_current() expect. GIL held. */
+static void duty_stop(void) {
+    duty_lock();
+    if (g_cycling) {
+        g_cycling = 0;
+        if (g_out) duty_set(1);
+        atomic_store(&mw_memprof_weight, 1.0);
+    }
+    duty_unlock();
+}
+
+static void duty_start(int run) {
+    if (!g_live_mem || !g_live_obj || getenv("MW_PROFILING_MEMORY_HOOKS") || run <= 1) return;
+    duty_lock();
+    g_duty_run = run;
+    g_duty_pos = 0;
+    g_cycling = 1;
+    g_out = 0;
+    g_foreign = 0;
+    if (!g_duty_rng) g_duty_rng = ((uint64_t)time(NULL) << 20) ^ (uint64_t)getpid() ^ 1;
+    atomic_store(&mw_memprof_weight, 1.0); /* in until the first tick draws */
+    duty_unlock();
+}
+
+static void duty_after_fork_child(void) {
+    atomic_store(&g_duty, 0); /* taken by the parent's sampler thread at the fork, maybe */
+}
+
 static void *map(size_t len) {
     void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     return p == MAP_FAILED ? NULL : p;
@@ -297,11 +468,16 @@ static void *map(size_t len) {
 
 static PyObject *py_memory_enable(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
-    static char *kwlist[] = {"rate_bytes", NULL};
+    static char *kwlist[] = {"rate_bytes", "duty_run", NULL};
     long long rate = 512 * 1024;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|L", kwlist, &rate)) return NULL;
+    int run = 4;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|Li", kwlist, &rate, &run)) return NULL;
     if (rate < 1 || rate > (1LL << 40)) {
         PyErr_SetString(PyExc_ValueError, "rate_bytes must be within 1..2**40");
+        return NULL;
+    }
+    if (run < 1 || run > 100) {
+        PyErr_SetString(PyExc_ValueError, "duty_run must be within 1..100");
         return NULL;
     }
     if (mw_pyframes_init() != 0) return NULL;
@@ -318,6 +494,7 @@ static PyObject *py_memory_enable(PyObject *self, PyObject *args, PyObject *kw) 
         g_direct = mw_guard_allowed() && mw_guard_register(&g_guard) == 0;
     }
     if (mw_memprof_enable((uint64_t)rate) != 0) return PyErr_NoMemory();
+    duty_stop();
     if (!g_installed) {
         PyMem_GetAllocator(PYMEM_DOMAIN_MEM, &g_orig_mem);
         PyMem_GetAllocator(PYMEM_DOMAIN_OBJ, &g_orig_obj);
@@ -340,18 +517,24 @@ static PyObject *py_memory_enable(PyObject *self, PyObject *args, PyObject *kw) 
         }
         PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &g_hook_mem);
         PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &g_hook_obj);
+        if (g_installed == 2) {
+            g_live_mem = find_live(&g_hook_mem);
+            g_live_obj = find_live(&g_hook_obj);
+        }
     } else if (g_installed == 2 && !g_on_top && is_current(PYMEM_DOMAIN_MEM, &g_orig_mem) &&
                is_current(PYMEM_DOMAIN_OBJ, &g_orig_obj)) {
         PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &g_hook_mem);
         PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &g_hook_obj);
         g_on_top = 1;
     }
+    if (g_installed == 2 && g_on_top) duty_start(run);
     Py_RETURN_NONE;
 }
 
 static PyObject *py_memory_disable(PyObject *self, PyObject *noargs) {
     (void)self;
     (void)noargs;
+    duty_stop();
     mw_memprof_disable();
     /* Delegated mode: the mem/obj hooks only count (frees never pass through them), so they can
      * go while nobody has put another hook on top of them: a disabled profiler costs nothing.
@@ -381,7 +564,11 @@ static PyObject *py_memory_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "enabled", s.enabled) ||
         mw_dict_put_u64(d, "walk_failed", g_walk_failed) ||
         mw_dict_put_u64(d, "hook_mode", (uint64_t)g_installed) ||
-        mw_dict_put_u64(d, "hooked", (uint64_t)(g_installed == 1 || g_on_top))) {
+        mw_dict_put_u64(d, "hooked", (uint64_t)(g_installed == 1 || g_on_top)) ||
+        mw_dict_put_u64(d, "duty_pct", g_cycling ? (uint64_t)(100 / g_duty_run) : 100) ||
+        mw_dict_put_u64(d, "duty_ticks", g_duty_ticks) ||
+        mw_dict_put_u64(d, "duty_in", g_duty_in) ||
+        mw_dict_put_u64(d, "duty_foreign", g_duty_foreign)) {
         Py_DECREF(d);
         return NULL;
     }
@@ -390,8 +577,9 @@ static PyObject *py_memory_stats(PyObject *self, PyObject *noargs) {
 
 PyMethodDef mw_memory_methods[] = {
     {"memory_enable", (PyCFunction)(void (*)(void))py_memory_enable, METH_VARARGS | METH_KEYWORDS,
-     "memory_enable(rate_bytes=524288): sample allocations, one per rate_bytes on average "
-     "(hooks the mem and obj allocator domains the first time)."},
+     "memory_enable(rate_bytes=524288, duty_run=4): sample allocations, one per rate_bytes "
+     "allocated on average while the hooks are in, which they are at one sampler tick of every "
+     "duty_run (hooks the mem and obj allocator domains the first time)."},
     {"memory_disable", py_memory_disable, METH_NOARGS,
      "memory_disable(): stop sampling allocations (frees of sampled ones are still seen)."},
     {"memory_stats", py_memory_stats, METH_NOARGS, "memory_stats() -> dict of counters."},
@@ -403,6 +591,7 @@ int mw_memory_module_init(PyObject *m) {
     if (!once) {
         mw_memprof_register_atfork();
         pthread_atfork(NULL, NULL, forget_tid_in_child);
+        pthread_atfork(NULL, NULL, duty_after_fork_child);
         once = 1;
     }
     return 0;

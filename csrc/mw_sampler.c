@@ -13,6 +13,7 @@
 
 #include "mw_cputimer.h"
 #include "mw_labels.h"
+#include "mw_memprof.h"
 #include "mw_ownthread.h"
 #include "mw_pyframes.h"
 #include "mw_report.h"
@@ -502,6 +503,7 @@ static void *sampler_main(void *arg) {
             next = t0;                          /* do not try to catch up with a burst of ticks */
             if (g_timers) g_tick_slot_end = t0; /* this one stands for the slots missed */
         }
+        mw_memory_duty_tick(); /* the allocation hooks in or out until the next tick */
         int drained = guarded_tick();
         if (drained >= 0) drain_pace(drained, period);
         int64_t took = mw_now_monotonic_ns() - t0;

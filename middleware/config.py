@@ -320,10 +320,12 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("lock_rate", ("MW_PROFILING_LOCK_RATE",), _pv.int_in(0, 10**10), 1_000_000, used_by=_P,
             doc="nanoseconds of waiting per recorded lock wait; shorter waits are sampled (0: all)"),
     Setting("memory", ("MW_PROFILING_MEMORY",), _pv.parse_bool, False, used_by=_P,
-            doc="memory profiles (memory:alloc_objects/alloc_space/inuse_objects/inuse_space); off by "
-                "default: the allocation hooks cost 2-5% of CPU on allocation-bound code"),
+            doc="memory profiles (memory:alloc_objects/alloc_space/inuse_objects/inuse_space)"),
     Setting("memory_rate", ("MW_PROFILING_MEMORY_RATE",), _pv.int_in(1, 1 << 40), 512 * 1024, used_by=_P,
-            doc="mean bytes allocated between two sampled allocations"),
+            doc="mean bytes allocated between two sampled allocations while the allocation hooks are in"),
+    Setting("memory_duty", ("MW_PROFILING_MEMORY_DUTY",), _pv.int_in(1, 100), 25, used_by=_P,
+            doc="percent of the time the allocation hooks are in (one sampler tick in round(100 / it)); "
+                "100: always, ~2% of CPU on allocation-bound code"),
     Setting("instrument", ("MW_PROFILING_INSTRUMENT",), _pv.parse_bool, True, used_by=_P,
             doc="label Flask/WSGI requests with endpoint"),
     Setting("span_links", ("MW_PROFILING_SPAN_LINKS",), _pv.parse_bool, True, used_by=_P,
@@ -474,6 +476,7 @@ class ProfilerConfig:
     lock_rate: int = _default("lock_rate")
     memory: bool = _default("memory")
     memory_rate: int = _default("memory_rate")
+    memory_duty: int = _default("memory_duty")
     upload: bool = _default("upload")  # False: never push to a backend, even if one is configured
     tags: dict[str, str] = _default("tags")
     # The code version (middleware.version turns these and the app's git work tree into labels).

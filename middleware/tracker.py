@@ -106,7 +106,7 @@ class _ProcessProfiler:
                                     "process %d profiles CPU only", exc_text(exc), os.getpid())
             if cfg.memory:
                 try:
-                    n.memory_enable(rate_bytes=cfg.memory_rate)
+                    n.memory_enable(rate_bytes=cfg.memory_rate, duty_run=max(1, round(100 / cfg.memory_duty)))
                 except Exception as exc:  # the CPU profile goes on without memory profiles
                     visible_warning(logger, "middleware: memory profiling could not start (%s); "
                                     "process %d has no memory profiles", exc_text(exc), os.getpid())

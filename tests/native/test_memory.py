@@ -63,12 +63,18 @@ def check_shares(store: Path, truth: dict[str, dict[str, int]], points: float) -
 
 
 def test_allocation_shares_match_tracemalloc(tmp_path: Path) -> None:
-    # ~4 MB a round, 1000 rounds at the default rate (one sample per 512 KiB): ~8,000 samples.
-    r = run_workload("accuracy", tmp_path, 1000)
+    # ~4 MB a round, 2500 rounds at the default rate (one sample per 512 KiB allocated while the
+    # hooks are in, a quarter of the time): ~5,000 samples.
+    r = run_workload("accuracy", tmp_path, 2500)
     st = r["stats"]
-    # pymalloc: frees are not hooked (make asan runs without pymalloc: every call is)
-    assert st["memory_hook_mode"] == (1 if os.environ.get("PYTHONMALLOC") == "malloc" else 2), st
-    assert st["memory_samples"] > 5000 and st["memory_dropped"] == 0 and st["memory_walk_failed"] == 0, st
+    # pymalloc: frees are not hooked (make asan runs without pymalloc: every call is), and the
+    # allocation hooks are in place at a random quarter of the sampler's ticks
+    pymalloc = os.environ.get("PYTHONMALLOC") != "malloc"
+    assert st["memory_hook_mode"] == (2 if pymalloc else 1), st
+    if pymalloc:
+        assert st["memory_duty_pct"] == 25 and st["memory_duty_ticks"] > 100, st
+        assert 0.15 < st["memory_duty_in"] / st["memory_duty_ticks"] < 0.35, st
+    assert st["memory_samples"] > 2500 and st["memory_dropped"] == 0 and st["memory_walk_failed"] == 0, st
     assert st["memory_live"] <= 3, st  # everything allocated was freed again, and seen freed
     check_shares(tmp_path, r["truth"], points=5.0)
     mem = memory_profiles(tmp_path)
@@ -90,7 +96,9 @@ def test_allocation_shares_match_tracemalloc(tmp_path: Path) -> None:
 def test_every_free_is_seen_in_both_hook_modes(tmp_path: Path, env: dict[str, str], mode: int) -> None:
     # Without pymalloc (or forced) every call of the two domains goes through the hooks; with it
     # (also under make asan, which otherwise runs without pymalloc) only allocations do.
-    r = run_workload("accuracy", tmp_path, 300, env=env)
+    # (delegated: the allocation hooks are in a quarter of the time, a quarter of the samples:
+    # four times the rounds, for ~50 stretches with the hooks in rather than ~12)
+    r = run_workload("accuracy", tmp_path, 300 if mode == 1 else 1200, env=env)
     st = r["stats"]
     assert st["memory_hook_mode"] == mode, st
     assert st["memory_samples"] > 1000 and st["memory_live"] <= 3, st
@@ -99,9 +107,13 @@ def test_every_free_is_seen_in_both_hook_modes(tmp_path: Path, env: dict[str, st
 
 def test_a_planted_leak_tops_inuse_and_the_growth_view(tmp_path: Path) -> None:
     # 1 MiB/s kept alive among churners allocating ~1000x as much for nothing. Windows of 2 s
-    # instead of 10, so the rate is 64 KiB instead of 512: as many samples per window of leak
-    # (~32 by the end of the second window, ~110 at the end).
-    rate = 64 * 1024
+    # instead of 10, so a sample stands for 64 KiB instead of 512: as many samples per window of
+    # leak (~32 by the end of the second window, ~110 at the end). The allocation hooks are in
+    # place a quarter of the time (delegated hooks; make asan runs without pymalloc: always), so
+    # the rate is a quarter of that.
+    duty = 1.0 if os.environ.get("PYTHONMALLOC") == "malloc" else 0.25
+    rate = int(64 * 1024 * duty)
+    per_sample = rate / duty  # what a small sampled block stands for
     r = run_workload("leak", tmp_path, 7.0, env={"MW_PROFILING_UPLOAD_INTERVAL": "2",
                                                  "MW_PROFILING_MEMORY_RATE": str(rate)})
     assert r["stats"]["memory_dropped"] == 0, r
@@ -122,7 +134,7 @@ def test_a_planted_leak_tops_inuse_and_the_growth_view(tmp_path: Path) -> None:
     # about 43%, where one of ~100,000 runs falls outside; 12% was one sigma in runs here)
     last = by_function(mem[-1], "inuse_space", names)
     kept = r["kept_bytes"]
-    band = 4.5 / (kept / rate) ** 0.5
+    band = 4.5 / (kept / per_sample) ** 0.5
     assert last["leak_slowly"] == pytest.approx(kept, rel=band), (dict(last), kept, band)
     # merged over the whole store, in-use is the latest window's, not the sum of every window
     merged = load_profiles(tmp_path)
@@ -131,8 +143,8 @@ def test_a_planted_leak_tops_inuse_and_the_growth_view(tmp_path: Path) -> None:
     rows = diff_profiles(mem[0], mem[-1], "inuse_space")
     assert rows[0].function == "leak_slowly" and rows[0].growth > 0.5 * (kept - kept / len(mem)), rows[:3]
     # a churner shows at most the objects it had in flight at the window's end: a sampled one
-    # stands for ~64 KiB (the rate), so two of them at most
-    assert all(r.growth <= 2 * rate for r in rows[1:] if r.function in names), rows[:4]
+    # stands for ~64 KiB, so two of them at most
+    assert all(r.growth <= 2 * per_sample for r in rows[1:] if r.function in names), rows[:4]
 
 
 @pytest.mark.slow
@@ -195,7 +207,7 @@ def test_memory_profiles_upload_under_pyroscopes_names(tmp_path: Path, push_api:
 
 
 FORK_CHILD = r"""
-import os, sys
+import os, sys, time
 sys.path.insert(0, {root!r})
 os.environ["MW_PROFILE_DIR"] = {store!r}
 os.environ["MW_PROFILING_MEMORY"] = "true"
@@ -205,9 +217,12 @@ tracker = MwTracker()
 
 
 def child_allocs():
-    keep = []
-    for _ in range(300):
+    # for 0.3 s: the allocation hooks are in at one tick of every four (their duty cycle)
+    keep, end = [], time.monotonic() + 0.3
+    while time.monotonic() < end:
         keep.append([bytes(100) for _ in range(100)])
+        if len(keep) > 300:
+            keep = []
     return keep
 
 
@@ -284,3 +299,70 @@ def test_hooks_survive_tracemalloc_and_enable_disable_cycles(tmp_path: Path, pym
     # tens of thousands sampled; a free missed by the hooks would leave thousands
     assert samples > 10000 and live <= 50, proc.stdout
     assert (hooked, mode) == ((0, 2) if pymalloc == "pymalloc" else (1, 1)), proc.stdout
+
+
+CYCLING = r"""
+import json, sys, threading, time, tracemalloc
+sys.path.insert(0, {root!r})
+from middleware import MwTracker
+from middleware import _native as n
+
+stop = False
+def churn():
+    while not stop:
+        x = [bytes(300) for _ in range(50)]
+        y = bytearray(10)
+        y.extend(b"z" * 5000)  # reallocs of a block that may be sampled
+        d = {{i: str(i) for i in range(20)}}
+        del x, y, d
+
+def samples():
+    return n.memory_stats()["samples"]
+
+t = MwTracker(memory=True, memory_rate=4096, profile_dir="none", instrument=False)
+threads = [threading.Thread(target=churn) for _ in range(3)]
+[th.start() for th in threads]
+out = {{}}
+time.sleep(0.5)
+s0 = samples()
+for _ in range(10):                     # tracemalloc's hooks in front of ours, then gone again
+    tracemalloc.start()
+    time.sleep(0.05)
+    tracemalloc.stop()
+    time.sleep(0.05)
+st = n.memory_stats()
+out["foreign"] = st["duty_foreign"]
+s1, ticks1, in1 = samples(), st["duty_ticks"], st["duty_in"]
+time.sleep(0.5)                         # the cycle goes on after tracemalloc left
+st = n.memory_stats()
+out.update(before=s1 - s0, after=samples() - s1, ticks=st["duty_ticks"] - ticks1, inn=st["duty_in"] - in1,
+           foreign_after=st["duty_foreign"] - out["foreign"],
+           duty=st["duty_pct"])
+for _ in range(20):                     # hooks out and in while the cycle runs
+    n.memory_disable(); time.sleep(0.01); n.memory_enable(4096); time.sleep(0.01)
+stop = True
+[th.join() for th in threads]
+t.stop()
+st = n.memory_stats()
+out.update(live=st["live"], hooked=st["hooked"])
+print(json.dumps(out))
+"""
+
+
+def test_the_hooks_duty_cycle_survives_tracemalloc_and_enable_disable(tmp_path: Path) -> None:
+    # GIVEN the delegated hooks (pymalloc) taken out and put back by the sampler's ticks while
+    # threads allocate
+    script = tmp_path / "cycling.py"
+    script.write_text(CYCLING.format(root=str(ROOT)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONMALLOC": "pymalloc"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout)
+    # THEN the cycle runs at its quarter (one tick of every four) once tracemalloc is gone
+    assert r["duty"] == 25 and r["ticks"] >= 20 and abs(r["inn"] - r["ticks"] / 4) <= 2, r  # a run at each end
+    # AND tracemalloc's hooks in front of ours were left alone, and the cycle went on once it
+    # stopped: samples came in after it as before
+    assert r["foreign"] > 0 and r["before"] > 0 and r["after"] > 0.3 * r["before"], r
+    # AND every free was still seen (a missed one would leave thousands live), and disabled
+    # profiling took the hooks out
+    assert r["live"] <= 50 and r["hooked"] == 0, r

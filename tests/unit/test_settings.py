@@ -70,6 +70,7 @@ CASES: dict[str, Case] = {
     "MW_PROFILING_LOCK_RATE": Case("250000", {"lock_rate": 250000}, {}, "-1"),
     "MW_PROFILING_MEMORY": Case("true", {"memory": True}, {}, "sometimes"),
     "MW_PROFILING_MEMORY_RATE": Case("65536", {"memory_rate": 65536}, {}, "0"),
+    "MW_PROFILING_MEMORY_DUTY": Case("50", {"memory_duty": 50}, {}, "0"),
     "MW_PROFILING_UPLOAD": Case("no", {"upload": False}, {}, "never"),
     "MW_CUSTOM_RESOURCE_ATTRIBUTES": Case("env=prod, team=core", {"tags": {"env": "prod", "team": "core"}},
                                           {"tags": "env=prod,team=core"}, "bad-name=1"),
