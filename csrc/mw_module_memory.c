@@ -396,18 +396,22 @@ static int swap_domain(PyMemAllocatorEx *live, const PyMemAllocatorEx *hook,
 
 /* Both domains in or out; keeps g_out, g_foreign and the weight in step. Under g_duty. */
 static void duty_set(int in) {
-    int bad = swap_domain(g_live_mem, &g_hook_mem, &g_orig_mem, in) ||
-              swap_domain(g_live_obj, &g_hook_obj, &g_orig_obj, in);
-    if (bad) {
-        /* what stands in front captured the hooks as they were: in → every allocation seen */
-        if (!g_foreign) atomic_store(&mw_memprof_weight, g_out ? (double)g_duty_run : 1.0);
-        g_foreign = 1;
-        g_duty_foreign++;
+    if (swap_domain(g_live_mem, &g_hook_mem, &g_orig_mem, in) == 0 &&
+        swap_domain(g_live_obj, &g_hook_obj, &g_orig_obj, in) == 0) {
+        g_foreign = 0;
+        g_out = !in;
+        atomic_store(&mw_memprof_weight, (double)g_duty_run);
         return;
     }
-    g_foreign = 0;
-    g_out = !in;
-    atomic_store(&mw_memprof_weight, (double)g_duty_run);
+    /* Another tool's hook in front of ours, in one domain or both: ours in wherever they can
+     * still be moved, and each sample counted once, until it is gone (what it captured, ours in
+     * or out, stays as it was: its domain is seen in full or not at all meanwhile). */
+    (void)swap_domain(g_live_mem, &g_hook_mem, &g_orig_mem, 1);
+    (void)swap_domain(g_live_obj, &g_hook_obj, &g_orig_obj, 1);
+    g_foreign = 1;
+    g_out = 0;
+    g_duty_foreign++;
+    atomic_store(&mw_memprof_weight, 1.0);
 }
 
 void mw_memory_duty_tick(void) {
@@ -427,7 +431,7 @@ void mw_memory_duty_tick(void) {
         g_duty_pos = (g_duty_pos + 1) % g_duty_run;
         duty_set(in);
         g_duty_ticks++;
-        g_duty_in += (uint64_t)(in && !g_foreign);
+        g_duty_in += (uint64_t)(in && !g_foreign); /* ticks it chose to have them in */
     }
     duty_unlock();
 }
