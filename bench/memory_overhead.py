@@ -171,7 +171,10 @@ INPROCESS = textwrap.dedent(
 
 def in_process(rounds: int, duty: int) -> list[dict[str, Any]]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = max(1, round(100 / duty))  # as the tracker turns MW_PROFILING_MEMORY_DUTY into ticks per run
+    sys.path.insert(0, str(ROOT))
+    from middleware.config import memory_duty_run
+
+    run = memory_duty_run(duty)  # as the tracker applies MW_PROFILING_MEMORY_DUTY
     proc = subprocess.run([sys.executable, "-c", INPROCESS, str(rounds), str(run)], capture_output=True, text=True,
                           env=env, cwd=str(ROOT), timeout=1200)
     if proc.returncode != 0:

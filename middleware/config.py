@@ -103,6 +103,12 @@ def _logging_configured(log: logging.Logger) -> bool:
     return False
 
 
+def memory_duty_run(duty_percent: int) -> int:
+    """MW_PROFILING_MEMORY_DUTY as the sampler applies it: the allocation hooks are in at one tick
+    of every run of this many (4 for 25%; 1: always)."""
+    return max(1, round(100 / duty_percent))
+
+
 def exc_text(exc: BaseException) -> str:
     """An exception as a failure line shows it: ``Type: message``, or ``Type`` when it has none
     (a ``MemoryError()`` read "(MemoryError: )")."""

@@ -26,7 +26,14 @@ import weakref
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from middleware import asyncio_tasks
-from middleware.config import ProfilerConfig, exc_text, resolve_config, resolve_upload_config, visible_warning
+from middleware.config import (
+    ProfilerConfig,
+    exc_text,
+    memory_duty_run,
+    resolve_config,
+    resolve_upload_config,
+    visible_warning,
+)
 from middleware.labels import enable_asyncio_hook
 from middleware.labels import labels as _labels_cm
 
@@ -106,7 +113,7 @@ class _ProcessProfiler:
                                     "process %d profiles CPU only", exc_text(exc), os.getpid())
             if cfg.memory:
                 try:
-                    n.memory_enable(rate_bytes=cfg.memory_rate, duty_run=max(1, round(100 / cfg.memory_duty)))
+                    n.memory_enable(rate_bytes=cfg.memory_rate, duty_run=memory_duty_run(cfg.memory_duty))
                 except Exception as exc:  # the CPU profile goes on without memory profiles
                     visible_warning(logger, "middleware: memory profiling could not start (%s); "
                                     "process %d has no memory profiles", exc_text(exc), os.getpid())
