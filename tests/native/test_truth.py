@@ -447,8 +447,15 @@ def test_threads_shorter_than_a_period_are_neither_lost_nor_over_sampled(cpu_tim
     # the thread starting them keeps its own CPU: on CPython <= 3.11 a new thread's state carries
     # its creator's ids until it runs, and taking it for the creator re-armed the creator's timer
     # at every start (its CPU came out 5-14% high)
+    # Its truth is bracketed: its CPU inside the loop (measured there) and over the profile window
+    # (the reset, the loop's own measuring and its return included: 0.5-0.8% more; the profile
+    # comes within 0.3% of it). Under the sanitizers the main thread's frees now and then pay a
+    # recycling of the allocator's quarantine, ~12 ms of CPU at once (perf: __asan's Recycle); one
+    # that falls after the loop's last reading (its final stats() call, the frees at its return)
+    # is the main thread's CPU in the window, rightly profiled, but +4% over the loop's 0.3 s.
     main = sum(s["cpu"] for s in r["profile"]["stacks"] if s["thread"] == "MainThread") / 1e9
-    assert abs(main / truth["main_cpu_s"] - 1) <= 0.05, (main, truth["main_cpu_s"], figures)
+    bracket = (truth["main_cpu_s"], truth["main_window_cpu_s"])
+    assert 0.95 * bracket[0] <= main <= 1.03 * bracket[1], (main, bracket, figures)
     # ... each under its own thread's name: samples named after the Thread object was collected
     # (at the sampler's next drain) once came out as "thread-<id>", ~30% of these threads' CPU.
     # A thread's start before it registers its name (threading's bootstrap up to _set_native_id,
