@@ -15,11 +15,12 @@ Workloads:
 
 The same two workloads are also measured in ONE process (the sampler running, whose ticks move
 the hooks), alternating four states per round (hooks out; hooks always in but sampling nothing,
-a rate of 2**40 bytes; hooks always in at the default rate; the default: hooks in at one tick of
-four, default rate), medians of --pairs x 2 rounds: on this noisy VM the in-process ratios are
-far steadier than the process pairs, and they split the cost between the hooks and the samples.
+a rate of 2**40 bytes; hooks always in at the default rate, the default; hooks in at one tick
+of every round(100 / --duty), default rate: --duty 25 measures the opt-in duty cycle), medians of
+--pairs x 2 rounds: on this noisy VM the in-process ratios are far steadier than the process
+pairs, and they split the cost between the hooks and the samples.
 
-    python bench/memory_overhead.py [--pairs 9] [--only alloc,calc] [--soak 600] [--json]
+    python bench/memory_overhead.py [--pairs 9] [--only alloc,calc] [--soak 600] [--duty 100] [--json]
 """
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ INPROCESS = textwrap.dedent(
             for m in ((0, 1, 2, 3) if i % 2 else (3, 2, 1, 0)):
                 if m == 0:
                     n.memory_disable()  # takes the hooks out
-                elif m == 3:  # the default: the hooks in at one tick of `run` (4)
+                elif m == 3:  # --duty: the hooks in at one tick of `run`
                     n.memory_enable(512 * 1024, duty_run=run)
                 else:  # the hooks always in, sampling nothing / at the default rate
                     n.memory_enable(1 << 40 if m == 1 else 512 * 1024, duty_run=1)
@@ -196,7 +197,8 @@ def main() -> None:
     ap.add_argument("--only", default="alloc,calc")
     ap.add_argument("--soak", type=float, default=0, metavar="SECONDS")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--duty", type=int, default=25, help="MW_PROFILING_MEMORY_DUTY of the memory-on side (percent)")
+    ap.add_argument("--duty", type=int, default=100,
+                    help="MW_PROFILING_MEMORY_DUTY of the memory-on side (percent; default 100, the setting's default)")
     ap.add_argument("--in-process-only", action="store_true", help="skip the process pairs")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as store:

@@ -296,19 +296,21 @@ static int is_current(PyMemAllocatorDomain dom, const PyMemAllocatorEx *a) {
            cur.realloc == a->realloc && cur.free == a->free;
 }
 
-/* ---- duty cycle (delegated mode): the hooks in place a quarter of the time --------------------
+/* ---- duty cycle (delegated mode, opt-in): the hooks in place part of the time ---------------
  * Every allocation through a hook pays one more indirect call (~1 ns): 2% of the CPU of code that
- * allocates at every step. So the sampler thread takes the mem/obj allocation hooks out and puts
- * them back at its ticks: one tick of every run of g_duty_run (4 by default: a quarter of the
- * time; memory_enable's duty_run, MW_PROFILING_MEMORY_DUTY), at a random place in the run, puts
+ * allocates at every step. So the sampler thread can take the mem/obj allocation hooks out and put
+ * them back at its ticks: one tick of every run of g_duty_run (memory_enable's duty_run, from
+ * MW_PROFILING_MEMORY_DUTY: 4 for 25%; 1 by default, always in), at a random place in the run, puts
  * them in until the next tick, independently of anything the app does, so an allocation at any
  * instant is seen with probability 1 / g_duty_run and each sample stands for g_duty_run times
- * more (mw_memprof_weight): unbiased, as the Poisson sampling over the bytes. A run of 1: always
- * in, no cycle. Frees are untouched (a
- * sampled block's free comes through the raw hook, always in place), so the live set stays exact.
- * How, without the C API (the sampler thread holds no GIL): PyMem_SetAllocator copies the hooks
- * into the interpreter's own PyMemAllocatorEx of each domain (a static of obmalloc.c, or a field
- * of _PyRuntime on 3.12+); after installing, that copy is found once in the interpreter's
+ * more (mw_memprof_weight). Unbiased only while the hooks do not slow the app down: the sampling
+ * of large blocks does (a string grown by realloc at every step), and code slowed while the hooks
+ * are in gets fewer of its allocations into those stretches (in use at a third of the truth on
+ * such a workload at 25%): hence not the default. A run of 1: always in, no cycle. Frees are
+ * untouched (a sampled block's free comes through the raw hook, always in place), so the live set
+ * stays exact. How, without the C API (the sampler thread holds no GIL): PyMem_SetAllocator copies
+ * the hooks into the interpreter's own PyMemAllocatorEx of each domain (a static of obmalloc.c, or
+ * a field of _PyRuntime on 3.12+); after installing, that copy is found once in the interpreter's
  * writable data (the one place holding our hook's five words) and the sampler swaps its malloc,
  * calloc and realloc words between ours and the originals with compare-and-swap (each word a
  * valid allocator either way: a caller reading a mix calls a consistent pair, since the ctx and
@@ -316,7 +318,7 @@ static int is_current(PyMemAllocatorDomain dom, const PyMemAllocatorEx *a) {
  * of ours) is left alone: cycling pauses, and samples count once each while what it captured
  * was ours in place (`foreign`). memory_enable/disable stop and restart the cycle under g_duty.
  * Threads: mw_memory_duty_tick, the sampler thread only; the rest GIL held. */
-static int g_duty_run = 4; /* ticks per run, one of them with the hooks in (GIL held) */
+static int g_duty_run = 1; /* ticks per run, one of them with the hooks in (GIL held) */
 static PyMemAllocatorEx *g_live_mem, *g_live_obj; /* the interpreter's copies, or NULL */
 static atomic_int g_duty;                         /* lock: sampler tick vs enable/disable */
 static int g_cycling;                             /* the sampler may flip (under g_duty) */
@@ -474,7 +476,7 @@ static PyObject *py_memory_enable(PyObject *self, PyObject *args, PyObject *kw) 
     (void)self;
     static char *kwlist[] = {"rate_bytes", "duty_run", NULL};
     long long rate = 512 * 1024;
-    int run = 4;
+    int run = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|Li", kwlist, &rate, &run)) return NULL;
     if (rate < 1 || rate > (1LL << 40)) {
         PyErr_SetString(PyExc_ValueError, "rate_bytes must be within 1..2**40");
@@ -581,7 +583,7 @@ static PyObject *py_memory_stats(PyObject *self, PyObject *noargs) {
 
 PyMethodDef mw_memory_methods[] = {
     {"memory_enable", (PyCFunction)(void (*)(void))py_memory_enable, METH_VARARGS | METH_KEYWORDS,
-     "memory_enable(rate_bytes=524288, duty_run=4): sample allocations, one per rate_bytes "
+     "memory_enable(rate_bytes=524288, duty_run=1): sample allocations, one per rate_bytes "
      "allocated on average while the hooks are in, which they are at one sampler tick of every "
      "duty_run (hooks the mem and obj allocator domains the first time)."},
     {"memory_disable", py_memory_disable, METH_NOARGS,

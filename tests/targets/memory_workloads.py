@@ -8,6 +8,11 @@ to stdout as JSON.
         before the profiler starts. Then ROUNDS rounds of all four with the profiler on, the
         results dropped at once (everything is allocated and freed again).
 
+    python memory_workloads.py growth STORE_DIR ROUNDS
+        Blocks grown by realloc (a string built by +=, a bytearray extended, a list appended to,
+        a dict filled) and tuples in a list, each result kept alive; the truth per call from
+        tracemalloc. The in-use profile at the end against it.
+
     python memory_workloads.py leak STORE_DIR SECONDS
         `leak_slowly` keeps ~1 MiB a second alive (small bytes objects) while `churn_dicts` and
         `churn_strings` allocate and drop ~20 times as much; exports every second.
@@ -98,6 +103,63 @@ def accuracy(store: str, rounds: int) -> dict[str, Any]:
     for _ in range(rounds):
         for fn in FUNCTIONS.values():
             fn()
+    stats = tracker.stats()
+    tracker.stop()
+    return {"truth": truth, "stats": {k: v for k, v in stats.items() if k.startswith("memory")}}
+
+
+def grow_str() -> Any:
+    s = ""
+    for _ in INDEX[:20000]:
+        s += "abc"  # resized in place: a realloc each time, ~60 KB at the end
+    return s
+
+
+def grow_bytearray() -> Any:
+    b = bytearray()
+    chunk = b"x" * 50
+    for _ in INDEX[:10000]:
+        b += chunk
+    return b
+
+
+def grow_list() -> Any:
+    out: list[Any] = []
+    for i in INDEX[:50000]:
+        out.append(i)
+    return out
+
+
+def grow_dict() -> Any:
+    d: dict[int, None] = {}
+    for i in INDEX[:15000]:
+        d[i] = None
+    return d
+
+
+def kept_tuples() -> Any:
+    return [(i, i) for i in INDEX[:10000]]
+
+
+GROWING: dict[str, Callable[[], Any]] = {
+    f.__name__: f for f in (grow_str, grow_bytearray, grow_list, grow_dict, kept_tuples)
+}
+
+
+def growth(store: str, rounds: int) -> dict[str, Any]:
+    """In use: each function's result kept alive, ROUNDS times; the truth per call from
+    tracemalloc (what stays allocated once it returns)."""
+    # warm, the results kept: dropped, their tuples would refill the interpreter's free list of
+    # 2-tuples, which then serves the measured call's first 2,000 without an allocation
+    # (tracemalloc would see 80% of them; the profiled rounds, whose results stay, see all)
+    keep = [fn() for fn in GROWING.values()]
+    keep.append([(i, i) for i in INDEX[:5000]])  # and what the free list holds now
+    truth = {name: measure(fn)[1] for name, fn in GROWING.items()}
+    tracker = MwTracker()
+    for _ in range(rounds):
+        for fn in GROWING.values():
+            keep.append(fn())
+    tracker.flush()
     stats = tracker.stats()
     tracker.stop()
     return {"truth": truth, "stats": {k: v for k, v in stats.items() if k.startswith("memory")}}
@@ -226,6 +288,8 @@ def main() -> None:
     os.environ.setdefault("MW_PROFILING_MEMORY", "true")
     if name == "accuracy":
         out = accuracy(store, int(arg))
+    elif name == "growth":
+        out = growth(store, int(arg))
     elif name == "leak":
         out = leak(store, float(arg))
     elif name == "stress":
