@@ -15,12 +15,12 @@ Workloads:
 
 The same two workloads are also measured in ONE process (the sampler running, whose ticks move
 the hooks), alternating four states per round (hooks out; hooks always in but sampling nothing,
-a rate of 2**40 bytes; hooks always in at the default rate, the default; hooks in at one tick
-of every round(100 / --duty), default rate: --duty 25 measures the opt-in duty cycle), medians of
+a rate of 2**40 bytes; hooks always in at the default rate; the small blocks' hooks in at one
+tick of every round(100 / --duty), default rate: the default with --duty 25), medians of
 --pairs x 2 rounds: on this noisy VM the in-process ratios are far steadier than the process
 pairs, and they split the cost between the hooks and the samples.
 
-    python bench/memory_overhead.py [--pairs 9] [--only alloc,calc] [--soak 600] [--duty 100] [--json]
+    python bench/memory_overhead.py [--pairs 9] [--only alloc,calc] [--soak 600] [--duty 25] [--json]
 """
 from __future__ import annotations
 
@@ -197,8 +197,8 @@ def main() -> None:
     ap.add_argument("--only", default="alloc,calc")
     ap.add_argument("--soak", type=float, default=0, metavar="SECONDS")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--duty", type=int, default=100,
-                    help="MW_PROFILING_MEMORY_DUTY of the memory-on side (percent; default 100, the setting's default)")
+    ap.add_argument("--duty", type=int, default=25,
+                    help="MW_PROFILING_MEMORY_DUTY of the memory-on side (percent; default 25, the setting's default)")
     ap.add_argument("--in-process-only", action="store_true", help="skip the process pairs")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as store:

@@ -94,7 +94,7 @@ uint64_t mw_memprof_rate(void) {
     return atomic_load_explicit(&g_rate, memory_order_relaxed);
 }
 
-int mw_memprof_draw(size_t size, uint64_t *objects, uint64_t *bytes) {
+int mw_memprof_draw(size_t size, int duty, uint64_t *objects, uint64_t *bytes) {
     if (!mw_memprof_enabled()) {
         mw_memprof_countdown = INT64_MAX;
         return 0;
@@ -105,8 +105,8 @@ int mw_memprof_draw(size_t size, uint64_t *objects, uint64_t *bytes) {
     /* Sampled with probability p = 1 - exp(-s/R): stands for 1/p allocations, s/p bytes. */
     double s = size ? (double)size : 1.0;
     double p = -expm1(-s / (double)rate);
-    double n =
-        (p > 0 ? 1.0 / p : 1.0) * atomic_load_explicit(&mw_memprof_weight, memory_order_relaxed);
+    double n = (p > 0 ? 1.0 / p : 1.0) *
+               (duty ? atomic_load_explicit(&mw_memprof_weight, memory_order_relaxed) : 1.0);
     uint64_t whole = (uint64_t)n;
     double frac = n - (double)whole;
     *objects = whole + (mw_rand_uniform(&g_rng) < frac ? 1 : 0);

@@ -93,9 +93,10 @@ extern _Atomic double mw_memprof_weight;
 void mw_memory_duty_tick(void);
 
 /* After a tick that ran out: draws the next countdown and gives the sampled allocation of size
- * bytes its weights (objects and bytes it stands for). Returns 0 when sampling is off meanwhile
- * (nothing to record). */
-int mw_memprof_draw(size_t size, uint64_t *objects, uint64_t *bytes);
+ * bytes its weights (objects and bytes it stands for; times mw_memprof_weight when duty is 1: an
+ * allocation the duty cycle gates). Returns 0 when sampling is off meanwhile (nothing to record).
+ */
+int mw_memprof_draw(size_t size, int duty, uint64_t *objects, uint64_t *bytes);
 
 /* Records a sampled allocation at p (non-NULL) with its weights, stack (frames leaf first;
  * depth 0: none known), thread name and label set. Returns 0, or -1 when the buffer is full

@@ -1,8 +1,9 @@
 /* mw_module_memory — the allocator hooks of the memory profile and its memory_* functions.
  *
- * memory_enable() puts hooks in front of CPython's "mem" and "obj" allocator domains
- * (PyMem_SetAllocator; "raw" is left alone: it is called without the GIL, and it is where
- * the interpreter's own bookkeeping lives). Every hook calls the allocator it replaced; an
+ * memory_enable() puts hooks in front of CPython's "mem" and "obj" allocator domains, and of "raw"
+ * (PyMem_SetAllocator; raw is called with or without the GIL: its hooks see the frees of sampled
+ * blocks, and sample the large blocks pymalloc passes to it, in a thread holding the GIL only,
+ * see "delegated mode"). Every hook calls the allocator it replaced; an
  * allocation also counts its bytes against the sampling countdown (mw_memprof_tick, a
  * subtraction), a free looks its pointer up in the counting filter (one load). Only a sampled
  * allocation does more: the allocating thread reads its OWN Python frames with mw_pyframes'
@@ -140,11 +141,12 @@ static int read_own_frames(void) {
     return truncated == 2 ? -1 : depth;
 }
 
-/* A sampled allocation of size bytes at p. GIL held. */
-static void sample(void *p, size_t size) {
+/* A sampled allocation of size bytes at p; duty: one the duty cycle gates (a small block). GIL
+ * held. */
+static void sample(void *p, size_t size, int duty) {
     static int busy; /* a nested allocation (none expected) is counted, not sampled */
     uint64_t objects, bytes;
-    if (!mw_memprof_draw(size, &objects, &bytes)) return;
+    if (!mw_memprof_draw(size, duty, &objects, &bytes)) return;
     if (busy || !g_rc) {
         mw_memprof_count_dropped();
         return;
@@ -176,20 +178,20 @@ static void sample(void *p, size_t size) {
     static void *dom##_malloc(void *ctx, size_t n) {                                               \
         (void)ctx;                                                                                 \
         void *p = g_orig_##dom.malloc(g_orig_##dom.ctx, n);                                        \
-        if (p && mw_memprof_tick(n)) sample(p, n);                                                 \
+        if (p && mw_memprof_tick(n)) sample(p, n, 1);                                              \
         return p;                                                                                  \
     }                                                                                              \
     static void *dom##_calloc(void *ctx, size_t k, size_t n) {                                     \
         (void)ctx;                                                                                 \
         void *p = g_orig_##dom.calloc(g_orig_##dom.ctx, k, n);                                     \
-        if (p && mw_memprof_tick(k * n)) sample(p, k *n);                                          \
+        if (p && mw_memprof_tick(k * n)) sample(p, k *n, 1);                                       \
         return p;                                                                                  \
     }                                                                                              \
     static void *dom##_realloc(void *ctx, void *q, size_t n) {                                     \
         (void)ctx;                                                                                 \
         if (q && mw_memprof_maybe_tracked(q)) mw_memprof_untrack(q);                               \
         void *p = g_orig_##dom.realloc(g_orig_##dom.ctx, q, n);                                    \
-        if (p && mw_memprof_tick(n)) sample(p, n);                                                 \
+        if (p && mw_memprof_tick(n)) sample(p, n, 1);                                              \
         return p;                                                                                  \
     }                                                                                              \
     static void dom##_free(void *ctx, void *q) {                                                   \
@@ -207,14 +209,29 @@ WRAPPED(obj)
  * by the raw allocator, so its free comes back through the raw domain, which is hooked; all
  * other frees of the two domains go straight to pymalloc. An allocation's hook is one
  * subtraction and a tail call; a free costs nothing. Used when a probe at install time saw a
- * block of each domain freed through the raw domain (pymalloc; not PYTHONMALLOC=malloc). */
+ * block of each domain freed through the raw domain (pymalloc; not PYTHONMALLOC=malloc).
+ *
+ * Small and large blocks are sampled in two places. A request over g_small_max bytes, which
+ * pymalloc passes to the raw domain, is counted and sampled there (r_malloc, r_calloc,
+ * r_realloc: always in place, so such a sample stands for itself alone), and the mem/obj hooks
+ * let it through; the mem/obj hooks count and sample the small ones, which the duty cycle gates.
+ * The sampling of large blocks is the dear part (a string grown by realloc at every step is
+ * sampled at every few steps): done while the mem/obj hooks were in, it slowed the app in those
+ * stretches only, and a cycle picking them by the clock then saw less of that code than its
+ * share (in use at a third of the truth at 25%). SIZE_MAX when a probe at install did not see
+ * pymalloc pass requests over 512 bytes to the raw domain: then the mem/obj hooks sample every
+ * size, and there is no duty cycle. */
+static size_t g_small_max = SIZE_MAX;
+#define PYMALLOC_SMALL_MAX 512 /* pymalloc's largest block (SMALL_REQUEST_THRESHOLD, 3.10-3.13) */
+
 static void *sampled_block(void *p, size_t n) {
-    if (p) sample(p, n);
+    if (p) sample(p, n, 1);
     return p;
 }
 
 static void *raw_copy_of(const PyMemAllocatorEx *dom, void *p, size_t n) {
-    /* a reallocation to sample: moved to a raw block so that its free is seen */
+    /* a reallocation to sample: moved to a raw block so that its free is seen (a small block, at
+     * most g_small_max bytes, when large ones are sampled in the raw domain) */
     void *r = p ? g_orig_raw.malloc(g_orig_raw.ctx, n) : NULL;
     if (!r) return p; /* sampled but not tracked: its free goes to pymalloc unseen */
     memcpy(r, p, n);
@@ -238,38 +255,69 @@ __attribute__((noinline)) static void *d_sampled_realloc(const PyMemAllocatorEx 
 
 #define DELEGATED(dom)                                                                             \
     static void *d_##dom##_malloc(void *ctx, size_t n) {                                           \
-        if (__builtin_expect((mw_memprof_countdown -= (int64_t)n) > 0, 1))                         \
+        if (__builtin_expect(n > g_small_max, 0) ||                                                \
+            __builtin_expect((mw_memprof_countdown -= (int64_t)n) > 0, 1))                         \
             return g_orig_##dom.malloc(ctx, n);                                                    \
         return d_sampled_malloc(n);                                                                \
     }                                                                                              \
     static void *d_##dom##_calloc(void *ctx, size_t k, size_t n) {                                 \
-        if (__builtin_expect((mw_memprof_countdown -= (int64_t)(k * n)) > 0, 1))                   \
+        if (__builtin_expect(k * n > g_small_max, 0) ||                                            \
+            __builtin_expect((mw_memprof_countdown -= (int64_t)(k * n)) > 0, 1))                   \
             return g_orig_##dom.calloc(ctx, k, n);                                                 \
         return d_sampled_calloc(k, n);                                                             \
     }                                                                                              \
     static void *d_##dom##_realloc(void *ctx, void *q, size_t n) {                                 \
         void *p = g_orig_##dom.realloc(ctx, q, n);                                                 \
-        if (__builtin_expect((mw_memprof_countdown -= (int64_t)n) > 0, 1)) return p;               \
+        if (__builtin_expect(n > g_small_max, 0) ||                                                \
+            __builtin_expect((mw_memprof_countdown -= (int64_t)n) > 0, 1))                         \
+            return p;                                                                              \
         return d_sampled_realloc(&g_orig_##dom, p, n);                                             \
     }
 
 DELEGATED(mem)
 DELEGATED(obj)
 
-/* The raw domain (delegated mode): frees and reallocations of sampled blocks. Called with or
- * without the GIL; mw_memprof_untrack takes its lock. */
+/* The raw domain (delegated mode): the large blocks pymalloc passes on (sampled here, see above),
+ * frees and reallocations of sampled blocks. Called with or without the GIL: a block is counted
+ * and sampled only by a thread holding it (the countdown and the walk scratch are serialized by
+ * it); mw_memprof_untrack takes its lock. */
 static void *probe_block;
 static int probe_seen;
+static size_t probe_size; /* a malloc of this size was seen (probe_seen = 2) */
+
+/* Whether the calling thread holds the GIL (no allocation, no lock). */
+static int holds_gil(void) {
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyThreadState_GetUnchecked() != NULL; /* the thread's attached state */
+#else
+    /* the GIL holder's thread state (3.10/3.11: the runtime's; 3.12: the thread's) */
+    PyThreadState *cur = _PyThreadState_UncheckedGet();
+    return cur && cur == PyGILState_GetThisThreadState();
+#endif
+}
+
+/* A large block (n > g_small_max: never when there is no split) to count, in a thread holding the
+ * GIL, while sampling is on: 1 when it is to be sampled. */
+static inline int raw_counts(size_t n) {
+    return n > g_small_max && mw_memprof_enabled() && holds_gil() && mw_memprof_tick(n);
+}
 
 static void *r_malloc(void *ctx, size_t n) {
-    return g_orig_raw.malloc(ctx, n);
+    void *p = g_orig_raw.malloc(ctx, n);
+    if (__builtin_expect(probe_size != 0, 0) && n == probe_size) probe_seen = 2;
+    if (p && raw_counts(n)) sample(p, n, 0);
+    return p;
 }
 static void *r_calloc(void *ctx, size_t k, size_t n) {
-    return g_orig_raw.calloc(ctx, k, n);
+    void *p = g_orig_raw.calloc(ctx, k, n);
+    if (p && raw_counts(k * n)) sample(p, k * n, 0);
+    return p;
 }
 static void *r_realloc(void *ctx, void *q, size_t n) {
     if (q && mw_memprof_maybe_tracked(q)) mw_memprof_untrack(q);
-    return g_orig_raw.realloc(ctx, q, n);
+    void *p = g_orig_raw.realloc(ctx, q, n);
+    if (p && raw_counts(n)) sample(p, n, 0);
+    return p;
 }
 static void r_free(void *ctx, void *q) {
     if (q && q == probe_block) probe_seen = 1;
@@ -289,6 +337,19 @@ static int frees_through_raw(const PyMemAllocatorEx *dom) {
     return probe_seen;
 }
 
+/* Whether a request of n bytes to the domain's allocator reaches the raw domain as a malloc of
+ * n bytes (with the raw hooks in place). GIL held. */
+static int allocs_through_raw(const PyMemAllocatorEx *dom, size_t n) {
+    probe_seen = 0;
+    probe_size = n;
+    void *p = dom->malloc(dom->ctx, n);
+    probe_size = 0;
+    int seen = probe_seen == 2;
+    probe_seen = 0;
+    if (p) dom->free(dom->ctx, p);
+    return seen;
+}
+
 static int is_current(PyMemAllocatorDomain dom, const PyMemAllocatorEx *a) {
     PyMemAllocatorEx cur;
     PyMem_GetAllocator(dom, &cur);
@@ -296,17 +357,18 @@ static int is_current(PyMemAllocatorDomain dom, const PyMemAllocatorEx *a) {
            cur.realloc == a->realloc && cur.free == a->free;
 }
 
-/* ---- duty cycle (delegated mode, opt-in): the hooks in place part of the time ---------------
+/* ---- duty cycle (delegated mode): the small blocks' hooks in place part of the time ----------
  * Every allocation through a hook pays one more indirect call (~1 ns): 2% of the CPU of code that
  * allocates at every step. So the sampler thread can take the mem/obj allocation hooks out and put
  * them back at its ticks: one tick of every run of g_duty_run (memory_enable's duty_run, from
- * MW_PROFILING_MEMORY_DUTY: 4 for 25%; 1 by default, always in), at a random place in the run, puts
- * them in until the next tick, independently of anything the app does, so an allocation at any
- * instant is seen with probability 1 / g_duty_run and each sample stands for g_duty_run times
- * more (mw_memprof_weight). Unbiased only while the hooks do not slow the app down: the sampling
- * of large blocks does (a string grown by realloc at every step), and code slowed while the hooks
- * are in gets fewer of its allocations into those stretches (in use at a third of the truth on
- * such a workload at 25%): hence not the default. A run of 1: always in, no cycle. Frees are
+ * MW_PROFILING_MEMORY_DUTY: 4 for 25%; 1 when not given, always in), at a random place in the run,
+ * puts them in until the next tick, independently of anything the app does, so a small allocation
+ * at any instant is seen with probability 1 / g_duty_run and each such sample stands for
+ * g_duty_run times more (mw_memprof_weight). Unbiased as long as the hooks do not slow the app
+ * down in those stretches: hence large blocks, whose sampling is dear, are sampled in the raw
+ * domain, always (g_small_max above); what the hooks of the small ones cost in the stretches
+ * they are in (~2% on code that allocates at every step) is what such code is under-counted by.
+ * Only with that split (else no cycle). A run of 1: always in, no cycle. Frees are
  * untouched (a sampled block's free comes through the raw hook, always in place), so the live set
  * stays exact. How, without the C API (the sampler thread holds no GIL): PyMem_SetAllocator copies
  * the hooks into the interpreter's own PyMemAllocatorEx of each domain (a static of obmalloc.c, or
@@ -451,7 +513,9 @@ static void duty_stop(void) {
 }
 
 static void duty_start(int run) {
-    if (!g_live_mem || !g_live_obj || getenv("MW_PROFILING_MEMORY_HOOKS") || run <= 1) return;
+    if (!g_live_mem || !g_live_obj || g_small_max == SIZE_MAX ||
+        getenv("MW_PROFILING_MEMORY_HOOKS") || run <= 1)
+        return;
     duty_lock();
     g_duty_run = run;
     g_duty_pos = 0;
@@ -516,6 +580,10 @@ static PyObject *py_memory_enable(PyObject *self, PyObject *args, PyObject *kw) 
                                             d_obj_realloc, g_orig_obj.free};
             g_installed = 2;
             g_on_top = 1;
+            const size_t m = PYMALLOC_SMALL_MAX;
+            if (allocs_through_raw(&g_orig_mem, m + 1) && allocs_through_raw(&g_orig_obj, m + 1) &&
+                !allocs_through_raw(&g_orig_mem, m) && !allocs_through_raw(&g_orig_obj, m))
+                g_small_max = m; /* large blocks sampled in the raw domain (see above) */
         } else {
             g_hook_mem = (PyMemAllocatorEx){NULL, mem_malloc, mem_calloc, mem_realloc, mem_free};
             g_hook_obj = (PyMemAllocatorEx){NULL, obj_malloc, obj_calloc, obj_realloc, obj_free};
@@ -571,6 +639,7 @@ static PyObject *py_memory_stats(PyObject *self, PyObject *noargs) {
         mw_dict_put_u64(d, "walk_failed", g_walk_failed) ||
         mw_dict_put_u64(d, "hook_mode", (uint64_t)g_installed) ||
         mw_dict_put_u64(d, "hooked", (uint64_t)(g_installed == 1 || g_on_top)) ||
+        mw_dict_put_u64(d, "small_max", g_small_max == SIZE_MAX ? 0 : (uint64_t)g_small_max) ||
         mw_dict_put_u64(d, "duty_pct", g_cycling ? (uint64_t)(100 / g_duty_run) : 100) ||
         mw_dict_put_u64(d, "duty_ticks", g_duty_ticks) ||
         mw_dict_put_u64(d, "duty_in", g_duty_in) ||

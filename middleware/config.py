@@ -105,7 +105,7 @@ def _logging_configured(log: logging.Logger) -> bool:
 
 def memory_duty_run(duty_percent: int) -> int:
     """MW_PROFILING_MEMORY_DUTY as the sampler applies it: the allocation hooks are in at one tick
-    of every run of this many (4 for 25%; 1: always, the default)."""
+    of every run of this many (4 for 25%, the default; 1: always)."""
     return max(1, round(100 / duty_percent))
 
 
@@ -329,9 +329,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             doc="memory profiles (memory:alloc_objects/alloc_space/inuse_objects/inuse_space)"),
     Setting("memory_rate", ("MW_PROFILING_MEMORY_RATE",), _pv.int_in(1, 1 << 40), 512 * 1024, used_by=_P,
             doc="mean bytes allocated between two sampled allocations while the allocation hooks are in"),
-    Setting("memory_duty", ("MW_PROFILING_MEMORY_DUTY",), _pv.int_in(1, 100), 100, used_by=_P,
-            doc="percent of the time the allocation hooks are in (one sampler tick in round(100 / it)); "
-                "below 100 the CPU cost drops but code the sampling slows down is under-counted"),
+    Setting("memory_duty", ("MW_PROFILING_MEMORY_DUTY",), _pv.int_in(1, 100), 25, used_by=_P,
+            doc="percent of the time the hooks of allocations of up to 512 bytes are in (one sampler "
+                "tick in round(100 / it)); larger ones are always sampled. 100: always, ~2% of CPU on "
+                "allocation-bound code"),
     Setting("instrument", ("MW_PROFILING_INSTRUMENT",), _pv.parse_bool, True, used_by=_P,
             doc="label Flask/WSGI requests with endpoint"),
     Setting("span_links", ("MW_PROFILING_SPAN_LINKS",), _pv.parse_bool, True, used_by=_P,
