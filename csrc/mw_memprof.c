@@ -10,7 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-int64_t mw_memprof_countdown = INT64_MAX;
+int64_t mw_memprof_countdown = INT64_MAX, mw_memprof_countdown_large = INT64_MAX;
 _Atomic double mw_memprof_weight = 1.0;
 uint8_t *mw_memprof_filter;
 
@@ -78,12 +78,13 @@ int mw_memprof_enable(uint64_t rate_bytes) {
     atomic_store(&g_enabled, 1);
     pthread_mutex_unlock(&g_mu);
     mw_memprof_countdown = draw_countdown(rate_bytes);
+    mw_memprof_countdown_large = draw_countdown(rate_bytes);
     return 0;
 }
 
 void mw_memprof_disable(void) {
     atomic_store(&g_enabled, 0);
-    mw_memprof_countdown = INT64_MAX;
+    mw_memprof_countdown = mw_memprof_countdown_large = INT64_MAX;
 }
 
 int mw_memprof_enabled(void) {
@@ -96,17 +97,22 @@ uint64_t mw_memprof_rate(void) {
 
 int mw_memprof_draw(size_t size, int duty, uint64_t *objects, uint64_t *bytes) {
     if (!mw_memprof_enabled()) {
-        mw_memprof_countdown = INT64_MAX;
+        mw_memprof_countdown = mw_memprof_countdown_large = INT64_MAX;
         return 0;
     }
-    uint64_t rate = mw_memprof_rate();
-    mw_memprof_countdown = draw_countdown(rate);
+    /* a large block: a Poisson process of its own over the bytes, stretched by the weight the
+     * duty cycle gives the small ones' samples, so that a sample stands for as much either way */
+    double w = atomic_load_explicit(&mw_memprof_weight, memory_order_relaxed);
+    double r = (double)mw_memprof_rate() * (duty ? 1.0 : w);
+    if (duty)
+        mw_memprof_countdown = draw_countdown((uint64_t)r);
+    else
+        mw_memprof_countdown_large = draw_countdown((uint64_t)r);
     atomic_fetch_add_explicit(&g_samples, 1, memory_order_relaxed);
     /* Sampled with probability p = 1 - exp(-s/R): stands for 1/p allocations, s/p bytes. */
     double s = size ? (double)size : 1.0;
-    double p = -expm1(-s / (double)rate);
-    double n = (p > 0 ? 1.0 / p : 1.0) *
-               (duty ? atomic_load_explicit(&mw_memprof_weight, memory_order_relaxed) : 1.0);
+    double p = -expm1(-s / r);
+    double n = (p > 0 ? 1.0 / p : 1.0) * (duty ? w : 1.0);
     uint64_t whole = (uint64_t)n;
     double frac = n - (double)whole;
     *objects = whole + (mw_rand_uniform(&g_rng) < frac ? 1 : 0);

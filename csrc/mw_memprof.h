@@ -62,8 +62,10 @@ typedef struct mw_memframe {
     mw_id_t id;
 } mw_memframe_t;
 
-/* Bytes left before the next sample; INT64_MAX when sampling is off. GIL-serialized. */
-extern int64_t mw_memprof_countdown;
+/* Bytes left before the next sample; INT64_MAX when sampling is off. GIL-serialized. The large
+ * blocks, sampled apart from the duty cycle (mw_module_memory.c), have their own, at the rate
+ * times mw_memprof_weight: as many samples per byte as the small blocks get on average. */
+extern int64_t mw_memprof_countdown, mw_memprof_countdown_large;
 /* The counting filter (NULL until the first enable). */
 extern uint8_t *mw_memprof_filter;
 
@@ -75,6 +77,10 @@ static inline uint32_t mw_memprof_bucket(const void *p) {
 /* Counts size bytes; 1 when the allocation is to be sampled (then call mw_memprof_draw). */
 static inline int mw_memprof_tick(size_t size) {
     return (mw_memprof_countdown -= (int64_t)size) <= 0;
+}
+/* The same for a large block (then mw_memprof_draw with duty 0). */
+static inline int mw_memprof_tick_large(size_t size) {
+    return (mw_memprof_countdown_large -= (int64_t)size) <= 0;
 }
 
 /* 1 when p may be a sampled live pointer (then call mw_memprof_untrack). */
@@ -93,9 +99,10 @@ extern _Atomic double mw_memprof_weight;
 void mw_memory_duty_tick(void);
 
 /* After a tick that ran out: draws the next countdown and gives the sampled allocation of size
- * bytes its weights (objects and bytes it stands for; times mw_memprof_weight when duty is 1: an
- * allocation the duty cycle gates). Returns 0 when sampling is off meanwhile (nothing to record).
- */
+ * bytes its weights (objects and bytes it stands for). duty 1: an allocation the duty cycle gates
+ * (mw_memprof_countdown; its weights times mw_memprof_weight); 0: a large block, always counted
+ * (mw_memprof_countdown_large, at the rate times mw_memprof_weight). Returns 0 when sampling is
+ * off meanwhile (nothing to record). */
 int mw_memprof_draw(size_t size, int duty, uint64_t *objects, uint64_t *bytes);
 
 /* Records a sampled allocation at p (non-NULL) with its weights, stack (frames leaf first;

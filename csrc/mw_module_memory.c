@@ -299,7 +299,7 @@ static int holds_gil(void) {
 /* A large block (n > g_small_max: never when there is no split) to count, in a thread holding the
  * GIL, while sampling is on: 1 when it is to be sampled. */
 static inline int raw_counts(size_t n) {
-    return n > g_small_max && mw_memprof_enabled() && holds_gil() && mw_memprof_tick(n);
+    return n > g_small_max && mw_memprof_enabled() && holds_gil() && mw_memprof_tick_large(n);
 }
 
 static void *r_malloc(void *ctx, size_t n) {
