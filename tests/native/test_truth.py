@@ -565,7 +565,11 @@ def test_threads_ending_while_they_burn_keep_the_cpu_of_their_last_moments(cpu_t
     print(figures)
     assert len(ending) == 20 and len(brief) == 60 and len(clocked) >= 15, figures
     assert 0.985 <= total <= 1.015, figures
-    assert all(0.985 <= ratios[name] <= 1.015 for name in clocked), figures
+    # (under the sanitizers a thread's exit, which the profile counts and the thread's own last
+    # reading does not, may pay a recycling of the allocator's quarantine: ~10 ms at once, once
+    # +4.7% of a 0.2 s thread; see the short threads' test above)
+    slack = 0.015 if "ASAN_OPTIONS" in os.environ else 0.0
+    assert all(0.985 * truth[name] <= cpu[name] <= 1.015 * truth[name] + slack for name in clocked), figures
     assert 0.985 <= wall_ratio(ending) <= 1.015, figures
     assert 0.96 <= wall_ratio(brief) <= 1.06, figures
 
