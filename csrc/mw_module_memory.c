@@ -213,8 +213,9 @@ WRAPPED(obj)
  *
  * Small and large blocks are sampled in two places. A request over g_small_max bytes, which
  * pymalloc passes to the raw domain, is counted and sampled there (r_malloc, r_calloc,
- * r_realloc: always in place, so such a sample stands for itself alone), and the mem/obj hooks
- * let it through; the mem/obj hooks count and sample the small ones, which the duty cycle gates.
+ * r_realloc: always in place, so such a sample stands for itself alone; a countdown of its own at
+ * the rate times the cycle's weight, as many samples per byte as the small blocks get), and the
+ * mem/obj hooks let it through; they count and sample the small ones, which the duty cycle gates.
  * The sampling of large blocks is the dear part (a string grown by realloc at every step is
  * sampled at every few steps): done while the mem/obj hooks were in, it slowed the app in those
  * stretches only, and a cycle picking them by the clock then saw less of that code than its

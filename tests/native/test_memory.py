@@ -124,11 +124,12 @@ def test_blocks_grown_by_realloc_are_in_use_as_tracemalloc_sees_them(tmp_path: P
     # sample (as many samples as the cycle gives the small ones): the strings' 60 KB blocks each
     # with probability 0.37, the lists' 170 KB 0.74, the bytearrays' and dicts' ~1; the tuples
     # (small: sampled in a quarter of the time, each sample standing for four) with the spread of
-    # ~22 stretches drawn. Measured: total 0.95-1.00, strings 0.94-1.26, lists 0.93-1.15, tuples
-    # 0.84-1.06, bytearrays and dicts 0.98-1.01
-    assert 0.85 * true_total <= total <= 1.15 * true_total, (total, true_total, figures)
+    # ~22 stretches drawn. Measured over 7 runs: total 0.91-1.05 (sd 0.046), strings 0.74-1.26,
+    # lists 0.93-1.15, tuples 0.74-1.09, bytearrays and dicts 0.96-1.01. Bands ~4 sigma (the
+    # bias this guards against put the total at 0.26-0.30)
+    assert 0.8 * true_total <= total <= 1.2 * true_total, (total, true_total, figures)
     for name, t in truth.items():
-        band = (0.9, 1.1) if name in ("grow_bytearray", "grow_dict") else (0.5, 1.5)
+        band = (0.9, 1.1) if name in ("grow_bytearray", "grow_dict") else (0.4, 1.6)
         assert band[0] * t <= got.get(name, 0) <= band[1] * t, (name, figures)
 
 
