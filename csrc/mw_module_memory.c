@@ -514,9 +514,9 @@ static void duty_stop(void) {
 }
 
 static void duty_start(int run) {
-    if (!g_live_mem || !g_live_obj || g_small_max == SIZE_MAX ||
-        getenv("MW_PROFILING_MEMORY_HOOKS") || run <= 1)
-        return;
+    /* Only the delegated hooks with the large blocks in the raw domain cycle (wrapped hooks, as
+     * MW_PROFILING_MEMORY_HOOKS=wrapped installs, have no live flags). */
+    if (!g_live_mem || !g_live_obj || g_small_max == SIZE_MAX || run <= 1) return;
     duty_lock();
     g_duty_run = run;
     g_duty_pos = 0;
