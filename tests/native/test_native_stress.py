@@ -1,6 +1,6 @@
 """Native frames (libunwind) under the sampler stress test: tests/targets/stress_target.py --native runs
 thread churn, deep recursion, generators, coroutines, exec'd functions and a blocking-I/O thread
-for MW_STRESS_SECONDS (default 30) at 1 kHz with a signal per sampled thread: no crash, no
+for MW_STRESS_SECONDS (default 20) at 1 kHz with a signal per sampled thread: no crash, no
 deadlock (the child must finish within its time), no EINTR failure in the app, sane counters."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_native_stress_no_crash_no_deadlock_no_eintr() -> None:
-    seconds = float(os.environ.get("MW_STRESS_SECONDS", "30"))
+    seconds = float(os.environ.get("MW_STRESS_SECONDS", "20"))
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "targets" / "stress_target.py"), "--seconds", str(seconds), "--native"],
         capture_output=True, text=True, timeout=seconds * 4 + 120, cwd=str(ROOT),

@@ -1,4 +1,4 @@
-"""Sampler stress (no crash, sane counters): half a minute of thread churn, deep recursion, generators,
+"""Sampler stress (no crash, sane counters): 20 seconds of thread churn, deep recursion, generators,
 coroutines and exec'd throw-away functions under a 1 kHz sampler. The target runs in a child
 process: a crash or hang is a test failure with the child's output, not a dead test run.
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # exit from a thread-specific-data destructor; a shorter run, the thread churn is what it adds
 @pytest.mark.parametrize("cpu_timer", [None, "timer"], ids=["default", "posix-timer"])
 def test_stress_no_crash_and_expected_functions(cpu_timer):
-    seconds = float(os.environ.get("MW_STRESS_SECONDS", "30"))
+    seconds = float(os.environ.get("MW_STRESS_SECONDS", "20"))
     env = dict(os.environ)
     if cpu_timer:
         env["MW_PROFILING_CPU_TIMER"] = cpu_timer
