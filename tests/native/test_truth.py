@@ -726,8 +726,8 @@ def test_cpu_spent_without_the_gil_is_placed_where_it_was_spent(cpu_timer: str |
 # reads ~25 us after their ticks, the open ones' at once: open_c came out at 1.035 on average (1.16
 # once in CI); now it is read the same way throughout (~1.02).
 # Bands: +-12% for the long-masked pair, +-15% for short_masked and open_c, +-25% for masked_a and
-# masked_b each (~340-700 samples a function: 3 s each half, sd ~4% for open_c); elsewhere (the loops', the sleeps' and the masks' calls)
-# at most its true CPU + 5% of the functions' (8% under the sanitizers).
+# masked_b each (~340-700 samples a function: 3 s each half, sd ~4% for open_c); elsewhere (the loops',
+# the sleeps' and the masks' calls) at most its true CPU + 5% of the functions' (8% under the sanitizers).
 @pytest.mark.parametrize("cpu_timer", [None, "timer", "off"], ids=["default", "posix-timer", "ticks-only"])
 def test_cpu_of_a_thread_blocking_the_profilers_signal_stays_where_it_was_spent(cpu_timer: str | None) -> None:
     r = run_truth("masked", "--rate", "1000", "--wall-rate", "1000", "--seconds", "6", cpu_timer=cpu_timer)
