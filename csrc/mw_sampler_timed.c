@@ -59,6 +59,14 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
         timed_account(st, r, placed_by_ticks ? 0 : r->periods, thread, gen, 0, 0);
         return;
     }
+    /* POSIX timers: a thread that toggles its mask is placed by its ticks for a while (masks_until,
+     * mw_sampler_take.c), in native mode too: its samples only count then. */
+    if (mw_cputimer_mode() == 1 && st->masks_until > g_tick && st->noframe_gen != gen &&
+        !r->unplaced && r->depth > 0) {
+        g_stats.timer_unplaced++;
+        timed_account(st, r, r->periods, thread, gen, 0, 0);
+        return;
+    }
     /* POSIX timers: a thread a tick has read running in this window has its CPU placed by its
      * ticks (place_running): this sample only counts CPU. Except a thread that ticks cannot see all
      * the time: one sampled with no Python frame in this window (a native thread between its calls
