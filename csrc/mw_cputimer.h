@@ -136,6 +136,9 @@ void mw_cputimer_watch(int i, long tid, uint64_t cpu_now);
  * since its next expiry was due (POSIX). 0 when unknown. A hint for the sampler thread, which
  * then asks whether the thread blocks the signal. */
 int mw_cputimer_overdue(int i, long tid, uint64_t cpu_now);
+/* Registration i's handler runs, twice over (+1 as each starts, +1 as it ends: odd while one runs
+ * in thread tid); 0 when i is not tid's. Sampler thread. */
+uint32_t mw_cputimer_inside(int i, long tid);
 
 /* The registration of (tid, tstate) and the thread's CPU clock from which its samples cover it
  * (0: from its creation), or -1. */

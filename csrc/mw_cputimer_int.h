@@ -52,9 +52,10 @@ typedef struct {
     _Atomic uint64_t heard; /* perf: the thread's CPU clock at its handler's last run (the
                              * sampler's watch, mw_cputimer_watch); 0 = unknown */
     _Atomic int revived;    /* perf: set by the watch when it topped the event up again */
-    _Atomic int unlisted;   /* the sampler found the thread out of the thread list (its thread
-                             * state may be freed): the handler looks up its current one */
-    uint64_t next_due;      /* POSIX: the thread-CPU instant (its clock) of the coming sample */
+    _Atomic uint32_t inside; /* +1 as a handler for it starts and as it ends: odd while one runs */
+    _Atomic int unlisted;    /* the sampler found the thread out of the thread list (its thread
+                              * state may be freed): the handler looks up its current one */
+    uint64_t next_due;       /* POSIX: the thread-CPU instant (its clock) of the coming sample */
     int has_timer;
     int trap; /* perf: its overflows raise SIGTRAP (no budget: mw_cputimer_reg.c arm_perf) */
     timer_t timer;

@@ -213,6 +213,11 @@ int mw_cputimer_overdue(int i, long tid, uint64_t cpu_now) {
     return since && cpu_now >= since + watch_span_ns();
 }
 
+uint32_t mw_cputimer_inside(int i, long tid) {
+    if (!g_reg || i < 0 || i >= REGS || atomic_load(&g_reg[i].tid) != tid) return 0;
+    return atomic_load(&g_reg[i].inside);
+}
+
 static int arm_locked(long tid, uintptr_t tstate, int born, int *existed);
 
 int mw_cputimer_arm(long tid, uintptr_t tstate, int born, int *existed) {

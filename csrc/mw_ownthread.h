@@ -9,9 +9,15 @@
  * How: a new thread inherits its creator's kernel name (comm). The calling thread takes `name`
  * (prctl PR_SET_NAME, at most 15 bytes) around pthread_create and gets its own back at once.
  *
+ * Why the mask through the thread's attributes (pthread_attr_setsigmask_np, glibc 2.32+) and not
+ * the caller's: a caller whose signals were blocked for the call got the CPU-timer sample due
+ * meanwhile as it unblocked them, which looks like a thread that blocks our signal (mw_unmasked):
+ * a fork child restarting the profiler was then watched as one. Older C libraries: the caller's
+ * mask, blocked around pthread_create.
+ *
  * Threads: any thread (GIL not needed), not async-signal-safe. For the duration of the call the
- * calling thread's kernel name is `name` (/proc, ps: for the main thread, the process's name) and
- * its signals are blocked; both are restored before it returns.
+ * calling thread's kernel name is `name` (/proc, ps: for the main thread, the process's name);
+ * it is restored before it returns.
  */
 #ifndef MW_OWNTHREAD_H
 #define MW_OWNTHREAD_H

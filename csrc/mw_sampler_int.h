@@ -259,6 +259,10 @@ int mws_mark_if_empty_as(mw_profbuf_t *b, uint32_t *n, int unplaced);
 mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int first_tick);
 /* A thread's CPU-timer accounting (hw_*) starts afresh in window gen (once per window). */
 void mws_hw_window(mw_tstate_t *st, uint64_t gen);
+/* `hits` more of its samples in window gen: from MWS_CLOCK_HITS on, its clock replaces the CPU its
+ * timer's samples stood for (hw_credit by hw_clock, in thread's row). Its CPU-timer samples, and
+ * the ticks' reads of it while it blocks our signal. */
+void mws_hw_hits(mw_tstate_t *st, mw_id_t thread, uint64_t gen, uint64_t hits);
 /* The CPU a thread's clock says it used since its last read (dclock; dcpu: the part that is new
  * to the profile) into window gen: through its CPU-timer samples when they are laid in its event's
  * count (counted; watch: its clock is read for the event too), else to its row once it has an

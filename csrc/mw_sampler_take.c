@@ -279,8 +279,17 @@ static int signals_blocked(mw_tstate_t *st, int fresh) {
     st->sigblk_tick = g_tick;
     uint64_t pnd, shd, blk;
     int sig = mw_unwind_signal(), was = st->sigblk;
+    uint32_t in0 = st->reg ? mw_cputimer_inside(st->reg - 1, st->tid) : 0;
     st->sigblk =
         sig > 0 && mw_threads_sigmasks(st->tid, &pnd, &shd, &blk) == 0 && ((blk >> (sig - 1)) & 1);
+    /* Its timer's handler ran meanwhile: the signal was blocked for the handler's run (as in any
+     * handler), not by the thread, and it got through. Taken for the thread's mask, a tick that
+     * met a handler (~50 us of every 500 at 2 kHz) placed a tick's CPU by itself and left the
+     * thread's samples out of the count. */
+    if (st->sigblk && st->reg) {
+        uint32_t in1 = mw_cputimer_inside(st->reg - 1, st->tid);
+        if ((in0 & 1) || in1 != in0) st->sigblk = 0;
+    }
     if (st->sigblk && !was) g_stats.signals_blocked++;
     return st->sigblk;
 }
@@ -494,11 +503,17 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int fir
     /* CPU timers: a thread gets one the first time it is seen (again if its id now belongs to
      * another thread state). Until its timer has run for a tick it is read the older way. */
     int wall_only = 0; /* native mode with a timer: the tick gives wall time only */
+    int first = 0;     /* ... or first seen, its CPU sampled by its timer */
     if (g_timers && !blocked) {
         if (created && st->reg && st->reg_tstate == th->tstate && !st->timed_gen &&
             !mw_unwind_enabled()) {
             /* First seen, armed at its start, no CPU-timer sample yet: read the older way once,
-             * so a thread that ends before its first timer sample is still seen. */
+             * so a thread that ends before its first timer sample is still seen; for its wall
+             * time only, unless it blocks the signal: its timer samples the CPU this read would
+             * place (its first sample may simply not be drained yet), and a CPU sample here too
+             * was one more than the CPU warranted, at the thread's first stack (a fork child
+             * burning 100 ms at once put 2% of it at the line that restarted the profiler). */
+            first = 1;
         } else if (st->reg && st->reg_tstate == th->tstate &&
                    mw_cputimer_counted(st->reg - 1, th->tid)) {
             if (!mw_unwind_enabled()) return sample_timed(b, th, st, gen, dwall, c0);
@@ -523,7 +538,10 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int fir
                 /* It armed itself at its start: native mode reads it for wall time only (its CPU
                  * samples carry its native stacks); Python-only, until its first CPU sample it is
                  * read the older way (above). */
-                if (existed && mw_unwind_enabled()) wall_only = 1;
+                if (existed && mw_unwind_enabled())
+                    wall_only = 1;
+                else if (existed)
+                    first = 1; /* as above */
             }
         }
     }
@@ -715,6 +733,8 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int fir
          * slower than the rate (perf events: at the wall rate), its other stretches' samples not */
         int tr = mw_sampler_tick_rate();
         on_cpu = tr > 0 && g_cfg.rate_hz > tr ? (g_cfg.rate_hz + tr / 2) / tr : 1;
+    } else if (first) {
+        on_cpu = 0;
     }
     emit(b, st, depth, truncated, ok, wall_only ? 0 : on_cpu, native, &lab, dwall, c0, c1, gen);
     if (blocked && on_cpu) { /* its timer's late sample must not place this stretch again */
@@ -722,6 +742,12 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int fir
         if (mw_cputimer_mode() == 1)
             st->tick_hit_gen = gen; /* nor those of its open ones (above) */
         g_stats.sigblk_placed++;
+        /* These samples count toward its clock's taking over from its timer's samples: a thread
+         * with few of its own (a POSIX timer's come at the kernel's ticks), placed by ticks for
+         * the rest, was left with what they stood for, less the CPU from its last one to the
+         * stretch the ticks placed (threads of 5 ms open then 45 ms blocked: 0.94 of their CPU) */
+        if (st->reg && st->hit_gen == gen && st->name_gen == gen && st->name_id)
+            mws_hw_hits(st, st->name_id, gen, (uint64_t)on_cpu);
     }
     return st;
 }

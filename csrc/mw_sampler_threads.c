@@ -290,6 +290,16 @@ void mws_hw_window(mw_tstate_t *st, uint64_t gen) {
     st->hw_clocked = 0;
 }
 
+void mws_hw_hits(mw_tstate_t *st, mw_id_t thread, uint64_t gen, uint64_t hits) {
+    mws_hw_window(st, gen);
+    if (st->hw_clocked) return;
+    st->hw_hits += hits;
+    if (st->hw_hits >= MWS_CLOCK_HITS) {
+        mws_cpu_window_replace(thread, gen, st->hw_credit, st->hw_clock);
+        st->hw_clocked = 1;
+    }
+}
+
 void mws_clock_account(mw_tstate_t *st, uint64_t gen, int counted, int watch, uint64_t c0,
                        uint64_t dclock, uint64_t dcpu) {
     if (counted) {
@@ -299,7 +309,21 @@ void mws_clock_account(mw_tstate_t *st, uint64_t gen, int counted, int watch, ui
             mws_cpu_window_add(st->name_id, gen, dclock, 0, 0);
         else
             st->hw_clock += dclock;
-    } else if (dcpu) {
+        return;
+    }
+    /* Placed by the tick (it blocks our signal, or has no timer). On its first clock reading a
+     * thread known so far from its timer's samples has dcpu less what they credited; if they are
+     * counted in this window, the credit goes when its clock replaces them (timed_account), and
+     * that part of its clock with it: into the clock that replaces them, or, once replaced, the
+     * window (a fork child's first tick, finding it blocking the signal for a moment, lost the
+     * 4-10 ms its samples had credited). */
+    if (dclock > dcpu && st->hw_gen == gen) {
+        if (!st->hw_clocked)
+            st->hw_clock += dclock - dcpu;
+        else if (st->name_gen == gen && st->name_id)
+            mws_cpu_window_add(st->name_id, gen, dclock - dcpu, 0, 0);
+    }
+    if (dcpu) {
         if (st->hit_gen == gen && st->name_gen == gen && st->name_id)
             mws_cpu_window_add(st->name_id, gen, dcpu, 0, 0);
         else

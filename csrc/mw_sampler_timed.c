@@ -213,10 +213,7 @@ static void timed_account(mw_tstate_t *st, const mw_cpusample_t *r, uint32_t per
     st->hit_gen = gen;
     if (r->counted && !st->hw_clocked) {
         st->hw_credit += credit;
-        if (++st->hw_hits >= MWS_CLOCK_HITS) {
-            mws_cpu_window_replace(thread, gen, st->hw_credit, st->hw_clock);
-            st->hw_clocked = 1;
-        }
+        mws_hw_hits(st, thread, gen, 1);
     }
 }
 

@@ -917,6 +917,42 @@ def run_masked(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# --- startmasked: threads that block every signal soon after they start ------------------------------
+early_open, late_masked = (renamed(burn_a, name) for name in ("early_open", "late_masked"))
+
+
+def run_startmasked(args: argparse.Namespace) -> dict[str, Any]:
+    """``args.threads`` threads one after the other, each burning 5 ms in early_open, then blocking
+    every signal (``signal.pthread_sigmask``) and burning 45 ms in late_masked. A tick first reads such
+    a thread 0-10 ms (at 100 Hz) after its start: half of the time inside late_masked, by then with
+    10 samples of its own CPU timer at 2 kHz. Truth: each thread's CPU (time.thread_time) from its
+    first instruction to its last measurement, and each function's."""
+    import signal
+
+    every = signal.valid_signals()
+    out: dict[str, Any] = {"cpu": {"early_open": 0.0, "late_masked": 0.0}, "thread_cpu": 0.0}
+
+    def starts_masking() -> None:
+        t0 = time.thread_time()
+        early_open(5)
+        t1 = time.thread_time()
+        signal.pthread_sigmask(signal.SIG_BLOCK, every)
+        t2 = time.thread_time()
+        late_masked(45)
+        t3 = time.thread_time()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, every)
+        out["cpu"]["early_open"] += t1 - t0
+        out["cpu"]["late_masked"] += t3 - t2
+        out["thread_cpu"] += time.thread_time() - t0
+        time.sleep(LINGER_S)
+
+    for i in range(args.threads or 20):
+        t = threading.Thread(target=starts_masking, name=f"startmasked-{i}")
+        t.start()
+        t.join()
+    return out
+
+
 # --- periodic: a loop on the same cycle as the ticks ---------------------------------------------------
 def periodic_work(until: float) -> None:
     while time.perf_counter() < until:
@@ -979,7 +1015,8 @@ def run_periodic(args: argparse.Namespace) -> dict[str, Any]:
 WORKLOADS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "bursty": run_bursty, "graph": run_graph, "churn": run_churn, "lines": run_lines, "idle": run_idle,
     "short": run_short, "light": run_light, "ending": run_ending, "phases": run_phases,
-    "released": run_released, "masked": run_masked, "periodic": run_periodic}
+    "released": run_released, "masked": run_masked, "periodic": run_periodic,
+    "startmasked": run_startmasked}
 
 
 def main() -> None:
