@@ -24,19 +24,12 @@ for v in "$@"; do
   # Of the sampling modes' variants only the default runs here: ticks only (MW_PROFILING_CPU_TIMER=off)
   # and POSIX timers differ from it in the C that places a sample and in the kernel's way of sending
   # the signal, the same on every version, while the frame reads they make are the default's; the
-  # suite's interpreter runs them (about 35 s and 45 s a version saved). So do the other variants that
-  # differ only in such C (the signal's route, the rate, the record pool's size): ~18 s a version.
-  deselect=()
-  for id in "test_a_thread_blocking_our_signal_does_not_pile_up_queued_signals[perf-trap]" \
-            "test_a_thread_blocking_our_signal_does_not_pile_up_queued_signals[timer]" \
-            "test_an_app_closing_every_descriptor_keeps_its_files_and_its_cpu_where_it_was_spent[perf-trap]" \
-            "test_labels_never_pair_with_the_other_sides_stack[ticks]" \
-            "test_a_busy_thread_keeps_its_samples_at_the_highest_rates[10000]" \
-            "test_cpu_timer_records_are_drained_before_their_pool_fills[10000-10]"; do
-    deselect+=(--deselect "tests/native/test_sampler.py::$id")
-  done
+  # suite's interpreter runs them (about 35 s and 45 s a version saved). So do the tests marked
+  # interpreter_independent: they check such C (timers, ticks, signal masks, the signal's route, the
+  # rate, the record pool's size) on workloads whose frames the other tests read too (~50 s a version).
   if MW_STRESS_SECONDS=${MW_MATRIX_STRESS_SECONDS:-8} "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-       "${deselect[@]}" -m sampler -k "not ticks-only and not posix-timer" tests/native/test_sampler.py tests/native/test_truth.py tests/native/test_stress.py \
+       -m "sampler and not interpreter_independent" -k "not ticks-only and not posix-timer" \
+       tests/native/test_sampler.py tests/native/test_truth.py tests/native/test_stress.py \
        tests/native/test_locks.py tests/native/test_task_stacks.py tests/native/test_native_threads.py \
        tests/unit/test_config.py; then
     result[$v]="passed"

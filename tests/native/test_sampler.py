@@ -103,7 +103,8 @@ def test_threads_created_after_start_are_sampled(workload):
     assert r["stats"]["dropped"] <= 0.005 * r["stats"]["samples"], r["stats"]
 
 
-@pytest.mark.parametrize("cpu_timer", ["perf", "timer", "off"], ids=["default", "posix-timer", "ticks"])
+@pytest.mark.parametrize("cpu_timer", ["perf", "timer", pytest.param("off", marks=pytest.mark.interpreter_independent)],
+                         ids=["default", "posix-timer", "ticks"])
 def test_labels_never_pair_with_the_other_sides_stack(workload, cpu_timer):
     # GIVEN labels flipping every ~0.1 ms between two functions, sampled at 1 kHz, with CPU
     # samples from perf events, POSIX timers, or the sampler's ticks alone
@@ -250,6 +251,7 @@ print(json.dumps({"queued": counted[0], "periods": st["cpu_timer_periods"], "mod
 """
 
 
+@pytest.mark.interpreter_independent
 @pytest.mark.parametrize("mode", ["perf", "perf-trap", "timer"])
 def test_a_thread_blocking_our_signal_does_not_pile_up_queued_signals(tmp_path, mode):
     # GIVEN a thread that blocks all real-time signals and burns 2 s of CPU at 1 kHz
@@ -294,6 +296,7 @@ t.stop()
 """
 
 
+@pytest.mark.interpreter_independent
 @pytest.mark.parametrize("rate", [5000, 10000])
 def test_a_busy_thread_keeps_its_samples_at_the_highest_rates(rate):
     # GIVEN a busy thread at 5 and 10 kHz (the highest rates start() takes), 6 stretches of 0.4 s
@@ -341,6 +344,7 @@ t.stop()
 """
 
 
+@pytest.mark.interpreter_independent
 @pytest.mark.parametrize("rate, wall", [(10000, 10), (100, 100)])
 def test_cpu_timer_records_are_drained_before_their_pool_fills(rate, wall):
     # GIVEN two busy threads at 10 kHz while the sampler ticks at 10 Hz (MW_PROFILING_WALL_RATE):
@@ -497,6 +501,7 @@ print(json.dumps({"truth": {k: sum(v) for k, v in cpu.items()}, "got": got, "int
 """
 
 
+@pytest.mark.interpreter_independent
 @pytest.mark.parametrize("cpu_timer", [None, "perf-trap", "timer"], ids=["default", "perf-trap", "posix-timer"])
 def test_an_app_closing_every_descriptor_keeps_its_files_and_its_cpu_where_it_was_spent(tmp_path, cpu_timer):
     # GIVEN two threads that burn in before_close, then the app closes every descriptor (as a

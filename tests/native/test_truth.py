@@ -68,7 +68,8 @@ def is_marker(name: str) -> bool:
 # ~4 s of CPU in all, i.e. >= 400 on-CPU samples (10 ms of CPU each): at a true outside share of
 # ~3% the sampling error is under a point (3 points is ~4 sigma), and the last partial tick of a
 # thread (<= 10 ms of ~1 s of CPU) is under 1% of the total. 1000 Hz needs far less: 4 s.
-@pytest.mark.parametrize("rate,seconds", [(100, 10.0), (1000, 4.0)], ids=["100Hz", "1000Hz"])
+@pytest.mark.parametrize("rate,seconds", [pytest.param(100, 10.0, marks=pytest.mark.interpreter_independent), (1000, 4.0)],
+                         ids=["100Hz", "1000Hz"])
 def test_bursty_threads_cpu_is_charged_to_the_burning_function(rate: int, seconds: float) -> None:
     # GIVEN 4 threads, each looping: burn 1.5-5 ms in its own burn_x, then block 10-20 ms in
     # time.sleep / queue.Queue.get / socket recv (a peer thread answers) / Lock.acquire
@@ -486,6 +487,7 @@ def test_threads_shorter_than_a_period_are_neither_lost_nor_over_sampled(cpu_tim
 # of their CPU), none may be
 # charged where the thread did not run (its sleep line: what the bursts' loop and the sleep calls
 # really cost, twice over), and the bursts may not hold more than they used.
+@pytest.mark.interpreter_independent
 @pytest.mark.parametrize("cpu_timer", [None, "timer"], ids=["default", "posix-timer"])
 def test_light_threads_cpu_is_not_lost_waiting_for_a_sample(cpu_timer: str | None) -> None:
     r = run_truth("light", "--rate", "100", cpu_timer=cpu_timer)
@@ -730,6 +732,7 @@ def test_cpu_spent_without_the_gil_is_placed_where_it_was_spent(cpu_timer: str |
 # the sleeps' and the masks' calls) at most its true CPU + 5% of the functions' (8% under the sanitizers).
 # Native mode with POSIX timers: open_c at 0.07 before the ticks placed such a thread there too (its
 # timer's samples, held while it blocked them, came at the unblocking call, not in open_c).
+@pytest.mark.interpreter_independent
 @pytest.mark.parametrize(("cpu_timer", "native"), [(None, False), ("timer", False), ("off", False), ("timer", True)],
                          ids=["default", "posix-timer", "ticks-only", "posix-timer-native"])
 def test_cpu_of_a_thread_blocking_the_profilers_signal_stays_where_it_was_spent(cpu_timer: str | None,
@@ -780,6 +783,7 @@ def test_cpu_of_a_thread_blocking_the_profilers_signal_stays_where_it_was_spent(
 # Now every mode 1.006-1.015 (the threads' start and end are outside the truth: ~0.3 ms each),
 # late_masked 0.983-0.992. early_open also holds its thread's start (the CPU before its first
 # instruction of Python, placed at its first sample): 1.05-1.16 of what it measured.
+@pytest.mark.interpreter_independent
 @pytest.mark.parametrize("cpu_timer", [None, "timer", "off"], ids=["default", "posix-timer", "ticks-only"])
 def test_threads_that_block_signals_after_starting_keep_all_their_cpu(cpu_timer: str | None) -> None:
     r = run_truth("startmasked", "--rate", "2000", "--threads", "30", cpu_timer=cpu_timer)
@@ -811,6 +815,7 @@ def test_threads_that_block_signals_after_starting_keep_all_their_cpu(cpu_timer:
 # seconds here: sd 4.1 points, at most 12.9 off; before, 16-51 points off in every run), so +-18
 # points per second is 4.4 sigma. Over 8 s: -0.5 points on average, sd 1.3 with perf events; with
 # POSIX timers -2.4 (sd 1.5): their ticks find the thread asleep at its bursts' starts (see 6.).
+@pytest.mark.interpreter_independent
 @pytest.mark.parametrize("cpu_timer", [None, "timer"], ids=["default", "posix-timer"])
 def test_a_loop_on_the_ticks_cycle_has_its_wall_time_where_it_spends_it(cpu_timer: str | None) -> None:
     r = run_truth("periodic", "--rate", "100", "--seconds", "8", "--cycle-ms", "10", cpu_timer=cpu_timer)
