@@ -68,8 +68,8 @@ def is_marker(name: str) -> bool:
 # ~4 s of CPU in all, i.e. >= 400 on-CPU samples (10 ms of CPU each): at a true outside share of
 # ~3% the sampling error is under a point (3 points is ~4 sigma), and the last partial tick of a
 # thread (<= 10 ms of ~1 s of CPU) is under 1% of the total. 1000 Hz needs far less: 4 s.
-@pytest.mark.parametrize("rate,seconds", [pytest.param(100, 10.0, marks=pytest.mark.interpreter_independent), (1000, 4.0)],
-                         ids=["100Hz", "1000Hz"])
+@pytest.mark.parametrize("rate,seconds", [pytest.param(100, 10.0, marks=pytest.mark.interpreter_independent),
+                                          (1000, 4.0)], ids=["100Hz", "1000Hz"])
 def test_bursty_threads_cpu_is_charged_to_the_burning_function(rate: int, seconds: float) -> None:
     # GIVEN 4 threads, each looping: burn 1.5-5 ms in its own burn_x, then block 10-20 ms in
     # time.sleep / queue.Queue.get / socket recv (a peer thread answers) / Lock.acquire
