@@ -1,6 +1,6 @@
 """What does the profiler cost a process outside the sampling loop: memory and start-up time.
 
-    .venv/bin/python bench/footprint.py [--runs 7] [--seconds 1.0] [--detail] [--no-importtime]
+    .venv/bin/python bench/footprint.py [--runs 7] [--seconds 1.0] [--detail] [--no-importtime] [--setting MW_NAME=VALUE]
 
 Every measurement is taken in a fresh interpreter. Each run starts one child per variant, in an
 order that rotates from run to run, and the table shows the median over the runs:
@@ -179,8 +179,13 @@ LABELS = {"app": "app", "mw": "mw", "mw-noupload": "mw upload=False", "bare": "b
 PYCACHE = os.path.join(tempfile.gettempdir(), f"mw-footprint-pycache-{sys.version_info[0]}{sys.version_info[1]}")
 
 
+#: MW_* settings given with --setting, for every child (all other MW_* variables are left out).
+SETTINGS: dict[str, str] = {}
+
+
 def child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MW_") and k != "OTEL_SERVICE_NAME"}
+    env.update(SETTINGS)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     env["PYTHONPYCACHEPREFIX"] = PYCACHE
     env["FP_IMPORTS"] = ",".join(TYPICAL_IMPORTS)
@@ -413,8 +418,15 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.0, help="workload (sampling) time per child")
     ap.add_argument("--detail", action="store_true", help="attribute the tracker's RSS to mappings")
     ap.add_argument("--no-importtime", action="store_true", help="skip the -X importtime listing")
+    ap.add_argument("--setting", action="append", default=[], metavar="MW_NAME=VALUE",
+                    help="a setting for every child, e.g. MW_PROFILING_MEMORY=true (repeatable)")
     ap.add_argument("--json", metavar="FILE", help="also write every child's raw result to FILE")
     args = ap.parse_args()
+    for item in args.setting:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("MW_"):
+            ap.error(f"--setting takes MW_NAME=VALUE, not {item!r}")
+        SETTINGS[name] = value
     res: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="mw-footprint-") as store:
         for v in VARIANTS:  # warm-up: compiles the bytecode cache; not counted
