@@ -1,6 +1,7 @@
 """What does the profiler cost a process outside the sampling loop: memory and start-up time.
 
-    .venv/bin/python bench/footprint.py [--runs 7] [--seconds 1.0] [--detail] [--no-importtime] [--setting MW_NAME=VALUE]
+    .venv/bin/python bench/footprint.py [--runs 7] [--seconds 1.0] [--detail] [--no-importtime]
+                                          [--setting MW_NAME=VALUE]
 
 Every measurement is taken in a fresh interpreter. Each run starts one child per variant, in an
 order that rotates from run to run, and the table shows the median over the runs:
