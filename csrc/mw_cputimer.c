@@ -52,7 +52,8 @@ static uintptr_t *g_ips;        /* MW_CPUTIMER_RECORDS * MW_UNWIND_MAX_FRAMES */
 
 static uint8_t *g_scratch;
 static size_t g_scratch_stride;
-int g_signo, g_mode, g_perf_max, g_perf_open, g_trap;
+int g_signo, g_perf_max, g_perf_open, g_trap;
+_Atomic int g_mode; /* written by init, or by the deferred probe (the sampler thread) */
 static int g_max_depth;
 static int g_guarded; /* direct reads under mw_guard are possible */
 int64_t g_period_ns;
@@ -430,8 +431,51 @@ int mwc_perf_route(int fd, long tid) {
     return 0;
 }
 
-int mw_cputimer_init(int rate_hz, int max_depth, int signo, const char **why) {
-    g_mode = 0;
+/* Whether perf_event_open was tried in this process (or the parent it was forked from), and the
+ * MW_PROFILING_CPU_TIMER value a deferred probe is for. */
+static int g_perf_probed;
+static const char *g_probe_force;
+
+/* Opens and closes a perf event on the calling thread: mode 2 when it opens, else 1. */
+static int perf_probe(const char *force) {
+    int trap_wanted = force && strcmp(force, "perf-trap") == 0;
+    long me = (long)syscall(SYS_gettid);
+    int fd = mwc_perf_open(me, g_period_ns, 0, 0), err = errno;
+    g_perf_probed = 1;
+    if (fd >= 0) {
+        close(fd);
+        /* The SIGTRAP route when asked for, where the kernel has it (5.13+) and nothing else
+         * claims SIGTRAP yet. */
+        const char *trap_why = NULL;
+        g_trap = 0;
+        if (trap_wanted && mw_cputrap_install(&trap_why) == 0 &&
+            (fd = mwc_perf_open(me, g_period_ns, 0, 1)) >= 0) {
+            close(fd);
+            g_trap = 1;
+        } else if (trap_wanted) { /* asked for, not had: say so (stats: cpu_timer_sigtrap 0) */
+            mw_report_once(MW_REPORT_CPU_TIMER,
+                           "MW_PROFILING_CPU_TIMER=perf-trap: no SIGTRAP route (%s); CPU "
+                           "samples from perf events on the real-time signal",
+                           trap_why ? trap_why : strerror(errno));
+        }
+        atomic_store(&g_mode, 2);
+        return 2;
+    }
+    if (force) /* perf or perf-trap asked for: where it is refused, the fallback is said */
+        mw_report_once(MW_REPORT_CPU_TIMER,
+                       "MW_PROFILING_CPU_TIMER=%s: perf_event_open refused (%s); CPU samples "
+                       "from POSIX CPU timers",
+                       force, strerror(err));
+    atomic_store(&g_mode, 1);
+    return 1;
+}
+
+int mw_cputimer_probe(void) {
+    return perf_probe(g_probe_force);
+}
+
+int mw_cputimer_init(int rate_hz, int max_depth, int signo, int may_defer, const char **why) {
+    atomic_store(&g_mode, 0);
     mw_cputimer_unhalt(); /* a signal of our own again */
     const char *force = getenv("MW_PROFILING_CPU_TIMER");
     if (force && !*force) force = NULL;
@@ -498,40 +542,17 @@ int mw_cputimer_init(int rate_hz, int max_depth, int signo, const char **why) {
      * after the profiler started would get ours (Celery's billiard pool workers exit on it) */
     int trap_wanted = force && strcmp(force, "perf-trap") == 0;
     int want_perf = !force || strcmp(force, "perf") == 0 || trap_wanted;
-    if (want_perf) {
-        long me = (long)syscall(SYS_gettid);
-        int fd = mwc_perf_open(me, g_period_ns, 0, 0), err = errno;
-        if (fd >= 0) {
-            close(fd);
-            g_mode = 2;
-            /* The SIGTRAP route when asked for, where the kernel has it (5.13+) and nothing else
-             * claims SIGTRAP yet. */
-            const char *trap_why = NULL;
-            g_trap = 0;
-            if (trap_wanted && mw_cputrap_install(&trap_why) == 0 &&
-                (fd = mwc_perf_open(me, g_period_ns, 0, 1)) >= 0) {
-                close(fd);
-                g_trap = 1;
-            } else if (trap_wanted) { /* asked for, not had: say so (stats: cpu_timer_sigtrap 0) */
-                mw_report_once(MW_REPORT_CPU_TIMER,
-                               "MW_PROFILING_CPU_TIMER=perf-trap: no SIGTRAP route (%s); CPU "
-                               "samples from perf events on the real-time signal",
-                               trap_why ? trap_why : strerror(errno));
-            }
-            return g_mode;
-        }
-        if (force) /* perf or perf-trap asked for: where it is refused, the fallback is said */
-            mw_report_once(MW_REPORT_CPU_TIMER,
-                           "MW_PROFILING_CPU_TIMER=%s: perf_event_open refused (%s); CPU samples "
-                           "from POSIX CPU timers",
-                           force, strerror(err));
+    if (want_perf && may_defer && !g_perf_probed) {
+        g_probe_force = force; /* getenv's string: stable */
+        return MW_CPUTIMER_DEFERRED;
     }
-    g_mode = 1;
-    return g_mode;
+    if (want_perf) return perf_probe(force);
+    atomic_store(&g_mode, 1);
+    return 1;
 }
 
 int mw_cputimer_mode(void) {
-    return g_mode;
+    return atomic_load_explicit(&g_mode, memory_order_relaxed);
 }
 
 mw_cpusample_t *mw_cputimer_next(void) {

@@ -24,7 +24,9 @@
  *
  * Threads and safety:
  *   - mw_cputimer_init / mw_cputimer_shutdown: the thread that starts/stops the sampler (GIL
- *     held), the sampler thread not running.
+ *     held), the sampler thread not running; mw_cputimer_probe: one thread (the sampler's probe
+ *     thread), before any timer is armed (none is meanwhile: the sampler ticks without timers
+ *     until it has ended, and no thread arms itself until then).
  *   - mw_cputimer_arm, _disarm, _sweep: any thread (a mutex serializes them; never taken by the
  *     handler). A thread arms itself at its start (mw_sampler_thread_started), the sampler arms
  *     threads it meets unarmed and disarms those that are gone.
@@ -116,8 +118,19 @@ typedef struct mw_cputimer_stats {
  * thread works, else POSIX timers) and the perf route (the real-time signal; SIGTRAP with
  * MW_PROFILING_CPU_TIMER=perf-trap where mw_cputrap_install takes it).
  * MW_PROFILING_CPU_TIMER=timer|perf|perf-trap|off forces one (tests, diagnosis). Returns the mode
- * (1 or 2), 0 when off or unusable (*why says why). */
-int mw_cputimer_init(int rate_hz, int max_depth, int signo, const char **why);
+ * (1 or 2), 0 when off or unusable (*why says why).
+ *
+ * may_defer: when perf events are to be tried and this process (or the one it was forked from)
+ * never tried them, returns MW_CPUTIMER_DEFERRED instead, the mode still 0: the caller has
+ * mw_cputimer_probe() run later, on another thread, before any timer is armed. The
+ * first per-thread perf event opened on a machine where none was open for a second makes the
+ * kernel enable its scheduler hooks and wait for every CPU to see them (synchronize_rcu): the
+ * probe then takes 10-20 ms instead of ~0.4, which the starting thread need not wait for. */
+#define MW_CPUTIMER_DEFERRED (-1)
+int mw_cputimer_init(int rate_hz, int max_depth, int signo, int may_defer, const char **why);
+/* The deferred probe: sets and returns the mode (2 perf events, else 1 POSIX timers). */
+int mw_cputimer_probe(void);
+/* Any thread, async-signal-safe (an atomic load). */
 int mw_cputimer_mode(void);
 
 /* Gives thread tid (its PyThreadState at tstate) a timer, or finds the one it has. Returns its

@@ -63,7 +63,8 @@ typedef struct {
 
 extern reg_t *g_reg;
 extern _Atomic uint32_t *g_fdkey; /* perf fd -> key, 0 = none */
-extern int g_signo, g_mode, g_perf_max, g_perf_open;
+extern int g_signo, g_perf_max, g_perf_open;
+extern _Atomic int g_mode;
 extern int g_trap; /* perf events signal through SIGTRAP (mw_cputrap.h), else g_signo */
 extern int64_t g_period_ns;
 extern uint32_t g_gen_next;

@@ -88,6 +88,12 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
     mw_sampler_stats_t s;
     mw_symcache_stats_t c;
     mw_cputimer_stats_t t;
+    /* the CPU-timer mode, once the sampler thread's first probe has said it */
+    if (mw_sampler_probe_pending()) {
+        PyThreadState *ts = PyEval_SaveThread();
+        (void)mw_sampler_wait_probe();
+        PyEval_RestoreThread(ts);
+    }
     mw_sampler_get_stats(&s);
     mw_symcache_get_stats(&c);
     mw_cputimer_get_stats(&t);

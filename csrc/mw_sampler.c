@@ -18,6 +18,7 @@
 #include "mw_pyframes.h"
 #include "mw_report.h"
 #include "mw_saferead.h"
+#include "mw_sched.h"
 #include "mw_symcache.h"
 #include "mw_threads.h"
 #include "mw_unwind.h"
@@ -43,6 +44,12 @@ static pthread_t g_thread;
  * (a flush right after 10 ms of work exported an empty window: the samples waited for the next
  * tick, up to a tick period). */
 static pthread_cond_t g_sync_cond;
+/* A deferred probe of perf events (mw_cputimer_init) is the sampler thread's to run: set by
+ * mw_sampler_start, cleared by the sampler thread, which then broadcasts g_probe_cond (under
+ * g_ctl_lock). */
+static atomic_int g_probe_pending;
+static int g_probe_deferred; /* this run's start deferred it (set before the sampler thread) */
+static pthread_cond_t g_probe_cond;
 static uint64_t g_sync_req, g_sync_done;
 static atomic_int g_running;
 static int g_stop;
@@ -91,29 +98,6 @@ uint64_t g_tick_wall;
 static int64_t g_slot_end;      /* where the slots placed so far end */
 static int64_t g_tick_slot_end; /* the end of the slot of the tick being taken; 0: up to now */
 static uint64_t g_rng = 0x9E3779B97F4A7C15ULL;
-
-int64_t mw_now_realtime_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-int64_t mw_window_start(mw_stamp_t start, mw_stamp_t now) {
-    int64_t ran = now.mono_ns - start.mono_ns, gap = (now.real_ns - start.real_ns) - ran;
-    if (gap < 0) gap = -gap;
-    return gap > MW_CLOCK_STEP_NS + ran / 100 ? now.real_ns - ran : start.real_ns;
-}
-
-int64_t mw_now_monotonic_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-mw_stamp_t mw_stamp_now(void) {
-    mw_stamp_t t = {mw_now_realtime_ns(), mw_now_monotonic_ns()};
-    return t;
-}
 
 /* A quiet tick: since the previous tick no thread other than the GIL's last holder took the
  * GIL (same switch_number and holder) and no thread was created (same list head). Then no other
@@ -347,38 +331,6 @@ static void drain_safe_set(void) {
     g_drain_gap = g_drain_safe;
 }
 
-/* A tick must read the threads at its own instant. Woken on a CPU where an application thread
- * runs, the sampler waited for that thread to block or to use up its time slice (EEVDF protects a
- * running task's slice from a waking one of the same length): its reads came late in the thread's
- * bursts, and a thread that burns ~1 ms between sleeps had the first half of each burst read at
- * 0.67 of its due and the second half at 1.34 (ticks only, 1 kHz). A short slice of its own
- * (sched_attr.sched_runtime of a fair task: Linux 6.12+, no privilege needed; ignored before)
- * lets the woken sampler preempt at once. Records the slice in effect (0: none). */
-struct mw_sched_attr { /* the kernel's struct sched_attr, first version (48 bytes): its header
-                        * clashes with <sched.h> */
-    uint32_t size, sched_policy;
-    uint64_t sched_flags;
-    int32_t sched_nice;
-    uint32_t sched_priority;
-    uint64_t sched_runtime, sched_deadline, sched_period;
-};
-
-static void short_slice(void) {
-    struct mw_sched_attr a;
-    memset(&a, 0, sizeof a);
-    g_stats.sampler_slice_ns = 0;
-    if (syscall(SYS_sched_getattr, 0, &a, sizeof a, 0) != 0) return;
-    if (a.sched_policy != SCHED_OTHER && a.sched_policy != SCHED_BATCH) return; /* not ours */
-    a.size = sizeof a;
-    a.sched_flags = 0;
-    a.sched_runtime = MW_SAMPLER_SLICE_NS;
-    if (syscall(SYS_sched_setattr, 0, &a, 0) != 0) return;
-    memset(&a, 0, sizeof a);
-    if (syscall(SYS_sched_getattr, 0, &a, sizeof a, 0) == 0 &&
-        a.sched_runtime == MW_SAMPLER_SLICE_NS)
-        g_stats.sampler_slice_ns = a.sched_runtime;
-}
-
 /* No CPU timer is armed any more (disarmed or halted, or a fork child's): the threads' entries
  * forget their registrations (a restart arms them again). */
 static void timers_forgotten(void) {
@@ -410,9 +362,82 @@ static void signal_taken(void) {
                    (int)getpid(), sig, sig - SIGRTMIN);
 }
 
+/* With perf events the ticks only place wall time (and collect the timers' samples): they
+ * need not come faster than MW_WALL_HZ. A wake-up of this thread costs ~20 us of CPU on a
+ * virtual machine: at 1 kHz that alone would be 2% of a core. POSIX timers cannot place CPU
+ * inside bursts: there the ticks place it (mw_sampler_take.c), so they come at the sampling
+ * rate (at the wall rate, 160 ms of Python callbacks in a thread at 1 kHz were placed by ~16
+ * ticks, each worth 10 samples: its share off by 25%). */
+static void set_tick_hz(void) {
+    g_tick_hz = g_cfg.rate_hz;
+    if (g_timers && mw_cputimer_mode() == 2 && g_tick_hz > g_cfg.wall_hz) g_tick_hz = g_cfg.wall_hz;
+}
+
+/* The deferred probe of perf events (mw_cputimer_init) runs on a thread of its own, started by
+ * the sampler thread, which meanwhile ticks as without timers (the ticks place every thread's
+ * CPU). After the first tick that ends after it, the threads read so far get their timers
+ * (mws_arm_listed), the ticks go on with timers, and whoever waits for the mode is told. */
+static pthread_t g_probe_thread;
+static atomic_int g_probe_done; /* the probe thread has set the mode */
+
+static void *probe_main(void *arg) {
+    (void)arg;
+    (void)mw_cputimer_probe();
+    atomic_store(&g_probe_done, 1);
+    return NULL;
+}
+
+static void apply_probe(int join, int arm) {
+    if (join) pthread_join(g_probe_thread, NULL);
+    int timers = g_can_pause && mw_cputimer_mode() > 0; /* unless the app took our signal */
+    if (timers && arm) mws_arm_listed(g_threads, g_nthreads);
+    pthread_mutex_lock(&g_ctl_lock);
+    g_timers = timers;
+    set_tick_hz();
+    if (arm) g_slot_end = g_last_tick_ns; /* the ticks placed the wall time up to the last one */
+    drain_safe_set();
+    atomic_store(&g_probe_pending, 0);
+    pthread_cond_broadcast(&g_probe_cond);
+    pthread_mutex_unlock(&g_ctl_lock);
+}
+
+int mw_sampler_probe_pending(void) {
+    return atomic_load(&g_probe_pending);
+}
+
+/* CLOCK_MONOTONIC in ms from now (the clock of g_probe_cond and g_sync_cond). */
+static struct timespec deadline_in_ms(long ms) {
+    struct timespec dl;
+    clock_gettime(CLOCK_MONOTONIC, &dl);
+    long ns = dl.tv_nsec + ms * 1000000L;
+    dl.tv_sec += ns / 1000000000L;
+    dl.tv_nsec = ns % 1000000000L;
+    return dl;
+}
+
+#define MW_PROBE_WAIT_MS 200
+int mw_sampler_wait_probe(void) {
+    if (!atomic_load(&g_probe_pending)) return 0;
+    struct timespec dl = deadline_in_ms(MW_PROBE_WAIT_MS);
+    pthread_mutex_lock(&g_ctl_lock);
+    while (atomic_load(&g_probe_pending) && !g_stop)
+        if (pthread_cond_timedwait(&g_probe_cond, &g_ctl_lock, &dl) == ETIMEDOUT) break;
+    pthread_mutex_unlock(&g_ctl_lock);
+    return atomic_load(&g_probe_pending) ? -1 : 0;
+}
+
 static void *sampler_main(void *arg) {
     (void)arg;
-    short_slice();
+    g_stats.sampler_slice_ns = mw_sched_short_slice(MW_SAMPLER_SLICE_NS);
+    int probing = 0; /* the probe thread runs: join it once done */
+    if (atomic_load(&g_probe_pending)) {
+        atomic_store(&g_probe_done, 0);
+        probing = mw_ownthread_create(&g_probe_thread, "mw-probe", probe_main, NULL) == 0;
+        if (!probing) { /* no thread for it: here, the ticks waiting */
+            (void)mw_cputimer_probe();
+            apply_probe(0, 0);
+        }
+    }
     if (g_direct) {
         /* A fault inside a guarded read must reach our handler: a blocked synchronous SIGSEGV
          * would kill the process. */
@@ -506,12 +531,17 @@ static void *sampler_main(void *arg) {
         mw_memory_duty_tick(); /* the allocation hooks in or out until the next tick */
         int drained = guarded_tick();
         if (drained >= 0) drain_pace(drained, period);
+        if (probing && drained >= 0 && atomic_load(&g_probe_done)) { /* timers from now on */
+            apply_probe(1, 1);
+            probing = 0;
+        }
         int64_t took = mw_now_monotonic_ns() - t0;
         if ((uint64_t)took > g_stats.tick_ns_max) g_stats.tick_ns_max = (uint64_t)took;
         g_stats.tick_ns_total += (uint64_t)took;
         g_stats.ticks++;
         if ((g_stats.ticks & 15) == 0) sampler_cpu_update(); /* a system call: not every tick */
     }
+    if (probing) apply_probe(1, 0); /* stopped while it ran: it ends within ms */
     pthread_mutex_lock(&g_buf_lock);
     drain_left(g_active);
     pthread_mutex_unlock(&g_buf_lock);
@@ -563,16 +593,15 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
     g_can_pause = mw_unwind_setup(&pause_why) == 0;
     /* CPU samples from the threads' own CPU timers (they use the same signal handler). */
     const char *timer_why = NULL;
-    g_timers = g_can_pause &&
-               mw_cputimer_init(g_cfg.rate_hz, g_cfg.max_depth, mw_unwind_signal(), &timer_why) > 0;
-    /* With perf events the ticks only place wall time (and collect the timers' samples): they
-     * need not come faster than MW_WALL_HZ. A wake-up of this thread costs ~20 us of CPU on a
-     * virtual machine: at 1 kHz that alone would be 2% of a core. POSIX timers cannot place CPU
-     * inside bursts: there the ticks place it (mw_sampler_take.c), so they come at the sampling
-     * rate (at the wall rate, 160 ms of Python callbacks in a thread at 1 kHz were placed by ~16
-     * ticks, each worth 10 samples: its share off by 25%). */
-    g_tick_hz = g_cfg.rate_hz;
-    if (g_timers && mw_cputimer_mode() == 2 && g_tick_hz > g_cfg.wall_hz) g_tick_hz = g_cfg.wall_hz;
+    int tm = g_can_pause ? mw_cputimer_init(g_cfg.rate_hz, g_cfg.max_depth, mw_unwind_signal(), 1,
+                                            &timer_why)
+                         : 0;
+    /* The first probe of perf events in a process tree is the sampler thread's (see
+     * mw_cputimer_init): no timer until then (apply_probe). */
+    g_probe_deferred = tm == MW_CPUTIMER_DEFERRED;
+    atomic_store(&g_probe_pending, g_probe_deferred);
+    g_timers = tm > 0;
+    set_tick_hz();
     if (!g_direct) {
         g_direct = mw_guard_allowed() && mw_guard_register(&g_sguard) == 0;
     }
@@ -607,6 +636,7 @@ int mw_sampler_start(const mw_sampler_config_t *cfg, const char **why) {
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&g_cond, &ca);
     pthread_cond_init(&g_sync_cond, &ca);
+    pthread_cond_init(&g_probe_cond, &ca);
     pthread_condattr_destroy(&ca);
     g_stop = 0;
     g_sync_req = g_sync_done = 0;
@@ -629,7 +659,8 @@ void mw_sampler_stop(void) {
     pthread_mutex_lock(&g_ctl_lock);
     g_stop = 1;
     pthread_cond_broadcast(&g_cond);
-    pthread_cond_broadcast(&g_sync_cond); /* a drain asked for will not come */
+    pthread_cond_broadcast(&g_sync_cond);  /* a drain asked for will not come */
+    pthread_cond_broadcast(&g_probe_cond); /* nor, perhaps, the probe: its waiters go */
     pthread_mutex_unlock(&g_ctl_lock);
     if (g_joinable) {
         /* Bounded: stopping runs on the way out of a process (atexit, a worker's last window),
@@ -672,6 +703,10 @@ int mw_sampler_rate(void) {
 }
 void mw_sampler_thread_started(long tid, uintptr_t tstate, int born) {
     if (born && atomic_load(&g_running)) mws_exit_watch();
+    /* While the first start's probe of perf events runs (mw_cputimer_init), no thread arms a
+     * timer: the ticks place the CPU of every thread, and arm those they read once it is done
+     * (apply_probe); so is the thread that started the sampler, whenever it gets here. */
+    if (atomic_load(&g_probe_pending) || (!born && g_probe_deferred)) return;
     if (atomic_load(&g_running) && g_timers && mw_cputimer_arm(tid, tstate, born, NULL) >= 0)
         g_timers_armed = 1;
 }
@@ -689,13 +724,7 @@ static void sync_drain(void) {
     if (!atomic_load(&g_running) || (!g_timers && !mws_others_any()) ||
         pthread_equal(pthread_self(), g_thread))
         return;
-    struct timespec dl;
-    clock_gettime(CLOCK_MONOTONIC, &dl);
-    dl.tv_nsec += MW_SYNC_WAIT_MS * 1000000L;
-    if (dl.tv_nsec >= 1000000000L) {
-        dl.tv_sec++;
-        dl.tv_nsec -= 1000000000L;
-    }
+    struct timespec dl = deadline_in_ms(MW_SYNC_WAIT_MS);
     pthread_mutex_lock(&g_ctl_lock);
     uint64_t want = ++g_sync_req;
     pthread_cond_signal(&g_cond);
@@ -749,6 +778,8 @@ static void atfork_child(void) {
     pthread_mutex_init(&g_buf_lock, NULL);
     pthread_mutex_init(&g_ctl_lock, NULL);
     atomic_store(&g_running, 0);
+    atomic_store(&g_probe_pending, 0); /* the parent's sampler thread was to probe: not here */
+    g_probe_deferred = 0;
     g_joinable = 0;
     g_stop = 1;
     if (g_active) mw_profbuf_reset(g_active);

@@ -127,8 +127,18 @@ int mw_sampler_release_signal(void);
 int mw_sampler_rate(void);
 /* A Python thread that starts (GIL held): gives it its CPU timer now when the sampler runs with
  * timers. Any thread. born: tid is the calling thread at its own start (its CPU since its
- * creation is in the profile); 0 for the thread that starts the sampler. */
+ * creation is in the profile); 0 for the thread that starts the sampler. While a deferred probe
+ * of perf events is pending (and for the starting thread whenever the start deferred one) it
+ * arms nothing: the ticks place the thread's CPU and arm it once the probe has ended. */
 void mw_sampler_thread_started(long tid, uintptr_t tstate, int born);
+
+/* Waits (at most 200 ms) for the sampler thread's deferred probe of perf events, when there is
+ * one (the first start in a process tree: mw_cputimer_init): 0 when no probe is pending any
+ * more, -1 when still pending. Any thread but the sampler's; may block: not with the buffer
+ * lock held. Called by stats (the CPU-timer mode it reports). */
+int mw_sampler_wait_probe(void);
+/* 1 while that probe is pending (an atomic load): any thread. */
+int mw_sampler_probe_pending(void);
 
 /* Ticks per second actually used (rate_hz, or at most wall_hz with CPU timers). */
 int mw_sampler_tick_rate(void);

@@ -15,9 +15,11 @@
  *
  * Threads and locks
  *   - Written by mw_sampler_start() (the thread that starts the sampler) before the sampler thread
- *     is created, then only read while it runs: g_cfg, g_can_pause, g_timers. g_cfg.rate_hz is
- *     also read by any thread (mw_sampler_rate), g_timers by any thread that starts
- *     (mw_sampler_thread_started).
+ *     is created, then only read while it runs: g_cfg, g_can_pause, g_timers (g_timers is set
+ *     by the sampler thread once a deferred probe of perf events has ended, under g_ctl_lock,
+ *     before it clears g_probe_pending). g_cfg.rate_hz is also read by any thread
+ *     (mw_sampler_rate), g_timers by any thread that starts (mw_sampler_thread_started, once no
+ *     probe is pending).
  *   - The sampler thread only, while it runs: g_ts and every mw_tstate_t, the scratch arrays
  *     (g_raw, g_raw2, g_ids, g_sym, g_rc), g_tick, g_last_tick_ns, g_tick_wall, g_gil_tick.
  * mw_sampler_start() resets g_tick and g_ts before creating the thread; mw_sampler_stop() (after
@@ -257,6 +259,9 @@ void mws_mark_if_cut(mw_profbuf_t *b, uint32_t *n, int truncated);
 int mws_mark_if_empty_as(mw_profbuf_t *b, uint32_t *n, int unplaced);
 /* Samples one listed thread into b at this tick; its entry, or NULL (gone, table full). */
 mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int first_tick);
+/* Arms the CPU timer of each thread of the list (n entries) the ticks have read without one:
+ * the sampler thread, once the deferred probe of perf events has set the mode. */
+void mws_arm_listed(const mw_pythread_t *threads, int n);
 /* A thread's CPU-timer accounting (hw_*) starts afresh in window gen (once per window). */
 void mws_hw_window(mw_tstate_t *st, uint64_t gen);
 /* `hits` more of its samples in window gen: from MWS_CLOCK_HITS on, its clock replaces the CPU its

@@ -119,11 +119,12 @@ class _ProcessProfiler:
                                     "process %d has no memory profiles", exc_text(exc), os.getpid())
             if cfg.native:
                 n.unwind_enable(bool(cfg.native_show_internal))
-        logger.info(
-            "middleware: profiling pid %d at %d Hz (service %s, store %s); CPU samples from %s",
-            self.pid, cfg.sample_rate, cfg.service_name, cfg.profile_dir or "off",
-            _CPU_TIMER_MODES.get(int(n.stats().get("cpu_timer_mode", 0)), "sampler ticks"),
-        )
+        if logger.isEnabledFor(logging.INFO):  # the mode may wait for the sampler's first probe (~15 ms)
+            logger.info(
+                "middleware: profiling pid %d at %d Hz (service %s, store %s); CPU samples from %s",
+                self.pid, cfg.sample_rate, cfg.service_name, cfg.profile_dir or "off",
+                _CPU_TIMER_MODES.get(int(n.stats().get("cpu_timer_mode", 0)), "sampler ticks"),
+            )
 
     def _start_upload(self, n: Any) -> None:
         if not self.config.upload:
@@ -271,7 +272,8 @@ def _warn_once_without_pause(n: Any) -> None:
     """Says once per process when the sampler cannot pause a running thread (no free real-time
     signal): stacks of threads that run Python are then kept only when two reads agree."""
     global _warned_no_pause
-    if _warned_no_pause or n.stats().get("can_pause", 1):
+    # at start, a signal is the sampler's exactly when it installed its pause handler (can_pause)
+    if _warned_no_pause or n.sampling_signal():
         return
     _warned_no_pause = True
     visible_warning(

@@ -443,6 +443,8 @@ import json, os, sys, time
 from middleware import MwTracker, _native
 from support.processes import burn
 
+# a first start: the process's probe of perf events (stats() waits for it) is done before the one below
+MwTracker(service_name="first-tick", profile_dir="none", instrument=False).stop()
 t = MwTracker(service_name="first-tick", sample_rate=500, profile_dir=sys.argv[1], upload_interval=600,
               instrument=False)
 while _native.stats()["ticks"] < 1:
