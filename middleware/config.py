@@ -31,7 +31,6 @@ The native core reads four variables itself, listed in :data:`NATIVE_VARIABLES`:
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import re
@@ -500,6 +499,8 @@ def resolve_config(env: Mapping[str, str] | None = None, **args: Any) -> Profile
     env = os.environ if env is None else env
     for name in sorted(set(args) - set(SETTINGS)):
         # A misspelt option must not pass for a default, nor stop the application: said once.
+        import difflib  # only here: ~0.6 ms of every start otherwise (difflib, heapq)
+
         close = difflib.get_close_matches(name, list(SETTINGS), n=1)
         visible_warning(logger, "middleware: unknown profiler option %r ignored%s; the options are: %s", name,
                         f" (did you mean {close[0]!r}?)" if close else "", ", ".join(sorted(SETTINGS)))
