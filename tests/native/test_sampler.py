@@ -164,8 +164,9 @@ def test_threads_that_are_greenlets_leave_their_os_threads_name_and_labels():
 
 RENAMED_CHILD = r"""
 import json, sys, threading, time
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 from middleware import MwTracker
+from support.profiles import cpu_seconds_by_thread
 t = MwTracker(sample_rate=100, profile_dir="none", instrument=False)
 t.snapshot(reset=True)
 
@@ -189,11 +190,7 @@ w.join()
 spin(0.3)
 p = t.snapshot()
 t.stop()
-ci = p.value_index("cpu")
-cpu = {}
-for s in p.samples:
-    name = s.label("thread_name") or "?"
-    cpu[name] = cpu.get(name, 0) + s.values[ci] / 1e9
+cpu = cpu_seconds_by_thread(p)
 print(json.dumps(cpu))
 """
 
@@ -362,8 +359,9 @@ def test_cpu_timer_records_are_drained_before_their_pool_fills(rate, wall):
 
 FIRST_START_CHILD = r"""
 import json, sys, threading, time
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 from middleware import MwTracker
+from support.profiles import cpu_seconds_by_thread
 t0 = time.perf_counter()
 t = MwTracker(sample_rate=1000, profile_dir="none", instrument=False)
 started_ms = (time.perf_counter() - t0) * 1e3
@@ -384,11 +382,7 @@ burn("main")
 p = t.snapshot()
 mode = t.stats()["cpu_timer_mode"]
 t.stop()
-ci = p.value_index("cpu")
-cpu = {}
-for s in p.samples:
-    name = s.label("thread_name") or "?"
-    cpu[name] = cpu.get(name, 0) + s.values[ci] / 1e9
+cpu = cpu_seconds_by_thread(p)
 print(json.dumps({"truth": truth, "cpu": cpu, "mode": mode, "started_ms": started_ms}))
 """
 

@@ -107,3 +107,13 @@ def recursive_profile() -> Profile:
             ("main;other", 400 * ms),
         ]
     )
+
+
+def cpu_seconds_by_thread(profile: Profile) -> dict[str, float]:
+    """The CPU seconds of ``profile`` per ``thread_name`` label ("?" for samples without one)."""
+    ci = profile.value_index("cpu")
+    out: dict[str, float] = {}
+    for s in profile.samples:
+        name = s.label("thread_name") or "?"
+        out[name] = out.get(name, 0.0) + s.values[ci] / 1e9
+    return out
