@@ -390,6 +390,18 @@ static mw_tstate_t *sample_timed(mw_profbuf_t *b, const mw_pythread_t *th, mw_ts
  *     and another last holder): in a GIL build only the GIL holder changes its Python frames; or
  *   - the thread was paused in a signal handler while it was read (mw_unwind_pause/capture).
  * A read that is not proven is thrown away (its symbol-cache fills too) and redone. */
+/* Arms the CPU timer of thread th, read by the ticks without one (from now on its timer samples
+ * it), and records the registration in st. Returns 1 when the thread had armed itself already. */
+static int arm_read(mw_tstate_t *st, const mw_pythread_t *th) {
+    int existed = 0;
+    int r = mw_cputimer_arm(th->tid, th->tstate, 0, &existed);
+    st->reg = r >= 0 ? r + 1 : 0;
+    st->arm_failed = r < 0;
+    st->reg_tstate = th->tstate;
+    g_timers_armed |= r >= 0;
+    return existed;
+}
+
 mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int first_tick) {
     uint64_t dwall = g_tick_wall;
     uint64_t c0 = 0;
@@ -529,12 +541,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int fir
             if (st->reg) mw_cputimer_retire(st->reg - 1, th->tid);
             st->reg = 0;
             if (!st->arm_failed || st->reg_tstate != th->tstate) {
-                int existed = 0;
-                int r = mw_cputimer_arm(th->tid, th->tstate, 0, &existed);
-                st->reg = r >= 0 ? r + 1 : 0;
-                st->arm_failed = r < 0;
-                st->reg_tstate = th->tstate;
-                g_timers_armed |= r >= 0;
+                int existed = arm_read(st, th);
                 /* It armed itself at its start: native mode reads it for wall time only (its CPU
                  * samples carry its native stacks); Python-only, until its first CPU sample it is
                  * read the older way (above). */
@@ -763,11 +770,6 @@ void mws_arm_listed(const mw_pythread_t *threads, int n) {
     for (int i = 0; i < n; i++) {
         const mw_pythread_t *th = &threads[i];
         mw_tstate_t *st = th->top_frame ? mws_ts_lookup(th->tid) : NULL;
-        if (!st || st->reg) continue;
-        int r = mw_cputimer_arm(th->tid, th->tstate, 0, NULL);
-        st->reg = r >= 0 ? r + 1 : 0;
-        st->arm_failed = r < 0;
-        st->reg_tstate = th->tstate;
-        g_timers_armed |= r >= 0;
+        if (st && !st->reg) (void)arm_read(st, th);
     }
 }
