@@ -438,6 +438,8 @@ static const char *g_probe_force;
 
 /* Opens and closes a perf event on the calling thread: mode 2 when it opens, else 1. */
 static int perf_probe(const char *force) {
+    /* perf-trap: perf events raise SIGTRAP (mw_cputrap.h), opt-in: a library that takes SIGTRAP
+     * after the profiler started would get ours (Celery's billiard pool workers exit on it) */
     int trap_wanted = force && strcmp(force, "perf-trap") == 0;
     long me = (long)syscall(SYS_gettid);
     int fd = mwc_perf_open(me, g_period_ns, 0, 0), err = errno;
@@ -540,10 +542,8 @@ int mw_cputimer_init(int rate_hz, int max_depth, int signo, int may_defer, const
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
         (int)(rl.rlim_cur / 4) < g_perf_max)
         g_perf_max = (int)(rl.rlim_cur / 4);
-    /* perf-trap: perf events raise SIGTRAP (mw_cputrap.h), opt-in: a library that takes SIGTRAP
-     * after the profiler started would get ours (Celery's billiard pool workers exit on it) */
-    int trap_wanted = force && strcmp(force, "perf-trap") == 0;
-    int want_perf = !force || strcmp(force, "perf") == 0 || trap_wanted;
+    /* perf events unless another mode is forced (perf-trap: see perf_probe) */
+    int want_perf = !force || strcmp(force, "perf") == 0 || strcmp(force, "perf-trap") == 0;
     if (want_perf && may_defer && !g_perf_probed) {
         g_probe_force = force; /* getenv's string: stable */
         return MW_CPUTIMER_DEFERRED;

@@ -91,7 +91,7 @@ static PyObject *py_stats(PyObject *self, PyObject *noargs) {
     /* the CPU-timer mode, once the sampler thread's first probe has said it */
     if (mw_sampler_probe_pending()) {
         PyThreadState *ts = PyEval_SaveThread();
-        (void)mw_sampler_wait_probe();
+        mw_sampler_wait_probe();
         PyEval_RestoreThread(ts);
     }
     mw_sampler_get_stats(&s);

@@ -416,14 +416,13 @@ static struct timespec deadline_in_ms(long ms) {
 }
 
 #define MW_PROBE_WAIT_MS 200
-int mw_sampler_wait_probe(void) {
-    if (!atomic_load(&g_probe_pending)) return 0;
+void mw_sampler_wait_probe(void) {
+    if (!atomic_load(&g_probe_pending)) return;
     struct timespec dl = deadline_in_ms(MW_PROBE_WAIT_MS);
     pthread_mutex_lock(&g_ctl_lock);
     while (atomic_load(&g_probe_pending) && !g_stop)
         if (pthread_cond_timedwait(&g_probe_cond, &g_ctl_lock, &dl) == ETIMEDOUT) break;
     pthread_mutex_unlock(&g_ctl_lock);
-    return atomic_load(&g_probe_pending) ? -1 : 0;
 }
 
 static void *sampler_main(void *arg) {

@@ -133,10 +133,10 @@ int mw_sampler_rate(void);
 void mw_sampler_thread_started(long tid, uintptr_t tstate, int born);
 
 /* Waits (at most 200 ms) for the sampler thread's deferred probe of perf events, when there is
- * one (the first start in a process tree: mw_cputimer_init): 0 when no probe is pending any
- * more, -1 when still pending. Any thread but the sampler's; may block: not with the buffer
- * lock held. Called by stats (the CPU-timer mode it reports). */
-int mw_sampler_wait_probe(void);
+ * one (the first start in a process tree: mw_cputimer_init); past that, the caller sees the
+ * mode still pending (mw_sampler_probe_pending). Any thread but the sampler's; may block: not
+ * with the buffer lock held. Called by stats (the CPU-timer mode it reports). */
+void mw_sampler_wait_probe(void);
 /* 1 while that probe is pending (an atomic load): any thread. */
 int mw_sampler_probe_pending(void);
 

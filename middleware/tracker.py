@@ -119,7 +119,7 @@ class _ProcessProfiler:
                                     "process %d has no memory profiles", exc_text(exc), os.getpid())
             if cfg.native:
                 n.unwind_enable(bool(cfg.native_show_internal))
-        if logger.isEnabledFor(logging.INFO):  # the mode may wait for the sampler's first probe (~15 ms)
+        if logger.isEnabledFor(logging.INFO):  # the mode may wait for the sampler's first probe (10-22 ms)
             logger.info(
                 "middleware: profiling pid %d at %d Hz (service %s, store %s); CPU samples from %s",
                 self.pid, cfg.sample_rate, cfg.service_name, cfg.profile_dir or "off",
