@@ -356,6 +356,10 @@ def main() -> None:
         print(f"  unwind signals {sig:.0f}/s over all threads, timeouts per run {tmo:.0f}; busy threads' own CPU per "
               f"unit x{ar:.3f}; sampler {f['core_pct']:.2f}% of a core, {f['us_tick']:.0f} us/tick; "
               f"{f['cpu_samples_s']:.0f} CPU samples/s, handler {f['handler_us']:.1f} us each")
+        cr = med([r["cpu"] for r in on]) / med([r["cpu"] for r in off])
+        pr = sorted(a["cpu"] / b["cpu"] for a, b in zip(on, off, strict=True))
+        print(f"  process CPU ratio {cr:.3f} (pairs {pr[0]:.2f}-{pr[-1]:.2f}); wall ratio "
+              f"{med([r['wall'] for r in on]) / med([r['wall'] for r in off]):.3f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh)
