@@ -61,6 +61,8 @@ static inline int mws_thread_cpu_ns(long tid, uint64_t *out) {
 /* A thread the sampler has met: an entry of g_ts, open addressing by kernel tid. */
 /* Ticks a thread stays watched after a CPU-timer sample came as it unblocked our signal. */
 #define MWS_MASKS_TICKS 256
+/* Raw stacks of a thread's last CPU-timer samples whose entries are reused without naming. */
+#define MWS_TIMED_WAYS 8
 
 typedef struct {
     /* What a quiet tick looks at, first: one cache line per idle thread per tick. */
@@ -117,8 +119,14 @@ typedef struct {
     int list_idx;    /* its index in the last full thread list (quiet ticks) */
     uint64_t listed; /* the last listing of the process's threads that found it (others scan) */
     uint64_t py_uid; /* id of the thread state (with a frame) its last read found it under */
-    uint64_t timed_hash, timed_gen;
+    /* Its last CPU-timer samples' raw stacks in window timed_gen under name timed_thread: the
+     * next sample with one of them goes to its entry unnamed (a loop over a few lines hits one
+     * of MWS_TIMED_WAYS, filled in turn); timed_idx is the last sample's entry. */
+    uint64_t timed_gen;
+    uint64_t timed_hash[MWS_TIMED_WAYS];
+    uint32_t timed_ent[MWS_TIMED_WAYS];
     uint32_t timed_idx;
+    uint8_t timed_n, timed_next;
     mw_id_t timed_thread;
 } mw_tstate_t;
 

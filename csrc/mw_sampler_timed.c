@@ -25,6 +25,28 @@ static uint64_t cpu_period_ns(void) {
 /* A raw sample left by a thread's CPU-timer handler: named now. Names of code objects the symbol
  * cache does not have come from the copies the handler made while they were alive; application
  * memory is never read for them after the fact (the code object may be gone by now). */
+/* What makes two CPU-timer samples' entries the same: each frame's code object as the symbol
+ * cache keys it (its address and the fields that tell a recycled address apart) and instruction,
+ * the label set, the task, the markers. One multiply a frame: the fields are mixed beside it. */
+static uint64_t raw_stack_hash(const mw_cpusample_t *r) {
+    uint64_t h = 1469598103934665603ULL;
+    for (int i = 0; i < r->depth; i++) {
+        const mw_rawframe_t *f = &r->frames[i];
+        uint64_t x = (uint64_t)f->code ^ (uint64_t)(uint32_t)f->lasti << 40 ^
+                     ((uint64_t)f->info.qualname << 17 | (uint64_t)f->info.qualname >> 47) ^
+                     ((uint64_t)f->info.filename << 29 | (uint64_t)f->info.filename >> 35) ^
+                     ((uint64_t)f->info.linetable << 43 | (uint64_t)f->info.linetable >> 21) ^
+                     ((uint64_t)(uint32_t)f->info.firstlineno << 7) ^
+                     ((uint64_t)f->info.version << 23);
+        h = (h ^ x) * 1099511628211ULL;
+    }
+    h = (h ^ ((uint64_t)r->labelset << 32 | (uint64_t)(uint32_t)r->depth)) * 1099511628211ULL;
+    h = (h ^ r->outer.gen) * 1099511628211ULL; /* another task at the same frames: its own entry */
+    h = (h ^ (uint64_t)r->unplaced) * 1099511628211ULL;  /* its own marker (mark_if_empty_as) */
+    h = (h ^ (uint64_t)r->truncated) * 1099511628211ULL; /* and mark_if_cut's */
+    return h;
+}
+
 static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
     int created = 0;
     mw_tstate_t *st = mws_ts_find(r->tid, &created);
@@ -78,25 +100,21 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
         timed_account(st, r, r->periods, thread, gen, 0, 0);
         return;
     }
-    /* The same raw stack as this thread's previous CPU sample (a hot loop): same entry, no
+    /* The same raw stack as one of this thread's last CPU samples (a hot loop): same entry, no
      * naming at all. */
-    uint64_t h = 1469598103934665603ULL;
-    for (int i = 0; i < r->depth; i++) {
-        h = (h ^ r->frames[i].code) * 1099511628211ULL;
-        h = (h ^ (uint64_t)(uint32_t)r->frames[i].lasti) * 1099511628211ULL;
-    }
-    h = (h ^ ((uint64_t)r->labelset << 32 | (uint64_t)(uint32_t)r->depth)) * 1099511628211ULL;
-    h = (h ^ r->outer.gen) * 1099511628211ULL; /* another task at the same frames: its own entry */
-    h = (h ^ (uint64_t)r->unplaced) * 1099511628211ULL;  /* its own marker (mark_if_empty_as) */
-    h = (h ^ (uint64_t)r->truncated) * 1099511628211ULL; /* and mark_if_cut's */
-    if (r->nips == 0 && !created && st->timed_gen == gen && st->timed_hash == h &&
-        st->timed_thread == thread) {
+    uint64_t h = raw_stack_hash(r);
+    int same_window = !created && st->timed_gen == gen && st->timed_thread == thread;
+    for (int k = 0; r->nips == 0 && same_window && k < st->timed_n; k++) {
+        if (st->timed_hash[k] != h) continue;
         mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall, own};
-        if (mw_profbuf_add_at(b, st->timed_idx, &v) == 0) {
-            g_stats.reused++;
-            timed_account(st, r, r->periods, thread, gen, own, 1);
-            return;
+        if (mw_profbuf_add_at(b, st->timed_ent[k], &v) != 0) {
+            st->timed_n = st->timed_next = 0; /* named again below */
+            break;
         }
+        g_stats.reused++;
+        st->timed_idx = st->timed_ent[k];
+        timed_account(st, r, r->periods, thread, gen, own, 1);
+        return;
     }
     int depth = r->depth, ok = 1;
     mws_known_sync();
@@ -179,11 +197,18 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
         g_stats.dropped++;
         return;
     }
-    /* An entry whose task was not found is not reused: the next sample looks again. */
-    st->timed_hash = task == 2 ? ~h : h;
-    st->timed_gen = gen;
+    if (!same_window) {
+        st->timed_n = st->timed_next = 0;
+        st->timed_gen = gen;
+        st->timed_thread = thread;
+    }
     st->timed_idx = idx;
-    st->timed_thread = thread;
+    if (task != 2) { /* an entry whose task was not found is not reused: the next looks again */
+        st->timed_hash[st->timed_next] = h;
+        st->timed_ent[st->timed_next] = idx;
+        st->timed_next = (uint8_t)((st->timed_next + 1) % MWS_TIMED_WAYS);
+        if (st->timed_n < MWS_TIMED_WAYS) st->timed_n++;
+    }
     timed_account(st, r, r->periods, thread, gen, own, 1);
 }
 
