@@ -43,7 +43,7 @@ def test_stress_no_crash_and_expected_functions(cpu_timer):
     assert r["threads_started"] >= 100 * seconds * 0.5, r["threads_started"]  # hundreds a second
     # threads made by C calling into Python (a thread state per call, freed at its return) ran,
     # and the C between the Python frames did not end the stacks: the callback under qsort is seen
-    assert r["native_threads_started"] >= 5, r["native_threads_started"]  # ~1.5 a second under ASan
+    assert r["native_threads_started"] >= 8, r["native_threads_started"]  # two batches of four at least
     assert any(f.rsplit(".", 1)[-1] == "native_cmp" for f in fns), sorted(fns)[:60]
     assert r["max_depth"] >= 950
     st = r["stats"]

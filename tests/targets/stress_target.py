@@ -141,7 +141,11 @@ def native_threads_loop(deadline: float, counter: list[int]) -> None:
         libc.qsort(values, len(values), ctypes.sizeof(ctypes.c_int), compare)
 
     start = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(native_start)
-    while time.monotonic() < deadline:
+    batches = 0
+    # two batches at least, however slow the machine (a sanitized build under contention takes
+    # seconds a batch): the second's threads reuse the first's freed thread states
+    while time.monotonic() < deadline or batches < 2:
+        batches += 1
         ids = [ctypes.c_ulong() for _ in range(4)]
         made = [i for i in ids if libc.pthread_create(ctypes.byref(i), None, start, None) == 0]
         for i in made:
