@@ -22,9 +22,6 @@ static uint64_t cpu_period_ns(void) {
     return (uint64_t)(1000000000LL / g_cfg.rate_hz);
 }
 
-/* A raw sample left by a thread's CPU-timer handler: named now. Names of code objects the symbol
- * cache does not have come from the copies the handler made while they were alive; application
- * memory is never read for them after the fact (the code object may be gone by now). */
 /* What makes two CPU-timer samples' entries the same: each frame's code object as the symbol
  * cache keys it (its address and the fields that tell a recycled address apart) and instruction,
  * the label set, the task, the markers. One multiply a frame: the fields are mixed beside it. */
@@ -47,6 +44,9 @@ static uint64_t raw_stack_hash(const mw_cpusample_t *r) {
     return h;
 }
 
+/* A raw sample left by a thread's CPU-timer handler: named now. Names of code objects the symbol
+ * cache does not have come from the copies the handler made while they were alive; application
+ * memory is never read for them after the fact (the code object may be gone by now). */
 static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
     int created = 0;
     mw_tstate_t *st = mws_ts_find(r->tid, &created);
@@ -203,7 +203,9 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
         st->timed_thread = thread;
     }
     st->timed_idx = idx;
-    if (task != 2) { /* an entry whose task was not found is not reused: the next looks again */
+    /* Not reused: an entry whose task was not found (the next sample looks again), nor one with
+     * native frames (a sample without them never goes where they are). */
+    if (task != 2 && r->nips == 0) {
         st->timed_hash[st->timed_next] = h;
         st->timed_ent[st->timed_next] = idx;
         st->timed_next = (uint8_t)((st->timed_next + 1) % MWS_TIMED_WAYS);
