@@ -1,6 +1,6 @@
 """Labels flipping between greenlets that share one OS thread, for the label tests.
 
-    python tests/targets/greenlet_workloads.py MODE [--rate HZ] [--seconds S]
+    python tests/targets/greenlet_workloads.py MODE [--rate HZ] [--seconds S] [--min-switches N]
 
 MODE: ``gevent-first`` (``monkey.patch_all()`` before the profiler is imported, as a gevent
 worker does), ``tracker-first`` (the profiler imported and started, then gevent patched), or
@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("mode", choices=["gevent-first", "tracker-first", "greenlet", "gevent-threads"])
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--min-switches", type=int, default=0,
+                    help="the greenlets go on past --seconds until they have switched this often (a slow machine)")
     args = ap.parse_args()
     tracker = MwTracker(sample_rate=args.rate, wall_rate=args.rate, profile_dir="none", instrument=False)
     if args.mode == "tracker-first":
@@ -50,6 +52,10 @@ def main() -> None:
 
     deadline = time.monotonic() + args.seconds
     switches = [0]
+
+    def going() -> bool:
+        return time.monotonic() < deadline or switches[0] < args.min_switches
+
     tracker.snapshot(reset=True)
     if args.mode == "gevent-threads":
         import gc
@@ -76,7 +82,7 @@ def main() -> None:
 
         def bare(side: str, fn: Any, other: str) -> None:
             with tracker.labels(side=side):
-                while time.monotonic() < deadline:
+                while going():
                     fn(2000)
                     switches[0] += 1
                     peers[other].switch()
@@ -89,7 +95,7 @@ def main() -> None:
 
         def cooperative(side: str, fn: Any) -> None:
             with tracker.labels(side=side):
-                while time.monotonic() < deadline:
+                while going():
                     fn(2000)
                     switches[0] += 1
                     time.sleep(0)  # gevent's sleep once patched: the other greenlet runs
