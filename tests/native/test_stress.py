@@ -28,7 +28,9 @@ def test_stress_no_crash_and_expected_functions(cpu_timer):
         env["MW_PROFILING_CPU_TIMER"] = cpu_timer
         seconds = min(seconds, 10.0)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "targets" / "stress_target.py"), "--seconds", str(seconds)],
+        # hundreds of threads a second here, ~70 under the sanitizers: the churn goes on until 50 a second
+        [sys.executable, str(ROOT / "tests" / "targets" / "stress_target.py"), "--seconds", str(seconds),
+         "--min-threads", str(int(50 * seconds) + 1)],
         capture_output=True, text=True, timeout=seconds * 4 + 120, cwd=str(ROOT), env=env,
     )
     assert proc.returncode == 0, f"stress target died (rc={proc.returncode}):\n{proc.stderr[-6000:]}"
@@ -40,7 +42,7 @@ def test_stress_no_crash_and_expected_functions(cpu_timer):
     assert any(f.startswith("exec_fn_") for f in fns)
     if importlib.util.find_spec("greenlet") is not None:  # greenlets switching, their stacks sliced
         assert any(f.rsplit(".", 1)[-1] == "greenlet_leaf" for f in fns), sorted(fns)[:60]
-    assert r["threads_started"] >= 100 * seconds * 0.5, r["threads_started"]  # hundreds a second
+    assert r["threads_started"] > 50 * seconds, r["threads_started"]
     # threads made by C calling into Python (a thread state per call, freed at its return) ran,
     # and the C between the Python frames did not end the stacks: the callback under qsort is seen
     assert r["native_threads_started"] >= 8, r["native_threads_started"]  # two batches of four at least

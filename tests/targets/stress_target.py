@@ -22,13 +22,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from middleware import MwTracker  # noqa: E402
 
 
-def churn(deadline: float, counter: list[int]) -> None:
+def churn(deadline: float, counter: list[int], at_least: int) -> None:
     def short_lived() -> None:
         s = 0
         for i in range(2000):
             s += i
 
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline or counter[0] < at_least:
         batch = [threading.Thread(target=short_lived, name="churn") for _ in range(20)]
         for t in batch:
             t.start()
@@ -180,6 +180,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--native", action="store_true", help="native frames too (plus an I/O thread)")
+    ap.add_argument("--min-threads", type=int, default=0,
+                    help="the churning thread goes on past --seconds until it has started this many threads")
     args = ap.parse_args()
     tracker = MwTracker(sample_rate=args.rate, profile_dir=os.environ.get("MW_STRESS_DIR", "none"),
                         upload_interval=1.0, instrument=False, native=args.native)
@@ -187,7 +189,7 @@ def main() -> None:
     deadline = time.monotonic() + args.seconds
     counter, native_counter = [0], [0]
     workers = [
-        threading.Thread(target=churn, args=(deadline, counter), name="churner"),
+        threading.Thread(target=churn, args=(deadline, counter, args.min_threads), name="churner"),
         threading.Thread(target=recurse_loop, args=(deadline,), name="recurser"),
         threading.Thread(target=generators_loop, args=(deadline,), name="generators"),
         threading.Thread(target=coroutines_loop, args=(deadline,), name="coroutines"),
