@@ -12,8 +12,9 @@
  * and the safe reads of mw_pyframes only; it never allocates.
  * Memory: one mmap'd table of MW_CODENAMES_KNOWN keys, made by the first _init, kept for the
  * process's life (a forked child keeps the parent's keys: they name the same code objects).
- * A key found "known" wrongly (a table cleared between a sample and its naming) only costs a
- * dropped sample (the sampler's names_lost); a full probe run only costs extra copies.
+ * A key found "known" wrongly (a table cleared between a sample and its naming) only costs the
+ * sample its names (the sampler's names_lost: its CPU under a marker frame); a full probe run
+ * only costs extra copies.
  */
 #ifndef MW_CODENAMES_H
 #define MW_CODENAMES_H

@@ -95,7 +95,8 @@ typedef struct mw_sampler_stats {
     uint64_t cpu_unattributed_ns; /* CPU of threads that ended after their last on-CPU sample */
     uint64_t timer_samples;       /* on-CPU samples taken by the threads' CPU timers */
     uint64_t owed;                /* ticks that found a timed thread running (wall owed) */
-    uint64_t names_lost; /* timer samples dropped: a code object was gone before it was named */
+    uint64_t names_lost; /* timer samples whose code object was gone before it was named (their
+                          * CPU under "[code object gone before it was named]") */
     uint64_t wall_unattributed_ns; /* wall owed to threads that ended before their next sample */
     uint64_t stop_timeouts;        /* stops that did not see the sampler thread end in time */
     uint64_t

@@ -22,6 +22,8 @@ static uint64_t cpu_period_ns(void) {
     return (uint64_t)(1000000000LL / g_cfg.rate_hz);
 }
 
+#define NAMES_LOST_MARKER "[code object gone before it was named]"
+
 /* What makes two CPU-timer samples' entries the same: each frame's code object as the symbol
  * cache keys it (its address and the fields that tell a recycled address apart) and instruction,
  * the label set, the task, the markers. One multiply a frame: the fields are mixed beside it. */
@@ -152,10 +154,18 @@ static void take_timed(mw_profbuf_t *b, mw_cpusample_t *r) {
     }
     if (!ok) {
         /* A code object the sampler had not named and whose names the handler could not copy:
-         * no name is better than one read after the code object may have been freed. */
+         * no name is better than one read after the code object may have been freed. Its CPU
+         * stays under a marker of its own: left out, it went to the thread's next sample. */
         mw_symcache_abort();
         g_stats.names_lost++;
-        g_stats.dropped++;
+        mw_values_t v = {r->periods, 0, st->owed_n, st->owed_wall, own};
+        uint32_t idx = 0;
+        if (!(g_ids[0] = mws_marker(b, NAMES_LOST_MARKER)) ||
+            mws_add_sample(b, g_ids, 1, thread, r->labelset, &v, &idx) != 0) {
+            g_stats.dropped++;
+            return;
+        }
+        timed_account(st, r, r->periods, thread, gen, own, 1);
         return;
     }
     mws_mark_known(r->frames, depth);

@@ -139,15 +139,8 @@ static sc_entry_t *lookup(const mw_rawframe_t *rf) {
     uint32_t h = (uint32_t)((rf->code >> 4) * 2654435761u);
     for (uint32_t i = h & (SC_SLOTS - 1);; i = (i + 1) & (SC_SLOTS - 1)) {
         sc_entry_t *e = &g_slots[i];
-        if (e->code == rf->code) {
-            if (same_code(&e->info, &rf->info)) {
-                g_stats.hits++;
-                return e;
-            }
-            /* Same address, different code object: refill in place. */
-            g_stats.misses++;
-            if (fill(e, rf) != 0) return NULL;
-            journal(e);
+        if (e->code == rf->code && same_code(&e->info, &rf->info)) {
+            g_stats.hits++;
             return e;
         }
         if (e->code == 0) {
@@ -198,14 +191,14 @@ const mw_symentry_t *mw_symcache_put_copied(const mw_rawframe_t *rf, const mw_sy
     uint32_t h = (uint32_t)((rf->code >> 4) * 2654435761u);
     for (uint32_t i = h & (SC_SLOTS - 1);; i = (i + 1) & (SC_SLOTS - 1)) {
         sc_entry_t *e = &g_slots[i];
-        if (e->code == rf->code || e->code == 0) {
-            int fresh = e->code == 0;
+        if (e->code == rf->code && same_code(&e->info, &rf->info)) return (const mw_symentry_t *)e;
+        if (e->code == 0) {
             g_stats.misses++;
             if (fill_copied(e, rf, c) != 0) {
                 e->code = 0;
                 return NULL;
             }
-            if (fresh) g_live++;
+            g_live++;
             journal(e);
             return (const mw_symentry_t *)e;
         }
@@ -217,8 +210,7 @@ const mw_symentry_t *mw_symcache_peek(const mw_rawframe_t *rf) {
     uint32_t h = (uint32_t)((rf->code >> 4) * 2654435761u);
     for (uint32_t i = h & (SC_SLOTS - 1);; i = (i + 1) & (SC_SLOTS - 1)) {
         sc_entry_t *e = &g_slots[i];
-        if (e->code == rf->code) {
-            if (!same_code(&e->info, &rf->info)) return NULL;
+        if (e->code == rf->code && same_code(&e->info, &rf->info)) {
             g_stats.hits++;
             return (const mw_symentry_t *)e;
         }

@@ -1,10 +1,16 @@
 /* mw_symcache — code object → (qualified name, file, line) for the sampler thread.
  *
- * Entries are keyed by the code object's address and validated against the fields read with
- * the frame (name, file and line-table pointers, first line): a code object freed and another
- * allocated at the same address shows as a mismatch and the entry is refilled. Names and the
- * line table are COPIED into the cache's own arena (read with mw_safe_read), so nothing here
- * points into application memory. When the cache is full it is emptied whole (counted).
+ * Entries are keyed by the code object's address and the fields read with the frame that tell
+ * code objects apart (name, file and line-table pointers, first line, 3.12+ co_version): a code
+ * object freed and another allocated at the same address get an entry each, and both stay until
+ * the cache is emptied. The CPU-timer handlers skip copying the names of the code objects the
+ * sampler has named (mw_codenames, the same keys), so an entry must not go while its key is
+ * there: refilled in place, the entry of one of two code objects alternating at one address was
+ * missing whenever the other's had replaced it, and its samples were dropped, their CPU going to
+ * the rest (two functions freed and remade in turn at one address, 250 times a second each: 1-6%
+ * of the one's 3 s of CPU left under its name). Names and the line table are COPIED into the
+ * cache's own arena (read with mw_safe_read), so nothing here points into application memory. When
+ * the cache is full it is emptied whole (counted), and the handlers' set with it.
  *
  * Each entry also remembers the string ids it got in the profile buffer of a given generation,
  * so a hot frame costs one hash probe and a line-table decode per sample.

@@ -379,6 +379,31 @@ def line_shares(r: dict[str, Any]) -> tuple[dict[str, float], int]:
 LINES_SAMPLES = 2500
 
 
+def test_code_objects_remade_at_a_freed_ones_address_keep_their_own_cpu() -> None:
+    # GIVEN one thread alternating for 4 s, sampled at 1 kHz, between a copy of a burn loop named
+    # recycled_long (3 ms of CPU a call) and one named recycled_short (1 ms), each copy made,
+    # called once and freed before the next: the same code address and the same instructions
+    # come back under the other name (a profiler that knows a sample's stack by addresses and
+    # instructions, as it may to skip naming a stack it has just named, mixes them up)
+    r = run_truth("recycled", "--rate", "1000", "--seconds", "4")
+    truth = r["truth"]
+    assert truth["same_address"] >= 0.5 * truth["copies"], truth  # the memory was taken again
+    cpu: dict[str, float] = defaultdict(float)
+    for s in r["profile"]["stacks"]:
+        for name in {f[0] for f in s["frames"]} & set(truth["cpu"]):
+            cpu[name] += s["cpu"]
+    # THEN each name's share of the two names' CPU is its own (truth ~3/4 and ~1/4), within 3
+    # points (~4,000 samples: a share's sd is under a point)
+    total, true_total = sum(cpu.values()), sum(truth["cpu"].values())
+    assert total > 0.5 * true_total * 1e9, (dict(cpu), truth)
+    for name, true_cpu in truth["cpu"].items():
+        assert abs(cpu[name] / total - true_cpu / true_total) <= 0.03, (name, dict(cpu), truth)
+    # AND next to no sample went without its names (they were 3/4 of them: the cache kept one
+    # code object per address, and the other's samples were dropped, their CPU given to the rest)
+    st = r["stats"]
+    assert st["names_lost"] <= 0.01 * st["cpu_timer_recorded"], (st["names_lost"], st["cpu_timer_recorded"])
+
+
 def test_line_shares_agree_between_python_and_native_sampling() -> None:
     # GIVEN a function recursing to depth 20 with its work on two lines at the bottom, and a loop
     # with two hot lines, alternating; sampled at 1 kHz for 3 s per mode and on until 2,500 on-CPU

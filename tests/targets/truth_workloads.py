@@ -688,6 +688,37 @@ def run_idle(args: argparse.Namespace) -> dict[str, Any]:
     return {"elapsed_s": elapsed, "idle": {t.name: ("idle_a" if i % 2 == 0 else "idle_b") for i, t in enumerate(idle)}}
 
 
+# --- recycled: code objects remade at a freed one's address under another name -----------------------
+# One thread alternates between a copy of burn_a's code named recycled_long (3 ms of CPU a call,
+# its first line 1,000 lines on) and one named recycled_short (1 ms, 2,000 lines on), each copy
+# made, called once and freed before the next is made: the next one takes its memory, so the same
+# code address and the same instructions come back under the other name. A profiler that knows a
+# stack by its code addresses and instructions alone puts one name's CPU under the other's.
+# Truth: thread_time around each call.
+RECYCLED = (("recycled_long", 3.0, 1000), ("recycled_short", 1.0, 2000))
+
+
+def run_recycled(args: argparse.Namespace) -> dict[str, Any]:
+    base = burn_a.__code__
+    cpu = {name: 0.0 for name, _, _ in RECYCLED}
+    copies = same_address = 0
+    last = 0
+    end = time.monotonic() + args.seconds
+    while time.monotonic() < end:
+        for name, ms, shift in RECYCLED:
+            code = base.replace(co_name=name, co_firstlineno=base.co_firstlineno + shift,
+                                **({"co_qualname": name} if QUALNAMES else {}))
+            fn = types.FunctionType(code, burn_a.__globals__, name)
+            copies += 1
+            same_address += id(code) == last
+            last = id(code)
+            t = time.thread_time()
+            fn(ms)
+            cpu[name] += time.thread_time() - t
+            del fn, code
+    return {"cpu": cpu, "copies": copies, "same_address": same_address}
+
+
 # --- short: threads that live less than one sampling period ----------------------------------------
 # Batches of threads that each run ~0.1 ms of Python and end, for --seconds. Truth: the process's
 # CPU minus the main thread's and the sampler thread's (stats()["sampler_cpu_ns"]): all the rest
@@ -1016,7 +1047,7 @@ WORKLOADS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "bursty": run_bursty, "graph": run_graph, "churn": run_churn, "lines": run_lines, "idle": run_idle,
     "short": run_short, "light": run_light, "ending": run_ending, "phases": run_phases,
     "released": run_released, "masked": run_masked, "periodic": run_periodic,
-    "startmasked": run_startmasked}
+    "startmasked": run_startmasked, "recycled": run_recycled}
 
 
 def main() -> None:
