@@ -263,6 +263,10 @@ uint64_t mws_exits_lost(void);
 void mws_known_sync(void);
 void mws_mark_known(const mw_rawframe_t *raw, int depth);
 uint32_t mws_intern_frames(mw_profbuf_t *b, const mw_rawframe_t *raw, int depth, int *lost);
+/* A hash of raw frames [0..depth): each frame's code object as the symbol cache keys it (its
+ * address and the fields that tell a code object remade at that address apart) and instruction.
+ * One multiply a frame: the fields are mixed beside it. */
+uint64_t mws_frames_hash(const mw_rawframe_t *raw, int depth);
 void mws_mark_if_cut(mw_profbuf_t *b, uint32_t *n, int truncated);
 int mws_mark_if_empty_as(mw_profbuf_t *b, uint32_t *n, int unplaced);
 /* Samples one listed thread into b at this tick; its entry, or NULL (gone, table full). */

@@ -55,13 +55,19 @@ static int read_stack(uintptr_t tstate, int *truncated, int *ok) {
     return depth;
 }
 
-static uint64_t raw_hash(int depth) {
+uint64_t mws_frames_hash(const mw_rawframe_t *raw, int depth) {
     uint64_t h = 1469598103934665603ULL;
     for (int i = 0; i < depth; i++) {
-        h = (h ^ g_raw[i].code) * 1099511628211ULL;
-        h = (h ^ (uint64_t)(uint32_t)g_raw[i].lasti) * 1099511628211ULL;
+        const mw_rawframe_t *f = &raw[i];
+        uint64_t x = (uint64_t)f->code ^ (uint64_t)(uint32_t)f->lasti << 40 ^
+                     ((uint64_t)f->info.qualname << 17 | (uint64_t)f->info.qualname >> 47) ^
+                     ((uint64_t)f->info.filename << 29 | (uint64_t)f->info.filename >> 35) ^
+                     ((uint64_t)f->info.linetable << 43 | (uint64_t)f->info.linetable >> 21) ^
+                     ((uint64_t)(uint32_t)f->info.firstlineno << 7) ^
+                     ((uint64_t)f->info.version << 23);
+        h = (h ^ x) * 1099511628211ULL;
     }
-    return h ^ (uint64_t)depth;
+    return (h ^ (uint64_t)(uint32_t)depth) * 1099511628211ULL;
 }
 
 static void remember_stack(mw_tstate_t *st, uint64_t gen, uint32_t idx, uint32_t labels_seq,
@@ -178,7 +184,7 @@ static void emit(mw_profbuf_t *b, mw_tstate_t *st, int depth, int truncated, int
                  int native, const mw_readlabels_t *lab, uint64_t dwall, uint64_t c0, uint64_t c1,
                  uint64_t gen) {
     if (truncated) g_stats.truncated++;
-    uint64_t py_hash = raw_hash(depth);
+    uint64_t py_hash = mws_frames_hash(g_raw, depth);
     uint32_t n = 0;
     /* A thread running an asyncio task: the task's name, and (Python frames only) its parents
      * between its coroutine and the loop (mws_task_running). */
@@ -595,7 +601,7 @@ mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int fir
         depth = read_stack(tstate, &truncated, &ok);
         int frozen = mws_thread_cpu_ns(th->tid, &c1) == 0 && c1 == cs;
         if (!frozen) mw_symcache_abort();
-        if (frozen && ok && raw_hash(depth) == st->py_hash &&
+        if (frozen && ok && mws_frames_hash(g_raw, depth) == st->py_hash &&
             reuse_stack(b, st, gen, labels_seq, dwall)) {
             st->cpu_end = c1;
             return st;

@@ -24,22 +24,11 @@ static uint64_t cpu_period_ns(void) {
 
 #define NAMES_LOST_MARKER "[code object gone before it was named]"
 
-/* What makes two CPU-timer samples' entries the same: each frame's code object as the symbol
- * cache keys it (its address and the fields that tell a recycled address apart) and instruction,
- * the label set, the task, the markers. One multiply a frame: the fields are mixed beside it. */
+/* What makes two CPU-timer samples' entries the same: the frames (mws_frames_hash), the label
+ * set, the task, the markers. */
 static uint64_t raw_stack_hash(const mw_cpusample_t *r) {
-    uint64_t h = 1469598103934665603ULL;
-    for (int i = 0; i < r->depth; i++) {
-        const mw_rawframe_t *f = &r->frames[i];
-        uint64_t x = (uint64_t)f->code ^ (uint64_t)(uint32_t)f->lasti << 40 ^
-                     ((uint64_t)f->info.qualname << 17 | (uint64_t)f->info.qualname >> 47) ^
-                     ((uint64_t)f->info.filename << 29 | (uint64_t)f->info.filename >> 35) ^
-                     ((uint64_t)f->info.linetable << 43 | (uint64_t)f->info.linetable >> 21) ^
-                     ((uint64_t)(uint32_t)f->info.firstlineno << 7) ^
-                     ((uint64_t)f->info.version << 23);
-        h = (h ^ x) * 1099511628211ULL;
-    }
-    h = (h ^ ((uint64_t)r->labelset << 32 | (uint64_t)(uint32_t)r->depth)) * 1099511628211ULL;
+    uint64_t h = mws_frames_hash(r->frames, r->depth);
+    h = (h ^ (uint64_t)r->labelset) * 1099511628211ULL;
     h = (h ^ r->outer.gen) * 1099511628211ULL; /* another task at the same frames: its own entry */
     h = (h ^ (uint64_t)r->unplaced) * 1099511628211ULL;  /* its own marker (mark_if_empty_as) */
     h = (h ^ (uint64_t)r->truncated) * 1099511628211ULL; /* and mark_if_cut's */
