@@ -389,13 +389,6 @@ static mw_tstate_t *sample_timed(mw_profbuf_t *b, const mw_pythread_t *th, mw_ts
     return st;
 }
 
-/* Why a stack may be trusted. The sampler reads a thread's frames while the thread may run on.
- * A read is kept only when it is PROVEN to show one instant of the thread:
- *   - the thread's CPU clock did not move across the read (it executed nothing meanwhile); or
- *   - the GIL never reached the thread across the read (same switch_number before and after,
- *     and another last holder): in a GIL build only the GIL holder changes its Python frames; or
- *   - the thread was paused in a signal handler while it was read (mw_unwind_pause/capture).
- * A read that is not proven is thrown away (its symbol-cache fills too) and redone. */
 /* Arms the CPU timer of thread th, read by the ticks without one (from now on its timer samples
  * it), and records the registration in st. Returns 1 when the thread had armed itself already. */
 static int arm_read(mw_tstate_t *st, const mw_pythread_t *th) {
@@ -408,6 +401,13 @@ static int arm_read(mw_tstate_t *st, const mw_pythread_t *th) {
     return existed;
 }
 
+/* Why a stack may be trusted. The sampler reads a thread's frames while the thread may run on.
+ * A read is kept only when it is PROVEN to show one instant of the thread:
+ *   - the thread's CPU clock did not move across the read (it executed nothing meanwhile); or
+ *   - the GIL never reached the thread across the read (same switch_number before and after,
+ *     and another last holder): in a GIL build only the GIL holder changes its Python frames; or
+ *   - the thread was paused in a signal handler while it was read (mw_unwind_pause/capture).
+ * A read that is not proven is thrown away (its symbol-cache fills too) and redone. */
 mw_tstate_t *mws_sample_thread(mw_profbuf_t *b, const mw_pythread_t *th, int first_tick) {
     uint64_t dwall = g_tick_wall;
     uint64_t c0 = 0;
